@@ -1,0 +1,46 @@
+"""Shared test fixtures: the timm reference (CPU torch) and the ../shared data folder."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+SHARED = pathlib.Path(
+    os.environ.get("VISION_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared")
+).resolve()
+
+
+def import_timm():
+    """Imports timm on the CPU torch.
+
+    torchvision 0.28 on PyPI is a CUDA build; on the CPU torch its C++ ops are missing and
+    ``import timm`` fails with "operator torchvision::nms does not exist". Declaring the two op
+    schemas first (we never call them) lets torchvision's Python side import.
+    """
+    torch = pytest.importorskip("torch")
+    try:
+        torch.ops.torchvision.nms  # noqa: B018
+    except (AttributeError, RuntimeError):
+        lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 (must stay alive)
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define(
+            "qnms(Tensor dets, Tensor scores, float iou_threshold, Tensor qdets, "
+            "Tensor qscores) -> Tensor"
+        )
+        import_timm._lib = lib
+    return pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="session")
+def timm():
+    return import_timm()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    """``../shared`` beside the checkout; tests that use it skip cleanly when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (real data and weights live there).")
+    return SHARED

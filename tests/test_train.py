@@ -1,0 +1,250 @@
+"""The training loop end to end on CPU: steps, multi-device equivalence, exact eval, resume,
+TensorBoard logs and clear errors on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vision_jax.checkpoint import CheckpointError, read_variables
+from vision_jax.config import UnreadConfigKeysError, default_config
+from vision_jax.train import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(**overrides):
+    """A few steps of CIFAR ResNet-20 on 16-pixel digits: fast on 2 cores."""
+    c = default_config()
+    c.model.name = "cifar_resnet20"
+    c.data.source = "digits"
+    c.input.image_size = 16
+    c.input.random_crop = False
+    c.batch_size = 32
+    c.eval_batch_size = 48  # 360 test digits = 7.5 batches: the last one is padded
+    c.total_epochs = None
+    c.total_steps = 4
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 0.05
+    c.log_every_steps = 2
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def test_train_loop_learns_and_reports(tmp_path):
+    result = train_and_evaluate(small_config(total_steps=40, eval_before_training=True, **{"optimizer.learning_rate": 0.1}), str(tmp_path))
+    assert result["eval/examples"] == 360  # every test digit once, padding excluded
+    assert result["eval_before/top1"] < 0.3
+    assert result["eval/top1"] > 0.35  # chance is 0.1
+    assert result["train/learning_rate"] >= 0
+    # TensorBoard event files hold the scalars.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"train/loss", "eval/top1", "train/learning_rate", "train/images_per_sec"} <= tags
+    last = events.Tensors("eval/top1")[-1]
+    assert last.step == 40
+    assert float(jax.numpy.asarray(np.frombuffer(last.tensor_proto.tensor_content, np.float32)
+                                   if last.tensor_proto.tensor_content else
+                                   last.tensor_proto.float_val)[0]) == pytest.approx(
+        result["eval/top1"], abs=1e-6)
+
+
+def test_eval_is_exact_over_every_example(tmp_path):
+    """The padded, masked eval equals a plain numpy computation over all test examples."""
+    from vision_jax import data as data_lib
+    from vision_jax.config import TrackedConfig
+    from vision_jax.models import create_model
+
+    cfg = small_config(total_steps=2)
+    result = train_and_evaluate(cfg, str(tmp_path))
+    variables = read_variables(str(tmp_path))
+    tc = TrackedConfig(cfg)
+    source = data_lib.load_source(tc.data, "test")
+    spec = data_lib.input_spec(tc.input)
+    images, labels = [], []
+    for batch in data_lib.eval_batches(source, spec, global_batch=1000):
+        keep = batch["mask"] > 0
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    model = create_model("cifar_resnet20", num_classes=10)
+    logits = np.asarray(model.apply(variables, jnp.asarray(images), train=False))
+    top1 = np.mean(logits.argmax(-1) == labels)
+    top5 = np.mean([label in np.argsort(-row)[:5] for row, label in zip(logits, labels)])
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    loss = -np.mean(logp[np.arange(len(labels)), labels])
+    assert len(labels) == 360
+    assert result["eval/top1"] == pytest.approx(top1, abs=1e-6)
+    assert result["eval/top5"] == pytest.approx(top5, abs=1e-6)
+    assert result["eval/loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def _params_of(workdir):
+    return jax.tree_util.tree_leaves(read_variables(str(workdir)))
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    cfg = small_config(total_steps=6, checkpoint_every_steps=3, keep_checkpoints=5)
+    cfg.input.random_crop = True  # augmentation randomness must resume too
+    cfg.input.resize_size = 20
+    full = tmp_path / "full"
+    train_and_evaluate(cfg, str(full))
+    interrupted = tmp_path / "interrupted"
+    train_and_evaluate(cfg, str(interrupted))
+    # Simulate a preemption after step 3: drop the later checkpoint, then run the same command.
+    import shutil
+
+    shutil.rmtree(interrupted / "checkpoints" / "6")
+    assert sorted(os.listdir(interrupted / "checkpoints")) == ["3"]
+    train_and_evaluate(cfg, str(interrupted))
+    for a, b in zip(_params_of(full), _params_of(interrupted), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _tree_hash(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path):
+    train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    before = _tree_hash(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match="Cannot restore checkpoint"):
+        train_and_evaluate(small_config(**{"model.name": "cifar_resnet32"}), str(tmp_path))
+    assert _tree_hash(tmp_path / "checkpoints") == before
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ({"model.name": "vit_nope"}, ValueError, "Valid names"),
+        ({"data.source": "tfds", "data.name": "no_such_dataset_xyz"}, ValueError, "no_such_dataset"),
+        ({"optimizer.momentum": 0.8, "optimizer.name": "adamw"}, UnreadConfigKeysError,
+         "optimizer.momentum"),
+        ({"batch_size": 5000}, ValueError, "fewer than one global batch"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        train_and_evaluate(small_config(**overrides), str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_tfds_source_with_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    cfg = small_config(**{"data.source": "tfds", "data.name": "cifar10", "total_steps": 2})
+    with tfds.testing.mock_data(num_examples=100):
+        result = train_and_evaluate(cfg, str(tmp_path))
+    assert result["eval/examples"] == 100
+    assert np.isfinite(result["train/loss"])
+
+
+@pytest.mark.parametrize(
+    "model, overrides",
+    [
+        ("vit_ti16", {"input.image_size": 32, "optimizer.name": "adamw", "model.dtype": "bfloat16"}),
+        ("resnet18", {"input.image_size": 32}),
+        ("bit_r50x1", {"input.image_size": 32, "batch_size": 8}),
+        ("cifar_resnet20", {}),
+    ],
+)
+def test_one_step_of_each_model_family(tmp_path, model, overrides):
+    cfg = small_config(**{"model.name": model, "total_steps": 1, "eval_batch_size": 360,
+                          "checkpoint_every_steps": 1, **overrides})
+    init = default_variables(cfg)
+    result = train_and_evaluate(cfg, str(tmp_path))
+    assert np.isfinite(result["train/loss"]) and np.isfinite(result["eval/loss"])
+    after = read_variables(str(tmp_path))
+    changed = [not np.allclose(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(init["params"]), jax.tree_util.tree_leaves(after["params"]),
+        strict=True)]
+    assert any(changed)
+    assert jax.tree_util.tree_leaves(after["params"])[0].dtype == np.float32
+    if "batch_stats" in init:  # updated in training mode only
+        assert not all(np.allclose(a, b) for a, b in zip(
+            jax.tree_util.tree_leaves(init["batch_stats"]),
+            jax.tree_util.tree_leaves(after["batch_stats"]), strict=True))
+
+
+def default_variables(cfg):
+    """The variables a run starts from (same seed and init as train_and_evaluate)."""
+    from vision_jax.models import create_model
+
+    model = create_model(cfg.model.name, num_classes=10)
+    init_rng, _ = jax.random.split(jax.random.key(cfg.seed))
+    size = cfg.input.image_size
+    return jax.tree_util.tree_map(
+        np.asarray, model.init({"params": init_rng}, jnp.zeros((1, size, size, 3)), train=False)
+    )
+
+
+RUN_ON_DEVICES = """
+import json, os, sys
+import jax
+from vision_jax.checkpoint import read_variables
+from vision_jax.train import train_and_evaluate
+sys.path.insert(0, {tests!r})
+from test_train import small_config
+cfg = small_config(**json.loads(sys.argv[2]))
+try:
+    result = train_and_evaluate(cfg, sys.argv[1])
+except ValueError as e:
+    print("ERROR", e); sys.exit(3)
+leaves = jax.tree_util.tree_leaves(read_variables(sys.argv[1])["params"])
+print("RESULT", json.dumps({{"devices": jax.device_count(), "loss": result["train/loss"],
+      "eval_loss": result["eval/loss"], "checksum": [float(abs(x).sum()) for x in leaves]}}))
+"""
+
+
+def run_with_devices(n: int, workdir, overrides: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+           "JAX_PLATFORMS": "cpu"}
+    code = RUN_ON_DEVICES.format(tests=str(ROOT / "tests"))
+    return subprocess.run([sys.executable, "-c", code, str(workdir), json.dumps(overrides)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _result(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    overrides = {"total_steps": 3, "eval_batch_size": 40}
+    one = _result(run_with_devices(1, tmp_path / "one", overrides))
+    eight = _result(run_with_devices(8, tmp_path / "eight", overrides))
+    assert (one["devices"], eight["devices"]) == (1, 8)
+    assert eight["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    assert eight["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5)
+    np.testing.assert_allclose(eight["checksum"], one["checksum"], rtol=1e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+    proc = run_with_devices(8, tmp_path, {"batch_size": 36})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "batch_size 36 is not divisible by the 8" in proc.stdout

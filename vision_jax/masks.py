@@ -1,0 +1,135 @@
+"""Regex rules over parameter paths.
+
+One helper serves every place that treats parameters differently by name: freezing, learning-rate
+multipliers, weight decay, LoRA targets and sharding. A parameter's path is its nested-dict keys
+joined with "/", e.g. ``Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel``. Rules are
+``(regex, value)`` pairs; the first regex that matches the *whole* path (``re.fullmatch``) wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+_REQUIRED = object()
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+    """Turns a jax key path into ``a/b/c``."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """All leaf paths of ``tree`` in flatten order."""
+    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _compile(rules: Sequence[tuple[str, Any]]) -> list[tuple[re.Pattern, Any]]:
+    compiled = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise ValueError(f"A rule must be a (regex, value) pair, got {rule!r}.")
+        pattern, value = rule
+        try:
+            compiled.append((re.compile(pattern), value))
+        except re.error as e:
+            raise ValueError(f"Invalid regex {pattern!r} in rules: {e}") from e
+    return compiled
+
+
+def tree_map_by_rules(
+    rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rules", default: Any = _REQUIRED
+) -> Any:
+    """Returns a tree shaped like ``tree`` holding, per leaf, the value of the first matching rule.
+
+    Every leaf must be covered: a leaf that no rule matches takes ``default`` or, if no default is
+    given, raises an error listing the uncovered paths. ``what`` names the rules in errors.
+    """
+    compiled = _compile(rules)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    values, uncovered = [], []
+    for path, _ in flat:
+        name = path_to_str(path)
+        for pattern, value in compiled:
+            if pattern.fullmatch(name):
+                values.append(value)
+                break
+        else:
+            if default is _REQUIRED:
+                uncovered.append(name)
+            values.append(default)
+    if uncovered:
+        shown = "\n  ".join(uncovered[:20]) + ("\n  ..." if len(uncovered) > 20 else "")
+        raise ValueError(
+            f"{len(uncovered)} parameter(s) match none of the {what} "
+            f"{[r for r, _ in rules]}; add a catch-all rule ('.*', ...). Uncovered:\n  {shown}"
+        )
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def tree_mask(patterns: Sequence[str] | str, tree: Any) -> Any:
+    """Boolean tree: True where the path fully matches any of ``patterns``."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return tree_map_by_rules([(p, True) for p in patterns], tree, default=False)
+
+
+def rules_table(rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rule") -> str:
+    """A human-readable table: each rule, its value, and how many leaves/parameters it took."""
+    compiled = _compile(rules)
+    counts = [[0, 0] for _ in compiled]
+    unmatched = [0, 0]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = path_to_str(path)
+        size = int(np.prod(np.shape(leaf)))
+        for i, (pattern, _) in enumerate(compiled):
+            if pattern.fullmatch(name):
+                counts[i][0] += 1
+                counts[i][1] += size
+                break
+        else:
+            unmatched[0] += 1
+            unmatched[1] += size
+    width = max([len(what)] + [len(p.pattern) for p, _ in compiled])
+    lines = [f"{what:<{width}}  {'value':>12}  {'leaves':>6}  {'params':>12}"]
+    for (pattern, value), (n, size) in zip(compiled, counts, strict=True):
+        lines.append(f"{pattern.pattern:<{width}}  {str(value):>12}  {n:>6}  {size:>12,}")
+    if unmatched[0]:
+        lines.append(f"{'(no match)':<{width}}  {'':>12}  {unmatched[0]:>6}  {unmatched[1]:>12,}")
+    return "\n".join(lines)
+
+
+def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a/b/c": leaf}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_dict(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` -> nested dict."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out

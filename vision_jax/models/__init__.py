@@ -1,0 +1,6 @@
+"""Model definitions (Flax Linen) and the registry that creates them by name."""
+
+from vision_jax.models import bit, cifar_resnet, resnet, vit  # noqa: F401  (registers models)
+from vision_jax.models.registry import ModelSpec, create_model, list_models, model_spec
+
+__all__ = ["ModelSpec", "create_model", "list_models", "model_spec"]

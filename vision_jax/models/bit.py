@@ -1,0 +1,178 @@
+"""BiT: pre-activation ResNet-v2 with GroupNorm and weight-standardised convs (Kolesnikov et al.).
+
+The same network as timm's ``resnetv2_{50x1,101x1,50x3}_bit``: StdConv eps 1e-8 (timm's value for
+BiT), GroupNorm(32 groups, eps 1e-5), a 7x7/2 stem conv (padding 3), then zero padding of 1 and a
+3x3/2 max-pool without padding (BiT's "fixed" padding), stride in the 3x3 conv.
+
+Parameter paths follow big_transfer / big_vision's ``bit_paper``: ``root_block/conv_root``,
+``block1/unit01/{gn1,conv1,gn2,conv2,gn3,conv3,conv_proj}``, ``norm-pre-head`` and ``head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vision_jax.models.registry import register_model
+
+
+class StdConv(nn.Conv):
+    """Conv whose kernel is standardised per output channel: ``(w - mean) / sqrt(var + eps)``.
+
+    The standardisation runs in float32 on the float32 parameter, before the cast to ``dtype``.
+    """
+
+    eps: float = 1e-8
+
+    def param(self, name, *args, **kwargs):
+        value = super().param(name, *args, **kwargs)
+        if name == "kernel":
+            mean = jnp.mean(value, axis=(0, 1, 2), keepdims=True)
+            var = jnp.var(value, axis=(0, 1, 2), keepdims=True)
+            value = (value - mean) / jnp.sqrt(var + self.eps)
+        return value
+
+
+def _std_conv(features, kernel, stride, eps, dtype, name):
+    pad = kernel // 2
+    return StdConv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        eps=eps,
+        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _group_norm(dtype, name):
+    return nn.GroupNorm(
+        num_groups=32,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class RootBlock(nn.Module):
+    """7x7/2 StdConv (padding 3), zero padding 1, 3x3/2 max-pool (no further padding)."""
+
+    width: int
+    eps: float = 1e-8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = _std_conv(self.width, 7, 2, self.eps, self.dtype, "conv_root")(x)
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+
+class PreActBottleneck(nn.Module):
+    """GN-ReLU-conv1x1, GN-ReLU-conv3x3 (strided), GN-ReLU-conv1x1, plus the shortcut.
+
+    The projection shortcut (``conv_proj``) reads the pre-activated input, as in BiT.
+    """
+
+    out_chs: int
+    stride: int = 1
+    eps: float = 1e-8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        conv = partial(_std_conv, eps=self.eps, dtype=self.dtype)
+        mid = self.out_chs // 4
+        x_pre = nn.relu(_group_norm(self.dtype, "gn1")(x))
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.out_chs:
+            shortcut = conv(self.out_chs, 1, self.stride, name="conv_proj")(x_pre)
+        y = conv(mid, 1, 1, name="conv1")(x_pre)
+        y = conv(mid, 3, self.stride, name="conv2")(nn.relu(_group_norm(self.dtype, "gn2")(y)))
+        y = conv(self.out_chs, 1, 1, name="conv3")(nn.relu(_group_norm(self.dtype, "gn3")(y)))
+        return y + shortcut
+
+
+class Stage(nn.Module):
+    """``depth`` units named ``unit01``, ``unit02``, ...; the first one strides."""
+
+    out_chs: int
+    depth: int
+    stride: int = 1
+    eps: float = 1e-8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for j in range(self.depth):
+            stride = self.stride if j == 0 else 1
+            x = PreActBottleneck(
+                self.out_chs, stride, self.eps, self.dtype, name=f"unit{j + 1:02d}"
+            )(x)
+        return x
+
+
+class ResNetV2(nn.Module):
+    """BiT ResNet-v2 on NHWC images; returns logits, or pooled features if ``num_classes == 0``.
+
+    ``train`` is accepted for a uniform interface; the network has no train-mode behaviour.
+    """
+
+    num_classes: int
+    stage_sizes: Sequence[int] = (3, 4, 6, 3)
+    width_factor: int = 1
+    std_conv_eps: float = 1e-8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        del train
+        x = jnp.asarray(images, self.dtype)
+        width = 64 * self.width_factor
+        x = RootBlock(width, self.std_conv_eps, self.dtype, name="root_block")(x)
+        for i, depth in enumerate(self.stage_sizes):
+            x = Stage(
+                width * 4 * 2**i,
+                depth,
+                stride=1 if i == 0 else 2,
+                eps=self.std_conv_eps,
+                dtype=self.dtype,
+                name=f"block{i + 1}",
+            )(x)
+        x = nn.relu(_group_norm(self.dtype, "norm-pre-head")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        if self.num_classes:
+            x = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="head",
+            )(x)
+        return x
+
+
+for _name, _stages, _width, _timm in [
+    ("bit_r50x1", (3, 4, 6, 3), 1, "resnetv2_50x1_bit"),
+    ("bit_r101x1", (3, 4, 23, 3), 1, "resnetv2_101x1_bit"),
+    ("bit_r50x3", (3, 4, 6, 3), 3, "resnetv2_50x3_bit"),
+]:
+    register_model(
+        _name,
+        family="bit",
+        module=ResNetV2,
+        input_size=224,
+        timm_name=_timm,
+        stage_sizes=_stages,
+        width_factor=_width,
+    )

@@ -1,0 +1,101 @@
+"""CIFAR ResNets 20/32/44/56/110 (He et al. 2016, sec. 4.2) as akamaster/pytorch_resnet_cifar10.
+
+A 3x3 conv to 16 channels, three stages of ``n`` basic blocks with 16/32/64 channels (``depth =
+6n + 2``), "option A" shortcuts (stride-2 subsampling plus zero channel padding, no parameters),
+global average pooling and a 64->classes classifier. Parameter paths follow akamaster's names:
+``conv1``, ``bn1``, ``layer1/0/conv1``, ``layer1/0/bn1``, ..., with ``head`` for his ``linear``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vision_jax.models.registry import register_model
+from vision_jax.models.resnet import batch_norm, conv2d
+
+WIDTHS = (16, 32, 64)
+
+
+class BasicBlockA(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus an option-A shortcut, then ReLU."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        y = conv2d(self.planes, 3, self.stride, self.dtype, name="conv1")(x)
+        y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
+        y = conv2d(self.planes, 3, 1, self.dtype, name="conv2")(y)
+        y = batch_norm(train, self.dtype, name="bn2")(y)
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.planes:
+            # Option A: subsample, then zero-pad planes // 4 channels on each side (akamaster's
+            # F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))).
+            pad = self.planes // 4
+            shortcut = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (pad, pad)))
+        return nn.relu(y + shortcut)
+
+
+class Stage(nn.Module):
+    """``depth`` blocks named ``0``, ``1``, ... (akamaster's ``layerN.M``); the first strides."""
+
+    planes: int
+    depth: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        for i in range(self.depth):
+            stride = self.stride if i == 0 else 1
+            x = BasicBlockA(self.planes, stride, self.dtype, name=str(i))(x, train=train)
+        return x
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet on NHWC images; returns logits, or pooled features if ``num_classes == 0``."""
+
+    num_classes: int
+    stage_sizes: Sequence[int] = (3, 3, 3)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        x = jnp.asarray(images, self.dtype)
+        x = conv2d(WIDTHS[0], 3, 1, self.dtype, name="conv1")(x)
+        x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
+        for i, (planes, depth) in enumerate(zip(WIDTHS, self.stage_sizes, strict=True)):
+            x = Stage(planes, depth, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}")(
+                x, train=train
+            )
+        x = jnp.mean(x, axis=(1, 2))
+        if self.num_classes:
+            x = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="head",
+            )(x)
+        return x
+
+
+# Exact parameter counts of akamaster's resnet{20,...,110} with 10 classes (the paper's table 6:
+# 0.27M, 0.46M, 0.66M, 0.85M, 1.7M).
+PAPER_PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
+
+for _depth, _params in PAPER_PARAMS.items():
+    register_model(
+        f"cifar_resnet{_depth}",
+        family="cifar_resnet",
+        module=CifarResNet,
+        input_size=32,
+        paper_params=_params,
+        stage_sizes=((_depth - 2) // 6,) * 3,
+    )

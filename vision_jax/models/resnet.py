@@ -1,0 +1,162 @@
+"""ResNet v1.5 (He et al. 2016; stride in the 3x3 conv), the same network as timm's ``resnetNN``.
+
+Parameter paths follow the torch names: ``conv1``, ``bn1``, ``layer1/0/conv1``,
+``layer2/0/downsample_conv``, ..., and the classifier ``head`` (timm's ``fc``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vision_jax.models.registry import register_model
+
+# torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm initialises convs.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv2d(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    """A bias-free conv with torch's symmetric padding ``kernel // 2``."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    """torch's BatchNorm2d defaults: momentum 0.1 (Flax 0.9), eps 1e-5.
+
+    One difference in train mode: Flax folds the biased batch variance into ``var``, torch the
+    unbiased one (a factor ``n / (n - 1)`` with ``n = N * H * W``); eval mode is identical.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34); the stride sits in the first."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        conv = partial(conv2d, dtype=self.dtype)
+        norm = partial(batch_norm, train, self.dtype)
+        out_chs = self.planes * self.expansion
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != out_chs:
+            shortcut = conv(out_chs, 1, self.stride, name="downsample_conv")(x)
+            shortcut = norm(name="downsample_bn")(shortcut)
+        y = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
+        y = norm(name="bn2")(conv(out_chs, 3, 1, name="conv2")(y))
+        return nn.relu(y + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion (ResNet-50/101/152)."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        conv = partial(conv2d, dtype=self.dtype)
+        norm = partial(batch_norm, train, self.dtype)
+        out_chs = self.planes * self.expansion
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != out_chs:
+            shortcut = conv(out_chs, 1, self.stride, name="downsample_conv")(x)
+            shortcut = norm(name="downsample_bn")(shortcut)
+        y = nn.relu(norm(name="bn1")(conv(self.planes, 1, 1, name="conv1")(x)))
+        y = nn.relu(norm(name="bn2")(conv(self.planes, 3, self.stride, name="conv2")(y)))
+        y = norm(name="bn3")(conv(out_chs, 1, 1, name="conv3")(y))
+        return nn.relu(y + shortcut)
+
+
+class Stage(nn.Module):
+    """``depth`` blocks named ``0``, ``1``, ... (torch's ``layerN.M``); the first one strides."""
+
+    block: type[nn.Module]
+    planes: int
+    depth: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        for i in range(self.depth):
+            stride = self.stride if i == 0 else 1
+            x = self.block(self.planes, stride, self.dtype, name=str(i))(x, train=train)
+        return x
+
+
+class ResNet(nn.Module):
+    """ResNet v1.5 on NHWC images; returns logits, or pooled features if ``num_classes == 0``."""
+
+    num_classes: int
+    stage_sizes: Sequence[int] = (3, 4, 6, 3)
+    bottleneck: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        x = jnp.asarray(images, self.dtype)
+        x = conv2d(64, 7, 2, self.dtype, name="conv1")(x)
+        x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        block = Bottleneck if self.bottleneck else BasicBlock
+        for i, depth in enumerate(self.stage_sizes):
+            x = Stage(
+                block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}"
+            )(x, train=train)
+        x = jnp.mean(x, axis=(1, 2))
+        if self.num_classes:
+            x = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="head",
+            )(x)
+        return x
+
+
+for _depth, _stages, _bottleneck in [
+    (18, (2, 2, 2, 2), False),
+    (34, (3, 4, 6, 3), False),
+    (50, (3, 4, 6, 3), True),
+    (101, (3, 4, 23, 3), True),
+    (152, (3, 8, 36, 3), True),
+]:
+    register_model(
+        f"resnet{_depth}",
+        family="resnet",
+        module=ResNet,
+        input_size=224,
+        timm_name=f"resnet{_depth}",
+        stage_sizes=_stages,
+        bottleneck=_bottleneck,
+    )

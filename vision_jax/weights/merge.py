@@ -1,0 +1,52 @@
+"""Merging loaded weights into freshly initialised variables, strictly, with a readable diff."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from vision_jax.masks import flatten_dict, unflatten_dict
+
+
+class WeightMismatchError(ValueError):
+    """Loaded weights do not fit the model; the message lists every difference."""
+
+
+def describe_mismatch(
+    expected: Mapping[str, Any], got: Mapping[str, Any], *, source: str, limit: int = 25
+) -> str | None:
+    """A readable diff between two flat ``{path: array}`` dicts, or None if they agree."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(
+        (k, tuple(np.shape(expected[k])), tuple(np.shape(got[k])))
+        for k in set(expected) & set(got)
+        if tuple(np.shape(expected[k])) != tuple(np.shape(got[k]))
+    )
+    if not (missing or unexpected or shapes):
+        return None
+
+    def block(title: str, rows: list[str]) -> list[str]:
+        if not rows:
+            return []
+        shown = rows[:limit] + ([f"... and {len(rows) - limit} more"] if len(rows) > limit else [])
+        return [f"  {title} ({len(rows)}):"] + [f"    {r}" for r in shown]
+
+    lines = [f"Weights from {source} do not match the model:"]
+    lines += block("missing in checkpoint", [f"{k} {np.shape(expected[k])}" for k in missing])
+    lines += block("unexpected in checkpoint", [f"{k} {np.shape(got[k])}" for k in unexpected])
+    lines += block("shape mismatch (model vs checkpoint)", [f"{k}: {a} vs {b}" for k, a, b in shapes])
+    return "\n".join(lines)
+
+
+def merge_strict(init: Mapping[str, Any], loaded: Mapping[str, Any], *, source: str) -> dict:
+    """Returns ``loaded`` cast to the dtypes of ``init``; raises on any structural difference."""
+    flat_init, flat_loaded = flatten_dict(init), flatten_dict(loaded)
+    diff = describe_mismatch(flat_init, flat_loaded, source=source)
+    if diff:
+        raise WeightMismatchError(diff)
+    return unflatten_dict(
+        {k: np.asarray(v, dtype=np.asarray(flat_init[k]).dtype) for k, v in flat_loaded.items()}
+    )
