@@ -3,7 +3,8 @@
 Data: scikit-learn's bundled 8x8 handwritten digits, upsampled to 32x32 (no download).
 
 Command:
-  python -m vision_jax.main --config=configs/digits_pretrain.py --workdir=/tmp/vj_quickstart/pretrain
+  python -m vision_jax.main --config=configs/digits_pretrain.py \
+      --workdir=/tmp/vj_quickstart/pretrain
 
 Expected result (2 CPU cores): eval/top1 about 0.99 on the held-out digits 0-4 after 300 steps.
 """

@@ -8,7 +8,9 @@ import pathlib
 import pytest
 
 SHARED = pathlib.Path(
-    os.environ.get("VISION_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared")
+    os.environ.get(
+        "VISION_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
+    )
 ).resolve()
 
 

@@ -3,12 +3,11 @@ counts, BatchNorm behaviour and the timm weight converters."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import flax_fn, flax_param_count, images, state_dict_np, torch_logits
 
 from vision_jax.masks import flatten_dict, unflatten_dict
 from vision_jax.models.bit import ResNetV2
@@ -28,32 +27,6 @@ HEAD_PREFIXES = ("fc.", "head.fc.", "linear.")
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-@functools.cache
-def flax_fn(name: str, num_classes: int = 10):
-    """(module, jitted eval-mode apply), shared across tests so each shape compiles once."""
-    model = create_model(name, num_classes=num_classes)
-    jitted = jax.jit(functools.partial(model.apply, train=False))
-
-    def apply(variables, x):
-        with jax.default_matmul_precision("highest"):  # no TF32 on GPUs; a no-op on CPU
-            return jitted(variables, x)
-
-    return model, apply
-
-
-def images(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
-
-
-def torch_logits(module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-
-
-def state_dict_np(module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
 def randomize_(module, x: np.ndarray, seed: int = 0) -> None:
@@ -119,17 +92,6 @@ def random_variables(model, size: int, seed: int = 0) -> dict:
 def zeros_like_init(model, size: int) -> dict:
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-def n_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def flax_param_count(name: str, num_classes: int) -> int:
-    model = create_model(name, num_classes=num_classes)
-    size = model_spec(name).input_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    return n_params(shapes["params"])
 
 
 # --------------------------------------------------------------------------------------------

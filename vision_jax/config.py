@@ -30,7 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params stay float32
 
     c.init = ml_collections.ConfigDict()
-    c.init.path = placeholder(str)  # pretrained weights: a vision_jax workdir or a timm .safetensors file
+    c.init.path = placeholder(
+        str
+    )  # pretrained weights: a vision_jax workdir or a timm .safetensors file
     c.init.replace_head = False  # re-initialise the head even if the class count matches
 
     c.data = ml_collections.ConfigDict()
@@ -61,7 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.name = "adamw"  # or "sgd"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.weight_decay = 1e-4
-    c.optimizer.decay_params = placeholder(str)  # regex of params that get weight decay; None = kernels
+    c.optimizer.decay_params = placeholder(
+        str
+    )  # regex of params that get weight decay; None = kernels
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.b1 = placeholder(float)  # adamw; None = optax default
     c.optimizer.b2 = placeholder(float)

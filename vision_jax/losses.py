@@ -7,13 +7,17 @@ import jax.numpy as jnp
 import optax
 
 
-def softmax_xent(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+def softmax_xent(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
     """Softmax cross-entropy against one-hot labels smoothed towards uniform."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def sigmoid_xent(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+def sigmoid_xent(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
     """Per-class sigmoid cross-entropy summed over classes (big_vision's ``sigmoid_xent``)."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).sum(-1)

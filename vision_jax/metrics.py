@@ -1,6 +1,5 @@
 """Training and evaluation metrics as clu collections, computed inside the jitted steps."""
 
-
 import flax
 import jax
 import jax.numpy as jnp

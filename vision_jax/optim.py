@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules built from ``config.optimizer`` and ``config.schedule``."""
+"""Optimizers and learning-rate schedules from ``config.optimizer`` and ``config.schedule``."""
 
 from __future__ import annotations
 

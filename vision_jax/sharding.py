@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 # Axes that split the batch. ``fsdp`` splits the batch too (and, with sharding rules, params).
@@ -40,10 +40,14 @@ def parse_mesh(spec: str, num_devices: int) -> tuple[tuple[str, ...], tuple[int,
 
 
 def create_mesh(spec: str, devices: list[Any] | None = None) -> Mesh:
-    """A mesh over all devices (of every process) with the named axes of ``spec``."""
+    """A mesh over all devices (of every process) with the named axes of ``spec``.
+
+    Axes are ``Auto`` (the compiler propagates shardings from the inputs and ``out_shardings``),
+    not jax's newer default ``Explicit`` sharding-in-types, so models need no sharding code.
+    """
     devices = jax.devices() if devices is None else devices
     names, sizes = parse_mesh(spec, len(devices))
-    return jax.make_mesh(sizes, names, devices=devices)
+    return jax.make_mesh(sizes, names, (AxisType.Auto,) * len(names), devices=devices)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

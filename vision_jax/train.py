@@ -86,7 +86,9 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model: nn.Module, loss_fn: Callable) -> Callable[[TrainState, dict], EvalMetrics]:
+def make_eval_step(
+    model: nn.Module, loss_fn: Callable
+) -> Callable[[TrainState, dict], EvalMetrics]:
     """Loss, top-1 and top-5 on a padded batch; padding (``mask == 0``) is not counted."""
 
     def step(state: TrainState, batch: dict) -> EvalMetrics:
@@ -174,14 +176,16 @@ def train_and_evaluate(
     init_rng, step_rng = jax.random.split(jax.random.key(seed))
     dummy = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
     replicated = sharding.replicated(mesh)
-    variables = jax.jit(
-        functools.partial(model.init, train=False), out_shardings=replicated
-    )({"params": init_rng}, dummy)
+    variables = jax.jit(functools.partial(model.init, train=False), out_shardings=replicated)(
+        {"params": init_rng}, dummy
+    )
     variables = flax.core.unfreeze(variables)
     init_path = cfg.init.get("path")
     replace_head = bool(cfg.init.get("replace_head"))
     if init_path:
-        loaded = load_pretrained(init_path, model=model, variables=variables, replace_head=replace_head)
+        loaded = load_pretrained(
+            init_path, model=model, variables=variables, replace_head=replace_head
+        )
         variables = jax.device_put(loaded, replicated)
     params = variables.pop("params")
 
@@ -228,7 +232,9 @@ def train_and_evaluate(
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if is_main:
         writer.write_hparams(_flat_hparams(meta["config"]))
-        parameter_overview.log_parameter_overview(state.params, msg=f"Parameters of {cfg.model.name}")
+        parameter_overview.log_parameter_overview(
+            state.params, msg=f"Parameters of {cfg.model.name}"
+        )
         logging.info(
             "Training %s on %d examples (%d classes) for %d steps of %d images; mesh %s.",
             cfg.model.name, train_source.num_examples, train_source.num_classes,

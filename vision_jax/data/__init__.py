@@ -5,7 +5,14 @@ from __future__ import annotations
 from vision_jax.config import TrackedConfig
 from vision_jax.data.pipeline import Batch, eval_batches, train_batches
 from vision_jax.data.preprocess import InputSpec
-from vision_jax.data.sources import DataError, Source, digits, from_arrays, from_tfds, select_classes
+from vision_jax.data.sources import (
+    DataError,
+    Source,
+    digits,
+    from_arrays,
+    from_tfds,
+    select_classes,
+)
 
 
 def load_source(data: TrackedConfig, split: str, *, arrays: dict | None = None) -> Source:

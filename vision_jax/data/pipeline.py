@@ -84,7 +84,10 @@ def _pad(batch: Batch, size: int) -> Batch:
     n = len(batch["label"])
     if n == size:
         return batch
-    return {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    return {
+        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }
 
 
 def _empty_batch(size: int, s: int) -> Batch:

@@ -50,7 +50,9 @@ def _normalise(image: tf.Tensor, spec: InputSpec) -> tf.Tensor:
     return (tf.cast(image, tf.float32) - mean) / std
 
 
-def make_preprocess(spec: InputSpec, *, train: bool, seed: int) -> Callable[[tf.Tensor, Example], Example]:
+def make_preprocess(
+    spec: InputSpec, *, train: bool, seed: int
+) -> Callable[[tf.Tensor, Example], Example]:
     """Returns ``fn(index, example) -> {"image": float32 HWC, "label": int32}``."""
     resize = spec.resize_size or spec.image_size
     if resize < spec.image_size:

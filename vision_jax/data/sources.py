@@ -83,19 +83,19 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Source:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types for unknown names
         raise DataError(f"Unknown tfds dataset {name!r}: {e}") from e
-    if not builder.info.splits:
-        raise DataError(
-            f"tfds dataset {name!r} is not prepared in {builder.data_dir}; run "
-            f"`tfds build {name}` (or download_and_prepare) first."
-        )
     try:
-        num_examples = builder.info.splits[split].num_examples
-    except KeyError as e:
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+    except Exception as e:  # not prepared (AssertionError), bad split (ValueError), ...
+        splits = list(builder.info.splits) or "none prepared"
         raise DataError(
-            f"tfds dataset {name!r} has no split {split!r}; splits: {list(builder.info.splits)}."
+            f"Cannot read split {split!r} of tfds dataset {name!r} in {builder.data_dir} "
+            f"(splits: {splits}): {e}. Prepare it first with `tfds build {name}`; nothing is "
+            "downloaded at training time."
         ) from e
+    num_examples = int(ds.cardinality())
+    if num_examples < 0:  # unknown cardinality: count once
+        num_examples = sum(1 for _ in ds.map(lambda ex: 0).as_numpy_iterator())
     label = builder.info.features["label"]
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=None)
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
     return Source(ds, num_examples, list(label.names))
 

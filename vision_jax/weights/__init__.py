@@ -10,9 +10,9 @@ from typing import Any
 import flax.linen as nn
 
 from vision_jax.models.registry import family_of
+from vision_jax.weights import surgery
 from vision_jax.weights.formats import WeightFormatError, read_state_dict
 from vision_jax.weights.merge import WeightMismatchError, merge_strict
-from vision_jax.weights import surgery
 
 # family -> module holding ``from_timm(state_dict, model)`` and ``to_timm(variables, model)``.
 _CONVERTER_MODULES = {

@@ -37,7 +37,9 @@ def describe_mismatch(
     lines = [f"Weights from {source} do not match the model:"]
     lines += block("missing in checkpoint", [f"{k} {np.shape(expected[k])}" for k in missing])
     lines += block("unexpected in checkpoint", [f"{k} {np.shape(got[k])}" for k in unexpected])
-    lines += block("shape mismatch (model vs checkpoint)", [f"{k}: {a} vs {b}" for k, a, b in shapes])
+    lines += block(
+        "shape mismatch (model vs checkpoint)", [f"{k}: {a} vs {b}" for k, a, b in shapes]
+    )
     return "\n".join(lines)
 
 

@@ -1,0 +1,278 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), the network of google-research/vision_transformer.
+
+Parameter names and shapes are those of the google-research checkpoints, so their ``.npz`` files
+map one to one: ``embedding`` (the patch conv), ``cls``, ``Transformer/posembed_input/
+pos_embedding``, ``Transformer/encoderblock_N/{LayerNorm_0, MultiHeadDotProductAttention_1/
+{query,key,value,out}, LayerNorm_2, MlpBlock_3/{Dense_0,Dense_1}}``, ``Transformer/encoder_norm``,
+optional ``pre_logits`` and ``head``. Attention kernels keep the per-head layout: query/key/value
+``(D, heads, head_dim)``, out ``(heads, head_dim, D)``.
+
+With ``pool_type="token"`` and no pre-logits layer this is timm's ``vit_*_patch*_224``: LayerNorm
+eps 1e-6, exact (erf) GELU. ``pool_type="gap"`` follows the JAX reference (final LayerNorm on
+every token, then the mean; no class token), which differs from timm's ``fc_norm`` ordering.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vision_jax.models.registry import register_model
+
+POOL_TYPES = ("token", "gap")
+
+
+def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example with probability ``rate``."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the per-head parameter layout of ``flax`` / the JAX ViT."""
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"Width {width} is not divisible by {self.num_heads} heads.")
+        head_dim = width // self.num_heads
+
+        def proj(name: str) -> jax.Array:
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                kernel_init=nn.initializers.xavier_uniform(),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=name,
+            )(x)
+
+        q, k, v = proj("query"), proj("key"), proj("value")  # (B, N, H, hd)
+        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        if self.dropout_rate and not deterministic:
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="out",
+        )(out)
+
+
+class MlpBlock(nn.Module):
+    """Dense -> exact GELU -> dropout -> Dense -> dropout."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        dense = lambda features, name: nn.Dense(
+            features,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name=name,
+        )
+        y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=False)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = dense(x.shape[-1], "Dense_1")(y)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        y = _layer_norm(self.dtype, "LayerNorm_0")(x)
+        y = Attention(
+            self.num_heads,
+            self.attention_dropout_rate,
+            self.dtype,
+            name="MultiHeadDotProductAttention_1",
+        )(y, deterministic=deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+        y = _layer_norm(self.dtype, "LayerNorm_2")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(
+            y, deterministic=deterministic
+        )
+        return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds a learned ``pos_embedding`` of shape ``(1, tokens, width)``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        posemb = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]), jnp.float32
+        )
+        return x + posemb.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+    """Position embeddings, ``depth`` encoder blocks and the final LayerNorm (``Transformer``)."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        x = AddPositionEmbs(name="posembed_input")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        for i in range(self.depth):
+            # Linearly increasing stochastic depth, as in timm and big_vision.
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            x = EncoderBlock(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout_rate,
+                self.attention_dropout_rate,
+                rate,
+                self.dtype,
+                name=f"encoderblock_{i}",
+            )(x, deterministic=deterministic)
+        return _layer_norm(self.dtype, "encoder_norm")(x)
+
+
+class VisionTransformer(nn.Module):
+    """ViT on NHWC images; returns logits, or the pooled features if ``num_classes == 0``."""
+
+    num_classes: int
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    pool_type: str = "token"  # "token" (class token) or "gap" (mean of all tokens)
+    representation_size: int | None = None  # optional pre-logits Dense + tanh
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
+        h, w = images.shape[1:3]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}."
+            )
+        x = jnp.asarray(images, self.dtype)
+        x = nn.Conv(
+            self.width,
+            (self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="embedding",
+        )(x)
+        n, gh, gw, c = x.shape
+        x = jnp.reshape(x, (n, gh * gw, c))
+        if self.pool_type == "token":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+        x = Encoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dropout_rate,
+            self.attention_dropout_rate,
+            self.drop_path_rate,
+            self.dtype,
+            name="Transformer",
+        )(x, deterministic=not train)
+        x = x[:, 0] if self.pool_type == "token" else jnp.mean(x, axis=1)
+        if self.representation_size is not None:
+            x = nn.Dense(
+                self.representation_size, dtype=self.dtype, param_dtype=jnp.float32,
+                name="pre_logits",
+            )(x)  # fmt: skip
+            x = jnp.tanh(x)
+        if self.num_classes:
+            x = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="head",
+            )(x)
+        return x
+
+
+# name: (width, depth, heads, mlp_dim, timm's name stem)
+VIT_SIZES = {
+    "ti": (192, 12, 3, 768, "tiny"),
+    "s": (384, 12, 6, 1536, "small"),
+    "b": (768, 12, 12, 3072, "base"),
+    "l": (1024, 24, 16, 4096, "large"),
+}
+
+# timm registers no tiny/32, tiny/8 or large/8; for those the same network is timm's
+# VisionTransformer class with these sizes (the parameter-count test builds it that way).
+TIMM_VITS = {
+    "vit_tiny_patch16_224",
+    *(f"vit_{s}_patch{p}_224" for s in ("small", "base") for p in (32, 16, 8)),
+    "vit_large_patch32_224",
+    "vit_large_patch16_224",
+}
+
+for _size, (_width, _depth, _heads, _mlp, _stem) in VIT_SIZES.items():
+    for _patch in (32, 16, 8):
+        _timm = f"vit_{_stem}_patch{_patch}_224"
+        register_model(
+            f"vit_{_size}{_patch}",
+            family="vit",
+            module=VisionTransformer,
+            input_size=224,
+            timm_name=_timm if _timm in TIMM_VITS else None,
+            patch_size=_patch,
+            width=_width,
+            depth=_depth,
+            num_heads=_heads,
+            mlp_dim=_mlp,
+        )
