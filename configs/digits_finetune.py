@@ -7,7 +7,8 @@ Command (after step 1):
   python -m vision_jax.main --config=configs/digits_finetune.py \
       --workdir=/tmp/vj_quickstart/finetune --config.init.path=/tmp/vj_quickstart/pretrain
 
-Expected result (2 CPU cores): eval_before/top1 0.2 (chance), eval/top1 about 0.97 after 100 steps.
+Expected result (2 CPU cores, about 30 s): eval_before/top1 0.19 (chance is 0.2), eval/top1 0.97
+on the 167 held-out digits 5-9 after 100 steps.
 """
 
 from ml_collections.config_dict import placeholder
@@ -23,7 +24,7 @@ def get_config(arg=None):
     c.init.replace_head = True
     c.data.source = "digits"
     c.data.classes = (5, 6, 7, 8, 9)
-    c.input.image_size = 32
+    c.input.image_size = 16
     c.input.random_crop = False
     c.input.flip = False
     c.batch_size = 64

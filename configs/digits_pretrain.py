@@ -1,12 +1,13 @@
-"""Quickstart, step 1: train a CIFAR ResNet-20 backbone on digits 0-4 (offline, ~1 min on 2 cores).
+"""Quickstart, step 1: train a CIFAR ResNet-20 backbone on digits 0-4 (offline, under a minute).
 
-Data: scikit-learn's bundled 8x8 handwritten digits, upsampled to 32x32 (no download).
+Data: scikit-learn's bundled 8x8 handwritten digits, upsampled to 16x16 (no download).
 
 Command:
   python -m vision_jax.main --config=configs/digits_pretrain.py \
       --workdir=/tmp/vj_quickstart/pretrain
 
-Expected result (2 CPU cores): eval/top1 about 0.99 on the held-out digits 0-4 after 300 steps.
+Expected result (2 CPU cores, about 40 s): eval/top1 1.0 on the 193 held-out digits 0-4 after
+300 steps.
 """
 
 from ml_collections.config_dict import placeholder
@@ -20,7 +21,7 @@ def get_config(arg=None):
     c.model.name = "cifar_resnet20"
     c.data.source = "digits"
     c.data.classes = (0, 1, 2, 3, 4)
-    c.input.image_size = 32
+    c.input.image_size = 16
     c.input.random_crop = False
     c.input.flip = False  # digits are not mirror-symmetric
     c.batch_size = 64

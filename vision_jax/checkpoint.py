@@ -7,12 +7,15 @@ so an existing checkpoint is never overwritten by a run that could not read it.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+FROZEN_DIR = "frozen_params"
 
 
 class CheckpointError(RuntimeError):
@@ -23,7 +26,9 @@ class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir."""
 
     def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = os.path.join(workdir, "checkpoints")
+        if "://" not in workdir:  # gs://... stays a URL; local paths become absolute
+            self.directory = os.path.abspath(self.directory)
         self.every_steps = every_steps
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -35,6 +40,15 @@ class Checkpointer:
                 create=True,
             ),
         )
+
+    def save_frozen(self, frozen: Any) -> None:
+        """Writes the frozen parameters once, beside the checkpoints (they never change, so step
+        checkpoints hold only the trainable state). A no-op when nothing is frozen."""
+        if not jax.tree_util.tree_leaves(frozen):
+            return
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(frozen_dir(self.directory), frozen, force=True)
+        checkpointer.wait_until_finished()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -112,12 +126,44 @@ def latest_step_dir(path: str) -> str:
     return os.path.join(path, str(max(steps)))
 
 
+def frozen_dir(checkpoints_dir: str) -> str:
+    """Where a run keeps its frozen parameters: ``<workdir>/frozen_params``."""
+    return os.path.join(os.path.dirname(checkpoints_dir.rstrip("/")), FROZEN_DIR)
+
+
+def _restore_on_one_device(path: str) -> Any:
+    """Restores an orbax pytree onto this process's first device, whatever mesh wrote it."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    checkpointer = ocp.StandardCheckpointer()
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
+    return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
+
+
 def read_variables(path: str) -> dict:
-    """The model variables (``params`` plus e.g. ``batch_stats``) of a vision_jax checkpoint."""
+    """The model variables (``params`` plus e.g. ``batch_stats``) of a vision_jax checkpoint.
+
+    Frozen parameters (saved once beside the checkpoints) are put back, and LoRA adapters are
+    merged into their kernels, so the result is the plain model's variables.
+    """
+    from vision_jax import lora
+    from vision_jax.optim import combine
+
     step_dir = latest_step_dir(path)
     try:
-        state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+        state = _restore_on_one_device(os.path.join(step_dir, "state"))
+        frozen_path = frozen_dir(os.path.dirname(step_dir))
+        frozen = _restore_on_one_device(frozen_path) if os.path.isdir(frozen_path) else {}
+        with open(os.path.join(step_dir, "meta", "metadata")) as f:
+            config = json.load(f)["config"]
     except Exception as e:
         raise CheckpointError(f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}") from e
-    to_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
-    return {"params": to_numpy(state["params"]), **to_numpy(state.get("model_state") or {})}
+    params = combine(state["params"], frozen)
+    lora_config = config.get("lora") or {}
+    if lora_config.get("rank"):
+        rank = int(lora_config["rank"])
+        spec = lora.LoraSpec(rank, float(lora_config.get("alpha") or rank))
+        params = jax.tree_util.tree_map(np.asarray, lora.merge(params, spec))
+    return {"params": params, **(state.get("model_state") or {})}

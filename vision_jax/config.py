@@ -24,21 +24,33 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mesh = "data:-1"  # named mesh axes: "data:-1", "data:2,fsdp:4" (-1 = the rest)
+    # (regex over param paths, "fsdp" | "replicated" | spec like (None, "model")); first match wins
+    c.sharding_rules = ((".*", "fsdp"),)
+    c.fsdp_min_size = 2**18  # "fsdp" splits only params with at least this many elements
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit_ti16"
     c.model.dtype = "float32"  # compute dtype; params stay float32
 
     c.init = ml_collections.ConfigDict()
-    c.init.path = placeholder(
-        str
-    )  # pretrained weights: a vision_jax workdir or a timm .safetensors file
+    # pretrained weights: a vision_jax workdir, .npz (google/big_vision), timm or torchvision
+    # .safetensors/.pth/.bin/.th, or a Hugging Face ViT folder (see vision_jax.weights)
+    c.init.path = placeholder(str)
     c.init.replace_head = False  # re-initialise the head even if the class count matches
+    c.init.head_bias_init = 0.0  # bias of a re-initialised head (kernel: zeros)
+    c.init.dont_load = ()  # regexes of variables that keep their init values
+    c.init.posemb = "bilinear"  # position-embedding resampling to a new grid, or "bicubic"
+    # True: input.mean/std from the checkpoint (weights.input_contract) unless set to non-defaults
+    c.init.use_input_contract = False
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # "tfds", "digits" or "arrays"
+    c.data.source = "tfds"  # "tfds", "imagefolder", "csv", "idx", "digits" or "arrays"
     c.data.name = placeholder(str)  # tfds name
     c.data.data_dir = placeholder(str)
+    # imagefolder: root/<split>/<class>/*.jpg; csv: root/<split>.csv; idx: root/train-*-ubyte.gz
+    c.data.root = placeholder(str)
+    c.data.class_names = placeholder(tuple)  # csv/arrays: names for integer labels
+    c.data.skip_corrupt = False  # skip (and count) unreadable images instead of failing
     c.data.train_split = "train"
     c.data.eval_split = "test"
     c.data.classes = placeholder(tuple)  # keep only these class ids (relabelled 0..k-1)
@@ -46,10 +58,22 @@ def default_config() -> ml_collections.ConfigDict:
     c.input = ml_collections.ConfigDict()
     c.input.image_size = 224
     c.input.resize_size = placeholder(int)  # shorter side before cropping; None = image_size
-    c.input.random_crop = True
+    c.input.crop_fraction = placeholder(float)  # timm crop_pct: resize to image_size / fraction
+    c.input.random_crop = True  # train: random crop of the resized image (else centre crop)
+    c.input.crop_padding = 0  # with random_crop: zero-pad first (CIFAR: 4)
+    c.input.inception_crop = False  # train: random-resized crop (set random_crop = False)
+    c.input.inception_scale = (0.08, 1.0)  # area fraction range of the inception crop
+    c.input.inception_ratio = (3 / 4, 4 / 3)  # aspect ratio range of the inception crop
     c.input.flip = True
+    c.input.randaugment_layers = 0  # RandAugment N (0 = off)
+    c.input.randaugment_magnitude = 9.0  # RandAugment M, 0..10
     c.input.mean = (0.5, 0.5, 0.5)
     c.input.std = (0.5, 0.5, 0.5)
+    c.input.random_erasing = 0.0  # probability (timm RandomErasing, pixel mode)
+    c.input.mixup_alpha = 0.0  # > 0: batches carry soft_label
+    c.input.cutmix_alpha = 0.0
+    c.input.mix_prob = 1.0  # probability of mixing a batch
+    c.input.mix_switch_prob = 0.5  # cutmix instead of mixup, when both alphas are set
 
     c.batch_size = 64
     c.eval_batch_size = 64
@@ -62,21 +86,44 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # or "sgd"
     c.optimizer.learning_rate = 1e-3
+    # Decoupled (AdamW semantics: lr_t * weight_decay * param); big_vision's wd = lr * this.
     c.optimizer.weight_decay = 1e-4
-    c.optimizer.decay_params = placeholder(
-        str
-    )  # regex of params that get weight decay; None = kernels
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.b1 = placeholder(float)  # adamw; None = optax default
-    c.optimizer.b2 = placeholder(float)
-    c.optimizer.eps = placeholder(float)
+    c.optimizer.decay_params = placeholder(str)  # regex of decayed params; None = kernels only
+    c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; None/0 = off
+    c.optimizer.b1 = placeholder(float)  # adamw; None = 0.9
+    c.optimizer.b2 = placeholder(float)  # None = 0.999
+    c.optimizer.eps = placeholder(float)  # None = 1e-8
     c.optimizer.momentum = placeholder(float)  # sgd; None = 0.9
     c.optimizer.nesterov = placeholder(bool)
+    c.optimizer.mu_dtype = placeholder(str)  # "bfloat16": first moments / momentum in bf16
+    # What trains: "all", "head" (linear probe), "last:N" (head + last N blocks), "bitfit"
+    # (biases + norms + head); frozen params get no gradient, update or optimizer state.
+    c.optimizer.trainable = "all"
+    c.optimizer.frozen_params = placeholder(str)  # regex of params to freeze as well
+    c.optimizer.lr_mults = placeholder(tuple)  # ((regex, multiplier), ...), first match wins
+    c.optimizer.layer_decay = placeholder(float)  # lr * decay**(last group - group)
 
     c.schedule = ml_collections.ConfigDict()
-    c.schedule.decay = "cosine"  # "cosine", "linear" or "constant"
-    c.schedule.warmup_steps = placeholder(int)
+    c.schedule.decay = "cosine"  # "cosine", "linear", "constant", "rsqrt" or "step"
+    c.schedule.warmup_steps = placeholder(int)  # at most one of steps / epochs / fraction
     c.schedule.warmup_epochs = placeholder(float)
+    c.schedule.warmup_fraction = placeholder(float)
+    c.schedule.cooldown_steps = placeholder(int)  # linear cooldown to 0 at the end
+    c.schedule.cooldown_epochs = placeholder(float)
+    c.schedule.cooldown_fraction = placeholder(float)
+    c.schedule.rsqrt_timescale = 10_000  # rsqrt: lr / sqrt(1 + t / timescale)
+    c.schedule.step_boundaries = (0.5, 0.75)  # step: fractions of training where lr drops
+    c.schedule.step_factor = 0.1
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # > 0: train low-rank adapters (and the head) instead of the model
+    c.lora.alpha = placeholder(float)  # None = rank (scale 1)
+    c.lora.dropout = 0.0
+    c.lora.targets = r".*/MultiHeadDotProductAttention_1/(query|value)/kernel"
+    c.lora.train_head = True
+
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
+    c.ema_decay = placeholder(float)  # EMA of the params, evaluated alongside (e.g. 0.999)
 
     c.log_every_steps = 50
     c.eval_every_steps = 500  # 0 = only at the end

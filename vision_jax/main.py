@@ -21,24 +21,40 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer(
+    "num_cpu_devices", None, "CPU devices per process (multi-process tests on one machine)."
+)
+flags.DEFINE_list(
+    "local_device_ids",
+    None,
+    "Accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 for one process per node on SLURM "
+    "(which otherwise gives each process the one GPU of its SLURM_LOCALID).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed() -> None:
     """Starts JAX's multi-controller runtime when the flags ask for it."""
     explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+    ids = FLAGS.local_device_ids
+    local_device_ids = None if ids is None else [int(i) for i in ids]
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise app.UsageError(
                 "--coordinator_address, --num_processes and --process_id go together."
             )
+        host, _, port = FLAGS.coordinator_address.rpartition(":")
+        # The coordinator binds all interfaces by default; on one machine bind loopback only.
+        local = host in ("127.0.0.1", "localhost")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
+            coordinator_bind_address=f"127.0.0.1:{port}" if local else None,
+            local_device_ids=local_device_ids,
         )
     elif FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=local_device_ids)
 
 
 class _QuietOrbax(logging.Filter):
@@ -53,6 +69,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietOrbax())
+    if FLAGS.num_cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
     initialize_distributed()
     logging.info(
         "JAX process %d of %d, %d local / %d global devices (%s).",
@@ -67,8 +85,15 @@ def main(argv: list[str]) -> None:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"vision_jax: error: {e}", file=sys.stderr)
         sys.exit(1)
+    line = json.dumps({k: round(v, 6) for k, v in sorted(results.items())})
+    logging.info("Final metrics of process %d: %s", jax.process_index(), line)
     if jax.process_index() == 0:
-        print(json.dumps({k: round(v, 6) for k, v in sorted(results.items())}))
+        print(line)
+        if "eval_before/top1" in results:
+            print(
+                f"top-1 accuracy before fine-tuning {results['eval_before/top1']:.4f}, "
+                f"after {results['eval/top1']:.4f} ({int(results['eval/examples'])} examples)"
+            )
 
 
 if __name__ == "__main__":

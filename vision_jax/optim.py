@@ -1,56 +1,233 @@
-"""Optimizers and learning-rate schedules from ``config.optimizer`` and ``config.schedule``."""
+"""Optimizers, schedules and parameter control from ``config.optimizer`` and ``config.schedule``.
+
+Every per-parameter choice goes through the one regex helper of :mod:`vision_jax.masks`:
+
+* **what trains**: ``optimizer.trainable`` presets (``all``, ``head`` = linear probe,
+  ``last:N`` = head + last N blocks/stages, ``bitfit`` = biases + norms + head) and
+  ``optimizer.frozen_params``. Frozen parameters are split off the train state
+  (:func:`partition`): they get no gradient, no update and no optimizer state.
+* **how fast**: ``optimizer.lr_mults`` ((regex, multiplier) pairs) times layer-wise decay
+  ``optimizer.layer_decay`` (ViT blocks, ResNet stages): ``decay ** (last group - group)``.
+* **what decays**: ``optimizer.decay_params`` (default: kernels only; never norms, biases,
+  position embeddings or the class token). Weight decay is decoupled with AdamW semantics:
+  each step subtracts ``lr_t * weight_decay * param``. big_vision's ``wd`` is not multiplied by
+  the base learning rate (only by the schedule's relative value), so big_vision ``wd`` equals
+  ``learning_rate * weight_decay`` here.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vision_jax.config import TrackedConfig
-from vision_jax.masks import tree_mask
+from vision_jax.masks import flatten_dict, rules_table, tree_map_by_rules, tree_mask, unflatten_dict
+from vision_jax.models.bit import ResNetV2
+from vision_jax.models.cifar_resnet import CifarResNet
+from vision_jax.models.resnet import ResNet
+from vision_jax.models.vit import VisionTransformer
 
-# By default weight decay touches kernels only: never norms, biases, position embeddings, cls.
 DEFAULT_DECAY_PARAMS = r"(.*/)?kernel"
+NORM_MODULES = r"(LayerNorm_\d+|encoder_norm|bn\d*|downsample_bn|gn\d+|norm-pre-head)"
+TRAINABLE_PRESETS = ("all", "head", "last:N", "bitfit")
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "step")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+
+
+def _duration(section: TrackedConfig, name: str, total: int, steps_per_epoch: int) -> int:
+    """``{name}_steps``, ``{name}_epochs`` or ``{name}_fraction`` (of training) as steps."""
+    given = {
+        unit: section.get(f"{name}_{unit}")
+        for unit in ("steps", "epochs", "fraction")
+        if section.get(f"{name}_{unit}") is not None
+    }
+    if len(given) > 1:
+        raise ValueError(f"Set at most one of schedule.{name}_{{steps,epochs,fraction}}: {given}.")
+    if not given:
+        return 0
+    unit, value = next(iter(given.items()))
+    steps = {
+        "steps": lambda v: int(v),
+        "epochs": lambda v: round(v * steps_per_epoch),
+        "fraction": lambda v: round(v * total),
+    }[unit](value)
+    if not 0 <= steps <= total:
+        raise ValueError(f"schedule.{name}_{unit}={value} is {steps} steps; training has {total}.")
+    return steps
 
 
 def build_schedule(
     schedule: TrackedConfig, *, base_lr: float, total_steps: int, steps_per_epoch: int
 ) -> optax.Schedule:
-    """Linear warmup from 0, then ``cosine``, ``linear`` (both to 0) or ``constant`` decay."""
-    warmup_steps = schedule.get("warmup_steps")
-    warmup_epochs = schedule.get("warmup_epochs")
-    if warmup_steps is not None and warmup_epochs is not None:
-        raise ValueError("Set schedule.warmup_steps or schedule.warmup_epochs, not both.")
-    if warmup_epochs is not None:
-        warmup_steps = round(warmup_epochs * steps_per_epoch)
-    warmup_steps = int(warmup_steps or 0)
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"Warmup of {warmup_steps} steps does not fit in {total_steps} steps.")
-    decay_steps = max(total_steps - warmup_steps, 1)
+    """Linear warmup from 0, then the ``decay`` shape, then an optional linear cooldown to 0.
+
+    ``decay``: ``cosine`` and ``linear`` go to 0 at the end of training, ``constant`` stays,
+    ``rsqrt`` is ``1 / sqrt(1 + t / rsqrt_timescale)`` (t counted after warmup), ``step``
+    multiplies by ``step_factor`` at each of ``step_boundaries`` (fractions of training).
+    """
+    warmup = _duration(schedule, "warmup", total_steps, steps_per_epoch)
+    cooldown = _duration(schedule, "cooldown", total_steps, steps_per_epoch)
+    if warmup + cooldown > total_steps:
+        raise ValueError(f"Warmup {warmup} + cooldown {cooldown} > {total_steps} training steps.")
     kind = schedule.decay
-    if kind == "cosine":
-        decay = optax.cosine_decay_schedule(base_lr, decay_steps)
-    elif kind == "linear":
-        decay = optax.linear_schedule(base_lr, 0.0, decay_steps)
-    elif kind == "constant":
-        decay = optax.constant_schedule(base_lr)
+    timescale = float(schedule.rsqrt_timescale)
+    boundaries = tuple(float(b) for b in schedule.step_boundaries)
+    factor = float(schedule.step_factor)
+    if kind not in SCHEDULES:
+        raise ValueError(f"Unknown schedule.decay {kind!r}; valid: {', '.join(SCHEDULES)}.")
+    if any(not 0 < b < 1 for b in boundaries):
+        raise ValueError(f"schedule.step_boundaries {boundaries} must be fractions in (0, 1).")
+    decay_steps = max(total_steps - warmup, 1)
+    step_at = [round(b * total_steps) for b in boundaries]
+
+    def fn(step):
+        t = jnp.asarray(step, jnp.float32)
+        frac = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
+        shape = {
+            "cosine": lambda: 0.5 * (1.0 + jnp.cos(jnp.pi * frac)),
+            "linear": lambda: 1.0 - frac,
+            "constant": lambda: jnp.ones_like(t),
+            "rsqrt": lambda: jax.lax.rsqrt(1.0 + jnp.maximum(t - warmup, 0.0) / timescale),
+            "step": lambda: factor ** sum((t >= s).astype(jnp.float32) for s in step_at),
+        }[kind]()
+        if warmup:
+            shape = shape * jnp.minimum(t / warmup, 1.0)
+        if cooldown:
+            shape = shape * jnp.clip((total_steps - t) / cooldown, 0.0, 1.0)
+        return base_lr * shape
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# which parameters train, and how fast
+
+
+def layer_groups(model: Any) -> tuple[list[tuple[str, int]], int]:
+    """Rules mapping parameter paths to depth groups, and the number of groups.
+
+    Group 0 is the stem (patch embedding, class token, position embedding; the ResNet stem),
+    groups 1..L the ViT blocks or ResNet stages, group L+1 the final norm and the head.
+    """
+    if isinstance(model, VisionTransformer):
+        stem = [(r"(embedding|Transformer/posembed_input)/.*|cls", 0)]
+        blocks = [(rf"Transformer/encoderblock_{i}/.*", i + 1) for i in range(model.depth)]
+        n = model.depth
+    elif isinstance(model, (ResNet, CifarResNet)):
+        stem = [(r"(conv1|bn1)/.*", 0)]
+        n = len(model.stage_sizes)
+        blocks = [(rf"layer{i + 1}/.*", i + 1) for i in range(n)]
+    elif isinstance(model, ResNetV2):
+        stem = [(r"root_block/.*", 0)]
+        n = len(model.stage_sizes)
+        blocks = [(rf"block{i + 1}/.*", i + 1) for i in range(n)]
     else:
-        raise ValueError(f"Unknown schedule.decay {kind!r}; valid: cosine, linear, constant.")
-    if warmup_steps == 0:
-        return decay
-    warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
-    return optax.join_schedules([warmup, decay], [warmup_steps])
+        raise TypeError(f"No layer groups for {type(model).__name__}.")
+    return stem + blocks + [(".*", n + 1)], n + 2
+
+
+def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
+    """(regex, trainable) rules of a ``optimizer.trainable`` preset."""
+    if preset == "all":
+        return [(".*", True)]
+    if preset == "head":
+        return [(r"head/.*", True)]
+    if preset == "bitfit":
+        return [(rf"head/.*|(.*/)?bias|(.*/)?{NORM_MODULES}/scale", True)]
+    if preset.startswith("last:") and preset[5:].isdigit():
+        rules, n_groups = layer_groups(model)
+        keep = int(preset[5:])
+        if not 0 <= keep <= n_groups - 2:
+            raise ValueError(f"trainable={preset!r}: the model has {n_groups - 2} blocks.")
+        return [(regex, group >= n_groups - 1 - keep) for regex, group in rules]
+    raise ValueError(
+        f"Unknown optimizer.trainable {preset!r}; valid: {', '.join(TRAINABLE_PRESETS)}."
+    )
+
+
+def trainable_mask(
+    params: Any, model: Any, *, preset: str, frozen: str | None, extra: str | None = None
+) -> Any:
+    """Boolean tree: True where a parameter trains. ``frozen`` regex wins over the preset;
+    ``extra`` (LoRA adapters) trains regardless."""
+    mask = tree_map_by_rules(trainable_rules(preset, model), params, default=False)
+    if frozen:
+        mask = jax.tree.map(lambda m, f: m and not f, mask, tree_mask(frozen, params))
+    if extra:
+        mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError("No parameter is trainable: check optimizer.trainable / frozen_params.")
+    return mask
+
+
+def partition(params: Mapping[str, Any], mask: Any) -> tuple[dict, dict]:
+    """Splits a params tree into (trainable, frozen) nested dicts by a boolean ``mask``."""
+    flat, flat_mask = flatten_dict(params), flatten_dict(mask)
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return unflatten_dict(trainable), unflatten_dict(frozen)
+
+
+def combine(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+    """Inverse of :func:`partition`."""
+    return unflatten_dict({**flatten_dict(frozen), **flatten_dict(trainable)})
+
+
+def lr_multipliers(
+    params: Any, model: Any, *, rules: Any = None, layer_decay: float | None = None
+) -> Any:
+    """Float tree of per-parameter learning-rate multipliers (1.0 where nothing applies)."""
+    mults = tree_map_by_rules(list(rules or ()), params, what="lr_mults", default=1.0)
+    if layer_decay is not None:
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"optimizer.layer_decay must lie in (0, 1], got {layer_decay}.")
+        group_rules, n_groups = layer_groups(model)
+        groups = tree_map_by_rules(group_rules, params, what="layer groups")
+        mults = jax.tree.map(
+            lambda m, g: float(m) * layer_decay ** (n_groups - 1 - g), mults, groups
+        )
+    return jax.tree.map(float, mults)
+
+
+def scale_by_tree(mults: Any) -> optax.GradientTransformation:
+    """Multiplies each update by its constant multiplier (stateless)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+# --------------------------------------------------------------------------------------------
+# the optimizer
 
 
 def build_optimizer(
-    config: TrackedConfig, params: Any, *, total_steps: int, steps_per_epoch: int
+    config: TrackedConfig,
+    params: Any,
+    model: Any,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    log: bool = True,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax transformation described by ``config.optimizer`` and its learning-rate schedule.
+    """The optax transformation for the *trainable* ``params`` and its learning-rate schedule.
 
-    ``optimizer.name`` is ``sgd`` (momentum, nesterov; weight decay added to the gradient) or
-    ``adamw`` (b1, b2, eps; decoupled weight decay scaled by the learning rate, as in optax).
-    ``optimizer.decay_params`` is the regex of parameters that get weight decay.
+    ``optimizer.name`` is ``sgd`` (momentum, nesterov; L2 weight decay added to the gradient) or
+    ``adamw`` (b1, b2, eps; decoupled weight decay). ``mu_dtype`` stores first moments (or the
+    SGD momentum) in e.g. bfloat16. Gradients are clipped by global norm first.
     """
     opt = config.optimizer
     schedule = build_schedule(
@@ -60,7 +237,15 @@ def build_optimizer(
         steps_per_epoch=steps_per_epoch,
     )
     wd = float(opt.get("weight_decay") or 0.0)
-    decay_mask = tree_mask(opt.get("decay_params") or DEFAULT_DECAY_PARAMS, params)
+    decay_params = opt.get("decay_params") or DEFAULT_DECAY_PARAMS
+    decay_mask = tree_mask(decay_params, params)
+    mu_dtype = opt.get("mu_dtype")
+    if mu_dtype is not None and mu_dtype not in DTYPES:
+        raise ValueError(f"Unknown optimizer.mu_dtype {mu_dtype!r}; valid: {', '.join(DTYPES)}.")
+    mu_dtype = DTYPES.get(mu_dtype)
+    mults = lr_multipliers(
+        params, model, rules=opt.get("lr_mults"), layer_decay=opt.get("layer_decay")
+    )
     parts = []
     if opt.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
@@ -73,6 +258,7 @@ def build_optimizer(
                 schedule,
                 momentum=_default(opt.get("momentum"), 0.9),
                 nesterov=bool(opt.get("nesterov")),
+                accumulator_dtype=mu_dtype,
             )
         )
     elif name == "adamw":
@@ -84,17 +270,49 @@ def build_optimizer(
                 eps=_default(opt.get("eps"), 1e-8),
                 weight_decay=wd,
                 mask=decay_mask,
+                mu_dtype=mu_dtype,
             )
         )
     else:
         raise ValueError(f"Unknown optimizer.name {name!r}; valid: sgd, adamw.")
+    if any(m != 1.0 for m in jax.tree.leaves(mults)):
+        parts.append(scale_by_tree(mults))
+    if log and jax.process_index() == 0:
+        logging.info("Weight decay %s on:\n%s", wd, rules_table([(decay_params, True)], params))
+        if opt.get("lr_mults") or opt.get("layer_decay") is not None:
+            logging.info("Learning-rate multipliers:\n%s", _value_table(mults))
     return optax.chain(*parts), schedule
+
+
+def _value_table(tree: Any) -> str:
+    rows = [f"  {path}: {value:g}" for path, value in flatten_dict(tree).items()]
+    return "\n".join(rows)
 
 
 def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+# --------------------------------------------------------------------------------------------
+# memory report
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the array leaves of ``tree`` (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def count_params(tree: Any) -> int:
     """Number of scalars in a pytree of arrays."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
+def memory_report(trainable: Any, frozen: Any, opt_state: Any) -> dict[str, int]:
+    """Parameter counts and bytes of the trainable and frozen parameters and optimizer state."""
+    return {
+        "trainable_params": count_params(trainable),
+        "frozen_params": count_params(frozen),
+        "trainable_bytes": tree_bytes(trainable),
+        "frozen_bytes": tree_bytes(frozen),
+        "optimizer_state_bytes": tree_bytes(opt_state),
+    }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from vision_jax.masks import path_to_str, tree_map_by_rules
 
 # Axes that split the batch. ``fsdp`` splits the batch too (and, with sharding rules, params).
 BATCH_AXES = ("data", "fsdp")
@@ -74,3 +77,109 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
+
+
+# Sharding rules: ``(regex, value)`` pairs over parameter paths (see vision_jax.masks). A value is
+# "fsdp" (split the largest dimension divisible by the fsdp axis, for parameters of at least
+# ``fsdp_min_size`` elements), "replicated", or a partition spec as a sequence with one entry per
+# leading dimension: None, a mesh axis name or a sequence of axis names, e.g. (None, "model").
+# ``config.sharding_rules`` holds them; the default ``((".*", "fsdp"),)`` is plain FSDP.
+
+
+def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
+    """Splits the largest dimension divisible by the ``fsdp`` axis size; replicates otherwise.
+
+    Parameters with fewer than ``min_size`` elements stay replicated: splitting them saves little
+    memory and costs an all-gather each.
+    """
+    size = dict(mesh.shape).get("fsdp", 1)
+    if size == 1 or math.prod(shape) < min_size:
+        return P()
+    dims = [i for i, d in enumerate(shape) if d % size == 0]
+    if not dims:
+        return P()
+    dim = max(dims, key=lambda i: shape[i])  # the first of equally large dimensions
+    return P(*([None] * dim), "fsdp")
+
+
+def _rule_spec(value: Any, shape: tuple[int, ...], mesh: Mesh, min_size: int, name: str) -> P:
+    """The PartitionSpec that rule ``value`` gives the parameter ``name`` of ``shape``."""
+    if value == "fsdp":
+        return fsdp_spec(shape, mesh, min_size)
+    if value == "replicated":
+        return P()
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise ValueError(
+            f"Sharding rule value {value!r} for {name}: expected 'fsdp', 'replicated' or a "
+            "partition spec such as (None, 'model')."
+        )
+    if len(value) > len(shape):
+        raise ValueError(f"Sharding spec {value!r} has more entries than {name} {shape} has dims.")
+    for dim, entry in enumerate(value):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        unknown = [a for a in axes if a not in mesh.axis_names]
+        if unknown:
+            raise ValueError(
+                f"Sharding spec {value!r} for {name} names axes {unknown} that mesh "
+                f"{dict(mesh.shape)} does not have."
+            )
+        split = math.prod(mesh.shape[a] for a in axes)
+        if shape[dim] % split:
+            raise ValueError(
+                f"Sharding spec {value!r} splits dim {dim} of {name} {shape} into {split} parts; "
+                f"{shape[dim]} is not divisible by {split}."
+            )
+    return P(*(tuple(e) if isinstance(e, list) else e for e in value))
+
+
+def param_shardings(
+    params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], *, fsdp_min_size: int
+) -> Any:
+    """A tree of NamedShardings like ``params`` (arrays or ShapeDtypeStructs), from ``rules``.
+
+    A parameter that no rule matches is replicated.
+    """
+    values = tree_map_by_rules(rules, params, what="sharding rules", default="replicated")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, v: NamedSharding(
+            mesh, _rule_spec(v, tuple(x.shape), mesh, fsdp_min_size, path_to_str(path))
+        ),
+        params,
+        values,
+    )
+
+
+def follow_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for ``tree`` (e.g. optimizer state) that follow the parameters' shardings.
+
+    A leaf whose path ends with a parameter's path and has that parameter's shape (Adam's
+    ``mu/<param path>``, momentum traces, ...) takes the parameter's sharding; every other leaf
+    (step counts, scalars, factored statistics) is replicated.
+    """
+    by_path = {
+        path_to_str(p): (tuple(x.shape), s)
+        for (p, x), s in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree_util.tree_leaves(shardings),
+            strict=True,
+        )
+    }
+
+    def pick(path: Any, leaf: Any) -> NamedSharding:
+        parts = path_to_str(path).split("/")
+        for i in range(len(parts)):
+            shape, s = by_path.get("/".join(parts[i:]), (None, None))
+            if shape == tuple(leaf.shape):
+                return s
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Host arrays (the same full value on every process) -> global arrays with ``shardings``."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree,
+        shardings,
+    )

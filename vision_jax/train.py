@@ -1,18 +1,19 @@
-"""Fine-tuning: one training loop for every model, dataset and mesh.
+"""Fine-tuning: one training loop for every model, dataset, mesh and parameter-efficient method.
 
-``train_and_evaluate(config, workdir)`` builds the data, model, optimizer and train state from the
-config, resumes from the latest checkpoint in ``workdir`` if there is one, trains with a jitted
-step over a device mesh, evaluates every ``eval_every_steps`` and at the end, and checkpoints.
+``train_and_evaluate(config, workdir)`` builds the data, model, variables (pretrained, sharded),
+optimizer and train state from the config, resumes from the latest checkpoint in ``workdir`` if
+there is one, trains with the jitted step of :mod:`vision_jax.steps` over a device mesh,
+evaluates every ``eval_every_steps`` and at the end, and checkpoints.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -25,99 +26,15 @@ import optax
 from clu import metric_writers, parameter_overview, periodic_actions
 
 from vision_jax import data as data_lib
-from vision_jax import losses, optim, sharding
+from vision_jax import lora, losses, optim, sharding
 from vision_jax.checkpoint import Checkpointer
 from vision_jax.config import TrackedConfig
-from vision_jax.metrics import EvalMetrics, TrainMetrics, scalars, topk_correct
+from vision_jax.metrics import scalars
 from vision_jax.models import create_model
-from vision_jax.weights import load_pretrained
+from vision_jax.steps import TrainState, evaluate, make_eval_step, make_train_step
+from vision_jax.weights import apply_input_contract, load_pretrained
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training. The per-step RNG is derived, not stored."""
-
-    step: jax.Array
-    params: Any
-    model_state: Any  # non-trainable collections, e.g. {"batch_stats": ...}
-    opt_state: Any
-
-
-def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable, rng: jax.Array
-) -> Callable[[TrainState, dict], tuple[TrainState, TrainMetrics]]:
-    """A pure train step: forward, loss, gradients, optimizer update, metrics."""
-
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, TrainMetrics]:
-        step_rng = jax.random.fold_in(rng, state.step)
-        mutable = list(state.model_state)
-
-        def loss_of(params):
-            logits, new_model_state = model.apply(
-                {"params": params, **state.model_state},
-                batch["image"],
-                train=True,
-                rngs={"dropout": step_rng},
-                mutable=mutable,
-            )
-            per_example = loss_fn(logits, batch["label"])
-            return per_example.mean(), (logits, new_model_state)
-
-        (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = TrainMetrics.single_from_model_output(
-            loss=loss,
-            top1=topk_correct(logits, batch["label"], 1),
-            grad_norm=optax.global_norm(grads),
-        )
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            model_state=dict(new_model_state),
-            opt_state=opt_state,
-        )
-        return new_state, metrics
-
-    return step
-
-
-def make_eval_step(
-    model: nn.Module, loss_fn: Callable
-) -> Callable[[TrainState, dict], EvalMetrics]:
-    """Loss, top-1 and top-5 on a padded batch; padding (``mask == 0``) is not counted."""
-
-    def step(state: TrainState, batch: dict) -> EvalMetrics:
-        logits = model.apply(
-            {"params": state.params, **state.model_state}, batch["image"], train=False
-        )
-        return EvalMetrics.single_from_model_output(
-            loss=loss_fn(logits, batch["label"]),
-            top1=topk_correct(logits, batch["label"], 1),
-            top5=topk_correct(logits, batch["label"], 5),
-            mask=batch["mask"] > 0,
-        )
-
-    return step
-
-
-def evaluate(
-    eval_step: Callable, state: TrainState, batches: Any, mesh: jax.sharding.Mesh
-) -> dict[str, float]:
-    """Runs ``eval_step`` over every batch and returns exact averages over real examples."""
-    total = None
-    for batch in batches:
-        m = eval_step(state, sharding.to_global_batch(batch, mesh))
-        total = m if total is None else total.merge(m)
-    if total is None:
-        raise data_lib.DataError("The evaluation split is empty.")
-    out = scalars(total, "eval/")
-    out["eval/examples"] = float(total.top1.count)
-    return out
 
 
 def _total_steps(cfg: TrackedConfig, steps_per_epoch: int) -> int:
@@ -137,6 +54,166 @@ def _model_kwargs(model_cfg: TrackedConfig) -> dict[str, Any]:
     return {"dtype": DTYPES[model_cfg.dtype], **kwargs}
 
 
+def lora_spec(section: TrackedConfig) -> lora.LoraSpec | None:
+    """The :class:`~vision_jax.lora.LoraSpec` of ``config.lora`` (None when ``rank == 0``)."""
+    rank, alpha, dropout = int(section.rank), section.get("alpha"), float(section.dropout)
+    targets = section.targets
+    if rank == 0:
+        return None
+    return lora.LoraSpec(rank, float(rank if alpha is None else alpha), dropout, targets)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What :func:`create_train_state` builds: the state, the frozen params, and how to step."""
+
+    state: TrainState
+    frozen: Any
+    shardings: TrainState
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    memory: dict[str, int]
+
+
+def create_variables(
+    cfg: TrackedConfig,
+    model: nn.Module,
+    spec: data_lib.InputSpec,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+    adapters: lora.LoraSpec | None,
+) -> tuple[dict, dict, data_lib.InputSpec]:
+    """Model variables (pretrained from ``config.init`` if set, plus LoRA adapters), already
+    sharded by ``config.sharding_rules``; their shardings; the input spec (possibly the
+    checkpoint's input contract)."""
+    dummy = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
+    init_rng, adapter_rng = rng, jax.random.fold_in(rng, 1)
+
+    def init(rng: jax.Array, base: dict | None = None) -> dict:
+        v = flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
+        v = v if base is None else base
+        if adapters is not None:
+            v = {**v, "params": lora.add_adapters(v["params"], adapters, adapter_rng)}
+        return v
+
+    replicated = sharding.replicated(mesh)
+    shapes = jax.eval_shape(init, init_rng)
+    shardings = jax.tree.map(lambda _: replicated, shapes)
+    shardings["params"] = sharding.param_shardings(
+        shapes["params"], mesh, cfg.sharding_rules, fsdp_min_size=int(cfg.fsdp_min_size)
+    )
+    init_cfg = cfg.init
+    path, replace_head = init_cfg.get("path"), bool(init_cfg.replace_head)
+    dont_load, posemb = tuple(init_cfg.dont_load), init_cfg.posemb
+    head_bias_init = float(init_cfg.head_bias_init)
+    use_input_contract = bool(init_cfg.use_input_contract)
+    if not path:  # created already sharded
+        return jax.jit(init, out_shardings=shardings)(init_rng), shardings, spec
+    # Merged on the host (with the fresh head), then split into the shardings.
+    fresh = jax.jit(lambda r: flax.core.unfreeze(model.init({"params": r}, dummy, train=False)))(
+        init_rng
+    )
+    loaded = load_pretrained(
+        path,
+        model=model,
+        variables=fresh,
+        replace_head=replace_head,
+        dont_load=dont_load,
+        posemb=posemb,
+        head_bias_init=head_bias_init,
+    )
+    variables = init(init_rng, base=loaded)
+    if use_input_contract:
+        spec = apply_input_contract(spec, path)
+    return sharding.put(variables, shardings), shardings, spec
+
+
+def trainable_preset(cfg: TrackedConfig, adapters: lora.LoraSpec | None) -> str:
+    """``optimizer.trainable``; with LoRA the base model is frozen except (optionally) the head."""
+    preset, train_head = cfg.optimizer.trainable, bool(cfg.lora.train_head)
+    if adapters is None:
+        return preset
+    if preset != "all":
+        raise ValueError(
+            f"optimizer.trainable={preset!r} and lora.rank > 0 both choose what trains: with "
+            "LoRA the base model is frozen; use lora.train_head for the head."
+        )
+    return "head" if train_head else "none"
+
+
+def create_train_state(
+    cfg: TrackedConfig,
+    model: nn.Module,
+    variables: dict,
+    var_shardings: dict,
+    mesh: jax.sharding.Mesh,
+    adapters: lora.LoraSpec | None,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+) -> Setup:
+    """Splits params into trainable and frozen, builds the optimizer and the sharded state."""
+    replicated = sharding.replicated(mesh)
+    variables = dict(variables)
+    params, param_shardings = variables.pop("params"), var_shardings["params"]
+    mask = optim.trainable_mask(
+        params,
+        model,
+        preset=trainable_preset(cfg, adapters),
+        frozen=cfg.optimizer.get("frozen_params"),
+        extra=r"(.*/)?lora_[ab]" if adapters is not None else None,
+    )
+    trainable, frozen = optim.partition(params, mask)
+    trainable_shardings, _ = optim.partition(param_shardings, mask)
+    tx, schedule = optim.build_optimizer(
+        cfg, trainable, model, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+    )
+    ema_decay = cfg.get("ema_decay")
+    opt_shapes = jax.eval_shape(tx.init, trainable)
+    shardings = TrainState(
+        step=replicated,
+        params=trainable_shardings,
+        model_state=jax.tree.map(lambda _: replicated, variables),
+        opt_state=sharding.follow_params(opt_shapes, trainable, trainable_shardings, mesh),
+        ema_params=trainable_shardings if ema_decay is not None else None,
+    )
+    state = jax.jit(
+        lambda p, ms: TrainState(
+            jnp.array(0, jnp.int32),
+            p,
+            ms,
+            tx.init(p),
+            jax.tree.map(jnp.copy, p) if ema_decay is not None else None,
+        ),
+        out_shardings=shardings,
+    )(trainable, variables)
+    memory = optim.memory_report(trainable, frozen, state.opt_state)
+    if adapters is not None or frozen:  # what full fine-tuning would hold, for comparison
+        base = jax.eval_shape(lambda p: lora.merge(p, adapters) if adapters else p, params)
+        full_tx, _ = optim.build_optimizer(
+            cfg, base, model, total_steps=total_steps, steps_per_epoch=steps_per_epoch, log=False
+        )
+        memory["full_finetune_optimizer_state_bytes"] = optim.tree_bytes(
+            jax.eval_shape(full_tx.init, base)
+        )
+    return Setup(state, frozen, shardings, tx, schedule, memory)
+
+
+def _log_memory(memory: dict[str, int]) -> None:
+    mb = lambda b: f"{b / 2**20:,.1f} MiB"
+    lines = [
+        f"trainable parameters: {memory['trainable_params']:,} ({mb(memory['trainable_bytes'])})",
+        f"frozen parameters:    {memory['frozen_params']:,} ({mb(memory['frozen_bytes'])})",
+        f"optimizer state:      {mb(memory['optimizer_state_bytes'])}",
+    ]
+    if "full_finetune_optimizer_state_bytes" in memory:
+        lines.append(
+            "optimizer state of full fine-tuning would be "
+            f"{mb(memory['full_finetune_optimizer_state_bytes'])}"
+        )
+    logging.info("Memory report:\n  %s", "\n  ".join(lines))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict | Mapping[str, Any],
     workdir: str,
@@ -147,6 +224,7 @@ def train_and_evaluate(
 
     ``arrays`` feeds in-memory data when ``config.data.source == "arrays"``:
     ``{"train": (images, labels), "test": (images, labels)}`` keyed by split name.
+    With ``config.ema_decay`` set, the EMA parameters are evaluated too (``eval_ema/...``).
     """
     cfg = TrackedConfig(config)
     is_main = jax.process_index() == 0
@@ -159,82 +237,91 @@ def train_and_evaluate(
         raise data_lib.DataError("The train and eval splits have different classes.")
     spec = data_lib.input_spec(cfg.input)
     batch_size, eval_batch_size = int(cfg.batch_size), int(cfg.eval_batch_size)
+    accum_steps = int(cfg.grad_accum_steps)
+    dp = sharding.data_parallel_size(mesh)
     for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if size % sharding.data_parallel_size(mesh):
+        if size % dp:
             raise ValueError(
-                f"{name} {size} is not divisible by the {sharding.data_parallel_size(mesh)} "
-                f"data-parallel devices of mesh {dict(mesh.shape)}."
+                f"{name} {size} is not divisible by the {dp} data-parallel devices of mesh "
+                f"{dict(mesh.shape)}."
             )
+    if accum_steps < 1 or batch_size % (accum_steps * dp):
+        raise ValueError(
+            f"batch_size {batch_size} must split into grad_accum_steps={accum_steps} "
+            f"micro-batches divisible by the {dp} data-parallel devices."
+        )
     steps_per_epoch = max(train_source.num_examples // batch_size, 1)
     total_steps = _total_steps(cfg, steps_per_epoch)
 
-    # Model and variables.
+    # Model, variables, optimizer, state.
     model = create_model(
         cfg.model.name, num_classes=train_source.num_classes, **_model_kwargs(cfg.model)
     )
     seed = int(cfg.seed)
     init_rng, step_rng = jax.random.split(jax.random.key(seed))
-    dummy = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
-    replicated = sharding.replicated(mesh)
-    variables = jax.jit(functools.partial(model.init, train=False), out_shardings=replicated)(
-        {"params": init_rng}, dummy
+    adapters = lora_spec(cfg.lora)
+    variables, var_shardings, spec = create_variables(cfg, model, spec, mesh, init_rng, adapters)
+    setup = create_train_state(
+        cfg,
+        model,
+        variables,
+        var_shardings,
+        mesh,
+        adapters,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
     )
-    variables = flax.core.unfreeze(variables)
-    init_path = cfg.init.get("path")
-    replace_head = bool(cfg.init.get("replace_head"))
-    if init_path:
-        loaded = load_pretrained(
-            init_path, model=model, variables=variables, replace_head=replace_head
-        )
-        variables = jax.device_put(loaded, replicated)
-    params = variables.pop("params")
-
-    tx, schedule = optim.build_optimizer(
-        cfg, params, total_steps=total_steps, steps_per_epoch=steps_per_epoch
-    )
-    state = jax.jit(
-        lambda p, ms: TrainState(jnp.array(0, jnp.int32), p, ms, tx.init(p)),
-        out_shardings=replicated,
-    )(params, variables)
+    state, frozen = setup.state, setup.frozen
 
     # Checkpoints and resume.
     ckpt = Checkpointer(
-        workdir,
-        every_steps=int(cfg.checkpoint_every_steps),
-        keep=int(cfg.keep_checkpoints),
+        workdir, every_steps=int(cfg.checkpoint_every_steps), keep=int(cfg.keep_checkpoints)
     )
     start_step = 0
     if ckpt.latest_step() is not None:
-        abstract = jax.tree_util.tree_map(
+        abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
         )
         state, _ = ckpt.restore(abstract)
         start_step = int(state.step)
         logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
+    else:
+        ckpt.save_frozen(frozen)
 
-    loss_fn = functools.partial(
-        losses.get_loss(cfg.loss), label_smoothing=float(cfg.label_smoothing)
-    )
+    loss_fn = losses.get_loss(cfg.loss)
+    ema_decay = cfg.get("ema_decay")
     log_every = int(cfg.log_every_steps)
     eval_every = int(cfg.eval_every_steps)
     eval_before = bool(cfg.eval_before_training)
     meta = {"config": cfg.to_dict(), "class_names": train_source.class_names}
-    cfg.check_all_read()
-
-    # Steps.
     train_step = jax.jit(
-        make_train_step(model, tx, loss_fn, step_rng),
+        make_train_step(
+            model,
+            setup.tx,
+            loss_fn,
+            step_rng,
+            label_smoothing=float(cfg.label_smoothing),
+            lora=adapters,
+            accum_steps=accum_steps,
+            ema_decay=ema_decay,
+        ),
         donate_argnums=0,
-        out_shardings=(replicated, replicated),
+        out_shardings=(setup.shardings, sharding.replicated(mesh)),
     )
-    eval_step = jax.jit(make_eval_step(model, loss_fn), out_shardings=replicated)
+    eval_steps = {"eval/": jax.jit(make_eval_step(model, loss_fn, lora=adapters))}
+    if ema_decay is not None:
+        eval_steps["eval_ema/"] = jax.jit(
+            make_eval_step(model, loss_fn, lora=adapters, use_ema=True)
+        )
+    cfg.check_all_read()
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if is_main:
         writer.write_hparams(_flat_hparams(meta["config"]))
-        parameter_overview.log_parameter_overview(
-            state.params, msg=f"Parameters of {cfg.model.name}"
+        parameter_overview.log_parameter_overview(  # no stats: they would fetch other hosts' shards
+            state.params, include_stats="sharding", msg=f"Trainable parameters of {cfg.model.name}"
         )
+        _log_memory(setup.memory)
         logging.info(
             "Training %s on %d examples (%d classes) for %d steps of %d images; mesh %s.",
             cfg.model.name, train_source.num_examples, train_source.num_classes,
@@ -245,15 +332,17 @@ def train_and_evaluate(
     )
 
     def run_eval(step: int) -> dict[str, float]:
-        batches = data_lib.eval_batches(eval_source, spec, global_batch=eval_batch_size)
-        result = evaluate(eval_step, state, batches, mesh)
+        result = {}
+        for prefix, eval_step in eval_steps.items():
+            batches = data_lib.eval_batches(eval_source, spec, global_batch=eval_batch_size)
+            result.update(evaluate(eval_step, state, frozen, batches, mesh, prefix))
         writer.write_scalars(step, result)
         return result
 
     results: dict[str, float] = {}
     if eval_before and start_step == 0:
         before = run_eval(0)
-        results.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
+        results.update({k.replace("eval", "eval_before", 1): v for k, v in before.items()})
 
     train_iter = data_lib.train_batches(
         train_source, spec, global_batch=batch_size, seed=seed, start_step=start_step
@@ -261,14 +350,14 @@ def train_and_evaluate(
     train_metrics, window_start, window_images = None, time.perf_counter(), 0
     for step in range(start_step + 1, total_steps + 1):
         batch = sharding.to_global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, frozen, batch)
         train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
         window_images += batch_size
         report(step)
         if step % log_every == 0 or step == total_steps:
             summary = scalars(train_metrics, "train/")
             elapsed = time.perf_counter() - window_start
-            summary["train/learning_rate"] = float(schedule(step - 1))
+            summary["train/learning_rate"] = float(setup.schedule(step - 1))
             summary["train/images_per_sec"] = window_images / max(elapsed, 1e-9)
             writer.write_scalars(step, summary)
             results.update(summary)

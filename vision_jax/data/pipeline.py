@@ -1,20 +1,28 @@
 """Batching a :class:`Source` into host-local numpy batches for training and evaluation.
 
-Each process reads its own ``process_index`` shard. The training stream is an infinite,
-shuffled repetition whose order is a function of the seed alone, so ``start_step`` resumes it
-exactly. Evaluation batches are padded (with ``mask == 0``) so every example counts once and all
-processes run the same number of batches.
+Each process reads its own ``process_index`` shard and batches ``global_batch / process_count``
+examples. The training stream is infinite and a function of the seed alone: for random-access
+sources (arrays, image files) position ``p`` of a host's stream is example
+``shuffle_epoch(p // n)[p % n]`` (a stateless index shuffle per epoch), so ``start_step`` resumes
+it exactly at no cost; tfds sources use a seeded shuffle buffer and skip. Evaluation batches are
+padded (with ``mask == 0``) so every example counts once and all processes run the same number
+of batches. With ``source.skip_corrupt`` unreadable images are dropped and counted (later
+batches then start further along the stream: see ``start_position``); otherwise they are an error
+naming the file.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 import tensorflow as tf
 
+from vision_jax.data import augment
 from vision_jax.data.preprocess import InputSpec, make_preprocess
 from vision_jax.data.sources import DataError, Source
 
@@ -29,6 +37,96 @@ def _local_batch(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
+def pipeline_options(threads: int | None = None) -> tf.data.Options:
+    """Deterministic tf.data options with a private pool of ``threads`` (default: the cores this
+    process may use), one thread per op."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = threads or len(os.sched_getaffinity(0))
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def _example_index(position: tf.Tensor, num_local: int, seed: int) -> tf.Tensor:
+    """Row of the source at a host's stream ``position``: a fresh permutation of the host's
+    rows (``process_index + k * process_count``) every epoch, seeded by (seed, epoch, host)."""
+    host, hosts = jax.process_index(), jax.process_count()
+    epoch, offset = position // num_local, position % num_local
+    local = tf.raw_ops.RandomIndexShuffle(
+        index=offset,
+        seed=tf.stack([tf.constant(seed, tf.int64), epoch, tf.constant(host, tf.int64)]),
+        max_index=tf.constant(num_local - 1, tf.int64),
+    )
+    return host + local * hosts
+
+
+class Batches(Iterator[Batch]):
+    """Host-local numpy batches from a tf.data pipeline.
+
+    ``skipped`` counts unreadable images dropped so far (``skip_corrupt``): stream positions
+    consumed minus examples delivered. ``next_position`` is the stream position after the last
+    delivered batch. A decode error without ``skip_corrupt`` is re-raised as a
+    :class:`DataError` naming the file(s), found by re-reading the failing batch's files.
+    """
+
+    def __init__(
+        self,
+        ds: tf.data.Dataset,
+        first_position: int,
+        rows_of_batch: Callable[[int], np.ndarray] | None,
+        source: Source,
+    ):
+        self._iter = ds.as_numpy_iterator()
+        self._first = first_position
+        self._rows_of_batch = rows_of_batch
+        self._source = source
+        self._batches = 0
+        self.examples = self.skipped = 0
+        self.next_position = first_position
+
+    def __next__(self) -> Batch:
+        try:
+            batch = next(self._iter)
+        except tf.errors.OpError as e:
+            raise self._error(e) from e
+        index = batch.pop("index")
+        self._batches += 1
+        self.examples += len(index)
+        self.next_position = int(index[-1]) + 1
+        skipped = int(index[-1]) + 1 - self._first - self.examples
+        if skipped > self.skipped:
+            self.skipped = skipped
+            logging.warning(
+                "Skipped %d unreadable image(s) so far (of %d read).",
+                skipped,
+                skipped + self.examples,
+            )
+        return batch
+
+    def _error(self, error: tf.errors.OpError) -> DataError:
+        columns = self._source.columns
+        if self._rows_of_batch is None or columns is None or "path" not in columns:
+            return DataError(f"The input pipeline failed: {error.message}")
+        paths = columns["path"][self._rows_of_batch(self._batches)]
+        bad = [(p, message) for p in paths if (message := _unreadable(p))]
+        if not bad:
+            return DataError(f"The input pipeline failed: {error.message}")
+        listing = "; ".join(f"{p}: {message}" for p, message in bad)
+        return DataError(
+            f"Cannot read image {listing}. Fix or remove the file, or set "
+            "data.skip_corrupt = True to skip unreadable images."
+        )
+
+
+def _unreadable(path: str) -> str | None:
+    """None if ``path`` reads and decodes, else the error message."""
+    try:
+        augment.decode(tf.io.read_file(path))
+    except tf.errors.OpError as e:
+        return e.message.split("[Op:")[0].split("}}")[-1].strip().rstrip(".")
+    return None
+
+
 def train_batches(
     source: Source,
     spec: InputSpec,
@@ -36,28 +134,75 @@ def train_batches(
     global_batch: int,
     seed: int,
     start_step: int = 0,
+    start_position: int | None = None,
     shuffle_buffer: int = 10_000,
-) -> Iterator[Batch]:
-    """Infinite host-local training batches, starting at ``start_step`` of the seeded stream."""
+    threads: int | None = None,
+) -> Batches:
+    """Infinite host-local training batches, starting at ``start_step`` of the seeded stream.
+
+    The stream starts at example position ``start_step * local_batch``. When images were skipped
+    (``skip_corrupt``) the stream is ahead of that: pass the interrupted iterator's
+    ``next_position`` as ``start_position`` to resume exactly.
+
+    Batches hold ``image`` (float32 [B, H, W, 3]) and ``label`` (int32 [B]); with mixup or
+    cutmix also ``soft_label`` (float32 [B, num_classes], rows summing to 1).
+    """
     local = _local_batch(global_batch)
     if source.num_examples < global_batch:
         raise DataError(
             f"The training split has {source.num_examples} examples, fewer than one global "
             f"batch of {global_batch}."
         )
-    ds = source.dataset.shard(jax.process_count(), jax.process_index())
-    ds = ds.repeat().shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
-    ds = ds.enumerate().skip(start_step * local)
+    host_seed = seed + jax.process_index() * 1_000_003
+    first = start_step * local if start_position is None else start_position
+    rows_of_batch = None
+    if source.columns is not None:
+        num_local = len(range(jax.process_index(), source.num_examples, jax.process_count()))
+        columns = {k: tf.constant(v) for k, v in source.columns.items()}
+
+        def example_at(position: tf.Tensor) -> tuple[tf.Tensor, dict]:
+            row = _example_index(position, num_local, seed)
+            return position, {k: tf.gather(v, row) for k, v in columns.items()}
+
+        def rows_of_batch(batch: int) -> np.ndarray:
+            positions = tf.range(first + batch * local, first + (batch + 1) * local, dtype=tf.int64)
+            return np.asarray([_example_index(p, num_local, seed) for p in positions])
+
+        ds = tf.data.Dataset.counter(first).map(example_at)
+    else:
+        ds = source.dataset.shard(jax.process_count(), jax.process_index())
+        ds = ds.repeat().shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
+        ds = ds.enumerate().skip(first)
     ds = ds.map(
-        make_preprocess(spec, train=True, seed=seed + jax.process_index() * 1_000_003),
+        make_preprocess(spec, train=True, seed=host_seed),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    ds = ds.batch(local, drop_remainder=True).prefetch(2)
-    return ds.as_numpy_iterator()
+    if source.skip_corrupt:
+        ds = ds.ignore_errors()
+    ds = ds.batch(local, drop_remainder=True)
+    if spec.mixes:
+
+        def mix(step: tf.Tensor, batch: dict) -> dict:
+            return augment.mix_batch(
+                batch,
+                num_classes=source.num_classes,
+                mixup_alpha=spec.mixup_alpha,
+                cutmix_alpha=spec.cutmix_alpha,
+                prob=spec.mix_prob,
+                switch_prob=spec.mix_switch_prob,
+                seed=tf.stack([tf.constant(host_seed, tf.int64), step]),
+            )
+
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds)
+        ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(threads))
+    return Batches(ds, first, rows_of_batch, source)
 
 
-def eval_batches(source: Source, spec: InputSpec, *, global_batch: int) -> Iterator[Batch]:
+def eval_batches(
+    source: Source, spec: InputSpec, *, global_batch: int, threads: int | None = None
+) -> Iterator[Batch]:
     """Host-local evaluation batches covering the split exactly once, padded and masked."""
     local = _local_batch(global_batch)
     per_process = math.ceil(source.num_examples / jax.process_count())
@@ -69,13 +214,29 @@ def eval_batches(source: Source, spec: InputSpec, *, global_batch: int) -> Itera
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    ds = ds.batch(local).prefetch(2)
+    if source.skip_corrupt:
+        ds = ds.ignore_errors()
+    ds = ds.batch(local).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(threads))
+
+    def rows_of_batch(batch: int) -> np.ndarray:
+        shard_rows = np.arange(batch * local, (batch + 1) * local)
+        rows = jax.process_index() + shard_rows * jax.process_count()
+        return rows[rows < source.num_examples]
+
+    batches = Batches(ds, 0, rows_of_batch, source)
     count = 0
-    for batch in ds.as_numpy_iterator():
+    for batch in batches:
         count += 1
         yield _pad(batch, local)
     if count > num_batches:
         raise DataError(f"Evaluation produced {count} batches, more than {num_batches} expected.")
+    shard_size = len(range(jax.process_index(), source.num_examples, jax.process_count()))
+    if shard_size > batches.examples:
+        logging.warning(
+            "Evaluation skipped %d unreadable image(s) of %d.",
+            shard_size - batches.examples,
+            shard_size,
+        )
     for _ in range(num_batches - count):
         yield _empty_batch(local, spec.image_size)
 

@@ -1,7 +1,10 @@
 """Where examples come from: tfds datasets by name, or in-memory arrays.
 
 A :class:`Source` is an un-batched ``tf.data.Dataset`` of ``{"image", "label"}`` examples
-(images uint8 HWC, or encoded bytes), with its size and class names.
+(images uint8 HWC or encoded bytes) or ``{"path", "label"}`` examples (image files, read and
+decoded in the pipeline), with its size and class names. Sources held as columns (arrays, file
+lists) also allow random access, which lets the training stream be a pure function of the seed
+and the step.
 """
 
 from __future__ import annotations
@@ -22,15 +25,34 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Source:
-    """One split of a dataset, before preprocessing."""
+    """One split of a dataset, before preprocessing.
+
+    ``columns``, when present, holds the same examples as ``dataset`` as numpy arrays
+    (``"image"`` or ``"path"``, and ``"label"``) for random access. ``skip_corrupt`` makes the
+    pipeline skip (and count) images that cannot be decoded instead of failing.
+    """
 
     dataset: tf.data.Dataset
     num_examples: int
     class_names: list[str]
+    columns: dict[str, np.ndarray] | None = None
+    skip_corrupt: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def from_columns(columns: dict[str, np.ndarray], class_names: Sequence[str]) -> Source:
+    """A random-access source over numpy columns of equal length (one row per example)."""
+    labels = columns["label"]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise DataError(
+            f"Labels must lie in [0, {len(class_names)}); got [{labels.min()}, {labels.max()}]."
+        )
+    columns = {**columns, "label": labels.astype(np.int32)}
+    ds = tf.data.Dataset.from_tensor_slices(columns)
+    return Source(ds, len(labels), list(class_names), columns)
 
 
 def from_arrays(
@@ -50,12 +72,7 @@ def from_arrays(
         images = np.round(images * 255).astype(np.uint8)
     if class_names is None:
         class_names = [str(i) for i in range(int(labels.max()) + 1)]
-    if labels.min() < 0 or labels.max() >= len(class_names):
-        raise DataError(
-            f"Labels must lie in [0, {len(class_names)}); got [{labels.min()}, {labels.max()}]."
-        )
-    ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels.astype(np.int32)})
-    return Source(ds, len(labels), list(class_names))
+    return from_columns({"image": images, "label": labels}, class_names)
 
 
 def digits(split: str) -> Source:
@@ -76,7 +93,10 @@ def digits(split: str) -> Source:
 
 
 def from_tfds(name: str, split: str, data_dir: str | None = None) -> Source:
-    """A tfds dataset by name (already prepared under ``data_dir``; nothing is downloaded)."""
+    """A tfds dataset by name (already prepared under ``data_dir``; nothing is downloaded).
+
+    ``split`` may be sliced (``"train[:90%]"``). Images stay encoded; the pipeline decodes them.
+    """
     import tensorflow_datasets as tfds
 
     try:
@@ -84,7 +104,9 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Source:
     except Exception as e:  # tfds raises several types for unknown names
         raise DataError(f"Unknown tfds dataset {name!r}: {e}") from e
     try:
-        ds = builder.as_dataset(split=split, shuffle_files=False)
+        ds = builder.as_dataset(
+            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+        )
     except Exception as e:  # not prepared (AssertionError), bad split (ValueError), ...
         splits = list(builder.info.splits) or "none prepared"
         raise DataError(
@@ -110,8 +132,16 @@ def select_classes(source: Source, classes: Sequence[int]) -> Source:
         )
     table = np.full(source.num_classes, -1, np.int32)
     table[classes] = np.arange(len(classes), dtype=np.int32)
-    table_tf = tf.constant(table)
-    ds = source.dataset.filter(lambda ex: table_tf[ex["label"]] >= 0)
-    ds = ds.map(lambda ex: {**ex, "label": table_tf[ex["label"]]})
-    count = sum(1 for _ in ds.map(lambda ex: ex["label"]).as_numpy_iterator())
-    return Source(ds, count, [source.class_names[c] for c in classes])
+    names = [source.class_names[c] for c in classes]
+    if source.columns is not None:
+        keep = table[source.columns["label"]] >= 0
+        columns = {k: v[keep] for k, v in source.columns.items()}
+        columns["label"] = table[columns["label"]]
+        selected = from_columns(columns, names)
+    else:
+        table_tf = tf.constant(table)
+        ds = source.dataset.filter(lambda ex: table_tf[ex["label"]] >= 0)
+        ds = ds.map(lambda ex: {**ex, "label": table_tf[ex["label"]]})
+        count = sum(1 for _ in ds.map(lambda ex: ex["label"]).as_numpy_iterator())
+        selected = Source(ds, count, names)
+    return dataclasses.replace(selected, skip_corrupt=source.skip_corrupt)

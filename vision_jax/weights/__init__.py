@@ -1,44 +1,76 @@
-"""Pretrained weights: reading files, converting names and layouts, merging into a model."""
+"""Pretrained weights: reading every supported format, adapting them to a model, exporting.
+
+:func:`load_pretrained` reads (format detected by :func:`~vision_jax.weights.formats.
+detect_format`) google-research / big_vision / big_transfer ``.npz``, timm and torchvision state
+dicts (``.safetensors``, ``.pth``/``.pt``/``.bin``/``.th``), Hugging Face ViT folders and
+vision_jax checkpoints, then adapts them (:mod:`~vision_jax.weights.surgery`) and merges them
+strictly into the model's initial variables.
+"""
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 
+from vision_jax.masks import flatten_dict, unflatten_dict
 from vision_jax.models.registry import family_of
-from vision_jax.weights import surgery
-from vision_jax.weights.formats import WeightFormatError, read_state_dict
+from vision_jax.weights import hf, surgery
+from vision_jax.weights.contract import InputContract, apply_input_contract, input_contract
+from vision_jax.weights.export import converter, export_npz, export_safetensors
+from vision_jax.weights.formats import (
+    WeightFormatError,
+    detect_format,
+    read_npz,
+    read_state_dict,
+)
 from vision_jax.weights.merge import WeightMismatchError, merge_strict
-
-# family -> module holding ``from_timm(state_dict, model)`` and ``to_timm(variables, model)``.
-_CONVERTER_MODULES = {
-    "vit": "vision_jax.weights.vit",
-    "resnet": "vision_jax.weights.resnet",
-    "bit": "vision_jax.weights.resnet",
-    "cifar_resnet": "vision_jax.weights.resnet",
-}
+from vision_jax.weights.npz import from_npz
 
 
-def converter(model: nn.Module):
-    """The converter module (``from_timm`` / ``to_timm``) for a model created by create_model."""
-    return importlib.import_module(_CONVERTER_MODULES[family_of(model)])
+def _from_state_dict(state_dict: dict, model: nn.Module, source: str) -> dict:
+    if hf.is_hf_vit(state_dict):
+        if family_of(model) != "vit":
+            raise WeightMismatchError(
+                f"{source} holds a Hugging Face ViT, not a {type(model).__name__}."
+            )
+        state_dict = hf.to_timm_names(state_dict, source=source)
+    conv = converter(model)
+    return conv.from_timm(state_dict, conv.checkpoint_model(state_dict, model))
 
 
 def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
-    """Reads ``source`` into model variables in vision_jax names, choosing the format.
+    """Reads ``source`` into variables in vision_jax names, as the checkpoint holds them.
 
-    A directory is a vision_jax run (workdir, ``checkpoints`` folder or step folder); a
-    ``.safetensors`` file is a timm state dict.
+    The result is not yet adapted to ``model`` (head, class token, grids): see
+    :func:`load_pretrained`. Raises :class:`WeightFormatError` for unreadable files and
+    :class:`WeightMismatchError` for weights of another architecture, naming ``source``.
     """
     from vision_jax import checkpoint
 
-    if os.path.isdir(source):
-        return checkpoint.read_variables(str(source))
-    return converter(model).from_timm(read_state_dict(source), model)
+    kind, name = detect_format(source), str(source)
+    try:
+        if kind == "orbax":
+            try:
+                return checkpoint.read_variables(name)
+            except checkpoint.CheckpointError as e:
+                raise WeightFormatError(str(e)) from e
+        if kind == "npz":
+            return from_npz(read_npz(source), source=name)
+        if kind == "hf":
+            if family_of(model) != "vit":
+                raise WeightMismatchError(
+                    f"{name} is a Hugging Face ViT folder, not a {type(model).__name__}."
+                )
+            hf.check_config(hf.read_config(source), model, source=name)
+            return _from_state_dict(hf.read_folder(source), model, name)
+        return _from_state_dict(read_state_dict(source), model, name)
+    except WeightMismatchError as e:
+        if name in str(e):
+            raise
+        raise WeightMismatchError(f"Weights from {name} do not fit the model: {e}") from e
 
 
 def load_pretrained(
@@ -47,23 +79,57 @@ def load_pretrained(
     model: nn.Module,
     variables: Mapping[str, Any],
     replace_head: bool = False,
+    dont_load: Sequence[str] = (),
+    posemb: str = "bilinear",
+    head_bias_init: float = 0.0,
 ) -> dict:
-    """Loads pretrained weights into ``variables`` (the model's freshly initialised variables).
+    """Loads pretrained weights into a copy of ``variables`` (the model's initial variables).
 
-    The head is re-initialised when the class count differs or ``replace_head`` is set; any
-    other difference raises :class:`WeightMismatchError` listing missing, unexpected and
-    mis-shaped keys.
+    Args:
+      source: a weight file or folder in any supported format (detected from the path).
+      model: the Flax module ``variables`` belong to (from ``create_model``).
+      variables: the model's freshly initialised variables; they are not modified.
+      replace_head: re-initialise the head even if the class count matches. It is re-initialised
+        (zero kernel, bias ``head_bias_init``) anyway when the class count differs.
+      dont_load: regexes over variable paths inside their collection (``head/.*``,
+        ``Transformer/posembed_input/pos_embedding``); matching variables keep their init values.
+      posemb: ``"bilinear"`` or ``"bicubic"`` resampling of position embeddings to a new grid.
+      head_bias_init: the bias of a re-initialised head.
+
+    Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
+    and patch embeddings are resampled to the model's grid and patch size, and every step is
+    logged in one table. Any other difference raises :class:`WeightMismatchError` listing
+    missing, unexpected and mis-shaped keys; nothing is returned half-loaded.
     """
+    name = str(source)
     loaded = read_variables(source, model)
-    loaded, log = surgery.replace_head(variables, loaded, force=replace_head)
-    surgery.log_surgery(str(source), log)
-    return merge_strict(variables, loaded, source=str(source))
+    n_read = len(flatten_dict(loaded))
+    try:
+        flat, rows = surgery.adapt(
+            variables,
+            loaded,
+            replace_head=replace_head,
+            dont_load=dont_load,
+            posemb=posemb,
+            head_bias_init=head_bias_init,
+        )
+    except ValueError as e:
+        raise WeightMismatchError(f"Cannot adapt weights from {name}: {e}") from e
+    merged = merge_strict(variables, unflatten_dict(flat), source=name)
+    surgery.log_summary(name, rows, n_read)
+    return merged
 
 
 __all__ = [
+    "InputContract",
+    "apply_input_contract",
     "WeightFormatError",
     "WeightMismatchError",
     "converter",
+    "detect_format",
+    "export_npz",
+    "export_safetensors",
+    "input_contract",
     "load_pretrained",
     "read_state_dict",
     "read_variables",

@@ -1,15 +1,77 @@
-"""Reading weight files into flat ``{name: numpy array}`` dicts."""
+"""Reading weight files into flat ``{name: numpy array}`` dicts, and telling formats apart.
+
+Formats (see :func:`detect_format`):
+
+* ``orbax``: a vision_jax workdir, its ``checkpoints`` folder or a step folder;
+* ``hf``: a Hugging Face folder (``config.json`` plus ``model.safetensors`` or
+  ``pytorch_model.bin``);
+* ``npz``: google-research/vision_transformer, big_vision or big_transfer ``.npz`` files;
+* ``safetensors``: a state dict (timm, torchvision, ...);
+* ``torch``: a ``.pth``/``.pt``/``.bin``/``.th`` state dict, zip or legacy serialisation, read with
+  ``torch.load(weights_only=True)`` only: a file that needs arbitrary unpickling is refused.
+
+Every failure raises :class:`WeightFormatError` naming the file and the reason.
+"""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import zipfile
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 
 class WeightFormatError(ValueError):
     """A weight file could not be read; the message names the file and the reason."""
+
+
+_SUFFIXES = {
+    ".npz": "npz",
+    ".safetensors": "safetensors",
+    ".pth": "torch",
+    ".pt": "torch",
+    ".bin": "torch",
+    ".th": "torch",
+}
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """One of ``orbax``, ``hf``, ``npz``, ``safetensors``, ``torch`` for ``path``.
+
+    Directories are told apart by their contents, files by suffix and, for an unknown suffix, by
+    their first bytes (safetensors' JSON header, a zip archive, a pickle).
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file() and any((path / f).is_file() for f in HF_WEIGHT_FILES):
+            return "hf"
+        return "orbax"
+    if not path.is_file():
+        raise WeightFormatError(f"Weight file {path} does not exist.")
+    if path.suffix in _SUFFIXES:
+        return _SUFFIXES[path.suffix]
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"\x80"):  # a pickle: torch's legacy serialisation
+        return "torch"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+    raise WeightFormatError(
+        f"Unknown weight format for {path} (suffix {path.suffix!r}); expected a vision_jax "
+        "checkpoint folder, a Hugging Face folder, .npz, .safetensors or .pth/.pt/.bin/.th."
+    )
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -19,15 +81,81 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     try:
         return dict(load_file(str(path)))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise WeightFormatError(f"Cannot read safetensors file {path}: {e}") from e
 
 
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every array of an ``.npz`` file (no pickles allowed)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except Exception as e:  # zipfile, zlib, numpy and OS errors for corrupt or truncated files
+        raise WeightFormatError(
+            f"Cannot read npz file {path}: {type(e).__name__}: {e} (truncated or corrupted?)"
+        ) from e
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    import torch
+
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    return value.detach().cpu().numpy().copy()
+
+
+def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a torch state dict with ``torch.load(weights_only=True)`` (zip or legacy format).
+
+    A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and a ``module.`` prefix (from
+    DataParallel) are removed; entries that are not tensors (e.g. ``best_prec1``) are ignored.
+    """
+    import pickle
+
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightFormatError(f"Reading {path} needs torch, which is not installed.") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightFormatError(
+            f"Refusing to read {path}: it needs arbitrary unpickling, which weights_only=True "
+            f"forbids (load it yourself only if you trust it, and save its state_dict as "
+            f".safetensors). torch said: {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:  # truncated or corrupted: RuntimeError, EOFError, ...
+        raise WeightFormatError(
+            f"Cannot read torch file {path}: {type(e).__name__}: {e} (truncated or corrupted?)"
+        ) from e
+    state_dict = unwrap_state_dict(obj, str(path))
+    return {k: _to_numpy(v) for k, v in state_dict.items()}
+
+
+def unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
+    """The tensors of a (possibly wrapped, possibly ``module.``-prefixed) state dict."""
+    while isinstance(obj, Mapping):
+        wrapped = [k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)]
+        if not wrapped:
+            break
+        obj = obj[wrapped[0]]
+    if not isinstance(obj, Mapping):
+        raise WeightFormatError(f"{source} holds a {type(obj).__name__}, not a state dict.")
+    tensors = {k: v for k, v in obj.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
+    if not tensors:
+        raise WeightFormatError(f"{source} holds no tensors (keys: {sorted(obj)[:10]}).")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a flat state dict from a weight file, choosing the reader by extension."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise WeightFormatError(f"Weight file {path} does not exist.")
-    if path.suffix == ".safetensors":
+    """Reads a flat ``{name: array}`` dict from a weight file, whatever its format."""
+    kind = detect_format(path)
+    if kind == "safetensors":
         return read_safetensors(path)
-    raise WeightFormatError(f"Unknown weight format for {path} (suffix {path.suffix!r}).")
+    if kind == "torch":
+        return read_torch(path)
+    if kind == "npz":
+        return read_npz(path)
+    raise WeightFormatError(f"{path} is a {kind} folder, not a weight file.")

@@ -132,6 +132,12 @@ def _listing(keys: list[str], limit: int = 20) -> str:
     )
 
 
+def checkpoint_model(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> nn.Module:
+    """``model`` with the checkpoint's class count (0 if it has no classifier)."""
+    head = state_dict.get(_layout(model)[1] + "weight")
+    return model.clone(parent=None, num_classes=0 if head is None else int(np.shape(head)[0]))
+
+
 def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
     """Converts a timm (or, for CIFAR ResNets, akamaster) state dict to Flax variables.
 

@@ -1,38 +1,213 @@
-"""Adapting loaded weights to a new task: head replacement."""
+"""Adapting loaded weights to a new model: head, class token, position and patch embeddings.
+
+All steps work on flat ``{"collection/path": array}`` dicts and are driven by the shapes of the
+model's freshly initialised variables; :func:`adapt` runs them in order and returns one row per
+step for the summary table that the loader logs.
+
+Resampling methods:
+
+* position embeddings, ``"bilinear"`` (default): the JAX references' ``scipy.ndimage.zoom(grid,
+  zoom, order=1)`` (google-research/vision_transformer and big_vision), i.e. linear interpolation
+  with the corner tokens aligned, written in numpy; ``"bicubic"``: ``jax.image.resize(...,
+  "bicubic")`` (half-pixel centres, Keys cubic, antialiased when shrinking), close to timm's
+  ``resample_abs_pos_embed``. The class token is kept apart and never interpolated.
+* patch embeddings: FlexiViT's pseudo-inverse resize (Beyer et al. 2023): the new kernel ``w'``
+  solves ``<x, w> = <resize(x), w'>`` in the least-squares sense for patches ``x``, with
+  ``resize`` bilinear (``jax.image.resize``). Upsampling the patch keeps every token exactly.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from vision_jax.masks import flatten_dict, tree_mask
 
-def replace_head(
-    init: Mapping[str, Any], loaded: Mapping[str, Any], *, force: bool = False
-) -> tuple[dict, list[str]]:
-    """Takes the freshly initialised ``head`` from ``init`` when the class count differs (or force).
+POSEMB = "params/Transformer/posembed_input/pos_embedding"
+PATCH = "params/embedding/kernel"
+CLS = "params/cls"
+HEAD = ("params/head/kernel", "params/head/bias")
+PRE_LOGITS = ("params/pre_logits/kernel", "params/pre_logits/bias")
+POSEMB_METHODS = ("bilinear", "bicubic")
 
-    Returns the adapted ``loaded`` variables and a log of what was done.
+Flat = dict[str, Any]
+Row = tuple[str, str]  # (step, detail)
+
+
+def _linear_align_corners(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` to ``size`` samples, first and last samples aligned."""
+    n = x.shape[axis]
+    if n == size:
+        return x
+    pos = np.linspace(0.0, n - 1, size) if size > 1 else np.zeros(1)
+    lo = np.clip(np.floor(pos).astype(int), 0, n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = (pos - lo).reshape(shape)
+    return np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
+
+
+def resize_grid(grid: np.ndarray, new_hw: tuple[int, int], method: str = "bilinear") -> np.ndarray:
+    """Resizes a ``(h, w, d)`` grid of embeddings to ``(*new_hw, d)`` (see the module docstring)."""
+    if method == "bilinear":
+        out = _linear_align_corners(grid.astype(np.float64), new_hw[0], 0)
+        return _linear_align_corners(out, new_hw[1], 1).astype(grid.dtype)
+    if method == "bicubic":
+        shape = (*new_hw, grid.shape[-1])
+        return np.asarray(jax.image.resize(grid, shape, "bicubic"), grid.dtype)
+    raise ValueError(f"Unknown posemb resampling {method!r}; valid: {POSEMB_METHODS}.")
+
+
+def _square(tokens: int, what: str) -> int:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{what} has {tokens} grid tokens, not a square grid.")
+    return side
+
+
+def resample_posemb(
+    posemb: np.ndarray, *, num_prefix: int, new_grid: tuple[int, int], method: str = "bilinear"
+) -> np.ndarray:
+    """Resamples ``(1, num_prefix + h * w, d)`` position embeddings (square ``h = w``) to
+    ``new_grid``; the ``num_prefix`` leading tokens (the class token's) are kept as they are."""
+    prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
+    side = _square(grid.shape[0], "The checkpoint's position embedding")
+    grid = resize_grid(grid.reshape(side, side, -1), new_grid, method)
+    return np.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
+
+
+def resample_patch_embed(kernel: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+    """FlexiViT's pseudo-inverse resize of a ``(p, p, in, out)`` patch-embedding kernel."""
+    old_hw = kernel.shape[:2]
+    n_old = old_hw[0] * old_hw[1]
+    basis = np.eye(n_old, dtype=np.float32).reshape(n_old, *old_hw)
+    resized = jax.image.resize(basis, (n_old, *new_hw), "bilinear")  # B[:, i] = resize(e_i)
+    resize_mat = np.asarray(resized, np.float64).reshape(n_old, -1).T  # (n_new, n_old)
+    pinv = np.linalg.pinv(resize_mat.T)  # (n_new, n_old)
+    flat = kernel.reshape(n_old, -1).astype(np.float64)
+    return (pinv @ flat).reshape(*new_hw, *kernel.shape[2:]).astype(kernel.dtype)
+
+
+def dont_load_paths(patterns: Sequence[str], init: Mapping[str, Any]) -> set[str]:
+    """Full ``collection/path`` names of the variables matched by any of ``patterns``.
+
+    A pattern matches (``re.fullmatch``) the path inside a collection, e.g. ``head/.*`` or
+    ``Transformer/posembed_input/pos_embedding``; it applies in every collection (``bn1/.*``
+    covers BatchNorm scale, bias and statistics). A pattern that matches nothing is an error.
     """
-    loaded = {k: dict(v) if isinstance(v, Mapping) else v for k, v in loaded.items()}
-    init_head = init.get("params", {}).get("head")
-    old_head = loaded.get("params", {}).get("head")
-    if init_head is None:
-        if old_head is not None:
-            del loaded["params"]["head"]
-            return loaded, ["head: dropped (model is headless)"]
-        return loaded, []
-    old_shape = None if old_head is None else np.shape(old_head["kernel"])
-    new_shape = np.shape(init_head["kernel"])
-    if force or old_shape != new_shape:
-        loaded["params"]["head"] = init_head
-        why = "on request" if force and old_shape == new_shape else f"{old_shape} -> {new_shape}"
-        return loaded, [f"head: replaced with a fresh head ({why})"]
-    return loaded, []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    paths: set[str] = set()
+    for pattern in patterns:
+        hits = {
+            f"{col}/{path}"
+            for col, tree in init.items()
+            for path, hit in flatten_dict(tree_mask(pattern, dict(tree))).items()
+            if hit
+        }
+        if not hits:
+            raise ValueError(f"dont_load pattern {pattern!r} matches no variable of the model.")
+        paths |= hits
+    return paths
 
 
-def log_surgery(source: str, lines: list[str]) -> None:
-    for line in lines:
-        logging.info("Pretrained %s: %s", source, line)
+def _head(init: Flat, loaded: Flat, force: bool, bias_init: float) -> list[Row]:
+    dropped = [p for p in PRE_LOGITS if p in loaded and p not in init]
+    for path in dropped:
+        del loaded[path]
+    rows = [("pre_logits", "dropped (the model has no representation layer)")] if dropped else []
+    if HEAD[0] not in init:
+        if any(p in loaded for p in HEAD):
+            for p in HEAD:
+                loaded.pop(p, None)
+            rows.append(("head", "dropped (the model is headless)"))
+        return rows
+    if HEAD[0] not in loaded:
+        why = "initialised (the checkpoint has none)"
+    elif np.shape(loaded[HEAD[0]]) != np.shape(init[HEAD[0]]):
+        why = f"replaced: {np.shape(loaded[HEAD[0]])} -> {np.shape(init[HEAD[0]])}"
+    elif force:
+        why = "replaced on request"
+    else:
+        return rows
+    loaded[HEAD[0]] = np.zeros(np.shape(init[HEAD[0]]), np.float32)
+    loaded[HEAD[1]] = np.full(np.shape(init[HEAD[1]]), bias_init, np.float32)
+    return rows + [("head", f"{why}; zero kernel, bias {bias_init}")]
+
+
+def _posemb(init: Flat, loaded: Flat, had_cls: bool, method: str) -> list[Row]:
+    if POSEMB not in loaded or POSEMB not in init:
+        return []
+    old, tokens = loaded[POSEMB], np.shape(init[POSEMB])[1]
+    n_old = old.shape[1]
+    # Old checkpoints of gap models keep a class token's row in the position embedding.
+    old_prefix = int(had_cls or (math.isqrt(n_old) ** 2 != n_old))
+    new_prefix = int(CLS in init)
+    rows = []
+    if old_prefix > new_prefix:
+        old = old[:, old_prefix - new_prefix :]
+        old_prefix = new_prefix
+        rows.append(("posemb", "class-token row dropped (the model pools with gap)"))
+    if old.shape[1] - old_prefix != tokens - new_prefix:
+        side = _square(tokens - new_prefix, "The model's position embedding")
+        before = math.isqrt(old.shape[1] - old_prefix)
+        old = resample_posemb(old, num_prefix=old_prefix, new_grid=(side, side), method=method)
+        rows.append(("posemb", f"resampled {before}x{before} -> {side}x{side} ({method})"))
+    loaded[POSEMB] = old
+    return rows
+
+
+def adapt(
+    init: Mapping[str, Any],
+    loaded: Mapping[str, Any],
+    *,
+    replace_head: bool = False,
+    dont_load: Sequence[str] = (),
+    posemb: str = "bilinear",
+    head_bias_init: float = 0.0,
+) -> tuple[dict, list[Row]]:
+    """Adapts nested ``loaded`` variables to the model whose initial variables are ``init``.
+
+    Returns the adapted flat variables and the summary rows. Whatever still differs afterwards is
+    left for the strict merge to report.
+    """
+    if posemb not in POSEMB_METHODS:
+        raise ValueError(f"Unknown posemb resampling {posemb!r}; valid: {POSEMB_METHODS}.")
+    flat_init, flat = flatten_dict(init), dict(flatten_dict(loaded))
+    keep = dont_load_paths(dont_load, init) if dont_load else set()
+    for path in keep:
+        flat.pop(path, None)
+    rows: list[Row] = []
+    had_cls = CLS in flat
+    if had_cls and CLS not in flat_init and CLS not in keep:
+        del flat[CLS]
+        rows.append(("cls", "dropped (the model pools with gap)"))
+    if not any(p in keep for p in HEAD):
+        rows += _head(flat_init, flat, replace_head, head_bias_init)
+    rows += _posemb(flat_init, flat, had_cls, posemb)
+    if PATCH in flat and PATCH in flat_init:
+        old, new = np.shape(flat[PATCH]), np.shape(flat_init[PATCH])
+        if old[:2] != new[:2] and old[2:] == new[2:]:
+            flat[PATCH] = resample_patch_embed(np.asarray(flat[PATCH]), new[:2])
+            rows.append(("patch embedding", f"{old[:2]} -> {new[:2]} (FlexiViT PI-resize)"))
+    if keep:
+        for path in keep:
+            flat[path] = flat_init[path]
+        rows.append(
+            ("dont_load", f"{len(keep)} array(s) keep their init values: {list(dont_load)}")
+        )
+    return flat, rows
+
+
+def log_summary(source: str, rows: list[Row], n_arrays: int) -> None:
+    """Logs one table of what the loader did (also when it did nothing but read ``n_arrays``)."""
+    rows = [("read", f"{n_arrays} arrays")] + rows
+    width = max(len(step) for step, _ in rows)
+    table = "\n".join(f"  {step:<{width}}  {detail}" for step, detail in rows)
+    logging.info("Pretrained weights from %s:\n%s", source, table)

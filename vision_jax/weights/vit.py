@@ -84,6 +84,21 @@ def _check_model(model: Any) -> None:
         )
 
 
+def checkpoint_model(state_dict: Mapping[str, Array], model: VisionTransformer) -> Any:
+    """``model`` as the checkpoint was built: its pooling, class count and no pre-logits layer.
+
+    Converting with this model keeps everything the checkpoint holds; the loader's surgery then
+    adapts it (class token, head) to ``model``.
+    """
+    head = state_dict.get("head.weight")
+    return model.clone(
+        parent=None,
+        pool_type="token" if "cls_token" in state_dict else "gap",
+        num_classes=0 if head is None else int(np.shape(head)[0]),
+        representation_size=None,
+    )
+
+
 def from_timm(state_dict: Mapping[str, Array], model: VisionTransformer) -> dict:
     """Converts a timm ``VisionTransformer`` state dict to ``{"params": ...}``.
 

@@ -1,0 +1,73 @@
+"""Transfer: the pretrained ViT-Ti/16 of ../shared/weights fine-tuned on 2,000 CIFAR-10 images.
+
+Variants (the config argument), all with the same data, resolution (112 px: position embeddings
+resampled from 14x14 to 7x7) and a budget of 150 steps of 32 images:
+
+  pretrained    full fine-tune from ViT-Ti_16.npz (head replaced), SGD with momentum
+  scratch       the same run from random initialisation
+  lora          LoRA rank 8 on the query and value projections, plus the head (AdamW)
+  linear_probe  the head alone on the frozen pretrained backbone (AdamW)
+  layer_decay   full fine-tune with layer-wise learning-rate decay 0.75 (AdamW)
+
+Commands (from the repository root, ../shared beside it):
+  unzip -q ../shared/data/cifar10_jpeg/cifar10_jpeg.zip -d /tmp/cifar10_jpeg
+  python -m vision_jax.main --config=configs/vit_ti16_cifar10.py:pretrained \
+      --workdir=/tmp/vj_cifar/pretrained
+  (the same with :scratch, :lora, :linear_probe, :layer_decay and their own workdirs)
+
+Expected results (eval/top1 on 1,000 held-out test images, 2 CPU cores):
+  RESULTS_TABLE
+"""
+
+from ml_collections.config_dict import placeholder
+
+from vision_jax.config import default_config
+
+VARIANTS = ("pretrained", "scratch", "lora", "linear_probe", "layer_decay")
+
+
+def get_config(arg=None):
+    variant = arg or "pretrained"
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; valid: {', '.join(VARIANTS)}.")
+    c = default_config()
+    c.model.name = "vit_ti16"
+    c.init.path = "../shared/weights/vit_ti16/ViT-Ti_16.npz"  # 200-way Tiny-ImageNet head
+    c.init.use_input_contract = True  # mean/std 0.5 (pixels to [-1, 1]), as the weights expect
+    c.data.source = "imagefolder"
+    c.data.root = "/tmp/cifar10_jpeg"
+    c.data.train_split = "train[:4%]"  # 2,000 images, class-balanced slice of a fixed shuffle
+    c.data.eval_split = "test[:10%]"  # 1,000 images
+    c.input.image_size = 112
+    c.input.random_crop = True
+    c.input.crop_padding = 14  # CIFAR-style: pad 4/32 of the side, then crop
+    c.batch_size = 32
+    c.eval_batch_size = 100
+    c.total_epochs = placeholder(float)
+    c.total_steps = 150
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 0.01
+    c.optimizer.weight_decay = 0.0
+    c.schedule.warmup_steps = 15
+    c.log_every_steps = 25
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 150
+    c.keep_checkpoints = 1
+    if variant == "scratch":
+        c.init.path = None
+        c.init.use_input_contract = False
+    elif variant == "lora":
+        c.lora.rank = 8
+        c.lora.alpha = 8.0
+        c.optimizer.name = "adamw"
+        c.optimizer.learning_rate = 2e-3
+    elif variant == "linear_probe":
+        c.optimizer.trainable = "head"
+        c.optimizer.name = "adamw"
+        c.optimizer.learning_rate = 5e-3
+    elif variant == "layer_decay":
+        c.optimizer.name = "adamw"
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.weight_decay = 0.05
+        c.optimizer.layer_decay = 0.75
+    return c

@@ -1,0 +1,162 @@
+"""Parameter-efficient fine-tuning in the training loop: frozen parameters, LoRA, gradient
+accumulation, EMA and soft (mixup) targets."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from test_train import small_config
+from vision_jax import losses, optim
+from vision_jax.checkpoint import _restore_on_one_device, latest_step_dir, read_variables
+from vision_jax.masks import flatten_dict
+from vision_jax.models import create_model
+from vision_jax.steps import TrainState, make_train_step
+from vision_jax.train import train_and_evaluate
+
+
+def _init_params(cfg, num_classes=10):
+    model = create_model(cfg.model.name, num_classes=num_classes)
+    init_rng, _ = jax.random.split(jax.random.key(cfg.seed))
+    size = cfg.input.image_size
+    v = model.init({"params": init_rng}, jnp.zeros((1, size, size, 3)), train=False)
+    return flatten_dict(jax.tree.map(np.asarray, v["params"]))
+
+
+def test_linear_probe_trains_only_the_head(tmp_path):
+    cfg = small_config(**{"optimizer.trainable": "head", "total_steps": 3})
+    init = _init_params(cfg)
+    train_and_evaluate(cfg, str(tmp_path))
+    after = flatten_dict(read_variables(str(tmp_path))["params"])
+    assert after.keys() == init.keys()
+    # (jit and eager initialisers differ in the last bits: compare with a tight tolerance)
+    changed = {k for k in init if not np.allclose(init[k], after[k], rtol=1e-6, atol=1e-7)}
+    assert changed == {"head/kernel", "head/bias"}
+    # The step checkpoint holds only the head and its optimizer state; the frozen backbone is
+    # stored once beside the checkpoints.
+    state = _restore_on_one_device(os.path.join(latest_step_dir(str(tmp_path)), "state"))
+    assert set(flatten_dict(state["params"])) == {"head/kernel", "head/bias"}
+    opt_leaves = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x)]
+    assert sorted(x.shape for x in opt_leaves) == [(10,), (64, 10)]  # SGD momentum: head only
+    assert os.path.isdir(tmp_path / "frozen_params")
+
+
+def test_lora_trains_only_adapters_and_head_and_exports_merged(tmp_path):
+    cfg = small_config(**{
+        "model.name": "vit_ti16", "optimizer.name": "adamw", "optimizer.learning_rate": 1e-2,
+        "lora.rank": 4, "lora.alpha": 8.0, "total_steps": 3,
+    })  # fmt: skip
+    init = _init_params(cfg)
+    result = train_and_evaluate(cfg, str(tmp_path))
+    assert np.isfinite(result["eval/loss"])
+    state = _restore_on_one_device(os.path.join(latest_step_dir(str(tmp_path)), "state"))
+    trained = set(flatten_dict(state["params"]))
+    adapters = {k for k in trained if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
+    assert trained - adapters == {"head/kernel", "head/bias"}
+    assert len(adapters) == 12 * 2 * 2  # query and value of 12 blocks, a and b each
+    # Adam moments (mu, nu) for the trainable leaves only.
+    n_trainable = sum(np.size(x) for x in jax.tree.leaves(state["params"]))
+    opt = sum(np.size(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
+    assert opt == 2 * n_trainable
+    # read_variables merges the adapters: the plain model's structure, with changed q/v kernels.
+    merged = flatten_dict(read_variables(str(tmp_path))["params"])
+    assert merged.keys() == init.keys()
+    q = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
+    k = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/key/kernel"
+    assert not np.allclose(merged[q], init[q], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(merged[k], init[k], rtol=1e-6, atol=1e-7)
+
+
+def test_lora_and_trainable_preset_conflict(tmp_path):
+    cfg = small_config(**{"model.name": "vit_ti16", "lora.rank": 2, "optimizer.trainable": "head"})
+    with pytest.raises(ValueError, match="both choose what trains"):
+        train_and_evaluate(cfg, str(tmp_path))
+
+
+def _vit_step_inputs(batch_size=8):
+    model = create_model("vit_ti16", num_classes=5)
+    x = jax.random.normal(jax.random.key(0), (batch_size, 32, 32, 3))
+    y = jax.random.randint(jax.random.key(1), (batch_size,), 0, 5)
+    params = model.init(jax.random.key(2), x[:1])["params"]
+    params["head"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), (192, 5))
+    return model, {"image": x, "label": y}, params
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_equals_the_large_batch(accum):
+    model, batch, params = _vit_step_inputs()
+    # SGD is linear in the gradient, so parameter equality is gradient equality (Adam's first
+    # step is about lr * sign(g) and would amplify rounding in near-zero gradients).
+    tx = optax.sgd(1.0, momentum=0.9)
+    state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params))
+    results = []
+    for k in (1, accum):
+        step = jax.jit(make_train_step(model, tx, losses.softmax_xent, jax.random.key(0),
+                                       accum_steps=k))  # fmt: skip
+        with jax.default_matmul_precision("highest"):
+            new_state, metrics = step(state, {}, batch)
+        results.append((new_state, metrics.compute()))
+    (big, big_m), (acc, acc_m) = results
+    assert float(acc_m["loss"]) == pytest.approx(float(big_m["loss"]), abs=1e-5)
+    assert float(acc_m["accuracy"]) == pytest.approx(float(big_m["accuracy"]), abs=1e-6)
+    assert float(acc_m["grad_norm"]) == pytest.approx(float(big_m["grad_norm"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_ema_tracks_the_params():
+    model, batch, params = _vit_step_inputs()
+    tx = optax.sgd(0.1)
+    state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params),
+                       jax.tree.map(jnp.copy, params))  # fmt: skip
+    step = jax.jit(make_train_step(model, tx, losses.softmax_xent, jax.random.key(0),
+                                   ema_decay=0.9))  # fmt: skip
+    history = [params]
+    for _ in range(3):
+        state, _ = step(state, {}, batch)
+        history.append(state.params)
+    expected = history[0]
+    for p in history[1:]:
+        expected = jax.tree.map(lambda e, q: 0.9 * e + 0.1 * q, expected, p)
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_is_evaluated_alongside(tmp_path):
+    result = train_and_evaluate(small_config(ema_decay=0.5, total_steps=2), str(tmp_path))
+    assert {"eval_ema/top1", "eval_ema/loss", "eval/top1"} <= set(result)
+    assert result["eval_ema/examples"] == result["eval/examples"] == 360
+
+
+def test_frozen_params_get_no_gradient_or_update():
+    model, batch, params = _vit_step_inputs()
+    mask = optim.trainable_mask(params, model, preset="last:1", frozen=None)
+    trainable, frozen = optim.partition(params, mask)
+    tx = optax.adam(1e-2)
+    state = TrainState(jnp.array(0, jnp.int32), trainable, {}, tx.init(trainable))
+    step = jax.jit(make_train_step(model, tx, losses.softmax_xent, jax.random.key(0)))
+    new_state, _ = step(state, frozen, batch)
+    assert set(flatten_dict(new_state.params)) == set(flatten_dict(trainable))
+    assert all(k.startswith(("head/", "Transformer/encoder_norm/", "Transformer/encoderblock_11/"))
+               for k in flatten_dict(new_state.params))  # fmt: skip
+    moments = [x.shape for x in jax.tree.leaves(new_state.opt_state) if np.ndim(x)]
+    assert sorted(moments) == sorted(2 * [x.shape for x in jax.tree.leaves(trainable)])
+    assert any(not np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves(new_state.params), jax.tree.leaves(trainable), strict=True))  # fmt: skip
+
+
+def test_soft_targets_replace_labels_and_smooth_after_mixing():
+    batch = {"label": jnp.array([0, 2]),
+             "soft_label": jnp.array([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6]])}  # fmt: skip
+    t = losses.targets_of(batch, 3, 0.3)
+    np.testing.assert_allclose(t, 0.7 * batch["soft_label"] + 0.1, atol=1e-7)
+    hard = losses.targets_of({"label": batch["label"]}, 3, 0.0)
+    np.testing.assert_array_equal(hard, jax.nn.one_hot(batch["label"], 3))
+    logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
+    ref = -np.sum(np.asarray(t) * np.asarray(jax.nn.log_softmax(logits)), axis=-1)
+    np.testing.assert_allclose(losses.softmax_xent(logits, t), ref, rtol=1e-6)

@@ -1,0 +1,224 @@
+"""Optimizer control: schedules, trainable presets, lr multipliers and layer decay, LoRA merging,
+the memory report. The training-loop side (frozen leaves unchanged, accumulation, EMA) is in
+tests/test_finetune.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vision_jax import lora, optim
+from vision_jax.config import TrackedConfig, default_config
+from vision_jax.masks import flatten_dict, unflatten_dict
+from vision_jax.models import create_model
+
+
+def shapes_of(name: str, size: int = 32, **kw):
+    model = create_model(name, num_classes=10, **kw)
+    return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+
+
+def schedule_of(total: int = 100, steps_per_epoch: int = 10, **overrides):
+    c = default_config()
+    for k, v in overrides.items():
+        c.schedule[k] = v
+    return optim.build_schedule(
+        TrackedConfig(c).schedule, base_lr=2.0, total_steps=total, steps_per_epoch=steps_per_epoch
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, reference",
+    [
+        ({"decay": "cosine", "warmup_steps": 10},
+         lambda t: 2.0 * min(t / 10, 1) * 0.5 * (1 + np.cos(np.pi * np.clip((t - 10) / 90, 0, 1)))),
+        ({"decay": "linear", "warmup_epochs": 2.0},
+         lambda t: 2.0 * min(t / 20, 1) * (1 - np.clip((t - 20) / 80, 0, 1))),
+        ({"decay": "constant", "warmup_fraction": 0.05, "cooldown_fraction": 0.2},
+         lambda t: 2.0 * min(t / 5, 1) * np.clip((100 - t) / 20, 0, 1)),
+        ({"decay": "rsqrt", "rsqrt_timescale": 25, "warmup_steps": 4, "cooldown_steps": 10},
+         lambda t: 2.0 * min(t / 4, 1) / np.sqrt(1 + max(t - 4, 0) / 25)
+         * np.clip((100 - t) / 10, 0, 1)),
+        ({"decay": "step", "step_boundaries": (0.3, 0.6), "step_factor": 0.5},
+         lambda t: 2.0 * 0.5 ** ((t >= 30) + (t >= 60))),
+    ],
+)  # fmt: skip
+def test_schedules_match_numpy_reference(overrides, reference):
+    fn = schedule_of(**overrides)
+    for t in [0, 1, 3, 4, 5, 9, 10, 19, 20, 29, 30, 50, 59, 60, 85, 95, 99, 100]:
+        assert float(fn(t)) == pytest.approx(reference(t), abs=1e-6), (t, overrides)
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="at most one of schedule.warmup"):
+        schedule_of(warmup_steps=5, warmup_fraction=0.1)
+    with pytest.raises(ValueError, match="Warmup 60 \\+ cooldown 50"):
+        schedule_of(warmup_steps=60, cooldown_steps=50)
+    with pytest.raises(ValueError, match="Unknown schedule.decay 'exp'"):
+        schedule_of(decay="exp")
+
+
+def trained(mask) -> set[str]:
+    return {k for k, v in flatten_dict(mask).items() if v}
+
+
+def test_trainable_presets_vit():
+    model, shapes = shapes_of("vit_ti16")
+    params = shapes["params"]
+    all_paths = set(flatten_dict(params))
+    assert trained(optim.trainable_mask(params, model, preset="all", frozen=None)) == all_paths
+    head = trained(optim.trainable_mask(params, model, preset="head", frozen=None))
+    assert head == {"head/kernel", "head/bias"}
+    last2 = trained(optim.trainable_mask(params, model, preset="last:2", frozen=None))
+    assert last2 == {p for p in all_paths if p.startswith(
+        ("head/", "Transformer/encoder_norm/", "Transformer/encoderblock_10/",
+         "Transformer/encoderblock_11/"))}  # fmt: skip
+    bitfit = trained(optim.trainable_mask(params, model, preset="bitfit", frozen=None))
+    assert "Transformer/encoderblock_3/LayerNorm_2/scale" in bitfit
+    assert "Transformer/encoderblock_3/MlpBlock_3/Dense_0/bias" in bitfit
+    assert "Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel" not in bitfit
+    assert "Transformer/posembed_input/pos_embedding" not in bitfit and "cls" not in bitfit
+    assert bitfit == {p for p in all_paths if p.endswith("bias") or p.endswith("scale")
+                      or p.startswith("head/")}  # fmt: skip
+    frozen = trained(optim.trainable_mask(params, model, preset="all", frozen=r"embedding/.*"))
+    assert frozen == all_paths - {"embedding/kernel", "embedding/bias"}
+    with pytest.raises(ValueError, match="No parameter is trainable"):
+        optim.trainable_mask(params, model, preset="head", frozen="head/.*")
+    with pytest.raises(ValueError, match="Unknown optimizer.trainable 'probe'"):
+        optim.trainable_mask(params, model, preset="probe", frozen=None)
+
+
+def test_trainable_presets_resnet_use_stages():
+    model, shapes = shapes_of("resnet18", 64)
+    params = {"params": shapes["params"]}["params"]
+    last1 = trained(optim.trainable_mask(params, model, preset="last:1", frozen=None))
+    assert last1 == {p for p in flatten_dict(params) if p.startswith(("layer4/", "head/"))}
+    bitfit = trained(optim.trainable_mask(params, model, preset="bitfit", frozen=None))
+    assert "layer2/0/downsample_bn/scale" in bitfit and "bn1/bias" in bitfit
+    assert not any(p.endswith("kernel") and not p.startswith("head") for p in bitfit)
+
+
+def test_layer_decay_multiplies_the_right_leaves():
+    model, shapes = shapes_of("vit_ti16")
+    mults = flatten_dict(optim.lr_multipliers(
+        shapes["params"], model, rules=[(r".*/bias", 2.0)], layer_decay=0.5))  # fmt: skip
+    # 14 groups: stem 0, blocks 1..12, head/final norm 13.
+    assert mults["head/kernel"] == 1.0 and mults["head/bias"] == 2.0
+    assert mults["Transformer/encoder_norm/scale"] == 1.0
+    assert mults["Transformer/encoderblock_11/MlpBlock_3/Dense_0/kernel"] == 0.5
+    assert mults["Transformer/encoderblock_11/MlpBlock_3/Dense_0/bias"] == 1.0
+    assert mults["Transformer/encoderblock_0/LayerNorm_0/scale"] == 0.5**12
+    assert mults["embedding/kernel"] == mults["cls"] == 0.5**13
+    assert mults["Transformer/posembed_input/pos_embedding"] == 0.5**13
+    resnet, rs = shapes_of("resnet50", 64)
+    rmults = flatten_dict(optim.lr_multipliers(rs["params"], resnet, layer_decay=0.1))
+    assert rmults["layer4/2/conv3/kernel"] == pytest.approx(0.1)
+    assert rmults["layer1/0/conv1/kernel"] == pytest.approx(1e-4)
+    assert rmults["conv1/kernel"] == pytest.approx(1e-5)
+
+
+def test_lr_multipliers_scale_the_updates_exactly():
+    model, shapes = shapes_of("vit_ti16")
+    params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    c = default_config()
+    c.optimizer.name = "sgd"
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = None
+    c.optimizer.momentum = 0.0
+    c.optimizer.layer_decay = 0.5
+    c.schedule.decay = "constant"
+    tx, _ = optim.build_optimizer(TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    u = flatten_dict(updates)
+    assert float(u["head/kernel"][0, 0]) == pytest.approx(-1e-3 * 0.1)
+    assert float(u["embedding/kernel"][0, 0, 0, 0]) == pytest.approx(-1e-3 * 0.1 * 0.5**13)
+
+
+def test_decay_mask_defaults_to_kernels_and_decoupled_semantics():
+    model, shapes = shapes_of("vit_ti16")
+    params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
+    zero = jax.tree.map(jnp.zeros_like, params)
+    c = default_config()
+    c.optimizer.weight_decay = 0.1
+    c.schedule.decay = "constant"
+    tx, _ = optim.build_optimizer(TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1)
+    updates = flatten_dict(tx.update(zero, tx.init(params), params)[0])
+    for path, u in updates.items():
+        expected = -1e-3 * 0.1 if path.endswith("kernel") else 0.0  # lr * wd * param
+        np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize(
+    "name, targets, size",
+    [
+        ("vit_ti16", r".*/(query|key|value|out|Dense_0|Dense_1)/kernel", 32),
+        ("resnet50", r"layer.*/(conv1|conv3|downsample_conv)/kernel", 64),
+    ],
+)
+def test_lora_merge_is_exact(name, targets, size):
+    model = create_model(name, num_classes=5)
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    variables = model.init(jax.random.key(0), x)
+    head = variables["params"]["head"]
+    head["kernel"] = jax.random.normal(jax.random.key(3), head["kernel"].shape)  # non-zero logits
+    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=targets)
+    params = lora.add_adapters(variables["params"], spec, jax.random.key(2))
+    with lora.apply_adapters(spec, train=False):  # b == 0: the adapted net equals the base net
+        np.testing.assert_allclose(
+            model.apply({**variables, "params": params}, x), model.apply(variables, x), atol=1e-6
+        )
+    noise = lambda p, k: p + 0.02 * jax.random.normal(jax.random.key(k), p.shape)
+    flat = flatten_dict(params)
+    for i, path in enumerate(lora.adapter_paths(params)):  # train the adapters (b != 0)
+        flat[path] = noise(flat[path], i)
+    params = unflatten_dict(flat)
+    with lora.apply_adapters(spec, train=False):
+        adapted = model.apply({**variables, "params": params}, x)
+    merged = lora.merge(params, spec)
+    assert not lora.adapter_paths(merged)
+    assert jax.tree.structure(merged) == jax.tree.structure(variables["params"])
+    plain = model.apply({**variables, "params": merged}, x)
+    base = model.apply(variables, x)
+    scale = float(jnp.abs(adapted).max())
+    assert float(jnp.abs(adapted - base).max()) > 1e-3 * scale  # the adapters matter
+    np.testing.assert_allclose(plain, adapted, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_lora_errors():
+    model, shapes = shapes_of("vit_ti16")
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        lora.add_adapters(params, lora.LoraSpec(4, 4.0, targets="nothing/.*"), jax.random.key(0))
+    with pytest.raises(ValueError, match="embedding/kernel is a 16x16 convolution"):
+        lora.add_adapters(params, lora.LoraSpec(4, 4.0, targets="embedding/kernel"),
+                          jax.random.key(0))  # fmt: skip
+    with pytest.raises(ValueError, match="rank must be positive"):
+        lora.LoraSpec(0, 1.0)
+
+
+def test_memory_report_matches_the_pytrees():
+    model, shapes = shapes_of("vit_ti16")
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])
+    spec = lora.LoraSpec(rank=8, alpha=8.0)
+    params = lora.add_adapters(params, spec, jax.random.key(0))
+    mask = optim.trainable_mask(params, model, preset="head", frozen=None, extra=r".*/lora_[ab]")
+    trainable, frozen = optim.partition(params, mask)
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(trainable)
+    report = optim.memory_report(trainable, frozen, opt_state)
+    n_adapters = 12 * 2 * (192 * 8 + 8 * 192)
+    assert report["trainable_params"] == n_adapters + 192 * 10 + 10
+    # ViT-Ti/16 without its 1000-way head, at 32 px (5 position embeddings instead of 197).
+    assert report["frozen_params"] == 5_717_416 - (192 * 1000 + 1000) - (197 - 5) * 192
+    assert report["trainable_bytes"] == 4 * report["trainable_params"]
+    # Adam: two moments per trainable parameter plus a step count.
+    assert report["optimizer_state_bytes"] == 2 * report["trainable_bytes"] + 4
+    np.testing.assert_equal(
+        sum(x.nbytes for x in jax.tree.leaves(opt_state)), report["optimizer_state_bytes"]
+    )
+    assert optim.combine(trainable, frozen).keys() == params.keys()
+    assert flatten_dict(optim.combine(trainable, frozen)).keys() == flatten_dict(params).keys()

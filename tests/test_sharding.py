@@ -1,0 +1,236 @@
+"""Sharding rules, FSDP and multi-host: rules -> PartitionSpecs, optimizer state that follows the
+parameters, equal losses on every mesh, resharding on restore, and two real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
+from test_train import _result, run_with_devices
+
+from vision_jax import sharding
+from vision_jax.checkpoint import read_variables
+from vision_jax.masks import path_to_str
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIG = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"  # (192, 768) in vit_ti16
+
+
+def mesh(**axes: int) -> AbstractMesh:
+    """A device-free mesh: shardings can be computed and checked without the devices."""
+    return AbstractMesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes))
+
+
+def test_fsdp_splits_the_largest_divisible_dim_of_large_params_only():
+    m = mesh(data=2, fsdp=4)
+    assert sharding.fsdp_spec((192, 768), m, min_size=1000) == P(None, "fsdp")
+    assert sharding.fsdp_spec((768, 192), m, min_size=1000) == P("fsdp")
+    assert sharding.fsdp_spec((3, 3, 64, 6), m, min_size=1000) == P(None, None, "fsdp")
+    assert sharding.fsdp_spec((192,), m, min_size=1000) == P()  # too small
+    assert sharding.fsdp_spec((999, 1001), m, min_size=1000) == P()  # nothing divisible by 4
+    assert sharding.fsdp_spec((192, 768), mesh(data=8), min_size=1000) == P()  # no fsdp axis
+
+
+def test_rules_give_partition_specs_first_match_wins():
+    params = {
+        "head": {"kernel": jnp.zeros((192, 8)), "bias": jnp.zeros((8,))},
+        "mlp": {"kernel": jnp.zeros((192, 768)), "bias": jnp.zeros((768,))},
+        "embed": {"kernel": jnp.zeros((16, 16, 3, 192))},
+    }
+    rules = [("head/.*", "replicated"), ("mlp/kernel", (None, "model")), (".*", "fsdp")]
+    got = sharding.param_shardings(params, mesh(fsdp=4, model=2), rules, fsdp_min_size=2**12)
+    specs = {path_to_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(got)[0]}
+    assert specs == {
+        "embed/kernel": P(None, None, None, "fsdp"),
+        "head/bias": P(),
+        "head/kernel": P(),
+        "mlp/bias": P(),  # 768 elements: below fsdp_min_size
+        "mlp/kernel": P(None, "model"),
+    }
+
+
+@pytest.mark.parametrize(
+    "rule, match",
+    [
+        ((None, "tensor"), r"names axes \['tensor'\] that mesh"),
+        (("fsdp", None), r"splits dim 0 of w \(192, 768\) into 5 parts"),
+        ((None, None, "fsdp"), "more entries than w"),
+        ("shard", "expected 'fsdp', 'replicated' or a partition spec"),
+    ],
+)
+def test_bad_rules_are_clear_errors(rule, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.param_shardings(
+            {"w": jnp.zeros((192, 768))}, mesh(data=2, fsdp=5), [("w", rule)], fsdp_min_size=1
+        )
+
+
+def test_optimizer_state_follows_the_parameter_shardings():
+    params = {"a": {"kernel": jnp.zeros((64, 128))}, "b": {"bias": jnp.zeros((128,))}}
+    mask = {"a": {"kernel": True}, "b": {"bias": False}}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, mask=mask))
+    m = mesh(fsdp=4)
+    shardings = sharding.param_shardings(params, m, [(".*", "fsdp")], fsdp_min_size=1000)
+    got = sharding.follow_params(jax.eval_shape(tx.init, params), params, shardings, m)
+    specs = {path_to_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(got)[0]}
+    assert specs == {
+        "1/0/count": P(),
+        "1/0/mu/a/kernel": P(None, "fsdp"),
+        "1/0/mu/b/bias": P(),
+        "1/0/nu/a/kernel": P(None, "fsdp"),
+        "1/0/nu/b/bias": P(),
+    }
+
+
+def shard_shape(workdir: pathlib.Path, path: str) -> tuple[int, ...]:
+    """The per-device shape of one saved array, from the checkpoint's sharding metadata."""
+    import orbax.checkpoint as ocp
+
+    step_dir = max((workdir / "checkpoints").iterdir(), key=lambda d: int(d.name))
+    meta = ocp.StandardCheckpointer().metadata(str(step_dir / "state")).item_metadata
+    flat = {path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(meta.tree)[0]}
+    x = flat[path]
+    sizes = dict(zip(x.sharding.axis_names, x.sharding.shape, strict=True))
+    shape = list(x.shape)
+    for dim, entry in enumerate(x.sharding.partition_spec):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        shape[dim] //= int(np.prod([sizes[a] for a in axes]))
+    return tuple(shape)
+
+
+VIT = {
+    "model.name": "vit_ti16",
+    "input.image_size": 32,
+    "optimizer.name": "adamw",
+    "optimizer.learning_rate": 1e-3,
+    "fsdp_min_size": 2**16,
+    "total_steps": 4,
+    "checkpoint_every_steps": 2,
+    "eval_batch_size": 40,
+}
+
+
+@pytest.mark.slow
+def test_fsdp_meshes_match_one_device_and_restore_into_another_mesh(tmp_path):
+    one = _result(run_with_devices(1, tmp_path / "one", VIT))
+    shapes = {}
+    for spec in ("data:8", "fsdp:8", "data:2,fsdp:4"):
+        workdir = tmp_path / spec.replace(":", "").replace(",", "_")
+        got = _result(run_with_devices(8, workdir, {**VIT, "mesh": spec}))
+        assert got["devices"] == 8
+        assert got["loss"] == pytest.approx(one["loss"], abs=1e-5), spec
+        assert got["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5), spec
+        # Sums of |param|: near-zero leaves get Adam steps of +-lr from round-off-sized gradients.
+        np.testing.assert_allclose(got["checksum"], one["checksum"], rtol=1e-5, atol=1e-4)
+        shapes[spec] = (shard_shape(workdir, f"params/{BIG}"), workdir)
+        # Adam's moments are split like their parameter.
+        assert shard_shape(workdir, f"opt_state/1/0/mu/{BIG}") == shapes[spec][0]
+    assert [shapes[s][0] for s in ("data:8", "data:2,fsdp:4", "fsdp:8")] == [
+        (192, 768),
+        (192, 192),
+        (192, 96),
+    ]
+    # A checkpoint saved on fsdp:8 resumes on data:2,fsdp:4 and ends where every run ends.
+    workdir = shapes["fsdp:8"][1]
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    resumed = _result(run_with_devices(8, workdir, {**VIT, "mesh": "data:2,fsdp:4"}))
+    np.testing.assert_allclose(resumed["checksum"], one["checksum"], rtol=1e-5, atol=1e-4)
+    assert shard_shape(workdir, f"params/{BIG}") == (192, 192)
+
+
+CONFIG = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_train import small_config
+
+
+def get_config(arg=None):
+    return small_config(**json.loads({overrides!r}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(config: pathlib.Path, workdir: pathlib.Path) -> list[dict]:
+    """``python -m vision_jax.main`` as 2 processes x 2 CPU devices; each one's final metrics."""
+    port, procs = free_port(), []
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    try:
+        for i in range(2):
+            cmd = [
+                sys.executable, "-m", "vision_jax.main", f"--config={config}",
+                f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2", f"--process_id={i}", "--num_cpu_devices=2",
+            ]  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        outputs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    metrics = []
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"process {i}:\n{out[-2000:]}\n{err[-4000:]}"
+        line = [ln for ln in err.splitlines() if f"Final metrics of process {i}: " in ln][-1]
+        metrics.append(json.loads(line.split(f"Final metrics of process {i}: ", 1)[1]))
+    assert json.loads([ln for ln in outputs[0][0].splitlines() if ln.startswith("{")][-1])
+    return metrics
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_jointly_and_resume_on_another_mesh(tmp_path):
+    overrides = {
+        "mesh": "fsdp:4",  # the 3x3x64x64 kernels are split across both processes
+        "fsdp_min_size": 2**12,
+        "total_steps": 4,
+        "checkpoint_every_steps": 2,
+        "eval_batch_size": 40,
+    }
+    config = tmp_path / "config.py"
+    config.write_text(CONFIG.format(tests=str(ROOT / "tests"), overrides=json.dumps(overrides)))
+    workdir = tmp_path / "run"
+    first = run_two_processes(config, workdir)
+    same = lambda m: {k: v for k, v in m.items() if k != "train/images_per_sec"}  # wall clock
+    assert same(first[0]) == same(first[1])
+    assert np.isfinite(first[0]["train/loss"]) and first[0]["eval/examples"] == 360
+    step_dir = workdir / "checkpoints" / "4" / "state"
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir))  # both wrote
+    params = read_variables(str(workdir))["params"]  # one process reads the joint checkpoint
+    kernel = params["layer3"]["0"]["conv2"]["kernel"]
+    assert kernel.shape == (3, 3, 64, 64) and np.all(np.isfinite(kernel))
+
+    # Resume from step 4 on a different mesh, to step 6.
+    overrides.update(mesh="data:2,fsdp:2", total_steps=6)
+    config.write_text(CONFIG.format(tests=str(ROOT / "tests"), overrides=json.dumps(overrides)))
+    second = run_two_processes(config, workdir)
+    assert same(second[0]) == same(second[1])
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")) == [2, 4, 6]
+    resumed = read_variables(str(workdir))["params"]["layer3"]["0"]["conv2"]["kernel"]
+    assert not np.allclose(resumed, kernel)

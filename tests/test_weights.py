@@ -1,0 +1,579 @@
+"""The pretrained-weights loader: every format, surgery, input contracts, export, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import flax_fn, images, state_dict_np, torch_logits
+
+from vision_jax.masks import flatten_dict
+from vision_jax.models.registry import create_model
+from vision_jax.weights import (
+    InputContract,
+    WeightFormatError,
+    WeightMismatchError,
+    apply_input_contract,
+    detect_format,
+    export_npz,
+    export_safetensors,
+    input_contract,
+    load_pretrained,
+)
+from vision_jax.weights.surgery import resample_patch_embed, resample_posemb
+
+torch = pytest.importorskip("torch")
+TOL = 1e-4
+VIT = dict(depth=2)  # a 2-block ViT-Ti/16: fast, and every name pattern occurs
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def init_vars(model, size: int) -> dict:
+    """Model variables of the right structure, random (seeded) so that "kept at init" shows."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    rng = np.random.default_rng(123)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+
+
+def perturb_(module, seed: int = 0) -> None:
+    """Random values in every parameter and BatchNorm buffer of a torch module."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.is_floating_point():
+                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    module.eval()
+
+
+def timm_vit(timm, img_size: int = 32, num_classes: int = 10, **kwargs):
+    from timm.models.vision_transformer import VisionTransformer
+
+    ref = VisionTransformer(
+        img_size=img_size, patch_size=16, embed_dim=192, depth=2, num_heads=3,
+        num_classes=num_classes, **kwargs,
+    )  # fmt: skip
+    perturb_(ref)
+    return ref
+
+
+def vit(num_classes: int = 10, **kwargs):
+    return create_model("vit_ti16", num_classes=num_classes, **VIT, **kwargs)
+
+
+def apply(model, variables, x):
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, x))
+
+
+def assert_close(got, want) -> None:
+    """Equal up to float32 rounding, relative to the logits' scale."""
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL * max(1.0, float(np.abs(want).max())))
+
+
+def save_torch(obj, path, legacy: bool = False) -> None:
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+
+
+def tensors(sd: dict) -> dict:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+
+
+def hf_state_dict(sd: dict, *, classifier: bool) -> dict:
+    """timm ViT names -> Hugging Face ViT names (the documented mapping, written independently)."""
+    out = {}
+    prefix = "vit." if classifier else ""
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            layer = f"{prefix}encoder.layer.{i}."
+            if rest.startswith("attn.qkv."):
+                leaf = rest.rsplit(".", 1)[1]
+                for part, chunk in zip(("query", "key", "value"), np.split(v, 3), strict=True):
+                    out[f"{layer}attention.attention.{part}.{leaf}"] = chunk
+                continue
+            rest = (
+                rest.replace("norm1.", "layernorm_before.")
+                .replace("norm2.", "layernorm_after.")
+                .replace("attn.proj.", "attention.output.dense.")
+                .replace("mlp.fc1.", "intermediate.dense.")
+                .replace("mlp.fc2.", "output.dense.")
+            )
+            out[layer + rest] = v
+        elif k.startswith("head."):
+            if classifier:
+                out["classifier." + k.removeprefix("head.")] = v
+        else:
+            name = {
+                "cls_token": "embeddings.cls_token",
+                "pos_embed": "embeddings.position_embeddings",
+                "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+                "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+                "norm.weight": "layernorm.weight",
+                "norm.bias": "layernorm.bias",
+            }[k]
+            out[prefix + name] = v
+    if not classifier:  # ViTModel's pooler
+        out["pooler.dense.weight"] = np.eye(192, dtype=np.float32)
+        out["pooler.dense.bias"] = np.zeros(192, np.float32)
+    return out
+
+
+HF_CONFIG = {
+    "model_type": "vit", "hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3,
+    "intermediate_size": 768, "hidden_act": "gelu", "layer_norm_eps": 1e-6, "image_size": 32,
+    "patch_size": 16, "num_channels": 3, "qkv_bias": True,
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# formats: random-weight round trips
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "bin-wrapped", "th-legacy"])
+def test_timm_vit_every_file_format(timm, tmp_path, fmt):
+    ref = timm_vit(timm)
+    sd = state_dict_np(ref)
+    if fmt == "safetensors":
+        from safetensors.numpy import save_file
+
+        path = tmp_path / "vit.safetensors"
+        save_file(sd, str(path))
+    elif fmt == "pth":
+        path = tmp_path / "vit.pth"
+        save_torch(tensors(sd), path)
+    elif fmt == "bin-wrapped":
+        path = tmp_path / "vit.bin"
+        wrapped = {f"module.{k}": v for k, v in tensors(sd).items()}
+        save_torch({"model": wrapped, "epoch": 3}, path)
+    else:
+        path = tmp_path / "vit.th"
+        save_torch({"state_dict": tensors(sd), "best_prec1": 1.0}, path, legacy=True)
+    model = vit()
+    variables = load_pretrained(path, model=model, variables=init_vars(model, 32))
+    x = images(32, seed=1)
+    assert_close(apply(model, variables, x), torch_logits(ref, x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "cifar_resnet20"])
+def test_resnet_state_dicts(timm, tmp_path, name):
+    if name == "resnet18":
+        import torchvision
+
+        ref = torchvision.models.resnet18(num_classes=10)  # the same names as timm's resnet18
+    else:
+        from test_resnet import RefCifarResNet
+
+        ref = RefCifarResNet(20)
+    perturb_(ref)
+    path = tmp_path / "model.pth"
+    save_torch({"state_dict": ref.state_dict()}, path)
+    model = create_model(name, num_classes=10)
+    variables = load_pretrained(path, model=model, variables=init_vars(model, 32))
+    x = images(32, seed=2)
+    assert_close(apply(model, variables, x), torch_logits(ref, x))
+
+
+@pytest.mark.parametrize("classifier", [True, False])
+def test_hugging_face_vit_folder(timm, tmp_path, classifier):
+    ref = timm_vit(timm)
+    sd = hf_state_dict(state_dict_np(ref), classifier=classifier)
+    if classifier:
+        from safetensors.numpy import save_file
+
+        save_file(sd, str(tmp_path / "model.safetensors"))
+    else:
+        save_torch(tensors(sd), tmp_path / "pytorch_model.bin")
+        ref.reset_classifier(0)
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    assert detect_format(tmp_path) == "hf"
+    model = vit(10 if classifier else 0)
+    variables = load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
+    x = images(32, seed=3)
+    assert_close(apply(model, variables, x), torch_logits(ref, x))
+    assert input_contract(tmp_path) == InputContract(32)
+
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "num_hidden_layers": 3}))
+    with pytest.raises(
+        WeightMismatchError, match=r"(?s)config\.json.*num_hidden_layers: checkpoint 3"
+    ):
+        load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
+
+
+def test_vision_jax_checkpoint_folder(tmp_path):
+    from vision_jax.checkpoint import Checkpointer
+
+    model = vit()
+    variables = init_vars(model, 32)
+    state = {"step": np.int32(5), "params": variables["params"], "model_state": {}}
+    checkpointer = Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    meta = {"config": {"input": {"image_size": 48, "mean": [0.1] * 3, "std": [0.2] * 3}}}
+    checkpointer.save(5, state, meta, force=True)
+    checkpointer.close()
+    assert input_contract(tmp_path) == InputContract(48, (0.1,) * 3, (0.2,) * 3)
+    fresh = init_vars(model, 32) | {"params": jax.tree.map(np.zeros_like, variables["params"])}
+    loaded = load_pretrained(tmp_path, model=model, variables=fresh)
+    for k, v in flatten_dict(variables).items():
+        np.testing.assert_array_equal(flatten_dict(loaded)[k], v, err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# .npz layouts
+
+
+def _big_vision(flat: dict, scanned: bool) -> dict:
+    renames = {
+        "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+        "LayerNorm_2": "LayerNorm_1",
+        "MlpBlock_3": "MlpBlock_0",
+    }
+    out, blocks = {}, {}
+    for k, v in flat.items():
+        if k == "Transformer/posembed_input/pos_embedding":
+            out["pos_embedding"] = v
+        elif k.startswith("Transformer/encoderblock_"):
+            _, block, layer, rest = k.split("/", 3)
+            name = f"{renames.get(layer, layer)}/{rest}"
+            if scanned:
+                blocks.setdefault(name, []).append(v)
+            else:
+                out[f"Transformer/{block}/{name}"] = v
+        else:
+            out[k] = v
+    out.update({f"Transformer/encoderblock/{k}": np.stack(v) for k, v in blocks.items()})
+    return {f"params/{k}": v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["plain", "params", "opt_target", "big_vision", "scanned"])
+def test_npz_layouts_match_timms_npz_loader(timm, tmp_path, layout):
+    """Every layout loads into the same params, and timm's own npz reader agrees on the logits."""
+    from timm.models.vision_transformer import _load_weights
+
+    model = vit()
+    variables = {"params": init_vars(model, 32)["params"]}
+    flat = {k: np.asarray(v) for k, v in flatten_dict(variables["params"]).items()}
+    path = tmp_path / "vit.npz"
+    if layout == "plain":
+        export_npz(variables, path)
+    else:
+        arrays = {
+            "params": {f"params/{k}": v for k, v in flat.items()},
+            "opt_target": {f"opt/target/{k}": v for k, v in flat.items()},
+            "big_vision": _big_vision(flat, scanned=False),
+            "scanned": _big_vision(flat, scanned=True),
+        }[layout]
+        np.savez(path, **arrays, **{"opt/state/step": np.int64(7)})
+    assert detect_format(path) == "npz"
+    loaded = load_pretrained(path, model=model, variables=init_vars(model, 32))
+    for k, v in flatten_dict(variables).items():
+        np.testing.assert_array_equal(flatten_dict(loaded)[k], v, err_msg=k)
+    if layout != "params":  # timm reads params/ files as big_vision's layout only
+        ref = timm_vit(timm)
+        _load_weights(ref, str(path))
+        x = images(32, seed=4)
+        assert_close(apply(model, loaded, x), torch_logits(ref, x))
+
+
+def test_npz_class_token_in_posemb_of_gap_model(tmp_path):
+    model = vit(pool_type="gap")
+    variables = init_vars(model, 32)
+    flat = {k: np.asarray(v) for k, v in flatten_dict(variables["params"]).items()}
+    posemb = "Transformer/posembed_input/pos_embedding"
+    old = np.concatenate([np.full((1, 1, 192), 7.0, np.float32), flat[posemb]], axis=1)
+    np.savez(tmp_path / "old.npz", **{**flat, posemb: old})  # old layout: 1 + 2*2 rows, no cls
+    loaded = load_pretrained(tmp_path / "old.npz", model=model, variables=init_vars(model, 32))
+    got = flatten_dict(loaded["params"])[posemb]
+    np.testing.assert_array_equal(got, flat[posemb])
+    # A token-pooling checkpoint (cls plus its posemb row) loads into the gap model too.
+    np.savez(tmp_path / "tok.npz", **{**flat, posemb: old, "cls": np.ones((1, 1, 192))})
+    loaded = load_pretrained(tmp_path / "tok.npz", model=model, variables=init_vars(model, 32))
+    assert "cls" not in loaded["params"]
+
+
+def test_bit_npz_big_transfer_names_match_timm(timm, tmp_path):
+    """big_transfer names, written from Flax variables here; timm's BiT npz reader is the judge."""
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2, _load_weights
+
+    model = create_model("bit_r50x1", num_classes=10, stage_sizes=(1, 1, 1, 1))
+    params = flatten_dict(init_vars(model, 32)["params"])
+    params = {k: np.asarray(v) * (0.1 if k.endswith("bias") else 1.0) for k, v in params.items()}
+    arrays = {}
+    for k, v in params.items():
+        parts = k.split("/")
+        if parts[0] == "root_block":
+            arrays["resnet/root_block/standardized_conv2d/kernel"] = v
+        elif parts[0] == "norm-pre-head":
+            arrays[f"resnet/group_norm/{'gamma' if parts[1] == 'scale' else 'beta'}"] = v
+        elif parts[0] == "head":
+            arrays[f"resnet/head/conv2d/{parts[1]}"] = v[None, None] if v.ndim == 2 else v
+        else:
+            block, unit, layer, leaf = parts
+            pre = f"resnet/{block}/{unit}"
+            if layer == "conv_proj":
+                arrays[f"{pre}/a/proj/standardized_conv2d/kernel"] = v
+            elif layer.startswith("conv"):
+                arrays[f"{pre}/{'abc'[int(layer[-1]) - 1]}/standardized_conv2d/kernel"] = v
+            else:
+                gn = "gamma" if leaf == "scale" else "beta"
+                arrays[f"{pre}/{'abc'[int(layer[-1]) - 1]}/group_norm/{gn}"] = v
+    np.savez(tmp_path / "BiT-M-R50x1.npz", **arrays)
+    loaded = load_pretrained(
+        tmp_path / "BiT-M-R50x1.npz", model=model, variables=init_vars(model, 32)
+    )
+    for k, v in params.items():
+        np.testing.assert_array_equal(flatten_dict(loaded["params"])[k], v, err_msg=k)
+    ref = ResNetV2(
+        layers=(1, 1, 1, 1),
+        num_classes=10,
+        stem_type="fixed",
+        conv_layer=functools.partial(StdConv2d, eps=1e-8),
+    )  # fmt: skip, timm's resnetv2_50x1_bit with one block per stage
+    _load_weights(ref, str(tmp_path / "BiT-M-R50x1.npz"))
+    ref.eval()
+    x = images(32, seed=5)
+    assert_close(apply(model, loaded, x), torch_logits(ref, x))
+    assert input_contract(tmp_path / "BiT-M-R50x1.npz") == InputContract(224)
+
+
+# --------------------------------------------------------------------------------------------
+# surgery
+
+
+def test_posemb_resampling_matches_scipy_zoom():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    posemb = rng.standard_normal((1, 1 + 7 * 7, 8)).astype(np.float32)
+    for side in (4, 7, 12):
+        got = resample_posemb(posemb, num_prefix=1, new_grid=(side, side))
+        grid = posemb[0, 1:].reshape(7, 7, 8).astype(np.float64)
+        want = ndimage.zoom(grid, (side / 7, side / 7, 1), order=1)
+        np.testing.assert_array_equal(got[:, :1], posemb[:, :1])  # class token kept apart
+        np.testing.assert_allclose(got[0, 1:].reshape(side, side, 8), want, atol=1e-5)
+    bicubic = resample_posemb(posemb, num_prefix=1, new_grid=(12, 12), method="bicubic")
+    assert bicubic.shape == (1, 145, 8)
+    np.testing.assert_array_equal(bicubic[:, :1], posemb[:, :1])
+
+
+def test_patch_embed_pseudo_inverse_resize_keeps_tokens():
+    """FlexiViT: <x, w> == <resize(x), resize_pi(w)> for any patch x when the patch grows."""
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((8, 8, 3, 5)).astype(np.float32)
+    new = resample_patch_embed(kernel, (16, 16))
+    x = rng.standard_normal((8, 8, 3)).astype(np.float32)
+    x_big = np.asarray(jax.image.resize(x, (16, 16, 3), "bilinear"))
+    np.testing.assert_allclose(
+        np.einsum("hwc,hwcd->d", x_big, new), np.einsum("hwc,hwcd->d", x, kernel), atol=1e-3
+    )
+
+
+def test_new_image_and_patch_size_head_and_dont_load(timm, tmp_path, caplog):
+    from safetensors.numpy import save_file
+
+    sd = state_dict_np(timm_vit(timm, img_size=32, num_classes=7))
+    save_file(sd, str(tmp_path / "vit.safetensors"))
+    model = vit(10, patch_size=8)  # 64 px: a 8x8 grid of 8 px patches
+    init = init_vars(model, 64)
+    with caplog.at_level(logging.INFO):
+        loaded = load_pretrained(
+            tmp_path / "vit.safetensors", model=model, variables=init, head_bias_init=-2.0,
+            dont_load=["Transformer/encoderblock_1/LayerNorm_0/.*"],
+        )  # fmt: skip
+    p = loaded["params"]
+    want = resample_posemb(sd["pos_embed"], num_prefix=1, new_grid=(8, 8))
+    np.testing.assert_allclose(p["Transformer"]["posembed_input"]["pos_embedding"], want)
+    assert p["embedding"]["kernel"].shape == (8, 8, 3, 192)
+    np.testing.assert_array_equal(p["head"]["kernel"], 0.0)
+    np.testing.assert_array_equal(p["head"]["bias"], -2.0)
+    ln = "Transformer/encoderblock_1/LayerNorm_0/scale"
+    np.testing.assert_array_equal(flatten_dict(p)[ln], flatten_dict(init["params"])[ln])
+    log = caplog.text
+    for step in ("head", "posemb", "patch embedding", "dont_load", "resampled 2x2 -> 8x8"):
+        assert step in log
+    # Same class count: the head is loaded, unless replaced on request.
+    model = vit(7)
+    kept = load_pretrained(
+        tmp_path / "vit.safetensors", model=model, variables=init_vars(model, 32)
+    )
+    np.testing.assert_array_equal(kept["params"]["head"]["kernel"], sd["head.weight"].T)
+    fresh = load_pretrained(
+        tmp_path / "vit.safetensors", model=model, variables=init_vars(model, 32),
+        replace_head=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(fresh["params"]["head"]["kernel"], 0.0)
+    with pytest.raises(WeightMismatchError, match="matches no variable"):
+        load_pretrained(
+            tmp_path / "vit.safetensors", model=model, variables=init_vars(model, 32),
+            dont_load=["nothing/.*"],
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+@pytest.mark.parametrize("name", ["vit_ti16", "resnet18"])
+def test_export_safetensors_loads_in_timm_strictly(timm, tmp_path, name):
+    from safetensors.torch import load_file
+
+    model = vit() if name == "vit_ti16" else create_model(name, num_classes=10)
+    variables = init_vars(model, 32)
+    if name == "resnet18":  # positive variances
+        variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])
+    else:  # scale the random weights down to keep activations O(1)
+        variables = jax.tree.map(lambda v: 0.1 * v, variables)
+    path = tmp_path / "out.safetensors"
+    export_safetensors(variables, model, path)
+    ref = timm_vit(timm) if name == "vit_ti16" else timm.create_model(name, num_classes=10)
+    ref.load_state_dict(load_file(str(path)), strict=True)
+    ref.eval()
+    x = images(32, seed=6)
+    assert_close(apply(model, variables, x), torch_logits(ref, x))
+    back = load_pretrained(path, model=model, variables=init_vars(model, 32))
+    for k, v in flatten_dict(variables).items():
+        np.testing.assert_allclose(flatten_dict(back)[k], v, err_msg=k)
+    if "batch_stats" in variables:
+        with pytest.raises(ValueError, match="use export_safetensors"):
+            export_npz(variables, tmp_path / "x.npz")
+
+
+# --------------------------------------------------------------------------------------------
+# input contracts
+
+
+def test_input_contracts_and_apply(tmp_path, timm):
+    from safetensors.numpy import save_file
+
+    save_file(state_dict_np(timm.create_model("resnet18", num_classes=3)), str(tmp_path / "r.st"))
+    c = input_contract(tmp_path / "r.st")  # format sniffed from the bytes
+    assert (c.mean, c.std, c.image_size, c.crop_fraction) == (*IMAGENET, 224, 0.875)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.image_size = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        mean: tuple = (0.5, 0.5, 0.5)
+        std: tuple = (0.5, 0.5, 0.5)
+
+    assert (apply_input_contract(Spec(), tmp_path / "r.st").mean, apply_input_contract(
+        Spec(), tmp_path / "r.st").std) == IMAGENET  # fmt: skip
+    mine = Spec(mean=(0.1, 0.2, 0.3))
+    assert apply_input_contract(mine, tmp_path / "r.st") is mine  # the config's values win
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one clear error naming the file, never a partial load
+
+
+class Opaque:
+    pass
+
+
+def test_bad_files_give_one_clear_error(tmp_path, timm):
+    from safetensors.numpy import save_file
+
+    model = vit()
+    init = init_vars(model, 32)
+    good = tmp_path / "vit.safetensors"
+    save_file(state_dict_np(timm_vit(timm)), str(good))
+    cases = {}
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    cases["cut.safetensors"] = (WeightFormatError, "cut.safetensors")
+    export_npz({"params": init["params"]}, tmp_path / "cut.npz")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:5000])
+    cases["cut.npz"] = (WeightFormatError, r"cut\.npz.*(truncated|corrupted)")
+    (tmp_path / "junk.pth").write_bytes(b"\x80\x02garbage" * 10)
+    cases["junk.pth"] = (WeightFormatError, r"junk\.pth")
+    torch.save({"state_dict": {}, "args": Opaque()}, tmp_path / "pickled.pth")
+    cases["pickled.pth"] = (WeightFormatError, r"pickled\.pth.*arbitrary unpickling")
+    (tmp_path / "notes.txt").write_text("hello")
+    cases["notes.txt"] = (WeightFormatError, r"Unknown weight format for .*notes\.txt")
+    r18 = create_model("resnet18", num_classes=10)
+    export_safetensors(init_vars(r18, 32), r18, tmp_path / "resnet.safetensors")
+    cases["resnet.safetensors"] = (WeightMismatchError, r"resnet\.safetensors.*missing")
+    cases["missing.npz"] = (WeightFormatError, r"missing\.npz does not exist")
+    before = {k: np.copy(v) for k, v in flatten_dict(init).items()}
+    for name, (error, match) in cases.items():
+        with pytest.raises(error, match=match):
+            load_pretrained(tmp_path / name, model=model, variables=init)
+    for k, v in flatten_dict(init).items():  # the caller's variables are never touched
+        np.testing.assert_array_equal(v, before[k])
+    shallow = create_model("vit_ti16", num_classes=10, depth=1)
+    with pytest.raises(WeightMismatchError, match=r"vit\.safetensors.*blocks\.1\."):
+        load_pretrained(good, model=shallow, variables=init_vars(shallow, 32))
+
+
+# --------------------------------------------------------------------------------------------
+# the real files in ../shared/weights
+
+
+def test_real_vit_ti16_npz_and_safetensors_agree(shared_dir):
+    folder = shared_dir / "weights" / "vit_ti16"
+    npz, st = folder / "ViT-Ti_16.npz", folder / "vit_tiny_patch16_224.safetensors"
+    if not (npz.is_file() and st.is_file()):
+        pytest.skip(f"{folder} lacks the ViT-Ti/16 files.")
+    model, fn = flax_fn("vit_ti16", 200)
+    init = init_vars(model, 224)
+    a = load_pretrained(npz, model=model, variables=init)
+    b = load_pretrained(st, model=model, variables=init)
+    fa, fb = flatten_dict(a), flatten_dict(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+    x = images(224, batch=1, seed=7)
+    np.testing.assert_array_equal(np.asarray(fn(a, x)), np.asarray(fn(b, x)))
+    assert input_contract(npz) == InputContract(224)
+    assert input_contract(st) == InputContract(224, interpolation="bicubic", crop_fraction=0.9)
+
+
+def test_real_cifar_resnet20_th(shared_dir):
+    path = shared_dir / "weights" / "resnet_cifar10" / "resnet20-12fca82f.th"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent.")
+    assert detect_format(path) == "torch"
+    model = create_model("cifar_resnet20", num_classes=10)
+    variables = load_pretrained(path, model=model, variables=init_vars(model, 32))
+    sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    np.testing.assert_array_equal(
+        variables["params"]["head"]["kernel"], sd["module.linear.weight"].numpy().T
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["layer3"]["2"]["bn2"]["var"],
+        sd["module.layer3.2.bn2.running_var"].numpy(),
+    )
+    assert input_contract(path) == InputContract(32, *IMAGENET)
+
+
+@pytest.mark.slow  # ~35 s on 2 cores: one training step and a full evaluation
+def test_train_applies_the_input_contract(tmp_path, caplog):
+    """config.init.use_input_contract: the run normalises with the checkpoint's mean/std."""
+    from test_train import small_config
+
+    from vision_jax.train import train_and_evaluate
+
+    model = create_model("cifar_resnet20", num_classes=10)
+    variables = init_vars(model, 16)
+    variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])
+    export_safetensors(variables, model, tmp_path / "resnet20.safetensors")
+    config = small_config(total_steps=1, checkpoint_every_steps=0)
+    config.init.path = str(tmp_path / "resnet20.safetensors")
+    config.init.use_input_contract = True
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert f"Input contract of {config.init.path}: mean {IMAGENET[0]}, std {IMAGENET[1]}" in (
+        caplog.text
+    )

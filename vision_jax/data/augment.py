@@ -1,0 +1,196 @@
+"""Image augmentations in TensorFlow, all stateless: each takes an explicit ``seed`` (a [2]
+int tensor), so results depend only on the seed.
+
+Per-example ops work on float32 HWC images (pixels 0..255 before normalisation); ``mix_batch``
+(mixup / cutmix) works on a normalised batch and produces soft labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+
+def decode(data: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes, or a uint8 HWC/HW array, to uint8 RGB [H, W, 3].
+
+    Grayscale, CMYK, palette, alpha and 16-bit images all come out as 8-bit RGB.
+    """
+    image = data
+    if data.dtype == tf.string:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    if image.shape.rank == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Bilinear resize of a float32 image to ``size`` [h, w]: antialiased when shrinking (like
+    PIL), plain when enlarging (the same result, several times faster), a no-op if equal."""
+    shape = tf.shape(image)[:2]
+    return tf.case(
+        [
+            (tf.reduce_all(shape == size), lambda: image),
+            (tf.reduce_any(shape > size), lambda: tf.image.resize(image, size, antialias=True)),
+        ],
+        default=lambda: tf.image.resize(image, size),
+    )
+
+
+def resize_shorter(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resizes so the shorter side is ``size``, keeping the aspect ratio."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    new = tf.maximum(tf.cast(tf.round(shape * (size / tf.reduce_min(shape))), tf.int32), size)
+    return resize(image, new)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """The central ``size`` x ``size`` window (the image must be at least that large)."""
+    shape = tf.shape(image)
+    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    return tf.ensure_shape(image[top : top + size, left : left + size], [size, size, 3])
+
+
+def pad_random_crop(image: tf.Tensor, size: int, padding: int, seed: tf.Tensor) -> tf.Tensor:
+    """CIFAR-style: zero-pads ``padding`` pixels on each side, then crops ``size`` at random."""
+    if padding:
+        image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
+
+
+def sample_inception_box(
+    shape: tf.Tensor, scale: Sequence[float], ratio: Sequence[float], seed: tf.Tensor
+) -> tf.Tensor:
+    """A random crop window ``[top, left, height, width]`` covering a fraction in ``scale`` of the
+    area with aspect ratio (w/h) in ``ratio``: the Inception / big_vision crop (TF's
+    sample_distorted_bounding_box, 10 tries, then the whole image), timm's RandomResizedCrop up
+    to how the ratio is drawn."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.cast(shape[:3], tf.int32),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=tuple(ratio),
+        area_range=tuple(scale),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def decode_inception_crop(
+    data: tf.Tensor, size: int, scale: Sequence[float], ratio: Sequence[float], seed: tf.Tensor
+) -> tf.Tensor:
+    """Random-resized ("inception") crop to ``size`` x ``size`` float32, decoding only the crop
+    window of JPEG bytes."""
+
+    def crop_decoded(image: tf.Tensor) -> tf.Tensor:
+        box = sample_inception_box(tf.shape(image), scale, ratio, seed)
+        return image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
+
+    if data.dtype == tf.string:
+
+        def jpeg() -> tf.Tensor:
+            shape = tf.image.extract_jpeg_shape(data)
+            box = sample_inception_box(shape, scale, ratio, seed)
+            image = tf.image.decode_and_crop_jpeg(data, box, channels=3)
+            return tf.ensure_shape(image, [None, None, 3])
+
+        image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: crop_decoded(decode(data)))
+    else:
+        image = crop_decoded(decode(data))
+    return tf.ensure_shape(resize(tf.cast(image, tf.float32), [size, size]), [size, size, 3])
+
+
+def random_erase(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
+    """timm's RandomErasing (mode "pixel") on a normalised image: with ``probability``, a box of
+    2%..33% of the area and aspect ratio in [0.3, 3.3] is replaced by standard-normal noise."""
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    h, w = image.shape[0], image.shape[1]
+    area = h * w * tf.random.stateless_uniform([], seeds[0], 0.02, 1 / 3)
+    log_ratio = tf.random.stateless_uniform([], seeds[1], math.log(0.3), math.log(1 / 0.3))
+    eh = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * tf.exp(log_ratio))), tf.int32), 1, h)
+    ew = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / tf.exp(log_ratio))), tf.int32), 1, w)
+    corner = tf.random.stateless_uniform([2], seeds[2], 0, 1 << 30, tf.int32)
+    top, left = corner[0] % (h - eh + 1), corner[1] % (w - ew + 1)
+
+    def erased() -> tf.Tensor:
+        noise = tf.random.stateless_normal([eh, ew, image.shape[2]], seeds[3])
+        return tf.raw_ops.TensorStridedSliceUpdate(
+            input=image,
+            begin=tf.stack([top, left, 0]),
+            end=tf.stack([top + eh, left + ew, image.shape[2]]),
+            strides=[1, 1, 1],
+            value=noise,
+        )
+
+    erase = tf.random.stateless_uniform([], seeds[4]) < probability
+    return tf.cond(erase, erased, lambda: image)
+
+
+def _beta(alpha: float, seed: tf.Tensor) -> tf.Tensor:
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    a = tf.random.stateless_gamma([], seeds[0], alpha)
+    b = tf.random.stateless_gamma([], seeds[1], alpha)
+    return a / (a + b)
+
+
+def _cutmix_mask(h: int, w: int, lam: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A [h, w, 1] float mask, 1 outside a box of about ``1 - lam`` of the area (clipped)."""
+    cut = tf.sqrt(1.0 - lam)
+    ch, cw = tf.cast(h * cut, tf.int32), tf.cast(w * cut, tf.int32)
+    centre = tf.random.stateless_uniform([2], seed, 0, 1 << 30, tf.int32)
+    cy, cx = centre[0] % h, centre[1] % w
+    top, bottom = tf.maximum(cy - ch // 2, 0), tf.minimum(cy + ch // 2, h)
+    left, right = tf.maximum(cx - cw // 2, 0), tf.minimum(cx + cw // 2, w)
+    rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    return 1.0 - tf.cast(inside, tf.float32)
+
+
+def mix_batch(
+    batch: dict[str, tf.Tensor],
+    *,
+    num_classes: int,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    prob: float,
+    switch_prob: float,
+    seed: tf.Tensor,
+) -> dict[str, tf.Tensor]:
+    """timm's batch-mode Mixup/CutMix: with probability ``prob`` the batch is blended with its
+    reverse using one ``lam ~ Beta(alpha, alpha)``; cutmix (chosen with ``switch_prob`` when both
+    alphas are set) pastes a box instead and sets ``lam`` to the kept area. Adds
+    ``soft_label`` [B, num_classes] = lam * one_hot(label) + (1 - lam) * one_hot(reversed label);
+    ``label`` stays the integer label of the un-mixed example."""
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    images, labels = batch["image"], batch["label"]
+    h, w = images.shape[1], images.shape[2]
+    use_cutmix = tf.constant(cutmix_alpha > 0 and mixup_alpha <= 0)
+    if cutmix_alpha > 0 and mixup_alpha > 0:
+        use_cutmix = tf.random.stateless_uniform([], seeds[0]) < switch_prob
+    lam_mixup = _beta(mixup_alpha, seeds[1]) if mixup_alpha > 0 else tf.constant(1.0)
+    lam_cutmix = _beta(cutmix_alpha, seeds[1]) if cutmix_alpha > 0 else tf.constant(1.0)
+    lam = tf.where(use_cutmix, lam_cutmix, lam_mixup)
+    keep = _cutmix_mask(h, w, lam, seeds[2])
+    apply = tf.random.stateless_uniform([], seeds[3]) < prob
+    label_lam = tf.where(apply, tf.where(use_cutmix, tf.reduce_mean(keep), lam), 1.0)
+    other = tf.reverse(images, [0])
+
+    def mixed() -> tf.Tensor:
+        return tf.cond(
+            use_cutmix,
+            lambda: tf.where(keep > 0, images, other),
+            lambda: lam * images + (1.0 - lam) * other,
+        )
+
+    one_hot = tf.one_hot(labels, num_classes)
+    return {
+        **batch,
+        "image": tf.cond(apply, mixed, lambda: images),
+        "soft_label": label_lam * one_hot + (1.0 - label_lam) * tf.reverse(one_hot, [0]),
+    }

@@ -1,0 +1,157 @@
+"""Image files on disk (local or any ``tf.io.gfile`` filesystem) as sources.
+
+``imagefolder``: ``root/<split>/<class>/*.{jpg,jpeg,png}``, classes named by their sorted folder
+names. ``csv``: ``root/<split>.csv`` with a ``filename,label`` header, file names relative to
+``root``. Only the file list is built here; images are read and decoded in the tf.data pipeline.
+A split may be sliced like tfds splits: ``"train[:90%]"``, ``"train[90%:]"``, ``"val[:500]"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import posixpath
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from vision_jax.data.sources import DataError, Source, from_columns
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
+
+
+def parse_split(split: str) -> tuple[str, slice]:
+    """``"train[:90%]"`` -> ("train", slice); percentages are resolved by :func:`apply_slice`."""
+    match = _SLICE.match(split.strip())
+    if not match:
+        raise DataError(f"Cannot parse split {split!r}; expected e.g. 'train' or 'train[:90%]'.")
+    return match["name"], slice(match["start"] or None, match["stop"] or None)
+
+
+def apply_slice(columns: dict[str, np.ndarray], where: slice) -> dict[str, np.ndarray]:
+    """Rows ``where`` of a fixed (seed 0) permutation of ``columns``, kept in file order.
+
+    Slicing a permutation, not the sorted list, keeps class balance in ``[:90%]`` / ``[90%:]``.
+    """
+    if where.start is None and where.stop is None:
+        return columns
+    n = len(columns["label"])
+
+    def resolve(bound: str | None) -> int | None:
+        if bound is None:
+            return None
+        return round(n * int(bound[:-1]) / 100) if bound.endswith("%") else int(bound)
+
+    order = np.random.default_rng(0).permutation(n)
+    rows = np.sort(order[resolve(where.start) : resolve(where.stop)])
+    return {k: v[rows] for k, v in columns.items()}
+
+
+def _file_source(
+    paths: list[str], labels: list[int], class_names: Sequence[str], where: slice
+) -> Source:
+    columns = {"path": np.array(paths, dtype=str), "label": np.array(labels, np.int32)}
+    return from_columns(apply_slice(columns, where), class_names)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def from_image_folder(root: str, split: str, *, skip_corrupt: bool = False) -> Source:
+    """``root/<split>/<class>/*.{jpg,jpeg,png}``; an empty class folder is an error unless
+    ``skip_corrupt`` (then it is logged and the class kept, so splits share class names)."""
+    name, where = parse_split(split)
+    split_dir = posixpath.join(root, name)
+    if not tf.io.gfile.isdir(split_dir):
+        raise DataError(f"Image folder split {split_dir} does not exist.")
+    class_names = sorted(
+        d.rstrip("/")
+        for d in tf.io.gfile.listdir(split_dir)
+        if not d.startswith(".") and tf.io.gfile.isdir(posixpath.join(split_dir, d))
+    )
+    if not class_names:
+        raise DataError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/).")
+    paths, labels = [], []
+    for label, class_name in enumerate(class_names):
+        class_dir = posixpath.join(split_dir, class_name)
+        files = sorted(
+            f for f in tf.io.gfile.listdir(class_dir) if _is_image(f) and not f.startswith(".")
+        )
+        if not files:
+            message = f"Class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images."
+            if not skip_corrupt:
+                raise DataError(message + " Remove it, or set data.skip_corrupt=True.")
+            logging.warning("%s Keeping the class without examples.", message)
+        paths += [posixpath.join(class_dir, f) for f in files]
+        labels += [label] * len(files)
+    return dataclasses.replace(
+        _file_source(paths, labels, class_names, where), skip_corrupt=skip_corrupt
+    )
+
+
+def _read_csv(path: str) -> list[tuple[int, str, str]]:
+    """(line number, filename, label) rows of a ``filename,label`` CSV file."""
+    with tf.io.gfile.GFile(path) as f:
+        reader = csv.reader(io.StringIO(f.read()))
+        header = [h.strip() for h in next(reader, [])]
+        if header[:2] != ["filename", "label"]:
+            raise DataError(f"{path} must start with the header 'filename,label'; got {header}.")
+        return [
+            (line, row[0].strip(), row[1].strip())
+            for line, row in enumerate(reader, start=2)
+            if row
+        ]
+
+
+def _csv_class_names(root: str) -> list[str]:
+    """Class names from every ``root/*.csv``: integer labels 0..max, or sorted label names."""
+    labels = {
+        label
+        for path in tf.io.gfile.glob(posixpath.join(root, "*.csv"))
+        for _, _, label in _read_csv(path)
+    }
+    if labels and all(re.fullmatch(r"\d+", x) for x in labels):
+        return [str(i) for i in range(max(int(x) for x in labels) + 1)]
+    return sorted(labels)
+
+
+def from_csv(
+    root: str,
+    split: str,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> Source:
+    """``root/<split>.csv`` (``filename,label``; file names relative to ``root``).
+
+    A label is a class name or an integer id into ``class_names``. Without ``class_names`` the
+    classes come from every CSV in ``root`` (so all splits agree): ids 0..max if all labels are
+    integers, else the sorted label names.
+    """
+    name, where = parse_split(split)
+    path = posixpath.join(root, f"{name}.csv")
+    if not tf.io.gfile.exists(path):
+        raise DataError(f"CSV split file {path} does not exist.")
+    class_names = list(class_names) if class_names is not None else _csv_class_names(root)
+    index = {c: i for i, c in enumerate(class_names)}
+    paths, labels = [], []
+    for line, filename, label in _read_csv(path):
+        if label in index:
+            labels.append(index[label])
+        elif re.fullmatch(r"-?\d+", label):
+            value = int(label)
+            if not 0 <= value < len(class_names):
+                raise DataError(
+                    f"{path}:{line}: label {value} of {filename} is outside the class range "
+                    f"[0, {len(class_names)})."
+                )
+            labels.append(value)
+        else:
+            raise DataError(f"{path}:{line}: unknown class {label!r} for {filename}.")
+        paths.append(posixpath.join(root, filename))
+    return _file_source(paths, labels, class_names, where)

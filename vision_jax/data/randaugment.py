@@ -1,0 +1,141 @@
+"""RandAugment (Cubuk et al. 2019) in TensorFlow, stateless, following timm's ``rand-mM-nN``.
+
+Each of ``num_layers`` layers picks one of :data:`OPS` uniformly and applies it with probability
+0.5 at magnitude ``magnitude`` (0..10; 10 is the strongest), with a random sign for signed ops.
+Images are float32 HWC with pixels in 0..255.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import tensorflow as tf
+
+FILL = 128.0  # grey fill for pixels that geometric ops move in from outside the image
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
+
+
+def _grey(image: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True)
+
+
+def _affine(image: tf.Tensor, transform: list) -> tf.Tensor:
+    """Output pixel (x, y) samples input ((a0 x + a1 y + a2), (b0 x + b1 y + b2))."""
+    transform = tf.cast(tf.stack([*transform, 0.0, 0.0])[None], tf.float32)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform,
+        output_shape=tf.shape(image)[:2],
+        fill_value=FILL,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+    return tf.reshape(out[0], tf.shape(image))
+
+
+def _rotate(image: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
+    angle = level * (30.0 * math.pi / 180.0)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1) / 2
+    cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1) / 2
+    return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy])
+
+
+def _translate(image: tf.Tensor, level: tf.Tensor, axis: int) -> tf.Tensor:
+    shift = level * 0.45 * tf.cast(tf.shape(image)[1 - axis], tf.float32)
+    dx, dy = (shift, 0.0) if axis == 0 else (0.0, shift)
+    return _affine(image, [1.0, 0.0, dx, 0.0, 1.0, dy])
+
+
+def _shear(image: tf.Tensor, level: tf.Tensor, axis: int) -> tf.Tensor:
+    s = level * 0.3
+    sx, sy = (s, 0.0) if axis == 0 else (0.0, s)
+    return _affine(image, [1.0, sx, 0.0, sy, 1.0, 0.0])
+
+
+def _autocontrast(image: tf.Tensor) -> tf.Tensor:
+    lo = tf.reduce_min(image, [0, 1], keepdims=True)
+    hi = tf.reduce_max(image, [0, 1], keepdims=True)
+    scaled = (image - lo) * (255.0 / tf.maximum(hi - lo, 1e-3))
+    return tf.where(hi > lo, scaled, image)
+
+
+def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageOps.equalize on one channel of integer-valued pixels."""
+    values = tf.cast(tf.clip_by_value(channel, 0.0, 255.0), tf.int32)
+    histo = tf.histogram_fixed_width(values, [0, 255], nbins=256)
+    nonzero = tf.boolean_mask(histo, histo > 0)
+    step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
+
+    def equalized() -> tf.Tensor:
+        lut = (tf.cumsum(histo) + step // 2) // tf.maximum(step, 1)
+        lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
+        return tf.cast(tf.gather(lut, values), tf.float32)
+
+    return tf.cond(step > 0, equalized, lambda: tf.cast(values, tf.float32))
+
+
+def _equalize(image: tf.Tensor) -> tf.Tensor:
+    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
+
+
+def _sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
+    inner = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]]) > 0  # PIL keeps the border
+    degenerate = tf.where(inner, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
+    return _blend(degenerate, image, factor)
+
+
+def _posterize(image: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
+    shift = tf.cast(tf.round(tf.abs(level) * 4.0), tf.float32)  # keep 8..4 bits
+    step = tf.pow(2.0, shift)
+    return tf.floor(image / step) * step
+
+
+Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (image, signed level in [-1, 1]) -> image
+
+OPS: dict[str, Op] = {
+    "AutoContrast": lambda im, lv: _autocontrast(im),
+    "Equalize": lambda im, lv: _equalize(im),
+    "Invert": lambda im, lv: 255.0 - im,
+    "Rotate": _rotate,
+    "Posterize": _posterize,
+    "Solarize": lambda im, lv: tf.where(im < 256.0 - 256.0 * tf.abs(lv), im, 255.0 - im),
+    "SolarizeAdd": lambda im, lv: tf.where(
+        im < 128.0, tf.minimum(im + 110.0 * tf.abs(lv), 255.0), im
+    ),
+    "Color": lambda im, lv: _blend(_grey(im), im, 1.0 + 0.9 * lv),
+    "Contrast": lambda im, lv: _blend(tf.reduce_mean(_grey(im)), im, 1.0 + 0.9 * lv),
+    "Brightness": lambda im, lv: _blend(tf.zeros_like(im), im, 1.0 + 0.9 * lv),
+    "Sharpness": lambda im, lv: _sharpness(im, 1.0 + 0.9 * lv),
+    "ShearX": lambda im, lv: _shear(im, lv, 0),
+    "ShearY": lambda im, lv: _shear(im, lv, 1),
+    "TranslateX": lambda im, lv: _translate(im, lv, 0),
+    "TranslateY": lambda im, lv: _translate(im, lv, 1),
+}
+
+
+def _layer(image: tf.Tensor, seed: tf.Tensor, magnitude: float) -> tf.Tensor:
+    """With probability 0.5, one uniformly chosen op at ``magnitude`` with a random sign."""
+    ops = list(OPS.values())
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    op = tf.random.stateless_uniform([], seeds[0], 0, len(ops), tf.int32)
+    sign = tf.where(tf.random.stateless_uniform([], seeds[1]) < 0.5, -1.0, 1.0)
+    level = sign * min(max(magnitude, 0.0), 10.0) / 10.0
+    branches = [lambda f=f: f(image, level) for f in ops]
+    apply = tf.random.stateless_uniform([], seeds[2]) < 0.5
+    out = tf.cond(apply, lambda: tf.switch_case(op, branches), lambda: image)
+    return tf.ensure_shape(out, image.shape)
+
+
+def randaugment(image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor) -> tf.Tensor:
+    """``num_layers`` random ops at ``magnitude`` (0..10), seeded statelessly by ``seed``."""
+    for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
+        image = _layer(image, layer_seed, magnitude)
+    return image

@@ -1,0 +1,171 @@
+"""LoRA: low-rank adapters on chosen Dense / DenseGeneral / 1x1-Conv kernels, with exact merging.
+
+An adapted kernel ``W`` gets two parameters beside it, ``lora_a`` ``(fan_in, rank)`` and
+``lora_b`` ``(rank, fan_out)`` (zero at the start), so the layer computes
+``y = x W + (alpha / rank) * dropout(x) A B``. The adapters live in the ``params`` tree next to
+the kernel they adapt (``.../query/lora_a``), so the same regex masks select them for freezing,
+optimizer state and sharding; the model code is untouched: :func:`apply_adapters` wraps a forward
+in a Flax method interceptor that adds the low-rank path. :func:`merge` folds the adapters into
+the kernels (``W + (alpha / rank) * A B``) for serving, giving the same network without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vision_jax.masks import flatten_dict, tree_mask, unflatten_dict
+from vision_jax.models.bit import StdConv
+
+LORA_LEAVES = ("lora_a", "lora_b")
+# Classic LoRA targets for ViT: the query and value projections.
+DEFAULT_TARGETS = r".*/MultiHeadDotProductAttention_1/(query|value)/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which kernels get adapters and how they scale: ``scale = alpha / rank``."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: str = DEFAULT_TARGETS
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _split_fan(shape: tuple[int, ...], fan_in: int) -> int:
+    """The number of leading kernel axes whose product is ``fan_in``."""
+    for k in range(len(shape) - 1, 0, -1):
+        if math.prod(shape[:k]) == fan_in:
+            return k
+    raise ValueError(f"No leading axes of kernel shape {shape} multiply to fan-in {fan_in}.")
+
+
+def _fans(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out) of a kernel LoRA can adapt; a clear error for any other kernel."""
+    name = path.rsplit("/", 2)[-2] if "/" in path else path
+    if len(shape) == 2:  # Dense
+        return shape[0], shape[1]
+    if len(shape) == 4:  # Conv: 1x1 only
+        if shape[:2] != (1, 1):
+            raise ValueError(
+                f"LoRA adapts Dense kernels and 1x1 convolutions; {path} is a "
+                f"{shape[0]}x{shape[1]} convolution. Narrow lora.targets."
+            )
+        return shape[2], shape[3]
+    if len(shape) == 3:  # DenseGeneral: (D, heads, head_dim) in, or (heads, head_dim, D) out
+        if name == "out":
+            return shape[0] * shape[1], shape[2]
+        return shape[0], shape[1] * shape[2]
+    raise ValueError(f"LoRA cannot adapt {path} of shape {shape}.")
+
+
+def add_adapters(params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> dict:
+    """Returns ``params`` with ``lora_a`` (random) and ``lora_b`` (zero) beside each target kernel.
+
+    ``lora_a`` is drawn like torch's Linear (Kaiming-uniform, bound ``1/sqrt(fan_in)``), as in
+    the LoRA reference implementation; the adapted network starts equal to the base network.
+    """
+    flat = flatten_dict(params)
+    targets = [p for p, hit in flatten_dict(tree_mask(spec.targets, dict(params))).items() if hit]
+    if not targets:
+        raise ValueError(f"lora.targets {spec.targets!r} matches no parameter.")
+    if any(p.rsplit("/", 1)[-1] in LORA_LEAVES for p in flat):
+        raise ValueError("The parameters already hold LoRA adapters.")
+    out = dict(flat)
+    for i, path in enumerate(targets):
+        if not path.endswith("/kernel"):
+            raise ValueError(f"lora.targets must select kernels; it matched {path}.")
+        fan_in, fan_out = _fans(path, tuple(np.shape(flat[path])))
+        bound = 1.0 / math.sqrt(fan_in)
+        key = jax.random.fold_in(rng, i)
+        prefix = path.removesuffix("kernel")
+        out[prefix + "lora_a"] = jax.random.uniform(
+            key, (fan_in, spec.rank), jnp.float32, -bound, bound
+        )
+        out[prefix + "lora_b"] = jnp.zeros((spec.rank, fan_out), jnp.float32)
+    return unflatten_dict(out)
+
+
+def adapter_paths(params: Mapping[str, Any]) -> list[str]:
+    """Paths of the LoRA leaves in ``params``."""
+    return [p for p in flatten_dict(params) if p.rsplit("/", 1)[-1] in LORA_LEAVES]
+
+
+def merge(params: Mapping[str, Any], spec: LoraSpec) -> dict:
+    """Folds every adapter into its kernel and drops the adapter leaves (exact, in float32)."""
+    flat = flatten_dict(params)
+    out = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LORA_LEAVES}
+    for path in flat:
+        if not path.endswith("/lora_a"):
+            continue
+        prefix = path.removesuffix("lora_a")
+        kernel = jnp.asarray(out[prefix + "kernel"])
+        a, b = jnp.asarray(flat[path]), jnp.asarray(flat[prefix + "lora_b"])
+        delta = jnp.matmul(a, b, precision="highest") * spec.scale
+        out[prefix + "kernel"] = kernel + delta.reshape(kernel.shape)
+    return unflatten_dict(out)
+
+
+def _adapted_call(spec: LoraSpec, train: bool):
+    """A Flax interceptor adding ``scale * dropout(x) A B`` to adapted layers' outputs."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(
+            module, (nn.Dense, nn.DenseGeneral, nn.Conv)
+        ):
+            return next_fun(*args, **kwargs)
+        if not module.has_variable("params", "lora_a"):
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        x = args[0]
+        a = module.get_variable("params", "lora_a")
+        b = module.get_variable("params", "lora_b")
+        if isinstance(module, StdConv):
+            raise ValueError(
+                f"LoRA cannot adapt the weight-standardised convolution {module.name}: the "
+                "standardisation is not linear, so the adapters could not be merged exactly."
+            )
+        if isinstance(module, nn.Conv):
+            sh, sw = module.strides if module.strides is not None else (1, 1)
+            x = x[:, ::sh, ::sw, :]
+        elif isinstance(module, nn.DenseGeneral):
+            axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+            x = x.reshape(*x.shape[: x.ndim - len(axes)], -1)
+        if spec.dropout and train:
+            keep = 1.0 - spec.dropout
+            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+            x = jnp.where(mask, x / keep, 0)
+        dtype = y.dtype
+        delta = (x.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype)
+        return y + (delta * jnp.asarray(spec.scale, dtype)).reshape(y.shape)
+
+    return interceptor
+
+
+@contextlib.contextmanager
+def apply_adapters(spec: LoraSpec | None, *, train: bool) -> Iterator[None]:
+    """Context in which ``model.apply`` uses the LoRA adapters found in its params."""
+    if spec is None:
+        yield
+        return
+    with nn.intercept_methods(_adapted_call(spec, train)):
+        yield

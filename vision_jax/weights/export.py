@@ -1,0 +1,56 @@
+"""Writing vision_jax variables as ``.npz`` (JAX names) or ``.safetensors`` (timm names)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from vision_jax.masks import flatten_dict
+from vision_jax.models.registry import family_of
+
+# family -> module holding ``from_timm(state_dict, model)`` and ``to_timm(variables, model)``.
+_CONVERTER_MODULES = {
+    "vit": "vision_jax.weights.vit",
+    "resnet": "vision_jax.weights.resnet",
+    "bit": "vision_jax.weights.resnet",
+    "cifar_resnet": "vision_jax.weights.resnet",
+}
+
+
+def converter(model: nn.Module):
+    """The converter module (``from_timm`` / ``to_timm``) for a model created by create_model."""
+    return importlib.import_module(_CONVERTER_MODULES[family_of(model)])
+
+
+def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes ``variables["params"]`` as an ``.npz`` of flat "/"-joined names.
+
+    For a ViT these are google-research/vision_transformer's names (its loaders and
+    :func:`~vision_jax.weights.load_pretrained` read the file). A model with other collections
+    (BatchNorm statistics) cannot be written this way: use :func:`export_safetensors`.
+    """
+    extra = sorted(set(variables) - {"params"})
+    if extra:
+        raise ValueError(
+            f"export_npz writes parameters only, but the variables also hold {extra}; "
+            "use export_safetensors for this model."
+        )
+    flat = {k: np.asarray(v) for k, v in flatten_dict(variables["params"]).items()}
+    with open(path, "wb") as f:
+        np.savez(f, **flat)
+
+
+def export_safetensors(
+    variables: Mapping[str, Any], model: nn.Module, path: str | os.PathLike
+) -> None:
+    """Writes ``variables`` as a timm state dict (``timm.create_model(...)`` loads it strictly;
+    CIFAR ResNets get akamaster's names)."""
+    from safetensors.numpy import save_file
+
+    state_dict = converter(model).to_timm(variables, model)
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))

@@ -1,0 +1,138 @@
+"""Hugging Face ``ViTForImageClassification`` / ``ViTModel`` weights, via timm's names.
+
+The documented name mapping (``vit.`` prefix of ViTForImageClassification removed):
+
+==========================================================  =====================================
+Hugging Face                                                timm
+==========================================================  =====================================
+``embeddings.cls_token``                                    ``cls_token``
+``embeddings.position_embeddings``                          ``pos_embed``
+``embeddings.patch_embeddings.projection.{weight,bias}``    ``patch_embed.proj.*``
+``encoder.layer.N.layernorm_before``                        ``blocks.N.norm1``
+``encoder.layer.N.attention.attention.{query,key,value}``   ``blocks.N.attn.qkv`` (concatenated)
+``encoder.layer.N.attention.output.dense``                  ``blocks.N.attn.proj``
+``encoder.layer.N.layernorm_after``                         ``blocks.N.norm2``
+``encoder.layer.N.intermediate.dense``                      ``blocks.N.mlp.fc1``
+``encoder.layer.N.output.dense``                            ``blocks.N.mlp.fc2``
+``layernorm``                                               ``norm``
+``classifier``                                              ``head``
+==========================================================  =====================================
+
+``ViTModel``'s ``pooler`` (Dense + tanh on the class token) is not used by image classification
+(``ViTForImageClassification`` has none), so it is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from vision_jax.weights.formats import (
+    HF_WEIGHT_FILES,
+    WeightFormatError,
+    read_safetensors,
+    read_torch,
+)
+from vision_jax.weights.merge import WeightMismatchError
+
+_RENAMES = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
+    (r"encoder\.layer\.(\d+)\.layernorm_before\.(\w+)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(\w+)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.layernorm_after\.(\w+)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+    (r"layernorm\.(\w+)", r"norm.\1"),
+    (r"classifier\.(\w+)", r"head.\1"),
+]
+_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)")
+
+
+def is_hf_vit(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` uses Hugging Face ViT names."""
+    return any(
+        k.removeprefix("vit.").startswith("embeddings.patch_embeddings.") for k in state_dict
+    )
+
+
+def to_timm_names(state_dict: Mapping[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
+    """Renames a Hugging Face ViT state dict to timm's names (query/key/value fused to qkv)."""
+    out: dict[str, np.ndarray] = {}
+    qkv: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        k = key.removeprefix("vit.")
+        if k.startswith("pooler."):
+            continue
+        if m := _QKV.fullmatch(k):
+            block, part, leaf = m.groups()
+            qkv.setdefault((block, leaf), {})[part] = value
+            continue
+        for pattern, repl in _RENAMES:
+            if re.fullmatch(pattern, k):
+                out[re.sub(pattern, repl, k)] = value
+                break
+        else:
+            raise WeightMismatchError(f"{source}: unknown Hugging Face ViT key {key!r}.")
+    for (block, leaf), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise WeightMismatchError(
+                f"{source}: block {block} has only {sorted(parts)} of query/key/value {leaf}."
+            )
+        out[f"blocks.{block}.attn.qkv.{leaf}"] = np.concatenate(
+            [parts["query"], parts["key"], parts["value"]], axis=0
+        )
+    return out
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """The folder's ``config.json``."""
+    path = pathlib.Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightFormatError(f"Cannot read {path}: {e}") from e
+
+
+def read_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state dict of a Hugging Face folder, preferring ``model.safetensors``."""
+    folder = pathlib.Path(folder)
+    for name in HF_WEIGHT_FILES:
+        if (folder / name).is_file():
+            path = folder / name
+            return read_safetensors(path) if name.endswith(".safetensors") else read_torch(path)
+    raise WeightFormatError(f"{folder} holds none of {HF_WEIGHT_FILES}.")
+
+
+def check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None:
+    """Raises :class:`WeightMismatchError` if ``config.json`` describes another architecture."""
+    if config.get("model_type", "vit") != "vit":
+        raise WeightMismatchError(
+            f"{source}: model_type {config.get('model_type')!r} is not a Hugging Face ViT."
+        )
+    expected = {
+        "hidden_size": model.width,
+        "num_hidden_layers": model.depth,
+        "num_attention_heads": model.num_heads,
+        "intermediate_size": model.mlp_dim,
+    }
+    diffs = [
+        f"{k}: checkpoint {config[k]} vs model {v}"
+        for k, v in expected.items()
+        if k in config and config[k] != v
+    ]
+    if config.get("hidden_act", "gelu") != "gelu":
+        diffs.append(f"hidden_act: checkpoint {config['hidden_act']!r} vs model 'gelu' (erf)")
+    if not config.get("qkv_bias", True):
+        diffs.append("qkv_bias: checkpoint False vs model True")
+    if diffs:
+        raise WeightMismatchError(
+            f"{source}/config.json does not describe this ViT:\n  " + "\n  ".join(diffs)
+        )
