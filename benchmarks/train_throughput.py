@@ -64,29 +64,39 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> dict:
     return {"gflops": 2 * n**3 / float(np.median(times)) / 1e9, "device": str(jax.devices()[0])}
 
 
-def jax_worker(model_name: str, batch: int, size: int, dtype: str, mode: str, steps: int,
+def jax_worker(model_name: str, batch: int, size: int, variant: str, mode: str, steps: int,
                warmup: int) -> dict:  # fmt: skip
+    """``variant`` is a dtype, optionally with ``+lora:RANK`` (adapters on query/value plus the
+    head train; the rest is frozen, as ``lora.rank`` does in a run)."""
     import functools
 
     import jax
     import jax.numpy as jnp
     import optax
 
-    from vision_jax import create_model
+    from vision_jax import create_model, lora, optim
     from vision_jax.losses import softmax_xent
     from vision_jax.steps import TrainState, make_train_step
 
+    dtype, _, method = variant.partition("+")
     model = create_model(model_name, num_classes=NUM_CLASSES, dtype=jnp.dtype(dtype))
     rng = jax.random.key(0)
     images = jax.random.normal(rng, (batch, size, size, 3), jnp.float32)
     labels = jax.random.randint(rng, (batch,), 0, NUM_CLASSES)
     variables = jax.jit(functools.partial(model.init, train=False))(rng, images[:1])
-    params = variables.pop("params")
+    params, frozen, spec = variables.pop("params"), {}, None
+    if method.startswith("lora:"):
+        rank = int(method.removeprefix("lora:"))
+        spec = lora.LoraSpec(rank, float(rank))
+        params = lora.add_adapters(params, spec, rng)
+        mask = optim.trainable_mask(params, model, preset="head", frozen=None, extra=".*/lora_.")
+        params, frozen = optim.partition(params, mask)
     if mode == "train":
         tx = optax.adamw(1e-4, weight_decay=1e-4)
         state = TrainState(jnp.array(0, jnp.int32), params, dict(variables), tx.init(params))
-        fn = jax.jit(make_train_step(model, tx, softmax_xent, rng), donate_argnums=0)
-        args = (state, {}, {"image": images, "label": labels})
+        step = make_train_step(model, tx, softmax_xent, rng, lora=spec)
+        fn = jax.jit(step, donate_argnums=0)
+        args = (state, frozen, {"image": images, "label": labels})
     else:
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
         args = ({"params": params, **variables}, images)
@@ -167,9 +177,7 @@ def timm_worker(model_name: str, batch: int, size: int, variant: str, mode: str,
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak_mb = (
-        torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
-    )
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
     return {**_percentiles(times), "peak_mb": peak_mb}
 
 
@@ -201,6 +209,8 @@ def main() -> None:
                         help="model:batch pairs")  # fmt: skip
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--methods", nargs="+", default=["full"],
+                        help="full, or lora:RANK (vision_jax only)")  # fmt: skip
     parser.add_argument("--mode", choices=["train", "infer"], default="train")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
@@ -231,17 +241,18 @@ def main() -> None:
     for d, p in peaks.items():
         if isinstance(p, dict):
             print(f"# measured {d} matmul peak: {p['gflops']:.0f} GFLOP/s")
-    header = (f"{'model':<10} {'batch':>5} {'impl':<26} {'img/s':>8} {'p10-p90 ms':>15} "
-              f"{'compile s':>9} {'GFLOP/s':>8} {'MFU':>5} {'peak MB':>8} {'vs timm':>7}")  # fmt: skip
+    header = (
+        f"{'model':<10} {'batch':>5} {'impl':<26} {'img/s':>8} {'p10-p90 ms':>15} "
+        f"{'compile s':>9} {'GFLOP/s':>8} {'MFU':>5} {'peak MB':>8} {'vs timm':>7}"
+    )
     print(header)
     rows = []
     for entry in args.models:
         name, _, batch = entry.partition(":")
         batch = int(batch or 32)
+        common = [name, str(batch), str(args.size)]
+        tail = [args.mode, str(args.steps), str(args.warmup)]
         for dtype in args.dtypes:
-            common = [name, str(batch), str(args.size)]
-            tail = [args.mode, str(args.steps), str(args.warmup)]
-            res = _run_worker(["jax", *common, dtype, *tail], args.timeout)
             timm_res = {}
             if not args.no_timm and model_spec(name).timm_name:
                 for variant in _timm_variants(name, dtype, gpu):
@@ -250,22 +261,29 @@ def main() -> None:
                 (batch / r["median_s"] for r in timm_res.values() if isinstance(r, dict)),
                 default=None,
             )
-            row = {"model": name, "batch": batch, "dtype": dtype, "jax": res, "timm": timm_res}
-            rows.append(row)
-            if isinstance(res, dict):
+            for method in args.methods:
+                variant = dtype if method == "full" else f"{dtype}+{method}"
+                res = _run_worker(["jax", *common, variant, *tail], args.timeout)
+                row = {"model": name, "batch": batch, "variant": variant, "jax": res}
+                rows.append(row)
+                label = "vision_jax " + variant
+                if not isinstance(res, dict):
+                    print(f"{name:<10} {batch:>5} {label:<26} {res}")
+                    continue
                 ips = batch / res["median_s"]
                 gflops = res["flops"] / res["median_s"] / 1e9
                 peak = peaks.get(dtype)
                 mfu = gflops / peak["gflops"] if isinstance(peak, dict) else float("nan")
                 ratio = f"{ips / best_timm:.2f}x" if best_timm else "-"
-                row.update(images_per_s=ips, gflops=gflops, mfu=mfu)
-                print(f"{name:<10} {batch:>5} {'vision_jax ' + dtype:<26} {ips:>8.1f} "
+                row.update(images_per_s=ips, gflops=gflops, mfu=mfu, vs_timm=ratio)
+                print(f"{name:<10} {batch:>5} {label:<26} {ips:>8.1f} "
                       f"{res['p10_s'] * 1e3:>7.0f}-{res['p90_s'] * 1e3:<7.0f} "
                       f"{res['compile_s']:>9.1f} {gflops:>8.0f} {mfu:>5.0%} "
                       f"{res['peak_mb']:>8.0f} {ratio:>7}")  # fmt: skip
-            else:
-                print(f"{name:<10} {batch:>5} {'vision_jax ' + dtype:<26} {res}")
             for variant, r in timm_res.items():
+                rows.append(
+                    {"model": name, "batch": batch, "variant": "timm " + variant, "timm": r}
+                )
                 if isinstance(r, dict):
                     print(f"{name:<10} {batch:>5} {'timm ' + variant:<26} "
                           f"{batch / r['median_s']:>8.1f} "

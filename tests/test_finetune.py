@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from test_train import small_config
+
 from vision_jax import losses, optim
 from vision_jax.checkpoint import _restore_on_one_device, latest_step_dir, read_variables
 from vision_jax.masks import flatten_dict

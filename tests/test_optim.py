@@ -131,7 +131,9 @@ def test_lr_multipliers_scale_the_updates_exactly():
     c.optimizer.momentum = 0.0
     c.optimizer.layer_decay = 0.5
     c.schedule.decay = "constant"
-    tx, _ = optim.build_optimizer(TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1)
+    tx, _ = optim.build_optimizer(
+        TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1
+    )
     updates, _ = tx.update(grads, tx.init(params), params)
     u = flatten_dict(updates)
     assert float(u["head/kernel"][0, 0]) == pytest.approx(-1e-3 * 0.1)
@@ -145,7 +147,9 @@ def test_decay_mask_defaults_to_kernels_and_decoupled_semantics():
     c = default_config()
     c.optimizer.weight_decay = 0.1
     c.schedule.decay = "constant"
-    tx, _ = optim.build_optimizer(TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1)
+    tx, _ = optim.build_optimizer(
+        TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1
+    )
     updates = flatten_dict(tx.update(zero, tx.init(params), params)[0])
     for path, u in updates.items():
         expected = -1e-3 * 0.1 if path.endswith("kernel") else 0.0  # lr * wd * param

@@ -95,7 +95,9 @@ def test_eval_is_exact_over_every_example(tmp_path):
     model = create_model("cifar_resnet20", num_classes=10)
     logits = np.asarray(model.apply(variables, jnp.asarray(images), train=False))
     top1 = np.mean(logits.argmax(-1) == labels)
-    top5 = np.mean([label in np.argsort(-row)[:5] for row, label in zip(logits, labels, strict=True)])
+    top5 = np.mean(
+        [label in np.argsort(-row)[:5] for row, label in zip(logits, labels, strict=True)]
+    )
     logp = (
         logits
         - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))

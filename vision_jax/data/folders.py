@@ -59,6 +59,15 @@ def _file_source(
     return from_columns(apply_slice(columns, where), class_names)
 
 
+def subdirectories(path: str) -> list[str]:
+    """Sorted names of the non-hidden folders in ``path`` (any tf.io.gfile filesystem)."""
+    return sorted(
+        d.rstrip("/")
+        for d in tf.io.gfile.listdir(path)
+        if not d.startswith(".") and tf.io.gfile.isdir(posixpath.join(path, d))
+    )
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -70,11 +79,7 @@ def from_image_folder(root: str, split: str, *, skip_corrupt: bool = False) -> S
     split_dir = posixpath.join(root, name)
     if not tf.io.gfile.isdir(split_dir):
         raise DataError(f"Image folder split {split_dir} does not exist.")
-    class_names = sorted(
-        d.rstrip("/")
-        for d in tf.io.gfile.listdir(split_dir)
-        if not d.startswith(".") and tf.io.gfile.isdir(posixpath.join(split_dir, d))
-    )
+    class_names = subdirectories(split_dir)
     if not class_names:
         raise DataError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/).")
     paths, labels = [], []

@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import posixpath
-
-import tensorflow as tf
-
-from vision_jax.data.folders import from_image_folder
+from vision_jax.data.folders import from_image_folder, subdirectories
 from vision_jax.data.sources import DataError
 
 
@@ -35,11 +31,7 @@ def build_tfds_from_folder(
     """
     import tensorflow_datasets as tfds
 
-    splits = sorted(
-        d.rstrip("/")
-        for d in tf.io.gfile.listdir(root)
-        if not d.startswith(".") and tf.io.gfile.isdir(posixpath.join(root, d))
-    )
+    splits = subdirectories(root)
     if not splits:
         raise DataError(f"{root} holds no split folders (expected {root}/<split>/<class>/).")
     sources = {split: from_image_folder(root, split) for split in splits}

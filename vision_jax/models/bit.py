@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vision_jax.models.head import classify
 from vision_jax.models.registry import register_model
 
 
@@ -151,15 +152,7 @@ class ResNetV2(nn.Module):
             )(x)
         x = nn.relu(_group_norm(self.dtype, "norm-pre-head")(x))
         x = jnp.mean(x, axis=(1, 2))
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                kernel_init=nn.initializers.zeros,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name="head",
-            )(x)
-        return x
+        return classify(x, self.num_classes, self.dtype)
 
 
 for _name, _stages, _width, _timm in [

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vision_jax.models.head import classify
 from vision_jax.models.registry import register_model
 from vision_jax.models.resnet import batch_norm, conv2d
 
@@ -75,15 +76,7 @@ class CifarResNet(nn.Module):
                 x, train=train
             )
         x = jnp.mean(x, axis=(1, 2))
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                kernel_init=nn.initializers.zeros,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name="head",
-            )(x)
-        return x
+        return classify(x, self.num_classes, self.dtype)
 
 
 # Exact parameter counts of akamaster's resnet{20,...,110} with 10 classes (the paper's table 6:

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vision_jax.models.head import classify
 from vision_jax.models.registry import register_model
 
 # torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm initialises convs.
@@ -133,15 +134,7 @@ class ResNet(nn.Module):
                 block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}"
             )(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                kernel_init=nn.initializers.zeros,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name="head",
-            )(x)
-        return x
+        return classify(x, self.num_classes, self.dtype)
 
 
 for _depth, _stages, _bottleneck in [

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vision_jax.models import precision
+from vision_jax.models.head import classify
 from vision_jax.models.registry import register_model
 
 POOL_TYPES = ("token", "gap")
@@ -62,6 +64,7 @@ class Attention(nn.Module):
             return nn.DenseGeneral(
                 (self.num_heads, head_dim),
                 kernel_init=nn.initializers.xavier_uniform(),
+                dot_general=precision.dot_general(self.dtype),
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name=name,
@@ -69,15 +72,16 @@ class Attention(nn.Module):
 
         q, k, v = proj("query"), proj("key"), proj("value")  # (B, N, H, hd)
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        logits = precision.einsum("bqhd,bkhd->bhqk", q, k, self.dtype)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         if self.dropout_rate and not deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = precision.einsum("bhqk,bkhd->bqhd", weights, v, self.dtype)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
             kernel_init=nn.initializers.xavier_uniform(),
+            dot_general=precision.dot_general(self.dtype),
             dtype=self.dtype,
             param_dtype=jnp.float32,
             name="out",
@@ -97,6 +101,7 @@ class MlpBlock(nn.Module):
             features,
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6),
+            dot_general=precision.dot_general(self.dtype),
             dtype=self.dtype,
             param_dtype=jnp.float32,
             name=name,
@@ -233,15 +238,7 @@ class VisionTransformer(nn.Module):
                 name="pre_logits",
             )(x)  # fmt: skip
             x = jnp.tanh(x)
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                kernel_init=nn.initializers.zeros,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name="head",
-            )(x)
-        return x
+        return classify(x, self.num_classes, self.dtype)
 
 
 # name: (width, depth, heads, mlp_dim, timm's name stem)
