@@ -6,6 +6,10 @@ temporary directory; a missing zip is skipped). Each row runs the training (or e
 stream for about ``--seconds`` after a warm-up and prints images/s. Takes about a minute::
 
     python benchmarks/input_pipeline.py [--seconds 6] [--threads N]
+
+Beside it, the training step's consumption rate on the same machine (vision_jax's train step at
+224 px, float32, measured by ``train_throughput.py``'s worker) for ``--step-models``, so the
+output says whether the pipeline keeps the step fed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 import tempfile
 import time
 import zipfile
@@ -91,6 +96,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per row")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="default: usable cores")
+    parser.add_argument("--step-models", nargs="*", default=["vit_ti16:32", "resnet50:16"],
+                        help="model:batch pairs whose train-step rate is shown beside")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cores = len(os.sched_getaffinity(0))
@@ -112,6 +119,26 @@ def main() -> None:
     print("| images | pipeline | images/s |\n|---|---|---:|")
     for images, name, rate in rows:
         print(f"| {images} | {name} | {rate:,.0f} |")
+    slowest = min((rate for images, _, rate in rows if images.startswith("224")), default=None)
+    for entry in args.step_models:
+        name, _, batch = entry.partition(":")
+        step = train_step_rate(name, int(batch or 32))
+        if isinstance(step, str):
+            print(f"train step {name} batch {batch}: {step}")
+            continue
+        verdict = (
+            f"pipeline {slowest / step:,.0f}x faster" if slowest else "no 224-px pipeline measured"
+        )
+        print(f"train step {name} batch {batch}: consumes {step:.1f} images/s; {verdict}")
+
+
+def train_step_rate(name: str, batch: int) -> float | str:
+    """Images/s of vision_jax's float32 train step at 224 px (a separate process)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from train_throughput import _run_worker
+
+    result = _run_worker(["jax", name, str(batch), "224", "float32", "train", "3", "1"], 900)
+    return result if isinstance(result, str) else batch / result["median_s"]
 
 
 if __name__ == "__main__":

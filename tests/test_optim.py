@@ -226,3 +226,32 @@ def test_memory_report_matches_the_pytrees():
     )
     assert optim.combine(trainable, frozen).keys() == params.keys()
     assert flatten_dict(optim.combine(trainable, frozen)).keys() == flatten_dict(params).keys()
+
+
+def test_bfloat16_first_moments_and_global_norm_clipping():
+    model, shapes = shapes_of("vit_ti16")
+    params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
+    c = default_config()
+    c.optimizer.mu_dtype = "bfloat16"
+    c.optimizer.grad_clip_norm = 0.5
+    c.optimizer.weight_decay = 0.0
+    c.schedule.decay = "constant"
+    tx, _ = optim.build_optimizer(
+        TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1
+    )
+    state = tx.init(params)
+    adam = [
+        s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")
+    ]
+    assert {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
+    # Clipping: gradients of global norm 50 are scaled to norm 0.5 before Adam (so Adam's first
+    # moment holds (1 - b1) * clipped gradient).
+    grads = jax.tree.map(jnp.ones_like, params)
+    norm = float(optax.global_norm(grads))
+    grads = jax.tree.map(lambda g: g * 50.0 / norm, grads)
+    _, new_state = tx.update(grads, state, params)
+    adam = [s for s in jax.tree.leaves(new_state, is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")]  # fmt: skip
+    mu_norm = float(optax.global_norm(jax.tree.map(lambda m: m.astype(jnp.float32), adam[0].mu)))
+    assert mu_norm == pytest.approx(0.1 * 0.5, rel=1e-2)

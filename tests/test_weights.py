@@ -577,3 +577,5 @@ def test_train_applies_the_input_contract(tmp_path, caplog):
     assert f"Input contract of {config.init.path}: mean {IMAGENET[0]}, std {IMAGENET[1]}" in (
         caplog.text
     )
+    # The run records the input it really used, so a later run starting from it inherits it.
+    assert input_contract(tmp_path / "run") == InputContract(16, IMAGENET[0], IMAGENET[1])

@@ -141,6 +141,8 @@ def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
     """(regex, trainable) rules of a ``optimizer.trainable`` preset."""
     if preset == "all":
         return [(".*", True)]
+    if preset == "none":  # LoRA without the head: only the adapters train
+        return [(".*", False)]
     if preset == "head":
         return [(r"head/.*", True)]
     if preset == "bitfit":

@@ -29,6 +29,7 @@ from vision_jax import data as data_lib
 from vision_jax import lora, losses, optim, sharding
 from vision_jax.checkpoint import Checkpointer
 from vision_jax.config import TrackedConfig
+from vision_jax.masks import rules_table
 from vision_jax.metrics import scalars
 from vision_jax.models import create_model
 from vision_jax.steps import TrainState, evaluate, make_eval_step, make_train_step
@@ -156,14 +157,14 @@ def create_train_state(
     replicated = sharding.replicated(mesh)
     variables = dict(variables)
     params, param_shardings = variables.pop("params"), var_shardings["params"]
-    mask = optim.trainable_mask(
-        params,
-        model,
-        preset=trainable_preset(cfg, adapters),
-        frozen=cfg.optimizer.get("frozen_params"),
-        extra=r"(.*/)?lora_[ab]" if adapters is not None else None,
-    )
+    preset, frozen_regex = trainable_preset(cfg, adapters), cfg.optimizer.get("frozen_params")
+    extra = r"(.*/)?lora_[ab]" if adapters is not None else None
+    mask = optim.trainable_mask(params, model, preset=preset, frozen=frozen_regex, extra=extra)
     trainable, frozen = optim.partition(params, mask)
+    if jax.process_index() == 0:
+        rules = [(r, False) for r in [frozen_regex] if r] + [(r, True) for r in [extra] if r]
+        rules += optim.trainable_rules(preset, model)
+        logging.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
     trainable_shardings, _ = optim.partition(param_shardings, mask)
     tx, schedule = optim.build_optimizer(
         cfg, trainable, model, total_steps=total_steps, steps_per_epoch=steps_per_epoch
@@ -293,7 +294,11 @@ def train_and_evaluate(
     log_every = int(cfg.log_every_steps)
     eval_every = int(cfg.eval_every_steps)
     eval_before = bool(cfg.eval_before_training)
-    meta = {"config": cfg.to_dict(), "class_names": train_source.class_names}
+    meta = {
+        "config": cfg.to_dict(),
+        "class_names": train_source.class_names,
+        "input": {"image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)},
+    }
     train_step = jax.jit(
         make_train_step(
             model,

@@ -46,6 +46,17 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def _linear(dtype: Any) -> dict[str, Any]:
+    """Shared fields of the ViT's Dense layers: Xavier-uniform kernels (as the JAX reference),
+    float32 params, compute in ``dtype`` with float32 accumulation."""
+    return {
+        "kernel_init": nn.initializers.xavier_uniform(),
+        "dot_general": precision.dot_general(dtype),
+        "dtype": dtype,
+        "param_dtype": jnp.float32,
+    }
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with the per-head parameter layout of ``flax`` / the JAX ViT."""
 
@@ -61,14 +72,7 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
 
         def proj(name: str) -> jax.Array:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                kernel_init=nn.initializers.xavier_uniform(),
-                dot_general=precision.dot_general(self.dtype),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name=name,
-            )(x)
+            return nn.DenseGeneral((self.num_heads, head_dim), name=name, **_linear(self.dtype))(x)
 
         q, k, v = proj("query"), proj("key"), proj("value")  # (B, N, H, hd)
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
@@ -77,15 +81,7 @@ class Attention(nn.Module):
         if self.dropout_rate and not deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         out = precision.einsum("bhqk,bkhd->bqhd", weights, v, self.dtype)
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            kernel_init=nn.initializers.xavier_uniform(),
-            dot_general=precision.dot_general(self.dtype),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="out",
-        )(out)
+        return nn.DenseGeneral(width, axis=(-2, -1), name="out", **_linear(self.dtype))(out)
 
 
 class MlpBlock(nn.Module):
@@ -97,14 +93,9 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        bias_init = nn.initializers.normal(stddev=1e-6)
         dense = lambda features, name: nn.Dense(
-            features,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-            dot_general=precision.dot_general(self.dtype),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name=name,
+            features, bias_init=bias_init, name=name, **_linear(self.dtype)
         )
         y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=False)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)

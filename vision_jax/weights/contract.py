@@ -116,7 +116,8 @@ def _from_orbax(path: pathlib.Path) -> InputContract:
         meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
     except Exception as e:
         raise WeightFormatError(f"Cannot read the run config of {step_dir}: {e}") from e
-    cfg: dict[str, Any] = meta["config"]["input"]
+    # The input the run really used (after its own input contract), else its config.
+    cfg: dict[str, Any] = meta.get("input") or meta["config"]["input"]
     return InputContract(int(cfg["image_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
