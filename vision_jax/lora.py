@@ -50,14 +50,6 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
-def _split_fan(shape: tuple[int, ...], fan_in: int) -> int:
-    """The number of leading kernel axes whose product is ``fan_in``."""
-    for k in range(len(shape) - 1, 0, -1):
-        if math.prod(shape[:k]) == fan_in:
-            return k
-    raise ValueError(f"No leading axes of kernel shape {shape} multiply to fan-in {fan_in}.")
-
-
 def _fans(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
     """(fan_in, fan_out) of a kernel LoRA can adapt; a clear error for any other kernel."""
     name = path.rsplit("/", 2)[-2] if "/" in path else path

@@ -31,11 +31,6 @@ def path_to_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def leaf_paths(tree: Any) -> list[str]:
-    """All leaf paths of ``tree`` in flatten order."""
-    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _compile(rules: Sequence[tuple[str, Any]]) -> list[tuple[re.Pattern, Any]]:
     compiled = []
     for rule in rules:

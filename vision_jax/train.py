@@ -90,12 +90,16 @@ def create_variables(
     dummy = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
     init_rng, adapter_rng = rng, jax.random.fold_in(rng, 1)
 
-    def init(rng: jax.Array, base: dict | None = None) -> dict:
-        v = flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
-        v = v if base is None else base
-        if adapters is not None:
-            v = {**v, "params": lora.add_adapters(v["params"], adapters, adapter_rng)}
-        return v
+    def base_init(rng: jax.Array) -> dict:
+        return flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
+
+    def with_adapters(variables: dict) -> dict:
+        if adapters is None:
+            return variables
+        params = lora.add_adapters(variables["params"], adapters, adapter_rng)
+        return {**variables, "params": params}
+
+    init = lambda rng: with_adapters(base_init(rng))
 
     replicated = sharding.replicated(mesh)
     shapes = jax.eval_shape(init, init_rng)
@@ -111,9 +115,7 @@ def create_variables(
     if not path:  # created already sharded
         return jax.jit(init, out_shardings=shardings)(init_rng), shardings, spec
     # Merged on the host (with the fresh head), then split into the shardings.
-    fresh = jax.jit(lambda r: flax.core.unfreeze(model.init({"params": r}, dummy, train=False)))(
-        init_rng
-    )
+    fresh = jax.jit(base_init)(init_rng)
     loaded = load_pretrained(
         path,
         model=model,
@@ -123,7 +125,7 @@ def create_variables(
         posemb=posemb,
         head_bias_init=head_bias_init,
     )
-    variables = init(init_rng, base=loaded)
+    variables = with_adapters(loaded)
     if use_input_contract:
         spec = apply_input_contract(spec, path)
     return sharding.put(variables, shardings), shardings, spec
