@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 NUM_CLASSES = 1000
+_XLA_DEFAULTS_ENV = "VISION_JAX_BENCH_XLA_DEFAULTS"  # set by --xla-defaults for the workers
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
@@ -75,6 +76,7 @@ def jax_worker(model_name: str, batch: int, size: int, variant: str, mode: str, 
     import optax
 
     from vision_jax import create_model, lora, optim
+    from vision_jax.compile_options import step_compiler_options
     from vision_jax.losses import softmax_xent
     from vision_jax.steps import TrainState, make_train_step
 
@@ -91,14 +93,15 @@ def jax_worker(model_name: str, batch: int, size: int, variant: str, mode: str, 
         params = lora.add_adapters(params, spec, rng)
         mask = optim.trainable_mask(params, model, preset="head", frozen=None, extra=".*/lora_.")
         params, frozen = optim.partition(params, mask)
+    xla_options = None if os.environ.get(_XLA_DEFAULTS_ENV) else step_compiler_options(dtype)
     if mode == "train":
         tx = optax.adamw(1e-4, weight_decay=1e-4)
         state = TrainState(jnp.array(0, jnp.int32), params, dict(variables), tx.init(params))
         step = make_train_step(model, tx, softmax_xent, rng, lora=spec)
-        fn = jax.jit(step, donate_argnums=0)
+        fn = jax.jit(step, donate_argnums=0, compiler_options=xla_options)
         args = (state, frozen, {"image": images, "label": labels})
     else:
-        fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=xla_options)
         args = ({"params": params, **variables}, images)
 
     t0 = time.perf_counter()
@@ -215,6 +218,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-timm", action="store_true")
+    parser.add_argument("--xla-defaults", action="store_true",
+                        help="compile without vision_jax.compile_options")  # fmt: skip
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -233,6 +238,8 @@ def main() -> None:
 
     from vision_jax import model_spec
 
+    if args.xla_defaults:
+        os.environ[_XLA_DEFAULTS_ENV] = "1"
     peaks = {d: _run_worker(["peak", d], args.timeout) for d in args.dtypes}
     device = next((p["device"] for p in peaks.values() if isinstance(p, dict)), "?")
     gpu = "cuda" in device.lower() or "gpu" in device.lower()

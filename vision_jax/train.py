@@ -28,6 +28,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from vision_jax import data as data_lib
 from vision_jax import lora, losses, optim, sharding
 from vision_jax.checkpoint import Checkpointer
+from vision_jax.compile_options import step_compiler_options
 from vision_jax.config import TrackedConfig
 from vision_jax.masks import rules_table
 from vision_jax.metrics import scalars
@@ -301,6 +302,7 @@ def train_and_evaluate(
         "class_names": train_source.class_names,
         "input": {"image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)},
     }
+    xla_options = step_compiler_options(getattr(model, "dtype", jnp.float32))
     train_step = jax.jit(
         make_train_step(
             model,
@@ -314,11 +316,14 @@ def train_and_evaluate(
         ),
         donate_argnums=0,
         out_shardings=(setup.shardings, sharding.replicated(mesh)),
+        compiler_options=xla_options,
     )
-    eval_steps = {"eval/": jax.jit(make_eval_step(model, loss_fn, lora=adapters))}
+    eval_step = make_eval_step(model, loss_fn, lora=adapters)
+    eval_steps = {"eval/": jax.jit(eval_step, compiler_options=xla_options)}
     if ema_decay is not None:
         eval_steps["eval_ema/"] = jax.jit(
-            make_eval_step(model, loss_fn, lora=adapters, use_ema=True)
+            make_eval_step(model, loss_fn, lora=adapters, use_ema=True),
+            compiler_options=xla_options,
         )
     cfg.check_all_read()
 

@@ -19,12 +19,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from vision_jax.models import precision
 from vision_jax.models.head import classify
 from vision_jax.models.registry import register_model
 
 POOL_TYPES = ("token", "gap")
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact GELU as torch writes it, ``x/2 * (1 + erf(x/sqrt(2)))``; XLA's polynomial ``erf``
+    is cheaper than the ``erfc`` (with an ``exp``) of ``nn.gelu(approximate=False)``."""
+    return 0.5 * x * (1 + lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
@@ -76,11 +83,16 @@ class Attention(nn.Module):
 
         q, k, v = proj("query"), proj("key"), proj("value")  # (B, N, H, hd)
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = precision.einsum("bqhd,bkhd->bhqk", q, k, self.dtype)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        logits = precision.einsum("bqhd,bkhd->bhqk", q, k, self.dtype).astype(jnp.float32)
+        # Softmax with the normalisation deferred past the value product: dividing the
+        # (B, N, H, hd) output is cheaper than dividing the (B, H, N, N) weights.
+        unnormalized = jnp.exp(logits - lax.stop_gradient(logits.max(-1, keepdims=True)))
+        denom = unnormalized.sum(-1)  # (B, H, N)
+        weights = unnormalized.astype(self.dtype)
         if self.dropout_rate and not deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         out = precision.einsum("bhqk,bkhd->bqhd", weights, v, self.dtype)
+        out = (out / denom.transpose(0, 2, 1)[..., None]).astype(self.dtype)
         return nn.DenseGeneral(width, axis=(-2, -1), name="out", **_linear(self.dtype))(out)
 
 
@@ -97,7 +109,7 @@ class MlpBlock(nn.Module):
         dense = lambda features, name: nn.Dense(
             features, bias_init=bias_init, name=name, **_linear(self.dtype)
         )
-        y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=False)
+        y = gelu_exact(dense(self.mlp_dim, "Dense_0")(x))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = dense(x.shape[-1], "Dense_1")(y)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
