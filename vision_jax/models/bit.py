@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vision_jax.models import precision
 from vision_jax.models.head import classify
 from vision_jax.models.registry import register_model
 
@@ -50,6 +51,7 @@ def _std_conv(features, kernel, stride, eps, dtype, name):
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=precision.pointwise_as_dot,
         name=name,
     )
 

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vision_jax.models import precision
+
 
 def classify(features: jax.Array, num_classes: int, dtype: Any) -> jax.Array:
     """Logits from pooled features through a zero-initialised Dense named ``head`` (the
@@ -15,10 +17,12 @@ def classify(features: jax.Array, num_classes: int, dtype: Any) -> jax.Array:
     0 (a headless feature extractor). Call inside a compact ``__call__``."""
     if not num_classes:
         return features
-    return nn.Dense(
+    logits = nn.Dense(
         num_classes,
         kernel_init=nn.initializers.zeros,
         dtype=dtype,
         param_dtype=jnp.float32,
+        dot_general=precision.dot_general(dtype),
         name="head",
     )(features)
+    return logits.astype(dtype)

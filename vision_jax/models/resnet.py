@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vision_jax.models import precision
 from vision_jax.models.head import classify
 from vision_jax.models.registry import register_model
 
@@ -32,6 +33,7 @@ def conv2d(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn
         kernel_init=conv_init,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=precision.pointwise_as_dot,
         name=name,
     )
 

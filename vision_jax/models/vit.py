@@ -55,7 +55,8 @@ class DropPath(nn.Module):
 
 def _linear(dtype: Any) -> dict[str, Any]:
     """Shared fields of the ViT's Dense layers: Xavier-uniform kernels (as the JAX reference),
-    float32 params, compute in ``dtype`` with float32 accumulation."""
+    float32 params, compute in ``dtype`` with float32 accumulation and bias (outputs are float32:
+    cast them to ``dtype``)."""
     return {
         "kernel_init": nn.initializers.xavier_uniform(),
         "dot_general": precision.dot_general(dtype),
@@ -79,11 +80,12 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
 
         def proj(name: str) -> jax.Array:
-            return nn.DenseGeneral((self.num_heads, head_dim), name=name, **_linear(self.dtype))(x)
+            dense = nn.DenseGeneral((self.num_heads, head_dim), name=name, **_linear(self.dtype))
+            return dense(x).astype(self.dtype)
 
         q, k, v = proj("query"), proj("key"), proj("value")  # (B, N, H, hd)
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = precision.einsum("bqhd,bkhd->bhqk", q, k, self.dtype).astype(jnp.float32)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         # Softmax with the normalisation deferred past the value product: dividing the
         # (B, N, H, hd) output is cheaper than dividing the (B, H, N, N) weights.
         unnormalized = jnp.exp(logits - lax.stop_gradient(logits.max(-1, keepdims=True)))
@@ -91,9 +93,10 @@ class Attention(nn.Module):
         weights = unnormalized.astype(self.dtype)
         if self.dropout_rate and not deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = precision.einsum("bhqk,bkhd->bqhd", weights, v, self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
         out = (out / denom.transpose(0, 2, 1)[..., None]).astype(self.dtype)
-        return nn.DenseGeneral(width, axis=(-2, -1), name="out", **_linear(self.dtype))(out)
+        out = nn.DenseGeneral(width, axis=(-2, -1), name="out", **_linear(self.dtype))(out)
+        return out.astype(self.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -109,9 +112,9 @@ class MlpBlock(nn.Module):
         dense = lambda features, name: nn.Dense(
             features, bias_init=bias_init, name=name, **_linear(self.dtype)
         )
-        y = gelu_exact(dense(self.mlp_dim, "Dense_0")(x))
+        y = gelu_exact(dense(self.mlp_dim, "Dense_0")(x)).astype(self.dtype)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        y = dense(x.shape[-1], "Dense_1")(y)
+        y = dense(x.shape[-1], "Dense_1")(y).astype(self.dtype)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -167,7 +170,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        x = AddPositionEmbs(name="posembed_input")(x)
+        x = AddPositionEmbs(name="posembed_input")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.depth):
             # Linearly increasing stochastic depth, as in timm and big_vision.
@@ -217,8 +220,9 @@ class VisionTransformer(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            conv_general_dilated=precision.conv_general_dilated(self.dtype),
             name="embedding",
-        )(x)
+        )(x)  # float32 until the position embeddings are added
         n, gh, gw, c = x.shape
         x = jnp.reshape(x, (n, gh * gw, c))
         if self.pool_type == "token":

@@ -1,0 +1,102 @@
+"""The compute kernels behind the performance work: 1x1 convolutions as dots, exact GELU, the
+per-step XLA options, and float32 bias gradients under bfloat16 compute."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from vision_jax.compile_options import step_compiler_options
+from vision_jax.models import create_model, precision
+from vision_jax.models.vit import gelu_exact
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize(
+    "hw, stride, padding",
+    [(8, 1, "VALID"), (9, 2, "VALID"), (7, 2, "SAME"), (8, 2, ((0, 0), (0, 0)))],
+)
+def test_pointwise_conv_as_dot_matches_convolution_and_its_gradients(hw, stride, padding):
+    x = jax.random.normal(jax.random.key(0), (2, hw, hw, 5))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 5, 4))
+
+    def loss(conv):
+        strides = (stride, stride)
+        return lambda x, w: jnp.sum(jnp.tanh(conv(x, w, strides, padding, None, None, NHWC)))
+
+    for got, want in zip(
+        jax.grad(loss(precision.pointwise_as_dot), argnums=(0, 1))(x, w),
+        jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    out = precision.pointwise_as_dot(x, w, (stride, stride), padding, None, None, NHWC)
+    ref = lax.conv_general_dilated(x, w, (stride, stride), padding, None, None, NHWC)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(loss(precision.pointwise_as_dot)).lower(x, w).as_text()
+    assert "convolution" not in hlo and "dot_general" in hlo
+
+
+def test_other_convolutions_stay_convolutions():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    w3 = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    w1 = jax.random.normal(jax.random.key(2), (1, 1, 3, 4))
+    cases = [(w3, "SAME", None), (w1, ((1, 1), (1, 1)), None), (w1, "VALID", (2, 2))]
+    for w, padding, rhs_dilation in cases:
+        args = (x, w, (1, 1), padding, None, rhs_dilation, NHWC)
+        np.testing.assert_array_equal(
+            precision.pointwise_as_dot(*args), lax.conv_general_dilated(*args)
+        )
+        hlo = jax.jit(precision.pointwise_as_dot, static_argnums=(2, 3, 4, 5, 6)).lower(*args)
+        assert "convolution" in hlo.as_text()
+
+
+def test_gelu_exact_matches_the_erf_definition():
+    x = np.linspace(-8, 8, 1601, dtype=np.float32)
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(gelu_exact(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
+    # d/dx gelu = Phi(x) + x * phi(x)
+    dwant = np.array(
+        [0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+         for v in x.astype(np.float64)]
+    )  # fmt: skip
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu_exact))(x), dwant, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
+def test_cpu_step_options_keep_convolutions_out_of_ynnpack():
+    assert step_compiler_options(jnp.float32) == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
+    }
+    bf16 = step_compiler_options(jnp.bfloat16)["xla_cpu_experimental_ynn_fusion_type"]
+    assert bf16.split(",") == ["LIBRARY_FUSION_TYPE_REDUCE", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+    with_options = jax.jit(conv, compiler_options=step_compiler_options(jnp.float32))
+    hlo = with_options.lower(x, w).compile().as_text()
+    assert "convolution(" in hlo and "__ynn_fusion" not in hlo
+    np.testing.assert_allclose(with_options(x, w), jax.jit(conv)(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_vit_bias_gradients_are_float32_reductions():
+    """Bias adds happen on the float32 accumulator, so no bias gradient reduces bfloat16."""
+    model = create_model("vit_ti16", num_classes=3, dtype=jnp.bfloat16, depth=1)
+    x = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        return jnp.sum(model.apply({"params": params}, x).astype(jnp.float32) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+    bf16_reductions = [ln for ln in hlo.splitlines() if "reduce" in ln and "tensor<bf16>" in ln]
+    assert not bf16_reductions, bf16_reductions[:3]
