@@ -65,9 +65,10 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> dict:
     return {"gflops": 2 * n**3 / float(np.median(times)) / 1e9, "device": str(jax.devices()[0])}
 
 
-def jax_worker(model_name: str, batch: int, size: int, variant: str, mode: str, steps: int,
-               warmup: int) -> dict:  # fmt: skip
-    """``variant`` is a dtype, optionally with ``+lora:RANK`` (adapters on query/value plus the
+def build_jax_step(model_name: str, batch: int, size: int, variant: str, mode: str):
+    """vision_jax's jitted train step (or forward pass) and its arguments, on random data.
+
+    ``variant`` is a dtype, optionally with ``+lora:RANK`` (adapters on query/value plus the
     head train; the rest is frozen, as ``lora.rank`` does in a run)."""
     import functools
 
@@ -99,11 +100,17 @@ def jax_worker(model_name: str, batch: int, size: int, variant: str, mode: str, 
         state = TrainState(jnp.array(0, jnp.int32), params, dict(variables), tx.init(params))
         step = make_train_step(model, tx, softmax_xent, rng, lora=spec)
         fn = jax.jit(step, donate_argnums=0, compiler_options=xla_options)
-        args = (state, frozen, {"image": images, "label": labels})
-    else:
-        fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=xla_options)
-        args = ({"params": params, **variables}, images)
+        return fn, (state, frozen, {"image": images, "label": labels})
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=xla_options)
+    return fn, ({"params": params, **variables}, images)
 
+
+def jax_worker(model_name: str, batch: int, size: int, variant: str, mode: str, steps: int,
+               warmup: int) -> dict:  # fmt: skip
+    """Compile time, FLOPs and step times of ``build_jax_step``'s step."""
+    import jax
+
+    fn, args = build_jax_step(model_name, batch, size, variant, mode)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -250,7 +257,8 @@ def main() -> None:
             print(f"# measured {d} matmul peak: {p['gflops']:.0f} GFLOP/s")
     header = (
         f"{'model':<10} {'batch':>5} {'impl':<26} {'img/s':>8} {'p10-p90 ms':>15} "
-        f"{'compile s':>9} {'GFLOP/s':>8} {'MFU':>5} {'peak MB':>8} {'vs timm':>7}"
+        f"{'compile s':>9} {'1st step s':>10} {'GFLOP/s':>8} {'MFU':>5} {'peak MB':>8} "
+        f"{'vs timm':>7}"
     )
     print(header)
     rows = []
@@ -285,8 +293,8 @@ def main() -> None:
                 row.update(images_per_s=ips, gflops=gflops, mfu=mfu, vs_timm=ratio)
                 print(f"{name:<10} {batch:>5} {label:<26} {ips:>8.1f} "
                       f"{res['p10_s'] * 1e3:>7.0f}-{res['p90_s'] * 1e3:<7.0f} "
-                      f"{res['compile_s']:>9.1f} {gflops:>8.0f} {mfu:>5.0%} "
-                      f"{res['peak_mb']:>8.0f} {ratio:>7}")  # fmt: skip
+                      f"{res['compile_s']:>9.1f} {res['first_step_s']:>10.1f} "
+                      f"{gflops:>8.0f} {mfu:>5.0%} {res['peak_mb']:>8.0f} {ratio:>7}")  # fmt: skip
             for variant, r in timm_res.items():
                 rows.append(
                     {"model": name, "batch": batch, "variant": "timm " + variant, "timm": r}
@@ -294,8 +302,8 @@ def main() -> None:
                 if isinstance(r, dict):
                     print(f"{name:<10} {batch:>5} {'timm ' + variant:<26} "
                           f"{batch / r['median_s']:>8.1f} "
-                          f"{r['p10_s'] * 1e3:>7.0f}-{r['p90_s'] * 1e3:<7.0f} {'':>9} {'':>8} "
-                          f"{'':>5} {r['peak_mb']:>8.0f}")  # fmt: skip
+                          f"{r['p10_s'] * 1e3:>7.0f}-{r['p90_s'] * 1e3:<7.0f} {'':>9} {'':>10} "
+                          f"{'':>8} {'':>5} {r['peak_mb']:>8.0f}")  # fmt: skip
                 else:
                     print(f"{name:<10} {batch:>5} {'timm ' + variant:<26} {r}")
             sys.stdout.flush()
