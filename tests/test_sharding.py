@@ -122,6 +122,18 @@ VIT = {
 }
 
 
+def assert_checksums_match(got: dict, want: dict) -> None:
+    """Per-parameter sums of |param| agree, except attention key biases: softmax is invariant to
+    a per-query shift of the logits, so their true gradient is exactly zero and Adam turns the
+    round-off left in it (which depends on the reduction order, so on the mesh) into steps of
+    +-lr. Near-zero leaves (MLP biases start at 1e-6) get the same, bounded by ``atol``."""
+    assert got.keys() == want.keys()
+    keys = [k for k in want if not k.endswith("key/bias")]
+    assert len(keys) < len(want)
+    bad = {k: (got[k], want[k]) for k in keys if not np.isclose(got[k], want[k], 1e-5, 1e-4)}
+    assert not bad, bad
+
+
 @pytest.mark.slow
 def test_fsdp_meshes_match_one_device_and_restore_into_another_mesh(tmp_path):
     one = _result(run_with_devices(1, tmp_path / "one", VIT))
@@ -132,8 +144,7 @@ def test_fsdp_meshes_match_one_device_and_restore_into_another_mesh(tmp_path):
         assert got["devices"] == 8
         assert got["loss"] == pytest.approx(one["loss"], abs=1e-5), spec
         assert got["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-5), spec
-        # Sums of |param|: near-zero leaves get Adam steps of +-lr from round-off-sized gradients.
-        np.testing.assert_allclose(got["checksum"], one["checksum"], rtol=1e-5, atol=1e-4)
+        assert_checksums_match(got["checksum"], one["checksum"])
         shapes[spec] = (shard_shape(workdir, f"params/{BIG}"), workdir)
         # Adam's moments are split like their parameter.
         assert shard_shape(workdir, f"opt_state/1/0/mu/{BIG}") == shapes[spec][0]
@@ -146,7 +157,7 @@ def test_fsdp_meshes_match_one_device_and_restore_into_another_mesh(tmp_path):
     workdir = shapes["fsdp:8"][1]
     shutil.rmtree(workdir / "checkpoints" / "4")
     resumed = _result(run_with_devices(8, workdir, {**VIT, "mesh": "data:2,fsdp:4"}))
-    np.testing.assert_allclose(resumed["checksum"], one["checksum"], rtol=1e-5, atol=1e-4)
+    assert_checksums_match(resumed["checksum"], one["checksum"])
     assert shard_shape(workdir, f"params/{BIG}") == (192, 192)
 
 

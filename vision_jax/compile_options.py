@@ -31,7 +31,7 @@ def _cpu_accepts_ynn_option() -> bool:
     """Whether this jaxlib's CPU compiler knows the YNNPACK fusion option."""
     options = {_YNN: "LIBRARY_FUSION_TYPE_REDUCE"}
     try:
-        jax.jit(jnp.sum, compiler_options=options, backend="cpu").lower(jnp.ones(2)).compile()
+        jax.jit(jnp.sum, compiler_options=options).lower(jnp.ones(2)).compile()
     except Exception as e:  # noqa: BLE001  (an unknown option raises an XLA runtime error)
         logging.info("Not setting %s: %s", _YNN, e)
         return False

@@ -11,7 +11,7 @@ output back to bfloat16, so activations still travel in bfloat16. For float32 bo
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,9 +39,12 @@ def dot_general(dtype: Any) -> Callable[..., jax.Array]:
     return accumulate_in_f32
 
 
-def pointwise_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                      dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                      precision=None, preferred_element_type=None):  # fmt: skip
+def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                     padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
+                     rhs_dilation: Any = None, dimension_numbers: Any = None,
+                     feature_group_count: int = 1, batch_group_count: int = 1,
+                     precision: Any = None, preferred_element_type: Any = None
+                     ) -> jax.Array:  # fmt: skip
     """``lax.conv_general_dilated``, computing 1x1 NHWC convolutions as a strided slice and a
     ``dot_general`` over channels.
 
