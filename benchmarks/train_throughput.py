@@ -76,10 +76,10 @@ def build_jax_step(model_name: str, batch: int, size: int, variant: str, mode: s
     import jax.numpy as jnp
     import optax
 
-    from vision_jax import create_model, lora, optim
+    from vision_jax import create_model, lora, optim, trees
     from vision_jax.compile_options import step_compiler_options
-    from vision_jax.losses import softmax_xent
     from vision_jax.steps import TrainState, make_train_step
+    from vision_jax.tasks import Classification
 
     dtype, _, method = variant.partition("+")
     model = create_model(model_name, num_classes=NUM_CLASSES, dtype=jnp.dtype(dtype))
@@ -93,12 +93,12 @@ def build_jax_step(model_name: str, batch: int, size: int, variant: str, mode: s
         spec = lora.LoraSpec(rank, float(rank))
         params = lora.add_adapters(params, spec, rng)
         mask = optim.trainable_mask(params, model, preset="head", frozen=None, extra=".*/lora_.")
-        params, frozen = optim.partition(params, mask)
+        params, frozen = trees.partition(params, mask)
     xla_options = None if os.environ.get(_XLA_DEFAULTS_ENV) else step_compiler_options(dtype)
     if mode == "train":
         tx = optax.adamw(1e-4, weight_decay=1e-4)
         state = TrainState(jnp.array(0, jnp.int32), params, dict(variables), tx.init(params))
-        step = make_train_step(model, tx, softmax_xent, rng, lora=spec)
+        step = make_train_step(model, tx, Classification(), rng, lora=spec)
         fn = jax.jit(step, donate_argnums=0, compiler_options=xla_options)
         return fn, (state, frozen, {"image": images, "label": labels})
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=xla_options)

@@ -1,5 +1,6 @@
 """Every config file loads, each variant only sets keys the defaults define (a typo would
-otherwise add a key that nothing reads), and its docstring holds a command and a result."""
+otherwise add a key that nothing reads) and turns into typed specs, and its docstring holds a
+command and a result."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import re
 
 import pytest
 
-from vision_jax.config import default_config
+from vision_jax import specs
+from vision_jax.config import TrackedConfig, default_config
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
@@ -47,3 +49,6 @@ def test_config_loads_and_sets_only_known_keys(path):
         config = module.get_config(arg)
         unknown = set(_keys(config)) - known
         assert not unknown, f"{path.name}:{arg} sets keys the defaults lack: {sorted(unknown)}"
+        tracked = TrackedConfig(config)
+        specs.run_spec(tracked)  # typed, branch keys consistent
+        tracked.check_all_read()

@@ -14,6 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from vision_jax import data as data_lib
+from vision_jax import specs
 from vision_jax.config import TrackedConfig, default_config
 from vision_jax.data import augment, pipeline
 from vision_jax.data.preprocess import InputSpec, make_preprocess
@@ -430,7 +431,7 @@ def test_mixup_and_cutmix_soft_labels(mixup, cutmix):
 
 def test_input_config_is_fully_read():
     cfg = TrackedConfig(default_config())
-    spec = data_lib.input_spec(cfg.input)
+    spec = specs.input_spec(cfg.input)
     assert cfg.input.unread() == [] and spec.random_crop and not spec.mixes
 
 

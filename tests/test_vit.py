@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from helpers import flax_fn, flax_param_count, images, state_dict_np, torch_logits
 
-from vision_jax.masks import flatten_dict
 from vision_jax.models.registry import create_model, list_models, model_spec
 from vision_jax.models.vit import VIT_SIZES
+from vision_jax.trees import flatten_dict
 from vision_jax.weights import WeightMismatchError
 from vision_jax.weights.vit import from_timm, to_timm
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from helpers import flax_fn, images, state_dict_np, torch_logits
 
-from vision_jax.masks import flatten_dict
 from vision_jax.models.registry import create_model
+from vision_jax.trees import flatten_dict
 from vision_jax.weights import (
     InputContract,
     WeightFormatError,

@@ -149,7 +149,7 @@ def read_variables(path: str) -> dict:
     merged into their kernels, so the result is the plain model's variables.
     """
     from vision_jax import lora
-    from vision_jax.optim import combine
+    from vision_jax.trees import combine
 
     step_dir = latest_step_dir(path)
     try:

@@ -14,6 +14,8 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from vision_jax import specs
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Defaults for every run; config files start from this and override fields.
@@ -27,6 +29,16 @@ def default_config() -> ml_collections.ConfigDict:
     # (regex over param paths, "fsdp" | "replicated" | spec like (None, "model")); first match wins
     c.sharding_rules = ((".*", "fsdp"),)
     c.fsdp_min_size = 2**18  # "fsdp" splits only params with at least this many elements
+
+    # What the model is trained for (vision_jax.tasks): "classification" or "segmentation".
+    # The other keys are the task's own (None: the task's default); setting one that the
+    # task does not use is an error.
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "classification"
+    c.task.head = placeholder(str)  # segmentation: "linear" (default) or "fpn" (a decoder)
+    c.task.decoder_width = placeholder(int)  # segmentation "fpn": channels (default 64)
+    c.task.feature_taps = placeholder(tuple)  # backbone taps (default: last ViT block / stages)
+    c.task.class_weights = placeholder(tuple)  # segmentation: one loss weight per class
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit_ti16"
@@ -54,33 +66,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_split = "test"
     c.data.classes = placeholder(tuple)  # keep only these class ids (relabelled 0..k-1)
+    # segmentation tfds: ((raw mask value, class id), ...), e.g. oxford_iiit_pet's trimap
+    c.data.label_map_values = placeholder(tuple)
 
-    c.input = ml_collections.ConfigDict()
+    # How images enter the model (vision_jax.specs.InputSpec: its fields and defaults, e.g.
+    # resize_size, crop_fraction, inception_crop, randaugment_layers, mixup_alpha, scale_jitter),
+    # with the default training recipe's random crop and flip.
+    c.input = ml_collections.ConfigDict(specs.section_defaults(specs.InputSpec))
     c.input.image_size = 224
-    c.input.resize_size = placeholder(int)  # shorter side before cropping; None = image_size
-    c.input.crop_fraction = placeholder(float)  # timm crop_pct: resize to image_size / fraction
     c.input.random_crop = True  # train: random crop of the resized image (else centre crop)
-    c.input.crop_padding = 0  # with random_crop: zero-pad first (CIFAR: 4)
-    c.input.inception_crop = False  # train: random-resized crop (set random_crop = False)
-    c.input.inception_scale = (0.08, 1.0)  # area fraction range of the inception crop
-    c.input.inception_ratio = (3 / 4, 4 / 3)  # aspect ratio range of the inception crop
     c.input.flip = True
-    c.input.randaugment_layers = 0  # RandAugment N (0 = off)
-    c.input.randaugment_magnitude = 9.0  # RandAugment M, 0..10
-    c.input.mean = (0.5, 0.5, 0.5)
-    c.input.std = (0.5, 0.5, 0.5)
-    c.input.random_erasing = 0.0  # probability (timm RandomErasing, pixel mode)
-    c.input.mixup_alpha = 0.0  # > 0: batches carry soft_label
-    c.input.cutmix_alpha = 0.0
-    c.input.mix_prob = 1.0  # probability of mixing a batch
-    c.input.mix_switch_prob = 0.5  # cutmix instead of mixup, when both alphas are set
 
     c.batch_size = 64
     c.eval_batch_size = 64
     c.total_steps = placeholder(int)
     c.total_epochs = 10.0
 
-    c.loss = "softmax_xent"  # or "sigmoid_xent"
+    c.loss = "softmax_xent"  # or "sigmoid_xent" (classification)
     c.label_smoothing = 0.0
 
     c.optimizer = ml_collections.ConfigDict()
@@ -90,10 +92,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 1e-4
     c.optimizer.decay_params = placeholder(str)  # regex of decayed params; None = kernels only
     c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; None/0 = off
-    c.optimizer.b1 = placeholder(float)  # adamw; None = 0.9
-    c.optimizer.b2 = placeholder(float)  # None = 0.999
-    c.optimizer.eps = placeholder(float)  # None = 1e-8
-    c.optimizer.momentum = placeholder(float)  # sgd; None = 0.9
+    # adamw only (None: vision_jax.specs.OptimizerSpec's 0.9, 0.999, 1e-8)
+    c.optimizer.b1 = placeholder(float)
+    c.optimizer.b2 = placeholder(float)
+    c.optimizer.eps = placeholder(float)
+    # sgd only (None: momentum 0.9, no nesterov)
+    c.optimizer.momentum = placeholder(float)
     c.optimizer.nesterov = placeholder(bool)
     c.optimizer.mu_dtype = placeholder(str)  # "bfloat16": first moments / momentum in bf16
     # What trains: "all", "head" (linear probe), "last:N" (head + last N blocks), "bitfit"
@@ -111,16 +115,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.schedule.cooldown_steps = placeholder(int)  # linear cooldown to 0 at the end
     c.schedule.cooldown_epochs = placeholder(float)
     c.schedule.cooldown_fraction = placeholder(float)
-    c.schedule.rsqrt_timescale = 10_000  # rsqrt: lr / sqrt(1 + t / timescale)
-    c.schedule.step_boundaries = (0.5, 0.75)  # step: fractions of training where lr drops
-    c.schedule.step_factor = 0.1
+    # rsqrt only: lr / sqrt(1 + t / timescale) (None: 10_000)
+    c.schedule.rsqrt_timescale = placeholder(float)
+    # step only: fractions of training where lr drops (None: (0.5, 0.75)), and by how much (0.1)
+    c.schedule.step_boundaries = placeholder(tuple)
+    c.schedule.step_factor = placeholder(float)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # > 0: train low-rank adapters (and the head) instead of the model
+    # With rank > 0 (None: the defaults of vision_jax.specs.LoraSpec):
     c.lora.alpha = placeholder(float)  # None = rank (scale 1)
-    c.lora.dropout = 0.0
-    c.lora.targets = r".*/MultiHeadDotProductAttention_1/(query|value)/kernel"
-    c.lora.train_head = True
+    c.lora.dropout = placeholder(float)  # None = 0
+    c.lora.targets = placeholder(str)  # None = ViT query and value kernels
+    c.lora.train_head = placeholder(bool)  # None = True
 
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
     c.ema_decay = placeholder(float)  # EMA of the params, evaluated alongside (e.g. 0.999)

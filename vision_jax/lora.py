@@ -12,7 +12,6 @@ the kernels (``W + (alpha / rank) * A B``) for serving, giving the same network 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -22,32 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vision_jax.masks import flatten_dict, tree_mask, unflatten_dict
-from vision_jax.models.bit import StdConv
+from vision_jax.masks import tree_mask
+from vision_jax.models.registry import families
+from vision_jax.specs import LoraSpec
+from vision_jax.trees import flatten_dict, unflatten_dict
 
 LORA_LEAVES = ("lora_a", "lora_b")
-# Classic LoRA targets for ViT: the query and value projections.
-DEFAULT_TARGETS = r".*/MultiHeadDotProductAttention_1/(query|value)/kernel"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """Which kernels get adapters and how they scale: ``scale = alpha / rank``."""
-
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    targets: str = DEFAULT_TARGETS
-
-    def __post_init__(self):
-        if self.rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {self.rank}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}.")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 def _fans(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -118,6 +97,7 @@ def merge(params: Mapping[str, Any], spec: LoraSpec) -> dict:
 
 def _adapted_call(spec: LoraSpec, train: bool):
     """A Flax interceptor adding ``scale * dropout(x) A B`` to adapted layers' outputs."""
+    unmergeable = tuple(t for fam in families() for t in fam.lora_unmergeable)
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -131,10 +111,10 @@ def _adapted_call(spec: LoraSpec, train: bool):
         x = args[0]
         a = module.get_variable("params", "lora_a")
         b = module.get_variable("params", "lora_b")
-        if isinstance(module, StdConv):
+        if isinstance(module, unmergeable):
             raise ValueError(
-                f"LoRA cannot adapt the weight-standardised convolution {module.name}: the "
-                "standardisation is not linear, so the adapters could not be merged exactly."
+                f"LoRA cannot adapt {module.name} ({type(module).__name__}): its kernel is "
+                "transformed non-linearly, so the adapters could not be merged exactly."
             )
         if isinstance(module, nn.Conv):
             sh, sw = module.strides if module.strides is not None else (1, 1)

@@ -31,6 +31,7 @@ flags.DEFINE_list(
     "(which otherwise gives each process the one GPU of its SLURM_LOCALID).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
+HEADLINES = {"top1": "top-1 accuracy", "miou": "mean IoU"}
 
 
 def initialize_distributed() -> None:
@@ -89,10 +90,14 @@ def main(argv: list[str]) -> None:
     logging.info("Final metrics of process %d: %s", jax.process_index(), line)
     if jax.process_index() == 0:
         print(line)
-        if "eval_before/top1" in results:
+        from vision_jax.tasks import TASKS
+
+        headline = TASKS[FLAGS.config.task.name].headline
+        if f"eval_before/{headline}" in results:
             print(
-                f"top-1 accuracy before fine-tuning {results['eval_before/top1']:.4f}, "
-                f"after {results['eval/top1']:.4f} ({int(results['eval/examples'])} examples)"
+                f"{HEADLINES.get(headline, headline)} before fine-tuning "
+                f"{results[f'eval_before/{headline}']:.4f}, after {results[f'eval/{headline}']:.4f}"
+                f" ({int(results['eval/examples'])} examples)"
             )
 
 

@@ -9,7 +9,7 @@ joined with "/", e.g. ``Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel``. 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -104,27 +104,3 @@ def rules_table(rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rul
     if unmatched[0]:
         lines.append(f"{'(no match)':<{width}}  {'':>12}  {unmatched[0]:>6}  {unmatched[1]:>12,}")
     return "\n".join(lines)
-
-
-def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{"a/b/c": leaf}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_dict(value, name + "/"))
-        else:
-            out[name] = value
-    return out
-
-
-def unflatten_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a/b/c": leaf}`` -> nested dict."""
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = out
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out

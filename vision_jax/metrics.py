@@ -1,29 +1,58 @@
-"""Training and evaluation metrics as clu collections, computed inside the jitted steps."""
+"""Metrics shared by the tasks (clu), and turning computed collections into scalars."""
+
+from __future__ import annotations
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from clu import metrics
 
 
-def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the ``k`` highest logits (``lax.top_k`` order on ties)."""
-    _, top = jax.lax.top_k(logits, min(k, logits.shape[-1]))
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-
-
 @flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    accuracy: metrics.Average.from_output("top1")
-    grad_norm: metrics.Average.from_output("grad_norm")
+class ConfusionMatrix(metrics.Metric):
+    """Counts ``matrix[true, predicted]`` over every valid pixel (or example) seen.
+
+    Per batch the counts are int32 (inside the jitted step); merged on the host they are int64,
+    so a whole split is counted exactly. ``compute()`` returns the matrix.
+    """
+
+    matrix: jax.Array
+
+    @classmethod
+    def from_model_output(
+        cls, *, labels: jax.Array, predictions: jax.Array, valid: jax.Array, num_classes: int,
+        **_,
+    ) -> ConfusionMatrix:  # fmt: skip
+        index = jnp.where(valid, labels * num_classes + predictions, 0).reshape(-1)
+        counts = jnp.zeros(num_classes * num_classes, jnp.int32)
+        counts = counts.at[index].add(valid.reshape(-1).astype(jnp.int32))
+        return cls(counts.reshape(num_classes, num_classes))
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        return type(self)(np.asarray(self.matrix, np.int64) + np.asarray(other.matrix, np.int64))
+
+    def compute(self) -> np.ndarray:
+        return np.asarray(self.matrix, np.int64)
 
 
-@flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    top1: metrics.Average.from_output("top1")
-    top5: metrics.Average.from_output("top5")
+def iou_summary(matrix: np.ndarray) -> dict[str, object]:
+    """Mean IoU, pixel accuracy and per-class IoU of a confusion matrix (rows: truth).
+
+    IoU of class c is ``TP / (TP + FP + FN)``; classes that neither occur nor are predicted
+    (union 0) have no IoU and are left out of the mean (mmsegmentation's ``nanmean``).
+    """
+    matrix = np.asarray(matrix, np.float64)
+    tp = np.diag(matrix)
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    present = union > 0
+    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
+    total = matrix.sum()
+    return {
+        "miou": float(iou[present].mean()) if present.any() else 0.0,
+        "pixel_accuracy": float(tp.sum() / total) if total else 0.0,
+        "iou": iou,
+    }
 
 
 def scalars(collection: metrics.Collection, prefix: str) -> dict[str, float]:

@@ -18,39 +18,33 @@ Every per-parameter choice goes through the one regex helper of :mod:`vision_jax
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from vision_jax.config import TrackedConfig
-from vision_jax.masks import flatten_dict, rules_table, tree_map_by_rules, tree_mask, unflatten_dict
-from vision_jax.models.bit import ResNetV2
-from vision_jax.models.cifar_resnet import CifarResNet
-from vision_jax.models.resnet import ResNet
-from vision_jax.models.vit import VisionTransformer
+from vision_jax.masks import rules_table, tree_map_by_rules, tree_mask
+from vision_jax.models.precision import DTYPES
+from vision_jax.models.registry import backbone_of, family
+from vision_jax.models.task_model import head_pattern
+from vision_jax.specs import OptimizerSpec, ScheduleSpec
+from vision_jax.trees import count_params, flatten_dict, tree_bytes
 
 DEFAULT_DECAY_PARAMS = r"(.*/)?kernel"
-NORM_MODULES = r"(LayerNorm_\d+|encoder_norm|bn\d*|downsample_bn|gn\d+|norm-pre-head)"
 TRAINABLE_PRESETS = ("all", "head", "last:N", "bitfit")
-SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "step")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------
 # schedules
 
 
-def _duration(section: TrackedConfig, name: str, total: int, steps_per_epoch: int) -> int:
+def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int) -> int:
     """``{name}_steps``, ``{name}_epochs`` or ``{name}_fraction`` (of training) as steps."""
     given = {
-        unit: section.get(f"{name}_{unit}")
+        unit: getattr(spec, f"{name}_{unit}")
         for unit in ("steps", "epochs", "fraction")
-        if section.get(f"{name}_{unit}") is not None
+        if getattr(spec, f"{name}_{unit}") is not None
     }
     if len(given) > 1:
         raise ValueError(f"Set at most one of schedule.{name}_{{steps,epochs,fraction}}: {given}.")
@@ -68,7 +62,7 @@ def _duration(section: TrackedConfig, name: str, total: int, steps_per_epoch: in
 
 
 def build_schedule(
-    schedule: TrackedConfig, *, base_lr: float, total_steps: int, steps_per_epoch: int
+    schedule: ScheduleSpec, *, base_lr: float, total_steps: int, steps_per_epoch: int
 ) -> optax.Schedule:
     """Linear warmup from 0, then the ``decay`` shape, then an optional linear cooldown to 0.
 
@@ -84,10 +78,6 @@ def build_schedule(
     timescale = float(schedule.rsqrt_timescale)
     boundaries = tuple(float(b) for b in schedule.step_boundaries)
     factor = float(schedule.step_factor)
-    if kind not in SCHEDULES:
-        raise ValueError(f"Unknown schedule.decay {kind!r}; valid: {', '.join(SCHEDULES)}.")
-    if any(not 0 < b < 1 for b in boundaries):
-        raise ValueError(f"schedule.step_boundaries {boundaries} must be fractions in (0, 1).")
     decay_steps = max(total_steps - warmup, 1)
     step_at = [round(b * total_steps) for b in boundaries]
 
@@ -115,26 +105,9 @@ def build_schedule(
 
 
 def layer_groups(model: Any) -> tuple[list[tuple[str, int]], int]:
-    """Rules mapping parameter paths to depth groups, and the number of groups.
-
-    Group 0 is the stem (patch embedding, class token, position embedding; the ResNet stem),
-    groups 1..L the ViT blocks or ResNet stages, group L+1 the final norm and the head.
-    """
-    if isinstance(model, VisionTransformer):
-        stem = [(r"(embedding|Transformer/posembed_input)/.*|cls", 0)]
-        blocks = [(rf"Transformer/encoderblock_{i}/.*", i + 1) for i in range(model.depth)]
-        n = model.depth
-    elif isinstance(model, (ResNet, CifarResNet)):
-        stem = [(r"(conv1|bn1)/.*", 0)]
-        n = len(model.stage_sizes)
-        blocks = [(rf"layer{i + 1}/.*", i + 1) for i in range(n)]
-    elif isinstance(model, ResNetV2):
-        stem = [(r"root_block/.*", 0)]
-        n = len(model.stage_sizes)
-        blocks = [(rf"block{i + 1}/.*", i + 1) for i in range(n)]
-    else:
-        raise TypeError(f"No layer groups for {type(model).__name__}.")
-    return stem + blocks + [(".*", n + 1)], n + 2
+    """Rules mapping parameter paths to depth groups, and the number of groups (the model
+    family's ``layer_groups``; a task head falls in the last group with the final norm)."""
+    return family(model).layer_groups(backbone_of(model))
 
 
 def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
@@ -144,9 +117,10 @@ def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
     if preset == "none":  # LoRA without the head: only the adapters train
         return [(".*", False)]
     if preset == "head":
-        return [(r"head/.*", True)]
+        return [(head_pattern(model), True)]
     if preset == "bitfit":
-        return [(rf"head/.*|(.*/)?bias|(.*/)?{NORM_MODULES}/scale", True)]
+        norms = family(model).norm_modules
+        return [(rf"{head_pattern(model)}|(.*/)?bias|(.*/)?({norms})/scale", True)]
     if preset.startswith("last:") and preset[5:].isdigit():
         rules, n_groups = layer_groups(model)
         keep = int(preset[5:])
@@ -171,19 +145,6 @@ def trainable_mask(
     if not any(jax.tree.leaves(mask)):
         raise ValueError("No parameter is trainable: check optimizer.trainable / frozen_params.")
     return mask
-
-
-def partition(params: Mapping[str, Any], mask: Any) -> tuple[dict, dict]:
-    """Splits a params tree into (trainable, frozen) nested dicts by a boolean ``mask``."""
-    flat, flat_mask = flatten_dict(params), flatten_dict(mask)
-    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
-    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
-    return unflatten_dict(trainable), unflatten_dict(frozen)
-
-
-def combine(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-    """Inverse of :func:`partition`."""
-    return unflatten_dict({**flatten_dict(frozen), **flatten_dict(trainable)})
 
 
 def lr_multipliers(
@@ -217,7 +178,8 @@ def scale_by_tree(mults: Any) -> optax.GradientTransformation:
 
 
 def build_optimizer(
-    config: TrackedConfig,
+    opt: OptimizerSpec,
+    schedule_spec: ScheduleSpec,
     params: Any,
     model: Any,
     *,
@@ -227,29 +189,26 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax transformation for the *trainable* ``params`` and its learning-rate schedule.
 
-    ``optimizer.name`` is ``sgd`` (momentum, nesterov; L2 weight decay added to the gradient) or
+    ``opt.name`` is ``sgd`` (momentum, nesterov; L2 weight decay added to the gradient) or
     ``adamw`` (b1, b2, eps; decoupled weight decay). ``mu_dtype`` stores first moments (or the
     SGD momentum) in e.g. bfloat16. Gradients are clipped by global norm first.
     """
-    opt = config.optimizer
     schedule = build_schedule(
-        config.schedule,
+        schedule_spec,
         base_lr=float(opt.learning_rate),
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
     )
-    wd = float(opt.get("weight_decay") or 0.0)
-    decay_params = opt.get("decay_params") or DEFAULT_DECAY_PARAMS
+    wd = float(opt.weight_decay or 0.0)
+    decay_params = opt.decay_params or DEFAULT_DECAY_PARAMS
     decay_mask = tree_mask(decay_params, params)
-    mu_dtype = opt.get("mu_dtype")
+    mu_dtype = opt.mu_dtype
     if mu_dtype is not None and mu_dtype not in DTYPES:
         raise ValueError(f"Unknown optimizer.mu_dtype {mu_dtype!r}; valid: {', '.join(DTYPES)}.")
     mu_dtype = DTYPES.get(mu_dtype)
-    mults = lr_multipliers(
-        params, model, rules=opt.get("lr_mults"), layer_decay=opt.get("layer_decay")
-    )
+    mults = lr_multipliers(params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay)
     parts = []
-    if opt.get("grad_clip_norm"):
+    if opt.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
     name = opt.name
     if name == "sgd":
@@ -258,30 +217,28 @@ def build_optimizer(
         parts.append(
             optax.sgd(
                 schedule,
-                momentum=_default(opt.get("momentum"), 0.9),
-                nesterov=bool(opt.get("nesterov")),
+                momentum=opt.momentum,
+                nesterov=opt.nesterov,
                 accumulator_dtype=mu_dtype,
             )
         )
-    elif name == "adamw":
+    else:  # adamw (the spec allows no other)
         parts.append(
             optax.adamw(
                 schedule,
-                b1=_default(opt.get("b1"), 0.9),
-                b2=_default(opt.get("b2"), 0.999),
-                eps=_default(opt.get("eps"), 1e-8),
+                b1=opt.b1,
+                b2=opt.b2,
+                eps=opt.eps,
                 weight_decay=wd,
                 mask=decay_mask,
                 mu_dtype=mu_dtype,
             )
         )
-    else:
-        raise ValueError(f"Unknown optimizer.name {name!r}; valid: sgd, adamw.")
     if any(m != 1.0 for m in jax.tree.leaves(mults)):
         parts.append(scale_by_tree(mults))
     if log and jax.process_index() == 0:
         logging.info("Weight decay %s on:\n%s", wd, rules_table([(decay_params, True)], params))
-        if opt.get("lr_mults") or opt.get("layer_decay") is not None:
+        if opt.lr_mults or opt.layer_decay is not None:
             logging.info("Learning-rate multipliers:\n%s", _value_table(mults))
     return optax.chain(*parts), schedule
 
@@ -291,22 +248,8 @@ def _value_table(tree: Any) -> str:
     return "\n".join(rows)
 
 
-def _default(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
 # --------------------------------------------------------------------------------------------
 # memory report
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes held by the array leaves of ``tree`` (arrays or ShapeDtypeStructs)."""
-    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays."""
-    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
 
 
 def memory_report(trainable: Any, frozen: Any, opt_state: Any) -> dict[str, int]:

@@ -16,11 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from clu import metrics as clu_metrics
 
-from vision_jax import losses, sharding
+from vision_jax import sharding
 from vision_jax.lora import LoraSpec, apply_adapters
-from vision_jax.metrics import EvalMetrics, TrainMetrics, scalars, topk_correct
-from vision_jax.optim import combine
+from vision_jax.tasks import Task
+from vision_jax.trees import combine
 
 Batch = dict[str, jax.Array]
 
@@ -42,18 +43,23 @@ def _micro_batches(x: jax.Array, k: int) -> jax.Array:
     return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
 
+def _merge_micro(x: jax.Array) -> jax.Array:
+    """Per-micro-batch outputs stacked by ``scan`` (k, ...) -> one batch's worth."""
+    return x.reshape(-1, *x.shape[2:]) if x.ndim > 1 else x
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    task: Task,
     rng: jax.Array,
     *,
-    label_smoothing: float = 0.0,
     lora: LoraSpec | None = None,
     accum_steps: int = 1,
     ema_decay: float | None = None,
-) -> Callable[[TrainState, Any, Batch], tuple[TrainState, TrainMetrics]]:
-    """``step(state, frozen_params, batch) -> (state, metrics)``.
+) -> Callable[[TrainState, Any, Batch], tuple[TrainState, clu_metrics.Collection]]:
+    """``step(state, frozen_params, batch) -> (state, metrics)``; the task gives the loss and
+    the metrics (``task.train_metrics``, plus ``grad_norm``).
 
     With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients
     are averaged (BatchNorm statistics update once per micro-batch) before one optimizer update:
@@ -63,23 +69,22 @@ def make_train_step(
     def loss_of(params, model_state, frozen, batch, dropout_rng):
         variables = {"params": combine(params, frozen), **model_state}
         with apply_adapters(lora, train=True):
-            logits, new_model_state = model.apply(
+            outputs, new_model_state = model.apply(
                 variables,
                 batch["image"],
                 train=True,
                 rngs={"dropout": dropout_rng},
                 mutable=list(model_state),
             )
-        targets = losses.targets_of(batch, logits.shape[-1], label_smoothing)
-        loss = loss_fn(logits, targets).mean()
-        return loss, (topk_correct(logits, batch["label"], 1), dict(new_model_state))
+        loss, aux = task.train_loss(outputs, batch)
+        return loss, (aux, dict(new_model_state))
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def step(state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, TrainMetrics]:
+    def step(state: TrainState, frozen: Any, batch: Batch):
         step_rng = jax.random.fold_in(rng, state.step)
         if accum_steps == 1:
-            (loss, (correct, model_state)), grads = grad_fn(
+            (loss, (aux, model_state)), grads = grad_fn(
                 state.params, state.model_state, frozen, batch, step_rng
             )
         else:
@@ -87,28 +92,28 @@ def make_train_step(
             def micro_step(carry, inputs):
                 grad_sum, model_state, loss_sum = carry
                 micro, i = inputs
-                (loss, (correct, model_state)), grads = grad_fn(
+                (loss, (aux, model_state)), grads = grad_fn(
                     state.params, model_state, frozen, micro, jax.random.fold_in(step_rng, i)
                 )
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-                return (grad_sum, model_state, loss_sum + loss), correct
+                return (grad_sum, model_state, loss_sum + loss), aux
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             micro = jax.tree.map(lambda x: _micro_batches(x, accum_steps), batch)
-            (grads, model_state, loss), correct = jax.lax.scan(
+            (grads, model_state, loss), aux = jax.lax.scan(
                 micro_step,
                 (zeros, state.model_state, jnp.zeros((), jnp.float32)),
                 (micro, jnp.arange(accum_steps)),
             )
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
-            loss, correct = loss / accum_steps, correct.reshape(-1)
+            loss, aux = loss / accum_steps, jax.tree.map(_merge_micro, aux)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema_decay is not None:
             ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-        metrics = TrainMetrics.single_from_model_output(
-            loss=loss, top1=correct, grad_norm=optax.global_norm(grads)
+        metrics = task.train_metrics.single_from_model_output(
+            loss=loss, grad_norm=optax.global_norm(grads), **aux
         )
         new_state = state.replace(
             step=state.step + 1,
@@ -123,27 +128,17 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    *,
-    lora: LoraSpec | None = None,
-    use_ema: bool = False,
-) -> Callable[[TrainState, Any, Batch], EvalMetrics]:
-    """``step(state, frozen_params, batch)``: loss, top-1 and top-5 on a padded batch; padding
+    model: nn.Module, task: Task, *, lora: LoraSpec | None = None, use_ema: bool = False
+) -> Callable[[TrainState, Any, Batch], clu_metrics.Collection]:
+    """``step(state, frozen_params, batch)``: the task's metrics of a padded batch; padding
     (``mask == 0``) is not counted. ``use_ema`` evaluates the EMA parameters."""
 
-    def step(state: TrainState, frozen: Any, batch: Batch) -> EvalMetrics:
+    def step(state: TrainState, frozen: Any, batch: Batch) -> clu_metrics.Collection:
         params = state.ema_params if use_ema else state.params
         variables = {"params": combine(params, frozen), **state.model_state}
         with apply_adapters(lora, train=False):
-            logits = model.apply(variables, batch["image"], train=False)
-        targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
-        return EvalMetrics.single_from_model_output(
-            loss=loss_fn(logits, targets),
-            top1=topk_correct(logits, batch["label"], 1),
-            top5=topk_correct(logits, batch["label"], 5),
-            mask=batch["mask"] > 0,
-        )
+            outputs = model.apply(variables, batch["image"], train=False)
+        return task.eval_metrics(outputs, batch)
 
     return step
 
@@ -154,15 +149,13 @@ def evaluate(
     frozen: Any,
     batches: Iterable[dict],
     mesh: jax.sharding.Mesh,
-    prefix: str = "eval/",
-) -> dict[str, float]:
-    """Runs ``eval_step`` over every batch and returns exact averages over real examples."""
+) -> clu_metrics.Collection:
+    """Runs ``eval_step`` over every batch; the metrics merged on the host over the split (the
+    task's ``summarize`` turns them into figures)."""
     total = None
     for batch in batches:
-        m = eval_step(state, frozen, sharding.to_global_batch(batch, mesh))
+        m = jax.device_get(eval_step(state, frozen, sharding.to_global_batch(batch, mesh)))
         total = m if total is None else total.merge(m)
     if total is None:
         raise ValueError("The evaluation split is empty.")
-    out = scalars(total, prefix)
-    out[f"{prefix}examples"] = float(total.top1.count)
-    return out
+    return total

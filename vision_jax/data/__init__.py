@@ -1,17 +1,22 @@
-"""Input data: sources (tfds, image folders, CSV, arrays), augmentation, host-local batching."""
+"""Input data: sources (tfds, image folders, CSV, arrays), augmentation, host-local batching.
+
+Targets are image labels (classification) or label maps (segmentation): see :func:`load_source`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from vision_jax.config import TrackedConfig
 from vision_jax.data.folders import from_csv, from_image_folder
 from vision_jax.data.idx import from_idx
 from vision_jax.data.pipeline import Batch, Batches, eval_batches, pipeline_options, train_batches
 from vision_jax.data.preprocess import InputSpec
 from vision_jax.data.sources import (
+    IGNORE_LABEL,
     DataError,
     Source,
+    check_target,
     digits,
     from_arrays,
     from_columns,
@@ -20,9 +25,14 @@ from vision_jax.data.sources import (
 )
 from vision_jax.data.tfds_build import build_tfds_from_folder
 
+if TYPE_CHECKING:
+    from vision_jax.specs import DataSpec
 
-def load_source(data: TrackedConfig, split: str, *, arrays: dict | None = None) -> Source:
-    """The split named ``split`` of the dataset described by ``config.data``.
+
+def load_source(
+    data: DataSpec, split: str, *, arrays: dict | None = None, target: str = "label"
+) -> Source:
+    """The split named ``split`` of the dataset described by ``data`` (``config.data``).
 
     ``data.source`` is "tfds" (``data.name``, ``data.data_dir``; sliced splits like
     ``"train[:90%]"``), "imagefolder" (``data.root``/<split>/<class>/*.jpg), "csv"
@@ -32,51 +42,97 @@ def load_source(data: TrackedConfig, split: str, *, arrays: dict | None = None) 
     ``data.class_names`` optional). ``data.classes`` optionally keeps a
     subset of classes, relabelled in the given order. ``data.skip_corrupt`` skips unreadable
     images (counted and logged) instead of failing.
+
+    ``target="label_map"`` loads per-pixel class ids (segmentation) instead of image labels,
+    from "imagefolder" (``data.root``/<split>/images/*.jpg with index PNGs
+    ``data.root``/<split>/masks/<stem>.png; classes from ``data.class_names`` or
+    ``data.root``/classes.txt), "tfds" (the ``segmentation_mask`` feature; ``data.class_names``
+    required, raw values mapped by ``data.label_map_values``, pairs (raw, class id); a raw value
+    missing from it is an error) or "arrays" (``arrays[split] = (images, label_maps)``, maps
+    (N, H, W)). Id 255 (``IGNORE_LABEL``) marks pixels that count for nothing.
     """
+    check_target(target)
     kind = data.source
     skip_corrupt = bool(data.skip_corrupt)
-    if kind == "tfds":
-        source = from_tfds(data.name, split, data.get("data_dir"))
+    if target == "label_map":
+        source = _label_map_source(data, split, arrays, skip_corrupt)
+    elif kind == "tfds":
+        source = from_tfds(data.name, split, data.data_dir)
     elif kind == "imagefolder":
         source = from_image_folder(_root(data), split, skip_corrupt=skip_corrupt)
     elif kind == "csv":
-        source = from_csv(_root(data), split, class_names=data.get("class_names"))
+        source = from_csv(_root(data), split, class_names=data.class_names)
     elif kind == "idx":
-        source = from_idx(_root(data), split, class_names=data.get("class_names"))
+        source = from_idx(_root(data), split, class_names=data.class_names)
     elif kind == "digits":
         source = digits(split)
     elif kind == "arrays":
-        if not arrays or split not in arrays:
-            raise DataError(
-                f"data.source='arrays' needs arrays={{'{split}': (images, labels)}} passed to "
-                "train_and_evaluate."
-            )
-        source = from_arrays(*arrays[split], class_names=data.get("class_names"))
+        source = from_arrays(*_arrays(arrays, split), class_names=data.class_names)
     else:
         raise DataError(
             f"Unknown data.source {kind!r}; valid: 'tfds', 'imagefolder', 'csv', 'idx', "
             "'digits', 'arrays'."
         )
     source = dataclasses.replace(source, skip_corrupt=skip_corrupt)
-    classes = data.get("classes")
+    classes = data.classes
     if classes is not None:
         source = select_classes(source, classes)
     return source
 
 
-def _root(data: TrackedConfig) -> str:
-    root = data.get("root")
+def _label_map_source(
+    data: DataSpec, split: str, arrays: dict | None, skip_corrupt: bool
+) -> Source:
+    kind, class_names = data.source, data.class_names
+    values = data.label_map_values
+    if values is not None and kind != "tfds":
+        raise DataError(
+            f"data.label_map_values applies to tfds label maps; data.source={kind!r} label maps "
+            "hold class ids."
+        )
+    if kind == "tfds":
+        return from_tfds(
+            data.name,
+            split,
+            data.data_dir,
+            target="label_map",
+            class_names=class_names,
+            label_map_values=values,
+        )
+    if kind == "imagefolder":
+        return from_image_folder(
+            _root(data),
+            split,
+            skip_corrupt=skip_corrupt,
+            target="label_map",
+            class_names=class_names,
+        )
+    if kind == "arrays":
+        images, label_maps = _arrays(arrays, split, "label_maps")
+        return from_arrays(images, label_maps, class_names, target="label_map")
+    raise DataError(
+        f"data.source={kind!r} has no label maps; use 'imagefolder', 'tfds' or 'arrays'."
+    )
+
+
+def _arrays(arrays: dict | None, split: str, what: str = "labels") -> tuple:
+    if not arrays or split not in arrays:
+        raise DataError(
+            f"data.source='arrays' needs arrays={{'{split}': (images, {what})}} passed to "
+            "train_and_evaluate."
+        )
+    return arrays[split]
+
+
+def _root(data: DataSpec) -> str:
+    root = data.root
     if not root:
         raise DataError(f"data.source={data.source!r} needs data.root (the image directory).")
     return root
 
 
-def input_spec(config: TrackedConfig) -> InputSpec:
-    """The :class:`InputSpec` described by ``config.input``."""
-    return InputSpec(**dict(config.items()))
-
-
 __all__ = [
+    "IGNORE_LABEL",
     "Batch",
     "Batches",
     "DataError",
@@ -90,7 +146,6 @@ __all__ = [
     "from_csv",
     "from_image_folder",
     "from_tfds",
-    "input_spec",
     "load_source",
     "pipeline_options",
     "select_classes",

@@ -1,13 +1,17 @@
 """Image augmentations in TensorFlow, all stateless: each takes an explicit ``seed`` (a [2]
 int tensor), so results depend only on the seed.
 
-Per-example ops work on float32 HWC images (pixels 0..255 before normalisation); ``mix_batch``
-(mixup / cutmix) works on a normalised batch and produces soft labels.
+Per-example ops work on float32 HWC images (pixels 0..255 before normalisation); label maps are
+uint8 [H, W, 1], decoded from index PNGs by :func:`decode_index_png` and resized with
+:func:`resize_nearest`. ``mix_batch`` (mixup / cutmix) works on a normalised batch and produces
+soft labels.
 """
 
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -41,11 +45,20 @@ def resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     )
 
 
+def scaled_shape(shape: tf.Tensor, shorter: float | tf.Tensor) -> tf.Tensor:
+    """[h, w] of ``shape`` scaled so the shorter side is ``shorter`` (rounded, at least 1)."""
+    shape = tf.cast(shape[:2], tf.float32)
+    return tf.maximum(tf.cast(tf.round(shape * (shorter / tf.reduce_min(shape))), tf.int32), 1)
+
+
 def resize_shorter(image: tf.Tensor, size: int) -> tf.Tensor:
     """Resizes so the shorter side is ``size``, keeping the aspect ratio."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    new = tf.maximum(tf.cast(tf.round(shape * (size / tf.reduce_min(shape))), tf.int32), size)
-    return resize(image, new)
+    return resize(image, tf.maximum(scaled_shape(tf.shape(image), size), size))
+
+
+def resize_nearest(label_map: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Nearest-neighbour resize of a label map [H, W, 1] to ``size`` [h, w], keeping its dtype."""
+    return tf.image.resize(label_map, size, method="nearest")
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -55,11 +68,13 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(image[top : top + size, left : left + size], [size, size, 3])
 
 
-def pad_random_crop(image: tf.Tensor, size: int, padding: int, seed: tf.Tensor) -> tf.Tensor:
-    """CIFAR-style: zero-pads ``padding`` pixels on each side, then crops ``size`` at random."""
-    if padding:
-        image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-    return tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
+def pad(image: tf.Tensor, padding: int, min_size: int, fill: float | int = 0) -> tf.Tensor:
+    """Pads ``padding`` pixels of ``fill`` on each side, then at the bottom and right up to at
+    least ``min_size`` x ``min_size``."""
+    shape = tf.shape(image)
+    grow = tf.maximum(min_size - (shape[:2] + 2 * padding), 0)
+    paddings = [[padding, padding + grow[0]], [padding, padding + grow[1]], [0, 0]]
+    return tf.pad(image, paddings, constant_values=tf.cast(fill, image.dtype))
 
 
 def sample_inception_box(
@@ -104,6 +119,42 @@ def decode_inception_crop(
     else:
         image = crop_decoded(decode(data))
     return tf.ensure_shape(resize(tf.cast(image, tf.float32), [size, size]), [size, size, 3])
+
+
+def _grey_plte_chunk(entries: int) -> bytes:
+    body = b"PLTE" + bytes(v for i in range(entries) for v in (i, i, i))
+    return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+
+
+_GREY_PLTE = [_grey_plte_chunk(n) for n in range(257)]  # by number of palette entries
+
+
+def _grey_palette(data: tf.Tensor) -> tf.Tensor:
+    """A palette PNG with its palette replaced by the grey ramp (i, i, i), so that
+    ``decode_png(channels=1)`` returns the indices (TensorFlow always expands palettes)."""
+    head, tail = tf.unstack(tf.strings.split(data, sep="PLTE", maxsplit=1), 2)
+    end = tf.strings.length(head) - 4  # the chunk's 4-byte length precedes its type
+    length = tf.cast(tf.io.decode_raw(tf.strings.substr(head, end, 4), tf.uint8), tf.int32)
+    length = tf.reduce_sum(length * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]))
+    rest = tf.strings.substr(tail, length + 4, tf.strings.length(tail) - length - 4)  # past CRC
+    plte = tf.gather(tf.constant(_GREY_PLTE), tf.minimum(length // 3, 256))
+    return tf.strings.join([tf.strings.substr(head, 0, end), plte, rest])
+
+
+def decode_index_png(data: tf.Tensor) -> tf.Tensor:
+    """An 8-bit grayscale or palette PNG (bit depth <= 8) to its values / palette indices, uint8
+    [H, W, 1]; any other file fails when run."""
+    header = tf.io.decode_raw(tf.strings.substr(data, 0, 26), tf.uint8)
+    header = tf.pad(header, [[0, 26 - tf.shape(header)[0]]])
+    signature = tf.constant(list(b"\x89PNG\r\n\x1a\n"), tf.uint8)
+    depth, colour = header[24], header[25]
+    check = tf.debugging.Assert(
+        tf.reduce_all(header[:8] == signature) & (depth <= 8) & ((colour == 0) | (colour == 3)),
+        ["A label map must be an 8-bit grayscale or palette PNG"],
+    )
+    with tf.control_dependencies([check]):
+        data = tf.cond(colour == 3, lambda: _grey_palette(data), lambda: data)
+    return tf.ensure_shape(tf.io.decode_png(data, channels=1), [None, None, 1])
 
 
 def random_erase(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:

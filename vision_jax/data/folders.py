@@ -1,8 +1,10 @@
 """Image files on disk (local or any ``tf.io.gfile`` filesystem) as sources.
 
 ``imagefolder``: ``root/<split>/<class>/*.{jpg,jpeg,png}``, classes named by their sorted folder
-names. ``csv``: ``root/<split>.csv`` with a ``filename,label`` header, file names relative to
-``root``. Only the file list is built here; images are read and decoded in the tf.data pipeline.
+names; for label maps ``root/<split>/images/*.{jpg,jpeg,png}`` with index PNGs
+``root/<split>/masks/<same stem>.png`` and class names from ``root/classes.txt``. ``csv``:
+``root/<split>.csv`` with a ``filename,label`` header, file names relative to ``root``. Only
+the file list is built here; images are read and decoded in the tf.data pipeline.
 A split may be sliced like tfds splits: ``"train[:90%]"``, ``"train[90%:]"``, ``"val[:500]"``.
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from vision_jax.data.sources import DataError, Source, from_columns
+from vision_jax.data.sources import DataError, Source, check_target, from_columns, num_rows
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
@@ -40,7 +42,7 @@ def apply_slice(columns: dict[str, np.ndarray], where: slice) -> dict[str, np.nd
     """
     if where.start is None and where.stop is None:
         return columns
-    n = len(columns["label"])
+    n = num_rows(columns)
 
     def resolve(bound: str | None) -> int | None:
         if bound is None:
@@ -72,9 +74,25 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def from_image_folder(root: str, split: str, *, skip_corrupt: bool = False) -> Source:
+def _image_files(folder: str) -> list[str]:
+    return sorted(f for f in tf.io.gfile.listdir(folder) if _is_image(f) and not f.startswith("."))
+
+
+def from_image_folder(
+    root: str,
+    split: str,
+    *,
+    skip_corrupt: bool = False,
+    target: str = "label",
+    class_names: Sequence[str] | None = None,
+) -> Source:
     """``root/<split>/<class>/*.{jpg,jpeg,png}``; an empty class folder is an error unless
-    ``skip_corrupt`` (then it is logged and the class kept, so splits share class names)."""
+    ``skip_corrupt`` (then it is logged and the class kept, so splits share class names).
+
+    With ``target="label_map"``: see :func:`label_map_folder` (``class_names`` applies there).
+    """
+    if check_target(target) == "label_map":
+        return label_map_folder(root, split, skip_corrupt=skip_corrupt, class_names=class_names)
     name, where = parse_split(split)
     split_dir = posixpath.join(root, name)
     if not tf.io.gfile.isdir(split_dir):
@@ -85,9 +103,7 @@ def from_image_folder(root: str, split: str, *, skip_corrupt: bool = False) -> S
     paths, labels = [], []
     for label, class_name in enumerate(class_names):
         class_dir = posixpath.join(split_dir, class_name)
-        files = sorted(
-            f for f in tf.io.gfile.listdir(class_dir) if _is_image(f) and not f.startswith(".")
-        )
+        files = _image_files(class_dir)
         if not files:
             message = f"Class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images."
             if not skip_corrupt:
@@ -98,6 +114,59 @@ def from_image_folder(root: str, split: str, *, skip_corrupt: bool = False) -> S
     return dataclasses.replace(
         _file_source(paths, labels, class_names, where), skip_corrupt=skip_corrupt
     )
+
+
+def label_map_folder(
+    root: str,
+    split: str,
+    *,
+    skip_corrupt: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> Source:
+    """Segmentation: ``root/<split>/images/*.{jpg,jpeg,png}``, each with the 8-bit index PNG
+    ``root/<split>/masks/<stem>.png`` of class ids (palette PNGs read as their indices, 255 =
+    ignore). Class names are ``class_names``, else the lines of ``root/classes.txt``. A missing
+    mask is an error naming the image, unless ``skip_corrupt`` (then the image is logged and
+    left out). Masks are read, and checked against their images, in the pipeline.
+    """
+    name, where = parse_split(split)
+    image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
+    for folder in (image_dir, mask_dir):
+        if not tf.io.gfile.isdir(folder):
+            raise DataError(f"Label-map split folder {folder} does not exist.")
+    class_names = list(class_names) if class_names else _classes_txt(root)
+    paths, mask_paths = [], []
+    masks = set(tf.io.gfile.listdir(mask_dir))
+    for f in _image_files(image_dir):
+        mask = posixpath.splitext(f)[0] + ".png"
+        if mask not in masks:
+            message = f"Image {posixpath.join(image_dir, f)} has no mask {mask_dir}/{mask}."
+            if not skip_corrupt:
+                raise DataError(message + " Add it, or set data.skip_corrupt=True.")
+            logging.warning("%s Leaving the image out.", message)
+            continue
+        paths.append(posixpath.join(image_dir, f))
+        mask_paths.append(posixpath.join(mask_dir, mask))
+    if not paths:
+        raise DataError(f"{image_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images with masks.")
+    columns = {
+        "path": np.array(paths, dtype=str),
+        "label_map_path": np.array(mask_paths, dtype=str),
+    }
+    source = from_columns(apply_slice(columns, where), class_names)
+    return dataclasses.replace(source, skip_corrupt=skip_corrupt)
+
+
+def _classes_txt(root: str) -> list[str]:
+    """The non-empty lines of ``root/classes.txt`` (line i names class id i)."""
+    path = posixpath.join(root, "classes.txt")
+    if not tf.io.gfile.exists(path):
+        raise DataError(
+            f"Label maps need class names: set data.class_names or write {path} (one per line, "
+            "class 0 first)."
+        )
+    with tf.io.gfile.GFile(path) as f:
+        return [line.strip() for line in f.read().rstrip().splitlines()]
 
 
 def _read_csv(path: str) -> list[tuple[int, str, str]]:

@@ -6,9 +6,10 @@ sources (arrays, image files) position ``p`` of a host's stream is example
 ``shuffle_epoch(p // n)[p % n]`` (a stateless index shuffle per epoch), so ``start_step`` resumes
 it exactly at no cost; tfds sources use a seeded shuffle buffer and skip. Evaluation batches are
 padded (with ``mask == 0``) so every example counts once and all processes run the same number
-of batches. With ``source.skip_corrupt`` unreadable images are dropped and counted (later
-batches then start further along the stream: see ``start_position``); otherwise they are an error
-naming the file.
+of batches. With ``source.skip_corrupt`` unreadable images (and label maps that are unreadable,
+or do not fit their image or the classes) are dropped and counted (later batches then start
+further along the stream: see ``start_position``); otherwise they are an error naming the file.
+Segmentation sources (``source.target == "label_map"``) give ``label_map`` in place of ``label``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tensorflow as tf
 
 from vision_jax.data import augment
 from vision_jax.data.preprocess import InputSpec, make_preprocess
-from vision_jax.data.sources import DataError, Source
+from vision_jax.data.sources import IGNORE_LABEL, DataError, Source
 
 Batch = dict[str, np.ndarray]
 
@@ -65,8 +66,8 @@ class Batches(Iterator[Batch]):
 
     ``skipped`` counts unreadable images dropped so far (``skip_corrupt``): stream positions
     consumed minus examples delivered. ``next_position`` is the stream position after the last
-    delivered batch. A decode error without ``skip_corrupt`` is re-raised as a
-    :class:`DataError` naming the file(s), found by re-reading the failing batch's files.
+    delivered batch. A decode error (or a bad label map) without ``skip_corrupt`` is re-raised
+    as a :class:`DataError` naming the file(s), found by re-reading the failing batch's files.
     """
 
     def __init__(
@@ -107,24 +108,50 @@ class Batches(Iterator[Batch]):
         columns = self._source.columns
         if self._rows_of_batch is None or columns is None or "path" not in columns:
             return DataError(f"The input pipeline failed: {error.message}")
-        paths = columns["path"][self._rows_of_batch(self._batches)]
-        bad = [(p, message) for p in paths if (message := _unreadable(p))]
+        rows = self._rows_of_batch(self._batches)
+        bad = [p for row in rows if (p := _problem(columns, row, self._source.num_classes))]
         if not bad:
             return DataError(f"The input pipeline failed: {error.message}")
-        listing = "; ".join(f"{p}: {message}" for p, message in bad)
         return DataError(
-            f"Cannot read image {listing}. Fix or remove the file, or set "
-            "data.skip_corrupt = True to skip unreadable images."
+            f"Cannot read {'; '.join(bad)}. Fix or remove the file, or set "
+            "data.skip_corrupt = True to skip such examples."
         )
 
 
-def _unreadable(path: str) -> str | None:
-    """None if ``path`` reads and decodes, else the error message."""
-    try:
-        augment.decode(tf.io.read_file(path))
-    except tf.errors.OpError as e:
-        return e.message.split("[Op:")[0].split("}}")[-1].strip().rstrip(".")
+def _problem(columns: dict[str, np.ndarray], row: int, num_classes: int) -> str | None:
+    """What is wrong with example ``row`` of a file source (its image, or its label map's file,
+    size or values), or None."""
+    path = columns["path"][row]
+    image = _read(path, augment.decode)
+    if isinstance(image, str):
+        return f"image {path}: {image}"
+    if "label_map_path" not in columns:
+        return None
+    map_path = columns["label_map_path"][row]
+    label_map = _read(map_path, augment.decode_index_png)
+    if isinstance(label_map, str):
+        return f"label map {map_path}: {label_map}"
+    if label_map.shape[:2] != image.shape[:2]:
+        (h, w), (ih, iw) = label_map.shape[:2], image.shape[:2]
+        return f"label map {map_path}: size {h}x{w} differs from its image {path} ({ih}x{iw})"
+    bad = sorted(set(np.unique(label_map).tolist()) - {*range(num_classes), IGNORE_LABEL})
+    if bad:
+        return (
+            f"label map {map_path}: values {bad[:5]} outside [0, {num_classes}) "
+            f"({IGNORE_LABEL} = ignore)"
+        )
     return None
+
+
+def _read(path: str, decode: Callable[[tf.Tensor], tf.Tensor]) -> np.ndarray | str:
+    """The decoded file at ``path``, or the error message."""
+    try:
+        return decode(tf.io.read_file(path)).numpy()
+    except tf.errors.OpError as e:
+        message = e.message.split("[Op:")[0].split("}}")[-1]
+        if "Summarized data: " in message:  # a failed tf.debugging.Assert
+            message = message.split("Summarized data: ")[-1].strip("b'\" ")
+        return message.strip().rstrip(".")
 
 
 def train_batches(
@@ -145,7 +172,9 @@ def train_batches(
     ``next_position`` as ``start_position`` to resume exactly.
 
     Batches hold ``image`` (float32 [B, H, W, 3]) and ``label`` (int32 [B]); with mixup or
-    cutmix also ``soft_label`` (float32 [B, num_classes], rows summing to 1).
+    cutmix also ``soft_label`` (float32 [B, num_classes], rows summing to 1). Label-map sources
+    give ``label_map`` (int32 [B, H, W], IGNORE_LABEL where nothing counts) in place of
+    ``label``.
     """
     local = _local_batch(global_batch)
     if source.num_examples < global_batch:
@@ -174,7 +203,7 @@ def train_batches(
         ds = ds.repeat().shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
         ds = ds.enumerate().skip(first)
     ds = ds.map(
-        make_preprocess(spec, train=True, seed=host_seed),
+        make_preprocess(spec, train=True, seed=host_seed, **_target(source)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -203,12 +232,14 @@ def train_batches(
 def eval_batches(
     source: Source, spec: InputSpec, *, global_batch: int, threads: int | None = None
 ) -> Iterator[Batch]:
-    """Host-local evaluation batches covering the split exactly once, padded and masked."""
+    """Host-local evaluation batches covering the split exactly once, padded and masked:
+    ``image``, ``label`` or ``label_map`` (as :func:`train_batches`) and ``mask`` (float32 [B],
+    1 for real examples, 0 for padding rows, whose ``label_map`` is all IGNORE_LABEL)."""
     local = _local_batch(global_batch)
     per_process = math.ceil(source.num_examples / jax.process_count())
     num_batches = math.ceil(per_process / local)
     ds = source.dataset.shard(jax.process_count(), jax.process_index())
-    preprocess = make_preprocess(spec, train=False, seed=0)
+    preprocess = make_preprocess(spec, train=False, seed=0, **_target(source))
     ds = ds.enumerate().map(
         lambda i, ex: {**preprocess(i, ex), "mask": tf.constant(1.0)},
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -238,23 +269,31 @@ def eval_batches(
             shard_size,
         )
     for _ in range(num_batches - count):
-        yield _empty_batch(local, spec.image_size)
+        yield _empty_batch(local, spec.image_size, source.target)
+
+
+def _target(source: Source) -> dict:
+    """:func:`make_preprocess`'s target arguments for ``source``."""
+    return {"target": source.target, "num_classes": source.num_classes}
+
+
+def _fill(key: str) -> int:
+    """The value of ``key`` in padding rows."""
+    return IGNORE_LABEL if key == "label_map" else 0
 
 
 def _pad(batch: Batch, size: int) -> Batch:
-    n = len(batch["label"])
+    n = len(batch["mask"])
     if n == size:
         return batch
     return {
-        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+        k: np.concatenate([v, np.full((size - n, *v.shape[1:]), _fill(k), v.dtype)])
         for k, v in batch.items()
     }
 
 
-def _empty_batch(size: int, s: int) -> Batch:
+def _empty_batch(size: int, s: int, target: str) -> Batch:
     """An all-padding batch, for a process whose shard ran out before the others."""
-    return {
-        "image": np.zeros((size, s, s, 3), np.float32),
-        "label": np.zeros((size,), np.int32),
-        "mask": np.zeros((size,), np.float32),
-    }
+    shapes = {"image": (s, s, 3), "mask": (), target: (s, s) if target == "label_map" else ()}
+    dtypes = {"image": np.float32, "mask": np.float32, target: np.int32}
+    return {k: np.full((size, *shape), _fill(k), dtypes[k]) for k, shape in shapes.items()}

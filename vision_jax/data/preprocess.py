@@ -1,5 +1,6 @@
 """Per-example preprocessing in TensorFlow: read, decode, crop, flip, RandAugment, normalise,
-random erasing.
+random erasing; for segmentation, label maps cropped, resized (nearest) and flipped with their
+images.
 
 Random choices use stateless ops seeded by ``(seed, example_index)``, so an example's
 augmentation depends only on the run seed and its position in the stream (resumable).
@@ -7,77 +8,31 @@ augmentation depends only on the run seed and its position in the stream (resuma
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import tensorflow as tf
 
 from vision_jax.data import augment
 from vision_jax.data.randaugment import randaugment
+from vision_jax.data.sources import IGNORE_LABEL, check_target
+from vision_jax.specs import InputSpec
 
 Example = dict[str, tf.Tensor]
 
 
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """How images enter the model: size, normalisation, and training augmentations.
-
-    Evaluation (and training without a random crop) resizes the shorter side to ``resize_size``
-    (or ``image_size / crop_fraction``, timm's crop_pct; default ``image_size``) and takes the
-    central ``image_size`` square. Training crops are, in order of precedence: ``inception_crop``
-    (random-resized crop, area fraction ``inception_scale``, aspect ratio ``inception_ratio``),
-    ``random_crop`` (a random square of the resized image, after zero-padding ``crop_padding``
-    pixels: CIFAR-style), or the centre crop. Then: ``flip``, RandAugment with
-    ``randaugment_layers`` ops at ``randaugment_magnitude`` (0..10), normalisation by
-    ``mean``/``std`` (fractions of 255), random erasing with probability ``random_erasing``.
-    Batch-level mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, applied with ``mix_prob``,
-    cutmix chosen with ``mix_switch_prob`` when both are on) adds ``soft_label`` to batches.
-    """
-
-    image_size: int
-    mean: Sequence[float] = (0.5, 0.5, 0.5)
-    std: Sequence[float] = (0.5, 0.5, 0.5)
-    resize_size: int | None = None
-    crop_fraction: float | None = None
-    random_crop: bool = False
-    crop_padding: int = 0
-    inception_crop: bool = False
-    inception_scale: Sequence[float] = (0.08, 1.0)
-    inception_ratio: Sequence[float] = (3 / 4, 4 / 3)
-    flip: bool = False
-    randaugment_layers: int = 0
-    randaugment_magnitude: float = 9.0
-    random_erasing: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    mix_switch_prob: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.resize_size is not None and self.crop_fraction is not None:
-            raise ValueError("Set at most one of input.resize_size and input.crop_fraction.")
-        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
-            raise ValueError(f"input.crop_fraction must lie in (0, 1]; got {self.crop_fraction}.")
-        if self.resize < self.image_size:
-            raise ValueError(f"input.resize_size {self.resize} < input.image_size.")
-        if self.inception_crop and self.random_crop:
-            raise ValueError("input.inception_crop and input.random_crop exclude each other.")
-        if self.crop_padding and not self.random_crop:
-            raise ValueError("input.crop_padding needs input.random_crop = True.")
-        if min(self.mixup_alpha, self.cutmix_alpha) < 0:
-            raise ValueError("input.mixup_alpha and input.cutmix_alpha must be >= 0.")
-
-    @property
-    def resize(self) -> int:
-        """The shorter side before the centre (or random) crop."""
-        if self.crop_fraction is not None:
-            return int(self.image_size / self.crop_fraction)
-        return self.resize_size or self.image_size
-
-    @property
-    def mixes(self) -> bool:
-        """Whether training batches are mixed (and carry ``soft_label``)."""
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+def check_label_map_spec(spec: InputSpec) -> None:
+    """Training with label maps: only geometric augmentations (applied to image and map alike)."""
+    unsupported = {
+        "randaugment_layers": spec.randaugment_layers,
+        "random_erasing": spec.random_erasing,
+        "mixup_alpha": spec.mixup_alpha,
+        "cutmix_alpha": spec.cutmix_alpha,
+    }
+    on = [f"input.{k}" for k, v in unsupported.items() if v]
+    if on:
+        raise ValueError(
+            f"{', '.join(on)}: not for label maps (only crops and flips are); set to 0."
+        )
 
 
 def _raw_image(example: Example) -> tf.Tensor:
@@ -87,10 +42,132 @@ def _raw_image(example: Example) -> tf.Tensor:
     return example["image"]
 
 
+def _raw_label_map(example: Example) -> tf.Tensor:
+    """uint8 [H, W, 1] class ids, read from ``example["label_map_path"]`` if given."""
+    if "label_map_path" in example:
+        return augment.decode_index_png(tf.io.read_file(example["label_map_path"]))
+    label_map = tf.cast(example["label_map"], tf.uint8)
+    if label_map.shape.rank == 2:
+        label_map = label_map[..., None]
+    return tf.ensure_shape(label_map, [None, None, 1])
+
+
+def _decode_pair(example: Example, num_classes: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The float32 image and its uint8 label map, failing (when run) if their sizes differ or
+    the map holds values outside ``[0, num_classes)`` other than IGNORE_LABEL."""
+    image = tf.cast(augment.decode(_raw_image(example)), tf.float32)
+    label_map = _raw_label_map(example)
+    values = tf.reshape(tf.cast(label_map, tf.int32), [-1])
+    bad = tf.unique(tf.boolean_mask(values, (values >= num_classes) & (values != IGNORE_LABEL))).y
+    checks = [
+        tf.debugging.Assert(
+            tf.reduce_all(tf.shape(image)[:2] == tf.shape(label_map)[:2]),
+            [
+                "Label map size",
+                tf.shape(label_map)[:2],
+                "differs from its image's",
+                tf.shape(image),
+            ],
+        ),
+        tf.debugging.Assert(
+            tf.size(bad) == 0,
+            [f"Label map values outside [0, {num_classes}) (not {IGNORE_LABEL}, ignore):", bad],
+            summarize=10,
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(image), tf.identity(label_map)
+
+
+def _joint(
+    op: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, label_map: tf.Tensor | None
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """A geometric ``op`` (crop, flip) applied to the image and, as a 4th channel, its label map,
+    so both move alike."""
+    if label_map is None:
+        return op(image), None
+    out = op(tf.concat([image, tf.cast(label_map, tf.float32)], -1))
+    return out[..., :3], tf.cast(out[..., 3:], tf.uint8)
+
+
+def _resize_pair(
+    image: tf.Tensor, label_map: tf.Tensor | None, size: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Image bilinear (antialiased when shrinking), label map nearest-neighbour."""
+    image = augment.resize(image, size)
+    return image, None if label_map is None else augment.resize_nearest(label_map, size)
+
+
+def _random_crop(
+    spec: InputSpec, image: tf.Tensor, label_map: tf.Tensor | None, rng: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """``random_crop``: the shorter side resized to ``spec.resize``, ``crop_padding`` added;
+    ``scale_jitter``: the shorter side resized to ``image_size * U(lo, hi)``. Then padding up
+    to ``image_size`` (image 0, label map IGNORE_LABEL) and a random ``image_size`` square."""
+    size, padding = spec.image_size, spec.crop_padding
+    if spec.random_crop:
+        shape = tf.maximum(augment.scaled_shape(tf.shape(image), spec.resize), spec.resize)
+    else:
+        scale_rng = tf.random.experimental.stateless_fold_in(rng, 1)
+        scale = tf.random.stateless_uniform([], scale_rng, *spec.scale_jitter)
+        shape = augment.scaled_shape(tf.shape(image), size * scale)
+    image, label_map = _resize_pair(image, label_map, shape)
+    image = augment.pad(image, padding, size)
+    if label_map is not None:
+        label_map = augment.pad(label_map, padding, size, IGNORE_LABEL)
+
+    def crop(x: tf.Tensor) -> tf.Tensor:
+        return tf.image.stateless_random_crop(x, [size, size, x.shape[-1]], seed=rng)
+
+    return _joint(crop, image, label_map)
+
+
+def _image(spec: InputSpec, raw: tf.Tensor, train: bool, rng: tf.Tensor) -> tf.Tensor:
+    """Classification: the cropped float32 image (see :class:`InputSpec`)."""
+    size = spec.image_size
+    if train and spec.inception_crop:
+        return augment.decode_inception_crop(
+            raw, size, spec.inception_scale, spec.inception_ratio, rng
+        )
+    image = tf.cast(augment.decode(raw), tf.float32)
+    if train and (spec.random_crop or spec.scale_jitter):
+        return _random_crop(spec, image, None, rng)[0]
+    return augment.center_crop(augment.resize_shorter(image, spec.resize), size)
+
+
+def _image_and_map(
+    spec: InputSpec, example: Example, num_classes: int, train: bool, rng: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Segmentation: the image and label map cropped alike; without a training crop, the whole
+    image resized to ``image_size`` x ``image_size`` (every pixel evaluated)."""
+    image, label_map = _decode_pair(example, num_classes)
+    if train and (spec.random_crop or spec.scale_jitter):
+        return _random_crop(spec, image, label_map, rng)
+    if train and spec.inception_crop:
+        box = augment.sample_inception_box(
+            tf.shape(image), spec.inception_scale, spec.inception_ratio, rng
+        )
+        window = (slice(box[0], box[0] + box[2]), slice(box[1], box[1] + box[3]))
+        image, label_map = image[window], label_map[window]
+    return _resize_pair(image, label_map, [spec.image_size, spec.image_size])
+
+
 def make_preprocess(
-    spec: InputSpec, *, train: bool, seed: int
+    spec: InputSpec,
+    *,
+    train: bool,
+    seed: int,
+    target: str = "label",
+    num_classes: int | None = None,
 ) -> Callable[[tf.Tensor, Example], Example]:
-    """Returns ``fn(index, example) -> {"image": float32 HWC, "label": int32, "index": int64}``."""
+    """Returns ``fn(index, example) -> {"image": float32 HWC, "label": int32, "index": int64}``;
+    with ``target="label_map"`` (``num_classes`` required) ``"label_map"`` (int32 [S, S]) in
+    place of ``"label"``. Label maps take the same crops and flips as their images."""
+    if check_target(target) == "label_map":
+        if num_classes is None:
+            raise ValueError("Label maps need num_classes.")
+        if train:
+            check_label_map_spec(spec)
     size = spec.image_size
 
     def fn(index: tf.Tensor, example: Example) -> Example:
@@ -98,20 +175,16 @@ def make_preprocess(
         crop_rng, flip_rng, ra_rng, erase_rng = tf.unstack(
             tf.random.experimental.stateless_split(rng, 4)
         )
-        raw = _raw_image(example)
-        if train and spec.inception_crop:
-            image = augment.decode_inception_crop(
-                raw, size, spec.inception_scale, spec.inception_ratio, crop_rng
-            )
+        if target == "label_map":
+            image, label_map = _image_and_map(spec, example, num_classes, train, crop_rng)
         else:
-            image = tf.cast(augment.decode(raw), tf.float32)
-            image = augment.resize_shorter(image, spec.resize)
-            if train and spec.random_crop:
-                image = augment.pad_random_crop(image, size, spec.crop_padding, crop_rng)
-            else:
-                image = augment.center_crop(image, size)
+            image, label_map = _image(spec, _raw_image(example), train, crop_rng), None
         if train and spec.flip:
-            image = tf.image.stateless_random_flip_left_right(image, seed=flip_rng)
+            image, label_map = _joint(
+                lambda x: tf.image.stateless_random_flip_left_right(x, seed=flip_rng),
+                image,
+                label_map,
+            )
         if train and spec.randaugment_layers:
             image = randaugment(
                 tf.round(image), spec.randaugment_layers, spec.randaugment_magnitude, ra_rng
@@ -119,11 +192,12 @@ def make_preprocess(
         image = normalise(image, spec)
         if train and spec.random_erasing:
             image = augment.random_erase(image, spec.random_erasing, erase_rng)
-        return {
-            "image": image,
-            "label": tf.cast(example["label"], tf.int32),
-            "index": tf.cast(index, tf.int64),
-        }
+        out = {"image": tf.ensure_shape(image, [size, size, 3]), "index": tf.cast(index, tf.int64)}
+        if label_map is None:
+            out["label"] = tf.cast(example["label"], tf.int32)
+        else:
+            out["label_map"] = tf.ensure_shape(tf.cast(label_map[..., 0], tf.int32), [size, size])
+        return out
 
     return fn
 

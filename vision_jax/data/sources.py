@@ -2,9 +2,11 @@
 
 A :class:`Source` is an un-batched ``tf.data.Dataset`` of ``{"image", "label"}`` examples
 (images uint8 HWC or encoded bytes) or ``{"path", "label"}`` examples (image files, read and
-decoded in the pipeline), with its size and class names. Sources held as columns (arrays, file
-lists) also allow random access, which lets the training stream be a pure function of the seed
-and the step.
+decoded in the pipeline), with its size and class names. Segmentation sources (``target ==
+"label_map"``) carry a per-pixel ``"label_map"`` (uint8 HxW class ids, :data:`IGNORE_LABEL` for
+pixels that count for nothing) or a ``"label_map_path"`` (an index PNG) instead of ``"label"``.
+Sources held as columns (arrays, file lists) also allow random access, which lets the training
+stream be a pure function of the seed and the step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import tensorflow as tf
 tf.config.set_visible_devices([], "GPU")
 
 
+IGNORE_LABEL = 255  # label-map pixels that count for nothing (VOC's "void")
+TARGETS = ("label", "label_map")
+
+
 class DataError(ValueError):
     """A dataset could not be loaded or does not fit the config."""
 
@@ -28,8 +34,11 @@ class Source:
     """One split of a dataset, before preprocessing.
 
     ``columns``, when present, holds the same examples as ``dataset`` as numpy arrays
-    (``"image"`` or ``"path"``, and ``"label"``) for random access. ``skip_corrupt`` makes the
-    pipeline skip (and count) images that cannot be decoded instead of failing.
+    (``"image"`` or ``"path"``, and ``"label"``, ``"label_map"`` or ``"label_map_path"``) for
+    random access. ``skip_corrupt`` makes the pipeline skip (and count) images that cannot be
+    decoded, or whose label maps do not fit them, instead of failing. ``target`` is "label"
+    (one class per image) or "label_map" (one class per pixel; ``class_names`` then lists every
+    id the maps use, 0 first).
     """
 
     dataset: tf.data.Dataset
@@ -37,6 +46,7 @@ class Source:
     class_names: list[str]
     columns: dict[str, np.ndarray] | None = None
     skip_corrupt: bool = False
+    target: str = "label"
 
     @property
     def num_classes(self) -> int:
@@ -44,35 +54,96 @@ class Source:
 
 
 def from_columns(columns: dict[str, np.ndarray], class_names: Sequence[str]) -> Source:
-    """A random-access source over numpy columns of equal length (one row per example)."""
-    labels = columns["label"]
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
-        raise DataError(
-            f"Labels must lie in [0, {len(class_names)}); got [{labels.min()}, {labels.max()}]."
-        )
-    columns = {**columns, "label": labels.astype(np.int32)}
+    """A random-access source over numpy columns of equal length (one row per example).
+
+    A ``"label"`` column makes a classification source; ``"label_map"`` (integer [N, H, W],
+    checked here) or ``"label_map_path"`` (checked in the pipeline) a segmentation one.
+    """
+    if "label" in columns:
+        labels = columns["label"]
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise DataError(
+                f"Labels must lie in [0, {len(class_names)}); got [{labels.min()}, {labels.max()}]."
+            )
+        columns, target = {**columns, "label": labels.astype(np.int32)}, "label"
+    else:
+        check_label_map_classes(class_names)
+        if "label_map" in columns:
+            columns = {
+                **columns,
+                "label_map": _checked_label_maps(columns["label_map"], class_names),
+            }
+        target = "label_map"
     ds = tf.data.Dataset.from_tensor_slices(columns)
-    return Source(ds, len(labels), list(class_names), columns)
+    return Source(ds, num_rows(columns), list(class_names), columns, target=target)
+
+
+def num_rows(columns: dict[str, np.ndarray]) -> int:
+    """The number of examples (rows) in ``columns``."""
+    return len(next(iter(columns.values())))
+
+
+def check_label_map_classes(class_names: Sequence[str]) -> None:
+    """Label maps are 8-bit with :data:`IGNORE_LABEL` reserved: at most 255 classes."""
+    if not 0 < len(class_names) <= IGNORE_LABEL:
+        raise DataError(
+            f"Label maps need 1 to {IGNORE_LABEL} class names ({IGNORE_LABEL} means ignore); "
+            f"got {len(class_names)}."
+        )
+
+
+def _checked_label_maps(maps: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """``maps`` as uint8, or a DataError naming the first map with a value outside
+    ``[0, num_classes)`` other than :data:`IGNORE_LABEL`."""
+    if not np.issubdtype(maps.dtype, np.integer):
+        raise DataError(f"Label maps must be integers; got dtype {maps.dtype}.")
+    bad = ((maps < 0) | (maps >= len(class_names))) & (maps != IGNORE_LABEL)
+    if bad.any():
+        index = int(np.argmax(bad.reshape(len(maps), -1).any(1)))
+        values = sorted(set(maps[index][bad[index]].tolist()))[:5]
+        raise DataError(
+            f"label_maps[{index}] holds values {values} outside [0, {len(class_names)}) "
+            f"({IGNORE_LABEL} = ignore)."
+        )
+    return maps.astype(np.uint8)
 
 
 def from_arrays(
-    images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str] | None = None,
+    *,
+    target: str = "label",
 ) -> Source:
-    """A source over in-memory arrays: images (N,H,W[,C]) uint8 or float in [0,1], labels (N,)."""
+    """A source over in-memory arrays: images (N,H,W[,C]) uint8 or float in [0,1], and labels
+    (N,) or, with ``target="label_map"``, integer label maps (N,H,W). Without ``class_names``
+    the classes are ``"0"`` .. the largest label (not counting :data:`IGNORE_LABEL` in maps)."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DataError(f"Images must be (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}.")
-    if labels.shape != (images.shape[0],):
-        raise DataError(f"Labels must have shape ({images.shape[0]},); got {labels.shape}.")
+    key = check_target(target)
+    shape = images.shape[:3] if key == "label_map" else images.shape[:1]
+    if labels.shape != shape:
+        raise DataError(
+            f"{key} arrays must have shape {shape} (as the images); got {labels.shape}."
+        )
     if images.dtype != np.uint8:
         if images.min() < 0 or images.max() > 1:
             raise DataError("Float images must lie in [0, 1]; pass uint8 for 0..255 pixels.")
         images = np.round(images * 255).astype(np.uint8)
     if class_names is None:
-        class_names = [str(i) for i in range(int(labels.max()) + 1)]
-    return from_columns({"image": images, "label": labels}, class_names)
+        used = labels[labels != IGNORE_LABEL] if key == "label_map" else labels
+        class_names = [str(i) for i in range(int(used.max(initial=0)) + 1)]
+    return from_columns({"image": images, key: labels}, class_names)
+
+
+def check_target(target: str) -> str:
+    """``target`` if it is one of :data:`TARGETS`, else a DataError."""
+    if target not in TARGETS:
+        raise DataError(f"Unknown target {target!r}; valid: {', '.join(map(repr, TARGETS))}.")
+    return target
 
 
 def digits(split: str) -> Source:
@@ -92,10 +163,23 @@ def digits(split: str) -> Source:
     return from_arrays(images[index], bunch.target[index], [str(d) for d in range(10)])
 
 
-def from_tfds(name: str, split: str, data_dir: str | None = None) -> Source:
+def from_tfds(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    target: str = "label",
+    class_names: Sequence[str] | None = None,
+    label_map_values: Sequence[Sequence[int]] | None = None,
+) -> Source:
     """A tfds dataset by name (already prepared under ``data_dir``; nothing is downloaded).
 
     ``split`` may be sliced (``"train[:90%]"``). Images stay encoded; the pipeline decodes them.
+    With ``target="label_map"`` the dataset's ``segmentation_mask`` feature is the label map:
+    ``class_names`` is required, and ``label_map_values`` ((raw value, class id) pairs, e.g.
+    ``((1, 1), (2, 0), (3, 255))`` for oxford_iiit_pet's trimaps) maps the raw mask values; a
+    raw value missing from the table is an error when the pipeline meets it. Without the table
+    raw values are the class ids.
     """
     import tensorflow_datasets as tfds
 
@@ -103,6 +187,16 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Source:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types for unknown names
         raise DataError(f"Unknown tfds dataset {name!r}: {e}") from e
+    features = builder.info.features
+    if check_target(target) == "label_map":
+        if "segmentation_mask" not in features:
+            raise DataError(
+                f"tfds dataset {name!r} has no 'segmentation_mask' feature for label maps "
+                f"(features: {sorted(features)})."
+            )
+        if not class_names:
+            raise DataError(f"Label maps of tfds dataset {name!r} need data.class_names.")
+        check_label_map_classes(class_names)
     try:
         ds = builder.as_dataset(
             split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
@@ -117,13 +211,62 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Source:
     num_examples = int(ds.cardinality())
     if num_examples < 0:  # unknown cardinality: count once
         num_examples = sum(1 for _ in ds.map(lambda ex: 0).as_numpy_iterator())
-    label = builder.info.features["label"]
+    if target == "label_map":
+        table = value_table(label_map_values, len(class_names))
+        ds = ds.map(
+            lambda ex: {
+                "image": ex["image"],
+                "label_map": map_values(ex["segmentation_mask"], table),
+            }
+        )
+        return Source(ds, num_examples, list(class_names), target="label_map")
+    label = features["label"]
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
     return Source(ds, num_examples, list(label.names))
 
 
+def value_table(pairs: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray | None:
+    """``data.label_map_values`` as a 256-entry lookup from raw mask value to class id (-1 where
+    unmapped), or None (raw values are class ids) without pairs."""
+    if pairs is None:
+        return None
+    table = np.full(256, -1, np.int32)
+    for pair in pairs:
+        raw, label = (int(v) for v in pair)
+        if not 0 <= raw <= 255 or table[raw] >= 0:
+            raise DataError(f"data.label_map_values: raw value {raw} is not a new value in 0..255.")
+        if not (0 <= label < num_classes or label == IGNORE_LABEL):
+            raise DataError(
+                f"data.label_map_values: class {label} (for raw {raw}) is outside "
+                f"[0, {num_classes}) and not {IGNORE_LABEL} (ignore)."
+            )
+        table[raw] = label
+    return table
+
+
+def map_values(mask: tf.Tensor, table: np.ndarray | None) -> tf.Tensor:
+    """A raw uint8 mask mapped through :func:`value_table`'s ``table``, failing (when run) on raw
+    values the table misses."""
+    if table is None:
+        return mask
+    raw = tf.cast(mask, tf.int32)
+    mapped = tf.gather(tf.constant(table), raw)
+    missing = tf.unique(tf.boolean_mask(raw, mapped < 0)).y
+    check = tf.debugging.Assert(
+        tf.size(missing) == 0,
+        ["Label map holds raw values missing from data.label_map_values:", missing],
+        summarize=10,
+    )
+    with tf.control_dependencies([check]):
+        return tf.cast(mapped, tf.uint8)
+
+
 def select_classes(source: Source, classes: Sequence[int]) -> Source:
     """Keeps only ``classes`` (original label ids) and relabels them 0..len(classes)-1."""
+    if source.target != "label":
+        raise DataError(
+            "data.classes selects whole-image classes; it does not apply to label maps."
+        )
     classes = [int(c) for c in classes]
     bad = [c for c in classes if not 0 <= c < source.num_classes]
     if bad or len(set(classes)) != len(classes):

@@ -19,13 +19,20 @@ import jax.numpy as jnp
 
 from vision_jax.models import precision
 from vision_jax.models.head import classify
-from vision_jax.models.registry import register_model
+from vision_jax.models.registry import (
+    Family,
+    FeatureTap,
+    register_family,
+    register_model,
+    stage_taps,
+)
 
 
 class StdConv(nn.Conv):
     """Conv whose kernel is standardised per output channel: ``(w - mean) / sqrt(var + eps)``.
 
     The standardisation runs in float32 on the float32 parameter, before the cast to ``dtype``.
+    It is not linear in the kernel, so LoRA refuses to adapt it (``Family.lora_unmergeable``).
     """
 
     eps: float = 1e-8
@@ -126,7 +133,9 @@ class Stage(nn.Module):
 
 
 class ResNetV2(nn.Module):
-    """BiT ResNet-v2 on NHWC images; returns logits, or pooled features if ``num_classes == 0``.
+    """BiT ResNet-v2 on NHWC images; returns logits, or pooled features if ``num_classes == 0``,
+    or with ``feature_taps`` (stage indices) a tuple of those stages' outputs (strides 4-32; the
+    last stage through ``norm-pre-head`` and ReLU, as the classifier sees it).
 
     ``train`` is accepted for a uniform interface; the network has no train-mode behaviour.
     """
@@ -136,10 +145,13 @@ class ResNetV2(nn.Module):
     width_factor: int = 1
     std_conv_eps: float = 1e-8
     dtype: Any = jnp.float32
+    feature_taps: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         del train
+        taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
+        stages = []
         x = jnp.asarray(images, self.dtype)
         width = 64 * self.width_factor
         x = RootBlock(width, self.std_conv_eps, self.dtype, name="root_block")(x)
@@ -152,9 +164,35 @@ class ResNetV2(nn.Module):
                 dtype=self.dtype,
                 name=f"block{i + 1}",
             )(x)
+            stages.append(x)
         x = nn.relu(_group_norm(self.dtype, "norm-pre-head")(x))
+        if taps:
+            stages[-1] = x
+            return tuple(stages[i] for i in taps)
         x = jnp.mean(x, axis=(1, 2))
         return classify(x, self.num_classes, self.dtype)
+
+
+def _layer_groups(model: ResNetV2) -> tuple[list[tuple[str, int]], int]:
+    n = len(model.stage_sizes)
+    blocks = [(rf"block{i + 1}/.*", i + 1) for i in range(n)]
+    return [(r"root_block/.*", 0)] + blocks + [(".*", n + 1)], n + 2
+
+
+register_family(
+    Family(
+        name="bit",
+        module=ResNetV2,
+        layer_groups=_layer_groups,
+        norm_modules=r"gn\d+|norm-pre-head",
+        feature_taps=lambda m: [
+            FeatureTap(f"block{i + 1}", 4 * 2**i, 256 * m.width_factor * 2**i)
+            for i in range(len(m.stage_sizes))
+        ],
+        converter="vision_jax.weights.resnet",
+        lora_unmergeable=(StdConv,),
+    )
+)
 
 
 for _name, _stages, _width, _timm in [

@@ -15,8 +15,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vision_jax.models.head import classify
-from vision_jax.models.registry import register_model
-from vision_jax.models.resnet import batch_norm, conv2d
+from vision_jax.models.registry import (
+    Family,
+    FeatureTap,
+    register_family,
+    register_model,
+    stage_taps,
+)
+from vision_jax.models.resnet import NORM_MODULES, batch_norm, conv2d, resnet_layer_groups
 
 WIDTHS = (16, 32, 64)
 
@@ -60,14 +66,18 @@ class Stage(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """CIFAR ResNet on NHWC images; returns logits, or pooled features if ``num_classes == 0``."""
+    """CIFAR ResNet on NHWC images; returns logits, or pooled features if ``num_classes == 0``,
+    or with ``feature_taps`` (stage indices) a tuple of those stages' outputs (strides 1-4)."""
 
     num_classes: int
     stage_sizes: Sequence[int] = (3, 3, 3)
     dtype: Any = jnp.float32
+    feature_taps: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
+        taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
+        stages = []
         x = jnp.asarray(images, self.dtype)
         x = conv2d(WIDTHS[0], 3, 1, self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
@@ -75,8 +85,23 @@ class CifarResNet(nn.Module):
             x = Stage(planes, depth, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}")(
                 x, train=train
             )
+            stages.append(x)
+        if taps:
+            return tuple(stages[i] for i in taps)
         x = jnp.mean(x, axis=(1, 2))
         return classify(x, self.num_classes, self.dtype)
+
+
+register_family(
+    Family(
+        name="cifar_resnet",
+        module=CifarResNet,
+        layer_groups=resnet_layer_groups,
+        norm_modules=NORM_MODULES,
+        feature_taps=lambda m: [FeatureTap(f"layer{i + 1}", 2**i, w) for i, w in enumerate(WIDTHS)],
+        converter="vision_jax.weights.resnet",
+    )
+)
 
 
 # Exact parameter counts of akamaster's resnet{20,...,110} with 10 classes (the paper's table 6:

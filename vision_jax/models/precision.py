@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Compute (and optimizer-moment) dtypes by config name.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def dot_general(dtype: Any) -> Callable[..., jax.Array]:
     """A ``lax.dot_general`` for Flax's ``dot_general=`` field in compute dtype ``dtype``.

@@ -1,12 +1,88 @@
-"""The model registry: every model is created by name through :func:`create_model`."""
+"""The model registry: every model is created by name through :func:`create_model`, and every
+model family describes itself (:class:`Family`) so that the optimizer, LoRA and the weight
+converters ask the family instead of importing model classes (timm's ``group_matcher`` /
+``no_weight_decay`` / ``feature_info`` idea)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTap:
+    """One feature map a backbone can return: its stride to the image and its channels."""
+
+    name: str
+    stride: int
+    channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the rest of the library needs to know about a model family.
+
+    * ``layer_groups(model)``: ``([(regex, group)], n_groups)``: group 0 the stem, 1..L the
+      blocks or stages, L+1 the final norm and the head (layer decay, ``last:N``);
+    * ``norm_modules``: regex of the normalisation module names (``bitfit``);
+    * ``feature_taps(model)``: every feature map the backbone can return, in tap order
+      (``feature_taps`` field of the module selects among them by index);
+    * ``converter``: the module with ``from_timm`` / ``to_timm`` / ``checkpoint_model``;
+    * ``lora_unmergeable``: module classes whose kernels LoRA must refuse (non-linear kernels).
+    """
+
+    name: str
+    module: type[nn.Module]
+    layer_groups: Callable[[Any], tuple[list[tuple[str, int]], int]]
+    norm_modules: str
+    feature_taps: Callable[[Any], list[FeatureTap]]
+    converter: str
+    lora_unmergeable: tuple[type, ...] = ()
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> None:
+    """Registers a model family (once, beside its module)."""
+    if family.name in _FAMILIES:
+        raise ValueError(f"Family {family.name!r} is already registered.")
+    _FAMILIES[family.name] = family
+
+
+def families() -> list[Family]:
+    """Every registered family."""
+    return list(_FAMILIES.values())
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The registered backbone module inside ``model`` (itself, or a task model's backbone)."""
+    return getattr(model, "backbone", model)
+
+
+def stage_taps(taps: Any, num_stages: int, num_classes: int) -> tuple[int, ...]:
+    """Stage (or block) indices of a backbone's ``feature_taps`` field (negative from the end),
+    checked; () when the field is unset."""
+    if taps is None:
+        return ()
+    if num_classes:
+        raise ValueError("feature_taps returns feature maps: create the model with num_classes=0.")
+    if not taps or any(not -num_stages <= int(t) < num_stages for t in taps):
+        raise ValueError(f"feature_taps {taps} must be indices in [-{num_stages}, {num_stages}).")
+    return tuple(int(t) % num_stages for t in taps)
+
+
+def family(model: nn.Module) -> Family:
+    """The :class:`Family` of a model created by :func:`create_model` (or a task model on one)."""
+    backbone = backbone_of(model)
+    for fam in _FAMILIES.values():
+        if isinstance(backbone, fam.module):
+            return fam
+    raise ValueError(f"{type(backbone).__name__} is not a registered model class.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +143,8 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def family_of(module: nn.Module) -> str:
-    """The family (``vit``, ``resnet``, ...) of a module created by :func:`create_model`."""
-    for spec in _REGISTRY.values():
-        if isinstance(module, spec.module):
-            return spec.family
-    raise ValueError(f"{type(module).__name__} is not a registered model class.")
+    """The family name (``vit``, ``resnet``, ...) of a module created by :func:`create_model`."""
+    return family(module).name
 
 
 def create_model(
@@ -81,7 +154,8 @@ def create_model(
 
     Args:
       name: a registered name (see :func:`list_models`).
-      num_classes: size of the classification head; 0 gives a headless feature extractor.
+      num_classes: size of the classification head; 0 gives a headless feature extractor
+        (pooled features, or with ``feature_taps=(...)`` the chosen feature maps).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
       **overrides: any other field of the module (e.g. ``dropout_rate``, ``pool_type``).
     """

@@ -15,7 +15,13 @@ import jax.numpy as jnp
 
 from vision_jax.models import precision
 from vision_jax.models.head import classify
-from vision_jax.models.registry import register_model
+from vision_jax.models.registry import (
+    Family,
+    FeatureTap,
+    register_family,
+    register_model,
+    stage_taps,
+)
 
 # torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm initialises convs.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -117,15 +123,19 @@ class Stage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet v1.5 on NHWC images; returns logits, or pooled features if ``num_classes == 0``."""
+    """ResNet v1.5 on NHWC images; returns logits, or pooled features if ``num_classes == 0``,
+    or with ``feature_taps`` (stage indices) a tuple of those stages' outputs (strides 4-32)."""
 
     num_classes: int
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     bottleneck: bool = True
     dtype: Any = jnp.float32
+    feature_taps: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
+        taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
+        stages = []
         x = jnp.asarray(images, self.dtype)
         x = conv2d(64, 7, 2, self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
@@ -135,8 +145,35 @@ class ResNet(nn.Module):
             x = Stage(
                 block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}"
             )(x, train=train)
+            stages.append(x)
+        if taps:
+            return tuple(stages[i] for i in taps)
         x = jnp.mean(x, axis=(1, 2))
         return classify(x, self.num_classes, self.dtype)
+
+
+def resnet_layer_groups(model: Any) -> tuple[list[tuple[str, int]], int]:
+    """Stem (``conv1``, ``bn1``), stages ``layer1``.., then the head (ResNet and CIFAR ResNet)."""
+    n = len(model.stage_sizes)
+    blocks = [(rf"layer{i + 1}/.*", i + 1) for i in range(n)]
+    return [(r"(conv1|bn1)/.*", 0)] + blocks + [(".*", n + 1)], n + 2
+
+
+NORM_MODULES = r"bn\d*|downsample_bn"
+
+register_family(
+    Family(
+        name="resnet",
+        module=ResNet,
+        layer_groups=resnet_layer_groups,
+        norm_modules=NORM_MODULES,
+        feature_taps=lambda m: [
+            FeatureTap(f"layer{i + 1}", 4 * 2**i, 64 * 2**i * (4 if m.bottleneck else 1))
+            for i in range(len(m.stage_sizes))
+        ],
+        converter="vision_jax.weights.resnet",
+    )
+)
 
 
 for _depth, _stages, _bottleneck in [

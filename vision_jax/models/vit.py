@@ -23,7 +23,13 @@ from jax import lax
 
 from vision_jax.models import precision
 from vision_jax.models.head import classify
-from vision_jax.models.registry import register_model
+from vision_jax.models.registry import (
+    Family,
+    FeatureTap,
+    register_family,
+    register_model,
+    stage_taps,
+)
 
 POOL_TYPES = ("token", "gap")
 
@@ -158,7 +164,12 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embeddings, ``depth`` encoder blocks and the final LayerNorm (``Transformer``)."""
+    """Position embeddings, ``depth`` encoder blocks and the final LayerNorm (``Transformer``).
+
+    Returns the normalised output of the last block, or with ``taps`` a list of the outputs of
+    those blocks, each through the (shared) final LayerNorm: timm's ``forward_intermediates``
+    with ``norm=True``. Every block runs either way, so the parameters are always the same.
+    """
 
     depth: int
     num_heads: int
@@ -167,9 +178,11 @@ class Encoder(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    taps: tuple[int, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array | list[jax.Array]:
+        outputs = {}
         x = AddPositionEmbs(name="posembed_input")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.depth):
@@ -184,11 +197,21 @@ class Encoder(nn.Module):
                 self.dtype,
                 name=f"encoderblock_{i}",
             )(x, deterministic=deterministic)
-        return _layer_norm(self.dtype, "encoder_norm")(x)
+            outputs[i] = x
+        norm = _layer_norm(self.dtype, "encoder_norm")
+        if not self.taps:
+            return norm(x)
+        return [norm(outputs[i]) for i in self.taps]
 
 
 class VisionTransformer(nn.Module):
-    """ViT on NHWC images; returns logits, or the pooled features if ``num_classes == 0``."""
+    """ViT on NHWC images; returns logits, or the pooled features if ``num_classes == 0``.
+
+    With ``feature_taps`` (block indices, negative from the end; needs ``num_classes == 0``) it
+    returns a tuple of NHWC token grids ``(N, H / patch, W / patch, width)`` instead: the outputs
+    of those blocks through the final LayerNorm, class token dropped. The parameters are the same
+    in every mode (the class token and every block run), so checkpoints load unchanged.
+    """
 
     num_classes: int
     patch_size: int = 16
@@ -202,9 +225,11 @@ class VisionTransformer(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    feature_taps: tuple[int, ...] | None = None
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> Any:
+        taps = stage_taps(self.feature_taps, self.depth, self.num_classes)
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
         h, w = images.shape[1:3]
@@ -236,8 +261,12 @@ class VisionTransformer(nn.Module):
             self.attention_dropout_rate,
             self.drop_path_rate,
             self.dtype,
+            taps,
             name="Transformer",
         )(x, deterministic=not train)
+        if taps:
+            prefix = int(self.pool_type == "token")
+            return tuple(y[:, prefix:].reshape(n, gh, gw, c) for y in x)
         x = x[:, 0] if self.pool_type == "token" else jnp.mean(x, axis=1)
         if self.representation_size is not None:
             x = nn.Dense(
@@ -247,6 +276,25 @@ class VisionTransformer(nn.Module):
             x = jnp.tanh(x)
         return classify(x, self.num_classes, self.dtype)
 
+
+def _layer_groups(model: VisionTransformer) -> tuple[list[tuple[str, int]], int]:
+    stem = [(r"(embedding|Transformer/posembed_input)/.*|cls", 0)]
+    blocks = [(rf"Transformer/encoderblock_{i}/.*", i + 1) for i in range(model.depth)]
+    return stem + blocks + [(".*", model.depth + 1)], model.depth + 2
+
+
+register_family(
+    Family(
+        name="vit",
+        module=VisionTransformer,
+        layer_groups=_layer_groups,
+        norm_modules=r"LayerNorm_\d+|encoder_norm",
+        feature_taps=lambda m: [
+            FeatureTap(f"block{i}", m.patch_size, m.width) for i in range(m.depth)
+        ],
+        converter="vision_jax.weights.vit",
+    )
+)
 
 # name: (width, depth, heads, mlp_dim, timm's name stem)
 VIT_SIZES = {

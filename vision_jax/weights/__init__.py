@@ -15,8 +15,8 @@ from typing import Any
 
 import flax.linen as nn
 
-from vision_jax.masks import flatten_dict, unflatten_dict
-from vision_jax.models.registry import family_of
+from vision_jax.models.registry import backbone_of, family_of
+from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights import hf, surgery
 from vision_jax.weights.contract import InputContract, apply_input_contract, input_contract
 from vision_jax.weights.export import converter, export_npz, export_safetensors
@@ -41,6 +41,15 @@ def _from_state_dict(state_dict: dict, model: nn.Module, source: str) -> dict:
     return conv.from_timm(state_dict, conv.checkpoint_model(state_dict, model))
 
 
+def _classifier_view(model: nn.Module) -> nn.Module:
+    """The registered backbone of ``model`` in its classifier form (converters describe that
+    form; the feature form has the same parameters without the head)."""
+    backbone = backbone_of(model)
+    if getattr(backbone, "feature_taps", None) is not None:
+        backbone = backbone.clone(parent=None, feature_taps=None)
+    return backbone
+
+
 def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
     """Reads ``source`` into variables in vision_jax names, as the checkpoint holds them.
 
@@ -51,6 +60,7 @@ def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
     from vision_jax import checkpoint
 
     kind, name = detect_format(source), str(source)
+    model = _classifier_view(model)
     try:
         if kind == "orbax":
             try:

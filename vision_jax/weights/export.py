@@ -10,21 +10,14 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from vision_jax.masks import flatten_dict
-from vision_jax.models.registry import family_of
-
-# family -> module holding ``from_timm(state_dict, model)`` and ``to_timm(variables, model)``.
-_CONVERTER_MODULES = {
-    "vit": "vision_jax.weights.vit",
-    "resnet": "vision_jax.weights.resnet",
-    "bit": "vision_jax.weights.resnet",
-    "cifar_resnet": "vision_jax.weights.resnet",
-}
+from vision_jax.models.registry import family
+from vision_jax.trees import flatten_dict
 
 
 def converter(model: nn.Module):
-    """The converter module (``from_timm`` / ``to_timm``) for a model created by create_model."""
-    return importlib.import_module(_CONVERTER_MODULES[family_of(model)])
+    """The converter module (``from_timm`` / ``to_timm`` / ``checkpoint_model``) that the
+    model's family names."""
+    return importlib.import_module(family(model).converter)
 
 
 def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:

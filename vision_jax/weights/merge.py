@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from vision_jax.masks import flatten_dict, unflatten_dict
+from vision_jax.trees import flatten_dict, unflatten_dict
 
 
 class WeightMismatchError(ValueError):

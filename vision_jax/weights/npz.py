@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from vision_jax.masks import unflatten_dict
+from vision_jax.trees import unflatten_dict
 from vision_jax.weights.formats import WeightFormatError
 
 Flat = dict[str, np.ndarray]

@@ -23,10 +23,10 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from vision_jax.masks import flatten_dict, unflatten_dict
 from vision_jax.models.bit import ResNetV2
 from vision_jax.models.cifar_resnet import WIDTHS, CifarResNet
 from vision_jax.models.resnet import ResNet
+from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights.merge import WeightMismatchError
 
 # kind -> (torch ndim, torch -> flax, flax -> torch)

@@ -26,7 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from vision_jax.masks import flatten_dict, tree_mask
+from vision_jax.masks import tree_mask
+from vision_jax.models.task_model import TASK_HEAD
+from vision_jax.trees import flatten_dict
 
 POSEMB = "params/Transformer/posembed_input/pos_embedding"
 PATCH = "params/embedding/kernel"
@@ -141,6 +143,21 @@ def _head(init: Flat, loaded: Flat, force: bool, bias_init: float) -> list[Row]:
     return rows + [("head", f"{why}; zero kernel, bias {bias_init}")]
 
 
+def _task_head(init: Flat, loaded: Flat) -> list[Row]:
+    """A task model's head (``task_head/...``) starts fresh unless the checkpoint holds the same
+    head (a run of the same task and classes)."""
+    paths = [p for p in init if p.split("/", 2)[1:2] == [TASK_HEAD]]
+    if not paths:
+        return []
+    same = all(p in loaded and np.shape(loaded[p]) == np.shape(init[p]) for p in paths)
+    if same:
+        return []
+    for path in [p for p in loaded if p.split("/", 2)[1:2] == [TASK_HEAD]]:
+        del loaded[path]
+    loaded.update({p: init[p] for p in paths})
+    return [("task head", f"initialised fresh ({len(paths)} arrays)")]
+
+
 def _posemb(init: Flat, loaded: Flat, had_cls: bool, method: str) -> list[Row]:
     if POSEMB not in loaded or POSEMB not in init:
         return []
@@ -190,6 +207,7 @@ def adapt(
         rows.append(("cls", "dropped (the model pools with gap)"))
     if not any(p in keep for p in HEAD):
         rows += _head(flat_init, flat, replace_head, head_bias_init)
+    rows += _task_head(flat_init, flat)
     rows += _posemb(flat_init, flat, had_cls, posemb)
     if PATCH in flat and PATCH in flat_init:
         old, new = np.shape(flat[PATCH]), np.shape(flat_init[PATCH])

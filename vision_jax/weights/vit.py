@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from vision_jax.masks import flatten_dict, unflatten_dict
 from vision_jax.models.vit import VisionTransformer
+from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights.merge import WeightMismatchError
 
 Array = np.ndarray

@@ -1,0 +1,366 @@
+"""Segmentation data: label-map sources (image folders with index PNGs, arrays, tfds), joint
+image/label-map augmentation, eval coverage, exact resumption and errors naming the file."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from vision_jax import data as data_lib
+from vision_jax.config import TrackedConfig, default_config
+from vision_jax.data import IGNORE_LABEL, augment
+from vision_jax.data.preprocess import InputSpec, make_preprocess
+
+# Region colours (never black: black is padding), by class; grey marks ignored pixels.
+COLOURS = {0: (220, 40, 40), 1: (40, 220, 40), 2: (40, 40, 220), 3: (220, 220, 40)}
+GREY = (128, 128, 128)
+CLASSES = ("background", "a", "b", "c")
+
+
+def label_map_of(shape: tuple[int, int], block: int, seed: int) -> np.ndarray:
+    """Rectangular blocks of random classes 0..3, some ignored (IGNORE_LABEL)."""
+    rng = np.random.default_rng(seed)
+    grid = rng.choice([0, 1, 2, 3, 3, IGNORE_LABEL], (shape[0] // block + 1, shape[1] // block + 1))
+    return np.kron(grid, np.ones((block, block), np.int64))[: shape[0], : shape[1]].astype(np.uint8)
+
+
+def image_of(label_map: np.ndarray) -> np.ndarray:
+    """uint8 RGB with each class's colour (grey where ignored)."""
+    palette = np.array([*COLOURS.values(), GREY], np.uint8)
+    return palette[np.where(label_map == IGNORE_LABEL, 4, label_map)]
+
+
+def save_mask(path: pathlib.Path, label_map: np.ndarray, palette: bool) -> None:
+    mask = Image.fromarray(label_map, mode="L")
+    if palette:  # VOC-style: colours in the palette, indices in the pixels
+        mask = Image.fromarray(label_map).convert("P")
+        mask.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
+        mask.putpixel((0, 0), int(label_map[0, 0]))
+    mask.save(path, format="PNG")
+
+
+def make_seg_folder(root: pathlib.Path, n: int = 7, size=(16, 16)) -> list[np.ndarray]:
+    """root/train/{images,masks}/ (PNG images with palette and grayscale masks, alternately)
+    and root/classes.txt; returns the label maps in file order."""
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "masks").mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    maps = []
+    for i in range(n):
+        label_map = label_map_of(size, 4, seed=i)
+        Image.fromarray(image_of(label_map)).save(root / "train" / "images" / f"{i:03d}.png")
+        save_mask(root / "train" / "masks" / f"{i:03d}.png", label_map, palette=i % 2 == 0)
+        maps.append(label_map)
+    return maps
+
+
+def data_config(**overrides) -> TrackedConfig:
+    return TrackedConfig({"data": {**default_config().data.to_dict(), **overrides}})
+
+
+def spec_of(**overrides) -> InputSpec:
+    """Pixels stay 0..255 (up to rounding): mean 0, std 1/255; no crop or flip by default."""
+    base = {"image_size": 16, "mean": (0,) * 3, "std": (1 / 255,) * 3}
+    return InputSpec(**{**base, **overrides})
+
+
+def take(batches, n: int) -> list[dict]:
+    return [next(batches) for _ in range(n)]
+
+
+# Reading label maps.
+
+
+def test_palette_and_grayscale_pngs_read_as_indices(tmp_path):
+    label_map = label_map_of((9, 13), 3, seed=0)
+    for palette in (True, False):
+        save_mask(tmp_path / "m.png", label_map, palette)
+        assert Image.open(tmp_path / "m.png").mode == ("P" if palette else "L")
+        decoded = augment.decode_index_png(tf.io.read_file(str(tmp_path / "m.png")))
+        np.testing.assert_array_equal(decoded.numpy()[..., 0], label_map)
+    small = Image.fromarray(label_map % 4).convert("P")  # few palette entries, 2 bits a pixel
+    small.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9])
+    small.save(tmp_path / "s.png", bits=2)
+    decoded = augment.decode_index_png(tf.io.read_file(str(tmp_path / "s.png")))
+    np.testing.assert_array_equal(decoded.numpy()[..., 0], label_map % 4)
+    Image.fromarray(image_of(label_map)).save(tmp_path / "rgb.png")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="grayscale or palette PNG"):
+        augment.decode_index_png(tf.io.read_file(str(tmp_path / "rgb.png")))
+
+
+def test_label_map_folder_eval_covers_every_pixel_once(tmp_path):
+    maps = make_seg_folder(tmp_path)
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    source = data_lib.load_source(cfg.data, "train", target="label_map")
+    assert source.target == "label_map" and source.class_names == list(CLASSES)
+    assert source.num_examples == 7
+    batches = list(data_lib.eval_batches(source, spec_of(), global_batch=3))
+    assert len(batches) == 3 and all(b.keys() == {"image", "label_map", "mask"} for b in batches)
+    mask = np.concatenate([b["mask"] for b in batches])
+    np.testing.assert_array_equal(mask, [1] * 7 + [0] * 2)
+    label_maps = np.concatenate([b["label_map"] for b in batches])
+    assert label_maps.dtype == np.int32 and label_maps.shape == (9, 16, 16)
+    np.testing.assert_array_equal(label_maps[:7], np.stack(maps))  # whole image, no crop
+    assert (label_maps[7:] == IGNORE_LABEL).all()
+    head = data_lib.load_source(cfg.data, "train[:70%]", target="label_map")
+    tail = data_lib.load_source(cfg.data, "train[70%:]", target="label_map")
+    assert (head.num_examples, tail.num_examples) == (5, 2)
+    assert not set(head.columns["path"]) & set(tail.columns["path"])
+    named = data_lib.load_source(
+        data_config(source="imagefolder", root=str(tmp_path), class_names=("x",) * 5).data,
+        "train",
+        target="label_map",
+    )
+    assert named.num_classes == 5
+
+
+def test_resumed_stream_equals_the_uninterrupted_one(tmp_path):
+    make_seg_folder(tmp_path, size=(20, 28))
+    source = data_lib.load_source(
+        data_config(source="imagefolder", root=str(tmp_path)).data, "train", target="label_map"
+    )
+    spec = spec_of(scale_jitter=(0.5, 2.0), flip=True)
+    fresh = take(data_lib.train_batches(source, spec, global_batch=2, seed=3), 5)
+    resumed = take(data_lib.train_batches(source, spec, global_batch=2, seed=3, start_step=3), 2)
+    for a, b in zip(fresh[3:], resumed, strict=True):
+        assert a.keys() == b.keys() == {"image", "label_map"}
+        assert a["label_map"].shape == (2, 16, 16) and a["label_map"].dtype == np.int32
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(fresh[0]["label_map"], fresh[4]["label_map"])
+
+
+# Joint augmentation: the label map stays on its pixels.
+
+CROPS = {
+    "inception": dict(inception_crop=True, inception_scale=(0.1, 1.0)),
+    "random_crop": dict(random_crop=True, crop_padding=6),
+    "scale_jitter": dict(scale_jitter=(0.4, 2.0)),
+    "none": dict(),
+}
+
+
+def nearest_class(image: np.ndarray) -> np.ndarray:
+    """The class whose colour is nearest each pixel (IGNORE_LABEL for grey, -1 for black)."""
+    colours = np.array([*COLOURS.values(), GREY, (0, 0, 0)], np.float32)
+    classes = np.array([*COLOURS, IGNORE_LABEL, -1])
+    distance = ((image[..., None, :] - colours) ** 2).sum(-1)
+    return classes[distance.argmin(-1)]
+
+
+def uniform_neighbourhood(label_map: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood holds one class (never those at the border, whose
+    neighbours outside the crop are unknown)."""
+    padded = np.pad(label_map.astype(np.int64), 1, constant_values=-1)
+    h, w = label_map.shape
+    shifts = [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+    return np.all([s == label_map for s in shifts], axis=0)
+
+
+@pytest.mark.parametrize("crop", sorted(CROPS))
+def test_label_maps_stay_aligned_under_augmentation(crop):
+    label_map = label_map_of((40, 56), 8, seed=1)
+    example = {"image": tf.constant(image_of(label_map)), "label_map": tf.constant(label_map)}
+    spec = spec_of(image_size=32, flip=True, **CROPS[crop])
+    fn = make_preprocess(spec, train=True, seed=0, target="label_map", num_classes=4)
+    outputs, padded = set(), 0
+    for i in range(6):
+        out = fn(tf.constant(i), example)
+        image, label_map_out = out["image"].numpy(), out["label_map"].numpy()
+        assert image.shape == (32, 32, 3) and label_map_out.shape == (32, 32)
+        padding = (image == 0).all(-1)  # black: only padding, always ignored
+        assert (label_map_out[padding] == IGNORE_LABEL).all()
+        padded += padding.sum()
+        check = uniform_neighbourhood(label_map_out) & ~padding
+        assert check.mean() > 0.3
+        np.testing.assert_array_equal(nearest_class(image)[check], label_map_out[check])
+        outputs.add(label_map_out.tobytes())
+    assert len(outputs) > (1 if crop == "none" else 3)  # crops and flips vary by example
+    assert padded > 0 if crop in ("random_crop", "scale_jitter") else padded == 0
+
+
+def test_eval_resizes_the_whole_image_nearest():
+    label_map = label_map_of((40, 56), 8, seed=2)
+    example = {"image": tf.constant(image_of(label_map)), "label_map": tf.constant(label_map)}
+    spec = spec_of(image_size=8, random_crop=True, flip=True, crop_fraction=0.5)  # train-only
+    out = make_preprocess(spec, train=False, seed=0, target="label_map", num_classes=4)(
+        tf.constant(0), example
+    )
+    rows, cols = (np.arange(8) * 40 // 8 + 2), (np.arange(8) * 56 // 8 + 3)  # pixel centres
+    np.testing.assert_array_equal(out["label_map"].numpy(), label_map[np.ix_(rows, cols)])
+
+
+def test_augmentations_that_do_not_apply_to_label_maps(tmp_path):
+    source = data_lib.from_arrays(
+        np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 8, 8), np.uint8), target="label_map"
+    )
+    for option in (
+        dict(randaugment_layers=2),
+        dict(random_erasing=0.25),
+        dict(mixup_alpha=0.8),
+        dict(cutmix_alpha=1.0),
+    ):
+        with pytest.raises(ValueError, match=f"input.{next(iter(option))}.*label maps"):
+            data_lib.train_batches(source, spec_of(image_size=8, **option), global_batch=2, seed=0)
+    with pytest.raises(ValueError, match="scale_jitter excludes"):
+        spec_of(scale_jitter=(0.5, 2.0), random_crop=True)
+    with pytest.raises(ValueError, match="0 < lo <= hi"):
+        spec_of(scale_jitter=(2.0, 0.5))
+
+
+def test_a_host_without_examples_left_gets_ignored_padding(monkeypatch):
+    maps = np.arange(3 * 4 * 4).reshape(3, 4, 4) % 3
+    source = data_lib.from_arrays(np.zeros((3, 4, 4), np.uint8), maps, target="label_map")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # one row (1) of three
+    batches = list(data_lib.eval_batches(source, spec_of(image_size=4), global_batch=2))
+    assert [b["mask"].tolist() for b in batches] == [[1.0], [0.0]]
+    np.testing.assert_array_equal(batches[0]["label_map"][0], maps[1])
+    assert batches[1].keys() == {"image", "label_map", "mask"}
+    assert batches[1]["label_map"].shape == (1, 4, 4)
+    assert (batches[1]["label_map"] == IGNORE_LABEL).all()
+
+
+# Arrays and tfds.
+
+
+def test_array_label_maps():
+    images = np.zeros((3, 6, 5, 3), np.uint8)
+    maps = np.zeros((3, 6, 5), np.int64)
+    maps[1, 0, 0], maps[2, 1, 1] = 2, IGNORE_LABEL
+    source = data_lib.load_source(
+        data_config(source="arrays").data, "x", arrays={"x": (images, maps)}, target="label_map"
+    )
+    assert source.class_names == ["0", "1", "2"]  # 255 is no class
+    batch = next(data_lib.eval_batches(source, spec_of(image_size=6), global_batch=4))
+    assert batch["label_map"][1, 0, 0] == 2 and (batch["label_map"][3] == IGNORE_LABEL).all()
+    maps[2, 3, 4] = 7
+    with pytest.raises(data_lib.DataError, match=r"label_maps\[2\] holds values \[7\] outside"):
+        data_lib.from_arrays(images, maps, ["a", "b", "c"], target="label_map")
+    with pytest.raises(data_lib.DataError, match=r"label_map arrays must have shape \(3, 6, 5\)"):
+        data_lib.from_arrays(images, maps[:, :5], target="label_map")
+
+
+def _pet_dataset(raw_maps: list[np.ndarray]):
+    """A stand-in for oxford_iiit_pet's reader: encoded images, decoded trimaps."""
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        images = [tf.io.encode_png(np.full((*m.shape, 3), 99, np.uint8)) for m in raw_maps]
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "image": tf.stack(images),
+                "segmentation_mask": np.stack(raw_maps)[..., None],
+                "label": np.zeros(len(raw_maps), np.int64),
+            }
+        )
+
+    return as_dataset
+
+
+def test_tfds_segmentation_mask_through_the_value_table():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    trimaps = [np.array([[1, 2, 3], [3, 2, 1]], np.uint8), np.full((2, 3), 2, np.uint8)]
+    cfg = data_config(
+        source="tfds",
+        name="oxford_iiit_pet",
+        class_names=("background", "pet"),
+        label_map_values=((1, 1), (2, 0), (3, IGNORE_LABEL)),
+    )
+    with tfds.testing.mock_data(as_dataset_fn=_pet_dataset(trimaps)):
+        source = data_lib.load_source(cfg.data, "train", target="label_map")
+        assert source.num_examples == 2 and source.class_names == ["background", "pet"]
+        batch = next(data_lib.eval_batches(source, spec_of(image_size=3), global_batch=2))
+    np.testing.assert_array_equal(batch["label_map"][0, :2], [[1, 0, 255], [255, 0, 1]])
+    np.testing.assert_array_equal(batch["label_map"][1, 0], [0, 0, 0])
+    unmapped = [np.array([[1, 4, 2]], np.uint8)] * 2
+    with tfds.testing.mock_data(as_dataset_fn=_pet_dataset(unmapped)):
+        source = data_lib.load_source(cfg.data, "train", target="label_map")
+        with pytest.raises(data_lib.DataError, match=r"missing from data.label_map_values.*4"):
+            list(data_lib.eval_batches(source, spec_of(image_size=3), global_batch=2))
+        cfg = data_config(source="tfds", name="oxford_iiit_pet")
+        with pytest.raises(data_lib.DataError, match="need data.class_names"):
+            data_lib.load_source(cfg.data, "train", target="label_map")
+        cfg = data_config(source="tfds", name="mnist", class_names=("a",))
+        with pytest.raises(data_lib.DataError, match="no 'segmentation_mask' feature"):
+            data_lib.load_source(cfg.data, "train", target="label_map")
+
+
+# Bad input: errors naming the file, or counted skips.
+
+
+@pytest.fixture()
+def bad_folder(tmp_path) -> pathlib.Path:
+    """Seven good examples, plus one mask of the wrong size and one with class 6 of 4."""
+    maps = make_seg_folder(tmp_path, n=7)
+    images, masks = tmp_path / "train" / "images", tmp_path / "train" / "masks"
+    for name, label_map in (("size", maps[0][:12]), ("range", np.where(maps[1] == 2, 6, maps[1]))):
+        Image.fromarray(image_of(maps[0])).save(images / f"{name}.png")
+        save_mask(masks / f"{name}.png", label_map.astype(np.uint8), palette=False)
+    return tmp_path
+
+
+def test_bad_masks_are_errors_naming_the_file(bad_folder):
+    cfg = data_config(source="imagefolder", root=str(bad_folder))
+    source = data_lib.load_source(cfg.data, "train", target="label_map")
+    masks = bad_folder / "train" / "masks"
+    with pytest.raises(data_lib.DataError) as error:
+        list(data_lib.eval_batches(source, spec_of(), global_batch=9))
+    message = str(error.value)
+    assert "masks/size.png: size 12x16 differs from its image" in message
+    assert "masks/range.png: values [6] outside [0, 4)" in message
+    assert "skip_corrupt" in message
+    Image.fromarray(image_of(label_map_of((16, 16), 4, 0))).save(masks / "000.png")  # RGB
+    with pytest.raises(data_lib.DataError, match=r"masks/000\.png: A label map must be an 8-bit"):
+        list(data_lib.eval_batches(source, spec_of(), global_batch=9))
+    for bad in ("size", "range"):
+        only = dict(source.columns)
+        keep = np.array([bad in p for p in only["path"]])
+        single = data_lib.from_columns({k: v[keep] for k, v in only.items()}, CLASSES)
+        with pytest.raises(data_lib.DataError, match=f"masks/{bad}.png"):
+            next(data_lib.train_batches(single, spec_of(flip=True), global_batch=1, seed=0))
+
+
+def test_bad_masks_skipped_and_counted_with_skip_corrupt(bad_folder, caplog):
+    (bad_folder / "train" / "images" / "lonely.jpg").write_bytes(
+        (bad_folder / "train" / "images" / "000.png").read_bytes()
+    )
+    cfg = data_config(source="imagefolder", root=str(bad_folder))
+    with pytest.raises(data_lib.DataError, match=r"images/lonely\.jpg has no mask"):
+        data_lib.load_source(cfg.data, "train", target="label_map")
+    cfg = data_config(source="imagefolder", root=str(bad_folder), skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        source = data_lib.load_source(cfg.data, "train", target="label_map")
+        assert source.num_examples == 9 and "lonely.jpg has no mask" in caplog.text
+        batches = list(data_lib.eval_batches(source, spec_of(), global_batch=4))
+        assert sum(b["mask"].sum() for b in batches) == 7 and len(batches) == 3
+        train = data_lib.train_batches(
+            source, spec_of(scale_jitter=(0.5, 1.5)), global_batch=3, seed=0
+        )
+        take(train, 6)  # two epochs: both bad examples met twice
+    assert train.skipped == 4 and "Skipped" in caplog.text
+
+
+def test_configs_without_label_maps(tmp_path):
+    make_seg_folder(tmp_path, n=2)
+    (tmp_path / "classes.txt").unlink()
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    with pytest.raises(data_lib.DataError, match="classes.txt"):
+        data_lib.load_source(cfg.data, "train", target="label_map")
+    cfg = data_config(source="imagefolder", root=str(tmp_path), class_names=CLASSES, classes=(1,))
+    with pytest.raises(data_lib.DataError, match="data.classes.*label maps"):
+        data_lib.load_source(cfg.data, "train", target="label_map")
+    for source in ("csv", "idx", "digits"):
+        cfg = data_config(source=source, root=str(tmp_path))
+        with pytest.raises(data_lib.DataError, match=f"data.source='{source}' has no label maps"):
+            data_lib.load_source(cfg.data, "train", target="label_map")
+    cfg = data_config(source="imagefolder", root=str(tmp_path), label_map_values=((1, 1),))
+    with pytest.raises(data_lib.DataError, match="label_map_values applies to tfds"):
+        data_lib.load_source(cfg.data, "train", target="label_map")
+    with pytest.raises(data_lib.DataError, match="Unknown target 'boxes'"):
+        data_lib.load_source(cfg.data, "train", target="boxes")

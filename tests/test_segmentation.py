@@ -1,0 +1,205 @@
+"""Feature backbones and the segmentation task: feature maps against timm's, head shapes for
+every family, the loss against numpy, mIoU against scikit-learn, pretrained weights loading into
+a segmentation model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import images, state_dict_np
+from test_resnet import randomize_ as randomize_cnn_
+from test_vit import randomize_ as randomize_vit_
+
+from vision_jax.models import create_model
+from vision_jax.models.registry import family
+from vision_jax.tasks import IGNORE_LABEL, Segmentation
+from vision_jax.trees import flatten_dict
+from vision_jax.weights import export_safetensors, load_pretrained
+from vision_jax.weights.resnet import from_timm as resnet_from_timm
+from vision_jax.weights.vit import from_timm as vit_from_timm
+
+TOL = 1e-4
+FAMILIES = [("vit_ti16", 64), ("resnet18", 64), ("bit_r50x1", 64), ("cifar_resnet20", 32)]
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def test_vit_feature_taps_equal_timm_forward_intermediates(timm):
+    import torch
+
+    x = images(64, seed=4)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64)
+    randomize_vit_(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64), x)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ref.eval()
+    model = create_model("vit_ti16", num_classes=0, feature_taps=(2, -1))
+    variables = vit_from_timm(state_dict_np(ref), model.clone(feature_taps=None))
+    got = model.apply(variables, x)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(
+            torch.from_numpy(_nchw(x).copy()), indices=[2, 11], norm=True,
+            intermediates_only=True,
+        )  # fmt: skip
+    assert [g.shape for g in got] == [(2, 4, 4, 192)] * 2
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(_nchw(g), e.numpy(), atol=TOL)
+
+
+def test_resnet_feature_taps_equal_timm_stage_outputs(timm):
+    import torch
+
+    x = images(64, seed=5)
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    randomize_cnn_(ref, x, seed=5)
+    model = create_model("resnet18", num_classes=0, feature_taps=(0, 1, 2, 3))
+    variables = resnet_from_timm(state_dict_np(ref), model.clone(feature_taps=None))
+    got = model.apply(variables, x)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(
+            torch.from_numpy(_nchw(x).copy()), indices=[1, 2, 3, 4], intermediates_only=True
+        )
+    assert [g.shape[1] for g in got] == [16, 8, 4, 2]  # strides 4..32
+    for g, e in zip(got, expected, strict=True):  # stage outputs reach 10: 1e-5 relative
+        np.testing.assert_allclose(_nchw(g), e.numpy(), atol=TOL, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name,size", FAMILIES)
+@pytest.mark.parametrize("head", ["linear", "fpn"])
+def test_head_output_shapes_and_parameter_names(name, size, head):
+    model = Segmentation(head=head).build_model(name, 7)
+    x = jnp.zeros((2, size, size, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert jax.eval_shape(model.apply, variables, x).shape == (2, size, size, 7)
+    classifier = jax.eval_shape(create_model(name, num_classes=0).init, jax.random.key(0), x)
+    names = set(flatten_dict(variables["params"]))
+    backbone = {n for n in names if not n.startswith("task_head/")}
+    assert backbone == set(flatten_dict(classifier["params"]))  # the checkpoint names
+    assert names - backbone and all(n.startswith("task_head/") for n in names - backbone)
+    taps = family(model).feature_taps(model.backbone)
+    assert [t.stride for t in taps] == sorted(t.stride for t in taps)
+
+
+def test_feature_taps_need_a_headless_model():
+    with pytest.raises(ValueError, match="num_classes=0"):
+        create_model("resnet18", num_classes=3, feature_taps=(0,)).init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+        )
+    with pytest.raises(ValueError, match="indices in"):
+        create_model("vit_ti16", num_classes=0, feature_taps=(12,)).init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+        )
+
+
+def _numpy_loss(logits, labels, weights):
+    logits = logits.astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    valid = labels != IGNORE_LABEL
+    y = labels[valid]
+    w = weights[y]
+    return float((-logp[valid][np.arange(len(y)), y] * w).sum() / w.sum())
+
+
+def test_loss_ignores_label_255_and_weights_classes_like_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 8, 8, 4)).astype(np.float32) * 3
+    labels = rng.integers(0, 4, size=(3, 8, 8)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.3] = IGNORE_LABEL
+    weights = np.array([0.2, 1.0, 2.0, 0.5], np.float32)
+    for task, w in [
+        (Segmentation(), np.ones(4)),
+        (Segmentation(class_weights=tuple(weights)), weights),
+    ]:
+        loss, aux = task.train_loss(jnp.asarray(logits), {"label_map": jnp.asarray(labels)})
+        assert float(loss) == pytest.approx(_numpy_loss(logits, labels, w), rel=1e-5)
+        valid = labels != IGNORE_LABEL
+        acc = (logits.argmax(-1) == labels)[valid].mean()
+        assert float(aux["pixel_accuracy"]) == pytest.approx(acc, rel=1e-6)
+    # Changing ignored pixels' logits changes nothing.
+    changed = np.where((labels == IGNORE_LABEL)[..., None], 100.0, logits)
+    a, _ = Segmentation().train_loss(jnp.asarray(logits), {"label_map": jnp.asarray(labels)})
+    b, _ = Segmentation().train_loss(jnp.asarray(changed), {"label_map": jnp.asarray(labels)})
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+
+
+def test_miou_over_padded_batches_equals_sklearn_confusion_matrix():
+    """Per-batch confusion matrices merged over a split of 7 images in batches of 3 (the last
+    padded) equal scikit-learn's matrix over every real, non-ignored pixel."""
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(1)
+    n, c = 7, 5
+    logits = rng.normal(size=(n, 6, 6, c)).astype(np.float32)
+    labels = rng.integers(0, c - 1, size=(n, 6, 6)).astype(np.int32)  # class 4 never true
+    labels[rng.random(labels.shape) < 0.2] = IGNORE_LABEL
+    task, eval_step, total = Segmentation(), jax.jit(Segmentation().eval_metrics), None
+    for start in range(0, n, 3):
+        real = min(3, n - start)
+
+        def pad(a, v, real=real):
+            return np.concatenate([a, np.full((3 - real, *a.shape[1:]), v, a.dtype)])
+
+        batch = {
+            "label_map": pad(labels[start : start + 3], 0),  # padding rows hold class 0
+            "mask": pad(np.ones(real, np.float32), 0.0),
+        }
+        m = jax.device_get(eval_step(pad(logits[start : start + 3], 0.0), batch))
+        total = m if total is None else total.merge(m)
+    valid = labels != IGNORE_LABEL
+    expected = confusion_matrix(labels[valid], logits.argmax(-1)[valid], labels=list(range(c)))
+    np.testing.assert_array_equal(total.confusion.compute(), expected)
+    names = [f"c{i}" for i in range(c)]
+    summary = task.summarize(total, names, "eval/")
+    tp = np.diag(expected)
+    union = expected.sum(0) + expected.sum(1) - tp
+    iou = tp[union > 0] / union[union > 0]
+    assert summary["eval/miou"] == pytest.approx(iou.mean())
+    assert summary["eval/pixel_accuracy"] == pytest.approx(tp.sum() / expected.sum())
+    assert summary["eval/examples"] == n
+    assert summary["eval/iou/c0"] == pytest.approx(tp[0] / union[0])
+
+
+@pytest.mark.parametrize("name,size", [("cifar_resnet20", 32), ("vit_ti16", 32)])
+def test_pretrained_classifier_loads_into_segmentation_model(tmp_path, name, size):
+    """A classifier's weights file loads into a segmentation model: backbone identical, head
+    fresh, the classifier's own head dropped."""
+    x = jnp.zeros((1, size, size, 3))
+    classifier = create_model(name, num_classes=10)
+    variables = classifier.init(jax.random.key(3), x)
+    perturbed = jax.tree.map(lambda a: a + 0.01 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
+                             variables)  # fmt: skip
+    path = tmp_path / "weights.safetensors"
+    export_safetensors(perturbed, classifier, path)
+    model = Segmentation(head="fpn").build_model(name, 4)
+    fresh = model.init(jax.random.key(4), x)
+    loaded = flatten_dict(load_pretrained(path, model=model, variables=fresh))
+    source, init = flatten_dict(perturbed), flatten_dict(fresh)
+    head = [k for k in loaded if "/task_head/" in k]
+    assert head and all(np.array_equal(loaded[k], init[k]) for k in head)
+    backbone = [k for k in loaded if k not in head]
+    assert set(backbone) == set(source) - {"params/head/kernel", "params/head/bias"}
+    for k in backbone:
+        np.testing.assert_allclose(loaded[k], source[k], atol=1e-6, err_msg=k)
+
+
+def test_shared_vit_ti16_loads_into_segmentation_model(shared_dir):
+    weights = shared_dir / "weights" / "vit_ti16"
+    model = Segmentation(head="linear").build_model("vit_ti16", 11)
+    fresh = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    from_npz = flatten_dict(
+        load_pretrained(weights / "ViT-Ti_16.npz", model=model, variables=fresh)
+    )
+    from_timm = flatten_dict(
+        load_pretrained(weights / "vit_tiny_patch16_224.safetensors", model=model, variables=fresh)
+    )
+    assert from_npz.keys() == from_timm.keys()
+    for k in from_npz:
+        np.testing.assert_allclose(from_npz[k], from_timm[k], atol=1e-6, err_msg=k)
+    assert np.array_equal(from_npz["params/task_head/classifier/kernel"],
+                          flatten_dict(fresh)["params/task_head/classifier/kernel"])  # fmt: skip

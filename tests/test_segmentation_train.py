@@ -1,0 +1,138 @@
+"""Segmentation runs end to end: learning, exact evaluation over a padded split, exact resume,
+and the parameter-efficient options (LoRA, freezing) on a segmentation model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from test_train import small_config
+
+from vision_jax.checkpoint import _restore_on_one_device, latest_step_dir, read_variables
+from vision_jax.tasks import IGNORE_LABEL, Segmentation
+from vision_jax.train import train_and_evaluate
+from vision_jax.trees import flatten_dict
+
+COLOURS = np.array([[230, 40, 40], [40, 230, 40], [40, 40, 230]], np.uint8)
+
+
+def squares(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noise with one coloured square per image: class 1..3 by colour, 0 elsewhere; a few
+    pixels ignored."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 90, (n, size, size, 3)).astype(np.uint8)
+    maps = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        k, side = rng.integers(3), rng.integers(size // 3, size // 2 + 1)
+        top, left = rng.integers(0, size - side + 1, 2)
+        images[i, top : top + side, left : left + side] = COLOURS[k]
+        maps[i, top : top + side, left : left + side] = k + 1
+    maps[:, 0, :2] = IGNORE_LABEL
+    return images, maps
+
+
+def seg_config(**overrides):
+    cfg = small_config(**{
+        "task.name": "segmentation", "data.source": "arrays", "eval_batch_size": 8,
+        "data.class_names": ("background", "red", "green", "blue"), **overrides,
+    })  # fmt: skip
+    cfg.input.flip = True
+    return cfg
+
+
+ARRAYS = {"train": squares(64), "test": squares(20, seed=1)}  # 20 = 2.5 eval batches
+
+
+def test_segmentation_learns_and_evaluates_every_pixel(tmp_path):
+    """mIoU rises; the reported figures equal scikit-learn's confusion matrix of the trained
+    model's predictions on every pixel of the 20 test images (2.5 eval batches)."""
+    from sklearn.metrics import confusion_matrix
+
+    cfg = seg_config(**{"task.head": "fpn", "total_steps": 40, "eval_before_training": True,
+                        "optimizer.learning_rate": 0.1})  # fmt: skip
+    result = train_and_evaluate(cfg, str(tmp_path), arrays=ARRAYS)
+    assert result["eval/examples"] == 20
+    assert result["eval/miou"] > result["eval_before/miou"] + 0.2
+    assert result["eval/pixel_accuracy"] > 0.8
+    assert {"eval/iou/background", "train/pixel_accuracy"} <= result.keys()
+
+    model = Segmentation(head="fpn").build_model("cifar_resnet20", 4)
+    images, maps = ARRAYS["test"]
+    logits = model.apply(read_variables(str(tmp_path)), (images - 127.5) / 127.5)
+    valid = maps != IGNORE_LABEL
+    matrix = confusion_matrix(maps[valid], np.argmax(logits, -1)[valid], labels=range(4))
+    tp, union = np.diag(matrix), matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    assert result["eval/miou"] == pytest.approx(np.mean(tp / union), abs=2e-3)
+    assert result["eval/pixel_accuracy"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-3)
+
+
+def test_accumulation_ema_and_bfloat16_with_segmentation(tmp_path):
+    cfg = seg_config(**{"grad_accum_steps": 2, "ema_decay": 0.9, "model.dtype": "bfloat16",
+                        "optimizer.layer_decay": 0.8, "task.head": "fpn"})  # fmt: skip
+    result = train_and_evaluate(cfg, str(tmp_path), arrays=ARRAYS)
+    assert np.isfinite(result["eval/loss"]) and np.isfinite(result["eval_ema/loss"])
+    assert 0 <= result["eval_ema/miou"] <= 1 and result["eval_ema/examples"] == 20
+
+
+def test_segmentation_resumes_exactly(tmp_path):
+    cfg = seg_config(**{"total_steps": 4, "checkpoint_every_steps": 2, "keep_checkpoints": 5})
+    cfg.input.scale_jitter = (0.75, 1.5)  # augmentation randomness must resume too
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    train_and_evaluate(cfg, str(full), arrays=ARRAYS)
+    train_and_evaluate(cfg, str(interrupted), arrays=ARRAYS)
+    shutil.rmtree(interrupted / "checkpoints" / "4")
+    train_and_evaluate(cfg, str(interrupted), arrays=ARRAYS)
+    a, b = read_variables(str(full)), read_variables(str(interrupted))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _trained_names(workdir) -> set[str]:
+    state = _restore_on_one_device(os.path.join(latest_step_dir(str(workdir)), "state"))
+    return set(flatten_dict(state["params"]))
+
+
+def test_lora_and_linear_probe_on_a_segmentation_model(tmp_path):
+    vit = {"model.name": "vit_ti16", "input.image_size": 32, "total_steps": 2,
+           "optimizer.name": "adamw", "optimizer.learning_rate": 1e-3}  # fmt: skip
+    arrays = {k: (np.repeat(np.repeat(x, 2, 1), 2, 2), np.repeat(np.repeat(y, 2, 1), 2, 2))
+              for k, (x, y) in ARRAYS.items()}  # fmt: skip
+    result = train_and_evaluate(
+        seg_config(**vit, **{"lora.rank": 2}), str(tmp_path / "lora"), arrays=arrays
+    )
+    assert np.isfinite(result["eval/loss"])
+    trained = _trained_names(tmp_path / "lora")
+    adapters = {k for k in trained if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
+    assert len(adapters) == 12 * 2 * 2
+    assert trained - adapters == {"task_head/classifier/kernel", "task_head/classifier/bias"}
+    train_and_evaluate(
+        seg_config(**vit, **{"optimizer.trainable": "head"}), str(tmp_path / "probe"),
+        arrays=arrays,
+    )  # fmt: skip
+    assert _trained_names(tmp_path / "probe") == {
+        "task_head/classifier/kernel", "task_head/classifier/bias"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"task.head": "unet"}, "Unknown task.head 'unet'"),
+        ({"loss": "sigmoid_xent"}, "softmax_xent"),
+        ({"task.class_weights": (1.0, 2.0)}, "2 entries for 4 classes"),
+        ({"task.name": "detection3d"}, "Unknown task.name"),
+    ],
+)
+def test_segmentation_config_errors(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(seg_config(**overrides), str(tmp_path), arrays=ARRAYS)
+
+
+def test_a_segmentation_key_with_classification_is_an_error(tmp_path):
+    from vision_jax.config import UnreadConfigKeysError
+
+    with pytest.raises(UnreadConfigKeysError, match="task.head"):
+        train_and_evaluate(small_config(**{"task.head": "fpn"}), str(tmp_path))

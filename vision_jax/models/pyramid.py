@@ -1,0 +1,87 @@
+"""Multi-scale feature pyramids on backbone feature maps, for dense heads.
+
+* :class:`SimpleFeaturePyramid` (ViTDet, Li et al. 2022): strides 4, 8, 16 and 32 from the single
+  stride-16 token grid of a plain ViT, by transposed convolutions and max-pooling.
+* :class:`FPN` (Lin et al. 2017): lateral 1x1 convolutions and a top-down path over the stage
+  outputs of a CNN (ResNet, BiT), then a 3x3 convolution per level.
+
+Both return ``width``-channel maps ordered from the finest to the coarsest; parameters float32,
+compute in ``dtype``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) -> nn.Conv:
+    """A ``kernel`` x ``kernel`` convolution with 'SAME' padding and float32 parameters."""
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+        dtype=dtype, param_dtype=jnp.float32, name=name,
+    )  # fmt: skip
+
+
+def channel_norm(dtype: Any, name: str) -> nn.LayerNorm:
+    """LayerNorm over channels (ViTDet's ``LayerNorm2d``)."""
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def upsample_to(x: jax.Array, hw: Sequence[int], method: str = "bilinear") -> jax.Array:
+    """Resizes NHWC ``x`` to spatial size ``hw`` (half-pixel centres)."""
+    if tuple(x.shape[1:3]) == tuple(hw):
+        return x
+    return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """From one stride-``s`` map, maps at strides ``s/4, s/2, s, 2s`` (ViTDet's simple pyramid,
+    its ``LayerNorm2d`` kept, each level then 1x1 and 3x3 convolutions to ``width``)."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        c = x.shape[-1]
+
+        def deconv(features: int, name: str) -> nn.ConvTranspose:
+            return nn.ConvTranspose(
+                features, (2, 2), strides=(2, 2), dtype=self.dtype, param_dtype=jnp.float32,
+                name=name,
+            )  # fmt: skip
+
+        y = deconv(c // 2, "up4_0")(x)
+        y = nn.gelu(channel_norm(self.dtype, "up4_norm")(y))
+        levels = [deconv(c // 4, "up4_1")(y), deconv(c // 2, "up2")(x), x]
+        levels.append(nn.max_pool(x, (2, 2), strides=(2, 2)))
+        outputs = []
+        for i, level in enumerate(levels):
+            y = channel_norm(self.dtype, f"lateral{i}_norm")(
+                conv(self.width, 1, self.dtype, f"lateral{i}")(level)
+            )
+            y = channel_norm(self.dtype, f"output{i}_norm")(
+                conv(self.width, 3, self.dtype, f"output{i}")(y)
+            )
+            outputs.append(y)
+        return outputs
+
+
+class FPN(nn.Module):
+    """Feature pyramid network over maps ordered from fine to coarse (strides doubling)."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, maps: Sequence[jax.Array]) -> list[jax.Array]:
+        laterals = [conv(self.width, 1, self.dtype, f"lateral{i}")(m) for i, m in enumerate(maps)]
+        for i in range(len(laterals) - 2, -1, -1):
+            coarser = upsample_to(laterals[i + 1], laterals[i].shape[1:3], "nearest")
+            laterals[i] = laterals[i] + coarser
+        return [conv(self.width, 3, self.dtype, f"output{i}")(y) for i, y in enumerate(laterals)]

@@ -1,0 +1,300 @@
+"""Building a training run from its specs: data, model, variables (pretrained, sharded),
+optimizer, train state (resumed from the workdir's latest checkpoint) and the jitted steps.
+
+:func:`build_run` is a plain function (no loop, no subprocess): tests and user code can build a
+run, step it by hand and look inside. :mod:`vision_jax.train` drives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vision_jax import data as data_lib
+from vision_jax import lora, optim, sharding, specs, trees
+from vision_jax.checkpoint import Checkpointer
+from vision_jax.compile_options import step_compiler_options
+from vision_jax.config import TrackedConfig
+from vision_jax.masks import rules_table
+from vision_jax.models.precision import DTYPES
+from vision_jax.steps import TrainState, make_eval_step, make_train_step
+from vision_jax.weights import apply_input_contract, load_pretrained
+
+
+@dataclasses.dataclass
+class Setup:
+    """What :func:`create_train_state` builds: the state, the frozen params, and how to step."""
+
+    state: TrainState
+    frozen: Any
+    shardings: TrainState
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    memory: dict[str, int]
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run, ready to step: built by :func:`build_run`, driven by the loop."""
+
+    spec: specs.RunSpec
+    mesh: jax.sharding.Mesh
+    model: nn.Module
+    input: data_lib.InputSpec  # the spec's, or the checkpoint's input contract
+    train_source: data_lib.Source
+    eval_source: data_lib.Source
+    setup: Setup
+    state: TrainState  # restored from the latest checkpoint if there is one
+    train_step: Any
+    eval_steps: dict[str, Any]  # metric prefix -> jitted eval step
+    checkpointer: Checkpointer
+    start_step: int
+    total_steps: int
+    meta: dict[str, Any]  # written with every checkpoint
+
+    @property
+    def task(self) -> Any:
+        return self.spec.task
+
+    @property
+    def frozen(self) -> Any:
+        return self.setup.frozen
+
+
+def create_variables(
+    spec: specs.RunSpec,
+    model: nn.Module,
+    input_spec: data_lib.InputSpec,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+) -> tuple[dict, dict, data_lib.InputSpec]:
+    """Model variables (pretrained from ``spec.init`` if set, plus LoRA adapters), already
+    sharded by ``spec.sharding_rules``; their shardings; the input spec (possibly the
+    checkpoint's input contract)."""
+    size = input_spec.image_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    adapters, init_rng, adapter_rng = spec.lora, rng, jax.random.fold_in(rng, 1)
+
+    def base_init(rng: jax.Array) -> dict:
+        return flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
+
+    def with_adapters(variables: dict) -> dict:
+        if adapters is None:
+            return variables
+        params = lora.add_adapters(variables["params"], adapters, adapter_rng)
+        return {**variables, "params": params}
+
+    init = lambda rng: with_adapters(base_init(rng))
+
+    replicated = sharding.replicated(mesh)
+    shapes = jax.eval_shape(init, init_rng)
+    shardings = jax.tree.map(lambda _: replicated, shapes)
+    shardings["params"] = sharding.param_shardings(
+        shapes["params"], mesh, spec.sharding_rules, fsdp_min_size=spec.fsdp_min_size
+    )
+    init_spec = spec.init
+    if not init_spec.path:  # created already sharded
+        return jax.jit(init, out_shardings=shardings)(init_rng), shardings, input_spec
+    # Merged on the host (with the fresh head), then split into the shardings.
+    fresh = jax.jit(base_init)(init_rng)
+    loaded = load_pretrained(
+        init_spec.path,
+        model=model,
+        variables=fresh,
+        replace_head=init_spec.replace_head,
+        dont_load=tuple(init_spec.dont_load),
+        posemb=init_spec.posemb,
+        head_bias_init=float(init_spec.head_bias_init),
+    )
+    variables = with_adapters(loaded)
+    if init_spec.use_input_contract:
+        input_spec = apply_input_contract(input_spec, init_spec.path)
+    return sharding.put(variables, shardings), shardings, input_spec
+
+
+def trainable_preset(spec: specs.RunSpec) -> str:
+    """``optimizer.trainable``; with LoRA the base model is frozen except (optionally) the head."""
+    if spec.lora is None:
+        return spec.optimizer.trainable
+    return "head" if spec.lora.train_head else "none"
+
+
+def create_train_state(
+    spec: specs.RunSpec,
+    model: nn.Module,
+    variables: dict,
+    var_shardings: dict,
+    mesh: jax.sharding.Mesh,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+) -> Setup:
+    """Splits params into trainable and frozen, builds the optimizer and the sharded state."""
+    replicated = sharding.replicated(mesh)
+    variables = dict(variables)
+    params, param_shardings = variables.pop("params"), var_shardings["params"]
+    preset, frozen_regex = trainable_preset(spec), spec.optimizer.frozen_params
+    extra = r"(.*/)?lora_[ab]" if spec.lora is not None else None
+    mask = optim.trainable_mask(params, model, preset=preset, frozen=frozen_regex, extra=extra)
+    trainable, frozen = trees.partition(params, mask)
+    if jax.process_index() == 0:
+        rules = [(r, False) for r in [frozen_regex] if r] + [(r, True) for r in [extra] if r]
+        rules += optim.trainable_rules(preset, model)
+        logging.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
+    trainable_shardings, _ = trees.partition(param_shardings, mask)
+
+    def optimizer(tree: Any, log: bool = True):
+        return optim.build_optimizer(
+            spec.optimizer, spec.schedule, tree, model, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, log=log,
+        )  # fmt: skip
+
+    tx, schedule = optimizer(trainable)
+    ema = spec.ema_decay is not None
+    opt_shapes = jax.eval_shape(tx.init, trainable)
+    shardings = TrainState(
+        step=replicated,
+        params=trainable_shardings,
+        model_state=jax.tree.map(lambda _: replicated, variables),
+        opt_state=sharding.follow_params(opt_shapes, trainable, trainable_shardings, mesh),
+        ema_params=trainable_shardings if ema else None,
+    )
+    state = jax.jit(
+        lambda p, ms: TrainState(
+            jnp.array(0, jnp.int32), p, ms, tx.init(p), jax.tree.map(jnp.copy, p) if ema else None
+        ),
+        out_shardings=shardings,
+    )(trainable, variables)
+    memory = optim.memory_report(trainable, frozen, state.opt_state)
+    if spec.lora is not None or frozen:  # what full fine-tuning would hold, for comparison
+        base = jax.eval_shape(lambda p: lora.merge(p, spec.lora) if spec.lora else p, params)
+        full_tx, _ = optimizer(base, log=False)
+        memory["full_finetune_optimizer_state_bytes"] = trees.tree_bytes(
+            jax.eval_shape(full_tx.init, base)
+        )
+    return Setup(state, frozen, shardings, tx, schedule, memory)
+
+
+def _check_batch_sizes(spec: specs.RunSpec, mesh: jax.sharding.Mesh) -> None:
+    accum_steps, dp = spec.grad_accum_steps, sharding.data_parallel_size(mesh)
+    for name, size in (("batch_size", spec.batch_size), ("eval_batch_size", spec.eval_batch_size)):
+        if size % dp:
+            raise ValueError(
+                f"{name} {size} is not divisible by the {dp} data-parallel devices of mesh "
+                f"{dict(mesh.shape)}."
+            )
+    if accum_steps < 1 or spec.batch_size % (accum_steps * dp):
+        raise ValueError(
+            f"batch_size {spec.batch_size} must split into grad_accum_steps={accum_steps} "
+            f"micro-batches divisible by the {dp} data-parallel devices."
+        )
+
+
+def _load_data(
+    spec: specs.RunSpec, arrays: Mapping | None
+) -> tuple[data_lib.Source, data_lib.Source]:
+    data, target = spec.data, spec.task.target
+    train = data_lib.load_source(data, data.train_split, arrays=arrays, target=target)
+    evaluation = data_lib.load_source(data, data.eval_split, arrays=arrays, target=target)
+    if evaluation.class_names != train.class_names:
+        raise data_lib.DataError("The train and eval splits have different classes.")
+    return train, evaluation
+
+
+def _model(spec: specs.RunSpec, num_classes: int) -> nn.Module:
+    if spec.model_dtype not in DTYPES:
+        raise ValueError(f"Unknown model.dtype {spec.model_dtype!r}; valid: {', '.join(DTYPES)}.")
+    return spec.task.build_model(
+        spec.model_name, num_classes, dtype=DTYPES[spec.model_dtype], **spec.model_overrides
+    )
+
+
+def _restore(ckpt: Checkpointer, state: TrainState, frozen: Any) -> tuple[TrainState, int]:
+    """The latest checkpoint's state (in the current shardings) and step, or the fresh state."""
+    if ckpt.latest_step() is None:
+        ckpt.save_frozen(frozen)
+        return state, 0
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    state, _ = ckpt.restore(abstract)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    return state, int(state.step)
+
+
+def _compile_steps(
+    spec: specs.RunSpec, model: nn.Module, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
+) -> tuple[Any, dict[str, Any]]:
+    """The jitted train step and the eval steps (``eval/``, and ``eval_ema/`` with EMA)."""
+    xla_options = step_compiler_options(getattr(model, "dtype", jnp.float32))
+    task, adapters = spec.task, spec.lora
+    train_step = jax.jit(
+        make_train_step(
+            model, setup.tx, task, rng, lora=adapters, accum_steps=spec.grad_accum_steps,
+            ema_decay=spec.ema_decay,
+        ),
+        donate_argnums=0,
+        out_shardings=(setup.shardings, sharding.replicated(mesh)),
+        compiler_options=xla_options,
+    )  # fmt: skip
+    eval_step = lambda ema: jax.jit(
+        make_eval_step(model, task, lora=adapters, use_ema=ema), compiler_options=xla_options
+    )
+    eval_steps = {"eval/": eval_step(False)}
+    if spec.ema_decay is not None:
+        eval_steps["eval_ema/"] = eval_step(True)
+    return train_step, eval_steps
+
+
+def build_run(
+    config: ml_collections.ConfigDict | Mapping[str, Any],
+    workdir: str,
+    *,
+    arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Run:
+    """Everything a run needs, from the config (every key read, or an error), resumed from
+    ``workdir``'s latest checkpoint if it has one."""
+    tracked = TrackedConfig(config)
+    spec = specs.run_spec(tracked)
+    tracked.check_all_read()
+    mesh = sharding.create_mesh(spec.mesh)
+    train_source, eval_source = _load_data(spec, arrays)
+    _check_batch_sizes(spec, mesh)
+    steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
+    total_steps = spec.steps(steps_per_epoch)
+    model = _model(spec, train_source.num_classes)
+    init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
+    variables, var_shardings, input_spec = create_variables(spec, model, spec.input, mesh, init_rng)
+    setup = create_train_state(
+        spec, model, variables, var_shardings, mesh,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    ckpt = Checkpointer(
+        workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints
+    )
+    state, start_step = _restore(ckpt, setup.state, setup.frozen)
+    train_step, eval_steps = _compile_steps(spec, model, setup, mesh, step_rng)
+    meta = {
+        "config": spec.config,
+        "task": spec.task.name,
+        "class_names": train_source.class_names,
+        "input": {
+            "image_size": input_spec.image_size,
+            "mean": list(input_spec.mean),
+            "std": list(input_spec.std),
+        },
+    }
+    return Run(
+        spec, mesh, model, input_spec, train_source, eval_source, setup, state, train_step,
+        eval_steps, ckpt, start_step, total_steps, meta,
+    )  # fmt: skip

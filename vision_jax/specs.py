@@ -1,0 +1,377 @@
+"""The one place where a run's config becomes typed specs.
+
+Library code (:mod:`vision_jax.optim`, :mod:`vision_jax.data`, :mod:`vision_jax.weights`, the
+tasks) takes these small frozen dataclasses, never the config object. Every key of a section is
+read here, so a key that nothing uses is caught by ``TrackedConfig.check_all_read``; a key that
+only applies to a branch the run does not take (``schedule.step_factor`` with a cosine decay,
+``lora.*`` with rank 0, ``optimizer.momentum`` with AdamW) is an error when set. Defaults live
+once: in ``default_config()`` for keys every run uses, in the spec for branch-only keys (which
+the config leaves ``None``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "step")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid or does not apply to the run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """How images enter the model: size, normalisation, and training augmentations.
+
+    Evaluation (and training without a random crop) resizes the shorter side to ``resize_size``
+    (or ``image_size / crop_fraction``, timm's crop_pct; default ``image_size``) and takes the
+    central ``image_size`` square. Training crops are, in order of precedence: ``inception_crop``
+    (random-resized crop, area fraction ``inception_scale``, aspect ratio ``inception_ratio``),
+    ``random_crop`` (a random square of the resized image, after zero-padding ``crop_padding``
+    pixels: CIFAR-style), or the centre crop. Then: ``flip``, RandAugment with
+    ``randaugment_layers`` ops at ``randaugment_magnitude`` (0..10), normalisation by
+    ``mean``/``std`` (fractions of 255), random erasing with probability ``random_erasing``.
+    Batch-level mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, applied with ``mix_prob``,
+    cutmix chosen with ``mix_switch_prob`` when both are on) adds ``soft_label`` to batches.
+    ``scale_jitter`` ``(lo, hi)`` is a third training crop: the shorter side resized to
+    ``image_size * U(lo, hi)``, zero-padded (bottom, right) up to ``image_size``, then a random
+    ``image_size`` square (the usual segmentation recipe, e.g. (0.5, 2.0)).
+
+    Label maps (segmentation) take the same crop windows and flips as their images, resized
+    nearest-neighbour and padded with IGNORE_LABEL; RandAugment, random erasing and mixup/cutmix
+    are refused. Evaluation (and training without a random crop) resizes the whole image to
+    ``image_size`` x ``image_size``, with no crop, so every pixel is evaluated (``resize_size``
+    and ``crop_fraction`` do not apply).
+    """
+
+    image_size: int
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+    resize_size: int | None = None
+    crop_fraction: float | None = None
+    random_crop: bool = False
+    crop_padding: int = 0
+    inception_crop: bool = False
+    inception_scale: Sequence[float] = (0.08, 1.0)
+    inception_ratio: Sequence[float] = (3 / 4, 4 / 3)
+    flip: bool = False
+    randaugment_layers: int = 0
+    randaugment_magnitude: float = 9.0
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    scale_jitter: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize_size is not None and self.crop_fraction is not None:
+            raise ValueError("Set at most one of input.resize_size and input.crop_fraction.")
+        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
+            raise ValueError(f"input.crop_fraction must lie in (0, 1]; got {self.crop_fraction}.")
+        if self.resize < self.image_size:
+            raise ValueError(f"input.resize_size {self.resize} < input.image_size.")
+        if self.inception_crop and self.random_crop:
+            raise ValueError("input.inception_crop and input.random_crop exclude each other.")
+        if self.crop_padding and not self.random_crop:
+            raise ValueError("input.crop_padding needs input.random_crop = True.")
+        if self.scale_jitter is not None:
+            if self.inception_crop or self.random_crop:
+                raise ValueError("input.scale_jitter excludes inception_crop and random_crop.")
+            if len(self.scale_jitter) != 2 or not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
+                raise ValueError(
+                    f"input.scale_jitter must be (lo, hi), 0 < lo <= hi; got {self.scale_jitter}."
+                )
+        if min(self.mixup_alpha, self.cutmix_alpha) < 0:
+            raise ValueError("input.mixup_alpha and input.cutmix_alpha must be >= 0.")
+
+    @property
+    def resize(self) -> int:
+        """The shorter side before the centre (or random) crop."""
+        if self.crop_fraction is not None:
+            return int(self.image_size / self.crop_fraction)
+        return self.resize_size or self.image_size
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (and carry ``soft_label``)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+# Classic LoRA targets for ViT: the query and value projections.
+DEFAULT_TARGETS = r".*/MultiHeadDotProductAttention_1/(query|value)/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which kernels get adapters and how they scale: ``scale = alpha / rank``."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: str = DEFAULT_TARGETS
+    train_head: bool = True  # with LoRA the base model is frozen; the head may still train
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _section(section: Any, spec: type) -> dict[str, Any]:
+    """The keys of a config section that are fields of ``spec`` (marking them read; any other
+    key stays unread, so ``check_all_read`` names it), lists as tuples."""
+    names = [f.name for f in dataclasses.fields(spec)]
+    values = {k: section.get(k) for k in names if k in section}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _build(spec: type, values: dict[str, Any]) -> Any:
+    """``spec(**values)``, where ``None`` means "the spec's default" for fields that have one."""
+    defaults = {f.name for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
+    return spec(**{k: v for k, v in values.items() if v is not None or k not in defaults})
+
+
+def _only_with(
+    section: str, values: dict[str, Any], keys: tuple[str, ...], when: bool, why: str
+) -> None:
+    """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken)."""
+    stray = [f"{section}.{k}" for k in keys if values.get(k) is not None]
+    if stray and not when:
+        raise ConfigError(f"{', '.join(stray)} only apply {why}; remove them (or set None).")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """``config.data``: where examples come from (see :func:`vision_jax.data.load_source`)."""
+
+    source: str
+    name: str | None
+    data_dir: str | None
+    root: str | None
+    class_names: tuple[str, ...] | None
+    skip_corrupt: bool
+    train_split: str
+    eval_split: str
+    classes: tuple[int, ...] | None
+    label_map_values: tuple[tuple[int, int], ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSpec:
+    """``config.init``: pretrained weights and the surgery applied to them."""
+
+    path: str | None
+    replace_head: bool
+    head_bias_init: float
+    dont_load: tuple[str, ...]
+    posemb: str
+    use_input_contract: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """``config.schedule``: warmup, decay shape, cooldown (see ``optim.build_schedule``)."""
+
+    decay: str
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = None
+    warmup_fraction: float | None = None
+    cooldown_steps: int | None = None
+    cooldown_epochs: float | None = None
+    cooldown_fraction: float | None = None
+    rsqrt_timescale: float = 10_000  # rsqrt only
+    step_boundaries: tuple[float, ...] = (0.5, 0.75)  # step only: fractions of training
+    step_factor: float = 0.1  # step only
+
+    def __post_init__(self) -> None:
+        if self.decay not in SCHEDULES:
+            valid = ", ".join(SCHEDULES)
+            raise ConfigError(f"Unknown schedule.decay {self.decay!r}; valid: {valid}.")
+        if any(not 0 < b < 1 for b in self.step_boundaries):
+            raise ConfigError(
+                f"schedule.step_boundaries {self.step_boundaries} must be fractions in (0, 1)."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """``config.optimizer``: the optax optimizer and which parameters train, how fast."""
+
+    name: str
+    learning_rate: float
+    weight_decay: float
+    grad_clip_norm: float | None
+    trainable: str
+    decay_params: str | None = None  # None: kernels only
+    mu_dtype: str | None = None
+    frozen_params: str | None = None
+    lr_mults: tuple[tuple[str, float], ...] | None = None
+    layer_decay: float | None = None
+    b1: float = 0.9  # adamw only
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"Unknown optimizer.name {self.name!r}; valid: sgd, adamw.")
+
+
+def data_spec(section: Any) -> DataSpec:
+    """:class:`DataSpec` of ``config.data``."""
+    return _build(DataSpec, _section(section, DataSpec))
+
+
+def input_spec(section: Any) -> InputSpec:
+    """:class:`~vision_jax.data.InputSpec` of ``config.input`` (unset keys: its defaults)."""
+    return _build(InputSpec, _section(section, InputSpec))
+
+
+def init_spec(section: Any) -> InitSpec:
+    """:class:`InitSpec` of ``config.init``."""
+    return _build(InitSpec, _section(section, InitSpec))
+
+
+def schedule_spec(section: Any) -> ScheduleSpec:
+    """:class:`ScheduleSpec` of ``config.schedule``; rsqrt / step keys only with that decay."""
+    values = _section(section, ScheduleSpec)
+    decay = values["decay"]
+    _only_with("schedule", values, ("rsqrt_timescale",), decay == "rsqrt", "to decay='rsqrt'")
+    step_keys = ("step_boundaries", "step_factor")
+    _only_with("schedule", values, step_keys, decay == "step", "to decay='step'")
+    return _build(ScheduleSpec, values)
+
+
+def optimizer_spec(section: Any) -> OptimizerSpec:
+    """:class:`OptimizerSpec` of ``config.optimizer``; b1/b2/eps only with AdamW, momentum and
+    nesterov only with SGD."""
+    values = _section(section, OptimizerSpec)
+    name = values["name"]
+    _only_with("optimizer", values, ("b1", "b2", "eps"), name == "adamw", "to name='adamw'")
+    _only_with("optimizer", values, ("momentum", "nesterov"), name == "sgd", "to name='sgd'")
+    return _build(OptimizerSpec, values)
+
+
+def lora_spec(section: Any) -> LoraSpec | None:
+    """:class:`~vision_jax.lora.LoraSpec` of ``config.lora``; None when ``rank == 0`` (then the
+    other LoRA keys must be unset)."""
+    values = _section(section, LoraSpec)
+    rank = int(values.pop("rank"))
+    if rank == 0:
+        _only_with("lora", values, tuple(values), False, "with rank > 0")
+        return None
+    alpha = values.pop("alpha")
+    return _build(LoraSpec, {**values, "rank": rank, "alpha": float(alpha or rank)})
+
+
+def section_defaults(spec: type) -> dict[str, Any]:
+    """``{field: default}`` of a spec dataclass, for ``default_config`` (``None`` defaults as
+    typed placeholders, so that they can be set from the command line)."""
+    from ml_collections.config_dict import placeholder
+
+    kinds = {"bool": bool, "int": int, "float": float, "str": str}
+    out = {}
+    for field in dataclasses.fields(spec):
+        if field.default is dataclasses.MISSING:
+            continue
+        if field.default is None:
+            name = str(field.type).split("|")[0].strip().split("[")[0]
+            kind = kinds.get(name, tuple)
+            out[field.name] = placeholder(kind)
+        else:
+            out[field.name] = field.default
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything a run reads from its config, typed; built once by :func:`run_spec`."""
+
+    task: Any  # a vision_jax.tasks.Task
+    data: DataSpec
+    input: InputSpec
+    init: InitSpec
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec
+    lora: LoraSpec | None
+    model_name: str
+    model_dtype: str
+    model_overrides: dict[str, Any]
+    mesh: str
+    sharding_rules: tuple
+    fsdp_min_size: int
+    seed: int
+    batch_size: int
+    eval_batch_size: int
+    total_steps: int | None
+    total_epochs: float | None
+    grad_accum_steps: int
+    ema_decay: float | None
+    log_every_steps: int
+    eval_every_steps: int  # 0 = only at the end
+    eval_before_training: bool
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    config: dict[str, Any]  # the whole config as plain data, for the run's records
+
+    def steps(self, steps_per_epoch: int) -> int:
+        """Training steps: ``total_steps``, or ``total_epochs`` of ``steps_per_epoch``."""
+        if (self.total_steps is None) == (self.total_epochs is None):
+            raise ConfigError("Set exactly one of total_steps and total_epochs.")
+        if self.total_steps is not None:
+            total = int(self.total_steps)
+        else:
+            total = math.ceil(self.total_epochs * steps_per_epoch)
+        if total <= 0:
+            raise ConfigError(f"Training must last at least one step, got {total}.")
+        return total
+
+
+def run_spec(config: Any) -> RunSpec:
+    """The :class:`RunSpec` of a whole config (a ``TrackedConfig``, so that every key is read
+    here and the caller can check that none is left over)."""
+    from vision_jax.tasks import create_task
+
+    model = {k: config.model[k] for k in config.model}
+    scalars = {
+        k: config[k]
+        for k in (
+            "mesh", "fsdp_min_size", "seed", "batch_size", "eval_batch_size", "total_steps",
+            "total_epochs", "grad_accum_steps", "ema_decay", "log_every_steps",
+            "eval_every_steps", "eval_before_training", "checkpoint_every_steps",
+            "keep_checkpoints",
+        )
+    }  # fmt: skip
+    spec = RunSpec(
+        task=create_task(config),
+        data=data_spec(config.data),
+        input=input_spec(config.input),
+        init=init_spec(config.init),
+        optimizer=optimizer_spec(config.optimizer),
+        schedule=schedule_spec(config.schedule),
+        lora=lora_spec(config.lora),
+        model_name=model.pop("name"),
+        model_dtype=model.pop("dtype"),
+        model_overrides=model,
+        sharding_rules=tuple(config.sharding_rules),
+        config=config.to_dict(),
+        **scalars,
+    )
+    if spec.lora is not None and spec.optimizer.trainable != "all":
+        raise ConfigError(
+            f"optimizer.trainable={spec.optimizer.trainable!r} and lora.rank > 0 both choose "
+            "what trains: with LoRA the base model is frozen; use lora.train_head for the head."
+        )
+    return spec

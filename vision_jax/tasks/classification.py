@@ -1,0 +1,85 @@
+"""Image classification: a classifier head on pooled backbone features, softmax or sigmoid
+cross-entropy on (mixed, smoothed) label distributions, top-1 / top-5."""
+
+# No ``from __future__ import annotations``: clu reads the metric collections' annotations.
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from clu import metrics
+
+from vision_jax import losses
+from vision_jax.models import create_model
+from vision_jax.tasks.base import Batch, Task
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the ``k`` highest logits (``lax.top_k`` order on ties)."""
+    _, top = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Average.from_output("top1")
+    grad_norm: metrics.Average.from_output("grad_norm")
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(Task):
+    """``loss``: ``softmax_xent`` or ``sigmoid_xent``; ``label_smoothing`` towards uniform."""
+
+    loss: str = "softmax_xent"
+    label_smoothing: float = 0.0
+
+    name = "classification"
+    target = "label"
+    headline = "top1"
+    train_metrics = TrainMetrics
+
+    def __post_init__(self) -> None:
+        losses.get_loss(self.loss)  # validates the name
+
+    def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> nn.Module:
+        return create_model(model_name, num_classes=num_classes, **model_kwargs)
+
+    def train_loss(
+        self, outputs: jax.Array, batch: Batch
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        targets = losses.targets_of(batch, outputs.shape[-1], self.label_smoothing)
+        loss = losses.get_loss(self.loss)(outputs, targets).mean()
+        return loss, {"top1": topk_correct(outputs, batch["label"], 1)}
+
+    def eval_metrics(self, outputs: jax.Array, batch: Batch) -> EvalMetrics:
+        targets = jax.nn.one_hot(batch["label"], outputs.shape[-1])
+        return EvalMetrics.single_from_model_output(
+            loss=losses.get_loss(self.loss)(outputs, targets),
+            top1=topk_correct(outputs, batch["label"], 1),
+            top5=topk_correct(outputs, batch["label"], 5),
+            mask=batch["mask"] > 0,
+        )
+
+    def summarize(
+        self, collection: EvalMetrics, class_names: Sequence[str], prefix: str
+    ) -> dict[str, float]:
+        out = {f"{prefix}{k}": float(v) for k, v in collection.compute().items()}
+        out[f"{prefix}examples"] = float(collection.top1.count)
+        return out
+
+    def predict(self, outputs: jax.Array) -> dict[str, jax.Array]:
+        probs = (jax.nn.sigmoid if self.loss == "sigmoid_xent" else jax.nn.softmax)(
+            outputs.astype(jnp.float32)
+        )
+        return {"probabilities": probs}

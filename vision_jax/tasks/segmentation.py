@@ -1,0 +1,206 @@
+"""Semantic segmentation: a per-pixel classifier on backbone feature maps.
+
+Heads (``task.head``):
+
+* ``linear``: a per-token (per-position) linear classifier on the last feature map, logits
+  upsampled bilinearly to the image: the standard linear-probe baseline for ViT features;
+* ``fpn``: a light decoder: a feature pyramid (ViTDet's simple pyramid on a single map, an FPN
+  on CNN stage outputs), each level through a 3x3 convolution, upsampled to the finest level and
+  summed (Panoptic-FPN's semantic branch), then the linear classifier and upsampling.
+
+Loss: per-pixel softmax cross-entropy over pixels whose label is not ``IGNORE_LABEL`` (255),
+optionally class-weighted (``sum w_y l / sum w_y``, torch's weighted mean) and label-smoothed.
+Evaluation: one confusion matrix over every valid pixel of the split (padded examples count for
+nothing), giving mIoU, pixel accuracy and per-class IoU exactly: never an average of per-batch
+figures.
+"""
+
+# No ``from __future__ import annotations``: clu reads the metric collections' annotations.
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics
+
+from vision_jax.metrics import ConfusionMatrix, iou_summary
+from vision_jax.models import create_model
+from vision_jax.models.pyramid import FPN, SimpleFeaturePyramid, channel_norm, conv, upsample_to
+from vision_jax.models.registry import model_spec
+from vision_jax.models.task_model import TaskModel
+from vision_jax.tasks.base import Batch, Task
+
+IGNORE_LABEL = 255
+HEADS = ("linear", "fpn")
+
+
+def _classifier(num_classes: int, dtype: Any) -> nn.Dense:
+    return nn.Dense(
+        num_classes, kernel_init=nn.initializers.normal(0.01), dtype=dtype,
+        param_dtype=jnp.float32, name="classifier",
+    )  # fmt: skip
+
+
+class LinearHead(nn.Module):
+    """Per-position linear classifier on the last feature map, upsampled to the image."""
+
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], image_hw: Sequence[int], *, train: bool):
+        del train
+        logits = _classifier(self.num_classes, self.dtype)(features[-1])
+        return upsample_to(logits.astype(jnp.float32), image_hw)
+
+
+class FPNHead(nn.Module):
+    """Pyramid (simple on one map, FPN on several), a 3x3 conv + norm + ReLU per level, summed at
+    the finest level, linear classifier, upsampled to the image."""
+
+    num_classes: int
+    width: int = 64
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], image_hw: Sequence[int], *, train: bool):
+        del train
+        if len(features) == 1:
+            levels = SimpleFeaturePyramid(self.width, self.dtype, name="pyramid")(features[0])
+        else:
+            levels = FPN(self.width, self.dtype, name="pyramid")(features)
+        finest = levels[0].shape[1:3]
+        fused = 0.0
+        for i, level in enumerate(levels):
+            y = conv(self.width, 3, self.dtype, f"fuse{i}")(level)
+            y = nn.relu(channel_norm(self.dtype, f"fuse{i}_norm")(y))
+            fused = fused + upsample_to(y, finest)
+        logits = _classifier(self.num_classes, self.dtype)(fused)
+        return upsample_to(logits.astype(jnp.float32), image_hw)
+
+
+def pixel_losses(
+    logits: jax.Array, label_map: jax.Array, *, label_smoothing: float = 0.0,
+    class_weights: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """Per-pixel (weight * cross-entropy, weight); both 0 where the label is ignored."""
+    valid = label_map != IGNORE_LABEL
+    labels = jnp.where(valid, label_map, 0)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    xent = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    weight = valid.astype(jnp.float32)
+    if class_weights is not None:
+        weight = weight * class_weights[labels]
+    return xent * weight, weight
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    pixel_accuracy: metrics.Average.from_output("pixel_accuracy")
+    grad_norm: metrics.Average.from_output("grad_norm")
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")  # per image: mean over its valid pixels
+    confusion: ConfusionMatrix
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation(Task):
+    """``head``: ``linear`` or ``fpn``; ``decoder_width``: channels of the ``fpn`` decoder;
+    ``feature_taps``: backbone taps (default: the last ViT block, or every CNN stage);
+    ``class_weights``: one loss weight per class."""
+
+    loss: str = "softmax_xent"
+    label_smoothing: float = 0.0
+    head: str = "linear"
+    decoder_width: int = 64
+    feature_taps: tuple[int, ...] | None = None
+    class_weights: tuple[float, ...] | None = None
+
+    name = "segmentation"
+    target = "label_map"
+    headline = "miou"
+    train_metrics = TrainMetrics
+
+    def __post_init__(self) -> None:
+        if self.loss != "softmax_xent":
+            raise ValueError(f"Segmentation trains with loss='softmax_xent', not {self.loss!r}.")
+        if self.head not in HEADS:
+            raise ValueError(f"Unknown task.head {self.head!r}; valid: {', '.join(HEADS)}.")
+
+    def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
+        if self.class_weights is not None and len(self.class_weights) != num_classes:
+            raise ValueError(
+                f"task.class_weights has {len(self.class_weights)} entries for "
+                f"{num_classes} classes."
+            )
+        taps = self.feature_taps
+        if taps is None:
+            family = model_spec(model_name).family
+            taps = (-1,) if family == "vit" or self.head == "linear" else (0, 1, 2, 3)
+            taps = taps if family != "cifar_resnet" or len(taps) == 1 else (0, 1, 2)
+        backbone = create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
+        dtype = backbone.dtype
+        if self.head == "linear":
+            head = LinearHead(num_classes, dtype)
+        else:
+            head = FPNHead(num_classes, self.decoder_width, dtype)
+        return TaskModel(backbone, head)
+
+    def _weights(self) -> jax.Array | None:
+        if self.class_weights is None:
+            return None
+        return jnp.asarray(self.class_weights, jnp.float32)
+
+    def train_loss(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, dict]:
+        label_map = batch["label_map"]
+        losses, weights = pixel_losses(
+            outputs, label_map, label_smoothing=self.label_smoothing,
+            class_weights=self._weights(),
+        )  # fmt: skip
+        loss = losses.sum() / jnp.maximum(weights.sum(), 1e-6)
+        valid = label_map != IGNORE_LABEL
+        correct = (outputs.argmax(-1) == label_map) & valid
+        accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
+        return loss, {"pixel_accuracy": accuracy}
+
+    def eval_metrics(self, outputs: jax.Array, batch: Batch) -> EvalMetrics:
+        label_map, real = batch["label_map"], batch["mask"] > 0
+        losses, weights = pixel_losses(outputs, label_map, class_weights=self._weights())
+        per_image = losses.sum((1, 2)) / jnp.maximum(weights.sum((1, 2)), 1e-6)
+        valid = (label_map != IGNORE_LABEL) & real[:, None, None]
+        return EvalMetrics.single_from_model_output(
+            loss=per_image,
+            mask=real,
+            labels=jnp.where(valid, label_map, 0),
+            predictions=outputs.argmax(-1),
+            valid=valid,
+            num_classes=outputs.shape[-1],
+        )
+
+    def summarize(
+        self, collection: EvalMetrics, class_names: Sequence[str], prefix: str
+    ) -> dict[str, float]:
+        summary = iou_summary(collection.confusion.compute())
+        out = {
+            f"{prefix}loss": float(collection.loss.compute()),
+            f"{prefix}miou": summary["miou"],
+            f"{prefix}pixel_accuracy": summary["pixel_accuracy"],
+            f"{prefix}examples": float(collection.loss.count),
+        }
+        for name, iou in zip(class_names, summary["iou"], strict=True):
+            if not np.isnan(iou):
+                out[f"{prefix}iou/{name.replace('/', '_')}"] = float(iou)
+        return out
+
+    def predict(self, outputs: jax.Array) -> dict[str, jax.Array]:
+        probs = jax.nn.softmax(outputs.astype(jnp.float32))
+        return {"label_map": probs.argmax(-1), "probabilities": probs}
