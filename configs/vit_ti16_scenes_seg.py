@@ -19,9 +19,17 @@ Commands (from the repository root, ../shared beside it):
   (the same with :linear_scratch, :fpn, :fpn_scratch and their own workdirs)
 
 Expected results (eval on the 200 test scenes, every pixel once; 2 CPU cores):
-  variant         eval/miou  eval/pixel_accuracy  wall time
-  linear            RESULT
-The pretrained backbone wins by a wide margin over the same run from scratch.
+  variant         eval/miou  eval/pixel_accuracy  background IoU  wall time
+  linear            0.415         0.884              0.932        275 s (41 img/s)
+  linear_scratch    0.099         0.814              0.850
+  fpn               0.198         0.844              0.921
+  fpn_scratch       0.101         0.816              0.839
+(wall time of the whole command on an otherwise idle machine; the other three ran beside other
+jobs: 400-800 s.) The pretrained backbone wins by a wide margin over the same run from scratch
+with either head (4.2x and 2x mIoU); from scratch neither head gets past predicting background
+and a few large classes. The fpn decoder trains its ~60 fresh layers from zero and is still far
+from converged after 300 steps (train loss 0.54 against the linear head's 0.27): at this budget
+the linear head on the pretrained tokens is the better choice.
 """
 
 from ml_collections.config_dict import placeholder

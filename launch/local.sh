@@ -6,8 +6,12 @@
 #            --config=configs/digits_pretrain.py --workdir=/tmp/vj_local [--config.key=value ...]
 #
 # Every argument from --config on goes to each process unchanged. Each process's output is
-# prefixed with [pN]. If one process fails, the others are stopped. DRY_RUN=1 is --dry-run:
-# print the exact commands instead of running them.
+# prefixed with [pN]. SIGTERM or SIGINT (Ctrl-C) is forwarded to every process as SIGTERM: they
+# save a checkpoint at a step they agree on and exit 75 (rerun the same command to resume); a
+# second signal kills them at once. If one process fails, the others are sent SIGTERM and, if
+# still alive after GRACE seconds (default 60), SIGKILL; the script returns only when every
+# process has ended, with the first non-zero exit status. Needs bash >= 5.1. DRY_RUN=1 is
+# --dry-run: print the exact commands instead of running them.
 set -euo pipefail
 
 num_processes=2
@@ -15,7 +19,7 @@ cpu_devices=2
 port=""
 dry_run="${DRY_RUN:-0}"
 
-usage() { sed -n '2,10s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
 
 while (($#)); do
   case "$1" in
@@ -59,27 +63,79 @@ if [[ "$dry_run" == 1 ]]; then
   exit 0
 fi
 
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501)); then
+  echo "local.sh: error: needs bash >= 5.1 (wait -n -p), this is $BASH_VERSION." >&2
+  exit 2
+fi
+grace="${GRACE:-60}"
 pids=()
-# shellcheck disable=SC2329  # called by the trap
-stop_all() {
+signalled=0
+killer=""
+
+# Sends signal $1 to every process still running.
+signal_all() {
+  local pid
   for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+    kill -s "$1" "$pid" 2>/dev/null || true
   done
 }
-trap stop_all EXIT INT TERM
+
+# shellcheck disable=SC2329  # called by the traps
+forward() {
+  if ((signalled)); then
+    echo "local.sh: second $1: killing every process now." >&2
+    signal_all KILL
+  else
+    signalled=1
+    echo "local.sh: $1: every process saves a checkpoint and stops ($1 again: kill now)." >&2
+    signal_all TERM
+  fi
+}
+# shellcheck disable=SC2329  # called by the trap
+cleanup() {
+  signal_all KILL  # never leave a process behind, whatever ends this script
+  if [[ -n "$killer" ]]; then
+    kill "$killer" 2>/dev/null || true
+  fi
+}
+trap 'forward SIGINT' INT
+trap 'forward SIGTERM' TERM
+trap cleanup EXIT
+
+# After a failure: SIGTERM to the others now, SIGKILL to any left after $grace seconds (a timer
+# that takes its sleep along when it is stopped).
+stop_others() {
+  signal_all TERM
+  (sleep "$grace" & timer=$!; trap 'kill "$timer"; exit 0' TERM; wait "$timer"; signal_all KILL) &
+  killer=$!
+}
 
 for ((i = 0; i < num_processes; i++)); do
   command_for "$i"
-  "${cmd[@]}" > >(sed -u "s/^/[p$i] /") 2>&1 &
+  # The prefixing sed ignores INT/TERM (a Ctrl-C reaches the whole process group): it ends
+  # when its process's output does, so the last lines are never lost.
+  "${cmd[@]}" > >(trap '' INT TERM; exec sed -u "s/^/[p$i] /") 2>&1 &
   pids+=("$!")
 done
 
 status=0
-for ((i = 0; i < num_processes; i++)); do
-  if ! wait -n "${pids[@]}"; then
-    status=1
-    echo "local.sh: a process failed; stopping the others." >&2
-    break
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  finished=""
+  code=0
+  wait -n -p finished "${running[@]}" || code=$?
+  [[ -n "${finished:-}" ]] || continue  # woken by a trapped signal
+  left=()
+  for pid in "${running[@]}"; do
+    [[ "$pid" == "$finished" ]] || left+=("$pid")
+  done
+  running=("${left[@]}")
+  if ((code != 0 && status == 0)); then
+    status=$code
+    if ((${#running[@]})) && ((code != 75)); then
+      echo "local.sh: process with pid $finished failed (exit $code); stopping the others." >&2
+      stop_others
+    fi
   fi
 done
 exit "$status"

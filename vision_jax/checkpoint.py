@@ -1,45 +1,184 @@
-"""Checkpoints with orbax: async saves every N steps, keep the last K, resume from the latest.
+"""Checkpoints with orbax: async saves every N steps, rotation, resume from the newest readable.
 
 Each checkpoint step holds two items: ``state`` (the whole :class:`TrainState`) and ``meta``
-(the run's config and class names, JSON). A run that fails to restore raises before it trains,
-so an existing checkpoint is never overwritten by a run that could not read it.
+(the run's config, class names and every process's data stream position, JSON). Rotation keeps
+the newest ``keep`` steps plus every step that ended its run (``meta["final"]``); orbax deletes
+old steps only after the new one is committed. A newest step that cannot be read (truncated
+file, missing metadata) is moved aside to ``checkpoints/corrupt/<step>-<time>`` (never deleted)
+with a one-line warning, and the run resumes from the newest readable step; so are unfinished
+saves left by a crash. A checkpoint that does not match the run (another model) is an error
+and left untouched, so it is never overwritten by a run that could not read it.
 """
 
 from __future__ import annotations
 
+import datetime
+import gc
+import inspect
 import json
+import logging
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 FROZEN_DIR = "frozen_params"
+CORRUPT_DIR = "corrupt"
+# Written by every committed save; a step without one of them was damaged.
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "meta/metadata")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored into this run."""
 
 
-class Checkpointer:
-    """Thin wrapper over ``ocp.CheckpointManager`` for one workdir."""
+class KeepSteps:
+    """Orbax preservation policy: keeps the steps in ``steps`` (a set its owner grows)."""
 
-    def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, steps: Sequence[int] = ()):
+        self.steps = set(steps)
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        return [info.step in self.steps for info in checkpoints]
+
+
+def _broadcast(value: int) -> int:
+    """Process 0's ``value`` on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def _gather(value: int) -> list[int]:
+    """``value`` of every process, in process order."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.ravel(multihost_utils.process_allgather(np.int64(value)))]
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def short_reason(error: BaseException) -> str:
+    """The first line of an error, without TensorStore's spec dump, at most 160 characters."""
+    text = str(error).split("See full TensorStore details")[0].strip().splitlines()
+    text = (text[0] if text else "").strip().rstrip(".:")
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _abandoned_read(unraisable: Any) -> bool:
+    """Whether an error nobody can catch comes from orbax abandoning a damaged step's reads
+    (after the first one fails): the other reads' failures (raised when their coroutines are
+    garbage-collected) and TensorStore completing a read on orbax's closed event loop."""
+    error, source = unraisable.exc_value, unraisable.object
+    if inspect.iscoroutine(source) and "_read_array_index" in source.__qualname__:
+        return True
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_abandoned_reads() -> None:
+    """Logs those errors at DEBUG instead of a page each on stderr (installed once, for the
+    process: TensorStore's callbacks may come after the read has returned)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "vision_jax", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if _abandoned_read(unraisable):
+            logging.debug("After a failed read: %s", short_reason(unraisable.exc_value))
+        else:
+            previous(unraisable)
+
+    hook.vision_jax = True
+    sys.unraisablehook = hook
+
+
+def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
+    """``((state, meta), None)`` of a step folder, or ``(None, why it cannot be read)``; the
+    full error is logged at DEBUG. Reads with the item handler directly (no cross-process
+    barrier), so that a process that fails cannot leave the others waiting."""
+    _quiet_abandoned_reads()
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+        return (state, json.loads((path / "meta" / "metadata").read_text())), None
+    except Exception as e:  # orbax and TensorStore raise many types
+        logging.debug("Reading %s failed.", path, exc_info=True)
+        why = short_reason(e)
+    finally:
+        handler.close()
+    gc.collect()  # the abandoned reads, now that the error no longer holds them
+    return None, why
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` for one workdir.
+
+    ``keep`` (>= 1) newest steps survive rotation, and every step that ended its run (orbax
+    preservation policies, any of which keeps a step: a best-checkpoint ``BestN`` policy can
+    join them). ``lock`` (a :class:`vision_jax.lock.WorkdirLock`) is released by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        every_steps: int,
+        keep: int,
+        async_save: bool = True,
+        lock: Any = None,
+    ):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}.")
         self.directory = os.path.join(workdir, "checkpoints")
         if "://" not in workdir:  # gs://... stays a URL; local paths become absolute
             self.directory = os.path.abspath(self.directory)
         self.every_steps = every_steps
+        self.lock = lock
+        if jax.process_index() == 0:
+            self._move_aside_unfinished()
+        _sync("vision_jax:checkpoints_tidied")
+        self.final_steps = KeepSteps()
+        policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "meta"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
+                preservation_policy=policies.AnyPreservationPolicy(
+                    [policies.LatestN(keep), self.final_steps]
+                ),
                 save_interval_steps=1,  # we decide when to save
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
         )
+        self.final_steps.steps.update(
+            s for s in self.manager.all_steps() if (self.read_meta(s) or {}).get("final")
+        )
+
+    def step_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step)
+
+    def read_meta(self, step: int) -> dict | None:
+        """The ``meta`` item of ``step`` (JSON), or None if it cannot be read."""
+        try:
+            return json.loads((self.step_dir(step) / "meta" / "metadata").read_text())
+        except (OSError, ValueError):
+            return None
 
     def save_frozen(self, frozen: Any) -> None:
         """Writes the frozen parameters once, beside the checkpoints (they never change, so step
@@ -53,12 +192,30 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Saves asynchronously at every ``every_steps`` step (or when ``force``)."""
+    def save(
+        self,
+        step: int,
+        state: Any,
+        meta: dict,
+        *,
+        force: bool = False,
+        data_position: int | None = None,
+    ) -> bool:
+        """Saves asynchronously at every ``every_steps`` step (or when ``force``).
+
+        ``meta["final"]`` is set when ``step == meta["total_steps"]`` (such steps survive
+        rotation); ``data_position`` (this process's ``Batches.next_position``) is gathered
+        from every process into ``meta["data_positions"]``. Call on every process.
+        """
         if not force and (self.every_steps <= 0 or step % self.every_steps):
             return False
         if self.manager.latest_step() == step:
             return False
+        meta = {**meta, "final": step == meta.get("total_steps")}
+        if data_position is not None:
+            meta["data_positions"] = _gather(data_position)
+        if meta["final"]:
+            self.final_steps.steps.add(step)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -68,30 +225,116 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores ``state`` into the shapes, dtypes and shardings of ``abstract_state``."""
+        """Restores ``state`` of ``step`` (default: the latest) into the shapes, dtypes and
+        shardings of ``abstract_state``; raises :class:`CheckpointError` if it cannot."""
         step = self.manager.latest_step() if step is None else step
-        where = f"{self.directory} (step {step})"
-        try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                ),
-            )
-        except Exception as e:  # orbax raises many types; the message is what matters
+        restored, problem = self._try_restore(step, abstract_state)
+        if problem is not None:
+            raise CheckpointError(f"Cannot read checkpoint {self.step_dir(step)}: {problem}")
+        return restored
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        """The newest readable step's state and meta (None without checkpoints).
+
+        Newer unreadable steps are moved aside, one warning line each. All processes agree
+        (process 0 picks each candidate; a step unreadable on any process is unreadable).
+        When no step is readable nothing is moved and :class:`CheckpointError` is raised.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        count = _broadcast(len(steps))
+        problems: dict[int, str] = {}
+        for i in range(count):
+            step = _broadcast(steps[i] if i < len(steps) else -1)
+            restored, problem = self._try_restore(step, abstract_state)
+            failed = _gather(problem is not None)
+            if not any(failed):
+                for bad, why in problems.items():
+                    self._move_aside(bad, f"cannot be read ({why}); resuming from step {step}")
+                if problems:
+                    _sync("vision_jax:moved_aside")
+                    self.manager.reload()
+                return restored
+            problems[step] = problem or f"unreadable on process {failed.index(True)}"
+        if problems:
+            listed = "; ".join(f"step {s}: {why}" for s, why in problems.items())
             raise CheckpointError(
-                f"Cannot restore checkpoint {where} into this run: {type(e).__name__}: {e}\n"
+                f"No checkpoint in {self.directory} can be read ({listed}). Move the step "
+                "folders away to start afresh, or use another --workdir."
+            )
+        return None
+
+    def _try_restore(self, step: int, abstract_state: Any) -> tuple[Any, str | None]:
+        """``((state, meta), None)``, or ``(None, why)`` when ``step`` is unreadable. Raises
+        :class:`CheckpointError` when it does not match ``abstract_state``."""
+        where = f"{self.directory} (step {step})"
+        path = self.step_dir(step)
+        missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+        if missing:
+            return None, f"missing {', '.join(missing)}"
+        restored, problem = _read_step(path, abstract_state)
+        if problem is not None:
+            self._check_matches(path, abstract_state, where, problem)
+            return None, problem
+        check_same_structure(abstract_state, restored[0], where=where)
+        return restored, None
+
+    def _check_matches(self, path: epath.Path, abstract_state: Any, where: str, why: str) -> None:
+        """Raises the mismatch error if ``path``'s metadata is readable and differs in shape
+        or structure from ``abstract_state``; returns if it matches or cannot be read."""
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(path / "state").tree
+        except Exception:  # unreadable metadata: the step is damaged, not mismatched
+            return
+        expected = _shapes(abstract_state)
+        if expected != _shapes(tree):
+            raise CheckpointError(
+                f"Cannot restore checkpoint {where} into this run: {why}\n"
                 "The checkpoint was left untouched. Use another --workdir, or fix the config "
                 "to match the run that wrote it."
-            ) from e
-        check_same_structure(abstract_state, restored.state, where=where)
-        return restored.state, restored.meta
+            )
+
+    def _move_aside(self, name: str | int, why: str) -> None:
+        """Moves a step folder (or an unfinished save) to ``corrupt/<name>-<UTC time>``, with
+        one warning line; process 0 only (the callers sync)."""
+        if jax.process_index() != 0:
+            return
+        source = epath.Path(self.directory) / str(name)
+        time = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+        target = epath.Path(self.directory) / CORRUPT_DIR / f"{name}-{time}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        i = 1
+        while target.exists():
+            target, i = target.with_name(f"{name}-{time}-{i}"), i + 1
+        source.rename(target)
+        logging.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
+
+    def _move_aside_unfinished(self) -> None:
+        """Moves aside saves that a crash left unfinished (orbax ignores them)."""
+        root = epath.Path(self.directory)
+        if not root.is_dir():
+            return
+        for path in sorted(root.iterdir()):
+            if path.name != CORRUPT_DIR and ocp.path.step.is_path_temporary(path):
+                self._move_aside(path.name, "is an unfinished save")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for pending saves, closes the manager and releases the workdir lock."""
+        try:
+            self.manager.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+
+def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Sorted ``(path, shape)`` of a pytree's arrays (None leaves dropped)."""
+    from vision_jax.masks import path_to_str
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return sorted((path_to_str(p), tuple(np.shape(x))) for p, x in leaves if x is not None)
 
 
 def check_same_structure(expected: Any, got: Any, *, where: str) -> None:

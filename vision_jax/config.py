@@ -8,7 +8,8 @@ and may stay unread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import difflib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -136,7 +137,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 500  # 0 = only at the end
     c.eval_before_training = False
     c.checkpoint_every_steps = 500
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # >= 1; the step that ends a run is kept as well
+    # Resume although batch_size, seed or the training data changed (the stream then cannot
+    # continue exactly where it stopped); False: such a resume is an error naming the change.
+    c.resume_changed_data = False
+    # A step whose loss or gradients are not finite is never applied (nor saved). "stop": stop
+    # with an error naming it and the last good checkpoint; "skip": skip it, count it
+    # (train/skipped_steps) and stop only after max_consecutive_skips in a row.
+    c.on_nonfinite = "stop"
+    c.max_consecutive_skips = 10
     return c
 
 
@@ -146,6 +155,26 @@ def _is_section(value: Any) -> bool:
 
 class UnreadConfigKeysError(ValueError):
     """The config holds keys that nothing in the run reads."""
+
+
+def closest(name: str, candidates: Iterable[str], prefix: str = "") -> str:
+    """``" (closest: a, b, c)"``: the three ``candidates`` most like ``name`` (difflib)."""
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.0)
+    return f" (closest: {', '.join(prefix + k for k in close)})" if close else ""
+
+
+def unknown_key(config: Mapping[str, Any], key: str) -> str | None:
+    """None if the dotted ``key`` is in ``config``; else one line naming it and the closest
+    keys of the section where it goes wrong."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        prefix = "".join(p + "." for p in parts[:i])
+        if not _is_section(node):
+            return f"Unknown config key '{key}': '{prefix[:-1]}' is a value, not a section."
+        if part not in node:
+            return f"Unknown config key '{key}'{closest(part, node, prefix)}."
+        node = node[part]
+    return None
 
 
 class TrackedConfig:
@@ -167,8 +196,8 @@ class TrackedConfig:
             raise AttributeError(key)
         if key not in self._config:
             raise AttributeError(
-                f"Config has no key '{self._prefix}{key}'. "
-                f"Keys here: {', '.join(sorted(self._config)) or '(none)'}."
+                f"Config has no key '{self._prefix}{key}'"
+                f"{closest(key, self._config, self._prefix)}."
             )
         return self._wrap(key, self._config[key])
 
@@ -216,13 +245,22 @@ class TrackedConfig:
             if value is not None and key not in self._reads
         )
 
+    def _closest_read(self, key: str) -> str:
+        """:func:`closest` among the leaf keys read in ``key``'s section."""
+        reads, section, _, name = self._reads, *key.rpartition(".")
+        prefix = section + "." if section else ""
+        leaves = [k for k in reads if not any(r.startswith(k + ".") for r in reads)]
+        names = [k[len(prefix) :] for k in leaves if k.startswith(prefix)]
+        return closest(name, [k for k in names if "." not in k], prefix)
+
     def check_all_read(self) -> None:
         """Raises :class:`UnreadConfigKeysError` if any set key was never read."""
         unread = self.unread()
         if unread:
+            named = [key + self._closest_read(key) for key in unread]
             raise UnreadConfigKeysError(
                 "Config keys that nothing reads (remove them, set them to None, or fix a typo): "
-                + ", ".join(unread)
+                + ", ".join(named)
             )
 
     def __repr__(self) -> str:

@@ -2,17 +2,28 @@
 
 Any config field can be overridden with ``--config.<key>=<value>``. For multi-host runs pass
 ``--distributed`` (auto-detects Cloud TPU pods and SLURM) or the explicit coordinator flags.
+
+Exit status: 0 done; 1 an error (one line on stderr; details in the log); 2 a usage error (bad
+flag, unknown config key, missing config file: found before JAX starts); 69 a peer process of a
+multi-process run was lost (:mod:`vision_jax.watchdog`); 75 stopped by SIGTERM / SIGINT after
+saving a checkpoint: run the same command again to resume (:mod:`vision_jax.signals`).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import math
+import os
 import sys
+from typing import Any
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from vision_jax.signals import EXIT_STOPPED
+from vision_jax.watchdog import EXIT_PEER_LOST
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -30,12 +41,72 @@ flags.DEFINE_list(
     "Accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 for one process per node on SLURM "
     "(which otherwise gives each process the one GPU of its SLURM_LOCALID).",
 )
+flags.DEFINE_float(
+    "peer_timeout",
+    30.0,
+    "Multi-process runs: seconds without a heartbeat after which a peer process counts as lost "
+    f"and every other process exits (status {EXIT_PEER_LOST}); 0 = JAX's own, slower, handling.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 HEADLINES = {"top1": "top-1 accuracy", "miou": "mean IoU"}
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+
+def _usage_error(message: str) -> None:
+    print(f"vision_jax: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (either ``--config=X`` or ``--config X``)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(argv: list[str], value: str) -> str | None:
+    """The message for the first ``--config.<key>`` of ``argv`` that the config lacks."""
+    from vision_jax.config import unknown_key
+
+    config = FLAGS["config"].parser.parse(value)  # loads the file again, unchanged
+    for arg in argv:
+        if arg.lstrip("-").startswith("config."):
+            key = arg.lstrip("-").split("=", 1)[0].removeprefix("config.")
+            if (message := unknown_key(config, key)) is not None:
+                return message
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one-line errors for a missing config file and unknown config
+    keys (before JAX starts)."""
+    value = _config_argument(argv)
+    if value is not None and not os.path.isfile(path := value.split(":", 1)[0]):
+        _usage_error(f"config file {path} not found.")
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _usage_error(str(e))
+    except (AttributeError, KeyError) as e:
+        message = _unknown_override(argv, value) if value is not None else None
+        _usage_error(message or f"bad config override: {e}")
+    return []  # unreachable: _usage_error exits
 
 
 def initialize_distributed() -> None:
     """Starts JAX's multi-controller runtime when the flags ask for it."""
+    import jax
+
+    # JAX's own heartbeat aborts a process (a C++ stack) when a peer dies: keep it slower than
+    # the watchdog, which exits with one line. The shutdown barrier at a normal end waits for
+    # peers that all finish together: bound it below JAX's 300 s.
+    timeouts = {
+        "heartbeat_timeout_seconds": max(100, math.ceil(3 * FLAGS.peer_timeout)),
+        "shutdown_timeout_seconds": max(60, math.ceil(2 * FLAGS.peer_timeout)),
+    }
     explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
     ids = FLAGS.local_device_ids
     local_device_ids = None if ids is None else [int(i) for i in ids]
@@ -53,9 +124,10 @@ def initialize_distributed() -> None:
             process_id=FLAGS.process_id,
             coordinator_bind_address=f"127.0.0.1:{port}" if local else None,
             local_device_ids=local_device_ids,
+            **timeouts,
         )
     elif FLAGS.distributed:
-        jax.distributed.initialize(local_device_ids=local_device_ids)
+        jax.distributed.initialize(local_device_ids=local_device_ids, **timeouts)
 
 
 class _QuietOrbax(logging.Filter):
@@ -65,14 +137,57 @@ class _QuietOrbax(logging.Filter):
         return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _json(results: dict[str, float]) -> str:
+    """The metrics as one line of valid JSON (non-finite values as null)."""
+    clean = lambda v: round(v, 6) if math.isfinite(v) else None
+    return json.dumps({k: clean(float(v)) for k, v in sorted(results.items())})
+
+
+def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = None) -> None:
+    """Ends the process with ``code`` after one line on stderr, skipping the slow teardown of
+    the input pipeline's threads.
+
+    Multi-process runs: after a stop request every process is here at the same step, so
+    ``jax.distributed``'s shutdown barrier passes at once. After a runtime error (such as a
+    collective that failed because a peer died) a peer that failed or is lost is named instead,
+    if the watchdog finds one within five heartbeats; otherwise the peers are told that this one
+    failed (:meth:`~vision_jax.watchdog.PeerWatchdog.fail`) and stop at once.
+    """
+    import jax
+    from jax.errors import JaxRuntimeError
+
+    stopped = code == EXIT_STOPPED
+    if watchdog is not None and isinstance(error, JaxRuntimeError):
+        if lost := watchdog.wait_for_verdict(5 * watchdog.interval):
+            watchdog.exit(lost)
+    print(f"vision_jax: {'' if stopped else 'error: '}{message}", file=sys.stderr, flush=True)
+    if watchdog is not None and not stopped:
+        watchdog.fail(code, message.splitlines()[0] if message else "")
+    if watchdog is not None:
+        watchdog.finish()
+    if stopped and jax.process_count() > 1:
+        jax.distributed.shutdown()
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax
+
+    from vision_jax.signals import StopRequested
+    from vision_jax.watchdog import start_watchdog
+
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietOrbax())
     if FLAGS.num_cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
     initialize_distributed()
+    watchdog = start_watchdog(FLAGS.peer_timeout)
+    if jax.process_count() > 1:  # JAX ends a process whose coordinator died with abort():
+        faulthandler.disable()  # its one fatal line, without every thread's stack after it
     logging.info(
         "JAX process %d of %d, %d local / %d global devices (%s).",
         jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -82,11 +197,20 @@ def main(argv: list[str]) -> None:
 
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except StopRequested as e:
+        _exit(EXIT_STOPPED, str(e), watchdog)
     except (ValueError, RuntimeError, OSError) as e:
         logging.error("%s: %s", type(e).__name__, e)
-        print(f"vision_jax: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    line = json.dumps({k: round(v, 6) for k, v in sorted(results.items())})
+        logging.debug("Traceback:", exc_info=True)  # with --verbosity=1
+        _exit(EXIT_ERROR, str(e), watchdog, e)
+    except Exception as e:  # a bug: the traceback, and in a multi-process run a bounded exit
+        if watchdog is None:
+            raise
+        logging.exception("%s", type(e).__name__)
+        _exit(EXIT_ERROR, f"{type(e).__name__}: {e}", watchdog, e)
+    if watchdog is not None:
+        watchdog.finish()
+    line = _json(results)
     logging.info("Final metrics of process %d: %s", jax.process_index(), line)
     if jax.process_index() == 0:
         print(line)
@@ -102,4 +226,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -8,6 +8,7 @@ run, step it by hand and look inside. :mod:`vision_jax.train` drives it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -22,12 +23,13 @@ import optax
 
 from vision_jax import data as data_lib
 from vision_jax import lora, optim, sharding, specs, trees
-from vision_jax.checkpoint import Checkpointer
+from vision_jax.checkpoint import Checkpointer, CheckpointError
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.config import TrackedConfig
+from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
-from vision_jax.steps import TrainState, make_eval_step, make_train_step
+from vision_jax.steps import SkipCounts, TrainState, make_eval_step, make_train_step
 from vision_jax.weights import apply_input_contract, load_pretrained
 
 
@@ -61,10 +63,15 @@ class Run:
     start_step: int
     total_steps: int
     meta: dict[str, Any]  # written with every checkpoint
+    start_position: int | None = None  # this process's data stream position (None: from step)
 
     @property
     def task(self) -> Any:
         return self.spec.task
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the workdir (also after an error)."""
+        self.checkpointer.close()
 
     @property
     def frozen(self) -> Any:
@@ -168,13 +175,15 @@ def create_train_state(
         model_state=jax.tree.map(lambda _: replicated, variables),
         opt_state=sharding.follow_params(opt_shapes, trainable, trainable_shardings, mesh),
         ema_params=trainable_shardings if ema else None,
+        skips=SkipCounts.filled(replicated),
     )
     state = jax.jit(
         lambda p, ms: TrainState(
-            jnp.array(0, jnp.int32), p, ms, tx.init(p), jax.tree.map(jnp.copy, p) if ema else None
+            jnp.array(0, jnp.int32), p, ms, tx.init(p), jax.tree.map(jnp.copy, p) if ema else None,
+            SkipCounts.filled(jnp.zeros((), jnp.int32)),
         ),
         out_shardings=shardings,
-    )(trainable, variables)
+    )(trainable, variables)  # fmt: skip
     memory = optim.memory_report(trainable, frozen, state.opt_state)
     if spec.lora is not None or frozen:  # what full fine-tuning would hold, for comparison
         base = jax.eval_shape(lambda p: lora.merge(p, spec.lora) if spec.lora else p, params)
@@ -219,17 +228,68 @@ def _model(spec: specs.RunSpec, num_classes: int) -> nn.Module:
     )
 
 
-def _restore(ckpt: Checkpointer, state: TrainState, frozen: Any) -> tuple[TrainState, int]:
-    """The latest checkpoint's state (in the current shardings) and step, or the fresh state."""
-    if ckpt.latest_step() is None:
-        ckpt.save_frozen(frozen)
-        return state, 0
+def _restore(
+    ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec
+) -> tuple[TrainState, int, int | None]:
+    """The newest readable checkpoint's state (in the current shardings), step and this
+    process's data stream position (None: ``step * local batch``), or the fresh state."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    state, _ = ckpt.restore(abstract)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
-    return state, int(state.step)
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        ckpt.save_frozen(frozen)
+        return state, 0, None
+    state, meta = restored
+    step = int(state.step)
+    position = _resume_position(spec, meta, f"{ckpt.directory} (step {step})")
+    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+    return state, step, position
+
+
+# Config keys that decide the training stream (besides batch_size and seed).
+STREAM_DATA_KEYS = (
+    "source", "name", "root", "class_names", "train_split", "classes", "label_map_values",
+)  # fmt: skip
+
+
+def data_changes(
+    saved: Mapping[str, Any], now: Mapping[str, Any], processes: int | None
+) -> list[str]:
+    """What changed, between the config a checkpoint was saved with and this run's, in what
+    decides the training stream (keys absent from ``saved`` are not compared)."""
+    pairs = [(k, saved, now, k) for k in ("batch_size", "seed")]
+    pairs += [(f"data.{k}", saved.get("data", {}), now["data"], k) for k in STREAM_DATA_KEYS]
+    plain = lambda v: json.dumps(v, sort_keys=True)
+    changes = [
+        f"{name} {plain(old[k])} -> {plain(new.get(k))}"
+        for name, old, new, k in pairs
+        if k in old and plain(old[k]) != plain(new.get(k))
+    ]
+    if processes is not None and processes != jax.process_count():
+        changes.append(f"processes {processes} -> {jax.process_count()}")
+    return changes
+
+
+def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -> int | None:
+    """This process's data stream position saved in ``meta``; refuses (unless
+    ``resume_changed_data``) a resume whose training stream changed."""
+    positions = meta.get("data_positions")
+    processes = None if positions is None else len(positions)
+    changes = data_changes(meta.get("config") or {}, spec.config, processes)
+    if changes and not spec.resume_changed_data:
+        raise CheckpointError(
+            f"Cannot resume {where} exactly: {'; '.join(changes)}. The training data cannot "
+            "continue where it stopped; set resume_changed_data=True to resume anyway, or use "
+            "another --workdir."
+        )
+    if changes:
+        logging.warning("Resuming %s although %s.", where, "; ".join(changes))
+    if positions is None:
+        return None
+    if len(positions) == jax.process_count():
+        return int(positions[jax.process_index()])
+    return sum(positions) // jax.process_count()  # as many examples consumed in all
 
 
 def _compile_steps(
@@ -263,10 +323,21 @@ def build_run(
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Run:
     """Everything a run needs, from the config (every key read, or an error), resumed from
-    ``workdir``'s latest checkpoint if it has one."""
+    ``workdir``'s newest readable checkpoint if it has one. The workdir stays locked
+    (:class:`vision_jax.lock.WorkdirLock`) until :meth:`Run.close`."""
     tracked = TrackedConfig(config)
     spec = specs.run_spec(tracked)
     tracked.check_all_read()
+    lock = WorkdirLock(workdir).acquire()
+    try:
+        return _build(spec, workdir, arrays, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: WorkdirLock) -> Run:
+    """:func:`build_run` once the workdir is locked."""
     mesh = sharding.create_mesh(spec.mesh)
     train_source, eval_source = _load_data(spec, arrays)
     _check_batch_sizes(spec, mesh)
@@ -280,14 +351,15 @@ def build_run(
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     ckpt = Checkpointer(
-        workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints
+        workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints, lock=lock
     )
-    state, start_step = _restore(ckpt, setup.state, setup.frozen)
+    state, start_step, start_position = _restore(ckpt, setup.state, setup.frozen, spec)
     train_step, eval_steps = _compile_steps(spec, model, setup, mesh, step_rng)
     meta = {
         "config": spec.config,
         "task": spec.task.name,
         "class_names": train_source.class_names,
+        "total_steps": total_steps,  # the step saved with it is marked final (kept)
         "input": {
             "image_size": input_spec.image_size,
             "mean": list(input_spec.mean),
@@ -296,5 +368,5 @@ def build_run(
     }
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, setup, state, train_step,
-        eval_steps, ckpt, start_step, total_steps, meta,
+        eval_steps, ckpt, start_step, total_steps, meta, start_position,
     )  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "step")
 OPTIMIZERS = ("sgd", "adamw")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -324,6 +325,9 @@ class RunSpec:
     eval_before_training: bool
     checkpoint_every_steps: int
     keep_checkpoints: int
+    on_nonfinite: str  # "stop" or "skip" (see vision_jax.steps: the non-finite guard)
+    max_consecutive_skips: int
+    resume_changed_data: bool  # resume although the data stream cannot continue exactly
     config: dict[str, Any]  # the whole config as plain data, for the run's records
 
     def steps(self, steps_per_epoch: int) -> int:
@@ -351,9 +355,10 @@ def run_spec(config: Any) -> RunSpec:
             "mesh", "fsdp_min_size", "seed", "batch_size", "eval_batch_size", "total_steps",
             "total_epochs", "grad_accum_steps", "ema_decay", "log_every_steps",
             "eval_every_steps", "eval_before_training", "checkpoint_every_steps",
-            "keep_checkpoints",
+            "keep_checkpoints", "on_nonfinite", "max_consecutive_skips",
         )
     }  # fmt: skip
+    scalars["resume_changed_data"] = bool(config.resume_changed_data)
     spec = RunSpec(
         task=create_task(config),
         data=data_spec(config.data),
@@ -369,6 +374,15 @@ def run_spec(config: Any) -> RunSpec:
         config=config.to_dict(),
         **scalars,
     )
+    if spec.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"Unknown on_nonfinite {spec.on_nonfinite!r}; valid: stop, skip.")
+    if spec.max_consecutive_skips < 1:
+        raise ConfigError(f"max_consecutive_skips must be >= 1, got {spec.max_consecutive_skips}.")
+    if spec.keep_checkpoints < 1:
+        raise ConfigError(
+            f"keep_checkpoints must be >= 1 (got {spec.keep_checkpoints}): with none kept the "
+            "trained model would be deleted."
+        )
     if spec.lora is not None and spec.optimizer.trainable != "all":
         raise ConfigError(
             f"optimizer.trainable={spec.optimizer.trainable!r} and lora.rank > 0 both choose "

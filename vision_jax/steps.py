@@ -1,9 +1,16 @@
 """The pure, jittable train and eval steps and the train state they carry.
 
 The train state holds only what changes: the *trainable* parameters, the model state (BatchNorm
-statistics), the optimizer state, an optional EMA of the trainable parameters, and the step.
-Frozen parameters (linear probes, LoRA base weights) are passed to the steps as a separate,
-never-donated argument, so they get no gradient, no update and no optimizer state.
+statistics), the optimizer state, an optional EMA of the trainable parameters, the step, and the
+count of updates skipped because they were not finite. Frozen parameters (linear probes, LoRA
+base weights) are passed to the steps as a separate, never-donated argument, so they get no
+gradient, no update and no optimizer state.
+
+Non-finite guard: when the loss, the gradients' global norm, the new parameters or the new model
+state are not all finite, the train step keeps the previous parameters, model state, optimizer
+state and EMA (as ``optax.apply_if_finite``) and records the skip in ``state.skips``; the step
+counter still advances, so the data stream and the per-step RNG move on past the bad batch. The
+loop decides what a skip means (``config.on_nonfinite``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,34 @@ Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
+class SkipCounts:
+    """Updates skipped by the non-finite guard (int32 scalars; steps count from 1)."""
+
+    total: jax.Array  # skipped so far
+    consecutive: jax.Array  # skipped in a row, up to the latest step
+    longest: jax.Array  # the longest run of consecutive skips so far
+    first: jax.Array  # the step of the first skipped update (0: none)
+    last: jax.Array  # the step of the latest skipped update (0: none)
+
+    @classmethod
+    def filled(cls, value: Any) -> SkipCounts:
+        """Every field ``value`` (zeros: ``filled(jnp.zeros((), jnp.int32))``; shardings)."""
+        return cls(value, value, value, value, value)
+
+    def record(self, finite: jax.Array, step: jax.Array) -> SkipCounts:
+        """The counts after ``step``, whose update was applied iff ``finite``."""
+        bad = jnp.logical_not(finite)
+        consecutive = jnp.where(bad, self.consecutive + 1, 0)
+        return SkipCounts(
+            total=self.total + bad.astype(jnp.int32),
+            consecutive=consecutive,
+            longest=jnp.maximum(self.longest, consecutive),
+            first=jnp.where(bad & (self.first == 0), step, self.first),
+            last=jnp.where(bad, step, self.last),
+        )
+
+
+@flax.struct.dataclass
 class TrainState:
     """Everything that changes during training. The per-step RNG is derived, not stored."""
 
@@ -35,6 +70,13 @@ class TrainState:
     model_state: Any  # non-trainable collections, e.g. {"batch_stats": ...}
     opt_state: Any
     ema_params: Any = None  # EMA of ``params`` when config.ema_decay is set
+    skips: SkipCounts | None = None  # updates skipped by the non-finite guard (None: not counted)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every float leaf of ``tree`` is finite (a bool scalar)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
 
 
 def _micro_batches(x: jax.Array, k: int) -> jax.Array:
@@ -64,6 +106,9 @@ def make_train_step(
     With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients
     are averaged (BatchNorm statistics update once per micro-batch) before one optimizer update:
     the same update as the whole batch for a model without BatchNorm, in less memory.
+
+    A step whose loss, gradient norm, new parameters or new model state are not finite changes
+    nothing but ``step`` and ``skips`` (see the module docstring).
     """
 
     def loss_of(params, model_state, frozen, batch, dropout_rng):
@@ -112,8 +157,13 @@ def make_train_step(
         ema = state.ema_params
         if ema_decay is not None:
             ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-        metrics = task.train_metrics.single_from_model_output(
-            loss=loss, grad_norm=optax.global_norm(grads), **aux
+        grad_norm = optax.global_norm(grads)
+        metrics = task.train_metrics.single_from_model_output(loss=loss, grad_norm=grad_norm, **aux)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, model_state))
+        new = (params, model_state, opt_state, ema)
+        old = (state.params, state.model_state, state.opt_state, state.ema_params)
+        params, model_state, opt_state, ema = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), new, old
         )
         new_state = state.replace(
             step=state.step + 1,
@@ -121,6 +171,7 @@ def make_train_step(
             model_state=model_state,
             opt_state=opt_state,
             ema_params=ema,
+            skips=None if state.skips is None else state.skips.record(finite, state.step + 1),
         )
         return new_state, metrics
 

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 
 from vision_jax.data.folders import from_csv, from_image_folder
 from vision_jax.data.idx import from_idx
-from vision_jax.data.pipeline import Batch, Batches, eval_batches, pipeline_options, train_batches
+from vision_jax.data.pipeline import (
+    Batch,
+    Batches,
+    check_examples,
+    eval_batches,
+    pipeline_options,
+    train_batches,
+)
 from vision_jax.data.preprocess import InputSpec
 from vision_jax.data.sources import (
     IGNORE_LABEL,
@@ -139,6 +146,7 @@ __all__ = [
     "InputSpec",
     "Source",
     "build_tfds_from_folder",
+    "check_examples",
     "digits",
     "eval_batches",
     "from_arrays",

@@ -297,3 +297,41 @@ def _empty_batch(size: int, s: int, target: str) -> Batch:
     shapes = {"image": (s, s, 3), "mask": (), target: (s, s) if target == "label_map" else ()}
     dtypes = {"image": np.float32, "mask": np.float32, target: np.int32}
     return {k: np.full((size, *shape), _fill(k), dtypes[k]) for k, shape in shapes.items()}
+
+
+def check_examples(source: Source, spec: InputSpec, *, threads: int | None = None) -> int:
+    """Reads every example of this process's shard of a file source once, as evaluation does.
+
+    Unreadable examples are a :class:`DataError` naming the files, or with ``skip_corrupt``
+    counted (logged, and returned): so a bad file in the eval split stops a run before it trains,
+    not at its final evaluation. Sources without files (arrays, digits, tfds) are not read (0).
+    """
+    if source.columns is None or "path" not in source.columns:
+        return 0
+    preprocess = make_preprocess(spec, train=False, seed=0, **_target(source))
+
+    def read(i: tf.Tensor, example: dict) -> tf.Tensor:
+        out = preprocess(i, example)  # sums keep the decoding from being pruned
+        return i, tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in out.values()])
+
+    ds = source.dataset.shard(jax.process_count(), jax.process_index()).enumerate()
+    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.batch(1024).with_options(pipeline_options(threads))
+    good = {int(i) for batch in ds.as_numpy_iterator() for i in batch[0]}
+    shard = range(jax.process_index(), source.num_examples, jax.process_count())
+    bad_rows = [row for k, row in enumerate(shard) if k not in good]
+    if not bad_rows:
+        return 0
+    if source.skip_corrupt:
+        logging.warning(
+            "%d unreadable example(s) of %d will be skipped.", len(bad_rows), len(shard)
+        )
+        return len(bad_rows)
+    problems = [
+        _problem(source.columns, row, source.num_classes) or f"row {row}" for row in bad_rows[:10]
+    ]
+    more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
+    raise DataError(
+        f"Cannot read {'; '.join(problems)}{more}. "
+        "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
+    )

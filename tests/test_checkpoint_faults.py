@@ -1,0 +1,402 @@
+"""Fault injection for checkpoints and the workdir: SIGKILL at random points (also in the middle
+of an async save) resumes bit-identically, damaged or unfinished checkpoints fall back to the
+newest readable step (moved aside, never deleted), a second run in a busy workdir fails at once,
+a stale lock is taken over, and a resume whose data stream changed is refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_data import make_folder
+from test_train import small_config
+
+from vision_jax import lock as lock_lib
+from vision_jax.checkpoint import CORRUPT_DIR, CheckpointError, _restore_on_one_device
+from vision_jax.specs import ConfigError
+from vision_jax.train import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_train import small_config
+
+
+def get_config(arg=None):
+    return small_config(**json.loads({overrides!r}))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs here compile the same steps again and again: JAX's persistent cache reuses
+    them (the same executables, so results stay bit-identical); the settings are restored."""
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    cache.reset_cache()
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0.0)
+    yield
+    cache.reset_cache()
+    for key, value in before.items():
+        jax.config.update(key, value)
+
+
+def steps_in(workdir: pathlib.Path) -> list[int]:
+    return sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+
+
+def state_of(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
+    """Every array of a step's saved train state (params, optimizer, step, ...)."""
+    path = workdir / "checkpoints" / str(step) / "state"
+    return jax.tree_util.tree_leaves(_restore_on_one_device(str(path)))
+
+
+def meta_of(workdir: pathlib.Path, step: int) -> dict:
+    return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+def assert_same_step(a: pathlib.Path, b: pathlib.Path, step: int) -> None:
+    """Bit-identical state and data stream position at ``step`` in two workdirs."""
+    for x, y in zip(state_of(a, step), state_of(b, step), strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=f"step {step}")
+    assert meta_of(a, step)["data_positions"] == meta_of(b, step)["data_positions"]
+
+
+def moved_aside(workdir: pathlib.Path) -> list[str]:
+    """The steps whose folders were moved to ``checkpoints/corrupt``."""
+    corrupt = workdir / "checkpoints" / CORRUPT_DIR
+    if not corrupt.is_dir():
+        return []
+    return sorted(d.name.split("-")[0].split(".")[0] for d in corrupt.iterdir())
+
+
+# --- retention and the workdir lock --------------------------------------------------------
+
+
+def test_keep_checkpoints_zero_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="keep_checkpoints must be >= 1"):
+        train_and_evaluate(small_config(keep_checkpoints=0), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+LOCK_HOLDER = """
+import sys, time
+from vision_jax.lock import WorkdirLock
+WorkdirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_run_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, caplog):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.perf_counter()
+        with pytest.raises(lock_lib.LockError, match=rf"in use by another run .*pid {holder.pid}"):
+            train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+        assert time.perf_counter() - start < 10  # at once: before data, model or compilation
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not (tmp_path / "checkpoints").exists()
+    with caplog.at_level(logging.WARNING):
+        lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    lock.release()
+    host = os.uname()[1]
+    assert f"stale workdir lock of a dead run (host {host}, pid {holder.pid}" in caplog.text
+    assert f"its process {holder.pid} is gone" in caplog.text
+
+
+def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
+    path = tmp_path / lock_lib.LOCK_NAME
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "2026-01-01"}))
+    with pytest.raises(lock_lib.LockError, match="host elsewhere, pid 1, started 2026-01-01"):
+        lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    old = time.time() - lock_lib.STALE_AFTER_S - 5
+    os.utime(path, (old, old))
+    lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+    path.write_text('{"host": "elsew')  # a run killed while writing its lock
+    lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+# --- damaged checkpoints and the data stream position ---------------------------------------
+
+
+def folder_config(root: pathlib.Path, **overrides):
+    """6 steps of 4 images from 9 readable files and one unreadable one (skipped)."""
+    settings = {"total_steps": 6, "batch_size": 4, "eval_batch_size": 6, "keep_checkpoints": 5}
+    return small_config(
+        **{**settings, **overrides}, **{"data.source": "imagefolder", "data.root": str(root),
+        "data.skip_corrupt": True},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[pathlib.Path, object]:
+    """A finished run that kept its checkpoints at steps 2, 4 and 6, and its config."""
+    root = tmp_path_factory.mktemp("data")
+    make_folder(root, per_class=3, classes=("a", "b", "c"))
+    good = (root / "train" / "a" / "000.jpg").read_bytes()
+    (root / "train" / "b" / "bad.jpg").write_bytes(good[: len(good) // 2])
+    workdir, config = tmp_path_factory.mktemp("finished"), folder_config(root)
+    train_and_evaluate(config, str(workdir))
+    assert steps_in(workdir) == [2, 4, 6]
+    return workdir, config
+
+
+def test_skip_corrupt_resume_is_exact(tmp_path, finished_run):
+    """By step 4 (16 examples of 10 files) the stream has skipped the unreadable file at least
+    once, so the saved position is past 16; resuming from it is exact."""
+    full, config = finished_run
+    assert meta_of(full, 4)["data_positions"][0] > 16
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    train_and_evaluate(config, str(workdir))
+    assert_same_step(full, workdir, 6)
+
+
+def test_changed_data_is_refused_unless_allowed_and_final_steps_survive_rotation(
+    tmp_path, finished_run
+):
+    full, config = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    config = folder_config(config.data.root, total_steps=8, keep_checkpoints=1, batch_size=2)
+    config.seed = 1
+    with pytest.raises(CheckpointError, match=r"step 6\) exactly: batch_size 4 -> 2; seed 0 -> 1"):
+        train_and_evaluate(config, str(workdir))
+    assert steps_in(workdir) == [2, 4, 6] and not (workdir / lock_lib.LOCK_NAME).exists()
+    config.resume_changed_data = True
+    result = train_and_evaluate(config, str(workdir))
+    assert np.isfinite(result["train/loss"])
+    assert steps_in(workdir) == [6, 8]  # 2 and 4 rotated out; 6 and 8 each ended a run
+    before = meta_of(workdir, 6)["data_positions"][0]
+    assert meta_of(workdir, 8)["data_positions"][0] >= before + 2 * 2  # the stream went on
+    assert not (workdir / lock_lib.LOCK_NAME).exists()  # released at the end
+
+
+def damage(step_dir: pathlib.Path, how: str) -> None:
+    if how == "truncated":
+        files = [f for f in (step_dir / "state").rglob("*") if f.is_file()]
+        biggest = max(files, key=lambda f: f.stat().st_size)
+        with open(biggest, "r+b") as f:
+            f.truncate(biggest.stat().st_size // 2)
+    elif how == "unfinished":  # a save that a crash interrupted
+        step_dir.rename(step_dir.with_name(f"{step_dir.name}.orbax-checkpoint-tmp-1764640000"))
+    else:  # a deleted metadata file
+        (step_dir / how).unlink()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    "newest, previous",
+    [
+        ("truncated", "state/_METADATA"),
+        pytest.param("_CHECKPOINT_METADATA", "unfinished", marks=pytest.mark.slow),
+    ],
+)
+def test_unreadable_newest_steps_are_moved_aside_and_the_run_resumes_exactly(
+    tmp_path, finished_run, newest, previous, caplog, capfd
+):
+    full, config = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    damage(workdir / "checkpoints" / "6", newest)
+    damage(workdir / "checkpoints" / "4", previous)
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(config, str(workdir))
+    assert moved_aside(workdir) == ["4", "6"]
+    assert steps_in(workdir) == [2, 4, 6]
+    for step in (4, 6):  # trained again from step 2, exactly as before
+        assert_same_step(full, workdir, step)
+    lines = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines), lines
+    assert any("resuming from step 2" in line for line in lines), lines
+    err = capfd.readouterr().err
+    for noise in ("Traceback", "Event loop is closed", "TensorStore("):
+        assert noise not in err + caplog.text
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_no_readable_checkpoint_is_an_error_and_nothing_is_moved(tmp_path, finished_run):
+    full, config = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    for step in (2, 4, 6):
+        damage(workdir / "checkpoints" / str(step), "truncated")
+    with pytest.raises(CheckpointError, match=r"No checkpoint in .* can be read \(step 6: "):
+        train_and_evaluate(config, str(workdir))
+    assert moved_aside(workdir) == [] and steps_in(workdir) == [2, 4, 6]
+    assert not (workdir / lock_lib.LOCK_NAME).exists()
+
+
+# --- SIGKILL at random points ---------------------------------------------------------------
+
+KILL_OVERRIDES = {
+    "total_steps": 24,
+    "checkpoint_every_steps": 2,
+    "log_every_steps": 4,
+    "eval_batch_size": 360,
+}
+
+
+def _start(config: pathlib.Path, workdir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
+    """``python -m vision_jax.main`` on ``config``; later runs reuse the first one's compiled
+    steps (JAX's persistent cache beside the workdir)."""
+    cache = workdir.parent / "jax_cache"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "vision_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w")
+    )
+
+
+def _write_config(path: pathlib.Path, **overrides) -> pathlib.Path:
+    text = CONFIG.format(tests=str(ROOT / "tests"), overrides=json.dumps(overrides))
+    path.write_text(text)
+    return path
+
+
+def _entries(checkpoints: pathlib.Path) -> dict[str, int]:
+    """Name -> inode of what the checkpoints folder holds."""
+    try:
+        return {e.name: e.inode() for e in os.scandir(checkpoints)}
+    except FileNotFoundError:
+        return {}
+
+
+def kill_at(proc: subprocess.Popen, workdir: pathlib.Path, step: int, delay: float | None) -> str:
+    """SIGKILLs ``proc`` while it saves a step >= ``step`` (``delay`` None), or ``delay``
+    seconds after it committed one; returns where the kill landed. Only folders this run
+    writes count (a previous run's leftovers are moved aside, not rewritten)."""
+    checkpoints = workdir / "checkpoints"
+    before = _entries(checkpoints)
+    while proc.poll() is None:
+        for name, inode in _entries(checkpoints).items():
+            head = name.split(".")[0]
+            if before.get(name) == inode or not head.isdigit() or int(head) < step:
+                continue
+            if delay is None and "orbax-checkpoint-tmp" in name:
+                proc.kill()
+                proc.wait()
+                return f"during the save of step {head}"
+            if delay is not None and name == head:
+                time.sleep(delay)
+                proc.kill()
+                proc.wait()
+                return f"{delay:.2f} s after step {head} was saved"
+        time.sleep(0.001)
+    raise AssertionError(f"the run ended (exit {proc.returncode}) before kill point {step}")
+
+
+def sigkill_chain(tmp_path: pathlib.Path, points: list[tuple[int, float | None]]) -> dict:
+    """One run killed at each point in turn, each resumed by the same command, beside the
+    uninterrupted run; every checkpoint each resumed run wrote equals the uninterrupted run's
+    (bit for bit, and the data stream position)."""
+    full, work, seen = tmp_path / "full", tmp_path / "killed", tmp_path / "seen"
+    config = _write_config(tmp_path / "config.py", keep_checkpoints=2, **KILL_OVERRIDES)
+    full_config = _write_config(tmp_path / "full.py", keep_checkpoints=100, **KILL_OVERRIDES)
+    start = time.perf_counter()
+    uninterrupted = _start(full_config, full, tmp_path / "full.log")  # alongside: 2 cores
+    report: dict = {"landed": [], "seconds": {}}
+    for i, (step, delay) in enumerate([*points, (None, None)]):
+        log = tmp_path / f"run{i}.log"
+        proc = _start(config, work, log)
+        if step is None:
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        else:
+            report["landed"].append(kill_at(proc, work, step, delay))
+        text = log.read_text()
+        for noise in ("Traceback", "Event loop is closed"):
+            assert noise not in text, text[-3000:]
+        if i:  # the killed run's lock is taken over with one line
+            assert "Took over the stale workdir lock" in text, text[-3000:]
+        for saved in steps_in(work):  # kept for the comparison (rotation deletes them)
+            if not (seen / "checkpoints" / str(saved)).exists():
+                shutil.copytree(
+                    work / "checkpoints" / str(saved), seen / "checkpoints" / str(saved)
+                )
+    report["seconds"]["killed and resumed runs"] = round(time.perf_counter() - start, 1)
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    report["seconds"]["all"] = round(time.perf_counter() - start, 1)
+    assert steps_in(work)[-1] == KILL_OVERRIDES["total_steps"]
+    compared = steps_in(seen)
+    for saved in compared:
+        assert_same_step(full, seen, saved)
+    report["steps identical"] = compared
+    return report
+
+
+def random_points(n: int, seed: int) -> list[tuple[int, float | None]]:
+    """``n`` increasing kill points: every other one in the middle of an async save."""
+    rng = random.Random(seed)
+    saves = list(range(2, KILL_OVERRIDES["total_steps"], 2))
+    steps = sorted(rng.sample(saves, n))
+    return [(s, None if i % 2 == 0 else rng.uniform(0, 0.3)) for i, s in enumerate(steps)]
+
+
+@pytest.mark.slow
+def test_sigkill_at_two_points_resumes_bit_identically(tmp_path):
+    report = sigkill_chain(tmp_path, random_points(2, seed=14))
+    assert report["landed"][0].startswith("during the save"), report
+    print(json.dumps(report, indent=1))
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_points_resumes_bit_identically(tmp_path):
+    seed = int(time.time()) % 1000
+    report = sigkill_chain(tmp_path, random_points(10, seed=seed))
+    print(json.dumps({"seed": seed, **report}, indent=1))
+
+
+@pytest.mark.slow
+def test_two_processes_save_each_hosts_stream_position_and_resume_exactly(tmp_path):
+    """Each process reads its own shard; the one holding the unreadable file skips it, so the
+    two positions differ and both must be restored."""
+    from test_sharding import run_two_processes
+
+    root = tmp_path / "data"
+    make_folder(root, per_class=6, classes=("a", "b", "c"))
+    good = (root / "train" / "a" / "000.jpg").read_bytes()
+    (root / "train" / "b" / "bad.jpg").write_bytes(good[: len(good) // 2])
+    config = _write_config(
+        tmp_path / "config.py", total_steps=6, batch_size=8, eval_batch_size=8,
+        checkpoint_every_steps=3, keep_checkpoints=5, **{"data.source": "imagefolder",
+        "data.root": str(root), "data.skip_corrupt": True},
+    )  # fmt: skip
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    run_two_processes(config, full)
+    positions = meta_of(full, 3)["data_positions"]
+    assert min(positions) == 12 < max(positions), positions  # 3 steps x 4 per host + skipped
+    shutil.copytree(full, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "6")
+    run_two_processes(config, interrupted)
+    assert_same_step(full, interrupted, 6)

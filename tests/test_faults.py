@@ -1,0 +1,447 @@
+"""Fault injection: non-finite steps, signals, dead peers, corrupt eval images, config errors.
+
+Fast tests poison a batch or send a signal from inside the loop (a wrapped train step); slow
+ones (``-m slow``) drive ``python -m vision_jax.main`` and ``launch/local.sh`` in subprocesses,
+kill them, and time how long the survivors take to exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import small_config
+
+from vision_jax import specs, train
+from vision_jax.checkpoint import read_variables
+from vision_jax.config import TrackedConfig, UnreadConfigKeysError, default_config
+from vision_jax.signals import EXIT_STOPPED, StopRequested
+from vision_jax.train import NonFiniteError, train_and_evaluate
+from vision_jax.watchdog import EXIT_PEER_LOST
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module (and its subprocesses): every run after
+    the first reuses the same executables (a run then takes ~4 s instead of ~20 s)."""
+    from jax._src import compilation_cache as cache
+
+    values = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    old = {name: getattr(jax.config, name) for name in values}
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in values.items():
+            jax.config.update(name, value)
+            env.setenv(name.upper(), str(value))
+        cache.reset_cache()
+        yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cache.reset_cache()
+
+
+def config(**overrides):
+    """``small_config`` with a constant learning rate: the schedule then does not depend on
+    ``total_steps``, so every run here compiles the same steps (and hits the cache)."""
+    return small_config(**{"schedule.decay": "constant", **overrides})
+
+
+def wrap_step(monkeypatch, action) -> None:
+    """Runs ``action(step, batch) -> batch`` before every train step of the next runs (``step``
+    counts from 1 over the whole run, like the loop's)."""
+    real = train.build_run
+
+    def build(*args, **kwargs):
+        run = real(*args, **kwargs)
+        step_fn, count = run.train_step, [run.start_step]
+
+        def step(state, frozen, batch):
+            count[0] += 1
+            return step_fn(state, frozen, action(count[0], batch))
+
+        run.train_step = step
+        return run
+
+    monkeypatch.setattr(train, "build_run", build)
+
+
+def poison(steps: set[int]):
+    """An action that makes the images of the batches of ``steps`` NaN."""
+    return lambda step, batch: (
+        {**batch, "image": batch["image"] * jnp.nan} if step in steps else batch
+    )
+
+
+def leaves(path) -> list[np.ndarray]:
+    return jax.tree_util.tree_leaves(read_variables(str(path)))
+
+
+def step_dirs(workdir: pathlib.Path) -> dict[int, pathlib.Path]:
+    folder = workdir / "checkpoints"
+    return {int(p.name): p for p in folder.iterdir() if p.name.isdigit()}
+
+
+def assert_all_finite(workdir: pathlib.Path) -> None:
+    for step, path in step_dirs(workdir).items():
+        assert all(np.isfinite(x).all() for x in leaves(path)), f"step {step} is not finite"
+
+
+def same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
+
+# --- the non-finite guard ---------------------------------------------------------------------
+
+
+def test_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch):
+    wrap_step(monkeypatch, poison({3}))
+    cfg = config(total_steps=6, checkpoint_every_steps=2, log_every_steps=5)
+    with pytest.raises(NonFiniteError, match=r"at step 3;.*checkpoints/2\b"):
+        train_and_evaluate(cfg, str(tmp_path))
+    assert sorted(step_dirs(tmp_path)) == [2]  # the save boundary at step 4 saw the skip
+    assert_all_finite(tmp_path)
+
+
+def test_nonfinite_skip_keeps_the_previous_state_and_counts(tmp_path, monkeypatch):
+    wrap_step(monkeypatch, poison({3, 7, 8}))
+    cfg = config(total_steps=5, checkpoint_every_steps=1, keep_checkpoints=10, on_nonfinite="skip")
+    result = train_and_evaluate(cfg, str(tmp_path))
+    assert result["train/skipped_steps"] == 1 and np.isfinite(result["eval/loss"])
+    dirs = step_dirs(tmp_path)
+    assert same(dirs[3], dirs[2])  # step 3 changed nothing (BatchNorm statistics included)
+    assert not same(dirs[4], dirs[3])
+    # Resumed with a longer schedule: two skips in a row reach max_consecutive_skips=2.
+    cfg = config(
+        total_steps=10, checkpoint_every_steps=1, keep_checkpoints=10, on_nonfinite="skip",
+        max_consecutive_skips=2,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"2 updates in a row.*step 8.*checkpoints/7\b"):
+        train_and_evaluate(cfg, str(tmp_path))
+    assert sorted(step_dirs(tmp_path)) == [1, 2, 3, 4, 5, 6, 7]
+    assert_all_finite(tmp_path)
+
+
+def test_final_metrics_are_valid_json():
+    from vision_jax.main import _json
+
+    line = _json({"train/loss": float("nan"), "eval/top1": 0.5, "x": float("inf")})
+    assert json.loads(line) == {"eval/top1": 0.5, "train/loss": None, "x": None}
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_exactly(tmp_path, monkeypatch):
+    cfg = config(total_steps=6, checkpoint_every_steps=100)
+    full = tmp_path / "full"
+    train_and_evaluate(cfg, str(full))
+
+    def sigterm_at_3(step, batch):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the signal thread takes note before the step ends
+        return batch
+
+    wrap_step(monkeypatch, sigterm_at_3)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(StopRequested, match="stopped at step 3 .SIGTERM.") as info:
+        train_and_evaluate(cfg, str(stopped))
+    assert info.value.step == 3 and sorted(step_dirs(stopped)) == [3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.undo()
+    train_and_evaluate(cfg, str(stopped))
+    assert sorted(step_dirs(stopped)) == [3, 6]
+    assert same(full, stopped)
+
+
+# --- the end of a run -----------------------------------------------------------------------------
+
+
+def _image_folder(root: pathlib.Path, corrupt_eval: bool) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 1)):
+        for c in "abcdefghij":  # 10 classes, as digits: the same compiled steps
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (12, 12, 3), np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    if corrupt_eval:
+        (root / "test" / "b" / "bad.png").write_bytes(b"not a png")
+
+
+def test_a_corrupt_eval_image_stops_the_run_before_training(tmp_path):
+    data = tmp_path / "data"
+    _image_folder(data, corrupt_eval=True)
+    cfg = config(**{"data.source": "imagefolder", "data.root": str(data)})
+    with pytest.raises(ValueError, match=r"Cannot read image .*test/b/bad\.png.*skip_corrupt"):
+        train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert not step_dirs(tmp_path / "run")
+    cfg.data.skip_corrupt = True  # skipped and counted
+    assert train_and_evaluate(cfg, str(tmp_path / "run"))["eval/examples"] == 10
+
+
+def test_the_final_state_is_saved_before_the_final_evaluation(tmp_path, monkeypatch):
+    def fail(*args):
+        raise ValueError("evaluation failed")
+
+    monkeypatch.setattr(train, "run_evaluation", fail)
+    with pytest.raises(ValueError, match="evaluation failed"):
+        train_and_evaluate(config(total_steps=3, checkpoint_every_steps=100), str(tmp_path))
+    assert sorted(step_dirs(tmp_path)) == [3]
+
+
+# --- config errors ------------------------------------------------------------------------------
+
+
+def main_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vision_jax.main", *args], cwd=ROOT, capture_output=True,
+        text=True, timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+
+
+def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_keys(tmp_path):
+    proc = main_cli(
+        "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}",
+        "--config.optimizer.lrr=0.1",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "vision_jax: error: Unknown config key 'optimizer.lrr' (closest: "
+        "optimizer.learning_rate, optimizer.lr_mults, optimizer.layer_decay)."
+    ]
+
+
+def test_missing_config_file_is_reported_before_jax_starts(tmp_path):
+    start = time.perf_counter()
+    proc = main_cli("--config=configs/nope.py:arg", f"--workdir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "vision_jax: error: config file configs/nope.py not found."
+    assert time.perf_counter() - start < 30
+
+
+def test_a_key_set_in_python_and_never_read_names_the_closest_keys():
+    cfg = default_config()
+    cfg.optimizer.lrr = 0.1
+    tracked = TrackedConfig(cfg)
+    specs.run_spec(tracked)
+    with pytest.raises(UnreadConfigKeysError, match=r"optimizer\.lrr \(closest: optimizer\.lea"):
+        tracked.check_all_read()
+
+
+# --- slow: the command line, one and two processes ----------------------------------------------
+
+DIGITS = [
+    "--config=configs/digits_pretrain.py", "--config.total_steps=80", "--config.log_every_steps=5",
+    "--config.checkpoint_every_steps=1000",
+]  # fmt: skip
+TRAINING = re.compile(r"\[(\d+)\] train/")
+
+
+class Proc:
+    """A subprocess whose merged output is collected by a thread."""
+
+    def __init__(self, argv: list[str], **env: str):
+        self.popen = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: re.Pattern, timeout: float = 300) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if match := pattern.search(line):
+                    return match
+            assert self.popen.poll() is None, f"exited {self.popen.returncode}:\n{self.output}"
+            time.sleep(0.1)
+        raise AssertionError(f"no {pattern.pattern!r} within {timeout} s:\n{self.output[-3000:]}")
+
+    def wait(self, timeout: float = 300) -> tuple[int, float]:
+        """(exit status, seconds it took)."""
+        start = time.monotonic()
+        code = self.popen.wait(timeout)
+        time.sleep(0.2)  # let the reader thread drain the pipe
+        return code, time.monotonic() - start
+
+    def kill_group(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def procs():
+    """Started :class:`Proc` objects, killed (with their process groups) after the test."""
+    started: list[Proc] = []
+    yield lambda *argv, **env: started.append(Proc(list(argv), **env)) or started[-1]
+    for proc in started:
+        proc.kill_group()
+
+
+def main_argv(workdir, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vision_jax.main", *DIGITS, f"--workdir={workdir}", *extra]
+
+
+def local_argv(workdir, *extra: str) -> list[str]:
+    return [
+        "bash",
+        "launch/local.sh",
+        "-n",
+        "2",
+        "-d",
+        "1",
+        *DIGITS,
+        f"--workdir={workdir}",
+        *extra,
+    ]
+
+
+def children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the vision_jax.main processes started by ``pid``."""
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    rows = [line.strip().split(None, 1) for line in out.splitlines() if line.strip()]
+    return {int(p): args for p, args in rows if "vision_jax.main" in args}
+
+
+def process_pid(launcher: Proc, index: int) -> int:
+    pids = [p for p, args in children(launcher.popen.pid).items() if f"process_id={index}" in args]
+    assert len(pids) == 1, launcher.output[-2000:]
+    return pids[0]
+
+
+@pytest.mark.slow
+def test_sigterm_one_process_saves_exits_75_and_resumes_exactly(tmp_path, procs):
+    full = procs(*main_argv(tmp_path / "full"))
+    assert full.wait()[0] == 0, full.output[-3000:]
+    run = procs(*main_argv(tmp_path / "stopped"))
+    run.wait_for(TRAINING)
+    run.popen.send_signal(signal.SIGTERM)
+    code, seconds = run.wait()
+    print(f"one process: exit {code} {seconds:.1f} s after SIGTERM")
+    assert code == EXIT_STOPPED, run.output[-3000:]
+    assert seconds < 10
+    assert re.search(r"vision_jax: stopped at step \d+ \(SIGTERM\)", run.output)
+    (step,) = step_dirs(tmp_path / "stopped")
+    assert 5 <= step < 80
+    rerun = procs(*main_argv(tmp_path / "stopped"))
+    assert rerun.wait()[0] == 0, rerun.output[-3000:]
+    assert f"Resumed from {tmp_path / 'stopped'}" in rerun.output
+    assert same(tmp_path / "full", tmp_path / "stopped")
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(tmp_path, procs):
+    run = procs(*main_argv(tmp_path, "--config.total_steps=100000"))
+    run.wait_for(TRAINING)
+    run.popen.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    run.popen.send_signal(signal.SIGINT)
+    code, seconds = run.wait(60)
+    print(f"second SIGINT: exit {code} after {seconds:.2f} s")
+    assert code == 128 + signal.SIGINT and seconds < 3
+    assert "second signal (SIGINT): exiting now, without saving" in run.output
+
+
+@pytest.mark.slow
+def test_sigterm_two_processes_one_or_the_launcher_then_resume_exactly(tmp_path, procs):
+    full = procs(*local_argv(tmp_path / "full"))
+    code, _ = full.wait()
+    assert code == 0, full.output[-4000:]
+    workdir = tmp_path / "stopped"
+    steps = []
+    for target in ("process 1", "launcher"):
+        run = procs(*local_argv(workdir))
+        run.wait_for(re.compile(r"\[p0\].*\[(\d+)\] train/"))
+        pid = process_pid(run, 1) if target == "process 1" else run.popen.pid
+        pids = list(children(run.popen.pid))
+        os.kill(pid, signal.SIGTERM)
+        code, seconds = run.wait()
+        print(f"two processes, SIGTERM to {target}: exit {code} after {seconds:.1f} s")
+        assert code == EXIT_STOPPED, run.output[-4000:]
+        assert seconds < 20
+        assert len(re.findall(r"\[p\d\] vision_jax: stopped at step", run.output)) == 2
+        assert "no such job" not in run.output
+        assert not any(os.path.exists(f"/proc/{p}") for p in pids)  # no orphans
+        steps.append(max(step_dirs(workdir)))
+    assert steps[0] < steps[1] < 80
+    final = procs(*local_argv(workdir))
+    assert final.wait()[0] == 0, final.output[-4000:]
+    assert same(tmp_path / "full", workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "victim, survivor, message",
+    [
+        (1, 0, "vision_jax: error: lost process 1 of 2: no heartbeat for"),
+        # JAX's client ends a process whose coordinator (in process 0) vanished, at once and
+        # with its own fatal line: the watchdog cannot speak first (see vision_jax.watchdog).
+        (0, 1, "Terminating process because the JAX distributed service detected fatal errors"),
+    ],
+)
+def test_a_dead_peer_stops_the_others_in_bounded_time(tmp_path, procs, victim, survivor, message):
+    run = procs(*local_argv(tmp_path, "--config.total_steps=100000"))
+    run.wait_for(re.compile(r"\[p0\].*\[(\d+)\] train/"))
+    pids = list(children(run.popen.pid))
+    os.kill(process_pid(run, victim), signal.SIGKILL)
+    code, seconds = run.wait(120)
+    print(f"kill -9 process {victim}: launcher exit {code} after {seconds:.1f} s")
+    assert code == 128 + signal.SIGKILL and seconds < 30  # the default --peer_timeout is 30 s
+    lines = [line for line in run.lines if line.startswith(f"[p{survivor}]") and message in line]
+    assert len(lines) == 1, run.output[-4000:]
+    assert victim == 0 or f"(exit {EXIT_PEER_LOST})" in lines[0]
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids)  # no orphans
+    assert "no such job" not in run.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_lr_1e6_on_a_finished_run_keeps_its_good_checkpoints(tmp_path, policy):
+    args = ["--config=configs/digits_pretrain.py", f"--workdir={tmp_path}"]
+    done = main_cli(*args, "--config.total_steps=20", "--config.checkpoint_every_steps=10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    json.loads(done.stdout.splitlines()[0])  # the final metrics are valid JSON
+    good = {step: leaves(path) for step, path in step_dirs(tmp_path).items()}
+    proc = main_cli(
+        *args, "--config.total_steps=200", "--config.checkpoint_every_steps=5",
+        "--config.optimizer.learning_rate=1e6", f"--config.on_nonfinite={policy}",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("vision_jax:")]
+    assert "Nothing non-finite was saved; last good checkpoint:" in error
+    assert re.search(r"at step 2\d;" if policy == "stop" else r"1\d updates in a row", error)
+    assert_all_finite(tmp_path)
+    for step, before in good.items():  # the finished run's checkpoints survive, unchanged
+        if step == 20 or policy == "stop":
+            after = leaves(step_dirs(tmp_path)[step])
+            assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))

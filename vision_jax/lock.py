@@ -1,0 +1,181 @@
+"""One run per workdir: ``<workdir>/vision_jax.lock``, held by process 0 of the run.
+
+The lock file is created atomically (``O_EXCL``) and holds the owner's host, pid and start
+time as JSON; the owner touches it every ``HEARTBEAT_S`` seconds. A second run fails at once
+naming the owner. A lock left by a dead run is taken over with a warning: on the same host
+when its pid is gone, from any host when its heartbeat is older than ``STALE_AFTER_S``. In a
+multi-host run process 0 takes the lock and the other processes share its verdict.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import jax
+import numpy as np
+
+LOCK_NAME = "vision_jax.lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+class LockError(RuntimeError):
+    """The workdir is in use by another run."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _describe(owner: dict) -> str:
+    return f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started', '?')}"
+
+
+def stale_reason(owner: dict, age_s: float) -> str | None:
+    """Why the lock of ``owner`` (heartbeat ``age_s`` seconds ago) is stale, or None."""
+    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+        return f"its process {owner.get('pid')} is gone"
+    if age_s > STALE_AFTER_S:
+        return f"its heartbeat is {age_s:.0f} s old (> {STALE_AFTER_S:.0f} s)"
+    return None
+
+
+class WorkdirLock:
+    """The lock of one run's workdir; :meth:`release` (also at exit) frees it."""
+
+    def __init__(self, workdir: str):
+        self.url = "://" in workdir  # gs://...: no atomic create; not locked
+        self.path = os.path.join(workdir if self.url else os.path.abspath(workdir), LOCK_NAME)
+        self.held = False
+        self._owner: dict = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> WorkdirLock:
+        """Takes the lock (process 0) or raises :class:`LockError`; all processes agree."""
+        error = None
+        if self.url:
+            logging.warning(
+                "Workdir %s is a URL: it is not locked against a second run.", self.path
+            )
+            return self
+        if jax.process_index() == 0:
+            try:
+                self._take()
+            except (LockError, OSError) as e:  # never leave the other processes waiting
+                error = str(e) if isinstance(e, LockError) else f"Cannot lock {self.path}: {e}"
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+            if int(failed) and error is None:
+                error = f"Process 0 could not lock the workdir ({self.path}): see its message."
+        if error is not None:
+            raise LockError(error)
+        return self
+
+    def _take(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(3):  # a race with another run taking over the same stale lock
+            if self._create():
+                self._start_heartbeat()
+                return
+            owner, age = self._read()
+            if owner is None:
+                continue  # released meanwhile
+            reason = stale_reason(owner, age)
+            if reason is None:
+                raise LockError(
+                    f"Workdir {os.path.dirname(self.path)} is in use by another run "
+                    f"({_describe(owner)}; lock {self.path}). Wait for it to finish, use another "
+                    "--workdir, or delete the lock file if that run is gone."
+                )
+            if self._break(owner):
+                logging.warning(
+                    "Took over the stale workdir lock of a dead run (%s): %s.",
+                    _describe(owner), reason,
+                )  # fmt: skip
+        raise LockError(f"Could not lock {self.path}: other runs keep taking it.")
+
+    def _create(self) -> bool:
+        """Creates the lock file if absent; True when this process now owns it."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now}
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        self._owner = owner
+        self.held = True
+        atexit.register(self.release)
+        return True
+
+    def _read(self) -> tuple[dict | None, float]:
+        """The lock's owner and the age of its heartbeat in seconds (None if it vanished)."""
+        try:
+            with open(self.path) as f:
+                text = f.read()
+            age = time.time() - os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            return None, 0.0
+        try:
+            return json.loads(text), age
+        except ValueError:  # half-written by a run killed while creating it
+            return {"host": "?", "pid": -1, "started": "?"}, max(age, STALE_AFTER_S + 1)
+
+    def _break(self, owner: dict) -> bool:
+        """Moves the stale lock away, if it is still the one that was read."""
+        aside = f"{self.path}.stale.{os.getpid()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            with open(aside) as f:
+                moved = json.loads(f.read() or "{}")
+        except ValueError:
+            moved = {}
+        if moved and moved != owner:  # another run took it over meanwhile: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            os.remove(aside)
+            return False
+        os.remove(aside)
+        return True
+
+    def _start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        self._thread = threading.Thread(target=beat, name="workdir_lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Frees the lock (idempotent)."""
+        if not self.held:
+            return
+        self.held = False
+        self._stop.set()
+        atexit.unregister(self.release)
+        owner, _ = self._read()
+        if owner == self._owner:  # not taken over by another run meanwhile
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)

@@ -1,0 +1,166 @@
+"""Stopping a run cleanly on SIGTERM or SIGINT: a checkpoint at a step every process agrees on.
+
+One process: the signal sets a flag that the loop reads at the next step boundary. Several
+processes (``jax.distributed``): SIGTERM goes to JAX's preemption notifier (installed by
+``jax.distributed.initialize``), whose sync protocol picks the next step that no process has
+passed yet (``multihost_utils.reached_preemption_sync_point``; a mutex per step, no
+communication until a signal comes); SIGINT is handed on to it as SIGTERM. With that service
+off (``jax_enable_preemption_service=False``) the processes agree by an allgather of the flag
+every :data:`AGREE_EVERY` steps. A signal sent to any one process stops them all at that step.
+A second signal of either kind exits at once, without saving. A signal that this process
+inherited as ignored (SIGINT in a background job) stays ignored: the launcher forwards SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+# sysexits.h EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun to resume.
+EXIT_STOPPED = 75
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+AGREE_EVERY = 10  # steps between agreements when JAX's preemption service is off
+NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # set by JAX's preemption notifier (TSL)
+
+
+class StopRequested(Exception):
+    """Training stopped early on a signal, after saving (or already having) a checkpoint."""
+
+    def __init__(self, step: int, reason: str, directory: str):
+        self.step, self.reason, self.directory = step, reason, directory
+        super().__init__(
+            f"stopped at step {step} ({reason}); checkpoint in {directory}. Run the same command "
+            "again to resume."
+        )
+
+
+def _sync_manager() -> Any:
+    """JAX's preemption sync manager when ``jax.distributed`` is initialized, else None."""
+    from jax._src import distributed
+
+    if distributed_client() is None:
+        return None
+    return distributed.global_state.preemption_sync_manager
+
+
+def _say(message: str) -> None:
+    """One line on stderr, safe inside a signal handler."""
+    os.write(2, f"vision_jax: {message}\n".encode())
+
+
+class StopSignals:
+    """Catches SIGTERM and SIGINT while entered (a context manager; main thread only).
+
+    The signals are read by a thread through ``signal.set_wakeup_fd``, so a message appears and
+    a second signal exits at once even while the main thread waits in a long step or compile.
+    ``stop_before(step)`` is called once before training, ``should_stop(step)`` after every
+    step (absolute step numbers, as orbax uses with the same sync manager).
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._sync = _sync_manager()
+        self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, Any] | None = None  # (write end, the previous wakeup fd)
+
+    def __enter__(self) -> StopSignals:
+        mine = [s for s in SIGNALS if not (s == signal.SIGTERM and self._sync is not None)]
+        try:  # JAX's preemption notifier owns SIGTERM when it runs; keep inherited SIG_IGN
+            for sig in [s for s in mine if signal.getsignal(s) is not signal.SIG_IGN]:
+                self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
+            if self._previous:
+                read, write = os.pipe()
+                os.set_blocking(write, False)
+                old = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+                self._wakeup = (write, old)
+                threading.Thread(target=self._watch, args=(read,), daemon=True).start()
+        except ValueError:  # not the main thread: leave signals alone
+            self.__exit__(None, None, None)
+        return self
+
+    def __exit__(
+        self, kind: type | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self._wakeup is not None:
+            write, old = self._wakeup
+            signal.set_wakeup_fd(old)
+            os.close(write)  # the watcher sees the end of its pipe
+            self._wakeup = None
+
+    def _watch(self, read: int) -> None:
+        """Reads the signal numbers the C-level handler writes to the wakeup pipe."""
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            while data := pipe.read(64):
+                for signum in data:
+                    if signum in self._previous:
+                        self._handle(signum)
+
+    def _handle(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            _say(f"second signal ({name}): exiting now, without saving.")
+            os._exit(128 + signum)
+        self.received = name
+        _say(
+            f"{name}: saving a checkpoint at the next step, then stopping ({name} again: exit now)."
+        )
+        if self._sync is not None:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
+
+    @property
+    def reason(self) -> str:
+        """What asked for the stop, for messages."""
+        return self.received or "a signal to one of the processes"
+
+    def stop_before(self, step: int) -> bool:
+        """Whether a stop was asked for during setup (the same answer on every process); call
+        once before training, ``step`` being the one resumed from."""
+        if self._sync is None:
+            return _any(self.received is not None)
+        # Steps are absolute (orbax asks the same sync manager at its saves). A notice that
+        # came before this first call set the sync point to 1: look for the notice itself.
+        self._sync.reached_sync_point(step)
+        try:
+            jax_client = distributed_client()
+            notice = jax_client.key_value_try_get(NOTICE_KEY) if jax_client else None
+        except Exception:  # NOT_FOUND: no notice
+            notice = None
+        return _any(notice is not None)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (the same answer on every process)."""
+        if self._sync is not None:
+            return bool(self._sync.reached_sync_point(step))
+        import jax
+
+        if jax.process_count() == 1:
+            return self.received is not None
+        # Several processes without JAX's preemption service: agree every AGREE_EVERY steps by
+        # an allgather of the flag (it waits for the device: the loop cannot run ahead there).
+        return step % AGREE_EVERY == 0 and _any(self.received is not None)
+
+
+def distributed_client() -> Any:
+    """The ``jax.distributed`` client, or None."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _any(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
