@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+IGNORE_LABEL = 255  # label-map pixels that count for nothing (VOC's "void")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "step")
 OPTIMIZERS = ("sgd", "adamw")
 NONFINITE_POLICIES = ("stop", "skip")

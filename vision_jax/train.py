@@ -92,8 +92,7 @@ def train_and_evaluate(
         try:
             return _train(run, workdir, stop)
         finally:
-            run.checkpointer.wait()
-            run.checkpointer.close()
+            run.close()
 
 
 class NonFiniteError(RuntimeError):

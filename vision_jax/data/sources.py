@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from vision_jax.specs import IGNORE_LABEL
+
 # TensorFlow is only the input pipeline here: keep it off accelerators.
 tf.config.set_visible_devices([], "GPU")
 
 
-IGNORE_LABEL = 255  # label-map pixels that count for nothing (VOC's "void")
 TARGETS = ("label", "label_map")
 
 

@@ -31,11 +31,11 @@ from clu import metrics
 from vision_jax.metrics import ConfusionMatrix, iou_summary
 from vision_jax.models import create_model
 from vision_jax.models.pyramid import FPN, SimpleFeaturePyramid, channel_norm, conv, upsample_to
-from vision_jax.models.registry import model_spec
+from vision_jax.models.registry import family
 from vision_jax.models.task_model import TaskModel
+from vision_jax.specs import IGNORE_LABEL
 from vision_jax.tasks.base import Batch, Task
 
-IGNORE_LABEL = 255
 HEADS = ("linear", "fpn")
 
 
@@ -143,10 +143,11 @@ class Segmentation(Task):
                 f"{num_classes} classes."
             )
         taps = self.feature_taps
-        if taps is None:
-            family = model_spec(model_name).family
-            taps = (-1,) if family == "vit" or self.head == "linear" else (0, 1, 2, 3)
-            taps = taps if family != "cifar_resnet" or len(taps) == 1 else (0, 1, 2)
+        if taps is None:  # the last map (linear head, or ViT's one-map pyramid), else every one
+            plain = create_model(model_name, num_classes=0)
+            available = family(plain).feature_taps(plain)
+            single = self.head == "linear" or len({t.stride for t in available}) == 1
+            taps = (-1,) if single else tuple(range(len(available)))
         backbone = create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
         dtype = backbone.dtype
         if self.head == "linear":
