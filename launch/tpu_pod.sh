@@ -10,6 +10,11 @@
 # preemption, run the same command again: it resumes from the latest checkpoint in the workdir.
 # --version is the TPU VM image: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5-lite for v5e.
 # --keep leaves the TPU running (and skips create if it exists) for a next command.
+# Signals: Ctrl-C or SIGTERM during training sends SIGTERM to this run's vision_jax.main on every
+# worker (gcloud ssh --worker=all --command='pkill -TERM -f ...--workdir=WORKDIR'): each process
+# saves a checkpoint at a step they agree on and exits 75. The script waits for the ssh sessions
+# and exits with the run's status (rerun the same command to resume). A second signal sends
+# SIGKILL on every worker; a third stops waiting (workers out of reach) and exits 128+signal.
 # DRY_RUN=1 is --dry-run: print the exact gcloud commands instead of running them.
 set -euo pipefail
 
@@ -25,7 +30,7 @@ main_args=()
 config=""
 workdir=""
 
-usage() { sed -n '2,13s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; }
 die() { echo "tpu_pod.sh: error: $*" >&2; exit 2; }
 
 while (($#)); do
@@ -73,13 +78,27 @@ copy=("${gcloud_tpu[@]}" scp "$archive" "$name:vision_jax.tar.gz" "${where[@]}" 
 install_cmd="mkdir -p $remote_dir && tar -xzf vision_jax.tar.gz -C $remote_dir && cd $remote_dir"
 install_cmd+=" && $remote_python -m pip install -q 'jax[tpu]>=0.10.2,<0.11' -e ."
 install=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$install_cmd")
-train_cmd="cd $remote_dir && $remote_python -m vision_jax.main"
+train_cmd="cd $remote_dir && exec $remote_python -m vision_jax.main"
 for arg in "${main_args[@]}"; do
   train_cmd+=" $(printf '%q' "$arg")"
 done
 train_cmd+=" --distributed"
 train=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$train_cmd")
 delete=("${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet)
+
+# The stop commands send a signal to this run's processes on every worker: vision_jax.main with
+# this workdir (regex-escaped: other runs on a --keep TPU are left alone; [v] keeps pkill's own
+# shell from matching), trying for up to 15 s on a worker where ssh has not started it yet.
+# shellcheck disable=SC2016  # a sed expression, not a shell one
+workdir_regex="$(printf '%s' "$workdir" | sed 's/[][\.*^$(){}+?|]/\\&/g')"
+stop_pattern="[v]ision_jax[.]main .*--workdir=${workdir_regex}( |\$)"
+# shellcheck disable=SC2329  # called by the traps
+stop_command() {  # sets stop to the command that sends signal $1
+  local pkill_cmd
+  pkill_cmd="pkill -$1 -f $(printf '%q' "$stop_pattern")"
+  stop=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all
+        "--command=for _ in \$(seq 15); do $pkill_cmd && break; sleep 1; done; true")
+}
 
 # Prints a command shell-quoted (dry run) or runs it.
 run() {
@@ -94,6 +113,77 @@ run() {
   fi
 }
 
+jobs_started=()  # local background gcloud commands, each the leader of its own process group
+
+# Runs a command in the background in a process group of its own (a Ctrl-C in the terminal does
+# not reach it; kill -- -PID reaches gcloud and its ssh children); sets job to its pid.
+start_job() {
+  echo "+ $*" >&2
+  set -m
+  "$@" </dev/null &
+  job=$!
+  set +m
+  jobs_started+=("$job")
+}
+
+# Waits until job $1 has ended (a trapped signal only interrupts wait); returns its status.
+wait_job() {
+  local code
+  while :; do
+    code=0
+    wait "$1" 2>/dev/null || code=$?  # 2>/dev/null: no "Killed" line for a job we killed
+    if ((code > 128 && woken)); then
+      woken=0  # woken by a signal, or the job ended by one: bash answers again either way
+      continue
+    fi
+    return "$code"
+  done
+}
+
+# Kills job $1's process group; disown: bash prints no "Killed" line for it, whenever it notices.
+# shellcheck disable=SC2329  # called by the traps
+kill_job() {
+  kill -s KILL -- "-$1" 2>/dev/null || true
+  disown "$1" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2329  # called by the traps
+forward() {
+  local pid
+  woken=1
+  signals=$((signals + 1))
+  if ((signals == 1)); then
+    echo "tpu_pod.sh: $1: every worker saves a checkpoint and stops ($1 again: kill now)." >&2
+    stop_command TERM
+    start_job "${stop[@]}"
+    term_stop=$job
+  elif ((signals == 2)); then
+    echo "tpu_pod.sh: second $1: killing the run on every worker now ($1 again: stop waiting)." >&2
+    stop_command KILL
+    start_job "${stop[@]}"
+    kill_stop=$job
+  else
+    echo "tpu_pod.sh: $1: not waiting for the workers any more; check them with gcloud" \
+         "compute tpus tpu-vm ssh $name --worker=all --command='pgrep -af vision_jax'" >&2
+    for pid in "${jobs_started[@]}"; do
+      kill_job "$pid"
+    done
+    gave_up=$((128 + $2))
+  fi
+}
+
+# shellcheck disable=SC2329  # called by the trap (set once the TPU exists)
+on_exit() {
+  local pid
+  trap - INT TERM
+  for pid in ${jobs_started[@]+"${jobs_started[@]}"}; do
+    kill_job "$pid"  # never leave a local gcloud or ssh behind, whatever ends this script
+  done
+  if ((!keep)); then
+    run "${delete[@]}"
+  fi
+}
+
 run "${pack[@]}"
 if ((keep)) && [[ "$dry_run" != 1 ]] \
     && "${gcloud_tpu[@]}" describe "$name" "${where[@]}" >/dev/null 2>&1; then
@@ -101,11 +191,28 @@ if ((keep)) && [[ "$dry_run" != 1 ]] \
 else
   run "${create[@]}"
 fi
-if ((!keep)); then
-  # shellcheck disable=SC2329  # called by the trap
-  cleanup() { run "${delete[@]}"; }
-  trap cleanup EXIT
-fi
+trap on_exit EXIT
 run "${copy[@]}"
 run "${install[@]}"
-run "${train[@]}"
+if [[ "$dry_run" == 1 ]]; then
+  run "${train[@]}"
+  exit 0
+fi
+
+signals=0
+woken=0
+term_stop=""
+kill_stop=""
+gave_up=""
+trap 'forward SIGINT 2' INT
+trap 'forward SIGTERM 15' TERM
+start_job "${train[@]}"
+train_job=$job
+status=0
+wait_job "$train_job" || status=$?
+for pid in "$term_stop" "$kill_stop"; do  # the stop commands, till they are done
+  if [[ -n "$pid" ]]; then
+    wait_job "$pid" || true
+  fi
+done
+exit "${gave_up:-$status}"

@@ -23,9 +23,10 @@ from test_data import make_folder
 from test_train import small_config
 
 from vision_jax import lock as lock_lib
-from vision_jax.checkpoint import CORRUPT_DIR, CheckpointError, _restore_on_one_device
+from vision_jax.checkpoint import CORRUPT_DIR, CheckpointError
 from vision_jax.specs import ConfigError
 from vision_jax.train import train_and_evaluate
+from vision_jax.weights.run_dir import restore_on_one_device as _restore_on_one_device
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -37,23 +38,6 @@ from test_train import small_config
 def get_config(arg=None):
     return small_config(**json.loads({overrides!r}))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs here compile the same steps again and again: JAX's persistent cache reuses
-    them (the same executables, so results stay bit-identical); the settings are restored."""
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {k: getattr(jax.config, k) for k in keys}
-    cache.reset_cache()
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0.0)
-    yield
-    cache.reset_cache()
-    for key, value in before.items():
-        jax.config.update(key, value)
 
 
 def steps_in(workdir: pathlib.Path) -> list[int]:

@@ -24,11 +24,11 @@ import pytest
 from test_train import small_config
 
 from vision_jax import specs, train
-from vision_jax.checkpoint import read_variables
 from vision_jax.config import TrackedConfig, UnreadConfigKeysError, default_config
 from vision_jax.signals import EXIT_STOPPED, StopRequested
 from vision_jax.train import NonFiniteError, train_and_evaluate
 from vision_jax.watchdog import EXIT_PEER_LOST
+from vision_jax.weights.run_dir import read_variables
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,13 @@ import pytest
 from test_train import small_config
 
 from vision_jax import losses, optim, trees
-from vision_jax.checkpoint import _restore_on_one_device, latest_step_dir, read_variables
 from vision_jax.models import create_model
 from vision_jax.steps import TrainState, make_train_step
 from vision_jax.tasks import Classification
 from vision_jax.train import train_and_evaluate
 from vision_jax.trees import flatten_dict
+from vision_jax.weights.run_dir import latest_step_dir, read_variables
+from vision_jax.weights.run_dir import restore_on_one_device as _restore_on_one_device
 
 
 def _init_params(cfg, num_classes=10):

@@ -1,4 +1,5 @@
-"""The launch scripts: their dry runs print the right commands, and they pass shellcheck."""
+"""The launch scripts: their dry runs print the right commands, tpu_pod.sh stops a run on a
+fake TPU when signalled, and they pass shellcheck."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -84,6 +88,209 @@ def test_tpu_pod_keep_skips_delete_and_local_workdir_is_an_error():
         cwd=ROOT, text=True, capture_output=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "must be a gs:// path" in proc.stderr
+
+
+# A fake gcloud for tpu_pod.sh: it logs every call (arguments separated by \x1f) and runs an ssh
+# --command once per fake worker, in a session of its own as sshd would (so nothing local
+# reaches it but the stop commands), in the worker's folder with the worker's bin/ first on PATH.
+# FAKE_UNREACHABLE=1: the stop commands hang.
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+(IFS=$'\x1f'; echo "gcloud$IFS$*") >> "$FAKE_ROOT/gcloud.log"
+verb="$4"
+[[ "$verb" != describe ]] || exit 1  # no TPU yet
+[[ "$verb" == ssh ]] || exit 0
+for arg; do
+  [[ "$arg" != --command=* ]] || command="${arg#--command=}"
+done
+[[ "$command" != *"pip install"* ]] || exit 0
+if [[ "$command" == *pkill* && -n "${FAKE_UNREACHABLE:-}" ]]; then
+  sleep 600 &  # the workers do not answer
+  wait
+fi
+pids=()
+for worker in "$FAKE_ROOT"/worker*; do
+  (cd "$worker" && PATH="$worker/bin:$PATH" exec setsid -w bash -c "$command" >>out 2>&1) &
+  pids+=("$!")
+done
+status=0
+for pid in "${pids[@]}"; do
+  code=0
+  wait "$pid" 2>/dev/null || code=$?
+  ((status)) || status=$code
+done
+exit "$status"
+"""
+# A worker's vision_jax.main: records the signals it gets; exits 75 on the first (as a run that
+# saved its checkpoint), or with FAKE_SLOW=1 keeps running (a checkpoint that takes long).
+FAKE_PYTHON = """#!{python}
+import os, signal, sys, time
+here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def record(line):
+    with open(os.path.join(here, "events"), "a") as f:
+        f.write(line + "\\n")
+def on_signal(signum, frame):
+    record(signal.Signals(signum).name)
+    if os.environ.get("FAKE_SLOW") != "1":
+        sys.exit(75)
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+record("started " + " ".join(sys.argv[1:]))
+while True:
+    time.sleep(0.05)
+"""
+# A worker's pkill sees only that worker's processes, as on a separate machine.
+FAKE_PKILL = """#!/usr/bin/env bash
+exec {pkill} "${{@:1:$#-1}}" "{worker}/bin/python3 .*${{*: -1}}"
+"""
+
+
+def _fake_tpu(tmp_path: pathlib.Path, workers: int = 2) -> dict[str, str]:
+    """Writes the fake gcloud (and a tar that packs nothing) and the workers; returns the env."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "tar").write_text('#!/usr/bin/env bash\necho "tar $*" >> "$FAKE_ROOT/tar.log"\n')
+    for w in range(workers):
+        worker = tmp_path / f"worker{w}"
+        (worker / "vision_jax").mkdir(parents=True)
+        (worker / "bin").mkdir()
+        (worker / "bin" / "python3").write_text(FAKE_PYTHON.format(python=sys.executable))
+        pkill = FAKE_PKILL.format(pkill=shutil.which("pkill"), worker=worker)
+        (worker / "bin" / "pkill").write_text(pkill)
+    for path in tmp_path.glob("**/bin/*"):
+        path.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path)}
+
+
+def _events(tmp_path: pathlib.Path) -> list[list[str]]:
+    """What each fake worker recorded: its start line, then the signals it got."""
+    return [
+        (w / "events").read_text().splitlines() if (w / "events").exists() else []
+        for w in sorted(tmp_path.glob("worker*"))
+    ]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _processes_under(tmp_path: pathlib.Path) -> list[int]:
+    """Live processes (not zombies) whose command line names tmp_path: the fakes."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit() or str(tmp_path) not in _cmdline(int(proc.name)):
+            continue
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _start_tpu_pod(tmp_path: pathlib.Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """Starts tpu_pod.sh on the fake TPU (in a session of its own, as a terminal's foreground
+    job) and waits until every fake worker runs; returns the process and the workdir."""
+    workdir = f"gs://bucket/runs/{tmp_path.name}"
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "tpu_pod.sh"), "--name=vj-sig", "--zone=z", *MAIN_ARGS,
+         f"--workdir={workdir}"],
+        env={**_fake_tpu(tmp_path), **env}, cwd=ROOT, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for(lambda: all(e and e[0].startswith("started") for e in _events(tmp_path)))
+    return proc, workdir
+
+
+def _gcloud_calls(tmp_path: pathlib.Path) -> list[list[str]]:
+    return [line.split("\x1f") for line in (tmp_path / "gcloud.log").read_text().splitlines()]
+
+
+needs_process_tools = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and shutil.which("pkill") and shutil.which("setsid")),
+    reason="the fake TPU needs Linux's /proc, pkill and setsid",
+)
+
+
+@needs_process_tools
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_tpu_pod_forwards_a_signal_to_every_worker_and_exits_with_the_runs_status(tmp_path, how):
+    proc, workdir = _start_tpu_pod(tmp_path)
+    try:
+        start = time.monotonic()
+        if how == "ctrl-c":  # a terminal's Ctrl-C: SIGINT to the whole foreground group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - start
+        assert proc.returncode == 75, err  # the workers' status: checkpoint saved, rerun
+        assert elapsed < 15, elapsed
+        assert "every worker saves a checkpoint and stops" in err
+        for events in _events(tmp_path):  # the stop command's SIGTERM, once; no direct SIGINT
+            assert f"--workdir={workdir}" in events[0] and events[1:] == ["SIGTERM"], events
+        calls = _gcloud_calls(tmp_path)
+        stops = [c for c in calls if c[4] == "ssh" and "pkill -TERM" in c[-1]]
+        assert len(stops) == 1 and "--worker=all" in stops[0]
+        assert calls.index(stops[0]) < len(calls) - 1 and calls[-1][4] == "delete"
+        assert _processes_under(tmp_path) == []
+    finally:
+        proc.kill()
+        for pid in _processes_under(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+
+
+@needs_process_tools
+def test_tpu_pod_second_ctrl_c_kills_every_worker(tmp_path):
+    proc, _ = _start_tpu_pod(tmp_path, FAKE_SLOW="1")
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        _wait_for(lambda: all(e[1:] == ["SIGTERM"] for e in _events(tmp_path)))
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and time.monotonic() - start < 15, err
+        assert "second SIGINT: killing the run on every worker now" in err
+        kills = [c for c in _gcloud_calls(tmp_path) if c[4] == "ssh" and "pkill -KILL" in c[-1]]
+        assert len(kills) == 1 and "--worker=all" in kills[0]
+        assert _processes_under(tmp_path) == []  # the workers too: killed by the stop command
+        assert "Killed" not in err and "no such job" not in err  # no job-control noise
+    finally:
+        proc.kill()
+        for pid in _processes_under(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+
+
+@needs_process_tools
+def test_tpu_pod_third_ctrl_c_stops_waiting_for_unreachable_workers(tmp_path):
+    proc, _ = _start_tpu_pod(tmp_path, FAKE_SLOW="1", FAKE_UNREACHABLE="1")
+    try:
+        for verb in ("pkill -TERM", "pkill -KILL"):
+            os.killpg(proc.pid, signal.SIGINT)
+            _wait_for(lambda verb=verb: any(verb in c[-1] for c in _gcloud_calls(tmp_path)))
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.monotonic() - start < 15, err
+        assert "not waiting for the workers any more" in err
+        assert "Killed" not in err and "no such job" not in err
+        local = f"{tmp_path}/bin/gcloud"  # every local gcloud is gone, the workers run on
+        assert not [p for p in _processes_under(tmp_path) if local in _cmdline(p)]
+    finally:
+        proc.kill()
+        for pid in _processes_under(tmp_path):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(

@@ -362,5 +362,5 @@ def test_configs_without_label_maps(tmp_path):
     cfg = data_config(source="imagefolder", root=str(tmp_path), label_map_values=((1, 1),))
     with pytest.raises(data_lib.DataError, match="label_map_values applies to tfds"):
         data_lib.load_source(cfg.data, "train", target="label_map")
-    with pytest.raises(data_lib.DataError, match="Unknown target 'boxes'"):
-        data_lib.load_source(cfg.data, "train", target="boxes")
+    with pytest.raises(data_lib.DataError, match="Unknown target 'points'"):
+        data_lib.load_source(cfg.data, "train", target="points")

@@ -4,6 +4,8 @@ a segmentation model."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +157,7 @@ def test_miou_over_padded_batches_equals_sklearn_confusion_matrix():
     expected = confusion_matrix(labels[valid], logits.argmax(-1)[valid], labels=list(range(c)))
     np.testing.assert_array_equal(total.confusion.compute(), expected)
     names = [f"c{i}" for i in range(c)]
-    summary = task.summarize(total, names, "eval/")
+    summary = task.summarize(total, SimpleNamespace(class_names=names), "eval/")
     tp = np.diag(expected)
     union = expected.sum(0) + expected.sum(1) - tp
     iou = tp[union > 0] / union[union > 0]

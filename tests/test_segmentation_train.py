@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from test_train import small_config
 
-from vision_jax.checkpoint import _restore_on_one_device, latest_step_dir, read_variables
 from vision_jax.tasks import IGNORE_LABEL, Segmentation
 from vision_jax.train import train_and_evaluate
 from vision_jax.trees import flatten_dict
+from vision_jax.weights.run_dir import latest_step_dir, read_variables
+from vision_jax.weights.run_dir import restore_on_one_device as _restore_on_one_device
 
 COLOURS = np.array([[230, 40, 40], [40, 230, 40], [40, 40, 230]], np.uint8)
 

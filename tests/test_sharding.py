@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 from test_train import _result, run_with_devices
 
 from vision_jax import sharding
-from vision_jax.checkpoint import read_variables
 from vision_jax.masks import path_to_str
+from vision_jax.weights.run_dir import read_variables
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIG = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"  # (192, 768) in vit_ti16

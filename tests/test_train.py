@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from vision_jax import specs
-from vision_jax.checkpoint import CheckpointError, read_variables
+from vision_jax.checkpoint import CheckpointError
 from vision_jax.config import UnreadConfigKeysError, default_config
 from vision_jax.train import train_and_evaluate
+from vision_jax.weights.run_dir import read_variables
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -248,9 +249,9 @@ def default_variables(cfg):
 RUN_ON_DEVICES = """
 import json, os, sys
 import jax
-from vision_jax.checkpoint import read_variables
 from vision_jax.trees import flatten_dict
 from vision_jax.train import train_and_evaluate
+from vision_jax.weights.run_dir import read_variables
 sys.path.insert(0, {tests!r})
 from test_train import small_config
 cfg = small_config(**json.loads(sys.argv[2]))

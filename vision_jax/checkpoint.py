@@ -1,13 +1,14 @@
 """Checkpoints with orbax: async saves every N steps, rotation, resume from the newest readable.
 
 Each checkpoint step holds two items: ``state`` (the whole :class:`TrainState`) and ``meta``
-(the run's config, class names and every process's data stream position, JSON). Rotation keeps
-the newest ``keep`` steps plus every step that ended its run (``meta["final"]``); orbax deletes
-old steps only after the new one is committed. A newest step that cannot be read (truncated
-file, missing metadata) is moved aside to ``checkpoints/corrupt/<step>-<time>`` (never deleted)
-with a one-line warning, and the run resumes from the newest readable step; so are unfinished
-saves left by a crash. A checkpoint that does not match the run (another model) is an error
-and left untouched, so it is never overwritten by a run that could not read it.
+(the run's :class:`~vision_jax.weights.run_dir.RunRecord` plus every process's data stream
+position, JSON), laid out as :mod:`vision_jax.weights.run_dir` (which reads runs) says.
+Rotation keeps the newest ``keep`` steps plus every step that ended its run (``meta["final"]``);
+orbax deletes old steps only after the new one is committed. A newest step that cannot be read
+(truncated file, missing metadata) is moved aside to ``checkpoints/corrupt/<step>-<time>`` (never
+deleted) with a one-line warning, and the run resumes from the newest readable step; so are
+unfinished saves left by a crash. A checkpoint that does not match the run (another model) is an
+error and left untouched, so it is never overwritten by a run that could not read it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-FROZEN_DIR = "frozen_params"
+from vision_jax.weights.run_dir import CHECKPOINTS_DIR, META_FILE, META_ITEM, STATE_ITEM, frozen_dir
+
 CORRUPT_DIR = "corrupt"
 # Written by every committed save; a step without one of them was damaged.
-REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "meta/metadata")
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", META_FILE)
 
 
 class CheckpointError(RuntimeError):
@@ -114,8 +116,8 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
     _quiet_abandoned_reads()
     handler = ocp.StandardCheckpointHandler()
     try:
-        state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
-        return (state, json.loads((path / "meta" / "metadata").read_text())), None
+        state = handler.restore(path / STATE_ITEM, args=ocp.args.StandardRestore(abstract_state))
+        return (state, json.loads((path / META_FILE).read_text())), None
     except Exception as e:  # orbax and TensorStore raise many types
         logging.debug("Reading %s failed.", path, exc_info=True)
         why = short_reason(e)
@@ -144,7 +146,7 @@ class Checkpointer:
     ):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}.")
-        self.directory = os.path.join(workdir, "checkpoints")
+        self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
         if "://" not in workdir:  # gs://... stays a URL; local paths become absolute
             self.directory = os.path.abspath(self.directory)
         self.every_steps = every_steps
@@ -156,7 +158,7 @@ class Checkpointer:
         policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_names=("state", "meta"),
+            item_names=(STATE_ITEM, META_ITEM),
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(
                     [policies.LatestN(keep), self.final_steps]
@@ -176,7 +178,7 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict | None:
         """The ``meta`` item of ``step`` (JSON), or None if it cannot be read."""
         try:
-            return json.loads((self.step_dir(step) / "meta" / "metadata").read_text())
+            return json.loads((self.step_dir(step) / META_FILE).read_text())
         except (OSError, ValueError):
             return None
 
@@ -203,9 +205,10 @@ class Checkpointer:
     ) -> bool:
         """Saves asynchronously at every ``every_steps`` step (or when ``force``).
 
-        ``meta["final"]`` is set when ``step == meta["total_steps"]`` (such steps survive
-        rotation); ``data_position`` (this process's ``Batches.next_position``) is gathered
-        from every process into ``meta["data_positions"]``. Call on every process.
+        ``meta`` is the run's ``RunRecord.to_json()``; ``meta["final"]`` is set when
+        ``step == meta["total_steps"]`` (such steps survive rotation); ``data_position`` (this
+        process's ``Batches.next_position``) is gathered from every process into
+        ``meta["data_positions"]``. Call on every process.
         """
         if not force and (self.every_steps <= 0 or step % self.every_steps):
             return False
@@ -219,7 +222,7 @@ class Checkpointer:
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
             ),
             force=True,
         )
@@ -282,7 +285,7 @@ class Checkpointer:
         """Raises the mismatch error if ``path``'s metadata is readable and differs in shape
         or structure from ``abstract_state``; returns if it matches or cannot be read."""
         try:
-            tree = ocp.StandardCheckpointHandler().metadata(path / "state").tree
+            tree = ocp.StandardCheckpointHandler().metadata(path / STATE_ITEM).tree
         except Exception:  # unreadable metadata: the step is damaged, not mismatched
             return
         expected = _shapes(abstract_state)
@@ -354,59 +357,3 @@ def check_same_structure(expected: Any, got: Any, *, where: str) -> None:
     ]
     if bad:
         raise CheckpointError(f"Checkpoint {where} does not match this run:\n  " + "\n  ".join(bad))
-
-
-def latest_step_dir(path: str) -> str:
-    """Resolves a run's workdir, its ``checkpoints`` folder, or a step folder to a step folder."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if os.path.isdir(os.path.join(path, "state")):
-        return path
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-    if not steps:
-        raise CheckpointError(f"No vision_jax checkpoint found in {path}.")
-    return os.path.join(path, str(max(steps)))
-
-
-def frozen_dir(checkpoints_dir: str) -> str:
-    """Where a run keeps its frozen parameters: ``<workdir>/frozen_params``."""
-    return os.path.join(os.path.dirname(checkpoints_dir.rstrip("/")), FROZEN_DIR)
-
-
-def _restore_on_one_device(path: str) -> Any:
-    """Restores an orbax pytree onto this process's first device, whatever mesh wrote it."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    checkpointer = ocp.StandardCheckpointer()
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        checkpointer.metadata(path).item_metadata.tree,
-    )
-    return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
-
-
-def read_variables(path: str) -> dict:
-    """The model variables (``params`` plus e.g. ``batch_stats``) of a vision_jax checkpoint.
-
-    Frozen parameters (saved once beside the checkpoints) are put back, and LoRA adapters are
-    merged into their kernels, so the result is the plain model's variables.
-    """
-    from vision_jax import lora
-    from vision_jax.trees import combine
-
-    step_dir = latest_step_dir(path)
-    try:
-        state = _restore_on_one_device(os.path.join(step_dir, "state"))
-        frozen_path = frozen_dir(os.path.dirname(step_dir))
-        frozen = _restore_on_one_device(frozen_path) if os.path.isdir(frozen_path) else {}
-        with open(os.path.join(step_dir, "meta", "metadata")) as f:
-            config = json.load(f)["config"]
-    except Exception as e:
-        raise CheckpointError(f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}") from e
-    params = combine(state["params"], frozen)
-    lora_config = config.get("lora") or {}
-    if lora_config.get("rank"):
-        rank = int(lora_config["rank"])
-        spec = lora.LoraSpec(rank, float(lora_config.get("alpha") or rank))
-        params = jax.tree_util.tree_map(np.asarray, lora.merge(params, spec))
-    return {"params": params, **(state.get("model_state") or {})}

@@ -31,7 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sharding_rules = ((".*", "fsdp"),)
     c.fsdp_min_size = 2**18  # "fsdp" splits only params with at least this many elements
 
-    # What the model is trained for (vision_jax.tasks): "classification" or "segmentation".
+    # What the model is trained for (vision_jax.tasks): "classification", "segmentation" or
+    # "detection".
     # The other keys are the task's own (None: the task's default); setting one that the
     # task does not use is an error.
     c.task = ml_collections.ConfigDict()
@@ -40,6 +41,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.task.decoder_width = placeholder(int)  # segmentation "fpn": channels (default 64)
     c.task.feature_taps = placeholder(tuple)  # backbone taps (default: last ViT block / stages)
     c.task.class_weights = placeholder(tuple)  # segmentation: one loss weight per class
+    # Detection (FCOS): pyramid strides (default (8, 16, 32, 64)), convolutions per head tower
+    # (2), ground-truth boxes per image (32), centre sampling radius in strides (1.5), focal
+    # loss alpha / gamma (0.25 / 2), post-processing score threshold (0.05), NMS IoU (0.6),
+    # candidates before NMS (1000) and detections per image (100).
+    c.task.strides = placeholder(tuple)
+    c.task.head_convs = placeholder(int)
+    c.task.max_boxes = placeholder(int)
+    c.task.center_radius = placeholder(float)
+    c.task.focal_alpha = placeholder(float)
+    c.task.focal_gamma = placeholder(float)
+    c.task.score_threshold = placeholder(float)
+    c.task.nms_iou = placeholder(float)
+    c.task.pre_nms_topk = placeholder(int)
+    c.task.max_detections = placeholder(int)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit_ti16"
@@ -57,7 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.init.use_input_contract = False
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # "tfds", "imagefolder", "csv", "idx", "digits" or "arrays"
+    # "tfds", "imagefolder", "csv", "idx", "digits", "arrays" or "coco" (detection)
+    c.data.source = "tfds"
     c.data.name = placeholder(str)  # tfds name
     c.data.data_dir = placeholder(str)
     # imagefolder: root/<split>/<class>/*.jpg; csv: root/<split>.csv; idx: root/train-*-ubyte.gz
@@ -69,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.classes = placeholder(tuple)  # keep only these class ids (relabelled 0..k-1)
     # segmentation tfds: ((raw mask value, class id), ...), e.g. oxford_iiit_pet's trimap
     c.data.label_map_values = placeholder(tuple)
+    # coco only, relative to root ("{split}" = the split's name); None: the COCO layout,
+    # "annotations/instances_{split}.json" and images in "{split}" (scenes: "{split}/images")
+    c.data.coco_annotations = placeholder(str)
+    c.data.coco_images = placeholder(str)
 
     # How images enter the model (vision_jax.specs.InputSpec: its fields and defaults, e.g.
     # resize_size, crop_fraction, inception_crop, randaugment_layers, mixup_alpha, scale_jitter),
@@ -83,8 +103,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.total_steps = placeholder(int)
     c.total_epochs = 10.0
 
-    c.loss = "softmax_xent"  # or "sigmoid_xent" (classification)
-    c.label_smoothing = 0.0
+    # The task's loss (None: its default): classification "softmax_xent" (default) or
+    # "sigmoid_xent"; segmentation "softmax_xent"; detection "focal_giou".
+    c.loss = placeholder(str)
+    c.label_smoothing = placeholder(float)  # classification, segmentation (default 0)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # or "sgd"

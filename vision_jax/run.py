@@ -30,7 +30,7 @@ from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
 from vision_jax.steps import SkipCounts, TrainState, make_eval_step, make_train_step
-from vision_jax.weights import apply_input_contract, load_pretrained
+from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
 
 
 @dataclasses.dataclass
@@ -220,7 +220,8 @@ def _load_data(
     return train, evaluation
 
 
-def _model(spec: specs.RunSpec, num_classes: int) -> nn.Module:
+def task_model(spec: specs.RunSpec, num_classes: int) -> nn.Module:
+    """The model of ``spec``: its task's head on its backbone, in its compute dtype."""
     if spec.model_dtype not in DTYPES:
         raise ValueError(f"Unknown model.dtype {spec.model_dtype!r}; valid: {', '.join(DTYPES)}.")
     return spec.task.build_model(
@@ -250,6 +251,7 @@ def _restore(
 # Config keys that decide the training stream (besides batch_size and seed).
 STREAM_DATA_KEYS = (
     "source", "name", "root", "class_names", "train_split", "classes", "label_map_values",
+    "coco_annotations", "coco_images",
 )  # fmt: skip
 
 
@@ -307,8 +309,10 @@ def _compile_steps(
         out_shardings=(setup.shardings, sharding.replicated(mesh)),
         compiler_options=xla_options,
     )  # fmt: skip
-    eval_step = lambda ema: jax.jit(
-        make_eval_step(model, task, lora=adapters, use_ema=ema), compiler_options=xla_options
+    eval_step = lambda ema: jax.jit(  # metrics replicated: every host merges whole batches
+        make_eval_step(model, task, lora=adapters, use_ema=ema),
+        out_shardings=sharding.replicated(mesh),
+        compiler_options=xla_options,
     )
     eval_steps = {"eval/": eval_step(False)}
     if spec.ema_decay is not None:
@@ -343,7 +347,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: Work
     _check_batch_sizes(spec, mesh)
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
-    model = _model(spec, train_source.num_classes)
+    model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
     variables, var_shardings, input_spec = create_variables(spec, model, spec.input, mesh, init_rng)
     setup = create_train_state(
@@ -355,17 +359,17 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: Work
     )
     state, start_step, start_position = _restore(ckpt, setup.state, setup.frozen, spec)
     train_step, eval_steps = _compile_steps(spec, model, setup, mesh, step_rng)
-    meta = {
-        "config": spec.config,
-        "task": spec.task.name,
-        "class_names": train_source.class_names,
-        "total_steps": total_steps,  # the step saved with it is marked final (kept)
-        "input": {
-            "image_size": input_spec.image_size,
-            "mean": list(input_spec.mean),
-            "std": list(input_spec.std),
-        },
-    }
+    meta = RunRecord(
+        config=spec.config,
+        task=spec.task.name,
+        model=spec.model_name,
+        class_names=tuple(train_source.class_names),
+        category_ids=train_source.category_ids and tuple(train_source.category_ids),
+        total_steps=total_steps,
+        image_size=input_spec.image_size,
+        mean=tuple(input_spec.mean),
+        std=tuple(input_spec.std),
+    ).to_json()
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, setup, state, train_step,
         eval_steps, ckpt, start_step, total_steps, meta, start_position,

@@ -49,6 +49,13 @@ class InputSpec:
     are refused. Evaluation (and training without a random crop) resizes the whole image to
     ``image_size`` x ``image_size``, with no crop, so every pixel is evaluated (``resize_size``
     and ``crop_fraction`` do not apply).
+
+    Boxes (detection) take the same flips and windows as their images, clipped to the window
+    (in training, boxes left under 1 px wide or high are dropped). Evaluation, and training
+    without a crop, letterbox: the longer side scaled to ``image_size``, the image at the
+    top-left, padded with the mean (0 after normalisation). ``scale_jitter`` scales the longer
+    side (not the shorter) to ``image_size * U(lo, hi)``; ``random_crop`` works as for images;
+    the other augmentations are refused.
     """
 
     image_size: int
@@ -167,6 +174,8 @@ class DataSpec:
     eval_split: str
     classes: tuple[int, ...] | None
     label_map_values: tuple[tuple[int, int], ...] | None
+    coco_annotations: str = "annotations/instances_{split}.json"  # coco only
+    coco_images: str = "{split}"  # coco only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +241,11 @@ class OptimizerSpec:
 
 
 def data_spec(section: Any) -> DataSpec:
-    """:class:`DataSpec` of ``config.data``."""
-    return _build(DataSpec, _section(section, DataSpec))
+    """:class:`DataSpec` of ``config.data``; the coco_* keys only with source 'coco'."""
+    values = _section(section, DataSpec)
+    coco_keys = ("coco_annotations", "coco_images")
+    _only_with("data", values, coco_keys, values["source"] == "coco", "to source='coco'")
+    return _build(DataSpec, values)
 
 
 def input_spec(section: Any) -> InputSpec:

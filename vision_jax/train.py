@@ -62,10 +62,11 @@ def run_evaluation(run: Run, state: TrainState) -> dict[str, float]:
     result = {}
     for prefix, eval_step in run.eval_steps.items():
         batches = data_lib.eval_batches(
-            run.eval_source, run.input, global_batch=run.spec.eval_batch_size
-        )
+            run.eval_source, run.input, global_batch=run.spec.eval_batch_size,
+            **run.task.batch_args(),
+        )  # fmt: skip
         total = evaluate(eval_step, state, run.frozen, batches, run.mesh)
-        result.update(run.task.summarize(total, run.eval_source.class_names, prefix))
+        result.update(run.task.summarize(total, run.eval_source, prefix))
     return result
 
 
@@ -201,7 +202,7 @@ def _loop(
 
     train_iter = data_lib.train_batches(
         run.train_source, run.input, global_batch=spec.batch_size, seed=spec.seed,
-        start_step=run.start_step, start_position=run.start_position,
+        start_step=run.start_step, start_position=run.start_position, **run.task.batch_args(),
     )  # fmt: skip
     train_metrics, window_start, window_images = None, time.perf_counter(), 0
     for step in range(run.start_step + 1, total_steps + 1):

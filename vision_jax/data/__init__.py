@@ -1,6 +1,8 @@
-"""Input data: sources (tfds, image folders, CSV, arrays), augmentation, host-local batching.
+"""Input data: sources (tfds, image folders, CSV, COCO files, arrays), augmentation, host-local
+batching.
 
-Targets are image labels (classification) or label maps (segmentation): see :func:`load_source`.
+Targets are image labels (classification), label maps (segmentation) or boxes (detection): see
+:func:`load_source`.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from vision_jax.data.boxes import check_max_boxes
+from vision_jax.data.coco import from_coco, from_tfds_boxes
 from vision_jax.data.folders import from_csv, from_image_folder
 from vision_jax.data.idx import from_idx
 from vision_jax.data.pipeline import (
@@ -57,10 +61,20 @@ def load_source(
     required, raw values mapped by ``data.label_map_values``, pairs (raw, class id); a raw value
     missing from it is an error) or "arrays" (``arrays[split] = (images, label_maps)``, maps
     (N, H, W)). Id 255 (``IGNORE_LABEL``) marks pixels that count for nothing.
+
+    ``target="boxes"`` loads objects (detection) from "coco" (the JSON ``data.root`` /
+    ``data.coco_annotations`` with images under ``data.root`` / ``data.coco_images``; the
+    scenes generator's output with ``coco_images="{split}/images"``) or "tfds" (the ``objects``
+    feature, e.g. ``coco/2017``); the source's ``annotations`` then hold the split's COCO ground
+    truth (see :mod:`vision_jax.data.coco`).
     """
     check_target(target)
     kind = data.source
     skip_corrupt = bool(data.skip_corrupt)
+    if kind == "coco" and target != "boxes":
+        raise DataError("data.source='coco' holds boxes: it is for detection (target 'boxes').")
+    if target == "boxes":
+        return _box_source(data, split, skip_corrupt)
     if target == "label_map":
         source = _label_map_source(data, split, arrays, skip_corrupt)
     elif kind == "tfds":
@@ -78,7 +92,7 @@ def load_source(
     else:
         raise DataError(
             f"Unknown data.source {kind!r}; valid: 'tfds', 'imagefolder', 'csv', 'idx', "
-            "'digits', 'arrays'."
+            "'digits', 'arrays', 'coco'."
         )
     source = dataclasses.replace(source, skip_corrupt=skip_corrupt)
     classes = data.classes
@@ -122,6 +136,31 @@ def _label_map_source(
     )
 
 
+def _box_source(data: DataSpec, split: str, skip_corrupt: bool) -> Source:
+    kind = data.source
+    stray = [
+        f"data.{key}"
+        for key in ("class_names", "classes", "label_map_values")
+        if getattr(data, key) is not None
+    ]
+    if stray:
+        raise DataError(
+            f"{', '.join(stray)}: not for boxes (classes are the annotation categories)."
+        )
+    if kind == "coco":
+        return from_coco(
+            _root(data),
+            split,
+            annotations=data.coco_annotations,
+            images=data.coco_images,
+            skip_corrupt=skip_corrupt,
+        )
+    if kind == "tfds":
+        return from_tfds_boxes(data.name, split, data.data_dir, skip_corrupt=skip_corrupt)
+    hint = " (COCO JSON + image folder)" if kind == "imagefolder" else ""
+    raise DataError(f"data.source={kind!r} has no boxes; use 'coco'{hint} or 'tfds'.")
+
+
 def _arrays(arrays: dict | None, split: str, what: str = "labels") -> tuple:
     if not arrays or split not in arrays:
         raise DataError(
@@ -147,13 +186,16 @@ __all__ = [
     "Source",
     "build_tfds_from_folder",
     "check_examples",
+    "check_max_boxes",
     "digits",
     "eval_batches",
     "from_arrays",
+    "from_coco",
     "from_columns",
     "from_csv",
     "from_image_folder",
     "from_tfds",
+    "from_tfds_boxes",
     "load_source",
     "pipeline_options",
     "select_classes",

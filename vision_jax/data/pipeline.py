@@ -9,7 +9,9 @@ padded (with ``mask == 0``) so every example counts once and all processes run t
 of batches. With ``source.skip_corrupt`` unreadable images (and label maps that are unreadable,
 or do not fit their image or the classes) are dropped and counted (later batches then start
 further along the stream: see ``start_position``); otherwise they are an error naming the file.
-Segmentation sources (``source.target == "label_map"``) give ``label_map`` in place of ``label``.
+Segmentation sources (``source.target == "label_map"``) give ``label_map`` in place of ``label``;
+detection sources (``"boxes"``) give boxes padded to ``max_boxes`` rows (see
+:func:`train_batches`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from vision_jax.data import augment
+from vision_jax.data import augment, boxes
 from vision_jax.data.preprocess import InputSpec, make_preprocess
 from vision_jax.data.sources import IGNORE_LABEL, DataError, Source
 
@@ -109,7 +111,7 @@ class Batches(Iterator[Batch]):
         if self._rows_of_batch is None or columns is None or "path" not in columns:
             return DataError(f"The input pipeline failed: {error.message}")
         rows = self._rows_of_batch(self._batches)
-        bad = [p for row in rows if (p := _problem(columns, row, self._source.num_classes))]
+        bad = [p for row in rows if (p := _problem(self._source, row))]
         if not bad:
             return DataError(f"The input pipeline failed: {error.message}")
         return DataError(
@@ -118,13 +120,20 @@ class Batches(Iterator[Batch]):
         )
 
 
-def _problem(columns: dict[str, np.ndarray], row: int, num_classes: int) -> str | None:
-    """What is wrong with example ``row`` of a file source (its image, or its label map's file,
-    size or values), or None."""
+def _problem(source: Source, row: int) -> str | None:
+    """What is wrong with example ``row`` of a file source (its image, its size against its
+    annotations, or its label map's file, size or values), or None."""
+    columns, num_classes = source.columns, source.num_classes
     path = columns["path"][row]
     image = _read(path, augment.decode)
     if isinstance(image, str):
         return f"image {path}: {image}"
+    if source.target == "boxes":
+        info = source.annotations["images"][int(columns["row"][row])]
+        (h, w), (ah, aw) = image.shape[:2], (info["height"], info["width"])
+        if (h, w) != (ah, aw):
+            return f"image {path}: size {w}x{h} differs from its annotations' {aw}x{ah} (w x h)"
+        return None
     if "label_map_path" not in columns:
         return None
     map_path = columns["label_map_path"][row]
@@ -164,6 +173,7 @@ def train_batches(
     start_position: int | None = None,
     shuffle_buffer: int = 10_000,
     threads: int | None = None,
+    max_boxes: int | None = None,
 ) -> Batches:
     """Infinite host-local training batches, starting at ``start_step`` of the seeded stream.
 
@@ -174,9 +184,13 @@ def train_batches(
     Batches hold ``image`` (float32 [B, H, W, 3]) and ``label`` (int32 [B]); with mixup or
     cutmix also ``soft_label`` (float32 [B, num_classes], rows summing to 1). Label-map sources
     give ``label_map`` (int32 [B, H, W], IGNORE_LABEL where nothing counts) in place of
-    ``label``.
+    ``label``. Box sources (``max_boxes`` required: M, at least the boxes of any image) give
+    ``boxes`` (float32 [B, M, 4], x0 y0 x1 y1 in pixels of the model input), ``classes``,
+    ``valid`` (1: an object to detect) and ``crowd`` (1: an iscrowd region), int32 [B, M];
+    rows past an image's boxes are all 0.
     """
     local = _local_batch(global_batch)
+    target = _target(source, max_boxes)
     if source.num_examples < global_batch:
         raise DataError(
             f"The training split has {source.num_examples} examples, fewer than one global "
@@ -203,7 +217,7 @@ def train_batches(
         ds = ds.repeat().shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
         ds = ds.enumerate().skip(first)
     ds = ds.map(
-        make_preprocess(spec, train=True, seed=host_seed, **_target(source)),
+        make_preprocess(spec, train=True, seed=host_seed, **target),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -230,16 +244,28 @@ def train_batches(
 
 
 def eval_batches(
-    source: Source, spec: InputSpec, *, global_batch: int, threads: int | None = None
+    source: Source,
+    spec: InputSpec,
+    *,
+    global_batch: int,
+    threads: int | None = None,
+    max_boxes: int | None = None,
 ) -> Iterator[Batch]:
     """Host-local evaluation batches covering the split exactly once, padded and masked:
-    ``image``, ``label`` or ``label_map`` (as :func:`train_batches`) and ``mask`` (float32 [B],
-    1 for real examples, 0 for padding rows, whose ``label_map`` is all IGNORE_LABEL)."""
+    ``image``, the targets (as :func:`train_batches`) and ``mask`` (float32 [B], 1 for real
+    examples, 0 for padding rows, whose ``label_map`` is all IGNORE_LABEL and boxes all 0).
+
+    Box sources are letterboxed (the longer side scaled to ``image_size``, the image at the
+    top-left, zero padding after normalisation) and add ``image_id`` (int32 [B], the id in
+    ``source.annotations``, 0 in padding rows) and ``scale`` (float32 [B], model-input pixels
+    per original pixel: original box = box / scale); every annotation of an image is there.
+    """
     local = _local_batch(global_batch)
+    target = _target(source, max_boxes)
     per_process = math.ceil(source.num_examples / jax.process_count())
     num_batches = math.ceil(per_process / local)
     ds = source.dataset.shard(jax.process_count(), jax.process_index())
-    preprocess = make_preprocess(spec, train=False, seed=0, **_target(source))
+    preprocess = make_preprocess(spec, train=False, seed=0, **target)
     ds = ds.enumerate().map(
         lambda i, ex: {**preprocess(i, ex), "mask": tf.constant(1.0)},
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -255,13 +281,21 @@ def eval_batches(
         return rows[rows < source.num_examples]
 
     batches = Batches(ds, 0, rows_of_batch, source)
+    empty = _empty_batch(local, spec.image_size, target)
+    shard_size = len(range(jax.process_index(), source.num_examples, jax.process_count()))
+    return _padded(batches, local, num_batches, shard_size, empty)
+
+
+def _padded(
+    batches: Batches, local: int, num_batches: int, shard_size: int, empty: Batch
+) -> Iterator[Batch]:
+    """``batches`` padded to ``local`` rows, then ``empty`` up to ``num_batches`` batches."""
     count = 0
     for batch in batches:
         count += 1
         yield _pad(batch, local)
     if count > num_batches:
         raise DataError(f"Evaluation produced {count} batches, more than {num_batches} expected.")
-    shard_size = len(range(jax.process_index(), source.num_examples, jax.process_count()))
     if shard_size > batches.examples:
         logging.warning(
             "Evaluation skipped %d unreadable image(s) of %d.",
@@ -269,12 +303,24 @@ def eval_batches(
             shard_size,
         )
     for _ in range(num_batches - count):
-        yield _empty_batch(local, spec.image_size, source.target)
+        yield empty
 
 
-def _target(source: Source) -> dict:
-    """:func:`make_preprocess`'s target arguments for ``source``."""
-    return {"target": source.target, "num_classes": source.num_classes}
+def _target(source: Source, max_boxes: int | None) -> dict:
+    """:func:`make_preprocess`'s target arguments for ``source`` (``max_boxes``: boxes only)."""
+    target = {"target": source.target, "num_classes": source.num_classes}
+    if source.target != "boxes":
+        if max_boxes is not None:
+            raise DataError(f"max_boxes applies to box sources, not to {source.target!r} ones.")
+        return target
+    if max_boxes is None or max_boxes < 1:
+        raise DataError(
+            f"Box sources need max_boxes >= 1 (task.max_boxes: boxes per image in a batch); "
+            f"got {max_boxes}."
+        )
+    boxes.check_max_boxes(source, max_boxes)
+    table = boxes.box_table(source.annotations, source.category_ids)
+    return {**target, "box_table": table, "max_boxes": max_boxes}
 
 
 def _fill(key: str) -> int:
@@ -292,11 +338,18 @@ def _pad(batch: Batch, size: int) -> Batch:
     }
 
 
-def _empty_batch(size: int, s: int, target: str) -> Batch:
+def _empty_batch(size: int, s: int, target: dict) -> Batch:
     """An all-padding batch, for a process whose shard ran out before the others."""
-    shapes = {"image": (s, s, 3), "mask": (), target: (s, s) if target == "label_map" else ()}
-    dtypes = {"image": np.float32, "mask": np.float32, target: np.int32}
-    return {k: np.full((size, *shape), _fill(k), dtypes[k]) for k, shape in shapes.items()}
+    kind = target["target"]
+    shapes = {"image": ((s, s, 3), np.float32), "mask": ((), np.float32)}
+    if kind == "boxes":
+        m = target["max_boxes"]
+        shapes |= {k: ((m,), np.int32) for k in ("classes", "valid", "crowd")}
+        shapes |= {"boxes": ((m, 4), np.float32), "image_id": ((), np.int32)}
+        shapes["scale"] = ((), np.float32)
+    else:
+        shapes[kind] = ((s, s) if kind == "label_map" else (), np.int32)
+    return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def check_examples(source: Source, spec: InputSpec, *, threads: int | None = None) -> int:
@@ -308,7 +361,11 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
     """
     if source.columns is None or "path" not in source.columns:
         return 0
-    preprocess = make_preprocess(spec, train=False, seed=0, **_target(source))
+    most = None  # boxes: pad to the split's most boxes
+    if source.target == "boxes":
+        most = max(boxes.boxes_per_image(source.annotations).values(), default=1)
+    target = _target(source, most)
+    preprocess = make_preprocess(spec, train=False, seed=0, **target)
 
     def read(i: tf.Tensor, example: dict) -> tf.Tensor:
         out = preprocess(i, example)  # sums keep the decoding from being pruned
@@ -327,9 +384,7 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
             "%d unreadable example(s) of %d will be skipped.", len(bad_rows), len(shard)
         )
         return len(bad_rows)
-    problems = [
-        _problem(source.columns, row, source.num_classes) or f"row {row}" for row in bad_rows[:10]
-    ]
+    problems = [_problem(source, row) or f"row {row}" for row in bad_rows[:10]]
     more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
     raise DataError(
         f"Cannot read {'; '.join(problems)}{more}. "

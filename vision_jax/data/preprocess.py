@@ -1,6 +1,6 @@
 """Per-example preprocessing in TensorFlow: read, decode, crop, flip, RandAugment, normalise,
 random erasing; for segmentation, label maps cropped, resized (nearest) and flipped with their
-images.
+images; for detection, boxes flipped, scaled and cropped with their images (letterboxed).
 
 Random choices use stateless ops seeded by ``(seed, example_index)``, so an example's
 augmentation depends only on the run seed and its position in the stream (resumable).
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from vision_jax.data import augment
+from vision_jax.data import augment, boxes
 from vision_jax.data.randaugment import randaugment
 from vision_jax.data.sources import IGNORE_LABEL, check_target
 from vision_jax.specs import InputSpec
@@ -20,19 +20,25 @@ from vision_jax.specs import InputSpec
 Example = dict[str, tf.Tensor]
 
 
+# Augmentations that label maps and boxes cannot follow (mixed labels, made-up pixels).
+_IMAGE_ONLY = ("randaugment_layers", "random_erasing", "mixup_alpha", "cutmix_alpha")
+
+
 def check_label_map_spec(spec: InputSpec) -> None:
     """Training with label maps: only geometric augmentations (applied to image and map alike)."""
-    unsupported = {
-        "randaugment_layers": spec.randaugment_layers,
-        "random_erasing": spec.random_erasing,
-        "mixup_alpha": spec.mixup_alpha,
-        "cutmix_alpha": spec.cutmix_alpha,
-    }
-    on = [f"input.{k}" for k, v in unsupported.items() if v]
+    _refuse(spec, _IMAGE_ONLY, "label maps (only crops and flips are)")
+
+
+def check_box_spec(spec: InputSpec) -> None:
+    """Training with boxes: only flips, ``scale_jitter`` and ``random_crop`` (boxes move along)."""
+    keys = (*_IMAGE_ONLY, "inception_crop")
+    _refuse(spec, keys, "boxes (only flip, scale_jitter and random_crop are)")
+
+
+def _refuse(spec: InputSpec, keys: tuple[str, ...], what: str) -> None:
+    on = [f"input.{k}" for k in keys if getattr(spec, k)]
     if on:
-        raise ValueError(
-            f"{', '.join(on)}: not for label maps (only crops and flips are); set to 0."
-        )
+        raise ValueError(f"{', '.join(on)}: not for {what}; turn off.")
 
 
 def _raw_image(example: Example) -> tf.Tensor:
@@ -152,6 +158,44 @@ def _image_and_map(
     return _resize_pair(image, label_map, [spec.image_size, spec.image_size])
 
 
+def _decode_sized(example: Example, size: tf.Tensor) -> tf.Tensor:
+    """The float32 image, failing (when run) unless its [height, width] is ``size``."""
+    image = tf.cast(augment.decode(_raw_image(example)), tf.float32)
+    check = tf.debugging.Assert(
+        tf.reduce_all(tf.shape(image)[:2] == size),
+        ["Image size", tf.shape(image)[:2], "differs from its annotation's (height, width)", size],
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(image)
+
+
+def _image_and_boxes(
+    spec: InputSpec,
+    example: Example,
+    table: dict[str, tf.Tensor],
+    train: bool,
+    rngs: tuple[tf.Tensor, tf.Tensor],
+    max_boxes: int,
+) -> Example:
+    """Detection: the image and its boxes flipped, scaled and windowed alike (see
+    :mod:`vision_jax.data.boxes`); the image normalised, 0 where the window is off the image.
+    Evaluation adds ``image_id`` and ``scale``."""
+    row = example["row"]
+    image = _decode_sized(example, table["size"][row])
+    found = boxes.lookup(table, row)
+    crop_rng, flip_rng = rngs
+    if train and spec.flip:
+        image, found = boxes.random_flip(image, found, flip_rng)
+    scale, offset = boxes.sample_window(spec, tf.shape(image), train, crop_rng)
+    image, inside = boxes.resample(image, scale, offset, spec.image_size)
+    min_size = 1.0 if train else 0.0  # training drops boxes cut under a pixel
+    out = boxes.place(found, scale, offset, spec.image_size, max_boxes, min_size)
+    out["image"] = tf.where(inside, normalise(image, spec), 0.0)
+    if not train:
+        out.update(image_id=table["image_id"][row], scale=scale)
+    return out
+
+
 def make_preprocess(
     spec: InputSpec,
     *,
@@ -159,15 +203,30 @@ def make_preprocess(
     seed: int,
     target: str = "label",
     num_classes: int | None = None,
+    box_table: boxes.BoxTable | None = None,
+    max_boxes: int | None = None,
 ) -> Callable[[tf.Tensor, Example], Example]:
     """Returns ``fn(index, example) -> {"image": float32 HWC, "label": int32, "index": int64}``;
     with ``target="label_map"`` (``num_classes`` required) ``"label_map"`` (int32 [S, S]) in
-    place of ``"label"``. Label maps take the same crops and flips as their images."""
+    place of ``"label"``. Label maps take the same crops and flips as their images.
+
+    With ``target="boxes"`` (``box_table`` and ``max_boxes`` required; examples hold ``row``):
+    ``boxes`` (float32 [M, 4], x0 y0 x1 y1 in model-input pixels), ``classes``, ``valid`` and
+    ``crowd`` (int32 [M]), zero rows after the boxes; evaluation adds ``image_id`` (int32) and
+    ``scale`` (float32, model-input pixels per original pixel).
+    """
     if check_target(target) == "label_map":
         if num_classes is None:
             raise ValueError("Label maps need num_classes.")
         if train:
             check_label_map_spec(spec)
+    table = None
+    if target == "boxes":
+        if box_table is None or max_boxes is None:
+            raise ValueError("Boxes need box_table and max_boxes.")
+        if train:
+            check_box_spec(spec)
+        table = box_table.tensors()
     size = spec.image_size
 
     def fn(index: tf.Tensor, example: Example) -> Example:
@@ -175,6 +234,9 @@ def make_preprocess(
         crop_rng, flip_rng, ra_rng, erase_rng = tf.unstack(
             tf.random.experimental.stateless_split(rng, 4)
         )
+        if target == "boxes":
+            out = _image_and_boxes(spec, example, table, train, (crop_rng, flip_rng), max_boxes)
+            return {**out, "index": tf.cast(index, tf.int64)}
         if target == "label_map":
             image, label_map = _image_and_map(spec, example, num_classes, train, crop_rng)
         else:

@@ -5,8 +5,9 @@ A :class:`Source` is an un-batched ``tf.data.Dataset`` of ``{"image", "label"}``
 decoded in the pipeline), with its size and class names. Segmentation sources (``target ==
 "label_map"``) carry a per-pixel ``"label_map"`` (uint8 HxW class ids, :data:`IGNORE_LABEL` for
 pixels that count for nothing) or a ``"label_map_path"`` (an index PNG) instead of ``"label"``.
-Sources held as columns (arrays, file lists) also allow random access, which lets the training
-stream be a pure function of the seed and the step.
+Detection sources (``target == "boxes"``, :mod:`vision_jax.data.coco`) carry a ``"row"`` into
+their COCO ``annotations`` instead. Sources held as columns (arrays, file lists) also allow
+random access, which lets the training stream be a pure function of the seed and the step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vision_jax.specs import IGNORE_LABEL
 tf.config.set_visible_devices([], "GPU")
 
 
-TARGETS = ("label", "label_map")
+TARGETS = ("label", "label_map", "boxes")
 
 
 class DataError(ValueError):
@@ -38,8 +39,10 @@ class Source:
     (``"image"`` or ``"path"``, and ``"label"``, ``"label_map"`` or ``"label_map_path"``) for
     random access. ``skip_corrupt`` makes the pipeline skip (and count) images that cannot be
     decoded, or whose label maps do not fit them, instead of failing. ``target`` is "label"
-    (one class per image) or "label_map" (one class per pixel; ``class_names`` then lists every
-    id the maps use, 0 first).
+    (one class per image), "label_map" (one class per pixel; ``class_names`` then lists every
+    id the maps use, 0 first) or "boxes" (objects: ``annotations`` holds the split's COCO ground
+    truth in original pixels, its images in row order, and ``category_ids[i]`` is the COCO
+    category id of class ``i``; ``class_names`` are the category names in id order).
     """
 
     dataset: tf.data.Dataset
@@ -48,6 +51,8 @@ class Source:
     columns: dict[str, np.ndarray] | None = None
     skip_corrupt: bool = False
     target: str = "label"
+    annotations: dict | None = None
+    category_ids: list[int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +130,8 @@ def from_arrays(
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DataError(f"Images must be (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}.")
     key = check_target(target)
+    if key == "boxes":
+        raise DataError("Boxes come from COCO files or tfds (data.source 'coco' or 'tfds').")
     shape = images.shape[:3] if key == "label_map" else images.shape[:1]
     if labels.shape != shape:
         raise DataError(
@@ -182,14 +189,10 @@ def from_tfds(
     raw value missing from the table is an error when the pipeline meets it. Without the table
     raw values are the class ids.
     """
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises several types for unknown names
-        raise DataError(f"Unknown tfds dataset {name!r}: {e}") from e
-    features = builder.info.features
-    if check_target(target) == "label_map":
+    if check_target(target) == "boxes":
+        raise DataError("tfds boxes are read by vision_jax.data.coco.from_tfds_boxes.")
+    features, ds = tfds_split(name, split, data_dir)
+    if target == "label_map":
         if "segmentation_mask" not in features:
             raise DataError(
                 f"tfds dataset {name!r} has no 'segmentation_mask' feature for label maps "
@@ -198,17 +201,6 @@ def from_tfds(
         if not class_names:
             raise DataError(f"Label maps of tfds dataset {name!r} need data.class_names.")
         check_label_map_classes(class_names)
-    try:
-        ds = builder.as_dataset(
-            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-        )
-    except Exception as e:  # not prepared (AssertionError), bad split (ValueError), ...
-        splits = list(builder.info.splits) or "none prepared"
-        raise DataError(
-            f"Cannot read split {split!r} of tfds dataset {name!r} in {builder.data_dir} "
-            f"(splits: {splits}): {e}. Prepare it first with `tfds build {name}`; nothing is "
-            "downloaded at training time."
-        ) from e
     num_examples = int(ds.cardinality())
     if num_examples < 0:  # unknown cardinality: count once
         num_examples = sum(1 for _ in ds.map(lambda ex: 0).as_numpy_iterator())
@@ -224,6 +216,28 @@ def from_tfds(
     label = features["label"]
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
     return Source(ds, num_examples, list(label.names))
+
+
+def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.data.Dataset]:
+    """The features and (in order, images left encoded) examples of a prepared tfds split."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for unknown names
+        raise DataError(f"Unknown tfds dataset {name!r}: {e}") from e
+    try:
+        ds = builder.as_dataset(
+            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+    except Exception as e:  # not prepared (AssertionError), bad split (ValueError), ...
+        splits = list(builder.info.splits) or "none prepared"
+        raise DataError(
+            f"Cannot read split {split!r} of tfds dataset {name!r} in {builder.data_dir} "
+            f"(splits: {splits}): {e}. Prepare it first with `tfds build {name}`; nothing is "
+            "downloaded at training time."
+        ) from e
+    return builder.info.features, ds
 
 
 def value_table(pairs: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray | None:
@@ -266,7 +280,7 @@ def select_classes(source: Source, classes: Sequence[int]) -> Source:
     """Keeps only ``classes`` (original label ids) and relabels them 0..len(classes)-1."""
     if source.target != "label":
         raise DataError(
-            "data.classes selects whole-image classes; it does not apply to label maps."
+            "data.classes selects whole-image classes; it does not apply to label maps or boxes."
         )
     classes = [int(c) for c in classes]
     bad = [c for c in classes if not 0 <= c < source.num_classes]

@@ -39,16 +39,26 @@ def upsample_to(x: jax.Array, hw: Sequence[int], method: str = "bilinear") -> ja
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method)
 
 
+SIMPLE_SCALES = (4.0, 2.0, 1.0, 0.5)  # the simple pyramid's levels, as resampling factors
+
+
 class SimpleFeaturePyramid(nn.Module):
     """From one stride-``s`` map, maps at strides ``s/4, s/2, s, 2s`` (ViTDet's simple pyramid,
-    its ``LayerNorm2d`` kept, each level then 1x1 and 3x3 convolutions to ``width``)."""
+    its ``LayerNorm2d`` kept, each level then 1x1 and 3x3 convolutions to ``width``).
+
+    ``scales`` selects levels (factors of :data:`SIMPLE_SCALES`, in its order); the others are
+    not built. Parameter names do not depend on the selection."""
 
     width: int
     dtype: Any = jnp.float32
+    scales: tuple[float, ...] = SIMPLE_SCALES
 
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         c = x.shape[-1]
+        unknown = set(self.scales) - set(SIMPLE_SCALES)
+        if unknown:
+            raise ValueError(f"Simple pyramid scales {sorted(unknown)} not in {SIMPLE_SCALES}.")
 
         def deconv(features: int, name: str) -> nn.ConvTranspose:
             return nn.ConvTranspose(
@@ -56,14 +66,20 @@ class SimpleFeaturePyramid(nn.Module):
                 name=name,
             )  # fmt: skip
 
-        y = deconv(c // 2, "up4_0")(x)
-        y = nn.gelu(channel_norm(self.dtype, "up4_norm")(y))
-        levels = [deconv(c // 4, "up4_1")(y), deconv(c // 2, "up2")(x), x]
-        levels.append(nn.max_pool(x, (2, 2), strides=(2, 2)))
+        def level(scale: float) -> jax.Array:
+            if scale == 4.0:
+                y = deconv(c // 2, "up4_0")(x)
+                return deconv(c // 4, "up4_1")(nn.gelu(channel_norm(self.dtype, "up4_norm")(y)))
+            if scale == 2.0:
+                return deconv(c // 2, "up2")(x)
+            return x if scale == 1.0 else nn.max_pool(x, (2, 2), strides=(2, 2))
+
         outputs = []
-        for i, level in enumerate(levels):
+        for i, scale in enumerate(SIMPLE_SCALES):
+            if scale not in self.scales:
+                continue
             y = channel_norm(self.dtype, f"lateral{i}_norm")(
-                conv(self.width, 1, self.dtype, f"lateral{i}")(level)
+                conv(self.width, 1, self.dtype, f"lateral{i}")(level(scale))
             )
             y = channel_norm(self.dtype, f"output{i}_norm")(
                 conv(self.width, 3, self.dtype, f"output{i}")(y)
@@ -73,10 +89,14 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 class FPN(nn.Module):
-    """Feature pyramid network over maps ordered from fine to coarse (strides doubling)."""
+    """Feature pyramid network over maps ordered from fine to coarse (strides doubling).
+
+    ``outputs`` selects the levels (indices into ``maps``) that get their 3x3 output
+    convolution and are returned (default: all); the top-down path still uses every map."""
 
     width: int
     dtype: Any = jnp.float32
+    outputs: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, maps: Sequence[jax.Array]) -> list[jax.Array]:
@@ -84,4 +104,5 @@ class FPN(nn.Module):
         for i in range(len(laterals) - 2, -1, -1):
             coarser = upsample_to(laterals[i + 1], laterals[i].shape[1:3], "nearest")
             laterals[i] = laterals[i] + coarser
-        return [conv(self.width, 3, self.dtype, f"output{i}")(y) for i, y in enumerate(laterals)]
+        keep = range(len(maps)) if self.outputs is None else self.outputs
+        return [conv(self.width, 3, self.dtype, f"output{i}")(laterals[i]) for i in keep]

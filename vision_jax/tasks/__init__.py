@@ -1,5 +1,6 @@
-"""Tasks: what a model is trained for (classification, semantic segmentation), behind one
-interface (:class:`~vision_jax.tasks.base.Task`); ``config.task.name`` selects one."""
+"""Tasks: what a model is trained for (classification, semantic segmentation, object
+detection), behind one interface (:class:`~vision_jax.tasks.base.Task`); ``config.task.name``
+selects one."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ from typing import Any
 
 from vision_jax.tasks.base import Task
 from vision_jax.tasks.classification import Classification
+from vision_jax.tasks.detection import Detection
 from vision_jax.tasks.segmentation import IGNORE_LABEL, Segmentation
 
-TASKS: dict[str, type[Task]] = {"classification": Classification, "segmentation": Segmentation}
+TASKS: dict[str, type[Task]] = {
+    "classification": Classification,
+    "segmentation": Segmentation,
+    "detection": Detection,
+}
 
 
 def create_task(config: Any) -> Task:
@@ -20,4 +26,12 @@ def create_task(config: Any) -> Task:
     return TASKS[name].from_config(config.task, config)
 
 
-__all__ = ["IGNORE_LABEL", "TASKS", "Classification", "Segmentation", "Task", "create_task"]
+__all__ = [
+    "IGNORE_LABEL",
+    "TASKS",
+    "Classification",
+    "Detection",
+    "Segmentation",
+    "Task",
+    "create_task",
+]

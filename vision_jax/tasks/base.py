@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -18,6 +18,7 @@ import jax
 from clu import metrics
 
 Batch = Mapping[str, jax.Array]
+TOP_LEVEL = frozenset({"loss", "label_smoothing"})  # task settings kept at the config's root
 
 
 class Task(abc.ABC):
@@ -30,13 +31,19 @@ class Task(abc.ABC):
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
-        """The task from ``config.task`` (unset keys take the dataclass defaults) and the
-        top-level ``loss`` / ``label_smoothing``; keys the task does not use stay unread, so
-        setting them is an error."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"loss", "label_smoothing"}
-        kwargs = {k: section.get(k) for k in fields if section.get(k) is not None}
+        """The task from ``config.task`` and the top-level ``loss`` / ``label_smoothing`` (unset
+        keys take the dataclass defaults); keys the task does not use stay unread, so setting
+        them is an error."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: section.get(k) for k in fields - TOP_LEVEL if section.get(k) is not None}
+        kwargs.update({k: config.get(k) for k in fields & TOP_LEVEL if config.get(k) is not None})
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-        return cls(loss=config.loss, label_smoothing=float(config.label_smoothing), **kwargs)
+        return cls(**kwargs)
+
+    def batch_args(self) -> dict[str, Any]:
+        """Keyword arguments the task adds to the input pipeline's batching (e.g. detection's
+        ``max_boxes``)."""
+        return {}
 
     @abc.abstractmethod
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> nn.Module:
@@ -53,11 +60,12 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def summarize(
-        self, collection: metrics.Collection, class_names: Sequence[str], prefix: str
+        self, collection: metrics.Collection, source: Any, prefix: str
     ) -> dict[str, float]:
-        """``{prefix + name: value}`` of metrics merged over a whole split, plus
-        ``{prefix}examples``."""
+        """``{prefix + name: value}`` of metrics merged over the whole split ``source`` (a
+        :class:`vision_jax.data.Source`: its class names, and ground truth where the metric
+        needs it), plus ``{prefix}examples``."""
 
     @abc.abstractmethod
-    def predict(self, outputs: Any) -> dict[str, jax.Array]:
-        """What a prediction returns for a batch of model outputs."""
+    def predict(self, outputs: Any, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
+        """What a prediction returns for a batch of model outputs on ``image_hw`` inputs."""

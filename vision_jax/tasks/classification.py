@@ -3,7 +3,6 @@ cross-entropy on (mixed, smoothed) label distributions, top-1 / top-5."""
 
 # No ``from __future__ import annotations``: clu reads the metric collections' annotations.
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -71,14 +70,13 @@ class Classification(Task):
             mask=batch["mask"] > 0,
         )
 
-    def summarize(
-        self, collection: EvalMetrics, class_names: Sequence[str], prefix: str
-    ) -> dict[str, float]:
+    def summarize(self, collection: EvalMetrics, source: Any, prefix: str) -> dict[str, float]:
         out = {f"{prefix}{k}": float(v) for k, v in collection.compute().items()}
         out[f"{prefix}examples"] = float(collection.top1.count)
         return out
 
-    def predict(self, outputs: jax.Array) -> dict[str, jax.Array]:
+    def predict(self, outputs: jax.Array, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
+        del image_hw
         probs = (jax.nn.sigmoid if self.loss == "sigmoid_xent" else jax.nn.softmax)(
             outputs.astype(jnp.float32)
         )

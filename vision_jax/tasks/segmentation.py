@@ -187,9 +187,7 @@ class Segmentation(Task):
             num_classes=outputs.shape[-1],
         )
 
-    def summarize(
-        self, collection: EvalMetrics, class_names: Sequence[str], prefix: str
-    ) -> dict[str, float]:
+    def summarize(self, collection: EvalMetrics, source: Any, prefix: str) -> dict[str, float]:
         summary = iou_summary(collection.confusion.compute())
         out = {
             f"{prefix}loss": float(collection.loss.compute()),
@@ -197,11 +195,12 @@ class Segmentation(Task):
             f"{prefix}pixel_accuracy": summary["pixel_accuracy"],
             f"{prefix}examples": float(collection.loss.count),
         }
-        for name, iou in zip(class_names, summary["iou"], strict=True):
+        for name, iou in zip(source.class_names, summary["iou"], strict=True):
             if not np.isnan(iou):
                 out[f"{prefix}iou/{name.replace('/', '_')}"] = float(iou)
         return out
 
-    def predict(self, outputs: jax.Array) -> dict[str, jax.Array]:
+    def predict(self, outputs: jax.Array, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
+        del image_hw
         probs = jax.nn.softmax(outputs.astype(jnp.float32))
         return {"label_map": probs.argmax(-1), "probabilities": probs}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -10,14 +9,8 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from vision_jax.models.registry import family
 from vision_jax.trees import flatten_dict
-
-
-def converter(model: nn.Module):
-    """The converter module (``from_timm`` / ``to_timm`` / ``checkpoint_model``) that the
-    model's family names."""
-    return importlib.import_module(family(model).converter)
+from vision_jax.weights.convert import converter
 
 
 def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:

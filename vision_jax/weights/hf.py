@@ -1,4 +1,5 @@
-"""Hugging Face ``ViTForImageClassification`` / ``ViTModel`` weights, via timm's names.
+"""The Hugging Face reader: ``ViTForImageClassification`` / ``ViTModel`` folders (``config.json``
+plus ``model.safetensors`` or ``pytorch_model.bin``), via timm's names.
 
 The documented name mapping (``vit.`` prefix of ViTForImageClassification removed):
 
@@ -31,15 +32,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 
-from vision_jax.weights.formats import (
-    HF_WEIGHT_FILES,
-    WeightFormatError,
-    read_safetensors,
-    read_torch,
-)
+from vision_jax.models.registry import family_of
+from vision_jax.weights.contract import HALF, InputContract
+from vision_jax.weights.convert import from_timm
+from vision_jax.weights.files import WeightFormatError, read_safetensors, read_torch
 from vision_jax.weights.merge import WeightMismatchError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 _RENAMES = [
     (r"embeddings\.cls_token", "cls_token"),
@@ -54,6 +56,12 @@ _RENAMES = [
     (r"classifier\.(\w+)", r"head.\1"),
 ]
 _QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)")
+
+
+def is_folder(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a Hugging Face folder (``config.json`` and a weight file)."""
+    files = [path / "config.json"] + [path / f for f in WEIGHT_FILES]
+    return files[0].is_file() and any(f.is_file() for f in files[1:])
 
 
 def is_hf_vit(state_dict: Mapping[str, Any]) -> bool:
@@ -92,7 +100,7 @@ def to_timm_names(state_dict: Mapping[str, np.ndarray], *, source: str) -> dict[
     return out
 
 
-def read_config(folder: str | os.PathLike) -> dict:
+def _read_config(folder: str | os.PathLike) -> dict:
     """The folder's ``config.json``."""
     path = pathlib.Path(folder) / "config.json"
     try:
@@ -101,17 +109,24 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise WeightFormatError(f"Cannot read {path}: {e}") from e
 
 
-def read_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+def check_family(model: nn.Module, source: str) -> None:
+    """Raises :class:`WeightMismatchError` unless ``model`` is a ViT."""
+    if family_of(model) != "vit":
+        raise WeightMismatchError(
+            f"{source} holds a Hugging Face ViT, not a {type(model).__name__}."
+        )
+
+
+def _read_folder(folder: pathlib.Path) -> dict[str, np.ndarray]:
     """The state dict of a Hugging Face folder, preferring ``model.safetensors``."""
-    folder = pathlib.Path(folder)
-    for name in HF_WEIGHT_FILES:
+    for name in WEIGHT_FILES:
         if (folder / name).is_file():
             path = folder / name
             return read_safetensors(path) if name.endswith(".safetensors") else read_torch(path)
-    raise WeightFormatError(f"{folder} holds none of {HF_WEIGHT_FILES}.")
+    raise WeightFormatError(f"{folder} holds none of {WEIGHT_FILES}.")
 
 
-def check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None:
+def _check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None:
     """Raises :class:`WeightMismatchError` if ``config.json`` describes another architecture."""
     if config.get("model_type", "vit") != "vit":
         raise WeightMismatchError(
@@ -136,3 +151,31 @@ def check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None:
         raise WeightMismatchError(
             f"{source}/config.json does not describe this ViT:\n  " + "\n  ".join(diffs)
         )
+
+
+def read_variables(folder: str | os.PathLike, model: nn.Module) -> dict:
+    """The variables of a Hugging Face ViT folder, in vision_jax names."""
+    source = str(folder)
+    check_family(model, source)
+    _check_config(_read_config(folder), model, source=source)
+    return from_timm(to_timm_names(_read_folder(pathlib.Path(folder)), source=source), model)
+
+
+def input_contract(folder: str | os.PathLike) -> InputContract:
+    """The input of ``preprocessor_config.json``, else ``config.json``'s size and 0.5 / 0.5."""
+    size = int(_read_config(folder).get("image_size", 224))
+    pre = pathlib.Path(folder) / "preprocessor_config.json"
+    if not pre.is_file():
+        return InputContract(size)
+    p = json.loads(pre.read_text())
+    size_cfg = p.get("size", size)
+    if isinstance(size_cfg, Mapping):
+        size_cfg = size_cfg.get("height", size_cfg.get("shortest_edge", size))
+    resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), "bilinear")
+    return InputContract(
+        int(size_cfg),
+        tuple(p.get("image_mean", HALF)),
+        tuple(p.get("image_std", HALF)),
+        (0.0, float(p.get("rescale_factor", 1 / 255)) * 255.0),
+        resample,
+    )

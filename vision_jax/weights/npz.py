@@ -1,4 +1,4 @@
-"""JAX ``.npz`` checkpoints (flat "/"-joined keys) to vision_jax variables.
+"""The ``.npz`` reader: JAX checkpoints (flat "/"-joined keys) to vision_jax variables.
 
 Layouts read:
 
@@ -15,13 +15,15 @@ Layouts read:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from vision_jax.trees import unflatten_dict
-from vision_jax.weights.formats import WeightFormatError
+from vision_jax.weights.contract import InputContract, vit_image_size
+from vision_jax.weights.files import WeightFormatError, read_npz
 
 Flat = dict[str, np.ndarray]
 
@@ -38,7 +40,7 @@ _BIT_UNIT = re.compile(
 _BIT_LEAF = {"gamma": "scale", "beta": "bias", "kernel": "kernel"}
 
 
-def strip_prefix(flat: Mapping[str, np.ndarray]) -> Flat:
+def _strip_prefix(flat: Mapping[str, np.ndarray]) -> Flat:
     """The model parameters of a checkpoint: keys under ``opt/target/`` or ``params/`` if any."""
     for prefix in ("opt/target/", "params/"):
         if any(k.startswith(prefix) for k in flat):
@@ -103,9 +105,26 @@ def from_npz(flat: Mapping[str, np.ndarray], *, source: str) -> dict:
 
     Shapes and missing or extra names are checked later, against the model, by the loader.
     """
-    params = strip_prefix(flat)
+    params = _strip_prefix(flat)
     if any(k.startswith("resnet/") for k in params):
         params = _bit_names(params, source)
     else:
         params = _vit_names(params)
     return {"params": unflatten_dict(params)}
+
+
+def read_variables(path: str | os.PathLike) -> dict:
+    """The variables of an ``.npz`` file, in vision_jax names."""
+    return from_npz(read_npz(path), source=str(path))
+
+
+def input_contract(path: str | os.PathLike) -> InputContract:
+    """The input of an ``.npz`` checkpoint: 224 for BiT, the position-embedding grid for ViT."""
+    params = _strip_prefix(read_npz(path))
+    if any(k.startswith(("resnet/", "root_block/")) for k in params):
+        return InputContract(224)
+    posemb = params.get("Transformer/posembed_input/pos_embedding", params.get("pos_embedding"))
+    if posemb is None or "embedding/kernel" not in params:
+        raise WeightFormatError(f"{path}: not a ViT or BiT .npz checkpoint.")
+    patch = params["embedding/kernel"].shape[0]
+    return InputContract(vit_image_size(posemb.shape, patch, "cls" in params))

@@ -1,10 +1,7 @@
-"""Reading weight files into flat ``{name: numpy array}`` dicts, and telling formats apart.
+"""Decoding weight files into flat ``{name: numpy array}`` dicts.
 
-Formats (see :func:`detect_format`):
+Files (see :func:`file_kind`):
 
-* ``orbax``: a vision_jax workdir, its ``checkpoints`` folder or a step folder;
-* ``hf``: a Hugging Face folder (``config.json`` plus ``model.safetensors`` or
-  ``pytorch_model.bin``);
 * ``npz``: google-research/vision_transformer, big_vision or big_transfer ``.npz`` files;
 * ``safetensors``: a state dict (timm, torchvision, ...);
 * ``torch``: a ``.pth``/``.pt``/``.bin``/``.th`` state dict, zip or legacy serialisation, read with
@@ -36,21 +33,13 @@ _SUFFIXES = {
     ".bin": "torch",
     ".th": "torch",
 }
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
 
 
-def detect_format(path: str | os.PathLike) -> str:
-    """One of ``orbax``, ``hf``, ``npz``, ``safetensors``, ``torch`` for ``path``.
-
-    Directories are told apart by their contents, files by suffix and, for an unknown suffix, by
-    their first bytes (safetensors' JSON header, a zip archive, a pickle).
-    """
+def file_kind(path: str | os.PathLike) -> str:
+    """``npz``, ``safetensors`` or ``torch``: by suffix, else by the first bytes (safetensors'
+    JSON header, a zip archive, a pickle)."""
     path = pathlib.Path(path)
-    if path.is_dir():
-        if (path / "config.json").is_file() and any((path / f).is_file() for f in HF_WEIGHT_FILES):
-            return "hf"
-        return "orbax"
     if not path.is_file():
         raise WeightFormatError(f"Weight file {path} does not exist.")
     if path.suffix in _SUFFIXES:
@@ -70,7 +59,7 @@ def detect_format(path: str | os.PathLike) -> str:
             return "npz"
     raise WeightFormatError(
         f"Unknown weight format for {path} (suffix {path.suffix!r}); expected a vision_jax "
-        "checkpoint folder, a Hugging Face folder, .npz, .safetensors or .pth/.pt/.bin/.th."
+        "run folder, a Hugging Face folder, .npz, .safetensors or .pth/.pt/.bin/.th."
     )
 
 
@@ -128,11 +117,11 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise WeightFormatError(
             f"Cannot read torch file {path}: {type(e).__name__}: {e} (truncated or corrupted?)"
         ) from e
-    state_dict = unwrap_state_dict(obj, str(path))
+    state_dict = _unwrap_state_dict(obj, str(path))
     return {k: _to_numpy(v) for k, v in state_dict.items()}
 
 
-def unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
+def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
     """The tensors of a (possibly wrapped, possibly ``module.``-prefixed) state dict."""
     while isinstance(obj, Mapping):
         wrapped = [k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)]
@@ -150,12 +139,7 @@ def unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a flat ``{name: array}`` dict from a weight file, whatever its format."""
-    kind = detect_format(path)
-    if kind == "safetensors":
+    """The tensors of a ``.safetensors`` or torch file."""
+    if file_kind(path) == "safetensors":
         return read_safetensors(path)
-    if kind == "torch":
-        return read_torch(path)
-    if kind == "npz":
-        return read_npz(path)
-    raise WeightFormatError(f"{path} is a {kind} folder, not a weight file.")
+    return read_torch(path)

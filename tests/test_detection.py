@@ -1,0 +1,343 @@
+"""The detection task's parts against independent references: GIoU and focal loss against
+torchvision, NMS against a numpy greedy NMS, target assignment on hand-made boxes, post-processing
+on hand-made outputs, COCO mAP against pycocotools run directly, head shapes for every family."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import import_timm
+
+from vision_jax.tasks import Detection, fcos
+from vision_jax.tasks.boxes import generalized_iou, nms_keep, pairwise_iou
+from vision_jax.tasks.coco_eval import coco_metrics
+from vision_jax.tasks.detection import CoverageError, EvalMetrics
+
+
+def random_boxes(rng: np.random.Generator, n: int, size: float = 100.0) -> np.ndarray:
+    """Boxes clustered around a few centres, so that many overlap."""
+    centres = rng.uniform(0, size, (4, 2))[rng.integers(0, 4, n)] + rng.normal(0, 5, (n, 2))
+    wh = rng.uniform(5, 30, (n, 2))
+    return np.concatenate([centres - wh / 2, centres + wh / 2], -1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def torchvision():
+    import_timm()  # declares torchvision's C++ op schemas so that it imports on the CPU torch
+    return pytest.importorskip("torchvision")
+
+
+def test_iou_and_giou_match_torchvision(torchvision):
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = random_boxes(rng, 40), random_boxes(rng, 30)
+    want_iou = torchvision.ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(pairwise_iou(jnp.asarray(a), jnp.asarray(b)), want_iou, atol=1e-6)
+    want_giou = torchvision.ops.generalized_box_iou(torch.from_numpy(a), torch.from_numpy(b))
+    got = generalized_iou(jnp.asarray(a)[:, None], jnp.asarray(b)[None, :])
+    np.testing.assert_allclose(got, want_giou.numpy(), atol=1e-5)
+    loss = torchvision.ops.generalized_box_iou_loss(
+        torch.from_numpy(a[:30]), torch.from_numpy(b), reduction="none"
+    )
+    np.testing.assert_allclose(1 - generalized_iou(a[:30], b), loss.numpy(), atol=1e-5)
+
+
+def numpy_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Textbook greedy NMS: indices kept, by decreasing score."""
+    order, keep = list(np.argsort(-scores, kind="stable")), []
+    area = lambda b: max(b[2] - b[0], 0) * max(b[3] - b[1], 0)
+    while order:
+        i = order.pop(0)
+        keep.append(i)
+        survivors = []
+        for j in order:
+            x0, y0 = np.maximum(boxes[i, :2], boxes[j, :2])
+            x1, y1 = np.minimum(boxes[i, 2:], boxes[j, 2:])
+            inter = area((x0, y0, x1, y1))
+            if inter / (area(boxes[i]) + area(boxes[j]) - inter) <= threshold:
+                survivors.append(j)
+        order = survivors
+    return np.asarray(keep)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_nms_matches_numpy_greedy(threshold):
+    rng = np.random.default_rng(1)
+    boxes, scores = random_boxes(rng, 300), rng.uniform(size=300).astype(np.float32)
+    order = np.argsort(-scores, kind="stable")
+    valid = np.ones(300, bool)
+    valid[rng.choice(300, 20, replace=False)] = False  # e.g. under the score threshold
+    keep = jax.jit(nms_keep, static_argnums=2)(boxes[order], valid[order], threshold)
+    got = np.sort(order[np.asarray(keep)])
+    candidates = np.flatnonzero(valid)
+    want = np.sort(candidates[numpy_nms(boxes[candidates], scores[candidates], threshold)])
+    assert 20 < len(want) < 280  # the case exercises suppression
+    np.testing.assert_array_equal(got, want)
+
+
+def test_focal_loss_matches_torchvision(torchvision):
+    import torch
+
+    rng = np.random.default_rng(2)
+    layout = fcos.layout((32, 32), (8, 16))
+    n, c = len(layout.points), 3
+    logits = rng.normal(0, 2, (2, n, c)).astype(np.float32)
+    targets = fcos.Targets(
+        positive=jnp.asarray(rng.uniform(size=(2, n)) < 0.3),
+        ignore=jnp.asarray(rng.uniform(size=(2, n)) < 0.1),
+        classes=jnp.asarray(rng.integers(0, c, (2, n)), jnp.int32),
+        boxes=jnp.zeros((2, n, 4)),
+        centerness=jnp.zeros((2, n)),
+    )
+    outputs = {
+        "logits": jnp.asarray(logits),
+        "distances": jnp.ones((2, n, 4)),
+        "centerness": jnp.zeros((2, n)),
+    }
+    got = fcos.losses(outputs, targets, jnp.asarray(layout.points))["class"]
+    positive, ignore = np.asarray(targets.positive), np.asarray(targets.ignore)
+    one_hot = np.eye(c)[np.asarray(targets.classes)] * positive[..., None]
+    focal = torchvision.ops.sigmoid_focal_loss(
+        torch.from_numpy(logits), torch.from_numpy(one_hot.astype(np.float32)), reduction="none"
+    ).numpy()
+    want = (focal.sum(-1) * ~ignore).sum() / positive.sum()
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_assignment_on_hand_made_boxes():
+    """64x64 input, strides 8 (centres 4, 12, ..., 60; sizes up to 64) and 16 (centres 8, 24,
+    40, 56; sizes above 64)."""
+    where = fcos.layout((64, 64), (8, 16))
+    boxes = jnp.asarray(
+        [
+            [2, 2, 22, 14],  # A: level 8, centre (12, 8), reach 12 -> x 4, 12, 20; y 4, 12
+            [0, 0, 30, 30],  # C: big
+            [6, 6, 18, 18],  # D: inside A and C, the smallest; (12, 12) is its only centre
+            [40, 40, 64, 64],  # crowd region
+            [0, 0, 0, 0],  # padding
+        ],
+        jnp.float32,
+    )
+    classes = jnp.asarray([1, 0, 2, 0, 0])
+    valid = jnp.asarray([1, 1, 1, 0, 0])
+    crowd = jnp.asarray([0, 0, 0, 1, 0])
+    t = fcos.assign(where, boxes, classes, valid, crowd)
+    points = where.points
+    positives = {tuple(points[i]): (int(t.classes[i]), list(np.asarray(t.boxes[i])))
+                 for i in np.flatnonzero(t.positive)}  # fmt: skip
+    # Smallest box wins where several qualify: D (144) < A (240) < C (900). C (centre 15,
+    # reach 12: x, y in 4, 12, 20) keeps only the row y = 20.
+    expected = {(12, 12): (2, [6, 6, 18, 18])}
+    for p in [(4, 4), (12, 4), (20, 4), (4, 12), (20, 12)]:
+        expected[p] = (1, [2, 2, 22, 14])
+    for p in [(4, 20), (12, 20), (20, 20)]:
+        expected[p] = (0, [0, 0, 30, 30])
+    assert {k: v for k, v in positives.items()} == {
+        tuple(map(float, k)): (c, [float(x) for x in b]) for k, (c, b) in expected.items()
+    }
+    # A's (12, 4): sides l 10, t 2, r 10, b 10 -> centerness sqrt(1 * 0.2).
+    i = int(np.flatnonzero((points == [12, 4]).all(1))[0])
+    assert float(t.centerness[i]) == pytest.approx(np.sqrt(0.2), rel=1e-6)
+    # Inside the crowd box and not positive: ignored (level-8 centres 44..60, level-16 56).
+    ignored = {tuple(points[i]) for i in np.flatnonzero(t.ignore)}
+    level8 = {(float(x), float(y)) for x in (44, 52, 60) for y in (44, 52, 60)}
+    assert ignored == level8 | {(56.0, 56.0)}
+    assert not np.any(np.asarray(t.positive & t.ignore))
+
+
+@pytest.mark.parametrize("size,level", [(40, 8.0), (200, 16.0)])
+def test_level_ranges(size, level):
+    """Strides 8 (largest side distance up to 64) and 16 (above 64): a box's central locations
+    are about size / 2 from its sides, so a 40-px box is the stride-8 level's, a 200-px box the
+    stride-16 one's."""
+    where = fcos.layout((256, 256), (8, 16))
+    box = jnp.asarray([[20.0, 30, 20 + size, 30 + size]])
+    t = fcos.assign(where, box, jnp.asarray([0]), jnp.asarray([1]), jnp.asarray([0]))
+    strides = where.strides[np.asarray(t.positive)]
+    assert len(strides) and set(strides.tolist()) == {level}
+
+
+def test_postprocess_on_hand_made_outputs():
+    where = fcos.layout((32, 32), (8,))  # 16 locations, centres 4, 12, 20, 28
+    n, c = len(where.points), 2
+    logits = np.full((1, n, c), -20.0, np.float32)
+    distances = np.full((1, n, 4), 2.0, np.float32)
+    index = lambda x, y: int(np.flatnonzero((where.points == [x, y]).all(1))[0])
+
+    def put(x, y, cls, prob, ltrb):
+        logits[0, index(x, y), cls] = np.log(prob / (1 - prob))
+        distances[0, index(x, y)] = ltrb
+
+    put(12, 12, 0, 0.9, [8, 8, 8, 8])  # box 4..20: kept
+    put(20, 12, 0, 0.8, [16, 8, 0, 8])  # box 4..20 x 4..20 again: same class, suppressed
+    put(20, 20, 1, 0.7, [16, 16, 0, 0])  # the same box, other class: kept
+    put(28, 28, 0, 0.6, [2, 2, 2, 2])  # elsewhere: kept
+    put(4, 28, 1, 0.001, [2, 2, 2, 2])  # under the score threshold: dropped
+    outputs = {
+        "logits": jnp.asarray(logits),
+        "distances": jnp.asarray(distances),
+        "centerness": jnp.full((1, n), 30.0),  # sigmoid 1: scores sqrt(class probabilities)
+    }
+    found = fcos.postprocess(
+        outputs, jnp.asarray(where.points), score_threshold=0.1, iou_threshold=0.5,
+        pre_nms=50, max_detections=5,
+    )  # fmt: skip
+    np.testing.assert_allclose(found["scores"][0], np.sqrt([0.9, 0.7, 0.6, 0, 0]), atol=1e-5)
+    np.testing.assert_array_equal(found["classes"][0], [0, 1, 0, -1, -1])
+    np.testing.assert_allclose(
+        found["boxes"][0, :3], [[4, 4, 20, 20], [4, 4, 20, 20], [26, 26, 30, 30]], atol=1e-5
+    )
+
+
+def coco_ground_truth() -> dict:
+    """Two images, categories with non-contiguous ids, one crowd annotation."""
+    box = lambda i, img, cat, b, crowd=0: {
+        "id": i, "image_id": img, "category_id": cat, "bbox": b, "area": b[2] * b[3],
+        "iscrowd": crowd,
+    }  # fmt: skip
+    return {
+        "images": [
+            {"id": 5, "width": 200, "height": 100, "file_name": "a.jpg"},
+            {"id": 9, "width": 120, "height": 160, "file_name": "b.jpg"},
+        ],
+        "annotations": [
+            box(1, 5, 3, [10, 10, 50, 40]),
+            box(2, 5, 7, [100, 20, 60, 60]),
+            box(3, 9, 3, [5, 5, 30, 90]),
+            box(4, 9, 1, [50, 50, 60, 60]),
+            box(5, 9, 1, [0, 100, 40, 50], 1),
+        ],
+        "categories": [
+            {"id": 1, "name": "one"},
+            {"id": 3, "name": "three"},
+            {"id": 7, "name": "seven"},
+        ],  # fmt: skip
+    }
+
+
+MADE = [  # (image, class index, x, y, w, h in original pixels, score)
+    (5, 1, 12, 8, 48, 44, 0.9),  # good match of ann 1
+    (5, 2, 100, 25, 55, 50, 0.8),  # fair match of ann 2
+    (5, 2, 0, 0, 30, 30, 0.7),  # false positive
+    (9, 1, 5, 5, 30, 90, 0.95),  # exact ann 3
+    (9, 0, 60, 55, 50, 50, 0.6),  # partial ann 4
+    (9, 0, 5, 110, 30, 30, 0.5),  # inside the crowd region: ignored, not a false positive
+]
+CATEGORY_IDS, NAMES = [1, 3, 7], ["one", "three", "seven"]
+
+
+class FixedDetections(Detection):
+    """The task with post-processing replaced by MADE (in model-input pixels, ``scale`` per
+    image row), to test what happens to detections after the model."""
+
+    scale = {5: 0.64, 9: 0.4}  # input pixels per original pixel
+    rows = {5: 0, 9: 2}  # rows 1 and 3 of the batch are padding
+
+    def _layout(self, batch, outputs):
+        return None
+
+    def detect(self, outputs, image_hw):
+        d = 4
+        boxes, scores = np.zeros((4, d, 4), np.float32), np.zeros((4, d), np.float32)
+        classes, slot = np.full((4, d), -1, np.int32), {5: 0, 9: 0}
+        for image, cls, x, y, w, h, score in MADE:
+            r, s = self.rows[image], slot[image]
+            slot[image] += 1
+            boxes[r, s] = np.asarray([x, y, x + w, y + h]) * self.scale[image]
+            scores[r, s], classes[r, s] = score, cls
+        boxes[1] = boxes[3] = 7.0  # whatever padding rows hold is dropped
+        classes[1] = classes[3] = 0
+        return {"boxes": jnp.asarray(boxes), "scores": jnp.asarray(scores),
+                "classes": jnp.asarray(classes)}  # fmt: skip
+
+
+def test_map_equals_pycocotools_on_hand_made_detections():
+    """Detections as the eval step makes them (model-input pixels, class indices, padded rows)
+    summarised by the task = pycocotools on the same detections in COCO's results format."""
+    task = FixedDetections()
+    batch = {
+        "image": jnp.zeros((4, 64, 64, 3)),
+        "mask": jnp.asarray([1.0, 0, 1, 0]),
+        "scale": jnp.asarray([task.scale[5], 0, task.scale[9], 0], jnp.float32),
+        "image_id": jnp.asarray([5, 0, 9, 0]),
+    }
+    collection = task.eval_metrics({}, batch)
+    source = SimpleNamespace(
+        annotations=coco_ground_truth(), category_ids=CATEGORY_IDS, class_names=NAMES,
+        skip_corrupt=False,
+    )  # fmt: skip
+    summary = task.summarize(collection, source, "eval/")
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = coco_ground_truth()
+    gt.createIndex()
+    results = [
+        {"image_id": i, "category_id": CATEGORY_IDS[c], "bbox": [x, y, w, h], "score": s}
+        for i, c, x, y, w, h, s in MADE
+    ]
+    evaluation = COCOeval(gt, gt.loadRes(results), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    for i, name in enumerate(["map", "ap50", "ap75"]):
+        assert summary[f"eval/{name}"] == pytest.approx(evaluation.stats[i], abs=1e-6)
+    assert 0.2 < summary["eval/map"] < 0.9  # neither trivial case
+    assert summary["eval/examples"] == 2
+    assert {k for k in summary if k.startswith("eval/ap/")} == {f"eval/ap/{n}" for n in NAMES}
+    precision = evaluation.eval["precision"][:, :, 1, 0, -1]
+    assert summary["eval/ap/three"] == pytest.approx(precision[precision > -1].mean())
+
+
+def test_perfect_and_empty_detections():
+    truth = coco_ground_truth()
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+         "score": 1.0}
+        for a in truth["annotations"] if not a["iscrowd"]
+    ]  # fmt: skip
+    assert coco_metrics(truth, perfect, [5, 9], NAMES)["map"] == pytest.approx(1.0)
+    assert coco_metrics(truth, [], [5, 9], NAMES)["map"] == 0.0
+
+
+def test_coverage_is_checked():
+    source = SimpleNamespace(
+        annotations=coco_ground_truth(), category_ids=CATEGORY_IDS, class_names=NAMES,
+        skip_corrupt=False,
+    )  # fmt: skip
+
+    def empty(ids: list[int]) -> EvalMetrics:
+        n = len(ids)
+        return EvalMetrics.single_from_model_output(
+            boxes=jnp.zeros((n, 1, 4)), scores=jnp.zeros((n, 1)),
+            classes=-jnp.ones((n, 1), jnp.int32), image_ids=jnp.asarray(ids),
+        )  # fmt: skip
+
+    with pytest.raises(CoverageError, match="1 seen twice"):
+        Detection().summarize(empty([5, 9, 9, 0]), source, "eval/")
+    with pytest.raises(CoverageError, match="1 missing"):
+        Detection().summarize(empty([5, 0]), source, "eval/")
+    merged = empty([9, 0]).merge(empty([5]))  # merged on the host across batches
+    assert Detection().summarize(merged, source, "eval/")["eval/map"] == 0.0
+
+
+FAMILIES = [("vit_ti16", 64), ("resnet18", 64), ("bit_r50x1", 64), ("cifar_resnet20", 32)]
+
+
+@pytest.mark.parametrize("name,size", FAMILIES)
+def test_head_shapes_every_family(name, size):
+    task = Detection(strides=(8, 16, 32))
+    model = task.build_model(name, 5)
+    images = jnp.zeros((2, size, size, 3))
+    shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), images))[0]
+    n = len(fcos.layout((size, size), (8, 16, 32)).points)
+    assert shapes["logits"].shape == (2, n, 5)
+    assert shapes["distances"].shape == (2, n, 4)
+    assert shapes["centerness"].shape == (2, n)

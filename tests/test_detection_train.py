@@ -1,0 +1,174 @@
+"""Detection runs end to end on a COCO-format folder: learning, mAP equal to pycocotools on the
+trained model's own detections of every test image, exact resume, and the parameter-efficient
+options (LoRA, freezing) on a detection model."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from test_det_data import NAMES, write_coco
+from test_train import small_config
+
+from vision_jax.tasks import Detection
+from vision_jax.tasks.coco_eval import coco_metrics, coco_results
+from vision_jax.train import train_and_evaluate
+from vision_jax.trees import flatten_dict
+from vision_jax.weights.run_dir import latest_step_dir, read_variables
+from vision_jax.weights.run_dir import restore_on_one_device as _restore_on_one_device
+
+SIZE = 32
+
+
+def random_scenes(n: int, seed: int) -> list:
+    """(height, width, rects) of ``n`` 32x32 images with 1-2 coloured rectangles of 3 classes."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(n):
+        rects = []
+        for _ in range(rng.integers(1, 3)):
+            w, h = rng.integers(8, 17, 2)
+            x, y = rng.integers(0, SIZE - w + 1), rng.integers(0, SIZE - h + 1)
+            rects.append((int(rng.integers(3)), int(x), int(y), int(w), int(h), 0))
+        scenes.append((SIZE, SIZE, rects))
+    return scenes
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("coco")
+    write_coco(root, random_scenes(64, 0), "train")
+    write_coco(root, random_scenes(20, 1), "test")  # 20 = 2.5 eval batches of 8
+    return root
+
+
+def det_config(root: pathlib.Path, **overrides):
+    cfg = small_config(**{
+        "task.name": "detection", "data.source": "coco", "data.root": str(root),
+        "input.image_size": SIZE, "task.strides": (4, 8), "task.max_boxes": 4,
+        "eval_batch_size": 8, "optimizer.name": "adamw", "optimizer.learning_rate": 3e-3,
+        **overrides,
+    })  # fmt: skip
+    cfg.input.flip = True
+    return cfg
+
+
+def test_detection_learns_and_map_equals_pycocotools(coco_root, tmp_path):
+    """mAP rises; the reported figures equal pycocotools on the trained model's detections of
+    each of the 20 test images, computed here outside the evaluation loop."""
+    cfg = det_config(coco_root, **{"total_steps": 60, "eval_before_training": True})
+    result = train_and_evaluate(cfg, str(tmp_path), arrays=None)
+    assert result["eval/examples"] == 20
+    assert result["eval/map"] > result["eval_before/map"] + 0.15, result
+    assert {"eval/ap50", "eval/ap/red", "train/box_loss", "train/positives"} <= result.keys()
+
+    task = Detection(strides=(4, 8), max_boxes=4)
+    model = task.build_model("cifar_resnet20", len(NAMES))
+    variables = read_variables(str(tmp_path))
+    truth = json.loads((coco_root / "annotations/instances_test.json").read_text())
+    images = np.stack([np.asarray(Image.open(coco_root / "test" / im["file_name"]).convert("RGB"))
+                       for im in truth["images"]])  # fmt: skip
+    outputs = model.apply(variables, (images.astype(np.float32) - 127.5) / 127.5)
+    found = jax.device_get(task.detect(outputs, (SIZE, SIZE)))  # square images: scale 1
+    found["image_ids"] = np.asarray([im["id"] for im in truth["images"]])
+    category_ids = sorted(c["id"] for c in truth["categories"])
+    names = [c["name"] for c in sorted(truth["categories"], key=lambda c: c["id"])]
+    want = coco_metrics(truth, coco_results(found, category_ids), found["image_ids"], names)
+    assert result["eval/map"] == pytest.approx(want["map"], abs=2e-3)
+    assert result["eval/ap50"] == pytest.approx(want["ap50"], abs=2e-3)
+    _check_predict(tmp_path, coco_root, truth, result)
+
+
+def _check_predict(workdir: pathlib.Path, coco_root: pathlib.Path, truth: dict, result: dict):
+    """``python -m vision_jax.predict`` on the test images (and one unreadable file): its COCO
+    results score what the evaluation scored; boxes are drawn on copies of the images."""
+    from vision_jax import predict
+
+    folder = workdir / "images"
+    shutil.copytree(coco_root / "test", folder)
+    (folder / "broken.png").write_bytes(b"not an image")
+    output, drawn = workdir / "detections.json", workdir / "drawn"
+    argv = [f"--workdir={workdir}", f"--input={folder}", f"--output={output}", f"--draw={drawn}",
+            "--batch_size=6"]  # fmt: skip
+    assert predict.main(argv) == 0
+    results = json.loads(output.read_text())
+    id_of = {str(folder / im["file_name"]): im["id"] for im in truth["images"]}
+    assert {r["file_name"] for r in results} <= set(id_of)
+    for r in results:
+        r["image_id"] = id_of[r["file_name"]]
+        assert NAMES[(r["category_id"] - 2) // 2] == r["category_name"]  # ids 2, 4, ...
+    names = [c["name"] for c in sorted(truth["categories"], key=lambda c: c["id"])]
+    got = coco_metrics(truth, results, list(id_of.values()), names)
+    assert got["map"] == pytest.approx(result["eval/map"], abs=2e-3)
+    assert sorted(p.name for p in drawn.iterdir()) == sorted(
+        f"{im['file_name'][:-4]}.png" for im in truth["images"]
+    )
+    best = max(results, key=lambda r: r["score"])  # its box outline is drawn on the image
+    x, y, w, h = (int(round(v)) for v in best["bbox"])
+    before = np.asarray(Image.open(best["file_name"]).convert("RGB"), np.int32)
+    after = np.asarray(Image.open(drawn / (pathlib.Path(best["file_name"]).stem + ".png")))
+    edge = (slice(min(y + h, SIZE - 1), min(y + h, SIZE - 1) + 1), slice(x, x + w))
+    assert np.abs(after[edge].astype(np.int32) - before[edge]).max() > 30
+
+
+def test_detection_resumes_exactly(coco_root, tmp_path):
+    """4 steps straight, then the same run resumed from step 2: the same step-4 variables."""
+    cfg = det_config(coco_root, total_steps=4, checkpoint_every_steps=2, keep_checkpoints=5)
+    cfg.input.scale_jitter = (0.75, 1.5)  # augmentation randomness must resume too
+    train_and_evaluate(cfg, str(tmp_path))
+    straight = read_variables(str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    train_and_evaluate(cfg, str(tmp_path))
+    resumed = read_variables(str(tmp_path))
+    for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _trained_names(workdir) -> set[str]:
+    state = _restore_on_one_device(os.path.join(latest_step_dir(str(workdir)), "state"))
+    return set(flatten_dict(state["params"]))
+
+
+def test_lora_and_frozen_backbone_on_a_detection_model(coco_root, tmp_path):
+    vit = {"model.name": "vit_ti16", "total_steps": 2, "task.strides": (8, 16)}
+    result = train_and_evaluate(det_config(coco_root, **vit, **{"lora.rank": 2}),
+                                str(tmp_path / "lora"))  # fmt: skip
+    assert np.isfinite(result["train/loss"]) and result["eval/examples"] == 20
+    trained = _trained_names(tmp_path / "lora")
+    adapters = {k for k in trained if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
+    assert len(adapters) == 12 * 2 * 2
+    head = {k for k in trained if k.startswith("task_head/")}
+    assert trained == adapters | head and len(head) > 20  # pyramid and towers train too
+
+    train_and_evaluate(det_config(coco_root, **vit, **{"optimizer.trainable": "head"}),
+                       str(tmp_path / "frozen"))  # fmt: skip
+    assert _trained_names(tmp_path / "frozen") == head  # the backbone has no state to update
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"task.head": "retina"}, "Unknown task.head 'retina'"),
+        ({"loss": "softmax_xent"}, "focal_giou"),
+        ({"task.strides": (3, 6)}, "no level at stride 3"),
+        ({"input.randaugment_layers": 2}, "randaugment"),
+    ],
+)
+def test_detection_config_errors(coco_root, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(det_config(coco_root, **overrides), str(tmp_path))
+
+
+def test_a_detection_key_with_segmentation_is_an_error(coco_root, tmp_path):
+    from vision_jax.config import UnreadConfigKeysError
+
+    cfg = det_config(coco_root, **{"task.name": "segmentation", "data.source": "arrays",
+                                   "data.root": None})  # fmt: skip
+    with pytest.raises(UnreadConfigKeysError, match="task.max_boxes"):
+        train_and_evaluate(cfg, str(tmp_path), arrays={})

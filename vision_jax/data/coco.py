@@ -1,0 +1,338 @@
+"""Detection sources: COCO JSON files with an image folder, and tfds datasets with ``objects``.
+
+Both give a :class:`Source` with ``target == "boxes"``: examples ``{"path" or "image", "row"}``
+(``row`` indexes ``annotations["images"]``) and the split's ground truth ``annotations`` (COCO
+format, original pixels; see :mod:`vision_jax.data.boxes` for how batches get their boxes).
+The ground truth is checked here: a box sticking out of its image by more than
+:data:`TOLERANCE` pixels or without area, an unknown category or image id, or a missing image
+file is a DataError naming the file and the annotation, or with ``skip_corrupt`` counted,
+logged and left out. Crowd regions (``iscrowd``) are kept as such; images without boxes too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from vision_jax.data import augment
+from vision_jax.data.folders import apply_slice, parse_split
+from vision_jax.data.sources import DataError, Source, tfds_split
+
+TOLERANCE = 1.0  # pixels a box may stick out of its image (float rounding)
+ANNOTATIONS = "annotations/instances_{split}.json"
+IMAGES = "{split}"
+_KEYS = {
+    "categories": ("id", "name"),
+    "images": ("id", "file_name", "width", "height"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+}
+
+
+def from_coco(
+    root: str,
+    split: str,
+    *,
+    annotations: str = ANNOTATIONS,
+    images: str = IMAGES,
+    skip_corrupt: bool = False,
+) -> Source:
+    """COCO detection files: ``root/annotations`` (the JSON) and ``root/images`` (the folder
+    its ``file_name`` s are relative to), ``{split}`` replaced by the split name. ``split`` may
+    be sliced like image folders (``"train[:90%]"``): a fixed share of the images."""
+    name, where = parse_split(split)
+    json_path = posixpath.join(root, annotations.replace("{split}", name))
+    image_dir = posixpath.join(root, images.replace("{split}", name))
+    coco = _read_json(json_path)
+    categories = _records(coco, "categories", json_path)
+    all_images = _records(coco, "images", json_path)
+    by_id = {im["id"]: im for im in all_images}
+    anns, problems = _checked_annotations(coco, by_id, categories, json_path)
+    if not tf.io.gfile.isdir(image_dir):
+        raise DataError(f"COCO image folder {image_dir} does not exist (data.coco_images).")
+    missing = _missing_files(all_images, image_dir)
+    for image in missing:
+        problems.append(f"image {image['id']}: {image_dir}/{image['file_name']} is missing")
+    _report(problems, json_path, skip_corrupt)
+    missing_ids = {im["id"] for im in missing}
+    kept = sorted((im for im in all_images if im["id"] not in missing_ids), key=lambda im: im["id"])
+    rows = apply_slice({"row": np.arange(len(kept))}, where)["row"]
+    kept = [kept[row] for row in rows]
+    if not kept:
+        raise DataError(f"{json_path} (split {split!r}) holds no images with files.")
+    columns = {
+        "path": np.array([posixpath.join(image_dir, im["file_name"]) for im in kept], dtype=str),
+        "row": np.arange(len(kept), dtype=np.int32),
+    }
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
+    return _box_source(dataset, kept, anns, categories, columns, skip_corrupt)
+
+
+def from_image_files(
+    paths: Sequence[str], class_names: Sequence[str], category_ids: Sequence[int]
+) -> tuple[Source, list[tuple[str, str]]]:
+    """A box source over image files without ground truth (to predict on), image ids 1, 2, ...
+    in the order of ``paths``; and the files whose header cannot be read (left out), as (path,
+    reason). Files that fail later, when decoded, are skipped by the pipeline."""
+    images, unreadable = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError) as e:
+            unreadable.append((path, str(e)))
+            continue
+        images.append({"id": len(images) + 1, "file_name": path, "width": width, "height": height})
+    if not images:
+        raise DataError(f"None of the {len(paths)} image file(s) can be read.")
+    columns = {
+        "path": np.array([im["file_name"] for im in images], dtype=str),
+        "row": np.arange(len(images), dtype=np.int32),
+    }
+    categories = [{"id": int(i), "name": n} for i, n in zip(category_ids, class_names, strict=True)]
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
+    source = _box_source(dataset, images, [], categories, columns, skip_corrupt=True)
+    return source, unreadable
+
+
+def _box_source(
+    dataset: tf.data.Dataset,
+    images: list[dict],
+    anns: Iterable[dict],
+    categories: list[dict],
+    columns: dict[str, np.ndarray] | None,
+    skip_corrupt: bool,
+) -> Source:
+    """A box :class:`Source` over ``images`` (in row order) with the ``anns`` of those images."""
+    categories = sorted(categories, key=lambda c: c["id"])
+    ids = {im["id"] for im in images}
+    ground_truth = {
+        "images": [{k: im[k] for k in _KEYS["images"]} for im in images],
+        "annotations": [_annotation(a) for a in anns if a["image_id"] in ids],
+        "categories": [{"id": c["id"], "name": c["name"]} for c in categories],
+    }
+    return Source(
+        dataset,
+        len(images),
+        [str(c["name"]) for c in categories],
+        columns,
+        skip_corrupt,
+        target="boxes",
+        annotations=ground_truth,
+        category_ids=[int(c["id"]) for c in categories],
+    )
+
+
+def _annotation(ann: dict) -> dict:
+    """The COCO fields a box annotation needs (area w * h when absent)."""
+    x, y, w, h = (float(v) for v in ann["bbox"])
+    return {
+        "id": ann["id"],
+        "image_id": ann["image_id"],
+        "category_id": ann["category_id"],
+        "bbox": [x, y, w, h],
+        "area": float(ann.get("area", w * h)),
+        "iscrowd": int(bool(ann.get("iscrowd", 0))),
+    }
+
+
+def _read_json(path: str) -> dict:
+    if not tf.io.gfile.exists(path):
+        raise DataError(f"COCO annotation file {path} does not exist (data.coco_annotations).")
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            coco = json.loads(f.read())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(coco, dict):
+        raise DataError(f"{path} must hold a COCO object with images, annotations, categories.")
+    return coco
+
+
+def _records(coco: dict, key: str, path: str) -> list[dict]:
+    """``coco[key]``, each record holding the keys detection needs."""
+    records = coco.get(key)
+    if not isinstance(records, list):
+        raise DataError(f"{path} has no {key!r} list.")
+    for i, record in enumerate(records):
+        lacking = [k for k in _KEYS[key] if not isinstance(record, dict) or k not in record]
+        if lacking:
+            raise DataError(f"{path}: {key}[{i}] lacks {', '.join(lacking)}.")
+        if not isinstance(record["id"], int):
+            raise DataError(f"{path}: {key}[{i}] has id {record['id']!r}, not an integer.")
+    _check_unique(records, key, path)
+    return records
+
+
+def _check_unique(records: list[dict], what: str, where: str) -> None:
+    """A DataError naming an id that two ``records`` share."""
+    seen = set()
+    for record in records:
+        if record["id"] in seen:
+            raise DataError(f"{where}: {what} id {record['id']} appears twice.")
+        seen.add(record["id"])
+
+
+def _checked_annotations(
+    coco: dict, images: dict, categories: list[dict], path: str
+) -> tuple[list[dict], list[str]]:
+    """The good annotations, and what is wrong with the others."""
+    category_ids = {c["id"] for c in categories}
+    good, problems = [], []
+    for ann in _records(coco, "annotations", path):
+        problem = _problem(ann, images, category_ids)
+        if problem:
+            problems.append(f"annotation {ann['id']}: {problem}")
+        else:
+            good.append(ann)
+    return good, problems
+
+
+def _problem(ann: dict, images: dict, category_ids: set) -> str | None:
+    """What is wrong with one annotation, or None."""
+    image = images.get(ann["image_id"])
+    if image is None:
+        return f"unknown image_id {ann['image_id']}"
+    if ann["category_id"] not in category_ids:
+        return f"unknown category_id {ann['category_id']}"
+    bbox = ann["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return f"bbox {bbox!r} is not [x, y, width, height]"
+    return box_problem(bbox, image["width"], image["height"], image["file_name"])
+
+
+def box_problem(bbox: list, width: float, height: float, file_name: str) -> str | None:
+    """What is wrong with a COCO box ``[x, y, w, h]`` of a ``width`` x ``height`` image."""
+    if not all(isinstance(v, int | float) and np.isfinite(v) for v in bbox):
+        return f"bbox {bbox!r} holds non-numbers"
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return f"box {bbox} has no area (width and height must be > 0)"
+    if min(x, y) < -TOLERANCE or x + w > width + TOLERANCE or y + h > height + TOLERANCE:
+        return f"box {bbox} lies outside its image {file_name} ({width}x{height})"
+    return None
+
+
+def _missing_files(images: list[dict], image_dir: str) -> list[dict]:
+    """The images whose files are missing (one listing per folder)."""
+    listings, missing = {}, []
+    for image in images:
+        folder, name = posixpath.split(posixpath.join(image_dir, image["file_name"]))
+        if folder not in listings:
+            exists = tf.io.gfile.isdir(folder)
+            listings[folder] = set(tf.io.gfile.listdir(folder)) if exists else set()
+        if name not in listings[folder]:
+            missing.append(image)
+    return missing
+
+
+def _report(problems: list[str], where: str, skip_corrupt: bool) -> None:
+    """Raises on ``problems``, or with ``skip_corrupt`` logs (and counts) them."""
+    if not problems:
+        return
+    shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if problems[5:] else "")
+    if not skip_corrupt:
+        raise DataError(
+            f"{where}: {shown}. Fix the ground truth, or set data.skip_corrupt = True to skip "
+            "such annotations and images."
+        )
+    logging.warning("%s: skipping %d bad annotation(s)/image(s): %s.", where, len(problems), shown)
+
+
+# tfds.
+
+
+def from_tfds_boxes(
+    name: str, split: str, data_dir: str | None = None, *, skip_corrupt: bool = False
+) -> Source:
+    """A prepared tfds detection dataset (``coco/2017``, ``voc/2007``): feature ``objects``
+    with ``bbox`` (normalised ymin, xmin, ymax, xmax), ``label`` and optional ``is_crowd``.
+
+    One pass over the split builds the ground truth: image sizes from the JPEG headers (other
+    formats are decoded), image ids from ``image/id`` (else the 1-based example index), file
+    names from ``image/filename``, category ids 1..C for the labels' names.
+    """
+    features, ds = tfds_split(name, split, data_dir)
+    objects = features["objects"] if "objects" in features else {}
+    if "bbox" not in objects or "label" not in objects:
+        raise DataError(
+            f"tfds dataset {name!r} has no 'objects' feature with 'bbox' and 'label' "
+            f"(features: {sorted(features)})."
+        )
+    where = f"tfds {name} {split}"
+    images, anns, problems = [], [], []
+    for row, record in enumerate(ds.map(_tfds_record).as_numpy_iterator()):
+        image = _tfds_image(record, row, where)
+        images.append(image)
+        for ann in _tfds_annotations(record, image, first_id=len(anns) + len(problems) + 1):
+            problem = box_problem(ann["bbox"], image["width"], image["height"], image["file_name"])
+            if problem:
+                problems.append(f"annotation {ann['id']}: {problem}")
+            else:
+                anns.append(ann)
+    _report(problems, where, skip_corrupt)
+    if not images:
+        raise DataError(f"{where} holds no examples.")
+    _check_unique(images, "images", where)
+    names = objects["label"].names
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    dataset = ds.enumerate().map(
+        lambda row, ex: {"image": ex["image"], "row": tf.cast(row, tf.int32)}
+    )
+    return _box_source(dataset, images, anns, categories, None, skip_corrupt)
+
+
+def _tfds_record(example: dict) -> dict:
+    """What the ground truth needs of one tfds example."""
+    objects = example["objects"]
+    data = example["image"]
+    shape = tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.image.extract_jpeg_shape(data)[:2],
+        lambda: tf.shape(augment.decode(data))[:2],
+    )
+    crowd = objects.get("is_crowd", tf.zeros_like(objects["label"], tf.bool))
+    record = {"shape": shape, "bbox": objects["bbox"], "label": objects["label"], "crowd": crowd}
+    for key in ("image/id", "image/filename"):
+        if key in example:
+            record[key] = example[key]
+    return record
+
+
+def _tfds_image(record: dict, row: int, where: str) -> dict:
+    """The COCO image record of tfds example ``row``."""
+    height, width = (int(v) for v in record["shape"])
+    name = record.get("image/filename")
+    return {
+        "id": int(record.get("image/id", row + 1)),
+        "file_name": name.decode() if name is not None else f"{where} example {row}",
+        "width": width,
+        "height": height,
+    }
+
+
+def _tfds_annotations(record: dict, image: dict, first_id: int) -> list[dict]:
+    """COCO annotations of one tfds example (boxes in pixels), ids from ``first_id``."""
+    width, height = image["width"], image["height"]
+    anns = []
+    for k, (box, label, crowd) in enumerate(
+        zip(record["bbox"], record["label"], record["crowd"], strict=True)
+    ):
+        ymin, xmin, ymax, xmax = (float(v) for v in box)
+        bbox = [xmin * width, ymin * height, (xmax - xmin) * width, (ymax - ymin) * height]
+        anns.append(
+            {
+                "id": first_id + k,
+                "image_id": image["id"],
+                "category_id": int(label) + 1,
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3],
+                "iscrowd": int(crowd),
+            }
+        )
+    return anns

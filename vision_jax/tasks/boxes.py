@@ -1,0 +1,66 @@
+"""Box arithmetic in JAX for detection: areas, IoU, generalised IoU, and non-maximum suppression
+with a fixed number of boxes (jittable, vmappable).
+
+Boxes are ``(x0, y0, x1, y1)`` in pixels, float32, in the last axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def box_area(boxes: jax.Array) -> jax.Array:
+    """Areas of ``boxes`` [..., 4] (0 for empty or inverted boxes)."""
+    wh = jnp.maximum(boxes[..., 2:] - boxes[..., :2], 0.0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def pairwise_iou(a: jax.Array, b: jax.Array) -> jax.Array:
+    """IoU of every box of ``a`` [N, 4] with every box of ``b`` [M, 4]: [N, M] (0 where the
+    union is empty)."""
+    top_left = jnp.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = box_area(jnp.concatenate([top_left, bottom_right], -1))
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def generalized_iou(a: jax.Array, b: jax.Array, eps: float = 1e-7) -> jax.Array:
+    """Elementwise generalised IoU (Rezatofighi et al. 2019) of ``a`` and ``b`` [..., 4]:
+    ``IoU - (hull - union) / hull``, in [-1, 1]."""
+    inter = box_area(jnp.concatenate([jnp.maximum(a[..., :2], b[..., :2]),
+                                      jnp.minimum(a[..., 2:], b[..., 2:])], -1))  # fmt: skip
+    union = box_area(a) + box_area(b) - inter
+    hull = box_area(jnp.concatenate([jnp.minimum(a[..., :2], b[..., :2]),
+                                     jnp.maximum(a[..., 2:], b[..., 2:])], -1))  # fmt: skip
+    iou = inter / (union + eps)
+    return iou - (hull - union) / (hull + eps)
+
+
+def nms_keep(boxes: jax.Array, valid: jax.Array, iou_threshold: float) -> jax.Array:
+    """Greedy non-maximum suppression of ``boxes`` [K, 4] sorted by decreasing score: which
+    are kept ([K] bool). A box is kept iff it is ``valid`` and no kept box before it overlaps it
+    with IoU above ``iou_threshold``.
+
+    Computed as the fixed point of ``keep[i] = valid[i] and not any(keep[j] and overlap[j, i]
+    for j < i)`` from ``keep = valid``: after pass ``t`` the first ``t`` entries are final, so it
+    converges to the greedy result, usually in a few passes of parallel work.
+    """
+    k = boxes.shape[0]
+    earlier = jnp.arange(k)[:, None] < jnp.arange(k)[None, :]
+    suppresses = (pairwise_iou(boxes, boxes) > iou_threshold) & earlier
+
+    def one_pass(keep: jax.Array) -> jax.Array:
+        return valid & ~jnp.any(suppresses & keep[:, None], axis=0)
+
+    def not_done(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
+        keep, previous = carry
+        return jnp.any(keep != previous)
+
+    def body(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        keep, _ = carry
+        return one_pass(keep), keep
+
+    keep, _ = jax.lax.while_loop(not_done, body, (one_pass(valid), valid))
+    return keep

@@ -1,0 +1,115 @@
+"""COCO-style detection metrics, computed by pycocotools (never by hand).
+
+:class:`Detections` collects a split's fixed-size detections on the host (a clu metric that
+concatenates); :func:`coco_results` turns them into COCO's results format in original image
+coordinates; :func:`coco_metrics` runs ``COCOeval`` against the split's ground truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+from clu import metrics
+
+# COCOeval's stats, in its order.
+STAT_NAMES = (
+    "map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
+    "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
+)  # fmt: skip
+
+
+@flax.struct.dataclass
+class Detections(metrics.Metric):
+    """A split's detections: ``boxes`` [N, D, 4] (x0, y0, x1, y1 in original image pixels),
+    ``scores`` [N, D] (0: empty slot), ``classes`` [N, D] (class index, -1: empty slot) and
+    ``image_ids`` [N] (0: a padding row). Merged on the host by concatenation."""
+
+    boxes: jax.Array
+    scores: jax.Array
+    classes: jax.Array
+    image_ids: jax.Array
+
+    @classmethod
+    def from_model_output(
+        cls, *, boxes: jax.Array, scores: jax.Array, classes: jax.Array, image_ids: jax.Array,
+        **_,
+    ) -> Detections:  # fmt: skip
+        return cls(boxes, scores, classes, image_ids)
+
+    def merge(self, other: Detections) -> Detections:
+        cat = lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)])
+        return type(self)(
+            *(cat(a, b) for a, b in zip(self._fields(), other._fields(), strict=True))
+        )
+
+    def _fields(self) -> tuple:
+        return self.boxes, self.scores, self.classes, self.image_ids
+
+    def compute(self) -> dict[str, np.ndarray]:
+        names = ("boxes", "scores", "classes", "image_ids")
+        return {name: np.asarray(v) for name, v in zip(names, self._fields(), strict=True)}
+
+
+def coco_results(found: Mapping[str, np.ndarray], category_ids: Sequence[int]) -> list[dict]:
+    """COCO results (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of the
+    filled slots of real rows."""
+    boxes, scores = np.asarray(found["boxes"], np.float64), np.asarray(found["scores"])
+    classes, image_ids = np.asarray(found["classes"]), np.asarray(found["image_ids"])
+    rows, slots = np.nonzero((classes >= 0) & (image_ids[:, None] > 0))
+    ids = np.asarray(category_ids)
+    return [
+        {
+            "image_id": int(image_ids[r]),
+            "category_id": int(ids[classes[r, s]]),
+            "bbox": [float(v) for v in (*boxes[r, s, :2], *(boxes[r, s, 2:] - boxes[r, s, :2]))],
+            "score": float(scores[r, s]),
+        }
+        for r, s in zip(rows, slots, strict=True)
+    ]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """pycocotools prints progress to stdout; keep it out of the logs."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def coco_metrics(
+    annotations: Mapping[str, Any], results: list[dict], image_ids: Sequence[int],
+    class_names: Sequence[str],
+) -> dict[str, float]:  # fmt: skip
+    """COCOeval ``bbox`` figures of ``results`` on the images ``image_ids`` of the ground truth
+    ``annotations`` (a COCO dataset dict): :data:`STAT_NAMES` (-1: undefined, e.g. no small
+    objects) and ``ap/<class>`` (AP@[.5:.95] per category with ground truth)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with _quiet():
+        truth = COCO()
+        truth.dataset = copy.deepcopy(dict(annotations))
+        truth.createIndex()
+        found = truth.loadRes(results) if results else COCO()
+        if not results:  # loadRes refuses an empty list: an empty result set
+            found.dataset = {"images": truth.dataset["images"], "annotations": [],
+                             "categories": truth.dataset["categories"]}  # fmt: skip
+            found.createIndex()
+        evaluation = COCOeval(truth, found, "bbox")
+        evaluation.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    out = {name: float(v) for name, v in zip(STAT_NAMES, evaluation.stats, strict=True)}
+    precision = evaluation.eval["precision"]  # [iou, recall, category, area, max_dets]
+    for k, name in enumerate(class_names):
+        p = precision[:, :, k, 0, -1]
+        if (p > -1).any():
+            out[f"ap/{name.replace('/', '_')}"] = float(p[p > -1].mean())
+    return out

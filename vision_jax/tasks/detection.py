@@ -1,0 +1,182 @@
+"""Object detection: an FCOS head (:mod:`vision_jax.tasks.fcos`) on a feature pyramid over any
+backbone, COCO-style mAP from pycocotools.
+
+Batches carry fixed-size, padded ground truth (``boxes`` [B, M, 4] in input pixels,
+``classes``, ``valid``, ``crowd`` [B, M], M = ``max_boxes``), so the step compiles once;
+targets are assigned inside the step. Evaluation runs the jitted post-processing (score
+threshold, top-k, per-class NMS, a fixed number of detections per image), maps the boxes back
+to original image pixels (``batch["scale"]``), collects every image of the split once on the
+host and scores them with ``COCOeval`` against the split's ground truth.
+"""
+
+# No ``from __future__ import annotations``: clu reads the metric collections' annotations.
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics
+
+from vision_jax.models import create_model
+from vision_jax.models.registry import family
+from vision_jax.models.task_model import TaskModel
+from vision_jax.tasks import fcos
+from vision_jax.tasks.base import Batch, Task
+from vision_jax.tasks.coco_eval import Detections, coco_metrics, coco_results
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    class_loss: metrics.Average.from_output("class_loss")
+    box_loss: metrics.Average.from_output("box_loss")
+    positives: metrics.Average.from_output("positives")  # positive locations per image
+    grad_norm: metrics.Average.from_output("grad_norm")
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    detections: Detections
+
+
+class CoverageError(ValueError):
+    """An evaluation did not see every image of the split exactly once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection(Task):
+    """``strides``: pyramid levels the head predicts from; ``decoder_width``: pyramid and head
+    channels; ``head_convs``: convolutions per tower; ``max_boxes``: ground-truth boxes per
+    image (padded); ``center_radius``: FCOS centre sampling, in strides; ``focal_alpha`` /
+    ``focal_gamma``; post-processing: ``score_threshold``, ``nms_iou``, ``pre_nms_topk``,
+    ``max_detections`` (per image)."""
+
+    loss: str = "focal_giou"
+    head: str = "fcos"
+    strides: tuple[int, ...] = (8, 16, 32, 64)
+    decoder_width: int = 64
+    head_convs: int = 2
+    feature_taps: tuple[int, ...] | None = None
+    max_boxes: int = 32
+    center_radius: float = 1.5
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    score_threshold: float = 0.05
+    nms_iou: float = 0.6
+    pre_nms_topk: int = 1000
+    max_detections: int = 100
+
+    name = "detection"
+    target = "boxes"
+    headline = "map"
+    train_metrics = TrainMetrics
+
+    def __post_init__(self) -> None:
+        if self.loss != "focal_giou":
+            raise ValueError(f"Detection trains with loss='focal_giou', not {self.loss!r}.")
+        if self.head != "fcos":
+            raise ValueError(f"Unknown task.head {self.head!r} for detection; valid: 'fcos'.")
+        if self.max_boxes < 1 or self.max_detections < 1:
+            raise ValueError("task.max_boxes and task.max_detections must be at least 1.")
+
+    def batch_args(self) -> dict[str, Any]:
+        return {"max_boxes": self.max_boxes}
+
+    def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
+        taps = self.feature_taps
+        if taps is None:  # ViT: its last block (the simple pyramid); CNNs: every stage
+            plain = create_model(model_name, num_classes=0)
+            available = family(plain).feature_taps(plain)
+            single = len({t.stride for t in available}) == 1
+            taps = (-1,) if single else tuple(range(len(available)))
+        backbone = create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
+        head = fcos.FCOSHead(
+            num_classes, tuple(self.strides), self.decoder_width, self.head_convs, backbone.dtype
+        )
+        return TaskModel(backbone, head)
+
+    def _layout(self, batch: Batch, outputs: dict[str, jax.Array]) -> fcos.Layout:
+        where = fcos.layout(batch["image"].shape[1:3], self.strides)
+        found = outputs["logits"].shape[1]
+        if len(where.points) != found:
+            raise ValueError(
+                f"The head predicts at {found} locations, the layout of strides {self.strides} "
+                f"on {batch['image'].shape[1:3]} images has {len(where.points)}: the image "
+                f"size must be divisible by the backbone's strides."
+            )
+        return where
+
+    def targets(self, batch: Batch, where: fcos.Layout) -> fcos.Targets:
+        """FCOS targets of a batch (leading batch axis on every field)."""
+        assign = lambda b, c, v, k: fcos.assign(where, b, c, v, k, self.center_radius)
+        return jax.vmap(assign)(batch["boxes"], batch["classes"], batch["valid"], batch["crowd"])
+
+    def train_loss(self, outputs: dict[str, jax.Array], batch: Batch) -> tuple[jax.Array, dict]:
+        where = self._layout(batch, outputs)
+        targets = self.targets(batch, where)
+        parts = fcos.losses(
+            outputs, targets, jnp.asarray(where.points), alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+        )  # fmt: skip
+        loss = parts["class"] + parts["box"] + parts["centerness"]
+        positives = targets.positive.sum(-1).astype(jnp.float32)
+        return loss, {
+            "class_loss": parts["class"],
+            "box_loss": parts["box"],
+            "positives": positives,
+        }
+
+    def detect(self, outputs: dict[str, jax.Array], image_hw: tuple[int, int]) -> dict:
+        """Post-processed detections in input pixels (see :func:`fcos.postprocess`)."""
+        where = fcos.layout(image_hw, self.strides)
+        return fcos.postprocess(
+            outputs, jnp.asarray(where.points), score_threshold=self.score_threshold,
+            iou_threshold=self.nms_iou, pre_nms=self.pre_nms_topk,
+            max_detections=self.max_detections,
+        )  # fmt: skip
+
+    def eval_metrics(self, outputs: dict[str, jax.Array], batch: Batch) -> EvalMetrics:
+        self._layout(batch, outputs)
+        found = self.detect(outputs, batch["image"].shape[1:3])
+        real = batch["mask"] > 0
+        scale = jnp.where(real, batch["scale"], 1.0)[:, None, None]
+        return EvalMetrics.single_from_model_output(
+            boxes=found["boxes"] / scale,
+            scores=found["scores"],
+            classes=found["classes"],
+            image_ids=jnp.where(real, batch["image_id"], 0).astype(jnp.int32),
+        )
+
+    def summarize(self, collection: EvalMetrics, source: Any, prefix: str) -> dict[str, float]:
+        found = collection.detections.compute()
+        seen = self._check_coverage(found["image_ids"], source)
+        results = coco_results(found, source.category_ids)
+        figures = coco_metrics(source.annotations, results, seen, source.class_names)
+        out = {f"{prefix}{k}": v for k, v in figures.items()}
+        out[f"{prefix}examples"] = float(len(seen))
+        return out
+
+    @staticmethod
+    def _check_coverage(image_ids: np.ndarray, source: Any) -> list[int]:
+        """The evaluated image ids; an error unless each image of the split came once (images
+        skipped as unreadable with ``skip_corrupt`` are left out, with a warning)."""
+        counts = Counter(int(i) for i in image_ids if i > 0)
+        twice = sorted(i for i, n in counts.items() if n > 1)
+        expected = {int(image["id"]) for image in source.annotations["images"]}
+        unknown, missing = sorted(set(counts) - expected), sorted(expected - set(counts))
+        if twice or unknown or (missing and not source.skip_corrupt):
+            raise CoverageError(
+                f"Evaluation must see every image once: {len(twice)} seen twice {twice[:5]}, "
+                f"{len(missing)} missing {missing[:5]}, {len(unknown)} unknown {unknown[:5]}."
+            )
+        if missing:
+            logging.warning("Evaluated %d images; %d unreadable ones skipped.", len(counts),
+                            len(missing))  # fmt: skip
+        return sorted(counts)
+
+    def predict(self, outputs: dict[str, jax.Array], image_hw: tuple[int, int]) -> dict:
+        return self.detect(outputs, image_hw)

@@ -1,0 +1,25 @@
+"""timm-named state dicts to and from vision_jax variables, through the model family's converter
+module (``from_timm`` / ``to_timm`` / ``checkpoint_model``, e.g. :mod:`~vision_jax.weights.vit`)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from types import ModuleType
+
+import flax.linen as nn
+import numpy as np
+
+from vision_jax.models.registry import family
+
+
+def converter(model: nn.Module) -> ModuleType:
+    """The converter module that the model's family names."""
+    return importlib.import_module(family(model).converter)
+
+
+def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
+    """A timm (or torchvision, akamaster) state dict as ``model``'s variables, in vision_jax
+    names; shapes are those of the model the state dict describes."""
+    conv = converter(model)
+    return conv.from_timm(state_dict, conv.checkpoint_model(state_dict, model))

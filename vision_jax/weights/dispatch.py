@@ -1,0 +1,91 @@
+"""The dispatcher: tells a source's format apart and calls that format's one reader.
+
+======================  ==========================================  ====================
+format                  source                                      reader
+======================  ==========================================  ====================
+``run``                 a vision_jax workdir, its ``checkpoints``   :mod:`.run_dir`
+                        folder or a step folder
+``hf``                  a Hugging Face ViT folder                   :mod:`.hf`
+``npz``                 google-research / big_vision / BiT          :mod:`.npz`
+``safetensors``         a timm / torchvision state dict             :mod:`.state_dict`
+``torch``               ``.pth``/``.pt``/``.bin``/``.th``           :mod:`.state_dict`
+======================  ==========================================  ====================
+
+Every reader returns variables in vision_jax names (``{"params": ..., "batch_stats": ...}``)
+for the classifier form of the model, and the source's :class:`InputContract`. Readers never
+import this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from vision_jax.models.registry import backbone_of
+from vision_jax.weights import hf, npz, run_dir, state_dict
+from vision_jax.weights.contract import InputContract
+from vision_jax.weights.files import file_kind
+from vision_jax.weights.merge import WeightMismatchError
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """One format's variables (of the model's classifier form) and input contract."""
+
+    variables: Callable[[pathlib.Path, nn.Module], dict]
+    contract: Callable[[pathlib.Path], InputContract]
+
+
+READERS = {
+    "run": Reader(lambda path, _: run_dir.read_variables(path), run_dir.input_contract),
+    "hf": Reader(hf.read_variables, hf.input_contract),
+    "npz": Reader(lambda path, _: npz.read_variables(path), npz.input_contract),
+    "safetensors": Reader(state_dict.read_variables, state_dict.input_contract),
+    "torch": Reader(state_dict.read_variables, state_dict.input_contract),
+}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """One of :data:`READERS`' formats for ``path``: folders by their contents, files by suffix
+    and, for an unknown suffix, by their first bytes."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return "hf" if hf.is_folder(path) else "run"
+    return file_kind(path)
+
+
+def _classifier_view(model: nn.Module) -> nn.Module:
+    """The registered backbone of ``model`` in its classifier form (converters describe that
+    form; the feature form has the same parameters without the head)."""
+    backbone = backbone_of(model)
+    if getattr(backbone, "feature_taps", None) is not None:
+        backbone = backbone.clone(parent=None, feature_taps=None)
+    return backbone
+
+
+def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
+    """Reads ``source`` into variables in vision_jax names, as the checkpoint holds them.
+
+    The result is not yet adapted to ``model`` (head, class token, grids): see
+    :func:`~vision_jax.weights.load_pretrained`. Raises :class:`WeightFormatError` for
+    unreadable files and :class:`WeightMismatchError` for weights of another architecture,
+    naming ``source``.
+    """
+    path = pathlib.Path(source)
+    reader = READERS[detect_format(path)]
+    try:
+        return reader.variables(path, _classifier_view(model))
+    except WeightMismatchError as e:
+        if str(path) in str(e):
+            raise
+        raise WeightMismatchError(f"Weights from {path} do not fit the model: {e}") from e
+
+
+def input_contract(source: str | os.PathLike) -> InputContract:
+    """The :class:`InputContract` of a checkpoint, in any format :func:`read_variables` reads."""
+    path = pathlib.Path(source)
+    return READERS[detect_format(path)].contract(path)

@@ -1,0 +1,83 @@
+"""Loading pretrained weights into a model: read (:mod:`.dispatch`), adapt (:mod:`.surgery`),
+merge strictly (:mod:`.merge`); and taking a checkpoint's input contract into a run's input."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+
+from vision_jax.trees import flatten_dict, unflatten_dict
+from vision_jax.weights import surgery
+from vision_jax.weights.dispatch import input_contract, read_variables
+from vision_jax.weights.merge import WeightMismatchError, merge_strict
+
+
+def load_pretrained(
+    source: str | os.PathLike,
+    *,
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    replace_head: bool = False,
+    dont_load: Sequence[str] = (),
+    posemb: str = "bilinear",
+    head_bias_init: float = 0.0,
+) -> dict:
+    """Loads pretrained weights into a copy of ``variables`` (the model's initial variables).
+
+    Args:
+      source: a weight file or folder in any supported format (detected from the path).
+      model: the Flax module ``variables`` belong to (from ``create_model``).
+      variables: the model's freshly initialised variables; they are not modified.
+      replace_head: re-initialise the head even if the class count matches. It is re-initialised
+        (zero kernel, bias ``head_bias_init``) anyway when the class count differs.
+      dont_load: regexes over variable paths inside their collection (``head/.*``,
+        ``Transformer/posembed_input/pos_embedding``); matching variables keep their init values.
+      posemb: ``"bilinear"`` or ``"bicubic"`` resampling of position embeddings to a new grid.
+      head_bias_init: the bias of a re-initialised head.
+
+    Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
+    and patch embeddings are resampled to the model's grid and patch size, and every step is
+    logged in one table. Any other difference raises :class:`WeightMismatchError` listing
+    missing, unexpected and mis-shaped keys; nothing is returned half-loaded.
+    """
+    name = str(source)
+    loaded = read_variables(source, model)
+    n_read = len(flatten_dict(loaded))
+    try:
+        flat, rows = surgery.adapt(
+            variables,
+            loaded,
+            replace_head=replace_head,
+            dont_load=dont_load,
+            posemb=posemb,
+            head_bias_init=head_bias_init,
+        )
+    except ValueError as e:
+        raise WeightMismatchError(f"Cannot adapt weights from {name}: {e}") from e
+    merged = merge_strict(variables, unflatten_dict(flat), source=name)
+    surgery.log_summary(name, rows, n_read)
+    return merged
+
+
+def apply_input_contract(spec: Any, source: str | os.PathLike) -> Any:
+    """``spec`` (a frozen dataclass with ``mean`` and ``std``, e.g. the run's ``InputSpec``) with
+    the checkpoint's mean and std, unless the config set its own (values other than the
+    defaults of :func:`vision_jax.config.default_config`), which then win."""
+    from vision_jax.config import default_config
+
+    contract = input_contract(source)
+    default = default_config().input
+    given = (tuple(spec.mean), tuple(spec.std))
+    if given != (tuple(default.mean), tuple(default.std)):
+        logging.info(
+            "Input contract of %s (mean %s, std %s) not applied: input.mean/std are set to %s/%s.",
+            source, contract.mean, contract.std, *given,
+        )  # fmt: skip
+        return spec
+    logging.info("Input contract of %s: mean %s, std %s.", source, contract.mean, contract.std)
+    return dataclasses.replace(spec, mean=contract.mean, std=contract.std)

@@ -1,0 +1,169 @@
+"""The vision_jax run reader: a training run's workdir, its ``checkpoints`` folder or one step
+folder, read with orbax; and the layout and record of a run, which :mod:`vision_jax.checkpoint`
+writes::
+
+    <workdir>/checkpoints/<step>/state   the train state (trainable params, model state, ...)
+    <workdir>/checkpoints/<step>/meta    the RunRecord as JSON, plus the step's own keys
+    <workdir>/frozen_params              the frozen params, written once
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vision_jax import lora
+from vision_jax.specs import LoraSpec
+from vision_jax.trees import combine
+from vision_jax.weights.contract import InputContract, Triple
+from vision_jax.weights.files import WeightFormatError
+
+CHECKPOINTS_DIR = "checkpoints"
+FROZEN_DIR = "frozen_params"
+STATE_ITEM = "state"
+META_ITEM = "meta"
+META_FILE = f"{META_ITEM}/metadata"  # where orbax's JsonSave writes the meta item
+
+
+def _tuple(values: Sequence[Any] | None) -> tuple | None:
+    return None if values is None else tuple(values)
+
+
+def _list(values: Sequence[Any] | None) -> list | None:
+    return None if values is None else list(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What a training run writes with every checkpoint (its ``meta`` item) and the loader reads.
+
+    Every field is optional: older runs recorded fewer. The checkpointer writes the step's own
+    keys (``final``, ``data_positions``) beside the record; :meth:`from_json` ignores them.
+    """
+
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # as plain data
+    task: str | None = None
+    model: str | None = None
+    class_names: tuple[str, ...] | None = None
+    category_ids: tuple[int, ...] | None = None  # detection: the COCO id of each class
+    total_steps: int | None = None  # the step saved with it is marked final (kept)
+    image_size: int | None = None  # the input the run used (after its input contract)
+    mean: Triple | None = None
+    std: Triple | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a JSON object (the input under ``"input"``)."""
+        return {
+            "config": dict(self.config),
+            "task": self.task,
+            "model": self.model,
+            "class_names": _list(self.class_names),
+            "category_ids": _list(self.category_ids),
+            "total_steps": self.total_steps,
+            "input": {
+                "image_size": self.image_size,
+                "mean": _list(self.mean),
+                "std": _list(self.std),
+            },
+        }
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> RunRecord:
+        """The record in a ``meta`` item; without ``input``, the config's input."""
+        config = dict(meta.get("config") or {})
+        given = meta.get("input") or config.get("input") or {}
+        return cls(
+            config=config,
+            task=meta.get("task"),
+            model=meta.get("model"),
+            class_names=_tuple(meta.get("class_names")),
+            category_ids=_tuple(meta.get("category_ids")),
+            total_steps=meta.get("total_steps"),
+            image_size=given.get("image_size"),
+            mean=_tuple(given.get("mean")),
+            std=_tuple(given.get("std")),
+        )
+
+
+def latest_step_dir(path: str | os.PathLike) -> pathlib.Path:
+    """Resolves a run's workdir, its ``checkpoints`` folder, or a step folder to a step folder."""
+    path = pathlib.Path(path).absolute()
+    if (path / CHECKPOINTS_DIR).is_dir():
+        path = path / CHECKPOINTS_DIR
+    if (path / STATE_ITEM).is_dir():
+        return path
+    steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
+    if not steps:
+        raise WeightFormatError(f"No vision_jax checkpoint found in {path}.")
+    return path / str(max(steps))
+
+
+def frozen_dir(checkpoints_dir: str) -> str:
+    """Where a run keeps its frozen parameters: ``<workdir>/frozen_params``."""
+    return os.path.join(os.path.dirname(checkpoints_dir.rstrip("/")), FROZEN_DIR)
+
+
+def read_record(path: str | os.PathLike) -> RunRecord:
+    """The :class:`RunRecord` of a run's latest step (or of the step folder ``path``)."""
+    step_dir = latest_step_dir(path)
+    try:
+        return RunRecord.from_json(json.loads((step_dir / META_FILE).read_text()))
+    except (OSError, ValueError) as e:
+        raise WeightFormatError(f"Cannot read the run record of {step_dir}: {e}") from e
+
+
+def restore_on_one_device(path: str | os.PathLike) -> Any:
+    """Restores an orbax pytree onto this process's first device, whatever mesh wrote it."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    checkpointer = ocp.StandardCheckpointer()
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
+    return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
+
+
+def _merge_adapters(params: dict, config: Mapping[str, Any]) -> dict:
+    """``params`` with the run's LoRA adapters (``config["lora"]``) folded into their kernels."""
+    adapters = config.get("lora") or {}
+    if not adapters.get("rank"):
+        return params
+    rank = int(adapters["rank"])
+    spec = LoraSpec(rank, float(adapters.get("alpha") or rank))
+    return jax.tree_util.tree_map(np.asarray, lora.merge(params, spec))
+
+
+def read_variables(path: str | os.PathLike) -> dict:
+    """The model variables (``params`` plus e.g. ``batch_stats``) of a run's latest step.
+
+    Frozen parameters (saved once beside the checkpoints) are put back, and LoRA adapters are
+    merged into their kernels, so the result is the plain model's variables.
+    """
+    step_dir = latest_step_dir(path)
+    record = read_record(step_dir)
+    frozen_path = pathlib.Path(frozen_dir(str(step_dir.parent)))
+    try:
+        state = restore_on_one_device(step_dir / STATE_ITEM)
+        frozen = restore_on_one_device(frozen_path) if frozen_path.is_dir() else {}
+    except Exception as e:  # orbax and TensorStore raise many types
+        raise WeightFormatError(
+            f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}"
+        ) from e
+    params = _merge_adapters(combine(state["params"], frozen), record.config)
+    return {"params": params, **(state.get("model_state") or {})}
+
+
+def input_contract(path: str | os.PathLike) -> InputContract:
+    """The input the run recorded (its size, mean and std)."""
+    record = read_record(path)
+    if None in (record.image_size, record.mean, record.std):
+        raise WeightFormatError(f"The run record of {path} holds no input size, mean and std.")
+    return InputContract(int(record.image_size), record.mean, record.std)

@@ -1,0 +1,49 @@
+"""The state-dict reader: timm, torchvision and akamaster files (``.safetensors`` or torch), and
+files in Hugging Face ViT names, to vision_jax variables through the family's converter."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import flax.linen as nn
+import numpy as np
+
+from vision_jax.weights import hf
+from vision_jax.weights.contract import IMAGENET_MEAN, IMAGENET_STD, InputContract, vit_image_size
+from vision_jax.weights.convert import from_timm
+from vision_jax.weights.files import WeightFormatError, read_state_dict
+
+
+def _timm_names(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """``state_dict`` in timm's names (Hugging Face ViT names renamed)."""
+    if hf.is_hf_vit(state_dict):
+        return hf.to_timm_names(state_dict, source=source)
+    return state_dict
+
+
+def read_variables(path: str | os.PathLike, model: nn.Module) -> dict:
+    """The variables of a state-dict file, in vision_jax names."""
+    state_dict = read_state_dict(path)
+    if hf.is_hf_vit(state_dict):
+        hf.check_family(model, str(path))
+    return from_timm(_timm_names(state_dict, str(path)), model)
+
+
+def _contract(sd: Mapping[str, np.ndarray], source: str) -> InputContract:
+    if "patch_embed.proj.weight" in sd:
+        patch = sd["patch_embed.proj.weight"].shape[-1]
+        size = vit_image_size(sd["pos_embed"].shape, patch, True)
+        return InputContract(size, interpolation="bicubic", crop_fraction=0.9)
+    if "stem.conv.weight" in sd:
+        return InputContract(224, crop_fraction=0.875)
+    if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        if sd["conv1.weight"].shape[-1] == 3:  # akamaster's 3x3 stem: CIFAR
+            return InputContract(32, IMAGENET_MEAN, IMAGENET_STD)
+        return InputContract(224, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
+    raise WeightFormatError(f"{source}: unknown state-dict layout; cannot tell its input.")
+
+
+def input_contract(path: str | os.PathLike) -> InputContract:
+    """The input of a state-dict file, told from its layout (see :mod:`.contract`)."""
+    return _contract(_timm_names(read_state_dict(path), str(path)), str(path))
