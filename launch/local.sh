@@ -130,10 +130,15 @@ while ((${#running[@]})); do
     [[ "$pid" == "$finished" ]] || left+=("$pid")
   done
   running=("${left[@]}")
+  for ((i = 0; i < num_processes; i++)); do
+    [[ "${pids[i]}" == "$finished" ]] && index=$i
+  done
   if ((code != 0 && status == 0)); then
     status=$code
     if ((${#running[@]})) && ((code != 75)); then
-      echo "local.sh: process with pid $finished failed (exit $code); stopping the others." >&2
+      how="exit $code"
+      ((code > 128)) && how="killed by signal $((code - 128))"
+      echo "local.sh: process $index (pid $finished) failed ($how); stopping the others." >&2
       stop_others
     fi
   fi

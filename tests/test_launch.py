@@ -325,3 +325,27 @@ def test_shellcheck(script):
 
 def test_every_launcher_is_covered():
     assert {p.name for p in SCRIPTS} == {"local.sh", "tpu_pod.sh", "slurm_gpu.sbatch"}
+
+
+def test_local_names_the_process_that_died_and_stops_the_others(tmp_path):
+    """Process 0 killed (as the coordinator host would be): the launcher names it by index and
+    signal, stops process 1 at once (TERM), and exits with process 0's status."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'for a in "$@"; do [[ "$a" == --process_id=* ]] && id=${a#--process_id=}; done\n'
+        'if [[ "$id" == 0 ]]; then sleep 0.5; kill -9 $$; fi\n'
+        f"trap 'echo TERM > {tmp_path}/p1; kill $!; exit 75' TERM\n"
+        "sleep 30 & wait\n"
+    )
+    fake.chmod(0o755)
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "local.sh"), "-p", "1234", *MAIN_ARGS, "--workdir=/tmp/unused"],
+        env={**os.environ, "PYTHON": str(fake), "GRACE": "5"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 137, proc.stderr
+    assert "process 0 (pid " in proc.stderr and "killed by signal 9" in proc.stderr
+    assert (tmp_path / "p1").read_text().strip() == "TERM"
+    assert time.monotonic() - start < 10
