@@ -445,3 +445,27 @@ def test_lr_1e6_on_a_finished_run_keeps_its_good_checkpoints(tmp_path, policy):
         if step == 20 or policy == "stop":
             after = leaves(step_dirs(tmp_path)[step])
             assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
+    """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it."""
+    from vision_jax.main import compilation_cache_dir
+
+    assert compilation_cache_dir("/runs/a/", "auto") == "/runs/jax_cache"
+    assert compilation_cache_dir("gs://b/runs/a", "auto") == "gs://b/runs/jax_cache"
+    assert compilation_cache_dir("/runs/a", "off") is None
+    assert compilation_cache_dir("/runs/a", "/c") == "/c"
+    env = {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler", "JAX_COMPILATION_CACHE_DIR": "",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    args = ["-m", "vision_jax.main", "--config=configs/digits_pretrain.py",
+            "--config.total_steps=1", "--config.schedule.warmup_steps=0"]  # fmt: skip
+    logs = []
+    for name in ("first", "second"):
+        proc = subprocess.run(
+            [sys.executable, *args, f"--workdir={tmp_path / name}"], cwd=ROOT,
+            capture_output=True, text=True, timeout=300, env={**os.environ, **env},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        logs.append(proc.stderr)
+    assert "cache hit for 'jit_step'" not in logs[0]
+    assert "cache hit for 'jit_step'" in logs[1] and any((tmp_path / "jax_cache").iterdir())

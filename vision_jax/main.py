@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import sys
 from typing import Any
 
@@ -47,8 +48,15 @@ flags.DEFINE_float(
     "Multi-process runs: seconds without a heartbeat after which a peer process counts as lost "
     f"and every other process exits (status {EXIT_PEER_LOST}); 0 = JAX's own, slower, handling.",
 )
+flags.DEFINE_string(
+    "compilation_cache",
+    "auto",
+    "JAX's persistent compilation cache, so that a resume or another run of the same config "
+    "starts without recompiling: a folder, 'auto' (JAX's own setting, JAX_COMPILATION_CACHE_DIR, "
+    "if there is one, else jax_cache beside the workdir) or 'off'.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
-HEADLINES = {"top1": "top-1 accuracy", "miou": "mean IoU"}
+HEADLINES = {"top1": "top-1 accuracy", "miou": "mean IoU", "map": "COCO mAP@[.5:.95]"}
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -94,6 +102,22 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = _unknown_override(argv, value) if value is not None else None
         _usage_error(message or f"bad config override: {e}")
     return []  # unreachable: _usage_error exits
+
+
+def compilation_cache_dir(workdir: str, setting: str) -> str | None:
+    """The persistent compilation cache folder of ``--compilation_cache`` (None: off; 'auto':
+    ``jax_cache`` beside the workdir)."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return setting
+    workdir = workdir.rstrip("/")
+    parent = (
+        posixpath.dirname(workdir)
+        if "://" in workdir
+        else os.path.dirname(os.path.abspath(workdir))
+    )
+    return posixpath.join(parent, "jax_cache")
 
 
 def initialize_distributed() -> None:
@@ -185,6 +209,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.num_cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
     initialize_distributed()
+    setting = FLAGS.compilation_cache
+    if setting != "auto" or not jax.config.jax_compilation_cache_dir:
+        cache = compilation_cache_dir(FLAGS.workdir, setting)
+        jax.config.update("jax_compilation_cache_dir", cache)
     watchdog = start_watchdog(FLAGS.peer_timeout)
     if jax.process_count() > 1:  # JAX ends a process whose coordinator died with abort():
         faulthandler.disable()  # its one fatal line, without every thread's stack after it
