@@ -38,17 +38,22 @@ def import_timm():
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Runs in the tests compile the same steps again and again: JAX's persistent cache (one
-    folder per test session) reuses them: the same executables, so results stay bit-identical.
-    The settings are restored at the end."""
+    folder per test session, also for the tests' subprocesses) reuses them: the same
+    executables, so results stay bit-identical. The settings are restored at the end."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cache
 
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {k: getattr(jax.config, k) for k in keys}
-    cache.reset_cache()
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0.0)
-    yield
+    values = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+    }
+    before = {k: getattr(jax.config, k) for k in values}
+    with pytest.MonkeyPatch.context() as env:
+        cache.reset_cache()
+        for key, value in values.items():
+            jax.config.update(key, value)
+            env.setenv(key.upper(), str(value))
+        yield
     cache.reset_cache()
     for key, value in before.items():
         jax.config.update(key, value)

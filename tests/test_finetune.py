@@ -89,7 +89,7 @@ def _vit_step_inputs(batch_size=8):
     return model, {"image": x, "label": y}, params
 
 
-@pytest.mark.parametrize("accum", [2, 4])
+@pytest.mark.parametrize("accum", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gradient_accumulation_equals_the_large_batch(accum):
     model, batch, params = _vit_step_inputs()
     # SGD is linear in the gradient, so parameter equality is gradient equality (Adam's first
@@ -111,6 +111,7 @@ def test_gradient_accumulation_equals_the_large_batch(accum):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow  # test_ema_is_evaluated_alongside covers EMA in the default run
 def test_ema_tracks_the_params():
     model, batch, params = _vit_step_inputs()
     tx = optax.sgd(0.1)

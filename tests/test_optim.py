@@ -167,7 +167,9 @@ def test_decay_mask_defaults_to_kernels_and_decoupled_semantics():
     "name, targets, size",
     [
         ("vit_ti16", r".*/(query|key|value|out|Dense_0|Dense_1)/kernel", 32),
-        ("resnet50", r"layer.*/(conv1|conv3|downsample_conv)/kernel", 64),
+        pytest.param(
+            "resnet50", r"layer.*/(conv1|conv3|downsample_conv)/kernel", 64, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_lora_merge_is_exact(name, targets, size):

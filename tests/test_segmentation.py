@@ -205,3 +205,22 @@ def test_shared_vit_ti16_loads_into_segmentation_model(shared_dir):
         np.testing.assert_allclose(from_npz[k], from_timm[k], atol=1e-6, err_msg=k)
     assert np.array_equal(from_npz["params/task_head/classifier/kernel"],
                           flatten_dict(fresh)["params/task_head/classifier/kernel"])  # fmt: skip
+
+
+def test_upsample2x_is_flax_conv_transpose():
+    """The pyramid's 2x upsampling: nn.ConvTranspose's parameters, initial values and outputs."""
+    import flax.linen as nn
+
+    from vision_jax.models.pyramid import Upsample2x
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+    reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2))
+    ours = Upsample2x(4)
+    init = jax.random.key(1)
+    for a, b in zip(*(jax.tree.leaves(m.init(init, x)) for m in (ours, reference)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    variables = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape),
+                             reference.init(init, x))  # fmt: skip
+    np.testing.assert_allclose(
+        ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+    )

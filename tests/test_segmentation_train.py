@@ -70,6 +70,7 @@ def test_segmentation_learns_and_evaluates_every_pixel(tmp_path):
     assert result["eval/pixel_accuracy"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_accumulation_ema_and_bfloat16_with_segmentation(tmp_path):
     cfg = seg_config(**{"grad_accum_steps": 2, "ema_decay": 0.9, "model.dtype": "bfloat16",
                         "optimizer.layer_decay": 0.8, "task.head": "fpn"})  # fmt: skip
@@ -96,6 +97,7 @@ def _trained_names(workdir) -> set[str]:
     return set(flatten_dict(state["params"]))
 
 
+@pytest.mark.slow  # the detection tests cover LoRA and freezing on a task model
 def test_lora_and_linear_probe_on_a_segmentation_model(tmp_path):
     vit = {"model.name": "vit_ti16", "input.image_size": 32, "total_steps": 2,
            "optimizer.name": "adamw", "optimizer.learning_rate": 1e-3}  # fmt: skip

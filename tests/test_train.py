@@ -190,12 +190,15 @@ def test_tfds_source_with_mock_data(tmp_path):
 @pytest.mark.parametrize(
     "model, overrides",
     [
-        (
+        pytest.param(
             "vit_ti16",
             {"input.image_size": 32, "optimizer.name": "adamw", "model.dtype": "bfloat16"},
+            marks=pytest.mark.slow,
         ),
         ("resnet18", {"input.image_size": 32}),
-        ("bit_r50x1", {"input.image_size": 32, "batch_size": 8}),
+        pytest.param(
+            "bit_r50x1", {"input.image_size": 32, "batch_size": 8}, marks=pytest.mark.slow
+        ),
         ("cifar_resnet20", {}),
     ],
 )

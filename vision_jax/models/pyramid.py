@@ -39,6 +39,26 @@ def upsample_to(x: jax.Array, hw: Sequence[int], method: str = "bilinear") -> ja
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method)
 
 
+class Upsample2x(nn.Module):
+    """``nn.ConvTranspose(features, (2, 2), strides=(2, 2))``: the same parameters, initial
+    values and outputs, computed as one matrix product and a depth-to-space reshape (kernel and
+    stride are equal, so output pixels never overlap). XLA's CPU backend runs this several times
+    faster than the transposed convolution's gradient."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (2, 2, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel[::-1, ::-1])  # ConvTranspose's flip
+        n, h, _, w, _, o = y.shape
+        return y.reshape(n, 2 * h, 2 * w, o) + bias
+
+
 SIMPLE_SCALES = (4.0, 2.0, 1.0, 0.5)  # the simple pyramid's levels, as resampling factors
 
 
@@ -60,11 +80,8 @@ class SimpleFeaturePyramid(nn.Module):
         if unknown:
             raise ValueError(f"Simple pyramid scales {sorted(unknown)} not in {SIMPLE_SCALES}.")
 
-        def deconv(features: int, name: str) -> nn.ConvTranspose:
-            return nn.ConvTranspose(
-                features, (2, 2), strides=(2, 2), dtype=self.dtype, param_dtype=jnp.float32,
-                name=name,
-            )  # fmt: skip
+        def deconv(features: int, name: str) -> Upsample2x:
+            return Upsample2x(features, self.dtype, name=name)
 
         def level(scale: float) -> jax.Array:
             if scale == 4.0:
