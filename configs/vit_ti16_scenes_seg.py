@@ -22,9 +22,9 @@ Expected results (eval on the 200 test scenes, every pixel once; 2 CPU cores):
   variant         eval/miou  eval/pixel_accuracy  background IoU  wall time
   linear            0.415         0.884              0.932        275 s (41 img/s)
   linear_scratch    0.099         0.814              0.850
-  fpn               0.198         0.844              0.921
+  fpn               0.193         0.843              0.922        337 s (39 img/s)
   fpn_scratch       0.101         0.816              0.839
-(wall time of the whole command on an otherwise idle machine; the other three ran beside other
+(wall time of the whole command on an otherwise idle machine; the scratch runs ran beside other
 jobs: 400-800 s.) The pretrained backbone wins by a wide margin over the same run from scratch
 with either head (4.2x and 2x mIoU); from scratch neither head gets past predicting background
 and a few large classes. The fpn decoder trains its ~60 fresh layers from zero and is still far
