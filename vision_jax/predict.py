@@ -1,7 +1,7 @@
 """Running a trained detection run on image files: COCO-format results and images with boxes.
 
 ``python -m vision_jax.predict --workdir=RUN --input=DIR|FILE|GLOB --output=detections.json
-[--draw=DIR] [--draw_threshold=0.3]``
+[--draw=DIR] [--draw_threshold=0.5]``
 
 The run's record gives the task settings, the model, the class names and category ids and the
 input (size, mean, std); images go through the evaluation pipeline (letterboxed, in batches)
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="an image folder, file or glob pattern")
     parser.add_argument("--output", required=True, help="COCO results JSON to write")
     parser.add_argument("--draw", help="folder for the images with their boxes drawn")
-    parser.add_argument("--draw_threshold", type=float, default=0.3)
+    parser.add_argument("--draw_threshold", type=float, default=0.5)
     parser.add_argument("--batch_size", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -10,15 +10,32 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 from clu import metrics
 
+from vision_jax.models import create_model
+from vision_jax.models.registry import family
+
 Batch = Mapping[str, jax.Array]
 TOP_LEVEL = frozenset({"loss", "label_smoothing"})  # task settings kept at the config's root
+
+
+def feature_backbone(
+    model_name: str, taps: Sequence[int] | None, *, last_only: bool = False, **model_kwargs: Any
+) -> nn.Module:
+    """The registered backbone ``model_name`` returning feature maps at ``taps``. By default
+    (``taps`` None): its last map when ``last_only`` or when all its maps share one stride (a
+    ViT's blocks: its last block, for the simple pyramid), else every stage (a CNN's pyramid)."""
+    if taps is None:
+        plain = create_model(model_name, num_classes=0)
+        available = family(plain).feature_taps(plain)
+        single = last_only or len({t.stride for t in available}) == 1
+        taps = (-1,) if single else tuple(range(len(available)))
+    return create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
 
 
 class Task(abc.ABC):

@@ -21,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics
 
-from vision_jax.models import create_model
-from vision_jax.models.registry import family
 from vision_jax.models.task_model import TaskModel
 from vision_jax.tasks import fcos
-from vision_jax.tasks.base import Batch, Task
+from vision_jax.tasks.base import Batch, Task, feature_backbone
 from vision_jax.tasks.coco_eval import Detections, coco_metrics, coco_results
 
 
@@ -87,13 +85,7 @@ class Detection(Task):
         return {"max_boxes": self.max_boxes}
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
-        taps = self.feature_taps
-        if taps is None:  # ViT: its last block (the simple pyramid); CNNs: every stage
-            plain = create_model(model_name, num_classes=0)
-            available = family(plain).feature_taps(plain)
-            single = len({t.stride for t in available}) == 1
-            taps = (-1,) if single else tuple(range(len(available)))
-        backbone = create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
+        backbone = feature_backbone(model_name, self.feature_taps, **model_kwargs)
         head = fcos.FCOSHead(
             num_classes, tuple(self.strides), self.decoder_width, self.head_convs, backbone.dtype
         )

@@ -29,12 +29,10 @@ import optax
 from clu import metrics
 
 from vision_jax.metrics import ConfusionMatrix, iou_summary
-from vision_jax.models import create_model
 from vision_jax.models.pyramid import FPN, SimpleFeaturePyramid, channel_norm, conv, upsample_to
-from vision_jax.models.registry import family
 from vision_jax.models.task_model import TaskModel
 from vision_jax.specs import IGNORE_LABEL
-from vision_jax.tasks.base import Batch, Task
+from vision_jax.tasks.base import Batch, Task, feature_backbone
 
 HEADS = ("linear", "fpn")
 
@@ -142,13 +140,9 @@ class Segmentation(Task):
                 f"task.class_weights has {len(self.class_weights)} entries for "
                 f"{num_classes} classes."
             )
-        taps = self.feature_taps
-        if taps is None:  # the last map (linear head, or ViT's one-map pyramid), else every one
-            plain = create_model(model_name, num_classes=0)
-            available = family(plain).feature_taps(plain)
-            single = self.head == "linear" or len({t.stride for t in available}) == 1
-            taps = (-1,) if single else tuple(range(len(available)))
-        backbone = create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
+        backbone = feature_backbone(
+            model_name, self.feature_taps, last_only=self.head == "linear", **model_kwargs
+        )
         dtype = backbone.dtype
         if self.head == "linear":
             head = LinearHead(num_classes, dtype)
