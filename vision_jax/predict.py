@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax import specs
@@ -73,9 +72,9 @@ class Predictor:
         model = task_model(spec, len(self.class_names))
         self.variables = read_variables(workdir)
 
-        def forward(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-            outputs = model.apply(variables, images, train=False)
-            return self.task.predict(outputs, images.shape[1:3])
+        def forward(variables: Any, batch: dict[str, jax.Array]) -> Any:
+            outputs = model.apply(variables, batch["image"], train=False)
+            return self.task.eval_metrics(outputs, batch)  # what the evaluation scores
 
         self._forward = jax.jit(forward)
 
@@ -86,17 +85,11 @@ class Predictor:
         batches = data_lib.eval_batches(
             source, self.input, global_batch=self.batch_size, max_boxes=1
         )
-        found: dict[str, list[np.ndarray]] = {"boxes": [], "scores": [], "classes": []}
-        image_ids = []
+        total = None
         for batch in batches:
-            out = jax.device_get(self._forward(self.variables, batch["image"]))
-            scale = np.where(batch["mask"] > 0, batch["scale"], 1.0)[:, None, None]
-            found["boxes"].append(out["boxes"] / scale)
-            found["scores"].append(out["scores"])
-            found["classes"].append(out["classes"])
-            image_ids.append(np.where(batch["mask"] > 0, batch["image_id"], 0))
-        merged = {k: np.concatenate(v) for k, v in found.items()}
-        merged["image_ids"] = np.concatenate(image_ids)
+            found = jax.device_get(self._forward(self.variables, batch))
+            total = found if total is None else total.merge(found)
+        merged = total.detections.compute()
         seen = set(merged["image_ids"].tolist()) - {0}
         images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
         unreadable += [(images[i], "cannot be decoded") for i in sorted(set(images) - seen)]
