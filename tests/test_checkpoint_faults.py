@@ -258,6 +258,7 @@ def _start(config: pathlib.Path, workdir: pathlib.Path, log: pathlib.Path) -> su
     }
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "vision_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    cmd.append("--report=false")
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w")
     )

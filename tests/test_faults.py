@@ -308,7 +308,10 @@ def procs():
 
 
 def main_argv(workdir, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vision_jax.main", *DIGITS, f"--workdir={workdir}", *extra]
+    return [
+        sys.executable, "-m", "vision_jax.main", *DIGITS, f"--workdir={workdir}", "--report=false",
+        *extra,
+    ]  # fmt: skip
 
 
 def local_argv(workdir, *extra: str) -> list[str]:
@@ -448,7 +451,8 @@ def test_lr_1e6_on_a_finished_run_keeps_its_good_checkpoints(tmp_path, policy):
 
 
 def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
-    """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it."""
+    """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it. The
+    first run writes its report at the end (--report, default on), the second does not."""
     from vision_jax.main import compilation_cache_dir
 
     assert compilation_cache_dir("/runs/a/", "auto") == "/runs/jax_cache"
@@ -460,12 +464,14 @@ def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
     args = ["-m", "vision_jax.main", "--config=configs/digits_pretrain.py",
             "--config.total_steps=1", "--config.schedule.warmup_steps=0"]  # fmt: skip
     logs = []
-    for name in ("first", "second"):
+    for name, report in (("first", "true"), ("second", "false")):
         proc = subprocess.run(
-            [sys.executable, *args, f"--workdir={tmp_path / name}"], cwd=ROOT,
+            [sys.executable, *args, f"--workdir={tmp_path / name}", f"--report={report}"], cwd=ROOT,
             capture_output=True, text=True, timeout=300, env={**os.environ, **env},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
         logs.append(proc.stderr)
     assert "cache hit for 'jit_step'" not in logs[0]
     assert "cache hit for 'jit_step'" in logs[1] and any((tmp_path / "jax_cache").iterdir())
+    assert "<img" in (tmp_path / "first" / "report" / "report.html").read_text()
+    assert not (tmp_path / "second" / "report").exists()

@@ -28,7 +28,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vision_jax.weights.run_dir import CHECKPOINTS_DIR, META_FILE, META_ITEM, STATE_ITEM, frozen_dir
+from vision_jax.weights.run_dir import (
+    BEST_DIR,
+    CHECKPOINTS_DIR,
+    META_FILE,
+    META_ITEM,
+    STATE_ITEM,
+    frozen_dir,
+)
 
 CORRUPT_DIR = "corrupt"
 # Written by every committed save; a step without one of them was damaged.
@@ -214,7 +221,7 @@ class Checkpointer:
             return False
         if self.manager.latest_step() == step:
             return False
-        meta = {**meta, "final": step == meta.get("total_steps")}
+        meta = {**meta, "final": step == meta.get("total_steps") or bool(meta.get("stopped_early"))}
         if data_position is not None:
             meta["data_positions"] = _gather(data_position)
         if meta["final"]:
@@ -330,6 +337,63 @@ class Checkpointer:
         finally:
             if self.lock is not None:
                 self.lock.release()
+
+
+class BestCheckpoint:
+    """The train state of the best evaluation so far, in ``<workdir>/best/<step>`` (laid out
+    like a checkpoint step): orbax's ``BestN`` policy over the saved ``metric`` keeps one.
+
+    The loop saves here only on an improvement (:class:`vision_jax.selection.Selection`
+    decides); a step already saved (evaluated again after a resume) is not written twice.
+    """
+
+    def __init__(self, workdir: str, metric: str, mode: str, *, async_save: bool = True):
+        self.directory = os.path.join(workdir, BEST_DIR)
+        if "://" not in workdir:
+            self.directory = os.path.abspath(self.directory)
+        self.metric = metric
+        policy = ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: metrics[metric], reverse=mode == "min", n=1
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=(STATE_ITEM, META_ITEM),
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policy,
+                save_interval_steps=1,
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
+
+    def save(self, step: int, state: Any, meta: dict, value: float) -> None:
+        """Saves ``state`` as the best, scoring ``value``. Call on every process."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+            ),
+            metrics={self.metric: float(value)},
+            force=True,
+        )
+
+    def restore(self, abstract_state: Any) -> tuple[int, Any, dict]:
+        """The best step, its state (in the shardings of ``abstract_state``) and meta."""
+        self.manager.wait_until_finished()
+        step = self.manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"No best checkpoint in {self.directory}.")
+        restored, problem = _read_step(epath.Path(self.directory) / str(step), abstract_state)
+        if problem is not None:
+            raise CheckpointError(
+                f"Cannot read the best checkpoint {self.directory}/{step}: {problem}"
+            )
+        return step, *restored
+
+    def close(self) -> None:
+        self.manager.close()
 
 
 def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:

@@ -82,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.skip_corrupt = False  # skip (and count) unreadable images instead of failing
     c.data.train_split = "train"
     c.data.eval_split = "test"
+    # Evaluated every eval_every_steps instead of eval_split, to keep the best checkpoint (and
+    # stop early); eval_split is evaluated once at the end, with the best checkpoint. Every
+    # source takes sliced splits: train_split="train[:90%]", val_split="train[90%:]".
+    c.data.val_split = placeholder(str)
     c.data.classes = placeholder(tuple)  # keep only these class ids (relabelled 0..k-1)
     # segmentation tfds: ((raw mask value, class id), ...), e.g. oxford_iiit_pet's trimap
     c.data.label_map_values = placeholder(tuple)
@@ -151,6 +155,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.dropout = placeholder(float)  # None = 0
     c.lora.targets = placeholder(str)  # None = ViT query and value kernels
     c.lora.train_head = placeholder(bool)  # None = True
+
+    # Model selection on data.val_split (vision_jax.specs.EarlyStoppingSpec): the metric (default
+    # "val/<task headline>", e.g. val/top1), "max"/"min", evaluations without an improvement
+    # larger than min_delta before stopping (None: train to the end, still keeping the best).
+    c.early_stopping = ml_collections.ConfigDict(specs.section_defaults(specs.EarlyStoppingSpec))
 
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
     c.ema_decay = placeholder(float)  # EMA of the params, evaluated alongside (e.g. 0.999)

@@ -55,6 +55,12 @@ flags.DEFINE_string(
     "starts without recompiling: a folder, 'auto' (JAX's own setting, JAX_COMPILATION_CACHE_DIR, "
     "if there is one, else jax_cache beside the workdir) or 'off'.",
 )
+flags.DEFINE_bool(
+    "report",
+    True,
+    "At the end, write <workdir>/report/report.html (vision_jax.report: per-class metrics, "
+    "confusion matrix, training curves, hardest examples); single-process runs only.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 HEADLINES = {"top1": "top-1 accuracy", "miou": "mean IoU", "map": "COCO mAP@[.5:.95]"}
 EXIT_ERROR, EXIT_USAGE = 1, 2
@@ -242,15 +248,42 @@ def main(argv: list[str]) -> None:
     logging.info("Final metrics of process %d: %s", jax.process_index(), line)
     if jax.process_index() == 0:
         print(line)
-        from vision_jax.tasks import TASKS
+        for summary in _summaries(results, FLAGS.config.task.name):
+            print(summary)
+        if FLAGS.report and jax.process_count() == 1:
+            _report(FLAGS.workdir)
 
-        headline = TASKS[FLAGS.config.task.name].headline
-        if f"eval_before/{headline}" in results:
-            print(
-                f"{HEADLINES.get(headline, headline)} before fine-tuning "
-                f"{results[f'eval_before/{headline}']:.4f}, after {results[f'eval/{headline}']:.4f}"
-                f" ({int(results['eval/examples'])} examples)"
-            )
+
+def _report(workdir: str) -> None:
+    """Writes the run's report; a failure is a warning (the run itself succeeded)."""
+    from vision_jax.report import write_report
+
+    try:
+        print(f"report: {write_report(workdir)}")
+    except Exception as e:  # the trained model is saved whatever the report hits
+        logging.warning("No report written: %s: %s", type(e).__name__, e)
+
+
+def _summaries(results: dict[str, float], task: str) -> list[str]:
+    """One line each for the before/after comparison and the best checkpoint, when present."""
+    from vision_jax.tasks import TASKS
+
+    headline = TASKS[task].headline
+    name, examples = HEADLINES.get(headline, headline), int(results.get("eval/examples", 0))
+    lines = []
+    if f"eval_before/{headline}" in results:
+        lines.append(
+            f"{name} before fine-tuning {results[f'eval_before/{headline}']:.4f}, after "
+            f"{results[f'eval/{headline}']:.4f} ({examples} examples)"
+        )
+    best = [k for k in results if k.startswith("best/") and k != "best/step"]
+    if best:
+        metric = best[0].removeprefix("best/")
+        lines.append(
+            f"best checkpoint: step {int(results['best/step'])} ({metric} {results[best[0]]:.4f});"
+            f" its {name} on the eval split {results[f'eval/{headline}']:.4f} ({examples} examples)"
+        )
+    return lines
 
 
 if __name__ == "__main__":

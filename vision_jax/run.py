@@ -23,12 +23,13 @@ import optax
 
 from vision_jax import data as data_lib
 from vision_jax import lora, optim, sharding, specs, trees
-from vision_jax.checkpoint import Checkpointer, CheckpointError
+from vision_jax.checkpoint import BestCheckpoint, Checkpointer, CheckpointError
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.config import TrackedConfig
 from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
+from vision_jax.selection import Selection
 from vision_jax.steps import SkipCounts, TrainState, make_eval_step, make_train_step
 from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
 
@@ -54,24 +55,38 @@ class Run:
     model: nn.Module
     input: data_lib.InputSpec  # the spec's, or the checkpoint's input contract
     train_source: data_lib.Source
-    eval_source: data_lib.Source
+    eval_source: data_lib.Source  # evaluated at the end (and periodically without val_source)
+    val_source: data_lib.Source | None  # evaluated periodically; selects the best state
     setup: Setup
     state: TrainState  # restored from the latest checkpoint if there is one
     train_step: Any
-    eval_steps: dict[str, Any]  # metric prefix -> jitted eval step
+    eval_steps: dict[str, Any]  # "" (params) and "_ema" (EMA params) -> jitted eval step
     checkpointer: Checkpointer
     start_step: int
     total_steps: int
     meta: dict[str, Any]  # written with every checkpoint
     start_position: int | None = None  # this process's data stream position (None: from step)
+    selection: Selection | None = None  # with val_source: the best so far (resumed)
+    best: BestCheckpoint | None = None  # with val_source: where the best state is kept
 
     @property
     def task(self) -> Any:
         return self.spec.task
 
+    @property
+    def periodic_source(self) -> tuple[str, data_lib.Source]:
+        """The split evaluated during training and its metric prefix: "val" or "eval"."""
+        if self.val_source is not None:
+            return "val", self.val_source
+        return "eval", self.eval_source
+
     def close(self) -> None:
         """Waits for pending saves and releases the workdir (also after an error)."""
-        self.checkpointer.close()
+        try:
+            if self.best is not None:
+                self.best.close()
+        finally:
+            self.checkpointer.close()
 
     @property
     def frozen(self) -> Any:
@@ -211,13 +226,16 @@ def _check_batch_sizes(spec: specs.RunSpec, mesh: jax.sharding.Mesh) -> None:
 
 def _load_data(
     spec: specs.RunSpec, arrays: Mapping | None
-) -> tuple[data_lib.Source, data_lib.Source]:
+) -> tuple[data_lib.Source, data_lib.Source, data_lib.Source | None]:
+    """The train, eval and (when ``data.val_split`` is set) validation sources."""
     data, target = spec.data, spec.task.target
-    train = data_lib.load_source(data, data.train_split, arrays=arrays, target=target)
-    evaluation = data_lib.load_source(data, data.eval_split, arrays=arrays, target=target)
-    if evaluation.class_names != train.class_names:
-        raise data_lib.DataError("The train and eval splits have different classes.")
-    return train, evaluation
+    load = lambda split: data_lib.load_source(data, split, arrays=arrays, target=target)
+    train, evaluation = load(data.train_split), load(data.eval_split)
+    validation = None if data.val_split is None else load(data.val_split)
+    for name, other in (("eval", evaluation), ("val", validation)):
+        if other is not None and other.class_names != train.class_names:
+            raise data_lib.DataError(f"The train and {name} splits have different classes.")
+    return train, evaluation, validation
 
 
 def task_model(spec: specs.RunSpec, num_classes: int) -> nn.Module:
@@ -229,23 +247,28 @@ def task_model(spec: specs.RunSpec, num_classes: int) -> nn.Module:
     )
 
 
-def _restore(
-    ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec
-) -> tuple[TrainState, int, int | None]:
-    """The newest readable checkpoint's state (in the current shardings), step and this
-    process's data stream position (None: ``step * local batch``), or the fresh state."""
-    abstract = jax.tree.map(
+def abstract_state(state: TrainState) -> Any:
+    """Shapes, dtypes and shardings of ``state``, to restore into."""
+    return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    restored = ckpt.restore_latest(abstract)
+
+
+def _restore(
+    ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec
+) -> tuple[TrainState, int, int | None, dict]:
+    """The newest readable checkpoint's state (in the current shardings), step, this
+    process's data stream position (None: ``step * local batch``) and meta, or the fresh
+    state."""
+    restored = ckpt.restore_latest(abstract_state(state))
     if restored is None:
         ckpt.save_frozen(frozen)
-        return state, 0, None
+        return state, 0, None, {}
     state, meta = restored
     step = int(state.step)
     position = _resume_position(spec, meta, f"{ckpt.directory} (step {step})")
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
-    return state, step, position
+    return state, step, position, meta
 
 
 # Config keys that decide the training stream (besides batch_size and seed).
@@ -297,7 +320,7 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
 def _compile_steps(
     spec: specs.RunSpec, model: nn.Module, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
 ) -> tuple[Any, dict[str, Any]]:
-    """The jitted train step and the eval steps (``eval/``, and ``eval_ema/`` with EMA)."""
+    """The jitted train step and the eval steps (params, and with EMA the EMA params)."""
     xla_options = step_compiler_options(getattr(model, "dtype", jnp.float32))
     task, adapters = spec.task, spec.lora
     train_step = jax.jit(
@@ -314,9 +337,9 @@ def _compile_steps(
         out_shardings=sharding.replicated(mesh),
         compiler_options=xla_options,
     )
-    eval_steps = {"eval/": eval_step(False)}
+    eval_steps = {"": eval_step(False)}
     if spec.ema_decay is not None:
-        eval_steps["eval_ema/"] = eval_step(True)
+        eval_steps["_ema"] = eval_step(True)
     return train_step, eval_steps
 
 
@@ -343,7 +366,7 @@ def build_run(
 def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: WorkdirLock) -> Run:
     """:func:`build_run` once the workdir is locked."""
     mesh = sharding.create_mesh(spec.mesh)
-    train_source, eval_source = _load_data(spec, arrays)
+    train_source, eval_source, val_source = _load_data(spec, arrays)
     _check_batch_sizes(spec, mesh)
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
@@ -357,7 +380,12 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: Work
     ckpt = Checkpointer(
         workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints, lock=lock
     )
-    state, start_step, start_position = _restore(ckpt, setup.state, setup.frozen, spec)
+    state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
+    selection = best = None
+    if val_source is not None:
+        selection = Selection.from_spec(spec.early_stopping, spec.task.headline)
+        selection = selection.resumed(saved.get("selection"))
+        best = BestCheckpoint(workdir, selection.metric, selection.mode)
     train_step, eval_steps = _compile_steps(spec, model, setup, mesh, step_rng)
     meta = RunRecord(
         config=spec.config,
@@ -371,6 +399,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: Work
         std=tuple(input_spec.std),
     ).to_json()
     return Run(
-        spec, mesh, model, input_spec, train_source, eval_source, setup, state, train_step,
-        eval_steps, ckpt, start_step, total_steps, meta, start_position,
+        spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
+        train_step, eval_steps, ckpt, start_step, total_steps, meta, start_position, selection,
+        best,
     )  # fmt: skip

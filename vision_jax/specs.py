@@ -174,6 +174,7 @@ class DataSpec:
     eval_split: str
     classes: tuple[int, ...] | None
     label_map_values: tuple[tuple[int, int], ...] | None
+    val_split: str | None = None  # evaluated during training; picks the best checkpoint
     coco_annotations: str = "annotations/instances_{split}.json"  # coco only
     coco_images: str = "{split}"  # coco only
 
@@ -245,7 +246,42 @@ def data_spec(section: Any) -> DataSpec:
     values = _section(section, DataSpec)
     coco_keys = ("coco_annotations", "coco_images")
     _only_with("data", values, coco_keys, values["source"] == "coco", "to source='coco'")
-    return _build(DataSpec, values)
+    spec = _build(DataSpec, values)
+    if spec.val_split is not None and spec.val_split in (spec.eval_split, spec.train_split):
+        raise ConfigError(
+            f"data.val_split {spec.val_split!r} must differ from train_split and eval_split "
+            "(select on held-out training data, e.g. train_split='train[:90%]' and "
+            "val_split='train[90%:]')."
+        )
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStoppingSpec:
+    """``config.early_stopping``: model selection on ``data.val_split`` (the best checkpoint
+    is kept and finally evaluated on ``eval_split``), and stopping when it stops improving."""
+
+    metric: str | None = None  # an evaluation key; None: "val/<the task's headline metric>"
+    mode: str | None = None  # "max" or "min"; None: "min" for losses, else "max"
+    patience: int | None = None  # evaluations without improvement before stopping; None: never
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
+
+
+def early_stopping_spec(section: Any, has_val_split: bool) -> EarlyStoppingSpec:
+    """:class:`EarlyStoppingSpec` of ``config.early_stopping``: only with a validation split."""
+    values = _section(section, EarlyStoppingSpec)
+    if not values.get("min_delta"):
+        values["min_delta"] = None  # the default: not a setting that needs a validation split
+    _only_with(
+        "early_stopping", values, ("metric", "mode", "patience", "min_delta"), has_val_split,
+        "with data.val_split (selecting on the test split would overfit it)",
+    )  # fmt: skip
+    spec = _build(EarlyStoppingSpec, values)
+    if spec.mode not in (None, "max", "min"):
+        raise ConfigError(f"early_stopping.mode must be 'max' or 'min', got {spec.mode!r}.")
+    if spec.patience is not None and spec.patience < 1:
+        raise ConfigError(f"early_stopping.patience must be >= 1, got {spec.patience}.")
+    return spec
 
 
 def input_spec(section: Any) -> InputSpec:
@@ -320,6 +356,7 @@ class RunSpec:
     optimizer: OptimizerSpec
     schedule: ScheduleSpec
     lora: LoraSpec | None
+    early_stopping: EarlyStoppingSpec
     model_name: str
     model_dtype: str
     model_overrides: dict[str, Any]
@@ -372,14 +409,16 @@ def run_spec(config: Any) -> RunSpec:
         )
     }  # fmt: skip
     scalars["resume_changed_data"] = bool(config.resume_changed_data)
+    data = data_spec(config.data)
     spec = RunSpec(
         task=create_task(config),
-        data=data_spec(config.data),
+        data=data,
         input=input_spec(config.input),
         init=init_spec(config.init),
         optimizer=optimizer_spec(config.optimizer),
         schedule=schedule_spec(config.schedule),
         lora=lora_spec(config.lora),
+        early_stopping=early_stopping_spec(config.early_stopping, data.val_split is not None),
         model_name=model.pop("name"),
         model_dtype=model.pop("dtype"),
         model_overrides=model,

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from vision_jax import data as data_lib
 from vision_jax import sharding
 from vision_jax.metrics import scalars
-from vision_jax.run import Run, build_run
+from vision_jax.run import Run, abstract_state, build_run
 from vision_jax.signals import StopRequested, StopSignals
 from vision_jax.steps import TrainState, evaluate
 
@@ -57,16 +57,19 @@ def _log_memory(memory: dict[str, int]) -> None:
     logging.info("Memory report:\n  %s", "\n  ".join(lines))
 
 
-def run_evaluation(run: Run, state: TrainState) -> dict[str, float]:
-    """Every eval step (parameters, EMA) over the whole eval split, summarised by the task."""
+def run_evaluation(
+    run: Run, state: TrainState, source: data_lib.Source | None = None, split: str = "eval"
+) -> dict[str, float]:
+    """Every eval step (parameters, EMA) over the whole ``source`` (default: the eval split),
+    summarised by the task as ``{split}/...`` and ``{split}_ema/...``."""
+    source = run.eval_source if source is None else source
     result = {}
-    for prefix, eval_step in run.eval_steps.items():
+    for kind, eval_step in run.eval_steps.items():
         batches = data_lib.eval_batches(
-            run.eval_source, run.input, global_batch=run.spec.eval_batch_size,
-            **run.task.batch_args(),
-        )  # fmt: skip
+            source, run.input, global_batch=run.spec.eval_batch_size, **run.task.batch_args()
+        )
         total = evaluate(eval_step, state, run.frozen, batches, run.mesh)
-        result.update(run.task.summarize(total, run.eval_source, prefix))
+        result.update(run.task.summarize(total, source, f"{split}{kind}/"))
     return result
 
 
@@ -168,76 +171,169 @@ def _save_due(spec: Any, step: int, total_steps: int) -> bool:
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
         raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
-    data_lib.check_examples(run.eval_source, run.input)  # before training, not at its end
+    for source in (run.eval_source, run.val_source):  # before training, not at its end
+        if source is not None:
+            data_lib.check_examples(source, run.input)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     try:
         if is_main:
             writer.write_hparams(_flat_hparams(run.meta["config"]))
             _log_start(run)
-        return _loop(run, _fresh_skips(run.state), writer, stop)
+        results = _loop(run, _fresh_skips(run.state), writer, stop)
+        if run.selection is not None:
+            results.update(_test_best(run, writer))
+        return results
     finally:
         writer.flush()
         writer.close()
 
 
+def _finished(run: Run) -> bool:
+    stopped_early = run.selection is not None and run.selection.stopped_at is not None
+    return run.start_step >= run.total_steps or stopped_early
+
+
 def _loop(
     run: Run, state: TrainState, writer: metric_writers.MetricWriter, stop: StopSignals
 ) -> dict[str, float]:
-    spec, total_steps, guard = run.spec, run.total_steps, _Guard(run, state)
-    log_every, eval_every = spec.log_every_steps, spec.eval_every_steps
-    report = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=log_every, every_secs=None
-    )
-
-    def run_eval(step: int) -> dict[str, float]:
-        result = run_evaluation(run, state)
-        writer.write_scalars(step, result)
-        return result
-
+    """Trains from ``run.start_step`` to the end (or early stopping); returns the last metrics
+    of each kind."""
+    spec, guard = run.spec, _Guard(run, state)
     results: dict[str, float] = {}
     if spec.eval_before_training and run.start_step == 0:
-        before = run_eval(0)
-        results.update({k.replace("eval", "eval_before", 1): v for k, v in before.items()})
+        split, _ = run.periodic_source
+        before = _evaluate(run, state, 0, writer)
+        results.update({k.replace(split, f"{split}_before", 1): v for k, v in before.items()})
+    if _finished(run):  # already finished: report the final evaluation again
+        if run.selection is None:
+            results.update(_evaluate(run, state, run.total_steps, writer))
+        return results
 
     train_iter = data_lib.train_batches(
         run.train_source, run.input, global_batch=spec.batch_size, seed=spec.seed,
         start_step=run.start_step, start_position=run.start_position, **run.task.batch_args(),
     )  # fmt: skip
-    train_metrics, window_start, window_images = None, time.perf_counter(), 0
-    for step in range(run.start_step + 1, total_steps + 1):
+    log = _TrainLog(run, guard, writer)
+    for step in range(run.start_step + 1, run.total_steps + 1):
         batch = sharding.to_global_batch(next(train_iter), run.mesh)
         state, metrics = run.train_step(state, run.frozen, batch)
-        train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
-        window_images += spec.batch_size
-        report(step)
-        if step % log_every == 0 or step == total_steps:
-            summary = scalars(train_metrics, "train/")
-            elapsed = time.perf_counter() - window_start
-            summary["train/learning_rate"] = float(run.setup.schedule(step - 1))
-            summary["train/images_per_sec"] = window_images / max(elapsed, 1e-9)
-            summary["train/skipped_steps"] = guard.check(state)
-            writer.write_scalars(step, summary)
-            results.update(summary)
-            train_metrics, window_start, window_images = None, time.perf_counter(), 0
-        stopping = stop.should_stop(step)
-        if stopping or _save_due(spec, step, total_steps):
-            guard.check(state)  # nothing is saved past a non-finite step under "stop"
-            run.checkpointer.save(
-                step, state, run.meta, force=stopping or step == total_steps,
-                data_position=train_iter.next_position,
-            )  # fmt: skip
-        if stopping:
-            run.checkpointer.wait()
-            if jax.process_count() > 1:  # every save committed before any process exits
-                multihost_utils.sync_global_devices("vision_jax_stop")
-            raise StopRequested(step, stop.reason, run.checkpointer.directory)
-        if step == total_steps or (eval_every > 0 and step % eval_every == 0):
-            results.update(run_eval(step))  # after the save: a failed eval costs no steps
-
-    if run.start_step >= total_steps:  # already finished: report the final evaluation again
-        results.update(run_eval(total_steps))
+        results.update(log.add(step, metrics, state))
+        evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
+        results.update(evaluated)
+        if done:
+            break
     return results
+
+
+class _TrainLog:
+    """Training scalars per ``log_every_steps`` window: metrics merged on the device, fetched
+    at the window's end with the learning rate, throughput and skip count, and written."""
+
+    def __init__(self, run: Run, guard: _Guard, writer: metric_writers.MetricWriter):
+        self.run, self.guard, self.writer = run, guard, writer
+        self.report = periodic_actions.ReportProgress(
+            num_train_steps=run.total_steps, writer=writer,
+            every_steps=run.spec.log_every_steps, every_secs=None,
+        )  # fmt: skip
+        self._reset()
+
+    def _reset(self) -> None:
+        self.metrics, self.start, self.images = None, time.perf_counter(), 0
+
+    def add(self, step: int, metrics: Any, state: TrainState) -> dict[str, float]:
+        """Adds a step's metrics; the window's scalars at its end, else ``{}``."""
+        self.metrics = metrics if self.metrics is None else self.metrics.merge(metrics)
+        self.images += self.run.spec.batch_size
+        self.report(step)
+        if step % self.run.spec.log_every_steps and step != self.run.total_steps:
+            return {}
+        summary = scalars(self.metrics, "train/")
+        elapsed = time.perf_counter() - self.start
+        summary["train/learning_rate"] = float(self.run.setup.schedule(step - 1))
+        summary["train/images_per_sec"] = self.images / max(elapsed, 1e-9)
+        summary["train/skipped_steps"] = self.guard.check(state)
+        self.writer.write_scalars(step, summary)
+        self._reset()
+        return summary
+
+
+def _end_step(
+    run: Run, state: TrainState, step: int, writer: metric_writers.MetricWriter,
+    stop: StopSignals, guard: _Guard, train_iter: Any,
+) -> tuple[dict[str, float], bool]:  # fmt: skip
+    """After ``step``'s update: evaluation, selection, checkpoint, stop signal. Returns the
+    evaluation's results (if any) and whether training ends here (early stopping)."""
+    selection, last, every = run.selection, step == run.total_steps, run.spec.eval_every_steps
+    evaluating = last or (every > 0 and step % every == 0)
+    stopping = stop.should_stop(step)
+    results: dict[str, float] = {}
+    # With selection, evaluate before the save (it records the selection's progress, also on a
+    # stop signal, for an exact resume); the last step is saved first, so that a failed final
+    # evaluation costs no steps.
+    if evaluating and not last and selection is not None:
+        guard.check(state)  # a non-finite state is neither evaluated nor kept as the best
+        results = _evaluate(run, state, step, writer)
+        if selection.should_stop:
+            selection.stopped_at = step
+    early = selection is not None and selection.stopped_at == step
+    if stopping or early or _save_due(run.spec, step, run.total_steps):
+        guard.check(state)  # nothing is saved past a non-finite step under "stop"
+        run.checkpointer.save(
+            step, state, _meta(run, early), force=stopping or early or last,
+            data_position=train_iter.next_position,
+        )  # fmt: skip
+    if stopping:
+        run.checkpointer.wait()
+        if jax.process_count() > 1:  # every save committed before any process exits
+            multihost_utils.sync_global_devices("vision_jax_stop")
+        raise StopRequested(step, stop.reason, run.checkpointer.directory)
+    if early:
+        logging.warning(
+            "Early stopping at step %d: %s has not improved on %.6g (step %d) for %d "
+            "evaluations.", step, selection.metric, selection.best_value, selection.best_step,
+            selection.bad_evaluations,
+        )  # fmt: skip
+        return results, True
+    if evaluating and (last or selection is None):
+        results = _evaluate(run, state, step, writer)  # after the save
+    return results, False
+
+
+def _meta(run: Run, stopped_early: bool) -> dict:
+    """What a checkpoint records besides the state: the run record and selection progress."""
+    if run.selection is None:
+        return run.meta
+    return {**run.meta, "selection": run.selection.to_json(), "stopped_early": stopped_early}
+
+
+def _evaluate(
+    run: Run, state: TrainState, step: int, writer: metric_writers.MetricWriter
+) -> dict[str, float]:
+    """The periodic evaluation (validation split if any, else eval split), written; with a
+    validation split it updates the selection and keeps an improvement as the best state."""
+    split, source = run.periodic_source
+    result = run_evaluation(run, state, source, split)
+    writer.write_scalars(step, result)
+    selection = run.selection
+    if selection is not None and step > 0 and selection.update(step, result):
+        run.best.save(step, state, _meta(run, False), selection.best_value)
+        logging.info("New best %s %.6g at step %d.", selection.metric, selection.best_value, step)
+    return result
+
+
+def _test_best(run: Run, writer: metric_writers.MetricWriter) -> dict[str, float]:
+    """The best state, evaluated once on the eval (test) split: ``eval/...``, plus
+    ``best/step`` and ``best/<metric>`` (its validation figure)."""
+    step, state, meta = run.best.restore(abstract_state(run.state))
+    selection = run.selection.resumed(meta.get("selection"))
+    result = run_evaluation(run, state)
+    writer.write_scalars(step, {f"best/{k}": v for k, v in result.items()})
+    logging.info(
+        "Best %s %.6g at step %d; on the %s split: %s.", selection.metric,
+        selection.best_value, step, run.spec.data.eval_split, result,
+    )  # fmt: skip
+    return {**result, "best/step": float(step), f"best/{selection.metric}": selection.best_value}
 
 
 def _flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from vision_jax.data.boxes import check_max_boxes
 from vision_jax.data.coco import from_coco, from_tfds_boxes
-from vision_jax.data.folders import from_csv, from_image_folder
+from vision_jax.data.folders import apply_slice, from_csv, from_image_folder, parse_split
 from vision_jax.data.idx import from_idx
 from vision_jax.data.pipeline import (
     Batch,
@@ -45,14 +45,15 @@ def load_source(
 ) -> Source:
     """The split named ``split`` of the dataset described by ``data`` (``config.data``).
 
-    ``data.source`` is "tfds" (``data.name``, ``data.data_dir``; sliced splits like
-    ``"train[:90%]"``), "imagefolder" (``data.root``/<split>/<class>/*.jpg), "csv"
-    (``data.root``/<split>.csv with ``filename,label`` rows; ``data.class_names`` optional),
-    "idx" (MNIST-style ``data.root``/{train,t10k}-*-ubyte.gz), "digits" (scikit-learn's
-    digits) or "arrays" (``arrays[split] = (images, labels)`` passed from Python;
-    ``data.class_names`` optional). ``data.classes`` optionally keeps a
-    subset of classes, relabelled in the given order. ``data.skip_corrupt`` skips unreadable
-    images (counted and logged) instead of failing.
+    Every source takes sliced splits like ``"train[:90%]"`` or ``"train[1000:]"`` (tfds its
+    own; the others a fixed shuffled order, so that ``[:90%]`` and ``[90%:]`` partition a split
+    and keep its class balance). ``data.source`` is "tfds" (``data.name``, ``data.data_dir``),
+    "imagefolder" (``data.root``/<split>/<class>/*.jpg), "csv" (``data.root``/<split>.csv with
+    ``filename,label`` rows; ``data.class_names`` optional), "idx" (MNIST-style
+    ``data.root``/{train,t10k}-*-ubyte.gz), "digits" (scikit-learn's digits) or "arrays"
+    (``arrays[split] = (images, labels)`` passed from Python; ``data.class_names`` optional).
+    ``data.classes`` optionally keeps a subset of classes, relabelled in the given order.
+    ``data.skip_corrupt`` skips unreadable images (counted and logged) instead of failing.
 
     ``target="label_map"`` loads per-pixel class ids (segmentation) instead of image labels,
     from "imagefolder" (``data.root``/<split>/images/*.jpg with index PNGs
@@ -86,9 +87,12 @@ def load_source(
     elif kind == "idx":
         source = from_idx(_root(data), split, class_names=data.class_names)
     elif kind == "digits":
-        source = digits(split)
+        name, where = parse_split(split)
+        source = _sliced(digits(name), where)
     elif kind == "arrays":
-        source = from_arrays(*_arrays(arrays, split), class_names=data.class_names)
+        name, where = parse_split(split)
+        arrays_source = from_arrays(*_arrays(arrays, name), class_names=data.class_names)
+        source = _sliced(arrays_source, where)
     else:
         raise DataError(
             f"Unknown data.source {kind!r}; valid: 'tfds', 'imagefolder', 'csv', 'idx', "
@@ -129,8 +133,9 @@ def _label_map_source(
             class_names=class_names,
         )
     if kind == "arrays":
-        images, label_maps = _arrays(arrays, split, "label_maps")
-        return from_arrays(images, label_maps, class_names, target="label_map")
+        name, where = parse_split(split)
+        images, label_maps = _arrays(arrays, name, "label_maps")
+        return _sliced(from_arrays(images, label_maps, class_names, target="label_map"), where)
     raise DataError(
         f"data.source={kind!r} has no label maps; use 'imagefolder', 'tfds' or 'arrays'."
     )
@@ -159,6 +164,13 @@ def _box_source(data: DataSpec, split: str, skip_corrupt: bool) -> Source:
         return from_tfds_boxes(data.name, split, data.data_dir, skip_corrupt=skip_corrupt)
     hint = " (COCO JSON + image folder)" if kind == "imagefolder" else ""
     raise DataError(f"data.source={kind!r} has no boxes; use 'coco'{hint} or 'tfds'.")
+
+
+def _sliced(source: Source, where: slice) -> Source:
+    """Rows ``where`` of a column source, as image folders slice their splits."""
+    if where.start is None and where.stop is None:
+        return source
+    return from_columns(apply_slice(source.columns, where), source.class_names)
 
 
 def _arrays(arrays: dict | None, split: str, what: str = "labels") -> tuple:

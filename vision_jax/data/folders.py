@@ -51,6 +51,9 @@ def apply_slice(columns: dict[str, np.ndarray], where: slice) -> dict[str, np.nd
 
     order = np.random.default_rng(0).permutation(n)
     rows = np.sort(order[resolve(where.start) : resolve(where.stop)])
+    if not len(rows):
+        start, stop = where.start or "", where.stop or ""
+        raise DataError(f"The split slice [{start}:{stop}] of {n} examples holds none.")
     return {k: v[rows] for k, v in columns.items()}
 
 

@@ -4,7 +4,12 @@ writes::
 
     <workdir>/checkpoints/<step>/state   the train state (trainable params, model state, ...)
     <workdir>/checkpoints/<step>/meta    the RunRecord as JSON, plus the step's own keys
+    <workdir>/best/<step>/...            the best evaluation's state (runs with a validation
+                                         split), laid out like a checkpoint step
     <workdir>/frozen_params              the frozen params, written once
+
+Readers take the newest checkpoint, or with ``which="best"`` the best step when the run kept one
+(else the newest).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from vision_jax.weights.contract import InputContract, Triple
 from vision_jax.weights.files import WeightFormatError
 
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
 FROZEN_DIR = "frozen_params"
 STATE_ITEM = "state"
 META_ITEM = "meta"
@@ -93,27 +99,41 @@ class RunRecord:
         )
 
 
-def latest_step_dir(path: str | os.PathLike) -> pathlib.Path:
-    """Resolves a run's workdir, its ``checkpoints`` folder, or a step folder to a step folder."""
+def _newest_step(folder: pathlib.Path) -> pathlib.Path | None:
+    steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
+    return folder / str(max(steps)) if steps else None
+
+
+def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.Path:
+    """Resolves a run's workdir, its ``checkpoints`` folder, or a step folder to a step folder:
+    the newest checkpoint (``which="latest"``), or the best step if the run kept one and the
+    newest checkpoint otherwise (``which="best"``)."""
+    if which not in ("latest", "best"):
+        raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
     path = pathlib.Path(path).absolute()
+    if which == "best" and (path / CHECKPOINTS_DIR).is_dir():
+        best = _newest_step(path / BEST_DIR)
+        if best is not None and (best / STATE_ITEM).is_dir():
+            return best
     if (path / CHECKPOINTS_DIR).is_dir():
         path = path / CHECKPOINTS_DIR
     if (path / STATE_ITEM).is_dir():
         return path
-    steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
-    if not steps:
+    step = _newest_step(path)
+    if step is None:
         raise WeightFormatError(f"No vision_jax checkpoint found in {path}.")
-    return path / str(max(steps))
+    return step
 
 
 def frozen_dir(checkpoints_dir: str) -> str:
-    """Where a run keeps its frozen parameters: ``<workdir>/frozen_params``."""
+    """Where a run keeps its frozen parameters: ``<workdir>/frozen_params`` (``checkpoints_dir``:
+    ``<workdir>/checkpoints`` or ``<workdir>/best``)."""
     return os.path.join(os.path.dirname(checkpoints_dir.rstrip("/")), FROZEN_DIR)
 
 
-def read_record(path: str | os.PathLike) -> RunRecord:
-    """The :class:`RunRecord` of a run's latest step (or of the step folder ``path``)."""
-    step_dir = latest_step_dir(path)
+def read_record(path: str | os.PathLike, which: str = "latest") -> RunRecord:
+    """The :class:`RunRecord` of a run's latest (or best) step, or of the step folder ``path``."""
+    step_dir = latest_step_dir(path, which)
     try:
         return RunRecord.from_json(json.loads((step_dir / META_FILE).read_text()))
     except (OSError, ValueError) as e:
@@ -141,13 +161,14 @@ def _merge_adapters(params: dict, config: Mapping[str, Any]) -> dict:
     return jax.tree_util.tree_map(np.asarray, lora.merge(params, spec))
 
 
-def read_variables(path: str | os.PathLike) -> dict:
-    """The model variables (``params`` plus e.g. ``batch_stats``) of a run's latest step.
+def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
+    """The model variables (``params`` plus e.g. ``batch_stats``) of a run's latest step (or
+    best: see :func:`latest_step_dir`).
 
     Frozen parameters (saved once beside the checkpoints) are put back, and LoRA adapters are
     merged into their kernels, so the result is the plain model's variables.
     """
-    step_dir = latest_step_dir(path)
+    step_dir = latest_step_dir(path, which)
     record = read_record(step_dir)
     frozen_path = pathlib.Path(frozen_dir(str(step_dir.parent)))
     try:

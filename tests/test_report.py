@@ -1,0 +1,249 @@
+"""A trained run's report: its per-class numbers and confusion matrix equal scikit-learn's on
+the model's own predictions, its hardest examples are the least probable true labels, its
+figures are real PNGs embedded in a page that renders in a real browser, and a run without
+event files or without a readable evaluation split still gets a report."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from test_train import small_config
+
+from vision_jax import data as data_lib
+from vision_jax.report import write_report
+from vision_jax.report.__main__ import main as report_main
+from vision_jax.train import train_and_evaluate
+from vision_jax.trained import load_trained
+
+PNGS = ("training_curves.png", "confusion_matrix.png", "hardest_examples.png")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> pathlib.Path:
+    """30 steps on digits (about 0.25-0.4 top-1: several classes predicted), logged every 5
+    steps and evaluated every 10, and its report in ``<workdir>/report``."""
+    workdir = tmp_path_factory.mktemp("run")
+    cfg = small_config(total_steps=30, log_every_steps=5, eval_every_steps=10,
+                       checkpoint_every_steps=30, **{"optimizer.learning_rate": 0.1})  # fmt: skip
+    train_and_evaluate(cfg, str(workdir))
+    write_report(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def predictions(run) -> dict[str, np.ndarray]:
+    """Labels and softmax probabilities of the 360 test digits, computed here: the model applied
+    to the evaluation pipeline's images, padding rows dropped."""
+    trained = load_trained(run)
+    source = data_lib.load_source(trained.spec.data, "test")
+    images, labels = [], []
+    for batch in data_lib.eval_batches(source, trained.input, global_batch=1000):
+        keep = batch["mask"] > 0
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+    logits = trained.model.apply(trained.variables, np.concatenate(images), train=False)
+    probs = np.asarray(jax.nn.softmax(logits.astype(np.float32)))
+    return {"labels": np.concatenate(labels), "probs": probs, "names": trained.class_names}
+
+
+def _rows(path: pathlib.Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_per_class_table_and_confusion_matrix_equal_scikit_learn(run, predictions):
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    labels, names = predictions["labels"], predictions["names"]
+    predicted = predictions["probs"].argmax(-1)
+    assert len(labels) == 360 and len(set(predicted)) >= 3  # a meaningful comparison
+    want = classification_report(labels, predicted, labels=range(10), target_names=names,
+                                 output_dict=True, zero_division=0)  # fmt: skip
+    rows = {row["class"]: row for row in _rows(run / "report" / "per_class.csv")}
+    assert list(rows) == [*names, "accuracy", "macro avg", "weighted avg"]
+    for name in [*names, "macro avg", "weighted avg"]:
+        for key in ("precision", "recall", "f1-score"):
+            assert float(rows[name][key]) == pytest.approx(want[name][key], abs=1e-12), name
+        assert int(rows[name]["support"]) == want[name]["support"]
+    assert float(rows["accuracy"]["f1-score"]) == pytest.approx(want["accuracy"], abs=1e-12)
+
+    with (run / "report" / "confusion_matrix.csv").open(newline="") as f:
+        header, *body = list(csv.reader(f))
+    assert header[1:] == names and [row[0] for row in body] == names
+    matrix = np.asarray([[int(v) for v in row[1:]] for row in body])
+    np.testing.assert_array_equal(matrix, confusion_matrix(labels, predicted, labels=range(10)))
+    page = (run / "report" / "report.html").read_text()
+    assert f"top1 {want['accuracy']:.4f} on 360 test examples" in page
+    assert "model cifar_resnet20" in page and "latest step 30" in page
+
+
+def test_hardest_examples_are_the_least_probable_true_labels(run, predictions):
+    labels, probs, names = predictions["labels"], predictions["probs"], predictions["names"]
+    p_true = probs[np.arange(len(labels)), labels]
+    want = np.argsort(p_true, kind="stable")[:16]
+    rows = _rows(run / "report" / "hardest_examples.csv")
+    assert [int(r["index"]) for r in rows] == want.tolist()
+    for row, i in zip(rows, want, strict=True):
+        assert row["true"] == names[labels[i]]
+        assert row["predicted"] == names[probs[i].argmax()]
+        assert float(row["probability of true"]) == pytest.approx(p_true[i], abs=1e-5)
+
+
+def test_figures_are_pngs_embedded_in_the_page(run):
+    from PIL import Image
+
+    page = (run / "report" / "report.html").read_text()
+    for name in PNGS:
+        path = run / "report" / name
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert 300 <= image.width <= 3000 and 200 <= image.height <= 3000, (name, image.size)
+        assert base64.b64encode(path.read_bytes()).decode() in page  # this very file
+        assert f'data-file="{name}"' in page
+    assert page.count("<img ") == len(PNGS)
+
+
+def _rendered_images(html: pathlib.Path, profile: pathlib.Path) -> str:
+    """``<body data-images-loaded>`` of the page as headless Chromium rendered it ("loaded/all"
+    images); the browser's whole process group is killed afterwards."""
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+        "--dump-dom", html.as_uri(),
+    ]  # fmt: skip
+    browser = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        dom, _ = browser.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(browser.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        browser.wait()
+    found = re.search(r'<body[^>]*data-images-loaded="([^"]*)"', dom)
+    assert found, dom[-2000:]
+    return found.group(1)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_every_image_renders_in_a_browser_after_moving_the_page(run, tmp_path):
+    moved = tmp_path / "moved.html"  # alone, away from the PNG files
+    shutil.copy(run / "report" / "report.html", moved)
+    assert _rendered_images(moved, tmp_path / "profile") == "3/3"
+    # The check sees a broken image: one data URI cut short.
+    broken = tmp_path / "broken.html"
+    page = moved.read_text()
+    start = page.index("base64,") + len("base64,")
+    broken.write_text(page[:start] + page[start + 200 :])
+    assert _rendered_images(broken, tmp_path / "profile") == "2/3"
+
+
+def test_command_line_on_a_run_without_event_files(run, predictions, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("events.out.tfevents.*", "report"))
+    assert report_main([f"--workdir={copy}", f"--output={tmp_path / 'out'}"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.html")
+    out = tmp_path / "out"
+    assert not (out / "training_curves.png").exists()
+    page = (out / "report.html").read_text()
+    assert "No training curves: no TensorBoard scalars" in page and page.count("<img ") == 2
+    assert _rows(out / "per_class.csv") == _rows(run / "report" / "per_class.csv")
+
+
+def test_command_line_error_is_one_line(tmp_path, capsys):
+    assert report_main([f"--workdir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vision_jax.report: error: No vision_jax checkpoint found in")
+    assert "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory) -> pathlib.Path:
+    """20 steps of the FPN segmentation head on coloured squares ("arrays" data)."""
+    from test_segmentation_train import ARRAYS, seg_config
+
+    workdir = tmp_path_factory.mktemp("seg")
+    cfg = seg_config(**{"task.head": "fpn", "total_steps": 20, "log_every_steps": 5,
+                        "checkpoint_every_steps": 20, "optimizer.learning_rate": 0.1})  # fmt: skip
+    train_and_evaluate(cfg, str(workdir), arrays=ARRAYS)
+    return workdir
+
+
+@pytest.mark.slow
+def test_segmentation_report_counts_every_valid_pixel(seg_run, tmp_path):
+    """Per-class IoU, pixel accuracy and the confusion matrix equal scikit-learn's confusion
+    matrix of the model's label maps on the evaluation pipeline's images; the hardest images
+    have the lowest pixel accuracy."""
+    from sklearn.metrics import confusion_matrix
+    from test_segmentation_train import ARRAYS
+
+    write_report(seg_run, tmp_path, arrays=ARRAYS)
+    trained = load_trained(seg_run)
+    source = data_lib.load_source(trained.spec.data, "test", arrays=ARRAYS, target="label_map")
+    (batch,) = data_lib.eval_batches(source, trained.input, global_batch=64)
+    keep = batch["mask"] > 0
+    logits = trained.model.apply(trained.variables, batch["image"][keep], train=False)
+    truth, found = batch["label_map"][keep], np.asarray(logits).argmax(-1)
+    valid = truth != data_lib.IGNORE_LABEL
+    assert len(np.unique(found[valid])) >= 2  # not all background: a meaningful comparison
+    want = confusion_matrix(truth[valid], found[valid], labels=range(4))
+    with (tmp_path / "confusion_matrix.csv").open(newline="") as f:
+        matrix = np.asarray([[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]])
+    np.testing.assert_array_equal(matrix, want)
+    tp, union = np.diag(want), want.sum(0) + want.sum(1) - np.diag(want)
+    rows = {row["class"]: row for row in _rows(tmp_path / "per_class.csv")}
+    for name, iou in zip(trained.class_names, tp / union, strict=True):
+        assert float(rows[name]["iou"]) == pytest.approx(iou, abs=1e-12)
+    assert float(rows["mean"]["iou"]) == pytest.approx(np.mean(tp / union), abs=1e-12)
+    assert float(rows["all pixels"]["accuracy"]) == pytest.approx(tp.sum() / want.sum())
+    accuracy = ((truth == found) & valid).sum((1, 2)) / valid.sum((1, 2))
+    hardest = [int(r["index"]) for r in _rows(tmp_path / "hardest_examples.csv")]
+    assert hardest == np.argsort(accuracy, kind="stable")[:16].tolist()
+
+
+@pytest.mark.slow
+def test_a_run_whose_split_cannot_be_loaded_gets_curves_and_the_reason(seg_run, tmp_path):
+    """The "arrays" run reported without its arrays."""
+    page = pathlib.Path(write_report(seg_run, tmp_path)).read_text()
+    assert "No evaluation: the split &#x27;test&#x27; could not be loaded" in page
+    assert "data.source=&#x27;arrays&#x27; needs arrays=" in page
+    assert page.count("<img ") == 1 and (tmp_path / "training_curves.png").exists()
+    assert not (tmp_path / "per_class.csv").exists()
+
+
+@pytest.mark.slow
+def test_detection_report_has_the_evaluations_per_class_ap(tmp_path):
+    """The per-class COCO AP of the report (predictions, then pycocotools) equals what the
+    training loop's final evaluation reported (its own metric collection)."""
+    from test_det_data import NAMES, write_coco
+    from test_detection_train import det_config, random_scenes
+
+    write_coco(tmp_path / "coco", random_scenes(64, 0), "train")
+    write_coco(tmp_path / "coco", random_scenes(20, 1), "test")
+    cfg = det_config(tmp_path / "coco", total_steps=40, log_every_steps=10)
+    result = train_and_evaluate(cfg, str(tmp_path / "run"))
+    page = pathlib.Path(write_report(tmp_path / "run")).read_text()
+    rows = {row["class"]: row for row in _rows(tmp_path / "run" / "report" / "per_class.csv")}
+    assert list(rows) == [*NAMES, "mean (mAP)"]
+    for name in NAMES:  # classes without ground truth in the split have no AP
+        want = result.get(f"eval/ap/{name}")
+        got = rows[name]["ap"]
+        assert got == "" if want is None else float(got) == pytest.approx(want, abs=1e-6), name
+    assert float(rows["mean (mAP)"]["ap"]) == pytest.approx(result["eval/map"], abs=1e-6)
+    assert result["eval/map"] > 0.05  # something was detected
+    assert page.count("<img ") == 1 and "No confusion matrix or hardest examples" in page

@@ -1,0 +1,138 @@
+"""Model selection: validation splits, early stopping, the best checkpoint and its test figure."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from test_train import small_config
+
+from vision_jax import data as data_lib
+from vision_jax import specs, train
+from vision_jax.config import TrackedConfig
+from vision_jax.selection import Selection
+from vision_jax.train import train_and_evaluate
+from vision_jax.weights.run_dir import read_variables
+
+# val/top1 at evaluations 1, 2, ...: the best is the 2nd (0.7); the 3rd-5th do not beat it by
+# more than min_delta=0.02 (0.71 is within it), so patience 3 stops training at the 5th.
+SCRIPT = [0.5, 0.7, 0.6, 0.71, 0.65, 0.9, 0.9]
+
+
+def selecting_config(**overrides):
+    c = small_config(total_steps=14, eval_every_steps=2, checkpoint_every_steps=2, **overrides)
+    c.keep_checkpoints = 10
+    c.data.train_split = "train[:90%]"
+    c.data.val_split = "train[90%:]"
+    c.early_stopping.patience = 3
+    c.early_stopping.min_delta = 0.02
+    return c
+
+
+@pytest.fixture
+def scripted_validation(monkeypatch):
+    """Validation results follow SCRIPT; the test-split evaluation is real and records the
+    parameters it evaluated."""
+    real, calls = train.run_evaluation, {"val": 0, "eval": []}
+
+    def run_evaluation(run, state, source=None, split="eval"):
+        if split == "val":
+            value = SCRIPT[calls["val"]]
+            calls["val"] += 1
+            return {"val/top1": value, "val/loss": 1.0 - value, "val/examples": 144.0}
+        calls["eval"].append(np.asarray(state.params["head"]["kernel"]))
+        return real(run, state, source, split)
+
+    monkeypatch.setattr(train, "run_evaluation", run_evaluation)
+    return calls
+
+
+def steps(workdir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def meta(workdir: pathlib.Path, step: int, folder: str = "checkpoints") -> dict:
+    return json.loads((workdir / folder / str(step) / "meta" / "metadata").read_text())
+
+
+def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
+    tmp_path, scripted_validation
+):
+    result = train_and_evaluate(selecting_config(), str(tmp_path))
+    assert steps(tmp_path) == [2, 4, 6, 8, 10]  # stopped at the 5th evaluation, saved there
+    assert scripted_validation["val"] == 5
+    assert meta(tmp_path, 10)["stopped_early"] and meta(tmp_path, 10)["final"]
+    assert meta(tmp_path, 10)["selection"]["stopped_at"] == 10
+    assert [p.name for p in (tmp_path / "best").iterdir()] == ["4"]  # orbax kept one: the best
+    assert result["best/step"] == 4 and result["best/val/top1"] == 0.7
+    # The test split was evaluated once, with the best (step 4) parameters.
+    step4 = read_variables(tmp_path / "checkpoints" / "4")["params"]["head"]["kernel"]
+    (tested,) = scripted_validation["eval"]
+    np.testing.assert_array_equal(tested, step4)
+    assert not np.array_equal(tested, read_variables(tmp_path)["params"]["head"]["kernel"])
+    np.testing.assert_array_equal(
+        read_variables(tmp_path, "best")["params"]["head"]["kernel"], step4
+    )
+    assert result["eval/examples"] == 360 and 0 <= result["eval/top1"] <= 1
+
+    # Resuming a run that stopped early reports the best's test figures; it does not train on.
+    again = train_and_evaluate(selecting_config(), str(tmp_path))
+    assert scripted_validation["val"] == 5
+    assert steps(tmp_path) == [2, 4, 6, 8, 10]
+    assert again["eval/top1"] == result["eval/top1"] and again["best/step"] == 4
+
+
+def test_selection_progress_is_checkpointed_for_an_exact_resume():
+    s = Selection("val/top1", "max", patience=3, min_delta=0.02)
+    for step, value in zip(range(2, 12, 2), SCRIPT, strict=False):
+        s.update(step, {"val/top1": value})
+    assert (s.best_step, s.best_value, s.bad_evaluations, s.should_stop) == (4, 0.7, 3, True)
+    fresh = Selection("val/top1", "max", patience=3, min_delta=0.02)
+    assert fresh.resumed(json.loads(json.dumps(s.to_json()))) == s
+    loss = Selection.from_spec(specs.EarlyStoppingSpec(metric="loss"), "top1")
+    assert (loss.metric, loss.mode) == ("val/loss", "min")
+    assert loss.update(2, {"val/loss": 1.0}) and loss.update(4, {"val/loss": 0.5})
+    assert not loss.update(6, {"val/loss": float("nan")})  # never the best, counts as no gain
+    with pytest.raises(specs.ConfigError, match="'val/accuracy' is not an evaluation.*val/loss"):
+        Selection.from_spec(specs.EarlyStoppingSpec("accuracy"), "top1").update(2, {"val/loss": 1})
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"early_stopping.patience": 2}, "early_stopping.patience only apply with data.val_split"),
+        ({"data.val_split": "test"}, "must differ from train_split and eval_split"),
+        ({"data.val_split": "train[90%:]", "early_stopping.mode": "up"}, "'max' or 'min'"),
+    ],
+)
+def test_selection_config_errors(overrides, match):
+    with pytest.raises(specs.ConfigError, match=match):
+        specs.run_spec(TrackedConfig(small_config(**overrides)))
+
+
+def rows(source: data_lib.Source) -> set[bytes]:
+    images, labels = source.columns["image"], source.columns["label"]
+    return {image.tobytes() + bytes([int(y)]) for image, y in zip(images, labels, strict=True)}
+
+
+def test_sliced_splits_partition_a_split_and_keep_every_class():
+    data = specs.run_spec(TrackedConfig(small_config())).data
+    whole = data_lib.load_source(data, "train")
+    head, tail = (data_lib.load_source(data, f"train[{s}]") for s in (":90%", "90%:"))
+    assert head.num_examples + tail.num_examples == whole.num_examples
+    assert tail.num_examples == round(0.1 * whole.num_examples)
+    assert rows(head) | rows(tail) == rows(whole) and not rows(head) & rows(tail)
+    first = data_lib.load_source(data, "train[:20]")
+    assert first.num_examples == 20 and rows(first) <= rows(head)
+    # A class-sorted split (as image folders list their files): a slice still holds every class.
+    labels = np.repeat(np.arange(5), 40)
+    images = np.random.default_rng(0).integers(0, 255, (200, 8, 8, 3), np.uint8)
+    arrays = specs.run_spec(TrackedConfig(small_config(**{"data.source": "arrays"}))).data
+    tail = data_lib.load_source(arrays, "train[90%:]", arrays={"train": (images, labels)})
+    assert tail.num_examples == 20 and set(tail.columns["label"]) == set(range(5))
+    with pytest.raises(data_lib.DataError, match="Cannot parse split 'train\\[1:2'"):
+        data_lib.load_source(data, "train[1:2")
+    with pytest.raises(data_lib.DataError, match=r"slice \[50%:50%\] of 1437 examples holds none"):
+        data_lib.load_source(data, "train[50%:50%]")

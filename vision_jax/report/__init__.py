@@ -1,0 +1,139 @@
+"""A trained run's report: ``python -m vision_jax.report --workdir=RUN [--output=DIR]``.
+
+:func:`write_report` writes into ``<workdir>/report`` (or ``output``):
+
+* ``report.html``: one self-contained page (images embedded) with the run's name, task, model,
+  step and headline metric, and everything below;
+* ``training_curves.png``: training loss, each split's headline metric and the learning rate
+  against step, from the run's TensorBoard event files (left out when there are none);
+* ``per_class.csv``: the task's per-class table (classification: precision, recall, F1 and
+  support with macro / weighted averages and accuracy, as scikit-learn's
+  ``classification_report``; segmentation: IoU, accuracy and pixels; detection: COCO AP);
+* ``confusion_matrix.csv`` / ``.png``: counts ``[true, predicted]`` over the examples
+  (segmentation: over the pixels);
+* ``hardest_examples.png`` / ``.csv``: the examples with the lowest probability on their true
+  label (segmentation: the lowest pixel accuracy), with their position in the split.
+
+The figures come from the run's own model and evaluation pipeline on its evaluation split
+(``config.data.eval_split``), in one process. Per-task evaluators live in
+:mod:`vision_jax.report.tasks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+
+from vision_jax import data as data_lib
+from vision_jax.report import page
+from vision_jax.report.curves import plot_curves, read_scalars
+from vision_jax.report.figures import confusion_figure, hardest_figure
+from vision_jax.report.tables import write_confusion, write_table
+from vision_jax.report.tasks import Evaluation, evaluate
+from vision_jax.trained import Trained, load_trained
+from vision_jax.weights.run_dir import BEST_DIR
+
+CURVES, PER_CLASS = "training_curves.png", "per_class.csv"
+CONFUSION_CSV, CONFUSION_PNG = "confusion_matrix.csv", "confusion_matrix.png"
+HARDEST_CSV, HARDEST_PNG = "hardest_examples.csv", "hardest_examples.png"
+HTML = "report.html"
+OUTPUTS = (CURVES, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG, HARDEST_CSV, HARDEST_PNG, HTML)
+
+
+def write_report(
+    workdir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    which: str = "best",
+    *,
+    hardest: int = 16,
+    arrays: dict | None = None,
+) -> str:
+    """Writes the report of the run in ``workdir`` (its ``which`` step: "best" or "latest")
+    and returns the path of ``report.html``. ``hardest``: how many hardest examples to show;
+    ``arrays``: the splits of a ``data.source="arrays"`` run (as given to training). A run
+    without event files has no curves; one whose evaluation split cannot be loaded has curves
+    only; the page says why."""
+    if hardest < 0:
+        raise ValueError(f"hardest must be >= 0 (examples to show), got {hardest}.")
+    trained = load_trained(workdir, which=which)
+    out = pathlib.Path(output) if output is not None else pathlib.Path(workdir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # nothing stale from an earlier report
+        (out / name).unlink(missing_ok=True)
+    notes: list[str] = []
+    sections = _curves_section(workdir, trained.task.headline, out, notes)
+    evaluation = _evaluation(trained, hardest, arrays, notes)
+    facts = [f"task {trained.task.name}", f"model {trained.spec.model_name}", _step(trained)]
+    if evaluation is not None:
+        sections += _evaluation_sections(evaluation, trained.class_names, out)
+        notes += evaluation.notes
+        facts.append(
+            f"{trained.task.headline} {evaluation.headline:.4f} on {evaluation.examples} "
+            f"{trained.spec.data.eval_split} examples"
+        )
+    if notes:
+        sections.append(("Notes", "".join(page.paragraph(n) for n in notes)))
+    title = pathlib.Path(workdir).absolute().name
+    (out / HTML).write_text(page.page(title, facts, sections))
+    logging.info("Report of %s written to %s", workdir, out / HTML)
+    return str(out / HTML)
+
+
+def _step(trained: Trained) -> str:
+    best = pathlib.Path(trained.step_dir).parent.name == BEST_DIR
+    return f"{'best' if best else 'latest'} step {trained.step}"
+
+
+def _curves_section(
+    workdir: str | os.PathLike, headline: str, out: pathlib.Path, notes: list[str]
+) -> list[tuple[str, str]]:
+    """The training curves' section (none, with a note, when the run has no scalars)."""
+    if plot_curves(read_scalars(workdir, headline), headline, out / CURVES):
+        return [("Training curves", page.image(out / CURVES, "training curves"))]
+    notes.append(f"No training curves: no TensorBoard scalars in {workdir}.")
+    return []
+
+
+def _evaluation(
+    trained: Trained, hardest: int, arrays: dict | None, notes: list[str]
+) -> Evaluation | None:
+    """The task's evaluation, or None with the reason added to ``notes``."""
+    split = trained.spec.data.eval_split
+    try:
+        source = data_lib.load_source(
+            trained.spec.data, split, arrays=arrays, target=trained.task.target
+        )
+    except (data_lib.DataError, OSError) as e:
+        notes.append(f"No evaluation: the split {split!r} could not be loaded: {e}")
+        return None
+    evaluation = evaluate(trained, source, hardest)
+    if evaluation is None:
+        notes.append(f"Per-class figures are not available for the task {trained.task.name!r}.")
+    return evaluation
+
+
+def _evaluation_sections(
+    evaluation: Evaluation, class_names: list[str], out: pathlib.Path
+) -> list[tuple[str, str]]:
+    """Writes the evaluation's files and returns its (heading, HTML) sections."""
+    sections = []
+    if evaluation.table is not None:
+        write_table(evaluation.table, out / PER_CLASS)
+        sections.append(("Per-class metrics", page.table(evaluation.table)))
+    if evaluation.confusion is not None:
+        write_confusion(evaluation.confusion, class_names, out / CONFUSION_CSV)
+        confusion_figure(evaluation.confusion, class_names, out / CONFUSION_PNG)
+        caption = page.paragraph(f"Rows: true class; columns: predicted ({evaluation.unit}).")
+        image = page.image(out / CONFUSION_PNG, "confusion matrix")
+        sections.append(("Confusion matrix", caption + image))
+    if evaluation.hardest:
+        write_table(evaluation.hardest_table, out / HARDEST_CSV)
+        hardest_figure(evaluation.hardest, out / HARDEST_PNG)
+        image = page.image(out / HARDEST_PNG, "hardest examples")
+        body = page.paragraph(evaluation.hardest_caption) + image
+        sections.append(("Hardest examples", body + page.table(evaluation.hardest_table)))
+    return sections
+
+
+__all__ = ["write_report"]

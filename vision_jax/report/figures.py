@@ -1,0 +1,91 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure  # a Figure without pyplot draws with Agg, no global state
+
+COUNTS_UP_TO = 20  # classes: write the counts in the confusion matrix's cells
+NAMES_UP_TO = 60  # classes: name every row and column
+
+
+@dataclasses.dataclass(frozen=True)
+class Thumb:
+    """One example for the hardest-examples grid: an RGB uint8 image and its title."""
+
+    image: np.ndarray
+    title: str
+
+
+def _save(figure: Figure, path: pathlib.Path) -> None:
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def _count(value: int) -> str:
+    """A short count: 7, 1234, 12.3k, 4.5M."""
+    if value < 10_000:
+        return str(value)
+    return f"{value / 1e3:.1f}k" if value < 1_000_000 else f"{value / 1e6:.1f}M"
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: pathlib.Path) -> None:
+    """A heat map of ``matrix[true, predicted]``, coloured by the share of each true class."""
+    matrix = np.asarray(matrix)
+    k = len(class_names)
+    rows = matrix.sum(1, keepdims=True)
+    share = matrix / np.maximum(rows, 1)
+    side = min(max(4.0, 0.45 * k + 2.0), 30.0)
+    figure = Figure(figsize=(side + 1.2, side))
+    ax = figure.add_subplot()
+    shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= NAMES_UP_TO:
+        turned = k > 5 or max(map(len, class_names)) > 8
+        ax.set_xticks(
+            range(k), class_names, rotation=45 if turned else 0, ha="right" if turned else "center"
+        )
+        ax.set_yticks(range(k), class_names)
+    if k <= COUNTS_UP_TO:
+        for (i, j), value in np.ndenumerate(matrix):
+            colour = "white" if share[i, j] > 0.5 else "black"
+            ax.text(j, i, _count(int(value)), ha="center", va="center", color=colour, fontsize=8)
+    _save(figure, path)
+
+
+def hardest_figure(thumbs: Sequence[Thumb], path: pathlib.Path) -> None:
+    """The examples in a grid, each with its title."""
+    columns = min(len(thumbs), 4 if len(thumbs) <= 16 else 8)
+    rows = math.ceil(len(thumbs) / columns)
+    height, width = thumbs[0].image.shape[:2]
+    figure = Figure(figsize=(2.3 * columns * max(width / height, 1.0), 2.5 * rows))
+    for i, thumb in enumerate(thumbs):
+        ax = figure.add_subplot(rows, columns, i + 1)
+        ax.imshow(thumb.image, interpolation="nearest")
+        ax.set_title(thumb.title, fontsize=8)
+        ax.axis("off")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def curves_figure(panels: Mapping[str, Mapping[str, tuple]], path: pathlib.Path) -> None:
+    """One panel per title, one line per ``label: (steps, values)`` in it, against step (a
+    legend unless the panel's one line is named as the panel)."""
+    figure = Figure(figsize=(4.6 * len(panels), 3.4))
+    for i, (title, lines) in enumerate(panels.items()):
+        ax = figure.add_subplot(1, len(panels), i + 1)
+        for label, (steps, values) in lines.items():
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if list(lines) != [title]:
+            ax.legend(fontsize=8)
+    figure.tight_layout()
+    _save(figure, path)

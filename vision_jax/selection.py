@@ -1,0 +1,76 @@
+"""Model selection on the validation split: the best evaluation so far and early stopping.
+
+:class:`Selection` is plain data, saved with every checkpoint (``meta["selection"]``) so that a
+resumed run continues its count exactly; the loop feeds it each validation result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from vision_jax.specs import ConfigError, EarlyStoppingSpec
+
+
+@dataclasses.dataclass
+class Selection:
+    """The best value of ``metric`` so far (``mode`` "max" or "min"), its step, and how many
+    evaluations since then did not improve on it by more than ``min_delta``."""
+
+    metric: str
+    mode: str
+    patience: int | None
+    min_delta: float
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_evaluations: int = 0
+    stopped_at: int | None = None  # the step where early stopping ended training
+
+    @classmethod
+    def from_spec(cls, spec: EarlyStoppingSpec, headline: str) -> Selection:
+        metric = spec.metric or f"val/{headline}"
+        if "/" not in metric:
+            metric = f"val/{metric}"
+        mode = spec.mode or ("min" if metric.endswith("loss") else "max")
+        return cls(metric, mode, spec.patience, float(spec.min_delta))
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` beats the best so far by more than ``min_delta``."""
+        if not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        gain = value - self.best_value if self.mode == "max" else self.best_value - value
+        return gain > self.min_delta
+
+    def update(self, step: int, results: Mapping[str, float]) -> bool:
+        """Records the evaluation ``results`` of ``step``; whether it is the new best."""
+        if self.metric not in results:
+            valid = ", ".join(sorted(k for k in results if k.startswith("val")))
+            raise ConfigError(
+                f"early_stopping.metric {self.metric!r} is not an evaluation result; valid: "
+                f"{valid}."
+            )
+        value = float(results[self.metric])
+        if self.improves(value):
+            self.best_value, self.best_step, self.bad_evaluations = value, step, 0
+            return True
+        self.bad_evaluations += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evaluations >= self.patience
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resumed(self, saved: Mapping[str, Any] | None) -> Selection:
+        """This selection with the progress saved in a checkpoint's ``meta["selection"]`` (the
+        settings stay this run's own)."""
+        if not saved or saved.get("metric") != self.metric or saved.get("mode") != self.mode:
+            return self
+        keys = ("best_value", "best_step", "bad_evaluations", "stopped_at")
+        return dataclasses.replace(self, **{k: saved[k] for k in keys if k in saved})

@@ -1,0 +1,83 @@
+"""A trained run, loaded for use after training: prediction, reports and export.
+
+``load_trained(workdir)`` rebuilds what the run trained from its record alone (the task and its
+settings, the model, the class names and the input it used) and reads its variables (the best
+step when the run kept one, else the newest; LoRA adapters merged, frozen parameters put back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from vision_jax import data as data_lib
+from vision_jax import specs
+from vision_jax.config import TrackedConfig
+from vision_jax.weights.run_dir import RunRecord, latest_step_dir, read_record, read_variables
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model with everything needed to run it as its evaluation did."""
+
+    record: RunRecord
+    spec: specs.RunSpec
+    model: nn.Module
+    variables: dict[str, Any]
+    input: data_lib.InputSpec  # the run's input (size, mean, std after its input contract)
+    step: int  # the step whose variables these are
+    step_dir: str
+
+    @property
+    def task(self) -> Any:
+        return self.spec.task
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.record.class_names or ())
+
+    @functools.cached_property
+    def _predict(self) -> Any:
+        size = self.input.image_size
+
+        def predict(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+            outputs = self.model.apply(variables, images, train=False)
+            return self.task.predict(outputs, (size, size))
+
+        return jax.jit(predict)
+
+    def predict_batches(
+        self, batches: Iterable[dict[str, np.ndarray]]
+    ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """``(batch, predictions)`` for each preprocessed batch (e.g. of
+        :func:`vision_jax.data.eval_batches`), predictions on the host as the task's
+        :meth:`~vision_jax.tasks.base.Task.predict` returns them (classification:
+        ``probabilities``); padding rows (``batch["mask"] == 0``) are left in."""
+        for batch in batches:
+            yield batch, jax.device_get(self._predict(self.variables, batch["image"]))
+
+
+def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
+    """The run in ``path`` (a workdir, its checkpoints folder or a step folder): ``which`` is
+    ``"best"`` (the best step if the run kept one, else the newest) or ``"latest"``."""
+    from vision_jax.run import task_model  # run imports the training stack
+
+    step_dir = latest_step_dir(path, which)
+    record = read_record(step_dir)
+    spec = specs.run_spec(TrackedConfig(ml_collections.ConfigDict(dict(record.config))))
+    input_spec = dataclasses.replace(
+        spec.input, image_size=record.image_size, mean=record.mean, std=record.std
+    )
+    model = task_model(spec, len(record.class_names or ()))
+    return Trained(
+        record, spec, model, read_variables(step_dir), input_spec, int(step_dir.name),
+        str(step_dir),
+    )  # fmt: skip
