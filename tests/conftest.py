@@ -70,3 +70,18 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (real data and weights live there).")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A finished 40-step digits run (CIFAR ResNet-20, about 0.4 top-1: several classes
+    predicted), logged every 5 steps and evaluated every 10, shared by the tests of what comes
+    after training (predict, report): ``(workdir, final metrics)``."""
+    from test_train import small_config
+
+    from vision_jax.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("digits_run")
+    steps = {"total_steps": 40, "checkpoint_every_steps": 40, "log_every_steps": 5}
+    config = small_config(eval_every_steps=10, **steps, **{"optimizer.learning_rate": 0.1})
+    return workdir, train_and_evaluate(config, str(workdir))

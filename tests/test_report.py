@@ -17,7 +17,6 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from test_train import small_config
 
 from vision_jax import data as data_lib
 from vision_jax.report import write_report
@@ -30,13 +29,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> pathlib.Path:
-    """30 steps on digits (about 0.25-0.4 top-1: several classes predicted), logged every 5
-    steps and evaluated every 10, and its report in ``<workdir>/report``."""
-    workdir = tmp_path_factory.mktemp("run")
-    cfg = small_config(total_steps=30, log_every_steps=5, eval_every_steps=10,
-                       checkpoint_every_steps=30, **{"optimizer.learning_rate": 0.1})  # fmt: skip
-    train_and_evaluate(cfg, str(workdir))
+def run(digits_run) -> pathlib.Path:
+    """The shared digits run (conftest) and its report in ``<workdir>/report``."""
+    workdir, _ = digits_run
     write_report(workdir)
     return workdir
 
@@ -85,7 +80,7 @@ def test_per_class_table_and_confusion_matrix_equal_scikit_learn(run, prediction
     np.testing.assert_array_equal(matrix, confusion_matrix(labels, predicted, labels=range(10)))
     page = (run / "report" / "report.html").read_text()
     assert f"top1 {want['accuracy']:.4f} on 360 test examples" in page
-    assert "model cifar_resnet20" in page and "latest step 30" in page
+    assert "model cifar_resnet20" in page and "latest step 40" in page
 
 
 def test_hardest_examples_are_the_least_probable_true_labels(run, predictions):

@@ -9,16 +9,21 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # The training loop imports TensorFlow (input pipeline): load it only when asked for.
+    # These import TensorFlow (the input pipeline): load them only when asked for.
     if name == "train_and_evaluate":
         from vision_jax.train import train_and_evaluate
 
         return train_and_evaluate
+    if name == "Predictor":
+        from vision_jax.predict import Predictor
+
+        return Predictor
     raise AttributeError(f"module 'vision_jax' has no attribute {name!r}")
 
 
 __all__ = [
     "ModelSpec",
+    "Predictor",
     "create_model",
     "list_models",
     "load_pretrained",

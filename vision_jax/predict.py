@@ -1,104 +1,394 @@
-"""Running a trained detection run on image files: COCO-format results and images with boxes.
+"""Predicting with a trained run, or a pretrained classifier file, on image files.
 
-``python -m vision_jax.predict --workdir=RUN --input=DIR|FILE|GLOB --output=detections.json
-[--draw=DIR] [--draw_threshold=0.5]``
+``python -m vision_jax.predict (--workdir=RUN [--which=best|latest] | --weights=FILE
+--model=NAME [--class_names=a,b,...]) --input=DIR|FILE|GLOB --output=preds.jsonl|.csv|.json
+[--top_k=5] [--batch_size=16] [--draw=DIR] [--draw_threshold=0.5]``
 
-The run's record gives the task settings, the model, the class names and category ids and the
-input (size, mean, std); images go through the evaluation pipeline (letterboxed, in batches)
-and the jitted model and post-processing of the evaluation, so predictions equal what the
-evaluation scored. Unreadable files are reported by name and skipped.
+Classification writes a record per image: ``file``, its class (``label``, ``class_name``,
+``probability``) and its ``top_k`` classes. Segmentation writes a PNG label map per image (class
+ids at the image's size) into the folder named as the output without its extension, and a
+record per image: ``file``, ``label_map`` (the PNG) and ``class_fractions`` (of its pixels).
+Detection writes COCO results (``bbox`` [x, y, w, h] in image pixels, ``score``,
+``category_id``) with ``file_name`` and ``category_name``, and with ``--draw`` the images with
+their boxes. The output's extension picks its format: ``.jsonl`` (a record a line), ``.csv`` (a
+record a row, nested fields flattened: ``top_k_1_label``, ``bbox_1``) or ``.json`` (a list).
+
+Images go through the evaluation pipeline (:func:`vision_jax.data.eval_batches`, with the run's
+recorded input size, crop, mean and std, or the weight file's input contract) in batches and the
+task's jitted prediction, so predictions equal what the evaluation scored. Files the pipeline's
+decoder cannot read are reported by name and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import csv
 import glob
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
-import ml_collections
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
 
 from vision_jax import data as data_lib
-from vision_jax import specs
-from vision_jax.config import TrackedConfig
+from vision_jax import weights
+from vision_jax.data import augment
 from vision_jax.data.coco import from_image_files
+from vision_jax.data.pipeline import _read
+from vision_jax.models import create_model
+from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import coco_results
-from vision_jax.weights.run_dir import read_record, read_variables
+from vision_jax.trained import load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+FORMATS = (".jsonl", ".csv", ".json")
+
+Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
 
 
 def image_files(pattern: str) -> list[str]:
     """The image files of a folder (sorted), a glob pattern, or one file."""
     if os.path.isdir(pattern):
         names = sorted(os.listdir(pattern))
-        return [os.path.join(pattern, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
-    files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    if not files or not all(os.path.isfile(f) for f in files):
+        files = [os.path.join(pattern, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    elif glob.has_magic(pattern):
+        files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+    else:
+        files = [pattern] if os.path.isfile(pattern) else []
+    if not files:
         raise FileNotFoundError(f"No image files at {pattern!r}.")
     return files
 
 
-class Predictor:
-    """A trained detection run, ready to detect objects in image files.
+class Progress:
+    """One line on stderr, rewritten as images are done: the count and images per second."""
 
-    ``detect(paths)`` returns COCO results (``image_id``, ``category_id``, ``bbox`` [x, y, w,
-    h] in original pixels, ``score``) with ``file_name`` and ``category_name`` added, and the
-    files that could not be read.
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        print(f"\r{self.done}/{self.total} images, {rate:.1f} images/s", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
+
+
+class Predictor:
+    """A model ready to predict on image files or arrays as its evaluation did.
+
+    ``Predictor(workdir)`` is a trained run (its task, model, class names and input);
+    :meth:`from_weights` a pretrained classifier file. :meth:`predict` takes image files,
+    :meth:`predict_arrays` images in memory.
     """
 
-    def __init__(self, workdir: str, *, batch_size: int = 16):
-        from vision_jax.run import task_model
+    task: Task
+    model: nn.Module
+    variables: dict[str, Any]
+    input: data_lib.InputSpec
+    class_names: list[str]
+    category_ids: list[int]  # detection: the COCO id of each class
+    batch_size: int
 
-        record = read_record(workdir)
-        if record.task != "detection":
-            raise ValueError(
-                f"{workdir} is a {record.task or 'classification'} run; vision_jax.predict runs "
-                "detection runs."
-            )
-        spec = specs.run_spec(TrackedConfig(ml_collections.ConfigDict(record.config)))
-        self.task, self.batch_size = spec.task, batch_size
-        self.class_names = list(record.class_names)
-        self.category_ids = list(record.category_ids or range(1, len(self.class_names) + 1))
-        self.input = dataclasses.replace(
-            spec.input, image_size=record.image_size, mean=record.mean, std=record.std
+    def __init__(self, workdir: str | os.PathLike, *, which: str = "best", batch_size: int = 16):
+        trained = load_trained(workdir, which=which)
+        self._bind(
+            trained.task,
+            trained.model,
+            trained.variables,
+            trained.input,
+            trained.class_names,
+            trained.record.category_ids,
+            batch_size,
         )
-        model = task_model(spec, len(self.class_names))
-        self.variables = read_variables(workdir)
 
-        def forward(variables: Any, batch: dict[str, jax.Array]) -> Any:
+    @classmethod
+    def from_weights(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model: str,
+        class_names: Sequence[str] | None = None,
+        batch_size: int = 16,
+    ) -> Predictor:
+        """The classifier in the weight file ``path`` (any format :mod:`vision_jax.weights`
+        reads) on the registered backbone ``model``, fed as the file's input contract says (its
+        size, crop, mean and std; resized bilinear, as the pipeline resizes); its classes
+        ``class_names``, or ``class_0`` .. ``class_{n-1}``."""
+        contract = weights.input_contract(path)
+        network, variables = _pretrained_classifier(path, model, contract.image_size)
+        count = network.num_classes
+        names = list(class_names or (f"class_{i}" for i in range(count)))
+        if len(names) != count:
+            raise ValueError(f"{path} classifies {count} classes; got {len(names)} class names.")
+        spec = data_lib.InputSpec(
+            contract.image_size, contract.mean, contract.std, crop_fraction=contract.crop_fraction
+        )
+        predictor = cls.__new__(cls)
+        predictor._bind(Classification(), network, variables, spec, names, None, batch_size)
+        return predictor
+
+    def _bind(
+        self,
+        task: Task,
+        model: nn.Module,
+        variables: dict,
+        spec: data_lib.InputSpec,
+        class_names: Sequence[str],
+        category_ids: Sequence[int] | None,
+        batch_size: int,
+    ) -> None:
+        self.task, self.model, self.variables, self.input = task, model, variables, spec
+        self.class_names, self.batch_size = list(class_names), batch_size
+        self.category_ids = list(category_ids or range(1, len(self.class_names) + 1))
+        size = (spec.image_size, spec.image_size)
+
+        def predict(variables: Any, images: jax.Array, keys: tuple[str, ...] | None) -> dict:
+            found = task.predict(model.apply(variables, images, train=False), size)
+            return found if keys is None else {k: found[k] for k in keys}
+
+        def detections(variables: Any, batch: dict[str, jax.Array]) -> Any:
             outputs = model.apply(variables, batch["image"], train=False)
-            return self.task.eval_metrics(outputs, batch)  # what the evaluation scores
+            return task.eval_metrics(outputs, batch)  # what the evaluation scores
 
-        self._forward = jax.jit(forward)
+        self._predict = jax.jit(predict, static_argnames="keys")
+        self._detections = jax.jit(detections)
 
-    def detect(self, paths: Sequence[str]) -> tuple[list[dict], list[tuple[str, str]]]:
-        """Detections of every readable file of ``paths``, and the unreadable ones (path,
-        reason)."""
+    def predict(
+        self, paths: Sequence[str], *, top_k: int = 5, progress: bool = False
+    ) -> tuple[list[dict], list[tuple[str, str]]]:
+        """Records of the readable files of ``paths`` (in order; see the module docstring:
+        segmentation's ``label_map`` is a uint8 array here), and the unreadable files as
+        (path, reason). ``top_k``: classes per classification record; ``progress``: a progress
+        line on stderr."""
+        if self.task.name == "detection":
+            return self._detect(paths, progress)
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1; got {top_k}.")
+        files, unreadable = decoded_sizes(paths)
+        source = unlabelled_files(files, self.task.target, self.class_names)
+        bar = Progress(len(files)) if progress else None
+        names, records = self.class_names, []
+        if self.task.name == "classification":
+            found = self._rows(source, ("probabilities",), bar)
+            for (path, _), row in zip(files, found, strict=True):
+                records.append(classification_record(path, row["probabilities"], names, top_k))
+        else:
+            found = self._rows(source, ("label_map",), bar)
+            for (path, size), row in zip(files, found, strict=True):
+                records.append(segmentation_record(path, row["label_map"], size, names))
+        return records, unreadable
+
+    def predict_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The task's predictions (:meth:`~vision_jax.tasks.base.Task.predict`: classification
+        ``probabilities`` [N, classes]; segmentation ``label_map`` [N, S, S] and
+        ``probabilities``, at the model's input size S) of uint8 images [N, H, W, 3]."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"Images must be uint8 [N, H, W, 3]; got {images.dtype} {images.shape}."
+            )
+        if self.task.name == "detection":
+            raise ValueError("Detection predicts on files (predict): boxes map back to each file.")
+        if self.task.target == "label":
+            targets = np.zeros(len(images), np.int32)
+        else:
+            targets = np.full(images.shape[:3], IGNORE_LABEL, np.uint8)
+        source = data_lib.from_arrays(images, targets, self.class_names, target=self.task.target)
+        rows = list(self._rows(source, None, None))
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def _rows(
+        self, source: data_lib.Source, keys: tuple[str, ...] | None, bar: Progress | None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The task's predictions ``keys`` (None: all) of each example of ``source``, in order."""
+        for batch in data_lib.eval_batches(source, self.input, global_batch=self.batch_size):
+            found = jax.device_get(self._predict(self.variables, batch["image"], keys))
+            count = int(batch["mask"].sum())  # padding rows come last
+            if bar is not None:
+                bar.update(count)
+            yield from ({k: v[i] for k, v in found.items()} for i in range(count))
+        if bar is not None:
+            bar.close()
+
+    def _detect(
+        self, paths: Sequence[str], progress: bool
+    ) -> tuple[list[dict], list[tuple[str, str]]]:
+        """COCO results of the readable files (with ``file_name`` and ``category_name``), and
+        the unreadable files (path, reason)."""
         source, unreadable = from_image_files(paths, self.class_names, self.category_ids)
         batches = data_lib.eval_batches(
             source, self.input, global_batch=self.batch_size, max_boxes=1
         )
+        bar = Progress(source.num_examples) if progress else None
         total = None
         for batch in batches:
-            found = jax.device_get(self._forward(self.variables, batch))
+            found = jax.device_get(self._detections(self.variables, batch))
             total = found if total is None else total.merge(found)
+            if bar is not None:
+                bar.update(int(batch["mask"].sum()))
+        if bar is not None:
+            bar.close()
         merged = total.detections.compute()
         seen = set(merged["image_ids"].tolist()) - {0}
         images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
-        unreadable += [(images[i], "cannot be decoded") for i in sorted(set(images) - seen)]
+        unreadable += [(images[i], _reason(images[i])) for i in sorted(set(images) - seen)]
         results = coco_results(merged, self.category_ids)
         names = dict(zip(self.category_ids, self.class_names, strict=True))
         for r in results:
             r["file_name"] = images[r["image_id"]]
             r["category_name"] = names[r["category_id"]]
         return results, unreadable
+
+
+def _pretrained_classifier(
+    path: str | os.PathLike, model_name: str, image_size: int
+) -> tuple[nn.Module, dict]:
+    """The registered model ``model_name`` with the classifier head of the weight file ``path``
+    (its class count), and the file's weights loaded into it."""
+    read = weights.read_variables(path, create_model(model_name, num_classes=1))
+    head = read.get("params", {}).get("head", {}).get("kernel")
+    if head is None:
+        raise weights.WeightFormatError(f"{path} holds no classifier head to predict with.")
+    model = create_model(model_name, num_classes=int(np.shape(head)[-1]))
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+    # Zeros of the model's shapes: the strict merge takes every value from the file.
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    return model, weights.load_pretrained(path, model=model, variables=template)
+
+
+def decoded_sizes(paths: Sequence[str]) -> tuple[list[Sized], list[tuple[str, str]]]:
+    """The files of ``paths`` that the pipeline's decoder reads, with their (height, width);
+    and the others, with the decoder's error."""
+
+    def size(index: tf.Tensor, path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return index, tf.shape(augment.decode(tf.io.read_file(path)))[:2]
+
+    ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=str)).enumerate()
+    ds = ds.map(size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.batch(256).with_options(data_lib.pipeline_options())
+    found = {int(i): (int(h), int(w)) for rows, sizes in ds.as_numpy_iterator()
+             for i, (h, w) in zip(rows, sizes, strict=True)}  # fmt: skip
+    if not found:
+        raise data_lib.DataError(f"None of the {len(paths)} image file(s) can be read.")
+    unreadable = [(p, _reason(p)) for i, p in enumerate(paths) if i not in found]
+    return [(p, found[i]) for i, p in enumerate(paths) if i in found], unreadable
+
+
+def _reason(path: str) -> str:
+    """Why the pipeline's decoder cannot read ``path``."""
+    error = _read(path, augment.decode)
+    return error if isinstance(error, str) else "cannot be decoded"
+
+
+def unlabelled_files(
+    files: Sequence[Sized], target: str, class_names: Sequence[str]
+) -> data_lib.Source:
+    """A source over image files without ground truth, for the evaluation pipeline: its target
+    is a placeholder nothing reads (label 0, or a label map all IGNORE_LABEL at the image's
+    size)."""
+    paths = np.array([p for p, _ in files], dtype=str)
+    if target == "label":
+        labels = np.zeros(len(paths), np.int32)
+        return data_lib.from_columns({"path": paths, "label": labels}, class_names)
+    heights, widths = (np.array(v, np.int32) for v in zip(*(s for _, s in files), strict=True))
+    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "height": heights, "width": widths})
+
+    def placeholder(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        shape = tf.stack([example["height"], example["width"]])
+        ignore = tf.fill(shape, tf.constant(IGNORE_LABEL, tf.uint8))
+        return {"path": example["path"], "label_map": ignore}
+
+    ds = ds.map(placeholder)
+    return data_lib.Source(ds, len(paths), list(class_names), {"path": paths}, target=target)
+
+
+def classification_record(
+    path: str, probabilities: np.ndarray, class_names: Sequence[str], top_k: int
+) -> dict:
+    """``file``, the most probable class (``label``, ``class_name``, ``probability``) and the
+    ``top_k`` most probable (ties in class order)."""
+    order = np.argsort(-probabilities, kind="stable")[:top_k]
+    top = [{"label": int(i), "class_name": class_names[i], "probability": float(probabilities[i])}
+           for i in order]  # fmt: skip
+    return {"file": path, **top[0], "top_k": top}
+
+
+def segmentation_record(
+    path: str, label_map: np.ndarray, size: tuple[int, int], class_names: Sequence[str]
+) -> dict:
+    """``file``, its ``label_map`` (uint8 class ids, resized nearest-neighbour from the model's
+    input to the image's ``size``, as the pipeline resizes label maps) and ``class_fractions``
+    (the fraction of its pixels in each class)."""
+    small = np.asarray(label_map, np.uint8)[..., None]
+    full = augment.resize_nearest(small, size).numpy()[..., 0]
+    fractions = np.bincount(full.ravel(), minlength=len(class_names)) / full.size
+    return {"file": path, "label_map": full,
+            "class_fractions": dict(zip(class_names, fractions.tolist(), strict=True))}  # fmt: skip
+
+
+def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
+    """``folder/<stem>.png`` for each of ``paths``; a stem already taken gets ``_2``, ``_3``..."""
+    taken: dict[str, int] = {}
+    out = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        taken[stem] = taken.get(stem, 0) + 1
+        suffix = f"_{taken[stem]}" if taken[stem] > 1 else ""
+        out.append(os.path.join(folder, f"{stem}{suffix}.png"))
+    return out
+
+
+def save_label_maps(records: list[dict], folder: str) -> None:
+    """Writes each record's ``label_map`` to a PNG in ``folder`` and puts its path in its
+    place."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    outs = unique_pngs([r["file"] for r in records], folder)
+    for record, out in zip(records, outs, strict=True):
+        Image.fromarray(record["label_map"]).save(out)
+        record["label_map"] = out
+
+
+def flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``record`` with nested mappings and lists spread into columns (``top_k_1_label``)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, list):
+            value = {str(i): v for i, v in enumerate(value, 1)}
+        if isinstance(value, Mapping):
+            out.update(flat(value, f"{name}_"))
+        else:
+            out[name] = value
+    return out
+
+
+def write_records(records: list[dict], path: str) -> None:
+    """``records`` as the extension of ``path`` says: ``.jsonl``, ``.csv`` or ``.json``."""
+    kind = os.path.splitext(path)[1].lower()
+    with open(path, "w", newline="" if kind == ".csv" else None) as f:
+        if kind == ".json":
+            json.dump(records, f)
+        elif kind == ".jsonl":
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        else:
+            rows = [flat(r) for r in records]
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            writer = csv.DictWriter(f, columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 PALETTE = (
@@ -124,31 +414,69 @@ def draw_detections(path: str, detections: list[dict], out_path: str, threshold:
     image.save(out_path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a detection run's workdir")
+    parser.add_argument("--workdir", help="a trained run's workdir")
+    parser.add_argument("--which", choices=("best", "latest"), help="--workdir's step (best)")
+    parser.add_argument("--weights", help="a pretrained classifier file (instead of --workdir)")
+    parser.add_argument("--model", help="the registered model of --weights (e.g. vit_ti16)")
+    parser.add_argument("--class_names", help="--weights' classes, comma-separated")
     parser.add_argument("--input", required=True, help="an image folder, file or glob pattern")
-    parser.add_argument("--output", required=True, help="COCO results JSON to write")
-    parser.add_argument("--draw", help="folder for the images with their boxes drawn")
-    parser.add_argument("--draw_threshold", type=float, default=0.5)
+    parser.add_argument("--output", required=True, help="records to write: .jsonl, .csv, .json")
+    parser.add_argument("--top_k", type=int, default=5, help="classes per classification record")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--draw", help="detection: folder for the images with their boxes drawn")
+    parser.add_argument("--draw_threshold", type=float, default=0.5)
+    return parser
+
+
+def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Predictor:
+    if bool(args.workdir) == bool(args.weights):
+        parser.error("give either --workdir or --weights (with --model).")
+    if args.workdir:
+        stray = [f"--{k}" for k in ("model", "class_names") if getattr(args, k)]
+        if stray:
+            parser.error(f"{', '.join(stray)}: for --weights (a run records its own).")
+        return Predictor(args.workdir, which=args.which or "best", batch_size=args.batch_size)
+    if not args.model:
+        parser.error("--weights needs --model (the registered model the file fits).")
+    if args.which:
+        parser.error("--which picks a step of --workdir, not of --weights.")
+    names = args.class_names.split(",") if args.class_names else None
+    return Predictor.from_weights(
+        args.weights, model=args.model, class_names=names, batch_size=args.batch_size
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if os.path.splitext(args.output)[1].lower() not in FORMATS:
+        parser.error(f"--output {args.output}: the extension must be one of {', '.join(FORMATS)}.")
     logging.basicConfig(level=logging.WARNING)
-    paths = image_files(args.input)
-    results, unreadable = Predictor(args.workdir, batch_size=args.batch_size).detect(paths)
+    try:
+        paths = image_files(args.input)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    predictor = _predictor(args, parser)
+    task = predictor.task.name
+    if args.draw and task != "detection":
+        parser.error(f"--draw draws boxes: {args.workdir} is a {task} run.")
+    records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
     for path, reason in unreadable:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    with open(args.output, "w") as f:
-        json.dump(results, f)
+    if task == "segmentation":
+        save_label_maps(records, os.path.splitext(args.output)[0])
+    write_records(records, args.output)
     if args.draw:
         os.makedirs(args.draw, exist_ok=True)
         skipped = {path for path, _ in unreadable}
-        for path in (p for p in paths if p not in skipped):
-            mine = [r for r in results if r["file_name"] == path]
-            out = os.path.join(args.draw, os.path.splitext(os.path.basename(path))[0] + ".png")
+        kept = [p for p in paths if p not in skipped]
+        for path, out in zip(kept, unique_pngs(kept, args.draw), strict=True):
+            mine = [r for r in records if r["file_name"] == path]
             draw_detections(path, mine, out, args.draw_threshold)
     print(json.dumps({"images": len(paths) - len(unreadable), "skipped": len(unreadable),
-                      "detections": len(results), "output": args.output}))  # fmt: skip
+                      "records": len(records), "output": args.output}))  # fmt: skip
     return 0
 
 

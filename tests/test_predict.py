@@ -1,0 +1,239 @@
+"""vision_jax.predict on image files: predictions equal the evaluation path's on the same images
+(classification probabilities, segmentation label maps), unreadable files are named and skipped,
+the CLI writes jsonl / csv / PNG label maps, and a pretrained file predicts as timm does."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_segmentation_train import ARRAYS, seg_config
+
+from vision_jax import data as data_lib
+from vision_jax.predict import Predictor, main
+from vision_jax.train import train_and_evaluate
+from vision_jax.trained import load_trained
+
+BROKEN = 5  # where the unreadable files go among the digit files
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _eval_outputs(workdir: pathlib.Path, source: data_lib.Source, batch: int) -> np.ndarray:
+    """The trained model's outputs (logits) on the real rows of the evaluation batches of
+    ``source``."""
+    trained = load_trained(workdir)
+    rows = []
+    for b in data_lib.eval_batches(source, trained.input, global_batch=batch):
+        logits = np.asarray(trained.model.apply(trained.variables, b["image"], train=False))
+        rows.append(logits[b["mask"] > 0])
+    return np.concatenate(rows)
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory) -> tuple[list[str], list[str]]:
+    """The digits test split (the run's eval split) as 8x8 grey PNG files, and two unreadable
+    files: not an image, and a PNG cut short (its header reads, its pixels do not)."""
+    folder = tmp_path_factory.mktemp("digits")
+    paths = []
+    for i, image in enumerate(data_lib.digits("test").columns["image"]):
+        paths.append(str(folder / f"{i:03d}.png"))
+        Image.fromarray(image[..., 0]).save(paths[-1])
+    png = pathlib.Path(paths[0]).read_bytes()
+    broken = [folder / "000_not_an_image.png", folder / "000_truncated.png"]
+    broken[0].write_bytes(b"not an image")
+    broken[1].write_bytes(png[: len(png) // 2])
+    return paths, [str(p) for p in broken]
+
+
+@pytest.fixture(scope="module")
+def digit_predictor(digits_run) -> Predictor:
+    return Predictor(digits_run[0], batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def digit_records(digit_predictor, digit_files) -> tuple[list[dict], list]:
+    paths, broken = digit_files
+    mixed = paths[:BROKEN] + broken + paths[BROKEN:]
+    return digit_predictor.predict(mixed, top_k=10)
+
+
+def test_probabilities_equal_the_evaluation(digits_run, digit_files, digit_predictor,
+                                            digit_records):  # fmt: skip
+    """Each file's probabilities (and each array's, with predict_arrays) are the softmax of the
+    model's logits on the eval pipeline's batch of the same digit (another batch size); the
+    top-1 is their argmax; the fraction correct is the run's eval/top1 (the files are exactly
+    the eval split)."""
+    workdir, result = digits_run
+    paths, _ = digit_files
+    records, _ = digit_records
+    assert [r["file"] for r in records] == paths
+    got = np.zeros((len(records), 10))
+    for row, r in zip(got, records, strict=True):
+        for top in r["top_k"]:
+            row[top["label"]] = top["probability"]
+            assert top["class_name"] == str(top["label"])
+    source = data_lib.digits("test")
+    want = _softmax(_eval_outputs(workdir, source, 48))
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    rgb = np.repeat(source.columns["image"], 3, -1)
+    arrays = digit_predictor.predict_arrays(rgb)["probabilities"]
+    np.testing.assert_allclose(arrays, want, atol=2e-6)
+    labels = np.array([r["label"] for r in records])
+    np.testing.assert_array_equal(labels, want.argmax(-1))
+    assert np.ptp(want, axis=0).max() > 0.05  # a trained model: not the same for every digit
+    assert result["eval/top1"] > 0.3  # chance is 0.1
+    correct = np.mean(labels == source.columns["label"])
+    assert correct == pytest.approx(result["eval/top1"], abs=1e-6)
+
+
+def test_unreadable_files_are_named_and_skipped(digit_files, digit_records):
+    _, broken = digit_files
+    records, unreadable = digit_records
+    assert [path for path, _ in unreadable] == broken
+    assert all(reason for _, reason in unreadable)
+    assert Image.open(broken[1]).size == (8, 8)  # a header check alone would let it through
+    assert len(records) == 360
+
+
+def test_cli_writes_jsonl_and_csv_with_top_k(digits_run, digit_files, digit_records, tmp_path,
+                                             capsys):  # fmt: skip
+    """The CLI on a glob (100 digits and the two broken files): one jsonl record and one csv
+    row per readable file, with 3 classes each, equal to the Predictor's."""
+    paths, broken = digit_files
+    folder = pathlib.Path(paths[0]).parent
+    by_file = {r["file"]: r for r in digit_records[0]}
+    for kind in ("jsonl", "csv"):
+        out = tmp_path / f"preds.{kind}"
+        argv = [f"--workdir={digits_run[0]}", f"--input={folder}/0*.png", f"--output={out}",
+                "--top_k=3", "--batch_size=32"]  # fmt: skip
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert all(f"skipped {path}: " in err for path in broken)
+        assert "100/100 images" in err
+        if kind == "jsonl":
+            rows = [json.loads(line) for line in out.read_text().splitlines()]
+            assert [r["file"] for r in rows] == paths[:100]
+            for r in rows:
+                want = by_file[r["file"]]
+                assert r["top_k"] == pytest.approx(want["top_k"][:3])
+                assert (r["label"], r["class_name"]) == (want["label"], want["class_name"])
+        else:
+            with out.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            assert [r["file"] for r in rows] == paths[:100]
+            assert "top_k_3_probability" in rows[0] and "top_k_4_label" not in rows[0]
+            for r in rows:
+                want = by_file[r["file"]]["top_k"]
+                assert [int(r[f"top_k_{k}_label"]) for k in (1, 2, 3)] == [
+                    t["label"] for t in want[:3]
+                ]
+                assert float(r["top_k_2_probability"]) == pytest.approx(want[1]["probability"])
+
+
+@pytest.mark.slow  # trains a segmentation run of its own: over 30 s on 2 cores
+def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, capsys):
+    """A segmentation run's predict: one PNG label map per image equal to the argmax of the
+    model on the eval pipeline's batch of that image (a 48x32 image: that 16x16 argmax with
+    each pixel repeated 3x2, as the nearest resize gives), and an index whose class fractions
+    are those of the PNG; predict_arrays gives the 16x16 maps."""
+    workdir = tmp_path_factory.mktemp("seg_run")
+    steps = {"total_steps": 10, "checkpoint_every_steps": 10, "log_every_steps": 10}
+    config = seg_config(**steps, **{"optimizer.learning_rate": 0.1})
+    train_and_evaluate(config, str(workdir), arrays=ARRAYS)
+    images, _ = ARRAYS["test"]
+    folder = tmp_path_factory.mktemp("seg_images")
+    paths = [str(folder / f"{i:02d}.png") for i in range(len(images))]
+    for path, image in zip(paths, images, strict=True):
+        Image.fromarray(image).save(path)
+    large = np.asarray(Image.fromarray(images[3]).resize((32, 48), Image.BILINEAR))
+    paths.append(str(folder / "large.png"))
+    Image.fromarray(large).save(paths[-1])
+
+    out = tmp_path_factory.mktemp("seg_out") / "preds.jsonl"
+    assert main([f"--workdir={workdir}", f"--input={folder}", f"--output={out}"]) == 0
+    assert f"{len(paths)}/{len(paths)} images" in capsys.readouterr().err
+    index = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in index] == paths
+
+    names = list(config.data.class_names)
+    source = data_lib.from_arrays(images, np.zeros(images.shape[:3], np.uint8), names,
+                                  target="label_map")  # fmt: skip
+    want = list(_eval_outputs(workdir, source, 8).argmax(-1))
+    one = data_lib.from_arrays(large[None], np.zeros((1, 48, 32), np.uint8), names,
+                               target="label_map")  # fmt: skip
+    small = _eval_outputs(workdir, one, 8)[0].argmax(-1)
+    want.append(np.repeat(np.repeat(small, 3, 0), 2, 1))
+    assert len({int(c) for m in want for c in np.unique(m)}) >= 2  # not a constant model
+    arrays = Predictor(workdir).predict_arrays(images)["label_map"]
+    np.testing.assert_array_equal(arrays, np.stack(want[:-1]))
+    for record, expected in zip(index, want, strict=True):
+        label_map = np.asarray(Image.open(record["label_map"]))
+        np.testing.assert_array_equal(label_map, expected)
+        counts = np.bincount(label_map.ravel(), minlength=len(names)) / label_map.size
+        assert list(record["class_fractions"]) == names
+        np.testing.assert_allclose(list(record["class_fractions"].values()), counts)
+
+
+DOGS = range(24, 30)  # Tiny-ImageNet's 6 dog breeds in its sorted WordNet ids (n02085620 ..)
+
+
+def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
+    """``--weights`` with the ViT-Ti/16 timm file (a 200-way Tiny-ImageNet head) on two
+    Imagenette English springer images: the probabilities of timm's own model on the file's
+    input contract (resize 224 / 0.9 = 248, centre 224 crop, mean = std = 0.5) made here with
+    PIL (bilinear, in float; JPEG decoded by TensorFlow, as the pipeline does: decoders differ
+    by a few levels); and a dog breed comes first for both (the head has no springer class)."""
+    import tensorflow as tf
+    import torch
+    from safetensors.torch import load_file
+
+    weights = shared_dir / "weights/vit_ti16/vit_tiny_patch16_224.safetensors"
+    archive = shared_dir / "data/imagenette_224_val/imagenette2_224_val.zip"
+    if not (weights.is_file() and archive.is_file()):
+        pytest.skip("the ViT-Ti/16 safetensors or the Imagenette archive is absent")
+    with zipfile.ZipFile(archive) as z:
+        members = sorted(n for n in z.namelist() if n.startswith("val/n02102040/"))[1:3]
+        paths = []
+        for name in members:
+            paths.append(str(tmp_path / pathlib.Path(name).name))
+            pathlib.Path(paths[-1]).write_bytes(z.read(name))
+
+    out = tmp_path / "preds.json"
+    argv = [f"--weights={weights}", "--model=vit_ti16", f"--input={tmp_path}/*.JPEG",
+            f"--output={out}", "--top_k=200"]  # fmt: skip
+    assert main(argv) == 0
+    records = json.loads(out.read_text())
+    got = np.zeros((2, 200))
+    for row, r in zip(got, records, strict=True):
+        row[[t["label"] for t in r["top_k"]]] = [t["probability"] for t in r["top_k"]]
+    assert records[0]["class_name"].startswith("class_")
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=200, pretrained=False)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    inputs = np.stack([_timm_input(tf.io.decode_jpeg(tf.io.read_file(p)).numpy()) for p in paths])
+    with torch.no_grad():
+        want = torch.softmax(model.eval()(torch.from_numpy(inputs)), -1).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert all(r["label"] in DOGS for r in records), [r["top_k"][:3] for r in records]
+
+
+def _timm_input(image: np.ndarray) -> np.ndarray:
+    """The ViT's input contract in PIL: shorter side to 248 (bilinear, float), centre 224 crop,
+    (x / 255 - 0.5) / 0.5, channels first."""
+    h, w = image.shape[:2]
+    size = (round(w * 248 / min(h, w)), round(h * 248 / min(h, w)))
+    channels = [Image.fromarray(image[..., c].astype(np.float32)).resize(size,
+                Image.BILINEAR) for c in range(3)]  # fmt: skip
+    resized = np.stack([np.asarray(c) for c in channels])
+    top, left = (resized.shape[1] - 224) // 2, (resized.shape[2] - 224) // 2
+    crop = resized[:, top : top + 224, left : left + 224]
+    return ((crop / 255.0 - 0.5) / 0.5).astype(np.float32)
