@@ -8,12 +8,17 @@ resampled from 14x14 to 7x7) and a budget of 150 steps of 32 images:
   lora          LoRA rank 8 on the query and value projections, plus the head (AdamW)
   linear_probe  the head alone on the frozen pretrained backbone (AdamW)
   layer_decay   full fine-tune with layer-wise learning-rate decay 0.75 (AdamW)
+  select        pretrained, for up to 400 steps, validated every 25 steps on 500 other training
+                images (train[4%:5%]); the best checkpoint is kept, training stops after 3
+                validations without improvement, and the best is tested at the end
 
 Commands (from the repository root, ../shared beside it):
   unzip -q ../shared/data/cifar10_jpeg/cifar10_jpeg.zip -d /tmp/cifar10_jpeg
   python -m vision_jax.main --config=configs/vit_ti16_cifar10.py:pretrained \
       --workdir=/tmp/vj_cifar/pretrained
   (the same with :scratch, :lora, :linear_probe, :layer_decay and their own workdirs)
+  python -m vision_jax.main --config=configs/vit_ti16_cifar10.py:select \
+      --workdir=/tmp/vj_cifar/select
 
 Expected results (eval/top1 on 1,000 held-out test images, 2 CPU cores):
   variant        eval/top1  trainable params  optimizer state  wall time
@@ -22,7 +27,11 @@ Expected results (eval/top1 on 1,000 held-out test images, 2 CPU cores):
   lora             0.749           75,658          0.6 MiB         87 s
   linear_probe     0.634            1,930          0.0 MiB         46 s
   layer_decay      0.742        5,498,122         41.9 MiB        159 s
-(wall time of the whole command: loading, 150 steps, evaluation). The pretrained backbone wins
+(wall time of the whole command: loading, 150 steps, evaluation).
+  select: the best validation (val/top1 0.834 on the 500 validation images) came at step 325 of
+  400; that checkpoint scores eval/top1 0.807 on the 1,000 test images (the last three
+  validations did not improve, the third being the last step). Wall time 16.8 min, measured
+  with other jobs sharing the 2 cores. The pretrained backbone wins
 by 50 points over the same run from scratch; LoRA gets within a point of full fine-tuning while
 training 1.4% of the parameters.
 """
@@ -31,7 +40,7 @@ from ml_collections.config_dict import placeholder
 
 from vision_jax.config import default_config
 
-VARIANTS = ("pretrained", "scratch", "lora", "linear_probe", "layer_decay")
+VARIANTS = ("pretrained", "scratch", "lora", "linear_probe", "layer_decay", "select")
 
 
 def get_config(arg=None):
@@ -78,4 +87,9 @@ def get_config(arg=None):
         c.optimizer.learning_rate = 3e-4
         c.optimizer.weight_decay = 0.05
         c.optimizer.layer_decay = 0.75
+    elif variant == "select":
+        c.data.val_split = "train[4%:5%]"  # 500 training images the run does not train on
+        c.total_steps = 400
+        c.eval_every_steps = c.checkpoint_every_steps = 25
+        c.early_stopping.patience = 3
     return c
