@@ -14,6 +14,10 @@ every token, then the mean; no class token), which differs from timm's ``fc_norm
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -34,10 +38,44 @@ from vision_jax.models.registry import (
 POOL_TYPES = ("token", "gap")
 
 
+# The float32 erf that StableHLO's chlo.erf decomposes into (Eigen's rational approximation):
+# x P(x^2) / Q(x^2) on x clamped to [-4, 4].
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)  # fmt: skip
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)  # fmt: skip
+_elementary_erf = contextvars.ContextVar("elementary_erf", default=False)
+
+
+def erf_elementary(x: jax.Array) -> jax.Array:
+    """float32 ``erf`` from multiplies, adds, a divide and clamps (within 1e-6 of the exact
+    erf), for converters that have no erf (TFLite)."""
+    x = jnp.clip(x.astype(jnp.float32), -4.0, 4.0)
+    x2 = x * x
+    p = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_P, 0.0)
+    q = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_Q, 0.0)
+    return jnp.clip(x * p / q, -1.0, 1.0)
+
+
+@contextlib.contextmanager
+def elementary_erf() -> Iterator[None]:
+    """Models traced inside compute GELU's erf with :func:`erf_elementary` instead of
+    ``lax.erf`` (for export; training and evaluation keep ``lax.erf``)."""
+    token = _elementary_erf.set(True)
+    try:
+        yield
+    finally:
+        _elementary_erf.reset(token)
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
     """Exact GELU as torch writes it, ``x/2 * (1 + erf(x/sqrt(2)))``; XLA's polynomial ``erf``
-    is cheaper than the ``erfc`` (with an ``exp``) of ``nn.gelu(approximate=False)``."""
-    return 0.5 * x * (1 + lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+    is cheaper than the ``erfc`` (with an ``exp``) of ``nn.gelu(approximate=False)``. Inside
+    :func:`elementary_erf`, erf is :func:`erf_elementary`."""
+    y = x * jnp.asarray(0.5**0.5, x.dtype)
+    erf = erf_elementary(y).astype(x.dtype) if _elementary_erf.get() else lax.erf(y)
+    return 0.5 * x * (1 + erf)
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:

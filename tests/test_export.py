@@ -1,0 +1,347 @@
+"""Export for serving: the SavedModel, StableHLO and TFLite forms compute what the JAX model
+computes (uint8 images in, preprocessing inside), at several batch sizes; the ViT's erf; LoRA
+runs; quantisation measured on real images."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import subprocess
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import SHARED
+from PIL import Image
+from test_train import small_config
+
+from vision_jax import create_model
+from vision_jax.data import digits, eval_batches, from_arrays
+from vision_jax.export import (
+    ExportError,
+    Servable,
+    TFLiteModel,
+    export_trained,
+    load_stablehlo,
+    to_savedmodel,
+    to_stablehlo,
+    to_tflite,
+)
+from vision_jax.export.__main__ import main as export_main
+from vision_jax.models.vit import erf_elementary
+from vision_jax.tasks import Classification, Detection, Segmentation
+from vision_jax.train import train_and_evaluate
+from vision_jax.trained import load_trained
+from vision_jax.weights import load_pretrained
+
+CIFAR_ZIP = SHARED / "data/cifar10_jpeg/cifar10_jpeg.zip"
+RESNET20 = SHARED / "weights/resnet_cifar10/resnet20-12fca82f.th"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def cifar_members(split: str, per_class: int) -> list[str]:
+    """The first ``per_class`` JPEGs of each class of the shared CIFAR-10 split (zip members)."""
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        names = sorted(n for n in z.namelist() if n.startswith(f"{split}/") and n.endswith("jpg"))
+    taken: dict[str, list[str]] = {}
+    for name in names:
+        taken.setdefault(name.split("/")[1], []).append(name)
+    return [n for members in taken.values() for n in members[:per_class]]
+
+
+def cifar_images(split: str, per_class: int) -> np.ndarray:
+    """Those JPEGs of the shared CIFAR-10 split, decoded."""
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        return np.stack([
+            np.asarray(Image.open(io.BytesIO(z.read(n))).convert("RGB"))
+            for n in cifar_members(split, per_class)
+        ])  # fmt: skip
+
+
+def digit_images(count: int) -> np.ndarray:
+    """sklearn digits as uint8 16x16 RGB (each pixel repeated 2x2)."""
+    images = digits("test").columns["image"][:count, ..., 0]
+    return np.repeat(np.repeat(images, 2, 1), 2, 2)[..., None].repeat(3, -1)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """A CIFAR ResNet-20 with trained weights and real images: the shared CIFAR-10 weights and
+    test JPEGs, or (without ../shared) randomly perturbed weights on digits."""
+    real = CIFAR_ZIP.is_file() and RESNET20.is_file()
+    size, mean, std = (32, IMAGENET_MEAN, IMAGENET_STD) if real else (16, (0.5,) * 3, (0.5,) * 3)
+    model = create_model("cifar_resnet20", num_classes=10)
+    variables = init(model, size)
+    if real:
+        images = cifar_images("test", 1)  # one per class
+        variables = load_pretrained(RESNET20, model=model, variables=variables)
+    else:
+        images, variables = digit_images(10), perturbed(variables)
+    return Servable(model, variables, Classification(), size, mean, std), images
+
+
+def init(model, size: int) -> dict:
+    initialise = jax.jit(functools.partial(model.init, train=False))
+    return initialise(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+
+
+def perturbed(variables: dict, scale: float = 0.1) -> dict:
+    """Parameters with noise added (a fresh head is zero: every output would be equal)."""
+    rng = np.random.default_rng(1)
+    noisy = lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape, np.float32)
+    return {**variables, "params": jax.tree.map(noisy, variables["params"])}
+
+
+def reference(servable: Servable, images: np.ndarray) -> np.ndarray:
+    """The JAX model's probabilities with the preprocessing written out in numpy: /255, then
+    (x - mean) / std."""
+    x = (images / 255.0 - np.asarray(servable.mean)) / np.asarray(servable.std)
+    apply = jax.jit(functools.partial(servable.model.apply, train=False))
+    return np.asarray(jax.nn.softmax(apply(servable.variables, x.astype(np.float32))))
+
+
+def test_savedmodel_takes_any_batch_and_matches_the_model(resnet, tmp_path):
+    servable, images = resnet
+    to_savedmodel(servable, tmp_path)
+    serve = tf.saved_model.load(str(tmp_path)).signatures["serving_default"]
+    spec = serve.structured_input_signature[1]["images"]
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, *images.shape[1:]]
+    for batch in (3, len(images)):
+        out = serve(images=tf.constant(images[:batch]))["probabilities"].numpy()
+        expected = reference(servable, images[:batch])
+        np.testing.assert_allclose(out, expected, atol=1e-4)
+        assert len(set(expected.argmax(-1))) > 1  # the outputs differ from image to image
+
+
+def test_stablehlo_reloads_in_jax_at_any_batch(resnet, tmp_path):
+    servable, images = resnet
+    to_stablehlo(servable, tmp_path / "model.jax_exported")
+    exported = load_stablehlo(tmp_path / "model.jax_exported")
+    assert "cpu" in exported.platforms
+    for batch in (2, len(images)):
+        out = exported.call(images[:batch])["probabilities"]
+        np.testing.assert_allclose(out, reference(servable, images[:batch]), atol=1e-4)
+
+
+def test_tflite_float32_matches_and_checks_its_input(resnet):
+    servable, images = resnet
+    model = TFLiteModel(to_tflite(servable, batch=4))
+    assert model.batch == 4
+    out = model(images[:4])["probabilities"]
+    np.testing.assert_allclose(out, reference(servable, images[:4]), atol=1e-4)
+    with pytest.raises(ExportError, match=r"takes uint8 \[4, \d+, \d+, 3\] images; got float32"):
+        model(images[:4].astype(np.float32))
+    with pytest.raises(ExportError, match="Unknown quantize 'int4'"):
+        to_tflite(servable, quantize="int4")
+    with pytest.raises(ExportError, match="full_int8 needs at least 4 representative images"):
+        to_tflite(servable, batch=4, quantize="full_int8")
+
+
+def test_elementary_erf_is_float32_erf():
+    x = np.linspace(-6, 6, 100_001, dtype=np.float32)
+    exact = np.asarray([math.erf(v) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(np.asarray(jax.jit(erf_elementary)(x)), exact, atol=1e-6, rtol=0)
+
+
+def test_vit_converts_to_tflite_and_matches_the_model_with_lax_erf():
+    """TFLite has no erf: exported ViTs compute it with elementary ops (XLA's expansion), and
+    still equal the model (which keeps ``lax.erf``)."""
+    model = create_model("vit_ti16", num_classes=5, depth=1)
+    images = np.tile(digit_images(4), (1, 2, 2, 1))  # 32x32: a 2x2 grid of patches
+    variables = perturbed(init(model, 32))
+    servable = Servable(model, variables, Classification(), 32, (0.5,) * 3, (0.5,) * 3)
+    out = TFLiteModel(to_tflite(servable, batch=4))(images)["probabilities"]
+    np.testing.assert_allclose(out, reference(servable, images), atol=1e-4)
+
+
+def test_detection_refuses_tflite_with_the_reason():
+    task = Detection(strides=(16,))
+    servable = Servable(task.build_model("vit_ti16", 2, depth=1), {}, task, 32, (0.5,) * 3,
+                        (0.5,) * 3)  # fmt: skip
+    with pytest.raises(ExportError, match="TFLite cannot convert a detection model: .*top-k"):
+        to_tflite(servable)
+
+
+@pytest.mark.slow
+def test_detection_exports_to_stablehlo(tmp_path):
+    task = Detection(strides=(16,))
+    model = task.build_model("vit_ti16", 2, depth=1)
+    servable = Servable(model, perturbed(init(model, 32)), task, 32, (0.5,) * 3, (0.5,) * 3)
+    images = np.tile(digit_images(3), (1, 2, 2, 1))
+    to_stablehlo(servable, tmp_path / "det")
+    exported = load_stablehlo(tmp_path / "det")
+    x = (images / 255.0 - 0.5) / 0.5
+    outputs = jax.jit(functools.partial(model.apply, train=False))(servable.variables, x)
+    expected = task.predict(outputs, (32, 32))
+    for batch in (1, 3):
+        got = exported.call(images[:batch])
+        assert set(got) == {"boxes", "scores", "classes"}
+        for key in got:
+            np.testing.assert_allclose(got[key], expected[key][:batch], atol=1e-4, err_msg=key)
+    assert (np.asarray(expected["classes"]) >= 0).any()  # some detections to compare
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export_main(["--workdir", str(tmp_path), "--format", "savedmodel", "--output",
+                     str(tmp_path / "out"), "--evaluate"])  # fmt: skip
+    assert "--evaluate compares TFLite quantisations" in capsys.readouterr().err
+    assert export_main(["--workdir", str(tmp_path), "--format", "stablehlo",
+                        "--output", str(tmp_path / "out")]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No vision_jax checkpoint found in") and "\n" not in err
+
+
+def test_segmentation_exports_label_maps_and_probabilities():
+    task = Segmentation()
+    model = task.build_model("vit_ti16", 3, depth=1)  # a linear head on a ViT: GELU inside
+    servable = Servable(model, perturbed(init(model, 32)), task, 32, (0.5,) * 3, (0.5,) * 3)
+    images = np.tile(digit_images(2), (1, 2, 2, 1))
+    out = TFLiteModel(to_tflite(servable, batch=2))(images)
+    x = (images / 255.0 - 0.5) / 0.5
+    logits = jax.jit(functools.partial(model.apply, train=False))(servable.variables, x)
+    expected = np.asarray(jax.nn.softmax(logits))
+    assert out["probabilities"].shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-4)
+    assert np.mean(out["label_map"] == expected.argmax(-1)) > 0.999  # ties may round apart
+
+
+# ---- exporting trained runs (each trains a small run first) ----------------------------------
+
+
+def run_predictions(trained, images: np.ndarray) -> np.ndarray:
+    """The run's probabilities for ``images`` through its own evaluation path: the pipeline's
+    normalisation (``vision_jax.data``) and ``Trained.predict_batches``."""
+    source = from_arrays(images, np.zeros(len(images), np.int32), trained.class_names)
+    batches = eval_batches(source, trained.input, global_batch=len(images))
+    return np.concatenate([p["probabilities"] for _, p in trained.predict_batches(batches)])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """CIFAR ResNet-20 trained on 8x8 digits (the pipeline then resizes nothing)."""
+    workdir = tmp_path_factory.mktemp("digits_run")
+    config = small_config(total_steps=30, **{"input.image_size": 8})
+    train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def savedmodel_in_a_tensorflow_process(path, images: np.ndarray, tmp_path) -> np.ndarray:
+    """The SavedModel's probabilities, loaded and run by a Python process that imports only
+    TensorFlow (not vision_jax)."""
+    np.save(tmp_path / "images.npy", images)
+    code = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        "out = serve(images=tf.constant(np.load(sys.argv[2])))['probabilities'].numpy()\n"
+        "assert 'vision_jax' not in sys.modules\n"
+        "np.save(sys.argv[3], out)\n"
+    )
+    args = [str(path), str(tmp_path / "images.npy"), str(tmp_path / "out.npy")]
+    subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True)
+    return np.load(tmp_path / "out.npy")
+
+
+@pytest.mark.slow
+def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
+    trained = load_trained(digits_run)
+    images = digits("test").columns["image"][:6].repeat(3, -1)
+    expected = run_predictions(trained, images)
+    for fmt in ("savedmodel", "stablehlo", "tflite"):
+        out = tmp_path / fmt
+        assert export_main(["--workdir", str(digits_run), "--format", fmt, "--output", str(out),
+                            "--tflite_batch", "6"]) == 0  # fmt: skip
+        manifest = json.loads((out / "export.json").read_text())
+        batch = 6 if fmt == "tflite" else None
+        assert manifest["input"]["shape"] == [batch, 8, 8, 3]
+        assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["name"] == "images"
+        assert manifest["outputs"] == {"probabilities": {"shape": [batch, 10], "dtype": "float32"}}
+        assert manifest["class_names"] == [str(d) for d in range(10)]
+        assert manifest["normalisation"]["mean"] == [0.5] * 3
+        assert manifest["source"]["step"] == trained.step == 30
+        if fmt == "savedmodel":
+            got = savedmodel_in_a_tensorflow_process(out, images, tmp_path)
+        elif fmt == "stablehlo":
+            got = load_stablehlo(out / manifest["artifact"]).call(images)["probabilities"]
+        else:
+            model = TFLiteModel((out / manifest["artifact"]).read_bytes())
+            got = model(images)["probabilities"]
+        np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=fmt)
+    assert len(set(expected.argmax(-1))) > 1
+
+
+@pytest.mark.slow
+def test_lora_run_exports_merged_and_matches(tmp_path):
+    config = small_config(**{
+        "model.name": "vit_ti16", "optimizer.name": "adamw", "optimizer.learning_rate": 1e-2,
+        "lora.rank": 4, "lora.alpha": 8.0, "total_steps": 3,
+    })  # fmt: skip
+    train_and_evaluate(config, str(tmp_path / "run"))
+    trained = load_trained(tmp_path / "run")
+    images = digit_images(4)
+    expected = run_predictions(trained, images)
+    export_trained(trained, tmp_path / "sm", format="savedmodel")
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    names = {v.name for v in loaded.model_variables}
+    shapes = sorted(tuple(v.shape) for v in loaded.model_variables)
+    plain = create_model("vit_ti16", num_classes=10)
+    plain_shapes = sorted(x.shape for x in jax.tree.leaves(init(plain, 16)))
+    assert shapes == plain_shapes and not any("lora" in n for n in names)  # merged
+    got = loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"]
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
+    export_trained(trained, tmp_path / "tfl", format="tflite", tflite_batch=4)
+    got = TFLiteModel((tmp_path / "tfl/model.tflite").read_bytes())(images)["probabilities"]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def cifar_folder(root, per_class: dict[str, int]) -> None:
+    """``root/<split>/<class>/*.jpg``: the first JPEGs of each class of shared CIFAR-10."""
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        for split, count in per_class.items():
+            for name in cifar_members(split, count):
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(z.read(name))
+
+
+@pytest.mark.slow
+def test_quantisation_report_on_real_images(tmp_path, capsys):
+    """Every TFLite form of a trained run on its evaluation split: the CIFAR-10 ResNet-20 on
+    300 real CIFAR-10 test images (shared), or a digits run without ../shared."""
+    if CIFAR_ZIP.is_file() and RESNET20.is_file():
+        cifar_folder(tmp_path / "cifar", {"train": 12, "test": 30})
+        config = small_config(**{
+            "init.path": str(RESNET20), "data.source": "imagefolder",
+            "data.root": str(tmp_path / "cifar"), "input.image_size": 32,
+            "input.mean": IMAGENET_MEAN, "input.std": IMAGENET_STD,
+            "optimizer.learning_rate": 1e-4, "total_steps": 2, "eval_batch_size": 100,
+        })  # fmt: skip
+        least = 0.6  # the weights' top-1 on these JPEGs is 0.81 (shared/README.md)
+    else:
+        config = small_config(total_steps=60, **{"optimizer.learning_rate": 0.1})
+        least = 0.5
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    out = tmp_path / "tflite"
+    assert export_main(["--workdir", str(tmp_path / "run"), "--format", "tflite", "--output",
+                        str(out), "--quantize", "full_int8", "--evaluate"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    rows = {r["quantize"]: r for r in json.loads((out / "export.json").read_text())["evaluation"]}
+    assert list(rows) == ["none", "float16", "dynamic_int8", "full_int8"]
+    for name in ("float32", "float16", "dynamic-range int8", "full-integer int8"):
+        assert name in table
+    assert rows["none"]["accuracy"] >= least and rows["none"]["agreement"] == 1.0
+    # The run's own evaluation (JAX, float pipeline) scores what float32 TFLite scores.
+    assert rows["none"]["accuracy"] == pytest.approx(result["eval/top1"], abs=0.02)
+    assert rows["float16"]["agreement"] >= 0.98
+    assert rows["dynamic_int8"]["agreement"] >= 0.9 and rows["full_int8"]["agreement"] >= 0.9
+    for r in rows.values():
+        assert r["accuracy_change"] == pytest.approx(r["accuracy"] - rows["none"]["accuracy"])
+        assert f"{r['accuracy_change']:+.4f}" in table
+    sizes = {q: r["size_bytes"] for q, r in rows.items()}
+    assert sizes["full_int8"] < sizes["float16"] < sizes["none"]
+    assert (out / "model.tflite").stat().st_size == sizes["full_int8"]

@@ -1,0 +1,106 @@
+"""Exporting a trained run: the artifact of one format and its ``export.json`` manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vision_jax.export.images import split_images
+from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
+from vision_jax.export.serving import ExportError, Servable
+from vision_jax.export.stablehlo import PLATFORMS, to_stablehlo
+from vision_jax.export.tflite import check_quantize, to_tflite
+
+if TYPE_CHECKING:
+    from vision_jax.trained import Trained
+
+FORMATS = ("savedmodel", "stablehlo", "tflite")
+ARTIFACTS = {"savedmodel": ".", "stablehlo": "model.jax_exported", "tflite": "model.tflite"}
+MANIFEST = "export.json"
+CALIBRATION_IMAGES = 100  # representative images for full-integer quantisation
+
+
+def export_trained(
+    trained: Trained,
+    output: str | os.PathLike,
+    *,
+    format: str,
+    quantize: str = "none",
+    tflite_batch: int = 1,
+) -> dict[str, Any]:
+    """Exports the run ``trained`` (from :func:`vision_jax.trained.load_trained`) as ``format``
+    into the folder ``output``, beside its manifest; returns the manifest. ``quantize`` and
+    ``tflite_batch`` apply to TFLite."""
+    if format not in FORMATS:
+        raise ExportError(f"Unknown format {format!r}; valid: {', '.join(FORMATS)}.")
+    if format != "tflite" and check_quantize(quantize) != "none":
+        raise ExportError(f"quantize={quantize!r} applies to TFLite, not to {format}.")
+    if tflite_batch < 1:
+        raise ExportError(f"tflite_batch must be at least 1; got {tflite_batch}.")
+    servable = Servable.from_trained(trained)
+    output = pathlib.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    artifact = output / ARTIFACTS[format]
+    if format == "savedmodel":
+        to_savedmodel(servable, output)
+    elif format == "stablehlo":
+        to_stablehlo(servable, artifact)
+    else:
+        representative = None
+        if quantize == "full_int8":
+            split = trained.spec.data.train_split
+            representative = split_images(trained, split, count=CALIBRATION_IMAGES)[0]
+        content = to_tflite(
+            servable, batch=tflite_batch, quantize=quantize, representative=representative
+        )
+        artifact.write_bytes(content)
+    batch = tflite_batch if format == "tflite" else None
+    manifest = _manifest(trained, servable, format, quantize, batch)
+    write_manifest(output, manifest)
+    return manifest
+
+
+def _manifest(
+    trained: Trained, servable: Servable, format: str, quantize: str, batch: int | None
+) -> dict[str, Any]:
+    outputs = {
+        name: {"shape": [batch, *spec.shape[1:]], "dtype": np.dtype(spec.dtype).name}
+        for name, spec in servable.output_specs().items()
+    }
+    manifest = {
+        "format": format,
+        "artifact": ARTIFACTS[format],
+        "quantize": quantize,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": list(servable.input_shape(batch)),
+            "dtype": "uint8",
+            "layout": "NHWC, RGB, at the model's input size (not resized inside)",
+        },
+        "outputs": outputs,
+        "normalisation": {
+            "mean": list(servable.mean),
+            "std": list(servable.std),
+            "applied": "inside the model: (pixels - 255 * mean) / (255 * std), float32",
+        },
+        "task": trained.task.name,
+        "model": trained.record.model,
+        "class_names": trained.class_names,
+        "source": {"step_dir": trained.step_dir, "step": trained.step},
+    }
+    if trained.record.category_ids:
+        manifest["category_ids"] = list(trained.record.category_ids)
+    if format == "savedmodel":
+        manifest["signature"] = SIGNATURE
+    if format == "stablehlo":
+        manifest["platforms"] = list(PLATFORMS)
+    return manifest
+
+
+def write_manifest(output: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    path = pathlib.Path(output) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1) + "\n")

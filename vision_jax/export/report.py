@@ -1,0 +1,114 @@
+"""What quantisation costs: each TFLite form of a run on its evaluation split, against float32.
+
+For each form (float32, float16, dynamic-range int8, full-integer int8): the flatbuffer's size,
+its accuracy (top-1; pixel accuracy for segmentation) and the change from float32, the share
+of predictions (images, or pixels) equal to float32's, and the median latency of one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vision_jax.data import IGNORE_LABEL
+from vision_jax.export.images import split_images
+from vision_jax.export.serving import Servable
+from vision_jax.export.tflite import QUANTIZATIONS, TFLiteModel, to_tflite
+
+if TYPE_CHECKING:
+    from vision_jax.trained import Trained
+
+FORM_NAMES = {
+    "none": "float32",
+    "float16": "float16",
+    "dynamic_int8": "dynamic-range int8",
+    "full_int8": "full-integer int8",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FormResult:
+    quantize: str
+    size_bytes: int
+    accuracy: float
+    accuracy_change: float  # against float32
+    agreement: float  # predictions equal to float32's
+    latency_ms: float  # median, one batch
+
+
+def _predict(model: TFLiteModel, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """Class predictions (argmax of the probabilities) for ``images`` in batches of the model's
+    size (the last one padded), and the median milliseconds per batch."""
+    predictions, times = [], []
+    for start in range(0, len(images), model.batch):
+        chunk = images[start : start + model.batch]
+        padding = np.zeros((model.batch - len(chunk), *images.shape[1:]), images.dtype)
+        padded = np.concatenate([chunk, padding])
+        t0 = time.perf_counter()
+        probabilities = model(padded)["probabilities"]
+        times.append(time.perf_counter() - t0)
+        predictions.append(probabilities[: len(chunk)].argmax(-1))
+    return np.concatenate(predictions), 1e3 * float(np.median(times))
+
+
+def _accuracy(predictions: np.ndarray, targets: np.ndarray) -> float:
+    counted = targets != IGNORE_LABEL if targets.ndim > 1 else np.ones(targets.shape, bool)
+    return float(np.mean(predictions[counted] == targets[counted]))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationReport:
+    rows: list[FormResult]
+    batch: int
+    examples: int
+
+    def table(self) -> str:
+        """The rows as a text table."""
+        lines = [
+            f"{'form':<20} {'size MiB':>9} {'accuracy':>9} {'change':>8} {'agreement':>10} "
+            f"{f'ms/batch of {self.batch}':>16}"
+        ]
+        for r in self.rows:
+            lines.append(
+                f"{FORM_NAMES[r.quantize]:<20} {r.size_bytes / 2**20:>9.2f} {r.accuracy:>9.4f} "
+                f"{r.accuracy_change:>+8.4f} {r.agreement:>10.4f} {r.latency_ms:>16.2f}"
+            )
+        lines.append(
+            f"({self.examples} evaluation examples; change: accuracy minus float32's; "
+            "agreement: share of predictions equal to float32's)"
+        )
+        return "\n".join(lines)
+
+
+def quantization_report(
+    trained: Trained,
+    *,
+    batch: int = 1,
+    examples: int | None = None,
+    calibration: int = 100,
+    threads: int | None = None,
+) -> QuantizationReport:
+    """Every TFLite form of the run ``trained`` (a :class:`vision_jax.trained.Trained`) at
+    ``batch`` images, on its evaluation split (all of it, or ``examples`` drawn at random);
+    full-integer ranges calibrated on ``calibration`` images of its training split."""
+    servable = Servable.from_trained(trained)
+    data = trained.spec.data
+    images, targets = split_images(trained, data.eval_split, count=examples)
+    representative, _ = split_images(trained, data.train_split, count=calibration)
+    forms = []
+    for quantize in QUANTIZATIONS:
+        content = to_tflite(servable, batch=batch, quantize=quantize, representative=representative)
+        predictions, latency = _predict(TFLiteModel(content, threads=threads), images)
+        forms.append((quantize, len(content), predictions, latency))
+    reference = forms[0][2]
+    base = _accuracy(reference, targets)
+    rows = []
+    for quantize, size, predictions, latency in forms:
+        accuracy, agreement = _accuracy(predictions, targets), np.mean(predictions == reference)
+        rows.append(
+            FormResult(quantize, size, accuracy, accuracy - base, float(agreement), latency)
+        )
+    return QuantizationReport(rows, batch, len(images))

@@ -1,0 +1,89 @@
+"""TFLite flatbuffers through the TFLite converter, at a fixed batch size, float32 or quantised;
+and :class:`TFLiteModel` to run one.
+
+The batch size is fixed: the converter cannot take every model on a symbolic batch (the ViT's
+class-token slice and the CIFAR ResNets' strided shortcut become dynamic gathers).
+
+Quantisation (``quantize``): ``float16`` weights; ``dynamic_int8`` (int8 weights, activations
+quantised on the fly); ``full_int8`` (int8 weights and activations, ranges calibrated on
+representative images; the uint8 input and float32 outputs stay as they are).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, serving_module
+from vision_jax.export.serving import ExportError, Servable
+
+QUANTIZATIONS = ("none", "float16", "dynamic_int8", "full_int8")
+
+
+def check_quantize(quantize: str) -> str:
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"Unknown quantize {quantize!r}; valid: {', '.join(QUANTIZATIONS)}.")
+    return quantize
+
+
+def to_tflite(
+    servable: Servable,
+    *,
+    batch: int = 1,
+    quantize: str = "none",
+    representative: np.ndarray | None = None,
+) -> bytes:
+    """The TFLite flatbuffer of ``servable`` on ``batch`` images; ``full_int8`` needs
+    ``representative`` uint8 images (about 100, as the model takes them) to calibrate on."""
+    check_quantize(quantize)
+    if servable.task.name == "detection":
+        raise ExportError(
+            "TFLite cannot convert a detection model: its post-processing's top-k is "
+            "serialised as a StableHLO composite the TFLite converter does not know; export "
+            "it as a savedmodel or stablehlo."
+        )
+    if quantize == "full_int8" and (representative is None or len(representative) < batch):
+        raise ExportError(f"full_int8 needs at least {batch} representative images.")
+    module = serving_module(servable, batch)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.serve.get_concrete_function()], module
+    )
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "full_int8":
+        converter.representative_dataset = lambda: _calibration(representative, batch)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def _calibration(images: np.ndarray, batch: int) -> Iterator[list[np.ndarray]]:
+    for start in range(0, len(images) - batch + 1, batch):
+        yield [images[start : start + batch]]
+
+
+class TFLiteModel:
+    """A TFLite flatbuffer ready to run: ``model(images)`` returns ``{output: array}``."""
+
+    def __init__(self, content: bytes, *, threads: int | None = None):
+        with warnings.catch_warnings():  # tf.lite.Interpreter's notice about LiteRT
+            warnings.simplefilter("ignore")
+            interpreter = tf.lite.Interpreter(model_content=content, num_threads=threads)
+        self._run = interpreter.get_signature_runner(SIGNATURE)
+        self.input_shape = tuple(int(n) for n in self._run.get_input_details()[INPUT_NAME]["shape"])
+
+    @property
+    def batch(self) -> int:
+        return self.input_shape[0]
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if images.shape != self.input_shape or images.dtype != np.uint8:
+            raise ExportError(
+                f"This TFLite model takes uint8 {list(self.input_shape)} images; got "
+                f"{images.dtype} {list(images.shape)}."
+            )
+        return self._run(**{INPUT_NAME: images})
