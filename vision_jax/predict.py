@@ -46,7 +46,7 @@ from vision_jax.data.pipeline import _read
 from vision_jax.models import create_model
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import coco_results
-from vision_jax.trained import load_trained
+from vision_jax.trained import jitted_predict, load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 FORMATS = (".jsonl", ".csv", ".json")
@@ -150,17 +150,12 @@ class Predictor:
         self.task, self.model, self.variables, self.input = task, model, variables, spec
         self.class_names, self.batch_size = list(class_names), batch_size
         self.category_ids = list(category_ids or range(1, len(self.class_names) + 1))
-        size = (spec.image_size, spec.image_size)
-
-        def predict(variables: Any, images: jax.Array, keys: tuple[str, ...] | None) -> dict:
-            found = task.predict(model.apply(variables, images, train=False), size)
-            return found if keys is None else {k: found[k] for k in keys}
 
         def detections(variables: Any, batch: dict[str, jax.Array]) -> Any:
             outputs = model.apply(variables, batch["image"], train=False)
             return task.eval_metrics(outputs, batch)  # what the evaluation scores
 
-        self._predict = jax.jit(predict, static_argnames="keys")
+        self._predict = jitted_predict(model, task, spec.image_size)
         self._detections = jax.jit(detections)
 
     def predict(
@@ -212,7 +207,7 @@ class Predictor:
     ) -> Iterator[dict[str, np.ndarray]]:
         """The task's predictions ``keys`` (None: all) of each example of ``source``, in order."""
         for batch in data_lib.eval_batches(source, self.input, global_batch=self.batch_size):
-            found = jax.device_get(self._predict(self.variables, batch["image"], keys))
+            found = jax.device_get(self._predict(self.variables, batch["image"], keys=keys))
             count = int(batch["mask"].sum())  # padding rows come last
             if bar is not None:
                 bar.update(count)

@@ -46,13 +46,7 @@ class Trained:
 
     @functools.cached_property
     def _predict(self) -> Any:
-        size = self.input.image_size
-
-        def predict(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-            outputs = self.model.apply(variables, images, train=False)
-            return self.task.predict(outputs, (size, size))
-
-        return jax.jit(predict)
+        return jitted_predict(self.model, self.task, self.input.image_size)
 
     def predict_batches(
         self, batches: Iterable[dict[str, np.ndarray]]
@@ -63,6 +57,18 @@ class Trained:
         ``probabilities``); padding rows (``batch["mask"] == 0``) are left in."""
         for batch in batches:
             yield batch, jax.device_get(self._predict(self.variables, batch["image"]))
+
+
+def jitted_predict(model: nn.Module, task: Any, image_size: int) -> Any:
+    """``predict(variables, images, keys=None)``, jitted: the task's
+    :meth:`~vision_jax.tasks.base.Task.predict` of the model's outputs (only ``keys``, a static
+    tuple, when given: less to fetch from the device)."""
+
+    def predict(variables: Any, images: jax.Array, keys: tuple[str, ...] | None = None) -> dict:
+        found = task.predict(model.apply(variables, images, train=False), (image_size,) * 2)
+        return found if keys is None else {k: found[k] for k in keys}
+
+    return jax.jit(predict, static_argnames="keys")
 
 
 def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
