@@ -42,7 +42,7 @@ from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.data import augment
 from vision_jax.data.coco import from_image_files
-from vision_jax.data.pipeline import _read
+from vision_jax.data.pipeline import decode_file
 from vision_jax.models import create_model
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import coco_results
@@ -282,7 +282,7 @@ def decoded_sizes(paths: Sequence[str]) -> tuple[list[Sized], list[tuple[str, st
 
 def _reason(path: str) -> str:
     """Why the pipeline's decoder cannot read ``path``."""
-    error = _read(path, augment.decode)
+    error = decode_file(path, augment.decode)
     return error if isinstance(error, str) else "cannot be decoded"
 
 

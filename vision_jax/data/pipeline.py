@@ -125,7 +125,7 @@ def _problem(source: Source, row: int) -> str | None:
     annotations, or its label map's file, size or values), or None."""
     columns, num_classes = source.columns, source.num_classes
     path = columns["path"][row]
-    image = _read(path, augment.decode)
+    image = decode_file(path, augment.decode)
     if isinstance(image, str):
         return f"image {path}: {image}"
     if source.target == "boxes":
@@ -137,7 +137,7 @@ def _problem(source: Source, row: int) -> str | None:
     if "label_map_path" not in columns:
         return None
     map_path = columns["label_map_path"][row]
-    label_map = _read(map_path, augment.decode_index_png)
+    label_map = decode_file(map_path, augment.decode_index_png)
     if isinstance(label_map, str):
         return f"label map {map_path}: {label_map}"
     if label_map.shape[:2] != image.shape[:2]:
@@ -152,7 +152,7 @@ def _problem(source: Source, row: int) -> str | None:
     return None
 
 
-def _read(path: str, decode: Callable[[tf.Tensor], tf.Tensor]) -> np.ndarray | str:
+def decode_file(path: str, decode: Callable[[tf.Tensor], tf.Tensor]) -> np.ndarray | str:
     """The decoded file at ``path``, or the error message."""
     try:
         return decode(tf.io.read_file(path)).numpy()
