@@ -223,6 +223,34 @@ def test_unreadable_newest_steps_are_moved_aside_and_the_run_resumes_exactly(
         assert noise not in err + caplog.text
 
 
+def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
+    """orbax abandons the other reads of a damaged step; asyncio logs each one's exception when
+    its task is collected. Those are DEBUG lines; other never-retrieved errors stay errors."""
+    import asyncio
+    import gc
+
+    from vision_jax.checkpoint import _quiet_abandoned_reads
+
+    async def _read_array_index_and_device_put():
+        raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")
+
+    async def another_task():
+        raise ValueError("a real bug")
+
+    _quiet_abandoned_reads()
+    with caplog.at_level(logging.DEBUG):
+        for coroutine in (_read_array_index_and_device_put, another_task):
+            loop = asyncio.new_event_loop()
+            task = loop.create_task(coroutine())
+            loop.run_until_complete(asyncio.sleep(0.01))
+            loop.close()
+            del task
+            gc.collect()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "another_task" in errors[0].getMessage(), errors
+    assert any("After a failed read: Task exception" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_no_readable_checkpoint_is_an_error_and_nothing_is_moved(tmp_path, finished_run):
     full, config = finished_run

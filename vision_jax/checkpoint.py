@@ -92,16 +92,31 @@ def short_reason(error: BaseException) -> str:
 def _abandoned_read(unraisable: Any) -> bool:
     """Whether an error nobody can catch comes from orbax abandoning a damaged step's reads
     (after the first one fails): the other reads' failures (raised when their coroutines are
-    garbage-collected) and TensorStore completing a read on orbax's closed event loop."""
+    garbage-collected, or logged by asyncio for their tasks) and TensorStore completing a read
+    on orbax's closed event loop."""
     error, source = unraisable.exc_value, unraisable.object
     if inspect.iscoroutine(source) and "_read_array_index" in source.__qualname__:
         return True
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
+class _AbandonedReadTasks(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for those reads, at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "never retrieved" in message and "_read_array_index" in message:
+            logging.debug("After a failed read: %s", message.splitlines()[0])
+            return False
+        return True
+
+
 def _quiet_abandoned_reads() -> None:
     """Logs those errors at DEBUG instead of a page each on stderr (installed once, for the
     process: TensorStore's callbacks may come after the read has returned)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadTasks())
     previous = sys.unraisablehook
     if getattr(previous, "vision_jax", False):
         return
