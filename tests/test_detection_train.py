@@ -117,6 +117,7 @@ def _check_predict(workdir: pathlib.Path, coco_root: pathlib.Path, truth: dict, 
     assert np.abs(after[edge].astype(np.int32) - before[edge]).max() > 30
 
 
+@pytest.mark.slow
 def test_detection_resumes_exactly(coco_root, tmp_path):
     """4 steps straight, then the same run resumed from step 2: the same step-4 variables."""
     cfg = det_config(coco_root, total_steps=4, checkpoint_every_steps=2, keep_checkpoints=5)
@@ -135,6 +136,7 @@ def _trained_names(workdir) -> set[str]:
     return set(flatten_dict(state["params"]))
 
 
+@pytest.mark.slow
 def test_lora_and_frozen_backbone_on_a_detection_model(coco_root, tmp_path):
     vit = {"model.name": "vit_ti16", "total_steps": 2, "task.strides": (8, 16)}
     result = train_and_evaluate(det_config(coco_root, **vit, **{"lora.rank": 2}),
@@ -203,8 +205,8 @@ def test_detection_on_eight_devices_with_fsdp_matches_one_device(coco_root, tmp_
         proc = subprocess.run(
             [sys.executable, "-c", ON_DEVICES.format(tests=str(root / "tests")), str(coco_root),
              str(tmp_path / str(n)), json.dumps(overrides if n == 8 else {"total_steps": 3})],
-            env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
-                 "JAX_PLATFORMS": "cpu"},
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
+                 f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"},
             capture_output=True, text=True, timeout=600, cwd=root,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]

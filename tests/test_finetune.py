@@ -48,6 +48,7 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     assert os.path.isdir(tmp_path / "frozen_params")
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_head_and_exports_merged(tmp_path):
     cfg = small_config(**{
         "model.name": "vit_ti16", "optimizer.name": "adamw", "optimizer.learning_rate": 1e-2,
@@ -80,8 +81,8 @@ def test_lora_and_trainable_preset_conflict(tmp_path):
         train_and_evaluate(cfg, str(tmp_path))
 
 
-def _vit_step_inputs(batch_size=8):
-    model = create_model("vit_ti16", num_classes=5)
+def _vit_step_inputs(batch_size=8, depth=12):
+    model = create_model("vit_ti16", num_classes=5, depth=depth)
     x = jax.random.normal(jax.random.key(0), (batch_size, 32, 32, 3))
     y = jax.random.randint(jax.random.key(1), (batch_size,), 0, 5)
     params = model.init(jax.random.key(2), x[:1])["params"]
@@ -91,7 +92,7 @@ def _vit_step_inputs(batch_size=8):
 
 @pytest.mark.parametrize("accum", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gradient_accumulation_equals_the_large_batch(accum):
-    model, batch, params = _vit_step_inputs()
+    model, batch, params = _vit_step_inputs(depth=2)
     # SGD is linear in the gradient, so parameter equality is gradient equality (Adam's first
     # step is about lr * sign(g) and would amplify rounding in near-zero gradients).
     tx = optax.sgd(1.0, momentum=0.9)

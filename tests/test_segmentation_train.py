@@ -79,6 +79,7 @@ def test_accumulation_ema_and_bfloat16_with_segmentation(tmp_path):
     assert 0 <= result["eval_ema/miou"] <= 1 and result["eval_ema/examples"] == 20
 
 
+@pytest.mark.slow
 def test_segmentation_resumes_exactly(tmp_path):
     cfg = seg_config(**{"total_steps": 4, "checkpoint_every_steps": 2, "keep_checkpoints": 5})
     cfg.input.scale_jitter = (0.75, 1.5)  # augmentation randomness must resume too

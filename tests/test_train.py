@@ -195,7 +195,7 @@ def test_tfds_source_with_mock_data(tmp_path):
             {"input.image_size": 32, "optimizer.name": "adamw", "model.dtype": "bfloat16"},
             marks=pytest.mark.slow,
         ),
-        ("resnet18", {"input.image_size": 32}),
+        pytest.param("resnet18", {"input.image_size": 32}, marks=pytest.mark.slow),
         pytest.param(
             "bit_r50x1", {"input.image_size": 32, "batch_size": 8}, marks=pytest.mark.slow
         ),
@@ -272,7 +272,7 @@ print("RESULT", json.dumps({{"devices": jax.device_count(), "loss": result["trai
 def run_with_devices(n: int, workdir, overrides: dict) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+        "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}",
         "JAX_PLATFORMS": "cpu",
     }
     code = RUN_ON_DEVICES.format(tests=str(ROOT / "tests"))

@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit_ti16"
     c.model.dtype = "float32"  # compute dtype; params stay float32
+    # activation checkpointing of each block: "none", "block" (recompute all) or "dots" (keep
+    # matmul/conv outputs), for models whose activations do not fit (vision_jax.models.remat)
+    c.model.remat = "none"
 
     c.init = ml_collections.ConfigDict()
     # pretrained weights: a vision_jax workdir, .npz (google/big_vision), timm or torchvision

@@ -5,8 +5,10 @@ Any config field can be overridden with ``--config.<key>=<value>``. For multi-ho
 
 Exit status: 0 done; 1 an error (one line on stderr; details in the log); 2 a usage error (bad
 flag, unknown config key, missing config file: found before JAX starts); 69 a peer process of a
-multi-process run was lost (:mod:`vision_jax.watchdog`); 75 stopped by SIGTERM / SIGINT after
-saving a checkpoint: run the same command again to resume (:mod:`vision_jax.signals`).
+multi-process run was lost (:mod:`vision_jax.watchdog`; when the coordinator is lost JAX aborts
+the others, and :mod:`vision_jax.abort_notice` replaces its message with one line); 75 stopped
+by SIGTERM / SIGINT after saving a checkpoint: run the same command again to resume
+(:mod:`vision_jax.signals`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from vision_jax.abort_notice import route_stderr
 from vision_jax.signals import EXIT_STOPPED
 from vision_jax.watchdog import EXIT_PEER_LOST
 
@@ -205,6 +208,8 @@ def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.distributed or FLAGS.coordinator_address:  # before JAX starts: see abort_notice
+        route_stderr(FLAGS.process_id, FLAGS.num_processes)
     import jax
 
     from vision_jax.signals import StopRequested

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,6 +69,7 @@ class Run:
     start_position: int | None = None  # this process's data stream position (None: from step)
     selection: Selection | None = None  # with val_source: the best so far (resumed)
     best: BestCheckpoint | None = None  # with val_source: where the best state is kept
+    started: float = 0.0  # time.perf_counter() when build_run began
 
     @property
     def task(self) -> Any:
@@ -321,7 +323,9 @@ def _compile_steps(
     spec: specs.RunSpec, model: nn.Module, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
 ) -> tuple[Any, dict[str, Any]]:
     """The jitted train step and the eval steps (params, and with EMA the EMA params)."""
-    xla_options = step_compiler_options(getattr(model, "dtype", jnp.float32))
+    dtype = getattr(model, "dtype", jnp.float32)
+    xla_options = step_compiler_options(dtype)
+    remat = spec.model_overrides.get("remat", "none") != "none"
     task, adapters = spec.task, spec.lora
     train_step = jax.jit(
         make_train_step(
@@ -330,7 +334,7 @@ def _compile_steps(
         ),
         donate_argnums=0,
         out_shardings=(setup.shardings, sharding.replicated(mesh)),
-        compiler_options=xla_options,
+        compiler_options=step_compiler_options(dtype, remat=remat),
     )  # fmt: skip
     eval_step = lambda ema: jax.jit(  # metrics replicated: every host merges whole batches
         make_eval_step(model, task, lora=adapters, use_ema=ema),
@@ -352,12 +356,13 @@ def build_run(
     """Everything a run needs, from the config (every key read, or an error), resumed from
     ``workdir``'s newest readable checkpoint if it has one. The workdir stays locked
     (:class:`vision_jax.lock.WorkdirLock`) until :meth:`Run.close`."""
+    started = time.perf_counter()
     tracked = TrackedConfig(config)
     spec = specs.run_spec(tracked)
     tracked.check_all_read()
     lock = WorkdirLock(workdir).acquire()
     try:
-        return _build(spec, workdir, arrays, lock)
+        return dataclasses.replace(_build(spec, workdir, arrays, lock), started=started)
     except BaseException:
         lock.release()
         raise

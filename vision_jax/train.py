@@ -243,6 +243,12 @@ class _TrainLog:
 
     def add(self, step: int, metrics: Any, state: TrainState) -> dict[str, float]:
         """Adds a step's metrics; the window's scalars at its end, else ``{}``."""
+        if step == self.run.start_step + 1:  # one wait, for the time to the first step
+            jax.block_until_ready(metrics)
+            logging.info(
+                "First step (%d) done %.1f s after the run started (setup and compilation).",
+                step, time.perf_counter() - self.run.started,
+            )  # fmt: skip
         self.metrics = metrics if self.metrics is None else self.metrics.merge(metrics)
         self.images += self.run.spec.batch_size
         self.report(step)

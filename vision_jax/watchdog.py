@@ -12,10 +12,9 @@ until every other process has left (or is lost) before it exits; otherwise the s
 clients would abort on the vanished coordinator. A process that ends normally marks itself
 done, so peers still finishing do not mistake it for lost.
 
-Limit: if process 0 itself dies (``kill -9``), the other processes' JAX clients end them at once
-with JAX's one-line fatal message ("Terminating process because the JAX distributed service
-detected fatal errors"); the Python hook that could replace it (``missed_heartbeat_callback``)
-aborts in jaxlib 0.10.2.
+If process 0 itself dies (``kill -9``), the other processes' JAX clients abort at once, before
+this watchdog can speak (the Python hook that could, ``missed_heartbeat_callback``, aborts in
+jaxlib 0.10.2); :mod:`vision_jax.abort_notice` replaces JAX's message with one line.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
+from vision_jax.models.remat import remat_block
 
 
 class StdConv(nn.Conv):
@@ -121,14 +122,14 @@ class Stage(nn.Module):
     stride: int = 1
     eps: float = 1e-8
     dtype: Any = jnp.float32
+    remat: str = "none"  # activation checkpointing of each unit (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, x):
+        unit = remat_block(PreActBottleneck, self.remat)
         for j in range(self.depth):
             stride = self.stride if j == 0 else 1
-            x = PreActBottleneck(
-                self.out_chs, stride, self.eps, self.dtype, name=f"unit{j + 1:02d}"
-            )(x)
+            x = unit(self.out_chs, stride, self.eps, self.dtype, name=f"unit{j + 1:02d}")(x)
         return x
 
 
@@ -146,6 +147,7 @@ class ResNetV2(nn.Module):
     std_conv_eps: float = 1e-8
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
+    remat: str = "none"  # "block" or "dots": recompute unit activations in the backward pass
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -162,6 +164,7 @@ class ResNetV2(nn.Module):
                 stride=1 if i == 0 else 2,
                 eps=self.std_conv_eps,
                 dtype=self.dtype,
+                remat=self.remat,
                 name=f"block{i + 1}",
             )(x)
             stages.append(x)

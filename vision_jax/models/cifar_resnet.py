@@ -22,6 +22,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
+from vision_jax.models.remat import remat_block
 from vision_jax.models.resnet import NORM_MODULES, batch_norm, conv2d, resnet_layer_groups
 
 WIDTHS = (16, 32, 64)
@@ -35,7 +36,7 @@ class BasicBlockA(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, train: bool):
         y = conv2d(self.planes, 3, self.stride, self.dtype, name="conv1")(x)
         y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
         y = conv2d(self.planes, 3, 1, self.dtype, name="conv2")(y)
@@ -56,12 +57,14 @@ class Stage(nn.Module):
     depth: int
     stride: int
     dtype: Any = jnp.float32
+    remat: str = "none"  # activation checkpointing of each block (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, x, *, train: bool):
+        block = remat_block(BasicBlockA, self.remat, static_argnums=(2,))
         for i in range(self.depth):
             stride = self.stride if i == 0 else 1
-            x = BasicBlockA(self.planes, stride, self.dtype, name=str(i))(x, train=train)
+            x = block(self.planes, stride, self.dtype, name=str(i))(x, train)
         return x
 
 
@@ -73,6 +76,7 @@ class CifarResNet(nn.Module):
     stage_sizes: Sequence[int] = (3, 3, 3)
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
+    remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -82,7 +86,8 @@ class CifarResNet(nn.Module):
         x = conv2d(WIDTHS[0], 3, 1, self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
         for i, (planes, depth) in enumerate(zip(WIDTHS, self.stage_sizes, strict=True)):
-            x = Stage(planes, depth, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}")(
+            stride = 1 if i == 0 else 2
+            x = Stage(planes, depth, stride, self.dtype, self.remat, name=f"layer{i + 1}")(
                 x, train=train
             )
             stages.append(x)

@@ -22,6 +22,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
+from vision_jax.models.remat import remat_block
 
 # torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm initialises convs.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -69,7 +70,7 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, train: bool):
         conv = partial(conv2d, dtype=self.dtype)
         norm = partial(batch_norm, train, self.dtype)
         out_chs = self.planes * self.expansion
@@ -91,7 +92,7 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, train: bool):
         conv = partial(conv2d, dtype=self.dtype)
         norm = partial(batch_norm, train, self.dtype)
         out_chs = self.planes * self.expansion
@@ -113,12 +114,14 @@ class Stage(nn.Module):
     depth: int
     stride: int
     dtype: Any = jnp.float32
+    remat: str = "none"  # activation checkpointing of each block (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, x, *, train: bool):
+        block = remat_block(self.block, self.remat, static_argnums=(2,))
         for i in range(self.depth):
             stride = self.stride if i == 0 else 1
-            x = self.block(self.planes, stride, self.dtype, name=str(i))(x, train=train)
+            x = block(self.planes, stride, self.dtype, name=str(i))(x, train)
         return x
 
 
@@ -131,6 +134,7 @@ class ResNet(nn.Module):
     bottleneck: bool = True
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
+    remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -143,8 +147,9 @@ class ResNet(nn.Module):
         block = Bottleneck if self.bottleneck else BasicBlock
         for i, depth in enumerate(self.stage_sizes):
             x = Stage(
-                block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}"
-            )(x, train=train)
+                block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, self.remat,
+                name=f"layer{i + 1}",
+            )(x, train=train)  # fmt: skip
             stages.append(x)
         if taps:
             return tuple(stages[i] for i in taps)

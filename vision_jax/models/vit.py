@@ -34,6 +34,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
+from vision_jax.models.remat import remat_block
 
 POOL_TYPES = ("token", "gap")
 
@@ -173,7 +174,7 @@ class EncoderBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         y = _layer_norm(self.dtype, "LayerNorm_0")(x)
         y = Attention(
             self.num_heads,
@@ -217,16 +218,18 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     taps: tuple[int, ...] = ()
+    remat: str = "none"  # activation checkpointing of each block (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array | list[jax.Array]:
         outputs = {}
         x = AddPositionEmbs(name="posembed_input")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        block = remat_block(EncoderBlock, self.remat, static_argnums=(2,))
         for i in range(self.depth):
             # Linearly increasing stochastic depth, as in timm and big_vision.
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            x = EncoderBlock(
+            x = block(
                 self.num_heads,
                 self.mlp_dim,
                 self.dropout_rate,
@@ -234,7 +237,7 @@ class Encoder(nn.Module):
                 rate,
                 self.dtype,
                 name=f"encoderblock_{i}",
-            )(x, deterministic=deterministic)
+            )(x, deterministic)
             outputs[i] = x
         norm = _layer_norm(self.dtype, "encoder_norm")
         if not self.taps:
@@ -264,6 +267,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
+    remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> Any:
@@ -300,6 +304,7 @@ class VisionTransformer(nn.Module):
             self.drop_path_rate,
             self.dtype,
             taps,
+            self.remat,
             name="Transformer",
         )(x, deterministic=not train)
         if taps:
