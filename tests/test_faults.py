@@ -342,6 +342,23 @@ def descendants(pid: int) -> list[int]:
     return found + [c for p in found for c in descendants(p)]
 
 
+def running(pids: list[int], within: float = 5.0) -> list[int]:
+    """Those of ``pids`` still running (not ended, not a zombie) after up to ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        left = []
+        for pid in pids:
+            try:
+                state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if state != "Z":
+                left.append(pid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
 def process_pid(launcher: Proc, index: int) -> int:
     pids = [p for p, args in children(launcher.popen.pid).items() if f"process_id={index}" in args]
     assert len(pids) == 1, launcher.output[-2000:]
@@ -400,7 +417,7 @@ def test_sigterm_two_processes_one_or_the_launcher_then_resume_exactly(tmp_path,
         assert seconds < 20
         assert len(re.findall(r"\[p\d\] vision_jax: stopped at step", run.output)) == 2
         assert "no such job" not in run.output
-        assert not any(os.path.exists(f"/proc/{p}") for p in pids)  # no orphans
+        assert not running(pids)  # no orphans
         steps.append(max(step_dirs(workdir)))
     assert steps[0] < steps[1] < 80
     final = procs(*local_argv(workdir))
@@ -435,7 +452,7 @@ def test_a_dead_peer_stops_the_others_in_bounded_time(tmp_path, procs, victim, s
     assert len(lines) == 1, run.output[-4000:]
     assert victim == 0 or f"(exit {EXIT_PEER_LOST})" in lines[0]
     assert "Terminating process" not in run.output and "stack trace" not in run.output
-    assert not any(os.path.exists(f"/proc/{p}") for p in pids)  # no orphans
+    assert not running(pids)  # no orphans
     assert "no such job" not in run.output
 
 
