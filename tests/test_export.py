@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 from conftest import SHARED
 from PIL import Image
+from test_finetune import lora_vit_config
 from test_train import small_config
 
 from vision_jax import create_model
@@ -278,10 +279,7 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_exports_merged_and_matches(tmp_path):
-    config = small_config(**{
-        "model.name": "vit_ti16", "optimizer.name": "adamw", "optimizer.learning_rate": 1e-2,
-        "lora.rank": 4, "lora.alpha": 8.0, "total_steps": 3,
-    })  # fmt: skip
+    config = lora_vit_config()
     train_and_evaluate(config, str(tmp_path / "run"))
     trained = load_trained(tmp_path / "run")
     images = digit_images(4)

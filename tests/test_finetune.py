@@ -22,6 +22,14 @@ from vision_jax.weights.run_dir import latest_step_dir, read_variables
 from vision_jax.weights.run_dir import restore_on_one_device as _restore_on_one_device
 
 
+def lora_vit_config():
+    """Three AdamW steps of a ViT-Ti/16 with rank-4 LoRA on query/value, on digits."""
+    return small_config(**{
+        "model.name": "vit_ti16", "optimizer.name": "adamw", "optimizer.learning_rate": 1e-2,
+        "lora.rank": 4, "lora.alpha": 8.0, "total_steps": 3,
+    })  # fmt: skip
+
+
 def _init_params(cfg, num_classes=10):
     model = create_model(cfg.model.name, num_classes=num_classes)
     init_rng, _ = jax.random.split(jax.random.key(cfg.seed))
@@ -50,10 +58,7 @@ def test_linear_probe_trains_only_the_head(tmp_path):
 
 @pytest.mark.slow
 def test_lora_trains_only_adapters_and_head_and_exports_merged(tmp_path):
-    cfg = small_config(**{
-        "model.name": "vit_ti16", "optimizer.name": "adamw", "optimizer.learning_rate": 1e-2,
-        "lora.rank": 4, "lora.alpha": 8.0, "total_steps": 3,
-    })  # fmt: skip
+    cfg = lora_vit_config()
     init = _init_params(cfg)
     result = train_and_evaluate(cfg, str(tmp_path))
     assert np.isfinite(result["eval/loss"])
