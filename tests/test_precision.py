@@ -100,3 +100,49 @@ def test_bfloat16_vit_bias_gradients_are_float32_reductions():
     hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
     bf16_reductions = [ln for ln in hlo.splitlines() if "reduce" in ln and "tensor<bf16>" in ln]
     assert not bf16_reductions, bf16_reductions[:3]
+
+
+LOW_PRECISION_DOTS = [
+    ((4, 5), (5, 6), (((1,), (0,)), ((), ()))),  # Dense
+    ((2, 7, 3, 4), (2, 9, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),  # attention logits
+    ((2, 3, 7, 9), (2, 9, 3, 4), (((3,), (1,)), ((0, 1), (0, 2)))),  # attention x values
+    ((3, 5, 8), (5, 8, 6), (((1, 2), (0, 1)), ((), ()))),  # DenseGeneral over two axes
+    ((3, 5, 8), (8, 5, 6), (((2, 1), (0, 1)), ((), ()))),  # contracted axes out of order
+]
+
+
+@pytest.mark.parametrize("lhs_shape, rhs_shape, dims", LOW_PRECISION_DOTS)
+def test_low_precision_dot_gradients_match_float32_products(lhs_shape, rhs_shape, dims):
+    """bfloat16 gradients (computed with bfloat16 operands, float32 accumulation) equal the
+    float32 product's gradients to bfloat16 rounding, in every layout the models use."""
+    lhs = jax.random.normal(jax.random.key(0), lhs_shape).astype(jnp.bfloat16)
+    rhs = jax.random.normal(jax.random.key(1), rhs_shape).astype(jnp.bfloat16)
+
+    def loss(product, a, b):
+        return jnp.sum(jnp.sin(product(a, b)))
+
+    def exact(a, b):
+        return lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims)
+
+    options = step_compiler_options(jnp.bfloat16)
+    grads = jax.jit(jax.grad(lambda a, b: loss(lambda x, y: precision.dot(x, y, dims), a, b),
+                             argnums=(0, 1)), compiler_options=options)(lhs, rhs)  # fmt: skip
+    expected = jax.jit(jax.grad(lambda a, b: loss(exact, a, b), argnums=(0, 1)))(lhs, rhs)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == jnp.bfloat16
+        want = np.asarray(want, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), want, atol=2**-7 * np.abs(want).max()
+        )
+
+
+def test_bfloat16_backward_products_take_bfloat16_operands():
+    """No float32 x float32 product is left in a bfloat16 ViT's gradient (JAX's own rule would
+    run the whole backward pass in float32)."""
+    model = create_model("vit_ti16", num_classes=3, dtype=jnp.bfloat16, depth=1)
+    x = jnp.zeros((1, 32, 32, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    grad = jax.grad(lambda p: model.apply({"params": p}, x).sum())
+    hlo = jax.jit(grad).lower(params).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and not [d for d in dots if "xf32>, tensor<" in d.split(":")[-1].split("->")[0]]

@@ -16,28 +16,104 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Compute (and optimizer-moment) dtypes by config name.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _operand_gradient(
+    g: jax.Array, other: jax.Array, ndim: int, dims: Any, swap: bool
+) -> jax.Array:
+    """Gradient with respect to ``x`` (rank ``ndim``) of ``dot_general(x, other, dims)`` from
+    the output cotangent ``g``, or with ``swap`` of ``dot_general(other, x)`` (``dims`` then
+    lists ``x``'s dimensions first): ``g`` times ``other``, accumulating in float32.
+
+    Both operands are laid out (batch, kept, contracted) before the product: XLA's CPU runtime
+    leaves some other layouts of a bfloat16 x bfloat16 -> float32 product to a kernel that has
+    none, which fails at run time.
+    """
+    (x_contract, o_contract), (x_batch, o_batch) = dims
+    x_kept = [i for i in range(ndim) if i not in (*x_contract, *x_batch)]
+    o_kept = [i for i in range(other.ndim) if i not in (*o_contract, *o_batch)]
+    nb, nx, no = len(x_batch), len(x_kept), len(o_kept)
+    batch, kept_x, kept_o = range(nb), range(nb, nb + nx), range(nb + nx, nb + nx + no)
+    if swap:  # the output is (batch, other's kept, x's kept)
+        kept_o, kept_x = range(nb, nb + no), range(nb + no, nb + no + nx)
+    # The barrier keeps XLA from folding the transposes back into the product.
+    g, other = lax.optimization_barrier((
+        lax.transpose(g, (*batch, *kept_x, *kept_o)),
+        lax.transpose(other, (*o_batch, *o_contract, *o_kept)),
+    ))  # fmt: skip
+    contracted = (range(nb + nx, g.ndim), range(other.ndim - no, other.ndim))
+    batch_dims = (range(nb), range(nb))
+    contracted_first = [*x_batch, *x_contract, *x_kept]
+    if contracted_first == sorted(contracted_first):  # x is (batch, contracted, kept): a kernel
+        # other x g gives x's layout directly (a transpose after the product is folded into
+        # it by XLA, and that form fails like the layouts above).
+        return lax.dot_general(
+            other, g, (contracted[::-1], batch_dims), preferred_element_type=jnp.float32
+        )  # fmt: skip
+    product = lax.dot_general(
+        g, other, (contracted, batch_dims), preferred_element_type=jnp.float32
+    )
+    return lax.transpose(product, tuple(np.argsort([*x_batch, *x_kept, *x_contract])))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def low_precision_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> jax.Array:
+    """``lax.dot_general`` of low-precision operands accumulating in float32, float32 result;
+    its gradients are computed the same way (cotangent cast to the operands' dtype).
+
+    JAX's own gradient of such a dot multiplies the float32 cotangent with the other operand
+    converted to float32, so the backward pass (two thirds of a step's products) would run in
+    float32. Here both backward products take low-precision operands and accumulate in float32,
+    as torch's autocast does; each gradient is rounded to its operand's dtype.
+    """
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _low_precision_dot_fwd(lhs, rhs, dimension_numbers):
+    return low_precision_dot(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _low_precision_dot_bwd(dimension_numbers, residuals, g):
+    lhs, rhs = residuals
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    swapped = ((rhs_contract, lhs_contract), (rhs_batch, lhs_batch))
+    g_lhs = _operand_gradient(g.astype(rhs.dtype), rhs, lhs.ndim, dimension_numbers, swap=False)
+    g_rhs = _operand_gradient(g.astype(lhs.dtype), lhs, rhs.ndim, swapped, swap=True)
+    return g_lhs.astype(lhs.dtype), g_rhs.astype(rhs.dtype)
+
+
+low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
+def dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> jax.Array:
+    """``lax.dot_general`` with a float32 result: :func:`low_precision_dot` for two bfloat16
+    operands, the plain product otherwise."""
+    if lhs.dtype == rhs.dtype == jnp.bfloat16:
+        dimension_numbers = tuple(
+            tuple(tuple(int(i) for i in d) for d in p) for p in dimension_numbers
+        )
+        return low_precision_dot(lhs, rhs, dimension_numbers)
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
 def dot_general(dtype: Any) -> Callable[..., jax.Array]:
     """A ``lax.dot_general`` for Flax's ``dot_general=`` field in compute dtype ``dtype``.
 
-    For a low-precision ``dtype`` the product is returned in float32, so the layer adds its bias
-    in float32 and the caller casts the layer's output to ``dtype``. That keeps the bias
-    gradient a float32 reduction: XLA's CPU backend rewrites a bfloat16 reduction into a
-    reduce-window tree about 7x slower (``benchmarks/profile_step.py`` shows it).
+    For a low-precision ``dtype`` the product is :func:`low_precision_dot`, returned in float32,
+    so the layer adds its bias in float32 and the caller casts the layer's output to ``dtype``.
+    That keeps the bias gradient a float32 reduction: XLA's CPU backend rewrites a bfloat16
+    reduction into a reduce-window tree about 7x slower (``benchmarks/profile_step.py`` shows it).
     """
     if jnp.dtype(dtype) == jnp.float32:
         return lax.dot_general
 
     def accumulate_in_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs):
-        kwargs.pop("preferred_element_type", None)
-        return lax.dot_general(
-            lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32, **kwargs
-        )
+        return dot(lhs, rhs, dimension_numbers)
 
     return accumulate_in_f32
 

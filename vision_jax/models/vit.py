@@ -130,16 +130,16 @@ class Attention(nn.Module):
 
         q, k, v = proj("query"), proj("key"), proj("value")  # (B, N, H, hd)
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = precision.dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # (B, H, N, N)
         # Softmax with the normalisation deferred past the value product: dividing the
-        # (B, N, H, hd) output is cheaper than dividing the (B, H, N, N) weights.
+        # (B, H, N, hd) output is cheaper than dividing the (B, H, N, N) weights.
         unnormalized = jnp.exp(logits - lax.stop_gradient(logits.max(-1, keepdims=True)))
         denom = unnormalized.sum(-1)  # (B, H, N)
         weights = unnormalized.astype(self.dtype)
         if self.dropout_rate and not deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
-        out = (out / denom.transpose(0, 2, 1)[..., None]).astype(self.dtype)
+        out = precision.dot(weights, v, (((3,), (1,)), ((0, 1), (0, 2))))  # (B, H, N, hd)
+        out = (out / denom[..., None]).transpose(0, 2, 1, 3).astype(self.dtype)
         out = nn.DenseGeneral(width, axis=(-2, -1), name="out", **_linear(self.dtype))(out)
         return out.astype(self.dtype)
 
