@@ -54,7 +54,7 @@ def _operand_gradient(
         # it by XLA, and that form fails like the layouts above).
         return lax.dot_general(
             other, g, (contracted[::-1], batch_dims), preferred_element_type=jnp.float32
-        )  # fmt: skip
+        )
     product = lax.dot_general(
         g, other, (contracted, batch_dims), preferred_element_type=jnp.float32
     )
