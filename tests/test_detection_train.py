@@ -191,32 +191,56 @@ print("RESULT", json.dumps({{"devices": jax.device_count(), **result}}))
 """
 
 
+def _first_step_scalars(workdir: pathlib.Path) -> dict[str, float]:
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    keys = ("train/loss", "train/box_loss", "train/class_loss", "train/grad_norm")
+    first = {k: [e for e in events.Tensors(k) if e.step == 1][0] for k in keys}
+    return {k: float(tensor_util.make_ndarray(e.tensor_proto)) for k, e in first.items()}
+
+
 @pytest.mark.slow
 def test_detection_on_eight_devices_with_fsdp_matches_one_device(coco_root, tmp_path):
-    """The same detection run on 1 device and on a data x fsdp mesh of 8 (batch-sharded boxes,
-    in-step assignment, replicated detections gathered for pycocotools): the same figures."""
+    """A detection run on 1 device and on a data x fsdp mesh of 8 (batch-sharded boxes, in-step
+    assignment): the same first-step loss and gradient norm; the 1-device run's checkpoint,
+    resumed on the 8-device mesh, evaluates (replicated detections gathered for pycocotools)
+    to the same figures. Later training steps are not compared: AdamW's first update divides
+    each gradient by its own size, so last-bit differences of sharded sums in near-zero
+    gradients become whole-step updates (1e-3 in the loss after two steps)."""
     import subprocess
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    overrides = {"total_steps": 3, "mesh": "data:-1,fsdp:2", "fsdp_min_size": 256}
-    results = []
-    for n in (1, 8):
+    recipe = {"total_steps": 2, "log_every_steps": 1}
+    sharded = {**recipe, "mesh": "data:-1,fsdp:2", "fsdp_min_size": 256}
+
+    def run(devices: int, workdir: pathlib.Path, overrides: dict) -> dict:
         proc = subprocess.run(
             [sys.executable, "-c", ON_DEVICES.format(tests=str(root / "tests")), str(coco_root),
-             str(tmp_path / str(n)), json.dumps(overrides if n == 8 else {"total_steps": 3})],
+             str(workdir), json.dumps(overrides)],
             env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
-                 f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"},
+                 f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"},
             capture_output=True, text=True, timeout=600, cwd=root,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        results.append(json.loads(line[len("RESULT ") :]))
-    one, eight = results
-    assert (one["devices"], eight["devices"]) == (1, 8)
+        result = json.loads(line[len("RESULT ") :])
+        assert result["devices"] == devices
+        return result
+
+    one = run(1, tmp_path / "1", recipe)
+    run(8, tmp_path / "8", sharded)
+    first_one, first_eight = (_first_step_scalars(tmp_path / str(n)) for n in (1, 8))
+    for key, value in first_one.items():
+        assert first_eight[key] == pytest.approx(value, rel=2e-5), key
+
+    shutil.copytree(tmp_path / "1", tmp_path / "resumed")
+    eight = run(8, tmp_path / "resumed", sharded)  # finished: evaluates again, on 8 devices
     assert eight["eval/examples"] == one["eval/examples"] == 20
-    for key in ("train/loss", "train/box_loss", "train/class_loss"):
-        assert eight[key] == pytest.approx(one[key], abs=2e-4), key
-    # A 3-step model's scores are near ties: sharded float sums reorder a few detections.
+    assert one["eval/map"] > 0.02, one
+    # Scores of a 2-step model are near ties: sharded float sums reorder a few detections.
     for key in ("eval/map", "eval/ap50"):
         assert eight[key] == pytest.approx(one[key], abs=5e-3), key
