@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +136,59 @@ def test_nonfinite_skip_keeps_the_previous_state_and_counts(tmp_path, monkeypatc
         train_and_evaluate(cfg, str(tmp_path))
     assert sorted(step_dirs(tmp_path)) == [1, 2, 3, 4, 5, 6, 7]
     assert_all_finite(tmp_path)
+
+
+class _DeepMlp(nn.Module):
+    """Many small parameter leaves (the guard's cost grows with their number), BatchNorm state."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1)
+        for _ in range(12):
+            x = nn.relu(nn.Dense(8)(x))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(3)(x)
+
+
+def _guarded_step(tx, model=None):
+    from vision_jax.steps import SkipCounts, TrainState, make_train_step
+    from vision_jax.tasks import Classification
+
+    model = model or _DeepMlp()
+    batch = {"image": jnp.ones((4, 4, 4, 3)), "label": jnp.arange(4) % 3}
+    variables = model.init(jax.random.key(0), batch["image"], train=False)
+    params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    zeros = SkipCounts(*(jnp.zeros((), jnp.int32) for _ in range(5)))
+    state = TrainState(jnp.array(0), params, model_state, tx.init(params), skips=zeros)
+    step = make_train_step(model, tx, Classification(), jax.random.key(1))
+    return jax.jit(step), (state, {}, batch)
+
+
+def test_nonfinite_new_parameters_are_skipped_even_with_a_finite_loss_and_gradients():
+    import optax
+
+    step, (state, frozen, batch) = _guarded_step(optax.scale(np.inf))  # finite gradients, infinite steps
+    new, metrics = step(state, frozen, batch)
+    assert np.isfinite(float(metrics.compute()["loss"]))
+    assert np.isfinite(float(metrics.compute()["grad_norm"]))
+    assert int(new.step) == 1 and int(new.skips.total) == 1
+    for got, want in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_guard_adds_little_to_the_compiled_step(monkeypatch):
+    """The finiteness flag is computed once, not copied into each guarded leaf's select."""
+    import optax
+
+    from vision_jax import steps
+
+    def size() -> int:
+        step, args = _guarded_step(optax.adam(1e-3))
+        return step.lower(*args).compile().as_text().count("\n")
+
+    guarded = size()
+    monkeypatch.setattr(steps, "_all_finite", lambda tree: jnp.bool_(True))
+    assert guarded < 1.5 * size()
 
 
 def test_final_metrics_are_valid_json():

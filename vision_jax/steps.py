@@ -74,9 +74,15 @@ class TrainState:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """Whether every float leaf of ``tree`` is finite (a bool scalar)."""
+    """Whether every float leaf of ``tree`` is finite (a bool scalar).
+
+    ``sqrt(sum(x * 0))`` is 0, or NaN if any element is not finite. The square root matters:
+    XLA copies cheap scalar producers into every consumer, and a chain of per-leaf flags was
+    copied into each of the guard's selects (one per state leaf), which made a ViT train step
+    7x larger and its compile 4x slower; XLA does not duplicate a square root."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+    total = sum((jnp.sum(x * 0, dtype=jnp.float32) for x in leaves), jnp.float32(0))
+    return jnp.isfinite(jnp.sqrt(total))
 
 
 def _micro_batches(x: jax.Array, k: int) -> jax.Array:
