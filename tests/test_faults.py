@@ -167,7 +167,9 @@ def _guarded_step(tx, model=None):
 def test_nonfinite_new_parameters_are_skipped_even_with_a_finite_loss_and_gradients():
     import optax
 
-    step, (state, frozen, batch) = _guarded_step(optax.scale(np.inf))  # finite gradients, infinite steps
+    step, (state, frozen, batch) = _guarded_step(
+        optax.scale(np.inf)
+    )  # finite gradients, infinite updates
     new, metrics = step(state, frozen, batch)
     assert np.isfinite(float(metrics.compute()["loss"]))
     assert np.isfinite(float(metrics.compute()["grad_norm"]))
