@@ -150,11 +150,12 @@ class _DeepMlp(nn.Module):
         return nn.Dense(3)(x)
 
 
-def _guarded_step(tx, model=None):
+def _guarded_step(tx):
+    """A jitted train step of a small model with the non-finite guard, and its arguments."""
     from vision_jax.steps import SkipCounts, TrainState, make_train_step
     from vision_jax.tasks import Classification
 
-    model = model or _DeepMlp()
+    model = _DeepMlp()
     batch = {"image": jnp.ones((4, 4, 4, 3)), "label": jnp.arange(4) % 3}
     variables = model.init(jax.random.key(0), batch["image"], train=False)
     params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
@@ -167,9 +168,8 @@ def _guarded_step(tx, model=None):
 def test_nonfinite_new_parameters_are_skipped_even_with_a_finite_loss_and_gradients():
     import optax
 
-    step, (state, frozen, batch) = _guarded_step(
-        optax.scale(np.inf)
-    )  # finite gradients, infinite updates
+    # Finite loss and gradients; infinite updates make the new parameters non-finite.
+    step, (state, frozen, batch) = _guarded_step(optax.scale(np.inf))
     new, metrics = step(state, frozen, batch)
     assert np.isfinite(float(metrics.compute()["loss"]))
     assert np.isfinite(float(metrics.compute()["grad_norm"]))
