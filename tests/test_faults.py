@@ -159,7 +159,7 @@ def _guarded_step(tx):
     batch = {"image": jnp.ones((4, 4, 4, 3)), "label": jnp.arange(4) % 3}
     variables = model.init(jax.random.key(0), batch["image"], train=False)
     params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
-    zeros = SkipCounts(*(jnp.zeros((), jnp.int32) for _ in range(5)))
+    zeros = SkipCounts.filled(jnp.zeros((), jnp.int32))
     state = TrainState(jnp.array(0), params, model_state, tx.init(params), skips=zeros)
     step = make_train_step(model, tx, Classification(), jax.random.key(1))
     return jax.jit(step), (state, {}, batch)

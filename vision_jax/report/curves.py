@@ -17,9 +17,10 @@ def _wanted(tag: str, headline: str) -> bool:
     return tag in (LOSS, LEARNING_RATE) or tag.rsplit("/", 1)[-1] == headline
 
 
-def read_scalars(workdir: str | pathlib.Path, headline: str) -> dict[str, tuple]:
-    """``{tag: (steps, values)}`` of the curves the report plots, sorted by step (the last
-    value of a step written twice, e.g. by a resumed run); empty without event files."""
+def read_scalars(workdir: str | pathlib.Path, headline: str | None = None) -> dict[str, tuple]:
+    """``{tag: (steps, values)}`` of every scalar (with ``headline``: of the curves the report
+    plots), sorted by step (the last value of a step written twice, e.g. by a resumed run);
+    empty without event files."""
     if not any(pathlib.Path(workdir).glob("events.out.tfevents.*")):
         return {}
     from tensorboard.backend.event_processing import event_accumulator
@@ -29,7 +30,7 @@ def read_scalars(workdir: str | pathlib.Path, headline: str) -> dict[str, tuple]
     events.Reload()
     scalars = {}
     for tag in events.Tags()["tensors"]:
-        if not _wanted(tag, headline):
+        if headline is not None and not _wanted(tag, headline):
             continue
         by_step = {
             e.step: float(np.asarray(tensor_util.make_ndarray(e.tensor_proto)).reshape(-1)[0])
