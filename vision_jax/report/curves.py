@@ -18,8 +18,8 @@ def _wanted(tag: str, headline: str) -> bool:
 
 
 def read_scalars(workdir: str | pathlib.Path, headline: str | None = None) -> dict[str, tuple]:
-    """``{tag: (steps, values)}`` of every scalar (with ``headline``: of the curves the report
-    plots), sorted by step (the last value of a step written twice, e.g. by a resumed run);
+    """``{tag: (steps, values)}`` of every scalar tag (with ``headline``: of the curves the
+    report plots), sorted by step (the last value of a step written twice, e.g. by a resumed run);
     empty without event files."""
     if not any(pathlib.Path(workdir).glob("events.out.tfevents.*")):
         return {}
@@ -32,10 +32,10 @@ def read_scalars(workdir: str | pathlib.Path, headline: str | None = None) -> di
     for tag in events.Tags()["tensors"]:
         if headline is not None and not _wanted(tag, headline):
             continue
-        by_step = {
-            e.step: float(np.asarray(tensor_util.make_ndarray(e.tensor_proto)).reshape(-1)[0])
-            for e in events.Tensors(tag)
-        }
+        by_step = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in events.Tensors(tag)}
+        if any(np.size(v) != 1 for v in by_step.values()):  # not a scalar (hparams text)
+            continue
+        by_step = {step: float(np.ravel(v)[0]) for step, v in by_step.items()}
         steps = sorted(by_step)
         scalars[tag] = (np.asarray(steps), np.asarray([by_step[s] for s in steps]))
     return scalars
