@@ -4,6 +4,7 @@ per-step XLA options, and float32 bias gradients under bfloat16 compute."""
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +147,44 @@ def test_bfloat16_backward_products_take_bfloat16_operands():
     hlo = jax.jit(grad).lower(params).as_text()
     dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
     assert dots and not [d for d in dots if "xf32>, tensor<" in d.split(":")[-1].split("->")[0]]
+
+
+def test_bfloat16_pointwise_convolutions_accumulate_in_float32():
+    """A bfloat16 1x1 convolution as a dot multiplies bfloat16 operands, accumulates in float32
+    and rounds once: within bfloat16 rounding of the float32 convolution, value and gradients."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 256))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 256, 8)) / 16
+
+    def loss(x, w):
+        out = precision.pointwise_as_dot(x, w, (1, 1), "VALID", None, None, NHWC)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+    low = [x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)]
+    high = [a.astype(jnp.float32) for a in low]  # the same rounded operands in float32
+    out = precision.pointwise_as_dot(*low, (1, 1), "VALID", None, None, NHWC)
+    ref = lax.conv_general_dilated(*high, (1, 1), "VALID", None, None, NHWC)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2**-8, atol=1e-6)
+    for got, want in zip(jax.grad(loss, (0, 1))(*low), jax.grad(loss, (0, 1))(*high), strict=True):
+        assert got.dtype == jnp.bfloat16
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2**-7 * scale)
+
+
+def test_pointwise_kernel_gradient_needs_no_transposed_cotangent():
+    """A 1x1 convolution followed by BatchNorm: the compiled kernel gradient reads the cotangent
+    as laid out, with no (channels, pixels) copy for XLA to fuse the BatchNorm backward into
+    (that copy was the largest item of a ResNet-50 train step)."""
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 16, 24))
+
+    def loss(w):
+        y = precision.pointwise_as_dot(x, w, (1, 1), "VALID", None, None, NHWC)
+        y = (y - y.mean((0, 1, 2))) * lax.rsqrt(y.var((0, 1, 2)) + 1e-5)
+        return jnp.sum(jax.nn.relu(y) ** 2)
+
+    grad = jax.jit(jax.grad(loss), compiler_options=step_compiler_options(jnp.float32))
+    hlo = grad.lower(w).compile().as_text()
+    assert re.search(r"= f32\[4,6,6,24\]|= f32\[144,24\]", hlo)  # the cotangent, as laid out
+    transposed = re.findall(r"%\S+ = f32\[24,144\]\S* (?:fusion|copy|transpose)\(", hlo)
+    assert not transposed, transposed

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from vision_jax.models import precision
 from vision_jax.models.head import classify
+from vision_jax.models.pooling import max_pool
 from vision_jax.models.registry import (
     Family,
     FeatureTap,
@@ -86,7 +87,7 @@ class RootBlock(nn.Module):
     def __call__(self, x):
         x = _std_conv(self.width, 7, 2, self.eps, self.dtype, "conv_root")(x)
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        return max_pool(x, (3, 3), (2, 2))
 
 
 class PreActBottleneck(nn.Module):

@@ -149,10 +149,16 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
         )  # fmt: skip
     sh, sw = window_strides
     x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-    return lax.dot_general(
-        x, rhs[0, 0], (((3,), (0,)), ((), ())), precision,
-        preferred_element_type=preferred_element_type,
-    )  # fmt: skip
+    # A 2-D product: the kernel gradient of a dot contracting (N, H, W) at once goes through a
+    # transposed copy of the cotangent, into which XLA fuses the BatchNorm backward pass.
+    x2d, dims = x.reshape(-1, x.shape[-1]), (((1,), (0,)), ((), ()))
+    if x.dtype == rhs.dtype == jnp.bfloat16 and preferred_element_type is None:
+        y = dot(x2d, rhs[0, 0], dims).astype(x.dtype)
+    else:
+        y = lax.dot_general(
+            x2d, rhs[0, 0], dims, precision, preferred_element_type=preferred_element_type
+        )
+    return y.reshape(*x.shape[:-1], rhs.shape[-1])
 
 
 def conv_general_dilated(dtype: Any) -> Callable[..., jax.Array]:

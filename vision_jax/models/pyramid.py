@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vision_jax.models.pooling import max_pool
+
 
 def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) -> nn.Conv:
     """A ``kernel`` x ``kernel`` convolution with 'SAME' padding and float32 parameters."""
@@ -89,7 +91,7 @@ class SimpleFeaturePyramid(nn.Module):
                 return deconv(c // 4, "up4_1")(nn.gelu(channel_norm(self.dtype, "up4_norm")(y)))
             if scale == 2.0:
                 return deconv(c // 2, "up2")(x)
-            return x if scale == 1.0 else nn.max_pool(x, (2, 2), strides=(2, 2))
+            return x if scale == 1.0 else max_pool(x, (2, 2), (2, 2))
 
         outputs = []
         for i, scale in enumerate(SIMPLE_SCALES):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from vision_jax.models import precision
 from vision_jax.models.head import classify
+from vision_jax.models.pooling import max_pool
 from vision_jax.models.registry import (
     Family,
     FeatureTap,
@@ -143,7 +144,7 @@ class ResNet(nn.Module):
         x = jnp.asarray(images, self.dtype)
         x = conv2d(64, 7, 2, self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         block = Bottleneck if self.bottleneck else BasicBlock
         for i, depth in enumerate(self.stage_sizes):
             x = Stage(

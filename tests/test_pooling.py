@@ -1,0 +1,58 @@
+"""Max pooling as a maximum over strided slices, against Flax's ``reduce_window`` pooling."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vision_jax.models.pooling import max_pool
+
+
+@pytest.mark.parametrize(
+    "hw, window, strides, padding",
+    [
+        (12, (3, 3), (2, 2), ((1, 1), (1, 1))),  # the ResNet stem
+        (13, (3, 3), (2, 2), ((0, 0), (0, 0))),  # BiT's root (after its zero padding)
+        (9, (2, 2), (2, 2), ((0, 0), (0, 0))),  # the simple pyramid, odd size floors
+        (7, (3, 2), (1, 2), ((2, 0), (0, 1))),  # asymmetric everything
+    ],
+)
+def test_max_pool_matches_flax_values_and_gradients(hw, window, strides, padding):
+    # Distinct values, so every window has one maximum and both gradients are unambiguous.
+    x = jax.random.permutation(jax.random.key(0), 2 * hw * hw * 3).reshape(2, hw, hw, 3) / 10.0
+    x = x.astype(jnp.float32)
+    weights = jax.random.normal(jax.random.key(1), max_pool(x, window, strides, padding).shape)
+
+    def loss(pool):
+        return lambda x: jnp.sum(pool(x) * weights)
+
+    def flax_pool(x):
+        return nn.max_pool(x, window, strides=strides, padding=padding)
+
+    np.testing.assert_array_equal(max_pool(x, window, strides, padding), flax_pool(x))
+    np.testing.assert_array_equal(
+        jax.grad(loss(lambda x: max_pool(x, window, strides, padding)))(x),
+        jax.grad(loss(flax_pool))(x),
+    )
+
+
+def test_max_pool_gradient_sums_over_ties_and_is_elementwise():
+    """Tied maxima share the gradient (each window's total is Flax's, which gives it all to the
+    first), and the compiled gradient has no scatter."""
+    x = jnp.zeros((1, 4, 4, 1))
+    grad = jax.grad(lambda x: jnp.sum(max_pool(x, (2, 2), (2, 2))))
+    shares = np.asarray(grad(x)).reshape(2, 2, 2, 2).transpose(0, 2, 1, 3).reshape(4, 4)
+    assert (shares > 0).all()
+    np.testing.assert_allclose(shares.sum(1), np.ones(4))
+    hlo = jax.jit(grad).lower(x).compile().as_text()
+    assert "scatter" not in hlo and "reduce-window" not in hlo
+
+
+def test_max_pool_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="NHWC"):
+        max_pool(jnp.zeros((4, 4, 1)), (2, 2), (2, 2))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        max_pool(jnp.zeros((1, 2, 2, 1)), (3, 3), (1, 1))
