@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import threading
+import time
 
 import jax
 import numpy as np
@@ -235,6 +237,33 @@ def test_resumed_stream_equals_the_uninterrupted_one_with_augmentations(folder):
     # Every epoch is a permutation: 3 batches of 4 cover the 12 examples once.
     labels = np.concatenate([b["label"] for b in fresh[:3]])
     np.testing.assert_array_equal(np.bincount(labels), [4, 4, 4])
+
+
+def test_closing_batches_hands_the_iterator_teardown_to_another_thread():
+    """tf.data's iterator teardown can wait tens of seconds for its autotuning thread: closing
+    returns at once, the iterator is still released (on a daemon thread), iteration ends."""
+    arrays = data_lib.from_arrays(np.zeros((8, 4, 4), np.uint8), np.arange(8))
+    batches = data_lib.train_batches(arrays, spec_of(image_size=4), global_batch=4, seed=0)
+    assert next(batches)["image"].shape == (4, 4, 4, 3)
+    released, released_on = threading.Event(), []
+
+    class SlowTeardown:  # stands in for the tf.data iterator, keeping the real one alive
+        def __init__(self, iterator):
+            self.iterator = iterator
+
+        def __del__(self):
+            time.sleep(1.0)
+            released_on.append(threading.current_thread().name)
+            released.set()
+
+    batches._iter = SlowTeardown(batches._iter)
+    start = time.perf_counter()
+    batches.close()
+    assert time.perf_counter() - start < 0.5
+    assert released.wait(10) and released_on == ["release_tf_data"]
+    with pytest.raises(StopIteration):
+        next(batches)
+    batches.close()  # twice is fine
 
 
 def test_resume_of_a_sequential_source():

@@ -215,14 +215,17 @@ def _loop(
         start_step=run.start_step, start_position=run.start_position, **run.task.batch_args(),
     )  # fmt: skip
     log = _TrainLog(run, guard, writer)
-    for step in range(run.start_step + 1, run.total_steps + 1):
-        batch = sharding.to_global_batch(next(train_iter), run.mesh)
-        state, metrics = run.train_step(state, run.frozen, batch)
-        results.update(log.add(step, metrics, state))
-        evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
-        results.update(evaluated)
-        if done:
-            break
+    try:
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            batch = sharding.to_global_batch(next(train_iter), run.mesh)
+            state, metrics = run.train_step(state, run.frozen, batch)
+            results.update(log.add(step, metrics, state))
+            evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
+            results.update(evaluated)
+            if done:
+                break
+    finally:
+        train_iter.close()
     return results
 
 
