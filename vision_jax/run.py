@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -129,21 +129,35 @@ def create_variables(
     init_spec = spec.init
     if not init_spec.path:  # created already sharded
         return jax.jit(init, out_shardings=shardings)(init_rng), shardings, input_spec
-    # Merged on the host (with the fresh head), then split into the shardings.
-    fresh = jax.jit(base_init)(init_rng)
+    # Merged on the host, then split into the shardings. Only the variables the checkpoint does
+    # not provide are initialised: compiling the whole random init (whose values the checkpoint
+    # replaces) took longer than the train step's compilation.
     loaded = load_pretrained(
         init_spec.path,
         model=model,
-        variables=fresh,
+        variables=jax.eval_shape(base_init, init_rng),
         replace_head=init_spec.replace_head,
         dont_load=tuple(init_spec.dont_load),
         posemb=init_spec.posemb,
         head_bias_init=float(init_spec.head_bias_init),
     )
-    variables = with_adapters(loaded)
+    variables = with_adapters(_initialise_abstract(loaded, base_init, init_rng))
     if init_spec.use_input_contract:
         input_spec = apply_input_contract(input_spec, init_spec.path)
     return sharding.put(variables, shardings), shardings, input_spec
+
+
+def _initialise_abstract(
+    variables: dict, init: Callable[[jax.Array], dict], rng: jax.Array
+) -> dict:
+    """``variables`` with their abstract leaves (``jax.ShapeDtypeStruct``) set to ``init(rng)``'s
+    values; XLA compiles only the initialisers of those leaves."""
+    flat = trees.flatten_dict(variables)
+    abstract = [k for k, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+    if abstract:
+        only = lambda rng: {k: trees.flatten_dict(init(rng))[k] for k in abstract}
+        flat.update(jax.jit(only)(rng))
+    return trees.unflatten_dict(flat)
 
 
 def trainable_preset(spec: specs.RunSpec) -> str:

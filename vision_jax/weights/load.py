@@ -32,7 +32,10 @@ def load_pretrained(
     Args:
       source: a weight file or folder in any supported format (detected from the path).
       model: the Flax module ``variables`` belong to (from ``create_model``).
-      variables: the model's freshly initialised variables; they are not modified.
+      variables: the model's freshly initialised variables; they are not modified. They may be
+        abstract (``jax.eval_shape`` of the init): the variables that keep their init values
+        (a new head of a task model, ``dont_load``) then come back abstract, for the caller to
+        initialise alone.
       replace_head: re-initialise the head even if the class count matches. It is re-initialised
         (zero kernel, bias ``head_bias_init``) anyway when the class count differs.
       dont_load: regexes over variable paths inside their collection (``head/.*``,

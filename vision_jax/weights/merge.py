@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from vision_jax.trees import flatten_dict, unflatten_dict
@@ -44,11 +45,16 @@ def describe_mismatch(
 
 
 def merge_strict(init: Mapping[str, Any], loaded: Mapping[str, Any], *, source: str) -> dict:
-    """Returns ``loaded`` cast to the dtypes of ``init``; raises on any structural difference."""
+    """Returns ``loaded`` cast to the dtypes of ``init``; raises on any structural difference.
+    Abstract leaves (``jax.ShapeDtypeStruct``: values still to be initialised) pass through."""
     flat_init, flat_loaded = flatten_dict(init), flatten_dict(loaded)
     diff = describe_mismatch(flat_init, flat_loaded, source=source)
     if diff:
         raise WeightMismatchError(diff)
-    return unflatten_dict(
-        {k: np.asarray(v, dtype=np.asarray(flat_init[k]).dtype) for k, v in flat_loaded.items()}
-    )
+
+    def cast(value: Any, like: Any) -> Any:
+        if isinstance(value, jax.ShapeDtypeStruct):
+            return value
+        return np.asarray(value, dtype=getattr(like, "dtype", None) or np.asarray(like).dtype)
+
+    return unflatten_dict({k: cast(v, flat_init[k]) for k, v in flat_loaded.items()})
