@@ -112,8 +112,8 @@ class Batches(Iterator[Batch]):
     def close(self) -> None:
         """Releases the tf.data iterator on a daemon thread, so that its teardown does not hold
         up the caller: with autotuning on, the iterator's destructor waits for tf.data's
-        autotuning thread, which took 0 to 48 s at the end of a 150-step run on 2 cores. The
-        wait releases the GIL, so the run goes on meanwhile."""
+        autotuning thread, at times for tens of seconds (README, Benchmarks). The wait releases
+        the GIL, so the run goes on meanwhile."""
         if self._iter is None:
             return
         held, self._iter = [self._iter], None

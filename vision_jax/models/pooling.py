@@ -2,8 +2,8 @@
 
 The forward result equals ``flax.linen.max_pool``. The backward pass is different: the gradient
 of ``lax.reduce_window`` is a ``select_and_scatter``, which XLA's CPU backend lowers to a scatter
-with iota indices (a ResNet-50 stem's 3x3/2 pool at batch 16 took 256 ms forward and backward).
-The gradient of a chain of ``jnp.maximum`` is elementwise selects that XLA fuses (69 ms).
+with iota index arrays; the gradient of a chain of ``jnp.maximum`` is elementwise selects that
+XLA fuses (for a ResNet stem about 4x faster: README, Benchmarks).
 
 Ties: where several inputs of a window share the maximum, each ``jnp.maximum`` of the chain
 halves the gradient between its tied operands, where torch and Flax send it all to the first.
