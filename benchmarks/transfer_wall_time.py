@@ -29,11 +29,11 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 
 def _file_lists(config: str) -> dict:
     """The config's training and evaluation files and labels, as vision_jax reads them."""
-    sys.path.insert(0, REPO)
     from vision_jax.data.folders import from_image_folder
 
     path, _, arg = config.partition(":")
@@ -155,7 +155,6 @@ def _run_vision_jax(config: str, workdir: str) -> dict:
     command = [sys.executable, "-m", "vision_jax.main", f"--config={config}",
                f"--workdir={workdir}"]  # fmt: skip
     metrics_s, wall, metrics = _timed(command, "vision_jax")
-    sys.path.insert(0, REPO)
     from vision_jax.report.curves import read_scalars
 
     rates = sorted(read_scalars(workdir)["train/images_per_sec"][1][1:])  # [0] compiles

@@ -169,6 +169,11 @@ def test_bfloat16_pointwise_convolutions_accumulate_in_float32():
         assert got.dtype == jnp.bfloat16
         scale = np.abs(want).max()
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2**-7 * scale)
+    # Every product, forward and backward, takes bfloat16 operands and returns float32.
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(*low).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    signatures = {re.sub(r"\d+x", "", line.split(" : ")[-1]) for line in dots}
+    assert dots and signatures == {"(tensor<bf16>, tensor<bf16>) -> tensor<f32>"}, signatures
 
 
 def test_pointwise_kernel_gradient_needs_no_transposed_cotangent():

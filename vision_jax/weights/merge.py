@@ -55,6 +55,8 @@ def merge_strict(init: Mapping[str, Any], loaded: Mapping[str, Any], *, source: 
     def cast(value: Any, like: Any) -> Any:
         if isinstance(value, jax.ShapeDtypeStruct):
             return value
-        return np.asarray(value, dtype=getattr(like, "dtype", None) or np.asarray(like).dtype)
+        return np.asarray(
+            value, dtype=like.dtype if hasattr(like, "dtype") else np.asarray(like).dtype
+        )
 
     return unflatten_dict({k: cast(v, flat_init[k]) for k, v in flat_loaded.items()})
