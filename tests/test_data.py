@@ -239,6 +239,29 @@ def test_resumed_stream_equals_the_uninterrupted_one_with_augmentations(folder):
     np.testing.assert_array_equal(np.bincount(labels), [4, 4, 4])
 
 
+def test_pipelines_are_traced_without_autograph(folder, monkeypatch):
+    """AutoGraph's rewrite of the preprocessing took a second or more per pipeline: no map
+    function of the training, evaluation or checking pipelines goes through it."""
+    from tensorflow.python.autograph.impl import api as autograph_api
+
+    converted = []
+    convert = autograph_api._convert_actual
+    monkeypatch.setattr(
+        autograph_api, "_convert_actual", lambda f, ctx: converted.append(f) or convert(f, ctx)
+    )
+    tf.data.Dataset.range(2).map(lambda x: x + 1)  # the probe sees a plain map's conversion
+    assert converted
+    converted.clear()
+    source = data_lib.load_source(data_config(source="imagefolder", root=str(folder)).data, "train")
+    spec = spec_of(**HEAVY)
+    batch = next(data_lib.train_batches(source, spec, global_batch=4, seed=0))
+    assert batch["soft_label"].shape == (4, 3)
+    batches = list(data_lib.eval_batches(source, spec, global_batch=4))
+    assert sum(int(b["mask"].sum()) for b in batches) == source.num_examples
+    assert data_lib.check_examples(source, spec) == 0
+    assert converted == []
+
+
 def test_closing_batches_hands_the_iterator_teardown_to_another_thread():
     """tf.data's iterator teardown can wait tens of seconds for its autotuning thread: closing
     returns at once, the iterator is still released (on a daemon thread), iteration ends."""

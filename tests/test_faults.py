@@ -255,6 +255,37 @@ def test_a_corrupt_eval_image_stops_the_run_before_training(tmp_path):
     assert train_and_evaluate(cfg, str(tmp_path / "run"))["eval/examples"] == 10
 
 
+def test_the_eval_split_is_read_while_the_first_step_compiles(tmp_path, monkeypatch):
+    """The check of the eval split runs on its own thread, beside the first step (whose call
+    compiles it); the loop waits for it before the step's checkpoint."""
+    data = tmp_path / "data"
+    _image_folder(data, corrupt_eval=True)
+    events, check = [], train.data_lib.check_examples
+
+    def slow_check(source, spec):
+        events.append(("check starts", threading.current_thread().name))
+        time.sleep(1.0)
+        try:
+            return check(source, spec)
+        finally:
+            events.append(("check ends", threading.current_thread().name))
+
+    def first_step(step, batch):
+        events.append((f"step {step}", threading.current_thread().name))
+        return batch
+
+    monkeypatch.setattr(train.data_lib, "check_examples", slow_check)
+    wrap_step(monkeypatch, first_step)
+    cfg = config(**{"data.source": "imagefolder", "data.root": str(data)})
+    cfg.checkpoint_every_steps = 1
+    with pytest.raises(ValueError, match=r"Cannot read image .*test/b/bad\.png"):
+        train_and_evaluate(cfg, str(tmp_path / "run"))
+    main = threading.current_thread().name
+    assert [e for e, _ in events] == ["check starts", "step 1", "check ends"]
+    assert [t == main for _, t in events] == [False, True, False]
+    assert not step_dirs(tmp_path / "run")  # the error came before step 1 was saved
+
+
 def test_the_final_state_is_saved_before_the_final_evaluation(tmp_path, monkeypatch):
     def fail(*args):
         raise ValueError("evaluation failed")

@@ -42,7 +42,7 @@ from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.data import augment
 from vision_jax.data.coco import from_image_files
-from vision_jax.data.pipeline import decode_file
+from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.models import create_model
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import coco_results
@@ -270,7 +270,7 @@ def decoded_sizes(paths: Sequence[str]) -> tuple[list[Sized], list[tuple[str, st
         return index, tf.shape(augment.decode(tf.io.read_file(path)))[:2]
 
     ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=str)).enumerate()
-    ds = ds.map(size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = parallel_map(ds, size).ignore_errors()
     ds = ds.batch(256).with_options(data_lib.pipeline_options())
     found = {int(i): (int(h), int(w)) for rows, sizes in ds.as_numpy_iterator()
              for i, (h, w) in zip(rows, sizes, strict=True)}  # fmt: skip

@@ -8,6 +8,7 @@ then trains, evaluates every ``eval_every_steps`` and at the end, and checkpoint
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import time
@@ -168,19 +169,33 @@ def _save_due(spec: Any, step: int, total_steps: int) -> bool:
     return step == total_steps or (every > 0 and step % every == 0)
 
 
+class _ExampleCheck:
+    """Reads the evaluation and validation splits once (:func:`data.check_examples`) on a
+    background thread: a bad file stops the run before it trains, not at its end, and the
+    reading overlaps the first step's compilation. :meth:`wait` raises the check's error; the
+    loop waits before anything is evaluated or saved."""
+
+    def __init__(self, run: Run):
+        sources = [s for s in (run.eval_source, run.val_source) if s is not None]
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="check_examples")
+        self._done = pool.submit(lambda: [data_lib.check_examples(s, run.input) for s in sources])
+        pool.shutdown(wait=False)
+
+    def wait(self) -> None:
+        self._done.result()
+
+
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
         raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
-    for source in (run.eval_source, run.val_source):  # before training, not at its end
-        if source is not None:
-            data_lib.check_examples(source, run.input)
+    check = _ExampleCheck(run)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     try:
         if is_main:
             writer.write_hparams(_flat_hparams(run.meta["config"]))
             _log_start(run)
-        results = _loop(run, _fresh_skips(run.state), writer, stop)
+        results = _loop(run, _fresh_skips(run.state), writer, stop, check)
         if run.selection is not None:
             results.update(_test_best(run, writer))
         return results
@@ -195,13 +210,17 @@ def _finished(run: Run) -> bool:
 
 
 def _loop(
-    run: Run, state: TrainState, writer: metric_writers.MetricWriter, stop: StopSignals
-) -> dict[str, float]:
+    run: Run, state: TrainState, writer: metric_writers.MetricWriter, stop: StopSignals,
+    check: _ExampleCheck,
+) -> dict[str, float]:  # fmt: skip
     """Trains from ``run.start_step`` to the end (or early stopping); returns the last metrics
     of each kind."""
     spec, guard = run.spec, _Guard(run, state)
     results: dict[str, float] = {}
-    if spec.eval_before_training and run.start_step == 0:
+    evaluate_first = spec.eval_before_training and run.start_step == 0
+    if evaluate_first or _finished(run):
+        check.wait()
+    if evaluate_first:
         split, _ = run.periodic_source
         before = _evaluate(run, state, 0, writer)
         results.update({k.replace(split, f"{split}_before", 1): v for k, v in before.items()})
@@ -219,6 +238,7 @@ def _loop(
         for step in range(run.start_step + 1, run.total_steps + 1):
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
             state, metrics = run.train_step(state, run.frozen, batch)
+            check.wait()  # at once after the first step, whose compilation it overlapped
             results.update(log.add(step, metrics, state))
             evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
             results.update(evaluated)
