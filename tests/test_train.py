@@ -134,6 +134,34 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("trainable", ["all", "head"])
+def test_a_resume_reads_pretrained_weights_only_for_frozen_parameters(
+    tmp_path, monkeypatch, trainable
+):
+    """A resume restores into the state's shapes: the checkpoint replaces what the init and
+    the pretrained weights would give, so a full fine-tune reads neither. Frozen parameters
+    are not in the checkpoints: a linear probe still loads them. Both resume exactly."""
+    from vision_jax import run as run_lib
+
+    pretrained = tmp_path / "pretrained"
+    train_and_evaluate(small_config(total_steps=2), str(pretrained))
+    cfg = small_config(total_steps=4, keep_checkpoints=5)
+    cfg.init.path, cfg.optimizer.trainable = str(pretrained), trainable
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    train_and_evaluate(cfg, str(full))
+    train_and_evaluate(cfg, str(interrupted))
+    import shutil
+
+    shutil.rmtree(interrupted / "checkpoints" / "4")
+    loads, load = [], run_lib.load_pretrained
+    counted = lambda *args, **kwargs: loads.append(1) or load(*args, **kwargs)
+    monkeypatch.setattr(run_lib, "load_pretrained", counted)
+    train_and_evaluate(cfg, str(interrupted))
+    assert len(loads) == (trainable == "head")
+    for a, b in zip(_params_of(full), _params_of(interrupted), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def _tree_hash(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):

@@ -216,6 +216,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def has_steps(self) -> bool:
+        """Whether process 0 sees a step checkpoint (readable or not), on every process: the
+        same answer :meth:`restore_latest` acts on."""
+        return bool(_broadcast(len(self.manager.all_steps())))
+
     def save(
         self,
         step: int,

@@ -101,10 +101,13 @@ def create_variables(
     input_spec: data_lib.InputSpec,
     mesh: jax.sharding.Mesh,
     rng: jax.Array,
+    *,
+    abstract: bool = False,
 ) -> tuple[dict, dict, data_lib.InputSpec]:
     """Model variables (pretrained from ``spec.init`` if set, plus LoRA adapters), already
     sharded by ``spec.sharding_rules``; their shardings; the input spec (possibly the
-    checkpoint's input contract)."""
+    checkpoint's input contract). With ``abstract`` the variables are only their shapes, dtypes
+    and shardings (``jax.ShapeDtypeStruct``): nothing is initialised or read but the contract."""
     size = input_spec.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     adapters, init_rng, adapter_rng = spec.lora, rng, jax.random.fold_in(rng, 1)
@@ -127,6 +130,10 @@ def create_variables(
         shapes["params"], mesh, spec.sharding_rules, fsdp_min_size=spec.fsdp_min_size
     )
     init_spec = spec.init
+    if init_spec.path and init_spec.use_input_contract:
+        input_spec = apply_input_contract(input_spec, init_spec.path)
+    if abstract:
+        return trees.with_shardings(shapes, shardings), shardings, input_spec
     if not init_spec.path:  # created already sharded
         return jax.jit(init, out_shardings=shardings)(init_rng), shardings, input_spec
     # Merged on the host, then split into the shardings. Only the variables the checkpoint does
@@ -142,8 +149,6 @@ def create_variables(
         head_bias_init=float(init_spec.head_bias_init),
     )
     variables = with_adapters(_initialise_abstract(loaded, base_init, init_rng))
-    if init_spec.use_input_contract:
-        input_spec = apply_input_contract(input_spec, init_spec.path)
     return sharding.put(variables, shardings), shardings, input_spec
 
 
@@ -176,8 +181,11 @@ def create_train_state(
     *,
     total_steps: int,
     steps_per_epoch: int,
+    log: bool = True,
 ) -> Setup:
-    """Splits params into trainable and frozen, builds the optimizer and the sharded state."""
+    """Splits params into trainable and frozen, builds the optimizer and the sharded state
+    (abstract, as :func:`abstract_state`, if the variables are); ``log``: the tables of what
+    trains and what decays."""
     replicated = sharding.replicated(mesh)
     variables = dict(variables)
     params, param_shardings = variables.pop("params"), var_shardings["params"]
@@ -185,7 +193,7 @@ def create_train_state(
     extra = r"(.*/)?lora_[ab]" if spec.lora is not None else None
     mask = optim.trainable_mask(params, model, preset=preset, frozen=frozen_regex, extra=extra)
     trainable, frozen = trees.partition(params, mask)
-    if jax.process_index() == 0:
+    if log and jax.process_index() == 0:
         rules = [(r, False) for r in [frozen_regex] if r] + [(r, True) for r in [extra] if r]
         rules += optim.trainable_rules(preset, model)
         logging.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
@@ -197,7 +205,7 @@ def create_train_state(
             steps_per_epoch=steps_per_epoch, log=log,
         )  # fmt: skip
 
-    tx, schedule = optimizer(trainable)
+    tx, schedule = optimizer(trainable, log)
     ema = spec.ema_decay is not None
     opt_shapes = jax.eval_shape(tx.init, trainable)
     shardings = TrainState(
@@ -208,13 +216,14 @@ def create_train_state(
         ema_params=trainable_shardings if ema else None,
         skips=SkipCounts.filled(replicated),
     )
-    state = jax.jit(
-        lambda p, ms: TrainState(
-            jnp.array(0, jnp.int32), p, ms, tx.init(p), jax.tree.map(jnp.copy, p) if ema else None,
-            SkipCounts.filled(jnp.zeros((), jnp.int32)),
-        ),
-        out_shardings=shardings,
-    )(trainable, variables)  # fmt: skip
+    fresh = lambda p, ms: TrainState(
+        jnp.array(0, jnp.int32), p, ms, tx.init(p), jax.tree.map(jnp.copy, p) if ema else None,
+        SkipCounts.filled(jnp.zeros((), jnp.int32)),
+    )  # fmt: skip
+    if trees.is_abstract(params):
+        state = trees.with_shardings(jax.eval_shape(fresh, trainable, variables), shardings)
+    else:
+        state = jax.jit(fresh, out_shardings=shardings)(trainable, variables)
     memory = optim.memory_report(trainable, frozen, state.opt_state)
     if spec.lora is not None or frozen:  # what full fine-tuning would hold, for comparison
         base = jax.eval_shape(lambda p: lora.merge(p, spec.lora) if spec.lora else p, params)
@@ -223,6 +232,30 @@ def create_train_state(
             jax.eval_shape(full_tx.init, base)
         )
     return Setup(state, frozen, shardings, tx, schedule, memory)
+
+
+def _initial_setup(
+    spec: specs.RunSpec, model: nn.Module, mesh: jax.sharding.Mesh, rng: jax.Array, *,
+    resuming: bool, total_steps: int, steps_per_epoch: int,
+) -> tuple[Setup, data_lib.InputSpec]:  # fmt: skip
+    """The setup and input spec of a run. On a resume the state is abstract: the checkpoint
+    replaces it, so nothing is initialised and no pretrained weights are read, unless some
+    parameters are frozen (checkpoints hold only the trainable ones)."""
+
+    def setup_of(abstract: bool, log: bool = True) -> tuple[Setup, data_lib.InputSpec]:
+        variables, shardings, input_spec = create_variables(
+            spec, model, spec.input, mesh, rng, abstract=abstract
+        )
+        setup = create_train_state(
+            spec, model, variables, shardings, mesh, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, log=log,
+        )  # fmt: skip
+        return setup, input_spec
+
+    setup, input_spec = setup_of(abstract=resuming)
+    if resuming and jax.tree.leaves(setup.frozen):
+        setup, input_spec = setup_of(abstract=False, log=False)
+    return setup, input_spec
 
 
 def _check_batch_sizes(spec: specs.RunSpec, mesh: jax.sharding.Mesh) -> None:
@@ -391,14 +424,13 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: Work
     total_steps = spec.steps(steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
-    variables, var_shardings, input_spec = create_variables(spec, model, spec.input, mesh, init_rng)
-    setup = create_train_state(
-        spec, model, variables, var_shardings, mesh,
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-    )  # fmt: skip
     ckpt = Checkpointer(
         workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints, lock=lock
     )
+    setup, input_spec = _initial_setup(
+        spec, model, mesh, init_rng, resuming=ckpt.has_steps(), total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+    )  # fmt: skip
     state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
     selection = best = None
     if val_source is not None:

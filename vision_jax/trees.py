@@ -48,6 +48,20 @@ def combine(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
     return unflatten_dict({**flatten_dict(frozen), **flatten_dict(trainable)})
 
 
+def is_abstract(tree: Any) -> bool:
+    """Whether the leaves of ``tree`` are ``jax.ShapeDtypeStruct`` (shapes, no values)."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """``tree``'s shapes and dtypes as ``jax.ShapeDtypeStruct`` with ``shardings`` (a tree of
+    the same structure)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
 def tree_bytes(tree: Any) -> int:
     """Bytes held by the array leaves of ``tree`` (arrays or ShapeDtypeStructs)."""
     return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
