@@ -310,6 +310,8 @@ def _restore(
     process's data stream position (None: ``step * local batch``) and meta, or the fresh
     state."""
     restored = ckpt.restore_latest(abstract_state(state))
+    if restored is None and trees.is_abstract(state):  # has_steps() said there were some
+        raise CheckpointError(f"The checkpoints in {ckpt.directory} disappeared during setup.")
     if restored is None:
         ckpt.save_frozen(frozen)
         return state, 0, None, {}

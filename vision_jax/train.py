@@ -8,9 +8,9 @@ then trains, evaluates every ``eval_every_steps`` and at the end, and checkpoint
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -177,12 +177,23 @@ class _ExampleCheck:
 
     def __init__(self, run: Run):
         sources = [s for s in (run.eval_source, run.val_source) if s is not None]
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="check_examples")
-        self._done = pool.submit(lambda: [data_lib.check_examples(s, run.input) for s in sources])
-        pool.shutdown(wait=False)
+        self._error: BaseException | None = None
+
+        def check() -> None:
+            try:
+                for source in sources:
+                    data_lib.check_examples(source, run.input)
+            except BaseException as e:  # noqa: BLE001  (raised by wait)
+                self._error = e
+
+        # A daemon: a run that fails before waiting exits without reading the rest of the split.
+        self._thread = threading.Thread(target=check, name="check_examples", daemon=True)
+        self._thread.start()
 
     def wait(self) -> None:
-        self._done.result()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
