@@ -139,10 +139,11 @@ def create_variables(
     # Merged on the host, then split into the shardings. Only the variables the checkpoint does
     # not provide are initialised: compiling the whole random init (whose values the checkpoint
     # replaces) took longer than the train step's compilation.
+    base_shapes = shapes if adapters is None else jax.eval_shape(base_init, init_rng)
     loaded = load_pretrained(
         init_spec.path,
         model=model,
-        variables=jax.eval_shape(base_init, init_rng),
+        variables=base_shapes,
         replace_head=init_spec.replace_head,
         dont_load=tuple(init_spec.dont_load),
         posemb=init_spec.posemb,
