@@ -3,6 +3,8 @@ counts, BatchNorm behaviour and the timm weight converters."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -269,6 +271,95 @@ def test_batch_stats_update_only_in_train_mode():
     _, same = model.apply(variables, x, mutable=["batch_stats"])
     for k, v in flatten_dict(same["batch_stats"]).items():
         np.testing.assert_array_equal(v, old[k])
+
+
+def test_train_mode_gradients_match_torch():
+    """The hand-written BatchNorm backward pass through a whole CIFAR ResNet-20 in train mode
+    (batch statistics) against torch's autograd: every parameter's gradient and the running
+    statistics."""
+    ref = RefCifarResNet(20)
+    x = images(32, batch=4, seed=3)
+    randomize_(ref, x, seed=3)
+    model = create_model("cifar_resnet20", num_classes=10)
+    variables = from_timm(state_dict_np(ref), model)
+    weights = np.random.default_rng(4).standard_normal((4, 10)).astype(np.float32)
+
+    def loss(params):
+        logits, updates = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.tanh(logits) * weights), updates
+
+    grads, updates = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    ref.train()
+    out = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    torch.sum(torch.tanh(out) * torch.from_numpy(weights)).backward()
+    ref_grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+    expected = from_timm({**state_dict_np(ref), **ref_grads}, model)["params"]
+    flat, flat_expected = flatten_dict(grads), flatten_dict(expected)
+    assert flat.keys() == flat_expected.keys()
+    for path, g in flat.items():
+        scale = np.abs(flat_expected[path]).max()
+        np.testing.assert_allclose(g, flat_expected[path], atol=2e-4 * scale, err_msg=path)
+    # running means match torch's; torch folds the unbiased variance in, Flax the biased one.
+    new = flatten_dict(updates["batch_stats"])
+    np.testing.assert_allclose(new["bn1/mean"], ref.bn1.running_mean.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax(dtype):
+    """``models.batch_norm.BatchNorm`` against ``flax.linen.BatchNorm``: variables, outputs,
+    gradients (input, scale, bias, through the statistics too) and running statistics."""
+    import flax.linen as nn
+
+    from vision_jax.models.batch_norm import BatchNorm, batch_normalize
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(2.0, 3.0, (4, 5, 6, 7)), dtype)
+    ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    variables = ref.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, BatchNorm(False, dtype=dtype).init(jax.random.key(0), x)) == (
+        jax.tree.map(jnp.shape, variables)
+    )
+    variables = jax.tree.map(lambda v: v + rng.uniform(0.5, 1.5, v.shape), variables)
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def loss(module, params, x):
+        y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        y = y.astype(jnp.float32)
+        return jnp.sum(y * w + jnp.sin(y)), (y, updates)
+
+    grad = jax.jit(jax.grad(loss, (1, 2), has_aux=True), static_argnums=0)
+    expected = grad(ref, variables["params"], x)
+    got = grad(BatchNorm(False, dtype=dtype), variables["params"], x)
+    assert got[0][1].dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        e, g = np.asarray(e, np.float32), np.asarray(g, np.float32)
+        np.testing.assert_allclose(g, e, atol=tol * max(1.0, np.abs(e).max()))
+
+    # The function itself, with cotangents for the statistics too (the module stops them).
+    def plain(x, scale, bias):
+        x32 = x.astype(jnp.float32)
+        mean, var = jnp.mean(x32, (0, 1, 2)), jnp.var(x32, (0, 1, 2))
+        return (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+    def total(fn, *args):
+        y, mean, var = fn(*args)
+        return jnp.sum(y * w + jnp.sin(y)) + jnp.sum(jnp.cos(mean)) + jnp.sum(var**2)
+
+    args = (x, *variables["params"].values())
+    expected = jax.grad(partial(total, plain), (0, 1, 2))(*args)
+    got = jax.grad(partial(total, lambda *a: batch_normalize(*a, 1e-5)), (0, 1, 2))(*args)
+    for e, g in zip(expected, got, strict=True):
+        e, g = np.asarray(e, np.float32), np.asarray(g, np.float32)
+        np.testing.assert_allclose(g, e, atol=tol * max(1.0, np.abs(e).max()))
+    # Eval mode: the running statistics, as Flax.
+    ref_eval = nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype)
+    np.testing.assert_array_equal(
+        np.asarray(BatchNorm(True, dtype=dtype).apply(variables, x), np.float32),
+        np.asarray(ref_eval.apply(variables, x), np.float32),
+    )
 
 
 def test_bit_has_no_batch_stats():

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vision_jax.models import precision
+from vision_jax.models.batch_norm import BatchNorm
 from vision_jax.models.head import classify
 from vision_jax.models.pooling import max_pool
 from vision_jax.models.registry import (
@@ -46,19 +47,14 @@ def conv2d(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn
     )
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
     """torch's BatchNorm2d defaults: momentum 0.1 (Flax 0.9), eps 1e-5.
 
     One difference in train mode: Flax folds the biased batch variance into ``var``, torch the
     unbiased one (a factor ``n / (n - 1)`` with ``n = N * H * W``); eval mode is identical.
     """
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
+    return BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
     )
 
 
