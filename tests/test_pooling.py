@@ -51,6 +51,35 @@ def test_max_pool_gradient_sums_over_ties_and_is_elementwise():
     assert "scatter" not in hlo and "reduce-window" not in hlo
 
 
+def test_bfloat16_max_pool_runs_in_float32_and_equals_flax():
+    """bfloat16 inputs: Flax's values exactly, bfloat16 in and out, and every maximum and
+    select of the gradient in float32 (XLA's CPU backend runs the bfloat16 ones far slower)."""
+    # Distinct integers and integer weights: exact in bfloat16, so both gradients are exact.
+    x = jax.random.permutation(jax.random.key(0), 2 * 8 * 8 * 2).reshape(2, 8, 8, 2)
+    x = x.astype(jnp.bfloat16)
+    pool = lambda x: max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # noqa: E731
+    ref = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    assert pool(x).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(pool(x), np.float32), np.asarray(ref, np.float32))
+    weights = jax.random.randint(jax.random.key(1), ref.shape, -4, 5).astype(jnp.bfloat16)
+    grad = jax.grad(lambda x: jnp.sum((pool(x) * weights).astype(jnp.float32)))
+    flax_grad = jax.grad(
+        lambda x: jnp.sum(
+            (nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) * weights).astype(jnp.float32)
+        )
+    )
+    assert grad(x).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(grad(x)), np.asarray(flax_grad(x)))
+    equations = jax.make_jaxpr(grad)(x).jaxpr.eqns
+    pooling = [e for e in equations if e.primitive.name in ("max", "select_n", "eq")]
+    assert pooling and all(
+        v.aval.dtype in (jnp.float32, jnp.bool_)
+        for e in pooling
+        for v in e.invars
+        if hasattr(v, "aval") and v.aval.ndim == 4
+    ), [(e.primitive.name, [v.aval for v in e.invars]) for e in pooling]
+
+
 def test_max_pool_rejects_bad_shapes():
     with pytest.raises(ValueError, match="NHWC"):
         max_pool(jnp.zeros((4, 4, 1)), (2, 2), (2, 2))

@@ -9,6 +9,10 @@ Ties: where several inputs of a window share the maximum, each ``jnp.maximum`` o
 halves the gradient between its tied operands, where torch and Flax send it all to the first.
 The window's total is the same. After a ReLU the common tie is at zero, where the ReLU passes no
 gradient either way.
+
+bfloat16 and float16 inputs are pooled in float32 and the result cast back (exact: the maximum
+commutes with the conversion): XLA's CPU backend runs the bfloat16 chain's gradient many times
+slower than the float32 one (README, Benchmarks), and tied halves now add up in float32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ def max_pool(
 ) -> jax.Array:
     """Max pooling of NHWC ``x`` over ``window`` (kh, kw) with ``strides`` and ``-inf`` padding
     ``((top, bottom), (left, right))``, as ``nn.max_pool`` with explicit padding."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return _running_max(x.astype(jnp.float32), window, strides, padding).astype(x.dtype)
+    return _running_max(x, window, strides, padding)
+
+
+def _running_max(
+    x: jax.Array,
+    window: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> jax.Array:
     if x.ndim != 4:
         raise ValueError(f"max_pool expects NHWC inputs, got shape {x.shape}.")
     (kh, kw), (sh, sw) = window, strides
