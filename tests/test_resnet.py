@@ -292,6 +292,15 @@ def test_train_mode_gradients_match_torch():
 
     grads, updates = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
     ref.train()
+    norms = {
+        n.replace(".", "/"): m for n, m in ref.named_modules() if isinstance(m, tnn.BatchNorm2d)
+    }
+    old_stats = {path: (m.running_mean.clone(), m.running_var.clone()) for path, m in norms.items()}
+    counts = {}  # elements per channel each BatchNorm normalises over
+    for path, m in norms.items():
+        m.register_forward_hook(
+            lambda m, i, o, path=path: counts.update({path: i[0][:, 0].numel()})
+        )
     out = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
     torch.sum(torch.tanh(out) * torch.from_numpy(weights)).backward()
     ref_grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
@@ -301,9 +310,14 @@ def test_train_mode_gradients_match_torch():
     for path, g in flat.items():
         scale = np.abs(flat_expected[path]).max()
         np.testing.assert_allclose(g, flat_expected[path], atol=2e-4 * scale, err_msg=path)
-    # running means match torch's; torch folds the unbiased variance in, Flax the biased one.
+    # Running statistics: torch folds the unbiased batch variance in, Flax the biased one.
     new = flatten_dict(updates["batch_stats"])
-    np.testing.assert_allclose(new["bn1/mean"], ref.bn1.running_mean.numpy(), atol=1e-5)
+    assert len(norms) == len(new) // 2 == 19
+    for path, m in norms.items():
+        np.testing.assert_allclose(new[f"{path}/mean"], m.running_mean.numpy(), atol=1e-5)
+        old_var, n = old_stats[path][1].numpy(), counts[path]
+        unbiased = (new[f"{path}/var"] - 0.9 * old_var) * n / (n - 1)
+        np.testing.assert_allclose(unbiased, m.running_var.numpy() - 0.9 * old_var, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -318,9 +332,11 @@ def test_batch_norm_matches_flax(dtype):
     x = jnp.asarray(rng.normal(2.0, 3.0, (4, 5, 6, 7)), dtype)
     ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
     variables = ref.init(jax.random.key(0), x)
-    assert jax.tree.map(jnp.shape, BatchNorm(False, dtype=dtype).init(jax.random.key(0), x)) == (
-        jax.tree.map(jnp.shape, variables)
-    )
+    ours = BatchNorm(False, dtype=dtype).init(jax.random.key(0), x)
+    assert jax.tree.structure(ours) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(variables), strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)  # ones and zeros: init leaves the statistics alone
     variables = jax.tree.map(lambda v: v + rng.uniform(0.5, 1.5, v.shape), variables)
     w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
@@ -334,6 +350,7 @@ def test_batch_norm_matches_flax(dtype):
     got = grad(BatchNorm(False, dtype=dtype), variables["params"], x)
     assert got[0][1].dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
     for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
         e, g = np.asarray(e, np.float32), np.asarray(g, np.float32)
         np.testing.assert_allclose(g, e, atol=tol * max(1.0, np.abs(e).max()))

@@ -19,10 +19,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 
 def _reduced_axes(x: jax.Array) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1))
+
+
+def _normalize(x, scale, bias, epsilon):
+    axes, x32 = _reduced_axes(x), x.astype(jnp.float32)
+    mean, mean_sq = jnp.mean(x32, axes), jnp.mean(x32 * x32, axes)
+    var = jnp.maximum(0.0, mean_sq - mean * mean)
+    inv_sigma = lax.rsqrt(var + epsilon)
+    return ((x32 - mean) * (scale * inv_sigma) + bias, mean, var), inv_sigma
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -30,38 +39,43 @@ def batch_normalize(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(y, mean, var)``: ``x`` normalised over all but its last (channel) axis with the batch's
-    statistics, then scaled and shifted; ``y`` is float32, as are the statistics."""
-    return _forward(x, scale, bias, epsilon)[0]
+    statistics (float32), then scaled and shifted (``y`` in the dtype of ``scale * x32``)."""
+    return _normalize(x, scale, bias, epsilon)[0]
 
 
 def _forward(x, scale, bias, epsilon):
-    axes, x32 = _reduced_axes(x), x.astype(jnp.float32)
-    mean, mean_sq = jnp.mean(x32, axes), jnp.mean(x32 * x32, axes)
-    var = jnp.maximum(0.0, mean_sq - mean * mean)
-    inv_sigma = lax.rsqrt(var + epsilon)
-    y = (x32 - mean) * (scale * inv_sigma) + bias
-    return (y, mean, var), (x, scale, mean, inv_sigma)
+    x, scale, bias = x.value, scale.value, bias.value  # symbolic_zeros: CustomVJPPrimal
+    (y, mean, var), inv_sigma = _normalize(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, bias, mean, inv_sigma)
 
 
 def _backward(epsilon, residuals, cotangents):
-    x, scale, mean, inv_sigma = residuals
+    x, scale, bias, mean, inv_sigma = residuals
     g, g_mean, g_var = cotangents
-    axes, x32 = _reduced_axes(x), x.astype(jnp.float32)
+    axes, centred = _reduced_axes(x), x.astype(jnp.float32) - mean
     n = x.size // x.shape[-1]
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros(x.shape, jnp.float32)
     sum_g = jnp.sum(g, axes)
-    g_scale = inv_sigma * (jnp.sum(g * x32, axes) - mean * sum_g)  # sum(g * x_hat)
-    centred = x32 - mean
+    # sum(g * x_hat), from sum(g * x): a fused pass with sum(g), and like the variance's
+    # E[x^2] - E[x]^2 it loses precision only where |mean| >> std.
+    g_scale = inv_sigma * (jnp.sum(g * x.astype(jnp.float32), axes) - mean * sum_g)
     dx = (scale * inv_sigma) * (g - (sum_g + centred * inv_sigma * g_scale) / n)
-    dx = dx + (g_mean + 2.0 * g_var * centred) / n  # the statistics' own cotangents
-    return dx.astype(x.dtype), g_scale, sum_g
+    # The statistics' own cotangents: symbolic zeros where they only feed running averages.
+    if not isinstance(g_mean, SymbolicZero):
+        dx = dx + g_mean / n
+    if not isinstance(g_var, SymbolicZero):
+        dx = dx + 2.0 * g_var * centred / n
+    return dx.astype(x.dtype), g_scale.astype(scale.dtype), sum_g.astype(bias.dtype)
 
 
-batch_normalize.defvjp(_forward, _backward)
+batch_normalize.defvjp(_forward, _backward, symbolic_zeros=True)
 
 
 class BatchNorm(nn.Module):
     """``flax.linen.BatchNorm`` over the last axis (``scale``/``bias`` params, ``batch_stats``
-    ``mean``/``var``), with ``batch_normalize``'s backward pass in training."""
+    ``mean``/``var``), with ``batch_normalize``'s backward pass in training. Statistics are
+    over the whole (jit-sharded) batch; no ``axis_name`` (pmap) or ``mask``."""
 
     use_running_average: bool
     momentum: float = 0.9

@@ -12,7 +12,7 @@ gradient either way.
 
 bfloat16 and float16 inputs are pooled in float32 and the result cast back (exact: the maximum
 commutes with the conversion): XLA's CPU backend runs the bfloat16 chain's gradient many times
-slower than the float32 one (README, Benchmarks), and tied halves now add up in float32.
+slower than the float32 one (README, Benchmarks); tied halves add up in float32.
 """
 
 from __future__ import annotations
