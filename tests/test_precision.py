@@ -176,6 +176,70 @@ def test_bfloat16_pointwise_convolutions_accumulate_in_float32():
     assert dots and signatures == {"(tensor<bf16>, tensor<bf16>) -> tensor<f32>"}, signatures
 
 
+def test_float32_pointwise_returns_the_accumulator():
+    """``float32_pointwise``: a bfloat16 1x1 convolution returns the float32 product unrounded;
+    other convolutions and float32 ones are unchanged."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 64), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (1, 1, 64, 8), jnp.bfloat16)
+    out = precision.pointwise_as_dot(
+        x, w, (2, 2), "VALID", None, None, NHWC, float32_pointwise=True
+    )
+    want = lax.dot_general(
+        x[:, ::2, ::2].reshape(-1, 64), w[0, 0], (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    ).reshape(2, 3, 3, 8)  # fmt: skip
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, want)
+    rounded = precision.pointwise_as_dot(x, w, (2, 2), "VALID", None, None, NHWC)
+    np.testing.assert_array_equal(rounded, want.astype(jnp.bfloat16))
+    w3 = jax.random.normal(jax.random.key(2), (3, 3, 64, 8), jnp.bfloat16)
+    args = (x, w3, (1, 1), "SAME", None, None, NHWC)
+    assert precision.pointwise_as_dot(*args, float32_pointwise=True).dtype == jnp.bfloat16
+    assert precision.pointwise_as_dot(
+        x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "VALID", None, None, NHWC,
+        float32_pointwise=True,
+    ).dtype == jnp.float32  # fmt: skip
+
+
+def test_bfloat16_resnet_feeds_its_batch_norms_float32_products():
+    """A bfloat16 bottleneck ResNet in training: its 1x1 convolutions hand BatchNorm their
+    float32 accumulators (3x3 ones round to bfloat16), and its loss and gradients stay within
+    bfloat16 tolerance of the float32 model's."""
+    from vision_jax.models.resnet import ResNet
+
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    labels = jnp.arange(4) % 10
+
+    def run(dtype):
+        model = ResNet(num_classes=10, stage_sizes=(1, 1), dtype=dtype)
+        variables = model.init(jax.random.key(1), x[:1])
+
+        def loss(params):
+            (logits, state) = model.apply(
+                {**variables, "params": params}, x, train=True,
+                mutable=["batch_stats", "intermediates"], capture_intermediates=True,
+            )  # fmt: skip
+            one_hot = jax.nn.one_hot(labels, 10)
+            return -jnp.mean(
+                jnp.sum(jax.nn.log_softmax(logits.astype(jnp.float32)) * one_hot, -1)
+            ), state
+
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        return value, grads, state["intermediates"]
+
+    value, grads, inter = run(jnp.bfloat16)
+    block = inter["layer1"]["0"]
+    assert block["conv1"]["__call__"][0].dtype == jnp.float32  # 1x1
+    assert block["conv3"]["__call__"][0].dtype == jnp.float32
+    assert block["downsample_conv"]["__call__"][0].dtype == jnp.float32
+    assert block["conv2"]["__call__"][0].dtype == jnp.bfloat16  # 3x3
+    ref_value, ref_grads, _ = run(jnp.float32)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-2)
+    for path, g in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, path, atol=0.1 * np.abs(path).max())
+
+
 def test_pointwise_kernel_gradient_needs_no_transposed_cotangent():
     """A 1x1 convolution followed by BatchNorm: the compiled kernel gradient reads the cotangent
     as laid out, with no (channels, pixels) copy for XLA to fuse the BatchNorm backward into

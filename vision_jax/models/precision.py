@@ -122,8 +122,8 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
                      padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
                      rhs_dilation: Any = None, dimension_numbers: Any = None,
                      feature_group_count: int = 1, batch_group_count: int = 1,
-                     precision: Any = None, preferred_element_type: Any = None
-                     ) -> jax.Array:  # fmt: skip
+                     precision: Any = None, preferred_element_type: Any = None,
+                     float32_pointwise: bool = False) -> jax.Array:  # fmt: skip
     """``lax.conv_general_dilated``, computing 1x1 NHWC convolutions as a strided slice and a
     ``dot_general`` over channels.
 
@@ -131,6 +131,10 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
     convolution's kernel gradient as a convolution over transposed activations and fuses the
     producers of those activations (BatchNorm, residual adds, ReLU) into the transpose, which
     then dominates a ResNet step; a dot's kernel gradient is a plain transposed matmul.
+
+    ``float32_pointwise``: a bfloat16 1x1 convolution returns its float32 accumulator instead
+    of rounding it, for a consumer that computes in float32 anyway (BatchNorm): one conversion
+    pass and one rounding less.
     """
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     no_padding = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
@@ -153,7 +157,8 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
     # transposed copy of the cotangent, into which XLA fuses the BatchNorm backward pass.
     x2d, dims = x.reshape(-1, x.shape[-1]), (((1,), (0,)), ((), ()))
     if x.dtype == rhs.dtype == jnp.bfloat16 and preferred_element_type is None:
-        y = dot(x2d, rhs[0, 0], dims).astype(x.dtype)
+        y = dot(x2d, rhs[0, 0], dims)
+        y = y if float32_pointwise else y.astype(x.dtype)
     else:
         y = lax.dot_general(
             x2d, rhs[0, 0], dims, precision, preferred_element_type=preferred_element_type

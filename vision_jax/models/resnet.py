@@ -42,7 +42,8 @@ def conv2d(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn
         kernel_init=conv_init,
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=precision.pointwise_as_dot,
+        # every conv feeds a BatchNorm, which normalises in float32
+        conv_general_dilated=partial(precision.pointwise_as_dot, float32_pointwise=True),
         name=name,
     )
 
