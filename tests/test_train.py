@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -125,8 +126,6 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     interrupted = tmp_path / "interrupted"
     train_and_evaluate(cfg, str(interrupted))
     # Simulate a preemption after step 3: drop the later checkpoint, then run the same command.
-    import shutil
-
     shutil.rmtree(interrupted / "checkpoints" / "6")
     assert sorted(os.listdir(interrupted / "checkpoints")) == ["3"]
     train_and_evaluate(cfg, str(interrupted))
@@ -150,8 +149,6 @@ def test_a_resume_reads_pretrained_weights_only_for_frozen_parameters(
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     train_and_evaluate(cfg, str(full))
     train_and_evaluate(cfg, str(interrupted))
-    import shutil
-
     shutil.rmtree(interrupted / "checkpoints" / "4")
     loads, load = [], run_lib.load_pretrained
     counted = lambda *args, **kwargs: loads.append(1) or load(*args, **kwargs)

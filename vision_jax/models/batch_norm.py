@@ -52,14 +52,15 @@ def _forward(x, scale, bias, epsilon):
 def _backward(epsilon, residuals, cotangents):
     x, scale, bias, mean, inv_sigma = residuals
     g, g_mean, g_var = cotangents
-    axes, centred = _reduced_axes(x), x.astype(jnp.float32) - mean
+    axes, x32 = _reduced_axes(x), x.astype(jnp.float32)
+    centred = x32 - mean
     n = x.size // x.shape[-1]
     if isinstance(g, SymbolicZero):
         g = jnp.zeros(x.shape, jnp.float32)
     sum_g = jnp.sum(g, axes)
     # sum(g * x_hat), from sum(g * x): a fused pass with sum(g), and like the variance's
     # E[x^2] - E[x]^2 it loses precision only where |mean| >> std.
-    g_scale = inv_sigma * (jnp.sum(g * x.astype(jnp.float32), axes) - mean * sum_g)
+    g_scale = inv_sigma * (jnp.sum(g * x32, axes) - mean * sum_g)
     dx = (scale * inv_sigma) * (g - (sum_g + centred * inv_sigma * g_scale) / n)
     # The statistics' own cotangents: symbolic zeros where they only feed running averages.
     if not isinstance(g_mean, SymbolicZero):

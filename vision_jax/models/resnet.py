@@ -51,8 +51,9 @@ def conv2d(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn
 def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
     """torch's BatchNorm2d defaults: momentum 0.1 (Flax 0.9), eps 1e-5.
 
-    One difference in train mode: Flax folds the biased batch variance into ``var``, torch the
-    unbiased one (a factor ``n / (n - 1)`` with ``n = N * H * W``); eval mode is identical.
+    One difference in train mode: Flax (and :class:`BatchNorm`) folds the biased batch variance
+    into ``var``, torch the unbiased one (a factor ``n / (n - 1)`` with ``n = N * H * W``); eval
+    mode is identical.
     """
     return BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
