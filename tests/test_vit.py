@@ -10,7 +10,7 @@ import pytest
 from helpers import flax_fn, flax_param_count, images, state_dict_np, torch_logits
 
 from vision_jax.models.registry import create_model, list_models, model_spec
-from vision_jax.models.vit import VIT_SIZES
+from vision_jax.models.vit import VIT_SIZES, attend
 from vision_jax.trees import flatten_dict
 from vision_jax.weights import WeightMismatchError
 from vision_jax.weights.vit import from_timm, to_timm
@@ -64,6 +64,25 @@ def test_parity_with_timm(timm, name):
     assert got.shape == (2, 10)
     assert np.std(expected) > 0.5
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)
+
+
+def test_attend_matches_numpy_softmax_attention():
+    """The attention core (deferred softmax normalisation) against the textbook formula in
+    float64, with and without dropout on the weights."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 7, 3, 8)) for _ in range(3))  # (B, N, H, hd)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    as_f32 = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    np.testing.assert_allclose(attend(*as_f32), expected, rtol=1e-5, atol=1e-5)
+    # Dropout acts on the normalised weights: zeroing every weight of query 0 zeroes its output.
+    mask = np.ones((2, 3, 7, 7), np.float32)
+    mask[:, :, 0] = 0.0
+    dropped = attend(*as_f32, dropout=lambda w: w * mask)
+    np.testing.assert_allclose(dropped[:, 0], 0.0, atol=1e-7)
+    np.testing.assert_allclose(dropped[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 def test_headless_returns_class_token_features(timm):

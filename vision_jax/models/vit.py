@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -110,6 +110,25 @@ def _linear(dtype: Any) -> dict[str, Any]:
     }
 
 
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, dropout: Callable | None = None
+) -> jax.Array:
+    """``softmax(q k^T / sqrt(head_dim)) v`` per head: ``(B, N, H, hd)`` in and out, in the
+    inputs' dtype (products accumulate in float32); ``dropout`` applies to the weights."""
+    dtype = q.dtype
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
+    logits = precision.dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # (B, H, N, N)
+    # Softmax with the normalisation deferred past the value product: dividing the
+    # (B, H, N, hd) output is cheaper than dividing the (B, H, N, N) weights.
+    unnormalized = jnp.exp(logits - lax.stop_gradient(logits.max(-1, keepdims=True)))
+    denom = unnormalized.sum(-1)  # (B, H, N)
+    weights = unnormalized.astype(dtype)
+    if dropout is not None:
+        weights = dropout(weights)
+    out = precision.dot(weights, v, (((3,), (1,)), ((0, 1), (0, 2))))  # (B, H, N, hd)
+    return (out / denom[..., None]).transpose(0, 2, 1, 3).astype(dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with the per-head parameter layout of ``flax`` / the JAX ViT."""
 
@@ -129,17 +148,10 @@ class Attention(nn.Module):
             return dense(x).astype(self.dtype)
 
         q, k, v = proj("query"), proj("key"), proj("value")  # (B, N, H, hd)
-        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = precision.dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # (B, H, N, N)
-        # Softmax with the normalisation deferred past the value product: dividing the
-        # (B, H, N, hd) output is cheaper than dividing the (B, H, N, N) weights.
-        unnormalized = jnp.exp(logits - lax.stop_gradient(logits.max(-1, keepdims=True)))
-        denom = unnormalized.sum(-1)  # (B, H, N)
-        weights = unnormalized.astype(self.dtype)
+        dropout = None
         if self.dropout_rate and not deterministic:
-            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = precision.dot(weights, v, (((3,), (1,)), ((0, 1), (0, 2))))  # (B, H, N, hd)
-        out = (out / denom[..., None]).transpose(0, 2, 1, 3).astype(self.dtype)
+            dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
+        out = attend(q, k, v, dropout=dropout)
         out = nn.DenseGeneral(width, axis=(-2, -1), name="out", **_linear(self.dtype))(out)
         return out.astype(self.dtype)
 

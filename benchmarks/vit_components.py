@@ -1,0 +1,209 @@
+"""Where a ViT train step's time goes, part by part, against timm in the same run.
+
+Each part of one encoder block runs forward and backward at the model's training shapes:
+LayerNorm, the attention core (``softmax(q k^T) v`` from the per-head query, key and value),
+the whole attention layer, the MLP and the whole block; and the AdamW update of the whole
+model's parameters. vision_jax's own modules and ``vit.attend`` are jitted with the train step's
+compiler options; timm's modules (and ``F.scaled_dot_product_attention``, which timm's attention
+calls) run eagerly. Each framework runs in its own process; the parts alternate within it and
+the figures are medians.
+
+  python benchmarks/vit_components.py --model vit_ti16 --batch 32 --size 224
+
+"per step" multiplies a block part by the depth: the time that part takes in one train step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+PARTS = ("layer_norm", "attention_core", "attention", "mlp", "block", "adamw")
+
+
+def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
+    """Each zero-argument ``fns`` value called ``rounds`` times, the parts alternating."""
+    for fn in fns.values():
+        fn(), fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def jax_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from vision_jax import create_model
+    from vision_jax.compile_options import step_compiler_options
+    from vision_jax.models import vit
+
+    model = create_model(model_name, num_classes=1000)
+    width, heads, depth = model.width, model.num_heads, model.depth
+    tokens = (size // model.patch_size) ** 2 + 1
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    x, head_shape = normal(batch, tokens, width), (batch, tokens, heads, width // heads)
+    q, k, v = normal(*head_shape), normal(*head_shape), normal(*head_shape)
+    options = step_compiler_options(jnp.float32)
+
+    def module_part(module):
+        params = module.init(jax.random.key(0), x)
+        loss = lambda p, x: jnp.sum(module.apply(p, x) * x)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
+        return lambda: jax.block_until_ready(grad(params, x))
+
+    def core_part():
+        loss = lambda q, k, v: jnp.sum(vit.attend(q, k, v) * q)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=options)
+        return lambda: jax.block_until_ready(grad(q, k, v))
+
+    def adamw_part():
+        images = jnp.zeros((1, size, size, 3))
+        params = model.init(jax.random.key(0), images)["params"]
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+        tx = optax.adamw(1e-4, weight_decay=1e-4)
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        update = jax.jit(update, donate_argnums=(0, 1), compiler_options=options)
+        state = [params, tx.init(params)]
+
+        def run():
+            state[:] = update(*state)
+            jax.block_until_ready(state)
+
+        return run
+
+    deterministic = {"deterministic": True}
+    parts = {
+        "layer_norm": module_part(vit._layer_norm(jnp.float32, "ln")),
+        "attention_core": core_part(),
+        "attention": module_part(_Bound(vit.Attention(heads), deterministic)),
+        "mlp": module_part(_Bound(vit.MlpBlock(model.mlp_dim), deterministic)),
+        "block": module_part(_Bound(vit.EncoderBlock(heads, model.mlp_dim), deterministic)),
+        "adamw": adamw_part(),
+    }
+    return {"depth": depth, "tokens": tokens, "ms": _median_ms(parts, rounds)}
+
+
+class _Bound:
+    """A Flax module with fixed call keywords (``init``/``apply`` as the module's)."""
+
+    def __init__(self, module, kwargs: dict):
+        self.module, self.kwargs = module, kwargs
+
+    def init(self, rng, x):
+        return self.module.init(rng, x, **self.kwargs)
+
+    def apply(self, params, x):
+        return self.module.apply(params, x, **self.kwargs)
+
+
+def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from conftest import import_timm  # the CPU-torch import workaround for torchvision
+
+    timm = import_timm()
+    import torch
+    from timm.models.vision_transformer import Attention, Block, Mlp
+    from torch.nn import functional as F
+
+    from vision_jax import model_spec
+
+    model = timm.create_model(model_spec(model_name).timm_name, num_classes=1000, img_size=size)
+    blk = model.blocks[0]
+    width, heads = model.embed_dim, blk.attn.num_heads
+    tokens = model.patch_embed.num_patches + 1
+    torch.manual_seed(0)
+    x = torch.randn(batch, tokens, width, requires_grad=True)
+    head_shape = (batch, heads, tokens, width // heads)
+    q, k, v = (torch.randn(*head_shape, requires_grad=True) for _ in range(3))
+
+    def module_part(module):
+        def run():
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            (module(x) * x).sum().backward()
+
+        return run
+
+    def core_part():
+        def run():
+            q.grad = k.grad = v.grad = None
+            (F.scaled_dot_product_attention(q, k, v) * q).sum().backward()
+
+        return run
+
+    def adamw_part():
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+        return opt.step
+
+    hidden = blk.mlp.fc1.out_features
+    parts = {
+        "layer_norm": module_part(torch.nn.LayerNorm(width, eps=1e-6)),
+        "attention_core": core_part(),
+        "attention": module_part(Attention(width, heads, qkv_bias=True)),
+        "mlp": module_part(Mlp(width, hidden)),
+        "block": module_part(Block(width, heads, mlp_ratio=hidden / width, qkv_bias=True)),
+        "adamw": adamw_part(),
+    }
+    return {"depth": len(model.blocks), "tokens": tokens, "ms": _median_ms(parts, rounds)}
+
+
+def _run_worker(args: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"The {args[0]} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_ti16")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, name, batch, size, rounds = args.worker
+        worker = jax_worker if kind == "jax" else timm_worker
+        print("RESULT " + json.dumps(worker(name, int(batch), int(size), int(rounds))))
+        return
+
+    common = [args.model, str(args.batch), str(args.size), str(args.rounds)]
+    jx, tm = _run_worker(["jax", *common]), _run_worker(["timm", *common])
+    depth = jx["depth"]
+    print(f"# {args.model}, batch {args.batch}, {args.size} px ({jx['tokens']} tokens), "
+          f"forward and backward, fp32; medians of {args.rounds}")  # fmt: skip
+    print(f"{'part':<15} {'vision_jax ms':>13} {'timm ms':>8} {'vs timm':>8} "
+          f"{'per step: vision_jax':>21} {'timm':>7} {'difference':>11}")  # fmt: skip
+    for part in PARTS:
+        a, b = jx["ms"][part], tm["ms"][part]
+        n = {"adamw": 1, "layer_norm": 2 * depth + 1}.get(part, depth)
+        print(f"{part:<15} {a:>13.2f} {b:>8.2f} {b / a:>7.2f}x "
+              f"{a * n:>18.0f} ms {b * n:>5.0f} ms {(a - b) * n:>8.0f} ms")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
