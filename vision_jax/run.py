@@ -30,6 +30,7 @@ from vision_jax.config import TrackedConfig
 from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
+from vision_jax.models.remat import REMAT_POLICIES
 from vision_jax.selection import Selection
 from vision_jax.steps import SkipCounts, TrainState, make_eval_step, make_train_step
 from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
@@ -375,7 +376,7 @@ def _compile_steps(
     """The jitted train step and the eval steps (params, and with EMA the EMA params)."""
     dtype = getattr(model, "dtype", jnp.float32)
     xla_options = step_compiler_options(dtype)
-    remat = spec.model_overrides.get("remat", "none") != "none"
+    remat = REMAT_POLICIES.get(spec.model_overrides.get("remat")) is not None  # recomputes
     task, adapters = spec.task, spec.lora
     train_step = jax.jit(
         make_train_step(
