@@ -58,9 +58,9 @@ def jax_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
     q, k, v = normal(*head_shape), normal(*head_shape), normal(*head_shape)
     options = step_compiler_options(jnp.float32)
 
-    def module_part(module):
-        params = module.init(jax.random.key(0), x)
-        loss = lambda p, x: jnp.sum(module.apply(p, x) * x)
+    def module_part(module, **kwargs):
+        params = module.init(jax.random.key(0), x, **kwargs)
+        loss = lambda p, x: jnp.sum(module.apply(p, x, **kwargs) * x)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
         return lambda: jax.block_until_ready(grad(params, x))
 
@@ -88,29 +88,15 @@ def jax_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
 
         return run
 
-    deterministic = {"deterministic": True}
     parts = {
         "layer_norm": module_part(vit._layer_norm(jnp.float32, "ln")),
         "attention_core": core_part(),
-        "attention": module_part(_Bound(vit.Attention(heads), deterministic)),
-        "mlp": module_part(_Bound(vit.MlpBlock(model.mlp_dim), deterministic)),
-        "block": module_part(_Bound(vit.EncoderBlock(heads, model.mlp_dim), deterministic)),
+        "attention": module_part(vit.Attention(heads), deterministic=True),
+        "mlp": module_part(vit.MlpBlock(model.mlp_dim), deterministic=True),
+        "block": module_part(vit.EncoderBlock(heads, model.mlp_dim), deterministic=True),
         "adamw": adamw_part(),
     }
     return {"depth": depth, "tokens": tokens, "ms": _median_ms(parts, rounds)}
-
-
-class _Bound:
-    """A Flax module with fixed call keywords (``init``/``apply`` as the module's)."""
-
-    def __init__(self, module, kwargs: dict):
-        self.module, self.kwargs = module, kwargs
-
-    def init(self, rng, x):
-        return self.module.init(rng, x, **self.kwargs)
-
-    def apply(self, params, x):
-        return self.module.apply(params, x, **self.kwargs)
 
 
 def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
