@@ -195,9 +195,10 @@ def timm_worker(model_name: str, batch: int, size: int, variant: str, mode: str,
 # driver
 
 
-def _run_worker(args: list[str], timeout: int) -> dict | str:
+def _run_worker(args: list[str], timeout: int, script: str = __file__) -> dict | str:
+    """``script --worker *args`` in a new process: its ``RESULT {json}`` line, or why it failed."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", *args],
+        [sys.executable, script, "--worker", *args],
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import train_throughput  # noqa: E402
 
 PARTS = ("layer_norm", "attention_core", "attention", "mlp", "block", "adamw")
 
@@ -55,7 +57,7 @@ def jax_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
     if not isinstance(model, vit.VisionTransformer):
         raise SystemExit(f"vit_components.py measures ViT models; {model_name} is not one.")
     width, heads, depth = model.width, model.num_heads, model.depth
-    tokens = (size // model.patch_size) ** 2 + 1
+    tokens = (size // model.patch_size) ** 2 + int(model.pool_type == "token")
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     x, head_shape = normal(batch, tokens, width), (batch, tokens, heads, width // heads)
@@ -117,7 +119,7 @@ def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
     model = timm.create_model(model_spec(model_name).timm_name, num_classes=1000, img_size=size)
     blk = model.blocks[0]
     width, heads = model.embed_dim, blk.attn.num_heads
-    tokens = model.patch_embed.num_patches + 1
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     torch.manual_seed(0)
     x = torch.randn(batch, tokens, width, requires_grad=True)
     head_shape = (batch, heads, tokens, width // heads)
@@ -157,14 +159,12 @@ def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
     return {"depth": len(model.blocks), "tokens": tokens, "ms": _median_ms(parts, rounds)}
 
 
-def _run_worker(args: list[str]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"The {args[0]} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+def _measure(kind: str, args: list[str]) -> dict:
+    """One framework's parts, in a worker process (``train_throughput``'s worker protocol)."""
+    result = train_throughput._run_worker([kind, *args], timeout=1800, script=__file__)
+    if isinstance(result, str):
+        raise SystemExit(f"The {kind} worker {result}")
+    return result
 
 
 def main() -> None:
@@ -182,7 +182,7 @@ def main() -> None:
         return
 
     common = [args.model, str(args.batch), str(args.size), str(args.rounds)]
-    jx, tm = _run_worker(["jax", *common]), _run_worker(["timm", *common])
+    jx, tm = _measure("jax", common), _measure("timm", common)
     depth = jx["depth"]
     print(f"# {args.model}, batch {args.batch}, {args.size} px ({jx['tokens']} tokens), "
           f"forward and backward, fp32; medians of {args.rounds}")  # fmt: skip

@@ -235,9 +235,9 @@ def test_bfloat16_resnet_feeds_its_batch_norms_float32_products():
     assert block["conv2"]["__call__"][0].dtype == jnp.bfloat16  # 3x3
     ref_value, ref_grads, _ = run(jnp.float32)
     np.testing.assert_allclose(value, ref_value, rtol=2e-2)
-    for path, g in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
+    for ref, g in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
         assert g.dtype == jnp.float32
-        np.testing.assert_allclose(g, path, atol=0.1 * np.abs(path).max())
+        np.testing.assert_allclose(g, ref, atol=0.1 * np.abs(ref).max())
 
 
 def test_pointwise_kernel_gradient_needs_no_transposed_cotangent():
