@@ -75,6 +75,13 @@ def test_train_loop_learns_and_reports(tmp_path):
             else last.tensor_proto.float_val
         )[0]
     ) == pytest.approx(result["eval/top1"], abs=1e-6)
+    # ... and the config, as TensorBoard's HParams plugin reads it.
+    from tensorboard.plugins.hparams import metadata
+
+    content = events.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content
+    hparams = metadata.parse_session_start_info_plugin_data(content).hparams
+    assert hparams["optimizer.learning_rate"].number_value == pytest.approx(0.1)
+    assert hparams["total_steps"].number_value == 40
 
 
 def test_eval_is_exact_over_every_example(tmp_path):

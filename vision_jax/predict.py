@@ -32,11 +32,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from vision_jax.tf_without_keras import tf
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from vision_jax import data as data_lib
 from vision_jax import weights

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from vision_jax import data as data_lib
@@ -27,6 +27,7 @@ from vision_jax.metrics import scalars
 from vision_jax.run import Run, abstract_state, build_run
 from vision_jax.signals import StopRequested, StopSignals
 from vision_jax.steps import TrainState, evaluate
+from vision_jax.writer import MetricWriter
 
 
 def _log_start(run: Run) -> None:
@@ -201,7 +202,7 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
         raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
     check = _ExampleCheck(run)
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    writer = MetricWriter(workdir if is_main else None)
     try:
         if is_main:
             writer.write_hparams(_flat_hparams(run.meta["config"]))
@@ -221,7 +222,7 @@ def _finished(run: Run) -> bool:
 
 
 def _loop(
-    run: Run, state: TrainState, writer: metric_writers.MetricWriter, stop: StopSignals,
+    run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals,
     check: _ExampleCheck,
 ) -> dict[str, float]:  # fmt: skip
     """Trains from ``run.start_step`` to the end (or early stopping); returns the last metrics
@@ -264,12 +265,8 @@ class _TrainLog:
     """Training scalars per ``log_every_steps`` window: metrics merged on the device, fetched
     at the window's end with the learning rate, throughput and skip count, and written."""
 
-    def __init__(self, run: Run, guard: _Guard, writer: metric_writers.MetricWriter):
+    def __init__(self, run: Run, guard: _Guard, writer: MetricWriter):
         self.run, self.guard, self.writer = run, guard, writer
-        self.report = periodic_actions.ReportProgress(
-            num_train_steps=run.total_steps, writer=writer,
-            every_steps=run.spec.log_every_steps, every_secs=None,
-        )  # fmt: skip
         self._reset()
 
     def _reset(self) -> None:
@@ -285,7 +282,6 @@ class _TrainLog:
             )  # fmt: skip
         self.metrics = metrics if self.metrics is None else self.metrics.merge(metrics)
         self.images += self.run.spec.batch_size
-        self.report(step)
         if step % self.run.spec.log_every_steps and step != self.run.total_steps:
             return {}
         summary = scalars(self.metrics, "train/")
@@ -294,12 +290,21 @@ class _TrainLog:
         summary["train/images_per_sec"] = self.images / max(elapsed, 1e-9)
         summary["train/skipped_steps"] = self.guard.check(state)
         self.writer.write_scalars(step, summary)
+        self._progress(step, summary["train/images_per_sec"] / self.run.spec.batch_size)
         self._reset()
         return summary
 
+    def _progress(self, step: int, steps_per_sec: float) -> None:
+        total = self.run.total_steps
+        eta = round((total - step) / max(steps_per_sec, 1e-9))
+        logging.info(
+            "Step %d of %d (%.0f%%), %.2f steps/s, %d:%02d:%02d to go.", step, total,
+            100 * step / total, steps_per_sec, eta // 3600, eta // 60 % 60, eta % 60,
+        )  # fmt: skip
+
 
 def _end_step(
-    run: Run, state: TrainState, step: int, writer: metric_writers.MetricWriter,
+    run: Run, state: TrainState, step: int, writer: MetricWriter,
     stop: StopSignals, guard: _Guard, train_iter: Any,
 ) -> tuple[dict[str, float], bool]:  # fmt: skip
     """After ``step``'s update: evaluation, selection, checkpoint, stop signal. Returns the
@@ -347,9 +352,7 @@ def _meta(run: Run, stopped_early: bool) -> dict:
     return {**run.meta, "selection": run.selection.to_json(), "stopped_early": stopped_early}
 
 
-def _evaluate(
-    run: Run, state: TrainState, step: int, writer: metric_writers.MetricWriter
-) -> dict[str, float]:
+def _evaluate(run: Run, state: TrainState, step: int, writer: MetricWriter) -> dict[str, float]:
     """The periodic evaluation (validation split if any, else eval split), written; with a
     validation split it updates the selection and keeps an improvement as the best state."""
     split, source = run.periodic_source
@@ -362,7 +365,7 @@ def _evaluate(
     return result
 
 
-def _test_best(run: Run, writer: metric_writers.MetricWriter) -> dict[str, float]:
+def _test_best(run: Run, writer: MetricWriter) -> dict[str, float]:
     """The best state, evaluated once on the eval (test) split: ``eval/...``, plus
     ``best/step`` and ``best/<metric>`` (its validation figure)."""
     step, state, meta = run.best.restore(abstract_state(run.state))

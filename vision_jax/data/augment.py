@@ -14,7 +14,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 
-import tensorflow as tf
+from vision_jax.tf_without_keras import tf
 
 
 def decode(data: tf.Tensor) -> tf.Tensor:

@@ -14,8 +14,9 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
+from vision_jax.tf_without_keras import tf
+
 import numpy as np
-import tensorflow as tf
 
 from vision_jax.data.sources import DataError, Source
 from vision_jax.specs import InputSpec

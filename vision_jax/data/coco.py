@@ -16,8 +16,9 @@ import logging
 import posixpath
 from collections.abc import Iterable, Sequence
 
+from vision_jax.tf_without_keras import tf
+
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from vision_jax.data import augment

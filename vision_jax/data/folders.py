@@ -18,8 +18,9 @@ import posixpath
 import re
 from collections.abc import Sequence
 
+from vision_jax.tf_without_keras import tf
+
 import numpy as np
-import tensorflow as tf
 
 from vision_jax.data.sources import DataError, Source, check_target, from_columns, num_rows
 

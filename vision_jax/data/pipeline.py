@@ -22,9 +22,10 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
+from vision_jax.tf_without_keras import tf
+
 import jax
 import numpy as np
-import tensorflow as tf
 
 from vision_jax.data import augment, boxes
 from vision_jax.data.preprocess import InputSpec, make_preprocess

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import tensorflow as tf
+from vision_jax.tf_without_keras import tf
 
 from vision_jax.data import augment, boxes
 from vision_jax.data.randaugment import randaugment

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import tensorflow as tf
+from vision_jax.tf_without_keras import tf
 
 FILL = 128.0  # grey fill for pixels that geometric ops move in from outside the image
 

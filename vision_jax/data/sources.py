@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from vision_jax.tf_without_keras import tf
+
 import numpy as np
-import tensorflow as tf
 
 from vision_jax.specs import IGNORE_LABEL
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from vision_jax.tf_without_keras import tf
+
 import numpy as np
-import tensorflow as tf
 
 from vision_jax import data as data_lib
 from vision_jax.export.serving import ExportError

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 
+from vision_jax.tf_without_keras import tf
+
 import jax
-import tensorflow as tf
 from jax.experimental import jax2tf
 
 from vision_jax.export.serving import Servable

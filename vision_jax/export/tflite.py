@@ -14,8 +14,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 
+from vision_jax.tf_without_keras import tf
+
 import numpy as np
-import tensorflow as tf
 
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, serving_module
 from vision_jax.export.serving import ExportError, Servable

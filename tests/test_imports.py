@@ -1,0 +1,54 @@
+"""Start-up imports: TensorFlow comes in without Keras (and the matplotlib and scikit-learn
+imports Keras makes), and Keras still loads when asked for."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_training_and_predict_modules_import_tensorflow_without_keras():
+    code = (
+        "import sys, vision_jax.train, vision_jax.predict, vision_jax.export\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'matplotlib', 'sklearn')"
+        " if m in sys.modules))"
+    )
+    assert run_python(code) == "['tensorflow']"
+
+
+def test_keras_still_loads_after_the_import():
+    code = (
+        "from vision_jax.tf_without_keras import tf\n"
+        "import keras\n"
+        "layer = tf.keras.layers.Dense(3)\n"
+        "print(layer(tf.ones([2, 4])).shape, keras.__name__)"
+    )
+    assert run_python(code) == "(2, 3) keras"
+
+
+def test_library_modules_import_tensorflow_only_through_tf_without_keras():
+    direct = []
+    for path in (ROOT / "vision_jax").rglob("*.py"):
+        if path.name == "tf_without_keras.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(name == "tensorflow" or name.startswith("tensorflow.") for name in names):
+                direct.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not direct, f"import tensorflow through vision_jax.tf_without_keras: {direct}"

@@ -1,0 +1,49 @@
+"""Scalars and hyperparameters to the log (every process) and to TensorBoard event files.
+
+The log lines (``[step] key=value, ...``) and event files are those of clu's default writer.
+clu's ``metric_writers`` package is not imported: it imports TensorBoard's hparams API, whose
+Keras callback class imports Keras, and Keras imports matplotlib and scikit-learn, seconds of
+every run's start (``benchmarks/startup.py``). The hparams summary itself needs none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from vision_jax.tf_without_keras import tf
+
+
+class MetricWriter:
+    """Writes to the log, and to event files in ``logdir`` unless it is None (hosts other than
+    the first only log)."""
+
+    def __init__(self, logdir: str | None) -> None:
+        self._events = None if logdir is None else tf.summary.create_file_writer(logdir)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        items = sorted(scalars.items())
+        values = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
+        logging.info("[%d] %s", step, ", ".join(values))
+        if self._events is not None:
+            with self._events.as_default():
+                for key, value in scalars.items():
+                    tf.summary.scalar(key, value, step=step)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Hyperparameters (flat, values str/int/float/bool) for TensorBoard's HParams tab."""
+        if self._events is None:
+            return
+        from tensorboard.plugins.hparams import summary_v2  # not .api: that imports Keras
+
+        with self._events.as_default():
+            summary_v2.hparams(dict(hparams))
+
+    def flush(self) -> None:
+        if self._events is not None:
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
