@@ -167,6 +167,22 @@ def test_boxes_stay_on_their_objects_under_augmentation(tmp_path, crop):
         assert dropped > 0 and cut > 0
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("scale", [0.5, 1.5])
+def test_resampled_window_equals_pil_resize(interpolation, scale):
+    """The letterbox window holds PIL's resize of the image (float pixels, per channel) by the
+    chosen interpolation, zeros around it."""
+    image = np.random.default_rng(1).uniform(0, 255, (20, 30, 3)).astype(np.float32)
+    out, inside = boxes_lib.resample(tf.constant(image), tf.constant(scale), tf.zeros([2]), 48,
+                                     interpolation)  # fmt: skip
+    h, w = round(20 * scale), round(30 * scale)
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    pil = np.stack([np.asarray(Image.fromarray(image[..., c]).resize((w, h), resample))
+                    for c in range(3)], -1)  # fmt: skip
+    np.testing.assert_allclose(out.numpy()[:h, :w], pil, atol=0.02)
+    assert not out.numpy()[h:].any() and inside.numpy()[:h, :w].all()
+
+
 def test_eval_letterbox_scales_back_to_the_original_boxes(tmp_path):
     sizes = [(40, 64), (64, 40), (30, 30), (20, 50), (50, 21)]
     scenes = [(h, w, [(i % 6, 2, 3, w // 3, h // 2, i == 2)]) for i, (h, w) in enumerate(sizes)]

@@ -189,8 +189,8 @@ DOGS = range(24, 30)  # Tiny-ImageNet's 6 dog breeds in its sorted WordNet ids (
 def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
     """``--weights`` with the ViT-Ti/16 timm file (a 200-way Tiny-ImageNet head) on two
     Imagenette English springer images: the probabilities of timm's own model on the file's
-    input contract (resize 224 / 0.9 = 248, centre 224 crop, mean = std = 0.5) made here with
-    PIL (bilinear, in float; JPEG decoded by TensorFlow, as the pipeline does: decoders differ
+    input contract (resize 224 / 0.9 = 248 bicubic, centre 224 crop, mean = std = 0.5) made
+    here with PIL (in float; JPEG decoded by TensorFlow, as the pipeline does: decoders differ
     by a few levels); and a dog breed comes first for both (the head has no springer class)."""
     import tensorflow as tf
     import torch
@@ -227,12 +227,12 @@ def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
 
 
 def _timm_input(image: np.ndarray) -> np.ndarray:
-    """The ViT's input contract in PIL: shorter side to 248 (bilinear, float), centre 224 crop,
+    """The ViT's input contract in PIL: shorter side to 248 (bicubic, float), centre 224 crop,
     (x / 255 - 0.5) / 0.5, channels first."""
     h, w = image.shape[:2]
     size = (round(w * 248 / min(h, w)), round(h * 248 / min(h, w)))
     channels = [Image.fromarray(image[..., c].astype(np.float32)).resize(size,
-                Image.BILINEAR) for c in range(3)]  # fmt: skip
+                Image.BICUBIC) for c in range(3)]  # fmt: skip
     resized = np.stack([np.asarray(c) for c in channels])
     top, left = (resized.shape[1] - 224) // 2, (resized.shape[2] - 224) // 2
     crop = resized[:, top : top + 224, left : left + 224]

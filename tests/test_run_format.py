@@ -76,7 +76,8 @@ def written_run(tmp_path_factory):
     from vision_jax.run import build_run
 
     workdir = tmp_path_factory.mktemp("run")
-    run = build_run(small_config(total_steps=1), str(workdir))
+    config = small_config(total_steps=1, **{"input.interpolation": "bicubic"})
+    run = build_run(config, str(workdir))
     try:
         run.checkpointer.save(1, run.state, run.meta, force=True, data_position=32)
         run.checkpointer.wait()
@@ -96,6 +97,7 @@ def test_run_record_round_trips_and_reads_old_records():
         image_size=32,
         mean=(0.1, 0.2, 0.3),
         std=(0.4, 0.5, 0.6),
+        interpolation="bicubic",
     )
     assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
     # Older runs recorded the input only in their config, and no model; step keys are ignored.
@@ -113,7 +115,8 @@ def test_a_training_run_is_read_through_its_record(written_run):
     assert record.model == "cifar_resnet20" and record.task == run.task.name
     assert record.class_names == tuple(run.train_source.class_names)
     assert record.total_steps == 1 and record.image_size == 16
-    contract = InputContract(16, tuple(run.input.mean), tuple(run.input.std))
+    mean, std = tuple(run.input.mean), tuple(run.input.std)
+    contract = InputContract(16, mean, std, interpolation="bicubic")
     for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "1"):
         assert input_contract(path) == contract
     got = flatten_dict(read_variables(workdir, run.model))

@@ -496,11 +496,19 @@ def test_input_contracts_and_apply(tmp_path, timm):
     class Spec:
         mean: tuple = (0.5, 0.5, 0.5)
         std: tuple = (0.5, 0.5, 0.5)
+        interpolation: str = "bilinear"
 
     assert (apply_input_contract(Spec(), tmp_path / "r.st").mean, apply_input_contract(
         Spec(), tmp_path / "r.st").std) == IMAGENET  # fmt: skip
     mine = Spec(mean=(0.1, 0.2, 0.3))
-    assert apply_input_contract(mine, tmp_path / "r.st") is mine  # the config's values win
+    assert apply_input_contract(mine, tmp_path / "r.st") == mine  # the config's values win
+    # timm's ViTs are evaluated bicubic, at 0.9 crop: the contract's interpolation applies
+    # unless the config chose one.
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3)
+    save_file(state_dict_np(vit), str(tmp_path / "v.st"))
+    c = input_contract(tmp_path / "v.st")
+    assert (c.image_size, c.interpolation, c.crop_fraction) == (32, "bicubic", 0.9)
+    assert apply_input_contract(Spec(), tmp_path / "v.st").interpolation == "bicubic"
 
 
 # --------------------------------------------------------------------------------------------

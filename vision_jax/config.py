@@ -71,7 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.init.head_bias_init = 0.0  # bias of a re-initialised head (kernel: zeros)
     c.init.dont_load = ()  # regexes of variables that keep their init values
     c.init.posemb = "bilinear"  # position-embedding resampling to a new grid, or "bicubic"
-    # True: input.mean/std from the checkpoint (weights.input_contract) unless set to non-defaults
+    # True: input.mean/std/interpolation from the checkpoint (weights.input_contract) unless set
+    # to non-defaults
     c.init.use_input_contract = False
 
     c.data = ml_collections.ConfigDict()

@@ -123,7 +123,7 @@ class Predictor:
     ) -> Predictor:
         """The classifier in the weight file ``path`` (any format :mod:`vision_jax.weights`
         reads) on the registered backbone ``model``, fed as the file's input contract says (its
-        size, crop, mean and std; resized bilinear, as the pipeline resizes); its classes
+        size, crop, interpolation, mean and std); its classes
         ``class_names``, or ``class_0`` .. ``class_{n-1}``."""
         contract = weights.input_contract(path)
         network, variables = _pretrained_classifier(path, model, contract.image_size)
@@ -132,8 +132,9 @@ class Predictor:
         if len(names) != count:
             raise ValueError(f"{path} classifies {count} classes; got {len(names)} class names.")
         spec = data_lib.InputSpec(
-            contract.image_size, contract.mean, contract.std, crop_fraction=contract.crop_fraction
-        )
+            contract.image_size, contract.mean, contract.std, crop_fraction=contract.crop_fraction,
+            interpolation=contract.interpolation,
+        )  # fmt: skip
         predictor = cls.__new__(cls)
         predictor._bind(Classification(), network, variables, spec, names, None, batch_size)
         return predictor

@@ -452,6 +452,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: Work
         image_size=input_spec.image_size,
         mean=tuple(input_spec.mean),
         std=tuple(input_spec.std),
+        interpolation=input_spec.interpolation,
     ).to_json()
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,

@@ -26,23 +26,28 @@ class ConfigError(ValueError):
     """A config value is invalid or does not apply to the run."""
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
     """How images enter the model: size, normalisation, and training augmentations.
 
     Evaluation (and training without a random crop) resizes the shorter side to ``resize_size``
     (or ``image_size / crop_fraction``, timm's crop_pct; default ``image_size``) and takes the
-    central ``image_size`` square. Training crops are, in order of precedence: ``inception_crop``
-    (random-resized crop, area fraction ``inception_scale``, aspect ratio ``inception_ratio``),
-    ``random_crop`` (a random square of the resized image, after zero-padding ``crop_padding``
-    pixels: CIFAR-style), or the centre crop. Then: ``flip``, RandAugment with
-    ``randaugment_layers`` ops at ``randaugment_magnitude`` (0..10), normalisation by
-    ``mean``/``std`` (fractions of 255), random erasing with probability ``random_erasing``.
-    Batch-level mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, applied with ``mix_prob``,
-    cutmix chosen with ``mix_switch_prob`` when both are on) adds ``soft_label`` to batches.
-    ``scale_jitter`` ``(lo, hi)`` is a third training crop: the shorter side resized to
-    ``image_size * U(lo, hi)``, zero-padded (bottom, right) up to ``image_size``, then a random
-    ``image_size`` square (the usual segmentation recipe, e.g. (0.5, 2.0)).
+    central ``image_size`` square. Every image resize is ``interpolation`` ("bilinear" or
+    "bicubic", as PIL resamples: antialiased when shrinking). Training crops are, in order of
+    precedence: ``inception_crop`` (random-resized crop, area fraction ``inception_scale``,
+    aspect ratio ``inception_ratio``), ``random_crop`` (a random square of the resized image,
+    after zero-padding ``crop_padding`` pixels: CIFAR-style), or the centre crop. Then:
+    ``flip``, RandAugment with ``randaugment_layers`` ops at ``randaugment_magnitude`` (0..10),
+    normalisation by ``mean``/``std`` (fractions of 255), random erasing with probability
+    ``random_erasing``. Batch-level mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, applied
+    with ``mix_prob``, cutmix chosen with ``mix_switch_prob`` when both are on) adds
+    ``soft_label`` to batches. ``scale_jitter`` ``(lo, hi)`` is a third training crop: the
+    shorter side resized to ``image_size * U(lo, hi)``, zero-padded (bottom, right) up to
+    ``image_size``, then a random ``image_size`` square (the usual segmentation recipe, e.g.
+    (0.5, 2.0)).
 
     Label maps (segmentation) take the same crop windows and flips as their images, resized
     nearest-neighbour and padded with IGNORE_LABEL; RandAugment, random erasing and mixup/cutmix
@@ -63,6 +68,7 @@ class InputSpec:
     std: Sequence[float] = (0.5, 0.5, 0.5)
     resize_size: int | None = None
     crop_fraction: float | None = None
+    interpolation: str = "bilinear"
     random_crop: bool = False
     crop_padding: int = 0
     inception_crop: bool = False
@@ -83,6 +89,10 @@ class InputSpec:
             raise ValueError("Set at most one of input.resize_size and input.crop_fraction.")
         if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
             raise ValueError(f"input.crop_fraction must lie in (0, 1]; got {self.crop_fraction}.")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"input.interpolation must be one of {INTERPOLATIONS}; got {self.interpolation!r}."
+            )
         if self.resize < self.image_size:
             raise ValueError(f"input.resize_size {self.resize} < input.image_size.")
         if self.inception_crop and self.random_crop:

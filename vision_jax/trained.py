@@ -80,8 +80,9 @@ def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
     record = read_record(step_dir)
     spec = specs.run_spec(TrackedConfig(ml_collections.ConfigDict(dict(record.config))))
     input_spec = dataclasses.replace(
-        spec.input, image_size=record.image_size, mean=record.mean, std=record.std
-    )
+        spec.input, image_size=record.image_size, mean=record.mean, std=record.std,
+        interpolation=record.interpolation or spec.input.interpolation,
+    )  # fmt: skip
     model = task_model(spec, len(record.class_names or ()))
     return Trained(
         record, spec, model, read_variables(step_dir), input_spec, int(step_dir.name),

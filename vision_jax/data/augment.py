@@ -32,16 +32,17 @@ def decode(data: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """Bilinear resize of a float32 image to ``size`` [h, w]: antialiased when shrinking (like
-    PIL), plain when enlarging (the same result, several times faster), a no-op if equal."""
+def resize(image: tf.Tensor, size: tf.Tensor, method: str = "bilinear") -> tf.Tensor:
+    """A float32 image resized to ``size`` [h, w] by ``method`` ("bilinear" or "bicubic") as PIL
+    resamples (antialiased when shrinking); a no-op if equal. Bilinear enlarging takes the plain
+    kernel (the same result, several times faster); plain bicubic is not PIL's, so bicubic is
+    always antialiased."""
     shape = tf.shape(image)[:2]
+    antialiased = lambda: tf.image.resize(image, size, method, antialias=True)
+    plain = antialiased if method == "bicubic" else lambda: tf.image.resize(image, size, method)
     return tf.case(
-        [
-            (tf.reduce_all(shape == size), lambda: image),
-            (tf.reduce_any(shape > size), lambda: tf.image.resize(image, size, antialias=True)),
-        ],
-        default=lambda: tf.image.resize(image, size),
+        [(tf.reduce_all(shape == size), lambda: image), (tf.reduce_any(shape > size), antialiased)],
+        default=plain,
     )
 
 
@@ -51,9 +52,9 @@ def scaled_shape(shape: tf.Tensor, shorter: float | tf.Tensor) -> tf.Tensor:
     return tf.maximum(tf.cast(tf.round(shape * (shorter / tf.reduce_min(shape))), tf.int32), 1)
 
 
-def resize_shorter(image: tf.Tensor, size: int) -> tf.Tensor:
+def resize_shorter(image: tf.Tensor, size: int, method: str = "bilinear") -> tf.Tensor:
     """Resizes so the shorter side is ``size``, keeping the aspect ratio."""
-    return resize(image, tf.maximum(scaled_shape(tf.shape(image), size), size))
+    return resize(image, tf.maximum(scaled_shape(tf.shape(image), size), size), method)
 
 
 def resize_nearest(label_map: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -98,10 +99,11 @@ def sample_inception_box(
 
 
 def decode_inception_crop(
-    data: tf.Tensor, size: int, scale: Sequence[float], ratio: Sequence[float], seed: tf.Tensor
-) -> tf.Tensor:
-    """Random-resized ("inception") crop to ``size`` x ``size`` float32, decoding only the crop
-    window of JPEG bytes."""
+    data: tf.Tensor, size: int, scale: Sequence[float], ratio: Sequence[float], seed: tf.Tensor,
+    method: str = "bilinear",
+) -> tf.Tensor:  # fmt: skip
+    """Random-resized ("inception") crop to ``size`` x ``size`` float32 (resized by ``method``),
+    decoding only the crop window of JPEG bytes."""
 
     def crop_decoded(image: tf.Tensor) -> tf.Tensor:
         box = sample_inception_box(tf.shape(image), scale, ratio, seed)
@@ -118,7 +120,8 @@ def decode_inception_crop(
         image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: crop_decoded(decode(data)))
     else:
         image = crop_decoded(decode(data))
-    return tf.ensure_shape(resize(tf.cast(image, tf.float32), [size, size]), [size, size, 3])
+    image = resize(tf.cast(image, tf.float32), [size, size], method)
+    return tf.ensure_shape(image, [size, size, 3])
 
 
 def _grey_plte_chunk(entries: int) -> bytes:

@@ -140,17 +140,20 @@ def sample_window(
     return scale, tf.random.stateless_uniform([2], offset_seed) * room - padding
 
 
+KERNELS = {"bilinear": "triangle", "bicubic": "keyscubic"}  # tf.image.resize's, antialiased
+
+
 def resample(
-    image: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor, size: int
+    image: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor, size: int, method: str = "bilinear"
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The ``size`` x ``size`` window at ``offset`` of the image scaled by ``scale`` (one
-    antialiased bilinear resampling), and where it holds the image: bool [size, size, 1]."""
+    antialiased resampling by ``method``), and where it holds the image: bool [size, size, 1]."""
     out = tf.raw_ops.ScaleAndTranslate(
         images=image[None],
         size=[size, size],
         scale=tf.stack([scale, scale]),
         translation=-offset,
-        kernel_type="triangle",
+        kernel_type=KERNELS[method],
         antialias=True,
     )[0]
     extent = tf.cast(tf.shape(image)[:2], tf.float32) * scale

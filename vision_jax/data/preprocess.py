@@ -97,10 +97,10 @@ def _joint(
 
 
 def _resize_pair(
-    image: tf.Tensor, label_map: tf.Tensor | None, size: tf.Tensor
+    spec: InputSpec, image: tf.Tensor, label_map: tf.Tensor | None, size: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """Image bilinear (antialiased when shrinking), label map nearest-neighbour."""
-    image = augment.resize(image, size)
+    """Image by ``spec.interpolation`` (antialiased when shrinking), label map nearest."""
+    image = augment.resize(image, size, spec.interpolation)
     return image, None if label_map is None else augment.resize_nearest(label_map, size)
 
 
@@ -117,7 +117,7 @@ def _random_crop(
         scale_rng = tf.random.experimental.stateless_fold_in(rng, 1)
         scale = tf.random.stateless_uniform([], scale_rng, *spec.scale_jitter)
         shape = augment.scaled_shape(tf.shape(image), size * scale)
-    image, label_map = _resize_pair(image, label_map, shape)
+    image, label_map = _resize_pair(spec, image, label_map, shape)
     image = augment.pad(image, padding, size)
     if label_map is not None:
         label_map = augment.pad(label_map, padding, size, IGNORE_LABEL)
@@ -133,12 +133,13 @@ def _image(spec: InputSpec, raw: tf.Tensor, train: bool, rng: tf.Tensor) -> tf.T
     size = spec.image_size
     if train and spec.inception_crop:
         return augment.decode_inception_crop(
-            raw, size, spec.inception_scale, spec.inception_ratio, rng
+            raw, size, spec.inception_scale, spec.inception_ratio, rng, spec.interpolation
         )
     image = tf.cast(augment.decode(raw), tf.float32)
     if train and (spec.random_crop or spec.scale_jitter):
         return _random_crop(spec, image, None, rng)[0]
-    return augment.center_crop(augment.resize_shorter(image, spec.resize), size)
+    resized = augment.resize_shorter(image, spec.resize, spec.interpolation)
+    return augment.center_crop(resized, size)
 
 
 def _image_and_map(
@@ -155,7 +156,7 @@ def _image_and_map(
         )
         window = (slice(box[0], box[0] + box[2]), slice(box[1], box[1] + box[3]))
         image, label_map = image[window], label_map[window]
-    return _resize_pair(image, label_map, [spec.image_size, spec.image_size])
+    return _resize_pair(spec, image, label_map, [spec.image_size, spec.image_size])
 
 
 def _decode_sized(example: Example, size: tf.Tensor) -> tf.Tensor:
@@ -187,7 +188,7 @@ def _image_and_boxes(
     if train and spec.flip:
         image, found = boxes.random_flip(image, found, flip_rng)
     scale, offset = boxes.sample_window(spec, tf.shape(image), train, crop_rng)
-    image, inside = boxes.resample(image, scale, offset, spec.image_size)
+    image, inside = boxes.resample(image, scale, offset, spec.image_size, spec.interpolation)
     min_size = 1.0 if train else 0.0  # training drops boxes cut under a pixel
     out = boxes.place(found, scale, offset, spec.image_size, max_boxes, min_size)
     out["image"] = tf.where(inside, normalise(image, spec), 0.0)

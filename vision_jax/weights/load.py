@@ -68,13 +68,16 @@ def load_pretrained(
 
 
 def apply_input_contract(spec: Any, source: str | os.PathLike) -> Any:
-    """``spec`` (a frozen dataclass with ``mean`` and ``std``, e.g. the run's ``InputSpec``) with
-    the checkpoint's mean and std, unless the config set its own (values other than the
-    defaults of :func:`vision_jax.config.default_config`), which then win."""
+    """``spec`` (a frozen dataclass with ``mean``, ``std`` and ``interpolation``, e.g. the run's
+    ``InputSpec``) with the checkpoint's mean and std, unless the config set its own (values
+    other than the defaults of :func:`vision_jax.config.default_config`), which then win; and
+    likewise its interpolation."""
     from vision_jax.config import default_config
 
     contract = input_contract(source)
     default = default_config().input
+    if spec.interpolation == default.interpolation:
+        spec = dataclasses.replace(spec, interpolation=contract.interpolation)
     given = (tuple(spec.mean), tuple(spec.std))
     if given != (tuple(default.mean), tuple(default.std)):
         logging.info(
@@ -82,5 +85,8 @@ def apply_input_contract(spec: Any, source: str | os.PathLike) -> Any:
             source, contract.mean, contract.std, *given,
         )  # fmt: skip
         return spec
-    logging.info("Input contract of %s: mean %s, std %s.", source, contract.mean, contract.std)
+    logging.info(
+        "Input contract of %s: mean %s, std %s, %s.", source, contract.mean, contract.std,
+        spec.interpolation,
+    )  # fmt: skip
     return dataclasses.replace(spec, mean=contract.mean, std=contract.std)

@@ -64,6 +64,7 @@ class RunRecord:
     image_size: int | None = None  # the input the run used (after its input contract)
     mean: Triple | None = None
     std: Triple | None = None
+    interpolation: str | None = None  # its resize (older runs: the config's, else bilinear)
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON object (the input under ``"input"``)."""
@@ -78,6 +79,7 @@ class RunRecord:
                 "image_size": self.image_size,
                 "mean": _list(self.mean),
                 "std": _list(self.std),
+                "interpolation": self.interpolation,
             },
         }
 
@@ -96,6 +98,7 @@ class RunRecord:
             image_size=given.get("image_size"),
             mean=_tuple(given.get("mean")),
             std=_tuple(given.get("std")),
+            interpolation=given.get("interpolation"),
         )
 
 
@@ -187,4 +190,7 @@ def input_contract(path: str | os.PathLike) -> InputContract:
     record = read_record(path)
     if None in (record.image_size, record.mean, record.std):
         raise WeightFormatError(f"The run record of {path} holds no input size, mean and std.")
-    return InputContract(int(record.image_size), record.mean, record.std)
+    interpolation = record.interpolation or "bilinear"
+    return InputContract(
+        int(record.image_size), record.mean, record.std, interpolation=interpolation
+    )
