@@ -393,11 +393,14 @@ def test_inception_crop_box_respects_scale_and_ratio():
 def test_inception_crop_decodes_jpeg_windows_and_pngs(folder):
     for name in ("cat/000.jpg", "dog/000.jpeg", "cat/003.png"):
         data = tf.io.read_file(str(folder / "train" / name))
-        out = augment.decode_inception_crop(data, 12, (0.3, 1), (0.75, 1.33), tf.constant([1, 2]))
+        out = augment.decode_inception_crop(
+            data, 12, (0.3, 1), (0.75, 1.33), tf.constant([1, 2]), "bilinear"
+        )
         assert out.shape == (12, 12, 3) and 0 <= out.numpy().min() <= out.numpy().max() <= 255
     # The whole image: the same as resizing the decoded image.
     data = tf.io.read_file(str(folder / "train" / "cat" / "000.jpg"))
-    full = augment.decode_inception_crop(data, 8, (1, 1), (26 / 20, 26 / 20), tf.constant([0, 0]))
+    seed = tf.constant([0, 0])
+    full = augment.decode_inception_crop(data, 8, (1, 1), (26 / 20, 26 / 20), seed, "bilinear")
     decoded = tf.cast(augment.decode(data), tf.float32)
     expected = tf.image.resize(decoded, [8, 8], antialias=True)
     np.testing.assert_allclose(full.numpy(), expected.numpy(), atol=1e-3)

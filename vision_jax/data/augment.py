@@ -32,7 +32,7 @@ def decode(data: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def resize(image: tf.Tensor, size: tf.Tensor, method: str = "bilinear") -> tf.Tensor:
+def resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
     """A float32 image resized to ``size`` [h, w] by ``method`` ("bilinear" or "bicubic") as PIL
     resamples (antialiased when shrinking); a no-op if equal. Bilinear enlarging takes the plain
     kernel (the same result, several times faster); plain bicubic is not PIL's, so bicubic is
@@ -52,7 +52,7 @@ def scaled_shape(shape: tf.Tensor, shorter: float | tf.Tensor) -> tf.Tensor:
     return tf.maximum(tf.cast(tf.round(shape * (shorter / tf.reduce_min(shape))), tf.int32), 1)
 
 
-def resize_shorter(image: tf.Tensor, size: int, method: str = "bilinear") -> tf.Tensor:
+def resize_shorter(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
     """Resizes so the shorter side is ``size``, keeping the aspect ratio."""
     return resize(image, tf.maximum(scaled_shape(tf.shape(image), size), size), method)
 
@@ -100,7 +100,7 @@ def sample_inception_box(
 
 def decode_inception_crop(
     data: tf.Tensor, size: int, scale: Sequence[float], ratio: Sequence[float], seed: tf.Tensor,
-    method: str = "bilinear",
+    method: str,
 ) -> tf.Tensor:  # fmt: skip
     """Random-resized ("inception") crop to ``size`` x ``size`` float32 (resized by ``method``),
     decoding only the crop window of JPEG bytes."""

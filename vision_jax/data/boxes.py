@@ -144,7 +144,7 @@ KERNELS = {"bilinear": "triangle", "bicubic": "keyscubic"}  # tf.image.resize's,
 
 
 def resample(
-    image: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor, size: int, method: str = "bilinear"
+    image: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor, size: int, method: str
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The ``size`` x ``size`` window at ``offset`` of the image scaled by ``scale`` (one
     antialiased resampling by ``method``), and where it holds the image: bool [size, size, 1]."""
