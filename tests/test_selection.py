@@ -10,8 +10,9 @@ import pytest
 from test_train import small_config
 
 from vision_jax import data as data_lib
-from vision_jax import specs, train
+from vision_jax import specs, train, weights
 from vision_jax.config import TrackedConfig
+from vision_jax.models import create_model
 from vision_jax.selection import Selection
 from vision_jax.train import train_and_evaluate
 from vision_jax.weights.run_dir import read_variables
@@ -75,6 +76,13 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     np.testing.assert_array_equal(
         read_variables(tmp_path, "best")["params"]["head"]["kernel"], step4
     )
+    # Weights read from the workdir (init.path) are the best step's; from its checkpoints
+    # folder, the newest's.
+    network = create_model("cifar_resnet20", num_classes=10)
+    newest = read_variables(tmp_path / "checkpoints" / "10")["params"]["head"]["kernel"]
+    for path, want in [(tmp_path, step4), (tmp_path / "checkpoints", newest)]:
+        got = weights.read_variables(path, network)["params"]["head"]["kernel"]
+        np.testing.assert_array_equal(got, want)
     assert result["eval/examples"] == 360 and 0 <= result["eval/top1"] <= 1
 
     # Resuming a run that stopped early reports the best's test figures; it does not train on.

@@ -3,8 +3,10 @@
 ======================  ==========================================  ====================
 format                  source                                      reader
 ======================  ==========================================  ====================
-``run``                 a vision_jax workdir, its ``checkpoints``   :mod:`.run_dir`
-                        folder or a step folder
+``run``                 a vision_jax workdir (its best step if it   :mod:`.run_dir`
+                        kept one, else the newest), its
+                        ``checkpoints`` folder (the newest) or a
+                        step folder
 ``hf``                  a Hugging Face ViT folder                   :mod:`.hf`
 ``npz``                 google-research / big_vision / BiT          :mod:`.npz`
 ``safetensors``         a timm / torchvision state dict             :mod:`.state_dict`
@@ -41,7 +43,10 @@ class Reader:
 
 
 READERS = {
-    "run": Reader(lambda path, _: run_dir.read_variables(path), run_dir.input_contract),
+    "run": Reader(
+        lambda path, _: run_dir.read_variables(path, "best"),
+        lambda path: run_dir.input_contract(path, "best"),
+    ),
     "hf": Reader(hf.read_variables, hf.input_contract),
     "npz": Reader(lambda path, _: npz.read_variables(path), npz.input_contract),
     "safetensors": Reader(state_dict.read_variables, state_dict.input_contract),

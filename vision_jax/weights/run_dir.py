@@ -185,9 +185,10 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     return {"params": params, **(state.get("model_state") or {})}
 
 
-def input_contract(path: str | os.PathLike) -> InputContract:
-    """The input the run recorded (its size, mean and std)."""
-    record = read_record(path)
+def input_contract(path: str | os.PathLike, which: str = "latest") -> InputContract:
+    """The input the run recorded (its size, mean, std and interpolation) at its latest (or
+    best) step."""
+    record = read_record(path, which)
     if None in (record.image_size, record.mean, record.std):
         raise WeightFormatError(f"The run record of {path} holds no input size, mean and std.")
     interpolation = record.interpolation or "bilinear"
