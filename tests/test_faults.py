@@ -138,6 +138,19 @@ def test_nonfinite_skip_keeps_the_previous_state_and_counts(tmp_path, monkeypatc
     assert_all_finite(tmp_path)
 
 
+def test_the_logged_learning_rate_is_the_one_applied_after_a_skip(tmp_path, monkeypatch):
+    """A skipped update does not advance the optimizer (as ``optax.apply_if_finite``): with
+    linear warmup from 0 over all 4 steps and step 2 skipped, the last update (step 4) was the
+    optimizer's third, at 2/4 of the peak rate (not 3/4)."""
+    wrap_step(monkeypatch, poison({2}))
+    cfg = config(
+        total_steps=4, log_every_steps=4, on_nonfinite="skip", **{"schedule.warmup_steps": 4}
+    )
+    result = train_and_evaluate(cfg, str(tmp_path))
+    assert result["train/skipped_steps"] == 1
+    assert result["train/learning_rate"] == pytest.approx(cfg.optimizer.learning_rate * 2 / 4)
+
+
 class _DeepMlp(nn.Module):
     """Many small parameter leaves (the guard's cost grows with their number), BatchNorm state."""
 

@@ -286,9 +286,10 @@ class _TrainLog:
             return {}
         summary = scalars(self.metrics, "train/")
         elapsed = time.perf_counter() - self.start
-        summary["train/learning_rate"] = float(self.run.setup.schedule(step - 1))
+        skipped = self.guard.check(state)  # skipped updates do not advance the optimizer's count
+        summary["train/learning_rate"] = float(self.run.setup.schedule(step - 1 - skipped))
         summary["train/images_per_sec"] = self.images / max(elapsed, 1e-9)
-        summary["train/skipped_steps"] = self.guard.check(state)
+        summary["train/skipped_steps"] = skipped
         self.writer.write_scalars(step, summary)
         self._progress(step, summary["train/images_per_sec"] / self.run.spec.batch_size)
         self._reset()
