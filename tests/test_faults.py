@@ -579,29 +579,56 @@ def test_lr_1e6_on_a_finished_run_keeps_its_good_checkpoints(tmp_path, policy):
             assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-@pytest.mark.slow
-def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
-    """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it. The
-    first run writes its report at the end (--report, default on), the second does not."""
-    from vision_jax.main import compilation_cache_dir
+def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch):
+    """--compilation_cache: the folder ('auto': jax_cache beside the workdir), and a cache that
+    keeps programs of any compile time unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is set."""
+    from jax._src import compilation_cache as cache
+
+    from vision_jax.main import compilation_cache_dir, configure_compilation_cache
 
     assert compilation_cache_dir("/runs/a/", "auto") == "/runs/jax_cache"
     assert compilation_cache_dir("gs://b/runs/a", "auto") == "gs://b/runs/jax_cache"
     assert compilation_cache_dir("/runs/a", "off") is None
     assert compilation_cache_dir("/runs/a", "/c") == "/c"
-    env = {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler", "JAX_COMPILATION_CACHE_DIR": "",
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
+    try:
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        configure_compilation_cache(str(tmp_path / "run"), str(tmp_path / "c"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+        configure_compilation_cache(str(tmp_path / "run"), "off")
+        assert jax.config.jax_compilation_cache_dir is None
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 2
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cache.reset_cache()
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
+    """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it, for
+    the programs that compile in well under a second too (an RNG split). The first run writes
+    its report at the end (--report, default on), the second does not."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
+    env |= {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler", "JAX_COMPILATION_CACHE_DIR": "",
+            "JAX_PLATFORMS": "cpu"}  # fmt: skip
     args = ["-m", "vision_jax.main", "--config=configs/digits_pretrain.py",
             "--config.total_steps=1", "--config.schedule.warmup_steps=0"]  # fmt: skip
     logs = []
     for name, report in (("first", "true"), ("second", "false")):
         proc = subprocess.run(
             [sys.executable, *args, f"--workdir={tmp_path / name}", f"--report={report}"], cwd=ROOT,
-            capture_output=True, text=True, timeout=300, env={**os.environ, **env},
+            capture_output=True, text=True, timeout=300, env=env,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
         logs.append(proc.stderr)
     assert "cache hit for 'jit_step'" not in logs[0]
     assert "cache hit for 'jit_step'" in logs[1] and any((tmp_path / "jax_cache").iterdir())
+    assert "cache hit for 'jit__threefry_split'" in logs[1]
     assert "<img" in (tmp_path / "first" / "report" / "report.html").read_text()
     assert not (tmp_path / "second" / "report").exists()
