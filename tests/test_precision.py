@@ -149,6 +149,16 @@ def test_bfloat16_backward_products_take_bfloat16_operands():
     assert dots and not [d for d in dots if "xf32>, tensor<" in d.split(":")[-1].split("->")[0]]
 
 
+def test_bfloat16_dot_general_keeps_the_layers_precision_for_float32_operands():
+    """A layer's ``precision=`` reaches the product when its operands are not both bfloat16."""
+    dims = (((1,), (0,)), ((), ()))
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+    jaxpr = jax.make_jaxpr(
+        lambda x, w: precision.dot_general(jnp.bfloat16)(x, w, dims, lax.Precision.HIGHEST)
+    )(x, w)
+    assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in str(jaxpr)
+
+
 def test_bfloat16_pointwise_convolutions_accumulate_in_float32():
     """A bfloat16 1x1 convolution as a dot multiplies bfloat16 operands, accumulates in float32
     and rounds once: within bfloat16 rounding of the float32 convolution, value and gradients."""

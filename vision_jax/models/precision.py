@@ -90,15 +90,17 @@ def _low_precision_dot_bwd(dimension_numbers, residuals, g):
 low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
 
 
-def dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> jax.Array:
+def dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None) -> jax.Array:
     """``lax.dot_general`` with a float32 result: :func:`low_precision_dot` for two bfloat16
-    operands, the plain product otherwise."""
+    operands (one pass whatever ``precision``), the plain product at ``precision`` otherwise."""
     if lhs.dtype == rhs.dtype == jnp.bfloat16:
         dimension_numbers = tuple(
             tuple(tuple(int(i) for i in d) for d in p) for p in dimension_numbers
         )
         return low_precision_dot(lhs, rhs, dimension_numbers)
-    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32
+    )
 
 
 def dot_general(dtype: Any) -> Callable[..., jax.Array]:
@@ -113,7 +115,7 @@ def dot_general(dtype: Any) -> Callable[..., jax.Array]:
         return lax.dot_general
 
     def accumulate_in_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs):
-        return dot(lhs, rhs, dimension_numbers)
+        return dot(lhs, rhs, dimension_numbers, precision)
 
     return accumulate_in_f32
 
