@@ -94,7 +94,11 @@ def leaves(path) -> list[np.ndarray]:
 
 
 def step_dirs(workdir: pathlib.Path) -> dict[int, pathlib.Path]:
+    """The step folders of a workdir's checkpoints (none: a run that saved nothing leaves no
+    checkpoints folder)."""
     folder = workdir / "checkpoints"
+    if not folder.is_dir():
+        return {}
     return {int(p.name): p for p in folder.iterdir() if p.name.isdigit()}
 
 

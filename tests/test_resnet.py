@@ -277,6 +277,10 @@ def test_train_mode_gradients_match_torch():
     """The hand-written BatchNorm backward pass through a whole CIFAR ResNet-20 in train mode
     (batch statistics) against torch's autograd: every parameter's gradient and the running
     statistics."""
+    # Seeded: torch's initialisation otherwise depends on the tests that ran before. Some
+    # initialisations put a pre-activation within float32 rounding of a ReLU's kink, where the
+    # two frameworks' last-bit differences take different sides (1e-2 off in a gradient).
+    torch.manual_seed(0)
     ref = RefCifarResNet(20)
     x = images(32, batch=4, seed=3)
     randomize_(ref, x, seed=3)

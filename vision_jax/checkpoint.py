@@ -13,6 +13,7 @@ error and left untouched, so it is never overwritten by a run that could not rea
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import inspect
@@ -173,6 +174,7 @@ class Checkpointer:
             self.directory = os.path.abspath(self.directory)
         self.every_steps = every_steps
         self.lock = lock
+        self._new = _is_new(self.directory)
         if jax.process_index() == 0:
             self._move_aside_unfinished()
         _sync("vision_jax:checkpoints_tidied")
@@ -351,9 +353,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves, closes the manager and releases the workdir lock."""
+        """Waits for pending saves, closes the manager and releases the workdir lock; removes
+        the checkpoints folder again if this run made it and saved nothing in it."""
         try:
             self.manager.close()
+            _remove_if_unused(self.directory, self._new)
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -372,6 +376,7 @@ class BestCheckpoint:
         if "://" not in workdir:
             self.directory = os.path.abspath(self.directory)
         self.metric = metric
+        self._new = _is_new(self.directory)
         policy = ocp.checkpoint_managers.BestN(
             get_metric_fn=lambda metrics: metrics[metric], reverse=mode == "min", n=1
         )
@@ -413,7 +418,23 @@ class BestCheckpoint:
         return step, *restored
 
     def close(self) -> None:
+        """Waits for a pending save; removes the folder if this run made it and saved nothing."""
         self.manager.close()
+        _remove_if_unused(self.directory, self._new)
+
+
+def _is_new(directory: str) -> bool:
+    """Whether process 0 is about to make ``directory`` (a checkpoint manager's)."""
+    return jax.process_index() == 0 and not epath.Path(directory).exists()
+
+
+def _remove_if_unused(directory: str, new: bool) -> None:
+    """Removes ``directory`` if it was ``new`` to this run and is still empty (an error came
+    before the first save): the workdir is left as it was."""
+    folder = epath.Path(directory)
+    if new and folder.exists() and not any(folder.iterdir()):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:

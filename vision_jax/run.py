@@ -411,16 +411,22 @@ def build_run(
     tracked = TrackedConfig(config)
     spec = specs.run_spec(tracked)
     tracked.check_all_read()
-    lock = WorkdirLock(workdir).acquire()
+    lock, ckpt = WorkdirLock(workdir).acquire(), None
     try:
-        return dataclasses.replace(_build(spec, workdir, arrays, lock), started=started)
+        ckpt = Checkpointer(
+            workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints,
+            lock=lock,
+        )  # fmt: skip
+        return dataclasses.replace(_build(spec, workdir, arrays, ckpt), started=started)
     except BaseException:
+        if ckpt is not None:
+            ckpt.close()  # a checkpoints folder this call made goes again
         lock.release()
         raise
 
 
-def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: WorkdirLock) -> Run:
-    """:func:`build_run` once the workdir is locked."""
+def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Checkpointer) -> Run:
+    """:func:`build_run` once the workdir is locked and its checkpoints opened."""
     mesh = sharding.create_mesh(spec.mesh)
     train_source, eval_source, val_source = _load_data(spec, arrays)
     _check_batch_sizes(spec, mesh)
@@ -428,9 +434,6 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, lock: Work
     total_steps = spec.steps(steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
-    ckpt = Checkpointer(
-        workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints, lock=lock
-    )
     setup, input_spec = _initial_setup(
         spec, model, mesh, init_rng, resuming=ckpt.has_steps(), total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
