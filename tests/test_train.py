@@ -288,7 +288,6 @@ import json, os, sys
 import jax
 from vision_jax.trees import flatten_dict
 from vision_jax.train import train_and_evaluate
-from vision_jax.weights import WeightFormatError
 from vision_jax.weights.run_dir import read_variables
 sys.path.insert(0, {tests!r})
 from test_train import small_config

@@ -419,9 +419,10 @@ def build_run(
         )  # fmt: skip
         return dataclasses.replace(_build(spec, workdir, arrays, ckpt), started=started)
     except BaseException:
-        if ckpt is not None:
-            ckpt.close()  # a checkpoints folder this call made goes again
-        lock.release()
+        if ckpt is None:
+            lock.release()
+        else:  # releases the lock; a checkpoints folder this call made goes again
+            ckpt.close()
         raise
 
 

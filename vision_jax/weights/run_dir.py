@@ -191,7 +191,7 @@ def input_contract(path: str | os.PathLike, which: str = "latest") -> InputContr
     record = read_record(path, which)
     if None in (record.image_size, record.mean, record.std):
         raise WeightFormatError(f"The run record of {path} holds no input size, mean and std.")
-    interpolation = record.interpolation or "bilinear"
+    interpolation = record.interpolation or InputContract.interpolation  # older runs: default
     return InputContract(
         int(record.image_size), record.mean, record.std, interpolation=interpolation
     )
