@@ -1,16 +1,17 @@
-"""Matrix products for low-precision compute: bfloat16 operands, float32 accumulation.
+"""Matrix products for the models' layers: bfloat16 operands with float32 accumulation, and
+the layout of float32 layer products.
 
 ``lax.dot_general`` on two bfloat16 operands accumulates and returns bfloat16. Asking XLA for a
 float32 result (``preferred_element_type``) accumulates in float32: more accurate, and on CPUs
-with AVX512-BF16 the fast path (about 330 GFLOP/s on this 2-core Zen4 against about 160 for
-bfloat16 accumulation). The layer adds its bias to that float32 result and the model casts the
-output back to bfloat16, so activations still travel in bfloat16. For float32 both are the plain
-``lax`` functions.
-"""
+with AVX512-BF16 the fast path (about twice the rate of bfloat16 accumulation). The layer adds
+its bias to that float32 result and the model casts the output back to bfloat16, so activations
+still travel in bfloat16. In float32 a layer's product is computed over rows
+(:func:`layer_product`) and convolutions are the plain ``lax`` function."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,18 +107,49 @@ def dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any =
 def dot_general(dtype: Any) -> Callable[..., jax.Array]:
     """A ``lax.dot_general`` for Flax's ``dot_general=`` field in compute dtype ``dtype``.
 
-    For a low-precision ``dtype`` the product is :func:`low_precision_dot`, returned in float32,
+    In float32 it is :func:`layer_product` of ``lax.dot_general``. For a low-precision
+    ``dtype`` the product is :func:`low_precision_dot`, returned in float32,
     so the layer adds its bias in float32 and the caller casts the layer's output to ``dtype``.
     That keeps the bias gradient a float32 reduction: XLA's CPU backend rewrites a bfloat16
     reduction into a reduce-window tree about 7x slower (``benchmarks/profile_step.py`` shows it).
     """
     if jnp.dtype(dtype) == jnp.float32:
-        return lax.dot_general
+        return layer_product(lax.dot_general)
 
     def accumulate_in_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs):
         return dot(lhs, rhs, dimension_numbers, precision)
 
     return accumulate_in_f32
+
+
+def layer_product(product: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``product`` (a ``dot_general``) computing a layer's product, activations ``(..., in)``
+    times a kernel ``(in, out)`` (either side may span several axes), as a 2-D product of
+    ``(rows, in)`` and ``(in, out)``; other products pass through unchanged.
+
+    The result is the same; the gain is in the backward pass. For a ``(B, N, D)`` activation
+    XLA's CPU backend computes the kernel gradient (contracting ``B`` and ``N`` at once) through
+    a transposed copy of the cotangent; flattened to rows, it is a plain transposed product.
+    Used in float32 only: with bfloat16 operands the 2-D products are slower.
+    """
+
+    def as_matrix_product(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+        (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+        n = len(lhs_contract)
+        is_layer = (
+            not lhs_batch
+            and not rhs_batch
+            and tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
+            and tuple(rhs_contract) == tuple(range(n))
+        )
+        if not is_layer or lhs.ndim == rhs.ndim == 2:
+            return product(lhs, rhs, dimension_numbers, precision, **kwargs)
+        kept, inner = lhs.shape[: lhs.ndim - n], math.prod(rhs.shape[:n])
+        rows, columns = lhs.reshape(math.prod(kept), inner), rhs.reshape(inner, -1)
+        out = product(rows, columns, (((1,), (0,)), ((), ())), precision, **kwargs)
+        return out.reshape(*kept, *rhs.shape[n:])
+
+    return as_matrix_product
 
 
 def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
