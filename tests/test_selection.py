@@ -10,6 +10,7 @@ import pytest
 from test_train import small_config
 
 from vision_jax import data as data_lib
+from vision_jax import run as run_lib
 from vision_jax import specs, train, weights
 from vision_jax.config import TrackedConfig
 from vision_jax.models import create_model
@@ -105,6 +106,21 @@ def test_selection_progress_is_checkpointed_for_an_exact_resume():
     assert not loss.update(6, {"val/loss": float("nan")})  # never the best, counts as no gain
     with pytest.raises(specs.ConfigError, match="'val/accuracy' is not an evaluation.*val/loss"):
         Selection.from_spec(specs.EarlyStoppingSpec("accuracy"), "top1").update(2, {"val/loss": 1})
+
+
+def test_a_setup_error_leaves_no_best_folder(tmp_path, monkeypatch):
+    """An error while the run is built (here: compiling its steps) leaves neither the
+    ``checkpoints`` nor the ``best`` folder behind, and the workdir unlocked."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("compilation failed")
+
+    monkeypatch.setattr(run_lib, "_compile_steps", fail)
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        run_lib.build_run(selecting_config(), str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "best").exists()
+    monkeypatch.undo()
+    run_lib.build_run(selecting_config(), str(tmp_path)).close()  # the lock was released
 
 
 @pytest.mark.parametrize(

@@ -444,7 +444,6 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     if val_source is not None:
         selection = Selection.from_spec(spec.early_stopping, spec.task.headline)
         selection = selection.resumed(saved.get("selection"))
-        best = BestCheckpoint(workdir, selection.metric, selection.mode)
     train_step, eval_steps = _compile_steps(spec, model, setup, mesh, step_rng)
     meta = RunRecord(
         config=spec.config,
@@ -458,6 +457,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         std=tuple(input_spec.std),
         interpolation=input_spec.interpolation,
     ).to_json()
+    if selection is not None:  # last: nothing after it can fail and leave its folder behind
+        best = BestCheckpoint(workdir, selection.metric, selection.mode)
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
         train_step, eval_steps, ckpt, start_step, total_steps, meta, start_position, selection,
