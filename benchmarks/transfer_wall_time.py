@@ -3,6 +3,7 @@ same recipe written for timm, each in its own process, in one run.
 
   unzip -q ../shared/data/cifar10_jpeg/cifar10_jpeg.zip -d /tmp/cifar10_jpeg
   python benchmarks/transfer_wall_time.py
+  python benchmarks/transfer_wall_time.py --set model.dtype=bfloat16   # vision_jax in bf16
 
 vision_jax runs ``python -m vision_jax.main --config=configs/vit_ti16_cifar10.py:pretrained``
 (ViT-Ti/16 from ``../shared/weights``, 2,000 CIFAR-10 JPEGs at 112 px, 150 SGD steps of 32,
@@ -151,9 +152,9 @@ def _timed(command: list[str], what: str) -> tuple[float, float, dict]:
     return metrics_s, time.perf_counter() - t0, metrics
 
 
-def _run_vision_jax(config: str, workdir: str) -> dict:
+def _run_vision_jax(config: str, workdir: str, overrides: list[str]) -> dict:
     command = [sys.executable, "-m", "vision_jax.main", f"--config={config}",
-               f"--workdir={workdir}"]  # fmt: skip
+               f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)]  # fmt: skip
     metrics_s, wall, metrics = _timed(command, "vision_jax")
     from vision_jax.report.curves import read_scalars
 
@@ -176,6 +177,13 @@ def main() -> None:
     parser.add_argument("--weights", default=os.path.join(
         REPO, "../shared/weights/vit_ti16/vit_tiny_patch16_224.safetensors"))  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the vision_jax run only (repeatable)",
+    )
     parser.add_argument("--timm-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.timm_worker:
@@ -183,12 +191,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="transfer_wall_time_") as tmp:
         lists_file = os.path.join(tmp, "lists.json")
         json.dump(_file_lists(args.config), open(lists_file, "w"))
-        print(f"# {args.config}, each in its own process; 'to metrics': launch to the final")
-        print("# metrics on stdout; 'wall': launch to exit (vision_jax writes its report after)")
+        overrides = "".join(f" --config.{o}" for o in args.set)
+        print(f"# {args.config}{overrides} against timm, each in its own process")
+        print("# 'to metrics': launch to the final metrics on stdout; 'wall': launch to exit")
+        print("# (vision_jax writes its report after the metrics)")
         print(f"{'impl':<11} {'to metrics s':>12} {'wall s':>7} {'top1':>6} {'train img/s':>12}")
         for repeat in range(args.repeats):
             results = {
-                "vision_jax": _run_vision_jax(args.config, os.path.join(tmp, f"run{repeat}")),
+                "vision_jax": _run_vision_jax(
+                    args.config, os.path.join(tmp, f"run{repeat}"), args.set
+                ),
                 "timm": _run_timm(lists_file, args.weights),
             }
             for name, r in results.items():
