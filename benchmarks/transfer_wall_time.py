@@ -152,9 +152,9 @@ def _timed(command: list[str], what: str) -> tuple[float, float, dict]:
     return metrics_s, time.perf_counter() - t0, metrics
 
 
-def _run_vision_jax(config: str, workdir: str, overrides: list[str]) -> dict:
+def _run_vision_jax(config: str, workdir: str, flags: list[str]) -> dict:
     command = [sys.executable, "-m", "vision_jax.main", f"--config={config}",
-               f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)]  # fmt: skip
+               f"--workdir={workdir}", *flags]  # fmt: skip
     metrics_s, wall, metrics = _timed(command, "vision_jax")
     from vision_jax.report.curves import read_scalars
 
@@ -191,16 +191,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="transfer_wall_time_") as tmp:
         lists_file = os.path.join(tmp, "lists.json")
         json.dump(_file_lists(args.config), open(lists_file, "w"))
-        overrides = "".join(f" --config.{o}" for o in args.set)
-        print(f"# {args.config}{overrides} against timm, each in its own process")
+        flags = [f"--config.{override}" for override in args.set]
+        print(f"# {' '.join([args.config, *flags])} against timm, each in its own process")
         print("# 'to metrics': launch to the final metrics on stdout; 'wall': launch to exit")
         print("# (vision_jax writes its report after the metrics)")
         print(f"{'impl':<11} {'to metrics s':>12} {'wall s':>7} {'top1':>6} {'train img/s':>12}")
         for repeat in range(args.repeats):
+            workdir = os.path.join(tmp, f"run{repeat}")
             results = {
-                "vision_jax": _run_vision_jax(
-                    args.config, os.path.join(tmp, f"run{repeat}"), args.set
-                ),
+                "vision_jax": _run_vision_jax(args.config, workdir, flags),
                 "timm": _run_timm(lists_file, args.weights),
             }
             for name, r in results.items():

@@ -308,12 +308,16 @@ def test_float32_layer_products_need_no_transposed_cotangent():
 
 
 def test_layer_product_leaves_other_products_alone():
-    """Batched products (attention) and already 2-D ones are passed through as given."""
+    """Batched products (attention) and already 2-D ones are passed through as given; a
+    kernel over several output axes gives the product in its shape."""
     product = precision.layer_product(lax.dot_general)
     q, k = jnp.ones((2, 5, 3, 4)), jnp.ones((2, 6, 3, 4))
     batched = (((3,), (3,)), ((0, 2), (0, 2)))
     assert "reshape" not in str(jax.make_jaxpr(lambda q, k: product(q, k, batched))(q, k))
-    x, w = jnp.arange(6.0).reshape(2, 3), jnp.ones((3, 2, 2))
-    out = product(x, w, (((1,), (0,)), ((), ())))
+    x, dims = jnp.arange(6.0).reshape(2, 3), (((1,), (0,)), ((), ()))
+    matrix = jnp.ones((3, 4))
+    assert "reshape" not in str(jax.make_jaxpr(lambda x, w: product(x, w, dims))(x, matrix))
+    w = jnp.ones((3, 2, 2))  # a kernel over several output axes: flattened and restored
+    out = product(x, w, dims)
     assert out.shape == (2, 2, 2)
     np.testing.assert_array_equal(out, jnp.einsum("ij,jkl->ikl", x, w))
