@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from vision_jax.compile_options import step_compiler_options
-from vision_jax.steps import TrainState, make_train_step
+from vision_jax.steps import StepSettings, TrainState, make_train_step
 from vision_jax.tasks import Classification, Detection, Segmentation
 
 TASKS = {
@@ -64,14 +64,15 @@ def measure(task: str, model_name: str, batch: int, size: int, steps: int, warmu
     tx = optax.adamw(1e-4, weight_decay=1e-4)
     state = TrainState(jnp.array(0, jnp.int32), params, dict(variables), tx.init(params))
     options = step_compiler_options(jnp.float32)  # as a run compiles its step
-    fn = jax.jit(make_train_step(model, tx, spec, rng), donate_argnums=0, compiler_options=options)
+    fn = jax.jit(make_train_step(model, tx, spec), donate_argnums=0, compiler_options=options)
+    settings = StepSettings(rng)
     t0 = time.perf_counter()
-    compiled = fn.lower(state, {}, data).compile()
+    compiled = fn.lower(state, {}, data, settings).compile()
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, {}, data)
+        state, metrics = compiled(state, {}, data, settings)
         jax.block_until_ready(metrics)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

@@ -78,7 +78,7 @@ def build_jax_step(model_name: str, batch: int, size: int, variant: str, mode: s
 
     from vision_jax import create_model, lora, optim, trees
     from vision_jax.compile_options import step_compiler_options
-    from vision_jax.steps import TrainState, make_train_step
+    from vision_jax.steps import StepSettings, TrainState, make_train_step
     from vision_jax.tasks import Classification
 
     dtype, _, method = variant.partition("+")
@@ -98,9 +98,9 @@ def build_jax_step(model_name: str, batch: int, size: int, variant: str, mode: s
     if mode == "train":
         tx = optax.adamw(1e-4, weight_decay=1e-4)
         state = TrainState(jnp.array(0, jnp.int32), params, dict(variables), tx.init(params))
-        step = make_train_step(model, tx, Classification(), rng, lora=spec)
+        step = make_train_step(model, tx, Classification(), lora=spec)
         fn = jax.jit(step, donate_argnums=0, compiler_options=xla_options)
-        return fn, (state, frozen, {"image": images, "label": labels})
+        return fn, (state, frozen, {"image": images, "label": labels}, StepSettings(rng))
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=xla_options)
     return fn, ({"params": params, **variables}, images)
 

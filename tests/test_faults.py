@@ -72,9 +72,9 @@ def wrap_step(monkeypatch, action) -> None:
         run = real(*args, **kwargs)
         step_fn, count = run.train_step, [run.start_step]
 
-        def step(state, frozen, batch):
+        def step(state, frozen, batch, settings):
             count[0] += 1
-            return step_fn(state, frozen, action(count[0], batch))
+            return step_fn(state, frozen, action(count[0], batch), settings)
 
         run.train_step = step
         return run
@@ -169,7 +169,7 @@ class _DeepMlp(nn.Module):
 
 def _guarded_step(tx):
     """A jitted train step of a small model with the non-finite guard, and its arguments."""
-    from vision_jax.steps import SkipCounts, TrainState, make_train_step
+    from vision_jax.steps import SkipCounts, StepSettings, TrainState, make_train_step
     from vision_jax.tasks import Classification
 
     model = _DeepMlp()
@@ -178,16 +178,16 @@ def _guarded_step(tx):
     params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
     zeros = SkipCounts.filled(jnp.zeros((), jnp.int32))
     state = TrainState(jnp.array(0), params, model_state, tx.init(params), skips=zeros)
-    step = make_train_step(model, tx, Classification(), jax.random.key(1))
-    return jax.jit(step), (state, {}, batch)
+    step = make_train_step(model, tx, Classification())
+    return jax.jit(step), (state, {}, batch, StepSettings(jax.random.key(1)))
 
 
 def test_nonfinite_new_parameters_are_skipped_even_with_a_finite_loss_and_gradients():
     import optax
 
     # Finite loss and gradients; infinite updates make the new parameters non-finite.
-    step, (state, frozen, batch) = _guarded_step(optax.scale(np.inf))
-    new, metrics = step(state, frozen, batch)
+    step, (state, frozen, batch, settings) = _guarded_step(optax.scale(np.inf))
+    new, metrics = step(state, frozen, batch, settings)
     assert np.isfinite(float(metrics.compute()["loss"]))
     assert np.isfinite(float(metrics.compute()["grad_norm"]))
     assert int(new.step) == 1 and int(new.skips.total) == 1
@@ -616,7 +616,8 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
     """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it, for
-    the programs that compile in well under a second too (an RNG split). The first run writes
+    the programs that compile in well under a second too (an RNG split), although it is a
+    sweep member (another seed, learning rate, weight decay and length). The first run writes
     its report at the end (--report, default on), the second does not."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
     env |= {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler", "JAX_COMPILATION_CACHE_DIR": "",
@@ -624,15 +625,19 @@ def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
     args = ["-m", "vision_jax.main", "--config=configs/digits_pretrain.py",
             "--config.total_steps=1", "--config.schedule.warmup_steps=0"]  # fmt: skip
     logs = []
-    for name, report in (("first", "true"), ("second", "false")):
+    member = ["--config.seed=3", "--config.optimizer.learning_rate=0.05",
+              "--config.optimizer.weight_decay=1e-3", "--config.total_steps=2"]  # fmt: skip
+    for name, extra in (("first", ["--report=true"]), ("second", ["--report=false", *member])):
         proc = subprocess.run(
-            [sys.executable, *args, f"--workdir={tmp_path / name}", f"--report={report}"], cwd=ROOT,
+            [sys.executable, *args, f"--workdir={tmp_path / name}", *extra], cwd=ROOT,
             capture_output=True, text=True, timeout=300, env=env,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
         logs.append(proc.stderr)
-    assert "cache hit for 'jit_step'" not in logs[0]
-    assert "cache hit for 'jit_step'" in logs[1] and any((tmp_path / "jax_cache").iterdir())
+    for name in ("jit_train_step", "jit_eval_step"):
+        assert f"cache hit for '{name}'" not in logs[0]
+        assert f"cache hit for '{name}'" in logs[1]
+    assert any((tmp_path / "jax_cache").iterdir())
     assert "cache hit for 'jit__threefry_split'" in logs[1]
     assert "<img" in (tmp_path / "first" / "report" / "report.html").read_text()
     assert not (tmp_path / "second" / "report").exists()

@@ -14,7 +14,7 @@ from test_train import small_config
 
 from vision_jax import losses, optim, trees
 from vision_jax.models import create_model
-from vision_jax.steps import TrainState, make_train_step
+from vision_jax.steps import StepSettings, TrainState, make_train_step
 from vision_jax.tasks import Classification
 from vision_jax.train import train_and_evaluate
 from vision_jax.trees import flatten_dict
@@ -104,10 +104,9 @@ def test_gradient_accumulation_equals_the_large_batch(accum):
     state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params))
     results = []
     for k in (1, accum):
-        step = jax.jit(make_train_step(model, tx, Classification(), jax.random.key(0),
-                                       accum_steps=k))  # fmt: skip
+        step = jax.jit(make_train_step(model, tx, Classification(), accum_steps=k))
         with jax.default_matmul_precision("highest"):
-            new_state, metrics = step(state, {}, batch)
+            new_state, metrics = step(state, {}, batch, StepSettings(jax.random.key(0)))
         results.append((new_state, metrics.compute()))
     (big, big_m), (acc, acc_m) = results
     assert float(acc_m["loss"]) == pytest.approx(float(big_m["loss"]), abs=1e-5)
@@ -123,11 +122,11 @@ def test_ema_tracks_the_params():
     tx = optax.sgd(0.1)
     state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params),
                        jax.tree.map(jnp.copy, params))  # fmt: skip
-    step = jax.jit(make_train_step(model, tx, Classification(), jax.random.key(0),
-                                   ema_decay=0.9))  # fmt: skip
+    step = jax.jit(make_train_step(model, tx, Classification()))
+    settings = StepSettings(jax.random.key(0), ema_decay=jnp.float32(0.9))
     history = [params]
     for _ in range(3):
-        state, _ = step(state, {}, batch)
+        state, _ = step(state, {}, batch, settings)
         history.append(state.params)
     expected = history[0]
     for p in history[1:]:
@@ -148,8 +147,8 @@ def test_frozen_params_get_no_gradient_or_update():
     trainable, frozen = trees.partition(params, mask)
     tx = optax.adam(1e-2)
     state = TrainState(jnp.array(0, jnp.int32), trainable, {}, tx.init(trainable))
-    step = jax.jit(make_train_step(model, tx, Classification(), jax.random.key(0)))
-    new_state, _ = step(state, frozen, batch)
+    step = jax.jit(make_train_step(model, tx, Classification()))
+    new_state, _ = step(state, frozen, batch, StepSettings(jax.random.key(0)))
     assert set(flatten_dict(new_state.params)) == set(flatten_dict(trainable))
     assert all(k.startswith(("head/", "Transformer/encoder_norm/", "Transformer/encoderblock_11/"))
                for k in flatten_dict(new_state.params))  # fmt: skip

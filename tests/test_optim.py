@@ -4,6 +4,8 @@ tests/test_finetune.py."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,12 +35,11 @@ def schedule_of(total: int = 100, steps_per_epoch: int = 10, **overrides):
     c = default_config()
     for k, v in overrides.items():
         c.schedule[k] = v
-    return optim.build_schedule(
-        specs.schedule_spec(TrackedConfig(c).schedule),
-        base_lr=2.0,
-        total_steps=total,
-        steps_per_epoch=steps_per_epoch,
+    spec = specs.schedule_spec(TrackedConfig(c).schedule)
+    numbers = optim.schedule_numbers(
+        spec, base_lr=2.0, total_steps=total, steps_per_epoch=steps_per_epoch
     )
+    return functools.partial(optim.schedule_value, spec.decay, numbers)
 
 
 @pytest.mark.parametrize(
@@ -58,9 +59,49 @@ def schedule_of(total: int = 100, steps_per_epoch: int = 10, **overrides):
     ],
 )  # fmt: skip
 def test_schedules_match_numpy_reference(overrides, reference):
+    """On the host, and compiled with the schedule's numbers as inputs (as a run's step)."""
     fn = schedule_of(**overrides)
+    traced = jax.jit(optim.schedule_value, static_argnums=0)
     for t in [0, 1, 3, 4, 5, 9, 10, 19, 20, 29, 30, 50, 59, 60, 85, 95, 99, 100]:
         assert float(fn(t)) == pytest.approx(reference(t), abs=1e-6), (t, overrides)
+        assert float(traced(fn.args[0], fn.args[1], t)) == pytest.approx(reference(t), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, schedule", [("adamw", {"decay": "cosine"}), ("sgd", {"decay": "step"}),
+                       ("sgd", {"decay": "rsqrt", "cooldown_steps": 2})],
+)  # fmt: skip
+def test_optimizer_numbers_are_inputs_of_one_program(name, schedule):
+    """Two optimizers that differ only in their numbers compile to the same update program
+    when the numbers are passed in, and give each its own updates; clipping on or off is
+    structure, another program."""
+    model, shapes = shapes_of("cifar_resnet20", size=8)
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5), shapes["params"])
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+
+    def built(**changes):
+        c = default_config()
+        c.optimizer.name, c.optimizer.layer_decay = name, 0.8
+        c.optimizer.update({"grad_clip_norm": 1.0, "weight_decay": 1e-3, **changes})
+        c.schedule.update(schedule)
+        return build_optimizer(c, params, model)
+
+    def program(opt):
+        update = lambda n, g, s, p: opt.transform(n).update(g, s, p)[0]
+        args = (opt.numbers, grads, opt.tx.init(params), params)
+        return jax.jit(update).lower(*args).as_text(), jax.jit(update)(*args)
+
+    other = {"learning_rate": 0.3, "weight_decay": 0.02, "grad_clip_norm": 5.0, "layer_decay": 0.5}
+    other |= {"b1": 0.7} if name == "adamw" else {"momentum": 0.5}
+    (text, updates), (other_text, other_updates) = program(built()), program(built(**other))
+    assert text == other_text
+    for got, want in ((updates, built().tx), (other_updates, built(**other).tx)):
+        state = want.init(params)
+        expected = want.update(grads, state, params)[0]
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(jax.tree.leaves(updates)[0], jax.tree.leaves(other_updates)[0])
+    assert program(built(grad_clip_norm=None))[0] != text
 
 
 def test_schedule_errors():
@@ -142,7 +183,7 @@ def test_lr_multipliers_scale_the_updates_exactly():
     c.optimizer.momentum = 0.0
     c.optimizer.layer_decay = 0.5
     c.schedule.decay = "constant"
-    tx, _ = build_optimizer(c, params, model)
+    tx = build_optimizer(c, params, model).tx
     updates, _ = tx.update(grads, tx.init(params), params)
     u = flatten_dict(updates)
     assert float(u["head/kernel"][0, 0]) == pytest.approx(-1e-3 * 0.1)
@@ -156,7 +197,7 @@ def test_decay_mask_defaults_to_kernels_and_decoupled_semantics():
     c = default_config()
     c.optimizer.weight_decay = 0.1
     c.schedule.decay = "constant"
-    tx, _ = build_optimizer(c, params, model)
+    tx = build_optimizer(c, params, model).tx
     updates = flatten_dict(tx.update(zero, tx.init(params), params)[0])
     for path, u in updates.items():
         expected = -1e-3 * 0.1 if path.endswith("kernel") else 0.0  # lr * wd * param
@@ -245,7 +286,7 @@ def test_bfloat16_first_moments_and_global_norm_clipping():
     c.optimizer.grad_clip_norm = 0.5
     c.optimizer.weight_decay = 0.0
     c.schedule.decay = "constant"
-    tx, _ = build_optimizer(c, params, model)
+    tx = build_optimizer(c, params, model).tx
     state = tx.init(params)
     adam = [
         s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")

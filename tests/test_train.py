@@ -141,6 +141,32 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_sweep_members_share_one_compiled_train_step(tmp_path):
+    """Runs that differ only in numbers (seed, length, learning rate, schedule, betas, weight
+    decay, clipping norm, layer decay, EMA decay) lower to the same train step, so a sweep
+    member finds it in the compilation cache; turning clipping off is another program."""
+    from vision_jax.run import build_run
+
+    def lowered(name, **overrides):
+        run = build_run(small_config(**overrides), str(tmp_path / name))
+        try:
+            batch = {"image": jnp.zeros((32, 16, 16, 3)), "label": jnp.zeros(32, jnp.int32)}
+            return run.train_step.lower(run.state, run.frozen, batch, run.settings).as_text()
+        finally:
+            run.close()
+
+    base = {"optimizer.name": "adamw", "optimizer.grad_clip_norm": 1.0, "ema_decay": 0.9,
+            "optimizer.layer_decay": 0.8, "optimizer.weight_decay": 1e-4,
+            "schedule.warmup_steps": 1}  # fmt: skip
+    member = {"seed": 7, "total_steps": 9, "optimizer.learning_rate": 0.3, "optimizer.b1": 0.8,
+              "optimizer.weight_decay": 0.01, "optimizer.grad_clip_norm": 2.0,
+              "optimizer.layer_decay": 0.6, "schedule.warmup_steps": 3,
+              "ema_decay": 0.99}  # fmt: skip
+    text = lowered("base", **base)
+    assert lowered("member", **{**base, **member}) == text
+    assert lowered("no_clip", **{**base, "optimizer.grad_clip_norm": None}) != text
+
+
 @pytest.mark.parametrize("trainable", ["all", "head"])
 def test_a_resume_reads_pretrained_weights_only_for_frozen_parameters(
     tmp_path, monkeypatch, trainable

@@ -17,11 +17,15 @@ Every per-parameter choice goes through the one regex helper of :mod:`vision_jax
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vision_jax.masks import rules_table, tree_map_by_rules, tree_mask
@@ -61,43 +65,49 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int) -
     return steps
 
 
-def build_schedule(
+def schedule_numbers(
     schedule: ScheduleSpec, *, base_lr: float, total_steps: int, steps_per_epoch: int
-) -> optax.Schedule:
-    """Linear warmup from 0, then the ``decay`` shape, then an optional linear cooldown to 0.
+) -> dict[str, np.ndarray]:
+    """The numbers :func:`schedule_value` reads (float32 scalars; ``step_at``: the steps of the
+    ``step`` decay's boundaries), checked against the length of training."""
+    warmup = _duration(schedule, "warmup", total_steps, steps_per_epoch)
+    cooldown = _duration(schedule, "cooldown", total_steps, steps_per_epoch)
+    if warmup + cooldown > total_steps:
+        raise ValueError(f"Warmup {warmup} + cooldown {cooldown} > {total_steps} training steps.")
+    numbers = {
+        "learning_rate": base_lr, "warmup_steps": warmup, "cooldown_steps": cooldown,
+        "total_steps": total_steps,
+    }  # fmt: skip
+    if schedule.decay == "rsqrt":
+        numbers["rsqrt_timescale"] = schedule.rsqrt_timescale
+    if schedule.decay == "step":
+        numbers["step_factor"] = schedule.step_factor
+        numbers["step_at"] = [round(float(b) * total_steps) for b in schedule.step_boundaries]
+    return {k: np.asarray(v, np.float32) for k, v in numbers.items()}
+
+
+def schedule_value(decay: str, numbers: Mapping[str, Any], step: Any) -> jax.Array:
+    """The learning rate at ``step``: linear warmup from 0, then the ``decay`` shape, then an
+    optional linear cooldown to 0. ``numbers`` (:func:`schedule_numbers`) may be traced.
 
     ``decay``: ``cosine`` and ``linear`` go to 0 at the end of training, ``constant`` stays,
     ``rsqrt`` is ``1 / sqrt(1 + t / rsqrt_timescale)`` (t counted after warmup), ``step``
     multiplies by ``step_factor`` at each of ``step_boundaries`` (fractions of training).
     """
-    warmup = _duration(schedule, "warmup", total_steps, steps_per_epoch)
-    cooldown = _duration(schedule, "cooldown", total_steps, steps_per_epoch)
-    if warmup + cooldown > total_steps:
-        raise ValueError(f"Warmup {warmup} + cooldown {cooldown} > {total_steps} training steps.")
-    kind = schedule.decay
-    timescale = float(schedule.rsqrt_timescale)
-    boundaries = tuple(float(b) for b in schedule.step_boundaries)
-    factor = float(schedule.step_factor)
-    decay_steps = max(total_steps - warmup, 1)
-    step_at = [round(b * total_steps) for b in boundaries]
-
-    def fn(step):
-        t = jnp.asarray(step, jnp.float32)
-        frac = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
-        shape = {
-            "cosine": lambda: 0.5 * (1.0 + jnp.cos(jnp.pi * frac)),
-            "linear": lambda: 1.0 - frac,
-            "constant": lambda: jnp.ones_like(t),
-            "rsqrt": lambda: jax.lax.rsqrt(1.0 + jnp.maximum(t - warmup, 0.0) / timescale),
-            "step": lambda: factor ** sum((t >= s).astype(jnp.float32) for s in step_at),
-        }[kind]()
-        if warmup:
-            shape = shape * jnp.minimum(t / warmup, 1.0)
-        if cooldown:
-            shape = shape * jnp.clip((total_steps - t) / cooldown, 0.0, 1.0)
-        return base_lr * shape
-
-    return fn
+    n = numbers
+    t = jnp.asarray(step, jnp.float32)
+    warmup, cooldown, total = n["warmup_steps"], n["cooldown_steps"], n["total_steps"]
+    frac = jnp.clip((t - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    shape = {
+        "cosine": lambda: 0.5 * (1.0 + jnp.cos(jnp.pi * frac)),
+        "linear": lambda: 1.0 - frac,
+        "constant": lambda: jnp.ones_like(t),
+        "rsqrt": lambda: jax.lax.rsqrt(1.0 + jnp.maximum(t - warmup, 0.0) / n["rsqrt_timescale"]),
+        "step": lambda: n["step_factor"] ** jnp.sum(t >= n["step_at"]).astype(jnp.float32),
+    }[decay]()
+    shape *= jnp.where(warmup > 0, jnp.minimum(t / jnp.maximum(warmup, 1.0), 1.0), 1.0)
+    shape *= jnp.where(cooldown > 0, jnp.clip((total - t) / jnp.maximum(cooldown, 1.0), 0, 1), 1)
+    return n["learning_rate"] * shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +174,7 @@ def lr_multipliers(
 
 
 def scale_by_tree(mults: Any) -> optax.GradientTransformation:
-    """Multiplies each update by its constant multiplier (stateless)."""
+    """Multiplies each update by its multiplier (stateless)."""
 
     def update(updates, state, params=None):
         del params
@@ -177,6 +187,31 @@ def scale_by_tree(mults: Any) -> optax.GradientTransformation:
 # the optimizer
 
 
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """A run's optimizer, its structure apart from its numbers.
+
+    ``numbers``: the learning rate, the schedule's lengths, the betas or momentum, the weight
+    decay, the clipping norm and the learning-rate multipliers, as float32 scalars.
+    ``transform(numbers)`` builds the optax transformation from them, traced or not: a train
+    step that takes the numbers as an input is the same program for every value, so runs
+    that differ only in them (a sweep) share one compiled step.
+    """
+
+    numbers: dict[str, Any]
+    transform: Callable[[Mapping[str, Any]], optax.GradientTransformation]
+    decay: str  # the schedule's shape
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        """The transformation with the numbers as constants."""
+        return self.transform(self.numbers)
+
+    def schedule(self, step: Any) -> jax.Array:
+        """The learning rate at ``step``."""
+        return schedule_value(self.decay, self.numbers["schedule"], step)
+
+
 def build_optimizer(
     opt: OptimizerSpec,
     schedule_spec: ScheduleSpec,
@@ -186,61 +221,74 @@ def build_optimizer(
     total_steps: int,
     steps_per_epoch: int,
     log: bool = True,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax transformation for the *trainable* ``params`` and its learning-rate schedule.
+) -> Optimizer:
+    """The optimizer for the *trainable* ``params``.
 
     ``opt.name`` is ``sgd`` (momentum, nesterov; L2 weight decay added to the gradient) or
     ``adamw`` (b1, b2, eps; decoupled weight decay). ``mu_dtype`` stores first moments (or the
     SGD momentum) in e.g. bfloat16. Gradients are clipped by global norm first.
     """
-    schedule = build_schedule(
-        schedule_spec,
-        base_lr=float(opt.learning_rate),
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-    )
-    wd = float(opt.weight_decay or 0.0)
+    numbers: dict[str, Any] = {
+        "schedule": schedule_numbers(
+            schedule_spec,
+            base_lr=float(opt.learning_rate),
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+        ),
+        "weight_decay": float(opt.weight_decay or 0.0),
+    }
+    if opt.grad_clip_norm:
+        numbers["grad_clip_norm"] = opt.grad_clip_norm
+    if opt.name == "sgd" and opt.momentum is not None:
+        numbers["momentum"] = opt.momentum
+    if opt.name == "adamw":
+        numbers.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    mults = lr_multipliers(params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay)
+    if any(m != 1.0 for m in jax.tree.leaves(mults)):
+        numbers["lr_mults"] = mults
+    numbers = jax.tree.map(lambda x: np.asarray(x, np.float32), numbers)
     decay_params = opt.decay_params or DEFAULT_DECAY_PARAMS
     decay_mask = tree_mask(decay_params, params)
-    mu_dtype = opt.mu_dtype
-    if mu_dtype is not None and mu_dtype not in DTYPES:
-        raise ValueError(f"Unknown optimizer.mu_dtype {mu_dtype!r}; valid: {', '.join(DTYPES)}.")
-    mu_dtype = DTYPES.get(mu_dtype)
-    mults = lr_multipliers(params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay)
-    parts = []
-    if opt.grad_clip_norm:
-        parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
-    name = opt.name
-    if name == "sgd":
-        if wd:
-            parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
-        parts.append(
-            optax.sgd(
-                schedule,
-                momentum=opt.momentum,
-                nesterov=opt.nesterov,
-                accumulator_dtype=mu_dtype,
-            )
+    if opt.mu_dtype is not None and opt.mu_dtype not in DTYPES:
+        raise ValueError(
+            f"Unknown optimizer.mu_dtype {opt.mu_dtype!r}; valid: {', '.join(DTYPES)}."
         )
-    else:  # adamw (the spec allows no other)
-        parts.append(
-            optax.adamw(
-                schedule,
-                b1=opt.b1,
-                b2=opt.b2,
-                eps=opt.eps,
-                weight_decay=wd,
-                mask=decay_mask,
-                mu_dtype=mu_dtype,
+    mu_dtype = DTYPES.get(opt.mu_dtype)
+    decay = schedule_spec.decay
+    sgd_decays = bool(opt.weight_decay)  # structure: SGD's decay is a chain member when set
+
+    def transform(n: Mapping[str, Any]) -> optax.GradientTransformation:
+        schedule = functools.partial(schedule_value, decay, n["schedule"])
+        parts = []
+        if "grad_clip_norm" in n:
+            parts.append(optax.clip_by_global_norm(n["grad_clip_norm"]))
+        if opt.name == "sgd":
+            if sgd_decays:
+                parts.append(optax.add_decayed_weights(n["weight_decay"], mask=decay_mask))
+            momentum, nesterov = n.get("momentum"), opt.nesterov
+            parts.append(optax.sgd(schedule, momentum, nesterov, accumulator_dtype=mu_dtype))
+        else:  # adamw (the spec allows no other)
+            parts.append(
+                optax.adamw(
+                    schedule,
+                    b1=n["b1"],
+                    b2=n["b2"],
+                    eps=n["eps"],
+                    weight_decay=n["weight_decay"],
+                    mask=decay_mask,
+                    mu_dtype=mu_dtype,
+                )  # fmt: skip
             )
-        )
-    if any(m != 1.0 for m in jax.tree.leaves(mults)):
-        parts.append(scale_by_tree(mults))
+        if "lr_mults" in n:
+            parts.append(scale_by_tree(n["lr_mults"]))
+        return optax.chain(*parts)
+
     if log and jax.process_index() == 0:
-        logging.info("Weight decay %s on:\n%s", wd, rules_table([(decay_params, True)], params))
+        wd = numbers["weight_decay"]
+        logging.info("Weight decay %g on:\n%s", wd, rules_table([(decay_params, True)], params))
         if opt.lr_mults or opt.layer_decay is not None:
             logging.info("Learning-rate multipliers:\n%s", _value_table(mults))
-    return optax.chain(*parts), schedule
+    return Optimizer(numbers, transform, decay)
 
 
 def _value_table(tree: Any) -> str:

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from vision_jax import data as data_lib
 from vision_jax import lora, optim, sharding, specs, trees
@@ -32,7 +31,13 @@ from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
 from vision_jax.models.remat import REMAT_POLICIES
 from vision_jax.selection import Selection
-from vision_jax.steps import SkipCounts, TrainState, make_eval_step, make_train_step
+from vision_jax.steps import (
+    SkipCounts,
+    StepSettings,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+)
 from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
 
 
@@ -43,8 +48,7 @@ class Setup:
     state: TrainState
     frozen: Any
     shardings: TrainState
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
+    optimizer: optim.Optimizer
     memory: dict[str, int]
 
 
@@ -61,7 +65,8 @@ class Run:
     val_source: data_lib.Source | None  # evaluated periodically; selects the best state
     setup: Setup
     state: TrainState  # restored from the latest checkpoint if there is one
-    train_step: Any
+    train_step: Any  # jitted: step(state, frozen, batch, settings) -> (state, metrics)
+    settings: StepSettings  # the train step's inputs besides the state and the batch
     eval_steps: dict[str, Any]  # "" (params) and "_ema" (EMA params) -> jitted eval step
     checkpointer: Checkpointer
     start_step: int
@@ -207,7 +212,7 @@ def create_train_state(
             steps_per_epoch=steps_per_epoch, log=log,
         )  # fmt: skip
 
-    tx, schedule = optimizer(trainable, log)
+    tx = (opt := optimizer(trainable, log)).tx
     ema = spec.ema_decay is not None
     opt_shapes = jax.eval_shape(tx.init, trainable)
     shardings = TrainState(
@@ -229,11 +234,11 @@ def create_train_state(
     memory = optim.memory_report(trainable, frozen, state.opt_state)
     if spec.lora is not None or frozen:  # what full fine-tuning would hold, for comparison
         base = jax.eval_shape(lambda p: lora.merge(p, spec.lora) if spec.lora else p, params)
-        full_tx, _ = optimizer(base, log=False)
+        full_tx = optimizer(base, log=False).tx
         memory["full_finetune_optimizer_state_bytes"] = trees.tree_bytes(
             jax.eval_shape(full_tx.init, base)
         )
-    return Setup(state, frozen, shardings, tx, schedule, memory)
+    return Setup(state, frozen, shardings, opt, memory)
 
 
 def _initial_setup(
@@ -370,18 +375,29 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
     return sum(positions) // jax.process_count()  # as many examples consumed in all
 
 
+def _step_settings(
+    spec: specs.RunSpec, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
+) -> StepSettings:
+    """The train step's settings (the dropout key, the optimizer's numbers, the EMA decay),
+    replicated: inputs of the compiled step, not constants in it."""
+    ema_decay = None if spec.ema_decay is None else np.float32(spec.ema_decay)
+    settings = StepSettings(rng, setup.optimizer.numbers, ema_decay)
+    return jax.device_put(settings, sharding.replicated(mesh))
+
+
 def _compile_steps(
-    spec: specs.RunSpec, model: nn.Module, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
+    spec: specs.RunSpec, model: nn.Module, setup: Setup, mesh: jax.sharding.Mesh
 ) -> tuple[Any, dict[str, Any]]:
-    """The jitted train step and the eval steps (params, and with EMA the EMA params)."""
+    """The jitted train step (``step(state, frozen, batch, settings)``) and the eval steps
+    (params, and with EMA the EMA params)."""
     dtype = getattr(model, "dtype", jnp.float32)
     xla_options = step_compiler_options(dtype)
     remat = REMAT_POLICIES.get(spec.model_overrides.get("remat")) is not None  # recomputes
     task, adapters = spec.task, spec.lora
     train_step = jax.jit(
         make_train_step(
-            model, setup.tx, task, rng, lora=adapters, accum_steps=spec.grad_accum_steps,
-            ema_decay=spec.ema_decay,
+            model, setup.optimizer.transform, task, lora=adapters,
+            accum_steps=spec.grad_accum_steps,
         ),
         donate_argnums=0,
         out_shardings=(setup.shardings, sharding.replicated(mesh)),
@@ -444,7 +460,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     if val_source is not None:
         selection = Selection.from_spec(spec.early_stopping, spec.task.headline)
         selection = selection.resumed(saved.get("selection"))
-    train_step, eval_steps = _compile_steps(spec, model, setup, mesh, step_rng)
+    train_step, eval_steps = _compile_steps(spec, model, setup, mesh)
+    settings = _step_settings(spec, setup, mesh, step_rng)
     meta = RunRecord(
         config=spec.config,
         task=spec.task.name,
@@ -461,6 +478,6 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         best = BestCheckpoint(workdir, selection.metric, selection.mode)
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
-        train_step, eval_steps, ckpt, start_step, total_steps, meta, start_position, selection,
-        best,
+        train_step, settings, eval_steps, ckpt, start_step, total_steps, meta, start_position,
+        selection, best,
     )  # fmt: skip

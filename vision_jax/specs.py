@@ -203,7 +203,7 @@ class InitSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleSpec:
-    """``config.schedule``: warmup, decay shape, cooldown (see ``optim.build_schedule``)."""
+    """``config.schedule``: warmup, decay shape, cooldown (see ``optim.schedule_value``)."""
 
     decay: str
     warmup_steps: int | None = None

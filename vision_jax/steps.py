@@ -62,6 +62,16 @@ class SkipCounts:
 
 
 @flax.struct.dataclass
+class StepSettings:
+    """What a train step reads as inputs rather than constants: runs that differ only in these
+    (a seed, a learning rate, an EMA decay) share one compiled step."""
+
+    rng: jax.Array  # the run's dropout key; each step folds in its count
+    optimizer: Any = None  # the numbers of ``make_train_step``'s ``tx`` when it is a function
+    ema_decay: jax.Array | None = None  # set iff the state has ``ema_params``
+
+
+@flax.struct.dataclass
 class TrainState:
     """Everything that changes during training. The per-step RNG is derived, not stored."""
 
@@ -98,16 +108,15 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 def make_train_step(
     model: nn.Module,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | Callable[[Any], optax.GradientTransformation],
     task: Task,
-    rng: jax.Array,
     *,
     lora: LoraSpec | None = None,
     accum_steps: int = 1,
-    ema_decay: float | None = None,
-) -> Callable[[TrainState, Any, Batch], tuple[TrainState, clu_metrics.Collection]]:
-    """``step(state, frozen_params, batch) -> (state, metrics)``; the task gives the loss and
-    the metrics (``task.train_metrics``, plus ``grad_norm``).
+) -> Callable[[TrainState, Any, Batch, StepSettings], tuple[TrainState, clu_metrics.Collection]]:
+    """``step(state, frozen_params, batch, settings) -> (state, metrics)``; the task gives the
+    loss and the metrics (``task.train_metrics``, plus ``grad_norm``). ``tx`` is the optimizer,
+    or a function of ``settings.optimizer`` that builds it (``optim.Optimizer.transform``).
 
     With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients
     are averaged (BatchNorm statistics update once per micro-batch) before one optimizer update:
@@ -132,8 +141,8 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def step(state: TrainState, frozen: Any, batch: Batch):
-        step_rng = jax.random.fold_in(rng, state.step)
+    def train_step(state: TrainState, frozen: Any, batch: Batch, settings: StepSettings):
+        step_rng = jax.random.fold_in(settings.rng, state.step)
         if accum_steps == 1:
             (loss, (aux, model_state)), grads = grad_fn(
                 state.params, state.model_state, frozen, batch, step_rng
@@ -158,11 +167,12 @@ def make_train_step(
             )
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
             loss, aux = loss / accum_steps, jax.tree.map(_merge_micro, aux)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        optimizer = tx if isinstance(tx, optax.GradientTransformation) else tx(settings.optimizer)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
-        if ema_decay is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+        if settings.ema_decay is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - settings.ema_decay)
         grad_norm = optax.global_norm(grads)
         metrics = task.train_metrics.single_from_model_output(loss=loss, grad_norm=grad_norm, **aux)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, model_state))
@@ -181,7 +191,7 @@ def make_train_step(
         )
         return new_state, metrics
 
-    return step
+    return train_step
 
 
 def make_eval_step(
@@ -190,14 +200,14 @@ def make_eval_step(
     """``step(state, frozen_params, batch)``: the task's metrics of a padded batch; padding
     (``mask == 0``) is not counted. ``use_ema`` evaluates the EMA parameters."""
 
-    def step(state: TrainState, frozen: Any, batch: Batch) -> clu_metrics.Collection:
+    def eval_step(state: TrainState, frozen: Any, batch: Batch) -> clu_metrics.Collection:
         params = state.ema_params if use_ema else state.params
         variables = {"params": combine(params, frozen), **state.model_state}
         with apply_adapters(lora, train=False):
             outputs = model.apply(variables, batch["image"], train=False)
         return task.eval_metrics(outputs, batch)
 
-    return step
+    return eval_step
 
 
 def evaluate(

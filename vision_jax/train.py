@@ -249,7 +249,7 @@ def _loop(
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
-            state, metrics = run.train_step(state, run.frozen, batch)
+            state, metrics = run.train_step(state, run.frozen, batch, run.settings)
             check.wait()  # at once after the first step, whose compilation it overlapped
             results.update(log.add(step, metrics, state))
             evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
@@ -287,7 +287,8 @@ class _TrainLog:
         summary = scalars(self.metrics, "train/")
         elapsed = time.perf_counter() - self.start
         skipped = self.guard.check(state)  # skipped updates do not advance the optimizer's count
-        summary["train/learning_rate"] = float(self.run.setup.schedule(step - 1 - skipped))
+        learning_rate = self.run.setup.optimizer.schedule(step - 1 - skipped)
+        summary["train/learning_rate"] = float(learning_rate)
         summary["train/images_per_sec"] = self.images / max(elapsed, 1e-9)
         summary["train/skipped_steps"] = skipped
         self.writer.write_scalars(step, summary)
