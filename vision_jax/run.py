@@ -382,7 +382,7 @@ def _step_settings(
     replicated: inputs of the compiled step, not constants in it."""
     ema_decay = None if spec.ema_decay is None else np.float32(spec.ema_decay)
     settings = StepSettings(rng, setup.optimizer.numbers, ema_decay)
-    return jax.device_put(settings, sharding.replicated(mesh))
+    return jax.jit(lambda s: s, out_shardings=sharding.replicated(mesh))(settings)  # global
 
 
 def _compile_steps(
