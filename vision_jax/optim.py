@@ -228,67 +228,70 @@ def build_optimizer(
     ``adamw`` (b1, b2, eps; decoupled weight decay). ``mu_dtype`` stores first moments (or the
     SGD momentum) in e.g. bfloat16. Gradients are clipped by global norm first.
     """
-    numbers: dict[str, Any] = {
-        "schedule": schedule_numbers(
-            schedule_spec,
-            base_lr=float(opt.learning_rate),
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-        ),
-        "weight_decay": float(opt.weight_decay or 0.0),
-    }
+    if opt.mu_dtype is not None and opt.mu_dtype not in DTYPES:
+        raise ValueError(
+            f"Unknown optimizer.mu_dtype {opt.mu_dtype!r}; valid: {', '.join(DTYPES)}."
+        )
+    schedule = schedule_numbers(
+        schedule_spec, base_lr=float(opt.learning_rate), total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    mults = lr_multipliers(params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay)
+    numbers = _numbers(opt, schedule, mults)
+    decay_params = opt.decay_params or DEFAULT_DECAY_PARAMS
+    decay_mask = tree_mask(decay_params, params)
+    transform = functools.partial(_transform, opt, schedule_spec.decay, decay_mask)
+    if log and jax.process_index() == 0:
+        wd = numbers["weight_decay"]
+        logging.info("Weight decay %g on:\n%s", wd, rules_table([(decay_params, True)], params))
+        if opt.lr_mults or opt.layer_decay is not None:
+            logging.info("Learning-rate multipliers:\n%s", _value_table(mults))
+    return Optimizer(numbers, transform, schedule_spec.decay)
+
+
+def _numbers(opt: OptimizerSpec, schedule: dict, mults: Any) -> dict[str, Any]:
+    """:attr:`Optimizer.numbers` (float32): a key is present iff its part of the chain is."""
+    numbers: dict[str, Any] = {"schedule": schedule, "weight_decay": opt.weight_decay or 0.0}
     if opt.grad_clip_norm:
         numbers["grad_clip_norm"] = opt.grad_clip_norm
     if opt.name == "sgd" and opt.momentum is not None:
         numbers["momentum"] = opt.momentum
     if opt.name == "adamw":
         numbers.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
-    mults = lr_multipliers(params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay)
     if any(m != 1.0 for m in jax.tree.leaves(mults)):
         numbers["lr_mults"] = mults
-    numbers = jax.tree.map(lambda x: np.asarray(x, np.float32), numbers)
-    decay_params = opt.decay_params or DEFAULT_DECAY_PARAMS
-    decay_mask = tree_mask(decay_params, params)
-    if opt.mu_dtype is not None and opt.mu_dtype not in DTYPES:
-        raise ValueError(
-            f"Unknown optimizer.mu_dtype {opt.mu_dtype!r}; valid: {', '.join(DTYPES)}."
-        )
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), numbers)
+
+
+def _transform(
+    opt: OptimizerSpec, decay: str, decay_mask: Any, n: Mapping[str, Any]
+) -> optax.GradientTransformation:
+    """The optax chain of ``opt`` with the numbers ``n`` (traced or not)."""
+    schedule = functools.partial(schedule_value, decay, n["schedule"])
     mu_dtype = DTYPES.get(opt.mu_dtype)
-    decay = schedule_spec.decay
-    sgd_decays = bool(opt.weight_decay)  # structure: SGD's decay is a chain member when set
-
-    def transform(n: Mapping[str, Any]) -> optax.GradientTransformation:
-        schedule = functools.partial(schedule_value, decay, n["schedule"])
-        parts = []
-        if "grad_clip_norm" in n:
-            parts.append(optax.clip_by_global_norm(n["grad_clip_norm"]))
-        if opt.name == "sgd":
-            if sgd_decays:
-                parts.append(optax.add_decayed_weights(n["weight_decay"], mask=decay_mask))
-            momentum, nesterov = n.get("momentum"), opt.nesterov
-            parts.append(optax.sgd(schedule, momentum, nesterov, accumulator_dtype=mu_dtype))
-        else:  # adamw (the spec allows no other)
-            parts.append(
-                optax.adamw(
-                    schedule,
-                    b1=n["b1"],
-                    b2=n["b2"],
-                    eps=n["eps"],
-                    weight_decay=n["weight_decay"],
-                    mask=decay_mask,
-                    mu_dtype=mu_dtype,
-                )  # fmt: skip
-            )
-        if "lr_mults" in n:
-            parts.append(scale_by_tree(n["lr_mults"]))
-        return optax.chain(*parts)
-
-    if log and jax.process_index() == 0:
-        wd = numbers["weight_decay"]
-        logging.info("Weight decay %g on:\n%s", wd, rules_table([(decay_params, True)], params))
-        if opt.lr_mults or opt.layer_decay is not None:
-            logging.info("Learning-rate multipliers:\n%s", _value_table(mults))
-    return Optimizer(numbers, transform, decay)
+    parts = []
+    if "grad_clip_norm" in n:
+        parts.append(optax.clip_by_global_norm(n["grad_clip_norm"]))
+    if opt.name == "sgd":
+        if opt.weight_decay:  # structure: SGD's decay is a member of the chain only when set
+            parts.append(optax.add_decayed_weights(n["weight_decay"], mask=decay_mask))
+        momentum, nesterov = n.get("momentum"), opt.nesterov
+        parts.append(optax.sgd(schedule, momentum, nesterov, accumulator_dtype=mu_dtype))
+    else:  # adamw (the spec allows no other)
+        parts.append(
+            optax.adamw(
+                schedule,
+                b1=n["b1"],
+                b2=n["b2"],
+                eps=n["eps"],
+                weight_decay=n["weight_decay"],
+                mask=decay_mask,
+                mu_dtype=mu_dtype,
+            )  # fmt: skip
+        )
+    if "lr_mults" in n:
+        parts.append(scale_by_tree(n["lr_mults"]))
+    return optax.chain(*parts)
 
 
 def _value_table(tree: Any) -> str:
