@@ -123,7 +123,7 @@ def test_ema_tracks_the_params():
     state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params),
                        jax.tree.map(jnp.copy, params))  # fmt: skip
     step = jax.jit(make_train_step(model, tx, Classification()))
-    settings = StepSettings(jax.random.key(0), ema_decay=jnp.float32(0.9))
+    settings = StepSettings(jax.random.key(0), ema_step=jnp.float32(0.1))
     history = [params]
     for _ in range(3):
         state, _ = step(state, {}, batch, settings)

@@ -94,20 +94,23 @@ def schedule_value(decay: str, numbers: Mapping[str, Any], step: Any) -> jax.Arr
     ``rsqrt`` is ``1 / sqrt(1 + t / rsqrt_timescale)`` (t counted after warmup), ``step``
     multiplies by ``step_factor`` at each of ``step_boundaries`` (fractions of training).
     """
-    n = numbers
     t = jnp.asarray(step, jnp.float32)
-    warmup, cooldown, total = n["warmup_steps"], n["cooldown_steps"], n["total_steps"]
+    keys = ("warmup_steps", "cooldown_steps", "total_steps")
+    warmup, cooldown, total = (numbers[k] for k in keys)
     frac = jnp.clip((t - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    after_warmup = jnp.maximum(t - warmup, 0.0)
     shape = {
         "cosine": lambda: 0.5 * (1.0 + jnp.cos(jnp.pi * frac)),
         "linear": lambda: 1.0 - frac,
         "constant": lambda: jnp.ones_like(t),
-        "rsqrt": lambda: jax.lax.rsqrt(1.0 + jnp.maximum(t - warmup, 0.0) / n["rsqrt_timescale"]),
-        "step": lambda: n["step_factor"] ** jnp.sum(t >= n["step_at"]).astype(jnp.float32),
+        "rsqrt": lambda: jax.lax.rsqrt(1.0 + after_warmup / numbers["rsqrt_timescale"]),
+        "step": lambda: (
+            numbers["step_factor"] ** jnp.sum(t >= numbers["step_at"], dtype=jnp.float32)
+        ),
     }[decay]()
     shape *= jnp.where(warmup > 0, jnp.minimum(t / jnp.maximum(warmup, 1.0), 1.0), 1.0)
     shape *= jnp.where(cooldown > 0, jnp.clip((total - t) / jnp.maximum(cooldown, 1.0), 0, 1), 1)
-    return n["learning_rate"] * shape
+    return numbers["learning_rate"] * shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ class Optimizer:
 
     numbers: dict[str, Any]
     transform: Callable[[Mapping[str, Any]], optax.GradientTransformation]
-    decay: str  # the schedule's shape
+    schedule_decay: str  # config.schedule.decay: the schedule's shape
 
     @property
     def tx(self) -> optax.GradientTransformation:
@@ -209,7 +212,7 @@ class Optimizer:
 
     def schedule(self, step: Any) -> jax.Array:
         """The learning rate at ``step``."""
-        return schedule_value(self.decay, self.numbers["schedule"], step)
+        return schedule_value(self.schedule_decay, self.numbers["schedule"], step)
 
 
 def build_optimizer(
@@ -250,11 +253,12 @@ def build_optimizer(
 
 
 def _numbers(opt: OptimizerSpec, schedule: dict, mults: Any) -> dict[str, Any]:
-    """:attr:`Optimizer.numbers` (float32): a key is present iff its part of the chain is."""
+    """:attr:`Optimizer.numbers` (float32). ``grad_clip_norm`` and ``lr_mults`` are present
+    only when their part of the chain is (clipping set, some multiplier other than 1)."""
     numbers: dict[str, Any] = {"schedule": schedule, "weight_decay": opt.weight_decay or 0.0}
     if opt.grad_clip_norm:
         numbers["grad_clip_norm"] = opt.grad_clip_norm
-    if opt.name == "sgd" and opt.momentum is not None:
+    if opt.name == "sgd":
         numbers["momentum"] = opt.momentum
     if opt.name == "adamw":
         numbers.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
@@ -264,33 +268,33 @@ def _numbers(opt: OptimizerSpec, schedule: dict, mults: Any) -> dict[str, Any]:
 
 
 def _transform(
-    opt: OptimizerSpec, decay: str, decay_mask: Any, n: Mapping[str, Any]
+    opt: OptimizerSpec, schedule_decay: str, decay_mask: Any, numbers: Mapping[str, Any]
 ) -> optax.GradientTransformation:
-    """The optax chain of ``opt`` with the numbers ``n`` (traced or not)."""
-    schedule = functools.partial(schedule_value, decay, n["schedule"])
+    """The optax chain of ``opt`` with ``numbers`` (:func:`_numbers`; traced or not)."""
+    schedule = functools.partial(schedule_value, schedule_decay, numbers["schedule"])
     mu_dtype = DTYPES.get(opt.mu_dtype)
     parts = []
-    if "grad_clip_norm" in n:
-        parts.append(optax.clip_by_global_norm(n["grad_clip_norm"]))
+    if "grad_clip_norm" in numbers:
+        parts.append(optax.clip_by_global_norm(numbers["grad_clip_norm"]))
     if opt.name == "sgd":
         if opt.weight_decay:  # structure: SGD's decay is a member of the chain only when set
-            parts.append(optax.add_decayed_weights(n["weight_decay"], mask=decay_mask))
-        momentum, nesterov = n.get("momentum"), opt.nesterov
+            parts.append(optax.add_decayed_weights(numbers["weight_decay"], mask=decay_mask))
+        momentum, nesterov = numbers["momentum"], opt.nesterov
         parts.append(optax.sgd(schedule, momentum, nesterov, accumulator_dtype=mu_dtype))
     else:  # adamw (the spec allows no other)
         parts.append(
             optax.adamw(
                 schedule,
-                b1=n["b1"],
-                b2=n["b2"],
-                eps=n["eps"],
-                weight_decay=n["weight_decay"],
+                b1=numbers["b1"],
+                b2=numbers["b2"],
+                eps=numbers["eps"],
+                weight_decay=numbers["weight_decay"],
                 mask=decay_mask,
                 mu_dtype=mu_dtype,
             )  # fmt: skip
         )
-    if "lr_mults" in n:
-        parts.append(scale_by_tree(n["lr_mults"]))
+    if "lr_mults" in numbers:
+        parts.append(scale_by_tree(numbers["lr_mults"]))
     return optax.chain(*parts)
 
 

@@ -212,7 +212,8 @@ def create_train_state(
             steps_per_epoch=steps_per_epoch, log=log,
         )  # fmt: skip
 
-    tx = (opt := optimizer(trainable, log)).tx
+    opt = optimizer(trainable, log)
+    tx = opt.tx
     ema = spec.ema_decay is not None
     opt_shapes = jax.eval_shape(tx.init, trainable)
     shardings = TrainState(
@@ -378,11 +379,12 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
 def _step_settings(
     spec: specs.RunSpec, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
 ) -> StepSettings:
-    """The train step's settings (the dropout key, the optimizer's numbers, the EMA decay),
+    """The train step's settings (the dropout key, the optimizer's numbers, the EMA's step),
     replicated: inputs of the compiled step, not constants in it."""
-    ema_decay = None if spec.ema_decay is None else np.float32(spec.ema_decay)
-    settings = StepSettings(rng, setup.optimizer.numbers, ema_decay)
-    return jax.jit(lambda s: s, out_shardings=sharding.replicated(mesh))(settings)  # global
+    ema_step = None if spec.ema_decay is None else np.float32(1.0 - spec.ema_decay)
+    settings = StepSettings(rng, setup.optimizer.numbers, ema_step)
+    # Global arrays, as the fresh state: every process builds the same values from the config.
+    return jax.jit(lambda s: s, out_shardings=sharding.replicated(mesh))(settings)
 
 
 def _compile_steps(

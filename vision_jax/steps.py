@@ -64,11 +64,12 @@ class SkipCounts:
 @flax.struct.dataclass
 class StepSettings:
     """What a train step reads as inputs rather than constants: runs that differ only in these
-    (a seed, a learning rate, an EMA decay) share one compiled step."""
+    (a seed, a learning rate, an EMA decay) share one compiled step. The EMA's step is computed
+    on the host (``1 - decay`` in float32 rounds decays near 1)."""
 
     rng: jax.Array  # the run's dropout key; each step folds in its count
     optimizer: Any = None  # the numbers of ``make_train_step``'s ``tx`` when it is a function
-    ema_decay: jax.Array | None = None  # set iff the state has ``ema_params``
+    ema_step: jax.Array | None = None  # 1 - the EMA decay, set iff the state has ``ema_params``
 
 
 @flax.struct.dataclass
@@ -171,8 +172,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
-        if settings.ema_decay is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - settings.ema_decay)
+        if settings.ema_step is not None:
+            ema = optax.incremental_update(params, ema, settings.ema_step)
         grad_norm = optax.global_norm(grads)
         metrics = task.train_metrics.single_from_model_output(loss=loss, grad_norm=grad_norm, **aux)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, model_state))
