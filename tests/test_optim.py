@@ -104,6 +104,26 @@ def test_optimizer_numbers_are_inputs_of_one_program(name, schedule):
     assert program(built(grad_clip_norm=None))[0] != text
 
 
+@pytest.mark.parametrize(
+    "changes, layout",
+    [({"name": "adamw", "grad_clip_norm": 1.0, "layer_decay": 0.8},
+      ["1/0/count", "1/0/mu", "1/0/nu", "1/2/count"]),
+     ({"name": "sgd", "grad_clip_norm": 1.0, "weight_decay": 1e-4}, ["2/0/trace", "2/1/count"]),
+     ({"name": "sgd", "grad_clip_norm": None, "weight_decay": 0.0}, ["0/0/trace", "0/1/count"])],
+)  # fmt: skip
+def test_optimizer_state_keeps_the_layout_checkpoints_hold(changes, layout):
+    """The optimizer state's paths (chain member / its state / field), as the checkpoints of
+    earlier versions hold them: a change here makes their runs unresumable."""
+    from vision_jax.masks import path_to_str
+
+    model, shapes = shapes_of("cifar_resnet20", size=8)
+    c = default_config()
+    c.optimizer.update(changes)
+    state = jax.eval_shape(build_optimizer(c, shapes["params"], model).tx.init, shapes["params"])
+    paths = jax.tree_util.tree_flatten_with_path(state)[0]
+    assert sorted({"/".join(path_to_str(p).split("/")[:3]) for p, _ in paths}) == layout
+
+
 def test_schedule_errors():
     with pytest.raises(ValueError, match="at most one of schedule.warmup"):
         schedule_of(warmup_steps=5, warmup_fraction=0.1)
