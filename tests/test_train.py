@@ -3,6 +3,7 @@ TensorBoard logs and clear errors on bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -165,6 +166,31 @@ def test_sweep_members_share_one_compiled_train_step(tmp_path):
     text = lowered("base", **base)
     assert lowered("member", **{**base, **member}) == text
     assert lowered("no_clip", **{**base, "optimizer.grad_clip_norm": None}) != text
+
+
+def test_a_checkpoint_without_skip_counts_resumes(tmp_path, caplog):
+    """A checkpoint of a version before the non-finite guard (no ``skips`` in its state)
+    resumes, with the counts at zero; a mismatched one still gets the mismatch error."""
+    from vision_jax.run import build_run
+
+    cfg = small_config(total_steps=4)
+    run = build_run(cfg, str(tmp_path))
+    try:
+        old = {f.name: getattr(run.state, f.name) for f in dataclasses.fields(run.state)}
+        old.update(step=jnp.array(2, jnp.int32))
+        del old["skips"]  # the state's fields before the non-finite guard
+        run.checkpointer.save(2, old, run.meta, force=True)
+        run.checkpointer.wait()
+    finally:
+        run.close()
+    with pytest.raises(CheckpointError, match="Cannot restore checkpoint"):
+        train_and_evaluate(small_config(total_steps=4, **{"model.name": "cifar_resnet32"}),
+                           str(tmp_path))  # fmt: skip
+    with caplog.at_level("INFO"):
+        result = train_and_evaluate(cfg, str(tmp_path))
+    assert "no skip counts" in caplog.text and "at step 2" in caplog.text
+    assert result["train/skipped_steps"] == 0 and result["eval/examples"] == 360
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 
 
 @pytest.mark.parametrize("trainable", ["all", "head"])

@@ -317,7 +317,7 @@ def _restore(
     """The newest readable checkpoint's state (in the current shardings), step, this
     process's data stream position (None: ``step * local batch``) and meta, or the fresh
     state."""
-    restored = ckpt.restore_latest(abstract_state(state))
+    restored = _restore_latest(ckpt, state)
     if restored is None and trees.is_abstract(state):  # has_steps() said there were some
         raise CheckpointError(f"The checkpoints in {ckpt.directory} disappeared during setup.")
     if restored is None:
@@ -328,6 +328,28 @@ def _restore(
     position = _resume_position(spec, meta, f"{ckpt.directory} (step {step})")
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
+
+
+def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, dict] | None:
+    """``ckpt.restore_latest`` into ``state``'s shapes and shardings. A checkpoint written before
+    the non-finite guard counted skipped updates (its state has no ``skips``) restores with
+    the counts at zero."""
+    try:
+        return ckpt.restore_latest(abstract_state(state))
+    except CheckpointError as error:
+        if state.skips is None:
+            raise
+        fields = [f.name for f in dataclasses.fields(state) if f.name != "skips"]
+        try:  # the earlier layout: the same fields, without the key
+            restored = ckpt.restore_latest({f: abstract_state(getattr(state, f)) for f in fields})
+        except CheckpointError:
+            raise error from None
+    if restored is None:
+        return None
+    logging.warning("The checkpoint has no skip counts (an earlier version's): counting anew.")
+    shardings = jax.tree.map(lambda x: x.sharding, state.skips)
+    zeros = jax.jit(lambda: SkipCounts.filled(jnp.zeros((), jnp.int32)), out_shardings=shardings)
+    return TrainState(**restored[0], skips=zeros()), restored[1]
 
 
 # Config keys that decide the training stream (besides batch_size and seed).
