@@ -58,8 +58,8 @@ def compilation_cache(tmp_path_factory):
 
 
 def config(**overrides):
-    """``small_config`` with a constant learning rate: the schedule then does not depend on
-    ``total_steps``, so every run here compiles the same steps (and hits the cache)."""
+    """``small_config`` with a constant learning rate (runs here that differ in ``total_steps``
+    compile the same steps either way: the schedule's numbers are inputs of the step)."""
     return small_config(**{"schedule.decay": "constant", **overrides})
 
 
