@@ -89,7 +89,8 @@ def test_optimizer_numbers_are_inputs_of_one_program(name, schedule):
     def program(opt):
         update = lambda n, g, s, p: opt.transform(n).update(g, s, p)[0]
         args = (opt.numbers, grads, opt.tx.init(params), params)
-        return jax.jit(update).lower(*args).as_text(), jax.jit(update)(*args)
+        lowered = jax.jit(update).lower(*args)
+        return lowered.as_text(), lowered.compile()(*args)
 
     other = {"learning_rate": 0.3, "weight_decay": 0.02, "grad_clip_norm": 5.0, "layer_decay": 0.5}
     other |= {"b1": 0.7} if name == "adamw" else {"momentum": 0.5}

@@ -297,12 +297,13 @@ def test_float32_layer_products_need_no_transposed_cotangent():
         return jax.jit(jax.grad(loss), compiler_options=step_compiler_options(jnp.float32))
 
     np.testing.assert_allclose(layer_product.apply(params, x), plain.apply(params, x), rtol=1e-6)
+    compiled = grad(layer_product).lower(params).compile()
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        grad(layer_product)(params),
+        compiled(params),
         grad(plain)(params),
     )
-    hlo = grad(layer_product).lower(params).compile().as_text()
+    hlo = compiled.as_text()
     transposed = re.findall(r"%\S+ = f32\[(?:16|48),40\]\S* (?:fusion|copy|transpose)\(", hlo)
     assert not transposed, transposed
 

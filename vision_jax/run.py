@@ -337,8 +337,6 @@ def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, 
     try:
         return ckpt.restore_latest(abstract_state(state))
     except CheckpointError as error:
-        if state.skips is None:
-            raise
         fields = [f.name for f in dataclasses.fields(state) if f.name != "skips"]
         try:  # the earlier layout: the same fields, without the key
             restored = ckpt.restore_latest({f: abstract_state(getattr(state, f)) for f in fields})
