@@ -1,32 +1,27 @@
 """vision_jax: fine-tune pretrained vision models (ViT, ResNet, BiT) with JAX and Flax."""
 
+import importlib
 from typing import Any
-
-from vision_jax.models import ModelSpec, create_model, list_models, model_spec
-from vision_jax.weights import load_pretrained
 
 __version__ = "0.1.0"
 
+# Loaded when first asked for: ``python -m vision_jax.main`` starts (and may start again, see
+# vision_jax.host_memory) before JAX, Flax or TensorFlow are imported.
+_EXPORTS = {
+    "ModelSpec": "vision_jax.models",
+    "create_model": "vision_jax.models",
+    "list_models": "vision_jax.models",
+    "model_spec": "vision_jax.models",
+    "load_pretrained": "vision_jax.weights",
+    "train_and_evaluate": "vision_jax.train",
+    "Predictor": "vision_jax.predict",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # These import TensorFlow (the input pipeline): load them only when asked for.
-    if name == "train_and_evaluate":
-        from vision_jax.train import train_and_evaluate
-
-        return train_and_evaluate
-    if name == "Predictor":
-        from vision_jax.predict import Predictor
-
-        return Predictor
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'vision_jax' has no attribute {name!r}")
 
 
-__all__ = [
-    "ModelSpec",
-    "Predictor",
-    "create_model",
-    "list_models",
-    "load_pretrained",
-    "model_spec",
-    "train_and_evaluate",
-]
+__all__ = sorted(_EXPORTS)

@@ -26,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vision_jax.abort_notice import route_stderr
+from vision_jax.host_memory import restart_with_huge_pages
 from vision_jax.signals import EXIT_STOPPED
 from vision_jax.watchdog import EXIT_PEER_LOST
 
@@ -302,4 +303,5 @@ def _summaries(results: dict[str, float], task: str) -> list[str]:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # the program may start again, with huge pages for XLA's buffers
     app.run(main, flags_parser=parse_flags)

@@ -22,7 +22,7 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from vision_jax import data as data_lib
-from vision_jax import sharding
+from vision_jax import host_memory, sharding
 from vision_jax.metrics import scalars
 from vision_jax.run import Run, abstract_state, build_run
 from vision_jax.signals import StopRequested, StopSignals
@@ -42,6 +42,8 @@ def _log_start(run: Run) -> None:
         spec.model_name, run.task.name, run.train_source.num_examples,
         run.train_source.num_classes, run.total_steps, spec.batch_size, dict(run.mesh.shape),
     )  # fmt: skip
+    if note := host_memory.advice(jax.default_backend()):
+        logging.info(note)
 
 
 def _log_memory(memory: dict[str, int]) -> None:
