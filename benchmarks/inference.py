@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from vision_jax import host_memory
+
 FORMS = ("timm", "timm_compile", "jax", "savedmodel", "tflite", "tflite_int8")
 SHARED = os.environ.get(
     "VISION_JAX_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared")
@@ -288,6 +290,7 @@ def main() -> None:
         elif job["form"].startswith("timm"):
             result = timm_worker(job)
         else:
+            host_memory.restart_with_huge_pages()  # as python -m vision_jax.main runs
             result = vision_jax_worker(job)
         print("RESULT " + json.dumps(result))
         return

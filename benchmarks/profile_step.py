@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from vision_jax import host_memory
+
 sys.path.insert(0, os.path.dirname(__file__))
 import train_throughput  # noqa: E402
 
@@ -112,4 +114,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()  # as python -m vision_jax.main runs
     main()

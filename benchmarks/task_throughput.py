@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vision_jax import host_memory
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.steps import StepSettings, TrainState, make_train_step
 from vision_jax.tasks import Classification, Detection, Segmentation
@@ -102,4 +103,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()  # as python -m vision_jax.main runs
     main()

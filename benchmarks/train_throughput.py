@@ -10,7 +10,10 @@ the same model in timm (eager fp32, bf16 autocast, channels-last for CNNs) with 
   python benchmarks/train_throughput.py --models vit_b16:128 --dtypes bfloat16 --mode infer
 
 The JAX step is vision_jax's own train step (``vision_jax.steps.make_train_step``) with AdamW,
-softmax cross-entropy and 1000 classes; timm runs the same model with torch.optim.AdamW.
+softmax cross-entropy and 1000 classes; timm runs the same model with torch.optim.AdamW. The JAX
+workers start as ``python -m vision_jax.main`` does, with huge pages for XLA's buffers where that
+helps (``vision_jax.host_memory``; ``--no-huge-pages``: without); timm's start as torch users run
+them (``--timm-huge-pages``: with the same malloc setting).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import sys
 import time
 
 import numpy as np
+
+from vision_jax import host_memory
 
 NUM_CLASSES = 1000
 _XLA_DEFAULTS_ENV = "VISION_JAX_BENCH_XLA_DEFAULTS"  # set by --xla-defaults for the workers
@@ -195,11 +200,14 @@ def timm_worker(model_name: str, batch: int, size: int, variant: str, mode: str,
 # driver
 
 
-def _run_worker(args: list[str], timeout: int, script: str = __file__) -> dict | str:
-    """``script --worker *args`` in a new process: its ``RESULT {json}`` line, or why it failed."""
+def _run_worker(
+    args: list[str], timeout: int, script: str = __file__, env: dict | None = None
+) -> dict | str:
+    """``script --worker *args`` in a new process (environment ``env``, default this one's): its
+    ``RESULT {json}`` line, or why it failed."""
     proc = subprocess.run(
         [sys.executable, script, "--worker", *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -228,6 +236,10 @@ def main() -> None:
     parser.add_argument("--no-timm", action="store_true")
     parser.add_argument("--xla-defaults", action="store_true",
                         help="compile without vision_jax.compile_options")  # fmt: skip
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="vision_jax without huge pages (vision_jax.host_memory)")  # fmt: skip
+    parser.add_argument("--timm-huge-pages", action="store_true",
+                        help="timm with huge pages too (glibc.malloc.hugetlb=1)")  # fmt: skip
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -235,6 +247,8 @@ def main() -> None:
 
     if args.worker:
         kind, *rest = args.worker
+        if kind != "timm":  # as python -m vision_jax.main runs
+            host_memory.restart_with_huge_pages()
         if kind == "peak":
             result = matmul_peak(rest[0])
         else:
@@ -248,6 +262,12 @@ def main() -> None:
 
     if args.xla_defaults:
         os.environ[_XLA_DEFAULTS_ENV] = "1"
+    if args.no_huge_pages:
+        os.environ[host_memory.OPT_OUT] = "0"
+    timm_env = None
+    if args.timm_huge_pages:
+        thp = host_memory.transparent_huge_pages_mode()
+        timm_env = host_memory.huge_pages_environment(os.environ, thp)
     peaks = {d: _run_worker(["peak", d], args.timeout) for d in args.dtypes}
     device = next((p["device"] for p in peaks.values() if isinstance(p, dict)), "?")
     gpu = "cuda" in device.lower() or "gpu" in device.lower()
@@ -272,7 +292,9 @@ def main() -> None:
             timm_res = {}
             if not args.no_timm and model_spec(name).timm_name:
                 for variant in _timm_variants(name, dtype, gpu):
-                    timm_res[variant] = _run_worker(["timm", *common, variant, *tail], args.timeout)
+                    timm_res[variant] = _run_worker(
+                        ["timm", *common, variant, *tail], args.timeout, env=timm_env
+                    )
             best_timm = max(
                 (batch / r["median_s"] for r in timm_res.values() if isinstance(r, dict)),
                 default=None,

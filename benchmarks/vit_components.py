@@ -2,11 +2,14 @@
 
 Each part of one encoder block runs forward and backward at the model's training shapes:
 LayerNorm, the attention core (``softmax(q k^T) v`` from the per-head query, key and value),
-the whole attention layer, the MLP and the whole block; and the AdamW update of the whole
-model's parameters. vision_jax's own modules and ``vit.attend`` are jitted with the train step's
-compiler options; timm's modules (and ``F.scaled_dot_product_attention``, which timm's attention
-calls) run eagerly. Each framework runs in its own process; the parts alternate within it and
-the figures are medians.
+the whole attention layer, the MLP and the whole block; the block's six layer products alone
+(query, key, value, output, MLP in and out: ``(rows, in) x (in, out)`` products over the
+batch's tokens, forward and both gradients, with their GFLOP/s); and the AdamW update of the
+whole model's parameters. vision_jax's own modules and ``vit.attend`` are jitted with the train
+step's compiler options; timm's modules (and ``F.scaled_dot_product_attention``, which timm's
+attention calls) run eagerly. Each framework runs in its own process (vision_jax's as
+``python -m vision_jax.main`` starts, with huge pages where they help: ``vision_jax.host_memory``);
+the parts alternate within it and the figures are medians.
 
   python benchmarks/vit_components.py --model vit_ti16 --batch 32 --size 224
 
@@ -25,10 +28,22 @@ import time
 
 import numpy as np
 
+from vision_jax import host_memory
+
 sys.path.insert(0, os.path.dirname(__file__))
 import train_throughput  # noqa: E402
 
-PARTS = ("layer_norm", "attention_core", "attention", "mlp", "block", "adamw")
+PARTS = ("layer_norm", "attention_core", "attention", "mlp", "block", "products", "adamw")
+
+
+def layer_product_shapes(width: int, mlp_dim: int) -> list[tuple[int, int]]:
+    """(in, out) of one encoder block's layer products: query, key, value, output, MLP."""
+    return [(width, width)] * 4 + [(width, mlp_dim), (mlp_dim, width)]
+
+
+def products_gflop(rows: int, width: int, mlp_dim: int) -> float:
+    """GFLOP of the block's layer products, forward and both gradients."""
+    return sum(3 * 2 * rows * a * b for a, b in layer_product_shapes(width, mlp_dim)) / 1e9
 
 
 def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
@@ -75,6 +90,15 @@ def jax_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=options)
         return lambda: jax.block_until_ready(grad(q, k, v))
 
+    def products_part():  # what the step's layer products compile to: 2-D products in float32
+        shapes = layer_product_shapes(width, model.mlp_dim)
+        rows, kernels = [normal(batch * tokens, a) for a, _ in shapes], [normal(*s) for s in shapes]
+        cotangents = [normal(batch * tokens, b) for _, b in shapes]  # random: no shortcut for XLA
+        products = lambda xs, ws: zip(xs, ws, cotangents, strict=True)
+        loss = lambda xs, ws: sum(jnp.sum((x @ w) * g) for x, w, g in products(xs, ws))
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), compiler_options=options)
+        return lambda: jax.block_until_ready(grad(rows, kernels))
+
     def adamw_part():
         images = jnp.zeros((1, size, size, 3))
         params = model.init(jax.random.key(0), images)["params"]
@@ -100,9 +124,11 @@ def jax_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
         "attention": module_part(vit.Attention(heads), deterministic=True),
         "mlp": module_part(vit.MlpBlock(model.mlp_dim), deterministic=True),
         "block": module_part(vit.EncoderBlock(heads, model.mlp_dim), deterministic=True),
+        "products": products_part(),
         "adamw": adamw_part(),
     }
-    return {"depth": depth, "tokens": tokens, "ms": _median_ms(parts, rounds)}
+    return {"depth": depth, "tokens": tokens, "width": width, "mlp_dim": model.mlp_dim,
+            "ms": _median_ms(parts, rounds)}  # fmt: skip
 
 
 def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
@@ -124,6 +150,7 @@ def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
     x = torch.randn(batch, tokens, width, requires_grad=True)
     head_shape = (batch, heads, tokens, width // heads)
     q, k, v = (torch.randn(*head_shape, requires_grad=True) for _ in range(3))
+    hidden = blk.mlp.fc1.out_features
 
     def module_part(module):
         def run():
@@ -140,6 +167,20 @@ def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
 
         return run
 
+    def products_part():
+        shapes = layer_product_shapes(width, hidden)
+        rows = [torch.randn(batch * tokens, a, requires_grad=True) for a, _ in shapes]
+        kernels = [torch.randn(b, a, requires_grad=True) for a, b in shapes]  # as nn.Linear
+        cotangents = [torch.randn(batch * tokens, b) for _, b in shapes]
+
+        def run():
+            for tensor in rows + kernels:
+                tensor.grad = None
+            products = zip(rows, kernels, cotangents, strict=True)
+            sum((F.linear(x, w) * g).sum() for x, w, g in products).backward()
+
+        return run
+
     def adamw_part():
         params = list(model.parameters())
         for p in params:
@@ -147,13 +188,13 @@ def timm_worker(model_name: str, batch: int, size: int, rounds: int) -> dict:
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
         return opt.step
 
-    hidden = blk.mlp.fc1.out_features
     parts = {
         "layer_norm": module_part(torch.nn.LayerNorm(width, eps=1e-6)),
         "attention_core": core_part(),
         "attention": module_part(Attention(width, heads, qkv_bias=True)),
         "mlp": module_part(Mlp(width, hidden)),
         "block": module_part(Block(width, heads, mlp_ratio=hidden / width, qkv_bias=True)),
+        "products": products_part(),
         "adamw": adamw_part(),
     }
     return {"depth": len(model.blocks), "tokens": tokens, "ms": _median_ms(parts, rounds)}
@@ -177,6 +218,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         kind, name, batch, size, rounds = args.worker
+        if kind == "jax":  # as python -m vision_jax.main runs (vision_jax.host_memory)
+            host_memory.restart_with_huge_pages()
         worker = jax_worker if kind == "jax" else timm_worker
         print("RESULT " + json.dumps(worker(name, int(batch), int(size), int(rounds))))
         return
@@ -193,6 +236,10 @@ def main() -> None:
         n = {"adamw": 1, "layer_norm": 2 * depth + 1}.get(part, depth)
         print(f"{part:<15} {a:>13.2f} {b:>8.2f} {b / a:>7.2f}x "
               f"{a * n:>18.0f} ms {b * n:>5.0f} ms {(a - b) * n:>8.0f} ms")  # fmt: skip
+    gflop = products_gflop(args.batch * jx["tokens"], jx["width"], jx["mlp_dim"])
+    print(f"# products: {gflop:.2f} GFLOP per block; vision_jax "
+          f"{gflop / jx['ms']['products'] * 1e3:.0f} GFLOP/s, timm (torch) "
+          f"{gflop / tm['ms']['products'] * 1e3:.0f} GFLOP/s")  # fmt: skip
 
 
 if __name__ == "__main__":
