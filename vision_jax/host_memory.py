@@ -10,7 +10,8 @@ executes itself again, once, with it set (same process id, arguments and interpr
 before anything heavy is imported. Other programs (a notebook, your own script calling
 :func:`vision_jax.train.train_and_evaluate`) get it by starting Python with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment; ``VISION_JAX_HUGE_PAGES=0``
-keeps ``vision_jax.main`` from setting it.
+keeps ``vision_jax.main`` from setting it. The first step pays for the huge pages (the kernel
+assembles each one on first touch, compacting memory where it must); the steps after it gain.
 
 Nothing changes where it would not help: off Linux, where the kernel's transparent huge pages
 are ``never`` (off) or ``always`` (already on for every large allocation), or when the tunable
