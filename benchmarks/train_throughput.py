@@ -262,12 +262,12 @@ def main() -> None:
 
     if args.xla_defaults:
         os.environ[_XLA_DEFAULTS_ENV] = "1"
-    if args.no_huge_pages:
-        os.environ[host_memory.OPT_OUT] = "0"
-    timm_env = None
+    timm_env = None  # this process's environment; decided before --no-huge-pages changes it
     if args.timm_huge_pages:
         thp = host_memory.transparent_huge_pages_mode()
         timm_env = host_memory.huge_pages_environment(os.environ, thp)
+    if args.no_huge_pages:
+        os.environ[host_memory.OPT_OUT] = "0"
     peaks = {d: _run_worker(["peak", d], args.timeout) for d in args.dtypes}
     device = next((p["device"] for p in peaks.values() if isinstance(p, dict)), "?")
     gpu = "cuda" in device.lower() or "gpu" in device.lower()

@@ -41,16 +41,12 @@ def transparent_huge_pages_mode(path: str = THP_SETTING) -> str | None:
     return selected[0] if selected else None
 
 
-def _tunables(environ: Mapping[str, str]) -> list[str]:
-    return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
-
-
 def huge_pages_environment(
     environ: Mapping[str, str], thp_mode: str | None
 ) -> dict[str, str] | None:
     """``environ`` with :data:`TUNABLE` added to ``GLIBC_TUNABLES``; None when a process
     started with ``environ`` has nothing to gain (see the module docstring)."""
-    tunables = _tunables(environ)
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     if thp_mode != "madvise" or environ.get(OPT_OUT) == "0":
         return None
     if any(t.partition("=")[0] == TUNABLE.partition("=")[0] for t in tunables):
@@ -72,10 +68,9 @@ def advice(backend: str, environ: Mapping[str, str] = os.environ) -> str | None:
 def restart_with_huge_pages() -> None:
     """Executes this program again with :data:`TUNABLE` set, if that would help; else returns.
     Call it first thing in a program's ``__main__``: nothing before it runs twice, except
-    imports."""
-    if not sys.platform.startswith("linux"):
-        return
+    imports. Off Linux there is no such kernel setting, and it returns."""
     environ = huge_pages_environment(os.environ, transparent_huge_pages_mode())
     if environ is not None:
-        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, environ)
