@@ -1,26 +1,34 @@
-"""Max pooling as a running maximum over strided slices.
+"""Max pooling as a running maximum over strided slices, with a gradient from the index of each
+window's first maximum.
 
-The forward result equals ``flax.linen.max_pool``. The backward pass is different: the gradient
-of ``lax.reduce_window`` is a ``select_and_scatter``, which XLA's CPU backend lowers to a scatter
-with iota index arrays; the gradient of a chain of ``jnp.maximum`` is elementwise selects that
-XLA fuses (for a ResNet stem about 4x faster: README, Benchmarks).
+The result and the gradient equal ``flax.linen.max_pool``'s (ties included: the gradient goes
+to the first maximum of a window, in row-major window order, as in Flax and torch). Neither pass
+uses ``lax.reduce_window``, whose gradient is a ``select_and_scatter`` that XLA's CPU backend
+lowers to a scatter with iota index arrays:
 
-Ties: where several inputs of a window share the maximum, each ``jnp.maximum`` of the chain
-halves the gradient between its tied operands, where torch and Flax send it all to the first.
-The window's total is the same. After a ReLU the common tie is at zero, where the ReLU passes no
-gradient either way.
+- forward: the maximum over the window's ``kh * kw`` strided slices, keeping the index of the
+  first maximum (int8) for the backward pass;
+- backward: for each window position, the cotangent where that position holds the maximum,
+  padded back to the input's strided layout, summed. It reads the cotangent and the index only,
+  where the gradient of a ``jnp.maximum`` chain recomputes the chain (and the stem's BatchNorm
+  and ReLU before it) for every input pixel: in a ResNet-50 train step that one fusion took 6%
+  of the step (README, Benchmarks).
 
-bfloat16 and float16 inputs are pooled in float32 and the result cast back (exact: the maximum
-commutes with the conversion): XLA's CPU backend runs the bfloat16 chain's gradient many times
-slower than the float32 one (README, Benchmarks); tied halves add up in float32.
+NaN propagates as in ``jnp.maximum``. bfloat16 and float16 inputs are pooled in float32 and the
+result cast back (exact: the maximum commutes with the conversion); XLA's CPU backend runs
+bfloat16 selects many times slower than float32 ones.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
 def max_pool(
@@ -31,30 +39,68 @@ def max_pool(
 ) -> jax.Array:
     """Max pooling of NHWC ``x`` over ``window`` (kh, kw) with ``strides`` and ``-inf`` padding
     ``((top, bottom), (left, right))``, as ``nn.max_pool`` with explicit padding."""
-    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
-        return _running_max(x.astype(jnp.float32), window, strides, padding).astype(x.dtype)
-    return _running_max(x, window, strides, padding)
-
-
-def _running_max(
-    x: jax.Array,
-    window: Sequence[int],
-    strides: Sequence[int],
-    padding: Sequence[tuple[int, int]],
-) -> jax.Array:
     if x.ndim != 4:
         raise ValueError(f"max_pool expects NHWC inputs, got shape {x.shape}.")
+    window, strides = (int(window[0]), int(window[1])), (int(strides[0]), int(strides[1]))
+    (top, bottom), (left, right) = padding
+    pads: Padding = ((int(top), int(bottom)), (int(left), int(right)))
+    for size, k, s, (low, high) in zip(x.shape[1:3], window, strides, pads, strict=True):
+        if (size + low + high - k) // s + 1 < 1:
+            raise ValueError(f"max_pool window {window} is larger than the padded input.")
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return _pool(x.astype(jnp.float32), window, strides, pads).astype(x.dtype)
+    return _pool(x, window, strides, pads)
+
+
+def _taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
+    """The window's strided slices of the padded ``x``, in row-major window order."""
+    (kh, kw), (sh, sw) = window, strides
+    if any(p for pair in padding for p in pair):
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+    out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    return [
+        x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
+    """The maximum alone (what inference and export trace)."""
+    return functools.reduce(jnp.maximum, _taps(x, window, strides, padding))
+
+
+def _pool_fwd(x, window, strides, padding):
+    """The maximum (equal to ``_pool``'s) and the index of each window's first maximum."""
+    taps = _taps(x, window, strides, padding)
+    index_dtype = jnp.int8 if len(taps) <= 127 else jnp.int32
+    out, first = taps[0], jnp.zeros(taps[0].shape, index_dtype)
+    for k, tap in enumerate(taps[1:], 1):
+        later_max = (tap > out) | jnp.isnan(tap)  # ties keep the first; NaN wins, as in max
+        out = jnp.where(later_max, tap, out)
+        first = jnp.where(later_max, jnp.asarray(k, index_dtype), first)
+    return out, (first, x.shape[1:3])
+
+
+def _pool_bwd(window, strides, padding, residuals, g):
+    first, (height, width) = residuals
     (kh, kw), (sh, sw) = window, strides
     (top, bottom), (left, right) = padding
-    if any((top, bottom, left, right)):
-        pad = ((0, 0), (top, bottom), (left, right), (0, 0))
-        x = jnp.pad(x, pad, constant_values=-jnp.inf)
-    out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"max_pool window {tuple(window)} is larger than the padded input.")
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw]
-            out = tap if out is None else jnp.maximum(out, tap)
-    return out
+    padded_h, padded_w = height + top + bottom, width + left + right
+    span_h, span_w = sh * (g.shape[1] - 1) + 1, sw * (g.shape[2] - 1) + 1
+    zero = jnp.zeros((), g.dtype)
+    total = None
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)
+        placed = lax.pad(
+            jnp.where(first == k, g, zero),
+            zero,
+            ((0, 0, 0), (i, padded_h - i - span_h, sh - 1), (j, padded_w - j - span_w, sw - 1),
+             (0, 0, 0)),
+        )  # fmt: skip
+        total = placed if total is None else total + placed
+    return (total[:, top : top + height, left : left + width],)
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
