@@ -96,6 +96,36 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.isfinite(jnp.sqrt(total))
 
 
+def _update_if_finite(
+    finite: jax.Array,
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    grads: Any,
+    model_state: Any,
+    ema_step: jax.Array | None,
+) -> tuple[tuple[Any, Any, Any, Any], jax.Array]:
+    """``((params, model_state, opt_state, ema), applied)``: the optimizer's update if ``finite``
+    and the new parameters are finite, else the state's own.
+
+    Two ``lax.cond`` rather than a select per leaf: the update is computed only when the inputs
+    are finite, into the output buffers, and a skip keeps the old state whole. Per-leaf selects
+    read and write the whole state once more every step (ResNet-50, batch 16: 10% of the step).
+    """
+    old = (state.params, state.model_state, state.opt_state, state.ema_params)
+
+    def update(_):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema_step is not None:
+            ema = optax.incremental_update(params, ema, ema_step)
+        new = (params, model_state, opt_state, ema)
+        params_finite = _all_finite(params)
+        return jax.lax.cond(params_finite, lambda: new, lambda: old), params_finite
+
+    return jax.lax.cond(finite, update, lambda _: (old, jnp.bool_(False)), None)
+
+
 def _micro_batches(x: jax.Array, k: int) -> jax.Array:
     """(B, ...) -> (k, B/k, ...) with micro-batch j = examples j, j+k, ...: every micro-batch
     keeps examples from every device of a batch-sharded array."""
@@ -169,18 +199,11 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
             loss, aux = loss / accum_steps, jax.tree.map(_merge_micro, aux)
         optimizer = tx if isinstance(tx, optax.GradientTransformation) else tx(settings.optimizer)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if settings.ema_step is not None:
-            ema = optax.incremental_update(params, ema, settings.ema_step)
         grad_norm = optax.global_norm(grads)
         metrics = task.train_metrics.single_from_model_output(loss=loss, grad_norm=grad_norm, **aux)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, model_state))
-        new = (params, model_state, opt_state, ema)
-        old = (state.params, state.model_state, state.opt_state, state.ema_params)
-        params, model_state, opt_state, ema = jax.tree.map(
-            lambda n, o: jnp.where(finite, n, o), new, old
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(model_state)
+        (params, model_state, opt_state, ema), finite = _update_if_finite(
+            finite, optimizer, state, grads, model_state, settings.ema_step
         )
         new_state = state.replace(
             step=state.step + 1,
