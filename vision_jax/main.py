@@ -26,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vision_jax.abort_notice import route_stderr
-from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
+from vision_jax.host_memory import restart_with_huge_pages
 from vision_jax.signals import EXIT_STOPPED
 from vision_jax.watchdog import EXIT_PEER_LOST
 
@@ -231,7 +231,6 @@ def main(argv: list[str]) -> None:
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietOrbax())
-    configure_dispatch()  # with the restart's heap reuse: CPU steps on the calling thread
     if FLAGS.num_cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
     initialize_distributed()
@@ -304,5 +303,5 @@ def _summaries(results: dict[str, float], task: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    restart_for_xla_buffers()  # may start again: host memory for XLA's buffers
+    restart_with_huge_pages()  # the program may start again, with huge pages for XLA's buffers
     app.run(main, flags_parser=parse_flags)
