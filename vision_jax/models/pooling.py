@@ -1,8 +1,9 @@
 """Max pooling as a running maximum over strided slices, with a gradient from the index of each
 window's first maximum.
 
-The result and the gradient equal ``flax.linen.max_pool``'s (ties included: the gradient goes
-to the first maximum of a window, in row-major window order, as in Flax and torch). Neither pass
+The result equals ``flax.linen.max_pool``'s and so does the gradient (to float32 rounding where
+windows overlap and their shares add in another order; ties included: the gradient goes to the
+first maximum of a window, in row-major window order, as in Flax and torch). Neither pass
 uses ``lax.reduce_window``, whose gradient is a ``select_and_scatter`` that XLA's CPU backend
 lowers to a scatter with iota index arrays:
 
@@ -41,7 +42,8 @@ def max_pool(
     ``((top, bottom), (left, right))``, as ``nn.max_pool`` with explicit padding."""
     if x.ndim != 4:
         raise ValueError(f"max_pool expects NHWC inputs, got shape {x.shape}.")
-    window, strides = (int(window[0]), int(window[1])), (int(strides[0]), int(strides[1]))
+    (kh, kw), (sh, sw) = window, strides  # exactly two of each
+    window, strides = (int(kh), int(kw)), (int(sh), int(sw))
     (top, bottom), (left, right) = padding
     pads: Padding = ((int(top), int(bottom)), (int(left), int(right)))
     for size, k, s, (low, high) in zip(x.shape[1:3], window, strides, pads, strict=True):
