@@ -290,7 +290,8 @@ def main() -> None:
         elif job["form"].startswith("timm"):
             result = timm_worker(job)
         else:
-            host_memory.restart_with_huge_pages()  # as python -m vision_jax.main runs
+            host_memory.restart_for_xla_buffers()  # as python -m vision_jax.main runs
+            host_memory.configure_dispatch()
             result = vision_jax_worker(job)
         print("RESULT " + json.dumps(result))
         return

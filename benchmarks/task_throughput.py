@@ -103,5 +103,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()  # as python -m vision_jax.main runs
+    host_memory.restart_for_xla_buffers()  # as python -m vision_jax.main runs
+    host_memory.configure_dispatch()
     main()

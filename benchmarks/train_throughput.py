@@ -11,9 +11,10 @@ the same model in timm (eager fp32, bf16 autocast, channels-last for CNNs) with 
 
 The JAX step is vision_jax's own train step (``vision_jax.steps.make_train_step``) with AdamW,
 softmax cross-entropy and 1000 classes; timm runs the same model with torch.optim.AdamW. The JAX
-workers start as ``python -m vision_jax.main`` does, with huge pages for XLA's buffers where that
-helps (``vision_jax.host_memory``; ``--no-huge-pages``: without); timm's start as torch users run
-them (``--timm-huge-pages``: with the same malloc setting).
+workers start as ``python -m vision_jax.main`` does, with its host-memory settings for XLA's
+buffers (heap reuse, synchronous CPU dispatch, huge pages: ``vision_jax.host_memory``;
+``--no-huge-pages``: without); timm's start as torch users run them (``--timm-huge-pages``: with
+the same malloc settings).
 """
 
 from __future__ import annotations
@@ -237,9 +238,9 @@ def main() -> None:
     parser.add_argument("--xla-defaults", action="store_true",
                         help="compile without vision_jax.compile_options")  # fmt: skip
     parser.add_argument("--no-huge-pages", action="store_true",
-                        help="vision_jax without huge pages (vision_jax.host_memory)")  # fmt: skip
+                        help="vision_jax without vision_jax.host_memory's settings")  # fmt: skip
     parser.add_argument("--timm-huge-pages", action="store_true",
-                        help="timm with huge pages too (glibc.malloc.hugetlb=1)")  # fmt: skip
+                        help="timm with the same malloc settings")  # fmt: skip
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -248,7 +249,8 @@ def main() -> None:
     if args.worker:
         kind, *rest = args.worker
         if kind != "timm":  # as python -m vision_jax.main runs
-            host_memory.restart_with_huge_pages()
+            host_memory.restart_for_xla_buffers()
+            host_memory.configure_dispatch()
         if kind == "peak":
             result = matmul_peak(rest[0])
         else:
@@ -265,7 +267,7 @@ def main() -> None:
     timm_env = None  # this process's environment; decided before --no-huge-pages changes it
     if args.timm_huge_pages:
         thp = host_memory.transparent_huge_pages_mode()
-        timm_env = host_memory.huge_pages_environment(os.environ, thp)
+        timm_env = host_memory.environment(os.environ, thp)
     if args.no_huge_pages:
         os.environ[host_memory.OPT_OUT] = "0"
     peaks = {d: _run_worker(["peak", d], args.timeout) for d in args.dtypes}

@@ -8,7 +8,7 @@ batch's tokens, forward and both gradients, with their GFLOP/s); and the AdamW u
 whole model's parameters. vision_jax's own modules and ``vit.attend`` are jitted with the train
 step's compiler options; timm's modules (and ``F.scaled_dot_product_attention``, which timm's
 attention calls) run eagerly. Each framework runs in its own process (vision_jax's as
-``python -m vision_jax.main`` starts, with huge pages where they help: ``vision_jax.host_memory``);
+``python -m vision_jax.main`` starts, with its host-memory settings: ``vision_jax.host_memory``);
 the parts alternate within it and the figures are medians.
 
   python benchmarks/vit_components.py --model vit_ti16 --batch 32 --size 224
@@ -219,7 +219,8 @@ def main() -> None:
     if args.worker:
         kind, name, batch, size, rounds = args.worker
         if kind == "jax":  # as python -m vision_jax.main runs (vision_jax.host_memory)
-            host_memory.restart_with_huge_pages()
+            host_memory.restart_for_xla_buffers()
+            host_memory.configure_dispatch()
         worker = jax_worker if kind == "jax" else timm_worker
         print("RESULT " + json.dumps(worker(name, int(batch), int(size), int(rounds))))
         return

@@ -1,6 +1,6 @@
-"""Huge pages for XLA's CPU buffers (vision_jax.host_memory): when the environment gets the
-glibc tunable, that the restart keeps the process, and that the tunable stops a step's page
-faults (the kernel's own count)."""
+"""Host memory for XLA's CPU buffers (vision_jax.host_memory): when the environment gets the
+glibc tunables, that the restart keeps the process, and that the tunables with the synchronous
+dispatch stop a step's page faults (the kernel's own count)."""
 
 from __future__ import annotations
 
@@ -14,24 +14,24 @@ import textwrap
 import pytest
 
 from vision_jax import host_memory
-from vision_jax.host_memory import OPT_OUT, TUNABLE, huge_pages_environment
+from vision_jax.host_memory import HEAP_REUSE, HUGE_PAGES, OPT_OUT, environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_the_tunable_is_added_only_where_it_helps():
+def test_the_settings_are_added_only_where_they_help():
     env = {"HOME": "/h"}
-    assert huge_pages_environment(env, "madvise") == {"HOME": "/h", "GLIBC_TUNABLES": TUNABLE}
+    both = f"{HEAP_REUSE}:{HUGE_PAGES}"
+    assert environment(env, "madvise") == {"HOME": "/h", "GLIBC_TUNABLES": both}
+    for mode in ("always", "never"):  # huge pages on already, or off: the heap reuse alone
+        assert environment(env, mode) == {"HOME": "/h", "GLIBC_TUNABLES": HEAP_REUSE}
     other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    assert huge_pages_environment(other, "madvise")["GLIBC_TUNABLES"] == (
-        f"glibc.malloc.arena_max=2:{TUNABLE}"
-    )
-    for mode in ("always", "never", None):  # on already, off, or not Linux
-        assert huge_pages_environment(env, mode) is None
-    assert huge_pages_environment({**env, OPT_OUT: "0"}, "madvise") is None
-    chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the user's own setting stands
-    assert huge_pages_environment(chosen, "madvise") is None
-    assert huge_pages_environment({"GLIBC_TUNABLES": TUNABLE}, "madvise") is None  # no loop
+    assert environment(other, "madvise")["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{both}"
+    assert environment(env, None) is None  # not Linux
+    assert environment({**env, OPT_OUT: "0"}, "madvise") is None
+    for chosen in ("glibc.malloc.hugetlb=0", "glibc.malloc.mmap_max=4"):  # the user's stand
+        assert environment({"GLIBC_TUNABLES": chosen}, "madvise") is None
+    assert environment(environment(env, "madvise"), "madvise") is None  # no restart loop
 
 
 def test_the_kernel_mode_is_the_selected_word(tmp_path):
@@ -41,11 +41,26 @@ def test_the_kernel_mode_is_the_selected_word(tmp_path):
     assert host_memory.transparent_huge_pages_mode(str(tmp_path / "missing")) is None
 
 
-def test_the_advice_names_the_tunable_only_on_cpu(monkeypatch):
+def test_the_dispatch_is_synchronous_only_with_the_heap_reuse_in_one_process(monkeypatch):
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
+    reuse = {"GLIBC_TUNABLES": f"{HEAP_REUSE}:{HUGE_PAGES}"}
+    assert not host_memory.configure_dispatch({"GLIBC_TUNABLES": HUGE_PAGES})
+    assert host_memory.configure_dispatch(reuse)
+    assert calls == [("jax_cpu_enable_async_dispatch", False)]
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)  # multi-process
+    assert not host_memory.configure_dispatch(reuse)
+    assert len(calls) == 1
+
+
+def test_the_advice_names_the_settings_only_on_cpu(monkeypatch):
     monkeypatch.setattr(host_memory, "transparent_huge_pages_mode", lambda: "madvise")
-    assert TUNABLE in host_memory.advice("cpu", {})
+    line = host_memory.advice("cpu", {})
+    assert HEAP_REUSE in line and HUGE_PAGES in line and "configure_dispatch()" in line
     assert host_memory.advice("gpu", {}) is None
-    assert host_memory.advice("cpu", {"GLIBC_TUNABLES": TUNABLE}) is None
+    assert host_memory.advice("cpu", {"GLIBC_TUNABLES": HUGE_PAGES}) is None
 
 
 RESTARTING = textwrap.dedent("""
@@ -53,7 +68,7 @@ RESTARTING = textwrap.dedent("""
     from vision_jax import host_memory
     host_memory.transparent_huge_pages_mode = lambda: "madvise"  # as on such a kernel
     print("started", flush=True)
-    host_memory.restart_with_huge_pages()
+    host_memory.restart_for_xla_buffers()
     print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "utf8": sys.flags.utf8_mode,
                       "tunables": os.environ.get("GLIBC_TUNABLES")}))
 """)
@@ -73,12 +88,15 @@ def test_the_restart_keeps_the_process_its_arguments_and_interpreter_options(tmp
     lines = out.splitlines()
     assert lines[:2] == ["started", "started"], "the program did not start again"
     after = json.loads(lines[2])
-    assert after == {"pid": proc.pid, "argv": ["a", "b c"], "utf8": 1, "tunables": TUNABLE}
+    assert after == {"pid": proc.pid, "argv": ["a", "b c"], "utf8": 1,
+                     "tunables": f"{HEAP_REUSE}:{HUGE_PAGES}"}  # fmt: skip
 
 
 FAULTS = textwrap.dedent("""
     import json, resource
     import jax, jax.numpy as jnp
+    from vision_jax import host_memory
+    host_memory.configure_dispatch()  # as vision_jax.main does: on with the heap reuse
     # A 64 MiB temporary (exp(x), the product's operand) that XLA allocates at every call.
     step = jax.jit(lambda x, w: jnp.exp(x) @ w)
     x, w = jnp.ones((16384, 1024)), jnp.ones((1024, 8))
@@ -98,18 +116,18 @@ def _glibc_version() -> tuple[int, ...]:
 
 
 @pytest.mark.skipif(
-    host_memory.transparent_huge_pages_mode() != "madvise" or _glibc_version() < (2, 35),
-    reason="needs Linux transparent huge pages in madvise mode and glibc >= 2.35",
+    host_memory.transparent_huge_pages_mode() is None or _glibc_version() < (2, 26),
+    reason="needs Linux with glibc >= 2.26 (malloc tunables)",
 )
-def test_huge_pages_stop_a_steps_page_faults():
-    def faults_per_call(tunables: str | None) -> int:
+def test_the_settings_stop_a_steps_page_faults():
+    def faults_per_call(settings: dict[str, str]) -> int:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
-        proc = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", FAULTS], env={**env, **settings},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.splitlines()[-1])
 
-    plain, huge = faults_per_call(None), faults_per_call(TUNABLE)
+    plain = faults_per_call({})
+    reused = faults_per_call({"GLIBC_TUNABLES": HEAP_REUSE})  # no huge pages: 4 KiB faults
     assert plain > 64 * 2**20 // 4096 // 2, plain  # the temporary faulted in, 4 KiB at a time
-    assert huge < plain / 20, (huge, plain)
+    assert reused < plain / 100, (reused, plain)

@@ -26,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vision_jax.abort_notice import route_stderr
-from vision_jax.host_memory import restart_with_huge_pages
+from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
 from vision_jax.signals import EXIT_STOPPED
 from vision_jax.watchdog import EXIT_PEER_LOST
 
@@ -234,6 +234,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.num_cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
     initialize_distributed()
+    configure_dispatch()  # the restart's heap reuse, alone: CPU steps on the calling thread
     configure_compilation_cache(FLAGS.workdir, FLAGS.compilation_cache)
     watchdog = start_watchdog(FLAGS.peer_timeout)
     if jax.process_count() > 1:  # JAX ends a process whose coordinator died with abort():
@@ -303,5 +304,5 @@ def _summaries(results: dict[str, float], task: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()  # the program may start again, with huge pages for XLA's buffers
+    restart_for_xla_buffers()  # may start again: host memory for XLA's buffers
     app.run(main, flags_parser=parse_flags)
