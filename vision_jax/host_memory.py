@@ -7,7 +7,8 @@ at a time, and the kernel zeroes each page (ViT-Ti/16 at 112 px, batch 32: 98,50
 step). Two glibc tunables and one JAX setting make the memory stay:
 
 - ``glibc.malloc.mmap_max=0`` and a ``glibc.malloc.trim_threshold`` of 64 GiB: large blocks come
-  from the main heap, and freed ones stay there for the next step (no faults after the first);
+  from the main heap, and freed ones stay there for the next step (no faults once the heap
+  has settled, within the first few steps);
 - JAX's ``jax_cpu_enable_async_dispatch`` off in a single-process run
   (:func:`configure_dispatch`): single-device steps run on the thread that calls them, which
   allocates from the main heap, and release the GIL meanwhile. (From JAX's dispatch thread,
