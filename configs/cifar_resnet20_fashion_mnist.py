@@ -11,10 +11,11 @@ Commands (from the repository root, ../shared beside it):
       --workdir=/tmp/vj_fashion/scratch
 
 Expected results (eval/top1 on 2,000 held-out test images, 2 CPU cores):
-  pretrained  0.834 (99 s)
-  scratch     0.691 (93 s)
-(wall time of the whole command). The CIFAR-10 features transfer to Fashion-MNIST: 14 points
-better than random initialisation with the same 150 steps.
+  pretrained  0.836 (40 s)
+  scratch     0.688 (38 s)
+(wall time of the whole command, measured on 2026-12-04 on a 2-core Intel Xeon, in this order,
+sharing the compilation cache beside the workdirs). The CIFAR-10 features transfer to
+Fashion-MNIST: 15 points better than random initialisation with the same 150 steps.
 """
 
 from ml_collections.config_dict import placeholder
