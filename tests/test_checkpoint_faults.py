@@ -332,8 +332,8 @@ def kill_at(proc: subprocess.Popen, workdir: pathlib.Path, step: int, delay: flo
 
 def sigkill_chain(tmp_path: pathlib.Path, points: list[tuple[int, float | None]]) -> dict:
     """One run killed at each point in turn, each resumed by the same command, beside the
-    uninterrupted run; every checkpoint each resumed run wrote equals the uninterrupted run's
-    (bit for bit, and the data stream position)."""
+    uninterrupted run; every checkpoint among the newest kept ones at each kill and at the end
+    equals the uninterrupted run's (bit for bit, and the data stream position)."""
     full, work, seen = tmp_path / "full", tmp_path / "killed", tmp_path / "seen"
     keep = 2
     config = _write_config(tmp_path / "config.py", keep_checkpoints=keep, **KILL_OVERRIDES)

@@ -23,14 +23,21 @@ def test_the_settings_are_added_only_where_they_help():
     env = {"HOME": "/h"}
     both = f"{HEAP_REUSE}:{HUGE_PAGES}"
     assert environment(env, "madvise") == {"HOME": "/h", "GLIBC_TUNABLES": both}
-    for mode in ("always", "never"):  # huge pages on already, or off: the heap reuse alone
+    for mode in ("always", "never", None):  # huge pages on already, off, or no such setting
         assert environment(env, mode) == {"HOME": "/h", "GLIBC_TUNABLES": HEAP_REUSE}
     other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     assert environment(other, "madvise")["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{both}"
-    assert environment(env, None) is None  # not Linux
+    assert environment(env, "madvise", linux=False) is None
     assert environment({**env, OPT_OUT: "0"}, "madvise") is None
-    for chosen in ("glibc.malloc.hugetlb=0", "glibc.malloc.mmap_max=4"):  # the user's stand
-        assert environment({"GLIBC_TUNABLES": chosen}, "madvise") is None
+    # Each group the user names stands; the other one is still added.
+    tunables = lambda own, mode: environment({"GLIBC_TUNABLES": own}, mode)["GLIBC_TUNABLES"]
+    assert tunables("glibc.malloc.hugetlb=0", "madvise") == f"glibc.malloc.hugetlb=0:{HEAP_REUSE}"
+    assert tunables("glibc.malloc.mmap_max=4", "madvise") == f"glibc.malloc.mmap_max=4:{HUGE_PAGES}"
+    assert environment({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=4"}, "never") is None
+    # Steps on another platform: no heap reuse (their buffers are not in host memory).
+    assert environment({"JAX_PLATFORMS": "cuda,cpu"}, "madvise")["GLIBC_TUNABLES"] == HUGE_PAGES
+    assert environment({"JAX_PLATFORMS": "tpu"}, "never") is None
+    assert environment({"JAX_PLATFORMS": "cpu"}, "never")["GLIBC_TUNABLES"] == HEAP_REUSE
     assert environment(environment(env, "madvise"), "madvise") is None  # no restart loop
 
 
@@ -43,13 +50,21 @@ def test_the_kernel_mode_is_the_selected_word(tmp_path):
 
 def test_the_dispatch_is_synchronous_only_with_the_heap_reuse_in_one_process(monkeypatch):
     import jax
+    from jax._src import xla_bridge
 
     calls = []
     monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
     reuse = {"GLIBC_TUNABLES": f"{HEAP_REUSE}:{HUGE_PAGES}"}
-    assert not host_memory.configure_dispatch({"GLIBC_TUNABLES": HUGE_PAGES})
     assert host_memory.configure_dispatch(reuse)
     assert calls == [("jax_cpu_enable_async_dispatch", False)]
+    assert not host_memory.configure_dispatch({"GLIBC_TUNABLES": HUGE_PAGES})
+    other_values = HEAP_REUSE.replace("mmap_max=0", "mmap_max=65536")  # not reused
+    assert not host_memory.configure_dispatch({"GLIBC_TUNABLES": other_values})
+    assert not host_memory.configure_dispatch({**reuse, OPT_OUT: "0"})
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)  # too late
+    assert not host_memory.configure_dispatch(reuse)
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)  # multi-process
     assert not host_memory.configure_dispatch(reuse)
     assert len(calls) == 1
@@ -60,7 +75,8 @@ def test_the_advice_names_the_settings_only_on_cpu(monkeypatch):
     line = host_memory.advice("cpu", {})
     assert HEAP_REUSE in line and HUGE_PAGES in line and "configure_dispatch()" in line
     assert host_memory.advice("gpu", {}) is None
-    assert host_memory.advice("cpu", {"GLIBC_TUNABLES": HUGE_PAGES}) is None
+    assert HEAP_REUSE in host_memory.advice("cpu", {"GLIBC_TUNABLES": HUGE_PAGES})  # older advice
+    assert host_memory.advice("cpu", {"GLIBC_TUNABLES": f"{HUGE_PAGES}:{HEAP_REUSE}"}) is None
 
 
 RESTARTING = textwrap.dedent("""
@@ -125,7 +141,7 @@ def _glibc_version() -> tuple[int, ...]:
 def test_the_settings_stop_a_steps_page_faults():
     def faults_per_call(settings: dict[str, str]) -> int:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        proc = subprocess.run([sys.executable, "-c", FAULTS], env={**env, **settings},
+        proc = subprocess.run([sys.executable, "-c", FAULTS], cwd=ROOT, env={**env, **settings},
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.splitlines()[-1])

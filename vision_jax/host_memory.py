@@ -23,17 +23,21 @@ once, with them set (same process id, arguments and interpreter options), before
 is imported, and then calls :func:`configure_dispatch`. Other programs (a notebook, your own
 script calling :func:`vision_jax.train.train_and_evaluate`) get the same by starting Python with
 the ``GLIBC_TUNABLES`` that :func:`environment` returns (``advice`` logs it) and calling
-:func:`configure_dispatch` before JAX's first computation; ``VISION_JAX_HUGE_PAGES=0`` keeps
-``vision_jax.main`` from setting anything. Freed host memory is not returned to the system while
-the process runs (its peak stays). The first step pays for the huge pages (the kernel assembles
-each one on first touch, compacting memory where it must); the steps after it gain.
+:func:`configure_dispatch` before JAX's backend is first used (devices, arrays, computations).
+``VISION_JAX_HUGE_PAGES=0`` keeps both from changing anything (the name predates the heap
+reuse). Freed host memory is not returned to the system while the process runs (its peak
+stays). The first step pays for the huge pages (the kernel assembles each one on first touch,
+compacting memory where it must); the steps after it gain.
 
-Nothing changes off Linux, or when ``GLIBC_TUNABLES`` already names one of these tunables (the
-user's choice stands). glibc older than 2.35 ignores ``hugetlb``.
+Each group of tunables (heap reuse; huge pages) is added unless ``GLIBC_TUNABLES`` already names
+one of its tunables: the user's choice stands. The heap reuse is left out where ``JAX_PLATFORMS``
+puts another platform first (its steps' buffers are not in host memory). Nothing changes off
+Linux; glibc older than 2.35 ignores ``hugetlb``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -56,35 +60,60 @@ def transparent_huge_pages_mode(path: str = THP_SETTING) -> str | None:
     return selected[0] if selected else None
 
 
-def _names(tunables: str) -> set[str]:
-    return {t.partition("=")[0] for t in tunables.split(":") if t}
+def _entries(tunables: str) -> dict[str, str]:
+    return dict(t.partition("=")[::2] for t in tunables.split(":") if t)
 
 
-def environment(environ: Mapping[str, str], thp_mode: str | None) -> dict[str, str] | None:
+def _steps_on_cpu(environ: Mapping[str, str]) -> bool:
+    """Whether JAX may run the steps on the CPU: ``JAX_PLATFORMS`` unset or naming it first."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    return not platforms or platforms.split(",")[0] == "cpu"
+
+
+def environment(
+    environ: Mapping[str, str],
+    thp_mode: str | None,
+    *,
+    linux: bool = sys.platform.startswith("linux"),
+) -> dict[str, str] | None:
     """``environ`` with the heap-reuse tunables and (in ``madvise`` mode) huge pages added to
     ``GLIBC_TUNABLES``; None when a process started with ``environ`` has nothing to gain or the
     user chose otherwise (see the module docstring)."""
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    ours = HEAP_REUSE + (":" + HUGE_PAGES if thp_mode == "madvise" else "")
-    if thp_mode is None or environ.get(OPT_OUT) == "0":
+    if not linux or environ.get(OPT_OUT) == "0":
         return None
-    if _names(tunables) & _names(HEAP_REUSE + ":" + HUGE_PAGES):
-        return None  # set already, to these values or others: the user's choice stands
-    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, ours) if t)}
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    named = _entries(tunables).keys()
+    added = []
+    if not named & _entries(HEAP_REUSE).keys() and _steps_on_cpu(environ):
+        added.append(HEAP_REUSE)
+    if thp_mode == "madvise" and not named & _entries(HUGE_PAGES).keys():
+        added.append(HUGE_PAGES)
+    if not added:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(([tunables] if tunables else []) + added)}
 
 
 def configure_dispatch(environ: Mapping[str, str] = os.environ) -> bool:
     """Turns JAX's asynchronous CPU dispatch off when this process runs with the heap-reuse
     tunables (their point; see the module docstring) and alone; returns whether it did. Call
-    it before JAX's first computation and after ``jax.distributed.initialize``, if any: a
+    it before JAX's backend is first used and after ``jax.distributed.initialize``, if any: a
     process of a multi-process run keeps the asynchronous dispatch (its steps' collectives
     would block the calling thread, and a dead peer's transport error would reach the program
     there before the peer watchdog could name the lost process)."""
-    if not _names(HEAP_REUSE) <= _names(environ.get("GLIBC_TUNABLES", "")):
+    entries = _entries(environ.get("GLIBC_TUNABLES", ""))
+    reused = all(entries.get(k) == v for k, v in _entries(HEAP_REUSE).items())
+    if not reused or environ.get(OPT_OUT) == "0":
         return False
     import jax
+    from jax._src import xla_bridge
 
     if jax.distributed.is_initialized():
+        return False
+    if xla_bridge.backends_are_initialized():
+        logging.warning(
+            "Host memory: JAX's backend is running already, so its CPU dispatch stays "
+            "asynchronous; call vision_jax.host_memory.configure_dispatch() before using JAX."
+        )
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
@@ -106,7 +135,7 @@ def advice(backend: str, environ: Mapping[str, str] = os.environ) -> str | None:
 def restart_for_xla_buffers() -> None:
     """Executes this program again with :func:`environment`, if that would help; else returns.
     Call it first thing in a program's ``__main__``: nothing before it runs twice, except
-    imports. Off Linux there is no such kernel setting, and it returns."""
+    imports. Off Linux it returns."""
     changed = environment(os.environ, transparent_huge_pages_mode())
     if changed is not None:
         sys.stdout.flush()
