@@ -290,8 +290,7 @@ def main() -> None:
         elif job["form"].startswith("timm"):
             result = timm_worker(job)
         else:
-            host_memory.restart_for_xla_buffers()  # as python -m vision_jax.main runs
-            host_memory.configure_dispatch()
+            host_memory.set_up_single_process()  # as python -m vision_jax.main runs
             result = vision_jax_worker(job)
         print("RESULT " + json.dumps(result))
         return

@@ -114,6 +114,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    host_memory.restart_for_xla_buffers()  # as python -m vision_jax.main runs
-    host_memory.configure_dispatch()
+    host_memory.set_up_single_process()  # as python -m vision_jax.main runs
     main()

@@ -249,8 +249,7 @@ def main() -> None:
     if args.worker:
         kind, *rest = args.worker
         if kind != "timm":  # as python -m vision_jax.main runs
-            host_memory.restart_for_xla_buffers()
-            host_memory.configure_dispatch()
+            host_memory.set_up_single_process()
         if kind == "peak":
             result = matmul_peak(rest[0])
         else:

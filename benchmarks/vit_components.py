@@ -219,8 +219,7 @@ def main() -> None:
     if args.worker:
         kind, name, batch, size, rounds = args.worker
         if kind == "jax":  # as python -m vision_jax.main runs (vision_jax.host_memory)
-            host_memory.restart_for_xla_buffers()
-            host_memory.configure_dispatch()
+            host_memory.set_up_single_process()
         worker = jax_worker if kind == "jax" else timm_worker
         print("RESULT " + json.dumps(worker(name, int(batch), int(size), int(rounds))))
         return

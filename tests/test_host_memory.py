@@ -84,9 +84,11 @@ RESTARTING = textwrap.dedent("""
     from vision_jax import host_memory
     host_memory.transparent_huge_pages_mode = lambda: "madvise"  # as on such a kernel
     print("started", flush=True)
-    host_memory.restart_for_xla_buffers()
+    host_memory.set_up_single_process()
+    import jax
     print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "utf8": sys.flags.utf8_mode,
-                      "tunables": os.environ.get("GLIBC_TUNABLES")}))
+                      "tunables": os.environ.get("GLIBC_TUNABLES"),
+                      "async_dispatch": jax.config.values["jax_cpu_enable_async_dispatch"]}))
 """)
 
 
@@ -94,7 +96,8 @@ RESTARTING = textwrap.dedent("""
 def test_the_restart_keeps_the_process_its_arguments_and_interpreter_options(tmp_path):
     script = tmp_path / "restarting.py"
     script.write_text(RESTARTING)
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    unset = ("GLIBC_TUNABLES", OPT_OUT, "JAX_PLATFORMS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.Popen(
         [sys.executable, "-X", "utf8", str(script), "a", "b c"], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -105,7 +108,7 @@ def test_the_restart_keeps_the_process_its_arguments_and_interpreter_options(tmp
     assert lines[:2] == ["started", "started"], "the program did not start again"
     after = json.loads(lines[2])
     assert after == {"pid": proc.pid, "argv": ["a", "b c"], "utf8": 1,
-                     "tunables": f"{HEAP_REUSE}:{HUGE_PAGES}"}  # fmt: skip
+                     "tunables": f"{HEAP_REUSE}:{HUGE_PAGES}", "async_dispatch": False}  # fmt: skip
 
 
 FAULTS = textwrap.dedent("""
@@ -135,12 +138,12 @@ def _glibc_version() -> tuple[int, ...]:
 
 
 @pytest.mark.skipif(
-    host_memory.transparent_huge_pages_mode() is None or _glibc_version() < (2, 26),
+    not sys.platform.startswith("linux") or _glibc_version() < (2, 26),
     reason="needs Linux with glibc >= 2.26 (malloc tunables)",
 )
 def test_the_settings_stop_a_steps_page_faults():
     def faults_per_call(settings: dict[str, str]) -> int:
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
         proc = subprocess.run([sys.executable, "-c", FAULTS], cwd=ROOT, env={**env, **settings},
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr

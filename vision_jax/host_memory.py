@@ -121,8 +121,10 @@ def configure_dispatch(environ: Mapping[str, str] = os.environ) -> bool:
 
 def advice(backend: str, environ: Mapping[str, str] = os.environ) -> str | None:
     """A line for the log when this process's CPU steps would run faster with the settings."""
+    if backend != "cpu":
+        return None
     changed = environment(environ, transparent_huge_pages_mode())
-    if backend != "cpu" or changed is None:
+    if changed is None:
         return None
     return (
         "Host memory: XLA's CPU steps fault their buffers in at every step here. Start Python "
@@ -141,3 +143,11 @@ def restart_for_xla_buffers() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, changed)
+
+
+def set_up_single_process() -> None:
+    """:func:`restart_for_xla_buffers`, then :func:`configure_dispatch`: first thing in the
+    ``__main__`` of a single-process program (``vision_jax.main`` calls the two apart, around
+    ``jax.distributed.initialize``)."""
+    restart_for_xla_buffers()
+    configure_dispatch()
