@@ -67,6 +67,20 @@ def test_schedules_match_numpy_reference(overrides, reference):
         assert float(traced(fn.args[0], fn.args[1], t)) == pytest.approx(reference(t), abs=1e-6)
 
 
+def test_optimizer_schedule_is_one_program_for_every_step():
+    """The learning rate a run logs: the schedule's value, compiled once for all steps (not a
+    dozen eager scalar operations, each compiled on its own the first time)."""
+    model, shapes = shapes_of("cifar_resnet20", size=8)
+    c = default_config()
+    c.schedule.update({"decay": "cosine", "warmup_steps": 2})
+    opt = build_optimizer(c, shapes["params"], model)
+    optim._jitted_schedule_value.clear_cache()
+    for step in range(11):
+        want = optim.schedule_value("cosine", opt.numbers["schedule"], step)
+        assert float(opt.schedule(step)) == pytest.approx(float(want), abs=1e-7)
+    assert optim._jitted_schedule_value._cache_size() == 1
+
+
 @pytest.mark.parametrize(
     "name, schedule", [("adamw", {"decay": "cosine"}), ("sgd", {"decay": "step"}),
                        ("sgd", {"decay": "rsqrt", "cooldown_steps": 2})],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -140,6 +141,22 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     train_and_evaluate(cfg, str(interrupted))
     for a, b in zip(_params_of(full), _params_of(interrupted), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_eval_steps_compile_ahead_while_the_first_train_step_compiles(tmp_path, caplog):
+    """The eval steps (parameters and EMA) compile once each, on the background thread that
+    overlaps the first train step's compilation; the evaluations (periodic and final, the
+    last batch padded) run them without compiling again."""
+    config = small_config(ema_decay=0.9, eval_every_steps=2)
+    jax.config.update("jax_log_compiles", True)  # for every thread (the context is per thread)
+    try:
+        with caplog.at_level(logging.WARNING):
+            result = train_and_evaluate(config, str(tmp_path))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(eval_step)")]
+    assert [r.threadName for r in compiles] == ["compile_eval", "compile_eval"]
+    assert result["eval/examples"] == result["eval_ema/examples"] == 360
 
 
 def test_sweep_members_share_one_compiled_train_step(tmp_path):

@@ -211,8 +211,12 @@ class Optimizer:
         return self.transform(self.numbers)
 
     def schedule(self, step: Any) -> jax.Array:
-        """The learning rate at ``step``."""
-        return schedule_value(self.schedule_decay, self.numbers["schedule"], step)
+        """The learning rate at ``step``, as one compiled program (eagerly, each of its dozen
+        scalar operations would compile on its own)."""
+        return _jitted_schedule_value(self.schedule_decay, self.numbers["schedule"], step)
+
+
+_jitted_schedule_value = jax.jit(schedule_value, static_argnums=0)
 
 
 def build_optimizer(

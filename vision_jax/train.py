@@ -199,6 +199,35 @@ class _ExampleCheck:
             raise self._error
 
 
+class _EvalCompile:
+    """Compiles the eval steps on a background thread while XLA compiles the first train step,
+    so the first evaluation starts without compiling. The train step is traced first, on the
+    calling thread (two tracings would contend for the interpreter; its compilation does not).
+    A failure here is left for the evaluation itself to raise; :meth:`wait` before the first
+    evaluation."""
+
+    def __init__(self, run: Run, state: TrainState, batch: dict[str, jax.Array]):
+        run.train_step.lower(state, run.frozen, batch, run.settings)  # the step's call reuses it
+        padding = data_lib.padding_batch(
+            run.eval_source, run.input, global_batch=run.spec.eval_batch_size,
+            **run.task.batch_args(),
+        )  # fmt: skip
+        args = (abstract_state(state), run.frozen, sharding.to_global_batch(padding, run.mesh))
+
+        def compile_steps() -> None:
+            for eval_step in run.eval_steps.values():
+                try:
+                    eval_step.lower(*args).compile()
+                except Exception as e:  # noqa: BLE001  (the evaluation compiles and raises it)
+                    logging.debug("Eval step not compiled ahead: %s", e)
+
+        self._thread = threading.Thread(target=compile_steps, name="compile_eval", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
         raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
@@ -251,8 +280,11 @@ def _loop(
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
+            if step == run.start_step + 1:
+                eval_compile = _EvalCompile(run, state, batch)
             state, metrics = run.train_step(state, run.frozen, batch, run.settings)
-            check.wait()  # at once after the first step, whose compilation it overlapped
+            check.wait()  # at once after the first step, whose compilation they overlapped
+            eval_compile.wait()
             results.update(log.add(step, metrics, state))
             evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
             results.update(evaluated)

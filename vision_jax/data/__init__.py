@@ -19,6 +19,7 @@ from vision_jax.data.pipeline import (
     Batches,
     check_examples,
     eval_batches,
+    padding_batch,
     pipeline_options,
     train_batches,
 )
@@ -209,6 +210,7 @@ __all__ = [
     "from_tfds",
     "from_tfds_boxes",
     "load_source",
+    "padding_batch",
     "pipeline_options",
     "select_classes",
     "train_batches",

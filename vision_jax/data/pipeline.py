@@ -302,6 +302,14 @@ def eval_batches(
     return _padded(batches, local, num_batches, shard_size, empty)
 
 
+def padding_batch(
+    source: Source, spec: InputSpec, *, global_batch: int, max_boxes: int | None = None
+) -> Batch:
+    """An all-padding batch with the keys, shapes and dtypes of ``eval_batches``' batches (to
+    compile the evaluation before any image is read)."""
+    return _empty_batch(_local_batch(global_batch), spec.image_size, _target(source, max_boxes))
+
+
 def _padded(
     batches: Batches, local: int, num_batches: int, shard_size: int, empty: Batch
 ) -> Iterator[Batch]:
