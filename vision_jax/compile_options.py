@@ -1,20 +1,19 @@
 """XLA compiler options for the train and eval steps, chosen per backend and compute dtype.
 
 On CPU, jaxlib 0.10 hands individual convolutions, dots and reductions to the YNNPACK library by
-default. Measured with ``benchmarks/train_throughput.py`` on a 2-core Zen4 (training, 224 px):
+default. What ``benchmarks/train_throughput.py`` showed (figures in the README's performance
+section):
 
-- convolutions: XLA's own (Eigen) convolutions are faster than YNNPACK's, fp32 and bf16 alike.
-  Keeping convolutions away from YNNPACK takes ResNet-50 (batch 16) from 2.3 to 3.5 img/s in fp32,
-  and from 3.0 to 4.5 in bf16.
-- dots: in float32, Eigen's dots win (ViT-Ti/16 at batch 32: 13.0 -> 14.6 img/s); with bfloat16
-  operands YNNPACK's dots win (12.2 -> 12.8 img/s), so they stay with YNNPACK there.
-- reductions stay with YNNPACK: without them, BatchNorm statistics make ResNet-50 1.5x slower.
+- convolutions: XLA's own (Eigen) convolutions are faster than YNNPACK's, fp32 and bf16 alike,
+  so convolutions stay away from YNNPACK.
+- dots: in float32, Eigen's dots win; with bfloat16 operands YNNPACK's dots win, so they stay
+  with YNNPACK there.
+- reductions stay with YNNPACK: without them, BatchNorm statistics make ResNet-50 much slower.
 
 With activation checkpointing (``model.remat``) the train step also keeps XLA's CPU pipeline from
 expanding ``jax.checkpoint``'s optimisation barriers before common-subexpression elimination,
-which would merge the recomputed activations with the saved ones and keep them all (measured on a
-12-block ViT-Ti at batch 16 and 128 px: 243 MiB of temporaries with or without remat; 36 MiB
-with ``"block"`` once the barriers stay, 96 MiB with ``"dots"``).
+which would merge the recomputed activations with the saved ones and keep them all (remat would
+save no memory; the README gives the temporaries with and without).
 
 Elsewhere (GPU, TPU) no options are set. Options are per executable (``jax.jit(...,
 compiler_options=...)``), so nothing changes for the user's own jitted code.
