@@ -224,8 +224,9 @@ def test_unreadable_newest_steps_are_moved_aside_and_the_run_resumes_exactly(
 
 
 def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
-    """orbax abandons the other reads of a damaged step; asyncio logs each one's exception when
-    its task is collected. Those are DEBUG lines; other never-retrieved errors stay errors."""
+    """orbax abandons the other reads of a damaged step; asyncio logs the exception of each
+    read's task, or of the future gathering them, when it is collected. Those are DEBUG lines;
+    other never-retrieved errors stay errors."""
     import asyncio
     import gc
 
@@ -234,21 +235,33 @@ def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
     async def _read_array_index_and_device_put():
         raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")
 
+    async def read_shard():
+        raise Exception("Encountered error while reading array index: (slice(0, 3, 1),)")
+
     async def another_task():
         raise ValueError("a real bug")
 
+    async def gathered(coroutine):  # the gathering future, never awaited
+        return asyncio.gather(coroutine)
+
     _quiet_abandoned_reads()
     with caplog.at_level(logging.DEBUG):
-        for coroutine in (_read_array_index_and_device_put, another_task):
+        for coroutine, wrap in ((_read_array_index_and_device_put, None),
+                                (read_shard, gathered), (another_task, None)):  # fmt: skip
             loop = asyncio.new_event_loop()
-            task = loop.create_task(coroutine())
+            if wrap is None:
+                future = loop.create_task(coroutine())
+            else:
+                future = loop.run_until_complete(wrap(coroutine()))
             loop.run_until_complete(asyncio.sleep(0.01))
             loop.close()
-            del task
+            del future
             gc.collect()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "another_task" in errors[0].getMessage(), errors
-    assert any("After a failed read: Task exception" in r.getMessage() for r in caplog.records)
+    quieted = [r.getMessage() for r in caplog.records if "After a failed read" in r.getMessage()]
+    assert any("Task exception" in m for m in quieted), quieted
+    assert any("_GatheringFuture exception" in m for m in quieted), quieted
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")

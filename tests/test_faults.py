@@ -76,6 +76,7 @@ def wrap_step(monkeypatch, action) -> None:
             count[0] += 1
             return step_fn(state, frozen, action(count[0], batch), settings)
 
+        step.lower = step_fn.lower  # the loop traces the jitted step before its first call
         run.train_step = step
         return run
 

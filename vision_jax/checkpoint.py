@@ -102,11 +102,13 @@ def _abandoned_read(unraisable: Any) -> bool:
 
 
 class _AbandonedReadTasks(logging.Filter):
-    """asyncio's "Task exception was never retrieved" for those reads, at DEBUG instead."""
+    """asyncio's "... exception was never retrieved" for those reads (their tasks, or the
+    futures gathering them, which carry orbax's read error), at DEBUG instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "never retrieved" in message and "_read_array_index" in message:
+        orbax_read = "_read_array_index" in message or "error while reading array index" in message
+        if "never retrieved" in message and orbax_read:
             logging.debug("After a failed read: %s", message.splitlines()[0])
             return False
         return True
