@@ -113,6 +113,9 @@ def schedule_value(decay: str, numbers: Mapping[str, Any], step: Any) -> jax.Arr
     return numbers["learning_rate"] * shape
 
 
+_jitted_schedule_value = jax.jit(schedule_value, static_argnums=0)  # the decay is structure
+
+
 # --------------------------------------------------------------------------------------------
 # which parameters train, and how fast
 
@@ -214,9 +217,6 @@ class Optimizer:
         """The learning rate at ``step``, as one compiled program (eagerly, each of its dozen
         scalar operations would compile on its own)."""
         return _jitted_schedule_value(self.schedule_decay, self.numbers["schedule"], step)
-
-
-_jitted_schedule_value = jax.jit(schedule_value, static_argnums=0)
 
 
 def build_optimizer(

@@ -208,11 +208,13 @@ class _EvalCompile:
 
     def __init__(self, run: Run, state: TrainState, batch: dict[str, jax.Array]):
         run.train_step.lower(state, run.frozen, batch, run.settings)  # the step's call reuses it
-        padding = data_lib.padding_batch(
-            run.eval_source, run.input, global_batch=run.spec.eval_batch_size,
-            **run.task.batch_args(),
-        )  # fmt: skip
-        args = (abstract_state(state), run.frozen, sharding.to_global_batch(padding, run.mesh))
+        rows, rows_split = run.spec.eval_batch_size, sharding.batch_sharding(run.mesh)
+        shapes = data_lib.eval_example_shapes(run.eval_source, run.input, **run.task.batch_args())
+        batch = {
+            k: jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=rows_split)
+            for k, (shape, dtype) in shapes.items()
+        }
+        args = (abstract_state(state), run.frozen, batch)
 
         def compile_steps() -> None:
             for eval_step in run.eval_steps.values():

@@ -302,12 +302,12 @@ def eval_batches(
     return _padded(batches, local, num_batches, shard_size, empty)
 
 
-def padding_batch(
-    source: Source, spec: InputSpec, *, global_batch: int, max_boxes: int | None = None
-) -> Batch:
-    """An all-padding batch with the keys, shapes and dtypes of ``eval_batches``' batches (to
-    compile the evaluation before any image is read)."""
-    return _empty_batch(_local_batch(global_batch), spec.image_size, _target(source, max_boxes))
+def eval_example_shapes(
+    source: Source, spec: InputSpec, *, max_boxes: int | None = None
+) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of one row of each key of ``eval_batches``' batches (to compile the
+    evaluation before any image is read)."""
+    return _example_shapes(spec.image_size, _target(source, max_boxes))
 
 
 def _padded(
@@ -367,6 +367,12 @@ def _pad(batch: Batch, size: int) -> Batch:
 
 def _empty_batch(size: int, s: int, target: dict) -> Batch:
     """An all-padding batch, for a process whose shard ran out before the others."""
+    shapes = _example_shapes(s, target)
+    return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def _example_shapes(s: int, target: dict) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of one row of each key of an evaluation batch at image size ``s``."""
     kind = target["target"]
     shapes = {"image": ((s, s, 3), np.float32), "mask": ((), np.float32)}
     if kind == "boxes":
@@ -376,7 +382,7 @@ def _empty_batch(size: int, s: int, target: dict) -> Batch:
         shapes["scale"] = ((), np.float32)
     else:
         shapes[kind] = ((s, s) if kind == "label_map" else (), np.int32)
-    return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
+    return shapes
 
 
 def check_examples(source: Source, spec: InputSpec, *, threads: int | None = None) -> int:
