@@ -238,16 +238,29 @@ def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
     async def read_shard():
         raise Exception("Encountered error while reading array index: (slice(0, 3, 1),)")
 
+    async def tensorstore_read():
+        raise ValueError('OUT_OF_RANGE: Error reading "params.b/0" in OCDBT database at local '
+                         'file "/ckpt/6/state/": Requested byte range is not valid')  # fmt: skip
+
     async def another_task():
         raise ValueError("a real bug")
 
     async def gathered(coroutine):  # the gathering future, never awaited
         return asyncio.gather(coroutine)
 
+    async def bare_future(coroutine):  # a plain future holding the read's error
+        future = asyncio.get_running_loop().create_future()
+        try:
+            await coroutine
+        except ValueError as e:
+            future.set_exception(e)
+        return future
+
     _quiet_abandoned_reads()
     with caplog.at_level(logging.DEBUG):
         for coroutine, wrap in ((_read_array_index_and_device_put, None),
-                                (read_shard, gathered), (another_task, None)):  # fmt: skip
+                                (read_shard, gathered), (tensorstore_read, bare_future),
+                                (another_task, None)):  # fmt: skip
             loop = asyncio.new_event_loop()
             if wrap is None:
                 future = loop.create_task(coroutine())
@@ -262,6 +275,7 @@ def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
     quieted = [r.getMessage() for r in caplog.records if "After a failed read" in r.getMessage()]
     assert any("Task exception" in m for m in quieted), quieted
     assert any("_GatheringFuture exception" in m for m in quieted), quieted
+    assert any(m.startswith("After a failed read: Future exception") for m in quieted), quieted
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")

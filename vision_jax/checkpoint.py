@@ -101,13 +101,21 @@ def _abandoned_read(unraisable: Any) -> bool:
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
+# What asyncio's message about an abandoned read names: orbax's read coroutine (a task), orbax's
+# read error (a future gathering them), or TensorStore's (a bare future of one read).
+_ABANDONED_READ_MARKERS = (
+    "_read_array_index",
+    "error while reading array index",
+    "in OCDBT database",
+)
+
+
 class _AbandonedReadTasks(logging.Filter):
-    """asyncio's "... exception was never retrieved" for those reads (their tasks, or the
-    futures gathering them, which carry orbax's read error), at DEBUG instead."""
+    """asyncio's "... exception was never retrieved" for those reads, at DEBUG instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        orbax_read = "_read_array_index" in message or "error while reading array index" in message
+        orbax_read = any(marker in message for marker in _ABANDONED_READ_MARKERS)
         if "never retrieved" in message and orbax_read:
             logging.debug("After a failed read: %s", message.splitlines()[0])
             return False
