@@ -148,12 +148,13 @@ def test_eval_steps_compile_ahead_while_the_first_train_step_compiles(tmp_path, 
     overlaps the first train step's compilation; the evaluations (periodic and final, the
     last batch padded) run them without compiling again."""
     config = small_config(ema_decay=0.9, eval_every_steps=2)
+    logged = jax.config.jax_log_compiles
     jax.config.update("jax_log_compiles", True)  # for every thread (the context is per thread)
     try:
         with caplog.at_level(logging.WARNING):
             result = train_and_evaluate(config, str(tmp_path))
     finally:
-        jax.config.update("jax_log_compiles", False)
+        jax.config.update("jax_log_compiles", logged)
     compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(eval_step)")]
     assert [r.threadName for r in compiles] == ["compile_eval", "compile_eval"]
     assert result["eval/examples"] == result["eval_ema/examples"] == 360

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -172,25 +172,20 @@ def _save_due(spec: Any, step: int, total_steps: int) -> bool:
     return step == total_steps or (every > 0 and step % every == 0)
 
 
-class _ExampleCheck:
-    """Reads the evaluation and validation splits once (:func:`data.check_examples`) on a
-    background thread: a bad file stops the run before it trains, not at its end, and the
-    reading overlaps the first step's compilation. :meth:`wait` raises the check's error; the
-    loop waits before anything is evaluated or saved."""
+class _Background:
+    """``work()`` on a daemon thread (a run that fails before waiting exits without it);
+    :meth:`wait` joins it and raises its error."""
 
-    def __init__(self, run: Run):
-        sources = [s for s in (run.eval_source, run.val_source) if s is not None]
+    def __init__(self, name: str, work: Callable[[], None]):
         self._error: BaseException | None = None
 
-        def check() -> None:
+        def run() -> None:
             try:
-                for source in sources:
-                    data_lib.check_examples(source, run.input)
+                work()
             except BaseException as e:  # noqa: BLE001  (raised by wait)
                 self._error = e
 
-        # A daemon: a run that fails before waiting exits without reading the rest of the split.
-        self._thread = threading.Thread(target=check, name="check_examples", daemon=True)
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
         self._thread.start()
 
     def wait(self) -> None:
@@ -199,41 +194,49 @@ class _ExampleCheck:
             raise self._error
 
 
-class _EvalCompile:
-    """Compiles the eval steps on a background thread while XLA compiles the first train step,
-    so the first evaluation starts without compiling. The train step is traced first, on the
+def _check_examples(run: Run) -> _Background:
+    """Reads the evaluation and validation splits once (:func:`data.check_examples`) in the
+    background: a bad file stops the run before it trains, not at its end, and the reading
+    overlaps the first step's compilation. The loop waits before anything is evaluated or
+    saved."""
+    sources = [s for s in (run.eval_source, run.val_source) if s is not None]
+
+    def check() -> None:
+        for source in sources:
+            data_lib.check_examples(source, run.input)
+
+    return _Background("check_examples", check)
+
+
+def _compile_evals(run: Run, state: TrainState, batch: dict[str, jax.Array]) -> _Background:
+    """Compiles the eval steps in the background while XLA compiles the first train step, so
+    the first evaluation starts without compiling. The train step is traced first, on the
     calling thread (two tracings would contend for the interpreter; its compilation does not).
-    A failure here is left for the evaluation itself to raise; :meth:`wait` before the first
+    A failure here is left for the evaluation itself to raise; wait before the first
     evaluation."""
+    run.train_step.lower(state, run.frozen, batch, run.settings)  # the step's call reuses it
+    rows, rows_split = run.spec.eval_batch_size, sharding.batch_sharding(run.mesh)
+    shapes = data_lib.eval_example_shapes(run.eval_source, run.input, **run.task.batch_args())
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=rows_split)
+        for k, (shape, dtype) in shapes.items()
+    }
+    args = (abstract_state(state), run.frozen, batch)
 
-    def __init__(self, run: Run, state: TrainState, batch: dict[str, jax.Array]):
-        run.train_step.lower(state, run.frozen, batch, run.settings)  # the step's call reuses it
-        rows, rows_split = run.spec.eval_batch_size, sharding.batch_sharding(run.mesh)
-        shapes = data_lib.eval_example_shapes(run.eval_source, run.input, **run.task.batch_args())
-        batch = {
-            k: jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=rows_split)
-            for k, (shape, dtype) in shapes.items()
-        }
-        args = (abstract_state(state), run.frozen, batch)
+    def compile_steps() -> None:
+        for eval_step in run.eval_steps.values():
+            try:
+                eval_step.lower(*args).compile()
+            except Exception as e:  # noqa: BLE001  (the evaluation compiles and raises it)
+                logging.debug("Eval step not compiled ahead: %s", e)
 
-        def compile_steps() -> None:
-            for eval_step in run.eval_steps.values():
-                try:
-                    eval_step.lower(*args).compile()
-                except Exception as e:  # noqa: BLE001  (the evaluation compiles and raises it)
-                    logging.debug("Eval step not compiled ahead: %s", e)
-
-        self._thread = threading.Thread(target=compile_steps, name="compile_eval", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        self._thread.join()
+    return _Background("compile_eval", compile_steps)
 
 
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
         raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
-    check = _ExampleCheck(run)
+    check = _check_examples(run)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir if is_main else None)
     try:
@@ -256,7 +259,7 @@ def _finished(run: Run) -> bool:
 
 def _loop(
     run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals,
-    check: _ExampleCheck,
+    check: _Background,
 ) -> dict[str, float]:  # fmt: skip
     """Trains from ``run.start_step`` to the end (or early stopping); returns the last metrics
     of each kind."""
@@ -283,7 +286,7 @@ def _loop(
         for step in range(run.start_step + 1, run.total_steps + 1):
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
             if step == run.start_step + 1:
-                eval_compile = _EvalCompile(run, state, batch)
+                eval_compile = _compile_evals(run, state, batch)
             state, metrics = run.train_step(state, run.frozen, batch, run.settings)
             check.wait()  # at once after the first step, whose compilation they overlapped
             eval_compile.wait()
