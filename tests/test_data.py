@@ -580,3 +580,26 @@ def test_idx_source_reads_fashion_mnist(shared_dir):
     assert images.shape == (10_000, 28, 28, 1)
     # PROVENANCE.txt: pixel mean 0.2860 (over the training set; the test set is within 0.002).
     assert abs(images.mean() / 255 - 0.2860) < 0.003
+
+
+@pytest.mark.parametrize(
+    "target, overrides",
+    [("label", {}), ("label", {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}), ("label_map", {})],
+)
+def test_example_shapes_are_those_of_the_batches(target, overrides):
+    """The shapes the steps compile against ahead of the data (train and eval) are the
+    batches' own: the keys, each row's shape and dtype."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 20, 20, 3), np.uint8)
+    labels = rng.integers(0, 3, (10, 20, 20) if target == "label_map" else 10)
+    source = data_lib.from_arrays(images, labels, ["a", "b", "c"], target=target)
+    spec = spec_of(random_crop=True, flip=True, **overrides)
+    rows = lambda batch: {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
+    train = data_lib.train_batches(source, spec, global_batch=4, seed=0)
+    try:
+        assert rows(next(train)) == data_lib.train_example_shapes(source, spec)
+    finally:
+        train.close()
+    evaluation = data_lib.eval_batches(source, spec, global_batch=4)
+    assert rows(next(evaluation)) == data_lib.eval_example_shapes(source, spec)
+    assert ("soft_label" in data_lib.train_example_shapes(source, spec)) == bool(overrides)

@@ -167,6 +167,20 @@ def test_boxes_stay_on_their_objects_under_augmentation(tmp_path, crop):
         assert dropped > 0 and cut > 0
 
 
+def test_box_example_shapes_are_those_of_the_batches(tmp_path):
+    """The shapes the steps compile against ahead of the data are those of box batches."""
+    write_coco(tmp_path, [(60, 90, RECTS), (50, 40, RECTS[:2])])
+    source, spec = coco_source(tmp_path), spec_of(flip=True)
+    rows = lambda batch: {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
+    train = data_lib.train_batches(source, spec, global_batch=2, seed=0, max_boxes=6)
+    try:
+        assert rows(next(train)) == data_lib.train_example_shapes(source, spec, max_boxes=6)
+    finally:
+        train.close()
+    evaluation = data_lib.eval_batches(source, spec, global_batch=2, max_boxes=6)
+    assert rows(next(evaluation)) == data_lib.eval_example_shapes(source, spec, max_boxes=6)
+
+
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("scale", [0.5, 1.5])
 def test_resampled_window_equals_pil_resize(interpolation, scale):

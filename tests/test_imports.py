@@ -1,5 +1,5 @@
-"""Start-up imports: TensorFlow comes in without Keras (and the matplotlib and scikit-learn
-imports Keras makes), and Keras still loads when asked for."""
+"""Start-up imports: TensorFlow comes in at first use, without Keras (and the matplotlib and
+scikit-learn imports Keras makes), and Keras still loads when asked for."""
 
 from __future__ import annotations
 
@@ -19,13 +19,22 @@ def run_python(code: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def test_training_and_predict_modules_import_tensorflow_without_keras():
+def test_tensorflow_loads_at_first_use_without_keras(tmp_path):
+    """Importing the training, predict and export modules and listing an image folder import no
+    TensorFlow (a run compiles its first step meanwhile: vision_jax.train); the source's dataset
+    imports it, without Keras (and the matplotlib and scikit-learn imports Keras makes)."""
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "a.jpg").write_bytes(b"")
     code = (
         "import sys, vision_jax.train, vision_jax.predict, vision_jax.export\n"
-        "print(sorted(m for m in ('tensorflow', 'keras', 'matplotlib', 'sklearn')"
-        " if m in sys.modules))"
+        "from vision_jax.data import from_image_folder\n"
+        "names = ('tensorflow', 'keras', 'matplotlib', 'sklearn')\n"
+        "loaded = lambda: sorted(m for m in names if m in sys.modules)\n"
+        f"source = from_image_folder({str(tmp_path)!r}, 'train')\n"
+        "before = loaded()\n"
+        "print(before, loaded() if source.dataset.element_spec else None, source.num_examples)"
     )
-    assert run_python(code) == "['tensorflow']"
+    assert run_python(code) == "[] ['tensorflow'] 1"
 
 
 def test_keras_still_loads_after_the_import():

@@ -143,10 +143,11 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_eval_steps_compile_ahead_while_the_first_train_step_compiles(tmp_path, caplog):
-    """The eval steps (parameters and EMA) compile once each, on the background thread that
-    overlaps the first train step's compilation; the evaluations (periodic and final, the
-    last batch padded) run them without compiling again."""
+def test_steps_compile_ahead_in_the_background(tmp_path, caplog):
+    """The train step compiles once, on a background thread, against the shapes of its inputs
+    (while TensorFlow and the input pipeline start); the eval steps (parameters and EMA) once
+    each on another; the steps and evaluations (periodic and final, the last batch padded) run
+    them without compiling again."""
     config = small_config(ema_decay=0.9, eval_every_steps=2)
     logged = jax.config.jax_log_compiles
     jax.config.update("jax_log_compiles", True)  # for every thread (the context is per thread)
@@ -155,8 +156,12 @@ def test_eval_steps_compile_ahead_while_the_first_train_step_compiles(tmp_path, 
             result = train_and_evaluate(config, str(tmp_path))
     finally:
         jax.config.update("jax_log_compiles", logged)
-    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(eval_step)")]
-    assert [r.threadName for r in compiles] == ["compile_eval", "compile_eval"]
+    compiled = lambda step: f"Finished XLA compilation of jit({step})"
+    threads = lambda step: [
+        r.threadName for r in caplog.records if r.getMessage().startswith(compiled(step))
+    ]
+    assert threads("train_step") == ["compile_train"]
+    assert threads("eval_step") == ["compile_eval", "compile_eval"]
     assert result["eval/examples"] == result["eval_ema/examples"] == 360
 
 

@@ -8,6 +8,7 @@ then trains, evaluates every ``eval_every_steps`` and at the end, and checkpoint
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -208,42 +209,77 @@ def _check_examples(run: Run) -> _Background:
     return _Background("check_examples", check)
 
 
-def _compile_evals(run: Run, state: TrainState, batch: dict[str, jax.Array]) -> _Background:
-    """Compiles the eval steps in the background while XLA compiles the first train step, so
-    the first evaluation starts without compiling. The train step is traced first, on the
-    calling thread (two tracings would contend for the interpreter; its compilation does not).
-    A failure here is left for the evaluation itself to raise; wait before the first
-    evaluation."""
-    run.train_step.lower(state, run.frozen, batch, run.settings)  # the step's call reuses it
-    rows, rows_split = run.spec.eval_batch_size, sharding.batch_sharding(run.mesh)
-    shapes = data_lib.eval_example_shapes(run.eval_source, run.input, **run.task.batch_args())
-    batch = {
-        k: jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=rows_split)
-        for k, (shape, dtype) in shapes.items()
-    }
-    args = (abstract_state(state), run.frozen, batch)
+def _compile_ahead(run: Run, state: TrainState) -> tuple[_Background, _Background]:
+    """Compiles the train step, and the eval steps, in the background against the shapes of
+    their inputs, while the loop starts TensorFlow, the writer and the input pipeline: the first
+    step waits only for what is left of its compilation, the first evaluation not at all. The
+    train step is traced here, on the calling thread (tracings contend for the interpreter; XLA's
+    compilation does not). A failure is left for the step's own call to raise."""
+    rows_split, args = sharding.batch_sharding(run.mesh), run.task.batch_args()
 
-    def compile_steps() -> None:
+    def batch(shapes: dict, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            k: jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=rows_split)
+            for k, (shape, dtype) in shapes.items()
+        }
+
+    state = abstract_state(state)
+    train_batch = batch(data_lib.train_example_shapes(run.train_source, run.input, **args),
+                        run.spec.batch_size)  # fmt: skip
+    eval_batch = batch(data_lib.eval_example_shapes(run.eval_source, run.input, **args),
+                       run.spec.eval_batch_size)  # fmt: skip
+    lowered = run.train_step.lower(state, run.frozen, train_batch, run.settings)
+
+    def compile_evals() -> None:
         for eval_step in run.eval_steps.values():
-            try:
-                eval_step.lower(*args).compile()
-            except Exception as e:  # noqa: BLE001  (the evaluation compiles and raises it)
-                logging.debug("Eval step not compiled ahead: %s", e)
+            _compile_quietly(functools.partial(eval_step.lower, state, run.frozen, eval_batch))
 
-    return _Background("compile_eval", compile_steps)
+    compile_train = functools.partial(_compile_quietly, lambda: lowered)
+    return _Background("compile_train", compile_train), _Background("compile_eval", compile_evals)
+
+
+def _compile_quietly(lower: Callable[[], Any]) -> None:
+    """``lower().compile()``; a failure is logged at DEBUG (the step's call compiles again and
+    raises it)."""
+    try:
+        lower().compile()
+    except Exception as e:  # noqa: BLE001
+        logging.debug("Step not compiled ahead: %s", e)
+
+
+class _StartUp:
+    """What runs in the background while training starts: the train step's compilation, which
+    the first step waits for, and the eval steps' compilation and the eval splits' check, which
+    the first evaluation (or the first step's end) waits for."""
+
+    def __init__(self, run: Run, state: TrainState):
+        self.train_compile = eval_compile = None
+        if not _finished(run):
+            self.train_compile, eval_compile = _compile_ahead(run, state)
+        self.before_evaluating = [b for b in (_check_examples(run), eval_compile) if b]
+
+    def wait_for_train_step(self) -> None:
+        if self.train_compile is not None:
+            self.train_compile.wait()
+            self.train_compile = None
+
+    def wait(self) -> None:
+        for background in self.before_evaluating:
+            background.wait()
+        self.before_evaluating = []
 
 
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
         raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
-    check = _check_examples(run)
+    startup = _StartUp(run, run.state)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir if is_main else None)
     try:
         if is_main:
             writer.write_hparams(_flat_hparams(run.meta["config"]))
             _log_start(run)
-        results = _loop(run, _fresh_skips(run.state), writer, stop, check)
+        results = _loop(run, _fresh_skips(run.state), writer, stop, startup)
         if run.selection is not None:
             results.update(_test_best(run, writer))
         return results
@@ -258,16 +294,15 @@ def _finished(run: Run) -> bool:
 
 
 def _loop(
-    run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals,
-    check: _Background,
-) -> dict[str, float]:  # fmt: skip
+    run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals, startup: _StartUp
+) -> dict[str, float]:
     """Trains from ``run.start_step`` to the end (or early stopping); returns the last metrics
     of each kind."""
     spec, guard = run.spec, _Guard(run, state)
     results: dict[str, float] = {}
     evaluate_first = spec.eval_before_training and run.start_step == 0
     if evaluate_first or _finished(run):
-        check.wait()
+        startup.wait()
     if evaluate_first:
         split, _ = run.periodic_source
         before = _evaluate(run, state, 0, writer)
@@ -285,11 +320,9 @@ def _loop(
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
-            if step == run.start_step + 1:
-                eval_compile = _compile_evals(run, state, batch)
+            startup.wait_for_train_step()
             state, metrics = run.train_step(state, run.frozen, batch, run.settings)
-            check.wait()  # at once after the first step, whose compilation they overlapped
-            eval_compile.wait()
+            startup.wait()  # at once after the first step, whose compilation they overlapped
             results.update(log.add(step, metrics, state))
             evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
             results.update(evaluated)

@@ -22,6 +22,7 @@ from vision_jax.data.pipeline import (
     eval_example_shapes,
     pipeline_options,
     train_batches,
+    train_example_shapes,
 )
 from vision_jax.data.preprocess import InputSpec
 from vision_jax.data.sources import (
@@ -203,6 +204,7 @@ __all__ = [
     "digits",
     "eval_batches",
     "eval_example_shapes",
+    "train_example_shapes",
     "from_arrays",
     "from_coco",
     "from_columns",

@@ -23,7 +23,7 @@ from PIL import Image
 
 from vision_jax.data import augment
 from vision_jax.data.folders import apply_slice, parse_split
-from vision_jax.data.sources import DataError, Source, tfds_split
+from vision_jax.data.sources import DataError, Source, file_path, tfds_split
 
 TOLERANCE = 1.0  # pixels a box may stick out of its image (float rounding)
 ANNOTATIONS = "annotations/instances_{split}.json"
@@ -54,7 +54,7 @@ def from_coco(
     all_images = _records(coco, "images", json_path)
     by_id = {im["id"]: im for im in all_images}
     anns, problems = _checked_annotations(coco, by_id, categories, json_path)
-    if not tf.io.gfile.isdir(image_dir):
+    if not file_path(image_dir).is_dir():
         raise DataError(f"COCO image folder {image_dir} does not exist (data.coco_images).")
     missing = _missing_files(all_images, image_dir)
     for image in missing:
@@ -70,8 +70,7 @@ def from_coco(
         "path": np.array([posixpath.join(image_dir, im["file_name"]) for im in kept], dtype=str),
         "row": np.arange(len(kept), dtype=np.int32),
     }
-    dataset = tf.data.Dataset.from_tensor_slices(columns)
-    return _box_source(dataset, kept, anns, categories, columns, skip_corrupt)
+    return _box_source(None, kept, anns, categories, columns, skip_corrupt)
 
 
 def from_image_files(
@@ -96,13 +95,12 @@ def from_image_files(
         "row": np.arange(len(images), dtype=np.int32),
     }
     categories = [{"id": int(i), "name": n} for i, n in zip(category_ids, class_names, strict=True)]
-    dataset = tf.data.Dataset.from_tensor_slices(columns)
-    source = _box_source(dataset, images, [], categories, columns, skip_corrupt=True)
+    source = _box_source(None, images, [], categories, columns, skip_corrupt=True)
     return source, unreadable
 
 
 def _box_source(
-    dataset: tf.data.Dataset,
+    dataset: tf.data.Dataset | None,
     images: list[dict],
     anns: Iterable[dict],
     categories: list[dict],
@@ -143,13 +141,12 @@ def _annotation(ann: dict) -> dict:
 
 
 def _read_json(path: str) -> dict:
-    if not tf.io.gfile.exists(path):
+    if not file_path(path).exists():
         raise DataError(f"COCO annotation file {path} does not exist (data.coco_annotations).")
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            coco = json.loads(f.read())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON: {e}") from e
+    try:
+        coco = json.loads(file_path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(coco, dict):
         raise DataError(f"{path} must hold a COCO object with images, annotations, categories.")
     return coco
@@ -225,8 +222,8 @@ def _missing_files(images: list[dict], image_dir: str) -> list[dict]:
     for image in images:
         folder, name = posixpath.split(posixpath.join(image_dir, image["file_name"]))
         if folder not in listings:
-            exists = tf.io.gfile.isdir(folder)
-            listings[folder] = set(tf.io.gfile.listdir(folder)) if exists else set()
+            exists = file_path(folder).is_dir()
+            listings[folder] = {f.name for f in file_path(folder).iterdir()} if exists else set()
         if name not in listings[folder]:
             missing.append(image)
     return missing

@@ -1,4 +1,4 @@
-"""Image files on disk (local or any ``tf.io.gfile`` filesystem) as sources.
+"""Image files on disk (local, or any filesystem etils' ``epath`` reaches) as sources.
 
 ``imagefolder``: ``root/<split>/<class>/*.{jpg,jpeg,png}``, classes named by their sorted folder
 names; for label maps ``root/<split>/images/*.{jpg,jpeg,png}`` with index PNGs
@@ -18,11 +18,16 @@ import posixpath
 import re
 from collections.abc import Sequence
 
-from vision_jax.tf_without_keras import tf
-
 import numpy as np
 
-from vision_jax.data.sources import DataError, Source, check_target, from_columns, num_rows
+from vision_jax.data.sources import (
+    DataError,
+    Source,
+    check_target,
+    file_path,
+    from_columns,
+    num_rows,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
@@ -66,11 +71,9 @@ def _file_source(
 
 
 def subdirectories(path: str) -> list[str]:
-    """Sorted names of the non-hidden folders in ``path`` (any tf.io.gfile filesystem)."""
+    """Sorted names of the non-hidden folders in ``path`` (local, or a URL: :func:`file_path`)."""
     return sorted(
-        d.rstrip("/")
-        for d in tf.io.gfile.listdir(path)
-        if not d.startswith(".") and tf.io.gfile.isdir(posixpath.join(path, d))
+        d.name for d in file_path(path).iterdir() if not d.name.startswith(".") and d.is_dir()
     )
 
 
@@ -79,7 +82,8 @@ def _is_image(name: str) -> bool:
 
 
 def _image_files(folder: str) -> list[str]:
-    return sorted(f for f in tf.io.gfile.listdir(folder) if _is_image(f) and not f.startswith("."))
+    names = (f.name for f in file_path(folder).iterdir())
+    return sorted(f for f in names if _is_image(f) and not f.startswith("."))
 
 
 def from_image_folder(
@@ -99,7 +103,7 @@ def from_image_folder(
         return label_map_folder(root, split, skip_corrupt=skip_corrupt, class_names=class_names)
     name, where = parse_split(split)
     split_dir = posixpath.join(root, name)
-    if not tf.io.gfile.isdir(split_dir):
+    if not file_path(split_dir).is_dir():
         raise DataError(f"Image folder split {split_dir} does not exist.")
     class_names = subdirectories(split_dir)
     if not class_names:
@@ -136,11 +140,11 @@ def label_map_folder(
     name, where = parse_split(split)
     image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
     for folder in (image_dir, mask_dir):
-        if not tf.io.gfile.isdir(folder):
+        if not file_path(folder).is_dir():
             raise DataError(f"Label-map split folder {folder} does not exist.")
     class_names = list(class_names) if class_names else _classes_txt(root)
     paths, mask_paths = [], []
-    masks = set(tf.io.gfile.listdir(mask_dir))
+    masks = {f.name for f in file_path(mask_dir).iterdir()}
     for f in _image_files(image_dir):
         mask = posixpath.splitext(f)[0] + ".png"
         if mask not in masks:
@@ -164,35 +168,30 @@ def label_map_folder(
 def _classes_txt(root: str) -> list[str]:
     """The non-empty lines of ``root/classes.txt`` (line i names class id i)."""
     path = posixpath.join(root, "classes.txt")
-    if not tf.io.gfile.exists(path):
+    if not file_path(path).exists():
         raise DataError(
             f"Label maps need class names: set data.class_names or write {path} (one per line, "
             "class 0 first)."
         )
-    with tf.io.gfile.GFile(path) as f:
-        return [line.strip() for line in f.read().rstrip().splitlines()]
+    return [line.strip() for line in file_path(path).read_text().rstrip().splitlines()]
 
 
 def _read_csv(path: str) -> list[tuple[int, str, str]]:
     """(line number, filename, label) rows of a ``filename,label`` CSV file."""
-    with tf.io.gfile.GFile(path) as f:
-        reader = csv.reader(io.StringIO(f.read()))
-        header = [h.strip() for h in next(reader, [])]
-        if header[:2] != ["filename", "label"]:
-            raise DataError(f"{path} must start with the header 'filename,label'; got {header}.")
-        return [
-            (line, row[0].strip(), row[1].strip())
-            for line, row in enumerate(reader, start=2)
-            if row
-        ]
+    reader = csv.reader(io.StringIO(file_path(path).read_text()))
+    header = [h.strip() for h in next(reader, [])]
+    if header[:2] != ["filename", "label"]:
+        raise DataError(f"{path} must start with the header 'filename,label'; got {header}.")
+    rows = enumerate(reader, start=2)
+    return [(line, row[0].strip(), row[1].strip()) for line, row in rows if row]
 
 
 def _csv_class_names(root: str) -> list[str]:
     """Class names from every ``root/*.csv``: integer labels 0..max, or sorted label names."""
     labels = {
         label
-        for path in tf.io.gfile.glob(posixpath.join(root, "*.csv"))
-        for _, _, label in _read_csv(path)
+        for path in sorted(file_path(root).glob("*.csv"))
+        for _, _, label in _read_csv(str(path))
     }
     if labels and all(re.fullmatch(r"\d+", x) for x in labels):
         return [str(i) for i in range(max(int(x) for x in labels) + 1)]
@@ -213,7 +212,7 @@ def from_csv(
     """
     name, where = parse_split(split)
     path = posixpath.join(root, f"{name}.csv")
-    if not tf.io.gfile.exists(path):
+    if not file_path(path).exists():
         raise DataError(f"CSV split file {path} does not exist.")
     class_names = list(class_names) if class_names is not None else _csv_class_names(root)
     index = {c: i for i, c in enumerate(class_names)}

@@ -310,6 +310,19 @@ def eval_example_shapes(
     return _example_shapes(spec.image_size, _target(source, max_boxes))
 
 
+def train_example_shapes(
+    source: Source, spec: InputSpec, *, max_boxes: int | None = None
+) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of one row of each key of ``train_batches``' batches (to compile the
+    train step before the pipeline starts)."""
+    shapes = eval_example_shapes(source, spec, max_boxes=max_boxes)
+    for key in _EVAL_ONLY_KEYS:
+        shapes.pop(key, None)
+    if spec.mixes:
+        shapes["soft_label"] = ((source.num_classes,), np.float32)
+    return shapes
+
+
 def _padded(
     batches: Batches, local: int, num_batches: int, shard_size: int, empty: Batch
 ) -> Iterator[Batch]:
@@ -369,6 +382,9 @@ def _empty_batch(size: int, s: int, target: dict) -> Batch:
     """An all-padding batch, for a process whose shard ran out before the others."""
     shapes = _example_shapes(s, target)
     return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
+
+
+_EVAL_ONLY_KEYS = ("mask", "image_id", "scale")
 
 
 def _example_shapes(s: int, target: dict) -> dict[str, tuple[tuple[int, ...], type]]:

@@ -17,7 +17,7 @@ from vision_jax.data.randaugment import randaugment
 from vision_jax.data.sources import IGNORE_LABEL, check_target
 from vision_jax.specs import InputSpec
 
-Example = dict[str, tf.Tensor]
+Example = dict[str, "tf.Tensor"]
 
 
 # Augmentations that label maps and boxes cannot follow (mixed labels, made-up pixels).

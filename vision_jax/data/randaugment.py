@@ -98,7 +98,7 @@ def _posterize(image: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
     return tf.floor(image / step) * step
 
 
-Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (image, signed level in [-1, 1]) -> image
+Op = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]  # (image, signed level in [-1, 1]) -> image
 
 OPS: dict[str, Op] = {
     "AutoContrast": lambda im, lv: _autocontrast(im),

@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from vision_jax.tf_without_keras import load as load_tensorflow
 from vision_jax.tf_without_keras import tf
 
 import numpy as np
+from etils import epath
 
 from vision_jax.specs import IGNORE_LABEL
-
-# TensorFlow is only the input pipeline here: keep it off accelerators.
-tf.config.set_visible_devices([], "GPU")
-
 
 TARGETS = ("label", "label_map", "boxes")
 
@@ -36,7 +34,7 @@ class DataError(ValueError):
 class Source:
     """One split of a dataset, before preprocessing.
 
-    ``columns``, when present, holds the same examples as ``dataset`` as numpy arrays
+    ``columns``, when present, holds the same examples as :attr:`dataset` as numpy arrays
     (``"image"`` or ``"path"``, and ``"label"``, ``"label_map"`` or ``"label_map_path"``) for
     random access. ``skip_corrupt`` makes the pipeline skip (and count) images that cannot be
     decoded, or whose label maps do not fit them, instead of failing. ``target`` is "label"
@@ -46,7 +44,7 @@ class Source:
     category id of class ``i``; ``class_names`` are the category names in id order).
     """
 
-    dataset: tf.data.Dataset
+    examples: tf.data.Dataset | None  # None: built from ``columns`` (:attr:`dataset`)
     num_examples: int
     class_names: list[str]
     columns: dict[str, np.ndarray] | None = None
@@ -58,6 +56,22 @@ class Source:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def dataset(self) -> tf.data.Dataset:
+        """The examples; a column source makes its dataset here, at first use, so that listing
+        files does not import TensorFlow."""
+        if self.examples is None:
+            self.examples = tf.data.Dataset.from_tensor_slices(self.columns)
+        return self.examples
+
+
+def file_path(path: str) -> epath.Path:
+    """``path`` on its filesystem: local paths through the OS (TensorFlow not needed), URLs
+    (``gs://`` ...) through etils' backends (TensorFlow's gfile, loaded here without Keras)."""
+    if "://" in path:
+        load_tensorflow()
+    return epath.Path(path)
 
 
 def from_columns(columns: dict[str, np.ndarray], class_names: Sequence[str]) -> Source:
@@ -81,8 +95,7 @@ def from_columns(columns: dict[str, np.ndarray], class_names: Sequence[str]) -> 
                 "label_map": _checked_label_maps(columns["label_map"], class_names),
             }
         target = "label_map"
-    ds = tf.data.Dataset.from_tensor_slices(columns)
-    return Source(ds, num_rows(columns), list(class_names), columns, target=target)
+    return Source(None, num_rows(columns), list(class_names), columns, target=target)
 
 
 def num_rows(columns: dict[str, np.ndarray]) -> int:
@@ -221,6 +234,7 @@ def from_tfds(
 
 def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.data.Dataset]:
     """The features and (in order, images left encoded) examples of a prepared tfds split."""
+    load_tensorflow()  # first: tfds imports TensorFlow
     import tensorflow_datasets as tfds
 
     try:

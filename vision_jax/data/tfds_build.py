@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from vision_jax.tf_without_keras import load as load_tensorflow
+
 from vision_jax.data.folders import from_image_folder, subdirectories
 from vision_jax.data.sources import DataError
 
@@ -29,6 +31,7 @@ def build_tfds_from_folder(
         #   config.data.data_dir = "/data/tfds"
         #   config.data.train_split = "train[:90%]"
     """
+    load_tensorflow()  # first: tfds imports TensorFlow
     import tensorflow_datasets as tfds
 
     splits = subdirectories(root)

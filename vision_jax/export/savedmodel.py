@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
+from vision_jax.tf_without_keras import load as load_tensorflow
 from vision_jax.tf_without_keras import tf
 
 import jax
-from jax.experimental import jax2tf
 
 from vision_jax.export.serving import Servable
 
@@ -34,6 +34,9 @@ def _variables(servable: Servable) -> object:
 def serving_module(servable: Servable, batch: int | None = None) -> tf.Module:
     """A ``tf.Module`` whose ``serve`` function maps uint8 ``images`` (``batch`` of them, any
     number when None: the batch dimension is symbolic) to the predictions."""
+    load_tensorflow()  # before jax2tf, which imports TensorFlow itself
+    from jax.experimental import jax2tf
+
     variables = _variables(servable)
     shapes = [None, "(b, ...)"] if batch is None else None
     predict = jax2tf.convert(servable.apply, polymorphic_shapes=shapes, with_gradient=False)
