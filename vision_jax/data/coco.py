@@ -23,7 +23,7 @@ from PIL import Image
 
 from vision_jax.data import augment
 from vision_jax.data.folders import apply_slice, parse_split
-from vision_jax.data.sources import DataError, Source, file_path, tfds_split
+from vision_jax.data.sources import DataError, Source, file_path, list_names, tfds_split
 
 TOLERANCE = 1.0  # pixels a box may stick out of its image (float rounding)
 ANNOTATIONS = "annotations/instances_{split}.json"
@@ -223,7 +223,7 @@ def _missing_files(images: list[dict], image_dir: str) -> list[dict]:
         folder, name = posixpath.split(posixpath.join(image_dir, image["file_name"]))
         if folder not in listings:
             exists = file_path(folder).is_dir()
-            listings[folder] = {f.name for f in file_path(folder).iterdir()} if exists else set()
+            listings[folder] = set(list_names(folder)) if exists else set()
         if name not in listings[folder]:
             missing.append(image)
     return missing

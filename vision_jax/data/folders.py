@@ -26,6 +26,7 @@ from vision_jax.data.sources import (
     check_target,
     file_path,
     from_columns,
+    list_names,
     num_rows,
 )
 
@@ -73,7 +74,9 @@ def _file_source(
 def subdirectories(path: str) -> list[str]:
     """Sorted names of the non-hidden folders in ``path`` (local, or a URL: :func:`file_path`)."""
     return sorted(
-        d.name for d in file_path(path).iterdir() if not d.name.startswith(".") and d.is_dir()
+        d
+        for d in list_names(path)
+        if not d.startswith(".") and file_path(posixpath.join(path, d)).is_dir()
     )
 
 
@@ -82,8 +85,7 @@ def _is_image(name: str) -> bool:
 
 
 def _image_files(folder: str) -> list[str]:
-    names = (f.name for f in file_path(folder).iterdir())
-    return sorted(f for f in names if _is_image(f) and not f.startswith("."))
+    return sorted(f for f in list_names(folder) if _is_image(f) and not f.startswith("."))
 
 
 def from_image_folder(
@@ -144,7 +146,7 @@ def label_map_folder(
             raise DataError(f"Label-map split folder {folder} does not exist.")
     class_names = list(class_names) if class_names else _classes_txt(root)
     paths, mask_paths = [], []
-    masks = {f.name for f in file_path(mask_dir).iterdir()}
+    masks = set(list_names(mask_dir))
     for f in _image_files(image_dir):
         mask = posixpath.splitext(f)[0] + ".png"
         if mask not in masks:

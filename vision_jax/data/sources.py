@@ -13,6 +13,7 @@ random access, which lets the training stream be a pure function of the seed and
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 from vision_jax.tf_without_keras import load as load_tensorflow
@@ -72,6 +73,14 @@ def file_path(path: str) -> epath.Path:
     if "://" in path:
         load_tensorflow()
     return epath.Path(path)
+
+
+def list_names(folder: str) -> list[str]:
+    """The names in ``folder`` (local: ``os.listdir``, 20x faster than making a path of each;
+    URLs: :func:`file_path`)."""
+    if "://" not in folder:
+        return os.listdir(folder)
+    return [entry.name for entry in file_path(folder).iterdir()]
 
 
 def from_columns(columns: dict[str, np.ndarray], class_names: Sequence[str]) -> Source:
