@@ -23,7 +23,7 @@ def _subset(source: data_lib.Source, count: int, seed: int) -> data_lib.Source:
     keep = tf.constant(rows, tf.int64)
     dataset = source.dataset.enumerate().filter(lambda i, _: tf.reduce_any(i == keep))
     return dataclasses.replace(
-        source, dataset=dataset.map(lambda _, ex: ex), num_examples=count, columns=None
+        source, examples=dataset.map(lambda _, ex: ex), num_examples=count, columns=None
     )
 
 
