@@ -61,3 +61,20 @@ def test_library_modules_import_tensorflow_only_through_tf_without_keras():
             if any(name == "tensorflow" or name.startswith("tensorflow.") for name in names):
                 direct.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not direct, f"import tensorflow through vision_jax.tf_without_keras: {direct}"
+
+
+def test_reading_a_runs_curves_imports_no_keras(tmp_path):
+    """TensorBoard imports TensorFlow itself: the report's curve reader loads it first, without
+    Keras (a standalone ``python -m vision_jax.report`` saves Keras's import)."""
+    from vision_jax.writer import MetricWriter
+
+    writer = MetricWriter(str(tmp_path))
+    writer.write_scalars(3, {"train/loss": 0.5})
+    writer.close()
+    code = (
+        "import sys\n"
+        "from vision_jax.report.curves import read_scalars\n"
+        f"scalars = read_scalars({str(tmp_path)!r})\n"
+        "print(scalars['train/loss'][0].tolist(), 'keras' in sys.modules)"
+    )
+    assert run_python(code) == "[3] False"

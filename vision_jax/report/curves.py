@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+from vision_jax.tf_without_keras import load as load_tensorflow
+
 import numpy as np
 
 from vision_jax.report.figures import curves_figure
@@ -23,6 +25,7 @@ def read_scalars(workdir: str | pathlib.Path, headline: str | None = None) -> di
     empty without event files."""
     if not any(pathlib.Path(workdir).glob("events.out.tfevents.*")):
         return {}
+    load_tensorflow()  # first: TensorBoard imports TensorFlow (with Keras) itself
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
 
