@@ -603,3 +603,8 @@ def test_example_shapes_are_those_of_the_batches(target, overrides):
     evaluation = data_lib.eval_batches(source, spec, global_batch=4)
     assert rows(next(evaluation)) == data_lib.eval_example_shapes(source, spec)
     assert ("soft_label" in data_lib.train_example_shapes(source, spec)) == bool(overrides)
+
+
+def test_a_url_scheme_epath_cannot_read_is_an_error_naming_the_path():
+    with pytest.raises(data_lib.DataError, match=r"hdfs://nn/data/train: not a local path"):
+        data_lib.from_image_folder("hdfs://nn/data", "train")

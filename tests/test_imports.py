@@ -39,7 +39,9 @@ def test_tensorflow_loads_at_first_use_without_keras(tmp_path):
 
 def test_keras_still_loads_after_the_import():
     code = (
+        "import sys\n"
         "from vision_jax.tf_without_keras import tf\n"
+        "assert tf.constant(0) == 0 and 'keras' not in sys.modules\n"
         "import keras\n"
         "layer = tf.keras.layers.Dense(3)\n"
         "print(layer(tf.ones([2, 4])).shape, keras.__name__)"

@@ -12,7 +12,9 @@ import (seconds) and the input pipeline's start run beside the compilation
 (:mod:`vision_jax.train`). TensorFlow is kept off accelerators: it only feeds and exports.
 
 vision_jax's modules import TensorFlow only through this module (``tests/test_imports.py``); code
-that imports something that imports TensorFlow itself (tfds, jax2tf) calls :func:`load` first.
+that uses something that imports TensorFlow itself (tfds, jax2tf, TensorBoard's event reader,
+etils' ``epath`` on a URL: orbax and JAX's compilation cache in a ``gs://`` workdir) calls
+:func:`load` first.
 (clu's ``metric_writers`` would load Keras again: :mod:`vision_jax.writer`.)
 """
 
@@ -23,7 +25,7 @@ import threading
 import types
 from typing import Any
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _tensorflow: types.ModuleType | None = None
 
 

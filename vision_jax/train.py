@@ -214,7 +214,8 @@ def _compile_ahead(run: Run, state: TrainState) -> tuple[_Background, _Backgroun
     their inputs, while the loop starts TensorFlow, the writer and the input pipeline: the first
     step waits only for what is left of its compilation, the first evaluation not at all. The
     train step is traced here, on the calling thread (tracings contend for the interpreter; XLA's
-    compilation does not). A failure is left for the step's own call to raise."""
+    compilation does not), so an error in it is raised here. A failure to compile is left for
+    the step's own call to raise."""
     rows_split, args = sharding.batch_sharding(run.mesh), run.task.batch_args()
 
     def batch(shapes: dict, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -232,17 +233,17 @@ def _compile_ahead(run: Run, state: TrainState) -> tuple[_Background, _Backgroun
 
     def compile_evals() -> None:
         for eval_step in run.eval_steps.values():
-            _compile_quietly(functools.partial(eval_step.lower, state, run.frozen, eval_batch))
+            _quietly(lambda step=eval_step: step.lower(state, run.frozen, eval_batch).compile())
 
-    compile_train = functools.partial(_compile_quietly, lambda: lowered)
+    compile_train = functools.partial(_quietly, lowered.compile)
     return _Background("compile_train", compile_train), _Background("compile_eval", compile_evals)
 
 
-def _compile_quietly(lower: Callable[[], Any]) -> None:
-    """``lower().compile()``; a failure is logged at DEBUG (the step's call compiles again and
+def _quietly(compile_step: Callable[[], Any]) -> None:
+    """``compile_step()``; a failure is logged at DEBUG (the step's call compiles again and
     raises it)."""
     try:
-        lower().compile()
+        compile_step()
     except Exception as e:  # noqa: BLE001
         logging.debug("Step not compiled ahead: %s", e)
 
@@ -263,7 +264,7 @@ class _StartUp:
             self.train_compile.wait()
             self.train_compile = None
 
-    def wait(self) -> None:
+    def wait_before_evaluating(self) -> None:
         for background in self.before_evaluating:
             background.wait()
         self.before_evaluating = []
@@ -302,7 +303,7 @@ def _loop(
     results: dict[str, float] = {}
     evaluate_first = spec.eval_before_training and run.start_step == 0
     if evaluate_first or _finished(run):
-        startup.wait()
+        startup.wait_before_evaluating()
     if evaluate_first:
         split, _ = run.periodic_source
         before = _evaluate(run, state, 0, writer)
@@ -322,7 +323,7 @@ def _loop(
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
             startup.wait_for_train_step()
             state, metrics = run.train_step(state, run.frozen, batch, run.settings)
-            startup.wait()  # at once after the first step, whose compilation they overlapped
+            startup.wait_before_evaluating()  # at once after the first step
             results.update(log.add(step, metrics, state))
             evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
             results.update(evaluated)

@@ -204,7 +204,6 @@ __all__ = [
     "digits",
     "eval_batches",
     "eval_example_shapes",
-    "train_example_shapes",
     "from_arrays",
     "from_coco",
     "from_columns",
@@ -216,4 +215,5 @@ __all__ = [
     "pipeline_options",
     "select_classes",
     "train_batches",
+    "train_example_shapes",
 ]

@@ -307,7 +307,7 @@ def eval_example_shapes(
 ) -> dict[str, tuple[tuple[int, ...], type]]:
     """Shape and dtype of one row of each key of ``eval_batches``' batches (to compile the
     evaluation before any image is read)."""
-    return _example_shapes(spec.image_size, _target(source, max_boxes))
+    return _example_shapes(spec.image_size, source.target, _max_boxes(source.target, max_boxes))
 
 
 def train_example_shapes(
@@ -346,18 +346,25 @@ def _padded(
         yield empty
 
 
-def _target(source: Source, max_boxes: int | None) -> dict:
-    """:func:`make_preprocess`'s target arguments for ``source`` (``max_boxes``: boxes only)."""
-    target = {"target": source.target, "num_classes": source.num_classes}
-    if source.target != "boxes":
+def _max_boxes(kind: str, max_boxes: int | None) -> int | None:
+    """``max_boxes``, checked against the source's ``kind`` (boxes only, and then >= 1)."""
+    if kind != "boxes":
         if max_boxes is not None:
-            raise DataError(f"max_boxes applies to box sources, not to {source.target!r} ones.")
-        return target
+            raise DataError(f"max_boxes applies to box sources, not to {kind!r} ones.")
+        return None
     if max_boxes is None or max_boxes < 1:
         raise DataError(
             f"Box sources need max_boxes >= 1 (task.max_boxes: boxes per image in a batch); "
             f"got {max_boxes}."
         )
+    return max_boxes
+
+
+def _target(source: Source, max_boxes: int | None) -> dict:
+    """:func:`make_preprocess`'s target arguments for ``source`` (``max_boxes``: boxes only)."""
+    target = {"target": source.target, "num_classes": source.num_classes}
+    if _max_boxes(source.target, max_boxes) is None:
+        return target
     boxes.check_max_boxes(source, max_boxes)
     table = boxes.box_table(source.annotations, source.category_ids)
     return {**target, "box_table": table, "max_boxes": max_boxes}
@@ -380,19 +387,21 @@ def _pad(batch: Batch, size: int) -> Batch:
 
 def _empty_batch(size: int, s: int, target: dict) -> Batch:
     """An all-padding batch, for a process whose shard ran out before the others."""
-    shapes = _example_shapes(s, target)
+    shapes = _example_shapes(s, target["target"], target.get("max_boxes"))
     return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
 
 
 _EVAL_ONLY_KEYS = ("mask", "image_id", "scale")
 
 
-def _example_shapes(s: int, target: dict) -> dict[str, tuple[tuple[int, ...], type]]:
-    """Shape and dtype of one row of each key of an evaluation batch at image size ``s``."""
-    kind = target["target"]
+def _example_shapes(
+    s: int, kind: str, max_boxes: int | None
+) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of one row of each key of an evaluation batch at image size ``s`` from a
+    source of target ``kind``."""
     shapes = {"image": ((s, s, 3), np.float32), "mask": ((), np.float32)}
     if kind == "boxes":
-        m = target["max_boxes"]
+        m = max_boxes
         shapes |= {k: ((m,), np.int32) for k in ("classes", "valid", "crowd")}
         shapes |= {"boxes": ((m, 4), np.float32), "image_id": ((), np.int32)}
         shapes["scale"] = ((), np.float32)

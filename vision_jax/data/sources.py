@@ -1,6 +1,6 @@
 """Where examples come from: tfds datasets by name, or in-memory arrays.
 
-A :class:`Source` is an un-batched ``tf.data.Dataset`` of ``{"image", "label"}`` examples
+A :class:`Source` holds an un-batched ``tf.data.Dataset`` of ``{"image", "label"}`` examples
 (images uint8 HWC or encoded bytes) or ``{"path", "label"}`` examples (image files, read and
 decoded in the pipeline), with its size and class names. Segmentation sources (``target ==
 "label_map"``) carry a per-pixel ``"label_map"`` (uint8 HxW class ids, :data:`IGNORE_LABEL` for
@@ -43,9 +43,11 @@ class Source:
     id the maps use, 0 first) or "boxes" (objects: ``annotations`` holds the split's COCO ground
     truth in original pixels, its images in row order, and ``category_ids[i]`` is the COCO
     category id of class ``i``; ``class_names`` are the category names in id order).
+    A column source's dataset is made at first use (:attr:`dataset`): a copy with other
+    ``columns`` (``dataclasses.replace``) sets ``examples=None`` too.
     """
 
-    examples: tf.data.Dataset | None  # None: built from ``columns`` (:attr:`dataset`)
+    examples: tf.data.Dataset | None  # None: made from ``columns`` at first use (:attr:`dataset`)
     num_examples: int
     class_names: list[str]
     columns: dict[str, np.ndarray] | None = None
@@ -69,10 +71,17 @@ class Source:
 
 def file_path(path: str) -> epath.Path:
     """``path`` on its filesystem: local paths through the OS (TensorFlow not needed), URLs
-    (``gs://`` ...) through etils' backends (TensorFlow's gfile, loaded here without Keras)."""
-    if "://" in path:
-        load_tensorflow()
-    return epath.Path(path)
+    (``gs://``, ``s3://``, ``az://``, ``hf://``) through etils' backends (TensorFlow's gfile,
+    loaded here without Keras)."""
+    if "://" not in path:
+        return epath.Path(path)
+    load_tensorflow()
+    try:
+        return epath.Path(path)
+    except KeyError:  # epath's message is the bare scheme
+        raise DataError(
+            f"{path}: not a local path or a gs://, s3://, az:// or hf:// URL (etils.epath)."
+        ) from None
 
 
 def list_names(folder: str) -> list[str]:
