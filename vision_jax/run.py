@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vision_jax.tf_without_keras import load as load_tensorflow
+from vision_jax.tf_without_keras import load_if_url
 
 import flax
 import flax.linen as nn
@@ -448,8 +448,7 @@ def build_run(
     ``workdir``'s newest readable checkpoint if it has one. The workdir stays locked
     (:class:`vision_jax.lock.WorkdirLock`) until :meth:`Run.close`."""
     started = time.perf_counter()
-    if "://" in workdir:  # epath (orbax, the compilation cache) would import it with Keras
-        load_tensorflow()
+    load_if_url(workdir)  # before orbax and the compilation cache read it through epath
     tracked = TrackedConfig(config)
     spec = specs.run_spec(tracked)
     tracked.check_all_read()

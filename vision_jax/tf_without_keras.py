@@ -12,9 +12,8 @@ import (seconds) and the input pipeline's start run beside the compilation
 (:mod:`vision_jax.train`). TensorFlow is kept off accelerators: it only feeds and exports.
 
 vision_jax's modules import TensorFlow only through this module (``tests/test_imports.py``); code
-that uses something that imports TensorFlow itself (tfds, jax2tf, TensorBoard's event reader,
-etils' ``epath`` on a URL: orbax and JAX's compilation cache in a ``gs://`` workdir) calls
-:func:`load` first.
+that uses something that imports TensorFlow itself (tfds, jax2tf, TensorBoard's event reader)
+calls :func:`load` first; code that hands a path to etils' ``epath`` calls :func:`load_if_url`.
 (clu's ``metric_writers`` would load Keras again: :mod:`vision_jax.writer`.)
 """
 
@@ -42,6 +41,14 @@ def load() -> types.ModuleType:
         return _tensorflow
 
 
+def load_if_url(path: str) -> None:
+    """Loads TensorFlow when ``path`` is a URL: etils' ``epath`` (orbax, JAX's compilation
+    cache, the data listings) reads URLs through TensorFlow's gfile and would import it with
+    Keras."""
+    if "://" in path:
+        load()
+
+
 def _import_without_keras() -> types.ModuleType:
     skip_keras = "tensorflow" not in sys.modules and "keras" not in sys.modules
     if skip_keras:
@@ -65,4 +72,4 @@ class _LazyTensorFlow(types.ModuleType):
 
 tf: Any = _LazyTensorFlow("tensorflow", "TensorFlow, imported at first use (vision_jax).")
 
-__all__ = ["load", "tf"]
+__all__ = ["load", "load_if_url", "tf"]

@@ -209,7 +209,7 @@ def _check_examples(run: Run) -> _Background:
     return _Background("check_examples", check)
 
 
-def _compile_ahead(run: Run, state: TrainState) -> tuple[_Background, _Background]:
+def _compile_ahead(run: Run) -> tuple[_Background, _Background]:
     """Compiles the train step, and the eval steps, in the background against the shapes of
     their inputs, while the loop starts TensorFlow, the writer and the input pipeline: the first
     step waits only for what is left of its compilation, the first evaluation not at all. The
@@ -224,7 +224,7 @@ def _compile_ahead(run: Run, state: TrainState) -> tuple[_Background, _Backgroun
             for k, (shape, dtype) in shapes.items()
         }
 
-    state = abstract_state(state)
+    state = abstract_state(run.state)
     train_batch = batch(data_lib.train_example_shapes(run.train_source, run.input, **args),
                         run.spec.batch_size)  # fmt: skip
     eval_batch = batch(data_lib.eval_example_shapes(run.eval_source, run.input, **args),
@@ -253,10 +253,10 @@ class _StartUp:
     the first step waits for, and the eval steps' compilation and the eval splits' check, which
     the first evaluation (or the first step's end) waits for."""
 
-    def __init__(self, run: Run, state: TrainState):
+    def __init__(self, run: Run):
         self.train_compile = eval_compile = None
         if not _finished(run):
-            self.train_compile, eval_compile = _compile_ahead(run, state)
+            self.train_compile, eval_compile = _compile_ahead(run)
         self.before_evaluating = [b for b in (_check_examples(run), eval_compile) if b]
 
     def wait_for_train_step(self) -> None:
@@ -273,7 +273,7 @@ class _StartUp:
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
         raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
-    startup = _StartUp(run, run.state)
+    startup = _StartUp(run)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir if is_main else None)
     try:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 
 from vision_jax.tf_without_keras import load as load_tensorflow
-from vision_jax.tf_without_keras import tf
+from vision_jax.tf_without_keras import load_if_url, tf
 
 import numpy as np
 from etils import epath
@@ -73,9 +73,7 @@ def file_path(path: str) -> epath.Path:
     """``path`` on its filesystem: local paths through the OS (TensorFlow not needed), URLs
     (``gs://``, ``s3://``, ``az://``, ``hf://``) through etils' backends (TensorFlow's gfile,
     loaded here without Keras)."""
-    if "://" not in path:
-        return epath.Path(path)
-    load_tensorflow()
+    load_if_url(path)
     try:
         return epath.Path(path)
     except KeyError:  # epath's message is the bare scheme
