@@ -1,5 +1,6 @@
-"""Activation checkpointing (``model.remat``): the same loss, gradients and batch statistics
-as without it, with less memory kept for the backward pass (XLA's own memory analysis)."""
+"""Activation checkpointing (``model.remat``, ``model.remat_rules``): the same loss, gradients
+and batch statistics as without it, with less memory kept for the backward pass (XLA's own memory
+analysis), and only in the blocks the rules name."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vision_jax import create_model
+from vision_jax import create_model, specs
 from vision_jax.compile_options import step_compiler_options
-from vision_jax.models.remat import REMAT_POLICIES
+from vision_jax.config import TrackedConfig, default_config
+from vision_jax.models.remat import REMAT_POLICIES, block_policies, recomputes
+from vision_jax.run import task_model
 
 SMALL = {
     "vit_ti16": {"depth": 3},
@@ -18,11 +21,18 @@ SMALL = {
     "bit_r50x1": {"stage_sizes": (1, 1, 1, 1)},
     "cifar_resnet20": {"stage_sizes": (2, 1, 1)},
 }
+# Per-block rules mixing both policies, with blocks that keep everything.
+RULES = {
+    "vit_ti16": (("Transformer/encoderblock_0", "block"), ("Transformer/encoderblock_1", "dots")),
+    "resnet18": (("layer1/0", "block"), ("layer(3|4)/0", "dots")),
+    "bit_r50x1": (("block1/unit01", "block"), ("block3/.*", "dots")),
+    "cifar_resnet20": (("layer1/1", "block"), ("layer2/.*", "dots")),
+}
 
 
-def loss_and_grads(name: str, remat: str, images: jax.Array):
+def loss_and_grads(name: str, remat: str, images: jax.Array, rules: tuple = ()):
     """Loss, parameter gradients and updated batch statistics of one training forward."""
-    model = create_model(name, num_classes=7, remat=remat, **SMALL[name])
+    model = create_model(name, num_classes=7, remat=remat, remat_rules=rules, **SMALL[name])
     variables = model.init(jax.random.key(0), images[:1])
     params = jax.tree.map(lambda p: p + 0.01, variables["params"])  # a non-zero head
 
@@ -47,30 +57,85 @@ def test_every_policy_gives_the_same_loss_gradients_and_statistics(name):
     results = {}
     for remat in REMAT_POLICIES:
         step, params = loss_and_grads(name, remat, images)
-        (loss, stats), grads = step(params)
-        results[remat] = (loss, stats, grads)
-    (loss, stats, grads) = results["none"]
-    for remat in ("block", "dots"):
-        other_loss, other_stats, other_grads = results[remat]
+        results[remat] = step(params)
+    step, params = loss_and_grads(name, "none", images, RULES[name])
+    results["rules"] = step(params)
+    (loss, stats), grads = results.pop("none")
+    for (other_loss, other_stats), other_grads in results.values():
         np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
         # Recomputed activations may fuse in another order: float32 rounding of the largest.
         close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
         jax.tree.map(close, (other_stats, other_grads), (stats, grads))
 
 
+def step_cost(remat: str, images: jax.Array, rules: tuple = ()) -> tuple[int, float]:
+    """(temporary bytes, flops) of a ViT-Ti training step, with the train step's compiler
+    options (on CPU they keep jax.checkpoint's barriers)."""
+    step, params = loss_and_grads("vit_ti16", remat, images, rules)
+    options = step_compiler_options(jnp.float32, remat=remat != "none" or bool(rules))
+    compiled = jax.jit(step, compiler_options=options).lower(params).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return compiled.memory_analysis().temp_size_in_bytes, cost["flops"]
+
+
 def test_remat_keeps_less_for_the_backward_pass():
-    """With the train step's compiler options (on CPU they keep jax.checkpoint's barriers)."""
     images = jax.random.normal(jax.random.key(2), (8, 64, 64, 3))
-    temp = {}
-    for remat in REMAT_POLICIES:
-        step, params = loss_and_grads("vit_ti16", remat, images)
-        options = step_compiler_options(jnp.float32, remat=remat != "none")
-        step = jax.jit(step, compiler_options=options)
-        temp[remat] = step.lower(params).compile().memory_analysis().temp_size_in_bytes
+    temp = {remat: step_cost(remat, images)[0] for remat in REMAT_POLICIES}
     assert max(temp["block"], temp["dots"]) < 0.5 * temp["none"], temp
+
+
+def test_rules_recompute_only_the_blocks_they_name():
+    """Of 3 ViT blocks: recomputing block 0 alone keeps less than nothing recomputed and more
+    than all three; all but the last keeps as little as all three (the backward pass rebuilds
+    the last block's activations at once anyway) for less compute."""
+    images = jax.random.normal(jax.random.key(2), (8, 64, 64, 3))
+    none, every = step_cost("none", images), step_cost("block", images)
+    first = step_cost("none", images, (("Transformer/encoderblock_0", "block"),))
+    all_but_last = step_cost("none", images, (("Transformer/encoderblock_[01]", "block"),))
+    assert every[0] < first[0] < none[0], (every, first, none)
+    assert all_but_last[0] <= 1.01 * every[0] and all_but_last[1] < every[1], (all_but_last, every)
+    blocks = [f"layer{i}/{j}" for i in (1, 2) for j in (0, 1)]
+    policies = block_policies("dots", (("layer1/.*", "block"), (".*/0", "none")), blocks)
+    assert policies == {"layer1/0": "block", "layer1/1": "block", "layer2/0": "none",
+                        "layer2/1": "dots"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ((("encoderblock_0", "block"),), "'encoderblock_0' matches no block; blocks: Transformer/"),
+        ((("Transformer/.*", "all"),), "Unknown remat policy 'all' in remat_rules"),
+        (("Transformer/.*",), "a rule is a \\(regex, policy\\) pair"),
+        ((("(", "block"),), "invalid regex '\\('"),
+    ],
+)
+def test_bad_remat_rules_are_errors_naming_the_rule(rules, message):
+    model = create_model("vit_ti16", num_classes=2, remat_rules=rules, depth=2)
+    with pytest.raises(ValueError, match=message):
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_an_unknown_policy_names_the_valid_ones():
     model = create_model("vit_ti16", num_classes=2, remat="everything", depth=1)
     with pytest.raises(ValueError, match="Unknown remat policy 'everything'; valid: none, block"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_config_rules_reach_a_task_models_backbone():
+    """``model.remat_rules`` of a segmentation run: the ViT backbone under the task head
+    recomputes the two blocks named by their parameter paths, and the run knows to compile its
+    step with remat's compiler options."""
+    config = default_config()
+    config.task.name = "segmentation"
+    config.model.remat_rules = (("Transformer/encoderblock_(0|1)", "block"),)
+    spec = specs.run_spec(TrackedConfig(config))
+    model, images = task_model(spec, num_classes=3), jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+    assert {"Transformer", "task_head"} <= set(variables["params"])
+    apply = lambda v: model.apply(v, images, train=True, rngs={"dropout": jax.random.key(1)})
+    names = [eqn.primitive.name for eqn in jax.make_jaxpr(apply)(variables).eqns]
+    remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0].primitive.name
+    assert names.count(remat) == 2
+    assert recomputes("none", config.model.remat_rules)
+    assert not recomputes("none", ((".*", "none"),)) and recomputes("dots", ())

@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
     # activation checkpointing of each block: "none", "block" (recompute all) or "dots" (keep
     # matmul/conv outputs), for models whose activations do not fit (vision_jax.models.remat)
     c.model.remat = "none"
+    # per block: ((regex, policy), ...) matched against block paths, as in parameter paths
+    # ("Transformer/encoderblock_3", "layer2/0", "block3/unit01"); first match wins, else remat
+    c.model.remat_rules = ()
 
     c.init = ml_collections.ConfigDict()
     # pretrained weights: a vision_jax workdir, .npz (google/big_vision), timm or torchvision

@@ -31,7 +31,7 @@ from vision_jax.config import TrackedConfig
 from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
-from vision_jax.models.remat import REMAT_POLICIES
+from vision_jax.models.remat import recomputes
 from vision_jax.selection import Selection
 from vision_jax.steps import (
     SkipCounts,
@@ -416,7 +416,9 @@ def _compile_steps(
     (params, and with EMA the EMA params)."""
     dtype = getattr(model, "dtype", jnp.float32)
     xla_options = step_compiler_options(dtype)
-    remat = REMAT_POLICIES.get(spec.model_overrides.get("remat")) is not None  # recomputes
+    remat = recomputes(
+        spec.model_overrides.get("remat", "none"), spec.model_overrides.get("remat_rules", ())
+    )
     task, adapters = spec.task, spec.lora
     train_step = jax.jit(
         make_train_step(

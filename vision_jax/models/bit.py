@@ -27,7 +27,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
-from vision_jax.models.remat import remat_block
+from vision_jax.models.remat import RematRules, remat_block, stage_policies
 
 
 class StdConv(nn.Conv):
@@ -123,13 +123,13 @@ class Stage(nn.Module):
     stride: int = 1
     eps: float = 1e-8
     dtype: Any = jnp.float32
-    remat: str = "none"  # activation checkpointing of each unit (vision_jax.models.remat)
+    remat: tuple[str, ...] = ()  # each unit's remat policy (vision_jax.models.remat); () none
 
     @nn.compact
     def __call__(self, x):
-        unit = remat_block(PreActBottleneck, self.remat)
         for j in range(self.depth):
             stride = self.stride if j == 0 else 1
+            unit = remat_block(PreActBottleneck, self.remat[j] if self.remat else "none")
             x = unit(self.out_chs, stride, self.eps, self.dtype, name=f"unit{j + 1:02d}")(x)
         return x
 
@@ -149,6 +149,7 @@ class ResNetV2(nn.Module):
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
     remat: str = "none"  # "block" or "dots": recompute unit activations in the backward pass
+    remat_rules: RematRules = ()  # per unit: ((regex, policy), ...) (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -158,6 +159,8 @@ class ResNetV2(nn.Module):
         x = jnp.asarray(images, self.dtype)
         width = 64 * self.width_factor
         x = RootBlock(width, self.std_conv_eps, self.dtype, name="root_block")(x)
+        unit = lambda i, j: f"block{i + 1}/unit{j + 1:02d}"
+        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, unit)
         for i, depth in enumerate(self.stage_sizes):
             x = Stage(
                 width * 4 * 2**i,
@@ -165,7 +168,7 @@ class ResNetV2(nn.Module):
                 stride=1 if i == 0 else 2,
                 eps=self.std_conv_eps,
                 dtype=self.dtype,
-                remat=self.remat,
+                remat=policies[i],
                 name=f"block{i + 1}",
             )(x)
             stages.append(x)

@@ -22,8 +22,14 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
-from vision_jax.models.remat import remat_block
-from vision_jax.models.resnet import NORM_MODULES, batch_norm, conv2d, resnet_layer_groups
+from vision_jax.models.remat import RematRules, remat_block, stage_policies
+from vision_jax.models.resnet import (
+    NORM_MODULES,
+    batch_norm,
+    block_path,
+    conv2d,
+    resnet_layer_groups,
+)
 
 WIDTHS = (16, 32, 64)
 
@@ -57,13 +63,14 @@ class Stage(nn.Module):
     depth: int
     stride: int
     dtype: Any = jnp.float32
-    remat: str = "none"  # activation checkpointing of each block (vision_jax.models.remat)
+    remat: tuple[str, ...] = ()  # each block's remat policy (vision_jax.models.remat); () none
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        block = remat_block(BasicBlockA, self.remat, static_argnums=(2,))
         for i in range(self.depth):
             stride = self.stride if i == 0 else 1
+            policy = self.remat[i] if self.remat else "none"
+            block = remat_block(BasicBlockA, policy, static_argnums=(2,))
             x = block(self.planes, stride, self.dtype, name=str(i))(x, train)
         return x
 
@@ -77,6 +84,7 @@ class CifarResNet(nn.Module):
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
     remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
+    remat_rules: RematRules = ()  # per block: ((regex, policy), ...) (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -85,9 +93,10 @@ class CifarResNet(nn.Module):
         x = jnp.asarray(images, self.dtype)
         x = conv2d(WIDTHS[0], 3, 1, self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
+        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path)
         for i, (planes, depth) in enumerate(zip(WIDTHS, self.stage_sizes, strict=True)):
             stride = 1 if i == 0 else 2
-            x = Stage(planes, depth, stride, self.dtype, self.remat, name=f"layer{i + 1}")(
+            x = Stage(planes, depth, stride, self.dtype, policies[i], name=f"layer{i + 1}")(
                 x, train=train
             )
             stages.append(x)

@@ -1,4 +1,4 @@
-"""Activation checkpointing (remat) of a model's repeated blocks, chosen by name.
+"""Activation checkpointing (remat) of a model's repeated blocks, chosen by name, per block.
 
 ``remat="block"`` keeps only each block's input for the backward pass and recomputes the rest
 (activation memory of one block instead of all of them, about one more forward pass of compute);
@@ -6,11 +6,20 @@
 (the projections and MLPs of a ViT, the convolutions of a ResNet) and recomputes the elementwise
 passes and attention between them; ``"none"`` (the default) keeps everything. The parameters and
 the results are the same with every policy.
+
+``remat_rules`` sets the policy block by block: ``((regex, policy), ...)`` matched against each
+block's path, the prefix of its parameters' paths (``Transformer/encoderblock_3``, ``layer2/0``,
+``block3/unit01``); the first rule whose regex matches the whole path wins, and blocks that no
+rule matches take ``remat``. The backward pass rebuilds the last block's activations as soon as
+it starts, so recomputing every block but the last keeps as little memory as recomputing them
+all, for one block less of compute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import re
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,13 +30,61 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+RematRules = Sequence[tuple[str, str]]
 
+
+def _check_policy(policy: str, where: str) -> None:
+    if policy not in REMAT_POLICIES:
+        valid = ", ".join(REMAT_POLICIES)
+        raise ValueError(f"Unknown remat policy {policy!r}{where}; valid: {valid}.")
+
+
+def block_policies(remat: str, rules: RematRules, blocks: Sequence[str]) -> dict[str, str]:
+    """The policy of each block path in ``blocks``: the first rule whose regex matches the whole
+    path, else ``remat``. An unknown policy, a malformed rule or a rule that matches no block
+    is an error naming what is valid."""
+    _check_policy(remat, "")
+    compiled = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise ValueError(f"remat_rules: a rule is a (regex, policy) pair, got {rule!r}.")
+        pattern, policy = rule
+        _check_policy(policy, f" in remat_rules {tuple(rule)!r}")
+        try:
+            compiled.append((re.compile(pattern), policy))
+        except re.error as e:
+            raise ValueError(f"remat_rules: invalid regex {pattern!r}: {e}") from e
+        if not any(compiled[-1][0].fullmatch(block) for block in blocks):
+            shown = ", ".join(blocks[:3]) + (f", ... {blocks[-1]}" if len(blocks) > 3 else "")
+            raise ValueError(f"remat_rules: {pattern!r} matches no block; blocks: {shown}.")
+    policies = {}
+    for block in blocks:
+        matched = (policy for pattern, policy in compiled if pattern.fullmatch(block))
+        policies[block] = next(matched, remat)
+    return policies
+
+
+def stage_policies(
+    remat: str, rules: RematRules, stage_sizes: Sequence[int], path: Callable[[int, int], str]
+) -> list[tuple[str, ...]]:
+    """Per stage, the policy of each of its blocks (:func:`block_policies`); ``path(i, j)``
+    is the path of block ``j`` of stage ``i``."""
+    paths = [[path(i, j) for j in range(depth)] for i, depth in enumerate(stage_sizes)]
+    policies = block_policies(remat, rules, [p for stage in paths for p in stage])
+    return [tuple(policies[p] for p in stage) for stage in paths]
+
+
+def recomputes(remat: str, rules: RematRules) -> bool:
+    """Whether a model with ``remat`` and ``remat_rules`` recomputes anything."""
+    return any(REMAT_POLICIES.get(p) is not None for p in (remat, *(r[1] for r in rules)))
+
+
+@functools.cache
 def remat_block(block: type[nn.Module], remat: str, static_argnums: Sequence[int] = ()) -> type:
     """``block`` wrapped in :func:`flax.linen.remat` with the policy named ``remat``;
     ``static_argnums`` counts ``self`` as 0 (flags such as ``train`` must be passed
     positionally)."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"Unknown remat policy {remat!r}; valid: {', '.join(REMAT_POLICIES)}.")
+    _check_policy(remat, "")
     if remat == "none":
         return block
     return nn.remat(block, policy=REMAT_POLICIES[remat], static_argnums=tuple(static_argnums))

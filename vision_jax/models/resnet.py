@@ -24,7 +24,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
-from vision_jax.models.remat import remat_block
+from vision_jax.models.remat import RematRules, remat_block, stage_policies
 
 # torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm initialises convs.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -105,6 +105,11 @@ class Bottleneck(nn.Module):
         return nn.relu(y + shortcut)
 
 
+def block_path(stage: int, block: int) -> str:
+    """The path of block ``block`` of stage ``stage`` (from 0): ``layer1/0``, as torch's names."""
+    return f"layer{stage + 1}/{block}"
+
+
 class Stage(nn.Module):
     """``depth`` blocks named ``0``, ``1``, ... (torch's ``layerN.M``); the first one strides."""
 
@@ -113,13 +118,14 @@ class Stage(nn.Module):
     depth: int
     stride: int
     dtype: Any = jnp.float32
-    remat: str = "none"  # activation checkpointing of each block (vision_jax.models.remat)
+    remat: tuple[str, ...] = ()  # each block's remat policy (vision_jax.models.remat); () none
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        block = remat_block(self.block, self.remat, static_argnums=(2,))
         for i in range(self.depth):
             stride = self.stride if i == 0 else 1
+            policy = self.remat[i] if self.remat else "none"
+            block = remat_block(self.block, policy, static_argnums=(2,))
             x = block(self.planes, stride, self.dtype, name=str(i))(x, train)
         return x
 
@@ -134,6 +140,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
     remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
+    remat_rules: RematRules = ()  # per block: ((regex, policy), ...) (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -144,9 +151,10 @@ class ResNet(nn.Module):
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
         x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         block = Bottleneck if self.bottleneck else BasicBlock
+        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path)
         for i, depth in enumerate(self.stage_sizes):
             x = Stage(
-                block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, self.remat,
+                block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, policies[i],
                 name=f"layer{i + 1}",
             )(x, train=train)  # fmt: skip
             stages.append(x)

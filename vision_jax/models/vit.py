@@ -34,7 +34,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
-from vision_jax.models.remat import remat_block
+from vision_jax.models.remat import RematRules, remat_block, stage_policies
 
 POOL_TYPES = ("token", "gap")
 
@@ -230,15 +230,16 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     taps: tuple[int, ...] = ()
-    remat: str = "none"  # activation checkpointing of each block (vision_jax.models.remat)
+    remat: tuple[str, ...] = ()  # each block's remat policy (vision_jax.models.remat); () none
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array | list[jax.Array]:
         outputs = {}
         x = AddPositionEmbs(name="posembed_input")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        block = remat_block(EncoderBlock, self.remat, static_argnums=(2,))
         for i in range(self.depth):
+            policy = self.remat[i] if self.remat else "none"
+            block = remat_block(EncoderBlock, policy, static_argnums=(2,))
             # Linearly increasing stochastic depth, as in timm and big_vision.
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x = block(
@@ -280,6 +281,7 @@ class VisionTransformer(nn.Module):
     dtype: Any = jnp.float32
     feature_taps: tuple[int, ...] | None = None
     remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
+    remat_rules: RematRules = ()  # per block: ((regex, policy), ...) (vision_jax.models.remat)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> Any:
@@ -316,7 +318,7 @@ class VisionTransformer(nn.Module):
             self.drop_path_rate,
             self.dtype,
             taps,
-            self.remat,
+            self._block_policies(),
             name="Transformer",
         )(x, deterministic=not train)
         if taps:
@@ -330,6 +332,10 @@ class VisionTransformer(nn.Module):
             )(x)  # fmt: skip
             x = jnp.tanh(x)
         return classify(x, self.num_classes, self.dtype)
+
+    def _block_policies(self) -> tuple[str, ...]:
+        path = lambda _, j: f"Transformer/encoderblock_{j}"
+        return stage_policies(self.remat, self.remat_rules, [self.depth], path)[0]
 
 
 def _layer_groups(model: VisionTransformer) -> tuple[list[tuple[str, int]], int]:
