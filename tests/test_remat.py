@@ -21,13 +21,26 @@ SMALL = {
     "bit_r50x1": {"stage_sizes": (1, 1, 1, 1)},
     "cifar_resnet20": {"stage_sizes": (2, 1, 1)},
 }
-# Per-block rules mixing both policies, with blocks that keep everything.
+# Per-block rules mixing both policies, with blocks that keep everything; and how many blocks
+# of the SMALL model they recompute.
 RULES = {
-    "vit_ti16": (("Transformer/encoderblock_0", "block"), ("Transformer/encoderblock_1", "dots")),
-    "resnet18": (("layer1/0", "block"), ("layer(3|4)/0", "dots")),
-    "bit_r50x1": (("block1/unit01", "block"), ("block3/.*", "dots")),
-    "cifar_resnet20": (("layer1/1", "block"), ("layer2/.*", "dots")),
+    "vit_ti16": (
+        (("Transformer/encoderblock_0", "block"), ("Transformer/encoderblock_1", "dots")),
+        2,
+    ),
+    "resnet18": ((("layer1/0", "block"), ("layer(3|4)/0", "dots")), 3),
+    "bit_r50x1": ((("block1/unit01", "block"), ("block3/.*", "dots")), 2),
+    "cifar_resnet20": ((("layer1/1", "block"), ("layer2/.*", "dots")), 2),
 }
+
+
+def recomputed_blocks(model, variables: dict, images: jax.Array) -> int:
+    """How many ``jax.checkpoint`` regions a training forward of ``model`` has."""
+    apply = lambda v: model.apply(
+        v, images, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+    )
+    names = [eqn.primitive.name for eqn in jax.make_jaxpr(apply)(variables).eqns]
+    return names.count(jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0].primitive.name)
 
 
 def loss_and_grads(name: str, remat: str, images: jax.Array, rules: tuple = ()):
@@ -58,8 +71,12 @@ def test_every_policy_gives_the_same_loss_gradients_and_statistics(name):
     for remat in REMAT_POLICIES:
         step, params = loss_and_grads(name, remat, images)
         results[remat] = step(params)
-    step, params = loss_and_grads(name, "none", images, RULES[name])
+    rules, recomputed = RULES[name]
+    step, params = loss_and_grads(name, "none", images, rules)
     results["rules"] = step(params)
+    model = create_model(name, num_classes=7, remat_rules=rules, **SMALL[name])
+    variables = jax.eval_shape(model.init, jax.random.key(0), images[:1])
+    assert recomputed_blocks(model, variables, images) == recomputed
     (loss, stats), grads = results.pop("none")
     for (other_loss, other_stats), other_grads in results.values():
         np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
@@ -72,7 +89,7 @@ def step_cost(remat: str, images: jax.Array, rules: tuple = ()) -> tuple[int, fl
     """(temporary bytes, flops) of a ViT-Ti training step, with the train step's compiler
     options (on CPU they keep jax.checkpoint's barriers)."""
     step, params = loss_and_grads("vit_ti16", remat, images, rules)
-    options = step_compiler_options(jnp.float32, remat=remat != "none" or bool(rules))
+    options = step_compiler_options(jnp.float32, remat=recomputes(remat, rules))
     compiled = jax.jit(step, compiler_options=options).lower(params).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -108,6 +125,8 @@ def test_rules_recompute_only_the_blocks_they_name():
         ((("Transformer/.*", "all"),), "Unknown remat policy 'all' in remat_rules"),
         (("Transformer/.*",), "a rule is a \\(regex, policy\\) pair"),
         ((("(", "block"),), "invalid regex '\\('"),
+        ("Transformer/.*", "a sequence of \\(regex, policy\\) pairs, got 'Transformer"),
+        (((1, "block"),), "a regex is a string, got 1"),
     ],
 )
 def test_bad_remat_rules_are_errors_naming_the_rule(rules, message):
@@ -133,9 +152,6 @@ def test_config_rules_reach_a_task_models_backbone():
     model, images = task_model(spec, num_classes=3), jnp.zeros((1, 32, 32, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
     assert {"Transformer", "task_head"} <= set(variables["params"])
-    apply = lambda v: model.apply(v, images, train=True, rngs={"dropout": jax.random.key(1)})
-    names = [eqn.primitive.name for eqn in jax.make_jaxpr(apply)(variables).eqns]
-    remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0].primitive.name
-    assert names.count(remat) == 2
+    assert recomputed_blocks(model, variables, images) == 2
     assert recomputes("none", config.model.remat_rules)
     assert not recomputes("none", ((".*", "none"),)) and recomputes("dots", ())

@@ -27,7 +27,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
-from vision_jax.models.remat import RematRules, remat_block, stage_policies
+from vision_jax.models.remat import RematRules, policy_at, remat_block, stage_policies
 
 
 class StdConv(nn.Conv):
@@ -123,13 +123,13 @@ class Stage(nn.Module):
     stride: int = 1
     eps: float = 1e-8
     dtype: Any = jnp.float32
-    remat: tuple[str, ...] = ()  # each unit's remat policy (vision_jax.models.remat); () none
+    remat_policies: tuple[str, ...] = ()  # each unit's (vision_jax.models.remat); () none
 
     @nn.compact
     def __call__(self, x):
         for j in range(self.depth):
             stride = self.stride if j == 0 else 1
-            unit = remat_block(PreActBottleneck, self.remat[j] if self.remat else "none")
+            unit = remat_block(PreActBottleneck, policy_at(self.remat_policies, j))
             x = unit(self.out_chs, stride, self.eps, self.dtype, name=f"unit{j + 1:02d}")(x)
         return x
 
@@ -168,7 +168,7 @@ class ResNetV2(nn.Module):
                 stride=1 if i == 0 else 2,
                 eps=self.std_conv_eps,
                 dtype=self.dtype,
-                remat=policies[i],
+                remat_policies=policies[i],
                 name=f"block{i + 1}",
             )(x)
             stages.append(x)

@@ -22,7 +22,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
-from vision_jax.models.remat import RematRules, remat_block, stage_policies
+from vision_jax.models.remat import RematRules, policy_at, remat_block, stage_policies
 from vision_jax.models.resnet import (
     NORM_MODULES,
     batch_norm,
@@ -63,13 +63,13 @@ class Stage(nn.Module):
     depth: int
     stride: int
     dtype: Any = jnp.float32
-    remat: tuple[str, ...] = ()  # each block's remat policy (vision_jax.models.remat); () none
+    remat_policies: tuple[str, ...] = ()  # each block's (vision_jax.models.remat); () none
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         for i in range(self.depth):
             stride = self.stride if i == 0 else 1
-            policy = self.remat[i] if self.remat else "none"
+            policy = policy_at(self.remat_policies, i)
             block = remat_block(BasicBlockA, policy, static_argnums=(2,))
             x = block(self.planes, stride, self.dtype, name=str(i))(x, train)
         return x

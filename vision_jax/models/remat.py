@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,8 +34,8 @@ REMAT_POLICIES = {
 RematRules = Sequence[tuple[str, str]]
 
 
-def _check_policy(policy: str, where: str) -> None:
-    if policy not in REMAT_POLICIES:
+def _check_policy(policy: Any, where: str) -> None:
+    if not isinstance(policy, str) or policy not in REMAT_POLICIES:
         valid = ", ".join(REMAT_POLICIES)
         raise ValueError(f"Unknown remat policy {policy!r}{where}; valid: {valid}.")
 
@@ -44,11 +45,15 @@ def block_policies(remat: str, rules: RematRules, blocks: Sequence[str]) -> dict
     path, else ``remat``. An unknown policy, a malformed rule or a rule that matches no block
     is an error naming what is valid."""
     _check_policy(remat, "")
+    if isinstance(rules, str):
+        raise ValueError(f"remat_rules: a sequence of (regex, policy) pairs, got {rules!r}.")
     compiled = []
     for rule in rules:
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
             raise ValueError(f"remat_rules: a rule is a (regex, policy) pair, got {rule!r}.")
         pattern, policy = rule
+        if not isinstance(pattern, str):
+            raise ValueError(f"remat_rules: a regex is a string, got {pattern!r}.")
         _check_policy(policy, f" in remat_rules {tuple(rule)!r}")
         try:
             compiled.append((re.compile(pattern), policy))
@@ -75,16 +80,21 @@ def stage_policies(
 
 
 def recomputes(remat: str, rules: RematRules) -> bool:
-    """Whether a model with ``remat`` and ``remat_rules`` recomputes anything."""
-    return any(REMAT_POLICIES.get(p) is not None for p in (remat, *(r[1] for r in rules)))
+    """Whether a model with ``remat`` and ``remat_rules`` (checked ones) recomputes anything."""
+    return any(REMAT_POLICIES.get(p) is not None for p in (remat, *(r[-1] for r in rules)))
+
+
+def policy_at(policies: Sequence[str], index: int) -> str:
+    """Block ``index``'s policy in a stage's ``remat_policies`` (empty: keep everything)."""
+    return policies[index] if policies else "none"
 
 
 @functools.cache
-def remat_block(block: type[nn.Module], remat: str, static_argnums: Sequence[int] = ()) -> type:
+def remat_block(block: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = ()) -> type:
     """``block`` wrapped in :func:`flax.linen.remat` with the policy named ``remat``;
     ``static_argnums`` counts ``self`` as 0 (flags such as ``train`` must be passed
     positionally)."""
     _check_policy(remat, "")
     if remat == "none":
         return block
-    return nn.remat(block, policy=REMAT_POLICIES[remat], static_argnums=tuple(static_argnums))
+    return nn.remat(block, policy=REMAT_POLICIES[remat], static_argnums=static_argnums)

@@ -34,7 +34,7 @@ from vision_jax.models.registry import (
     register_model,
     stage_taps,
 )
-from vision_jax.models.remat import RematRules, remat_block, stage_policies
+from vision_jax.models.remat import RematRules, policy_at, remat_block, stage_policies
 
 POOL_TYPES = ("token", "gap")
 
@@ -230,7 +230,7 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     taps: tuple[int, ...] = ()
-    remat: tuple[str, ...] = ()  # each block's remat policy (vision_jax.models.remat); () none
+    remat_policies: tuple[str, ...] = ()  # each block's (vision_jax.models.remat); () none
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array | list[jax.Array]:
@@ -238,7 +238,7 @@ class Encoder(nn.Module):
         x = AddPositionEmbs(name="posembed_input")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.depth):
-            policy = self.remat[i] if self.remat else "none"
+            policy = policy_at(self.remat_policies, i)
             block = remat_block(EncoderBlock, policy, static_argnums=(2,))
             # Linearly increasing stochastic depth, as in timm and big_vision.
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
@@ -334,13 +334,18 @@ class VisionTransformer(nn.Module):
         return classify(x, self.num_classes, self.dtype)
 
     def _block_policies(self) -> tuple[str, ...]:
-        path = lambda _, j: f"Transformer/encoderblock_{j}"
+        path = lambda _, j: block_path(j)
         return stage_policies(self.remat, self.remat_rules, [self.depth], path)[0]
+
+
+def block_path(index: int) -> str:
+    """The path of encoder block ``index`` (its parameters' prefix)."""
+    return f"Transformer/encoderblock_{index}"
 
 
 def _layer_groups(model: VisionTransformer) -> tuple[list[tuple[str, int]], int]:
     stem = [(r"(embedding|Transformer/posembed_input)/.*|cls", 0)]
-    blocks = [(rf"Transformer/encoderblock_{i}/.*", i + 1) for i in range(model.depth)]
+    blocks = [(rf"{block_path(i)}/.*", i + 1) for i in range(model.depth)]
     return stem + blocks + [(".*", model.depth + 1)], model.depth + 2
 
 
