@@ -168,3 +168,29 @@ def test_soft_targets_replace_labels_and_smooth_after_mixing():
     logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
     ref = -np.sum(np.asarray(t) * np.asarray(jax.nn.log_softmax(logits)), axis=-1)
     np.testing.assert_allclose(losses.softmax_xent(logits, t), ref, rtol=1e-6)
+
+
+def test_the_state_takes_over_the_trainable_parameters_buffers():
+    """The fresh train state holds the initialised trainable parameters in their own buffers
+    (donated, not copied: one copy of the model while the state is built); the frozen ones
+    stay outside the state, readable, and the memory report still counts both."""
+    from vision_jax import run, sharding, specs
+    from vision_jax.config import TrackedConfig
+
+    spec = specs.run_spec(TrackedConfig(small_config(**{"optimizer.frozen_params": "conv1/.*"})))
+    model, mesh = run.task_model(spec, 10), sharding.create_mesh(spec.mesh)
+    variables, shardings, _ = run.create_variables(spec, model, spec.input, mesh, jax.random.key(0))
+    pointers = {k: v.unsafe_buffer_pointer() for k, v in flatten_dict(variables["params"]).items()}
+    frozen_before = jax.device_get(variables["params"]["conv1"])
+    setup = run.create_train_state(
+        spec, model, variables, shardings, mesh, total_steps=4, steps_per_epoch=11
+    )
+    trainable = flatten_dict(setup.state.params)
+    assert trainable and all(v.unsafe_buffer_pointer() == pointers[k] for k, v in trainable.items())
+    inputs = flatten_dict(variables["params"])
+    assert all(inputs[k].is_deleted() for k in trainable)
+    frozen = flatten_dict(setup.frozen)
+    assert set(frozen) == {"conv1/kernel"} and not inputs["conv1/kernel"].is_deleted()
+    np.testing.assert_array_equal(setup.frozen["conv1"]["kernel"], frozen_before["kernel"])
+    assert setup.memory["frozen_params"] == frozen_before["kernel"].size
+    assert setup.memory["trainable_params"] == sum(v.size for v in trainable.values())

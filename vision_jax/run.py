@@ -232,8 +232,8 @@ def create_train_state(
     )  # fmt: skip
     if trees.is_abstract(params):
         state = trees.with_shardings(jax.eval_shape(fresh, trainable, variables), shardings)
-    else:
-        state = jax.jit(fresh, out_shardings=shardings)(trainable, variables)
+    else:  # the state takes over the parameters' buffers: no second copy while it is built
+        state = jax.jit(fresh, out_shardings=shardings, donate_argnums=(0, 1))(trainable, variables)
     memory = optim.memory_report(trainable, frozen, state.opt_state)
     if spec.lora is not None or frozen:  # what full fine-tuning would hold, for comparison
         base = jax.eval_shape(lambda p: lora.merge(p, spec.lora) if spec.lora else p, params)
