@@ -1,8 +1,8 @@
 """XLA compiler options for the train and eval steps, chosen per backend and compute dtype.
 
 On CPU, jaxlib 0.10 hands individual convolutions, dots and reductions to the YNNPACK library by
-default. What ``benchmarks/train_throughput.py`` showed (figures in the README's performance
-section):
+default. What ``benchmarks/train_throughput.py`` showed (figures in
+``benchmarks/RESULTS.md``):
 
 - convolutions: XLA's own (Eigen) convolutions are faster than YNNPACK's, fp32 and bf16 alike,
   so convolutions stay away from YNNPACK.

@@ -133,7 +133,7 @@ def compilation_cache_dir(workdir: str, setting: str) -> str | None:
 def configure_compilation_cache(workdir: str, setting: str) -> None:
     """Sets JAX's persistent compilation cache as ``--compilation_cache`` says. A cache also
     keeps the programs that compile in under JAX's default second (state and variable
-    initialisers, RNG splits; README, Benchmarks), unless
+    initialisers, RNG splits; benchmarks/RESULTS.md), unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise."""
     import jax
 

@@ -121,7 +121,7 @@ class Batches(Iterator[Batch]):
     def close(self) -> None:
         """Releases the tf.data iterator on a daemon thread, so that its teardown does not hold
         up the caller: with autotuning on, the iterator's destructor waits for tf.data's
-        autotuning thread, at times for tens of seconds (README, Benchmarks). The wait releases
+        autotuning thread, at times for tens of seconds (benchmarks/RESULTS.md). The wait releases
         the GIL, so the run goes on meanwhile."""
         if self._iter is None:
             return

@@ -7,7 +7,7 @@ where the closed form needs two sums, ``sum(g)`` and ``sum(g * x)``, and one ele
 
     dx = scale / sigma * (g - (sum(g) + x_hat * sum(g * x_hat)) / n)
 
-(its effect on a ResNet train step: README, Benchmarks).
+(its effect on a ResNet train step: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ lowers to a scatter with iota index arrays:
   padded back to the input's strided layout, summed. It reads the cotangent and the index only,
   where the gradient of a ``jnp.maximum`` chain recomputes the chain (and the stem's BatchNorm
   and ReLU before it) for every input pixel: in a ResNet-50 train step that one fusion took 6%
-  of the step (README, Benchmarks).
+  of the step (benchmarks/RESULTS.md).
 
 NaN propagates as in ``jnp.maximum``. bfloat16 and float16 inputs are pooled in float32 and the
 result cast back (exact: the maximum commutes with the conversion); XLA's CPU backend runs
