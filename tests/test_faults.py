@@ -353,6 +353,33 @@ def test_a_key_set_in_python_and_never_read_names_the_closest_keys():
         tracked.check_all_read()
 
 
+def test_a_finished_command_has_written_everything_when_it_exits(tmp_path):
+    """A single-process run ends without the interpreter's teardown (``main._exit_written``):
+    by then its checkpoint is complete, its event file holds the final evaluation, its report
+    is saved and its workdir is free for the next command."""
+    proc = main_cli(
+        "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}",
+        "--config.total_steps=2", "--config.schedule.warmup_steps=0",
+        "--config.checkpoint_every_steps=2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout.splitlines()[0])
+    assert "Final metrics of process 0" in proc.stderr  # the log flushed before the exit
+    assert sorted(step_dirs(tmp_path)) == [2]
+    assert read_variables(step_dirs(tmp_path)[2])["params"]
+    from vision_jax.report.curves import read_scalars
+
+    assert read_scalars(tmp_path)["eval/top1"][1][-1] == pytest.approx(metrics["eval/top1"])
+    assert "<img" in (tmp_path / "report" / "report.html").read_text()
+    again = main_cli(
+        "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}",
+        "--config.total_steps=2", "--config.schedule.warmup_steps=0", "--report=false",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]  # the lock was released
+    evaluated = json.loads(again.stdout.splitlines()[0])  # the finished run, evaluated again
+    assert evaluated == {k: v for k, v in metrics.items() if k.startswith("eval/")}
+
+
 # --- slow: the command line, one and two processes ----------------------------------------------
 
 DIGITS = [
