@@ -12,6 +12,7 @@ import pytest
 from vision_jax import create_model, specs
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.config import TrackedConfig, default_config
+from vision_jax.models.registry import backbone_of
 from vision_jax.models.remat import REMAT_POLICIES, block_policies, recomputes
 from vision_jax.run import task_model
 
@@ -153,5 +154,7 @@ def test_config_rules_reach_a_task_models_backbone():
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
     assert {"Transformer", "task_head"} <= set(variables["params"])
     assert recomputed_blocks(model, variables, images) == 2
-    assert recomputes("none", config.model.remat_rules)
+    backbone = backbone_of(model)  # what the run reads to set remat's compiler options
+    assert backbone.remat_rules == config.model.remat_rules
+    assert recomputes(backbone.remat, backbone.remat_rules)
     assert not recomputes("none", ((".*", "none"),)) and recomputes("dots", ())

@@ -31,6 +31,7 @@ from vision_jax.config import TrackedConfig
 from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
+from vision_jax.models.registry import backbone_of
 from vision_jax.models.remat import recomputes
 from vision_jax.selection import Selection
 from vision_jax.steps import (
@@ -416,9 +417,8 @@ def _compile_steps(
     (params, and with EMA the EMA params)."""
     dtype = getattr(model, "dtype", jnp.float32)
     xla_options = step_compiler_options(dtype)
-    remat = recomputes(
-        spec.model_overrides.get("remat", "none"), spec.model_overrides.get("remat_rules", ())
-    )
+    backbone = backbone_of(model)
+    remat = recomputes(backbone.remat, backbone.remat_rules)  # as the model was built
     task, adapters = spec.task, spec.lora
     train_step = jax.jit(
         make_train_step(
