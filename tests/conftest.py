@@ -83,12 +83,15 @@ def shared_dir() -> pathlib.Path:
 def digits_run(tmp_path_factory):
     """A finished 40-step digits run (CIFAR ResNet-20, about 0.4 top-1: several classes
     predicted), logged every 5 steps and evaluated every 10, shared by the tests of what comes
-    after training (predict, report): ``(workdir, final metrics)``."""
+    after training (predict, report): ``(workdir, final metrics, the report's figures made
+    during its final evaluation)``."""
     from test_train import small_config
 
+    from vision_jax.report import FinalEvaluation
     from vision_jax.train import train_and_evaluate
 
     workdir = tmp_path_factory.mktemp("digits_run")
     steps = {"total_steps": 40, "checkpoint_every_steps": 40, "log_every_steps": 5}
     config = small_config(eval_every_steps=10, **steps, **{"optimizer.learning_rate": 0.1})
-    return workdir, train_and_evaluate(config, str(workdir))
+    final = FinalEvaluation()
+    return workdir, train_and_evaluate(config, str(workdir), final=final), final

@@ -72,7 +72,7 @@ def test_probabilities_equal_the_evaluation(digits_run, digit_files, digit_predi
     model's logits on the eval pipeline's batch of the same digit (another batch size); the
     top-1 is their argmax; the fraction correct is the run's eval/top1 (the files are exactly
     the eval split)."""
-    workdir, result = digits_run
+    workdir, result, _ = digits_run
     paths, _ = digit_files
     records, _ = digit_records
     assert [r["file"] for r in records] == paths

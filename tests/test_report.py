@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from vision_jax import data as data_lib
-from vision_jax.report import write_report
+from vision_jax.report import FinalEvaluation, write_report
 from vision_jax.report.__main__ import main as report_main
 from vision_jax.train import train_and_evaluate
 from vision_jax.trained import load_trained
@@ -31,7 +31,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def run(digits_run) -> pathlib.Path:
     """The shared digits run (conftest) and its report in ``<workdir>/report``."""
-    workdir, _ = digits_run
+    workdir, _, _ = digits_run
     write_report(workdir)
     return workdir
 
@@ -93,6 +93,59 @@ def test_hardest_examples_are_the_least_probable_true_labels(run, predictions):
         assert row["true"] == names[labels[i]]
         assert row["predicted"] == names[probs[i].argmax()]
         assert float(row["probability of true"]) == pytest.approx(p_true[i], abs=1e-5)
+
+
+def test_the_report_of_a_training_command_takes_its_final_evaluations_figures(
+    digits_run, run, tmp_path, monkeypatch
+):
+    """The training's final evaluation made the report's figures as it ran: the report written
+    from them predicts nothing and reads no weights, and its tables equal those of the report
+    that predicted the split again with the saved variables (``run``)."""
+    import vision_jax.report as report_package
+    import vision_jax.trained as trained_module
+
+    workdir, result, final = digits_run
+
+    def predicting(*args, **kwargs):
+        raise AssertionError("the report predicted the split again")
+
+    monkeypatch.setattr(report_package, "_evaluation", predicting)
+    monkeypatch.setattr(trained_module, "read_variables", predicting)
+    write_report(workdir, tmp_path, final=final)
+    for name in ("per_class.csv", "confusion_matrix.csv"):
+        assert _rows(tmp_path / name) == _rows(run / "report" / name)
+    got, want = (_rows(p / "hardest_examples.csv") for p in (tmp_path, run / "report"))
+    assert [r["index"] for r in got] == [r["index"] for r in want] and len(got) == 16
+    for g, w in zip(got, want, strict=True):
+        assert float(g["probability of true"]) == pytest.approx(float(w["probability of true"]),
+                                                                abs=1e-5)  # fmt: skip
+    page = (tmp_path / "report.html").read_text()
+    assert f"top1 {result['eval/top1']:.4f} on 360 test examples" in page
+    # Figures of another step, or with another number of hardest examples, are not used.
+    assert final.step == 40 and final.evaluation(39) is None
+    with pytest.raises(AssertionError, match="predicted the split again"):
+        write_report(workdir, tmp_path, hardest=4, final=final)
+
+
+def test_a_failing_report_evaluation_costs_the_run_nothing(tmp_path, monkeypatch, caplog):
+    """An error in the report's evaluator during the final evaluation is a warning: the run
+    ends with its metrics and its report predicts the split again."""
+    from test_train import small_config
+
+    from vision_jax.report import FinalEvaluation, tasks
+
+    def broken(self, batch, outputs):
+        raise RuntimeError("broken evaluator")
+
+    monkeypatch.setattr(tasks.Classification, "add", broken)
+    final = FinalEvaluation()
+    result = train_and_evaluate(small_config(), str(tmp_path), final=final)
+    assert result["eval/examples"] == 360
+    assert "broken evaluator" in caplog.text and final.evaluation(4) is None
+    monkeypatch.undo()
+    write_report(tmp_path, final=final)
+    rows = {r["class"]: r for r in _rows(tmp_path / "report" / "per_class.csv")}
+    assert float(rows["accuracy"]["f1-score"]) == pytest.approx(result["eval/top1"])
 
 
 def test_figures_are_pngs_embedded_in_the_page(run):
@@ -168,27 +221,34 @@ def test_command_line_error_is_one_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def seg_run(tmp_path_factory) -> pathlib.Path:
-    """20 steps of the FPN segmentation head on coloured squares ("arrays" data)."""
+def seg_run(tmp_path_factory) -> tuple[pathlib.Path, FinalEvaluation]:
+    """20 steps of the FPN segmentation head on coloured squares ("arrays" data), and the
+    report's figures made during its final evaluation."""
     from test_segmentation_train import ARRAYS, seg_config
 
     workdir = tmp_path_factory.mktemp("seg")
     cfg = seg_config(**{"task.head": "fpn", "total_steps": 20, "log_every_steps": 5,
                         "checkpoint_every_steps": 20, "optimizer.learning_rate": 0.1})  # fmt: skip
-    train_and_evaluate(cfg, str(workdir), arrays=ARRAYS)
-    return workdir
+    final = FinalEvaluation()
+    train_and_evaluate(cfg, str(workdir), arrays=ARRAYS, final=final)
+    return workdir, final
 
 
 @pytest.mark.slow
 def test_segmentation_report_counts_every_valid_pixel(seg_run, tmp_path):
     """Per-class IoU, pixel accuracy and the confusion matrix equal scikit-learn's confusion
     matrix of the model's label maps on the evaluation pipeline's images; the hardest images
-    have the lowest pixel accuracy."""
+    have the lowest pixel accuracy; the report made from the final evaluation's label maps
+    holds the same figures."""
     from sklearn.metrics import confusion_matrix
     from test_segmentation_train import ARRAYS
 
-    write_report(seg_run, tmp_path, arrays=ARRAYS)
-    trained = load_trained(seg_run)
+    workdir, final = seg_run
+    write_report(workdir, tmp_path, arrays=ARRAYS)
+    write_report(workdir, tmp_path / "final", final=final)  # needs no arrays: nothing to load
+    for name in ("per_class.csv", "confusion_matrix.csv", "hardest_examples.csv"):
+        assert _rows(tmp_path / "final" / name) == _rows(tmp_path / name), name
+    trained = load_trained(workdir)
     source = data_lib.load_source(trained.spec.data, "test", arrays=ARRAYS, target="label_map")
     (batch,) = data_lib.eval_batches(source, trained.input, global_batch=64)
     keep = batch["mask"] > 0
@@ -214,7 +274,7 @@ def test_segmentation_report_counts_every_valid_pixel(seg_run, tmp_path):
 @pytest.mark.slow
 def test_a_run_whose_split_cannot_be_loaded_gets_curves_and_the_reason(seg_run, tmp_path):
     """The "arrays" run reported without its arrays."""
-    page = pathlib.Path(write_report(seg_run, tmp_path)).read_text()
+    page = pathlib.Path(write_report(seg_run[0], tmp_path)).read_text()
     assert "No evaluation: the split &#x27;test&#x27; could not be loaded" in page
     assert "data.source=&#x27;arrays&#x27; needs arrays=" in page
     assert page.count("<img ") == 1 and (tmp_path / "training_curves.png").exists()
@@ -224,15 +284,21 @@ def test_a_run_whose_split_cannot_be_loaded_gets_curves_and_the_reason(seg_run, 
 @pytest.mark.slow
 def test_detection_report_has_the_evaluations_per_class_ap(tmp_path):
     """The per-class COCO AP of the report (predictions, then pycocotools) equals what the
-    training loop's final evaluation reported (its own metric collection)."""
+    training loop's final evaluation reported (its own metric collection), as does the report
+    made from that evaluation's detections."""
     from test_det_data import NAMES, write_coco
     from test_detection_train import det_config, random_scenes
 
     write_coco(tmp_path / "coco", random_scenes(64, 0), "train")
     write_coco(tmp_path / "coco", random_scenes(20, 1), "test")
     cfg = det_config(tmp_path / "coco", total_steps=40, log_every_steps=10)
-    result = train_and_evaluate(cfg, str(tmp_path / "run"))
+    final = FinalEvaluation()
+    result = train_and_evaluate(cfg, str(tmp_path / "run"), final=final)
     page = pathlib.Path(write_report(tmp_path / "run")).read_text()
+    write_report(tmp_path / "run", tmp_path / "final", final=final)
+    assert _rows(tmp_path / "final" / "per_class.csv") == _rows(
+        tmp_path / "run" / "report" / "per_class.csv"
+    )
     rows = {row["class"]: row for row in _rows(tmp_path / "run" / "report" / "per_class.csv")}
     assert list(rows) == [*NAMES, "mean (mAP)"]
     for name in NAMES:  # classes without ground truth in the split have no AP

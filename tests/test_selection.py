@@ -14,6 +14,7 @@ from vision_jax import run as run_lib
 from vision_jax import specs, train, weights
 from vision_jax.config import TrackedConfig
 from vision_jax.models import create_model
+from vision_jax.report import FinalEvaluation
 from vision_jax.selection import Selection
 from vision_jax.train import train_and_evaluate
 from vision_jax.weights.run_dir import read_variables
@@ -39,13 +40,13 @@ def scripted_validation(monkeypatch):
     parameters it evaluated."""
     real, calls = train.run_evaluation, {"val": 0, "eval": []}
 
-    def run_evaluation(run, state, source=None, split="eval"):
+    def run_evaluation(run, state, source=None, split="eval", observe=None):
         if split == "val":
             value = SCRIPT[calls["val"]]
             calls["val"] += 1
             return {"val/top1": value, "val/loss": 1.0 - value, "val/examples": 144.0}
         calls["eval"].append(np.asarray(state.params["head"]["kernel"]))
-        return real(run, state, source, split)
+        return real(run, state, source, split, observe)
 
     monkeypatch.setattr(train, "run_evaluation", run_evaluation)
     return calls
@@ -62,7 +63,8 @@ def meta(workdir: pathlib.Path, step: int, folder: str = "checkpoints") -> dict:
 def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     tmp_path, scripted_validation
 ):
-    result = train_and_evaluate(selecting_config(), str(tmp_path))
+    final = FinalEvaluation()
+    result = train_and_evaluate(selecting_config(), str(tmp_path), final=final)
     assert steps(tmp_path) == [2, 4, 6, 8, 10]  # stopped at the 5th evaluation, saved there
     assert scripted_validation["val"] == 5
     assert meta(tmp_path, 10)["stopped_early"] and meta(tmp_path, 10)["final"]
@@ -85,6 +87,8 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
         got = weights.read_variables(path, network)["params"]["head"]["kernel"]
         np.testing.assert_array_equal(got, want)
     assert result["eval/examples"] == 360 and 0 <= result["eval/top1"] <= 1
+    # The report's figures came from that evaluation: of step 4, the best.
+    assert final.step == 4 and final.evaluation(4).headline == pytest.approx(result["eval/top1"])
 
     # Resuming a run that stopped early reports the best's test figures; it does not train on.
     again = train_and_evaluate(selecting_config(), str(tmp_path))

@@ -244,10 +244,13 @@ def main(argv: list[str]) -> None:
         jax.process_index(), jax.process_count(), jax.local_device_count(),
         jax.device_count(), jax.devices()[0].platform,
     )  # fmt: skip
+    from vision_jax.report.tasks import FinalEvaluation
     from vision_jax.train import train_and_evaluate
 
+    reporting = FLAGS.report and jax.process_count() == 1
+    final = FinalEvaluation() if reporting else None  # the report's figures, made as it runs
     try:
-        results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        results = train_and_evaluate(FLAGS.config, FLAGS.workdir, final=final)
     except StopRequested as e:
         _exit(EXIT_STOPPED, str(e), watchdog)
     except (ValueError, RuntimeError, OSError) as e:
@@ -267,8 +270,8 @@ def main(argv: list[str]) -> None:
         print(line)
         for summary in _summaries(results, FLAGS.config.task.name):
             print(summary)
-        if FLAGS.report and jax.process_count() == 1:
-            _report(FLAGS.workdir)
+        if reporting:
+            _report(FLAGS.workdir, final)
     if jax.process_count() == 1:
         _exit_written()
 
@@ -285,12 +288,13 @@ def _exit_written() -> None:
     os._exit(0)
 
 
-def _report(workdir: str) -> None:
-    """Writes the run's report; a failure is a warning (the run itself succeeded)."""
+def _report(workdir: str, final: Any) -> None:
+    """Writes the run's report (from ``final``, the final evaluation's figures, when they are
+    of the step it shows); a failure is a warning (the run itself succeeded)."""
     from vision_jax.report import write_report
 
     try:
-        print(f"report: {write_report(workdir)}")
+        print(f"report: {write_report(workdir, final=final)}")
     except Exception as e:  # the trained model is saved whatever the report hits
         logging.warning("No report written: %s: %s", type(e).__name__, e)
 

@@ -79,6 +79,7 @@ class Run:
     selection: Selection | None = None  # with val_source: the best so far (resumed)
     best: BestCheckpoint | None = None  # with val_source: where the best state is kept
     started: float = 0.0  # time.perf_counter() when build_run began
+    final: Any = None  # sees the final evaluation's predictions (train_and_evaluate's ``final``)
 
     @property
     def task(self) -> Any:
@@ -431,7 +432,7 @@ def _compile_steps(
     )  # fmt: skip
     eval_step = lambda ema: jax.jit(  # metrics replicated: every host merges whole batches
         make_eval_step(model, task, lora=adapters, use_ema=ema),
-        out_shardings=sharding.replicated(mesh),
+        out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         compiler_options=xla_options,
     )
     eval_steps = {"": eval_step(False)}

@@ -220,16 +220,18 @@ def make_train_step(
 
 def make_eval_step(
     model: nn.Module, task: Task, *, lora: LoraSpec | None = None, use_ema: bool = False
-) -> Callable[[TrainState, Any, Batch], clu_metrics.Collection]:
-    """``step(state, frozen_params, batch)``: the task's metrics of a padded batch; padding
-    (``mask == 0``) is not counted. ``use_ema`` evaluates the EMA parameters."""
+) -> Callable[[TrainState, Any, Batch], tuple[clu_metrics.Collection, dict[str, jax.Array]]]:
+    """``step(state, frozen_params, batch) -> (metrics, predictions)``: the task's metrics of a
+    padded batch (padding, ``mask == 0``, is not counted) and its predictions per example
+    (:meth:`~vision_jax.tasks.base.Task.evaluate_batch`). ``use_ema`` evaluates the EMA
+    parameters."""
 
-    def eval_step(state: TrainState, frozen: Any, batch: Batch) -> clu_metrics.Collection:
+    def eval_step(state: TrainState, frozen: Any, batch: Batch) -> tuple[Any, dict]:
         params = state.ema_params if use_ema else state.params
         variables = {"params": combine(params, frozen), **state.model_state}
         with apply_adapters(lora, train=False):
             outputs = model.apply(variables, batch["image"], train=False)
-        return task.eval_metrics(outputs, batch)
+        return task.evaluate_batch(outputs, batch)
 
     return eval_step
 
@@ -240,12 +242,18 @@ def evaluate(
     frozen: Any,
     batches: Iterable[dict],
     mesh: jax.sharding.Mesh,
+    observe: Callable[[dict, dict], None] | None = None,
 ) -> clu_metrics.Collection:
     """Runs ``eval_step`` over every batch; the metrics merged on the host over the split (the
-    task's ``summarize`` turns them into figures)."""
+    task's ``summarize`` turns them into figures). ``observe(batch, predictions)``, if given,
+    sees each host batch with its predictions per example, fetched to the host for it only
+    (padding rows included; their arrays must be addressable: a single-process run)."""
     total = None
     for batch in batches:
-        m = jax.device_get(eval_step(state, frozen, sharding.to_global_batch(batch, mesh)))
+        m, found = eval_step(state, frozen, sharding.to_global_batch(batch, mesh))
+        if observe is not None:
+            observe(batch, jax.device_get(found))
+        m = jax.device_get(m)
         total = m if total is None else total.merge(m)
     if total is None:
         raise ValueError("The evaluation split is empty.")

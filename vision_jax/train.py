@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -63,17 +63,23 @@ def _log_memory(memory: dict[str, int]) -> None:
 
 
 def run_evaluation(
-    run: Run, state: TrainState, source: data_lib.Source | None = None, split: str = "eval"
+    run: Run,
+    state: TrainState,
+    source: data_lib.Source | None = None,
+    split: str = "eval",
+    observe: Callable[[dict, dict], None] | None = None,
 ) -> dict[str, float]:
     """Every eval step (parameters, EMA) over the whole ``source`` (default: the eval split),
-    summarised by the task as ``{split}/...`` and ``{split}_ema/...``."""
+    summarised by the task as ``{split}/...`` and ``{split}_ema/...``; ``observe`` sees the
+    parameters' predictions (:func:`vision_jax.steps.evaluate`)."""
     source = run.eval_source if source is None else source
     result = {}
     for kind, eval_step in run.eval_steps.items():
         batches = data_lib.eval_batches(
             source, run.input, global_batch=run.spec.eval_batch_size, **run.task.batch_args()
         )
-        total = evaluate(eval_step, state, run.frozen, batches, run.mesh)
+        seen = observe if kind == "" else None
+        total = evaluate(eval_step, state, run.frozen, batches, run.mesh, seen)
         result.update(run.task.summarize(total, source, f"{split}{kind}/"))
     return result
 
@@ -83,13 +89,17 @@ def train_and_evaluate(
     workdir: str,
     *,
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    final: FinalObserver | None = None,
 ) -> dict[str, float]:
     """Fine-tunes as ``config`` says, in ``workdir``; returns the final evaluation metrics.
 
     ``arrays`` feeds in-memory data when ``config.data.source == "arrays"``:
     ``{"train": (images, targets), "test": (images, targets)}`` keyed by split name (targets:
     labels, or label maps for segmentation). With ``config.ema_decay`` set, the EMA parameters
-    are evaluated too (``eval_ema/...``).
+    are evaluated too (``eval_ema/...``). ``final`` (single-process runs) sees the predictions
+    of the final evaluation of the eval split, the one of the step a report shows (the best
+    step with a validation split, else the last), e.g. a
+    :class:`vision_jax.report.FinalEvaluation`, so that the report does not predict again.
 
     SIGTERM or SIGINT saves a checkpoint at the next step (agreed by every process) and raises
     :class:`~vision_jax.signals.StopRequested`; a non-finite update raises
@@ -98,6 +108,7 @@ def train_and_evaluate(
     """
     with StopSignals() as stop:
         run = build_run(config, workdir, arrays=arrays)
+        run.final = final if jax.process_count() == 1 else None
         try:
             return _train(run, workdir, stop)
         finally:
@@ -431,7 +442,9 @@ def _evaluate(run: Run, state: TrainState, step: int, writer: MetricWriter) -> d
     """The periodic evaluation (validation split if any, else eval split), written; with a
     validation split it updates the selection and keeps an improvement as the best state."""
     split, source = run.periodic_source
-    result = run_evaluation(run, state, source, split)
+    final = step == run.total_steps and split == "eval" and run.selection is None
+    observe = _final_observer(run, step) if final else None
+    result = run_evaluation(run, state, source, split, observe)
     writer.write_scalars(step, result)
     selection = run.selection
     if selection is not None and step > 0 and selection.update(step, result):
@@ -445,13 +458,29 @@ def _test_best(run: Run, writer: MetricWriter) -> dict[str, float]:
     ``best/step`` and ``best/<metric>`` (its validation figure)."""
     step, state, meta = run.best.restore(abstract_state(run.state))
     selection = run.selection.resumed(meta.get("selection"))
-    result = run_evaluation(run, state)
+    result = run_evaluation(run, state, observe=_final_observer(run, step))
     writer.write_scalars(step, {f"best/{k}": v for k, v in result.items()})
     logging.info(
         "Best %s %.6g at step %d; on the %s split: %s.", selection.metric,
         selection.best_value, step, run.spec.data.eval_split, result,
     )  # fmt: skip
     return {**result, "best/step": float(step), f"best/{selection.metric}": selection.best_value}
+
+
+class FinalObserver(Protocol):
+    """What ``train_and_evaluate``'s ``final`` is asked: at the final evaluation's start, for
+    a function that sees each batch with its predictions (None: nothing to observe)."""
+
+    def begin(
+        self, step: int, task: Any, input_spec: data_lib.InputSpec, source: data_lib.Source
+    ) -> Callable[[dict, dict], None] | None: ...
+
+
+def _final_observer(run: Run, step: int) -> Callable[[dict, dict], None] | None:
+    """The ``final`` observer's function for the evaluation of ``step`` on the eval split."""
+    if run.final is None:
+        return None
+    return run.final.begin(step, run.task, run.input, run.eval_source)
 
 
 def _flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

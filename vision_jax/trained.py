@@ -1,8 +1,9 @@
 """A trained run, loaded for use after training: prediction, reports and export.
 
 ``load_trained(workdir)`` rebuilds what the run trained from its record alone (the task and its
-settings, the model, the class names and the input it used) and reads its variables (the best
-step when the run kept one, else the newest; LoRA adapters merged, frozen parameters put back).
+settings, the model, the class names and the input it used); its variables (the best step when
+the run kept one, else the newest; LoRA adapters merged, frozen parameters put back) are read at
+their first use.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ class Trained:
     record: RunRecord
     spec: specs.RunSpec
     model: nn.Module
-    variables: dict[str, Any]
     input: data_lib.InputSpec  # the run's input (size, mean, std after its input contract)
     step: int  # the step whose variables these are
     step_dir: str
+
+    @functools.cached_property
+    def variables(self) -> dict[str, Any]:
+        """The step's model variables, read at first use."""
+        return read_variables(self.step_dir)
 
     @property
     def task(self) -> Any:
@@ -84,7 +89,4 @@ def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
         interpolation=record.interpolation or spec.input.interpolation,
     )  # fmt: skip
     model = task_model(spec, len(record.class_names or ()))
-    return Trained(
-        record, spec, model, read_variables(step_dir), input_spec, int(step_dir.name),
-        str(step_dir),
-    )  # fmt: skip
+    return Trained(record, spec, model, input_spec, int(step_dir.name), str(step_dir))

@@ -15,7 +15,9 @@
   label (segmentation: the lowest pixel accuracy), with their position in the split.
 
 The figures come from the run's own model and evaluation pipeline on its evaluation split
-(``config.data.eval_split``), in one process. Per-task evaluators live in
+(``config.data.eval_split``), in one process: from the training command's final evaluation
+when it made them (:class:`~vision_jax.report.tasks.FinalEvaluation`), else from predicting the
+split again with the saved variables. Per-task evaluators live in
 :mod:`vision_jax.report.tasks`.
 """
 
@@ -30,7 +32,7 @@ from vision_jax.report import page
 from vision_jax.report.curves import plot_curves, read_scalars
 from vision_jax.report.figures import confusion_figure, hardest_figure
 from vision_jax.report.tables import write_confusion, write_table
-from vision_jax.report.tasks import Evaluation, evaluate
+from vision_jax.report.tasks import Evaluation, FinalEvaluation, evaluate
 from vision_jax.trained import Trained, load_trained
 from vision_jax.weights.run_dir import BEST_DIR
 
@@ -48,12 +50,14 @@ def write_report(
     *,
     hardest: int = 16,
     arrays: dict | None = None,
+    final: FinalEvaluation | None = None,
 ) -> str:
     """Writes the report of the run in ``workdir`` (its ``which`` step: "best" or "latest")
     and returns the path of ``report.html``. ``hardest``: how many hardest examples to show;
-    ``arrays``: the splits of a ``data.source="arrays"`` run (as given to training). A run
-    without event files has no curves; one whose evaluation split cannot be loaded has curves
-    only; the page says why."""
+    ``arrays``: the splits of a ``data.source="arrays"`` run (as given to training); ``final``:
+    the training's final evaluation, used if it evaluated that step with as many hardest
+    examples. A run without event files has no curves; one whose evaluation split cannot be
+    loaded has curves only; the page says why."""
     if hardest < 0:
         raise ValueError(f"hardest must be >= 0 (examples to show), got {hardest}.")
     trained = load_trained(workdir, which=which)
@@ -63,7 +67,11 @@ def write_report(
         (out / name).unlink(missing_ok=True)
     notes: list[str] = []
     sections = _curves_section(workdir, trained.task.headline, out, notes)
-    evaluation = _evaluation(trained, hardest, arrays, notes)
+    evaluation = None
+    if final is not None and final.hardest == hardest:
+        evaluation = final.evaluation(trained.step)
+    if evaluation is None:
+        evaluation = _evaluation(trained, hardest, arrays, notes)
     facts = [f"task {trained.task.name}", f"model {trained.spec.model_name}", _step(trained)]
     if evaluation is not None:
         sections += _evaluation_sections(evaluation, trained.class_names, out)
@@ -136,4 +144,4 @@ def _evaluation_sections(
     return sections
 
 
-__all__ = ["write_report"]
+__all__ = ["FinalEvaluation", "write_report"]

@@ -6,9 +6,12 @@ import dataclasses
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure  # a Figure without pyplot draws with Agg, no global state
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COUNTS_UP_TO = 20  # classes: write the counts in the confusion matrix's cells
 NAMES_UP_TO = 60  # classes: name every row and column
@@ -20,6 +23,14 @@ class Thumb:
 
     image: np.ndarray
     title: str
+
+
+def _figure(**kwargs) -> Figure:
+    """A matplotlib Figure (imported at the first figure: a run that never draws one does not
+    pay for the import); without pyplot it draws with Agg and holds no global state."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def _save(figure: Figure, path: pathlib.Path) -> None:
@@ -40,7 +51,7 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: pathl
     rows = matrix.sum(1, keepdims=True)
     share = matrix / np.maximum(rows, 1)
     side = min(max(4.0, 0.45 * k + 2.0), 30.0)
-    figure = Figure(figsize=(side + 1.2, side))
+    figure = _figure(figsize=(side + 1.2, side))
     ax = figure.add_subplot()
     shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
@@ -64,7 +75,7 @@ def hardest_figure(thumbs: Sequence[Thumb], path: pathlib.Path) -> None:
     columns = min(len(thumbs), 4 if len(thumbs) <= 16 else 8)
     rows = math.ceil(len(thumbs) / columns)
     height, width = thumbs[0].image.shape[:2]
-    figure = Figure(figsize=(2.3 * columns * max(width / height, 1.0), 2.5 * rows))
+    figure = _figure(figsize=(2.3 * columns * max(width / height, 1.0), 2.5 * rows))
     for i, thumb in enumerate(thumbs):
         ax = figure.add_subplot(rows, columns, i + 1)
         ax.imshow(thumb.image, interpolation="nearest")
@@ -77,7 +88,7 @@ def hardest_figure(thumbs: Sequence[Thumb], path: pathlib.Path) -> None:
 def curves_figure(panels: Mapping[str, Mapping[str, tuple]], path: pathlib.Path) -> None:
     """One panel per title, one line per ``label: (steps, values)`` in it, against step (a
     legend unless the panel's one line is named as the panel)."""
-    figure = Figure(figsize=(4.6 * len(panels), 3.4))
+    figure = _figure(figsize=(4.6 * len(panels), 3.4))
     for i, (title, lines) in enumerate(panels.items()):
         ax = figure.add_subplot(1, len(panels), i + 1)
         for label, (steps, values) in lines.items():

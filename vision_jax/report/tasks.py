@@ -1,13 +1,17 @@
 """The task-specific part of a report: an evaluator per task turns the trained model's
-predictions on the evaluation split into an :class:`Evaluation` (headline, per-class table,
-confusion matrix, hardest examples). A task plugs in with one entry in :data:`EVALUATORS`."""
+predictions on the evaluation split, batch by batch, into an :class:`Evaluation` (headline,
+per-class table, confusion matrix, hardest examples). A task plugs in with one entry in
+:data:`EVALUATORS`. The predictions come from the saved model (:func:`evaluate`) or from the
+training run's own final evaluation (:class:`FinalEvaluation`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +22,7 @@ from vision_jax.report.tables import Table, classification_table, confusion, seg
 from vision_jax.tasks.coco_eval import coco_metrics, coco_results
 from vision_jax.trained import Trained
 
-Pairs = Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+Arrays = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,26 +85,32 @@ def _class_example(batch, probs, names, spec, i) -> tuple[Thumb, list]:
     return Thumb(pixels(batch["image"][i], spec), title), row
 
 
-def classification(trained: Trained, source: data_lib.Source, pairs: Pairs, n: int) -> Evaluation:
+class Classification:
     """Per-class precision / recall / F1, the confusion matrix over examples, and the examples
     with the lowest probability on their true label."""
-    names = trained.class_names
-    matrix = np.zeros((len(names), len(names)), np.int64)
-    lowest = Lowest(n)
-    for batch, outputs in pairs:
+
+    def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
+        self.names, self.spec = names, spec
+        self.matrix = np.zeros((len(names), len(names)), np.int64)
+        self.lowest = Lowest(n)
+
+    def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
         probs, labels = outputs["probabilities"], batch["label"].astype(np.int64)
-        matrix += confusion(labels, probs.argmax(-1), len(names))
-        make = functools.partial(_class_example, batch, probs, names, trained.input)
-        lowest.offer(probs[np.arange(len(labels)), labels], make)
-    columns = ("true", "predicted", "probability of true", "probability of predicted")
-    return Evaluation(
-        headline=float(np.trace(matrix) / max(matrix.sum(), 1)), examples=int(matrix.sum()),
-        table=classification_table(matrix, names), confusion=matrix,
-        hardest=lowest.thumbs(), hardest_table=lowest.table(columns),
-        hardest_caption="The examples with the lowest probability on their true label: true "
-        "and predicted class, with their probabilities.",
-    )  # fmt: skip
+        self.matrix += confusion(labels, probs.argmax(-1), len(self.names))
+        make = functools.partial(_class_example, batch, probs, self.names, self.spec)
+        self.lowest.offer(probs[np.arange(len(labels)), labels], make)
+
+    def result(self) -> Evaluation:
+        matrix = self.matrix
+        columns = ("true", "predicted", "probability of true", "probability of predicted")
+        return Evaluation(
+            headline=float(np.trace(matrix) / max(matrix.sum(), 1)), examples=int(matrix.sum()),
+            table=classification_table(matrix, self.names), confusion=matrix,
+            hardest=self.lowest.thumbs(), hardest_table=self.lowest.table(columns),
+            hardest_caption="The examples with the lowest probability on their true label: "
+            "true and predicted class, with their probabilities.",
+        )  # fmt: skip
 
 
 def _pixel_example(batch, found, valid, accuracy, spec, i) -> tuple[Thumb, list]:
@@ -114,72 +124,138 @@ def _pixel_example(batch, found, valid, accuracy, spec, i) -> tuple[Thumb, list]
     return thumb, [float(accuracy[i]), int(valid[i].sum())]
 
 
-def segmentation(trained: Trained, source: data_lib.Source, pairs: Pairs, n: int) -> Evaluation:
+class Segmentation:
     """Per-class IoU and accuracy, the confusion matrix over every valid pixel, and the images
     with the lowest pixel accuracy, each beside its errors."""
-    names = trained.class_names
-    matrix = np.zeros((len(names), len(names)), np.int64)
-    lowest, examples = Lowest(n), 0
-    for batch, outputs in pairs:
+
+    def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
+        self.names, self.spec = names, spec
+        self.matrix = np.zeros((len(names), len(names)), np.int64)
+        self.lowest, self.examples = Lowest(n), 0
+
+    def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
         truth, found = batch["label_map"], outputs["label_map"]
         valid = truth != data_lib.IGNORE_LABEL
-        matrix += confusion(truth[valid], found[valid], len(names))
+        self.matrix += confusion(truth[valid], found[valid], len(self.names))
         right, counted = ((truth == found) & valid).sum((1, 2)), valid.sum((1, 2))
         accuracy = np.where(counted > 0, right / np.maximum(counted, 1), 1.0)
-        lowest.offer(
-            accuracy,
-            functools.partial(_pixel_example, batch, found, valid, accuracy, trained.input),
-        )
-        examples += len(truth)
-    return Evaluation(
-        headline=iou_summary(matrix)["miou"], examples=examples,
-        table=segmentation_table(matrix, names), confusion=matrix,
-        unit="pixels", hardest=lowest.thumbs(),
-        hardest_table=lowest.table(("pixel accuracy", "pixels")),
-        hardest_caption="The images with the lowest pixel accuracy, each beside its errors "
-        "(dark: right, red: wrong, grey: ignored).",
-    )  # fmt: skip
+        make = functools.partial(_pixel_example, batch, found, valid, accuracy, self.spec)
+        self.lowest.offer(accuracy, make)
+        self.examples += len(truth)
+
+    def result(self) -> Evaluation:
+        return Evaluation(
+            headline=iou_summary(self.matrix)["miou"], examples=self.examples,
+            table=segmentation_table(self.matrix, self.names), confusion=self.matrix,
+            unit="pixels", hardest=self.lowest.thumbs(),
+            hardest_table=self.lowest.table(("pixel accuracy", "pixels")),
+            hardest_caption="The images with the lowest pixel accuracy, each beside its errors "
+            "(dark: right, red: wrong, grey: ignored).",
+        )  # fmt: skip
 
 
-def detection(trained: Trained, source: data_lib.Source, pairs: Pairs, n: int) -> Evaluation:
+class Detection:
     """Per-class COCO AP@[.5:.95] by pycocotools on the split's ground truth."""
-    del trained, n
-    parts = {"boxes": [], "scores": [], "classes": [], "image_ids": []}
-    for batch, outputs in pairs:
+
+    def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
+        self.source = source
+        self.parts: dict[str, list] = {"boxes": [], "scores": [], "classes": [], "image_ids": []}
+
+    def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
-        parts["boxes"].append(outputs["boxes"] / batch["scale"][:, None, None])
-        parts["scores"].append(outputs["scores"])
-        parts["classes"].append(outputs["classes"])
-        parts["image_ids"].append(batch["image_id"])
-    found = {k: np.concatenate(v) for k, v in parts.items()}
-    seen = sorted({int(i) for i in found["image_ids"]})
-    results = coco_results(found, source.category_ids)
-    figures = coco_metrics(source.annotations, results, seen, source.class_names)
-    rows = [
-        [name, figures.get(f"ap/{name.replace('/', '_')}", math.nan)] for name in source.class_names
-    ]
-    table = Table(("class", "ap"), rows, [["mean (mAP)", figures["map"]]])
-    note = "No confusion matrix or hardest examples for detection; AP is empty for classes "
-    note += "without ground truth in the split."
-    return Evaluation(figures["map"], len(seen), table=table, notes=[note])
+        self.parts["boxes"].append(outputs["boxes"] / batch["scale"][:, None, None])
+        self.parts["scores"].append(outputs["scores"])
+        self.parts["classes"].append(outputs["classes"])
+        self.parts["image_ids"].append(batch["image_id"])
+
+    def result(self) -> Evaluation:
+        source = self.source
+        found = {k: np.concatenate(v) for k, v in self.parts.items()}
+        seen = sorted({int(i) for i in found["image_ids"]})
+        results = coco_results(found, source.category_ids)
+        figures = coco_metrics(source.annotations, results, seen, source.class_names)
+        rows = [
+            [name, figures.get(f"ap/{name.replace('/', '_')}", math.nan)]
+            for name in source.class_names
+        ]
+        table = Table(("class", "ap"), rows, [["mean (mAP)", figures["map"]]])
+        note = "No confusion matrix or hardest examples for detection; AP is empty for classes "
+        note += "without ground truth in the split."
+        return Evaluation(figures["map"], len(seen), table=table, notes=[note])
 
 
-EVALUATORS: dict[str, Callable[[Trained, data_lib.Source, Pairs, int], Evaluation]] = {
-    "classification": classification,
-    "segmentation": segmentation,
-    "detection": detection,
+# task name -> evaluator(class names, the run's input, the split's source, hardest examples)
+EVALUATORS: dict[str, Callable[..., Any]] = {
+    "classification": Classification,
+    "segmentation": Segmentation,
+    "detection": Detection,
 }
 
 
 def evaluate(trained: Trained, source: data_lib.Source, n: int) -> Evaluation | None:
-    """The task's evaluation of ``trained`` on ``source`` (None: the task has no evaluator),
-    with ``n`` hardest examples."""
-    evaluator = EVALUATORS.get(trained.task.name)
-    if evaluator is None:
+    """The task's evaluation of ``trained``'s predictions on ``source`` (None: the task has no
+    evaluator), with ``n`` hardest examples."""
+    evaluator_type = EVALUATORS.get(trained.task.name)
+    if evaluator_type is None:
         return None
+    evaluator = evaluator_type(trained.class_names, trained.input, source, n)
     batches = data_lib.eval_batches(
         source, trained.input, global_batch=trained.spec.eval_batch_size,
         **trained.task.batch_args(),
     )  # fmt: skip
-    return evaluator(trained, source, trained.predict_batches(batches), n)
+    for batch, outputs in trained.predict_batches(batches):
+        evaluator.add(batch, outputs)
+    return evaluator.result()
+
+
+class FinalEvaluation:
+    """The report's evaluation made from a training run's final evaluation as it runs, so the
+    report does not predict the split again: give it to
+    :func:`~vision_jax.train.train_and_evaluate` as ``final``, then to
+    :func:`~vision_jax.report.write_report`, which uses it for the step it was made at. Its
+    failures are warnings (the report then predicts), never the run's."""
+
+    def __init__(self, hardest: int = 16):
+        self.hardest = hardest
+        self.step: int | None = None
+        self._evaluator: Any = None
+
+    def begin(
+        self, step: int, task: Any, input_spec: data_lib.InputSpec, source: data_lib.Source
+    ) -> Callable[[Arrays, Arrays], None] | None:
+        """Starts the evaluation of ``step``; returns what sees each batch and its predictions
+        (None: the task has no evaluator)."""
+        self.step, self._evaluator = None, None
+        evaluator_type = EVALUATORS.get(task.name)
+        if evaluator_type is None:
+            return None
+        try:
+            self._evaluator = evaluator_type(source.class_names, input_spec, source, self.hardest)
+        except Exception as e:  # noqa: BLE001  (the report predicts instead)
+            return self._failed(e)
+        self.step = step
+        return self._add
+
+    def _add(self, batch: Arrays, outputs: Arrays) -> None:
+        if self._evaluator is not None:
+            try:
+                self._evaluator.add(batch, outputs)
+            except Exception as e:  # noqa: BLE001
+                self._failed(e)
+
+    def _failed(self, error: Exception) -> None:
+        logging.warning(
+            "The report's evaluation of the final predictions failed (the report will predict "
+            "the split again): %s: %s", type(error).__name__, error,
+        )  # fmt: skip
+        self.step, self._evaluator = None, None
+
+    def evaluation(self, step: int) -> Evaluation | None:
+        """The evaluation of ``step`` (None: none was made of that step, or it failed)."""
+        if self._evaluator is None or step != self.step:
+            return None
+        try:
+            return self._evaluator.result()
+        except Exception as e:  # noqa: BLE001
+            return self._failed(e)

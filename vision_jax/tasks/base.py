@@ -45,6 +45,7 @@ class Task(abc.ABC):
     target: ClassVar[str]  # the batch key holding the targets
     headline: ClassVar[str]  # the metric that sums up an evaluation (``eval/<headline>``)
     train_metrics: ClassVar[type[metrics.Collection]]
+    per_example: ClassVar[tuple[str, ...]]  # the outputs of ``predict`` an evaluation returns
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
@@ -74,6 +75,14 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def eval_metrics(self, outputs: Any, batch: Batch) -> metrics.Collection:
         """Metrics of one padded eval batch (``batch["mask"] == 0`` rows count for nothing)."""
+
+    def evaluate_batch(
+        self, outputs: Any, batch: Batch
+    ) -> tuple[metrics.Collection, dict[str, jax.Array]]:
+        """:meth:`eval_metrics` of the batch and its predictions per example (the
+        :attr:`per_example` outputs of :meth:`predict`; padding rows included)."""
+        found = self.predict(outputs, batch["image"].shape[1:3])
+        return self.eval_metrics(outputs, batch), {k: found[k] for k in self.per_example}
 
     @abc.abstractmethod
     def summarize(

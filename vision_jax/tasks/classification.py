@@ -47,6 +47,7 @@ class Classification(Task):
     target = "label"
     headline = "top1"
     train_metrics = TrainMetrics
+    per_example = ("probabilities",)
 
     def __post_init__(self) -> None:
         losses.get_loss(self.loss)  # validates the name

@@ -72,6 +72,7 @@ class Detection(Task):
     target = "boxes"
     headline = "map"
     train_metrics = TrainMetrics
+    per_example = ("boxes", "scores", "classes")
 
     def __post_init__(self) -> None:
         if self.loss != "focal_giou":
@@ -132,16 +133,24 @@ class Detection(Task):
         )  # fmt: skip
 
     def eval_metrics(self, outputs: dict[str, jax.Array], batch: Batch) -> EvalMetrics:
+        return self.evaluate_batch(outputs, batch)[0]
+
+    def evaluate_batch(
+        self, outputs: dict[str, jax.Array], batch: Batch
+    ) -> tuple[EvalMetrics, dict[str, jax.Array]]:
+        """The metrics hold the detections in the source images' pixels (divided by the batch's
+        ``scale``); the per-example predictions are in input pixels, as :meth:`predict`'s."""
         self._layout(batch, outputs)
         found = self.detect(outputs, batch["image"].shape[1:3])
         real = batch["mask"] > 0
         scale = jnp.where(real, batch["scale"], 1.0)[:, None, None]
-        return EvalMetrics.single_from_model_output(
+        collection = EvalMetrics.single_from_model_output(
             boxes=found["boxes"] / scale,
             scores=found["scores"],
             classes=found["classes"],
             image_ids=jnp.where(real, batch["image_id"], 0).astype(jnp.int32),
         )
+        return collection, {k: found[k] for k in self.per_example}
 
     def summarize(self, collection: EvalMetrics, source: Any, prefix: str) -> dict[str, float]:
         found = collection.detections.compute()

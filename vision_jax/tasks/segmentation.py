@@ -127,6 +127,7 @@ class Segmentation(Task):
     target = "label_map"
     headline = "miou"
     train_metrics = TrainMetrics
+    per_example = ("label_map",)
 
     def __post_init__(self) -> None:
         if self.loss != "softmax_xent":
@@ -195,6 +196,6 @@ class Segmentation(Task):
         return out
 
     def predict(self, outputs: jax.Array, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
-        del image_hw
+        del image_hw  # the label map from the logits, as the evaluation's (no softmax needed)
         probs = jax.nn.softmax(outputs.astype(jnp.float32))
-        return {"label_map": probs.argmax(-1), "probabilities": probs}
+        return {"label_map": outputs.argmax(-1), "probabilities": probs}
