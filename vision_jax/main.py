@@ -244,7 +244,7 @@ def main(argv: list[str]) -> None:
         jax.process_index(), jax.process_count(), jax.local_device_count(),
         jax.device_count(), jax.devices()[0].platform,
     )  # fmt: skip
-    from vision_jax.report.tasks import FinalEvaluation
+    from vision_jax.report import FinalEvaluation
     from vision_jax.train import train_and_evaluate
 
     reporting = FLAGS.report and jax.process_count() == 1

@@ -45,7 +45,7 @@ class Task(abc.ABC):
     target: ClassVar[str]  # the batch key holding the targets
     headline: ClassVar[str]  # the metric that sums up an evaluation (``eval/<headline>``)
     train_metrics: ClassVar[type[metrics.Collection]]
-    per_example: ClassVar[tuple[str, ...]]  # the outputs of ``predict`` an evaluation returns
+    per_example: ClassVar[tuple[str, ...]] = ()  # ``predict``'s outputs an evaluation returns
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
