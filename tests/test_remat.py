@@ -4,8 +4,11 @@ analysis), and only in the blocks the rules name."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -158,3 +161,9 @@ def test_config_rules_reach_a_task_models_backbone():
     assert backbone.remat_rules == config.model.remat_rules
     assert recomputes(backbone.remat, backbone.remat_rules)
     assert not recomputes("none", ((".*", "none"),)) and recomputes("dots", ())
+    # A saved run's record holds the rules as JSON lists: its model gets the same tuples back.
+    saved = ml_collections.ConfigDict(json.loads(json.dumps(spec.config)))
+    assert saved.model.remat_rules == [list(rule) for rule in config.model.remat_rules]
+    again = task_model(specs.run_spec(TrackedConfig(saved)), num_classes=3)
+    assert backbone_of(again).remat_rules == config.model.remat_rules
+    assert hash(again) == hash(model)

@@ -403,6 +403,14 @@ class RunSpec:
         return total
 
 
+def _tuples(value: Any) -> Any:
+    """``value`` with its lists as tuples, at every depth: a run record's JSON gives lists
+    where the config had tuples (model fields such as ``remat_rules``; models stay hashable)."""
+    if isinstance(value, list | tuple):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
 def run_spec(config: Any) -> RunSpec:
     """The :class:`RunSpec` of a whole config (a ``TrackedConfig``, so that every key is read
     here and the caller can check that none is left over)."""
@@ -431,7 +439,7 @@ def run_spec(config: Any) -> RunSpec:
         early_stopping=early_stopping_spec(config.early_stopping, data.val_split is not None),
         model_name=model.pop("name"),
         model_dtype=model.pop("dtype"),
-        model_overrides=model,
+        model_overrides={k: _tuples(v) for k, v in model.items()},
         sharding_rules=tuple(config.sharding_rules),
         config=config.to_dict(),
         **scalars,
