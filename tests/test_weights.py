@@ -424,7 +424,8 @@ def test_new_image_and_patch_size_head_and_dont_load(timm, tmp_path, caplog):
 def test_abstract_init_variables_are_initialised_alone_to_the_same_values(timm, tmp_path):
     """A run loads pretrained weights into abstract variables (``jax.eval_shape`` of the init)
     and initialises only what the checkpoint does not provide: the same variables as loading
-    into a full random init, for kept-from-init (``dont_load``) and replaced leaves alike."""
+    into a full random init, for kept-from-init (``dont_load``) and replaced leaves alike. The
+    init is traced once, however many leaves it fills in."""
     from safetensors.numpy import save_file
 
     from vision_jax.run import _initialise_abstract
@@ -432,7 +433,12 @@ def test_abstract_init_variables_are_initialised_alone_to_the_same_values(timm, 
     save_file(state_dict_np(timm_vit(timm, img_size=32, num_classes=7)), str(tmp_path / "v.st"))
     model, keep = vit(10), ["Transformer/encoderblock_1/LayerNorm_0/.*", "cls"]
     rng, x = jax.random.key(3), jnp.zeros((1, 32, 32, 3))
-    init = lambda rng: model.init(rng, x)
+    traces = []
+
+    def init(rng):
+        traces.append(rng)
+        return model.init(rng, x)
+
     load = functools.partial(load_pretrained, tmp_path / "v.st", model=model, dont_load=keep)
     want = flatten_dict(load(variables=jax.jit(init)(rng)))
     partial = load(variables=jax.eval_shape(init, rng))
@@ -443,7 +449,9 @@ def test_abstract_init_variables_are_initialised_alone_to_the_same_values(timm, 
             *(f"params/Transformer/encoderblock_1/LayerNorm_0/{n}" for n in ("bias", "scale")),
         ]
     )
+    traces.clear()
     got = flatten_dict(_initialise_abstract(partial, init, rng))
+    assert len(traces) == 1  # not once per leaf: seconds per leaf for a task head's dozens
     assert got.keys() == want.keys()
     for k in want:
         assert np.asarray(got[k]).dtype == np.asarray(want[k]).dtype, k

@@ -171,7 +171,11 @@ def _initialise_abstract(
     flat = trees.flatten_dict(variables)
     abstract = [k for k, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
     if abstract:
-        only = lambda rng: {k: trees.flatten_dict(init(rng))[k] for k in abstract}
+
+        def only(rng: jax.Array) -> dict:
+            initialised = trees.flatten_dict(init(rng))  # one trace, whatever the leaves
+            return {k: initialised[k] for k in abstract}
+
         flat.update(jax.jit(only)(rng))
     return trees.unflatten_dict(flat)
 
