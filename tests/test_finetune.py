@@ -14,6 +14,7 @@ from test_train import small_config
 
 from vision_jax import losses, optim, trees
 from vision_jax.models import create_model
+from vision_jax.report import FinalEvaluation
 from vision_jax.steps import StepSettings, TrainState, make_train_step
 from vision_jax.tasks import Classification
 from vision_jax.train import train_and_evaluate
@@ -60,8 +61,10 @@ def test_linear_probe_trains_only_the_head(tmp_path):
 def test_lora_trains_only_adapters_and_head_and_exports_merged(tmp_path):
     cfg = lora_vit_config()
     init = _init_params(cfg)
-    result = train_and_evaluate(cfg, str(tmp_path))
+    final = FinalEvaluation()
+    result = train_and_evaluate(cfg, str(tmp_path), final=final)
     assert np.isfinite(result["eval/loss"])
+    assert final.step_dir is None  # a report predicts with the merged model, as it was saved
     state = _restore_on_one_device(os.path.join(latest_step_dir(str(tmp_path)), "state"))
     trained = set(flatten_dict(state["params"]))
     adapters = {k for k in trained if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}

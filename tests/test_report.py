@@ -121,8 +121,15 @@ def test_the_report_of_a_training_command_takes_its_final_evaluations_figures(
                                                                 abs=1e-5)  # fmt: skip
     page = (tmp_path / "report.html").read_text()
     assert f"top1 {result['eval/top1']:.4f} on 360 test examples" in page
-    # Figures of another step, or with another number of hardest examples, are not used.
-    assert final.step == 40 and final.evaluation(39) is None
+    # Figures of another checkpoint (another step, another run's same step), or with another
+    # number of hardest examples, are not used.
+    assert final.step_dir == str((workdir / "checkpoints" / "40").resolve())
+    other = tmp_path / "other"
+    shutil.copytree(workdir / "checkpoints" / "40", other / "checkpoints" / "40")
+    assert final.evaluation(workdir / "checkpoints" / "39") is None
+    assert final.evaluation(other / "checkpoints" / "40") is None
+    with pytest.raises(AssertionError, match="predicted the split again"):
+        write_report(other, tmp_path / "of_other", final=final)
     with pytest.raises(AssertionError, match="predicted the split again"):
         write_report(workdir, tmp_path, hardest=4, final=final)
 
@@ -141,7 +148,8 @@ def test_a_failing_report_evaluation_costs_the_run_nothing(tmp_path, monkeypatch
     final = FinalEvaluation()
     result = train_and_evaluate(small_config(), str(tmp_path), final=final)
     assert result["eval/examples"] == 360
-    assert "broken evaluator" in caplog.text and final.evaluation(4) is None
+    assert "broken evaluator" in caplog.text
+    assert final.evaluation(tmp_path / "checkpoints" / "4") is None
     monkeypatch.undo()
     write_report(tmp_path, final=final)
     rows = {r["class"]: r for r in _rows(tmp_path / "report" / "per_class.csv")}

@@ -88,7 +88,8 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
         np.testing.assert_array_equal(got, want)
     assert result["eval/examples"] == 360 and 0 <= result["eval/top1"] <= 1
     # The report's figures came from that evaluation: of step 4, the best.
-    assert final.step == 4 and final.evaluation(4).headline == pytest.approx(result["eval/top1"])
+    assert final.step_dir == str((tmp_path / "best" / "4").resolve())
+    assert final.evaluation(tmp_path / "best" / "4").headline == pytest.approx(result["eval/top1"])
 
     # Resuming a run that stopped early reports the best's test figures; it does not train on.
     again = train_and_evaluate(selecting_config(), str(tmp_path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -99,7 +100,9 @@ def train_and_evaluate(
     are evaluated too (``eval_ema/...``). ``final`` (single-process runs) sees the predictions
     of the final evaluation of the eval split, the one of the step a report shows (the best
     step with a validation split, else the last), e.g. a
-    :class:`vision_jax.report.FinalEvaluation`, so that the report does not predict again.
+    :class:`vision_jax.report.FinalEvaluation`, so that the report does not predict again; not
+    in LoRA runs, whose evaluation applies the adapters unmerged where the saved model has them
+    merged (in bfloat16 their predictions differ).
 
     SIGTERM or SIGINT saves a checkpoint at the next step (agreed by every process) and raises
     :class:`~vision_jax.signals.StopRequested`; a non-finite update raises
@@ -443,7 +446,7 @@ def _evaluate(run: Run, state: TrainState, step: int, writer: MetricWriter) -> d
     validation split it updates the selection and keeps an improvement as the best state."""
     split, source = run.periodic_source
     final = step == run.total_steps and split == "eval" and run.selection is None
-    observe = _final_observer(run, step) if final else None
+    observe = _final_observer(run, run.checkpointer.directory, step) if final else None
     result = run_evaluation(run, state, source, split, observe)
     writer.write_scalars(step, result)
     selection = run.selection
@@ -458,7 +461,7 @@ def _test_best(run: Run, writer: MetricWriter) -> dict[str, float]:
     ``best/step`` and ``best/<metric>`` (its validation figure)."""
     step, state, meta = run.best.restore(abstract_state(run.state))
     selection = run.selection.resumed(meta.get("selection"))
-    result = run_evaluation(run, state, observe=_final_observer(run, step))
+    result = run_evaluation(run, state, observe=_final_observer(run, run.best.directory, step))
     writer.write_scalars(step, {f"best/{k}": v for k, v in result.items()})
     logging.info(
         "Best %s %.6g at step %d; on the %s split: %s.", selection.metric,
@@ -468,19 +471,22 @@ def _test_best(run: Run, writer: MetricWriter) -> dict[str, float]:
 
 
 class FinalObserver(Protocol):
-    """What ``train_and_evaluate``'s ``final`` is asked: at the final evaluation's start, for
-    a function that sees each batch with its predictions (None: nothing to observe)."""
+    """What ``train_and_evaluate``'s ``final`` is asked: at the start of the final evaluation
+    (of the state saved in ``step_dir``), for a function that sees each batch with its
+    predictions (None: nothing to observe)."""
 
     def begin(
-        self, step: int, task: Any, input_spec: data_lib.InputSpec, source: data_lib.Source
+        self, step_dir: str, task: Any, input_spec: data_lib.InputSpec, source: data_lib.Source
     ) -> Callable[[dict, dict], None] | None: ...
 
 
-def _final_observer(run: Run, step: int) -> Callable[[dict, dict], None] | None:
-    """The ``final`` observer's function for the evaluation of ``step`` on the eval split."""
-    if run.final is None:
+def _final_observer(run: Run, directory: str, step: int) -> Callable[[dict, dict], None] | None:
+    """The ``final`` observer's function for the evaluation of ``step`` (saved in
+    ``directory``) on the eval split."""
+    if run.final is None or run.spec.lora is not None:  # see train_and_evaluate
         return None
-    return run.final.begin(step, run.task, run.input, run.eval_source)
+    step_dir = os.path.join(directory, str(step))
+    return run.final.begin(step_dir, run.task, run.input, run.eval_source)
 
 
 def _flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -55,8 +55,8 @@ def write_report(
     """Writes the report of the run in ``workdir`` (its ``which`` step: "best" or "latest")
     and returns the path of ``report.html``. ``hardest``: how many hardest examples to show;
     ``arrays``: the splits of a ``data.source="arrays"`` run (as given to training); ``final``:
-    the training's final evaluation, used if it evaluated that step with as many hardest
-    examples. A run without event files has no curves; one whose evaluation split cannot be
+    the training's final evaluation, used if it evaluated that step's checkpoint with as many
+    hardest examples. A run without event files has no curves; one whose evaluation split cannot be
     loaded has curves only; the page says why."""
     if hardest < 0:
         raise ValueError(f"hardest must be >= 0 (examples to show), got {hardest}.")
@@ -69,7 +69,7 @@ def write_report(
     sections = _curves_section(workdir, trained.task.headline, out, notes)
     evaluation = None
     if final is not None and final.hardest == hardest:
-        evaluation = final.evaluation(trained.step)
+        evaluation = final.evaluation(trained.step_dir)
     if evaluation is None:
         evaluation = _evaluation(trained, hardest, arrays, notes)
     facts = [f"task {trained.task.name}", f"model {trained.spec.model_name}", _step(trained)]

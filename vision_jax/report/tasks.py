@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -213,20 +214,20 @@ class FinalEvaluation:
     """The report's evaluation made from a training run's final evaluation as it runs, so the
     report does not predict the split again: give it to
     :func:`~vision_jax.train.train_and_evaluate` as ``final``, then to
-    :func:`~vision_jax.report.write_report`, which uses it for the step it was made at. Its
-    failures are warnings (the report then predicts), never the run's."""
+    :func:`~vision_jax.report.write_report`, which uses it for the checkpoint it was made of
+    (its step folder). Its failures are warnings (the report then predicts), never the run's."""
 
     def __init__(self, hardest: int = 16):
         self.hardest = hardest
-        self.step: int | None = None
+        self.step_dir: str | None = None
         self._evaluator: Any = None
 
     def begin(
-        self, step: int, task: Any, input_spec: data_lib.InputSpec, source: data_lib.Source
+        self, step_dir: str, task: Any, input_spec: data_lib.InputSpec, source: data_lib.Source
     ) -> Callable[[Arrays, Arrays], None] | None:
-        """Starts the evaluation of ``step``; returns what sees each batch and its predictions
-        (None: the task has no evaluator)."""
-        self.step, self._evaluator = None, None
+        """Starts the evaluation of the state saved in ``step_dir``; returns what sees each
+        batch and its predictions (None: the task has no evaluator)."""
+        self.step_dir, self._evaluator = None, None
         evaluator_type = EVALUATORS.get(task.name)
         if evaluator_type is None:
             return None
@@ -234,7 +235,7 @@ class FinalEvaluation:
             self._evaluator = evaluator_type(source.class_names, input_spec, source, self.hardest)
         except Exception as e:  # noqa: BLE001  (the report predicts instead)
             return self._failed(e)
-        self.step = step
+        self.step_dir = os.path.realpath(step_dir)
         return self._add
 
     def _add(self, batch: Arrays, outputs: Arrays) -> None:
@@ -249,11 +250,12 @@ class FinalEvaluation:
             "The report's evaluation of the final predictions failed (the report will predict "
             "the split again): %s: %s", type(error).__name__, error,
         )  # fmt: skip
-        self.step, self._evaluator = None, None
+        self.step_dir, self._evaluator = None, None
 
-    def evaluation(self, step: int) -> Evaluation | None:
-        """The evaluation of ``step`` (None: none was made of that step, or it failed)."""
-        if self._evaluator is None or step != self.step:
+    def evaluation(self, step_dir: str | os.PathLike) -> Evaluation | None:
+        """The evaluation of the state in ``step_dir`` (None: none was made of it, or it
+        failed)."""
+        if self._evaluator is None or os.path.realpath(step_dir) != self.step_dir:
             return None
         try:
             return self._evaluator.result()

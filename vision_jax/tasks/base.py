@@ -45,7 +45,9 @@ class Task(abc.ABC):
     target: ClassVar[str]  # the batch key holding the targets
     headline: ClassVar[str]  # the metric that sums up an evaluation (``eval/<headline>``)
     train_metrics: ClassVar[type[metrics.Collection]]
-    per_example: ClassVar[tuple[str, ...]] = ()  # ``predict``'s outputs an evaluation returns
+    # ``predict``'s outputs an evaluation returns, each with the batch axis first (a report's
+    # figures are made of them); none: the eval step does not call ``predict``.
+    per_example: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
@@ -81,6 +83,8 @@ class Task(abc.ABC):
     ) -> tuple[metrics.Collection, dict[str, jax.Array]]:
         """:meth:`eval_metrics` of the batch and its predictions per example (the
         :attr:`per_example` outputs of :meth:`predict`; padding rows included)."""
+        if not self.per_example:
+            return self.eval_metrics(outputs, batch), {}
         found = self.predict(outputs, batch["image"].shape[1:3])
         return self.eval_metrics(outputs, batch), {k: found[k] for k in self.per_example}
 
