@@ -127,10 +127,10 @@ def test_rules_recompute_only_the_blocks_they_name():
     [
         ((("encoderblock_0", "block"),), "'encoderblock_0' matches no block; blocks: Transformer/"),
         ((("Transformer/.*", "all"),), "Unknown remat policy 'all' in remat_rules"),
-        (("Transformer/.*",), "a rule is a \\(regex, policy\\) pair"),
-        ((("(", "block"),), "invalid regex '\\('"),
-        ("Transformer/.*", "a sequence of \\(regex, policy\\) pairs, got 'Transformer"),
-        (((1, "block"),), "a regex is a string, got 1"),
+        (("Transformer/.*",), "remat_rules: a rule must be a \\(regex, value\\) pair, got 'Tr"),
+        ((("(", "block"),), "Invalid regex '\\(' in remat_rules"),
+        ("Transformer/.*", "remat_rules: a sequence of \\(regex, value\\) pairs, got 'Tr"),
+        (((1, "block"),), "remat_rules: a regex must be a string, got 1"),
     ],
 )
 def test_bad_remat_rules_are_errors_naming_the_rule(rules, message):

@@ -31,16 +31,24 @@ def path_to_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def _compile(rules: Sequence[tuple[str, Any]]) -> list[tuple[re.Pattern, Any]]:
+def compile_rules(
+    rules: Sequence[tuple[str, Any]], *, what: str = "rules"
+) -> list[tuple[re.Pattern, Any]]:
+    """``rules`` with their regexes compiled; a malformed rule is an error naming it (``what``
+    names the rules)."""
+    if isinstance(rules, str):
+        raise ValueError(f"{what}: a sequence of (regex, value) pairs, got {rules!r}.")
     compiled = []
     for rule in rules:
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-            raise ValueError(f"A rule must be a (regex, value) pair, got {rule!r}.")
+            raise ValueError(f"{what}: a rule must be a (regex, value) pair, got {rule!r}.")
         pattern, value = rule
+        if not isinstance(pattern, str):
+            raise ValueError(f"{what}: a regex must be a string, got {pattern!r}.")
         try:
             compiled.append((re.compile(pattern), value))
         except re.error as e:
-            raise ValueError(f"Invalid regex {pattern!r} in rules: {e}") from e
+            raise ValueError(f"Invalid regex {pattern!r} in {what}: {e}") from e
     return compiled
 
 
@@ -52,7 +60,7 @@ def tree_map_by_rules(
     Every leaf must be covered: a leaf that no rule matches takes ``default`` or, if no default is
     given, raises an error listing the uncovered paths. ``what`` names the rules in errors.
     """
-    compiled = _compile(rules)
+    compiled = compile_rules(rules, what=what)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     values, uncovered = [], []
     for path, _ in flat:
@@ -83,7 +91,7 @@ def tree_mask(patterns: Sequence[str] | str, tree: Any) -> Any:
 
 def rules_table(rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rule") -> str:
     """A human-readable table: each rule, its value, and how many leaves/parameters it took."""
-    compiled = _compile(rules)
+    compiled = compile_rules(rules, what=what)
     counts = [[0, 0] for _ in compiled]
     unmatched = [0, 0]
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:

@@ -18,12 +18,14 @@ all, for one block less of compute.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+
+from vision_jax import trees
+from vision_jax.masks import compile_rules, tree_map_by_rules
 
 REMAT_POLICIES = {
     "none": None,
@@ -42,31 +44,16 @@ def _check_policy(policy: Any, where: str) -> None:
 
 def block_policies(remat: str, rules: RematRules, blocks: Sequence[str]) -> dict[str, str]:
     """The policy of each block path in ``blocks``: the first rule whose regex matches the whole
-    path, else ``remat``. An unknown policy, a malformed rule or a rule that matches no block
-    is an error naming what is valid."""
+    path, else ``remat`` (:func:`vision_jax.masks.tree_map_by_rules`). An unknown policy, a
+    malformed rule or a rule that matches no block is an error naming what is valid."""
     _check_policy(remat, "")
-    if isinstance(rules, str):
-        raise ValueError(f"remat_rules: a sequence of (regex, policy) pairs, got {rules!r}.")
-    compiled = []
-    for rule in rules:
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-            raise ValueError(f"remat_rules: a rule is a (regex, policy) pair, got {rule!r}.")
-        pattern, policy = rule
-        if not isinstance(pattern, str):
-            raise ValueError(f"remat_rules: a regex is a string, got {pattern!r}.")
-        _check_policy(policy, f" in remat_rules {tuple(rule)!r}")
-        try:
-            compiled.append((re.compile(pattern), policy))
-        except re.error as e:
-            raise ValueError(f"remat_rules: invalid regex {pattern!r}: {e}") from e
-        if not any(compiled[-1][0].fullmatch(block) for block in blocks):
+    for pattern, policy in compile_rules(rules, what="remat_rules"):
+        _check_policy(policy, f" in remat_rules {(pattern.pattern, policy)!r}")
+        if not any(pattern.fullmatch(block) for block in blocks):
             shown = ", ".join(blocks[:3]) + (f", ... {blocks[-1]}" if len(blocks) > 3 else "")
-            raise ValueError(f"remat_rules: {pattern!r} matches no block; blocks: {shown}.")
-    policies = {}
-    for block in blocks:
-        matched = (policy for pattern, policy in compiled if pattern.fullmatch(block))
-        policies[block] = next(matched, remat)
-    return policies
+            raise ValueError(f"remat_rules: {pattern.pattern!r} matches no block; blocks: {shown}.")
+    tree = trees.unflatten_dict({block: 0 for block in blocks})
+    return trees.flatten_dict(tree_map_by_rules(rules, tree, what="remat_rules", default=remat))
 
 
 def stage_policies(
