@@ -147,12 +147,19 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
+def as_tuples(value: Any) -> Any:
+    """``value`` with its lists as tuples, at every depth: a run record's JSON gives lists
+    where the config had tuples (specs and models stay comparable and hashable)."""
+    if isinstance(value, list | tuple):
+        return tuple(as_tuples(v) for v in value)
+    return value
+
+
 def _section(section: Any, spec: type) -> dict[str, Any]:
     """The keys of a config section that are fields of ``spec`` (marking them read; any other
     key stays unread, so ``check_all_read`` names it), lists as tuples."""
     names = [f.name for f in dataclasses.fields(spec)]
-    values = {k: section.get(k) for k in names if k in section}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return {k: as_tuples(section.get(k)) for k in names if k in section}
 
 
 def _build(spec: type, values: dict[str, Any]) -> Any:
@@ -403,14 +410,6 @@ class RunSpec:
         return total
 
 
-def _tuples(value: Any) -> Any:
-    """``value`` with its lists as tuples, at every depth: a run record's JSON gives lists
-    where the config had tuples (model fields such as ``remat_rules``; models stay hashable)."""
-    if isinstance(value, list | tuple):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
 def run_spec(config: Any) -> RunSpec:
     """The :class:`RunSpec` of a whole config (a ``TrackedConfig``, so that every key is read
     here and the caller can check that none is left over)."""
@@ -439,7 +438,7 @@ def run_spec(config: Any) -> RunSpec:
         early_stopping=early_stopping_spec(config.early_stopping, data.val_split is not None),
         model_name=model.pop("name"),
         model_dtype=model.pop("dtype"),
-        model_overrides={k: _tuples(v) for k, v in model.items()},
+        model_overrides={k: as_tuples(v) for k, v in model.items()},
         sharding_rules=tuple(config.sharding_rules),
         config=config.to_dict(),
         **scalars,

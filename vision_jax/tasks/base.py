@@ -19,6 +19,7 @@ from clu import metrics
 
 from vision_jax.models import create_model
 from vision_jax.models.registry import family
+from vision_jax.specs import as_tuples
 
 Batch = Mapping[str, jax.Array]
 TOP_LEVEL = frozenset({"loss", "label_smoothing"})  # task settings kept at the config's root
@@ -57,8 +58,7 @@ class Task(abc.ABC):
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: section.get(k) for k in fields - TOP_LEVEL if section.get(k) is not None}
         kwargs.update({k: config.get(k) for k in fields & TOP_LEVEL if config.get(k) is not None})
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-        return cls(**kwargs)
+        return cls(**{k: as_tuples(v) for k, v in kwargs.items()})
 
     def batch_args(self) -> dict[str, Any]:
         """Keyword arguments the task adds to the input pipeline's batching (e.g. detection's
