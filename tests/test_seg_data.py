@@ -353,14 +353,14 @@ def test_configs_without_label_maps(tmp_path):
     with pytest.raises(data_lib.DataError, match="classes.txt"):
         data_lib.load_source(cfg.data, "train", target="label_map")
     cfg = data_config(source="imagefolder", root=str(tmp_path), class_names=CLASSES, classes=(1,))
-    with pytest.raises(data_lib.DataError, match="data.classes.*label maps"):
+    with pytest.raises(data_lib.DataError, match="data.classes not read.*whole-image classes"):
         data_lib.load_source(cfg.data, "train", target="label_map")
     for source in ("csv", "idx", "digits"):
         cfg = data_config(source=source, root=str(tmp_path))
         with pytest.raises(data_lib.DataError, match=f"data.source='{source}' has no label maps"):
             data_lib.load_source(cfg.data, "train", target="label_map")
     cfg = data_config(source="imagefolder", root=str(tmp_path), label_map_values=((1, 1),))
-    with pytest.raises(data_lib.DataError, match="label_map_values applies to tfds"):
+    with pytest.raises(data_lib.DataError, match="data.label_map_values not read by data.sou"):
         data_lib.load_source(cfg.data, "train", target="label_map")
     with pytest.raises(data_lib.DataError, match="Unknown target 'points'"):
         data_lib.load_source(cfg.data, "train", target="points")

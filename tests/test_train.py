@@ -278,6 +278,16 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path):
         ({"optimizer.lrr": 0.1}, UnreadConfigKeysError, "optimizer.lrr"),
         ({"batch_size": 5000}, ValueError, "fewer than one global batch"),
         ({"init.path": "/nonexistent/w.npz"}, WeightFormatError, "w.npz does not exist"),
+        ({"data.root": "/tmp"}, ValueError, r"data.root not read by data.source='digits'"),
+        ({"optimizer.grad_clip_norm": -1.0}, ValueError, r"grad_clip_norm must lie in \[0, inf\)"),
+        ({"optimizer.learning_rate": -0.1}, ValueError, r"learning_rate must lie in \(0, inf\)"),
+        ({"optimizer.weight_decay": -1.0}, ValueError, r"weight_decay must lie in \[0, inf\)"),
+        ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must lie in \[0, 1\); got 1.5"),
+        ({"ema_decay": 1.5}, ValueError, r"ema_decay must lie in \[0, 1\)"),
+        ({"log_every_steps": 0}, ValueError, r"log_every_steps must lie in \[1, inf\); got 0"),
+        ({"eval_every_steps": -3}, ValueError, r"eval_every_steps must lie in \[0, inf\)"),
+        ({"input.std": (0.5, 0.0, 0.5)}, ValueError, r"input.std must lie in \(0, inf\); got 0.0"),
+        ({"input.mean": (0.5, 0.5)}, ValueError, r"input.mean needs one value per RGB channel"),
     ],
 )
 def test_bad_input_gives_a_clear_error(tmp_path, overrides, error, match):

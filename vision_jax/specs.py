@@ -26,6 +26,21 @@ class ConfigError(ValueError):
     """A config value is invalid or does not apply to the run."""
 
 
+def check_interval(name: str, value: Any, interval: str) -> None:
+    """Raises :class:`ConfigError` unless ``value`` (None passes) lies in ``interval``, written
+    as in mathematics: ``"[0, 1)"``, ``"(0, inf)"``. NaN lies in none."""
+    if value is None:
+        return
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    try:
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+    except TypeError:
+        raise ConfigError(f"{name} must be a number in {interval}; got {value!r}.") from None
+    if not (above and below):
+        raise ConfigError(f"{name} must lie in {interval}; got {value}.")
+
+
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
@@ -108,6 +123,11 @@ class InputSpec:
                 )
         if min(self.mixup_alpha, self.cutmix_alpha) < 0:
             raise ValueError("input.mixup_alpha and input.cutmix_alpha must be >= 0.")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3:
+                raise ConfigError(f"input.{name} needs one value per RGB channel; got {values}.")
+        for value in self.std:
+            check_interval("input.std", value, "(0, inf)")
 
     @property
     def resize(self) -> int:
@@ -256,6 +276,12 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"Unknown optimizer.name {self.name!r}; valid: sgd, adamw.")
+        for name, interval in (
+            ("learning_rate", "(0, inf)"), ("weight_decay", "[0, inf)"),
+            ("grad_clip_norm", "[0, inf)"), ("layer_decay", "(0, 1]"), ("b1", "[0, 1)"),
+            ("b2", "[0, 1)"), ("eps", "[0, inf)"), ("momentum", "[0, 1)"),
+        ):  # fmt: skip
+            check_interval(f"optimizer.{name}", getattr(self, name), interval)
 
 
 def data_spec(section: Any) -> DataSpec:
@@ -443,6 +469,12 @@ def run_spec(config: Any) -> RunSpec:
         config=config.to_dict(),
         **scalars,
     )
+    for name, interval in (
+        ("ema_decay", "[0, 1)"), ("log_every_steps", "[1, inf)"), ("eval_every_steps", "[0, inf)"),
+        ("checkpoint_every_steps", "[0, inf)"), ("batch_size", "[1, inf)"),
+        ("eval_batch_size", "[1, inf)"),
+    ):  # fmt: skip
+        check_interval(name, getattr(spec, name), interval)
     if spec.on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"Unknown on_nonfinite {spec.on_nonfinite!r}; valid: stop, skip.")
     if spec.max_consecutive_skips < 1:

@@ -72,6 +72,7 @@ def load_source(
     truth (see :mod:`vision_jax.data.coco`).
     """
     check_target(target)
+    _check_keys(data, target)
     kind = data.source
     skip_corrupt = bool(data.skip_corrupt)
     if kind == "coco" and target != "boxes":
@@ -110,13 +111,7 @@ def load_source(
 def _label_map_source(
     data: DataSpec, split: str, arrays: dict | None, skip_corrupt: bool
 ) -> Source:
-    kind, class_names = data.source, data.class_names
-    values = data.label_map_values
-    if values is not None and kind != "tfds":
-        raise DataError(
-            f"data.label_map_values applies to tfds label maps; data.source={kind!r} label maps "
-            "hold class ids."
-        )
+    kind, class_names, values = data.source, data.class_names, data.label_map_values
     if kind == "tfds":
         return from_tfds(
             data.name,
@@ -145,15 +140,6 @@ def _label_map_source(
 
 def _box_source(data: DataSpec, split: str, skip_corrupt: bool) -> Source:
     kind = data.source
-    stray = [
-        f"data.{key}"
-        for key in ("class_names", "classes", "label_map_values")
-        if getattr(data, key) is not None
-    ]
-    if stray:
-        raise DataError(
-            f"{', '.join(stray)}: not for boxes (classes are the annotation categories)."
-        )
     if kind == "coco":
         return from_coco(
             _root(data),
@@ -166,6 +152,44 @@ def _box_source(data: DataSpec, split: str, skip_corrupt: bool) -> Source:
         return from_tfds_boxes(data.name, split, data.data_dir, skip_corrupt=skip_corrupt)
     hint = " (COCO JSON + image folder)" if kind == "imagefolder" else ""
     raise DataError(f"data.source={kind!r} has no boxes; use 'coco'{hint} or 'tfds'.")
+
+
+# The optional data.* keys that each source reads, per target (other pairs have no such data).
+_KEYS_READ = {
+    ("tfds", "label"): ("name", "data_dir", "classes"),
+    ("tfds", "label_map"): ("name", "data_dir", "class_names", "label_map_values"),
+    ("tfds", "boxes"): ("name", "data_dir"),
+    ("imagefolder", "label"): ("root", "classes"),
+    ("imagefolder", "label_map"): ("root", "class_names"),
+    ("csv", "label"): ("root", "class_names", "classes"),
+    ("idx", "label"): ("root", "class_names", "classes"),
+    ("digits", "label"): ("classes",),
+    ("arrays", "label"): ("class_names", "classes"),
+    ("arrays", "label_map"): ("class_names",),
+    ("coco", "boxes"): ("root", "coco_annotations", "coco_images"),
+}
+_HINTS = {
+    "class_names": "class names come from the data",
+    "label_map_values": "only tfds label maps hold raw values; others hold class ids",
+    "classes": "it selects whole-image classes",
+}
+
+
+def _check_keys(data: DataSpec, target: str) -> None:
+    """Raises when a data key is set that this source and target do not read."""
+    reads = _KEYS_READ.get((data.source, target))
+    if reads is None:
+        return  # no such data: load_source says so
+    optional = {key for keys in _KEYS_READ.values() for key in keys}
+    optional -= {"coco_annotations", "coco_images"}  # never None: specs checks them
+    stray = sorted(key for key in optional - set(reads) if getattr(data, key) is not None)
+    if stray:
+        hints = "; ".join(f"{key}: {_HINTS[key]}" for key in stray if key in _HINTS)
+        raise DataError(
+            f"{', '.join('data.' + key for key in stray)} not read by data.source="
+            f"{data.source!r} with {target} targets{f' ({hints})' if hints else ''}; remove "
+            f"{'it' if len(stray) == 1 else 'them'}."
+        )
 
 
 def _sliced(source: Source, where: slice) -> Source:

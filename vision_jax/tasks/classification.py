@@ -13,6 +13,7 @@ from clu import metrics
 
 from vision_jax import losses
 from vision_jax.models import create_model
+from vision_jax.specs import check_interval
 from vision_jax.tasks.base import Batch, Task
 
 
@@ -51,6 +52,7 @@ class Classification(Task):
 
     def __post_init__(self) -> None:
         losses.get_loss(self.loss)  # validates the name
+        check_interval("label_smoothing", self.label_smoothing, "[0, 1)")
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> nn.Module:
         return create_model(model_name, num_classes=num_classes, **model_kwargs)

@@ -31,7 +31,7 @@ from clu import metrics
 from vision_jax.metrics import ConfusionMatrix, iou_summary
 from vision_jax.models.pyramid import FPN, SimpleFeaturePyramid, channel_norm, conv, upsample_to
 from vision_jax.models.task_model import TaskModel
-from vision_jax.specs import IGNORE_LABEL
+from vision_jax.specs import IGNORE_LABEL, check_interval
 from vision_jax.tasks.base import Batch, Task, feature_backbone
 
 HEADS = ("linear", "fpn")
@@ -134,6 +134,7 @@ class Segmentation(Task):
             raise ValueError(f"Segmentation trains with loss='softmax_xent', not {self.loss!r}.")
         if self.head not in HEADS:
             raise ValueError(f"Unknown task.head {self.head!r}; valid: {', '.join(HEADS)}.")
+        check_interval("label_smoothing", self.label_smoothing, "[0, 1)")
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
         if self.class_weights is not None and len(self.class_weights) != num_classes:
