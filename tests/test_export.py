@@ -144,6 +144,33 @@ def test_tflite_float32_matches_and_checks_its_input(resnet):
         to_tflite(servable, batch=4, quantize="full_int8")
 
 
+def test_resnet_with_a_one_pixel_stage_converts_at_batch_1():
+    """ResNet-18 at 32 px: layer4's stride-2 1x1 shortcut gives one output pixel at batch 1,
+    which the TFLite converter refused as a matrix product (it stays a convolution)."""
+    model = create_model("resnet18", num_classes=5)
+    variables = init(model, 32)
+    rng = np.random.default_rng(0)
+    head = jax.tree.map(
+        lambda x: 0.01 * rng.standard_normal(x.shape, np.float32), variables["params"]["head"]
+    )
+    variables = {**variables, "params": {**variables["params"], "head": head}}
+    servable = Servable(model, variables, Classification(), 32, (0.5,) * 3, (0.5,) * 3)
+    images = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    out = TFLiteModel(to_tflite(servable, batch=1))(images)["probabilities"]
+    expected = reference(servable, images)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert expected.max() < 0.99  # not saturated: the comparison means something
+
+
+def test_a_converter_failure_is_one_line(resnet, monkeypatch):
+    def fail(self):
+        raise RuntimeError("/x/precision.py:200:11: error: 'tfl.op' bad rank\nloc(callsite(...))")
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "convert", fail)
+    with pytest.raises(ExportError, match=r"^The TFLite converter failed: 'tfl.op' bad rank$"):
+        to_tflite(resnet[0], batch=2)
+
+
 def test_elementary_erf_is_float32_erf():
     x = np.linspace(-6, 6, 100_001, dtype=np.float32)
     exact = np.asarray([math.erf(v) for v in x.astype(np.float64)])

@@ -59,7 +59,12 @@ def to_tflite(
     if quantize == "full_int8":
         converter.representative_dataset = lambda: _calibration(representative, batch)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    try:
+        return converter.convert()
+    except Exception as e:  # noqa: BLE001  (its errors come with hundreds of MLIR call sites)
+        first = next((line for line in str(e).splitlines() if "error:" in line), str(e))
+        reason = first.split("error:")[-1].strip()
+        raise ExportError(f"The TFLite converter failed: {reason}") from e
 
 
 def _calibration(images: np.ndarray, batch: int) -> Iterator[list[np.ndarray]]:

@@ -180,6 +180,10 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
         and batch_group_count == 1
         and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     )
+    # One output pixel in all (batch 1, a 1x1 output) stays a convolution: the TFLite converter
+    # turns a one-row product into a batch_matmul of the wrong rank.
+    out_hw = (-(-n // s) for n, s in zip(lhs.shape[1:3], window_strides, strict=True))
+    pointwise = pointwise and lhs.shape[0] * math.prod(out_hw) > 1
     if not pointwise:
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
