@@ -350,21 +350,25 @@ def test_resize_and_center_crop_with_crop_fraction():
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("shorter", [23, 60])  # shrinking (antialiased) and enlarging
-def test_eval_resize_equals_pil_resampling(interpolation, shorter):
-    """The evaluation resize and centre crop of a 37 x 53 image equal PIL's resampling of the
-    same float pixels (per channel, mode "F"), for either interpolation."""
+@pytest.mark.parametrize("shorter", [23, 27, 60])  # shrinking (antialiased), odd margin, enlarging
+def test_eval_resize_equals_torchvision(timm, interpolation, shorter):
+    """The evaluation resize and centre crop of a 37 x 53 image equal torchvision's ``Resize``
+    and ``CenterCrop`` (timm's evaluation transform) of the same float pixels (per channel, PIL
+    mode "F"), for either interpolation: the same output size, window and resampling."""
+    from torchvision import transforms  # importable once the timm fixture has run
+
     image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8)
     spec = spec_of(image_size=20, resize_size=shorter, interpolation=interpolation)
     got = _run(spec, image, train=False)
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
-    size = (round(53 * shorter / 37), shorter)
-    pil = np.stack(
-        [np.asarray(Image.fromarray(image[..., c].astype(np.float32)).resize(size, resample))
+    mode = getattr(transforms.InterpolationMode, interpolation.upper())
+    timm_eval = transforms.Compose(
+        [transforms.Resize(shorter, interpolation=mode), transforms.CenterCrop(20)]
+    )
+    expected = np.stack(
+        [np.asarray(timm_eval(Image.fromarray(image[..., c].astype(np.float32))))
          for c in range(3)], -1,
     )  # fmt: skip
-    top, left = (size[1] - 20) // 2, (size[0] - 20) // 2
-    np.testing.assert_allclose(got, pil[top : top + 20, left : left + 20], atol=0.02)
+    np.testing.assert_allclose(got, expected, atol=0.02)
     if interpolation == "bicubic":  # and differs from bilinear by more than that
         bilinear = _run(spec_of(image_size=20, resize_size=shorter), image, train=False)
         assert np.abs(bilinear - got).max() > 1

@@ -47,9 +47,12 @@ def resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
 
 
 def scaled_shape(shape: tf.Tensor, shorter: float | tf.Tensor) -> tf.Tensor:
-    """[h, w] of ``shape`` scaled so the shorter side is ``shorter`` (rounded, at least 1)."""
-    shape = tf.cast(shape[:2], tf.float32)
-    return tf.maximum(tf.cast(tf.round(shape * (shorter / tf.reduce_min(shape))), tf.int32), 1)
+    """[h, w] of ``shape`` scaled so the shorter side is ``shorter``, the longer rounded down
+    (at least 1), as torchvision's ``Resize`` computes it (in float64: ``int(size * long /
+    short)``)."""
+    shape = tf.cast(shape[:2], tf.float64)
+    scaled = tf.floor(shape * tf.cast(shorter, tf.float64) / tf.reduce_min(shape))
+    return tf.maximum(tf.cast(scaled, tf.int32), 1)
 
 
 def resize_shorter(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
@@ -63,9 +66,11 @@ def resize_nearest(label_map: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """The central ``size`` x ``size`` window (the image must be at least that large)."""
-    shape = tf.shape(image)
-    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    """The central ``size`` x ``size`` window (the image must be at least that large); an odd
+    margin is split as torchvision's ``CenterCrop`` splits it (``round(margin / 2)``, halves to
+    even)."""
+    margins = tf.cast(tf.shape(image)[:2] - size, tf.float32)
+    top, left = tf.unstack(tf.cast(tf.round(margins / 2), tf.int32))
     return tf.ensure_shape(image[top : top + size, left : left + size], [size, size, 3])
 
 
