@@ -259,6 +259,16 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path):
     assert _tree_hash(tmp_path / "checkpoints") == before
 
 
+def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(tmp_path):
+    """Fewer steps than the workdir has trained: not the newest step's metrics labelled as an
+    earlier step's."""
+    train_and_evaluate(small_config(total_steps=4), str(tmp_path))
+    before = _tree_hash(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match="at step 4, past this run's 2 training steps"):
+        train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    assert _tree_hash(tmp_path / "checkpoints") == before
+
+
 @pytest.mark.parametrize(
     "overrides, error, match",
     [

@@ -488,6 +488,12 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
+    if start_step > total_steps:
+        raise specs.ConfigError(
+            f"The newest checkpoint in {ckpt.directory} is at step {start_step}, past this run's "
+            f"{total_steps} training steps: train for at least {start_step} steps, or start "
+            "in another workdir."
+        )
     selection = best = None
     if val_source is not None:
         selection = Selection.from_spec(spec.early_stopping, spec.task.headline)
