@@ -14,7 +14,7 @@ from conftest import import_timm
 
 from vision_jax.tasks import Detection, fcos
 from vision_jax.tasks.boxes import generalized_iou, nms_keep, pairwise_iou
-from vision_jax.tasks.coco_eval import coco_metrics
+from vision_jax.tasks.coco_eval import PADDING_ID, coco_metrics
 from vision_jax.tasks.detection import CoverageError, EvalMetrics
 
 
@@ -195,19 +195,20 @@ def test_postprocess_on_hand_made_outputs():
 
 
 def coco_ground_truth() -> dict:
-    """Two images, categories with non-contiguous ids, one crowd annotation."""
+    """Two images (ids 0 and 9: COCO ids may be 0), categories with non-contiguous ids, one
+    crowd annotation."""
     box = lambda i, img, cat, b, crowd=0: {
         "id": i, "image_id": img, "category_id": cat, "bbox": b, "area": b[2] * b[3],
         "iscrowd": crowd,
     }  # fmt: skip
     return {
         "images": [
-            {"id": 5, "width": 200, "height": 100, "file_name": "a.jpg"},
+            {"id": 0, "width": 200, "height": 100, "file_name": "a.jpg"},
             {"id": 9, "width": 120, "height": 160, "file_name": "b.jpg"},
         ],
         "annotations": [
-            box(1, 5, 3, [10, 10, 50, 40]),
-            box(2, 5, 7, [100, 20, 60, 60]),
+            box(1, 0, 3, [10, 10, 50, 40]),
+            box(2, 0, 7, [100, 20, 60, 60]),
             box(3, 9, 3, [5, 5, 30, 90]),
             box(4, 9, 1, [50, 50, 60, 60]),
             box(5, 9, 1, [0, 100, 40, 50], 1),
@@ -221,9 +222,9 @@ def coco_ground_truth() -> dict:
 
 
 MADE = [  # (image, class index, x, y, w, h in original pixels, score)
-    (5, 1, 12, 8, 48, 44, 0.9),  # good match of ann 1
-    (5, 2, 100, 25, 55, 50, 0.8),  # fair match of ann 2
-    (5, 2, 0, 0, 30, 30, 0.7),  # false positive
+    (0, 1, 12, 8, 48, 44, 0.9),  # good match of ann 1
+    (0, 2, 100, 25, 55, 50, 0.8),  # fair match of ann 2
+    (0, 2, 0, 0, 30, 30, 0.7),  # false positive
     (9, 1, 5, 5, 30, 90, 0.95),  # exact ann 3
     (9, 0, 60, 55, 50, 50, 0.6),  # partial ann 4
     (9, 0, 5, 110, 30, 30, 0.5),  # inside the crowd region: ignored, not a false positive
@@ -235,8 +236,8 @@ class FixedDetections(Detection):
     """The task with post-processing replaced by MADE (in model-input pixels, ``scale`` per
     image row), to test what happens to detections after the model."""
 
-    scale = {5: 0.64, 9: 0.4}  # input pixels per original pixel
-    rows = {5: 0, 9: 2}  # rows 1 and 3 of the batch are padding
+    scale = {0: 0.64, 9: 0.4}  # input pixels per original pixel
+    rows = {0: 0, 9: 2}  # rows 1 and 3 of the batch are padding
 
     def _layout(self, batch, outputs):
         return None
@@ -244,7 +245,7 @@ class FixedDetections(Detection):
     def detect(self, outputs, image_hw):
         d = 4
         boxes, scores = np.zeros((4, d, 4), np.float32), np.zeros((4, d), np.float32)
-        classes, slot = np.full((4, d), -1, np.int32), {5: 0, 9: 0}
+        classes, slot = np.full((4, d), -1, np.int32), {0: 0, 9: 0}
         for image, cls, x, y, w, h, score in MADE:
             r, s = self.rows[image], slot[image]
             slot[image] += 1
@@ -263,8 +264,8 @@ def test_map_equals_pycocotools_on_hand_made_detections():
     batch = {
         "image": jnp.zeros((4, 64, 64, 3)),
         "mask": jnp.asarray([1.0, 0, 1, 0]),
-        "scale": jnp.asarray([task.scale[5], 0, task.scale[9], 0], jnp.float32),
-        "image_id": jnp.asarray([5, 0, 9, 0]),
+        "scale": jnp.asarray([task.scale[0], 0, task.scale[9], 0], jnp.float32),
+        "image_id": jnp.asarray([0, 0, 9, 0]),  # padding rows hold 0 as well
     }
     collection = task.eval_metrics({}, batch)
     source = SimpleNamespace(
@@ -303,8 +304,8 @@ def test_perfect_and_empty_detections():
          "score": 1.0}
         for a in truth["annotations"] if not a["iscrowd"]
     ]  # fmt: skip
-    assert coco_metrics(truth, perfect, [5, 9], NAMES)["map"] == pytest.approx(1.0)
-    assert coco_metrics(truth, [], [5, 9], NAMES)["map"] == 0.0
+    assert coco_metrics(truth, perfect, [0, 9], NAMES)["map"] == pytest.approx(1.0)
+    assert coco_metrics(truth, [], [0, 9], NAMES)["map"] == 0.0
 
 
 def test_coverage_is_checked():
@@ -321,10 +322,10 @@ def test_coverage_is_checked():
         )  # fmt: skip
 
     with pytest.raises(CoverageError, match="1 seen twice"):
-        Detection().summarize(empty([5, 9, 9, 0]), source, "eval/")
+        Detection().summarize(empty([0, 9, 9, PADDING_ID]), source, "eval/")
     with pytest.raises(CoverageError, match="1 missing"):
-        Detection().summarize(empty([5, 0]), source, "eval/")
-    merged = empty([9, 0]).merge(empty([5]))  # merged on the host across batches
+        Detection().summarize(empty([0, PADDING_ID]), source, "eval/")
+    merged = empty([9, PADDING_ID]).merge(empty([0]))  # merged on the host across batches
     assert Detection().summarize(merged, source, "eval/")["eval/map"] == 0.0
 
 

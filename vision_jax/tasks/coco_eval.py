@@ -19,6 +19,7 @@ import numpy as np
 from clu import metrics
 
 # COCOeval's stats, in its order.
+PADDING_ID = -1  # the image id of a padding row (COCO ids may be 0)
 STAT_NAMES = (
     "map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
     "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
@@ -29,7 +30,7 @@ STAT_NAMES = (
 class Detections(metrics.Metric):
     """A split's detections: ``boxes`` [N, D, 4] (x0, y0, x1, y1 in original image pixels),
     ``scores`` [N, D] (0: empty slot), ``classes`` [N, D] (class index, -1: empty slot) and
-    ``image_ids`` [N] (0: a padding row). Merged on the host by concatenation."""
+    ``image_ids`` [N] (:data:`PADDING_ID`: a padding row). Merged on the host by concatenation."""
 
     boxes: jax.Array
     scores: jax.Array
@@ -62,7 +63,7 @@ def coco_results(found: Mapping[str, np.ndarray], category_ids: Sequence[int]) -
     filled slots of real rows."""
     boxes, scores = np.asarray(found["boxes"], np.float64), np.asarray(found["scores"])
     classes, image_ids = np.asarray(found["classes"]), np.asarray(found["image_ids"])
-    rows, slots = np.nonzero((classes >= 0) & (image_ids[:, None] > 0))
+    rows, slots = np.nonzero((classes >= 0) & (image_ids[:, None] != PADDING_ID))
     ids = np.asarray(category_ids)
     return [
         {

@@ -24,7 +24,7 @@ from clu import metrics
 from vision_jax.models.task_model import TaskModel
 from vision_jax.tasks import fcos
 from vision_jax.tasks.base import Batch, Task, feature_backbone
-from vision_jax.tasks.coco_eval import Detections, coco_metrics, coco_results
+from vision_jax.tasks.coco_eval import PADDING_ID, Detections, coco_metrics, coco_results
 
 
 @flax.struct.dataclass
@@ -148,7 +148,7 @@ class Detection(Task):
             boxes=found["boxes"] / scale,
             scores=found["scores"],
             classes=found["classes"],
-            image_ids=jnp.where(real, batch["image_id"], 0).astype(jnp.int32),
+            image_ids=jnp.where(real, batch["image_id"], PADDING_ID).astype(jnp.int32),
         )
         return collection, {k: found[k] for k in self.per_example}
 
@@ -165,7 +165,7 @@ class Detection(Task):
     def _check_coverage(image_ids: np.ndarray, source: Any) -> list[int]:
         """The evaluated image ids; an error unless each image of the split came once (images
         skipped as unreadable with ``skip_corrupt`` are left out, with a warning)."""
-        counts = Counter(int(i) for i in image_ids if i > 0)
+        counts = Counter(int(i) for i in image_ids if i != PADDING_ID)
         twice = sorted(i for i, n in counts.items() if n > 1)
         expected = {int(image["id"]) for image in source.annotations["images"]}
         unknown, missing = sorted(set(counts) - expected), sorted(expected - set(counts))
