@@ -94,6 +94,20 @@ def test_palette_and_grayscale_pngs_read_as_indices(tmp_path):
         augment.decode_index_png(tf.io.read_file(str(tmp_path / "rgb.png")))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_low_bit_grayscale_pngs_read_as_their_values(tmp_path, bits):
+    """A 1-bit mask (PIL's mode "1") reads as 0 and 1, a 2- or 4-bit one as 0..3 or 0..15: not
+    stretched to 8 bits (1 -> 255, the ignore label) as decode_png does for images."""
+    values = np.random.default_rng(bits).integers(0, 1 << bits, (9, 13)).astype(np.uint8)
+    if bits == 1:
+        Image.fromarray(values.astype(bool)).save(tmp_path / "m.png")
+    else:
+        Image.fromarray(values, "L").save(tmp_path / "m.png", bits=bits)  # the values as samples
+    assert (tmp_path / "m.png").read_bytes()[24:26] == bytes([bits, 0])  # depth, grayscale
+    decoded = augment.decode_index_png(tf.io.read_file(str(tmp_path / "m.png")))
+    np.testing.assert_array_equal(decoded.numpy()[..., 0], values)
+
+
 def test_label_map_folder_eval_covers_every_pixel_once(tmp_path):
     maps = make_seg_folder(tmp_path)
     cfg = data_config(source="imagefolder", root=str(tmp_path))

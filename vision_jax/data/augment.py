@@ -150,19 +150,23 @@ def _grey_palette(data: tf.Tensor) -> tf.Tensor:
 
 
 def decode_index_png(data: tf.Tensor) -> tf.Tensor:
-    """An 8-bit grayscale or palette PNG (bit depth <= 8) to its values / palette indices, uint8
-    [H, W, 1]; any other file fails when run."""
+    """A grayscale or palette PNG (bit depth <= 8) to its sample values / palette indices,
+    uint8 [H, W, 1]; any other file fails when run. A 1-, 2- or 4-bit grayscale PNG holds its
+    values as they are (a 1-bit mask is 0 and 1), not stretched to 8 bits as images are."""
     header = tf.io.decode_raw(tf.strings.substr(data, 0, 26), tf.uint8)
     header = tf.pad(header, [[0, 26 - tf.shape(header)[0]]])
     signature = tf.constant(list(b"\x89PNG\r\n\x1a\n"), tf.uint8)
     depth, colour = header[24], header[25]
     check = tf.debugging.Assert(
         tf.reduce_all(header[:8] == signature) & (depth <= 8) & ((colour == 0) | (colour == 3)),
-        ["A label map must be an 8-bit grayscale or palette PNG"],
+        ["A label map must be a grayscale or palette PNG of at most 8 bits"],
     )
     with tf.control_dependencies([check]):
         data = tf.cond(colour == 3, lambda: _grey_palette(data), lambda: data)
-    return tf.ensure_shape(tf.io.decode_png(data, channels=1), [None, None, 1])
+    values = tf.ensure_shape(tf.io.decode_png(data, channels=1), [None, None, 1])
+    levels = tf.bitwise.left_shift(tf.constant(1, tf.int32), tf.cast(depth, tf.int32)) - 1
+    stretch = tf.where((colour == 0) & (depth < 8), 255 // tf.maximum(levels, 1), 1)
+    return values // tf.cast(stretch, tf.uint8)  # decode_png made 1-bit 1 into 255
 
 
 def random_erase(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:

@@ -133,11 +133,12 @@ def label_map_folder(
     skip_corrupt: bool = False,
     class_names: Sequence[str] | None = None,
 ) -> Source:
-    """Segmentation: ``root/<split>/images/*.{jpg,jpeg,png}``, each with the 8-bit index PNG
-    ``root/<split>/masks/<stem>.png`` of class ids (palette PNGs read as their indices, 255 =
-    ignore). Class names are ``class_names``, else the lines of ``root/classes.txt``. A missing
-    mask is an error naming the image, unless ``skip_corrupt`` (then the image is logged and
-    left out). Masks are read, and checked against their images, in the pipeline.
+    """Segmentation: ``root/<split>/images/*.{jpg,jpeg,png}``, each with the index PNG
+    ``root/<split>/masks/<stem>.png`` of class ids (grayscale of 1 to 8 bits, or palette PNGs
+    read as their indices; 255 = ignore). Class names are ``class_names``, else the lines of
+    ``root/classes.txt``. A missing mask is an error naming the image, unless ``skip_corrupt``
+    (then the image is logged and left out). Masks are read, and checked against their images,
+    in the pipeline.
     """
     name, where = parse_split(split)
     image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
