@@ -14,7 +14,7 @@ from conftest import import_timm
 
 from vision_jax.tasks import Detection, fcos
 from vision_jax.tasks.boxes import generalized_iou, nms_keep, pairwise_iou
-from vision_jax.tasks.coco_eval import PADDING_ID, coco_metrics
+from vision_jax.tasks.coco_eval import PADDING_ID, coco_metrics, coco_results
 from vision_jax.tasks.detection import CoverageError, EvalMetrics
 
 
@@ -295,6 +295,20 @@ def test_map_equals_pycocotools_on_hand_made_detections():
     assert {k for k in summary if k.startswith("eval/ap/")} == {f"eval/ap/{n}" for n in NAMES}
     precision = evaluation.eval["precision"][:, :, 1, 0, -1]
     assert summary["eval/ap/three"] == pytest.approx(precision[precision > -1].mean())
+
+
+def test_results_are_clipped_to_their_image():
+    """As torchvision's detectors: a box reaching past its image (or into the letterbox
+    padding) is cut at the image's edges (image 9 is 120 wide, 160 high)."""
+    found = {
+        "boxes": np.asarray([[[-5, 10, 130, 170], [20, 200, 60, 260], [1, 2, 3, 4]]], np.float32),
+        "scores": np.asarray([[0.9, 0.8, 0.0]]),
+        "classes": np.asarray([[0, 1, -1]]),  # the third slot is empty
+        "image_ids": np.asarray([9]),
+    }
+    results = coco_results(found, CATEGORY_IDS, coco_ground_truth()["images"])
+    assert [r["bbox"] for r in results] == [[0, 10, 120, 150], [20, 160, 40, 0]]
+    assert [r["category_id"] for r in results] == [1, 3]
 
 
 def test_perfect_and_empty_detections():

@@ -80,7 +80,9 @@ def test_detection_learns_and_map_equals_pycocotools(coco_root, tmp_path):
     found["image_ids"] = np.asarray([im["id"] for im in truth["images"]])
     category_ids = sorted(c["id"] for c in truth["categories"])
     names = [c["name"] for c in sorted(truth["categories"], key=lambda c: c["id"])]
-    want = coco_metrics(truth, coco_results(found, category_ids), found["image_ids"], names)
+    want = coco_metrics(
+        truth, coco_results(found, category_ids, truth["images"]), found["image_ids"], names
+    )
     assert result["eval/map"] == pytest.approx(want["map"], abs=2e-3)
     assert result["eval/ap50"] == pytest.approx(want["ap50"], abs=2e-3)
     _check_predict(tmp_path, coco_root, truth, result)

@@ -46,7 +46,7 @@ from vision_jax.data.coco import from_image_files
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.models import create_model
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
-from vision_jax.tasks.coco_eval import coco_results
+from vision_jax.tasks.coco_eval import PADDING_ID, coco_results
 from vision_jax.trained import jitted_predict, load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -236,10 +236,10 @@ class Predictor:
         if bar is not None:
             bar.close()
         merged = total.detections.compute()
-        seen = set(merged["image_ids"].tolist()) - {0}
+        seen = set(merged["image_ids"].tolist()) - {PADDING_ID}
         images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
         unreadable += [(images[i], _reason(images[i])) for i in sorted(set(images) - seen)]
-        results = coco_results(merged, self.category_ids)
+        results = coco_results(merged, self.category_ids, source.annotations["images"])
         names = dict(zip(self.category_ids, self.class_names, strict=True))
         for r in results:
             r["file_name"] = images[r["image_id"]]

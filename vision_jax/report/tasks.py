@@ -174,7 +174,7 @@ class Detection:
         source = self.source
         found = {k: np.concatenate(v) for k, v in self.parts.items()}
         seen = sorted({int(i) for i in found["image_ids"]})
-        results = coco_results(found, source.category_ids)
+        results = coco_results(found, source.category_ids, source.annotations["images"])
         figures = coco_metrics(source.annotations, results, seen, source.class_names)
         rows = [
             [name, figures.get(f"ap/{name.replace('/', '_')}", math.nan)]

@@ -58,22 +58,29 @@ class Detections(metrics.Metric):
         return {name: np.asarray(v) for name, v in zip(names, self._fields(), strict=True)}
 
 
-def coco_results(found: Mapping[str, np.ndarray], category_ids: Sequence[int]) -> list[dict]:
+def coco_results(
+    found: Mapping[str, np.ndarray], category_ids: Sequence[int], images: Sequence[Mapping]
+) -> list[dict]:
     """COCO results (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of the
-    filled slots of real rows."""
+    filled slots of real rows, the boxes clipped to their image (``images``: the COCO image
+    records, with ``width`` and ``height``), as torchvision's detectors clip theirs."""
     boxes, scores = np.asarray(found["boxes"], np.float64), np.asarray(found["scores"])
     classes, image_ids = np.asarray(found["classes"]), np.asarray(found["image_ids"])
     rows, slots = np.nonzero((classes >= 0) & (image_ids[:, None] != PADDING_ID))
     ids = np.asarray(category_ids)
-    return [
-        {
+    sizes = {
+        int(im["id"]): np.asarray([im["width"], im["height"]] * 2, np.float64) for im in images
+    }
+    results = []
+    for r, s in zip(rows, slots, strict=True):
+        box = np.clip(boxes[r, s], 0, sizes[int(image_ids[r])])
+        results.append({
             "image_id": int(image_ids[r]),
             "category_id": int(ids[classes[r, s]]),
-            "bbox": [float(v) for v in (*boxes[r, s, :2], *(boxes[r, s, 2:] - boxes[r, s, :2]))],
+            "bbox": [float(v) for v in (*box[:2], *(box[2:] - box[:2]))],
             "score": float(scores[r, s]),
-        }
-        for r, s in zip(rows, slots, strict=True)
-    ]
+        })  # fmt: skip
+    return results
 
 
 @contextlib.contextmanager

@@ -155,7 +155,7 @@ class Detection(Task):
     def summarize(self, collection: EvalMetrics, source: Any, prefix: str) -> dict[str, float]:
         found = collection.detections.compute()
         seen = self._check_coverage(found["image_ids"], source)
-        results = coco_results(found, source.category_ids)
+        results = coco_results(found, source.category_ids, source.annotations["images"])
         figures = coco_metrics(source.annotations, results, seen, source.class_names)
         out = {f"{prefix}{k}": v for k, v in figures.items()}
         out[f"{prefix}examples"] = float(len(seen))
