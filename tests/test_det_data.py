@@ -365,6 +365,17 @@ def test_bad_ground_truth_is_an_error_naming_file_and_annotation(bad_coco):
     assert "image 2: " in message and "train/002.png is missing" in message
 
 
+@pytest.mark.parametrize("image_id", [2**31, -1])
+def test_an_image_id_outside_int32_or_negative_is_an_error(tmp_path, image_id):
+    coco = write_coco(tmp_path, [(40, 40, [RECTS[0]])])
+    coco["images"][0]["id"] = image_id
+    for annotation in coco["annotations"]:
+        annotation["image_id"] = image_id
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    with pytest.raises(data_lib.DataError, match=rf"images\[0\] has id {image_id}, not in \["):
+        coco_source(tmp_path)
+
+
 def test_bad_ground_truth_skipped_and_counted_with_skip_corrupt(bad_coco, caplog):
     with caplog.at_level(logging.WARNING):
         source = coco_source(bad_coco, skip_corrupt=True)

@@ -353,6 +353,27 @@ def test_a_key_set_in_python_and_never_read_names_the_closest_keys():
         tracked.check_all_read()
 
 
+def test_an_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
+    """A bug (an exception of no expected type) raised while the steps compile in the
+    background: its traceback and a one-line error, then exit 1 (the interpreter's teardown
+    under a running compilation aborted: exit 134)."""
+    code = (
+        "import runpy, sys, vision_jax.train as train\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise KeyError('boom')\n"
+        "train._loop = broken\n"
+        f"sys.argv = ['main', '--config=configs/digits_pretrain.py', '--workdir={tmp_path}']\n"
+        "runpy.run_module('vision_jax.main', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "in broken" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "vision_jax: error: KeyError: 'boom'"
+
+
 def test_a_finished_command_has_written_everything_when_it_exits(tmp_path):
     """A single-process run ends without the interpreter's teardown (``main._exit_written``):
     by then its checkpoint is complete, its event file holds the final evaluation, its report

@@ -257,9 +257,8 @@ def main(argv: list[str]) -> None:
         logging.error("%s: %s", type(e).__name__, e)
         logging.debug("Traceback:", exc_info=True)  # with --verbosity=1
         _exit(EXIT_ERROR, str(e), watchdog, e)
-    except Exception as e:  # a bug: the traceback, and in a multi-process run a bounded exit
-        if watchdog is None:
-            raise
+    except Exception as e:  # a bug: the traceback, then the same bounded exit (the
+        # interpreter's teardown would abort while a background compilation still runs)
         logging.exception("%s", type(e).__name__)
         _exit(EXIT_ERROR, f"{type(e).__name__}: {e}", watchdog, e)
     if watchdog is not None:

@@ -163,6 +163,8 @@ def _records(coco: dict, key: str, path: str) -> list[dict]:
             raise DataError(f"{path}: {key}[{i}] lacks {', '.join(lacking)}.")
         if not isinstance(record["id"], int):
             raise DataError(f"{path}: {key}[{i}] has id {record['id']!r}, not an integer.")
+        if key == "images" and not 0 <= record["id"] < 2**31:  # int32 in the batches
+            raise DataError(f"{path}: {key}[{i}] has id {record['id']}, not in [0, 2**31).")
     _check_unique(records, key, path)
     return records
 
