@@ -15,7 +15,7 @@ from PIL import Image
 from test_segmentation_train import ARRAYS, seg_config
 
 from vision_jax import data as data_lib
-from vision_jax.predict import Predictor, main
+from vision_jax.predict import Predictor, image_files, main
 from vision_jax.train import train_and_evaluate
 from vision_jax.trained import load_trained
 
@@ -237,3 +237,18 @@ def _timm_input(image: np.ndarray) -> np.ndarray:
     top, left = (resized.shape[1] - 224) // 2, (resized.shape[2] - 224) // 2
     crop = resized[:, top : top + 224, left : left + 224]
     return ((crop / 255.0 - 0.5) / 0.5).astype(np.float32)
+
+
+def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path):
+    """A folder is listed with its subfolders, without hidden files and folders (macOS's
+    ``._`` copies, ``.git``), as training's listings; ``**`` globs reach any depth."""
+    for name in ("a.jpg", "sub/b.PNG", "sub/deep/c.webp", "._a.jpg", "sub/.d.jpg", ".git/e.jpg",
+                 "notes.txt"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = [str(tmp_path / n) for n in ("a.jpg", "sub/b.PNG", "sub/deep/c.webp")]
+    assert image_files(str(tmp_path)) == expected
+    assert image_files(str(tmp_path / "**" / "*.webp")) == expected[2:]
+    assert image_files(str(tmp_path / "a.jpg")) == expected[:1]
+    with pytest.raises(FileNotFoundError, match="No image files"):
+        image_files(str(tmp_path / "sub" / "*.gif"))

@@ -56,12 +56,21 @@ Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
 
 
 def image_files(pattern: str) -> list[str]:
-    """The image files of a folder (sorted), a glob pattern, or one file."""
+    """The image files of a folder and its subfolders (sorted; hidden files and folders left
+    out, as training's listings leave them), a glob pattern (``**`` for any depth), or one
+    file."""
     if os.path.isdir(pattern):
-        names = sorted(os.listdir(pattern))
-        files = [os.path.join(pattern, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+        files = []
+        for folder, subfolders, names in os.walk(pattern):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            files += [
+                os.path.join(folder, n)
+                for n in names
+                if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
+            ]
+        files.sort()
     elif glob.has_magic(pattern):
-        files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
     else:
         files = [pattern] if os.path.isfile(pattern) else []
     if not files:
