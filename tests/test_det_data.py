@@ -417,7 +417,7 @@ def test_box_configs_that_do_not_fit(tmp_path):
         spec = spec_of(**{key: eval(value)})
         with pytest.raises(ValueError, match=f"input.{key}: not for boxes"):
             data_lib.train_batches(source, spec, global_batch=2, seed=0, max_boxes=5)
-    with pytest.raises(specs.ConfigError, match="data.coco_images only apply to source='coco'"):
+    with pytest.raises(specs.ConfigError, match="data.coco_images only applies to source='coco'"):
         specs.data_spec(data_config(source="tfds", coco_images="{split}/images").data)
     for kind, hint in (("imagefolder", "use 'coco'"), ("arrays", "has no boxes")):
         with pytest.raises(data_lib.DataError, match=hint):

@@ -131,7 +131,10 @@ def test_a_setup_error_leaves_no_best_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"early_stopping.patience": 2}, "early_stopping.patience only apply with data.val_split"),
+        (
+            {"early_stopping.patience": 2},
+            "early_stopping.patience only applies with data.val_split",
+        ),
         ({"data.val_split": "test"}, "must differ from train_split and eval_split"),
         ({"data.val_split": "train[90%:]", "early_stopping.mode": "up"}, "'max' or 'min'"),
     ],

@@ -281,10 +281,10 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(tmp_p
         (
             {"optimizer.momentum": 0.8, "optimizer.name": "adamw"},
             ValueError,
-            r"optimizer.momentum only apply to name='sgd'",
+            r"optimizer.momentum only applies to name='sgd'",
         ),
-        ({"schedule.step_factor": 0.5}, ValueError, r"schedule.step_factor only apply"),
-        ({"lora.targets": ".*kernel"}, ValueError, r"lora.targets only apply with rank > 0"),
+        ({"schedule.step_factor": 0.5}, ValueError, r"schedule.step_factor only applies"),
+        ({"lora.targets": ".*kernel"}, ValueError, r"lora.targets only applies with rank > 0"),
         ({"optimizer.lrr": 0.1}, UnreadConfigKeysError, "optimizer.lrr"),
         ({"batch_size": 5000}, ValueError, "fewer than one global batch"),
         ({"init.path": "/nonexistent/w.npz"}, WeightFormatError, "w.npz does not exist"),

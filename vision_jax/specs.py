@@ -194,7 +194,11 @@ def _only_with(
     """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken)."""
     stray = [f"{section}.{k}" for k in keys if values.get(k) is not None]
     if stray and not when:
-        raise ConfigError(f"{', '.join(stray)} only apply {why}; remove them (or set None).")
+        one = len(stray) == 1
+        raise ConfigError(
+            f"{', '.join(stray)} only appl{'ies' if one else 'y'} {why}; remove "
+            f"{'it' if one else 'them'} (or set None)."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
