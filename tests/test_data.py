@@ -87,6 +87,23 @@ def test_image_folder_reads_every_mode_with_sorted_classes(folder):
     assert images[3].std() > 10
 
 
+def test_image_folder_takes_bmp_gif_and_webp(tmp_path):
+    """The files the decoder reads (lossless BMP, GIF and WebP here) are listed and decoded."""
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 6, 3), np.uint8)
+    pixels[..., 1:] = pixels[..., :1]  # grey: a GIF's palette holds every value exactly
+    for name in ("train/a/x.bmp", "train/a/y.gif", "train/b/z.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / name, lossless=True)
+    source = data_lib.load_source(
+        data_config(source="imagefolder", root=str(tmp_path)).data, "train"
+    )
+    assert source.class_names == ["a", "b"] and source.num_examples == 3
+    spec = spec_of(image_size=6, resize_size=6, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    batch = next(iter(data_lib.eval_batches(source, spec, global_batch=3)))
+    for image in batch["image"]:  # the centre 6x6 of each 8x6 image
+        np.testing.assert_allclose(image, pixels[1:7], atol=1e-3)
+
+
 def test_split_slices_partition_the_folder(folder):
     cfg = data_config(source="imagefolder", root=str(folder))
     head = data_lib.load_source(cfg.data, "train[:75%]")

@@ -43,13 +43,13 @@ from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.data import augment
 from vision_jax.data.coco import from_image_files
+from vision_jax.data.folders import IMAGE_EXTENSIONS
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.models import create_model
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import PADDING_ID, coco_results
 from vision_jax.trained import jitted_predict, load_trained
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 FORMATS = (".jsonl", ".csv", ".json")
 
 Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
@@ -66,7 +66,7 @@ def image_files(pattern: str) -> list[str]:
             files += [
                 os.path.join(folder, n)
                 for n in names
-                if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
+                if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
             ]
         files.sort()
     elif glob.has_magic(pattern):

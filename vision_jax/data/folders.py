@@ -1,7 +1,7 @@
 """Image files on disk (local, or any filesystem etils' ``epath`` reaches) as sources.
 
-``imagefolder``: ``root/<split>/<class>/*.{jpg,jpeg,png}``, classes named by their sorted folder
-names; for label maps ``root/<split>/images/*.{jpg,jpeg,png}`` with index PNGs
+``imagefolder``: ``root/<split>/<class>/<image>`` (any of :data:`IMAGE_EXTENSIONS`), classes
+named by their sorted folder names; for label maps ``root/<split>/images/<image>`` with index PNGs
 ``root/<split>/masks/<same stem>.png`` and class names from ``root/classes.txt``. ``csv``:
 ``root/<split>.csv`` with a ``filename,label`` header, file names relative to ``root``. Only
 the file list is built here; images are read and decoded in the tf.data pipeline.
@@ -30,7 +30,7 @@ from vision_jax.data.sources import (
     num_rows,
 )
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode reads
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
 
 
@@ -96,7 +96,7 @@ def from_image_folder(
     target: str = "label",
     class_names: Sequence[str] | None = None,
 ) -> Source:
-    """``root/<split>/<class>/*.{jpg,jpeg,png}``; an empty class folder is an error unless
+    """``root/<split>/<class>/*.jpg``; an empty class folder is an error unless
     ``skip_corrupt`` (then it is logged and the class kept, so splits share class names).
 
     With ``target="label_map"``: see :func:`label_map_folder` (``class_names`` applies there).
@@ -133,7 +133,7 @@ def label_map_folder(
     skip_corrupt: bool = False,
     class_names: Sequence[str] | None = None,
 ) -> Source:
-    """Segmentation: ``root/<split>/images/*.{jpg,jpeg,png}``, each with the index PNG
+    """Segmentation: ``root/<split>/images/*.jpg``, each with the index PNG
     ``root/<split>/masks/<stem>.png`` of class ids (grayscale of 1 to 8 bits, or palette PNGs
     read as their indices; 255 = ignore). Class names are ``class_names``, else the lines of
     ``root/classes.txt``. A missing mask is an error naming the image, unless ``skip_corrupt``
