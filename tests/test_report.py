@@ -95,6 +95,29 @@ def test_hardest_examples_are_the_least_probable_true_labels(run, predictions):
         assert float(row["probability of true"]) == pytest.approx(p_true[i], abs=1e-5)
 
 
+def test_hardest_examples_name_their_files_unless_some_were_skipped():
+    """With a file source the table names each hardest example's file: the file at its index,
+    while every file was evaluated; not when fewer examples came than files (some skipped)."""
+    from types import SimpleNamespace
+
+    from vision_jax.report.tasks import Classification
+
+    paths = np.asarray([f"test/c{i % 2}/{i}.jpg" for i in range(6)])
+    source = SimpleNamespace(columns={"path": paths, "label": np.arange(6) % 2})
+    spec = data_lib.InputSpec(2)
+    probs = np.asarray([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.55, 0.45], [0.1, 0.9]])
+    for count, named in ((6, True), (5, False)):
+        evaluator = Classification(["a", "b"], spec, source, 2)
+        batch = {"image": np.zeros((count, 2, 2, 3)), "label": np.arange(count) % 2,
+                 "mask": np.ones(count)}  # fmt: skip
+        evaluator.add(batch, {"probabilities": probs[:count]})
+        table = evaluator.result().hardest_table
+        assert table.columns[:2] == (("index", "file") if named else ("index", "true"))
+        assert [row[0] for row in table.rows] == [2, 3]  # p(true) 0.3 and 0.4
+        if named:
+            assert [row[1] for row in table.rows] == [paths[2], paths[3]]
+
+
 def test_the_report_of_a_training_command_takes_its_final_evaluations_figures(
     digits_run, run, tmp_path, monkeypatch
 ):

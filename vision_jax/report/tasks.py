@@ -48,8 +48,10 @@ class Lowest:
     """The ``n`` examples with the lowest score seen so far (ties: the earlier one), each as
     ``make(i)`` = (thumbnail, table row) of row ``i`` of the batch offered."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, source: Any = None):
         self.n, self.seen, self.kept = n, 0, []
+        columns = getattr(source, "columns", None) or {}
+        self.paths = columns.get("path")  # files of a file source, in evaluation order
 
     def offer(self, scores: np.ndarray, make: Callable[[int], tuple[Thumb, list]]) -> None:
         for i in np.argsort(scores, kind="stable")[: self.n]:
@@ -61,8 +63,12 @@ class Lowest:
         return [thumb for _, _, thumb, _ in self.kept]
 
     def table(self, columns: Sequence[str]) -> Table:
-        """The kept examples' rows, each led by its position in the split."""
-        return Table(("index", *columns), [[index, *row] for _, index, _, row in self.kept], [])
+        """The kept examples' rows, each led by its position in the split and, when every file
+        of the split was evaluated (none skipped as unreadable), its file."""
+        if self.paths is None or len(self.paths) != self.seen:
+            return Table(("index", *columns), [[i, *row] for _, i, _, row in self.kept], [])
+        rows = [[i, str(self.paths[i]), *row] for _, i, _, row in self.kept]
+        return Table(("index", "file", *columns), rows, [])
 
 
 def pixels(image: np.ndarray, spec: data_lib.InputSpec) -> np.ndarray:
@@ -93,7 +99,7 @@ class Classification:
     def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
         self.names, self.spec = names, spec
         self.matrix = np.zeros((len(names), len(names)), np.int64)
-        self.lowest = Lowest(n)
+        self.lowest = Lowest(n, source)
 
     def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
@@ -132,7 +138,7 @@ class Segmentation:
     def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
         self.names, self.spec = names, spec
         self.matrix = np.zeros((len(names), len(names)), np.int64)
-        self.lowest, self.examples = Lowest(n), 0
+        self.lowest, self.examples = Lowest(n, source), 0
 
     def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
