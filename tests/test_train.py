@@ -143,6 +143,22 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
+    """Training longer, or with another learning rate, resumes; a warning names each change
+    since the checkpoint, and only those."""
+    train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    longer = small_config(total_steps=4, **{"optimizer.learning_rate": 0.02})
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(longer, str(tmp_path))
+    assert "with a changed recipe (training goes on with the new values): " in caplog.text
+    assert "optimizer.learning_rate 0.05 -> 0.02; total_steps 2 -> 4." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(small_config(total_steps=6, **{"optimizer.learning_rate": 0.02}),
+                           str(tmp_path))  # fmt: skip
+    assert "optimizer.learning_rate" not in caplog.text and "total_steps 4 -> 6" in caplog.text
+
+
 def test_steps_compile_ahead_in_the_background(tmp_path, caplog):
     """The train step compiles once, on a background thread, against the shapes of its inputs
     (while TensorFlow and the input pipeline start); the eval steps (parameters and EMA) once

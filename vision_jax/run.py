@@ -383,6 +383,30 @@ def data_changes(
     return changes
 
 
+# Config keys of the training recipe: a resume may change them (to train longer, say), warned.
+RECIPE_KEYS = (
+    "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
+    "optimizer", "schedule", "input", "task",
+)  # fmt: skip
+
+
+def _recipe_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key old -> new`` for each leaf of :data:`RECIPE_KEYS` that changed since ``saved`` (keys
+    that only one of them has, from another version of the code, are not compared)."""
+    flat = lambda config: {
+        key.replace("/", "."): value
+        for key, value in trees.flatten_dict(config).items()
+        if key.split("/")[0] in RECIPE_KEYS
+    }  # fmt: skip
+    old, new = flat(saved), flat(now)
+    plain = lambda v: json.dumps(v, sort_keys=True)
+    return [
+        f"{k} {plain(old[k])} -> {plain(new[k])}"
+        for k in sorted(old.keys() & new.keys())
+        if plain(old[k]) != plain(new[k])
+    ]
+
+
 def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -> int | None:
     """This process's data stream position saved in ``meta``; refuses (unless
     ``resume_changed_data``) a resume whose training stream changed."""
@@ -397,6 +421,9 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
         )
     if changes:
         logging.warning("Resuming %s although %s.", where, "; ".join(changes))
+    if recipe := _recipe_changes(meta.get("config") or {}, spec.config):
+        logging.warning("Resuming %s with a changed recipe (training goes on with the new "
+                        "values): %s.", where, "; ".join(recipe))  # fmt: skip
     if positions is None:
         return None
     if len(positions) == jax.process_count():
