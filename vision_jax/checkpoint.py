@@ -327,10 +327,11 @@ class Checkpointer:
             tree = ocp.StandardCheckpointHandler().metadata(path / STATE_ITEM).tree
         except Exception:  # unreadable metadata: the step is damaged, not mismatched
             return
-        expected = _shapes(abstract_state)
-        if expected != _shapes(tree):
+        expected, saved = dict(_shapes(abstract_state)), dict(_shapes(tree))
+        if expected != saved:
             raise CheckpointError(
-                f"Cannot restore checkpoint {where} into this run: {why}\n"
+                f"Cannot restore checkpoint {where} into this run: {_shape_diff(saved, expected)}"
+                " (did the model, its input size or what trains change?)\n"
                 "The checkpoint was left untouched. Use another --workdir, or fix the config "
                 "to match the run that wrote it."
             )
@@ -453,6 +454,18 @@ def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return sorted((path_to_str(p), tuple(np.shape(x))) for p, x in leaves if x is not None)
+
+
+def _shape_diff(saved: dict[str, tuple], expected: dict[str, tuple], most: int = 3) -> str:
+    """The first ``most`` arrays whose shapes differ, or that only one side has."""
+    differ = [
+        f"{k} {saved[k] if k in saved else 'absent'} in the checkpoint, "
+        f"{expected[k] if k in expected else 'absent'} in this run"
+        for k in sorted(saved.keys() | expected.keys())
+        if saved.get(k) != expected.get(k)
+    ]
+    more = f" (and {len(differ) - most} more)" if len(differ) > most else ""
+    return "; ".join(differ[:most]) + more
 
 
 def check_same_structure(expected: Any, got: Any, *, where: str) -> None:
