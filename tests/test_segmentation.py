@@ -132,7 +132,8 @@ def test_loss_ignores_label_255_and_weights_classes_like_numpy():
 
 def test_miou_over_padded_batches_equals_sklearn_confusion_matrix():
     """Per-batch confusion matrices merged over a split of 7 images in batches of 3 (the last
-    padded) equal scikit-learn's matrix over every real, non-ignored pixel."""
+    padded) equal scikit-learn's matrix over every real, non-ignored pixel; the loss is the
+    mean over the images that have a valid pixel of each one's mean over them."""
     from sklearn.metrics import confusion_matrix
 
     rng = np.random.default_rng(1)
@@ -140,6 +141,7 @@ def test_miou_over_padded_batches_equals_sklearn_confusion_matrix():
     logits = rng.normal(size=(n, 6, 6, c)).astype(np.float32)
     labels = rng.integers(0, c - 1, size=(n, 6, 6)).astype(np.int32)  # class 4 never true
     labels[rng.random(labels.shape) < 0.2] = IGNORE_LABEL
+    labels[2] = IGNORE_LABEL  # an image with nothing to score: no loss, still an example
     task, eval_step, total = Segmentation(), jax.jit(Segmentation().eval_metrics), None
     for start in range(0, n, 3):
         real = min(3, n - start)
@@ -165,6 +167,10 @@ def test_miou_over_padded_batches_equals_sklearn_confusion_matrix():
     assert summary["eval/pixel_accuracy"] == pytest.approx(tp.sum() / expected.sum())
     assert summary["eval/examples"] == n
     assert summary["eval/iou/c0"] == pytest.approx(tp[0] / union[0])
+    losses = [
+        _numpy_loss(logits[i : i + 1], labels[i : i + 1], np.ones(c)) for i in range(n) if i != 2
+    ]
+    assert summary["eval/loss"] == pytest.approx(np.mean(losses), rel=1e-5)  # per image
 
 
 @pytest.mark.parametrize("name,size", [("cifar_resnet20", 32), ("vit_ti16", 32)])

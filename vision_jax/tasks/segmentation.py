@@ -104,9 +104,16 @@ class TrainMetrics(metrics.Collection):
     grad_norm: metrics.Average.from_output("grad_norm")
 
 
+def _counted_loss(loss: jax.Array, counted: jax.Array, **_: Any) -> dict[str, jax.Array]:
+    """The images' losses, averaged over those with a valid pixel (an image that is all
+    ignore has none)."""
+    return {"values": loss, "mask": counted}
+
+
 @flax.struct.dataclass
 class EvalMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")  # per image: mean over its valid pixels
+    loss: metrics.Average.from_fun(_counted_loss)  # per image: mean over its valid pixels
+    images: metrics.Average.from_output("images")  # its count: the real images
     confusion: ConfusionMatrix
 
 
@@ -176,6 +183,8 @@ class Segmentation(Task):
         valid = (label_map != IGNORE_LABEL) & real[:, None, None]
         return EvalMetrics.single_from_model_output(
             loss=per_image,
+            counted=real & (weights.sum((1, 2)) > 0),
+            images=real.astype(jnp.float32),
             mask=real,
             labels=jnp.where(valid, label_map, 0),
             predictions=outputs.argmax(-1),
@@ -189,7 +198,7 @@ class Segmentation(Task):
             f"{prefix}loss": float(collection.loss.compute()),
             f"{prefix}miou": summary["miou"],
             f"{prefix}pixel_accuracy": summary["pixel_accuracy"],
-            f"{prefix}examples": float(collection.loss.count),
+            f"{prefix}examples": float(collection.images.count),
         }
         for name, iou in zip(source.class_names, summary["iou"], strict=True):
             if not np.isnan(iou):
