@@ -181,7 +181,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.resume_changed_data = False
     # A step whose loss or gradients are not finite is never applied (nor saved). "stop": stop
     # with an error naming it and the last good checkpoint; "skip": skip it, count it
-    # (train/skipped_steps) and stop only after max_consecutive_skips in a row.
+    # (train/skipped_steps) and stop only after max_consecutive_skips in a row. Checked at each
+    # log_every_steps and before each save (no host sync per step).
     c.on_nonfinite = "stop"
     c.max_consecutive_skips = 10
     return c
