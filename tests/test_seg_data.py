@@ -330,7 +330,10 @@ def test_bad_masks_are_errors_naming_the_file(bad_folder):
     assert "masks/range.png: values [6] outside [0, 4)" in message
     assert "skip_corrupt" in message
     Image.fromarray(image_of(label_map_of((16, 16), 4, 0))).save(masks / "000.png")  # RGB
-    with pytest.raises(data_lib.DataError, match=r"masks/000\.png: A label map must be an 8-bit"):
+    with pytest.raises(
+        data_lib.DataError,
+        match=r"masks/000\.png: A label map must be a grayscale or palette PNG of at most 8",
+    ):
         list(data_lib.eval_batches(source, spec_of(), global_batch=9))
     for bad in ("size", "range"):
         only = dict(source.columns)
