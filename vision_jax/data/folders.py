@@ -96,7 +96,7 @@ def from_image_folder(
     target: str = "label",
     class_names: Sequence[str] | None = None,
 ) -> Source:
-    """``root/<split>/<class>/*.jpg``; an empty class folder is an error unless
+    """``root/<split>/<class>/<image>``; an empty class folder is an error unless
     ``skip_corrupt`` (then it is logged and the class kept, so splits share class names).
 
     With ``target="label_map"``: see :func:`label_map_folder` (``class_names`` applies there).
@@ -133,7 +133,7 @@ def label_map_folder(
     skip_corrupt: bool = False,
     class_names: Sequence[str] | None = None,
 ) -> Source:
-    """Segmentation: ``root/<split>/images/*.jpg``, each with the index PNG
+    """Segmentation: ``root/<split>/images/<image>``, each with the index PNG
     ``root/<split>/masks/<stem>.png`` of class ids (grayscale of 1 to 8 bits, or palette PNGs
     read as their indices; 255 = ignore). Class names are ``class_names``, else the lines of
     ``root/classes.txt``. A missing mask is an error naming the image, unless ``skip_corrupt``
