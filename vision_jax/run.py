@@ -384,19 +384,19 @@ def data_changes(
 
 
 # Config keys of the training recipe: a resume may change them (to train longer, say), warned.
-RECIPE_KEYS = (
+_RECIPE_KEYS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
     "optimizer", "schedule", "input", "task",
 )  # fmt: skip
 
 
 def _recipe_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``key old -> new`` for each leaf of :data:`RECIPE_KEYS` that changed since ``saved`` (keys
+    """``key old -> new`` for each leaf of :data:`_RECIPE_KEYS` that changed since ``saved`` (keys
     that only one of them has, from another version of the code, are not compared)."""
     flat = lambda config: {
         key.replace("/", "."): value
         for key, value in trees.flatten_dict(config).items()
-        if key.split("/")[0] in RECIPE_KEYS
+        if key.split("/")[0] in _RECIPE_KEYS
     }  # fmt: skip
     old, new = flat(saved), flat(now)
     plain = lambda v: json.dumps(v, sort_keys=True)

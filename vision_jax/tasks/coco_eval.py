@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from clu import metrics
 
-# COCOeval's stats, in its order.
 PADDING_ID = -1  # the image id of a padding row (COCO ids may be 0)
+# COCOeval's stats, in its order.
 STAT_NAMES = (
     "map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
     "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
