@@ -142,7 +142,9 @@ HF_CONFIG = {
 # formats: random-weight round trips
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "pth", "bin-wrapped", "th-legacy"])
+@pytest.mark.parametrize(
+    "fmt", ["safetensors", "pth", "bin-wrapped", "th-legacy", "lightning", "ema-only"]
+)
 def test_timm_vit_every_file_format(timm, tmp_path, fmt):
     ref = timm_vit(timm)
     sd = state_dict_np(ref)
@@ -158,9 +160,16 @@ def test_timm_vit_every_file_format(timm, tmp_path, fmt):
         path = tmp_path / "vit.bin"
         wrapped = {f"module.{k}": v for k, v in tensors(sd).items()}
         save_torch({"model": wrapped, "epoch": 3}, path)
-    else:
+    elif fmt == "th-legacy":
         path = tmp_path / "vit.th"
         save_torch({"state_dict": tensors(sd), "best_prec1": 1.0}, path, legacy=True)
+    elif fmt == "lightning":  # a LightningModule's self.model, trained with DDP
+        path = tmp_path / "vit.ckpt"
+        wrapped = {f"model.module.{k}": v for k, v in tensors(sd).items()}
+        save_torch({"state_dict": wrapped, "epoch": 3, "global_step": 10}, path)
+    else:  # timm's train script, EMA weights kept alone
+        path = tmp_path / "vit_ema.pth"
+        save_torch({"model_ema": tensors(sd), "epoch": 3}, path)
     model = vit()
     variables = load_pretrained(path, model=model, variables=init_vars(model, 32))
     x = images(32, seed=1)

@@ -33,7 +33,10 @@ _SUFFIXES = {
     ".bin": "torch",
     ".th": "torch",
 }
-_WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
+# Keys that wrap a state dict, in order of preference (the EMA only when nothing else is there),
+# and the prefixes stripped when every key has one (Lightning's ``self.model``, DataParallel's).
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema")
+_PREFIXES = ("model.", "module.")
 
 
 def file_kind(path: str | os.PathLike) -> str:
@@ -96,8 +99,9 @@ def _to_numpy(value: Any) -> np.ndarray:
 def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a torch state dict with ``torch.load(weights_only=True)`` (zip or legacy format).
 
-    A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and a ``module.`` prefix (from
-    DataParallel) are removed; entries that are not tensors (e.g. ``best_prec1``) are ignored.
+    A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper (an EMA's, ``state_dict_ema`` or
+    ``model_ema``, when alone) and ``module.`` (DataParallel) or ``model.`` (Lightning) prefixes
+    are removed; entries that are not tensors (e.g. ``best_prec1``) are ignored.
     """
     import pickle
 
@@ -122,7 +126,8 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
-    """The tensors of a (possibly wrapped, possibly ``module.``-prefixed) state dict."""
+    """The tensors of a (possibly wrapped, possibly ``module.``/``model.``-prefixed) state
+    dict."""
     while isinstance(obj, Mapping):
         wrapped = [k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)]
         if not wrapped:
@@ -133,8 +138,8 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
     tensors = {k: v for k, v in obj.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
     if not tensors:
         raise WeightFormatError(f"{source} holds no tensors (keys: {sorted(obj)[:10]}).")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    while prefix := next((p for p in _PREFIXES if all(k.startswith(p) for k in tensors)), ""):
+        tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
     return tensors
 
 
