@@ -163,10 +163,16 @@ def _records(coco: dict, key: str, path: str) -> list[dict]:
             raise DataError(f"{path}: {key}[{i}] lacks {', '.join(lacking)}.")
         if not isinstance(record["id"], int):
             raise DataError(f"{path}: {key}[{i}] has id {record['id']!r}, not an integer.")
-        if key == "images" and not 0 <= record["id"] < 2**31:  # int32 in the batches
-            raise DataError(f"{path}: {key}[{i}] has id {record['id']}, not in [0, 2**31).")
+        if key == "images":
+            _check_image_id(record["id"], f"{path}: {key}[{i}]")
     _check_unique(records, key, path)
     return records
+
+
+def _check_image_id(image_id: int, where: str) -> None:
+    """Image ids are int32 in the batches, and -1 marks a padding row."""
+    if not 0 <= image_id < 2**31:
+        raise DataError(f"{where} has id {image_id}, not in [0, 2**31).")
 
 
 def _check_unique(records: list[dict], what: str, where: str) -> None:
@@ -308,8 +314,10 @@ def _tfds_image(record: dict, row: int, where: str) -> dict:
     """The COCO image record of tfds example ``row``."""
     height, width = (int(v) for v in record["shape"])
     name = record.get("image/filename")
+    image_id = int(record.get("image/id", row + 1))
+    _check_image_id(image_id, f"{where} example {row}")
     return {
-        "id": int(record.get("image/id", row + 1)),
+        "id": image_id,
         "file_name": name.decode() if name is not None else f"{where} example {row}",
         "width": width,
         "height": height,

@@ -63,7 +63,8 @@ def coco_results(
 ) -> list[dict]:
     """COCO results (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of the
     filled slots of real rows, the boxes clipped to their image (``images``: the COCO image
-    records, with ``width`` and ``height``), as torchvision's detectors clip theirs."""
+    records, with ``width`` and ``height``; torchvision's detectors clip theirs, before their
+    NMS); a box left without width or height (wholly off the image) is dropped."""
     boxes, scores = np.asarray(found["boxes"], np.float64), np.asarray(found["scores"])
     classes, image_ids = np.asarray(found["classes"]), np.asarray(found["image_ids"])
     rows, slots = np.nonzero((classes >= 0) & (image_ids[:, None] != PADDING_ID))
@@ -74,6 +75,8 @@ def coco_results(
     results = []
     for r, s in zip(rows, slots, strict=True):
         box = np.clip(boxes[r, s], 0, sizes[int(image_ids[r])])
+        if not (box[2:] > box[:2]).all():
+            continue
         results.append({
             "image_id": int(image_ids[r]),
             "category_id": int(ids[classes[r, s]]),
