@@ -227,15 +227,17 @@ def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
 
 
 def _timm_input(image: np.ndarray) -> np.ndarray:
-    """The ViT's input contract in PIL: shorter side to 248 (bicubic, float), centre 224 crop,
-    (x / 255 - 0.5) / 0.5, channels first."""
-    h, w = image.shape[:2]
-    size = (round(w * 248 / min(h, w)), round(h * 248 / min(h, w)))
-    channels = [Image.fromarray(image[..., c].astype(np.float32)).resize(size,
-                Image.BICUBIC) for c in range(3)]  # fmt: skip
-    resized = np.stack([np.asarray(c) for c in channels])
-    top, left = (resized.shape[1] - 224) // 2, (resized.shape[2] - 224) // 2
-    crop = resized[:, top : top + 224, left : left + 224]
+    """The ViT's input contract as timm's evaluation transform applies it, torchvision's
+    ``Resize(248, bicubic)`` and ``CenterCrop(224)``, on float pixels (PIL mode "F", per
+    channel), then (x / 255 - 0.5) / 0.5, channels first."""
+    from torchvision import transforms  # importable once the timm fixture has run
+
+    timm_eval = transforms.Compose([
+        transforms.Resize(248, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224),
+    ])  # fmt: skip
+    channels = [timm_eval(Image.fromarray(image[..., c].astype(np.float32))) for c in range(3)]
+    crop = np.stack([np.asarray(c) for c in channels])
     return ((crop / 255.0 - 0.5) / 0.5).astype(np.float32)
 
 

@@ -157,6 +157,11 @@ def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
         train_and_evaluate(small_config(total_steps=6, **{"optimizer.learning_rate": 0.02}),
                            str(tmp_path))  # fmt: skip
     assert "optimizer.learning_rate" not in caplog.text and "total_steps 4 -> 6" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same command again: nothing changed
+        train_and_evaluate(small_config(total_steps=6, **{"optimizer.learning_rate": 0.02}),
+                           str(tmp_path))  # fmt: skip
+    assert "changed recipe" not in caplog.text
 
 
 def test_steps_compile_ahead_in_the_background(tmp_path, caplog):
@@ -321,6 +326,20 @@ def test_bad_input_gives_a_clear_error(tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         train_and_evaluate(small_config(**overrides), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # nothing left behind
+
+
+def test_the_ends_of_the_checked_intervals_are_accepted():
+    """Zero where zero means "off" or "none" (clipping, weight decay, momentum, EMA decay, label
+    smoothing, periodic evaluation and checkpoints) and one where it is the least."""
+    from vision_jax.config import TrackedConfig
+
+    ends = {"optimizer.grad_clip_norm": 0.0, "optimizer.weight_decay": 0.0,
+            "optimizer.momentum": 0.0, "optimizer.layer_decay": 1.0, "ema_decay": 0.0,
+            "label_smoothing": 0.0, "eval_every_steps": 0, "checkpoint_every_steps": 0,
+            "log_every_steps": 1, "batch_size": 1, "eval_batch_size": 1}  # fmt: skip
+    spec = specs.run_spec(TrackedConfig(small_config(**ends)))
+    assert (spec.optimizer.grad_clip_norm, spec.ema_decay, spec.task.label_smoothing) == (0, 0, 0)
+    assert (spec.optimizer.layer_decay, spec.log_every_steps, spec.batch_size) == (1, 1, 1)
 
 
 def test_tfds_source_with_mock_data(tmp_path):

@@ -315,12 +315,12 @@ class Checkpointer:
             return None, f"missing {', '.join(missing)}"
         restored, problem = _read_step(path, abstract_state)
         if problem is not None:
-            self._check_matches(path, abstract_state, where, problem)
+            self._check_matches(path, abstract_state, where)
             return None, problem
         check_same_structure(abstract_state, restored[0], where=where)
         return restored, None
 
-    def _check_matches(self, path: epath.Path, abstract_state: Any, where: str, why: str) -> None:
+    def _check_matches(self, path: epath.Path, abstract_state: Any, where: str) -> None:
         """Raises the mismatch error if ``path``'s metadata is readable and differs in shape
         or structure from ``abstract_state``; returns if it matches or cannot be read."""
         try:

@@ -83,9 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "tfds"
     c.data.name = placeholder(str)  # tfds name
     c.data.data_dir = placeholder(str)
-    # imagefolder: root/<split>/<class>/*.jpg; csv: root/<split>.csv; idx: root/train-*-ubyte.gz
+    # imagefolder: root/<split>/<class>/<image>; csv: root/<split>.csv; idx: root/train-*-ubyte.gz
     c.data.root = placeholder(str)
-    c.data.class_names = placeholder(tuple)  # csv/arrays: names for integer labels
+    c.data.class_names = placeholder(tuple)  # csv/idx/arrays, and label maps: class names
     c.data.skip_corrupt = False  # skip (and count) unreadable images instead of failing
     c.data.train_split = "train"
     c.data.eval_split = "test"

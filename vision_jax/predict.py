@@ -43,7 +43,7 @@ from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.data import augment
 from vision_jax.data.coco import from_image_files
-from vision_jax.data.folders import IMAGE_EXTENSIONS
+from vision_jax.data.folders import is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.models import create_model
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
@@ -63,11 +63,7 @@ def image_files(pattern: str) -> list[str]:
         files = []
         for folder, subfolders, names in os.walk(pattern):
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-            files += [
-                os.path.join(folder, n)
-                for n in names
-                if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
-            ]
+            files += [os.path.join(folder, n) for n in names if is_image_file(n)]
         files.sort()
     elif glob.has_magic(pattern):
         files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))

@@ -50,7 +50,7 @@ def load_source(
     Every source takes sliced splits like ``"train[:90%]"`` or ``"train[1000:]"`` (tfds its
     own; the others a fixed shuffled order, so that ``[:90%]`` and ``[90%:]`` partition a split
     and keep its class balance). ``data.source`` is "tfds" (``data.name``, ``data.data_dir``),
-    "imagefolder" (``data.root``/<split>/<class>/*.jpg), "csv" (``data.root``/<split>.csv with
+    "imagefolder" (``data.root``/<split>/<class>/<image>), "csv" (``data.root``/<split>.csv with
     ``filename,label`` rows; ``data.class_names`` optional), "idx" (MNIST-style
     ``data.root``/{train,t10k}-*-ubyte.gz), "digits" (scikit-learn's digits) or "arrays"
     (``arrays[split] = (images, labels)`` passed from Python; ``data.class_names`` optional).
@@ -58,7 +58,7 @@ def load_source(
     ``data.skip_corrupt`` skips unreadable images (counted and logged) instead of failing.
 
     ``target="label_map"`` loads per-pixel class ids (segmentation) instead of image labels,
-    from "imagefolder" (``data.root``/<split>/images/*.jpg with index PNGs
+    from "imagefolder" (``data.root``/<split>/images/<image> with index PNGs
     ``data.root``/<split>/masks/<stem>.png; classes from ``data.class_names`` or
     ``data.root``/classes.txt), "tfds" (the ``segmentation_mask`` feature; ``data.class_names``
     required, raw values mapped by ``data.label_map_values``, pairs (raw, class id); a raw value

@@ -18,7 +18,7 @@ from vision_jax.tf_without_keras import tf
 
 
 def decode(data: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes, or a uint8 HWC/HW array, to uint8 RGB [H, W, 3].
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes, or a uint8 HWC/HW array, to uint8 RGB [H, W, 3].
 
     Grayscale, CMYK, palette, alpha and 16-bit images all come out as 8-bit RGB.
     """

@@ -80,12 +80,13 @@ def subdirectories(path: str) -> list[str]:
     )
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+def is_image_file(name: str) -> bool:
+    """Whether a file name is one the listings take: an image extension, not hidden."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _image_files(folder: str) -> list[str]:
-    return sorted(f for f in list_names(folder) if _is_image(f) and not f.startswith("."))
+    return sorted(f for f in list_names(folder) if is_image_file(f))
 
 
 def from_image_folder(
