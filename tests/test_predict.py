@@ -181,6 +181,10 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
         counts = np.bincount(label_map.ravel(), minlength=len(names)) / label_map.size
         assert list(record["class_fractions"]) == names
         np.testing.assert_allclose(list(record["class_fractions"].values()), counts)
+    inside = folder / "preds.jsonl"  # its label maps in folder/preds/: a rerun leaves them out
+    for _ in range(2):
+        assert main([f"--workdir={workdir}", f"--input={folder}", f"--output={inside}"]) == 0
+        assert [json.loads(line)["file"] for line in inside.read_text().splitlines()] == paths
 
 
 DOGS = range(24, 30)  # Tiny-ImageNet's 6 dog breeds in its sorted WordNet ids (n02085620 ..)

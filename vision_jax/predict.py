@@ -450,14 +450,21 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pre
     )
 
 
+def _inside(path: str, folders: Sequence[str | None]) -> bool:
+    """Whether ``path`` lies in one of ``folders`` (None: no folder)."""
+    where = os.path.realpath(path)
+    return any(f and where.startswith(os.path.realpath(f) + os.sep) for f in folders)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if os.path.splitext(args.output)[1].lower() not in FORMATS:
         parser.error(f"--output {args.output}: the extension must be one of {', '.join(FORMATS)}.")
     logging.basicConfig(level=logging.WARNING)
+    outputs = [os.path.splitext(args.output)[0], args.draw]  # a rerun's own label maps, drawings
     try:
-        paths = image_files(args.input)
+        paths = [p for p in image_files(args.input) if not _inside(p, outputs)]
     except FileNotFoundError as e:
         parser.error(str(e))
     predictor = _predictor(args, parser)

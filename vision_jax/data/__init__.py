@@ -166,7 +166,7 @@ _KEYS_READ = {
     ("digits", "label"): ("classes",),
     ("arrays", "label"): ("class_names", "classes"),
     ("arrays", "label_map"): ("class_names",),
-    ("coco", "boxes"): ("root", "coco_annotations", "coco_images"),
+    ("coco", "boxes"): ("root",),  # and coco_annotations, coco_images: specs checks those
 }
 _HINTS = {
     "class_names": "class names come from the data",
@@ -181,7 +181,6 @@ def _check_keys(data: DataSpec, target: str) -> None:
     if reads is None:
         return  # no such data: load_source says so
     optional = {key for keys in _KEYS_READ.values() for key in keys}
-    optional -= {"coco_annotations", "coco_images"}  # never None: specs checks them
     stray = sorted(key for key in optional - set(reads) if getattr(data, key) is not None)
     if stray:
         hints = "; ".join(f"{key}: {_HINTS[key]}" for key in stray if key in _HINTS)

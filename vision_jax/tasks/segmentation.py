@@ -105,8 +105,8 @@ class TrainMetrics(metrics.Collection):
 
 
 def _counted_loss(loss: jax.Array, counted: jax.Array, **_: Any) -> dict[str, jax.Array]:
-    """The images' losses, averaged over those with a valid pixel (an image that is all
-    ignore has none)."""
+    """The images' losses, averaged over those with a pixel that weighs: valid (not ignored)
+    and of a class whose weight is not 0 (an image that is all ignore has no loss)."""
     return {"values": loss, "mask": counted}
 
 
