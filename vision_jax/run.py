@@ -358,52 +358,34 @@ def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, 
     return TrainState(**restored[0], skips=zeros()), restored[1]
 
 
-# Config keys that decide the training stream (besides batch_size and seed).
-STREAM_DATA_KEYS = (
-    "source", "name", "root", "class_names", "train_split", "classes", "label_map_values",
-    "coco_annotations", "coco_images",
+# Config keys that decide the training stream: a resume that changes them is refused.
+_STREAM_KEYS = ("batch_size", "seed") + tuple(
+    f"data.{k}"
+    for k in (
+        "source", "name", "root", "class_names", "train_split", "classes", "label_map_values",
+        "coco_annotations", "coco_images",
+    )
 )  # fmt: skip
-
-
-def data_changes(
-    saved: Mapping[str, Any], now: Mapping[str, Any], processes: int | None
-) -> list[str]:
-    """What changed, between the config a checkpoint was saved with and this run's, in what
-    decides the training stream (keys absent from ``saved`` are not compared)."""
-    pairs = [(k, saved, now, k) for k in ("batch_size", "seed")]
-    pairs += [(f"data.{k}", saved.get("data", {}), now["data"], k) for k in STREAM_DATA_KEYS]
-    plain = lambda v: json.dumps(v, sort_keys=True)
-    changes = [
-        f"{name} {plain(old[k])} -> {plain(new.get(k))}"
-        for name, old, new, k in pairs
-        if k in old and plain(old[k]) != plain(new.get(k))
-    ]
-    if processes is not None and processes != jax.process_count():
-        changes.append(f"processes {processes} -> {jax.process_count()}")
-    return changes
-
-
-# Config keys of the training recipe: a resume may change them (to train longer, say), warned.
-_RECIPE_KEYS = (
+# Config sections of the training recipe: a resume may change them (to train longer, say), warned.
+_RECIPE_SECTIONS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
     "optimizer", "schedule", "input", "task",
 )  # fmt: skip
 
 
-def _recipe_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``key old -> new`` for each leaf of :data:`_RECIPE_KEYS` that changed since ``saved`` (keys
-    that only one of them has, from another version of the code, are not compared)."""
-    flat = lambda config: {
-        key.replace("/", "."): value
-        for key, value in trees.flatten_dict(config).items()
-        if key.split("/")[0] in _RECIPE_KEYS
-    }  # fmt: skip
-    old, new = flat(saved), flat(now)
+def _config_changes(
+    saved: Mapping[str, Any], now: Mapping[str, Any], compared: Callable[[str], bool]
+) -> list[str]:
+    """``key old -> new`` for each leaf (dotted key) that ``compared`` names and that changed
+    since ``saved`` (keys only one of them has, from another version of the code, are not
+    compared)."""
+    old, new = ({k.replace("/", "."): v for k, v in trees.flatten_dict(c).items()}
+                for c in (saved, now))  # fmt: skip
     plain = lambda v: json.dumps(v, sort_keys=True)
     return [
         f"{k} {plain(old[k])} -> {plain(new[k])}"
         for k in sorted(old.keys() & new.keys())
-        if plain(old[k]) != plain(new[k])
+        if compared(k) and plain(old[k]) != plain(new[k])
     ]
 
 
@@ -412,7 +394,10 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
     ``resume_changed_data``) a resume whose training stream changed."""
     positions = meta.get("data_positions")
     processes = None if positions is None else len(positions)
-    changes = data_changes(meta.get("config") or {}, spec.config, processes)
+    saved = meta.get("config") or {}
+    changes = _config_changes(saved, spec.config, _STREAM_KEYS.__contains__)
+    if processes is not None and processes != jax.process_count():
+        changes.append(f"processes {processes} -> {jax.process_count()}")
     if changes and not spec.resume_changed_data:
         raise CheckpointError(
             f"Cannot resume {where} exactly: {'; '.join(changes)}. The training data cannot "
@@ -421,7 +406,8 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
         )
     if changes:
         logging.warning("Resuming %s although %s.", where, "; ".join(changes))
-    if recipe := _recipe_changes(meta.get("config") or {}, spec.config):
+    in_recipe = lambda key: key.split(".")[0] in _RECIPE_SECTIONS
+    if recipe := _config_changes(saved, spec.config, in_recipe):
         logging.warning("Resuming %s with a changed recipe (training goes on with the new "
                         "values): %s.", where, "; ".join(recipe))  # fmt: skip
     if positions is None:
