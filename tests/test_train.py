@@ -281,13 +281,21 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path):
     assert _tree_hash(tmp_path / "checkpoints") == before
 
 
-def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(tmp_path):
+@pytest.mark.parametrize(
+    "length, match",
+    [
+        ({"total_steps": 2}, r"\(total_steps=2\)"),
+        # 1,437 training digits: 44 batches of 32 per epoch; 0.05 epochs = 3 steps.
+        ({"total_steps": None, "total_epochs": 0.05}, r"\(total_epochs=0.05: 3 steps of 44 per"),
+    ],
+)
+def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(tmp_path, length, match):
     """Fewer steps than the workdir has trained: not the newest step's metrics labelled as an
     earlier step's."""
     train_and_evaluate(small_config(total_steps=4), str(tmp_path))
     before = _tree_hash(tmp_path / "checkpoints")
-    with pytest.raises(ValueError, match="at step 4, past this run's 2 training steps"):
-        train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    with pytest.raises(ValueError, match="at step 4, past the end of this run " + match):
+        train_and_evaluate(small_config(**length), str(tmp_path))
     assert _tree_hash(tmp_path / "checkpoints") == before
 
 

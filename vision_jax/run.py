@@ -502,10 +502,14 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     )  # fmt: skip
     state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
     if start_step > total_steps:
+        length = f"total_steps={total_steps}"
+        if spec.total_epochs is not None:
+            length = (f"total_epochs={spec.total_epochs}: {total_steps} steps of "
+                      f"{steps_per_epoch} per epoch")  # fmt: skip
         raise specs.ConfigError(
-            f"The newest checkpoint in {ckpt.directory} is at step {start_step}, past this run's "
-            f"{total_steps} training steps: train for at least {start_step} steps, or start "
-            "in another workdir."
+            f"The newest checkpoint in {ckpt.directory} is at step {start_step}, past the end of "
+            f"this run ({length}): train for at least {start_step} steps, or start in another "
+            "workdir."
         )
     selection = best = None
     if val_source is not None:
