@@ -30,6 +30,7 @@ from vision_jax.export import (
     TFLiteModel,
     export_trained,
     load_stablehlo,
+    tflite,
     to_savedmodel,
     to_stablehlo,
     to_tflite,
@@ -188,12 +189,51 @@ def test_vit_converts_to_tflite_and_matches_the_model_with_lax_erf():
     np.testing.assert_allclose(out, reference(servable, images), atol=1e-4)
 
 
+def test_vit_full_int8_runs_and_agrees_with_float(monkeypatch):
+    """Full-integer ViTs keep their divides float and trace GELU as its tanh approximation:
+    TFLite's int8 divide (the softmax sums', the written-out erf's) met a divisor stored as 0
+    and the model failed at inference. A model that cannot run is an ExportError, not a file."""
+    model = create_model("vit_ti16", num_classes=5, depth=1)
+    images = np.tile(digit_images(32), (1, 2, 2, 1))
+    servable = Servable(model, perturbed(init(model, 32)), Classification(), 32, (0.5,) * 3,
+                        (0.5,) * 3)  # fmt: skip
+    int8 = TFLiteModel(to_tflite(servable, batch=8, quantize="full_int8", representative=images))
+    got = np.concatenate([int8(images[i : i + 8])["probabilities"] for i in range(0, 32, 8)])
+    expected = reference(servable, images)
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.8
+    assert np.abs(got - expected).max() < 0.15
+    monkeypatch.setattr(tflite, "FULL_INT8_GELU", "elementary")
+    monkeypatch.setattr(tflite, "FLOAT_OPS_IN_INT8", ())
+    with pytest.raises(ExportError, match=r"full-integer int8 model fails at inference \(.*DIV"):
+        to_tflite(servable, batch=8, quantize="full_int8", representative=images)
+
+
 def test_detection_refuses_tflite_with_the_reason():
     task = Detection(strides=(16,))
     servable = Servable(task.build_model("vit_ti16", 2, depth=1), {}, task, 32, (0.5,) * 3,
                         (0.5,) * 3)  # fmt: skip
     with pytest.raises(ExportError, match="TFLite cannot convert a detection model: .*top-k"):
         to_tflite(servable)
+
+
+def test_detection_savedmodel_runs_in_tensorflow(tmp_path):
+    """TensorFlow 2.21 cannot load lax.top_k's StableHLO composite: the exported
+    post-processing takes its top-k from a sort, with the same detections."""
+    task = Detection(strides=(16,))
+    model = task.build_model("vit_ti16", 2, depth=1)
+    servable = Servable(model, perturbed(init(model, 32)), task, 32, (0.5,) * 3, (0.5,) * 3)
+    images = np.tile(digit_images(3), (1, 2, 2, 1))
+    x = (images / 255.0 - 0.5) / 0.5
+    outputs = jax.jit(functools.partial(model.apply, train=False))(servable.variables, x)
+    expected = task.predict(outputs, (32, 32))
+    to_savedmodel(servable, tmp_path / "det")
+    serve = tf.saved_model.load(str(tmp_path / "det")).signatures["serving_default"]
+    for batch in (1, 3):
+        got = serve(images=tf.constant(images[:batch]))
+        assert set(got) == {"boxes", "scores", "classes"}
+        for key in got:
+            np.testing.assert_allclose(got[key], expected[key][:batch], atol=1e-4, err_msg=key)
+    assert (np.asarray(expected["classes"]) >= 0).sum() > 3  # detections to compare
 
 
 @pytest.mark.slow

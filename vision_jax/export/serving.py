@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vision_jax.models.vit import elementary_erf
+from vision_jax.models.vit import gelu_form
 from vision_jax.tasks import Task
+from vision_jax.tasks.boxes import top_k_by_sort
 
 
 class ExportError(ValueError):
@@ -37,6 +38,7 @@ class Servable:
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
+    gelu: str = "elementary"  # how a ViT traces GELU (:func:`vision_jax.models.vit.gelu_form`)
 
     @classmethod
     def from_trained(cls, trained: Any) -> Servable:
@@ -56,16 +58,17 @@ class Servable:
         return (images.astype(jnp.float32) - mean) / std
 
     def apply(self, variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-        """The predictions for a batch of uint8 images (GELU's erf written out with
-        elementary ops, which every converter lowers)."""
+        """The predictions for a batch of uint8 images (GELU as :attr:`gelu` says: by default
+        its erf written out with elementary ops, which every converter lowers; detection's
+        top-k from a sort, which TensorFlow loads)."""
         if images.shape[1:] != self.input_shape(None)[1:] or images.dtype != jnp.uint8:
             raise ExportError(
                 f"images must be uint8 {list(self.input_shape(None)[1:])} (the model's input "
                 f"size); got {images.dtype} {list(images.shape[1:])}."
             )
-        with elementary_erf():
+        with gelu_form(self.gelu), top_k_by_sort():
             outputs = self.model.apply(variables, self.normalise(images), train=False)
-        return self.task.predict(outputs, (self.image_size, self.image_size))
+            return self.task.predict(outputs, (self.image_size, self.image_size))
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         return self.apply(self.variables, images)

@@ -6,13 +6,16 @@ class-token slice and the CIFAR ResNets' strided shortcut become dynamic gathers
 
 Quantisation (``quantize``): ``float16`` weights; ``dynamic_int8`` (int8 weights, activations
 quantised on the fly); ``full_int8`` (int8 weights and activations, ranges calibrated on
-representative images; the uint8 input and float32 outputs stay as they are).
+representative images; the uint8 input and float32 outputs stay as they are; divides stay
+float, and a ViT's GELU is its tanh approximation: :data:`FLOAT_OPS_IN_INT8`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 from vision_jax.tf_without_keras import tf
 
@@ -22,6 +25,11 @@ from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, serving_module
 from vision_jax.export.serving import ExportError, Servable
 
 QUANTIZATIONS = ("none", "float16", "dynamic_int8", "full_int8")
+# Full-integer models: TFLite's int8 divide fails at inference on a divisor stored as 0 (a
+# softmax sum, the written-out erf), so divides stay float; a ViT's GELU is traced as its tanh
+# approximation, which the converter fuses into its int8 GELU.
+FLOAT_OPS_IN_INT8 = ("DIV",)
+FULL_INT8_GELU = "tanh"
 
 
 def check_quantize(quantize: str) -> str:
@@ -42,12 +50,15 @@ def to_tflite(
     check_quantize(quantize)
     if servable.task.name == "detection":
         raise ExportError(
-            "TFLite cannot convert a detection model: its post-processing's top-k is "
-            "serialised as a StableHLO composite the TFLite converter does not know; export "
+            "TFLite cannot convert a detection model: the converter lowers neither form of "
+            "its post-processing's top-k (lax.top_k's StableHLO composite, a sort); export "
             "it as a savedmodel or stablehlo."
         )
-    if quantize == "full_int8" and (representative is None or len(representative) < batch):
+    full_int8 = quantize == "full_int8"
+    if full_int8 and (representative is None or len(representative) < batch):
         raise ExportError(f"full_int8 needs at least {batch} representative images.")
+    if full_int8:
+        servable = dataclasses.replace(servable, gelu=FULL_INT8_GELU)
     module = serving_module(servable, batch)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [module.serve.get_concrete_function()], module
@@ -56,15 +67,47 @@ def to_tflite(
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    if quantize == "full_int8":
+    if full_int8:
         converter.representative_dataset = lambda: _calibration(representative, batch)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS,
+        ]  # fmt: skip
     try:
-        return converter.convert()
+        content = _convert(converter, representative[:batch] if full_int8 else None)
     except Exception as e:  # noqa: BLE001  (its errors come with hundreds of MLIR call sites)
         first = next((line for line in str(e).splitlines() if "error:" in line), str(e))
         reason = first.split("error:")[-1].strip()
         raise ExportError(f"The TFLite converter failed: {reason}") from e
+    if full_int8:
+        _check_runs(content, representative[:batch])
+    return content
+
+
+def _convert(converter: Any, debug_images: np.ndarray | None) -> bytes:
+    """The flatbuffer; a full-integer one (``debug_images``: a batch of its images) keeps
+    :data:`FLOAT_OPS_IN_INT8` in float (TFLite's selective quantisation)."""
+    if debug_images is None or not FLOAT_OPS_IN_INT8:
+        return converter.convert()
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS_IN_INT8))
+    with warnings.catch_warnings():  # its tf.lite.Interpreter's notice about LiteRT
+        warnings.simplefilter("ignore")
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: iter([[debug_images]]), debug_options=options
+        )
+        return debugger.get_nondebug_quantized_model()
+
+
+def _check_runs(content: bytes, images: np.ndarray) -> None:
+    """Runs a quantised flatbuffer once: int8 kernels can fail where float ones do not (a
+    divisor quantised to zero), and a file that cannot run is not written."""
+    try:
+        TFLiteModel(content)(images)
+    except RuntimeError as e:
+        reason = " ".join(str(e).split())
+        raise ExportError(
+            f"The full-integer int8 model fails at inference ({reason}); export it with "
+            "quantize=dynamic_int8 or float16."
+        ) from e
 
 
 def _calibration(images: np.ndarray, batch: int) -> Iterator[list[np.ndarray]]:

@@ -46,7 +46,8 @@ _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
           -1.60960333262415e-02)  # fmt: skip
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
           -7.37332916720468e-03, -1.42647390514189e-02)  # fmt: skip
-_elementary_erf = contextvars.ContextVar("elementary_erf", default=False)
+_gelu_form = contextvars.ContextVar("gelu_form", default="erf")
+GELU_FORMS = ("erf", "elementary", "tanh")
 
 
 def erf_elementary(x: jax.Array) -> jax.Array:
@@ -60,22 +61,29 @@ def erf_elementary(x: jax.Array) -> jax.Array:
 
 
 @contextlib.contextmanager
-def elementary_erf() -> Iterator[None]:
-    """Models traced inside compute GELU's erf with :func:`erf_elementary` instead of
-    ``lax.erf`` (for export; training and evaluation keep ``lax.erf``)."""
-    token = _elementary_erf.set(True)
+def gelu_form(form: str) -> Iterator[None]:
+    """Models traced inside compute GELU in ``form``, for a converter: ``"erf"`` (``lax.erf``,
+    as training and evaluation), ``"elementary"`` (erf from :func:`erf_elementary`, for
+    converters without erf) or ``"tanh"`` (the tanh approximation, within 5e-4 of the exact
+    GELU, with no divide: full-integer TFLite, whose int8 divide can meet a zero divisor)."""
+    if form not in GELU_FORMS:
+        raise ValueError(f"GELU form must be one of {GELU_FORMS}, got {form!r}.")
+    token = _gelu_form.set(form)
     try:
         yield
     finally:
-        _elementary_erf.reset(token)
+        _gelu_form.reset(token)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
     """Exact GELU as torch writes it, ``x/2 * (1 + erf(x/sqrt(2)))``; XLA's polynomial ``erf``
     is cheaper than the ``erfc`` (with an ``exp``) of ``nn.gelu(approximate=False)``. Inside
-    :func:`elementary_erf`, erf is :func:`erf_elementary`."""
+    :func:`gelu_form`, erf is written out or GELU approximated."""
+    form = _gelu_form.get()
+    if form == "tanh":
+        return nn.gelu(x, approximate=True)
     y = x * jnp.asarray(0.5**0.5, x.dtype)
-    erf = erf_elementary(y).astype(x.dtype) if _elementary_erf.get() else lax.erf(y)
+    erf = erf_elementary(y).astype(x.dtype) if form == "elementary" else lax.erf(y)
     return 0.5 * x * (1 + erf)
 
 

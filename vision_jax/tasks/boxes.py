@@ -6,8 +6,34 @@ Boxes are ``(x0, y0, x1, y1)`` in pixels, float32, in the last axis.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
+
+_top_k_by_sort = contextvars.ContextVar("top_k_by_sort", default=False)
+
+
+@contextlib.contextmanager
+def top_k_by_sort() -> Iterator[None]:
+    """Inside, :func:`top_k` sorts: for export (``lax.top_k`` is serialised as a StableHLO
+    composite that TensorFlow 2.21's loader does not know; a sort is plain StableHLO)."""
+    token = _top_k_by_sort.set(True)
+    try:
+        yield
+    finally:
+        _top_k_by_sort.reset(token)
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` of a 1-D ``x``: its ``k`` largest values and their indices, ties in index
+    order; inside :func:`top_k_by_sort`, from a stable sort (the same values and indices)."""
+    if not _top_k_by_sort.get():
+        return jax.lax.top_k(x, k)
+    negated, order = jax.lax.sort((-x, jnp.arange(x.shape[0])), num_keys=1, is_stable=True)
+    return -negated[:k], order[:k]
 
 
 def box_area(boxes: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from vision_jax.models.pyramid import FPN, SIMPLE_SCALES, SimpleFeaturePyramid, conv
-from vision_jax.tasks.boxes import generalized_iou, nms_keep
+from vision_jax.tasks.boxes import generalized_iou, nms_keep, top_k
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of the class logits (RetinaNet)
 
@@ -228,7 +228,7 @@ def postprocess(
         num_classes = logits.shape[-1]
         scores = jnp.sqrt(jax.nn.sigmoid(logits) * jax.nn.sigmoid(centerness)[:, None])
         k = min(pre_nms, scores.size)
-        top_scores, flat_index = jax.lax.top_k(scores.reshape(-1), k)
+        top_scores, flat_index = top_k(scores.reshape(-1), k)
         location, cls = flat_index // num_classes, flat_index % num_classes
         boxes = decode(points[location], distances[location])
         valid = top_scores > score_threshold
@@ -237,7 +237,7 @@ def postprocess(
         keep = nms_keep(boxes + offset, valid, iou_threshold)
         kept_scores = jnp.where(keep, top_scores, 0.0)
         d = min(max_detections, k)
-        out_scores, order = jax.lax.top_k(kept_scores, d)
+        out_scores, order = top_k(kept_scores, d)
         filled = out_scores > 0
         return (
             jnp.where(filled[:, None], boxes[order], 0.0),
