@@ -82,6 +82,19 @@ def tree_map_by_rules(
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
+def check_each_matches(patterns: Sequence[str] | str, tree: Any, *, what: str) -> None:
+    """An error naming the first of ``patterns`` that matches no path of ``tree`` as a whole
+    (a rule written for part of a path, or a typo, would otherwise do nothing)."""
+    names = [path_to_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        compiled = re.compile(pattern)
+        if not any(compiled.fullmatch(name) for name in names):
+            raise ValueError(
+                f"{what} {pattern!r} matches no parameter: a rule matches whole paths such as "
+                f"{names[0]!r} ('.*{pattern}.*' matches anywhere in a path)."
+            )
+
+
 def tree_mask(patterns: Sequence[str] | str, tree: Any) -> Any:
     """Boolean tree: True where the path fully matches any of ``patterns``."""
     if isinstance(patterns, str):
