@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from test_train import small_config
 
+from vision_jax import main as vj_main
 from vision_jax import specs, train
 from vision_jax.config import TrackedConfig, UnreadConfigKeysError, default_config
 from vision_jax.signals import EXIT_STOPPED, StopRequested
@@ -334,6 +335,33 @@ def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_key
         "vision_jax: error: Unknown config key 'optimizer.lrr' (closest: "
         "optimizer.learning_rate, optimizer.lr_mults, optimizer.layer_decay)."
     ]
+
+
+def test_none_on_the_command_line_unsets_an_optional_key(tmp_path):
+    """absl parses ``--config.ema_decay=None`` as a float and fails: such overrides are taken
+    out and applied as None; an unknown key is still named."""
+    argv = ["main", "--config=c.py", "--config.ema_decay=None", "--config.batch_size=8",
+            "--config.schedule.warmup_steps=None"]  # fmt: skip
+    kept, unset = vj_main._unset_overrides(argv)
+    assert kept == ["main", "--config=c.py", "--config.batch_size=8"]
+    assert unset == ["ema_decay", "schedule.warmup_steps"]
+    config = default_config()
+    config.ema_decay, config.schedule.warmup_steps = 0.999, 20
+    vj_main._apply_unset(config, unset)
+    assert config.ema_decay is None and config.schedule.warmup_steps is None
+    proc = main_cli(
+        "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}",
+        "--config.schedule.warmup_stps=None",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "vision_jax: error: Unknown config key 'schedule.warmup_stps' (closest: "
+            "schedule.warmup_steps"
+        )
+    )
 
 
 def test_missing_config_file_is_reported_before_jax_starts(tmp_path):

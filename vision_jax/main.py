@@ -98,18 +98,48 @@ def _unknown_override(argv: list[str], value: str) -> str | None:
     return None
 
 
+def _unset_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its ``--config.<key>=None`` overrides (absl parses None as the key's
+    type and fails), and those keys."""
+    kept, unset = [], []
+    for arg in argv:
+        key, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and key.startswith("config.") and value == "None":
+            unset.append(key.removeprefix("config."))
+        else:
+            kept.append(arg)
+    return kept, unset
+
+
+def _apply_unset(config: Any, keys: list[str]) -> None:
+    """Sets each of ``keys`` (dotted) of ``config`` to None."""
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(key)
+        node[leaf] = None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with one-line errors for a missing config file and unknown config
-    keys (before JAX starts)."""
+    keys (before JAX starts), and ``--config.<key>=None`` to unset an optional key."""
     value = _config_argument(argv)
     if value is not None and not os.path.isfile(path := value.split(":", 1)[0]):
         _usage_error(f"config file {path} not found.")
+    argv, unset = _unset_overrides(argv)
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        _apply_unset(FLAGS.config, unset)
+        return rest
     except flags.Error as e:
         _usage_error(str(e))
     except (AttributeError, KeyError) as e:
-        message = _unknown_override(argv, value) if value is not None else None
+        message = (
+            _unknown_override(argv + [f"--config.{k}" for k in unset], value) if value else None
+        )
         _usage_error(message or f"bad config override: {e}")
     return []  # unreachable: _usage_error exits
 

@@ -51,7 +51,10 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int) -
         if getattr(spec, f"{name}_{unit}") is not None
     }
     if len(given) > 1:
-        raise ValueError(f"Set at most one of schedule.{name}_{{steps,epochs,fraction}}: {given}.")
+        raise ValueError(
+            f"Set at most one of schedule.{name}_{{steps,epochs,fraction}}: {given} (unset one "
+            f"with --config.schedule.{name}_{next(iter(given))}=None)."
+        )
     if not given:
         return 0
     unit, value = next(iter(given.items()))
