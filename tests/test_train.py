@@ -328,6 +328,26 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(tmp_p
         ({"eval_every_steps": -3}, ValueError, r"eval_every_steps must lie in \[0, inf\)"),
         ({"input.std": (0.5, 0.0, 0.5)}, ValueError, r"input.std must lie in \(0, inf\); got 0.0"),
         ({"input.mean": (0.5, 0.5)}, ValueError, r"input.mean needs one value per RGB channel"),
+        # Non-default values of keys whose branch the run does not take:
+        ({"init.replace_head": True}, ValueError, r"init.replace_head only applies with init.pa"),
+        ({"init.posemb": "bicubic"}, ValueError, r"init.posemb only applies with init.path"),
+        ({"input.mix_prob": 0.5}, ValueError, r"input.mix_prob only applies with mixup_alpha or"),
+        (
+            {"input.mix_switch_prob": 0.3, "input.mixup_alpha": 0.2},
+            ValueError,
+            r"input.mix_switch_prob only applies with both mixup_alpha and cutmix_alpha",
+        ),
+        (
+            {"input.randaugment_magnitude": 15},
+            ValueError,
+            r"input.randaugment_magnitude only applies with randaugment_layers > 0; remove it "
+            r"\(or set the default\)",
+        ),
+        (
+            {"input.inception_scale": (0.5, 1.0)},
+            ValueError,
+            r"input.inception_scale only applies with inception_crop=True",
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_error(tmp_path, overrides, error, match):

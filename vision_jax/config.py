@@ -66,17 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
     # ("Transformer/encoderblock_3", "layer2/0", "block3/unit01"); first match wins, else remat
     c.model.remat_rules = ()
 
-    c.init = ml_collections.ConfigDict()
-    # pretrained weights: a vision_jax workdir, .npz (google/big_vision), timm or torchvision
-    # .safetensors/.pth/.bin/.th, or a Hugging Face ViT folder (see vision_jax.weights)
-    c.init.path = placeholder(str)
-    c.init.replace_head = False  # re-initialise the head even if the class count matches
-    c.init.head_bias_init = 0.0  # bias of a re-initialised head (kernel: zeros)
-    c.init.dont_load = ()  # regexes of variables that keep their init values
-    c.init.posemb = "bilinear"  # position-embedding resampling to a new grid, or "bicubic"
-    # True: input.mean/std/interpolation from the checkpoint (weights.input_contract) unless set
-    # to non-defaults
-    c.init.use_input_contract = False
+    # Pretrained weights (path) and their surgery (vision_jax.specs.InitSpec: the fields, their
+    # defaults and meaning: replace_head, head_bias_init, dont_load, posemb, use_input_contract).
+    c.init = ml_collections.ConfigDict(specs.section_defaults(specs.InitSpec))
 
     c.data = ml_collections.ConfigDict()
     # "tfds", "imagefolder", "csv", "idx", "digits", "arrays" or "coco" (detection)

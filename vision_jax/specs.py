@@ -123,6 +123,14 @@ class InputSpec:
                 )
         if min(self.mixup_alpha, self.cutmix_alpha) < 0:
             raise ValueError("input.mixup_alpha and input.cutmix_alpha must be >= 0.")
+        mixing = (self.mixup_alpha > 0, self.cutmix_alpha > 0)
+        _only_when("input", self, ("inception_scale", "inception_ratio"), self.inception_crop,
+                   "with inception_crop=True")  # fmt: skip
+        _only_when("input", self, ("randaugment_magnitude",), self.randaugment_layers > 0,
+                   "with randaugment_layers > 0")  # fmt: skip
+        _only_when("input", self, ("mix_prob",), any(mixing), "with mixup_alpha or cutmix_alpha")
+        _only_when("input", self, ("mix_switch_prob",), all(mixing),
+                   "with both mixup_alpha and cutmix_alpha")  # fmt: skip
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
                 raise ConfigError(f"input.{name} needs one value per RGB channel; got {values}.")
@@ -194,11 +202,24 @@ def _only_with(
     """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken)."""
     stray = [f"{section}.{k}" for k in keys if values.get(k) is not None]
     if stray and not when:
-        one = len(stray) == 1
-        raise ConfigError(
-            f"{', '.join(stray)} only appl{'ies' if one else 'y'} {why}; remove "
-            f"{'it' if one else 'them'} (or set None)."
-        )
+        _raise_stray(stray, why, "or set None")
+
+
+def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: str) -> None:
+    """Raises if any of ``keys`` of the dataclass ``spec`` differs from its default while
+    ``when`` is False (for branch keys whose default is not None)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+    stray = [f"{section}.{k}" for k in keys if as_tuples(getattr(spec, k)) != defaults[k]]
+    if stray and not when:
+        _raise_stray(stray, why, "or set the default")
+
+
+def _raise_stray(stray: list[str], why: str, undo: str) -> None:
+    one = len(stray) == 1
+    raise ConfigError(
+        f"{', '.join(stray)} only appl{'ies' if one else 'y'} {why}; remove "
+        f"{'it' if one else 'them'} ({undo})."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,14 +243,27 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class InitSpec:
-    """``config.init``: pretrained weights and the surgery applied to them."""
+    """``config.init``: pretrained weights and the surgery applied to them.
 
-    path: str | None
-    replace_head: bool
-    head_bias_init: float
-    dont_load: tuple[str, ...]
-    posemb: str
-    use_input_contract: bool
+    ``path``: a vision_jax workdir, .npz (google/big_vision), timm or torchvision
+    .safetensors/.pth/.bin/.th, or a Hugging Face ViT folder (see :mod:`vision_jax.weights`).
+    ``replace_head``: re-initialise the head even if the class count matches (kernel zeros,
+    bias ``head_bias_init``). ``dont_load``: regexes of variables that keep their init values.
+    ``posemb``: position-embedding resampling to a new grid, "bilinear" or "bicubic".
+    ``use_input_contract``: input mean/std/interpolation from the checkpoint
+    (``weights.input_contract``) unless set to non-defaults. The others need ``path``.
+    """
+
+    path: str | None = None
+    replace_head: bool = False
+    head_bias_init: float = 0.0
+    dont_load: tuple[str, ...] = ()
+    posemb: str = "bilinear"
+    use_input_contract: bool = False
+
+    def __post_init__(self) -> None:
+        surgery = ("replace_head", "head_bias_init", "dont_load", "posemb", "use_input_contract")
+        _only_when("init", self, surgery, self.path is not None, "with init.path")
 
 
 @dataclasses.dataclass(frozen=True)
