@@ -272,13 +272,29 @@ def _tree_hash(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path):
-    train_and_evaluate(small_config(total_steps=2), str(tmp_path))
-    before = _tree_hash(tmp_path / "checkpoints")
-    deeper = r"Cannot restore .*layer1/3/bn1/mean absent in the checkpoint, \(16,\) in this run"
-    with pytest.raises(CheckpointError, match=deeper):
-        train_and_evaluate(small_config(**{"model.name": "cifar_resnet32"}), str(tmp_path))
-    assert _tree_hash(tmp_path / "checkpoints") == before
+@pytest.mark.parametrize(
+    "before, after, match",
+    [
+        (
+            {},
+            {"model.name": "cifar_resnet32"},
+            r"Cannot restore .*layer1/3/bn1/mean absent in the checkpoint, \(16,\) in this run"
+            r".* \(changed since: model.name \"cifar_resnet20\" -> \"cifar_resnet32\"\)\n",
+        ),
+        (  # a linear probe, then full fine-tuning in the same workdir
+            {"optimizer.trainable": "head"},
+            {"optimizer.trainable": "all", "total_steps": 4},
+            r"\(changed since: optimizer.trainable \"head\" -> \"all\"\)\nThe checkpoint was left "
+            r"untouched. To train from its weights .* --config.init.path=/",
+        ),
+    ],
+)
+def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path, before, after, match):
+    train_and_evaluate(small_config(total_steps=2, **before), str(tmp_path))
+    saved = _tree_hash(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match=match):
+        train_and_evaluate(small_config(**{**before, **after}), str(tmp_path))
+    assert _tree_hash(tmp_path / "checkpoints") == saved
 
 
 @pytest.mark.parametrize(

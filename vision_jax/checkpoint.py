@@ -47,6 +47,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored into this run."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint whose arrays do not fit this run's state: ``diff`` names the first
+    differences, ``cause`` what changed (or a guess), ``advice`` what to do."""
+
+    def __init__(
+        self, where: str, diff: str, *,
+        cause: str = "did the model, its input size or what trains change?",
+        advice: str = "Use another --workdir, or fix the config to match the run that wrote it.",
+    ) -> None:  # fmt: skip
+        self.where, self.diff = where, diff
+        super().__init__(
+            f"Cannot restore checkpoint {where} into this run: {diff} ({cause})\n"
+            f"The checkpoint was left untouched. {advice}"
+        )
+
+
 class KeepSteps:
     """Orbax preservation policy: keeps the steps in ``steps`` (a set its owner grows)."""
 
@@ -329,12 +345,7 @@ class Checkpointer:
             return
         expected, saved = dict(_shapes(abstract_state)), dict(_shapes(tree))
         if expected != saved:
-            raise CheckpointError(
-                f"Cannot restore checkpoint {where} into this run: {_shape_diff(saved, expected)}"
-                " (did the model, its input size or what trains change?)\n"
-                "The checkpoint was left untouched. Use another --workdir, or fix the config "
-                "to match the run that wrote it."
-            )
+            raise CheckpointMismatchError(where, _shape_diff(saved, expected))
 
     def _move_aside(self, name: str | int, why: str) -> None:
         """Moves a step folder (or an unfinished save) to ``corrupt/<name>-<UTC time>``, with

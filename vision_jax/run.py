@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +26,12 @@ import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax import lora, optim, sharding, specs, trees
-from vision_jax.checkpoint import BestCheckpoint, Checkpointer, CheckpointError
+from vision_jax.checkpoint import (
+    BestCheckpoint,
+    Checkpointer,
+    CheckpointError,
+    CheckpointMismatchError,
+)
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.config import TrackedConfig
 from vision_jax.lock import WorkdirLock
@@ -325,7 +331,10 @@ def _restore(
     """The newest readable checkpoint's state (in the current shardings), step, this
     process's data stream position (None: ``step * local batch``) and meta, or the fresh
     state."""
-    restored = _restore_latest(ckpt, state)
+    try:
+        restored = _restore_latest(ckpt, state)
+    except CheckpointMismatchError as error:
+        raise _with_layout_changes(error, ckpt, spec) from error
     if restored is None and trees.is_abstract(state):  # has_steps() said there were some
         raise CheckpointError(f"The checkpoints in {ckpt.directory} disappeared during setup.")
     if restored is None:
@@ -356,6 +365,31 @@ def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, 
     shardings = jax.tree.map(lambda x: x.sharding, state.skips)
     zeros = jax.jit(lambda: SkipCounts.filled(jnp.zeros((), jnp.int32)), out_shardings=shardings)
     return TrainState(**restored[0], skips=zeros()), restored[1]
+
+
+# Config keys that decide what the train state holds (a restore that does not fit names them).
+_LAYOUT_KEYS = (
+    "model", "lora", "task", "ema_decay", "input.image_size", "optimizer.trainable",
+    "optimizer.frozen_params", "optimizer.name", "optimizer.mu_dtype",
+)  # fmt: skip
+
+
+def _with_layout_changes(
+    error: CheckpointMismatchError, ckpt: Checkpointer, spec: specs.RunSpec
+) -> CheckpointMismatchError:
+    """``error`` naming the config changes since that checkpoint that decide the state's layout
+    (when there are some), and how to start from its weights instead."""
+    step = ckpt.latest_step()
+    saved = (ckpt.read_meta(step) or {}).get("config") if step is not None else None
+    in_layout = lambda key: any(key == k or key.startswith(f"{k}.") for k in _LAYOUT_KEYS)
+    if not saved or not (changes := _config_changes(saved, spec.config, in_layout)):
+        return error
+    return CheckpointMismatchError(
+        error.where, error.diff, cause=f"changed since: {'; '.join(changes)}",
+        advice="To train from its weights with these settings (a linear probe, then full "
+        "fine-tuning), use another --workdir with "
+        f"--config.init.path={os.path.dirname(ckpt.directory)}.",
+    )  # fmt: skip
 
 
 # Config keys that decide the training stream: a resume that changes them is refused.
