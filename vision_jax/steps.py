@@ -151,13 +151,15 @@ def make_train_step(
 
     With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients
     are averaged (BatchNorm statistics update once per micro-batch) before one optimizer update:
-    the same update as the whole batch for a model without BatchNorm, in less memory.
+    the same update as the whole batch for a model without BatchNorm, in less memory (losses
+    normalised by counts, valid pixels or positive locations, take the whole batch's:
+    ``Task.loss_normalisers``).
 
     A step whose loss, gradient norm, new parameters or new model state are not finite changes
     nothing but ``step`` and ``skips`` (see the module docstring).
     """
 
-    def loss_of(params, model_state, frozen, batch, dropout_rng):
+    def loss_of(params, model_state, frozen, batch, dropout_rng, normalisers=None):
         variables = {"params": combine(params, frozen), **model_state}
         with apply_adapters(lora, train=True):
             outputs, new_model_state = model.apply(
@@ -167,7 +169,7 @@ def make_train_step(
                 rngs={"dropout": dropout_rng},
                 mutable=list(model_state),
             )
-        loss, aux = task.train_loss(outputs, batch)
+        loss, aux = task.train_loss(outputs, batch, normalisers)
         return loss, (aux, dict(new_model_state))
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
@@ -179,13 +181,17 @@ def make_train_step(
                 state.params, state.model_state, frozen, batch, step_rng
             )
         else:
+            # Each micro-batch's loss over the whole batch's denominators, times accum_steps:
+            # their mean is the whole batch's loss.
+            shares = jax.tree.map(lambda n: n / accum_steps, task.loss_normalisers(batch))
 
             def micro_step(carry, inputs):
                 grad_sum, model_state, loss_sum = carry
                 micro, i = inputs
                 (loss, (aux, model_state)), grads = grad_fn(
-                    state.params, model_state, frozen, micro, jax.random.fold_in(step_rng, i)
-                )
+                    state.params, model_state, frozen, micro, jax.random.fold_in(step_rng, i),
+                    shares or None,
+                )  # fmt: skip
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
                 return (grad_sum, model_state, loss_sum + loss), aux
 

@@ -69,10 +69,20 @@ class Task(abc.ABC):
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> nn.Module:
         """The model for this task on the registered backbone ``model_name``."""
 
+    def loss_normalisers(self, batch: Batch) -> dict[str, jax.Array]:
+        """The batch's loss denominators that depend on its targets alone (valid pixels,
+        positive locations): gradient accumulation passes the whole batch's (divided by the
+        number of micro-batches) to :meth:`train_loss` of each micro-batch, so that the
+        update is the whole batch's. Empty where the loss is a mean over examples."""
+        return {}
+
     @abc.abstractmethod
-    def train_loss(self, outputs: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(mean training loss, the other outputs of :attr:`train_metrics` except
-        ``loss`` and ``grad_norm``)."""
+    def train_loss(
+        self, outputs: Any, batch: Batch, normalisers: dict[str, jax.Array] | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(training loss, the other outputs of :attr:`train_metrics` except ``loss`` and
+        ``grad_norm``); the loss's denominators are ``normalisers`` when given, else this
+        batch's :meth:`loss_normalisers`."""
 
     @abc.abstractmethod
     def eval_metrics(self, outputs: Any, batch: Batch) -> metrics.Collection:

@@ -58,7 +58,7 @@ class Classification(Task):
         return create_model(model_name, num_classes=num_classes, **model_kwargs)
 
     def train_loss(
-        self, outputs: jax.Array, batch: Batch
+        self, outputs: jax.Array, batch: Batch, normalisers: dict | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         targets = losses.targets_of(batch, outputs.shape[-1], self.label_smoothing)
         loss = losses.get_loss(self.loss)(outputs, targets).mean()

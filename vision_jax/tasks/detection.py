@@ -108,12 +108,18 @@ class Detection(Task):
         assign = lambda b, c, v, k: fcos.assign(where, b, c, v, k, self.center_radius)
         return jax.vmap(assign)(batch["boxes"], batch["classes"], batch["valid"], batch["crowd"])
 
-    def train_loss(self, outputs: dict[str, jax.Array], batch: Batch) -> tuple[jax.Array, dict]:
+    def loss_normalisers(self, batch: Batch) -> dict[str, jax.Array]:
+        where = fcos.layout(batch["image"].shape[1:3], self.strides)
+        return fcos.loss_normalisers(self.targets(batch, where))
+
+    def train_loss(
+        self, outputs: dict[str, jax.Array], batch: Batch, normalisers: dict | None = None
+    ) -> tuple[jax.Array, dict]:
         where = self._layout(batch, outputs)
         targets = self.targets(batch, where)
         parts = fcos.losses(
             outputs, targets, jnp.asarray(where.points), alpha=self.focal_alpha,
-            gamma=self.focal_gamma,
+            gamma=self.focal_gamma, normalisers=normalisers,
         )  # fmt: skip
         loss = parts["class"] + parts["box"] + parts["centerness"]
         positives = targets.positive.sum(-1).astype(jnp.float32)

@@ -194,14 +194,26 @@ def decode(points: jax.Array, distances: jax.Array) -> jax.Array:
     return jnp.concatenate([points - distances[..., :2], points + distances[..., 2:]], -1)
 
 
+def loss_normalisers(targets: Targets) -> dict[str, jax.Array]:
+    """The batch's loss denominators: its positive locations (``positives``, at least 1) and
+    their centerness targets summed (``centerness``, the box loss's weights)."""
+    positive = targets.positive.astype(jnp.float32)
+    return {
+        "positives": jnp.maximum(positive.sum(), 1.0),
+        "centerness": jnp.maximum((targets.centerness * positive).sum(), 1e-6),
+    }
+
+
 def losses(
     outputs: dict[str, jax.Array], targets: Targets, points: jax.Array, *,
-    alpha: float = 0.25, gamma: float = 2.0,
+    alpha: float = 0.25, gamma: float = 2.0, normalisers: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """``class``, ``box`` and ``centerness`` losses of a batch (targets with a batch axis),
-    each normalised over the whole batch (see the module docstring)."""
+    each normalised over the whole batch (see the module docstring; ``normalisers``: those of
+    :func:`loss_normalisers`, by default this batch's)."""
     positive = targets.positive.astype(jnp.float32)
-    num_positive = jnp.maximum(positive.sum(), 1.0)
+    normalisers = normalisers or loss_normalisers(targets)
+    num_positive = normalisers["positives"]
     logits = outputs["logits"]
     one_hot = jax.nn.one_hot(targets.classes, logits.shape[-1]) * positive[..., None]
     focal = optax.sigmoid_focal_loss(logits, one_hot, alpha=alpha, gamma=gamma)
@@ -209,7 +221,7 @@ def losses(
     class_loss = (focal.sum(-1) * keep).sum() / num_positive
     weight = targets.centerness * positive
     giou = generalized_iou(decode(points, outputs["distances"]), targets.boxes)
-    box_loss = ((1.0 - giou) * weight).sum() / jnp.maximum(weight.sum(), 1e-6)
+    box_loss = ((1.0 - giou) * weight).sum() / normalisers["centerness"]
     ctr = optax.sigmoid_binary_cross_entropy(outputs["centerness"], targets.centerness)
     centerness_loss = (ctr * positive).sum() / num_positive
     return {"class": class_loss, "box": box_loss, "centerness": centerness_loss}

@@ -82,18 +82,25 @@ class FPNHead(nn.Module):
         return upsample_to(logits.astype(jnp.float32), image_hw)
 
 
+def pixel_weights(label_map: jax.Array, class_weights: jax.Array | None = None) -> jax.Array:
+    """Each pixel's weight in the loss: its class's weight (1 without ``class_weights``), 0
+    where the label is ignored."""
+    valid = label_map != IGNORE_LABEL
+    weight = valid.astype(jnp.float32)
+    if class_weights is not None:
+        weight = weight * class_weights[jnp.where(valid, label_map, 0)]
+    return weight
+
+
 def pixel_losses(
     logits: jax.Array, label_map: jax.Array, *, label_smoothing: float = 0.0,
     class_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """Per-pixel (weight * cross-entropy, weight); both 0 where the label is ignored."""
-    valid = label_map != IGNORE_LABEL
-    labels = jnp.where(valid, label_map, 0)
+    labels = jnp.where(label_map != IGNORE_LABEL, label_map, 0)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     xent = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-    weight = valid.astype(jnp.float32)
-    if class_weights is not None:
-        weight = weight * class_weights[labels]
+    weight = pixel_weights(label_map, class_weights)
     return xent * weight, weight
 
 
@@ -164,13 +171,19 @@ class Segmentation(Task):
             return None
         return jnp.asarray(self.class_weights, jnp.float32)
 
-    def train_loss(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, dict]:
+    def loss_normalisers(self, batch: Batch) -> dict[str, jax.Array]:
+        weight = pixel_weights(batch["label_map"], self._weights()).sum()
+        return {"pixels": jnp.maximum(weight, 1e-6)}
+
+    def train_loss(
+        self, outputs: jax.Array, batch: Batch, normalisers: dict | None = None
+    ) -> tuple[jax.Array, dict]:
         label_map = batch["label_map"]
-        losses, weights = pixel_losses(
+        losses, _ = pixel_losses(
             outputs, label_map, label_smoothing=self.label_smoothing,
             class_weights=self._weights(),
         )  # fmt: skip
-        loss = losses.sum() / jnp.maximum(weights.sum(), 1e-6)
+        loss = losses.sum() / (normalisers or self.loss_normalisers(batch))["pixels"]
         valid = label_map != IGNORE_LABEL
         correct = (outputs.argmax(-1) == label_map) & valid
         accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
