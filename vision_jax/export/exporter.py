@@ -92,6 +92,14 @@ def _manifest(
         "class_names": trained.class_names,
         "source": {"step_dir": trained.step_dir, "step": trained.step},
     }
+    if trained.task.name == "detection":  # how evaluation and predict fit images in
+        manifest["input"]["letterbox"] = {
+            "resize": "the longer side to the input size, aspect ratio kept",
+            "image_at": "top-left; boxes come back in input pixels (divide by the scale)",
+            "pad_rgb": [round(255 * m, 3) for m in servable.mean],
+            "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
+            "value gives nearly the same detections, black padding does not",
+        }
     if trained.record.category_ids:
         manifest["category_ids"] = list(trained.record.category_ids)
     if format == "savedmodel":
