@@ -139,6 +139,20 @@ def test_cli_writes_jsonl_and_csv_with_top_k(digits_run, digit_files, digit_reco
                 assert float(r["top_k_2_probability"]) == pytest.approx(want[1]["probability"])
 
 
+def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_path, capsys):
+    """No readable image (each named with its reason), or no run: one error line, status 1."""
+    _, broken = digit_files
+    out = tmp_path / "p.jsonl"
+    assert main([f"--workdir={digits_run[0]}", f"--input={broken[0]}", f"--output={out}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: None of the 1 image file(s) can be read: {broken[0]}: ")
+    assert "\n" not in err and not out.exists()
+    missing = tmp_path / "no_run"
+    assert main([f"--workdir={missing}", f"--input={broken[0]}", f"--output={out}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(missing) in err and "\n" not in err
+
+
 @pytest.mark.slow  # trains a segmentation run of its own: over 30 s on 2 cores
 def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, capsys):
     """A segmentation run's predict: one PNG label map per image equal to the argmax of the

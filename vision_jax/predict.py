@@ -281,9 +281,13 @@ def decoded_sizes(paths: Sequence[str]) -> tuple[list[Sized], list[tuple[str, st
     ds = ds.batch(256).with_options(data_lib.pipeline_options())
     found = {int(i): (int(h), int(w)) for rows, sizes in ds.as_numpy_iterator()
              for i, (h, w) in zip(rows, sizes, strict=True)}  # fmt: skip
-    if not found:
-        raise data_lib.DataError(f"None of the {len(paths)} image file(s) can be read.")
     unreadable = [(p, _reason(p)) for i, p in enumerate(paths) if i not in found]
+    if not found:
+        listed = "; ".join(f"{p}: {reason}" for p, reason in unreadable[:3])
+        more = f" (and {len(unreadable) - 3} more)" if len(unreadable) > 3 else ""
+        raise data_lib.DataError(
+            f"None of the {len(paths)} image file(s) can be read: {listed}{more}."
+        )
     return [(p, found[i]) for i, p in enumerate(paths) if i in found], unreadable
 
 
@@ -467,11 +471,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = [p for p in image_files(args.input) if not _inside(p, outputs)]
     except FileNotFoundError as e:
         parser.error(str(e))
-    predictor = _predictor(args, parser)
-    task = predictor.task.name
-    if args.draw and task != "detection":
-        parser.error(f"--draw draws boxes: {args.workdir} is a {task} run.")
-    records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
+    try:
+        predictor = _predictor(args, parser)
+        task = predictor.task.name
+        if args.draw and task != "detection":
+            parser.error(f"--draw draws boxes: {args.workdir} is a {task} run.")
+        records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
+    except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for path, reason in unreadable:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if task == "segmentation":
