@@ -369,6 +369,12 @@ def test_missing_config_file_is_reported_before_jax_starts(tmp_path):
     proc = main_cli("--config=configs/nope.py:arg", f"--workdir={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "vision_jax: error: config file configs/nope.py not found."
+    proc = main_cli("--config=configs/scenes_detection.py:vitt", f"--workdir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "vision_jax: error: --config=configs/scenes_detection.py:vitt: Unknown variant 'vitt'; "
+        "valid: vit, vit_scratch, resnet, resnet_scratch."
+    )
     assert time.perf_counter() - start < 30
 
 

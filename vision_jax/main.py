@@ -123,6 +123,16 @@ def _apply_unset(config: Any, keys: list[str]) -> None:
         node[leaf] = None
 
 
+def _config_file_error(message: str, value: str | None) -> str | None:
+    """The last line of the traceback ml_collections puts in the message when the config
+    file raised (``get_config``'s own error, e.g. an unknown variant), without its type."""
+    if "Error whilst parsing config file" not in message:
+        return None
+    last = message.strip().splitlines()[-1]
+    kind, _, text = last.partition(": ")
+    return f"--config={value}: {text if kind.isidentifier() and text else last}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with one-line errors for a missing config file and unknown config
     keys (before JAX starts), and ``--config.<key>=None`` to unset an optional key."""
@@ -135,7 +145,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         _apply_unset(FLAGS.config, unset)
         return rest
     except flags.Error as e:
-        _usage_error(str(e))
+        _usage_error(_config_file_error(str(e), value) or str(e))
     except (AttributeError, KeyError) as e:
         message = (
             _unknown_override(argv + [f"--config.{k}" for k in unset], value) if value else None
