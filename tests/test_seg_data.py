@@ -3,8 +3,11 @@ image/label-map augmentation, eval coverage, exact resumption and errors naming 
 
 from __future__ import annotations
 
+import io
 import logging
 import pathlib
+import struct
+import zlib
 
 import jax
 import numpy as np
@@ -92,6 +95,27 @@ def test_palette_and_grayscale_pngs_read_as_indices(tmp_path):
     Image.fromarray(image_of(label_map)).save(tmp_path / "rgb.png")
     with pytest.raises(tf.errors.InvalidArgumentError, match="grayscale or palette PNG"):
         augment.decode_index_png(tf.io.read_file(str(tmp_path / "rgb.png")))
+
+
+def test_a_text_chunk_holding_plte_before_the_palette(tmp_path):
+    """The palette is found by walking the chunks: a tEXt or zTXt chunk before it may hold the
+    bytes "PLTE" (splitting the file on them cut it at the comment)."""
+    label_map = label_map_of((9, 13), 3, seed=1)
+    save_mask(tmp_path / "m.png", label_map, palette=True)
+    png = (tmp_path / "m.png").read_bytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    at = png.index(b"PLTE") - 4
+    for extra in (chunk(b"tEXt", b"Comment\x00PLTE chunk follows"),
+                  chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"PLTE" * 20))):  # fmt: skip
+        data = png[:at] + extra + png[at:]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), label_map)
+        decoded = augment.decode_index_png(tf.constant(data))
+        np.testing.assert_array_equal(decoded.numpy()[..., 0], label_map)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])

@@ -137,16 +137,26 @@ def _grey_plte_chunk(entries: int) -> bytes:
 _GREY_PLTE = [_grey_plte_chunk(n) for n in range(257)]  # by number of palette entries
 
 
+def _chunk_length(data: tf.Tensor, at: tf.Tensor) -> tf.Tensor:
+    """The data length of the PNG chunk that starts at byte ``at`` (4 bytes, big-endian)."""
+    length = tf.cast(tf.io.decode_raw(tf.strings.substr(data, at, 4), tf.uint8), tf.int32)
+    return tf.reduce_sum(length * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]))
+
+
 def _grey_palette(data: tf.Tensor) -> tf.Tensor:
     """A palette PNG with its palette replaced by the grey ramp (i, i, i), so that
-    ``decode_png(channels=1)`` returns the indices (TensorFlow always expands palettes)."""
-    head, tail = tf.unstack(tf.strings.split(data, sep="PLTE", maxsplit=1), 2)
-    end = tf.strings.length(head) - 4  # the chunk's 4-byte length precedes its type
-    length = tf.cast(tf.io.decode_raw(tf.strings.substr(head, end, 4), tf.uint8), tf.int32)
-    length = tf.reduce_sum(length * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]))
-    rest = tf.strings.substr(tail, length + 4, tf.strings.length(tail) - length - 4)  # past CRC
+    ``decode_png(channels=1)`` returns the indices (TensorFlow always expands palettes). The
+    PLTE chunk is found by walking the chunks (length, type, data, CRC) after the signature:
+    a text chunk before it may hold the bytes "PLTE"."""
+    size = tf.strings.length(data)
+    not_plte = lambda at: (at + 8 <= size) & (tf.strings.substr(data, at + 4, 4) != "PLTE")
+    (at,) = tf.while_loop(
+        not_plte, lambda at: (at + 12 + _chunk_length(data, at),), (tf.constant(8),)
+    )
+    length = _chunk_length(data, at)
+    rest = tf.strings.substr(data, at + 12 + length, size - at - 12 - length)  # past its CRC
     plte = tf.gather(tf.constant(_GREY_PLTE), tf.minimum(length // 3, 256))
-    return tf.strings.join([tf.strings.substr(head, 0, end), plte, rest])
+    return tf.strings.join([tf.strings.substr(data, 0, at), plte, rest])
 
 
 def decode_index_png(data: tf.Tensor) -> tf.Tensor:
