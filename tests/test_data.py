@@ -592,6 +592,29 @@ def test_idx_source_reads_mnist_style_files(tmp_path):
         from_idx(str(tmp_path), "test")
 
 
+def test_jpegs_decode_to_pils_pixels(shared_dir):
+    """libjpeg's accurate DCT, as PIL (timm's loader) decodes: TensorFlow's default, the fast
+    one, was up to 5 levels off; inception crops decode their window the same way."""
+    import io
+    import zipfile
+
+    archive = shared_dir / "data/imagenette_224_val/imagenette2_224_val.zip"
+    if not archive.is_file():
+        pytest.skip("the Imagenette archive is absent")
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".JPEG"))[::500][:8]
+        files = [z.read(n) for n in names]
+    for data in files:
+        pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(augment.decode(tf.constant(data)).numpy(), pil)
+        h, w = pil.shape[:2]
+        whole = augment.decode_inception_crop(
+            tf.constant(data), 16, (1, 1), (w / h, w / h), tf.constant([0, 0]), "bilinear"
+        )
+        resized = tf.image.resize(pil.astype(np.float32), [16, 16], antialias=True)
+        np.testing.assert_allclose(whole.numpy(), resized.numpy(), atol=1e-3)
+
+
 def test_idx_source_reads_fashion_mnist(shared_dir):
     from vision_jax.data.idx import from_idx
 

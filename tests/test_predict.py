@@ -208,9 +208,9 @@ def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
     """``--weights`` with the ViT-Ti/16 timm file (a 200-way Tiny-ImageNet head) on two
     Imagenette English springer images: the probabilities of timm's own model on the file's
     input contract (resize 224 / 0.9 = 248 bicubic, centre 224 crop, mean = std = 0.5) made
-    here with PIL (in float; JPEG decoded by TensorFlow, as the pipeline does: decoders differ
-    by a few levels); and a dog breed comes first for both (the head has no springer class)."""
-    import tensorflow as tf
+    here with PIL (JPEG decoded by PIL, as timm's loader; resized in float, clamped to 0..255
+    as PIL's 8-bit result is, not rounded); and a dog breed comes first for both (the head
+    has no springer class)."""
     import torch
     from safetensors.torch import load_file
 
@@ -237,7 +237,7 @@ def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
 
     model = timm.create_model("vit_tiny_patch16_224", num_classes=200, pretrained=False)
     model.load_state_dict(load_file(str(weights)), strict=True)
-    inputs = np.stack([_timm_input(tf.io.decode_jpeg(tf.io.read_file(p)).numpy()) for p in paths])
+    inputs = np.stack([_timm_input(np.asarray(Image.open(p).convert("RGB"))) for p in paths])
     with torch.no_grad():
         want = torch.softmax(model.eval()(torch.from_numpy(inputs)), -1).numpy()
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -247,7 +247,7 @@ def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
 def _timm_input(image: np.ndarray) -> np.ndarray:
     """The ViT's input contract as timm's evaluation transform applies it, torchvision's
     ``Resize(248, bicubic)`` and ``CenterCrop(224)``, on float pixels (PIL mode "F", per
-    channel), then (x / 255 - 0.5) / 0.5, channels first."""
+    channel) clamped to 0..255, then (x / 255 - 0.5) / 0.5, channels first."""
     from torchvision import transforms  # importable once the timm fixture has run
 
     timm_eval = transforms.Compose([
@@ -255,7 +255,7 @@ def _timm_input(image: np.ndarray) -> np.ndarray:
         transforms.CenterCrop(224),
     ])  # fmt: skip
     channels = [timm_eval(Image.fromarray(image[..., c].astype(np.float32))) for c in range(3)]
-    crop = np.stack([np.asarray(c) for c in channels])
+    crop = np.clip(np.stack([np.asarray(c) for c in channels]), 0.0, 255.0)
     return ((crop / 255.0 - 0.5) / 0.5).astype(np.float32)
 
 

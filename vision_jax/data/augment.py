@@ -20,11 +20,17 @@ from vision_jax.tf_without_keras import tf
 def decode(data: tf.Tensor) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes, or a uint8 HWC/HW array, to uint8 RGB [H, W, 3].
 
-    Grayscale, CMYK, palette, alpha and 16-bit images all come out as 8-bit RGB.
+    Grayscale, CMYK, palette, alpha and 16-bit images all come out as 8-bit RGB. JPEGs take
+    libjpeg's accurate integer DCT, as PIL decodes them (TensorFlow's default, the fast one,
+    is up to 5 levels off PIL's pixels, which timm's transforms read).
     """
     image = data
     if data.dtype == tf.string:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+        image = tf.cond(
+            tf.io.is_jpeg(data),
+            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
+        )
     if image.shape.rank == 2:
         image = image[..., None]
     if image.shape[-1] == 1:
@@ -33,17 +39,23 @@ def decode(data: tf.Tensor) -> tf.Tensor:
 
 
 def resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
-    """A float32 image resized to ``size`` [h, w] by ``method`` ("bilinear" or "bicubic") as PIL
-    resamples (antialiased when shrinking); a no-op if equal. Bilinear enlarging takes the plain
+    """A float32 image (0..255) resized to ``size`` [h, w] by ``method`` ("bilinear" or
+    "bicubic") as PIL resamples (antialiased when shrinking; bicubic's overshoot clamped to
+    0..255, as PIL's 8-bit result is); a no-op if equal. Bilinear enlarging takes the plain
     kernel (the same result, several times faster); plain bicubic is not PIL's, so bicubic is
     always antialiased."""
     shape = tf.shape(image)[:2]
-    antialiased = lambda: tf.image.resize(image, size, method, antialias=True)
+    antialiased = lambda: clamp(tf.image.resize(image, size, method, antialias=True), method)
     plain = antialiased if method == "bicubic" else lambda: tf.image.resize(image, size, method)
     return tf.case(
         [(tf.reduce_all(shape == size), lambda: image), (tf.reduce_any(shape > size), antialiased)],
         default=plain,
     )
+
+
+def clamp(image: tf.Tensor, method: str) -> tf.Tensor:
+    """A resized 0..255 image clamped to that range where ``method`` overshoots (bicubic)."""
+    return tf.clip_by_value(image, 0.0, 255.0) if method == "bicubic" else image
 
 
 def scaled_shape(shape: tf.Tensor, shorter: float | tf.Tensor) -> tf.Tensor:
@@ -119,7 +131,9 @@ def decode_inception_crop(
         def jpeg() -> tf.Tensor:
             shape = tf.image.extract_jpeg_shape(data)
             box = sample_inception_box(shape, scale, ratio, seed)
-            image = tf.image.decode_and_crop_jpeg(data, box, channels=3)
+            image = tf.image.decode_and_crop_jpeg(
+                data, box, channels=3, dct_method="INTEGER_ACCURATE"
+            )
             return tf.ensure_shape(image, [None, None, 3])
 
         image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: crop_decoded(decode(data)))

@@ -18,6 +18,7 @@ from vision_jax.tf_without_keras import tf
 
 import numpy as np
 
+from vision_jax.data import augment
 from vision_jax.data.sources import DataError, Source
 from vision_jax.specs import InputSpec
 
@@ -160,7 +161,7 @@ def resample(
     centres = tf.range(size, dtype=tf.float32)[None] + 0.5 + offset[:, None]  # [2, size]
     covered = (centres >= 0) & (centres < extent[:, None])
     inside = covered[0][:, None, None] & covered[1][None, :, None]
-    return tf.ensure_shape(out, [size, size, 3]), inside
+    return tf.ensure_shape(augment.clamp(out, method), [size, size, 3]), inside
 
 
 def place(
