@@ -67,7 +67,14 @@ def test_the_dispatch_is_synchronous_only_with_the_heap_reuse_in_one_process(mon
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)  # multi-process
     assert not host_memory.configure_dispatch(reuse)
-    assert len(calls) == 1
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    many = {**reuse, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # 4 devices
+    assert not host_memory.configure_dispatch(many)
+    one = {**reuse, "XLA_FLAGS": f"{many['XLA_FLAGS']} --xla_force_host_platform_device_count=1"}
+    assert host_memory.configure_dispatch(one)
+    monkeypatch.setattr(host_memory, "_configured_cpu_devices", lambda: 2)  # jax_num_cpu_devices
+    assert not host_memory.configure_dispatch(reuse)
+    assert len(calls) == 2
 
 
 def test_the_advice_names_the_settings_only_on_cpu(monkeypatch):

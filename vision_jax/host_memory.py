@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 
@@ -99,7 +100,10 @@ def configure_dispatch(environ: Mapping[str, str] = os.environ) -> bool:
     it before JAX's backend is first used and after ``jax.distributed.initialize``, if any: a
     process of a multi-process run keeps the asynchronous dispatch (its steps' collectives
     would block the calling thread, and a dead peer's transport error would reach the program
-    there before the peer watchdog could name the lost process)."""
+    there before the peer watchdog could name the lost process), and so does a process with
+    several CPU devices (its gain is a single device's; a step's collectives across devices
+    waited for a participant, once in seven launches, while the calling thread ran an eager
+    op)."""
     entries = _entries(environ.get("GLIBC_TUNABLES", ""))
     reused = all(entries.get(k) == v for k, v in _entries(HEAP_REUSE).items())
     if not reused or environ.get(OPT_OUT) == "0":
@@ -107,7 +111,7 @@ def configure_dispatch(environ: Mapping[str, str] = os.environ) -> bool:
     import jax
     from jax._src import xla_bridge
 
-    if jax.distributed.is_initialized():
+    if jax.distributed.is_initialized() or _cpu_devices(environ) > 1:
         return False
     if xla_bridge.backends_are_initialized():
         logging.warning(
@@ -117,6 +121,22 @@ def configure_dispatch(environ: Mapping[str, str] = os.environ) -> bool:
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
+
+
+def _configured_cpu_devices() -> int:
+    import jax
+
+    return jax.config.jax_num_cpu_devices  # -1: not set
+
+
+def _cpu_devices(environ: Mapping[str, str]) -> int:
+    """The CPU devices this process will have: ``jax_num_cpu_devices``, else the last
+    ``--xla_force_host_platform_device_count`` of ``XLA_FLAGS``, else 1."""
+    if (configured := _configured_cpu_devices()) > 0:
+        return configured
+    flags = environ.get("XLA_FLAGS", "")
+    counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    return int(counts[-1]) if counts else 1
 
 
 def advice(backend: str, environ: Mapping[str, str] = os.environ) -> str | None:
