@@ -4,6 +4,7 @@ on hand-made outputs, COCO mAP against pycocotools run directly, head shapes for
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import jax
@@ -321,6 +322,13 @@ def test_perfect_and_empty_detections():
     ]  # fmt: skip
     assert coco_metrics(truth, perfect, [0, 9], NAMES)["map"] == pytest.approx(1.0)
     assert coco_metrics(truth, [], [0, 9], NAMES)["map"] == 0.0
+
+
+def test_a_split_without_annotations_warns_that_map_is_undefined(caplog):
+    truth = {**coco_ground_truth(), "annotations": []}
+    with caplog.at_level(logging.WARNING):
+        assert coco_metrics(truth, [], [0, 9], NAMES)["map"] == -1.0
+    assert "hold no (non-crowd) annotation: every COCO figure is undefined (-1)" in caplog.text
 
 
 def test_coverage_is_checked():

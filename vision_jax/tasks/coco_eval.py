@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,6 +104,12 @@ def coco_metrics(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    evaluated = set(int(i) for i in image_ids)
+    counted = [a for a in annotations.get("annotations", ())
+               if int(a["image_id"]) in evaluated and not a.get("iscrowd")]  # fmt: skip
+    if not counted:
+        logging.warning("The %d evaluated images hold no (non-crowd) annotation: every COCO "
+                        "figure is undefined (-1).", len(evaluated))  # fmt: skip
     with _quiet():
         truth = COCO()
         truth.dataset = copy.deepcopy(dict(annotations))
