@@ -350,7 +350,8 @@ def test_bad_masks_are_errors_naming_the_file(bad_folder):
     with pytest.raises(data_lib.DataError) as error:
         list(data_lib.eval_batches(source, spec_of(), global_batch=9))
     message = str(error.value)
-    assert "masks/size.png: size 12x16 differs from its image" in message
+    assert "masks/size.png: size 16x12 differs from its image" in message
+    assert "(16x16, w x h)" in message  # as detection's size check writes sizes
     assert "masks/range.png: values [6] outside [0, 4)" in message
     assert "skip_corrupt" in message
     Image.fromarray(image_of(label_map_of((16, 16), 4, 0))).save(masks / "000.png")  # RGB

@@ -164,7 +164,9 @@ def _problem(source: Source, row: int) -> str | None:
         return f"label map {map_path}: {label_map}"
     if label_map.shape[:2] != image.shape[:2]:
         (h, w), (ih, iw) = label_map.shape[:2], image.shape[:2]
-        return f"label map {map_path}: size {h}x{w} differs from its image {path} ({ih}x{iw})"
+        return (
+            f"label map {map_path}: size {w}x{h} differs from its image {path} ({iw}x{ih}, w x h)"
+        )
     bad = sorted(set(np.unique(label_map).tolist()) - {*range(num_classes), IGNORE_LABEL})
     if bad:
         return (
