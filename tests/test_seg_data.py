@@ -116,6 +116,14 @@ def test_a_text_chunk_holding_plte_before_the_palette(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), label_map)
         decoded = augment.decode_index_png(tf.constant(data))
         np.testing.assert_array_equal(decoded.numpy()[..., 0], label_map)
+    # Damaged files end the walk and fail as PNGs (not with an out-of-range slice's message,
+    # which held the file's bytes).
+    length = struct.unpack(">I", png[at : at + 4])[0]
+    for damaged in (png[:at] + b"\xff\xff\xff\xf0tEXt" + png[at:],  # a length over 2**31
+                    png[:at] + png[at + 12 + length :],  # no PLTE
+                    png[: at + 6]):  # fmt: skip
+        with pytest.raises(tf.errors.InvalidArgumentError, match="Invalid PNG"):
+            augment.decode_index_png(tf.constant(damaged))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])

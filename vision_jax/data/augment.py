@@ -152,9 +152,11 @@ _GREY_PLTE = [_grey_plte_chunk(n) for n in range(257)]  # by number of palette e
 
 
 def _chunk_length(data: tf.Tensor, at: tf.Tensor) -> tf.Tensor:
-    """The data length of the PNG chunk that starts at byte ``at`` (4 bytes, big-endian)."""
+    """The data length of the PNG chunk that starts at byte ``at`` (4 bytes, big-endian); one
+    over 2**31 (a damaged file; int32 would wrap negative and walk backwards) as 2**30."""
     length = tf.cast(tf.io.decode_raw(tf.strings.substr(data, at, 4), tf.uint8), tf.int32)
-    return tf.reduce_sum(length * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]))
+    length = tf.reduce_sum(length * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]))
+    return tf.where(length < 0, 1 << 30, length)
 
 
 def _grey_palette(data: tf.Tensor) -> tf.Tensor:
@@ -163,14 +165,21 @@ def _grey_palette(data: tf.Tensor) -> tf.Tensor:
     PLTE chunk is found by walking the chunks (length, type, data, CRC) after the signature:
     a text chunk before it may hold the bytes "PLTE"."""
     size = tf.strings.length(data)
-    not_plte = lambda at: (at + 8 <= size) & (tf.strings.substr(data, at + 4, 4) != "PLTE")
+    kind = lambda at: tf.strings.substr(data, tf.minimum(at + 4, size), 4)  # "" past the end
+    not_plte = lambda at: (at + 8 <= size) & (kind(at) != "PLTE")
     (at,) = tf.while_loop(
         not_plte, lambda at: (at + 12 + _chunk_length(data, at),), (tf.constant(8),)
     )
-    length = _chunk_length(data, at)
-    rest = tf.strings.substr(data, at + 12 + length, size - at - 12 - length)  # past its CRC
-    plte = tf.gather(tf.constant(_GREY_PLTE), tf.minimum(length // 3, 256))
-    return tf.strings.join([tf.strings.substr(data, 0, at), plte, rest])
+
+    def replaced() -> tf.Tensor:
+        length = _chunk_length(data, at)
+        after = tf.minimum(at + 12 + length, size)  # past its CRC
+        plte = tf.gather(tf.constant(_GREY_PLTE), tf.minimum(length // 3, 256))
+        rest = tf.strings.substr(data, after, size - after)
+        return tf.strings.join([tf.strings.substr(data, 0, at), plte, rest])
+
+    # No PLTE chunk (a damaged file): as it is, for decode_png to refuse.
+    return tf.cond(at + 8 <= size, replaced, lambda: data)
 
 
 def decode_index_png(data: tf.Tensor) -> tf.Tensor:
