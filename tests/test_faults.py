@@ -339,29 +339,36 @@ def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_key
 
 def test_none_on_the_command_line_unsets_an_optional_key(tmp_path):
     """absl parses ``--config.ema_decay=None`` as a float and fails: such overrides are taken
-    out and applied as None; an unknown key is still named."""
+    out (also from sys.argv, which ml_collections reads) and applied as None, the last override
+    of a key winning; unknown keys and sections are named."""
     argv = ["main", "--config=c.py", "--config.ema_decay=None", "--config.batch_size=8",
-            "--config.schedule.warmup_steps=None"]  # fmt: skip
+            "--config.schedule.warmup_steps", "None", "--config.seed=None",
+            "--config.seed=3"]  # fmt: skip
     kept, unset = vj_main._unset_overrides(argv)
-    assert kept == ["main", "--config=c.py", "--config.batch_size=8"]
+    assert kept == ["main", "--config=c.py", "--config.batch_size=8", "--config.seed=3"]
     assert unset == ["ema_decay", "schedule.warmup_steps"]
     config = default_config()
     config.ema_decay, config.schedule.warmup_steps = 0.999, 20
     vj_main._apply_unset(config, unset)
     assert config.ema_decay is None and config.schedule.warmup_steps is None
-    proc = main_cli(
-        "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}",
-        "--config.schedule.warmup_stps=None",
-    )  # fmt: skip
-    assert proc.returncode == 2
-    assert (
-        proc.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            "vision_jax: error: Unknown config key 'schedule.warmup_stps' (closest: "
-            "schedule.warmup_steps"
+    for bad, message in [
+        ("schedule.warmup_stps", "Unknown config key 'schedule.warmup_stps' (closest: "
+         "schedule.warmup_steps"),
+        ("batch_size.x", "Unknown config key 'batch_size.x': 'batch_size' is a value"),
+        ("init", "config.init is a section: unset its keys one by one."),
+    ]:  # fmt: skip
+        proc = main_cli(
+            "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}", f"--config.{bad}=None"
         )
-    )
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"vision_jax: error: {message}")
+    # Through absl: the config's warmup_steps=20 unset, the fraction is the only warmup set.
+    run = ("--config=configs/digits_pretrain.py", "--config.schedule.warmup_fraction=0.5",
+           "--config.total_steps=2", "--report=false")  # fmt: skip
+    proc = main_cli(*run, f"--workdir={tmp_path / 'both'}")
+    assert proc.returncode == 1 and "Set at most one of schedule.warmup_" in proc.stderr
+    proc = main_cli(*run, f"--workdir={tmp_path / 'one'}", "--config.schedule.warmup_steps=None")
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_missing_config_file_is_reported_before_jax_starts(tmp_path):

@@ -120,6 +120,7 @@ def test_a_text_chunk_holding_plte_before_the_palette(tmp_path):
     # which held the file's bytes).
     length = struct.unpack(">I", png[at : at + 4])[0]
     for damaged in (png[:at] + b"\xff\xff\xff\xf0tEXt" + png[at:],  # a length over 2**31
+                    png[:at] + b"\x7f\xff\xff\xfftEXt" + png[at:],  # at + length wraps
                     png[:at] + png[at + 12 + length :],  # no PLTE
                     png[: at + 6]):  # fmt: skip
         with pytest.raises(tf.errors.InvalidArgumentError, match="Invalid PNG"):

@@ -180,7 +180,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _is_section(value: Any) -> bool:
+def is_section(value: Any) -> bool:
     return isinstance(value, (Mapping, ml_collections.ConfigDict))
 
 
@@ -200,7 +200,7 @@ def unknown_key(config: Mapping[str, Any], key: str) -> str | None:
     node, parts = config, key.split(".")
     for i, part in enumerate(parts):
         prefix = "".join(p + "." for p in parts[:i])
-        if not _is_section(node):
+        if not is_section(node):
             return f"Unknown config key '{key}': '{prefix[:-1]}' is a value, not a section."
         if part not in node:
             return f"Unknown config key '{key}'{closest(part, node, prefix)}."
@@ -218,7 +218,7 @@ class TrackedConfig:
 
     def _wrap(self, key: str, value: Any) -> Any:
         self._reads.add(self._prefix + key)
-        if _is_section(value):
+        if is_section(value):
             return TrackedConfig(value, f"{self._prefix}{key}.", self._reads)
         return value
 
@@ -265,7 +265,7 @@ class TrackedConfig:
 
         def leaves(node: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
             for key, value in node.items():
-                if _is_section(value) and len(value):
+                if is_section(value) and len(value):
                     yield from leaves(value, f"{prefix}{key}.")
                 else:
                     yield prefix + key, value

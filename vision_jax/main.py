@@ -99,38 +99,56 @@ def _unknown_override(argv: list[str], value: str) -> str | None:
 
 
 def _unset_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``argv`` without its ``--config.<key>=None`` overrides (absl parses None as the key's
-    type and fails), and those keys."""
-    kept, unset = [], []
-    for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
-        if arg.startswith("-") and key.startswith("config.") and value == "None":
-            unset.append(key.removeprefix("config."))
+    """``argv`` without its ``--config.<key>=None`` (or ``--config.<key> None``) overrides
+    (absl parses None as the key's type and fails), and the keys they unset that no later
+    override of the same key sets again (the last one wins, as for other flags)."""
+    kept, unset, skip = [], [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name, equals, value = arg.lstrip("-").partition("=")
+        is_config = arg.startswith("-") and name.startswith("config.")
+        key = name.removeprefix("config.")
+        spaced = is_config and not equals and argv[i + 1 : i + 2] == ["None"]
+        if is_config:
+            unset = [k for k in unset if k != key]
+        if spaced or (is_config and equals and value == "None"):
+            unset.append(key)
+            skip = spaced
         else:
             kept.append(arg)
     return kept, unset
 
 
 def _apply_unset(config: Any, keys: list[str]) -> None:
-    """Sets each of ``keys`` (dotted) of ``config`` to None."""
+    """Sets each of ``keys`` (dotted) of ``config`` to None; an unknown key or a section is
+    a KeyError naming it."""
+    from vision_jax.config import is_section, unknown_key
+
     for key in keys:
+        if (message := unknown_key(config, key)) is not None:
+            raise KeyError(message)
         *parents, leaf = key.split(".")
         node = config
         for name in parents:
             node = node[name]
-        if leaf not in node:
-            raise KeyError(key)
+        if is_section(node[leaf]):
+            raise KeyError(f"config.{key} is a section: unset its keys one by one.")
         node[leaf] = None
 
 
 def _config_file_error(message: str, value: str | None) -> str | None:
-    """The last line of the traceback ml_collections puts in the message when the config
-    file raised (``get_config``'s own error, e.g. an unknown variant), without its type."""
+    """The error the config file raised (``get_config``'s own, e.g. an unknown variant), from
+    the traceback ml_collections puts in the message: the lines after the traceback's last
+    indented one, without the exception's type."""
     if "Error whilst parsing config file" not in message:
         return None
-    last = message.strip().splitlines()[-1]
-    kind, _, text = last.partition(": ")
-    return f"--config={value}: {text if kind.isidentifier() and text else last}"
+    lines = message.strip().splitlines()
+    indented = [i for i, line in enumerate(lines) if line.startswith(" ")]
+    text = " ".join(lines[indented[-1] + 1 :] if indented else lines[-1:])
+    kind, _, rest = text.partition(": ")
+    return f"--config={value}: {rest if kind.isidentifier() and rest else text}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -140,16 +158,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     if value is not None and not os.path.isfile(path := value.split(":", 1)[0]):
         _usage_error(f"config file {path} not found.")
     argv, unset = _unset_overrides(argv)
+    sys.argv = [*argv]  # ml_collections finds --config.<key> overrides in sys.argv too
     try:
         rest = FLAGS(argv)
         _apply_unset(FLAGS.config, unset)
         return rest
     except flags.Error as e:
         _usage_error(_config_file_error(str(e), value) or str(e))
-    except (AttributeError, KeyError) as e:
-        message = (
-            _unknown_override(argv + [f"--config.{k}" for k in unset], value) if value else None
-        )
+    except KeyError as e:  # from _apply_unset, or an unknown key of absl's overrides
+        message = _unknown_override(argv, value) if value is not None else None
+        _usage_error(message or (e.args[0] if e.args else str(e)))
+    except AttributeError as e:
+        message = _unknown_override(argv, value) if value is not None else None
         _usage_error(message or f"bad config override: {e}")
     return []  # unreachable: _usage_error exits
 

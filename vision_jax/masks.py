@@ -86,12 +86,13 @@ def check_each_matches(patterns: Sequence[str] | str, tree: Any, *, what: str) -
     """An error naming the first of ``patterns`` that matches no path of ``tree`` as a whole
     (a rule written for part of a path, or a typo, would otherwise do nothing)."""
     names = [path_to_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        compiled = re.compile(pattern)
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    for compiled, _ in compile_rules([(p, True) for p in patterns], what=what):
         if not any(compiled.fullmatch(name) for name in names):
+            example = f" such as {names[0]!r}" if names else ""
             raise ValueError(
-                f"{what} {pattern!r} matches no parameter: a rule matches whole paths such as "
-                f"{names[0]!r} ('.*{pattern}.*' matches anywhere in a path)."
+                f"{what} {compiled.pattern!r} matches no parameter: a rule matches whole "
+                f"paths{example} ('.*{compiled.pattern}.*' matches anywhere in a path)."
             )
 
 

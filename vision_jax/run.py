@@ -370,7 +370,8 @@ def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, 
 # Config keys that decide what the train state holds (a restore that does not fit names them).
 _LAYOUT_KEYS = (
     "model", "lora", "task", "ema_decay", "input.image_size", "optimizer.trainable",
-    "optimizer.frozen_params", "optimizer.name", "optimizer.mu_dtype",
+    "optimizer.frozen_params", "optimizer.name", "optimizer.mu_dtype", "data.source",
+    "data.name", "data.root", "data.classes", "data.class_names",
 )  # fmt: skip
 
 

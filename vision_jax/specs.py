@@ -4,9 +4,11 @@ Library code (:mod:`vision_jax.optim`, :mod:`vision_jax.data`, :mod:`vision_jax.
 tasks) takes these small frozen dataclasses, never the config object. Every key of a section is
 read here, so a key that nothing uses is caught by ``TrackedConfig.check_all_read``; a key that
 only applies to a branch the run does not take (``schedule.step_factor`` with a cosine decay,
-``lora.*`` with rank 0, ``optimizer.momentum`` with AdamW) is an error when set. Defaults live
-once: in ``default_config()`` for keys every run uses, in the spec for branch-only keys (which
-the config leaves ``None``).
+``lora.*`` with rank 0, ``optimizer.momentum`` with AdamW) is an error when set, or, for the
+keys whose default is not ``None`` (``input.mix_prob``, ``init.replace_head``), when set off its
+default. Defaults live once: in ``default_config()`` for keys every run uses, in the spec for
+branch-only keys (which the config leaves ``None``) and for the sections the config copies
+from their spec (``input``, ``init``).
 """
 
 from __future__ import annotations

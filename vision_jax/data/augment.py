@@ -152,11 +152,12 @@ _GREY_PLTE = [_grey_plte_chunk(n) for n in range(257)]  # by number of palette e
 
 
 def _chunk_length(data: tf.Tensor, at: tf.Tensor) -> tf.Tensor:
-    """The data length of the PNG chunk that starts at byte ``at`` (4 bytes, big-endian); one
-    over 2**31 (a damaged file; int32 would wrap negative and walk backwards) as 2**30."""
+    """The data length of the PNG chunk that starts at byte ``at`` (4 bytes, big-endian), at
+    most the file's size (a damaged length would overflow int32 and walk backwards)."""
     length = tf.cast(tf.io.decode_raw(tf.strings.substr(data, at, 4), tf.uint8), tf.int32)
     length = tf.reduce_sum(length * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]))
-    return tf.where(length < 0, 1 << 30, length)
+    size = tf.strings.length(data)
+    return tf.where((length < 0) | (length > size), size, length)
 
 
 def _grey_palette(data: tf.Tensor) -> tf.Tensor:

@@ -6,8 +6,9 @@ class-token slice and the CIFAR ResNets' strided shortcut become dynamic gathers
 
 Quantisation (``quantize``): ``float16`` weights; ``dynamic_int8`` (int8 weights, activations
 quantised on the fly); ``full_int8`` (int8 weights and activations, ranges calibrated on
-representative images; the uint8 input and float32 outputs stay as they are; divides stay
-float, and a ViT's GELU is its tanh approximation: :data:`FLOAT_OPS_IN_INT8`).
+representative images; the uint8 input and float32 outputs stay as they are; divides, and any
+op TFLite has no int8 kernel for, stay float; a ViT's GELU is its tanh approximation:
+:data:`FLOAT_OPS_IN_INT8`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def to_tflite(
             tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS,
         ]  # fmt: skip
     try:
-        content = _convert(converter, representative[:batch] if full_int8 else None)
+        content = _convert(converter, full_int8)
     except Exception as e:  # noqa: BLE001  (its errors come with hundreds of MLIR call sites)
         first = next((line for line in str(e).splitlines() if "error:" in line), str(e))
         reason = first.split("error:")[-1].strip()
@@ -83,16 +84,16 @@ def to_tflite(
     return content
 
 
-def _convert(converter: Any, debug_images: np.ndarray | None) -> bytes:
-    """The flatbuffer; a full-integer one (``debug_images``: a batch of its images) keeps
-    :data:`FLOAT_OPS_IN_INT8` in float (TFLite's selective quantisation)."""
-    if debug_images is None or not FLOAT_OPS_IN_INT8:
+def _convert(converter: Any, full_int8: bool) -> bytes:
+    """The flatbuffer; a full-integer one keeps :data:`FLOAT_OPS_IN_INT8` in float (TFLite's
+    selective quantisation; its debug dataset is only read by ``run``, not needed here)."""
+    if not full_int8 or not FLOAT_OPS_IN_INT8:
         return converter.convert()
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS_IN_INT8))
     with warnings.catch_warnings():  # its tf.lite.Interpreter's notice about LiteRT
         warnings.simplefilter("ignore")
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter, debug_dataset=lambda: iter([[debug_images]]), debug_options=options
+            converter=converter, debug_dataset=None, debug_options=options
         )
         return debugger.get_nondebug_quantized_model()
 

@@ -29,7 +29,8 @@ def top_k_by_sort() -> Iterator[None]:
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``lax.top_k`` of a 1-D ``x``: its ``k`` largest values and their indices, ties in index
-    order; inside :func:`top_k_by_sort`, from a stable sort (the same values and indices)."""
+    order; inside :func:`top_k_by_sort`, from a stable sort (the same values and indices for
+    inputs without NaN or -0.0, such as detection scores)."""
     if not _top_k_by_sort.get():
         return jax.lax.top_k(x, k)
     negated, order = jax.lax.sort((-x, jnp.arange(x.shape[0])), num_keys=1, is_stable=True)
