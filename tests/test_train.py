@@ -372,6 +372,27 @@ def test_bad_input_gives_a_clear_error(tmp_path, overrides, error, match):
     assert not (tmp_path / "checkpoints").exists()  # nothing left behind
 
 
+def test_a_saved_config_with_a_key_now_refused_still_loads(tmp_path, caplog):
+    """A run saved by a version that accepted a key off its branch (``input.mix_prob`` without
+    mixup) loads for predict, export and reports, with a warning; a new run refuses it."""
+    import json
+
+    from vision_jax.trained import load_trained
+    from vision_jax.weights.run_dir import META_FILE
+
+    train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    for meta in (tmp_path / "checkpoints").glob(f"*/{META_FILE}"):
+        record = json.loads(meta.read_text())
+        record["config"]["input"]["mix_prob"] = 0.5
+        meta.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        trained = load_trained(tmp_path)
+    assert trained.step == 2 and trained.spec.input.mix_prob == 1.0  # reset to the default
+    assert "The saved config sets input.mix_prob only applies with mixup_alpha" in caplog.text
+    with pytest.raises(ValueError, match="input.mix_prob only applies"):
+        train_and_evaluate(small_config(**{"input.mix_prob": 0.5}), str(tmp_path / "new"))
+
+
 def test_the_ends_of_the_checked_intervals_are_accepted():
     """Zero where zero means "off" or "none" (clipping, weight decay, momentum, EMA decay, label
     smoothing, periodic evaluation and checkpoints) and one where it is the least."""

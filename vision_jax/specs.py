@@ -13,9 +13,12 @@ from their spec (``input``, ``init``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 IGNORE_LABEL = 255  # label-map pixels that count for nothing (VOC's "void")
@@ -201,27 +204,49 @@ def _build(spec: type, values: dict[str, Any]) -> Any:
 def _only_with(
     section: str, values: dict[str, Any], keys: tuple[str, ...], when: bool, why: str
 ) -> None:
-    """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken)."""
-    stray = [f"{section}.{k}" for k in keys if values.get(k) is not None]
-    if stray and not when:
-        _raise_stray(stray, why, "or set None")
+    """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken);
+    inside :func:`saved_config`, sets them to None instead."""
+    stray = [k for k in keys if values.get(k) is not None]
+    if stray and not when and _refuse_stray(section, stray, why, "or set None"):
+        values.update(dict.fromkeys(stray))
 
 
 def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: str) -> None:
     """Raises if any of ``keys`` of the dataclass ``spec`` differs from its default while
-    ``when`` is False (for branch keys whose default is not None)."""
+    ``when`` is False (for branch keys whose default is not None); inside
+    :func:`saved_config`, sets them to their defaults instead."""
     defaults = {f.name: f.default for f in dataclasses.fields(spec)}
-    stray = [f"{section}.{k}" for k in keys if as_tuples(getattr(spec, k)) != defaults[k]]
-    if stray and not when:
-        _raise_stray(stray, why, "or set the default")
+    stray = [k for k in keys if as_tuples(getattr(spec, k)) != defaults[k]]
+    if stray and not when and _refuse_stray(section, stray, why, "or set the default"):
+        for key in stray:
+            object.__setattr__(spec, key, defaults[key])  # while the frozen spec is built
 
 
-def _raise_stray(stray: list[str], why: str, undo: str) -> None:
+_SAVED = contextvars.ContextVar("saved_config", default=False)
+
+
+@contextlib.contextmanager
+def saved_config() -> Iterator[None]:
+    """Inside, a key set for a branch its run does not take is reset, with a warning, not an
+    error: a saved run's config (from a version that accepted the key) still loads for
+    predict, export and reports."""
+    token = _SAVED.set(True)
+    try:
+        yield
+    finally:
+        _SAVED.reset(token)
+
+
+def _refuse_stray(section: str, stray: list[str], why: str, undo: str) -> bool:
+    """Raises :class:`ConfigError` naming the ``stray`` keys; inside :func:`saved_config`,
+    warns and returns True (the caller resets them)."""
     one = len(stray) == 1
-    raise ConfigError(
-        f"{', '.join(stray)} only appl{'ies' if one else 'y'} {why}; remove "
-        f"{'it' if one else 'them'} ({undo})."
-    )
+    names = ", ".join(f"{section}.{k}" for k in stray)
+    message = f"{names} only appl{'ies' if one else 'y'} {why}"
+    if not _SAVED.get():
+        raise ConfigError(f"{message}; remove {'it' if one else 'them'} ({undo}).")
+    logging.warning("The saved config sets %s: reset.", message)
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,7 +83,8 @@ def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
 
     step_dir = latest_step_dir(path, which)
     record = read_record(step_dir)
-    spec = specs.run_spec(TrackedConfig(ml_collections.ConfigDict(dict(record.config))))
+    with specs.saved_config():
+        spec = specs.run_spec(TrackedConfig(ml_collections.ConfigDict(dict(record.config))))
     input_spec = dataclasses.replace(
         spec.input, image_size=record.image_size, mean=record.mean, std=record.std,
         interpolation=record.interpolation or spec.input.interpolation,
