@@ -98,20 +98,26 @@ def _vit_step_inputs(batch_size=8, depth=12):
     return model, {"image": x, "label": y}, params
 
 
+def _one_step_each(model, tx, task, params, batch, accum: int) -> list[tuple]:
+    """(new state, metrics) of one train step on ``batch``, without and with ``accum``
+    micro-batches, at the highest matmul precision."""
+    state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params))
+    results = []
+    for k in (1, accum):
+        step = jax.jit(make_train_step(model, tx, task, accum_steps=k))
+        with jax.default_matmul_precision("highest"):
+            new_state, metrics = step(state, {}, batch, StepSettings(jax.random.key(0)))
+        results.append((new_state, metrics.compute()))
+    return results
+
+
 @pytest.mark.parametrize("accum", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gradient_accumulation_equals_the_large_batch(accum):
     model, batch, params = _vit_step_inputs(depth=2)
     # SGD is linear in the gradient, so parameter equality is gradient equality (Adam's first
     # step is about lr * sign(g) and would amplify rounding in near-zero gradients).
     tx = optax.sgd(1.0, momentum=0.9)
-    state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params))
-    results = []
-    for k in (1, accum):
-        step = jax.jit(make_train_step(model, tx, Classification(), accum_steps=k))
-        with jax.default_matmul_precision("highest"):
-            new_state, metrics = step(state, {}, batch, StepSettings(jax.random.key(0)))
-        results.append((new_state, metrics.compute()))
-    (big, big_m), (acc, acc_m) = results
+    (big, big_m), (acc, acc_m) = _one_step_each(model, tx, Classification(), params, batch, accum)
     assert float(acc_m["loss"]) == pytest.approx(float(big_m["loss"]), abs=1e-5)
     assert float(acc_m["accuracy"]) == pytest.approx(float(big_m["accuracy"]), abs=1e-6)
     assert float(acc_m["grad_norm"]) == pytest.approx(float(big_m["grad_norm"]), rel=1e-5)
@@ -152,15 +158,7 @@ def test_gradient_accumulation_equals_the_large_batch_for_dense_tasks(task):
     params = jax.tree.map(
         lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params
     )
-    tx = optax.sgd(1.0)
-    state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params))
-    results = []
-    for k in (1, 2):
-        step = jax.jit(make_train_step(model, tx, task, accum_steps=k))
-        with jax.default_matmul_precision("highest"):
-            new_state, metrics = step(state, {}, batch, StepSettings(jax.random.key(0)))
-        results.append((new_state, metrics.compute()))
-    (big, big_m), (acc, acc_m) = results
+    (big, big_m), (acc, acc_m) = _one_step_each(model, optax.sgd(1.0), task, params, batch, 2)
     assert float(acc_m["loss"]) == pytest.approx(float(big_m["loss"]), rel=1e-5)
     assert float(acc_m["grad_norm"]) == pytest.approx(float(big_m["grad_norm"]), rel=1e-4)
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params), strict=True):
