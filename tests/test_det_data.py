@@ -265,8 +265,11 @@ def test_scenes_load_as_a_coco_source(tmp_path, shared_dir):
     assert data_lib.check_examples(source, spec_of()) == 0
     batch = next(data_lib.eval_batches(source, spec_of(), global_batch=5, max_boxes=8))
     for row, image_id in enumerate(batch["image_id"]):
-        want = [a["bbox"] for a in written["annotations"] if a["image_id"] == image_id]
-        got = batch["boxes"][row][batch["valid"][row] == 1] / batch["scale"][row]
+        anns = [a for a in written["annotations"] if a["image_id"] == image_id]
+        want = [a["bbox"] for a in anns]
+        held = (batch["valid"][row] + batch["crowd"][row]) == 1  # crowd regions: valid 0
+        got = batch["boxes"][row][held] / batch["scale"][row]
+        np.testing.assert_array_equal(batch["crowd"][row][held], [a["iscrowd"] for a in anns])
         np.testing.assert_allclose(got[:, 2:] - got[:, :2], [b[2:] for b in want], atol=1e-3)
         np.testing.assert_allclose(got[:, :2], [b[:2] for b in want], atol=1e-3)
 

@@ -86,13 +86,16 @@ def test_compose_later_items_occlude_earlier_ones():
     assert [b["item"] for b in boxes] == [1]
 
 
-def test_compose_mostly_occluded_item_keeps_pixels_but_no_box():
+def test_compose_mostly_occluded_item_keeps_pixels_and_a_crowd_box():
+    """Under min_visible of an item visible: its box is a crowd region (COCO's ignore), so a
+    visible object is neither asked for nor background."""
     full = np.full((28, 28), 200, np.uint8)
     most = full.copy()
     most[:, 21:] = 0  # covers 3/4 of the image: the first item keeps 1/4 < min_visible
     _, mask, boxes = _compose_exact([(full, 6), (most, 2)])
     assert (mask[:, 42:] == 7).all() and (mask[:, :42] == 3).all()
-    assert [b["item"] for b in boxes] == [1]
+    assert [(b["item"], b["crowd"]) for b in boxes] == [(0, True), (1, False)]
+    assert boxes[0]["bbox"] == [42.0, 0.0, 14.0, 56.0] and boxes[0]["category_id"] == 7
 
 
 def test_compose_rejects_bad_inputs():
@@ -146,6 +149,8 @@ def test_generated_layout_and_boxes(generated):
         assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
         assert len(coco["images"]) == count == summary[split]["images"]
         assert len(coco["annotations"]) == summary[split]["boxes"] > 0
+        crowd = sum(a["iscrowd"] for a in coco["annotations"])
+        assert crowd == summary[split]["crowd_regions"]
         sizes = {}
         for entry in coco["images"]:
             image = Image.open(out / split / "images" / entry["file_name"])
@@ -158,7 +163,7 @@ def test_generated_layout_and_boxes(generated):
             x, y, w, h = ann["bbox"]
             width, height = sizes[ann["image_id"]]
             assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height
-            assert 1 <= ann["category_id"] <= 10 and ann["iscrowd"] == 0
+            assert 1 <= ann["category_id"] <= 10 and ann["iscrowd"] in (0, 1)
             assert 0 < ann["area"] <= w * h
         fractions = summary[split]["pixel_fraction"]
         assert abs(sum(fractions.values()) - 1) < 1e-4 and fractions["background"] > 0.3

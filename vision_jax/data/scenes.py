@@ -8,8 +8,10 @@ ones. The truth for each scene:
 * an index mask: 0 = background, ``class + 1`` where an item is visible (pixels of its upscaled
   gray image above ``threshold``);
 * COCO boxes ``[x, y, w, h]``: the tight box of each item's *visible* pixels. An item whose visible
-  area is under ``min_visible`` of its full mask area keeps its visible pixels in the mask but gets
-  no box (too occluded to detect).
+  area is under ``min_visible`` of its full mask area keeps its visible pixels in the mask and its
+  box is a crowd region (``iscrowd`` 1: too occluded to ask a detector for, and not background
+  either; COCO's convention: no location in it is a negative, no detection on it a false
+  positive). An item hidden entirely gets nothing.
 
 Layout written by :func:`generate_scenes` (read by the segmentation data loader)::
 
@@ -106,9 +108,10 @@ def compose_scene(
     Each item is resized to a random square side in ``[min_scale, max_scale]`` of the shorter
     image side, placed fully inside the image, painted as gray x random tint where its gray
     value exceeds ``threshold``; later items occlude earlier ones. Returns the image, the index
-    mask (0 = background, class + 1) and one box per sufficiently visible item: dicts with
-    ``item`` (index in ``items``), ``category_id`` (class + 1), ``bbox`` (COCO ``[x, y, w, h]``
-    of the visible pixels) and ``area`` (visible pixel count), in item order.
+    mask (0 = background, class + 1) and one box per visible item: dicts with ``item`` (index
+    in ``items``), ``category_id`` (class + 1), ``bbox`` (COCO ``[x, y, w, h]`` of the visible
+    pixels), ``area`` (visible pixel count) and ``crowd`` (True when under ``min_visible`` of
+    the item is visible), in item order.
     """
     if background.ndim != 3 or background.shape[2] != 3 or background.dtype != np.uint8:
         raise ValueError(f"background must be HxWx3 uint8, got {background.shape}.")
@@ -139,10 +142,12 @@ def compose_scene(
     for k, (window, x0, y0, full_area, cls) in enumerate(placed):
         visible = owner[window] == k
         area = int(visible.sum())
-        if area == 0 or area < min_visible * full_area:
+        if area == 0:
             continue
         bbox = _tight_box(visible, x0, y0)
-        boxes.append({"item": k, "category_id": cls + 1, "bbox": bbox, "area": area})
+        crowd = area < min_visible * full_area
+        boxes.append({"item": k, "category_id": cls + 1, "bbox": bbox, "area": area,
+                      "crowd": crowd})  # fmt: skip
     return image, mask, boxes
 
 
@@ -255,7 +260,7 @@ def _write_split(
         Image.fromarray(mask).save(os.path.join(out_dir, split, "masks", f"{i:06d}.png"), "PNG")
         pixels += np.bincount(mask.ravel(), minlength=len(pixels))[: len(pixels)]
         coco_images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
-        dropped += num - len(boxes)
+        dropped += num - sum(not box["crowd"] for box in boxes)
         for box in boxes:
             annotations.append(
                 {
@@ -264,7 +269,7 @@ def _write_split(
                     "category_id": box["category_id"],
                     "bbox": box["bbox"],
                     "area": float(box["area"]),
-                    "iscrowd": 0,
+                    "iscrowd": int(box["crowd"]),
                 }
             )
     coco = {
@@ -280,6 +285,7 @@ def _write_split(
     return {
         "images": count,
         "boxes": len(annotations),
+        "crowd_regions": sum(a["iscrowd"] for a in annotations),
         "items_without_box": dropped,
         "pixel_fraction": {n: round(float(p), 6) for n, p in zip(names, fractions, strict=True)},
     }
