@@ -569,6 +569,12 @@ def test_bad_files_give_one_clear_error(tmp_path, timm):
     shallow = create_model("vit_ti16", num_classes=10, depth=1)
     with pytest.raises(WeightMismatchError, match=r"vit\.safetensors.*blocks\.1\."):
         load_pretrained(good, model=shallow, variables=init_vars(shallow, 32))
+    wider = create_model(
+        "vit_s16", num_classes=10, depth=1
+    )  # another size: one line, not a reshape
+    match = r"vit\.safetensors.*holds a ViT of width 192 .*the model has width 384"
+    with pytest.raises(WeightMismatchError, match=match):
+        load_pretrained(good, model=wider, variables=init_vars(wider, 32))
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,6 +84,17 @@ def _check_model(model: Any) -> None:
         )
 
 
+def _check_width(state_dict: Mapping[str, Array], model: VisionTransformer) -> None:
+    """A ViT of another width (another model size) named as such, before any reshape fails."""
+    embed = state_dict.get("patch_embed.proj.weight")
+    if embed is not None and np.shape(embed)[0] != model.width:
+        raise WeightMismatchError(
+            f"The state dict holds a ViT of width {np.shape(embed)[0]} (patch_embed.proj.weight "
+            f"{tuple(np.shape(embed))}); the model has width {model.width}: load weights of "
+            "the same model size, or create the model they were trained as."
+        )
+
+
 def checkpoint_model(state_dict: Mapping[str, Array], model: VisionTransformer) -> Any:
     """``model`` as the checkpoint was built: its pooling, class count and no pre-logits layer.
 
@@ -106,6 +117,7 @@ def from_timm(state_dict: Mapping[str, Array], model: VisionTransformer) -> dict
     when ``model.num_classes == 0``. Shapes are checked against the model by ``merge_strict``.
     """
     _check_model(model)
+    _check_width(state_dict, model)
     rows = list(_rows(model))
     used = {r[0] for r in rows}
     missing = sorted(used - set(state_dict))
