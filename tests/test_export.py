@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import zipfile
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ from vision_jax.export import (
     to_tflite,
 )
 from vision_jax.export.__main__ import main as export_main
+from vision_jax.export.exporter import _manifest
 from vision_jax.models.vit import erf_elementary
 from vision_jax.tasks import Classification, Detection, Segmentation
 from vision_jax.train import train_and_evaluate
@@ -234,6 +236,13 @@ def test_detection_savedmodel_runs_in_tensorflow(tmp_path):
         for key in got:
             np.testing.assert_allclose(got[key], expected[key][:batch], atol=1e-4, err_msg=key)
     assert (np.asarray(expected["classes"]) >= 0).sum() > 3  # detections to compare
+    trained = SimpleNamespace(  # what the manifest reads of a run
+        task=task, class_names=["a", "b"], step_dir="run/checkpoints/3", step=3,
+        record=SimpleNamespace(model="vit_ti16", category_ids=(3, 7)),
+    )  # fmt: skip
+    manifest = _manifest(trained, servable, "savedmodel", "none", None)
+    assert manifest["input"]["letterbox"]["pad_rgb"] == [127.5] * 3  # the mean, as evaluation
+    assert manifest["category_ids"] == [3, 7] and manifest["signature"] == "serving_default"
 
 
 @pytest.mark.slow

@@ -239,32 +239,40 @@ def test_decay_mask_defaults_to_kernels_and_decoupled_semantics():
         np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=path)
 
 
-@pytest.mark.parametrize(
-    "key, value, named",
-    [
-        ("frozen_params", "conv1", "optimizer.frozen_params 'conv1'"),
-        ("lr_mults", ((".*", 1.0), ("head", 2.0)), "optimizer.lr_mults rule 'head'"),
-        ("decay_params", "kernel", "optimizer.decay_params 'kernel'"),
-    ],
-)
-def test_a_rule_that_matches_no_parameter_is_an_error(key, value, named):
-    """Rules match whole paths: 'head' matches none of head/kernel, head/bias, and would have
-    left the head's multiplier at 1 without a word."""
-    model, shapes = shapes_of("cifar_resnet20")
-    params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
+def _apply_rule(key: str, value, model, params) -> None:
+    """Builds what ``optimizer.<key> = value`` configures: the trainable mask or the optimizer."""
+    if key == "frozen_params":
+        optim.trainable_mask(params, model, preset="all", frozen=value)
+        return
     c = default_config()
     c.optimizer[key] = value
-    with pytest.raises(ValueError, match=f"^{named} matches no parameter: .* such as "):
-        if key == "frozen_params":
-            optim.trainable_mask(params, model, preset="all", frozen=value)
-        else:
-            build_optimizer(c, params, model)
-    c.optimizer[key] = "head/.*" if key == "frozen_params" else value  # matching rules pass
-    if key == "lr_mults":
-        c.optimizer.lr_mults = ((".*", 1.0), ("head/.*", 2.0))
-    if key == "decay_params":
-        c.optimizer.decay_params = ".*kernel"
     build_optimizer(c, params, model)
+
+
+@pytest.mark.parametrize(
+    "key, value, named, good",
+    [
+        ("frozen_params", "conv1", "optimizer.frozen_params 'conv1' matches no parameter",
+         "head/.*"),
+        ("lr_mults", ((".*", 1.0), ("head", 2.0)),
+         "optimizer.lr_mults rule 'head' matches no parameter an earlier rule leaves",
+         (("head/.*", 2.0),)),
+        # Shadowed: '.*' takes every parameter first, so the head's rule would do nothing.
+        ("lr_mults", ((".*", 1.0), ("head/.*", 2.0)),
+         r"optimizer.lr_mults rule 'head/\.\*' matches no parameter an earlier rule leaves",
+         (("head/.*", 2.0), (".*", 1.0))),
+        ("decay_params", "kernel", "optimizer.decay_params 'kernel' matches no parameter",
+         ".*kernel"),
+    ],
+)  # fmt: skip
+def test_a_rule_that_matches_no_parameter_is_an_error(key, value, named, good):
+    """Rules match whole paths: 'head' matches none of head/kernel, head/bias, and would have
+    left the head's multiplier at 1 without a word; the same rules written to apply pass."""
+    model, shapes = shapes_of("cifar_resnet20")
+    params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
+    with pytest.raises(ValueError, match=f"^{named}: .* such as "):
+        _apply_rule(key, value, model, params)
+    _apply_rule(key, good, model, params)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vision_jax.masks import check_each_matches, tree_mask
+from vision_jax.masks import tree_mask
 from vision_jax.models.registry import families
 from vision_jax.specs import LoraSpec
 from vision_jax.trees import flatten_dict, unflatten_dict
@@ -55,8 +55,8 @@ def add_adapters(params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> d
     the LoRA reference implementation; the adapted network starts equal to the base network.
     """
     flat = flatten_dict(params)
-    check_each_matches(spec.targets, dict(params), what="lora.targets")
-    targets = [p for p, hit in flatten_dict(tree_mask(spec.targets, dict(params))).items() if hit]
+    mask = tree_mask(spec.targets, dict(params), what="lora.targets")
+    targets = [p for p, hit in flatten_dict(mask).items() if hit]
     if any(p.rsplit("/", 1)[-1] in LORA_LEAVES for p in flat):
         raise ValueError("The parameters already hold LoRA adapters.")
     out = dict(flat)

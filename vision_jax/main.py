@@ -123,18 +123,18 @@ def _unset_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _apply_unset(config: Any, keys: list[str]) -> None:
     """Sets each of ``keys`` (dotted) of ``config`` to None; an unknown key or a section is
-    a KeyError naming it."""
+    a usage error naming it."""
     from vision_jax.config import is_section, unknown_key
 
     for key in keys:
         if (message := unknown_key(config, key)) is not None:
-            raise KeyError(message)
+            _usage_error(message)
         *parents, leaf = key.split(".")
         node = config
         for name in parents:
             node = node[name]
         if is_section(node[leaf]):
-            raise KeyError(f"config.{key} is a section: unset its keys one by one.")
+            _usage_error(f"config.{key} is a section: unset its keys one by one.")
         node[leaf] = None
 
 
@@ -165,10 +165,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         return rest
     except flags.Error as e:
         _usage_error(_config_file_error(str(e), value) or str(e))
-    except KeyError as e:  # from _apply_unset, or an unknown key of absl's overrides
-        message = _unknown_override(argv, value) if value is not None else None
-        _usage_error(message or (e.args[0] if e.args else str(e)))
-    except AttributeError as e:
+    except (AttributeError, KeyError) as e:
         message = _unknown_override(argv, value) if value is not None else None
         _usage_error(message or f"bad config override: {e}")
     return []  # unreachable: _usage_error exits

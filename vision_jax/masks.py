@@ -53,21 +53,25 @@ def compile_rules(
 
 
 def tree_map_by_rules(
-    rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rules", default: Any = _REQUIRED
-) -> Any:
+    rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rules", default: Any = _REQUIRED,
+    each_rule_applies: bool = False,
+) -> Any:  # fmt: skip
     """Returns a tree shaped like ``tree`` holding, per leaf, the value of the first matching rule.
 
     Every leaf must be covered: a leaf that no rule matches takes ``default`` or, if no default is
-    given, raises an error listing the uncovered paths. ``what`` names the rules in errors.
+    given, raises an error listing the uncovered paths. ``what`` names the rules in errors. With
+    ``each_rule_applies``, a rule that is the first match of no leaf (a typo, a rule written for
+    part of a path, or one that earlier rules shadow: it would do nothing) is an error.
     """
     compiled = compile_rules(rules, what=what)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    values, uncovered = [], []
-    for path, _ in flat:
-        name = path_to_str(path)
-        for pattern, value in compiled:
+    names = [path_to_str(path) for path, _ in flat]
+    values, uncovered, applied = [], [], set()
+    for name in names:
+        for i, (pattern, value) in enumerate(compiled):
             if pattern.fullmatch(name):
                 values.append(value)
+                applied.add(i)
                 break
         else:
             if default is _REQUIRED:
@@ -79,28 +83,24 @@ def tree_map_by_rules(
             f"{len(uncovered)} parameter(s) match none of the {what} "
             f"{[r for r, _ in rules]}; add a catch-all rule ('.*', ...). Uncovered:\n  {shown}"
         )
+    if each_rule_applies and (idle := [i for i in range(len(compiled)) if i not in applied]):
+        pattern, example = compiled[idle[0]][0].pattern, f" such as {names[0]!r}" if names else ""
+        raise ValueError(
+            f"{what} {pattern!r} matches no parameter{' an earlier rule leaves' if idle[0] else ''}"
+            f": a rule matches whole paths{example} ('.*{pattern}.*' matches anywhere in a path)."
+        )
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def check_each_matches(patterns: Sequence[str] | str, tree: Any, *, what: str) -> None:
-    """An error naming the first of ``patterns`` that matches no path of ``tree`` as a whole
-    (a rule written for part of a path, or a typo, would otherwise do nothing)."""
-    names = [path_to_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    for compiled, _ in compile_rules([(p, True) for p in patterns], what=what):
-        if not any(compiled.fullmatch(name) for name in names):
-            example = f" such as {names[0]!r}" if names else ""
-            raise ValueError(
-                f"{what} {compiled.pattern!r} matches no parameter: a rule matches whole "
-                f"paths{example} ('.*{compiled.pattern}.*' matches anywhere in a path)."
-            )
-
-
-def tree_mask(patterns: Sequence[str] | str, tree: Any) -> Any:
-    """Boolean tree: True where the path fully matches any of ``patterns``."""
+def tree_mask(patterns: Sequence[str] | str, tree: Any, *, what: str | None = None) -> Any:
+    """Boolean tree: True where the path fully matches any of ``patterns``; with ``what`` (the
+    patterns' config key), a pattern that adds no path is an error naming it."""
     if isinstance(patterns, str):
         patterns = [patterns]
-    return tree_map_by_rules([(p, True) for p in patterns], tree, default=False)
+    rules = [(p, True) for p in patterns]
+    return tree_map_by_rules(
+        rules, tree, what=what or "patterns", default=False, each_rule_applies=what is not None
+    )
 
 
 def rules_table(rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rule") -> str:

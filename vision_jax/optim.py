@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vision_jax.masks import check_each_matches, rules_table, tree_map_by_rules, tree_mask
+from vision_jax.masks import rules_table, tree_map_by_rules, tree_mask
 from vision_jax.models.precision import DTYPES
 from vision_jax.models.registry import backbone_of, family
 from vision_jax.models.task_model import head_pattern
@@ -158,8 +158,8 @@ def trainable_mask(
     ``extra`` (LoRA adapters) trains regardless."""
     mask = tree_map_by_rules(trainable_rules(preset, model), params, default=False)
     if frozen:
-        check_each_matches(frozen, params, what="optimizer.frozen_params")
-        mask = jax.tree.map(lambda m, f: m and not f, mask, tree_mask(frozen, params))
+        frozen_mask = tree_mask(frozen, params, what="optimizer.frozen_params")
+        mask = jax.tree.map(lambda m, f: m and not f, mask, frozen_mask)
     if extra:
         mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
     if not any(jax.tree.leaves(mask)):
@@ -171,8 +171,10 @@ def lr_multipliers(
     params: Any, model: Any, *, rules: Any = None, layer_decay: float | None = None
 ) -> Any:
     """Float tree of per-parameter learning-rate multipliers (1.0 where nothing applies)."""
-    mults = tree_map_by_rules(list(rules or ()), params, what="lr_mults", default=1.0)
-    check_each_matches([r for r, _ in rules or ()], params, what="optimizer.lr_mults rule")
+    mults = tree_map_by_rules(
+        list(rules or ()), params, what="optimizer.lr_mults rule", default=1.0,
+        each_rule_applies=True,
+    )  # fmt: skip
     if layer_decay is not None:
         if not 0 < layer_decay <= 1:
             raise ValueError(f"optimizer.layer_decay must lie in (0, 1], got {layer_decay}.")
@@ -250,10 +252,8 @@ def build_optimizer(
     )  # fmt: skip
     mults = lr_multipliers(params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay)
     numbers = _numbers(opt, schedule, mults)
-    if opt.decay_params:
-        check_each_matches(opt.decay_params, params, what="optimizer.decay_params")
     decay_params = opt.decay_params or DEFAULT_DECAY_PARAMS
-    decay_mask = tree_mask(decay_params, params)
+    decay_mask = tree_mask(decay_params, params, what=opt.decay_params and "optimizer.decay_params")
     transform = functools.partial(_transform, opt, schedule_spec.decay, decay_mask)
     if log and jax.process_index() == 0:
         wd = numbers["weight_decay"]

@@ -190,7 +190,7 @@ def make_train_step(
                 micro, i = inputs
                 (loss, (aux, model_state)), grads = grad_fn(
                     state.params, model_state, frozen, micro, jax.random.fold_in(step_rng, i),
-                    shares or None,
+                    shares,
                 )  # fmt: skip
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
                 return (grad_sum, model_state, loss_sum + loss), aux

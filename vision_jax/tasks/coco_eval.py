@@ -105,9 +105,8 @@ def coco_metrics(
     from pycocotools.cocoeval import COCOeval
 
     evaluated = set(int(i) for i in image_ids)
-    counted = [a for a in annotations.get("annotations", ())
-               if int(a["image_id"]) in evaluated and not a.get("iscrowd")]  # fmt: skip
-    if not counted:
+    if not any(int(a["image_id"]) in evaluated and not a.get("iscrowd")
+               for a in annotations.get("annotations", ())):  # fmt: skip
         logging.warning("The %d evaluated images hold no (non-crowd) annotation: every COCO "
                         "figure is undefined (-1).", len(evaluated))  # fmt: skip
     with _quiet():

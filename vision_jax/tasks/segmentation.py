@@ -92,6 +92,11 @@ def pixel_weights(label_map: jax.Array, class_weights: jax.Array | None = None) 
     return weight
 
 
+def _pixel_normalisers(weights: jax.Array) -> dict[str, jax.Array]:
+    """The loss's denominator: the pixels' weights summed (at least 1e-6)."""
+    return {"pixels": jnp.maximum(weights.sum(), 1e-6)}
+
+
 def pixel_losses(
     logits: jax.Array, label_map: jax.Array, *, label_smoothing: float = 0.0,
     class_weights: jax.Array | None = None,
@@ -172,18 +177,17 @@ class Segmentation(Task):
         return jnp.asarray(self.class_weights, jnp.float32)
 
     def loss_normalisers(self, batch: Batch) -> dict[str, jax.Array]:
-        weight = pixel_weights(batch["label_map"], self._weights()).sum()
-        return {"pixels": jnp.maximum(weight, 1e-6)}
+        return _pixel_normalisers(pixel_weights(batch["label_map"], self._weights()))
 
     def train_loss(
         self, outputs: jax.Array, batch: Batch, normalisers: dict | None = None
     ) -> tuple[jax.Array, dict]:
         label_map = batch["label_map"]
-        losses, _ = pixel_losses(
+        losses, weights = pixel_losses(
             outputs, label_map, label_smoothing=self.label_smoothing,
             class_weights=self._weights(),
         )  # fmt: skip
-        loss = losses.sum() / (normalisers or self.loss_normalisers(batch))["pixels"]
+        loss = losses.sum() / (normalisers or _pixel_normalisers(weights))["pixels"]
         valid = label_map != IGNORE_LABEL
         correct = (outputs.argmax(-1) == label_map) & valid
         accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
