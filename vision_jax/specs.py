@@ -56,11 +56,14 @@ class InputSpec:
     Evaluation (and training without a random crop) resizes the shorter side to ``resize_size``
     (or ``image_size / crop_fraction``, timm's crop_pct; default ``image_size``) and takes the
     central ``image_size`` square. Every image resize is ``interpolation`` ("bilinear" or
-    "bicubic", as PIL resamples: antialiased when shrinking). Training crops are, in order of
-    precedence: ``inception_crop`` (random-resized crop, area fraction ``inception_scale``,
-    aspect ratio ``inception_ratio``), ``random_crop`` (a random square of the resized image,
-    after zero-padding ``crop_padding`` pixels: CIFAR-style), or the centre crop. Then:
-    ``flip``, RandAugment with ``randaugment_layers`` ops at ``randaugment_magnitude`` (0..10),
+    "bicubic", as PIL resamples an 8-bit image: antialiased when shrinking, rounded). Training
+    crops are, in order of precedence: ``inception_crop`` (random-resized crop, area fraction
+    ``inception_scale``, aspect ratio ``inception_ratio``), ``random_crop`` (a random square of
+    the resized image, after zero-padding ``crop_padding`` pixels: CIFAR-style), or the centre
+    crop. Then:
+    ``flip``, RandAugment with ``randaugment_layers`` ops at ``randaugment_magnitude`` (0..10;
+    timm's ``rand-mM-nN``; ``randaugment_magnitude_std``: timm's ``mstd``, ``inf`` for uniform;
+    ``randaugment_increasing``: its ``inc1``; :mod:`vision_jax.data.randaugment`),
     normalisation by ``mean``/``std`` (fractions of 255), random erasing with probability
     ``random_erasing``. Batch-level mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, applied
     with ``mix_prob``, cutmix chosen with ``mix_switch_prob`` when both are on) adds
@@ -97,6 +100,8 @@ class InputSpec:
     flip: bool = False
     randaugment_layers: int = 0
     randaugment_magnitude: float = 9.0
+    randaugment_magnitude_std: float = 0.0
+    randaugment_increasing: bool = False
     random_erasing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -131,8 +136,13 @@ class InputSpec:
         mixing = (self.mixup_alpha > 0, self.cutmix_alpha > 0)
         _only_when("input", self, ("inception_scale", "inception_ratio"), self.inception_crop,
                    "with inception_crop=True")  # fmt: skip
-        _only_when("input", self, ("randaugment_magnitude",), self.randaugment_layers > 0,
+        randaugment = ("randaugment_magnitude", "randaugment_magnitude_std",
+                       "randaugment_increasing")  # fmt: skip
+        _only_when("input", self, randaugment, self.randaugment_layers > 0,
                    "with randaugment_layers > 0")  # fmt: skip
+        check_interval("input.randaugment_magnitude", self.randaugment_magnitude, "[0, 10]")
+        check_interval("input.randaugment_magnitude_std", self.randaugment_magnitude_std,
+                       "[0, inf]")  # fmt: skip
         _only_when("input", self, ("mix_prob",), any(mixing), "with mixup_alpha or cutmix_alpha")
         _only_when("input", self, ("mix_switch_prob",), all(mixing),
                    "with both mixup_alpha and cutmix_alpha")  # fmt: skip

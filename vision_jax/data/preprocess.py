@@ -250,8 +250,10 @@ def make_preprocess(
             )
         if train and spec.randaugment_layers:
             image = randaugment(
-                tf.round(image), spec.randaugment_layers, spec.randaugment_magnitude, ra_rng
-            )
+                tf.round(image), spec.randaugment_layers, spec.randaugment_magnitude, ra_rng,
+                magnitude_std=spec.randaugment_magnitude_std,
+                increasing=spec.randaugment_increasing,
+            )  # fmt: skip
         image = normalise(image, spec)
         if train and spec.random_erasing:
             image = augment.random_erase(image, spec.random_erasing, erase_rng)

@@ -1,7 +1,20 @@
-"""RandAugment (Cubuk et al. 2019) in TensorFlow, stateless, following timm's ``rand-mM-nN``.
+"""RandAugment (Cubuk et al. 2019) in TensorFlow, stateless: timm's ``rand-mM-nN`` (its 15 ops,
+their magnitudes and probabilities), with timm's ``mstd`` and ``inc1`` options.
 
-Each of ``num_layers`` layers picks one of :data:`OPS` uniformly and applies it with probability
-0.5 at magnitude ``magnitude`` (0..10; 10 is the strongest), with a random sign for signed ops.
+Each of ``num_layers`` layers picks one of the ops uniformly (with replacement) and applies it
+with probability 0.5 at magnitude ``magnitude`` (0..10), or, with ``magnitude_std`` > 0, at a
+magnitude drawn for that layer from N(magnitude, magnitude_std) (``inf``: uniform in [0,
+magnitude]) and clipped to [0, 10]. Rotate, shear and translate take a random sign; at level
+``l = M / 10``: 30 l degrees, a shear of 0.3 l, a shift of 0.45 l of the image.
+
+The colour ops take one of timm's two forms. By default (timm's ``rand-mM``, as TensorFlow's
+EfficientNet and big_vision's RandAugment) Posterize keeps ``floor(4 l)`` bits, Solarize inverts
+pixels at or above ``floor(256 l)``, and Color, Contrast, Brightness and Sharpness blend with
+the factor ``0.1 + 1.8 l`` (1.0, no change, at M = 5). With ``increasing`` (timm's ``inc1``,
+DeiT's recipe ``rand-m9-mstd0.5-inc1``) each gets stronger as M grows: ``4 - floor(4 l)`` bits,
+a threshold of ``256 - floor(256 l)``, and a factor of ``max(0.1, 1 +- 0.9 l)`` with a random
+sign. SolarizeAdd adds ``floor(110 l)`` to pixels under 128 in both.
+
 Images are float32 HWC with pixels in 0..255.
 """
 
@@ -54,7 +67,8 @@ def _translate(image: tf.Tensor, level: tf.Tensor, axis: int) -> tf.Tensor:
 def _shear(image: tf.Tensor, level: tf.Tensor, axis: int) -> tf.Tensor:
     s = level * 0.3
     sx, sy = (s, 0.0) if axis == 0 else (0.0, s)
-    return _affine(image, [1.0, sx, 0.0, sy, 1.0, 0.0])
+    # PIL's affine maps pixel centres (x + 0.5, y + 0.5): the half-pixel term keeps its result
+    return _affine(image, [1.0, sx, 0.5 * sx, sy, 1.0, 0.5 * sy])
 
 
 def _autocontrast(image: tf.Tensor) -> tf.Tensor:
@@ -92,50 +106,96 @@ def _sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     return _blend(degenerate, image, factor)
 
 
-def _posterize(image: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
-    shift = tf.cast(tf.round(tf.abs(level) * 4.0), tf.float32)  # keep 8..4 bits
-    step = tf.pow(2.0, shift)
+def _whole(x: tf.Tensor) -> tf.Tensor:
+    """``floor(x)`` of a level product, as timm's ``int()`` of the same product in float64."""
+    return tf.floor(x + 1e-4)
+
+
+def _posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
+    """PIL's posterize keeping ``bits`` (0..8) high bits."""
+    step = tf.pow(2.0, 8.0 - tf.clip_by_value(bits, 0.0, 8.0))
     return tf.floor(image / step) * step
+
+
+def _solarize(image: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
+    return tf.where(image < threshold, image, 255.0 - image)
 
 
 Op = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]  # (image, signed level in [-1, 1]) -> image
 
-OPS: dict[str, Op] = {
-    "AutoContrast": lambda im, lv: _autocontrast(im),
-    "Equalize": lambda im, lv: _equalize(im),
-    "Invert": lambda im, lv: 255.0 - im,
-    "Rotate": _rotate,
-    "Posterize": _posterize,
-    "Solarize": lambda im, lv: tf.where(im < 256.0 - 256.0 * tf.abs(lv), im, 255.0 - im),
-    "SolarizeAdd": lambda im, lv: tf.where(
-        im < 128.0, tf.minimum(im + 110.0 * tf.abs(lv), 255.0), im
-    ),
-    "Color": lambda im, lv: _blend(_grey(im), im, 1.0 + 0.9 * lv),
-    "Contrast": lambda im, lv: _blend(tf.reduce_mean(_grey(im)), im, 1.0 + 0.9 * lv),
-    "Brightness": lambda im, lv: _blend(tf.zeros_like(im), im, 1.0 + 0.9 * lv),
-    "Sharpness": lambda im, lv: _sharpness(im, 1.0 + 0.9 * lv),
-    "ShearX": lambda im, lv: _shear(im, lv, 0),
-    "ShearY": lambda im, lv: _shear(im, lv, 1),
-    "TranslateX": lambda im, lv: _translate(im, lv, 0),
-    "TranslateY": lambda im, lv: _translate(im, lv, 1),
-}
+
+def _enhancements(factor: Callable[[tf.Tensor], tf.Tensor]) -> dict[str, Op]:
+    """Color, Contrast, Brightness and Sharpness, blending with ``factor(level)``."""
+    return {
+        "Color": lambda im, lv: _blend(_grey(im), im, factor(lv)),
+        "Contrast": lambda im, lv: _blend(tf.reduce_mean(_grey(im)), im, factor(lv)),
+        "Brightness": lambda im, lv: _blend(tf.zeros_like(im), im, factor(lv)),
+        "Sharpness": lambda im, lv: _sharpness(im, factor(lv)),
+    }
 
 
-def _layer(image: tf.Tensor, seed: tf.Tensor, magnitude: float) -> tf.Tensor:
-    """With probability 0.5, one uniformly chosen op at ``magnitude`` with a random sign."""
-    ops = list(OPS.values())
-    seeds = tf.random.experimental.stateless_split(seed, 3)
+def operations(increasing: bool = False) -> dict[str, Op]:
+    """timm's RandAugment ops in its order (``increasing``: its ``inc1`` colour ops). Each takes
+    the image and the level ``M / 10`` with its random sign; unsigned ops ignore the sign."""
+    if increasing:
+        bits = lambda lv: 4.0 - _whole(4.0 * tf.abs(lv))
+        threshold = lambda lv: 256.0 - _whole(256.0 * tf.abs(lv))
+        factor = lambda lv: tf.maximum(0.1, 1.0 + 0.9 * lv)
+    else:
+        bits = lambda lv: _whole(4.0 * tf.abs(lv))
+        threshold = lambda lv: _whole(256.0 * tf.abs(lv))
+        factor = lambda lv: 0.1 + 1.8 * tf.abs(lv)
+    return {
+        "AutoContrast": lambda im, lv: _autocontrast(im),
+        "Equalize": lambda im, lv: _equalize(im),
+        "Invert": lambda im, lv: 255.0 - im,
+        "Rotate": _rotate,
+        "Posterize": lambda im, lv: _posterize(im, bits(lv)),
+        "Solarize": lambda im, lv: _solarize(im, threshold(lv)),
+        "SolarizeAdd": lambda im, lv: tf.where(
+            im < 128.0, tf.minimum(im + _whole(110.0 * tf.abs(lv)), 255.0), im
+        ),
+        **_enhancements(factor),
+        "ShearX": lambda im, lv: _shear(im, lv, 0),
+        "ShearY": lambda im, lv: _shear(im, lv, 1),
+        "TranslateX": lambda im, lv: _translate(im, lv, 0),
+        "TranslateY": lambda im, lv: _translate(im, lv, 1),
+    }
+
+
+def layer_magnitude(magnitude: float, magnitude_std: float, seed: tf.Tensor) -> tf.Tensor:
+    """One layer's magnitude: ``magnitude``, or drawn from N(magnitude, magnitude_std)
+    (``inf``: uniform in [0, magnitude]); clipped to [0, 10]."""
+    if magnitude_std == math.inf:
+        drawn = tf.random.stateless_uniform([], seed, 0.0, magnitude)
+    elif magnitude_std > 0:
+        drawn = magnitude + magnitude_std * tf.random.stateless_normal([], seed)
+    else:
+        drawn = tf.constant(magnitude, tf.float32)
+    return tf.clip_by_value(drawn, 0.0, 10.0)
+
+
+def _layer(
+    image: tf.Tensor, seed: tf.Tensor, ops: list[Op], magnitude: float, magnitude_std: float
+) -> tf.Tensor:
+    """With probability 0.5, one uniformly chosen op at its layer's magnitude, random sign."""
+    seeds = tf.random.experimental.stateless_split(seed, 4)
     op = tf.random.stateless_uniform([], seeds[0], 0, len(ops), tf.int32)
     sign = tf.where(tf.random.stateless_uniform([], seeds[1]) < 0.5, -1.0, 1.0)
-    level = sign * min(max(magnitude, 0.0), 10.0) / 10.0
+    level = sign * layer_magnitude(magnitude, magnitude_std, seeds[3]) / 10.0
     branches = [lambda f=f: f(image, level) for f in ops]
     apply = tf.random.stateless_uniform([], seeds[2]) < 0.5
     out = tf.cond(apply, lambda: tf.switch_case(op, branches), lambda: image)
     return tf.ensure_shape(out, image.shape)
 
 
-def randaugment(image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor) -> tf.Tensor:
-    """``num_layers`` random ops at ``magnitude`` (0..10), seeded statelessly by ``seed``."""
+def randaugment(
+    image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor, *,
+    magnitude_std: float = 0.0, increasing: bool = False,
+) -> tf.Tensor:  # fmt: skip
+    """``num_layers`` random ops at ``magnitude`` (0..10), seeded statelessly by ``seed`` (see
+    the module docstring for ``magnitude_std`` and ``increasing``)."""
+    ops = list(operations(increasing).values())
     for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
-        image = _layer(image, layer_seed, magnitude)
+        image = _layer(image, layer_seed, ops, magnitude, magnitude_std)
     return image
