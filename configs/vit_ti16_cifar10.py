@@ -22,19 +22,20 @@ Commands (from the repository root, ../shared beside it):
 
 Expected results (eval/top1 on 1,000 held-out test images, 2 CPU cores):
   variant        eval/top1  trainable params  optimizer state  wall time
-  pretrained       0.751        5,498,122         21.0 MiB         68 s
-  scratch          0.255        5,498,122         21.0 MiB         71 s
-  lora             0.742           75,658          0.6 MiB         58 s
-  linear_probe     0.644            1,930          0.0 MiB         32 s
-  layer_decay      0.739        5,498,122         41.9 MiB         73 s
+  pretrained       0.749        5,498,122         21.0 MiB         62 s
+  scratch          0.258        5,498,122         21.0 MiB         65 s
+  lora             0.742           75,658          0.6 MiB         56 s
+  linear_probe     0.640            1,930          0.0 MiB         25 s
+  layer_decay      0.736        5,498,122         41.9 MiB         65 s
 (wall time of the whole command: loading, 150 steps, evaluation, the report; measured on
-2026-12-05 on a 2-core AMD EPYC, in this order, the workdirs side by side, so that the
-later runs find the earlier ones' compiled programs in the shared cache beside them; JPEGs
-decoded as PIL decodes them: before that change, 0.755 / 0.260 / 0.749 / 0.634 / 0.742).
-  select: the best validation (val/top1 0.836 on the 500 validation images) came at step 325 of
-  400; that checkpoint scores eval/top1 0.809 on the 1,000 test images (the validations after
-  it, the last at the last step, did not improve). Wall time 207 s.
-The pretrained backbone wins by 50 points over the same run from scratch; LoRA gets within a
+2026-12-05 on a 2-core Intel Xeon, in this order, the workdirs side by side, so that the
+later runs find the earlier ones' compiled programs in the shared cache beside them; images
+resized as PIL resamples 8-bit images: before that change, on a 2-core AMD EPYC, 0.751 /
+0.255 / 0.742 / 0.644 / 0.739).
+  select: the best validation (val/top1 0.828 on the 500 validation images) came at step 325 of
+  400; that checkpoint scores eval/top1 0.806 on the 1,000 test images (the validations after
+  it, the last at the last step, did not improve). Wall time 175 s.
+The pretrained backbone wins by 49 points over the same run from scratch; LoRA gets within a
 point of full fine-tuning while training 1.4% of the parameters.
 """
 

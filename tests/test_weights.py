@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
 import logging
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import flax_fn, images, state_dict_np, torch_logits
+from PIL import Image
 
 from vision_jax.models.registry import create_model
 from vision_jax.trees import flatten_dict
@@ -143,7 +146,17 @@ HF_CONFIG = {
 
 
 @pytest.mark.parametrize(
-    "fmt", ["safetensors", "pth", "bin-wrapped", "th-legacy", "lightning", "ema-only"]
+    "fmt",
+    [
+        "safetensors",
+        "safetensors-ddp",
+        "pth",
+        "bin-wrapped",
+        "th-legacy",
+        "lightning",
+        "timm-train",
+        "ema-only",
+    ],  # fmt: skip
 )
 def test_timm_vit_every_file_format(timm, tmp_path, fmt):
     ref = timm_vit(timm)
@@ -167,6 +180,16 @@ def test_timm_vit_every_file_format(timm, tmp_path, fmt):
         path = tmp_path / "vit.ckpt"
         wrapped = {f"model.module.{k}": v for k, v in tensors(sd).items()}
         save_torch({"state_dict": wrapped, "epoch": 3, "global_step": 10}, path)
+    elif fmt == "timm-train":  # timm's CheckpointSaver: its command line as a Namespace
+        path = tmp_path / "model_best.pth.tar"
+        args = argparse.Namespace(model="vit_tiny_patch16_224", lr=0.1, amp=False)
+        save_torch({"epoch": 3, "arch": "vit", "state_dict": tensors(sd), "args": args,
+                    "optimizer": {"state": {}}, "version": 2, "metric": 71.5}, path)  # fmt: skip
+    elif fmt == "safetensors-ddp":
+        from safetensors.numpy import save_file
+
+        path = tmp_path / "vit_ddp.safetensors"
+        save_file({f"module.{k}": v for k, v in sd.items()}, str(path))
     else:  # timm's train script, EMA weights kept alone
         path = tmp_path / "vit_ema.pth"
         save_torch({"model_ema": tensors(sd), "epoch": 3}, path)
@@ -212,13 +235,80 @@ def test_hugging_face_vit_folder(timm, tmp_path, classifier):
     variables = load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
     x = images(32, seed=3)
     assert_close(apply(model, variables, x), torch_logits(ref, x))
-    assert input_contract(tmp_path) == InputContract(32)
+    assert input_contract(tmp_path) == InputContract(32, crop_mode="squash")
 
     (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "num_hidden_layers": 3}))
     with pytest.raises(
         WeightMismatchError, match=r"(?s)config\.json.*num_hidden_layers: checkpoint 3"
     ):
         load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
+
+
+def _hf_vit_folder(timm, folder: pathlib.Path, processor: dict | None) -> torch.nn.Module:
+    """A ViTForImageClassification folder of a random 12-block timm ViT-Ti at 32 px, with 10
+    named classes (``id2label``) and ``processor`` as its preprocessor_config.json."""
+    from safetensors.numpy import save_file
+
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    perturb_(ref)
+    folder.mkdir(exist_ok=True)
+    save_file(hf_state_dict(state_dict_np(ref), classifier=True), str(folder / "model.safetensors"))
+    labels = {str(i): f"thing{i}" for i in range(10)}
+    config = {**HF_CONFIG, "num_hidden_layers": 12, "id2label": labels}
+    (folder / "config.json").write_text(json.dumps(config))
+    if processor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return ref.eval()
+
+
+def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path):
+    """ViTImageProcessor resizes the whole image to its square size (PIL, aspect ratio not
+    kept): ``Predictor.from_weights`` on a Hugging Face folder does so too, on a 48 x 80
+    image, and names the classes of ``id2label``."""
+    from vision_jax.predict import Predictor
+
+    processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2,
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    ref = _hf_vit_folder(timm, tmp_path / "hf", processor)
+    assert input_contract(tmp_path / "hf") == InputContract(32, crop_mode="squash")
+    smooth = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 10, 3), np.uint8))
+    picture = smooth.resize((80, 48), Image.Resampling.BICUBIC)
+    picture.save(tmp_path / "wide.png")
+    records, _ = Predictor.from_weights(tmp_path / "hf", model="vit_ti16").predict(
+        [str(tmp_path / "wide.png")], top_k=10
+    )
+    got = {t["class_name"]: t["probability"] for t in records[0]["top_k"]}
+
+    def timm_probabilities(image: Image.Image) -> dict[str, float]:
+        x = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+        with torch.no_grad():
+            p = torch.softmax(ref(x[None]), -1)[0].numpy()
+        return {f"thing{i}": float(v) for i, v in enumerate(p)}
+
+    squashed = timm_probabilities(picture.resize((32, 32), Image.Resampling.BILINEAR))
+    cropped = picture.resize((53, 32), Image.Resampling.BILINEAR).crop((10, 0, 42, 32))
+    gap = max(abs(squashed[k] - v) for k, v in timm_probabilities(cropped).items())
+    assert gap > 0.05  # the test tells a shorter-side resize and centre crop apart
+    for name, want in squashed.items():
+        assert got[name] == pytest.approx(want, abs=5e-3), name
+
+
+def test_hugging_face_folders_refused_by_name(timm, tmp_path):
+    """Folders vision_jax cannot read say why: another model type, sharded weights."""
+    model = vit(10)
+    resnet = tmp_path / "resnet"
+    resnet.mkdir()
+    (resnet / "config.json").write_text(json.dumps({"model_type": "resnet"}))
+    torch.save({}, resnet / "pytorch_model.bin")
+    with pytest.raises(WeightFormatError, match=r"model_type 'resnet'.*ViTs only"):
+        load_pretrained(resnet, model=model, variables=init_vars(model, 32))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text(json.dumps(HF_CONFIG))
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(WeightFormatError, match=r"sharded weights \(model\.safetensors\.index"):
+        load_pretrained(sharded, model=model, variables=init_vars(model, 32))
 
 
 def test_vision_jax_checkpoint_folder(tmp_path):
@@ -514,6 +604,7 @@ def test_input_contracts_and_apply(tmp_path, timm):
         mean: tuple = (0.5, 0.5, 0.5)
         std: tuple = (0.5, 0.5, 0.5)
         interpolation: str = "bilinear"
+        crop_mode: str = "center"
 
     assert (apply_input_contract(Spec(), tmp_path / "r.st").mean, apply_input_contract(
         Spec(), tmp_path / "r.st").std) == IMAGENET  # fmt: skip
@@ -553,7 +644,7 @@ def test_bad_files_give_one_clear_error(tmp_path, timm):
     (tmp_path / "junk.pth").write_bytes(b"\x80\x02garbage" * 10)
     cases["junk.pth"] = (WeightFormatError, r"junk\.pth")
     torch.save({"state_dict": {}, "args": Opaque()}, tmp_path / "pickled.pth")
-    cases["pickled.pth"] = (WeightFormatError, r"pickled\.pth.*arbitrary unpickling")
+    cases["pickled.pth"] = (WeightFormatError, r"pickled\.pth.*arbitrary.*Unsupported global")
     (tmp_path / "notes.txt").write_text("hello")
     cases["notes.txt"] = (WeightFormatError, r"Unknown weight format for .*notes\.txt")
     r18 = create_model("resnet18", num_classes=10)

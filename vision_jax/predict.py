@@ -129,16 +129,20 @@ class Predictor:
         """The classifier in the weight file ``path`` (any format :mod:`vision_jax.weights`
         reads) on the registered backbone ``model``, fed as the file's input contract says (its
         size, crop, interpolation, mean and std); its classes
-        ``class_names``, or ``class_0`` .. ``class_{n-1}``."""
+        ``class_names``, else those the file records (a run's, a Hugging Face ``id2label``),
+        else ``class_0`` .. ``class_{n-1}``."""
         contract = weights.input_contract(path)
         network, variables = _pretrained_classifier(path, model, contract.image_size)
         count = network.num_classes
+        recorded = weights.class_names(path)
+        if class_names is None and recorded is not None and len(recorded) == count:
+            class_names = recorded
         names = list(class_names or (f"class_{i}" for i in range(count)))
         if len(names) != count:
             raise ValueError(f"{path} classifies {count} classes; got {len(names)} class names.")
         spec = data_lib.InputSpec(
             contract.image_size, contract.mean, contract.std, crop_fraction=contract.crop_fraction,
-            interpolation=contract.interpolation,
+            interpolation=contract.interpolation, crop_mode=contract.crop_mode,
         )  # fmt: skip
         predictor = cls.__new__(cls)
         predictor._bind(Classification(), network, variables, spec, names, None, batch_size)

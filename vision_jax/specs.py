@@ -47,6 +47,7 @@ def check_interval(name: str, value: Any, interval: str) -> None:
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+CROP_MODES = ("center", "squash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,9 @@ class InputSpec:
 
     Evaluation (and training without a random crop) resizes the shorter side to ``resize_size``
     (or ``image_size / crop_fraction``, timm's crop_pct; default ``image_size``) and takes the
-    central ``image_size`` square. Every image resize is ``interpolation`` ("bilinear" or
+    central ``image_size`` square; with ``crop_mode="squash"`` (timm's, and Hugging Face's
+    ViT processors') it resizes the whole image to that size in both sides, aspect ratio not
+    kept, before the centre crop. Every image resize is ``interpolation`` ("bilinear" or
     "bicubic", as PIL resamples an 8-bit image: antialiased when shrinking, rounded). Training
     crops are, in order of precedence: ``inception_crop`` (random-resized crop, area fraction
     ``inception_scale``, aspect ratio ``inception_ratio``), ``random_crop`` (a random square of
@@ -75,8 +78,8 @@ class InputSpec:
     Label maps (segmentation) take the same crop windows and flips as their images, resized
     nearest-neighbour and padded with IGNORE_LABEL; RandAugment, random erasing and mixup/cutmix
     are refused. Evaluation (and training without a random crop) resizes the whole image to
-    ``image_size`` x ``image_size``, with no crop, so every pixel is evaluated (``resize_size``
-    and ``crop_fraction`` do not apply).
+    ``image_size`` x ``image_size``, with no crop, so every pixel is evaluated (``resize_size``,
+    ``crop_fraction`` and ``crop_mode`` do not apply).
 
     Boxes (detection) take the same flips and windows as their images, clipped to the window
     (in training, boxes left under 1 px wide or high are dropped). Evaluation, and training
@@ -92,6 +95,7 @@ class InputSpec:
     resize_size: int | None = None
     crop_fraction: float | None = None
     interpolation: str = "bilinear"
+    crop_mode: str = "center"
     random_crop: bool = False
     crop_padding: int = 0
     inception_crop: bool = False
@@ -118,6 +122,8 @@ class InputSpec:
             raise ValueError(
                 f"input.interpolation must be one of {INTERPOLATIONS}; got {self.interpolation!r}."
             )
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"input.crop_mode must be one of {CROP_MODES}: {self.crop_mode!r}.")
         if self.resize < self.image_size:
             raise ValueError(f"input.resize_size {self.resize} < input.image_size.")
         if self.inception_crop and self.random_crop:

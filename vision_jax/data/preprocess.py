@@ -138,7 +138,10 @@ def _image(spec: InputSpec, raw: tf.Tensor, train: bool, rng: tf.Tensor) -> tf.T
     image = tf.cast(augment.decode(raw), tf.float32)
     if train and (spec.random_crop or spec.scale_jitter):
         return _random_crop(spec, image, None, rng)[0]
-    resized = augment.resize_shorter(image, spec.resize, spec.interpolation)
+    if spec.crop_mode == "squash":
+        resized = augment.resize(image, tf.constant([spec.resize] * 2), spec.interpolation)
+    else:
+        resized = augment.resize_shorter(image, spec.resize, spec.interpolation)
     return augment.center_crop(resized, size)
 
 

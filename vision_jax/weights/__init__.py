@@ -8,7 +8,12 @@ merges them strictly into the model's initial variables. This module only re-exp
 """
 
 from vision_jax.weights.contract import InputContract
-from vision_jax.weights.dispatch import detect_format, input_contract, read_variables
+from vision_jax.weights.dispatch import (
+    class_names,
+    detect_format,
+    input_contract,
+    read_variables,
+)
 from vision_jax.weights.export import export_npz, export_safetensors
 from vision_jax.weights.files import WeightFormatError
 from vision_jax.weights.load import apply_input_contract, load_pretrained
@@ -21,6 +26,7 @@ __all__ = [
     "WeightFormatError",
     "WeightMismatchError",
     "apply_input_contract",
+    "class_names",
     "detect_format",
     "export_npz",
     "export_safetensors",

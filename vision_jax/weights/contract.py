@@ -8,7 +8,7 @@ source                                 size  mean / std       interp.    crop
 =====================================  ====  ===============  =========  =====
 google / big_vision ViT ``.npz``       grid  0.5 / 0.5        bilinear   1.0
 timm ViT (AugReg) state dict           grid  0.5 / 0.5        bicubic    0.9
-Hugging Face ViT folder                       preprocessor_config.json, else 0.5 / 0.5
+Hugging Face ViT folder                preprocessor_config.json, else 0.5 / 0.5, squash
 BiT ``.npz`` or timm state dict        224   0.5 / 0.5        bilinear   1.0 / 0.875
 timm / torchvision ResNet              224   ImageNet         bilinear   0.875
 CIFAR ResNet (akamaster)               32    ImageNet         bilinear   1.0
@@ -18,6 +18,12 @@ vision_jax run                         its run record's input (size, mean, std)
 "grid" is the position-embedding grid times the patch size; ImageNet is mean (0.485, 0.456,
 0.406), std (0.229, 0.224, 0.225). timm's and torchvision's ResNets share their state-dict names,
 so a ResNet state dict gets torchvision's evaluation (resize 256, bilinear, crop 224).
+Hugging Face's ViT processors resize the whole image to the square input size ("squash": the
+aspect ratio not kept, nothing cropped); the others resize the shorter side and crop the centre.
+
+A state dict does not say how its network was trained: a timm ViT state dict gets AugReg's
+contract even when it is DeiT's or DINO's (ImageNet mean and std); set ``input.mean``/``std``
+for those.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class InputContract:
     value_range: tuple[float, float] = (0.0, 1.0)  # pixels scaled to this before normalising
     interpolation: str = "bilinear"
     crop_fraction: float = 1.0
+    crop_mode: str = "center"  # or "squash" (see InputSpec.crop_mode)
 
 
 def vit_image_size(posemb_shape: tuple[int, ...], patch: int, has_cls: bool) -> int:

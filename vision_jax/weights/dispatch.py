@@ -36,18 +36,21 @@ from vision_jax.weights.merge import WeightMismatchError
 
 @dataclasses.dataclass(frozen=True)
 class Reader:
-    """One format's variables (of the model's classifier form) and input contract."""
+    """One format's variables (of the model's classifier form), input contract and, where it
+    names them, its classes."""
 
     variables: Callable[[pathlib.Path, nn.Module], dict]
     contract: Callable[[pathlib.Path], InputContract]
+    class_names: Callable[[pathlib.Path], list[str] | None] = lambda _: None
 
 
 READERS = {
     "run": Reader(
         lambda path, _: run_dir.read_variables(path, "best"),
         lambda path: run_dir.input_contract(path, "best"),
+        lambda path: list(run_dir.read_record(path, "best").class_names or ()) or None,
     ),
-    "hf": Reader(hf.read_variables, hf.input_contract),
+    "hf": Reader(hf.read_variables, hf.input_contract, hf.class_names),
     "npz": Reader(lambda path, _: npz.read_variables(path), npz.input_contract),
     "safetensors": Reader(state_dict.read_variables, state_dict.input_contract),
     "torch": Reader(state_dict.read_variables, state_dict.input_contract),
@@ -94,3 +97,9 @@ def input_contract(source: str | os.PathLike) -> InputContract:
     """The :class:`InputContract` of a checkpoint, in any format :func:`read_variables` reads."""
     path = pathlib.Path(source)
     return READERS[detect_format(path)].contract(path)
+
+
+def class_names(source: str | os.PathLike) -> list[str] | None:
+    """The class names a checkpoint records (a run's, a Hugging Face ``id2label``), else None."""
+    path = pathlib.Path(source)
+    return READERS[detect_format(path)].class_names(path)

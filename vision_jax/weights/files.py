@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -100,22 +101,24 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a torch state dict with ``torch.load(weights_only=True)`` (zip or legacy format).
 
     A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper (an EMA's, ``state_dict_ema`` or
-    ``model_ema``, when alone) and ``module.`` (DataParallel) or ``model.`` (Lightning) prefixes
-    are removed; entries that are not tensors (e.g. ``best_prec1``) are ignored.
+    ``model_ema``, when alone) is removed; entries that are not tensors (e.g. ``best_prec1``)
+    are ignored.
     """
+    import argparse
     import pickle
 
     try:
         import torch
     except ImportError as e:
         raise WeightFormatError(f"Reading {path} needs torch, which is not installed.") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # timm's training checkpoints keep their command line as an argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise WeightFormatError(
             f"Refusing to read {path}: it needs arbitrary unpickling, which weights_only=True "
             f"forbids (load it yourself only if you trust it, and save its state_dict as "
-            f".safetensors). torch said: {str(e).splitlines()[0]}"
+            f".safetensors). torch said: {_unpickling_reason(e)}"
         ) from e
     except Exception as e:  # truncated or corrupted: RuntimeError, EOFError, ...
         raise WeightFormatError(
@@ -123,6 +126,12 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from e
     state_dict = _unwrap_state_dict(obj, str(path))
     return {k: _to_numpy(v) for k, v in state_dict.items()}
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """torch's reason for refusing a pickle, without its terminal colours and advice."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()
+    return next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
 
 
 def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
@@ -138,13 +147,19 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
     tensors = {k: v for k, v in obj.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
     if not tensors:
         raise WeightFormatError(f"{source} holds no tensors (keys: {sorted(obj)[:10]}).")
+    return tensors
+
+
+def _strip_prefixes(tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` without the ``module.``/``model.`` prefixes that every key has."""
     while prefix := next((p for p in _PREFIXES if all(k.startswith(p) for k in tensors)), ""):
         tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
     return tensors
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of a ``.safetensors`` or torch file."""
+    """The tensors of a ``.safetensors`` or torch file, without ``module.`` (DataParallel) or
+    ``model.`` (Lightning) prefixes."""
     if file_kind(path) == "safetensors":
-        return read_safetensors(path)
-    return read_torch(path)
+        return _strip_prefixes(read_safetensors(path))
+    return _strip_prefixes(read_torch(path))

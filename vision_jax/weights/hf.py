@@ -20,7 +20,9 @@ Hugging Face                                                timm
 ==========================================================  =====================================
 
 ``ViTModel``'s ``pooler`` (Dense + tanh on the class token) is not used by image classification
-(``ViTForImageClassification`` has none), so it is dropped.
+(``ViTForImageClassification`` has none), so it is dropped. ``config.json``'s
+``layer_norm_eps`` (1e-12 in Hugging Face's ViTs) is not taken: the LayerNorms keep 1e-6, the
+epsilon of the JAX ViTs those weights were converted from.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from vision_jax.weights.files import WeightFormatError, read_safetensors, read_t
 from vision_jax.weights.merge import WeightMismatchError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 _RENAMES = [
     (r"embeddings\.cls_token", "cls_token"),
@@ -59,9 +62,9 @@ _QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|valu
 
 
 def is_folder(path: pathlib.Path) -> bool:
-    """Whether ``path`` is a Hugging Face folder (``config.json`` and a weight file)."""
-    files = [path / "config.json"] + [path / f for f in WEIGHT_FILES]
-    return files[0].is_file() and any(f.is_file() for f in files[1:])
+    """Whether ``path`` is a Hugging Face folder (``config.json`` and weights, sharded or not)."""
+    weights = [path / f for f in WEIGHT_FILES + SHARD_INDEXES]
+    return (path / "config.json").is_file() and any(f.is_file() for f in weights)
 
 
 def is_hf_vit(state_dict: Mapping[str, Any]) -> bool:
@@ -123,15 +126,17 @@ def _read_folder(folder: pathlib.Path) -> dict[str, np.ndarray]:
         if (folder / name).is_file():
             path = folder / name
             return read_safetensors(path) if name.endswith(".safetensors") else read_torch(path)
+    sharded = [name for name in SHARD_INDEXES if (folder / name).is_file()]
+    if sharded:
+        raise WeightFormatError(
+            f"{folder} holds sharded weights ({sharded[0]}); vision_jax reads one weight file: "
+            "save the model again unsharded (save_pretrained(..., max_shard_size='100GB'))."
+        )
     raise WeightFormatError(f"{folder} holds none of {WEIGHT_FILES}.")
 
 
 def _check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None:
     """Raises :class:`WeightMismatchError` if ``config.json`` describes another architecture."""
-    if config.get("model_type", "vit") != "vit":
-        raise WeightMismatchError(
-            f"{source}: model_type {config.get('model_type')!r} is not a Hugging Face ViT."
-        )
     expected = {
         "hidden_size": model.width,
         "num_hidden_layers": model.depth,
@@ -155,27 +160,51 @@ def _check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None
 
 def read_variables(folder: str | os.PathLike, model: nn.Module) -> dict:
     """The variables of a Hugging Face ViT folder, in vision_jax names."""
-    source = str(folder)
+    source, config = str(folder), _read_config(folder)
+    if config.get("model_type", "vit") != "vit":
+        raise WeightFormatError(
+            f"{source}/config.json: model_type {config['model_type']!r}; of Hugging Face "
+            "folders vision_jax reads ViTs only (timm and torchvision state dicts for the rest)."
+        )
     check_family(model, source)
-    _check_config(_read_config(folder), model, source=source)
+    _check_config(config, model, source=source)
     return from_timm(to_timm_names(_read_folder(pathlib.Path(folder)), source=source), model)
 
 
 def input_contract(folder: str | os.PathLike) -> InputContract:
-    """The input of ``preprocessor_config.json``, else ``config.json``'s size and 0.5 / 0.5."""
+    """The input of ``preprocessor_config.json`` (else ``config.json``'s size and 0.5 / 0.5):
+    a ``{"height", "width"}`` (or plain) size squashes the whole image to that square, as
+    ViTImageProcessor does; a ``shortest_edge`` resizes the shorter side and crops the centre
+    (``crop_size``)."""
     size = int(_read_config(folder).get("image_size", 224))
     pre = pathlib.Path(folder) / "preprocessor_config.json"
     if not pre.is_file():
-        return InputContract(size)
-    p = json.loads(pre.read_text())
-    size_cfg = p.get("size", size)
-    if isinstance(size_cfg, Mapping):
-        size_cfg = size_cfg.get("height", size_cfg.get("shortest_edge", size))
+        return InputContract(size, crop_mode="squash")
+    try:
+        p = json.loads(pre.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightFormatError(f"Cannot read {pre}: {e}") from e
     resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), "bilinear")
-    return InputContract(
-        int(size_cfg),
-        tuple(p.get("image_mean", HALF)),
-        tuple(p.get("image_std", HALF)),
-        (0.0, float(p.get("rescale_factor", 1 / 255)) * 255.0),
-        resample,
-    )
+    scale = (0.0, float(p.get("rescale_factor", 1 / 255)) * 255.0)
+    normalise = (tuple(p.get("image_mean", HALF)), tuple(p.get("image_std", HALF)))
+    size_cfg = p.get("size", size)
+    if isinstance(size_cfg, Mapping) and "shortest_edge" in size_cfg:
+        shorter = int(size_cfg["shortest_edge"])
+        crop = p.get("crop_size", shorter) if p.get("do_center_crop", True) else shorter
+        crop = int(crop["height"] if isinstance(crop, Mapping) else crop)
+        return InputContract(crop, *normalise, scale, resample, crop / shorter)
+    if isinstance(size_cfg, Mapping):
+        if size_cfg.get("height") != size_cfg.get("width"):
+            raise WeightFormatError(f"{pre}: size {size_cfg} is not a square.")
+        size_cfg = size_cfg["height"]
+    return InputContract(int(size_cfg), *normalise, scale, resample, crop_mode="squash")
+
+
+def class_names(folder: str | os.PathLike) -> list[str] | None:
+    """``config.json``'s ``id2label`` in label order, if it names every label 0..n-1."""
+    labels = _read_config(folder).get("id2label") or {}
+    try:
+        names = {int(k): str(v) for k, v in labels.items()}
+    except (AttributeError, ValueError):
+        return None
+    return [names[i] for i in range(len(names))] if set(names) == set(range(len(names))) else None

@@ -68,16 +68,18 @@ def load_pretrained(
 
 
 def apply_input_contract(spec: Any, source: str | os.PathLike) -> Any:
-    """``spec`` (a frozen dataclass with ``mean``, ``std`` and ``interpolation``, e.g. the run's
+    """``spec`` (a frozen dataclass with ``mean``, ``std``, ``interpolation`` and ``crop_mode``,
+    e.g. the run's
     ``InputSpec``) with the checkpoint's mean and std, unless the config set its own (values
     other than the defaults of :func:`vision_jax.config.default_config`), which then win; and
-    likewise its interpolation."""
+    likewise its interpolation and crop mode."""
     from vision_jax.config import default_config
 
     contract = input_contract(source)
     default = default_config().input
-    if spec.interpolation == default.interpolation:
-        spec = dataclasses.replace(spec, interpolation=contract.interpolation)
+    for key in ("interpolation", "crop_mode"):
+        if getattr(spec, key) == default[key]:
+            spec = dataclasses.replace(spec, **{key: getattr(contract, key)})
     given = (tuple(spec.mean), tuple(spec.std))
     if given != (tuple(default.mean), tuple(default.std)):
         logging.info(
