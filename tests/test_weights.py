@@ -401,6 +401,35 @@ def test_npz_class_token_in_posemb_of_gap_model(tmp_path):
     assert "cls" not in loaded["params"]
 
 
+def test_class_token_without_position_embedding(timm, tmp_path):
+    """timm's no_embed_class ViTs and big_vision's tok ViTs add the position embedding to the
+    grid before the class token joins: both load (a zero row for the class token), with timm's
+    logits; the input contract reads the grid (32 px)."""
+    from safetensors.numpy import save_file
+    from timm.models.vision_transformer import _load_weights
+
+    ref = timm_vit(timm, no_embed_class=True)
+    assert ref.pos_embed.shape[1] == 4  # the 2 x 2 grid only
+    save_file(state_dict_np(ref), str(tmp_path / "no_embed_class.safetensors"))
+    model = vit()
+    loaded = load_pretrained(
+        tmp_path / "no_embed_class.safetensors", model=model, variables=init_vars(model, 32)
+    )
+    x = images(32, seed=6)
+    assert_close(apply(model, loaded, x), torch_logits(ref, x))
+    assert input_contract(tmp_path / "no_embed_class.safetensors").image_size == 32
+
+    flat = {k: np.asarray(v) for k, v in flatten_dict(loaded["params"]).items()}
+    posemb = "Transformer/posembed_input/pos_embedding"
+    big_vision = _big_vision({**flat, posemb: flat[posemb][:, 1:]}, scanned=True)
+    np.savez(tmp_path / "tok.npz", **big_vision)
+    from_npz = load_pretrained(tmp_path / "tok.npz", model=model, variables=init_vars(model, 32))
+    assert input_contract(tmp_path / "tok.npz").image_size == 32
+    again = timm_vit(timm, no_embed_class=True)
+    _load_weights(again, str(tmp_path / "tok.npz"))
+    assert_close(apply(model, from_npz, x), torch_logits(again, x))
+
+
 def test_bit_npz_big_transfer_names_match_timm(timm, tmp_path):
     """big_transfer names, written from Flax variables here; timm's BiT npz reader is the judge."""
     from timm.layers import StdConv2d

@@ -50,10 +50,11 @@ class InputContract:
     crop_mode: str = "center"  # or "squash" (see InputSpec.crop_mode)
 
 
-def vit_image_size(posemb_shape: tuple[int, ...], patch: int, has_cls: bool) -> int:
-    """The image size of a ViT: its position-embedding grid (class token dropped) times
-    ``patch``."""
+def vit_image_size(posemb_shape: tuple[int, ...], patch: int) -> int:
+    """The image size of a ViT: its position-embedding grid times ``patch``. A grid's row count
+    is a square; one more row is a class token's (big_vision's ``tok`` ViTs and timm's
+    ``no_embed_class`` ones give their class token none)."""
     tokens = posemb_shape[1]
-    if has_cls or math.isqrt(tokens) ** 2 != tokens:
+    if math.isqrt(tokens) ** 2 != tokens:
         tokens -= 1
     return math.isqrt(tokens) * patch

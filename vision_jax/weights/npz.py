@@ -127,4 +127,4 @@ def input_contract(path: str | os.PathLike) -> InputContract:
     if posemb is None or "embedding/kernel" not in params:
         raise WeightFormatError(f"{path}: not a ViT or BiT .npz checkpoint.")
     patch = params["embedding/kernel"].shape[0]
-    return InputContract(vit_image_size(posemb.shape, patch, "cls" in params))
+    return InputContract(vit_image_size(posemb.shape, patch))

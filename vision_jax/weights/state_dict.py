@@ -33,7 +33,7 @@ def read_variables(path: str | os.PathLike, model: nn.Module) -> dict:
 def _contract(sd: Mapping[str, np.ndarray], source: str) -> InputContract:
     if "patch_embed.proj.weight" in sd:
         patch = sd["patch_embed.proj.weight"].shape[-1]
-        size = vit_image_size(sd["pos_embed"].shape, patch, True)
+        size = vit_image_size(sd["pos_embed"].shape, patch)
         return InputContract(size, interpolation="bicubic", crop_fraction=0.9)
     if "stem.conv.weight" in sd:
         return InputContract(224, crop_fraction=0.875)

@@ -162,11 +162,15 @@ def _posemb(init: Flat, loaded: Flat, had_cls: bool, method: str) -> list[Row]:
     if POSEMB not in loaded or POSEMB not in init:
         return []
     old, tokens = loaded[POSEMB], np.shape(init[POSEMB])[1]
-    n_old = old.shape[1]
-    # Old checkpoints of gap models keep a class token's row in the position embedding.
-    old_prefix = int(had_cls or (math.isqrt(n_old) ** 2 != n_old))
+    # A grid's rows are a square; one more is a class token's row (old checkpoints of gap models
+    # keep one too). big_vision's tok ViTs and timm's no_embed_class ones give their class token
+    # no position embedding: a zero row is the same function.
+    old_prefix = int(math.isqrt(old.shape[1]) ** 2 != old.shape[1])
     new_prefix = int(CLS in init)
     rows = []
+    if had_cls and new_prefix and not old_prefix:
+        old, old_prefix = np.concatenate([np.zeros_like(old[:, :1]), old], axis=1), 1
+        rows.append(("posemb", "zero row added for the class token (it had none)"))
     if old_prefix > new_prefix:
         old = old[:, old_prefix - new_prefix :]
         old_prefix = new_prefix
