@@ -401,6 +401,27 @@ def test_npz_class_token_in_posemb_of_gap_model(tmp_path):
     assert "cls" not in loaded["params"]
 
 
+def test_torchvision_vit_state_dict(timm, tmp_path):
+    """torchvision's VisionTransformer (vit_b_16's names, 2 blocks at width 192): its logits,
+    and torchvision's evaluation as the input contract."""
+    import torchvision
+
+    ref = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=3, hidden_dim=192, mlp_dim=768,
+        num_classes=10,
+    )  # fmt: skip
+    perturb_(ref)
+    save_torch(ref.state_dict(), tmp_path / "vit_b_16-c867db91.pth")
+    model = vit()
+    loaded = load_pretrained(
+        tmp_path / "vit_b_16-c867db91.pth", model=model, variables=init_vars(model, 32)
+    )
+    x = images(32, seed=7)
+    assert_close(apply(model, loaded, x), torch_logits(ref, x))
+    contract = input_contract(tmp_path / "vit_b_16-c867db91.pth")
+    assert contract == InputContract(32, *IMAGENET, crop_fraction=0.875)
+
+
 def test_class_token_without_position_embedding(timm, tmp_path):
     """timm's no_embed_class ViTs and big_vision's tok ViTs add the position embedding to the
     grid before the class token joins: both load (a zero row for the class token), with timm's

@@ -11,6 +11,7 @@ timm ViT (AugReg) state dict           grid  0.5 / 0.5        bicubic    0.9
 Hugging Face ViT folder                preprocessor_config.json, else 0.5 / 0.5, squash
 BiT ``.npz`` or timm state dict        224   0.5 / 0.5        bilinear   1.0 / 0.875
 timm / torchvision ResNet              224   ImageNet         bilinear   0.875
+torchvision ViT                        grid  ImageNet         bilinear   0.875
 CIFAR ResNet (akamaster)               32    ImageNet         bilinear   1.0
 vision_jax run                         its run record's input (size, mean, std)
 =====================================  ====  ===============  =========  =====

@@ -1,5 +1,6 @@
 """The state-dict reader: timm, torchvision and akamaster files (``.safetensors`` or torch), and
-files in Hugging Face ViT names, to vision_jax variables through the family's converter."""
+files in Hugging Face or torchvision ViT names, to vision_jax variables through the family's
+converter."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ from collections.abc import Mapping
 import flax.linen as nn
 import numpy as np
 
-from vision_jax.weights import hf
+from vision_jax.weights import hf, tv_vit
 from vision_jax.weights.contract import IMAGENET_MEAN, IMAGENET_STD, InputContract, vit_image_size
 from vision_jax.weights.convert import from_timm
 from vision_jax.weights.files import WeightFormatError, read_state_dict
 
 
 def _timm_names(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """``state_dict`` in timm's names (Hugging Face ViT names renamed)."""
+    """``state_dict`` in timm's names (Hugging Face and torchvision ViT names renamed)."""
     if hf.is_hf_vit(state_dict):
         return hf.to_timm_names(state_dict, source=source)
+    if tv_vit.is_torchvision_vit(state_dict):
+        return tv_vit.to_timm_names(state_dict, source=source)
     return state_dict
 
 
@@ -31,6 +34,10 @@ def read_variables(path: str | os.PathLike, model: nn.Module) -> dict:
 
 
 def _contract(sd: Mapping[str, np.ndarray], source: str) -> InputContract:
+    if tv_vit.is_torchvision_vit(sd):  # torchvision's evaluation: resize 256, crop 224
+        patch = sd["conv_proj.weight"].shape[-1]
+        size = vit_image_size(sd["encoder.pos_embedding"].shape, patch)
+        return InputContract(size, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
     if "patch_embed.proj.weight" in sd:
         patch = sd["patch_embed.proj.weight"].shape[-1]
         size = vit_image_size(sd["pos_embed"].shape, patch)
@@ -46,4 +53,7 @@ def _contract(sd: Mapping[str, np.ndarray], source: str) -> InputContract:
 
 def input_contract(path: str | os.PathLike) -> InputContract:
     """The input of a state-dict file, told from its layout (see :mod:`.contract`)."""
-    return _contract(_timm_names(read_state_dict(path), str(path)), str(path))
+    state_dict = read_state_dict(path)
+    if hf.is_hf_vit(state_dict):
+        state_dict = hf.to_timm_names(state_dict, source=str(path))
+    return _contract(state_dict, str(path))
