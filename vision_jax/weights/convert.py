@@ -4,6 +4,7 @@ module (``from_timm`` / ``to_timm`` / ``checkpoint_model``, e.g. :mod:`~vision_j
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from types import ModuleType
 
@@ -23,3 +24,12 @@ def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
     names; shapes are those of the model the state dict describes."""
     conv = converter(model)
     return conv.from_timm(state_dict, conv.checkpoint_model(state_dict, model))
+
+
+def renamed(key: str, renames: list[tuple[str, str]]) -> str | None:
+    """``key`` renamed by the first ``(regex, replacement)`` of ``renames`` that matches all of
+    it; None if none does."""
+    for pattern, replacement in renames:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None

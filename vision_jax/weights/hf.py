@@ -39,7 +39,7 @@ import numpy as np
 
 from vision_jax.models.registry import family_of
 from vision_jax.weights.contract import HALF, InputContract
-from vision_jax.weights.convert import from_timm
+from vision_jax.weights.convert import from_timm, renamed
 from vision_jax.weights.files import WeightFormatError, read_safetensors, read_torch
 from vision_jax.weights.merge import WeightMismatchError
 
@@ -86,12 +86,10 @@ def to_timm_names(state_dict: Mapping[str, np.ndarray], *, source: str) -> dict[
             block, part, leaf = m.groups()
             qkv.setdefault((block, leaf), {})[part] = value
             continue
-        for pattern, repl in _RENAMES:
-            if re.fullmatch(pattern, k):
-                out[re.sub(pattern, repl, k)] = value
-                break
-        else:
+        name = renamed(k, _RENAMES)
+        if name is None:
             raise WeightMismatchError(f"{source}: unknown Hugging Face ViT key {key!r}.")
+        out[name] = value
     for (block, leaf), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise WeightMismatchError(

@@ -22,28 +22,26 @@ in one product in that order, the class token's output pooled). A ``heads.pre_lo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
+from vision_jax.weights.convert import renamed
 from vision_jax.weights.merge import WeightMismatchError
 
+_BLOCK = r"encoder\.layers\.encoder_layer_(\d+)\."
 _RENAMES = [
     (r"class_token", "cls_token"),
     (r"conv_proj\.(\w+)", r"patch_embed.proj.\1"),
     (r"encoder\.pos_embedding", "pos_embed"),
+    (_BLOCK + r"ln_1\.(\w+)", r"blocks.\1.norm1.\2"),
+    (_BLOCK + r"ln_2\.(\w+)", r"blocks.\1.norm2.\2"),
+    (_BLOCK + r"self_attention\.in_proj_(\w+)", r"blocks.\1.attn.qkv.\2"),
+    (_BLOCK + r"self_attention\.out_proj\.(\w+)", r"blocks.\1.attn.proj.\2"),
+    (_BLOCK + r"mlp\.(?:0|linear_1)\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+    (_BLOCK + r"mlp\.(?:3|linear_2)\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
     (r"encoder\.ln\.(\w+)", r"norm.\1"),
     (r"heads\.head\.(\w+)", r"head.\1"),
-]
-_BLOCK = re.compile(r"encoder\.layers\.encoder_layer_(\d+)\.(.+)")
-_BLOCK_RENAMES = [
-    (r"ln_1\.(\w+)", r"norm1.\1"),
-    (r"ln_2\.(\w+)", r"norm2.\1"),
-    (r"self_attention\.in_proj_(\w+)", r"attn.qkv.\1"),
-    (r"self_attention\.out_proj\.(\w+)", r"attn.proj.\1"),
-    (r"mlp\.(?:0|linear_1)\.(\w+)", r"mlp.fc1.\1"),
-    (r"mlp\.(?:3|linear_2)\.(\w+)", r"mlp.fc2.\1"),
 ]
 
 
@@ -52,22 +50,11 @@ def is_torchvision_vit(state_dict: Mapping[str, object]) -> bool:
     return "conv_proj.weight" in state_dict and "encoder.pos_embedding" in state_dict
 
 
-def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
-    for pattern, repl in renames:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
-
-
 def to_timm_names(state_dict: Mapping[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
     """Renames a torchvision ViT state dict to timm's names."""
     out = {}
     for key, value in state_dict.items():
-        if m := _BLOCK.fullmatch(key):
-            rest = _rename(m.group(2), _BLOCK_RENAMES)
-            name = None if rest is None else f"blocks.{m.group(1)}.{rest}"
-        else:
-            name = _rename(key, _RENAMES)
+        name = renamed(key, _RENAMES)
         if name is None:
             raise WeightMismatchError(f"{source}: unknown torchvision ViT key {key!r}.")
         out[name] = value
