@@ -500,9 +500,10 @@ def test_randaugment_ops_match_timms(timm, monkeypatch, increasing):
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((4, 4, 1)))  # blocks of 4 px
     pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
-    hparams = {**auto_augment._HPARAMS_DEFAULT, "img_mean": (128,) * 3,
+    mean = (124, 116, 104)  # timm fills with the normalisation's mean (ImageNet's here)
+    hparams = {**auto_augment._HPARAMS_DEFAULT, "img_mean": mean,
                "interpolation": Image.BILINEAR}  # fmt: skip
-    ops = operations(increasing)
+    ops = operations(increasing, fill=mean)
     for name, op in ops.items():
         timm_name = TIMM_OPS.get(name, name) + (
             "Increasing" if increasing and name in INCREASING else ""

@@ -256,6 +256,7 @@ def make_preprocess(
                 tf.round(image), spec.randaugment_layers, spec.randaugment_magnitude, ra_rng,
                 magnitude_std=spec.randaugment_magnitude_std,
                 increasing=spec.randaugment_increasing,
+                fill=tuple(min(255.0, round(255 * m)) for m in spec.mean),
             )  # fmt: skip
         image = normalise(image, spec)
         if train and spec.random_erasing:

@@ -5,7 +5,8 @@ Each of ``num_layers`` layers picks one of the ops uniformly (with replacement) 
 with probability 0.5 at magnitude ``magnitude`` (0..10), or, with ``magnitude_std`` > 0, at a
 magnitude drawn for that layer from N(magnitude, magnitude_std) (``inf``: uniform in [0,
 magnitude]) and clipped to [0, 10]. Rotate, shear and translate take a random sign; at level
-``l = M / 10``: 30 l degrees, a shear of 0.3 l, a shift of 0.45 l of the image.
+``l = M / 10``: 30 l degrees, a shear of 0.3 l, a shift of 0.45 l of the image; what they move
+in is the normalisation's mean colour, as timm fills.
 
 The colour ops take one of timm's two forms. By default (timm's ``rand-mM``, as TensorFlow's
 EfficientNet and big_vision's RandAugment) Posterize keeps ``floor(4 l)`` bits, Solarize inverts
@@ -25,7 +26,8 @@ from collections.abc import Callable
 
 from vision_jax.tf_without_keras import tf
 
-FILL = 128.0  # grey fill for pixels that geometric ops move in from outside the image
+Fill = tuple[float, float, float]  # RGB of pixels that geometric ops move in from outside
+GREY: Fill = (128.0, 128.0, 128.0)
 
 
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
@@ -36,39 +38,44 @@ def _grey(image: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True)
 
 
-def _affine(image: tf.Tensor, transform: list) -> tf.Tensor:
-    """Output pixel (x, y) samples input ((a0 x + a1 y + a2), (b0 x + b1 y + b2))."""
+def _affine(image: tf.Tensor, transform: list, fill: Fill) -> tf.Tensor:
+    """Output pixel (x, y) samples input ((a0 x + a1 y + a2), (b0 x + b1 y + b2)); ``fill``
+    where it falls outside (blended at the edge, as the image's own pixels are)."""
     transform = tf.cast(tf.stack([*transform, 0.0, 0.0])[None], tf.float32)
+    inside = tf.ones_like(image[..., :1])
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None],
+        images=tf.concat([image, inside], -1)[None],
         transforms=transform,
         output_shape=tf.shape(image)[:2],
-        fill_value=FILL,
+        fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
-    )
-    return tf.reshape(out[0], tf.shape(image))
+    )[0]
+    blended = out[..., :-1] + (1.0 - out[..., -1:]) * tf.constant(fill, tf.float32)
+    return tf.reshape(blended, tf.shape(image))
 
 
-def _rotate(image: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
+def _rotate(image: tf.Tensor, level: tf.Tensor, fill: Fill) -> tf.Tensor:
     angle = level * (30.0 * math.pi / 180.0)
     cos, sin = tf.cos(angle), tf.sin(angle)
     cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1) / 2
     cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1) / 2
-    return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy])
+    return _affine(
+        image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], fill
+    )
 
 
-def _translate(image: tf.Tensor, level: tf.Tensor, axis: int) -> tf.Tensor:
+def _translate(image: tf.Tensor, level: tf.Tensor, axis: int, fill: Fill) -> tf.Tensor:
     shift = level * 0.45 * tf.cast(tf.shape(image)[1 - axis], tf.float32)
     dx, dy = (shift, 0.0) if axis == 0 else (0.0, shift)
-    return _affine(image, [1.0, 0.0, dx, 0.0, 1.0, dy])
+    return _affine(image, [1.0, 0.0, dx, 0.0, 1.0, dy], fill)
 
 
-def _shear(image: tf.Tensor, level: tf.Tensor, axis: int) -> tf.Tensor:
+def _shear(image: tf.Tensor, level: tf.Tensor, axis: int, fill: Fill) -> tf.Tensor:
     s = level * 0.3
     sx, sy = (s, 0.0) if axis == 0 else (0.0, s)
     # PIL's affine maps pixel centres (x + 0.5, y + 0.5): the half-pixel term keeps its result
-    return _affine(image, [1.0, sx, 0.5 * sx, sy, 1.0, 0.5 * sy])
+    return _affine(image, [1.0, sx, 0.5 * sx, sy, 1.0, 0.5 * sy], fill)
 
 
 def _autocontrast(image: tf.Tensor) -> tf.Tensor:
@@ -134,9 +141,10 @@ def _enhancements(factor: Callable[[tf.Tensor], tf.Tensor]) -> dict[str, Op]:
     }
 
 
-def operations(increasing: bool = False) -> dict[str, Op]:
-    """timm's RandAugment ops in its order (``increasing``: its ``inc1`` colour ops). Each takes
-    the image and the level ``M / 10`` with its random sign; unsigned ops ignore the sign."""
+def operations(increasing: bool = False, fill: Fill = GREY) -> dict[str, Op]:
+    """timm's RandAugment ops in its order (``increasing``: its ``inc1`` colour ops; ``fill``:
+    the colour geometric ops move in). Each takes the image and the level ``M / 10`` with its
+    random sign; unsigned ops ignore the sign."""
     if increasing:
         bits = lambda lv: 4.0 - _whole(4.0 * tf.abs(lv))
         threshold = lambda lv: 256.0 - _whole(256.0 * tf.abs(lv))
@@ -149,17 +157,17 @@ def operations(increasing: bool = False) -> dict[str, Op]:
         "AutoContrast": lambda im, lv: _autocontrast(im),
         "Equalize": lambda im, lv: _equalize(im),
         "Invert": lambda im, lv: 255.0 - im,
-        "Rotate": _rotate,
+        "Rotate": lambda im, lv: _rotate(im, lv, fill),
         "Posterize": lambda im, lv: _posterize(im, bits(lv)),
         "Solarize": lambda im, lv: _solarize(im, threshold(lv)),
         "SolarizeAdd": lambda im, lv: tf.where(
             im < 128.0, tf.minimum(im + _whole(110.0 * tf.abs(lv)), 255.0), im
         ),
         **_enhancements(factor),
-        "ShearX": lambda im, lv: _shear(im, lv, 0),
-        "ShearY": lambda im, lv: _shear(im, lv, 1),
-        "TranslateX": lambda im, lv: _translate(im, lv, 0),
-        "TranslateY": lambda im, lv: _translate(im, lv, 1),
+        "ShearX": lambda im, lv: _shear(im, lv, 0, fill),
+        "ShearY": lambda im, lv: _shear(im, lv, 1, fill),
+        "TranslateX": lambda im, lv: _translate(im, lv, 0, fill),
+        "TranslateY": lambda im, lv: _translate(im, lv, 1, fill),
     }
 
 
@@ -191,11 +199,12 @@ def _layer(
 
 def randaugment(
     image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor, *,
-    magnitude_std: float = 0.0, increasing: bool = False,
+    magnitude_std: float = 0.0, increasing: bool = False, fill: Fill = GREY,
 ) -> tf.Tensor:  # fmt: skip
     """``num_layers`` random ops at ``magnitude`` (0..10), seeded statelessly by ``seed`` (see
-    the module docstring for ``magnitude_std`` and ``increasing``)."""
-    ops = list(operations(increasing).values())
+    the module docstring for ``magnitude_std`` and ``increasing``); geometric ops fill with
+    ``fill`` (timm: the normalisation's mean, as 0..255 levels)."""
+    ops = list(operations(increasing, fill).values())
     for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
         image = _layer(image, layer_seed, ops, magnitude, magnitude_std)
     return image
