@@ -217,15 +217,25 @@ def decode_index_png(data: tf.Tensor) -> tf.Tensor:
     return values // tf.cast(stretch, tf.uint8)  # decode_png made 1-bit 1 into 255
 
 
+_ERASE_TRIES = 10
+
+
 def random_erase(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
     """timm's RandomErasing (mode "pixel") on a normalised image: with ``probability``, a box of
-    2%..33% of the area and aspect ratio in [0.3, 3.3] is replaced by standard-normal noise."""
+    2%..33% of the area and aspect ratio in [0.3, 3.3] is replaced by standard-normal noise. As
+    timm, up to 10 boxes are drawn and the first that fits inside the image is erased (none
+    if none fits)."""
     seeds = tf.random.experimental.stateless_split(seed, 5)
     h, w = image.shape[0], image.shape[1]
-    area = h * w * tf.random.stateless_uniform([], seeds[0], 0.02, 1 / 3)
-    log_ratio = tf.random.stateless_uniform([], seeds[1], math.log(0.3), math.log(1 / 0.3))
-    eh = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * tf.exp(log_ratio))), tf.int32), 1, h)
-    ew = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / tf.exp(log_ratio))), tf.int32), 1, w)
+    area = h * w * tf.random.stateless_uniform([_ERASE_TRIES], seeds[0], 0.02, 1 / 3)
+    log_ratio = tf.random.stateless_uniform(
+        [_ERASE_TRIES], seeds[1], math.log(0.3), math.log(1 / 0.3)
+    )
+    heights = tf.maximum(tf.cast(tf.round(tf.sqrt(area * tf.exp(log_ratio))), tf.int32), 1)
+    widths = tf.maximum(tf.cast(tf.round(tf.sqrt(area / tf.exp(log_ratio))), tf.int32), 1)
+    fits = (heights < h) & (widths < w)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    eh, ew = tf.minimum(heights[first], h), tf.minimum(widths[first], w)
     corner = tf.random.stateless_uniform([2], seeds[2], 0, 1 << 30, tf.int32)
     top, left = corner[0] % (h - eh + 1), corner[1] % (w - ew + 1)
 
@@ -239,7 +249,7 @@ def random_erase(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Te
             value=noise,
         )
 
-    erase = tf.random.stateless_uniform([], seeds[4]) < probability
+    erase = (tf.random.stateless_uniform([], seeds[4]) < probability) & tf.reduce_any(fits)
     return tf.cond(erase, erased, lambda: image)
 
 
