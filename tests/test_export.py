@@ -341,6 +341,7 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
         assert manifest["outputs"] == {"probabilities": {"shape": [batch, 10], "dtype": "float32"}}
         assert manifest["class_names"] == [str(d) for d in range(10)]
         assert manifest["normalisation"]["mean"] == [0.5] * 3
+        assert manifest["input"]["resize"]["resize"] == "the shorter side to 8, aspect ratio kept"
         assert manifest["source"]["step"] == trained.step == 30
         if fmt == "savedmodel":
             got = savedmodel_in_a_tensorflow_process(out, images, tmp_path)

@@ -100,6 +100,15 @@ def _manifest(
             "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
             "value gives nearly the same detections, black padding does not",
         }
+    elif trained.task.name == "classification":  # how evaluation resizes and crops
+        spec = trained.input
+        whole = spec.crop_mode == "squash"
+        manifest["input"]["resize"] = {
+            "interpolation": spec.interpolation,
+            "resize": f"the whole image to {spec.resize} x {spec.resize}, aspect ratio not kept"
+            if whole else f"the shorter side to {spec.resize}, aspect ratio kept",
+            "crop": f"the central {spec.image_size} x {spec.image_size} square",
+        }  # fmt: skip
     if trained.record.category_ids:
         manifest["category_ids"] = list(trained.record.category_ids)
     if format == "savedmodel":
