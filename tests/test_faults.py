@@ -279,11 +279,11 @@ def test_the_eval_split_is_read_while_the_first_step_compiles(tmp_path, monkeypa
     compiles it); the loop waits for it before the step's checkpoint."""
     data = tmp_path / "data"
     _image_folder(data, corrupt_eval=True)
-    events, check = [], train.data_lib.check_examples
+    events, check, stepped = [], train.data_lib.check_examples, threading.Event()
 
     def slow_check(source, spec):
         events.append(("check starts", threading.current_thread().name))
-        time.sleep(1.0)
+        stepped.wait(timeout=60)  # a check that ran before the step would wait here in vain
         try:
             return check(source, spec)
         finally:
@@ -291,6 +291,7 @@ def test_the_eval_split_is_read_while_the_first_step_compiles(tmp_path, monkeypa
 
     def first_step(step, batch):
         events.append((f"step {step}", threading.current_thread().name))
+        stepped.set()
         return batch
 
     monkeypatch.setattr(train.data_lib, "check_examples", slow_check)
