@@ -98,6 +98,20 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     assert again["eval/top1"] == result["eval/top1"] and again["best/step"] == 4
 
 
+def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validation):
+    """The last step's checkpoint records its own validation: a run extended from it
+    (``total_steps`` 4 -> 14) keeps the best and the patience count, and stops and tests as
+    the uninterrupted run above does."""
+    shorter = selecting_config()
+    shorter.total_steps = 4
+    first = train_and_evaluate(shorter, str(tmp_path))
+    assert first["best/step"] == 4 and meta(tmp_path, 4)["selection"]["best_step"] == 4
+    longer = train_and_evaluate(selecting_config(), str(tmp_path))
+    assert scripted_validation["val"] == 5
+    assert steps(tmp_path) == [2, 4, 6, 8, 10]
+    assert longer["best/step"] == 4 and longer["best/val/top1"] == 0.7
+
+
 def test_selection_progress_is_checkpointed_for_an_exact_resume():
     s = Selection("val/top1", "max", patience=3, min_delta=0.02)
     for step, value in zip(range(2, 12, 2), SCRIPT, strict=False):

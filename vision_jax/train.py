@@ -402,13 +402,14 @@ def _end_step(
     evaluating = last or (every > 0 and step % every == 0)
     stopping = stop.should_stop(step)
     results: dict[str, float] = {}
-    # With selection, evaluate before the save (it records the selection's progress, also on a
-    # stop signal, for an exact resume); the last step is saved first, so that a failed final
-    # evaluation costs no steps.
-    if evaluating and not last and selection is not None:
+    # With selection, evaluate before the save, the last step's validation too (the save
+    # records the selection's progress, also on a stop signal, for an exact resume or a longer
+    # run); without, the last step is saved first, so that a failed final evaluation costs no
+    # steps.
+    if evaluating and selection is not None:
         guard.check(state)  # a non-finite state is neither evaluated nor kept as the best
         results = _evaluate(run, state, step, writer)
-        if selection.should_stop:
+        if selection.should_stop and not last:
             selection.stopped_at = step
     early = selection is not None and selection.stopped_at == step
     if stopping or early or _save_due(run.spec, step, run.total_steps):
@@ -429,7 +430,7 @@ def _end_step(
             selection.bad_evaluations,
         )  # fmt: skip
         return results, True
-    if evaluating and (last or selection is None):
+    if evaluating and selection is None:
         results = _evaluate(run, state, step, writer)  # after the save
     return results, False
 
