@@ -287,6 +287,11 @@ def _tree_hash(path: pathlib.Path) -> str:
             r"\(changed since: optimizer.trainable \"head\" -> \"all\"\)\nThe checkpoint was left "
             r"untouched. To train from its weights .* --config.init.path=/",
         ),
+        (  # no clipping: one member fewer in the optimizer chain
+            {},
+            {"optimizer.grad_clip_norm": None, "total_steps": 4},
+            r"\(changed since: optimizer.grad_clip_norm 1.0 -> null\)",
+        ),
     ],
 )
 def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path, before, after, match):

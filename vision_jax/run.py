@@ -367,11 +367,14 @@ def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, 
     return TrainState(**restored[0], skips=zeros()), restored[1]
 
 
-# Config keys that decide what the train state holds (a restore that does not fit names them).
+# Config keys that decide what the train state holds (a restore that does not fit names them;
+# turning clipping, SGD's weight decay or momentum, or learning-rate multipliers on or off
+# changes the optimizer chain's members).
 _LAYOUT_KEYS = (
     "model", "lora", "task", "ema_decay", "input.image_size", "optimizer.trainable",
     "optimizer.frozen_params", "optimizer.name", "optimizer.mu_dtype", "data.source",
-    "data.name", "data.root", "data.classes", "data.class_names",
+    "data.name", "data.root", "data.classes", "data.class_names", "optimizer.grad_clip_norm",
+    "optimizer.weight_decay", "optimizer.momentum", "optimizer.lr_mults", "optimizer.layer_decay",
 )  # fmt: skip
 
 
