@@ -302,6 +302,17 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path, bef
     assert _tree_hash(tmp_path / "checkpoints") == saved
 
 
+def test_a_longer_run_warns_of_the_learning_rate_it_resumes_with(tmp_path, caplog):
+    """Cosine without warmup: after 4 of 4 steps the rate is 0; over 6 steps, step 5 takes
+    0.05 * (1 + cos(2 pi / 3)) / 2 = 0.0125."""
+    train_and_evaluate(small_config(total_steps=4), str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(small_config(total_steps=6), str(tmp_path))
+    want = 0.05 * (1 + np.cos(np.pi * 4 / 6)) / 2
+    assert f"learning rate of step 5 is {want:.4g} under this run's schedule" in caplog.text
+    assert "saved run's would have given 0 " in caplog.text
+
+
 @pytest.mark.parametrize(
     "length, match",
     [

@@ -455,6 +455,40 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
     return sum(positions) // jax.process_count()  # as many examples consumed in all
 
 
+def _saved_learning_rate(saved: Mapping[str, Any], step: int, steps_per_epoch: int) -> float:
+    """The learning rate that the saved config's schedule gives ``step``."""
+    config = ml_collections.ConfigDict(dict(saved))
+    with specs.saved_config():
+        opt, schedule = specs.optimizer_spec(config.optimizer), specs.schedule_spec(config.schedule)
+    total = specs.training_steps(
+        config.get("total_steps"), config.get("total_epochs"), steps_per_epoch
+    )
+    numbers = optim.schedule_numbers(
+        schedule, base_lr=float(opt.learning_rate), total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    return float(optim.schedule_value(schedule.decay, numbers, step))
+
+
+def _note_learning_rate_change(
+    spec: specs.RunSpec, optimizer: optim.Optimizer, meta: Mapping[str, Any], step: int,
+    steps_per_epoch: int,
+) -> None:  # fmt: skip
+    """Warns when the resumed run's schedule (a longer run, another learning rate) gives the
+    next update another learning rate than the saved run's schedule would have."""
+    try:
+        before = _saved_learning_rate(meta.get("config") or {}, step, steps_per_epoch)
+    except (AttributeError, KeyError, TypeError, ValueError):  # older or partial records
+        return
+    after = float(optim.schedule_value(spec.schedule.decay, optimizer.numbers["schedule"], step))
+    if abs(after - before) > 1e-3 * max(abs(before), abs(after)):
+        logging.warning(
+            "The learning rate of step %d is %.4g under this run's schedule, where the saved "
+            "run's would have given %.4g (the schedule is computed over this run's length).",
+            step + 1, after, before,
+        )  # fmt: skip
+
+
 def _step_settings(
     spec: specs.RunSpec, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
 ) -> StepSettings:
@@ -539,6 +573,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
+    if start_step:
+        _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
     if start_step > total_steps:
         length = f"total_steps={total_steps}"
         if spec.total_epochs is not None:

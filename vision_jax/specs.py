@@ -506,15 +506,22 @@ class RunSpec:
 
     def steps(self, steps_per_epoch: int) -> int:
         """Training steps: ``total_steps``, or ``total_epochs`` of ``steps_per_epoch``."""
-        if (self.total_steps is None) == (self.total_epochs is None):
-            raise ConfigError("Set exactly one of total_steps and total_epochs.")
-        if self.total_steps is not None:
-            total = int(self.total_steps)
-        else:
-            total = math.ceil(self.total_epochs * steps_per_epoch)
-        if total <= 0:
-            raise ConfigError(f"Training must last at least one step, got {total}.")
-        return total
+        return training_steps(self.total_steps, self.total_epochs, steps_per_epoch)
+
+
+def training_steps(
+    total_steps: int | None, total_epochs: float | None, steps_per_epoch: int
+) -> int:
+    """``total_steps``, or ``total_epochs`` of ``steps_per_epoch`` (exactly one is set)."""
+    if (total_steps is None) == (total_epochs is None):
+        raise ConfigError("Set exactly one of total_steps and total_epochs.")
+    if total_steps is not None:
+        total = int(total_steps)
+    else:
+        total = math.ceil(total_epochs * steps_per_epoch)
+    if total <= 0:
+        raise ConfigError(f"Training must last at least one step, got {total}.")
+    return total
 
 
 def run_spec(config: Any) -> RunSpec:
