@@ -573,8 +573,6 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
-    if start_step:
-        _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
     if start_step > total_steps:
         length = f"total_steps={total_steps}"
         if spec.total_epochs is not None:
@@ -585,6 +583,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
             f"this run ({length}): train for at least {start_step} steps, or start in another "
             "workdir."
         )
+    if 0 < start_step < total_steps:
+        _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
     selection = best = None
     if val_source is not None:
         selection = Selection.from_spec(spec.early_stopping, spec.task.headline)
