@@ -409,7 +409,7 @@ def _end_step(
     if evaluating and selection is not None:
         guard.check(state)  # a non-finite state is neither evaluated nor kept as the best
         results = _evaluate(run, state, step, writer)
-        if selection.should_stop and not last:
+        if selection.should_stop:
             selection.stopped_at = step
     early = selection is not None and selection.stopped_at == step
     if stopping or early or _save_due(run.spec, step, run.total_steps):
