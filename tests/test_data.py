@@ -704,6 +704,48 @@ def test_jpegs_decode_to_pils_pixels(shared_dir):
         np.testing.assert_allclose(whole.numpy(), resized, atol=1 + 1e-3)  # PIL's ties
 
 
+def _jpeg_with_orientation(pixels: np.ndarray, orientation: int, endian: str) -> bytes:
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif.endian = endian
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", exif=exif.tobytes(), quality=95)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_jpegs_are_turned_upright_by_their_exif_orientation(endian):
+    """Each of the 8 orientations, in both byte orders: decoding gives PIL's
+    ``exif_transpose`` of the image (as viewers show it), and so does the inception crop's
+    (whole-image) window."""
+    import io
+
+    from PIL import ImageOps
+
+    from vision_jax.data.exif import exif_orientation
+
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 20, 3), np.uint8)
+    for orientation in range(1, 9):
+        data = _jpeg_with_orientation(pixels, orientation, endian)
+        assert int(exif_orientation(tf.constant(data))) == orientation
+        with Image.open(io.BytesIO(data)) as stored:
+            shown = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+        np.testing.assert_array_equal(augment.decode(tf.constant(data)).numpy(), shown)
+        h, w = shown.shape[:2]
+        whole = augment.decode_inception_crop(
+            tf.constant(data), 8, (1, 1), (w / h, w / h), tf.constant([0, 0]), "bilinear"
+        )
+        want = augment.resize(tf.constant(shown, tf.float32), [8, 8], "bilinear")
+        np.testing.assert_array_equal(whole.numpy(), want.numpy())
+    plain = io.BytesIO()
+    Image.fromarray(pixels).save(plain, "JPEG")
+    assert int(exif_orientation(tf.constant(plain.getvalue()))) == 1
+    truncated = _jpeg_with_orientation(pixels, 6, endian)[:40]  # EXIF cut short: no orientation
+    assert int(exif_orientation(tf.constant(truncated))) == 1
+
+
 def test_idx_source_reads_fashion_mnist(shared_dir):
     from vision_jax.data.idx import from_idx
 

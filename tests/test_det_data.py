@@ -402,6 +402,22 @@ def test_an_image_of_another_size_than_its_annotations(tmp_path):
     np.testing.assert_array_equal(batches[0]["mask"], [1, 0])
 
 
+def test_images_to_predict_on_have_their_shown_size(tmp_path):
+    """A JPEG stored sideways (EXIF orientation 8): boxes are predicted on the picture as
+    shown, so its size is the turned one (20 wide, 12 high)."""
+    from vision_jax.data.coco import from_image_files
+
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (12, 20)).save(tmp_path / "side.jpg", "JPEG", exif=exif.tobytes())
+    Image.new("RGB", (12, 20)).save(tmp_path / "plain.png")
+    source, unreadable = from_image_files(
+        [str(tmp_path / "side.jpg"), str(tmp_path / "plain.png")], ["a"], [1]
+    )
+    sizes = [(im["width"], im["height"]) for im in source.annotations["images"]]
+    assert sizes == [(20, 12), (12, 20)] and not unreadable
+
+
 def test_box_configs_that_do_not_fit(tmp_path):
     write_coco(tmp_path, [(60, 90, RECTS), (20, 20, [])])
     source = coco_source(tmp_path)

@@ -167,6 +167,43 @@ def test_label_map_folder_eval_covers_every_pixel_once(tmp_path):
     assert named.num_classes == 5
 
 
+def test_label_maps_match_photos_turned_by_their_exif_orientation(tmp_path):
+    """A camera JPEG stored sideways (EXIF orientation 6) with its mask drawn on the picture as
+    shown: the pipeline turns the image, so image and label map agree (and the size check
+    compares the turned size)."""
+    make_seg_folder(tmp_path, n=1, size=(24, 40))
+    label_map = label_map_of((24, 40), 8, seed=5)
+    shown = image_of(label_map)
+    stored = np.ascontiguousarray(np.rot90(shown, 1))  # the camera's frame: a quarter turn back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn a quarter clockwise to show
+    Image.fromarray(stored).save(
+        tmp_path / "train" / "images" / "001.jpg", "JPEG", exif=exif.tobytes(), quality=98
+    )
+    save_mask(tmp_path / "train" / "masks" / "001.png", label_map, palette=False)
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    source = data_lib.load_source(cfg.data, "train", target="label_map")
+    assert data_lib.check_examples(source, spec_of()) == 0  # sizes agree once turned
+    batch = next(iter(data_lib.eval_batches(source, spec_of(image_size=40), global_batch=2)))
+    row = list(source.columns["path"]).index(str(tmp_path / "train" / "images" / "001.jpg"))
+    image = np.asarray(Image.fromarray(shown).resize((40, 40), Image.Resampling.NEAREST))
+    want = nearest_class(image.astype(np.float32))
+    got = nearest_class(batch["image"][row])
+    inner = uniform_neighbourhood(batch["label_map"][row])
+    assert inner.mean() > 0.3
+    np.testing.assert_array_equal(got[inner], want[inner])
+    np.testing.assert_array_equal(batch["label_map"][row][inner], want[inner])
+
+
+def test_an_empty_line_in_classes_txt_is_an_error(tmp_path):
+    """Line k names class k - 1: an empty line would shift the names after it."""
+    make_seg_folder(tmp_path, n=1)
+    (tmp_path / "classes.txt").write_text("background\n\na\nb\n\n")
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    with pytest.raises(data_lib.DataError, match=r"classes\.txt: line 2 is empty"):
+        data_lib.load_source(cfg.data, "train", target="label_map")
+
+
 def test_resumed_stream_equals_the_uninterrupted_one(tmp_path):
     make_seg_folder(tmp_path, size=(20, 28))
     source = data_lib.load_source(

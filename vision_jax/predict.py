@@ -410,9 +410,10 @@ PALETTE = (
 def draw_detections(path: str, detections: list[dict], out_path: str, threshold: float) -> None:
     """``path`` with the boxes of ``detections`` scoring at least ``threshold`` drawn, labelled
     with class name and score, saved to ``out_path``."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageOps
 
-    image = Image.open(path).convert("RGB")
+    image = Image.open(path)
+    image = (ImageOps.exif_transpose(image) if image.format == "JPEG" else image).convert("RGB")
     draw = ImageDraw.Draw(image)
     for d in sorted(detections, key=lambda d: d["score"]):
         if d["score"] < threshold:

@@ -16,19 +16,25 @@ from collections.abc import Sequence
 
 from vision_jax.tf_without_keras import tf
 
+from vision_jax.data import exif
+
 
 def decode(data: tf.Tensor) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes, or a uint8 HWC/HW array, to uint8 RGB [H, W, 3].
 
     Grayscale, CMYK, palette, alpha and 16-bit images all come out as 8-bit RGB. JPEGs take
     libjpeg's accurate integer DCT, as PIL decodes them (TensorFlow's default, the fast one,
-    is up to 5 levels off PIL's pixels, which timm's transforms read).
+    is up to 5 levels off PIL's pixels, which timm's transforms read), and are turned upright
+    by their EXIF orientation (:mod:`.exif`), as viewers and labelling tools show them.
     """
     image = data
     if data.dtype == tf.string:
         image = tf.cond(
             tf.io.is_jpeg(data),
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: exif.upright(
+                tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                exif.exif_orientation(data),
+            ),
             lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
         )
     if image.shape.rank == 2:
@@ -134,7 +140,8 @@ def decode_inception_crop(
     method: str,
 ) -> tf.Tensor:  # fmt: skip
     """Random-resized ("inception") crop to ``size`` x ``size`` float32 (resized by ``method``),
-    decoding only the crop window of JPEG bytes."""
+    decoding only the crop window of JPEG bytes (of upright ones: others are decoded whole and
+    turned first)."""
 
     def crop_decoded(image: tf.Tensor) -> tf.Tensor:
         box = sample_inception_box(tf.shape(image), scale, ratio, seed)
@@ -150,7 +157,8 @@ def decode_inception_crop(
             )
             return tf.ensure_shape(image, [None, None, 3])
 
-        image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: crop_decoded(decode(data)))
+        stored_upright = tf.io.is_jpeg(data) & (exif.exif_orientation(data) == 1)
+        image = tf.cond(stored_upright, jpeg, lambda: crop_decoded(decode(data)))
     else:
         image = crop_decoded(decode(data))
     image = resize(tf.cast(image, tf.float32), [size, size], method)

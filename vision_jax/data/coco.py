@@ -21,7 +21,7 @@ from vision_jax.tf_without_keras import tf
 import numpy as np
 from PIL import Image
 
-from vision_jax.data import augment
+from vision_jax.data import augment, exif
 from vision_jax.data.folders import apply_slice, parse_split
 from vision_jax.data.sources import DataError, Source, file_path, list_names, tfds_split
 
@@ -83,7 +83,7 @@ def from_image_files(
     for path in paths:
         try:
             with Image.open(path) as image:
-                width, height = image.size
+                width, height = exif.upright_size(image)
         except (OSError, ValueError) as e:
             unreadable.append((path, str(e)))
             continue

@@ -170,14 +170,21 @@ def label_map_folder(
 
 
 def _classes_txt(root: str) -> list[str]:
-    """The non-empty lines of ``root/classes.txt`` (line i names class id i)."""
+    """The lines of ``root/classes.txt`` (line i names class id i; trailing blank lines
+    dropped, an empty line among them is an error: it would shift the names after it)."""
     path = posixpath.join(root, "classes.txt")
     if not file_path(path).exists():
         raise DataError(
             f"Label maps need class names: set data.class_names or write {path} (one per line, "
             "class 0 first)."
         )
-    return [line.strip() for line in file_path(path).read_text().rstrip().splitlines()]
+    names = [line.strip() for line in file_path(path).read_text().rstrip().splitlines()]
+    if "" in names:
+        raise DataError(
+            f"{path}: line {names.index('') + 1} is empty; line k names class id k - 1, so "
+            "every class id up to the last needs a name."
+        )
+    return names
 
 
 def _read_csv(path: str) -> list[tuple[int, str, str]]:

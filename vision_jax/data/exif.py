@@ -1,0 +1,79 @@
+"""EXIF orientation: read from JPEG bytes in TensorFlow ops, and images turned upright by it.
+
+Cameras store a photo as the sensor saw it and record how to turn it for display (EXIF tag
+0x0112, values 1-8); viewers and labelling tools show it turned, so masks and boxes are drawn on
+the turned image. Decoding turns images the same way, as ``PIL.ImageOps.exif_transpose`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vision_jax.tf_without_keras import tf
+
+_HEAD = 1 << 17  # the APP1 segment (at most 64 KiB) follows SOI and at most a few others
+_PAD = b"\0" * 16
+_EXIF = (0x45, 0x78, 0x69, 0x66, 0, 0)  # "Exif\0\0"
+_ORIENTATION = 0x0112
+
+
+def exif_orientation(data: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (int32, 1-8; 1 when absent or unreadable) of JPEG bytes."""
+    head = tf.strings.join([tf.strings.substr(data, 0, _HEAD), _PAD])
+    raw = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int32)
+    size = tf.size(raw)
+
+    def at(i: tf.Tensor) -> tf.Tensor:
+        return tf.gather(raw, tf.clip_by_value(i, 0, size - 1))
+
+    def searching(pos: tf.Tensor, tiff: tf.Tensor) -> tf.Tensor:  # marker segments to the scan
+        return (tiff < 0) & (pos + 10 < size) & (at(pos) == 0xFF) & (at(pos + 1) != 0xDA)
+
+    def segment(pos: tf.Tensor, tiff: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        exif = (at(pos + 1) == 0xE1) & tf.reduce_all(at(pos + 4 + tf.range(6)) == _EXIF)
+        length = at(pos + 2) * 256 + at(pos + 3)
+        return pos + 2 + length, tf.where(exif, pos + 10, -1)
+
+    _, tiff = tf.while_loop(
+        searching, segment, (tf.constant(2), tf.constant(-1)), maximum_iterations=64
+    )
+    little = (at(tiff) == 0x49) & (at(tiff + 1) == 0x49)  # "II", else "MM"
+
+    def u16(i: tf.Tensor) -> tf.Tensor:
+        return tf.where(little, at(i) + 256 * at(i + 1), 256 * at(i) + at(i + 1))
+
+    high, low = (
+        tf.where(little, u16(tiff + 6), u16(tiff + 4)),
+        tf.where(little, u16(tiff + 4), u16(tiff + 6)),
+    )
+    ifd = tiff + 65536 * high + low  # the first IFD's offset: a 32-bit word
+    entries = ifd + 2 + 12 * tf.range(tf.minimum(u16(ifd), 256))
+    found = u16(entries) == _ORIENTATION
+    value = tf.reduce_max(tf.where(found, u16(entries + 8), 0))  # a SHORT: the field's start
+    valid = (tiff >= 0) & tf.reduce_any(found) & (value >= 1) & (value <= 8)
+    return tf.where(valid, value, 1)
+
+
+def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """``image`` [H, W, C] turned for display by its EXIF ``orientation``, as PIL's
+    ``exif_transpose`` turns it."""
+    transposed = lambda: tf.transpose(image, [1, 0, 2])
+    branches = [
+        lambda: image,
+        lambda: image[:, ::-1],  # 2: mirrored
+        lambda: image[::-1, ::-1],  # 3: upside down
+        lambda: image[::-1],  # 4: mirrored upside down
+        transposed,  # 5
+        lambda: transposed()[:, ::-1],  # 6: turned a quarter clockwise
+        lambda: transposed()[::-1, ::-1],  # 7
+        lambda: transposed()[::-1],  # 8: turned a quarter anticlockwise
+    ]
+    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
+
+
+def upright_size(image: Any) -> tuple[int, int]:
+    """(width, height) of an open PIL image once turned upright, as decoding turns JPEGs."""
+    width, height = image.size
+    if image.format == "JPEG" and image.getexif().get(_ORIENTATION, 1) >= 5:
+        return height, width
+    return width, height
