@@ -346,7 +346,7 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
         if fmt == "savedmodel":
             got = savedmodel_in_a_tensorflow_process(out, images, tmp_path)
         elif fmt == "stablehlo":
-            got = load_stablehlo(out / manifest["artifact"]).call(images)["probabilities"]
+            got = load_stablehlo(out).call(images)["probabilities"]  # the folder
         else:
             model = TFLiteModel((out / manifest["artifact"]).read_bytes())
             got = model(images)["probabilities"]

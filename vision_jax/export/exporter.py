@@ -12,6 +12,7 @@ import numpy as np
 from vision_jax.export.images import split_images
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
 from vision_jax.export.serving import ExportError, Servable
+from vision_jax.export.stablehlo import ARTIFACT as STABLEHLO_ARTIFACT
 from vision_jax.export.stablehlo import PLATFORMS, to_stablehlo
 from vision_jax.export.tflite import check_quantize, to_tflite
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from vision_jax.trained import Trained
 
 FORMATS = ("savedmodel", "stablehlo", "tflite")
-ARTIFACTS = {"savedmodel": ".", "stablehlo": "model.jax_exported", "tflite": "model.tflite"}
+ARTIFACTS = {"savedmodel": ".", "stablehlo": STABLEHLO_ARTIFACT, "tflite": "model.tflite"}
 MANIFEST = "export.json"
 CALIBRATION_IMAGES = 100  # representative images for full-integer quantisation
 

@@ -23,6 +23,13 @@ def to_stablehlo(servable: Servable, path: str | os.PathLike) -> None:
     pathlib.Path(path).write_bytes(exported.serialize())
 
 
+ARTIFACT = "model.jax_exported"
+
+
 def load_stablehlo(path: str | os.PathLike) -> jax.export.Exported:
-    """The exported function in ``path``; call it with ``.call(images)``."""
-    return jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
+    """The exported function in ``path`` (the file, or the export folder that holds it); call
+    it with ``.call(images)``."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / ARTIFACT
+    return jax.export.deserialize(bytearray(path.read_bytes()))
