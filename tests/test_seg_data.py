@@ -403,7 +403,8 @@ def test_bad_masks_are_errors_naming_the_file(bad_folder):
     Image.fromarray(image_of(label_map_of((16, 16), 4, 0))).save(masks / "000.png")  # RGB
     with pytest.raises(
         data_lib.DataError,
-        match=r"masks/000\.png: A label map must be a grayscale or palette PNG of at most 8",
+        match=r"masks/000\.png: A label map must be a grayscale or palette PNG of at most 8 "
+        r"bits; .* and bit depth, if it is a PNG: 2 8;",  # RGB, 8 bits
     ):
         list(data_lib.eval_batches(source, spec_of(), global_batch=9))
     for bad in ("size", "range"):

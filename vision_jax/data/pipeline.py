@@ -182,8 +182,9 @@ def decode_file(path: str, decode: Callable[[tf.Tensor], tf.Tensor]) -> np.ndarr
         return decode(tf.io.read_file(path)).numpy()
     except tf.errors.OpError as e:
         message = e.message.split("[Op:")[0].split("}}")[-1]
-        if "Summarized data: " in message:  # a failed tf.debugging.Assert
-            message = message.split("Summarized data: ")[-1].strip("b'\" ")
+        if "Summarized data: " in message:  # a failed tf.debugging.Assert: its data, a line each
+            data = message.split("Summarized data: ")[-1].splitlines()
+            message = " ".join(part.strip("b'\" ") for part in data)
         return message.strip().rstrip(".")
 
 
