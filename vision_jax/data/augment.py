@@ -29,14 +29,14 @@ def decode(data: tf.Tensor) -> tf.Tensor:
     """
     image = data
     if data.dtype == tf.string:
-        image = tf.cond(
-            tf.io.is_jpeg(data),
-            lambda: exif.upright(
-                tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-                exif.exif_orientation(data),
-            ),
+        jpeg = lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        is_jpeg = tf.io.is_jpeg(data)
+        other = lambda: tf.cond(
+            is_jpeg,
+            lambda: exif.decode_upright(data),
             lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
         )
+        image = tf.cond(is_jpeg & ~exif.may_have_exif(data), jpeg, other)
     if image.shape.rank == 2:
         image = image[..., None]
     if image.shape[-1] == 1:
@@ -52,18 +52,21 @@ def resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
     takes the plain kernel (the same result, several times faster); plain bicubic is not PIL's,
     so bicubic is always antialiased."""
     shape = tf.shape(image)[:2]
-    wide = _resize_pass(image, tf.stack([shape[0], size[1]]), method)
-    return _resize_pass(wide, size, method)
+
+    def passes() -> tf.Tensor:
+        wide = _resize_pass(image, tf.stack([shape[0], size[1]]), method)
+        return _resize_pass(wide, size, method)
+
+    # One branch op per decision: each costs as much as resizing a small image.
+    return tf.cond(tf.reduce_all(shape == size), lambda: image, passes)
 
 
 def _resize_pass(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
     shape = tf.shape(image)[:2]
     antialiased = lambda: _levels(tf.image.resize(image, size, method, antialias=True))
     plain = antialiased if method == "bicubic" else lambda: _levels(tf.image.resize(image, size))
-    return tf.case(
-        [(tf.reduce_all(shape == size), lambda: image), (tf.reduce_any(shape > size), antialiased)],
-        default=plain,
-    )
+    kind = tf.where(tf.reduce_all(shape == size), 0, tf.where(tf.reduce_any(shape > size), 1, 2))
+    return tf.switch_case(kind, [lambda: image, antialiased, plain])
 
 
 def clamp(image: tf.Tensor, method: str) -> tf.Tensor:

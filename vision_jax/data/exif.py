@@ -15,10 +15,38 @@ _HEAD = 1 << 17  # the APP1 segment (at most 64 KiB) follows SOI and at most a f
 _PAD = b"\0" * 16
 _EXIF = (0x45, 0x78, 0x69, 0x66, 0, 0)  # "Exif\0\0"
 _ORIENTATION = 0x0112
+_HAS_EXIF = r"\C*Exif\x00\x00\C*"  # \C: any byte (the bytes are not UTF-8)
+
+
+def may_have_exif(data: tf.Tensor) -> tf.Tensor:
+    """Whether the first bytes of ``data`` hold an EXIF header (one cheap pass: files without
+    one need not be parsed)."""
+    return tf.strings.regex_full_match(tf.strings.substr(data, 0, _HEAD), _HAS_EXIF)
 
 
 def exif_orientation(data: tf.Tensor) -> tf.Tensor:
     """The EXIF orientation (int32, 1-8; 1 when absent or unreadable) of JPEG bytes."""
+
+    def parsed() -> tf.Tensor:
+        return tf.ensure_shape(tf.py_function(parse_orientation, [data], tf.int32), [])
+
+    return tf.cond(may_have_exif(data), parsed, lambda: tf.constant(1))
+
+
+def decode_upright(data: tf.Tensor) -> tf.Tensor:
+    """JPEG bytes decoded (as PIL decodes) and turned upright, in one op (a Python call): as
+    graph ops, the parser's branch slowed the decoding of every other image by a fifth
+    (tf.data's control flow passes through the untaken branch's every op)."""
+
+    def decode(data: tf.Tensor) -> tf.Tensor:
+        image = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        return upright(image, parse_orientation(data))
+
+    return tf.ensure_shape(tf.py_function(decode, [data], tf.uint8), [None, None, 3])
+
+
+def parse_orientation(data: tf.Tensor) -> tf.Tensor:
+    """The orientation tag of the first APP1 "Exif" segment of JPEG bytes, or 1."""
     head = tf.strings.join([tf.strings.substr(data, 0, _HEAD), _PAD])
     raw = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int32)
     size = tf.size(raw)
