@@ -134,8 +134,7 @@ class Predictor:
         contract = weights.input_contract(path)
         network, variables = _pretrained_classifier(path, model, contract.image_size)
         count = network.num_classes
-        recorded = weights.class_names(path)
-        if class_names is None and recorded is not None and len(recorded) == count:
+        if class_names is None and len(recorded := weights.class_names(path) or ()) == count:
             class_names = recorded
         names = list(class_names or (f"class_{i}" for i in range(count)))
         if len(names) != count:

@@ -31,12 +31,12 @@ def decode(data: tf.Tensor) -> tf.Tensor:
     if data.dtype == tf.string:
         jpeg = lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
         is_jpeg = tf.io.is_jpeg(data)
-        other = lambda: tf.cond(
+        exif_jpeg_or_other = lambda: tf.cond(
             is_jpeg,
             lambda: exif.decode_upright(data),
             lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
         )
-        image = tf.cond(is_jpeg & ~exif.may_have_exif(data), jpeg, other)
+        image = tf.cond(is_jpeg & ~exif.may_have_exif(data), jpeg, exif_jpeg_or_other)
     if image.shape.rank == 2:
         image = image[..., None]
     if image.shape[-1] == 1:

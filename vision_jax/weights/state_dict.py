@@ -33,15 +33,14 @@ def read_variables(path: str | os.PathLike, model: nn.Module) -> dict:
     return from_timm(_timm_names(state_dict, str(path)), model)
 
 
+def _vit_size(sd: Mapping[str, np.ndarray]) -> int:
+    """A timm-named ViT's input size: its position-embedding grid times its patch."""
+    return vit_image_size(sd["pos_embed"].shape, sd["patch_embed.proj.weight"].shape[-1])
+
+
 def _contract(sd: Mapping[str, np.ndarray], source: str) -> InputContract:
-    if tv_vit.is_torchvision_vit(sd):  # torchvision's evaluation: resize 256, crop 224
-        patch = sd["conv_proj.weight"].shape[-1]
-        size = vit_image_size(sd["encoder.pos_embedding"].shape, patch)
-        return InputContract(size, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
     if "patch_embed.proj.weight" in sd:
-        patch = sd["patch_embed.proj.weight"].shape[-1]
-        size = vit_image_size(sd["pos_embed"].shape, patch)
-        return InputContract(size, interpolation="bicubic", crop_fraction=0.9)
+        return InputContract(_vit_size(sd), interpolation="bicubic", crop_fraction=0.9)
     if "stem.conv.weight" in sd:
         return InputContract(224, crop_fraction=0.875)
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
@@ -54,6 +53,8 @@ def _contract(sd: Mapping[str, np.ndarray], source: str) -> InputContract:
 def input_contract(path: str | os.PathLike) -> InputContract:
     """The input of a state-dict file, told from its layout (see :mod:`.contract`)."""
     state_dict = read_state_dict(path)
-    if hf.is_hf_vit(state_dict):
-        state_dict = hf.to_timm_names(state_dict, source=str(path))
-    return _contract(state_dict, str(path))
+    timm_names = _timm_names(state_dict, str(path))
+    if tv_vit.is_torchvision_vit(state_dict):  # torchvision's evaluation: resize 256, crop 224
+        size = _vit_size(timm_names)
+        return InputContract(size, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
+    return _contract(timm_names, str(path))
