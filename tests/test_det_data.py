@@ -346,7 +346,7 @@ def bad_coco(tmp_path) -> pathlib.Path:
     coco = write_coco(tmp_path, [(40, 40, [RECTS[0]]), (40, 40, [RECTS[1]])])
     (tmp_path / "train" / "002.png").unlink()
     for ann_id, change in (
-        (11, {"bbox": [30, 2, 15, 5]}),  # sticks out 5 px on the right
+        (11, {"bbox": [41, 2, 15, 5]}),  # wholly right of the image
         (12, {"category_id": 99}),
         (13, {"image_id": 77}),
         (14, {"bbox": [3, 3, 0, 4]}),
@@ -361,7 +361,7 @@ def test_bad_ground_truth_is_an_error_naming_file_and_annotation(bad_coco):
         coco_source(bad_coco)
     message = str(error.value)
     assert "annotations/instances_train.json" in message and "skip_corrupt" in message
-    assert "annotation 11: box [30, 2, 15, 5] lies outside its image 001.png (40x40)" in message
+    assert "annotation 11: box [41, 2, 15, 5] lies outside its image 001.png (40x40)" in message
     assert "annotation 12: unknown category_id 99" in message
     assert "annotation 13: unknown image_id 77" in message
     assert "annotation 14: box [3, 3, 0, 4] has no area" in message
@@ -386,6 +386,23 @@ def test_bad_ground_truth_skipped_and_counted_with_skip_corrupt(bad_coco, caplog
     assert source.num_examples == 1 and source.skip_corrupt
     assert [im["id"] for im in source.annotations["images"]] == [1]
     assert [a["id"] for a in source.annotations["annotations"]] == [1]
+
+
+def test_a_box_sticking_out_is_clipped_for_training_and_scored_as_written(tmp_path, caplog):
+    """As torchvision's and detectron2's loaders: the part inside the image is the target; the
+    ground truth pycocotools scores stays as the file has it."""
+    coco = write_coco(tmp_path, [(60, 90, [RECTS[0]])])
+    coco["annotations"].append({**coco["annotations"][0], "id": 7, "bbox": [-6, 40, 30, 25]})
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    with caplog.at_level(logging.INFO):
+        source = coco_source(tmp_path)
+    assert "1 box(es) stick out of their image" in caplog.text
+    assert "annotation 7 [-6, 40, 30, 25] in 001.png (90x60)" in caplog.text
+    assert source.annotations["annotations"][1]["bbox"] == [-6, 40, 30, 25]
+    batch = next(data_lib.eval_batches(source, spec_of(image_size=90), global_batch=1, max_boxes=2))
+    np.testing.assert_allclose(
+        batch["boxes"][0] / batch["scale"][0], [xyxy(RECTS[0]), [0, 40, 24, 60]], atol=1e-3
+    )
 
 
 def test_an_image_of_another_size_than_its_annotations(tmp_path):

@@ -3,10 +3,12 @@
 Both give a :class:`Source` with ``target == "boxes"``: examples ``{"path" or "image", "row"}``
 (``row`` indexes ``annotations["images"]``) and the split's ground truth ``annotations`` (COCO
 format, original pixels; see :mod:`vision_jax.data.boxes` for how batches get their boxes).
-The ground truth is checked here: a box sticking out of its image by more than
-:data:`TOLERANCE` pixels or without area, an unknown category or image id, or a missing image
-file is a DataError naming the file and the annotation, or with ``skip_corrupt`` counted,
-logged and left out. Crowd regions (``iscrowd``) are kept as such; images without boxes too.
+The ground truth is checked here: a box without area or wholly outside its image, an unknown
+category or image id, or a missing image file is a DataError naming the file and the
+annotation, or with ``skip_corrupt`` counted, logged and left out. A box that sticks out of its
+image is clipped to it for training (as torchvision's and detectron2's loaders do; more than
+:data:`TOLERANCE` pixels is logged once per source) and evaluated as written, as pycocotools
+reads the file. Crowd regions (``iscrowd``) are kept as such; images without boxes too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from vision_jax.data import augment, exif
 from vision_jax.data.folders import apply_slice, parse_split
 from vision_jax.data.sources import DataError, Source, file_path, list_names, tfds_split
 
-TOLERANCE = 1.0  # pixels a box may stick out of its image (float rounding)
+TOLERANCE = 1.0  # pixels a box may stick out of its image unlogged (float rounding)
 ANNOTATIONS = "annotations/instances_{split}.json"
 IMAGES = "{split}"
 _KEYS = {
@@ -196,6 +198,7 @@ def _checked_annotations(
             problems.append(f"annotation {ann['id']}: {problem}")
         else:
             good.append(ann)
+    _log_clipped(good, images, path)
     return good, problems
 
 
@@ -219,9 +222,31 @@ def box_problem(bbox: list, width: float, height: float, file_name: str) -> str 
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
         return f"box {bbox} has no area (width and height must be > 0)"
-    if min(x, y) < -TOLERANCE or x + w > width + TOLERANCE or y + h > height + TOLERANCE:
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
         return f"box {bbox} lies outside its image {file_name} ({width}x{height})"
     return None
+
+
+def _sticks_out(bbox: list, width: float, height: float) -> bool:
+    """Whether a (valid) COCO box reaches more than :data:`TOLERANCE` pixels past its image."""
+    x, y, w, h = bbox
+    return min(x, y) < -TOLERANCE or x + w > width + TOLERANCE or y + h > height + TOLERANCE
+
+
+def _log_clipped(anns: list[dict], images: dict, where: str) -> None:
+    """One line naming the boxes (of ``anns``, valid) that training clips to their image."""
+    clipped = [
+        f"annotation {a['id']} {a['bbox']} in {image['file_name']} "
+        f"({image['width']}x{image['height']})"
+        for a in anns
+        if _sticks_out(a["bbox"], (image := images[a["image_id"]])["width"], image["height"])
+    ]
+    if clipped:
+        more = f" (and {len(clipped) - 3} more)" if clipped[3:] else ""
+        logging.info(
+            "%s: %d box(es) stick out of their image; training clips them to it, evaluation "
+            "reads them as written: %s%s.", where, len(clipped), "; ".join(clipped[:3]), more,
+        )  # fmt: skip
 
 
 def _missing_files(images: list[dict], image_dir: str) -> list[dict]:
