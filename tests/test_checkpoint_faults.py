@@ -187,6 +187,14 @@ def damage(step_dir: pathlib.Path, how: str) -> None:
         biggest = max(files, key=lambda f: f.stat().st_size)
         with open(biggest, "r+b") as f:
             f.truncate(biggest.stat().st_size // 2)
+    elif how.startswith("bit-flipped"):  # "bit-flipped" or "bit-flipped:N": N bits, spread over
+        files = [f for f in (step_dir / "state").rglob("*") if f.is_file()]  # the array bytes
+        biggest = max(files, key=lambda f: f.stat().st_size)
+        data = bytearray(biggest.read_bytes())
+        flips = int(how.partition(":")[2] or 1)
+        for i in range(1, flips + 1):
+            data[len(data) * i // (flips + 1)] ^= 0x10
+        biggest.write_bytes(bytes(data))
     elif how == "unfinished":  # a save that a crash interrupted
         step_dir.rename(step_dir.with_name(f"{step_dir.name}.orbax-checkpoint-tmp-1764640000"))
     else:  # a deleted metadata file
@@ -198,6 +206,7 @@ def damage(step_dir: pathlib.Path, how: str) -> None:
     "newest, previous",
     [
         ("truncated", "state/_METADATA"),
+        ("bit-flipped", "bit-flipped"),
         pytest.param("_CHECKPOINT_METADATA", "unfinished", marks=pytest.mark.slow),
     ],
 )
@@ -218,6 +227,8 @@ def test_unreadable_newest_steps_are_moved_aside_and_the_run_resumes_exactly(
     lines = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
     assert len(lines) == 2 and all("\n" not in line for line in lines), lines
     assert any("resuming from step 2" in line for line in lines), lines
+    if newest == "bit-flipped":  # read without error: the digests tell
+        assert all("holds other values than were saved" in line for line in lines), lines
     err = capfd.readouterr().err
     for noise in ("Traceback", "Event loop is closed", "TensorStore("):
         assert noise not in err + caplog.text
@@ -444,3 +455,50 @@ def test_two_processes_save_each_hosts_stream_position_and_resume_exactly(tmp_pa
     shutil.rmtree(interrupted / "checkpoints" / "6")
     run_two_processes(config, interrupted)
     assert_same_step(full, interrupted, 6)
+
+
+def test_digests_are_the_words_sums_numpy_computes():
+    """Per array: the sum of its 32-bit words (narrower types widened) and the sum weighted by
+    position, both modulo 2**32, with the saved dtype named."""
+    from vision_jax import digests
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "w": rng.standard_normal((5, 7)).astype(np.float32),
+        "b": np.asarray(rng.standard_normal(9), jax.numpy.bfloat16),
+        "step": np.int32(-3),
+        "mask": np.array([True, False, True]),
+        "long": rng.standard_normal(2**20 + 5).astype(np.float32),  # two of the host's chunks
+    }
+
+    def reference(x: np.ndarray) -> str:
+        x = np.ravel(x)
+        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+        words = (x.astype(np.uint8) if x.dtype == bool else x.view(unsigned)).astype(np.uint64)
+        weight = (np.arange(x.size, dtype=np.uint64) * 2654435761 + 1) % 2**32
+        return f"{x.dtype.name}:{int(words.sum()) % 2**32:08x}:{int((words * weight).sum()) % 2**32:08x}"
+
+    assert digests.digest(tree) == {k: reference(np.asarray(v)) for k, v in sorted(tree.items())}
+    for x in tree.values():  # arrays spread over processes are digested on their devices
+        on_devices = tuple(int(s) for s in digests._device_sums(jax.numpy.asarray(x)))
+        assert on_devices == digests._host_sums(np.asarray(x))
+    changed = {**tree, "w": tree["w"].copy()}
+    changed["w"].view(np.uint32)[2, 3] ^= 1 << 30  # one bit
+    assert digests.first_difference(digests.digest(tree), changed).startswith("w holds other")
+    swapped = {**tree, "w": tree["w"][::-1].copy()}  # the same words, in another order
+    assert digests.first_difference(digests.digest(tree), swapped).startswith("w holds other")
+    assert digests.first_difference(digests.digest(tree), tree) is None
+    assert digests.first_difference(None, changed) is None  # a checkpoint from before digests
+
+
+def test_weights_read_from_a_damaged_run_are_refused(tmp_path, finished_run):
+    """``predict --weights <workdir>`` and export read the run through read_variables."""
+    from vision_jax.weights.files import WeightFormatError
+    from vision_jax.weights.run_dir import read_variables
+
+    full, _ = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    damage(workdir / "checkpoints" / "6", "bit-flipped:9")  # the parameters among the arrays hit
+    with pytest.raises(WeightFormatError, match=r"checkpoints/6 is damaged: params/.* holds other"):
+        read_variables(workdir)

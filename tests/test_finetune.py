@@ -19,6 +19,7 @@ from vision_jax.steps import StepSettings, TrainState, make_train_step
 from vision_jax.tasks import Classification, Detection, Segmentation
 from vision_jax.train import train_and_evaluate
 from vision_jax.trees import flatten_dict
+from vision_jax.weights.files import WeightFormatError
 from vision_jax.weights.run_dir import latest_step_dir, read_variables
 from vision_jax.weights.run_dir import restore_on_one_device as _restore_on_one_device
 
@@ -55,6 +56,15 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     opt_leaves = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x)]
     assert sorted(x.shape for x in opt_leaves) == [(10,), (64, 10)]  # SGD momentum: head only
     assert os.path.isdir(tmp_path / "frozen_params")
+    # A flipped bit in the frozen backbone's stored bytes is named when the run is read.
+    stored = max((f for f in (tmp_path / "frozen_params").rglob("*") if f.is_file()),
+                 key=lambda f: f.stat().st_size)  # fmt: skip
+    data = bytearray(stored.read_bytes())
+    for i in range(1, 10):
+        data[len(data) * i // 10] ^= 0x10
+    stored.write_bytes(bytes(data))
+    with pytest.raises(WeightFormatError, match=r"frozen_params is damaged: .* holds other"):
+        read_variables(str(tmp_path))
 
 
 @pytest.mark.slow

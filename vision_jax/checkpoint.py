@@ -5,7 +5,8 @@ Each checkpoint step holds two items: ``state`` (the whole :class:`TrainState`) 
 position, JSON), laid out as :mod:`vision_jax.weights.run_dir` (which reads runs) says.
 Rotation keeps the newest ``keep`` steps plus every step that ended its run (``meta["final"]``);
 orbax deletes old steps only after the new one is committed. A newest step that cannot be read
-(truncated file, missing metadata) is moved aside to ``checkpoints/corrupt/<step>-<time>`` (never
+(truncated file, missing metadata, arrays that differ from their digests in ``meta``: see
+:mod:`vision_jax.digests`) is moved aside to ``checkpoints/corrupt/<step>-<time>`` (never
 deleted) with a one-line warning, and the run resumes from the newest readable step; so are
 unfinished saves left by a crash. A checkpoint that does not match the run (another model) is an
 error and left untouched, so it is never overwritten by a run that could not read it.
@@ -29,9 +30,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vision_jax import digests
 from vision_jax.weights.run_dir import (
     BEST_DIR,
     CHECKPOINTS_DIR,
+    FROZEN_DIGEST_FILE,
     META_FILE,
     META_ITEM,
     STATE_ITEM,
@@ -240,6 +243,11 @@ class Checkpointer:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(frozen_dir(self.directory), frozen, force=True)
         checkpointer.wait_until_finished()
+        saved = digests.digest(frozen)
+        if jax.process_index() == 0:
+            (epath.Path(frozen_dir(self.directory)) / FROZEN_DIGEST_FILE).write_text(
+                json.dumps(saved)
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -274,6 +282,7 @@ class Checkpointer:
             meta["data_positions"] = _gather(data_position)
         if meta["final"]:
             self.final_steps.steps.add(step)
+        meta["digest"] = digests.digest(state)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -281,15 +290,6 @@ class Checkpointer:
             ),
             force=True,
         )
-
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores ``state`` of ``step`` (default: the latest) into the shapes, dtypes and
-        shardings of ``abstract_state``; raises :class:`CheckpointError` if it cannot."""
-        step = self.manager.latest_step() if step is None else step
-        restored, problem = self._try_restore(step, abstract_state)
-        if problem is not None:
-            raise CheckpointError(f"Cannot read checkpoint {self.step_dir(step)}: {problem}")
-        return restored
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest readable step's state and meta (None without checkpoints).
@@ -305,7 +305,9 @@ class Checkpointer:
             step = _broadcast(steps[i] if i < len(steps) else -1)
             restored, problem = self._try_restore(step, abstract_state)
             failed = _gather(problem is not None)
-            if not any(failed):
+            if not any(failed):  # every process read it: now a collective check of its values
+                problem = digests.first_difference(restored[1].get("digest"), restored[0])
+            if not any(failed) and problem is None:
                 for bad, why in problems.items():
                     self._move_aside(bad, f"cannot be read ({why}); resuming from step {step}")
                 if problems:
@@ -313,6 +315,7 @@ class Checkpointer:
                     self.manager.reload()
                 return restored
             problems[step] = problem or f"unreadable on process {failed.index(True)}"
+            restored = None  # a damaged state's arrays go before the next step's are read
         if problems:
             listed = "; ".join(f"step {s}: {why}" for s, why in problems.items())
             raise CheckpointError(
@@ -417,6 +420,7 @@ class BestCheckpoint:
         """Saves ``state`` as the best, scoring ``value``. Call on every process."""
         if step in self.manager.all_steps():
             return
+        meta = {**meta, "digest": digests.digest(state)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -433,6 +437,8 @@ class BestCheckpoint:
         if step is None:
             raise CheckpointError(f"No best checkpoint in {self.directory}.")
         restored, problem = _read_step(epath.Path(self.directory) / str(step), abstract_state)
+        if problem is None:
+            problem = digests.first_difference(restored[1].get("digest"), restored[0])
         if problem is not None:
             raise CheckpointError(
                 f"Cannot read the best checkpoint {self.directory}/{step}: {problem}"

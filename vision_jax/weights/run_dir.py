@@ -3,10 +3,11 @@ folder, read with orbax; and the layout and record of a run, which :mod:`vision_
 writes::
 
     <workdir>/checkpoints/<step>/state   the train state (trainable params, model state, ...)
-    <workdir>/checkpoints/<step>/meta    the RunRecord as JSON, plus the step's own keys
+    <workdir>/checkpoints/<step>/meta    the RunRecord as JSON, plus the step's own keys (the
+                                         state's digests among them: vision_jax.digests)
     <workdir>/best/<step>/...            the best evaluation's state (runs with a validation
                                          split), laid out like a checkpoint step
-    <workdir>/frozen_params              the frozen params, written once
+    <workdir>/frozen_params              the frozen params, written once (and their digests)
 
 Readers take the newest checkpoint, or with ``which="best"`` the best step when the run kept one
 (else the newest).
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vision_jax import lora
+from vision_jax import digests, lora
 from vision_jax.specs import LoraSpec
 from vision_jax.trees import combine
 from vision_jax.weights.contract import InputContract, Triple
@@ -34,6 +35,7 @@ from vision_jax.weights.files import WeightFormatError
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 FROZEN_DIR = "frozen_params"
+FROZEN_DIGEST_FILE = "digest.json"  # in FROZEN_DIR: vision_jax.digests of the frozen params
 STATE_ITEM = "state"
 META_ITEM = "meta"
 META_FILE = f"{META_ITEM}/metadata"  # where orbax's JsonSave writes the meta item
@@ -154,6 +156,12 @@ def restore_on_one_device(path: str | os.PathLike) -> Any:
     return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
 
 
+def _frozen_digests(frozen_path: pathlib.Path) -> dict | None:
+    """The digests saved beside the frozen params (None: none saved, an earlier version's)."""
+    path = frozen_path / FROZEN_DIGEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _merge_adapters(params: dict, config: Mapping[str, Any]) -> dict:
     """``params`` with the run's LoRA adapters (``config["lora"]``) folded into their kernels."""
     adapters = config.get("lora") or {}
@@ -173,6 +181,7 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     """
     step_dir = latest_step_dir(path, which)
     record = read_record(step_dir)
+    saved_digests = json.loads((step_dir / META_FILE).read_text()).get("digest")
     frozen_path = pathlib.Path(frozen_dir(str(step_dir.parent)))
     try:
         state = restore_on_one_device(step_dir / STATE_ITEM)
@@ -181,6 +190,14 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
         raise WeightFormatError(
             f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}"
         ) from e
+    used = {k: state[k] for k in ("params", "model_state") if k in state}
+    for folder, saved, tree in (
+        (step_dir, saved_digests, used),
+        (frozen_path, _frozen_digests(frozen_path), frozen),
+    ):
+        damage = digests.first_difference(saved, tree)
+        if damage is not None:
+            raise WeightFormatError(f"Checkpoint {folder} is damaged: {damage}.")
     params = _merge_adapters(combine(state["params"], frozen), record.config)
     return {"params": params, **(state.get("model_state") or {})}
 

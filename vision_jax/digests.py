@@ -1,0 +1,100 @@
+"""Content digests of saved pytrees, so that a checkpoint damaged on disk is not restored as good.
+
+orbax checks a checkpoint's structure, not its values: a flipped bit in an array's file (zstd
+stores incompressible float data as raw blocks) restores silently. At every save the train
+state's arrays are digested and the digests go into the step's JSON meta; a restore digests
+what it read and names the first array that differs.
+
+Each array's digest is two sums of its 32-bit words (narrower dtypes widened), modulo 2**32:
+plain, which any single flipped bit changes, and weighted by position, which a swap of two
+chunks changes. Integer sums are exact in any order, so sharded and single-device arrays of the
+same values digest alike, whatever mesh wrote or reads them, on the host or on the devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vision_jax.masks import path_to_str
+
+_GOLDEN = 2654435761  # Knuth's multiplicative hash constant: position weights spread over 32 bits
+_CHUNK = 1 << 20  # words per step of the host digest
+
+
+def _device_words(x: jax.Array) -> jax.Array:
+    """``x``'s bits as one flat uint32 word per element."""
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _device_sums(x: jax.Array) -> jax.Array:
+    """Both sums of an array that spans processes (a collective computation)."""
+    words = _device_words(x)
+    weight = jax.lax.iota(jnp.uint32, words.size) * jnp.uint32(_GOLDEN) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weight)])
+
+
+@functools.cache
+def _weights() -> np.ndarray:
+    """Position weights of the first :data:`_CHUNK` words (later chunks shift them)."""
+    return (np.arange(_CHUNK, dtype=np.uint64) * _GOLDEN + 1).astype(np.uint32)
+
+
+def _host_sums(x: np.ndarray) -> tuple[int, int]:
+    """Both sums of a host array, a chunk at a time: chunk ``c`` at ``start`` adds its
+    words weighted from 1 plus ``start * _GOLDEN`` times its plain sum."""
+    x = np.ravel(x)
+    words = x.view(np.uint8) if x.dtype == bool else x.view(f"u{x.dtype.itemsize}")
+    plain = weighted = 0
+    for start in range(0, words.size, _CHUNK):
+        chunk = words[start : start + _CHUNK].astype(np.uint32)
+        chunk_plain = int(np.add.reduce(chunk, dtype=np.uint32))
+        chunk_weighted = int(np.add.reduce(chunk * _weights()[: chunk.size], dtype=np.uint32))
+        plain += chunk_plain
+        weighted += chunk_weighted + start * _GOLDEN * chunk_plain
+    return plain % 2**32, weighted % 2**32
+
+
+def _sums(x: Any) -> tuple[int, int]:
+    """Arrays in this process's host memory are digested there (no compilation); arrays on
+    accelerators or spread over processes on their devices (one compilation per shape)."""
+    on_devices = isinstance(x, jax.Array) and (
+        not x.is_fully_addressable or any(d.platform != "cpu" for d in x.sharding.device_set)
+    )
+    if on_devices:
+        return tuple(int(s) for s in jax.device_get(_device_sums(x)))
+    return _host_sums(np.asarray(x))
+
+
+def digest(tree: Any) -> dict[str, str]:
+    """``path -> "dtype:plain:weighted"`` (hex) for each array leaf of ``tree``. Call on every
+    process (arrays spread over processes are digested collectively)."""
+    result = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        plain, weighted = _sums(x)
+        result[path_to_str(path)] = f"{np.dtype(x.dtype).name}:{plain:08x}:{weighted:08x}"
+    return result
+
+
+def first_difference(saved: Mapping[str, str] | None, tree: Any) -> str | None:
+    """The first array of ``tree`` whose digest differs from ``saved`` (what :func:`digest`
+    gave at the save), described; None when all agree. Arrays the save did not digest, or
+    restored in another dtype than saved (orbax casts), are not compared; without ``saved`` (a
+    checkpoint from before digests) nothing is."""
+    if not saved:
+        return None
+    for path, now in digest(tree).items():
+        then = saved.get(path)
+        if then is not None and then.split(":")[0] == now.split(":")[0] and then != now:
+            return f"{path} holds other values than were saved (digest {now}, saved {then})"
+    return None
