@@ -321,14 +321,19 @@ def test_a_longer_run_warns_of_the_learning_rate_it_resumes_with(tmp_path, caplo
         ({"total_steps": None, "total_epochs": 0.05}, r"\(total_epochs=0.05: 3 steps of 44 per"),
     ],
 )
-def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(tmp_path, length, match):
+def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
+    tmp_path, length, match, caplog
+):
     """Fewer steps than the workdir has trained: not the newest step's metrics labelled as an
-    earlier step's."""
+    earlier step's. Refused before anything is restored (no "Resumed" line)."""
     train_and_evaluate(small_config(total_steps=4), str(tmp_path))
     before = _tree_hash(tmp_path / "checkpoints")
-    with pytest.raises(ValueError, match="at step 4, past the end of this run " + match):
-        train_and_evaluate(small_config(**length), str(tmp_path))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(ValueError, match="at step 4, past the end of this run " + match):
+            train_and_evaluate(small_config(**length), str(tmp_path))
     assert _tree_hash(tmp_path / "checkpoints") == before
+    assert "Resumed" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -559,6 +559,24 @@ def build_run(
         raise
 
 
+def _check_not_past_the_end(
+    spec: specs.RunSpec, ckpt: Checkpointer, total_steps: int, steps_per_epoch: int
+) -> None:
+    """Refuses, before anything is restored, a workdir whose newest checkpoint is past this
+    run's end (its metrics would be labelled as the shorter run's)."""
+    newest = ckpt.latest_step()
+    if newest is None or newest <= total_steps:
+        return
+    length = f"total_steps={total_steps}"
+    if spec.total_epochs is not None:
+        length = (f"total_epochs={spec.total_epochs}: {total_steps} steps of "
+                  f"{steps_per_epoch} per epoch")  # fmt: skip
+    raise specs.ConfigError(
+        f"The newest checkpoint in {ckpt.directory} is at step {newest}, past the end of this "
+        f"run ({length}): train for at least {newest} steps, or start in another workdir."
+    )
+
+
 def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Checkpointer) -> Run:
     """:func:`build_run` once the workdir is locked and its checkpoints opened."""
     mesh = sharding.create_mesh(spec.mesh)
@@ -566,6 +584,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     _check_batch_sizes(spec, mesh)
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
+    _check_not_past_the_end(spec, ckpt, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
     setup, input_spec = _initial_setup(
@@ -573,16 +592,6 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
-    if start_step > total_steps:
-        length = f"total_steps={total_steps}"
-        if spec.total_epochs is not None:
-            length = (f"total_epochs={spec.total_epochs}: {total_steps} steps of "
-                      f"{steps_per_epoch} per epoch")  # fmt: skip
-        raise specs.ConfigError(
-            f"The newest checkpoint in {ckpt.directory} is at step {start_step}, past the end of "
-            f"this run ({length}): train for at least {start_step} steps, or start in another "
-            "workdir."
-        )
     if 0 < start_step < total_steps:
         _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
     selection = best = None
