@@ -476,7 +476,8 @@ def test_digests_are_the_words_sums_numpy_computes():
         unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
         words = (x.astype(np.uint8) if x.dtype == bool else x.view(unsigned)).astype(np.uint64)
         weight = (np.arange(x.size, dtype=np.uint64) * 2654435761 + 1) % 2**32
-        return f"{x.dtype.name}:{int(words.sum()) % 2**32:08x}:{int((words * weight).sum()) % 2**32:08x}"
+        plain, weighted = int(words.sum()) % 2**32, int((words * weight).sum()) % 2**32
+        return f"{x.dtype.name}:{plain:08x}:{weighted:08x}"
 
     assert digests.digest(tree) == {k: reference(np.asarray(v)) for k, v in sorted(tree.items())}
     for x in tree.values():  # arrays spread over processes are digested on their devices

@@ -193,14 +193,19 @@ def test_skip_corrupt_skips_and_counts(corrupt_folder, caplog):
         later = take(batches, 3)  # two epochs of 7 files in all: the bad one twice
     rows = [int(pipeline._example_index(p, 7, 0)) for p in range(14 + batches.skipped)]
     assert batches.skipped == rows.count(bad_row) >= 1
-    assert "unreadable image" in caplog.text
+    named = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert len(named) == batches.skipped and all(m.endswith("train/b/bad.jpg.") for m in named)
     resumed = data_lib.train_batches(
         source, spec, global_batch=2, seed=0, start_step=4, start_position=position
     )
     for a, b in zip(later, take(resumed, 3), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
-    eval_batches = list(data_lib.eval_batches(source, spec_of(), global_batch=4))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        eval_batches = list(data_lib.eval_batches(source, spec_of(), global_batch=4))
     assert sum(b["mask"].sum() for b in eval_batches) == 6 and len(eval_batches) == 2
+    assert "Skipped 1 unreadable image(s) so far (of 7 read): " in caplog.text
+    assert caplog.text.count("train/b/bad.jpg") == 1
 
 
 def test_empty_class_folder(tmp_path):

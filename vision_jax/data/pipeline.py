@@ -77,25 +77,29 @@ class Batches(Iterator[Batch]):
     """Host-local numpy batches from a tf.data pipeline.
 
     ``skipped`` counts unreadable images dropped so far (``skip_corrupt``): stream positions
-    consumed minus examples delivered. ``next_position`` is the stream position after the last
-    delivered batch. A decode error (or a bad label map) without ``skip_corrupt`` is re-raised
-    as a :class:`DataError` naming the file(s), found by re-reading the failing batch's files.
+    consumed minus examples delivered; each is logged with its file. ``next_position`` is the
+    stream position after the last delivered batch. A decode error (or a bad label map)
+    without ``skip_corrupt`` is re-raised as a :class:`DataError` naming the file(s), found by
+    re-reading the failing batch's files. ``row_of`` maps a stream position to its row of a file
+    source's ``columns`` (None past the split's end); without it files are not named.
+    ``end_position``: where a finite stream ends (examples dropped after its last batch count).
     """
 
     def __init__(
         self,
         ds: tf.data.Dataset,
         first_position: int,
-        rows_of_batch: Callable[[int], np.ndarray] | None,
+        local_batch: int,
         source: Source,
+        row_of: Callable[[int], int | None] | None = None,
+        end_position: int | None = None,
     ):
         self._iter = ds.as_numpy_iterator()
-        self._first = first_position
-        self._rows_of_batch = rows_of_batch
+        self._first, self._local = first_position, local_batch
+        self._row_of = row_of if source.columns is not None else None
         self._source = source
-        self._batches = 0
         self.examples = self.skipped = 0
-        self.next_position = first_position
+        self.next_position, self.end_position = first_position, end_position
 
     def __next__(self) -> Batch:
         if self._iter is None:  # closed
@@ -104,19 +108,36 @@ class Batches(Iterator[Batch]):
             batch = next(self._iter)
         except tf.errors.OpError as e:
             raise self._error(e) from e
+        except StopIteration:  # a finite stream: the examples dropped after the last batch
+            if self.end_position is not None:
+                self._note_skipped(list(range(self.next_position, self.end_position)))
+                self.next_position = self.end_position
+            raise
         index = batch.pop("index")
-        self._batches += 1
+        delivered = set(index.tolist())
         self.examples += len(index)
+        dropped = [p for p in range(self.next_position, int(index[-1])) if p not in delivered]
         self.next_position = int(index[-1]) + 1
-        skipped = int(index[-1]) + 1 - self._first - self.examples
-        if skipped > self.skipped:
-            self.skipped = skipped
-            logging.warning(
-                "Skipped %d unreadable image(s) so far (of %d read).",
-                skipped,
-                skipped + self.examples,
-            )
+        self._note_skipped(dropped)
         return batch
+
+    def _note_skipped(self, dropped: list[int]) -> None:
+        if dropped:
+            self.skipped += len(dropped)
+            logging.warning(
+                "Skipped %d unreadable image(s) so far (of %d read)%s.",
+                self.skipped,
+                self.skipped + self.examples,
+                self._files(dropped),
+            )
+
+    def _files(self, positions: list[int]) -> str:
+        """``": <file>; <file>"`` of the first stream ``positions`` (empty if not known)."""
+        if self._row_of is None or "path" not in self._source.columns:
+            return ""
+        paths = [self._source.columns["path"][self._row_of(p)] for p in positions[:3]]
+        more = f" and {len(positions) - 3} more" if positions[3:] else ""
+        return ": " + "; ".join(str(p) for p in paths) + more
 
     def close(self) -> None:
         """Releases the tf.data iterator on a daemon thread, so that its teardown does not hold
@@ -129,10 +150,10 @@ class Batches(Iterator[Batch]):
         threading.Thread(target=held.clear, name="release_tf_data", daemon=True).start()
 
     def _error(self, error: tf.errors.OpError) -> DataError:
-        columns = self._source.columns
-        if self._rows_of_batch is None or columns is None or "path" not in columns:
+        if self._row_of is None or "path" not in self._source.columns:
             return DataError(f"The input pipeline failed: {error.message}")
-        rows = self._rows_of_batch(self._batches)
+        positions = range(self.next_position, self.next_position + self._local)
+        rows = [row for p in positions if (row := self._row_of(p)) is not None]
         bad = [p for row in rows if (p := _problem(self._source, row))]
         if not bad:
             return DataError(f"The input pipeline failed: {error.message}")
@@ -223,7 +244,7 @@ def train_batches(
         )
     host_seed = seed + jax.process_index() * 1_000_003
     first = start_step * local if start_position is None else start_position
-    rows_of_batch = None
+    row_of = None
     if source.columns is not None:
         num_local = len(range(jax.process_index(), source.num_examples, jax.process_count()))
         columns = {k: tf.constant(v) for k, v in source.columns.items()}
@@ -232,9 +253,8 @@ def train_batches(
             row = _example_index(position, num_local, seed)
             return position, {k: tf.gather(v, row) for k, v in columns.items()}
 
-        def rows_of_batch(batch: int) -> np.ndarray:
-            positions = tf.range(first + batch * local, first + (batch + 1) * local, dtype=tf.int64)
-            return np.asarray([_example_index(p, num_local, seed) for p in positions])
+        def row_of(position: int) -> int:
+            return int(_example_index(tf.constant(position, tf.int64), num_local, seed))
 
         ds = tf.data.Dataset.counter(first).map(
             tf.autograph.experimental.do_not_convert(example_at)
@@ -263,7 +283,7 @@ def train_batches(
         ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds)
         ds = parallel_map(ds, mix)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(threads))
-    return Batches(ds, first, rows_of_batch, source)
+    return Batches(ds, first, local, source, row_of)
 
 
 def eval_batches(
@@ -294,14 +314,13 @@ def eval_batches(
         ds = ds.ignore_errors()
     ds = ds.batch(local).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(threads))
 
-    def rows_of_batch(batch: int) -> np.ndarray:
-        shard_rows = np.arange(batch * local, (batch + 1) * local)
-        rows = jax.process_index() + shard_rows * jax.process_count()
-        return rows[rows < source.num_examples]
+    def row_of(position: int) -> int | None:  # the shard's position-th example
+        row = jax.process_index() + position * jax.process_count()
+        return row if row < source.num_examples else None
 
-    batches = Batches(ds, 0, rows_of_batch, source)
-    empty = _empty_batch(local, spec.image_size, target)
     shard_size = len(range(jax.process_index(), source.num_examples, jax.process_count()))
+    batches = Batches(ds, 0, local, source, row_of, end_position=shard_size)
+    empty = _empty_batch(local, spec.image_size, target)
     return _padded(batches, local, num_batches, shard_size, empty)
 
 
