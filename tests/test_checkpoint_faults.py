@@ -181,20 +181,35 @@ def test_changed_data_is_refused_unless_allowed_and_final_steps_survive_rotation
     assert not (workdir / lock_lib.LOCK_NAME).exists()  # released at the end
 
 
+def flip_a_stored_bit(item: pathlib.Path) -> str:
+    """Stores an orbax item again with one bit of its largest parameter flipped, as a disk or
+    a copy could change it (orbax reads such an item without an error: zstd frames carry no
+    checksum); files beside orbax's own stay. Returns the parameter's path."""
+    import orbax.checkpoint as ocp
+
+    from vision_jax.masks import path_to_str
+
+    kept = {f.name: f.read_bytes() for f in item.iterdir() if f.suffix == ".json"}
+    tree = jax.tree.map(np.array, _restore_on_one_device(item))  # writable copies
+    leaves = jax.tree_util.tree_flatten_with_path(tree.get("params", tree))[0]
+    path, array = max(leaves, key=lambda leaf: np.size(leaf[1]))
+    array.reshape(-1).view(np.uint32)[np.size(array) // 2] ^= 1 << 20
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(item.absolute(), tree, force=True)
+    checkpointer.wait_until_finished()
+    for name, data in kept.items():
+        (item / name).write_bytes(data)
+    return path_to_str(path)
+
+
 def damage(step_dir: pathlib.Path, how: str) -> None:
     if how == "truncated":
         files = [f for f in (step_dir / "state").rglob("*") if f.is_file()]
         biggest = max(files, key=lambda f: f.stat().st_size)
         with open(biggest, "r+b") as f:
             f.truncate(biggest.stat().st_size // 2)
-    elif how.startswith("bit-flipped"):  # "bit-flipped" or "bit-flipped:N": N bits, spread over
-        files = [f for f in (step_dir / "state").rglob("*") if f.is_file()]  # the array bytes
-        biggest = max(files, key=lambda f: f.stat().st_size)
-        data = bytearray(biggest.read_bytes())
-        flips = int(how.partition(":")[2] or 1)
-        for i in range(1, flips + 1):
-            data[len(data) * i // (flips + 1)] ^= 0x10
-        biggest.write_bytes(bytes(data))
+    elif how == "bit-flipped":  # still readable: orbax restores it without an error
+        flip_a_stored_bit(step_dir / "state")
     elif how == "unfinished":  # a save that a crash interrupted
         step_dir.rename(step_dir.with_name(f"{step_dir.name}.orbax-checkpoint-tmp-1764640000"))
     else:  # a deleted metadata file
@@ -500,6 +515,57 @@ def test_weights_read_from_a_damaged_run_are_refused(tmp_path, finished_run):
     full, _ = finished_run
     workdir = tmp_path / "run"
     shutil.copytree(full, workdir)
-    damage(workdir / "checkpoints" / "6", "bit-flipped:9")  # the parameters among the arrays hit
+    damage(workdir / "checkpoints" / "6", "bit-flipped")
     with pytest.raises(WeightFormatError, match=r"checkpoints/6 is damaged: params/.* holds other"):
         read_variables(workdir)
+
+
+# --- a save that fails -------------------------------------------------------------------------
+
+FAILING_WRITES = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+from test_train import small_config
+from vision_jax import checkpoint
+from vision_jax.train import train_and_evaluate
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+save = checkpoint.Checkpointer.save
+
+
+def save_then_limit(self, step, *args, **kwargs):
+    saved = save(self, step, *args, **kwargs)
+    if saved:  # once the first save is complete, no file may grow past 4 KiB
+        self.wait()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    return saved
+
+
+checkpoint.Checkpointer.save = save_then_limit
+try:
+    train_and_evaluate(small_config(total_steps=6), sys.argv[1])
+except checkpoint.CheckpointSaveError as e:
+    print("SAVE ERROR", e)
+"""
+
+
+def test_a_failed_async_save_is_named_and_the_saved_steps_stay(tmp_path):
+    """orbax fails a save in its background threads (here a file size limit, as a full disk
+    would): the next wait raises one error naming the step, the reason and the newest
+    complete checkpoint, which a run with room resumes from."""
+    script = tmp_path / "failing_writes.py"
+    script.write_text(FAILING_WRITES.format(tests=str(ROOT / "tests")))
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(script), str(workdir)], capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("SAVE ERROR")]
+    assert line, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Saving the checkpoint of step 4 in " in line[0], line
+    assert "The newest complete checkpoint is step 2: run the same command again" in line[0]
+    assert steps_in(workdir) == [2]
+    assert done.stderr.count("Cannot write TensorBoard events to") == 1  # and training went on
+    train_and_evaluate(small_config(total_steps=6), str(workdir))
+    assert steps_in(workdir) == [2, 4, 6] and moved_aside(workdir) == ["4"]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_checkpoint_faults import flip_a_stored_bit
 from test_train import small_config
 
 from vision_jax import losses, optim, trees
@@ -57,13 +58,8 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     assert sorted(x.shape for x in opt_leaves) == [(10,), (64, 10)]  # SGD momentum: head only
     assert os.path.isdir(tmp_path / "frozen_params")
     # A flipped bit in the frozen backbone's stored bytes is named when the run is read.
-    stored = max((f for f in (tmp_path / "frozen_params").rglob("*") if f.is_file()),
-                 key=lambda f: f.stat().st_size)  # fmt: skip
-    data = bytearray(stored.read_bytes())
-    for i in range(1, 10):
-        data[len(data) * i // 10] ^= 0x10
-    stored.write_bytes(bytes(data))
-    with pytest.raises(WeightFormatError, match=r"frozen_params is damaged: .* holds other"):
+    flipped = flip_a_stored_bit(tmp_path / "frozen_params")
+    with pytest.raises(WeightFormatError, match=f"frozen_params is damaged: {flipped} holds other"):
         read_variables(str(tmp_path))
 
 

@@ -50,6 +50,36 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored into this run."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """An asynchronous save failed (a full disk, a lost bucket); the steps saved before it are
+    intact."""
+
+
+_DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left", "ENOSPC", "Disk quota exceeded")
+
+
+@contextlib.contextmanager
+def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None) -> Any:
+    """Turns a failed save that orbax raises when it is next waited for (the next save, the
+    end of the run, closing) into a :class:`CheckpointSaveError` naming the step, the reason
+    and the newest complete checkpoint."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax and TensorStore raise many types
+        reason = short_reason(e)
+        steps = [s for s in manager.all_steps() if s != pending]
+        kept = f"step {max(steps)}" if steps else "none"
+        full = any(marker in str(e) for marker in _DISK_FULL)
+        advice = "free space on the disk (or lower keep_checkpoints), then " if full else ""
+        raise CheckpointSaveError(
+            f"Saving the checkpoint of step {pending} in {manager.directory} failed"
+            f"{' (the disk is full)' if full else ''}: {reason}. The newest complete "
+            f"checkpoint is {kept}: {advice}run the same command again to resume."
+        ) from e
+
+
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose arrays do not fit this run's state: ``diff`` names the first
     differences, ``cause`` what changed (or a guess), ``advice`` what to do."""
@@ -208,6 +238,7 @@ class Checkpointer:
             self._move_aside_unfinished()
         _sync("vision_jax:checkpoints_tidied")
         self.final_steps = KeepSteps()
+        self._pending: int | None = None  # the step of the newest save (it may be in flight)
         policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -283,13 +314,17 @@ class Checkpointer:
         if meta["final"]:
             self.final_steps.steps.add(step)
         meta["digest"] = digests.digest(state)
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-            ),
-            force=True,
-        )
+        self.wait()  # the previous save, whose failure names its own step
+        with _reporting_failed_saves(self.manager, step):
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+                ),
+                force=True,
+            )
+        self._pending = step
+        return saved
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest readable step's state and meta (None without checkpoints).
@@ -375,13 +410,15 @@ class Checkpointer:
                 self._move_aside(path.name, "is an unfinished save")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _reporting_failed_saves(self.manager, self._pending):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves, closes the manager and releases the workdir lock; removes
         the checkpoints folder again if this run made it and saved nothing in it."""
         try:
-            self.manager.close()
+            with _reporting_failed_saves(self.manager, self._pending):
+                self.manager.close()
             _remove_if_unused(self.directory, self._new)
         finally:
             if self.lock is not None:
@@ -402,6 +439,7 @@ class BestCheckpoint:
             self.directory = os.path.abspath(self.directory)
         self.metric = metric
         self._new = _is_new(self.directory)
+        self._pending: int | None = None  # the step of the newest save (it may be in flight)
         policy = ocp.checkpoint_managers.BestN(
             get_metric_fn=lambda metrics: metrics[metric], reverse=mode == "min", n=1
         )
@@ -421,18 +459,23 @@ class BestCheckpoint:
         if step in self.manager.all_steps():
             return
         meta = {**meta, "digest": digests.digest(state)}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-            ),
-            metrics={self.metric: float(value)},
-            force=True,
-        )
+        with _reporting_failed_saves(self.manager, self._pending):
+            self.manager.wait_until_finished()
+        with _reporting_failed_saves(self.manager, step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+                ),
+                metrics={self.metric: float(value)},
+                force=True,
+            )
+        self._pending = step
 
     def restore(self, abstract_state: Any) -> tuple[int, Any, dict]:
         """The best step, its state (in the shardings of ``abstract_state``) and meta."""
-        self.manager.wait_until_finished()
+        with _reporting_failed_saves(self.manager, self._pending):
+            self.manager.wait_until_finished()
         step = self.manager.latest_step()
         if step is None:
             raise CheckpointError(f"No best checkpoint in {self.directory}.")
@@ -447,7 +490,8 @@ class BestCheckpoint:
 
     def close(self) -> None:
         """Waits for a pending save; removes the folder if this run made it and saved nothing."""
-        self.manager.close()
+        with _reporting_failed_saves(self.manager, self._pending):
+            self.manager.close()
         _remove_if_unused(self.directory, self._new)
 
 
