@@ -95,7 +95,7 @@ class Batches(Iterator[Batch]):
         end_position: int | None = None,
     ):
         self._iter = ds.as_numpy_iterator()
-        self._first, self._local = first_position, local_batch
+        self._local = local_batch
         self._row_of = row_of if source.columns is not None else None
         self._source = source
         self.examples = self.skipped = 0
