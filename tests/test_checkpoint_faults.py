@@ -569,3 +569,24 @@ def test_a_failed_async_save_is_named_and_the_saved_steps_stay(tmp_path):
     assert done.stderr.count("Cannot write TensorBoard events to") == 1  # and training went on
     train_and_evaluate(small_config(total_steps=6), str(workdir))
     assert steps_in(workdir) == [2, 4, 6] and moved_aside(workdir) == ["4"]
+
+
+def test_an_empty_newer_step_folder_is_moved_aside_not_taken_for_the_newest(
+    tmp_path, finished_run, caplog
+):
+    """A step folder without a committed save (made by hand, or a copy cut short) is neither
+    "past the end of this run" nor what predict reads."""
+    from vision_jax.weights.run_dir import read_variables
+
+    full, config = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    (workdir / "checkpoints" / "8").mkdir()
+    with caplog.at_level(logging.WARNING):
+        variables = read_variables(workdir)
+    assert "checkpoints/8: not a complete checkpoint" in caplog.text
+    want = jax.tree.leaves(read_variables(full))
+    for got, expected in zip(jax.tree.leaves(variables), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    train_and_evaluate(config, str(workdir))  # finished: reports step 6 again
+    assert moved_aside(workdir) == ["8"] and steps_in(workdir) == [2, 4, 6]

@@ -37,13 +37,13 @@ from vision_jax.weights.run_dir import (
     FROZEN_DIGEST_FILE,
     META_FILE,
     META_ITEM,
+    REQUIRED_FILES,
     STATE_ITEM,
     frozen_dir,
+    is_complete,
 )
 
 CORRUPT_DIR = "corrupt"
-# Written by every committed save; a step without one of them was damaged.
-REQUIRED_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", META_FILE)
 
 
 class CheckpointError(RuntimeError):
@@ -280,8 +280,11 @@ class Checkpointer:
                 json.dumps(saved)
             )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def newest_complete_step(self) -> int | None:
+        """The newest step whose folder holds every file of a committed save (it may still be
+        unreadable); None without one."""
+        steps = [s for s in self.manager.all_steps() if is_complete(self.step_dir(s))]
+        return max(steps, default=None)
 
     def has_steps(self) -> bool:
         """Whether process 0 sees a step checkpoint (readable or not), on every process: the

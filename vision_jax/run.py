@@ -383,7 +383,7 @@ def _with_layout_changes(
 ) -> CheckpointMismatchError:
     """``error`` naming the config changes since that checkpoint that decide the state's layout
     (when there are some), and how to start from its weights instead."""
-    step = ckpt.latest_step()
+    step = ckpt.newest_complete_step()
     saved = (ckpt.read_meta(step) or {}).get("config") if step is not None else None
     in_layout = lambda key: any(key == k or key.startswith(f"{k}.") for k in _LAYOUT_KEYS)
     if not saved or not (changes := _config_changes(saved, spec.config, in_layout)):
@@ -564,7 +564,7 @@ def _check_not_past_the_end(
 ) -> None:
     """Refuses, before anything is restored, a workdir whose newest checkpoint is past this
     run's end (its metrics would be labelled as the shorter run's)."""
-    newest = ckpt.latest_step()
+    newest = ckpt.newest_complete_step()
     if newest is None or newest <= total_steps:
         return
     length = f"total_steps={total_steps}"

@@ -161,7 +161,7 @@ class _Guard:
     def _fail(self, what: str) -> None:
         ckpt = self.run.checkpointer
         ckpt.wait()
-        latest = ckpt.latest_step()
+        latest = ckpt.newest_complete_step()
         where = f"{ckpt.directory}/{latest}" if latest is not None else "none"
         hint = (
             "set on_nonfinite='skip'"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,8 @@ FROZEN_DIGEST_FILE = "digest.json"  # in FROZEN_DIR: vision_jax.digests of the f
 STATE_ITEM = "state"
 META_ITEM = "meta"
 META_FILE = f"{META_ITEM}/metadata"  # where orbax's JsonSave writes the meta item
+# Written by every committed save; a step without one of them was damaged.
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", META_FILE)
 
 
 def _tuple(values: Sequence[Any] | None) -> tuple | None:
@@ -104,9 +107,19 @@ class RunRecord:
         )
 
 
+def is_complete(step_dir: pathlib.Path | Any) -> bool:
+    """Whether a step folder holds every file a committed save writes."""
+    return all((step_dir / f).exists() for f in REQUIRED_FILES)
+
+
 def _newest_step(folder: pathlib.Path) -> pathlib.Path | None:
+    """The newest complete step folder in ``folder``; newer incomplete ones are named."""
     steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
-    return folder / str(max(steps)) if steps else None
+    for step in sorted(steps, reverse=True):
+        if is_complete(folder / str(step)):
+            return folder / str(step)
+        logging.warning("Skipping %s: not a complete checkpoint.", folder / str(step))
+    return None
 
 
 def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.Path:
