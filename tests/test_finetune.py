@@ -63,6 +63,27 @@ def test_linear_probe_trains_only_the_head(tmp_path):
         read_variables(str(tmp_path))
 
 
+def test_damaged_or_missing_frozen_params_are_named(tmp_path):
+    """Reading the run (predict, export, report) and resuming it refuse frozen parameters whose
+    values changed, whose digests are damaged, or that are gone, in one line each."""
+    from vision_jax.checkpoint import CheckpointError
+
+    cfg = small_config(**{"optimizer.trainable": "head", "total_steps": 2})
+    train_and_evaluate(cfg, str(tmp_path))
+    frozen = tmp_path / "frozen_params"
+    flip_a_stored_bit(frozen)
+    longer = small_config(**{"optimizer.trainable": "head", "total_steps": 4})
+    with pytest.raises(CheckpointError, match=r"frozen parameters in .*frozen_params cannot be "
+                       r"used \(.* holds other values"):  # fmt: skip
+        train_and_evaluate(longer, str(tmp_path))
+    (frozen / "digest.json").write_text('{"layer1/0')
+    with pytest.raises(WeightFormatError, match=r"digest.json is damaged: JSONDecodeError"):
+        read_variables(str(tmp_path))
+    frozen.rename(tmp_path / "elsewhere")
+    with pytest.raises(WeightFormatError, match=r"frozen_params is missing: the run froze"):
+        read_variables(str(tmp_path))
+
+
 @pytest.mark.slow
 def test_lora_trains_only_adapters_and_head_and_exports_merged(tmp_path):
     cfg = lora_vit_config()

@@ -238,29 +238,33 @@ def test_a_checkpoint_without_skip_counts_resumes(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("trainable", ["all", "head"])
-def test_a_resume_reads_pretrained_weights_only_for_frozen_parameters(
-    tmp_path, monkeypatch, trainable
-):
+def test_a_resume_reads_no_pretrained_weights(tmp_path, monkeypatch, trainable):
     """A resume restores into the state's shapes: the checkpoint replaces what the init and
-    the pretrained weights would give, so a full fine-tune reads neither. Frozen parameters
-    are not in the checkpoints: a linear probe still loads them. Both resume exactly."""
+    the pretrained weights would give, the input contract is the run's recorded one, and
+    frozen parameters come from beside the checkpoints. So a resume works when the weights
+    it began from are gone (a preempted VM's local disk), and resumes exactly."""
     from vision_jax import run as run_lib
 
     pretrained = tmp_path / "pretrained"
     train_and_evaluate(small_config(total_steps=2), str(pretrained))
     cfg = small_config(total_steps=4, keep_checkpoints=5)
     cfg.init.path, cfg.optimizer.trainable = str(pretrained), trainable
+    cfg.init.use_input_contract = True
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     train_and_evaluate(cfg, str(full))
     train_and_evaluate(cfg, str(interrupted))
     shutil.rmtree(interrupted / "checkpoints" / "4")
+    shutil.rmtree(pretrained)
     loads, load = [], run_lib.load_pretrained
     counted = lambda *args, **kwargs: loads.append(1) or load(*args, **kwargs)
     monkeypatch.setattr(run_lib, "load_pretrained", counted)
     train_and_evaluate(cfg, str(interrupted))
-    assert len(loads) == (trainable == "head")
+    assert not loads
     for a, b in zip(_params_of(full), _params_of(interrupted), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(read_variables(full)),
+                    jax.tree.leaves(read_variables(interrupted)), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)  # the frozen ones too
 
 
 def _tree_hash(path: pathlib.Path) -> str:

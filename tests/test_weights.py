@@ -261,6 +261,22 @@ def _hf_vit_folder(timm, folder: pathlib.Path, processor: dict | None) -> torch.
     return ref.eval()
 
 
+def test_a_run_from_a_hugging_face_folder_records_its_squash(timm, tmp_path):
+    """The crop mode a run's input contract gave it (not the config's default) is recorded,
+    so predicting from the run, and a run started from it, resize as it was evaluated."""
+    from test_train import small_config
+
+    from vision_jax.train import train_and_evaluate
+    from vision_jax.trained import load_trained
+
+    _hf_vit_folder(timm, tmp_path / "hf", None)
+    cfg = small_config(total_steps=1, **{"model.name": "vit_ti16", "input.image_size": 32})
+    cfg.init.path, cfg.init.use_input_contract = str(tmp_path / "hf"), True
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert input_contract(tmp_path / "run") == InputContract(32, crop_mode="squash")
+    assert load_trained(tmp_path / "run").input.crop_mode == "squash"
+
+
 def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path):
     """ViTImageProcessor resizes the whole image to its square size (PIL, aspect ratio not
     kept): ``Predictor.from_weights`` on a Hugging Face folder does so too, on a 48 x 80

@@ -39,6 +39,7 @@ from vision_jax.weights.run_dir import (
     META_ITEM,
     REQUIRED_FILES,
     STATE_ITEM,
+    frozen_digests,
     frozen_dir,
     is_complete,
 )
@@ -209,6 +210,15 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
     return None, why
 
 
+def _check_digests(restored: tuple[Any, dict], path: epath.Path) -> str | None:
+    """What differs between a step's restored state and the digests its meta holds (a
+    collective computation); a step saved without digests is named and passes."""
+    state, meta = restored
+    if "digest" not in meta:
+        logging.warning("Checkpoint %s holds no digests (an earlier version's): not checked.", path)
+    return digests.first_difference(meta.get("digest"), state)
+
+
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir.
 
@@ -239,6 +249,7 @@ class Checkpointer:
         _sync("vision_jax:checkpoints_tidied")
         self.final_steps = KeepSteps()
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
+        self.has_frozen = False  # frozen params saved beside the steps (recorded in each)
         policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -279,6 +290,35 @@ class Checkpointer:
             (epath.Path(frozen_dir(self.directory)) / FROZEN_DIGEST_FILE).write_text(
                 json.dumps(saved)
             )
+        self.has_frozen = True
+
+    def restore_frozen(self, abstract_frozen: Any) -> Any | None:
+        """The frozen parameters :meth:`save_frozen` wrote, in ``abstract_frozen``'s shapes and
+        shardings and checked against their digests; None when there are none (an earlier
+        version's run). Raises :class:`CheckpointError` when they cannot be used."""
+        path = epath.Path(frozen_dir(self.directory))
+        if not _broadcast(int(path.is_dir())):
+            return None
+        frozen, problem = None, None
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            frozen = handler.restore(path, args=ocp.args.StandardRestore(abstract_frozen))
+            saved = frozen_digests(path)
+        except Exception as e:  # orbax and TensorStore raise many types
+            problem = short_reason(e)
+        finally:
+            handler.close()
+        failed = _gather(problem is not None)
+        if not any(failed):  # every process read them: now a collective check of the values
+            problem = digests.first_difference(saved, frozen)
+        if any(failed) or problem is not None:
+            problem = problem or f"unreadable on process {failed.index(True)}"
+            raise CheckpointError(
+                f"The frozen parameters in {path} cannot be used ({problem}). Move the folder "
+                "aside to read them from init.path again, as the run began."
+            )
+        self.has_frozen = True
+        return frozen
 
     def newest_complete_step(self) -> int | None:
         """The newest step whose folder holds every file of a committed save (it may still be
@@ -316,7 +356,7 @@ class Checkpointer:
             meta["data_positions"] = _gather(data_position)
         if meta["final"]:
             self.final_steps.steps.add(step)
-        meta["digest"] = digests.digest(state)
+        meta["digest"], meta["frozen"] = digests.digest(state), self.has_frozen
         self.wait()  # the previous save, whose failure names its own step
         with _reporting_failed_saves(self.manager, step):
             saved = self.manager.save(
@@ -344,7 +384,7 @@ class Checkpointer:
             restored, problem = self._try_restore(step, abstract_state)
             failed = _gather(problem is not None)
             if not any(failed):  # every process read it: now a collective check of its values
-                problem = digests.first_difference(restored[1].get("digest"), restored[0])
+                problem = _check_digests(restored, self.step_dir(step))
             if not any(failed) and problem is None:
                 for bad, why in problems.items():
                     self._move_aside(bad, f"cannot be read ({why}); resuming from step {step}")
@@ -482,9 +522,10 @@ class BestCheckpoint:
         step = self.manager.latest_step()
         if step is None:
             raise CheckpointError(f"No best checkpoint in {self.directory}.")
-        restored, problem = _read_step(epath.Path(self.directory) / str(step), abstract_state)
+        path = epath.Path(self.directory) / str(step)
+        restored, problem = _read_step(path, abstract_state)
         if problem is None:
-            problem = digests.first_difference(restored[1].get("digest"), restored[0])
+            problem = _check_digests(restored, path)
         if problem is not None:
             raise CheckpointError(
                 f"Cannot read the best checkpoint {self.directory}/{step}: {problem}"

@@ -48,6 +48,8 @@ from vision_jax.steps import (
     make_train_step,
 )
 from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
+from vision_jax.weights.contract import InputContract
+from vision_jax.weights.files import WeightFormatError
 
 
 @dataclasses.dataclass
@@ -119,11 +121,13 @@ def create_variables(
     rng: jax.Array,
     *,
     abstract: bool = False,
+    contract: InputContract | None = None,
 ) -> tuple[dict, dict, data_lib.InputSpec]:
     """Model variables (pretrained from ``spec.init`` if set, plus LoRA adapters), already
     sharded by ``spec.sharding_rules``; their shardings; the input spec (possibly the
-    checkpoint's input contract). With ``abstract`` the variables are only their shapes, dtypes
-    and shardings (``jax.ShapeDtypeStruct``): nothing is initialised or read but the contract."""
+    checkpoint's input contract, or ``contract`` in its place: a resumed run's recorded one).
+    With ``abstract`` the variables are only their shapes, dtypes and shardings
+    (``jax.ShapeDtypeStruct``): nothing is initialised or read but the contract."""
     size = input_spec.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     adapters, init_rng, adapter_rng = spec.lora, rng, jax.random.fold_in(rng, 1)
@@ -147,7 +151,7 @@ def create_variables(
     )
     init_spec = spec.init
     if init_spec.path and init_spec.use_input_contract:
-        input_spec = apply_input_contract(input_spec, init_spec.path)
+        input_spec = apply_input_contract(input_spec, contract or init_spec.path)
     if abstract:
         return trees.with_shardings(shapes, shardings), shardings, input_spec
     if not init_spec.path:  # created already sharded
@@ -257,16 +261,19 @@ def create_train_state(
 
 
 def _initial_setup(
-    spec: specs.RunSpec, model: nn.Module, mesh: jax.sharding.Mesh, rng: jax.Array, *,
-    resuming: bool, total_steps: int, steps_per_epoch: int,
+    spec: specs.RunSpec, model: nn.Module, mesh: jax.sharding.Mesh, rng: jax.Array,
+    ckpt: Checkpointer, *, total_steps: int, steps_per_epoch: int,
 ) -> tuple[Setup, data_lib.InputSpec]:  # fmt: skip
     """The setup and input spec of a run. On a resume the state is abstract: the checkpoint
-    replaces it, so nothing is initialised and no pretrained weights are read, unless some
-    parameters are frozen (checkpoints hold only the trainable ones)."""
+    replaces it, so nothing is initialised and the pretrained weights are not read: the input
+    contract is the run's recorded one, frozen parameters come from beside the checkpoints
+    (runs of earlier versions, which saved none, read them from ``init.path`` again)."""
+    resuming = ckpt.has_steps()
+    recorded = _recorded_contract(ckpt) if resuming else None
 
     def setup_of(abstract: bool, log: bool = True) -> tuple[Setup, data_lib.InputSpec]:
         variables, shardings, input_spec = create_variables(
-            spec, model, spec.input, mesh, rng, abstract=abstract
+            spec, model, spec.input, mesh, rng, abstract=abstract, contract=recorded
         )
         setup = create_train_state(
             spec, model, variables, shardings, mesh, total_steps=total_steps,
@@ -276,8 +283,25 @@ def _initial_setup(
 
     setup, input_spec = setup_of(abstract=resuming)
     if resuming and jax.tree.leaves(setup.frozen):
-        setup, input_spec = setup_of(abstract=False, log=False)
+        frozen = ckpt.restore_frozen(setup.frozen)
+        if frozen is None:
+            logging.warning("No frozen parameters beside %s: reading them from init.path.",
+                            ckpt.directory)  # fmt: skip
+            setup, input_spec = setup_of(abstract=False, log=False)
+            ckpt.save_frozen(setup.frozen)
+        else:
+            setup = dataclasses.replace(setup, frozen=frozen)
     return setup, input_spec
+
+
+def _recorded_contract(ckpt: Checkpointer) -> InputContract | None:
+    """The input contract the newest complete checkpoint's run record holds, if it holds one."""
+    step = ckpt.newest_complete_step()
+    meta = ckpt.read_meta(step) if step is not None else None
+    try:
+        return RunRecord.from_json(meta).contract(ckpt.directory) if meta else None
+    except WeightFormatError:
+        return None
 
 
 def _check_batch_sizes(spec: specs.RunSpec, mesh: jax.sharding.Mesh) -> None:
@@ -588,7 +612,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
     setup, input_spec = _initial_setup(
-        spec, model, mesh, init_rng, resuming=ckpt.has_steps(), total_steps=total_steps,
+        spec, model, mesh, init_rng, ckpt, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
@@ -611,6 +635,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         mean=tuple(input_spec.mean),
         std=tuple(input_spec.std),
         interpolation=input_spec.interpolation,
+        crop_mode=input_spec.crop_mode,
     ).to_json()
     if selection is not None:  # last: nothing after it can fail and leave its folder behind
         best = BestCheckpoint(workdir, selection.metric, selection.mode)

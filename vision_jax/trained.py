@@ -88,6 +88,7 @@ def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
     input_spec = dataclasses.replace(
         spec.input, image_size=record.image_size, mean=record.mean, std=record.std,
         interpolation=record.interpolation or spec.input.interpolation,
+        crop_mode=record.crop_mode or spec.input.crop_mode,
     )  # fmt: skip
     model = task_model(spec, len(record.class_names or ()))
     return Trained(record, spec, model, input_spec, int(step_dir.name), str(step_dir))

@@ -13,6 +13,7 @@ import flax.linen as nn
 
 from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights import surgery
+from vision_jax.weights.contract import InputContract
 from vision_jax.weights.dispatch import input_contract, read_variables
 from vision_jax.weights.merge import WeightMismatchError, merge_strict
 
@@ -67,15 +68,17 @@ def load_pretrained(
     return merged
 
 
-def apply_input_contract(spec: Any, source: str | os.PathLike) -> Any:
+def apply_input_contract(spec: Any, source: str | os.PathLike | InputContract) -> Any:
     """``spec`` (a frozen dataclass with ``mean``, ``std``, ``interpolation`` and ``crop_mode``,
-    e.g. the run's
-    ``InputSpec``) with the checkpoint's mean and std, unless the config set its own (values
-    other than the defaults of :func:`vision_jax.config.default_config`), which then win; and
-    likewise its interpolation and crop mode."""
+    e.g. the run's ``InputSpec``) with the checkpoint's mean and std, unless the config set its
+    own (values other than the defaults of :func:`vision_jax.config.default_config`), which
+    then win; and likewise its interpolation and crop mode. ``source``: a weights path, or the
+    contract itself (a resumed run's recorded one)."""
     from vision_jax.config import default_config
 
-    contract = input_contract(source)
+    recorded = isinstance(source, InputContract)
+    contract = source if recorded else input_contract(source)
+    source = "the checkpoint's run record" if recorded else source
     default = default_config().input
     for key in ("interpolation", "crop_mode"):
         if getattr(spec, key) == default[key]:

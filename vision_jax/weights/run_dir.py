@@ -70,6 +70,7 @@ class RunRecord:
     mean: Triple | None = None
     std: Triple | None = None
     interpolation: str | None = None  # its resize (older runs: the config's, else bilinear)
+    crop_mode: str | None = None  # "center" or "squash" (older runs: the config's, else center)
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON object (the input under ``"input"``)."""
@@ -85,6 +86,7 @@ class RunRecord:
                 "mean": _list(self.mean),
                 "std": _list(self.std),
                 "interpolation": self.interpolation,
+                "crop_mode": self.crop_mode,
             },
         }
 
@@ -103,8 +105,21 @@ class RunRecord:
             image_size=given.get("image_size"),
             mean=_tuple(given.get("mean")),
             std=_tuple(given.get("std")),
-            interpolation=given.get("interpolation"),
+            interpolation=given.get("interpolation")
+            or config.get("input", {}).get("interpolation"),
+            crop_mode=given.get("crop_mode") or config.get("input", {}).get("crop_mode"),
         )
+
+    def contract(self, where: str) -> InputContract:
+        """The input the run trained and evaluated on (``where``: the run, for the error when
+        the record holds none)."""
+        if None in (self.image_size, self.mean, self.std):
+            raise WeightFormatError(f"The run record of {where} holds no input size, mean and std.")
+        return InputContract(
+            int(self.image_size), tuple(self.mean), tuple(self.std),
+            interpolation=self.interpolation or InputContract.interpolation,
+            crop_mode=self.crop_mode or InputContract.crop_mode,
+        )  # fmt: skip
 
 
 def is_complete(step_dir: pathlib.Path | Any) -> bool:
@@ -169,10 +184,17 @@ def restore_on_one_device(path: str | os.PathLike) -> Any:
     return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
 
 
-def _frozen_digests(frozen_path: pathlib.Path) -> dict | None:
-    """The digests saved beside the frozen params (None: none saved, an earlier version's)."""
+def frozen_digests(frozen_path: Any) -> dict | None:
+    """The digests saved with the frozen params in ``frozen_path`` (None, with a warning, when
+    there are none: an earlier version saved none)."""
     path = frozen_path / FROZEN_DIGEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        logging.warning("%s holds no digests (an earlier version's): not checked.", frozen_path)
+        return None
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise WeightFormatError(f"{path} is damaged: {type(e).__name__}: {e}") from e
 
 
 def _merge_adapters(params: dict, config: Mapping[str, Any]) -> dict:
@@ -194,8 +216,15 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     """
     step_dir = latest_step_dir(path, which)
     record = read_record(step_dir)
-    saved_digests = json.loads((step_dir / META_FILE).read_text()).get("digest")
+    meta = json.loads((step_dir / META_FILE).read_text())
     frozen_path = pathlib.Path(frozen_dir(str(step_dir.parent)))
+    if meta.get("frozen") and not frozen_path.is_dir():
+        raise WeightFormatError(
+            f"{frozen_path} is missing: the run froze some parameters and saved them there."
+        )
+    if "digest" not in meta:
+        logging.warning("Checkpoint %s holds no digests (an earlier version's): not checked.",
+                        step_dir)  # fmt: skip
     try:
         state = restore_on_one_device(step_dir / STATE_ITEM)
         frozen = restore_on_one_device(frozen_path) if frozen_path.is_dir() else {}
@@ -205,8 +234,8 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
         ) from e
     used = {k: state[k] for k in ("params", "model_state") if k in state}
     for folder, saved, tree in (
-        (step_dir, saved_digests, used),
-        (frozen_path, _frozen_digests(frozen_path), frozen),
+        (step_dir, meta.get("digest"), used),
+        (frozen_path, frozen_digests(frozen_path) if frozen else None, frozen),
     ):
         damage = digests.first_difference(saved, tree)
         if damage is not None:
@@ -216,12 +245,6 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
 
 
 def input_contract(path: str | os.PathLike, which: str = "latest") -> InputContract:
-    """The input the run recorded (its size, mean, std and interpolation) at its latest (or
-    best) step."""
-    record = read_record(path, which)
-    if None in (record.image_size, record.mean, record.std):
-        raise WeightFormatError(f"The run record of {path} holds no input size, mean and std.")
-    interpolation = record.interpolation or InputContract.interpolation  # older runs: default
-    return InputContract(
-        int(record.image_size), record.mean, record.std, interpolation=interpolation
-    )
+    """The input the run recorded (its size, mean, std, interpolation and crop) at its latest
+    (or best) step."""
+    return read_record(path, which).contract(str(path))
