@@ -590,3 +590,26 @@ def test_an_empty_newer_step_folder_is_moved_aside_not_taken_for_the_newest(
         np.testing.assert_array_equal(got, expected)
     train_and_evaluate(config, str(workdir))  # finished: reports step 6 again
     assert moved_aside(workdir) == ["8"] and steps_in(workdir) == [2, 4, 6]
+
+
+def test_swapped_step_folders_are_moved_aside_and_the_run_resumes_exactly(
+    tmp_path, finished_run, caplog
+):
+    """Each folder holds a readable state of another step: neither is taken for its name."""
+    from vision_jax.weights.files import WeightFormatError
+    from vision_jax.weights.run_dir import read_variables
+
+    full, config = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    steps = workdir / "checkpoints"
+    (steps / "4").rename(steps / "swap")
+    (steps / "6").rename(steps / "4")
+    (steps / "swap").rename(steps / "6")
+    with pytest.raises(WeightFormatError, match=r"checkpoints/6 holds the state of step 4"):
+        read_variables(workdir)
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(config, str(workdir))
+    assert moved_aside(workdir) == ["4", "6"] and "holds the state of step 4" in caplog.text
+    for step in (4, 6):
+        assert_same_step(full, workdir, step)

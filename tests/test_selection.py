@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -96,6 +97,12 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     assert scripted_validation["val"] == 5
     assert steps(tmp_path) == [2, 4, 6, 8, 10]
     assert again["eval/top1"] == result["eval/top1"] and again["best/step"] == 4
+
+    # A best step that lost its state is not replaced by the newest step without a word.
+    shutil.rmtree(tmp_path / "best" / "4" / "state")
+    with pytest.raises(weights.WeightFormatError, match=r"best checkpoint .* is incomplete; "
+                       "--which=latest"):  # fmt: skip
+        read_variables(tmp_path, "best")
 
 
 def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validation):

@@ -212,8 +212,12 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
 
 def _check_digests(restored: tuple[Any, dict], path: epath.Path) -> str | None:
     """What differs between a step's restored state and the digests its meta holds (a
-    collective computation); a step saved without digests is named and passes."""
+    collective computation), or a state of another step than its folder's name; a step saved
+    without digests is named and passes."""
     state, meta = restored
+    saved_step = int(state["step"] if isinstance(state, dict) else state.step)
+    if path.name.isdigit() and saved_step != int(path.name):
+        return f"it holds the state of step {saved_step}"
     if "digest" not in meta:
         logging.warning("Checkpoint %s holds no digests (an earlier version's): not checked.", path)
     return digests.first_difference(meta.get("digest"), state)

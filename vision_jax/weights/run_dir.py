@@ -127,10 +127,14 @@ def is_complete(step_dir: pathlib.Path | Any) -> bool:
     return all((step_dir / f).exists() for f in REQUIRED_FILES)
 
 
+def _step_folders(folder: pathlib.Path) -> list[int]:
+    """The steps of the step folders in ``folder`` (none if it is not a folder)."""
+    return [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
+
+
 def _newest_step(folder: pathlib.Path) -> pathlib.Path | None:
     """The newest complete step folder in ``folder``; newer incomplete ones are named."""
-    steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
-    for step in sorted(steps, reverse=True):
+    for step in sorted(_step_folders(folder), reverse=True):
         if is_complete(folder / str(step)):
             return folder / str(step)
         logging.warning("Skipping %s: not a complete checkpoint.", folder / str(step))
@@ -144,10 +148,14 @@ def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.P
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
     path = pathlib.Path(path).absolute()
-    if which == "best" and (path / CHECKPOINTS_DIR).is_dir():
+    if which == "best" and (path / CHECKPOINTS_DIR).is_dir() and _step_folders(path / BEST_DIR):
         best = _newest_step(path / BEST_DIR)
-        if best is not None and (best / STATE_ITEM).is_dir():
-            return best
+        if best is None:
+            raise WeightFormatError(
+                f"The best checkpoint in {path / BEST_DIR} is incomplete; --which=latest "
+                "reads the newest checkpoint instead."
+            )
+        return best
     if (path / CHECKPOINTS_DIR).is_dir():
         path = path / CHECKPOINTS_DIR
     if (path / STATE_ITEM).is_dir():
@@ -232,6 +240,8 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
         raise WeightFormatError(
             f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}"
         ) from e
+    if step_dir.name.isdigit() and int(state["step"]) != int(step_dir.name):
+        raise WeightFormatError(f"Checkpoint {step_dir} holds the state of step {state['step']}.")
     used = {k: state[k] for k in ("params", "model_state") if k in state}
     for folder, saved, tree in (
         (step_dir, meta.get("digest"), used),
