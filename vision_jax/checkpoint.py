@@ -8,7 +8,8 @@ orbax deletes old steps only after the new one is committed. A newest step that 
 (truncated file, missing metadata, arrays that differ from their digests in ``meta``: see
 :mod:`vision_jax.digests`) is moved aside to ``checkpoints/corrupt/<step>-<time>`` (never
 deleted) with a one-line warning, and the run resumes from the newest readable step; so are
-unfinished saves left by a crash. A checkpoint that does not match the run (another model) is an
+unfinished saves left by a crash that hold every file of a save (others, partial writes, are
+removed). A checkpoint that does not match the run (another model) is an
 error and left untouched, so it is never overwritten by a run that could not read it.
 """
 
@@ -21,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -73,7 +75,7 @@ def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None)
         steps = [s for s in manager.all_steps() if s != pending]
         kept = f"step {max(steps)}" if steps else "none"
         full = any(marker in str(e) for marker in _DISK_FULL)
-        advice = "free space on the disk (or lower keep_checkpoints), then " if full else ""
+        advice = "free space on the disk, then " if full else ""
         raise CheckpointSaveError(
             f"Saving the checkpoint of step {pending} in {manager.directory} failed"
             f"{' (the disk is full)' if full else ''}: {reason}. The newest complete "
@@ -140,11 +142,11 @@ def short_reason(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _abandoned_read(unraisable: Any) -> bool:
+def _abandoned_io(unraisable: Any) -> bool:
     """Whether an error nobody can catch comes from orbax abandoning a damaged step's reads
-    (after the first one fails): the other reads' failures (raised when their coroutines are
-    garbage-collected, or logged by asyncio for their tasks) and TensorStore completing a read
-    on orbax's closed event loop."""
+    (after the first one fails) or a failed save's writes: the other reads' failures (raised
+    when their coroutines are garbage-collected, or logged by asyncio for their tasks) and
+    TensorStore completing a read or write on orbax's closed event loop."""
     error, source = unraisable.exc_value, unraisable.object
     if inspect.iscoroutine(source) and "_read_array_index" in source.__qualname__:
         return True
@@ -172,9 +174,9 @@ class _AbandonedReadTasks(logging.Filter):
         return True
 
 
-def _quiet_abandoned_reads() -> None:
+def _quiet_abandoned_io() -> None:
     """Logs those errors at DEBUG instead of a page each on stderr (installed once, for the
-    process: TensorStore's callbacks may come after the read has returned)."""
+    process: TensorStore's callbacks may come after the read or save has returned)."""
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_log.filters):
         asyncio_log.addFilter(_AbandonedReadTasks())
@@ -183,8 +185,8 @@ def _quiet_abandoned_reads() -> None:
         return
 
     def hook(unraisable: Any) -> None:
-        if _abandoned_read(unraisable):
-            logging.debug("After a failed read: %s", short_reason(unraisable.exc_value))
+        if _abandoned_io(unraisable):
+            logging.debug("After a failed read or write: %s", short_reason(unraisable.exc_value))
         else:
             previous(unraisable)
 
@@ -196,7 +198,7 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
     """``((state, meta), None)`` of a step folder, or ``(None, why it cannot be read)``; the
     full error is logged at DEBUG. Reads with the item handler directly (no cross-process
     barrier), so that a process that fails cannot leave the others waiting."""
-    _quiet_abandoned_reads()
+    _quiet_abandoned_io()
     handler = ocp.StandardCheckpointHandler()
     try:
         state = handler.restore(path / STATE_ITEM, args=ocp.args.StandardRestore(abstract_state))
@@ -247,6 +249,7 @@ class Checkpointer:
             self.directory = os.path.abspath(self.directory)
         self.every_steps = every_steps
         self.lock = lock
+        _quiet_abandoned_io()  # a failed save's TensorStore callbacks, too
         self._new = _is_new(self.directory)
         if jax.process_index() == 0:
             self._move_aside_unfinished()
@@ -448,13 +451,20 @@ class Checkpointer:
         logging.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
 
     def _move_aside_unfinished(self) -> None:
-        """Moves aside saves that a crash left unfinished (orbax ignores them)."""
+        """Saves that a crash or a failed write left unfinished (orbax ignores them): moved
+        aside when they hold every file of a save (cut short while being committed), else
+        removed: they hold no state to resume from, and on a full disk they would pile up."""
         root = epath.Path(self.directory)
         if not root.is_dir():
             return
         for path in sorted(root.iterdir()):
-            if path.name != CORRUPT_DIR and ocp.path.step.is_path_temporary(path):
+            if path.name == CORRUPT_DIR or not ocp.path.step.is_path_temporary(path):
+                continue
+            if is_complete(path):
                 self._move_aside(path.name, "is an unfinished save")
+            else:
+                shutil.rmtree(path)
+                logging.warning("Removed %s: a save cut short, holding no complete state.", path)
 
     def wait(self) -> None:
         with _reporting_failed_saves(self.manager, self._pending):
