@@ -194,7 +194,13 @@ def test_skip_corrupt_skips_and_counts(corrupt_folder, caplog):
     rows = [int(pipeline._example_index(p, 7, 0)) for p in range(14 + batches.skipped)]
     assert batches.skipped == rows.count(bad_row) >= 1
     named = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
-    assert len(named) == batches.skipped and all(m.endswith("train/b/bad.jpg.") for m in named)
+    assert len(named) == batches.skipped
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert data_lib.check_examples(source, spec) == 1  # the up-front check names it too
+    assert "1 unreadable example(s) of 7 will be skipped: image " in caplog.text
+    assert "train/b/bad.jpg: jpeg::Uncompress failed" in caplog.text
+    assert all("train/b/bad.jpg: jpeg::Uncompress failed" in m for m in named), named
     resumed = data_lib.train_batches(
         source, spec, global_batch=2, seed=0, start_step=4, start_position=position
     )

@@ -404,8 +404,11 @@ def test_bad_masks_are_errors_naming_the_file(bad_folder):
     with pytest.raises(
         data_lib.DataError,
         match=r"masks/000\.png: A label map must be a grayscale or palette PNG of at most 8 "
-        r"bits; .* and bit depth, if it is a PNG: 2 8;",  # RGB, 8 bits
+        r"bits; this PNG's .* and bit depth: 2 8;",  # RGB, 8 bits
     ):
+        list(data_lib.eval_batches(source, spec_of(), global_batch=9))
+    (masks / "000.png").write_bytes(b"abcdefgh" * 8)  # named .png, not one
+    with pytest.raises(data_lib.DataError, match=r"masks/000\.png: .* PNG; this file is not a PNG"):
         list(data_lib.eval_batches(source, spec_of(), global_batch=9))
     for bad in ("size", "range"):
         only = dict(source.columns)
@@ -433,6 +436,7 @@ def test_bad_masks_skipped_and_counted_with_skip_corrupt(bad_folder, caplog):
         )
         take(train, 6)  # two epochs: both bad examples met twice
     assert train.skipped == 4 and "Skipped" in caplog.text
+    assert "label map " in caplog.text and "masks/range.png: values [6] outside" in caplog.text
 
 
 def test_configs_without_label_maps(tmp_path):

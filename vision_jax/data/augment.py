@@ -216,12 +216,17 @@ def decode_index_png(data: tf.Tensor) -> tf.Tensor:
     header = tf.pad(header, [[0, 26 - tf.shape(header)[0]]])
     signature = tf.constant(list(b"\x89PNG\r\n\x1a\n"), tf.uint8)
     depth, colour = header[24], header[25]
-    check = tf.debugging.Assert(
-        tf.reduce_all(header[:8] == signature) & (depth <= 8) & ((colour == 0) | (colour == 3)),
-        ["A label map must be a grayscale or palette PNG of at most 8 bits; this file's PNG "
-         "colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA) and bit "
-         "depth, if it is a PNG:", colour, depth],
-    )  # fmt: skip
+    is_png = tf.debugging.Assert(
+        tf.reduce_all(header[:8] == signature),
+        ["A label map must be a grayscale or palette PNG; this file is not a PNG."],
+    )
+    with tf.control_dependencies([is_png]):
+        check = tf.debugging.Assert(
+            (depth <= 8) & ((colour == 0) | (colour == 3)),
+            ["A label map must be a grayscale or palette PNG of at most 8 bits; this PNG's "
+             "colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA) and bit depth:",
+             colour, depth],
+        )  # fmt: skip
     with tf.control_dependencies([check]):
         data = tf.cond(colour == 3, lambda: _grey_palette(data), lambda: data)
     values = tf.ensure_shape(tf.io.decode_png(data, channels=1), [None, None, 1])

@@ -132,12 +132,14 @@ class Batches(Iterator[Batch]):
             )
 
     def _files(self, positions: list[int]) -> str:
-        """``": <file>; <file>"`` of the first stream ``positions`` (empty if not known)."""
+        """``": <what is wrong>; ..."`` of the first stream ``positions``: the file and why (its
+        image, its label map, ...), found by reading them again; empty if not known."""
         if self._row_of is None or "path" not in self._source.columns:
             return ""
-        paths = [self._source.columns["path"][self._row_of(p)] for p in positions[:3]]
+        rows = [self._row_of(p) for p in positions[:3]]
+        found = [_problem(self._source, row) or self._source.columns["path"][row] for row in rows]
         more = f" and {len(positions) - 3} more" if positions[3:] else ""
-        return ": " + "; ".join(str(p) for p in paths) + more
+        return ": " + "; ".join(str(p) for p in found) + more
 
     def close(self) -> None:
         """Releases the tf.data iterator on a daemon thread, so that its teardown does not hold
@@ -460,9 +462,12 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
     if not bad_rows:
         return 0
     if source.skip_corrupt:
+        named = "; ".join(_problem(source, row) or f"row {row}" for row in bad_rows[:5])
+        more = f" (and {len(bad_rows) - 5} more)" if len(bad_rows) > 5 else ""
         logging.warning(
-            "%d unreadable example(s) of %d will be skipped.", len(bad_rows), len(shard)
-        )
+            "%d unreadable example(s) of %d will be skipped: %s%s.",
+            len(bad_rows), len(shard), named, more,
+        )  # fmt: skip
         return len(bad_rows)
     problems = [_problem(source, row) or f"row {row}" for row in bad_rows[:10]]
     more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
