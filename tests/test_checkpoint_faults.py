@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -121,7 +122,31 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
     lock.release()
     assert not path.exists()
     path.write_text('{"host": "elsew')  # a run killed while writing its lock
+    old = time.time() - 10
+    os.utime(path, (old, old))
     lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_a_lock_being_written_is_not_taken_for_a_dead_runs(tmp_path, caplog):
+    """Between another run's atomic create and its JSON, the lock file is empty: read again."""
+    path = tmp_path / lock_lib.LOCK_NAME
+    path.touch()
+
+    def write_owner():
+        time.sleep(0.3)
+        path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "now"}))
+
+    writer = threading.Thread(target=write_owner)
+    writer.start()
+    with pytest.raises(lock_lib.LockError, match="in use by another run .host elsewhere"):
+        lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    writer.join()
+    path.write_text("")
+    old = time.time() - 10
+    os.utime(path, (old, old))
+    with caplog.at_level(logging.WARNING):
+        lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
+    assert "it was left half-written 10 s ago" in caplog.text
 
 
 # --- damaged checkpoints and the data stream position ---------------------------------------

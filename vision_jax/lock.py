@@ -25,6 +25,7 @@ import numpy as np
 LOCK_NAME = "vision_jax.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
+WRITE_GRACE_S = 2.0  # a lock file without its JSON for longer was left half-written
 
 
 class LockError(RuntimeError):
@@ -47,6 +48,8 @@ def _describe(owner: dict) -> str:
 
 def stale_reason(owner: dict, age_s: float) -> str | None:
     """Why the lock of ``owner`` (heartbeat ``age_s`` seconds ago) is stale, or None."""
+    if owner.get("half_written"):
+        return f"it was left half-written {age_s:.0f} s ago"
     if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
         return f"its process {owner.get('pid')} is gone"
     if age_s > STALE_AFTER_S:
@@ -127,17 +130,23 @@ class WorkdirLock:
         return True
 
     def _read(self) -> tuple[dict | None, float]:
-        """The lock's owner and the age of its heartbeat in seconds (None if it vanished)."""
-        try:
-            with open(self.path) as f:
-                text = f.read()
-            age = time.time() - os.stat(self.path).st_mtime
-        except FileNotFoundError:
-            return None, 0.0
-        try:
-            return json.loads(text), age
-        except ValueError:  # half-written by a run killed while creating it
-            return {"host": "?", "pid": -1, "started": "?"}, max(age, STALE_AFTER_S + 1)
+        """The lock's owner and the age of its heartbeat in seconds (None if it vanished). A
+        lock without its JSON is being written (read again, up to ``WRITE_GRACE_S``) or was
+        left half-written by a run killed while creating it (stale)."""
+        deadline = time.monotonic() + WRITE_GRACE_S
+        while True:
+            try:
+                with open(self.path) as f:
+                    text = f.read()
+                age = time.time() - os.stat(self.path).st_mtime
+            except FileNotFoundError:
+                return None, 0.0
+            try:
+                return json.loads(text), age
+            except ValueError:
+                if age > WRITE_GRACE_S or time.monotonic() > deadline:
+                    return {"host": "?", "pid": -1, "started": "?", "half_written": True}, age
+                time.sleep(0.05)
 
     def _break(self, owner: dict) -> bool:
         """Moves the stale lock away, if it is still the one that was read."""
