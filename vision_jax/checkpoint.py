@@ -542,7 +542,9 @@ class BestCheckpoint:
             problem = _check_digests(restored, path)
         if problem is not None:
             raise CheckpointError(
-                f"Cannot read the best checkpoint {self.directory}/{step}: {problem}"
+                f"Cannot read the best checkpoint {self.directory}/{step}: {problem}. The step "
+                "checkpoints are not affected: predict and export read the newest with "
+                "--which=latest."
             )
         return step, *restored
 
