@@ -420,3 +420,15 @@ def test_quantisation_report_on_real_images(tmp_path, capsys):
     sizes = {q: r["size_bytes"] for q, r in rows.items()}
     assert sizes["full_int8"] < sizes["float16"] < sizes["none"]
     assert (out / "model.tflite").stat().st_size == sizes["full_int8"]
+
+
+@pytest.mark.parametrize("fmt", ["stablehlo", "savedmodel"])
+def test_cli_an_output_that_cannot_be_written_is_one_line(digits_run, tmp_path, fmt, capsys):
+    """A full disk or a path that cannot be a folder: one line naming it, exit status 1."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / fmt
+    assert export_main(["--workdir", str(digits_run), "--format", fmt, "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write ") and "a_file" in err[-1], err
+    assert err[-1].endswith(f"the export in {out} is incomplete."), err

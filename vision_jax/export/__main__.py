@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -66,8 +67,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportError, DataError, WeightFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a folder not writable
+        return _write_error(args.output, e.filename, e.strerror or str(e))
+    except Exception as e:  # TensorFlow's own error for a failed write (SavedModel, TFLite)
+        from vision_jax.tf_without_keras import tf
+
+        if not isinstance(e, tf.errors.ResourceExhaustedError | tf.errors.PermissionDeniedError):
+            raise
+        reason = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message.strip().splitlines()[0])
+        return _write_error(args.output, None, reason)
     print(f"wrote {args.format} to {args.output} (manifest export.json)")
     return 0
+
+
+def _write_error(output: str, filename: str | None, reason: str) -> int:
+    print(f"error: cannot write {filename or output}: {reason}; the export in {output} is "
+          "incomplete.", file=sys.stderr)  # fmt: skip
+    return 1
 
 
 if __name__ == "__main__":

@@ -26,8 +26,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         path = write_report(args.workdir, args.output, args.which, hardest=args.hardest)
-    except (WeightFormatError, OSError) as e:
+    except WeightFormatError as e:
         print(f"vision_jax.report: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a folder not writable: what was written is incomplete
+        where = e.filename or args.output or f"{args.workdir}/report"
+        print(f"vision_jax.report: error: cannot write {where}: {e.strerror or e}; the "
+              "report there is incomplete.", file=sys.stderr)  # fmt: skip
         return 1
     print(path)
     return 0
