@@ -79,7 +79,8 @@ def written_run(tmp_path_factory):
     config = small_config(total_steps=1, **{"input.interpolation": "bicubic"})
     run = build_run(config, str(workdir))
     try:
-        run.checkpointer.save(1, run.state, run.meta, force=True, data_position=32)
+        state = run.state.replace(step=run.state.step + 1)  # as after one step
+        run.checkpointer.save(1, state, run.meta, force=True, data_position=32)
         run.checkpointer.wait()
         expected = {"params": run.state.params, **run.state.model_state}
         return workdir, run, jax.tree.map(np.asarray, expected)
