@@ -256,7 +256,7 @@ class Checkpointer:
         _sync("vision_jax:checkpoints_tidied")
         self.final_steps = KeepSteps()
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
-        self.has_frozen = False  # frozen params saved beside the steps (recorded in each)
+        self.has_frozen = False  # frozen params lie beside the steps (each step's meta says)
         policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -363,7 +363,7 @@ class Checkpointer:
             meta["data_positions"] = _gather(data_position)
         if meta["final"]:
             self.final_steps.steps.add(step)
-        meta["digest"], meta["frozen"] = digests.digest(state), self.has_frozen
+        meta["digest"] = digests.digest(state)
         self.wait()  # the previous save, whose failure names its own step
         with _reporting_failed_saves(self.manager, step):
             saved = self.manager.save(

@@ -436,10 +436,12 @@ def _end_step(
 
 
 def _meta(run: Run, stopped_early: bool) -> dict:
-    """What a checkpoint records besides the state: the run record and selection progress."""
+    """What a checkpoint records besides the state: the run record, whether frozen params lie
+    beside the checkpoints, and the selection progress."""
+    meta = {**run.meta, "frozen": run.checkpointer.has_frozen}
     if run.selection is None:
-        return run.meta
-    return {**run.meta, "selection": run.selection.to_json(), "stopped_early": stopped_early}
+        return meta
+    return {**meta, "selection": run.selection.to_json(), "stopped_early": stopped_early}
 
 
 def _evaluate(run: Run, state: TrainState, step: int, writer: MetricWriter) -> dict[str, float]:
