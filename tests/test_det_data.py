@@ -419,14 +419,19 @@ def test_an_image_of_another_size_than_its_annotations(tmp_path):
     np.testing.assert_array_equal(batches[0]["mask"], [1, 0])
 
 
-def test_images_to_predict_on_have_their_shown_size(tmp_path):
+@pytest.mark.parametrize("kind", ["JPEG", "MPO"])
+def test_images_to_predict_on_have_their_shown_size(tmp_path, kind):
     """A JPEG stored sideways (EXIF orientation 8): boxes are predicted on the picture as
-    shown, so its size is the turned one (20 wide, 12 high)."""
+    shown, so its size is the turned one (20 wide, 12 high). Phones write MPO files (a JPEG
+    holding more pictures), which PIL names apart."""
     from vision_jax.data.coco import from_image_files
 
     exif = Image.Exif()
     exif[0x0112] = 8
-    Image.new("RGB", (12, 20)).save(tmp_path / "side.jpg", "JPEG", exif=exif.tobytes())
+    picture = Image.new("RGB", (12, 20))
+    more = {"save_all": True, "append_images": [picture]} if kind == "MPO" else {}
+    picture.save(tmp_path / "side.jpg", kind, exif=exif.tobytes(), **more)
+    assert Image.open(tmp_path / "side.jpg").format == kind
     Image.new("RGB", (12, 20)).save(tmp_path / "plain.png")
     source, unreadable = from_image_files(
         [str(tmp_path / "side.jpg"), str(tmp_path / "plain.png")], ["a"], [1]

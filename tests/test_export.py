@@ -287,6 +287,19 @@ def test_segmentation_exports_label_maps_and_probabilities():
     assert out["probabilities"].shape == (2, 32, 32, 3)
     np.testing.assert_allclose(out["probabilities"], expected, atol=1e-4)
     assert np.mean(out["label_map"] == expected.argmax(-1)) > 0.999  # ties may round apart
+    # The manifest says how evaluation fits an image in (the whole image squashed) and back.
+    from types import SimpleNamespace
+
+    from vision_jax.data import InputSpec
+    from vision_jax.export.exporter import _manifest
+
+    trained = SimpleNamespace(
+        task=task, input=InputSpec(image_size=32, interpolation="bicubic"), class_names=["a"] * 3,
+        record=SimpleNamespace(model="vit_ti16", category_ids=None), step_dir="run/1", step=1,
+    )  # fmt: skip
+    resize = _manifest(trained, servable, "tflite", "none", 2)["input"]["resize"]
+    assert resize["interpolation"] == "bicubic" and "whole image to 32 x 32" in resize["resize"]
+    assert "nearest-neighbour" in resize["label_map"]
 
 
 # ---- exporting trained runs (each trains a small run first) ----------------------------------

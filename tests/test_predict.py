@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import pathlib
 import zipfile
 
@@ -151,6 +152,11 @@ def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_p
     assert main([f"--workdir={missing}", f"--input={broken[0]}", f"--output={out}"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(missing) in err and "\n" not in err
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit):  # before predicting, not after
+        main([f"--workdir={digits_run[0]}", f"--input={broken[0]}", f"--output={blocked}/p.csv"])
+    assert "cannot make its folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # trains a segmentation run of its own: over 30 s on 2 cores
@@ -251,16 +257,22 @@ def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
     assert all(r["label"] in DOGS for r in records[:2]), [r["top_k"][:3] for r in records]
 
 
-def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path):
+def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path, caplog):
     """A folder is listed with its subfolders, without hidden files and folders (macOS's
-    ``._`` copies, ``.git``), as training's listings; ``**`` globs reach any depth."""
+    ``._`` copies, ``.git``), as training's listings; ``**`` globs reach any depth. Files
+    without an image extension are named; an existing file is itself, whatever its name
+    holds (``[1]`` is not read as a glob)."""
     for name in ("a.jpg", "sub/b.PNG", "sub/deep/c.webp", "._a.jpg", "sub/.d.jpg", ".git/e.jpg",
                  "notes.txt"):  # fmt: skip
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     expected = [str(tmp_path / n) for n in ("a.jpg", "sub/b.PNG", "sub/deep/c.webp")]
-    assert image_files(str(tmp_path)) == expected
+    with caplog.at_level(logging.WARNING):
+        assert image_files(str(tmp_path)) == expected
+    assert f"Left out 1 file(s) of {tmp_path} without an image extension: " in caplog.text
     assert image_files(str(tmp_path / "**" / "*.webp")) == expected[2:]
     assert image_files(str(tmp_path / "a.jpg")) == expected[:1]
+    (tmp_path / "img[1].jpg").write_bytes(b"")
+    assert image_files(str(tmp_path / "img[1].jpg")) == [str(tmp_path / "img[1].jpg")]
     with pytest.raises(FileNotFoundError, match="No image files"):
         image_files(str(tmp_path / "sub" / "*.gif"))

@@ -41,7 +41,7 @@ import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax import weights
-from vision_jax.data import augment
+from vision_jax.data import augment, exif
 from vision_jax.data.coco import from_image_files
 from vision_jax.data.folders import is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
@@ -59,16 +59,25 @@ def image_files(pattern: str) -> list[str]:
     """The image files of a folder and its subfolders (sorted; hidden files and folders left
     out, as training's listings leave them), a glob pattern (``**`` for any depth), or one
     file."""
+    if os.path.isfile(pattern):  # before the glob: a file name may hold "[", "*" or "?"
+        return [pattern]
     if os.path.isdir(pattern):
-        files = []
+        files, others = [], []
         for folder, subfolders, names in os.walk(pattern):
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-            files += [os.path.join(folder, n) for n in names if is_image_file(n)]
+            for name in names:
+                if not name.startswith("."):
+                    (files if is_image_file(name) else others).append(os.path.join(folder, name))
         files.sort()
+        if others:
+            logging.warning(
+                "Left out %d file(s) of %s without an image extension: %s%s.", len(others),
+                pattern, ", ".join(sorted(others)[:3]), " ..." if others[3:] else "",
+            )  # fmt: skip
     elif glob.has_magic(pattern):
         files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
     else:
-        files = [pattern] if os.path.isfile(pattern) else []
+        files = []
     if not files:
         raise FileNotFoundError(f"No image files at {pattern!r}.")
     return files
@@ -412,7 +421,8 @@ def draw_detections(path: str, detections: list[dict], out_path: str, threshold:
     from PIL import Image, ImageDraw, ImageOps
 
     image = Image.open(path)
-    image = (ImageOps.exif_transpose(image) if image.format == "JPEG" else image).convert("RGB")
+    image = ImageOps.exif_transpose(image) if image.format in exif.JPEG_FORMATS else image
+    image = image.convert("RGB")
     draw = ImageDraw.Draw(image)
     for d in sorted(detections, key=lambda d: d["score"]):
         if d["score"] < threshold:
@@ -475,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = [p for p in image_files(args.input) if not _inside(p, outputs)]
     except FileNotFoundError as e:
         parser.error(str(e))
+    try:  # before the predictions, not after them
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    except OSError as e:
+        parser.error(f"--output {args.output}: cannot make its folder: {e.strerror or e}.")
     try:
         predictor = _predictor(args, parser)
         task = predictor.task.name

@@ -14,6 +14,7 @@ from vision_jax.tf_without_keras import tf
 _HEAD = 1 << 17  # the APP1 segment (at most 64 KiB) follows SOI and at most a few others
 _PAD = b"\0" * 16
 _EXIF = (0x45, 0x78, 0x69, 0x66, 0, 0)  # "Exif\0\0"
+JPEG_FORMATS = ("JPEG", "MPO")  # PIL's names: MPO is a JPEG holding more pictures (phones)
 _ORIENTATION = 0x0112
 _HAS_EXIF = r"\C*Exif\x00\x00\C*"  # \C: any byte (the bytes are not UTF-8)
 
@@ -102,6 +103,6 @@ def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 def upright_size(image: Any) -> tuple[int, int]:
     """(width, height) of an open PIL image once turned upright, as decoding turns JPEGs."""
     width, height = image.size
-    if image.format == "JPEG" and image.getexif().get(_ORIENTATION, 1) >= 5:
+    if image.format in JPEG_FORMATS and image.getexif().get(_ORIENTATION, 1) >= 5:
         return height, width
     return width, height

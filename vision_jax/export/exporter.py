@@ -101,6 +101,15 @@ def _manifest(
             "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
             "value gives nearly the same detections, black padding does not",
         }
+    elif trained.task.name == "segmentation":  # evaluation sees every pixel of the image
+        spec = trained.input
+        manifest["input"]["resize"] = {
+            "interpolation": spec.interpolation,
+            "resize": f"the whole image to {spec.image_size} x {spec.image_size}, aspect ratio "
+            "not kept",
+            "label_map": "at the input size: resize it to the image's size nearest-neighbour, "
+            "as predict does",
+        }
     elif trained.task.name == "classification":  # how evaluation resizes and crops
         spec = trained.input
         whole = spec.crop_mode == "squash"
