@@ -96,7 +96,8 @@ def _manifest(
     if trained.task.name == "detection":  # how evaluation and predict fit images in
         manifest["input"]["letterbox"] = {
             "resize": "the longer side to the input size, aspect ratio kept",
-            "image_at": "top-left; boxes come back in input pixels (divide by the scale)",
+            "image_at": "top-left; boxes come back in input pixels: divide by the scale and "
+            "clip to the image, as predict does",
             "pad_rgb": [round(255 * m, 3) for m in servable.mean],
             "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
             "value gives nearly the same detections, black padding does not",
