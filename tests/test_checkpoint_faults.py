@@ -10,6 +10,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -146,7 +147,7 @@ def test_a_lock_being_written_is_not_taken_for_a_dead_runs(tmp_path, caplog):
     os.utime(path, (old, old))
     with caplog.at_level(logging.WARNING):
         lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
-    assert "it was left half-written 10 s ago" in caplog.text
+    assert re.search(r"it was left half-written 1[0-9] s ago", caplog.text), caplog.text
 
 
 # --- damaged checkpoints and the data stream position ---------------------------------------
@@ -633,7 +634,7 @@ def test_swapped_step_folders_are_moved_aside_and_the_run_resumes_exactly(
     (steps / "4").rename(steps / "swap")
     (steps / "6").rename(steps / "4")
     (steps / "swap").rename(steps / "6")
-    with pytest.raises(WeightFormatError, match=r"checkpoints/6 holds the state of step 4"):
+    with pytest.raises(WeightFormatError, match=r"checkpoints/6 is damaged: it holds the state of"):
         read_variables(workdir)
     with caplog.at_level(logging.WARNING):
         train_and_evaluate(config, str(workdir))

@@ -84,6 +84,20 @@ def test_damaged_or_missing_frozen_params_are_named(tmp_path):
         read_variables(str(tmp_path))
 
 
+def test_a_resume_with_another_trainable_set_names_the_change(tmp_path):
+    """The frozen params beside the checkpoints are another split than the config's: the
+    error names the config change (as the state's does), and nothing is rewritten."""
+    from vision_jax.checkpoint import CheckpointMismatchError
+
+    train_and_evaluate(small_config(**{"optimizer.trainable": "head", "total_steps": 2}),
+                       str(tmp_path))  # fmt: skip
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "frozen_params").rglob("*"))
+    other = small_config(**{"optimizer.trainable": "last:1", "total_steps": 4})
+    with pytest.raises(CheckpointMismatchError, match=r"changed since: optimizer.trainable"):
+        train_and_evaluate(other, str(tmp_path))
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "frozen_params").rglob("*")) == before
+
+
 @pytest.mark.slow
 def test_lora_trains_only_adapters_and_head_and_exports_merged(tmp_path):
     cfg = lora_vit_config()

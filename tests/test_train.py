@@ -23,7 +23,7 @@ from vision_jax.checkpoint import CheckpointError
 from vision_jax.config import UnreadConfigKeysError, default_config
 from vision_jax.train import train_and_evaluate
 from vision_jax.weights import WeightFormatError
-from vision_jax.weights.run_dir import read_variables
+from vision_jax.weights.run_dir import read_record, read_variables
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,8 @@ def test_a_resume_reads_no_pretrained_weights(tmp_path, monkeypatch, trainable):
     from vision_jax import run as run_lib
 
     pretrained = tmp_path / "pretrained"
-    train_and_evaluate(small_config(total_steps=2), str(pretrained))
+    train_and_evaluate(small_config(total_steps=2, **{"input.interpolation": "bicubic"}),
+                       str(pretrained))  # fmt: skip
     cfg = small_config(total_steps=4, keep_checkpoints=5)
     cfg.init.path, cfg.optimizer.trainable = str(pretrained), trainable
     cfg.init.use_input_contract = True
@@ -260,11 +261,40 @@ def test_a_resume_reads_no_pretrained_weights(tmp_path, monkeypatch, trainable):
     monkeypatch.setattr(run_lib, "load_pretrained", counted)
     train_and_evaluate(cfg, str(interrupted))
     assert not loads
+    assert read_record(interrupted).interpolation == "bicubic"  # the contract, recorded
     for a, b in zip(_params_of(full), _params_of(interrupted), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     for a, b in zip(jax.tree.leaves(read_variables(full)),
                     jax.tree.leaves(read_variables(interrupted)), strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)  # the frozen ones too
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
+    """Written before digests, frozen_params and the recorded crop mode: the frozen params and
+    the input contract are read from init.path once more (then saved), the steps unchecked."""
+    pretrained = tmp_path / "pretrained"
+    train_and_evaluate(small_config(total_steps=2, **{"input.interpolation": "bicubic"}),
+                       str(pretrained))  # fmt: skip
+    cfg = small_config(total_steps=4, keep_checkpoints=5, **{"optimizer.trainable": "head"})
+    cfg.init.path, cfg.init.use_input_contract = str(pretrained), True
+    full, old = tmp_path / "full", tmp_path / "old"
+    train_and_evaluate(cfg, str(full))
+    train_and_evaluate(cfg, str(old))
+    shutil.rmtree(old / "checkpoints" / "4")
+    shutil.rmtree(old / "frozen_params")
+    meta_file = old / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    for key in ("digest", "frozen"):
+        del meta[key]
+    del meta["input"]["crop_mode"], meta["input"]["interpolation"]  # records of old
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(cfg, str(old))
+    assert "No frozen parameters beside" in caplog.text and "holds no digests" in caplog.text
+    assert read_record(old).interpolation == "bicubic" and (old / "frozen_params").is_dir()
+    for a, b in zip(jax.tree.leaves(read_variables(full)), jax.tree.leaves(read_variables(old)),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def _tree_hash(path: pathlib.Path) -> str:

@@ -22,9 +22,8 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +43,7 @@ from vision_jax.weights.run_dir import (
     frozen_digests,
     frozen_dir,
     is_complete,
+    state_damage,
 )
 
 CORRUPT_DIR = "corrupt"
@@ -62,15 +62,15 @@ _DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left", "ENOSPC", "Disk quota excee
 
 
 @contextlib.contextmanager
-def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None) -> Any:
+def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None) -> Iterator[None]:
     """Turns a failed save that orbax raises when it is next waited for (the next save, the
     end of the run, closing) into a :class:`CheckpointSaveError` naming the step, the reason
     and the newest complete checkpoint."""
     try:
         yield
-    except CheckpointError:
-        raise
     except Exception as e:  # orbax and TensorStore raise many types
+        if pending is None or isinstance(e, CheckpointError):  # not a save's failure
+            raise
         reason = short_reason(e)
         steps = [s for s in manager.all_steps() if s != pending]
         kept = f"step {max(steps)}" if steps else "none"
@@ -212,19 +212,6 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
     return None, why
 
 
-def _check_digests(restored: tuple[Any, dict], path: epath.Path) -> str | None:
-    """What differs between a step's restored state and the digests its meta holds (a
-    collective computation), or a state of another step than its folder's name; a step saved
-    without digests is named and passes."""
-    state, meta = restored
-    saved_step = int(state["step"] if isinstance(state, dict) else state.step)
-    if path.name.isdigit() and saved_step != int(path.name):
-        return f"it holds the state of step {saved_step}"
-    if "digest" not in meta:
-        logging.warning("Checkpoint %s holds no digests (an earlier version's): not checked.", path)
-    return digests.first_difference(meta.get("digest"), state)
-
-
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir.
 
@@ -315,6 +302,8 @@ class Checkpointer:
             problem = short_reason(e)
         finally:
             handler.close()
+        if problem is not None:  # another split of the params than the run saved
+            self._check_matches(path, abstract_frozen, f"{path} (the frozen parameters)")
         failed = _gather(problem is not None)
         if not any(failed):  # every process read them: now a collective check of the values
             problem = digests.first_difference(saved, frozen)
@@ -329,9 +318,10 @@ class Checkpointer:
 
     def newest_complete_step(self) -> int | None:
         """The newest step whose folder holds every file of a committed save (it may still be
-        unreadable); None without one."""
+        unreadable), as process 0 sees it; None without one. Call on every process."""
         steps = [s for s in self.manager.all_steps() if is_complete(self.step_dir(s))]
-        return max(steps, default=None)
+        newest = _broadcast(max(steps, default=-1))  # every process acts on process 0's answer
+        return None if newest < 0 else newest
 
     def has_steps(self) -> bool:
         """Whether process 0 sees a step checkpoint (readable or not), on every process: the
@@ -391,7 +381,7 @@ class Checkpointer:
             restored, problem = self._try_restore(step, abstract_state)
             failed = _gather(problem is not None)
             if not any(failed):  # every process read it: now a collective check of its values
-                problem = _check_digests(restored, self.step_dir(step))
+                problem = state_damage(self.step_dir(step), restored[1], restored[0])
             if not any(failed) and problem is None:
                 for bad, why in problems.items():
                     self._move_aside(bad, f"cannot be read ({why}); resuming from step {step}")
@@ -419,19 +409,20 @@ class Checkpointer:
             return None, f"missing {', '.join(missing)}"
         restored, problem = _read_step(path, abstract_state)
         if problem is not None:
-            self._check_matches(path, abstract_state, where)
+            self._check_matches(path / STATE_ITEM, abstract_state, where)
             return None, problem
         check_same_structure(abstract_state, restored[0], where=where)
         return restored, None
 
-    def _check_matches(self, path: epath.Path, abstract_state: Any, where: str) -> None:
-        """Raises the mismatch error if ``path``'s metadata is readable and differs in shape
-        or structure from ``abstract_state``; returns if it matches or cannot be read."""
+    def _check_matches(self, item: epath.Path, abstract: Any, where: str) -> None:
+        """Raises the mismatch error if the metadata of the orbax item ``item`` is readable and
+        differs in shape or structure from ``abstract``; returns if it matches or cannot be
+        read."""
         try:
-            tree = ocp.StandardCheckpointHandler().metadata(path / STATE_ITEM).tree
+            tree = ocp.StandardCheckpointHandler().metadata(item).tree
         except Exception:  # unreadable metadata: the step is damaged, not mismatched
             return
-        expected, saved = dict(_shapes(abstract_state)), dict(_shapes(tree))
+        expected, saved = dict(_shapes(abstract)), dict(_shapes(tree))
         if expected != saved:
             raise CheckpointMismatchError(where, _shape_diff(saved, expected))
 
@@ -463,7 +454,7 @@ class Checkpointer:
             if is_complete(path):
                 self._move_aside(path.name, "is an unfinished save")
             else:
-                shutil.rmtree(path)
+                path.rmtree()
                 logging.warning("Removed %s: a save cut short, holding no complete state.", path)
 
     def wait(self) -> None:
@@ -539,7 +530,7 @@ class BestCheckpoint:
         path = epath.Path(self.directory) / str(step)
         restored, problem = _read_step(path, abstract_state)
         if problem is None:
-            problem = _check_digests(restored, path)
+            problem = state_damage(path, restored[1], restored[0])
         if problem is not None:
             raise CheckpointError(
                 f"Cannot read the best checkpoint {self.directory}/{step}: {problem}. The step "

@@ -32,6 +32,8 @@ def _device_words(x: jax.Array) -> jax.Array:
     x = jnp.ravel(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 8:  # two words each, low first (as a little-endian host reads them)
+        return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
@@ -41,7 +43,8 @@ def _device_sums(x: jax.Array) -> jax.Array:
     """Both sums of an array that spans processes (a collective computation)."""
     words = _device_words(x)
     weight = jax.lax.iota(jnp.uint32, words.size) * jnp.uint32(_GOLDEN) + jnp.uint32(1)
-    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weight)])
+    plain, weighted = jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weight, dtype=jnp.uint32)
+    return jnp.stack([plain, weighted])
 
 
 @functools.cache
@@ -53,8 +56,9 @@ def _weights() -> np.ndarray:
 def _host_sums(x: np.ndarray) -> tuple[int, int]:
     """Both sums of a host array, a chunk at a time: chunk ``c`` at ``start`` adds its
     words weighted from 1 plus ``start * _GOLDEN`` times its plain sum."""
-    x = np.ravel(x)
-    words = x.view(np.uint8) if x.dtype == bool else x.view(f"u{x.dtype.itemsize}")
+    x = np.ascontiguousarray(np.ravel(x)).astype(x.dtype.newbyteorder("<"), copy=False)
+    width = min(x.dtype.itemsize, 4)  # 8-byte values as two words, low first
+    words = x.view(np.uint8) if x.dtype == bool else x.view(f"<u{width}")
     plain = weighted = 0
     for start in range(0, words.size, _CHUNK):
         chunk = words[start : start + _CHUNK].astype(np.uint32)

@@ -474,6 +474,13 @@ def _inside(path: str, folders: Sequence[str | None]) -> bool:
     return any(f and where.startswith(os.path.realpath(f) + os.sep) for f in folders)
 
 
+def _make_folder_of(output: str, parser: argparse.ArgumentParser) -> None:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    except OSError as e:
+        parser.error(f"--output {output}: cannot make its folder: {e.strerror or e}.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -485,15 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = [p for p in image_files(args.input) if not _inside(p, outputs)]
     except FileNotFoundError as e:
         parser.error(str(e))
-    try:  # before the predictions, not after them
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    except OSError as e:
-        parser.error(f"--output {args.output}: cannot make its folder: {e.strerror or e}.")
     try:
         predictor = _predictor(args, parser)
         task = predictor.task.name
         if args.draw and task != "detection":
             parser.error(f"--draw draws boxes: {args.workdir} is a {task} run.")
+        _make_folder_of(args.output, parser)  # before the predictions, not after them
         records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
     except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -283,23 +283,28 @@ def _initial_setup(
 
     setup, input_spec = setup_of(abstract=resuming)
     if resuming and jax.tree.leaves(setup.frozen):
-        frozen = ckpt.restore_frozen(setup.frozen)
-        if frozen is None:
+        try:
+            frozen = ckpt.restore_frozen(setup.frozen)
+        except CheckpointMismatchError as error:  # another trainable set than the run's
+            raise _with_layout_changes(error, ckpt, spec) from error
+        if frozen is None:  # saved after the restore (see _restore)
             logging.warning("No frozen parameters beside %s: reading them from init.path.",
                             ckpt.directory)  # fmt: skip
             setup, input_spec = setup_of(abstract=False, log=False)
-            ckpt.save_frozen(setup.frozen)
         else:
             setup = dataclasses.replace(setup, frozen=frozen)
     return setup, input_spec
 
 
 def _recorded_contract(ckpt: Checkpointer) -> InputContract | None:
-    """The input contract the newest complete checkpoint's run record holds, if it holds one."""
+    """The input contract the newest complete checkpoint's run record holds, if it records
+    every part of it (runs of earlier versions recorded no crop mode: None)."""
     step = ckpt.newest_complete_step()
     meta = ckpt.read_meta(step) if step is not None else None
+    if not meta or not {"interpolation", "crop_mode"} <= (meta.get("input") or {}).keys():
+        return None
     try:
-        return RunRecord.from_json(meta).contract(ckpt.directory) if meta else None
+        return RunRecord.from_json(meta).contract(ckpt.directory)
     except WeightFormatError:
         return None
 
@@ -361,8 +366,9 @@ def _restore(
         raise _with_layout_changes(error, ckpt, spec) from error
     if restored is None and trees.is_abstract(state):  # has_steps() said there were some
         raise CheckpointError(f"The checkpoints in {ckpt.directory} disappeared during setup.")
-    if restored is None:
+    if not ckpt.has_frozen:  # a fresh run's, or one of an earlier version's runs read them
         ckpt.save_frozen(frozen)
+    if restored is None:
         return state, 0, None, {}
     state, meta = restored
     step = int(state.step)

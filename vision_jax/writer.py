@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from vision_jax.tf_without_keras import tf
@@ -56,7 +56,7 @@ class MetricWriter:
                 self._events.close()
 
     @contextlib.contextmanager
-    def _tolerated(self) -> Any:
+    def _tolerated(self) -> Iterator[None]:
         """A failed event write: one warning (later ones at DEBUG); the writer tries again."""
         try:
             yield

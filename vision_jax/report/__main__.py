@@ -5,6 +5,7 @@ its ``report.html``. Exit status 1 with one line on stderr when the run cannot b
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vision_jax.report: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a folder not writable: what was written is incomplete
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+            print(f"vision_jax.report: error: {e}", file=sys.stderr)  # e.g. a file not found
+            return 1
         where = e.filename or args.output or f"{args.workdir}/report"
         print(f"vision_jax.report: error: cannot write {where}: {e.strerror or e}; the "
               "report there is incomplete.", file=sys.stderr)  # fmt: skip

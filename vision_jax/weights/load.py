@@ -78,7 +78,7 @@ def apply_input_contract(spec: Any, source: str | os.PathLike | InputContract) -
 
     recorded = isinstance(source, InputContract)
     contract = source if recorded else input_contract(source)
-    source = "the checkpoint's run record" if recorded else source
+    where = "the checkpoint's run record" if recorded else source
     default = default_config().input
     for key in ("interpolation", "crop_mode"):
         if getattr(spec, key) == default[key]:
@@ -87,11 +87,11 @@ def apply_input_contract(spec: Any, source: str | os.PathLike | InputContract) -
     if given != (tuple(default.mean), tuple(default.std)):
         logging.info(
             "Input contract of %s (mean %s, std %s) not applied: input.mean/std are set to %s/%s.",
-            source, contract.mean, contract.std, *given,
+            where, contract.mean, contract.std, *given,
         )  # fmt: skip
         return spec
     logging.info(
-        "Input contract of %s: mean %s, std %s, %s.", source, contract.mean, contract.std,
+        "Input contract of %s: mean %s, std %s, %s.", where, contract.mean, contract.std,
         spec.interpolation,
     )  # fmt: skip
     return dataclasses.replace(spec, mean=contract.mean, std=contract.std)

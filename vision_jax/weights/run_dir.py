@@ -122,7 +122,7 @@ class RunRecord:
         )  # fmt: skip
 
 
-def is_complete(step_dir: pathlib.Path | Any) -> bool:
+def is_complete(step_dir: pathlib.PurePath) -> bool:
     """Whether a step folder holds every file a committed save writes."""
     return all((step_dir / f).exists() for f in REQUIRED_FILES)
 
@@ -174,10 +174,14 @@ def frozen_dir(checkpoints_dir: str) -> str:
 
 def read_record(path: str | os.PathLike, which: str = "latest") -> RunRecord:
     """The :class:`RunRecord` of a run's latest (or best) step, or of the step folder ``path``."""
-    step_dir = latest_step_dir(path, which)
+    return RunRecord.from_json(_read_meta(latest_step_dir(path, which)))
+
+
+def _read_meta(step_dir: pathlib.Path) -> dict:
+    """A step's ``meta`` item: its run record and the step's own keys."""
     try:
-        return RunRecord.from_json(json.loads((step_dir / META_FILE).read_text()))
-    except (OSError, ValueError) as e:
+        return dict(json.loads((step_dir / META_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as e:
         raise WeightFormatError(f"Cannot read the run record of {step_dir}: {e}") from e
 
 
@@ -192,7 +196,7 @@ def restore_on_one_device(path: str | os.PathLike) -> Any:
     return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
 
 
-def frozen_digests(frozen_path: Any) -> dict | None:
+def frozen_digests(frozen_path: pathlib.PurePath) -> dict | None:
     """The digests saved with the frozen params in ``frozen_path`` (None, with a warning, when
     there are none: an earlier version saved none)."""
     path = frozen_path / FROZEN_DIGEST_FILE
@@ -215,6 +219,23 @@ def _merge_adapters(params: dict, config: Mapping[str, Any]) -> dict:
     return jax.tree_util.tree_map(np.asarray, lora.merge(params, spec))
 
 
+def state_damage(
+    step_dir: pathlib.PurePath, meta: Mapping[str, Any], state: Any, arrays: Any = None
+) -> str | None:
+    """What shows that a step's restored ``state`` is not what its save wrote: the state of
+    another step than the folder's name, or ``arrays`` (default: the whole state) that differ
+    from the digests in ``meta``; None if nothing does. A step saved without digests (an
+    earlier version's) is named in a warning and passes. Collective for arrays spread over
+    processes."""
+    step = int(state["step"] if isinstance(state, Mapping) else state.step)
+    if step_dir.name.isdigit() and step != int(step_dir.name):
+        return f"it holds the state of step {step}"
+    if "digest" not in meta:
+        logging.warning("Checkpoint %s holds no digests (an earlier version's): not checked.",
+                        step_dir)  # fmt: skip
+    return digests.first_difference(meta.get("digest"), state if arrays is None else arrays)
+
+
 def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     """The model variables (``params`` plus e.g. ``batch_stats``) of a run's latest step (or
     best: see :func:`latest_step_dir`).
@@ -223,16 +244,12 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     merged into their kernels, so the result is the plain model's variables.
     """
     step_dir = latest_step_dir(path, which)
-    record = read_record(step_dir)
-    meta = json.loads((step_dir / META_FILE).read_text())
+    meta = _read_meta(step_dir)
     frozen_path = pathlib.Path(frozen_dir(str(step_dir.parent)))
     if meta.get("frozen") and not frozen_path.is_dir():
         raise WeightFormatError(
             f"{frozen_path} is missing: the run froze some parameters and saved them there."
         )
-    if "digest" not in meta:
-        logging.warning("Checkpoint %s holds no digests (an earlier version's): not checked.",
-                        step_dir)  # fmt: skip
     try:
         state = restore_on_one_device(step_dir / STATE_ITEM)
         frozen = restore_on_one_device(frozen_path) if frozen_path.is_dir() else {}
@@ -240,17 +257,14 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
         raise WeightFormatError(
             f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}"
         ) from e
-    if step_dir.name.isdigit() and int(state["step"]) != int(step_dir.name):
-        raise WeightFormatError(f"Checkpoint {step_dir} holds the state of step {state['step']}.")
     used = {k: state[k] for k in ("params", "model_state") if k in state}
-    for folder, saved, tree in (
-        (step_dir, meta.get("digest"), used),
-        (frozen_path, frozen_digests(frozen_path) if frozen else None, frozen),
+    for folder, damage in (
+        (step_dir, state_damage(step_dir, meta, state, used)),
+        (frozen_path, frozen and digests.first_difference(frozen_digests(frozen_path), frozen)),
     ):
-        damage = digests.first_difference(saved, tree)
-        if damage is not None:
+        if damage:
             raise WeightFormatError(f"Checkpoint {folder} is damaged: {damage}.")
-    params = _merge_adapters(combine(state["params"], frozen), record.config)
+    params = _merge_adapters(combine(state["params"], frozen), meta.get("config") or {})
     return {"params": params, **(state.get("model_state") or {})}
 
 
