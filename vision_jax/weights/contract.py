@@ -13,7 +13,7 @@ BiT ``.npz`` or timm state dict        224   0.5 / 0.5        bilinear   1.0 / 0
 timm / torchvision ResNet              224   ImageNet         bilinear   0.875
 torchvision ViT                        grid  ImageNet         bilinear   0.875
 CIFAR ResNet (akamaster)               32    ImageNet         bilinear   1.0
-vision_jax run                         its run record's input (size, mean, std)
+vision_jax run                         its run record's input (size, mean, std, interp., crop)
 =====================================  ====  ===============  =========  =====
 
 "grid" is the position-embedding grid times the patch size; ImageNet is mean (0.485, 0.456,
