@@ -297,6 +297,31 @@ def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _logged(records: list, step: int) -> dict[str, str]:
+    """The train scalars the log line of ``step`` holds (throughput left out: it is timed)."""
+    (line,) = [r.getMessage() for r in records if r.getMessage().startswith(f"[{step}] train/")]
+    pairs = dict(item.split("=") for item in line.split("] ", 1)[1].split(", "))
+    return {k: v for k, v in pairs.items() if k != "train/images_per_sec"}
+
+
+def test_a_resume_inside_a_log_window_logs_it_as_the_uninterrupted_run(tmp_path, caplog):
+    """Checkpoints every 2 steps, a log line every 4: a run resumed at step 2 logs step 4's
+    window (steps 1-4) with the saved half of it, the same values as the run not cut."""
+    cfg = small_config(total_steps=8, log_every_steps=4, checkpoint_every_steps=2,
+                       keep_checkpoints=5)  # fmt: skip
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(cfg, str(full))
+    want = _logged(caplog.records, 4)
+    shutil.copytree(full, cut)
+    for step in (4, 6, 8):
+        shutil.rmtree(cut / "checkpoints" / str(step))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(cfg, str(cut))
+    assert "Resumed from" in caplog.text and _logged(caplog.records, 4) == want
+
+
 def _tree_hash(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):

@@ -339,7 +339,7 @@ def _loop(
             state, metrics = run.train_step(state, run.frozen, batch, run.settings)
             startup.wait_before_evaluating()  # at once after the first step
             results.update(log.add(step, metrics, state))
-            evaluated, done = _end_step(run, state, step, writer, stop, guard, train_iter)
+            evaluated, done = _end_step(run, state, step, writer, stop, log, train_iter)
             results.update(evaluated)
             if done:
                 break
@@ -355,9 +355,27 @@ class _TrainLog:
     def __init__(self, run: Run, guard: _Guard, writer: MetricWriter):
         self.run, self.guard, self.writer = run, guard, writer
         self._reset()
+        self.metrics = self._resumed_window()
 
     def _reset(self) -> None:
         self.metrics, self.start, self.images = None, time.perf_counter(), 0
+
+    def window(self) -> list | None:
+        """The open window's merged metrics (their leaves, as JSON), for a checkpoint: a run
+        resumed from it reports that window as the uninterrupted run does."""
+        return None if self.metrics is None else [np.asarray(x).tolist() for x in
+                                                  jax.tree.leaves(self.metrics)]  # fmt: skip
+
+    def _resumed_window(self) -> Any:
+        """The window the restored checkpoint saved open (None: none, or another task's)."""
+        saved, template = self.run.train_window, self.run.task.train_metrics.empty()
+        leaves, tree = jax.tree.flatten(template)
+        if saved is None or len(saved) != len(leaves):
+            return None
+        replicated = sharding.replicated(self.run.mesh)
+        values = [jax.device_put(np.asarray(v, x.dtype).reshape(x.shape), replicated)
+                  for v, x in zip(saved, leaves, strict=True)]  # fmt: skip
+        return jax.tree.unflatten(tree, values)
 
     def add(self, step: int, metrics: Any, state: TrainState) -> dict[str, float]:
         """Adds a step's metrics; the window's scalars at its end, else ``{}``."""
@@ -394,10 +412,12 @@ class _TrainLog:
 
 def _end_step(
     run: Run, state: TrainState, step: int, writer: MetricWriter,
-    stop: StopSignals, guard: _Guard, train_iter: Any,
+    stop: StopSignals, log: _TrainLog, train_iter: Any,
 ) -> tuple[dict[str, float], bool]:  # fmt: skip
-    """After ``step``'s update: evaluation, selection, checkpoint, stop signal. Returns the
-    evaluation's results (if any) and whether training ends here (early stopping)."""
+    """After ``step``'s update: evaluation, selection, checkpoint (with the train log's open
+    window), stop signal. Returns the evaluation's results (if any) and whether training ends
+    here (early stopping)."""
+    guard = log.guard
     selection, last, every = run.selection, step == run.total_steps, run.spec.eval_every_steps
     evaluating = last or (every > 0 and step % every == 0)
     stopping = stop.should_stop(step)
@@ -415,8 +435,8 @@ def _end_step(
     if stopping or early or _save_due(run.spec, step, run.total_steps):
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
         run.checkpointer.save(
-            step, state, _meta(run, early), force=stopping or early or last,
-            data_position=train_iter.next_position,
+            step, state, {**_meta(run, early), "train_window": log.window()},
+            force=stopping or early or last, data_position=train_iter.next_position,
         )  # fmt: skip
     if stopping:
         run.checkpointer.wait()
