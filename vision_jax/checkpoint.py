@@ -83,6 +83,21 @@ def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None)
         ) from e
 
 
+def _save_async(
+    manager: ocp.CheckpointManager, pending: int | None, step: int, state: Any, meta: dict,
+    **options: Any,
+) -> bool:  # fmt: skip
+    """Saves ``state`` and ``meta`` (plus the state's digests) as ``step`` once the previous
+    save (of step ``pending``) has finished; a failure of either names its own step.
+    ``options``: more of ``manager.save``'s arguments."""
+    meta = {**meta, "digest": digests.digest(state)}
+    with _reporting_failed_saves(manager, pending):
+        manager.wait_until_finished()
+    items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+    with _reporting_failed_saves(manager, step):
+        return manager.save(step, args=ocp.args.Composite(**items), force=True, **options)
+
+
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose arrays do not fit this run's state: ``diff`` names the first
     differences, ``cause`` what changed (or a guess), ``advice`` what to do."""
@@ -353,16 +368,7 @@ class Checkpointer:
             meta["data_positions"] = _gather(data_position)
         if meta["final"]:
             self.final_steps.steps.add(step)
-        meta["digest"] = digests.digest(state)
-        self.wait()  # the previous save, whose failure names its own step
-        with _reporting_failed_saves(self.manager, step):
-            saved = self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-                ),
-                force=True,
-            )
+        saved = _save_async(self.manager, self._pending, step, state, meta)
         self._pending = step
         return saved
 
@@ -506,18 +512,9 @@ class BestCheckpoint:
         """Saves ``state`` as the best, scoring ``value``. Call on every process."""
         if step in self.manager.all_steps():
             return
-        meta = {**meta, "digest": digests.digest(state)}
-        with _reporting_failed_saves(self.manager, self._pending):
-            self.manager.wait_until_finished()
-        with _reporting_failed_saves(self.manager, step):
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-                ),
-                metrics={self.metric: float(value)},
-                force=True,
-            )
+        _save_async(
+            self.manager, self._pending, step, state, meta, metrics={self.metric: float(value)}
+        )
         self._pending = step
 
     def restore(self, abstract_state: Any) -> tuple[int, Any, dict]:

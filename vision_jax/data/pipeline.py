@@ -461,16 +461,14 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
     bad_rows = [row for k, row in enumerate(shard) if k not in good]
     if not bad_rows:
         return 0
-    if source.skip_corrupt:
-        named = "; ".join(_problem(source, row) or f"row {row}" for row in bad_rows[:5])
-        more = f" (and {len(bad_rows) - 5} more)" if len(bad_rows) > 5 else ""
-        logging.warning(
-            "%d unreadable example(s) of %d will be skipped: %s%s.",
-            len(bad_rows), len(shard), named, more,
-        )  # fmt: skip
-        return len(bad_rows)
     problems = [_problem(source, row) or f"row {row}" for row in bad_rows[:10]]
     more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
+    if source.skip_corrupt:
+        logging.warning(
+            "%d unreadable example(s) of %d will be skipped: %s%s.",
+            len(bad_rows), len(shard), "; ".join(problems), more,
+        )  # fmt: skip
+        return len(bad_rows)
     raise DataError(
         f"Cannot read {'; '.join(problems)}{more}. "
         "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
