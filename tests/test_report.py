@@ -244,6 +244,17 @@ def test_command_line_on_a_run_without_event_files(run, predictions, tmp_path, c
     assert _rows(out / "per_class.csv") == _rows(run / "report" / "per_class.csv")
 
 
+def test_command_line_output_that_cannot_be_written_is_one_line(run, predictions, tmp_path,
+                                                                capsys):  # fmt: skip
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "report"
+    assert report_main([f"--workdir={run}", f"--output={out}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vision_jax.report: error: cannot write ") and "a_file" in err[-1]
+    assert err[-1].endswith(f"the report in {out} is incomplete."), err
+
+
 def test_command_line_error_is_one_line(tmp_path, capsys):
     assert report_main([f"--workdir={tmp_path}"]) == 1
     err = capsys.readouterr().err.strip()

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from vision_jax.data import DataError
 from vision_jax.export.exporter import FORMATS, export_trained, write_manifest
 from vision_jax.export.report import quantization_report
 from vision_jax.export.serving import ExportError
 from vision_jax.export.tflite import QUANTIZATIONS
+from vision_jax.output_errors import failed_write, write_failure
 from vision_jax.trained import load_trained
 from vision_jax.weights import WeightFormatError
 
@@ -71,37 +70,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        if not _inside(e.filename, args.output) and e.errno not in _DISK_ERRORS:
+        if (line := failed_write(e, "export", args.output)) is None:
             raise  # not a write of the export
-        return _write_error(args.output, e.filename, e.strerror or str(e))
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except Exception as e:  # TensorFlow's own error for a failed write (SavedModel, TFLite)
         from vision_jax.tf_without_keras import tf
 
         message = getattr(e, "message", "")
-        written = isinstance(e, tf.errors.OpError) and os.path.abspath(args.output) in message
-        if not written:
+        if not isinstance(e, tf.errors.OpError) or os.path.abspath(args.output) not in message:
             raise
         reason = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message.strip().splitlines()[0])
-        return _write_error(args.output, None, reason)
+        print(f"error: {write_failure('export', args.output, None, reason)}", file=sys.stderr)
+        return 1
     print(f"wrote {args.format} to {args.output} (manifest export.json)")
     return 0
-
-
-_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
-
-
-def _inside(filename: Any, folder: str) -> bool:
-    """Whether ``filename`` (an OSError's, maybe None) lies in ``folder`` or is it."""
-    if not isinstance(filename, str | os.PathLike):
-        return False
-    path, folder = os.path.abspath(filename), os.path.abspath(folder)
-    return path == folder or path.startswith(folder + os.sep) or folder.startswith(path + os.sep)
-
-
-def _write_error(output: str, filename: str | None, reason: str) -> int:
-    print(f"error: cannot write {filename or output}: {reason}; the export in {output} is "
-          "incomplete.", file=sys.stderr)  # fmt: skip
-    return 1
 
 
 if __name__ == "__main__":

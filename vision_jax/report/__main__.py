@@ -5,8 +5,8 @@ its ``report.html``. Exit status 1 with one line on stderr when the run cannot b
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hardest", type=int, default=16, help="hardest examples to show")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from vision_jax.output_errors import failed_write
     from vision_jax.report import write_report  # after parsing: --help stays fast
     from vision_jax.weights.files import WeightFormatError
 
@@ -30,13 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WeightFormatError as e:
         print(f"vision_jax.report: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # a full disk, a folder not writable: what was written is incomplete
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
-            print(f"vision_jax.report: error: {e}", file=sys.stderr)  # e.g. a file not found
-            return 1
-        where = e.filename or args.output or f"{args.workdir}/report"
-        print(f"vision_jax.report: error: cannot write {where}: {e.strerror or e}; the "
-              "report there is incomplete.", file=sys.stderr)  # fmt: skip
+    except OSError as e:  # a failed write (a full disk), or e.g. a file not found
+        output = args.output or os.path.join(args.workdir, "report")
+        print(f"vision_jax.report: error: {failed_write(e, 'report', output) or e}",
+              file=sys.stderr)  # fmt: skip
         return 1
     print(path)
     return 0

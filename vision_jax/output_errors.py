@@ -1,0 +1,33 @@
+"""One line, not a traceback, when a command's output cannot be written (a full disk, a path
+through a file, a read-only folder): ``export`` and ``report`` say what failed and that the
+output is incomplete."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _inside(filename: Any, folder: str) -> bool:
+    """Whether ``filename`` (an OSError's, maybe None) is ``folder``, lies in it, or is a
+    folder above it (one that could not be made)."""
+    if not isinstance(filename, str | os.PathLike):
+        return False
+    path, folder = os.path.abspath(filename), os.path.abspath(folder)
+    return path == folder or path.startswith(folder + os.sep) or folder.startswith(path + os.sep)
+
+
+def write_failure(what: str, output: str, filename: Any, reason: str) -> str:
+    """The line for a failed write of ``what`` (e.g. "export") into the folder ``output``."""
+    return f"cannot write {filename or output}: {reason}; the {what} in {output} is incomplete."
+
+
+def failed_write(error: OSError, what: str, output: str) -> str | None:
+    """:func:`write_failure`'s line when ``error`` is a failed write of ``output`` (a file in
+    it, or the disk); None for other errors (a file not found while reading)."""
+    if not _inside(error.filename, output) and error.errno not in DISK_ERRORS:
+        return None
+    return write_failure(what, output, error.filename, error.strerror or str(error))
