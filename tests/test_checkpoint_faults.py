@@ -599,6 +599,30 @@ def test_a_failed_async_save_is_named_and_the_saved_steps_stay(tmp_path):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
 
 
+def test_an_error_that_stops_a_run_stays_the_error_when_a_pending_save_failed_too(
+    tmp_path, monkeypatch, caplog
+):
+    """A run that stops on an error (bad data, a bug) while a save of its failed in the
+    background: the run's own error is raised, the failed save logged beside it."""
+    from vision_jax import checkpoint
+    from vision_jax import train as train_lib
+
+    class PendingSaveFailed:
+        final = None
+
+        def close(self):
+            raise checkpoint.CheckpointSaveError("Saving the checkpoint of step 4 failed: EFBIG")
+
+    def stopped_by_bad_data(*args):
+        raise ValueError("Cannot decode image cat.jpg")
+
+    monkeypatch.setattr(train_lib, "build_run", lambda *a, **k: PendingSaveFailed())
+    monkeypatch.setattr(train_lib, "_train", stopped_by_bad_data)
+    with caplog.at_level(logging.ERROR), pytest.raises(ValueError, match="decode image cat.jpg"):
+        train_and_evaluate(small_config(), str(tmp_path / "run"))
+    assert "While stopping after the error below: Saving the checkpoint of step 4" in caplog.text
+
+
 def test_an_empty_newer_step_folder_is_moved_aside_not_taken_for_the_newest(
     tmp_path, finished_run, caplog
 ):

@@ -113,9 +113,21 @@ def train_and_evaluate(
         run = build_run(config, workdir, arrays=arrays)
         run.final = final if jax.process_count() == 1 else None
         try:
-            return _train(run, workdir, stop)
-        finally:
-            run.close()
+            results = _train(run, workdir, stop)
+        except BaseException:
+            _close_after_error(run)
+            raise
+        run.close()
+        return results
+
+
+def _close_after_error(run: Run) -> None:
+    """Closes ``run`` while an error propagates: a failure to close (a pending save that
+    failed) is logged, and the error that stopped the run stays the one raised."""
+    try:
+        run.close()
+    except Exception as e:  # noqa: BLE001  (logged; the run's own error follows)
+        logging.error("While stopping after the error below: %s", e)
 
 
 class NonFiniteError(RuntimeError):
