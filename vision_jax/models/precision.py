@@ -31,35 +31,33 @@ def _operand_gradient(
     the output cotangent ``g``, or with ``swap`` of ``dot_general(other, x)`` (``dims`` then
     lists ``x``'s dimensions first): ``g`` times ``other``, accumulating in float32.
 
-    Both operands are laid out (batch, kept, contracted) before the product: XLA's CPU runtime
-    leaves some other layouts of a bfloat16 x bfloat16 -> float32 product to a kernel that has
-    none, which fails at run time.
+    ``other`` is laid out (batch, contracted, kept) before the product and ``g`` is used as it
+    comes (transposing it too, the activations' cotangent, cost a tenth of a bfloat16 ViT step):
+    XLA's CPU runtime leaves some other layouts of a bfloat16 x bfloat16 -> float32 product to a
+    kernel that has none, which fails at run time. The barrier keeps XLA from folding the
+    transpose back into the product.
     """
     (x_contract, o_contract), (x_batch, o_batch) = dims
     x_kept = [i for i in range(ndim) if i not in (*x_contract, *x_batch)]
     o_kept = [i for i in range(other.ndim) if i not in (*o_contract, *o_batch)]
-    nb, nx, no = len(x_batch), len(x_kept), len(o_kept)
-    batch, kept_x, kept_o = range(nb), range(nb, nb + nx), range(nb + nx, nb + nx + no)
-    if swap:  # the output is (batch, other's kept, x's kept)
-        kept_o, kept_x = range(nb, nb + no), range(nb + no, nb + no + nx)
-    # The barrier keeps XLA from folding the transposes back into the product.
-    g, other = lax.optimization_barrier((
-        lax.transpose(g, (*batch, *kept_x, *kept_o)),
-        lax.transpose(other, (*o_batch, *o_contract, *o_kept)),
-    ))  # fmt: skip
-    contracted = (range(nb + nx, g.ndim), range(other.ndim - no, other.ndim))
+    nb, nx, no, nc = len(x_batch), len(x_kept), len(o_kept), len(o_contract)
+    (other,) = lax.optimization_barrier((lax.transpose(other, (*o_batch, *o_contract, *o_kept)),))
     batch_dims = (range(nb), range(nb))
-    contracted_first = [*x_batch, *x_contract, *x_kept]
-    if contracted_first == sorted(contracted_first):  # x is (batch, contracted, kept): a kernel
-        # other x g gives x's layout directly (a transpose after the product is folded into
-        # it by XLA, and that form fails like the layouts above).
-        return lax.dot_general(
-            other, g, (contracted[::-1], batch_dims), preferred_element_type=jnp.float32
+    other_kept = range(nb + nc, other.ndim)
+    g_kept = range(nb, nb + no) if swap else range(nb + nx, nb + nx + no)  # other's kept in g
+    order = [*x_batch, *x_contract, *x_kept]
+    if swap or order == sorted(order):  # other x g: (batch, x's contracted, x's kept)
+        product = lax.dot_general(
+            other, g, ((other_kept, g_kept), batch_dims), preferred_element_type=jnp.float32
         )
-    product = lax.dot_general(
-        g, other, (contracted, batch_dims), preferred_element_type=jnp.float32
-    )
-    return lax.transpose(product, tuple(np.argsort([*x_batch, *x_kept, *x_contract])))
+    else:  # g x other: (batch, x's kept, x's contracted)
+        product = lax.dot_general(
+            g, other, ((g_kept, other_kept), batch_dims), preferred_element_type=jnp.float32
+        )
+        order = [*x_batch, *x_kept, *x_contract]
+    if order == sorted(order):
+        return product
+    return lax.transpose(product, tuple(np.argsort(order)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
