@@ -276,3 +276,13 @@ def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path, caplog):
     assert image_files(str(tmp_path / "img[1].jpg")) == [str(tmp_path / "img[1].jpg")]
     with pytest.raises(FileNotFoundError, match="No image files"):
         image_files(str(tmp_path / "sub" / "*.gif"))
+
+
+def test_output_names_of_files_with_the_same_stem_never_collide():
+    """``a.jpg``, ``a.png`` and ``a_2.jpg`` in one folder: three label maps (or drawings),
+    none written over another, each file keeping its own name where it is free."""
+    from vision_jax.predict import unique_pngs
+
+    names = unique_pngs(["in/a.jpg", "in/a.png", "in/a_2.jpg", "in/sub/a.jpg"], "out")
+    assert names == ["out/a.png", "out/a_3.png", "out/a_2.png", "out/a_4.png"]
+    assert unique_pngs(["a_2.jpg", "a.jpg", "a.png"], "o") == ["o/a_2.png", "o/a.png", "o/a_3.png"]

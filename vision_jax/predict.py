@@ -356,14 +356,17 @@ def segmentation_record(
 
 
 def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
-    """``folder/<stem>.png`` for each of ``paths``; a stem already taken gets ``_2``, ``_3``..."""
-    taken: dict[str, int] = {}
-    out = []
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        taken[stem] = taken.get(stem, 0) + 1
-        suffix = f"_{taken[stem]}" if taken[stem] > 1 else ""
-        out.append(os.path.join(folder, f"{stem}{suffix}.png"))
+    """``folder/<stem>.png`` for each of ``paths``; a name already taken (by an earlier path,
+    or one that another path's stem will take) gets ``_2``, ``_3``... until it is free."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    reserved, taken, out = set(stems), set(), []
+    for stem in stems:
+        name, n = stem, 1
+        while name in taken or (n > 1 and name in reserved):
+            n += 1
+            name = f"{stem}_{n}"
+        taken.add(name)
+        out.append(os.path.join(folder, f"{name}.png"))
     return out
 
 
