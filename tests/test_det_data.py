@@ -379,6 +379,29 @@ def test_an_image_id_outside_int32_or_negative_is_an_error(tmp_path, image_id):
         coco_source(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "section, field, value, words",
+    [
+        ("images", "width", "40", "a positive number"),
+        ("images", "height", None, "a positive number"),
+        ("images", "width", 0, "a positive number"),
+        ("images", "file_name", 7, "a string"),
+        ("annotations", "category_id", "1", "an integer"),
+        ("annotations", "image_id", 1.0, "an integer"),
+        ("categories", "id", True, "an integer"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_an_error_naming_it(tmp_path, section, field, value, words):
+    """A width given as a string, an id as a float: one error naming the record, the field and
+    the value (they were a TypeError from a comparison, or "unknown category_id 1")."""
+    coco = write_coco(tmp_path, [(40, 40, [RECTS[0]])])
+    coco[section][0][field] = value
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    with pytest.raises(data_lib.DataError) as error:
+        coco_source(tmp_path)
+    assert f"{section}[0] has {field} {value!r}, not {words}." in str(error.value)
+
+
 def test_bad_ground_truth_skipped_and_counted_with_skip_corrupt(bad_coco, caplog):
     with caplog.at_level(logging.WARNING):
         source = coco_source(bad_coco, skip_corrupt=True)

@@ -17,6 +17,7 @@ import json
 import logging
 import posixpath
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from vision_jax.tf_without_keras import tf
 
@@ -163,12 +164,34 @@ def _records(coco: dict, key: str, path: str) -> list[dict]:
         lacking = [k for k in _KEYS[key] if not isinstance(record, dict) or k not in record]
         if lacking:
             raise DataError(f"{path}: {key}[{i}] lacks {', '.join(lacking)}.")
-        if not isinstance(record["id"], int):
-            raise DataError(f"{path}: {key}[{i}] has id {record['id']!r}, not an integer.")
+        for field, (kind, what) in _FIELD_TYPES.items():
+            if field in _KEYS[key] and not _is(record[field], kind):
+                raise DataError(f"{path}: {key}[{i}] has {field} {record[field]!r}, not {what}.")
         if key == "images":
             _check_image_id(record["id"], f"{path}: {key}[{i}]")
     _check_unique(records, key, path)
     return records
+
+
+_FIELD_TYPES = {  # field -> (type, in words), for the fields of _KEYS
+    "id": (int, "an integer"),
+    "image_id": (int, "an integer"),
+    "category_id": (int, "an integer"),
+    "width": (float, "a positive number"),
+    "height": (float, "a positive number"),
+    "file_name": (str, "a string"),
+    "name": (str, "a string"),
+}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """``value`` is an ``int`` (not a bool), a positive finite number (``float``), or a
+    ``str``."""
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, int | float) and bool(np.isfinite(value)) and value > 0
+    return isinstance(value, kind)
 
 
 def _check_image_id(image_id: int, where: str) -> None:
@@ -208,7 +231,7 @@ def _problem(ann: dict, images: dict, category_ids: set) -> str | None:
     if image is None:
         return f"unknown image_id {ann['image_id']}"
     if ann["category_id"] not in category_ids:
-        return f"unknown category_id {ann['category_id']}"
+        return f"unknown category_id {ann['category_id']!r}"
     bbox = ann["bbox"]
     if not isinstance(bbox, list) or len(bbox) != 4:
         return f"bbox {bbox!r} is not [x, y, width, height]"
