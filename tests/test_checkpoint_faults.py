@@ -207,6 +207,34 @@ def test_changed_data_is_refused_unless_allowed_and_final_steps_survive_rotation
     assert not (workdir / lock_lib.LOCK_NAME).exists()  # released at the end
 
 
+def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, caplog):
+    """Files removed, or moved to another class, since the checkpoint: the saved stream
+    position means other examples now, so the resume is refused as a changed config is; the
+    fingerprint does not change when the folder moves (its root is a config key)."""
+    from vision_jax.data.folders import from_image_folder
+
+    root, workdir = tmp_path / "data", tmp_path / "run"
+    make_folder(root, per_class=3, classes=("a", "b", "c"))
+    train_and_evaluate(folder_config(root, total_steps=2), str(workdir))
+    longer = folder_config(root, total_steps=4)
+    (root / "train" / "c" / "002.png").unlink()
+    with pytest.raises(CheckpointError, match=r"exactly: training examples 9 -> 8\. The train"):
+        train_and_evaluate(longer, str(workdir))
+    make_folder(root, per_class=3, classes=("a", "b", "c"))  # back as it was, then relabel one
+    (root / "train" / "a" / "000.jpg").rename(root / "train" / "b" / "000.jpg")
+    with pytest.raises(CheckpointError, match=r"the training examples changed \(files, labels"):
+        train_and_evaluate(longer, str(workdir))
+    assert steps_in(workdir) == [2]
+    longer.resume_changed_data = True
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(longer, str(workdir))
+    assert "although the training examples changed" in caplog.text and steps_in(workdir) == [2, 4]
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    fingerprints = [from_image_folder(str(r), "train").fingerprint() for r in (root, moved)]
+    assert fingerprints[0] == fingerprints[1] and fingerprints[0]["examples"] == 9
+
+
 def flip_a_stored_bit(item: pathlib.Path) -> str:
     """Stores an orbax item again with one bit of its largest parameter flipped, as a disk or
     a copy could change it (orbax reads such an item without an error: zstd frames carry no

@@ -356,11 +356,11 @@ def abstract_state(state: TrainState) -> Any:
 
 
 def _restore(
-    ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec
+    ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec, train_data: dict
 ) -> tuple[TrainState, int, int | None, dict]:
     """The newest readable checkpoint's state (in the current shardings), step, this
     process's data stream position (None: ``step * local batch``) and meta, or the fresh
-    state."""
+    state. ``train_data``: the training split's fingerprint (``Source.fingerprint``)."""
     try:
         restored = _restore_latest(ckpt, state)
     except CheckpointMismatchError as error:
@@ -373,7 +373,7 @@ def _restore(
         return state, 0, None, {}
     state, meta = restored
     step = int(state.step)
-    position = _resume_position(spec, meta, f"{ckpt.directory} (step {step})")
+    position = _resume_position(spec, meta, train_data, f"{ckpt.directory} (step {step})")
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
 
@@ -458,13 +458,19 @@ def _config_changes(
     ]
 
 
-def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -> int | None:
+def _resume_position(
+    spec: specs.RunSpec, meta: Mapping[str, Any], train_data: dict, where: str
+) -> int | None:
     """This process's data stream position saved in ``meta``; refuses (unless
-    ``resume_changed_data``) a resume whose training stream changed."""
+    ``resume_changed_data``) a resume whose training stream changed: its config keys, the
+    number of processes, or the training examples themselves (``train_data``, files added,
+    removed or relabelled since the checkpoint)."""
     positions = meta.get("data_positions")
     processes = None if positions is None else len(positions)
     saved = meta.get("config") or {}
     changes = _config_changes(saved, spec.config, _STREAM_KEYS.__contains__)
+    if (saved_data := meta.get("train_data")) is not None:  # earlier versions: not recorded
+        changes += _data_changes(saved_data, train_data)
     if processes is not None and processes != jax.process_count():
         changes.append(f"processes {processes} -> {jax.process_count()}")
     if changes and not spec.resume_changed_data:
@@ -484,6 +490,18 @@ def _resume_position(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -
     if len(positions) == jax.process_count():
         return int(positions[jax.process_index()])
     return sum(positions) // jax.process_count()  # as many examples consumed in all
+
+
+def _data_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """How the training split's fingerprint changed since the checkpoint, in words."""
+    counts = [
+        f"training {what} {saved[key]} -> {now[key]}"
+        for key, what in (("examples", "examples"), ("boxes", "boxes"))
+        if key in saved and key in now and saved[key] != now[key]
+    ]
+    if counts or saved.get("digest") == now.get("digest"):
+        return counts
+    return ["the training examples changed (files, labels or their order; as many as before)"]
 
 
 def _saved_learning_rate(saved: Mapping[str, Any], step: int, steps_per_epoch: int) -> float:
@@ -622,7 +640,10 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         spec, model, mesh, init_rng, ckpt, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
-    state, start_step, start_position, saved = _restore(ckpt, setup.state, setup.frozen, spec)
+    train_data = train_source.fingerprint()
+    state, start_step, start_position, saved = _restore(
+        ckpt, setup.state, setup.frozen, spec, train_data
+    )
     if 0 < start_step < total_steps:
         _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
     selection = best = None
@@ -644,6 +665,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         interpolation=input_spec.interpolation,
         crop_mode=input_spec.crop_mode,
     ).to_json()
+    meta["train_data"] = train_data
     if selection is not None:  # last: nothing after it can fail and leave its folder behind
         best = BestCheckpoint(workdir, selection.metric, selection.mode)
     return Run(

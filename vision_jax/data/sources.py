@@ -13,6 +13,7 @@ random access, which lets the training stream be a pure function of the seed and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -67,6 +68,27 @@ class Source:
         if self.examples is None:
             self.examples = tf.data.Dataset.from_tensor_slices(self.columns)
         return self.examples
+
+    def fingerprint(self) -> dict[str, int | str]:
+        """What tells these examples from others, for a resume to notice changed data: their
+        number, the number of ground-truth boxes (detection) and, for a source held as columns,
+        a digest of them (file paths relative to the folder they share, labels, arrays)."""
+        out: dict[str, int | str] = {"examples": int(self.num_examples)}
+        if self.annotations is not None:
+            out["boxes"] = len(self.annotations.get("annotations", ()))
+        if self.columns is not None:
+            digest = hashlib.sha256()
+            for key in sorted(self.columns):
+                values = self.columns[key]
+                if values.dtype.kind in "OSU":  # file paths, wherever the folder now lies
+                    names = [str(v) for v in values.tolist()]
+                    common = os.path.commonpath(names) if len(names) > 1 else ""
+                    data = "\n".join(os.path.relpath(n, common) if common else n for n in names)
+                    values = np.frombuffer(data.encode(), np.uint8)
+                digest.update(f"{key}{values.dtype}{values.shape}".encode())
+                digest.update(np.ascontiguousarray(values).tobytes())
+            out["digest"] = digest.hexdigest()[:16]
+        return out
 
 
 def file_path(path: str) -> epath.Path:
