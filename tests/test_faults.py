@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from test_train import small_config
 
+from vision_jax import data as data_lib
 from vision_jax import main as vj_main
 from vision_jax import specs, train
 from vision_jax.config import TrackedConfig, UnreadConfigKeysError, default_config
@@ -243,6 +244,34 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_exactly(tmp_path, 
     train_and_evaluate(cfg, str(stopped))
     assert sorted(step_dirs(stopped)) == [3, 6]
     assert same(full, stopped)
+
+
+def test_sigterm_in_the_final_evaluation_stops_it_and_the_rerun_evaluates(tmp_path, monkeypatch):
+    """The last step is saved before the final evaluation: a signal during it stops the run at
+    the next batch (a long evaluation could outlast a preemption's grace), and the rerun
+    evaluates the saved step again."""
+    cfg = config(total_steps=2)
+    full = train_and_evaluate(cfg, str(tmp_path / "full"))
+    real = data_lib.eval_batches
+
+    def sigterm_after_the_first_batch(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the signal thread takes note
+            yield batch
+
+    monkeypatch.setattr(data_lib, "eval_batches", sigterm_after_the_first_batch)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(StopRequested, match="stopped at step 2 .SIGTERM.") as info:
+        train_and_evaluate(cfg, str(stopped))
+    assert info.value.step == 2 and sorted(step_dirs(stopped)) == [2]
+    assert not list((stopped / "checkpoints").glob("*tmp*"))  # the save finished
+    monkeypatch.undo()
+    again = train_and_evaluate(cfg, str(stopped))
+    assert {k: v for k, v in again.items() if k.startswith("eval/")} == {
+        k: v for k, v in full.items() if k.startswith("eval/")
+    }
 
 
 # --- the end of a run -----------------------------------------------------------------------------

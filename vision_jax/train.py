@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -69,20 +69,30 @@ def run_evaluation(
     source: data_lib.Source | None = None,
     split: str = "eval",
     observe: Callable[[dict, dict], None] | None = None,
+    interrupt: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Every eval step (parameters, EMA) over the whole ``source`` (default: the eval split),
     summarised by the task as ``{split}/...`` and ``{split}_ema/...``; ``observe`` sees the
-    parameters' predictions (:func:`vision_jax.steps.evaluate`)."""
+    parameters' predictions (:func:`vision_jax.steps.evaluate`); ``interrupt`` is called
+    before each batch (it raises to stop the evaluation)."""
     source = run.eval_source if source is None else source
     result = {}
     for kind, eval_step in run.eval_steps.items():
         batches = data_lib.eval_batches(
             source, run.input, global_batch=run.spec.eval_batch_size, **run.task.batch_args()
         )
+        if interrupt is not None:
+            batches = _interruptible(batches, interrupt)
         seen = observe if kind == "" else None
         total = evaluate(eval_step, state, run.frozen, batches, run.mesh, seen)
         result.update(run.task.summarize(total, source, f"{split}{kind}/"))
     return result
+
+
+def _interruptible(batches: Iterable[dict], interrupt: Callable[[], None]) -> Iterator[dict]:
+    for batch in batches:
+        interrupt()
+        yield batch
 
 
 def train_and_evaluate(
@@ -308,7 +318,7 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
             _log_start(run)
         results = _loop(run, _fresh_skips(run.state), writer, stop, startup)
         if run.selection is not None:
-            results.update(_test_best(run, writer))
+            results.update(_test_best(run, writer, stop))
         return results
     finally:
         writer.flush()
@@ -336,7 +346,7 @@ def _loop(
         results.update({k.replace(split, f"{split}_before", 1): v for k, v in before.items()})
     if _finished(run):  # already finished: report the final evaluation again
         if run.selection is None:
-            results.update(_evaluate(run, state, run.total_steps, writer))
+            results.update(_evaluate(run, state, run.total_steps, writer, stop))
         return results
 
     train_iter = data_lib.train_batches(
@@ -463,7 +473,7 @@ def _end_step(
         )  # fmt: skip
         return results, True
     if evaluating and selection is None:
-        results = _evaluate(run, state, step, writer)  # after the save
+        results = _evaluate(run, state, step, writer, stop)  # after the save
     return results, False
 
 
@@ -476,13 +486,19 @@ def _meta(run: Run, stopped_early: bool) -> dict:
     return {**meta, "selection": run.selection.to_json(), "stopped_early": stopped_early}
 
 
-def _evaluate(run: Run, state: TrainState, step: int, writer: MetricWriter) -> dict[str, float]:
+def _evaluate(
+    run: Run, state: TrainState, step: int, writer: MetricWriter, stop: StopSignals | None = None
+) -> dict[str, float]:
     """The periodic evaluation (validation split if any, else eval split), written; with a
-    validation split it updates the selection and keeps an improvement as the best state."""
+    validation split it updates the selection and keeps an improvement as the best state.
+    ``stop``: the final evaluation (of a saved step) stops on a signal."""
     split, source = run.periodic_source
     final = step == run.total_steps and split == "eval" and run.selection is None
-    observe = _final_observer(run, run.checkpointer.directory, step) if final else None
-    result = run_evaluation(run, state, source, split, observe)
+    observe = interrupt = None
+    if final:
+        observe = _final_observer(run, run.checkpointer.directory, step)
+        interrupt = _stop_evaluating(run, stop, step)
+    result = run_evaluation(run, state, source, split, observe, interrupt)
     writer.write_scalars(step, result)
     selection = run.selection
     if selection is not None and step > 0 and selection.update(step, result):
@@ -491,18 +507,35 @@ def _evaluate(run: Run, state: TrainState, step: int, writer: MetricWriter) -> d
     return result
 
 
-def _test_best(run: Run, writer: MetricWriter) -> dict[str, float]:
+def _test_best(run: Run, writer: MetricWriter, stop: StopSignals) -> dict[str, float]:
     """The best state, evaluated once on the eval (test) split: ``eval/...``, plus
     ``best/step`` and ``best/<metric>`` (its validation figure)."""
     step, state, meta = run.best.restore(abstract_state(run.state))
     selection = run.selection.resumed(meta.get("selection"))
-    result = run_evaluation(run, state, observe=_final_observer(run, run.best.directory, step))
+    observe = _final_observer(run, run.best.directory, step)
+    interrupt = _stop_evaluating(run, stop, run.selection.stopped_at or run.total_steps)
+    result = run_evaluation(run, state, observe=observe, interrupt=interrupt)
     writer.write_scalars(step, {f"best/{k}": v for k, v in result.items()})
     logging.info(
         "Best %s %.6g at step %d; on the %s split: %s.", selection.metric,
         selection.best_value, step, run.spec.data.eval_split, result,
     )  # fmt: skip
     return {**result, "best/step": float(step), f"best/{selection.metric}": selection.best_value}
+
+
+def _stop_evaluating(run: Run, stop: StopSignals | None, step: int) -> Callable[[], None] | None:
+    """For the final evaluation (training ended at ``step``, saved): in a single-process run a
+    stop signal stops it at the next batch (the run exits as stopped; run again, it evaluates
+    again), where a long evaluation could outlast a preemption's grace period. Processes of a
+    multi-process run finish it (stopping one of them alone would leave the others waiting)."""
+    if stop is None or jax.process_count() > 1:
+        return None
+
+    def interrupt() -> None:
+        if stop.received is not None:
+            raise StopRequested(step, stop.reason, run.checkpointer.directory)
+
+    return interrupt
 
 
 class FinalObserver(Protocol):
