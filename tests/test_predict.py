@@ -205,6 +205,24 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
     for _ in range(2):
         assert main([f"--workdir={workdir}", f"--input={folder}", f"--output={inside}"]) == 0
         assert [json.loads(line)["file"] for line in inside.read_text().splitlines()] == paths
+    beside = f"{folder}.jsonl"  # label maps would go into the input folder itself
+    with pytest.raises(SystemExit):
+        main([f"--workdir={workdir}", f"--input={folder}", f"--output={beside}"])
+    error = capsys.readouterr().err
+    assert f"--input {folder} lies in {folder}, where this command writes" in error
+
+
+def test_a_classification_output_named_after_its_input_folder(digits_run, digit_files, tmp_path):
+    """``--input=photos --output=photos.jsonl``: a classification run writes no images, so
+    nothing in photos/ is left out (every file was, as if it were the run's own label maps)."""
+    paths, broken = digit_files
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in paths[:5]:
+        (folder / pathlib.Path(path).name).write_bytes(pathlib.Path(path).read_bytes())
+    out = tmp_path / "photos.jsonl"
+    assert main([f"--workdir={digits_run[0]}", f"--input={folder}", f"--output={out}"]) == 0
+    assert len(out.read_text().splitlines()) == 5
 
 
 DOGS = range(24, 30)  # Tiny-ImageNet's 6 dog breeds in its sorted WordNet ids (n02085620 ..)

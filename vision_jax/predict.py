@@ -477,6 +477,24 @@ def _inside(path: str, folders: Sequence[str | None]) -> bool:
     return any(f and where.startswith(os.path.realpath(f) + os.sep) for f in folders)
 
 
+def _outside_outputs(
+    paths: list[str], args: argparse.Namespace, task: str, parser: argparse.ArgumentParser
+) -> list[str]:
+    """``paths`` without the images this command writes (a rerun's label maps or drawings
+    inside the input folder); an input inside such a folder is an error."""
+    folders = [args.draw] + ([os.path.splitext(args.output)[0]] if task == "segmentation" else [])
+    for folder in filter(None, folders):
+        same = os.path.realpath(args.input) == os.path.realpath(folder)
+        if same or _inside(args.input, [folder]):
+            parser.error(f"--input {args.input} lies in {folder}, where this command writes its "
+                         "images: choose another --output or --draw.")  # fmt: skip
+    kept = [p for p in paths if not _inside(p, folders)]
+    if len(kept) < len(paths):
+        logging.warning("Left out %d image(s) in the output folder(s) %s.", len(paths) - len(kept),
+                        ", ".join(f for f in folders if f))  # fmt: skip
+    return kept
+
+
 def _make_folder_of(output: str, parser: argparse.ArgumentParser) -> None:
     try:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -490,9 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.splitext(args.output)[1].lower() not in FORMATS:
         parser.error(f"--output {args.output}: the extension must be one of {', '.join(FORMATS)}.")
     logging.basicConfig(level=logging.WARNING)
-    outputs = [os.path.splitext(args.output)[0], args.draw]  # a rerun's own label maps, drawings
     try:
-        paths = [p for p in image_files(args.input) if not _inside(p, outputs)]
+        paths = image_files(args.input)
     except FileNotFoundError as e:
         parser.error(str(e))
     try:
@@ -500,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = predictor.task.name
         if args.draw and task != "detection":
             parser.error(f"--draw draws boxes: {args.workdir} is a {task} run.")
+        paths = _outside_outputs(paths, args, task, parser)
         _make_folder_of(args.output, parser)  # before the predictions, not after them
         records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
     except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError) as e:
