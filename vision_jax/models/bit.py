@@ -60,7 +60,7 @@ def _std_conv(features, kernel, stride, eps, dtype, name):
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=precision.pointwise_as_dot,
+        conv_general_dilated=precision.conv_as_dot,
         name=name,
     )
 

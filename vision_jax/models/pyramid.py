@@ -18,14 +18,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vision_jax.models import precision
 from vision_jax.models.pooling import max_pool
 
 
 def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) -> nn.Conv:
-    """A ``kernel`` x ``kernel`` convolution with 'SAME' padding and float32 parameters."""
+    """A ``kernel`` x ``kernel`` convolution with 'SAME' padding and float32 parameters (1x1
+    ones and those over maps of 2x2 pixels or fewer as products: :func:`precision.conv_as_dot`)."""
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-        dtype=dtype, param_dtype=jnp.float32, name=name,
+        dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=precision.conv_as_dot,
+        name=name,
     )  # fmt: skip
 
 

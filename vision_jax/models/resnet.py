@@ -43,7 +43,7 @@ def conv2d(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn
         dtype=dtype,
         param_dtype=jnp.float32,
         # every conv feeds a BatchNorm, which normalises in float32
-        conv_general_dilated=partial(precision.pointwise_as_dot, float32_pointwise=True),
+        conv_general_dilated=partial(precision.conv_as_dot, float32_pointwise=True),
         name=name,
     )
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vision_jax.models import precision
 from vision_jax.models.pyramid import FPN, SIMPLE_SCALES, SimpleFeaturePyramid, conv
 from vision_jax.tasks.boxes import generalized_iou, nms_keep, top_k
 
@@ -143,7 +144,7 @@ class FCOSHead(nn.Module):
         return nn.Conv(
             features, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.constant(bias),
-            name=name,
+            conv_general_dilated=precision.conv_as_dot, name=name,
         )  # fmt: skip
 
 
