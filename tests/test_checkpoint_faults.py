@@ -310,7 +310,7 @@ def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
     import asyncio
     import gc
 
-    from vision_jax.checkpoint import _quiet_abandoned_io
+    from vision_jax.checkpoint import quiet_abandoned_io
 
     async def _read_array_index_and_device_put():
         raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")
@@ -336,7 +336,7 @@ def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
             future.set_exception(e)
         return future
 
-    _quiet_abandoned_io()
+    quiet_abandoned_io()
     with caplog.at_level(logging.DEBUG):
         for coroutine, wrap in ((_read_array_index_and_device_put, None),
                                 (read_shard, gathered), (tensorstore_read, bare_future),
@@ -625,6 +625,26 @@ def test_a_failed_async_save_is_named_and_the_saved_steps_stay(tmp_path):
     train_and_evaluate(small_config(total_steps=6), str(workdir))
     assert steps_in(workdir) == [2, 4, 6] and moved_aside(workdir) == []  # the partial save gone
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
+
+
+def test_a_damaged_array_metadata_file_is_named_by_the_readers(tmp_path, finished_run, capfd):
+    """A flipped byte in the state's own metadata record (the small file under ``state/d``):
+    predict, export and the report name the damaged step in one line (it was an AttributeError
+    and pages of TensorStore callbacks failing on a closed event loop)."""
+    from vision_jax.weights.files import WeightFormatError
+    from vision_jax.weights.run_dir import read_variables
+
+    full, _ = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    record = min((workdir / "checkpoints" / "6" / "state" / "d").iterdir(),
+                 key=lambda f: f.stat().st_size)  # fmt: skip
+    data = bytearray(record.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    record.write_bytes(bytes(data))
+    with pytest.raises(WeightFormatError, match=r"checkpoints/6/state is damaged: orbax cannot"):
+        read_variables(workdir)
+    assert "Event loop is closed" not in capfd.readouterr().err
 
 
 def test_an_error_that_stops_a_run_stays_the_error_when_a_pending_save_failed_too(

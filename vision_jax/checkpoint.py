@@ -189,7 +189,7 @@ class _AbandonedReadTasks(logging.Filter):
         return True
 
 
-def _quiet_abandoned_io() -> None:
+def quiet_abandoned_io() -> None:
     """Logs those errors at DEBUG instead of a page each on stderr (installed once, for the
     process: TensorStore's callbacks may come after the read or save has returned)."""
     asyncio_log = logging.getLogger("asyncio")
@@ -213,7 +213,7 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
     """``((state, meta), None)`` of a step folder, or ``(None, why it cannot be read)``; the
     full error is logged at DEBUG. Reads with the item handler directly (no cross-process
     barrier), so that a process that fails cannot leave the others waiting."""
-    _quiet_abandoned_io()
+    quiet_abandoned_io()
     handler = ocp.StandardCheckpointHandler()
     try:
         state = handler.restore(path / STATE_ITEM, args=ocp.args.StandardRestore(abstract_state))
@@ -251,7 +251,7 @@ class Checkpointer:
             self.directory = os.path.abspath(self.directory)
         self.every_steps = every_steps
         self.lock = lock
-        _quiet_abandoned_io()  # a failed save's TensorStore callbacks, too
+        quiet_abandoned_io()  # a failed save's TensorStore callbacks, too
         self._new = _is_new(self.directory)
         if jax.process_index() == 0:
             self._move_aside_unfinished()

@@ -187,11 +187,16 @@ def _read_meta(step_dir: pathlib.Path) -> dict:
 
 def restore_on_one_device(path: str | os.PathLike) -> Any:
     """Restores an orbax pytree onto this process's first device, whatever mesh wrote it."""
+    from vision_jax.checkpoint import quiet_abandoned_io  # it imports this module
+
+    quiet_abandoned_io()  # a damaged item's other reads fail after the first: not on stderr
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata
+    if metadata is None or metadata.tree is None:  # its metadata file unreadable
+        raise WeightFormatError(f"{path} is damaged: orbax cannot read its array metadata.")
     target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        checkpointer.metadata(path).item_metadata.tree,
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata.tree
     )
     return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
 
@@ -253,6 +258,8 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     try:
         state = restore_on_one_device(step_dir / STATE_ITEM)
         frozen = restore_on_one_device(frozen_path) if frozen_path.is_dir() else {}
+    except WeightFormatError:
+        raise
     except Exception as e:  # orbax and TensorStore raise many types
         raise WeightFormatError(
             f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}"
