@@ -168,16 +168,10 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
     of rounding it, for a consumer that computes in float32 anyway (BatchNorm): one conversion
     pass and one rounding less.
     """
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     no_padding = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
-    pointwise = (
-        rhs.shape[:2] == (1, 1)
-        and no_padding  # "SAME" pads nothing for a 1x1 kernel
-        and dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
-        and feature_group_count == 1
-        and batch_group_count == 1
-        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    )
+    plain = _plain_nhwc(lhs, rhs, dimension_numbers, feature_group_count, batch_group_count,
+                        lhs_dilation, rhs_dilation)  # fmt: skip
+    pointwise = plain and rhs.shape[:2] == (1, 1) and no_padding  # "SAME" pads nothing at 1x1
     # One output pixel in all (batch 1, a 1x1 output) stays a convolution: the TFLite converter
     # turns a one-row product into a batch_matmul of the wrong rank.
     out_hw = (-(-n // s) for n, s in zip(lhs.shape[1:3], window_strides, strict=True))
@@ -214,13 +208,8 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     through a reversed-kernel convolution 50-80x slower than the product (a ResNet's last
     stage at 64 px: 3x3 over 2x2 maps, 512 channels, 0.3 s for batch 32 against 4 ms).
     """
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    plain = (
-        dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
-        and feature_group_count == 1
-        and batch_group_count == 1
-        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    )
+    plain = _plain_nhwc(lhs, rhs, dimension_numbers, feature_group_count, batch_group_count,
+                        lhs_dilation, rhs_dilation)  # fmt: skip
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)  # fmt: skip
     if plain and rhs.shape[:2] != (1, 1) and tuple(window_strides) == (1, 1):
@@ -231,6 +220,17 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
         if tiny and _output_rows(lhs, rhs, pads) > 1:
             return patches_as_dot(lhs, rhs, pads, precision, preferred_element_type)
     return pointwise_as_dot(*args, float32_pointwise=float32_pointwise)
+
+
+def _plain_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, feature_groups: int,
+                batch_groups: int, lhs_dilation: Any, rhs_dilation: Any) -> bool:  # fmt: skip
+    """An NHWC x HWIO convolution without groups or dilation."""
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    return (
+        dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
+        and feature_groups == batch_groups == 1
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    )
 
 
 def _output_rows(lhs: jax.Array, rhs: jax.Array, pads: Sequence[Sequence[int]]) -> int:
