@@ -367,6 +367,22 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
     assert len(set(expected.argmax(-1))) > 1
 
 
+def test_a_bfloat16_run_exports_to_tflite_computing_in_float32(tmp_path):
+    """The TFLite converter cannot legalise a bfloat16 model (a transpose it refuses): the run
+    is exported computing in float32 from its float32 parameters, within bfloat16's rounding of
+    the run's own predictions."""
+    workdir = tmp_path / "run"
+    overrides = {"input.image_size": 8, "model.dtype": "bfloat16"}
+    train_and_evaluate(small_config(total_steps=20, **overrides), str(workdir))
+    trained = load_trained(workdir)
+    images = digits("test").columns["image"][:6].repeat(3, -1)
+    manifest = export_trained(trained, tmp_path / "out", format="tflite", tflite_batch=6)
+    model = TFLiteModel((tmp_path / "out" / manifest["artifact"]).read_bytes())
+    got, expected = model(images)["probabilities"], run_predictions(trained, images)
+    np.testing.assert_allclose(got, expected, atol=0.03)
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 5 / 6
+
+
 @pytest.mark.slow
 def test_lora_run_exports_merged_and_matches(tmp_path):
     config = lora_vit_config()

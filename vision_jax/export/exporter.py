@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import pathlib
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,8 @@ def export_trained(
         raise ExportError(f"quantize={quantize!r} applies to TFLite, not to {format}.")
     if tflite_batch < 1:
         raise ExportError(f"tflite_batch must be at least 1; got {tflite_batch}.")
+    if format == "tflite":
+        trained = _in_float32(trained)
     servable = Servable.from_trained(trained)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -63,6 +67,20 @@ def export_trained(
     manifest = _manifest(trained, servable, format, quantize, batch)
     write_manifest(output, manifest)
     return manifest
+
+
+def _in_float32(trained: Trained) -> Trained:
+    """``trained`` computing in float32 (its parameters are float32 already): the TFLite
+    converter cannot legalise a bfloat16 model's ops, and TFLite quantises from float32."""
+    if trained.spec.model_dtype == "float32":
+        return trained
+    from vision_jax.run import task_model  # run imports the training stack
+
+    logging.info("TFLite: the run computed in %s; exported computing in float32.",
+                 trained.spec.model_dtype)  # fmt: skip
+    spec = dataclasses.replace(trained.spec, model_dtype="float32")
+    model = task_model(spec, len(trained.class_names))
+    return dataclasses.replace(trained, spec=spec, model=model)
 
 
 def _manifest(
