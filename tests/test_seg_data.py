@@ -457,3 +457,27 @@ def test_configs_without_label_maps(tmp_path):
         data_lib.load_source(cfg.data, "train", target="label_map")
     with pytest.raises(data_lib.DataError, match="Unknown target 'points'"):
         data_lib.load_source(cfg.data, "train", target="points")
+
+
+def test_a_class_no_label_map_holds_is_named_at_the_check(tmp_path, caplog):
+    """Masks saved as 0/255 (a common binary format): the object class holds no pixel, all of
+    its pixels being the ignore value, so mIoU would measure the background alone."""
+    make_seg_folder(tmp_path, n=3)
+    (tmp_path / "classes.txt").write_text("background\nobject\n")
+    for i in range(3):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:12, 4:12] = IGNORE_LABEL
+        save_mask(tmp_path / "train" / "masks" / f"{i:03d}.png", mask, palette=False)
+    source = data_lib.load_source(data_config(source="imagefolder", root=str(tmp_path)).data,
+                                  "train", target="label_map")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert data_lib.check_examples(source, spec_of()) == 0
+    assert "No label map of this split holds a pixel of object (1):" in caplog.text
+    assert f"{3 * 64} pixels hold 255, the ignore value: a mask saved as 0/255" in caplog.text
+    caplog.clear()
+    make_seg_folder(tmp_path / "all", n=3)  # every class present: no warning
+    config = data_config(source="imagefolder", root=str(tmp_path / "all"))
+    source = data_lib.load_source(config.data, "train", target="label_map")
+    with caplog.at_level(logging.WARNING):
+        data_lib.check_examples(source, spec_of())
+    assert "No label map" not in caplog.text

@@ -434,6 +434,22 @@ def _example_shapes(
     return shapes
 
 
+def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
+    """Warns of classes that no label map of ``source`` holds (``pixels``: pixels per label
+    value): their IoU cannot be measured and is left out of the mean."""
+    absent = [f"{name} ({c})" for c, name in enumerate(source.class_names) if not pixels[c]]
+    if not absent:
+        return
+    hint = ""
+    if pixels[IGNORE_LABEL]:
+        hint = (f" {pixels[IGNORE_LABEL]} pixels hold {IGNORE_LABEL}, the ignore value: a mask "
+                f"saved as 0/{IGNORE_LABEL} must hold class ids (1 for its objects).")  # fmt: skip
+    logging.warning(
+        "No label map of this split holds a pixel of %s: their IoU cannot be measured and is "
+        "left out of mIoU.%s", ", ".join(absent), hint,
+    )  # fmt: skip
+
+
 def check_examples(source: Source, spec: InputSpec, *, threads: int | None = None) -> int:
     """Reads every example of this process's shard of a file source once, as evaluation does.
 
@@ -449,14 +465,21 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
     target = _target(source, most)
     preprocess = make_preprocess(spec, train=False, seed=0, **target)
 
-    def read(i: tf.Tensor, example: dict) -> tf.Tensor:
+    def read(i: tf.Tensor, example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         out = preprocess(i, example)  # sums keep the decoding from being pruned
-        return i, tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in out.values()])
+        total = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in out.values()])
+        values = out.get("label_map", tf.zeros([0], tf.uint8))  # pixels of each label value
+        return i, total, tf.math.bincount(tf.cast(values, tf.int32), minlength=256, maxlength=256)
 
     ds = source.dataset.shard(jax.process_count(), jax.process_index()).enumerate()
     ds = parallel_map(ds, read).ignore_errors()
     ds = ds.batch(1024).with_options(pipeline_options(threads))
-    good = {int(i) for batch in ds.as_numpy_iterator() for i in batch[0]}
+    good, pixels = set(), np.zeros(256, np.int64)
+    for rows, _, counts in ds.as_numpy_iterator():
+        good.update(int(i) for i in rows)
+        pixels += counts.sum(0)
+    if source.target == "label_map" and jax.process_count() == 1:
+        _warn_of_absent_classes(source, pixels)
     shard = range(jax.process_index(), source.num_examples, jax.process_count())
     bad_rows = [row for k, row in enumerate(shard) if k not in good]
     if not bad_rows:
