@@ -310,7 +310,7 @@ def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
     import asyncio
     import gc
 
-    from vision_jax.checkpoint import quiet_abandoned_io
+    from vision_jax.weights.run_dir import quiet_abandoned_io
 
     async def _read_array_index_and_device_put():
         raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")

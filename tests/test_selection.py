@@ -41,13 +41,13 @@ def scripted_validation(monkeypatch):
     parameters it evaluated."""
     real, calls = train.run_evaluation, {"val": 0, "eval": []}
 
-    def run_evaluation(run, state, source=None, split="eval", observe=None):
+    def run_evaluation(run, state, source=None, split="eval", observe=None, interrupt=None):
         if split == "val":
             value = SCRIPT[calls["val"]]
             calls["val"] += 1
             return {"val/top1": value, "val/loss": 1.0 - value, "val/examples": 144.0}
         calls["eval"].append(np.asarray(state.params["head"]["kernel"]))
-        return real(run, state, source, split, observe)
+        return real(run, state, source, split, observe, interrupt)
 
     monkeypatch.setattr(train, "run_evaluation", run_evaluation)
     return calls

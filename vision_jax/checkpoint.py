@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import inspect
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -43,6 +41,7 @@ from vision_jax.weights.run_dir import (
     frozen_digests,
     frozen_dir,
     is_complete,
+    quiet_abandoned_io,
     state_damage,
 )
 
@@ -155,58 +154,6 @@ def short_reason(error: BaseException) -> str:
     text = (text[0] if text else "").strip().rstrip(".:")
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _abandoned_io(unraisable: Any) -> bool:
-    """Whether an error nobody can catch comes from orbax abandoning a damaged step's reads
-    (after the first one fails) or a failed save's writes: the other reads' failures (raised
-    when their coroutines are garbage-collected, or logged by asyncio for their tasks) and
-    TensorStore completing a read or write on orbax's closed event loop."""
-    error, source = unraisable.exc_value, unraisable.object
-    if inspect.iscoroutine(source) and "_read_array_index" in source.__qualname__:
-        return True
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
-# What asyncio's message about an abandoned read names: orbax's read coroutine (a task), orbax's
-# read error (a future gathering them), or TensorStore's (a bare future of one read).
-_ABANDONED_READ_MARKERS = (
-    "_read_array_index",
-    "error while reading array index",
-    "in OCDBT database",
-)
-
-
-class _AbandonedReadTasks(logging.Filter):
-    """asyncio's "... exception was never retrieved" for those reads, at DEBUG instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        orbax_read = any(marker in message for marker in _ABANDONED_READ_MARKERS)
-        if "never retrieved" in message and orbax_read:
-            logging.debug("After a failed read: %s", message.splitlines()[0])
-            return False
-        return True
-
-
-def quiet_abandoned_io() -> None:
-    """Logs those errors at DEBUG instead of a page each on stderr (installed once, for the
-    process: TensorStore's callbacks may come after the read or save has returned)."""
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_AbandonedReadTasks())
-    previous = sys.unraisablehook
-    if getattr(previous, "vision_jax", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        if _abandoned_io(unraisable):
-            logging.debug("After a failed read or write: %s", short_reason(unraisable.exc_value))
-        else:
-            previous(unraisable)
-
-    hook.vision_jax = True
-    sys.unraisablehook = hook
 
 
 def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:

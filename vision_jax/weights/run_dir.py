@@ -16,10 +16,12 @@ Readers take the newest checkpoint, or with ``which="best"`` the best step when 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
 import pathlib
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -185,10 +187,60 @@ def _read_meta(step_dir: pathlib.Path) -> dict:
         raise WeightFormatError(f"Cannot read the run record of {step_dir}: {e}") from e
 
 
+def _abandoned_io(unraisable: Any) -> bool:
+    """Whether an error nobody can catch comes from orbax abandoning a damaged step's reads
+    (after the first one fails) or a failed save's writes: the other reads' failures (raised
+    when their coroutines are garbage-collected, or logged by asyncio for their tasks) and
+    TensorStore completing a read or write on orbax's closed event loop."""
+    error, source = unraisable.exc_value, unraisable.object
+    if inspect.iscoroutine(source) and "_read_array_index" in source.__qualname__:
+        return True
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+# What asyncio's message about an abandoned read names: orbax's read coroutine (a task), orbax's
+# read error (a future gathering them), or TensorStore's (a bare future of one read).
+_ABANDONED_READ_MARKERS = (
+    "_read_array_index",
+    "error while reading array index",
+    "in OCDBT database",
+)
+
+
+class _AbandonedReadTasks(logging.Filter):
+    """asyncio's "... exception was never retrieved" for those reads, at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        orbax_read = any(marker in message for marker in _ABANDONED_READ_MARKERS)
+        if "never retrieved" in message and orbax_read:
+            logging.debug("After a failed read: %s", message.splitlines()[0])
+            return False
+        return True
+
+
+def quiet_abandoned_io() -> None:
+    """Logs those errors at DEBUG instead of a page each on stderr (installed once, for the
+    process: TensorStore's callbacks may come after the read or save has returned)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadTasks())
+    previous = sys.unraisablehook
+    if getattr(previous, "vision_jax", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if _abandoned_io(unraisable):
+            logging.debug("After a failed read or write: %s", unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    hook.vision_jax = True
+    sys.unraisablehook = hook
+
+
 def restore_on_one_device(path: str | os.PathLike) -> Any:
     """Restores an orbax pytree onto this process's first device, whatever mesh wrote it."""
-    from vision_jax.checkpoint import quiet_abandoned_io  # it imports this module
-
     quiet_abandoned_io()  # a damaged item's other reads fail after the first: not on stderr
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpointer = ocp.StandardCheckpointer()
