@@ -42,6 +42,7 @@ from vision_jax.weights.run_dir import (
     frozen_dir,
     is_complete,
     quiet_abandoned_io,
+    short_reason,
     state_damage,
 )
 
@@ -146,14 +147,6 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def short_reason(error: BaseException) -> str:
-    """The first line of an error, without TensorStore's spec dump, at most 160 characters."""
-    text = str(error).split("See full TensorStore details")[0].strip().splitlines()
-    text = (text[0] if text else "").strip().rstrip(".:")
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vision_jax import digests, lora
 from vision_jax.specs import LoraSpec
@@ -187,6 +188,14 @@ def _read_meta(step_dir: pathlib.Path) -> dict:
         raise WeightFormatError(f"Cannot read the run record of {step_dir}: {e}") from e
 
 
+def short_reason(error: BaseException) -> str:
+    """The first line of an error, without TensorStore's spec dump, at most 160 characters."""
+    text = str(error).split("See full TensorStore details")[0].strip().splitlines()
+    text = (text[0] if text else "").strip().rstrip(".:")
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def _abandoned_io(unraisable: Any) -> bool:
     """Whether an error nobody can catch comes from orbax abandoning a damaged step's reads
     (after the first one fails) or a failed save's writes: the other reads' failures (raised
@@ -231,7 +240,7 @@ def quiet_abandoned_io() -> None:
 
     def hook(unraisable: Any) -> None:
         if _abandoned_io(unraisable):
-            logging.debug("After a failed read or write: %s", unraisable.exc_value)
+            logging.debug("After a failed read or write: %s", short_reason(unraisable.exc_value))
         else:
             previous(unraisable)
 
@@ -243,14 +252,15 @@ def restore_on_one_device(path: str | os.PathLike) -> Any:
     """Restores an orbax pytree onto this process's first device, whatever mesh wrote it."""
     quiet_abandoned_io()  # a damaged item's other reads fail after the first: not on stderr
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata
+    handler = ocp.StandardCheckpointHandler()  # the item itself: no step-level metadata sought
+    metadata = handler.metadata(epath.Path(path))
     if metadata is None or metadata.tree is None:  # its metadata file unreadable
         raise WeightFormatError(f"{path} is damaged: orbax cannot read its array metadata.")
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata.tree
     )
-    return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
+    restored = handler.restore(epath.Path(path), args=ocp.args.StandardRestore(target))
+    return jax.tree_util.tree_map(np.asarray, restored)
 
 
 def frozen_digests(frozen_path: pathlib.PurePath) -> dict | None:
@@ -313,9 +323,9 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     except WeightFormatError:
         raise
     except Exception as e:  # orbax and TensorStore raise many types
-        raise WeightFormatError(
-            f"Cannot read checkpoint {step_dir}: {type(e).__name__}: {e}"
-        ) from e
+        damaged = "DATA_LOSS" in str(e)
+        what = "is damaged" if damaged else "cannot be read"
+        raise WeightFormatError(f"Checkpoint {step_dir} {what}: {short_reason(e)}") from e
     used = {k: state[k] for k in ("params", "model_state") if k in state}
     for folder, damage in (
         (step_dir, state_damage(step_dir, meta, state, used)),
