@@ -463,7 +463,10 @@ class BestCheckpoint:
             self.manager.wait_until_finished()
         step = self.manager.latest_step()
         if step is None:
-            raise CheckpointError(f"No best checkpoint in {self.directory}.")
+            raise CheckpointError(
+                f"No best checkpoint in {self.directory}: no validation gave a finite "
+                f"{self.metric} (a detection split without boxes has no mAP, say)."
+            )
         path = epath.Path(self.directory) / str(step)
         restored, problem = _read_step(path, abstract_state)
         if problem is None:

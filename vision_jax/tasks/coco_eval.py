@@ -11,6 +11,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,8 +100,9 @@ def coco_metrics(
     class_names: Sequence[str],
 ) -> dict[str, float]:  # fmt: skip
     """COCOeval ``bbox`` figures of ``results`` on the images ``image_ids`` of the ground truth
-    ``annotations`` (a COCO dataset dict): :data:`STAT_NAMES` (-1: undefined, e.g. no small
-    objects) and ``ap/<class>`` (AP@[.5:.95] per category with ground truth)."""
+    ``annotations`` (a COCO dataset dict): :data:`STAT_NAMES` (NaN where pycocotools says -1,
+    undefined: no large objects, say; as detectron2 reports it) and ``ap/<class>`` (AP@[.5:.95]
+    per category with ground truth)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -108,7 +110,7 @@ def coco_metrics(
     if not any(int(a["image_id"]) in evaluated and not a.get("iscrowd")
                for a in annotations.get("annotations", ())):  # fmt: skip
         logging.warning("The %d evaluated images hold no (non-crowd) annotation: every COCO "
-                        "figure is undefined (-1).", len(evaluated))  # fmt: skip
+                        "figure is undefined (NaN).", len(evaluated))  # fmt: skip
     with _quiet():
         truth = COCO()
         truth.dataset = copy.deepcopy(dict(annotations))
@@ -123,7 +125,10 @@ def coco_metrics(
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    out = {name: float(v) for name, v in zip(STAT_NAMES, evaluation.stats, strict=True)}
+    out = {
+        name: float(v) if v >= 0 else math.nan
+        for name, v in zip(STAT_NAMES, evaluation.stats, strict=True)
+    }
     precision = evaluation.eval["precision"]  # [iou, recall, category, area, max_dets]
     for k, name in enumerate(class_names):
         p = precision[:, :, k, 0, -1]
