@@ -437,7 +437,7 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
             {"input.randaugment_magnitude": 15},
             ValueError,
             r"input.randaugment_magnitude only applies with randaugment_layers > 0; remove it "
-            r"\(or set the default\)",
+            r"\(or pass --config.input.randaugment_magnitude=9.0\)",
         ),
         (
             {"input.inception_scale": (0.5, 1.0)},
@@ -619,3 +619,16 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
     proc = run_with_devices(8, tmp_path, {"batch_size": 36})
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "batch_size 36 is not divisible by the 8" in proc.stdout
+
+
+def test_splits_with_other_classes_are_named(tmp_path):
+    """An eval split with a class folder the training split lacks: the error names it."""
+    from test_data import make_folder
+
+    from vision_jax.data import DataError
+
+    make_folder(tmp_path, per_class=2, classes=("cat", "dog"))
+    shutil.copytree(tmp_path / "test" / "dog", tmp_path / "test" / "fox")
+    config = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path)})
+    with pytest.raises(DataError, match=r"classes: only in train: none; only in eval: fox\."):
+        train_and_evaluate(config, str(tmp_path / "run"))

@@ -64,7 +64,10 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int) -
         "fraction": lambda v: round(v * total),
     }[unit](value)
     if not 0 <= steps <= total:
-        raise ValueError(f"schedule.{name}_{unit}={value} is {steps} steps; training has {total}.")
+        raise ValueError(
+            f"schedule.{name}_{unit}={value} is {steps} steps; training has {total} (lower it, "
+            f"e.g. --config.schedule.{name}_{unit}=..., or train longer)."
+        )
     return steps
 
 

@@ -84,15 +84,18 @@ def image_files(pattern: str) -> list[str]:
 
 
 class Progress:
-    """One line on stderr, rewritten as images are done: the count and images per second."""
+    """The count of images done and images per second on stderr: one line rewritten as they are
+    done on a terminal, the final count only in a log."""
 
     def __init__(self, total: int):
         self.total, self.done, self.start = total, 0, time.perf_counter()
 
     def update(self, count: int) -> None:
         self.done += count
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        print(f"\r{self.done}/{self.total} images, {rate:.1f} images/s", end="", file=sys.stderr)
+        if sys.stderr.isatty() or self.done == self.total:  # a log gets the last line only
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            line = f"{self.done}/{self.total} images, {rate:.1f} images/s"
+            print(f"\r{line}" if sys.stderr.isatty() else line, end="", file=sys.stderr)
 
     def close(self) -> None:
         print(file=sys.stderr)

@@ -335,7 +335,13 @@ def _load_data(
     validation = None if data.val_split is None else load(data.val_split)
     for name, other in (("eval", evaluation), ("val", validation)):
         if other is not None and other.class_names != train.class_names:
-            raise data_lib.DataError(f"The train and {name} splits have different classes.")
+            only = lambda a, b: ", ".join(sorted(set(a) - set(b))) or "none"
+            train_only, other_only = (only(train.class_names, other.class_names),
+                                      only(other.class_names, train.class_names))  # fmt: skip
+            how = f"only in train: {train_only}; only in {name}: {other_only}"
+            if train_only == other_only == "none":
+                how = "the same ones in another order"
+            raise data_lib.DataError(f"The train and {name} splits have different classes: {how}.")
     return train, evaluation, validation
 
 

@@ -223,7 +223,8 @@ def _only_with(
     """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken);
     inside :func:`saved_config`, sets them to None instead."""
     stray = [k for k in keys if values.get(k) is not None]
-    if stray and not when and _refuse_stray(section, stray, why, "or set None"):
+    undo = "or pass " + " ".join(f"--config.{section}.{k}=None" for k in stray)
+    if stray and not when and _refuse_stray(section, stray, why, undo):
         values.update(dict.fromkeys(stray))
 
 
@@ -233,7 +234,8 @@ def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: 
     :func:`saved_config`, sets them to their defaults instead."""
     defaults = {f.name: f.default for f in dataclasses.fields(spec)}
     stray = [k for k in keys if as_tuples(getattr(spec, k)) != defaults[k]]
-    if stray and not when and _refuse_stray(section, stray, why, "or set the default"):
+    undo = "or pass " + " ".join(f"--config.{section}.{k}={defaults[k]}" for k in stray)
+    if stray and not when and _refuse_stray(section, stray, why, undo):
         for key in stray:
             object.__setattr__(spec, key, defaults[key])  # while the frozen spec is built
 

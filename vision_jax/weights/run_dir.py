@@ -165,7 +165,8 @@ def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.P
         return path
     step = _newest_step(path)
     if step is None:
-        raise WeightFormatError(f"No vision_jax checkpoint found in {path}.")
+        missing = "" if path.exists() else " (it does not exist)"
+        raise WeightFormatError(f"No vision_jax checkpoint found in {path}{missing}.")
     return step
 
 
