@@ -648,6 +648,25 @@ def test_a_damaged_array_metadata_file_is_named_by_the_readers(tmp_path, finishe
     assert "Event loop is closed" not in capfd.readouterr().err
 
 
+def test_a_step_removed_while_it_is_read_says_so(tmp_path, finished_run, monkeypatch):
+    """predict --which=latest beside a run still training: retention removes the step being
+    read; the reader says what happened instead of orbax's 'not found' or TensorStore errors."""
+    from vision_jax.weights import run_dir
+    from vision_jax.weights.files import WeightFormatError
+
+    full, _ = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+
+    def removed_by_the_run(path):
+        shutil.rmtree(pathlib.Path(path).parent)  # the step folder, by the run's retention
+        raise FileNotFoundError(f"Checkpoint at {path} not found")
+
+    monkeypatch.setattr(run_dir, "restore_on_one_device", removed_by_the_run)
+    with pytest.raises(WeightFormatError, match=r"checkpoints/6 was removed while it was read"):
+        run_dir.read_variables(workdir)
+
+
 def test_an_error_that_stops_a_run_stays_the_error_when_a_pending_save_failed_too(
     tmp_path, monkeypatch, caplog
 ):

@@ -186,7 +186,18 @@ def _read_meta(step_dir: pathlib.Path) -> dict:
     try:
         return dict(json.loads((step_dir / META_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
+        _check_not_removed(step_dir)
         raise WeightFormatError(f"Cannot read the run record of {step_dir}: {e}") from e
+
+
+def _check_not_removed(step_dir: pathlib.Path) -> None:
+    """Raises when ``step_dir`` is gone: a run still training there removed it (it keeps only
+    its newest checkpoints) while it was read."""
+    if not step_dir.exists():
+        raise WeightFormatError(
+            f"{step_dir} was removed while it was read: the run writing there keeps only its "
+            "newest checkpoints (keep_checkpoints). Run the command again."
+        )
 
 
 def short_reason(error: BaseException) -> str:
@@ -324,6 +335,7 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
     except WeightFormatError:
         raise
     except Exception as e:  # orbax and TensorStore raise many types
+        _check_not_removed(step_dir)
         damaged = "DATA_LOSS" in str(e)
         what = "is damaged" if damaged else "cannot be read"
         raise WeightFormatError(f"Checkpoint {step_dir} {what}: {short_reason(e)}") from e
