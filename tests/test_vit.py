@@ -224,6 +224,8 @@ def test_registry_names_and_errors():
     create_model("vit_b16", num_classes=10)
     with pytest.raises(ValueError, match=r"Unknown model 'vit_x16'.*resnet50.*vit_b16"):
         create_model("vit_x16", num_classes=10)
+    with pytest.raises(ValueError, match=r"timm's vit_tiny_patch16_224 is 'vit_ti16' here"):
+        model_spec("vit_tiny_patch16_224.augreg_in21k")
     for bad in (-1, 2.5, "10", True):
         with pytest.raises(ValueError, match="num_classes must be a positive int"):
             create_model("vit_b16", num_classes=bad)

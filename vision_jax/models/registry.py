@@ -138,6 +138,10 @@ def list_models(family: str | None = None) -> list[str]:
 def model_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of ``name``; an unknown name lists the valid ones."""
     if name not in _REGISTRY:
+        timm_name = name.split(".")[0]  # timm's name without its weights tag (".augreg_in21k")
+        same = [m for m, spec in sorted(_REGISTRY.items()) if spec.timm_name == timm_name]
+        if same:
+            raise ValueError(f"Unknown model {name!r}: timm's {timm_name} is {same[0]!r} here.")
         raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(list_models())}.")
     return _REGISTRY[name]
 
