@@ -362,7 +362,7 @@ def _padded(
         raise DataError(f"Evaluation produced {count} batches, more than {num_batches} expected.")
     if shard_size > batches.examples:
         logging.warning(
-            "Evaluation skipped %d unreadable image(s) of %d.",
+            "Skipped %d unreadable image(s) of %d.",
             shard_size - batches.examples,
             shard_size,
         )
