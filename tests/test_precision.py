@@ -84,9 +84,11 @@ def test_convolutions_over_maps_of_two_pixels_are_products_with_the_same_values(
 
 def test_larger_maps_strides_and_single_pixel_outputs_stay_convolutions():
     w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
-    for shape, strides in [((2, 3, 3, 4), (1, 1)), ((2, 2, 2, 4), (2, 2)), ((1, 1, 1, 4), (1, 1))]:
+    cases = [((2, 3, 3, 4), (1, 1), "SAME"), ((2, 2, 2, 4), (2, 2), "SAME"),
+             ((1, 1, 1, 4), (1, 1), "SAME"), ((3, 1, 1, 4), (1, 1), "VALID")]  # fmt: skip
+    for shape, strides, padding in cases:  # the last one's output is empty, as lax's
         x = jax.random.normal(jax.random.key(0), shape)
-        args = (x, w, strides, "SAME", None, None, NHWC)
+        args = (x, w, strides, padding, None, None, NHWC)
         np.testing.assert_array_equal(precision.conv_as_dot(*args), lax.conv_general_dilated(*args))
         hlo = jax.jit(precision.conv_as_dot, static_argnums=(2, 3, 4, 5, 6)).lower(*args)
         assert "convolution" in hlo.as_text()
@@ -157,6 +159,7 @@ LOW_PRECISION_DOTS = [
     ((2, 3, 7, 9), (2, 9, 3, 4), (((3,), (1,)), ((0, 1), (0, 2)))),  # attention x values
     ((3, 5, 8), (5, 8, 6), (((1, 2), (0, 1)), ((), ()))),  # DenseGeneral over two axes
     ((3, 5, 8), (8, 5, 6), (((2, 1), (0, 1)), ((), ()))),  # contracted axes out of order
+    ((3, 5, 8), (6, 8), (((2,), (1,)), ((), ()))),  # x @ w.T: a kernel gradient kept (6, 8)
 ]
 
 

@@ -32,20 +32,25 @@ def _operand_gradient(
     lists ``x``'s dimensions first): ``g`` times ``other``, accumulating in float32.
 
     ``other`` is laid out (batch, contracted, kept) before the product and ``g`` is used as it
-    comes (transposing it too, the activations' cotangent, cost a tenth of a bfloat16 ViT step):
-    XLA's CPU runtime leaves some other layouts of a bfloat16 x bfloat16 -> float32 product to a
-    kernel that has none, which fails at run time. The barrier keeps XLA from folding the
-    transpose back into the product.
+    comes where it can be (transposing it too, the activations' cotangent, cost 3% of a bfloat16
+    ViT-S step): XLA's CPU runtime leaves some other layouts of a bfloat16 x bfloat16 -> float32
+    product to a kernel that has none, which fails at run time; so does ``other`` times ``g`` for
+    an ``x`` of several kept dimensions out of order, where ``g`` is transposed too. The barrier
+    keeps XLA from folding the transposes back into the product.
     """
     (x_contract, o_contract), (x_batch, o_batch) = dims
     x_kept = [i for i in range(ndim) if i not in (*x_contract, *x_batch)]
     o_kept = [i for i in range(other.ndim) if i not in (*o_contract, *o_batch)]
     nb, nx, no, nc = len(x_batch), len(x_kept), len(o_kept), len(o_contract)
     (other,) = lax.optimization_barrier((lax.transpose(other, (*o_batch, *o_contract, *o_kept)),))
+    order = [*x_batch, *x_contract, *x_kept]
+    if swap and no > 1 and order != sorted(order):  # g to (batch, x's kept, other's kept)
+        kept_x, kept_o = range(nb + no, nb + no + nx), range(nb, nb + no)
+        (g,) = lax.optimization_barrier((lax.transpose(g, (*range(nb), *kept_x, *kept_o)),))
+        swap = False
     batch_dims = (range(nb), range(nb))
     other_kept = range(nb + nc, other.ndim)
     g_kept = range(nb, nb + no) if swap else range(nb + nx, nb + nx + no)  # other's kept in g
-    order = [*x_batch, *x_contract, *x_kept]
     if swap or order == sorted(order):  # other x g: (batch, x's contracted, x's kept)
         product = lax.dot_general(
             other, g, ((other_kept, g_kept), batch_dims), preferred_element_type=jnp.float32
@@ -236,8 +241,7 @@ def _plain_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, feature_
 def _output_rows(lhs: jax.Array, rhs: jax.Array, pads: Sequence[Sequence[int]]) -> int:
     """Output pixels in all of a stride-1 convolution (batch included)."""
     sizes = zip(lhs.shape[1:3], pads, rhs.shape[:2], strict=True)
-    out_hw = [n + sum(p) - k + 1 for n, p, k in sizes]
-    return lhs.shape[0] * max(math.prod(out_hw), 0)
+    return lhs.shape[0] * math.prod(max(n + sum(p) - k + 1, 0) for n, p, k in sizes)
 
 
 def patches_as_dot(
