@@ -92,13 +92,15 @@ class Progress:
 
     def update(self, count: int) -> None:
         self.done += count
-        if sys.stderr.isatty() or self.done == self.total:  # a log gets the last line only
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            line = f"{self.done}/{self.total} images, {rate:.1f} images/s"
-            print(f"\r{line}" if sys.stderr.isatty() else line, end="", file=sys.stderr)
+        if sys.stderr.isatty():
+            print(f"\r{self._line()}", end="", file=sys.stderr)
 
     def close(self) -> None:
-        print(file=sys.stderr)
+        print("" if sys.stderr.isatty() else self._line(), file=sys.stderr)
+
+    def _line(self) -> str:
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        return f"{self.done}/{self.total} images, {rate:.1f} images/s"
 
 
 class Predictor:
@@ -362,12 +364,16 @@ def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
     """``folder/<stem>.png`` for each of ``paths``; a name already taken (by an earlier path,
     or one that another path's stem will take) gets ``_2``, ``_3``... until it is free."""
     stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
-    reserved, taken, out = set(stems), set(), []
+    reserved, taken, last = set(stems), set(), {}
+    out = []
     for stem in stems:
-        name, n = stem, 1
-        while name in taken or (n > 1 and name in reserved):
-            n += 1
-            name = f"{stem}_{n}"
+        name = stem
+        if name in taken:
+            n = last.get(stem, 1)  # where this stem's suffixes stopped: linear in all
+            while name in taken or name in reserved:
+                n += 1
+                name = f"{stem}_{n}"
+            last[stem] = n
         taken.add(name)
         out.append(os.path.join(folder, f"{name}.png"))
     return out

@@ -533,6 +533,7 @@ def _stop_evaluating(run: Run, stop: StopSignals | None, step: int) -> Callable[
 
     def interrupt() -> None:
         if stop.received is not None:
+            run.checkpointer.wait()  # a failed save of the last step is the error, not a stop
             raise StopRequested(step, stop.reason, run.checkpointer.directory)
 
     return interrupt
