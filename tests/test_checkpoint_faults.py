@@ -218,6 +218,7 @@ def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, 
     train_and_evaluate(folder_config(root, total_steps=2), str(workdir))
     longer = folder_config(root, total_steps=4)
     (root / "train" / "c" / "002.png").unlink()
+    train_and_evaluate(folder_config(root, total_steps=2), str(workdir))  # finished: evaluates
     with pytest.raises(CheckpointError, match=r"exactly: training examples 9 -> 8\. The train"):
         train_and_evaluate(longer, str(workdir))
     make_folder(root, per_class=3, classes=("a", "b", "c"))  # back as it was, then relabel one
@@ -233,6 +234,21 @@ def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, 
     shutil.copytree(root, moved)
     fingerprints = [from_image_folder(str(r), "train").fingerprint() for r in (root, moved)]
     assert fingerprints[0] == fingerprints[1] and fingerprints[0]["examples"] == 9
+
+
+def test_an_arrays_fingerprint_tells_changed_images_and_labels():
+    from vision_jax.data.sources import from_columns
+
+    images = np.random.default_rng(0).integers(0, 255, (50, 8, 8, 3), np.uint8)
+    labels = np.arange(50, dtype=np.int32) % 3
+    base = from_columns({"image": images, "label": labels}, ["a", "b", "c"]).fingerprint()
+    relabelled, changed = labels.copy(), images.copy()
+    relabelled[7], changed[7, 0, 0, 0] = (labels[7] + 1) % 3, images[7, 0, 0, 0] ^ 1
+    for columns in ({"image": images, "label": relabelled}, {"image": changed, "label": labels}):
+        other = from_columns(columns, ["a", "b", "c"]).fingerprint()
+        assert other["examples"] == 50 and other["digest"] != base["digest"]
+    again = from_columns({"image": images.copy(), "label": labels.copy()}, ["a", "b", "c"])
+    assert again.fingerprint() == base
 
 
 def flip_a_stored_bit(item: pathlib.Path) -> str:

@@ -362,8 +362,9 @@ def abstract_state(state: TrainState) -> Any:
 
 
 def _restore(
-    ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec, train_data: dict
-) -> tuple[TrainState, int, int | None, dict]:
+    ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec, train_data: dict,
+    total_steps: int,
+) -> tuple[TrainState, int, int | None, dict]:  # fmt: skip
     """The newest readable checkpoint's state (in the current shardings), step, this
     process's data stream position (None: ``step * local batch``) and meta, or the fresh
     state. ``train_data``: the training split's fingerprint (``Source.fingerprint``)."""
@@ -379,7 +380,8 @@ def _restore(
         return state, 0, None, {}
     state, meta = restored
     step = int(state.step)
-    position = _resume_position(spec, meta, train_data, f"{ckpt.directory} (step {step})")
+    where = f"{ckpt.directory} (step {step})"
+    position = _resume_position(spec, meta, train_data, total_steps, where)
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
 
@@ -465,7 +467,7 @@ def _config_changes(
 
 
 def _resume_position(
-    spec: specs.RunSpec, meta: Mapping[str, Any], train_data: dict, where: str
+    spec: specs.RunSpec, meta: Mapping[str, Any], train_data: dict, total_steps: int, where: str
 ) -> int | None:
     """This process's data stream position saved in ``meta``; refuses (unless
     ``resume_changed_data``) a resume whose training stream changed: its config keys, the
@@ -475,8 +477,10 @@ def _resume_position(
     processes = None if positions is None else len(positions)
     saved = meta.get("config") or {}
     changes = _config_changes(saved, spec.config, _STREAM_KEYS.__contains__)
-    if (saved_data := meta.get("train_data")) is not None:  # earlier versions: not recorded
-        changes += _data_changes(saved_data, train_data)
+    # Not recorded by earlier versions; a finished run started again only evaluates again.
+    finished = meta.get("final") and int(meta.get("total_steps") or -1) == total_steps
+    if (saved_data := meta.get("train_data")) is not None and not finished:
+        changes += _agreed(_data_changes(saved_data, train_data))
     if processes is not None and processes != jax.process_count():
         changes.append(f"processes {processes} -> {jax.process_count()}")
     if changes and not spec.resume_changed_data:
@@ -496,6 +500,17 @@ def _resume_position(
     if len(positions) == jax.process_count():
         return int(positions[jax.process_index()])
     return sum(positions) // jax.process_count()  # as many examples consumed in all
+
+
+def _agreed(changes: list[str]) -> list[str]:
+    """``changes`` of this process's training files, or, where only another process's files
+    changed (hosts with copies of their own), that: every process refuses alike."""
+    if jax.process_count() == 1:
+        return changes
+    from jax.experimental import multihost_utils
+
+    anywhere = multihost_utils.process_allgather(np.int32(bool(changes))).any()
+    return changes or (["the training examples changed on another process"] if anywhere else [])
 
 
 def _data_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -648,7 +663,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     )  # fmt: skip
     train_data = train_source.fingerprint()
     state, start_step, start_position, saved = _restore(
-        ckpt, setup.state, setup.frozen, spec, train_data
+        ckpt, setup.state, setup.frozen, spec, train_data, total_steps
     )
     if 0 < start_step < total_steps:
         _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)

@@ -73,8 +73,9 @@ class Source:
     def fingerprint(self) -> dict[str, int | str]:
         """What tells these examples from others, for a resume to notice changed data: their
         number, the number of ground-truth boxes (detection) and, for a source held as columns,
-        a digest of them (file paths relative to the folder they share, labels, arrays; of a
-        column over 64 MiB, of rows spread evenly over it, so that a start stays quick)."""
+        a digest of them (file paths relative to the folder they share, labels, arrays; of an
+        image or label-map array over 64 MiB, rows spread evenly over it, so that a start stays
+        quick)."""
         out: dict[str, int | str] = {"examples": int(self.num_examples)}
         if self.annotations is not None:
             out["boxes"] = len(self.annotations.get("annotations", ()))
@@ -84,12 +85,12 @@ class Source:
                 values = self.columns[key]
                 if values.dtype.kind in "OSU":  # file paths, wherever the folder now lies
                     names = [str(v) for v in values.tolist()]
-                    common = os.path.commonpath(names) if len(names) > 1 else ""
-                    data = "\n".join(os.path.relpath(n, common) if common else n for n in names)
-                    values = np.frombuffer(data.encode(), np.uint8)
+                    cut = os.path.commonprefix(names).rfind("/") + 1 if len(names) > 1 else 0
+                    values = np.frombuffer("\n".join(n[cut:] for n in names).encode(), np.uint8)
+                elif values.ndim > 1:  # images, label maps: rows spread evenly over them
+                    values = values[:: -(-values.nbytes // _DIGESTED_BYTES)]
                 digest.update(f"{key}{values.dtype}{values.shape}".encode())
-                stride = -(-values.nbytes // _DIGESTED_BYTES)  # large image arrays: every k-th row
-                digest.update(np.ascontiguousarray(values[::stride]).tobytes())
+                digest.update(np.ascontiguousarray(values).tobytes())
             out["digest"] = digest.hexdigest()[:16]
         return out
 
