@@ -386,8 +386,7 @@ def test_an_image_id_outside_int32_or_negative_is_an_error(tmp_path, image_id):
         ("images", "height", None, "a positive number"),
         ("images", "width", 0, "a positive number"),
         ("images", "file_name", 7, "a string"),
-        ("annotations", "category_id", "1", "an integer"),
-        ("annotations", "image_id", 1.0, "an integer"),
+        ("images", "id", 1.5, "an integer"),
         ("categories", "id", True, "an integer"),
     ],
 )
@@ -400,6 +399,21 @@ def test_a_field_of_the_wrong_type_is_an_error_naming_it(tmp_path, section, fiel
     with pytest.raises(data_lib.DataError) as error:
         coco_source(tmp_path)
     assert f"{section}[0] has {field} {value!r}, not {words}." in str(error.value)
+
+
+def test_ids_as_whole_floats_load_and_annotation_types_are_skippable(tmp_path):
+    """JSON writers that give ``1.0`` for ids: the file loads as with ``1``; an annotation with
+    a string category_id is one bad annotation, named, and skipped with skip_corrupt."""
+    coco = write_coco(tmp_path, [(40, 40, [RECTS[0], RECTS[1]])])
+    coco["annotations"][0]["image_id"] = float(coco["annotations"][0]["image_id"])
+    coco["annotations"][0]["category_id"] = float(coco["annotations"][0]["category_id"])
+    coco["annotations"][1]["category_id"] = str(coco["annotations"][1]["category_id"])
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    with pytest.raises(data_lib.DataError, match=r"annotation \d+: category_id '\d+' is not an"):
+        coco_source(tmp_path)
+    source = coco_source(tmp_path, skip_corrupt=True)
+    (kept,) = source.annotations["annotations"]
+    assert isinstance(kept["category_id"], int) and isinstance(kept["image_id"], int)
 
 
 def test_bad_ground_truth_skipped_and_counted_with_skip_corrupt(bad_coco, caplog):

@@ -134,9 +134,9 @@ def _annotation(ann: dict) -> dict:
     """The COCO fields a box annotation needs (area w * h when absent)."""
     x, y, w, h = (float(v) for v in ann["bbox"])
     return {
-        "id": ann["id"],
-        "image_id": ann["image_id"],
-        "category_id": ann["category_id"],
+        "id": int(ann["id"]),
+        "image_id": int(ann["image_id"]),
+        "category_id": int(ann["category_id"]),
         "bbox": [x, y, w, h],
         "area": float(ann.get("area", w * h)),
         "iscrowd": int(bool(ann.get("iscrowd", 0))),
@@ -164,8 +164,10 @@ def _records(coco: dict, key: str, path: str) -> list[dict]:
         lacking = [k for k in _KEYS[key] if not isinstance(record, dict) or k not in record]
         if lacking:
             raise DataError(f"{path}: {key}[{i}] lacks {', '.join(lacking)}.")
-        for field, (kind, what) in _FIELD_TYPES.items():
-            if field in _KEYS[key] and not _is(record[field], kind):
+        checked = ("id",) if key == "annotations" else _KEYS[key]  # the others: _problem
+        for field in checked:
+            kind, what = _FIELD_TYPES[field]
+            if not _is(record[field], kind):
                 raise DataError(f"{path}: {key}[{i}] has {field} {record[field]!r}, not {what}.")
         if key == "images":
             _check_image_id(record["id"], f"{path}: {key}[{i}]")
@@ -185,12 +187,14 @@ _FIELD_TYPES = {  # field -> (type, in words), for the fields of _KEYS
 
 
 def _is(value: Any, kind: type) -> bool:
-    """``value`` is an ``int`` (not a bool), a positive finite number (``float``), or a
-    ``str``."""
+    """``value`` is an integer (a whole float too, as JSON writers give ``1.0``; not a bool), a
+    positive finite number (``float``), or a ``str``."""
     if isinstance(value, bool):
         return False
     if kind is float:
         return isinstance(value, int | float) and bool(np.isfinite(value)) and value > 0
+    if kind is int:
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     return isinstance(value, kind)
 
 
@@ -227,6 +231,9 @@ def _checked_annotations(
 
 def _problem(ann: dict, images: dict, category_ids: set) -> str | None:
     """What is wrong with one annotation, or None."""
+    for field in ("image_id", "category_id"):
+        if not _is(ann[field], int):
+            return f"{field} {ann[field]!r} is not an integer"
     image = images.get(ann["image_id"])
     if image is None:
         return f"unknown image_id {ann['image_id']}"
