@@ -234,7 +234,8 @@ def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: 
     :func:`saved_config`, sets them to their defaults instead."""
     defaults = {f.name: f.default for f in dataclasses.fields(spec)}
     stray = [k for k in keys if as_tuples(getattr(spec, k)) != defaults[k]]
-    undo = "or pass " + " ".join(f"--config.{section}.{k}={defaults[k]}" for k in stray)
+    flag = lambda k: f"--config.{section}.{k}={str(defaults[k]).replace(' ', '')}"  # one word
+    undo = "or pass " + " ".join(flag(k) for k in stray)
     if stray and not when and _refuse_stray(section, stray, why, undo):
         for key in stray:
             object.__setattr__(spec, key, defaults[key])  # while the frozen spec is built

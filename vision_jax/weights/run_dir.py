@@ -265,11 +265,9 @@ def restore_on_one_device(path: str | os.PathLike) -> Any:
     quiet_abandoned_io()  # a damaged item's other reads fail after the first: not on stderr
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     handler = ocp.StandardCheckpointHandler()  # the item itself: no step-level metadata sought
-    metadata = handler.metadata(epath.Path(path))
-    if metadata is None or metadata.tree is None:  # its metadata file unreadable
-        raise WeightFormatError(f"{path} is damaged: orbax cannot read its array metadata.")
     target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata.tree
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        handler.metadata(epath.Path(path)).tree,
     )
     restored = handler.restore(epath.Path(path), args=ocp.args.StandardRestore(target))
     return jax.tree_util.tree_map(np.asarray, restored)
@@ -329,16 +327,8 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
         raise WeightFormatError(
             f"{frozen_path} is missing: the run froze some parameters and saved them there."
         )
-    try:
-        state = restore_on_one_device(step_dir / STATE_ITEM)
-        frozen = restore_on_one_device(frozen_path) if frozen_path.is_dir() else {}
-    except WeightFormatError:
-        raise
-    except Exception as e:  # orbax and TensorStore raise many types
-        _check_not_removed(step_dir)
-        damaged = "DATA_LOSS" in str(e)
-        what = "is damaged" if damaged else "cannot be read"
-        raise WeightFormatError(f"Checkpoint {step_dir} {what}: {short_reason(e)}") from e
+    state = _restored(step_dir, step_dir / STATE_ITEM)
+    frozen = _restored(frozen_path, frozen_path) if frozen_path.is_dir() else {}
     used = {k: state[k] for k in ("params", "model_state") if k in state}
     for folder, damage in (
         (step_dir, state_damage(step_dir, meta, state, used)),
@@ -348,6 +338,17 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
             raise WeightFormatError(f"Checkpoint {folder} is damaged: {damage}.")
     params = _merge_adapters(combine(state["params"], frozen), meta.get("config") or {})
     return {"params": params, **(state.get("model_state") or {})}
+
+
+def _restored(folder: pathlib.Path, item: pathlib.Path) -> Any:
+    """``restore_on_one_device(item)``; a failure names ``folder`` (a step, or the frozen
+    params) and whether it was damaged or removed while it was read."""
+    try:
+        return restore_on_one_device(item)
+    except Exception as e:  # orbax and TensorStore raise many types
+        _check_not_removed(folder)
+        what = "is damaged" if "DATA_LOSS" in str(e) else "cannot be read"
+        raise WeightFormatError(f"Checkpoint {folder} {what}: {short_reason(e)}") from e
 
 
 def input_contract(path: str | os.PathLike, which: str = "latest") -> InputContract:
