@@ -110,7 +110,8 @@ class StopSignals:
             os._exit(128 + signum)
         self.received = name
         _say(
-            f"{name}: saving a checkpoint at the next step, then stopping ({name} again: exit now)."
+            f"{name}: stopping at the next step, saved (a final evaluation stops at its next "
+            f"batch; {name} again: exit now)."
         )
         if self._sync is not None:
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
