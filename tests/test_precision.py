@@ -35,15 +35,15 @@ def test_pointwise_conv_as_dot_matches_convolution_and_its_gradients(hw, stride,
         return lambda x, w: jnp.sum(jnp.tanh(conv(x, w, strides, padding, None, None, NHWC)))
 
     for got, want in zip(
-        jax.grad(loss(precision.pointwise_as_dot), argnums=(0, 1))(x, w),
+        jax.grad(loss(precision.conv_as_dot), argnums=(0, 1))(x, w),
         jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w),
         strict=True,
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    out = precision.pointwise_as_dot(x, w, (stride, stride), padding, None, None, NHWC)
+    out = precision.conv_as_dot(x, w, (stride, stride), padding, None, None, NHWC)
     ref = lax.conv_general_dilated(x, w, (stride, stride), padding, None, None, NHWC)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-    hlo = jax.jit(loss(precision.pointwise_as_dot)).lower(x, w).as_text()
+    hlo = jax.jit(loss(precision.conv_as_dot)).lower(x, w).as_text()
     assert "convolution" not in hlo and "dot_general" in hlo
 
 
@@ -101,10 +101,8 @@ def test_other_convolutions_stay_convolutions():
     cases = [(w3, "SAME", None), (w1, ((1, 1), (1, 1)), None), (w1, "VALID", (2, 2))]
     for w, padding, rhs_dilation in cases:
         args = (x, w, (1, 1), padding, None, rhs_dilation, NHWC)
-        np.testing.assert_array_equal(
-            precision.pointwise_as_dot(*args), lax.conv_general_dilated(*args)
-        )
-        hlo = jax.jit(precision.pointwise_as_dot, static_argnums=(2, 3, 4, 5, 6)).lower(*args)
+        np.testing.assert_array_equal(precision.conv_as_dot(*args), lax.conv_general_dilated(*args))
+        hlo = jax.jit(precision.conv_as_dot, static_argnums=(2, 3, 4, 5, 6)).lower(*args)
         assert "convolution" in hlo.as_text()
 
 
@@ -217,12 +215,12 @@ def test_bfloat16_pointwise_convolutions_accumulate_in_float32():
     w = jax.random.normal(jax.random.key(1), (1, 1, 256, 8)) / 16
 
     def loss(x, w):
-        out = precision.pointwise_as_dot(x, w, (1, 1), "VALID", None, None, NHWC)
+        out = precision.conv_as_dot(x, w, (1, 1), "VALID", None, None, NHWC)
         return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
     low = [x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)]
     high = [a.astype(jnp.float32) for a in low]  # the same rounded operands in float32
-    out = precision.pointwise_as_dot(*low, (1, 1), "VALID", None, None, NHWC)
+    out = precision.conv_as_dot(*low, (1, 1), "VALID", None, None, NHWC)
     ref = lax.conv_general_dilated(*high, (1, 1), "VALID", None, None, NHWC)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2**-8, atol=1e-6)
@@ -242,21 +240,19 @@ def test_float32_pointwise_returns_the_accumulator():
     other convolutions and float32 ones are unchanged."""
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 64), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (1, 1, 64, 8), jnp.bfloat16)
-    out = precision.pointwise_as_dot(
-        x, w, (2, 2), "VALID", None, None, NHWC, float32_pointwise=True
-    )
+    out = precision.conv_as_dot(x, w, (2, 2), "VALID", None, None, NHWC, float32_pointwise=True)
     want = lax.dot_general(
         x[:, ::2, ::2].reshape(-1, 64), w[0, 0], (((1,), (0,)), ((), ())),
         preferred_element_type=jnp.float32,
     ).reshape(2, 3, 3, 8)  # fmt: skip
     assert out.dtype == jnp.float32
     np.testing.assert_array_equal(out, want)
-    rounded = precision.pointwise_as_dot(x, w, (2, 2), "VALID", None, None, NHWC)
+    rounded = precision.conv_as_dot(x, w, (2, 2), "VALID", None, None, NHWC)
     np.testing.assert_array_equal(rounded, want.astype(jnp.bfloat16))
     w3 = jax.random.normal(jax.random.key(2), (3, 3, 64, 8), jnp.bfloat16)
     args = (x, w3, (1, 1), "SAME", None, None, NHWC)
-    assert precision.pointwise_as_dot(*args, float32_pointwise=True).dtype == jnp.bfloat16
-    assert precision.pointwise_as_dot(
+    assert precision.conv_as_dot(*args, float32_pointwise=True).dtype == jnp.bfloat16
+    assert precision.conv_as_dot(
         x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "VALID", None, None, NHWC,
         float32_pointwise=True,
     ).dtype == jnp.float32  # fmt: skip
@@ -309,7 +305,7 @@ def test_pointwise_kernel_gradient_needs_no_transposed_cotangent():
     w = jax.random.normal(jax.random.key(1), (1, 1, 16, 24))
 
     def loss(w):
-        y = precision.pointwise_as_dot(x, w, (1, 1), "VALID", None, None, NHWC)
+        y = precision.conv_as_dot(x, w, (1, 1), "VALID", None, None, NHWC)
         y = (y - y.mean((0, 1, 2))) * lax.rsqrt(y.var((0, 1, 2)) + 1e-5)
         return jnp.sum(jax.nn.relu(y) ** 2)
 

@@ -155,52 +155,6 @@ def layer_product(product: Callable[..., jax.Array]) -> Callable[..., jax.Array]
     return as_matrix_product
 
 
-def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                     padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
-                     rhs_dilation: Any = None, dimension_numbers: Any = None,
-                     feature_group_count: int = 1, batch_group_count: int = 1,
-                     precision: Any = None, preferred_element_type: Any = None,
-                     float32_pointwise: bool = False) -> jax.Array:  # fmt: skip
-    """``lax.conv_general_dilated``, computing 1x1 NHWC convolutions as a strided slice and a
-    ``dot_general`` over channels.
-
-    The result is the same; the gain is in the backward pass. XLA's CPU backend computes a
-    convolution's kernel gradient as a convolution over transposed activations and fuses the
-    producers of those activations (BatchNorm, residual adds, ReLU) into the transpose, which
-    then dominates a ResNet step; a dot's kernel gradient is a plain transposed matmul.
-
-    ``float32_pointwise``: a bfloat16 1x1 convolution returns its float32 accumulator instead
-    of rounding it, for a consumer that computes in float32 anyway (BatchNorm): one conversion
-    pass and one rounding less.
-    """
-    no_padding = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
-    plain = _plain_nhwc(lhs, rhs, dimension_numbers, feature_group_count, batch_group_count,
-                        lhs_dilation, rhs_dilation)  # fmt: skip
-    pointwise = plain and rhs.shape[:2] == (1, 1) and no_padding  # "SAME" pads nothing at 1x1
-    # One output pixel in all (batch 1, a 1x1 output) stays a convolution: the TFLite converter
-    # turns a one-row product into a batch_matmul of the wrong rank.
-    out_hw = (-(-n // s) for n, s in zip(lhs.shape[1:3], window_strides, strict=True))
-    pointwise = pointwise and lhs.shape[0] * math.prod(out_hw) > 1
-    if not pointwise:
-        return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
-        )  # fmt: skip
-    sh, sw = window_strides
-    x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-    # A 2-D product: the kernel gradient of a dot contracting (N, H, W) at once goes through a
-    # transposed copy of the cotangent, into which XLA fuses the BatchNorm backward pass.
-    x2d, dims = x.reshape(-1, x.shape[-1]), (((1,), (0,)), ((), ()))
-    if x.dtype == rhs.dtype == jnp.bfloat16 and preferred_element_type is None:
-        y = dot(x2d, rhs[0, 0], dims)
-        y = y if float32_pointwise else y.astype(x.dtype)
-    else:
-        y = lax.dot_general(
-            x2d, rhs[0, 0], dims, precision, preferred_element_type=preferred_element_type
-        )
-    return y.reshape(*x.shape[:-1], rhs.shape[-1])
-
-
 def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                 padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
                 rhs_dilation: Any = None, dimension_numbers: Any = None,
@@ -208,40 +162,75 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                 precision: Any = None, preferred_element_type: Any = None,
                 float32_pointwise: bool = False) -> jax.Array:  # fmt: skip
     """``lax.conv_general_dilated`` (the same arguments and result), computing two kinds of
-    NHWC convolutions as products: 1x1 ones (:func:`pointwise_as_dot`), and stride-1 ones over
-    maps of at most 2x2 pixels (:func:`patches_as_dot`), which XLA's CPU backend computes
-    through a reversed-kernel convolution 50-80x slower than the product (a ResNet's last
-    stage at 64 px: 3x3 over 2x2 maps, 512 channels, 0.3 s for batch 32 against 4 ms).
+    NHWC convolutions as 2-D products, where XLA's CPU backend is slow:
+
+    - 1x1 ones, as a strided slice and a product over channels. The gain is in the backward
+      pass: XLA computes a convolution's kernel gradient as a convolution over transposed
+      activations and fuses their producers (BatchNorm, residual adds, ReLU) into the
+      transpose, which then dominates a ResNet step; a product's kernel gradient is a plain
+      transposed matmul.
+    - stride-1 ones over maps of at most 2x2 pixels, as the product of the padded windows
+      (:func:`patches_as_dot`): XLA computes them through a reversed-kernel convolution
+      50-80x slower (a ResNet's last stage at 64 px: 3x3 over 2x2 maps, 512 channels, 0.3 s
+      for batch 32 against 4 ms).
+
+    One output pixel in all (batch 1, a 1x1 output) stays a convolution: the TFLite converter
+    turns a one-row product into a batch_matmul of the wrong rank. ``float32_pointwise``: a
+    bfloat16 1x1 convolution returns its float32 accumulator instead of rounding it, for a
+    consumer that computes in float32 anyway (BatchNorm): one conversion pass and one rounding
+    less.
     """
-    plain = _plain_nhwc(lhs, rhs, dimension_numbers, feature_group_count, batch_group_count,
-                        lhs_dilation, rhs_dilation)  # fmt: skip
-    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type)  # fmt: skip
-    if plain and rhs.shape[:2] != (1, 1) and tuple(window_strides) == (1, 1):
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    plain = (
+        dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
+        and feature_group_count == batch_group_count == 1
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    )
+    if plain:
         pads = padding
         if isinstance(padding, str):
             pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-        tiny = max(lhs.shape[1:3]) <= 2 and all(p >= 0 for pair in pads for p in pair)
-        if tiny and _output_rows(lhs, rhs, pads) > 1:
-            return patches_as_dot(lhs, rhs, pads, precision, preferred_element_type)
-    return pointwise_as_dot(*args, float32_pointwise=float32_pointwise)
+        pads = tuple(tuple(p) for p in pads)
+        rounded = preferred_element_type is None  # as the convolution's result
+        rows = _output_rows(lhs, rhs, window_strides, pads)
+        if rows > 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
+            sh, sw = window_strides
+            x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
+            y = _matrix_product(x, rhs[0, 0], precision, preferred_element_type)
+            return y.astype(x.dtype) if rounded and not float32_pointwise else y
+        small = max(lhs.shape[1:3]) <= 2 and min(map(min, pads)) >= 0
+        if rows > 1 and small and set(window_strides) == {1}:
+            y = patches_as_dot(lhs, rhs, pads, precision, preferred_element_type)
+            return y.astype(lhs.dtype) if rounded else y
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type,
+    )  # fmt: skip
 
 
-def _plain_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, feature_groups: int,
-                batch_groups: int, lhs_dilation: Any, rhs_dilation: Any) -> bool:  # fmt: skip
-    """An NHWC x HWIO convolution without groups or dilation."""
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    return (
-        dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
-        and feature_groups == batch_groups == 1
-        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    )
+def _output_rows(
+    lhs: jax.Array, rhs: jax.Array, strides: Sequence[int], pads: Sequence[Sequence[int]]
+) -> int:
+    """Output pixels in all of a convolution (batch included)."""
+    sizes = zip(lhs.shape[1:3], pads, rhs.shape[:2], strides, strict=True)
+    return lhs.shape[0] * math.prod(max((n + sum(p) - k) // s + 1, 0) for n, p, k, s in sizes)
 
 
-def _output_rows(lhs: jax.Array, rhs: jax.Array, pads: Sequence[Sequence[int]]) -> int:
-    """Output pixels in all of a stride-1 convolution (batch included)."""
-    sizes = zip(lhs.shape[1:3], pads, rhs.shape[:2], strict=True)
-    return lhs.shape[0] * math.prod(max(n + sum(p) - k + 1, 0) for n, p, k in sizes)
+def _matrix_product(
+    x: jax.Array, kernel: jax.Array, precision: Any, preferred_element_type: Any
+) -> jax.Array:
+    """``x`` (..., C) times ``kernel`` (C, out) as one 2-D product over rows: the kernel
+    gradient of a product contracting (N, H, W) at once goes through a transposed copy of the
+    cotangent, into which XLA fuses the BatchNorm backward pass. Two bfloat16 operands give
+    the float32 accumulator (:func:`dot`)."""
+    x2d, dims = x.reshape(-1, x.shape[-1]), (((1,), (0,)), ((), ()))
+    if x.dtype == kernel.dtype == jnp.bfloat16 and preferred_element_type is None:
+        y = dot(x2d, kernel, dims)
+    else:
+        y = lax.dot_general(
+            x2d, kernel, dims, precision, preferred_element_type=preferred_element_type
+        )
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def patches_as_dot(
@@ -250,23 +239,16 @@ def patches_as_dot(
 ) -> jax.Array:  # fmt: skip
     """A stride-1 NHWC x HWIO convolution padded by ``pads`` as one product: the padded input's
     shifted windows side by side over channels (kh * kw * C columns) times the kernel as a
-    (kh * kw * C, out) matrix. Worth it only for small maps (the columns copy the input kh * kw
-    times)."""
+    (kh * kw * C, out) matrix (float32 for bfloat16 operands, as :func:`dot`). Worth it only for
+    small maps (the columns copy the input kh * kw times)."""
     kh, kw, cin, cout = rhs.shape
     x = jnp.pad(lhs, ((0, 0), *map(tuple, pads), (0, 0)))
     oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     columns = jnp.concatenate(
         [x[:, i : i + oh, j : j + ow, :] for i in range(kh) for j in range(kw)], axis=-1
     )
-    x2d, w2d = columns.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout)
-    dims = (((1,), (0,)), ((), ()))
-    if x2d.dtype == w2d.dtype == jnp.bfloat16 and preferred_element_type is None:
-        y = dot(x2d, w2d, dims).astype(lhs.dtype)
-    else:
-        y = lax.dot_general(
-            x2d, w2d, dims, precision, preferred_element_type=preferred_element_type
-        )
-    return y.reshape(lhs.shape[0], oh, ow, cout)
+    kernel = rhs.reshape(kh * kw * cin, cout)
+    return _matrix_product(columns, kernel, precision, preferred_element_type)
 
 
 def conv_general_dilated(dtype: Any) -> Callable[..., jax.Array]:
