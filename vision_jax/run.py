@@ -40,6 +40,7 @@ from vision_jax.models.precision import DTYPES
 from vision_jax.models.registry import backbone_of
 from vision_jax.models.remat import recomputes
 from vision_jax.selection import Selection
+from vision_jax.signals import any_process
 from vision_jax.steps import (
     SkipCounts,
     StepSettings,
@@ -381,7 +382,8 @@ def _restore(
     state, meta = restored
     step = int(state.step)
     where = f"{ckpt.directory} (step {step})"
-    position = _resume_position(spec, meta, train_data, total_steps, where)
+    unfinished = step < total_steps  # a finished run started again only evaluates again
+    position = _resume_position(spec, meta, train_data if unfinished else None, where)
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
 
@@ -467,20 +469,18 @@ def _config_changes(
 
 
 def _resume_position(
-    spec: specs.RunSpec, meta: Mapping[str, Any], train_data: dict, total_steps: int, where: str
+    spec: specs.RunSpec, meta: Mapping[str, Any], train_data: dict | None, where: str
 ) -> int | None:
     """This process's data stream position saved in ``meta``; refuses (unless
     ``resume_changed_data``) a resume whose training stream changed: its config keys, the
     number of processes, or the training examples themselves (``train_data``, files added,
-    removed or relabelled since the checkpoint)."""
+    removed or relabelled since the checkpoint; None: not compared)."""
     positions = meta.get("data_positions")
     processes = None if positions is None else len(positions)
     saved = meta.get("config") or {}
     changes = _config_changes(saved, spec.config, _STREAM_KEYS.__contains__)
-    # Not recorded by earlier versions; a finished run started again only evaluates again.
-    finished = meta.get("final") and int(meta.get("total_steps") or -1) == total_steps
-    if (saved_data := meta.get("train_data")) is not None and not finished:
-        changes += _agreed(_data_changes(saved_data, train_data))
+    if train_data is not None and (saved_data := meta.get("train_data")) is not None:
+        changes += _agreed(_data_changes(saved_data, train_data))  # (earlier versions: none)
     if processes is not None and processes != jax.process_count():
         changes.append(f"processes {processes} -> {jax.process_count()}")
     if changes and not spec.resume_changed_data:
@@ -505,11 +505,7 @@ def _resume_position(
 def _agreed(changes: list[str]) -> list[str]:
     """``changes`` of this process's training files, or, where only another process's files
     changed (hosts with copies of their own), that: every process refuses alike."""
-    if jax.process_count() == 1:
-        return changes
-    from jax.experimental import multihost_utils
-
-    anywhere = multihost_utils.process_allgather(np.int32(bool(changes))).any()
+    anywhere = any_process(bool(changes))
     return changes or (["the training examples changed on another process"] if anywhere else [])
 
 

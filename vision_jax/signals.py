@@ -125,7 +125,7 @@ class StopSignals:
         """Whether a stop was asked for during setup (the same answer on every process); call
         once before training, ``step`` being the one resumed from."""
         if self._sync is None:
-            return _any(self.received is not None)
+            return any_process(self.received is not None)
         # Steps are absolute (orbax asks the same sync manager at its saves). A notice that
         # came before this first call set the sync point to 1: look for the notice itself.
         self._sync.reached_sync_point(step)
@@ -134,7 +134,7 @@ class StopSignals:
             notice = jax_client.key_value_try_get(NOTICE_KEY) if jax_client else None
         except Exception:  # NOT_FOUND: no notice
             notice = None
-        return _any(notice is not None)
+        return any_process(notice is not None)
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (the same answer on every process)."""
@@ -146,7 +146,7 @@ class StopSignals:
             return self.received is not None
         # Several processes without JAX's preemption service: agree every AGREE_EVERY steps by
         # an allgather of the flag (it waits for the device: the loop cannot run ahead there).
-        return step % AGREE_EVERY == 0 and _any(self.received is not None)
+        return step % AGREE_EVERY == 0 and any_process(self.received is not None)
 
 
 def distributed_client() -> Any:
@@ -156,7 +156,7 @@ def distributed_client() -> Any:
     return distributed.global_state.client
 
 
-def _any(flag: bool) -> bool:
+def any_process(flag: bool) -> bool:
     """Whether ``flag`` is set on any process."""
     import jax
 
