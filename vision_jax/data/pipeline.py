@@ -468,17 +468,19 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
     def read(i: tf.Tensor, example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         out = preprocess(i, example)  # sums keep the decoding from being pruned
         total = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in out.values()])
-        values = out.get("label_map", tf.zeros([0], tf.uint8))  # pixels of each label value
-        return i, total, tf.math.bincount(tf.cast(values, tf.int32), minlength=256, maxlength=256)
+        if "label_map" not in out:
+            return i, total, tf.zeros([0], tf.int32)
+        label_map = tf.cast(out["label_map"], tf.int32)  # pixels of each label value
+        return i, total, tf.math.bincount(label_map, minlength=256, maxlength=256)
 
     ds = source.dataset.shard(jax.process_count(), jax.process_index()).enumerate()
     ds = parallel_map(ds, read).ignore_errors()
     ds = ds.batch(1024).with_options(pipeline_options(threads))
-    good, pixels = set(), np.zeros(256, np.int64)
+    good, pixels = set(), 0
     for rows, _, counts in ds.as_numpy_iterator():
         good.update(int(i) for i in rows)
-        pixels += counts.sum(0)
-    if source.target == "label_map" and jax.process_count() == 1:
+        pixels += counts.sum(0)  # label maps: pixels of each value; else nothing
+    if source.target == "label_map" and good and jax.process_count() == 1:
         _warn_of_absent_classes(source, pixels)
     shard = range(jax.process_index(), source.num_examples, jax.process_count())
     bad_rows = [row for k, row in enumerate(shard) if k not in good]
