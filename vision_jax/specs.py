@@ -223,8 +223,7 @@ def _only_with(
     """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken);
     inside :func:`saved_config`, sets them to None instead."""
     stray = [k for k in keys if values.get(k) is not None]
-    undo = "or pass " + " ".join(f"--config.{section}.{k}=None" for k in stray)
-    if stray and not when and _refuse_stray(section, stray, why, undo):
+    if stray and not when and _refuse_stray(section, dict.fromkeys(stray), why):
         values.update(dict.fromkeys(stray))
 
 
@@ -234,9 +233,7 @@ def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: 
     :func:`saved_config`, sets them to their defaults instead."""
     defaults = {f.name: f.default for f in dataclasses.fields(spec)}
     stray = [k for k in keys if as_tuples(getattr(spec, k)) != defaults[k]]
-    flag = lambda k: f"--config.{section}.{k}={str(defaults[k]).replace(' ', '')}"  # one word
-    undo = "or pass " + " ".join(flag(k) for k in stray)
-    if stray and not when and _refuse_stray(section, stray, why, undo):
+    if stray and not when and _refuse_stray(section, {k: defaults[k] for k in stray}, why):
         for key in stray:
             object.__setattr__(spec, key, defaults[key])  # while the frozen spec is built
 
@@ -256,14 +253,18 @@ def saved_config() -> Iterator[None]:
         _SAVED.reset(token)
 
 
-def _refuse_stray(section: str, stray: list[str], why: str, undo: str) -> bool:
-    """Raises :class:`ConfigError` naming the ``stray`` keys; inside :func:`saved_config`,
-    warns and returns True (the caller resets them)."""
+def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
+    """Raises :class:`ConfigError` naming the ``stray`` keys and the flags that reset them
+    (``stray``: key -> the value that does); inside :func:`saved_config`, warns and returns
+    True (the caller resets them)."""
     one = len(stray) == 1
     names = ", ".join(f"{section}.{k}" for k in stray)
     message = f"{names} only appl{'ies' if one else 'y'} {why}"
-    if not _SAVED.get():
-        raise ConfigError(f"{message}; remove {'it' if one else 'them'} ({undo}).")
+    if not _SAVED.get():  # each flag one shell word: "(0.08,1.0)", not "(0.08, 1.0)"
+        undo = " ".join(
+            f"--config.{section}.{k}={str(v).replace(' ', '')}" for k, v in stray.items()
+        )
+        raise ConfigError(f"{message}; remove {'it' if one else 'them'} (or pass {undo}).")
     logging.warning("The saved config sets %s: reset.", message)
     return True
 
