@@ -274,6 +274,28 @@ def test_sigterm_in_the_final_evaluation_stops_it_and_the_rerun_evaluates(tmp_pa
     }
 
 
+def test_a_signal_in_the_final_evaluation_reports_a_failed_last_save_not_a_stop():
+    """Stopping the final evaluation waits for the last step's save first: when that save
+    failed, its error is raised (the rerun would otherwise trust a step that is not there)."""
+    from types import SimpleNamespace
+
+    from vision_jax.checkpoint import CheckpointSaveError
+
+    def failed_save():
+        raise CheckpointSaveError("Saving the checkpoint of step 6 failed: EFBIG")
+
+    run = SimpleNamespace(checkpointer=SimpleNamespace(wait=failed_save, directory="ckpt"))
+    stop = SimpleNamespace(received="SIGTERM", reason="SIGTERM")
+    interrupt = train._stop_evaluating(run, stop, 6)
+    with pytest.raises(CheckpointSaveError, match="step 6 failed"):
+        interrupt()
+    run.checkpointer.wait = lambda: None  # saved: the signal stops the evaluation
+    with pytest.raises(StopRequested, match="stopped at step 6"):
+        interrupt()
+    stop.received = None  # no signal: the evaluation goes on
+    interrupt()
+
+
 # --- the end of a run -----------------------------------------------------------------------------
 
 
