@@ -4,10 +4,12 @@ runs; quantisation measured on real images."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import json
 import math
+import pathlib
 import subprocess
 import sys
 import zipfile
@@ -461,3 +463,22 @@ def test_cli_an_output_that_cannot_be_written_is_one_line(digits_run, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot write ") and "a_file" in err[-1], err
     assert err[-1].endswith(f"the export in {out} is incomplete."), err
+
+
+def test_a_failed_export_leaves_the_earlier_one_whole(digits_run, tmp_path, monkeypatch, capsys):
+    """A disk that fills while the artifact is written: the earlier export in that folder (its
+    artifact and manifest) stays as it was, and no partial file is left beside it."""
+    out = tmp_path / "exported"
+    args = ["--workdir", str(digits_run), "--format", "stablehlo", "--output", str(out)]
+    assert export_main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_fills(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", disk_fills)
+    assert export_main(args) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

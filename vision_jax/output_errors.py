@@ -1,11 +1,13 @@
-"""One line, not a traceback, when a command's output cannot be written (a full disk, a path
-through a file, a read-only folder): ``export`` and ``report`` say what failed and that the
-output is incomplete."""
+"""Command outputs that cannot be written (a full disk, a path through a file, a read-only
+folder): files written whole or not at all, and one line, not a traceback, from ``export`` and
+``report`` saying what failed and that the output is incomplete."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from typing import Any
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -31,3 +33,18 @@ def failed_write(error: OSError, what: str, output: str) -> str | None:
     if not _inside(error.filename, output) and error.errno not in DISK_ERRORS:
         return None
     return write_failure(what, output, error.filename, error.strerror or str(error))
+
+
+@contextlib.contextmanager
+def written_whole(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary name beside ``path`` to write the file to: it replaces ``path`` once written
+    (a file already there stays whole until then) and is removed if the writing fails."""
+    path = os.fspath(path)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise

@@ -46,6 +46,7 @@ from vision_jax.data.coco import from_image_files
 from vision_jax.data.folders import is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.models import create_model
+from vision_jax.output_errors import written_whole
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import PADDING_ID, coco_results
 from vision_jax.trained import jitted_predict, load_trained
@@ -408,7 +409,8 @@ def flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def write_records(records: list[dict], path: str) -> None:
     """``records`` as the extension of ``path`` says: ``.jsonl``, ``.csv`` or ``.json``."""
     kind = os.path.splitext(path)[1].lower()
-    with open(path, "w", newline="" if kind == ".csv" else None) as f:
+    newline = "" if kind == ".csv" else None
+    with written_whole(path) as partial, open(partial, "w", newline=newline) as f:
         if kind == ".json":
             json.dump(records, f)
         elif kind == ".jsonl":

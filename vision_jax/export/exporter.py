@@ -17,6 +17,7 @@ from vision_jax.export.serving import ExportError, Servable
 from vision_jax.export.stablehlo import ARTIFACT as STABLEHLO_ARTIFACT
 from vision_jax.export.stablehlo import PLATFORMS, to_stablehlo
 from vision_jax.export.tflite import check_quantize, to_tflite
+from vision_jax.output_errors import written_whole
 
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
@@ -62,7 +63,8 @@ def export_trained(
         content = to_tflite(
             servable, batch=tflite_batch, quantize=quantize, representative=representative
         )
-        artifact.write_bytes(content)
+        with written_whole(artifact) as partial:
+            pathlib.Path(partial).write_bytes(content)
     batch = tflite_batch if format == "tflite" else None
     manifest = _manifest(trained, servable, format, quantize, batch)
     write_manifest(output, manifest)
@@ -148,5 +150,5 @@ def _manifest(
 
 
 def write_manifest(output: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    path = pathlib.Path(output) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    with written_whole(pathlib.Path(output) / MANIFEST) as partial:
+        pathlib.Path(partial).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from vision_jax.export.serving import Servable
+from vision_jax.output_errors import written_whole
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -20,7 +21,8 @@ def to_stablehlo(servable: Servable, path: str | os.PathLike) -> None:
     (batch,) = jax.export.symbolic_shape("b")
     images = jax.ShapeDtypeStruct(servable.input_shape(batch), jnp.uint8)
     exported = jax.export.export(jax.jit(servable), platforms=PLATFORMS)(images)
-    pathlib.Path(path).write_bytes(exported.serialize())
+    with written_whole(path) as partial:
+        pathlib.Path(partial).write_bytes(exported.serialize())
 
 
 ARTIFACT = "model.jax_exported"

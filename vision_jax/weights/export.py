@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from vision_jax.output_errors import written_whole
 from vision_jax.trees import flatten_dict
 from vision_jax.weights.convert import converter
 
@@ -27,7 +28,7 @@ def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
             "use export_safetensors for this model."
         )
     flat = {k: np.asarray(v) for k, v in flatten_dict(variables["params"]).items()}
-    with open(path, "wb") as f:
+    with written_whole(path) as partial, open(partial, "wb") as f:
         np.savez(f, **flat)
 
 
@@ -39,4 +40,5 @@ def export_safetensors(
     from safetensors.numpy import save_file
 
     state_dict = converter(model).to_timm(variables, model)
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+    with written_whole(path) as partial:
+        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, partial)
