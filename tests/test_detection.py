@@ -164,6 +164,8 @@ def test_level_ranges(size, level):
 
 
 def test_postprocess_on_hand_made_outputs():
+    """Scores, per-class NMS of the boxes clipped to the image (as torchvision's detectors
+    clip before their NMS), empty slots."""
     where = fcos.layout((32, 32), (8,))  # 16 locations, centres 4, 12, 20, 28
     n, c = len(where.points), 2
     logits = np.full((1, n, c), -20.0, np.float32)
@@ -179,19 +181,23 @@ def test_postprocess_on_hand_made_outputs():
     put(20, 20, 1, 0.7, [16, 16, 0, 0])  # the same box, other class: kept
     put(28, 28, 0, 0.6, [2, 2, 2, 2])  # elsewhere: kept
     put(4, 28, 1, 0.001, [2, 2, 2, 2])  # under the score threshold: dropped
+    put(28, 4, 1, 0.5, [8, 2, 40, 2])  # x 20..68, clipped to the image: 20..32: kept
+    put(20, 4, 1, 0.4, [0, 2, 14, 2])  # x 20..34 (IoU 0.29 with it), clipped 20..32: suppressed
     outputs = {
         "logits": jnp.asarray(logits),
         "distances": jnp.asarray(distances),
         "centerness": jnp.full((1, n), 30.0),  # sigmoid 1: scores sqrt(class probabilities)
     }
     found = fcos.postprocess(
-        outputs, jnp.asarray(where.points), score_threshold=0.1, iou_threshold=0.5,
-        pre_nms=50, max_detections=5,
+        outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
+        pre_nms=50, max_detections=6,
     )  # fmt: skip
-    np.testing.assert_allclose(found["scores"][0], np.sqrt([0.9, 0.7, 0.6, 0, 0]), atol=1e-5)
-    np.testing.assert_array_equal(found["classes"][0], [0, 1, 0, -1, -1])
+    np.testing.assert_allclose(found["scores"][0], np.sqrt([0.9, 0.7, 0.6, 0.5, 0, 0]), atol=1e-5)
+    np.testing.assert_array_equal(found["classes"][0], [0, 1, 0, 1, -1, -1])
     np.testing.assert_allclose(
-        found["boxes"][0, :3], [[4, 4, 20, 20], [4, 4, 20, 20], [26, 26, 30, 30]], atol=1e-5
+        found["boxes"][0, :4],
+        [[4, 4, 20, 20], [4, 4, 20, 20], [26, 26, 30, 30], [20, 2, 32, 6]],
+        atol=1e-5,
     )
 
 

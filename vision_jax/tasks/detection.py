@@ -133,7 +133,7 @@ class Detection(Task):
         """Post-processed detections in input pixels (see :func:`fcos.postprocess`)."""
         where = fcos.layout(image_hw, self.strides)
         return fcos.postprocess(
-            outputs, jnp.asarray(where.points), score_threshold=self.score_threshold,
+            outputs, jnp.asarray(where.points), image_hw, score_threshold=self.score_threshold,
             iou_threshold=self.nms_iou, pre_nms=self.pre_nms_topk,
             max_detections=self.max_detections,
         )  # fmt: skip

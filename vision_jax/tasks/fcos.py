@@ -229,13 +229,16 @@ def losses(
 
 
 def postprocess(
-    outputs: dict[str, jax.Array], points: jax.Array, *, score_threshold: float,
-    iou_threshold: float, pre_nms: int, max_detections: int,
+    outputs: dict[str, jax.Array], points: jax.Array, image_hw: Sequence[int], *,
+    score_threshold: float, iou_threshold: float, pre_nms: int, max_detections: int,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """Detections of a batch, a fixed number per image: the ``pre_nms`` best (location, class)
-    pairs by ``sqrt(sigmoid(class) * sigmoid(centerness))`` above ``score_threshold``, per-class
-    NMS, then the ``max_detections`` best. Returns ``boxes`` [B, D, 4], ``scores`` [B, D]
-    (0 for empty slots) and ``classes`` [B, D] int32 (-1 for empty slots)."""
+    pairs by ``sqrt(sigmoid(class) * sigmoid(centerness))`` above ``score_threshold``, their
+    boxes clipped to the input ``image_hw``, per-class NMS, then the ``max_detections`` best.
+    Returns ``boxes`` [B, D, 4], ``scores`` [B, D] (0 for empty slots) and ``classes`` [B, D]
+    int32 (-1 for empty slots)."""
+    height, width = image_hw
+    corner = jnp.asarray([width, height, width, height], jnp.float32)
 
     def one_image(logits: jax.Array, distances: jax.Array, centerness: jax.Array) -> tuple:
         num_classes = logits.shape[-1]
@@ -243,7 +246,7 @@ def postprocess(
         k = min(pre_nms, scores.size)
         top_scores, flat_index = top_k(scores.reshape(-1), k)
         location, cls = flat_index // num_classes, flat_index % num_classes
-        boxes = decode(points[location], distances[location])
+        boxes = jnp.clip(decode(points[location], distances[location]), 0.0, corner)
         valid = top_scores > score_threshold
         # Per-class NMS in one pass: boxes of different classes moved apart, so they never overlap.
         offset = (cls * (jnp.abs(boxes).max() + 1.0))[:, None]
