@@ -192,14 +192,14 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
             pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
         pads = tuple(tuple(p) for p in pads)
         rounded = preferred_element_type is None  # as the convolution's result
-        rows = _output_rows(lhs, rhs, window_strides, pads)
-        if rows > 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
+        rows = _several_rows(lhs, rhs, window_strides, pads)
+        if rows and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
             sh, sw = window_strides
             x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
             y = _matrix_product(x, rhs[0, 0], precision, preferred_element_type)
             return y.astype(x.dtype) if rounded and not float32_pointwise else y
         small = max(lhs.shape[1:3]) <= 2 and min(map(min, pads)) >= 0
-        if rows > 1 and small and set(window_strides) == {1}:
+        if rows and small and set(window_strides) == {1}:
             y = patches_as_dot(lhs, rhs, pads, precision, preferred_element_type)
             return y.astype(lhs.dtype) if rounded else y
     return lax.conv_general_dilated(
@@ -208,12 +208,17 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     )  # fmt: skip
 
 
-def _output_rows(
+def _several_rows(
     lhs: jax.Array, rhs: jax.Array, strides: Sequence[int], pads: Sequence[Sequence[int]]
-) -> int:
-    """Output pixels in all of a convolution (batch included)."""
+) -> bool:
+    """Whether a convolution has more than one output pixel in all, batch included; a symbolic
+    batch (a batch-polymorphic export, which the TFLite converter never sees) counts as
+    several."""
     sizes = zip(lhs.shape[1:3], pads, rhs.shape[:2], strides, strict=True)
-    return lhs.shape[0] * math.prod(max((n + sum(p) - k) // s + 1, 0) for n, p, k, s in sizes)
+    pixels = math.prod(max((n + sum(p) - k) // s + 1, 0) for n, p, k, s in sizes)
+    if jax.export.is_symbolic_dim(lhs.shape[0]):
+        return pixels > 0
+    return lhs.shape[0] * pixels > 1
 
 
 def _matrix_product(
