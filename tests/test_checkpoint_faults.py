@@ -19,6 +19,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_data import make_folder
@@ -749,3 +750,19 @@ def test_swapped_step_folders_are_moved_aside_and_the_run_resumes_exactly(
     assert moved_aside(workdir) == ["4", "6"] and "holds the state of step 4" in caplog.text
     for step in (4, 6):
         assert_same_step(full, workdir, step)
+
+
+def test_a_run_loaded_into_another_model_names_the_model_it_trained(finished_run):
+    """A run's weights into another architecture: the message says which model the run
+    trained (its record knows), beside what each side holds."""
+    from vision_jax.models.registry import create_model
+    from vision_jax.weights import WeightMismatchError, load_pretrained
+
+    full, config = finished_run
+    model = create_model("vit_ti16", num_classes=3, depth=1)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    with pytest.raises(WeightMismatchError) as info:
+        load_pretrained(full, model=model, variables=variables)
+    first = str(info.value).splitlines()[0]
+    assert f"{full} (a run of {config.model.name})" in first, first
+    assert "weights of another architecture?" in first, first

@@ -715,7 +715,9 @@ def test_bad_files_give_one_clear_error(tmp_path, timm):
     cases["notes.txt"] = (WeightFormatError, r"Unknown weight format for .*notes\.txt")
     r18 = create_model("resnet18", num_classes=10)
     export_safetensors(init_vars(r18, 32), r18, tmp_path / "resnet.safetensors")
-    cases["resnet.safetensors"] = (WeightMismatchError, r"resnet\.safetensors.*missing")
+    cases["resnet.safetensors"] = (
+        WeightMismatchError, r"resnet\.safetensors.*holds no timm ViT.*it holds layer\d \("
+    )  # fmt: skip
     cases["missing.npz"] = (WeightFormatError, r"missing\.npz does not exist")
     before = {k: np.copy(v) for k, v in flatten_dict(init).items()}
     for name, (error, match) in cases.items():
@@ -732,6 +734,27 @@ def test_bad_files_give_one_clear_error(tmp_path, timm):
     match = r"vit\.safetensors.*holds a ViT of width 192 .*the model has width 384"
     with pytest.raises(WeightMismatchError, match=match):
         load_pretrained(good, model=wider, variables=init_vars(wider, 32))
+
+
+def test_weights_of_another_architecture_or_size_are_named_as_such(tmp_path, timm):
+    """Weights of another family or size: the first line says so (with what each holds), and
+    the listing stays short (it listed every key: 54-198 lines)."""
+    from safetensors.numpy import save_file
+
+    export_npz({"params": init_vars(vit(), 32)["params"]}, tmp_path / "vit.npz")
+    save_file(state_dict_np(timm_vit(timm)), str(tmp_path / "vit.safetensors"))
+    r18 = create_model("resnet18", num_classes=10)
+    wider = create_model("vit_s16", num_classes=10, **VIT)
+    cases = [
+        ("vit.npz", r18, r"another architecture\? \(checkpoint: params/Transformer \(\d+\)"),
+        ("vit.npz", wider, r"have other shapes: weights of another model size\?"),
+        ("vit.safetensors", r18, r"holds no ResNet of this layout: it lacks \d+ of the \d+ keys"),
+    ]
+    for name, model, match in cases:
+        with pytest.raises(WeightMismatchError, match=match) as info:
+            load_pretrained(tmp_path / name, model=model, variables=init_vars(model, 32))
+        assert str(tmp_path / name) in str(info.value)
+        assert len(str(info.value).splitlines()) <= 30, str(info.value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,16 @@ def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
         raise WeightMismatchError(f"Weights from {path} do not fit the model: {e}") from e
 
 
+def describe_source(source: str | os.PathLike) -> str:
+    """``source`` for messages: its path, and for a run the model it trained."""
+    path = pathlib.Path(source)
+    if path.is_dir() and detect_format(path) == "run":
+        model = run_dir.read_record(path, "best").model
+        if model:
+            return f"{path} (a run of {model})"
+    return str(path)
+
+
 def input_contract(source: str | os.PathLike) -> InputContract:
     """The :class:`InputContract` of a checkpoint, in any format :func:`read_variables` reads."""
     path = pathlib.Path(source)

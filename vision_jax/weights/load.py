@@ -14,7 +14,7 @@ import flax.linen as nn
 from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights import surgery
 from vision_jax.weights.contract import InputContract
-from vision_jax.weights.dispatch import input_contract, read_variables
+from vision_jax.weights.dispatch import describe_source, input_contract, read_variables
 from vision_jax.weights.merge import WeightMismatchError, merge_strict
 
 
@@ -49,8 +49,8 @@ def load_pretrained(
     logged in one table. Any other difference raises :class:`WeightMismatchError` listing
     missing, unexpected and mis-shaped keys; nothing is returned half-loaded.
     """
-    name = str(source)
     loaded = read_variables(source, model)
+    name = describe_source(source)
     n_read = len(flatten_dict(loaded))
     try:
         flat, rows = surgery.adapt(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -15,8 +16,33 @@ class WeightMismatchError(ValueError):
     """Loaded weights do not fit the model; the message lists every difference."""
 
 
+def key_groups(keys: Iterable[str], sep: str = "/", depth: int = 2, limit: int = 4) -> str:
+    """What a set of names holds at a glance: their leading ``depth`` parts with counts, most
+    common first (``"params/Transformer (150), params/head (2)"``)."""
+    counts = Counter(sep.join(k.split(sep)[:depth]) for k in keys).most_common()
+    shown = ", ".join(f"{name} ({n})" for name, n in counts[:limit])
+    return shown + (f" and {len(counts) - limit} more" if len(counts) > limit else "")
+
+
+def _headline(expected: Mapping[str, Any], got: Mapping[str, Any], shapes: list) -> str:
+    """What the differences say together: another architecture, another model size."""
+    shared = set(expected) & set(got)
+    if len(shared) < min(len(expected), len(got)) / 4:
+        return (
+            f" {len(shared)} of the checkpoint's {len(got)} arrays are named as ones of the "
+            f"model's {len(expected)}: weights of another architecture? (checkpoint: "
+            f"{key_groups(got)}; model: {key_groups(expected)})"
+        )
+    if len(shapes) > len(shared) // 2:
+        return (
+            f" {len(shapes)} of the {len(shared)} arrays both hold have other shapes: weights "
+            "of another model size?"
+        )
+    return ""
+
+
 def describe_mismatch(
-    expected: Mapping[str, Any], got: Mapping[str, Any], *, source: str, limit: int = 25
+    expected: Mapping[str, Any], got: Mapping[str, Any], *, source: str, limit: int = 8
 ) -> str | None:
     """A readable diff between two flat ``{path: array}`` dicts, or None if they agree."""
     missing = sorted(set(expected) - set(got))
@@ -35,7 +61,7 @@ def describe_mismatch(
         shown = rows[:limit] + ([f"... and {len(rows) - limit} more"] if len(rows) > limit else [])
         return [f"  {title} ({len(rows)}):"] + [f"    {r}" for r in shown]
 
-    lines = [f"Weights from {source} do not match the model:"]
+    lines = [f"Weights from {source} do not match the model:{_headline(expected, got, shapes)}"]
     lines += block("missing in checkpoint", [f"{k} {np.shape(expected[k])}" for k in missing])
     lines += block("unexpected in checkpoint", [f"{k} {np.shape(got[k])}" for k in unexpected])
     lines += block(

@@ -27,7 +27,7 @@ from vision_jax.models.bit import ResNetV2
 from vision_jax.models.cifar_resnet import WIDTHS, CifarResNet
 from vision_jax.models.resnet import ResNet
 from vision_jax.trees import flatten_dict, unflatten_dict
-from vision_jax.weights.merge import WeightMismatchError
+from vision_jax.weights.merge import WeightMismatchError, key_groups
 
 # kind -> (torch ndim, torch -> flax, flax -> torch)
 _LAYOUTS = {
@@ -149,6 +149,11 @@ def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
     rows, head_prefix = _layout(model)
     name = type(model).__name__
     missing = [t for t, _, _ in rows if t not in state_dict]
+    if len(missing) > len(rows) // 2:
+        raise WeightMismatchError(
+            f"The state dict holds no {name} of this layout: it lacks {len(missing)} of the "
+            f"{len(rows)} keys the model needs, and holds {key_groups(state_dict, '.', 1)}."
+        )
     if missing:
         raise WeightMismatchError(
             f"State dict for {name} lacks {len(missing)} key(s): {_listing(missing)}."

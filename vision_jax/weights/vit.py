@@ -16,7 +16,7 @@ import numpy as np
 
 from vision_jax.models.vit import VisionTransformer
 from vision_jax.trees import flatten_dict, unflatten_dict
-from vision_jax.weights.merge import WeightMismatchError
+from vision_jax.weights.merge import WeightMismatchError, key_groups
 
 Array = np.ndarray
 # (timm key, Flax path "params/...", timm -> flax, flax -> timm); a timm key may feed several
@@ -125,11 +125,16 @@ def from_timm(state_dict: Mapping[str, Array], model: VisionTransformer) -> dict
         k for k in state_dict
         if k not in used and not (model.num_classes == 0 and k.startswith("head."))
     )  # fmt: skip
+    if "patch_embed.proj.weight" not in state_dict:
+        raise WeightMismatchError(
+            "The state dict holds no timm ViT (no patch_embed.proj.weight); it holds "
+            f"{key_groups(state_dict, '.', 1)}."
+        )
     if missing or leftover:
         raise WeightMismatchError(
-            f"State dict does not fit {type(model).__name__} (depth {model.depth}, width "
-            f"{model.width}, pool {model.pool_type!r}): missing {missing[:20]}, "
-            f"unexpected {leftover[:20]}."
+            f"State dict does not fit a ViT of depth {model.depth} and width {model.width}: "
+            f"{len(missing)} keys missing {missing[:8]}, {len(leftover)} unexpected "
+            f"{leftover[:8]}."
         )
     flat = {}
     for torch_key, flax_path, to_flax, _ in rows:
