@@ -166,6 +166,15 @@ def test_gradient_accumulation_equals_the_large_batch(accum):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_micro_batches_that_do_not_divide_the_batch_are_named():
+    model, batch, params = _vit_step_inputs(batch_size=4, depth=1)
+    tx = optax.sgd(0.1)
+    state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params))
+    step = jax.jit(make_train_step(model, tx, Classification(), accum_steps=3))
+    with pytest.raises(ValueError, match="batch of 4 examples cannot be split into 3 micro"):
+        step(state, {}, batch, StepSettings(jax.random.key(0)))
+
+
 def _dense_batch(task_name: str, batch_size: int = 4, size: int = 32) -> dict:
     """A batch whose examples have very different loss denominators: segmentation label maps
     mostly ignored in some images, detection images with 0 to 3 boxes."""

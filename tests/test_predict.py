@@ -105,6 +105,18 @@ def test_unreadable_files_are_named_and_skipped(digit_files, digit_records):
     assert len(records) == 360
 
 
+def test_one_path_alone_or_none(digit_predictor, digit_files, digit_records):
+    """One path (a str or a pathlib.Path) without a list predicts that file (a str was split
+    into characters and failed in the pipeline); no paths give no records."""
+    paths, _ = digit_files
+    records, _ = digit_records
+    for one in (paths[0], pathlib.Path(paths[0])):
+        alone, unreadable = digit_predictor.predict(one, top_k=10)
+        assert unreadable == [] and [r["file"] for r in alone] == [paths[0]]
+        assert alone[0]["top_k"][0] == pytest.approx(records[0]["top_k"][0])
+    assert digit_predictor.predict([]) == ([], [])
+
+
 def test_cli_writes_jsonl_and_csv_with_top_k(digits_run, digit_files, digit_records, tmp_path,
                                              capsys):  # fmt: skip
     """The CLI on a glob (100 digits and the two broken files): one jsonl record and one csv

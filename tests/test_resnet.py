@@ -232,6 +232,16 @@ def test_registry_entries():
     assert isinstance(create_model("cifar_resnet110", num_classes=3), CifarResNet)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "bit_r50x1", "cifar_resnet20", "vit_ti16"])
+def test_an_image_without_its_batch_axis_is_named(name):
+    """One image (H, W, C) passed alone: the error says what a backbone takes (the ViT said its
+    size 32x3 was not divisible by the patch size)."""
+    model = create_model(name, num_classes=3)
+    with pytest.raises(ValueError, match=r"Images must be a batch \[N, H, W, C\]; got shape "
+                       r"\(32, 32, 3\) \(one image: add the batch axis"):  # fmt: skip
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((32, 32, 3)))
+
+
 def test_timm_names_exist(timm):
     available = set(timm.list_models("resnetv2*bit*")) | set(timm.list_models("resnet*"))
     for name in list_models("resnet") + list_models("bit"):

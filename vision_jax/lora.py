@@ -53,6 +53,8 @@ def add_adapters(params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> d
 
     ``lora_a`` is drawn like torch's Linear (Kaiming-uniform, bound ``1/sqrt(fan_in)``), as in
     the LoRA reference implementation; the adapted network starts equal to the base network.
+    ``model.apply`` uses the adapters only inside :func:`apply_adapters` (elsewhere it computes
+    the base network and ignores them); :func:`merge` folds them in for use without it.
     """
     flat = flatten_dict(params)
     mask = tree_mask(spec.targets, dict(params), what="lora.targets")

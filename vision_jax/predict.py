@@ -184,12 +184,17 @@ class Predictor:
         self._detections = jax.jit(detections)
 
     def predict(
-        self, paths: Sequence[str], *, top_k: int = 5, progress: bool = False
-    ) -> tuple[list[dict], list[tuple[str, str]]]:
-        """Records of the readable files of ``paths`` (in order; see the module docstring:
-        segmentation's ``label_map`` is a uint8 array here), and the unreadable files as
-        (path, reason). ``top_k``: classes per classification record; ``progress``: a progress
-        line on stderr."""
+        self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = 5,
+        progress: bool = False,
+    ) -> tuple[list[dict], list[tuple[str, str]]]:  # fmt: skip
+        """Records of the readable files of ``paths`` (in order; one path may be given alone;
+        see the module docstring: segmentation's ``label_map`` is a uint8 array here), and the
+        unreadable files as (path, reason). ``top_k``: classes per classification record;
+        ``progress``: a progress line on stderr."""
+        alone = isinstance(paths, str | os.PathLike)
+        paths = [os.fspath(p) for p in ([paths] if alone else paths)]
+        if not paths:
+            return [], []
         if self.task.name == "detection":
             return self._detect(paths, progress)
         if top_k < 1:

@@ -129,6 +129,11 @@ def _update_if_finite(
 def _micro_batches(x: jax.Array, k: int) -> jax.Array:
     """(B, ...) -> (k, B/k, ...) with micro-batch j = examples j, j+k, ...: every micro-batch
     keeps examples from every device of a batch-sharded array."""
+    if x.shape[0] % k:
+        raise ValueError(
+            f"A batch of {x.shape[0]} examples cannot be split into {k} micro-batches "
+            "(accum_steps must divide the batch size)."
+        )
     return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
 

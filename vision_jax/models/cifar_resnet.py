@@ -18,6 +18,7 @@ from vision_jax.models.head import classify
 from vision_jax.models.registry import (
     Family,
     FeatureTap,
+    check_images,
     register_family,
     register_model,
     stage_taps,
@@ -88,6 +89,7 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
+        check_images(images)
         taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
         stages = []
         x = jnp.asarray(images, self.dtype)

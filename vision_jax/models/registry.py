@@ -11,6 +11,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,16 @@ def families() -> list[Family]:
 def backbone_of(model: nn.Module) -> nn.Module:
     """The registered backbone module inside ``model`` (itself, or a task model's backbone)."""
     return getattr(model, "backbone", model)
+
+
+def check_images(images: Any) -> None:
+    """A backbone's input is a batch of NHWC images: anything else is named (one image without
+    its batch axis would fail later with a message about its sizes)."""
+    if np.ndim(images) != 4:
+        raise ValueError(
+            f"Images must be a batch [N, H, W, C]; got shape {tuple(np.shape(images))} (one "
+            "image: add the batch axis, images[None])."
+        )
 
 
 def stage_taps(taps: Any, num_stages: int, num_classes: int) -> tuple[int, ...]:

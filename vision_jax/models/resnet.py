@@ -20,6 +20,7 @@ from vision_jax.models.pooling import max_pool
 from vision_jax.models.registry import (
     Family,
     FeatureTap,
+    check_images,
     register_family,
     register_model,
     stage_taps,
@@ -144,6 +145,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
+        check_images(images)
         taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
         stages = []
         x = jnp.asarray(images, self.dtype)
