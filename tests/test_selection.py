@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_train import small_config
 
+from vision_jax import checkpoint as checkpoint_lib
 from vision_jax import data as data_lib
 from vision_jax import run as run_lib
 from vision_jax import specs, train, weights
@@ -117,6 +118,66 @@ def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validat
     assert scripted_validation["val"] == 5
     assert steps(tmp_path) == [2, 4, 6, 8, 10]
     assert longer["best/step"] == 4 and longer["best/val/top1"] == 0.7
+
+
+def test_a_step_checkpoint_is_saved_after_the_best_it_names_is_complete(
+    tmp_path, scripted_validation, monkeypatch
+):
+    """The best and the step checkpoints are two asynchronous savers: a step's save starts
+    only once the best save before it is complete, so a crash never leaves a step whose
+    selection names a best that is not on disk."""
+    from vision_jax import checkpoint
+
+    events = []
+    for cls, name in [(checkpoint.BestCheckpoint, "save"), (checkpoint.BestCheckpoint, "wait"),
+                      (checkpoint.Checkpointer, "save")]:  # fmt: skip
+        real = getattr(cls, name)
+
+        def record(self, *args, _real=real, _what=f"{cls.__name__}.{name}", **kwargs):
+            events.append(_what)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, record)
+    config = selecting_config()
+    config.total_steps = 4
+    train_and_evaluate(config, str(tmp_path))
+    saves = [i for i, e in enumerate(events) if e == "Checkpointer.save"]
+    assert len(saves) == 2 and events.count("BestCheckpoint.save") == 2
+    for i in saves:
+        last_best = max(j for j in range(i) if events[j] == "BestCheckpoint.save")
+        assert "BestCheckpoint.wait" in events[last_best + 1 : i], events
+
+
+def test_a_resume_keeps_the_best_its_selection_names(tmp_path, scripted_validation, caplog):
+    """Best checkpoints left by a crash: an unfinished save of the best (its step checkpoint
+    committed) is saved again from that step; a best of an earlier run is removed (orbax kept
+    it, not knowing its score, and the run ended with two full states); a best that is gone
+    when no validation is left is an error, not the newest other one."""
+    config = selecting_config()
+    config.total_steps = 4
+    train_and_evaluate(config, str(tmp_path))
+    best = tmp_path / "best"
+    assert [p.name for p in best.iterdir()] == ["4"]
+    (best / "4").rename(best / "4.orbax-checkpoint-tmp-1")  # the crash: not committed
+    shutil.copytree(tmp_path / "checkpoints" / "2", best / "2")  # an earlier best
+    with caplog.at_level("WARNING"):
+        again = train_and_evaluate(config, str(tmp_path))
+    assert "best checkpoint of step 4 was not complete" in caplog.text
+    assert again["best/step"] == 4 and again["best/val/top1"] == 0.7
+    assert sorted(p.name for p in best.iterdir() if p.name.isdigit()) == ["4"]
+    want = read_variables(tmp_path / "checkpoints" / "4")["params"]["head"]["kernel"]
+    np.testing.assert_array_equal(read_variables(tmp_path, "best")["params"]["head"]["kernel"],
+                                  want)  # fmt: skip
+
+    shutil.copytree(tmp_path / "checkpoints" / "2", best / "2")  # left by an earlier run
+    longer = train_and_evaluate(selecting_config(), str(tmp_path))  # on to step 10
+    assert longer["best/step"] == 4 and steps(tmp_path) == [2, 4, 6, 8, 10]
+    assert sorted(p.name for p in best.iterdir() if p.name.isdigit()) == ["4"]
+
+    shutil.rmtree(best / "4")
+    with pytest.raises(checkpoint_lib.CheckpointError, match=r"best checkpoint of step 4 "
+                       r"\(val/top1 0.7\) is not in .*no validation left"):  # fmt: skip
+        train_and_evaluate(selecting_config(), str(tmp_path))
 
 
 def test_selection_progress_is_checkpointed_for_an_exact_resume():

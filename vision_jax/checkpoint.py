@@ -167,6 +167,39 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
     return None, why
 
 
+def _move_aside(directory: str, name: str | int, why: str) -> None:
+    """Moves a step folder (or an unfinished save) of ``directory`` to
+    ``corrupt/<name>-<UTC time>``, with one warning line; process 0 only (the callers sync)."""
+    if jax.process_index() != 0:
+        return
+    source = epath.Path(directory) / str(name)
+    time = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    target = epath.Path(directory) / CORRUPT_DIR / f"{name}-{time}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    i = 1
+    while target.exists():
+        target, i = target.with_name(f"{name}-{time}-{i}"), i + 1
+    source.rename(target)
+    logging.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
+
+
+def _move_aside_unfinished(directory: str) -> None:
+    """Saves in ``directory`` that a crash or a failed write left unfinished (orbax ignores
+    them): moved aside when they hold every file of a save (cut short while being committed),
+    else removed: they hold no state to resume from, and on a full disk they would pile up."""
+    root = epath.Path(directory)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if path.name == CORRUPT_DIR or not ocp.path.step.is_path_temporary(path):
+            continue
+        if is_complete(path):
+            _move_aside(directory, path.name, "is an unfinished save")
+        else:
+            path.rmtree()
+            logging.warning("Removed %s: a save cut short, holding no complete state.", path)
+
+
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir.
 
@@ -194,7 +227,7 @@ class Checkpointer:
         quiet_abandoned_io()  # a failed save's TensorStore callbacks, too
         self._new = _is_new(self.directory)
         if jax.process_index() == 0:
-            self._move_aside_unfinished()
+            _move_aside_unfinished(self.directory)
         _sync("vision_jax:checkpoints_tidied")
         self.final_steps = KeepSteps()
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
@@ -330,7 +363,8 @@ class Checkpointer:
                 problem = state_damage(self.step_dir(step), restored[1], restored[0])
             if not any(failed) and problem is None:
                 for bad, why in problems.items():
-                    self._move_aside(bad, f"cannot be read ({why}); resuming from step {step}")
+                    why = f"cannot be read ({why}); resuming from step {step}"
+                    _move_aside(self.directory, bad, why)
                 if problems:
                     _sync("vision_jax:moved_aside")
                     self.manager.reload()
@@ -372,37 +406,6 @@ class Checkpointer:
         if expected != saved:
             raise CheckpointMismatchError(where, _shape_diff(saved, expected))
 
-    def _move_aside(self, name: str | int, why: str) -> None:
-        """Moves a step folder (or an unfinished save) to ``corrupt/<name>-<UTC time>``, with
-        one warning line; process 0 only (the callers sync)."""
-        if jax.process_index() != 0:
-            return
-        source = epath.Path(self.directory) / str(name)
-        time = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-        target = epath.Path(self.directory) / CORRUPT_DIR / f"{name}-{time}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        i = 1
-        while target.exists():
-            target, i = target.with_name(f"{name}-{time}-{i}"), i + 1
-        source.rename(target)
-        logging.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
-
-    def _move_aside_unfinished(self) -> None:
-        """Saves that a crash or a failed write left unfinished (orbax ignores them): moved
-        aside when they hold every file of a save (cut short while being committed), else
-        removed: they hold no state to resume from, and on a full disk they would pile up."""
-        root = epath.Path(self.directory)
-        if not root.is_dir():
-            return
-        for path in sorted(root.iterdir()):
-            if path.name == CORRUPT_DIR or not ocp.path.step.is_path_temporary(path):
-                continue
-            if is_complete(path):
-                self._move_aside(path.name, "is an unfinished save")
-            else:
-                path.rmtree()
-                logging.warning("Removed %s: a save cut short, holding no complete state.", path)
-
     def wait(self) -> None:
         with _reporting_failed_saves(self.manager, self._pending):
             self.manager.wait_until_finished()
@@ -433,6 +436,9 @@ class BestCheckpoint:
             self.directory = os.path.abspath(self.directory)
         self.metric = metric
         self._new = _is_new(self.directory)
+        if jax.process_index() == 0:
+            _move_aside_unfinished(self.directory)
+        _sync("vision_jax:best_tidied")
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
         policy = ocp.checkpoint_managers.BestN(
             get_metric_fn=lambda metrics: metrics[metric], reverse=mode == "min", n=1
@@ -448,19 +454,37 @@ class BestCheckpoint:
             ),
         )
 
+    def has(self, step: int) -> bool:
+        return step in self.manager.all_steps()
+
     def save(self, step: int, state: Any, meta: dict, value: float) -> None:
-        """Saves ``state`` as the best, scoring ``value``. Call on every process."""
-        if step in self.manager.all_steps():
+        """Saves ``state`` as the best, scoring ``value``, once the previous save is complete
+        (which then replaces the ones before it). Call on every process."""
+        if self.has(step):
             return
+        self.wait()
         _save_async(
             self.manager, self._pending, step, state, meta, metrics={self.metric: float(value)}
         )
         self._pending = step
 
-    def restore(self, abstract_state: Any) -> tuple[int, Any, dict]:
-        """The best step, its state (in the shardings of ``abstract_state``) and meta."""
+    def wait(self) -> None:
+        """Waits for the pending save; the newest complete one is then the only one kept
+        (orbax's policy keeps steps of earlier runs, whose scores it does not know)."""
         with _reporting_failed_saves(self.manager, self._pending):
             self.manager.wait_until_finished()
+        if self._pending is not None:
+            self.keep_only(self._pending)
+
+    def keep_only(self, step: int) -> None:
+        """Removes every best checkpoint but ``step`` (a complete one). Call on every process."""
+        for other in self.manager.all_steps():
+            if other != step:
+                self.manager.delete(other)
+
+    def restore(self, abstract_state: Any) -> tuple[int, Any, dict]:
+        """The best step, its state (in the shardings of ``abstract_state``) and meta."""
+        self.wait()
         step = self.manager.latest_step()
         if step is None:
             raise CheckpointError(
@@ -481,6 +505,7 @@ class BestCheckpoint:
 
     def close(self) -> None:
         """Waits for a pending save; removes the folder if this run made it and saved nothing."""
+        self.wait()
         with _reporting_failed_saves(self.manager, self._pending):
             self.manager.close()
         _remove_if_unused(self.directory, self._new)

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from vision_jax import data as data_lib
 from vision_jax import host_memory, sharding
+from vision_jax.checkpoint import CheckpointError
 from vision_jax.metrics import scalars
 from vision_jax.run import Run, abstract_state, build_run
 from vision_jax.signals import StopRequested, StopSignals
@@ -316,6 +317,7 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
         if is_main:
             writer.write_hparams(_flat_hparams(run.meta["config"]))
             _log_start(run)
+        _resume_best(run)
         results = _loop(run, _fresh_skips(run.state), writer, stop, startup)
         if run.selection is not None:
             results.update(_test_best(run, writer, stop))
@@ -323,6 +325,37 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     finally:
         writer.flush()
         writer.close()
+
+
+def _resume_best(run: Run) -> None:
+    """A resumed run's best checkpoint is the one its selection names: others (kept by an
+    earlier run past the restored step) are removed; one whose save a crash cut short is saved
+    again from the restored state when it is that state, else chosen again from here on."""
+    selection = run.selection
+    if selection is None or selection.best_step is None or run.start_step == 0:
+        return
+    best_step = selection.best_step
+    if run.best.has(best_step):
+        run.best.keep_only(best_step)
+    elif best_step == run.start_step:
+        logging.warning("The best checkpoint of step %d was not complete in %s; saving it again "
+                        "from that step's checkpoint.", best_step, run.best.directory)  # fmt: skip
+        run.best.save(best_step, run.state, _meta(run, False), selection.best_value)
+    elif _finished(run):
+        raise CheckpointError(
+            f"The best checkpoint of step {best_step} ({selection.metric} "
+            f"{selection.best_value:.6g}) is not in {run.best.directory}, and the run has no "
+            "validation left to choose another; its step checkpoints are intact (predict and "
+            "export read the newest with --which=latest)."
+        )
+    else:
+        logging.warning(
+            "The best checkpoint of step %d (%s %.6g) is not in %s; the best is chosen again "
+            "from the validations after step %d.", best_step, selection.metric,
+            selection.best_value, run.best.directory, run.start_step,
+        )  # fmt: skip
+        selection.best_value = selection.best_step = None
+        selection.bad_evaluations = 0
 
 
 def _finished(run: Run) -> bool:
@@ -456,6 +489,8 @@ def _end_step(
     early = selection is not None and selection.stopped_at == step
     if stopping or early or _save_due(run.spec, step, run.total_steps):
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
+        if run.best is not None:  # the best a step's meta names is complete before the step
+            run.best.wait()
         run.checkpointer.save(
             step, state, {**_meta(run, early), "train_window": log.window()},
             force=stopping or early or last, data_position=train_iter.next_position,
