@@ -235,6 +235,18 @@ def test_labels_outside_the_class_range():
         data_lib.from_arrays(np.zeros((2, 4, 4), np.uint8), np.array([0, 3]), ["a", "b"])
 
 
+def test_float_images_out_of_range_or_not_finite():
+    """A NaN made the range check pass (every comparison with it is false) and the pixels
+    were cast to uint8 as they were."""
+    pixels = np.linspace(0, 255, 2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    with pytest.raises(data_lib.DataError, match=r"Float images must lie in \[0, 1\]"):
+        data_lib.from_arrays(pixels, np.array([0, 1]), ["a", "b"])
+    pixels[1, 2, 3] = np.nan
+    with pytest.raises(data_lib.DataError, match=r"1 non-finite values \(the first at index "
+                       r"\(1, 2, 3, 0\): nan\)"):  # fmt: skip
+        data_lib.from_arrays(pixels / 255, np.array([0, 1]), ["a", "b"])
+
+
 # The training stream: resumption, multi-host.
 
 HEAVY = dict(

@@ -194,6 +194,13 @@ def from_arrays(
             f"{key} arrays must have shape {shape} (as the images); got {labels.shape}."
         )
     if images.dtype != np.uint8:
+        finite = np.isfinite(images)
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise DataError(
+                f"Images hold {int(np.size(finite) - finite.sum())} non-finite values (the "
+                f"first at index {first}: {images[first]})."
+            )
         if images.min() < 0 or images.max() > 1:
             raise DataError("Float images must lie in [0, 1]; pass uint8 for 0..255 pixels.")
         images = np.round(images * 255).astype(np.uint8)
