@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -110,6 +111,22 @@ def test_second_run_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, c
     host = os.uname()[1]
     assert f"stale workdir lock of a dead run (host {host}, pid {holder.pid}" in caplog.text
     assert f"its process {holder.pid} is gone" in caplog.text
+
+
+def test_a_lock_with_this_process_pid_that_it_does_not_hold_is_stale(tmp_path, caplog):
+    """A restarted container: the same host name, and the entrypoint got the pid of the run
+    that left the lock (it waited for the 300 s heartbeat limit). A lock this process does
+    hold stays in use."""
+    path = tmp_path / lock_lib.LOCK_NAME
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01"}
+    path.write_text(json.dumps(mine))
+    with caplog.at_level(logging.WARNING):
+        lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    assert f"its pid {os.getpid()} is this process's, which does not hold it" in caplog.text
+    with pytest.raises(lock_lib.LockError, match="in use by another run"):
+        lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    lock.release()
+    assert not path.exists()
 
 
 def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):

@@ -3,7 +3,8 @@
 The lock file is created atomically (``O_EXCL``) and holds the owner's host, pid and start
 time as JSON; the owner touches it every ``HEARTBEAT_S`` seconds. A second run fails at once
 naming the owner. A lock left by a dead run is taken over with a warning: on the same host
-when its pid is gone, from any host when its heartbeat is older than ``STALE_AFTER_S``. In a
+when its pid is gone (or is this process's own, after a container restart reused it), from
+any host when its heartbeat is older than ``STALE_AFTER_S``. In a
 multi-host run process 0 takes the lock and the other processes share its verdict.
 """
 
@@ -46,12 +47,20 @@ def _describe(owner: dict) -> str:
     return f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started', '?')}"
 
 
-def stale_reason(owner: dict, age_s: float) -> str | None:
-    """Why the lock of ``owner`` (heartbeat ``age_s`` seconds ago) is stale, or None."""
+_HELD_HERE: set[str] = set()  # the lock files this process holds
+
+
+def stale_reason(owner: dict, age_s: float, path: str = "") -> str | None:
+    """Why the lock ``path`` of ``owner`` (heartbeat ``age_s`` seconds ago) is stale, or
+    None."""
     if owner.get("half_written"):
         return f"it was left half-written {age_s:.0f} s ago"
-    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
-        return f"its process {owner.get('pid')} is gone"
+    pid = int(owner.get("pid", -1))
+    if owner.get("host") == socket.gethostname():
+        if not _pid_alive(pid):
+            return f"its process {pid} is gone"
+        if pid == os.getpid() and path not in _HELD_HERE:  # a restarted container's pid
+            return f"its pid {pid} is this process's, which does not hold it"
     if age_s > STALE_AFTER_S:
         return f"its heartbeat is {age_s:.0f} s old (> {STALE_AFTER_S:.0f} s)"
     return None
@@ -100,7 +109,7 @@ class WorkdirLock:
             owner, age = self._read()
             if owner is None:
                 continue  # released meanwhile
-            reason = stale_reason(owner, age)
+            reason = stale_reason(owner, age, self.path)
             if reason is None:
                 raise LockError(
                     f"Workdir {os.path.dirname(self.path)} is in use by another run "
@@ -126,6 +135,7 @@ class WorkdirLock:
             json.dump(owner, f)
         self._owner = owner
         self.held = True
+        _HELD_HERE.add(self.path)
         atexit.register(self.release)
         return True
 
@@ -182,6 +192,7 @@ class WorkdirLock:
         if not self.held:
             return
         self.held = False
+        _HELD_HERE.discard(self.path)
         self._stop.set()
         atexit.unregister(self.release)
         owner, _ = self._read()
