@@ -84,6 +84,36 @@ def test_damaged_or_missing_frozen_params_are_named(tmp_path):
         read_variables(str(tmp_path))
 
 
+def test_frozen_params_read_from_init_path_again_must_be_those_the_run_began_with(tmp_path):
+    """frozen_params moved aside (as the error above advises): the resume reads them from
+    init.path again and checks them against the digests each checkpoint records; weights
+    changed since the run began are refused (they trained on silently)."""
+    from safetensors.numpy import load_file, save_file
+
+    from vision_jax.checkpoint import CheckpointError
+    from vision_jax.weights import export_safetensors
+
+    model = create_model("cifar_resnet20", num_classes=10)
+    variables = model.init(jax.random.key(5), jnp.zeros((1, 16, 16, 3)), train=False)
+    weights = tmp_path / "pretrained.safetensors"
+    export_safetensors(jax.tree.map(np.asarray, variables), model, weights)
+    run = tmp_path / "run"
+    settings = {"optimizer.trainable": "head", "init.path": str(weights)}
+    train_and_evaluate(small_config(**settings, total_steps=2), str(run))
+    (run / "frozen_params").rename(tmp_path / "aside")
+    original = load_file(str(weights))
+    changed = dict(original)
+    changed["layer1.0.conv1.weight"] = original["layer1.0.conv1.weight"] + 0.5
+    save_file(changed, str(weights))
+    with pytest.raises(CheckpointError, match=r"read from init.path again are not those the run "
+                       r"began with: layer1/.* holds other values"):  # fmt: skip
+        train_and_evaluate(small_config(**settings, total_steps=4), str(run))
+    assert not (run / "frozen_params").exists()  # the changed weights were not saved
+    save_file(original, str(weights))
+    train_and_evaluate(small_config(**settings, total_steps=4), str(run))
+    assert (run / "frozen_params").is_dir()
+
+
 def test_a_resume_with_another_trainable_set_names_the_change(tmp_path):
     """The frozen params beside the checkpoints are another split than the config's: the
     error names the config change (as the state's does), and nothing is rewritten."""

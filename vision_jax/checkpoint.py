@@ -232,6 +232,7 @@ class Checkpointer:
         self.final_steps = KeepSteps()
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
         self.has_frozen = False  # frozen params lie beside the steps (each step's meta says)
+        self.frozen_digest: dict | None = None  # their digests (each step's meta records them)
         policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -272,7 +273,7 @@ class Checkpointer:
             (epath.Path(frozen_dir(self.directory)) / FROZEN_DIGEST_FILE).write_text(
                 json.dumps(saved)
             )
-        self.has_frozen = True
+        self.has_frozen, self.frozen_digest = True, saved
 
     def restore_frozen(self, abstract_frozen: Any) -> Any | None:
         """The frozen parameters :meth:`save_frozen` wrote, in ``abstract_frozen``'s shapes and
@@ -301,7 +302,7 @@ class Checkpointer:
                 f"The frozen parameters in {path} cannot be used ({problem}). Move the folder "
                 "aside to read them from init.path again, as the run began."
             )
-        self.has_frozen = True
+        self.has_frozen, self.frozen_digest = True, saved
         return frozen
 
     def newest_complete_step(self) -> int | None:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from vision_jax import data as data_lib
-from vision_jax import lora, optim, sharding, specs, trees
+from vision_jax import digests, lora, optim, sharding, specs, trees
 from vision_jax.checkpoint import (
     BestCheckpoint,
     Checkpointer,
@@ -293,9 +293,24 @@ def _initial_setup(
             logging.warning("No frozen parameters beside %s: reading them from init.path.",
                             ckpt.directory)  # fmt: skip
             setup, input_spec = setup_of(abstract=False, log=False)
+            _check_frozen_as_begun(ckpt, setup.frozen)
         else:
             setup = dataclasses.replace(setup, frozen=frozen)
     return setup, input_spec
+
+
+def _check_frozen_as_begun(ckpt: Checkpointer, frozen: Any) -> None:
+    """Frozen parameters read from ``init.path`` again must be those the run began with (the
+    digests its checkpoints record; none in runs of earlier versions)."""
+    step = ckpt.newest_complete_step()
+    meta = (ckpt.read_meta(step) if step is not None else None) or {}
+    problem = digests.first_difference(meta.get("frozen_digest"), frozen)
+    if problem is not None:
+        raise CheckpointError(
+            f"The frozen parameters read from init.path again are not those the run began "
+            f"with: {problem}. Put the original weights back at init.path, or start afresh "
+            "in another workdir."
+        )
 
 
 def _recorded_contract(ckpt: Checkpointer) -> InputContract | None:

@@ -516,6 +516,8 @@ def _meta(run: Run, stopped_early: bool) -> dict:
     """What a checkpoint records besides the state: the run record, whether frozen params lie
     beside the checkpoints, and the selection progress."""
     meta = {**run.meta, "frozen": run.checkpointer.has_frozen}
+    if run.checkpointer.frozen_digest is not None:  # to check them if read from init.path again
+        meta["frozen_digest"] = run.checkpointer.frozen_digest
     if run.selection is None:
         return meta
     return {**meta, "selection": run.selection.to_json(), "stopped_early": stopped_early}
