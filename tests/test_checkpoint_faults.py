@@ -786,3 +786,21 @@ def test_a_run_loaded_into_another_model_names_the_model_it_trained(finished_run
     first = str(info.value).splitlines()[0]
     assert f"{full} (a run of {config.model.name})" in first, first
     assert "weights of another architecture?" in first, first
+
+
+def test_a_failed_best_save_says_the_step_checkpoints_are_not_affected(tmp_path):
+    """The best's folder is not what a resume reads: its failed save does not report "the
+    newest complete checkpoint is none" (it named the best's own steps)."""
+    from types import SimpleNamespace
+
+    from vision_jax import checkpoint
+
+    cases = [
+        ("best", "The step checkpoints are not affected: free space"),
+        ("checkpoints", "The newest complete checkpoint is step 20: free"),
+    ]
+    for folder, says in cases:
+        manager = SimpleNamespace(directory=tmp_path / folder, all_steps=lambda: [20, 60])
+        with pytest.raises(checkpoint.CheckpointSaveError, match=says):
+            with checkpoint._reporting_failed_saves(manager, 60):
+                raise OSError("[Errno 28] No space left on device")

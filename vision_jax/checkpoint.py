@@ -73,13 +73,15 @@ def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None)
             raise
         reason = short_reason(e)
         steps = [s for s in manager.all_steps() if s != pending]
-        kept = f"step {max(steps)}" if steps else "none"
+        kept = f"The newest complete checkpoint is {f'step {max(steps)}' if steps else 'none'}"
+        if epath.Path(manager.directory).name == BEST_DIR:  # resume reads the step checkpoints
+            kept = "The step checkpoints are not affected"
         full = any(marker in str(e) for marker in _DISK_FULL)
         advice = "free space on the disk, then " if full else ""
         raise CheckpointSaveError(
             f"Saving the checkpoint of step {pending} in {manager.directory} failed"
-            f"{' (the disk is full)' if full else ''}: {reason}. The newest complete "
-            f"checkpoint is {kept}: {advice}run the same command again to resume."
+            f"{' (the disk is full)' if full else ''}: {reason}. {kept}: {advice}run the same "
+            "command again to resume."
         ) from e
 
 
