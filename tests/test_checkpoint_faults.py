@@ -115,18 +115,26 @@ def test_second_run_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, c
 
 def test_a_lock_with_this_process_pid_that_it_does_not_hold_is_stale(tmp_path, caplog):
     """A restarted container: the same host name, and the entrypoint got the pid of the run
-    that left the lock (it waited for the 300 s heartbeat limit). A lock this process does
-    hold stays in use."""
+    that left the lock (it waited for the 300 s heartbeat limit); taken once its heartbeat
+    has stopped for two beats. A lock this process does hold stays in use."""
     path = tmp_path / lock_lib.LOCK_NAME
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01"}
     path.write_text(json.dumps(mine))
+    with pytest.raises(lock_lib.LockError, match="in use by another run"):
+        lock_lib.WorkdirLock(str(tmp_path)).acquire()  # its heartbeat is fresh: another
+    old = time.time() - 2 * lock_lib.HEARTBEAT_S - 5  # container's pid 1 may hold it
+    os.utime(path, (old, old))
     with caplog.at_level(logging.WARNING):
         lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
     assert f"its pid {os.getpid()} is this process's, which does not hold it" in caplog.text
+    os.utime(path, (old, old))
     with pytest.raises(lock_lib.LockError, match="in use by another run"):
         lock_lib.WorkdirLock(str(tmp_path)).acquire()
     lock.release()
     assert not path.exists()
+    lock.acquire()  # taken again after its release: its heartbeat beats again
+    assert lock._thread.is_alive()
+    lock.release()
 
 
 def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
@@ -332,7 +340,7 @@ def test_unreadable_newest_steps_are_moved_aside_and_the_run_resumes_exactly(
     assert any("resuming from step 2" in line for line in lines), lines
     if newest == "bit-flipped":  # read without error: the digests tell
         assert all("holds other values than were saved" in line for line in lines), lines
-    else:  # the truncated array is named (orbax's own message gave an index range only)
+    if newest == "truncated":  # the array is named (orbax's own message gave an index range)
         assert any(re.search(r'6 cannot be read \(ValueError: \w+: Error reading "[^"]+/0', line)
                    for line in lines), lines  # fmt: skip
     err = capfd.readouterr().err

@@ -180,6 +180,25 @@ def test_a_resume_keeps_the_best_its_selection_names(tmp_path, scripted_validati
         train_and_evaluate(selecting_config(), str(tmp_path))
 
 
+def test_a_best_gone_before_the_restored_step_is_chosen_again(
+    tmp_path, scripted_validation, caplog
+):
+    """The best the selection names is gone and the restored step is a later one: the best
+    is chosen again from the next validations, and bests of earlier runs do not stay."""
+    config = selecting_config()
+    config.total_steps = 6  # validations 0.5, 0.7 (best, step 4), 0.6
+    train_and_evaluate(config, str(tmp_path))
+    best = tmp_path / "best"
+    shutil.rmtree(best / "4")
+    shutil.copytree(tmp_path / "checkpoints" / "2", best / "2")
+    config.total_steps = 8  # one more validation: 0.71
+    with caplog.at_level("WARNING"):
+        result = train_and_evaluate(config, str(tmp_path))
+    assert "best checkpoint of step 4 (val/top1 0.7) is not in" in caplog.text
+    assert result["best/step"] == 8 and result["best/val/top1"] == 0.71
+    assert sorted(p.name for p in best.iterdir() if p.name.isdigit()) == ["8"]
+
+
 def test_selection_progress_is_checkpointed_for_an_exact_resume():
     s = Selection("val/top1", "max", patience=3, min_delta=0.02)
     for step, value in zip(range(2, 12, 2), SCRIPT, strict=False):

@@ -427,7 +427,7 @@ class Checkpointer:
 
 class BestCheckpoint:
     """The train state of the best evaluation so far, in ``<workdir>/best/<step>`` (laid out
-    like a checkpoint step): orbax's ``BestN`` policy over the saved ``metric`` keeps one.
+    like a checkpoint step): one is kept, the newest complete save (:meth:`wait`).
 
     The loop saves here only on an improvement (:class:`vision_jax.selection.Selection`
     decides); a step already saved (evaluated again after a resume) is not written twice.
@@ -458,14 +458,15 @@ class BestCheckpoint:
         )
 
     def has(self, step: int) -> bool:
-        return step in self.manager.all_steps()
+        """Whether ``step`` is a best checkpoint, as process 0 sees it (on every process: the
+        callers' next steps are collective)."""
+        return bool(_broadcast(int(step in self.manager.all_steps())))
 
     def save(self, step: int, state: Any, meta: dict, value: float) -> None:
-        """Saves ``state`` as the best, scoring ``value``, once the previous save is complete
-        (which then replaces the ones before it). Call on every process."""
+        """Saves ``state`` as the best, scoring ``value``, once the previous save is complete.
+        Call on every process."""
         if self.has(step):
             return
-        self.wait()
         _save_async(
             self.manager, self._pending, step, state, meta, metrics={self.metric: float(value)}
         )
@@ -476,11 +477,12 @@ class BestCheckpoint:
         (orbax's policy keeps steps of earlier runs, whose scores it does not know)."""
         with _reporting_failed_saves(self.manager, self._pending):
             self.manager.wait_until_finished()
-        if self._pending is not None:
+        if self._pending is not None and self._pending in self.manager.all_steps():
             self.keep_only(self._pending)
 
-    def keep_only(self, step: int) -> None:
-        """Removes every best checkpoint but ``step`` (a complete one). Call on every process."""
+    def keep_only(self, step: int | None) -> None:
+        """Removes every best checkpoint but ``step`` (a complete one; None: every one). Call
+        on every process."""
         for other in self.manager.all_steps():
             if other != step:
                 self.manager.delete(other)

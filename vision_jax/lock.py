@@ -3,8 +3,8 @@
 The lock file is created atomically (``O_EXCL``) and holds the owner's host, pid and start
 time as JSON; the owner touches it every ``HEARTBEAT_S`` seconds. A second run fails at once
 naming the owner. A lock left by a dead run is taken over with a warning: on the same host
-when its pid is gone (or is this process's own, after a container restart reused it), from
-any host when its heartbeat is older than ``STALE_AFTER_S``. In a
+when its pid is gone (or is this process's own, after a container restart reused it, and its
+heartbeat stopped), from any host when its heartbeat is older than ``STALE_AFTER_S``. In a
 multi-host run process 0 takes the lock and the other processes share its verdict.
 """
 
@@ -47,10 +47,10 @@ def _describe(owner: dict) -> str:
     return f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started', '?')}"
 
 
-_HELD_HERE: set[str] = set()  # the lock files this process holds
+_HELD_HERE: set[str] = set()  # the lock files this process holds (real paths)
 
 
-def stale_reason(owner: dict, age_s: float, path: str = "") -> str | None:
+def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
     """Why the lock ``path`` of ``owner`` (heartbeat ``age_s`` seconds ago) is stale, or
     None."""
     if owner.get("half_written"):
@@ -59,8 +59,14 @@ def stale_reason(owner: dict, age_s: float, path: str = "") -> str | None:
     if owner.get("host") == socket.gethostname():
         if not _pid_alive(pid):
             return f"its process {pid} is gone"
-        if pid == os.getpid() and path not in _HELD_HERE:  # a restarted container's pid
-            return f"its pid {pid} is this process's, which does not hold it"
+        # This process's pid, in a lock it does not hold: a restarted container's entrypoint
+        # (containers sharing a host name may each be pid 1: the heartbeat must have stopped).
+        mine = pid == os.getpid() and os.path.realpath(path) not in _HELD_HERE
+        if mine and age_s > 2 * HEARTBEAT_S:
+            return (
+                f"its pid {pid} is this process's, which does not hold it, and its heartbeat "
+                f"is {age_s:.0f} s old"
+            )
     if age_s > STALE_AFTER_S:
         return f"its heartbeat is {age_s:.0f} s old (> {STALE_AFTER_S:.0f} s)"
     return None
@@ -135,7 +141,7 @@ class WorkdirLock:
             json.dump(owner, f)
         self._owner = owner
         self.held = True
-        _HELD_HERE.add(self.path)
+        _HELD_HERE.add(os.path.realpath(self.path))
         atexit.register(self.release)
         return True
 
@@ -179,6 +185,8 @@ class WorkdirLock:
         return True
 
     def _start_heartbeat(self) -> None:
+        self._stop = threading.Event()  # a fresh one: the lock may be taken again after release
+
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_S):
                 with contextlib.suppress(OSError):
@@ -192,7 +200,7 @@ class WorkdirLock:
         if not self.held:
             return
         self.held = False
-        _HELD_HERE.discard(self.path)
+        _HELD_HERE.discard(os.path.realpath(self.path))
         self._stop.set()
         atexit.unregister(self.release)
         owner, _ = self._read()

@@ -329,8 +329,9 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
 
 def _resume_best(run: Run) -> None:
     """A resumed run's best checkpoint is the one its selection names: others (kept by an
-    earlier run past the restored step) are removed; one whose save a crash cut short is saved
-    again from the restored state when it is that state, else chosen again from here on."""
+    earlier run past the restored step) are removed; a missing one (a crash cut its save
+    short) is saved again from the restored state when it is that state, else chosen again
+    from here on."""
     selection = run.selection
     if selection is None or selection.best_step is None or run.start_step == 0:
         return
@@ -356,6 +357,7 @@ def _resume_best(run: Run) -> None:
         )  # fmt: skip
         selection.best_value = selection.best_step = None
         selection.bad_evaluations = 0
+        run.best.keep_only(None)  # not this run's best: the next improvement is
 
 
 def _finished(run: Run) -> bool:
