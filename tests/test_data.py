@@ -242,7 +242,7 @@ def test_float_images_out_of_range_or_not_finite():
     with pytest.raises(data_lib.DataError, match=r"Float images must lie in \[0, 1\]"):
         data_lib.from_arrays(pixels, np.array([0, 1]), ["a", "b"])
     pixels[1, 2, 3] = np.nan
-    with pytest.raises(data_lib.DataError, match=r"1 non-finite values \(the first at index "
+    with pytest.raises(data_lib.DataError, match=r"1 non-finite value \(the first at index "
                        r"\(1, 2, 3, 0\): nan\)"):  # fmt: skip
         data_lib.from_arrays(pixels / 255, np.array([0, 1]), ["a", "b"])
 

@@ -487,5 +487,6 @@ def test_a_failed_export_leaves_the_earlier_one_whole(digits_run, tmp_path, monk
 
     monkeypatch.setattr(pathlib.Path, "write_bytes", disk_fills)
     assert export_main(args) == 1
-    assert "No space left on device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot write {out / 'model.jax_exported'}: No space left on device" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

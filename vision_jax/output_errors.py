@@ -44,7 +44,9 @@ def written_whole(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield partial
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(partial)
+        if isinstance(e, OSError) and e.filename == partial:
+            e.filename = path  # the file meant, not its temporary name
         raise

@@ -303,13 +303,15 @@ def _check_frozen_as_begun(ckpt: Checkpointer, frozen: Any) -> None:
     """Frozen parameters read from ``init.path`` again must be those the run began with (the
     digests its checkpoints record; none in runs of earlier versions)."""
     step = ckpt.newest_complete_step()
-    meta = (ckpt.read_meta(step) if step is not None else None) or {}
-    problem = digests.first_difference(meta.get("frozen_digest"), frozen)
-    if problem is not None:
+    saved = ((ckpt.read_meta(step) if step is not None else None) or {}).get("frozen_digest")
+    if any_process(not saved):  # every process digests them together, or none does
+        return
+    problem = digests.first_difference(saved, frozen)
+    if any_process(problem is not None):
         raise CheckpointError(
             f"The frozen parameters read from init.path again are not those the run began "
-            f"with: {problem}. Put the original weights back at init.path, or start afresh "
-            "in another workdir."
+            f"with: {problem or 'they differ on another process'}. Put the original weights "
+            "back at init.path, or start afresh in another workdir."
         )
 
 

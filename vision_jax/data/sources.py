@@ -197,9 +197,10 @@ def from_arrays(
         finite = np.isfinite(images)
         if not finite.all():
             first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            count = int(np.size(finite) - finite.sum())
             raise DataError(
-                f"Images hold {int(np.size(finite) - finite.sum())} non-finite values (the "
-                f"first at index {first}: {images[first]})."
+                f"Images hold {count} non-finite value{'s' * (count > 1)} (the first at index "
+                f"{first}: {images[first]})."
             )
         if images.min() < 0 or images.max() > 1:
             raise DataError("Float images must lie in [0, 1]; pass uint8 for 0..255 pixels.")

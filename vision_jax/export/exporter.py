@@ -50,6 +50,20 @@ def export_trained(
     servable = Servable.from_trained(trained)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    batch = tflite_batch if format == "tflite" else None
+    manifest = _manifest(trained, servable, format, quantize, batch)
+    # The new manifest replaces the old one only after the artifact is in place.
+    with written_whole(output / MANIFEST) as partial:
+        pathlib.Path(partial).write_text(json.dumps(manifest, indent=1) + "\n")
+        _write_artifact(trained, servable, output, format, quantize, tflite_batch)
+    return manifest
+
+
+def _write_artifact(
+    trained: Trained, servable: Servable, output: pathlib.Path, format: str, quantize: str,
+    tflite_batch: int,
+) -> None:  # fmt: skip
+    """The artifact of ``format`` in ``output`` (files written whole; a SavedModel in place)."""
     artifact = output / ARTIFACTS[format]
     if format == "savedmodel":
         to_savedmodel(servable, output)
@@ -65,10 +79,6 @@ def export_trained(
         )
         with written_whole(artifact) as partial:
             pathlib.Path(partial).write_bytes(content)
-    batch = tflite_batch if format == "tflite" else None
-    manifest = _manifest(trained, servable, format, quantize, batch)
-    write_manifest(output, manifest)
-    return manifest
 
 
 def _in_float32(trained: Trained) -> Trained:

@@ -192,14 +192,14 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
             pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
         pads = tuple(tuple(p) for p in pads)
         rounded = preferred_element_type is None  # as the convolution's result
-        rows = _several_rows(lhs, rhs, window_strides, pads)
-        if rows and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
+        several = _several_rows(lhs, rhs, window_strides, pads)
+        if several and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
             sh, sw = window_strides
             x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
             y = _matrix_product(x, rhs[0, 0], precision, preferred_element_type)
             return y.astype(x.dtype) if rounded and not float32_pointwise else y
         small = max(lhs.shape[1:3]) <= 2 and min(map(min, pads)) >= 0
-        if rows and small and set(window_strides) == {1}:
+        if several and small and set(window_strides) == {1}:
             y = patches_as_dot(lhs, rhs, pads, precision, preferred_element_type)
             return y.astype(lhs.dtype) if rounded else y
     return lax.conv_general_dilated(

@@ -94,13 +94,14 @@ def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
 
 
 def describe_source(source: str | os.PathLike) -> str:
-    """``source`` for messages: its path, and for a run the model it trained."""
+    """``source`` for an error message: its path, and for a run the model it trained (when its
+    record can still be read)."""
     path = pathlib.Path(source)
-    if path.is_dir() and detect_format(path) == "run":
-        model = run_dir.read_record(path, "best").model
-        if model:
-            return f"{path} (a run of {model})"
-    return str(path)
+    try:
+        model = run_dir.read_record(path, "best").model if detect_format(path) == "run" else None
+    except Exception:  # noqa: BLE001  (a message's detail; the error being raised matters)
+        model = None
+    return f"{path} (a run of {model})" if model else str(path)
 
 
 def input_contract(source: str | os.PathLike) -> InputContract:

@@ -49,8 +49,8 @@ def load_pretrained(
     logged in one table. Any other difference raises :class:`WeightMismatchError` listing
     missing, unexpected and mis-shaped keys; nothing is returned half-loaded.
     """
+    name = str(source)
     loaded = read_variables(source, model)
-    name = describe_source(source)
     n_read = len(flatten_dict(loaded))
     try:
         flat, rows = surgery.adapt(
@@ -62,8 +62,12 @@ def load_pretrained(
             head_bias_init=head_bias_init,
         )
     except ValueError as e:
-        raise WeightMismatchError(f"Cannot adapt weights from {name}: {e}") from e
-    merged = merge_strict(variables, unflatten_dict(flat), source=name)
+        what = describe_source(source)
+        raise WeightMismatchError(f"Cannot adapt weights from {what}: {e}") from e
+    try:
+        merged = merge_strict(variables, unflatten_dict(flat), source=name)
+    except WeightMismatchError as e:  # named with the model a run trained
+        raise WeightMismatchError(str(e).replace(name, describe_source(source), 1)) from e
     surgery.log_summary(name, rows, n_read)
     return merged
 

@@ -29,7 +29,7 @@ def _headline(expected: Mapping[str, Any], got: Mapping[str, Any], shapes: list)
     shared = set(expected) & set(got)
     if len(shared) < min(len(expected), len(got)) / 4:
         return (
-            f" {len(shared)} of the checkpoint's {len(got)} arrays are named as ones of the "
+            f" only {len(shared)} of the checkpoint's {len(got)} array names are among the "
             f"model's {len(expected)}: weights of another architecture? (checkpoint: "
             f"{key_groups(got)}; model: {key_groups(expected)})"
         )

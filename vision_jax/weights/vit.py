@@ -117,6 +117,11 @@ def from_timm(state_dict: Mapping[str, Array], model: VisionTransformer) -> dict
     when ``model.num_classes == 0``. Shapes are checked against the model by ``merge_strict``.
     """
     _check_model(model)
+    if "patch_embed.proj.weight" not in state_dict:
+        raise WeightMismatchError(
+            "The state dict holds no timm ViT (no patch_embed.proj.weight); it holds "
+            f"{key_groups(state_dict, '.', 1)}."
+        )
     _check_width(state_dict, model)
     rows = list(_rows(model))
     used = {r[0] for r in rows}
@@ -125,11 +130,6 @@ def from_timm(state_dict: Mapping[str, Array], model: VisionTransformer) -> dict
         k for k in state_dict
         if k not in used and not (model.num_classes == 0 and k.startswith("head."))
     )  # fmt: skip
-    if "patch_embed.proj.weight" not in state_dict:
-        raise WeightMismatchError(
-            "The state dict holds no timm ViT (no patch_embed.proj.weight); it holds "
-            f"{key_groups(state_dict, '.', 1)}."
-        )
     if missing or leftover:
         raise WeightMismatchError(
             f"State dict does not fit a ViT of depth {model.depth} and width {model.width}: "
