@@ -105,6 +105,27 @@ def test_image_folder_takes_bmp_gif_and_webp(tmp_path):
         np.testing.assert_allclose(image, pixels[1:7], atol=1e-3)
 
 
+def test_image_folder_reads_subfolders_of_a_class_and_counts_other_files(tmp_path, caplog):
+    """As torchvision's ImageFolder: images below a class folder's subfolders are the class's
+    (they were left out without a word); other files are counted in one warning; hidden
+    files and folders are not read."""
+    for name in ("train/a/1.png", "train/a/sub/2.png", "train/a/sub/deeper/3.jpg",
+                 "train/b/4.png", "train/b/.hidden/5.png"):  # fmt: skip
+        _save(tmp_path / name, "RGB", seed=0)
+    for name in ("train/a/sub/scan.tif", "train/b/README", "train/b/.DS_Store"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        source = data_lib.load_source(
+            data_config(source="imagefolder", root=str(tmp_path)).data, "train"
+        )
+    assert sorted(pathlib.Path(p).relative_to(tmp_path).as_posix()
+                  for p in source.columns["path"]) == [
+        "train/a/1.png", "train/a/sub/2.png", "train/a/sub/deeper/3.jpg", "train/b/4.png"
+    ]  # fmt: skip
+    np.testing.assert_array_equal(np.sort(source.columns["label"]), [0, 0, 0, 1])
+    assert "Left out 2 files of" in caplog.text and ".tif: 1, no extension: 1" in caplog.text
+
+
 def test_split_slices_partition_the_folder(folder):
     cfg = data_config(source="imagefolder", root=str(folder))
     head = data_lib.load_source(cfg.data, "train[:75%]")
@@ -145,6 +166,22 @@ def test_csv_source_with_names_and_ids(tmp_path, folder):
     (tmp_path / "train.csv").write_text("filename,label\na.png,1\na.png,2\n")
     with pytest.raises(data_lib.DataError, match=r"train.csv:3: label 2 of a.png is outside"):
         data_lib.load_source(cfg.data, "train")
+    (tmp_path / "train.csv").write_text("filename,label\na.png,1\na.png\n")
+    with pytest.raises(data_lib.DataError, match=r"train.csv:3: expected 'filename,label'"):
+        data_lib.load_source(cfg.data, "train")
+
+
+def test_csv_of_a_spreadsheet_and_other_csv_files_beside_the_splits(tmp_path, folder, caplog):
+    """A byte-order mark (Excel's "CSV UTF-8") is read past; a CSV without the split header
+    (metadata.csv) is not a split: named in a warning, not an error."""
+    (tmp_path / "a.png").write_bytes((folder / "train" / "cat" / "003.png").read_bytes())
+    (tmp_path / "train.csv").write_text("\ufefffilename,label\na.png,cat\na.png,dog\n",
+                                        encoding="utf-8")  # fmt: skip
+    (tmp_path / "metadata.csv").write_text("id,author\n1,me\n")
+    with caplog.at_level(logging.WARNING):
+        source = data_lib.load_source(data_config(source="csv", root=str(tmp_path)).data, "train")
+    assert source.class_names == ["cat", "dog"] and source.num_examples == 2
+    assert "not split files (no 'filename,label' header): metadata.csv" in caplog.text
 
 
 def test_build_tfds_from_folder_reads_back_through_load_source(tmp_path):

@@ -1,8 +1,9 @@
 """Image files on disk (local, or any filesystem etils' ``epath`` reaches) as sources.
 
-``imagefolder``: ``root/<split>/<class>/<image>`` (any of :data:`IMAGE_EXTENSIONS`), classes
-named by their sorted folder names; for label maps ``root/<split>/images/<image>`` with index PNGs
-``root/<split>/masks/<same stem>.png`` and class names from ``root/classes.txt``. ``csv``:
+``imagefolder``: ``root/<split>/<class>/.../<image>`` (any of :data:`IMAGE_EXTENSIONS`, in
+subfolders too), classes named by their sorted folder names; for label maps
+``root/<split>/images/<image>`` with index PNGs ``root/<split>/masks/<same stem>.png`` and
+class names from ``root/classes.txt``. ``csv``:
 ``root/<split>.csv`` with a ``filename,label`` header, file names relative to ``root``. Only
 the file list is built here; images are read and decoded in the tf.data pipeline.
 A split may be sliced like tfds splits: ``"train[:90%]"``, ``"train[90%:]"``, ``"val[:500]"``.
@@ -14,8 +15,10 @@ import csv
 import dataclasses
 import io
 import logging
+import os
 import posixpath
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,6 +92,34 @@ def _image_files(folder: str) -> list[str]:
     return sorted(f for f in list_names(folder) if is_image_file(f))
 
 
+def _files_under(folder: str) -> list[str]:
+    """Every file under ``folder`` (its non-hidden subfolders too, symbolic links followed, as
+    torchvision's ``ImageFolder`` walks), relative to it."""
+    if "://" in folder:
+        top = file_path(folder)
+        found = (str(p.relative_to(top)) for p in top.rglob("*") if p.is_file())
+        return [f for f in found if not any(part.startswith(".") for part in f.split("/")[:-1])]
+    files = []
+    for here, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        inside = os.path.relpath(here, folder).replace(os.sep, "/")
+        files += [n if inside == "." else f"{inside}/{n}" for n in names]
+    return files
+
+
+def _class_images(class_dir: str, left_out: Counter) -> list[str]:
+    """The images under ``class_dir`` (relative, sorted); the extensions of its other files
+    (hidden ones aside) are counted in ``left_out``."""
+    images = []
+    for f in _files_under(class_dir):
+        name = posixpath.basename(f)
+        if is_image_file(name):
+            images.append(f)
+        elif not name.startswith("."):
+            left_out[posixpath.splitext(name)[1].lower() or "no extension"] += 1
+    return sorted(images)
+
+
 def from_image_folder(
     root: str,
     split: str,
@@ -97,7 +128,8 @@ def from_image_folder(
     target: str = "label",
     class_names: Sequence[str] | None = None,
 ) -> Source:
-    """``root/<split>/<class>/<image>``; an empty class folder is an error unless
+    """``root/<split>/<class>/<image>`` (images in subfolders of a class folder too; other
+    files are counted in a warning); an empty class folder is an error unless
     ``skip_corrupt`` (then it is logged and the class kept, so splits share class names).
 
     With ``target="label_map"``: see :func:`label_map_folder` (``class_names`` applies there).
@@ -111,10 +143,10 @@ def from_image_folder(
     class_names = subdirectories(split_dir)
     if not class_names:
         raise DataError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/).")
-    paths, labels = [], []
+    paths, labels, left_out = [], [], Counter()
     for label, class_name in enumerate(class_names):
         class_dir = posixpath.join(split_dir, class_name)
-        files = _image_files(class_dir)
+        files = _class_images(class_dir, left_out)
         if not files:
             message = f"Class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images."
             if not skip_corrupt:
@@ -122,6 +154,10 @@ def from_image_folder(
             logging.warning("%s Keeping the class without examples.", message)
         paths += [posixpath.join(class_dir, f) for f in files]
         labels += [label] * len(files)
+    if left_out:
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in left_out.most_common())
+        logging.warning("Left out %d files of %s that are not %s images (%s).",
+                        left_out.total(), split_dir, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
     return dataclasses.replace(
         _file_source(paths, labels, class_names, where), skip_corrupt=skip_corrupt
     )
@@ -187,23 +223,42 @@ def _classes_txt(root: str) -> list[str]:
     return names
 
 
+def _csv_text(path: str) -> str:
+    """The text of a CSV file, past a byte-order mark (as spreadsheets write)."""
+    return file_path(path).read_bytes().decode("utf-8-sig")
+
+
+def _is_split_csv(path: str) -> bool:
+    """Whether ``path`` starts with the ``filename,label`` header of a split's CSV."""
+    header = next(csv.reader(io.StringIO(_csv_text(path).split("\n", 1)[0])), [])
+    return [h.strip() for h in header[:2]] == ["filename", "label"]
+
+
 def _read_csv(path: str) -> list[tuple[int, str, str]]:
     """(line number, filename, label) rows of a ``filename,label`` CSV file."""
-    reader = csv.reader(io.StringIO(file_path(path).read_text()))
+    reader = csv.reader(io.StringIO(_csv_text(path)))
     header = [h.strip() for h in next(reader, [])]
     if header[:2] != ["filename", "label"]:
         raise DataError(f"{path} must start with the header 'filename,label'; got {header}.")
-    rows = enumerate(reader, start=2)
-    return [(line, row[0].strip(), row[1].strip()) for line, row in rows if row]
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if row and len(row) < 2:
+            raise DataError(f"{path}:{line}: expected 'filename,label'; got {row}.")
+        if row:
+            rows.append((line, row[0].strip(), row[1].strip()))
+    return rows
 
 
 def _csv_class_names(root: str) -> list[str]:
-    """Class names from every ``root/*.csv``: integer labels 0..max, or sorted label names."""
-    labels = {
-        label
-        for path in sorted(file_path(root).glob("*.csv"))
-        for _, _, label in _read_csv(str(path))
-    }
+    """Class names from every split CSV in ``root`` (``root/*.csv`` with the ``filename,label``
+    header; others are named in a warning): integer labels 0..max, or sorted label names."""
+    paths = [str(p) for p in sorted(file_path(root).glob("*.csv"))]
+    splits = [p for p in paths if _is_split_csv(p)]
+    if len(splits) < len(paths):
+        others = ", ".join(posixpath.basename(p) for p in paths if p not in splits)
+        logging.warning("Class names from %s; not split files (no 'filename,label' header): %s.",
+                        ", ".join(posixpath.basename(p) for p in splits), others)  # fmt: skip
+    labels = {label for path in splits for _, _, label in _read_csv(path)}
     if labels and all(re.fullmatch(r"\d+", x) for x in labels):
         return [str(i) for i in range(max(int(x) for x in labels) + 1)]
     return sorted(labels)
@@ -218,8 +273,8 @@ def from_csv(
     """``root/<split>.csv`` (``filename,label``; file names relative to ``root``).
 
     A label is a class name or an integer id into ``class_names``. Without ``class_names`` the
-    classes come from every CSV in ``root`` (so all splits agree): ids 0..max if all labels are
-    integers, else the sorted label names.
+    classes come from every split CSV in ``root`` (so all splits agree; a stale one adds its
+    classes too): ids 0..max if all labels are integers, else the sorted label names.
     """
     name, where = parse_split(split)
     path = posixpath.join(root, f"{name}.csv")
