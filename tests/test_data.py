@@ -126,6 +126,18 @@ def test_image_folder_reads_subfolders_of_a_class_and_counts_other_files(tmp_pat
     assert "Left out 2 files of" in caplog.text and ".tif: 1, no extension: 1" in caplog.text
 
 
+def test_class_folders_in_another_unicode_form_name_the_same_class(tmp_path):
+    """A zip made on macOS stores "caf\u00e9" decomposed: both splits still name one class."""
+    import unicodedata
+
+    for split, form in (("train", "NFC"), ("test", "NFD")):
+        for name in (unicodedata.normalize(form, "caf\u00e9"), "tea"):
+            _save(tmp_path / split / name / "1.png", "RGB", seed=0)
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    names = [data_lib.load_source(cfg.data, split).class_names for split in ("train", "test")]
+    assert names[0] == names[1] == ["caf\u00e9", "tea"]
+
+
 def test_split_slices_partition_the_folder(folder):
     cfg = data_config(source="imagefolder", root=str(folder))
     head = data_lib.load_source(cfg.data, "train[:75%]")

@@ -401,6 +401,24 @@ def test_a_field_of_the_wrong_type_is_an_error_naming_it(tmp_path, section, fiel
     assert f"{section}[0] has {field} {value!r}, not {words}." in str(error.value)
 
 
+def test_category_names_twice_are_an_error_and_no_annotations_a_warning(tmp_path, caplog):
+    """Classes are matched across splits by name: two categories of one name were two classes
+    that the other split named differently; a file without annotations trains on background."""
+    coco = write_coco(tmp_path, [(40, 40, [RECTS[0]])])
+    json_path = tmp_path / "annotations" / "instances_train.json"
+    coco["categories"].append({"id": 99, "name": coco["categories"][0]["name"]})
+    json_path.write_text(json.dumps(coco))
+    with pytest.raises(data_lib.DataError, match=r"instances_train.json: categories \{'\w+': "
+                       r"\[\d+, 99\]\} share a name"):  # fmt: skip
+        coco_source(tmp_path)
+    coco["categories"].pop()
+    coco["annotations"] = []
+    json_path.write_text(json.dumps(coco))
+    with caplog.at_level(logging.WARNING):
+        coco_source(tmp_path)
+    assert "instances_train.json holds no annotations" in caplog.text
+
+
 def test_ids_as_whole_floats_load_and_annotation_types_are_skippable(tmp_path):
     """JSON writers that give ``1.0`` for ids: the file loads as with ``1``; an annotation with
     a string category_id is one bad annotation, named, and skipped with skip_corrupt."""

@@ -434,7 +434,15 @@ def test_missing_config_file_is_reported_before_jax_starts(tmp_path):
         "vision_jax: error: --config=configs/scenes_detection.py:vitt: Unknown variant 'vitt'; "
         "valid: vit, vit_scratch, resnet, resnet_scratch."
     )
-    assert time.perf_counter() - start < 30
+    broken = tmp_path / "broken.py"  # a syntax error: one line, not a 54-line traceback
+    broken.write_text("def get_config():\n    return dict(batch_size=16))\n")
+    proc = main_cli(f"--config={broken}", f"--workdir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"vision_jax: error: config file {broken}, line 2: unmatched ')': "
+        "return dict(batch_size=16))"
+    )
+    assert time.perf_counter() - start < 45
 
 
 def test_a_key_set_in_python_and_never_read_names_the_closest_keys():

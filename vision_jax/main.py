@@ -168,6 +168,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as e:
         message = _unknown_override(argv, value) if value is not None else None
         _usage_error(message or f"bad config override: {e}")
+    except SyntaxError as e:  # the config file's own Python
+        _usage_error(
+            f"config file {e.filename}, line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
+        )
     return []  # unreachable: _usage_error exits
 
 

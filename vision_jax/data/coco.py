@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ def from_coco(
     image_dir = posixpath.join(root, images.replace("{split}", name))
     coco = _read_json(json_path)
     categories = _records(coco, "categories", json_path)
+    _check_category_names(categories, json_path)
     all_images = _records(coco, "images", json_path)
     by_id = {im["id"]: im for im in all_images}
     anns, problems = _checked_annotations(coco, by_id, categories, json_path)
@@ -69,6 +71,8 @@ def from_coco(
     kept = [kept[row] for row in rows]
     if not kept:
         raise DataError(f"{json_path} (split {split!r}) holds no images with files.")
+    if not anns:
+        logging.warning("%s holds no annotations: every image is background only.", json_path)
     columns = {
         "path": np.array([posixpath.join(image_dir, im["file_name"]) for im in kept], dtype=str),
         "row": np.arange(len(kept), dtype=np.int32),
@@ -211,6 +215,15 @@ def _check_unique(records: list[dict], what: str, where: str) -> None:
         if record["id"] in seen:
             raise DataError(f"{where}: {what} id {record['id']} appears twice.")
         seen.add(record["id"])
+
+
+def _check_category_names(categories: list[dict], path: str) -> None:
+    """Category names name the classes (splits are matched by them): each once."""
+    names = Counter(str(c["name"]) for c in categories)
+    twice = sorted(name for name, n in names.items() if n > 1)
+    if twice:
+        ids = {n: [c["id"] for c in categories if str(c["name"]) == n] for n in twice}
+        raise DataError(f"{path}: categories {ids} share a name; each class needs its own.")
 
 
 def _checked_annotations(

@@ -18,6 +18,7 @@ import logging
 import os
 import posixpath
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -140,12 +141,18 @@ def from_image_folder(
     split_dir = posixpath.join(root, name)
     if not file_path(split_dir).is_dir():
         raise DataError(f"Image folder split {split_dir} does not exist.")
-    class_names = subdirectories(split_dir)
+    # Class names in Unicode's composed form: a zip made on macOS decomposes accented names,
+    # so one split's folders would name other classes than another's.
+    folders = sorted((unicodedata.normalize("NFC", f), f) for f in subdirectories(split_dir))
+    class_names = [name for name, _ in folders]
     if not class_names:
         raise DataError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/).")
+    if len(set(class_names)) < len(class_names):
+        twice = sorted({n for n in class_names if class_names.count(n) > 1})
+        raise DataError(f"{split_dir}: folders {twice} differ only in their Unicode form.")
     paths, labels, left_out = [], [], Counter()
-    for label, class_name in enumerate(class_names):
-        class_dir = posixpath.join(split_dir, class_name)
+    for label, (_, folder) in enumerate(folders):
+        class_dir = posixpath.join(split_dir, folder)
         files = _class_images(class_dir, left_out)
         if not files:
             message = f"Class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images."
