@@ -95,9 +95,9 @@ def test_hardest_examples_are_the_least_probable_true_labels(run, predictions):
         assert float(row["probability of true"]) == pytest.approx(p_true[i], abs=1e-5)
 
 
-def test_hardest_examples_name_their_files_unless_some_were_skipped():
-    """With a file source the table names each hardest example's file: the file at its index,
-    while every file was evaluated; not when fewer examples came than files (some skipped)."""
+def test_hardest_examples_name_their_files_also_when_some_were_skipped():
+    """With a file source the table names each hardest example's file, by the example's row
+    in the source: also when unreadable files were skipped (the file column was dropped)."""
     from types import SimpleNamespace
 
     from vision_jax.report.tasks import Classification
@@ -106,16 +106,16 @@ def test_hardest_examples_name_their_files_unless_some_were_skipped():
     source = SimpleNamespace(columns={"path": paths, "label": np.arange(6) % 2})
     spec = data_lib.InputSpec(2)
     probs = np.asarray([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.55, 0.45], [0.1, 0.9]])
-    for count, named in ((6, True), (5, False)):
+    for rows in ([0, 1, 2, 3, 4, 5], [0, 2, 3, 4, 5]):  # row 1 unreadable in the second
         evaluator = Classification(["a", "b"], spec, source, 2)
-        batch = {"image": np.zeros((count, 2, 2, 3)), "label": np.arange(count) % 2,
-                 "mask": np.ones(count)}  # fmt: skip
-        evaluator.add(batch, {"probabilities": probs[:count]})
+        rows = np.asarray(rows)
+        batch = {"image": np.zeros((len(rows), 2, 2, 3)), "label": rows % 2, "row": rows,
+                 "mask": np.ones(len(rows))}  # fmt: skip
+        evaluator.add(batch, {"probabilities": probs[rows]})
         table = evaluator.result().hardest_table
-        assert table.columns[:2] == (("index", "file") if named else ("index", "true"))
+        assert table.columns[:2] == ("index", "file")
         assert [row[0] for row in table.rows] == [2, 3]  # p(true) 0.3 and 0.4
-        if named:
-            assert [row[1] for row in table.rows] == [paths[2], paths[3]]
+        assert [row[1] for row in table.rows] == [paths[2], paths[3]]
 
 
 def test_the_report_of_a_training_command_takes_its_final_evaluations_figures(

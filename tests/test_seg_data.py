@@ -148,9 +148,11 @@ def test_label_map_folder_eval_covers_every_pixel_once(tmp_path):
     assert source.target == "label_map" and source.class_names == list(CLASSES)
     assert source.num_examples == 7
     batches = list(data_lib.eval_batches(source, spec_of(), global_batch=3))
-    assert len(batches) == 3 and all(b.keys() == {"image", "label_map", "mask"} for b in batches)
+    assert len(batches) == 3
+    assert all(b.keys() == {"image", "label_map", "mask", "row"} for b in batches)
     mask = np.concatenate([b["mask"] for b in batches])
     np.testing.assert_array_equal(mask, [1] * 7 + [0] * 2)
+    np.testing.assert_array_equal(np.concatenate([b["row"] for b in batches])[:7], range(7))
     label_maps = np.concatenate([b["label_map"] for b in batches])
     assert label_maps.dtype == np.int32 and label_maps.shape == (9, 16, 16)
     np.testing.assert_array_equal(label_maps[:7], np.stack(maps))  # whole image, no crop
@@ -306,7 +308,7 @@ def test_a_host_without_examples_left_gets_ignored_padding(monkeypatch):
     batches = list(data_lib.eval_batches(source, spec_of(image_size=4), global_batch=2))
     assert [b["mask"].tolist() for b in batches] == [[1.0], [0.0]]
     np.testing.assert_array_equal(batches[0]["label_map"][0], maps[1])
-    assert batches[1].keys() == {"image", "label_map", "mask"}
+    assert batches[1].keys() == {"image", "label_map", "mask", "row"}
     assert batches[1]["label_map"].shape == (1, 4, 4)
     assert (batches[1]["label_map"] == IGNORE_LABEL).all()
 

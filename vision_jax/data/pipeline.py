@@ -297,8 +297,9 @@ def eval_batches(
     max_boxes: int | None = None,
 ) -> Iterator[Batch]:
     """Host-local evaluation batches covering the split exactly once, padded and masked:
-    ``image``, the targets (as :func:`train_batches`) and ``mask`` (float32 [B], 1 for real
-    examples, 0 for padding rows, whose ``label_map`` is all IGNORE_LABEL and boxes all 0).
+    ``image``, the targets (as :func:`train_batches`), ``mask`` (float32 [B], 1 for real
+    examples, 0 for padding rows, whose ``label_map`` is all IGNORE_LABEL and boxes all 0) and
+    ``row`` (int32 [B], each example's row in the source: unreadable ones skipped leave gaps).
 
     Box sources are letterboxed (the longer side scaled to ``image_size``, the image at the
     top-left, zero padding after normalisation) and add ``image_id`` (int32 [B], the id in
@@ -311,7 +312,12 @@ def eval_batches(
     num_batches = math.ceil(per_process / local)
     ds = source.dataset.shard(jax.process_count(), jax.process_index())
     preprocess = make_preprocess(spec, train=False, seed=0, **target)
-    ds = parallel_map(ds.enumerate(), lambda i, ex: {**preprocess(i, ex), "mask": tf.constant(1.0)})
+
+    def example(i: tf.Tensor, ex: dict) -> dict:
+        row = jax.process_index() + i * jax.process_count()  # in the source
+        return {**preprocess(i, ex), "mask": tf.constant(1.0), "row": tf.cast(row, tf.int32)}
+
+    ds = parallel_map(ds.enumerate(), example)
     if source.skip_corrupt:
         ds = ds.ignore_errors()
     ds = ds.batch(local).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(threads))
@@ -415,7 +421,7 @@ def _empty_batch(size: int, s: int, target: dict) -> Batch:
     return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
 
 
-_EVAL_ONLY_KEYS = ("mask", "image_id", "scale")
+_EVAL_ONLY_KEYS = ("mask", "row", "image_id", "scale")
 
 
 def _example_shapes(
@@ -423,7 +429,7 @@ def _example_shapes(
 ) -> dict[str, tuple[tuple[int, ...], type]]:
     """Shape and dtype of one row of each key of an evaluation batch at image size ``s`` from a
     source of target ``kind``."""
-    shapes = {"image": ((s, s, 3), np.float32), "mask": ((), np.float32)}
+    shapes = {"image": ((s, s, 3), np.float32), "mask": ((), np.float32), "row": ((), np.int32)}
     if kind == "boxes":
         m = max_boxes
         shapes |= {k: ((m,), np.int32) for k in ("classes", "valid", "crowd")}

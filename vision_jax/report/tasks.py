@@ -49,23 +49,25 @@ class Lowest:
     ``make(i)`` = (thumbnail, table row) of row ``i`` of the batch offered."""
 
     def __init__(self, n: int, source: Any = None):
-        self.n, self.seen, self.kept = n, 0, []
+        self.n, self.kept = n, []
         columns = getattr(source, "columns", None) or {}
-        self.paths = columns.get("path")  # files of a file source, in evaluation order
+        self.paths = columns.get("path")  # files of a file source, by source row
 
-    def offer(self, scores: np.ndarray, make: Callable[[int], tuple[Thumb, list]]) -> None:
+    def offer(
+        self, scores: np.ndarray, rows: np.ndarray, make: Callable[[int], tuple[Thumb, list]]
+    ) -> None:
+        """``scores`` of a batch's examples, ``rows``: their rows in the source."""
         for i in np.argsort(scores, kind="stable")[: self.n]:
-            self.kept.append((float(scores[i]), self.seen + int(i), *make(int(i))))
+            self.kept.append((float(scores[i]), int(rows[i]), *make(int(i))))
         self.kept = sorted(self.kept, key=lambda k: k[:2])[: self.n]
-        self.seen += len(scores)
 
     def thumbs(self) -> list[Thumb]:
         return [thumb for _, _, thumb, _ in self.kept]
 
     def table(self, columns: Sequence[str]) -> Table:
-        """The kept examples' rows, each led by its position in the split and, when every file
-        of the split was evaluated (none skipped as unreadable), its file."""
-        if self.paths is None or len(self.paths) != self.seen:
+        """The kept examples' rows, each led by its row in the split and, for a file source,
+        its file."""
+        if self.paths is None:
             return Table(("index", *columns), [[i, *row] for _, i, _, row in self.kept], [])
         rows = [[i, str(self.paths[i]), *row] for _, i, _, row in self.kept]
         return Table(("index", "file", *columns), rows, [])
@@ -106,7 +108,7 @@ class Classification:
         probs, labels = outputs["probabilities"], batch["label"].astype(np.int64)
         self.matrix += confusion(labels, probs.argmax(-1), len(self.names))
         make = functools.partial(_class_example, batch, probs, self.names, self.spec)
-        self.lowest.offer(probs[np.arange(len(labels)), labels], make)
+        self.lowest.offer(probs[np.arange(len(labels)), labels], batch["row"], make)
 
     def result(self) -> Evaluation:
         matrix = self.matrix
@@ -148,7 +150,7 @@ class Segmentation:
         right, counted = ((truth == found) & valid).sum((1, 2)), valid.sum((1, 2))
         accuracy = np.where(counted > 0, right / np.maximum(counted, 1), 1.0)
         make = functools.partial(_pixel_example, batch, found, valid, accuracy, self.spec)
-        self.lowest.offer(accuracy, make)
+        self.lowest.offer(accuracy, batch["row"], make)
         self.examples += len(truth)
 
     def result(self) -> Evaluation:
