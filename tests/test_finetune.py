@@ -128,6 +128,17 @@ def test_a_resume_with_another_trainable_set_names_the_change(tmp_path):
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "frozen_params").rglob("*")) == before
 
 
+def test_a_run_that_froze_nothing_resumed_with_a_frozen_part_is_refused_quietly(tmp_path, caplog):
+    """No warning about frozen parameters read from init.path (there is none): the refusal."""
+    from vision_jax.checkpoint import CheckpointMismatchError
+
+    train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    head = small_config(**{"optimizer.trainable": "head", "total_steps": 4})
+    with caplog.at_level("WARNING"), pytest.raises(CheckpointMismatchError, match="trainable"):
+        train_and_evaluate(head, str(tmp_path))
+    assert "No frozen parameters beside" not in caplog.text
+
+
 @pytest.mark.slow
 def test_lora_trains_only_adapters_and_head_and_exports_merged(tmp_path):
     cfg = lora_vit_config()

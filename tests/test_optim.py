@@ -275,6 +275,19 @@ def test_a_rule_that_matches_no_parameter_is_an_error(key, value, named, good):
     _apply_rule(key, good, model, params)
 
 
+def test_the_default_lora_targets_on_a_cnn_say_what_to_set():
+    """The default targets are a ViT's: on a CNN the error says so (its hint doubled '.*')."""
+    _, shapes = shapes_of("cifar_resnet20")
+    params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
+    spec = lora.LoraSpec(rank=4, alpha=8.0)
+    with pytest.raises(
+        ValueError,
+        match=r"\('\.\*/MultiHeadDotProductAttention_1/\(query\|value\)"
+        r"/kernel\.\*' matches anywhere .* set lora.targets to its Dense or 1x1",
+    ):
+        lora.add_adapters(params, spec, jax.random.key(0))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "name, targets, size",
     [

@@ -87,6 +87,15 @@ def test_head_output_shapes_and_parameter_names(name, size, head):
     assert [t.stride for t in taps] == sorted(t.stride for t in taps)
 
 
+def test_the_linear_head_takes_one_tap():
+    """It reads the last map only: more taps would be computed and dropped without a word."""
+    from vision_jax.tasks import Segmentation
+
+    with pytest.raises(ValueError, match=r"feature_taps \(2, 3\): the linear head reads one"):
+        Segmentation(head="linear", feature_taps=(2, 3))
+    assert Segmentation(head="fpn", feature_taps=(2, 3)).feature_taps == (2, 3)
+
+
 def test_feature_taps_need_a_headless_model():
     with pytest.raises(ValueError, match="num_classes=0"):
         create_model("resnet18", num_classes=3, feature_taps=(0,)).init(

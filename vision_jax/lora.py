@@ -23,7 +23,7 @@ import numpy as np
 
 from vision_jax.masks import tree_mask
 from vision_jax.models.registry import families
-from vision_jax.specs import LoraSpec
+from vision_jax.specs import DEFAULT_TARGETS, LoraSpec
 from vision_jax.trees import flatten_dict, unflatten_dict
 
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -57,7 +57,15 @@ def add_adapters(params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> d
     the base network and ignores them); :func:`merge` folds them in for use without it.
     """
     flat = flatten_dict(params)
-    mask = tree_mask(spec.targets, dict(params), what="lora.targets")
+    try:
+        mask = tree_mask(spec.targets, dict(params), what="lora.targets")
+    except ValueError as e:
+        if spec.targets != DEFAULT_TARGETS:
+            raise
+        raise ValueError(
+            f"{e} The default lora.targets are a ViT's query and value projections: for another "
+            "model, set lora.targets to its Dense or 1x1-convolution kernels."
+        ) from e
     targets = [p for p, hit in flatten_dict(mask).items() if hit]
     if any(p.rsplit("/", 1)[-1] in LORA_LEAVES for p in flat):
         raise ValueError("The parameters already hold LoRA adapters.")

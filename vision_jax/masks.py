@@ -85,9 +85,11 @@ def tree_map_by_rules(
         )
     if each_rule_applies and (idle := [i for i in range(len(compiled)) if i not in applied]):
         pattern, example = compiled[idle[0]][0].pattern, f" such as {names[0]!r}" if names else ""
+        anywhere = f"{'' if pattern.startswith('.*') else '.*'}{pattern}"
+        anywhere += "" if pattern.endswith(".*") else ".*"
         raise ValueError(
             f"{what} {pattern!r} matches no parameter{' an earlier rule leaves' if idle[0] else ''}"
-            f": a rule matches whole paths{example} ('.*{pattern}.*' matches anywhere in a path)."
+            f": a rule matches whole paths{example} ('{anywhere}' matches anywhere in a path)."
         )
     return jax.tree_util.tree_unflatten(treedef, values)
 

@@ -290,8 +290,10 @@ def _initial_setup(
         except CheckpointMismatchError as error:  # another trainable set than the run's
             raise _with_layout_changes(error, ckpt, spec) from error
         if frozen is None:  # saved after the restore (see _restore)
-            logging.warning("No frozen parameters beside %s: reading them from init.path.",
-                            ckpt.directory)  # fmt: skip
+            # A run that froze nothing resumed with a frozen part: the change is refused later.
+            if _newest_meta(ckpt).get("frozen") is not False:
+                logging.warning("No frozen parameters beside %s: reading them from init.path.",
+                                ckpt.directory)  # fmt: skip
             setup, input_spec = setup_of(abstract=False, log=False)
             _check_frozen_as_begun(ckpt, setup.frozen)
         else:
@@ -302,8 +304,7 @@ def _initial_setup(
 def _check_frozen_as_begun(ckpt: Checkpointer, frozen: Any) -> None:
     """Frozen parameters read from ``init.path`` again must be those the run began with (the
     digests its checkpoints record; none in runs of earlier versions)."""
-    step = ckpt.newest_complete_step()
-    saved = ((ckpt.read_meta(step) if step is not None else None) or {}).get("frozen_digest")
+    saved = _newest_meta(ckpt).get("frozen_digest")
     if any_process(not saved):  # every process digests them together, or none does
         return
     problem = digests.first_difference(saved, frozen)
@@ -315,11 +316,16 @@ def _check_frozen_as_begun(ckpt: Checkpointer, frozen: Any) -> None:
         )
 
 
+def _newest_meta(ckpt: Checkpointer) -> dict:
+    """The meta of the newest complete checkpoint ({} without one, or unreadable)."""
+    step = ckpt.newest_complete_step()
+    return (ckpt.read_meta(step) if step is not None else None) or {}
+
+
 def _recorded_contract(ckpt: Checkpointer) -> InputContract | None:
     """The input contract the newest complete checkpoint's run record holds, if it records
     every part of it (runs of earlier versions recorded no crop mode: None)."""
-    step = ckpt.newest_complete_step()
-    meta = ckpt.read_meta(step) if step is not None else None
+    meta = _newest_meta(ckpt)
     if not meta or not {"interpolation", "crop_mode"} <= (meta.get("input") or {}).keys():
         return None
     try:

@@ -153,6 +153,11 @@ class Segmentation(Task):
             raise ValueError(f"Segmentation trains with loss='softmax_xent', not {self.loss!r}.")
         if self.head not in HEADS:
             raise ValueError(f"Unknown task.head {self.head!r}; valid: {', '.join(HEADS)}.")
+        if self.head == "linear" and self.feature_taps is not None and len(self.feature_taps) > 1:
+            raise ValueError(
+                f"task.feature_taps {tuple(self.feature_taps)}: the linear head reads one feature "
+                "map; give one tap, or task.head='fpn' to merge several."
+            )
         check_interval("label_smoothing", self.label_smoothing, "[0, 1)")
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
