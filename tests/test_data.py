@@ -124,6 +124,11 @@ def test_image_folder_reads_subfolders_of_a_class_and_counts_other_files(tmp_pat
     ]  # fmt: skip
     np.testing.assert_array_equal(np.sort(source.columns["label"]), [0, 0, 0, 1])
     assert "Left out 2 files of" in caplog.text and ".tif: 1, no extension: 1" in caplog.text
+    (tmp_path / "train" / "b" / "again").symlink_to(tmp_path / "train" / "b")  # a loop
+    source = data_lib.load_source(
+        data_config(source="imagefolder", root=str(tmp_path)).data, "train"
+    )
+    assert source.num_examples == 4
 
 
 def test_class_folders_in_another_unicode_form_name_the_same_class(tmp_path):

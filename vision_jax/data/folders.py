@@ -100,8 +100,12 @@ def _files_under(folder: str) -> list[str]:
         top = file_path(folder)
         found = (str(p.relative_to(top)) for p in top.rglob("*") if p.is_file())
         return [f for f in found if not any(part.startswith(".") for part in f.split("/")[:-1])]
-    files = []
+    files, seen = [], set()
     for here, subfolders, names in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(here)) in seen:  # a link back to a folder above
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         inside = os.path.relpath(here, folder).replace(os.sep, "/")
         files += [n if inside == "." else f"{inside}/{n}" for n in names]
