@@ -479,6 +479,7 @@ class BestCheckpoint:
             self.manager.wait_until_finished()
         if self._pending is not None and self._pending in self.manager.all_steps():
             self.keep_only(self._pending)
+        self._pending = None  # complete: the next wait has nothing to list or remove
 
     def keep_only(self, step: int | None) -> None:
         """Removes every best checkpoint but ``step`` (a complete one; None: every one). Call

@@ -290,21 +290,21 @@ def _initial_setup(
         except CheckpointMismatchError as error:  # another trainable set than the run's
             raise _with_layout_changes(error, ckpt, spec) from error
         if frozen is None:  # saved after the restore (see _restore)
+            meta = _newest_meta(ckpt)
             # A run that froze nothing resumed with a frozen part: the change is refused later.
-            if _newest_meta(ckpt).get("frozen") is not False:
+            if meta.get("frozen") is not False:
                 logging.warning("No frozen parameters beside %s: reading them from init.path.",
                                 ckpt.directory)  # fmt: skip
             setup, input_spec = setup_of(abstract=False, log=False)
-            _check_frozen_as_begun(ckpt, setup.frozen)
+            _check_frozen_as_begun(meta.get("frozen_digest"), setup.frozen)
         else:
             setup = dataclasses.replace(setup, frozen=frozen)
     return setup, input_spec
 
 
-def _check_frozen_as_begun(ckpt: Checkpointer, frozen: Any) -> None:
+def _check_frozen_as_begun(saved: dict | None, frozen: Any) -> None:
     """Frozen parameters read from ``init.path`` again must be those the run began with (the
-    digests its checkpoints record; none in runs of earlier versions)."""
-    saved = _newest_meta(ckpt).get("frozen_digest")
+    digests ``saved`` in its checkpoints; none in runs of earlier versions)."""
     if any_process(not saved):  # every process digests them together, or none does
         return
     problem = digests.first_difference(saved, frozen)

@@ -239,37 +239,40 @@ def _csv_text(path: str) -> str:
     return file_path(path).read_bytes().decode("utf-8-sig")
 
 
-def _is_split_csv(path: str) -> bool:
-    """Whether ``path`` starts with the ``filename,label`` header of a split's CSV."""
-    header = next(csv.reader(io.StringIO(_csv_text(path).split("\n", 1)[0])), [])
-    return [h.strip() for h in header[:2]] == ["filename", "label"]
-
-
-def _read_csv(path: str) -> list[tuple[int, str, str]]:
-    """(line number, filename, label) rows of a ``filename,label`` CSV file."""
+def _csv_rows(path: str) -> tuple[list[str], list[tuple[int, str, str]] | None]:
+    """The header of a CSV file and, if it is a split's (``filename,label``), its (line number,
+    filename, label) rows; None for another file's."""
     reader = csv.reader(io.StringIO(_csv_text(path)))
     header = [h.strip() for h in next(reader, [])]
     if header[:2] != ["filename", "label"]:
-        raise DataError(f"{path} must start with the header 'filename,label'; got {header}.")
+        return header, None
     rows = []
     for line, row in enumerate(reader, start=2):
         if row and len(row) < 2:
             raise DataError(f"{path}:{line}: expected 'filename,label'; got {row}.")
         if row:
             rows.append((line, row[0].strip(), row[1].strip()))
+    return header, rows
+
+
+def _read_csv(path: str) -> list[tuple[int, str, str]]:
+    """(line number, filename, label) rows of a ``filename,label`` CSV file."""
+    header, rows = _csv_rows(path)
+    if rows is None:
+        raise DataError(f"{path} must start with the header 'filename,label'; got {header}.")
     return rows
 
 
 def _csv_class_names(root: str) -> list[str]:
     """Class names from every split CSV in ``root`` (``root/*.csv`` with the ``filename,label``
     header; others are named in a warning): integer labels 0..max, or sorted label names."""
-    paths = [str(p) for p in sorted(file_path(root).glob("*.csv"))]
-    splits = [p for p in paths if _is_split_csv(p)]
-    if len(splits) < len(paths):
-        others = ", ".join(posixpath.basename(p) for p in paths if p not in splits)
+    rows = {str(p): _csv_rows(str(p))[1] for p in sorted(file_path(root).glob("*.csv"))}
+    splits = [posixpath.basename(p) for p, split in rows.items() if split is not None]
+    if len(splits) < len(rows):
+        others = ", ".join(posixpath.basename(p) for p, split in rows.items() if split is None)
         logging.warning("Class names from %s; not split files (no 'filename,label' header): %s.",
-                        ", ".join(posixpath.basename(p) for p in splits), others)  # fmt: skip
-    labels = {label for path in splits for _, _, label in _read_csv(path)}
+                        ", ".join(splits), others)  # fmt: skip
+    labels = {label for split in rows.values() for _, _, label in split or ()}
     if labels and all(re.fullmatch(r"\d+", x) for x in labels):
         return [str(i) for i in range(max(int(x) for x in labels) + 1)]
     return sorted(labels)

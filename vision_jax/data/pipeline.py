@@ -313,17 +313,21 @@ def eval_batches(
     ds = source.dataset.shard(jax.process_count(), jax.process_index())
     preprocess = make_preprocess(spec, train=False, seed=0, **target)
 
+    def source_row(position: int | tf.Tensor) -> int | tf.Tensor:
+        """The row in the source of the shard's ``position``-th example."""
+        return jax.process_index() + position * jax.process_count()
+
     def example(i: tf.Tensor, ex: dict) -> dict:
-        row = jax.process_index() + i * jax.process_count()  # in the source
-        return {**preprocess(i, ex), "mask": tf.constant(1.0), "row": tf.cast(row, tf.int32)}
+        row = tf.cast(source_row(i), tf.int32)
+        return {**preprocess(i, ex), "mask": tf.constant(1.0), "row": row}
 
     ds = parallel_map(ds.enumerate(), example)
     if source.skip_corrupt:
         ds = ds.ignore_errors()
     ds = ds.batch(local).prefetch(tf.data.AUTOTUNE).with_options(pipeline_options(threads))
 
-    def row_of(position: int) -> int | None:  # the shard's position-th example
-        row = jax.process_index() + position * jax.process_count()
+    def row_of(position: int) -> int | None:
+        row = source_row(position)
         return row if row < source.num_examples else None
 
     shard_size = len(range(jax.process_index(), source.num_examples, jax.process_count()))

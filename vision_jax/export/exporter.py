@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,9 +54,7 @@ def export_trained(
     output.mkdir(parents=True, exist_ok=True)
     batch = tflite_batch if format == "tflite" else None
     manifest = _manifest(trained, servable, format, quantize, batch)
-    # The new manifest replaces the old one only after the artifact is in place.
-    with written_whole(output / MANIFEST) as partial:
-        pathlib.Path(partial).write_text(json.dumps(manifest, indent=1) + "\n")
+    with _manifest_written(output, manifest):  # in place once the artifact is
         _write_artifact(trained, servable, output, format, quantize, tflite_batch)
     return manifest
 
@@ -159,6 +159,15 @@ def _manifest(
     return manifest
 
 
-def write_manifest(output: str | os.PathLike, manifest: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def _manifest_written(output: str | os.PathLike, manifest: dict[str, Any]) -> Iterator[None]:
+    """``manifest`` written beside ``output``'s earlier one, which it replaces after the
+    block (an export that fails in it leaves the earlier manifest)."""
     with written_whole(pathlib.Path(output) / MANIFEST) as partial:
         pathlib.Path(partial).write_text(json.dumps(manifest, indent=1) + "\n")
+        yield
+
+
+def write_manifest(output: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    with _manifest_written(output, manifest):
+        pass
