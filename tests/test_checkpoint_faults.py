@@ -799,16 +799,19 @@ def test_a_run_loaded_into_another_model_names_the_model_it_trained(finished_run
 def test_a_failed_best_save_says_the_step_checkpoints_are_not_affected(tmp_path):
     """The best's folder is not what a resume reads: its failed save does not report "the
     newest complete checkpoint is none" (it named the best's own steps)."""
-    from types import SimpleNamespace
-
     from vision_jax import checkpoint
 
-    cases = [
-        ("best", "The step checkpoints are not affected: free space"),
-        ("checkpoints", "The newest complete checkpoint is step 20: free"),
-    ]
-    for folder, says in cases:
-        manager = SimpleNamespace(directory=tmp_path / folder, all_steps=lambda: [20, 60])
-        with pytest.raises(checkpoint.CheckpointSaveError, match=says):
-            with checkpoint._reporting_failed_saves(manager, 60):
-                raise OSError("[Errno 28] No space left on device")
+    def disk_full():
+        raise OSError("[Errno 28] No space left on device")
+
+    best = checkpoint.BestCheckpoint(str(tmp_path), "val/top1", "max", async_save=False)
+    best._pending, best.manager.wait_until_finished = 60, disk_full
+    with pytest.raises(checkpoint.CheckpointSaveError, match="The step checkpoints are not "
+                       "affected: free space"):  # fmt: skip
+        best.wait()
+    steps = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    steps.manager.all_steps = lambda: [20, 60]
+    steps._pending, steps.manager.wait_until_finished = 60, disk_full
+    with pytest.raises(checkpoint.CheckpointSaveError, match="The newest complete checkpoint is "
+                       "step 20: free space"):  # fmt: skip
+        steps.wait()

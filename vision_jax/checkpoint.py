@@ -62,10 +62,13 @@ _DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left", "ENOSPC", "Disk quota excee
 
 
 @contextlib.contextmanager
-def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None) -> Iterator[None]:
+def _reporting_failed_saves(
+    manager: ocp.CheckpointManager, pending: int | None, resumes_here: bool = True
+) -> Iterator[None]:
     """Turns a failed save that orbax raises when it is next waited for (the next save, the
     end of the run, closing) into a :class:`CheckpointSaveError` naming the step, the reason
-    and the newest complete checkpoint."""
+    and the newest complete checkpoint (``resumes_here``: a resume reads ``manager``'s steps;
+    else the step checkpoints are named unaffected)."""
     try:
         yield
     except Exception as e:  # orbax and TensorStore raise many types
@@ -74,7 +77,7 @@ def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None)
         reason = short_reason(e)
         steps = [s for s in manager.all_steps() if s != pending]
         kept = f"The newest complete checkpoint is {f'step {max(steps)}' if steps else 'none'}"
-        if epath.Path(manager.directory).name == BEST_DIR:  # resume reads the step checkpoints
+        if not resumes_here:
             kept = "The step checkpoints are not affected"
         full = any(marker in str(e) for marker in _DISK_FULL)
         advice = "free space on the disk, then " if full else ""
@@ -87,16 +90,16 @@ def _reporting_failed_saves(manager: ocp.CheckpointManager, pending: int | None)
 
 def _save_async(
     manager: ocp.CheckpointManager, pending: int | None, step: int, state: Any, meta: dict,
-    **options: Any,
+    resumes_here: bool = True, **options: Any,
 ) -> bool:  # fmt: skip
     """Saves ``state`` and ``meta`` (plus the state's digests) as ``step`` once the previous
-    save (of step ``pending``) has finished; a failure of either names its own step.
-    ``options``: more of ``manager.save``'s arguments."""
+    save (of step ``pending``) has finished; a failure of either names its own step
+    (:func:`_reporting_failed_saves`). ``options``: more of ``manager.save``'s arguments."""
     meta = {**meta, "digest": digests.digest(state)}
-    with _reporting_failed_saves(manager, pending):
+    with _reporting_failed_saves(manager, pending, resumes_here):
         manager.wait_until_finished()
     items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-    with _reporting_failed_saves(manager, step):
+    with _reporting_failed_saves(manager, step, resumes_here):
         return manager.save(step, args=ocp.args.Composite(**items), force=True, **options)
 
 
@@ -468,14 +471,15 @@ class BestCheckpoint:
         if self.has(step):
             return
         _save_async(
-            self.manager, self._pending, step, state, meta, metrics={self.metric: float(value)}
-        )
+            self.manager, self._pending, step, state, meta, resumes_here=False,
+            metrics={self.metric: float(value)},
+        )  # fmt: skip
         self._pending = step
 
     def wait(self) -> None:
         """Waits for the pending save; the newest complete one is then the only one kept
         (orbax's policy keeps steps of earlier runs, whose scores it does not know)."""
-        with _reporting_failed_saves(self.manager, self._pending):
+        with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
             self.manager.wait_until_finished()
         if self._pending is not None and self._pending in self.manager.all_steps():
             self.keep_only(self._pending)
@@ -512,7 +516,7 @@ class BestCheckpoint:
     def close(self) -> None:
         """Waits for a pending save; removes the folder if this run made it and saved nothing."""
         self.wait()
-        with _reporting_failed_saves(self.manager, self._pending):
+        with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
             self.manager.close()
         _remove_if_unused(self.directory, self._new)
 
