@@ -88,6 +88,29 @@ def test_image_folder_reads_every_mode_with_sorted_classes(folder):
     assert images[3].std() > 10
 
 
+def test_decoding_is_what_the_export_manifest_says():
+    """The decode an exported model's manifest describes for serving code: 16-bit PNGs as
+    value // 256, alpha dropped (not composited), grey repeated to RGB."""
+    import io
+
+    from vision_jax.data import augment
+    from vision_jax.export.exporter import DECODE
+
+    def decoded(image: Image.Image) -> np.ndarray:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return augment.decode(tf.constant(buffer.getvalue())).numpy()
+
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (4, 5), dtype=np.uint16)
+    np.testing.assert_array_equal(
+        decoded(Image.fromarray(deep)), np.repeat(deep[..., None] // 256, 3, -1)
+    )
+    rgba = rng.integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(decoded(Image.fromarray(rgba)), rgba[..., :3])
+    assert "value // 256" in DECODE["bit_depth"] and "alpha dropped" in DECODE["channels"]
+
+
 def test_image_folder_takes_bmp_gif_and_webp(tmp_path):
     """The files the decoder reads (lossless BMP, GIF and WebP here) are listed and decoded."""
     pixels = np.random.default_rng(0).integers(0, 256, (8, 6, 3), np.uint8)
@@ -252,7 +275,7 @@ def test_skip_corrupt_skips_and_counts(corrupt_folder, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert data_lib.check_examples(source, spec) == 1  # the up-front check names it too
-    assert "1 unreadable example(s) of 7 will be skipped: image " in caplog.text
+    assert "1 bad example(s) of 7 will be skipped: cannot read image " in caplog.text
     assert "train/b/bad.jpg: jpeg::Uncompress failed" in caplog.text
     assert all("train/b/bad.jpg: jpeg::Uncompress failed" in m for m in named), named
     resumed = data_lib.train_batches(

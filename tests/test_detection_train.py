@@ -45,7 +45,8 @@ def random_scenes(n: int, seed: int) -> list:
 def coco_root(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("coco")
     write_coco(root, random_scenes(64, 0), "train")
-    write_coco(root, random_scenes(20, 1), "test")  # 20 = 2.5 eval batches of 8
+    # 20 = 2.5 eval batches of 8; image ids that are not 1, 2, ... in file order
+    write_coco(root, random_scenes(20, 1), "test", ids=[100 + 7 * i for i in range(20)])
     return root
 
 
@@ -60,7 +61,7 @@ def det_config(root: pathlib.Path, **overrides):
     return cfg
 
 
-def test_detection_learns_and_map_equals_pycocotools(coco_root, tmp_path):
+def test_detection_learns_and_map_equals_pycocotools(coco_root, tmp_path, capsys):
     """mAP rises; the reported figures equal pycocotools on the trained model's detections of
     each of the 20 test images, computed here outside the evaluation loop."""
     cfg = det_config(coco_root, **{"total_steps": 60, "eval_before_training": True})
@@ -85,30 +86,42 @@ def test_detection_learns_and_map_equals_pycocotools(coco_root, tmp_path):
     )
     assert result["eval/map"] == pytest.approx(want["map"], abs=2e-3)
     assert result["eval/ap50"] == pytest.approx(want["ap50"], abs=2e-3)
-    _check_predict(tmp_path, coco_root, truth, result)
+    _check_predict(tmp_path, coco_root, truth, result, capsys)
 
 
-def _check_predict(workdir: pathlib.Path, coco_root: pathlib.Path, truth: dict, result: dict):
-    """``python -m vision_jax.predict`` on the test images (and one unreadable file): its COCO
-    results score what the evaluation scored; boxes are drawn on copies of the images."""
+def _check_predict(workdir: pathlib.Path, coco_root: pathlib.Path, truth: dict, result: dict,
+                   capsys) -> None:  # fmt: skip
+    """``python -m vision_jax.predict`` on the test images (and one unreadable file) with the
+    ground truth's image ids (``--coco_annotations``, a copy naming the unreadable file too):
+    pycocotools scores its COCO results as the evaluation did; boxes are drawn on copies of the
+    images. A file that the annotations do not name is an error naming it."""
     from vision_jax import predict
 
     folder = workdir / "images"
     shutil.copytree(coco_root / "test", folder)
     (folder / "broken.png").write_bytes(b"not an image")
+    broken = {"id": 5, "file_name": "broken.png", "width": SIZE, "height": SIZE}
+    annotations = workdir / "instances.json"
+    annotations.write_text(json.dumps({**truth, "images": [*truth["images"], broken]}))
     output, drawn = workdir / "detections.json", workdir / "drawn"
-    argv = [f"--workdir={workdir}", f"--input={folder}", f"--output={output}", f"--draw={drawn}",
-            "--batch_size=6"]  # fmt: skip
-    assert predict.main(argv) == 0
+    argv = [f"--workdir={workdir}", f"--input={folder}", f"--output={output}",
+            f"--coco_annotations={annotations}", "--batch_size=6"]  # fmt: skip
+    assert predict.main([*argv, f"--draw={drawn}"]) == 0
     results = json.loads(output.read_text())
     id_of = {str(folder / im["file_name"]): im["id"] for im in truth["images"]}
     assert {r["file_name"] for r in results} <= set(id_of)
     for r in results:
-        r["image_id"] = id_of[r["file_name"]]
+        assert r["image_id"] == id_of[r["file_name"]]
         assert NAMES[(r["category_id"] - 2) // 2] == r["category_name"]  # ids 2, 4, ...
     names = [c["name"] for c in sorted(truth["categories"], key=lambda c: c["id"])]
     got = coco_metrics(truth, results, list(id_of.values()), names)
     assert got["map"] == pytest.approx(result["eval/map"], abs=2e-3)
+    shutil.copy(folder / truth["images"][0]["file_name"], folder / "extra.png")
+    argv[-2] = f"--coco_annotations={coco_root / 'annotations/instances_test.json'}"
+    capsys.readouterr()
+    assert predict.main(argv) == 1
+    error = capsys.readouterr().err
+    assert "2 file(s) are not images of" in error and f"{folder}/broken.png" in error
     assert sorted(p.name for p in drawn.iterdir()) == sorted(
         f"{im['file_name'][:-4]}.png" for im in truth["images"]
     )
@@ -157,6 +170,22 @@ def test_lora_and_frozen_backbone_on_a_detection_model(coco_root, tmp_path):
     assert trained and all(k.startswith("task_head/") for k in trained)
     variables = read_variables(str(tmp_path / "frozen"))  # the backbone saved once, beside
     assert "conv1" in variables["params"] and "batch_stats" in variables
+
+
+def test_splits_whose_category_ids_differ_are_named(tmp_path):
+    """The same category names under other ids in the eval split's file: an error listing the
+    classes of each split in order (the order of their ids) with their ids."""
+    write_coco(tmp_path, random_scenes(4, 0), "train")
+    truth = write_coco(tmp_path, random_scenes(4, 1), "test")
+    swap = {2: 4, 4: 2}  # the first two classes trade ids
+    for record in truth["categories"] + truth["annotations"]:
+        key = "id" if "name" in record else "category_id"
+        record[key] = swap.get(record[key], record[key])
+    (tmp_path / "annotations/instances_test.json").write_text(json.dumps(truth))
+    first, second = NAMES[:2]
+    with pytest.raises(ValueError, match=rf"another order \(train: {first} \(id 2\), {second} "
+                       rf"\(id 4\), .*; eval: {second} \(id 2\), {first} \(id 4\)"):  # fmt: skip
+        train_and_evaluate(det_config(tmp_path), str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize(

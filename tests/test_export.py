@@ -246,7 +246,7 @@ def test_detection_savedmodel_runs_in_tensorflow(tmp_path):
             np.testing.assert_allclose(got[key], expected[key][:batch], atol=1e-4, err_msg=key)
     assert (np.asarray(expected["classes"]) >= 0).sum() > 3  # detections to compare
     trained = SimpleNamespace(  # what the manifest reads of a run
-        task=task, class_names=["a", "b"], step_dir="run/checkpoints/3", step=3,
+        task=task, class_names=["a", "b"], step_dir="run/checkpoints/3", step=3, ema=False,
         record=SimpleNamespace(model="vit_ti16", category_ids=(3, 7)),
     )  # fmt: skip
     manifest = _manifest(trained, servable, "savedmodel", "none", None)
@@ -305,6 +305,7 @@ def test_segmentation_exports_label_maps_and_probabilities():
     trained = SimpleNamespace(
         task=task, input=InputSpec(image_size=32, interpolation="bicubic"), class_names=["a"] * 3,
         record=SimpleNamespace(model="vit_ti16", category_ids=None), step_dir="run/1", step=1,
+        ema=False,
     )  # fmt: skip
     resize = _manifest(trained, servable, "tflite", "none", 2)["input"]["resize"]
     assert resize["interpolation"] == "bicubic" and "whole image to 32 x 32" in resize["resize"]
@@ -360,6 +361,7 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
         batch = 6 if fmt == "tflite" else None
         assert manifest["input"]["shape"] == [batch, 8, 8, 3]
         assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["name"] == "images"
+        assert manifest["input"]["decode"]["orientation"].startswith("JPEGs upright")
         assert manifest["outputs"] == {"probabilities": {"shape": [batch, 10], "dtype": "float32"}}
         assert manifest["class_names"] == [str(d) for d in range(10)]
         assert manifest["normalisation"]["mean"] == [0.5] * 3
@@ -490,3 +492,22 @@ def test_a_failed_export_leaves_the_earlier_one_whole(digits_run, tmp_path, monk
     err = capsys.readouterr().err
     assert f"cannot write {out / 'model.jax_exported'}: No space left on device" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_quantisation_report_miou_is_scikit_learns():
+    """The segmentation column of ``--evaluate``: mean IoU over the pixels not ignored, of the
+    classes that occur or are predicted (scikit-learn's macro Jaccard over those)."""
+    from sklearn.metrics import jaccard_score
+
+    from vision_jax.data import IGNORE_LABEL
+    from vision_jax.export.report import _miou
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 4, (3, 8, 8))
+    predictions = np.where(rng.random(targets.shape) < 0.7, targets, rng.integers(0, 4, (3, 8, 8)))
+    targets[0, :2] = IGNORE_LABEL
+    counted = targets != IGNORE_LABEL
+    want = jaccard_score(
+        targets[counted], predictions[counted], labels=[0, 1, 2, 3], average="macro"
+    )
+    assert _miou(predictions, targets, num_classes=5) == pytest.approx(want)  # class 4: absent

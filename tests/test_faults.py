@@ -318,7 +318,9 @@ def test_a_corrupt_eval_image_stops_the_run_before_training(tmp_path):
     data = tmp_path / "data"
     _image_folder(data, corrupt_eval=True)
     cfg = config(**{"data.source": "imagefolder", "data.root": str(data)})
-    with pytest.raises(ValueError, match=r"Cannot read image .*test/b/bad\.png.*skip_corrupt"):
+    with pytest.raises(
+        ValueError, match=r"Bad example\(s\): cannot read image .*test/b/bad\.png.*skip_corrupt"
+    ):
         train_and_evaluate(cfg, str(tmp_path / "run"))
     assert not step_dirs(tmp_path / "run")
     cfg.data.skip_corrupt = True  # skipped and counted
@@ -349,7 +351,7 @@ def test_the_eval_split_is_read_while_the_first_step_compiles(tmp_path, monkeypa
     wrap_step(monkeypatch, first_step)
     cfg = config(**{"data.source": "imagefolder", "data.root": str(data)})
     cfg.checkpoint_every_steps = 1
-    with pytest.raises(ValueError, match=r"Cannot read image .*test/b/bad\.png"):
+    with pytest.raises(ValueError, match=r"Bad example\(s\): cannot read image .*test/b/bad\.png"):
         train_and_evaluate(cfg, str(tmp_path / "run"))
     main = threading.current_thread().name
     assert [e for e, _ in events] == ["check starts", "step 1", "check ends"]

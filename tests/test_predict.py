@@ -16,7 +16,9 @@ from PIL import Image
 from test_segmentation_train import ARRAYS, seg_config
 
 from vision_jax import data as data_lib
-from vision_jax.predict import Predictor, image_files, main
+from vision_jax import weights
+from vision_jax.export.__main__ import main as export_main
+from vision_jax.predict import Predictor, image_files, main, voc_palette
 from vision_jax.train import train_and_evaluate
 from vision_jax.trained import load_trained
 
@@ -208,7 +210,9 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
     arrays = Predictor(workdir).predict_arrays(images)["label_map"]
     np.testing.assert_array_equal(arrays, np.stack(want[:-1]))
     for record, expected in zip(index, want, strict=True):
-        label_map = np.asarray(Image.open(record["label_map"]))
+        png = Image.open(record["label_map"])
+        assert png.mode == "P" and png.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
+        label_map = np.asarray(png)
         np.testing.assert_array_equal(label_map, expected)
         counts = np.bincount(label_map.ravel(), minlength=len(names)) / label_map.size
         assert list(record["class_fractions"]) == names
@@ -222,6 +226,15 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
         main([f"--workdir={workdir}", f"--input={folder}", f"--output={beside}"])
     error = capsys.readouterr().err
     assert f"--input {folder} lies in {folder}, where this command writes" in error
+
+
+def test_label_map_colours_are_pascal_vocs():
+    """The label maps' palette is VOC's (as in its SegmentationClass PNGs): person (15) pink,
+    the ignored 255 cream."""
+    colours = np.reshape(voc_palette(), (256, 3))
+    assert colours[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+    assert colours[15].tolist() == [192, 128, 128] and colours[255].tolist() == [224, 224, 192]
+    assert len({tuple(c) for c in colours}) == 256
 
 
 def test_a_classification_output_named_after_its_input_folder(digits_run, digit_files, tmp_path):
@@ -316,3 +329,68 @@ def test_output_names_of_files_with_the_same_stem_never_collide():
     names = unique_pngs(["in/a.jpg", "in/a.png", "in/a_2.jpg", "in/sub/a.jpg"], "out")
     assert names == ["out/a.png", "out/a_3.png", "out/a_2.png", "out/a_4.png"]
     assert unique_pngs(["a_2.jpg", "a.jpg", "a.png"], "o") == ["o/a_2.png", "o/a.png", "o/a_3.png"]
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    """A digits run that keeps an EMA of its parameters and selects its best step on the EMA's
+    validation (``val_ema/top1``)."""
+    from test_train import small_config
+
+    workdir = tmp_path_factory.mktemp("ema_run")
+    config = small_config(total_steps=6, eval_every_steps=3, checkpoint_every_steps=3,
+                          ema_decay=0.7, **{"optimizer.learning_rate": 0.1})  # fmt: skip
+    config.data.train_split, config.data.val_split = "train[:90%]", "train[90%:]"
+    config.early_stopping.metric = "val_ema/top1"
+    return workdir, train_and_evaluate(config, str(workdir))
+
+
+def test_ema_parameters_predict_as_the_runs_ema_evaluation(ema_run, tmp_path):
+    """A run selected on its EMA's validation predicts, reports and exports with the EMA
+    parameters by default (``--no-ema``: the trained ones): predict's fraction correct on the
+    eval split's files is the run's ``eval_ema/top1`` (of its best step), with --no-ema its
+    ``eval/top1``; the variables are the checkpoint's EMA parameters, not its parameters."""
+    from vision_jax.weights.run_dir import latest_step_dir, restore_on_one_device
+
+    workdir, result = ema_run
+    source = data_lib.digits("test")
+    rgb = np.repeat(source.columns["image"], 3, -1)
+    saved = restore_on_one_device(latest_step_dir(workdir, "best") / "state")
+    correct = {}
+    for ema in (None, True, False):
+        predictor = Predictor(workdir, ema=ema, batch_size=48)
+        labels = predictor.predict_arrays(rgb)["probabilities"].argmax(-1)
+        correct[ema] = np.mean(labels == source.columns["label"])
+        kernel = load_trained(workdir, ema=ema).variables["params"]["head"]["kernel"]
+        want = saved["params" if ema is False else "ema_params"]["head"]["kernel"]
+        np.testing.assert_array_equal(kernel, want)
+    assert not np.allclose(saved["params"]["head"]["kernel"], saved["ema_params"]["head"]["kernel"])
+    assert correct[None] == correct[True] == pytest.approx(result["eval_ema/top1"], abs=1e-6)
+    assert correct[False] == pytest.approx(result["eval/top1"], abs=1e-6)
+    assert load_trained(workdir).ema and not load_trained(workdir, ema=False).ema
+    from_run = weights.read_variables(workdir, load_trained(workdir).model)  # init.path's reader
+    np.testing.assert_array_equal(
+        from_run["params"]["head"]["kernel"], saved["ema_params"]["head"]["kernel"]
+    )
+    assert export_main(["--workdir", str(workdir), "--format", "stablehlo", "--output",
+                        str(tmp_path)]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "export.json").read_text())
+    assert manifest["source"]["parameters"] == "ema"
+
+
+def test_ema_parameters_of_a_run_without_them_are_an_error(digits_run, digit_files, tmp_path,
+                                                           capsys):  # fmt: skip
+    from vision_jax.weights import WeightFormatError
+
+    assert not load_trained(digits_run[0]).ema  # selected on nothing: the trained parameters
+    with pytest.raises(WeightFormatError, match="holds no EMA parameters: the run did not set "):
+        _ = load_trained(digits_run[0], ema=True).variables
+    out = tmp_path / "p.jsonl"
+    argv = ["--workdir", str(digits_run[0]), "--input", digit_files[0][0], "--output", str(out)]
+    assert main([*argv, "--ema"]) == 1
+    assert "holds no EMA parameters" in capsys.readouterr().err
+    weights = ["--weights", "w.npz", "--model", "vit_ti16", "--input", digit_files[0][0],
+               "--output", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main([*weights, "--no-ema"])
+    assert "--ema pick the parameters of --workdir" in capsys.readouterr().err

@@ -238,6 +238,10 @@ def test_a_setup_error_leaves_no_best_folder(tmp_path, monkeypatch):
         ),
         ({"data.val_split": "test"}, "must differ from train_split and eval_split"),
         ({"data.val_split": "train[90%:]", "early_stopping.mode": "up"}, "'max' or 'min'"),
+        (
+            {"data.val_split": "train[90%:]", "early_stopping.metric": "val_ema/top1"},
+            "'val_ema/top1' measures the EMA parameters: set ema_decay",
+        ),
     ],
 )
 def test_selection_config_errors(overrides, match):

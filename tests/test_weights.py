@@ -23,6 +23,7 @@ from vision_jax.weights import (
     WeightFormatError,
     WeightMismatchError,
     apply_input_contract,
+    class_names,
     detect_format,
     export_npz,
     export_safetensors,
@@ -156,6 +157,7 @@ HF_CONFIG = {
         "lightning",
         "timm-train",
         "ema-only",
+        "model-settings",
     ],  # fmt: skip
 )
 def test_timm_vit_every_file_format(timm, tmp_path, fmt):
@@ -190,6 +192,10 @@ def test_timm_vit_every_file_format(timm, tmp_path, fmt):
 
         path = tmp_path / "vit_ddp.safetensors"
         save_file({f"module.{k}": v for k, v in sd.items()}, str(path))
+    elif fmt == "model-settings":  # "model" holds the network's settings, not its tensors
+        path = tmp_path / "vit_settings.pt"
+        settings = {"arch": "vit_tiny", "num_classes": 10, "sizes": [1, 2]}
+        save_torch({"model": settings, "model_state_dict": tensors(sd), "epoch": 3}, path)
     else:  # timm's train script, EMA weights kept alone
         path = tmp_path / "vit_ema.pth"
         save_torch({"model_ema": tensors(sd), "epoch": 3}, path)
@@ -242,6 +248,50 @@ def test_hugging_face_vit_folder(timm, tmp_path, classifier):
         WeightMismatchError, match=r"(?s)config\.json.*num_hidden_layers: checkpoint 3"
     ):
         load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
+
+
+@pytest.mark.parametrize("name", ["vit_ti16", "resnet18"])
+def test_timm_hub_folder(timm, tmp_path, name):
+    """A folder as timm's own ``save_for_hf`` writes it (what ``snapshot_download`` of a
+    ``timm/...`` repository gives) loads as its state dict, to timm's logits; its input contract
+    is the data config timm resolves for the folder and its class names are ``label_names``."""
+    from timm.models import save_for_hf
+
+    if name == "vit_ti16":
+        ref = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, depth=2)
+        model, size = vit(3), 32
+    else:
+        ref, model, size = (
+            timm.create_model(name, num_classes=3),
+            create_model(name, num_classes=3),
+            64,
+        )
+    perturb_(ref)
+    labels = ["cat", "dog", "eel"]
+    save_for_hf(ref, tmp_path, model_config={"label_names": labels}, safe_serialization=True)
+    assert detect_format(tmp_path) == "timm_hub"
+    variables = load_pretrained(tmp_path, model=model, variables=init_vars(model, size))
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()  # timm reads it
+    x = images(size, seed=5)
+    assert_close(apply(model, variables, x), torch_logits(loaded, x))
+    assert_close(torch_logits(loaded, x), torch_logits(ref, x))
+    data = timm.data.resolve_data_config({}, model=loaded)
+    contract = input_contract(tmp_path)
+    assert contract.image_size == data["input_size"][-1]
+    assert contract.mean == pytest.approx(data["mean"]) and contract.std == pytest.approx(
+        data["std"]
+    )
+    assert (contract.interpolation, contract.crop_mode) == (
+        data["interpolation"],
+        data["crop_mode"],
+    )
+    assert contract.crop_fraction == pytest.approx(data["crop_pct"])
+    assert class_names(tmp_path) == labels
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["pretrained_cfg"]["crop_mode"] = "border"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightFormatError, match="crop_mode 'border'; vision_jax resizes"):
+        input_contract(tmp_path)
 
 
 def _hf_vit_folder(timm, folder: pathlib.Path, processor: dict | None) -> torch.nn.Module:
@@ -760,6 +810,24 @@ def test_weights_of_another_architecture_or_size_are_named_as_such(tmp_path, tim
             load_pretrained(tmp_path / name, model=model, variables=init_vars(model, 32))
         assert str(tmp_path / name) in str(info.value)
         assert len(str(info.value).splitlines()) <= 30, str(info.value)
+
+
+@pytest.mark.parametrize(
+    "pooling, match",
+    [
+        (dict(class_token=False, global_pool="avg", fc_norm=False), r"pool_type='gap'"),
+        (dict(global_pool="avg"), r"normalises after pooling \(timm's fc_norm"),
+    ],
+)
+def test_timm_vits_pooled_otherwise_say_what_to_do(tmp_path, timm, pooling, match):
+    """A timm ViT without a class token into a token-pooled model: build it with gap; one that
+    normalises after pooling (fc_norm): not supported, said in one line."""
+    from safetensors.numpy import save_file
+
+    save_file(state_dict_np(timm_vit(timm, **pooling)), str(tmp_path / "vit.safetensors"))
+    model = vit()
+    with pytest.raises(WeightMismatchError, match=match):
+        load_pretrained(tmp_path / "vit.safetensors", model=model, variables=init_vars(model, 32))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Predicting with a trained run, or a pretrained classifier file, on image files.
 
-``python -m vision_jax.predict (--workdir=RUN [--which=best|latest] | --weights=FILE
---model=NAME [--class_names=a,b,...]) --input=DIR|FILE|GLOB --output=preds.jsonl|.csv|.json
-[--top_k=5] [--batch_size=16] [--draw=DIR] [--draw_threshold=0.5]``
+``python -m vision_jax.predict (--workdir=RUN [--which=best|latest] [--ema|--no-ema] |
+--weights=FILE --model=NAME [--class_names=a,b,...]) --input=DIR|FILE|GLOB
+--output=preds.jsonl|.csv|.json [--top_k=5] [--batch_size=16] [--draw=DIR] [--draw_threshold=0.5]
+[--coco_annotations=FILE]``
 
 Classification writes a record per image: ``file``, its class (``label``, ``class_name``,
 ``probability``) and its ``top_k`` classes. Segmentation writes a PNG label map per image (class
@@ -10,8 +11,10 @@ ids at the image's size) into the folder named as the output without its extensi
 record per image: ``file``, ``label_map`` (the PNG) and ``class_fractions`` (of its pixels).
 Detection writes COCO results (``bbox`` [x, y, w, h] in image pixels, ``score``,
 ``category_id``) with ``file_name`` and ``category_name``, and with ``--draw`` the images with
-their boxes. The output's extension picks its format: ``.jsonl`` (a record a line), ``.csv`` (a
-record a row, nested fields flattened: ``top_k_1_label``, ``bbox_1``) or ``.json`` (a list).
+their boxes; their ``image_id`` is 1, 2, ... in file order, or with ``--coco_annotations`` the id
+of the file in that COCO file (so pycocotools scores the results against it). The output's
+extension picks its format: ``.jsonl`` (a record a line), ``.csv`` (a record a row, nested
+fields flattened: ``top_k_1_label``, ``bbox_1``) or ``.json`` (a list).
 
 Images go through the evaluation pipeline (:func:`vision_jax.data.eval_batches`, with the run's
 recorded input size, crop, mean and std, or the weight file's input contract) in batches and the
@@ -42,11 +45,12 @@ import numpy as np
 from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.data import augment, exif
-from vision_jax.data.coco import from_image_files
+from vision_jax.data.coco import from_image_files, image_ids_by_file
 from vision_jax.data.folders import is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.models import create_model
 from vision_jax.output_errors import written_whole
+from vision_jax.run_options import add_run_options
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import PADDING_ID, coco_results
 from vision_jax.trained import jitted_predict, load_trained
@@ -107,7 +111,8 @@ class Progress:
 class Predictor:
     """A model ready to predict on image files or arrays as its evaluation did.
 
-    ``Predictor(workdir)`` is a trained run (its task, model, class names and input);
+    ``Predictor(workdir)`` is a trained run (its task, model, class names and input; ``ema``
+    as :func:`~vision_jax.trained.load_trained` takes it);
     :meth:`from_weights` a pretrained classifier file. :meth:`predict` takes image files,
     :meth:`predict_arrays` images in memory.
     """
@@ -120,8 +125,15 @@ class Predictor:
     category_ids: list[int]  # detection: the COCO id of each class
     batch_size: int
 
-    def __init__(self, workdir: str | os.PathLike, *, which: str = "best", batch_size: int = 16):
-        trained = load_trained(workdir, which=which)
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        which: str = "best",
+        ema: bool | None = None,
+        batch_size: int = 16,
+    ):
+        trained = load_trained(workdir, which=which, ema=ema)
         self._bind(
             trained.task,
             trained.model,
@@ -387,14 +399,32 @@ def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
 
 def save_label_maps(records: list[dict], folder: str) -> None:
     """Writes each record's ``label_map`` to a PNG in ``folder`` and puts its path in its
-    place."""
+    place: class ids as the pixels of a palette image with PASCAL VOC's colours (as VOC's
+    ``SegmentationClass`` files: viewers show the classes, readers get the ids), 16-bit grey
+    above 256 classes."""
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
     outs = unique_pngs([r["file"] for r in records], folder)
     for record, out in zip(records, outs, strict=True):
-        Image.fromarray(record["label_map"]).save(out)
+        image = Image.fromarray(record["label_map"])
+        if image.mode == "L":
+            image.putpalette(voc_palette())
+        image.save(out)
         record["label_map"] = out
+
+
+def voc_palette() -> list[int]:
+    """PASCAL VOC's 256 colours, flat RGB: class ``c``'s bits spread over R, G and B from the
+    high bit down (1 dark red, 2 dark green, 3 olive, ...)."""
+    palette = []
+    for c in range(256):
+        rgb = [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((c >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette += rgb
+    return palette
 
 
 def flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -456,7 +486,7 @@ def draw_detections(path: str, detections: list[dict], out_path: str, threshold:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", help="a trained run's workdir")
-    parser.add_argument("--which", choices=("best", "latest"), help="--workdir's step (best)")
+    add_run_options(parser, which_default=None)  # None: not given (with --weights, an error)
     parser.add_argument("--weights", help="a pretrained classifier file (instead of --workdir)")
     parser.add_argument("--model", help="the registered model of --weights (e.g. vit_ti16)")
     parser.add_argument("--class_names", help="--weights' classes, comma-separated")
@@ -464,6 +494,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="records to write: .jsonl, .csv, .json")
     parser.add_argument("--top_k", type=int, default=5, help="classes per classification record")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument(
+        "--coco_annotations",
+        help="detection: a COCO file whose image ids the results take (by file name), for "
+        "pycocotools' loadRes against it (default: 1, 2, ... in file order)",
+    )  # fmt: skip
     parser.add_argument("--draw", help="detection: folder for the images with their boxes drawn")
     parser.add_argument("--draw_threshold", type=float, default=0.5)
     return parser
@@ -476,11 +511,13 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pre
         stray = [f"--{k}" for k in ("model", "class_names") if getattr(args, k)]
         if stray:
             parser.error(f"{', '.join(stray)}: for --weights (a run records its own).")
-        return Predictor(args.workdir, which=args.which or "best", batch_size=args.batch_size)
+        return Predictor(
+            args.workdir, which=args.which or "best", ema=args.ema, batch_size=args.batch_size
+        )
     if not args.model:
         parser.error("--weights needs --model (the registered model the file fits).")
-    if args.which:
-        parser.error("--which picks a step of --workdir, not of --weights.")
+    if args.which or args.ema is not None:
+        parser.error("--which and --ema pick the parameters of --workdir, not of --weights.")
     names = args.class_names.split(",") if args.class_names else None
     return Predictor.from_weights(
         args.weights, model=args.model, class_names=names, batch_size=args.batch_size
@@ -531,11 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = _predictor(args, parser)
         task = predictor.task.name
-        if args.draw and task != "detection":
-            parser.error(f"--draw draws boxes: {args.workdir} is a {task} run.")
+        for flag in ("draw", "coco_annotations"):
+            if getattr(args, flag) and task != "detection":
+                parser.error(f"--{flag} is for detection: {args.workdir} is a {task} run.")
         paths = _outside_outputs(paths, args, task, parser)
         _make_folder_of(args.output, parser)  # before the predictions, not after them
+        ids = args.coco_annotations and image_ids_by_file(args.coco_annotations, paths)
         records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
+        for record in records if ids else ():
+            record["image_id"] = ids[record["file_name"]]
     except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

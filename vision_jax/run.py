@@ -364,9 +364,20 @@ def _load_data(
                                       only(other.class_names, train.class_names))  # fmt: skip
             how = f"only in train: {train_only}; only in {name}: {other_only}"
             if train_only == other_only == "none":
-                how = "the same ones in another order"
+                orders = f"train: {_order(train)}; {name}: {_order(other)}"
+                how = f"the same ones in another order ({orders})"
             raise data_lib.DataError(f"The train and {name} splits have different classes: {how}.")
     return train, evaluation, validation
+
+
+def _order(source: data_lib.Source) -> str:
+    """A source's classes in order, the first 8, with their COCO category ids if it has any."""
+    categories = (source.annotations or {}).get("categories")
+    names = source.class_names
+    if categories:  # detection: classes in the order of their ids
+        ids = {c["name"]: c["id"] for c in categories}
+        names = [f"{n} (id {ids[n]})" for n in names]
+    return ", ".join(names[:8]) + (", ..." if names[8:] else "")
 
 
 def task_model(spec: specs.RunSpec, num_classes: int) -> nn.Module:

@@ -394,6 +394,11 @@ class EarlyStoppingSpec:
     patience: int | None = None  # evaluations without improvement before stopping; None: never
     min_delta: float = 0.0  # an improvement must beat the best by more than this
 
+    @property
+    def measures_ema(self) -> bool:
+        """Whether the metric is one of the EMA parameters' evaluation (``val_ema/...``)."""
+        return self.metric is not None and self.metric.split("/")[0].endswith("_ema")
+
 
 def early_stopping_spec(section: Any, has_val_split: bool) -> EarlyStoppingSpec:
     """:class:`EarlyStoppingSpec` of ``config.early_stopping``: only with a validation split."""
@@ -575,6 +580,11 @@ def run_spec(config: Any) -> RunSpec:
         raise ConfigError(
             f"keep_checkpoints must be >= 1 (got {spec.keep_checkpoints}): with none kept the "
             "trained model would be deleted."
+        )
+    if spec.early_stopping.measures_ema and spec.ema_decay is None:
+        raise ConfigError(
+            f"early_stopping.metric {spec.early_stopping.metric!r} measures the EMA parameters: "
+            "set ema_decay (e.g. 0.999) to keep them."
         )
     if spec.lora is not None and spec.optimizer.trainable != "all":
         raise ConfigError(

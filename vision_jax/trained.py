@@ -3,7 +3,9 @@
 ``load_trained(workdir)`` rebuilds what the run trained from its record alone (the task and its
 settings, the model, the class names and the input it used); its variables (the best step when
 the run kept one, else the newest; LoRA adapters merged, frozen parameters put back) are read at
-their first use.
+their first use. A run that kept an EMA of its parameters (``config.ema_decay``) gives them with
+``ema=True``; by default a run whose model selection measured them (``early_stopping.metric``
+an ``*_ema/`` metric) gives those.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ class Trained:
     input: data_lib.InputSpec  # the run's input (size, mean, std after its input contract)
     step: int  # the step whose variables these are
     step_dir: str
+    ema: bool = False  # the step's EMA parameters instead of its trained ones
 
     @functools.cached_property
     def variables(self) -> dict[str, Any]:
         """The step's model variables, read at first use."""
-        return read_variables(self.step_dir)
+        return read_variables(self.step_dir, ema=self.ema)
 
     @property
     def task(self) -> Any:
@@ -76,9 +79,13 @@ def jitted_predict(model: nn.Module, task: Any, image_size: int) -> Any:
     return jax.jit(predict, static_argnames="keys")
 
 
-def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
+def load_trained(
+    path: str | os.PathLike, *, which: str = "best", ema: bool | None = None
+) -> Trained:
     """The run in ``path`` (a workdir, its checkpoints folder or a step folder): ``which`` is
-    ``"best"`` (the best step if the run kept one, else the newest) or ``"latest"``."""
+    ``"best"`` (the best step if the run kept one, else the newest) or ``"latest"``; ``ema``:
+    the step's EMA parameters (True) or its trained ones (False); None: the ones the run's
+    model selection measured (EMA when ``early_stopping.metric`` is an ``*_ema/`` metric)."""
     from vision_jax.run import task_model  # run imports the training stack
 
     step_dir = latest_step_dir(path, which)
@@ -91,4 +98,6 @@ def load_trained(path: str | os.PathLike, *, which: str = "best") -> Trained:
         crop_mode=record.crop_mode or spec.input.crop_mode,
     )  # fmt: skip
     model = task_model(spec, len(record.class_names or ()))
-    return Trained(record, spec, model, input_spec, int(step_dir.name), str(step_dir))
+    ema = spec.early_stopping.measures_ema if ema is None else ema
+    step = int(step_dir.name)
+    return Trained(record, spec, model, input_spec, step, str(step_dir), ema=ema)

@@ -106,6 +106,33 @@ def from_image_files(
     return source, unreadable
 
 
+def image_ids_by_file(annotations: str, paths: Sequence[str]) -> dict[str, int]:
+    """The id in the COCO file ``annotations`` of each image file in ``paths``: of the image
+    whose ``file_name`` (relative to whatever folder) the path ends with, the longest such; so
+    that predictions on those files are results pycocotools scores against that file. A path
+    that no image names, or that two images name alike, is a DataError naming it."""
+    images = _records(_read_json(annotations, "--coco_annotations"), "images", annotations)
+    by_name: dict[str, list[int]] = {}
+    for image in images:
+        name = posixpath.normpath(str(image["file_name"]).replace("\\", "/")).lstrip("/")
+        by_name.setdefault(name, []).append(image["id"])
+    ids, unnamed = {}, []
+    for path in paths:
+        parts = posixpath.normpath(path.replace("\\", "/")).split("/")
+        tails = ("/".join(parts[k:]) for k in range(len(parts)))  # the longest first
+        found = next((by_name[tail] for tail in tails if tail in by_name), None)
+        if found is None:
+            unnamed.append(path)
+        elif len(found) > 1:
+            raise DataError(f"{annotations}: images {found} all name the file {path}.")
+        else:
+            ids[path] = found[0]
+    if unnamed:
+        listed = ", ".join(unnamed[:3]) + (" ..." if unnamed[3:] else "")
+        raise DataError(f"{len(unnamed)} file(s) are not images of {annotations}: {listed}.")
+    return ids
+
+
 def _box_source(
     dataset: tf.data.Dataset | None,
     images: list[dict],
@@ -147,9 +174,9 @@ def _annotation(ann: dict) -> dict:
     }
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path: str, setting: str = "data.coco_annotations") -> dict:
     if not file_path(path).exists():
-        raise DataError(f"COCO annotation file {path} does not exist (data.coco_annotations).")
+        raise DataError(f"COCO annotation file {path} does not exist ({setting}).")
     try:
         coco = json.loads(file_path(path).read_text())
     except json.JSONDecodeError as e:

@@ -160,7 +160,7 @@ class Batches(Iterator[Batch]):
         if not bad:
             return DataError(f"The input pipeline failed: {error.message}")
         return DataError(
-            f"Cannot read {'; '.join(bad)}. Fix or remove the file, or set "
+            f"Bad example(s): {'; '.join(bad)}. Fix or remove the file, or set "
             "data.skip_corrupt = True to skip such examples."
         )
 
@@ -172,7 +172,7 @@ def _problem(source: Source, row: int) -> str | None:
     path = columns["path"][row]
     image = decode_file(path, augment.decode)
     if isinstance(image, str):
-        return f"image {path}: {image}"
+        return f"cannot read image {path}: {image}"
     if source.target == "boxes":
         info = source.annotations["images"][int(columns["row"][row])]
         (h, w), (ah, aw) = image.shape[:2], (info["height"], info["width"])
@@ -184,7 +184,7 @@ def _problem(source: Source, row: int) -> str | None:
     map_path = columns["label_map_path"][row]
     label_map = decode_file(map_path, augment.decode_index_png)
     if isinstance(label_map, str):
-        return f"label map {map_path}: {label_map}"
+        return f"cannot read label map {map_path}: {label_map}"
     if label_map.shape[:2] != image.shape[:2]:
         (h, w), (ih, iw) = label_map.shape[:2], image.shape[:2]
         return (
@@ -500,11 +500,11 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
     more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
     if source.skip_corrupt:
         logging.warning(
-            "%d unreadable example(s) of %d will be skipped: %s%s.",
+            "%d bad example(s) of %d will be skipped: %s%s.",
             len(bad_rows), len(shard), "; ".join(problems), more,
         )  # fmt: skip
         return len(bad_rows)
     raise DataError(
-        f"Cannot read {'; '.join(problems)}{more}. "
+        f"Bad example(s): {'; '.join(problems)}{more}. "
         "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
     )

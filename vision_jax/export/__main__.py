@@ -1,6 +1,6 @@
 """``python -m vision_jax.export --workdir=RUN --format=savedmodel|stablehlo|tflite --output=DIR
-[--which=best|latest] [--quantize=none|float16|dynamic_int8|full_int8] [--tflite_batch=1]
-[--evaluate [--eval_examples=N]]``
+[--which=best|latest] [--ema|--no-ema] [--quantize=none|float16|dynamic_int8|full_int8]
+[--tflite_batch=1] [--evaluate [--eval_examples=N]]``
 
 Writes the run's model (uint8 images at its input size in, predictions out; see
 :mod:`vision_jax.export`) and ``export.json`` into DIR. ``--evaluate`` (TFLite) also converts
@@ -24,6 +24,7 @@ from vision_jax.export.report import quantization_report
 from vision_jax.export.serving import ExportError
 from vision_jax.export.tflite import QUANTIZATIONS
 from vision_jax.output_errors import failed_write, write_failure
+from vision_jax.run_options import add_run_options
 from vision_jax.trained import load_trained
 from vision_jax.weights import WeightFormatError
 
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, help="the run's workdir")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True, help="the folder to write into")
-    parser.add_argument("--which", choices=("best", "latest"), default="best")
+    add_run_options(parser)
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none")
     parser.add_argument("--tflite_batch", type=int, default=1)
     parser.add_argument(
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--evaluate compares TFLite quantisations: use it with --format=tflite.")
     logging.basicConfig(level=logging.WARNING)
     try:
-        trained = load_trained(args.workdir, which=args.which)
+        trained = load_trained(args.workdir, which=args.which, ema=args.ema)
         manifest = export_trained(
             trained, args.output, format=args.format, quantize=args.quantize,
             tflite_batch=args.tflite_batch,

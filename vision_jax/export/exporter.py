@@ -95,6 +95,16 @@ def _in_float32(trained: Trained) -> Trained:
     return dataclasses.replace(trained, spec=spec, model=model)
 
 
+# How evaluation and predict decode image files (vision_jax.data.augment.decode), for serving
+# code that reproduces them.
+DECODE = {
+    "orientation": "JPEGs upright by their EXIF orientation (PIL's ImageOps.exif_transpose)",
+    "channels": "grey repeated to RGB; alpha dropped, not composited; palette and CMYK to RGB",
+    "bit_depth": "16-bit PNGs to 8 bits as value // 256",
+    "jpeg": "libjpeg's accurate integer DCT, as PIL decodes",
+}
+
+
 def _manifest(
     trained: Trained, servable: Servable, format: str, quantize: str, batch: int | None
 ) -> dict[str, Any]:
@@ -111,6 +121,7 @@ def _manifest(
             "shape": list(servable.input_shape(batch)),
             "dtype": "uint8",
             "layout": "NHWC, RGB, at the model's input size (not resized inside)",
+            "decode": DECODE,
         },
         "outputs": outputs,
         "normalisation": {
@@ -121,7 +132,11 @@ def _manifest(
         "task": trained.task.name,
         "model": trained.record.model,
         "class_names": trained.class_names,
-        "source": {"step_dir": trained.step_dir, "step": trained.step},
+        "source": {
+            "step_dir": trained.step_dir,
+            "step": trained.step,
+            "parameters": "ema" if trained.ema else "trained",
+        },
     }
     if trained.task.name == "detection":  # how evaluation and predict fit images in
         manifest["input"]["letterbox"] = {

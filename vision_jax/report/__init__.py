@@ -48,19 +48,21 @@ def write_report(
     output: str | os.PathLike | None = None,
     which: str = "best",
     *,
+    ema: bool | None = None,
     hardest: int = 16,
     arrays: dict | None = None,
     final: FinalEvaluation | None = None,
 ) -> str:
     """Writes the report of the run in ``workdir`` (its ``which`` step: "best" or "latest")
-    and returns the path of ``report.html``. ``hardest``: how many hardest examples to show;
+    and returns the path of ``report.html``. ``ema``: its EMA parameters or not
+    (:func:`~vision_jax.trained.load_trained`); ``hardest``: how many hardest examples to show;
     ``arrays``: the splits of a ``data.source="arrays"`` run (as given to training); ``final``:
     the training's final evaluation, used if it evaluated that step's checkpoint with as many
     hardest examples. A run without event files has no curves; one whose evaluation split cannot be
     loaded has curves only; the page says why."""
     if hardest < 0:
         raise ValueError(f"hardest must be >= 0 (examples to show), got {hardest}.")
-    trained = load_trained(workdir, which=which)
+    trained = load_trained(workdir, which=which, ema=ema)
     out = pathlib.Path(output) if output is not None else pathlib.Path(workdir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:  # nothing stale from an earlier report
@@ -68,7 +70,7 @@ def write_report(
     notes: list[str] = []
     sections = _curves_section(workdir, trained.task.headline, out, notes)
     evaluation = None
-    if final is not None and final.hardest == hardest:
+    if final is not None and final.hardest == hardest and not trained.ema:
         evaluation = final.evaluation(trained.step_dir)
     if evaluation is None:
         evaluation = _evaluation(trained, hardest, arrays, notes)
@@ -90,7 +92,8 @@ def write_report(
 
 def _step(trained: Trained) -> str:
     best = pathlib.Path(trained.step_dir).parent.name == BEST_DIR
-    return f"{'best' if best else 'latest'} step {trained.step}"
+    ema = " (EMA parameters)" if trained.ema else ""
+    return f"{'best' if best else 'latest'} step {trained.step}{ema}"
 
 
 def _curves_section(

@@ -1,6 +1,7 @@
 """``python -m vision_jax.report --workdir=RUN [--output=DIR] [--which=best|latest]
-[--hardest=16]``: writes the run's report (see :mod:`vision_jax.report`) and prints the path of
-its ``report.html``. Exit status 1 with one line on stderr when the run cannot be read."""
+[--ema|--no-ema] [--hardest=16]``: writes the run's report (see :mod:`vision_jax.report`) and
+prints the path of its ``report.html``. Exit status 1 with one line on stderr when the run
+cannot be read."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from vision_jax.run_options import add_run_options
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Writes a trained run's report.")
     parser.add_argument("--workdir", required=True, help="the run's workdir")
     parser.add_argument("--output", help="folder for the report (default: <workdir>/report)")
-    parser.add_argument(
-        "--which", choices=("best", "latest"), default="best",
-        help="the step to report: the best one if the run kept one, else the newest; or the newest",
-    )  # fmt: skip
+    add_run_options(parser)
     parser.add_argument("--hardest", type=int, default=16, help="hardest examples to show")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -27,7 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vision_jax.weights.files import WeightFormatError
 
     try:
-        path = write_report(args.workdir, args.output, args.which, hardest=args.hardest)
+        path = write_report(
+            args.workdir, args.output, args.which, ema=args.ema, hardest=args.hardest
+        )
     except WeightFormatError as e:
         print(f"vision_jax.report: error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ format                  source                                      reader
                         kept one, else the newest), its
                         ``checkpoints`` folder (the newest) or a
                         step folder
+``timm_hub``            a timm Hub folder (``config.json`` naming   :mod:`.timm_hub`
+                        an ``architecture``, a state dict)
 ``hf``                  a Hugging Face ViT folder                   :mod:`.hf`
 ``npz``                 google-research / big_vision / BiT          :mod:`.npz`
 ``safetensors``         a timm / torchvision state dict             :mod:`.state_dict`
@@ -28,7 +30,7 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from vision_jax.models.registry import backbone_of
-from vision_jax.weights import hf, npz, run_dir, state_dict
+from vision_jax.weights import hf, npz, run_dir, state_dict, timm_hub
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import file_kind
 from vision_jax.weights.merge import WeightMismatchError
@@ -50,6 +52,7 @@ READERS = {
         lambda path: run_dir.input_contract(path, "best"),
         lambda path: list(run_dir.read_record(path, "best").class_names or ()) or None,
     ),
+    "timm_hub": Reader(timm_hub.read_variables, timm_hub.input_contract, timm_hub.class_names),
     "hf": Reader(hf.read_variables, hf.input_contract, hf.class_names),
     "npz": Reader(lambda path, _: npz.read_variables(path), npz.input_contract),
     "safetensors": Reader(state_dict.read_variables, state_dict.input_contract),
@@ -62,6 +65,8 @@ def detect_format(path: str | os.PathLike) -> str:
     and, for an unknown suffix, by their first bytes."""
     path = pathlib.Path(path)
     if path.is_dir():
+        if timm_hub.is_folder(path):
+            return "timm_hub"
         return "hf" if hf.is_folder(path) else "run"
     return file_kind(path)
 

@@ -138,7 +138,7 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
     """The tensors of a (possibly wrapped, possibly ``module.``/``model.``-prefixed) state
     dict."""
     while isinstance(obj, Mapping):
-        wrapped = [k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)]
+        wrapped = [k for k in _WRAPPERS if _holds_tensors(obj.get(k))]
         if not wrapped:
             break
         obj = obj[wrapped[0]]
@@ -148,6 +148,16 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Any]:
     if not tensors:
         raise WeightFormatError(f"{source} holds no tensors (keys: {sorted(obj)[:10]}).")
     return tensors
+
+
+def _holds_tensors(obj: Any) -> bool:
+    """Whether ``obj`` is a mapping holding tensors, itself or in a wrapper (a checkpoint's
+    ``"model"`` may be its settings beside its ``"model_state_dict"``)."""
+    if not isinstance(obj, Mapping):
+        return False
+    if any(hasattr(v, "shape") and hasattr(v, "dtype") for v in obj.values()):
+        return True
+    return any(_holds_tensors(obj.get(k)) for k in _WRAPPERS)
 
 
 def _strip_prefixes(tensors: dict[str, Any]) -> dict[str, Any]:

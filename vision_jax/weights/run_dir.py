@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vision_jax import digests, lora
-from vision_jax.specs import LoraSpec
+from vision_jax.specs import EarlyStoppingSpec, LoraSpec
 from vision_jax.trees import combine
 from vision_jax.weights.contract import InputContract, Triple
 from vision_jax.weights.files import WeightFormatError
@@ -318,15 +318,22 @@ def state_damage(
     return digests.first_difference(meta.get("digest"), state if arrays is None else arrays)
 
 
-def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
+def read_variables(
+    path: str | os.PathLike, which: str = "latest", *, ema: bool | None = None
+) -> dict:
     """The model variables (``params`` plus e.g. ``batch_stats``) of a run's latest step (or
-    best: see :func:`latest_step_dir`).
+    best: see :func:`latest_step_dir`); ``ema``: its EMA parameters (``config.ema_decay``)
+    instead of the trained ones, with the same model state, as the run's ``*_ema/``
+    evaluations used them; None: the ones its model selection measured (:func:`selects_ema`).
 
     Frozen parameters (saved once beside the checkpoints) are put back, and LoRA adapters are
     merged into their kernels, so the result is the plain model's variables.
     """
     step_dir = latest_step_dir(path, which)
     meta = _read_meta(step_dir)
+    if ema is None:
+        ema = selects_ema(meta.get("config") or {})
+    params_key = "ema_params" if ema else "params"
     frozen_path = pathlib.Path(frozen_dir(str(step_dir.parent)))
     if meta.get("frozen") and not frozen_path.is_dir():
         raise WeightFormatError(
@@ -334,15 +341,26 @@ def read_variables(path: str | os.PathLike, which: str = "latest") -> dict:
         )
     state = _restored(step_dir, step_dir / STATE_ITEM)
     frozen = _restored(frozen_path, frozen_path) if frozen_path.is_dir() else {}
-    used = {k: state[k] for k in ("params", "model_state") if k in state}
+    if state.get(params_key) is None:
+        raise WeightFormatError(
+            f"Checkpoint {step_dir} holds no EMA parameters: the run did not set ema_decay."
+        )
+    used = {k: state[k] for k in (params_key, "model_state") if k in state}
     for folder, damage in (
         (step_dir, state_damage(step_dir, meta, state, used)),
         (frozen_path, frozen and digests.first_difference(frozen_digests(frozen_path), frozen)),
     ):
         if damage:
             raise WeightFormatError(f"Checkpoint {folder} is damaged: {damage}.")
-    params = _merge_adapters(combine(state["params"], frozen), meta.get("config") or {})
+    params = _merge_adapters(combine(state[params_key], frozen), meta.get("config") or {})
     return {"params": params, **(state.get("model_state") or {})}
+
+
+def selects_ema(config: Mapping[str, Any]) -> bool:
+    """Whether a run's model selection (its ``config`` as plain data) measured its EMA
+    parameters: ``early_stopping.metric`` an ``*_ema/`` metric."""
+    metric = (config.get("early_stopping") or {}).get("metric")
+    return EarlyStoppingSpec(metric=metric).measures_ema
 
 
 def _restored(folder: pathlib.Path, item: pathlib.Path) -> Any:

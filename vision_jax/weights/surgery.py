@@ -29,6 +29,7 @@ import numpy as np
 from vision_jax.masks import tree_mask
 from vision_jax.models.task_model import TASK_HEAD
 from vision_jax.trees import flatten_dict
+from vision_jax.weights.merge import WeightMismatchError
 
 POSEMB = "params/Transformer/posembed_input/pos_embedding"
 PATCH = "params/embedding/kernel"
@@ -206,6 +207,13 @@ def adapt(
         flat.pop(path, None)
     rows: list[Row] = []
     had_cls = CLS in flat
+    vit_without_cls = any(p.startswith("params/Transformer") for p in flat) and not had_cls
+    if vit_without_cls and CLS in flat_init and CLS not in keep:
+        raise WeightMismatchError(
+            "The checkpoint's ViT has no class token (it pools the average of its patch tokens) "
+            "and the model pools its class token: build the model with pool_type='gap' "
+            "(config: model.pool_type='gap')."
+        )
     if had_cls and CLS not in flat_init and CLS not in keep:
         del flat[CLS]
         rows.append(("cls", "dropped (the model pools with gap)"))

@@ -123,6 +123,11 @@ def from_timm(state_dict: Mapping[str, Array], model: VisionTransformer) -> dict
             f"{key_groups(state_dict, '.', 1)}."
         )
     _check_width(state_dict, model)
+    if "fc_norm.weight" in state_dict:
+        raise WeightMismatchError(
+            "The state dict's ViT normalises after pooling (timm's fc_norm, as with "
+            "global_pool='avg'); vision_jax's ViT normalises before it: not supported."
+        )
     rows = list(_rows(model))
     used = {r[0] for r in rows}
     missing = sorted(used - set(state_dict))

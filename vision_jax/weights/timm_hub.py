@@ -1,0 +1,100 @@
+"""The timm Hub reader: a folder as timm's ``save_for_hf`` / ``push_to_hf_hub`` writes it and
+``huggingface_hub.snapshot_download("timm/...")`` fetches it: ``config.json`` (``architecture``,
+``pretrained_cfg``, optionally ``label_names``) beside ``model.safetensors`` or
+``pytorch_model.bin``, a plain timm state dict.
+
+The weights are read as the state dict they are (:mod:`.state_dict`); the input contract is the
+one timm evaluates them with (``pretrained_cfg``: ``input_size``, ``mean``, ``std``,
+``interpolation``, ``crop_pct``, ``crop_mode``), and the class names are ``label_names``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from vision_jax.weights import state_dict
+from vision_jax.weights.contract import InputContract
+from vision_jax.weights.files import WeightFormatError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_CROP_MODES = {"center": "center", "squash": "squash"}  # timm's "border" has no equivalent
+
+
+def is_folder(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a timm Hub folder: a ``config.json`` naming a timm ``architecture``
+    beside a weights file (a transformers folder's names ``model_type``)."""
+    config = path / "config.json"
+    if not config.is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
+        return False
+    try:
+        return "architecture" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False  # read (and named) by the Hugging Face reader
+
+
+def _weights_file(folder: pathlib.Path) -> pathlib.Path:
+    return next(folder / f for f in WEIGHT_FILES if (folder / f).is_file())
+
+
+def _pretrained_cfg(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.Path]:
+    """``config.json``'s ``pretrained_cfg`` (older exports kept its keys at the top level)."""
+    path = pathlib.Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightFormatError(f"Cannot read {path}: {e}") from e
+    cfg = config.get("pretrained_cfg", config)
+    if not isinstance(cfg, Mapping):
+        raise WeightFormatError(f"{path}: pretrained_cfg is not an object.")
+    return {**cfg, **{k: config[k] for k in ("label_names",) if k in config}}, path
+
+
+def read_variables(folder: str | os.PathLike, model: nn.Module) -> dict:
+    """The variables of the folder's state dict, in vision_jax names."""
+    return state_dict.read_variables(_weights_file(pathlib.Path(folder)), model)
+
+
+def input_contract(folder: str | os.PathLike) -> InputContract:
+    """The input timm evaluates the weights with, from ``pretrained_cfg``."""
+    cfg, path = _pretrained_cfg(folder)
+    try:
+        _, height, width = cfg["input_size"]
+        mean, std = tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
+        interpolation = cfg.get("interpolation", "bilinear")
+        crop_fraction = float(cfg.get("crop_pct", 0.875))
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightFormatError(f"{path}: pretrained_cfg has no readable {e}.") from e
+    if height != width:
+        raise WeightFormatError(f"{path}: input_size {cfg['input_size']} is not a square.")
+    if len(mean) != 3 or len(std) != 3:
+        raise WeightFormatError(f"{path}: mean {mean} and std {std} must give 3 channels.")
+    crop_mode = _CROP_MODES.get(cfg.get("crop_mode", "center"))
+    if interpolation not in ("bilinear", "bicubic") or crop_mode is None:
+        raise WeightFormatError(
+            f"{path}: interpolation {interpolation!r} with crop_mode {cfg.get('crop_mode')!r}; "
+            "vision_jax resizes bilinear or bicubic and crops 'center' or 'squash' (set "
+            "init.use_input_contract=False and input.* instead)."
+        )
+    return InputContract(
+        int(height), mean, std, interpolation=interpolation,
+        crop_fraction=crop_fraction, crop_mode=crop_mode,
+    )  # fmt: skip
+
+
+def class_names(folder: str | os.PathLike) -> list[str] | None:
+    """``label_names`` in label order (a list, or ids 0..n-1 to names), else None."""
+    names = _pretrained_cfg(folder)[0].get("label_names")
+    if isinstance(names, Mapping):
+        try:
+            by_id = {int(k): str(v) for k, v in names.items()}
+        except ValueError:
+            return None
+        ids = range(len(by_id))
+        return [by_id[i] for i in ids] if set(by_id) == set(ids) else None
+    return [str(n) for n in names] if isinstance(names, list | tuple) else None
