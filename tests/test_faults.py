@@ -425,6 +425,33 @@ def test_none_on_the_command_line_unsets_an_optional_key(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("key", ["batch_size", "model.name", "input.image_size",
+                                 "optimizer.learning_rate", "data.train_split"])  # fmt: skip
+def test_a_required_key_unset_is_named(key):
+    """``--config.<key>=None`` on a key that needs a value: one line naming it (it crashed
+    later, in whatever first used the value, without naming it)."""
+    config = small_config()
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = None
+    with pytest.raises(specs.ConfigError, match=rf"^{re.escape(key)} needs a value: it is None"):
+        specs.run_spec(TrackedConfig(config))
+
+
+def test_config_variants_and_keys_inside_values_are_one_line_errors(tmp_path):
+    """A config without variants given one, and a key inside a string value: usage errors."""
+    for args, message in [
+        (("--config=configs/digits_pretrain.py:foo",), "this config has no variants; got 'foo'"),
+        (("--config=configs/digits_pretrain.py", "--config.optimizer.name.x=1"),
+         "Unknown config key 'optimizer.name.x': 'optimizer.name' is a value"),
+    ]:  # fmt: skip
+        proc = main_cli(*args, f"--workdir={tmp_path}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr.strip().splitlines()[-1]
+
+
 def test_missing_config_file_is_reported_before_jax_starts(tmp_path):
     start = time.perf_counter()
     proc = main_cli("--config=configs/nope.py:arg", f"--workdir={tmp_path}")

@@ -165,7 +165,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         return rest
     except flags.Error as e:
         _usage_error(_config_file_error(str(e), value) or str(e))
-    except (AttributeError, KeyError) as e:
+    except (AttributeError, KeyError, TypeError) as e:  # TypeError: a key inside a string
         message = _unknown_override(argv, value) if value is not None else None
         _usage_error(message or f"bad config override: {e}")
     except SyntaxError as e:  # the config file's own Python

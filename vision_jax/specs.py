@@ -211,9 +211,15 @@ def _section(section: Any, spec: type) -> dict[str, Any]:
     return {k: as_tuples(section.get(k)) for k in names if k in section}
 
 
-def _build(spec: type, values: dict[str, Any]) -> Any:
-    """``spec(**values)``, where ``None`` means "the spec's default" for fields that have one."""
-    defaults = {f.name for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
+def _build(spec: type, values: dict[str, Any], section: str) -> Any:
+    """``spec(**values)``, where ``None`` means "the spec's default" for fields that have one;
+    a field without one that takes no None is an error naming ``section.key``."""
+    fields = dataclasses.fields(spec)
+    for f in fields:
+        if f.default is dataclasses.MISSING and values.get(f.name, 0) is None:
+            if "None" not in str(f.type):
+                raise ConfigError(f"{section}.{f.name} needs a value: it is None.")
+    defaults = {f.name for f in fields if f.default is not dataclasses.MISSING}
     return spec(**{k: v for k, v in values.items() if v is not None or k not in defaults})
 
 
@@ -310,7 +316,8 @@ class InitSpec:
 
     def __post_init__(self) -> None:
         surgery = ("replace_head", "head_bias_init", "dont_load", "posemb", "use_input_contract")
-        _only_when("init", self, surgery, self.path is not None, "with init.path")
+        why = "with init.path, the weights to start from, which is not set (--config.init.path)"
+        _only_when("init", self, surgery, self.path is not None, why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,7 +381,7 @@ def data_spec(section: Any) -> DataSpec:
     values = _section(section, DataSpec)
     coco_keys = ("coco_annotations", "coco_images")
     _only_with("data", values, coco_keys, values["source"] == "coco", "to source='coco'")
-    spec = _build(DataSpec, values)
+    spec = _build(DataSpec, values, "data")
     if spec.val_split is not None and spec.val_split in (spec.eval_split, spec.train_split):
         raise ConfigError(
             f"data.val_split {spec.val_split!r} must differ from train_split and eval_split "
@@ -409,7 +416,7 @@ def early_stopping_spec(section: Any, has_val_split: bool) -> EarlyStoppingSpec:
         "early_stopping", values, ("metric", "mode", "patience", "min_delta"), has_val_split,
         "with data.val_split (selecting on the test split would overfit it)",
     )  # fmt: skip
-    spec = _build(EarlyStoppingSpec, values)
+    spec = _build(EarlyStoppingSpec, values, "early_stopping")
     if spec.mode not in (None, "max", "min"):
         raise ConfigError(f"early_stopping.mode must be 'max' or 'min', got {spec.mode!r}.")
     if spec.patience is not None and spec.patience < 1:
@@ -419,12 +426,12 @@ def early_stopping_spec(section: Any, has_val_split: bool) -> EarlyStoppingSpec:
 
 def input_spec(section: Any) -> InputSpec:
     """:class:`~vision_jax.data.InputSpec` of ``config.input`` (unset keys: its defaults)."""
-    return _build(InputSpec, _section(section, InputSpec))
+    return _build(InputSpec, _section(section, InputSpec), "input")
 
 
 def init_spec(section: Any) -> InitSpec:
     """:class:`InitSpec` of ``config.init``."""
-    return _build(InitSpec, _section(section, InitSpec))
+    return _build(InitSpec, _section(section, InitSpec), "init")
 
 
 def schedule_spec(section: Any) -> ScheduleSpec:
@@ -434,7 +441,7 @@ def schedule_spec(section: Any) -> ScheduleSpec:
     _only_with("schedule", values, ("rsqrt_timescale",), decay == "rsqrt", "to decay='rsqrt'")
     step_keys = ("step_boundaries", "step_factor")
     _only_with("schedule", values, step_keys, decay == "step", "to decay='step'")
-    return _build(ScheduleSpec, values)
+    return _build(ScheduleSpec, values, "schedule")
 
 
 def optimizer_spec(section: Any) -> OptimizerSpec:
@@ -444,7 +451,7 @@ def optimizer_spec(section: Any) -> OptimizerSpec:
     name = values["name"]
     _only_with("optimizer", values, ("b1", "b2", "eps"), name == "adamw", "to name='adamw'")
     _only_with("optimizer", values, ("momentum", "nesterov"), name == "sgd", "to name='sgd'")
-    return _build(OptimizerSpec, values)
+    return _build(OptimizerSpec, values, "optimizer")
 
 
 def lora_spec(section: Any) -> LoraSpec | None:
@@ -456,7 +463,7 @@ def lora_spec(section: Any) -> LoraSpec | None:
         _only_with("lora", values, tuple(values), False, "with rank > 0")
         return None
     alpha = values.pop("alpha")
-    return _build(LoraSpec, {**values, "rank": rank, "alpha": float(alpha or rank)})
+    return _build(LoraSpec, {**values, "rank": rank, "alpha": float(alpha or rank)}, "lora")
 
 
 def section_defaults(spec: type) -> dict[str, Any]:
@@ -533,6 +540,23 @@ def training_steps(
     return total
 
 
+_CONFIG_KEYS = {"model_name": "model.name", "model_dtype": "model.dtype"}
+
+
+def _check_set(spec: RunSpec) -> None:
+    """Raises naming the first key that is None where its spec takes no None (a required key
+    unset with ``--config.<key>=None``)."""
+    sections = [(spec, "")] + [
+        (value, f"{f.name}.") for f in dataclasses.fields(spec)
+        if dataclasses.is_dataclass(value := getattr(spec, f.name))
+    ]  # fmt: skip
+    for section, prefix in sections:
+        for f in dataclasses.fields(section):
+            if getattr(section, f.name) is None and "None" not in str(f.type):
+                key = _CONFIG_KEYS.get(f.name, f.name) if not prefix else f"{prefix}{f.name}"
+                raise ConfigError(f"{key} needs a value: it is None.")
+
+
 def run_spec(config: Any) -> RunSpec:
     """The :class:`RunSpec` of a whole config (a ``TrackedConfig``, so that every key is read
     here and the caller can check that none is left over)."""
@@ -566,6 +590,7 @@ def run_spec(config: Any) -> RunSpec:
         config=config.to_dict(),
         **scalars,
     )
+    _check_set(spec)
     for name, interval in (
         ("ema_decay", "[0, 1)"), ("log_every_steps", "[1, inf)"), ("eval_every_steps", "[0, inf)"),
         ("checkpoint_every_steps", "[0, inf)"), ("batch_size", "[1, inf)"),
