@@ -549,3 +549,22 @@ def test_resumed_stream_equals_the_uninterrupted_one(tmp_path):
     assert not np.array_equal(fresh[0]["boxes"], fresh[4]["boxes"])
     other = next(stream(4))
     assert not np.array_equal(fresh[0]["boxes"], other["boxes"])
+
+
+def test_image_ids_by_file_name_the_longest_match_and_refuse_ambiguity(tmp_path):
+    """Predicted files take the ids of the COCO images whose file_name their path ends with (the
+    longest such); a file no image names, or two files one image names, is an error."""
+    from vision_jax.data import DataError
+    from vision_jax.data.coco import image_ids_by_file
+
+    coco = {"images": [{"id": 7, "file_name": "a.jpg", "width": 4, "height": 4},
+                       {"id": 9, "file_name": "sub/a.jpg", "width": 4, "height": 4}],
+            "annotations": [], "categories": []}  # fmt: skip
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    ids = image_ids_by_file(str(path), ["/data/a.jpg", "/data/sub/a.jpg"])
+    assert ids == {"/data/a.jpg": 7, "/data/sub/a.jpg": 9}
+    with pytest.raises(DataError, match="image 7 names several files"):
+        image_ids_by_file(str(path), ["/data/x/a.jpg", "/data/y/a.jpg"])
+    with pytest.raises(DataError, match="1 file\\(s\\) are not images of .*: /data/b.jpg"):
+        image_ids_by_file(str(path), ["/data/b.jpg"])

@@ -438,6 +438,9 @@ def test_a_required_key_unset_is_named(key):
     node[leaf] = None
     with pytest.raises(specs.ConfigError, match=rf"^{re.escape(key)} needs a value: it is None"):
         specs.run_spec(TrackedConfig(config))
+    if key in ("batch_size", "data.train_split"):  # a saved run's record is read as it ran
+        with specs.saved_config():
+            specs.run_spec(TrackedConfig(config))
 
 
 def test_config_variants_and_keys_inside_values_are_one_line_errors(tmp_path):

@@ -294,6 +294,19 @@ def test_timm_hub_folder(timm, tmp_path, name):
         input_contract(tmp_path)
 
 
+def test_timm_hub_vit_averaging_with_a_class_token_is_refused(timm, tmp_path):
+    """timm's ``global_pool="avg"`` ViT that keeps its class token (``fc_norm=False``): its state
+    dict looks token-pooled, its folder's config.json says otherwise: refused, not misread."""
+    from timm.models import save_for_hf
+
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, depth=2,
+                            global_pool="avg", fc_norm=False)  # fmt: skip
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    model = vit(3)
+    with pytest.raises(WeightMismatchError, match="global_pool='avg' with a class token kept"):
+        load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
+
+
 def _hf_vit_folder(timm, folder: pathlib.Path, processor: dict | None) -> torch.nn.Module:
     """A ViTForImageClassification folder of a random 12-block timm ViT-Ti at 32 px, with 10
     named classes (``id2label``) and ``processor`` as its preprocessor_config.json."""

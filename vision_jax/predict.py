@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import json
 import logging
@@ -400,20 +401,20 @@ def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
 def save_label_maps(records: list[dict], folder: str) -> None:
     """Writes each record's ``label_map`` to a PNG in ``folder`` and puts its path in its
     place: class ids as the pixels of a palette image with PASCAL VOC's colours (as VOC's
-    ``SegmentationClass`` files: viewers show the classes, readers get the ids), 16-bit grey
-    above 256 classes."""
+    ``SegmentationClass`` files: viewers show the classes; PIL, or any reader of the PNG's one
+    channel, gets the ids)."""
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
     outs = unique_pngs([r["file"] for r in records], folder)
     for record, out in zip(records, outs, strict=True):
-        image = Image.fromarray(record["label_map"])
-        if image.mode == "L":
-            image.putpalette(voc_palette())
+        image = Image.fromarray(record["label_map"])  # uint8 class ids
+        image.putpalette(voc_palette())
         image.save(out)
         record["label_map"] = out
 
 
+@functools.cache
 def voc_palette() -> list[int]:
     """PASCAL VOC's 256 colours, flat RGB: class ``c``'s bits spread over R, G and B from the
     high bit down (1 dark red, 2 dark green, 3 olive, ...)."""

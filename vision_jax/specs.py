@@ -215,7 +215,7 @@ def _build(spec: type, values: dict[str, Any], section: str) -> Any:
     """``spec(**values)``, where ``None`` means "the spec's default" for fields that have one;
     a field without one that takes no None is an error naming ``section.key``."""
     fields = dataclasses.fields(spec)
-    for f in fields:
+    for f in fields if not _SAVED.get() else ():  # a saved run's record: as it ran
         if f.default is dataclasses.MISSING and values.get(f.name, 0) is None:
             if "None" not in str(f.type):
                 raise ConfigError(f"{section}.{f.name} needs a value: it is None.")
@@ -590,7 +590,8 @@ def run_spec(config: Any) -> RunSpec:
         config=config.to_dict(),
         **scalars,
     )
-    _check_set(spec)
+    if not _SAVED.get():  # a saved run's record: as it ran
+        _check_set(spec)
     for name, interval in (
         ("ema_decay", "[0, 1)"), ("log_every_steps", "[1, inf)"), ("eval_every_steps", "[0, inf)"),
         ("checkpoint_every_steps", "[0, inf)"), ("batch_size", "[1, inf)"),

@@ -24,7 +24,13 @@ import numpy as np
 from vision_jax import data as data_lib
 from vision_jax import specs
 from vision_jax.config import TrackedConfig
-from vision_jax.weights.run_dir import RunRecord, latest_step_dir, read_record, read_variables
+from vision_jax.weights.run_dir import (
+    RunRecord,
+    latest_step_dir,
+    read_record,
+    read_variables,
+    selects_ema,
+)
 
 
 @dataclasses.dataclass
@@ -98,6 +104,6 @@ def load_trained(
         crop_mode=record.crop_mode or spec.input.crop_mode,
     )  # fmt: skip
     model = task_model(spec, len(record.class_names or ()))
-    ema = spec.early_stopping.measures_ema if ema is None else ema
+    ema = selects_ema(record.config) if ema is None else ema
     step = int(step_dir.name)
     return Trained(record, spec, model, input_spec, step, str(step_dir), ema=ema)

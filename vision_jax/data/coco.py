@@ -127,6 +127,10 @@ def image_ids_by_file(annotations: str, paths: Sequence[str]) -> dict[str, int]:
             raise DataError(f"{annotations}: images {found} all name the file {path}.")
         else:
             ids[path] = found[0]
+    shared = sorted({i for i in ids.values() if list(ids.values()).count(i) > 1})
+    if shared:
+        both = [p for p, i in ids.items() if i == shared[0]]
+        raise DataError(f"{annotations}: image {shared[0]} names several files: {both}.")
     if unnamed:
         listed = ", ".join(unnamed[:3]) + (" ..." if unnamed[3:] else "")
         raise DataError(f"{len(unnamed)} file(s) are not images of {annotations}: {listed}.")

@@ -123,10 +123,13 @@ def quantization_report(
     miou = None
     if trained.task.name == "segmentation":
         miou = lambda predictions: _miou(predictions, targets, len(trained.class_names))
+        base_miou = miou(reference)
     rows = []
     for quantize, size, predictions, latency in forms:
         accuracy, agreement = _accuracy(predictions, targets), np.mean(predictions == reference)
-        ious = (miou(predictions), miou(predictions) - miou(reference)) if miou else (None, None)
+        ious = (None, None)
+        if miou is not None:
+            ious = (value := miou(predictions), value - base_miou)
         rows.append(
             FormResult(quantize, size, accuracy, accuracy - base, float(agreement), latency, *ious)
         )

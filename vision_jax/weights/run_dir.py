@@ -341,7 +341,7 @@ def read_variables(
         )
     state = _restored(step_dir, step_dir / STATE_ITEM)
     frozen = _restored(frozen_path, frozen_path) if frozen_path.is_dir() else {}
-    if state.get(params_key) is None:
+    if ema and state.get(params_key) is None:
         raise WeightFormatError(
             f"Checkpoint {step_dir} holds no EMA parameters: the run did not set ema_decay."
         )

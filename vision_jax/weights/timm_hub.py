@@ -21,6 +21,7 @@ import flax.linen as nn
 from vision_jax.weights import state_dict
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import WeightFormatError
+from vision_jax.weights.merge import WeightMismatchError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _CROP_MODES = {"center": "center", "squash": "squash"}  # timm's "border" has no equivalent
@@ -33,31 +34,48 @@ def is_folder(path: pathlib.Path) -> bool:
     if not config.is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
         return False
     try:
-        return "architecture" in json.loads(config.read_text())
+        content = json.loads(config.read_text())
     except (OSError, ValueError):
         return False  # read (and named) by the Hugging Face reader
+    return isinstance(content, dict) and "architecture" in content
 
 
 def _weights_file(folder: pathlib.Path) -> pathlib.Path:
     return next(folder / f for f in WEIGHT_FILES if (folder / f).is_file())
 
 
-def _pretrained_cfg(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.Path]:
-    """``config.json``'s ``pretrained_cfg`` (older exports kept its keys at the top level)."""
+def _config(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.Path]:
     path = pathlib.Path(folder) / "config.json"
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return dict(json.loads(path.read_text())), path
+    except (OSError, ValueError, TypeError) as e:
         raise WeightFormatError(f"Cannot read {path}: {e}") from e
+
+
+def _pretrained_cfg(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.Path]:
+    """``config.json``'s ``pretrained_cfg`` (older exports kept its keys at the top level, and
+    the class names as ``labels``)."""
+    config, path = _config(folder)
     cfg = config.get("pretrained_cfg", config)
     if not isinstance(cfg, Mapping):
         raise WeightFormatError(f"{path}: pretrained_cfg is not an object.")
-    return {**cfg, **{k: config[k] for k in ("label_names",) if k in config}}, path
+    names = config.get("label_names", cfg.get("label_names", cfg.get("labels")))
+    return {**cfg, "label_names": names}, path
 
 
 def read_variables(folder: str | os.PathLike, model: nn.Module) -> dict:
-    """The variables of the folder's state dict, in vision_jax names."""
-    return state_dict.read_variables(_weights_file(pathlib.Path(folder)), model)
+    """The variables of the folder's state dict, in vision_jax names. A ViT that averages its
+    tokens while keeping a class token (``global_pool="avg"``) has no vision_jax form: refused
+    (its state dict alone looks like a token-pooled one)."""
+    variables = state_dict.read_variables(_weights_file(pathlib.Path(folder)), model)
+    config, path = _config(folder)
+    pool = config.get("global_pool", (config.get("model_args") or {}).get("global_pool"))
+    if pool not in (None, "", "token") and "cls" in variables.get("params", {}):
+        raise WeightMismatchError(
+            f"{path}: global_pool={pool!r} with a class token kept: vision_jax's ViTs pool the "
+            "class token, or average a ViT without one (pool_type='gap')."
+        )
+    return variables
 
 
 def input_contract(folder: str | os.PathLike) -> InputContract:
