@@ -93,7 +93,6 @@ def test_decoding_is_what_the_export_manifest_says():
     value // 256, alpha dropped (not composited), grey repeated to RGB."""
     import io
 
-    from vision_jax.data import augment
     from vision_jax.export.exporter import DECODE
 
     def decoded(image: Image.Image) -> np.ndarray:
@@ -491,6 +490,30 @@ def test_eval_resize_equals_torchvision(timm, interpolation, shorter):
         assert np.abs(bilinear - got).max() > 1
     with pytest.raises(ValueError, match="input.interpolation must be one of"):
         spec_of(interpolation="lanczos")
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+def test_resize_takes_its_passes_in_pils_order(method):
+    """PIL resizes the height first when it loses more than twice as many pixels as the width
+    (a portrait image squashed to a square, as segmentation's whole-image resize does), else
+    the width first; bicubic's rounded intermediate differs by up to 11 levels between the two
+    orders, so the resize follows PIL's."""
+    rng = np.random.default_rng(0)
+    shapes = [(100, 80, 64, 64), (200, 100, 64, 64), (64, 64, 32, 48), (155, 106, 43, 41),
+              (50, 40, 64, 64), (100, 80, 120, 30)]  # fmt: skip
+    for h, w, out_h, out_w in shapes:
+        image = rng.integers(0, 256, (h, w, 3), np.uint8)
+        want = np.asarray(
+            Image.fromarray(image).resize(
+                (out_w, out_h), {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[method]
+            )
+        )
+        got = augment.clamp(
+            augment.resize(tf.constant(image, tf.float32), tf.constant([out_h, out_w]), method),
+            method,
+        ).numpy()
+        off = np.abs(got - want)
+        assert off.max() <= 1 + 1e-3 and (off > 0.5).mean() < 0.04, ((h, w), off.max())  # ties
 
 
 def test_normalisation_uses_mean_and_std():

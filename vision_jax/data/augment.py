@@ -46,16 +46,19 @@ def decode(data: tf.Tensor) -> tf.Tensor:
 
 def resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
     """A float32 image of whole levels (0..255) resized to ``size`` [h, w] by ``method``
-    ("bilinear" or "bicubic") as PIL resamples an 8-bit image: the width, then the height, each
-    pass antialiased when it shrinks and rounded to whole levels in 0..255 (PIL's 8-bit
-    intermediate and result); a pass whose side does not change is skipped. Bilinear enlarging
-    takes the plain kernel (the same result, several times faster); plain bicubic is not PIL's,
-    so bicubic is always antialiased."""
+    ("bilinear" or "bicubic") as PIL resamples an 8-bit image: the width, then the height (the
+    height first when it loses more than twice as many pixels as the width, as Pillow orders
+    them), each pass antialiased when it shrinks and rounded to whole levels in 0..255 (PIL's
+    8-bit intermediate and result); a pass whose side does not change is skipped. Bilinear
+    enlarging takes the plain kernel (the same result, several times faster); plain bicubic is
+    not PIL's, so bicubic is always antialiased."""
     shape = tf.shape(image)[:2]
 
     def passes() -> tf.Tensor:
-        wide = _resize_pass(image, tf.stack([shape[0], size[1]]), method)
-        return _resize_pass(wide, size, method)
+        lost = shape - size  # pixels each side loses
+        height_first = (lost[0] > 0) & (lost[0] > 2 * lost[1])
+        first = tf.where(height_first, tf.stack([size[0], shape[1]]), tf.stack([shape[0], size[1]]))
+        return _resize_pass(_resize_pass(image, first, method), size, method)
 
     # One branch op per decision: each costs as much as resizing a small image.
     return tf.cond(tf.reduce_all(shape == size), lambda: image, passes)
