@@ -557,14 +557,22 @@ def test_image_ids_by_file_name_the_longest_match_and_refuse_ambiguity(tmp_path)
     from vision_jax.data import DataError
     from vision_jax.data.coco import image_ids_by_file
 
-    coco = {"images": [{"id": 7, "file_name": "a.jpg", "width": 4, "height": 4},
-                       {"id": 9, "file_name": "sub/a.jpg", "width": 4, "height": 4}],
-            "annotations": [], "categories": []}  # fmt: skip
+    coco = {
+        "images": [
+            {"id": 7, "file_name": "a.jpg", "width": 4, "height": 4},
+            {"id": 9, "file_name": "sub/a.jpg", "width": 4, "height": 4},
+        ],
+        "annotations": [],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 5, "name": "dog"}],
+    }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(coco))
-    ids = image_ids_by_file(str(path), ["/data/a.jpg", "/data/sub/a.jpg"])
+    mine = {3: "cat", 5: "dog"}  # the model's categories
+    ids = image_ids_by_file(str(path), ["/data/a.jpg", "/data/sub/a.jpg"], mine)
     assert ids == {"/data/a.jpg": 7, "/data/sub/a.jpg": 9}
     with pytest.raises(DataError, match="image 7 names several files"):
-        image_ids_by_file(str(path), ["/data/x/a.jpg", "/data/y/a.jpg"])
+        image_ids_by_file(str(path), ["/data/x/a.jpg", "/data/y/a.jpg"], mine)
     with pytest.raises(DataError, match="1 file\\(s\\) are not images of .*: /data/b.jpg"):
-        image_ids_by_file(str(path), ["/data/b.jpg"])
+        image_ids_by_file(str(path), ["/data/b.jpg"], mine)
+    with pytest.raises(DataError, match=r"categories are not that file's: dog \(id 4: absent\)"):
+        image_ids_by_file(str(path), ["/data/a.jpg"], {3: "cat", 4: "dog"})

@@ -427,6 +427,7 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         # Non-default values of keys whose branch the run does not take:
         ({"init.replace_head": True}, ValueError, r"init.replace_head only applies with init.pa"),
         ({"init.posemb": "bicubic"}, ValueError, r"init.posemb only applies with init.path"),
+        ({"data.classes": (3,)}, ValueError, r"holds 1 class \(3\): a classifier needs at least 2"),
         ({"input.mix_prob": 0.5}, ValueError, r"input.mix_prob only applies with mixup_alpha or"),
         (
             {"input.mix_switch_prob": 0.3, "input.mixup_alpha": 0.2},

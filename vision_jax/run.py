@@ -356,6 +356,11 @@ def _load_data(
     data, target = spec.data, spec.task.target
     load = lambda split: data_lib.load_source(data, split, arrays=arrays, target=target)
     train, evaluation = load(data.train_split), load(data.eval_split)
+    if target == "label" and train.num_classes < 2:
+        raise data_lib.DataError(
+            f"The train split holds {train.num_classes} class ({', '.join(train.class_names)}): "
+            "a classifier needs at least 2 (data.classes, or the class folders)."
+        )
     validation = None if data.val_split is None else load(data.val_split)
     for name, other in (("eval", evaluation), ("val", validation)):
         if other is not None and other.class_names != train.class_names:

@@ -17,7 +17,7 @@ import json
 import logging
 import posixpath
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from vision_jax.tf_without_keras import tf
@@ -106,12 +106,23 @@ def from_image_files(
     return source, unreadable
 
 
-def image_ids_by_file(annotations: str, paths: Sequence[str]) -> dict[str, int]:
+def image_ids_by_file(
+    annotations: str, paths: Sequence[str], categories: Mapping[int, str]
+) -> dict[str, int]:
     """The id in the COCO file ``annotations`` of each image file in ``paths``: of the image
     whose ``file_name`` (relative to whatever folder) the path ends with, the longest such; so
     that predictions on those files are results pycocotools scores against that file. A path
-    that no image names, or that two images name alike, is a DataError naming it."""
-    images = _records(_read_json(annotations, "--coco_annotations"), "images", annotations)
+    that no image names, or that two images name alike, is a DataError naming it; so is a
+    category of the model's (``categories``: id -> name) that the file names otherwise."""
+    coco = _read_json(annotations, "--coco_annotations")
+    theirs = {c["id"]: c["name"] for c in _records(coco, "categories", annotations)}
+    other = [f"{name} (id {i}: {theirs.get(i, 'absent')})" for i, name in categories.items()
+             if theirs.get(i) != name]  # fmt: skip
+    if other:
+        raise DataError(
+            f"{annotations}: the model's categories are not that file's: {', '.join(other[:5])}."
+        )
+    images = _records(coco, "images", annotations)
     by_name: dict[str, list[int]] = {}
     for image in images:
         name = posixpath.normpath(str(image["file_name"]).replace("\\", "/")).lstrip("/")
