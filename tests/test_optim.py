@@ -252,16 +252,19 @@ def _apply_rule(key: str, value, model, params) -> None:
 @pytest.mark.parametrize(
     "key, value, named, good",
     [
-        ("frozen_params", "conv1", "optimizer.frozen_params 'conv1' matches no parameter",
+        ("frozen_params", "conv1",
+         "optimizer.frozen_params 'conv1' matches no parameter: a rule matches whole paths such ",
          "head/.*"),
         ("lr_mults", ((".*", 1.0), ("head", 2.0)),
-         "optimizer.lr_mults rule 'head' matches no parameter an earlier rule leaves",
+         "optimizer.lr_mults rule 'head' matches no parameter: a rule matches whole paths such as ",
          (("head/.*", 2.0),)),
         # Shadowed: '.*' takes every parameter first, so the head's rule would do nothing.
         ("lr_mults", ((".*", 1.0), ("head/.*", 2.0)),
-         r"optimizer.lr_mults rule 'head/\.\*' matches no parameter an earlier rule leaves",
+         r"optimizer.lr_mults rule 'head/\.\*' matches only parameters that the earlier rule "
+         r"'\.\*' takes \(the first match wins\): put it before that rule",
          (("head/.*", 2.0), (".*", 1.0))),
-        ("decay_params", "kernel", "optimizer.decay_params 'kernel' matches no parameter",
+        ("decay_params", "kernel",
+         "optimizer.decay_params 'kernel' matches no parameter: a rule matches whole paths",
          ".*kernel"),
     ],
 )  # fmt: skip
@@ -270,7 +273,7 @@ def test_a_rule_that_matches_no_parameter_is_an_error(key, value, named, good):
     left the head's multiplier at 1 without a word; the same rules written to apply pass."""
     model, shapes = shapes_of("cifar_resnet20")
     params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
-    with pytest.raises(ValueError, match=f"^{named}: .* such as "):
+    with pytest.raises(ValueError, match=f"^{named}"):
         _apply_rule(key, value, model, params)
     _apply_rule(key, good, model, params)
 

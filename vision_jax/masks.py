@@ -84,14 +84,30 @@ def tree_map_by_rules(
             f"{[r for r, _ in rules]}; add a catch-all rule ('.*', ...). Uncovered:\n  {shown}"
         )
     if each_rule_applies and (idle := [i for i in range(len(compiled)) if i not in applied]):
-        pattern, example = compiled[idle[0]][0].pattern, f" such as {names[0]!r}" if names else ""
-        anywhere = f"{'' if pattern.startswith('.*') else '.*'}{pattern}"
-        anywhere += "" if pattern.endswith(".*") else ".*"
-        raise ValueError(
-            f"{what} {pattern!r} matches no parameter{' an earlier rule leaves' if idle[0] else ''}"
-            f": a rule matches whole paths{example} ('{anywhere}' matches anywhere in a path)."
-        )
+        raise ValueError(_idle_rule_message(compiled, idle[0], names, what))
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _idle_rule_message(
+    compiled: Sequence[tuple[re.Pattern, Any]], idle: int, names: Sequence[str], what: str
+) -> str:
+    """Why rule ``idle`` takes no parameter: earlier rules take all it matches (it should come
+    first), or it matches none (rules match whole paths)."""
+    pattern = compiled[idle][0]
+    matched = [n for n in names if pattern.fullmatch(n)]
+    if matched:
+        earlier = next(p.pattern for p, _ in compiled[:idle] if p.fullmatch(matched[0]))
+        return (
+            f"{what} {pattern.pattern!r} matches only parameters that the earlier rule "
+            f"{earlier!r} takes (the first match wins): put it before that rule."
+        )
+    example = f" such as {names[0]!r}" if names else ""
+    anywhere = f"{'' if pattern.pattern.startswith('.*') else '.*'}{pattern.pattern}"
+    anywhere += "" if pattern.pattern.endswith(".*") else ".*"
+    return (
+        f"{what} {pattern.pattern!r} matches no parameter: a rule matches whole "
+        f"paths{example} ('{anywhere}' matches anywhere in a path)."
+    )
 
 
 def tree_mask(patterns: Sequence[str] | str, tree: Any, *, what: str | None = None) -> Any:
