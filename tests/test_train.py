@@ -344,12 +344,14 @@ def _tree_hash(path: pathlib.Path) -> str:
             {"optimizer.trainable": "head"},
             {"optimizer.trainable": "all", "total_steps": 4},
             r"\(changed since: optimizer.trainable \"head\" -> \"all\"\)\nThe checkpoint was left "
-            r"untouched. To train from its weights .* --config.init.path=/",
+            r"untouched. To train from its weights with these settings \(a linear probe, then "
+            r"full fine-tuning\), use another --workdir with --config.init.path=/",
         ),
         (  # no clipping: one member fewer in the optimizer chain
             {},
             {"optimizer.grad_clip_norm": None, "total_steps": 4},
-            r"\(changed since: optimizer.grad_clip_norm 1.0 -> null\)",
+            r"\(changed since: optimizer.grad_clip_norm 1.0 -> null\)\nThe checkpoint was left "
+            r"untouched. To train from its weights with these settings, use another --workdir",
         ),
     ],
 )

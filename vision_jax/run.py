@@ -468,11 +468,12 @@ def _with_layout_changes(
     in_layout = lambda key: any(key == k or key.startswith(f"{k}.") for k in _LAYOUT_KEYS)
     if not saved or not (changes := _config_changes(saved, spec.config, in_layout)):
         return error
+    probe = any(c.startswith("optimizer.trainable") for c in changes)  # then fine-tuning
     return CheckpointMismatchError(
         error.where, error.diff, cause=f"changed since: {'; '.join(changes)}",
-        advice="To train from its weights with these settings (a linear probe, then full "
-        "fine-tuning), use another --workdir with "
-        f"--config.init.path={os.path.dirname(ckpt.directory)}.",
+        advice="To train from its weights with these settings"
+        f"{' (a linear probe, then full fine-tuning)' if probe else ''}, use another --workdir "
+        f"with --config.init.path={os.path.dirname(ckpt.directory)}.",
     )  # fmt: skip
 
 
