@@ -207,7 +207,8 @@ def test_a_detection_key_with_segmentation_is_an_error(coco_root, tmp_path):
 
     cfg = det_config(coco_root, **{"task.name": "segmentation", "data.source": "arrays",
                                    "data.root": None})  # fmt: skip
-    with pytest.raises(UnreadConfigKeysError, match="task.max_boxes"):
+    match = r"task.max_boxes \(read by detection runs; this run's task.name is 'segmentation'\)"
+    with pytest.raises(UnreadConfigKeysError, match=match):
         train_and_evaluate(cfg, str(tmp_path), arrays={})
 
 

@@ -455,6 +455,16 @@ def test_config_variants_and_keys_inside_values_are_one_line_errors(tmp_path):
         assert message in proc.stderr.strip().splitlines()[-1]
 
 
+def test_a_key_in_another_section_is_named():
+    """``--config.eval_split``: the closest keys of its own section, and the key of that name
+    in another section."""
+    from vision_jax.config import unknown_key
+
+    message = unknown_key(default_config(), "eval_split")
+    assert message.endswith("; data.eval_split has that name.")
+    assert unknown_key(default_config(), "data.eval_split") is None
+
+
 def test_missing_config_file_is_reported_before_jax_starts(tmp_path):
     start = time.perf_counter()
     proc = main_cli("--config=configs/nope.py:arg", f"--workdir={tmp_path}")

@@ -203,9 +203,20 @@ def unknown_key(config: Mapping[str, Any], key: str) -> str | None:
         if not is_section(node):
             return f"Unknown config key '{key}': '{prefix[:-1]}' is a value, not a section."
         if part not in node:
-            return f"Unknown config key '{key}'{closest(part, node, prefix)}."
+            elsewhere = [k for k in _leaf_keys(config) if k.rsplit(".", 1)[-1] == parts[-1]]
+            moved = f"; {' or '.join(elsewhere)} has that name" if elsewhere else ""
+            return f"Unknown config key '{key}'{closest(part, node, prefix)}{moved}."
         node = node[part]
     return None
+
+
+def _leaf_keys(config: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """Every dotted key of ``config`` that holds a value."""
+    for name in config:
+        if is_section(config[name]):
+            yield from _leaf_keys(config[name], f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
 
 
 class TrackedConfig:
@@ -284,11 +295,25 @@ class TrackedConfig:
         names = [k[len(prefix) :] for k in leaves if k.startswith(prefix)]
         return closest(name, [k for k in names if "." not in k], prefix)
 
+    def _other_tasks(self, key: str) -> str:
+        """For a ``task.*`` key: the tasks that read it (it belongs to another task's runs)."""
+        import dataclasses
+
+        from vision_jax.tasks import TASKS
+
+        section, _, name = key.rpartition(".")
+        readers = [t for t, cls in TASKS.items()
+                   if any(f.name == name for f in dataclasses.fields(cls))]  # fmt: skip
+        if section != "task" or not readers:
+            return ""
+        this = self._config.get("task", {}).get("name")
+        return f" (read by {' and '.join(readers)} runs; this run's task.name is {this!r})"
+
     def check_all_read(self) -> None:
         """Raises :class:`UnreadConfigKeysError` if any set key was never read."""
         unread = self.unread()
         if unread:
-            named = [key + self._closest_read(key) for key in unread]
+            named = [key + (self._other_tasks(key) or self._closest_read(key)) for key in unread]
             raise UnreadConfigKeysError(
                 "Config keys that nothing reads (remove them, set them to None, or fix a typo): "
                 + ", ".join(named)
