@@ -22,6 +22,7 @@ from vision_jax import specs
 from vision_jax.checkpoint import CheckpointError
 from vision_jax.config import UnreadConfigKeysError, default_config
 from vision_jax.train import train_and_evaluate
+from vision_jax.trees import flatten_dict
 from vision_jax.weights import WeightFormatError
 from vision_jax.weights.run_dir import read_record, read_variables
 
@@ -363,6 +364,18 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path, bef
     assert _tree_hash(tmp_path / "checkpoints") == saved
 
 
+def test_frozen_bn_stats_leave_the_running_statistics_of_a_run(tmp_path):
+    """``model.frozen_bn_stats``: a run trains its BatchNorms' scale and bias, and saves the
+    running statistics it started from (here the initial 0 and 1)."""
+    train_and_evaluate(small_config(total_steps=2, **{"model.frozen_bn_stats": True}),
+                       str(tmp_path))  # fmt: skip
+    variables = read_variables(str(tmp_path))
+    stats = flatten_dict(variables["batch_stats"])
+    assert stats and all(np.all(v == (1 if k.endswith("var") else 0)) for k, v in stats.items())
+    scales = [v for k, v in flatten_dict(variables["params"]).items() if k.endswith("bn1/scale")]
+    assert any(not np.all(v == 1) for v in scales)
+
+
 def test_a_longer_run_warns_of_the_learning_rate_it_resumes_with(tmp_path, caplog):
     """Cosine without warmup: after 4 of 4 steps the rate is 0; over 6 steps, step 5 takes
     0.05 * (1 + cos(2 pi / 3)) / 2 = 0.0125."""
@@ -430,6 +443,11 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         ({"init.replace_head": True}, ValueError, r"init.replace_head only applies with init.pa"),
         ({"init.posemb": "bicubic"}, ValueError, r"init.posemb only applies with init.path"),
         ({"data.classes": (3,)}, ValueError, r"holds 1 class \(3\): a classifier needs at least 2"),
+        (
+            {"model.name": "vit_ti16", "model.frozen_bn_stats": True},
+            ValueError,
+            r"Unknown override\(s\) \['frozen_bn_stats'\] for 'vit_ti16'",
+        ),
         ({"input.mix_prob": 0.5}, ValueError, r"input.mix_prob only applies with mixup_alpha or"),
         (
             {"input.mix_switch_prob": 0.3, "input.mixup_alpha": 0.2},
@@ -567,6 +585,7 @@ import json, os, sys
 import jax
 from vision_jax.trees import flatten_dict
 from vision_jax.train import train_and_evaluate
+from vision_jax.trees import flatten_dict
 from vision_jax.weights.run_dir import read_variables
 sys.path.insert(0, {tests!r})
 from test_train import small_config

@@ -205,6 +205,38 @@ def test_timm_vit_every_file_format(timm, tmp_path, fmt):
     assert_close(apply(model, variables, x), torch_logits(ref, x))
 
 
+def test_frozen_bn_stats_train_as_torchvisions_frozen_batch_norm(timm, tmp_path):
+    """``frozen_bn_stats=True``: in train mode a ResNet-18 gives the logits of torchvision's
+    ResNet-18 built with FrozenBatchNorm2d (in train mode too) and its running statistics stay
+    as they were; without it, train mode normalises by the batch and moves them."""
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
+    ref = torchvision.models.resnet18(num_classes=10)
+    perturb_(ref)
+    frozen = torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d)
+    state = {k: v for k, v in ref.state_dict().items() if "num_batches_tracked" not in k}
+    frozen.load_state_dict(state)
+    frozen.train()
+    path = tmp_path / "model.pth"
+    save_torch(ref.state_dict(), path)
+    x = images(32, batch=4, seed=2)
+    for flag in (True, False):
+        model = create_model("resnet18", num_classes=10, frozen_bn_stats=flag)
+        variables = load_pretrained(path, model=model, variables=init_vars(model, 32))
+        with jax.default_matmul_precision("highest"):
+            logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        moved = [not np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(variables["batch_stats"]),
+            strict=True)]  # fmt: skip
+        if flag:
+            assert_close(np.asarray(logits), torch_logits(frozen, x))
+            assert not any(moved)
+        else:
+            assert all(moved)
+            assert np.abs(np.asarray(logits) - torch_logits(frozen, x)).max() > 1e-2
+
+
 @pytest.mark.parametrize("name", ["resnet18", "cifar_resnet20"])
 def test_resnet_state_dicts(timm, tmp_path, name):
     if name == "resnet18":

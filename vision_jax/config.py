@@ -65,6 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
     # per block: ((regex, policy), ...) matched against block paths, as in parameter paths
     # ("Transformer/encoderblock_3", "layer2/0", "block3/unit01"); first match wins, else remat
     c.model.remat_rules = ()
+    # ResNets: BatchNorm with frozen running statistics in training too (torchvision's
+    # FrozenBatchNorm2d, for small per-device batches, e.g. detection); None: models' default
+    c.model.frozen_bn_stats = placeholder(bool)
 
     # Pretrained weights (path) and their surgery (vision_jax.specs.InitSpec: the fields, their
     # defaults and meaning: replace_head, head_bias_init, dont_load, posemb, use_input_contract).

@@ -585,7 +585,7 @@ def run_spec(config: Any) -> RunSpec:
         early_stopping=early_stopping_spec(config.early_stopping, data.val_split is not None),
         model_name=model.pop("name"),
         model_dtype=model.pop("dtype"),
-        model_overrides={k: as_tuples(v) for k, v in model.items()},
+        model_overrides={k: as_tuples(v) for k, v in model.items() if v is not None},
         sharding_rules=tuple(config.sharding_rules),
         config=config.to_dict(),
         **scalars,

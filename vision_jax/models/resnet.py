@@ -142,10 +142,15 @@ class ResNet(nn.Module):
     feature_taps: tuple[int, ...] | None = None
     remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
     remat_rules: RematRules = ()  # per block: ((regex, policy), ...) (vision_jax.models.remat)
+    # BatchNorm normalises with its running statistics in training too and never updates them
+    # (torchvision's FrozenBatchNorm2d, timm's freeze_batch_norm_2d, for small per-device
+    # batches: detection); its scale and bias still train unless frozen (optimizer.frozen_params)
+    frozen_bn_stats: bool = False
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         check_images(images)
+        train = train and not self.frozen_bn_stats  # train mode only changes the BatchNorms
         taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
         stages = []
         x = jnp.asarray(images, self.dtype)
