@@ -327,6 +327,24 @@ def test_a_corrupt_eval_image_stops_the_run_before_training(tmp_path):
     assert train_and_evaluate(cfg, str(tmp_path / "run"))["eval/examples"] == 10
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_without_one_usable_example_is_an_error_with_skip_corrupt(tmp_path, split):
+    """data.skip_corrupt with every example of a split bad: an error naming the files (a
+    training stream of bad examples alone waited forever for a good one; an eval split of them
+    reported eval/examples 0 and exit status 0)."""
+    data = tmp_path / "data"
+    _image_folder(data, corrupt_eval=False)
+    for image in (data / split).rglob("*.png"):
+        image.write_bytes(b"not a png")
+    cfg = config(**{"data.source": "imagefolder", "data.root": str(data)})
+    cfg.data.skip_corrupt = True
+    count, drawn = (40, "drawn at random ") if split == "train" else (10, "")
+    match = rf"None of the {count} examples {drawn}of the split can be used: cannot read image "
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert not step_dirs(tmp_path / "run")
+
+
 def test_the_eval_split_is_read_while_the_first_step_compiles(tmp_path, monkeypatch):
     """The check of the eval split runs on its own thread, beside the first step (whose call
     compiles it); the loop waits for it before the step's checkpoint."""

@@ -232,6 +232,9 @@ class _Background:
             raise self._error
 
 
+TRAIN_SAMPLE = 256  # training examples read before training when bad ones are skipped
+
+
 def _check_examples(run: Run) -> _Background:
     """Reads the evaluation and validation splits once (:func:`data.check_examples`) in the
     background: a bad file stops the run before it trains, not at its end, and the reading
@@ -384,6 +387,8 @@ def _loop(
             results.update(_evaluate(run, state, run.total_steps, writer, stop))
         return results
 
+    if run.train_source.skip_corrupt:  # a stream of bad examples alone would wait forever
+        data_lib.check_examples(run.train_source, run.input, sample=TRAIN_SAMPLE)
     train_iter = data_lib.train_batches(
         run.train_source, run.input, global_batch=spec.batch_size, seed=spec.seed,
         start_step=run.start_step, start_position=run.start_position, **run.task.batch_args(),

@@ -460,12 +460,17 @@ def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
     )  # fmt: skip
 
 
-def check_examples(source: Source, spec: InputSpec, *, threads: int | None = None) -> int:
+def check_examples(
+    source: Source, spec: InputSpec, *, threads: int | None = None, sample: int | None = None
+) -> int:
     """Reads every example of this process's shard of a file source once, as evaluation does.
 
     Unreadable examples are a :class:`DataError` naming the files, or with ``skip_corrupt``
     counted (logged, and returned): so a bad file in the eval split stops a run before it trains,
-    not at its final evaluation. Sources without files (arrays, digits, tfds) are not read (0).
+    not at its final evaluation; a split of which no example can be used is an error either way.
+    ``sample``: read only that many examples drawn at random, an error only if none of them can
+    be used (a training split with ``skip_corrupt``, whose stream would wait for a good example
+    forever). Sources without files (arrays, digits, tfds) are not read (0).
     """
     if source.columns is None or "path" not in source.columns:
         return 0
@@ -484,6 +489,9 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
         return i, total, tf.math.bincount(label_map, minlength=256, maxlength=256)
 
     ds = source.dataset.shard(jax.process_count(), jax.process_index()).enumerate()
+    if sample is not None:
+        ds = ds.shuffle(min(source.num_examples, 10_000), seed=0).take(sample)
+        drawn = [int(k) for k, _ in ds.as_numpy_iterator()]
     ds = parallel_map(ds, read).ignore_errors()
     ds = ds.batch(1024).with_options(pipeline_options(threads))
     good, pixels = set(), 0
@@ -493,11 +501,18 @@ def check_examples(source: Source, spec: InputSpec, *, threads: int | None = Non
     if source.target == "label_map" and good and jax.process_count() == 1:
         _warn_of_absent_classes(source, pixels)
     shard = range(jax.process_index(), source.num_examples, jax.process_count())
-    bad_rows = [row for k, row in enumerate(shard) if k not in good]
-    if not bad_rows:
+    read = drawn if sample is not None else range(len(shard))  # positions in the shard
+    bad_rows = [shard[k] for k in read if k not in good]
+    if not bad_rows or (sample is not None and good):
         return 0
     problems = [_problem(source, row) or f"row {row}" for row in bad_rows[:10]]
     more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
+    if not good:
+        what = "drawn at random " if sample is not None else ""
+        raise DataError(
+            f"None of the {len(read)} examples {what}of the split can be used: "
+            f"{'; '.join(problems)}{more}."
+        )
     if source.skip_corrupt:
         logging.warning(
             "%d bad example(s) of %d will be skipped: %s%s.",
