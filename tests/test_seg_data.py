@@ -169,6 +169,33 @@ def test_label_map_folder_eval_covers_every_pixel_once(tmp_path):
     assert named.num_classes == 5
 
 
+def test_raw_mask_values_of_an_image_folder_through_the_value_table(tmp_path):
+    """ADE20K-style masks (0 = other, to ignore; classes from 1) read through
+    data.label_map_values: batches (training and evaluation) and the split's check see the
+    class ids; a raw value missing from the table names the file."""
+    maps = make_seg_folder(tmp_path)
+    raw_maps = [np.where(m == IGNORE_LABEL, 0, m + 1).astype(np.uint8) for m in maps]
+    for i, raw in enumerate(raw_maps):
+        save_mask(tmp_path / "train" / "masks" / f"{i:03d}.png", raw, palette=False)
+    ade = tuple((v, v - 1 if v else IGNORE_LABEL) for v in range(len(CLASSES) + 1))
+    cfg = data_config(source="imagefolder", root=str(tmp_path), label_map_values=ade)
+    source = data_lib.load_source(cfg.data, "train", target="label_map")
+    batches = list(data_lib.eval_batches(source, spec_of(), global_batch=7))
+    np.testing.assert_array_equal(batches[0]["label_map"], np.stack(maps))
+    train = next(data_lib.train_batches(source, spec_of(), global_batch=7, seed=0))
+    assert set(np.unique(train["label_map"])) <= {*range(len(CLASSES)), IGNORE_LABEL}
+    assert data_lib.check_examples(source, spec_of()) == 0
+    cut = tuple(pair for pair in ade if pair[0] != 2)  # raw 2 (class 1) left out
+    source = data_lib.load_source(
+        data_config(source="imagefolder", root=str(tmp_path), label_map_values=cut).data,
+        "train",
+        target="label_map",
+    )
+    with pytest.raises(data_lib.DataError, match=r"masks/000.png: raw values \[2\] missing from "
+                       "data.label_map_values"):  # fmt: skip
+        data_lib.check_examples(source, spec_of())
+
+
 def test_label_maps_match_photos_turned_by_their_exif_orientation(tmp_path):
     """A camera JPEG stored sideways (EXIF orientation 6) with its mask drawn on the picture as
     shown: the pipeline turns the image, so image and label map agree (and the size check
@@ -454,7 +481,7 @@ def test_configs_without_label_maps(tmp_path):
         cfg = data_config(source=source, root=str(tmp_path))
         with pytest.raises(data_lib.DataError, match=f"data.source='{source}' has no label maps"):
             data_lib.load_source(cfg.data, "train", target="label_map")
-    cfg = data_config(source="imagefolder", root=str(tmp_path), label_map_values=((1, 1),))
+    cfg = data_config(source="arrays", label_map_values=((1, 1),))
     with pytest.raises(data_lib.DataError, match="data.label_map_values not read by data.sou"):
         data_lib.load_source(cfg.data, "train", target="label_map")
     with pytest.raises(data_lib.DataError, match="Unknown target 'points'"):

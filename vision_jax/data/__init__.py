@@ -61,9 +61,10 @@ def load_source(
     from "imagefolder" (``data.root``/<split>/images/<image> with index PNGs
     ``data.root``/<split>/masks/<stem>.png; classes from ``data.class_names`` or
     ``data.root``/classes.txt), "tfds" (the ``segmentation_mask`` feature; ``data.class_names``
-    required, raw values mapped by ``data.label_map_values``, pairs (raw, class id); a raw value
-    missing from it is an error) or "arrays" (``arrays[split] = (images, label_maps)``, maps
-    (N, H, W)). Id 255 (``IGNORE_LABEL``) marks pixels that count for nothing.
+    required) or "arrays" (``arrays[split] = (images, label_maps)``, maps
+    (N, H, W)). Id 255 (``IGNORE_LABEL``) marks pixels that count for nothing. The masks of
+    image folders and tfds may hold raw values instead: ``data.label_map_values``, pairs (raw,
+    class id), maps them (a raw value missing from it is an error).
 
     ``target="boxes"`` loads objects (detection) from "coco" (the JSON ``data.root`` /
     ``data.coco_annotations`` with images under ``data.root`` / ``data.coco_images``; the
@@ -128,6 +129,7 @@ def _label_map_source(
             skip_corrupt=skip_corrupt,
             target="label_map",
             class_names=class_names,
+            label_map_values=values,
         )
     if kind == "arrays":
         name, where = parse_split(split)
@@ -160,7 +162,7 @@ _KEYS_READ = {
     ("tfds", "label_map"): ("name", "data_dir", "class_names", "label_map_values"),
     ("tfds", "boxes"): ("name", "data_dir"),
     ("imagefolder", "label"): ("root", "classes"),
-    ("imagefolder", "label_map"): ("root", "class_names"),
+    ("imagefolder", "label_map"): ("root", "class_names", "label_map_values"),
     ("csv", "label"): ("root", "class_names", "classes"),
     ("idx", "label"): ("root", "class_names", "classes"),
     ("digits", "label"): ("classes",),
@@ -170,7 +172,7 @@ _KEYS_READ = {
 }
 _HINTS = {
     "class_names": "class names come from the data",
-    "label_map_values": "only tfds label maps hold raw values; others hold class ids",
+    "label_map_values": "only tfds and image-folder label maps hold raw values",
     "classes": "it selects whole-image classes",
 }
 

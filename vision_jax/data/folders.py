@@ -32,6 +32,7 @@ from vision_jax.data.sources import (
     from_columns,
     list_names,
     num_rows,
+    value_table,
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode reads
@@ -132,15 +133,20 @@ def from_image_folder(
     skip_corrupt: bool = False,
     target: str = "label",
     class_names: Sequence[str] | None = None,
+    label_map_values: Sequence[Sequence[int]] | None = None,
 ) -> Source:
     """``root/<split>/<class>/<image>`` (images in subfolders of a class folder too; other
     files are counted in a warning); an empty class folder is an error unless
     ``skip_corrupt`` (then it is logged and the class kept, so splits share class names).
 
-    With ``target="label_map"``: see :func:`label_map_folder` (``class_names`` applies there).
+    With ``target="label_map"``: see :func:`label_map_folder` (``class_names`` and
+    ``label_map_values`` apply there).
     """
     if check_target(target) == "label_map":
-        return label_map_folder(root, split, skip_corrupt=skip_corrupt, class_names=class_names)
+        return label_map_folder(
+            root, split, skip_corrupt=skip_corrupt, class_names=class_names,
+            label_map_values=label_map_values,
+        )  # fmt: skip
     name, where = parse_split(split)
     split_dir = posixpath.join(root, name)
     if not file_path(split_dir).is_dir():
@@ -180,13 +186,15 @@ def label_map_folder(
     *,
     skip_corrupt: bool = False,
     class_names: Sequence[str] | None = None,
+    label_map_values: Sequence[Sequence[int]] | None = None,
 ) -> Source:
     """Segmentation: ``root/<split>/images/<image>``, each with the index PNG
     ``root/<split>/masks/<stem>.png`` of class ids (grayscale of 1 to 8 bits, or palette PNGs
-    read as their indices; 255 = ignore). Class names are ``class_names``, else the lines of
-    ``root/classes.txt``. A missing mask is an error naming the image, unless ``skip_corrupt``
-    (then the image is logged and left out). Masks are read, and checked against their images,
-    in the pipeline.
+    read as their indices; 255 = ignore), or of raw values that ``label_map_values`` ((raw,
+    class id) pairs: ADE20K's 0 to 255 and the others one down, Cityscapes' label ids to train
+    ids) maps. Class names are ``class_names``, else the lines of ``root/classes.txt``. A
+    missing mask is an error naming the image, unless ``skip_corrupt`` (then the image is
+    logged and left out). Masks are read, and checked against their images, in the pipeline.
     """
     name, where = parse_split(split)
     image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
@@ -213,7 +221,8 @@ def label_map_folder(
         "label_map_path": np.array(mask_paths, dtype=str),
     }
     source = from_columns(apply_slice(columns, where), class_names)
-    return dataclasses.replace(source, skip_corrupt=skip_corrupt)
+    table = value_table(label_map_values, len(class_names))
+    return dataclasses.replace(source, skip_corrupt=skip_corrupt, label_values=table)
 
 
 def _classes_txt(root: str) -> list[str]:

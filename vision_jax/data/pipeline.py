@@ -185,6 +185,12 @@ def _problem(source: Source, row: int) -> str | None:
     label_map = decode_file(map_path, augment.decode_index_png)
     if isinstance(label_map, str):
         return f"cannot read label map {map_path}: {label_map}"
+    if source.label_values is not None:  # raw values, mapped
+        mapped = source.label_values[label_map]
+        if (mapped < 0).any():
+            raw = np.unique(label_map[mapped < 0]).tolist()
+            return f"label map {map_path}: raw values {raw[:5]} missing from data.label_map_values"
+        label_map = mapped
     if label_map.shape[:2] != image.shape[:2]:
         (h, w), (ih, iw) = label_map.shape[:2], image.shape[:2]
         return (
@@ -397,6 +403,8 @@ def _max_boxes(kind: str, max_boxes: int | None) -> int | None:
 def _target(source: Source, max_boxes: int | None) -> dict:
     """:func:`make_preprocess`'s target arguments for ``source`` (``max_boxes``: boxes only)."""
     target = {"target": source.target, "num_classes": source.num_classes}
+    if source.label_values is not None:
+        target["label_values"] = source.label_values
     if _max_boxes(source.target, max_boxes) is None:
         return target
     boxes.check_max_boxes(source, max_boxes)

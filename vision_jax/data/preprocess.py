@@ -12,9 +12,11 @@ from collections.abc import Callable
 
 from vision_jax.tf_without_keras import tf
 
+import numpy as np
+
 from vision_jax.data import augment, boxes
 from vision_jax.data.randaugment import randaugment
-from vision_jax.data.sources import IGNORE_LABEL, check_target
+from vision_jax.data.sources import IGNORE_LABEL, check_target, map_values
 from vision_jax.specs import InputSpec
 
 Example = dict[str, "tf.Tensor"]
@@ -48,21 +50,25 @@ def _raw_image(example: Example) -> tf.Tensor:
     return example["image"]
 
 
-def _raw_label_map(example: Example) -> tf.Tensor:
-    """uint8 [H, W, 1] class ids, read from ``example["label_map_path"]`` if given."""
+def _raw_label_map(example: Example, values: np.ndarray | None = None) -> tf.Tensor:
+    """uint8 [H, W, 1] class ids, read from ``example["label_map_path"]`` if given (its raw
+    values mapped through the table ``values``, :func:`~vision_jax.data.sources.value_table`)."""
     if "label_map_path" in example:
-        return augment.decode_index_png(tf.io.read_file(example["label_map_path"]))
+        raw = augment.decode_index_png(tf.io.read_file(example["label_map_path"]))
+        return map_values(raw, values)
     label_map = tf.cast(example["label_map"], tf.uint8)
     if label_map.shape.rank == 2:
         label_map = label_map[..., None]
     return tf.ensure_shape(label_map, [None, None, 1])
 
 
-def _decode_pair(example: Example, num_classes: int) -> tuple[tf.Tensor, tf.Tensor]:
+def _decode_pair(
+    example: Example, num_classes: int, values: np.ndarray | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """The float32 image and its uint8 label map, failing (when run) if their sizes differ or
     the map holds values outside ``[0, num_classes)`` other than IGNORE_LABEL."""
     image = tf.cast(augment.decode(_raw_image(example)), tf.float32)
-    label_map = _raw_label_map(example)
+    label_map = _raw_label_map(example, values)
     values = tf.reshape(tf.cast(label_map, tf.int32), [-1])
     bad = tf.unique(tf.boolean_mask(values, (values >= num_classes) & (values != IGNORE_LABEL))).y
     checks = [
@@ -146,11 +152,16 @@ def _image(spec: InputSpec, raw: tf.Tensor, train: bool, rng: tf.Tensor) -> tf.T
 
 
 def _image_and_map(
-    spec: InputSpec, example: Example, num_classes: int, train: bool, rng: tf.Tensor
+    spec: InputSpec,
+    example: Example,
+    num_classes: int,
+    train: bool,
+    rng: tf.Tensor,
+    values: np.ndarray | None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Segmentation: the image and label map cropped alike; without a training crop, the whole
     image resized to ``image_size`` x ``image_size`` (every pixel evaluated)."""
-    image, label_map = _decode_pair(example, num_classes)
+    image, label_map = _decode_pair(example, num_classes, values)
     if train and (spec.random_crop or spec.scale_jitter):
         return _random_crop(spec, image, label_map, rng)
     if train and spec.inception_crop:
@@ -209,10 +220,12 @@ def make_preprocess(
     num_classes: int | None = None,
     box_table: boxes.BoxTable | None = None,
     max_boxes: int | None = None,
+    label_values: np.ndarray | None = None,
 ) -> Callable[[tf.Tensor, Example], Example]:
     """Returns ``fn(index, example) -> {"image": float32 HWC, "label": int32, "index": int64}``;
     with ``target="label_map"`` (``num_classes`` required) ``"label_map"`` (int32 [S, S]) in
-    place of ``"label"``. Label maps take the same crops and flips as their images.
+    place of ``"label"``. Label maps take the same crops and flips as their images; read from
+    files, their raw values go through ``label_values`` (a source's table) when given.
 
     With ``target="boxes"`` (``box_table`` and ``max_boxes`` required; examples hold ``row``):
     ``boxes`` (float32 [M, 4], x0 y0 x1 y1 in model-input pixels), ``classes``, ``valid`` and
@@ -242,7 +255,9 @@ def make_preprocess(
             out = _image_and_boxes(spec, example, table, train, (crop_rng, flip_rng), max_boxes)
             return {**out, "index": tf.cast(index, tf.int64)}
         if target == "label_map":
-            image, label_map = _image_and_map(spec, example, num_classes, train, crop_rng)
+            image, label_map = _image_and_map(
+                spec, example, num_classes, train, crop_rng, label_values
+            )
         else:
             image, label_map = _image(spec, _raw_image(example), train, crop_rng), None
         if train and spec.flip:

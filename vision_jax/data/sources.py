@@ -57,6 +57,9 @@ class Source:
     target: str = "label"
     annotations: dict | None = None
     category_ids: list[int] | None = None
+    # Label maps read from files (``label_map_path``): their raw value -> class id table
+    # (:func:`value_table`, ``data.label_map_values``), applied as they are read
+    label_values: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
