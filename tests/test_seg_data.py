@@ -222,6 +222,12 @@ def test_label_maps_match_photos_turned_by_their_exif_orientation(tmp_path):
     assert inner.mean() > 0.3
     np.testing.assert_array_equal(got[inner], want[inner])
     np.testing.assert_array_equal(batch["label_map"][row][inner], want[inner])
+    # A mask drawn on the stored pixels (as loaders that ignore EXIF see them) is named so.
+    save_mask(tmp_path / "train" / "masks" / "001.png", np.rot90(label_map, 1).copy(), False)
+    with pytest.raises(data_lib.DataError, match=r"masks/001.png: size 24x40 differs .* turned "
+                       "upright by its EXIF orientation, as viewers show it; the mask fits its "
+                       "stored pixels"):  # fmt: skip
+        data_lib.check_examples(source, spec_of())
 
 
 def test_an_empty_line_in_classes_txt_is_an_error(tmp_path):
@@ -451,9 +457,14 @@ def test_bad_masks_skipped_and_counted_with_skip_corrupt(bad_folder, caplog):
     (bad_folder / "train" / "images" / "lonely.jpg").write_bytes(
         (bad_folder / "train" / "images" / "000.png").read_bytes()
     )
+    (bad_folder / "train" / "masks" / "lonely_mask.png").write_bytes(b"")  # named otherwise
     cfg = data_config(source="imagefolder", root=str(bad_folder))
-    with pytest.raises(data_lib.DataError, match=r"images/lonely\.jpg has no mask"):
-        data_lib.load_source(cfg.data, "train", target="label_map")
+    with pytest.raises(
+        data_lib.DataError,
+        match=r"images/lonely\.jpg has no mask .*lonely\.png\. "
+        r"Found lonely_mask\.png: masks are PNGs named as their image's stem",
+    ):
+        data_lib.load_source(cfg.data, "train", target="label_map")  # fmt: skip
     cfg = data_config(source="imagefolder", root=str(bad_folder), skip_corrupt=True)
     with caplog.at_level(logging.WARNING):
         source = data_lib.load_source(cfg.data, "train", target="label_map")

@@ -180,6 +180,18 @@ def from_image_folder(
     )
 
 
+def _near_miss(mask: str, masks: set[str]) -> str:
+    """Masks named like ``mask`` but not as it (another extension or case, a suffix), named."""
+    stem = posixpath.splitext(mask)[0].lower()
+    after = lambda m: m[len(stem) : len(stem) + 1]  # what follows the stem: ".", "_", "-"
+    near = sorted(
+        m for m in masks if m != mask and m.lower().startswith(stem) and after(m) in "._-"
+    )
+    if not near:
+        return ""
+    return f" Found {', '.join(near[:3])}: masks are PNGs named as their image's stem."
+
+
 def label_map_folder(
     root: str,
     split: str,
@@ -200,7 +212,10 @@ def label_map_folder(
     image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
     for folder in (image_dir, mask_dir):
         if not file_path(folder).is_dir():
-            raise DataError(f"Label-map split folder {folder} does not exist.")
+            raise DataError(
+                f"Label-map split folder {folder} does not exist (the layout: "
+                f"{root}/<split>/images/<image> and {root}/<split>/masks/<stem>.png)."
+            )
     class_names = list(class_names) if class_names else _classes_txt(root)
     paths, mask_paths = [], []
     masks = set(list_names(mask_dir))
@@ -208,6 +223,7 @@ def label_map_folder(
         mask = posixpath.splitext(f)[0] + ".png"
         if mask not in masks:
             message = f"Image {posixpath.join(image_dir, f)} has no mask {mask_dir}/{mask}."
+            message += _near_miss(mask, masks)
             if not skip_corrupt:
                 raise DataError(message + " Add it, or set data.skip_corrupt=True.")
             logging.warning("%s Leaving the image out.", message)

@@ -27,7 +27,7 @@ from vision_jax.tf_without_keras import tf
 import jax
 import numpy as np
 
-from vision_jax.data import augment, boxes
+from vision_jax.data import augment, boxes, exif
 from vision_jax.data.preprocess import InputSpec, make_preprocess
 from vision_jax.data.sources import IGNORE_LABEL, DataError, Source
 
@@ -193,8 +193,15 @@ def _problem(source: Source, row: int) -> str | None:
         label_map = mapped
     if label_map.shape[:2] != image.shape[:2]:
         (h, w), (ih, iw) = label_map.shape[:2], image.shape[:2]
+        turned = ""
+        if (h, w) == (iw, ih) and _turned_by_exif(path):
+            turned = (
+                " (the image is turned upright by its EXIF orientation, as viewers show it; the "
+                "mask fits its stored pixels: turn the mask alike, or save the image upright)"
+            )
         return (
             f"label map {map_path}: size {w}x{h} differs from its image {path} ({iw}x{ih}, w x h)"
+            f"{turned}"
         )
     bad = sorted(set(np.unique(label_map).tolist()) - {*range(num_classes), IGNORE_LABEL})
     if bad:
@@ -454,7 +461,8 @@ def _example_shapes(
 
 def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
     """Warns of classes that no label map of ``source`` holds (``pixels``: pixels per label
-    value): their IoU cannot be measured and is left out of the mean."""
+    value): their IoU is 0 wherever the model predicts them, else left out of the mean
+    (:func:`vision_jax.metrics.iou_summary`, mmsegmentation's nanmean)."""
     absent = [f"{name} ({c})" for c, name in enumerate(source.class_names) if not pixels[c]]
     if not absent:
         return
@@ -463,9 +471,21 @@ def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
         hint = (f" {pixels[IGNORE_LABEL]} pixels hold {IGNORE_LABEL}, the ignore value: a mask "
                 f"saved as 0/{IGNORE_LABEL} must hold class ids (1 for its objects).")  # fmt: skip
     logging.warning(
-        "No label map of this split holds a pixel of %s: their IoU cannot be measured and is "
-        "left out of mIoU.%s", ", ".join(absent), hint,
+        "No label map of this split holds a pixel of %s: their IoU is 0 if the model predicts "
+        "them anywhere (counted in mIoU), else left out of mIoU.%s", ", ".join(absent), hint,
     )  # fmt: skip
+
+
+def _turned_by_exif(path: str) -> bool:
+    """Whether the JPEG ``path`` is turned a quarter by its EXIF orientation when decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            return exif.upright_size(image) != (width, height)
+    except OSError:
+        return False
 
 
 def check_examples(
