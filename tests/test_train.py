@@ -364,6 +364,29 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path, bef
     assert _tree_hash(tmp_path / "checkpoints") == saved
 
 
+def test_a_resume_with_another_lora_scale_names_it(tmp_path, caplog):
+    """lora.alpha (the adapters' scale) changed on a resume: named with the recipe's changes."""
+    lora = {"model.name": "vit_ti16", "input.image_size": 16, "lora.rank": 2, "lora.alpha": 2.0}
+    cfg = small_config(total_steps=2, **lora)
+    cfg.model.depth = 1
+    train_and_evaluate(cfg, str(tmp_path))
+    cfg.total_steps, cfg.lora.alpha = 3, 4.0
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(cfg, str(tmp_path))
+    assert "lora.alpha 2.0 -> 4.0; total_steps 2 -> 3." in caplog.text
+
+
+def test_a_new_head_that_is_frozen_is_an_error(tmp_path):
+    """A head replaced for another class count starts at zero: frozen as well, the model's
+    output is constant and training would change nothing (it ran, at loss ln(classes))."""
+    train_and_evaluate(small_config(total_steps=1), str(tmp_path / "ten"))
+    five = small_config(total_steps=1, **{"init.path": str(tmp_path / "ten"),
+                                          "data.classes": (0, 1, 2, 3, 4)})  # fmt: skip
+    five.optimizer.frozen_params = "head/.*"
+    with pytest.raises(ValueError, match=r"classifier head is new \(all zeros\) and frozen"):
+        train_and_evaluate(five, str(tmp_path / "five"))
+
+
 def test_frozen_bn_stats_leave_the_running_statistics_of_a_run(tmp_path):
     """``model.frozen_bn_stats``: a run trains its BatchNorms' scale and bias, and saves the
     running statistics it started from (here the initial 0 and 1)."""
@@ -443,6 +466,17 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         ({"init.replace_head": True}, ValueError, r"init.replace_head only applies with init.pa"),
         ({"init.posemb": "bicubic"}, ValueError, r"init.posemb only applies with init.path"),
         ({"data.classes": (3,)}, ValueError, r"holds 1 class \(3\): a classifier needs at least 2"),
+        ({"lora.rank": 2, "lora.alpha": 0.0}, ValueError, r"lora.alpha must be > 0"),
+        (
+            {"optimizer.lr_mults": (("head/.*", -1.0),)},
+            ValueError,
+            r"lr_mults rule \('head/\.\*', -1.0\): a multiplier must be >= 0",
+        ),
+        (
+            {"optimizer.trainable": "head", "optimizer.lr_mults": (("conv1/.*", 0.1),)},
+            ValueError,
+            r"lr_mults rule 'conv1/\.\*' matches only frozen parameters \(such as 'conv1/kernel'\)",
+        ),
         (
             {"model.name": "vit_ti16", "model.frozen_bn_stats": True},
             ValueError,

@@ -54,14 +54,15 @@ def compile_rules(
 
 def tree_map_by_rules(
     rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rules", default: Any = _REQUIRED,
-    each_rule_applies: bool = False,
+    each_rule_applies: bool = False, frozen: Sequence[str] = (),
 ) -> Any:  # fmt: skip
     """Returns a tree shaped like ``tree`` holding, per leaf, the value of the first matching rule.
 
     Every leaf must be covered: a leaf that no rule matches takes ``default`` or, if no default is
     given, raises an error listing the uncovered paths. ``what`` names the rules in errors. With
     ``each_rule_applies``, a rule that is the first match of no leaf (a typo, a rule written for
-    part of a path, or one that earlier rules shadow: it would do nothing) is an error.
+    part of a path, or one that earlier rules shadow: it would do nothing) is an error, which
+    says so when the rule matches ``frozen`` paths only (parameters outside ``tree``).
     """
     compiled = compile_rules(rules, what=what)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -84,16 +85,27 @@ def tree_map_by_rules(
             f"{[r for r, _ in rules]}; add a catch-all rule ('.*', ...). Uncovered:\n  {shown}"
         )
     if each_rule_applies and (idle := [i for i in range(len(compiled)) if i not in applied]):
-        raise ValueError(_idle_rule_message(compiled, idle[0], names, what))
+        raise ValueError(_idle_rule_message(compiled, idle[0], names, what, frozen))
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
 def _idle_rule_message(
-    compiled: Sequence[tuple[re.Pattern, Any]], idle: int, names: Sequence[str], what: str
+    compiled: Sequence[tuple[re.Pattern, Any]],
+    idle: int,
+    names: Sequence[str],
+    what: str,
+    frozen: Sequence[str],
 ) -> str:
     """Why rule ``idle`` takes no parameter: earlier rules take all it matches (it should come
-    first), or it matches none (rules match whole paths)."""
+    first), it matches frozen parameters only, or it matches none (rules match whole paths)."""
     pattern = compiled[idle][0]
+    if not any(pattern.fullmatch(n) for n in names) and (
+        held := [n for n in frozen if pattern.fullmatch(n)]
+    ):
+        return (
+            f"{what} {pattern.pattern!r} matches only frozen parameters (such as {held[0]!r}), "
+            "which do not train: remove the rule, or let them train."
+        )
     matched = [n for n in names if pattern.fullmatch(n)]
     if matched:
         earlier = next(p.pattern for p, _ in compiled[:idle] if p.fullmatch(matched[0]))
@@ -110,15 +122,19 @@ def _idle_rule_message(
     )
 
 
-def tree_mask(patterns: Sequence[str] | str, tree: Any, *, what: str | None = None) -> Any:
+def tree_mask(
+    patterns: Sequence[str] | str, tree: Any, *, what: str | None = None, frozen: Sequence[str] = ()
+) -> Any:
     """Boolean tree: True where the path fully matches any of ``patterns``; with ``what`` (the
-    patterns' config key), a pattern that adds no path is an error naming it."""
+    patterns' config key), a pattern that adds no path is an error naming it (``frozen``: see
+    :func:`tree_map_by_rules`)."""
     if isinstance(patterns, str):
         patterns = [patterns]
     rules = [(p, True) for p in patterns]
     return tree_map_by_rules(
-        rules, tree, what=what or "patterns", default=False, each_rule_applies=what is not None
-    )
+        rules, tree, what=what or "patterns", default=False, each_rule_applies=what is not None,
+        frozen=frozen,
+    )  # fmt: skip
 
 
 def rules_table(rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rule") -> str:

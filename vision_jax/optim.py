@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -171,12 +171,21 @@ def trainable_mask(
 
 
 def lr_multipliers(
-    params: Any, model: Any, *, rules: Any = None, layer_decay: float | None = None
+    params: Any,
+    model: Any,
+    *,
+    rules: Any = None,
+    layer_decay: float | None = None,
+    frozen: Sequence[str] = (),
 ) -> Any:
-    """Float tree of per-parameter learning-rate multipliers (1.0 where nothing applies)."""
+    """Float tree of per-parameter learning-rate multipliers (1.0 where nothing applies);
+    ``frozen``: the paths of the parameters that do not train, for a rule's error."""
+    negative = [(p, m) for p, m in rules or () if m < 0]
+    if negative:
+        raise ValueError(f"optimizer.lr_mults rule {negative[0]}: a multiplier must be >= 0.")
     mults = tree_map_by_rules(
         list(rules or ()), params, what="optimizer.lr_mults rule", default=1.0,
-        each_rule_applies=True,
+        each_rule_applies=True, frozen=frozen,
     )  # fmt: skip
     if layer_decay is not None:
         if not 0 < layer_decay <= 1:
@@ -238,8 +247,10 @@ def build_optimizer(
     total_steps: int,
     steps_per_epoch: int,
     log: bool = True,
+    frozen: Sequence[str] = (),
 ) -> Optimizer:
-    """The optimizer for the *trainable* ``params``.
+    """The optimizer for the *trainable* ``params`` (``frozen``: the paths of the others, named
+    when a rule matches only them).
 
     ``opt.name`` is ``sgd`` (momentum, nesterov; L2 weight decay added to the gradient) or
     ``adamw`` (b1, b2, eps; decoupled weight decay). ``mu_dtype`` stores first moments (or the
@@ -253,10 +264,14 @@ def build_optimizer(
         schedule_spec, base_lr=float(opt.learning_rate), total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
-    mults = lr_multipliers(params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay)
+    mults = lr_multipliers(
+        params, model, rules=opt.lr_mults, layer_decay=opt.layer_decay, frozen=frozen
+    )
     numbers = _numbers(opt, schedule, mults)
     decay_params = opt.decay_params or DEFAULT_DECAY_PARAMS
-    decay_mask = tree_mask(decay_params, params, what=opt.decay_params and "optimizer.decay_params")
+    decay_mask = tree_mask(
+        decay_params, params, what=opt.decay_params and "optimizer.decay_params", frozen=frozen
+    )
     transform = functools.partial(_transform, opt, schedule_spec.decay, decay_mask)
     if log and jax.process_index() == 0:
         wd = numbers["weight_decay"]

@@ -199,6 +199,18 @@ def trainable_preset(spec: specs.RunSpec) -> str:
     return "head" if spec.lora.train_head else "none"
 
 
+def _check_head_can_train(frozen: Mapping[str, Any]) -> None:
+    """Raises when the classifier head is frozen and all zeros (the loader starts a replaced
+    head at zero): the model's output is then constant and no step changes anything."""
+    kernel = frozen.get("head", {}).get("kernel")
+    if isinstance(kernel, jax.Array) and not bool(jax.device_get(jnp.any(kernel))):
+        raise ValueError(
+            "The classifier head is new (all zeros) and frozen, so no step can change the "
+            "model's output: let it train (lora.train_head=True, or leave head/ out of "
+            "optimizer.frozen_params and optimizer.trainable)."
+        )
+
+
 def create_train_state(
     spec: specs.RunSpec,
     model: nn.Module,
@@ -220,6 +232,7 @@ def create_train_state(
     extra = r"(.*/)?lora_[ab]" if spec.lora is not None else None
     mask = optim.trainable_mask(params, model, preset=preset, frozen=frozen_regex, extra=extra)
     trainable, frozen = trees.partition(params, mask)
+    _check_head_can_train(frozen)
     if log and jax.process_index() == 0:
         rules = [(r, False) for r in [frozen_regex] if r] + [(r, True) for r in [extra] if r]
         rules += optim.trainable_rules(preset, model)
@@ -229,7 +242,7 @@ def create_train_state(
     def optimizer(tree: Any, log: bool = True):
         return optim.build_optimizer(
             spec.optimizer, spec.schedule, tree, model, total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch, log=log,
+            steps_per_epoch=steps_per_epoch, log=log, frozen=list(trees.flatten_dict(frozen)),
         )  # fmt: skip
 
     opt = optimizer(trainable, log)
@@ -488,7 +501,7 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
 # Config sections of the training recipe: a resume may change them (to train longer, say), warned.
 _RECIPE_SECTIONS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
-    "optimizer", "schedule", "input", "task",
+    "optimizer", "schedule", "input", "task", "lora",
 )  # fmt: skip
 
 

@@ -463,7 +463,12 @@ def lora_spec(section: Any) -> LoraSpec | None:
         _only_with("lora", values, tuple(values), False, "with rank > 0")
         return None
     alpha = values.pop("alpha")
-    return _build(LoraSpec, {**values, "rank": rank, "alpha": float(alpha or rank)}, "lora")
+    if alpha is not None and alpha <= 0:
+        raise ConfigError(
+            f"lora.alpha must be > 0 (the adapters' scale is alpha / rank), got {alpha}."
+        )
+    alpha = float(rank if alpha is None else alpha)
+    return _build(LoraSpec, {**values, "rank": rank, "alpha": alpha}, "lora")
 
 
 def section_defaults(spec: type) -> dict[str, Any]:
