@@ -77,6 +77,13 @@ def test_bad_rules_are_clear_errors(rule, match):
         )
 
 
+def test_a_sharding_rule_that_matches_nothing_is_an_error():
+    """A typo'd rule would replicate what it meant to shard (FSDP given up without a word)."""
+    params = {"mlp": {"kernel": jnp.zeros((192, 768))}}
+    with pytest.raises(ValueError, match=r"sharding_rules rule '\.\*kernal' matches no parameter"):
+        sharding.param_shardings(params, mesh(fsdp=4), [(".*kernal", "fsdp")], fsdp_min_size=1)
+
+
 def test_optimizer_state_follows_the_parameter_shardings():
     params = {"a": {"kernel": jnp.zeros((64, 128))}, "b": {"bias": jnp.zeros((128,))}}
     mask = {"a": {"kernel": True}, "b": {"bias": False}}

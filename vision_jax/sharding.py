@@ -137,9 +137,12 @@ def param_shardings(
 ) -> Any:
     """A tree of NamedShardings like ``params`` (arrays or ShapeDtypeStructs), from ``rules``.
 
-    A parameter that no rule matches is replicated.
+    A parameter that no rule matches is replicated; a rule that matches none (a typo would
+    replicate what it meant to shard) is an error.
     """
-    values = tree_map_by_rules(rules, params, what="sharding rules", default="replicated")
+    values = tree_map_by_rules(
+        rules, params, what="sharding_rules rule", default="replicated", each_rule_applies=True
+    )
     return jax.tree_util.tree_map_with_path(
         lambda path, x, v: NamedSharding(
             mesh, _rule_spec(v, tuple(x.shape), mesh, fsdp_min_size, path_to_str(path))

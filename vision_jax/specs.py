@@ -600,7 +600,7 @@ def run_spec(config: Any) -> RunSpec:
     for name, interval in (
         ("ema_decay", "[0, 1)"), ("log_every_steps", "[1, inf)"), ("eval_every_steps", "[0, inf)"),
         ("checkpoint_every_steps", "[0, inf)"), ("batch_size", "[1, inf)"),
-        ("eval_batch_size", "[1, inf)"),
+        ("eval_batch_size", "[1, inf)"), ("fsdp_min_size", "[0, inf)"),
     ):  # fmt: skip
         check_interval(name, getattr(spec, name), interval)
     if spec.on_nonfinite not in NONFINITE_POLICIES:
