@@ -518,7 +518,8 @@ def check_examples(
 
     ds = source.dataset.shard(jax.process_count(), jax.process_index()).enumerate()
     if sample is not None:
-        ds = ds.shuffle(min(source.num_examples, 10_000), seed=0).take(sample)
+        buffer = min(source.num_examples, 10_000)  # the same draw in both passes below
+        ds = ds.shuffle(buffer, seed=0, reshuffle_each_iteration=False).take(sample)
         drawn = [int(k) for k, _ in ds.as_numpy_iterator()]
     ds = parallel_map(ds, read).ignore_errors()
     ds = ds.batch(1024).with_options(pipeline_options(threads))
@@ -526,7 +527,7 @@ def check_examples(
     for rows, _, counts in ds.as_numpy_iterator():
         good.update(int(i) for i in rows)
         pixels += counts.sum(0)  # label maps: pixels of each value; else nothing
-    if source.target == "label_map" and good and jax.process_count() == 1:
+    if source.target == "label_map" and good and sample is None and jax.process_count() == 1:
         _warn_of_absent_classes(source, pixels)
     shard = range(jax.process_index(), source.num_examples, jax.process_count())
     read = drawn if sample is not None else range(len(shard))  # positions in the shard
