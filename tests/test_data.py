@@ -93,8 +93,6 @@ def test_decoding_is_what_the_export_manifest_says():
     value // 256, alpha dropped (not composited), grey repeated to RGB."""
     import io
 
-    from vision_jax.export.exporter import DECODE
-
     def decoded(image: Image.Image) -> np.ndarray:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -107,7 +105,10 @@ def test_decoding_is_what_the_export_manifest_says():
     )
     rgba = rng.integers(0, 256, (4, 5, 4), dtype=np.uint8)
     np.testing.assert_array_equal(decoded(Image.fromarray(rgba)), rgba[..., :3])
-    assert "value // 256" in DECODE["bit_depth"] and "alpha dropped" in DECODE["channels"]
+    assert (
+        "value // 256" in augment.DECODING["bit_depth"]
+        and "alpha dropped" in augment.DECODING["channels"]
+    )
 
 
 def test_image_folder_takes_bmp_gif_and_webp(tmp_path):

@@ -8,6 +8,7 @@ and may stay unread.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -206,20 +207,20 @@ def unknown_key(config: Mapping[str, Any], key: str) -> str | None:
         if not is_section(node):
             return f"Unknown config key '{key}': '{prefix[:-1]}' is a value, not a section."
         if part not in node:
-            elsewhere = [k for k in _leaf_keys(config) if k.rsplit(".", 1)[-1] == parts[-1]]
+            elsewhere = [k for k, _ in _leaves(config) if k.rsplit(".", 1)[-1] == parts[-1]]
             moved = f"; {' or '.join(elsewhere)} has that name" if elsewhere else ""
             return f"Unknown config key '{key}'{closest(part, node, prefix)}{moved}."
         node = node[part]
     return None
 
 
-def _leaf_keys(config: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
-    """Every dotted key of ``config`` that holds a value."""
-    for name in config:
-        if is_section(config[name]):
-            yield from _leaf_keys(config[name], f"{prefix}{name}.")
+def _leaves(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of ``node`` (an empty section is a leaf)."""
+    for key, value in node.items():
+        if is_section(value) and len(value):
+            yield from _leaves(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{name}"
+            yield prefix + key, value
 
 
 class TrackedConfig:
@@ -276,17 +277,9 @@ class TrackedConfig:
 
     def unread(self) -> list[str]:
         """Set (non-None) leaf keys that were never read."""
-
-        def leaves(node: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
-            for key, value in node.items():
-                if is_section(value) and len(value):
-                    yield from leaves(value, f"{prefix}{key}.")
-                else:
-                    yield prefix + key, value
-
         return sorted(
             key
-            for key, value in leaves(self._config, self._prefix)
+            for key, value in _leaves(self._config, self._prefix)
             if value is not None and key not in self._reads
         )
 
@@ -300,9 +293,7 @@ class TrackedConfig:
 
     def _other_tasks(self, key: str) -> str:
         """For a ``task.*`` key: the tasks that read it (it belongs to another task's runs)."""
-        import dataclasses
-
-        from vision_jax.tasks import TASKS
+        from vision_jax.tasks import TASKS  # the tasks import this module
 
         section, _, name = key.rpartition(".")
         readers = [t for t, cls in TASKS.items()

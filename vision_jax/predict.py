@@ -574,13 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--{flag} is for detection: {args.workdir} is a {task} run.")
         paths = _outside_outputs(paths, args, task, parser)
         _make_folder_of(args.output, parser)  # before the predictions, not after them
-        ids = args.coco_annotations and image_ids_by_file(
-            args.coco_annotations,
-            paths,
-            dict(zip(predictor.category_ids, predictor.class_names, strict=True)),
-        )
+        ids = None  # before the predictions: a file the annotations miss is an error
+        if args.coco_annotations:
+            categories = dict(zip(predictor.category_ids, predictor.class_names, strict=True))
+            ids = image_ids_by_file(args.coco_annotations, paths, categories)
         records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
-        for record in records if ids else ():
+        for record in records if ids is not None else ():
             record["image_id"] = ids[record["file_name"]]
     except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -211,14 +211,18 @@ def _section(section: Any, spec: type) -> dict[str, Any]:
     return {k: as_tuples(section.get(k)) for k in names if k in section}
 
 
+def _lacks_value(field: dataclasses.Field, value: Any) -> bool:
+    """Whether ``value`` is a None that ``field``'s type does not take (a required key unset)."""
+    return value is None and "None" not in str(field.type)
+
+
 def _build(spec: type, values: dict[str, Any], section: str) -> Any:
     """``spec(**values)``, where ``None`` means "the spec's default" for fields that have one;
     a field without one that takes no None is an error naming ``section.key``."""
     fields = dataclasses.fields(spec)
     for f in fields if not _SAVED.get() else ():  # a saved run's record: as it ran
-        if f.default is dataclasses.MISSING and values.get(f.name, 0) is None:
-            if "None" not in str(f.type):
-                raise ConfigError(f"{section}.{f.name} needs a value: it is None.")
+        if f.default is dataclasses.MISSING and _lacks_value(f, values.get(f.name, 0)):
+            raise ConfigError(f"{section}.{f.name} needs a value: it is None.")
     defaults = {f.name for f in fields if f.default is not dataclasses.MISSING}
     return spec(**{k: v for k, v in values.items() if v is not None or k not in defaults})
 
@@ -549,17 +553,11 @@ _CONFIG_KEYS = {"model_name": "model.name", "model_dtype": "model.dtype"}
 
 
 def _check_set(spec: RunSpec) -> None:
-    """Raises naming the first key that is None where its spec takes no None (a required key
-    unset with ``--config.<key>=None``)."""
-    sections = [(spec, "")] + [
-        (value, f"{f.name}.") for f in dataclasses.fields(spec)
-        if dataclasses.is_dataclass(value := getattr(spec, f.name))
-    ]  # fmt: skip
-    for section, prefix in sections:
-        for f in dataclasses.fields(section):
-            if getattr(section, f.name) is None and "None" not in str(f.type):
-                key = _CONFIG_KEYS.get(f.name, f.name) if not prefix else f"{prefix}{f.name}"
-                raise ConfigError(f"{key} needs a value: it is None.")
+    """Raises naming the first top-level key that is None where RunSpec takes no None (a
+    required key unset with ``--config.<key>=None``; the sections' keys: :func:`_build`)."""
+    for f in dataclasses.fields(spec):
+        if _lacks_value(f, getattr(spec, f.name)):
+            raise ConfigError(f"{_CONFIG_KEYS.get(f.name, f.name)} needs a value: it is None.")
 
 
 def run_spec(config: Any) -> RunSpec:

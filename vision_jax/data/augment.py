@@ -18,6 +18,15 @@ from vision_jax.tf_without_keras import tf
 
 from vision_jax.data import exif
 
+# What :func:`decode` does, in words: the export manifest's ``input.decode``, for serving code
+# that reproduces it.
+DECODING = {
+    "orientation": "JPEGs upright by their EXIF orientation (PIL's ImageOps.exif_transpose)",
+    "channels": "grey repeated to RGB; alpha dropped, not composited; palette and CMYK to RGB",
+    "bit_depth": "16-bit PNGs to 8 bits as value // 256",
+    "jpeg": "libjpeg's accurate integer DCT, as PIL decodes",
+}
+
 
 def decode(data: tf.Tensor) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes, or a uint8 HWC/HW array, to uint8 RGB [H, W, 3].

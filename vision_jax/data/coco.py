@@ -138,7 +138,7 @@ def image_ids_by_file(
             raise DataError(f"{annotations}: images {found} all name the file {path}.")
         else:
             ids[path] = found[0]
-    shared = sorted({i for i in ids.values() if list(ids.values()).count(i) > 1})
+    shared = sorted(i for i, n in Counter(ids.values()).items() if n > 1)
     if shared:
         both = [p for p, i in ids.items() if i == shared[0]]
         raise DataError(f"{annotations}: image {shared[0]} names several files: {both}.")

@@ -158,7 +158,7 @@ def from_image_folder(
     if not class_names:
         raise DataError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/).")
     if len(set(class_names)) < len(class_names):
-        twice = sorted({n for n in class_names if class_names.count(n) > 1})
+        twice = sorted(n for n, count in Counter(class_names).items() if count > 1)
         raise DataError(f"{split_dir}: folders {twice} differ only in their Unicode form.")
     paths, labels, left_out = [], [], Counter()
     for label, (_, folder) in enumerate(folders):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vision_jax.data import augment
 from vision_jax.export.images import split_images
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
 from vision_jax.export.serving import ExportError, Servable
@@ -95,16 +96,6 @@ def _in_float32(trained: Trained) -> Trained:
     return dataclasses.replace(trained, spec=spec, model=model)
 
 
-# How evaluation and predict decode image files (vision_jax.data.augment.decode), for serving
-# code that reproduces them.
-DECODE = {
-    "orientation": "JPEGs upright by their EXIF orientation (PIL's ImageOps.exif_transpose)",
-    "channels": "grey repeated to RGB; alpha dropped, not composited; palette and CMYK to RGB",
-    "bit_depth": "16-bit PNGs to 8 bits as value // 256",
-    "jpeg": "libjpeg's accurate integer DCT, as PIL decodes",
-}
-
-
 def _manifest(
     trained: Trained, servable: Servable, format: str, quantize: str, batch: int | None
 ) -> dict[str, Any]:
@@ -121,7 +112,7 @@ def _manifest(
             "shape": list(servable.input_shape(batch)),
             "dtype": "uint8",
             "layout": "NHWC, RGB, at the model's input size (not resized inside)",
-            "decode": DECODE,
+            "decode": augment.DECODING,
         },
         "outputs": outputs,
         "normalisation": {

@@ -81,9 +81,10 @@ class QuantizationReport:
     def table(self) -> str:
         """The rows as a text table."""
         segmentation = self.rows[0].miou is not None
+        miou_header = f" {'mIoU':>7} {'change':>8}" if segmentation else ""
         lines = [
             f"{'form':<20} {'size MiB':>9} {'accuracy':>9} {'change':>8} {'agreement':>10} "
-            f"{f'ms/batch of {self.batch}':>16}" + (f" {'mIoU':>7} {'change':>8}" * segmentation)
+            f"{f'ms/batch of {self.batch}':>16}{miou_header}"
         ]
         for r in self.rows:
             lines.append(
@@ -129,7 +130,8 @@ def quantization_report(
         accuracy, agreement = _accuracy(predictions, targets), np.mean(predictions == reference)
         ious = (None, None)
         if miou is not None:
-            ious = (value := miou(predictions), value - base_miou)
+            value = miou(predictions)
+            ious = (value, value - base_miou)
         rows.append(
             FormResult(quantize, size, accuracy, accuracy - base, float(agreement), latency, *ious)
         )

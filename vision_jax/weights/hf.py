@@ -200,7 +200,12 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
 
 def class_names(folder: str | os.PathLike) -> list[str] | None:
     """``config.json``'s ``id2label`` in label order, if it names every label 0..n-1."""
-    labels = _read_config(folder).get("id2label") or {}
+    return names_in_label_order(_read_config(folder).get("id2label") or {})
+
+
+def names_in_label_order(labels: Any) -> list[str] | None:
+    """A label id -> name mapping (ids as ints or strings) as a list in label order, if it
+    names every label 0..n-1; else None."""
     try:
         names = {int(k): str(v) for k, v in labels.items()}
     except (AttributeError, ValueError):

@@ -18,13 +18,14 @@ from typing import Any
 
 import flax.linen as nn
 
+from vision_jax.specs import CROP_MODES, INTERPOLATIONS
 from vision_jax.weights import state_dict
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import WeightFormatError
+from vision_jax.weights.hf import names_in_label_order
 from vision_jax.weights.merge import WeightMismatchError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_CROP_MODES = {"center": "center", "squash": "squash"}  # timm's "border" has no equivalent
 
 
 def is_folder(path: pathlib.Path) -> bool:
@@ -92,12 +93,13 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
         raise WeightFormatError(f"{path}: input_size {cfg['input_size']} is not a square.")
     if len(mean) != 3 or len(std) != 3:
         raise WeightFormatError(f"{path}: mean {mean} and std {std} must give 3 channels.")
-    crop_mode = _CROP_MODES.get(cfg.get("crop_mode", "center"))
-    if interpolation not in ("bilinear", "bicubic") or crop_mode is None:
+    crop_mode = cfg.get("crop_mode", "center")  # timm's "border" has no equivalent
+    if interpolation not in INTERPOLATIONS or crop_mode not in CROP_MODES:
         raise WeightFormatError(
-            f"{path}: interpolation {interpolation!r} with crop_mode {cfg.get('crop_mode')!r}; "
-            "vision_jax resizes bilinear or bicubic and crops 'center' or 'squash' (set "
-            "init.use_input_contract=False and input.* instead)."
+            f"{path}: interpolation {interpolation!r} with crop_mode {crop_mode!r}; "
+            f"vision_jax resizes {' or '.join(INTERPOLATIONS)} and crops "
+            f"{' or '.join(map(repr, CROP_MODES))} (set init.use_input_contract=False and "
+            "input.* instead)."
         )
     return InputContract(
         int(height), mean, std, interpolation=interpolation,
@@ -109,10 +111,5 @@ def class_names(folder: str | os.PathLike) -> list[str] | None:
     """``label_names`` in label order (a list, or ids 0..n-1 to names), else None."""
     names = _pretrained_cfg(folder)[0].get("label_names")
     if isinstance(names, Mapping):
-        try:
-            by_id = {int(k): str(v) for k, v in names.items()}
-        except ValueError:
-            return None
-        ids = range(len(by_id))
-        return [by_id[i] for i in ids] if set(by_id) == set(ids) else None
+        return names_in_label_order(names)
     return [str(n) for n in names] if isinstance(names, list | tuple) else None
