@@ -521,3 +521,38 @@ def test_a_class_no_label_map_holds_is_named_at_the_check(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         data_lib.check_examples(source, spec_of())
     assert "No label map" not in caplog.text
+
+
+def test_pascal_voc_layout_reads_as_torchvisions_voc_segmentation(timm, tmp_path, caplog):
+    """PASCAL VOC's layout (JPEGImages, SegmentationClass, ImageSets/Segmentation/<split>.txt)
+    gives the pairs torchvision's VOCSegmentation gives for the same tree, VOC's 21 class names
+    without classes.txt; an id without its files is named (left out with skip_corrupt)."""
+    import torchvision  # importable once the timm fixture declared its ops
+
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    maps = {}
+    for i, name in enumerate(["2007_000032", "2007_000039", "2008_000123"]):
+        maps[name] = label_map_of((16, 16), 4, seed=i)
+        Image.fromarray(image_of(maps[name])).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+        save_mask(voc / "SegmentationClass" / f"{name}.png", maps[name], palette=True)
+    (voc / "ImageSets/Segmentation/train.txt").write_text("2008_000123\n2007_000032\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("2007_000039\n2009_999999\n")
+    cfg = data_config(source="imagefolder", root=str(voc))
+    source = data_lib.load_source(cfg.data, "train", target="label_map")
+    reference = torchvision.datasets.VOCSegmentation(str(tmp_path), image_set="train")
+    assert list(source.columns["path"]) == reference.images
+    assert list(source.columns["label_map_path"]) == reference.masks
+    assert source.class_names[:3] == ["background", "aeroplane", "bicycle"]
+    assert source.num_classes == 21
+    batch = next(data_lib.eval_batches(source, spec_of(), global_batch=2))
+    expected = [np.asarray(reference[i][1]) for i in range(2)]  # PIL's palette indices
+    np.testing.assert_array_equal(batch["label_map"], np.stack(expected))
+    missing = r"val.txt lists 2009_999999, but .*JPEGImages/2009_999999.jpg and .*/2009_99"
+    with pytest.raises(data_lib.DataError, match=missing):
+        data_lib.load_source(cfg.data, "val", target="label_map")
+    skipping = data_config(source="imagefolder", root=str(voc), skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        val = data_lib.load_source(skipping.data, "val", target="label_map")
+    assert val.num_examples == 1 and "Leaving the image out" in caplog.text

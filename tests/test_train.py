@@ -688,3 +688,18 @@ def test_splits_with_other_classes_are_named(tmp_path):
     config = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path)})
     with pytest.raises(DataError, match=r"classes: only in train: none; only in eval: fox\."):
         train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_lora_target_that_trains_fully_is_an_error(tmp_path):
+    """An adapter on the head while the head trains (lora.train_head) would train it twice
+    over; with train_head=False the head trains through its adapter alone, even from zero."""
+    lora = {"model.name": "vit_ti16", "input.image_size": 16, "lora.rank": 2,
+            "lora.targets": r"head/kernel|.*/query/kernel"}  # fmt: skip
+    cfg = small_config(total_steps=1, **lora)
+    cfg.model.depth = 1
+    with pytest.raises(ValueError, match=r"lora.targets matches head/kernel, which trains fully"):
+        train_and_evaluate(cfg, str(tmp_path / "both"))
+    cfg.lora.train_head = False
+    train_and_evaluate(cfg, str(tmp_path / "adapter"))
+    head = flatten_dict(read_variables(str(tmp_path / "adapter"))["params"])["head/kernel"]
+    assert np.any(head != 0)  # the merged adapter moved the zero head

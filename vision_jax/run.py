@@ -199,15 +199,32 @@ def trainable_preset(spec: specs.RunSpec) -> str:
     return "head" if spec.lora.train_head else "none"
 
 
-def _check_head_can_train(frozen: Mapping[str, Any]) -> None:
+def _check_head_can_train(frozen: Mapping[str, Any], trainable: Mapping[str, Any]) -> None:
     """Raises when the classifier head is frozen and all zeros (the loader starts a replaced
-    head at zero): the model's output is then constant and no step changes anything."""
+    head at zero) without a LoRA adapter: the model's output is then constant and no step
+    changes anything."""
     kernel = frozen.get("head", {}).get("kernel")
+    if "lora_a" in trainable.get("head", {}):
+        return
     if isinstance(kernel, jax.Array) and not bool(jax.device_get(jnp.any(kernel))):
         raise ValueError(
             "The classifier head is new (all zeros) and frozen, so no step can change the "
             "model's output: let it train (lora.train_head=True, or leave head/ out of "
             "optimizer.frozen_params and optimizer.trainable)."
+        )
+
+
+def _check_adapted_kernels_frozen(trainable: Mapping[str, Any]) -> None:
+    """Raises when a LoRA target's kernel trains as well (the head with lora.train_head): its
+    adapter would train the same weights twice over, and the run would not be a LoRA of it."""
+    flat = trees.flatten_dict(trainable)
+    both = [p.removesuffix("lora_a") + "kernel" for p in flat if p.endswith("/lora_a")]
+    both = [p for p in both if p in flat]
+    if both:
+        raise ValueError(
+            f"lora.targets matches {', '.join(both)}, which trains fully as well (the head "
+            "trains with lora.train_head=True): leave it out of lora.targets, or set "
+            "lora.train_head=False to train it through its adapter only."
         )
 
 
@@ -232,7 +249,8 @@ def create_train_state(
     extra = r"(.*/)?lora_[ab]" if spec.lora is not None else None
     mask = optim.trainable_mask(params, model, preset=preset, frozen=frozen_regex, extra=extra)
     trainable, frozen = trees.partition(params, mask)
-    _check_head_can_train(frozen)
+    _check_head_can_train(frozen, trainable)
+    _check_adapted_kernels_frozen(trainable)
     if log and jax.process_index() == 0:
         rules = [(r, False) for r in [frozen_regex] if r] + [(r, True) for r in [extra] if r]
         rules += optim.trainable_rules(preset, model)

@@ -3,7 +3,9 @@
 ``imagefolder``: ``root/<split>/<class>/.../<image>`` (any of :data:`IMAGE_EXTENSIONS`, in
 subfolders too), classes named by their sorted folder names; for label maps
 ``root/<split>/images/<image>`` with index PNGs ``root/<split>/masks/<same stem>.png`` and
-class names from ``root/classes.txt``. ``csv``:
+class names from ``root/classes.txt``, or PASCAL VOC's layout (``root/JPEGImages``,
+``root/SegmentationClass``, the split's ids in ``root/ImageSets/Segmentation/<split>.txt``).
+``csv``:
 ``root/<split>.csv`` with a ``filename,label`` header, file names relative to ``root``. Only
 the file list is built here; images are read and decoded in the tf.data pipeline.
 A split may be sliced like tfds splits: ``"train[:90%]"``, ``"train[90%:]"``, ``"val[:500]"``.
@@ -209,29 +211,13 @@ def label_map_folder(
     logged and left out). Masks are read, and checked against their images, in the pipeline.
     """
     name, where = parse_split(split)
-    image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
-    for folder in (image_dir, mask_dir):
-        if not file_path(folder).is_dir():
-            raise DataError(
-                f"Label-map split folder {folder} does not exist (the layout: "
-                f"{root}/<split>/images/<image> and {root}/<split>/masks/<stem>.png)."
-            )
-    class_names = list(class_names) if class_names else _classes_txt(root)
-    paths, mask_paths = [], []
-    masks = set(list_names(mask_dir))
-    for f in _image_files(image_dir):
-        mask = posixpath.splitext(f)[0] + ".png"
-        if mask not in masks:
-            message = f"Image {posixpath.join(image_dir, f)} has no mask {mask_dir}/{mask}."
-            message += _near_miss(mask, masks)
-            if not skip_corrupt:
-                raise DataError(message + " Add it, or set data.skip_corrupt=True.")
-            logging.warning("%s Leaving the image out.", message)
-            continue
-        paths.append(posixpath.join(image_dir, f))
-        mask_paths.append(posixpath.join(mask_dir, mask))
-    if not paths:
-        raise DataError(f"{image_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images with masks.")
+    voc_ids = posixpath.join(root, "ImageSets", "Segmentation", f"{name}.txt")
+    if file_path(voc_ids).exists():
+        paths, mask_paths = _voc_pairs(root, voc_ids, skip_corrupt)
+        class_names = list(class_names or _classes_txt(root, default=VOC_CLASSES))
+    else:
+        paths, mask_paths = _folder_pairs(root, name, skip_corrupt)
+        class_names = list(class_names) if class_names else _classes_txt(root)
     columns = {
         "path": np.array(paths, dtype=str),
         "label_map_path": np.array(mask_paths, dtype=str),
@@ -241,11 +227,81 @@ def label_map_folder(
     return dataclasses.replace(source, skip_corrupt=skip_corrupt, label_values=table)
 
 
-def _classes_txt(root: str) -> list[str]:
+def _folder_pairs(root: str, name: str, skip_corrupt: bool) -> tuple[list[str], list[str]]:
+    """Images and masks of ``root/<name>/images`` and ``root/<name>/masks``."""
+    image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
+    for folder in (image_dir, mask_dir):
+        if not file_path(folder).is_dir():
+            raise DataError(
+                f"Label-map split folder {folder} does not exist (the layout: "
+                f"{root}/<split>/images/<image> and {root}/<split>/masks/<stem>.png, or PASCAL "
+                f"VOC's with {root}/ImageSets/Segmentation/<split>.txt)."
+            )
+    paths, mask_paths = [], []
+    masks = set(list_names(mask_dir))
+    for f in _image_files(image_dir):
+        mask = posixpath.splitext(f)[0] + ".png"
+        if mask not in masks:
+            message = f"Image {posixpath.join(image_dir, f)} has no mask {mask_dir}/{mask}."
+            _missing(message + _near_miss(mask, masks), skip_corrupt)
+            continue
+        paths.append(posixpath.join(image_dir, f))
+        mask_paths.append(posixpath.join(mask_dir, mask))
+    if not paths:
+        raise DataError(f"{image_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images with masks.")
+    return paths, mask_paths
+
+
+def _voc_pairs(root: str, ids_file: str, skip_corrupt: bool) -> tuple[list[str], list[str]]:
+    """PASCAL VOC: the ids listed in ``ids_file``, images ``root/JPEGImages/<id>.jpg`` and
+    masks ``root/SegmentationClass/<id>.png`` (as torchvision's ``VOCSegmentation`` reads)."""
+    folders = {d: posixpath.join(root, d) for d in ("JPEGImages", "SegmentationClass")}
+    present = {}
+    for d, folder in folders.items():
+        if not file_path(folder).is_dir():
+            raise DataError(f"{ids_file} lists a PASCAL VOC split, but {folder} does not exist.")
+        present[d] = set(list_names(folder))
+    paths, mask_paths = [], []
+    ids = file_path(ids_file).read_text().split()
+    for i in ids:
+        files = {"JPEGImages": f"{i}.jpg", "SegmentationClass": f"{i}.png"}
+        lacks = [f"{folders[d]}/{f}" for d, f in files.items() if f not in present[d]]
+        if lacks:
+            message = f"{ids_file} lists {i}, but {' and '.join(lacks)} does not exist."
+            _missing(message, skip_corrupt)
+            continue
+        image, mask = files.values()
+        paths.append(posixpath.join(folders["JPEGImages"], image))
+        mask_paths.append(posixpath.join(folders["SegmentationClass"], mask))
+    if not paths:
+        raise DataError(f"{ids_file} lists no image with its mask ({len(ids)} ids).")
+    return paths, mask_paths
+
+
+def _missing(message: str, skip_corrupt: bool) -> None:
+    """A listed image without its mask (or a listed id without its files): an error, or with
+    ``skip_corrupt`` a warning (the caller leaves the example out)."""
+    if not skip_corrupt:
+        raise DataError(message + " Add it, or set data.skip_corrupt=True.")
+    logging.warning("%s Leaving the image out.", message)
+
+
+# PASCAL VOC's class names in its id order (0 background; 255 in its masks is ignored).
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+
+def _classes_txt(root: str, default: Sequence[str] | None = None) -> list[str]:
     """The lines of ``root/classes.txt`` (line i names class id i; trailing blank lines
-    dropped, an empty line among them is an error: it would shift the names after it)."""
+    dropped, an empty line among them is an error: it would shift the names after it), else
+    ``default``."""
     path = posixpath.join(root, "classes.txt")
     if not file_path(path).exists():
+        if default is not None:
+            return list(default)
         raise DataError(
             f"Label maps need class names: set data.class_names or write {path} (one per line, "
             "class 0 first)."
