@@ -741,6 +741,21 @@ def test_mixup_and_cutmix_soft_labels(mixup, cutmix):
     np.testing.assert_array_equal(unmixed["soft_label"], np.eye(5)[:4])
 
 
+def test_cutmix_box_is_timms_rand_bbox(timm):
+    """The pasted box for a given lambda and centre is timm's (odd cut sizes included: the far
+    edge is ``centre + (cut + 1) // 2``), clipped at every border."""
+    from unittest import mock
+
+    from timm.data.mixup import rand_bbox
+
+    for lam in (0.3, 0.5, 0.71, 0.9, 0.97):
+        for cy, cx in [(0, 0), (5, 17), (31, 23), (16, 12)]:
+            with mock.patch.object(np.random, "randint", side_effect=[cy, cx]):
+                expected = rand_bbox((3, 32, 24), np.float32(lam))
+            box = augment.cutmix_box(32, 24, tf.constant(lam, tf.float32), cy, cx)
+            assert [int(b) for b in box] == [int(e) for e in expected], (lam, cy, cx)
+
+
 def test_input_config_is_fully_read():
     cfg = TrackedConfig(default_config())
     spec = specs.input_spec(cfg.input)

@@ -290,14 +290,20 @@ def _beta(alpha: float, seed: tf.Tensor) -> tf.Tensor:
     return a / (a + b)
 
 
-def _cutmix_mask(h: int, w: int, lam: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """A [h, w, 1] float mask, 1 outside a box of about ``1 - lam`` of the area (clipped)."""
+def cutmix_box(h: int, w: int, lam: tf.Tensor, cy: tf.Tensor, cx: tf.Tensor) -> tuple:
+    """(top, bottom, left, right) of the box about ``1 - lam`` of the area centred at
+    (``cy``, ``cx``), clipped to the image: timm's ``rand_bbox``."""
     cut = tf.sqrt(1.0 - lam)
     ch, cw = tf.cast(h * cut, tf.int32), tf.cast(w * cut, tf.int32)
+    top, bottom = tf.maximum(cy - ch // 2, 0), tf.minimum(cy + (ch + 1) // 2, h)
+    left, right = tf.maximum(cx - cw // 2, 0), tf.minimum(cx + (cw + 1) // 2, w)
+    return top, bottom, left, right
+
+
+def _cutmix_mask(h: int, w: int, lam: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A [h, w, 1] float mask, 1 outside a box of about ``1 - lam`` of the area (clipped)."""
     centre = tf.random.stateless_uniform([2], seed, 0, 1 << 30, tf.int32)
-    cy, cx = centre[0] % h, centre[1] % w
-    top, bottom = tf.maximum(cy - ch // 2, 0), tf.minimum(cy + ch // 2, h)
-    left, right = tf.maximum(cx - cw // 2, 0), tf.minimum(cx + cw // 2, w)
+    top, bottom, left, right = cutmix_box(h, w, lam, centre[0] % h, centre[1] % w)
     rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
     inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
     return 1.0 - tf.cast(inside, tf.float32)
