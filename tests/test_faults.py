@@ -713,6 +713,43 @@ def test_second_ctrl_c_exits_at_once(tmp_path, procs):
 
 
 @pytest.mark.slow
+def test_a_second_signal_to_a_python_caller_raises_keyboard_interrupt(tmp_path):
+    """train_and_evaluate called from Python (a notebook): a second SIGINT raises
+    KeyboardInterrupt in the caller, whose process lives on with its handlers back."""
+    code = (
+        "import os, signal, time\n"
+        "from vision_jax import signals\n"
+        "import importlib.util\n"
+        "from vision_jax.train import train_and_evaluate\n"
+        "before = signals.StopSignals.should_stop\n"
+        "def should_stop(self, step):\n"
+        "    if step == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.2)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(30)\n"
+        "    return before(self, step)\n"
+        "signals.StopSignals.should_stop = should_stop\n"
+        "spec = importlib.util.spec_from_file_location('c', 'configs/digits_pretrain.py')\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "config = module.get_config()\n"
+        "config.total_steps = 1000\n"
+        "try:\n"
+        f"    train_and_evaluate(config, {str(tmp_path)!r})\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "interrupted True", proc.stderr[-3000:]
+    assert "second signal (SIGINT): interrupting, without saving" in proc.stderr
+
+
+@pytest.mark.slow
 def test_sigterm_two_processes_one_or_the_launcher_then_resume_exactly(tmp_path, procs):
     full = procs(*local_argv(tmp_path / "full"))
     code, _ = full.wait()

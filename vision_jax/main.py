@@ -316,7 +316,9 @@ def main(argv: list[str]) -> None:
     reporting = FLAGS.report and jax.process_count() == 1
     final = FinalEvaluation() if reporting else None  # the report's figures, made as it runs
     try:
-        results = train_and_evaluate(FLAGS.config, FLAGS.workdir, final=final)
+        results = train_and_evaluate(
+            FLAGS.config, FLAGS.workdir, final=final, exit_on_second_signal=True
+        )
     except StopRequested as e:
         _exit(EXIT_STOPPED, str(e), watchdog)
     except (ValueError, RuntimeError, OSError) as e:

@@ -7,12 +7,15 @@ passed yet (``multihost_utils.reached_preemption_sync_point``; a mutex per step,
 communication until a signal comes); SIGINT is handed on to it as SIGTERM. With that service
 off (``jax_enable_preemption_service=False``) the processes agree by an allgather of the flag
 every :data:`AGREE_EVERY` steps. A signal sent to any one process stops them all at that step.
-A second signal of either kind exits at once, without saving. A signal that this process
+A second signal of either kind exits at once, without saving (the command line), or raises
+KeyboardInterrupt in the main thread (a Python caller's process, e.g. a notebook's kernel,
+lives on). A signal that this process
 inherited as ignored (SIGINT in a background job) stays ignored: the launcher forwards SIGTERM.
 """
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import threading
@@ -57,13 +60,17 @@ class StopSignals:
     """Catches SIGTERM and SIGINT while entered (a context manager; main thread only).
 
     The signals are read by a thread through ``signal.set_wakeup_fd``, so a message appears and
-    a second signal exits at once even while the main thread waits in a long step or compile.
-    ``stop_before(step)`` is called once before training, ``should_stop(step)`` after every
-    step (absolute step numbers, as orbax uses with the same sync manager).
+    a second signal exits at once even while the main thread waits in a long step or compile
+    (``exit_on_second``; else it raises KeyboardInterrupt in the main thread once that thread
+    runs Python again). ``stop_before(step)`` is called once before training,
+    ``should_stop(step)`` after every step (absolute step numbers, as orbax uses with the same
+    sync manager).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exit_on_second: bool = False) -> None:
         self.received: str | None = None
+        self._exit_on_second = exit_on_second
+        self._interrupt = self._interrupted = False
         self._sync = _sync_manager()
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[int, Any] | None = None  # (write end, the previous wakeup fd)
@@ -72,7 +79,7 @@ class StopSignals:
         mine = [s for s in SIGNALS if not (s == signal.SIGTERM and self._sync is not None)]
         try:  # JAX's preemption notifier owns SIGTERM when it runs; keep inherited SIG_IGN
             for sig in [s for s in mine if signal.getsignal(s) is not signal.SIG_IGN]:
-                self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
+                self._previous[sig] = signal.signal(sig, self._in_main_thread)
             if self._previous:
                 read, write = os.pipe()
                 os.set_blocking(write, False)
@@ -103,15 +110,27 @@ class StopSignals:
                     if signum in self._previous:
                         self._handle(signum)
 
+    def _in_main_thread(self, signum: int, frame: Any) -> None:
+        """The Python-level handler: raises KeyboardInterrupt (once) after a second signal."""
+        if self._interrupt and not self._interrupted:
+            self._interrupted = True
+            raise KeyboardInterrupt
+
     def _handle(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            _say(f"second signal ({name}): exiting now, without saving.")
-            os._exit(128 + signum)
+            if self._exit_on_second:
+                _say(f"second signal ({name}): exiting now, without saving.")
+                os._exit(128 + signum)
+            _say(f"second signal ({name}): interrupting, without saving.")
+            self._interrupt = True
+            _thread.interrupt_main(signum)
+            return
         self.received = name
+        again = "exit now" if self._exit_on_second else "interrupt"
         _say(
             f"{name}: stopping at the next step, saved (a final evaluation stops at its next "
-            f"batch; {name} again: exit now)."
+            f"batch; {name} again: {again})."
         )
         if self._sync is not None:
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier

@@ -102,6 +102,7 @@ def train_and_evaluate(
     *,
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     final: FinalObserver | None = None,
+    exit_on_second_signal: bool = False,
 ) -> dict[str, float]:
     """Fine-tunes as ``config`` says, in ``workdir``; returns the final evaluation metrics.
 
@@ -116,11 +117,13 @@ def train_and_evaluate(
     merged (in bfloat16 their predictions differ).
 
     SIGTERM or SIGINT saves a checkpoint at the next step (agreed by every process) and raises
-    :class:`~vision_jax.signals.StopRequested`; a non-finite update raises
+    :class:`~vision_jax.signals.StopRequested`; a second one raises KeyboardInterrupt without
+    saving (``exit_on_second_signal``: ends the process at once, as the command line does,
+    even inside a long step or compilation); a non-finite update raises
     :class:`NonFiniteError` as ``config.on_nonfinite`` says. The final state is saved before
     the final evaluation.
     """
-    with StopSignals() as stop:
+    with StopSignals(exit_on_second_signal) as stop:
         run = build_run(config, workdir, arrays=arrays)
         run.final = final if jax.process_count() == 1 else None
         try:

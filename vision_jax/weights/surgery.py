@@ -67,10 +67,10 @@ def resize_grid(grid: np.ndarray, new_hw: tuple[int, int], method: str = "biline
     raise ValueError(f"Unknown posemb resampling {method!r}; valid: {POSEMB_METHODS}.")
 
 
-def _square(tokens: int, what: str) -> int:
+def _square(tokens: int, what: str, advice: str = "") -> int:
     side = math.isqrt(tokens)
     if side * side != tokens:
-        raise ValueError(f"{what} has {tokens} grid tokens, not a square grid.")
+        raise ValueError(f"{what} has {tokens} grid tokens, not a square grid{advice}.")
     return side
 
 
@@ -80,7 +80,11 @@ def resample_posemb(
     """Resamples ``(1, num_prefix + h * w, d)`` position embeddings (square ``h = w``) to
     ``new_grid``; the ``num_prefix`` leading tokens (the class token's) are kept as they are."""
     prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
-    side = _square(grid.shape[0], "The checkpoint's position embedding")
+    side = _square(
+        grid.shape[0],
+        "The checkpoint's position embedding",
+        f" (with {num_prefix} class-token row(s) before it): only square grids are resampled",
+    )
     grid = resize_grid(grid.reshape(side, side, -1), new_grid, method)
     return np.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
 
@@ -163,11 +167,14 @@ def _posemb(init: Flat, loaded: Flat, had_cls: bool, method: str) -> list[Row]:
     if POSEMB not in loaded or POSEMB not in init:
         return []
     old, tokens = loaded[POSEMB], np.shape(init[POSEMB])[1]
+    new_prefix = int(CLS in init)
+    if old.shape[1] == tokens and had_cls == bool(new_prefix):
+        return []  # the model's own layout (non-square grids included)
     # A grid's rows are a square; one more is a class token's row (old checkpoints of gap models
     # keep one too). big_vision's tok ViTs and timm's no_embed_class ones give their class token
-    # no position embedding: a zero row is the same function.
+    # no position embedding: a zero row is the same function. (A grid of another shape cannot be
+    # told from the row count: only square grids are resampled.)
     old_prefix = int(math.isqrt(old.shape[1]) ** 2 != old.shape[1])
-    new_prefix = int(CLS in init)
     rows = []
     if had_cls and new_prefix and not old_prefix:
         old, old_prefix = np.concatenate([np.zeros_like(old[:, :1]), old], axis=1), 1
@@ -177,7 +184,12 @@ def _posemb(init: Flat, loaded: Flat, had_cls: bool, method: str) -> list[Row]:
         old_prefix = new_prefix
         rows.append(("posemb", "class-token row dropped (the model pools with gap)"))
     if old.shape[1] - old_prefix != tokens - new_prefix:
-        side = _square(tokens - new_prefix, "The model's position embedding")
+        side = _square(
+            tokens - new_prefix,
+            "The model's position embedding",
+            f" (the checkpoint's has {old.shape[1]} rows): only square grids are resampled; "
+            "build the model at the checkpoint's image size",
+        )
         before = math.isqrt(old.shape[1] - old_prefix)
         old = resample_posemb(old, num_prefix=old_prefix, new_grid=(side, side), method=method)
         rows.append(("posemb", f"resampled {before}x{before} -> {side}x{side} ({method})"))
