@@ -339,6 +339,26 @@ def test_timm_hub_vit_averaging_with_a_class_token_is_refused(timm, tmp_path):
         load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
 
 
+def test_timm_hub_architectures_the_model_does_not_compute_are_refused(timm, tmp_path):
+    """resnetaa50's state dict has resnet50's names and shapes (its strides blur first): its
+    folder's ``architecture`` says so and is refused, as ``model_args`` with another head count;
+    the weights file alone still loads (the escape the message names)."""
+    from timm.models import save_for_hf
+
+    save_for_hf(timm.create_model("resnetaa50", num_classes=3), tmp_path / "aa",
+                safe_serialization=True)  # fmt: skip
+    model = create_model("resnet50", num_classes=3)
+    with pytest.raises(WeightMismatchError, match="architecture 'resnetaa50' is not a network"):
+        load_pretrained(tmp_path / "aa", model=model, variables=init_vars(model, 64))
+    load_pretrained(tmp_path / "aa" / "model.safetensors", model=model,
+                    variables=init_vars(model, 64))  # fmt: skip
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, depth=2)
+    save_for_hf(ref, tmp_path / "vit", model_args={"num_heads": 6}, safe_serialization=True)
+    model = vit(3)
+    with pytest.raises(WeightMismatchError, match="num_heads=6; the model has 3 heads"):
+        load_pretrained(tmp_path / "vit", model=model, variables=init_vars(model, 32))
+
+
 def _hf_vit_folder(timm, folder: pathlib.Path, processor: dict | None) -> torch.nn.Module:
     """A ViTForImageClassification folder of a random 12-block timm ViT-Ti at 32 px, with 10
     named classes (``id2label``) and ``processor`` as its preprocessor_config.json."""
@@ -678,6 +698,27 @@ def test_new_image_and_patch_size_head_and_dont_load(timm, tmp_path, caplog):
         load_pretrained(
             tmp_path / "vit.safetensors", model=model, variables=init_vars(model, 32),
             dont_load=["nothing/.*"],
+        )  # fmt: skip
+
+
+def test_a_non_square_grid_loads_into_a_model_of_its_size(timm, tmp_path):
+    """A ViT trained at 32x64 px (a 2x4 grid and a class token: 9 rows, a square count) loads
+    into a model of that size as it is; resampling it is refused, naming the cause."""
+    from safetensors.numpy import save_file
+
+    ref = timm_vit(timm, img_size=(32, 64))
+    save_file(state_dict_np(ref), str(tmp_path / "wide.safetensors"))
+    model = vit()
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 64, 3)))
+    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    loaded = load_pretrained(tmp_path / "wide.safetensors", model=model, variables=init)
+    x = np.random.default_rng(5).standard_normal((2, 32, 64, 3)).astype(np.float32)
+    assert_close(apply(model, loaded, x), torch_logits(ref, x))
+    with pytest.raises(ValueError, match="6 grid tokens, not a square grid .* only square grids"):
+        load_pretrained(
+            tmp_path / "wide.safetensors", model=model,
+            variables=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
+                model.init, jax.random.key(0), jnp.zeros((1, 32, 48, 3)))),
         )  # fmt: skip
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 
+from vision_jax.models.registry import backbone_of, family
 from vision_jax.specs import CROP_MODES, INTERPOLATIONS
 from vision_jax.weights import state_dict
 from vision_jax.weights.contract import InputContract
@@ -64,12 +66,46 @@ def _pretrained_cfg(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.
     return {**cfg, "label_names": names}, path
 
 
+# The timm architectures each family computes exactly. Others whose state dicts have the same
+# names and shapes compute something else (resnetaa50's and resnetblur50's blurred strides).
+ARCHITECTURES = {
+    "vit": r"(vit|deit)_(tiny|small|base|large|huge)_patch\d+_\d+",
+    "resnet": r"(tv_)?resnet(18|34|50|101|152)",
+    "bit": r"resnetv2_\d+x\d+_bit\w*",
+}
+
+
+def _check_architecture(config: Mapping[str, Any], path: pathlib.Path, model: nn.Module) -> None:
+    """Refuses an ``architecture`` (or ``model_args``) that the model does not compute: the
+    state dict alone would load."""
+    name, kind = str(config.get("architecture")), family(model).name
+    if kind in ARCHITECTURES and not re.fullmatch(ARCHITECTURES[kind], name):
+        raise WeightMismatchError(
+            f"{path}: architecture {name!r} is not a network vision_jax's {kind} models compute "
+            f"(timm's {ARCHITECTURES[kind]}); its state dict may load, and compute another "
+            "function. Point init.path at the weights file itself to load it anyway."
+        )
+    args = config.get("model_args") or {}
+    heads = getattr(backbone_of(model), "num_heads", None)
+    if "num_heads" in args and heads is not None and int(args["num_heads"]) != heads:
+        raise WeightMismatchError(
+            f"{path}: model_args num_heads={args['num_heads']}; the model has {heads} heads "
+            "(set model.num_heads)."
+        )
+    if args.get("act_layer") not in (None, "gelu"):
+        raise WeightMismatchError(
+            f"{path}: model_args act_layer={args['act_layer']!r}; vision_jax's ViTs use GELU."
+        )
+
+
 def read_variables(folder: str | os.PathLike, model: nn.Module) -> dict:
-    """The variables of the folder's state dict, in vision_jax names. A ViT that averages its
-    tokens while keeping a class token (``global_pool="avg"``) has no vision_jax form: refused
-    (its state dict alone looks like a token-pooled one)."""
-    variables = state_dict.read_variables(_weights_file(pathlib.Path(folder)), model)
+    """The variables of the folder's state dict, in vision_jax names. An ``architecture`` that
+    the model's family does not compute exactly, another head count, or a ViT that averages its
+    tokens while keeping a class token (``global_pool="avg"``) is refused: the state dict alone
+    would load (it does not record them)."""
     config, path = _config(folder)
+    _check_architecture(config, path, model)
+    variables = state_dict.read_variables(_weights_file(pathlib.Path(folder)), model)
     pool = config.get("global_pool", (config.get("model_args") or {}).get("global_pool"))
     if pool not in (None, "", "token") and "cls" in variables.get("params", {}):
         raise WeightMismatchError(
