@@ -29,6 +29,7 @@ from vision_jax.weights import (
     export_safetensors,
     input_contract,
     load_pretrained,
+    posemb_method,
 )
 from vision_jax.weights.surgery import resample_patch_embed, resample_posemb
 
@@ -673,15 +674,21 @@ def test_new_image_and_patch_size_head_and_dont_load(timm, tmp_path, caplog):
             dont_load=["Transformer/encoderblock_1/LayerNorm_0/.*"],
         )  # fmt: skip
     p = loaded["params"]
-    want = resample_posemb(sd["pos_embed"], num_prefix=1, new_grid=(8, 8))
-    np.testing.assert_allclose(p["Transformer"]["posembed_input"]["pos_embedding"], want)
+    import torch
+    from timm.layers import resample_abs_pos_embed
+
+    # A timm file resamples as timm does (bicubic, antialiased), a .npz as the JAX reference.
+    want = resample_abs_pos_embed(torch.from_numpy(sd["pos_embed"]), (8, 8), num_prefix_tokens=1)
+    np.testing.assert_allclose(p["Transformer"]["posembed_input"]["pos_embedding"], want.numpy(),
+                               atol=1e-6)  # fmt: skip
+    assert posemb_method(tmp_path / "vit.safetensors") == "bicubic"
     assert p["embedding"]["kernel"].shape == (8, 8, 3, 192)
     np.testing.assert_array_equal(p["head"]["kernel"], 0.0)
     np.testing.assert_array_equal(p["head"]["bias"], -2.0)
     ln = "Transformer/encoderblock_1/LayerNorm_0/scale"
     np.testing.assert_array_equal(flatten_dict(p)[ln], flatten_dict(init["params"])[ln])
     log = caplog.text
-    for step in ("head", "posemb", "patch embedding", "dont_load", "resampled 2x2 -> 8x8"):
+    for step in ("head", "posemb", "patch embedding", "dont_load", "2x2 -> 8x8 (bicubic)"):
         assert step in log
     # Same class count: the head is loaded, unless replaced on request.
     model = vit(7)

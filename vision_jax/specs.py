@@ -306,7 +306,8 @@ class InitSpec:
     .safetensors/.pth/.bin/.th, or a Hugging Face ViT folder (see :mod:`vision_jax.weights`).
     ``replace_head``: re-initialise the head even if the class count matches (kernel zeros,
     bias ``head_bias_init``). ``dont_load``: regexes of variables that keep their init values.
-    ``posemb``: position-embedding resampling to a new grid, "bilinear" or "bicubic".
+    ``posemb``: position-embedding resampling to a new grid, "bilinear" or "bicubic" (None:
+    the weights' convention, :func:`vision_jax.weights.posemb_method`).
     ``use_input_contract``: input mean/std/interpolation from the checkpoint
     (``weights.input_contract``) unless set to non-defaults. The others need ``path``.
     """
@@ -315,7 +316,7 @@ class InitSpec:
     replace_head: bool = False
     head_bias_init: float = 0.0
     dont_load: tuple[str, ...] = ()
-    posemb: str = "bilinear"
+    posemb: str | None = None
     use_input_contract: bool = False
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from vision_jax.weights.dispatch import (
     class_names,
     detect_format,
     input_contract,
+    posemb_method,
     read_variables,
 )
 from vision_jax.weights.export import export_npz, export_safetensors
@@ -32,6 +33,7 @@ __all__ = [
     "export_safetensors",
     "input_contract",
     "load_pretrained",
+    "posemb_method",
     "read_record",
     "read_variables",
 ]

@@ -71,6 +71,13 @@ def detect_format(path: str | os.PathLike) -> str:
     return file_kind(path)
 
 
+def posemb_method(source: str | os.PathLike) -> str:
+    """How the weights' own code resamples their position embeddings: bicubic for timm,
+    torchvision and Hugging Face state dicts (timm's ``resample_abs_pos_embed``), bilinear for
+    .npz files and vision_jax runs (the JAX reference, ``scipy.ndimage.zoom`` of order 1)."""
+    return "bilinear" if detect_format(source) in ("npz", "run") else "bicubic"
+
+
 def _classifier_view(model: nn.Module) -> nn.Module:
     """The registered backbone of ``model`` in its classifier form (converters describe that
     form; the feature form has the same parameters without the head)."""

@@ -14,7 +14,12 @@ import flax.linen as nn
 from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights import surgery
 from vision_jax.weights.contract import InputContract
-from vision_jax.weights.dispatch import describe_source, input_contract, read_variables
+from vision_jax.weights.dispatch import (
+    describe_source,
+    input_contract,
+    posemb_method,
+    read_variables,
+)
 from vision_jax.weights.merge import WeightMismatchError, merge_strict
 
 
@@ -25,7 +30,7 @@ def load_pretrained(
     variables: Mapping[str, Any],
     replace_head: bool = False,
     dont_load: Sequence[str] = (),
-    posemb: str = "bilinear",
+    posemb: str | None = None,
     head_bias_init: float = 0.0,
 ) -> dict:
     """Loads pretrained weights into a copy of ``variables`` (the model's initial variables).
@@ -41,7 +46,8 @@ def load_pretrained(
         (zero kernel, bias ``head_bias_init``) anyway when the class count differs.
       dont_load: regexes over variable paths inside their collection (``head/.*``,
         ``Transformer/posembed_input/pos_embedding``); matching variables keep their init values.
-      posemb: ``"bilinear"`` or ``"bicubic"`` resampling of position embeddings to a new grid.
+      posemb: ``"bilinear"`` or ``"bicubic"`` resampling of position embeddings to a new grid;
+        None: the weights' own convention (:func:`~vision_jax.weights.dispatch.posemb_method`).
       head_bias_init: the bias of a re-initialised head.
 
     Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
@@ -58,7 +64,7 @@ def load_pretrained(
             loaded,
             replace_head=replace_head,
             dont_load=dont_load,
-            posemb=posemb,
+            posemb=posemb or posemb_method(source),
             head_bias_init=head_bias_init,
         )
     except ValueError as e:
