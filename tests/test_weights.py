@@ -257,6 +257,21 @@ def test_resnet_state_dicts(timm, tmp_path, name):
     assert_close(apply(model, variables, x), torch_logits(ref, x))
 
 
+def test_resnet_variants_and_half_prefixed_keys_are_named(timm, tmp_path):
+    """A deep-stem variant (timm's resnet18d) and a state dict with 'module.' on some keys only:
+    the error lists what is missing and what is left over, and says what that looks like."""
+    model = create_model("resnet18", num_classes=10)
+    save_torch(timm.create_model("resnet18d", num_classes=10).state_dict(), tmp_path / "d.pth")
+    deep = r"lacks \d+ key\(s\): conv1.weight, .*; has \d+ key.*conv1.0.weight.*three convolutions"
+    with pytest.raises(WeightMismatchError, match=deep):
+        load_pretrained(tmp_path / "d.pth", model=model, variables=init_vars(model, 32))
+    plain = timm.create_model("resnet18", num_classes=10).state_dict()
+    half = {("module." + k if k.startswith("layer4") else k): v for k, v in plain.items()}
+    save_torch(half, tmp_path / "half.pth")
+    with pytest.raises(WeightMismatchError, match="Some keys start with 'module.'"):
+        load_pretrained(tmp_path / "half.pth", model=model, variables=init_vars(model, 32))
+
+
 @pytest.mark.parametrize("classifier", [True, False])
 def test_hugging_face_vit_folder(timm, tmp_path, classifier):
     ref = timm_vit(timm)

@@ -132,6 +132,15 @@ def _listing(keys: list[str], limit: int = 20) -> str:
     )
 
 
+def _variant_hint(leftover: list[str]) -> str:
+    """What keys the model does not use say about the checkpoint, when they say something."""
+    if any(k.startswith("module.") for k in leftover):
+        return " Some keys start with 'module.' (DataParallel) and others do not."
+    if any(k.startswith("conv1.0.") for k in leftover):
+        return " Its stem is three convolutions (timm's resnet*c/d/s/t variants): not this model."
+    return ""
+
+
 def checkpoint_model(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> nn.Module:
     """``model`` with the checkpoint's class count (0 if it has no classifier)."""
     head = state_dict.get(_layout(model)[1] + "weight")
@@ -154,10 +163,6 @@ def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
             f"The state dict holds no {name} of this layout: it lacks {len(missing)} of the "
             f"{len(rows)} keys the model needs, and holds {key_groups(state_dict, '.', 1)}."
         )
-    if missing:
-        raise WeightMismatchError(
-            f"State dict for {name} lacks {len(missing)} key(s): {_listing(missing)}."
-        )
     used = {t for t, _, _ in rows}
     leftover = [
         k
@@ -166,10 +171,16 @@ def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
         and not k.endswith(_BN_TRACKED)
         and not (model.num_classes == 0 and k.startswith(head_prefix))
     ]
-    if leftover:
+    if missing or leftover:
+        lacks = f" lacks {len(missing)} key(s): {_listing(missing)}" if missing else ""
+        extra = (
+            f" has {len(leftover)} key(s) the model does not use: {_listing(leftover)}"
+            if leftover
+            else ""
+        )
         raise WeightMismatchError(
-            f"State dict for {name} has {len(leftover)} key(s) the model does not use: "
-            f"{_listing(leftover)}."
+            f"State dict for {name}{lacks}{';' if lacks and extra else ''}{extra}."
+            + _variant_hint(leftover)
         )
     flat = {}
     for torch_key, flax_path, kind in rows:
