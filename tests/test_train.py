@@ -163,6 +163,10 @@ def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
         train_and_evaluate(small_config(total_steps=6, **{"optimizer.learning_rate": 0.02}),
                            str(tmp_path))  # fmt: skip
     assert "changed recipe" not in caplog.text
+    finished = r"step 6\) has finished; with the changed recipe \(optimizer.learning_rate 0.02"
+    with pytest.raises(CheckpointError, match=finished + r" -> 0.1\) it would train nothing"):
+        train_and_evaluate(small_config(total_steps=6, **{"optimizer.learning_rate": 0.1}),
+                           str(tmp_path))  # fmt: skip
 
 
 def test_steps_compile_ahead_in_the_background(tmp_path, caplog):

@@ -453,6 +453,8 @@ def _restore(
     step = int(state.step)
     where = f"{ckpt.directory} (step {step})"
     unfinished = step < total_steps  # a finished run started again only evaluates again
+    if not unfinished:
+        _check_finished_recipe(spec, meta, where)
     position = _resume_position(spec, meta, train_data if unfinished else None, where)
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
@@ -571,6 +573,20 @@ def _resume_position(
     if len(positions) == jax.process_count():
         return int(positions[jax.process_index()])
     return sum(positions) // jax.process_count()  # as many examples consumed in all
+
+
+def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -> None:
+    """A finished run started again only evaluates again: a changed training recipe would train
+    nothing (a sweep reusing a workdir got the first run's metrics back). Refused, but for the
+    input section, which the evaluation reads too."""
+    saved = meta.get("config") or {}
+    trains = lambda key: key.split(".")[0] in _RECIPE_SECTIONS and not key.startswith("input.")
+    if changes := _config_changes(saved, spec.config, trains):
+        raise CheckpointError(
+            f"The run in {where} has finished; with the changed recipe ({'; '.join(changes)}) "
+            "it would train nothing. Use another --workdir to train with it, or raise "
+            "total_steps to train on."
+        )
 
 
 def _agreed(changes: list[str]) -> list[str]:
