@@ -310,6 +310,11 @@ def test_split_smaller_than_a_global_batch(folder):
 def test_labels_outside_the_class_range():
     with pytest.raises(data_lib.DataError, match="Labels must lie in"):
         data_lib.from_arrays(np.zeros((2, 4, 4), np.uint8), np.array([0, 3]), ["a", "b"])
+    with pytest.raises(data_lib.DataError, match="Labels must be integers; got dtype float64"):
+        data_lib.from_arrays(np.zeros((2, 4, 4), np.uint8), np.array([0, 0.5]), ["a", "b"])
+    arrays = {"train": (np.zeros((2, 4, 4), np.uint8), np.array([0, 1]))}
+    with pytest.raises(data_lib.DataError, match="but data.source is 'tfds': set data.source="):
+        data_lib.load_source(default_config().data, "train", arrays=arrays)
 
 
 def test_float_images_out_of_range_or_not_finite():

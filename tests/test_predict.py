@@ -109,7 +109,8 @@ def test_unreadable_files_are_named_and_skipped(digit_files, digit_records):
 
 def test_one_path_alone_or_none(digit_predictor, digit_files, digit_records):
     """One path (a str or a pathlib.Path) without a list predicts that file (a str was split
-    into characters and failed in the pipeline); no paths give no records."""
+    into characters and failed in the pipeline), a folder or a glob its files; no paths give
+    no records."""
     paths, _ = digit_files
     records, _ = digit_records
     for one in (paths[0], pathlib.Path(paths[0])):
@@ -117,6 +118,12 @@ def test_one_path_alone_or_none(digit_predictor, digit_files, digit_records):
         assert unreadable == [] and [r["file"] for r in alone] == [paths[0]]
         assert alone[0]["top_k"][0] == pytest.approx(records[0]["top_k"][0])
     assert digit_predictor.predict([]) == ([], [])
+    folder = str(pathlib.Path(paths[0]).parent)  # a folder or a glob, as the CLI's --input
+    for where in (folder, pathlib.Path(folder), folder + "/00*.png"):
+        found, unreadable = digit_predictor.predict(where, top_k=10)
+        assert [r["file"] for r in found][:3] == paths[:3]
+        assert found[0]["top_k"][0] == pytest.approx(records[0]["top_k"][0])
+    assert len(unreadable) == 2  # the broken files are in the folder (and match the glob)
 
 
 def test_cli_writes_jsonl_and_csv_with_top_k(digits_run, digit_files, digit_records, tmp_path,

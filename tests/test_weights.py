@@ -270,6 +270,9 @@ def test_resnet_variants_and_half_prefixed_keys_are_named(timm, tmp_path):
     save_torch(half, tmp_path / "half.pth")
     with pytest.raises(WeightMismatchError, match="Some keys start with 'module.'"):
         load_pretrained(tmp_path / "half.pth", model=model, variables=init_vars(model, 32))
+    with pytest.raises(ValueError, match=r"as model.init returns them \(\{'params': \.\.\.\}\)"):
+        load_pretrained(tmp_path / "half.pth", model=model,
+                        variables=init_vars(model, 32)["params"])  # fmt: skip
 
 
 @pytest.mark.parametrize("classifier", [True, False])

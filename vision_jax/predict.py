@@ -200,12 +200,13 @@ class Predictor:
         self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = 5,
         progress: bool = False,
     ) -> tuple[list[dict], list[tuple[str, str]]]:  # fmt: skip
-        """Records of the readable files of ``paths`` (in order; one path may be given alone;
-        see the module docstring: segmentation's ``label_map`` is a uint8 array here), and the
-        unreadable files as (path, reason). ``top_k``: classes per classification record;
-        ``progress``: a progress line on stderr."""
+        """Records of the readable files of ``paths`` (in order; one path may be given alone,
+        or a folder or glob pattern as :func:`image_files` expands it; see the module
+        docstring: segmentation's ``label_map`` is a uint8 array here), and the unreadable files
+        as (path, reason). ``top_k``: classes per classification record; ``progress``: a
+        progress line on stderr."""
         alone = isinstance(paths, str | os.PathLike)
-        paths = [os.fspath(p) for p in ([paths] if alone else paths)]
+        paths = image_files(os.fspath(paths)) if alone else [os.fspath(p) for p in paths]
         if not paths:
             return [], []
         if self.task.name == "detection":

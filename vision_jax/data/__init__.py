@@ -75,6 +75,11 @@ def load_source(
     check_target(target)
     _check_keys(data, target)
     kind = data.source
+    if arrays is not None and kind != "arrays":
+        raise DataError(
+            f"Arrays were passed, but data.source is {kind!r}: set data.source='arrays' to "
+            "train on them."
+        )
     skip_corrupt = bool(data.skip_corrupt)
     if kind == "coco" and target != "boxes":
         raise DataError("data.source='coco' holds boxes: it is for detection (target 'boxes').")

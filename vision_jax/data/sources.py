@@ -127,6 +127,8 @@ def from_columns(columns: dict[str, np.ndarray], class_names: Sequence[str]) -> 
     """
     if "label" in columns:
         labels = columns["label"]
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"Labels must be integers; got dtype {labels.dtype}.")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise DataError(
                 f"Labels must lie in [0, {len(class_names)}); got [{labels.min()}, {labels.max()}]."

@@ -68,10 +68,21 @@ def backbone_of(model: nn.Module) -> nn.Module:
 def check_images(images: Any) -> None:
     """A backbone's input is a batch of NHWC images: anything else is named (one image without
     its batch axis would fail later with a message about its sizes)."""
-    if np.ndim(images) != 4:
+    shape = tuple(np.shape(images))
+    if len(shape) != 4:
         raise ValueError(
-            f"Images must be a batch [N, H, W, C]; got shape {tuple(np.shape(images))} (one "
-            "image: add the batch axis, images[None])."
+            f"Images must be a batch [N, H, W, C]; got shape {shape} (one image: add the batch "
+            "axis, images[None])."
+        )
+    if shape[1] in (1, 3) and shape[3] not in (1, 3):
+        raise ValueError(
+            f"Images must be [N, H, W, C]; shape {shape} looks channels-first (torch's NCHW): "
+            "images.transpose(0, 2, 3, 1)."
+        )
+    if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
+        raise ValueError(
+            f"Images must be normalised floats; got {jnp.result_type(images)} (uint8 pixels: "
+            "subtract the mean and divide by the std of the model's input contract first)."
         )
 
 

@@ -56,6 +56,11 @@ def load_pretrained(
     missing, unexpected and mis-shaped keys; nothing is returned half-loaded.
     """
     name = str(source)
+    if "params" not in variables:
+        raise ValueError(
+            "variables must be the model's variables as model.init returns them ({'params': "
+            f"...}}); got a dict of {sorted(variables)[:5]}."
+        )
     loaded = read_variables(source, model)
     n_read = len(flatten_dict(loaded))
     try:
