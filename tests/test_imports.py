@@ -80,3 +80,28 @@ def test_reading_a_runs_curves_imports_no_keras(tmp_path):
         "print(scalars['train/loss'][0].tolist(), 'keras' in sys.modules)"
     )
     assert run_python(code) == "[3] False"
+
+
+def test_the_library_logs_through_its_own_loggers(tmp_path):
+    """Library calls log through ``logging.getLogger(__name__)``: a caller shows vision_jax's
+    tables and warnings at INFO with ``logging.getLogger("vision_jax")`` while the root logger
+    (and orbax's absl lines through it) stays at WARNING."""
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    code = (
+        "import logging\n"
+        "logging.basicConfig()\n"
+        "logging.getLogger('vision_jax').setLevel(logging.INFO)\n"
+        "from vision_jax.predict import image_files\n"
+        "from vision_jax.weights.surgery import log_summary\n"
+        f"image_files({str(tmp_path)!r})\n"  # warns of notes.txt
+        "log_summary('w.npz', [], 3)\n"
+        "logging.getLogger('absl').info('not shown')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING:vision_jax.predict:Left out 1 file(s)" in proc.stderr
+    assert "INFO:vision_jax.weights.surgery:Pretrained weights from w.npz" in proc.stderr
+    assert "not shown" not in proc.stderr

@@ -46,6 +46,8 @@ from vision_jax.weights.run_dir import (
     state_damage,
 )
 
+logger = logging.getLogger(__name__)
+
 CORRUPT_DIR = "corrupt"
 
 
@@ -164,7 +166,7 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
         state = handler.restore(path / STATE_ITEM, args=ocp.args.StandardRestore(abstract_state))
         return (state, json.loads((path / META_FILE).read_text())), None
     except Exception as e:  # orbax and TensorStore raise many types
-        logging.debug("Reading %s failed.", path, exc_info=True)
+        logger.debug("Reading %s failed.", path, exc_info=True)
         why = short_reason(e)
     finally:
         handler.close()
@@ -185,7 +187,7 @@ def _move_aside(directory: str, name: str | int, why: str) -> None:
     while target.exists():
         target, i = target.with_name(f"{name}-{time}-{i}"), i + 1
     source.rename(target)
-    logging.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
+    logger.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
 
 
 def _move_aside_unfinished(directory: str) -> None:
@@ -202,7 +204,7 @@ def _move_aside_unfinished(directory: str) -> None:
             _move_aside(directory, path.name, "is an unfinished save")
         else:
             path.rmtree()
-            logging.warning("Removed %s: a save cut short, holding no complete state.", path)
+            logger.warning("Removed %s: a save cut short, holding no complete state.", path)
 
 
 class Checkpointer:

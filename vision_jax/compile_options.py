@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+logger = logging.getLogger(__name__)
+
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
 _NO_PASSES = "xla_disable_hlo_passes"
 
@@ -39,7 +41,7 @@ def _cpu_accepts_ynn_option() -> bool:
     try:
         jax.jit(jnp.sum, compiler_options=options).lower(jnp.ones(2)).compile()
     except Exception as e:  # noqa: BLE001  (an unknown option raises an XLA runtime error)
-        logging.info("Not setting %s: %s", _YNN, e)
+        logger.info("Not setting %s: %s", _YNN, e)
         return False
     return True
 

@@ -43,6 +43,8 @@ import re
 import sys
 from collections.abc import Mapping
 
+logger = logging.getLogger(__name__)
+
 HEAP_REUSE = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 OPT_OUT = "VISION_JAX_HUGE_PAGES"  # "0": leave malloc and dispatch as they are
@@ -114,7 +116,7 @@ def configure_dispatch(environ: Mapping[str, str] = os.environ) -> bool:
     if jax.distributed.is_initialized() or _cpu_devices(environ) > 1:
         return False
     if xla_bridge.backends_are_initialized():
-        logging.warning(
+        logger.warning(
             "Host memory: JAX's backend is running already, so its CPU dispatch stays "
             "asynchronous; call vision_jax.host_memory.configure_dispatch() before using JAX."
         )

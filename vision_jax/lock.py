@@ -23,6 +23,8 @@ import time
 import jax
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 LOCK_NAME = "vision_jax.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -87,9 +89,7 @@ class WorkdirLock:
         """Takes the lock (process 0) or raises :class:`LockError`; all processes agree."""
         error = None
         if self.url:
-            logging.warning(
-                "Workdir %s is a URL: it is not locked against a second run.", self.path
-            )
+            logger.warning("Workdir %s is a URL: it is not locked against a second run.", self.path)
             return self
         if jax.process_index() == 0:
             try:
@@ -123,7 +123,7 @@ class WorkdirLock:
                     "--workdir, or delete the lock file if that run is gone."
                 )
             if self._break(owner):
-                logging.warning(
+                logger.warning(
                     "Took over the stale workdir lock of a dead run (%s): %s.",
                     _describe(owner), reason,
                 )  # fmt: skip

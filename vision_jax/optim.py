@@ -35,6 +35,8 @@ from vision_jax.models.task_model import head_pattern
 from vision_jax.specs import OptimizerSpec, ScheduleSpec
 from vision_jax.trees import count_params, flatten_dict, tree_bytes
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_DECAY_PARAMS = r"(.*/)?kernel"
 TRAINABLE_PRESETS = ("all", "head", "last:N", "bitfit")
 
@@ -275,9 +277,9 @@ def build_optimizer(
     transform = functools.partial(_transform, opt, schedule_spec.decay, decay_mask)
     if log and jax.process_index() == 0:
         wd = numbers["weight_decay"]
-        logging.info("Weight decay %g on:\n%s", wd, rules_table([(decay_params, True)], params))
+        logger.info("Weight decay %g on:\n%s", wd, rules_table([(decay_params, True)], params))
         if opt.lr_mults or opt.layer_decay is not None:
-            logging.info("Learning-rate multipliers:\n%s", _value_table(mults))
+            logger.info("Learning-rate multipliers:\n%s", _value_table(mults))
     return Optimizer(numbers, transform, schedule_spec.decay)
 
 

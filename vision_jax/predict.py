@@ -56,6 +56,8 @@ from vision_jax.tasks import IGNORE_LABEL, Classification, Task
 from vision_jax.tasks.coco_eval import PADDING_ID, coco_results
 from vision_jax.trained import jitted_predict, load_trained
 
+logger = logging.getLogger(__name__)
+
 FORMATS = (".jsonl", ".csv", ".json")
 
 Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
@@ -76,7 +78,7 @@ def image_files(pattern: str) -> list[str]:
                     (files if is_image_file(name) else others).append(os.path.join(folder, name))
         files.sort()
         if others:
-            logging.warning(
+            logger.warning(
                 "Left out %d file(s) of %s without an image extension: %s%s.", len(others),
                 pattern, ", ".join(sorted(others)[:3]), " ..." if others[3:] else "",
             )  # fmt: skip
@@ -545,8 +547,8 @@ def _outside_outputs(
                          "images: choose another --output or --draw.")  # fmt: skip
     kept = [p for p in paths if not _inside(p, folders)]
     if len(kept) < len(paths):
-        logging.warning("Left out %d image(s) in the output folder(s) %s.", len(paths) - len(kept),
-                        ", ".join(f for f in folders if f))  # fmt: skip
+        logger.warning("Left out %d image(s) in the output folder(s) %s.", len(paths) - len(kept),
+                       ", ".join(f for f in folders if f))  # fmt: skip
     return kept
 
 

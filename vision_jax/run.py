@@ -52,6 +52,8 @@ from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import WeightFormatError
 
+logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class Setup:
@@ -254,7 +256,7 @@ def create_train_state(
     if log and jax.process_index() == 0:
         rules = [(r, False) for r in [frozen_regex] if r] + [(r, True) for r in [extra] if r]
         rules += optim.trainable_rules(preset, model)
-        logging.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
+        logger.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
     trainable_shardings, _ = trees.partition(param_shardings, mask)
 
     def optimizer(tree: Any, log: bool = True):
@@ -324,8 +326,8 @@ def _initial_setup(
             meta = _newest_meta(ckpt)
             # A run that froze nothing resumed with a frozen part: the change is refused later.
             if meta.get("frozen") is not False:
-                logging.warning("No frozen parameters beside %s: reading them from init.path.",
-                                ckpt.directory)  # fmt: skip
+                logger.warning("No frozen parameters beside %s: reading them from init.path.",
+                               ckpt.directory)  # fmt: skip
             setup, input_spec = setup_of(abstract=False, log=False)
             _check_frozen_as_begun(meta.get("frozen_digest"), setup.frozen)
         else:
@@ -456,7 +458,7 @@ def _restore(
     if not unfinished:
         _check_finished_recipe(spec, meta, where)
     position = _resume_position(spec, meta, train_data if unfinished else None, where)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+    logger.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
 
 
@@ -474,7 +476,7 @@ def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, 
             raise error from None
     if restored is None:
         return None
-    logging.warning("The checkpoint has no skip counts (an earlier version's): counting anew.")
+    logger.warning("The checkpoint has no skip counts (an earlier version's): counting anew.")
     shardings = jax.tree.map(lambda x: x.sharding, state.skips)
     zeros = jax.jit(lambda: SkipCounts.filled(jnp.zeros((), jnp.int32)), out_shardings=shardings)
     return TrainState(**restored[0], skips=zeros()), restored[1]
@@ -563,11 +565,11 @@ def _resume_position(
             "another --workdir."
         )
     if changes:
-        logging.warning("Resuming %s although %s.", where, "; ".join(changes))
+        logger.warning("Resuming %s although %s.", where, "; ".join(changes))
     in_recipe = lambda key: key.split(".")[0] in _RECIPE_SECTIONS
     if recipe := _config_changes(saved, spec.config, in_recipe):
-        logging.warning("Resuming %s with a changed recipe (training goes on with the new "
-                        "values): %s.", where, "; ".join(recipe))  # fmt: skip
+        logger.warning("Resuming %s with a changed recipe (training goes on with the new "
+                       "values): %s.", where, "; ".join(recipe))  # fmt: skip
     if positions is None:
         return None
     if len(positions) == jax.process_count():
@@ -635,7 +637,7 @@ def _note_learning_rate_change(
         return
     after = float(optim.schedule_value(spec.schedule.decay, optimizer.numbers["schedule"], step))
     if abs(after - before) > 1e-3 * max(abs(before), abs(after)):
-        logging.warning(
+        logger.warning(
             "The learning rate of step %d is %.4g under this run's schedule, where the saved "
             "run's would have given %.4g (the schedule is computed over this run's length).",
             step + 1, after, before,

@@ -21,6 +21,8 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 IGNORE_LABEL = 255  # label-map pixels that count for nothing (VOC's "void")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "step")
 OPTIMIZERS = ("sgd", "adamw")
@@ -275,7 +277,7 @@ def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
             f"--config.{section}.{k}={str(v).replace(' ', '')}" for k, v in stray.items()
         )
         raise ConfigError(f"{message}; remove {'it' if one else 'them'} (or pass {undo}).")
-    logging.warning("The saved config sets %s: reset.", message)
+    logger.warning("The saved config sets %s: reset.", message)
     return True
 
 

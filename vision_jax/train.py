@@ -32,6 +32,8 @@ from vision_jax.signals import StopRequested, StopSignals
 from vision_jax.steps import TrainState, evaluate
 from vision_jax.writer import MetricWriter
 
+logger = logging.getLogger(__name__)
+
 
 def _log_start(run: Run) -> None:
     spec = run.spec
@@ -40,13 +42,13 @@ def _log_start(run: Run) -> None:
         msg=f"Trainable parameters of {spec.model_name}",
     )  # fmt: skip
     _log_memory(run.setup.memory)
-    logging.info(
+    logger.info(
         "Training %s for %s on %d examples (%d classes) for %d steps of %d images; mesh %s.",
         spec.model_name, run.task.name, run.train_source.num_examples,
         run.train_source.num_classes, run.total_steps, spec.batch_size, dict(run.mesh.shape),
     )  # fmt: skip
     if note := host_memory.advice(jax.default_backend()):
-        logging.info(note)
+        logger.info(note)
 
 
 def _log_memory(memory: dict[str, int]) -> None:
@@ -61,7 +63,7 @@ def _log_memory(memory: dict[str, int]) -> None:
             "optimizer state of full fine-tuning would be "
             f"{mb(memory['full_finetune_optimizer_state_bytes'])}"
         )
-    logging.info("Memory report:\n  %s", "\n  ".join(lines))
+    logger.info("Memory report:\n  %s", "\n  ".join(lines))
 
 
 def run_evaluation(
@@ -141,7 +143,7 @@ def _close_after_error(run: Run) -> None:
     try:
         run.close()
     except Exception as e:  # noqa: BLE001  (logged; the run's own error follows)
-        logging.error("While stopping after the error below: %s", e)
+        logger.error("While stopping after the error below: %s", e)
 
 
 class NonFiniteError(RuntimeError):
@@ -177,7 +179,7 @@ class _Guard:
                 f"{self.spec.max_consecutive_skips})"
             )
         if c["total"] > self.logged:
-            logging.warning(
+            logger.warning(
                 "Skipped %d update(s) with non-finite loss or gradients (latest at step %d); "
                 "%d in this run.", c["total"] - self.logged, c["last"], new,
             )  # fmt: skip
@@ -288,7 +290,7 @@ def _quietly(compile_step: Callable[[], Any]) -> None:
     try:
         compile_step()
     except Exception as e:  # noqa: BLE001
-        logging.debug("Step not compiled ahead: %s", e)
+        logger.debug("Step not compiled ahead: %s", e)
 
 
 class _StartUp:
@@ -345,8 +347,8 @@ def _resume_best(run: Run) -> None:
     if run.best.has(best_step):
         run.best.keep_only(best_step)
     elif best_step == run.start_step:
-        logging.warning("The best checkpoint of step %d was not complete in %s; saving it again "
-                        "from that step's checkpoint.", best_step, run.best.directory)  # fmt: skip
+        logger.warning("The best checkpoint of step %d was not complete in %s; saving it again "
+                       "from that step's checkpoint.", best_step, run.best.directory)  # fmt: skip
         run.best.save(best_step, run.state, _meta(run, False), selection.best_value)
     elif _finished(run):
         raise CheckpointError(
@@ -356,7 +358,7 @@ def _resume_best(run: Run) -> None:
             "export read the newest with --which=latest)."
         )
     else:
-        logging.warning(
+        logger.warning(
             "The best checkpoint of step %d (%s %.6g) is not in %s; the best is chosen again "
             "from the validations after step %d.", best_step, selection.metric,
             selection.best_value, run.best.directory, run.start_step,
@@ -446,7 +448,7 @@ class _TrainLog:
         """Adds a step's metrics; the window's scalars at its end, else ``{}``."""
         if step == self.run.start_step + 1:  # one wait, for the time to the first step
             jax.block_until_ready(metrics)
-            logging.info(
+            logger.info(
                 "First step (%d) done %.1f s after the run started (setup and compilation).",
                 step, time.perf_counter() - self.run.started,
             )  # fmt: skip
@@ -469,7 +471,7 @@ class _TrainLog:
     def _progress(self, step: int, steps_per_sec: float) -> None:
         total = self.run.total_steps
         eta = round((total - step) / max(steps_per_sec, 1e-9))
-        logging.info(
+        logger.info(
             "Step %d of %d (%.0f%%), %.2f steps/s, %d:%02d:%02d to go.", step, total,
             100 * step / total, steps_per_sec, eta // 3600, eta // 60 % 60, eta % 60,
         )  # fmt: skip
@@ -511,7 +513,7 @@ def _end_step(
             multihost_utils.sync_global_devices("vision_jax_stop")
         raise StopRequested(step, stop.reason, run.checkpointer.directory)
     if early:
-        logging.warning(
+        logger.warning(
             "Early stopping at step %d: %s has not improved on %.6g (step %d) for %d "
             "evaluations.", step, selection.metric, selection.best_value, selection.best_step,
             selection.bad_evaluations,
@@ -550,7 +552,7 @@ def _evaluate(
     selection = run.selection
     if selection is not None and step > 0 and selection.update(step, result):
         run.best.save(step, state, _meta(run, False), selection.best_value)
-        logging.info("New best %s %.6g at step %d.", selection.metric, selection.best_value, step)
+        logger.info("New best %s %.6g at step %d.", selection.metric, selection.best_value, step)
     return result
 
 
@@ -563,7 +565,7 @@ def _test_best(run: Run, writer: MetricWriter, stop: StopSignals) -> dict[str, f
     interrupt = _stop_evaluating(run, stop, run.selection.stopped_at or run.total_steps)
     result = run_evaluation(run, state, observe=observe, interrupt=interrupt)
     writer.write_scalars(step, {f"best/{k}": v for k, v in result.items()})
-    logging.info(
+    logger.info(
         "Best %s %.6g at step %d; on the %s split: %s.", selection.metric,
         selection.best_value, step, run.spec.data.eval_split, result,
     )  # fmt: skip

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 EXIT_PEER_LOST = 69  # sysexits.h EX_UNAVAILABLE: a peer process failed or is gone
 PREFIX = "vision_jax/heartbeat/"
 DONE, FAILED, LEAVING = "done", "failed", "leaving"
@@ -71,7 +73,7 @@ class PeerWatchdog:
                 self._set(str(count))
                 self._poll()
             except Exception as e:  # the coordinator is gone or failing: _watch decides
-                logging.debug("Heartbeat failed: %s", e)
+                logger.debug("Heartbeat failed: %s", e)
             self._stop.wait(self.interval)
 
     def lost(self, timeout: float | None = None) -> str | None:
@@ -104,7 +106,7 @@ class PeerWatchdog:
             if self.me == 0:
                 self._wait_for_peers()
         except Exception as e:
-            logging.debug("Could not mark process %d %s: %s", self.me, mark, e)
+            logger.debug("Could not mark process %d %s: %s", self.me, mark, e)
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
@@ -130,7 +132,7 @@ class PeerWatchdog:
     def exit(self, lost: str) -> None:
         """Prints one line naming what is lost or failed and ends this process."""
         message = f"{lost}; stopping process {self.me} too (exit {EXIT_PEER_LOST})."
-        logging.error("%s", message)
+        logger.error("%s", message)
         print(f"vision_jax: error: {message}", file=sys.stderr, flush=True)
         self._leave(f"{LEAVING}:{lost[:200]}", EXIT_PEER_LOST)
 
@@ -153,7 +155,7 @@ class PeerWatchdog:
         try:
             self._set(DONE)
         except Exception as e:
-            logging.debug("Could not mark process %d done: %s", self.me, e)
+            logger.debug("Could not mark process %d done: %s", self.me, e)
 
 
 def start_watchdog(timeout: float) -> PeerWatchdog | None:

@@ -18,6 +18,8 @@ from typing import Any
 
 from vision_jax.tf_without_keras import tf
 
+logger = logging.getLogger(__name__)
+
 
 class MetricWriter:
     """Writes to the log, and to event files in ``logdir`` unless it is None (hosts other than
@@ -30,7 +32,7 @@ class MetricWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         items = sorted(scalars.items())
         values = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
-        logging.info("[%d] %s", step, ", ".join(values))
+        logger.info("[%d] %s", step, ", ".join(values))
         if self._events is not None:
             with self._tolerated(), self._events.as_default():
                 for key, value in scalars.items():
@@ -64,7 +66,7 @@ class MetricWriter:
             reason = (e.message or type(e).__name__).strip().splitlines()[0]
             level = logging.DEBUG if self._failed else logging.WARNING
             self._failed = True
-            logging.log(
+            logger.log(
                 level, "Cannot write TensorBoard events to %s (%s); the log lines keep the "
                 "metrics.", self._logdir, reason,
             )  # fmt: skip

@@ -29,6 +29,8 @@ from vision_jax.data import augment, exif
 from vision_jax.data.folders import apply_slice, parse_split
 from vision_jax.data.sources import DataError, Source, file_path, list_names, tfds_split
 
+logger = logging.getLogger(__name__)
+
 TOLERANCE = 1.0  # pixels a box may stick out of its image unlogged (float rounding)
 ANNOTATIONS = "annotations/instances_{split}.json"
 IMAGES = "{split}"
@@ -72,7 +74,7 @@ def from_coco(
     if not kept:
         raise DataError(f"{json_path} (split {split!r}) holds no images with files.")
     if not anns:
-        logging.warning("%s holds no annotations: every image is background only.", json_path)
+        logger.warning("%s holds no annotations: every image is background only.", json_path)
     columns = {
         "path": np.array([posixpath.join(image_dir, im["file_name"]) for im in kept], dtype=str),
         "row": np.arange(len(kept), dtype=np.int32),
@@ -328,7 +330,7 @@ def _log_clipped(anns: list[dict], images: dict, where: str) -> None:
     ]
     if clipped:
         more = f" (and {len(clipped) - 3} more)" if clipped[3:] else ""
-        logging.info(
+        logger.info(
             "%s: %d box(es) stick out of their image; training clips them to it, evaluation "
             "reads them as written: %s%s.", where, len(clipped), "; ".join(clipped[:3]), more,
         )  # fmt: skip
@@ -357,7 +359,7 @@ def _report(problems: list[str], where: str, skip_corrupt: bool) -> None:
             f"{where}: {shown}. Fix the ground truth, or set data.skip_corrupt = True to skip "
             "such annotations and images."
         )
-    logging.warning("%s: skipping %d bad annotation(s)/image(s): %s.", where, len(problems), shown)
+    logger.warning("%s: skipping %d bad annotation(s)/image(s): %s.", where, len(problems), shown)
 
 
 # tfds.

@@ -37,6 +37,8 @@ from vision_jax.data.sources import (
     value_table,
 )
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode reads
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
 
@@ -170,13 +172,13 @@ def from_image_folder(
             message = f"Class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images."
             if not skip_corrupt:
                 raise DataError(message + " Remove it, or set data.skip_corrupt=True.")
-            logging.warning("%s Keeping the class without examples.", message)
+            logger.warning("%s Keeping the class without examples.", message)
         paths += [posixpath.join(class_dir, f) for f in files]
         labels += [label] * len(files)
     if left_out:
         kinds = ", ".join(f"{kind}: {n}" for kind, n in left_out.most_common())
-        logging.warning("Left out %d files of %s that are not %s images (%s).",
-                        left_out.total(), split_dir, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
+        logger.warning("Left out %d files of %s that are not %s images (%s).",
+                       left_out.total(), split_dir, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
     return dataclasses.replace(
         _file_source(paths, labels, class_names, where), skip_corrupt=skip_corrupt
     )
@@ -283,7 +285,7 @@ def _missing(message: str, skip_corrupt: bool) -> None:
     ``skip_corrupt`` a warning (the caller leaves the example out)."""
     if not skip_corrupt:
         raise DataError(message + " Add it, or set data.skip_corrupt=True.")
-    logging.warning("%s Leaving the image out.", message)
+    logger.warning("%s Leaving the image out.", message)
 
 
 # PASCAL VOC's class names in its id order (0 background; 255 in its masks is ignored).
@@ -351,8 +353,8 @@ def _csv_class_names(root: str) -> list[str]:
     splits = [posixpath.basename(p) for p, split in rows.items() if split is not None]
     if len(splits) < len(rows):
         others = ", ".join(posixpath.basename(p) for p, split in rows.items() if split is None)
-        logging.warning("Class names from %s; not split files (no 'filename,label' header): %s.",
-                        ", ".join(splits), others)  # fmt: skip
+        logger.warning("Class names from %s; not split files (no 'filename,label' header): %s.",
+                       ", ".join(splits), others)  # fmt: skip
     labels = {label for split in rows.values() for _, _, label in split or ()}
     if labels and all(re.fullmatch(r"\d+", x) for x in labels):
         return [str(i) for i in range(max(int(x) for x in labels) + 1)]

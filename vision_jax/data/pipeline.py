@@ -31,6 +31,8 @@ from vision_jax.data import augment, boxes, exif
 from vision_jax.data.preprocess import InputSpec, make_preprocess
 from vision_jax.data.sources import IGNORE_LABEL, DataError, Source
 
+logger = logging.getLogger(__name__)
+
 Batch = dict[str, np.ndarray]
 
 
@@ -124,7 +126,7 @@ class Batches(Iterator[Batch]):
     def _note_skipped(self, dropped: list[int]) -> None:
         if dropped:
             self.skipped += len(dropped)
-            logging.warning(
+            logger.warning(
                 "Skipped %d unreadable image(s) so far (of %d read)%s.",
                 self.skipped,
                 self.skipped + self.examples,
@@ -384,7 +386,7 @@ def _padded(
     if count > num_batches:
         raise DataError(f"Evaluation produced {count} batches, more than {num_batches} expected.")
     if shard_size > batches.examples:
-        logging.warning(
+        logger.warning(
             "Skipped %d unreadable image(s) of %d.",
             shard_size - batches.examples,
             shard_size,
@@ -470,7 +472,7 @@ def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
     if pixels[IGNORE_LABEL]:
         hint = (f" {pixels[IGNORE_LABEL]} pixels hold {IGNORE_LABEL}, the ignore value: a mask "
                 f"saved as 0/{IGNORE_LABEL} must hold class ids (1 for its objects).")  # fmt: skip
-    logging.warning(
+    logger.warning(
         "No label map of this split holds a pixel of %s: their IoU is 0 if the model predicts "
         "them anywhere (counted in mIoU), else left out of mIoU.%s", ", ".join(absent), hint,
     )  # fmt: skip
@@ -543,7 +545,7 @@ def check_examples(
             f"{'; '.join(problems)}{more}."
         )
     if source.skip_corrupt:
-        logging.warning(
+        logger.warning(
             "%d bad example(s) of %d will be skipped: %s%s.",
             len(bad_rows), len(shard), "; ".join(problems), more,
         )  # fmt: skip

@@ -25,6 +25,8 @@ from vision_jax.output_errors import written_whole
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
 
+logger = logging.getLogger(__name__)
+
 FORMATS = ("savedmodel", "stablehlo", "tflite")
 ARTIFACTS = {"savedmodel": ".", "stablehlo": STABLEHLO_ARTIFACT, "tflite": "model.tflite"}
 MANIFEST = "export.json"
@@ -89,8 +91,8 @@ def _in_float32(trained: Trained) -> Trained:
         return trained
     from vision_jax.run import task_model  # run imports the training stack
 
-    logging.info("TFLite: the run computed in %s; exported computing in float32.",
-                 trained.spec.model_dtype)  # fmt: skip
+    logger.info("TFLite: the run computed in %s; exported computing in float32.",
+                trained.spec.model_dtype)  # fmt: skip
     spec = dataclasses.replace(trained.spec, model_dtype="float32")
     model = task_model(spec, len(trained.class_names))
     return dataclasses.replace(trained, spec=spec, model=model)

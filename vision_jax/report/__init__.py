@@ -36,6 +36,8 @@ from vision_jax.report.tasks import Evaluation, FinalEvaluation, evaluate
 from vision_jax.trained import Trained, load_trained
 from vision_jax.weights.run_dir import BEST_DIR
 
+logger = logging.getLogger(__name__)
+
 CURVES, PER_CLASS = "training_curves.png", "per_class.csv"
 CONFUSION_CSV, CONFUSION_PNG = "confusion_matrix.csv", "confusion_matrix.png"
 HARDEST_CSV, HARDEST_PNG = "hardest_examples.csv", "hardest_examples.png"
@@ -86,7 +88,7 @@ def write_report(
         sections.append(("Notes", "".join(page.paragraph(n) for n in notes)))
     title = pathlib.Path(workdir).absolute().name
     (out / HTML).write_text(page.page(title, facts, sections))
-    logging.info("Report of %s written to %s", workdir, out / HTML)
+    logger.info("Report of %s written to %s", workdir, out / HTML)
     return str(out / HTML)
 
 

@@ -23,6 +23,8 @@ from vision_jax.report.tables import Table, classification_table, confusion, seg
 from vision_jax.tasks.coco_eval import coco_metrics, coco_results
 from vision_jax.trained import Trained
 
+logger = logging.getLogger(__name__)
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -254,7 +256,7 @@ class FinalEvaluation:
                 self._failed(e)
 
     def _failed(self, error: Exception) -> None:
-        logging.warning(
+        logger.warning(
             "The report's evaluation of the final predictions failed (the report will predict "
             "the split again): %s: %s", type(error).__name__, error,
         )  # fmt: skip

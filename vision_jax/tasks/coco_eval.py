@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from clu import metrics
 
+logger = logging.getLogger(__name__)
+
 PADDING_ID = -1  # the image id of a padding row (COCO ids may be 0)
 # COCOeval's stats, in its order.
 STAT_NAMES = (
@@ -109,8 +111,8 @@ def coco_metrics(
     evaluated = set(int(i) for i in image_ids)
     if not any(int(a["image_id"]) in evaluated and not a.get("iscrowd")
                for a in annotations.get("annotations", ())):  # fmt: skip
-        logging.warning("The %d evaluated images hold no (non-crowd) annotation: every COCO "
-                        "figure is undefined (NaN).", len(evaluated))  # fmt: skip
+        logger.warning("The %d evaluated images hold no (non-crowd) annotation: every COCO "
+                       "figure is undefined (NaN).", len(evaluated))  # fmt: skip
     with _quiet():
         truth = COCO()
         truth.dataset = copy.deepcopy(dict(annotations))

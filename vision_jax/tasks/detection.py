@@ -26,6 +26,8 @@ from vision_jax.tasks import fcos
 from vision_jax.tasks.base import Batch, Task, feature_backbone
 from vision_jax.tasks.coco_eval import PADDING_ID, Detections, coco_metrics, coco_results
 
+logger = logging.getLogger(__name__)
+
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
@@ -181,8 +183,8 @@ class Detection(Task):
                 f"{len(missing)} missing {missing[:5]}, {len(unknown)} unknown {unknown[:5]}."
             )
         if missing:
-            logging.warning("Evaluated %d images; %d unreadable ones skipped.", len(counts),
-                            len(missing))  # fmt: skip
+            logger.warning("Evaluated %d images; %d unreadable ones skipped.", len(counts),
+                           len(missing))  # fmt: skip
         return sorted(counts)
 
     def predict(self, outputs: dict[str, jax.Array], image_hw: tuple[int, int]) -> dict:

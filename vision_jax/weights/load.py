@@ -22,6 +22,8 @@ from vision_jax.weights.dispatch import (
 )
 from vision_jax.weights.merge import WeightMismatchError, merge_strict
 
+logger = logging.getLogger(__name__)
+
 
 def load_pretrained(
     source: str | os.PathLike,
@@ -100,12 +102,12 @@ def apply_input_contract(spec: Any, source: str | os.PathLike | InputContract) -
             spec = dataclasses.replace(spec, **{key: getattr(contract, key)})
     given = (tuple(spec.mean), tuple(spec.std))
     if given != (tuple(default.mean), tuple(default.std)):
-        logging.info(
+        logger.info(
             "Input contract of %s (mean %s, std %s) not applied: input.mean/std are set to %s/%s.",
             where, contract.mean, contract.std, *given,
         )  # fmt: skip
         return spec
-    logging.info(
+    logger.info(
         "Input contract of %s: mean %s, std %s, %s.", where, contract.mean, contract.std,
         spec.interpolation,
     )  # fmt: skip

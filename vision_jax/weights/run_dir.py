@@ -37,6 +37,8 @@ from vision_jax.trees import combine
 from vision_jax.weights.contract import InputContract, Triple
 from vision_jax.weights.files import WeightFormatError
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 FROZEN_DIR = "frozen_params"
@@ -141,7 +143,7 @@ def _newest_step(folder: pathlib.Path) -> pathlib.Path | None:
     for step in sorted(_step_folders(folder), reverse=True):
         if is_complete(folder / str(step)):
             return folder / str(step)
-        logging.warning("Skipping %s: not a complete checkpoint.", folder / str(step))
+        logger.warning("Skipping %s: not a complete checkpoint.", folder / str(step))
     return None
 
 
@@ -240,7 +242,7 @@ class _AbandonedReadTasks(logging.Filter):
         message = record.getMessage()
         orbax_read = any(marker in message for marker in _ABANDONED_READ_MARKERS)
         if "never retrieved" in message and orbax_read:
-            logging.debug("After a failed read: %s", message.splitlines()[0])
+            logger.debug("After a failed read: %s", message.splitlines()[0])
             return False
         return True
 
@@ -257,7 +259,7 @@ def quiet_abandoned_io() -> None:
 
     def hook(unraisable: Any) -> None:
         if _abandoned_io(unraisable):
-            logging.debug("After a failed read or write: %s", short_reason(unraisable.exc_value))
+            logger.debug("After a failed read or write: %s", short_reason(unraisable.exc_value))
         else:
             previous(unraisable)
 
@@ -283,7 +285,7 @@ def frozen_digests(frozen_path: pathlib.PurePath) -> dict | None:
     there are none: an earlier version saved none)."""
     path = frozen_path / FROZEN_DIGEST_FILE
     if not path.is_file():
-        logging.warning("%s holds no digests (an earlier version's): not checked.", frozen_path)
+        logger.warning("%s holds no digests (an earlier version's): not checked.", frozen_path)
         return None
     try:
         return dict(json.loads(path.read_text()))
@@ -313,8 +315,8 @@ def state_damage(
     if step_dir.name.isdigit() and step != int(step_dir.name):
         return f"it holds the state of step {step}"
     if "digest" not in meta:
-        logging.warning("Checkpoint %s holds no digests (an earlier version's): not checked.",
-                        step_dir)  # fmt: skip
+        logger.warning("Checkpoint %s holds no digests (an earlier version's): not checked.",
+                       step_dir)  # fmt: skip
     return digests.first_difference(meta.get("digest"), state if arrays is None else arrays)
 
 

@@ -31,6 +31,8 @@ from vision_jax.models.task_model import TASK_HEAD
 from vision_jax.trees import flatten_dict
 from vision_jax.weights.merge import WeightMismatchError
 
+logger = logging.getLogger(__name__)
+
 POSEMB = "params/Transformer/posembed_input/pos_embedding"
 PATCH = "params/embedding/kernel"
 CLS = "params/cls"
@@ -252,4 +254,4 @@ def log_summary(source: str, rows: list[Row], n_arrays: int) -> None:
     rows = [("read", f"{n_arrays} arrays")] + rows
     width = max(len(step) for step, _ in rows)
     table = "\n".join(f"  {step:<{width}}  {detail}" for step, detail in rows)
-    logging.info("Pretrained weights from %s:\n%s", source, table)
+    logger.info("Pretrained weights from %s:\n%s", source, table)
