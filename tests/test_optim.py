@@ -390,3 +390,19 @@ def test_bfloat16_first_moments_and_global_norm_clipping():
             if hasattr(s, "mu")]  # fmt: skip
     mu_norm = float(optax.global_norm(jax.tree.map(lambda m: m.astype(jnp.float32), adam[0].mu)))
     assert mu_norm == pytest.approx(0.1 * 0.5, rel=1e-2)
+
+
+def test_library_callers_need_no_epochs_or_frozen_regex():
+    """From one's own loop: a schedule in steps needs no steps_per_epoch, one in epochs names
+    it; trainable_mask needs no frozen regex."""
+    model, shapes = shapes_of("cifar_resnet20", size=8)
+    opt_spec = specs.OptimizerSpec("adamw", 1e-3, weight_decay=0.0, grad_clip_norm=None,
+                                   trainable="all")  # fmt: skip
+    schedule = specs.ScheduleSpec("cosine", warmup_steps=2)
+    opt = optim.build_optimizer(opt_spec, schedule, shapes["params"], model, total_steps=10)
+    assert float(opt.schedule(1)) == pytest.approx(opt_spec.learning_rate / 2)
+    with pytest.raises(ValueError, match="warmup_epochs needs the steps per epoch"):
+        epochs = specs.ScheduleSpec("cosine", warmup_epochs=1.0)
+        optim.build_optimizer(opt_spec, epochs, shapes["params"], model, total_steps=10)
+    mask = optim.trainable_mask(shapes["params"], model, preset="head")
+    assert {k for k, v in flatten_dict(mask).items() if v} == {"head/kernel", "head/bias"}

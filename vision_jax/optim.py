@@ -45,7 +45,7 @@ TRAINABLE_PRESETS = ("all", "head", "last:N", "bitfit")
 # schedules
 
 
-def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int) -> int:
+def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int | None) -> int:
     """``{name}_steps``, ``{name}_epochs`` or ``{name}_fraction`` (of training) as steps."""
     given = {
         unit: getattr(spec, f"{name}_{unit}")
@@ -60,6 +60,8 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int) -
     if not given:
         return 0
     unit, value = next(iter(given.items()))
+    if unit == "epochs" and steps_per_epoch is None:
+        raise ValueError(f"schedule.{name}_epochs needs the steps per epoch (steps_per_epoch).")
     steps = {
         "steps": lambda v: int(v),
         "epochs": lambda v: round(v * steps_per_epoch),
@@ -74,7 +76,7 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int) -
 
 
 def schedule_numbers(
-    schedule: ScheduleSpec, *, base_lr: float, total_steps: int, steps_per_epoch: int
+    schedule: ScheduleSpec, *, base_lr: float, total_steps: int, steps_per_epoch: int | None
 ) -> dict[str, np.ndarray]:
     """The numbers :func:`schedule_value` reads (float32 scalars; ``step_at``: the steps of the
     ``step`` decay's boundaries), checked against the length of training."""
@@ -157,7 +159,7 @@ def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
 
 
 def trainable_mask(
-    params: Any, model: Any, *, preset: str, frozen: str | None, extra: str | None = None
+    params: Any, model: Any, *, preset: str, frozen: str | None = None, extra: str | None = None
 ) -> Any:
     """Boolean tree: True where a parameter trains. ``frozen`` regex wins over the preset;
     ``extra`` (LoRA adapters) trains regardless."""
@@ -247,7 +249,7 @@ def build_optimizer(
     model: Any,
     *,
     total_steps: int,
-    steps_per_epoch: int,
+    steps_per_epoch: int | None = None,
     log: bool = True,
     frozen: Sequence[str] = (),
 ) -> Optimizer:
@@ -255,7 +257,8 @@ def build_optimizer(
     when a rule matches only them).
 
     ``opt.name`` is ``sgd`` (momentum, nesterov; L2 weight decay added to the gradient) or
-    ``adamw`` (b1, b2, eps; decoupled weight decay). ``mu_dtype`` stores first moments (or the
+    ``adamw`` (b1, b2, eps; decoupled weight decay). ``steps_per_epoch`` is needed only by a
+    schedule given in epochs. ``mu_dtype`` stores first moments (or the
     SGD momentum) in e.g. bfloat16. Gradients are clipped by global norm first.
     """
     if opt.mu_dtype is not None and opt.mu_dtype not in DTYPES:
