@@ -746,6 +746,30 @@ def test_mixup_and_cutmix_soft_labels(mixup, cutmix):
     np.testing.assert_array_equal(unmixed["soft_label"], np.eye(5)[:4])
 
 
+def test_color_jitter_is_torchvisions_on_pil_images(timm):
+    """input.color_jitter: the factors and order drawn for a seed, applied as torchvision's
+    ColorJitter applies them to a PIL image (PIL's ImageEnhance), give the same pixels; the
+    factors lie in [1 - s, 1 + s] and every order occurs."""
+    import torchvision.transforms.functional as F  # importable once timm declared its ops
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (24, 20, 3)).astype(np.uint8)
+    photo[:8] = [200, 40, 90]  # flat regions, where rounding differences would show
+    adjust = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation]
+    orders = set()
+    for i in range(12):
+        seed = tf.constant([3, i])
+        factors, order = augment.color_jitter_draw(0.4, seed)
+        assert np.all((0.6 <= factors.numpy()) & (factors.numpy() <= 1.4))
+        orders.add(tuple(order.numpy()))
+        want = Image.fromarray(photo)
+        for k in order.numpy():
+            want = adjust[k](want, float(factors[k]))
+        got = augment.color_jitter(tf.constant(photo, tf.float32), 0.4, seed)
+        np.testing.assert_array_equal(got.numpy(), np.asarray(want))
+    assert len(orders) > 3
+
+
 def test_cutmix_box_is_timms_rand_bbox(timm):
     """The pasted box for a given lambda and centre is timm's (odd cut sizes included: the far
     edge is ``centre + (cut + 1) // 2``), clipped at every border."""
@@ -903,8 +927,9 @@ def test_idx_source_reads_fashion_mnist(shared_dir):
 
 @pytest.mark.parametrize(
     "target, overrides",
-    [("label", {}), ("label", {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}), ("label_map", {})],
-)
+    [("label", {}), ("label", {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}), ("label_map", {}),
+     ("label_map", {"color_jitter": 0.4})],
+)  # fmt: skip
 def test_example_shapes_are_those_of_the_batches(target, overrides):
     """The shapes the steps compile against ahead of the data (train and eval) are the
     batches' own: the keys, each row's shape and dtype."""
@@ -921,7 +946,8 @@ def test_example_shapes_are_those_of_the_batches(target, overrides):
         train.close()
     evaluation = data_lib.eval_batches(source, spec, global_batch=4)
     assert rows(next(evaluation)) == data_lib.eval_example_shapes(source, spec)
-    assert ("soft_label" in data_lib.train_example_shapes(source, spec)) == bool(overrides)
+    mixed = "mixup_alpha" in overrides
+    assert ("soft_label" in data_lib.train_example_shapes(source, spec)) == mixed
 
 
 def test_a_url_scheme_epath_cannot_read_is_an_error_naming_the_path():

@@ -68,9 +68,11 @@ class InputSpec:
     crop. Then:
     ``flip``, RandAugment with ``randaugment_layers`` ops at ``randaugment_magnitude`` (0..10;
     timm's ``rand-mM-nN``; ``randaugment_magnitude_std``: timm's ``mstd``, ``inf`` for uniform;
-    ``randaugment_increasing``: its ``inc1``; :mod:`vision_jax.data.randaugment`),
-    normalisation by ``mean``/``std`` (fractions of 255), random erasing with probability
-    ``random_erasing``. Batch-level mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, applied
+    ``randaugment_increasing``: its ``inc1``; :mod:`vision_jax.data.randaugment`), colour
+    jitter of strength ``color_jitter`` (timm's ``--color-jitter``: brightness, contrast and
+    saturation as torchvision's ``ColorJitter`` on PIL images), normalisation by
+    ``mean``/``std`` (fractions of 255), random erasing with probability ``random_erasing``.
+    Batch-level mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, applied
     with ``mix_prob``, cutmix chosen with ``mix_switch_prob`` when both are on) adds
     ``soft_label`` to batches. ``scale_jitter`` ``(lo, hi)`` is a third training crop: the
     shorter side resized to ``image_size * U(lo, hi)``, zero-padded (bottom, right) up to
@@ -78,10 +80,11 @@ class InputSpec:
     (0.5, 2.0)).
 
     Label maps (segmentation) take the same crop windows and flips as their images, resized
-    nearest-neighbour and padded with IGNORE_LABEL; RandAugment, random erasing and mixup/cutmix
-    are refused. Evaluation (and training without a random crop) resizes the whole image to
-    ``image_size`` x ``image_size``, with no crop, so every pixel is evaluated (``resize_size``,
-    ``crop_fraction`` and ``crop_mode`` do not apply).
+    nearest-neighbour and padded with IGNORE_LABEL; colour jitter leaves them as they are;
+    RandAugment, random erasing and mixup/cutmix are refused. Evaluation (and training without
+    a random crop) resizes the whole image to ``image_size`` x ``image_size``, with no crop, so
+    every pixel is evaluated (``resize_size``, ``crop_fraction`` and ``crop_mode`` do not
+    apply).
 
     Boxes (detection) take the same flips and windows as their images, clipped to the window
     (in training, boxes left under 1 px wide or high are dropped). Evaluation, and training
@@ -108,6 +111,7 @@ class InputSpec:
     randaugment_magnitude: float = 9.0
     randaugment_magnitude_std: float = 0.0
     randaugment_increasing: bool = False
+    color_jitter: float = 0.0
     random_erasing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0

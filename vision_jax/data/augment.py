@@ -247,6 +247,47 @@ def decode_index_png(data: tf.Tensor) -> tf.Tensor:
     return values // tf.cast(stretch, tf.uint8)  # decode_png made 1-bit 1 into 255
 
 
+def _pil_blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ``Image.blend`` of 8-bit images (``ImageEnhance``): in float32, truncated."""
+    return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
+
+
+def _pil_grey(image: tf.Tensor) -> tf.Tensor:
+    """PIL's ``convert("L")`` of whole RGB levels, [H, W, 1]."""
+    r, g, b = tf.unstack(tf.cast(image, tf.int32), axis=-1)
+    grey = tf.bitwise.right_shift(19595 * r + 38470 * g + 7471 * b + 0x8000, 16)
+    return tf.cast(grey, tf.float32)[..., None]
+
+
+def color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
+    """timm's ``--color-jitter`` (torchvision's ``ColorJitter(s, s, s)`` on a PIL image):
+    brightness, contrast and saturation, each by a factor drawn from ``U[max(0, 1 - s), 1 + s]``,
+    in a random order, each as PIL's ``ImageEnhance`` computes it on whole levels. ``image``:
+    float32 [H, W, 3] of whole levels 0..255."""
+    return jitter_colors(image, *color_jitter_draw(strength, seed))
+
+
+def color_jitter_draw(strength: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The brightness, contrast and saturation factors and their order (a permutation of
+    0, 1, 2) that :func:`color_jitter` draws for ``seed``."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    factors = tf.random.stateless_uniform([3], seeds[0], max(0.0, 1.0 - strength), 1.0 + strength)
+    return factors, tf.argsort(tf.random.stateless_uniform([3], seeds[1]))
+
+
+def jitter_colors(image: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
+    """Brightness, contrast and saturation by ``factors``, in ``order``, as PIL's."""
+    ops = [
+        lambda im, f: _pil_blend(tf.zeros_like(im), im, f),  # brightness
+        lambda im, f: _pil_blend(tf.floor(tf.reduce_mean(_pil_grey(im)) + 0.5), im, f),
+        lambda im, f: _pil_blend(_pil_grey(im), im, f),  # saturation (PIL's Color)
+    ]
+    for k in range(3):
+        branches = [lambda i=i, im=image: ops[i](im, factors[i]) for i in range(3)]
+        image = tf.ensure_shape(tf.switch_case(order[k], branches), image.shape)
+    return image
+
+
 _ERASE_TRIES = 10
 
 

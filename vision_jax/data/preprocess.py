@@ -33,7 +33,7 @@ def check_label_map_spec(spec: InputSpec) -> None:
 
 def check_box_spec(spec: InputSpec) -> None:
     """Training with boxes: only flips, ``scale_jitter`` and ``random_crop`` (boxes move along)."""
-    keys = (*_IMAGE_ONLY, "inception_crop")
+    keys = (*_IMAGE_ONLY, "inception_crop", "color_jitter")
     _refuse(spec, keys, "boxes (only flip, scale_jitter and random_crop are)")
 
 
@@ -248,8 +248,8 @@ def make_preprocess(
 
     def fn(index: tf.Tensor, example: Example) -> Example:
         rng = tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
-        crop_rng, flip_rng, ra_rng, erase_rng = tf.unstack(
-            tf.random.experimental.stateless_split(rng, 4)
+        crop_rng, flip_rng, ra_rng, erase_rng, jitter_rng = tf.unstack(
+            tf.random.experimental.stateless_split(rng, 5)
         )
         if target == "boxes":
             out = _image_and_boxes(spec, example, table, train, (crop_rng, flip_rng), max_boxes)
@@ -273,6 +273,8 @@ def make_preprocess(
                 increasing=spec.randaugment_increasing,
                 fill=tuple(min(255.0, round(255 * m)) for m in spec.mean),
             )  # fmt: skip
+        if train and spec.color_jitter:  # after RandAugment, as timm's secondary transforms
+            image = augment.color_jitter(tf.round(image), spec.color_jitter, jitter_rng)
         image = normalise(image, spec)
         if train and spec.random_erasing:
             image = augment.random_erase(image, spec.random_erasing, erase_rng)
