@@ -113,6 +113,31 @@ def test_second_run_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, c
     assert f"its process {holder.pid} is gone" in caplog.text
 
 
+def test_a_stopped_runs_lock_stays_its_own_and_a_reused_pid_does_not_hold_it(tmp_path, caplog):
+    """A live owner on this host keeps its lock however old its heartbeat (SIGSTOP, a suspended
+    job: a second run took it over after 300 s and both wrote the workdir); its pid held by
+    another process (another start time) does not."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    path = tmp_path / lock_lib.LOCK_NAME
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGSTOP)
+        old = time.time() - lock_lib.STALE_AFTER_S - 5
+        os.utime(path, (old, old))
+        with pytest.raises(lock_lib.LockError, match=rf"in use by another run .*pid {holder.pid}"):
+            lock_lib.WorkdirLock(str(tmp_path)).acquire()
+        owner = json.loads(path.read_text())
+        path.write_text(json.dumps({**owner, "pid_start": owner["pid_start"] - 1}))
+        with caplog.at_level(logging.WARNING):
+            lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
+        assert f"its pid {holder.pid} belongs to another process now" in caplog.text
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def test_a_lock_with_this_process_pid_that_it_does_not_hold_is_stale(tmp_path, caplog):
     """A restarted container: the same host name, and the entrypoint got the pid of the run
     that left the lock (it waited for the 300 s heartbeat limit); taken once its heartbeat

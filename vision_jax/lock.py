@@ -1,11 +1,14 @@
 """One run per workdir: ``<workdir>/vision_jax.lock``, held by process 0 of the run.
 
 The lock file is created atomically (``O_EXCL``) and holds the owner's host, pid and start
-time as JSON; the owner touches it every ``HEARTBEAT_S`` seconds. A second run fails at once
-naming the owner. A lock left by a dead run is taken over with a warning: on the same host
-when its pid is gone (or is this process's own, after a container restart reused it, and its
-heartbeat stopped), from any host when its heartbeat is older than ``STALE_AFTER_S``. In a
-multi-host run process 0 takes the lock and the other processes share its verdict.
+time (and, on Linux, the process's start time in clock ticks since boot) as JSON; the owner
+touches it every ``HEARTBEAT_S`` seconds. A second run fails at once naming the owner. A lock
+left by a dead run is taken over with a warning: on the same host when its pid is gone, or
+belongs to another process now (another start time; or this process's own pid, after a
+container restart reused it, and its heartbeat stopped); from another host when its heartbeat
+is older than ``STALE_AFTER_S``. A live owner on the same host keeps its lock however old its
+heartbeat (a suspended job, a stopped process). In a multi-host run process 0 takes the lock
+and the other processes share its verdict.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat``'s 22nd field;
+    None where there is no such file)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _describe(owner: dict) -> str:
     return f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started', '?')}"
 
@@ -69,6 +82,11 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
                 f"its pid {pid} is this process's, which does not hold it, and its heartbeat "
                 f"is {age_s:.0f} s old"
             )
+        started, now = owner.get("pid_start"), _start_ticks(pid)
+        if started is not None and now is not None:
+            if started != now:
+                return f"its pid {pid} belongs to another process now"
+            return None  # the owner itself, alive: stopped or suspended, not dead
     if age_s > STALE_AFTER_S:
         return f"its heartbeat is {age_s:.0f} s old (> {STALE_AFTER_S:.0f} s)"
     return None
@@ -137,6 +155,8 @@ class WorkdirLock:
             return False
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now}
+        if (ticks := _start_ticks(os.getpid())) is not None:
+            owner["pid_start"] = ticks
         with os.fdopen(fd, "w") as f:
             json.dump(owner, f)
         self._owner = owner
