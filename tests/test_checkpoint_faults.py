@@ -82,6 +82,15 @@ def test_keep_checkpoints_zero_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_file_where_the_checkpoints_go_is_an_error_before_training(tmp_path):
+    """It was found at the first save, every run spending checkpoint_every_steps in vain."""
+    (tmp_path / "checkpoints").write_text("x")
+    with pytest.raises(CheckpointError, match=r"checkpoints is not a folder: move it away"):
+        train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    assert (tmp_path / "checkpoints").read_text() == "x"
+    assert not list(tmp_path.glob("events*"))
+
+
 LOCK_HOLDER = """
 import sys, time
 from vision_jax.lock import WorkdirLock

@@ -312,6 +312,8 @@ def test_labels_outside_the_class_range():
         data_lib.from_arrays(np.zeros((2, 4, 4), np.uint8), np.array([0, 3]), ["a", "b"])
     with pytest.raises(data_lib.DataError, match="Labels must be integers; got dtype float64"):
         data_lib.from_arrays(np.zeros((2, 4, 4), np.uint8), np.array([0, 0.5]), ["a", "b"])
+    with pytest.raises(data_lib.DataError, match="Labels must be integers; got dtype float32"):
+        data_lib.from_arrays(np.zeros((2, 4, 4), np.uint8), np.array([0, np.nan], np.float32))
     arrays = {"train": (np.zeros((2, 4, 4), np.uint8), np.array([0, 1]))}
     with pytest.raises(data_lib.DataError, match="but data.source is 'tfds': set data.source="):
         data_lib.load_source(default_config().data, "train", arrays=arrays)

@@ -167,6 +167,10 @@ def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
     with pytest.raises(CheckpointError, match=finished + r" -> 0.1\) it would train nothing"):
         train_and_evaluate(small_config(total_steps=6, **{"optimizer.learning_rate": 0.1}),
                            str(tmp_path))  # fmt: skip
+    other_input = small_config(total_steps=6, **{"optimizer.learning_rate": 0.02})
+    other_input.input.image_size = 24  # the report of the trained model at another size
+    with pytest.raises(CheckpointError, match=r"changed recipe \(input.image_size "):
+        train_and_evaluate(other_input, str(tmp_path))
 
 
 def test_steps_compile_ahead_in_the_background(tmp_path, caplog):

@@ -190,6 +190,14 @@ def _move_aside(directory: str, name: str | int, why: str) -> None:
     logger.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
 
 
+def _check_folder(directory: str) -> None:
+    """Something else than a folder where the checkpoints go is an error at once (every
+    process), not at the first save."""
+    path = epath.Path(directory)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{directory} is not a folder: move it away to save checkpoints.")
+
+
 def _move_aside_unfinished(directory: str) -> None:
     """Saves in ``directory`` that a crash or a failed write left unfinished (orbax ignores
     them): moved aside when they hold every file of a save (cut short while being committed),
@@ -233,6 +241,7 @@ class Checkpointer:
         self.lock = lock
         quiet_abandoned_io()  # a failed save's TensorStore callbacks, too
         self._new = _is_new(self.directory)
+        _check_folder(self.directory)
         if jax.process_index() == 0:
             _move_aside_unfinished(self.directory)
         _sync("vision_jax:checkpoints_tidied")
@@ -444,6 +453,7 @@ class BestCheckpoint:
             self.directory = os.path.abspath(self.directory)
         self.metric = metric
         self._new = _is_new(self.directory)
+        _check_folder(self.directory)
         if jax.process_index() == 0:
             _move_aside_unfinished(self.directory)
         _sync("vision_jax:best_tidied")

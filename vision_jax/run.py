@@ -578,12 +578,12 @@ def _resume_position(
 
 
 def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -> None:
-    """A finished run started again only evaluates again: a changed training recipe would train
-    nothing (a sweep reusing a workdir got the first run's metrics back). Refused, but for the
-    input section, which the evaluation reads too."""
+    """A finished run started again only evaluates again: a changed recipe would train nothing
+    (a sweep reusing a workdir got the first run's metrics back), or evaluate and report the
+    trained model with another input than it trained with, over its report. Refused."""
     saved = meta.get("config") or {}
-    trains = lambda key: key.split(".")[0] in _RECIPE_SECTIONS and not key.startswith("input.")
-    if changes := _config_changes(saved, spec.config, trains):
+    in_recipe = lambda key: key.split(".")[0] in _RECIPE_SECTIONS
+    if changes := _config_changes(saved, spec.config, in_recipe):
         raise CheckpointError(
             f"The run in {where} has finished; with the changed recipe ({'; '.join(changes)}) "
             "it would train nothing. Use another --workdir to train with it, or raise "

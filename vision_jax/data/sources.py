@@ -193,6 +193,9 @@ def from_arrays(
     key = check_target(target)
     if key == "boxes":
         raise DataError("Boxes come from COCO files or tfds (data.source 'coco' or 'tfds').")
+    if not np.issubdtype(labels.dtype, np.integer):
+        what = "Label maps" if key == "label_map" else "Labels"
+        raise DataError(f"{what} must be integers; got dtype {labels.dtype}.")
     shape = images.shape[:3] if key == "label_map" else images.shape[:1]
     if labels.shape != shape:
         raise DataError(
