@@ -711,3 +711,16 @@ def test_a_lora_target_that_trains_fully_is_an_error(tmp_path):
     train_and_evaluate(cfg, str(tmp_path / "adapter"))
     head = flatten_dict(read_variables(str(tmp_path / "adapter"))["params"])["head/kernel"]
     assert np.any(head != 0)  # the merged adapter moved the zero head
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_a_finished_run_started_again_reports_what_it_reported(tmp_path, validation):
+    """The final metrics of a finished run started again equal its first report: the last
+    train window's and, with a validation split, the last validation's (only the evaluation
+    was reported again)."""
+    cfg = small_config(total_steps=4, log_every_steps=3, eval_every_steps=2)
+    if validation:
+        cfg.data.train_split, cfg.data.val_split = "train[:90%]", "train[90%:]"
+    first = train_and_evaluate(cfg, str(tmp_path))
+    assert "train/loss" in first and ("val/top1" in first) == validation
+    assert train_and_evaluate(cfg, str(tmp_path)) == first

@@ -92,6 +92,7 @@ class Run:
     started: float = 0.0  # time.perf_counter() when build_run began
     final: Any = None  # sees the final evaluation's predictions (train_and_evaluate's ``final``)
     train_window: list | None = None  # the train metrics of the log window the checkpoint cut
+    reported: dict[str, float] | None = None  # a finished run's last train (and val) metrics
 
     @property
     def task(self) -> Any:
@@ -777,5 +778,5 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
         train_step, settings, eval_steps, ckpt, start_step, total_steps, meta, start_position,
-        selection, best, train_window=saved.get("train_window"),
+        selection, best, train_window=saved.get("train_window"), reported=saved.get("reported"),
     )  # fmt: skip

@@ -388,6 +388,7 @@ def _loop(
         before = _evaluate(run, state, 0, writer)
         results.update({k.replace(split, f"{split}_before", 1): v for k, v in before.items()})
     if _finished(run):  # already finished: report the final evaluation again
+        results.update(run.reported or {})  # its last train (and validation) metrics
         if run.selection is None:
             results.update(_evaluate(run, state, run.total_steps, writer, stop))
         return results
@@ -421,6 +422,7 @@ class _TrainLog:
 
     def __init__(self, run: Run, guard: _Guard, writer: MetricWriter):
         self.run, self.guard, self.writer = run, guard, writer
+        self.last: dict[str, float] = {}  # the newest window's scalars
         self._reset()
         self.metrics = self._resumed_window()
 
@@ -466,6 +468,7 @@ class _TrainLog:
         self.writer.write_scalars(step, summary)
         self._progress(step, summary["train/images_per_sec"] / self.run.spec.batch_size)
         self._reset()
+        self.last = summary
         return summary
 
     def _progress(self, step: int, steps_per_sec: float) -> None:
@@ -503,9 +506,12 @@ def _end_step(
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
         if run.best is not None:  # the best a step's meta names is complete before the step
             run.best.wait()
+        meta = {**_meta(run, early), "train_window": log.window()}
+        if early or last:  # what a finished run started again reports besides its evaluation
+            meta["reported"] = {**log.last, **results}
         run.checkpointer.save(
-            step, state, {**_meta(run, early), "train_window": log.window()},
-            force=stopping or early or last, data_position=train_iter.next_position,
+            step, state, meta, force=stopping or early or last,
+            data_position=train_iter.next_position,
         )  # fmt: skip
     if stopping:
         run.checkpointer.wait()
