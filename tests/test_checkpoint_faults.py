@@ -849,3 +849,13 @@ def test_a_failed_best_save_says_the_step_checkpoints_are_not_affected(tmp_path)
     with pytest.raises(checkpoint.CheckpointSaveError, match="The newest complete checkpoint is "
                        "step 20: free space"):  # fmt: skip
         steps.wait()
+
+
+def test_a_long_error_keeps_its_cause():
+    """A save error's line is cut in the middle: the path's start and the cause at its end."""
+    from vision_jax.weights.run_dir import short_reason
+
+    path = "/work/run/checkpoints/20.orbax-checkpoint-tmp/state/" + "d" * 120
+    line = short_reason(OSError(f'Failed writing: "{path}": [Errno 27] File too large'))
+    assert len(line) == 160 and line.startswith('OSError: Failed writing: "/work/run/')
+    assert line.endswith("[Errno 27] File too large")

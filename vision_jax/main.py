@@ -334,9 +334,10 @@ def main(argv: list[str]) -> None:
     line = _json(results)
     logging.info("Final metrics of process %d: %s", jax.process_index(), line)
     if jax.process_index() == 0:
-        print(line)
-        for summary in _summaries(results, FLAGS.config.task.name):
-            print(summary)
+        try:
+            print("\n".join([line, *_summaries(results, FLAGS.config.task.name)]), flush=True)
+        except BrokenPipeError:  # stdout closed (`| head`): the log has the metrics
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter's flush at exit)
         if reporting:
             _report(FLAGS.workdir, final)
     if jax.process_count() == 1:

@@ -204,15 +204,16 @@ def _check_not_removed(step_dir: pathlib.Path) -> None:
 
 
 def short_reason(error: BaseException) -> str:
-    """The first line of an error, without TensorStore's spec dump, at most 160 characters;
-    for orbax's "error while reading array index", its cause (which names the array)."""
+    """The first line of an error, without TensorStore's spec dump, at most 160 characters
+    (its middle cut: the cause, e.g. "File too large", comes last); for orbax's "error while
+    reading array index", its cause (which names the array)."""
     if str(error).startswith("Encountered error while reading") and error.__cause__:
         return short_reason(error.__cause__)
     text = re.sub(r' in OCDBT database at [^:]*"', "", str(error))
     text = text.split("See full TensorStore details")[0].strip().splitlines()
     text = (text[0] if text else "").strip().rstrip(".:")
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    return text if len(text) <= 160 else f"{text[:97]} ... {text[-58:]}"
 
 
 def _abandoned_io(unraisable: Any) -> bool:
