@@ -199,6 +199,7 @@ class LoraSpec:
 
     @property
     def scale(self) -> float:
+        """The adapters' output scale, ``alpha / rank``."""
         return self.alpha / self.rank
 
 

@@ -52,10 +52,12 @@ class Trained:
 
     @property
     def task(self) -> Any:
+        """The run's task (classification, segmentation or detection)."""
         return self.spec.task
 
     @property
     def class_names(self) -> list[str]:
+        """The run's class names, in label order."""
         return list(self.record.class_names or ())
 
     @functools.cached_property

@@ -124,6 +124,7 @@ class ModelSpec:
     paper_params: int | None = None  # parameter count from the paper, for models timm lacks
 
     def build(self, **kwargs: Any) -> nn.Module:
+        """The module with the registered defaults, overridden by ``kwargs``."""
         return self.module(**{**self.defaults, **kwargs})
 
 
