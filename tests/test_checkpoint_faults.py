@@ -859,3 +859,18 @@ def test_a_long_error_keeps_its_cause():
     line = short_reason(OSError(f'Failed writing: "{path}": [Errno 27] File too large'))
     assert len(line) == 160 and line.startswith('OSError: Failed writing: "/work/run/')
     assert line.endswith("[Errno 27] File too large")
+
+
+def test_a_damaged_best_is_read_from_the_step_checkpoint_of_its_step(tmp_path, caplog):
+    """A finished validation run whose best checkpoint is damaged, started again: its step
+    checkpoint of the same step (the same state) serves, with a warning; the final metrics are
+    those it reported (the run could not be started again past the error)."""
+    config = small_config(total_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
+    config.data.train_split, config.data.val_split = "train[:90%]", "train[90%:]"
+    first = train_and_evaluate(config, str(tmp_path))
+    assert first["best/step"] == 4
+    damage(tmp_path / "best" / "4", "truncated")
+    with caplog.at_level(logging.WARNING):
+        again = train_and_evaluate(config, str(tmp_path))
+    assert "The best checkpoint" in caplog.text and "reading the same step from" in caplog.text
+    assert again == first

@@ -21,7 +21,7 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -504,8 +504,11 @@ class BestCheckpoint:
             if other != step:
                 self.manager.delete(other)
 
-    def restore(self, abstract_state: Any) -> tuple[int, Any, dict]:
-        """The best step, its state (in the shardings of ``abstract_state``) and meta."""
+    def restore(
+        self, abstract_state: Any, step_dir: Callable[[int], epath.Path] | None = None
+    ) -> tuple[int, Any, dict]:
+        """The best step, its state (in the shardings of ``abstract_state``) and meta; from the
+        step checkpoint of the same step (``step_dir(step)``) if the best's own is damaged."""
         self.wait()
         step = self.manager.latest_step()
         if step is None:
@@ -517,6 +520,14 @@ class BestCheckpoint:
         restored, problem = _read_step(path, abstract_state)
         if problem is None:
             problem = state_damage(path, restored[1], restored[0])
+        if problem is not None and step_dir is not None and step_dir(step).is_dir():
+            same, damage = _read_step(step_dir(step), abstract_state)
+            if damage is None and state_damage(step_dir(step), same[1], same[0]) is None:
+                logger.warning(
+                    "The best checkpoint %s is damaged (%s): reading the same step from %s.",
+                    path, problem, step_dir(step),
+                )  # fmt: skip
+                return step, *same
         if problem is not None:
             raise CheckpointError(
                 f"Cannot read the best checkpoint {self.directory}/{step}: {problem}. The step "

@@ -565,7 +565,7 @@ def _evaluate(
 def _test_best(run: Run, writer: MetricWriter, stop: StopSignals) -> dict[str, float]:
     """The best state, evaluated once on the eval (test) split: ``eval/...``, plus
     ``best/step`` and ``best/<metric>`` (its validation figure)."""
-    step, state, meta = run.best.restore(abstract_state(run.state))
+    step, state, meta = run.best.restore(abstract_state(run.state), run.checkpointer.step_dir)
     selection = run.selection.resumed(meta.get("selection"))
     observe = _final_observer(run, run.best.directory, step)
     interrupt = _stop_evaluating(run, stop, run.selection.stopped_at or run.total_steps)
