@@ -125,7 +125,7 @@ def test_second_run_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, c
 def test_a_stopped_runs_lock_stays_its_own_and_a_reused_pid_does_not_hold_it(tmp_path, caplog):
     """A live owner on this host keeps its lock however old its heartbeat (SIGSTOP, a suspended
     job: a second run took it over after 300 s and both wrote the workdir); its pid held by
-    another process (another start time) does not."""
+    another process (another start time) does not, once its heartbeat stopped."""
     holder = subprocess.Popen(
         [sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
@@ -139,6 +139,10 @@ def test_a_stopped_runs_lock_stays_its_own_and_a_reused_pid_does_not_hold_it(tmp
             lock_lib.WorkdirLock(str(tmp_path)).acquire()
         owner = json.loads(path.read_text())
         path.write_text(json.dumps({**owner, "pid_start": owner["pid_start"] - 1}))
+        with pytest.raises(lock_lib.LockError, match="in use by another run"):
+            lock_lib.WorkdirLock(str(tmp_path)).acquire()  # beating: a container's, same name
+        old = time.time() - 2 * lock_lib.HEARTBEAT_S - 5
+        os.utime(path, (old, old))
         with caplog.at_level(logging.WARNING):
             lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
         assert f"its pid {holder.pid} belongs to another process now" in caplog.text

@@ -124,6 +124,10 @@ def test_one_path_alone_or_none(digit_predictor, digit_files, digit_records):
         assert [r["file"] for r in found][:3] == paths[:3]
         assert found[0]["top_k"][0] == pytest.approx(records[0]["top_k"][0])
     assert len(unreadable) == 2  # the broken files are in the folder (and match the glob)
+    missing = str(pathlib.Path(folder) / "missing.png")  # one file, not a folder to expand
+    with pytest.raises(data_lib.DataError, match=r"None of the 1 image file\(s\) can be read: "
+                       r".*missing.png: .*No such file"):  # fmt: skip
+        digit_predictor.predict(missing)
 
 
 def test_cli_writes_jsonl_and_csv_with_top_k(digits_run, digit_files, digit_records, tmp_path,

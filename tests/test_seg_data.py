@@ -329,6 +329,10 @@ def test_augmentations_that_do_not_apply_to_label_maps(tmp_path):
             data_lib.train_batches(source, spec_of(image_size=8, **option), global_batch=2, seed=0)
     with pytest.raises(ValueError, match="scale_jitter excludes"):
         spec_of(scale_jitter=(0.5, 2.0), random_crop=True)
+    with pytest.raises(ValueError, match="timm leaves colour jitter out when RandAugment is on"):
+        spec_of(color_jitter=0.4, randaugment_layers=2)
+    with pytest.raises(ValueError, match=r"input.color_jitter must lie in \[0, inf\]"):
+        spec_of(color_jitter=-0.1)
     with pytest.raises(ValueError, match="0 < lo <= hi"):
         spec_of(scale_jitter=(2.0, 0.5))
 

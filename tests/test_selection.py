@@ -14,6 +14,7 @@ from vision_jax import checkpoint as checkpoint_lib
 from vision_jax import data as data_lib
 from vision_jax import run as run_lib
 from vision_jax import specs, train, weights
+from vision_jax.checkpoint import CheckpointError
 from vision_jax.config import TrackedConfig
 from vision_jax.models import create_model
 from vision_jax.report import FinalEvaluation
@@ -98,6 +99,11 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     assert scripted_validation["val"] == 5
     assert steps(tmp_path) == [2, 4, 6, 8, 10]
     assert again["eval/top1"] == result["eval/top1"] and again["best/step"] == 4
+    changed = selecting_config()
+    changed.optimizer.learning_rate = 0.5  # a sweep reusing the workdir: it would train nothing
+    with pytest.raises(CheckpointError, match=r"has stopped early; with the changed recipe "
+                       r"\(optimizer.learning_rate"):  # fmt: skip
+        train_and_evaluate(changed, str(tmp_path))
 
     # A best step that lost its state is not replaced by the newest step without a word.
     shutil.rmtree(tmp_path / "best" / "4" / "state")

@@ -724,3 +724,16 @@ def test_a_finished_run_started_again_reports_what_it_reported(tmp_path, validat
     first = train_and_evaluate(cfg, str(tmp_path))
     assert "train/loss" in first and ("val/top1" in first) == validation
     assert train_and_evaluate(cfg, str(tmp_path)) == first
+
+
+def test_an_earlier_versions_recorded_posemb_default_reads_without_a_warning(caplog):
+    """Runs of the version before recorded init.posemb="bilinear" (its default) without
+    init.path: read back (predict, export, report), that is the default, not a stray key."""
+    from vision_jax import specs
+
+    with caplog.at_level(logging.WARNING), specs.saved_config():
+        init = specs.InitSpec(posemb="bilinear")
+    assert init.posemb is None and "init.posemb" not in caplog.text
+    with caplog.at_level(logging.WARNING), specs.saved_config():
+        specs.InitSpec(posemb="bicubic")
+    assert "The saved config sets init.posemb only applies" in caplog.text

@@ -3,9 +3,9 @@
 The lock file is created atomically (``O_EXCL``) and holds the owner's host, pid and start
 time (and, on Linux, the process's start time in clock ticks since boot) as JSON; the owner
 touches it every ``HEARTBEAT_S`` seconds. A second run fails at once naming the owner. A lock
-left by a dead run is taken over with a warning: on the same host when its pid is gone, or
-belongs to another process now (another start time; or this process's own pid, after a
-container restart reused it, and its heartbeat stopped); from another host when its heartbeat
+left by a dead run is taken over with a warning: on the same host when its pid is gone (or a
+zombie), or belongs to another process now (another start time, or this process's own pid
+after a container restart reused it) and its heartbeat stopped; from another host when its heartbeat
 is older than ``STALE_AFTER_S``. A live owner on the same host keeps its lock however old its
 heartbeat (a suspended job, a stopped process). In a multi-host run process 0 takes the lock
 and the other processes share its verdict.
@@ -48,14 +48,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/<pid>/stat``'s 22nd field;
-    None where there is no such file)."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """The process's state letter and start time in clock ticks since boot
+    (``/proc/<pid>/stat``'s 3rd and 22nd fields; None where there is no such file)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
 
 
 def _describe(owner: dict) -> str:
@@ -72,7 +78,8 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
         return f"it was left half-written {age_s:.0f} s ago"
     pid = int(owner.get("pid", -1))
     if owner.get("host") == socket.gethostname():
-        if not _pid_alive(pid):
+        stat = _proc_stat(pid)
+        if not _pid_alive(pid) or (stat is not None and stat[0] == "Z"):
             return f"its process {pid} is gone"
         # This process's pid, in a lock it does not hold: a restarted container's entrypoint
         # (containers sharing a host name may each be pid 1: the heartbeat must have stopped).
@@ -82,11 +89,17 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
                 f"its pid {pid} is this process's, which does not hold it, and its heartbeat "
                 f"is {age_s:.0f} s old"
             )
-        started, now = owner.get("pid_start"), _start_ticks(pid)
+        started, now = owner.get("pid_start"), None if stat is None else stat[1]
         if started is not None and now is not None:
-            if started != now:
-                return f"its pid {pid} belongs to another process now"
-            return None  # the owner itself, alive: stopped or suspended, not dead
+            # Another start time: another process, or a container of the same host name
+            # (then its heartbeat goes on).
+            if started != now and age_s > 2 * HEARTBEAT_S:
+                return (
+                    f"its pid {pid} belongs to another process now and its heartbeat is "
+                    f"{age_s:.0f} s old"
+                )
+            if started == now:
+                return None  # the owner itself, alive: stopped or suspended, not dead
     if age_s > STALE_AFTER_S:
         return f"its heartbeat is {age_s:.0f} s old (> {STALE_AFTER_S:.0f} s)"
     return None

@@ -207,8 +207,11 @@ class Predictor:
         docstring: segmentation's ``label_map`` is a uint8 array here), and the unreadable files
         as (path, reason). ``top_k``: classes per classification record; ``progress``: a
         progress line on stderr."""
-        alone = isinstance(paths, str | os.PathLike)
-        paths = image_files(os.fspath(paths)) if alone else [os.fspath(p) for p in paths]
+        if isinstance(paths, str | os.PathLike):  # a folder or a pattern expands; a file stays
+            path = os.fspath(paths)
+            expands = os.path.isdir(path) or (glob.has_magic(path) and not os.path.isfile(path))
+            paths = image_files(path) if expands else [path]
+        paths = [os.fspath(p) for p in paths]
         if not paths:
             return [], []
         if self.task.name == "detection":

@@ -455,7 +455,8 @@ def _restore(
     state, meta = restored
     step = int(state.step)
     where = f"{ckpt.directory} (step {step})"
-    unfinished = step < total_steps  # a finished run started again only evaluates again
+    # A finished run (or one stopped early) started again only evaluates again.
+    unfinished = step < total_steps and not meta.get("stopped_early")
     if not unfinished:
         _check_finished_recipe(spec, meta, where)
     position = _resume_position(spec, meta, train_data if unfinished else None, where)
@@ -567,8 +568,7 @@ def _resume_position(
         )
     if changes:
         logger.warning("Resuming %s although %s.", where, "; ".join(changes))
-    in_recipe = lambda key: key.split(".")[0] in _RECIPE_SECTIONS
-    if recipe := _config_changes(saved, spec.config, in_recipe):
+    if recipe := _config_changes(saved, spec.config, _in_recipe):
         logger.warning("Resuming %s with a changed recipe (training goes on with the new "
                        "values): %s.", where, "; ".join(recipe))  # fmt: skip
     if positions is None:
@@ -583,13 +583,18 @@ def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: 
     (a sweep reusing a workdir got the first run's metrics back), or evaluate and report the
     trained model with another input than it trained with, over its report. Refused."""
     saved = meta.get("config") or {}
-    in_recipe = lambda key: key.split(".")[0] in _RECIPE_SECTIONS
-    if changes := _config_changes(saved, spec.config, in_recipe):
+    if changes := _config_changes(saved, spec.config, _in_recipe):
+        how = "stopped early" if meta.get("stopped_early") else "finished"
         raise CheckpointError(
-            f"The run in {where} has finished; with the changed recipe ({'; '.join(changes)}) "
-            "it would train nothing. Use another --workdir to train with it, or raise "
-            "total_steps to train on."
+            f"The run in {where} has {how}; with the changed recipe ({'; '.join(changes)}) "
+            "it would train nothing. Use another --workdir to train with it"
+            + ("." if meta.get("stopped_early") else ", or raise total_steps to train on.")
         )
+
+
+def _in_recipe(key: str) -> bool:
+    """Whether a config key is part of the training recipe (:data:`_RECIPE_SECTIONS`)."""
+    return key.split(".")[0] in _RECIPE_SECTIONS
 
 
 def _agreed(changes: list[str]) -> list[str]:

@@ -15,7 +15,6 @@ inherited as ignored (SIGINT in a background job) stays ignored: the launcher fo
 
 from __future__ import annotations
 
-import _thread
 import os
 import signal
 import threading
@@ -69,8 +68,9 @@ class StopSignals:
 
     def __init__(self, exit_on_second: bool = False) -> None:
         self.received: str | None = None
-        self._exit_on_second = exit_on_second
-        self._interrupt = self._interrupted = False
+        # A process of a multi-process run exits: raised in one, its peers would wait.
+        self._exit_on_second = exit_on_second or distributed_client() is not None
+        self._in_main = 0  # signals the main thread's handler has seen
         self._sync = _sync_manager()
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[int, Any] | None = None  # (write end, the previous wakeup fd)
@@ -111,9 +111,10 @@ class StopSignals:
                         self._handle(signum)
 
     def _in_main_thread(self, signum: int, frame: Any) -> None:
-        """The Python-level handler: raises KeyboardInterrupt (once) after a second signal."""
-        if self._interrupt and not self._interrupted:
-            self._interrupted = True
+        """The Python-level handler: raises KeyboardInterrupt at the second signal (unless the
+        watcher exits the process first)."""
+        self._in_main += 1
+        if self._in_main == 2 and not self._exit_on_second:
             raise KeyboardInterrupt
 
     def _handle(self, signum: int) -> None:
@@ -122,9 +123,7 @@ class StopSignals:
             if self._exit_on_second:
                 _say(f"second signal ({name}): exiting now, without saving.")
                 os._exit(128 + signum)
-            _say(f"second signal ({name}): interrupting, without saving.")
-            self._interrupt = True
-            _thread.interrupt_main(signum)
+            _say(f"second signal ({name}): KeyboardInterrupt in the caller, without saving.")
             return
         self.received = name
         again = "exit now" if self._exit_on_second else "interrupt"

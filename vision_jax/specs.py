@@ -152,6 +152,12 @@ class InputSpec:
                        "randaugment_increasing")  # fmt: skip
         _only_when("input", self, randaugment, self.randaugment_layers > 0,
                    "with randaugment_layers > 0")  # fmt: skip
+        check_interval("input.color_jitter", self.color_jitter, "[0, inf]")
+        if self.color_jitter and self.randaugment_layers:
+            raise ValueError(
+                "input.color_jitter with input.randaugment_layers: timm leaves colour jitter out "
+                "when RandAugment is on (its colour ops do that work); set one of them."
+            )
         check_interval("input.randaugment_magnitude", self.randaugment_magnitude, "[0, 10]")
         check_interval("input.randaugment_magnitude_std", self.randaugment_magnitude_std,
                        "[0, inf]")  # fmt: skip
@@ -327,6 +333,8 @@ class InitSpec:
     use_input_contract: bool = False
 
     def __post_init__(self) -> None:
+        if self.path is None and self.posemb == "bilinear" and _SAVED.get():
+            object.__setattr__(self, "posemb", None)  # an earlier version's default, recorded
         surgery = ("replace_head", "head_bias_init", "dont_load", "posemb", "use_input_contract")
         why = "with init.path, the weights to start from, which is not set (--config.init.path)"
         _only_when("init", self, surgery, self.path is not None, why)

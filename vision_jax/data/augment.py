@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from vision_jax.tf_without_keras import tf
 
-from vision_jax.data import exif
+from vision_jax.data import exif, randaugment
 
 # What :func:`decode` does, in words: the export manifest's ``input.decode``, for serving code
 # that reproduces it.
@@ -247,18 +247,6 @@ def decode_index_png(data: tf.Tensor) -> tf.Tensor:
     return values // tf.cast(stretch, tf.uint8)  # decode_png made 1-bit 1 into 255
 
 
-def _pil_blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """PIL's ``Image.blend`` of 8-bit images (``ImageEnhance``): in float32, truncated."""
-    return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
-
-
-def _pil_grey(image: tf.Tensor) -> tf.Tensor:
-    """PIL's ``convert("L")`` of whole RGB levels, [H, W, 1]."""
-    r, g, b = tf.unstack(tf.cast(image, tf.int32), axis=-1)
-    grey = tf.bitwise.right_shift(19595 * r + 38470 * g + 7471 * b + 0x8000, 16)
-    return tf.cast(grey, tf.float32)[..., None]
-
-
 def color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
     """timm's ``--color-jitter`` (torchvision's ``ColorJitter(s, s, s)`` on a PIL image):
     brightness, contrast and saturation, each by a factor drawn from ``U[max(0, 1 - s), 1 + s]``,
@@ -277,11 +265,7 @@ def color_jitter_draw(strength: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.T
 
 def jitter_colors(image: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
     """Brightness, contrast and saturation by ``factors``, in ``order``, as PIL's."""
-    ops = [
-        lambda im, f: _pil_blend(tf.zeros_like(im), im, f),  # brightness
-        lambda im, f: _pil_blend(tf.floor(tf.reduce_mean(_pil_grey(im)) + 0.5), im, f),
-        lambda im, f: _pil_blend(_pil_grey(im), im, f),  # saturation (PIL's Color)
-    ]
+    ops = [randaugment.brightness, randaugment.contrast, randaugment.saturation]
     for k in range(3):
         branches = [lambda i=i, im=image: ops[i](im, factors[i]) for i in range(3)]
         image = tf.ensure_shape(tf.switch_case(order[k], branches), image.shape)

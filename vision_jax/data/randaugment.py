@@ -31,11 +31,30 @@ GREY: Fill = (128.0, 128.0, 128.0)
 
 
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
+    """PIL's ``Image.blend`` of 8-bit images (``ImageEnhance``): in float32, truncated."""
+    return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
 
 
 def _grey(image: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True)
+    """PIL's ``convert("L")`` of (rounded) RGB levels, [H, W, 1]."""
+    r, g, b = tf.unstack(tf.cast(tf.round(image), tf.int32), axis=-1)
+    grey = tf.bitwise.right_shift(19595 * r + 38470 * g + 7471 * b + 0x8000, 16)
+    return tf.cast(grey, tf.float32)[..., None]
+
+
+def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ``ImageEnhance.Brightness``."""
+    return _blend(tf.zeros_like(image), image, factor)
+
+
+def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ``ImageEnhance.Contrast``: towards the grey image's rounded mean."""
+    return _blend(tf.floor(tf.reduce_mean(_grey(image)) + 0.5), image, factor)
+
+
+def saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ``ImageEnhance.Color``: towards the grey image."""
+    return _blend(_grey(image), image, factor)
 
 
 def _affine(image: tf.Tensor, transform: list, fill: Fill) -> tf.Tensor:
@@ -134,9 +153,9 @@ Op = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]  # (image, signed level i
 def _enhancements(factor: Callable[[tf.Tensor], tf.Tensor]) -> dict[str, Op]:
     """Color, Contrast, Brightness and Sharpness, blending with ``factor(level)``."""
     return {
-        "Color": lambda im, lv: _blend(_grey(im), im, factor(lv)),
-        "Contrast": lambda im, lv: _blend(tf.reduce_mean(_grey(im)), im, factor(lv)),
-        "Brightness": lambda im, lv: _blend(tf.zeros_like(im), im, factor(lv)),
+        "Color": lambda im, lv: saturation(im, factor(lv)),
+        "Contrast": lambda im, lv: contrast(im, factor(lv)),
+        "Brightness": lambda im, lv: brightness(im, factor(lv)),
         "Sharpness": lambda im, lv: _sharpness(im, factor(lv)),
     }
 

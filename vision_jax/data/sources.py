@@ -193,6 +193,8 @@ def from_arrays(
     key = check_target(target)
     if key == "boxes":
         raise DataError("Boxes come from COCO files or tfds (data.source 'coco' or 'tfds').")
+    if labels.dtype == np.bool_:
+        labels = labels.astype(np.int32)  # binary labels: 0 and 1
     if not np.issubdtype(labels.dtype, np.integer):
         what = "Label maps" if key == "label_map" else "Labels"
         raise DataError(f"{what} must be integers; got dtype {labels.dtype}.")

@@ -73,8 +73,10 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def posemb_method(source: str | os.PathLike) -> str:
     """How the weights' own code resamples their position embeddings: bicubic for timm,
-    torchvision and Hugging Face state dicts (timm's ``resample_abs_pos_embed``), bilinear for
-    .npz files and vision_jax runs (the JAX reference, ``scipy.ndimage.zoom`` of order 1)."""
+    torchvision and Hugging Face state dicts (timm's ``resample_abs_pos_embed`` exactly;
+    torchvision's and Hugging Face's bicubic differ a little: corners aligned, or no
+    antialiasing), bilinear for .npz files and vision_jax runs (the JAX reference,
+    ``scipy.ndimage.zoom`` of order 1)."""
     return "bilinear" if detect_format(source) in ("npz", "run") else "bicubic"
 
 

@@ -68,9 +68,9 @@ def _pretrained_cfg(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.
 
 # The timm architectures each family computes exactly. Others whose state dicts have the same
 # names and shapes compute something else (resnetaa50's and resnetblur50's blurred strides).
-ARCHITECTURES = {
-    "vit": r"(vit|deit)_(tiny|small|base|large|huge)_patch\d+_\d+",
-    "resnet": r"(tv_)?resnet(18|34|50|101|152)",
+ARCHITECTURES = {  # with the older names of timm's weights (vit_base_patch16_224_in21k)
+    "vit": r"(vit|deit)_(tiny|small|base|large|huge)_patch\d+_\d+(_(in21k|sam|dino|miil))?",
+    "resnet": r"(tv_|gluon_|ssl_|swsl_)?resnet(18|34|50|101|152)(_v1b)?",
     "bit": r"resnetv2_\d+x\d+_bit\w*",
 }
 
@@ -92,7 +92,7 @@ def _check_architecture(config: Mapping[str, Any], path: pathlib.Path, model: nn
             f"{path}: model_args num_heads={args['num_heads']}; the model has {heads} heads "
             "(set model.num_heads)."
         )
-    if args.get("act_layer") not in (None, "gelu"):
+    if kind == "vit" and args.get("act_layer") not in (None, "gelu"):
         raise WeightMismatchError(
             f"{path}: model_args act_layer={args['act_layer']!r}; vision_jax's ViTs use GELU."
         )
