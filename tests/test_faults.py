@@ -397,6 +397,14 @@ def main_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a new interpreter in the repository root, on the CPU."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+
+
 def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_keys(tmp_path):
     proc = main_cli(
         "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}",
@@ -526,10 +534,7 @@ def test_an_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
         f"sys.argv = ['main', '--config=configs/digits_pretrain.py', '--workdir={tmp_path}']\n"
         "runpy.run_module('vision_jax.main', run_name='__main__')\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+    proc = run_python(code)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" in proc.stderr and "in broken" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "vision_jax: error: KeyError: 'boom'"
@@ -750,10 +755,7 @@ def test_a_second_signal_to_a_python_caller_raises_keyboard_interrupt(tmp_path):
         "    time.sleep(1)\n"  # no interrupt comes after the call returned
         "    print('interrupted', restored)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "interrupted True", proc.stderr[-3000:]
     assert proc.stderr.count("second signal (SIGINT): KeyboardInterrupt in the caller") == 1
