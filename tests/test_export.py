@@ -28,11 +28,13 @@ from test_train import small_config
 from vision_jax import create_model
 from vision_jax.data import digits, eval_batches, from_arrays
 from vision_jax.export import (
+    QUANTIZATIONS,
     ExportError,
     Servable,
     TFLiteModel,
     export_trained,
     load_stablehlo,
+    quantization_report,
     tflite,
     to_savedmodel,
     to_stablehlo,
@@ -392,6 +394,8 @@ def test_a_bfloat16_run_exports_to_tflite_computing_in_float32(tmp_path):
     got, expected = model(images)["probabilities"], run_predictions(trained, images)
     np.testing.assert_allclose(got, expected, atol=0.03)
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 5 / 6
+    report = quantization_report(trained, batch=6, examples=12, calibration=6)  # (it failed)
+    assert [r.quantize for r in report.rows] == list(QUANTIZATIONS)
 
 
 @pytest.mark.slow

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -19,13 +17,12 @@ from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
 from vision_jax.export.serving import ExportError, Servable
 from vision_jax.export.stablehlo import ARTIFACT as STABLEHLO_ARTIFACT
 from vision_jax.export.stablehlo import PLATFORMS, to_stablehlo
-from vision_jax.export.tflite import check_quantize, to_tflite
+from vision_jax.export.tflite import check_quantize, in_float32, to_tflite
 from vision_jax.output_errors import written_whole
 
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
 
-logger = logging.getLogger(__name__)
 
 FORMATS = ("savedmodel", "stablehlo", "tflite")
 ARTIFACTS = {"savedmodel": ".", "stablehlo": STABLEHLO_ARTIFACT, "tflite": "model.tflite"}
@@ -51,7 +48,7 @@ def export_trained(
     if tflite_batch < 1:
         raise ExportError(f"tflite_batch must be at least 1; got {tflite_batch}.")
     if format == "tflite":
-        trained = _in_float32(trained)
+        trained = in_float32(trained)
     servable = Servable.from_trained(trained)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -82,20 +79,6 @@ def _write_artifact(
         )
         with written_whole(artifact) as partial:
             pathlib.Path(partial).write_bytes(content)
-
-
-def _in_float32(trained: Trained) -> Trained:
-    """``trained`` computing in float32 (its parameters are float32 already): the TFLite
-    converter cannot legalise a bfloat16 model's ops, and TFLite quantises from float32."""
-    if trained.spec.model_dtype == "float32":
-        return trained
-    from vision_jax.run import task_model  # run imports the training stack
-
-    logger.info("TFLite: the run computed in %s; exported computing in float32.",
-                trained.spec.model_dtype)  # fmt: skip
-    spec = dataclasses.replace(trained.spec, model_dtype="float32")
-    model = task_model(spec, len(trained.class_names))
-    return dataclasses.replace(trained, spec=spec, model=model)
 
 
 def _manifest(

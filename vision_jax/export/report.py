@@ -17,7 +17,7 @@ import numpy as np
 from vision_jax.data import IGNORE_LABEL
 from vision_jax.export.images import split_images
 from vision_jax.export.serving import Servable
-from vision_jax.export.tflite import QUANTIZATIONS, TFLiteModel, to_tflite
+from vision_jax.export.tflite import QUANTIZATIONS, TFLiteModel, in_float32, to_tflite
 from vision_jax.metrics import iou_summary
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ def quantization_report(
     """Every TFLite form of the run ``trained`` (a :class:`vision_jax.trained.Trained`) at
     ``batch`` images, on its evaluation split (all of it, or ``examples`` drawn at random);
     full-integer ranges calibrated on ``calibration`` images of its training split."""
+    trained = in_float32(trained)  # as exported to TFLite
     servable = Servable.from_trained(trained)
     data = trained.spec.data
     images, targets = split_images(trained, data.eval_split, count=examples)

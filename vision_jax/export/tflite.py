@@ -14,9 +14,10 @@ op TFLite has no int8 kernel for, stay float; a ViT's GELU is its tanh approxima
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vision_jax.tf_without_keras import tf
 
@@ -24,6 +25,11 @@ import numpy as np
 
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, serving_module
 from vision_jax.export.serving import ExportError, Servable
+
+if TYPE_CHECKING:
+    from vision_jax.trained import Trained
+
+logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "float16", "dynamic_int8", "full_int8")
 # Full-integer models: TFLite's int8 divide fails at inference on a divisor stored as 0 (a
@@ -137,3 +143,17 @@ class TFLiteModel:
                 f"{images.dtype} {list(images.shape)}."
             )
         return self._run(**{INPUT_NAME: images})
+
+
+def in_float32(trained: Trained) -> Trained:
+    """``trained`` computing in float32 (its parameters are float32 already): the TFLite
+    converter cannot legalise a bfloat16 model's ops, and TFLite quantises from float32."""
+    if trained.spec.model_dtype == "float32":
+        return trained
+    from vision_jax.run import task_model  # run imports the training stack
+
+    logger.info("TFLite: the run computed in %s; exported computing in float32.",
+                trained.spec.model_dtype)  # fmt: skip
+    spec = dataclasses.replace(trained.spec, model_dtype="float32")
+    model = task_model(spec, len(trained.class_names))
+    return dataclasses.replace(trained, spec=spec, model=model)
