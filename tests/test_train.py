@@ -488,7 +488,8 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         (
             {"model.name": "vit_ti16", "model.frozen_bn_stats": True},
             ValueError,
-            r"Unknown override\(s\) \['frozen_bn_stats'\] for 'vit_ti16'",
+            r"Unknown override\(s\) \['frozen_bn_stats'\] for 'vit_ti16' \(VisionTransformer\) "
+            r"\(frozen_bn_stats is for cifar_resnet, resnet models\)",
         ),
         ({"input.mix_prob": 0.5}, ValueError, r"input.mix_prob only applies with mixup_alpha or"),
         (

@@ -174,6 +174,11 @@ def family_of(module: nn.Module) -> str:
     return family(module).name
 
 
+def _fields(module: type) -> set[str]:
+    """A module class's configurable fields."""
+    return {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+
+
 def create_model(
     name: str, *, num_classes: int, dtype: Any = jnp.float32, **overrides: Any
 ) -> nn.Module:
@@ -192,11 +197,17 @@ def create_model(
             f"num_classes must be a positive int (or 0 for a headless feature extractor), "
             f"got {num_classes!r}."
         )
-    fields = {f.name for f in dataclasses.fields(spec.module)} - {"parent", "name"}
+    fields = _fields(spec.module)
     unknown = set(overrides) - fields
     if unknown:
+        elsewhere = [
+            f"{key} is for {', '.join(sorted(owners))} models"
+            for key in sorted(unknown)
+            if (owners := {f.name for f in _FAMILIES.values() if key in _fields(f.module)})
+        ]
         raise ValueError(
-            f"Unknown override(s) {sorted(unknown)} for {name!r} ({spec.module.__name__}). "
+            f"Unknown override(s) {sorted(unknown)} for {name!r} ({spec.module.__name__})"
+            f"{' (' + '; '.join(elsewhere) + ')' if elsewhere else ''}. "
             f"Valid: {', '.join(sorted(fields - {'num_classes', 'dtype'}))}."
         )
     return spec.build(num_classes=num_classes, dtype=dtype, **overrides)
