@@ -520,12 +520,13 @@ class BestCheckpoint:
         restored, problem = _read_step(path, abstract_state)
         if problem is None:
             problem = state_damage(path, restored[1], restored[0])
-        if problem is not None and step_dir is not None and step_dir(step).is_dir():
-            same, damage = _read_step(step_dir(step), abstract_state)
-            if damage is None and state_damage(step_dir(step), same[1], same[0]) is None:
+        other = None if step_dir is None else step_dir(step)
+        if problem is not None and other is not None and other.is_dir():
+            same, damage = _read_step(other, abstract_state)
+            if damage is None and state_damage(other, same[1], same[0]) is None:
                 logger.warning(
                     "The best checkpoint %s is damaged (%s): reading the same step from %s.",
-                    path, problem, step_dir(step),
+                    path, problem, other,
                 )  # fmt: skip
                 return step, *same
         if problem is not None:

@@ -5,10 +5,10 @@ time (and, on Linux, the process's start time in clock ticks since boot) as JSON
 touches it every ``HEARTBEAT_S`` seconds. A second run fails at once naming the owner. A lock
 left by a dead run is taken over with a warning: on the same host when its pid is gone (or a
 zombie), or belongs to another process now (another start time, or this process's own pid
-after a container restart reused it) and its heartbeat stopped; from another host when its heartbeat
-is older than ``STALE_AFTER_S``. A live owner on the same host keeps its lock however old its
-heartbeat (a suspended job, a stopped process). In a multi-host run process 0 takes the lock
-and the other processes share its verdict.
+after a container restart reused it) and its heartbeat stopped; from another host when its
+heartbeat is older than ``STALE_AFTER_S``. A live owner on the same host keeps its lock
+however old its heartbeat (a suspended job, a stopped process). In a multi-host run process 0
+takes the lock and the other processes share its verdict.
 """
 
 from __future__ import annotations
@@ -57,11 +57,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _start_ticks(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
 
 
 def _describe(owner: dict) -> str:
@@ -168,8 +163,8 @@ class WorkdirLock:
             return False
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now}
-        if (ticks := _start_ticks(os.getpid())) is not None:
-            owner["pid_start"] = ticks
+        if (stat := _proc_stat(os.getpid())) is not None:
+            owner["pid_start"] = stat[1]
         with os.fdopen(fd, "w") as f:
             json.dump(owner, f)
         self._owner = owner

@@ -258,8 +258,8 @@ def build_optimizer(
 
     ``opt.name`` is ``sgd`` (momentum, nesterov; L2 weight decay added to the gradient) or
     ``adamw`` (b1, b2, eps; decoupled weight decay). ``steps_per_epoch`` is needed only by a
-    schedule given in epochs. ``mu_dtype`` stores first moments (or the
-    SGD momentum) in e.g. bfloat16. Gradients are clipped by global norm first.
+    schedule given in epochs. ``mu_dtype`` stores first moments (or the SGD momentum) in e.g.
+    bfloat16. Gradients are clipped by global norm first.
     """
     if opt.mu_dtype is not None and opt.mu_dtype not in DTYPES:
         raise ValueError(

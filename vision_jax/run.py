@@ -206,9 +206,9 @@ def _check_head_can_train(frozen: Mapping[str, Any], trainable: Mapping[str, Any
     """Raises when the classifier head is frozen and all zeros (the loader starts a replaced
     head at zero) without a LoRA adapter: the model's output is then constant and no step
     changes anything."""
-    kernel = frozen.get("head", {}).get("kernel")
     if "lora_a" in trainable.get("head", {}):
         return
+    kernel = frozen.get("head", {}).get("kernel")
     if isinstance(kernel, jax.Array) and not bool(jax.device_get(jnp.any(kernel))):
         raise ValueError(
             "The classifier head is new (all zeros) and frozen, so no step can change the "

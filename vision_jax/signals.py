@@ -9,8 +9,8 @@ off (``jax_enable_preemption_service=False``) the processes agree by an allgathe
 every :data:`AGREE_EVERY` steps. A signal sent to any one process stops them all at that step.
 A second signal of either kind exits at once, without saving (the command line), or raises
 KeyboardInterrupt in the main thread (a Python caller's process, e.g. a notebook's kernel,
-lives on). A signal that this process
-inherited as ignored (SIGINT in a background job) stays ignored: the launcher forwards SIGTERM.
+lives on). A signal that this process inherited as ignored (SIGINT in a background job) stays
+ignored: the launcher forwards SIGTERM.
 """
 
 from __future__ import annotations

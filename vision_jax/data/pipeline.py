@@ -532,8 +532,8 @@ def check_examples(
     if source.target == "label_map" and good and sample is None and jax.process_count() == 1:
         _warn_of_absent_classes(source, pixels)
     shard = range(jax.process_index(), source.num_examples, jax.process_count())
-    read = drawn if sample is not None else range(len(shard))  # positions in the shard
-    bad_rows = [shard[k] for k in read if k not in good]
+    positions = drawn if sample is not None else range(len(shard))  # read, in the shard
+    bad_rows = [shard[k] for k in positions if k not in good]
     if not bad_rows or (sample is not None and good):
         return 0
     problems = [_problem(source, row) or f"row {row}" for row in bad_rows[:10]]
@@ -541,7 +541,7 @@ def check_examples(
     if not good:
         what = "drawn at random " if sample is not None else ""
         raise DataError(
-            f"None of the {len(read)} examples {what}of the split can be used: "
+            f"None of the {len(positions)} examples {what}of the split can be used: "
             f"{'; '.join(problems)}{more}."
         )
     if source.skip_corrupt:

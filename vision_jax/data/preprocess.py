@@ -63,12 +63,12 @@ def _raw_label_map(example: Example, values: np.ndarray | None = None) -> tf.Ten
 
 
 def _decode_pair(
-    example: Example, num_classes: int, values: np.ndarray | None = None
+    example: Example, num_classes: int, table: np.ndarray | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The float32 image and its uint8 label map, failing (when run) if their sizes differ or
     the map holds values outside ``[0, num_classes)`` other than IGNORE_LABEL."""
     image = tf.cast(augment.decode(_raw_image(example)), tf.float32)
-    label_map = _raw_label_map(example, values)
+    label_map = _raw_label_map(example, table)
     values = tf.reshape(tf.cast(label_map, tf.int32), [-1])
     bad = tf.unique(tf.boolean_mask(values, (values >= num_classes) & (values != IGNORE_LABEL))).y
     checks = [

@@ -23,7 +23,6 @@ from vision_jax.output_errors import written_whole
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
 
-
 FORMATS = ("savedmodel", "stablehlo", "tflite")
 ARTIFACTS = {"savedmodel": ".", "stablehlo": STABLEHLO_ARTIFACT, "tflite": "model.tflite"}
 MANIFEST = "export.json"

@@ -171,16 +171,13 @@ def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
         and not k.endswith(_BN_TRACKED)
         and not (model.num_classes == 0 and k.startswith(head_prefix))
     ]
-    if missing or leftover:
-        lacks = f" lacks {len(missing)} key(s): {_listing(missing)}" if missing else ""
-        extra = (
-            f" has {len(leftover)} key(s) the model does not use: {_listing(leftover)}"
-            if leftover
-            else ""
-        )
+    differences = [f"lacks {len(missing)} key(s): {_listing(missing)}"] if missing else []
+    if leftover:
+        differences.append(f"has {len(leftover)} key(s) the model does not use: "
+                           f"{_listing(leftover)}")  # fmt: skip
+    if differences:
         raise WeightMismatchError(
-            f"State dict for {name}{lacks}{';' if lacks and extra else ''}{extra}."
-            + _variant_hint(leftover)
+            f"State dict for {name} {'; '.join(differences)}.{_variant_hint(leftover)}"
         )
     flat = {}
     for torch_key, flax_path, kind in rows:
