@@ -274,6 +274,39 @@ def test_sigterm_in_the_final_evaluation_stops_it_and_the_rerun_evaluates(tmp_pa
     }
 
 
+def test_sigterm_in_a_periodic_evaluation_stops_it_and_the_rerun_evaluates_first(
+    tmp_path, monkeypatch
+):
+    """A signal during an evaluation before the last step stops it at the next batch; the
+    step is saved (though no save was due) with the evaluation pending, and the rerun
+    evaluates it first, then trains on as the uninterrupted run."""
+    cfg = config(total_steps=4, eval_every_steps=2, checkpoint_every_steps=4)
+    full = train_and_evaluate(cfg, str(tmp_path / "full"))
+    real, evaluated = data_lib.eval_batches, []
+
+    def sigterm_in_the_first(*args, **kwargs):
+        evaluated.append(1)
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 1 and len(evaluated) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the signal thread takes note
+            yield batch
+
+    monkeypatch.setattr(data_lib, "eval_batches", sigterm_in_the_first)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(StopRequested, match="stopped at step 2 .SIGTERM."):
+        train_and_evaluate(cfg, str(stopped))
+    assert sorted(step_dirs(stopped)) == [2]
+    meta = json.loads((step_dirs(stopped)[2] / "meta" / "metadata").read_text())
+    assert meta["evaluation_pending"]
+    again = train_and_evaluate(cfg, str(stopped))
+    assert len(evaluated) == 3  # the cut evaluation, step 2's again, the final one
+    assert sorted(step_dirs(stopped)) == [2, 4] and same(tmp_path / "full", stopped)
+    assert {k: v for k, v in again.items() if k.startswith("eval/")} == {
+        k: v for k, v in full.items() if k.startswith("eval/")
+    }
+
+
 def test_a_signal_in_the_final_evaluation_reports_a_failed_last_save_not_a_stop():
     """Stopping the final evaluation waits for the last step's save first: when that save
     failed, its error is raised (the rerun would otherwise trust a step that is not there)."""

@@ -126,6 +126,48 @@ def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validat
     assert longer["best/step"] == 4 and longer["best/val/top1"] == 0.7
 
 
+@pytest.mark.parametrize("cut", [3, 5])  # a validation on the way; the one that stops early
+def test_a_signal_during_a_validation_stops_it_and_the_rerun_validates_that_step_first(
+    tmp_path, scripted_validation, monkeypatch, cut
+):
+    """A stop signal during a validation ends it at the next batch (a long validation could
+    outlast a preemption's grace period); the step is saved with its validation pending, and
+    the rerun does that validation first: it selects, stops early and tests as the
+    uninterrupted run (SCRIPT: the 5th validation, step 10, stops it; the best is step 4)."""
+    import os
+    import signal
+    import time
+
+    from vision_jax.signals import StopRequested
+
+    scripted = train.run_evaluation
+
+    def signal_during_validation(run, state, source=None, split="eval", observe=None,
+                                 interrupt=None):  # fmt: skip
+        if split == "val" and scripted_validation["val"] == cut - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the signal thread takes note
+            interrupt()  # before the next batch, as run_evaluation calls it
+            raise AssertionError("the validation was not interrupted")
+        return scripted(run, state, source, split, observe, interrupt)
+
+    monkeypatch.setattr(train, "run_evaluation", signal_during_validation)
+    with pytest.raises(StopRequested, match=f"stopped at step {2 * cut} .SIGTERM."):
+        train_and_evaluate(selecting_config(), str(tmp_path))
+    assert steps(tmp_path)[-1] == 2 * cut and scripted_validation["val"] == cut - 1
+    saved = meta(tmp_path, 2 * cut)
+    assert saved["evaluation_pending"] and not saved["stopped_early"]
+    assert "reported" not in saved
+
+    monkeypatch.setattr(train, "run_evaluation", scripted)
+    result = train_and_evaluate(selecting_config(), str(tmp_path))
+    assert scripted_validation["val"] == 5  # each validation once, the cut one again
+    assert steps(tmp_path) == [2, 4, 6, 8, 10]
+    assert result["best/step"] == 4 and result["best/val/top1"] == 0.7
+    assert [p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()] == ["4"]
+    assert len(scripted_validation["eval"]) == 1  # the best tested once
+
+
 def test_a_step_checkpoint_is_saved_after_the_best_it_names_is_complete(
     tmp_path, scripted_validation, monkeypatch
 ):

@@ -93,6 +93,7 @@ class Run:
     final: Any = None  # sees the final evaluation's predictions (train_and_evaluate's ``final``)
     train_window: list | None = None  # the train metrics of the log window the checkpoint cut
     reported: dict[str, float] | None = None  # a finished run's last train (and val) metrics
+    evaluation_pending: bool = False  # a stop signal cut the restored step's evaluation short
 
     @property
     def task(self) -> Any:
@@ -784,4 +785,5 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
         train_step, settings, eval_steps, ckpt, start_step, total_steps, meta, start_position,
         selection, best, train_window=saved.get("train_window"), reported=saved.get("reported"),
+        evaluation_pending=bool(saved.get("evaluation_pending")),
     )  # fmt: skip

@@ -28,6 +28,7 @@ from vision_jax import host_memory, sharding
 from vision_jax.checkpoint import CheckpointError
 from vision_jax.metrics import scalars
 from vision_jax.run import Run, abstract_state, build_run
+from vision_jax.selection import Selection
 from vision_jax.signals import StopRequested, StopSignals
 from vision_jax.steps import TrainState, evaluate
 from vision_jax.writer import MetricWriter
@@ -387,6 +388,9 @@ def _loop(
         split, _ = run.periodic_source
         before = _evaluate(run, state, 0, writer)
         results.update({k.replace(split, f"{split}_before", 1): v for k, v in before.items()})
+    if run.evaluation_pending:
+        startup.wait_before_evaluating()
+        results.update(_evaluate_pending(run, state, writer, stop))
     if _finished(run):  # already finished: report the final evaluation again
         results.update(run.reported or {})  # its last train (and validation) metrics
         if run.selection is None:
@@ -492,14 +496,18 @@ def _end_step(
     evaluating = last or (every > 0 and step % every == 0)
     stopping = stop.should_stop(step)
     results: dict[str, float] = {}
-    # With selection, evaluate before the save, the last step's validation too (the save
-    # records the selection's progress, also on a stop signal, for an exact resume or a longer
-    # run); without, the last step is saved first, so that a failed final evaluation costs no
-    # steps.
-    if evaluating and selection is not None:
+    # Evaluate before the save (it records the selection's progress, also on a stop signal,
+    # for an exact resume or a longer run), except the final evaluation without selection: the
+    # last step is saved first, so that a failed final evaluation costs no steps.
+    final_after_save = last and selection is None
+    pending = False  # a stop signal cut this step's evaluation short: the resumed run does it
+    if evaluating and not final_after_save:
         guard.check(state)  # a non-finite state is neither evaluated nor kept as the best
-        results = _evaluate(run, state, step, writer)
-        if selection.should_stop:
+        try:
+            results = _evaluate(run, state, step, writer, interrupt=_stop_periodic(stop))
+        except _EvaluationStopped:
+            pending = stopping = True
+        if selection is not None and selection.should_stop and not pending:
             selection.stopped_at = step
     early = selection is not None and selection.stopped_at == step
     if stopping or early or _save_due(run.spec, step, run.total_steps):
@@ -507,8 +515,10 @@ def _end_step(
         if run.best is not None:  # the best a step's meta names is complete before the step
             run.best.wait()
         meta = {**_meta(run, early), "train_window": log.window()}
-        if early or last:  # what a finished run started again reports besides its evaluation
+        if early or (last and not pending):  # what a finished run started again reports
             meta["reported"] = {**log.last, **results}
+        if pending:
+            meta["evaluation_pending"] = True
         run.checkpointer.save(
             step, state, meta, force=stopping or early or last,
             data_position=train_iter.next_position,
@@ -519,14 +529,10 @@ def _end_step(
             multihost_utils.sync_global_devices("vision_jax_stop")
         raise StopRequested(step, stop.reason, run.checkpointer.directory)
     if early:
-        logger.warning(
-            "Early stopping at step %d: %s has not improved on %.6g (step %d) for %d "
-            "evaluations.", step, selection.metric, selection.best_value, selection.best_step,
-            selection.bad_evaluations,
-        )  # fmt: skip
+        _log_early_stop(selection, step)
         return results, True
-    if evaluating and selection is None:
-        results = _evaluate(run, state, step, writer, stop)  # after the save
+    if evaluating and final_after_save:
+        results = _evaluate(run, state, step, writer, stop)
     return results, False
 
 
@@ -542,14 +548,16 @@ def _meta(run: Run, stopped_early: bool) -> dict:
 
 
 def _evaluate(
-    run: Run, state: TrainState, step: int, writer: MetricWriter, stop: StopSignals | None = None
-) -> dict[str, float]:
+    run: Run, state: TrainState, step: int, writer: MetricWriter,
+    stop: StopSignals | None = None, interrupt: Callable[[], None] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """The periodic evaluation (validation split if any, else eval split), written; with a
     validation split it updates the selection and keeps an improvement as the best state.
-    ``stop``: the final evaluation (of a saved step) stops on a signal."""
+    ``stop``: the final evaluation (of a saved step) stops on a signal; ``interrupt``: called
+    before each batch (it raises to stop the evaluation)."""
     split, source = run.periodic_source
     final = step == run.total_steps and split == "eval" and run.selection is None
-    observe = interrupt = None
+    observe = None
     if final:
         observe = _final_observer(run, run.checkpointer.directory, step)
         interrupt = _stop_evaluating(run, stop, step)
@@ -592,6 +600,53 @@ def _stop_evaluating(run: Run, stop: StopSignals | None, step: int) -> Callable[
             raise StopRequested(step, stop.reason, run.checkpointer.directory)
 
     return interrupt
+
+
+class _EvaluationStopped(Exception):
+    """A stop signal arrived during a periodic evaluation (:func:`_stop_periodic`)."""
+
+
+def _stop_periodic(stop: StopSignals) -> Callable[[], None] | None:
+    """For a periodic evaluation (a validation, or the eval split's before the last step), in
+    a single-process run: a stop signal ends it at the next batch (a long evaluation could
+    outlast a preemption's grace period); the step is then saved with its evaluation pending,
+    which the resumed run does first. Processes of a multi-process run finish it and stop
+    together after the save."""
+    if jax.process_count() > 1:
+        return None
+
+    def interrupt() -> None:
+        if stop.received is not None:
+            raise _EvaluationStopped
+
+    return interrupt
+
+
+def _evaluate_pending(
+    run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals
+) -> dict[str, float]:
+    """The periodic evaluation of the restored step that a stop signal cut short (a selection
+    sees it, and may stop the run early there); stopped again, the checkpoint keeps it
+    pending."""
+    step = run.start_step
+    logger.info("Evaluating step %d first: a stop signal cut its evaluation short.", step)
+    try:
+        results = _evaluate(run, state, step, writer, interrupt=_stop_periodic(stop))
+    except _EvaluationStopped:
+        raise StopRequested(step, stop.reason, run.checkpointer.directory) from None
+    run.evaluation_pending = False
+    if run.selection is not None and run.selection.should_stop:
+        run.selection.stopped_at = step
+        _log_early_stop(run.selection, step)
+    return results
+
+
+def _log_early_stop(selection: Selection, step: int) -> None:
+    logger.warning(
+        "Early stopping at step %d: %s has not improved on %.6g (step %d) for %d evaluations.",
+        step, selection.metric, selection.best_value, selection.best_step,
+        selection.bad_evaluations,
+    )  # fmt: skip
 
 
 class FinalObserver(Protocol):
