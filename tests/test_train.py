@@ -478,7 +478,27 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         (
             {"optimizer.lr_mults": (("head/.*", -1.0),)},
             ValueError,
-            r"lr_mults rule \('head/\.\*', -1.0\): a multiplier must be >= 0",
+            r"lr_mults rule \('head/\.\*', -1.0\): the value must be a number >= 0",
+        ),
+        (
+            {"optimizer.lr_mults": (("head/.*", "10"),)},
+            ValueError,
+            r"lr_mults rule \('head/\.\*', '10'\): the value must be a number >= 0",
+        ),
+        (
+            {"optimizer.lr_mults": ("head/.*",)},  # as the command line reads "head/.*"
+            ValueError,
+            r"lr_mults rule: a rule must be a \(regex, value\) pair, got 'head/\.\*'",
+        ),
+        (
+            {"schedule.decay": "rsqrt", "schedule.rsqrt_timescale": 0},
+            ValueError,
+            r"schedule.rsqrt_timescale must lie in \(0, inf\); got 0",
+        ),
+        (
+            {"schedule.decay": "step", "schedule.step_factor": -1.0},
+            ValueError,
+            r"schedule.step_factor must lie in \(0, inf\); got -1.0",
         ),
         (
             {"optimizer.trainable": "head", "optimizer.lr_mults": (("conv1/.*", 0.1),)},

@@ -108,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 64
     c.eval_batch_size = 64
     c.total_steps = placeholder(int)
+    # An epoch is floor(examples / batch_size) steps, as timm's and the flax ImageNet example's
+    # (the last partial batch dropped; big_vision counts examples / batch_size): total_epochs
+    # and *_epochs round up and to the nearest step.
     c.total_epochs = 10.0
 
     # The task's loss (None: its default): classification "softmax_xent" (default) or
@@ -118,7 +121,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # or "sgd"
     c.optimizer.learning_rate = 1e-3
-    # Decoupled (AdamW semantics: lr_t * weight_decay * param); big_vision's wd = lr * this.
+    # adamw: decoupled (each step subtracts lr_t * weight_decay * param; big_vision's wd =
+    # lr * this). sgd: L2, added to the gradient before momentum (torch.optim.SGD's, timm's).
+    # lr_mults and layer_decay scale the decay with the update (timm's and BEiT's param groups).
     c.optimizer.weight_decay = 1e-4
     c.optimizer.decay_params = placeholder(str)  # regex of decayed params; None = kernels only
     c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; None/0 = off

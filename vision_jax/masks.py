@@ -52,6 +52,14 @@ def compile_rules(
     return compiled
 
 
+def check_multiplier_rules(rules: Sequence[tuple[str, Any]], *, what: str) -> None:
+    """Raises ValueError naming the first malformed rule of ``rules`` (``what`` names them)
+    or the first value that is not a number >= 0."""
+    for pattern, value in compile_rules(rules, what=what):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{what} {(pattern.pattern, value)}: the value must be a number >= 0.")
+
+
 def tree_map_by_rules(
     rules: Sequence[tuple[str, Any]], tree: Any, *, what: str = "rules", default: Any = _REQUIRED,
     each_rule_applies: bool = False, frozen: Sequence[str] = (),

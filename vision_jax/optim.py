@@ -9,10 +9,12 @@ Every per-parameter choice goes through the one regex helper of :mod:`vision_jax
 * **how fast**: ``optimizer.lr_mults`` ((regex, multiplier) pairs) times layer-wise decay
   ``optimizer.layer_decay`` (ViT blocks, ResNet stages): ``decay ** (last group - group)``.
 * **what decays**: ``optimizer.decay_params`` (default: kernels only; never norms, biases,
-  position embeddings or the class token). Weight decay is decoupled with AdamW semantics:
-  each step subtracts ``lr_t * weight_decay * param``. big_vision's ``wd`` is not multiplied by
-  the base learning rate (only by the schedule's relative value), so big_vision ``wd`` equals
-  ``learning_rate * weight_decay`` here.
+  position embeddings or the class token). With AdamW weight decay is decoupled: each step
+  subtracts ``lr_t * weight_decay * param``. big_vision's ``wd`` is not multiplied by the base
+  learning rate (only by the schedule's relative value), so big_vision ``wd`` equals
+  ``learning_rate * weight_decay`` here. With SGD it is L2, added to the gradient before
+  momentum (``torch.optim.SGD``'s and timm's). Learning-rate multipliers scale the decay with
+  the update (timm's and BEiT's parameter groups; big_vision keeps ``wd_mults`` apart).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vision_jax.masks import rules_table, tree_map_by_rules, tree_mask
+from vision_jax.masks import check_multiplier_rules, rules_table, tree_map_by_rules, tree_mask
 from vision_jax.models.precision import DTYPES
 from vision_jax.models.registry import backbone_of, family
 from vision_jax.models.task_model import head_pattern
@@ -64,8 +67,8 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int | 
         raise ValueError(f"schedule.{name}_epochs needs the steps per epoch (steps_per_epoch).")
     steps = {
         "steps": lambda v: int(v),
-        "epochs": lambda v: round(v * steps_per_epoch),
-        "fraction": lambda v: round(v * total),
+        "epochs": lambda v: math.floor(v * steps_per_epoch + 0.5),  # to the nearest, half up
+        "fraction": lambda v: math.floor(v * total + 0.5),
     }[unit](value)
     if not 0 <= steps <= total:
         raise ValueError(
@@ -184,11 +187,10 @@ def lr_multipliers(
 ) -> Any:
     """Float tree of per-parameter learning-rate multipliers (1.0 where nothing applies);
     ``frozen``: the paths of the parameters that do not train, for a rule's error."""
-    negative = [(p, m) for p, m in rules or () if m < 0]
-    if negative:
-        raise ValueError(f"optimizer.lr_mults rule {negative[0]}: a multiplier must be >= 0.")
+    what = "optimizer.lr_mults rule"
+    check_multiplier_rules(rules or (), what=what)
     mults = tree_map_by_rules(
-        list(rules or ()), params, what="optimizer.lr_mults rule", default=1.0,
+        list(rules or ()), params, what=what, default=1.0,
         each_rule_applies=True, frozen=frozen,
     )  # fmt: skip
     if layer_decay is not None:

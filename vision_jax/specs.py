@@ -21,6 +21,8 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from vision_jax.masks import check_multiplier_rules
+
 logger = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255  # label-map pixels that count for nothing (VOC's "void")
@@ -363,6 +365,8 @@ class ScheduleSpec:
             raise ConfigError(
                 f"schedule.step_boundaries {self.step_boundaries} must be fractions in (0, 1)."
             )
+        check_interval("schedule.rsqrt_timescale", self.rsqrt_timescale, "(0, inf)")
+        check_interval("schedule.step_factor", self.step_factor, "(0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,6 +398,10 @@ class OptimizerSpec:
             ("b2", "[0, 1)"), ("eps", "[0, inf)"), ("momentum", "[0, 1)"),
         ):  # fmt: skip
             check_interval(f"optimizer.{name}", getattr(self, name), interval)
+        try:
+            check_multiplier_rules(self.lr_mults or (), what="optimizer.lr_mults rule")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def data_spec(section: Any) -> DataSpec:
