@@ -97,6 +97,23 @@ def test_palette_and_grayscale_pngs_read_as_indices(tmp_path):
         augment.decode_index_png(tf.io.read_file(str(tmp_path / "rgb.png")))
 
 
+def test_indices_past_a_short_palette_read_as_pil_reads_them(tmp_path):
+    """VOC's masks: a 21-colour palette, and 255 ("void") past it. The indices are the
+    pixels' own, as PIL reads them (libpng's expansion gives 0 for an index past the
+    palette: void pixels would train as background)."""
+    mask = np.zeros((6, 7), np.uint8)
+    mask[0], mask[1], mask[2, :3] = 255, 1, 20
+    image = Image.fromarray(mask, "P")
+    image.putpalette([v for c in range(21) for v in (c * 12, 255 - c * 12, c)])
+    image.save(tmp_path / "voc.png")
+    assert len(Image.open(tmp_path / "voc.png").getpalette()) == 21 * 3  # short, as written
+    decoded = augment.decode_index_png(tf.io.read_file(str(tmp_path / "voc.png")))
+    np.testing.assert_array_equal(
+        decoded.numpy()[..., 0], np.array(Image.open(tmp_path / "voc.png"))
+    )
+    np.testing.assert_array_equal(decoded.numpy()[..., 0], mask)
+
+
 def test_a_text_chunk_holding_plte_before_the_palette(tmp_path):
     """The palette is found by walking the chunks: a tEXt or zTXt chunk before it may hold the
     bytes "PLTE" (splitting the file on them cut it at the comment)."""

@@ -197,8 +197,10 @@ def _chunk_length(data: tf.Tensor, at: tf.Tensor) -> tf.Tensor:
     return tf.where((length < 0) | (length > size), size, length)
 
 
-def _grey_palette(data: tf.Tensor) -> tf.Tensor:
-    """A palette PNG with its palette replaced by the grey ramp (i, i, i), so that
+def _grey_palette(data: tf.Tensor, depth: tf.Tensor) -> tf.Tensor:
+    """A palette PNG of bit ``depth`` with its palette replaced by the grey ramp (i, i, i) of
+    every index the depth can hold (a file's palette may be shorter than the indices its pixels
+    use, such as VOC's 255 "void" past a 21-colour palette: decoders read those as 0), so that
     ``decode_png(channels=1)`` returns the indices (TensorFlow always expands palettes). The
     PLTE chunk is found by walking the chunks (length, type, data, CRC) after the signature:
     a text chunk before it may hold the bytes "PLTE"."""
@@ -212,7 +214,8 @@ def _grey_palette(data: tf.Tensor) -> tf.Tensor:
     def replaced() -> tf.Tensor:
         length = _chunk_length(data, at)
         after = tf.minimum(at + 12 + length, size)  # past its CRC
-        plte = tf.gather(tf.constant(_GREY_PLTE), tf.minimum(length // 3, 256))
+        entries = tf.bitwise.left_shift(1, tf.minimum(tf.cast(depth, tf.int32), 8))
+        plte = tf.gather(tf.constant(_GREY_PLTE), entries)
         rest = tf.strings.substr(data, after, size - after)
         return tf.strings.join([tf.strings.substr(data, 0, at), plte, rest])
 
@@ -240,7 +243,7 @@ def decode_index_png(data: tf.Tensor) -> tf.Tensor:
              colour, depth],
         )  # fmt: skip
     with tf.control_dependencies([check]):
-        data = tf.cond(colour == 3, lambda: _grey_palette(data), lambda: data)
+        data = tf.cond(colour == 3, lambda: _grey_palette(data, depth), lambda: data)
     values = tf.ensure_shape(tf.io.decode_png(data, channels=1), [None, None, 1])
     levels = tf.bitwise.left_shift(tf.constant(1, tf.int32), tf.cast(depth, tf.int32)) - 1
     stretch = tf.where((colour == 0) & (depth < 8), 255 // tf.maximum(levels, 1), 1)
