@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -350,3 +351,30 @@ def test_detection_report_has_the_evaluations_per_class_ap(tmp_path):
     assert float(rows["mean (mAP)"]["ap"]) == pytest.approx(result["eval/map"], abs=1e-6)
     assert result["eval/map"] > 0.05  # something was detected
     assert page.count("<img ") == 1 and "No confusion matrix or hardest examples" in page
+
+
+def test_tables_and_predictions_are_utf8_whatever_the_locale(tmp_path):
+    """Class names beyond ASCII, written and read under the C locale (a minimal container; on
+    Windows, cp1252): every file is UTF-8, as the page's charset says."""
+    code = """
+import pathlib, sys
+import numpy as np
+from vision_jax.data.folders import _classes_txt
+from vision_jax.predict import write_records
+from vision_jax.report.tables import Table, write_confusion, write_table
+out = pathlib.Path(sys.argv[1])
+names = _classes_txt(str(out))
+write_table(Table(["class", "recall"], [[names[0], 0.5]], []), out / "table.csv")
+write_confusion(np.eye(2, dtype=int), names, out / "confusion.csv")
+write_records([{"file": "a.png", "label": names[1]}], str(out / "predictions.csv"))
+"""
+    names = ["chat 🐱", "café"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name, want in [("table.csv", names[0]), ("confusion.csv", names[1]),
+                       ("predictions.csv", names[1])]:  # fmt: skip
+        assert want in (tmp_path / name).read_text(encoding="utf-8")

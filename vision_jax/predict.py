@@ -452,7 +452,7 @@ def write_records(records: list[dict], path: str) -> None:
     """``records`` as the extension of ``path`` says: ``.jsonl``, ``.csv`` or ``.json``."""
     kind = os.path.splitext(path)[1].lower()
     newline = "" if kind == ".csv" else None
-    with written_whole(path) as partial, open(partial, "w", newline=newline) as f:
+    with written_whole(path) as partial, open(partial, "w", newline=newline, encoding="utf-8") as f:
         if kind == ".json":
             json.dump(records, f)
         elif kind == ".jsonl":

@@ -195,7 +195,7 @@ def _read_json(path: str, setting: str = "data.coco_annotations") -> dict:
     if not file_path(path).exists():
         raise DataError(f"COCO annotation file {path} does not exist ({setting}).")
     try:
-        coco = json.loads(file_path(path).read_text())
+        coco = json.loads(file_path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(coco, dict):

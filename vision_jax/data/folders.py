@@ -264,7 +264,7 @@ def _voc_pairs(root: str, ids_file: str, skip_corrupt: bool) -> tuple[list[str],
             raise DataError(f"{ids_file} lists a PASCAL VOC split, but {folder} does not exist.")
         present[d] = set(list_names(folder))
     paths, mask_paths = [], []
-    ids = file_path(ids_file).read_text().split()
+    ids = file_path(ids_file).read_text(encoding="utf-8").split()
     for i in ids:
         files = {"JPEGImages": f"{i}.jpg", "SegmentationClass": f"{i}.png"}
         lacks = [f"{folders[d]}/{f}" for d, f in files.items() if f not in present[d]]
@@ -308,7 +308,8 @@ def _classes_txt(root: str, default: Sequence[str] | None = None) -> list[str]:
             f"Label maps need class names: set data.class_names or write {path} (one per line, "
             "class 0 first)."
         )
-    names = [line.strip() for line in file_path(path).read_text().rstrip().splitlines()]
+    text = file_path(path).read_text(encoding="utf-8")
+    names = [line.strip() for line in text.rstrip().splitlines()]
     if "" in names:
         raise DataError(
             f"{path}: line {names.index('') + 1} is empty; line k names class id k - 1, so "

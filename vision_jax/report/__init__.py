@@ -87,7 +87,7 @@ def write_report(
     if notes:
         sections.append(("Notes", "".join(page.paragraph(n) for n in notes)))
     title = pathlib.Path(workdir).absolute().name
-    (out / HTML).write_text(page.page(title, facts, sections))
+    (out / HTML).write_text(page.page(title, facts, sections), encoding="utf-8")
     logger.info("Report of %s written to %s", workdir, out / HTML)
     return str(out / HTML)
 

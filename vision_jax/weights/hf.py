@@ -105,7 +105,7 @@ def _read_config(folder: str | os.PathLike) -> dict:
     """The folder's ``config.json``."""
     path = pathlib.Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise WeightFormatError(f"Cannot read {path}: {e}") from e
 
@@ -179,7 +179,7 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
     if not pre.is_file():
         return InputContract(size, crop_mode="squash")
     try:
-        p = json.loads(pre.read_text())
+        p = json.loads(pre.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise WeightFormatError(f"Cannot read {pre}: {e}") from e
     resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), "bilinear")

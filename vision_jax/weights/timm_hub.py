@@ -37,7 +37,7 @@ def is_folder(path: pathlib.Path) -> bool:
     if not config.is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
         return False
     try:
-        content = json.loads(config.read_text())
+        content = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # read (and named) by the Hugging Face reader
     return isinstance(content, dict) and "architecture" in content
@@ -50,7 +50,7 @@ def _weights_file(folder: pathlib.Path) -> pathlib.Path:
 def _config(folder: str | os.PathLike) -> tuple[dict[str, Any], pathlib.Path]:
     path = pathlib.Path(folder) / "config.json"
     try:
-        return dict(json.loads(path.read_text())), path
+        return dict(json.loads(path.read_text(encoding="utf-8"))), path
     except (OSError, ValueError, TypeError) as e:
         raise WeightFormatError(f"Cannot read {path}: {e}") from e
 
