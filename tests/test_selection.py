@@ -262,6 +262,32 @@ def test_selection_progress_is_checkpointed_for_an_exact_resume():
         Selection.from_spec(specs.EarlyStoppingSpec("accuracy"), "top1").update(2, {"val/loss": 1})
 
 
+def test_a_task_whose_headline_is_an_error_selects_its_lowest(
+    tmp_path, scripted_validation, monkeypatch
+):
+    """A task declares its headline's direction (``headline_mode``): the selection keeps the
+    lowest validation of an error metric without early_stopping.mode being set."""
+    import dataclasses
+
+    from vision_jax import tasks
+    from vision_jax.tasks.classification import Classification
+
+    @dataclasses.dataclass(frozen=True)
+    class LowerIsBetter(Classification):
+        name = "lower_is_better"
+        headline_mode = "min"
+
+    monkeypatch.setitem(tasks.TASKS, "lower_is_better", LowerIsBetter)
+    assert Selection.from_spec(specs.EarlyStoppingSpec(), "top1", "min").mode == "min"
+    assert Selection.from_spec(specs.EarlyStoppingSpec("val/loss"), "top1", "max").mode == "min"
+    config = selecting_config()
+    config.task.name = "lower_is_better"
+    result = train_and_evaluate(config, str(tmp_path))
+    # SCRIPT 0.5 (step 2), then 0.7, 0.6, 0.71: no lower value for 3 validations.
+    assert result["best/step"] == 2 and result["best/val/top1"] == 0.5
+    assert steps(tmp_path)[-1] == 8 and meta(tmp_path, 8)["stopped_early"]
+
+
 def test_a_setup_error_leaves_no_best_folder(tmp_path, monkeypatch):
     """An error while the run is built (here: compiling its steps) leaves neither the
     ``checkpoints`` nor the ``best`` folder behind, and the workdir unlocked."""

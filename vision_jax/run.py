@@ -761,7 +761,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
     selection = best = None
     if val_source is not None:
-        selection = Selection.from_spec(spec.early_stopping, spec.task.headline)
+        task = spec.task
+        selection = Selection.from_spec(spec.early_stopping, task.headline, task.headline_mode)
         selection = selection.resumed(saved.get("selection"))
     train_step, eval_steps = _compile_steps(spec, model, setup, mesh)
     settings = _step_settings(spec, setup, mesh, step_rng)

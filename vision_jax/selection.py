@@ -29,12 +29,19 @@ class Selection:
     stopped_at: int | None = None  # the step where early stopping ended training
 
     @classmethod
-    def from_spec(cls, spec: EarlyStoppingSpec, headline: str) -> Selection:
+    def from_spec(
+        cls, spec: EarlyStoppingSpec, headline: str, headline_mode: str = "max"
+    ) -> Selection:
+        """The selection ``spec`` asks for; unset, the metric is ``val/<headline>`` and the
+        mode ``headline_mode`` for the task's headline (either parameters'), "min" for a loss,
+        else "max"."""
         metric = spec.metric or f"val/{headline}"
         if "/" not in metric:
             metric = f"val/{metric}"
-        mode = spec.mode or ("min" if metric.endswith("loss") else "max")
-        return cls(metric, mode, spec.patience, float(spec.min_delta))
+        default = "min" if metric.endswith("loss") else "max"
+        if metric.split("/", 1)[1] == headline:
+            default = headline_mode
+        return cls(metric, spec.mode or default, spec.patience, float(spec.min_delta))
 
     def improves(self, value: float) -> bool:
         """Whether ``value`` beats the best so far by more than ``min_delta``."""
