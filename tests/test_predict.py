@@ -90,12 +90,39 @@ def test_probabilities_equal_the_evaluation(digits_run, digit_files, digit_predi
     rgb = np.repeat(source.columns["image"], 3, -1)
     arrays = digit_predictor.predict_arrays(rgb)["probabilities"]
     np.testing.assert_allclose(arrays, want, atol=2e-6)
+    grey = source.columns["image"]  # as training takes arrays: 1 channel, or floats in [0, 1]
+    for images in (grey, grey[..., 0], grey / 255.0):
+        arrays = digit_predictor.predict_arrays(images)["probabilities"]
+        np.testing.assert_allclose(arrays, want, atol=2e-6)
     labels = np.array([r["label"] for r in records])
     np.testing.assert_array_equal(labels, want.argmax(-1))
     assert np.ptp(want, axis=0).max() > 0.05  # a trained model: not the same for every digit
     assert result["eval/top1"] > 0.3  # chance is 0.1
     correct = np.mean(labels == source.columns["label"])
     assert correct == pytest.approx(result["eval/top1"], abs=1e-6)
+
+
+def test_a_task_of_ones_own_predicts_its_outputs_on_files(digits_run, digit_files,
+                                                          digit_records):  # fmt: skip
+    """A run of a task the library does not know by name gets records of its ``predict``
+    outputs as they come (here a classification under another name: its probabilities)."""
+    import dataclasses
+
+    from vision_jax.tasks.classification import Classification
+
+    @dataclasses.dataclass(frozen=True)
+    class Renamed(Classification):
+        name = "renamed"
+
+    predictor = Predictor(digits_run[0], batch_size=32)
+    predictor.task = Renamed()
+    paths, _ = digit_files
+    records, unreadable = predictor.predict(paths[:7])
+    assert not unreadable and [r["file"] for r in records] == paths[:7]
+    for record, known in zip(records, digit_records[0][:7], strict=True):
+        top = max(known["top_k"], key=lambda t: t["probability"])
+        assert np.argmax(record["probabilities"]) == top["label"]
+        assert record["probabilities"][top["label"]] == pytest.approx(top["probability"])
 
 
 def test_unreadable_files_are_named_and_skipped(digit_files, digit_records):
@@ -323,6 +350,13 @@ def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path, caplog):
     expected = [str(tmp_path / n) for n in ("a.jpg", "sub/b.PNG", "sub/deep/c.webp")]
     with caplog.at_level(logging.WARNING):
         assert image_files(str(tmp_path)) == expected
+    elsewhere = tmp_path.with_name(tmp_path.name + "_elsewhere")
+    (elsewhere / "z").mkdir(parents=True)
+    (elsewhere / "z" / "f.jpg").write_bytes(b"")
+    (tmp_path / "sub" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    linked = str(tmp_path / "sub" / "linked" / "z" / "f.jpg")  # followed, as training follows
+    assert image_files(str(tmp_path)) == sorted([*expected, linked])
+    (tmp_path / "sub" / "linked").unlink()
     assert f"Left out 1 file(s) of {tmp_path} without an image extension: " in caplog.text
     assert image_files(str(tmp_path / "**" / "*.webp")) == expected[2:]
     assert image_files(str(tmp_path / "a.jpg")) == expected[:1]

@@ -31,6 +31,7 @@ import glob
 import json
 import logging
 import os
+import posixpath
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,7 +48,7 @@ from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.data import augment, exif
 from vision_jax.data.coco import from_image_files, image_ids_by_file
-from vision_jax.data.folders import is_image_file
+from vision_jax.data.folders import files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.models import create_model
 from vision_jax.output_errors import written_whole
@@ -65,17 +66,16 @@ Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
 
 def image_files(pattern: str) -> list[str]:
     """The image files of a folder and its subfolders (sorted; hidden files and folders left
-    out, as training's listings leave them), a glob pattern (``**`` for any depth), or one
-    file."""
+    out and symbolic links followed, as training's listings do), a glob pattern (``**`` for any
+    depth), or one file."""
     if os.path.isfile(pattern):  # before the glob: a file name may hold "[", "*" or "?"
         return [pattern]
     if os.path.isdir(pattern):
         files, others = [], []
-        for folder, subfolders, names in os.walk(pattern):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-            for name in names:
-                if not name.startswith("."):
-                    (files if is_image_file(name) else others).append(os.path.join(folder, name))
+        for inside in files_under(pattern):
+            if not posixpath.basename(inside).startswith("."):
+                path = os.path.join(pattern, *inside.split("/"))
+                (files if is_image_file(inside) else others).append(path)
         files.sort()
         if others:
             logger.warning(
@@ -226,20 +226,24 @@ class Predictor:
             found = self._rows(source, ("probabilities",), bar)
             for (path, _), row in zip(files, found, strict=True):
                 records.append(classification_record(path, row["probabilities"], names, top_k))
-        else:
+        elif self.task.name == "segmentation":
             found = self._rows(source, ("label_map",), bar)
             for (path, size), row in zip(files, found, strict=True):
                 records.append(segmentation_record(path, row["label_map"], size, names))
+        else:  # a task of the user's own: its predictions as they come, at the model's input
+            for (path, _), row in zip(files, self._rows(source, None, bar), strict=True):
+                records.append({"file": path, **{k: v.tolist() for k, v in row.items()}})
         return records, unreadable
 
     def predict_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The task's predictions (:meth:`~vision_jax.tasks.base.Task.predict`: classification
         ``probabilities`` [N, classes]; segmentation ``label_map`` [N, S, S] and
-        ``probabilities``, at the model's input size S) of uint8 images [N, H, W, 3]."""
+        ``probabilities``, at the model's input size S) of images as training takes arrays:
+        [N, H, W], [N, H, W, 1] or [N, H, W, 3], uint8 or float in [0, 1]."""
         images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        if images.ndim not in (3, 4):
             raise ValueError(
-                f"Images must be uint8 [N, H, W, 3]; got {images.dtype} {images.shape}."
+                f"Images must be [N, H, W], [N, H, W, 1] or [N, H, W, 3]; got {images.shape}."
             )
         if self.task.name == "detection":
             raise ValueError("Detection predicts on files (predict): boxes map back to each file.")

@@ -98,7 +98,7 @@ def _image_files(folder: str) -> list[str]:
     return sorted(f for f in list_names(folder) if is_image_file(f))
 
 
-def _files_under(folder: str) -> list[str]:
+def files_under(folder: str) -> list[str]:
     """Every file under ``folder`` (its non-hidden subfolders too, symbolic links followed, as
     torchvision's ``ImageFolder`` walks), relative to it."""
     if "://" in folder:
@@ -121,7 +121,7 @@ def _class_images(class_dir: str, left_out: Counter) -> list[str]:
     """The images under ``class_dir`` (relative, sorted); the extensions of its other files
     (hidden ones aside) are counted in ``left_out``."""
     images = []
-    for f in _files_under(class_dir):
+    for f in files_under(class_dir):
         name = posixpath.basename(f)
         if is_image_file(name):
             images.append(f)
