@@ -174,6 +174,12 @@ def test_split_slices_partition_the_folder(folder):
     paths = set(head.columns["path"]) | set(tail.columns["path"])
     assert len(paths) == 12
     assert data_lib.load_source(cfg.data, "train[2:5]").num_examples == 3
+    for split, problem in [
+        ("train[%:]", "Cannot parse split"),
+        ("train[:150%]", r"a percentage lies in \[-100%, 100%\]; got 150%"),
+    ]:
+        with pytest.raises(data_lib.DataError, match=problem):
+            data_lib.load_source(cfg.data, split)
     subset = data_lib.select_classes(head, [2, 0])
     assert subset.class_names == ["eel", "cat"] and subset.columns is not None
     labels = head.columns["label"]

@@ -49,11 +49,13 @@ def load_source(
 
     Every source takes sliced splits like ``"train[:90%]"`` or ``"train[1000:]"`` (tfds its
     own; the others a fixed shuffled order, so that ``[:90%]`` and ``[90%:]`` partition a split
-    and keep its class balance). ``data.source`` is "tfds" (``data.name``, ``data.data_dir``),
-    "imagefolder" (``data.root``/<split>/<class>/<image>), "csv" (``data.root``/<split>.csv with
-    ``filename,label`` rows; ``data.class_names`` optional), "idx" (MNIST-style
-    ``data.root``/{train,t10k}-*-ubyte.gz), "digits" (scikit-learn's digits) or "arrays"
-    (``arrays[split] = (images, labels)`` passed from Python; ``data.class_names`` optional).
+    and each holds every class in about its share: a random draw, not stratified, so a rare
+    class may be missing from a small slice). ``data.source`` is "tfds" (``data.name``,
+    ``data.data_dir``), "imagefolder" (``data.root``/<split>/<class>/<image>), "csv"
+    (``data.root``/<split>.csv with ``filename,label`` rows; ``data.class_names`` optional),
+    "idx" (MNIST-style ``data.root``/{train,t10k}-*-ubyte.gz), "digits" (scikit-learn's digits)
+    or "arrays" (``arrays[split] = (images, labels)`` passed from Python; ``data.class_names``
+    optional).
     ``data.classes`` optionally keeps a subset of classes, relabelled in the given order.
     ``data.skip_corrupt`` skips unreadable images (counted and logged) instead of failing.
 

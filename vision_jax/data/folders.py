@@ -40,7 +40,7 @@ from vision_jax.data.sources import (
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode reads
-_SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>(-?\d+%?)?):(?P<stop>(-?\d+%?)?)\])?$")
 
 
 def parse_split(split: str) -> tuple[str, slice]:
@@ -48,13 +48,18 @@ def parse_split(split: str) -> tuple[str, slice]:
     match = _SLICE.match(split.strip())
     if not match:
         raise DataError(f"Cannot parse split {split!r}; expected e.g. 'train' or 'train[:90%]'.")
-    return match["name"], slice(match["start"] or None, match["stop"] or None)
+    bounds = [match["start"] or None, match["stop"] or None]
+    for bound in bounds:
+        if bound and bound.endswith("%") and abs(int(bound[:-1])) > 100:
+            raise DataError(f"Split {split!r}: a percentage lies in [-100%, 100%]; got {bound}.")
+    return match["name"], slice(*bounds)
 
 
 def apply_slice(columns: dict[str, np.ndarray], where: slice) -> dict[str, np.ndarray]:
     """Rows ``where`` of a fixed (seed 0) permutation of ``columns``, kept in file order.
 
-    Slicing a permutation, not the sorted list, keeps class balance in ``[:90%]`` / ``[90%:]``.
+    Slicing a permutation, not the sorted list, gives ``[:90%]`` and ``[90%:]`` each class in
+    about its share (a random draw, not stratified).
     """
     if where.start is None and where.stop is None:
         return columns
