@@ -111,6 +111,36 @@ def test_decoding_is_what_the_export_manifest_says():
     )
 
 
+def test_bmp_gif_and_webp_decode_as_pil_converts_them():
+    """Formats past JPEG and PNG read as PIL's ``convert("RGB")`` reads them: a palette BMP's
+    colours (not its indices as grey), 1- and 16-bit BMPs and an animated WebP (refused
+    before), a GIF's transparent colour (black before); unreadable bytes name no Python
+    object."""
+    import io
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (10, 14, 3), np.uint8)) for _ in range(3)]
+    files = {}
+    for name, image, options in [
+        ("palette.bmp", frames[0].quantize(16), {}),
+        ("1bit.bmp", frames[0].convert("1"), {}),
+        ("565.bmp", frames[0], {"bits": 16}),
+        ("transparent.gif", frames[0].quantize(64), {"transparency": 0}),
+        ("animated.webp", frames[0], {"save_all": True, "append_images": frames[1:],
+                                      "lossless": True}),
+    ]:  # fmt: skip
+        buffer = io.BytesIO()
+        image.save(buffer, format=name.split(".")[1].upper(), **options)
+        files[name] = buffer.getvalue()
+    assert Image.open(io.BytesIO(files["animated.webp"])).n_frames == 3
+    for name, data in files.items():
+        want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(augment.decode(tf.constant(data)).numpy(), want, name)
+    assert "GIF, BMP and WebP" in augment.DECODING["other_formats"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not an image file of a known"):
+        augment.decode(tf.constant(b"GIF89a and no more"))
+
+
 def test_image_folder_takes_bmp_gif_and_webp(tmp_path):
     """The files the decoder reads (lossless BMP, GIF and WebP here) are listed and decoded."""
     pixels = np.random.default_rng(0).integers(0, 256, (8, 6, 3), np.uint8)

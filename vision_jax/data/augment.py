@@ -9,12 +9,16 @@ soft labels.
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 import zlib
 from collections.abc import Sequence
 
 from vision_jax.tf_without_keras import tf
+
+import numpy as np
+from PIL import Image
 
 from vision_jax.data import exif, randaugment
 
@@ -25,7 +29,10 @@ DECODING = {
     "channels": "grey repeated to RGB; alpha dropped, not composited; palette and CMYK to RGB",
     "bit_depth": "16-bit PNGs to 8 bits as value // 256",
     "jpeg": "libjpeg's accurate integer DCT, as PIL decodes",
+    "other_formats": "GIF, BMP and WebP as PIL's Image.convert('RGB') reads them (the first "
+    "frame of an animation, on its whole canvas)",
 }
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def decode(data: tf.Tensor) -> tf.Tensor:
@@ -34,16 +41,21 @@ def decode(data: tf.Tensor) -> tf.Tensor:
     Grayscale, CMYK, palette, alpha and 16-bit images all come out as 8-bit RGB. JPEGs take
     libjpeg's accurate integer DCT, as PIL decodes them (TensorFlow's default, the fast one,
     is up to 5 levels off PIL's pixels, which timm's transforms read), and are turned upright
-    by their EXIF orientation (:mod:`.exif`), as viewers and labelling tools show them.
+    by their EXIF orientation (:mod:`.exif`), as viewers and labelling tools show them. Other
+    formats than JPEG and PNG go through PIL (:func:`_decode_with_pil`): TensorFlow's decoders
+    read a palette BMP's indices as grey, refuse 1-, 4- and 16-bit BMPs and animated WebPs,
+    paint a GIF's transparent colour black and return a GIF's first frame without its canvas.
     """
     image = data
     if data.dtype == tf.string:
         jpeg = lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        png = lambda: tf.io.decode_png(data, channels=3, dtype=tf.uint8)
         is_jpeg = tf.io.is_jpeg(data)
+        is_png = tf.strings.substr(data, 0, len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
         exif_jpeg_or_other = lambda: tf.cond(
             is_jpeg,
             lambda: exif.decode_upright(data),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
+            lambda: tf.cond(is_png, png, lambda: _decode_with_pil(data)),
         )
         image = tf.cond(is_jpeg & ~exif.may_have_exif(data), jpeg, exif_jpeg_or_other)
     if image.shape.rank == 2:
@@ -51,6 +63,26 @@ def decode(data: tf.Tensor) -> tf.Tensor:
     if image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
     return tf.ensure_shape(image, [None, None, 3])
+
+
+def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes of another format than JPEG or PNG to uint8 RGB [H, W, 3], as PIL's
+    ``Image.convert("RGB")`` reads them (one op, a Python call)."""
+
+    def read(data: tf.Tensor) -> tuple[np.ndarray, str]:
+        try:
+            with Image.open(io.BytesIO(data.numpy())) as image:
+                image.seek(0)  # an animation's first frame
+                return np.asarray(image.convert("RGB")), ""
+        except Image.UnidentifiedImageError:
+            return np.zeros((0, 0, 3), np.uint8), "not an image file of a known format"
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's kinds of unreadable file
+            return np.zeros((0, 0, 3), np.uint8), f"{type(e).__name__}: {e}"
+
+    image, problem = tf.py_function(read, [data], (tf.uint8, tf.string))
+    readable = tf.debugging.Assert(tf.equal(problem, ""), [problem])  # one line, no traceback
+    with tf.control_dependencies([readable]):
+        return tf.ensure_shape(tf.identity(image), [None, None, 3])
 
 
 def resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
