@@ -141,6 +141,37 @@ def test_bmp_gif_and_webp_decode_as_pil_converts_them():
         augment.decode(tf.constant(b"GIF89a and no more"))
 
 
+def test_file_names_that_are_not_utf8_train_predict_and_report(tmp_path):
+    """A zip made on Windows holds names in its code page (``caf\xe9.png``): listed, read,
+    digested, predicted and written back with the file system's bytes (each step failed on
+    the name before, even with skip_corrupt)."""
+    import os
+
+    from vision_jax.predict import decoded_sizes, write_records
+    from vision_jax.report.tables import Table, write_table
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 6, 3), np.uint8)
+    for name in (b"train/a/caf\xe9.png", b"train/b/plain.png"):
+        path = os.fsencode(tmp_path) + b"/" + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(pixels).save(path, format="PNG")
+    source = data_lib.load_source(
+        data_config(source="imagefolder", root=str(tmp_path)).data, "train"
+    )
+    odd = next(p for p in source.columns["path"] if "caf" in p)
+    assert os.fsencode(odd).endswith(b"caf\xe9.png")
+    assert source.fingerprint()["digest"]
+    spec = spec_of(image_size=6, resize_size=6, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    batch = next(iter(data_lib.eval_batches(source, spec, global_batch=2)))
+    for image in batch["image"]:
+        np.testing.assert_allclose(image, pixels, atol=1e-3)
+    assert decoded_sizes([odd]) == ([(odd, (6, 6))], [])
+    write_records([{"file": odd, "label": 0}], str(tmp_path / "p.csv"))
+    write_table(Table(("file",), [[odd]], []), tmp_path / "t.csv")
+    for written in ("p.csv", "t.csv"):
+        assert b"caf\xe9.png" in (tmp_path / written).read_bytes()
+
+
 def test_image_folder_takes_bmp_gif_and_webp(tmp_path):
     """The files the decoder reads (lossless BMP, GIF and WebP here) are listed and decoded."""
     pixels = np.random.default_rng(0).integers(0, 256, (8, 6, 3), np.uint8)

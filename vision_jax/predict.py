@@ -50,6 +50,7 @@ from vision_jax.data import augment, exif
 from vision_jax.data.coco import from_image_files, image_ids_by_file
 from vision_jax.data.folders import files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
+from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
 from vision_jax.output_errors import written_whole
 from vision_jax.run_options import add_run_options
@@ -322,7 +323,8 @@ def decoded_sizes(paths: Sequence[str]) -> tuple[list[Sized], list[tuple[str, st
     def size(index: tf.Tensor, path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return index, tf.shape(augment.decode(tf.io.read_file(path)))[:2]
 
-    ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=str)).enumerate()
+    ds = tf.data.Dataset.from_tensor_slices(tensor_column(np.array(paths, dtype=str)))
+    ds = ds.enumerate()
     ds = parallel_map(ds, size).ignore_errors()
     ds = ds.batch(256).with_options(data_lib.pipeline_options())
     found = {int(i): (int(h), int(w)) for rows, sizes in ds.as_numpy_iterator()
@@ -354,7 +356,8 @@ def unlabelled_files(
         labels = np.zeros(len(paths), np.int32)
         return data_lib.from_columns({"path": paths, "label": labels}, class_names)
     heights, widths = (np.array(v, np.int32) for v in zip(*(s for _, s in files), strict=True))
-    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "height": heights, "width": widths})
+    columns = {"path": tensor_column(paths), "height": heights, "width": widths}
+    ds = tf.data.Dataset.from_tensor_slices(columns)
 
     def placeholder(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         shape = tf.stack([example["height"], example["width"]])
@@ -456,7 +459,10 @@ def write_records(records: list[dict], path: str) -> None:
     """``records`` as the extension of ``path`` says: ``.jsonl``, ``.csv`` or ``.json``."""
     kind = os.path.splitext(path)[1].lower()
     newline = "" if kind == ".csv" else None
-    with written_whole(path) as partial, open(partial, "w", newline=newline, encoding="utf-8") as f:
+    with (
+        written_whole(path) as partial,  # file names that are not UTF-8 keep their bytes
+        open(partial, "w", newline=newline, encoding="utf-8", errors="surrogateescape") as f,
+    ):
         if kind == ".json":
             json.dump(records, f)
         elif kind == ".jsonl":

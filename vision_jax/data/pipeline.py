@@ -29,7 +29,7 @@ import numpy as np
 
 from vision_jax.data import augment, boxes, exif
 from vision_jax.data.preprocess import InputSpec, make_preprocess
-from vision_jax.data.sources import IGNORE_LABEL, DataError, Source
+from vision_jax.data.sources import IGNORE_LABEL, DataError, Source, tensor_column
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _problem(source: Source, row: int) -> str | None:
 def decode_file(path: str, decode: Callable[[tf.Tensor], tf.Tensor]) -> np.ndarray | str:
     """The decoded file at ``path``, or the error message."""
     try:
-        return decode(tf.io.read_file(path)).numpy()
+        return decode(tf.io.read_file(os.fsencode(path))).numpy()
     except tf.errors.OpError as e:
         message = e.message.split("[Op:")[0].split("}}")[-1]
         if "Summarized data: " in message:  # a failed tf.debugging.Assert: its data, a line each
@@ -264,7 +264,7 @@ def train_batches(
     row_of = None
     if source.columns is not None:
         num_local = len(range(jax.process_index(), source.num_examples, jax.process_count()))
-        columns = {k: tf.constant(v) for k, v in source.columns.items()}
+        columns = {k: tf.constant(tensor_column(v)) for k, v in source.columns.items()}
 
         def example_at(position: tf.Tensor) -> tuple[tf.Tensor, dict]:
             row = _example_index(position, num_local, seed)

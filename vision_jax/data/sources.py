@@ -70,7 +70,8 @@ class Source:
         """The examples; a column source makes its dataset here, at first use, so that listing
         files does not import TensorFlow."""
         if self.examples is None:
-            self.examples = tf.data.Dataset.from_tensor_slices(self.columns)
+            columns = {k: tensor_column(v) for k, v in self.columns.items()}
+            self.examples = tf.data.Dataset.from_tensor_slices(columns)
         return self.examples
 
     def fingerprint(self) -> dict[str, int | str]:
@@ -89,7 +90,8 @@ class Source:
                 if values.dtype.kind in "OSU":  # file paths, wherever the folder now lies
                     names = [str(v) for v in values.tolist()]
                     cut = os.path.commonprefix(names).rfind("/") + 1 if len(names) > 1 else 0
-                    values = np.frombuffer("\n".join(n[cut:] for n in names).encode(), np.uint8)
+                    joined = "\n".join(n[cut:] for n in names)
+                    values = np.frombuffer(os.fsencode(joined), np.uint8)
                 elif values.ndim > 1:  # images, label maps: rows spread evenly over them
                     values = values[:: -(-values.nbytes // _DIGESTED_BYTES)]
                 digest.update(f"{key}{values.dtype}{values.shape}".encode())
@@ -219,6 +221,15 @@ def from_arrays(
         used = labels[labels != IGNORE_LABEL] if key == "label_map" else labels
         class_names = [str(i) for i in range(int(used.max(initial=0)) + 1)]
     return from_columns({"image": images, key: labels}, class_names)
+
+
+def tensor_column(values: np.ndarray) -> np.ndarray:
+    """A column as TensorFlow takes it: text (file paths) as the file system's bytes, so that a
+    name that is not UTF-8 (as in a zip made on Windows; Python holds it with surrogate
+    escapes) reads the file it names."""
+    if values.dtype.kind != "U":
+        return values
+    return np.array([os.fsencode(v) for v in values.tolist()], dtype=object)
 
 
 def check_target(target: str) -> str:

@@ -87,7 +87,9 @@ def write_report(
     if notes:
         sections.append(("Notes", "".join(page.paragraph(n) for n in notes)))
     title = pathlib.Path(workdir).absolute().name
-    (out / HTML).write_text(page.page(title, facts, sections), encoding="utf-8")
+    # File names that are not UTF-8 keep the file system's bytes, as in the CSV tables.
+    html = page.page(title, facts, sections)
+    (out / HTML).write_text(html, encoding="utf-8", errors="surrogateescape")
     logger.info("Report of %s written to %s", workdir, out / HTML)
     return str(out / HTML)
 

@@ -84,7 +84,7 @@ def csv_cell(value: object) -> object:
 
 
 def write_table(table: Table, path: pathlib.Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(table.columns)
         for row in table.rows + table.totals:
@@ -93,7 +93,7 @@ def write_table(table: Table, path: pathlib.Path) -> None:
 
 def write_confusion(matrix: np.ndarray, class_names: Sequence[str], path: pathlib.Path) -> None:
     """The matrix with the class names as row (true) and column (predicted) headers."""
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *class_names])
         for name, row in zip(class_names, np.asarray(matrix), strict=True):
