@@ -281,6 +281,44 @@ def test_ema_is_evaluated_alongside(tmp_path):
     assert result["eval_ema/examples"] == result["eval/examples"] == 360
 
 
+def test_the_ema_averages_batchnorm_statistics_and_evaluates_with_them():
+    """As timm's EMA averages a model's buffers: the EMA of the BatchNorm statistics is the
+    same average as the parameters' (a numpy reference over 3 steps), and the EMA evaluation
+    applies the EMA parameters with those statistics."""
+    from vision_jax.steps import make_eval_step
+
+    model = create_model("cifar_resnet20", num_classes=10)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+             "mask": jnp.ones(8, jnp.float32)}  # fmt: skip
+    variables = model.init(jax.random.key(0), batch["image"], train=False)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    tx = optax.sgd(0.1)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    state = TrainState(jnp.array(0, jnp.int32), params, model_state, tx.init(params),
+                       copy(params), ema_model_state=copy(model_state))  # fmt: skip
+    step = jax.jit(make_train_step(model, tx, Classification()))
+    settings = StepSettings(jax.random.key(0), ema_step=jnp.float32(0.25))
+    expected = jax.tree.map(np.asarray, model_state)
+    for _ in range(3):
+        state, _ = step(state, {}, batch, settings)
+        expected = jax.tree.map(lambda e, x: 0.75 * e + 0.25 * np.asarray(x), expected,
+                                state.model_state)  # fmt: skip
+    for a, b in zip(jax.tree.leaves(state.ema_model_state), jax.tree.leaves(expected),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    stats = flatten_dict(state.ema_model_state)
+    assert any(not np.allclose(v, flatten_dict(state.model_state)[k]) for k, v in stats.items())
+    _, predictions = jax.jit(make_eval_step(model, Classification(), use_ema=True))(
+        state, {}, batch
+    )
+    logits = model.apply({"params": state.ema_params, **state.ema_model_state}, batch["image"],
+                         train=False)  # fmt: skip
+    np.testing.assert_allclose(predictions["probabilities"], jax.nn.softmax(logits), atol=1e-6)
+
+
 def test_frozen_params_get_no_gradient_or_update():
     model, batch, params = _vit_step_inputs()
     mask = optim.trainable_mask(params, model, preset="last:1", frozen=None)

@@ -21,6 +21,7 @@ from vision_jax.export.__main__ import main as export_main
 from vision_jax.predict import Predictor, image_files, main, voc_palette
 from vision_jax.train import train_and_evaluate
 from vision_jax.trained import load_trained
+from vision_jax.trees import flatten_dict
 
 BROKEN = 5  # where the unreadable files go among the digit files
 
@@ -410,6 +411,11 @@ def test_ema_parameters_predict_as_the_runs_ema_evaluation(ema_run, tmp_path):
         want = saved["params" if ema is False else "ema_params"]["head"]["kernel"]
         np.testing.assert_array_equal(kernel, want)
     assert not np.allclose(saved["params"]["head"]["kernel"], saved["ema_params"]["head"]["kernel"])
+    for ema, key in ((True, "ema_model_state"), (False, "model_state")):  # BatchNorm statistics
+        stats = load_trained(workdir, ema=ema).variables["batch_stats"]
+        saved_stats = saved[key]["batch_stats"]
+        for name, value in flatten_dict(stats).items():
+            np.testing.assert_array_equal(value, flatten_dict(saved_stats)[name])
     assert correct[None] == correct[True] == pytest.approx(result["eval_ema/top1"], abs=1e-6)
     assert correct[False] == pytest.approx(result["eval/top1"], abs=1e-6)
     assert load_trained(workdir).ema and not load_trained(workdir, ema=False).ema

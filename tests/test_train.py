@@ -24,7 +24,12 @@ from vision_jax.config import UnreadConfigKeysError, default_config
 from vision_jax.train import train_and_evaluate
 from vision_jax.trees import flatten_dict
 from vision_jax.weights import WeightFormatError
-from vision_jax.weights.run_dir import read_record, read_variables
+from vision_jax.weights.run_dir import (
+    latest_step_dir,
+    read_record,
+    read_variables,
+    restore_on_one_device,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -221,29 +226,47 @@ def test_sweep_members_share_one_compiled_train_step(tmp_path):
     assert lowered("no_clip", **{**base, "optimizer.grad_clip_norm": None}) != text
 
 
-def test_a_checkpoint_without_skip_counts_resumes(tmp_path, caplog):
-    """A checkpoint of a version before the non-finite guard (no ``skips`` in its state)
-    resumes, with the counts at zero; a mismatched one still gets the mismatch error."""
+@pytest.mark.parametrize(
+    "missing, ema",
+    [(("skips", "ema_model_state"), None), (("skips", "ema_model_state"), 0.5),
+     (("ema_model_state",), 0.5)],
+)  # fmt: skip
+def test_a_checkpoint_of_an_earlier_layout_resumes(tmp_path, caplog, missing, ema):
+    """A checkpoint of a version before the non-finite guard (no ``skips`` in its state) or
+    before the EMA of the BatchNorm statistics (no ``ema_model_state``) resumes, with the
+    counts at zero and the EMA's statistics from the restored ones; a mismatched one still
+    gets the mismatch error."""
     from vision_jax.run import build_run
 
-    cfg = small_config(total_steps=4)
+    cfg = small_config(total_steps=4, ema_decay=ema)
     run = build_run(cfg, str(tmp_path))
     try:
         old = {f.name: getattr(run.state, f.name) for f in dataclasses.fields(run.state)}
         old.update(step=jnp.array(2, jnp.int32))
-        del old["skips"]  # the state's fields before the non-finite guard
+        for field in missing:  # the state's fields before those versions
+            del old[field]
         run.checkpointer.save(2, old, run.meta, force=True)
         run.checkpointer.wait()
     finally:
         run.close()
     with pytest.raises(CheckpointError, match="Cannot restore checkpoint"):
-        train_and_evaluate(small_config(total_steps=4, **{"model.name": "cifar_resnet32"}),
+        train_and_evaluate(small_config(total_steps=4, ema_decay=ema,
+                                        **{"model.name": "cifar_resnet32"}),
                            str(tmp_path))  # fmt: skip
     with caplog.at_level("INFO"):
         result = train_and_evaluate(cfg, str(tmp_path))
-    assert "no skip counts" in caplog.text and "at step 2" in caplog.text
+    assert ("no skip counts" in caplog.text) == ("skips" in missing)
+    assert ("EMA has no model state" in caplog.text) == (ema is not None)
+    assert "at step 2" in caplog.text
     assert result["train/skipped_steps"] == 0 and result["eval/examples"] == 360
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    if ema is not None:
+        stats = read_variables(tmp_path, ema=True)["batch_stats"]
+        saved = restore_on_one_device(latest_step_dir(tmp_path) / "state")
+        assert saved["ema_model_state"] is not None
+        for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(saved["ema_model_state"]),
+                        strict=True):  # fmt: skip
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("trainable", ["all", "head"])

@@ -170,7 +170,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.early_stopping = ml_collections.ConfigDict(specs.section_defaults(specs.EarlyStoppingSpec))
 
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
-    c.ema_decay = placeholder(float)  # EMA of the params, evaluated alongside (e.g. 0.999)
+    c.ema_decay = placeholder(float)  # EMA of the params and BatchNorm stats (e.g. 0.999)
 
     c.log_every_steps = 50
     c.eval_every_steps = 500  # 0 = only at the end

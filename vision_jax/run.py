@@ -7,6 +7,7 @@ run, step it by hand and look inside. :mod:`vision_jax.train` drives it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -278,10 +279,12 @@ def create_train_state(
         opt_state=sharding.follow_params(opt_shapes, trainable, trainable_shardings, mesh),
         ema_params=trainable_shardings if ema else None,
         skips=SkipCounts.filled(replicated),
+        ema_model_state=jax.tree.map(lambda _: replicated, variables) if ema else None,
     )
+    copy = lambda tree: jax.tree.map(jnp.copy, tree) if ema else None
     fresh = lambda p, ms: TrainState(
-        jnp.array(0, jnp.int32), p, ms, tx.init(p), jax.tree.map(jnp.copy, p) if ema else None,
-        SkipCounts.filled(jnp.zeros((), jnp.int32)),
+        jnp.array(0, jnp.int32), p, ms, tx.init(p), copy(p),
+        SkipCounts.filled(jnp.zeros((), jnp.int32)), copy(ms),
     )  # fmt: skip
     if trees.is_abstract(params):
         state = trees.with_shardings(jax.eval_shape(fresh, trainable, variables), shardings)
@@ -465,24 +468,42 @@ def _restore(
     return state, step, position, meta
 
 
+# Fields earlier versions' checkpoints lack, newest first: the EMA of the model state, then
+# the non-finite guard's skip counts.
+_ADDED_FIELDS = ("ema_model_state", "skips")
+
+
 def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, dict] | None:
-    """``ckpt.restore_latest`` into ``state``'s shapes and shardings. A checkpoint written before
-    the non-finite guard counted skipped updates (its state has no ``skips``) restores with
-    the counts at zero."""
+    """``ckpt.restore_latest`` into ``state``'s shapes and shardings. A checkpoint of an earlier
+    layout (:data:`_ADDED_FIELDS`) restores with the skip counts at zero and the EMA's model
+    state starting from the restored model state."""
     try:
         return ckpt.restore_latest(abstract_state(state))
     except CheckpointError as error:
-        fields = [f.name for f in dataclasses.fields(state) if f.name != "skips"]
-        try:  # the earlier layout: the same fields, without the key
-            restored = ckpt.restore_latest({f: abstract_state(getattr(state, f)) for f in fields})
-        except CheckpointError:
+        for count in range(1, len(_ADDED_FIELDS) + 1):
+            missing = _ADDED_FIELDS[:count]
+            fields = [f.name for f in dataclasses.fields(state) if f.name not in missing]
+            abstract = {f: abstract_state(getattr(state, f)) for f in fields}
+            with contextlib.suppress(CheckpointError):
+                restored = ckpt.restore_latest(abstract)
+                break
+        else:
             raise error from None
     if restored is None:
         return None
-    logger.warning("The checkpoint has no skip counts (an earlier version's): counting anew.")
-    shardings = jax.tree.map(lambda x: x.sharding, state.skips)
-    zeros = jax.jit(lambda: SkipCounts.filled(jnp.zeros((), jnp.int32)), out_shardings=shardings)
-    return TrainState(**restored[0], skips=zeros()), restored[1]
+    values, meta = restored
+    if "skips" in missing:
+        logger.warning("The checkpoint has no skip counts (an earlier version's): counting anew.")
+        shardings = jax.tree.map(lambda x: x.sharding, state.skips)
+        zeros = lambda: SkipCounts.filled(jnp.zeros((), jnp.int32))
+        values["skips"] = jax.jit(zeros, out_shardings=shardings)()
+    if state.ema_model_state is not None:  # an earlier version's EMA of the parameters alone
+        logger.warning("The checkpoint's EMA has no model state (an earlier version's): the "
+                       "EMA's BatchNorm statistics start from the restored ones.")  # fmt: skip
+        values["ema_model_state"] = jax.tree.map(jnp.copy, values["model_state"])
+    else:
+        values["ema_model_state"] = None
+    return TrainState(**values), meta
 
 
 # Config keys that decide what the train state holds (a restore that does not fit names them;

@@ -15,6 +15,7 @@ loop decides what a skip means (``config.on_nonfinite``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -82,6 +83,9 @@ class TrainState:
     opt_state: Any
     ema_params: Any = None  # EMA of ``params`` when config.ema_decay is set
     skips: SkipCounts | None = None  # updates skipped by the non-finite guard (None: not counted)
+    # EMA of ``model_state`` (BatchNorm statistics) beside ``ema_params``, as timm's EMA
+    # averages a model's buffers: the EMA evaluation's statistics (None: the live ones).
+    ema_model_state: Any = None
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -105,21 +109,25 @@ def _update_if_finite(
     ema_step: jax.Array | None,
 ) -> tuple[tuple[Any, Any, Any, Any], jax.Array]:
     """``((params, model_state, opt_state, ema), applied)``: the optimizer's update if ``finite``
-    and the new parameters are finite, else the state's own.
+    and the new parameters are finite, else the state's own; ``ema`` is (EMA params, EMA model
+    state).
 
     Two ``lax.cond`` rather than a select per leaf: the update is computed only when the inputs
     are finite, into the output buffers, and a skip keeps the old state whole. Per-leaf selects
     read and write the whole state once more every step (ResNet-50, batch 16: 7-12% of the step).
     """
-    old = (state.params, state.model_state, state.opt_state, state.ema_params)
+    ema = (state.ema_params, state.ema_model_state)
+    old = (state.params, state.model_state, state.opt_state, ema)
 
     def update(_):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
+        new_ema = ema
         if ema_step is not None:
-            ema = optax.incremental_update(params, ema, ema_step)
-        new = (params, model_state, opt_state, ema)
+            average = functools.partial(optax.incremental_update, step_size=ema_step)
+            ema_model_state = None if ema[1] is None else average(model_state, ema[1])
+            new_ema = (average(params, ema[0]), ema_model_state)
+        new = (params, model_state, opt_state, new_ema)
         params_finite = _all_finite(params)
         return jax.lax.cond(params_finite, lambda: new, lambda: old), params_finite
 
@@ -221,7 +229,8 @@ def make_train_step(
             params=params,
             model_state=model_state,
             opt_state=opt_state,
-            ema_params=ema,
+            ema_params=ema[0],
+            ema_model_state=ema[1],
             skips=None if state.skips is None else state.skips.record(finite, state.step + 1),
         )
         return new_state, metrics
@@ -235,11 +244,15 @@ def make_eval_step(
     """``step(state, frozen_params, batch) -> (metrics, predictions)``: the task's metrics of a
     padded batch (padding, ``mask == 0``, is not counted) and its predictions per example
     (:meth:`~vision_jax.tasks.base.Task.evaluate_batch`). ``use_ema`` evaluates the EMA
-    parameters."""
+    parameters, with the EMA model state where the state has one."""
 
     def eval_step(state: TrainState, frozen: Any, batch: Batch) -> tuple[Any, dict]:
-        params = state.ema_params if use_ema else state.params
-        variables = {"params": combine(params, frozen), **state.model_state}
+        params, model_state = state.params, state.model_state
+        if use_ema:
+            params = state.ema_params
+            if state.ema_model_state is not None:
+                model_state = state.ema_model_state
+        variables = {"params": combine(params, frozen), **model_state}
         with apply_adapters(lora, train=False):
             outputs = model.apply(variables, batch["image"], train=False)
         return task.evaluate_batch(outputs, batch)

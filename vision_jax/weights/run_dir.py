@@ -326,8 +326,9 @@ def read_variables(
 ) -> dict:
     """The model variables (``params`` plus e.g. ``batch_stats``) of a run's latest step (or
     best: see :func:`latest_step_dir`); ``ema``: its EMA parameters (``config.ema_decay``)
-    instead of the trained ones, with the same model state, as the run's ``*_ema/``
-    evaluations used them; None: the ones its model selection measured (:func:`selects_ema`).
+    instead of the trained ones, with the EMA's model state (BatchNorm statistics; an earlier
+    version's runs: the trained ones), as the run's ``*_ema/`` evaluations used them; None:
+    the ones its model selection measured (:func:`selects_ema`).
 
     Frozen parameters (saved once beside the checkpoints) are put back, and LoRA adapters are
     merged into their kernels, so the result is the plain model's variables.
@@ -348,7 +349,10 @@ def read_variables(
         raise WeightFormatError(
             f"Checkpoint {step_dir} holds no EMA parameters: the run did not set ema_decay."
         )
-    used = {k: state[k] for k in (params_key, "model_state") if k in state}
+    state_key = (
+        "ema_model_state" if ema and state.get("ema_model_state") is not None else ("model_state")
+    )
+    used = {k: state[k] for k in (params_key, state_key) if k in state}
     for folder, damage in (
         (step_dir, state_damage(step_dir, meta, state, used)),
         (frozen_path, frozen and digests.first_difference(frozen_digests(frozen_path), frozen)),
@@ -356,7 +360,7 @@ def read_variables(
         if damage:
             raise WeightFormatError(f"Checkpoint {folder} is damaged: {damage}.")
     params = _merge_adapters(combine(state[params_key], frozen), meta.get("config") or {})
-    return {"params": params, **(state.get("model_state") or {})}
+    return {"params": params, **(state.get(state_key) or {})}
 
 
 def selects_ema(config: Mapping[str, Any]) -> bool:
