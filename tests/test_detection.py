@@ -359,16 +359,21 @@ def test_coverage_is_checked():
     assert Detection().summarize(merged, source, "eval/")["eval/map"] == 0.0
 
 
-FAMILIES = [("vit_ti16", 64), ("resnet18", 64), ("bit_r50x1", 64), ("cifar_resnet20", 32)]
+FAMILIES = [("vit_ti16", 64), ("resnet18", 64), ("bit_r50x1", 64), ("cifar_resnet20", 32),
+            ("vit_ti16", 112), ("vit_ti16", 48), ("resnet18", 40), ("resnet18", 21),
+            ("resnet18", 67)]  # odd grids: ViT/16 at 112 px (7x7), CNN maps rounded up  # fmt: skip
 
 
 @pytest.mark.parametrize("name,size", FAMILIES)
 def test_head_shapes_every_family(name, size):
-    task = Detection(strides=(8, 16, 32))
-    model = task.build_model(name, 5)
+    """The head predicts at the layout's locations at any size the backbone takes: odd grids
+    pool to ceil(n / 2) cells (as the layout counts them), and each CNN map's stride is told
+    apart from its neighbours' (at 40 px ResNet's maps are 10, 5, 3 and 2)."""
+    task = Detection(strides=(8, 16, 32, 64))
+    model = task.build_model(name, 5, **({"depth": 1} if name.startswith("vit") else {}))
     images = jnp.zeros((2, size, size, 3))
     shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), images))[0]
-    n = len(fcos.layout((size, size), (8, 16, 32)).points)
+    n = len(fcos.layout((size, size), (8, 16, 32, 64)).points)
     assert shapes["logits"].shape == (2, n, 5)
     assert shapes["distances"].shape == (2, n, 4)
     assert shapes["centerness"].shape == (2, n)

@@ -244,3 +244,17 @@ def test_upsample2x_is_flax_conv_transpose():
     np.testing.assert_allclose(
         ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_coarse_level_is_enlarged_in_place_not_stretched():
+    """A pyramid level of ceil(n / 2) cells (a 7x7 ViT grid's stride-32 level has 4 cells
+    covering 128 of 112 px) is enlarged by its stride's ratio and cut, so each cell stays over
+    the pixels it covers; resizing it to the finer map's size would stretch it."""
+    from vision_jax.models.pyramid import upsample_by
+
+    coarse = np.zeros((1, 4, 4, 1), np.float32)
+    coarse[0, 1, 2, 0] = 1.0  # rows 8-15, columns 16-23 of a 28x28 map at factor 8
+    fine = np.asarray(upsample_by(jnp.asarray(coarse), 8, (28, 28)))[0, ..., 0]
+    assert fine.shape == (28, 28)
+    np.testing.assert_array_equal(np.unravel_index(fine.argmax(), fine.shape), (11, 19))
+    assert fine[:, 24:].max() < 0.5  # stretched over 28 px, the peak would be at (10, 17)

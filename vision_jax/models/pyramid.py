@@ -44,6 +44,15 @@ def upsample_to(x: jax.Array, hw: Sequence[int], method: str = "bilinear") -> ja
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method)
 
 
+def upsample_by(x: jax.Array, factor: int, hw: Sequence[int]) -> jax.Array:
+    """NHWC ``x`` enlarged ``factor`` times (bilinear, half-pixel centres) and cut to ``hw``: a
+    map whose cells cover ``factor`` cells of a finer one, the last ones partly past the image
+    (a pyramid level of ceil(n / 2) cells), kept in place where resizing to ``hw`` would
+    stretch it."""
+    h, w = x.shape[1] * factor, x.shape[2] * factor
+    return upsample_to(x, (h, w))[:, : hw[0], : hw[1]]
+
+
 class Upsample2x(nn.Module):
     """``nn.ConvTranspose(features, (2, 2), strides=(2, 2))``: the same parameters, initial
     values and outputs, computed as one matrix product and a depth-to-space reshape (kernel and
@@ -94,7 +103,10 @@ class SimpleFeaturePyramid(nn.Module):
                 return deconv(c // 4, "up4_1")(nn.gelu(channel_norm(self.dtype, "up4_norm")(y)))
             if scale == 2.0:
                 return deconv(c // 2, "up2")(x)
-            return x if scale == 1.0 else max_pool(x, (2, 2), (2, 2))
+            if scale == 1.0:
+                return x
+            odd = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))  # ceil(n / 2) cells, as the layout
+            return max_pool(x, (2, 2), (2, 2), odd)
 
         outputs = []
         for i, scale in enumerate(SIMPLE_SCALES):

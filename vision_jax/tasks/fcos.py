@@ -60,6 +60,17 @@ def layout(image_hw: Sequence[int], strides: Sequence[int]) -> Layout:
     return Layout(cat(points), cat(level_strides), cat(lower), cat(upper))
 
 
+def _feature_strides(features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[int]:
+    """The stride of each feature map (finest first): the power of two nearest to the image's
+    height over the map's, past the previous map's (at small or odd sizes a CNN's maps round
+    up, two of them can be nearest to the same power: 40 px gives maps of 10, 5, 3 and 2)."""
+    strides: list[int] = []
+    for f in features:
+        stride = 2 ** round(math.log2(image_hw[0] / f.shape[1]))
+        strides.append(max(stride, 2 * strides[-1]) if strides else stride)
+    return strides
+
+
 class FCOSHead(nn.Module):
     """Pyramid (ViTDet's simple pyramid on one map, FPN on several) at ``strides`` (levels past
     the coarsest by 2x subsampling), then towers shared by all levels: ``num_convs`` 3x3
@@ -100,8 +111,7 @@ class FCOSHead(nn.Module):
     def _levels(self, features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[jax.Array]:
         """The pyramid's maps at ``strides``: only the levels used are built; strides past the
         coarsest built level by stride-2 subsampling (ViTDet's ``LastLevelMaxPool``)."""
-        stride_of = lambda m: 2 ** round(math.log2(image_hw[0] / m.shape[1]))
-        strides = [stride_of(f) for f in features]
+        strides = _feature_strides(features, image_hw)
         if len(features) == 1:
             (s,) = strides
             scales = tuple(s / t for t in self.strides if s / 4 <= t <= 2 * s) or (0.5,)

@@ -17,6 +17,7 @@ figures.
 
 # No ``from __future__ import annotations``: clu reads the metric collections' annotations.
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,14 @@ import optax
 from clu import metrics
 
 from vision_jax.metrics import ConfusionMatrix, iou_summary
-from vision_jax.models.pyramid import FPN, SimpleFeaturePyramid, channel_norm, conv, upsample_to
+from vision_jax.models.pyramid import (
+    FPN,
+    SimpleFeaturePyramid,
+    channel_norm,
+    conv,
+    upsample_by,
+    upsample_to,
+)
 from vision_jax.models.task_model import TaskModel
 from vision_jax.specs import IGNORE_LABEL, check_interval
 from vision_jax.tasks.base import Batch, Task, feature_backbone
@@ -77,7 +85,8 @@ class FPNHead(nn.Module):
         for i, level in enumerate(levels):
             y = conv(self.width, 3, self.dtype, f"fuse{i}")(level)
             y = nn.relu(channel_norm(self.dtype, f"fuse{i}_norm")(y))
-            fused = fused + upsample_to(y, finest)
+            factor = 2 ** round(math.log2(finest[0] / level.shape[1]))  # its stride's ratio
+            fused = fused + upsample_by(y, factor, finest)
         logits = _classifier(self.num_classes, self.dtype)(fused)
         return upsample_to(logits.astype(jnp.float32), image_hw)
 
