@@ -514,6 +514,12 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
             r"lr_mults rule: a rule must be a \(regex, value\) pair, got 'head/\.\*'",
         ),
         (
+            {"total_epochs": 2.0},
+            ValueError,
+            r"Set exactly one of total_steps \(\d+\) and total_epochs \(2.0\): unset the other, "
+            r"e.g. --config.total_epochs=None",
+        ),
+        (
             {"schedule.decay": "rsqrt", "schedule.rsqrt_timescale": 0},
             ValueError,
             r"schedule.rsqrt_timescale must lie in \(0, inf\); got 0",

@@ -562,8 +562,13 @@ def training_steps(
     total_steps: int | None, total_epochs: float | None, steps_per_epoch: int
 ) -> int:
     """``total_steps``, or ``total_epochs`` of ``steps_per_epoch`` (exactly one is set)."""
-    if (total_steps is None) == (total_epochs is None):
-        raise ConfigError("Set exactly one of total_steps and total_epochs.")
+    if total_steps is None and total_epochs is None:
+        raise ConfigError("Set total_steps or total_epochs.")
+    if total_steps is not None and total_epochs is not None:
+        raise ConfigError(
+            f"Set exactly one of total_steps ({total_steps}) and total_epochs ({total_epochs}): "
+            "unset the other, e.g. --config.total_epochs=None."
+        )
     if total_steps is not None:
         total = int(total_steps)
     else:
@@ -625,6 +630,8 @@ def run_spec(config: Any) -> RunSpec:
         ("eval_batch_size", "[1, inf)"), ("fsdp_min_size", "[0, inf)"),
     ):  # fmt: skip
         check_interval(name, getattr(spec, name), interval)
+    if not _SAVED.get():  # the length's keys, before any data is read
+        training_steps(spec.total_steps, spec.total_epochs, steps_per_epoch=1)
     if spec.on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"Unknown on_nonfinite {spec.on_nonfinite!r}; valid: stop, skip.")
     if spec.max_consecutive_skips < 1:
