@@ -787,3 +787,19 @@ def test_an_earlier_versions_recorded_posemb_default_reads_without_a_warning(cap
     with caplog.at_level(logging.WARNING), specs.saved_config():
         specs.InitSpec(posemb="bicubic")
     assert "The saved config sets init.posemb only applies" in caplog.text
+
+
+def test_a_task_whose_per_example_names_an_output_predict_lacks_is_named():
+    """A task of one's own whose ``per_example`` names an output its ``predict`` does not
+    return gets an error naming both, not a bare KeyError from the eval step."""
+    from vision_jax.tasks.classification import Classification
+
+    @dataclasses.dataclass(frozen=True)
+    class Misnamed(Classification):
+        per_example = ("probabilities", "scores")
+
+    batch = {"image": jnp.zeros((2, 8, 8, 3)), "label": jnp.zeros(2, jnp.int32),
+             "mask": jnp.ones(2)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"Misnamed.per_example names \['scores'\], which its "
+                       r"predict does not return \(it returns \['probabilities'\]\)"):  # fmt: skip
+        Misnamed().evaluate_batch(jnp.zeros((2, 3)), batch)

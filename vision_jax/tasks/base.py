@@ -97,6 +97,12 @@ class Task(abc.ABC):
         if not self.per_example:
             return self.eval_metrics(outputs, batch), {}
         found = self.predict(outputs, batch["image"].shape[1:3])
+        missing = [k for k in self.per_example if k not in found]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.per_example names {missing}, which its predict does not "
+                f"return (it returns {sorted(found)})."
+            )
         return self.eval_metrics(outputs, batch), {k: found[k] for k in self.per_example}
 
     @abc.abstractmethod
