@@ -803,3 +803,31 @@ def test_a_task_whose_per_example_names_an_output_predict_lacks_is_named():
     with pytest.raises(ValueError, match=r"Misnamed.per_example names \['scores'\], which its "
                        r"predict does not return \(it returns \['probabilities'\]\)"):  # fmt: skip
         Misnamed().evaluate_batch(jnp.zeros((2, 3)), batch)
+
+
+def test_a_python_process_exits_cleanly_after_a_half_read_pipeline_and_a_failed_run(tmp_path):
+    """As a notebook would: an eval iterator left half read (its teardown at exit started a
+    thread, which never started: the process hung), and a run that fails before its first
+    step (its compile threads ran on, and the process aborted at exit)."""
+    code = f"""
+import sys, threading
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+import numpy as np
+from test_train import small_config
+from vision_jax import data
+from vision_jax.data import InputSpec
+from vision_jax.train import train_and_evaluate
+source = data.from_arrays(np.zeros((40, 16, 16, 3), np.uint8), np.zeros(40, np.int32), ["a", "b"])
+batches = data.eval_batches(source, InputSpec(16, (0.5,) * 3, (0.5,) * 3), global_batch=8)
+next(batches)
+try:
+    train_and_evaluate(small_config(batch_size=2048, eval_batch_size=64), {str(tmp_path)!r})
+except ValueError as e:
+    print("failed:", e)
+print("threads:", sorted(t.name for t in threading.enumerate()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fewer than one global batch of 2048" in done.stdout
+    assert "compile_" not in done.stdout and "threads:" in done.stdout

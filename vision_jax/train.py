@@ -8,13 +8,14 @@ then trains, evaluates every ``eval_every_steps`` and at the end, and checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -88,15 +89,17 @@ def run_evaluation(
         if interrupt is not None:
             batches = _interruptible(batches, interrupt)
         seen = observe if kind == "" else None
-        total = evaluate(eval_step, state, run.frozen, batches, run.mesh, seen)
+        with contextlib.closing(batches):  # stopped or failed: its pipeline released now
+            total = evaluate(eval_step, state, run.frozen, batches, run.mesh, seen)
         result.update(run.task.summarize(total, source, f"{split}{kind}/"))
     return result
 
 
-def _interruptible(batches: Iterable[dict], interrupt: Callable[[], None]) -> Iterator[dict]:
-    for batch in batches:
-        interrupt()
-        yield batch
+def _interruptible(batches: Iterator[dict], interrupt: Callable[[], None]) -> Iterator[dict]:
+    with contextlib.closing(batches):
+        for batch in batches:
+            interrupt()
+            yield batch
 
 
 def train_and_evaluate(
@@ -237,6 +240,10 @@ class _Background:
         if self._error is not None:
             raise self._error
 
+    def join(self) -> None:
+        """Waits for the work to end, whatever its outcome."""
+        self._thread.join()
+
 
 TRAIN_SAMPLE = 256  # training examples read before training when bad ones are skipped
 
@@ -315,6 +322,13 @@ class _StartUp:
             background.wait()
         self.before_evaluating = []
 
+    def finish(self) -> None:
+        """Joins what still runs, its errors dropped (a run that failed before waiting for it):
+        a process must not end while XLA compiles on a thread (it aborts at exit)."""
+        for background in (self.train_compile, *self.before_evaluating):
+            if background is not None:
+                background.join()
+
 
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
@@ -332,6 +346,7 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
             results.update(_test_best(run, writer, stop))
         return results
     finally:
+        startup.finish()
         writer.flush()
         writer.close()
 

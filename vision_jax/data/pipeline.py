@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -151,6 +152,8 @@ class Batches(Iterator[Batch]):
         if self._iter is None:
             return
         held, self._iter = [self._iter], None
+        if sys.is_finalizing():  # a batch iterator left half read at exit: no new threads
+            return
         threading.Thread(target=held.clear, name="release_tf_data", daemon=True).start()
 
     def _error(self, error: tf.errors.OpError) -> DataError:
