@@ -91,6 +91,8 @@ def test_probabilities_equal_the_evaluation(digits_run, digit_files, digit_predi
     rgb = np.repeat(source.columns["image"], 3, -1)
     arrays = digit_predictor.predict_arrays(rgb)["probabilities"]
     np.testing.assert_allclose(arrays, want, atol=2e-6)
+    with pytest.raises(ValueError, match=r"No images to predict: got an array of shape \(0, 8"):
+        digit_predictor.predict_arrays(rgb[:0])
     grey = source.columns["image"]  # as training takes arrays: 1 channel, or floats in [0, 1]
     for images in (grey, grey[..., 0], grey / 255.0):
         arrays = digit_predictor.predict_arrays(images)["probabilities"]

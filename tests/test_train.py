@@ -176,6 +176,10 @@ def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
     other_input.input.image_size = 24  # the report of the trained model at another size
     with pytest.raises(CheckpointError, match=r"changed recipe \(input.image_size "):
         train_and_evaluate(other_input, str(tmp_path))
+    in_bfloat16 = small_config(total_steps=6, **{"optimizer.learning_rate": 0.02})
+    in_bfloat16.model.dtype = "bfloat16"  # the trained model reported in another precision
+    with pytest.raises(CheckpointError, match=r"changed recipe \(model.dtype "):
+        train_and_evaluate(in_bfloat16, str(tmp_path))
 
 
 def test_steps_compile_ahead_in_the_background(tmp_path, caplog):

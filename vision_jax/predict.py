@@ -248,6 +248,8 @@ class Predictor:
             )
         if self.task.name == "detection":
             raise ValueError("Detection predicts on files (predict): boxes map back to each file.")
+        if not len(images):
+            raise ValueError(f"No images to predict: got an array of shape {images.shape}.")
         if self.task.target == "label":
             targets = np.zeros(len(images), np.int32)
         else:

@@ -547,7 +547,7 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
 # Config sections of the training recipe: a resume may change them (to train longer, say), warned.
 _RECIPE_SECTIONS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
-    "optimizer", "schedule", "input", "task", "lora",
+    "optimizer", "schedule", "input", "task", "lora", "model",
 )  # fmt: skip
 
 
