@@ -258,3 +258,18 @@ def test_a_coarse_level_is_enlarged_in_place_not_stretched():
     assert fine.shape == (28, 28)
     np.testing.assert_array_equal(np.unravel_index(fine.argmax(), fine.shape), (11, 19))
     assert fine[:, 24:].max() < 0.5  # stretched over 28 px, the peak would be at (10, 17)
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 40), ("resnet18", 36), ("resnet18", 20),
+                                       ("vit_ti16", 112), ("cifar_resnet20", 18)])  # fmt: skip
+def test_the_fpn_head_takes_odd_sizes(name, size):
+    """Odd and small sizes, where a CNN's maps round up (ResNet at 40 px: 10, 5, 3, 2) and a
+    ViT's grid is odd (7x7 at 112 px): logits at the image's size."""
+    from vision_jax.tasks import Segmentation
+
+    model = Segmentation(head="fpn").build_model(
+        name, 3, **({"depth": 1} if name.startswith("vit") else {})
+    )
+    images = jnp.zeros((1, size, size, 3))
+    logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), images))[0]
+    assert logits.shape == (1, size, size, 3)

@@ -11,6 +11,7 @@ compute in ``dtype``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,17 @@ def upsample_to(x: jax.Array, hw: Sequence[int], method: str = "bilinear") -> ja
     if tuple(x.shape[1:3]) == tuple(hw):
         return x
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method)
+
+
+def feature_strides(features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[int]:
+    """The stride of each feature map (finest first): the power of two nearest to the image's
+    height over the map's, past the previous map's (at small or odd sizes a CNN's maps round
+    up, two of them can be nearest to the same power: 40 px gives maps of 10, 5, 3 and 2)."""
+    strides: list[int] = []
+    for f in features:
+        stride = 2 ** round(math.log2(image_hw[0] / f.shape[1]))
+        strides.append(max(stride, 2 * strides[-1]) if strides else stride)
+    return strides
 
 
 def upsample_by(x: jax.Array, factor: int, hw: Sequence[int]) -> jax.Array:

@@ -27,7 +27,13 @@ import numpy as np
 import optax
 
 from vision_jax.models import precision
-from vision_jax.models.pyramid import FPN, SIMPLE_SCALES, SimpleFeaturePyramid, conv
+from vision_jax.models.pyramid import (
+    FPN,
+    SIMPLE_SCALES,
+    SimpleFeaturePyramid,
+    conv,
+    feature_strides,
+)
 from vision_jax.tasks.boxes import generalized_iou, nms_keep, top_k
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of the class logits (RetinaNet)
@@ -58,17 +64,6 @@ def layout(image_hw: Sequence[int], strides: Sequence[int]) -> Layout:
         upper.append(np.full(n, np.inf if i == len(strides) - 1 else 8.0 * s, np.float32))
     cat = lambda xs: np.concatenate(xs).astype(np.float32)
     return Layout(cat(points), cat(level_strides), cat(lower), cat(upper))
-
-
-def _feature_strides(features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[int]:
-    """The stride of each feature map (finest first): the power of two nearest to the image's
-    height over the map's, past the previous map's (at small or odd sizes a CNN's maps round
-    up, two of them can be nearest to the same power: 40 px gives maps of 10, 5, 3 and 2)."""
-    strides: list[int] = []
-    for f in features:
-        stride = 2 ** round(math.log2(image_hw[0] / f.shape[1]))
-        strides.append(max(stride, 2 * strides[-1]) if strides else stride)
-    return strides
 
 
 class FCOSHead(nn.Module):
@@ -111,7 +106,7 @@ class FCOSHead(nn.Module):
     def _levels(self, features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[jax.Array]:
         """The pyramid's maps at ``strides``: only the levels used are built; strides past the
         coarsest built level by stride-2 subsampling (ViTDet's ``LastLevelMaxPool``)."""
-        strides = _feature_strides(features, image_hw)
+        strides = feature_strides(features, image_hw)
         if len(features) == 1:
             (s,) = strides
             scales = tuple(s / t for t in self.strides if s / 4 <= t <= 2 * s) or (0.5,)

@@ -17,7 +17,6 @@ figures.
 
 # No ``from __future__ import annotations``: clu reads the metric collections' annotations.
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ from vision_jax.models.pyramid import (
     SimpleFeaturePyramid,
     channel_norm,
     conv,
+    feature_strides,
     upsample_by,
     upsample_to,
 )
@@ -81,12 +81,12 @@ class FPNHead(nn.Module):
         else:
             levels = FPN(self.width, self.dtype, name="pyramid")(features)
         finest = levels[0].shape[1:3]
+        strides = feature_strides(levels, image_hw)
         fused = 0.0
         for i, level in enumerate(levels):
             y = conv(self.width, 3, self.dtype, f"fuse{i}")(level)
             y = nn.relu(channel_norm(self.dtype, f"fuse{i}_norm")(y))
-            factor = 2 ** round(math.log2(finest[0] / level.shape[1]))  # its stride's ratio
-            fused = fused + upsample_by(y, factor, finest)
+            fused = fused + upsample_by(y, strides[i] // strides[0], finest)
         logits = _classifier(self.num_classes, self.dtype)(fused)
         return upsample_to(logits.astype(jnp.float32), image_hw)
 
