@@ -136,9 +136,15 @@ def test_bmp_gif_and_webp_decode_as_pil_converts_them():
     for name, data in files.items():
         want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         np.testing.assert_array_equal(augment.decode(tf.constant(data)).numpy(), want, name)
-    assert "GIF, BMP and WebP" in augment.DECODING["other_formats"]
+    assert "GIF, BMP, WebP and any other format PIL reads" in augment.DECODING["other_formats"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="not an image file of a known"):
         augment.decode(tf.constant(b"GIF89a and no more"))
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 10  # PIL's guard: one line too
+    try:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="DecompressionBombError"):
+            augment.decode(tf.constant(files["palette.bmp"]))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def test_file_names_that_are_not_utf8_train_predict_and_report(tmp_path):

@@ -372,3 +372,15 @@ def test_the_state_takes_over_the_trainable_parameters_buffers():
     np.testing.assert_array_equal(setup.frozen["conv1"]["kernel"], frozen_before["kernel"])
     assert setup.memory["frozen_params"] == frozen_before["kernel"].size
     assert setup.memory["trainable_params"] == sum(v.size for v in trainable.values())
+
+
+def test_the_ema_averages_floating_state_and_keeps_counters_new():
+    """A model state may hold an integer counter: the EMA takes its new value (averaging it
+    would change its dtype, which the step's branches refuse)."""
+    from vision_jax.steps import _average
+
+    new = {"mean": jnp.array([1.0, 3.0]), "count": jnp.array(7, jnp.int32)}
+    old = {"mean": jnp.array([3.0, 3.0]), "count": jnp.array(5, jnp.int32)}
+    out = jax.jit(_average)(new, old, jnp.float32(0.25))
+    np.testing.assert_allclose(out["mean"], [2.5, 3.0])
+    assert out["count"].dtype == jnp.int32 and int(out["count"]) == 7

@@ -406,3 +406,11 @@ def test_library_callers_need_no_epochs_or_frozen_regex():
         optim.build_optimizer(opt_spec, epochs, shapes["params"], model, total_steps=10)
     mask = optim.trainable_mask(shapes["params"], model, preset="head")
     assert {k for k, v in flatten_dict(mask).items() if v} == {"head/kernel", "head/bias"}
+
+
+def test_multiplier_rules_take_numpy_numbers_and_refuse_infinity():
+    from vision_jax.masks import check_multiplier_rules
+
+    check_multiplier_rules([("head/.*", np.float32(10)), ("x", np.int64(0))], what="rule")
+    with pytest.raises(ValueError, match=r"rule \('head/\.\*', inf\): the value must be a finite"):
+        check_multiplier_rules([("head/.*", float("inf"))], what="rule")

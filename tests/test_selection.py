@@ -280,6 +280,9 @@ def test_a_task_whose_headline_is_an_error_selects_its_lowest(
     monkeypatch.setitem(tasks.TASKS, "lower_is_better", LowerIsBetter)
     assert Selection.from_spec(specs.EarlyStoppingSpec(), "top1", "min").mode == "min"
     assert Selection.from_spec(specs.EarlyStoppingSpec("val/loss"), "top1", "max").mode == "min"
+    assert Selection.from_spec(specs.EarlyStoppingSpec(), "recon_loss").mode == "min"
+    with pytest.raises(specs.ConfigError, match="headline_mode is 'min' or 'max'; got 'lower'"):
+        Selection.from_spec(specs.EarlyStoppingSpec(), "mae", "lower")
     config = selecting_config()
     config.task.name = "lower_is_better"
     result = train_and_evaluate(config, str(tmp_path))

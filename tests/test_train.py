@@ -505,12 +505,12 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         (
             {"optimizer.lr_mults": (("head/.*", -1.0),)},
             ValueError,
-            r"lr_mults rule \('head/\.\*', -1.0\): the value must be a number >= 0",
+            r"lr_mults rule \('head/\.\*', -1.0\): the value must be a finite number >= 0",
         ),
         (
             {"optimizer.lr_mults": (("head/.*", "10"),)},
             ValueError,
-            r"lr_mults rule \('head/\.\*', '10'\): the value must be a number >= 0",
+            r"lr_mults rule \('head/\.\*', '10'\): the value must be a finite number >= 0",
         ),
         (
             {"optimizer.lr_mults": ("head/.*",)},  # as the command line reads "head/.*"

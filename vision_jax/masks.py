@@ -8,6 +8,8 @@ joined with "/", e.g. ``Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel``. 
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -56,8 +58,11 @@ def check_multiplier_rules(rules: Sequence[tuple[str, Any]], *, what: str) -> No
     """Raises ValueError naming the first malformed rule of ``rules`` (``what`` names them)
     or the first value that is not a number >= 0."""
     for pattern, value in compile_rules(rules, what=what):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{what} {(pattern.pattern, value)}: the value must be a number >= 0.")
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (number and 0 <= value < math.inf):
+            raise ValueError(
+                f"{what} {(pattern.pattern, value)}: the value must be a finite number >= 0."
+            )
 
 
 def tree_map_by_rules(

@@ -95,7 +95,8 @@ def schedule_numbers(
         numbers["rsqrt_timescale"] = schedule.rsqrt_timescale
     if schedule.decay == "step":
         numbers["step_factor"] = schedule.step_factor
-        numbers["step_at"] = [round(float(b) * total_steps) for b in schedule.step_boundaries]
+        at = lambda fraction: math.floor(float(fraction) * total_steps + 0.5)  # half up
+        numbers["step_at"] = [at(b) for b in schedule.step_boundaries]
     return {k: np.asarray(v, np.float32) for k, v in numbers.items()}
 
 

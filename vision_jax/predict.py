@@ -462,7 +462,7 @@ def write_records(records: list[dict], path: str) -> None:
     kind = os.path.splitext(path)[1].lower()
     newline = "" if kind == ".csv" else None
     with (
-        written_whole(path) as partial,  # file names that are not UTF-8 keep their bytes
+        written_whole(path) as partial,  # in CSV, names that are not UTF-8 keep their bytes
         open(partial, "w", newline=newline, encoding="utf-8", errors="surrogateescape") as f,
     ):
         if kind == ".json":

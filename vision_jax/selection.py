@@ -30,16 +30,18 @@ class Selection:
 
     @classmethod
     def from_spec(
-        cls, spec: EarlyStoppingSpec, headline: str, headline_mode: str = "max"
+        cls, spec: EarlyStoppingSpec, headline: str, headline_mode: str | None = None
     ) -> Selection:
         """The selection ``spec`` asks for; unset, the metric is ``val/<headline>`` and the
-        mode ``headline_mode`` for the task's headline (either parameters'), "min" for a loss,
-        else "max"."""
+        mode ``headline_mode`` for the task's headline (either parameters') if the task gives
+        one, else "min" for a loss, else "max"."""
+        if headline_mode not in (None, "min", "max"):
+            raise ConfigError(f"A task's headline_mode is 'min' or 'max'; got {headline_mode!r}.")
         metric = spec.metric or f"val/{headline}"
         if "/" not in metric:
             metric = f"val/{metric}"
         default = "min" if metric.endswith("loss") else "max"
-        if metric.split("/", 1)[1] == headline:
+        if metric.split("/", 1)[1] == headline and headline_mode is not None:
             default = headline_mode
         return cls(metric, spec.mode or default, spec.patience, float(spec.min_delta))
 

@@ -100,6 +100,18 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.isfinite(jnp.sqrt(total))
 
 
+def _average(new: Any, old: Any, step_size: jax.Array) -> Any:
+    """``optax.incremental_update`` of the floating leaves; other leaves (a counter in a
+    model's state) take their new value."""
+
+    def leaf(n: jax.Array, o: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(n.dtype, jnp.inexact):
+            return n
+        return optax.incremental_update(n, o, step_size)
+
+    return jax.tree.map(leaf, new, old)
+
+
 def _update_if_finite(
     finite: jax.Array,
     optimizer: optax.GradientTransformation,
@@ -124,7 +136,7 @@ def _update_if_finite(
         params = optax.apply_updates(state.params, updates)
         new_ema = ema
         if ema_step is not None:
-            average = functools.partial(optax.incremental_update, step_size=ema_step)
+            average = functools.partial(_average, step_size=ema_step)
             ema_model_state = None if ema[1] is None else average(model_state, ema[1])
             new_ema = (average(params, ema[0]), ema_model_state)
         new = (params, model_state, opt_state, new_ema)

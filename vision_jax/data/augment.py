@@ -29,8 +29,8 @@ DECODING = {
     "channels": "grey repeated to RGB; alpha dropped, not composited; palette and CMYK to RGB",
     "bit_depth": "16-bit PNGs to 8 bits as value // 256",
     "jpeg": "libjpeg's accurate integer DCT, as PIL decodes",
-    "other_formats": "GIF, BMP and WebP as PIL's Image.convert('RGB') reads them (the first "
-    "frame of an animation, on its whole canvas)",
+    "other_formats": "GIF, BMP, WebP and any other format PIL reads (TIFF, ...) as PIL's "
+    "Image.convert('RGB') reads them (the first frame of an animation, on its whole canvas)",
 }
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -76,7 +76,7 @@ def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
                 return np.asarray(image.convert("RGB")), ""
         except Image.UnidentifiedImageError:
             return np.zeros((0, 0, 3), np.uint8), "not an image file of a known format"
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's kinds of unreadable file
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return np.zeros((0, 0, 3), np.uint8), f"{type(e).__name__}: {e}"
 
     image, problem = tf.py_function(read, [data], (tf.uint8, tf.string))

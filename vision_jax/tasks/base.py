@@ -45,7 +45,9 @@ class Task(abc.ABC):
     name: ClassVar[str]
     target: ClassVar[str]  # the batch key holding the targets
     headline: ClassVar[str]  # the metric that sums up an evaluation (``eval/<headline>``)
-    headline_mode: ClassVar[str] = "max"  # "min" where a lower headline is better (an error)
+    # "min" where a lower headline is better (an error), "max" where higher; None: "min" for a
+    # name ending in "loss", else "max" (what model selection keeps)
+    headline_mode: ClassVar[str | None] = None
     train_metrics: ClassVar[type[metrics.Collection]]
     # ``predict``'s outputs an evaluation returns, each with the batch axis first (a report's
     # figures are made of them); none: the eval step does not call ``predict``.

@@ -349,9 +349,8 @@ def read_variables(
         raise WeightFormatError(
             f"Checkpoint {step_dir} holds no EMA parameters: the run did not set ema_decay."
         )
-    state_key = (
-        "ema_model_state" if ema and state.get("ema_model_state") is not None else ("model_state")
-    )
+    has_ema_state = state.get("ema_model_state") is not None
+    state_key = "ema_model_state" if ema and has_ema_state else "model_state"
     used = {k: state[k] for k in (params_key, state_key) if k in state}
     for folder, damage in (
         (step_dir, state_damage(step_dir, meta, state, used)),
