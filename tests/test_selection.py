@@ -126,14 +126,18 @@ def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validat
     assert longer["best/step"] == 4 and longer["best/val/top1"] == 0.7
 
 
-@pytest.mark.parametrize("cut", [3, 5])  # a validation on the way; the one that stops early
+@pytest.mark.parametrize(
+    "cut, total", [(3, 14), (5, 14), (2, 4)]
+)  # a validation on the way; the one that stops early; the last step's, a new best
 def test_a_signal_during_a_validation_stops_it_and_the_rerun_validates_that_step_first(
-    tmp_path, scripted_validation, monkeypatch, cut
+    tmp_path, scripted_validation, monkeypatch, cut, total
 ):
     """A stop signal during a validation ends it at the next batch (a long validation could
     outlast a preemption's grace period); the step is saved with its validation pending, and
-    the rerun does that validation first: it selects, stops early and tests as the
-    uninterrupted run (SCRIPT: the 5th validation, step 10, stops it; the best is step 4)."""
+    the rerun does that validation first and records it in that step's meta: it selects, stops
+    early and tests as the uninterrupted run (SCRIPT: the 5th validation, step 10, stops it;
+    the best is step 4), and a run started again after it reports the same without
+    validating again."""
     import os
     import signal
     import time
@@ -151,21 +155,31 @@ def test_a_signal_during_a_validation_stops_it_and_the_rerun_validates_that_step
             raise AssertionError("the validation was not interrupted")
         return scripted(run, state, source, split, observe, interrupt)
 
+    config = selecting_config()
+    config.total_steps = total
     monkeypatch.setattr(train, "run_evaluation", signal_during_validation)
     with pytest.raises(StopRequested, match=f"stopped at step {2 * cut} .SIGTERM."):
-        train_and_evaluate(selecting_config(), str(tmp_path))
+        train_and_evaluate(config, str(tmp_path))
     assert steps(tmp_path)[-1] == 2 * cut and scripted_validation["val"] == cut - 1
     saved = meta(tmp_path, 2 * cut)
     assert saved["evaluation_pending"] and not saved["stopped_early"]
-    assert "reported" not in saved
+    assert "train/loss" in saved["reported"] and "val/top1" not in saved["reported"]
 
     monkeypatch.setattr(train, "run_evaluation", scripted)
-    result = train_and_evaluate(selecting_config(), str(tmp_path))
-    assert scripted_validation["val"] == 5  # each validation once, the cut one again
-    assert steps(tmp_path) == [2, 4, 6, 8, 10]
+    result = train_and_evaluate(config, str(tmp_path))
+    validations = min(5, total // 2)
+    assert scripted_validation["val"] == validations  # each validation once, the cut one again
+    assert steps(tmp_path) == list(range(2, 2 * validations + 1, 2))
     assert result["best/step"] == 4 and result["best/val/top1"] == 0.7
     assert [p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()] == ["4"]
     assert len(scripted_validation["eval"]) == 1  # the best tested once
+    recorded = meta(tmp_path, 2 * cut)
+    assert "evaluation_pending" not in recorded
+    assert recorded["selection"]["best_step"] == 4
+    assert recorded["stopped_early"] == (cut == 5)
+    again = train_and_evaluate(config, str(tmp_path))  # finished: reported, not validated
+    assert scripted_validation["val"] == validations
+    assert again["best/step"] == 4 and "train/loss" in again and "val/top1" in again
 
 
 def test_a_step_checkpoint_is_saved_after_the_best_it_names_is_complete(

@@ -21,7 +21,7 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -275,6 +275,15 @@ class Checkpointer:
             return json.loads((self.step_dir(step) / META_FILE).read_text())
         except (OSError, ValueError):
             return None
+
+    def update_meta(self, step: int, meta: Mapping[str, Any]) -> None:
+        """Replaces the ``meta`` item of the saved ``step`` by ``meta`` (a new file renamed over
+        the old one: a crash leaves one or the other whole). For single-process runs."""
+        self.wait()
+        path = self.step_dir(step) / META_FILE
+        partial = path.parent / f"{path.name}.partial"
+        partial.write_text(json.dumps(meta))
+        partial.replace(path)
 
     def save_frozen(self, frozen: Any) -> None:
         """Writes the frozen parameters once, beside the checkpoints (they never change, so step

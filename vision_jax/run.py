@@ -474,18 +474,25 @@ _ADDED_FIELDS = ("ema_model_state", "skips")
 
 
 def _restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, dict] | None:
-    """``ckpt.restore_latest`` into ``state``'s shapes and shardings. A checkpoint of an earlier
-    layout (:data:`_ADDED_FIELDS`) restores with the skip counts at zero and the EMA's model
-    state starting from the restored model state."""
+    """``ckpt.restore_latest`` into ``state``'s shapes and shardings (:func:`restore_into`)."""
+    return restore_into(ckpt.restore_latest, state)
+
+
+def restore_into(
+    read: Callable[[Any], tuple[Any, dict] | None], state: TrainState
+) -> tuple[TrainState, dict] | None:
+    """``read(abstract)`` (a checkpoint's state values and meta, or None) into ``state``'s
+    shapes and shardings. A checkpoint of an earlier layout (:data:`_ADDED_FIELDS`) restores
+    with the skip counts at zero and the EMA's model state from the restored model state."""
     try:
-        return ckpt.restore_latest(abstract_state(state))
+        return read(abstract_state(state))
     except CheckpointError as error:
         for count in range(1, len(_ADDED_FIELDS) + 1):
             missing = _ADDED_FIELDS[:count]
             fields = [f.name for f in dataclasses.fields(state) if f.name not in missing]
             abstract = {f: abstract_state(getattr(state, f)) for f in fields}
             with contextlib.suppress(CheckpointError):
-                restored = ckpt.restore_latest(abstract)
+                restored = read(abstract)
                 break
         else:
             raise error from None

@@ -28,7 +28,7 @@ from vision_jax import data as data_lib
 from vision_jax import host_memory, sharding
 from vision_jax.checkpoint import CheckpointError
 from vision_jax.metrics import scalars
-from vision_jax.run import Run, abstract_state, build_run
+from vision_jax.run import Run, abstract_state, build_run, restore_into
 from vision_jax.selection import Selection
 from vision_jax.signals import StopRequested, StopSignals
 from vision_jax.steps import TrainState, evaluate
@@ -403,8 +403,8 @@ def _loop(
         split, _ = run.periodic_source
         before = _evaluate(run, state, 0, writer)
         results.update({k.replace(split, f"{split}_before", 1): v for k, v in before.items()})
-    if run.evaluation_pending:
-        startup.wait_before_evaluating()
+    if run.evaluation_pending and not (_finished(run) and run.selection is None):
+        startup.wait_before_evaluating()  # (a final evaluation follows anyway)
         results.update(_evaluate_pending(run, state, writer, stop))
     if _finished(run):  # already finished: report the final evaluation again
         results.update(run.reported or {})  # its last train (and validation) metrics
@@ -530,8 +530,8 @@ def _end_step(
         if run.best is not None:  # the best a step's meta names is complete before the step
             run.best.wait()
         meta = {**_meta(run, early), "train_window": log.window()}
-        if early or (last and not pending):  # what a finished run started again reports
-            meta["reported"] = {**log.last, **results}
+        if early or last or pending:  # what a finished run started again reports (a pending
+            meta["reported"] = {**log.last, **results}  # evaluation may finish the run)
         if pending:
             meta["evaluation_pending"] = True
         run.checkpointer.save(
@@ -588,7 +588,15 @@ def _evaluate(
 def _test_best(run: Run, writer: MetricWriter, stop: StopSignals) -> dict[str, float]:
     """The best state, evaluated once on the eval (test) split: ``eval/...``, plus
     ``best/step`` and ``best/<metric>`` (its validation figure)."""
-    step, state, meta = run.best.restore(abstract_state(run.state), run.checkpointer.step_dir)
+    steps = []
+
+    def read(abstract: Any) -> tuple[Any, dict]:
+        step, values, meta = run.best.restore(abstract, run.checkpointer.step_dir)
+        steps.append(step)
+        return values, meta
+
+    state, meta = restore_into(read, run.state)
+    step = steps[-1]
     selection = run.selection.resumed(meta.get("selection"))
     observe = _final_observer(run, run.best.directory, step)
     interrupt = _stop_evaluating(run, stop, run.selection.stopped_at or run.total_steps)
@@ -641,18 +649,26 @@ def _evaluate_pending(
     run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals
 ) -> dict[str, float]:
     """The periodic evaluation of the restored step that a stop signal cut short (a selection
-    sees it, and may stop the run early there); stopped again, the checkpoint keeps it
-    pending."""
-    step = run.start_step
+    sees it, and may stop the run early there), recorded in that step's meta as the save after
+    an evaluation records it; stopped again, the checkpoint keeps it pending."""
+    step, selection = run.start_step, run.selection
     logger.info("Evaluating step %d first: a stop signal cut its evaluation short.", step)
     try:
         results = _evaluate(run, state, step, writer, interrupt=_stop_periodic(stop))
     except _EvaluationStopped:
         raise StopRequested(step, stop.reason, run.checkpointer.directory) from None
+    early = selection is not None and selection.should_stop
+    if early:
+        selection.stopped_at = step
+        _log_early_stop(selection, step)
+    saved = run.checkpointer.read_meta(step) or {}
+    saved.pop("evaluation_pending", None)
+    if early or step == run.total_steps:
+        run.reported = saved["reported"] = {**(saved.get("reported") or {}), **results}
+    if run.best is not None:  # the best a step's meta names is complete before the step
+        run.best.wait()
+    run.checkpointer.update_meta(step, {**saved, **_meta(run, early)})
     run.evaluation_pending = False
-    if run.selection is not None and run.selection.should_stop:
-        run.selection.stopped_at = step
-        _log_early_stop(run.selection, step)
     return results
 
 
