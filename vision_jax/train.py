@@ -668,7 +668,6 @@ def _evaluate_pending(
     if run.best is not None:  # the best a step's meta names is complete before the step
         run.best.wait()
     run.checkpointer.update_meta(step, {**saved, **_meta(run, early)})
-    run.evaluation_pending = False
     return results
 
 
