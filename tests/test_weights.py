@@ -739,7 +739,7 @@ def test_a_non_square_grid_loads_into_a_model_of_its_size(timm, tmp_path):
     loaded = load_pretrained(tmp_path / "wide.safetensors", model=model, variables=init)
     x = np.random.default_rng(5).standard_normal((2, 32, 64, 3)).astype(np.float32)
     assert_close(apply(model, loaded, x), torch_logits(ref, x))
-    with pytest.raises(ValueError, match="6 grid tokens, not a square grid .* only square grids"):
+    with pytest.raises(ValueError, match="6 grid tokens, not a square grid: pass the model"):
         load_pretrained(
             tmp_path / "wide.safetensors", model=model,
             variables=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
@@ -1003,3 +1003,28 @@ def test_train_applies_the_input_contract(tmp_path, caplog):
     )
     # The run records the input it really used, so a later run starting from it inherits it.
     assert input_contract(tmp_path / "run") == InputContract(16, IMAGENET[0], IMAGENET[1])
+
+
+def test_a_square_checkpoint_resamples_to_a_non_square_model_grid(timm, tmp_path, caplog):
+    """A 4x4 checkpoint into a model initialised at 128x32 px (an 8x2 grid: 16 rows, a square
+    count) resamples to 8x2 as timm's resample_abs_pos_embed does, given the model's size; a
+    size that is not the model's is named."""
+    from safetensors.numpy import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    sd = state_dict_np(timm_vit(timm, img_size=64))
+    save_file(sd, str(tmp_path / "square.safetensors"))
+    model = vit()
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 128, 32, 3)))
+    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    path = tmp_path / "square.safetensors"
+    with caplog.at_level(logging.INFO):
+        loaded = load_pretrained(path, model=model, variables=init, image_size=(128, 32))
+    assert "4x4 -> 8x2 (bicubic)" in caplog.text
+    want = resample_abs_pos_embed(
+        __import__("torch").from_numpy(sd["pos_embed"]), (8, 2), num_prefix_tokens=1
+    )
+    got = loaded["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(96, 96\) with 16x16 patches is a 6x6 grid"):
+        load_pretrained(path, model=model, variables=init, image_size=96)

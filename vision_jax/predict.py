@@ -315,7 +315,9 @@ def _pretrained_classifier(
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
     # Zeros of the model's shapes: the strict merge takes every value from the file.
     template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    return model, weights.load_pretrained(path, model=model, variables=template)
+    return model, weights.load_pretrained(
+        path, model=model, variables=template, image_size=image_size
+    )
 
 
 def decoded_sizes(paths: Sequence[str]) -> tuple[list[Sized], list[tuple[str, str]]]:

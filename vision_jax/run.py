@@ -175,6 +175,7 @@ def create_variables(
         dont_load=tuple(init_spec.dont_load),
         posemb=init_spec.posemb,
         head_bias_init=float(init_spec.head_bias_init),
+        image_size=size,
     )
     variables = with_adapters(_initialise_abstract(loaded, base_init, init_rng))
     return sharding.put(variables, shardings), shardings, input_spec

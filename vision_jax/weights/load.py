@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 
 from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights import surgery
@@ -34,6 +35,7 @@ def load_pretrained(
     dont_load: Sequence[str] = (),
     posemb: str | None = None,
     head_bias_init: float = 0.0,
+    image_size: int | tuple[int, int] | None = None,
 ) -> dict:
     """Loads pretrained weights into a copy of ``variables`` (the model's initial variables).
 
@@ -51,6 +53,10 @@ def load_pretrained(
       posemb: ``"bilinear"`` or ``"bicubic"`` resampling of position embeddings to a new grid;
         None: the weights' own convention (:func:`~vision_jax.weights.dispatch.posemb_method`).
       head_bias_init: the bias of a re-initialised head.
+      image_size: the (height, width) (or one side) ``variables`` were initialised at: a ViT's
+        position embeddings are resampled to that grid of patches. None: a square grid (the
+        position embedding's row count tells no other shape). A checkpoint's grid is taken as
+        square, or as the model's when it has the model's row count.
 
     Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
     and patch embeddings are resampled to the model's grid and patch size, and every step is
@@ -73,6 +79,7 @@ def load_pretrained(
             dont_load=dont_load,
             posemb=posemb or posemb_method(source),
             head_bias_init=head_bias_init,
+            image_size=None if image_size is None else _height_width(image_size),
         )
     except ValueError as e:
         what = describe_source(source)
@@ -83,6 +90,11 @@ def load_pretrained(
         raise WeightMismatchError(str(e).replace(name, describe_source(source), 1)) from e
     surgery.log_summary(name, rows, n_read)
     return merged
+
+
+def _height_width(image_size: int | Sequence[int]) -> tuple[int, int]:
+    height, width = np.broadcast_to(image_size, 2).tolist()
+    return int(height), int(width)
 
 
 def apply_input_contract(spec: Any, source: str | os.PathLike | InputContract) -> Any:

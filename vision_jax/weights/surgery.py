@@ -165,17 +165,43 @@ def _task_head(init: Flat, loaded: Flat) -> list[Row]:
     return [("task head", f"initialised fresh ({len(paths)} arrays)")]
 
 
-def _posemb(init: Flat, loaded: Flat, had_cls: bool, method: str) -> list[Row]:
+def model_grid(init: Flat, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The model's patch grid (rows, columns): ``image_size`` over the patch embedding's kernel
+    size; without ``image_size``, the square grid of its position embedding's rows."""
+    tokens = np.shape(init[POSEMB])[1] - int(CLS in init)
+    if image_size is None:
+        side = _square(
+            tokens,
+            "The model's position embedding",
+            ": pass the model's image size (load_pretrained's image_size=(height, width))",
+        )
+        return side, side
+    patch = np.shape(init[PATCH])[:2]
+    grid = (image_size[0] // patch[0], image_size[1] // patch[1])
+    if grid[0] * grid[1] != tokens:
+        raise ValueError(
+            f"image_size {tuple(image_size)} with {patch[0]}x{patch[1]} patches is a "
+            f"{grid[0]}x{grid[1]} grid, but the model's position embedding has {tokens} grid "
+            "rows: pass the size the model was initialised at."
+        )
+    return grid
+
+
+def _posemb(
+    init: Flat, loaded: Flat, had_cls: bool, method: str, image_size: tuple[int, int] | None
+) -> list[Row]:
     if POSEMB not in loaded or POSEMB not in init:
         return []
     old, tokens = loaded[POSEMB], np.shape(init[POSEMB])[1]
     new_prefix = int(CLS in init)
-    if old.shape[1] == tokens and had_cls == bool(new_prefix):
+    oblong = image_size is not None and len(set(model_grid(init, image_size))) == 2
+    if old.shape[1] == tokens and had_cls == bool(new_prefix) and not oblong:
         return []  # the model's own layout (non-square grids included)
     # A grid's rows are a square; one more is a class token's row (old checkpoints of gap models
     # keep one too). big_vision's tok ViTs and timm's no_embed_class ones give their class token
     # no position embedding: a zero row is the same function. (A grid of another shape cannot be
-    # told from the row count: only square grids are resampled.)
+    # told from the row count: a checkpoint's grid is square when its count allows one, else
+    # the model's; only square grids are resampled.)
     old_prefix = int(math.isqrt(old.shape[1]) ** 2 != old.shape[1])
     rows = []
     if had_cls and new_prefix and not old_prefix:
@@ -185,16 +211,15 @@ def _posemb(init: Flat, loaded: Flat, had_cls: bool, method: str) -> list[Row]:
         old = old[:, old_prefix - new_prefix :]
         old_prefix = new_prefix
         rows.append(("posemb", "class-token row dropped (the model pools with gap)"))
-    if old.shape[1] - old_prefix != tokens - new_prefix:
-        side = _square(
-            tokens - new_prefix,
-            "The model's position embedding",
-            f" (the checkpoint's has {old.shape[1]} rows): only square grids are resampled; "
-            "build the model at the checkpoint's image size",
+    before = math.isqrt(old.shape[1] - old_prefix)
+    square = before * before == old.shape[1] - old_prefix  # else taken as the model's grid
+    if old.shape[1] - old_prefix != tokens - new_prefix or (oblong and square):
+        grid = model_grid(init, image_size)
+        old = resample_posemb(old, num_prefix=old_prefix, new_grid=grid, method=method)
+        assumed = " (the model's grid taken as square)" if image_size is None else ""
+        rows.append(
+            ("posemb", f"resampled {before}x{before} -> {grid[0]}x{grid[1]} ({method}){assumed}")
         )
-        before = math.isqrt(old.shape[1] - old_prefix)
-        old = resample_posemb(old, num_prefix=old_prefix, new_grid=(side, side), method=method)
-        rows.append(("posemb", f"resampled {before}x{before} -> {side}x{side} ({method})"))
     loaded[POSEMB] = old
     return rows
 
@@ -207,8 +232,10 @@ def adapt(
     dont_load: Sequence[str] = (),
     posemb: str = "bilinear",
     head_bias_init: float = 0.0,
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[dict, list[Row]]:
-    """Adapts nested ``loaded`` variables to the model whose initial variables are ``init``.
+    """Adapts nested ``loaded`` variables to the model whose initial variables are ``init``
+    (initialised at ``image_size``, (height, width); None: a square grid of patches).
 
     Returns the adapted flat variables and the summary rows. Whatever still differs afterwards is
     left for the strict merge to report.
@@ -234,7 +261,7 @@ def adapt(
     if not any(p in keep for p in HEAD):
         rows += _head(flat_init, flat, replace_head, head_bias_init)
     rows += _task_head(flat_init, flat)
-    rows += _posemb(flat_init, flat, had_cls, posemb)
+    rows += _posemb(flat_init, flat, had_cls, posemb, image_size)
     if PATCH in flat and PATCH in flat_init:
         old, new = np.shape(flat[PATCH]), np.shape(flat_init[PATCH])
         if old[:2] != new[:2] and old[2:] == new[2:]:
