@@ -8,8 +8,10 @@ import csv
 import json
 import logging
 import pathlib
+import shutil
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -391,6 +393,24 @@ def ema_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     config.data.train_split, config.data.val_split = "train[:90%]", "train[90%:]"
     config.early_stopping.metric = "val_ema/top1"
     return workdir, train_and_evaluate(config, str(workdir))
+
+
+def test_a_workdir_with_only_its_best_checkpoint_reads_it(ema_run, tmp_path):
+    """A workdir whose step checkpoints were deleted to save space (``best`` kept) loads,
+    predicts and reports from its best step, as ``--which=best`` would."""
+    from vision_jax.weights.run_dir import latest_step_dir
+
+    workdir, _ = ema_run
+    kept = tmp_path / "run"
+    shutil.copytree(workdir, kept, ignore=lambda d, names: ["checkpoints"] * (d == str(workdir)))
+    assert (
+        latest_step_dir(kept)
+        == latest_step_dir(kept, "best")
+        == (kept / latest_step_dir(workdir, "best").relative_to(workdir))
+    )
+    want = load_trained(workdir, which="best").variables
+    got = load_trained(kept, which="latest").variables
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_ema_parameters_predict_as_the_runs_ema_evaluation(ema_run, tmp_path):

@@ -261,6 +261,15 @@ def test_command_line_error_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vision_jax.report: error: No vision_jax checkpoint found in")
     assert "\n" not in err
+    with pytest.raises(SystemExit) as exit_:
+        report_main([f"--workdir={tmp_path}", "--hardest=-1"])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("error: --hardest must be >= 0 (examples to show), got -1.")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -378,3 +387,27 @@ write_records([{"file": "a.png", "label": names[1]}], str(out / "predictions.csv
     for name, want in [("table.csv", names[0]), ("confusion.csv", names[1]),
                        ("predictions.csv", names[1])]:  # fmt: skip
         assert want in (tmp_path / name).read_text(encoding="utf-8")
+
+
+def test_a_class_absent_from_labels_and_predictions_stays_out_of_the_macro_average():
+    """scikit-learn's default labels (those in y_true or y_pred): a class of the run that the
+    split never shows and the model never predicts has no scores and no vote in the macro
+    average; one that is only predicted (or only labelled) counts with zeros."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    from vision_jax.report.tables import classification_table
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 300)  # classes 0-4 labelled
+    predicted = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 6, 300))  # 5: predicted
+    names = [f"c{i}" for i in range(7)]  # class 6: neither
+    want = classification_report(labels, predicted, output_dict=True, zero_division=0)
+    table = classification_table(confusion_matrix(labels, predicted, labels=range(7)), names)
+    rows = {row[0]: row for row in table.rows + table.totals}
+    for i, key in enumerate(("precision", "recall", "f1-score"), start=1):
+        for c in range(6):
+            assert rows[f"c{c}"][i] == pytest.approx(want[str(c)][key], abs=1e-12)
+        assert rows["macro avg"][i] == pytest.approx(want["macro avg"][key], abs=1e-12)
+        assert rows["weighted avg"][i] == pytest.approx(want["weighted avg"][key], abs=1e-12)
+        assert rows["c6"][i] is None
+    assert rows["c6"][4] == 0

@@ -21,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_run_options(parser)
     parser.add_argument("--hardest", type=int, default=16, help="hardest examples to show")
     args = parser.parse_args(argv)
+    if args.hardest < 0:
+        parser.error(f"--hardest must be >= 0 (examples to show), got {args.hardest}.")
     logging.basicConfig(level=logging.WARNING)
     from vision_jax.output_errors import failed_write
     from vision_jax.report import write_report  # after parsing: --help stays fast

@@ -38,20 +38,25 @@ def _ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
 def classification_table(matrix: np.ndarray, class_names: Sequence[str]) -> Table:
     """Precision, recall, F1 and support per class, their macro and support-weighted averages
     and the accuracy, laid out as scikit-learn's ``classification_report`` (the accuracy row
-    holds the accuracy under ``f1-score`` and the total support)."""
+    holds the accuracy under ``f1-score`` and the total support). A class neither in the
+    labels nor predicted has no scores and stays out of the macro average, as scikit-learn's
+    default ``labels`` leave it out (and torchmetrics' macro average)."""
     matrix = np.asarray(matrix, np.float64)
     tp, support, predicted = np.diag(matrix), matrix.sum(1), matrix.sum(0)
     precision, recall = _ratio(tp, predicted), _ratio(tp, support)
     f1 = _ratio(2 * tp, support + predicted)
-    total = support.sum()
+    total, seen = support.sum(), (support + predicted) > 0
     weights = support / total if total else np.zeros_like(support)
     rows = [
-        [name, p, r, f, int(s)]
-        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+        [name, *((p, r, f) if present else (None,) * 3), int(s)]
+        for name, p, r, f, s, present in zip(
+            class_names, precision, recall, f1, support, seen, strict=True
+        )
     ]
+    macro = [float(v[seen].mean()) if seen.any() else 0.0 for v in (precision, recall, f1)]
     totals = [
         ["accuracy", None, None, float(tp.sum() / total) if total else 0.0, int(total)],
-        ["macro avg", precision.mean(), recall.mean(), f1.mean(), int(total)],
+        ["macro avg", *macro, int(total)],
         ["weighted avg", weights @ precision, weights @ recall, weights @ f1, int(total)],
     ]
     return Table(("class", "precision", "recall", "f1-score", "support"), rows, totals)

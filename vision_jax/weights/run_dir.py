@@ -150,11 +150,13 @@ def _newest_step(folder: pathlib.Path) -> pathlib.Path | None:
 def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.Path:
     """Resolves a run's workdir, its ``checkpoints`` folder, or a step folder to a step folder:
     the newest checkpoint (``which="latest"``), or the best step if the run kept one and the
-    newest checkpoint otherwise (``which="best"``)."""
+    newest checkpoint otherwise (``which="best"``). A workdir whose step checkpoints were
+    deleted (only ``best`` kept) resolves to its best step either way."""
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
     path = pathlib.Path(path).absolute()
-    if which == "best" and (path / CHECKPOINTS_DIR).is_dir() and _step_folders(path / BEST_DIR):
+    only_best = not (path / CHECKPOINTS_DIR).exists()
+    if (which == "best" or only_best) and _step_folders(path / BEST_DIR):
         best = _newest_step(path / BEST_DIR)
         if best is None:
             raise WeightFormatError(
