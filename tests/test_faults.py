@@ -8,6 +8,7 @@ kill them, and time how long the survivors take to exit.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -244,6 +245,26 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_exactly(tmp_path, 
     train_and_evaluate(cfg, str(stopped))
     assert sorted(step_dirs(stopped)) == [3, 6]
     assert same(full, stopped)
+
+
+def test_sigterm_during_a_fresh_runs_setup_says_nothing_was_saved(tmp_path, monkeypatch):
+    import vision_jax.train as train_lib
+
+    build = train_lib.build_run
+
+    def build_after_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "build_run", build_after_sigterm)
+    with pytest.raises(StopRequested) as info:
+        train_and_evaluate(config(total_steps=2), str(tmp_path))
+    assert str(info.value) == (
+        "stopped before the first step (SIGTERM); nothing was saved. Run the same command "
+        "again to start."
+    )
+    assert not step_dirs(tmp_path)
 
 
 def test_sigterm_in_the_final_evaluation_stops_it_and_the_rerun_evaluates(tmp_path, monkeypatch):
@@ -875,7 +896,7 @@ def test_lr_1e6_on_a_finished_run_keeps_its_good_checkpoints(tmp_path, policy):
             assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch):
+def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, caplog):
     """--compilation_cache: the folder ('auto': jax_cache beside the workdir), and a cache that
     keeps programs of any compile time unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is set."""
     from jax._src import compilation_cache as cache
@@ -886,6 +907,10 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch):
     assert compilation_cache_dir("gs://b/runs/a", "auto") == "gs://b/runs/jax_cache"
     assert compilation_cache_dir("/runs/a", "off") is None
     assert compilation_cache_dir("/runs/a", "/c") == "/c"
+    for off in ("false", "None", "no", "0", "OFF"):  # absl habits: off, not a folder "false"
+        assert compilation_cache_dir("/runs/a", off) is None
+    with pytest.raises(ValueError, match="--compilation_cache is empty"):
+        compilation_cache_dir("/runs/a", " ")
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     before = {name: getattr(jax.config, name) for name in names}
     try:
@@ -899,6 +924,11 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch):
         configure_compilation_cache(str(tmp_path / "run"), "off")
         assert jax.config.jax_compilation_cache_dir is None
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 2
+        (tmp_path / "a_file").write_text("")  # a folder that cannot be made: off, warned
+        with caplog.at_level(logging.WARNING):
+            configure_compilation_cache(str(tmp_path / "run"), str(tmp_path / "a_file" / "c"))
+        assert jax.config.jax_compilation_cache_dir is None
+        assert f"compilation cache {tmp_path / 'a_file' / 'c'} cannot be written (" in caplog.text
     finally:
         for name, value in before.items():
             jax.config.update(name, value)

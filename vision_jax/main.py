@@ -20,6 +20,7 @@ import math
 import os
 import posixpath
 import sys
+import tempfile
 from typing import Any
 
 from absl import app, flags
@@ -58,6 +59,9 @@ flags.DEFINE_string(
     "JAX's persistent compilation cache, so that a resume or another run of the same config "
     "starts without recompiling: a folder, 'auto' (JAX's own setting, JAX_COMPILATION_CACHE_DIR, "
     "if there is one, else jax_cache beside the workdir) or 'off'.",
+)
+flags.register_validator(
+    "compilation_cache", lambda v: bool(v.strip()), "is empty: give a folder, 'auto' or 'off'."
 )
 flags.DEFINE_bool(
     "report",
@@ -175,11 +179,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     return []  # unreachable: _usage_error exits
 
 
+_CACHE_OFF = ("off", "false", "none", "no", "0")
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why files cannot be created in ``folder`` (made if missing), or None."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def compilation_cache_dir(workdir: str, setting: str) -> str | None:
-    """The persistent compilation cache folder of ``--compilation_cache`` (None: off; 'auto':
-    ``jax_cache`` beside the workdir)."""
-    if setting == "off":
+    """The persistent compilation cache folder of ``--compilation_cache`` (None: off, also
+    spelled false, none, no or 0; 'auto': ``jax_cache`` beside the workdir)."""
+    if setting.strip().lower() in _CACHE_OFF:
         return None
+    if not setting.strip():
+        raise ValueError("--compilation_cache is empty: give a folder, 'auto' or 'off'.")
     if setting != "auto":
         return setting
     workdir = workdir.rstrip("/")
@@ -195,11 +214,19 @@ def configure_compilation_cache(workdir: str, setting: str) -> None:
     """Sets JAX's persistent compilation cache as ``--compilation_cache`` says. A cache also
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless
-    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise."""
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. A local folder that cannot
+    be written turns the cache off, with a warning."""
     import jax
 
     if setting != "auto" or not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(workdir, setting))
+    folder = jax.config.jax_compilation_cache_dir
+    if folder and "://" not in folder and (problem := _unwritable(folder)):
+        logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
+                        "restart compiles again.", folder, problem)  # fmt: skip
+        jax.config.update("jax_compilation_cache_dir", None)
+    elif folder:
+        logging.info("Compilation cache: %s.", folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 

@@ -552,6 +552,9 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
         "coco_annotations", "coco_images",
     )
 )  # fmt: skip
+# Stream keys a finished run's restart refuses (a seed or batch-size sweep reusing the workdir);
+# the data's location may change (moved files evaluate as before).
+_FINISHED_STREAM_KEYS = ("seed", "batch_size", "data.train_split")
 # Config sections of the training recipe: a resume may change them (to train longer, say), warned.
 _RECIPE_SECTIONS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
@@ -611,9 +614,11 @@ def _resume_position(
 def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: str) -> None:
     """A finished run started again only evaluates again: a changed recipe would train nothing
     (a sweep reusing a workdir got the first run's metrics back), or evaluate and report the
-    trained model with another input than it trained with, over its report. Refused."""
+    trained model with another input than it trained with, over its report; so would another
+    seed, batch size or training split (even with ``resume_changed_data``). Refused."""
     saved = meta.get("config") or {}
-    if changes := _config_changes(saved, spec.config, _in_recipe):
+    compared = lambda key: _in_recipe(key) or key in _FINISHED_STREAM_KEYS
+    if changes := _config_changes(saved, spec.config, compared):
         how = "stopped early" if meta.get("stopped_early") else "finished"
         raise CheckpointError(
             f"The run in {where} has {how}; with the changed recipe ({'; '.join(changes)}) "

@@ -33,11 +33,15 @@ NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # set by JAX's preemption notifier (T
 class StopRequested(Exception):
     """Training stopped early on a signal, after saving (or already having) a checkpoint."""
 
-    def __init__(self, step: int, reason: str, directory: str):
+    def __init__(self, step: int, reason: str, directory: str | None):
+        """``directory``: where the checkpoint is; None: none was saved yet."""
         self.step, self.reason, self.directory = step, reason, directory
         super().__init__(
             f"stopped at step {step} ({reason}); checkpoint in {directory}. Run the same command "
             "again to resume."
+            if directory is not None
+            else f"stopped before the first step ({reason}); nothing was saved. Run the same "
+            "command again to start."
         )
 
 

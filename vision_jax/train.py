@@ -332,7 +332,8 @@ class _StartUp:
 
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     if stop.stop_before(run.start_step):  # during setup: nothing new to save
-        raise StopRequested(run.start_step, stop.reason, run.checkpointer.directory)
+        saved = run.checkpointer.directory if run.start_step else None
+        raise StopRequested(run.start_step, stop.reason, saved)
     startup = _StartUp(run)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir if is_main else None)
