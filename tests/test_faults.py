@@ -221,6 +221,21 @@ def test_final_metrics_are_valid_json():
     assert json.loads(line) == {"eval/top1": 0.5, "train/loss": None, "x": None}
 
 
+def test_the_best_checkpoint_line_gives_the_selected_parameters_figure():
+    """Selected on an EMA metric, the summary's eval figure is the EMA parameters' (the ones
+    predict, report and export read); otherwise the trained parameters'."""
+    from vision_jax.main import _summaries
+
+    results = {"best/step": 20.0, "eval/top1": 0.82, "eval_ema/top1": 0.81, "eval/examples": 100.0}
+    ema = _summaries({**results, "best/val_ema/top1": 0.9167}, "classification")
+    assert ema == [
+        "best checkpoint: step 20 (val_ema/top1 0.9167); its top-1 accuracy (EMA parameters) on "
+        "the eval split 0.8100 (100 examples)"
+    ]
+    plain = _summaries({**results, "best/val/top1": 0.9}, "classification")
+    assert plain[0].endswith("its top-1 accuracy on the eval split 0.8200 (100 examples)")
+
+
 # --- signals ------------------------------------------------------------------------------------
 
 

@@ -409,9 +409,13 @@ def _summaries(results: dict[str, float], task: str) -> list[str]:
     best = [k for k in results if k.startswith("best/") and k != "best/step"]
     if best:
         metric = best[0].removeprefix("best/")
+        # The parameters the selection measured: predict, report and export read those.
+        ema = "_ema/" in metric and f"eval_ema/{headline}" in results
+        final = results[f"eval_ema/{headline}" if ema else f"eval/{headline}"]
         lines.append(
             f"best checkpoint: step {int(results['best/step'])} ({metric} {results[best[0]]:.4f});"
-            f" its {name} on the eval split {results[f'eval/{headline}']:.4f} ({examples} examples)"
+            f" its {name}{' (EMA parameters)' if ema else ''} on the eval split {final:.4f} "
+            f"({examples} examples)"
         )
     return lines
 

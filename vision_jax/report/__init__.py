@@ -12,7 +12,9 @@
 * ``confusion_matrix.csv`` / ``.png``: counts ``[true, predicted]`` over the examples
   (segmentation: over the pixels);
 * ``hardest_examples.png`` / ``.csv``: the examples with the lowest probability on their true
-  label (segmentation: the lowest pixel accuracy), with their position in the split.
+  label (segmentation: the lowest pixel accuracy), with their file (file sources) and their
+  row in the split as sliced: with ``test[:20%]`` of arrays or IDX files, the row of the slice
+  (:func:`vision_jax.data.apply_slice` of the unsliced split's columns gives the same rows).
 
 The figures come from the run's own model and evaluation pipeline on its evaluation split
 (``config.data.eval_split``), in one process: from the training command's final evaluation
