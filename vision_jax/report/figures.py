@@ -55,9 +55,11 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: pathl
     ax = figure.add_subplot()
     shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= NAMES_UP_TO:
+    named = k <= NAMES_UP_TO
+    where = "" if named else " (class index: names in confusion_matrix.csv)"
+    ax.set_xlabel(f"predicted{where}")
+    ax.set_ylabel(f"true{where}")
+    if named:
         turned = k > 5 or max(map(len, class_names)) > 8
         ax.set_xticks(
             range(k), class_names, rotation=45 if turned else 0, ha="right" if turned else "center"
