@@ -56,6 +56,8 @@ def schedule_of(total: int = 100, steps_per_epoch: int = 10, **overrides):
          * np.clip((100 - t) / 10, 0, 1)),
         ({"decay": "step", "step_boundaries": (0.3, 0.6), "step_factor": 0.5},
          lambda t: 2.0 * 0.5 ** ((t >= 30) + (t >= 60))),
+        ({"decay": "linear", "end_factor": 0.1, "cooldown_steps": 10},
+         lambda t: 2.0 * (0.1 + 0.9 * (1 - t / 100)) * np.clip((100 - t) / 10, 0, 1)),
     ],
 )  # fmt: skip
 def test_schedules_match_numpy_reference(overrides, reference):
@@ -139,6 +141,20 @@ def test_optimizer_state_keeps_the_layout_checkpoints_hold(changes, layout):
     assert sorted({"/".join(path_to_str(p).split("/")[:3]) for p, _ in paths}) == layout
 
 
+def test_cosine_with_an_end_factor_is_timms_cosine_with_min_lr(timm):
+    """timm's CosineLRScheduler (warmup from 0 before the decay, ``warmup_prefix=True``,
+    ``lr_min``) step by step: ``end_factor`` = lr_min / lr."""
+    import torch
+    from timm.scheduler import CosineLRScheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    reference = CosineLRScheduler(optimizer, t_initial=90, lr_min=0.3, warmup_t=10,
+                                  warmup_lr_init=0.0, warmup_prefix=True)  # fmt: skip
+    fn = schedule_of(decay="cosine", warmup_steps=10, end_factor=0.15)
+    for t in range(101):
+        assert float(fn(t)) == pytest.approx(reference._get_lr(t)[0], abs=1e-6), t
+
+
 def test_schedule_errors():
     with pytest.raises(ValueError, match="at most one of schedule.warmup"):
         schedule_of(warmup_steps=5, warmup_fraction=0.1)
@@ -146,6 +162,10 @@ def test_schedule_errors():
         schedule_of(warmup_steps=60, cooldown_steps=50)
     with pytest.raises(ValueError, match="Unknown schedule.decay 'exp'"):
         schedule_of(decay="exp")
+    with pytest.raises(ValueError, match=r"schedule.end_factor must lie in \[0, 1\]; got 1.5"):
+        schedule_of(end_factor=1.5)
+    with pytest.raises(ValueError, match="end_factor"):
+        schedule_of(decay="constant", end_factor=0.1)
 
 
 def trained(mask) -> set[str]:

@@ -155,6 +155,9 @@ def default_config() -> ml_collections.ConfigDict:
     # step only: fractions of training where lr drops (None: (0.5, 0.75)), and by how much (0.1)
     c.schedule.step_boundaries = placeholder(tuple)
     c.schedule.step_factor = placeholder(float)
+    # cosine / linear only: where the decay ends, a fraction of the learning rate (None: 0;
+    # timm's min_lr / lr, big_vision's linear_end / lr)
+    c.schedule.end_factor = placeholder(float)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # > 0: train low-rank adapters (and the head) instead of the model

@@ -91,6 +91,8 @@ def schedule_numbers(
         "learning_rate": base_lr, "warmup_steps": warmup, "cooldown_steps": cooldown,
         "total_steps": total_steps,
     }  # fmt: skip
+    if schedule.decay in ("cosine", "linear"):
+        numbers["end_factor"] = schedule.end_factor
     if schedule.decay == "rsqrt":
         numbers["rsqrt_timescale"] = schedule.rsqrt_timescale
     if schedule.decay == "step":
@@ -104,7 +106,8 @@ def schedule_value(decay: str, numbers: Mapping[str, Any], step: Any) -> jax.Arr
     """The learning rate at ``step``: linear warmup from 0, then the ``decay`` shape, then an
     optional linear cooldown to 0. ``numbers`` (:func:`schedule_numbers`) may be traced.
 
-    ``decay``: ``cosine`` and ``linear`` go to 0 at the end of training, ``constant`` stays,
+    ``decay``: ``cosine`` and ``linear`` go to ``end_factor`` (0 by default) at the end of
+    training (timm's ``lr_min + (lr - lr_min) * shape``), ``constant`` stays,
     ``rsqrt`` is ``1 / sqrt(1 + t / rsqrt_timescale)`` (t counted after warmup), ``step``
     multiplies by ``step_factor`` at each of ``step_boundaries`` (fractions of training).
     """
@@ -122,6 +125,8 @@ def schedule_value(decay: str, numbers: Mapping[str, Any], step: Any) -> jax.Arr
             numbers["step_factor"] ** jnp.sum(t >= numbers["step_at"], dtype=jnp.float32)
         ),
     }[decay]()
+    if "end_factor" in numbers:
+        shape = numbers["end_factor"] + (1.0 - numbers["end_factor"]) * shape
     shape *= jnp.where(warmup > 0, jnp.minimum(t / jnp.maximum(warmup, 1.0), 1.0), 1.0)
     shape *= jnp.where(cooldown > 0, jnp.clip((total - t) / jnp.maximum(cooldown, 1.0), 0, 1), 1)
     return numbers["learning_rate"] * shape

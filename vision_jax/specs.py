@@ -356,6 +356,7 @@ class ScheduleSpec:
     rsqrt_timescale: float = 10_000  # rsqrt only
     step_boundaries: tuple[float, ...] = (0.5, 0.75)  # step only: fractions of training
     step_factor: float = 0.1  # step only
+    end_factor: float = 0.0  # cosine and linear only: their final value, a fraction of the lr
 
     def __post_init__(self) -> None:
         if self.decay not in SCHEDULES:
@@ -367,6 +368,7 @@ class ScheduleSpec:
             )
         check_interval("schedule.rsqrt_timescale", self.rsqrt_timescale, "(0, inf)")
         check_interval("schedule.step_factor", self.step_factor, "(0, inf)")
+        check_interval("schedule.end_factor", self.end_factor, "[0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,12 +465,15 @@ def init_spec(section: Any) -> InitSpec:
 
 
 def schedule_spec(section: Any) -> ScheduleSpec:
-    """:class:`ScheduleSpec` of ``config.schedule``; rsqrt / step keys only with that decay."""
+    """:class:`ScheduleSpec` of ``config.schedule``; rsqrt / step / end keys only with their
+    decays."""
     values = _section(section, ScheduleSpec)
     decay = values["decay"]
     _only_with("schedule", values, ("rsqrt_timescale",), decay == "rsqrt", "to decay='rsqrt'")
     step_keys = ("step_boundaries", "step_factor")
     _only_with("schedule", values, step_keys, decay == "step", "to decay='step'")
+    ends = decay in ("cosine", "linear")
+    _only_with("schedule", values, ("end_factor",), ends, "to decay='cosine' or 'linear'")
     return _build(ScheduleSpec, values, "schedule")
 
 
