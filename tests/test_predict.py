@@ -411,6 +411,8 @@ def test_a_workdir_with_only_its_best_checkpoint_reads_it(ema_run, tmp_path):
     want = load_trained(workdir, which="best").variables
     got = load_trained(kept, which="latest").variables
     jax.tree.map(np.testing.assert_array_equal, got, want)
+    (kept / "checkpoints").mkdir()  # emptied rather than removed: the same
+    assert latest_step_dir(kept) == latest_step_dir(kept, "best")
 
 
 def test_ema_parameters_predict_as_the_runs_ema_evaluation(ema_run, tmp_path):

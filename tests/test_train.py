@@ -183,8 +183,9 @@ def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
     for key, value in (("seed", 1), ("batch_size", 8)):  # a sweep over them, in one workdir
         other = small_config(total_steps=6, resume_changed_data=True,
                              **{"optimizer.learning_rate": 0.02, key: value})  # fmt: skip
-        with pytest.raises(CheckpointError, match=rf"changed recipe \({key} \d+ -> {value}\)"):
+        with pytest.raises(CheckpointError, match=rf"changed recipe \({key} \d+ -> {value}\)") as e:
             train_and_evaluate(other, str(tmp_path))
+        assert str(e.value).endswith("Use another --workdir to train with it.")
 
 
 def test_steps_compile_ahead_in_the_background(tmp_path, caplog):

@@ -1006,9 +1006,10 @@ def test_train_applies_the_input_contract(tmp_path, caplog):
 
 
 def test_a_square_checkpoint_resamples_to_a_non_square_model_grid(timm, tmp_path, caplog):
-    """A 4x4 checkpoint into a model initialised at 128x32 px (an 8x2 grid: 16 rows, a square
-    count) resamples to 8x2 as timm's resample_abs_pos_embed does, given the model's size; a
-    size that is not the model's is named."""
+    """A 4x4 checkpoint into a model initialised at 128x32 px (an 8x2 grid: 17 rows with the
+    class token, as the checkpoint's) is ambiguous from the row count alone: an error names
+    both grids; given the checkpoint's grid it resamples to 8x2 as timm's
+    resample_abs_pos_embed does. A size that is not the model's is named."""
     from safetensors.numpy import save_file
     from timm.layers import resample_abs_pos_embed
 
@@ -1017,9 +1018,12 @@ def test_a_square_checkpoint_resamples_to_a_non_square_model_grid(timm, tmp_path
     model = vit()
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 128, 32, 3)))
     init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    path = tmp_path / "square.safetensors"
+    load = functools.partial(load_pretrained, tmp_path / "square.safetensors", model=model,
+                             variables=init, image_size=(128, 32))  # fmt: skip
+    with pytest.raises(ValueError, match=r"checkpoint_grid=\(8, 2\) or \(4, 4\)"):
+        load()
     with caplog.at_level(logging.INFO):
-        loaded = load_pretrained(path, model=model, variables=init, image_size=(128, 32))
+        loaded = load(checkpoint_grid=(4, 4))
     assert "4x4 -> 8x2 (bicubic)" in caplog.text
     want = resample_abs_pos_embed(
         __import__("torch").from_numpy(sd["pos_embed"]), (8, 2), num_prefix_tokens=1
@@ -1027,4 +1031,34 @@ def test_a_square_checkpoint_resamples_to_a_non_square_model_grid(timm, tmp_path
     got = loaded["params"]["Transformer"]["posembed_input"]["pos_embedding"]
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match=r"\(96, 96\) with 16x16 patches is a 6x6 grid"):
-        load_pretrained(path, model=model, variables=init, image_size=96)
+        load(image_size=96)
+
+
+def test_an_oblong_checkpoint_keeps_its_layout_or_resamples_from_its_grid(timm, tmp_path):
+    """A 2x4 checkpoint (9 rows with the class token, a square count) loads unchanged into its
+    own model given the model's size; into a 2x3 model it resamples from the 2x4 grid it is
+    told, as timm's resample_abs_pos_embed(old_size=(2, 4))."""
+    import torch
+    from safetensors.numpy import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    ref = timm_vit(timm, img_size=(32, 64))
+    sd = state_dict_np(ref)
+    save_file(sd, str(tmp_path / "wide.safetensors"))
+    model = vit()
+
+    def load(height_width, **kwargs):
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *height_width, 3)))
+        init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        return load_pretrained(tmp_path / "wide.safetensors", model=model, variables=init,
+                               image_size=height_width, **kwargs)  # fmt: skip
+
+    posemb = lambda v: v["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+    np.testing.assert_array_equal(posemb(load((32, 64))), sd["pos_embed"])
+    resampled = posemb(load((32, 48), checkpoint_grid=(2, 4)))
+    want = resample_abs_pos_embed(
+        torch.from_numpy(sd["pos_embed"]), (2, 3), old_size=(2, 4), num_prefix_tokens=1
+    )
+    np.testing.assert_allclose(resampled, want.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"checkpoint_grid \(3, 4\) does not fit"):
+        load((32, 48), checkpoint_grid=(3, 4))

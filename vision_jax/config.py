@@ -156,7 +156,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.schedule.step_boundaries = placeholder(tuple)
     c.schedule.step_factor = placeholder(float)
     # cosine / linear only: where the decay ends, a fraction of the learning rate (None: 0;
-    # timm's min_lr / lr, big_vision's linear_end / lr)
+    # timm's min_lr / lr, big_vision's linear_end)
     c.schedule.end_factor = placeholder(float)
 
     c.lora = ml_collections.ConfigDict()

@@ -215,16 +215,21 @@ def configure_compilation_cache(workdir: str, setting: str) -> None:
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. A local folder that cannot
-    be written turns the cache off, with a warning."""
+    be made turns the cache off, one that cannot be written leaves it read only (warned). Call it
+    before the process's first compilation: JAX settles on its cache then."""
     import jax
 
     if setting != "auto" or not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(workdir, setting))
     folder = jax.config.jax_compilation_cache_dir
     if folder and "://" not in folder and (problem := _unwritable(folder)):
-        logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
-                        "restart compiles again.", folder, problem)  # fmt: skip
-        jax.config.update("jax_compilation_cache_dir", None)
+        if os.access(folder, os.R_OK | os.X_OK):  # a filled cache on a read-only mount
+            logging.warning("The compilation cache %s cannot be written (%s): it is only read; "
+                            "what it lacks compiles at every start.", folder, problem)  # fmt: skip
+        else:
+            logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
+                            "restart compiles again.", folder, problem)  # fmt: skip
+            jax.config.update("jax_compilation_cache_dir", None)
     elif folder:
         logging.info("Compilation cache: %s.", folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:

@@ -620,10 +620,15 @@ def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: 
     compared = lambda key: _in_recipe(key) or key in _FINISHED_STREAM_KEYS
     if changes := _config_changes(saved, spec.config, compared):
         how = "stopped early" if meta.get("stopped_early") else "finished"
+        stream = any(c.split(" ")[0] in _FINISHED_STREAM_KEYS for c in changes)
         raise CheckpointError(
             f"The run in {where} has {how}; with the changed recipe ({'; '.join(changes)}) "
             "it would train nothing. Use another --workdir to train with it"
-            + ("." if meta.get("stopped_early") else ", or raise total_steps to train on.")
+            + (
+                "."
+                if meta.get("stopped_early") or stream
+                else ", or raise total_steps to train on."
+            )
         )
 
 

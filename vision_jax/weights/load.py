@@ -36,6 +36,7 @@ def load_pretrained(
     posemb: str | None = None,
     head_bias_init: float = 0.0,
     image_size: int | tuple[int, int] | None = None,
+    checkpoint_grid: tuple[int, int] | None = None,
 ) -> dict:
     """Loads pretrained weights into a copy of ``variables`` (the model's initial variables).
 
@@ -55,8 +56,10 @@ def load_pretrained(
       head_bias_init: the bias of a re-initialised head.
       image_size: the (height, width) (or one side) ``variables`` were initialised at: a ViT's
         position embeddings are resampled to that grid of patches. None: a square grid (the
-        position embedding's row count tells no other shape). A checkpoint's grid is taken as
-        square, or as the model's when it has the model's row count.
+        position embedding's row count tells no other shape).
+      checkpoint_grid: the checkpoint's grid of patches (rows, columns). None: square when its
+        row count differs from the model's, else the model's layout (an oblong model whose
+        count is also a square's, e.g. 9x16 and 12x12, is an error naming both).
 
     Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
     and patch embeddings are resampled to the model's grid and patch size, and every step is
@@ -80,6 +83,7 @@ def load_pretrained(
             posemb=posemb or posemb_method(source),
             head_bias_init=head_bias_init,
             image_size=None if image_size is None else _height_width(image_size),
+            checkpoint_grid=None if checkpoint_grid is None else _height_width(checkpoint_grid),
         )
     except ValueError as e:
         what = describe_source(source)

@@ -155,13 +155,13 @@ def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.P
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
     path = pathlib.Path(path).absolute()
-    only_best = not (path / CHECKPOINTS_DIR).exists()
+    only_best = not _step_folders(path / CHECKPOINTS_DIR)
     if (which == "best" or only_best) and _step_folders(path / BEST_DIR):
         best = _newest_step(path / BEST_DIR)
         if best is None:
+            instead = "" if only_best else "; --which=latest reads the newest checkpoint instead"
             raise WeightFormatError(
-                f"The best checkpoint in {path / BEST_DIR} is incomplete; --which=latest "
-                "reads the newest checkpoint instead."
+                f"The best checkpoint in {path / BEST_DIR} is incomplete{instead}."
             )
         return best
     if (path / CHECKPOINTS_DIR).is_dir():

@@ -77,17 +77,26 @@ def _square(tokens: int, what: str, advice: str = "") -> int:
 
 
 def resample_posemb(
-    posemb: np.ndarray, *, num_prefix: int, new_grid: tuple[int, int], method: str = "bilinear"
+    posemb: np.ndarray,
+    *,
+    num_prefix: int,
+    new_grid: tuple[int, int],
+    method: str = "bilinear",
+    old_grid: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Resamples ``(1, num_prefix + h * w, d)`` position embeddings (square ``h = w``) to
-    ``new_grid``; the ``num_prefix`` leading tokens (the class token's) are kept as they are."""
+    """Resamples ``(1, num_prefix + h * w, d)`` position embeddings of the grid ``old_grid``
+    ((h, w); None: square) to ``new_grid``; the ``num_prefix`` leading tokens (the class
+    token's) are kept as they are."""
     prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
-    side = _square(
-        grid.shape[0],
-        "The checkpoint's position embedding",
-        f" (with {num_prefix} class-token row(s) before it): only square grids are resampled",
-    )
-    grid = resize_grid(grid.reshape(side, side, -1), new_grid, method)
+    if old_grid is None:
+        side = _square(
+            grid.shape[0],
+            "The checkpoint's position embedding",
+            f" (with {num_prefix} class-token row(s) before it): pass its grid "
+            "(load_pretrained's checkpoint_grid=(rows, columns))",
+        )
+        old_grid = (side, side)
+    grid = resize_grid(grid.reshape(*old_grid, -1), new_grid, method)
     return np.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
 
 
@@ -188,22 +197,37 @@ def model_grid(init: Flat, image_size: tuple[int, int] | None) -> tuple[int, int
 
 
 def _posemb(
-    init: Flat, loaded: Flat, had_cls: bool, method: str, image_size: tuple[int, int] | None
+    init: Flat,
+    loaded: Flat,
+    had_cls: bool,
+    method: str,
+    image_size: tuple[int, int] | None,
+    checkpoint_grid: tuple[int, int] | None,
 ) -> list[Row]:
     if POSEMB not in loaded or POSEMB not in init:
         return []
     old, tokens = loaded[POSEMB], np.shape(init[POSEMB])[1]
     new_prefix = int(CLS in init)
-    oblong = image_size is not None and len(set(model_grid(init, image_size))) == 2
-    if old.shape[1] == tokens and had_cls == bool(new_prefix) and not oblong:
-        return []  # the model's own layout (non-square grids included)
-    # A grid's rows are a square; one more is a class token's row (old checkpoints of gap models
-    # keep one too). big_vision's tok ViTs and timm's no_embed_class ones give their class token
-    # no position embedding: a zero row is the same function. (A grid of another shape cannot be
-    # told from the row count: a checkpoint's grid is square when its count allows one, else
-    # the model's; only square grids are resampled.)
-    old_prefix = int(math.isqrt(old.shape[1]) ** 2 != old.shape[1])
+    if old.shape[1] == tokens and had_cls == bool(new_prefix):
+        if checkpoint_grid is None:
+            _check_unambiguous(init, image_size)
+            return []  # the model's own layout (non-square grids included)
+        if tuple(checkpoint_grid) == model_grid(init, image_size):
+            return []
     rows = []
+    if checkpoint_grid is not None:  # its grid given: the rows before it are prefix rows
+        old_prefix = old.shape[1] - checkpoint_grid[0] * checkpoint_grid[1]
+        if old_prefix not in (0, 1):
+            raise ValueError(
+                f"checkpoint_grid {tuple(checkpoint_grid)} does not fit the checkpoint's "
+                f"{old.shape[1]} position-embedding rows (a grid and at most a class token's)."
+            )
+    else:
+        # A grid's rows are a square; one more is a class token's row (old checkpoints of gap
+        # models keep one too). big_vision's tok ViTs and timm's no_embed_class ones give their
+        # class token no position embedding: a zero row is the same function. (A grid of
+        # another shape cannot be told from the row count: checkpoint_grid tells it.)
+        old_prefix = int(math.isqrt(old.shape[1]) ** 2 != old.shape[1])
     if had_cls and new_prefix and not old_prefix:
         old, old_prefix = np.concatenate([np.zeros_like(old[:, :1]), old], axis=1), 1
         rows.append(("posemb", "zero row added for the class token (it had none)"))
@@ -211,17 +235,39 @@ def _posemb(
         old = old[:, old_prefix - new_prefix :]
         old_prefix = new_prefix
         rows.append(("posemb", "class-token row dropped (the model pools with gap)"))
-    before = math.isqrt(old.shape[1] - old_prefix)
-    square = before * before == old.shape[1] - old_prefix  # else taken as the model's grid
-    if old.shape[1] - old_prefix != tokens - new_prefix or (oblong and square):
-        grid = model_grid(init, image_size)
-        old = resample_posemb(old, num_prefix=old_prefix, new_grid=grid, method=method)
-        assumed = " (the model's grid taken as square)" if image_size is None else ""
-        rows.append(
-            ("posemb", f"resampled {before}x{before} -> {grid[0]}x{grid[1]} ({method}){assumed}")
+    grid = model_grid(init, image_size)
+    if checkpoint_grid is None:  # square, or the model's grid with the model's count
+        count = old.shape[1] - old_prefix
+        side = math.isqrt(count)
+        if side * side != count and count != grid[0] * grid[1]:
+            _square(count, "The checkpoint's position embedding", f" (the model's: {grid[0]}x"
+                    f"{grid[1]}): pass its grid (load_pretrained's checkpoint_grid=(rows, "
+                    "columns))")  # fmt: skip
+        checkpoint_grid = (side, side) if side * side == count else grid
+    if tuple(checkpoint_grid) != grid:
+        old = resample_posemb(
+            old, num_prefix=old_prefix, new_grid=grid, method=method, old_grid=checkpoint_grid
         )
+        assumed = " (the model's grid taken as square)" if image_size is None else ""
+        was = "x".join(map(str, checkpoint_grid))
+        rows.append(("posemb", f"resampled {was} -> {grid[0]}x{grid[1]} ({method}){assumed}"))
     loaded[POSEMB] = old
     return rows
+
+
+def _check_unambiguous(init: Flat, image_size: tuple[int, int] | None) -> None:
+    """Raises when a checkpoint with the model's row count may hold another grid: the model's
+    grid is oblong and its count a square (a 9x16 grid's 144 rows, or a 12x12 checkpoint's)."""
+    if image_size is None:
+        return
+    rows, columns = model_grid(init, image_size)
+    side = math.isqrt(rows * columns)
+    if rows != columns and side * side == rows * columns:
+        raise ValueError(
+            f"The checkpoint's position embedding has the row count of the model's {rows}x"
+            f"{columns} grid and of a {side}x{side} one: pass its grid (load_pretrained's "
+            f"checkpoint_grid=({rows}, {columns}) or ({side}, {side}))."
+        )
 
 
 def adapt(
@@ -233,9 +279,11 @@ def adapt(
     posemb: str = "bilinear",
     head_bias_init: float = 0.0,
     image_size: tuple[int, int] | None = None,
+    checkpoint_grid: tuple[int, int] | None = None,
 ) -> tuple[dict, list[Row]]:
     """Adapts nested ``loaded`` variables to the model whose initial variables are ``init``
-    (initialised at ``image_size``, (height, width); None: a square grid of patches).
+    (initialised at ``image_size``, (height, width); None: a square grid of patches; the
+    checkpoint's grid of patches is ``checkpoint_grid``, None: square, or the model's).
 
     Returns the adapted flat variables and the summary rows. Whatever still differs afterwards is
     left for the strict merge to report.
@@ -261,7 +309,7 @@ def adapt(
     if not any(p in keep for p in HEAD):
         rows += _head(flat_init, flat, replace_head, head_bias_init)
     rows += _task_head(flat_init, flat)
-    rows += _posemb(flat_init, flat, had_cls, posemb, image_size)
+    rows += _posemb(flat_init, flat, had_cls, posemb, image_size, checkpoint_grid)
     if PATCH in flat and PATCH in flat_init:
         old, new = np.shape(flat[PATCH]), np.shape(flat_init[PATCH])
         if old[:2] != new[:2] and old[2:] == new[2:]:
