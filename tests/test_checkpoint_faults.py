@@ -239,6 +239,7 @@ def finished_run(tmp_path_factory) -> tuple[pathlib.Path, object]:
     return workdir, config
 
 
+@pytest.mark.slow
 def test_skip_corrupt_resume_is_exact(tmp_path, finished_run):
     """By step 4 (16 examples of 10 files) the stream has skipped the unreadable file at least
     once, so the saved position is past 16; resuming from it is exact."""
@@ -251,6 +252,7 @@ def test_skip_corrupt_resume_is_exact(tmp_path, finished_run):
     assert_same_step(full, workdir, 6)
 
 
+@pytest.mark.slow
 def test_changed_data_is_refused_unless_allowed_and_final_steps_survive_rotation(
     tmp_path, finished_run
 ):
@@ -271,6 +273,7 @@ def test_changed_data_is_refused_unless_allowed_and_final_steps_survive_rotation
     assert not (workdir / lock_lib.LOCK_NAME).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, caplog):
     """Files removed, or moved to another class, since the checkpoint: the saved stream
     position means other examples now, so the resume is refused as a changed config is; the
@@ -351,6 +354,7 @@ def damage(step_dir: pathlib.Path, how: str) -> None:
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "newest, previous",
     [
@@ -441,6 +445,7 @@ def test_abandoned_read_tasks_are_not_logged_as_errors(caplog):
     assert any(m.startswith("After a failed read: Future exception") for m in quieted), quieted
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_no_readable_checkpoint_is_an_error_and_nothing_is_moved(tmp_path, finished_run):
     full, config = finished_run
@@ -686,6 +691,7 @@ except checkpoint.CheckpointSaveError as e:
 """
 
 
+@pytest.mark.slow
 def test_a_failed_async_save_is_named_and_the_saved_steps_stay(tmp_path):
     """orbax fails a save in its background threads (here a file size limit, as a full disk
     would): the next wait raises one error naming the step, the reason and the newest
@@ -795,6 +801,7 @@ def test_an_empty_newer_step_folder_is_moved_aside_not_taken_for_the_newest(
     assert moved_aside(workdir) == ["8"] and steps_in(workdir) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_swapped_step_folders_are_moved_aside_and_the_run_resumes_exactly(
     tmp_path, finished_run, caplog
 ):
@@ -865,6 +872,7 @@ def test_a_long_error_keeps_its_cause():
     assert line.endswith("[Errno 27] File too large")
 
 
+@pytest.mark.slow
 def test_a_damaged_best_is_read_from_the_step_checkpoint_of_its_step(tmp_path, caplog):
     """A finished validation run whose best checkpoint is damaged, started again: its step
     checkpoint of the same step (the same state) serves, with a warning; the final metrics are

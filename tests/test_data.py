@@ -422,6 +422,7 @@ HEAVY = dict(
 )
 
 
+@pytest.mark.slow
 def test_resumed_stream_equals_the_uninterrupted_one_with_augmentations(folder):
     source = data_lib.load_source(data_config(source="imagefolder", root=str(folder)).data, "train")
     spec = spec_of(**HEAVY)

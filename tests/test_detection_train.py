@@ -61,6 +61,7 @@ def det_config(root: pathlib.Path, **overrides):
     return cfg
 
 
+@pytest.mark.slow
 def test_detection_learns_and_map_equals_pycocotools(coco_root, tmp_path, capsys):
     """mAP rises; the reported figures equal pycocotools on the trained model's detections of
     each of the 20 test images, computed here outside the evaluation loop."""

@@ -151,6 +151,7 @@ def test_tflite_float32_matches_and_checks_its_input(resnet):
         to_tflite(servable, batch=4, quantize="full_int8")
 
 
+@pytest.mark.slow
 def test_resnet_with_a_one_pixel_stage_converts_at_batch_1_and_any_batch(tmp_path):
     """ResNet-18 at 32 px: layer4's stride-2 1x1 shortcut gives one output pixel at batch 1,
     which the TFLite converter refused as a matrix product (it stays a convolution); with a
@@ -229,6 +230,7 @@ def test_detection_refuses_tflite_with_the_reason():
         to_tflite(servable)
 
 
+@pytest.mark.slow
 def test_detection_savedmodel_runs_in_tensorflow(tmp_path):
     """TensorFlow 2.21 cannot load lax.top_k's StableHLO composite: the exported
     post-processing takes its top-k from a sort, with the same detections."""
@@ -380,6 +382,7 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
     assert len(set(expected.argmax(-1))) > 1
 
 
+@pytest.mark.slow
 def test_a_bfloat16_run_exports_to_tflite_computing_in_float32(tmp_path):
     """The TFLite converter cannot legalise a bfloat16 model (a transpose it refuses): the run
     is exported computing in float32 from its float32 parameters, within bfloat16's rounding of

@@ -118,6 +118,7 @@ def same(a, b) -> bool:
 # --- the non-finite guard ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch):
     wrap_step(monkeypatch, poison({3}))
     cfg = config(total_steps=6, checkpoint_every_steps=2, log_every_steps=5)
@@ -282,6 +283,7 @@ def test_sigterm_during_a_fresh_runs_setup_says_nothing_was_saved(tmp_path, monk
     assert not step_dirs(tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_final_evaluation_stops_it_and_the_rerun_evaluates(tmp_path, monkeypatch):
     """The last step is saved before the final evaluation: a signal during it stops the run at
     the next batch (a long evaluation could outlast a preemption's grace), and the rerun
@@ -310,6 +312,7 @@ def test_sigterm_in_the_final_evaluation_stops_it_and_the_rerun_evaluates(tmp_pa
     }
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_periodic_evaluation_stops_it_and_the_rerun_evaluates_first(
     tmp_path, monkeypatch
 ):
@@ -383,6 +386,7 @@ def _image_folder(root: pathlib.Path, corrupt_eval: bool) -> None:
         (root / "test" / "b" / "bad.png").write_bytes(b"not a png")
 
 
+@pytest.mark.slow
 def test_a_corrupt_eval_image_stops_the_run_before_training(tmp_path):
     data = tmp_path / "data"
     _image_folder(data, corrupt_eval=True)
@@ -486,6 +490,7 @@ def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_key
     ]
 
 
+@pytest.mark.slow
 def test_none_on_the_command_line_unsets_an_optional_key(tmp_path):
     """absl parses ``--config.ema_decay=None`` as a float and fails: such overrides are taken
     out (also from sys.argv, which ml_collections reads) and applied as None, the last override
@@ -591,6 +596,7 @@ def test_a_key_set_in_python_and_never_read_names_the_closest_keys():
         tracked.check_all_read()
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
     """A bug (an exception of no expected type) raised while the steps compile in the
     background: its traceback and a one-line error, then exit 1 (the interpreter's teardown
@@ -609,6 +615,7 @@ def test_an_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "vision_jax: error: KeyError: 'boom'"
 
 
+@pytest.mark.slow
 def test_a_finished_command_has_written_everything_when_it_exits(tmp_path):
     """A single-process run ends without the interpreter's teardown (``main._exit_written``):
     by then its checkpoint is complete, its event file holds the final evaluation, its report

@@ -84,6 +84,7 @@ def test_damaged_or_missing_frozen_params_are_named(tmp_path):
         read_variables(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_frozen_params_read_from_init_path_again_must_be_those_the_run_began_with(tmp_path):
     """frozen_params moved aside (as the error above advises): the resume reads them from
     init.path again and checks them against the digests each checkpoint records; weights
@@ -128,6 +129,7 @@ def test_a_resume_with_another_trainable_set_names_the_change(tmp_path):
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "frozen_params").rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_a_run_that_froze_nothing_resumed_with_a_frozen_part_is_refused_quietly(tmp_path, caplog):
     """No warning about frozen parameters read from init.path (there is none): the refusal."""
     from vision_jax.checkpoint import CheckpointMismatchError
@@ -239,7 +241,11 @@ def _dense_batch(task_name: str, batch_size: int = 4, size: int = 32) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("task", [Segmentation(), Detection(strides=(8, 16))], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "task",
+    [Segmentation(), pytest.param(Detection(strides=(8, 16)), marks=pytest.mark.slow)],
+    ids=lambda t: t.name,
+)
 def test_gradient_accumulation_equals_the_large_batch_for_dense_tasks(task):
     """Losses normalised by valid pixels or positive locations: every micro-batch divides by
     the whole batch's count (a micro-batch's own count weighted its few pixels as many)."""

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,7 @@ def test_tensorflow_loads_at_first_use_without_keras(tmp_path):
     assert run_python(code) == "[] ['tensorflow'] 1"
 
 
+@pytest.mark.slow
 def test_keras_still_loads_after_the_import():
     code = (
         "import sys\n"
@@ -65,6 +68,7 @@ def test_library_modules_import_tensorflow_only_through_tf_without_keras():
     assert not direct, f"import tensorflow through vision_jax.tf_without_keras: {direct}"
 
 
+@pytest.mark.slow
 def test_reading_a_runs_curves_imports_no_keras(tmp_path):
     """TensorBoard imports TensorFlow itself: the report's curve reader loads it first, without
     Keras (a standalone ``python -m vision_jax.report`` saves Keras's import)."""

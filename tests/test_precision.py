@@ -258,6 +258,7 @@ def test_float32_pointwise_returns_the_accumulator():
     ).dtype == jnp.float32  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bfloat16_resnet_feeds_its_batch_norms_float32_products():
     """A bfloat16 bottleneck ResNet in training: its 1x1 convolutions hand BatchNorm their
     float32 accumulators (3x3 ones round to bfloat16), and its loss and gradients stay within

@@ -100,6 +100,7 @@ def step_cost(remat: str, images: jax.Array, rules: tuple = ()) -> tuple[int, fl
     return compiled.memory_analysis().temp_size_in_bytes, cost["flops"]
 
 
+@pytest.mark.slow
 def test_remat_keeps_less_for_the_backward_pass():
     images = jax.random.normal(jax.random.key(2), (8, 64, 64, 3))
     temp = {remat: step_cost(remat, images)[0] for remat in REMAT_POLICIES}

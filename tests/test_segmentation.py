@@ -205,6 +205,7 @@ def test_pretrained_classifier_loads_into_segmentation_model(tmp_path, name, siz
         np.testing.assert_allclose(loaded[k], source[k], atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_shared_vit_ti16_loads_into_segmentation_model(shared_dir):
     weights = shared_dir / "weights" / "vit_ti16"
     model = Segmentation(head="linear").build_model("vit_ti16", 11)

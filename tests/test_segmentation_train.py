@@ -47,6 +47,7 @@ def seg_config(**overrides):
 ARRAYS = {"train": squares(64), "test": squares(20, seed=1)}  # 20 = 2.5 eval batches
 
 
+@pytest.mark.slow
 def test_segmentation_learns_and_evaluates_every_pixel(tmp_path):
     """mIoU rises; the reported figures equal scikit-learn's confusion matrix of the trained
     model's predictions on every pixel of the 20 test images (2.5 eval batches)."""

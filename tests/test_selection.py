@@ -112,6 +112,7 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
         read_variables(tmp_path, "best")
 
 
+@pytest.mark.slow
 def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validation):
     """The last step's checkpoint records its own validation: a run extended from it
     (``total_steps`` 4 -> 14) keeps the best and the patience count, and stops and tests as
@@ -126,6 +127,7 @@ def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validat
     assert longer["best/step"] == 4 and longer["best/val/top1"] == 0.7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cut, total", [(3, 14), (5, 14), (2, 4)]
 )  # a validation on the way; the one that stops early; the last step's, a new best
@@ -210,6 +212,7 @@ def test_a_step_checkpoint_is_saved_after_the_best_it_names_is_complete(
         assert "BestCheckpoint.wait" in events[last_best + 1 : i], events
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_best_its_selection_names(tmp_path, scripted_validation, caplog):
     """Best checkpoints left by a crash: an unfinished save of the best (its step checkpoint
     committed) is saved again from that step; a best of an earlier run is removed (orbax kept
@@ -242,6 +245,7 @@ def test_a_resume_keeps_the_best_its_selection_names(tmp_path, scripted_validati
         train_and_evaluate(selecting_config(), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_best_gone_before_the_restored_step_is_chosen_again(
     tmp_path, scripted_validation, caplog
 ):

@@ -149,6 +149,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
     """Training longer, or with another learning rate, resumes; a warning names each change
     since the checkpoint, and only those."""
@@ -236,6 +237,7 @@ def test_sweep_members_share_one_compiled_train_step(tmp_path):
     assert lowered("no_clip", **{**base, "optimizer.grad_clip_norm": None}) != text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "missing, ema",
     [(("skips", "ema_model_state"), None), (("skips", "ema_model_state"), 0.5),
@@ -279,6 +281,7 @@ def test_a_checkpoint_of_an_earlier_layout_resumes(tmp_path, caplog, missing, em
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable", ["all", "head"])
 def test_a_resume_reads_no_pretrained_weights(tmp_path, monkeypatch, trainable):
     """A resume restores into the state's shapes: the checkpoint replaces what the init and
@@ -346,6 +349,7 @@ def _logged(records: list, step: int) -> dict[str, str]:
     return {k: v for k, v in pairs.items() if k != "train/images_per_sec"}
 
 
+@pytest.mark.slow
 def test_a_resume_inside_a_log_window_logs_it_as_the_uninterrupted_run(tmp_path, caplog):
     """Checkpoints every 2 steps, a log line every 4: a run resumed at step 2 logs step 4's
     window (steps 1-4) with the saved half of it, the same values as the run not cut."""
@@ -405,6 +409,7 @@ def test_mismatched_checkpoint_is_a_clear_error_and_left_untouched(tmp_path, bef
     assert _tree_hash(tmp_path / "checkpoints") == saved
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_lora_scale_names_it(tmp_path, caplog):
     """lora.alpha (the adapters' scale) changed on a resume: named with the recipe's changes."""
     lora = {"model.name": "vit_ti16", "input.image_size": 16, "lora.rank": 2, "lora.alpha": 2.0}
@@ -440,6 +445,7 @@ def test_frozen_bn_stats_leave_the_running_statistics_of_a_run(tmp_path):
     assert any(not np.all(v == 1) for v in scales)
 
 
+@pytest.mark.slow
 def test_a_longer_run_warns_of_the_learning_rate_it_resumes_with(tmp_path, caplog):
     """Cosine without warmup: after 4 of 4 steps the rate is 0; over 6 steps, step 5 takes
     0.05 * (1 + cos(2 pi / 3)) / 2 = 0.0125."""
@@ -451,6 +457,7 @@ def test_a_longer_run_warns_of_the_learning_rate_it_resumes_with(tmp_path, caplo
     assert "saved run's would have given 0 " in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "length, match",
     [
@@ -726,6 +733,7 @@ def _result(proc):
     return json.loads(line[len("RESULT ") :])
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tmp_path):
     overrides = {"total_steps": 3, "eval_batch_size": 40}
     one = _result(run_with_devices(1, tmp_path / "one", overrides))
@@ -773,6 +781,7 @@ def test_a_lora_target_that_trains_fully_is_an_error(tmp_path):
     assert np.any(head != 0)  # the merged adapter moved the zero head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("validation", [False, True])
 def test_a_finished_run_started_again_reports_what_it_reported(tmp_path, validation):
     """The final metrics of a finished run started again equal its first report: the last
@@ -815,6 +824,7 @@ def test_a_task_whose_per_example_names_an_output_predict_lacks_is_named():
         Misnamed().evaluate_batch(jnp.zeros((2, 3)), batch)
 
 
+@pytest.mark.slow
 def test_a_python_process_exits_cleanly_after_a_half_read_pipeline_and_a_failed_run(tmp_path):
     """As a notebook would: an eval iterator left half read (its teardown at exit started a
     thread, which never started: the process hung), and a run that fails before its first

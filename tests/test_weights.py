@@ -395,6 +395,7 @@ def _hf_vit_folder(timm, folder: pathlib.Path, processor: dict | None) -> torch.
     return ref.eval()
 
 
+@pytest.mark.slow
 def test_a_run_from_a_hugging_face_folder_records_its_squash(timm, tmp_path):
     """The crop mode a run's input contract gave it (not the config's default) is recorded,
     so predicting from the run, and a run started from it, resize as it was evaluated."""
