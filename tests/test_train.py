@@ -342,6 +342,36 @@ def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_a_finished_run_of_an_earlier_config_layout_reloads_and_restarts(tmp_path, caplog):
+    """An earlier version's record: keys added since missing (on_nonfinite, ...), defaults
+    spelled out where today's config leaves None (schedule.rsqrt_timescale, lora.dropout,
+    loss, ...). The run loads (load_trained), and the same command restarts it (only
+    evaluating), without a changed recipe; a real change is still named."""
+    from vision_jax.trained import load_trained
+
+    cfg = small_config(total_steps=2)
+    result = train_and_evaluate(cfg, str(tmp_path))
+    meta_file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    config = meta["config"]
+    for key in ("on_nonfinite", "max_consecutive_skips", "resume_changed_data", "early_stopping"):
+        del config[key]
+    config["schedule"] |= {"rsqrt_timescale": 10000, "step_factor": 0.1,
+                           "step_boundaries": [0.5, 0.75]}  # fmt: skip
+    config["lora"] |= {"dropout": 0.0, "train_head": True}
+    config |= {"loss": "softmax_xent", "label_smoothing": 0.0}
+    meta_file.write_text(json.dumps(meta))
+    trained = load_trained(tmp_path)
+    assert trained.spec.on_nonfinite == default_config().on_nonfinite
+    assert trained.spec.schedule.rsqrt_timescale == 10000
+    with caplog.at_level(logging.WARNING):
+        again = train_and_evaluate(cfg, str(tmp_path))
+    assert "changed recipe" not in caplog.text
+    assert again["eval/top1"] == result["eval/top1"]
+    with pytest.raises(CheckpointError, match=r"changed recipe \(label_smoothing 0.0 -> 0.1\)"):
+        train_and_evaluate(small_config(total_steps=2, label_smoothing=0.1), str(tmp_path))
+
+
 def _logged(records: list, step: int) -> dict[str, str]:
     """The train scalars the log line of ``step`` holds (throughput left out: it is timed)."""
     (line,) = [r.getMessage() for r in records if r.getMessage().startswith(f"[{step}] train/")]
@@ -598,7 +628,7 @@ def test_a_saved_config_with_a_key_now_refused_still_loads(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         trained = load_trained(tmp_path)
     assert trained.step == 2 and trained.spec.input.mix_prob == 1.0  # reset to the default
-    assert "The saved config sets input.mix_prob only applies with mixup_alpha" in caplog.text
+    assert "The saved config sets input.mix_prob, which only applies with mixup" in caplog.text
     with pytest.raises(ValueError, match="input.mix_prob only applies"):
         train_and_evaluate(small_config(**{"input.mix_prob": 0.5}), str(tmp_path / "new"))
 
@@ -805,7 +835,7 @@ def test_an_earlier_versions_recorded_posemb_default_reads_without_a_warning(cap
     assert init.posemb is None and "init.posemb" not in caplog.text
     with caplog.at_level(logging.WARNING), specs.saved_config():
         specs.InitSpec(posemb="bicubic")
-    assert "The saved config sets init.posemb only applies" in caplog.text
+    assert "The saved config sets init.posemb, which only applies" in caplog.text
 
 
 def test_a_task_whose_per_example_names_an_output_predict_lacks_is_named():

@@ -192,6 +192,22 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def saved_with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A saved run's config over :func:`default_config`: keys an earlier version did not have
+    take today's defaults, keys today's version dropped are left out."""
+
+    def merge(default: dict, given: Mapping[str, Any]) -> dict:
+        out = dict(default)
+        for key, value in given.items():
+            if key not in default:
+                continue
+            both = isinstance(default[key], dict) and isinstance(value, Mapping)
+            out[key] = merge(default[key], value) if both else value
+        return out
+
+    return ml_collections.ConfigDict(merge(default_config().to_dict(), saved))
+
+
 def is_section(value: Any) -> bool:
     return isinstance(value, (Mapping, ml_collections.ConfigDict))
 

@@ -34,7 +34,7 @@ from vision_jax.checkpoint import (
     CheckpointMismatchError,
 )
 from vision_jax.compile_options import step_compiler_options
-from vision_jax.config import TrackedConfig
+from vision_jax.config import TrackedConfig, saved_with_defaults
 from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
@@ -49,6 +49,7 @@ from vision_jax.steps import (
     make_eval_step,
     make_train_step,
 )
+from vision_jax.tasks.base import TOP_LEVEL as TASK_TOP_LEVEL
 from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import WeightFormatError
@@ -533,7 +534,7 @@ def _with_layout_changes(
     step = ckpt.newest_complete_step()
     saved = (ckpt.read_meta(step) or {}).get("config") if step is not None else None
     in_layout = lambda key: any(key == k or key.startswith(f"{k}.") for k in _LAYOUT_KEYS)
-    if not saved or not (changes := _config_changes(saved, spec.config, in_layout)):
+    if not saved or not (changes := _config_changes(saved, spec, in_layout)):
         return error
     probe = any(c.startswith("optimizer.trainable") for c in changes)  # then fine-tuning
     return CheckpointMismatchError(
@@ -563,19 +564,39 @@ _RECIPE_SECTIONS = (
 
 
 def _config_changes(
-    saved: Mapping[str, Any], now: Mapping[str, Any], compared: Callable[[str], bool]
+    saved: Mapping[str, Any], spec: specs.RunSpec, compared: Callable[[str], bool]
 ) -> list[str]:
     """``key old -> new`` for each leaf (dotted key) that ``compared`` names and that changed
     since ``saved`` (keys only one of them has, from another version of the code, are not
-    compared)."""
+    compared). A key unset now (None, its default) is no change from a saved config that
+    spelled the default out (an earlier version's), nor a key of a part now off (LoRA)."""
     old, new = ({k.replace("/", "."): v for k, v in trees.flatten_dict(c).items()}
-                for c in (saved, now))  # fmt: skip
+                for c in (saved, spec.config))  # fmt: skip
     plain = lambda v: json.dumps(v, sort_keys=True)
     return [
         f"{k} {plain(old[k])} -> {plain(new[k])}"
         for k in sorted(old.keys() & new.keys())
-        if compared(k) and plain(old[k]) != plain(new[k])
+        if compared(k)
+        and plain(old[k]) != plain(new[k])
+        and not (new[k] is None and _default_is(spec, k, plain(old[k]), plain))
     ]
+
+
+def _default_is(spec: specs.RunSpec, key: str, value: str, plain: Callable) -> bool:
+    """Whether the unset ``key`` resolves in ``spec`` to ``value`` (or is unused: the part it
+    belongs to is off)."""
+    section, _, name = key.partition(".")
+    if not name:
+        owner, name = (spec.task, key) if key in TASK_TOP_LEVEL else (spec, key)
+    else:
+        owner = spec.task if section == "task" else getattr(spec, section, None)
+    if owner is None:
+        return True
+    resolved = getattr(owner, name, _MISSING)
+    return resolved is not _MISSING and plain(specs.as_tuples(resolved)) == value
+
+
+_MISSING = object()
 
 
 def _resume_position(
@@ -588,7 +609,7 @@ def _resume_position(
     positions = meta.get("data_positions")
     processes = None if positions is None else len(positions)
     saved = meta.get("config") or {}
-    changes = _config_changes(saved, spec.config, _STREAM_KEYS.__contains__)
+    changes = _config_changes(saved, spec, _STREAM_KEYS.__contains__)
     if train_data is not None and (saved_data := meta.get("train_data")) is not None:
         changes += _agreed(_data_changes(saved_data, train_data))  # (earlier versions: none)
     if processes is not None and processes != jax.process_count():
@@ -601,7 +622,7 @@ def _resume_position(
         )
     if changes:
         logger.warning("Resuming %s although %s.", where, "; ".join(changes))
-    if recipe := _config_changes(saved, spec.config, _in_recipe):
+    if recipe := _config_changes(saved, spec, _in_recipe):
         logger.warning("Resuming %s with a changed recipe (training goes on with the new "
                        "values): %s.", where, "; ".join(recipe))  # fmt: skip
     if positions is None:
@@ -618,7 +639,7 @@ def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: 
     seed, batch size or training split (even with ``resume_changed_data``). Refused."""
     saved = meta.get("config") or {}
     compared = lambda key: _in_recipe(key) or key in _FINISHED_STREAM_KEYS
-    if changes := _config_changes(saved, spec.config, compared):
+    if changes := _config_changes(saved, spec, compared):
         how = "stopped early" if meta.get("stopped_early") else "finished"
         stream = any(c.split(" ")[0] in _FINISHED_STREAM_KEYS for c in changes)
         raise CheckpointError(
@@ -658,7 +679,7 @@ def _data_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
 
 def _saved_learning_rate(saved: Mapping[str, Any], step: int, steps_per_epoch: int) -> float:
     """The learning rate that the saved config's schedule gives ``step``."""
-    config = ml_collections.ConfigDict(dict(saved))
+    config = saved_with_defaults(saved)
     with specs.saved_config():
         opt, schedule = specs.optimizer_spec(config.optimizer), specs.schedule_spec(config.schedule)
     total = specs.training_steps(

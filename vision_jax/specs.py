@@ -290,7 +290,8 @@ def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
             f"--config.{section}.{k}={str(v).replace(' ', '')}" for k, v in stray.items()
         )
         raise ConfigError(f"{message}; remove {'it' if one else 'them'} (or pass {undo}).")
-    logger.warning("The saved config sets %s: reset.", message)
+    logger.warning("The saved config sets %s, which only appl%s %s: ignored.", names,
+                   "ies" if one else "y", why)  # fmt: skip
     return True
 
 

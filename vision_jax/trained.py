@@ -18,12 +18,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax import specs
-from vision_jax.config import TrackedConfig
+from vision_jax.config import TrackedConfig, saved_with_defaults
 from vision_jax.weights.run_dir import (
     RunRecord,
     latest_step_dir,
@@ -99,7 +98,7 @@ def load_trained(
     step_dir = latest_step_dir(path, which)
     record = read_record(step_dir)
     with specs.saved_config():
-        spec = specs.run_spec(TrackedConfig(ml_collections.ConfigDict(dict(record.config))))
+        spec = specs.run_spec(TrackedConfig(saved_with_defaults(record.config)))
     input_spec = dataclasses.replace(
         spec.input, image_size=record.image_size, mean=record.mean, std=record.std,
         interpolation=record.interpolation or spec.input.interpolation,
