@@ -372,6 +372,27 @@ def test_a_finished_run_of_an_earlier_config_layout_reloads_and_restarts(tmp_pat
         train_and_evaluate(small_config(total_steps=2, label_smoothing=0.1), str(tmp_path))
 
 
+def test_an_unset_key_is_no_change_from_its_spelled_out_default_only():
+    """Unset today (None): no change from the spec's default or from a key of a part that is
+    off (LoRA at rank 0); a change from another value, or of a key without a spec of its own
+    (model.*), is named."""
+    from vision_jax import specs
+    from vision_jax.config import TrackedConfig
+    from vision_jax.run import _config_changes
+
+    spec = specs.run_spec(TrackedConfig(small_config()))
+    now = spec.config
+    saved = now | {
+        "schedule": now["schedule"] | {"rsqrt_timescale": 10000, "step_factor": 0.5},
+        "lora": now["lora"] | {"dropout": 0.0},
+        "model": now["model"] | {"frozen_bn_stats": True},
+    }
+    assert _config_changes(saved, spec, lambda key: True) == [
+        "model.frozen_bn_stats true -> null",
+        "schedule.step_factor 0.5 -> null",
+    ]
+
+
 def _logged(records: list, step: int) -> dict[str, str]:
     """The train scalars the log line of ``step`` holds (throughput left out: it is timed)."""
     (line,) = [r.getMessage() for r in records if r.getMessage().startswith(f"[{step}] train/")]

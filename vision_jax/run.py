@@ -589,8 +589,10 @@ def _default_is(spec: specs.RunSpec, key: str, value: str, plain: Callable) -> b
     if not name:
         owner, name = (spec.task, key) if key in TASK_TOP_LEVEL else (spec, key)
     else:
-        owner = spec.task if section == "task" else getattr(spec, section, None)
-    if owner is None:
+        owner = spec.task if section == "task" else getattr(spec, section, _MISSING)
+    if owner is _MISSING:  # a section without a spec of its own (model.*): compared as set
+        return False
+    if owner is None:  # the part is off
         return True
     resolved = getattr(owner, name, _MISSING)
     return resolved is not _MISSING and plain(specs.as_tuples(resolved)) == value
