@@ -372,6 +372,21 @@ def test_a_finished_run_of_an_earlier_config_layout_reloads_and_restarts(tmp_pat
         train_and_evaluate(small_config(total_steps=2, label_smoothing=0.1), str(tmp_path))
 
 
+def test_a_saved_config_keeps_its_model_overrides_and_gains_new_keys():
+    import ml_collections
+
+    from vision_jax.config import saved_with_defaults
+
+    saved = small_config().to_dict()
+    saved["model"] |= {"name": "vit_ti16", "representation_size": 192, "depth": 2}
+    del saved["on_nonfinite"], saved["schedule"]["end_factor"]
+    for given in (saved, ml_collections.ConfigDict(saved)):
+        merged = saved_with_defaults(given)
+        assert merged.model.representation_size == 192 and merged.model.depth == 2
+        assert merged.on_nonfinite == default_config().on_nonfinite
+        assert "end_factor" in merged.schedule and merged.total_steps == 4
+
+
 def test_an_unset_key_is_no_change_from_its_spelled_out_default_only():
     """Unset today (None): no change from the spec's default or from a key of a part that is
     off (LoRA at rank 0); a change from another value, or of a key without a spec of its own
@@ -383,7 +398,7 @@ def test_an_unset_key_is_no_change_from_its_spelled_out_default_only():
     spec = specs.run_spec(TrackedConfig(small_config()))
     now = spec.config
     saved = now | {
-        "schedule": now["schedule"] | {"rsqrt_timescale": 10000, "step_factor": 0.5},
+        "schedule": now["schedule"] | {"rsqrt_timescale": 10000.0, "step_factor": 0.5},
         "lora": now["lora"] | {"dropout": 0.0},
         "model": now["model"] | {"frozen_bn_stats": True},
     }

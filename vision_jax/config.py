@@ -194,14 +194,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 def saved_with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A saved run's config over :func:`default_config`: keys an earlier version did not have
-    take today's defaults, keys today's version dropped are left out."""
+    take today's defaults; the saved keys are kept, those the defaults lack too (model
+    overrides such as ``model.depth``)."""
 
-    def merge(default: dict, given: Mapping[str, Any]) -> dict:
+    def merge(default: dict, given: Any) -> dict:
         out = dict(default)
         for key, value in given.items():
-            if key not in default:
-                continue
-            both = isinstance(default[key], dict) and isinstance(value, Mapping)
+            both = isinstance(default.get(key), dict) and is_section(value)
             out[key] = merge(default[key], value) if both else value
         return out
 

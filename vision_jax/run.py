@@ -578,13 +578,13 @@ def _config_changes(
         for k in sorted(old.keys() & new.keys())
         if compared(k)
         and plain(old[k]) != plain(new[k])
-        and not (new[k] is None and _default_is(spec, k, plain(old[k]), plain))
+        and not (new[k] is None and _default_is(spec, k, old[k]))
     ]
 
 
-def _default_is(spec: specs.RunSpec, key: str, value: str, plain: Callable) -> bool:
-    """Whether the unset ``key`` resolves in ``spec`` to ``value`` (or is unused: the part it
-    belongs to is off)."""
+def _default_is(spec: specs.RunSpec, key: str, saved: Any) -> bool:
+    """Whether the unset ``key`` resolves in ``spec`` to the ``saved`` value (or is unused:
+    the part it belongs to is off)."""
     section, _, name = key.partition(".")
     if not name:
         owner, name = (spec.task, key) if key in TASK_TOP_LEVEL else (spec, key)
@@ -595,7 +595,11 @@ def _default_is(spec: specs.RunSpec, key: str, value: str, plain: Callable) -> b
     if owner is None:  # the part is off
         return True
     resolved = getattr(owner, name, _MISSING)
-    return resolved is not _MISSING and plain(specs.as_tuples(resolved)) == value
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    if number(resolved) and number(saved):  # a float key's int default: 10000.0 is 10_000
+        return float(resolved) == float(saved)
+    plain = lambda v: json.dumps(specs.as_tuples(v), sort_keys=True)
+    return resolved is not _MISSING and plain(resolved) == plain(saved)
 
 
 _MISSING = object()
