@@ -60,9 +60,8 @@ flags.DEFINE_string(
     "starts without recompiling: a folder, 'auto' (JAX's own setting, JAX_COMPILATION_CACHE_DIR, "
     "if there is one, else jax_cache beside the workdir) or 'off'.",
 )
-flags.register_validator(
-    "compilation_cache", lambda v: bool(v.strip()), "is empty: give a folder, 'auto' or 'off'."
-)
+_CACHE_EMPTY = "is empty: give a folder, 'auto' or 'off'."
+flags.register_validator("compilation_cache", lambda v: bool(v.strip()), _CACHE_EMPTY)
 flags.DEFINE_bool(
     "report",
     True,
@@ -198,7 +197,7 @@ def compilation_cache_dir(workdir: str, setting: str) -> str | None:
     if setting.strip().lower() in _CACHE_OFF:
         return None
     if not setting.strip():
-        raise ValueError("--compilation_cache is empty: give a folder, 'auto' or 'off'.")
+        raise ValueError(f"--compilation_cache {_CACHE_EMPTY}")
     if setting != "auto":
         return setting
     workdir = workdir.rstrip("/")

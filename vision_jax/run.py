@@ -572,12 +572,11 @@ def _config_changes(
     spelled the default out (an earlier version's), nor a key of a part now off (LoRA)."""
     old, new = ({k.replace("/", "."): v for k, v in trees.flatten_dict(c).items()}
                 for c in (saved, spec.config))  # fmt: skip
-    plain = lambda v: json.dumps(v, sort_keys=True)
     return [
-        f"{k} {plain(old[k])} -> {plain(new[k])}"
+        f"{k} {_plain(old[k])} -> {_plain(new[k])}"
         for k in sorted(old.keys() & new.keys())
         if compared(k)
-        and plain(old[k]) != plain(new[k])
+        and _plain(old[k]) != _plain(new[k])
         and not (new[k] is None and _default_is(spec, k, old[k]))
     ]
 
@@ -598,11 +597,11 @@ def _default_is(spec: specs.RunSpec, key: str, saved: Any) -> bool:
     number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
     if number(resolved) and number(saved):  # a float key's int default: 10000.0 is 10_000
         return float(resolved) == float(saved)
-    plain = lambda v: json.dumps(specs.as_tuples(v), sort_keys=True)
-    return resolved is not _MISSING and plain(resolved) == plain(saved)
+    return resolved is not _MISSING and _plain(resolved) == _plain(saved)
 
 
 _MISSING = object()
+_plain = lambda value: json.dumps(value, sort_keys=True, default=str)  # tuples as lists
 
 
 def _resume_position(
@@ -647,15 +646,12 @@ def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: 
     compared = lambda key: _in_recipe(key) or key in _FINISHED_STREAM_KEYS
     if changes := _config_changes(saved, spec, compared):
         how = "stopped early" if meta.get("stopped_early") else "finished"
-        stream = any(c.split(" ")[0] in _FINISHED_STREAM_KEYS for c in changes)
+        # Training on (a higher total_steps) helps unless the stream changed too.
+        stream = _config_changes(saved, spec, _FINISHED_STREAM_KEYS.__contains__)
+        longer = "" if meta.get("stopped_early") or stream else ", or raise total_steps to train on"
         raise CheckpointError(
             f"The run in {where} has {how}; with the changed recipe ({'; '.join(changes)}) "
-            "it would train nothing. Use another --workdir to train with it"
-            + (
-                "."
-                if meta.get("stopped_early") or stream
-                else ", or raise total_steps to train on."
-            )
+            f"it would train nothing. Use another --workdir to train with it{longer}."
         )
 
 

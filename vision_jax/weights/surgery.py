@@ -174,7 +174,7 @@ def _task_head(init: Flat, loaded: Flat) -> list[Row]:
     return [("task head", f"initialised fresh ({len(paths)} arrays)")]
 
 
-def model_grid(init: Flat, image_size: tuple[int, int] | None) -> tuple[int, int]:
+def _model_grid(init: Flat, image_size: tuple[int, int] | None) -> tuple[int, int]:
     """The model's patch grid (rows, columns): ``image_size`` over the patch embedding's kernel
     size; without ``image_size``, the square grid of its position embedding's rows."""
     tokens = np.shape(init[POSEMB])[1] - int(CLS in init)
@@ -209,10 +209,13 @@ def _posemb(
     old, tokens = loaded[POSEMB], np.shape(init[POSEMB])[1]
     new_prefix = int(CLS in init)
     if old.shape[1] == tokens and had_cls == bool(new_prefix):
-        if checkpoint_grid is None:
-            _check_unambiguous(init, image_size)
+        if checkpoint_grid is None and image_size is None:
             return []  # the model's own layout (non-square grids included)
-        if tuple(checkpoint_grid) == model_grid(init, image_size):
+        grid = _model_grid(init, image_size)
+        if checkpoint_grid is None:
+            _check_unambiguous(grid)
+            return []
+        if tuple(checkpoint_grid) == grid:
             return []
     rows = []
     if checkpoint_grid is not None:  # its grid given: the rows before it are prefix rows
@@ -235,7 +238,7 @@ def _posemb(
         old = old[:, old_prefix - new_prefix :]
         old_prefix = new_prefix
         rows.append(("posemb", "class-token row dropped (the model pools with gap)"))
-    grid = model_grid(init, image_size)
+    grid = _model_grid(init, image_size)
     if checkpoint_grid is None:  # square, or the model's grid with the model's count
         count = old.shape[1] - old_prefix
         side = math.isqrt(count)
@@ -255,12 +258,10 @@ def _posemb(
     return rows
 
 
-def _check_unambiguous(init: Flat, image_size: tuple[int, int] | None) -> None:
-    """Raises when a checkpoint with the model's row count may hold another grid: the model's
-    grid is oblong and its count a square (a 9x16 grid's 144 rows, or a 12x12 checkpoint's)."""
-    if image_size is None:
-        return
-    rows, columns = model_grid(init, image_size)
+def _check_unambiguous(grid: tuple[int, int]) -> None:
+    """Raises when a checkpoint with the row count of the model's ``grid`` may hold another
+    grid: ``grid`` is oblong and its count a square (9x16's 144 rows, or 12x12's)."""
+    rows, columns = grid
     side = math.isqrt(rows * columns)
     if rows != columns and side * side == rows * columns:
         raise ValueError(
