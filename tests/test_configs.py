@@ -54,3 +54,22 @@ def test_config_loads_and_sets_only_known_keys(path):
         tracked = TrackedConfig(config)
         specs.run_spec(tracked)  # typed, branch keys consistent
         tracked.check_all_read()
+
+
+def test_a_saved_config_off_its_branch_warns_only_for_values_other_than_the_defaults(caplog):
+    """An earlier version's saved config spelled branch keys out at their defaults
+    (rsqrt_timescale under cosine, momentum under adamw): read silently; another value is
+    reset with a warning, and a new config refuses either."""
+    import logging
+
+    schedule = {"decay": "cosine", "rsqrt_timescale": 10000.0, "step_boundaries": [0.5, 0.75]}
+    optimizer = {**default_config().optimizer.to_dict(), "momentum": 0.9, "nesterov": False}
+    with caplog.at_level(logging.WARNING), specs.saved_config():
+        assert specs.schedule_spec(schedule).decay == "cosine"
+        assert specs.optimizer_spec(optimizer).name == "adamw"
+    assert "The saved config sets" not in caplog.text
+    with caplog.at_level(logging.WARNING), specs.saved_config():
+        assert specs.schedule_spec({**schedule, "rsqrt_timescale": 500.0}).rsqrt_timescale == 10_000
+    assert "The saved config sets schedule.rsqrt_timescale, which only applies" in caplog.text
+    with pytest.raises(specs.ConfigError, match="schedule.rsqrt_timescale only applies"):
+        specs.schedule_spec(schedule)

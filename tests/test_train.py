@@ -237,6 +237,37 @@ def test_sweep_members_share_one_compiled_train_step(tmp_path):
     assert lowered("no_clip", **{**base, "optimizer.grad_clip_norm": None}) != text
 
 
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_an_earlier_ema_layout_warns_only_where_there_are_statistics(caplog, batch_norm):
+    """A checkpoint without the EMA's model state restores with the EMA's statistics from the
+    restored ones; the warning says so only for a model that has statistics (not a ViT)."""
+    from vision_jax.run import restore_into
+    from vision_jax.steps import SkipCounts, TrainState
+
+    model_state = {"batch_stats": {"mean": jnp.arange(3.0)}} if batch_norm else {}
+    state = TrainState(
+        step=jnp.array(0), params={"w": jnp.ones(2)}, model_state=model_state, opt_state=(),
+        ema_params={"w": jnp.ones(2)}, skips=SkipCounts.filled(jnp.zeros((), jnp.int32)),
+        ema_model_state=jax.tree.map(jnp.zeros_like, model_state),
+    )  # fmt: skip
+    saved = {"step": jnp.array(5), "params": {"w": jnp.full(2, 2.0)}, "model_state": model_state,
+             "opt_state": (), "ema_params": {"w": jnp.full(2, 3.0)},
+             "skips": state.skips}  # fmt: skip
+
+    def read(abstract):
+        if not isinstance(abstract, dict) or set(abstract) != set(saved):
+            raise CheckpointError("Cannot restore checkpoint: the layout differs.")
+        return dict(saved), {}
+
+    with caplog.at_level("WARNING"):
+        restored, _ = restore_into(read, state)
+    assert ("EMA has no model state" in caplog.text) == batch_norm
+    assert int(restored.step) == 5
+    for a, b in zip(jax.tree.leaves(restored.ema_model_state), jax.tree.leaves(model_state),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "missing, ema",
@@ -361,7 +392,9 @@ def test_a_finished_run_of_an_earlier_config_layout_reloads_and_restarts(tmp_pat
     config["lora"] |= {"dropout": 0.0, "train_head": True}
     config |= {"loss": "softmax_xent", "label_smoothing": 0.0}
     meta_file.write_text(json.dumps(meta))
-    trained = load_trained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        trained = load_trained(tmp_path)
+    assert "The saved config sets" not in caplog.text  # defaults spelled out are not stray
     assert trained.spec.on_nonfinite == default_config().on_nonfinite
     assert trained.spec.schedule.rsqrt_timescale == 10000
     with caplog.at_level(logging.WARNING):

@@ -507,8 +507,11 @@ def restore_into(
         zeros = lambda: SkipCounts.filled(jnp.zeros((), jnp.int32))
         values["skips"] = jax.jit(zeros, out_shardings=shardings)()
     if state.ema_model_state is not None:  # an earlier version's EMA of the parameters alone
-        logger.warning("The checkpoint's EMA has no model state (an earlier version's): the "
-                       "EMA's BatchNorm statistics start from the restored ones.")  # fmt: skip
+        if jax.tree.leaves(values["model_state"]):  # BatchNorm statistics (a ViT has none)
+            logger.warning(
+                "The checkpoint's EMA has no model state (an earlier version's): the EMA's "
+                "BatchNorm statistics start from the restored ones."
+            )
         values["ema_model_state"] = jax.tree.map(jnp.copy, values["model_state"])
     else:
         values["ema_model_state"] = None

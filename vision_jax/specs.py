@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -243,12 +244,19 @@ def _build(spec: type, values: dict[str, Any], section: str) -> Any:
 
 
 def _only_with(
-    section: str, values: dict[str, Any], keys: tuple[str, ...], when: bool, why: str
+    spec: type, section: str, values: dict[str, Any], keys: tuple[str, ...], when: bool, why: str
 ) -> None:
     """Raises if any of ``keys`` is set while ``when`` is False (the branch is not taken);
-    inside :func:`saved_config`, sets them to None instead."""
+    inside :func:`saved_config`, sets them to None instead (silently where the saved value is
+    ``spec``'s default: an earlier version's config spelled its defaults out)."""
+    if when:
+        return
     stray = [k for k in keys if values.get(k) is not None]
-    if stray and not when and _refuse_stray(section, dict.fromkeys(stray), why):
+    if _SAVED.get():
+        defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+        values.update({k: None for k in stray if values[k] == defaults[k]})
+        stray = [k for k in stray if values[k] is not None]
+    if stray and _refuse_stray(section, dict.fromkeys(stray), why):
         values.update(dict.fromkeys(stray))
 
 
@@ -411,7 +419,8 @@ def data_spec(section: Any) -> DataSpec:
     """:class:`DataSpec` of ``config.data``; the coco_* keys only with source 'coco'."""
     values = _section(section, DataSpec)
     coco_keys = ("coco_annotations", "coco_images")
-    _only_with("data", values, coco_keys, values["source"] == "coco", "to source='coco'")
+    is_coco = values["source"] == "coco"
+    _only_with(DataSpec, "data", values, coco_keys, is_coco, "to source='coco'")
     spec = _build(DataSpec, values, "data")
     if spec.val_split is not None and spec.val_split in (spec.eval_split, spec.train_split):
         raise ConfigError(
@@ -444,8 +453,8 @@ def early_stopping_spec(section: Any, has_val_split: bool) -> EarlyStoppingSpec:
     if not values.get("min_delta"):
         values["min_delta"] = None  # the default: not a setting that needs a validation split
     _only_with(
-        "early_stopping", values, ("metric", "mode", "patience", "min_delta"), has_val_split,
-        "with data.val_split (selecting on the test split would overfit it)",
+        EarlyStoppingSpec, "early_stopping", values, ("metric", "mode", "patience", "min_delta"),
+        has_val_split, "with data.val_split (selecting on the test split would overfit it)",
     )  # fmt: skip
     spec = _build(EarlyStoppingSpec, values, "early_stopping")
     if spec.mode not in (None, "max", "min"):
@@ -470,11 +479,10 @@ def schedule_spec(section: Any) -> ScheduleSpec:
     decays."""
     values = _section(section, ScheduleSpec)
     decay = values["decay"]
-    _only_with("schedule", values, ("rsqrt_timescale",), decay == "rsqrt", "to decay='rsqrt'")
-    step_keys = ("step_boundaries", "step_factor")
-    _only_with("schedule", values, step_keys, decay == "step", "to decay='step'")
-    ends = decay in ("cosine", "linear")
-    _only_with("schedule", values, ("end_factor",), ends, "to decay='cosine' or 'linear'")
+    only_with = functools.partial(_only_with, ScheduleSpec, "schedule", values)
+    only_with(("rsqrt_timescale",), decay == "rsqrt", "to decay='rsqrt'")
+    only_with(("step_boundaries", "step_factor"), decay == "step", "to decay='step'")
+    only_with(("end_factor",), decay in ("cosine", "linear"), "to decay='cosine' or 'linear'")
     return _build(ScheduleSpec, values, "schedule")
 
 
@@ -483,8 +491,9 @@ def optimizer_spec(section: Any) -> OptimizerSpec:
     nesterov only with SGD."""
     values = _section(section, OptimizerSpec)
     name = values["name"]
-    _only_with("optimizer", values, ("b1", "b2", "eps"), name == "adamw", "to name='adamw'")
-    _only_with("optimizer", values, ("momentum", "nesterov"), name == "sgd", "to name='sgd'")
+    only_with = functools.partial(_only_with, OptimizerSpec, "optimizer", values)
+    only_with(("b1", "b2", "eps"), name == "adamw", "to name='adamw'")
+    only_with(("momentum", "nesterov"), name == "sgd", "to name='sgd'")
     return _build(OptimizerSpec, values, "optimizer")
 
 
@@ -494,7 +503,7 @@ def lora_spec(section: Any) -> LoraSpec | None:
     values = _section(section, LoraSpec)
     rank = int(values.pop("rank"))
     if rank == 0:
-        _only_with("lora", values, tuple(values), False, "with rank > 0")
+        _only_with(LoraSpec, "lora", values, tuple(values), False, "with rank > 0")
         return None
     alpha = values.pop("alpha")
     if alpha is not None and alpha <= 0:
