@@ -411,3 +411,19 @@ def test_a_class_absent_from_labels_and_predictions_stays_out_of_the_macro_avera
         assert rows["weighted avg"][i] == pytest.approx(want["weighted avg"][key], abs=1e-12)
         assert rows["c6"][i] is None
     assert rows["c6"][4] == 0
+
+
+def test_the_page_says_which_step_it_shows_and_of_how_many():
+    """A latest step short of the run's length (a stopped run) is shown as "step N of M"."""
+    from types import SimpleNamespace
+
+    from vision_jax.report import _step
+
+    def trained(step_dir: str, step: int, total: int | None, ema: bool = False):
+        record = SimpleNamespace(total_steps=total)
+        return SimpleNamespace(step_dir=step_dir, step=step, record=record, ema=ema)
+
+    assert _step(trained("w/checkpoints/20", 20, 100)) == "latest step 20 of 100"
+    assert _step(trained("w/checkpoints/100", 100, 100)) == "latest step 100"
+    assert _step(trained("w/checkpoints/best/30", 30, 100, True)) == "best step 30 (EMA parameters)"
+    assert _step(trained("w/checkpoints/7", 7, None)) == "latest step 7"

@@ -97,9 +97,13 @@ def write_report(
 
 
 def _step(trained: Trained) -> str:
+    """Which step the report shows; a latest step short of the run's length says so (a run
+    stopped or still training)."""
     best = pathlib.Path(trained.step_dir).parent.name == BEST_DIR
     ema = " (EMA parameters)" if trained.ema else ""
-    return f"{'best' if best else 'latest'} step {trained.step}{ema}"
+    total = trained.record.total_steps
+    of = f" of {total}" if not best and total and trained.step < total else ""
+    return f"{'best' if best else 'latest'} step {trained.step}{of}{ema}"
 
 
 def _curves_section(
