@@ -219,36 +219,40 @@ def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_p
 @pytest.mark.slow  # trains a segmentation run of its own: over 30 s on 2 cores
 def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, capsys):
     """A segmentation run's predict: one PNG label map per image equal to the argmax of the
-    model on the eval pipeline's batch of that image (a 48x32 image: that 16x16 argmax with
-    each pixel repeated 3x2, as the nearest resize gives), and an index whose class fractions
-    are those of the PNG; predict_arrays gives the 16x16 maps."""
+    model on the eval pipeline's batch of that image (a 45x29 image: the argmax of those 16x16
+    logits resized as torch's bilinear interpolate resizes them), and an index whose class
+    fractions are those of the PNG; predict_arrays gives the 16x16 maps."""
+    import torch
+
     workdir = tmp_path_factory.mktemp("seg_run")
     steps = {"total_steps": 10, "checkpoint_every_steps": 10, "log_every_steps": 10}
     config = seg_config(**steps, **{"optimizer.learning_rate": 0.1})
     train_and_evaluate(config, str(workdir), arrays=ARRAYS)
     images, _ = ARRAYS["test"]
+    names = list(config.data.class_names)
+    source = data_lib.from_arrays(images, np.zeros(images.shape[:3], np.uint8), names,
+                                  target="label_map")  # fmt: skip
+    want = list(_eval_outputs(workdir, source, 8).argmax(-1))
+    richest = max(range(len(want)), key=lambda i: len(np.unique(want[i])))
+    large = np.asarray(Image.fromarray(images[richest]).resize((29, 45), Image.BILINEAR))
+    one = data_lib.from_arrays(large[None], np.zeros((1, 45, 29), np.uint8), names,
+                               target="label_map")  # fmt: skip
+    small = torch.from_numpy(np.asarray(_eval_outputs(workdir, one, 8)[0], np.float32))
+    resized = torch.nn.functional.interpolate(small.permute(2, 0, 1)[None], size=(45, 29),
+                                              mode="bilinear", align_corners=False)  # fmt: skip
+    want.append(resized[0].argmax(0).numpy())
+
     folder = tmp_path_factory.mktemp("seg_images")
     paths = [str(folder / f"{i:02d}.png") for i in range(len(images))]
     for path, image in zip(paths, images, strict=True):
         Image.fromarray(image).save(path)
-    large = np.asarray(Image.fromarray(images[3]).resize((32, 48), Image.BILINEAR))
     paths.append(str(folder / "large.png"))
     Image.fromarray(large).save(paths[-1])
-
     out = tmp_path_factory.mktemp("seg_out") / "preds.jsonl"
     assert main([f"--workdir={workdir}", f"--input={folder}", f"--output={out}"]) == 0
     assert f"{len(paths)}/{len(paths)} images" in capsys.readouterr().err
     index = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["file"] for r in index] == paths
-
-    names = list(config.data.class_names)
-    source = data_lib.from_arrays(images, np.zeros(images.shape[:3], np.uint8), names,
-                                  target="label_map")  # fmt: skip
-    want = list(_eval_outputs(workdir, source, 8).argmax(-1))
-    one = data_lib.from_arrays(large[None], np.zeros((1, 48, 32), np.uint8), names,
-                               target="label_map")  # fmt: skip
-    small = _eval_outputs(workdir, one, 8)[0].argmax(-1)
-    want.append(np.repeat(np.repeat(small, 3, 0), 2, 1))
     assert len({int(c) for m in want for c in np.unique(m)}) >= 2  # not a constant model
     arrays = Predictor(workdir).predict_arrays(images)["label_map"]
     np.testing.assert_array_equal(arrays, np.stack(want[:-1]))
@@ -269,6 +273,30 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
         main([f"--workdir={workdir}", f"--input={folder}", f"--output={beside}"])
     error = capsys.readouterr().err
     assert f"--input {folder} lies in {folder}, where this command writes" in error
+
+
+@pytest.mark.parametrize(
+    "small, size, classes",
+    [((16, 16), (48, 32), 5), ((20, 24), (7, 9), 3), ((8, 8), (8, 8), 4),
+     ((9, 5), (700, 2000), 16)],
+)  # fmt: skip
+def test_label_maps_are_the_argmax_of_logits_resized_as_torch_does(small, size, classes):
+    """predict's full-size label map equals torch's ``interpolate(logits, bilinear,
+    align_corners=False).argmax`` (mmseg's and Hugging Face's post-processing), from the
+    probabilities alone; up, down, the same size, and a large image resized in bands."""
+    import torch
+
+    from vision_jax.predict import upsampled_argmax
+
+    logits = np.random.default_rng(sum(size)).normal(0, 3, (*small, classes)).astype(np.float32)
+    nchw = torch.from_numpy(logits).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(nchw, size=size, mode="bilinear",
+                                              align_corners=False)  # fmt: skip
+    want = resized[0].argmax(0).numpy()
+    got = upsampled_argmax(_softmax(logits), size)
+    assert got.dtype == np.uint8 and got.shape == size
+    assert (got != want).mean() < 1e-4  # float32 rounding may flip an exact near-tie
+    assert len(np.unique(want)) == classes
 
 
 def test_label_map_colours_are_pascal_vocs():

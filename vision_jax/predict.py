@@ -8,7 +8,8 @@
 Classification writes a record per image: ``file``, its class (``label``, ``class_name``,
 ``probability``) and its ``top_k`` classes. Segmentation writes a PNG label map per image (class
 ids at the image's size) into the folder named as the output without its extension, and a
-record per image: ``file``, ``label_map`` (the PNG) and ``class_fractions`` (of its pixels).
+record per image: ``file``, ``label_map`` (the PNG) and ``class_fractions`` (of its pixels);
+the maps are the argmax of the model's scores resized bilinearly to each image's size.
 Detection writes COCO results (``bbox`` [x, y, w, h] in image pixels, ``score``,
 ``category_id``) with ``file_name`` and ``category_name``, and with ``--draw`` the images with
 their boxes; their ``image_id`` is 1, 2, ... in file order, or with ``--coco_annotations`` the id
@@ -228,9 +229,9 @@ class Predictor:
             for (path, _), row in zip(files, found, strict=True):
                 records.append(classification_record(path, row["probabilities"], names, top_k))
         elif self.task.name == "segmentation":
-            found = self._rows(source, ("label_map",), bar)
+            found = self._rows(source, ("probabilities",), bar)
             for (path, size), row in zip(files, found, strict=True):
-                records.append(segmentation_record(path, row["label_map"], size, names))
+                records.append(segmentation_record(path, row["probabilities"], size, names))
         else:  # a task of the user's own: its predictions as they come, at the model's input
             for (path, _), row in zip(files, self._rows(source, None, bar), strict=True):
                 records.append({"file": path, **{k: v.tolist() for k, v in row.items()}})
@@ -384,16 +385,44 @@ def classification_record(
 
 
 def segmentation_record(
-    path: str, label_map: np.ndarray, size: tuple[int, int], class_names: Sequence[str]
+    path: str, probabilities: np.ndarray, size: tuple[int, int], class_names: Sequence[str]
 ) -> dict:
-    """``file``, its ``label_map`` (uint8 class ids, resized nearest-neighbour from the model's
-    input to the image's ``size``, as the pipeline resizes label maps) and ``class_fractions``
-    (the fraction of its pixels in each class)."""
-    small = np.asarray(label_map, np.uint8)[..., None]
-    full = augment.resize_nearest(small, size).numpy()[..., 0]
+    """``file``, its ``label_map`` (uint8 class ids at the image's ``size``: the argmax of the
+    model's scores at its input, :func:`upsampled_argmax`) and ``class_fractions`` (the
+    fraction of its pixels in each class)."""
+    full = upsampled_argmax(probabilities, size)
     fractions = np.bincount(full.ravel(), minlength=len(class_names)) / full.size
     return {"file": path, "label_map": full,
             "class_fractions": dict(zip(class_names, fractions.tolist(), strict=True))}  # fmt: skip
+
+
+def _bilinear_taps(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two source samples of each of ``out`` samples of a bilinear resize from ``size``,
+    and the second one's weight: half-pixel centres, edges clamped (torch's
+    ``interpolate(align_corners=False)``)."""
+    where = np.clip((np.arange(out) + 0.5) * size / out - 0.5, 0, size - 1)
+    low = np.floor(where).astype(np.int64)
+    return low, np.minimum(low + 1, size - 1), (where - low).astype(np.float32)
+
+
+def upsampled_argmax(probabilities: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The uint8 class map at ``size`` (height, width) of [h, w, classes] ``probabilities``:
+    their logarithms (the logits up to a per-pixel shift, which leaves the argmax alone)
+    resized bilinearly, then the argmax, as mmseg and Hugging Face's segmentation
+    post-processing resize logits. In bands of rows, so a large image needs little memory."""
+    scores = np.log(np.maximum(np.asarray(probabilities, np.float32), np.finfo(np.float32).tiny))
+    low, high, frac = _bilinear_taps(size[1], scores.shape[1])
+    frac = frac[:, None]
+    columns = scores[:, low] * (1 - frac) + scores[:, high] * frac  # [h, width, classes]
+    low, high, frac = _bilinear_taps(size[0], scores.shape[0])
+    out = np.empty(size, np.uint8)
+    band = max(1, 2**22 // max(1, columns[0].size))
+    for start in range(0, size[0], band):
+        rows = slice(start, start + band)
+        weight = frac[rows, None, None]
+        band_scores = columns[low[rows]] * (1 - weight) + columns[high[rows]] * weight
+        out[rows] = band_scores.argmax(-1)
+    return out
 
 
 def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:

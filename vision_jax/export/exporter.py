@@ -128,8 +128,8 @@ def _manifest(
             "interpolation": spec.interpolation,
             "resize": f"the whole image to {spec.image_size} x {spec.image_size}, aspect ratio "
             "not kept",
-            "label_map": "at the input size: resize it to the image's size nearest-neighbour, "
-            "as predict does",
+            "label_map": "at the input size: for the image's size, resize the log of "
+            "probabilities bilinearly (half-pixel centres) and take the argmax, as predict does",
         }
     elif trained.task.name == "classification":  # how evaluation resizes and crops
         spec = trained.input
