@@ -313,7 +313,7 @@ def test_segmentation_exports_label_maps_and_probabilities():
     )  # fmt: skip
     resize = _manifest(trained, servable, "tflite", "none", 2)["input"]["resize"]
     assert resize["interpolation"] == "bicubic" and "whole image to 32 x 32" in resize["resize"]
-    assert "nearest-neighbour" in resize["label_map"]
+    assert "bilinearly" in resize["label_map"] and "argmax" in resize["label_map"]
 
 
 # ---- exporting trained runs (each trains a small run first) ----------------------------------
