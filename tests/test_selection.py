@@ -110,6 +110,13 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     with pytest.raises(weights.WeightFormatError, match=r"best checkpoint .* is incomplete; "
                        "--which=latest"):  # fmt: skip
         read_variables(tmp_path, "best")
+    # Nor is a best folder removed altogether (predict, report and export read "best").
+    shutil.rmtree(tmp_path / "best")
+    gone = (r"best checkpoint \(step 4, val/top1\) is not in .*; --which=latest reads the "
+            r"newest checkpoint \(step 10\)")  # fmt: skip
+    with pytest.raises(weights.WeightFormatError, match=gone):
+        read_variables(tmp_path, "best")
+    assert read_variables(tmp_path, "latest")["params"]["head"]["kernel"].shape == step4.shape
 
 
 @pytest.mark.slow

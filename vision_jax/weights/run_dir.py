@@ -164,7 +164,8 @@ def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.P
                 f"The best checkpoint in {path / BEST_DIR} is incomplete{instead}."
             )
         return best
-    if (path / CHECKPOINTS_DIR).is_dir():
+    workdir = (path / CHECKPOINTS_DIR).is_dir()
+    if workdir:
         path = path / CHECKPOINTS_DIR
     if (path / STATE_ITEM).is_dir():
         return path
@@ -172,7 +173,21 @@ def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.P
     if step is None:
         missing = "" if path.exists() else " (it does not exist)"
         raise WeightFormatError(f"No vision_jax checkpoint found in {path}{missing}.")
+    if which == "best" and workdir:
+        _check_no_best_kept(step, path.parent / BEST_DIR)
     return step
+
+
+def _check_no_best_kept(newest: pathlib.Path, best_dir: pathlib.Path) -> None:
+    """Raises when the run's selection names a best step (it kept one in ``best_dir``) that is
+    gone: "best" would otherwise read the newest checkpoint as if it were the best."""
+    selection = _read_meta(newest).get("selection") or {}
+    if selection.get("best_step") is not None:
+        raise WeightFormatError(
+            f"The run's best checkpoint (step {selection['best_step']}, "
+            f"{selection.get('metric')}) is not in {best_dir}; --which=latest reads the newest "
+            f"checkpoint (step {newest.name}) instead."
+        )
 
 
 def frozen_dir(checkpoints_dir: str) -> str:
