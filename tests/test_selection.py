@@ -283,6 +283,10 @@ def test_selection_progress_is_checkpointed_for_an_exact_resume():
     assert (loss.metric, loss.mode) == ("val/loss", "min")
     assert loss.update(2, {"val/loss": 1.0}) and loss.update(4, {"val/loss": 0.5})
     assert not loss.update(6, {"val/loss": float("nan")})  # never the best, counts as no gain
+    first = Selection("val/top1", "max", patience=1, min_delta=0.0)
+    assert not first.update(2, {"val/top1": float("nan")}) and not first.should_stop  # no best yet
+    assert first.update(4, {"val/top1": 0.5}) and first.bad_evaluations == 0
+    assert not first.update(6, {"val/top1": float("nan")}) and first.should_stop
     with pytest.raises(specs.ConfigError, match="'val/accuracy' is not an evaluation.*val/loss"):
         Selection.from_spec(specs.EarlyStoppingSpec("accuracy"), "top1").update(2, {"val/loss": 1})
 

@@ -71,7 +71,10 @@ class Selection:
 
     @property
     def should_stop(self) -> bool:
-        return self.patience is not None and self.bad_evaluations >= self.patience
+        """Patience used up since the best; never before a best exists (validations without a
+        finite value, a NaN at the first one, say: stopping would leave nothing to keep)."""
+        patience_spent = self.patience is not None and self.bad_evaluations >= self.patience
+        return patience_spent and self.best_step is not None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
