@@ -104,6 +104,10 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     with pytest.raises(CheckpointError, match=r"has stopped early; with the changed recipe "
                        r"\(optimizer.learning_rate"):  # fmt: skip
         train_and_evaluate(changed, str(tmp_path))
+    changed = selecting_config()
+    changed.early_stopping.metric = "val/loss"  # its best was chosen on val/top1
+    with pytest.raises(CheckpointError, match=r"changed recipe \(early_stopping.metric"):
+        train_and_evaluate(changed, str(tmp_path))
 
     # A best step that lost its state is not replaced by the newest step without a word.
     shutil.rmtree(tmp_path / "best" / "4" / "state")

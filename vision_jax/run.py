@@ -559,10 +559,11 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
 # Stream keys a finished run's restart refuses (a seed or batch-size sweep reusing the workdir);
 # the data's location may change (moved files evaluate as before).
 _FINISHED_STREAM_KEYS = ("seed", "batch_size", "data.train_split")
-# Config sections of the training recipe: a resume may change them (to train longer, say), warned.
+# Config sections of the training recipe: a resume may change them (to train longer, say), warned;
+# a finished run refuses them (the model selection's too: its best was chosen on the old one).
 _RECIPE_SECTIONS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
-    "optimizer", "schedule", "input", "task", "lora", "model",
+    "optimizer", "schedule", "input", "task", "lora", "model", "early_stopping",
 )  # fmt: skip
 
 
