@@ -60,14 +60,17 @@ def small_config(**overrides):
 
 
 def test_train_loop_learns_and_reports(tmp_path):
-    result = train_and_evaluate(
-        small_config(total_steps=40, eval_before_training=True, **{"optimizer.learning_rate": 0.1}),
-        str(tmp_path),
+    cfg = small_config(
+        total_steps=40, eval_before_training=True, **{"optimizer.learning_rate": 0.1}
     )
+    result = train_and_evaluate(cfg, str(tmp_path))
     assert result["eval/examples"] == 360  # every test digit once, padding excluded
     assert result["eval_before/top1"] < 0.3
     assert result["eval/top1"] > 0.3  # chance is 0.1
     assert result["train/learning_rate"] >= 0
+    again = train_and_evaluate(cfg, str(tmp_path))  # started again, it reports the same
+    assert again["eval_before/top1"] == result["eval_before/top1"]
+    assert again["eval/top1"] == result["eval/top1"]
     # TensorBoard event files hold the scalars.
     from tensorboard.backend.event_processing import event_accumulator
 

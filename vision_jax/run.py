@@ -846,6 +846,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         crop_mode=input_spec.crop_mode,
     ).to_json()
     meta["train_data"] = train_data
+    if "evaluated_before" in saved:  # eval_before_training's results, reported at every end
+        meta["evaluated_before"] = saved["evaluated_before"]
     if selection is not None:  # last: nothing after it can fail and leave its folder behind
         best = BestCheckpoint(workdir, selection.metric, selection.mode)
     return Run(

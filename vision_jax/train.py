@@ -400,10 +400,13 @@ def _loop(
     evaluate_first = spec.eval_before_training and run.start_step == 0
     if evaluate_first or _finished(run):
         startup.wait_before_evaluating()
-    if evaluate_first:
+    if evaluate_first:  # its results go into every checkpoint's meta: a resume reports them
         split, _ = run.periodic_source
         before = _evaluate(run, state, 0, writer)
-        results.update({k.replace(split, f"{split}_before", 1): v for k, v in before.items()})
+        run.meta["evaluated_before"] = {
+            k.replace(split, f"{split}_before", 1): v for k, v in before.items()
+        }
+    results.update(run.meta.get("evaluated_before") or {})
     if run.evaluation_pending and not (_finished(run) and run.selection is None):
         startup.wait_before_evaluating()  # (a final evaluation follows anyway)
         results.update(_evaluate_pending(run, state, writer, stop))
