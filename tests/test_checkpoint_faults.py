@@ -122,6 +122,38 @@ def test_second_run_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, c
     assert f"its process {holder.pid} is gone" in caplog.text
 
 
+def test_a_deleted_lock_is_made_again_and_a_lost_one_ends_its_run(tmp_path):
+    """The owner's heartbeat makes its deleted lock again (another run would start beside
+    it); when another run holds the lock (taken over as stale while this run's file system
+    did not answer, say), the owner ends at once with one line, saving nothing more."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from vision_jax import lock; lock.HEARTBEAT_S = 0.1\n"
+         + LOCK_HOLDER, str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    path = tmp_path / lock_lib.LOCK_NAME
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        owner = json.loads(path.read_text())
+        path.unlink()
+        deadline = time.monotonic() + 20
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(path.read_text()) == owner
+        with pytest.raises(lock_lib.LockError, match=rf"in use by another run .*pid {holder.pid}"):
+            lock_lib.WorkdirLock(str(tmp_path)).acquire()
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({**owner, "host": "elsewhere", "pid": 7}))
+        os.replace(other, path)
+        assert holder.wait(timeout=20) == lock_lib.EXIT_LOCK_LOST
+    finally:
+        holder.kill()
+        holder.wait()
+    error = holder.stderr.read()
+    assert "Another run took over this run's workdir lock" in error and "host elsewhere" in error
+    assert json.loads(path.read_text())["host"] == "elsewhere"  # left to the other run
+
+
 def test_a_stopped_runs_lock_stays_its_own_and_a_reused_pid_does_not_hold_it(tmp_path, caplog):
     """A live owner on this host keeps its lock however old its heartbeat (SIGSTOP, a suspended
     job: a second run took it over after 300 s and both wrote the workdir); its pid held by

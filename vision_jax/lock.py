@@ -8,7 +8,10 @@ zombie), or belongs to another process now (another start time, or this process'
 after a container restart reused it) and its heartbeat stopped; from another host when its
 heartbeat is older than ``STALE_AFTER_S``. A live owner on the same host keeps its lock
 however old its heartbeat (a suspended job, a stopped process). In a multi-host run process 0
-takes the lock and the other processes share its verdict.
+takes the lock and the other processes share its verdict. The owner's heartbeat makes a deleted
+lock again, and ends its process (exit :data:`EXIT_LOCK_LOST`, one line) where another run
+holds the lock now: it lost it (a heartbeat that could not reach the file for longer than
+``STALE_AFTER_S``), and two runs must not save into one workdir.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -32,6 +36,7 @@ LOCK_NAME = "vision_jax.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 WRITE_GRACE_S = 2.0  # a lock file without its JSON for longer was left half-written
+EXIT_LOCK_LOST = 75  # sysexits.h EX_TEMPFAIL: another run took over the workdir
 
 
 class LockError(RuntimeError):
@@ -100,6 +105,16 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
     return None
 
 
+def _lost(path: str, owner: dict) -> None:
+    """Ends this process at once, saving nothing more: another run holds its workdir's lock."""
+    message = (
+        f"error: Another run took over this run's workdir lock {path} ({_describe(owner)}); "
+        "this run stops without saving more, leaving the workdir to it."
+    )
+    print(message, file=sys.stderr, flush=True)
+    os._exit(EXIT_LOCK_LOST)
+
+
 class WorkdirLock:
     """The lock of one run's workdir; :meth:`release` (also at exit) frees it."""
 
@@ -157,16 +172,12 @@ class WorkdirLock:
 
     def _create(self) -> bool:
         """Creates the lock file if absent; True when this process now owns it."""
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now}
         if (stat := _proc_stat(os.getpid())) is not None:
             owner["pid_start"] = stat[1]
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
+        if not self._create_as(owner):
+            return False
         self._owner = owner
         self.held = True
         _HELD_HERE.add(os.path.realpath(self.path))
@@ -217,11 +228,38 @@ class WorkdirLock:
 
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_S):
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
+                self._beat()
 
         self._thread = threading.Thread(target=beat, name="workdir_lock", daemon=True)
         self._thread.start()
+
+    def _beat(self) -> None:
+        """Touches the lock; makes it again if it was deleted; ends this process if another
+        run holds it now (this one lost it, deleted or taken over as stale: two runs must not
+        save into one workdir). A file system that does not answer skips the beat."""
+        try:
+            owner, _ = self._read()
+            if owner is None and self._create_as(self._owner):
+                logger.warning("The workdir lock %s was deleted while this run held it; made "
+                               "it again.", self.path)  # fmt: skip
+                return
+            if owner is None:
+                owner, _ = self._read()  # another run made it meanwhile
+            if owner is not None and owner != self._owner and not self._stop.is_set():
+                _lost(self.path, owner)
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def _create_as(self, owner: dict) -> bool:
+        """Creates the lock file holding ``owner`` if it is absent; whether it did."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        return True
 
     def release(self) -> None:
         """Frees the lock (idempotent)."""
