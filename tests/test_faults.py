@@ -985,3 +985,26 @@ def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
     assert "cache hit for 'jit__threefry_split'" in logs[1]
     assert "<img" in (tmp_path / "first" / "report" / "report.html").read_text()
     assert not (tmp_path / "second" / "report").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_the_report_is_written_says_how_to_write_it(tmp_path, sig):
+    """The run is complete when its report is written: a stop signal then ends the command
+    with one line naming the report command (it exited 143 silently, or with a traceback)."""
+    script = f"""
+import os, signal, time
+from vision_jax import main, report
+def interrupted(workdir, final=None):
+    os.kill(os.getpid(), signal.{sig})
+    time.sleep(60)
+report.write_report = interrupted
+main._report({str(tmp_path)!r}, None)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == EXIT_STOPPED, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"{sig} while writing the report; the run is saved: python -m vision_jax.report "
+        f"--workdir={tmp_path} writes it."
+    )
+    assert "Traceback" not in done.stderr

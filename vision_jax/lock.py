@@ -36,7 +36,7 @@ LOCK_NAME = "vision_jax.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 WRITE_GRACE_S = 2.0  # a lock file without its JSON for longer was left half-written
-EXIT_LOCK_LOST = 75  # sysexits.h EX_TEMPFAIL: another run took over the workdir
+EXIT_LOCK_LOST = 1  # an error: another run took over the workdir (not resumable here)
 
 
 class LockError(RuntimeError):

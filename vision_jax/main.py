@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import posixpath
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -389,13 +390,26 @@ def _exit_written() -> None:
 
 def _report(workdir: str, final: Any) -> None:
     """Writes the run's report (from ``final``, the final evaluation's figures, when they are
-    of the step it shows); a failure is a warning (the run itself succeeded)."""
+    of the step it shows); a failure is a warning (the run itself succeeded), a stop signal
+    ends the command with one line saying how to write the report again."""
     from vision_jax.report import write_report
 
+    def stopped(signum: int, frame: Any) -> None:
+        del frame
+        print(f"{signal.Signals(signum).name} while writing the report; the run is saved: "
+              f"python -m vision_jax.report --workdir={workdir} writes it.", file=sys.stderr,
+              flush=True)  # fmt: skip
+        sys.stdout.flush()
+        os._exit(EXIT_STOPPED)
+
+    previous = {s: signal.signal(s, stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         print(f"report: {write_report(workdir, final=final)}")
     except Exception as e:  # the trained model is saved whatever the report hits
         logging.warning("No report written: %s: %s", type(e).__name__, e)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _summaries(results: dict[str, float], task: str) -> list[str]:
