@@ -894,6 +894,29 @@ def test_a_failed_best_save_says_the_step_checkpoints_are_not_affected(tmp_path)
         steps.wait()
 
 
+def test_a_failed_frozen_save_is_one_line(tmp_path, monkeypatch):
+    """Writing the frozen parameters (once, at the start) fails with the one-line save error,
+    not TensorStore's raw message of hundreds of characters."""
+    import orbax.checkpoint as ocp
+
+    from vision_jax import checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise ValueError("NOT_FOUND: Error writing local file " + "x" * 400
+                         + ": [Errno 28] No space left on device")  # fmt: skip
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", disk_full)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    with pytest.raises(checkpoint.CheckpointSaveError) as info:
+        ckpt.save_frozen({"w": jnp.ones(2)})
+    message = str(info.value)
+    assert message.startswith(f"Saving the frozen parameters in {tmp_path}/frozen_params failed "
+                              "(the disk is full): ValueError: NOT_FOUND")  # fmt: skip
+    assert message.endswith("No space left on device. Run the same command again once there "
+                            "is space.") and len(message) < 300 + len(str(tmp_path))  # fmt: skip
+    assert not ckpt.has_frozen
+
+
 def test_a_long_error_keeps_its_cause():
     """A save error's line is cut in the middle: the path's start and the cause at its end."""
     from vision_jax.weights.run_dir import short_reason

@@ -291,8 +291,16 @@ class Checkpointer:
         if not jax.tree_util.tree_leaves(frozen):
             return
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(frozen_dir(self.directory), frozen, force=True)
-        checkpointer.wait_until_finished()
+        try:
+            checkpointer.save(frozen_dir(self.directory), frozen, force=True)
+            checkpointer.wait_until_finished()
+        except Exception as e:  # orbax and TensorStore raise many types
+            full = any(marker in str(e) for marker in _DISK_FULL)
+            raise CheckpointSaveError(
+                f"Saving the frozen parameters in {frozen_dir(self.directory)} failed"
+                f"{' (the disk is full)' if full else ''}: {short_reason(e)}. Run the same "
+                f"command again{' once there is space' if full else ''}."
+            ) from e
         saved = digests.digest(frozen)
         if jax.process_index() == 0:
             (epath.Path(frozen_dir(self.directory)) / FROZEN_DIGEST_FILE).write_text(
