@@ -209,7 +209,8 @@ def test_eval_letterbox_scales_back_to_the_original_boxes(tmp_path):
         data_lib.eval_batches(source, spec_of(image_size=32), global_batch=2, max_boxes=3)
     )
     assert len(batches) == 3
-    assert all(b.keys() == BOX_KEYS | {"image_id", "scale", "mask", "row"} for b in batches)
+    eval_keys = {"image_id", "scale", "extent", "mask", "row"}
+    assert all(b.keys() == BOX_KEYS | eval_keys for b in batches)
     batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     np.testing.assert_array_equal(batch["mask"], [1] * 5 + [0])
     assert sorted(batch["image_id"][:5]) == sorted(ids) and batch["image_id"][5] == 0
@@ -218,6 +219,7 @@ def test_eval_letterbox_scales_back_to_the_original_boxes(tmp_path):
         (height, width, rects) = scenes[ids.index(image_id)]
         scale = batch["scale"][row]
         assert scale == pytest.approx(32 / max(height, width))
+        np.testing.assert_allclose(batch["extent"][row], [height * scale, width * scale])
         real = batch["valid"][row] + batch["crowd"][row] == 1
         np.testing.assert_allclose(
             batch["boxes"][row][real] / scale,

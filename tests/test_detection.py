@@ -201,6 +201,31 @@ def test_postprocess_on_hand_made_outputs():
     )
 
 
+def test_postprocess_clips_to_each_letterboxed_image_before_nms():
+    """With each image's extent in the input (the rest letterbox padding), boxes are clipped
+    to the image before NMS, as torchvision's detectors clip to the resized image: two boxes
+    that overlap only inside the image suppress one another there, not in the input square."""
+    where = fcos.layout((32, 32), (8,))
+    n = len(where.points)
+    logits = np.full((2, n, 1), -20.0, np.float32)
+    distances = np.full((2, n, 4), 2.0, np.float32)
+    index = lambda x, y: int(np.flatnonzero((where.points == [x, y]).all(1))[0])
+    for image in (0, 1):
+        logits[image, index(12, 4), 0] = np.log(0.9 / 0.1)  # x 8..40: 8..32 in the input
+        distances[image, index(12, 4)] = [4, 0, 28, 8]
+        logits[image, index(12, 12), 0] = np.log(0.8 / 0.2)  # x 8..18: IoU 10/24 with it
+        distances[image, index(12, 12)] = [4, 8, 6, 0]
+    outputs = {"logits": jnp.asarray(logits), "distances": jnp.asarray(distances),
+               "centerness": jnp.full((2, n), 30.0)}  # fmt: skip
+    found = fcos.postprocess(
+        outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
+        pre_nms=10, max_detections=3, extents=jnp.asarray([[32.0, 32.0], [32.0, 20.0]]),
+    )  # fmt: skip
+    np.testing.assert_array_equal(found["classes"], [[0, 0, -1], [0, -1, -1]])
+    np.testing.assert_allclose(found["boxes"][0, :2], [[8, 4, 32, 12], [8, 4, 18, 12]])
+    np.testing.assert_allclose(found["boxes"][1, 0], [8, 4, 20, 12])  # 20 wide: IoU 10/12
+
+
 def coco_ground_truth() -> dict:
     """Two images (ids 0 and 9: COCO ids may be 0), categories with non-contiguous ids, one
     crowd annotation."""
@@ -249,7 +274,7 @@ class FixedDetections(Detection):
     def _layout(self, batch, outputs):
         return None
 
-    def detect(self, outputs, image_hw):
+    def detect(self, outputs, image_hw, extents=None):
         d = 4
         boxes, scores = np.zeros((4, d, 4), np.float32), np.zeros((4, d), np.float32)
         classes, slot = np.full((4, d), -1, np.int32), {0: 0, 9: 0}

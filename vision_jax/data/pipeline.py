@@ -445,7 +445,7 @@ def _empty_batch(size: int, s: int, target: dict) -> Batch:
     return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
 
 
-_EVAL_ONLY_KEYS = ("mask", "row", "image_id", "scale")
+_EVAL_ONLY_KEYS = ("mask", "row", "image_id", "scale", "extent")
 
 
 def _example_shapes(
@@ -459,6 +459,7 @@ def _example_shapes(
         shapes |= {k: ((m,), np.int32) for k in ("classes", "valid", "crowd")}
         shapes |= {"boxes": ((m, 4), np.float32), "image_id": ((), np.int32)}
         shapes["scale"] = ((), np.float32)
+        shapes["extent"] = ((2,), np.float32)
     else:
         shapes[kind] = ((s, s) if kind == "label_map" else (), np.int32)
     return shapes

@@ -206,8 +206,9 @@ def _image_and_boxes(
     min_size = 1.0 if train else 0.0  # training drops boxes cut under a pixel
     out = boxes.place(found, scale, offset, spec.image_size, max_boxes, min_size)
     out["image"] = tf.where(inside, normalise(image, spec), 0.0)
-    if not train:
-        out.update(image_id=table["image_id"][row], scale=scale)
+    if not train:  # extent: the image's height and width in the input (the rest is padding)
+        extent = tf.cast(table["size"][row], tf.float32) * scale
+        out.update(image_id=table["image_id"][row], scale=scale, extent=extent)
     return out
 
 
@@ -229,8 +230,9 @@ def make_preprocess(
 
     With ``target="boxes"`` (``box_table`` and ``max_boxes`` required; examples hold ``row``):
     ``boxes`` (float32 [M, 4], x0 y0 x1 y1 in model-input pixels), ``classes``, ``valid`` and
-    ``crowd`` (int32 [M]), zero rows after the boxes; evaluation adds ``image_id`` (int32) and
-    ``scale`` (float32, model-input pixels per original pixel).
+    ``crowd`` (int32 [M]), zero rows after the boxes; evaluation adds ``image_id`` (int32),
+    ``scale`` (float32, model-input pixels per original pixel) and ``extent`` (float32 [2], the
+    image's height and width in model-input pixels).
     """
     if check_target(target) == "label_map":
         if num_classes is None:

@@ -131,13 +131,17 @@ class Detection(Task):
             "positives": positives,
         }
 
-    def detect(self, outputs: dict[str, jax.Array], image_hw: tuple[int, int]) -> dict:
-        """Post-processed detections in input pixels (see :func:`fcos.postprocess`)."""
+    def detect(
+        self, outputs: dict[str, jax.Array], image_hw: tuple[int, int],
+        extents: jax.Array | None = None,
+    ) -> dict:  # fmt: skip
+        """Post-processed detections in input pixels (see :func:`fcos.postprocess`; ``extents``:
+        each image's height and width in the input, None: all of it)."""
         where = fcos.layout(image_hw, self.strides)
         return fcos.postprocess(
             outputs, jnp.asarray(where.points), image_hw, score_threshold=self.score_threshold,
             iou_threshold=self.nms_iou, pre_nms=self.pre_nms_topk,
-            max_detections=self.max_detections,
+            max_detections=self.max_detections, extents=extents,
         )  # fmt: skip
 
     def eval_metrics(self, outputs: dict[str, jax.Array], batch: Batch) -> EvalMetrics:
@@ -149,8 +153,11 @@ class Detection(Task):
         """The metrics hold the detections in the source images' pixels (divided by the batch's
         ``scale``); the per-example predictions are in input pixels, as :meth:`predict`'s."""
         self._layout(batch, outputs)
-        found = self.detect(outputs, batch["image"].shape[1:3])
-        real = batch["mask"] > 0
+        real, image_hw = batch["mask"] > 0, batch["image"].shape[1:3]
+        extents = batch.get("extent")  # the letterboxed image's part of the input
+        if extents is not None:
+            extents = jnp.where(real[:, None], extents, jnp.asarray(image_hw, jnp.float32))
+        found = self.detect(outputs, image_hw, extents)
         scale = jnp.where(real, batch["scale"], 1.0)[:, None, None]
         collection = EvalMetrics.single_from_model_output(
             boxes=found["boxes"] / scale,

@@ -236,16 +236,24 @@ def losses(
 def postprocess(
     outputs: dict[str, jax.Array], points: jax.Array, image_hw: Sequence[int], *,
     score_threshold: float, iou_threshold: float, pre_nms: int, max_detections: int,
+    extents: jax.Array | None = None,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """Detections of a batch, a fixed number per image: the ``pre_nms`` best (location, class)
     pairs by ``sqrt(sigmoid(class) * sigmoid(centerness))`` above ``score_threshold``, their
-    boxes clipped to the input ``image_hw``, per-class NMS, then the ``max_detections`` best.
-    Returns ``boxes`` [B, D, 4], ``scores`` [B, D] (0 for empty slots) and ``classes`` [B, D]
-    int32 (-1 for empty slots)."""
-    height, width = image_hw
-    corner = jnp.asarray([width, height, width, height], jnp.float32)
+    boxes clipped to the image (``extents`` [B, 2]: each image's height and width in input
+    pixels, the rest padding; None: the input ``image_hw``), per-class NMS, then the
+    ``max_detections`` best (torchvision's FCOS clips before its NMS too). Returns ``boxes``
+    [B, D, 4], ``scores`` [B, D] (0 for empty slots) and ``classes`` [B, D] int32 (-1 for
+    empty slots)."""
+    input_hw = jnp.asarray(image_hw, jnp.float32)
+    batch = outputs["logits"].shape[0]
+    extents = jnp.broadcast_to(input_hw if extents is None else extents, (batch, 2))
 
-    def one_image(logits: jax.Array, distances: jax.Array, centerness: jax.Array) -> tuple:
+    def one_image(
+        logits: jax.Array, distances: jax.Array, centerness: jax.Array, extent: jax.Array
+    ) -> tuple:
+        height, width = jnp.minimum(extent.astype(jnp.float32), input_hw)
+        corner = jnp.stack([width, height, width, height])
         num_classes = logits.shape[-1]
         scores = jnp.sqrt(jax.nn.sigmoid(logits) * jax.nn.sigmoid(centerness)[:, None])
         k = min(pre_nms, scores.size)
@@ -267,6 +275,6 @@ def postprocess(
         )
 
     boxes, scores, classes = jax.vmap(one_image)(
-        outputs["logits"], outputs["distances"], outputs["centerness"]
+        outputs["logits"], outputs["distances"], outputs["centerness"], extents
     )
     return {"boxes": boxes, "scores": scores, "classes": classes}
