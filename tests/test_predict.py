@@ -324,7 +324,7 @@ def test_a_classification_output_named_after_its_input_folder(digits_run, digit_
 DOGS = range(24, 30)  # Tiny-ImageNet's 6 dog breeds in its sorted WordNet ids (n02085620 ..)
 
 
-def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
+def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path, capsys):
     """``--weights`` with the ViT-Ti/16 timm file (a 200-way Tiny-ImageNet head) on two
     Imagenette English springer images and two 32 px CIFAR-10 images (enlarged 7.75x): the
     probabilities of timm's own model and evaluation transform for the file (resize 224 / 0.9
@@ -369,6 +369,10 @@ def test_pretrained_file_predicts_as_timm(shared_dir, timm, tmp_path):
     # resizing in float without rounding between the passes was 0.055 off)
     np.testing.assert_allclose(got, want, atol=2e-3)
     assert all(r["label"] in DOGS for r in records[:2]), [r["top_k"][:3] for r in records]
+    with pytest.raises(SystemExit):  # a usage error, one line
+        main([*argv, "--class_names=a,b,c"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("classifies 200 classes; got 3 class names.")
 
 
 def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path, caplog):

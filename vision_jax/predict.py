@@ -534,7 +534,9 @@ def draw_detections(path: str, detections: list[dict], out_path: str, threshold:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vision_jax.predict", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--workdir", help="a trained run's workdir")
     add_run_options(parser, which_default=None)  # None: not given (with --weights, an error)
     parser.add_argument("--weights", help="a pretrained classifier file (instead of --workdir)")
@@ -569,9 +571,14 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pre
     if args.which or args.ema is not None:
         parser.error("--which and --ema pick the parameters of --workdir, not of --weights.")
     names = args.class_names.split(",") if args.class_names else None
-    return Predictor.from_weights(
-        args.weights, model=args.model, class_names=names, batch_size=args.batch_size
-    )
+    try:
+        return Predictor.from_weights(
+            args.weights, model=args.model, class_names=names, batch_size=args.batch_size
+        )
+    except (weights.WeightFormatError, weights.WeightMismatchError):
+        raise  # the file's problem: an error line, exit 1
+    except ValueError as e:  # the flags' (a class count, a model name)
+        parser.error(str(e))
 
 
 def _inside(path: str, folders: Sequence[str | None]) -> bool:

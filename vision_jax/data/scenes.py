@@ -379,7 +379,9 @@ def generate_scenes(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: generates the scenes and prints the summary as one JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vision_jax.data.scenes", description=__doc__.split("\n", 1)[0]
+    )
     parser.add_argument("--shared", default="../shared", help="folder holding data/...")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--num_train", type=int, default=1000)

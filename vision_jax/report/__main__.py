@@ -15,7 +15,9 @@ from vision_jax.run_options import add_run_options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Writes a trained run's report.")
+    parser = argparse.ArgumentParser(
+        prog="python -m vision_jax.report", description="Writes a trained run's report."
+    )
     parser.add_argument("--workdir", required=True, help="the run's workdir")
     parser.add_argument("--output", help="folder for the report (default: <workdir>/report)")
     add_run_options(parser)
