@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_segmentation_train import ARRAYS, seg_config
+from test_train import small_config
 
 from vision_jax import data as data_lib
 from vision_jax import weights
@@ -128,6 +129,43 @@ def test_a_task_of_ones_own_predicts_its_outputs_on_files(digits_run, digit_file
         top = max(known["top_k"], key=lambda t: t["probability"])
         assert np.argmax(record["probabilities"]) == top["label"]
         assert record["probabilities"][top["label"]] == pytest.approx(top["probability"])
+
+
+MY_TASK = """
+import dataclasses
+from vision_jax.tasks import register_task
+from vision_jax.tasks.classification import Classification
+
+@register_task
+@dataclasses.dataclass(frozen=True)
+class Mine(Classification):
+    name = "mine"
+"""
+
+
+def test_a_task_of_ones_own_is_imported_from_its_module(tmp_path, monkeypatch):
+    """``task.module`` names the module that registers a task of one's own: the run imports
+    it, and so does everything that reads the run later (here load_trained, in a process that
+    never imported it); without it, the error says to set it."""
+    import sys
+
+    from vision_jax import tasks
+    from vision_jax.trained import load_trained
+
+    (tmp_path / "my_tasks.py").write_text(MY_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    monkeypatch.delitem(sys.modules, "my_tasks", raising=False)
+    with pytest.raises(ValueError, match="Unknown task.name 'mine' \\(set task.module to the"):
+        train_and_evaluate(small_config(**{"task.name": "mine"}), str(tmp_path / "run"))
+    config = small_config(total_steps=2, **{"task.name": "mine", "task.module": "my_tasks"})
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    assert 0 <= result["eval/top1"] <= 1 and "mine" in tasks.TASKS
+    del tasks.TASKS["mine"], sys.modules["my_tasks"]  # a later process's view
+    trained = load_trained(tmp_path / "run")
+    assert trained.task.name == "mine" and type(trained.task).__module__ == "my_tasks"
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register_task(type("Mine", (tasks.Classification,), {"name": "mine"}))
 
 
 def test_unreadable_files_are_named_and_skipped(digit_files, digit_records):

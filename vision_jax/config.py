@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     # task does not use is an error.
     c.task = ml_collections.ConfigDict()
     c.task.name = "classification"
+    # a task of one's own: the module that registers it (vision_jax.tasks.register_task)
+    c.task.module = placeholder(str)
     c.task.head = placeholder(str)  # segmentation: "linear" (default) or "fpn" (a decoder)
     c.task.decoder_width = placeholder(int)  # segmentation "fpn": channels (default 64)
     c.task.feature_taps = placeholder(tuple)  # backbone taps (default: last ViT block / stages)

@@ -4,6 +4,7 @@ selects one."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from vision_jax.tasks.base import Task
@@ -18,11 +19,32 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
+def register_task(cls: type[Task]) -> type[Task]:
+    """Registers a task class of one's own under its ``name`` (usable as a decorator); a
+    config selects it with ``task.name``, and ``task.module`` names the module that registers
+    it, so that the training command and, from the saved config, report, predict and export
+    import it."""
+    old = TASKS.get(cls.name)
+    same = lambda c: (c.__module__, c.__qualname__)  # a notebook cell run again redefines it
+    if old is not None and same(old) != same(cls):
+        raise ValueError(f"Task {cls.name!r} is already registered ({old}).")
+    TASKS[cls.name] = cls
+    return cls
+
+
 def create_task(config: Any) -> Task:
-    """The task of ``config.task`` (a TrackedConfig or ConfigDict of the whole run)."""
-    name = config.task.name
+    """The task of ``config.task`` (a TrackedConfig or ConfigDict of the whole run);
+    ``task.module`` is imported first (it registers the task)."""
+    name, module = config.task.name, config.task.get("module")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"task.module {module!r} cannot be imported: {e}") from e
     if name not in TASKS:
-        raise ValueError(f"Unknown task.name {name!r}; valid: {', '.join(TASKS)}.")
+        hint = "set task.module to the module that registers a task of your own"
+        where = f"{module} does not register it" if module else hint
+        raise ValueError(f"Unknown task.name {name!r} ({where}); valid: {', '.join(TASKS)}.")
     return TASKS[name].from_config(config.task, config)
 
 
@@ -34,4 +56,5 @@ __all__ = [
     "Segmentation",
     "Task",
     "create_task",
+    "register_task",
 ]
