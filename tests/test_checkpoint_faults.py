@@ -154,6 +154,35 @@ def test_a_deleted_lock_is_made_again_and_a_lost_one_ends_its_run(tmp_path):
     assert json.loads(path.read_text())["host"] == "elsewhere"  # left to the other run
 
 
+def test_the_heartbeat_never_takes_its_own_run_for_a_lost_one(tmp_path, monkeypatch):
+    """A beat after the release leaves no lock behind; a lock the beat could not write (a full
+    disk) is not left empty, and an empty (half-written) lock is not another run's."""
+
+    def lost(path, owner):
+        raise AssertionError(f"the run was ended: {owner}")
+
+    monkeypatch.setattr(lock_lib, "_lost", lost)
+    path = tmp_path / lock_lib.LOCK_NAME
+    lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    path.unlink()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lock_lib.json, "dump", disk_full)
+        lock._beat()
+    assert not path.exists()  # not an empty file: the next beat makes it
+    lock._beat()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    path.write_text("")  # half-written
+    lock._beat()
+    path.unlink()
+    lock.release()
+    lock._beat()  # a beat under way as the lock was released
+    assert not path.exists()
+
+
 def test_a_stopped_runs_lock_stays_its_own_and_a_reused_pid_does_not_hold_it(tmp_path, caplog):
     """A live owner on this host keeps its lock however old its heartbeat (SIGSTOP, a suspended
     job: a second run took it over after 300 s and both wrote the workdir); its pid held by

@@ -106,8 +106,13 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
         train_and_evaluate(changed, str(tmp_path))
     changed = selecting_config()
     changed.early_stopping.metric = "val/loss"  # its best was chosen on val/top1
-    with pytest.raises(CheckpointError, match=r"changed recipe \(early_stopping.metric"):
+    with pytest.raises(CheckpointError, match=r"has stopped early; its best was chosen by another "
+                       r"selection \(early_stopping.metric val/top1 -> val/loss; "
+                       "early_stopping.mode max -> min\\)"):  # fmt: skip
         train_and_evaluate(changed, str(tmp_path))
+    spelled = selecting_config()
+    spelled.early_stopping.metric = "top1"  # the same selection: val/top1, the default
+    assert train_and_evaluate(spelled, str(tmp_path))["eval/top1"] == result["eval/top1"]
 
     # A best step that lost its state is not replaced by the newest step without a word.
     shutil.rmtree(tmp_path / "best" / "4" / "state")

@@ -239,26 +239,35 @@ class WorkdirLock:
         save into one workdir). A file system that does not answer skips the beat."""
         try:
             owner, _ = self._read()
+            if self._stop.is_set():  # released meanwhile: the lock is not this run's any more
+                return
             if owner is None and self._create_as(self._owner):
                 logger.warning("The workdir lock %s was deleted while this run held it; made "
                                "it again.", self.path)  # fmt: skip
                 return
             if owner is None:
                 owner, _ = self._read()  # another run made it meanwhile
-            if owner is not None and owner != self._owner and not self._stop.is_set():
+            taken = owner is not None and owner != self._owner and not owner.get("half_written")
+            if taken and not self._stop.is_set():
                 _lost(self.path, owner)
             os.utime(self.path)
         except OSError:
             pass
 
     def _create_as(self, owner: dict) -> bool:
-        """Creates the lock file holding ``owner`` if it is absent; whether it did."""
+        """Creates the lock file holding ``owner`` if it is absent; whether it did (a file it
+        could not write is removed again)."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(owner, f)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            raise
         return True
 
     def release(self) -> None:
@@ -268,6 +277,8 @@ class WorkdirLock:
         self.held = False
         _HELD_HERE.discard(os.path.realpath(self.path))
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)  # a beat under way ends before the file goes
         atexit.unregister(self.release)
         owner, _ = self._read()
         if owner == self._owner:  # not taken over by another run meanwhile

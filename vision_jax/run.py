@@ -559,12 +559,38 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
 # Stream keys a finished run's restart refuses (a seed or batch-size sweep reusing the workdir);
 # the data's location may change (moved files evaluate as before).
 _FINISHED_STREAM_KEYS = ("seed", "batch_size", "data.train_split")
-# Config sections of the training recipe: a resume may change them (to train longer, say), warned;
-# a finished run refuses them (the model selection's too: its best was chosen on the old one).
+# Config sections of the training recipe: a resume may change them (to train longer, say), warned.
 _RECIPE_SECTIONS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
-    "optimizer", "schedule", "input", "task", "lora", "model", "early_stopping",
+    "optimizer", "schedule", "input", "task", "lora", "model",
 )  # fmt: skip
+_SELECTION_KEYS = ("metric", "mode", "min_delta", "patience")
+
+
+def _resumed_selection(
+    spec: specs.RunSpec, saved: Mapping[str, Any], finished: bool, where: str
+) -> Selection:
+    """The run's model selection with the progress its checkpoint saved. A selection that
+    changed since, as resolved (an unset metric is the task's ``val/<headline>``), is refused
+    for a finished run or one stopped early (its best was chosen by the old one) and warned
+    for a resumed one (a new metric or mode starts its progress anew)."""
+    task = spec.task
+    selection = Selection.from_spec(spec.early_stopping, task.headline, task.headline_mode)
+    old = saved.get("selection") or {}
+    changes = [
+        f"early_stopping.{k} {old[k]} -> {getattr(selection, k)}"
+        for k in _SELECTION_KEYS
+        if k in old and old[k] != getattr(selection, k)
+    ]
+    if changes and (finished or saved.get("stopped_early")):
+        how = "stopped early" if saved.get("stopped_early") else "finished"
+        raise CheckpointError(
+            f"The run in {where} has {how}; its best was chosen by another selection "
+            f"({'; '.join(changes)}). Use another --workdir to select with it."
+        )
+    if changes:
+        logger.warning("Resuming %s with a changed model selection: %s.", where, "; ".join(changes))
+    return selection.resumed(old)
 
 
 def _config_changes(
@@ -827,9 +853,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
     selection = best = None
     if val_source is not None:
-        task = spec.task
-        selection = Selection.from_spec(spec.early_stopping, task.headline, task.headline_mode)
-        selection = selection.resumed(saved.get("selection"))
+        selection = _resumed_selection(spec, saved, start_step >= total_steps, ckpt.directory)
     train_step, eval_steps = _compile_steps(spec, model, setup, mesh)
     settings = _step_settings(spec, setup, mesh, step_rng)
     meta = RunRecord(
