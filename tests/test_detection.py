@@ -224,6 +224,20 @@ def test_postprocess_clips_to_each_letterboxed_image_before_nms():
     np.testing.assert_array_equal(found["classes"], [[0, 0, -1], [0, -1, -1]])
     np.testing.assert_allclose(found["boxes"][0, :2], [[8, 4, 32, 12], [8, 4, 18, 12]])
     np.testing.assert_allclose(found["boxes"][1, 0], [8, 4, 20, 12])  # 20 wide: IoU 10/12
+    # The task clips so from the batch's extents (padding rows: the whole input), in evaluation
+    # and in the report's and predict's predictions alike.
+    task = Detection(strides=(8,), score_threshold=0.1, nms_iou=0.5, pre_nms_topk=10,
+                     max_detections=3)  # fmt: skip
+    batch = {"image": jnp.zeros((3, 32, 32, 3)), "mask": jnp.asarray([1.0, 1.0, 0.0]),
+             "extent": jnp.asarray([[32.0, 32.0], [32.0, 20.0], [0.0, 0.0]]),
+             "scale": jnp.ones(3), "image_id": jnp.arange(3)}  # fmt: skip
+    three = {k: jnp.concatenate([v, v[:1]]) for k, v in outputs.items()}
+    predicted = task.predict_batch(three, batch)
+    _, per_example = task.evaluate_batch(three, batch)
+    for key in ("boxes", "scores", "classes"):
+        np.testing.assert_array_equal(predicted[key][:2], found[key])
+        np.testing.assert_array_equal(per_example[key], predicted[key])
+    np.testing.assert_array_equal(predicted["classes"][2], found["classes"][0])  # padding
 
 
 def coco_ground_truth() -> dict:

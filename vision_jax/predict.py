@@ -229,7 +229,9 @@ class Predictor:
             for (path, _), row in zip(files, found, strict=True):
                 records.append(classification_record(path, row["probabilities"], names, top_k))
         elif self.task.name == "segmentation":
-            found = self._rows(source, ("probabilities",), bar)
+            per_image = self.input.image_size**2 * len(names) * 4  # float32 scores a pixel
+            batch = max(1, min(self.batch_size, 2**28 // per_image))  # 256 MB at a time
+            found = self._rows(source, ("probabilities",), bar, batch)
             for (path, size), row in zip(files, found, strict=True):
                 records.append(segmentation_record(path, row["probabilities"], size, names))
         else:  # a task of the user's own: its predictions as they come, at the model's input
@@ -260,10 +262,15 @@ class Predictor:
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def _rows(
-        self, source: data_lib.Source, keys: tuple[str, ...] | None, bar: Progress | None
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """The task's predictions ``keys`` (None: all) of each example of ``source``, in order."""
-        for batch in data_lib.eval_batches(source, self.input, global_batch=self.batch_size):
+        self, source: data_lib.Source, keys: tuple[str, ...] | None, bar: Progress | None,
+        batch_size: int | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+        """The task's predictions ``keys`` (None: all) of each example of ``source``, in order,
+        in batches of ``batch_size`` (None: the predictor's)."""
+        batches = data_lib.eval_batches(
+            source, self.input, global_batch=batch_size or self.batch_size
+        )
+        for batch in batches:
             found = jax.device_get(self._predict(self.variables, batch["image"], keys=keys))
             count = int(batch["mask"].sum())  # padding rows come last
             if bar is not None:
@@ -409,19 +416,22 @@ def upsampled_argmax(probabilities: np.ndarray, size: tuple[int, int]) -> np.nda
     """The uint8 class map at ``size`` (height, width) of [h, w, classes] ``probabilities``:
     their logarithms (the logits up to a per-pixel shift, which leaves the argmax alone)
     resized bilinearly, then the argmax, as mmseg and Hugging Face's segmentation
-    post-processing resize logits. In bands of rows, so a large image needs little memory."""
+    post-processing resize logits. In bands of output rows, each from the few input rows it
+    needs, so a large image needs little memory."""
     scores = np.log(np.maximum(np.asarray(probabilities, np.float32), np.finfo(np.float32).tiny))
-    low, high, frac = _bilinear_taps(size[1], scores.shape[1])
-    frac = frac[:, None]
-    columns = scores[:, low] * (1 - frac) + scores[:, high] * frac  # [h, width, classes]
-    low, high, frac = _bilinear_taps(size[0], scores.shape[0])
+    left, right, across = _bilinear_taps(size[1], scores.shape[1])
+    top, bottom, down = _bilinear_taps(size[0], scores.shape[0])
+    across = across[:, None]
     out = np.empty(size, np.uint8)
-    band = max(1, 2**22 // max(1, columns[0].size))
+    band = max(1, 2**22 // (size[1] * scores.shape[2]))
     for start in range(0, size[0], band):
         rows = slice(start, start + band)
-        weight = frac[rows, None, None]
-        band_scores = columns[low[rows]] * (1 - weight) + columns[high[rows]] * weight
-        out[rows] = band_scores.argmax(-1)
+        first, last = top[rows].min(), bottom[rows].max() + 1
+        needed = scores[first:last]  # [input rows, w, classes]
+        columns = needed[:, left] * (1 - across) + needed[:, right] * across
+        weight = down[rows, None, None]
+        resized = columns[top[rows] - first] * (1 - weight) + columns[bottom[rows] - first] * weight
+        out[rows] = resized.argmax(-1)
     return out
 
 

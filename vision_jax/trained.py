@@ -59,19 +59,26 @@ class Trained:
         """The run's class names, in label order."""
         return list(self.record.class_names or ())
 
-    @functools.cached_property
-    def _predict(self) -> Any:
-        return jitted_predict(self.model, self.task, self.input.image_size)
-
     def predict_batches(
         self, batches: Iterable[dict[str, np.ndarray]]
     ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """``(batch, predictions)`` for each preprocessed batch (e.g. of
         :func:`vision_jax.data.eval_batches`), predictions on the host as the task's
-        :meth:`~vision_jax.tasks.base.Task.predict` returns them (classification:
+        :meth:`~vision_jax.tasks.base.Task.predict_batch` returns them (classification:
         ``probabilities``); padding rows (``batch["mask"] == 0``) are left in."""
         for batch in batches:
-            yield batch, jax.device_get(self._predict(self.variables, batch["image"]))
+            arrays = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+            yield batch, jax.device_get(self._predict_batch(self.variables, arrays))
+
+    @functools.cached_property
+    def _predict_batch(self) -> Any:
+        """The task's :meth:`~vision_jax.tasks.base.Task.predict_batch`, jitted."""
+        model, task = self.model, self.task
+
+        def predict(variables: Any, batch: dict[str, jax.Array]) -> dict:
+            return task.predict_batch(model.apply(variables, batch["image"], train=False), batch)
+
+        return jax.jit(predict)
 
 
 def jitted_predict(model: nn.Module, task: Any, image_size: int) -> Any:

@@ -194,7 +194,7 @@ def _image_and_boxes(
 ) -> Example:
     """Detection: the image and its boxes flipped, scaled and windowed alike (see
     :mod:`vision_jax.data.boxes`); the image normalised, 0 where the window is off the image.
-    Evaluation adds ``image_id`` and ``scale``."""
+    Evaluation adds ``image_id``, ``scale`` and ``extent``."""
     row = example["row"]
     image = _decode_sized(example, table["size"][row])
     found = boxes.lookup(table, row)

@@ -116,8 +116,9 @@ def _manifest(
     if trained.task.name == "detection":  # how evaluation and predict fit images in
         manifest["input"]["letterbox"] = {
             "resize": "the longer side to the input size, aspect ratio kept",
-            "image_at": "top-left; boxes come back in input pixels: divide by the scale and "
-            "clip to the image, as predict does",
+            "image_at": "top-left; boxes come back in input pixels, clipped to the input "
+            "before NMS: divide by the scale and clip to the image (evaluation and predict clip "
+            "to the image before NMS: detections reaching into the padding may differ)",
             "pad_rgb": [round(255 * m, 3) for m in servable.mean],
             "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
             "value gives nearly the same detections, black padding does not",

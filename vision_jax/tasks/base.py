@@ -98,7 +98,7 @@ class Task(abc.ABC):
         :attr:`per_example` outputs of :meth:`predict`; padding rows included)."""
         if not self.per_example:
             return self.eval_metrics(outputs, batch), {}
-        found = self.predict(outputs, batch["image"].shape[1:3])
+        found = self.predict_batch(outputs, batch)
         missing = [k for k in self.per_example if k not in found]
         if missing:
             raise ValueError(
@@ -118,3 +118,8 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def predict(self, outputs: Any, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
         """What a prediction returns for a batch of model outputs on ``image_hw`` inputs."""
+
+    def predict_batch(self, outputs: Any, batch: Batch) -> dict[str, jax.Array]:
+        """:meth:`predict` of the model's outputs on a preprocessed ``batch``: what its
+        evaluation predicts (detection clips each image's boxes to its part of the input)."""
+        return self.predict(outputs, batch["image"].shape[1:3])

@@ -151,13 +151,11 @@ class Detection(Task):
         self, outputs: dict[str, jax.Array], batch: Batch
     ) -> tuple[EvalMetrics, dict[str, jax.Array]]:
         """The metrics hold the detections in the source images' pixels (divided by the batch's
-        ``scale``); the per-example predictions are in input pixels, as :meth:`predict`'s."""
+        ``scale``); the per-example predictions are in input pixels, as
+        :meth:`predict_batch`'s."""
         self._layout(batch, outputs)
-        real, image_hw = batch["mask"] > 0, batch["image"].shape[1:3]
-        extents = batch.get("extent")  # the letterboxed image's part of the input
-        if extents is not None:
-            extents = jnp.where(real[:, None], extents, jnp.asarray(image_hw, jnp.float32))
-        found = self.detect(outputs, image_hw, extents)
+        found = self.predict_batch(outputs, batch)
+        real = batch["mask"] > 0
         scale = jnp.where(real, batch["scale"], 1.0)[:, None, None]
         collection = EvalMetrics.single_from_model_output(
             boxes=found["boxes"] / scale,
@@ -196,3 +194,12 @@ class Detection(Task):
 
     def predict(self, outputs: dict[str, jax.Array], image_hw: tuple[int, int]) -> dict:
         return self.detect(outputs, image_hw)
+
+    def predict_batch(self, outputs: dict[str, jax.Array], batch: Batch) -> dict:
+        """:meth:`detect` with each image's boxes clipped to its part of the input (the
+        batch's ``extent``: the letterbox's padding left out)."""
+        real, image_hw = batch["mask"] > 0, batch["image"].shape[1:3]
+        extents = batch.get("extent")
+        if extents is not None:  # padding rows: the whole input
+            extents = jnp.where(real[:, None], extents, jnp.asarray(image_hw, jnp.float32))
+        return self.detect(outputs, image_hw, extents)

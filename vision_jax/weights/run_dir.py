@@ -186,7 +186,8 @@ def _check_no_best_kept(newest: pathlib.Path, best_dir: pathlib.Path) -> None:
         raise WeightFormatError(
             f"The run's best checkpoint (step {selection['best_step']}, "
             f"{selection.get('metric')}) is not in {best_dir}; --which=latest reads the newest "
-            f"checkpoint (step {newest.name}) instead."
+            f"checkpoint (step {newest.name}) instead (as init.path or --weights: "
+            f"{newest.parent})."
         )
 
 
