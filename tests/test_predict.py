@@ -166,6 +166,19 @@ def test_a_task_of_ones_own_is_imported_from_its_module(tmp_path, monkeypatch):
     assert trained.task.name == "mine" and type(trained.task).__module__ == "my_tasks"
     with pytest.raises(ValueError, match="already registered"):
         tasks.register_task(type("Mine", (tasks.Classification,), {"name": "mine"}))
+    # A script that registers it as __main__ and names itself: not imported a second time.
+    del tasks.TASKS["mine"], sys.modules["my_tasks"]
+    script = type("Mine", (tasks.Classification,), {"name": "mine", "__module__": "__main__"})
+    tasks.register_task(script)
+    assert type(load_trained(tmp_path / "run").task) is script and "my_tasks" not in sys.modules
+    # A saved run without the module: the error says to import it (its config is as it ran).
+    del tasks.TASKS["mine"]
+    for meta in (tmp_path / "run" / "checkpoints").glob("*/meta/metadata"):
+        record = json.loads(meta.read_text())
+        record["config"]["task"]["module"] = None
+        meta.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="import the module that registers it first"):
+        load_trained(tmp_path / "run")
 
 
 def test_unreadable_files_are_named_and_skipped(digit_files, digit_records):

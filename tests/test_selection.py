@@ -113,6 +113,12 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     spelled = selecting_config()
     spelled.early_stopping.metric = "top1"  # the same selection: val/top1, the default
     assert train_and_evaluate(spelled, str(tmp_path))["eval/top1"] == result["eval/top1"]
+    dropped = selecting_config()  # without selection, its last step would be reported
+    dropped.data.val_split = dropped.early_stopping.patience = None
+    dropped.early_stopping.min_delta = 0.0
+    with pytest.raises(CheckpointError, match=r'changed recipe \(data.val_split "train\[90%:\]" '
+                       r"-> null\)"):  # fmt: skip
+        train_and_evaluate(dropped, str(tmp_path))
 
     # A best step that lost its state is not replaced by the newest step without a word.
     shutil.rmtree(tmp_path / "best" / "4" / "state")

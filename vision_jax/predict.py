@@ -426,11 +426,12 @@ def upsampled_argmax(probabilities: np.ndarray, size: tuple[int, int]) -> np.nda
     band = max(1, 2**22 // (size[1] * scores.shape[2]))
     for start in range(0, size[0], band):
         rows = slice(start, start + band)
-        first, last = top[rows].min(), bottom[rows].max() + 1
-        needed = scores[first:last]  # [input rows, w, classes]
+        used = np.unique(np.concatenate([top[rows], bottom[rows]]))  # two a row at most
+        needed = scores[used]  # [used input rows, w, classes]
         columns = needed[:, left] * (1 - across) + needed[:, right] * across
+        upper, lower = np.searchsorted(used, top[rows]), np.searchsorted(used, bottom[rows])
         weight = down[rows, None, None]
-        resized = columns[top[rows] - first] * (1 - weight) + columns[bottom[rows] - first] * weight
+        resized = columns[upper] * (1 - weight) + columns[lower] * weight
         out[rows] = resized.argmax(-1)
     return out
 

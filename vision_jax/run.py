@@ -556,9 +556,10 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
         "coco_annotations", "coco_images",
     )
 )  # fmt: skip
-# Stream keys a finished run's restart refuses (a seed or batch-size sweep reusing the workdir);
+# Keys besides the recipe that a finished run's restart refuses: its training stream's (a seed or
+# batch-size sweep reusing the workdir) and its validation split (the best was chosen on it);
 # the data's location may change (moved files evaluate as before).
-_FINISHED_STREAM_KEYS = ("seed", "batch_size", "data.train_split")
+_FINISHED_STREAM_KEYS = ("seed", "batch_size", "data.train_split", "data.val_split")
 # Config sections of the training recipe: a resume may change them (to train longer, say), warned.
 _RECIPE_SECTIONS = (
     "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
@@ -686,8 +687,9 @@ def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: 
 
 
 def _in_recipe(key: str) -> bool:
-    """Whether a config key is part of the training recipe (:data:`_RECIPE_SECTIONS`)."""
-    return key.split(".")[0] in _RECIPE_SECTIONS
+    """Whether a config key is part of the training recipe (:data:`_RECIPE_SECTIONS`; not
+    where a task's code lives)."""
+    return key.split(".")[0] in _RECIPE_SECTIONS and key != "task.module"
 
 
 def _agreed(changes: list[str]) -> list[str]:

@@ -274,6 +274,11 @@ def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: 
 _SAVED = contextvars.ContextVar("saved_config", default=False)
 
 
+def reading_saved_config() -> bool:
+    """Whether a saved run's config is being read (inside :func:`saved_config`)."""
+    return _SAVED.get()
+
+
 @contextlib.contextmanager
 def saved_config() -> Iterator[None]:
     """Inside, a key set for a branch its run does not take is reset, with a warning, not an

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from vision_jax.specs import reading_saved_config
 from vision_jax.tasks.base import Task
 from vision_jax.tasks.classification import Classification
 from vision_jax.tasks.detection import Detection
@@ -36,13 +37,15 @@ def create_task(config: Any) -> Task:
     """The task of ``config.task`` (a TrackedConfig or ConfigDict of the whole run);
     ``task.module`` is imported first (it registers the task)."""
     name, module = config.task.name, config.task.get("module")
-    if module:
+    if module and name not in TASKS:  # (a script registering it as __main__ has it already)
         try:
             importlib.import_module(module)
         except ImportError as e:
             raise ValueError(f"task.module {module!r} cannot be imported: {e}") from e
     if name not in TASKS:
         hint = "set task.module to the module that registers a task of your own"
+        if reading_saved_config():  # a saved run: its config cannot be changed from here
+            hint = "import the module that registers it first: the run's config has no module"
         where = f"{module} does not register it" if module else hint
         raise ValueError(f"Unknown task.name {name!r} ({where}); valid: {', '.join(TASKS)}.")
     return TASKS[name].from_config(config.task, config)
