@@ -727,7 +727,7 @@ def test_weights_read_from_a_damaged_run_are_refused(tmp_path, finished_run):
 
 FAILING_WRITES = """
 import resource, signal, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]  # a script's folder is on the path, not the checkout
 from test_train import small_config
 from vision_jax import checkpoint
 from vision_jax.train import train_and_evaluate
@@ -758,7 +758,7 @@ def test_a_failed_async_save_is_named_and_the_saved_steps_stay(tmp_path):
     would): the next wait raises one error naming the step, the reason and the newest
     complete checkpoint, which a run with room resumes from."""
     script = tmp_path / "failing_writes.py"
-    script.write_text(FAILING_WRITES.format(tests=str(ROOT / "tests")))
+    script.write_text(FAILING_WRITES.format(tests=str(ROOT / "tests"), root=str(ROOT)))
     workdir = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, str(script), str(workdir)], capture_output=True, text=True, timeout=300,
