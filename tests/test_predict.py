@@ -143,13 +143,17 @@ class Mine(Classification):
 """
 
 
-def test_a_task_of_ones_own_is_imported_from_its_module(tmp_path, monkeypatch):
+def test_a_task_of_ones_own_is_imported_from_its_module(tmp_path, monkeypatch, digit_files,
+                                                        capsys):  # fmt: skip
     """``task.module`` names the module that registers a task of one's own: the run imports
     it, and so does everything that reads the run later (here load_trained, in a process that
-    never imported it); without it, the error says to set it."""
+    never imported it); without it, the error says to set it. A subclass of a library task
+    is predicted and reported as that task (class names, per-class tables)."""
     import sys
 
     from vision_jax import tasks
+    from vision_jax.report import write_report
+    from vision_jax.report.__main__ import main as report_main
     from vision_jax.trained import load_trained
 
     (tmp_path / "my_tasks.py").write_text(MY_TASK)
@@ -164,6 +168,10 @@ def test_a_task_of_ones_own_is_imported_from_its_module(tmp_path, monkeypatch):
     del tasks.TASKS["mine"], sys.modules["my_tasks"]  # a later process's view
     trained = load_trained(tmp_path / "run")
     assert trained.task.name == "mine" and type(trained.task).__module__ == "my_tasks"
+    records, _ = Predictor(tmp_path / "run").predict(digit_files[0][:3], top_k=2)
+    assert records[0]["class_name"] in trained.class_names and len(records[0]["top_k"]) == 2
+    write_report(tmp_path / "run")
+    assert (tmp_path / "run" / "report" / "per_class.csv").is_file()
     with pytest.raises(ValueError, match="already registered"):
         tasks.register_task(type("Mine", (tasks.Classification,), {"name": "mine"}))
     # A script that registers it as __main__ and names itself: not imported a second time.
@@ -179,6 +187,10 @@ def test_a_task_of_ones_own_is_imported_from_its_module(tmp_path, monkeypatch):
         meta.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="import the module that registers it first"):
         load_trained(tmp_path / "run")
+    capsys.readouterr()
+    assert report_main([f"--workdir={tmp_path / 'run'}"]) == 1  # one line, no traceback
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Cannot read the run in" in error and "task.name 'mine'" in error
 
 
 def test_unreadable_files_are_named_and_skipped(digit_files, digit_records):

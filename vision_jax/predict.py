@@ -55,7 +55,7 @@ from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
 from vision_jax.output_errors import written_whole
 from vision_jax.run_options import add_run_options
-from vision_jax.tasks import IGNORE_LABEL, Classification, Task
+from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
 from vision_jax.tasks.coco_eval import PADDING_ID, coco_results
 from vision_jax.trained import jitted_predict, load_trained
 
@@ -216,7 +216,7 @@ class Predictor:
         paths = [os.fspath(p) for p in paths]
         if not paths:
             return [], []
-        if self.task.name == "detection":
+        if library_kind(self.task) == "detection":
             return self._detect(paths, progress)
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1; got {top_k}.")
@@ -224,11 +224,11 @@ class Predictor:
         source = unlabelled_files(files, self.task.target, self.class_names)
         bar = Progress(len(files)) if progress else None
         names, records = self.class_names, []
-        if self.task.name == "classification":
+        if library_kind(self.task) == "classification":
             found = self._rows(source, ("probabilities",), bar)
             for (path, _), row in zip(files, found, strict=True):
                 records.append(classification_record(path, row["probabilities"], names, top_k))
-        elif self.task.name == "segmentation":
+        elif library_kind(self.task) == "segmentation":
             per_image = self.input.image_size**2 * len(names) * 4  # float32 scores a pixel
             batch = max(1, min(self.batch_size, 2**28 // per_image))  # 256 MB at a time
             found = self._rows(source, ("probabilities",), bar, batch)
@@ -249,7 +249,7 @@ class Predictor:
             raise ValueError(
                 f"Images must be [N, H, W], [N, H, W, 1] or [N, H, W, 3]; got {images.shape}."
             )
-        if self.task.name == "detection":
+        if library_kind(self.task) == "detection":
             raise ValueError("Detection predicts on files (predict): boxes map back to each file.")
         if not len(images):
             raise ValueError(f"No images to predict: got an array of shape {images.shape}.")

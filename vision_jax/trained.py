@@ -23,6 +23,7 @@ import numpy as np
 from vision_jax import data as data_lib
 from vision_jax import specs
 from vision_jax.config import TrackedConfig, saved_with_defaults
+from vision_jax.weights.files import WeightFormatError
 from vision_jax.weights.run_dir import (
     RunRecord,
     latest_step_dir,
@@ -104,8 +105,11 @@ def load_trained(
 
     step_dir = latest_step_dir(path, which)
     record = read_record(step_dir)
-    with specs.saved_config():
-        spec = specs.run_spec(TrackedConfig(saved_with_defaults(record.config)))
+    try:
+        with specs.saved_config():
+            spec = specs.run_spec(TrackedConfig(saved_with_defaults(record.config)))
+    except ValueError as e:  # its config cannot be read today (a task module not found, say)
+        raise WeightFormatError(f"Cannot read the run in {step_dir}: {e}") from e
     input_spec = dataclasses.replace(
         spec.input, image_size=record.image_size, mean=record.mean, std=record.std,
         interpolation=record.interpolation or spec.input.interpolation,

@@ -19,6 +19,7 @@ from vision_jax.export.stablehlo import ARTIFACT as STABLEHLO_ARTIFACT
 from vision_jax.export.stablehlo import PLATFORMS, to_stablehlo
 from vision_jax.export.tflite import check_quantize, in_float32, to_tflite
 from vision_jax.output_errors import written_whole
+from vision_jax.tasks import library_kind
 
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
@@ -113,7 +114,8 @@ def _manifest(
             "parameters": "ema" if trained.ema else "trained",
         },
     }
-    if trained.task.name == "detection":  # how evaluation and predict fit images in
+    kind = library_kind(trained.task)
+    if kind == "detection":  # how evaluation and predict fit images in
         manifest["input"]["letterbox"] = {
             "resize": "the longer side to the input size, aspect ratio kept",
             "image_at": "top-left; boxes come back in input pixels, clipped to the input "
@@ -123,7 +125,7 @@ def _manifest(
             "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
             "value gives nearly the same detections, black padding does not",
         }
-    elif trained.task.name == "segmentation":  # evaluation sees every pixel of the image
+    elif kind == "segmentation":  # evaluation sees every pixel of the image
         spec = trained.input
         manifest["input"]["resize"] = {
             "interpolation": spec.interpolation,
@@ -132,7 +134,7 @@ def _manifest(
             "label_map": "at the input size: for the image's size, resize the log of "
             "probabilities bilinearly (half-pixel centres) and take the argmax, as predict does",
         }
-    elif trained.task.name == "classification":  # how evaluation resizes and crops
+    elif kind == "classification":  # how evaluation resizes and crops
         spec = trained.input
         whole = spec.crop_mode == "squash"
         manifest["input"]["resize"] = {

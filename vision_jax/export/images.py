@@ -12,6 +12,7 @@ import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax.export.serving import ExportError
+from vision_jax.tasks import library_kind
 
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
@@ -33,7 +34,7 @@ def split_images(
     """uint8 images [N, S, S, 3] and their targets (labels [N], or label maps [N, S, S]) of the
     run's split ``split``: all of it, or ``count`` examples drawn at random."""
     task = trained.task
-    if task.name == "detection":
+    if library_kind(task) == "detection":
         raise ExportError("Evaluating exported models takes labels or label maps, not boxes.")
     source = data_lib.load_source(trained.spec.data, split, target=task.target)
     if count is not None and count < source.num_examples:

@@ -19,6 +19,7 @@ from vision_jax.export.images import split_images
 from vision_jax.export.serving import Servable
 from vision_jax.export.tflite import QUANTIZATIONS, TFLiteModel, in_float32, to_tflite
 from vision_jax.metrics import iou_summary
+from vision_jax.tasks import library_kind
 
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
@@ -123,7 +124,7 @@ def quantization_report(
     reference = forms[0][2]
     base = _accuracy(reference, targets)
     miou = None
-    if trained.task.name == "segmentation":
+    if library_kind(trained.task) == "segmentation":
         miou = lambda predictions: _miou(predictions, targets, len(trained.class_names))
         base_miou = miou(reference)
     rows = []

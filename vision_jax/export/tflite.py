@@ -25,6 +25,7 @@ import numpy as np
 
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, serving_module
 from vision_jax.export.serving import ExportError, Servable
+from vision_jax.tasks import library_kind
 
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
@@ -55,7 +56,7 @@ def to_tflite(
     """The TFLite flatbuffer of ``servable`` on ``batch`` images; ``full_int8`` needs
     ``representative`` uint8 images (about 100, as the model takes them) to calibrate on."""
     check_quantize(quantize)
-    if servable.task.name == "detection":
+    if library_kind(servable.task) == "detection":
         raise ExportError(
             "TFLite cannot convert a detection model: the converter lowers neither form of "
             "its post-processing's top-k (lax.top_k's StableHLO composite, a sort); export "

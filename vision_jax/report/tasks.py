@@ -20,6 +20,7 @@ from vision_jax import data as data_lib
 from vision_jax.metrics import iou_summary
 from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
+from vision_jax.tasks import library_kind
 from vision_jax.tasks.coco_eval import coco_metrics, coco_results
 from vision_jax.trained import Trained
 
@@ -196,7 +197,8 @@ class Detection:
         return Evaluation(figures["map"], len(seen), table=table, notes=[note])
 
 
-# task name -> evaluator(class names, the run's input, the split's source, hardest examples)
+# library task (tasks.library_kind: subclasses too) -> evaluator(class names, the run's input,
+# the split's source, hardest examples)
 EVALUATORS: dict[str, Callable[..., Any]] = {
     "classification": Classification,
     "segmentation": Segmentation,
@@ -207,7 +209,7 @@ EVALUATORS: dict[str, Callable[..., Any]] = {
 def evaluate(trained: Trained, source: data_lib.Source, n: int) -> Evaluation | None:
     """The task's evaluation of ``trained``'s predictions on ``source`` (None: the task has no
     evaluator), with ``n`` hardest examples."""
-    evaluator_type = EVALUATORS.get(trained.task.name)
+    evaluator_type = EVALUATORS.get(library_kind(trained.task))
     if evaluator_type is None:
         return None
     evaluator = evaluator_type(trained.class_names, trained.input, source, n)
@@ -238,7 +240,7 @@ class FinalEvaluation:
         """Starts the evaluation of the state saved in ``step_dir``; returns what sees each
         batch and its predictions (None: the task has no evaluator)."""
         self.step_dir, self._evaluator = None, None
-        evaluator_type = EVALUATORS.get(task.name)
+        evaluator_type = EVALUATORS.get(library_kind(task))
         if evaluator_type is None:
             return None
         try:

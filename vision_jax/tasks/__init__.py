@@ -18,6 +18,14 @@ TASKS: dict[str, type[Task]] = {
     "segmentation": Segmentation,
     "detection": Detection,
 }
+_LIBRARY_TASKS = dict(TASKS)
+
+
+def library_kind(task: Task) -> str | None:
+    """The library's task that ``task`` is or subclasses ("classification", "segmentation" or
+    "detection"), or None (a task of one's own written from the base class): the report,
+    predict and export treat a subclass as its library task."""
+    return next((n for n, c in _LIBRARY_TASKS.items() if isinstance(task, c)), None)
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -41,7 +49,9 @@ def create_task(config: Any) -> Task:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ValueError(f"task.module {module!r} cannot be imported: {e}") from e
+            raise ValueError(
+                f"task.module {module!r} cannot be imported ({e}): is its folder on PYTHONPATH?"
+            ) from e
     if name not in TASKS:
         hint = "set task.module to the module that registers a task of your own"
         if reading_saved_config():  # a saved run: its config cannot be changed from here
@@ -59,5 +69,6 @@ __all__ = [
     "Segmentation",
     "Task",
     "create_task",
+    "library_kind",
     "register_task",
 ]
