@@ -105,6 +105,7 @@ def test_the_restart_keeps_the_process_its_arguments_and_interpreter_options(tmp
     script.write_text(RESTARTING)
     unset = ("GLIBC_TUNABLES", OPT_OUT, "JAX_PLATFORMS")
     env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # the checkout
     proc = subprocess.Popen(
         [sys.executable, "-X", "utf8", str(script), "a", "b c"], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

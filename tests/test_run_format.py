@@ -145,7 +145,7 @@ def test_reading_a_run_never_imports_checkpoint(written_run):
     workdir = written_run[0]
     done = subprocess.run(
         [sys.executable, "-c", READ_WITHOUT_CHECKPOINT, str(workdir)],
-        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parent,
+        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
