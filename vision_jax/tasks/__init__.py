@@ -42,8 +42,8 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def create_task(config: Any) -> Task:
-    """The task of ``config.task`` (a TrackedConfig or ConfigDict of the whole run);
-    ``task.module`` is imported first (it registers the task)."""
+    """The task of ``config.task`` (a TrackedConfig or ConfigDict of the whole run); for a
+    name not registered yet, ``task.module`` is imported first (it registers the task)."""
     name, module = config.task.name, config.task.get("module")
     if module and name not in TASKS:  # (a script registering it as __main__ has it already)
         try:
