@@ -63,6 +63,11 @@ class CheckpointSaveError(CheckpointError):
 _DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left", "ENOSPC", "Disk quota exceeded")
 
 
+def _disk_full(error: BaseException) -> bool:
+    """Whether a failed write's ``error`` says the disk (or the quota) is full."""
+    return any(marker in str(error) for marker in _DISK_FULL)
+
+
 @contextlib.contextmanager
 def _reporting_failed_saves(
     manager: ocp.CheckpointManager, pending: int | None, resumes_here: bool = True
@@ -81,7 +86,7 @@ def _reporting_failed_saves(
         kept = f"The newest complete checkpoint is {f'step {max(steps)}' if steps else 'none'}"
         if not resumes_here:
             kept = "The step checkpoints are not affected"
-        full = any(marker in str(e) for marker in _DISK_FULL)
+        full = _disk_full(e)
         advice = "free space on the disk, then " if full else ""
         raise CheckpointSaveError(
             f"Saving the checkpoint of step {pending} in {manager.directory} failed"
@@ -295,7 +300,7 @@ class Checkpointer:
             checkpointer.save(frozen_dir(self.directory), frozen, force=True)
             checkpointer.wait_until_finished()
         except Exception as e:  # orbax and TensorStore raise many types
-            full = any(marker in str(e) for marker in _DISK_FULL)
+            full = _disk_full(e)
             raise CheckpointSaveError(
                 f"Saving the frozen parameters in {frozen_dir(self.directory)} failed"
                 f"{' (the disk is full)' if full else ''}: {short_reason(e)}. Run the same "

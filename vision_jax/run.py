@@ -584,9 +584,8 @@ def _resumed_selection(
         if k in old and old[k] != getattr(selection, k)
     ]
     if changes and (finished or saved.get("stopped_early")):
-        how = "stopped early" if saved.get("stopped_early") else "finished"
         raise CheckpointError(
-            f"The run in {where} has {how}; its best was chosen by another selection "
+            f"The run in {where} has {_ended(saved)}; its best was chosen by another selection "
             f"({'; '.join(changes)}). Use another --workdir to select with it."
         )
     if changes:
@@ -676,14 +675,19 @@ def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: 
     saved = meta.get("config") or {}
     compared = lambda key: _in_recipe(key) or key in _FINISHED_STREAM_KEYS
     if changes := _config_changes(saved, spec, compared):
-        how = "stopped early" if meta.get("stopped_early") else "finished"
         # Training on (a higher total_steps) helps unless the stream changed too.
         stream = _config_changes(saved, spec, _FINISHED_STREAM_KEYS.__contains__)
         longer = "" if meta.get("stopped_early") or stream else ", or raise total_steps to train on"
         raise CheckpointError(
-            f"The run in {where} has {how}; with the changed recipe ({'; '.join(changes)}) "
-            f"it would train nothing. Use another --workdir to train with it{longer}."
+            f"The run in {where} has {_ended(meta)}; with the changed recipe "
+            f"({'; '.join(changes)}) it would train nothing. Use another --workdir to train "
+            f"with it{longer}."
         )
+
+
+def _ended(meta: Mapping[str, Any]) -> str:
+    """How a run whose checkpoint recorded ``meta`` ended: "stopped early" or "finished"."""
+    return "stopped early" if meta.get("stopped_early") else "finished"
 
 
 def _in_recipe(key: str) -> bool:

@@ -243,6 +243,11 @@ def _build(spec: type, values: dict[str, Any], section: str) -> Any:
     return spec(**{k: v for k, v in values.items() if v is not None or k not in defaults})
 
 
+def _defaults(spec: Any) -> dict[str, Any]:
+    """The default of each field of the dataclass ``spec`` (``dataclasses.MISSING``: none)."""
+    return {f.name: f.default for f in dataclasses.fields(spec)}
+
+
 def _only_with(
     spec: type, section: str, values: dict[str, Any], keys: tuple[str, ...], when: bool, why: str
 ) -> None:
@@ -253,7 +258,7 @@ def _only_with(
         return
     stray = [k for k in keys if values.get(k) is not None]
     if _SAVED.get():
-        defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+        defaults = _defaults(spec)
         values.update({k: None for k in stray if values[k] == defaults[k]})
         stray = [k for k in stray if values[k] is not None]
     if stray and _refuse_stray(section, dict.fromkeys(stray), why):
@@ -264,7 +269,7 @@ def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: 
     """Raises if any of ``keys`` of the dataclass ``spec`` differs from its default while
     ``when`` is False (for branch keys whose default is not None); inside
     :func:`saved_config`, sets them to their defaults instead."""
-    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+    defaults = _defaults(spec)
     stray = [k for k in keys if as_tuples(getattr(spec, k)) != defaults[k]]
     if stray and not when and _refuse_stray(section, {k: defaults[k] for k in stray}, why):
         for key in stray:
