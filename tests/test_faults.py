@@ -147,7 +147,7 @@ def test_nonfinite_skip_keeps_the_previous_state_and_counts(tmp_path, monkeypatc
     assert_all_finite(tmp_path)
 
 
-def test_the_logged_learning_rate_is_the_one_applied_after_a_skip(tmp_path, monkeypatch):
+def test_the_logged_learning_rate_is_the_one_applied_after_a_skip(tmp_path, monkeypatch, caplog):
     """A skipped update does not advance the optimizer (as ``optax.apply_if_finite``): with
     linear warmup from 0 over all 4 steps and step 2 skipped, the last update (step 4) was the
     optimizer's third, at 2/4 of the peak rate (not 3/4)."""
@@ -157,7 +157,16 @@ def test_the_logged_learning_rate_is_the_one_applied_after_a_skip(tmp_path, monk
     )
     result = train_and_evaluate(cfg, str(tmp_path))
     assert result["train/skipped_steps"] == 1
-    assert result["train/learning_rate"] == pytest.approx(cfg.optimizer.learning_rate * 2 / 4)
+    peak = cfg.optimizer.learning_rate
+    assert result["train/learning_rate"] == pytest.approx(peak * 2 / 4)
+    # Resumed with a longer warmup: the next update is the optimizer's fourth, at 3/8 of the
+    # peak under the new schedule and 3/4 under the saved one (not 4/8 and the peak).
+    longer = config(total_steps=9, log_every_steps=9, on_nonfinite="skip",
+                    **{"schedule.warmup_steps": 8})  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(longer, str(tmp_path))
+    assert (f"learning rate of step 5 is {peak * 3 / 8:.4g} under this run's schedule, where the "
+            f"saved run's would have given {peak * 3 / 4:.4g} ") in caplog.text  # fmt: skip
 
 
 class _DeepMlp(nn.Module):

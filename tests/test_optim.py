@@ -361,6 +361,21 @@ def test_lora_errors():
         lora.LoraSpec(0, 1.0)
 
 
+def test_frozen_params_freeze_lora_adapters_too():
+    """``optimizer.frozen_params`` wins over the adapters LoRA adds, as over the preset."""
+    model, shapes = shapes_of("vit_ti16")
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])
+    params = lora.add_adapters(params, lora.LoraSpec(rank=2, alpha=2.0), jax.random.key(0))
+    mask = optim.trainable_mask(params, model, preset="head", frozen=r".*/query/lora_[ab]",
+                                extra=r".*/lora_[ab]")  # fmt: skip
+    trained = {k for k, m in trees.flatten_dict(mask).items() if m}
+    assert trained == {"head/kernel", "head/bias"} | {
+        f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/value/lora_{ab}"
+        for i in range(12)
+        for ab in "ab"
+    }
+
+
 def test_memory_report_matches_the_pytrees():
     model, shapes = shapes_of("vit_ti16")
     params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])

@@ -610,6 +610,7 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         ({"ema_decay": 1.5}, ValueError, r"ema_decay must lie in \[0, 1\)"),
         ({"log_every_steps": 0}, ValueError, r"log_every_steps must lie in \[1, inf\); got 0"),
         ({"eval_every_steps": -3}, ValueError, r"eval_every_steps must lie in \[0, inf\)"),
+        ({"grad_accum_steps": -32}, ValueError, r"grad_accum_steps must lie in \[1, inf\)"),
         ({"input.std": (0.5, 0.0, 0.5)}, ValueError, r"input.std must lie in \(0, inf\); got 0.0"),
         ({"input.mean": (0.5, 0.5)}, ValueError, r"input.mean needs one value per RGB channel"),
         # Non-default values of keys whose branch the run does not take:
@@ -881,6 +882,20 @@ def test_a_lora_target_that_trains_fully_is_an_error(tmp_path):
     train_and_evaluate(cfg, str(tmp_path / "adapter"))
     head = flatten_dict(read_variables(str(tmp_path / "adapter"))["params"])["head/kernel"]
     assert np.any(head != 0)  # the merged adapter moved the zero head
+
+
+def test_lora_rules_may_name_the_adapters_alone(tmp_path):
+    """LoRA+ (a higher learning rate on B) and weight decay on the adapters alone: rules that
+    match only adapters are valid (they were applied to the merged tree too, for the memory
+    report's full fine-tuning figure, and refused as matching nothing)."""
+    cfg = small_config(total_steps=1, **{
+        "model.name": "vit_ti16", "input.image_size": 16, "lora.rank": 2,
+        "optimizer.lr_mults": ((r".*lora_b", 4.0),), "optimizer.decay_params": r".*/lora_[ab]",
+        "optimizer.weight_decay": 0.1,
+    })  # fmt: skip
+    cfg.model.depth = 1
+    result = train_and_evaluate(cfg, str(tmp_path))
+    assert np.isfinite(result["eval/loss"])
 
 
 @pytest.mark.slow

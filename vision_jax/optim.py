@@ -170,14 +170,14 @@ def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
 def trainable_mask(
     params: Any, model: Any, *, preset: str, frozen: str | None = None, extra: str | None = None
 ) -> Any:
-    """Boolean tree: True where a parameter trains. ``frozen`` regex wins over the preset;
-    ``extra`` (LoRA adapters) trains regardless."""
+    """Boolean tree: True where a parameter trains. ``extra`` (LoRA adapters) trains whatever
+    the preset says; the ``frozen`` regex wins over both."""
     mask = tree_map_by_rules(trainable_rules(preset, model), params, default=False)
+    if extra:
+        mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
     if frozen:
         frozen_mask = tree_mask(frozen, params, what="optimizer.frozen_params")
         mask = jax.tree.map(lambda m, f: m and not f, mask, frozen_mask)
-    if extra:
-        mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
     if not any(jax.tree.leaves(mask)):
         raise ValueError("No parameter is trainable: check optimizer.trainable / frozen_params.")
     return mask

@@ -264,13 +264,13 @@ def create_train_state(
         logger.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
     trainable_shardings, _ = trees.partition(param_shardings, mask)
 
-    def optimizer(tree: Any, log: bool = True):
+    def optimizer(tree: Any, opt_spec: specs.OptimizerSpec, log: bool = True):
         return optim.build_optimizer(
-            spec.optimizer, spec.schedule, tree, model, total_steps=total_steps,
+            opt_spec, spec.schedule, tree, model, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, log=log, frozen=list(trees.flatten_dict(frozen)),
         )  # fmt: skip
 
-    opt = optimizer(trainable, log)
+    opt = optimizer(trainable, spec.optimizer, log)
     tx = opt.tx
     ema = spec.ema_decay is not None
     opt_shapes = jax.eval_shape(tx.init, trainable)
@@ -295,7 +295,10 @@ def create_train_state(
     memory = optim.memory_report(trainable, frozen, state.opt_state)
     if spec.lora is not None or frozen:  # what full fine-tuning would hold, for comparison
         base = jax.eval_shape(lambda p: lora.merge(p, spec.lora) if spec.lora else p, params)
-        full_tx = optimizer(base, log=False).tx
+        # without the rules written for the trainable tree (they may name adapters only): its
+        # decay mask and multipliers add no optimizer state
+        plain = dataclasses.replace(spec.optimizer, lr_mults=None, decay_params=None)
+        full_tx = optimizer(base, plain, log=False).tx
         memory["full_finetune_optimizer_state_bytes"] = trees.tree_bytes(
             jax.eval_shape(full_tx.init, base)
         )
@@ -732,15 +735,16 @@ def _saved_learning_rate(saved: Mapping[str, Any], step: int, steps_per_epoch: i
 
 def _note_learning_rate_change(
     spec: specs.RunSpec, optimizer: optim.Optimizer, meta: Mapping[str, Any], step: int,
-    steps_per_epoch: int,
+    count: int, steps_per_epoch: int,
 ) -> None:  # fmt: skip
     """Warns when the resumed run's schedule (a longer run, another learning rate) gives the
-    next update another learning rate than the saved run's schedule would have."""
+    next update (after ``step``; the schedule's ``count`` of updates applied) another learning
+    rate than the saved run's schedule would have."""
     try:
-        before = _saved_learning_rate(meta.get("config") or {}, step, steps_per_epoch)
+        before = _saved_learning_rate(meta.get("config") or {}, count, steps_per_epoch)
     except (AttributeError, KeyError, TypeError, ValueError):  # older or partial records
         return
-    after = float(optim.schedule_value(spec.schedule.decay, optimizer.numbers["schedule"], step))
+    after = float(optim.schedule_value(spec.schedule.decay, optimizer.numbers["schedule"], count))
     if abs(after - before) > 1e-3 * max(abs(before), abs(after)):
         logger.warning(
             "The learning rate of step %d is %.4g under this run's schedule, where the saved "
@@ -855,8 +859,11 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     state, start_step, start_position, saved = _restore(
         ckpt, setup.state, setup.frozen, spec, train_data, total_steps
     )
-    if 0 < start_step < total_steps:
-        _note_learning_rate_change(spec, setup.optimizer, saved, start_step, steps_per_epoch)
+    if 0 < start_step < total_steps:  # skipped updates did not advance the schedule
+        skipped = 0 if state.skips is None else int(jax.device_get(state.skips.total))
+        _note_learning_rate_change(
+            spec, setup.optimizer, saved, start_step, start_step - skipped, steps_per_epoch
+        )
     selection = best = None
     if val_source is not None:
         selection = _resumed_selection(spec, saved, start_step >= total_steps, ckpt.directory)

@@ -653,6 +653,7 @@ def run_spec(config: Any) -> RunSpec:
         ("ema_decay", "[0, 1)"), ("log_every_steps", "[1, inf)"), ("eval_every_steps", "[0, inf)"),
         ("checkpoint_every_steps", "[0, inf)"), ("batch_size", "[1, inf)"),
         ("eval_batch_size", "[1, inf)"), ("fsdp_min_size", "[0, inf)"),
+        ("grad_accum_steps", "[1, inf)"),
     ):  # fmt: skip
         check_interval(name, getattr(spec, name), interval)
     if not _SAVED.get():  # the length's keys, before any data is read

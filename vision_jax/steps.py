@@ -162,6 +162,35 @@ def _merge_micro(x: jax.Array) -> jax.Array:
     return x.reshape(-1, *x.shape[2:]) if x.ndim > 1 else x
 
 
+def _accumulated(
+    grad_fn: Callable, task: Task, state: TrainState, frozen: Any, batch: Batch,
+    step_rng: jax.Array, accum_steps: int,
+) -> tuple[jax.Array, dict, dict, Any]:  # fmt: skip
+    """``(loss, aux, model_state, grads)`` of ``batch`` as ``accum_steps`` micro-batches, each
+    micro-batch's loss over the whole batch's denominators (``Task.loss_normalisers``) times
+    ``accum_steps``, so that their mean is the whole batch's loss."""
+    shares = jax.tree.map(lambda n: n / accum_steps, task.loss_normalisers(batch))
+
+    def micro_step(carry, inputs):
+        grad_sum, model_state, loss_sum = carry
+        micro, i = inputs
+        (loss, (aux, model_state)), grads = grad_fn(
+            state.params, model_state, frozen, micro, jax.random.fold_in(step_rng, i), shares
+        )
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, model_state, loss_sum + loss), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    micro = jax.tree.map(lambda x: _micro_batches(x, accum_steps), batch)
+    (grads, model_state, loss), aux = jax.lax.scan(
+        micro_step,
+        (zeros, state.model_state, jnp.zeros((), jnp.float32)),
+        (micro, jnp.arange(accum_steps)),
+    )
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    return loss / accum_steps, jax.tree.map(_merge_micro, aux), model_state, grads
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation | Callable[[Any], optax.GradientTransformation],
@@ -206,29 +235,9 @@ def make_train_step(
                 state.params, state.model_state, frozen, batch, step_rng
             )
         else:
-            # Each micro-batch's loss over the whole batch's denominators, times accum_steps:
-            # their mean is the whole batch's loss.
-            shares = jax.tree.map(lambda n: n / accum_steps, task.loss_normalisers(batch))
-
-            def micro_step(carry, inputs):
-                grad_sum, model_state, loss_sum = carry
-                micro, i = inputs
-                (loss, (aux, model_state)), grads = grad_fn(
-                    state.params, model_state, frozen, micro, jax.random.fold_in(step_rng, i),
-                    shares,
-                )  # fmt: skip
-                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-                return (grad_sum, model_state, loss_sum + loss), aux
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            micro = jax.tree.map(lambda x: _micro_batches(x, accum_steps), batch)
-            (grads, model_state, loss), aux = jax.lax.scan(
-                micro_step,
-                (zeros, state.model_state, jnp.zeros((), jnp.float32)),
-                (micro, jnp.arange(accum_steps)),
+            loss, aux, model_state, grads = _accumulated(
+                grad_fn, task, state, frozen, batch, step_rng, accum_steps
             )
-            grads = jax.tree.map(lambda g: g / accum_steps, grads)
-            loss, aux = loss / accum_steps, jax.tree.map(_merge_micro, aux)
         optimizer = tx if isinstance(tx, optax.GradientTransformation) else tx(settings.optimizer)
         grad_norm = optax.global_norm(grads)
         metrics = task.train_metrics.single_from_model_output(loss=loss, grad_norm=grad_norm, **aux)
