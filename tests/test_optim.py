@@ -376,6 +376,13 @@ def test_frozen_params_freeze_lora_adapters_too():
     }
 
 
+def test_a_multiplier_for_a_kernel_that_lora_freezes_names_its_adapters():
+    params = {"query": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.zeros((2, 4))}}
+    with pytest.raises(ValueError, match=r"or name its LoRA adapters \('query/lora_a'\)"):
+        optim.lr_multipliers(params, None, rules=((".*query/kernel", 2.0),),
+                             frozen=["query/kernel"])  # fmt: skip
+
+
 def test_memory_report_matches_the_pytrees():
     model, shapes = shapes_of("vit_ti16")
     params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])

@@ -115,9 +115,11 @@ def _idle_rule_message(
     if not any(pattern.fullmatch(n) for n in names) and (
         held := [n for n in frozen if pattern.fullmatch(n)]
     ):
+        adapter = f"{held[0].rpartition('/')[0]}/lora_a"
+        instead = f", or name its LoRA adapters ({adapter!r})" if adapter in names else ""
         return (
             f"{what} {pattern.pattern!r} matches only frozen parameters (such as {held[0]!r}), "
-            "which do not train: remove the rule, or let them train."
+            f"which do not train: remove the rule, or let them train{instead}."
         )
     matched = [n for n in names if pattern.fullmatch(n)]
     if matched:
