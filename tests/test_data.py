@@ -311,6 +311,47 @@ def test_build_tfds_from_folder_reads_back_through_load_source(tmp_path):
     assert sorted(batch["label"]) == [0, 0, 1, 1]
 
 
+def test_a_tfds_split_with_an_unreadable_image_is_found_before_training(tmp_path, monkeypatch):
+    """build_tfds_from_folder reads every image first (tfds stores the bytes unread); a tfds
+    split that holds a bad image anyway is read up front like a folder's, and a batch that
+    meets it names the split and the way to skip it, without TensorFlow's op names."""
+    root = tmp_path / "images"
+    make_folder(root, per_class=2, classes=("a", "b"))
+    good = (root / "test" / "a" / "000.jpg").read_bytes()
+    (root / "test" / "b" / "bad.jpg").write_bytes(good[: len(good) // 2])
+    with pytest.raises(data_lib.DataError, match=r"test/b/bad\.jpg: .*then build the dataset"):
+        data_lib.build_tfds_from_folder(str(root), "bad_folder", str(tmp_path / "tfds"))
+    monkeypatch.setattr(data_lib.tfds_build, "check_examples", lambda *a, **k: 0)
+    data_lib.build_tfds_from_folder(str(root), "bad_folder", str(tmp_path / "tfds"))
+    source = data_lib.from_tfds("bad_folder", "test", str(tmp_path / "tfds"))
+    name = r"example \d of tfds dataset 'bad_folder' split 'test': jpeg::Uncompress failed"
+    with pytest.raises(data_lib.DataError, match=rf"Bad example\(s\): cannot read image of {name}"):
+        data_lib.check_examples(source, spec_of())
+    with pytest.raises(data_lib.DataError, match=name):
+        list(data_lib.eval_batches(source, spec_of(), global_batch=4))
+    with pytest.raises(data_lib.DataError) as error:
+        take(data_lib.train_batches(source, spec_of(), global_batch=2, seed=0), 8)
+    assert "reading tfds dataset 'bad_folder' split 'test': " in str(error.value)
+    assert "data.skip_corrupt = True" in str(error.value)
+    assert "function_node" not in str(error.value) and "Op:" not in str(error.value)
+
+
+def test_a_tfds_dataset_or_split_that_is_not_there_is_one_line(tmp_path):
+    root = tmp_path / "images"
+    make_folder(root, per_class=1, classes=("a", "b"))
+    data_lib.build_tfds_from_folder(str(root), "tiny", str(tmp_path / "tfds"))
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.from_tfds("tiny", "train", str(tmp_path / "elsewhere"))
+    message = str(error.value)
+    assert message.startswith(f"Unknown tfds dataset 'tiny': neither prepared in {tmp_path}/elsewh")
+    assert "\n" not in message and len(message) < 300
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.from_tfds("tiny", "validation", str(tmp_path / "tfds"))
+    message = str(error.value)
+    assert "Cannot read split 'validation' of tfds dataset 'tiny' in " in message
+    assert "(splits: " in message and "tfds build" not in message and ".." not in message
+
+
 # Bad input.
 
 

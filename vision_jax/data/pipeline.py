@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -99,7 +100,7 @@ class Batches(Iterator[Batch]):
     ):
         self._iter = ds.as_numpy_iterator()
         self._local = local_batch
-        self._row_of = row_of if source.columns is not None else None
+        self._row_of = row_of
         self._source = source
         self.examples = self.skipped = 0
         self.next_position, self.end_position = first_position, end_position
@@ -110,7 +111,9 @@ class Batches(Iterator[Batch]):
         try:
             batch = next(self._iter)
         except tf.errors.OpError as e:
-            raise self._error(e) from e
+            error = self._error(e)
+            self.close()  # now, not in the interpreter's exit (the error may end the program)
+            raise error from e
         except StopIteration:  # a finite stream: the examples dropped after the last batch
             if self.end_position is not None:
                 self._note_skipped(list(range(self.next_position, self.end_position)))
@@ -137,10 +140,10 @@ class Batches(Iterator[Batch]):
     def _files(self, positions: list[int]) -> str:
         """``": <what is wrong>; ..."`` of the first stream ``positions``: the file and why (its
         image, its label map, ...), found by reading them again; empty if not known."""
-        if self._row_of is None or "path" not in self._source.columns:
+        if self._row_of is None or not reads_encoded_images(self._source):
             return ""
         rows = [self._row_of(p) for p in positions[:3]]
-        found = [_problem(self._source, row) or self._source.columns["path"][row] for row in rows]
+        found = [_problem(self._source, row) or _example_name(self._source, row) for row in rows]
         more = f" and {len(positions) - 3} more" if positions[3:] else ""
         return ": " + "; ".join(str(p) for p in found) + more
 
@@ -157,23 +160,54 @@ class Batches(Iterator[Batch]):
         threading.Thread(target=held.clear, name="release_tf_data", daemon=True).start()
 
     def _error(self, error: tf.errors.OpError) -> DataError:
-        if self._row_of is None or "path" not in self._source.columns:
-            return DataError(f"The input pipeline failed: {error.message}")
-        positions = range(self.next_position, self.next_position + self._local)
-        rows = [row for p in positions if (row := self._row_of(p)) is not None]
-        bad = [p for row in rows if (p := _problem(self._source, row))]
-        if not bad:
-            return DataError(f"The input pipeline failed: {error.message}")
-        return DataError(
-            f"Bad example(s): {'; '.join(bad)}. Fix or remove the file, or set "
-            "data.skip_corrupt = True to skip such examples."
-        )
+        bad = []
+        if self._row_of is not None and reads_encoded_images(self._source):
+            positions = range(self.next_position, self.next_position + self._local)
+            rows = [row for p in positions if (row := self._row_of(p)) is not None]
+            bad = [p for row in rows if (p := _problem(self._source, row))]
+        if bad:
+            return DataError(f"Bad example(s): {'; '.join(bad)}. {_FIX}")
+        origin = f" reading {self._source.origin}" if self._source.origin else ""
+        if self._source.columns is None and reads_encoded_images(self._source):  # tfds
+            return DataError(
+                f"The input pipeline failed{origin}: {_op_message(error)}. If an image cannot be "
+                "decoded, fix the dataset or set data.skip_corrupt = True to skip such examples."
+            )
+        return DataError(f"The input pipeline failed{origin}: {_op_message(error)}.")
+
+
+_FIX = "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
+
+
+def reads_encoded_images(source: Source) -> bool:
+    """Whether the pipeline decodes ``source``'s images (files, or a tfds split's encoded
+    bytes), so that an example may be unreadable."""
+    if source.columns is not None:
+        return "path" in source.columns
+    return source.dataset.element_spec["image"].dtype == tf.string
+
+
+def _example_name(source: Source, row: int) -> str:
+    """Example ``row`` of a source: its file, else its row in the split."""
+    if source.columns is not None and "path" in source.columns:
+        return str(source.columns["path"][row])
+    return f"example {row} of {source.origin or 'the split'}"
 
 
 def _problem(source: Source, row: int) -> str | None:
     """What is wrong with example ``row`` of a file source (its image, its size against its
     annotations, or its label map's file, size or values), or None."""
     columns, num_classes = source.columns, source.num_classes
+    if columns is None:  # encoded images in a dataset (a tfds split)
+        try:  # the example (a tfds label map's values are checked as it is read), its image
+            example = next(iter(source.dataset.skip(row).take(1)))
+        except tf.errors.OpError as e:
+            return f"{_example_name(source, row)}: {_op_message(e)}"
+        try:
+            augment.decode(example["image"])
+        except tf.errors.OpError as e:
+            return f"cannot read image of {_example_name(source, row)}: {_op_message(e)}"
+        return None
     path = columns["path"][row]
     image = decode_file(path, augment.decode)
     if isinstance(image, str):
@@ -222,11 +256,20 @@ def decode_file(path: str, decode: Callable[[tf.Tensor], tf.Tensor]) -> np.ndarr
     try:
         return decode(tf.io.read_file(os.fsencode(path))).numpy()
     except tf.errors.OpError as e:
-        message = e.message.split("[Op:")[0].split("}}")[-1]
-        if "Summarized data: " in message:  # a failed tf.debugging.Assert: its data, a line each
-            data = message.split("Summarized data: ")[-1].splitlines()
-            message = " ".join(part.strip("b'\" ") for part in data)
-        return message.strip().rstrip(".")
+        return _op_message(e)
+
+
+def _op_message(error: tf.errors.OpError) -> str:
+    """A TensorFlow op error's message without TensorFlow's function, node, op and iterator
+    names."""
+    message = re.sub(r"\s*\[\[\{\{node [^}]*\}\}\]\]", "", error.message.split("[Op:")[0])
+    message = re.sub(r"\{\{function_node [^}]*\}\}", "", message)
+    message = re.sub(r"Error in user-defined function passed to \S+ transformation with "
+                     r"iterator: \S+: ", "", message)  # fmt: skip
+    if "Summarized data: " in message:  # a failed tf.debugging.Assert: its data, a line each
+        data = message.split("Summarized data: ")[-1].splitlines()
+        message = " ".join(part.strip("b'\" ") for part in data)
+    return message.strip().rstrip(".")
 
 
 def train_batches(
@@ -495,8 +538,9 @@ def _turned_by_exif(path: str) -> bool:
 
 
 def check_examples(
-    source: Source, spec: InputSpec, *, threads: int | None = None, sample: int | None = None
-) -> int:
+    source: Source, spec: InputSpec, *, threads: int | None = None, sample: int | None = None,
+    advice: str = _FIX,
+) -> int:  # fmt: skip
     """Reads every example of this process's shard of a file source once, as evaluation does.
 
     Unreadable examples are a :class:`DataError` naming the files, or with ``skip_corrupt``
@@ -504,9 +548,10 @@ def check_examples(
     not at its final evaluation; a split of which no example can be used is an error either way.
     ``sample``: read only that many examples drawn at random, an error only if none of them can
     be used (a training split with ``skip_corrupt``, whose stream would wait for a good example
-    forever). Sources without files (arrays, digits, tfds) are not read (0).
+    forever). Sources of decoded arrays (arrays, digits) are not read (0). ``advice``: the
+    error's last sentence.
     """
-    if source.columns is None or "path" not in source.columns:
+    if not reads_encoded_images(source):
         return 0
     most = None  # boxes: pad to the split's most boxes
     if source.target == "boxes":
@@ -540,7 +585,7 @@ def check_examples(
     bad_rows = [shard[k] for k in positions if k not in good]
     if not bad_rows or (sample is not None and good):
         return 0
-    problems = [_problem(source, row) or f"row {row}" for row in bad_rows[:10]]
+    problems = [_problem(source, row) or _example_name(source, row) for row in bad_rows[:10]]
     more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
     if not good:
         what = "drawn at random " if sample is not None else ""
@@ -554,7 +599,4 @@ def check_examples(
             len(bad_rows), len(shard), "; ".join(problems), more,
         )  # fmt: skip
         return len(bad_rows)
-    raise DataError(
-        f"Bad example(s): {'; '.join(problems)}{more}. "
-        "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
-    )
+    raise DataError(f"Bad example(s): {'; '.join(problems)}{more}. {advice}")

@@ -60,6 +60,8 @@ class Source:
     # Label maps read from files (``label_map_path``): their raw value -> class id table
     # (:func:`value_table`, ``data.label_map_values``), applied as they are read
     label_values: np.ndarray | None = None
+    # What the split is, for messages about examples that have no file (a tfds split's)
+    origin: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -286,6 +288,7 @@ def from_tfds(
         if not class_names:
             raise DataError(f"Label maps of tfds dataset {name!r} need data.class_names.")
         check_label_map_classes(class_names)
+    origin = f"tfds dataset {name!r} split {split!r}"
     num_examples = int(ds.cardinality())
     if num_examples < 0:  # unknown cardinality: count once
         num_examples = sum(1 for _ in ds.map(lambda ex: 0).as_numpy_iterator())
@@ -297,10 +300,10 @@ def from_tfds(
                 "label_map": map_values(ex["segmentation_mask"], table),
             }
         )
-        return Source(ds, num_examples, list(class_names), target="label_map")
+        return Source(ds, num_examples, list(class_names), target="label_map", origin=origin)
     label = features["label"]
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
-    return Source(ds, num_examples, list(label.names))
+    return Source(ds, num_examples, list(label.names), origin=origin)
 
 
 def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.data.Dataset]:
@@ -311,19 +314,33 @@ def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.da
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types for unknown names
-        raise DataError(f"Unknown tfds dataset {name!r}: {e}") from e
+        where = data_dir or "tfds's default data_dir ($TFDS_DATA_DIR, ~/tensorflow_datasets)"
+        raise DataError(
+            f"Unknown tfds dataset {name!r}: neither prepared in {where} (data.data_dir) nor "
+            f"a tfds builder ({_first_line(e)})."
+        ) from e
     try:
         ds = builder.as_dataset(
             split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
         )
     except Exception as e:  # not prepared (AssertionError), bad split (ValueError), ...
-        splits = list(builder.info.splits) or "none prepared"
+        where = f"tfds dataset {name!r} in {builder.data_dir}"
+        if not builder.info.splits:
+            raise DataError(
+                f"{where} is not prepared: prepare it first (`tfds build {name}`, or "
+                "vision_jax.data.build_tfds_from_folder); nothing is downloaded at training time."
+            ) from e
         raise DataError(
-            f"Cannot read split {split!r} of tfds dataset {name!r} in {builder.data_dir} "
-            f"(splits: {splits}): {e}. Prepare it first with `tfds build {name}`; nothing is "
-            "downloaded at training time."
+            f"Cannot read split {split!r} of {where} (splits: {', '.join(builder.info.splits)}): "
+            f"{_first_line(e)}."
         ) from e
     return builder.info.features, ds
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message without its closing full stops."""
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(error).__name__
 
 
 def value_table(pairs: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray | None:
@@ -387,5 +404,5 @@ def select_classes(source: Source, classes: Sequence[int]) -> Source:
         ds = source.dataset.filter(lambda ex: table_tf[ex["label"]] >= 0)
         ds = ds.map(lambda ex: {**ex, "label": table_tf[ex["label"]]})
         count = sum(1 for _ in ds.map(lambda ex: ex["label"]).as_numpy_iterator())
-        selected = Source(ds, count, names)
+        selected = Source(ds, count, names, origin=source.origin)
     return dataclasses.replace(selected, skip_corrupt=source.skip_corrupt)

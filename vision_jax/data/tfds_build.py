@@ -6,7 +6,11 @@ from __future__ import annotations
 from vision_jax.tf_without_keras import load as load_tensorflow
 
 from vision_jax.data.folders import from_image_folder, subdirectories
+from vision_jax.data.pipeline import check_examples
+from vision_jax.data.preprocess import InputSpec
 from vision_jax.data.sources import DataError
+
+_FIX = "Fix or remove the file(s), then build the dataset again."
 
 
 def build_tfds_from_folder(
@@ -18,8 +22,9 @@ def build_tfds_from_folder(
     file_format: str = "tfrecord",
 ) -> str:
     """Writes every split ``root/<split>/<class>/*.{jpg,jpeg,png}`` as tfds dataset ``name``
-    under ``data_dir`` (image files stored as they are, classes from the sorted folder names).
-    Returns the dataset directory. ``file_format`` is "tfrecord" or "array_record".
+    under ``data_dir`` (image files stored as they are, classes from the sorted folder names;
+    each read once first: a file that cannot be decoded is an error naming it). Returns the
+    dataset directory. ``file_format`` is "tfrecord" or "array_record".
 
     Example::
 
@@ -38,6 +43,8 @@ def build_tfds_from_folder(
     if not splits:
         raise DataError(f"{root} holds no split folders (expected {root}/<split>/<class>/).")
     sources = {split: from_image_folder(root, split) for split in splits}
+    for source in sources.values():  # tfds stores the bytes unread: a bad file would be found
+        check_examples(source, InputSpec(image_size=8), advice=_FIX)  # only when trained on
     class_names = sources[splits[0]].class_names
     for split, source in sources.items():
         if source.class_names != class_names:
