@@ -5,9 +5,10 @@
 # Usage: launch/local.sh [--dry-run] [-n PROCESSES] [-d CPU_DEVICES_PER_PROCESS] [-p PORT] \
 #            --config=configs/digits_pretrain.py --workdir=/tmp/vj_local [--config.key=value ...]
 #
-# Every argument from --config on goes to each process unchanged. Each process's output is
-# prefixed with [pN]. SIGTERM or SIGINT (Ctrl-C) is forwarded to every process as SIGTERM: they
-# save a checkpoint at a step they agree on and exit 75 (rerun the same command to resume); a
+# Every argument from --config on goes to each process unchanged (the launcher's options come
+# first). Each process's output is prefixed with [pN]. SIGTERM or SIGINT (Ctrl-C) is forwarded
+# to every process as SIGTERM: they save a checkpoint at a step they agree on and exit 75
+# (rerun the same command to resume); a
 # second signal kills them at once. If one process fails, the others are sent SIGTERM and, if
 # still alive after GRACE seconds (default 60), SIGKILL; the script returns only when every
 # process has ended, with the first non-zero exit status. Needs bash >= 5.1. DRY_RUN=1 is
@@ -21,14 +22,30 @@ dry_run="${DRY_RUN:-0}"
 
 usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
 
+# Exits naming option $1 when it has no value ($2: the arguments left, itself included).
+needs_value() {
+  if (($2 < 2)); then
+    echo "local.sh: error: $1 needs a value." >&2
+    exit 2
+  fi
+}
+
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
-    -n|--num-processes) num_processes="$2"; shift 2 ;;
-    -d|--cpu-devices) cpu_devices="$2"; shift 2 ;;
-    -p|--port) port="$2"; shift 2 ;;
+    -n|--num-processes) needs_value "$1" $#; num_processes="$2"; shift 2 ;;
+    -d|--cpu-devices) needs_value "$1" $#; cpu_devices="$2"; shift 2 ;;
+    -p|--port) needs_value "$1" $#; port="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) break ;;
+  esac
+done
+
+for arg in "$@"; do  # after main's first flag, a launcher option would go to every process
+  case "$arg" in
+    --dry-run|-n|--num-processes|-d|--cpu-devices|-p|--port|-h|--help)
+      echo "local.sh: error: $arg is the launcher's option: put it before vision_jax.main's flags." >&2
+      exit 2 ;;
   esac
 done
 
@@ -38,6 +55,10 @@ if (($# == 0)); then
 fi
 if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ && "$cpu_devices" =~ ^[1-9][0-9]*$ ]]; then
   echo "local.sh: error: -n and -d take positive integers." >&2
+  exit 2
+fi
+if [[ -n "$port" ]] && ! [[ "$port" =~ ^[1-9][0-9]*$ ]]; then
+  echo "local.sh: error: -p takes a port number." >&2
   exit 2
 fi
 python="${PYTHON:-python3}"

@@ -147,6 +147,23 @@ def test_nonfinite_skip_keeps_the_previous_state_and_counts(tmp_path, monkeypatc
     assert_all_finite(tmp_path)
 
 
+def test_a_save_failed_in_a_collective_asks_the_watchdog_for_a_lost_peer():
+    """A peer killed during a joint save fails the save with CPU collectives' ValueError: the
+    run names the lost peer (status 69) as after a failed step, not a save error (status 1)."""
+    from vision_jax.checkpoint import CheckpointSaveError
+
+    try:
+        try:
+            raise ValueError("UNKNOWN: Gloo AllGather failed: [...] Connection reset by peer")
+        except ValueError as gloo:
+            raise CheckpointSaveError("Saving the checkpoint of step 40 failed") from gloo
+    except CheckpointSaveError as e:
+        assert vj_main._may_mean_a_lost_peer(e)
+    assert vj_main._may_mean_a_lost_peer(jax.errors.JaxRuntimeError("INTERNAL: all-reduce"))
+    assert not vj_main._may_mean_a_lost_peer(ValueError("batch_size 64 is not divisible by 3"))
+    assert not vj_main._may_mean_a_lost_peer(None)
+
+
 def test_the_logged_learning_rate_is_the_one_applied_after_a_skip(tmp_path, monkeypatch, caplog):
     """A skipped update does not advance the optimizer (as ``optax.apply_if_finite``): with
     linear warmup from 0 over all 4 steps and step 2 skipped, the last update (step 4) was the

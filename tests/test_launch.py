@@ -8,6 +8,7 @@ import pathlib
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,44 @@ def test_local_picks_a_free_port_and_rejects_missing_args():
     proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), "-n", "0", "--config=x"], text=True,
                           capture_output=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "positive integers" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dry-run", "--workdir=/tmp/x", "-n", "3", "--config=x"], "-n is the launcher's option"),
+        (["-n"], "-n needs a value"),
+        (["-p", "abc", "--config=x"], "-p takes a port number"),
+    ],
+)
+def test_local_refuses_launcher_options_it_would_pass_on(args, message):
+    """A launcher option after main's first flag would reach every process (and start the
+    default number of them); a missing value or a port that is no number is named."""
+    proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), *args], text=True,
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and f"local.sh: error: {message}" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_main_names_a_taken_coordinator_port_and_a_process_id_out_of_range(tmp_path):
+    """JAX's coordinator crashes its process (a segmentation fault) on a port in use."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, message in (
+            (["--process_id=0"], f"The coordinator cannot listen on port {port} here"),
+            (["--process_id=2"], "--process_id=2 is not one of the 2 processes (0 to 1)"),
+        ):
+            proc = subprocess.run(
+                [sys.executable, "-m", "vision_jax.main", *MAIN_ARGS, f"--workdir={tmp_path}",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", *flags],
+                cwd=ROOT, text=True, capture_output=True, timeout=120,
+            )  # fmt: skip
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert proc.stderr.strip().splitlines() == [f"vision_jax: error: {message}" + (
+                " (Address already in use): another run's coordinator? Choose another port "
+                "(launch/local.sh -p)." if "port" in message else ".")]  # fmt: skip
 
 
 def test_tpu_pod_creates_copies_runs_everywhere_and_deletes():

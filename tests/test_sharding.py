@@ -222,6 +222,47 @@ def run_two_processes(config: pathlib.Path, workdir: pathlib.Path) -> list[dict]
     return metrics
 
 
+SAME_CONFIG = """
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 1)
+jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                           process_id=int(sys.argv[1]), coordinator_bind_address="127.0.0.1:{port}")
+from vision_jax import run
+rate = 0.1 if sys.argv[1] == "0" else float(sys.argv[2])
+try:
+    run._check_same_config({{"seed": 0, "optimizer": {{"learning_rate": rate}}}})
+    print("same")
+except ValueError as e:
+    print(e)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.05])
+def test_processes_started_with_different_configs_are_refused(tmp_path, rate):
+    """Each process would feed its own learning rate to the one program (or wait for the
+    others at another step, with another total_steps): every process refuses, naming the key."""
+    script = tmp_path / "same.py"
+    script.write_text(SAME_CONFIG.format(port=free_port()))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(rate)], env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    if rate == 0.1:
+        assert outputs == ["same", "same"]
+        return
+    assert all(o.startswith("The processes were started with different configs: processes [1] "
+                            "differ from process 0") for o in outputs), outputs  # fmt: skip
+    assert "(optimizer.learning_rate 0.05 here, 0.1 there)" in outputs[1]
+
+
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_jointly_and_resume_on_another_mesh(tmp_path):
     overrides = {

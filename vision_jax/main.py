@@ -20,6 +20,7 @@ import math
 import os
 import posixpath
 import signal
+import socket
 import sys
 import tempfile
 from typing import Any
@@ -252,12 +253,17 @@ def initialize_distributed() -> None:
     local_device_ids = None if ids is None else [int(i) for i in ids]
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise app.UsageError(
-                "--coordinator_address, --num_processes and --process_id go together."
+            _usage_error("--coordinator_address, --num_processes and --process_id go together.")
+        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            _usage_error(
+                f"--process_id={FLAGS.process_id} is not one of the {FLAGS.num_processes} "
+                f"processes (0 to {FLAGS.num_processes - 1})."
             )
         host, _, port = FLAGS.coordinator_address.rpartition(":")
         # The coordinator binds all interfaces by default; on one machine bind loopback only.
         local = host in ("127.0.0.1", "localhost")
+        if FLAGS.process_id == 0:
+            _check_port_free(port, "127.0.0.1" if local else "")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
@@ -268,6 +274,21 @@ def initialize_distributed() -> None:
         )
     elif FLAGS.distributed:
         jax.distributed.initialize(local_device_ids=local_device_ids, **timeouts)
+
+
+def _check_port_free(port: str, host: str) -> None:
+    """Exits with one line naming the coordinator's port when it is not a number or another
+    program holds it (JAX's coordinator would crash the process without saying why)."""
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        _usage_error(f"--coordinator_address needs HOST:PORT; got {FLAGS.coordinator_address!r}.")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host or "0.0.0.0", int(port)))
+        except OSError as e:
+            _usage_error(
+                f"The coordinator cannot listen on port {port} here ({e.strerror}): another "
+                "run's coordinator? Choose another port (launch/local.sh -p)."
+            )
 
 
 class _QuietOrbax(logging.Filter):
@@ -293,16 +314,15 @@ def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = 
     the input pipeline's threads.
 
     Multi-process runs: after a stop request every process is here at the same step, so
-    ``jax.distributed``'s shutdown barrier passes at once. After a runtime error (such as a
-    collective that failed because a peer died) a peer that failed or is lost is named instead,
+    ``jax.distributed``'s shutdown barrier passes at once. After an error that a failed
+    collective caused (:func:`_may_mean_a_lost_peer`: a peer died mid-step or mid-save) a peer that failed or is lost is named instead,
     if the watchdog finds one within five heartbeats; otherwise the peers are told that this one
     failed (:meth:`~vision_jax.watchdog.PeerWatchdog.fail`) and stop at once.
     """
     import jax
-    from jax.errors import JaxRuntimeError
 
     stopped = code == EXIT_STOPPED
-    if watchdog is not None and isinstance(error, JaxRuntimeError):
+    if watchdog is not None and _may_mean_a_lost_peer(error):
         if lost := watchdog.wait_for_verdict(5 * watchdog.interval):
             watchdog.exit(lost)
     print(f"vision_jax: {'' if stopped else 'error: '}{message}", file=sys.stderr, flush=True)
@@ -315,6 +335,23 @@ def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = 
     sys.stdout.flush()
     logging.shutdown()
     os._exit(code)
+
+
+_PEER_GONE = ("Gloo", "Connection reset by peer", "Connection closed by peer")
+
+
+def _may_mean_a_lost_peer(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error that caused it (a failed save's), is a failed collective:
+    a JAX runtime error, or the ValueError that CPU collectives (Gloo) raise."""
+    from jax.errors import JaxRuntimeError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, JaxRuntimeError) or any(m in str(error) for m in _PEER_GONE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def main(argv: list[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vision_jax import data as data_lib
 from vision_jax import digests, lora, optim, sharding, specs, trees
@@ -808,6 +810,7 @@ def build_run(
     tracked = TrackedConfig(config)
     spec = specs.run_spec(tracked)
     tracked.check_all_read()
+    _check_same_config(spec.config)
     lock, ckpt = WorkdirLock(workdir).acquire(), None
     try:
         ckpt = Checkpointer(
@@ -821,6 +824,34 @@ def build_run(
         else:  # releases the lock; a checkpoints folder this call made goes again
             ckpt.close()
         raise
+
+
+def _check_same_config(config: Mapping[str, Any]) -> None:
+    """Raises in every process of a multi-process run whose processes were started with
+    different configs (each would feed its own values to one program, or wait for the others
+    at another step); the processes that differ name the keys, against process 0's."""
+    if jax.process_count() == 1:
+        return
+    text = np.frombuffer(_plain(config).encode(), np.uint8)
+    digest = np.frombuffer(hashlib.sha256(text.tobytes()).digest()[:8], np.int32)  # 32-bit JAX
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, 2)
+    differ = [i for i, d in enumerate(digests) if (d != digests[0]).any()]
+    if not differ:
+        return
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(text.size)))
+    mine = text if jax.process_index() == 0 else np.zeros(size, np.uint8)
+    first = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(mine)).tobytes())
+    old, new = (
+        {k.replace("/", "."): _plain(v) for k, v in trees.flatten_dict(c).items()}
+        for c in (first, config)
+    )  # fmt: skip
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    named = "; ".join(f"{k} {new.get(k, 'unset')} here, {old.get(k, 'unset')} there" for k in keys)
+    raise specs.ConfigError(
+        f"The processes were started with different configs: processes {differ} differ from "
+        f"process 0{f' ({named})' if named else ''}. Start every process with the same config "
+        "file and flags."
+    )
 
 
 def _check_not_past_the_end(
