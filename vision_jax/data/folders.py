@@ -162,7 +162,8 @@ def from_image_folder(
         raise DataError(f"Image folder split {split_dir} does not exist.")
     # Class names in Unicode's composed form: a zip made on macOS decomposes accented names,
     # so one split's folders would name other classes than another's.
-    folders = sorted((unicodedata.normalize("NFC", f), f) for f in subdirectories(split_dir))
+    subdirs = subdirectories(split_dir)
+    folders = sorted((unicodedata.normalize("NFC", f), f) for f in subdirs)
     class_names = [name for name, _ in folders]
     if not class_names:
         raise DataError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/).")
@@ -184,6 +185,10 @@ def from_image_folder(
         kinds = ", ".join(f"{kind}: {n}" for kind, n in left_out.most_common())
         logger.warning("Left out %d files of %s that are not %s images (%s).",
                        left_out.total(), split_dir, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
+    loose = [n for n in list_names(split_dir) if is_image_file(n) and n not in subdirs]
+    if loose:
+        logger.warning("Left out %d images directly in %s, outside the class folders (such as %s).",
+                       len(loose), split_dir, sorted(loose)[0])  # fmt: skip
     return dataclasses.replace(
         _file_source(paths, labels, class_names, where), skip_corrupt=skip_corrupt
     )
@@ -363,7 +368,13 @@ def _csv_class_names(root: str) -> list[str]:
                        ", ".join(splits), others)  # fmt: skip
     labels = {label for split in rows.values() for _, _, label in split or ()}
     if labels and all(re.fullmatch(r"\d+", x) for x in labels):
-        return [str(i) for i in range(max(int(x) for x in labels) + 1)]
+        ids = {int(x) for x in labels}
+        if unused := sorted(set(range(max(ids) + 1)) - ids):
+            logger.warning(
+                "Class ids %s of 0..%d have no example in the split CSVs of %s (integer labels "
+                "are ids from 0).", unused[:10], max(ids), root,
+            )  # fmt: skip
+        return [str(i) for i in range(max(ids) + 1)]
     return sorted(labels)
 
 

@@ -103,6 +103,7 @@ class Batches(Iterator[Batch]):
         self._row_of = row_of
         self._source = source
         self.examples = self.skipped = 0
+        self._named: set[int | None] = set()  # rows of skipped examples logged so far
         self.next_position, self.end_position = first_position, end_position
 
     def __next__(self) -> Batch:
@@ -128,14 +129,22 @@ class Batches(Iterator[Batch]):
         return batch
 
     def _note_skipped(self, dropped: list[int]) -> None:
-        if dropped:
-            self.skipped += len(dropped)
-            logger.warning(
-                "Skipped %d unreadable image(s) so far (of %d read)%s.",
-                self.skipped,
-                self.skipped + self.examples,
-                self._files(dropped),
-            )
+        """Counts the ``dropped`` stream positions; logs them unless each is an example named
+        before (an epoch later: the count goes on, the log does not repeat itself)."""
+        if not dropped:
+            return
+        self.skipped += len(dropped)
+        if self._row_of is not None:
+            dropped = [p for p in dropped if self._row_of(p) not in self._named]
+            if not dropped:
+                return
+            self._named.update(self._row_of(p) for p in dropped)
+        logger.warning(
+            "Skipped %d unreadable image(s) so far (of %d read)%s.",
+            self.skipped,
+            self.skipped + self.examples,
+            self._files(dropped),
+        )
 
     def _files(self, positions: list[int]) -> str:
         """``": <what is wrong>; ..."`` of the first stream ``positions``: the file and why (its
@@ -255,8 +264,8 @@ def decode_file(path: str, decode: Callable[[tf.Tensor], tf.Tensor]) -> np.ndarr
     """The decoded file at ``path``, or the error message."""
     try:
         return decode(tf.io.read_file(os.fsencode(path))).numpy()
-    except tf.errors.OpError as e:
-        return _op_message(e)
+    except tf.errors.OpError as e:  # a missing file's message starts with its path
+        return _op_message(e).removeprefix(f"{path}; ")
 
 
 def _op_message(error: tf.errors.OpError) -> str:
