@@ -361,6 +361,14 @@ def test_lora_errors():
         lora.LoraSpec(0, 1.0)
 
 
+def test_frozen_params_that_freeze_nothing_more_are_an_error():
+    model, shapes = shapes_of("vit_ti16")
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])
+    match = r"'embedding/.\*' matches only parameters that optimizer.trainable='head' freezes"
+    with pytest.raises(ValueError, match=match):
+        optim.trainable_mask(params, model, preset="head", frozen="embedding/.*")
+
+
 def test_frozen_params_freeze_lora_adapters_too():
     """``optimizer.frozen_params`` wins over the adapters LoRA adds, as over the preset."""
     model, shapes = shapes_of("vit_ti16")

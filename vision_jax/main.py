@@ -315,9 +315,10 @@ def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = 
 
     Multi-process runs: after a stop request every process is here at the same step, so
     ``jax.distributed``'s shutdown barrier passes at once. After an error that a failed
-    collective caused (:func:`_may_mean_a_lost_peer`: a peer died mid-step or mid-save) a peer that failed or is lost is named instead,
-    if the watchdog finds one within five heartbeats; otherwise the peers are told that this one
-    failed (:meth:`~vision_jax.watchdog.PeerWatchdog.fail`) and stop at once.
+    collective caused (:func:`_may_mean_a_lost_peer`: a peer died mid-step or mid-save) a peer
+    that failed or is lost is named instead, if the watchdog finds one within five heartbeats;
+    otherwise the peers are told that this one failed
+    (:meth:`~vision_jax.watchdog.PeerWatchdog.fail`) and stop at once.
     """
     import jax
 

@@ -177,6 +177,12 @@ def trainable_mask(
         mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
     if frozen:
         frozen_mask = tree_mask(frozen, params, what="optimizer.frozen_params")
+        pairs = zip(jax.tree.leaves(mask), jax.tree.leaves(frozen_mask), strict=True)
+        if not any(m and f for m, f in pairs):
+            raise ValueError(
+                f"optimizer.frozen_params {frozen!r} matches only parameters that "
+                f"optimizer.trainable={preset!r} freezes already: it would change nothing."
+            )
         mask = jax.tree.map(lambda m, f: m and not f, mask, frozen_mask)
     if not any(jax.tree.leaves(mask)):
         raise ValueError("No parameter is trainable: check optimizer.trainable / frozen_params.")
