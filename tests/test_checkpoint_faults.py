@@ -919,7 +919,14 @@ def test_a_failed_best_save_says_the_step_checkpoints_are_not_affected(tmp_path)
     steps.manager.all_steps = lambda: [20, 60]
     steps._pending, steps.manager.wait_until_finished = 60, disk_full
     with pytest.raises(checkpoint.CheckpointSaveError, match="The newest complete checkpoint is "
-                       "step 20: free space"):  # fmt: skip
+                       "step 20: free space on the disk, then run the same command again to "
+                       "resume"):  # fmt: skip
+        steps.wait()
+    steps.manager.all_steps = lambda: [60]  # the first save: nothing to resume from
+    steps._pending = 60
+    with pytest.raises(checkpoint.CheckpointSaveError, match="The newest complete checkpoint is "
+                       "none: free space on the disk, then run the same command again to start "
+                       "over"):  # fmt: skip
         steps.wait()
 
 

@@ -83,15 +83,16 @@ def _reporting_failed_saves(
             raise
         reason = short_reason(e)
         steps = [s for s in manager.all_steps() if s != pending]
-        kept = f"The newest complete checkpoint is {f'step {max(steps)}' if steps else 'none'}"
-        if not resumes_here:
-            kept = "The step checkpoints are not affected"
+        kept, then = "The step checkpoints are not affected", "resume"
+        if resumes_here:
+            kept = f"The newest complete checkpoint is {f'step {max(steps)}' if steps else 'none'}"
+            then = "resume" if steps else "start over"
         full = _disk_full(e)
         advice = "free space on the disk, then " if full else ""
         raise CheckpointSaveError(
             f"Saving the checkpoint of step {pending} in {manager.directory} failed"
             f"{' (the disk is full)' if full else ''}: {reason}. {kept}: {advice}run the same "
-            "command again to resume."
+            f"command again to {then}."
         ) from e
 
 
