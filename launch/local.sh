@@ -8,11 +8,11 @@
 # Every argument from --config on goes to each process unchanged (the launcher's options come
 # first). Each process's output is prefixed with [pN]. SIGTERM or SIGINT (Ctrl-C) is forwarded
 # to every process as SIGTERM: they save a checkpoint at a step they agree on and exit 75
-# (rerun the same command to resume); a
-# second signal kills them at once. If one process fails, the others are sent SIGTERM and, if
-# still alive after GRACE seconds (default 60), SIGKILL; the script returns only when every
-# process has ended, with the first non-zero exit status. Needs bash >= 5.1. DRY_RUN=1 is
-# --dry-run: print the exact commands instead of running them.
+# (rerun the same command to resume); a second signal kills them at once. If one process
+# fails, the others are sent SIGTERM and, if still alive after GRACE seconds (default 60),
+# SIGKILL; the script returns only when every process has ended, with the first non-zero exit
+# status. Needs bash >= 5.1. DRY_RUN=1 is --dry-run: print the exact commands instead of
+# running them.
 set -euo pipefail
 
 num_processes=2
@@ -20,7 +20,7 @@ cpu_devices=2
 port=""
 dry_run="${DRY_RUN:-0}"
 
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }  # the header comment
 
 # Exits naming option $1 when it has no value ($2: the arguments left, itself included).
 needs_value() {

@@ -218,7 +218,9 @@ def test_image_folder_reads_subfolders_of_a_class_and_counts_other_files(tmp_pat
     _save(tmp_path / "train" / "stray.jpg", "RGB", seed=0)  # not in a class folder
     with caplog.at_level(logging.WARNING):
         data_lib.load_source(data_config(source="imagefolder", root=str(tmp_path)).data, "train")
-    assert "Left out 1 images directly in " in caplog.text and "(such as stray.jpg)" in caplog.text
+    assert (
+        "Left out 1 image(s) directly in " in caplog.text and "(such as stray.jpg)" in caplog.text
+    )
     (tmp_path / "train" / "b" / "again").symlink_to(tmp_path / "train" / "b")  # a loop
     source = data_lib.load_source(
         data_config(source="imagefolder", root=str(tmp_path)).data, "train"
@@ -297,7 +299,8 @@ def test_csv_ids_that_skip_a_class_and_a_missing_file(tmp_path, folder, caplog):
     with caplog.at_level(logging.WARNING):
         source = data_lib.load_source(data_config(source="csv", root=str(tmp_path)).data, "train")
     assert source.class_names == ["0", "1", "2"]
-    assert "Class ids [0] of 0..2 have no example in the split CSVs of " in caplog.text
+    assert "1 class id(s) of 0..2 have no example in the split CSVs of " in caplog.text
+    assert "(integer labels are ids from 0): [0]." in caplog.text
     with pytest.raises(data_lib.DataError) as error:
         data_lib.check_examples(source, spec_of())
     assert f"cannot read image {tmp_path}/gone.png: No such file or directory" in str(error.value)
@@ -369,6 +372,9 @@ def test_a_tfds_dataset_or_split_that_is_not_there_is_one_line(tmp_path):
     message = str(error.value)
     assert "Cannot read split 'validation' of tfds dataset 'tiny' in " in message
     assert "(splits: " in message and "tfds build" not in message and ".." not in message
+    with pytest.raises(data_lib.DataError, match=r"tfds dataset 'mnist' in .* is not prepared: "
+                       r"prepare it first \(`tfds build mnist`"):  # fmt: skip
+        data_lib.from_tfds("mnist", "train", str(tmp_path / "empty"))  # a registered builder
 
 
 # Bad input.

@@ -74,6 +74,13 @@ def test_local_refuses_launcher_options_it_would_pass_on(args, message):
     assert proc.stdout == ""
 
 
+def test_local_help_is_its_whole_header():
+    proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), "-h"], text=True,
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert proc.stdout.startswith("Runs N processes of vision_jax.main on this machine")
+    assert proc.stdout.rstrip().endswith("print the exact commands instead of\nrunning them.")
+
+
 def test_main_names_a_taken_coordinator_port_and_a_process_id_out_of_range(tmp_path):
     """JAX's coordinator crashes its process (a segmentation fault) on a port in use."""
     with socket.socket() as taken:

@@ -370,6 +370,44 @@ def test_selection_config_errors(overrides, match):
         specs.run_spec(TrackedConfig(small_config(**overrides)))
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (  # found at the first validation, after its steps, before their save: they were lost
+            {"early_stopping.metric": "val/top_1"},
+            r"early_stopping.metric 'val/top_1' is not a validation result of a classification "
+            r"run \(closest: val/top1, val/top5\); valid: val/loss, val/top1, val/top5, ",
+        ),
+        (  # one validation, at the end: patience could never stop the run
+            {"eval_every_steps": 0},
+            r"early_stopping.patience=3 needs validations before the last step: "
+            r"eval_every_steps is 0, of 14 steps",
+        ),
+        ({"early_stopping.min_delta": -1.0}, r"early_stopping.min_delta must lie in \[0, inf\)"),
+    ],
+)
+def test_selection_settings_that_would_act_wrongly_are_refused_before_training(
+    tmp_path, overrides, match
+):
+    cfg = selecting_config()
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (cfg[section] if section else cfg)[name] = value
+    with pytest.raises(specs.ConfigError, match=match):
+        run_lib.build_run(cfg, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_no_early_stop_at_the_last_step(tmp_path, scripted_validation):
+    """A validation at the planned last step that exhausts the patience ends the run as
+    planned: not "stopped early" (a longer run resumes from it)."""
+    cfg = selecting_config()
+    cfg.total_steps = 10  # the 5th validation, at step 10, exhausts patience 3
+    train_and_evaluate(cfg, str(tmp_path))
+    meta = json.loads((tmp_path / "checkpoints" / "10" / "meta" / "metadata").read_text())
+    assert meta["stopped_early"] is False
+
+
 def rows(source: data_lib.Source) -> set[bytes]:
     images, labels = source.columns["image"], source.columns["label"]
     return {image.tobytes() + bytes([int(y)]) for image, y in zip(images, labels, strict=True)}

@@ -111,8 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.total_steps = placeholder(int)
     # An epoch is floor(examples / batch_size) steps, as timm's and the flax ImageNet example's
-    # (the last partial batch dropped; big_vision counts examples / batch_size): total_epochs
-    # and *_epochs round up and to the nearest step.
+    # (big_vision counts examples / batch_size); the stream itself drops nothing: a batch may
+    # hold the end of one shuffle and the start of the next. total_epochs and *_epochs round up
+    # and to the nearest step.
     c.total_epochs = 10.0
 
     # The task's loss (None: its default): classification "softmax_xent" (default) or

@@ -281,7 +281,8 @@ def _check_port_free(port: str, host: str) -> None:
     program holds it (JAX's coordinator would crash the process without saying why)."""
     if not port.isdigit() or not 0 < int(port) < 65536:
         _usage_error(f"--coordinator_address needs HOST:PORT; got {FLAGS.coordinator_address!r}.")
-    with socket.socket() as probe:
+    with socket.socket() as probe:  # as gRPC binds: a port in TIME_WAIT (a run just ended) is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host or "0.0.0.0", int(port)))
         except OSError as e:

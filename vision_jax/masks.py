@@ -116,7 +116,8 @@ def _idle_rule_message(
         held := [n for n in frozen if pattern.fullmatch(n)]
     ):
         adapter = f"{held[0].rpartition('/')[0]}/lora_a"
-        instead = f", or name its LoRA adapters ({adapter!r})" if adapter in names else ""
+        lora = held[0].endswith("/kernel") and adapter in names  # a kernel LoRA adapts
+        instead = f", or name its LoRA adapters ({adapter!r})" if lora else ""
         return (
             f"{what} {pattern.pattern!r} matches only frozen parameters (such as {held[0]!r}), "
             f"which do not train: remove the rule, or let them train{instead}."

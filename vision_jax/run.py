@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vision_jax.tf_without_keras import load_if_url
@@ -573,6 +574,38 @@ _RECIPE_SECTIONS = (
 _SELECTION_KEYS = ("metric", "mode", "min_delta", "patience")
 
 
+def _check_selection(spec: specs.RunSpec, class_names: Sequence[str], total_steps: int) -> None:
+    """Refuses, before training, an ``early_stopping.patience`` without validations before
+    the last step (it could never stop the run) and an ``early_stopping.metric`` that the
+    validation will not report (for a task that declares its
+    :attr:`~vision_jax.tasks.base.Task.metric_names`; found at the first validation, the steps
+    before it were lost)."""
+    patience, every = spec.early_stopping.patience, spec.eval_every_steps
+    if patience is not None and not 0 < every < total_steps:
+        raise specs.ConfigError(
+            f"early_stopping.patience={patience} needs validations before the last step: "
+            f"eval_every_steps is {every}, of {total_steps} steps (set it below {total_steps})."
+        )
+    task = spec.task
+    if task.metric_names is None:
+        return
+    metric = Selection.from_spec(spec.early_stopping, task.headline, task.headline_mode).metric
+    prefix, _, name = metric.partition("/")
+    per_class = {f"{m}/{c.replace('/', '_')}" for m in task.per_class_metrics for c in class_names}
+    if prefix in ("val", "val_ema") and (name in task.metric_names or name in per_class):
+        return  # (val_ema without ema_decay: refused by the spec)
+    valid = [f"val/{n}" for n in task.metric_names]
+    valid += [f"val/{m}/<class>" for m in task.per_class_metrics]
+    close = difflib.get_close_matches(
+        metric, [f"val/{n}" for n in (*task.metric_names, *per_class)]
+    )
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    raise specs.ConfigError(
+        f"early_stopping.metric {metric!r} is not a validation result of a {task.name} run"
+        f"{hint}; valid: {', '.join(valid)} (val_ema/... with ema_decay)."
+    )
+
+
 def _resumed_selection(
     spec: specs.RunSpec, saved: Mapping[str, Any], finished: bool, where: str
 ) -> Selection:
@@ -810,7 +843,7 @@ def build_run(
     tracked = TrackedConfig(config)
     spec = specs.run_spec(tracked)
     tracked.check_all_read()
-    _check_same_config(spec.config)
+    _check_same_config({**spec.config, "--workdir": workdir})
     lock, ckpt = WorkdirLock(workdir).acquire(), None
     try:
         ckpt = Checkpointer(
@@ -829,7 +862,8 @@ def build_run(
 def _check_same_config(config: Mapping[str, Any]) -> None:
     """Raises in every process of a multi-process run whose processes were started with
     different configs (each would feed its own values to one program, or wait for the others
-    at another step); the processes that differ name the keys, against process 0's."""
+    at another step), paths and workdir included; the processes that differ name the keys,
+    against process 0's."""
     if jax.process_count() == 1:
         return
     text = np.frombuffer(_plain(config).encode(), np.uint8)
@@ -879,6 +913,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     _check_batch_sizes(spec, mesh)
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
+    if val_source is not None:
+        _check_selection(spec, val_source.class_names, total_steps)
     _check_not_past_the_end(spec, ckpt, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))

@@ -526,8 +526,8 @@ def _end_step(
             results = _evaluate(run, state, step, writer, interrupt=_stop_periodic(stop))
         except _EvaluationStopped:
             pending = stopping = True
-        if selection is not None and selection.should_stop and not pending:
-            selection.stopped_at = step
+        if selection is not None and selection.should_stop and not pending and not last:
+            selection.stopped_at = step  # (at the last step the run ends anyway: not early)
     early = selection is not None and selection.stopped_at == step
     if stopping or early or _save_due(run.spec, step, run.total_steps):
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
@@ -661,7 +661,7 @@ def _evaluate_pending(
         results = _evaluate(run, state, step, writer, interrupt=_stop_periodic(stop))
     except _EvaluationStopped:
         raise StopRequested(step, stop.reason, run.checkpointer.directory) from None
-    early = selection is not None and selection.should_stop
+    early = selection is not None and selection.should_stop and step < run.total_steps
     if early:
         selection.stopped_at = step
         _log_early_stop(selection, step)

@@ -13,6 +13,7 @@ reads the file. Crowd regions (``iscrowd``) are kept as such; images without box
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
@@ -402,7 +403,8 @@ def from_tfds_boxes(
     dataset = ds.enumerate().map(
         lambda row, ex: {"image": ex["image"], "row": tf.cast(row, tf.int32)}
     )
-    return _box_source(dataset, images, anns, categories, None, skip_corrupt)
+    source = _box_source(dataset, images, anns, categories, None, skip_corrupt)
+    return dataclasses.replace(source, origin=f"tfds dataset {name!r} split {split!r}")
 
 
 def _tfds_record(example: dict) -> dict:

@@ -187,8 +187,8 @@ def from_image_folder(
                        left_out.total(), split_dir, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
     loose = [n for n in list_names(split_dir) if is_image_file(n) and n not in subdirs]
     if loose:
-        logger.warning("Left out %d images directly in %s, outside the class folders (such as %s).",
-                       len(loose), split_dir, sorted(loose)[0])  # fmt: skip
+        logger.warning("Left out %d image(s) directly in %s, outside the class folders (such as "
+                       "%s).", len(loose), split_dir, sorted(loose)[0])  # fmt: skip
     return dataclasses.replace(
         _file_source(paths, labels, class_names, where), skip_corrupt=skip_corrupt
     )
@@ -371,8 +371,8 @@ def _csv_class_names(root: str) -> list[str]:
         ids = {int(x) for x in labels}
         if unused := sorted(set(range(max(ids) + 1)) - ids):
             logger.warning(
-                "Class ids %s of 0..%d have no example in the split CSVs of %s (integer labels "
-                "are ids from 0).", unused[:10], max(ids), root,
+                "%d class id(s) of 0..%d have no example in the split CSVs of %s (integer "
+                "labels are ids from 0): %s.", len(unused), max(ids), root, unused[:10],
             )  # fmt: skip
         return [str(i) for i in range(max(ids) + 1)]
     return sorted(labels)

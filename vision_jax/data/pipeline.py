@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from vision_jax.tf_without_keras import tf
 
@@ -87,6 +87,7 @@ class Batches(Iterator[Batch]):
     re-reading the failing batch's files. ``row_of`` maps a stream position to its row of a file
     source's ``columns`` (None past the split's end); without it files are not named.
     ``end_position``: where a finite stream ends (examples dropped after its last batch count).
+    After an error the iterator is closed: it yields nothing more.
     """
 
     def __init__(
@@ -148,11 +149,15 @@ class Batches(Iterator[Batch]):
 
     def _files(self, positions: list[int]) -> str:
         """``": <what is wrong>; ..."`` of the first stream ``positions``: the file and why (its
-        image, its label map, ...), found by reading them again; empty if not known."""
+        image, its label map, ...), found by reading them again (a tfds split's example: named,
+        not read again: that would scan the split up to it); empty if not known."""
         if self._row_of is None or not reads_encoded_images(self._source):
             return ""
         rows = [self._row_of(p) for p in positions[:3]]
-        found = [_problem(self._source, row) or _example_name(self._source, row) for row in rows]
+        found = dict.fromkeys(rows)
+        if self._source.columns is not None:
+            found = _problems(self._source, rows)
+        found = [problem or _example_name(self._source, row) for row, problem in found.items()]
         more = f" and {len(positions) - 3} more" if positions[3:] else ""
         return ": " + "; ".join(str(p) for p in found) + more
 
@@ -173,7 +178,7 @@ class Batches(Iterator[Batch]):
         if self._row_of is not None and reads_encoded_images(self._source):
             positions = range(self.next_position, self.next_position + self._local)
             rows = [row for p in positions if (row := self._row_of(p)) is not None]
-            bad = [p for row in rows if (p := _problem(self._source, row))]
+            bad = [p for p in _problems(self._source, rows).values() if p]
         if bad:
             return DataError(f"Bad example(s): {'; '.join(bad)}. {_FIX}")
         origin = f" reading {self._source.origin}" if self._source.origin else ""
@@ -203,20 +208,37 @@ def _example_name(source: Source, row: int) -> str:
     return f"example {row} of {source.origin or 'the split'}"
 
 
+def _problems(source: Source, rows: Sequence[int]) -> dict[int, str | None]:
+    """What is wrong with each example of ``rows`` (None: nothing found), read again: a file
+    source's files, a tfds split's examples in one pass over their span."""
+    if source.columns is not None:
+        return {row: _problem(source, row) for row in rows}
+    found: dict[int, str | None] = dict.fromkeys(rows)
+    if not rows:
+        return found
+    first, last = min(rows), max(rows)
+    examples = iter(source.dataset.skip(first).take(last - first + 1))
+    for row in range(first, last + 1):  # an element that fails (a label map's values) is
+        try:  # an error of its own: the iterator goes on with the next
+            example = next(examples)
+        except tf.errors.OpError as e:
+            found[row] = f"{_example_name(source, row)}: {_op_message(e)}"
+            continue
+        except StopIteration:
+            break
+        if row in found:
+            try:
+                augment.decode(example["image"])
+            except tf.errors.OpError as e:
+                name = _example_name(source, row)
+                found[row] = f"cannot read image of {name}: {_op_message(e)}"
+    return {row: found[row] for row in rows}
+
+
 def _problem(source: Source, row: int) -> str | None:
     """What is wrong with example ``row`` of a file source (its image, its size against its
     annotations, or its label map's file, size or values), or None."""
     columns, num_classes = source.columns, source.num_classes
-    if columns is None:  # encoded images in a dataset (a tfds split)
-        try:  # the example (a tfds label map's values are checked as it is read), its image
-            example = next(iter(source.dataset.skip(row).take(1)))
-        except tf.errors.OpError as e:
-            return f"{_example_name(source, row)}: {_op_message(e)}"
-        try:
-            augment.decode(example["image"])
-        except tf.errors.OpError as e:
-            return f"cannot read image of {_example_name(source, row)}: {_op_message(e)}"
-        return None
     path = columns["path"][row]
     image = decode_file(path, augment.decode)
     if isinstance(image, str):
@@ -548,9 +570,11 @@ def _turned_by_exif(path: str) -> bool:
 
 def check_examples(
     source: Source, spec: InputSpec, *, threads: int | None = None, sample: int | None = None,
-    advice: str = _FIX,
+    advice: str = _FIX, whole: bool = False,
 ) -> int:  # fmt: skip
-    """Reads every example of this process's shard of a file source once, as evaluation does.
+    """Reads every example of this process's shard of a file source once, as evaluation does
+    (``whole``: every example, without asking JAX for the processes: a tool that prepares data
+    does not start JAX's backend).
 
     Unreadable examples are a :class:`DataError` naming the files, or with ``skip_corrupt``
     counted (logged, and returned): so a bad file in the eval split stops a run before it trains,
@@ -576,7 +600,8 @@ def check_examples(
         label_map = tf.cast(out["label_map"], tf.int32)  # pixels of each label value
         return i, total, tf.math.bincount(label_map, minlength=256, maxlength=256)
 
-    ds = source.dataset.shard(jax.process_count(), jax.process_index()).enumerate()
+    hosts, host = (1, 0) if whole else (jax.process_count(), jax.process_index())
+    ds = source.dataset.shard(hosts, host).enumerate()
     if sample is not None:
         buffer = min(source.num_examples, 10_000)  # the same draw in both passes below
         ds = ds.shuffle(buffer, seed=0, reshuffle_each_iteration=False).take(sample)
@@ -587,25 +612,26 @@ def check_examples(
     for rows, _, counts in ds.as_numpy_iterator():
         good.update(int(i) for i in rows)
         pixels += counts.sum(0)  # label maps: pixels of each value; else nothing
-    if source.target == "label_map" and good and sample is None and jax.process_count() == 1:
+    if source.target == "label_map" and good and sample is None and hosts == 1:
         _warn_of_absent_classes(source, pixels)
-    shard = range(jax.process_index(), source.num_examples, jax.process_count())
+    shard = range(host, source.num_examples, hosts)
     positions = drawn if sample is not None else range(len(shard))  # read, in the shard
     bad_rows = [shard[k] for k in positions if k not in good]
     if not bad_rows or (sample is not None and good):
         return 0
-    problems = [_problem(source, row) or _example_name(source, row) for row in bad_rows[:10]]
+    found = _problems(source, bad_rows[:10])
+    named = [problem or _example_name(source, row) for row, problem in found.items()]
     more = f" (and {len(bad_rows) - 10} more)" if len(bad_rows) > 10 else ""
     if not good:
         what = "drawn at random " if sample is not None else ""
         raise DataError(
             f"None of the {len(positions)} examples {what}of the split can be used: "
-            f"{'; '.join(problems)}{more}."
+            f"{'; '.join(named)}{more}."
         )
     if source.skip_corrupt:
         logger.warning(
             "%d bad example(s) of %d will be skipped: %s%s.",
-            len(bad_rows), len(shard), "; ".join(problems), more,
+            len(bad_rows), len(shard), "; ".join(named), more,
         )  # fmt: skip
         return len(bad_rows)
-    raise DataError(f"Bad example(s): {'; '.join(problems)}{more}. {advice}")
+    raise DataError(f"Bad example(s): {'; '.join(named)}{more}. {advice}")

@@ -325,7 +325,9 @@ def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.da
         )
     except Exception as e:  # not prepared (AssertionError), bad split (ValueError), ...
         where = f"tfds dataset {name!r} in {builder.data_dir}"
-        if not builder.info.splits:
+        # prepared: its info file is there (a registered builder's splits may come from tfds's
+        # bucket without it)
+        if not (epath.Path(builder.data_dir) / "dataset_info.json").exists():
             raise DataError(
                 f"{where} is not prepared: prepare it first (`tfds build {name}`, or "
                 "vision_jax.data.build_tfds_from_folder); nothing is downloaded at training time."

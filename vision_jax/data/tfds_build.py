@@ -44,7 +44,7 @@ def build_tfds_from_folder(
         raise DataError(f"{root} holds no split folders (expected {root}/<split>/<class>/).")
     sources = {split: from_image_folder(root, split) for split in splits}
     for source in sources.values():  # tfds stores the bytes unread: a bad file would be found
-        check_examples(source, InputSpec(image_size=8), advice=_FIX)  # only when trained on
+        check_examples(source, InputSpec(image_size=8), advice=_FIX, whole=True)  # at training
     class_names = sources[splits[0]].class_names
     for split, source in sources.items():
         if source.class_names != class_names:

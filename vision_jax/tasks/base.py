@@ -52,6 +52,11 @@ class Task(abc.ABC):
     # ``predict``'s outputs an evaluation returns, each with the batch axis first (a report's
     # figures are made of them); none: the eval step does not call ``predict``.
     per_example: ClassVar[tuple[str, ...]] = ()
+    # The names :meth:`summarize` returns (without the prefix), and those it returns per class
+    # as ``<name>/<class>`` (where defined), so that a run checks ``early_stopping.metric``
+    # before it trains; None: not declared (checked at the first validation).
+    metric_names: ClassVar[tuple[str, ...] | None] = None
+    per_class_metrics: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:

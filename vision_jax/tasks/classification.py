@@ -47,6 +47,7 @@ class Classification(Task):
     name = "classification"
     target = "label"
     headline = "top1"
+    metric_names = ("loss", "top1", "top5", "examples")
     train_metrics = TrainMetrics
     per_example = ("probabilities",)
 

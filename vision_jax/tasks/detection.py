@@ -24,7 +24,13 @@ from clu import metrics
 from vision_jax.models.task_model import TaskModel
 from vision_jax.tasks import fcos
 from vision_jax.tasks.base import Batch, Task, feature_backbone
-from vision_jax.tasks.coco_eval import PADDING_ID, Detections, coco_metrics, coco_results
+from vision_jax.tasks.coco_eval import (
+    PADDING_ID,
+    STAT_NAMES,
+    Detections,
+    coco_metrics,
+    coco_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,8 @@ class Detection(Task):
     name = "detection"
     target = "boxes"
     headline = "map"
+    metric_names = (*STAT_NAMES, "examples")
+    per_class_metrics = ("ap",)
     train_metrics = TrainMetrics
     per_example = ("boxes", "scores", "classes")
 

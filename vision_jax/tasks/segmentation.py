@@ -154,6 +154,8 @@ class Segmentation(Task):
     name = "segmentation"
     target = "label_map"
     headline = "miou"
+    metric_names = ("loss", "miou", "pixel_accuracy", "examples")
+    per_class_metrics = ("iou",)
     train_metrics = TrainMetrics
     per_example = ("label_map",)
 
