@@ -49,3 +49,12 @@ def flax_param_count(name: str, num_classes: int) -> int:
     size = model_spec(name).input_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     return n_params(shapes["params"])
+
+
+def assert_declared_metrics(result: dict, task: type, prefix: str = "eval/") -> None:
+    """The ``prefix`` results of a run are the task's declared ``metric_names`` and its
+    ``per_class_metrics`` (``<name>/<class>``): what the run checks early_stopping.metric
+    against before training."""
+    names = {k.removeprefix(prefix) for k in result if k.startswith(prefix)}
+    assert {n for n in names if "/" not in n} == set(task.metric_names), names
+    assert {n.split("/")[0] for n in names if "/" in n} <= set(task.per_class_metrics), names

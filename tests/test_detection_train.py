@@ -12,6 +12,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import assert_declared_metrics
 from PIL import Image
 from test_det_data import NAMES, write_coco
 from test_train import small_config
@@ -70,6 +71,7 @@ def test_detection_learns_and_map_equals_pycocotools(coco_root, tmp_path, capsys
     assert result["eval/examples"] == 20
     assert result["eval/map"] > result["eval_before/map"] + 0.15, result
     assert {"eval/ap50", "eval/ap/red", "train/box_loss", "train/positives"} <= result.keys()
+    assert_declared_metrics(result, Detection)
 
     task = Detection(strides=(4, 8), max_boxes=4)
     model = task.build_model("cifar_resnet20", len(NAMES))

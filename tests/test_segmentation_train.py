@@ -9,6 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import assert_declared_metrics
 from test_train import small_config
 
 from vision_jax.tasks import IGNORE_LABEL, Segmentation
@@ -60,6 +61,7 @@ def test_segmentation_learns_and_evaluates_every_pixel(tmp_path):
     assert result["eval/miou"] > result["eval_before/miou"] + 0.2
     assert result["eval/pixel_accuracy"] > 0.8
     assert {"eval/iou/background", "train/pixel_accuracy"} <= result.keys()
+    assert_declared_metrics(result, Segmentation)
 
     model = Segmentation(head="fpn").build_model("cifar_resnet20", 4)
     images, maps = ARRAYS["test"]

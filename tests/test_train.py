@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_declared_metrics
 
 from vision_jax import specs
 from vision_jax.checkpoint import CheckpointError
 from vision_jax.config import UnreadConfigKeysError, default_config
+from vision_jax.tasks import Classification
 from vision_jax.train import train_and_evaluate
 from vision_jax.trees import flatten_dict
 from vision_jax.weights import WeightFormatError
@@ -65,6 +67,7 @@ def test_train_loop_learns_and_reports(tmp_path):
     )
     result = train_and_evaluate(cfg, str(tmp_path))
     assert result["eval/examples"] == 360  # every test digit once, padding excluded
+    assert_declared_metrics(result, Classification)
     assert result["eval_before/top1"] < 0.3
     assert result["eval/top1"] > 0.3  # chance is 0.1
     assert result["train/learning_rate"] >= 0
