@@ -91,7 +91,8 @@ def main() -> None:
         run(step_args)
     step_s = time.perf_counter() - t0
 
-    (trace_file,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    traces = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    trace_file = max(traces, key=os.path.getmtime)  # this run's (the folder may hold others)
     with gzip.open(trace_file) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events

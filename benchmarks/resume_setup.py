@@ -24,6 +24,7 @@ import sys, time
 sys.path.insert(0, {here!r})
 import jax
 jax.config.update("jax_compilation_cache_dir", {cache!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as main: every program
 from resume_setup import config
 from vision_jax.run import build_run
 from vision_jax.train import train_and_evaluate

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -212,8 +213,16 @@ def _run_worker(
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return f"failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+        return f"failed: {_error_line(proc.stderr) or f'exit status {proc.returncode}'}"
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _error_line(stderr: str) -> str:
+    """The last ``SomeError: message`` line of a worker's stderr (JAX ends a traceback with a
+    note about its filtered frames), else its last line."""
+    lines = stderr.strip().splitlines()
+    errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b", ln)]
+    return (errors or lines or [""])[-1]
 
 
 def _timm_variants(model_name: str, dtype: str, gpu: bool) -> list[str]:
@@ -228,7 +237,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vit_ti16:32", "vit_s16:16", "resnet50:16"],
                         help="model:batch pairs")  # fmt: skip
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16"])
     parser.add_argument("--methods", nargs="+", default=["full"],
                         help="full, or lora:RANK (vision_jax only)")  # fmt: skip
     parser.add_argument("--mode", choices=["train", "infer"], default="train")
@@ -245,6 +255,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mode == "infer" and any(m != "full" for m in args.methods):
+        parser.error("--methods lora:R measures training; a LoRA model infers as the merged one "
+                     "(full).")  # fmt: skip
+    for entry in args.models:
+        if not re.fullmatch(r"[\w.-]+(:[1-9]\d*)?", entry):
+            parser.error(f"--models takes model:batch pairs (e.g. vit_ti16:32); got {entry!r}.")
 
     if args.worker:
         kind, *rest = args.worker
@@ -261,6 +277,11 @@ def main() -> None:
 
     from vision_jax import model_spec
 
+    for entry in args.models:
+        try:
+            model_spec(entry.partition(":")[0])
+        except ValueError as e:
+            parser.error(str(e))
     if args.xla_defaults:
         os.environ[_XLA_DEFAULTS_ENV] = "1"
     timm_env = None  # this process's environment; decided before --no-huge-pages changes it
