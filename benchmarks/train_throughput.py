@@ -237,8 +237,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vit_ti16:32", "vit_s16:16", "resnet50:16"],
                         help="model:batch pairs")  # fmt: skip
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                        choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+    )
     parser.add_argument("--methods", nargs="+", default=["full"],
                         help="full, or lora:RANK (vision_jax only)")  # fmt: skip
     parser.add_argument("--mode", choices=["train", "infer"], default="train")

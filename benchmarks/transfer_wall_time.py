@@ -33,6 +33,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+# What the timm run takes from the config (_file_lists): --set may not change them.
+_RECIPE_KEYS = (
+    "input.image_size", "input.crop_padding", "batch_size", "eval_batch_size", "total_steps",
+    "optimizer.learning_rate", "schedule.warmup_steps", "optimizer.grad_clip_norm",
+)  # fmt: skip
+
+
 def _file_lists(config: str) -> dict:
     """The config's training and evaluation files and labels, as vision_jax reads them."""
     from vision_jax.data.folders import from_image_folder
@@ -182,10 +189,16 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a config override for the vision_jax run only (repeatable)",
+        help="a config override for the vision_jax run only (repeatable; not of the recipe "
+        "both sides train)",
     )
     parser.add_argument("--timm-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for override in args.set:
+        key = override.partition("=")[0]
+        if key.startswith("data.") or key in _RECIPE_KEYS:
+            parser.error(f"--set {key} would change the recipe of the vision_jax run alone (timm "
+                         "trains the config's): change it in the config file.")  # fmt: skip
     if args.timm_worker:
         return timm_worker(args.timm_worker, args.weights)
     with tempfile.TemporaryDirectory(prefix="transfer_wall_time_") as tmp:
