@@ -24,7 +24,8 @@ import sys, time
 sys.path.insert(0, {here!r})
 import jax
 jax.config.update("jax_compilation_cache_dir", {cache!r})
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as main: every program
+from vision_jax.main import configure_compilation_cache
+configure_compilation_cache({workdir!r}, "auto")  # as main: every program, in the cache above
 from resume_setup import config
 from vision_jax.run import build_run
 from vision_jax.train import train_and_evaluate

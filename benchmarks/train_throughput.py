@@ -221,7 +221,7 @@ def _error_line(stderr: str) -> str:
     """The last ``SomeError: message`` line of a worker's stderr (JAX ends a traceback with a
     note about its filtered frames), else its last line."""
     lines = stderr.strip().splitlines()
-    errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b", ln)]
+    errors = [ln for ln in lines if re.match(r"[\w.]*(Error|Exception|Interrupt)\b", ln)]
     return (errors or lines or [""])[-1]
 
 

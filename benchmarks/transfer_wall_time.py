@@ -21,6 +21,7 @@ vision_jax's tf.data pipeline decodes on background threads.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -33,11 +34,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-# What the timm run takes from the config (_file_lists): --set may not change them.
-_RECIPE_KEYS = (
-    "input.image_size", "input.crop_padding", "batch_size", "eval_batch_size", "total_steps",
-    "optimizer.learning_rate", "schedule.warmup_steps", "optimizer.grad_clip_norm",
-)  # fmt: skip
+# What the timm run takes from the config (_file_lists), by its name there: --set may not
+# change them (nor data.*).
+_RECIPE = {
+    "image_size": "input.image_size", "crop_padding": "input.crop_padding",
+    "batch_size": "batch_size", "eval_batch_size": "eval_batch_size",
+    "total_steps": "total_steps", "learning_rate": "optimizer.learning_rate",
+    "warmup_steps": "schedule.warmup_steps", "grad_clip_norm": "optimizer.grad_clip_norm",
+}  # fmt: skip
 
 
 def _file_lists(config: str) -> dict:
@@ -48,16 +52,12 @@ def _file_lists(config: str) -> dict:
     namespace: dict = {}
     exec(compile(open(os.path.join(REPO, path)).read(), path, "exec"), namespace)
     c = namespace["get_config"](arg or None)
-    lists = {"image_size": c.input.image_size, "crop_padding": c.input.crop_padding}
+    lists = {}
     for key, split in [("train", c.data.train_split), ("eval", c.data.eval_split)]:
         source = from_image_folder(c.data.root, split)
         lists[key] = [source.columns["path"].tolist(), source.columns["label"].tolist()]
     lists["num_classes"] = len(source.class_names)
-    recipe = {
-        "batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size,
-        "total_steps": c.total_steps, "learning_rate": c.optimizer.learning_rate,
-        "warmup_steps": c.schedule.warmup_steps, "grad_clip_norm": c.optimizer.grad_clip_norm,
-    }  # fmt: skip
+    recipe = {name: functools.reduce(getattr, key.split("."), c) for name, key in _RECIPE.items()}
     return {**lists, **recipe}
 
 
@@ -196,7 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     for override in args.set:
         key = override.partition("=")[0]
-        if key.startswith("data.") or key in _RECIPE_KEYS:
+        if key.startswith("data.") or key in _RECIPE.values():
             parser.error(f"--set {key} would change the recipe of the vision_jax run alone (timm "
                          "trains the config's): change it in the config file.")  # fmt: skip
     if args.timm_worker:

@@ -462,16 +462,6 @@ def test_library_callers_need_no_epochs_or_frozen_regex():
     assert {k for k, v in flatten_dict(mask).items() if v} == {"head/kernel", "head/bias"}
 
 
-def test_epochs_count_steps_without_float_error():
-    """0.28 x 25 is 7.000000000000001 in floats: 7 steps, not 8; 0.7 x 45 = 31.5 rounds half up
-    to 32 (31.499999999999996 in floats)."""
-    assert specs.training_steps(None, 0.28, 25) == 7
-    assert specs.training_steps(None, 2.2, 25) == 55
-    assert specs.training_steps(None, 1.3, 12) == 16  # 15.6: a partial step counts
-    warmup = specs.ScheduleSpec("cosine", warmup_epochs=0.7)
-    assert optim._duration(warmup, "warmup", total=100, steps_per_epoch=45) == 32
-
-
 def test_multiplier_rules_take_numpy_numbers_and_refuse_infinity():
     from vision_jax.masks import check_multiplier_rules
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -19,6 +20,7 @@ from vision_jax.config import TrackedConfig
 from vision_jax.models import create_model
 from vision_jax.report import FinalEvaluation
 from vision_jax.selection import Selection
+from vision_jax.tasks import Classification
 from vision_jax.train import train_and_evaluate
 from vision_jax.weights.run_dir import read_variables
 
@@ -380,8 +382,8 @@ def test_selection_config_errors(overrides, match):
         ),
         (  # one validation, at the end: patience could never stop the run
             {"eval_every_steps": 0},
-            r"early_stopping.patience=3 needs validations before the last step: "
-            r"eval_every_steps is 0, of 14 steps",
+            r"early_stopping.patience=3 can never stop this run: it needs at least 4 "
+            r"validations before the last step, and eval_every_steps=0 gives 0 of 14 steps",
         ),
         ({"early_stopping.min_delta": -1.0}, r"early_stopping.min_delta must lie in \[0, inf\)"),
     ],
@@ -396,6 +398,19 @@ def test_selection_settings_that_would_act_wrongly_are_refused_before_training(
     with pytest.raises(specs.ConfigError, match=match):
         run_lib.build_run(cfg, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_subclass_of_a_library_task_may_select_on_a_metric_of_its_own(tmp_path):
+    """metric_names is checked for the class that declares it: a Classification subclass may
+    report more (its own summarize), checked at its first validation."""
+
+    class WithF1(Classification):
+        pass
+
+    spec = specs.run_spec(TrackedConfig(selecting_config(**{"early_stopping.metric": "val/f1"})))
+    with pytest.raises(specs.ConfigError, match="'val/f1' is not a validation result"):
+        run_lib._check_selection(spec, ["0", "1"], 14, fresh=True)
+    run_lib._check_selection(dataclasses.replace(spec, task=WithF1()), ["0", "1"], 14, fresh=True)
 
 
 def test_no_early_stop_at_the_last_step(tmp_path, scripted_validation):

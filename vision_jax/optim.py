@@ -35,7 +35,7 @@ from vision_jax.masks import check_multiplier_rules, rules_table, tree_map_by_ru
 from vision_jax.models.precision import DTYPES
 from vision_jax.models.registry import backbone_of, family
 from vision_jax.models.task_model import head_pattern
-from vision_jax.specs import OptimizerSpec, ScheduleSpec, steps_in
+from vision_jax.specs import OptimizerSpec, ScheduleSpec
 from vision_jax.trees import count_params, flatten_dict, tree_bytes
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int | 
         raise ValueError(f"schedule.{name}_epochs needs the steps per epoch (steps_per_epoch).")
     steps = {
         "steps": lambda v: int(v),
-        "epochs": lambda v: math.floor(steps_in(v, steps_per_epoch) + 0.5),  # half up
-        "fraction": lambda v: math.floor(steps_in(v, total) + 0.5),
+        "epochs": lambda v: math.floor(v * steps_per_epoch + 0.5),  # to the nearest, half up
+        "fraction": lambda v: math.floor(v * total + 0.5),
     }[unit](value)
     if not 0 <= steps <= total:
         raise ValueError(

@@ -574,31 +574,35 @@ _RECIPE_SECTIONS = (
 _SELECTION_KEYS = ("metric", "mode", "min_delta", "patience")
 
 
-def _check_selection(spec: specs.RunSpec, class_names: Sequence[str], total_steps: int) -> None:
-    """Refuses, before training, an ``early_stopping.patience`` without validations before
-    the last step (it could never stop the run) and an ``early_stopping.metric`` that the
-    validation will not report (for a task that declares its
+def _check_selection(
+    spec: specs.RunSpec, class_names: Sequence[str], total_steps: int, fresh: bool
+) -> None:
+    """Refuses, before training, an ``early_stopping.patience`` with too few validations
+    before the last step to ever stop the run (``fresh``: a new run; a workdir of an earlier
+    version keeps working) and an ``early_stopping.metric`` that the validation will not
+    report (for a task class that declares its own
     :attr:`~vision_jax.tasks.base.Task.metric_names`; found at the first validation, the steps
     before it were lost)."""
     patience, every = spec.early_stopping.patience, spec.eval_every_steps
-    if patience is not None and not 0 < every < total_steps:
+    before_last = (total_steps - 1) // every if every else 0  # validations before the last step
+    if fresh and patience is not None and before_last < patience + 1:
         raise specs.ConfigError(
-            f"early_stopping.patience={patience} needs validations before the last step: "
-            f"eval_every_steps is {every}, of {total_steps} steps (set it below {total_steps})."
+            f"early_stopping.patience={patience} can never stop this run: it needs at least "
+            f"{patience + 1} validations before the last step, and eval_every_steps={every} "
+            f"gives {before_last} of {total_steps} steps."
         )
     task = spec.task
-    if task.metric_names is None:
+    declared = type(task).__dict__  # not inherited: a subclass may report more
+    if "metric_names" not in declared:
         return
+    names, per_class_names = declared["metric_names"], declared.get("per_class_metrics", ())
     metric = Selection.from_spec(spec.early_stopping, task.headline, task.headline_mode).metric
     prefix, _, name = metric.partition("/")
-    per_class = {f"{m}/{c.replace('/', '_')}" for m in task.per_class_metrics for c in class_names}
-    if prefix in ("val", "val_ema") and (name in task.metric_names or name in per_class):
+    per_class = {f"{m}/{c.replace('/', '_')}" for m in per_class_names for c in class_names}
+    if prefix in ("val", "val_ema") and (name in names or name in per_class):
         return  # (val_ema without ema_decay: refused by the spec)
-    valid = [f"val/{n}" for n in task.metric_names]
-    valid += [f"val/{m}/<class>" for m in task.per_class_metrics]
-    close = difflib.get_close_matches(
-        metric, [f"val/{n}" for n in (*task.metric_names, *per_class)]
-    )
+    valid = [f"val/{n}" for n in names] + [f"val/{m}/<class>" for m in per_class_names]
+    close = difflib.get_close_matches(metric, [f"val/{n}" for n in (*names, *per_class)])
     hint = f" (closest: {', '.join(close)})" if close else ""
     raise specs.ConfigError(
         f"early_stopping.metric {metric!r} is not a validation result of a {task.name} run"
@@ -914,7 +918,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
     if val_source is not None:
-        _check_selection(spec, val_source.class_names, total_steps)
+        fresh = ckpt.newest_complete_step() is None
+        _check_selection(spec, val_source.class_names, total_steps, fresh)
     _check_not_past_the_end(spec, ckpt, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))

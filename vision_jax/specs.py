@@ -471,7 +471,8 @@ def early_stopping_spec(section: Any, has_val_split: bool) -> EarlyStoppingSpec:
         raise ConfigError(f"early_stopping.mode must be 'max' or 'min', got {spec.mode!r}.")
     if spec.patience is not None and spec.patience < 1:
         raise ConfigError(f"early_stopping.patience must be >= 1, got {spec.patience}.")
-    check_interval("early_stopping.min_delta", spec.min_delta, "[0, inf)")
+    if not _SAVED.get():  # a saved run's record: as it ran
+        check_interval("early_stopping.min_delta", spec.min_delta, "[0, inf)")
     return spec
 
 
@@ -598,16 +599,10 @@ def training_steps(
     if total_steps is not None:
         total = int(total_steps)
     else:
-        total = math.ceil(steps_in(total_epochs, steps_per_epoch))
+        total = math.ceil(total_epochs * steps_per_epoch)
     if total <= 0:
         raise ConfigError(f"Training must last at least one step, got {total}.")
     return total
-
-
-def steps_in(units: float, steps_per_unit: int) -> float:
-    """The steps of ``units`` epochs (or of a fraction of training), rounded to 9 decimals:
-    0.28 epochs of 25 steps are 7 steps, not 7.000000000000001 (which would round up to 8)."""
-    return round(units * steps_per_unit, 9)
 
 
 _CONFIG_KEYS = {"model_name": "model.name", "model_dtype": "model.dtype"}

@@ -28,7 +28,14 @@ from PIL import Image
 
 from vision_jax.data import augment, exif
 from vision_jax.data.folders import apply_slice, parse_split
-from vision_jax.data.sources import DataError, Source, file_path, list_names, tfds_split
+from vision_jax.data.sources import (
+    DataError,
+    Source,
+    file_path,
+    list_names,
+    tfds_origin,
+    tfds_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +411,7 @@ def from_tfds_boxes(
         lambda row, ex: {"image": ex["image"], "row": tf.cast(row, tf.int32)}
     )
     source = _box_source(dataset, images, anns, categories, None, skip_corrupt)
-    return dataclasses.replace(source, origin=f"tfds dataset {name!r} split {split!r}")
+    return dataclasses.replace(source, origin=tfds_origin(name, split))
 
 
 def _tfds_record(example: dict) -> dict:

@@ -210,16 +210,16 @@ def _example_name(source: Source, row: int) -> str:
 
 def _problems(source: Source, rows: Sequence[int]) -> dict[int, str | None]:
     """What is wrong with each example of ``rows`` (None: nothing found), read again: a file
-    source's files, a tfds split's examples in one pass over their span."""
+    source's files, a tfds split's examples in one pass up to the last of them."""
     if source.columns is not None:
         return {row: _problem(source, row) for row in rows}
     found: dict[int, str | None] = dict.fromkeys(rows)
     if not rows:
         return found
-    first, last = min(rows), max(rows)
-    examples = iter(source.dataset.skip(first).take(last - first + 1))
-    for row in range(first, last + 1):  # an element that fails (a label map's values) is
-        try:  # an error of its own: the iterator goes on with the next
+    # From the first row: skip() would raise a skipped element's error as the next one's.
+    examples = iter(source.dataset.take(max(rows) + 1))
+    for row in range(max(rows) + 1):  # an element that fails (a label map's values) is an
+        try:  # error of its own: the iterator goes on with the next
             example = next(examples)
         except tf.errors.OpError as e:
             found[row] = f"{_example_name(source, row)}: {_op_message(e)}"

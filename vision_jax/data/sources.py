@@ -288,7 +288,7 @@ def from_tfds(
         if not class_names:
             raise DataError(f"Label maps of tfds dataset {name!r} need data.class_names.")
         check_label_map_classes(class_names)
-    origin = f"tfds dataset {name!r} split {split!r}"
+    origin = tfds_origin(name, split)
     num_examples = int(ds.cardinality())
     if num_examples < 0:  # unknown cardinality: count once
         num_examples = sum(1 for _ in ds.map(lambda ex: 0).as_numpy_iterator())
@@ -304,6 +304,11 @@ def from_tfds(
     label = features["label"]
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
     return Source(ds, num_examples, list(label.names), origin=origin)
+
+
+def tfds_origin(name: str, split: str) -> str:
+    """:attr:`Source.origin` of a tfds split."""
+    return f"tfds dataset {name!r} split {split!r}"
 
 
 def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.data.Dataset]:
