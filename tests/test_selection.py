@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import shutil
 
@@ -380,11 +381,6 @@ def test_selection_config_errors(overrides, match):
             r"early_stopping.metric 'val/top_1' is not a validation result of a classification "
             r"run \(closest: val/top1, val/top5\); valid: val/loss, val/top1, val/top5, ",
         ),
-        (  # one validation, at the end: patience could never stop the run
-            {"eval_every_steps": 0},
-            r"early_stopping.patience=3 can never stop this run: it needs at least 4 "
-            r"validations before the last step, and eval_every_steps=0 gives 0 of 14 steps",
-        ),
         ({"early_stopping.min_delta": -1.0}, r"early_stopping.min_delta must lie in \[0, inf\)"),
     ],
 )
@@ -398,6 +394,17 @@ def test_selection_settings_that_would_act_wrongly_are_refused_before_training(
     with pytest.raises(specs.ConfigError, match=match):
         run_lib.build_run(cfg, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_patience_that_cannot_stop_the_run_is_warned_of(tmp_path, caplog):
+    """One validation, at the end: patience 3 cannot stop the run (a longer run resumed from
+    it may: a warning, not an error)."""
+    cfg = selecting_config()
+    cfg.eval_every_steps = 0
+    with caplog.at_level(logging.WARNING):
+        run_lib.build_run(cfg, str(tmp_path)).close()
+    assert ("early_stopping.patience=3 cannot stop this run: it needs 4 validations before the "
+            "last step, and eval_every_steps=0 gives 0 of 14 steps.") in caplog.text  # fmt: skip
 
 
 def test_a_subclass_of_a_library_task_may_select_on_a_metric_of_its_own(tmp_path):

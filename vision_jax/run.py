@@ -577,20 +577,19 @@ _SELECTION_KEYS = ("metric", "mode", "min_delta", "patience")
 def _check_selection(
     spec: specs.RunSpec, class_names: Sequence[str], total_steps: int, fresh: bool
 ) -> None:
-    """Refuses, before training, an ``early_stopping.patience`` with too few validations
-    before the last step to ever stop the run (``fresh``: a new run; a workdir of an earlier
-    version keeps working) and an ``early_stopping.metric`` that the validation will not
-    report (for a task class that declares its own
-    :attr:`~vision_jax.tasks.base.Task.metric_names`; found at the first validation, the steps
-    before it were lost)."""
+    """Warns of an ``early_stopping.patience`` with too few validations before the last step
+    to stop the run (``fresh``: a new run; resumed longer, it may) and refuses, before
+    training, an ``early_stopping.metric`` that the validation will not report (for a task
+    class that declares its own :attr:`~vision_jax.tasks.base.Task.metric_names`; found at the
+    first validation, the steps before it were lost)."""
     patience, every = spec.early_stopping.patience, spec.eval_every_steps
     before_last = (total_steps - 1) // every if every else 0  # validations before the last step
-    if fresh and patience is not None and before_last < patience + 1:
-        raise specs.ConfigError(
-            f"early_stopping.patience={patience} can never stop this run: it needs at least "
-            f"{patience + 1} validations before the last step, and eval_every_steps={every} "
-            f"gives {before_last} of {total_steps} steps."
-        )
+    if fresh and patience is not None and before_last < patience + 1:  # (a longer run may)
+        logger.warning(
+            "early_stopping.patience=%d cannot stop this run: it needs %d validations before "
+            "the last step, and eval_every_steps=%d gives %d of %d steps.",
+            patience, patience + 1, every, before_last, total_steps,
+        )  # fmt: skip
     task = spec.task
     declared = type(task).__dict__  # not inherited: a subclass may report more
     if "metric_names" not in declared:
