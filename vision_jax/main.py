@@ -263,7 +263,7 @@ def initialize_distributed() -> None:
         # The coordinator binds all interfaces by default; on one machine bind loopback only.
         local = host in ("127.0.0.1", "localhost")
         if FLAGS.process_id == 0:
-            _check_port_free(port, "127.0.0.1" if local else "")
+            _check_port_free(port, "127.0.0.1" if local else "0.0.0.0")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
@@ -284,7 +284,7 @@ def _check_port_free(port: str, host: str) -> None:
     with socket.socket() as probe:  # as gRPC binds: a port in TIME_WAIT (a run just ended) is free
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host or "0.0.0.0", int(port)))
+            probe.bind((host, int(port)))
         except OSError as e:
             _usage_error(
                 f"The coordinator cannot listen on port {port} here ({e.strerror}): another "

@@ -641,8 +641,7 @@ def _config_changes(
     since ``saved`` (keys only one of them has, from another version of the code, are not
     compared). A key unset now (None, its default) is no change from a saved config that
     spelled the default out (an earlier version's), nor a key of a part now off (LoRA)."""
-    old, new = ({k.replace("/", "."): v for k, v in trees.flatten_dict(c).items()}
-                for c in (saved, spec.config))  # fmt: skip
+    old, new = _dotted(saved), _dotted(spec.config)
     return [
         f"{k} {_plain(old[k])} -> {_plain(new[k])}"
         for k in sorted(old.keys() & new.keys())
@@ -669,6 +668,11 @@ def _default_is(spec: specs.RunSpec, key: str, saved: Any) -> bool:
     if number(resolved) and number(saved):  # a float key's int default: 10000.0 is 10_000
         return float(resolved) == float(saved)
     return resolved is not _MISSING and _plain(resolved) == _plain(saved)
+
+
+def _dotted(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config as ``{"section.key": leaf}``."""
+    return {k.replace("/", "."): v for k, v in trees.flatten_dict(config).items()}
 
 
 _MISSING = object()
@@ -878,10 +882,7 @@ def _check_same_config(config: Mapping[str, Any]) -> None:
     size = int(multihost_utils.broadcast_one_to_all(np.int32(text.size)))
     mine = text if jax.process_index() == 0 else np.zeros(size, np.uint8)
     first = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(mine)).tobytes())
-    old, new = (
-        {k.replace("/", "."): _plain(v) for k, v in trees.flatten_dict(c).items()}
-        for c in (first, config)
-    )  # fmt: skip
+    old, new = ({k: _plain(v) for k, v in _dotted(c).items()} for c in (first, config))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     named = "; ".join(f"{k} {new.get(k, 'unset')} here, {old.get(k, 'unset')} there" for k in keys)
     raise specs.ConfigError(
@@ -892,11 +893,11 @@ def _check_same_config(config: Mapping[str, Any]) -> None:
 
 
 def _check_not_past_the_end(
-    spec: specs.RunSpec, ckpt: Checkpointer, total_steps: int, steps_per_epoch: int
-) -> None:
-    """Refuses, before anything is restored, a workdir whose newest checkpoint is past this
-    run's end (its metrics would be labelled as the shorter run's)."""
-    newest = ckpt.newest_complete_step()
+    spec: specs.RunSpec, ckpt: Checkpointer, newest: int | None, total_steps: int,
+    steps_per_epoch: int,
+) -> None:  # fmt: skip
+    """Refuses, before anything is restored, a workdir whose newest checkpoint (``newest``) is
+    past this run's end (its metrics would be labelled as the shorter run's)."""
     if newest is None or newest <= total_steps:
         return
     length = f"total_steps={total_steps}"
@@ -916,10 +917,10 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     _check_batch_sizes(spec, mesh)
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
+    newest = ckpt.newest_complete_step()
     if val_source is not None:
-        fresh = ckpt.newest_complete_step() is None
-        _check_selection(spec, val_source.class_names, total_steps, fresh)
-    _check_not_past_the_end(spec, ckpt, total_steps, steps_per_epoch)
+        _check_selection(spec, val_source.class_names, total_steps, fresh=newest is None)
+    _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
     setup, input_spec = _initial_setup(

@@ -182,12 +182,11 @@ class Batches(Iterator[Batch]):
         if bad:
             return DataError(f"Bad example(s): {'; '.join(bad)}. {_FIX}")
         origin = f" reading {self._source.origin}" if self._source.origin else ""
+        message = f"The input pipeline failed{origin}: {_op_message(error)}."
         if self._source.columns is None and reads_encoded_images(self._source):  # tfds
-            return DataError(
-                f"The input pipeline failed{origin}: {_op_message(error)}. If an image cannot be "
-                "decoded, fix the dataset or set data.skip_corrupt = True to skip such examples."
-            )
-        return DataError(f"The input pipeline failed{origin}: {_op_message(error)}.")
+            message += (" If an image cannot be decoded, fix the dataset or set "
+                        "data.skip_corrupt = True to skip such examples.")  # fmt: skip
+        return DataError(message)
 
 
 _FIX = "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
