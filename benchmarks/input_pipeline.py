@@ -1,9 +1,10 @@
 """Input pipeline throughput: decoded-and-augmented images/s on this machine's CPU cores.
 
 Reads real JPEGs through ``data.source = "imagefolder"``: 224-pixel Imagenette validation images
-and 32-pixel CIFAR-10 training images, from the zips under ``../shared/data`` (extracted to a
-temporary directory; a missing zip is skipped). Each row runs the training (or evaluation)
-stream for about ``--seconds`` after a warm-up and prints images/s. Takes about a minute::
+and 32-pixel CIFAR-10 training images, from the zips under ``../shared/data`` or
+``$VISION_JAX_SHARED/data`` (extracted to a temporary directory; a missing zip is skipped).
+Each row runs the training (or evaluation) stream for about ``--seconds`` after a warm-up and
+prints images/s. Takes about a minute::
 
     python benchmarks/input_pipeline.py [--seconds 6] [--threads N]
 
@@ -22,7 +23,8 @@ import tempfile
 import time
 import zipfile
 
-SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_BESIDE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
+SHARED = pathlib.Path(os.environ.get("VISION_JAX_SHARED", _BESIDE)) / "data"
 IMAGENETTE = SHARED / "imagenette_224_val" / "imagenette2_224_val.zip"
 CIFAR = SHARED / "cifar10_jpeg" / "cifar10_jpeg.zip"
 

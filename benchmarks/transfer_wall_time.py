@@ -181,8 +181,9 @@ def _run_timm(lists_file: str, weights: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/vit_ti16_cifar10.py:pretrained")
+    shared = os.environ.get("VISION_JAX_SHARED", os.path.join(REPO, "..", "shared"))
     parser.add_argument("--weights", default=os.path.join(
-        REPO, "../shared/weights/vit_ti16/vit_tiny_patch16_224.safetensors"))  # fmt: skip
+        shared, "weights/vit_ti16/vit_tiny_patch16_224.safetensors"))  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument(
         "--set",

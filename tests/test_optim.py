@@ -160,6 +160,12 @@ def test_schedule_errors():
         schedule_of(warmup_steps=5, warmup_fraction=0.1)
     with pytest.raises(ValueError, match="Warmup 60 \\+ cooldown 50"):
         schedule_of(warmup_steps=60, cooldown_steps=50)
+    with pytest.raises(ValueError, match=r"warmup_steps=-5 is negative: set 0 or more"):
+        schedule_of(warmup_steps=-5)
+    with pytest.raises(ValueError, match=r"cooldown_fraction=-0.1 is negative"):
+        schedule_of(cooldown_fraction=-0.1)
+    with pytest.raises(ValueError, match=r"warmup_steps=200 is 200 steps; training has 100"):
+        schedule_of(warmup_steps=200)
     with pytest.raises(ValueError, match="Unknown schedule.decay 'exp'"):
         schedule_of(decay="exp")
     with pytest.raises(ValueError, match=r"schedule.end_factor must lie in \[0, 1\]; got 1.5"):
