@@ -67,7 +67,7 @@ def meta(workdir: pathlib.Path, step: int, folder: str = "checkpoints") -> dict:
 
 
 def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
-    tmp_path, scripted_validation
+    tmp_path, scripted_validation, caplog
 ):
     final = FinalEvaluation()
     result = train_and_evaluate(selecting_config(), str(tmp_path), final=final)
@@ -92,6 +92,10 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     for path, want in [(tmp_path, step4), (tmp_path / "checkpoints", newest)]:
         got = weights.read_variables(path, network)["params"]["head"]["kernel"]
         np.testing.assert_array_equal(got, want)
+    with caplog.at_level(logging.INFO):  # the log names the step folder read
+        init = weights.read_variables(tmp_path, network)
+        weights.load_pretrained(tmp_path, model=network, variables=init)
+    assert f"Pretrained weights from {tmp_path / 'best' / '4'}:" in caplog.text
     assert result["eval/examples"] == 360 and 0 <= result["eval/top1"] <= 1
     # The report's figures came from that evaluation: of step 4, the best.
     assert final.step_dir == str((tmp_path / "best" / "4").resolve())

@@ -13,10 +13,11 @@ import flax.linen as nn
 import numpy as np
 
 from vision_jax.trees import flatten_dict, unflatten_dict
-from vision_jax.weights import surgery
+from vision_jax.weights import run_dir, surgery
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.dispatch import (
     describe_source,
+    detect_format,
     input_contract,
     posemb_method,
     read_variables,
@@ -92,8 +93,16 @@ def load_pretrained(
         merged = merge_strict(variables, unflatten_dict(flat), source=name)
     except WeightMismatchError as e:  # named with the model a run trained
         raise WeightMismatchError(str(e).replace(name, describe_source(source), 1)) from e
-    surgery.log_summary(name, rows, n_read)
+    surgery.log_summary(_step_read(source), rows, n_read)
     return merged
+
+
+def _step_read(source: str | os.PathLike) -> str:
+    """``source`` for the log: a run's workdir as the step folder it was read from (its best
+    step or its newest checkpoint)."""
+    if detect_format(source) != "run":
+        return str(source)
+    return str(run_dir.latest_step_dir(source, "best"))
 
 
 def _height_width(image_size: int | Sequence[int]) -> tuple[int, int]:
