@@ -15,7 +15,7 @@ and a budget of 300 steps of 32 images:
   resnet_scratch  the same from random initialisation
 
 Commands (from the repository root, ../shared beside it):
-  python -m vision_jax.data.scenes --shared=../shared --out=/tmp/vj_scenes \\
+  python -m vision_jax.data.scenes --shared=../shared --out=/tmp/vj_scenes \
       --num_train=1000 --num_test=200 --image_size=128
   python -m vision_jax.main --config=configs/scenes_detection.py:vit --workdir=/tmp/vj_det/vit
   (the same with :vit_scratch, :resnet, :resnet_scratch and their own workdirs)

@@ -12,9 +12,9 @@ from 14x14 to 8x8), AdamW and a budget of 300 steps of 32 images:
   fpn_scratch    the same from random initialisation
 
 Commands (from the repository root, ../shared beside it):
-  python -m vision_jax.data.scenes --shared=../shared --out=/tmp/vj_scenes \\
+  python -m vision_jax.data.scenes --shared=../shared --out=/tmp/vj_scenes \
       --num_train=1000 --num_test=200 --image_size=128
-  python -m vision_jax.main --config=configs/vit_ti16_scenes_seg.py:linear \\
+  python -m vision_jax.main --config=configs/vit_ti16_scenes_seg.py:linear \
       --workdir=/tmp/vj_seg/linear
   (the same with :linear_scratch, :fpn, :fpn_scratch and their own workdirs)
 

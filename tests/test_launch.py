@@ -102,6 +102,61 @@ def test_main_names_a_taken_coordinator_port_and_a_process_id_out_of_range(tmp_p
                 "(launch/local.sh -p)." if "port" in message else ".")]  # fmt: skip
 
 
+def _slurm_task(index: int, count: object, port: int, **env: str) -> dict[str, str]:
+    """The environment srun gives task ``index`` of ``count`` on this machine."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORD"))}
+    return {**clean, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": str(count), "SLURM_PROCID": str(index), "SLURM_LOCALID": "0",
+            "JAX_COORDINATOR_PORT": str(port), **env}  # fmt: skip
+
+
+def test_distributed_names_what_is_wrong_with_the_cluster_environment(tmp_path):
+    """--distributed reads SLURM's variables through JAX's cluster detection: JAX raised a
+    traceback (no cluster, a variable that is no number), crashed (a taken port) or aborted
+    with a C++ stack after 300 s (a task that never started)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        cases = [
+            (clean, 2, "--distributed found no cluster in this process's environment"),
+            ({k: v for k, v in _slurm_task(0, 2, port).items() if k != "SLURM_PROCID"}, 2,
+             "--distributed in SLURM job 4242 without SLURM_PROCID: start the processes with "
+             "srun"),
+            (_slurm_task(0, "two", port), 2, "--distributed cannot read the slurm environment "
+             "(invalid literal for int() with base 10: 'two')"),
+            (_slurm_task(5, 2, port), 2, "SLURM_PROCID=5 is not one of the 2 processes (0 to 1; "
+             "SLURM_NTASKS=2)."),
+            (_slurm_task(0, 2, port), 2, f"The coordinator cannot listen on port {port} here "
+             "(Address already in use): another run's coordinator? Set JAX_COORDINATOR_PORT"),
+            (_slurm_task(1, 2, port), 69, "Process 1 could not join the coordinator at "
+             f"localhost:{port} within 3 s: is process 0 running"),
+        ]  # fmt: skip
+        for env, status, message in cases:
+            proc = subprocess.run(
+                [sys.executable, "-m", "vision_jax.main", *MAIN_ARGS, f"--workdir={tmp_path}",
+                 "--distributed", "--connect_timeout=3"],
+                cwd=ROOT, env=env, text=True, capture_output=True, timeout=120,
+            )  # fmt: skip
+            assert proc.returncode == status, proc.stderr[-2000:]
+            assert proc.stderr.strip().splitlines()[-1].startswith(f"vision_jax: error: {message}")
+    with socket.socket() as free:  # process 0, alone: its peer never connects
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vision_jax.main", *MAIN_ARGS, f"--workdir={tmp_path}",
+         "--distributed", "--connect_timeout=3"],
+        cwd=ROOT, env=_slurm_task(0, 2, port), text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 69, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"vision_jax: error: Not all 2 processes connected to this coordinator (port {port}) "
+        "within 3 s: were they all started?"
+    )
+    assert not tmp_path.joinpath("checkpoints").exists()
+
+
 def test_tpu_pod_creates_copies_runs_everywhere_and_deletes():
     cmds = dry_run(
         "tpu_pod.sh", "--name=vj-test", "--zone=us-central2-b", "--accelerator=v4-32", "--spot",

@@ -20,7 +20,6 @@ import math
 import os
 import posixpath
 import signal
-import socket
 import sys
 import tempfile
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from vision_jax import processes
 from vision_jax.abort_notice import route_stderr
 from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
 from vision_jax.signals import EXIT_STOPPED
@@ -54,6 +54,12 @@ flags.DEFINE_float(
     30.0,
     "Multi-process runs: seconds without a heartbeat after which a peer process counts as lost "
     f"and every other process exits (status {EXIT_PEER_LOST}); 0 = JAX's own, slower, handling.",
+)
+flags.DEFINE_float(
+    "connect_timeout",
+    300.0,
+    "Multi-process runs: seconds each process waits for all of them to connect to the "
+    f"coordinator at the start before it exits (status {EXIT_PEER_LOST}).",
 )
 flags.DEFINE_string(
     "compilation_cache",
@@ -238,9 +244,7 @@ def configure_compilation_cache(workdir: str, setting: str) -> None:
 
 
 def initialize_distributed() -> None:
-    """Starts JAX's multi-controller runtime when the flags ask for it."""
-    import jax
-
+    """Starts JAX's multi-controller runtime when the flags ask for it (:mod:`.processes`)."""
     # JAX's own heartbeat aborts a process (a C++ stack) when a peer dies: keep it slower than
     # the watchdog, which exits with one line. The shutdown barrier at a normal end waits for
     # peers that all finish together: bound it below JAX's 300 s.
@@ -249,47 +253,17 @@ def initialize_distributed() -> None:
         "shutdown_timeout_seconds": max(60, math.ceil(2 * FLAGS.peer_timeout)),
     }
     explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
-    ids = FLAGS.local_device_ids
-    local_device_ids = None if ids is None else [int(i) for i in ids]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            _usage_error("--coordinator_address, --num_processes and --process_id go together.")
-        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
-            _usage_error(
-                f"--process_id={FLAGS.process_id} is not one of the {FLAGS.num_processes} "
-                f"processes (0 to {FLAGS.num_processes - 1})."
-            )
-        host, _, port = FLAGS.coordinator_address.rpartition(":")
-        # The coordinator binds all interfaces by default; on one machine bind loopback only.
-        local = host in ("127.0.0.1", "localhost")
-        if FLAGS.process_id == 0:
-            _check_port_free(port, "127.0.0.1" if local else "0.0.0.0")
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-            coordinator_bind_address=f"127.0.0.1:{port}" if local else None,
-            local_device_ids=local_device_ids,
-            **timeouts,
-        )
-    elif FLAGS.distributed:
-        jax.distributed.initialize(local_device_ids=local_device_ids, **timeouts)
-
-
-def _check_port_free(port: str, host: str) -> None:
-    """Exits with one line naming the coordinator's port when it is not a number or another
-    program holds it (JAX's coordinator would crash the process without saying why)."""
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        _usage_error(f"--coordinator_address needs HOST:PORT; got {FLAGS.coordinator_address!r}.")
-    with socket.socket() as probe:  # as gRPC binds: a port in TIME_WAIT (a run just ended) is free
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, int(port)))
-        except OSError as e:
-            _usage_error(
-                f"The coordinator cannot listen on port {port} here ({e.strerror}): another "
-                "run's coordinator? Choose another port (launch/local.sh -p)."
-            )
+    if not FLAGS.distributed and all(v is None for v in explicit):
+        return
+    try:
+        local_device_ids = processes.local_ids(FLAGS.local_device_ids)
+        if any(v is not None for v in explicit):
+            joined = processes.from_flags(*explicit, local_device_ids)
+        else:
+            joined = processes.from_cluster(local_device_ids)
+        processes.connect(joined, FLAGS.connect_timeout, **timeouts)
+    except processes.ProcessSetupError as e:
+        _usage_error(str(e))
 
 
 class _QuietOrbax(logging.Filter):
