@@ -157,6 +157,49 @@ def test_distributed_names_what_is_wrong_with_the_cluster_environment(tmp_path):
     assert not tmp_path.joinpath("checkpoints").exists()
 
 
+def test_distributed_reads_a_cluster_as_jax_does_with_the_connect_timeout(monkeypatch):
+    """A Cloud TPU worker waits up to the timeout for worker 0's address (JAX's TPU cluster
+    adds it to the time: None would be a TypeError)."""
+    from jax._src import clusters
+
+    from vision_jax import processes
+
+    asked = {}
+    monkeypatch.setattr(clusters.ClusterEnv, "_cluster_types", [])  # the fake registers here
+
+    class FakeTpuPod(clusters.ClusterEnv):
+        name = "fake_tpu"
+
+        @classmethod
+        def is_env_present(cls) -> bool:
+            return True
+
+        @classmethod
+        def get_coordinator_address(cls, timeout_secs, override_coordinator_port) -> str:
+            asked["timeout"] = timeout_secs
+            return f"10.0.0.2:{override_coordinator_port or 8476}"
+
+        @classmethod
+        def get_process_count(cls) -> int:
+            return 4
+
+        @classmethod
+        def get_process_id(cls) -> int:
+            return int(os.environ.get("FAKE_WORKER", "3"))
+
+        @classmethod
+        def get_local_process_id(cls) -> None:
+            return None
+
+    joined = processes.from_cluster(None, timeout=120)
+    assert asked["timeout"] == 120
+    assert (joined.coordinator, joined.count, joined.index) == ("10.0.0.2:8476", 4, 3)
+    monkeypatch.setenv("FAKE_WORKER", "4")
+    with pytest.raises(processes.ProcessSetupError, match=r"^fake_tpu's process id=4 is not one "
+                       r"of the 4 processes \(0 to 3\)\.$"):  # fmt: skip
+        processes.from_cluster(None, timeout=120)
+
+
 def test_tpu_pod_creates_copies_runs_everywhere_and_deletes():
     cmds = dry_run(
         "tpu_pod.sh", "--name=vj-test", "--zone=us-central2-b", "--accelerator=v4-32", "--spot",

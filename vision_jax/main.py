@@ -260,7 +260,7 @@ def initialize_distributed() -> None:
         if any(v is not None for v in explicit):
             joined = processes.from_flags(*explicit, local_device_ids)
         else:
-            joined = processes.from_cluster(local_device_ids)
+            joined = processes.from_cluster(local_device_ids, FLAGS.connect_timeout)
         processes.connect(joined, FLAGS.connect_timeout, **timeouts)
     except processes.ProcessSetupError as e:
         _usage_error(str(e))

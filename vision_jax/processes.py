@@ -68,9 +68,10 @@ def from_flags(
     return _checked(Processes(coordinator, count, index, local_device_ids))
 
 
-def from_cluster(local_device_ids: list[int] | None) -> Processes:
+def from_cluster(local_device_ids: list[int] | None, timeout: float) -> Processes:
     """``--distributed``: what JAX's cluster detection (SLURM, Cloud TPU, Open MPI, Kubernetes)
-    reads from this process's environment, as :func:`jax.distributed.initialize` would."""
+    reads from this process's environment, as :func:`jax.distributed.initialize` would
+    (``timeout``: how long a TPU worker waits for worker 0's address to resolve)."""
     from jax._src import clusters  # JAX's detection itself, to check what it finds first
 
     env = next(
@@ -102,10 +103,10 @@ def from_cluster(local_device_ids: list[int] | None) -> Processes:
         coordinator, count, index, local_device_ids = (
             clusters.ClusterEnv.auto_detect_unset_distributed_params(
                 os.environ.get("JAX_COORDINATOR_ADDRESS"), None, None, local_device_ids,
-                None, None,
+                None, int(timeout),
             )
         )  # fmt: skip
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, RuntimeError) as e:  # RuntimeError: TPU worker 0 not found
         shown = ", ".join(f"{v}={os.environ.get(v)!r}" for v in variables if v in os.environ)
         raise ProcessSetupError(
             f"--distributed cannot read the {name} environment ({e})"
