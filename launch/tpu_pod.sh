@@ -9,12 +9,15 @@
 # The workdir must be on GCS (gs://): every worker writes its checkpoint shards there. After a
 # preemption, run the same command again: it resumes from the latest checkpoint in the workdir.
 # --version is the TPU VM image: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5-lite for v5e.
-# --keep leaves the TPU running (and skips create if it exists) for a next command.
+# --keep leaves the TPU running (and skips create if it is READY; a preempted one is deleted
+# and created again) for a next command.
 # Signals: Ctrl-C or SIGTERM during training sends SIGTERM to this run's vision_jax.main on every
 # worker (gcloud ssh --worker=all --command='pkill -TERM -f ...--workdir=WORKDIR'): each process
 # saves a checkpoint at a step they agree on and exits 75. The script waits for the ssh sessions
 # and exits with the run's status (rerun the same command to resume). A second signal sends
 # SIGKILL on every worker; a third stops waiting (workers out of reach) and exits 128+signal.
+# A signal during create waits for gcloud and deletes the TPU (unless --keep).
+# Each worker gets Python 3.11 (the TPU images ship 3.10) from uv, in ~/vision_jax_env.
 # DRY_RUN=1 is --dry-run: print the exact gcloud commands instead of running them.
 set -euo pipefail
 
@@ -30,7 +33,7 @@ main_args=()
 config=""
 workdir=""
 
-usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; }
 die() { echo "tpu_pod.sh: error: $*" >&2; exit 2; }
 
 while (($#)); do
@@ -57,7 +60,8 @@ done
 [[ -n "$config" ]] || die "--config=configs/<name>.py is required."
 [[ "$workdir" == gs://* ]] || die "--workdir must be a gs:// path that every worker can write, got '$workdir'."
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-[[ -f "$repo/$config" ]] || die "config '$config' is not a file in $repo (give it relative to the checkout)."
+[[ -f "$repo/${config%%:*}" ]] \
+  || die "config '${config%%:*}' is not a file in $repo (give it relative to the checkout)."
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=$zone")
 if [[ -n "$project" ]]; then
@@ -65,7 +69,11 @@ if [[ -n "$project" ]]; then
 fi
 archive="/tmp/vision_jax_${name}.tar.gz"
 remote_dir="vision_jax"
-remote_python=python3
+# TPU VM images ship Python 3.10; vision_jax (and jax 0.10) need 3.11: uv installs it into a
+# virtual environment on each worker ($HOME expands there).
+# shellcheck disable=SC2016
+remote_env='$HOME/vision_jax_env' uv='$HOME/.local/bin/uv'
+remote_python="$remote_env/bin/python"
 
 create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" "--accelerator-type=$accelerator"
         "--version=$version")
@@ -76,7 +84,9 @@ pack=(tar -czf "$archive" -C "$repo" --exclude=.git --exclude=__pycache__ --excl
       --exclude=.venv pyproject.toml README.md vision_jax configs launch)
 copy=("${gcloud_tpu[@]}" scp "$archive" "$name:vision_jax.tar.gz" "${where[@]}" --worker=all)
 install_cmd="mkdir -p $remote_dir && tar -xzf vision_jax.tar.gz -C $remote_dir && cd $remote_dir"
-install_cmd+=" && $remote_python -m pip install -q 'jax[tpu]>=0.10.2,<0.11' -e ."
+install_cmd+=" && { [ -x $uv ] || curl -LsSf https://astral.sh/uv/install.sh | sh; }"
+install_cmd+=" && $uv venv -q --allow-existing --python 3.11 $remote_env"
+install_cmd+=" && $uv pip install -q --python $remote_python 'jax[tpu]>=0.10.2,<0.11' -e ."
 install=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$install_cmd")
 train_cmd="cd $remote_dir && exec $remote_python -m vision_jax.main"
 for arg in "${main_args[@]}"; do
@@ -172,26 +182,49 @@ forward() {
   fi
 }
 
-# shellcheck disable=SC2329  # called by the trap (set once the TPU exists)
+# Deletes the TPU this script created or began to create (unless --keep; a TPU that existed
+# under this name before is left alone) and whatever local gcloud is still running. A failed
+# delete is named; the script still exits with the run's status.
+# shellcheck disable=SC2329  # called by the trap
 on_exit() {
   local pid
   trap - INT TERM
   for pid in ${jobs_started[@]+"${jobs_started[@]}"}; do
     kill_job "$pid"  # never leave a local gcloud or ssh behind, whatever ends this script
   done
-  if ((!keep)); then
-    run "${delete[@]}"
+  if ((!keep && created)); then
+    run "${delete[@]}" || echo "tpu_pod.sh: error: deleting the TPU failed; it may still" \
+      "be running (and billed): ${delete[*]}" >&2
   fi
 }
 
-run "${pack[@]}"
-if ((keep)) && [[ "$dry_run" != 1 ]] \
-    && "${gcloud_tpu[@]}" describe "$name" "${where[@]}" >/dev/null 2>&1; then
-  echo "tpu_pod.sh: reusing the existing TPU $name." >&2
-else
+# Creates the TPU. A signal during create (gcloud's operation goes on on Google's side) ends
+# the script after it, deleting the TPU on the way out.
+create_tpu() {
+  trap 'created=1; exit 130' INT
+  trap 'created=1; exit 143' TERM
   run "${create[@]}"
-fi
+  created=1
+  trap - INT TERM
+}
+
+created=0
 trap on_exit EXIT
+run "${pack[@]}"
+state=""
+if ((keep)) && [[ "$dry_run" != 1 ]]; then
+  state="$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' \
+           2>/dev/null || true)"
+fi
+case "$state" in
+  "") create_tpu ;;
+  READY) echo "tpu_pod.sh: reusing the existing TPU $name." >&2 ;;
+  PREEMPTED|TERMINATED)  # a Spot TPU after preemption: it cannot run again
+    echo "tpu_pod.sh: the TPU $name is $state: deleting it and creating it again." >&2
+    run "${delete[@]}"
+    create_tpu ;;
+  *) die "the TPU $name is $state, not READY: wait for it, or delete it (${delete[*]})." ;;
+esac
 run "${copy[@]}"
 run "${install[@]}"
 if [[ "$dry_run" == 1 ]]; then

@@ -221,6 +221,16 @@ def test_tpu_pod_creates_copies_runs_everywhere_and_deletes():
     assert len(tar) == 1 and tar[0][tar[0].index("-czf") + 1] == scp[5]  # copies what it packed
 
 
+def test_tpu_pod_takes_a_config_variant_and_installs_python_3_11():
+    variant = "--config=configs/vit_ti16_cifar10.py:scratch"
+    cmds = dry_run("tpu_pod.sh", "--name=vj", "--zone=z", variant, "--workdir=gs://b/r")
+    install, train = [c for c in cmds if c[0] == "gcloud" and c[4] == "ssh"]
+    assert "--python 3.11 $HOME/vision_jax_env" in install[-1]
+    command = shlex.split(train[-1].removeprefix("--command="))
+    assert command[command.index("exec") + 1] == "$HOME/vision_jax_env/bin/python"
+    assert variant in command
+
+
 def test_tpu_pod_keep_skips_delete_and_local_workdir_is_an_error():
     cmds = dry_run(
         "tpu_pod.sh", "--keep", "--name=vj", "--zone=z", *MAIN_ARGS, "--workdir=gs://b/r"
@@ -241,7 +251,17 @@ def test_tpu_pod_keep_skips_delete_and_local_workdir_is_an_error():
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 (IFS=$'\x1f'; echo "gcloud$IFS$*") >> "$FAKE_ROOT/gcloud.log"
 verb="$4"
-[[ "$verb" != describe ]] || exit 1  # no TPU yet
+if [[ "$verb" == describe ]]; then  # no TPU yet, or the state FAKE_TPU_STATE names
+  [[ -n "${FAKE_TPU_STATE:-}" ]] || exit 1
+  echo "$FAKE_TPU_STATE"
+  exit 0
+fi
+if [[ "$verb" == create && -n "${FAKE_CREATE_SECONDS:-}" ]]; then
+  sleep "$FAKE_CREATE_SECONDS"
+fi
+if [[ "$verb" == delete && -n "${FAKE_DELETE_FAILS:-}" ]]; then
+  exit 1
+fi
 [[ "$verb" == ssh ]] || exit 0
 for arg; do
   [[ "$arg" != --command=* ]] || command="${arg#--command=}"
@@ -253,7 +273,8 @@ if [[ "$command" == *pkill* && -n "${FAKE_UNREACHABLE:-}" ]]; then
 fi
 pids=()
 for worker in "$FAKE_ROOT"/worker*; do
-  (cd "$worker" && PATH="$worker/bin:$PATH" exec setsid -w bash -c "$command" >>out 2>&1) &
+  (cd "$worker" && HOME="$worker" PATH="$worker/bin:$PATH" \
+     exec setsid -w bash -c "$command" >>out 2>&1) &
   pids+=("$!")
 done
 status=0
@@ -268,7 +289,7 @@ exit "$status"
 # saved its checkpoint), or with FAKE_SLOW=1 keeps running (a checkpoint that takes long).
 FAKE_PYTHON = """#!{python}
 import os, signal, sys, time
-here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+here = os.environ["HOME"]  # the worker's folder
 def record(line):
     with open(os.path.join(here, "events"), "a") as f:
         f.write(line + "\\n")
@@ -279,12 +300,14 @@ def on_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 record("started " + " ".join(sys.argv[1:]))
+if os.environ.get("FAKE_EXIT"):  # the run ends by itself
+    sys.exit(int(os.environ["FAKE_EXIT"]))
 while True:
     time.sleep(0.05)
 """
 # A worker's pkill sees only that worker's processes, as on a separate machine.
 FAKE_PKILL = """#!/usr/bin/env bash
-exec {pkill} "${{@:1:$#-1}}" "{worker}/bin/python3 .*${{*: -1}}"
+exec {pkill} "${{@:1:$#-1}}" "{worker}/vision_jax_env/bin/python .*${{*: -1}}"
 """
 
 
@@ -298,10 +321,12 @@ def _fake_tpu(tmp_path: pathlib.Path, workers: int = 2) -> dict[str, str]:
         worker = tmp_path / f"worker{w}"
         (worker / "vision_jax").mkdir(parents=True)
         (worker / "bin").mkdir()
-        (worker / "bin" / "python3").write_text(FAKE_PYTHON.format(python=sys.executable))
+        (worker / "vision_jax_env" / "bin").mkdir(parents=True)  # what the install made
+        env_python = worker / "vision_jax_env" / "bin" / "python"
+        env_python.write_text(FAKE_PYTHON.format(python=sys.executable))
         pkill = FAKE_PKILL.format(pkill=shutil.which("pkill"), worker=worker)
         (worker / "bin" / "pkill").write_text(pkill)
-    for path in tmp_path.glob("**/bin/*"):
+    for path in tmp_path.glob("**/bin/*"):  # (a worker's HOME is its folder)
         path.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path)}
 
@@ -395,6 +420,61 @@ def test_tpu_pod_forwards_a_signal_to_every_worker_and_exits_with_the_runs_statu
             os.kill(pid, signal.SIGKILL)
 
 
+def _run_tpu_pod(tmp_path: pathlib.Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(LAUNCH / "tpu_pod.sh"), "--name=vj", "--zone=z", *flags, *MAIN_ARGS,
+         f"--workdir=gs://bucket/runs/{tmp_path.name}"],
+        env={**_fake_tpu(tmp_path), **env}, cwd=ROOT, text=True, capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+@needs_process_tools
+def test_tpu_pod_exits_with_the_runs_status_when_delete_fails(tmp_path):
+    proc = _run_tpu_pod(tmp_path, FAKE_EXIT="75", FAKE_DELETE_FAILS="1")
+    assert proc.returncode == 75, proc.stderr  # it was 1, delete's
+    assert "deleting the TPU failed; it may still be running (and billed)" in proc.stderr
+    assert [c[4] for c in _gcloud_calls(tmp_path)][-1] == "delete"
+
+
+@needs_process_tools
+def test_tpu_pod_deletes_a_tpu_it_was_creating_when_signalled(tmp_path):
+    """gcloud's create goes on on Google's side after Ctrl-C: the TPU was left running."""
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "tpu_pod.sh"), "--name=vj", "--zone=z", *MAIN_ARGS,
+         "--workdir=gs://bucket/runs/vj"],
+        env={**_fake_tpu(tmp_path), "FAKE_CREATE_SECONDS": "30"}, cwd=ROOT, text=True,
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (tmp_path / "gcloud.log").exists())
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert [c[4] for c in _gcloud_calls(tmp_path)] == ["create", "delete"]
+    finally:
+        proc.kill()
+
+
+@needs_process_tools
+@pytest.mark.parametrize(
+    "state, verbs",
+    [("READY", ["describe", "scp", "ssh", "ssh"]),
+     ("PREEMPTED", ["describe", "delete", "create", "scp", "ssh", "ssh"])],
+)  # fmt: skip
+def test_tpu_pod_keep_reuses_a_ready_tpu_and_recreates_a_preempted_one(tmp_path, state, verbs):
+    proc = _run_tpu_pod(tmp_path, "--keep", "--spot", FAKE_EXIT="0", FAKE_TPU_STATE=state)
+    assert proc.returncode == 0, proc.stderr
+    assert [c[4] for c in _gcloud_calls(tmp_path)] == verbs
+
+
+def test_tpu_pod_refuses_a_tpu_in_another_state(tmp_path):
+    proc = _run_tpu_pod(tmp_path, "--keep", FAKE_TPU_STATE="CREATING")
+    assert proc.returncode == 2
+    assert "error: the TPU vj is CREATING, not READY: wait for it" in proc.stderr
+    assert [c[4] for c in _gcloud_calls(tmp_path)] == ["describe"]
+
+
 @needs_process_tools
 def test_tpu_pod_second_ctrl_c_kills_every_worker(tmp_path):
     proc, _ = _start_tpu_pod(tmp_path, FAKE_SLOW="1")
@@ -450,6 +530,20 @@ def test_slurm_runs_srun_with_one_process_per_gpu_or_node(per, tasks, extra):
     # Inside a job, the node count comes from SLURM.
     (cmd,) = dry_run("slurm_gpu.sbatch", *MAIN_ARGS, "--workdir=/w", SLURM_JOB_NUM_NODES="4")
     assert "--nodes=4" in cmd
+
+
+def test_slurm_takes_dry_run_anywhere_and_checks_gpus_per_node():
+    (cmd,) = dry_run("slurm_gpu.sbatch", *MAIN_ARGS, "--dry-run", "--workdir=/w", DRY_RUN="0")
+    assert cmd[0] == "srun" and "--dry-run" not in cmd
+    for value in ("abc", "0"):
+        proc = subprocess.run(
+            ["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--dry-run", *MAIN_ARGS],
+            env={**os.environ, "GPUS_PER_NODE": value, "PER": "node"}, cwd=ROOT, text=True,
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2
+        assert proc.stderr == (f"slurm_gpu.sbatch: error: GPUS_PER_NODE must be a positive "
+                               f"number, got '{value}'.\n")  # fmt: skip
 
 
 def test_slurm_script_header_asks_for_gpus_and_requeue():
