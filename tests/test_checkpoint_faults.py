@@ -815,6 +815,16 @@ def test_a_step_removed_while_it_is_read_says_so(tmp_path, finished_run, monkeyp
     monkeypatch.setattr(run_dir, "restore_on_one_device", removed_by_the_run)
     with pytest.raises(WeightFormatError, match=r"checkpoints/6 was removed while it was read"):
         run_dir.read_variables(workdir)
+    # report and export resolve the step first and read its variables later: it went between.
+    from vision_jax.trained import load_trained
+
+    shutil.rmtree(workdir)
+    shutil.copytree(full, workdir)
+    monkeypatch.undo()
+    trained = load_trained(workdir, which="latest")
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    with pytest.raises(WeightFormatError, match=r"checkpoints/6 was removed while it was read"):
+        _ = trained.variables
 
 
 def test_an_error_that_stops_a_run_stays_the_error_when_a_pending_save_failed_too(

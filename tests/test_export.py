@@ -282,6 +282,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         export_main(["--workdir", str(tmp_path), "--format", "savedmodel", "--output",
                      str(tmp_path / "out"), "--evaluate"])  # fmt: skip
     assert "--evaluate compares TFLite quantisations" in capsys.readouterr().err
+    for flags, message in [
+        (["--eval_examples=50"], "--evaluate measures on: add --evaluate."),
+        (["--evaluate", "--eval_examples=-3"], "--eval_examples must be at least 1, got -3."),
+        (["--tflite_batch=0"], "--tflite_batch must be at least 1, got 0."),
+    ]:  # before any work (a negative count was numpy's "negative dimensions" after it)
+        with pytest.raises(SystemExit):
+            export_main(["--workdir", str(tmp_path), "--format", "tflite", "--output",
+                         str(tmp_path / "out"), *flags])  # fmt: skip
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
     assert export_main(["--workdir", str(tmp_path), "--format", "stablehlo",
                         "--output", str(tmp_path / "out")]) == 1  # fmt: skip
     err = capsys.readouterr().err.strip()

@@ -275,6 +275,12 @@ def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_p
     with pytest.raises(SystemExit):  # before predicting, not after
         main([f"--workdir={digits_run[0]}", f"--input={broken[0]}", f"--output={blocked}/p.csv"])
     assert "cannot make its folder" in capsys.readouterr().err
+    for flag in ("--top_k=0", "--batch_size=0", "--batch_size=-3"):  # were tracebacks
+        with pytest.raises(SystemExit):
+            main([f"--workdir={digits_run[0]}", f"--input={broken[0]}", f"--output={out}", flag])
+        name, value = flag.split("=")
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.endswith(f"{name} must be at least 1, got {value}.")
 
 
 @pytest.mark.slow  # trains a segmentation run of its own: over 30 s on 2 cores

@@ -626,6 +626,9 @@ def _make_folder_of(output: str, parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for flag in ("top_k", "batch_size"):
+        if (value := getattr(args, flag)) < 1:
+            parser.error(f"--{flag} must be at least 1, got {value}.")
     if os.path.splitext(args.output)[1].lower() not in FORMATS:
         parser.error(f"--output {args.output}: the extension must be one of {', '.join(FORMATS)}.")
     logging.basicConfig(level=logging.WARNING)

@@ -26,6 +26,7 @@ from vision_jax.config import TrackedConfig, saved_with_defaults
 from vision_jax.weights.files import WeightFormatError
 from vision_jax.weights.run_dir import (
     RunRecord,
+    check_not_removed,
     latest_step_dir,
     read_record,
     read_variables,
@@ -48,7 +49,11 @@ class Trained:
     @functools.cached_property
     def variables(self) -> dict[str, Any]:
         """The step's model variables, read at first use."""
-        return read_variables(self.step_dir, ema=self.ema)
+        try:
+            return read_variables(self.step_dir, ema=self.ema)
+        except WeightFormatError:
+            check_not_removed(self.step_dir)  # a run training there replaced it since
+            raise
 
     @property
     def task(self) -> Any:

@@ -53,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.evaluate and args.format != "tflite":
         parser.error("--evaluate compares TFLite quantisations: use it with --format=tflite.")
+    if args.eval_examples is not None and not args.evaluate:
+        parser.error("--eval_examples is the number --evaluate measures on: add --evaluate.")
+    for flag in ("tflite_batch", "eval_examples"):
+        if (value := getattr(args, flag)) is not None and value < 1:
+            parser.error(f"--{flag} must be at least 1, got {value}.")
     logging.basicConfig(level=logging.WARNING)
     try:
         trained = load_trained(args.workdir, which=args.which, ema=args.ema)

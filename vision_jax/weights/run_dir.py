@@ -207,14 +207,14 @@ def _read_meta(step_dir: pathlib.Path) -> dict:
     try:
         return dict(json.loads((step_dir / META_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
-        _check_not_removed(step_dir)
+        check_not_removed(step_dir)
         raise WeightFormatError(f"Cannot read the run record of {step_dir}: {e}") from e
 
 
-def _check_not_removed(step_dir: pathlib.Path) -> None:
+def check_not_removed(step_dir: str | os.PathLike) -> None:
     """Raises when ``step_dir`` is gone: a run still training there removed it (it keeps only
     its newest checkpoints) while it was read."""
-    if not step_dir.exists():
+    if not pathlib.Path(step_dir).exists():
         raise WeightFormatError(
             f"{step_dir} was removed while it was read: the run writing there keeps only its "
             "newest checkpoints (keep_checkpoints). Run the command again."
@@ -393,7 +393,7 @@ def _restored(folder: pathlib.Path, item: pathlib.Path) -> Any:
     try:
         return restore_on_one_device(item)
     except Exception as e:  # orbax and TensorStore raise many types
-        _check_not_removed(folder)
+        check_not_removed(folder)
         what = "is damaged" if "DATA_LOSS" in str(e) else "cannot be read"
         raise WeightFormatError(f"Checkpoint {folder} {what}: {short_reason(e)}") from e
 
