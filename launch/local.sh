@@ -91,6 +91,7 @@ fi
 grace="${GRACE:-60}"
 pids=()
 signalled=0
+killing=0  # after a second signal: the processes die as asked, not as failures
 killer=""
 
 # Sends signal $1 to every process still running.
@@ -105,6 +106,7 @@ signal_all() {
 forward() {
   if ((signalled)); then
     echo "local.sh: second $1: killing every process now." >&2
+    killing=1
     signal_all KILL
   else
     signalled=1
@@ -144,7 +146,7 @@ running=("${pids[@]}")
 while ((${#running[@]})); do
   finished=""
   code=0
-  wait -n -p finished "${running[@]}" || code=$?
+  wait -n -p finished "${running[@]}" 2>/dev/null || code=$?  # (no bash "Killed" lines)
   [[ -n "${finished:-}" ]] || continue  # woken by a trapped signal
   left=()
   for pid in "${running[@]}"; do
@@ -156,7 +158,7 @@ while ((${#running[@]})); do
   done
   if ((code != 0 && status == 0)); then
     status=$code
-    if ((${#running[@]})) && ((code != 75)); then
+    if ((${#running[@]})) && ((code != 75 && !killing)); then
       how="exit $code"
       ((code > 128)) && how="killed by signal $((code - 128))"
       echo "local.sh: process $index (pid $finished) failed ($how); stopping the others." >&2

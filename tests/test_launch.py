@@ -587,3 +587,29 @@ def test_local_names_the_process_that_died_and_stops_the_others(tmp_path):
     assert "process 0 (pid " in proc.stderr and "killed by signal 9" in proc.stderr
     assert (tmp_path / "p1").read_text().strip() == "TERM"
     assert time.monotonic() - start < 10
+
+
+def test_local_second_ctrl_c_kills_without_calling_it_a_failure(tmp_path):
+    """Processes that take long to save (they ignore the first TERM): the second signal kills
+    them, without bash's "Killed" lines or "process 0 failed; stopping the others"."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/bash\ntrap 'echo TERM >> {tmp_path}/got' TERM\n"
+                    "while :; do sleep 0.1; done\n")  # fmt: skip
+    fake.chmod(0o755)
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "local.sh"), "-p", "1234", *MAIN_ARGS, "--workdir=/tmp/unused"],
+        env={**os.environ, "PYTHON": str(fake)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: (tmp_path / "got").exists() and len(
+            (tmp_path / "got").read_text().split()) == 2)  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 137, err
+    assert "second SIGINT: killing every process now" in err
+    assert "failed" not in err and "Killed" not in err, err
