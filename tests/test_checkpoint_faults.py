@@ -253,6 +253,23 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
     lock_lib.WorkdirLock(str(tmp_path)).acquire().release()
 
 
+def test_a_requeued_slurm_jobs_lock_from_its_earlier_run_is_stale(tmp_path, monkeypatch):
+    """SLURM's --requeue starts the job again (another node, maybe) right after its earlier
+    run ended: that run's lock is stale though its heartbeat is fresh."""
+    path = tmp_path / lock_lib.LOCK_NAME
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for job, held in (([4242, 1], True), ([77, 0], True), ([4242, 0], False)):
+        path.write_text(json.dumps({"host": "node07", "pid": 1, "slurm_job": job}))
+        if held:  # the same run of the job (a second srun), or another job
+            with pytest.raises(lock_lib.LockError, match="host node07"):
+                lock_lib.WorkdirLock(str(tmp_path)).acquire()
+            continue
+        lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+        assert json.loads(path.read_text())["slurm_job"] == [4242, 1]
+        lock.release()
+
+
 def test_a_lock_being_written_is_not_taken_for_a_dead_runs(tmp_path, caplog):
     """Between another run's atomic create and its JSON, the lock file is empty: read again."""
     path = tmp_path / lock_lib.LOCK_NAME

@@ -6,12 +6,13 @@ touches it every ``HEARTBEAT_S`` seconds. A second run fails at once naming the 
 left by a dead run is taken over with a warning: on the same host when its pid is gone (or a
 zombie), or belongs to another process now (another start time, or this process's own pid
 after a container restart reused it) and its heartbeat stopped; from another host when its
-heartbeat is older than ``STALE_AFTER_S``. A live owner on the same host keeps its lock
-however old its heartbeat (a suspended job, a stopped process). In a multi-host run process 0
-takes the lock and the other processes share its verdict. The owner's heartbeat makes a deleted
-lock again, and ends its process (exit :data:`EXIT_LOCK_LOST`, one line) where another run
-holds the lock now: it lost it (a heartbeat that could not reach the file for longer than
-``STALE_AFTER_S``), and two runs must not save into one workdir.
+heartbeat is older than ``STALE_AFTER_S``; at once when SLURM requeued the job that made it.
+A live owner on the same host keeps its lock however old its heartbeat (a suspended job, a
+stopped process). In a multi-host run process 0 takes the lock and the other processes share
+its verdict. The owner's heartbeat makes a deleted lock again, and ends its process (exit
+:data:`EXIT_LOCK_LOST`, one line) where another run holds the lock now: it lost it (a heartbeat
+that could not reach the file for longer than ``STALE_AFTER_S``), and two runs must not save
+into one workdir.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
     None."""
     if owner.get("half_written"):
         return f"it was left half-written {age_s:.0f} s ago"
+    if (requeued := _requeued(owner.get("slurm_job"))) is not None:
+        return requeued
     pid = int(owner.get("pid", -1))
     if owner.get("host") == socket.gethostname():
         stat = _proc_stat(pid)
@@ -102,6 +105,24 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
                 return None  # the owner itself, alive: stopped or suspended, not dead
     if age_s > STALE_AFTER_S:
         return f"its heartbeat is {age_s:.0f} s old (> {STALE_AFTER_S:.0f} s)"
+    return None
+
+
+def _slurm_job() -> list[int] | None:
+    """This process's SLURM job id and restart count (``--requeue`` keeps the id and counts
+    up), or None outside SLURM."""
+    job, restarts = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT", "0")
+    return [int(job), int(restarts)] if job.isdigit() and restarts.isdigit() else None
+
+
+def _requeued(owner_job: object) -> str | None:
+    """Why a lock of an earlier run of this SLURM job is stale (SLURM requeues a job after its
+    earlier run ended, maybe on other nodes), or None."""
+    mine = _slurm_job()
+    if mine is None or not isinstance(owner_job, list) or len(owner_job) != 2:
+        return None
+    if owner_job[0] == mine[0] and owner_job[1] < mine[1]:
+        return f"SLURM requeued its job {mine[0]} (restart {owner_job[1]} -> {mine[1]})"
     return None
 
 
@@ -176,6 +197,8 @@ class WorkdirLock:
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now}
         if (stat := _proc_stat(os.getpid())) is not None:
             owner["pid_start"] = stat[1]
+        if (job := _slurm_job()) is not None:
+            owner["slurm_job"] = job
         if not self._create_as(owner):
             return False
         self._owner = owner
