@@ -19,7 +19,6 @@ from vision_jax import data as data_lib
 from vision_jax import specs
 from vision_jax.config import TrackedConfig, default_config
 from vision_jax.data import augment, pipeline
-from vision_jax.data.folders import is_image_file
 from vision_jax.data.preprocess import InputSpec, make_preprocess
 from vision_jax.data.randaugment import layer_magnitude, operations, randaugment
 
@@ -129,7 +128,6 @@ def test_bmp_gif_and_webp_decode_as_pil_converts_them():
         ("transparent.gif", frames[0].quantize(64), {"transparency": 0}),
         ("animated.webp", frames[0], {"save_all": True, "append_images": frames[1:],
                                       "lossless": True}),
-        ("compressed.tiff", frames[1], {"compression": "tiff_lzw"}),
     ]:  # fmt: skip
         buffer = io.BytesIO()
         image.save(buffer, format=name.split(".")[1].upper(), **options)
@@ -139,7 +137,6 @@ def test_bmp_gif_and_webp_decode_as_pil_converts_them():
         want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         np.testing.assert_array_equal(augment.decode(tf.constant(data)).numpy(), want, name)
     assert "GIF, BMP, WebP and any other format PIL reads" in augment.DECODING["other_formats"]
-    assert all(is_image_file(f"x.{name.split('.')[1].upper()}") for name in files)  # listed
     with pytest.raises(tf.errors.InvalidArgumentError, match="not an image file of a known"):
         augment.decode(tf.constant(b"GIF89a and no more"))
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 10  # PIL's guard: one line too

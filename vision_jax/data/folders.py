@@ -39,7 +39,8 @@ from vision_jax.data.sources import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # decoded
+# What decode reads right. Not TIFF: PIL's convert("RGB") clips 16-bit and float TIFFs.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>(-?\d+%?)?):(?P<stop>(-?\d+%?)?)\])?$")
 
 
