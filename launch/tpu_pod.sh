@@ -182,8 +182,8 @@ forward() {
   fi
 }
 
-# Deletes the TPU this script created or began to create (unless --keep; a TPU that existed
-# under this name before is left alone) and whatever local gcloud is still running. A failed
+# Deletes the TPU this script created or began to create (unless --keep; without --keep a TPU
+# that exists under this name already is refused before create) and whatever local gcloud is still running. A failed
 # delete is named; the script still exits with the run's status.
 # shellcheck disable=SC2329  # called by the trap
 on_exit() {
@@ -211,10 +211,13 @@ create_tpu() {
 created=0
 trap on_exit EXIT
 run "${pack[@]}"
-state=""
-if ((keep)) && [[ "$dry_run" != 1 ]]; then
+state=""  # of a TPU of this name that exists already
+if [[ "$dry_run" != 1 ]]; then
   state="$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' \
            2>/dev/null || true)"
+fi
+if [[ -n "$state" ]] && ((!keep)); then
+  die "a TPU named $name exists already ($state): --keep runs on it, or choose another --name."
 fi
 case "$state" in
   "") create_tpu ;;

@@ -451,7 +451,7 @@ def test_tpu_pod_deletes_a_tpu_it_was_creating_when_signalled(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
-        assert [c[4] for c in _gcloud_calls(tmp_path)] == ["create", "delete"]
+        assert [c[4] for c in _gcloud_calls(tmp_path)] == ["describe", "create", "delete"]
     finally:
         proc.kill()
 
@@ -466,6 +466,13 @@ def test_tpu_pod_keep_reuses_a_ready_tpu_and_recreates_a_preempted_one(tmp_path,
     proc = _run_tpu_pod(tmp_path, "--keep", "--spot", FAKE_EXIT="0", FAKE_TPU_STATE=state)
     assert proc.returncode == 0, proc.stderr
     assert [c[4] for c in _gcloud_calls(tmp_path)] == verbs
+
+
+def test_tpu_pod_leaves_a_tpu_of_the_same_name_alone_without_keep(tmp_path):
+    proc = _run_tpu_pod(tmp_path, FAKE_TPU_STATE="READY")
+    assert proc.returncode == 2
+    assert "error: a TPU named vj exists already (READY): --keep runs on it" in proc.stderr
+    assert [c[4] for c in _gcloud_calls(tmp_path)] == ["describe"]
 
 
 def test_tpu_pod_refuses_a_tpu_in_another_state(tmp_path):
@@ -542,8 +549,8 @@ def test_slurm_takes_dry_run_anywhere_and_checks_gpus_per_node():
             capture_output=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 2
-        assert proc.stderr == (f"slurm_gpu.sbatch: error: GPUS_PER_NODE must be a positive "
-                               f"number, got '{value}'.\n")  # fmt: skip
+        assert proc.stderr == (f"slurm_gpu.sbatch: error: GPUS_PER_NODE (else SLURM_GPUS_ON_"
+                               f"NODE) must be a positive number, got '{value}'.\n")  # fmt: skip
 
 
 def test_slurm_script_header_asks_for_gpus_and_requeue():
