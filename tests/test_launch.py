@@ -155,6 +155,14 @@ def test_distributed_names_what_is_wrong_with_the_cluster_environment(tmp_path):
         "within 3 s: were they all started?"
     )
     assert not tmp_path.joinpath("checkpoints").exists()
+    proc = subprocess.run(  # a timeout of 0 would give up at once
+        [sys.executable, "-m", "vision_jax.main", *MAIN_ARGS, f"--workdir={tmp_path}",
+         "--distributed", "--connect_timeout=0"],
+        cwd=ROOT, env=_slurm_task(0, 2, port), text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        "--connect_timeout=0.0: must be at least 1 (seconds)."
+    )
 
 
 def test_distributed_reads_a_cluster_as_jax_does_with_the_connect_timeout(monkeypatch):
@@ -198,6 +206,23 @@ def test_distributed_reads_a_cluster_as_jax_does_with_the_connect_timeout(monkey
     with pytest.raises(processes.ProcessSetupError, match=r"^fake_tpu's process id=4 is not one "
                        r"of the 4 processes \(0 to 3\)\.$"):  # fmt: skip
         processes.from_cluster(None, timeout=120)
+    monkeypatch.setattr(FakeTpuPod, "name", "")  # as JAX's Kubernetes cluster
+    with pytest.raises(processes.ProcessSetupError, match=r"^FakeTpuPod's process id=4"):
+        processes.from_cluster(None, timeout=120)
+    monkeypatch.setenv("FAKE_WORKER", "0")
+    monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "0,a")
+    bad_ids = r"^JAX_LOCAL_DEVICE_IDS takes integers, e.g. 0,1,2,3; got '0,a'"
+    with pytest.raises(processes.ProcessSetupError, match=bad_ids):
+        processes.from_cluster(None, timeout=120)
+    monkeypatch.delenv("JAX_LOCAL_DEVICE_IDS")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.9:port")  # JAX takes it over the pod's
+    bad_port = r"^JAX_COORDINATOR_ADDRESS needs HOST:PORT; got '10.0.0.9:port'"
+    with pytest.raises(processes.ProcessSetupError, match=bad_port):
+        processes.from_cluster(None, timeout=120)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    assert processes.from_cluster(None, timeout=120).other_port == (
+        "Choose another port in JAX_COORDINATOR_ADDRESS."
+    )
 
 
 def test_tpu_pod_creates_copies_runs_everywhere_and_deletes():

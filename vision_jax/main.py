@@ -61,6 +61,9 @@ flags.DEFINE_float(
     "Multi-process runs: seconds each process waits for all of them to connect to the "
     f"coordinator at the start before it exits (status {EXIT_PEER_LOST}).",
 )
+flags.register_validator(
+    "connect_timeout", lambda v: 1 <= v < math.inf, "must be at least 1 (seconds)."
+)
 flags.DEFINE_string(
     "compilation_cache",
     "auto",

@@ -72,6 +72,26 @@ def from_cluster(local_device_ids: list[int] | None, timeout: float) -> Processe
     """``--distributed``: what JAX's cluster detection (SLURM, Cloud TPU, Open MPI, Kubernetes)
     reads from this process's environment, as :func:`jax.distributed.initialize` would
     (``timeout``: how long a TPU worker waits for worker 0's address to resolve)."""
+    name = _detected_cluster()
+    if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        local_device_ids = local_ids(os.environ["JAX_LOCAL_DEVICE_IDS"].split(","),
+                                     "JAX_LOCAL_DEVICE_IDS")  # fmt: skip
+    coordinator, count, index, local_device_ids = _read_cluster(name, local_device_ids, timeout)
+    slurm = name == "slurm"
+    given = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))  # JAX takes it over the cluster's
+    return _checked(Processes(
+        coordinator, count, index, local_device_ids,
+        index_name="SLURM_PROCID" if slurm else f"{name}'s process id",
+        count_name="SLURM_NTASKS" if slurm else "",
+        coordinator_name="JAX_COORDINATOR_ADDRESS" if given else f"The {name} coordinator address",
+        other_port="Choose another port in JAX_COORDINATOR_ADDRESS." if given
+        else "Set JAX_COORDINATOR_PORT to another port.",
+    ))  # fmt: skip
+
+
+def _detected_cluster() -> str:
+    """The name of the cluster JAX detects here (or JAX_COORDINATOR_ADDRESS, when only that is
+    set); raises when there is none."""
     from jax._src import clusters  # JAX's detection itself, to check what it finds first
 
     env = next(
@@ -79,27 +99,31 @@ def from_cluster(local_device_ids: list[int] | None, timeout: float) -> Processe
          if not e.opt_in_only_method and e.is_env_present()),
         None,
     )  # fmt: skip
-    if env is None and "SLURM_JOB_ID" in os.environ:  # e.g. run in a batch script without srun
+    if env is not None:
+        return env.name or env.__name__  # (Kubernetes' has no name)
+    if "SLURM_JOB_ID" in os.environ:  # e.g. run in a batch script without srun
         missing = [v for v in _VARIABLES["slurm"] if v not in os.environ]
         raise ProcessSetupError(
             f"--distributed in SLURM job {os.environ['SLURM_JOB_ID']} without "
             f"{', '.join(missing)}: start the processes with srun (launch/slurm_gpu.sbatch)."
         )
-    if env is None and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
         raise ProcessSetupError(
             "--distributed found no cluster in this process's environment (SLURM, Cloud TPU, "
             "Open MPI, Kubernetes): start it with srun or on every TPU worker, or on one "
             "machine with launch/local.sh."
         )
-    name = env.name if env is not None else "JAX_COORDINATOR_ADDRESS"
-    variables = _VARIABLES.get(name, ())
-    for variable in variables:
-        if variable not in os.environ:
-            raise ProcessSetupError(f"--distributed: {variable} is not set ({name}).")
-    env_ids = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+    return "JAX_COORDINATOR_ADDRESS"
+
+
+def _read_cluster(
+    name: str, local_device_ids: list[int] | None, timeout: float
+) -> tuple[str, int, int, list[int] | None]:
+    """The coordinator, process count and index, and local devices JAX reads for ``name``."""
+    from jax._src import clusters
+
+    variables = [v for v in _VARIABLES.get(name, ()) if v in os.environ]
     try:
-        if local_device_ids is None and env_ids:
-            local_device_ids = [int(i) for i in env_ids.split(",")]
         coordinator, count, index, local_device_ids = (
             clusters.ClusterEnv.auto_detect_unset_distributed_params(
                 os.environ.get("JAX_COORDINATOR_ADDRESS"), None, None, local_device_ids,
@@ -107,24 +131,14 @@ def from_cluster(local_device_ids: list[int] | None, timeout: float) -> Processe
             )
         )  # fmt: skip
     except (KeyError, ValueError, RuntimeError) as e:  # RuntimeError: TPU worker 0 not found
-        shown = ", ".join(f"{v}={os.environ.get(v)!r}" for v in variables if v in os.environ)
+        shown = "".join(f", {v}={os.environ[v]!r}" for v in variables).replace(", ", ": ", 1)
         raise ProcessSetupError(
-            f"--distributed cannot read the {name} environment ({e})"
-            f"{f': {shown}' if shown else ''}."
+            f"--distributed cannot read the {name} environment ({e}){shown}."
         ) from e
-    if coordinator is None or count is None or index is None:
-        raise ProcessSetupError(
-            f"--distributed: the {name} environment does not say "
-            f"{'where the coordinator is' if coordinator is None else 'how many processes run'}."
-        )
-    count_name, index_name = (
-        ("SLURM_NTASKS", "SLURM_PROCID") if name == "slurm" else ("", f"{name}'s process id")
-    )
-    return _checked(Processes(
-        coordinator, count, index, local_device_ids, index_name=index_name,
-        count_name=count_name, coordinator_name=f"The {name} coordinator address",
-        other_port="Set JAX_COORDINATOR_PORT to another port.",
-    ))  # fmt: skip
+    if count is None or index is None:
+        raise ProcessSetupError(f"--distributed: {name} does not say how many processes run and "
+                                "which this is.")  # fmt: skip
+    return coordinator, count, index, local_device_ids
 
 
 def _checked(processes: Processes) -> Processes:
@@ -196,12 +210,12 @@ def _not_connected(processes: Processes, timeout: float) -> None:
     os._exit(EXIT_PEER_LOST)
 
 
-def local_ids(ids: Sequence[str] | None) -> list[int] | None:
-    """``--local_device_ids`` as integers."""
+def local_ids(ids: Sequence[str] | None, source: str = "--local_device_ids") -> list[int] | None:
+    """``--local_device_ids`` (or the variable ``source``) as integers."""
     if ids is None:
         return None
     try:
         return [int(i) for i in ids]
     except ValueError as e:
-        raise ProcessSetupError(f"--local_device_ids takes integers, e.g. 0,1,2,3; got "
+        raise ProcessSetupError(f"{source} takes integers, e.g. 0,1,2,3; got "
                                 f"{','.join(ids)!r}.") from e  # fmt: skip
