@@ -67,6 +67,8 @@ def load_pretrained(
     logged in one table. Any other difference raises :class:`WeightMismatchError` listing
     missing, unexpected and mis-shaped keys; nothing is returned half-loaded.
     """
+    if detect_format(source) == "run":  # the step folder it reads, once (a live run moves on)
+        source = run_dir.latest_step_dir(source, "best")
     name = str(source)
     if "params" not in variables:
         raise ValueError(
@@ -93,16 +95,8 @@ def load_pretrained(
         merged = merge_strict(variables, unflatten_dict(flat), source=name)
     except WeightMismatchError as e:  # named with the model a run trained
         raise WeightMismatchError(str(e).replace(name, describe_source(source), 1)) from e
-    surgery.log_summary(_step_read(source), rows, n_read)
+    surgery.log_summary(name, rows, n_read)
     return merged
-
-
-def _step_read(source: str | os.PathLike) -> str:
-    """``source`` for the log: a run's workdir as the step folder it was read from (its best
-    step or its newest checkpoint)."""
-    if detect_format(source) != "run":
-        return str(source)
-    return str(run_dir.latest_step_dir(source, "best"))
 
 
 def _height_width(image_size: int | Sequence[int]) -> tuple[int, int]:
