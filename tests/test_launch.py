@@ -403,7 +403,13 @@ def _start_tpu_pod(tmp_path: pathlib.Path, **env: str) -> tuple[subprocess.Popen
         env={**_fake_tpu(tmp_path), **env}, cwd=ROOT, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    _wait_for(lambda: all(e and e[0].startswith("started") for e in _events(tmp_path)))
+    try:
+        _wait_for(lambda: all(e and e[0].startswith("started") for e in _events(tmp_path)))
+    except BaseException:  # leave no fake worker running
+        proc.kill()
+        for pid in _processes_under(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+        raise
     return proc, workdir
 
 
