@@ -478,7 +478,8 @@ def test_tpu_pod_deletes_a_tpu_it_was_creating_when_signalled(tmp_path):
         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        _wait_for(lambda: (tmp_path / "gcloud.log").exists())
+        _wait_for(lambda: (tmp_path / "gcloud.log").exists()
+                  and "create" in [c[4] for c in _gcloud_calls(tmp_path)])  # fmt: skip
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
