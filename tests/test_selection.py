@@ -141,6 +141,20 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     assert read_variables(tmp_path, "latest")["params"]["head"]["kernel"].shape == step4.shape
 
 
+def test_early_stopping_writes_the_open_train_window(tmp_path, scripted_validation):
+    """Early stopping at step 10 with windows of 3 steps: steps 10's window is written (it was
+    lost: the run ended before the window's end)."""
+    from vision_jax.report.curves import read_scalars
+
+    config = selecting_config()
+    config.log_every_steps = 3
+    result = train_and_evaluate(config, str(tmp_path))
+    assert result["best/step"] == 4 and scripted_validation["val"] == 5
+    steps_logged, losses = read_scalars(tmp_path)["train/loss"]
+    assert list(steps_logged) == [3, 6, 9, 10]
+    assert result["train/loss"] == pytest.approx(losses[-1])
+
+
 @pytest.mark.slow
 def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validation):
     """The last step's checkpoint records its own validation: a run extended from it

@@ -282,8 +282,9 @@ class _QuietOrbax(logging.Filter):
 
 
 def _json(results: dict[str, float]) -> str:
-    """The metrics as one line of valid JSON (non-finite values as null)."""
-    clean = lambda v: round(v, 6) if math.isfinite(v) else None
+    """The metrics as one line of valid JSON, to 6 significant digits (non-finite values as
+    null)."""
+    clean = lambda v: float(f"{v:.6g}") if math.isfinite(v) else None
     return json.dumps({k: clean(float(v)) for k, v in sorted(results.items())})
 
 

@@ -451,6 +451,18 @@ class _TrainLog:
 
     def _reset(self) -> None:
         self.metrics, self.start, self.images = None, time.perf_counter(), 0
+        self.paused_s = 0.0  # evaluating and saving: not training time
+        self.first_s: float | None = None  # setup, compilation and the run's first step
+
+    @contextlib.contextmanager
+    def paused(self, state: TrainState) -> Iterator[None]:
+        """The block's time (an evaluation, a save) does not count as training time."""
+        jax.block_until_ready(state.step)  # the step before it counts, once it has finished
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
 
     def window(self) -> list | None:
         """The open window's merged metrics (their leaves, as JSON), for a checkpoint: a run
@@ -477,16 +489,25 @@ class _TrainLog:
                 "First step (%d) done %.1f s after the run started (setup and compilation).",
                 step, time.perf_counter() - self.run.started,
             )  # fmt: skip
+            self.first_s = time.perf_counter() - self.start
         self.metrics = metrics if self.metrics is None else self.metrics.merge(metrics)
         self.images += self.run.spec.batch_size
         if step % self.run.spec.log_every_steps and step != self.run.total_steps:
             return {}
+        return self.write(step, state)
+
+    def write(self, step: int, state: TrainState) -> dict[str, float]:
+        """The open window's scalars, written at ``step``. Throughput counts the training
+        steps' time: not evaluations or saves, nor the first step's setup and compilation
+        (unless the window holds only that step)."""
         summary = scalars(self.metrics, "train/")
-        elapsed = time.perf_counter() - self.start
+        elapsed, images = time.perf_counter() - self.start - self.paused_s, self.images
+        if self.first_s is not None and images > self.run.spec.batch_size:
+            elapsed, images = elapsed - self.first_s, images - self.run.spec.batch_size
         skipped = self.guard.check(state)  # skipped updates do not advance the optimizer's count
         learning_rate = self.run.setup.optimizer.schedule(step - 1 - skipped)
         summary["train/learning_rate"] = float(learning_rate)
-        summary["train/images_per_sec"] = self.images / max(elapsed, 1e-9)
+        summary["train/images_per_sec"] = images / max(elapsed, 1e-9)
         summary["train/skipped_steps"] = skipped
         self.writer.write_scalars(step, summary)
         self._progress(step, summary["train/images_per_sec"] / self.run.spec.batch_size)
@@ -523,25 +544,29 @@ def _end_step(
     if evaluating and not final_after_save:
         guard.check(state)  # a non-finite state is neither evaluated nor kept as the best
         try:
-            results = _evaluate(run, state, step, writer, interrupt=_stop_periodic(stop))
+            with log.paused(state):
+                results = _evaluate(run, state, step, writer, interrupt=_stop_periodic(stop))
         except _EvaluationStopped:
             pending = stopping = True
         if selection is not None and selection.should_stop and not pending and not last:
             selection.stopped_at = step  # (at the last step the run ends anyway: not early)
     early = selection is not None and selection.stopped_at == step
+    if early and log.metrics is not None:  # the open window ends here too
+        results = {**log.write(step, state), **results}
     if stopping or early or _save_due(run.spec, step, run.total_steps):
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
-        if run.best is not None:  # the best a step's meta names is complete before the step
-            run.best.wait()
         meta = {**_meta(run, early), "train_window": log.window()}
         if early or last or pending:  # what a finished run started again reports (a pending
             meta["reported"] = {**log.last, **results}  # evaluation may finish the run)
         if pending:
             meta["evaluation_pending"] = True
-        run.checkpointer.save(
-            step, state, meta, force=stopping or early or last,
-            data_position=train_iter.next_position,
-        )  # fmt: skip
+        with log.paused(state):
+            if run.best is not None:  # the best a step's meta names is complete before it
+                run.best.wait()
+            run.checkpointer.save(
+                step, state, meta, force=stopping or early or last,
+                data_position=train_iter.next_position,
+            )  # fmt: skip
     if stopping:
         run.checkpointer.wait()
         if jax.process_count() > 1:  # every save committed before any process exits
