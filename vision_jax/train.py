@@ -411,6 +411,8 @@ def _loop(
         startup.wait_before_evaluating()  # (a final evaluation follows anyway)
         results.update(_evaluate_pending(run, state, writer, stop))
     if _finished(run):  # already finished: report the final evaluation again
+        logger.info("This run finished at step %d: reporting its evaluation again, training "
+                    "nothing.", run.start_step)  # fmt: skip
         results.update(run.reported or {})  # its last train (and validation) metrics
         if run.selection is None:
             results.update(_evaluate(run, state, run.total_steps, writer, stop))
