@@ -380,6 +380,7 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
         assert manifest["normalisation"]["mean"] == [0.5] * 3
         assert manifest["input"]["resize"]["resize"] == "the shorter side to 8, aspect ratio kept"
         assert manifest["source"]["step"] == trained.step == 30
+        assert manifest["compute_dtype"] == "float32"
         if fmt == "savedmodel":
             got = savedmodel_in_a_tensorflow_process(out, images, tmp_path)
         elif fmt == "stablehlo":
@@ -402,6 +403,9 @@ def test_a_bfloat16_run_exports_to_tflite_computing_in_float32(tmp_path):
     trained = load_trained(workdir)
     images = digits("test").columns["image"][:6].repeat(3, -1)
     manifest = export_trained(trained, tmp_path / "out", format="tflite", tflite_batch=6)
+    assert manifest["compute_dtype"] == "float32"  # said in the manifest
+    stablehlo = export_trained(trained, tmp_path / "hlo", format="stablehlo")
+    assert stablehlo["compute_dtype"] == "bfloat16"
     model = TFLiteModel((tmp_path / "out" / manifest["artifact"]).read_bytes())
     got, expected = model(images)["probabilities"], run_predictions(trained, images)
     np.testing.assert_allclose(got, expected, atol=0.03)

@@ -107,6 +107,7 @@ def _manifest(
         },
         "task": trained.task.name,
         "model": trained.record.model,
+        "compute_dtype": trained.spec.model_dtype,  # TFLite: float32 (see in_float32)
         "class_names": trained.class_names,
         "source": {
             "step_dir": trained.step_dir,
