@@ -188,6 +188,8 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close(timm):
     assert got.dtype == jnp.bfloat16
     # bfloat16 keeps 8 bits of mantissa: logits of unit scale agree to a few hundredths.
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=0.1)
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16, got float16"):
+        create_model("vit_ti16", num_classes=10, dtype=jnp.float16)  # no loss scaling for it
 
 
 def test_to_timm_round_trip(timm):

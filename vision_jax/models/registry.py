@@ -192,6 +192,8 @@ def create_model(
       **overrides: any other field of the module (e.g. ``dropout_rate``, ``pool_type``).
     """
     spec = model_spec(name)
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):  # float16 would need loss scaling
+        raise ValueError(f"dtype must be float32 or bfloat16, got {jnp.dtype(dtype).name}.")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(
             f"num_classes must be a positive int (or 0 for a headless feature extractor), "
