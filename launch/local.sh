@@ -141,12 +141,29 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=("$!")
 done
 
+# Sets finished and code to a process of running that bash reaped already (its saved status).
+reaped_one() {
+  local pid
+  for pid in "${running[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      finished=$pid
+      code=0
+      wait "$pid" 2>/dev/null || code=$?
+      return
+    fi
+  done
+  sleep 0.1  # (none: wait -n failed otherwise; do not spin)
+}
+
 status=0
 running=("${pids[@]}")
 while ((${#running[@]})); do
   finished=""
   code=0
   wait -n -p finished "${running[@]}" 2>/dev/null || code=$?  # (no bash "Killed" lines)
+  if [[ -z "${finished:-}" ]] && ((code == 127)); then
+    reaped_one  # processes that died together: wait -n reports one, bash reaped the others
+  fi
   [[ -n "${finished:-}" ]] || continue  # woken by a trapped signal
   left=()
   for pid in "${running[@]}"; do

@@ -925,7 +925,7 @@ def test_a_run_loaded_into_another_model_names_the_model_it_trained(finished_run
     with pytest.raises(WeightMismatchError) as info:
         load_pretrained(full, model=model, variables=variables)
     first = str(info.value).splitlines()[0]
-    assert f"{full} (a run of {config.model.name})" in first, first
+    assert f"{full}/checkpoints/6 (a run of {config.model.name})" in first, first  # the step read
     assert "weights of another architecture?" in first, first
 
 
