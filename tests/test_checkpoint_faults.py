@@ -259,14 +259,22 @@ def test_a_requeued_slurm_jobs_lock_from_its_earlier_run_is_stale(tmp_path, monk
     path = tmp_path / lock_lib.LOCK_NAME
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    for job, held in (([4242, 1], True), ([77, 0], True), ([4242, 0], False)):
-        path.write_text(json.dumps({"host": "node07", "pid": 1, "slurm_job": job}))
-        if held:  # the same run of the job (a second srun), or another job
-            with pytest.raises(lock_lib.LockError, match="host node07"):
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "big")
+    here = socket.gethostname()
+    for host, job, held in (
+        ("node07", ["big", 4242, 1], True),  # the same run of the job (a second srun)
+        ("node07", ["big", 77, 0], True),  # another job
+        ("node07", ["other", 4242, 0], True),  # another cluster's job of that id
+        (here, ["big", 4242, 0], True),  # here, its live pid answers for it (an orphan)
+        ("node07", ["big", 4242, 0], False),  # its earlier run, elsewhere: requeued
+    ):
+        path.write_text(json.dumps({"host": host, "pid": os.getppid(), "slurm_job": job}))
+        if held:
+            with pytest.raises(lock_lib.LockError, match=f"host {host}"):
                 lock_lib.WorkdirLock(str(tmp_path)).acquire()
             continue
         lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
-        assert json.loads(path.read_text())["slurm_job"] == [4242, 1]
+        assert json.loads(path.read_text())["slurm_job"] == ["big", 4242, 1]
         lock.release()
 
 

@@ -245,9 +245,11 @@ def test_final_metrics_are_valid_json():
     from vision_jax.main import _json
 
     line = _json({"train/loss": float("nan"), "eval/top1": 0.5, "x": float("inf"),
-                  "train/learning_rate": 1.97327123e-05, "big": 1234567.8})  # fmt: skip
+                  "train/learning_rate": 1.97327123e-05, "big": 1234567.8,
+                  "eval/examples": 12345678.0})  # fmt: skip
     assert json.loads(line) == {"eval/top1": 0.5, "train/loss": None, "x": None,
-                                "train/learning_rate": 1.97327e-05, "big": 1234570.0}  # fmt: skip
+                                "train/learning_rate": 1.97327e-05, "big": 1234570.0,
+                                "eval/examples": 12345678.0}  # fmt: skip
 
 
 def test_the_best_checkpoint_line_gives_the_selected_parameters_figure():

@@ -6,7 +6,7 @@ touches it every ``HEARTBEAT_S`` seconds. A second run fails at once naming the 
 left by a dead run is taken over with a warning: on the same host when its pid is gone (or a
 zombie), or belongs to another process now (another start time, or this process's own pid
 after a container restart reused it) and its heartbeat stopped; from another host when its
-heartbeat is older than ``STALE_AFTER_S``; at once when SLURM requeued the job that made it.
+heartbeat is older than ``STALE_AFTER_S``, or at once when SLURM requeued its job.
 A live owner on the same host keeps its lock however old its heartbeat (a suspended job, a
 stopped process). In a multi-host run process 0 takes the lock and the other processes share
 its verdict. The owner's heartbeat makes a deleted lock again, and ends its process (exit
@@ -77,10 +77,11 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
     None."""
     if owner.get("half_written"):
         return f"it was left half-written {age_s:.0f} s ago"
-    if (requeued := _requeued(owner.get("slurm_job"))) is not None:
-        return requeued
     pid = int(owner.get("pid", -1))
-    if owner.get("host") == socket.gethostname():
+    elsewhere = owner.get("host") != socket.gethostname()  # (here, its pid answers for it)
+    if elsewhere and (requeued := _requeued(owner.get("slurm_job"))) is not None:
+        return requeued
+    if not elsewhere:
         stat = _proc_stat(pid)
         if not _pid_alive(pid) or (stat is not None and stat[0] == "Z"):
             return f"its process {pid} is gone"
@@ -108,21 +109,23 @@ def stale_reason(owner: dict, age_s: float, path: str) -> str | None:
     return None
 
 
-def _slurm_job() -> list[int] | None:
-    """This process's SLURM job id and restart count (``--requeue`` keeps the id and counts
-    up), or None outside SLURM."""
-    job, restarts = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT", "0")
-    return [int(job), int(restarts)] if job.isdigit() and restarts.isdigit() else None
+def _slurm_job() -> list | None:
+    """This process's SLURM cluster, job id and restart count (``--requeue`` keeps the id and
+    counts up), or None outside a batch job's SLURM environment."""
+    job, restarts = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT")
+    if not job.isdigit() or restarts is None or not restarts.isdigit():
+        return None
+    return [os.environ.get("SLURM_CLUSTER_NAME", ""), int(job), int(restarts)]
 
 
 def _requeued(owner_job: object) -> str | None:
-    """Why a lock of an earlier run of this SLURM job is stale (SLURM requeues a job after its
-    earlier run ended, maybe on other nodes), or None."""
+    """Why the lock of an earlier run of this SLURM job, on another host, is stale (SLURM
+    requeues a job once its earlier run has ended), or None."""
     mine = _slurm_job()
-    if mine is None or not isinstance(owner_job, list) or len(owner_job) != 2:
+    if mine is None or not isinstance(owner_job, list) or len(owner_job) != 3:
         return None
-    if owner_job[0] == mine[0] and owner_job[1] < mine[1]:
-        return f"SLURM requeued its job {mine[0]} (restart {owner_job[1]} -> {mine[1]})"
+    if owner_job[:2] == mine[:2] and owner_job[2] < mine[2]:
+        return f"SLURM requeued its job {mine[1]} (restart {owner_job[2]} -> {mine[2]})"
     return None
 
 

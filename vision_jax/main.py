@@ -282,9 +282,14 @@ class _QuietOrbax(logging.Filter):
 
 
 def _json(results: dict[str, float]) -> str:
-    """The metrics as one line of valid JSON, to 6 significant digits (non-finite values as
-    null)."""
-    clean = lambda v: float(f"{v:.6g}") if math.isfinite(v) else None
+    """The metrics as one line of valid JSON, to 6 significant digits (counts exact;
+    non-finite values as null)."""
+
+    def clean(v: float) -> float | None:
+        if not math.isfinite(v):
+            return None
+        return v if v.is_integer() else float(f"{v:.6g}")
+
     return json.dumps({k: clean(float(v)) for k, v in sorted(results.items())})
 
 

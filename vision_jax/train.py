@@ -512,7 +512,8 @@ class _TrainLog:
         summary["train/images_per_sec"] = images / max(elapsed, 1e-9)
         summary["train/skipped_steps"] = skipped
         self.writer.write_scalars(step, summary)
-        self._progress(step, summary["train/images_per_sec"] / self.run.spec.batch_size)
+        steps = images / self.run.spec.batch_size  # the ETA counts evaluations and saves too
+        self._progress(step, steps / max(elapsed + self.paused_s, 1e-9))
         self._reset()
         self.last = summary
         return summary
