@@ -106,6 +106,7 @@ signal_all() {
 forward() {
   if ((signalled)); then
     echo "local.sh: second $1: killing every process now." >&2
+    exec 2>/dev/null  # bash's "Killed" notices of them, wherever it prints one
     killing=1
     signal_all KILL
   else

@@ -252,6 +252,7 @@ def test_detection_savedmodel_runs_in_tensorflow(tmp_path):
     trained = SimpleNamespace(  # what the manifest reads of a run
         task=task, class_names=["a", "b"], step_dir="run/checkpoints/3", step=3, ema=False,
         record=SimpleNamespace(model="vit_ti16", category_ids=(3, 7)),
+        spec=SimpleNamespace(model_dtype="float32"),
     )  # fmt: skip
     manifest = _manifest(trained, servable, "savedmodel", "none", None)
     assert manifest["input"]["letterbox"]["pad_rgb"] == [127.5] * 3  # the mean, as evaluation
@@ -318,7 +319,7 @@ def test_segmentation_exports_label_maps_and_probabilities():
     trained = SimpleNamespace(
         task=task, input=InputSpec(image_size=32, interpolation="bicubic"), class_names=["a"] * 3,
         record=SimpleNamespace(model="vit_ti16", category_ids=None), step_dir="run/1", step=1,
-        ema=False,
+        ema=False, spec=SimpleNamespace(model_dtype="float32"),
     )  # fmt: skip
     resize = _manifest(trained, servable, "tflite", "none", 2)["input"]["resize"]
     assert resize["interpolation"] == "bicubic" and "whole image to 32 x 32" in resize["resize"]
