@@ -223,6 +223,16 @@ def test_distributed_reads_a_cluster_as_jax_does_with_the_connect_timeout(monkey
     assert processes.from_cluster(None, timeout=120).other_port == (
         "Choose another port in JAX_COORDINATOR_ADDRESS."
     )
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    from jax._src.clusters.ompi_cluster import OmpiCluster  # Open MPI's, as JAX detects it
+
+    monkeypatch.setattr(clusters.ClusterEnv, "_cluster_types", [OmpiCluster])
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1234.0;tcp://127.0.0.1:5000")
+    for variable in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    unset = r"^--distributed: OMPI_COMM_WORLD_SIZE is not set \(ompi\)\.$"
+    with pytest.raises(processes.ProcessSetupError, match=unset):
+        processes.from_cluster(None, timeout=120)
 
 
 def test_tpu_pod_creates_copies_runs_everywhere_and_deletes():

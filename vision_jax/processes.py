@@ -122,7 +122,10 @@ def _read_cluster(
     """The coordinator, process count and index, and local devices JAX reads for ``name``."""
     from jax._src import clusters
 
-    variables = [v for v in _VARIABLES.get(name, ()) if v in os.environ]
+    for variable in _VARIABLES.get(name, ()):
+        if variable not in os.environ:
+            raise ProcessSetupError(f"--distributed: {variable} is not set ({name}).")
+    variables = _VARIABLES.get(name, ())
     try:
         coordinator, count, index, local_device_ids = (
             clusters.ClusterEnv.auto_detect_unset_distributed_params(
