@@ -182,9 +182,9 @@ forward() {
   fi
 }
 
-# Deletes the TPU this script created or began to create (unless --keep; without --keep a TPU
-# that exists under this name already is refused before create) and whatever local gcloud is still running. A failed
-# delete is named; the script still exits with the run's status.
+# Stops whatever local gcloud still runs and deletes the TPU this script created or began to
+# create (unless --keep; without --keep a TPU of this name that exists already is refused
+# before create). A failed delete is named; the script still exits with the run's status.
 # shellcheck disable=SC2329  # called by the trap
 on_exit() {
   local pid

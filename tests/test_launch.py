@@ -21,12 +21,16 @@ SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
 MAIN_ARGS = ["--config=configs/digits_pretrain.py", "--config.batch_size=1024"]
 
 
+def outside_a_cluster() -> dict[str, str]:
+    """This process's environment without SLURM's or JAX's coordinator variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORD"))}
+
+
 def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
     """Runs ``launch/<script>`` in dry-run mode; returns its printed commands as argv lists."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(
         ["bash", str(LAUNCH / script), *args],
-        env={**clean, "DRY_RUN": "1", **env},
+        env={**outside_a_cluster(), "DRY_RUN": "1", **env},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -104,8 +108,7 @@ def test_main_names_a_taken_coordinator_port_and_a_process_id_out_of_range(tmp_p
 
 def _slurm_task(index: int, count: object, port: int, **env: str) -> dict[str, str]:
     """The environment srun gives task ``index`` of ``count`` on this machine."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORD"))}
-    return {**clean, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+    return {**outside_a_cluster(), "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
             "SLURM_NTASKS": str(count), "SLURM_PROCID": str(index), "SLURM_LOCALID": "0",
             "JAX_COORDINATOR_PORT": str(port), **env}  # fmt: skip
 
@@ -118,9 +121,9 @@ def test_distributed_names_what_is_wrong_with_the_cluster_environment(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         cases = [
-            (clean, 2, "--distributed found no cluster in this process's environment"),
+            (outside_a_cluster(), 2, "--distributed found no cluster in this process's "
+             "environment"),
             ({k: v for k, v in _slurm_task(0, 2, port).items() if k != "SLURM_PROCID"}, 2,
              "--distributed in SLURM job 4242 without SLURM_PROCID: start the processes with "
              "srun"),

@@ -70,7 +70,7 @@ def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int | 
         "epochs": lambda v: math.floor(v * steps_per_epoch + 0.5),  # to the nearest, half up
         "fraction": lambda v: math.floor(v * total + 0.5),
     }[unit](value)
-    if steps < 0 or value < 0:
+    if value < 0:  # (a negative count of steps needs a negative value)
         raise ValueError(f"schedule.{name}_{unit}={value} is negative: set 0 or more.")
     if steps > total:
         raise ValueError(

@@ -122,10 +122,10 @@ def _read_cluster(
     """The coordinator, process count and index, and local devices JAX reads for ``name``."""
     from jax._src import clusters
 
-    for variable in _VARIABLES.get(name, ()):
+    variables = _VARIABLES.get(name, ())
+    for variable in variables:
         if variable not in os.environ:
             raise ProcessSetupError(f"--distributed: {variable} is not set ({name}).")
-    variables = _VARIABLES.get(name, ())
     try:
         coordinator, count, index, local_device_ids = (
             clusters.ClusterEnv.auto_detect_unset_distributed_params(
@@ -160,7 +160,7 @@ def _checked(processes: Processes) -> Processes:
     return processes
 
 
-def check_port_free(processes: Processes) -> None:
+def _check_port_free(processes: Processes) -> None:
     """Raises naming the coordinator's port when another program holds it here (JAX's
     coordinator would crash the process without saying why). Process 0 only."""
     host = "127.0.0.1" if processes.loopback else "0.0.0.0"
@@ -182,7 +182,7 @@ def connect(processes: Processes, timeout: float, **timeouts: int) -> None:
     import jax
 
     if processes.index == 0:
-        check_port_free(processes)
+        _check_port_free(processes)
     timer = threading.Timer(timeout, _not_connected, (processes, timeout))
     timer.daemon = True
     timer.start()
