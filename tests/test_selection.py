@@ -141,14 +141,19 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     assert read_variables(tmp_path, "latest")["params"]["head"]["kernel"].shape == step4.shape
 
 
-def test_early_stopping_writes_the_open_train_window(tmp_path, scripted_validation):
+def test_early_stopping_writes_the_open_train_window(tmp_path, scripted_validation, caplog):
     """Early stopping at step 10 with windows of 3 steps: steps 10's window is written (it was
-    lost: the run ended before the window's end)."""
+    lost: the run ended before the window's end); its progress line says the run stops (no
+    time to go)."""
     from vision_jax.report.curves import read_scalars
 
     config = selecting_config()
     config.log_every_steps = 3
-    result = train_and_evaluate(config, str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        result = train_and_evaluate(config, str(tmp_path))
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step ")]
+    assert progress[-1].startswith("Step 10 of 14 (71%)") and "stopping early" in progress[-1]
+    assert "to go" in progress[0] and len(progress) == 4
     assert result["best/step"] == 4 and scripted_validation["val"] == 5
     steps_logged, losses = read_scalars(tmp_path)["train/loss"]
     assert list(steps_logged) == [3, 6, 9, 10]

@@ -498,10 +498,10 @@ class _TrainLog:
             return {}
         return self.write(step, state)
 
-    def write(self, step: int, state: TrainState) -> dict[str, float]:
-        """The open window's scalars, written at ``step``. Throughput counts the training
-        steps' time: not evaluations or saves, nor the first step's setup and compilation
-        (unless the window holds only that step)."""
+    def write(self, step: int, state: TrainState, stopping: bool = False) -> dict[str, float]:
+        """The open window's scalars, written at ``step`` (``stopping``: training ends there,
+        early). Throughput counts the training steps' time: not evaluations or saves, nor the
+        first step's setup and compilation (unless the window holds only that step)."""
         summary = scalars(self.metrics, "train/")
         elapsed, images = time.perf_counter() - self.start - self.paused_s, self.images
         if self.first_s is not None and images > self.run.spec.batch_size:
@@ -513,13 +513,17 @@ class _TrainLog:
         summary["train/skipped_steps"] = skipped
         self.writer.write_scalars(step, summary)
         steps = images / self.run.spec.batch_size  # the ETA counts evaluations and saves too
-        self._progress(step, steps / max(elapsed + self.paused_s, 1e-9))
+        self._progress(step, steps / max(elapsed + self.paused_s, 1e-9), stopping)
         self._reset()
         self.last = summary
         return summary
 
-    def _progress(self, step: int, steps_per_sec: float) -> None:
+    def _progress(self, step: int, steps_per_sec: float, stopping: bool) -> None:
         total = self.run.total_steps
+        if stopping:
+            logger.info("Step %d of %d (%.0f%%), %.2f steps/s; stopping early.", step, total,
+                        100 * step / total, steps_per_sec)  # fmt: skip
+            return
         eta = round((total - step) / max(steps_per_sec, 1e-9))
         logger.info(
             "Step %d of %d (%.0f%%), %.2f steps/s, %d:%02d:%02d to go.", step, total,
@@ -555,7 +559,7 @@ def _end_step(
             selection.stopped_at = step  # (at the last step the run ends anyway: not early)
     early = selection is not None and selection.stopped_at == step
     if early and log.metrics is not None:  # the open window ends here too
-        results = {**log.write(step, state), **results}
+        results = {**log.write(step, state, stopping=True), **results}
     if stopping or early or _save_due(run.spec, step, run.total_steps):
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
         meta = {**_meta(run, early), "train_window": log.window()}
