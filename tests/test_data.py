@@ -937,6 +937,70 @@ def test_input_config_is_fully_read():
     assert cfg.input.unread() == [] and spec.random_crop and not spec.mixes
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            {"inception_crop": True, "inception_scale": (0.9, 0.1)},
+            r"inception_scale must be "
+            r"\(lo, hi\) with 0 < lo <= hi <= 1; got \(0.9, 0.1\)",
+        ),  # it cropped nothing
+        ({"inception_crop": True, "inception_scale": (0.08, 1.5)}, "inception_scale must be"),
+        ({"inception_crop": True, "inception_scale": (0, 0)}, "inception_scale must be"),
+        ({"inception_crop": True, "inception_ratio": (2.0, 0.5)}, "inception_ratio must be"),
+        (
+            {"inception_crop": True, "inception_ratio": (0.75,)},
+            r"inception_ratio must be .*"
+            r"got \(0.75,\)",
+        ),  # fmt: skip
+        ({"random_erasing": 1.5}, r"input.random_erasing must lie in \[0, 1\]; got 1.5"),
+        ({"random_erasing": True}, r"input.random_erasing must be a number in \[0, 1\]; got True"),
+        ({"mixup_alpha": 0.8, "mix_prob": -1.0}, r"input.mix_prob must lie in \[0, 1\]"),
+        ({"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_switch_prob": 2.0}, "mix_switch_prob"),
+        ({"mixup_alpha": float("nan")}, r"input.mixup_alpha must lie in \[0, inf\); got nan"),
+        ({"cutmix_alpha": -1.0}, r"input.cutmix_alpha must lie in \[0, inf\)"),
+        ({"randaugment_layers": -1}, r"input.randaugment_layers must be an integer >= 0; got -1"),
+        ({"random_crop": True, "crop_padding": -4}, r"input.crop_padding must be an integer >= 0"),
+        ({"image_size": 0}, r"input.image_size must be an integer >= 1; got 0"),
+        ({"image_size": 224.0}, r"input.image_size must be an integer >= 1; got 224.0"),
+        ({"resize_size": 0}, r"input.resize_size must be an integer >= 1; got 0"),
+        (
+            {"mean": (127, 127, 127), "std": (64, 64, 64)},
+            r"input.mean \(127, 127, 127\) is in "
+            r"0-255 units; vision_jax takes fractions of 255 .*: divide by 255",
+        ),  # fmt: skip
+        ({"std": (58.4, 57.1, 57.4)}, r"input.std \(58.4, 57.1, 57.4\) is in 0-255 units"),
+        ({"mean": (0.5, 0.5, -0.1)}, r"input.mean must lie in \[0, 1\]; got -0.1"),
+    ],
+)
+def test_out_of_range_input_values_are_refused(overrides, match):
+    """Each was accepted and trained wrongly in silence (a swapped scale cropped nothing,
+    0-255 means made every input a constant, True erased every image), or failed at the first
+    batch with a TensorFlow error that named no key."""
+    with pytest.raises(specs.ConfigError, match=match):
+        InputSpec(**{"image_size": 16, **overrides})
+    InputSpec(image_size=np.int64(16), resize_size=18, mean=(0, 0, 1), std=(1 / 255, 1, 1))
+
+
+def test_a_steps_mixing_seed_is_not_an_examples_seed(monkeypatch):
+    """Mixing at step k does not draw from example k's key (its crop, flip and RandAugment
+    draws: both were seeded (host seed, k))."""
+    source = data_lib.from_arrays(np.zeros((8, 16, 16, 3), np.uint8), np.arange(8) % 2)
+    mix_batch = augment.mix_batch
+
+    def recording(batch, *, seed, **kwargs):
+        return {**mix_batch(batch, seed=seed, **kwargs), "mix_seed": seed}
+
+    monkeypatch.setattr(augment, "mix_batch", recording)
+    batches = data_lib.train_batches(source, spec_of(mixup_alpha=1.0), global_batch=2, seed=5)
+    seeds = [tf.constant(batch["mix_seed"]) for batch in take(batches, 3)]
+    steps = [tf.constant([5, k], tf.int64) for k in range(3)]
+    examples = [tf.random.experimental.stateless_split(key, 5) for key in steps]
+    mixing = [tf.random.experimental.stateless_split(s, 4) for s in seeds[:3]]
+    drawn = {tuple(k.numpy()) for keys in [*examples, *mixing] for k in [*keys]}
+    assert len(drawn) == 3 * 5 + 3 * 4  # no key drawn twice
+
+
 def test_training_from_an_image_folder_records_class_names(tmp_path, folder):
     from test_train import small_config
 

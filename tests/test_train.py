@@ -614,7 +614,12 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         ({"log_every_steps": 0}, ValueError, r"log_every_steps must lie in \[1, inf\); got 0"),
         ({"eval_every_steps": -3}, ValueError, r"eval_every_steps must lie in \[0, inf\)"),
         ({"grad_accum_steps": -32}, ValueError, r"grad_accum_steps must lie in \[1, inf\)"),
-        ({"input.std": (0.5, 0.0, 0.5)}, ValueError, r"input.std must lie in \(0, inf\); got 0.0"),
+        ({"input.std": (0.5, 0.0, 0.5)}, ValueError, r"input.std must lie in \(0, 1\]; got 0.0"),
+        (
+            {"input.mean": (123.675, 116.28, 103.53)},  # mmseg's units
+            ValueError,
+            r"input.mean \(123.675, 116.28, 103.53\) is in 0-255 units; .* divide by 255",
+        ),
         ({"input.mean": (0.5, 0.5)}, ValueError, r"input.mean needs one value per RGB channel"),
         # Non-default values of keys whose branch the run does not take:
         ({"init.replace_head": True}, ValueError, r"init.replace_head only applies with init.pa"),

@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from typing import Any
 
 from vision_jax.masks import check_multiplier_rules
@@ -41,6 +42,8 @@ def check_interval(name: str, value: Any, interval: str) -> None:
     as in mathematics: ``"[0, 1)"``, ``"(0, inf)"``. NaN lies in none."""
     if value is None:
         return
+    if isinstance(value, bool):  # True would read as 1
+        raise ConfigError(f"{name} must be a number in {interval}; got {value!r}.")
     low, high = (float(bound) for bound in interval[1:-1].split(","))
     try:
         above = low <= value if interval[0] == "[" else low < value
@@ -49,6 +52,26 @@ def check_interval(name: str, value: Any, interval: str) -> None:
         raise ConfigError(f"{name} must be a number in {interval}; got {value!r}.") from None
     if not (above and below):
         raise ConfigError(f"{name} must lie in {interval}; got {value}.")
+
+
+def _check_count(name: str, value: Any, low: int) -> None:
+    """Raises :class:`ConfigError` unless ``value`` (None passes) is an integer >= ``low``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}.")
+
+
+def _check_range(name: str, value: Any, rule: str, high: float) -> None:
+    """Raises :class:`ConfigError` unless ``value`` is ``(lo, hi)`` with ``0 < lo <= hi <= high``
+    (``rule`` says so in the message)."""
+    try:
+        low_value, high_value = (float(v) for v in value)
+        valid = 0 < low_value <= high_value <= high
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name} must be (lo, hi) with {rule}; got {value!r}.")
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -123,6 +146,10 @@ class InputSpec:
     scale_jitter: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        _check_count("input.image_size", self.image_size, 1)
+        _check_count("input.resize_size", self.resize_size, 1)
+        _check_count("input.crop_padding", self.crop_padding, 0)
+        _check_count("input.randaugment_layers", self.randaugment_layers, 0)
         if self.resize_size is not None and self.crop_fraction is not None:
             raise ValueError("Set at most one of input.resize_size and input.crop_fraction.")
         if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
@@ -146,8 +173,12 @@ class InputSpec:
                 raise ValueError(
                     f"input.scale_jitter must be (lo, hi), 0 < lo <= hi; got {self.scale_jitter}."
                 )
-        if min(self.mixup_alpha, self.cutmix_alpha) < 0:
-            raise ValueError("input.mixup_alpha and input.cutmix_alpha must be >= 0.")
+        _check_range("input.inception_scale", self.inception_scale, "0 < lo <= hi <= 1", 1.0)
+        _check_range("input.inception_ratio", self.inception_ratio, "0 < lo <= hi", math.inf)
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            check_interval(f"input.{name}", getattr(self, name), "[0, inf)")
+        for name in ("random_erasing", "mix_prob", "mix_switch_prob"):
+            check_interval(f"input.{name}", getattr(self, name), "[0, 1]")
         mixing = (self.mixup_alpha > 0, self.cutmix_alpha > 0)
         _only_when("input", self, ("inception_scale", "inception_ratio"), self.inception_crop,
                    "with inception_crop=True")  # fmt: skip
@@ -170,8 +201,14 @@ class InputSpec:
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
                 raise ConfigError(f"input.{name} needs one value per RGB channel; got {values}.")
-        for value in self.std:
-            check_interval("input.std", value, "(0, inf)")
+        for name, values, interval in (("mean", self.mean, "[0, 1]"), ("std", self.std, "(0, 1]")):
+            if any(isinstance(v, (int, float)) and v > 1 for v in values):
+                raise ConfigError(
+                    f"input.{name} {tuple(values)} is in 0-255 units; vision_jax takes fractions "
+                    "of 255 (as timm: ImageNet's mean is (0.485, 0.456, 0.406)): divide by 255."
+                )
+            for value in values:
+                check_interval(f"input.{name}", value, interval)
 
     @property
     def resize(self) -> int:

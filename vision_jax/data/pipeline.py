@@ -64,6 +64,9 @@ def pipeline_options(threads: int | None = None) -> tf.data.Options:
     return options
 
 
+_MIX_STREAM = 1  # folded into a step's mixing seed: examples use (host seed, position) as is
+
+
 def _example_index(position: tf.Tensor, num_local: int, seed: int) -> tf.Tensor:
     """Row of the source at a host's stream ``position``: a fresh permutation of the host's
     rows (``process_index + k * process_count``) every epoch, seeded by (seed, epoch, host)."""
@@ -370,7 +373,9 @@ def train_batches(
                 cutmix_alpha=spec.cutmix_alpha,
                 prob=spec.mix_prob,
                 switch_prob=spec.mix_switch_prob,
-                seed=tf.stack([tf.constant(host_seed, tf.int64), step]),
+                seed=tf.random.experimental.stateless_fold_in(  # not example `step`'s key
+                    tf.stack([tf.constant(host_seed, tf.int64), step]), _MIX_STREAM
+                ),
             )
 
         ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds)
