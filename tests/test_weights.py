@@ -378,6 +378,48 @@ def test_timm_hub_architectures_the_model_does_not_compute_are_refused(timm, tmp
         load_pretrained(tmp_path / "vit", model=model, variables=init_vars(model, 32))
 
 
+@pytest.mark.parametrize(
+    "name, args, match",
+    [
+        (
+            "resnet18",
+            {"global_pool": "max"},
+            r"model_args global_pool='max'; vision_jax's resnet "
+            r"model computes global_pool in \('avg',\)",
+        ),  # fmt: skip
+        ("resnet18", {"output_stride": 16}, r"output_stride=16; .* computes output_stride in"),
+        ("resnet18", {"act_layer": "silu"}, r"act_layer='silu'"),
+        ("resnetv2_50x1_bit", {"output_stride": 16}, r"output_stride=16"),
+        (
+            "vit_tiny_patch16_224",
+            {"class_token": False, "global_pool": "max", "fc_norm": False},
+            r"global_pool='max'; vision_jax's vit model computes global_pool in",
+        ),  # fmt: skip
+        ("vit_tiny_patch16_224", {"some_new_arg": 1}, r"some_new_arg=1; .* does not read"),
+    ],
+)
+def test_timm_hub_model_args_the_model_does_not_compute_are_refused(
+    timm, tmp_path, name, args, match
+):
+    """Each of these timm networks has the state dict of one the model computes (they loaded,
+    and their logits differed from timm's by 1-5): the folder's model_args say so."""
+    from timm.models import save_for_hf
+
+    vit_args = {"img_size": 32, "depth": 2} if name.startswith("vit") else {}
+    try:
+        ref = timm.create_model(name, num_classes=3, **vit_args, **args)
+    except TypeError:  # an argument timm's constructor lacks: written into the folder by hand
+        ref = timm.create_model(name, num_classes=3, **vit_args)
+    save_for_hf(ref, tmp_path, model_args={**vit_args, **args}, safe_serialization=True)
+    if name.startswith("vit"):
+        model = vit(3, **({"pool_type": "gap"} if args.get("class_token") is False else {}))
+    else:
+        model = create_model(name.replace("resnetv2_50x1_bit", "bit_r50x1"), num_classes=3)
+    size = 32 if name.startswith("vit") else 64
+    with pytest.raises(WeightMismatchError, match=match):
+        load_pretrained(tmp_path, model=model, variables=init_vars(model, size))
+
+
 def _hf_vit_folder(timm, folder: pathlib.Path, processor: dict | None) -> torch.nn.Module:
     """A ViTForImageClassification folder of a random 12-block timm ViT-Ti at 32 px, with 10
     named classes (``id2label``) and ``processor`` as its preprocessor_config.json."""
