@@ -96,26 +96,34 @@ def tensors(sd: dict) -> dict:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
 
 
-def hf_state_dict(sd: dict, *, classifier: bool) -> dict:
-    """timm ViT names -> Hugging Face ViT names (the documented mapping, written independently)."""
+def hf_state_dict(sd: dict, *, classifier: bool, in_memory_5: bool = False) -> dict:
+    """timm ViT names -> Hugging Face ViT names (the documented mapping, written independently);
+    ``in_memory_5``: as transformers 5.25's ``ViTForImageClassification.state_dict()`` names
+    them (its ``save_pretrained`` writes the older names)."""
     out = {}
     prefix = "vit." if classifier else ""
     for k, v in sd.items():
         if k.startswith("blocks."):
             _, i, rest = k.split(".", 2)
-            layer = f"{prefix}encoder.layer.{i}."
+            layer = f"{prefix}{'layers' if in_memory_5 else 'encoder.layer'}.{i}."
             if rest.startswith("attn.qkv."):
                 leaf = rest.rsplit(".", 1)[1]
-                for part, chunk in zip(("query", "key", "value"), np.split(v, 3), strict=True):
-                    out[f"{layer}attention.attention.{part}.{leaf}"] = chunk
+                parts = ("q_proj", "k_proj", "v_proj") if in_memory_5 else ("query", "key", "value")
+                for part, chunk in zip(parts, np.split(v, 3), strict=True):
+                    where = "attention." if in_memory_5 else "attention.attention."
+                    out[f"{layer}{where}{part}.{leaf}"] = chunk
                 continue
-            rest = (
-                rest.replace("norm1.", "layernorm_before.")
-                .replace("norm2.", "layernorm_after.")
-                .replace("attn.proj.", "attention.output.dense.")
-                .replace("mlp.fc1.", "intermediate.dense.")
-                .replace("mlp.fc2.", "output.dense.")
-            )
+            names = [("norm1.", "layernorm_before."), ("norm2.", "layernorm_after.")]
+            if in_memory_5:
+                names.append(("attn.proj.", "attention.o_proj."))
+            else:
+                names += [
+                    ("attn.proj.", "attention.output.dense."),
+                    ("mlp.fc1.", "intermediate.dense."),
+                    ("mlp.fc2.", "output.dense."),
+                ]
+            for old, new in names:
+                rest = rest.replace(old, new)
             out[layer + rest] = v
         elif k.startswith("head."):
             if classifier:
@@ -275,10 +283,10 @@ def test_resnet_variants_and_half_prefixed_keys_are_named(timm, tmp_path):
                         variables=init_vars(model, 32)["params"])  # fmt: skip
 
 
-@pytest.mark.parametrize("classifier", [True, False])
-def test_hugging_face_vit_folder(timm, tmp_path, classifier):
+@pytest.mark.parametrize("classifier, in_memory_5", [(True, False), (False, False), (True, True)])
+def test_hugging_face_vit_folder(timm, tmp_path, classifier, in_memory_5):
     ref = timm_vit(timm)
-    sd = hf_state_dict(state_dict_np(ref), classifier=classifier)
+    sd = hf_state_dict(state_dict_np(ref), classifier=classifier, in_memory_5=in_memory_5)
     if classifier:
         from safetensors.numpy import save_file
 
@@ -485,6 +493,59 @@ def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path):
     assert gap > 0.05  # the test tells a shorter-side resize and centre crop apart
     for name, want in squashed.items():
         assert got[name] == pytest.approx(want, abs=5e-3), name
+
+
+def test_hugging_face_deit_processor_squashes_then_crops(timm, tmp_path):
+    """DeiTImageProcessor (facebook/deit-*-patch16-224: 256 x 256, then the centre 224) at 40
+    and 32 px: the whole image squashed to 40 x 40 (PIL bicubic), the centre 32 cropped. It was
+    read as a 40 px squash with no crop (the position embeddings resampled to 40 px)."""
+    from vision_jax.predict import Predictor
+
+    processor = {"do_resize": True, "size": {"height": 40, "width": 40}, "resample": 3,
+                 "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    ref = _hf_vit_folder(timm, tmp_path / "hf", processor)
+    assert input_contract(tmp_path / "hf") == InputContract(
+        32, interpolation="bicubic", crop_fraction=0.8, crop_mode="squash"
+    )
+    smooth = Image.fromarray(np.random.default_rng(1).integers(0, 256, (6, 10, 3), np.uint8))
+    picture = smooth.resize((80, 48), Image.Resampling.BICUBIC)
+    picture.save(tmp_path / "wide.png")
+    records, _ = Predictor.from_weights(tmp_path / "hf", model="vit_ti16").predict(
+        [str(tmp_path / "wide.png")], top_k=10
+    )
+    got = {t["class_name"]: t["probability"] for t in records[0]["top_k"]}
+    crop = picture.resize((40, 40), Image.Resampling.BICUBIC).crop((4, 4, 36, 36))
+    x = torch.from_numpy(np.asarray(crop, np.float32) / 127.5 - 1).permute(2, 0, 1)
+    with torch.no_grad():
+        want = torch.softmax(ref(x[None]), -1)[0].numpy()
+    for i, p in enumerate(want):
+        assert got[f"thing{i}"] == pytest.approx(float(p), abs=5e-3), i
+
+
+def test_hugging_face_config_values_the_model_does_not_compute(timm, tmp_path):
+    """A LayerNorm epsilon far from the model's 1e-6 is refused (1e-2 moved logits by 0.5);
+    Hugging Face's 1e-12 and its exact "gelu_python" load; a non-square image_size is named."""
+    ref = timm_vit(timm)
+    save_torch(tensors(hf_state_dict(state_dict_np(ref), classifier=True)),
+               tmp_path / "pytorch_model.bin")  # fmt: skip
+    model = vit(10)
+    for config, error in [
+        ({"layer_norm_eps": 1e-2}, r"layer_norm_eps: checkpoint 0.01 vs model 1e-6"),
+        ({"layer_norm_eps": 1e-12, "hidden_act": "gelu_python"}, None),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, **config}))
+        if error is None:
+            variables = load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
+            x = images(32, seed=4)
+            assert_close(apply(model, variables, x), torch_logits(ref, x))
+            continue
+        with pytest.raises(WeightMismatchError, match=error):
+            load_pretrained(tmp_path, model=model, variables=init_vars(model, 32))
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "image_size": [32, 48]}))
+    with pytest.raises(WeightFormatError, match=r"config.json: image_size \[32, 48\] is not a "):
+        input_contract(tmp_path)
 
 
 def test_hugging_face_folders_refused_by_name(timm, tmp_path):

@@ -213,8 +213,8 @@ class InputSpec:
     @property
     def resize(self) -> int:
         """The shorter side before the centre (or random) crop."""
-        if self.crop_fraction is not None:
-            return int(self.image_size / self.crop_fraction)
+        if self.crop_fraction is not None:  # timm's floor; 1e-9: 93 = 16 / (16 / 93) (92.99...)
+            return math.floor(self.image_size / self.crop_fraction + 1e-9)
         return self.resize_size or self.image_size
 
     @property

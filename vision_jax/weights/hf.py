@@ -19,10 +19,14 @@ Hugging Face                                                timm
 ``classifier``                                              ``head``
 ==========================================================  =====================================
 
+transformers 5's in-memory modules (what its ``state_dict()`` gives; ``save_pretrained`` writes
+the names above) are read too: ``layers.N.attention.{q,k,v,o}_proj``, ``layers.N.mlp.fc{1,2}``,
+``layers.N.layernorm_{before,after}``.
+
 ``ViTModel``'s ``pooler`` (Dense + tanh on the class token) is not used by image classification
 (``ViTForImageClassification`` has none), so it is dropped. ``config.json``'s
 ``layer_norm_eps`` (1e-12 in Hugging Face's ViTs) is not taken: the LayerNorms keep 1e-6, the
-epsilon of the JAX ViTs those weights were converted from.
+epsilon of the JAX ViTs those weights were converted from (one above 1e-5 is refused).
 """
 
 from __future__ import annotations
@@ -55,10 +59,22 @@ _RENAMES = [
     (r"encoder\.layer\.(\d+)\.layernorm_after\.(\w+)", r"blocks.\1.norm2.\2"),
     (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
     (r"encoder\.layer\.(\d+)\.output\.dense\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+    # transformers >= 5 in memory (its state_dict(); save_pretrained writes the names above)
+    (r"layers\.(\d+)\.attention\.o_proj\.(\w+)", r"blocks.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.layernorm_before\.(\w+)", r"blocks.\1.norm1.\2"),
+    (r"layers\.(\d+)\.layernorm_after\.(\w+)", r"blocks.\1.norm2.\2"),
+    (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(\w+)", r"blocks.\1.mlp.\2.\3"),
     (r"layernorm\.(\w+)", r"norm.\1"),
     (r"classifier\.(\w+)", r"head.\1"),
 ]
-_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)")
+# config.json's layer_norm_eps up to this is read as the model's 1e-6 (Hugging Face's ViTs
+# have 1e-12: logits within 1e-4); above it the LayerNorms compute something else.
+MAX_LAYER_NORM_EPS = 1e-5
+_QKV = re.compile(
+    r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?(query|key|value|[qkv]_proj)"
+    r"\.(\w+)"
+)
+_QKV_PARTS = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
 
 
 def is_folder(path: pathlib.Path) -> bool:
@@ -84,7 +100,7 @@ def to_timm_names(state_dict: Mapping[str, np.ndarray], *, source: str) -> dict[
             continue
         if m := _QKV.fullmatch(k):
             block, part, leaf = m.groups()
-            qkv.setdefault((block, leaf), {})[part] = value
+            qkv.setdefault((block, leaf), {})[_QKV_PARTS.get(part, part)] = value
             continue
         name = renamed(k, _RENAMES)
         if name is None:
@@ -146,10 +162,12 @@ def _check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None
         for k, v in expected.items()
         if k in config and config[k] != v
     ]
-    if config.get("hidden_act", "gelu") != "gelu":
+    if config.get("hidden_act", "gelu") not in ("gelu", "gelu_python"):  # both erf GELU
         diffs.append(f"hidden_act: checkpoint {config['hidden_act']!r} vs model 'gelu' (erf)")
     if not config.get("qkv_bias", True):
         diffs.append("qkv_bias: checkpoint False vs model True")
+    if float(config.get("layer_norm_eps", 1e-12)) > MAX_LAYER_NORM_EPS:
+        diffs.append(f"layer_norm_eps: checkpoint {config['layer_norm_eps']} vs model 1e-6")
     if diffs:
         raise WeightMismatchError(
             f"{source}/config.json does not describe this ViT:\n  " + "\n  ".join(diffs)
@@ -173,8 +191,11 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
     """The input of ``preprocessor_config.json`` (else ``config.json``'s size and 0.5 / 0.5):
     a ``{"height", "width"}`` (or plain) size squashes the whole image to that square, as
     ViTImageProcessor does; a ``shortest_edge`` resizes the shorter side and crops the centre
-    (``crop_size``)."""
-    size = int(_read_config(folder).get("image_size", 224))
+    (``crop_size``); with ``do_center_crop`` (DeiT's processor: 256 squashed, 224 cropped) the
+    square's centre ``crop_size`` is taken."""
+    size = _square(
+        _read_config(folder).get("image_size", 224), pathlib.Path(folder) / "config.json"
+    )
     pre = pathlib.Path(folder) / "preprocessor_config.json"
     if not pre.is_file():
         return InputContract(size, crop_mode="squash")
@@ -189,13 +210,26 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
     if isinstance(size_cfg, Mapping) and "shortest_edge" in size_cfg:
         shorter = int(size_cfg["shortest_edge"])
         crop = p.get("crop_size", shorter) if p.get("do_center_crop", True) else shorter
-        crop = int(crop["height"] if isinstance(crop, Mapping) else crop)
+        crop = _square(crop, pre, "crop_size")
         return InputContract(crop, *normalise, scale, resample, crop / shorter)
-    if isinstance(size_cfg, Mapping):
-        if size_cfg.get("height") != size_cfg.get("width"):
-            raise WeightFormatError(f"{pre}: size {size_cfg} is not a square.")
-        size_cfg = size_cfg["height"]
-    return InputContract(int(size_cfg), *normalise, scale, resample, crop_mode="squash")
+    squashed = _square(size_cfg, pre, "size")
+    if not p.get("do_center_crop") or "crop_size" not in p:  # ViTImageProcessor: no crop
+        return InputContract(squashed, *normalise, scale, resample, crop_mode="squash")
+    crop = _square(p["crop_size"], pre, "crop_size")
+    return InputContract(crop, *normalise, scale, resample, crop / squashed, crop_mode="squash")
+
+
+def _square(size: Any, path: pathlib.Path, key: str = "image_size") -> int:
+    """A square size as Hugging Face writes it: a number, ``{"height", "width"}`` or a pair."""
+    if isinstance(size, Mapping):
+        size = (size.get("height"), size.get("width"))
+    sides = tuple(size) if isinstance(size, list | tuple) else (size, size)
+    if len(sides) != 2 or sides[0] != sides[1] or not isinstance(sides[0], int):
+        raise WeightFormatError(
+            f"{path}: {key} {size} is not a square; vision_jax's input contract is one (set "
+            "init.use_input_contract=False and input.* instead)."
+        )
+    return sides[0]
 
 
 def class_names(folder: str | os.PathLike) -> list[str] | None:
