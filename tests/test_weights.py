@@ -563,6 +563,17 @@ def test_hugging_face_folders_refused_by_name(timm, tmp_path):
     (sharded / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(WeightFormatError, match=r"sharded weights \(model\.safetensors\.index"):
         load_pretrained(sharded, model=model, variables=init_vars(model, 32))
+    (sharded / "model.safetensors.index.json").unlink()  # config.json alone
+    with pytest.raises(WeightFormatError, match=r"holds config.json but none of model.safetens"):
+        load_pretrained(sharded, model=model, variables=init_vars(model, 32))
+    alone = tmp_path / "alone"  # a weights file without its config.json
+    alone.mkdir()
+    save_torch(tensors(hf_state_dict(state_dict_np(timm_vit(timm)), classifier=True)),
+               alone / "pytorch_model.bin")  # fmt: skip
+    with pytest.raises(WeightFormatError, match=r"alone is no vision_jax run, and has no config"
+                       r".*pass it: .*alone/pytorch_model.bin$"):  # fmt: skip
+        load_pretrained(alone, model=model, variables=init_vars(model, 32))
+    load_pretrained(alone / "pytorch_model.bin", model=model, variables=init_vars(model, 32))
 
 
 def test_vision_jax_checkpoint_folder(tmp_path):

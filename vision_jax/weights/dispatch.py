@@ -32,7 +32,7 @@ import flax.linen as nn
 from vision_jax.models.registry import backbone_of
 from vision_jax.weights import hf, npz, run_dir, state_dict, timm_hub
 from vision_jax.weights.contract import InputContract
-from vision_jax.weights.files import file_kind
+from vision_jax.weights.files import SUFFIXES, WeightFormatError, file_kind
 from vision_jax.weights.merge import WeightMismatchError
 
 
@@ -67,8 +67,32 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.is_dir():
         if timm_hub.is_folder(path):
             return "timm_hub"
-        return "hf" if hf.is_folder(path) else "run"
+        if hf.is_folder(path):
+            return "hf"
+        _check_not_a_partial_hub_folder(path)
+        return "run"
     return file_kind(path)
+
+
+def _check_not_a_partial_hub_folder(path: pathlib.Path) -> None:
+    """Raises for a folder that is no run and holds half of a Hugging Face or timm Hub folder
+    (its ``config.json`` or its weights file alone): the run reader would find no checkpoint."""
+    names = {p.name for p in path.iterdir()}
+    if names & {run_dir.CHECKPOINTS_DIR, run_dir.BEST_DIR, run_dir.STATE_ITEM} or any(
+        n.isdigit() for n in names
+    ):
+        return
+    weights = sorted(n for n in names if pathlib.Path(n).suffix in SUFFIXES)
+    if "config.json" in names:
+        raise WeightFormatError(
+            f"{path} holds config.json but none of {', '.join(hf.WEIGHT_FILES)} (a Hugging "
+            "Face or timm Hub folder holds one beside it)."
+        )
+    if weights:
+        raise WeightFormatError(
+            f"{path} is no vision_jax run, and has no config.json (a Hugging Face or timm Hub "
+            f"folder); to read a weights file alone, pass it: {path / weights[0]}"
+        )
 
 
 def posemb_method(source: str | os.PathLike) -> str:

@@ -26,7 +26,7 @@ class WeightFormatError(ValueError):
     """A weight file could not be read; the message names the file and the reason."""
 
 
-_SUFFIXES = {
+SUFFIXES = {
     ".npz": "npz",
     ".safetensors": "safetensors",
     ".pth": "torch",
@@ -46,8 +46,8 @@ def file_kind(path: str | os.PathLike) -> str:
     path = pathlib.Path(path)
     if not path.is_file():
         raise WeightFormatError(f"Weight file {path} does not exist.")
-    if path.suffix in _SUFFIXES:
-        return _SUFFIXES[path.suffix]
+    if path.suffix in SUFFIXES:
+        return SUFFIXES[path.suffix]
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) > 8 and head[8:9] == b"{":
