@@ -645,6 +645,36 @@ def test_an_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "vision_jax: error: KeyError: 'boom'"
 
 
+@pytest.mark.parametrize(
+    "allocate, error",
+    [
+        (
+            "jax.jit(lambda: jax.numpy.ones(2**40, 'uint8'))().block_until_ready()",
+            "RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes.",
+        ),  # fmt: skip
+        pytest.param("numpy.empty(2**50)", "Unable to allocate 8.00 PiB", marks=pytest.mark.slow),
+    ],
+)
+def test_out_of_memory_says_what_to_change(tmp_path, allocate, error):
+    """Device (XLA) and host (numpy) memory running out: one line with the error and what to
+    change (it was XLA's bare line; numpy's MemoryError went down the bug path, a traceback)."""
+    code = (
+        "import runpy, sys, jax, numpy, vision_jax.train as train\n"
+        "def allocate(*args, **kwargs):\n"
+        f"    {allocate}\n"
+        "train._loop = allocate\n"
+        f"sys.argv = ['main', '--config=configs/digits_pretrain.py', '--workdir={tmp_path}',\n"
+        "            '--config.batch_size=24']\n"
+        "runpy.run_module('vision_jax.main', run_name='__main__')\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vision_jax: error: ") and error in last, last
+    assert "(out of memory: lower batch_size (24; grad_accum_steps keeps the batch" in last
+    assert "model.remat='block' (now 'none')" in last and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_a_finished_command_has_written_everything_when_it_exits(tmp_path):
     """A single-process run ends without the interpreter's teardown (``main._exit_written``):

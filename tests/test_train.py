@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,22 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     train_and_evaluate(cfg, str(interrupted))
     for a, b in zip(_params_of(full), _params_of(interrupted), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_the_log_says_what_memory_each_step_needs(tmp_path, caplog):
+    """XLA's memory plan of the train and eval steps, per device, is logged as they compile (an
+    out-of-memory error names no step); the figures are the compiled steps' own."""
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(small_config(total_steps=1, ema_decay=0.9), str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if "memory per device" in r.getMessage()]
+    assert sorted(line.split(" memory")[0] for line in lines) == [
+        "Eval step", "Eval step (EMA)", "Train step"
+    ]  # fmt: skip
+    pattern = r"memory per device \(XLA's plan\): ([\d,]+) MiB of temporaries, ([\d,]+) MiB"
+    for line in lines:
+        found = re.search(pattern, line).groups()
+        temporaries, arguments = (int(v.replace(",", "")) for v in found)
+        assert arguments > 0 and temporaries >= 0
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import signal
 import sys
 import tempfile
@@ -293,6 +294,22 @@ def _json(results: dict[str, float]) -> str:
     return json.dumps({k: clean(float(v)) for k, v in sorted(results.items())})
 
 
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED.*(out of memory|allocat)", re.I | re.S)
+
+
+def _out_of_memory_advice(error: BaseException, config: Any) -> str:
+    """What to change when ``error`` is running out of (device or host) memory, else ""."""
+    if not isinstance(error, MemoryError) and not _OUT_OF_MEMORY.search(str(error)):
+        return ""
+    return (
+        f" (out of memory: lower batch_size ({config.batch_size}; grad_accum_steps keeps the "
+        f"batch and computes it in parts) or eval_batch_size ({config.eval_batch_size}), set "
+        f"model.remat='block' (now {config.model.remat!r}), or VISION_JAX_HUGE_PAGES=0 (main "
+        "keeps freed host memory for the next step); the log's 'memory per device' lines say "
+        "what each step needs)"
+    )
+
+
 def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = None) -> None:
     """Ends the process with ``code`` after one line on stderr, skipping the slow teardown of
     the input pipeline's threads.
@@ -375,10 +392,10 @@ def main(argv: list[str]) -> None:
         )
     except StopRequested as e:
         _exit(EXIT_STOPPED, str(e), watchdog)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         logging.debug("Traceback:", exc_info=True)  # with --verbosity=1
-        _exit(EXIT_ERROR, str(e), watchdog, e)
+        _exit(EXIT_ERROR, str(e) + _out_of_memory_advice(e, FLAGS.config), watchdog, e)
     except Exception as e:  # a bug: the traceback, then the same bounded exit (the
         # interpreter's teardown would abort while a background compilation still runs)
         logging.exception("%s", type(e).__name__)

@@ -9,7 +9,6 @@ then trains, evaluates every ``eval_every_steps`` and at the end, and checkpoint
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -285,11 +284,30 @@ def _compile_ahead(run: Run) -> tuple[_Background, _Background]:
     lowered = run.train_step.lower(state, run.frozen, train_batch, run.settings)
 
     def compile_evals() -> None:
-        for eval_step in run.eval_steps.values():
-            _quietly(lambda step=eval_step: step.lower(state, run.frozen, eval_batch).compile())
+        for name, step in run.eval_steps.items():
+            label = "Eval step (EMA)" if name else "Eval step"
+            _quietly(lambda s=step, n=label: _log_step_memory(
+                n, s.lower(state, run.frozen, eval_batch).compile()
+            ))  # fmt: skip
 
-    compile_train = functools.partial(_quietly, lowered.compile)
+    def compile_train() -> None:
+        _quietly(lambda: _log_step_memory("Train step", lowered.compile()))
+
     return _Background("compile_train", compile_train), _Background("compile_eval", compile_evals)
+
+
+def _log_step_memory(name: str, compiled: Any) -> None:
+    """What XLA planned for ``compiled``: its arguments, outputs and temporaries per device (an
+    out-of-memory error names no step; this line says which needs what)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # a backend that does not say
+        return
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"
+    logger.info(
+        "%s memory per device (XLA's plan): %s of temporaries, %s of arguments, %s of outputs.",
+        name, mib(analysis.temp_size_in_bytes), mib(analysis.argument_size_in_bytes),
+        mib(analysis.output_size_in_bytes),
+    )  # fmt: skip
 
 
 def _quietly(compile_step: Callable[[], Any]) -> None:
