@@ -4,7 +4,10 @@ analysis), and only in the blocks the rules name."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -168,3 +171,38 @@ def test_config_rules_reach_a_task_models_backbone():
     again = task_model(specs.run_spec(TrackedConfig(saved)), num_classes=3)
     assert backbone_of(again).remat_rules == config.model.remat_rules
     assert hash(again) == hash(model)
+
+
+def kept_products(name: str, remat: str, dtype: str) -> list[str]:
+    """The products (matrix products, convolutions) whose outputs a training forward of a
+    depth-1 ``name`` keeps for the backward pass (JAX's ``print_saved_residuals``)."""
+    small = {"vit_ti16": {"depth": 1}, "resnet18": {"stage_sizes": (1, 1, 1, 1)}}[name]
+    model = create_model(name, num_classes=5, remat=remat, dtype=dtype, **small)
+    images = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, images, train=True,
+                          mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})  # fmt: skip
+        return jnp.sum(out[0].astype(jnp.float32))
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
+    product = r"(output of (dot_general|conv_general_dilated)|named 'low_precision_dot')"
+    return [line for line in printed.getvalue().splitlines() if re.search(product, line)]
+
+
+@pytest.mark.parametrize("name", ["vit_ti16", "resnet18"])
+def test_dots_keeps_the_products_in_bfloat16_and_convolutions(name):
+    """``remat="dots"`` keeps the same products in bfloat16 as in float32 (bfloat16 products
+    are a custom_vjp, whose dot JAX's policy did not see: "dots" kept what "block" keeps), and
+    the convolutions (JAX's policy keeps matrix products only: a ResNet's 3x3 convolutions were
+    recomputed)."""
+    import jax.ad_checkpoint  # noqa: F401  (print_saved_residuals)
+
+    float32, bfloat16 = (kept_products(name, "dots", dtype) for dtype in ("float32", "bfloat16"))
+    outside_blocks = len(kept_products(name, "block", "bfloat16"))  # ResNet's stem
+    assert len(bfloat16) == len(float32) > outside_blocks + 4
+    if name == "resnet18":
+        assert sum("conv_general_dilated" in line for line in float32) >= 7  # 3x3s and stem

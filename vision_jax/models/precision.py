@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 # Compute (and optimizer-moment) dtypes by config name.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,6 +66,11 @@ def _operand_gradient(
     return lax.transpose(product, tuple(np.argsort(order)))
 
 
+# The name of low_precision_dot's outputs without batch dimensions: remat policies do not see
+# the dot_general inside the custom_vjp (vision_jax.models.remat keeps them by this name).
+UNBATCHED_PRODUCT = "low_precision_dot"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def low_precision_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> jax.Array:
     """``lax.dot_general`` of low-precision operands accumulating in float32, float32 result;
@@ -101,7 +107,9 @@ def dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any =
         dimension_numbers = tuple(
             tuple(tuple(int(i) for i in d) for d in p) for p in dimension_numbers
         )
-        return low_precision_dot(lhs, rhs, dimension_numbers)
+        out = low_precision_dot(lhs, rhs, dimension_numbers)
+        batched = any(dimension_numbers[1])  # remat's "dots" keeps the others' outputs
+        return out if batched else checkpoint_name(out, UNBATCHED_PRODUCT)
     return lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32
     )

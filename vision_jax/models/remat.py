@@ -2,10 +2,10 @@
 
 ``remat="block"`` keeps only each block's input for the backward pass and recomputes the rest
 (activation memory of one block instead of all of them, about one more forward pass of compute);
-``"dots"`` also keeps the outputs of matrix products and convolutions without batch dimensions
-(the projections and MLPs of a ViT, the convolutions of a ResNet) and recomputes the elementwise
-passes and attention between them; ``"none"`` (the default) keeps everything. The parameters and
-the results are the same with every policy.
+``"dots"`` also keeps the outputs of matrix products without batch dimensions and of
+convolutions (the projections and MLPs of a ViT, the convolutions of a ResNet; in bfloat16 too)
+and recomputes the elementwise passes and attention between them; ``"none"`` (the default)
+keeps everything. The parameters and the results are the same with every policy.
 
 ``remat_rules`` sets the policy block by block: ``((regex, policy), ...)`` matched against each
 block's path, the prefix of its parameters' paths (``Transformer/encoderblock_3``, ``layer2/0``,
@@ -26,11 +26,24 @@ import jax
 
 from vision_jax import trees
 from vision_jax.masks import compile_rules, tree_map_by_rules
+from vision_jax.models.precision import UNBATCHED_PRODUCT
+
+
+def _products_saveable(primitive: Any, *args: Any, **params: Any) -> bool:
+    """Matrix products without batch dimensions (JAX's policy of that name) and convolutions:
+    their outputs are kept by ``"dots"``."""
+    if primitive is jax.lax.conv_general_dilated_p:
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(primitive, *args, **params)
+
 
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # bfloat16 products are a custom_vjp the policy does not look into: kept by their name
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        _products_saveable, jax.checkpoint_policies.save_only_these_names(UNBATCHED_PRODUCT)
+    ),
 }
 
 RematRules = Sequence[tuple[str, str]]
