@@ -966,10 +966,10 @@ def test_input_config_is_fully_read():
         ({"resize_size": 0}, r"input.resize_size must be an integer >= 1; got 0"),
         (
             {"mean": (127, 127, 127), "std": (64, 64, 64)},
-            r"input.mean \(127, 127, 127\) is in "
+            r"input.mean \(127, 127, 127\) looks like "
             r"0-255 units; vision_jax takes fractions of 255 .*: divide by 255",
         ),  # fmt: skip
-        ({"std": (58.4, 57.1, 57.4)}, r"input.std \(58.4, 57.1, 57.4\) is in 0-255 units"),
+        ({"std": (58.4, 57.1, 57.4)}, r"input.std \(58.4, 57.1, 57.4\) looks like 0-255 units"),
         ({"mean": (0.5, 0.5, -0.1)}, r"input.mean must lie in \[0, 1\]; got -0.1"),
     ],
 )
@@ -999,6 +999,7 @@ def test_a_steps_mixing_seed_is_not_an_examples_seed(monkeypatch):
     mixing = [tf.random.experimental.stateless_split(s, 4) for s in seeds[:3]]
     drawn = {tuple(k.numpy()) for keys in [*examples, *mixing] for k in [*keys]}
     assert len(drawn) == 3 * 5 + 3 * 4  # no key drawn twice
+    assert seeds[0].dtype == tf.int64  # (a 32-bit seed would repeat within long runs)
 
 
 def test_training_from_an_image_folder_records_class_names(tmp_path, folder):

@@ -141,22 +141,23 @@ def test_early_stopping_stops_at_the_right_evaluation_and_tests_the_best(
     assert read_variables(tmp_path, "latest")["params"]["head"]["kernel"].shape == step4.shape
 
 
-def test_early_stopping_writes_the_open_train_window(tmp_path, scripted_validation, caplog):
+@pytest.mark.parametrize("every", [3, 2])
+def test_early_stopping_writes_the_open_train_window(tmp_path, scripted_validation, caplog, every):
     """Early stopping at step 10 with windows of 3 steps: steps 10's window is written (it was
-    lost: the run ended before the window's end); its progress line says the run stops (no
-    time to go)."""
+    lost: the run ended before the window's end); the last progress line says the run stops
+    (with windows of 2, after the window's own line, which gave a time to go)."""
     from vision_jax.report.curves import read_scalars
 
     config = selecting_config()
-    config.log_every_steps = 3
+    config.log_every_steps = every
     with caplog.at_level(logging.INFO):
         result = train_and_evaluate(config, str(tmp_path))
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step ")]
     assert progress[-1].startswith("Step 10 of 14 (71%)") and "stopping early" in progress[-1]
-    assert "to go" in progress[0] and len(progress) == 4
+    assert "to go" in progress[0] and len(progress) == (4 if every == 3 else 6)
     assert result["best/step"] == 4 and scripted_validation["val"] == 5
     steps_logged, losses = read_scalars(tmp_path)["train/loss"]
-    assert list(steps_logged) == [3, 6, 9, 10]
+    assert list(steps_logged) == ([3, 6, 9, 10] if every == 3 else [2, 4, 6, 8, 10])
     assert result["train/loss"] == pytest.approx(losses[-1])
 
 

@@ -635,7 +635,7 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         (
             {"input.mean": (123.675, 116.28, 103.53)},  # mmseg's units
             ValueError,
-            r"input.mean \(123.675, 116.28, 103.53\) is in 0-255 units; .* divide by 255",
+            r"input.mean \(123.675, 116.28, 103.53\) looks like 0-255 units; .* divide by 255",
         ),
         ({"input.mean": (0.5, 0.5)}, ValueError, r"input.mean needs one value per RGB channel"),
         # Non-default values of keys whose branch the run does not take:
@@ -722,11 +722,17 @@ def test_a_saved_config_with_a_key_now_refused_still_loads(tmp_path, caplog):
     for meta in (tmp_path / "checkpoints").glob(f"*/{META_FILE}"):
         record = json.loads(meta.read_text())
         record["config"]["input"]["mix_prob"] = 0.5
+        # values a later version refuses: a swapped crop scale, means in 0-255 units
+        record["config"]["input"].update(inception_crop=True, inception_scale=[1.0, 0.5],
+                                         random_crop=False, mean=[123.7, 116.3, 103.5])  # fmt: skip
+        record["input"]["mean"] = [123.7, 116.3, 103.5]
         meta.write_text(json.dumps(record))
     with caplog.at_level(logging.WARNING):
         trained = load_trained(tmp_path)
     assert trained.step == 2 and trained.spec.input.mix_prob == 1.0  # reset to the default
     assert "The saved config sets input.mix_prob, which only applies with mixup" in caplog.text
+    assert "A saved run's config: input.inception_scale must be (lo, hi)" in caplog.text
+    assert trained.input.mean == (123.7, 116.3, 103.5)  # what it was trained with, kept
     with pytest.raises(ValueError, match="input.mix_prob only applies"):
         train_and_evaluate(small_config(**{"input.mix_prob": 0.5}), str(tmp_path / "new"))
 

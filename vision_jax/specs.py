@@ -146,14 +146,14 @@ class InputSpec:
     scale_jitter: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        _check_count("input.image_size", self.image_size, 1)
-        _check_count("input.resize_size", self.resize_size, 1)
-        _check_count("input.crop_padding", self.crop_padding, 0)
-        _check_count("input.randaugment_layers", self.randaugment_layers, 0)
+        try:
+            self._check_values()
+        except ConfigError as e:
+            if not reading_saved_config():
+                raise
+            logger.warning("A saved run's config: %s (kept: the run was trained with it)", e)
         if self.resize_size is not None and self.crop_fraction is not None:
             raise ValueError("Set at most one of input.resize_size and input.crop_fraction.")
-        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
-            raise ValueError(f"input.crop_fraction must lie in (0, 1]; got {self.crop_fraction}.")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"input.interpolation must be one of {INTERPOLATIONS}; got {self.interpolation!r}."
@@ -169,16 +169,6 @@ class InputSpec:
         if self.scale_jitter is not None:
             if self.inception_crop or self.random_crop:
                 raise ValueError("input.scale_jitter excludes inception_crop and random_crop.")
-            if len(self.scale_jitter) != 2 or not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
-                raise ValueError(
-                    f"input.scale_jitter must be (lo, hi), 0 < lo <= hi; got {self.scale_jitter}."
-                )
-        _check_range("input.inception_scale", self.inception_scale, "0 < lo <= hi <= 1", 1.0)
-        _check_range("input.inception_ratio", self.inception_ratio, "0 < lo <= hi", math.inf)
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            check_interval(f"input.{name}", getattr(self, name), "[0, inf)")
-        for name in ("random_erasing", "mix_prob", "mix_switch_prob"):
-            check_interval(f"input.{name}", getattr(self, name), "[0, 1]")
         mixing = (self.mixup_alpha > 0, self.cutmix_alpha > 0)
         _only_when("input", self, ("inception_scale", "inception_ratio"), self.inception_crop,
                    "with inception_crop=True")  # fmt: skip
@@ -201,11 +191,28 @@ class InputSpec:
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
                 raise ConfigError(f"input.{name} needs one value per RGB channel; got {values}.")
+
+    def _check_values(self) -> None:
+        """Sizes, ranges and probabilities (a saved run's config that a version before these
+        checks accepted still loads, with a warning: see :func:`saved_config`)."""
+        for name, low in (("image_size", 1), ("resize_size", 1), ("crop_padding", 0),
+                          ("randaugment_layers", 0)):  # fmt: skip
+            _check_count(f"input.{name}", getattr(self, name), low)
+        check_interval("input.crop_fraction", self.crop_fraction, "(0, 1]")
+        if self.scale_jitter is not None:
+            _check_range("input.scale_jitter", self.scale_jitter, "0 < lo <= hi", math.inf)
+        _check_range("input.inception_scale", self.inception_scale, "0 < lo <= hi <= 1", 1.0)
+        _check_range("input.inception_ratio", self.inception_ratio, "0 < lo <= hi", math.inf)
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            check_interval(f"input.{name}", getattr(self, name), "[0, inf)")
+        for name in ("random_erasing", "mix_prob", "mix_switch_prob"):
+            check_interval(f"input.{name}", getattr(self, name), "[0, 1]")
         for name, values, interval in (("mean", self.mean, "[0, 1]"), ("std", self.std, "(0, 1]")):
-            if any(isinstance(v, (int, float)) and v > 1 for v in values):
+            if max(values, default=0) > 1 and min(values) >= 1:  # every channel: 0-255 units
                 raise ConfigError(
-                    f"input.{name} {tuple(values)} is in 0-255 units; vision_jax takes fractions "
-                    "of 255 (as timm: ImageNet's mean is (0.485, 0.456, 0.406)): divide by 255."
+                    f"input.{name} {tuple(values)} looks like 0-255 units; vision_jax takes "
+                    "fractions of 255 (as timm: ImageNet's mean is (0.485, 0.456, 0.406)): "
+                    "divide by 255."
                 )
             for value in values:
                 check_interval(f"input.{name}", value, interval)

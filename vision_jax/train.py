@@ -536,6 +536,15 @@ class _TrainLog:
         self.last = summary
         return summary
 
+    def stop_early(self, step: int, state: TrainState) -> dict[str, float]:
+        """Training stops early at ``step``: the open window's scalars written, or (the window
+        closed at this step, its line printed a time to go) a line saying so."""
+        if self.metrics is not None:
+            return self.write(step, state, stopping=True)
+        total = self.run.total_steps
+        logger.info("Step %d of %d (%.0f%%); stopping early.", step, total, 100 * step / total)
+        return {}
+
     def _progress(self, step: int, steps_per_sec: float, stopping: bool) -> None:
         total = self.run.total_steps
         if stopping:
@@ -576,8 +585,8 @@ def _end_step(
         if selection is not None and selection.should_stop and not pending and not last:
             selection.stopped_at = step  # (at the last step the run ends anyway: not early)
     early = selection is not None and selection.stopped_at == step
-    if early and log.metrics is not None:  # the open window ends here too
-        results = {**log.write(step, state, stopping=True), **results}
+    if early:  # the open window ends here too
+        results = {**log.stop_early(step, state), **results}
     if stopping or early or _save_due(run.spec, step, run.total_steps):
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
         meta = {**_meta(run, early), "train_window": log.window()}

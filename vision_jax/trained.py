@@ -113,13 +113,13 @@ def load_trained(
     try:
         with specs.saved_config():
             spec = specs.run_spec(TrackedConfig(saved_with_defaults(record.config)))
+            input_spec = dataclasses.replace(
+                spec.input, image_size=record.image_size, mean=record.mean, std=record.std,
+                interpolation=record.interpolation or spec.input.interpolation,
+                crop_mode=record.crop_mode or spec.input.crop_mode,
+            )  # fmt: skip
     except ValueError as e:  # its config cannot be read today (a task module not found, say)
         raise WeightFormatError(f"Cannot read the run in {step_dir}: {e}") from e
-    input_spec = dataclasses.replace(
-        spec.input, image_size=record.image_size, mean=record.mean, std=record.std,
-        interpolation=record.interpolation or spec.input.interpolation,
-        crop_mode=record.crop_mode or spec.input.crop_mode,
-    )  # fmt: skip
     model = task_model(spec, len(record.class_names or ()))
     ema = selects_ema(record.config) if ema is None else ema
     step = int(step_dir.name)

@@ -374,7 +374,8 @@ def train_batches(
                 prob=spec.mix_prob,
                 switch_prob=spec.mix_switch_prob,
                 seed=tf.random.experimental.stateless_fold_in(  # not example `step`'s key
-                    tf.stack([tf.constant(host_seed, tf.int64), step]), _MIX_STREAM
+                    tf.stack([tf.constant(host_seed, tf.int64), step]),
+                    tf.constant(_MIX_STREAM, tf.int64),
                 ),
             )
 

@@ -83,15 +83,16 @@ def _check_not_a_partial_hub_folder(path: pathlib.Path) -> None:
     ):
         return
     weights = sorted(n for n in names if pathlib.Path(n).suffix in SUFFIXES)
+    alone = f"; to read a weights file alone, pass it: {path / weights[0]}" if weights else ""
     if "config.json" in names:
         raise WeightFormatError(
             f"{path} holds config.json but none of {', '.join(hf.WEIGHT_FILES)} (a Hugging "
-            "Face or timm Hub folder holds one beside it)."
+            f"Face or timm Hub folder holds one beside it){alone}"
         )
     if weights:
         raise WeightFormatError(
             f"{path} is no vision_jax run, and has no config.json (a Hugging Face or timm Hub "
-            f"folder); to read a weights file alone, pass it: {path / weights[0]}"
+            f"folder){alone}"
         )
 
 

@@ -166,7 +166,7 @@ def _check_config(config: Mapping[str, Any], model: Any, *, source: str) -> None
         diffs.append(f"hidden_act: checkpoint {config['hidden_act']!r} vs model 'gelu' (erf)")
     if not config.get("qkv_bias", True):
         diffs.append("qkv_bias: checkpoint False vs model True")
-    if float(config.get("layer_norm_eps", 1e-12)) > MAX_LAYER_NORM_EPS:
+    if float(config.get("layer_norm_eps") or 1e-12) > MAX_LAYER_NORM_EPS:
         diffs.append(f"layer_norm_eps: checkpoint {config['layer_norm_eps']} vs model 1e-6")
     if diffs:
         raise WeightMismatchError(

@@ -76,78 +76,44 @@ ARCHITECTURES = {  # with the older names of timm's weights (vit_base_patch16_22
 
 
 ANY = None  # a model_args value the state dict's names and shapes record (or training-only)
-_TRAINING_ONLY = dict.fromkeys(
-    ("num_classes", "in_chans", "drop_rate", "drop_path_rate", "drop_block_rate",
-     "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "weight_init",
-     "fix_init", "zero_init_last"), ANY,
-)  # fmt: skip
+_TRAINING_ONLY = {
+    **dict.fromkeys(
+        ("num_classes", "in_chans", "drop_rate", "drop_path_rate", "drop_block_rate",
+         "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "weight_init",
+         "fix_init", "zero_init_last"), ANY,
+    ),
+    "device": (None,), "dtype": (None,),
+}  # fmt: skip
 _RELU = (None, "relu")
 # The timm model_args (constructor keywords, as save_for_hf records them) each family computes:
 # a value in the tuple, or any (ANY). Others (resnet50's output_stride=16, act_layer="silu",
 # global_pool="max") compute another function from the same state dict: refused.
 MODEL_ARGS = {
     "vit": {
-        **_TRAINING_ONLY,
-        "img_size": ANY,
-        "patch_size": ANY,
-        "embed_dim": ANY,
-        "depth": ANY,
-        "num_heads": ANY,
-        "mlp_ratio": ANY,
-        "qkv_bias": ANY,
-        "class_token": ANY,
-        "no_embed_class": ANY,
-        "fc_norm": ANY,
-        "reg_tokens": ANY,
-        "init_values": ANY,
-        "pre_norm": ANY,
-        "final_norm": ANY,
-        "dynamic_img_size": ANY,
-        "global_pool": ("", "token", "avg"),
-        "act_layer": (None, "gelu"),
-        "qk_norm": (False,),
-        "proj_bias": (True,),
-        "pos_embed": ("learn",),
-        "pool_include_prefix": (False,),
-        "dynamic_img_pad": (False,),
+        **_TRAINING_ONLY, "img_size": ANY, "patch_size": ANY, "embed_dim": ANY, "depth": ANY,
+        "num_heads": ANY, "mlp_ratio": ANY, "qkv_bias": ANY, "class_token": ANY,
+        "no_embed_class": ANY, "fc_norm": ANY, "reg_tokens": ANY, "init_values": ANY,
+        "pre_norm": ANY, "final_norm": ANY, "dynamic_img_size": ANY,
+        "global_pool": ("", "token", "avg"), "act_layer": (None, "gelu"),
+        "qk_norm": (False,), "proj_bias": (True,), "pos_embed": ("learn",),
+        "pool_include_prefix": (False,), "dynamic_img_pad": (False,),
+        "scale_attn_norm": (False,), "scale_mlp_norm": (False,), "norm_layer": (None,),
+        "embed_norm_layer": (None,),
     },
     "resnet": {
-        **_TRAINING_ONLY,
-        "layers": ANY,
-        "block": ANY,
-        "channels": ANY,
-        "stem_width": ANY,
-        "output_stride": (32,),
-        "global_pool": ("avg",),
-        "act_layer": _RELU,
-        "cardinality": (1,),
-        "base_width": (64,),
-        "stem_type": ("",),
-        "replace_stem_pool": (False,),
-        "block_reduce_first": (1,),
-        "down_kernel_size": (1,),
-        "avg_down": (False,),
-        "aa_layer": (None,),
-        "norm_layer": (None,),
+        **_TRAINING_ONLY, "layers": ANY, "block": ANY, "channels": ANY, "stem_width": ANY,
+        "output_stride": (32,), "global_pool": ("avg", ""), "act_layer": _RELU,
+        "block_args": (None, {}), "cardinality": (1,), "base_width": (64,), "stem_type": ("",),
+        "replace_stem_pool": (False,), "block_reduce_first": (1,), "down_kernel_size": (1,),
+        "avg_down": (False,), "aa_layer": (None,), "norm_layer": (None,),
     },
     "bit": {
-        **_TRAINING_ONLY,
-        "layers": ANY,
-        "channels": ANY,
-        "width_factor": ANY,
-        "stem_chs": ANY,
-        "output_stride": (32,),
-        "global_pool": ("avg",),
-        "act_layer": _RELU,
-        "stem_type": ("fixed",),
-        "avg_down": (False,),
-        "preact": (True,),
-        "basic": (False,),
-        "bottle_ratio": (0.25,),
-        "norm_layer": (None,),
-        "conv_layer": (None,),
+        **_TRAINING_ONLY, "layers": ANY, "channels": ANY, "width_factor": ANY, "stem_chs": ANY,
+        "output_stride": (32,), "global_pool": ("avg", ""), "act_layer": _RELU,
+        "stem_type": ("fixed",), "avg_down": (False,), "preact": (True,), "basic": (False,),
+        "bottle_ratio": (0.25,), "norm_layer": (None,), "conv_layer": (None,),
     },
-}
+}  # fmt: skip
 
 
 def _check_architecture(config: Mapping[str, Any], path: pathlib.Path, model: nn.Module) -> None:
@@ -166,11 +132,12 @@ def _check_architecture(config: Mapping[str, Any], path: pathlib.Path, model: nn
     for key, value in args.items():
         allowed = MODEL_ARGS.get(kind, {}).get(key, ())
         if kind in MODEL_ARGS and allowed is not ANY and value not in allowed:
-            computes = f"computes {key} in {allowed}" if allowed else f"does not read {key}"
+            why = (f"vision_jax's {kind} model computes {key} in {allowed}: the state dict "
+                   "would load and compute another function" if allowed else
+                   f"an argument vision_jax does not know for its {kind} models")  # fmt: skip
             raise WeightMismatchError(
-                f"{path}: model_args {key}={value!r}; vision_jax's {kind} model {computes}: the "
-                "state dict would load and compute another function. Point init.path at the "
-                "weights file itself to load it anyway."
+                f"{path}: model_args {key}={value!r}; {why}. Point init.path at the weights file "
+                "itself to load it anyway."
             )
     heads = getattr(backbone_of(model), "num_heads", None)
     if "num_heads" in args and heads is not None and int(args["num_heads"]) != heads:
