@@ -258,6 +258,64 @@ def test_cli_writes_jsonl_and_csv_with_top_k(digits_run, digit_files, digit_reco
                 assert float(r["top_k_2_probability"]) == pytest.approx(want[1]["probability"])
 
 
+def _watch_batches(monkeypatch, look, stop: int | None = None) -> list:
+    """Makes each batch of predictions call ``look()`` as it is predicted, before it goes
+    on (the batch at index ``stop`` raises KeyboardInterrupt instead, a Ctrl-C); the list of
+    what ``look`` returned."""
+    rows, looks = Predictor._rows, []
+
+    def watched(self, *args, **kwargs):
+        for i, batch in enumerate(rows(self, *args, **kwargs)):
+            looks.append(look())
+            if i == stop:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(Predictor, "_rows", watched)
+    return looks
+
+
+def test_cli_writes_each_batch_as_it_is_predicted(digits_run, digit_files, tmp_path,
+                                                  monkeypatch, capsys):  # fmt: skip
+    """Each batch's records are written as soon as it is predicted (all of them were held, and
+    written after the last batch): a Ctrl-C midway leaves the records of the batches done,
+    whole JSON lines (CSV rows), and no summary line; a JSON list, whole only at its end, is
+    not left half written (an earlier one stays)."""
+    folder = pathlib.Path(digit_files[0][0]).parent
+    out = tmp_path / "p.jsonl"
+    argv = [f"--workdir={digits_run[0]}", f"--input={folder}/0*.png", "--batch_size=32"]
+    lines = lambda: len(out.read_text().splitlines()) if out.exists() else 0  # noqa: E731
+    looks = _watch_batches(monkeypatch, lines)
+    assert main([*argv, f"--output={out}"]) == 0
+    assert looks == [0, 32, 64, 96]  # 100 readable files
+    whole = out.read_text().splitlines()
+    assert len(whole) == 100 and json.loads(capsys.readouterr().out)["records"] == 100
+    for kind in ("jsonl", "csv"):
+        out = tmp_path / f"stopped.{kind}"
+        _watch_batches(monkeypatch, lines, stop=2)
+        with pytest.raises(KeyboardInterrupt):
+            main([*argv, f"--output={out}"])
+        assert capsys.readouterr().out == ""  # the summary comes at the end only
+        if kind == "jsonl":
+            assert out.read_text().splitlines() == whole[:64]
+        else:
+            with out.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            assert [r["file"] for r in rows] == [json.loads(w)["file"] for w in whole[:64]]
+    out = tmp_path / "p.json"
+    monkeypatch.undo()  # not stopped
+    assert main([*argv, f"--output={out}"]) == 0
+    earlier = out.read_bytes()
+    assert [r["file"] for r in json.loads(earlier)] == [json.loads(w)["file"] for w in whole]
+    _watch_batches(monkeypatch, lines, stop=2)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, f"--output={out}"])
+    assert out.read_bytes() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "p.json", "p.jsonl", "stopped.csv", "stopped.jsonl"
+    ]  # fmt: skip
+
+
 def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_path, capsys):
     """No readable image (each named with its reason), or no run: one error line, status 1."""
     _, broken = digit_files
@@ -284,11 +342,13 @@ def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_p
 
 
 @pytest.mark.slow  # trains a segmentation run of its own: over 30 s on 2 cores
-def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, capsys):
+def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, capsys,
+                                                          monkeypatch):  # fmt: skip
     """A segmentation run's predict: one PNG label map per image equal to the argmax of the
     model on the eval pipeline's batch of that image (a 45x29 image: the argmax of those 16x16
     logits resized as torch's bilinear interpolate resizes them), and an index whose class
-    fractions are those of the PNG; predict_arrays gives the 16x16 maps."""
+    fractions are those of the PNG, each batch's written as soon as it is predicted;
+    predict_arrays gives the 16x16 maps."""
     import torch
 
     workdir = tmp_path_factory.mktemp("seg_run")
@@ -316,7 +376,11 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
     paths.append(str(folder / "large.png"))
     Image.fromarray(large).save(paths[-1])
     out = tmp_path_factory.mktemp("seg_out") / "preds.jsonl"
+    written = lambda: (len(list(out.with_suffix("").glob("*.png"))),  # noqa: E731
+                       len(out.read_text().splitlines()) if out.exists() else 0)  # fmt: skip
+    looks = _watch_batches(monkeypatch, written)
     assert main([f"--workdir={workdir}", f"--input={folder}", f"--output={out}"]) == 0
+    assert looks == [(0, 0), (16, 16)]  # each batch's maps and records written as it came
     assert f"{len(paths)}/{len(paths)} images" in capsys.readouterr().err
     index = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["file"] for r in index] == paths

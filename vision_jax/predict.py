@@ -15,7 +15,10 @@ Detection writes COCO results (``bbox`` [x, y, w, h] in image pixels, ``score``,
 their boxes; their ``image_id`` is 1, 2, ... in file order, or with ``--coco_annotations`` the id
 of the file in that COCO file (so pycocotools scores the results against it). The output's
 extension picks its format: ``.jsonl`` (a record a line), ``.csv`` (a record a row, nested
-fields flattened: ``top_k_1_label``, ``bbox_1``) or ``.json`` (a list).
+fields flattened: ``top_k_1_label``, ``bbox_1``) or ``.json`` (a list). Each batch's records
+and label maps are written as soon as it is predicted, then let go (memory for a batch, not
+for every image): a run stopped midway leaves the lines or rows (and PNGs) of the batches done,
+whole; a ``.json`` list replaces an earlier file only once complete.
 
 Images go through the evaluation pipeline (:func:`vision_jax.data.eval_batches`, with the run's
 recorded input size, crop, mean and std, or the weight file's input contract) in batches and the
@@ -26,9 +29,11 @@ decoder cannot read are reported by name and skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import glob
+import itertools
 import json
 import logging
 import os
@@ -56,7 +61,7 @@ from vision_jax.models import create_model
 from vision_jax.output_errors import written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
-from vision_jax.tasks.coco_eval import PADDING_ID, coco_results
+from vision_jax.tasks.coco_eval import coco_results
 from vision_jax.trained import jitted_predict, load_trained
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,16 @@ def image_files(pattern: str) -> list[str]:
     if not files:
         raise FileNotFoundError(f"No image files at {pattern!r}.")
     return files
+
+
+def _listed(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
+    """``paths`` as a list of file names: one path alone is a folder or glob pattern that
+    :func:`image_files` expands, or a file that stays itself."""
+    if isinstance(paths, str | os.PathLike):
+        path = os.fspath(paths)
+        expands = os.path.isdir(path) or (glob.has_magic(path) and not os.path.isfile(path))
+        return image_files(path) if expands else [path]
+    return [os.fspath(p) for p in paths]
 
 
 class Progress:
@@ -208,36 +223,57 @@ class Predictor:
         or a folder or glob pattern as :func:`image_files` expands it; see the module
         docstring: segmentation's ``label_map`` is a uint8 array here), and the unreadable files
         as (path, reason). ``top_k``: classes per classification record; ``progress``: a
-        progress line on stderr."""
-        if isinstance(paths, str | os.PathLike):  # a folder or a pattern expands; a file stays
-            path = os.fspath(paths)
-            expands = os.path.isdir(path) or (glob.has_magic(path) and not os.path.isfile(path))
-            paths = image_files(path) if expands else [path]
-        paths = [os.fspath(p) for p in paths]
+        progress line on stderr. :meth:`iter_predict` gives them a batch at a time."""
+        unreadable: list[tuple[str, str]] = []
+        batches = self.iter_predict(paths, top_k=top_k, progress=progress, unreadable=unreadable)
+        return [record for batch in batches for record in batch], unreadable
+
+    def iter_predict(
+        self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = 5,
+        progress: bool = False, unreadable: list[tuple[str, str]] | None = None,
+    ) -> Iterator[list[dict]]:  # fmt: skip
+        """:meth:`predict`'s records a batch at a time, each as soon as it is predicted (so a
+        caller can write them and let them go: memory for one batch, not for every image);
+        ``unreadable`` (a list) gets the unreadable files as they are found: before the first
+        batch, and for detection also after the last (files that fail when decoded)."""
+        paths = _listed(paths)
+        unreadable = [] if unreadable is None else unreadable
         if not paths:
-            return [], []
+            return
         if library_kind(self.task) == "detection":
-            return self._detect(paths, progress)
+            yield from self._detect(paths, progress, unreadable)
+            return
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1; got {top_k}.")
-        files, unreadable = decoded_sizes(paths)
+        files, skipped = decoded_sizes(paths)
+        unreadable += skipped
         source = unlabelled_files(files, self.task.target, self.class_names)
+        kind = library_kind(self.task)
+        keys = None if kind is None else ("probabilities",)  # None: a task of the user's own
         bar = Progress(len(files)) if progress else None
-        names, records = self.class_names, []
-        if library_kind(self.task) == "classification":
-            found = self._rows(source, ("probabilities",), bar)
-            for (path, _), row in zip(files, found, strict=True):
-                records.append(classification_record(path, row["probabilities"], names, top_k))
-        elif library_kind(self.task) == "segmentation":
-            per_image = self.input.image_size**2 * len(names) * 4  # float32 scores a pixel
-            batch = max(1, min(self.batch_size, 2**28 // per_image))  # 256 MB at a time
-            found = self._rows(source, ("probabilities",), bar, batch)
-            for (path, size), row in zip(files, found, strict=True):
-                records.append(segmentation_record(path, row["probabilities"], size, names))
-        else:  # a task of the user's own: its predictions as they come, at the model's input
-            for (path, _), row in zip(files, self._rows(source, None, bar), strict=True):
-                records.append({"file": path, **{k: v.tolist() for k, v in row.items()}})
-        return records, unreadable
+        left = iter(files)
+        for rows in self._rows(source, keys, bar, self._batch_size()):
+            done = itertools.islice(left, len(rows))
+            yield [self._record(path, size, row, top_k)
+                   for (path, size), row in zip(done, rows, strict=True)]  # fmt: skip
+
+    def _batch_size(self) -> int:
+        """The batch size to predict files with: segmentation's scores at most 256 MB."""
+        if library_kind(self.task) != "segmentation":
+            return self.batch_size
+        per_image = self.input.image_size**2 * len(self.class_names) * 4  # float32 scores
+        return max(1, min(self.batch_size, 2**28 // per_image))
+
+    def _record(self, path: str, size: tuple[int, int], row: dict, top_k: int) -> dict:
+        """The record of the file ``path`` of ``size`` (height, width) with the predictions
+        ``row``; a task of the user's own gets its predictions as they come, at the model's
+        input."""
+        kind, names = library_kind(self.task), self.class_names
+        if kind == "classification":
+            return classification_record(path, row["probabilities"], names, top_k)
+        if kind == "segmentation":
+            return segmentation_record(path, row["probabilities"], size, names)
+        return {"file": path, **{k: v.tolist() for k, v in row.items()}}
 
     def predict_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The task's predictions (:meth:`~vision_jax.tasks.base.Task.predict`: classification
@@ -258,15 +294,15 @@ class Predictor:
         else:
             targets = np.full(images.shape[:3], IGNORE_LABEL, np.uint8)
         source = data_lib.from_arrays(images, targets, self.class_names, target=self.task.target)
-        rows = list(self._rows(source, None, None))
+        rows = [row for batch in self._rows(source, None, None) for row in batch]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def _rows(
         self, source: data_lib.Source, keys: tuple[str, ...] | None, bar: Progress | None,
         batch_size: int | None = None,
-    ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+    ) -> Iterator[list[dict[str, np.ndarray]]]:  # fmt: skip
         """The task's predictions ``keys`` (None: all) of each example of ``source``, in order,
-        in batches of ``batch_size`` (None: the predictor's)."""
+        a list for each batch of ``batch_size`` (None: the predictor's)."""
         batches = data_lib.eval_batches(
             source, self.input, global_batch=batch_size or self.batch_size
         )
@@ -275,38 +311,37 @@ class Predictor:
             count = int(batch["mask"].sum())  # padding rows come last
             if bar is not None:
                 bar.update(count)
-            yield from ({k: v[i] for k, v in found.items()} for i in range(count))
+            yield [{k: v[i] for k, v in found.items()} for i in range(count)]
         if bar is not None:
             bar.close()
 
     def _detect(
-        self, paths: Sequence[str], progress: bool
-    ) -> tuple[list[dict], list[tuple[str, str]]]:
-        """COCO results of the readable files (with ``file_name`` and ``category_name``), and
-        the unreadable files (path, reason)."""
-        source, unreadable = from_image_files(paths, self.class_names, self.category_ids)
+        self, paths: Sequence[str], progress: bool, unreadable: list[tuple[str, str]]
+    ) -> Iterator[list[dict]]:
+        """COCO results of the readable files (with ``file_name`` and ``category_name``), a
+        list for each batch; the unreadable files (path, reason) go into ``unreadable``."""
+        source, skipped = from_image_files(paths, self.class_names, self.category_ids)
+        unreadable += skipped
         batches = data_lib.eval_batches(
             source, self.input, global_batch=self.batch_size, max_boxes=1
         )
         bar = Progress(source.num_examples) if progress else None
-        total = None
+        images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
+        names = dict(zip(self.category_ids, self.class_names, strict=True))
+        seen = set()
         for batch in batches:
-            found = jax.device_get(self._detections(self.variables, batch))
-            total = found if total is None else total.merge(found)
+            found = jax.device_get(self._detections(self.variables, batch)).detections.compute()
+            seen.update(found["image_ids"].tolist())
             if bar is not None:
                 bar.update(int(batch["mask"].sum()))
+            results = coco_results(found, self.category_ids, source.annotations["images"])
+            for r in results:
+                r["file_name"] = images[r["image_id"]]
+                r["category_name"] = names[r["category_id"]]
+            yield results
         if bar is not None:
             bar.close()
-        merged = total.detections.compute()
-        seen = set(merged["image_ids"].tolist()) - {PADDING_ID}
-        images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
         unreadable += [(images[i], _reason(images[i])) for i in sorted(set(images) - seen)]
-        results = coco_results(merged, self.category_ids, source.annotations["images"])
-        names = dict(zip(self.category_ids, self.class_names, strict=True))
-        for r in results:
-            r["file_name"] = images[r["image_id"]]
-            r["category_name"] = names[r["category_id"]]
-        return results, unreadable
 
 
 def _pretrained_classifier(
@@ -455,15 +490,19 @@ def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
     return out
 
 
-def save_label_maps(records: list[dict], folder: str) -> None:
+def save_label_maps(
+    records: list[dict], folder: str, names: Mapping[str, str] | None = None
+) -> None:
     """Writes each record's ``label_map`` to a PNG in ``folder`` and puts its path in its
     place: class ids as the pixels of a palette image with PASCAL VOC's colours (as VOC's
     ``SegmentationClass`` files: viewers show the classes; PIL, or any reader of the PNG's one
-    channel, gets the ids)."""
+    channel, gets the ids). ``names``: each file's PNG (default: :func:`unique_pngs` of the
+    records' files), for records that come a batch at a time."""
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
-    outs = unique_pngs([r["file"] for r in records], folder)
+    files = [r["file"] for r in records]
+    outs = [names[f] for f in files] if names is not None else unique_pngs(files, folder)
     for record, out in zip(records, outs, strict=True):
         image = Image.fromarray(record["label_map"])  # uint8 class ids
         image.putpalette(voc_palette())
@@ -499,24 +538,78 @@ def flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def write_records(records: list[dict], path: str) -> None:
-    """``records`` as the extension of ``path`` says: ``.jsonl``, ``.csv`` or ``.json``."""
-    kind = os.path.splitext(path)[1].lower()
-    newline = "" if kind == ".csv" else None
-    with (
-        written_whole(path) as partial,  # in CSV, names that are not UTF-8 keep their bytes
-        open(partial, "w", newline=newline, encoding="utf-8", errors="surrogateescape") as f,
-    ):
-        if kind == ".json":
-            json.dump(records, f)
-        elif kind == ".jsonl":
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        else:
-            rows = [flat(r) for r in records]
-            columns = list(dict.fromkeys(k for row in rows for k in row))
-            writer = csv.DictWriter(f, columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+class RecordWriter:
+    """Writes records to ``path`` as its extension says (``.jsonl``: a record a line; ``.csv``:
+    a row, its columns those of the first records written; ``.json``: a list), a batch at a
+    time, each flushed as it comes. JSON lines and CSV rows go straight to ``path`` (opened at
+    the first batch): whatever stops the writing leaves those of the batches written. A JSON
+    list, whole only at its end, goes to a temporary name that replaces ``path`` once complete
+    (a file already there stays whole until then). A context manager: the file is completed
+    on leaving it, and only without an exception."""
+
+    def __init__(self, path: str):
+        self.path, self.kind = path, os.path.splitext(path)[1].lower()
+        self.count = 0  # records written
+        self._file: Any = None
+        self._csv: csv.DictWriter | None = None
+        self._open = contextlib.ExitStack()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *error: Any) -> None:
+        if error[0] is not None:  # closed; a JSON list's temporary file removed
+            self._open.__exit__(*error)
+            return
+        with self._open:
+            self._finish()
+
+    def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        f = self._file or self._start()
+        if self.kind == ".jsonl":
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+        elif self.kind == ".json":
+            f.write("".join((", " if self.count + i else "") + json.dumps(r)
+                            for i, r in enumerate(records)))  # fmt: skip
+        elif rows := [flat(r) for r in records]:
+            if self._csv is None:
+                self._header(list(dict.fromkeys(k for row in rows for k in row)))
+            self._csv.writerows(rows)
+        f.flush()
+        self.count += len(records)
+
+    def _start(self) -> Any:
+        """The file opened (``.json``: its temporary file, with the list's opening bracket)."""
+        path = self.path
+        if self.kind == ".json":
+            path = self._open.enter_context(written_whole(path))
+        newline = "" if self.kind == ".csv" else None
+        self._file = self._open.enter_context(  # names that are not UTF-8 keep their bytes
+            open(path, "w", newline=newline, encoding="utf-8", errors="surrogateescape")
+        )
+        if self.kind == ".json":
+            self._file.write("[")
+        return self._file
+
+    def _header(self, columns: list[str]) -> None:
+        self._csv = csv.DictWriter(self._file, columns, restval="")
+        self._csv.writeheader()
+
+    def _finish(self) -> None:
+        """The end of the file: a JSON list's closing bracket, a CSV header without records."""
+        if self._file is None:
+            self._start()
+        if self.kind == ".json":
+            self._file.write("]")
+        elif self.kind == ".csv" and self._csv is None:
+            self._header([])
+
+
+def write_records(records: Sequence[Mapping[str, Any]], path: str) -> None:
+    """``records`` as the extension of ``path`` says: ``.jsonl``, ``.csv`` or ``.json`` (see
+    :class:`RecordWriter`)."""
+    with RecordWriter(path) as writer:
+        writer.write(records)
 
 
 PALETTE = (
@@ -648,27 +741,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.coco_annotations:
             categories = dict(zip(predictor.category_ids, predictor.class_names, strict=True))
             ids = image_ids_by_file(args.coco_annotations, paths, categories)
-        records, unreadable = predictor.predict(paths, top_k=args.top_k, progress=True)
-        for record in records if ids is not None else ():
-            record["image_id"] = ids[record["file_name"]]
+        unreadable: list[tuple[str, str]] = []
+        batches = predictor.iter_predict(
+            paths, top_k=args.top_k, progress=True, unreadable=unreadable
+        )
+        count, detections = _write_batches(batches, args, task, ids, paths, unreadable)
     except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for path, reason in unreadable:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    if task == "segmentation":
-        save_label_maps(records, os.path.splitext(args.output)[0])
-    write_records(records, args.output)
     if args.draw:
-        os.makedirs(args.draw, exist_ok=True)
-        skipped = {path for path, _ in unreadable}
-        kept = [p for p in paths if p not in skipped]
-        for path, out in zip(kept, unique_pngs(kept, args.draw), strict=True):
-            mine = [r for r in records if r["file_name"] == path]
-            draw_detections(path, mine, out, args.draw_threshold)
+        _draw_all(detections, _readable(paths, unreadable), args.draw, args.draw_threshold)
     print(json.dumps({"images": len(paths) - len(unreadable), "skipped": len(unreadable),
-                      "records": len(records), "output": args.output}))  # fmt: skip
+                      "records": count, "output": args.output}))  # fmt: skip
     return 0
+
+
+def _write_batches(
+    batches: Iterator[list[dict]], args: argparse.Namespace, task: str,
+    ids: Mapping[str, int] | None, paths: list[str], unreadable: list[tuple[str, str]],
+) -> tuple[int, list[dict]]:  # fmt: skip
+    """Writes each batch's records (and segmentation's label maps, which then go) as soon as it
+    is predicted; the count of records, and the detections that ``--draw`` draws."""
+    folder, pngs, kept = os.path.splitext(args.output)[0], {}, []
+    with RecordWriter(args.output) as writer:
+        for records in batches:
+            for record in records if ids is not None else ():
+                record["image_id"] = ids[record["file_name"]]
+            if task == "segmentation":  # its unreadable files are known by its first batch
+                pngs = pngs or _png_names(_readable(paths, unreadable), folder)
+                save_label_maps(records, folder, pngs)
+            writer.write(records)
+            kept += records if args.draw else ()
+    return writer.count, kept
+
+
+def _png_names(paths: list[str], folder: str) -> dict[str, str]:
+    """Each of ``paths`` with its PNG in ``folder`` (:func:`unique_pngs`)."""
+    return dict(zip(paths, unique_pngs(paths, folder), strict=True))
+
+
+def _readable(paths: list[str], unreadable: list[tuple[str, str]]) -> list[str]:
+    skipped = {path for path, _ in unreadable}
+    return [p for p in paths if p not in skipped]
+
+
+def _draw_all(detections: list[dict], paths: list[str], folder: str, threshold: float) -> None:
+    """Each of ``paths`` with its ``detections`` drawn, into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    by_file: dict[str, list[dict]] = {}
+    for d in detections:
+        by_file.setdefault(d["file_name"], []).append(d)
+    for path, out in zip(paths, unique_pngs(paths, folder), strict=True):
+        draw_detections(path, by_file.get(path, []), out, threshold)
 
 
 if __name__ == "__main__":
