@@ -405,6 +405,18 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
     error = capsys.readouterr().err
     assert f"--input {folder} lies in {folder}, where this command writes" in error
 
+    from vision_jax import tasks
+    from vision_jax.weights.run_dir import META_FILE
+
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))  # a subclass of one's own, renamed:
+    tasks.register_task(type("MySeg", (tasks.Segmentation,), {"name": "my_seg"}))  # as its base
+    meta = workdir / "checkpoints" / "10" / META_FILE
+    meta.write_text(meta.read_text().replace('"name": "segmentation"', '"name": "my_seg"'))
+    renamed = tmp_path_factory.mktemp("seg_out") / "mine.jsonl"
+    assert main([f"--workdir={workdir}", f"--input={folder}", f"--output={renamed}"]) == 0
+    lines = renamed.read_text().splitlines()  # (folder/preds' PNGs are inputs here too)
+    assert len(list(renamed.with_suffix("").glob("*.png"))) == len(lines) >= len(paths)
+
 
 @pytest.mark.parametrize(
     "small, size, classes",

@@ -731,10 +731,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     try:
         predictor = _predictor(args, parser)
-        task = predictor.task.name
+        task = library_kind(predictor.task)  # a subclass of a library task is predicted as it
         for flag in ("draw", "coco_annotations"):
             if getattr(args, flag) and task != "detection":
-                parser.error(f"--{flag} is for detection: {args.workdir} is a {task} run.")
+                kind = predictor.task.name
+                parser.error(f"--{flag} is for detection: {args.workdir} is a {kind} run.")
         paths = _outside_outputs(paths, args, task, parser)
         _make_folder_of(args.output, parser)  # before the predictions, not after them
         ids = None  # before the predictions: a file the annotations miss is an error
