@@ -38,7 +38,26 @@ def test_the_settings_are_added_only_where_they_help():
     assert environment({"JAX_PLATFORMS": "cuda,cpu"}, "madvise")["GLIBC_TUNABLES"] == HUGE_PAGES
     assert environment({"JAX_PLATFORMS": "tpu"}, "never") is None
     assert environment({"JAX_PLATFORMS": "cpu"}, "never")["GLIBC_TUNABLES"] == HEAP_REUSE
+    # JAX_PLATFORMS unset where an accelerator plugin is installed: JAX runs the steps there
+    cuda = environment({}, "never", plugins=["xla_cuda12"])
+    assert cuda is None and environment({"JAX_PLATFORMS": "cpu"}, "never", plugins=["libtpu"])
     assert environment(environment(env, "madvise"), "madvise") is None  # no restart loop
+
+
+def test_accelerator_plugins_are_found_without_importing_them(tmp_path, monkeypatch):
+    """A CUDA plugin as pip installs it (``jax_plugins/xla_cuda12``): found, not imported (a
+    GPU host's launcher does not set JAX_PLATFORMS; the heap reuse was added there)."""
+    import sys
+
+    from vision_jax.host_memory import accelerator_plugins
+
+    assert accelerator_plugins() == []  # this machine's
+    plugin = tmp_path / "jax_plugins" / "xla_cuda12"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert accelerator_plugins() == ["xla_cuda12"]
+    assert "jax_plugins.xla_cuda12" not in sys.modules
 
 
 def test_the_kernel_mode_is_the_selected_word(tmp_path):

@@ -31,17 +31,20 @@ compacting memory where it must); the steps after it gain.
 
 Each group of tunables (heap reuse; huge pages) is added unless ``GLIBC_TUNABLES`` already names
 one of its tunables: the user's choice stands. The heap reuse is left out where ``JAX_PLATFORMS``
-puts another platform first (its steps' buffers are not in host memory). Nothing changes off
+puts another platform first, or, unset, where an accelerator plugin of JAX's is installed (CUDA,
+ROCm, libtpu: the steps' buffers are not in host memory). Nothing changes off
 Linux; glibc older than 2.35 ignores ``hugetlb``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import pkgutil
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +70,21 @@ def _entries(tunables: str) -> dict[str, str]:
     return dict(t.partition("=")[::2] for t in tunables.split(":") if t)
 
 
-def _steps_on_cpu(environ: Mapping[str, str]) -> bool:
-    """Whether JAX may run the steps on the CPU: ``JAX_PLATFORMS`` unset or naming it first."""
+def accelerator_plugins() -> list[str]:
+    """JAX's accelerator plugins installed (the ``jax_plugins`` packages, such as CUDA's
+    ``xla_cuda12``, and ``libtpu``), found without importing them: JAX runs on them unless
+    ``JAX_PLATFORMS`` says otherwise."""
+    spec = importlib.util.find_spec("jax_plugins")
+    folders = (spec.submodule_search_locations or []) if spec else []
+    found = [m.name for m in pkgutil.iter_modules(folders)]
+    return found + (["libtpu"] if importlib.util.find_spec("libtpu") else [])
+
+
+def _steps_on_cpu(environ: Mapping[str, str], plugins: Sequence[str]) -> bool:
+    """Whether JAX may run the steps on the CPU: ``JAX_PLATFORMS`` naming it first, or unset
+    with no accelerator ``plugins`` installed."""
     platforms = environ.get("JAX_PLATFORMS", "")
-    return not platforms or platforms.split(",")[0] == "cpu"
+    return platforms.split(",")[0] == "cpu" if platforms else not plugins
 
 
 def environment(
@@ -78,16 +92,19 @@ def environment(
     thp_mode: str | None,
     *,
     linux: bool = sys.platform.startswith("linux"),
+    plugins: Sequence[str] | None = None,
 ) -> dict[str, str] | None:
     """``environ`` with the heap-reuse tunables and (in ``madvise`` mode) huge pages added to
     ``GLIBC_TUNABLES``; None when a process started with ``environ`` has nothing to gain or the
-    user chose otherwise (see the module docstring)."""
+    user chose otherwise (see the module docstring). ``plugins``: JAX's accelerator plugins
+    (default: :func:`accelerator_plugins`)."""
     if not linux or environ.get(OPT_OUT) == "0":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
     named = _entries(tunables).keys()
     added = []
-    if not named & _entries(HEAP_REUSE).keys() and _steps_on_cpu(environ):
+    plugins = accelerator_plugins() if plugins is None else plugins
+    if not named & _entries(HEAP_REUSE).keys() and _steps_on_cpu(environ, plugins):
         added.append(HEAP_REUSE)
     if thp_mode == "madvise" and not named & _entries(HUGE_PAGES).keys():
         added.append(HUGE_PAGES)
