@@ -168,6 +168,45 @@ def test_fsdp_meshes_match_one_device_and_restore_into_another_mesh(tmp_path):
     assert shard_shape(workdir, f"params/{BIG}") == (192, 192)
 
 
+COLLECTIVES = r"""
+import json, re, sys
+sys.path.insert(0, {tests!r})
+from test_train import small_config
+from vision_jax import run, sharding
+cfg = small_config(**{{"model.name": "vit_ti16", "input.image_size": 224, "batch_size": 8,
+                      "fsdp_min_size": 2**10, "mesh": "fsdp:8", "model.depth": 1}})
+r = run.build_run(cfg, sys.argv[1])
+from vision_jax import data as data_lib
+it = data_lib.train_batches(r.train_source, r.input, global_batch=8, seed=0)
+batch = sharding.to_global_batch(next(it), r.mesh)
+it.close()
+hlo = r.train_step.lower(r.state, r.frozen, batch, r.settings).compile().as_text()
+shapes = []
+for line in hlo.splitlines():
+    m = re.search(r"= (\(?[^=]*?\)?) all-gather(-start)?\(", line)
+    shapes += re.findall(r"\w+\[([\d,]*)\]", m.group(1)) if m else []
+print("GATHERED " + json.dumps(shapes))
+"""
+
+
+def test_fsdp_keeps_activations_split_by_batch(tmp_path):
+    """A head kernel (192, 10) that FSDP splits along its input (the classes do not divide by
+    8): the features stay split by batch, so only parameters are gathered (the width split had
+    spread back through the blocks: the image batch (8, 224, 224, 3) and activations gathered
+    whole on every device; 20x the traffic of the parameters for a 12-block ViT-Ti/16 at
+    batch 64)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    code = COLLECTIVES.format(tests=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("GATHERED ")][-1]
+    gathered = json.loads(line.removeprefix("GATHERED "))
+    batch_first = [s for s in gathered if s.split(",")[0] in ("8", "1576")]  # 8 x 197 tokens
+    assert gathered and set(batch_first) <= {"8,10"}, gathered  # the logits at most
+
+
 CONFIG = """
 import json, sys
 sys.path.insert(0, {tests!r})

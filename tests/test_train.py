@@ -156,6 +156,23 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_an_eval_batch_larger_than_the_splits_is_named(tmp_path, caplog):
+    """An eval batch of 2000 for 360 test images padded every evaluation to 2000 rows (a
+    MemoryError for 224 px images) without a word; it is named, with the size that is enough."""
+    from vision_jax import run
+
+    for eval_batch, warned in ((2000, True), (360, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            built = run.build_run(small_config(eval_batch_size=eval_batch), str(tmp_path / "r"))
+            built.checkpointer.close()
+        assert built.eval_source.num_examples == 360
+        message = ("eval_batch_size 2000 exceeds the 360 examples of the largest split "
+                   "evaluated: each batch is padded to 2000 rows (memory and compute); "
+                   "eval_batch_size=360 is enough.")  # fmt: skip
+        assert (message in caplog.text) == warned, caplog.text
+
+
 def test_the_log_says_what_memory_each_step_needs(tmp_path, caplog):
     """XLA's memory plan of the train and eval steps, per device, is logged as they compile (an
     out-of-memory error names no step); the figures are the compiled steps' own."""

@@ -395,6 +395,21 @@ def _check_batch_sizes(spec: specs.RunSpec, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+def _warn_of_padding(
+    spec: specs.RunSpec, mesh: jax.sharding.Mesh, sources: list[data_lib.Source]
+) -> None:
+    """A warning when ``eval_batch_size`` exceeds every evaluated split: each evaluation
+    computes (and holds) the whole batch, the rest padding."""
+    largest, dp = max(s.num_examples for s in sources), sharding.data_parallel_size(mesh)
+    if spec.eval_batch_size > largest + dp:
+        enough = -(-largest // dp) * dp  # the split rounded up to the data-parallel devices
+        logger.warning(
+            "eval_batch_size %d exceeds the %d examples of the largest split evaluated: each "
+            "batch is padded to %d rows (memory and compute); eval_batch_size=%d is enough.",
+            spec.eval_batch_size, largest, spec.eval_batch_size, enough,
+        )  # fmt: skip
+
+
 def _load_data(
     spec: specs.RunSpec, arrays: Mapping | None
 ) -> tuple[data_lib.Source, data_lib.Source, data_lib.Source | None]:
@@ -819,14 +834,14 @@ def _compile_steps(
     train_step = jax.jit(
         make_train_step(
             model, setup.optimizer.transform, task, lora=adapters,
-            accum_steps=spec.grad_accum_steps,
+            accum_steps=spec.grad_accum_steps, mesh=mesh,
         ),
         donate_argnums=0,
         out_shardings=(setup.shardings, sharding.replicated(mesh)),
         compiler_options=step_compiler_options(dtype, remat=remat),
     )  # fmt: skip
     eval_step = lambda ema: jax.jit(  # metrics replicated: every host merges whole batches
-        make_eval_step(model, task, lora=adapters, use_ema=ema),
+        make_eval_step(model, task, lora=adapters, use_ema=ema, mesh=mesh),
         out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         compiler_options=xla_options,
     )
@@ -915,6 +930,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     mesh = sharding.create_mesh(spec.mesh)
     train_source, eval_source, val_source = _load_data(spec, arrays)
     _check_batch_sizes(spec, mesh)
+    _warn_of_padding(spec, mesh, [s for s in (eval_source, val_source) if s is not None])
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
     newest = ckpt.newest_complete_step()

@@ -198,6 +198,7 @@ def make_train_step(
     *,
     lora: LoraSpec | None = None,
     accum_steps: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, Any, Batch, StepSettings], tuple[TrainState, clu_metrics.Collection]]:
     """``step(state, frozen_params, batch, settings) -> (state, metrics)``; the task gives the
     loss and the metrics (``task.train_metrics``, plus ``grad_norm``). ``tx`` is the optimizer,
@@ -210,12 +211,13 @@ def make_train_step(
     ``Task.loss_normalisers``).
 
     A step whose loss, gradient norm, new parameters or new model state are not finite changes
-    nothing but ``step`` and ``skips`` (see the module docstring).
+    nothing but ``step`` and ``skips`` (see the module docstring). ``mesh``: the step's
+    (activations stay split by batch: :func:`~vision_jax.sharding.split_by_batch`).
     """
 
     def loss_of(params, model_state, frozen, batch, dropout_rng, normalisers=None):
         variables = {"params": combine(params, frozen), **model_state}
-        with apply_adapters(lora, train=True):
+        with apply_adapters(lora, train=True), sharding.activations_split_by_batch(mesh):
             outputs, new_model_state = model.apply(
                 variables,
                 batch["image"],
@@ -260,12 +262,18 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, task: Task, *, lora: LoraSpec | None = None, use_ema: bool = False
+    model: nn.Module,
+    task: Task,
+    *,
+    lora: LoraSpec | None = None,
+    use_ema: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, Any, Batch], tuple[clu_metrics.Collection, dict[str, jax.Array]]]:
     """``step(state, frozen_params, batch) -> (metrics, predictions)``: the task's metrics of a
     padded batch (padding, ``mask == 0``, is not counted) and its predictions per example
     (:meth:`~vision_jax.tasks.base.Task.evaluate_batch`). ``use_ema`` evaluates the EMA
-    parameters, with the EMA model state where the state has one."""
+    parameters, with the EMA model state where the state has one; ``mesh`` as for
+    :func:`make_train_step`."""
 
     def eval_step(state: TrainState, frozen: Any, batch: Batch) -> tuple[Any, dict]:
         params, model_state = state.params, state.model_state
@@ -274,7 +282,7 @@ def make_eval_step(
             if state.ema_model_state is not None:
                 model_state = state.ema_model_state
         variables = {"params": combine(params, frozen), **model_state}
-        with apply_adapters(lora, train=False):
+        with apply_adapters(lora, train=False), sharding.activations_split_by_batch(mesh):
             outputs = model.apply(variables, batch["image"], train=False)
         return task.evaluate_batch(outputs, batch)
 

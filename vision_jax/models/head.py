@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vision_jax import sharding
 from vision_jax.models import precision
 
 
@@ -17,6 +18,7 @@ def classify(features: jax.Array, num_classes: int, dtype: Any) -> jax.Array:
     0 (a headless feature extractor). Call inside a compact ``__call__``."""
     if not num_classes:
         return features
+    features = sharding.split_by_batch(features)
     logits = nn.Dense(
         num_classes,
         kernel_init=nn.initializers.zeros,
