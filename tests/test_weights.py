@@ -473,34 +473,42 @@ def test_a_run_from_a_hugging_face_folder_records_its_squash(timm, tmp_path):
     assert load_trained(tmp_path / "run").input.crop_mode == "squash"
 
 
+def _predicted_wide_picture(tmp_path: pathlib.Path, seed: int) -> tuple[Image.Image, dict]:
+    """A smooth 80 x 48 picture, and the probabilities (by class name) that
+    ``Predictor.from_weights`` of the Hugging Face folder ``tmp_path / "hf"`` gives it."""
+    from vision_jax.predict import Predictor
+
+    smooth = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (6, 10, 3), np.uint8))
+    picture = smooth.resize((80, 48), Image.Resampling.BICUBIC)
+    picture.save(tmp_path / "wide.png")
+    records, _ = Predictor.from_weights(tmp_path / "hf", model="vit_ti16").predict(
+        [str(tmp_path / "wide.png")], top_k=10
+    )
+    return picture, {t["class_name"]: t["probability"] for t in records[0]["top_k"]}
+
+
+def _timm_probabilities(ref: torch.nn.Module, image: Image.Image) -> dict[str, float]:
+    """timm's probabilities of ``image`` (already at the model's size; mean and std 0.5)."""
+    x = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+    with torch.no_grad():
+        p = torch.softmax(ref(x[None]), -1)[0].numpy()
+    return {f"thing{i}": float(v) for i, v in enumerate(p)}
+
+
 def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path):
     """ViTImageProcessor resizes the whole image to its square size (PIL, aspect ratio not
     kept): ``Predictor.from_weights`` on a Hugging Face folder does so too, on a 48 x 80
     image, and names the classes of ``id2label``."""
-    from vision_jax.predict import Predictor
 
     processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2,
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
     ref = _hf_vit_folder(timm, tmp_path / "hf", processor)
     assert input_contract(tmp_path / "hf") == InputContract(32, crop_mode="squash")
-    smooth = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 10, 3), np.uint8))
-    picture = smooth.resize((80, 48), Image.Resampling.BICUBIC)
-    picture.save(tmp_path / "wide.png")
-    records, _ = Predictor.from_weights(tmp_path / "hf", model="vit_ti16").predict(
-        [str(tmp_path / "wide.png")], top_k=10
-    )
-    got = {t["class_name"]: t["probability"] for t in records[0]["top_k"]}
-
-    def timm_probabilities(image: Image.Image) -> dict[str, float]:
-        x = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
-        with torch.no_grad():
-            p = torch.softmax(ref(x[None]), -1)[0].numpy()
-        return {f"thing{i}": float(v) for i, v in enumerate(p)}
-
-    squashed = timm_probabilities(picture.resize((32, 32), Image.Resampling.BILINEAR))
+    picture, got = _predicted_wide_picture(tmp_path, seed=0)
+    squashed = _timm_probabilities(ref, picture.resize((32, 32), Image.Resampling.BILINEAR))
     cropped = picture.resize((53, 32), Image.Resampling.BILINEAR).crop((10, 0, 42, 32))
-    gap = max(abs(squashed[k] - v) for k, v in timm_probabilities(cropped).items())
+    gap = max(abs(squashed[k] - v) for k, v in _timm_probabilities(ref, cropped).items())
     assert gap > 0.05  # the test tells a shorter-side resize and centre crop apart
     for name, want in squashed.items():
         assert got[name] == pytest.approx(want, abs=5e-3), name
@@ -510,7 +518,6 @@ def test_hugging_face_deit_processor_squashes_then_crops(timm, tmp_path):
     """DeiTImageProcessor (facebook/deit-*-patch16-224: 256 x 256, then the centre 224) at 40
     and 32 px: the whole image squashed to 40 x 40 (PIL bicubic), the centre 32 cropped. It was
     read as a 40 px squash with no crop (the position embeddings resampled to 40 px)."""
-    from vision_jax.predict import Predictor
 
     processor = {"do_resize": True, "size": {"height": 40, "width": 40}, "resample": 3,
                  "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
@@ -520,19 +527,10 @@ def test_hugging_face_deit_processor_squashes_then_crops(timm, tmp_path):
     assert input_contract(tmp_path / "hf") == InputContract(
         32, interpolation="bicubic", crop_fraction=0.8, crop_mode="squash"
     )
-    smooth = Image.fromarray(np.random.default_rng(1).integers(0, 256, (6, 10, 3), np.uint8))
-    picture = smooth.resize((80, 48), Image.Resampling.BICUBIC)
-    picture.save(tmp_path / "wide.png")
-    records, _ = Predictor.from_weights(tmp_path / "hf", model="vit_ti16").predict(
-        [str(tmp_path / "wide.png")], top_k=10
-    )
-    got = {t["class_name"]: t["probability"] for t in records[0]["top_k"]}
+    picture, got = _predicted_wide_picture(tmp_path, seed=1)
     crop = picture.resize((40, 40), Image.Resampling.BICUBIC).crop((4, 4, 36, 36))
-    x = torch.from_numpy(np.asarray(crop, np.float32) / 127.5 - 1).permute(2, 0, 1)
-    with torch.no_grad():
-        want = torch.softmax(ref(x[None]), -1)[0].numpy()
-    for i, p in enumerate(want):
-        assert got[f"thing{i}"] == pytest.approx(float(p), abs=5e-3), i
+    for name, want in _timm_probabilities(ref, crop).items():
+        assert got[name] == pytest.approx(want, abs=5e-3), name
 
 
 def test_hugging_face_config_values_the_model_does_not_compute(timm, tmp_path):
