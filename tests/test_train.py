@@ -750,6 +750,10 @@ def test_a_saved_config_with_a_key_now_refused_still_loads(tmp_path, caplog):
     assert "The saved config sets input.mix_prob, which only applies with mixup" in caplog.text
     assert "A saved run's config: input.inception_scale must be (lo, hi)" in caplog.text
     assert trained.input.mean == (123.7, 116.3, 103.5)  # what it was trained with, kept
+    from vision_jax.export.images import split_images  # export's calibration and evaluation
+
+    images, labels = split_images(trained, "test", count=3)
+    assert images.shape[0] == len(labels) == 3 and images.dtype == np.uint8
     with pytest.raises(ValueError, match="input.mix_prob only applies"):
         train_and_evaluate(small_config(**{"input.mix_prob": 0.5}), str(tmp_path / "new"))
 

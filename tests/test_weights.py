@@ -580,7 +580,7 @@ def test_hugging_face_folders_refused_by_name(timm, tmp_path):
     save_torch(tensors(hf_state_dict(state_dict_np(timm_vit(timm)), classifier=True)),
                alone / "pytorch_model.bin")  # fmt: skip
     with pytest.raises(WeightFormatError, match=r"alone is no vision_jax run, and has no config"
-                       r".*pass it: .*alone/pytorch_model.bin$"):  # fmt: skip
+                       r".*pass it: .*alone/pytorch_model.bin\.$"):  # fmt: skip
         load_pretrained(alone, model=model, variables=init_vars(model, 32))
     load_pretrained(alone / "pytorch_model.bin", model=model, variables=init_vars(model, 32))
 

@@ -294,19 +294,30 @@ def _json(results: dict[str, float]) -> str:
     return json.dumps({k: clean(float(v)) for k, v in sorted(results.items())})
 
 
-_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED.*(out of memory|allocat)", re.I | re.S)
+# XLA's (CPU, GPU, TPU) and TensorFlow's words for an allocation that failed (not a disk full)
+_OUT_OF_MEMORY = re.compile(
+    r"RESOURCE_EXHAUSTED:[^\n]*\b(Out of memory|Ran out of memory|Failed to allocate)\b"
+    r"|OOM when allocating"
+)
 
 
 def _out_of_memory_advice(error: BaseException, config: Any) -> str:
     """What to change when ``error`` is running out of (device or host) memory, else ""."""
+    import jax
+
     if not isinstance(error, MemoryError) and not _OUT_OF_MEMORY.search(str(error)):
         return ""
+    changes = [
+        f"lower batch_size ({config.batch_size}; grad_accum_steps keeps the batch and computes "
+        f"it in parts) or eval_batch_size ({config.eval_batch_size})"
+    ]
+    if config.model.remat != "block":
+        changes.append(f"set model.remat='block' (now {config.model.remat!r})")
+    if isinstance(error, MemoryError) or jax.default_backend() == "cpu":
+        changes.append("VISION_JAX_HUGE_PAGES=0 (main keeps freed host memory for the next step)")
     return (
-        f" (out of memory: lower batch_size ({config.batch_size}; grad_accum_steps keeps the "
-        f"batch and computes it in parts) or eval_batch_size ({config.eval_batch_size}), set "
-        f"model.remat='block' (now {config.model.remat!r}), or VISION_JAX_HUGE_PAGES=0 (main "
-        "keeps freed host memory for the next step); the log's 'memory per device' lines say "
-        "what each step needs)"
+        f" (out of memory: {', '.join(changes)}; the log's 'memory per device' lines say what "
+        "each step needs)"
     )
 
 

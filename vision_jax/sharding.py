@@ -55,7 +55,7 @@ def create_mesh(spec: str, devices: list[Any] | None = None) -> Mesh:
     return jax.make_mesh(sizes, names, (AxisType.Auto,) * len(names), devices=devices)
 
 
-_BATCH_SPLIT: contextvars.ContextVar[NamedSharding | None] = contextvars.ContextVar(
+_BATCH_SPLIT: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
     "batch_split", default=None
 )
 
@@ -64,7 +64,7 @@ _BATCH_SPLIT: contextvars.ContextVar[NamedSharding | None] = contextvars.Context
 def activations_split_by_batch(mesh: Mesh | None) -> Iterator[None]:
     """Inside (while a step is traced), :func:`split_by_batch` keeps an activation split over
     ``mesh``'s batch axes (None: no mesh, a no-op)."""
-    token = _BATCH_SPLIT.set(None if mesh is None else batch_sharding(mesh))
+    token = _BATCH_SPLIT.set(mesh)
     try:
         yield
     finally:
@@ -78,10 +78,11 @@ def split_by_batch(x: jax.Array) -> jax.Array:
     dimension, when the classes are fewer or do not divide), and XLA's propagation then split
     the features, and back through every block the activations, along the width: the whole
     batch gathered on every device (about 20x the parameter traffic for ViT-Ti on 8)."""
-    split = _BATCH_SPLIT.get()
-    if split is None or split.mesh.size == 1:
+    mesh = _BATCH_SPLIT.get()
+    if mesh is None or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, split)
+    rest = (P.UNCONSTRAINED,) * (x.ndim - 1)  # a model axis may still split the width
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_axes(mesh), *rest)))
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

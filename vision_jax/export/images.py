@@ -11,6 +11,7 @@ from vision_jax.tf_without_keras import tf
 import numpy as np
 
 from vision_jax import data as data_lib
+from vision_jax import specs
 from vision_jax.export.serving import ExportError
 from vision_jax.tasks import library_kind
 
@@ -39,8 +40,10 @@ def split_images(
     source = data_lib.load_source(trained.spec.data, split, target=task.target)
     if count is not None and count < source.num_examples:
         source = _subset(source, count, seed)
-    # Normalising with mean 0 and std 1/255 leaves the pixels as they are.
-    spec = dataclasses.replace(trained.input, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    # Normalising with mean 0 and std 1/255 leaves the pixels as they are (a saved run's spec:
+    # values a later version refuses stay, as load_trained kept them).
+    with specs.saved_config():
+        spec = dataclasses.replace(trained.input, mean=(0.0,) * 3, std=(1 / 255,) * 3)
     images, targets = [], []
     for batch in data_lib.eval_batches(source, spec, global_batch=128):
         real = batch["mask"] > 0

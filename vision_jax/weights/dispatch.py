@@ -87,12 +87,12 @@ def _check_not_a_partial_hub_folder(path: pathlib.Path) -> None:
     if "config.json" in names:
         raise WeightFormatError(
             f"{path} holds config.json but none of {', '.join(hf.WEIGHT_FILES)} (a Hugging "
-            f"Face or timm Hub folder holds one beside it){alone}"
+            f"Face or timm Hub folder holds one beside it){alone}."
         )
     if weights:
         raise WeightFormatError(
             f"{path} is no vision_jax run, and has no config.json (a Hugging Face or timm Hub "
-            f"folder){alone}"
+            f"folder){alone}."
         )
 
 
