@@ -15,7 +15,13 @@ from conftest import import_timm
 
 from vision_jax.tasks import Detection, fcos
 from vision_jax.tasks.boxes import generalized_iou, nms_keep, pairwise_iou
-from vision_jax.tasks.coco_eval import PADDING_ID, STAT_NAMES, coco_metrics, coco_results
+from vision_jax.tasks.coco_eval import (
+    PADDING_ID,
+    STAT_NAMES,
+    Detections,
+    coco_metrics,
+    coco_results,
+)
 from vision_jax.tasks.detection import CoverageError, EvalMetrics
 
 
@@ -341,6 +347,32 @@ def test_map_equals_pycocotools_on_hand_made_detections():
     assert {k for k in summary if k.startswith("eval/ap/")} == {f"eval/ap/{n}" for n in NAMES}
     precision = evaluation.eval["precision"][:, :, 1, 0, -1]
     assert summary["eval/ap/three"] == pytest.approx(precision[precision > -1].mean())
+
+
+def test_detections_merged_batch_by_batch_are_copied_once(monkeypatch):
+    """As steps.evaluate merges them, batch by batch: the detections are concatenated once, by
+    compute (each merge concatenated every detection so far again: quadratic in the split)."""
+    rng = np.random.default_rng(0)
+    parts = [
+        Detections(
+            rng.random((2, 3, 4)),
+            rng.random((2, 3)),
+            rng.integers(-1, 2, (2, 3)),
+            np.arange(2) + 2 * i,
+        )  # fmt: skip
+        for i in range(5)
+    ]
+    real, calls = np.concatenate, []
+    monkeypatch.setattr(np, "concatenate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    assert not calls
+    found = total.compute()
+    assert len(calls) == 4  # one per field
+    np.testing.assert_array_equal(found["boxes"], real([p.boxes for p in parts]))
+    np.testing.assert_array_equal(found["classes"], real([p.classes for p in parts]))
+    np.testing.assert_array_equal(found["image_ids"], np.arange(10))
 
 
 def test_results_are_clipped_to_their_image():

@@ -34,7 +34,9 @@ STAT_NAMES = (
 class Detections(metrics.Metric):
     """A split's detections: ``boxes`` [N, D, 4] (x0, y0, x1, y1 in original image pixels),
     ``scores`` [N, D] (0: empty slot), ``classes`` [N, D] (class index, -1: empty slot) and
-    ``image_ids`` [N] (:data:`PADDING_ID`: a padding row). Merged on the host by concatenation."""
+    ``image_ids`` [N] (:data:`PADDING_ID`: a padding row). Merged on the host: each field then
+    holds the batches' arrays (a tuple), concatenated once by :meth:`compute` (concatenating at
+    each merge copied every detection so far again: quadratic in the split's size)."""
 
     boxes: jax.Array
     scores: jax.Array
@@ -49,9 +51,9 @@ class Detections(metrics.Metric):
         return cls(boxes, scores, classes, image_ids)
 
     def merge(self, other: Detections) -> Detections:
-        cat = lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)])
+        chunks = lambda field: field if isinstance(field, tuple) else (np.asarray(field),)
         return type(self)(
-            *(cat(a, b) for a, b in zip(self._fields(), other._fields(), strict=True))
+            *(chunks(a) + chunks(b) for a, b in zip(self._fields(), other._fields(), strict=True))
         )
 
     def _fields(self) -> tuple:
@@ -59,7 +61,10 @@ class Detections(metrics.Metric):
 
     def compute(self) -> dict[str, np.ndarray]:
         names = ("boxes", "scores", "classes", "image_ids")
-        return {name: np.asarray(v) for name, v in zip(names, self._fields(), strict=True)}
+        whole = lambda field: (
+            np.concatenate(field) if isinstance(field, tuple) else np.asarray(field)
+        )
+        return {name: whole(v) for name, v in zip(names, self._fields(), strict=True)}
 
 
 def coco_results(
