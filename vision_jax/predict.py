@@ -490,20 +490,17 @@ def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
     return out
 
 
-def save_label_maps(
-    records: list[dict], folder: str, names: Mapping[str, str] | None = None
-) -> None:
+def save_label_maps(records: list[dict], folder: str, names: Mapping[str, str]) -> None:
     """Writes each record's ``label_map`` to a PNG in ``folder`` and puts its path in its
     place: class ids as the pixels of a palette image with PASCAL VOC's colours (as VOC's
     ``SegmentationClass`` files: viewers show the classes; PIL, or any reader of the PNG's one
-    channel, gets the ids). ``names``: each file's PNG (default: :func:`unique_pngs` of the
-    records' files), for records that come a batch at a time."""
+    channel, gets the ids). ``names``: each file's PNG in ``folder`` (:func:`unique_pngs` of
+    every file predicted, as records come a batch at a time)."""
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
-    files = [r["file"] for r in records]
-    outs = [names[f] for f in files] if names is not None else unique_pngs(files, folder)
-    for record, out in zip(records, outs, strict=True):
+    for record in records:
+        out = names[record["file"]]
         image = Image.fromarray(record["label_map"])  # uint8 class ids
         image.putpalette(voc_palette())
         image.save(out)

@@ -401,8 +401,8 @@ def _warn_of_padding(
     """A warning when ``eval_batch_size`` exceeds every evaluated split: each evaluation
     computes (and holds) the whole batch, the rest padding."""
     largest, dp = max(s.num_examples for s in sources), sharding.data_parallel_size(mesh)
-    if spec.eval_batch_size > largest + dp:
-        enough = max(dp, -(-largest // dp) * dp)  # rounded up to the data-parallel devices
+    enough = max(dp, -(-largest // dp) * dp)  # rounded up to the data-parallel devices
+    if spec.eval_batch_size > enough:
         logger.warning(
             "eval_batch_size %d exceeds the %d examples of the largest split evaluated: each "
             "batch is padded to %d rows (memory and compute); eval_batch_size=%d is enough.",

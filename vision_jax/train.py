@@ -541,21 +541,21 @@ class _TrainLog:
         closed at this step, its line printed a time to go) a line saying so."""
         if self.metrics is not None:
             return self.write(step, state, stopping=True)
-        total = self.run.total_steps
-        logger.info("Step %d of %d (%.0f%%); stopping early.", step, total, 100 * step / total)
+        self._progress(step, None, stopping=True)
         return {}
 
-    def _progress(self, step: int, steps_per_sec: float, stopping: bool) -> None:
+    def _progress(self, step: int, steps_per_sec: float | None, stopping: bool) -> None:
+        """The progress line at ``step``: the rate (None: no window to measure) and the time to
+        go, or that training stops there."""
         total = self.run.total_steps
+        line = f"Step {step} of {total} ({100 * step / total:.0f}%)"
+        if steps_per_sec is not None:
+            line += f", {steps_per_sec:.2f} steps/s"
         if stopping:
-            logger.info("Step %d of %d (%.0f%%), %.2f steps/s; stopping early.", step, total,
-                        100 * step / total, steps_per_sec)  # fmt: skip
+            logger.info("%s; stopping early.", line)
             return
         eta = round((total - step) / max(steps_per_sec, 1e-9))
-        logger.info(
-            "Step %d of %d (%.0f%%), %.2f steps/s, %d:%02d:%02d to go.", step, total,
-            100 * step / total, steps_per_sec, eta // 3600, eta // 60 % 60, eta % 60,
-        )  # fmt: skip
+        logger.info("%s, %d:%02d:%02d to go.", line, eta // 3600, eta // 60 % 60, eta % 60)
 
 
 def _end_step(

@@ -116,6 +116,15 @@ MODEL_ARGS = {
 }  # fmt: skip
 
 
+def _model_args(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json``'s ``model_args``, with timm's top-level ``global_pool`` (its own exports
+    record it beside them) where they do not set it."""
+    args = dict(config.get("model_args") or {})
+    if "global_pool" in config:
+        args.setdefault("global_pool", config["global_pool"])
+    return args
+
+
 def _check_architecture(config: Mapping[str, Any], path: pathlib.Path, model: nn.Module) -> None:
     """Refuses an ``architecture``, ``model_args`` or ``global_pool`` that the model does not
     compute: the state dict alone would load."""
@@ -126,12 +135,10 @@ def _check_architecture(config: Mapping[str, Any], path: pathlib.Path, model: nn
             f"(timm's {ARCHITECTURES[kind]}); its state dict may load, and compute another "
             "function. Point init.path at the weights file itself to load it anyway."
         )
-    args = dict(config.get("model_args") or {})
-    if "global_pool" in config:  # timm's own exports record it beside model_args
-        args.setdefault("global_pool", config["global_pool"])
-    for key, value in args.items():
-        allowed = MODEL_ARGS.get(kind, {}).get(key, ())
-        if kind in MODEL_ARGS and allowed is not ANY and value not in allowed:
+    args = _model_args(config)
+    for key, value in args.items() if kind in MODEL_ARGS else ():
+        allowed = MODEL_ARGS[kind].get(key, ())
+        if allowed is not ANY and value not in allowed:
             why = (f"vision_jax's {kind} model computes {key} in {allowed}: the state dict "
                    "would load and compute another function" if allowed else
                    f"an argument vision_jax does not know for its {kind} models")  # fmt: skip
@@ -155,7 +162,7 @@ def read_variables(folder: str | os.PathLike, model: nn.Module) -> dict:
     config, path = _config(folder)
     _check_architecture(config, path, model)
     variables = state_dict.read_variables(_weights_file(pathlib.Path(folder)), model)
-    pool = config.get("global_pool", (config.get("model_args") or {}).get("global_pool"))
+    pool = _model_args(config).get("global_pool")
     if pool not in (None, "", "token") and "cls" in variables.get("params", {}):
         raise WeightMismatchError(
             f"{path}: global_pool={pool!r} with a class token kept: vision_jax's ViTs pool the "
