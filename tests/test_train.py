@@ -136,6 +136,36 @@ def test_eval_is_exact_over_every_example(tmp_path):
     assert result["eval/loss"] == pytest.approx(loss, rel=1e-4)
 
 
+def test_evaluation_fetches_a_batch_once_the_next_is_dispatched(monkeypatch):
+    """The host waits for a batch's results only after the next batch's step is queued (an
+    accelerator is not left idle between batches); the merged metrics and the predictions each
+    batch's observer sees are those of that batch, in order."""
+    from clu import metrics as clu_metrics
+
+    from vision_jax import sharding, steps
+
+    Mean = clu_metrics.Collection.create(mean=clu_metrics.Average.from_output("x"))
+    events = []
+
+    def eval_step(state, frozen, batch):
+        events.append(f"step {int(batch['i'][0])}")
+        return Mean.single_from_model_output(x=batch["x"]), {"x": batch["x"] * 2}
+
+    fetch = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: events.append("fetch") or fetch(tree))
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    batches = [{"i": np.full(4, i, np.int32), "x": v} for i, v in enumerate(values)]
+    seen = []
+    total = steps.evaluate(
+        eval_step, None, None, iter(batches), sharding.create_mesh("data:1", jax.devices()[:1]),
+        observe=lambda batch, found: seen.append((int(batch["i"][0]), found["x"])),
+    )  # fmt: skip
+    assert events == ["step 0", "step 1", "fetch", "step 2", "fetch", "fetch"]
+    assert float(total.compute()["mean"]) == pytest.approx(values.mean())
+    assert [i for i, _ in seen] == [0, 1, 2]
+    np.testing.assert_array_equal(np.stack([x for _, x in seen]), values * 2)
+
+
 def _params_of(workdir):
     return jax.tree_util.tree_leaves(read_variables(str(workdir)))
 

@@ -60,6 +60,7 @@ from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
 from vision_jax.output_errors import written_whole
 from vision_jax.run_options import add_run_options
+from vision_jax.steps import fetched_one_behind
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
 from vision_jax.tasks.coco_eval import coco_results
 from vision_jax.trained import jitted_predict, load_trained
@@ -306,8 +307,8 @@ class Predictor:
         batches = data_lib.eval_batches(
             source, self.input, global_batch=batch_size or self.batch_size
         )
-        for batch in batches:
-            found = jax.device_get(self._predict(self.variables, batch["image"], keys=keys))
+        dispatched = ((b, self._predict(self.variables, b["image"], keys=keys)) for b in batches)
+        for batch, found in fetched_one_behind(dispatched):
             count = int(batch["mask"].sum())  # padding rows come last
             if bar is not None:
                 bar.update(count)
@@ -329,8 +330,9 @@ class Predictor:
         images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
         names = dict(zip(self.category_ids, self.class_names, strict=True))
         seen = set()
-        for batch in batches:
-            found = jax.device_get(self._detections(self.variables, batch)).detections.compute()
+        dispatched = ((b, self._detections(self.variables, b)) for b in batches)
+        for batch, found in fetched_one_behind(dispatched):
+            found = found.detections.compute()
             seen.update(found["image_ids"].tolist())
             if bar is not None:
                 bar.update(int(batch["mask"].sum()))

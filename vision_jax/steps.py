@@ -16,8 +16,8 @@ loop decides what a skip means (``config.on_nonfinite``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import flax
 import flax.linen as nn
@@ -30,6 +30,8 @@ from vision_jax import sharding
 from vision_jax.lora import LoraSpec, apply_adapters
 from vision_jax.tasks import Task
 from vision_jax.trees import combine
+
+T = TypeVar("T")
 
 Batch = dict[str, jax.Array]
 
@@ -300,14 +302,35 @@ def evaluate(
     """Runs ``eval_step`` over every batch; the metrics merged on the host over the split (the
     task's ``summarize`` turns them into figures). ``observe(batch, predictions)``, if given,
     sees each host batch with its predictions per example, fetched to the host for it only
-    (padding rows included; their arrays must be addressable: a single-process run)."""
+    (padding rows included; their arrays must be addressable: a single-process run).
+
+    Each batch's results are fetched once the next batch's step is dispatched
+    (:func:`fetched_one_behind`)."""
+
+    def dispatched() -> Iterator[tuple[dict, tuple[Any, Any]]]:
+        for batch in batches:
+            metrics, found = eval_step(state, frozen, sharding.to_global_batch(batch, mesh))
+            yield batch, (metrics, found if observe is not None else None)
+
     total = None
-    for batch in batches:
-        m, found = eval_step(state, frozen, sharding.to_global_batch(batch, mesh))
+    for batch, (metrics, found) in fetched_one_behind(dispatched()):
         if observe is not None:
-            observe(batch, jax.device_get(found))
-        m = jax.device_get(m)
-        total = m if total is None else total.merge(m)
+            observe(batch, found)
+        total = metrics if total is None else total.merge(metrics)
     if total is None:
         raise ValueError("The evaluation split is empty.")
     return total
+
+
+def fetched_one_behind(pairs: Iterable[tuple[T, Any]]) -> Iterator[tuple[T, Any]]:
+    """``pairs`` of (item, device arrays) with the arrays fetched to the host, each once the
+    next pair is made: when making a pair dispatches device work (a jitted step), the device
+    computes while the host waits for the previous results and prepares the next input.
+    Fetching each result at once would leave an accelerator idle between batches."""
+    behind = None
+    for ahead in pairs:
+        if behind is not None:
+            yield behind[0], jax.device_get(behind[1])
+        behind = ahead
+    if behind is not None:
+        yield behind[0], jax.device_get(behind[1])

@@ -23,6 +23,7 @@ import numpy as np
 from vision_jax import data as data_lib
 from vision_jax import specs
 from vision_jax.config import TrackedConfig, saved_with_defaults
+from vision_jax.steps import fetched_one_behind
 from vision_jax.weights.files import WeightFormatError
 from vision_jax.weights.run_dir import (
     RunRecord,
@@ -72,9 +73,13 @@ class Trained:
         :func:`vision_jax.data.eval_batches`), predictions on the host as the task's
         :meth:`~vision_jax.tasks.base.Task.predict_batch` returns them (classification:
         ``probabilities``); padding rows (``batch["mask"] == 0``) are left in."""
-        for batch in batches:
-            arrays = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
-            yield batch, jax.device_get(self._predict_batch(self.variables, arrays))
+
+        def dispatched() -> Iterator[tuple[dict[str, np.ndarray], dict[str, jax.Array]]]:
+            for batch in batches:
+                arrays = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+                yield batch, self._predict_batch(self.variables, arrays)
+
+        return fetched_one_behind(dispatched())
 
     @functools.cached_property
     def _predict_batch(self) -> Any:
