@@ -735,6 +735,21 @@ def test_digests_are_the_words_sums_numpy_computes():
     assert digests.first_difference(None, changed) is None  # a checkpoint from before digests
 
 
+def test_device_digests_are_fetched_together(monkeypatch):
+    """Arrays digested on their devices (accelerators, arrays spread over processes) are
+    fetched in one wait, with the sums the host computes."""
+    from vision_jax import digests
+
+    tree = {"a": jax.numpy.arange(10.0), "b": {"c": jax.numpy.ones((3, 4), jax.numpy.int32)}}
+    expected = digests.digest(jax.device_get(tree))  # host arrays: digested on the host
+    fetches = []
+    fetch = jax.device_get
+    monkeypatch.setattr(digests, "_on_devices", lambda x: True)
+    monkeypatch.setattr(jax, "device_get", lambda t: fetches.append(t) or fetch(t))
+    assert digests.digest(tree) == expected
+    assert len(fetches) == 1
+
+
 def test_weights_read_from_a_damaged_run_are_refused(tmp_path, finished_run):
     """``predict --weights <workdir>`` and export read the run through read_variables."""
     from vision_jax.weights.files import WeightFormatError

@@ -69,23 +69,24 @@ def _host_sums(x: np.ndarray) -> tuple[int, int]:
     return plain % 2**32, weighted % 2**32
 
 
-def _sums(x: Any) -> tuple[int, int]:
-    """Arrays in this process's host memory are digested there (no compilation); arrays on
-    accelerators or spread over processes on their devices (one compilation per shape)."""
-    on_devices = isinstance(x, jax.Array) and (
+def _on_devices(x: Any) -> bool:
+    """Whether ``x`` is digested on its devices: arrays on accelerators or spread over processes
+    (one compilation per shape); arrays in this process's host memory are digested there (no
+    compilation)."""
+    return isinstance(x, jax.Array) and (
         not x.is_fully_addressable or any(d.platform != "cpu" for d in x.sharding.device_set)
     )
-    if on_devices:
-        return tuple(int(s) for s in jax.device_get(_device_sums(x)))
-    return _host_sums(np.asarray(x))
 
 
 def digest(tree: Any) -> dict[str, str]:
     """``path -> "dtype:plain:weighted"`` (hex) for each array leaf of ``tree``. Call on every
-    process (arrays spread over processes are digested collectively)."""
+    process (arrays spread over processes are digested collectively). The device digests are
+    all dispatched before any is fetched: one wait for the device, not one per array."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    on_devices = jax.device_get([_device_sums(x) if _on_devices(x) else None for _, x in leaves])
     result = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        plain, weighted = _sums(x)
+    for (path, x), sums in zip(leaves, on_devices, strict=True):
+        plain, weighted = _host_sums(np.asarray(x)) if sums is None else (int(s) for s in sums)
         result[path_to_str(path)] = f"{np.dtype(x.dtype).name}:{plain:08x}:{weighted:08x}"
     return result
 
