@@ -333,6 +333,27 @@ def test_selection_progress_is_checkpointed_for_an_exact_resume():
         Selection.from_spec(specs.EarlyStoppingSpec("accuracy"), "top1").update(2, {"val/loss": 1})
 
 
+def test_a_per_class_metric_is_selected_by_its_metric_and_may_be_absent(caplog):
+    """``val/iou/<class>``: the mode is IoU's, whatever the class is called (a class named
+    "dental floss" is not a loss), and a validation where the class had nothing to score (its
+    IoU left out, as AP for a class without ground truth) counts as no improvement, as a NaN
+    does; a result that is not per class is still a config error when missing."""
+    spec = specs.EarlyStoppingSpec
+    for name in ("iou/dental floss", "iou/hair_loss", "ap/gloss"):
+        selection = Selection.from_spec(spec(f"val/{name}"), "miou", "max", ("iou", "ap"))
+        assert (selection.mode, selection.per_class) == ("max", True), name
+    assert Selection.from_spec(spec("val/loss"), "miou", None, ("iou",)).mode == "min"
+    assert not Selection.from_spec(spec("val/iou"), "miou", None, ("iou",)).per_class
+    s = Selection.from_spec(spec("val/iou/Sneaker", patience=1), "miou", "max", ("iou",))
+    with caplog.at_level("WARNING"):
+        assert not s.update(5, {"val/miou": 0.2}) and not s.should_stop  # no best yet
+    assert "No val/iou/Sneaker at step 5" in caplog.text
+    assert s.update(10, {"val/iou/Sneaker": 0.4, "val/miou": 0.3})
+    assert not s.update(15, {"val/miou": 0.5}) and s.should_stop and s.best_step == 10
+    with pytest.raises(specs.ConfigError, match="'val/mious' is not an evaluation result"):
+        Selection.from_spec(spec("val/mious"), "miou", None, ("iou",)).update(5, {"val/miou": 1})
+
+
 def test_a_task_whose_headline_is_an_error_selects_its_lowest(
     tmp_path, scripted_validation, monkeypatch
 ):

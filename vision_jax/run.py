@@ -610,7 +610,9 @@ def _check_selection(
     if "metric_names" not in declared:
         return
     names, per_class_names = declared["metric_names"], declared.get("per_class_metrics", ())
-    metric = Selection.from_spec(spec.early_stopping, task.headline, task.headline_mode).metric
+    metric = Selection.from_spec(
+        spec.early_stopping, task.headline, task.headline_mode, task.per_class_metrics
+    ).metric
     prefix, _, name = metric.partition("/")
     per_class = {f"{m}/{c.replace('/', '_')}" for m in per_class_names for c in class_names}
     if prefix in ("val", "val_ema") and (name in names or name in per_class):
@@ -632,7 +634,9 @@ def _resumed_selection(
     for a finished run or one stopped early (its best was chosen by the old one) and warned
     for a resumed one (a new metric or mode starts its progress anew)."""
     task = spec.task
-    selection = Selection.from_spec(spec.early_stopping, task.headline, task.headline_mode)
+    selection = Selection.from_spec(
+        spec.early_stopping, task.headline, task.headline_mode, task.per_class_metrics
+    )
     old = saved.get("selection") or {}
     changes = [
         f"early_stopping.{k} {old[k]} -> {getattr(selection, k)}"

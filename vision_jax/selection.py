@@ -7,11 +7,14 @@ resumed run continues its count exactly; the loop feeds it each validation resul
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from vision_jax.specs import ConfigError, EarlyStoppingSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -27,23 +30,35 @@ class Selection:
     best_step: int | None = None
     bad_evaluations: int = 0
     stopped_at: int | None = None  # the step where early stopping ended training
+    # A per-class result (``val/iou/<class>``), which an evaluation leaves out where the class
+    # has nothing to score: such an evaluation counts as no improvement, as a NaN does.
+    per_class: bool = False
 
     @classmethod
     def from_spec(
-        cls, spec: EarlyStoppingSpec, headline: str, headline_mode: str | None = None
+        cls,
+        spec: EarlyStoppingSpec,
+        headline: str,
+        headline_mode: str | None = None,
+        per_class_metrics: tuple[str, ...] = (),
     ) -> Selection:
         """The selection ``spec`` asks for; unset, the metric is ``val/<headline>`` and the
         mode ``headline_mode`` for the task's headline (either parameters') if the task gives
-        one, else "min" for a loss, else "max"."""
+        one, else "min" for a loss, else "max". ``per_class_metrics``: the task's results per
+        class (``iou`` for ``val/iou/<class>``), whose mode is the metric's, not the class's."""
         if headline_mode not in (None, "min", "max"):
             raise ConfigError(f"A task's headline_mode is 'min' or 'max'; got {headline_mode!r}.")
         metric = spec.metric or f"val/{headline}"
         if "/" not in metric:
             metric = f"val/{metric}"
-        default = "min" if metric.endswith("loss") else "max"
-        if metric.split("/", 1)[1] == headline and headline_mode is not None:
+        name = metric.split("/", 1)[1]
+        base, _, of_class = name.partition("/")
+        per_class = bool(of_class) and base in per_class_metrics
+        default = "min" if (base if per_class else name).endswith("loss") else "max"
+        if name == headline and headline_mode is not None:
             default = headline_mode
-        return cls(metric, spec.mode or default, spec.patience, float(spec.min_delta))
+        mode = spec.mode or default
+        return cls(metric, mode, spec.patience, float(spec.min_delta), per_class=per_class)
 
     def improves(self, value: float) -> bool:
         """Whether ``value`` beats the best so far by more than ``min_delta``."""
@@ -56,13 +71,19 @@ class Selection:
 
     def update(self, step: int, results: Mapping[str, float]) -> bool:
         """Records the evaluation ``results`` of ``step``; whether it is the new best."""
-        if self.metric not in results:
+        if self.metric not in results and not self.per_class:
             valid = ", ".join(sorted(k for k in results if k.startswith("val")))
             raise ConfigError(
                 f"early_stopping.metric {self.metric!r} is not an evaluation result; valid: "
                 f"{valid}."
             )
-        value = float(results[self.metric])
+        if self.metric not in results:
+            logger.warning(
+                "No %s at step %d: its class had nothing to score in the validation split "
+                "(neither in the targets nor predicted); counted as no improvement.",
+                self.metric, step,
+            )  # fmt: skip
+        value = float(results.get(self.metric, math.nan))
         if self.improves(value):
             self.best_value, self.best_step, self.bad_evaluations = value, step, 0
             return True
