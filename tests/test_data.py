@@ -3,6 +3,7 @@ exact resumption, multi-host sharding, and clear errors (or counted skips) on ba
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import pathlib
@@ -586,6 +587,65 @@ def test_each_host_reads_its_own_slice(monkeypatch):
         assert len(ev) == 3  # ceil(5 / 2) on both hosts
         evaluated += list(np.concatenate([b["label"][b["mask"] > 0] for b in ev]))
     assert sorted(evaluated) == list(range(10))
+
+
+def _memory() -> tuple[int, int]:
+    """Resident and peak resident bytes of this process."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
+
+
+def _read_both_ways(source) -> None:
+    """A few batches of a training and of an evaluation pipeline over ``source``."""
+    spec = spec_of(image_size=16)
+    train = data_lib.train_batches(source, spec, global_batch=32, seed=0)
+    evaluation = data_lib.eval_batches(source, spec, global_batch=32)
+    for _ in range(2):
+        next(train), next(evaluation)
+    train.close(), evaluation.close()
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_arrays_are_held_once_by_their_pipelines():
+    """Training and evaluation over an in-memory source hold its arrays once (in TensorFlow,
+    shared with ``columns``), at most a copy of the caller's: before, ``tf.constant`` copied them
+    twice (numpy, then aligned), and tf.data copied the constant again at each iterator (its
+    graph rewrite): 3.2x the arrays held after, 4.1x at the peak (now 1.0x, the aligned copy)."""
+    rng = np.random.default_rng(0)
+    _read_both_ways(data_lib.from_arrays(rng.integers(0, 256, (64, 8, 8), np.uint8), np.arange(64)))
+    images = rng.integers(0, 256, (12_000, 64, 64, 3), np.uint8)  # the caller's: 140 MiB
+    labels = rng.integers(0, 10, len(images))
+    gc.collect()
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # the peak from here
+    before, _ = _memory()
+    source = data_lib.from_arrays(images, labels)
+    _read_both_ways(source)
+    after, peak = _memory()
+    held, most = (after - before) / images.nbytes, (peak - before) / images.nbytes
+    assert held < 1.3 and most < 1.3, (held, most)
+
+
+def test_aligned_arrays_are_not_copied():
+    """Numbers at a 64-byte boundary go to TensorFlow as they are (DLPack): the pipelines read
+    the caller's memory; other arrays are copied once, to such a boundary."""
+    buffer = np.zeros(12 * 4 * 4 + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    images = buffer[start : start + 12 * 4 * 4].reshape(12, 4, 4, 1)
+    images[:] = np.arange(12)[:, None, None, None] * 10
+    source = data_lib.from_arrays(images, np.arange(12) % 3)
+    batches = data_lib.train_batches(source, spec_of(image_size=4), global_batch=4, seed=0)
+    first = next(batches)
+    batches.close()
+    assert np.shares_memory(source.columns["image"], images)
+    images[0, 0, 0, 0] = 77  # what TensorFlow reads is that memory
+    assert int(source.column_variables["image"][0, 0, 0, 0]) == 77
+    rows = np.rint(first["image"][:, 0, 0, 0]).astype(int) // 10  # each image's row
+    np.testing.assert_array_equal(first["label"], rows % 3)
+    unaligned = buffer[start + 1 : start + 49].reshape(3, 4, 4)
+    unaligned = data_lib.from_arrays(unaligned, np.arange(3))
+    unaligned.column_variables  # noqa: B018 (made here)
+    assert unaligned.columns["image"].ctypes.data % 64 == 0
+    assert not np.shares_memory(unaligned.columns["image"], buffer)
 
 
 # Augmentations.

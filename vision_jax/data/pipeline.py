@@ -31,7 +31,7 @@ import numpy as np
 
 from vision_jax.data import augment, boxes, exif
 from vision_jax.data.preprocess import InputSpec, make_preprocess
-from vision_jax.data.sources import IGNORE_LABEL, DataError, Source, tensor_column
+from vision_jax.data.sources import IGNORE_LABEL, DataError, Source, gather_rows
 
 logger = logging.getLogger(__name__)
 
@@ -343,11 +343,11 @@ def train_batches(
     row_of = None
     if source.columns is not None:
         num_local = len(range(jax.process_index(), source.num_examples, jax.process_count()))
-        columns = {k: tf.constant(tensor_column(v)) for k, v in source.columns.items()}
+        columns = source.column_variables  # held once, shared with the source's dataset
 
         def example_at(position: tf.Tensor) -> tuple[tf.Tensor, dict]:
             row = _example_index(position, num_local, seed)
-            return position, {k: tf.gather(v, row) for k, v in columns.items()}
+            return position, gather_rows(columns, row)
 
         def row_of(position: int) -> int:
             return int(_example_index(tf.constant(position, tf.int64), num_local, seed))

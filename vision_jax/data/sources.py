@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 
 from vision_jax.tf_without_keras import load as load_tensorflow
@@ -27,6 +28,8 @@ from vision_jax.specs import IGNORE_LABEL
 
 TARGETS = ("label", "label_map", "boxes")
 _DIGESTED_BYTES = 2**26  # at most this much of a column goes into a source's fingerprint
+_ALIGNMENT = 64  # bytes: where TensorFlow's CPU kernels need a buffer to start (Eigen)
+_VARIABLES_LOCK = threading.Lock()
 
 
 class DataError(ValueError):
@@ -45,8 +48,9 @@ class Source:
     id the maps use, 0 first) or "boxes" (objects: ``annotations`` holds the split's COCO ground
     truth in original pixels, its images in row order, and ``category_ids[i]`` is the COCO
     category id of class ``i``; ``class_names`` are the category names in id order).
-    A column source's dataset is made at first use (:attr:`dataset`): a copy with other
-    ``columns`` (``dataclasses.replace``) sets ``examples=None`` too.
+    A column source's dataset is made at first use (:attr:`dataset`), over the columns held
+    once in TensorFlow (:attr:`column_variables`, shared with the training stream): a copy with
+    other ``columns`` (``dataclasses.replace``) sets ``examples=None`` too.
     """
 
     examples: tf.data.Dataset | None  # None: made from ``columns`` at first use (:attr:`dataset`)
@@ -62,6 +66,8 @@ class Source:
     label_values: np.ndarray | None = None
     # What the split is, for messages about examples that have no file (a tfds split's)
     origin: str | None = None
+    # ``columns`` as TensorFlow holds them (:attr:`column_variables`), made at first use
+    _variables: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -72,9 +78,39 @@ class Source:
         """The examples; a column source makes its dataset here, at first use, so that listing
         files does not import TensorFlow."""
         if self.examples is None:
-            columns = {k: tensor_column(v) for k, v in self.columns.items()}
-            self.examples = tf.data.Dataset.from_tensor_slices(columns)
+            variables = self.column_variables
+
+            def row(index: tf.Tensor) -> dict[str, tf.Tensor]:
+                return gather_rows(variables, index)
+
+            rows = tf.data.Dataset.range(self.num_examples)
+            self.examples = rows.map(tf.autograph.experimental.do_not_convert(row))
         return self.examples
+
+    @property
+    def column_variables(self) -> dict[str, tf.Variable]:
+        """``columns`` in TensorFlow, made at first use and shared by every pipeline over them
+        (rows: :func:`gather_rows`): each a CPU variable that holds the numpy column's own
+        memory where TensorFlow can take it (numbers at a 64-byte boundary, as its kernels
+        need: ``columns`` then holds such a copy of a column that was not).
+
+        Not constants: ``tf.constant`` copies an array twice (numpy's copy, then an aligned
+        one), and tf.data copies every tensor a pipeline captures when it rewrites (optimises)
+        the pipeline at each iterator; a variable is captured as a handle."""
+        with _VARIABLES_LOCK:  # pipelines made in two threads share one copy too
+            if self._variables is None:
+                columns, variables = {}, {}
+                with tf.device("/device:CPU:0"):
+                    for key, values in self.columns.items():
+                        if np.dtype(values.dtype).kind in "iuf" and values.size:
+                            values = _aligned(values)  # shared, not copied (DLPack)
+                            value = tf.experimental.dlpack.from_dlpack(values.__dlpack__())
+                        else:
+                            value = tensor_column(values)
+                        variables[key] = tf.Variable(value, trainable=False, name=key)
+                        columns[key] = values
+                self.columns, self._variables = columns, variables
+            return self._variables
 
     def fingerprint(self) -> dict[str, int | str]:
         """What tells these examples from others, for a resume to notice changed data: their
@@ -176,7 +212,7 @@ def _checked_label_maps(maps: np.ndarray, class_names: Sequence[str]) -> np.ndar
             f"label_maps[{index}] holds values {values} outside [0, {len(class_names)}) "
             f"({IGNORE_LABEL} = ignore)."
         )
-    return maps.astype(np.uint8)
+    return maps.astype(np.uint8, copy=False)
 
 
 def from_arrays(
@@ -223,6 +259,25 @@ def from_arrays(
         used = labels[labels != IGNORE_LABEL] if key == "label_map" else labels
         class_names = [str(i) for i in range(int(used.max(initial=0)) + 1)]
     return from_columns({"image": images, key: labels}, class_names)
+
+
+def gather_rows(variables: dict[str, tf.Variable], rows: tf.Tensor) -> dict[str, tf.Tensor]:
+    """``rows`` of :attr:`Source.column_variables`: gathered from each variable's value, which
+    is its memory (a gather from the variable itself would copy all of a shared one first)."""
+    return {k: tf.gather(v.value(), rows) for k, v in variables.items()}
+
+
+def _aligned(values: np.ndarray) -> np.ndarray:
+    """``values``, or a copy of them, C-contiguous and writable at a 64-byte boundary (Eigen's
+    widest: TensorFlow's kernels check it, and take such an array without copying it)."""
+    flags = values.flags
+    if flags.c_contiguous and flags.writeable and values.ctypes.data % _ALIGNMENT == 0:
+        return values
+    buffer = np.empty(values.nbytes + _ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % _ALIGNMENT
+    out = buffer[start : start + values.nbytes].view(values.dtype).reshape(values.shape)
+    out[...] = values
+    return out
 
 
 def tensor_column(values: np.ndarray) -> np.ndarray:
