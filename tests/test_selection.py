@@ -177,6 +177,23 @@ def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validat
 
 
 @pytest.mark.slow
+def test_a_resume_with_another_validation_split_selects_anew(tmp_path, scripted_validation, caplog):
+    """A run resumed (here: made longer) with another ``data.val_split`` starts its selection
+    anew: the best so far and the patience count were measured on the old split. SCRIPT from
+    the 3rd validation on: 0.6 (step 6), 0.71, 0.65, 0.9 (step 12), 0.9; kept, the old best
+    0.7 (step 4) would have stopped the run at step 10."""
+    shorter = selecting_config()
+    shorter.total_steps = 4
+    assert train_and_evaluate(shorter, str(tmp_path))["best/step"] == 4
+    longer = selecting_config()
+    longer.data.val_split = "train[95%:]"
+    with caplog.at_level(logging.WARNING):
+        result = train_and_evaluate(longer, str(tmp_path))
+    assert 'another validation split (data.val_split "train[90%:]" -> "train[95%:]")' in caplog.text
+    assert result["best/step"] == 12 and scripted_validation["val"] == 7
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cut, total", [(3, 14), (5, 14), (2, 4)]
 )  # a validation on the way; the one that stops early; the last step's, a new best
@@ -208,6 +225,7 @@ def test_a_signal_during_a_validation_stops_it_and_the_rerun_validates_that_step
 
     config = selecting_config()
     config.total_steps = total
+    config.log_every_steps = 3  # the early stop (step 10) cuts a log window
     monkeypatch.setattr(train, "run_evaluation", signal_during_validation)
     with pytest.raises(StopRequested, match=f"stopped at step {2 * cut} .SIGTERM."):
         train_and_evaluate(config, str(tmp_path))
@@ -228,6 +246,13 @@ def test_a_signal_during_a_validation_stops_it_and_the_rerun_validates_that_step
     assert "evaluation_pending" not in recorded
     assert recorded["selection"]["best_step"] == 4
     assert recorded["stopped_early"] == (cut == 5)
+    assert recorded["final"] == (cut == 5 or 2 * cut == total)  # rotation keeps a run's end
+    if cut == 5:  # the window the early stop cut is written, as the uninterrupted run does
+        from vision_jax.report.curves import read_scalars
+
+        steps_logged, losses = read_scalars(tmp_path)["train/loss"]
+        assert list(steps_logged) == [3, 6, 9, 10]
+        assert result["train/loss"] == pytest.approx(losses[-1])
     again = train_and_evaluate(config, str(tmp_path))  # finished: reported, not validated
     assert scripted_validation["val"] == validations
     assert again["best/step"] == 4 and "train/loss" in again and "val/top1" in again

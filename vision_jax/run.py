@@ -632,7 +632,8 @@ def _resumed_selection(
     """The run's model selection with the progress its checkpoint saved. A selection that
     changed since, as resolved (an unset metric is the task's ``val/<headline>``), is refused
     for a finished run or one stopped early (its best was chosen by the old one) and warned
-    for a resumed one (a new metric or mode starts its progress anew)."""
+    for a resumed one (a new metric or mode starts its progress anew, as another
+    ``data.val_split`` does)."""
     task = spec.task
     selection = Selection.from_spec(
         spec.early_stopping, task.headline, task.headline_mode, task.per_class_metrics
@@ -650,6 +651,13 @@ def _resumed_selection(
         )
     if changes:
         logger.warning("Resuming %s with a changed model selection: %s.", where, "; ".join(changes))
+    split = _config_changes(saved.get("config") or {}, spec, "data.val_split".__eq__)
+    if split and not (finished or saved.get("stopped_early")):  # (those refuse it)
+        logger.warning(
+            "Resuming %s with another validation split (%s): the model selection starts anew "
+            "(its best so far was measured on the old split).", where, split[0],
+        )  # fmt: skip
+        return selection
     return selection.resumed(old)
 
 

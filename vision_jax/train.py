@@ -425,9 +425,11 @@ def _loop(
             k.replace(split, f"{split}_before", 1): v for k, v in before.items()
         }
     results.update(run.meta.get("evaluated_before") or {})
+    log = _TrainLog(run, guard, writer)
     if run.evaluation_pending and not (_finished(run) and run.selection is None):
         startup.wait_before_evaluating()  # (a final evaluation follows anyway)
-        results.update(_evaluate_pending(run, state, writer, stop))
+        with log.paused(state):
+            results.update(_evaluate_pending(run, state, writer, stop, log))
     if _finished(run):  # already finished: report the final evaluation again
         logger.info("This run finished at step %d: reporting its evaluation again, training "
                     "nothing.", run.start_step)  # fmt: skip
@@ -442,7 +444,6 @@ def _loop(
         run.train_source, run.input, global_batch=spec.batch_size, seed=spec.seed,
         start_step=run.start_step, start_position=run.start_position, **run.task.batch_args(),
     )  # fmt: skip
-    log = _TrainLog(run, guard, writer)
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
@@ -527,11 +528,13 @@ class _TrainLog:
         skipped = self.guard.check(state)  # skipped updates do not advance the optimizer's count
         learning_rate = self.run.setup.optimizer.schedule(step - 1 - skipped)
         summary["train/learning_rate"] = float(learning_rate)
-        summary["train/images_per_sec"] = images / max(elapsed, 1e-9)
+        if images:  # (none: a window a resumed run restored and closes before any step)
+            summary["train/images_per_sec"] = images / max(elapsed, 1e-9)
         summary["train/skipped_steps"] = skipped
         self.writer.write_scalars(step, summary)
         steps = images / self.run.spec.batch_size  # the ETA counts evaluations and saves too
-        self._progress(step, steps / max(elapsed + self.paused_s, 1e-9), stopping)
+        rate = steps / max(elapsed + self.paused_s, 1e-9) if images else None
+        self._progress(step, rate, stopping)
         self._reset()
         self.last = summary
         return summary
@@ -709,11 +712,12 @@ def _stop_periodic(stop: StopSignals) -> Callable[[], None] | None:
 
 
 def _evaluate_pending(
-    run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals
+    run: Run, state: TrainState, writer: MetricWriter, stop: StopSignals, log: _TrainLog
 ) -> dict[str, float]:
     """The periodic evaluation of the restored step that a stop signal cut short (a selection
-    sees it, and may stop the run early there), recorded in that step's meta as the save after
-    an evaluation records it; stopped again, the checkpoint keeps it pending."""
+    sees it, and may stop the run early there: the train ``log``'s window that the checkpoint
+    saved open is written then), recorded in that step's meta as the save after an evaluation
+    records it; stopped again, the checkpoint keeps it pending."""
     step, selection = run.start_step, run.selection
     logger.info("Evaluating step %d first: a stop signal cut its evaluation short.", step)
     try:
@@ -723,9 +727,11 @@ def _evaluate_pending(
     early = selection is not None and selection.should_stop and step < run.total_steps
     if early:
         selection.stopped_at = step
+        results = {**log.stop_early(step, state), **results}
         _log_early_stop(selection, step)
     saved = run.checkpointer.read_meta(step) or {}
     saved.pop("evaluation_pending", None)
+    saved["final"] = early or step == run.total_steps  # (rotation keeps a run's last step)
     if early or step == run.total_steps:
         run.reported = saved["reported"] = {**(saved.get("reported") or {}), **results}
     if run.best is not None:  # the best a step's meta names is complete before the step
