@@ -137,8 +137,8 @@ def test_a_deleted_lock_is_made_again_and_a_lost_one_ends_its_run(tmp_path):
         owner = json.loads(path.read_text())
         path.unlink()
         deadline = time.monotonic() + 20
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # made again, then written (a reader sees it empty in between)
         assert json.loads(path.read_text()) == owner
         with pytest.raises(lock_lib.LockError, match=rf"in use by another run .*pid {holder.pid}"):
             lock_lib.WorkdirLock(str(tmp_path)).acquire()
