@@ -18,7 +18,7 @@ from vision_jax.models import create_model
 from vision_jax.models.registry import family
 from vision_jax.tasks import IGNORE_LABEL, Segmentation
 from vision_jax.trees import flatten_dict
-from vision_jax.weights import export_safetensors, load_pretrained
+from vision_jax.weights import WeightMismatchError, export_safetensors, load_pretrained
 from vision_jax.weights.resnet import from_timm as resnet_from_timm
 from vision_jax.weights.vit import from_timm as vit_from_timm
 
@@ -203,6 +203,46 @@ def test_pretrained_classifier_loads_into_segmentation_model(tmp_path, name, siz
     assert set(backbone) == set(source) - {"params/head/kernel", "params/head/bias"}
     for k in backbone:
         np.testing.assert_allclose(loaded[k], source[k], atol=1e-6, err_msg=k)
+
+
+def test_replace_head_starts_a_task_head_afresh_and_unused_surgery_is_refused(
+    tmp_path, monkeypatch
+):
+    """A segmentation model's weights loaded into the same model keep their task head, or
+    start it afresh with ``replace_head`` (it was loaded as is: a new label set with the same
+    class count kept the old head); ``head_bias_init`` (the bias of a replaced classifier
+    head) on a task model, on a classifier whose head is loaded as is, and ``posemb`` on a
+    model without position embeddings are errors, not settings read by nothing."""
+    from vision_jax.weights import load as load_module
+
+    x = jnp.zeros((1, 32, 32, 3))
+    model = Segmentation(head="fpn").build_model("cifar_resnet20", 4)
+    trained = model.init(jax.random.key(3), x)
+    trained = jax.tree.map(lambda a: a + 0.01 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
+                           trained)  # fmt: skip
+    path = tmp_path / "seg.safetensors"  # a segmentation run's weights, as the reader gives them
+    path.write_bytes(b"")
+    monkeypatch.setattr(load_module, "read_variables", lambda source, model: trained)
+    fresh = model.init(jax.random.key(4), x)
+    head = [k for k in flatten_dict(fresh) if "/task_head/" in k]
+    kept = flatten_dict(load_pretrained(path, model=model, variables=fresh))
+    assert all(np.allclose(kept[k], flatten_dict(trained)[k], atol=1e-6) for k in head)
+    replaced = flatten_dict(load_pretrained(path, model=model, variables=fresh, replace_head=True))
+    assert all(np.array_equal(replaced[k], flatten_dict(fresh)[k]) for k in head)
+    with pytest.raises(WeightMismatchError, match=r"head_bias_init=-4.6 .*task model's head"):
+        load_pretrained(path, model=model, variables=fresh, replace_head=True, head_bias_init=-4.6)
+    with pytest.raises(WeightMismatchError, match=r"posemb='bicubic' .*this model has none"):
+        load_pretrained(path, model=model, variables=fresh, posemb="bicubic")
+    monkeypatch.undo()
+    classifier = create_model("cifar_resnet20", num_classes=10)
+    weights = classifier.init(jax.random.key(3), x)
+    export_safetensors(weights, classifier, tmp_path / "cls.safetensors")
+    with pytest.raises(WeightMismatchError, match=r"head_bias_init=2.0 .init.head_bias_init. would not be used"):
+        load_pretrained(tmp_path / "cls.safetensors", model=classifier, variables=weights,
+                        head_bias_init=2.0)  # fmt: skip
+    loaded = load_pretrained(tmp_path / "cls.safetensors", model=classifier, variables=weights,
+                             head_bias_init=2.0, replace_head=True)  # fmt: skip
+    np.testing.assert_array_equal(loaded["params"]["head"]["bias"], 2.0)
 
 
 @pytest.mark.slow

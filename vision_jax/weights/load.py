@@ -49,12 +49,15 @@ def load_pretrained(
         (a new head of a task model, ``dont_load``) then come back abstract, for the caller to
         initialise alone.
       replace_head: re-initialise the head even if the class count matches. It is re-initialised
-        (zero kernel, bias ``head_bias_init``) anyway when the class count differs.
+        (zero kernel, bias ``head_bias_init``) anyway when the class count differs. A task
+        model's head (``task_head/...``) starts from its own init then.
       dont_load: regexes over variable paths inside their collection (``head/.*``,
         ``Transformer/posembed_input/pos_embedding``); matching variables keep their init values.
       posemb: ``"bilinear"`` or ``"bicubic"`` resampling of position embeddings to a new grid;
         None: the weights' own convention (:func:`~vision_jax.weights.dispatch.posemb_method`).
-      head_bias_init: the bias of a re-initialised head.
+        Set for a model without position embeddings, an error.
+      head_bias_init: the bias of a re-initialised classifier head (an error where no such
+        head is re-initialised: a task model, or a head loaded as it is).
       image_size: the (height, width) (or one side) ``variables`` were initialised at: a ViT's
         position embeddings are resampled to that grid of patches. None: a square grid (the
         position embedding's row count tells no other shape).
@@ -78,6 +81,11 @@ def load_pretrained(
     loaded = read_variables(source, model)
     n_read = len(flatten_dict(loaded))
     try:
+        if posemb is not None and surgery.POSEMB not in flatten_dict(variables):
+            raise ValueError(
+                f"posemb={posemb!r} (init.posemb) resamples a ViT's position embeddings; this "
+                "model has none."
+            )
         flat, rows = surgery.adapt(
             variables,
             loaded,

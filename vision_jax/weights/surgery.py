@@ -141,6 +141,12 @@ def _head(init: Flat, loaded: Flat, force: bool, bias_init: float) -> list[Row]:
         del loaded[path]
     rows = [("pre_logits", "dropped (the model has no representation layer)")] if dropped else []
     if HEAD[0] not in init:
+        if bias_init:
+            raise ValueError(
+                f"head_bias_init={bias_init} (init.head_bias_init) is the bias of a replaced "
+                "classifier head (head/bias), which this model does not have: a task model's "
+                "head (task_head/...) starts from its own initialisation."
+            )
         if any(p in loaded for p in HEAD):
             for p in HEAD:
                 loaded.pop(p, None)
@@ -152,6 +158,13 @@ def _head(init: Flat, loaded: Flat, force: bool, bias_init: float) -> list[Row]:
         why = f"replaced: {np.shape(loaded[HEAD[0]])} -> {np.shape(init[HEAD[0]])}"
     elif force:
         why = "replaced on request"
+    elif bias_init:
+        raise ValueError(
+            f"head_bias_init={bias_init} (init.head_bias_init) would not be used: the "
+            f"checkpoint's head {np.shape(loaded[HEAD[0]])} fits the model and is loaded as it "
+            "is. Replace it (init.replace_head=True) to start it with that bias, or leave "
+            "head_bias_init unset."
+        )
     else:
         return rows
     loaded[HEAD[0]] = np.zeros(np.shape(init[HEAD[0]]), np.float32)
@@ -159,19 +172,20 @@ def _head(init: Flat, loaded: Flat, force: bool, bias_init: float) -> list[Row]:
     return rows + [("head", f"{why}; zero kernel, bias {bias_init}")]
 
 
-def _task_head(init: Flat, loaded: Flat) -> list[Row]:
+def _task_head(init: Flat, loaded: Flat, force: bool) -> list[Row]:
     """A task model's head (``task_head/...``) starts fresh unless the checkpoint holds the same
-    head (a run of the same task and classes)."""
+    head (a run of the same task and classes) and ``force`` (``replace_head``) is not set."""
     paths = [p for p in init if p.split("/", 2)[1:2] == [TASK_HEAD]]
     if not paths:
         return []
     same = all(p in loaded and np.shape(loaded[p]) == np.shape(init[p]) for p in paths)
-    if same:
+    if same and not force:
         return []
     for path in [p for p in loaded if p.split("/", 2)[1:2] == [TASK_HEAD]]:
         del loaded[path]
     loaded.update({p: init[p] for p in paths})
-    return [("task head", f"initialised fresh ({len(paths)} arrays)")]
+    why = "on request" if same else f"({len(paths)} arrays)"
+    return [("task head", f"initialised fresh {why}")]
 
 
 def _model_grid(init: Flat, image_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -309,7 +323,7 @@ def adapt(
         rows.append(("cls", "dropped (the model pools with gap)"))
     if not any(p in keep for p in HEAD):
         rows += _head(flat_init, flat, replace_head, head_bias_init)
-    rows += _task_head(flat_init, flat)
+    rows += _task_head(flat_init, flat, replace_head)
     rows += _posemb(flat_init, flat, had_cls, posemb, image_size, checkpoint_grid)
     if PATCH in flat and PATCH in flat_init:
         old, new = np.shape(flat[PATCH]), np.shape(flat_init[PATCH])
