@@ -515,6 +515,15 @@ def test_box_configs_that_do_not_fit(tmp_path):
         spec = spec_of(**{key: eval(value)})
         with pytest.raises(ValueError, match=f"input.{key}: not for boxes"):
             data_lib.train_batches(source, spec, global_batch=2, seed=0, max_boxes=5)
+    # read by nothing with boxes: evaluation letterboxes the whole image, no crop resizes
+    for option in ("crop_mode='squash'", "crop_fraction=0.5", "resize_size=100"):
+        key, value = option.split("=")
+        spec = spec_of(**{key: eval(value)}, random_crop=False)
+        with pytest.raises(ValueError, match=f"input.{key}: not read with boxes"):
+            data_lib.train_batches(source, spec, global_batch=2, seed=0, max_boxes=5)
+    data_lib.train_batches(  # with random_crop, resize_size sizes its resize
+        source, spec_of(resize_size=100, random_crop=True), global_batch=2, seed=0, max_boxes=5
+    ).close()
     with pytest.raises(specs.ConfigError, match="data.coco_images only applies to source='coco'"):
         specs.data_spec(data_config(source="tfds", coco_images="{split}/images").data)
     for kind, hint in (("imagefolder", "use 'coco'"), ("arrays", "has no boxes")):

@@ -237,7 +237,9 @@ def test_replace_head_starts_a_task_head_afresh_and_unused_surgery_is_refused(
     classifier = create_model("cifar_resnet20", num_classes=10)
     weights = classifier.init(jax.random.key(3), x)
     export_safetensors(weights, classifier, tmp_path / "cls.safetensors")
-    with pytest.raises(WeightMismatchError, match=r"head_bias_init=2.0 .init.head_bias_init. would not be used"):
+    with pytest.raises(
+        WeightMismatchError, match=r"head_bias_init=2.0 .init.head_bias_init. would not be used"
+    ):
         load_pretrained(tmp_path / "cls.safetensors", model=classifier, variables=weights,
                         head_bias_init=2.0)  # fmt: skip
     loaded = load_pretrained(tmp_path / "cls.safetensors", model=classifier, variables=weights,

@@ -688,6 +688,21 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         # Non-default values of keys whose branch the run does not take:
         ({"init.replace_head": True}, ValueError, r"init.replace_head only applies with init.pa"),
         ({"init.posemb": "bicubic"}, ValueError, r"init.posemb only applies with init.path"),
+        (
+            {"optimizer.weight_decay": 0.0, "optimizer.decay_params": ".*"},
+            ValueError,
+            r"optimizer.decay_params only applies with weight_decay > 0",
+        ),
+        (
+            {"optimizer.trainable": "head", "optimizer.layer_decay": 0.5},
+            ValueError,
+            r"optimizer.layer_decay only applies when more than the head trains",
+        ),
+        (
+            {"task.name": "segmentation", "task.head": "linear", "task.decoder_width": 32},
+            ValueError,
+            r"task.decoder_width only applies to task.head='fpn'",
+        ),
         ({"data.classes": (3,)}, ValueError, r"holds 1 class \(3\): a classifier needs at least 2"),
         ({"lora.rank": 2, "lora.alpha": 0.0}, ValueError, r"lora.alpha must be > 0"),
         (

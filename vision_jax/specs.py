@@ -170,11 +170,11 @@ class InputSpec:
             if self.inception_crop or self.random_crop:
                 raise ValueError("input.scale_jitter excludes inception_crop and random_crop.")
         mixing = (self.mixup_alpha > 0, self.cutmix_alpha > 0)
-        _only_when("input", self, ("inception_scale", "inception_ratio"), self.inception_crop,
+        only_when("input", self, ("inception_scale", "inception_ratio"), self.inception_crop,
                    "with inception_crop=True")  # fmt: skip
         randaugment = ("randaugment_magnitude", "randaugment_magnitude_std",
                        "randaugment_increasing")  # fmt: skip
-        _only_when("input", self, randaugment, self.randaugment_layers > 0,
+        only_when("input", self, randaugment, self.randaugment_layers > 0,
                    "with randaugment_layers > 0")  # fmt: skip
         check_interval("input.color_jitter", self.color_jitter, "[0, inf]")
         if self.color_jitter and self.randaugment_layers:
@@ -185,8 +185,8 @@ class InputSpec:
         check_interval("input.randaugment_magnitude", self.randaugment_magnitude, "[0, 10]")
         check_interval("input.randaugment_magnitude_std", self.randaugment_magnitude_std,
                        "[0, inf]")  # fmt: skip
-        _only_when("input", self, ("mix_prob",), any(mixing), "with mixup_alpha or cutmix_alpha")
-        _only_when("input", self, ("mix_switch_prob",), all(mixing),
+        only_when("input", self, ("mix_prob",), any(mixing), "with mixup_alpha or cutmix_alpha")
+        only_when("input", self, ("mix_switch_prob",), all(mixing),
                    "with both mixup_alpha and cutmix_alpha")  # fmt: skip
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
@@ -309,7 +309,7 @@ def _only_with(
         values.update(dict.fromkeys(stray))
 
 
-def _only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: str) -> None:
+def only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: str) -> None:
     """Raises if any of ``keys`` of the dataclass ``spec`` differs from its default while
     ``when`` is False (for branch keys whose default is not None); inside
     :func:`saved_config`, sets them to their defaults instead."""
@@ -402,7 +402,7 @@ class InitSpec:
             object.__setattr__(self, "posemb", None)  # an earlier version's default, recorded
         surgery = ("replace_head", "head_bias_init", "dont_load", "posemb", "use_input_contract")
         why = "with init.path, the weights to start from, which is not set (--config.init.path)"
-        _only_when("init", self, surgery, self.path is not None, why)
+        only_when("init", self, surgery, self.path is not None, why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -544,12 +544,17 @@ def schedule_spec(section: Any) -> ScheduleSpec:
 
 def optimizer_spec(section: Any) -> OptimizerSpec:
     """:class:`OptimizerSpec` of ``config.optimizer``; b1/b2/eps only with AdamW, momentum and
-    nesterov only with SGD."""
+    nesterov only with SGD, decay_params only with weight decay, layer_decay only when more
+    than the head trains."""
     values = _section(section, OptimizerSpec)
     name = values["name"]
     only_with = functools.partial(_only_with, OptimizerSpec, "optimizer", values)
     only_with(("b1", "b2", "eps"), name == "adamw", "to name='adamw'")
     only_with(("momentum", "nesterov"), name == "sgd", "to name='sgd'")
+    only_with(("decay_params",), (values.get("weight_decay") or 0) > 0, "with weight_decay > 0")
+    only_with(("layer_decay",), values.get("trainable") != "head",
+              "when more than the head trains (the head is the last group: its rate is the "
+              "learning rate)")  # fmt: skip
     return _build(OptimizerSpec, values, "optimizer")
 
 

@@ -29,12 +29,27 @@ _IMAGE_ONLY = ("randaugment_layers", "random_erasing", "mixup_alpha", "cutmix_al
 def check_label_map_spec(spec: InputSpec) -> None:
     """Training with label maps: only geometric augmentations (applied to image and map alike)."""
     _refuse(spec, _IMAGE_ONLY, "label maps (only crops and flips are)")
+    _refuse_unread_resize(spec, "label maps")
 
 
 def check_box_spec(spec: InputSpec) -> None:
     """Training with boxes: only flips, ``scale_jitter`` and ``random_crop`` (boxes move along)."""
     keys = (*_IMAGE_ONLY, "inception_crop", "color_jitter")
     _refuse(spec, keys, "boxes (only flip, scale_jitter and random_crop are)")
+    _refuse_unread_resize(spec, "boxes")
+
+
+def _refuse_unread_resize(spec: InputSpec, what: str) -> None:
+    """With label maps or boxes evaluation resizes the whole image: ``crop_mode`` is read by
+    nothing, ``resize_size`` and ``crop_fraction`` only by ``random_crop`` (its resize)."""
+    unread = ["input.crop_mode"] if spec.crop_mode != "center" else []
+    if not spec.random_crop:
+        unread += [f"input.{k}" for k in ("resize_size", "crop_fraction") if getattr(spec, k)]
+    if unread:
+        raise ValueError(
+            f"{', '.join(unread)}: not read with {what} (evaluation resizes the whole image; "
+            "resize_size or crop_fraction only size random_crop's resize); remove."
+        )
 
 
 def _refuse(spec: InputSpec, keys: tuple[str, ...], what: str) -> None:

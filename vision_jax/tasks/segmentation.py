@@ -39,7 +39,7 @@ from vision_jax.models.pyramid import (
     upsample_to,
 )
 from vision_jax.models.task_model import TaskModel
-from vision_jax.specs import IGNORE_LABEL, check_interval
+from vision_jax.specs import IGNORE_LABEL, check_interval, only_when
 from vision_jax.tasks.base import Batch, Task, feature_backbone
 
 HEADS = ("linear", "fpn")
@@ -170,6 +170,7 @@ class Segmentation(Task):
                 "map; give one tap, or task.head='fpn' to merge several."
             )
         check_interval("label_smoothing", self.label_smoothing, "[0, 1)")
+        only_when("task", self, ("decoder_width",), self.head == "fpn", "to task.head='fpn'")
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
         if self.class_weights is not None and len(self.class_weights) != num_classes:
