@@ -73,3 +73,58 @@ def test_a_saved_config_off_its_branch_warns_only_for_values_other_than_the_defa
     assert "The saved config sets schedule.rsqrt_timescale, which only applies" in caplog.text
     with pytest.raises(specs.ConfigError, match="schedule.rsqrt_timescale only applies"):
         specs.schedule_spec(schedule)
+
+
+def test_an_unknown_model_key_says_how_to_add_a_model_override(tmp_path):
+    """The command line cannot add keys (the config is locked), but a config file can: every
+    other model.* key is a create_model override. The message says so, and the way it names
+    works: the key set in a file is then overridden on the command line."""
+    import subprocess
+    import sys
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from vision_jax.config import unknown_key
+
+    hint = (" Model overrides (create_model arguments such as drop_path_rate, dropout_rate, "
+            "pool_type) are added in the config file (c.model.drop_path_rate = ...); the command "
+            "line can then override them (--config.model.drop_path_rate=...).")  # fmt: skip
+    message = unknown_key(default_config(), "model.drop_path_rate")
+    assert message.startswith("Unknown config key 'model.drop_path_rate' (closest: model.")
+    assert message.endswith("." + hint)
+    assert "Model overrides" not in unknown_key(default_config(), "optimizer.drop_path_rate")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vision_jax.main", "--config=configs/digits_pretrain.py",
+         "--config.model.drop_path_rate=0.1", f"--workdir={tmp_path}"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(hint)
+    config_file = tmp_path / "with_override.py"
+    config_file.write_text(
+        "from vision_jax.config import default_config\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        "    c.model.drop_path_rate = 0.0\n"
+        "    return c\n"
+    )
+    argv = ["main", f"--config={config_file}", "--config.model.drop_path_rate=0.1"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=argv)  # fmt: skip
+    values(argv)
+    assert values.config.model.drop_path_rate == 0.1
+
+
+def test_a_checkpoint_without_a_class_token_names_the_config_file_setting():
+    import numpy as np
+
+    from vision_jax.weights import surgery
+
+    block = {"Transformer": {"encoder_norm": {"scale": np.ones(2)}}}
+    init = {"params": {"cls": np.zeros((1, 1, 2)), **block}}
+    expected = r"pool_type='gap' \(in the config file: c\.model\.pool_type = 'gap'\)\.$"
+    with pytest.raises(surgery.WeightMismatchError, match=expected):
+        surgery.adapt(init, {"params": block})

@@ -224,9 +224,18 @@ def closest(name: str, candidates: Iterable[str], prefix: str = "") -> str:
     return f" (closest: {', '.join(prefix + k for k in close)})" if close else ""
 
 
+# The config is locked on the command line: a model override (a create_model argument, which
+# run_spec passes on from every other model.* key) is added in the config file first.
+_MODEL_OVERRIDE_HINT = (
+    " Model overrides (create_model arguments such as drop_path_rate, dropout_rate, pool_type)"
+    " are added in the config file (c.model.{name} = ...); the command line can then override"
+    " them (--config.model.{name}=...)."
+)
+
+
 def unknown_key(config: Mapping[str, Any], key: str) -> str | None:
     """None if the dotted ``key`` is in ``config``; else one line naming it and the closest
-    keys of the section where it goes wrong."""
+    keys of the section where it goes wrong (under ``model.``, how to add a model override)."""
     node, parts = config, key.split(".")
     for i, part in enumerate(parts):
         prefix = "".join(p + "." for p in parts[:i])
@@ -235,7 +244,8 @@ def unknown_key(config: Mapping[str, Any], key: str) -> str | None:
         if part not in node:
             elsewhere = [k for k, _ in _leaves(config) if k.rsplit(".", 1)[-1] == parts[-1]]
             moved = f"; {' or '.join(elsewhere)} has that name" if elsewhere else ""
-            return f"Unknown config key '{key}'{closest(part, node, prefix)}{moved}."
+            hint = _MODEL_OVERRIDE_HINT.format(name=part) if prefix == "model." else ""
+            return f"Unknown config key '{key}'{closest(part, node, prefix)}{moved}.{hint}"
         node = node[part]
     return None
 

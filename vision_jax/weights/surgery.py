@@ -316,7 +316,7 @@ def adapt(
         raise WeightMismatchError(
             "The checkpoint's ViT has no class token (it pools the average of its patch tokens) "
             "and the model pools its class token: build the model with pool_type='gap' "
-            "(config: model.pool_type='gap')."
+            "(in the config file: c.model.pool_type = 'gap')."
         )
     if had_cls and CLS not in flat_init and CLS not in keep:
         del flat[CLS]
