@@ -6,8 +6,10 @@
 #            [--accelerator=v4-32] [--version=tpu-ubuntu2204-base] [--project=PROJECT] \
 #            --config=configs/vit_fsdp.py --workdir=gs://BUCKET/runs/NAME [--config.key=value ...]
 #
-# The workdir must be on GCS (gs://): every worker writes its checkpoint shards there. After a
-# preemption, run the same command again: it resumes from the latest checkpoint in the workdir.
+# The config file may be anywhere in the checkout: it is copied with vision_jax/ and configs/
+# (only the file: what it imports must be in those). The workdir must be on GCS (gs://): every
+# worker writes its checkpoint shards there. After a preemption, run the same command again:
+# it resumes from the latest checkpoint in the workdir.
 # --version is the TPU VM image: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5-lite for v5e.
 # --keep leaves the TPU running (and skips create if it is READY; a preempted one is deleted
 # and created again) for a next command.
@@ -59,9 +61,25 @@ done
 [[ -n "$zone" ]] || die "--zone=ZONE is required (e.g. us-central2-b for v4, us-west4-a for v5e)."
 [[ -n "$config" ]] || die "--config=configs/<name>.py is required."
 [[ "$workdir" == gs://* ]] || die "--workdir must be a gs:// path that every worker can write, got '$workdir'."
-repo="$(cd "$(dirname "$0")/.." && pwd)"
-[[ -f "$repo/${config%%:*}" ]] \
-  || die "config '${config%%:*}' is not a file in $repo (give it relative to the checkout)."
+repo="$(cd "$(dirname "$0")/.." && pwd -P)"
+config_file="${config%%:*}"
+[[ -f "$repo/$config_file" ]] \
+  || die "config '$config_file' is not a file in $repo (give it relative to the checkout)."
+# The workers get the folders packed below and the config file, wherever in the checkout it is
+# (e.g. myexp/x.py, at the same path; only the file: what it imports must be in vision_jax/ or
+# configs/). Its path is resolved, and one outside the checkout refused.
+config_dir="$(cd "$repo/$(dirname "$config_file")" && pwd -P)"
+[[ ! -L "$repo/$config_file" ]] \
+  || die "config '$config_file' is a symbolic link: give the file it points to (in the checkout)."
+[[ "$config_dir/" == "$repo"/* ]] \
+  || die "config '$config_file' is outside the checkout $repo: copy it into the checkout."
+config_path="${config_dir#"$repo"}/$(basename "$config_file")"
+config_path="${config_path#/}"
+for i in "${!main_args[@]}"; do  # main on the workers loads it at that path
+  if [[ "${main_args[i]}" == --config=* ]]; then
+    main_args[i]="--config=$config_path${config#"$config_file"}"
+  fi
+done
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=$zone")
 if [[ -n "$project" ]]; then
@@ -80,8 +98,13 @@ create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" "--accelerator-type=$acc
 if ((spot)); then
   create+=(--spot)
 fi
+shipped=(pyproject.toml README.md vision_jax configs launch)
+case "$config_path" in
+  vision_jax/*|configs/*|launch/*) ;;
+  *) shipped+=("$config_path") ;;
+esac
 pack=(tar -czf "$archive" -C "$repo" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info'
-      --exclude=.venv pyproject.toml README.md vision_jax configs launch)
+      --exclude=.venv "${shipped[@]}")
 copy=("${gcloud_tpu[@]}" scp "$archive" "$name:vision_jax.tar.gz" "${where[@]}" --worker=all)
 install_cmd="mkdir -p $remote_dir && tar -xzf vision_jax.tar.gz -C $remote_dir && cd $remote_dir"
 install_cmd+=" && { [ -x $uv ] || curl -LsSf https://astral.sh/uv/install.sh | sh; }"

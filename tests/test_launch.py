@@ -269,6 +269,55 @@ def test_tpu_pod_takes_a_config_variant_and_installs_python_3_11():
     assert variant in command
 
 
+def test_tpu_pod_ships_a_config_from_anywhere_in_the_checkout(tmp_path):
+    """A config outside the packed folders (myexp/x.py) is packed at its path, which main on
+    the workers is given resolved; one outside the checkout, or a link, is refused up front
+    (the workers failed with "config file not found" after create and install)."""
+    repo = tmp_path / "checkout"
+    for folder in ("launch", "vision_jax", "configs", "myexp"):
+        (repo / folder).mkdir(parents=True)
+    shutil.copy(LAUNCH / "tpu_pod.sh", repo / "launch")
+    for name in ("pyproject.toml", "README.md", "vision_jax/__init__.py", "configs/a.py",
+                 "myexp/x.py", "myexp/unrelated.py", "x.py"):  # fmt: skip
+        (repo / name).write_text("")
+    (tmp_path / "outside.py").write_text("")
+    (repo / "myexp" / "link.py").symlink_to(tmp_path / "outside.py")
+
+    def launch(config: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(repo / "launch" / "tpu_pod.sh"), "--dry-run", "--name=vj", "--zone=z",
+             f"--config={config}", "--workdir=gs://b/r"],
+            cwd=tmp_path, text=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+    for config, path in [("myexp/x.py:v", "myexp/x.py"), ("./myexp/../myexp/x.py", "myexp/x.py"),
+                         ("x.py", "x.py"), ("configs/a.py", None)]:  # fmt: skip
+        proc = launch(config)
+        assert proc.returncode == 0, proc.stderr
+        cmds = [shlex.split(line) for line in proc.stdout.splitlines()]
+        (tar,) = [c for c in cmds if c[0] == "tar"]
+        archive = tmp_path / "packed.tar.gz"
+        tar[tar.index("-czf") + 1] = str(archive)
+        subprocess.run(tar, check=True, timeout=60)
+        listed = subprocess.run(["tar", "-tzf", str(archive)], check=True, text=True,
+                                capture_output=True, timeout=60).stdout.split()  # fmt: skip
+        assert "configs/a.py" in listed and "myexp/unrelated.py" not in listed
+        assert listed.count(path or config) == 1
+        train = [c for c in cmds if c[0] == "gcloud" and c[4] == "ssh"][-1]
+        variant = config[config.index(":") :] if ":" in config else ""
+        assert f"--config={path or config}{variant}" in shlex.split(train[-1])
+    for config, message in [
+        ("../outside.py", f"config '../outside.py' is outside the checkout {repo.resolve()}: "
+         "copy it into the checkout."),
+        ("myexp/link.py", "config 'myexp/link.py' is a symbolic link: give the file it points "
+         "to (in the checkout)."),
+        ("myexp/none.py", f"config 'myexp/none.py' is not a file in {repo.resolve()}"),
+    ]:  # fmt: skip
+        proc = launch(config)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.startswith(f"tpu_pod.sh: error: {message}"), proc.stderr
+
+
 def test_tpu_pod_keep_skips_delete_and_local_workdir_is_an_error():
     cmds = dry_run(
         "tpu_pod.sh", "--keep", "--name=vj", "--zone=z", *MAIN_ARGS, "--workdir=gs://b/r"
