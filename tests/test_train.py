@@ -689,6 +689,11 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         ({"init.replace_head": True}, ValueError, r"init.replace_head only applies with init.pa"),
         ({"init.posemb": "bicubic"}, ValueError, r"init.posemb only applies with init.path"),
         (
+            {"task.module": "no.such.module"},
+            ValueError,
+            r"task.module 'no.such.module' registers a task of your own; task.name 'classif",
+        ),
+        (
             {"optimizer.weight_decay": 0.0, "optimizer.decay_params": ".*"},
             ValueError,
             r"optimizer.decay_params only applies with weight_decay > 0",

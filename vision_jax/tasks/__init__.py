@@ -45,6 +45,11 @@ def create_task(config: Any) -> Task:
     """The task of ``config.task`` (a TrackedConfig or ConfigDict of the whole run); for a
     name not registered yet, ``task.module`` is imported first (it registers the task)."""
     name, module = config.task.name, config.task.get("module")
+    if module and name in _LIBRARY_TASKS and not reading_saved_config():
+        raise ValueError(
+            f"task.module {module!r} registers a task of your own; task.name {name!r} is built "
+            "in (remove task.module, or name the task the module registers)."
+        )
     if module and name not in TASKS:  # (a script registering it as __main__ has it already)
         try:
             importlib.import_module(module)
