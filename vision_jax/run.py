@@ -758,8 +758,13 @@ def _check_finished_recipe(spec: specs.RunSpec, meta: Mapping[str, Any], where: 
 
 
 def _ended(meta: Mapping[str, Any]) -> str:
-    """How a run whose checkpoint recorded ``meta`` ended: "stopped early" or "finished"."""
-    return "stopped early" if meta.get("stopped_early") else "finished"
+    """How a run whose checkpoint recorded ``meta`` ended: "stopped early", "finished", or
+    stopped before the end its recipe gave (a signal: a shorter recipe now ends it there)."""
+    if meta.get("stopped_early"):
+        return "stopped early"
+    if meta.get("final") is False:  # (checkpoints of earlier versions record no "final")
+        return f"stopped before its end (step {meta.get('total_steps')} of its recipe)"
+    return "finished"
 
 
 def _in_recipe(key: str) -> bool:
