@@ -1224,3 +1224,15 @@ def test_example_shapes_are_those_of_the_batches(target, overrides):
 def test_a_url_scheme_epath_cannot_read_is_an_error_naming_the_path():
     with pytest.raises(data_lib.DataError, match=r"hdfs://nn/data/train: not a local path"):
         data_lib.from_image_folder("hdfs://nn/data", "train")
+
+
+def test_a_missing_image_folder_split_names_what_the_folder_holds(tmp_path):
+    """A split folder that is not there: the message names the splits the root holds (or that
+    the root itself is not a folder), so a wrong data.*_split is seen at once."""
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    with pytest.raises(data_lib.DataError, match=rf"split {tmp_path}/test does not exist "
+                       rf"\({tmp_path} holds train, val\)"):  # fmt: skip
+        data_lib.from_image_folder(str(tmp_path), "test")
+    with pytest.raises(data_lib.DataError, match=r"\(data.root .*nowhere is not a folder\)"):
+        data_lib.from_image_folder(str(tmp_path / "nowhere"), "train")

@@ -95,6 +95,14 @@ def subdirectories(path: str) -> list[str]:
     )
 
 
+def _splits_in(root: str) -> str:
+    """What ``root`` holds instead, for a missing split's message."""
+    if not file_path(root).is_dir():
+        return f"data.root {root} is not a folder"
+    found = subdirectories(root)
+    return f"{root} holds {', '.join(found)}" if found else f"{root} holds no split folders"
+
+
 def is_image_file(name: str) -> bool:
     """Whether a file name is one the listings take: an image extension, not hidden."""
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
@@ -160,7 +168,7 @@ def from_image_folder(
     name, where = parse_split(split)
     split_dir = posixpath.join(root, name)
     if not file_path(split_dir).is_dir():
-        raise DataError(f"Image folder split {split_dir} does not exist.")
+        raise DataError(f"Image folder split {split_dir} does not exist ({_splits_in(root)}).")
     # Class names in Unicode's composed form: a zip made on macOS decomposes accented names,
     # so one split's folders would name other classes than another's.
     subdirs = subdirectories(split_dir)
