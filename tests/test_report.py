@@ -117,6 +117,14 @@ def test_hardest_examples_name_their_files_also_when_some_were_skipped():
         assert table.columns[:2] == ("index", "file")
         assert [row[0] for row in table.rows] == [2, 3]  # p(true) 0.3 and 0.4
         assert [row[1] for row in table.rows] == [paths[2], paths[3]]
+    long_name = "a class name much longer than a thumbnail is wide"  # the table keeps it whole
+    evaluator = Classification([long_name, "b"], spec, source, 1)
+    batch = {"image": np.zeros((1, 2, 2, 3)), "label": np.zeros(1, int), "row": np.zeros(1, int),
+             "mask": np.ones(1)}  # fmt: skip
+    evaluator.add(batch, {"probabilities": probs[3:4]})
+    result = evaluator.result()
+    assert result.hardest[0].title.splitlines()[0] == "true a class name much l… (0.60)"
+    assert long_name in result.hardest_table.rows[0]
 
 
 def test_the_report_of_a_training_command_takes_its_final_evaluations_figures(

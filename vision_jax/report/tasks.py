@@ -89,10 +89,19 @@ def _real(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple
     return real(batch), real(outputs)
 
 
+TITLE_NAME_CHARS = 20  # a class name in a thumbnail's title (the tables hold it whole)
+
+
+def _short(name: str) -> str:
+    """``name`` cut to fit a thumbnail's title (long names overlapped the next thumbnail)."""
+    return name if len(name) <= TITLE_NAME_CHARS else name[: TITLE_NAME_CHARS - 1] + "…"
+
+
 def _class_example(batch, probs, names, spec, i) -> tuple[Thumb, list]:
     true, guess = int(batch["label"][i]), int(probs[i].argmax())
     p_true, p_guess = float(probs[i, true]), float(probs[i, guess])
-    title = f"true {names[true]} ({p_true:.2f})\npredicted {names[guess]} ({p_guess:.2f})"
+    title = (f"true {_short(names[true])} ({p_true:.2f})\n"
+             f"predicted {_short(names[guess])} ({p_guess:.2f})")  # fmt: skip
     row = [names[true], names[guess], p_true, p_guess]
     return Thumb(pixels(batch["image"][i], spec), title), row
 
