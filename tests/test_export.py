@@ -4,6 +4,7 @@ runs; quantisation measured on real images."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import io
@@ -369,8 +370,9 @@ def test_cli_exports_a_run_in_every_format(digits_run, tmp_path):
     expected = run_predictions(trained, images)
     for fmt in ("savedmodel", "stablehlo", "tflite"):
         out = tmp_path / fmt
+        batch_flag = ["--tflite_batch", "6"] if fmt == "tflite" else []  # others: any batch
         assert export_main(["--workdir", str(digits_run), "--format", fmt, "--output", str(out),
-                            "--tflite_batch", "6"]) == 0  # fmt: skip
+                            *batch_flag]) == 0  # fmt: skip
         manifest = json.loads((out / "export.json").read_text())
         batch = 6 if fmt == "tflite" else None
         assert manifest["input"]["shape"] == [batch, 8, 8, 3]
@@ -532,3 +534,112 @@ def test_quantisation_report_miou_is_scikit_learns():
         targets[counted], predictions[counted], labels=[0, 1, 2, 3], average="macro"
     )
     assert _miou(predictions, targets, num_classes=5) == pytest.approx(want)  # class 4: absent
+
+
+# ---- full-integer calibration and its agreement check; the manifest's resampling; flags -------
+
+
+def test_full_int8_calibration_takes_every_image_in_whole_batches():
+    """The last partial batch calibrates too (completed with the first images): at batch 64,
+    36 of 100 images were left out."""
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
+    batches = [b for (b,) in tflite._calibration(images, 64)]
+    assert [len(b) for b in batches] == [64, 64]
+    assert set(np.concatenate(batches).ravel()) == set(range(100))
+    assert [len(b) for (b,) in tflite._calibration(images, 25)] == [25] * 4
+
+
+def test_full_int8_at_a_batch_above_100_calibrates_and_checks_agreement(
+    digits_run, tmp_path, monkeypatch, caplog, capsys
+):
+    """--tflite_batch=128 failed ("full_int8 needs at least 128 representative images": 100
+    were drawn); now whole batches covering at least 100 images are drawn, and the quantised
+    model's agreement with float32 on them is measured, recorded and warned about when low."""
+    from vision_jax.export import exporter
+    from vision_jax.export.images import split_images
+
+    monkeypatch.setattr(exporter, "AGREEMENT_WARNING", 1.01)  # any agreement warns
+    out = tmp_path / "int8"
+    args = ["--workdir", str(digits_run), "--format", "tflite", "--output", str(out),
+            "--quantize", "full_int8", "--tflite_batch", "128"]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert export_main(args) == 0
+    check = json.loads((out / "export.json").read_text())["quantization_check"]
+    assert check["images"] == 128 and check["split"] == "train"
+    assert "top-1" in check["measure"] and check["warning_below"] == 1.01
+    # The agreement is the int8 file's against the run's own float predictions.
+    trained = load_trained(digits_run)
+    images = split_images(trained, "train", count=128)[0]
+    int8 = TFLiteModel((out / "model.tflite").read_bytes())(images)["probabilities"]
+    want = np.mean(int8.argmax(-1) == run_predictions(trained, images).argmax(-1))
+    assert check["agreement"] == pytest.approx(want, abs=1e-4)
+    assert f"calibration images {check['agreement']:.4f}" in capsys.readouterr().out
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    said = f"agrees with float32 on only {100 * check['agreement']:.1f}% of top-1 classes on 128"
+    assert any(said in w and "dynamic_int8 or float16" in w for w in warnings), warnings
+    assert tflite.calibration_count(1) == 100 and tflite.calibration_count(64) == 128
+
+
+def test_full_int8_on_a_split_smaller_than_a_batch_names_it_and_leaves_nothing(
+    digits_run, tmp_path
+):
+    """The error names the split and its size (it said "needs at least N representative
+    images" of the 100 drawn), and the output folder it had made is not left behind."""
+    trained = load_trained(digits_run)
+    out = tmp_path / "new" / "int8"
+    message = r"training split 'train' holds 1437, fewer than one batch \(tflite_batch=1500\)"
+    with pytest.raises(ExportError, match=message):
+        export_trained(trained, out, format="tflite", quantize="full_int8", tflite_batch=1500)
+    assert not (tmp_path / "new").exists()
+
+
+def test_manifest_states_the_resampling_pil_reproduces():
+    """``input.resize.resampling`` says evaluation resizes as PIL's Image.resize does on the
+    uint8 image (antialiased; tf.image.resize without antialias is another resize); PIL resizing
+    so, then cropping as the manifest says, gives the pipeline's pixels within one level."""
+    from vision_jax.data import InputSpec
+    from vision_jax.tasks import library_kind
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (45, 33, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(noise).resize((66, 90)).resize((33, 45)))  # smoother
+    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    for interpolation, task in [("bicubic", Classification()), ("bilinear", Segmentation())]:
+        spec = InputSpec(image_size=16, resize_size=20, interpolation=interpolation)
+        trained = SimpleNamespace(
+            task=task, input=spec, class_names=["a"], step_dir="run/1", step=1, ema=False,
+            record=SimpleNamespace(model="vit_ti16", category_ids=None),
+            spec=SimpleNamespace(model_dtype="float32"),
+        )  # fmt: skip
+        servable = SimpleNamespace(  # what the manifest reads of it
+            mean=(0.5,) * 3, std=(0.5,) * 3, output_specs=dict, input_shape=lambda b: (b, 16, 16, 3)
+        )
+        resize = _manifest(trained, servable, "tflite", "none", 1)["input"]["resize"]
+        pil = f"PIL's Image.resize((width, height), Image.Resampling.{interpolation.upper()})"
+        assert pil in resize["resampling"] and "uint8" in resize["resampling"]
+        assert "antialiased" in resize["resampling"]
+        if library_kind(task) == "segmentation":  # the whole image, no crop
+            want = Image.fromarray(image).resize((16, 16), filters[interpolation])
+        else:  # the shorter side to 20 (45 * 20 / 33 = 27.3), the centre 16 x 16
+            resized = Image.fromarray(image).resize((20, 27), filters[interpolation])
+            want = np.asarray(resized)[6:22, 2:18]
+        pipeline = dataclasses.replace(spec, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+        pixels = library_kind(task) == "segmentation"
+        targets = np.zeros((1, 45, 33) if pixels else 1, np.int32)
+        source = from_arrays(image[None], targets, ["a"], target=task.target)
+        got = next(iter(eval_batches(source, pipeline, global_batch=1)))["image"][0]
+        assert np.abs(got - np.asarray(want, np.float32)).max() <= 1, interpolation
+
+
+def test_tflite_batch_with_another_format_is_refused(tmp_path, capsys):
+    """--tflite_batch with savedmodel or stablehlo was ignored in silence (exit 0); refused as
+    --evaluate is, before any work; the default (unset) stays accepted."""
+    for fmt in ("savedmodel", "stablehlo"):
+        with pytest.raises(SystemExit):
+            export_main(["--workdir", str(tmp_path), "--format", fmt, "--output",
+                         str(tmp_path / "out"), "--tflite_batch=4"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.endswith(f"use it with --format=tflite ({fmt} takes any batch size)."), err
+        with pytest.raises(ExportError, match=f"tflite_batch=4 applies to TFLite, not to {fmt}"):
+            export_trained(None, tmp_path / "out", format=fmt, tflite_batch=4)
+    assert not (tmp_path / "out").exists()

@@ -1,9 +1,11 @@
 """``python -m vision_jax.export --workdir=RUN --format=savedmodel|stablehlo|tflite --output=DIR
 [--which=best|latest] [--ema|--no-ema] [--quantize=none|float16|dynamic_int8|full_int8]
-[--tflite_batch=1] [--evaluate [--eval_examples=N]]``
+[--tflite_batch=1 (TFLite)] [--evaluate [--eval_examples=N]]``
 
 Writes the run's model (uint8 images at its input size in, predictions out; see
-:mod:`vision_jax.export`) and ``export.json`` into DIR. ``--evaluate`` (TFLite) also converts
+:mod:`vision_jax.export`) and ``export.json`` into DIR. ``--quantize=full_int8`` also measures
+the int8 model's agreement with float32 on its calibration images (the manifest's
+``quantization_check``; a warning when low). ``--evaluate`` (TFLite) also converts
 every quantisation and prints what each costs on the run's evaluation split (size, accuracy and
 its change, agreement with float32, latency), stored in the manifest as ``evaluation``.
 """
@@ -38,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="the folder to write into")
     add_run_options(parser)
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none")
-    parser.add_argument("--tflite_batch", type=int, default=1)
+    parser.add_argument(
+        "--tflite_batch", type=int, help="the TFLite model's batch size (default 1)"
+    )
     parser.add_argument(
         "--evaluate", action="store_true", help="compare the TFLite quantisations (see above)"
     )
@@ -53,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.evaluate and args.format != "tflite":
         parser.error("--evaluate compares TFLite quantisations: use it with --format=tflite.")
+    if args.tflite_batch is not None and args.format != "tflite":
+        parser.error(
+            f"--tflite_batch is the TFLite model's batch size: use it with --format=tflite "
+            f"({args.format} takes any batch size)."
+        )
     if args.eval_examples is not None and not args.evaluate:
         parser.error("--eval_examples is the number --evaluate measures on: add --evaluate.")
     for flag in ("tflite_batch", "eval_examples"):
@@ -67,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         if args.evaluate:
             report = quantization_report(
-                trained, batch=args.tflite_batch, examples=args.eval_examples
+                trained, batch=args.tflite_batch or 1, examples=args.eval_examples
             )
             print(report.table())
             manifest["evaluation"] = [dataclasses.asdict(r) for r in report.rows]
@@ -89,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message.strip().splitlines()[0])
         print(f"error: {write_failure('export', args.output, None, reason)}", file=sys.stderr)
         return 1
-    print(f"wrote {args.format} to {args.output} (manifest export.json)")
+    check = ""
+    if (c := manifest.get("quantization_check")) is not None:
+        check = f"; agreement with float32 on calibration images {c['agreement']:.4f}"
+    print(f"wrote {args.format} to {args.output} (manifest export.json{check})")
     return 0
 
 

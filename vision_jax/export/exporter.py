@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ import numpy as np
 
 from vision_jax.data import augment
 from vision_jax.export.images import split_images
+from vision_jax.export.report import float_agreement
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
 from vision_jax.export.serving import ExportError, Servable
 from vision_jax.export.stablehlo import ARTIFACT as STABLEHLO_ARTIFACT
 from vision_jax.export.stablehlo import PLATFORMS, to_stablehlo
-from vision_jax.export.tflite import check_quantize, in_float32, to_tflite
+from vision_jax.export.tflite import calibration_count, check_quantize, in_float32, to_tflite
 from vision_jax.output_errors import written_whole
 from vision_jax.tasks import library_kind
 
@@ -27,7 +29,9 @@ if TYPE_CHECKING:
 FORMATS = ("savedmodel", "stablehlo", "tflite")
 ARTIFACTS = {"savedmodel": ".", "stablehlo": STABLEHLO_ARTIFACT, "tflite": "model.tflite"}
 MANIFEST = "export.json"
-CALIBRATION_IMAGES = 100  # representative images for full-integer quantisation
+AGREEMENT_WARNING = 0.9  # full_int8's agreement with float32 (calibration images) warned below
+
+logger = logging.getLogger(__name__)
 
 
 def export_trained(
@@ -36,47 +40,113 @@ def export_trained(
     *,
     format: str,
     quantize: str = "none",
-    tflite_batch: int = 1,
+    tflite_batch: int | None = None,
 ) -> dict[str, Any]:
     """Exports the run ``trained`` (from :func:`vision_jax.trained.load_trained`) as ``format``
     into the folder ``output``, beside its manifest; returns the manifest. ``quantize`` and
-    ``tflite_batch`` apply to TFLite."""
+    ``tflite_batch`` (default 1) apply to TFLite (SavedModel and StableHLO take any batch).
+
+    ``full_int8`` calibrates on :func:`calibration_count` training images and measures the
+    quantised model's agreement with float32 on them (the manifest's ``quantization_check``),
+    with a warning below :data:`AGREEMENT_WARNING`. Nothing is left in ``output`` (nor the
+    folder, when the export made it) by an export that fails before its files are written."""
     if format not in FORMATS:
         raise ExportError(f"Unknown format {format!r}; valid: {', '.join(FORMATS)}.")
     if format != "tflite" and check_quantize(quantize) != "none":
         raise ExportError(f"quantize={quantize!r} applies to TFLite, not to {format}.")
-    if tflite_batch < 1:
-        raise ExportError(f"tflite_batch must be at least 1; got {tflite_batch}.")
+    if format != "tflite" and tflite_batch is not None:
+        raise ExportError(
+            f"tflite_batch={tflite_batch} applies to TFLite, not to {format} (it takes any "
+            "batch size)."
+        )
+    batch = 1 if tflite_batch is None else tflite_batch
+    if batch < 1:
+        raise ExportError(f"tflite_batch must be at least 1; got {batch}.")
     if format == "tflite":
         trained = in_float32(trained)
     servable = Servable.from_trained(trained)
+    manifest = _manifest(trained, servable, format, quantize, batch if format == "tflite" else None)
+    content = None
+    if format == "tflite":  # converted (and checked) before the folder is made
+        representative = None
+        if quantize == "full_int8":
+            representative = _calibration_images(trained, batch)
+        content = to_tflite(servable, batch=batch, quantize=quantize, representative=representative)
+        if representative is not None:
+            manifest["quantization_check"] = _quantization_check(
+                trained, servable, content, representative
+            )
     output = pathlib.Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    batch = tflite_batch if format == "tflite" else None
-    manifest = _manifest(trained, servable, format, quantize, batch)
-    with _manifest_written(output, manifest):  # in place once the artifact is
-        _write_artifact(trained, servable, output, format, quantize, tflite_batch)
+    with _removed_if_left_empty(output):
+        output.mkdir(parents=True, exist_ok=True)
+        with _manifest_written(output, manifest):  # in place once the artifact is
+            _write_artifact(servable, output, format, content)
     return manifest
 
 
+def _calibration_images(trained: Trained, batch: int) -> np.ndarray:
+    """:func:`calibration_count` images of the run's training split (all of a smaller one)."""
+    split = trained.spec.data.train_split
+    images = split_images(trained, split, count=calibration_count(batch))[0]
+    if len(images) < batch:
+        raise ExportError(
+            f"full_int8 calibrates on whole batches of training images: the training split "
+            f"{split!r} holds {len(images)}, fewer than one batch (tflite_batch={batch}); "
+            "export with a smaller tflite_batch."
+        )
+    return images
+
+
+def _quantization_check(
+    trained: Trained, servable: Servable, content: bytes, images: np.ndarray
+) -> dict[str, Any]:
+    """The agreement of the quantised flatbuffer ``content`` with the float32 model on the
+    calibration ``images``, with a warning below :data:`AGREEMENT_WARNING`."""
+    agreement = float_agreement(servable, content, images)
+    pixels = library_kind(trained.task) == "segmentation"
+    check = {
+        "agreement": round(agreement, 4),
+        "measure": "share of pixel labels (argmax) equal to the float32 model's" if pixels
+        else "share of top-1 classes equal to the float32 model's",
+        "images": len(images),  # the calibration images
+        "split": trained.spec.data.train_split,
+        "warning_below": AGREEMENT_WARNING,
+    }  # fmt: skip
+    if agreement < AGREEMENT_WARNING:
+        logger.warning(
+            "full_int8: the quantised model agrees with float32 on only %.1f%% of %s on %d "
+            "calibration images; it may have lost much accuracy: export with "
+            "--quantize=dynamic_int8 or float16 (--evaluate compares them).",
+            100 * agreement, "pixel labels" if pixels else "top-1 classes", len(images),
+        )  # fmt: skip
+    return check
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(output: pathlib.Path) -> Iterator[None]:
+    """The folders the block makes for ``output`` removed again (innermost first) where a
+    failure in it leaves them empty."""
+    made = [p for p in (output, *output.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty, or not made
+                folder.rmdir()
+        raise
+
+
 def _write_artifact(
-    trained: Trained, servable: Servable, output: pathlib.Path, format: str, quantize: str,
-    tflite_batch: int,
-) -> None:  # fmt: skip
-    """The artifact of ``format`` in ``output`` (files written whole; a SavedModel in place)."""
+    servable: Servable, output: pathlib.Path, format: str, content: bytes | None
+) -> None:
+    """The artifact of ``format`` in ``output`` (files written whole; a SavedModel in place);
+    TFLite's ``content`` converted already."""
     artifact = output / ARTIFACTS[format]
     if format == "savedmodel":
         to_savedmodel(servable, output)
     elif format == "stablehlo":
         to_stablehlo(servable, artifact)
     else:
-        representative = None
-        if quantize == "full_int8":
-            split = trained.spec.data.train_split
-            representative = split_images(trained, split, count=CALIBRATION_IMAGES)[0]
-        content = to_tflite(
-            servable, batch=tflite_batch, quantize=quantize, representative=representative
-        )
         with written_whole(artifact) as partial:
             pathlib.Path(partial).write_bytes(content)
 
@@ -130,6 +200,7 @@ def _manifest(
         spec = trained.input
         manifest["input"]["resize"] = {
             "interpolation": spec.interpolation,
+            "resampling": _resampling(spec.interpolation),
             "resize": f"the whole image to {spec.image_size} x {spec.image_size}, aspect ratio "
             "not kept",
             "label_map": "at the input size: for the image's size, resize the log of "
@@ -140,6 +211,7 @@ def _manifest(
         whole = spec.crop_mode == "squash"
         manifest["input"]["resize"] = {
             "interpolation": spec.interpolation,
+            "resampling": _resampling(spec.interpolation),
             "resize": f"the whole image to {spec.resize} x {spec.resize}, aspect ratio not kept"
             if whole else f"the shorter side to {spec.resize}, aspect ratio kept",
             "crop": f"the central {spec.image_size} x {spec.image_size} square",
@@ -151,6 +223,15 @@ def _manifest(
     if format == "stablehlo":
         manifest["platforms"] = list(PLATFORMS)
     return manifest
+
+
+def _resampling(interpolation: str) -> str:
+    """How evaluation resamples (:func:`vision_jax.data.augment.resize`), for the manifest."""
+    return (
+        f"as PIL's Image.resize((width, height), Image.Resampling.{interpolation.upper()}) "
+        "resizes the decoded uint8 RGB image (antialiased when shrinking, each pass rounded to "
+        "uint8); tf.image.resize without antialias, or cv2.resize, gives other pixels"
+    )
 
 
 @contextlib.contextmanager

@@ -12,12 +12,19 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
 
 from vision_jax.data import IGNORE_LABEL
 from vision_jax.export.images import split_images
 from vision_jax.export.serving import Servable
-from vision_jax.export.tflite import QUANTIZATIONS, TFLiteModel, in_float32, to_tflite
+from vision_jax.export.tflite import (
+    QUANTIZATIONS,
+    TFLiteModel,
+    calibration_count,
+    in_float32,
+    to_tflite,
+)
 from vision_jax.metrics import iou_summary
 from vision_jax.tasks import library_kind
 
@@ -57,6 +64,33 @@ def _predict(model: TFLiteModel, images: np.ndarray) -> tuple[np.ndarray, float]
         times.append(time.perf_counter() - t0)
         predictions.append(probabilities[: len(chunk)].argmax(-1))
     return np.concatenate(predictions), 1e3 * float(np.median(times))
+
+
+class _FloatModel:
+    """The float model ``servable`` run in JAX on batches of ``batch`` images, called as
+    :class:`TFLiteModel` is (its float32 TFLite form computes the same to 1e-4)."""
+
+    def __init__(self, servable: Servable, batch: int):
+        self.batch, self._variables = batch, servable.variables
+        self._apply = jax.jit(servable.apply)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return jax.tree.map(np.asarray, self._apply(self._variables, images))
+
+
+def _agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
+    """The share of ``predictions`` (image classes, or pixel labels) equal to ``reference``'s."""
+    return float(np.mean(predictions == reference))
+
+
+def float_agreement(servable: Servable, content: bytes, images: np.ndarray) -> float:
+    """The agreement of the TFLite flatbuffer ``content`` (a quantised ``servable``) with the
+    float32 ``servable`` on ``images``: the share of top-1 classes (segmentation: of pixel
+    labels) equal, as :func:`quantization_report` measures it against float32 TFLite."""
+    model = TFLiteModel(content)
+    quantised, _ = _predict(model, images)
+    reference, _ = _predict(_FloatModel(servable, model.batch), images)
+    return _agreement(quantised, reference)
 
 
 def _accuracy(predictions: np.ndarray, targets: np.ndarray) -> float:
@@ -105,16 +139,19 @@ def quantization_report(
     *,
     batch: int = 1,
     examples: int | None = None,
-    calibration: int = 100,
+    calibration: int | None = None,
     threads: int | None = None,
 ) -> QuantizationReport:
     """Every TFLite form of the run ``trained`` (a :class:`vision_jax.trained.Trained`) at
     ``batch`` images, on its evaluation split (all of it, or ``examples`` drawn at random);
-    full-integer ranges calibrated on ``calibration`` images of its training split."""
+    full-integer ranges calibrated on ``calibration`` images of its training split (by default
+    as the export calibrates: :func:`vision_jax.export.tflite.calibration_count`)."""
     trained = in_float32(trained)  # as exported to TFLite
     servable = Servable.from_trained(trained)
     data = trained.spec.data
     images, targets = split_images(trained, data.eval_split, count=examples)
+    if calibration is None:
+        calibration = calibration_count(batch)
     representative, _ = split_images(trained, data.train_split, count=calibration)
     forms = []
     for quantize in QUANTIZATIONS:
@@ -129,12 +166,12 @@ def quantization_report(
         base_miou = miou(reference)
     rows = []
     for quantize, size, predictions, latency in forms:
-        accuracy, agreement = _accuracy(predictions, targets), np.mean(predictions == reference)
+        accuracy, agreement = _accuracy(predictions, targets), _agreement(predictions, reference)
         ious = (None, None)
         if miou is not None:
             value = miou(predictions)
             ious = (value, value - base_miou)
         rows.append(
-            FormResult(quantize, size, accuracy, accuracy - base, float(agreement), latency, *ious)
+            FormResult(quantize, size, accuracy, accuracy - base, agreement, latency, *ious)
         )
     return QuantizationReport(rows, batch, len(images))

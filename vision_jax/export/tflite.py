@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -38,12 +39,19 @@ QUANTIZATIONS = ("none", "float16", "dynamic_int8", "full_int8")
 # approximation, which the converter fuses into its int8 GELU.
 FLOAT_OPS_IN_INT8 = ("DIV",)
 FULL_INT8_GELU = "tanh"
+CALIBRATION_IMAGES = 100  # at least: representative images for full-integer quantisation
 
 
 def check_quantize(quantize: str) -> str:
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"Unknown quantize {quantize!r}; valid: {', '.join(QUANTIZATIONS)}.")
     return quantize
+
+
+def calibration_count(batch: int) -> int:
+    """Full-integer calibration images for a TFLite batch of ``batch``: whole batches covering
+    at least :data:`CALIBRATION_IMAGES` (and one batch)."""
+    return batch * math.ceil(max(CALIBRATION_IMAGES, batch) / batch)
 
 
 def to_tflite(
@@ -54,7 +62,8 @@ def to_tflite(
     representative: np.ndarray | None = None,
 ) -> bytes:
     """The TFLite flatbuffer of ``servable`` on ``batch`` images; ``full_int8`` needs
-    ``representative`` uint8 images (about 100, as the model takes them) to calibrate on."""
+    ``representative`` uint8 images (at least one batch, about 100 or more, as the model takes
+    them) to calibrate on: every one of them calibrates (:func:`_calibration`)."""
     check_quantize(quantize)
     if library_kind(servable.task) == "detection":
         raise ExportError(
@@ -64,7 +73,10 @@ def to_tflite(
         )
     full_int8 = quantize == "full_int8"
     if full_int8 and (representative is None or len(representative) < batch):
-        raise ExportError(f"full_int8 needs at least {batch} representative images.")
+        got = 0 if representative is None else len(representative)
+        raise ExportError(
+            f"full_int8 needs at least {batch} representative images (one batch); got {got}."
+        )
     if full_int8:
         servable = dataclasses.replace(servable, gelu=FULL_INT8_GELU)
     module = serving_module(servable, batch)
@@ -119,8 +131,13 @@ def _check_runs(content: bytes, images: np.ndarray) -> None:
 
 
 def _calibration(images: np.ndarray, batch: int) -> Iterator[list[np.ndarray]]:
-    for start in range(0, len(images) - batch + 1, batch):
-        yield [images[start : start + batch]]
+    """``images`` (at least ``batch``) in batches of ``batch``, every one of them: a last
+    partial batch is completed with the first images (the converter takes whole batches)."""
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, images[: batch - len(chunk)]])
+        yield [chunk]
 
 
 class TFLiteModel:
