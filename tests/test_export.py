@@ -125,7 +125,7 @@ def test_savedmodel_takes_any_batch_and_matches_the_model(resnet, tmp_path):
         out = serve(images=tf.constant(images[:batch]))["probabilities"].numpy()
         expected = reference(servable, images[:batch])
         np.testing.assert_allclose(out, expected, atol=1e-4)
-        assert len(set(expected.argmax(-1))) > 1  # the outputs differ from image to image
+        assert np.ptp(expected, axis=0).max() > 1e-5  # the outputs differ from image to image
 
 
 def test_stablehlo_reloads_in_jax_at_any_batch(resnet, tmp_path):
