@@ -194,6 +194,32 @@ def test_a_resume_with_another_validation_split_selects_anew(tmp_path, scripted_
 
 
 @pytest.mark.slow
+def test_a_selection_started_anew_keeps_no_best_of_the_old_split(tmp_path, scripted_validation,
+                                                                  monkeypatch):  # fmt: skip
+    """The old split's best checkpoint goes with its selection: a resumed run whose new split
+    never gives a finite value has no best, as a fresh run would (it reported the old split's
+    best step 4 as its own)."""
+    shorter = selecting_config()
+    shorter.total_steps = 4
+    assert train_and_evaluate(shorter, str(tmp_path))["best/step"] == 4
+    scripted = train.run_evaluation
+
+    def no_finite_validation(run, state, source=None, split="eval", observe=None,
+                             interrupt=None):  # fmt: skip
+        if split == "val":
+            return {"val/top1": float("nan"), "val/loss": float("nan"), "val/examples": 72.0}
+        return scripted(run, state, source, split, observe, interrupt)
+
+    monkeypatch.setattr(train, "run_evaluation", no_finite_validation)
+    longer = selecting_config()
+    longer.total_steps = 8
+    longer.data.val_split = "train[95%:]"
+    with pytest.raises(CheckpointError, match="no validation gave a finite val/top1"):
+        train_and_evaluate(longer, str(tmp_path))
+    assert not [p for p in (tmp_path / "best").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cut, total", [(3, 14), (5, 14), (2, 4)]
 )  # a validation on the way; the one that stops early; the last step's, a new best
@@ -234,8 +260,19 @@ def test_a_signal_during_a_validation_stops_it_and_the_rerun_validates_that_step
     assert saved["evaluation_pending"] and not saved["stopped_early"]
     assert "train/loss" in saved["reported"] and "val/top1" not in saved["reported"]
 
-    monkeypatch.setattr(train, "run_evaluation", scripted)
+    def slow_first(run, state, source=None, split="eval", observe=None, interrupt=None):
+        if split == "val" and scripted_validation["val"] == cut - 1:
+            time.sleep(1.0)  # the pending validation's time is not the next window's
+        return scripted(run, state, source, split, observe, interrupt)
+
+    monkeypatch.setattr(train, "run_evaluation", slow_first)
     result = train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(train, "run_evaluation", scripted)
+    if cut == 3:  # training went on after it: the next window's rate is its steps' own
+        from vision_jax.report.curves import read_scalars
+
+        steps_logged, rates = read_scalars(tmp_path)["train/images_per_sec"]
+        assert list(steps_logged) == [3, 6, 9, 10] and 0 < rates[-2] < 1e5, rates
     validations = min(5, total // 2)
     assert scripted_validation["val"] == validations  # each validation once, the cut one again
     assert steps(tmp_path) == list(range(2, 2 * validations + 1, 2))

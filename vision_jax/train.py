@@ -374,9 +374,13 @@ def _resume_best(run: Run) -> None:
     """A resumed run's best checkpoint is the one its selection names: others (kept by an
     earlier run past the restored step) are removed; a missing one (a crash cut its save
     short) is saved again from the restored state when it is that state, else chosen again
-    from here on."""
+    from here on. A selection without a best (none yet, or started anew on another validation
+    split) keeps none."""
     selection = run.selection
-    if selection is None or selection.best_step is None or run.start_step == 0:
+    if selection is None or run.start_step == 0:
+        return
+    if selection.best_step is None:  # none yet, or chosen anew (another validation split)
+        run.best.keep_only(None)
         return
     best_step = selection.best_step
     if run.best.has(best_step):
@@ -428,8 +432,8 @@ def _loop(
     log = _TrainLog(run, guard, writer)
     if run.evaluation_pending and not (_finished(run) and run.selection is None):
         startup.wait_before_evaluating()  # (a final evaluation follows anyway)
-        with log.paused(state):
-            results.update(_evaluate_pending(run, state, writer, stop, log))
+        results.update(_evaluate_pending(run, state, writer, stop, log))
+        log.restart_clock()  # the window's time starts with its training
     if _finished(run):  # already finished: report the final evaluation again
         logger.info("This run finished at step %d: reporting its evaluation again, training "
                     "nothing.", run.start_step)  # fmt: skip
@@ -474,6 +478,11 @@ class _TrainLog:
         self.metrics, self.start, self.images = None, time.perf_counter(), 0
         self.paused_s = 0.0  # evaluating and saving: not training time
         self.first_s: float | None = None  # setup, compilation and the run's first step
+
+    def restart_clock(self) -> None:
+        """Times the open window from now (work before the first step, a pending evaluation,
+        is neither training time nor the first step's)."""
+        self.start, self.paused_s = time.perf_counter(), 0.0
 
     @contextlib.contextmanager
     def paused(self, state: TrainState) -> Iterator[None]:
