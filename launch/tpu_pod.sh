@@ -63,6 +63,8 @@ done
 [[ "$workdir" == gs://* ]] || die "--workdir must be a gs:// path that every worker can write, got '$workdir'."
 repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 config_file="${config%%:*}"
+variant="${config#"$config_file"}"  # ":name", or empty
+config_file="${config_file#"$repo"/}"  # an absolute path inside the checkout: relative to it
 [[ -f "$repo/$config_file" ]] \
   || die "config '$config_file' is not a file in $repo (give it relative to the checkout)."
 # The workers get the folders packed below and the config file, wherever in the checkout it is
@@ -77,7 +79,7 @@ config_path="${config_dir#"$repo"}/$(basename "$config_file")"
 config_path="${config_path#/}"
 for i in "${!main_args[@]}"; do  # main on the workers loads it at that path
   if [[ "${main_args[i]}" == --config=* ]]; then
-    main_args[i]="--config=$config_path${config#"$config_file"}"
+    main_args[i]="--config=$config_path$variant"
   fi
 done
 gcloud_tpu=(gcloud compute tpus tpu-vm)

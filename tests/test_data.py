@@ -646,6 +646,9 @@ def test_aligned_arrays_are_not_copied():
     unaligned.column_variables  # noqa: B018 (made here)
     assert unaligned.columns["image"].ctypes.data % 64 == 0
     assert not np.shares_memory(unaligned.columns["image"], buffer)
+    swapped = np.arange(6 * 12, dtype=">f4").reshape(6, 2, 2, 3)  # copied into native order
+    columns = data_lib.from_columns({"image": swapped, "label": np.arange(6)}, ["a"] * 6)
+    np.testing.assert_array_equal(columns.column_variables["image"].numpy(), swapped)
 
 
 # Augmentations.

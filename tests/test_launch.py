@@ -290,8 +290,10 @@ def test_tpu_pod_ships_a_config_from_anywhere_in_the_checkout(tmp_path):
             cwd=tmp_path, text=True, capture_output=True, timeout=60,
         )  # fmt: skip
 
+    absolute = f"{repo.resolve()}/myexp/x.py:v"  # inside the checkout: made relative
     for config, path in [("myexp/x.py:v", "myexp/x.py"), ("./myexp/../myexp/x.py", "myexp/x.py"),
-                         ("x.py", "x.py"), ("configs/a.py", None)]:  # fmt: skip
+                         ("x.py", "x.py"), ("configs/a.py", None),
+                         (absolute, "myexp/x.py")]:  # fmt: skip
         proc = launch(config)
         assert proc.returncode == 0, proc.stderr
         cmds = [shlex.split(line) for line in proc.stdout.splitlines()]

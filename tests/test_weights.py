@@ -471,6 +471,19 @@ def test_a_run_from_a_hugging_face_folder_records_its_squash(timm, tmp_path):
     train_and_evaluate(cfg, str(tmp_path / "run"))
     assert input_contract(tmp_path / "run") == InputContract(32, crop_mode="squash")
     assert load_trained(tmp_path / "run").input.crop_mode == "squash"
+    # Segmentation resizes the whole image: the contract's mean and std, not its crop mode
+    # (which the check of label-map settings refused as if the config had set it).
+    rng = np.random.default_rng(0)
+    maps = rng.integers(0, 3, (64, 32, 32), dtype=np.uint8)
+    arrays = {"train": (rng.integers(0, 255, (64, 32, 32, 3), np.uint8), maps)}
+    arrays["test"] = (arrays["train"][0][:32], maps[:32])
+    seg = small_config(total_steps=1, **{"model.name": "vit_ti16", "input.image_size": 32})
+    seg.task.name, seg.task.head, seg.data.source = "segmentation", "linear", "arrays"
+    seg.data.class_names = ("a", "b", "c")
+    seg.init.path, seg.init.use_input_contract = str(tmp_path / "hf"), True
+    train_and_evaluate(seg, str(tmp_path / "seg"), arrays=arrays)
+    trained = load_trained(tmp_path / "seg")
+    assert trained.input.crop_mode == "center" and trained.input.mean == (0.5, 0.5, 0.5)
 
 
 def _predicted_wide_picture(tmp_path: pathlib.Path, seed: int) -> tuple[Image.Image, dict]:

@@ -162,7 +162,10 @@ def create_variables(
     )
     init_spec = spec.init
     if init_spec.path and init_spec.use_input_contract:
+        given = input_spec  # label maps and boxes: evaluation resizes the whole image, no crop
         input_spec = apply_input_contract(input_spec, contract or init_spec.path)
+        if spec.task.target != "label":
+            input_spec = dataclasses.replace(input_spec, crop_mode=given.crop_mode)
     if abstract:
         return trees.with_shardings(shapes, shardings), shardings, input_spec
     if not init_spec.path:  # created already sharded

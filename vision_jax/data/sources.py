@@ -224,7 +224,11 @@ def from_arrays(
 ) -> Source:
     """A source over in-memory arrays: images (N,H,W[,C]) uint8 or float in [0,1], and labels
     (N,) or, with ``target="label_map"``, integer label maps (N,H,W). Without ``class_names``
-    the classes are ``"0"`` .. the largest label (not counting :data:`IGNORE_LABEL` in maps)."""
+    the classes are ``"0"`` .. the largest label (not counting :data:`IGNORE_LABEL` in maps).
+
+    The pipelines read uint8 images in place where they can (held once,
+    :attr:`Source.column_variables`): change them in place while the source is in use and the
+    pipelines see the change."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim == 3:
         images = images[..., None]
@@ -268,14 +272,16 @@ def gather_rows(variables: dict[str, tf.Variable], rows: tf.Tensor) -> dict[str,
 
 
 def _aligned(values: np.ndarray) -> np.ndarray:
-    """``values``, or a copy of them, C-contiguous and writable at a 64-byte boundary (Eigen's
-    widest: TensorFlow's kernels check it, and take such an array without copying it)."""
-    flags = values.flags
-    if flags.c_contiguous and flags.writeable and values.ctypes.data % _ALIGNMENT == 0:
+    """``values``, or a copy of them, C-contiguous, writable and in the machine's byte order at
+    a 64-byte boundary (Eigen's widest: TensorFlow's kernels check it, and take such an array
+    without copying it)."""
+    flags, native = values.flags, values.dtype.isnative
+    if flags.c_contiguous and flags.writeable and native and values.ctypes.data % _ALIGNMENT == 0:
         return values
     buffer = np.empty(values.nbytes + _ALIGNMENT, np.uint8)
     start = -buffer.ctypes.data % _ALIGNMENT
-    out = buffer[start : start + values.nbytes].view(values.dtype).reshape(values.shape)
+    dtype = values.dtype.newbyteorder("=")  # DLPack takes the machine's byte order only
+    out = buffer[start : start + values.nbytes].view(dtype).reshape(values.shape)
     out[...] = values
     return out
 
