@@ -242,6 +242,9 @@ def test_replace_head_starts_a_task_head_afresh_and_unused_surgery_is_refused(
     ):
         load_pretrained(tmp_path / "cls.safetensors", model=classifier, variables=weights,
                         head_bias_init=2.0)  # fmt: skip
+    with pytest.raises(WeightMismatchError, match=r"would not be used: init.dont_load keeps"):
+        load_pretrained(tmp_path / "cls.safetensors", model=classifier, variables=weights,
+                        head_bias_init=2.0, dont_load=["head/.*"])  # fmt: skip
     loaded = load_pretrained(tmp_path / "cls.safetensors", model=classifier, variables=weights,
                              head_bias_init=2.0, replace_head=True)  # fmt: skip
     np.testing.assert_array_equal(loaded["params"]["head"]["bias"], 2.0)

@@ -323,6 +323,11 @@ def adapt(
         rows.append(("cls", "dropped (the model pools with gap)"))
     if not any(p in keep for p in HEAD):
         rows += _head(flat_init, flat, replace_head, head_bias_init)
+    elif head_bias_init:
+        raise ValueError(
+            f"head_bias_init={head_bias_init} (init.head_bias_init) would not be used: "
+            "init.dont_load keeps the head's init values."
+        )
     rows += _task_head(flat_init, flat, replace_head)
     rows += _posemb(flat_init, flat, had_cls, posemb, image_size, checkpoint_grid)
     if PATCH in flat and PATCH in flat_init:
