@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vision_jax.masks import path_to_str
+from vision_jax.sharding import may_dispatch_ahead
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash constant: position weights spread over 32 bits
 _CHUNK = 1 << 20  # words per step of the host digest
@@ -81,9 +82,17 @@ def _on_devices(x: Any) -> bool:
 def digest(tree: Any) -> dict[str, str]:
     """``path -> "dtype:plain:weighted"`` (hex) for each array leaf of ``tree``. Call on every
     process (arrays spread over processes are digested collectively). The device digests are
-    all dispatched before any is fetched: one wait for the device, not one per array."""
+    all dispatched before any is fetched: one wait for the device, not one per array (in a
+    multi-process CPU run one at a time: :func:`vision_jax.sharding.may_dispatch_ahead`)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    on_devices = jax.device_get([_device_sums(x) if _on_devices(x) else None for _, x in leaves])
+    if may_dispatch_ahead():
+        on_devices = jax.device_get(
+            [_device_sums(x) if _on_devices(x) else None for _, x in leaves]
+        )
+    else:  # one at a time (sharding.may_dispatch_ahead)
+        on_devices = [
+            jax.device_get(_device_sums(x)) if _on_devices(x) else None for _, x in leaves
+        ]
     result = {}
     for (path, x), sums in zip(leaves, on_devices, strict=True):
         plain, weighted = _host_sums(np.asarray(x)) if sums is None else (int(s) for s in sums)

@@ -44,6 +44,14 @@ def parse_mesh(spec: str, num_devices: int) -> tuple[tuple[str, ...], tuple[int,
     return tuple(names), tuple(sizes)
 
 
+def may_dispatch_ahead() -> bool:
+    """Whether independent programs with collectives may be dispatched before the previous
+    one's results are fetched: not in a multi-process CPU run, where XLA's CPU runtime may run
+    them at the same time and their collectives meet in different orders on different
+    processes (a deadlock)."""
+    return jax.process_count() == 1 or jax.default_backend() != "cpu"
+
+
 def create_mesh(spec: str, devices: list[Any] | None = None) -> Mesh:
     """A mesh over all devices (of every process) with the named axes of ``spec``.
 

@@ -326,7 +326,14 @@ def fetched_one_behind(pairs: Iterable[tuple[T, Any]]) -> Iterator[tuple[T, Any]
     """``pairs`` of (item, device arrays) with the arrays fetched to the host, each once the
     next pair is made: when making a pair dispatches device work (a jitted step), the device
     computes while the host waits for the previous results and prepares the next input.
-    Fetching each result at once would leave an accelerator idle between batches."""
+    Fetching each result at once would leave an accelerator idle between batches.
+
+    Processes of a multi-process CPU run fetch each at once: XLA's CPU runtime may run two
+    dispatched programs at the same time, and their collectives then meet another process's in
+    another order (a deadlock); an accelerator runs a device's programs in order."""
+    if not sharding.may_dispatch_ahead():
+        yield from ((item, jax.device_get(arrays)) for item, arrays in pairs)
+        return
     behind = None
     for ahead in pairs:
         if behind is not None:
