@@ -283,13 +283,22 @@ class Checkpointer:
             return None
 
     def update_meta(self, step: int, meta: Mapping[str, Any]) -> None:
-        """Replaces the ``meta`` item of the saved ``step`` by ``meta`` (a new file renamed over
-        the old one: a crash leaves one or the other whole). For single-process runs."""
+        """Replaces the ``meta`` item of the saved ``step`` by ``meta`` (``final`` set as
+        :meth:`save` sets it; a new file renamed over the old one: a crash leaves one or the
+        other whole). For single-process runs."""
         self.wait()
         path = self.step_dir(step) / META_FILE
         partial = path.parent / f"{path.name}.partial"
-        partial.write_text(json.dumps(meta))
+        partial.write_text(json.dumps(self._with_final(step, meta)))
         partial.replace(path)
+
+    def _with_final(self, step: int, meta: Mapping[str, Any]) -> dict:
+        """``meta`` with ``final``: whether ``step`` ended its run (the last step, or an early
+        stop); such steps survive rotation."""
+        final = step == meta.get("total_steps") or bool(meta.get("stopped_early"))
+        if final:
+            self.final_steps.steps.add(step)
+        return {**meta, "final": final}
 
     def save_frozen(self, frozen: Any) -> None:
         """Writes the frozen parameters once, beside the checkpoints (they never change, so step
@@ -376,11 +385,9 @@ class Checkpointer:
             return False
         if self.manager.latest_step() == step:
             return False
-        meta = {**meta, "final": step == meta.get("total_steps") or bool(meta.get("stopped_early"))}
+        meta = self._with_final(step, meta)
         if data_position is not None:
             meta["data_positions"] = _gather(data_position)
-        if meta["final"]:
-            self.final_steps.steps.add(step)
         saved = _save_async(self.manager, self._pending, step, state, meta)
         self._pending = step
         return saved

@@ -85,14 +85,10 @@ def digest(tree: Any) -> dict[str, str]:
     all dispatched before any is fetched: one wait for the device, not one per array (in a
     multi-process CPU run one at a time: :func:`vision_jax.sharding.may_dispatch_ahead`)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if may_dispatch_ahead():
-        on_devices = jax.device_get(
-            [_device_sums(x) if _on_devices(x) else None for _, x in leaves]
-        )
-    else:  # one at a time (sharding.may_dispatch_ahead)
-        on_devices = [
-            jax.device_get(_device_sums(x)) if _on_devices(x) else None for _, x in leaves
-        ]
+    now = (lambda sums: sums) if may_dispatch_ahead() else jax.device_get  # else one at a time
+    on_devices = jax.device_get(
+        [now(_device_sums(x)) if _on_devices(x) else None for _, x in leaves]
+    )
     result = {}
     for (path, x), sums in zip(leaves, on_devices, strict=True):
         plain, weighted = _host_sums(np.asarray(x)) if sums is None else (int(s) for s in sums)

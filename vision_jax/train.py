@@ -740,7 +740,6 @@ def _evaluate_pending(
         _log_early_stop(selection, step)
     saved = run.checkpointer.read_meta(step) or {}
     saved.pop("evaluation_pending", None)
-    saved["final"] = early or step == run.total_steps  # (rotation keeps a run's last step)
     if early or step == run.total_steps:
         run.reported = saved["reported"] = {**(saved.get("reported") or {}), **results}
     if run.best is not None:  # the best a step's meta names is complete before the step
