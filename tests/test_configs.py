@@ -75,6 +75,28 @@ def test_a_saved_config_off_its_branch_warns_only_for_values_other_than_the_defa
         specs.schedule_spec(schedule)
 
 
+def test_fsdp_keys_on_a_mesh_without_an_fsdp_axis_warn_that_they_do_nothing(caplog):
+    """fsdp_min_size and 'fsdp'-only sharding rules replicate every parameter on a mesh
+    without an fsdp axis: a warning names them (a config file written for FSDP runs on other
+    meshes too, so not an error); with an fsdp axis, or rules naming other axes, none."""
+    import logging
+
+    def warned(**overrides) -> str:
+        config = default_config()
+        config.update({"model": {"name": "vit_ti16"}, **overrides})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            specs.run_spec(config)
+        return caplog.text
+
+    rules = ((".*kernel", "fsdp"), (".*", "replicated"))
+    text = warned(fsdp_min_size=16, sharding_rules=rules)
+    assert "fsdp_min_size, sharding_rules: no effect on mesh 'data:-1' (no fsdp axis" in text
+    assert not warned(fsdp_min_size=16, mesh="data:-1,fsdp:1")
+    assert not warned(sharding_rules=((".*kernel", (None, "data")),))
+    assert not warned()
+
+
 def test_an_unknown_model_key_says_how_to_add_a_model_override(tmp_path):
     """The command line cannot add keys (the config is locked), but a config file can: every
     other model.* key is a create_model override. The message says so, and the way it names

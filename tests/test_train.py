@@ -715,6 +715,22 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
             r"optimizer.layer_decay only applies when more than the head trains",
         ),
         (
+            {"optimizer.trainable": "last:0", "optimizer.layer_decay": 0.5},  # the head only
+            ValueError,
+            r"optimizer.layer_decay only applies when more than the head trains",
+        ),
+        (
+            {"max_consecutive_skips": 3},
+            ValueError,
+            r"max_consecutive_skips only applies with on_nonfinite='skip'; remove it \(or pass "
+            r"--config.max_consecutive_skips=10\)",
+        ),
+        (
+            {"data.skip_corrupt": True},
+            ValueError,
+            r"data.skip_corrupt not read by data.source='digits' .*decoded arrays",
+        ),
+        (
             {"task.name": "segmentation", "task.head": "linear", "task.decoder_width": 32},
             ValueError,
             r"task.decoder_width only applies to task.head='fpn'",

@@ -345,12 +345,11 @@ def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
     (``stray``: key -> the value that does); inside :func:`saved_config`, warns and returns
     True (the caller resets them)."""
     one = len(stray) == 1
-    names = ", ".join(f"{section}.{k}" for k in stray)
+    full = {f"{section}.{k}" if section else k: v for k, v in stray.items()}  # "": top level
+    names = ", ".join(full)
     message = f"{names} only appl{'ies' if one else 'y'} {why}"
     if not _SAVED.get():  # each flag one shell word: "(0.08,1.0)", not "(0.08, 1.0)"
-        undo = " ".join(
-            f"--config.{section}.{k}={str(v).replace(' ', '')}" for k, v in stray.items()
-        )
+        undo = " ".join(f"--config.{k}={str(v).replace(' ', '')}" for k, v in full.items())
         raise ConfigError(f"{message}; remove {'it' if one else 'them'} (or pass {undo}).")
     logger.warning("The saved config sets %s, which only appl%s %s: ignored.", names,
                    "ies" if one else "y", why)  # fmt: skip
@@ -552,7 +551,7 @@ def optimizer_spec(section: Any) -> OptimizerSpec:
     only_with(("b1", "b2", "eps"), name == "adamw", "to name='adamw'")
     only_with(("momentum", "nesterov"), name == "sgd", "to name='sgd'")
     only_with(("decay_params",), (values.get("weight_decay") or 0) > 0, "with weight_decay > 0")
-    only_with(("layer_decay",), values.get("trainable") != "head",
+    only_with(("layer_decay",), values.get("trainable") not in ("head", "last:0"),
               "when more than the head trains (the head is the last group: its rate is the "
               "learning rate)")  # fmt: skip
     return _build(OptimizerSpec, values, "optimizer")
@@ -654,6 +653,28 @@ def training_steps(
     return total
 
 
+def _refuse_unread_top_level(spec: RunSpec) -> None:
+    """Raises when max_consecutive_skips differs from its default without on_nonfinite='skip';
+    warns when fsdp_min_size, or sharding rules that only say 'fsdp' or 'replicated', differ
+    from theirs on a mesh without an fsdp axis (read by nothing: every parameter is replicated;
+    a warning, not an error: a config file written for FSDP also runs on other meshes)."""
+    from vision_jax.config import default_config
+
+    defaults = default_config()
+
+    def changed(*keys: str) -> dict[str, Any]:
+        return {k: defaults[k] for k in keys if as_tuples(getattr(spec, k)) != defaults[k]}
+
+    if spec.on_nonfinite != "skip" and (stray := changed("max_consecutive_skips")):
+        _refuse_stray("", stray, "with on_nonfinite='skip'")
+    if _SAVED.get() or "fsdp" in {p.partition(":")[0].strip() for p in spec.mesh.split(",")}:
+        return  # a saved run's record: its mesh is not used again as it was
+    only_fsdp = all(value in ("fsdp", "replicated") for _, value in spec.sharding_rules)
+    if stray := changed("fsdp_min_size", *(("sharding_rules",) if only_fsdp else ())):
+        logger.warning("%s: no effect on mesh %r (no fsdp axis: every parameter is replicated).",
+                       ", ".join(stray), spec.mesh)  # fmt: skip
+
+
 _CONFIG_KEYS = {"model_name": "model.name", "model_dtype": "model.dtype"}
 
 
@@ -713,6 +734,7 @@ def run_spec(config: Any) -> RunSpec:
         raise ConfigError(f"Unknown on_nonfinite {spec.on_nonfinite!r}; valid: stop, skip.")
     if spec.max_consecutive_skips < 1:
         raise ConfigError(f"max_consecutive_skips must be >= 1, got {spec.max_consecutive_skips}.")
+    _refuse_unread_top_level(spec)
     if spec.keep_checkpoints < 1:
         raise ConfigError(
             f"keep_checkpoints must be >= 1 (got {spec.keep_checkpoints}): with none kept the "
