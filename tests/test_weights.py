@@ -527,6 +527,26 @@ def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path):
         assert got[name] == pytest.approx(want, abs=5e-3), name
 
 
+def test_hugging_face_processor_rescale_factor_is_applied(timm, tmp_path):
+    """A processor that rescales to [0, 2] (rescale_factor 2/255) and normalises with mean 1,
+    std 1 feeds the model what mean 0.5, std 0.5 on [0, 1] do: predictions as timm's. The
+    factor was recorded and never applied (mean 1, std 1 on [0, 1]); without do_normalize,
+    the rescaled pixels themselves."""
+    processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2,
+                 "do_rescale": True, "rescale_factor": 2 / 255, "do_normalize": True,
+                 "image_mean": [1.0] * 3, "image_std": [1.0] * 3}  # fmt: skip
+    ref = _hf_vit_folder(timm, tmp_path / "hf", processor)
+    assert input_contract(tmp_path / "hf") == InputContract(32, crop_mode="squash")
+    picture, got = _predicted_wide_picture(tmp_path, seed=2)
+    squashed = _timm_probabilities(ref, picture.resize((32, 32), Image.Resampling.BILINEAR))
+    for name, want in squashed.items():
+        assert got[name] == pytest.approx(want, abs=5e-3), name
+    plain = {**processor, "do_normalize": False}
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(plain))
+    contract = input_contract(tmp_path / "hf")
+    assert contract.mean == (0.0,) * 3 and contract.std == pytest.approx((0.5,) * 3)
+
+
 def test_hugging_face_deit_processor_squashes_then_crops(timm, tmp_path):
     """DeiTImageProcessor (facebook/deit-*-patch16-224: 256 x 256, then the centre 224) at 40
     and 32 px: the whole image squashed to 40 x 40 (PIL bicubic), the centre 32 cropped. It was

@@ -1,6 +1,6 @@
 """The input a checkpoint expects: image size, normalisation, resize interpolation and crop.
 
-Pixels are scaled to ``value_range`` and then normalised as ``(x - mean) / std``. Each reader
+Pixels are scaled to [0, 1] and then normalised as ``(x - mean) / std``. Each reader
 gives the values of the reference evaluation of its source:
 
 =====================================  ====  ===============  =========  =====
@@ -45,7 +45,6 @@ class InputContract:
     image_size: int
     mean: Triple = HALF
     std: Triple = HALF
-    value_range: tuple[float, float] = (0.0, 1.0)  # pixels scaled to this before normalising
     interpolation: str = "bilinear"
     crop_fraction: float = 1.0
     crop_mode: str = "center"  # or "squash" (see InputSpec.crop_mode)

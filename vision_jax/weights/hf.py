@@ -32,6 +32,7 @@ epsilon of the JAX ViTs those weights were converted from (one above 1e-5 is ref
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -204,19 +205,35 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
     except (OSError, ValueError) as e:
         raise WeightFormatError(f"Cannot read {pre}: {e}") from e
     resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), "bilinear")
-    scale = (0.0, float(p.get("rescale_factor", 1 / 255)) * 255.0)
-    normalise = (tuple(p.get("image_mean", HALF)), tuple(p.get("image_std", HALF)))
+    normalise = _normalisation(p, pre)
     size_cfg = p.get("size", size)
     if isinstance(size_cfg, Mapping) and "shortest_edge" in size_cfg:
         shorter = int(size_cfg["shortest_edge"])
         crop = p.get("crop_size", shorter) if p.get("do_center_crop", True) else shorter
         crop = _square(crop, pre, "crop_size")
-        return InputContract(crop, *normalise, scale, resample, crop / shorter)
+        return InputContract(crop, *normalise, resample, crop / shorter)
     squashed = _square(size_cfg, pre, "size")
     if not p.get("do_center_crop") or "crop_size" not in p:  # ViTImageProcessor: no crop
-        return InputContract(squashed, *normalise, scale, resample, crop_mode="squash")
+        return InputContract(squashed, *normalise, resample, crop_mode="squash")
     crop = _square(p["crop_size"], pre, "crop_size")
-    return InputContract(crop, *normalise, scale, resample, crop / squashed, crop_mode="squash")
+    return InputContract(crop, *normalise, resample, crop / squashed, crop_mode="squash")
+
+
+def _normalisation(p: Mapping[str, Any], path: pathlib.Path) -> tuple[tuple, tuple]:
+    """The processor's mean and std for pixels in [0, 1]. It normalises pixels times
+    ``s = 255 * rescale_factor`` (255 without ``do_rescale``): ``(s x - mean) / std``, which is
+    ``(x - mean / s) / (std / s)``; without ``do_normalize``, mean 0 and std 1."""
+    scale = 255.0 * float(p.get("rescale_factor", 1 / 255)) if p.get("do_rescale", True) else 255.0
+    scale = 1.0 if math.isclose(scale, 1.0, rel_tol=1e-6) else scale  # 1/255 as JSON writes it
+    mean, std = (p.get("image_mean", HALF), p.get("image_std", HALF))
+    if not p.get("do_normalize", True):
+        mean, std = (0.0,) * 3, (1.0,) * 3
+    if len(mean) != 3 or len(std) != 3 or scale <= 0 or min(std) <= 0:
+        raise WeightFormatError(
+            f"{path}: image_mean {mean}, image_std {std}, rescale_factor {scale / 255} do not "
+            "normalise RGB pixels (set init.use_input_contract=False and input.* instead)."
+        )
+    return tuple(m / scale for m in mean), tuple(s / scale for s in std)
 
 
 def _square(size: Any, path: pathlib.Path, key: str = "image_size") -> int:
