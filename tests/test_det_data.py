@@ -587,3 +587,37 @@ def test_image_ids_by_file_name_the_longest_match_and_refuse_ambiguity(tmp_path)
         image_ids_by_file(str(path), ["/data/b.jpg"], mine)
     with pytest.raises(DataError, match=r"categories are not that file's: dog \(id 4: absent\)"):
         image_ids_by_file(str(path), ["/data/a.jpg"], {3: "cat", 4: "dog"})
+
+
+def test_image_ids_by_file_refuse_files_of_another_size_than_their_record(tmp_path):
+    """A predicted file whose (upright) size differs from its COCO record's would be scored
+    against boxes of another size (mAP 0 in silence): an error naming it; an EXIF-turned JPEG
+    recorded at its stored size says that it is turned."""
+    from vision_jax.data import DataError
+    from vision_jax.data.coco import image_ids_by_file
+
+    Image.new("RGB", (8, 6)).save(tmp_path / "plain.jpg")
+    orientation = Image.Exif()
+    orientation[0x0112] = 6  # stored 8 x 6, shown 6 x 8
+    Image.new("RGB", (8, 6)).save(tmp_path / "turned.jpg", exif=orientation)
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "plain.jpg", "width": 8, "height": 6},
+            {"id": 2, "file_name": "turned.jpg", "width": 6, "height": 8},
+        ],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "cat"}],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    files = [str(tmp_path / "plain.jpg"), str(tmp_path / "turned.jpg")]
+    assert image_ids_by_file(str(path), files, {1: "cat"}) == dict(zip(files, (1, 2), strict=True))
+    coco["images"][0] |= {"width": 16, "height": 12}  # the file was resized since
+    coco["images"][1] |= {"width": 8, "height": 6}  # the stored size
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError) as error:
+        image_ids_by_file(str(path), files, {1: "cat"})
+    message = str(error.value)
+    assert "plain.jpg: size 8x6 differs from its annotations' 16x12 (w x h)" in message
+    assert ("turned.jpg: size 6x8 differs from its annotations' 8x6 (w x h) (the image is "
+            "turned upright by its EXIF orientation") in message  # fmt: skip

@@ -556,6 +556,24 @@ def test_output_names_of_files_with_the_same_stem_never_collide():
     assert unique_pngs(["a_2.jpg", "a.jpg", "a.png"], "o") == ["o/a_2.png", "o/a.png", "o/a_3.png"]
 
 
+def test_drawn_detections_show_the_pixels_the_model_read(tmp_path):
+    """A 16-bit grey PNG is drawn as the model reads it (value // 256, grey to RGB), not as
+    PIL's RGB conversion clips it (almost white), with the box outlined in its colour."""
+    from vision_jax.predict import PALETTE, draw_detections
+
+    grey = np.random.default_rng(0).integers(0, 256, (40, 30), np.uint16) * 257 + 3
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    box = {"bbox": [4.0, 5.0, 10.0, 8.0], "score": 0.9, "category_id": 1, "category_name": "a"}
+    draw_detections(str(tmp_path / "deep.png"), [box], str(tmp_path / "drawn.png"), 0.5)
+    drawn = np.asarray(Image.open(tmp_path / "drawn.png"))
+    want = np.repeat((grey // 256).astype(np.uint8)[..., None], 3, axis=-1)
+    assert drawn.shape == want.shape
+    untouched = np.ones(grey.shape, bool)
+    untouched[3:22] = False  # the outline (2 px) and its label's text
+    np.testing.assert_array_equal(drawn[untouched], want[untouched])
+    assert tuple(drawn[13, 8]) == PALETTE[1]  # the box's lower edge
+
+
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     """A digits run that keeps an EMA of its parameters and selects its best step on the EMA's

@@ -52,7 +52,7 @@ import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax import weights
-from vision_jax.data import augment, exif
+from vision_jax.data import augment
 from vision_jax.data.coco import from_image_files, image_ids_by_file
 from vision_jax.data.folders import files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
@@ -618,13 +618,16 @@ PALETTE = (
 
 
 def draw_detections(path: str, detections: list[dict], out_path: str, threshold: float) -> None:
-    """``path`` with the boxes of ``detections`` scoring at least ``threshold`` drawn, labelled
-    with class name and score, saved to ``out_path``."""
-    from PIL import Image, ImageDraw, ImageOps
+    """``path`` as the model read it (decoded as training decodes: upright, RGB, 8 bits) with
+    the boxes of ``detections`` scoring at least ``threshold`` drawn, labelled with class name
+    and score, saved to ``out_path``. A file that cannot be decoded is not drawn (predict names
+    it as skipped)."""
+    from PIL import Image, ImageDraw
 
-    image = Image.open(path)
-    image = ImageOps.exif_transpose(image) if image.format in exif.JPEG_FORMATS else image
-    image = image.convert("RGB")
+    pixels = decode_file(path, augment.decode)
+    if isinstance(pixels, str):
+        return
+    image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     for d in sorted(detections, key=lambda d: d["score"]):
         if d["score"] < threshold:

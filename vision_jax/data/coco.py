@@ -116,6 +116,40 @@ def from_image_files(
     return source, unreadable
 
 
+def size_problem(path: str, size: tuple[int, int], annotated: tuple[int, int]) -> str | None:
+    """How the image ``path``'s upright (width, height) ``size`` differs from its annotations'
+    (``annotated``), or None."""
+    if size == annotated:
+        return None
+    (w, h), (aw, ah) = size, annotated
+    turned = ""
+    if size == annotated[::-1] and exif.turned_by_exif(path):
+        turned = (
+            " (the image is turned upright by its EXIF orientation, as viewers show it; the "
+            "annotations give its stored size: annotate the upright image, or save it upright)"
+        )
+    return f"image {path}: size {w}x{h} differs from its annotations' {aw}x{ah} (w x h){turned}"
+
+
+def _check_sizes(ids: Mapping[str, int], images: Mapping[int, dict], annotations: str) -> None:
+    """Raises if a file's size differs from its image record's (its boxes would be scored
+    against boxes of another size); files that cannot be opened are left to the prediction."""
+    problems = []
+    for path, image_id in ids.items():
+        image = images[image_id]
+        if "width" not in image or "height" not in image:
+            continue
+        try:
+            with Image.open(path) as file:
+                size = exif.upright_size(file)
+        except (OSError, ValueError):
+            continue
+        problems.append(size_problem(path, size, (image["width"], image["height"])))
+    if bad := [p for p in problems if p]:
+        more = f" (and {len(bad) - 3} more)" if bad[3:] else ""
+        raise DataError(f"{annotations}: {'; '.join(bad[:3])}{more}.")
+
+
 def image_ids_by_file(
     annotations: str, paths: Sequence[str], categories: Mapping[int, str]
 ) -> dict[str, int]:
@@ -148,6 +182,7 @@ def image_ids_by_file(
             raise DataError(f"{annotations}: images {found} all name the file {path}.")
         else:
             ids[path] = found[0]
+    _check_sizes(ids, {image["id"]: image for image in images}, annotations)
     shared = sorted(i for i, n in Counter(ids.values()).items() if n > 1)
     if shared:
         both = [p for p, i in ids.items() if i == shared[0]]

@@ -106,3 +106,14 @@ def upright_size(image: Any) -> tuple[int, int]:
     if image.format in JPEG_FORMATS and image.getexif().get(_ORIENTATION, 1) >= 5:
         return height, width
     return width, height
+
+
+def turned_by_exif(path: str) -> bool:
+    """Whether the JPEG ``path`` is turned a quarter by its EXIF orientation when decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return upright_size(image) != image.size
+    except OSError:
+        return False

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from vision_jax.data import augment, boxes, exif
+from vision_jax.data.coco import size_problem
 from vision_jax.data.preprocess import InputSpec, make_preprocess
 from vision_jax.data.sources import IGNORE_LABEL, DataError, Source, gather_rows
 
@@ -248,9 +249,7 @@ def _problem(source: Source, row: int) -> str | None:
     if source.target == "boxes":
         info = source.annotations["images"][int(columns["row"][row])]
         (h, w), (ah, aw) = image.shape[:2], (info["height"], info["width"])
-        if (h, w) != (ah, aw):
-            return f"image {path}: size {w}x{h} differs from its annotations' {aw}x{ah} (w x h)"
-        return None
+        return size_problem(path, (w, h), (aw, ah))
     if "label_map_path" not in columns:
         return None
     map_path = columns["label_map_path"][row]
@@ -266,7 +265,7 @@ def _problem(source: Source, row: int) -> str | None:
     if label_map.shape[:2] != image.shape[:2]:
         (h, w), (ih, iw) = label_map.shape[:2], image.shape[:2]
         turned = ""
-        if (h, w) == (iw, ih) and _turned_by_exif(path):
+        if (h, w) == (iw, ih) and exif.turned_by_exif(path):
             turned = (
                 " (the image is turned upright by its EXIF orientation, as viewers show it; the "
                 "mask fits its stored pixels: turn the mask alike, or save the image upright)"
@@ -559,18 +558,6 @@ def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
         "No label map of this split holds a pixel of %s: their IoU is 0 if the model predicts "
         "them anywhere (counted in mIoU), else left out of mIoU.%s", ", ".join(absent), hint,
     )  # fmt: skip
-
-
-def _turned_by_exif(path: str) -> bool:
-    """Whether the JPEG ``path`` is turned a quarter by its EXIF orientation when decoded."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            return exif.upright_size(image) != (width, height)
-    except OSError:
-        return False
 
 
 def check_examples(
