@@ -27,7 +27,7 @@ from test_finetune import lora_vit_config
 from test_train import small_config
 
 from vision_jax import create_model
-from vision_jax.data import digits, eval_batches, from_arrays
+from vision_jax.data import InputSpec, digits, eval_batches, from_arrays
 from vision_jax.export import (
     QUANTIZATIONS,
     ExportError,
@@ -251,7 +251,8 @@ def test_detection_savedmodel_runs_in_tensorflow(tmp_path):
             np.testing.assert_allclose(got[key], expected[key][:batch], atol=1e-4, err_msg=key)
     assert (np.asarray(expected["classes"]) >= 0).sum() > 3  # detections to compare
     trained = SimpleNamespace(  # what the manifest reads of a run
-        task=task, class_names=["a", "b"], step_dir="run/checkpoints/3", step=3, ema=False,
+        task=task, input=InputSpec(32), class_names=["a", "b"], step_dir="run/checkpoints/3",
+        step=3, ema=False,
         record=SimpleNamespace(model="vit_ti16", category_ids=(3, 7)),
         spec=SimpleNamespace(model_dtype="float32"),
     )  # fmt: skip
@@ -314,7 +315,6 @@ def test_segmentation_exports_label_maps_and_probabilities():
     # The manifest says how evaluation fits an image in (the whole image squashed) and back.
     from types import SimpleNamespace
 
-    from vision_jax.data import InputSpec
     from vision_jax.export.exporter import _manifest
 
     trained = SimpleNamespace(
@@ -597,7 +597,6 @@ def test_manifest_states_the_resampling_pil_reproduces():
     """``input.resize.resampling`` says evaluation resizes as PIL's Image.resize does on the
     uint8 image (antialiased; tf.image.resize without antialias is another resize); PIL resizing
     so, then cropping as the manifest says, gives the pipeline's pixels within one level."""
-    from vision_jax.data import InputSpec
     from vision_jax.tasks import library_kind
 
     rng = np.random.default_rng(0)
@@ -629,6 +628,55 @@ def test_manifest_states_the_resampling_pil_reproduces():
         source = from_arrays(image[None], targets, ["a"], target=task.target)
         got = next(iter(eval_batches(source, pipeline, global_batch=1)))["image"][0]
         assert np.abs(got - np.asarray(want, np.float32)).max() <= 1, interpolation
+
+
+def test_detection_manifest_states_the_letterbox_that_reproduces_the_pipeline(tmp_path):
+    """The manifest's letterbox recipe (ScaleAndTranslate at s = size / longer side, padding
+    where a pixel's centre lies past the scaled image), followed literally, gives the pixels
+    evaluation and predict feed a 100 x 60 image; PIL's resize to whole pixels (what the
+    manifest said before: "the longer side to the input size") is levels apart."""
+    import re
+
+    from vision_jax.data.coco import from_image_files
+
+    smooth = np.random.default_rng(1).integers(0, 256, (6, 10, 3), np.uint8)
+    picture = Image.fromarray(smooth).resize((100, 60), Image.Resampling.BICUBIC)
+    picture.save(tmp_path / "wide.png")
+    spec = InputSpec(image_size=32, mean=(0.0,) * 3, std=(1 / 255,) * 3)  # pixels as they are
+    trained = SimpleNamespace(
+        task=Detection(strides=(16,)), input=spec, class_names=["a"], step_dir="run/1", step=1,
+        ema=False, record=SimpleNamespace(model="vit_ti16", category_ids=(1,)),
+        spec=SimpleNamespace(model_dtype="float32"),
+    )  # fmt: skip
+    shapes = {k: jax.ShapeDtypeStruct((1, 5, 4) if k == "boxes" else (1, 5), jnp.float32)
+              for k in ("boxes", "scores", "classes")}  # fmt: skip
+    servable = SimpleNamespace(
+        mean=(0.0,) * 3,
+        std=(1 / 255,) * 3,
+        output_specs=lambda: shapes,
+        input_shape=lambda b: (b, 32, 32, 3),
+    )
+    manifest = _manifest(trained, servable, "stablehlo", "none", None)
+    letterbox = manifest["input"]["letterbox"]
+    assert "x0, y0, x1, y1 in input pixels" in manifest["outputs"]["boxes"]["meaning"]
+    assert "an index into class_names" in manifest["outputs"]["classes"]["meaning"]
+    kernel = re.search(r"kernel_type='(\w+)'", letterbox["resize"]).group(1)
+    s = 32 / 100  # "s = 32 / max(height, width)"
+    assert "s = 32 / max(height, width)" in letterbox["resize"]
+    image = tf.constant(np.asarray(picture, np.float32))
+    resized = tf.raw_ops.ScaleAndTranslate(
+        images=image[None], size=[32, 32], scale=[s, s], translation=[0.0, 0.0],
+        kernel_type=kernel, antialias=True,
+    )[0].numpy().clip(0, 255)  # fmt: skip
+    centres = np.arange(32) + 0.5
+    resized[centres >= 60 * s] = letterbox["pad_rgb"]  # "at or past height * s (rows)"
+    resized[:, centres >= 100 * s] = letterbox["pad_rgb"]
+    source, _ = from_image_files([str(tmp_path / "wide.png")], ["a"], [1])
+    got = next(iter(eval_batches(source, spec, global_batch=1, max_boxes=1)))["image"][0]
+    np.testing.assert_allclose(got, resized, atol=1e-3)
+    pil = np.zeros((32, 32, 3), np.float32)  # whole pixels: 32 x 19
+    pil[:19] = np.asarray(picture.resize((32, 19), Image.Resampling.BILINEAR))
+    assert np.abs(got[:19] - pil[:19]).max() > 2
 
 
 def test_tflite_batch_with_another_format_is_refused(tmp_path, capsys):

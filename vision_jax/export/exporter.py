@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vision_jax.data import augment
+from vision_jax.data import augment, boxes
 from vision_jax.export.images import split_images
 from vision_jax.export.report import float_agreement
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
@@ -187,15 +187,15 @@ def _manifest(
     }
     kind = library_kind(trained.task)
     if kind == "detection":  # how evaluation and predict fit images in
-        manifest["input"]["letterbox"] = {
-            "resize": "the longer side to the input size, aspect ratio kept",
-            "image_at": "top-left; boxes come back in input pixels, clipped to the input "
-            "before NMS: divide by the scale and clip to the image (evaluation and predict clip "
-            "to the image before NMS: detections reaching into the padding may differ)",
-            "pad_rgb": [round(255 * m, 3) for m in servable.mean],
-            "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
-            "value gives nearly the same detections, black padding does not",
-        }
+        manifest["input"]["letterbox"] = _letterbox(trained.input, servable.mean)
+        outputs["boxes"]["meaning"] = "x0, y0, x1, y1 in input pixels (divide by s for the image's)"
+        outputs["classes"]["meaning"] = (
+            "an index into class_names (category_ids[index]: the COCO category id); -1 marks an "
+            "empty slot"
+        )
+        outputs["scores"]["meaning"] = (
+            "sqrt(class probability * centerness), highest first; 0 in empty slots"
+        )
     elif kind == "segmentation":  # evaluation sees every pixel of the image
         spec = trained.input
         manifest["input"]["resize"] = {
@@ -223,6 +223,28 @@ def _manifest(
     if format == "stablehlo":
         manifest["platforms"] = list(PLATFORMS)
     return manifest
+
+
+def _letterbox(spec: Any, mean: Sequence[float]) -> dict[str, Any]:
+    """How evaluation and predict letterbox an image (:func:`vision_jax.data.boxes.resample`),
+    for the manifest: one resampling at a fractional scale, which PIL's whole-pixel resize
+    does not reproduce."""
+    size, kernel = spec.image_size, boxes.KERNELS[spec.interpolation]
+    return {
+        "resize": f"the decoded image (float32, 0..255) resampled once by s = {size} / "
+        f"max(height, width) along both axes, at the top-left: tf.raw_ops.ScaleAndTranslate("
+        f"images=image[None], size=[{size}, {size}], scale=[s, s], translation=[0, 0], "
+        f"kernel_type='{kernel}', antialias=True), clipped to 0..255, then rounded to uint8 "
+        "(predict feeds the unrounded values); PIL's resize to whole-pixel sizes gives pixels "
+        "levels apart and other detections",
+        "image_at": "top-left: the pixels whose centre lies at or past height * s (rows) or "
+        "width * s (columns) are padding, set to pad_rgb; boxes come back in input pixels, "
+        "clipped to the input before NMS: divide by s and clip to the image (evaluation and "
+        "predict clip to the image before NMS: detections reaching into the padding may differ)",
+        "pad_rgb": [round(255 * m, 3) for m in mean],
+        "note": "evaluation pads with the mean (0 after normalisation); the nearest uint8 "
+        "value gives nearly the same detections, black padding does not",
+    }
 
 
 def _resampling(interpolation: str) -> str:
