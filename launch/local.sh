@@ -11,7 +11,8 @@
 # (rerun the same command to resume); a second signal kills them at once. If one process
 # fails, the others are sent SIGTERM and, if still alive after GRACE seconds (default 60),
 # SIGKILL; the script returns only when every process has ended, with the first non-zero exit
-# status. Needs bash >= 5.1. DRY_RUN=1 is --dry-run: print the exact commands instead of
+# status (a process's 69, "a peer failed or is gone", gives way to the failure of the peer that
+# ends after it). Needs bash >= 5.1. DRY_RUN=1 is --dry-run: print the exact commands instead of
 # running them.
 set -euo pipefail
 
@@ -174,13 +175,19 @@ while ((${#running[@]})); do
   for ((i = 0; i < num_processes; i++)); do
     [[ "${pids[i]}" == "$finished" ]] && index=$i
   done
-  if ((code != 0 && status == 0)); then
+  # The first failure's status; a peer's 69 ("a peer failed or is gone") gives way to the
+  # failure that caused it when that process ends after it.
+  if ((code != 0 && (status == 0 || (status == 69 && code != 69 && code != 75)))); then
     status=$code
-    if ((${#running[@]})) && ((code != 75 && !killing)); then
+    if ((code != 75 && !killing)); then
       how="exit $code"
       ((code > 128)) && how="killed by signal $((code - 128))"
-      echo "local.sh: process $index (pid $finished) failed ($how); stopping the others." >&2
-      stop_others
+      if ((${#running[@]})) && [[ -z "$killer" ]]; then
+        echo "local.sh: process $index (pid $finished) failed ($how); stopping the others." >&2
+        stop_others
+      else
+        echo "local.sh: process $index (pid $finished) failed ($how)." >&2
+      fi
     fi
   fi
 done
