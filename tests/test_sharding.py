@@ -258,6 +258,7 @@ def run_two_processes(config: pathlib.Path, workdir: pathlib.Path) -> list[dict]
         line = [ln for ln in err.splitlines() if f"Final metrics of process {i}: " in ln][-1]
         metrics.append(json.loads(line.split(f"Final metrics of process {i}: ", 1)[1]))
     assert json.loads([ln for ln in outputs[0][0].splitlines() if ln.startswith("{")][-1])
+    assert "No report in a multi-process run: python -m vision_jax.report" in outputs[0][1]
     return metrics
 
 

@@ -422,6 +422,9 @@ def main(argv: list[str]) -> None:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter's flush at exit)
         if reporting:
             _report(FLAGS.workdir, final)
+        elif FLAGS.report:
+            logging.info("No report in a multi-process run: python -m vision_jax.report "
+                         "--workdir=%s writes it.", FLAGS.workdir)  # fmt: skip
     if jax.process_count() == 1:
         _exit_written()
 
