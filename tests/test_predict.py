@@ -22,6 +22,7 @@ from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.export.__main__ import main as export_main
 from vision_jax.predict import Predictor, image_files, main, voc_palette
+from vision_jax.tasks import Segmentation
 from vision_jax.train import train_and_evaluate
 from vision_jax.trained import load_trained
 from vision_jax.trees import flatten_dict
@@ -662,3 +663,85 @@ def test_ema_parameters_of_a_run_without_them_are_an_error(digits_run, digit_fil
     with pytest.raises(SystemExit):
         main([*weights, "--no-ema"])
     assert "--ema pick the parameters of --workdir" in capsys.readouterr().err
+
+
+class FixedPredictor:
+    """A stand-in for a segmentation (or detection) run's Predictor, without a model to
+    compile: each readable file's label map is all class 1 (its detection one box), two files a
+    batch; ``batches`` counts the batches predicted."""
+
+    class_names, category_ids = ["background", "thing"], [1, 2]
+
+    def __init__(self, task: str = "segmentation"):
+        from vision_jax.tasks import Detection, Segmentation
+
+        self.task = Segmentation() if task == "segmentation" else Detection()
+        self.batches = 0
+
+    def iter_predict(self, paths, *, top_k, progress, unreadable):
+        from vision_jax.predict import decoded_sizes, segmentation_record
+
+        files, skipped = decoded_sizes(paths)
+        unreadable += skipped
+        scores = np.broadcast_to(np.float32([0.2, 0.8]), (4, 4, 2))
+        for start in range(0, len(files), 2):
+            self.batches += 1
+            batch = files[start : start + 2]
+            if isinstance(self.task, Segmentation):
+                yield [segmentation_record(p, scores, size, self.class_names) for p, size in batch]
+            else:
+                yield [{"file_name": p, "image_id": start + i + 1, "category_id": 2, "score": 0.9,
+                        "category_name": "thing", "bbox": [1.0, 1.0, 4.0, 4.0]}
+                       for i, (p, _) in enumerate(batch)]  # fmt: skip
+
+
+def _images(folder: pathlib.Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((6, 5, 3), 40 * i, np.uint8)).save(folder / name)
+
+
+def _pngs(folder: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, capsys):
+    """``--output=root/test/masks.jsonl`` beside root/test/masks/<stem>.png, the ground truth
+    of the documented layout: refused in one line naming the folder and the file, before any
+    label map or record is written (the masks were overwritten). A rerun replaces the label
+    maps it wrote and removes those of files it no longer predicts (they were left, stale);
+    ``--draw`` the same."""
+    fixed = FixedPredictor()
+    monkeypatch.setattr("vision_jax.predict._predictor", lambda args, parser: fixed)
+    images, masks = tmp_path / "test" / "images", tmp_path / "test" / "masks"
+    _images(images, "a.png", "b.png", "c.png")
+    _images(masks, "b.png")
+    truth = (masks / "b.png").read_bytes()
+    records = tmp_path / "test" / "masks.jsonl"
+    records.write_text("earlier\n")
+    argv = ["--workdir=run", f"--input={images}"]
+    assert main([*argv, f"--output={records}"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: --output {records}: {masks} holds b.png, which predict did "
+                     "not write: choose another folder (predict replaces only files it "
+                     "wrote).")  # fmt: skip
+    assert (masks / "b.png").read_bytes() == truth and _pngs(masks) == ["b.png"]
+    assert records.read_text() == "earlier\n"
+    out = tmp_path / "preds.jsonl"
+    assert main([*argv, f"--output={out}"]) == 0
+    assert _pngs(tmp_path / "preds") == ["a.png", "b.png", "c.png"]
+    assert main(["--workdir=run", f"--input={images / 'a.png'}", f"--output={out}"]) == 0
+    assert _pngs(tmp_path / "preds") == ["a.png"]  # b and c no record lists: removed
+    _images(tmp_path / "preds", "c.png")  # the user's own file, where predict wrote one before
+    assert main([*argv, f"--output={out}"]) == 1
+    assert "preds holds c.png, which predict did not write" in capsys.readouterr().err
+    assert _pngs(tmp_path / "preds") == ["a.png", "c.png"]
+
+    detector = FixedPredictor("detection")
+    monkeypatch.setattr("vision_jax.predict._predictor", lambda args, parser: detector)
+    drawn = tmp_path / "drawn"
+    assert main([*argv, f"--output={tmp_path / 'boxes.json'}", f"--draw={drawn}"]) == 0
+    assert _pngs(drawn) == ["a.png", "b.png", "c.png"]
+    assert main([*argv, f"--output={tmp_path / 'boxes.json'}", f"--draw={masks}"]) == 1
+    assert f"--draw: {masks} holds b.png" in capsys.readouterr().err
+    assert (masks / "b.png").read_bytes() == truth

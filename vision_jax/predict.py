@@ -18,7 +18,9 @@ extension picks its format: ``.jsonl`` (a record a line), ``.csv`` (a record a r
 fields flattened: ``top_k_1_label``, ``bbox_1``) or ``.json`` (a list). Each batch's records
 and label maps are written as soon as it is predicted, then let go (memory for a batch, not
 for every image): a run stopped midway leaves the lines or rows (and PNGs) of the batches done,
-whole; a ``.json`` list replaces an earlier file only once complete.
+whole; a ``.json`` list replaces an earlier file only once complete. A folder of PNGs (label
+maps, drawings) gets a hidden marker file (:data:`MARKER`) listing those predict wrote there: a
+rerun replaces or removes them, and refuses to replace any other file (:func:`claim_pngs`).
 
 Images go through the evaluation pipeline (:func:`vision_jax.data.eval_batches`, with the run's
 recorded input size, crop, mean and std, or the weight file's input contract) in batches and the
@@ -40,7 +42,7 @@ import os
 import posixpath
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from vision_jax.tf_without_keras import tf
@@ -492,6 +494,46 @@ def unique_pngs(paths: Sequence[str], folder: str) -> list[str]:
     return out
 
 
+MARKER = ".vision_jax_predict.json"  # in a folder of predict's PNGs: the ones it wrote there
+
+
+class OutputError(Exception):
+    """An output that predict refuses to write: it would replace a file predict did not
+    write."""
+
+
+def written_before(folder: str) -> set[str]:
+    """The names of the files that predict wrote into ``folder``, as its marker file lists
+    them (none without one; an unreadable marker vouches for none)."""
+    try:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            names = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def claim_pngs(folder: str, paths: Iterable[str], flag: str) -> None:
+    """Readies ``folder`` for predict's PNGs ``paths`` (in it): a file of one of their names
+    that predict did not write is an :class:`OutputError` naming it (``flag``: the option that
+    chose the folder), raised before anything changes; the PNGs an earlier predict wrote there
+    that this one will not are removed (a rerun leaves no stale ones); the marker file lists
+    the new names."""
+    earlier, names = written_before(folder), {os.path.basename(p) for p in paths}
+    for name in sorted(names - earlier):
+        if os.path.lexists(os.path.join(folder, name)):
+            raise OutputError(
+                f"{flag}: {folder} holds {name}, which predict did not write: choose another "
+                "folder (predict replaces only files it wrote)."
+            )
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(earlier - names):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    with written_whole(os.path.join(folder, MARKER)) as partial, open(partial, "w") as f:
+        json.dump(sorted(names), f)
+
+
 def save_label_maps(records: list[dict], folder: str, names: Mapping[str, str]) -> None:
     """Writes each record's ``label_map`` to a PNG in ``folder`` and puts its path in its
     place: class ids as the pixels of a palette image with PASCAL VOC's colours (as VOC's
@@ -748,14 +790,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         batches = predictor.iter_predict(
             paths, top_k=args.top_k, progress=True, unreadable=unreadable
         )
-        count, detections = _write_batches(batches, args, task, ids, paths, unreadable)
-    except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError) as e:
+        count, detections, drawn = _write_batches(batches, args, task, ids, paths, unreadable)
+    except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError,
+            OutputError) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 1
     for path, reason in unreadable:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    if args.draw:
-        _draw_all(detections, _readable(paths, unreadable), args.draw, args.draw_threshold)
+    _draw_all(detections, drawn, unreadable, args.draw_threshold)
     print(json.dumps({"images": len(paths) - len(unreadable), "skipped": len(unreadable),
                       "records": count, "output": args.output}))  # fmt: skip
     return 0
@@ -764,20 +806,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _write_batches(
     batches: Iterator[list[dict]], args: argparse.Namespace, task: str,
     ids: Mapping[str, int] | None, paths: list[str], unreadable: list[tuple[str, str]],
-) -> tuple[int, list[dict]]:  # fmt: skip
+) -> tuple[int, list[dict], dict[str, str]]:  # fmt: skip
     """Writes each batch's records (and segmentation's label maps, which then go) as soon as it
-    is predicted; the count of records, and the detections that ``--draw`` draws."""
-    folder, pngs, kept = os.path.splitext(args.output)[0], {}, []
+    is predicted; the count of records, the detections that ``--draw`` draws, and the drawing
+    of each file. The PNGs' folders are claimed (:func:`claim_pngs`) at the first batch, when
+    the readable files are known, before anything is written."""
+    folder, pngs, drawn, kept = os.path.splitext(args.output)[0], {}, {}, []
     with RecordWriter(args.output) as writer:
-        for records in batches:
+        for i, records in enumerate(batches):
+            if i == 0:
+                pngs, drawn = _claimed(args, task, _readable(paths, unreadable))
             for record in records if ids is not None else ():
                 record["image_id"] = ids[record["file_name"]]
-            if task == "segmentation":  # its unreadable files are known by its first batch
-                pngs = pngs or _png_names(_readable(paths, unreadable), folder)
+            if task == "segmentation":
                 save_label_maps(records, folder, pngs)
             writer.write(records)
             kept += records if args.draw else ()
-    return writer.count, kept
+    return writer.count, kept, drawn
+
+
+def _claimed(
+    args: argparse.Namespace, task: str, readable: list[str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The label map and the drawing of each of the ``readable`` files (none where the task
+    or the flags write none), their folders claimed."""
+    pngs, drawn = {}, {}
+    if task == "segmentation":  # its unreadable files are known by its first batch
+        pngs = _png_names(readable, os.path.splitext(args.output)[0])
+        claim_pngs(os.path.splitext(args.output)[0], pngs.values(), f"--output {args.output}")
+    if args.draw:  # detection's files that fail when decoded are not drawn
+        drawn = _png_names(readable, args.draw)
+        claim_pngs(args.draw, drawn.values(), "--draw")
+    return pngs, drawn
 
 
 def _png_names(paths: list[str], folder: str) -> dict[str, str]:
@@ -790,14 +850,19 @@ def _readable(paths: list[str], unreadable: list[tuple[str, str]]) -> list[str]:
     return [p for p in paths if p not in skipped]
 
 
-def _draw_all(detections: list[dict], paths: list[str], folder: str, threshold: float) -> None:
-    """Each of ``paths`` with its ``detections`` drawn, into ``folder``."""
-    os.makedirs(folder, exist_ok=True)
+def _draw_all(
+    detections: list[dict], drawn: Mapping[str, str], skipped: list[tuple[str, str]],
+    threshold: float,
+) -> None:  # fmt: skip
+    """Each file of ``drawn`` but the ``skipped`` with its ``detections`` drawn, into its
+    drawing there."""
     by_file: dict[str, list[dict]] = {}
     for d in detections:
         by_file.setdefault(d["file_name"], []).append(d)
-    for path, out in zip(paths, unique_pngs(paths, folder), strict=True):
-        draw_detections(path, by_file.get(path, []), out, threshold)
+    left_out = {path for path, _ in skipped}
+    for path, out in drawn.items():
+        if path not in left_out:
+            draw_detections(path, by_file.get(path, []), out, threshold)
 
 
 if __name__ == "__main__":
