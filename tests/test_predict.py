@@ -745,3 +745,30 @@ def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, c
     assert main([*argv, f"--output={tmp_path / 'boxes.json'}", f"--draw={masks}"]) == 1
     assert f"--draw: {masks} holds b.png" in capsys.readouterr().err
     assert (masks / "b.png").read_bytes() == truth
+
+
+def test_output_paths_are_checked_before_predicting(tmp_path, monkeypatch, capsys):
+    """``--draw`` an existing file, ``--output`` an existing folder, segmentation's label map
+    folder an existing file: a one-line usage error before any prediction (they were
+    tracebacks after predicting: FileExistsError, IsADirectoryError)."""
+    _images(tmp_path / "images", "a.png")
+    (tmp_path / "taken").write_text("mine")
+    (tmp_path / "folder.jsonl").mkdir()
+    argv = ["--workdir=run", f"--input={tmp_path / 'images'}"]
+    cases = {
+        "detection": [(f"--output={tmp_path / 'p.json'}", f"--draw={tmp_path / 'taken'}"),
+                      (f"--output={tmp_path / 'folder.jsonl'}",)],
+        "segmentation": [(f"--output={tmp_path / 'taken.jsonl'}",)],
+    }  # fmt: skip
+    wanted = [f"--draw: {tmp_path / 'taken'}, the folder for its PNGs, is a file.",
+              f"--output {tmp_path / 'folder.jsonl'} is a folder: name a file (.jsonl, .csv, "
+              ".json).", f"--output {tmp_path / 'taken.jsonl'}: {tmp_path / 'taken'}, the "
+              "folder for its PNGs, is a file."]  # fmt: skip
+    for task, flags in ((t, f) for t, all_flags in cases.items() for f in all_flags):
+        fixed = FixedPredictor(task)
+        monkeypatch.setattr("vision_jax.predict._predictor", lambda args, parser: fixed)  # noqa: B023
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, *flags])
+        assert stopped.value.code == 2 and fixed.batches == 0
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(wanted.pop(0))
+    assert (tmp_path / "taken").read_text() == "mine"

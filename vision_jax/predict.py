@@ -760,6 +760,27 @@ def _make_folder_of(output: str, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--output {output}: cannot make its folder: {e.strerror or e}.")
 
 
+def _check_outputs(args: argparse.Namespace, task: str, parser: argparse.ArgumentParser) -> None:
+    """The outputs' paths checked (their folders made) before predicting, not after: the
+    records file is not a folder, the PNGs' folder (segmentation's, ``--draw``) not a file."""
+    if os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a folder: name a file ({', '.join(FORMATS)}).")
+    _make_folder_of(args.output, parser)
+    if task == "segmentation":
+        _make_png_folder(os.path.splitext(args.output)[0], f"--output {args.output}", parser)
+    if args.draw:
+        _make_png_folder(args.draw, "--draw", parser)
+
+
+def _make_png_folder(folder: str, flag: str, parser: argparse.ArgumentParser) -> None:
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        parser.error(f"{flag}: {folder}, the folder for its PNGs, is a file.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{flag}: cannot make the folder {folder} for its PNGs: {e.strerror or e}.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -781,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kind = predictor.task.name
                 parser.error(f"--{flag} is for detection: {args.workdir} is a {kind} run.")
         paths = _outside_outputs(paths, args, task, parser)
-        _make_folder_of(args.output, parser)  # before the predictions, not after them
+        _check_outputs(args, task, parser)  # before the predictions, not after them
         ids = None  # before the predictions: a file the annotations miss is an error
         if args.coco_annotations:
             categories = dict(zip(predictor.category_ids, predictor.class_names, strict=True))
