@@ -497,6 +497,23 @@ def test_images_to_predict_on_have_their_shown_size(tmp_path, kind):
     assert sizes == [(20, 12), (12, 20)] and not unreadable
 
 
+def test_images_of_more_pixels_than_pil_opens(tmp_path, monkeypatch):
+    """A PNG of more pixels than PIL opens (its DecompressionBombError, neither OSError nor
+    ValueError: a traceback, nothing predicted) is predicted, at the size TensorFlow's decoder
+    reads, as classification and segmentation predict it; a GIF, which the pipeline decodes with
+    PIL, is named unreadable with PIL's reason."""
+    from vision_jax.data.coco import from_image_files
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a bomb above 200 pixels
+    for name in ("large.png", "large.gif"):
+        Image.new("RGB", (20, 15)).save(tmp_path / name)
+    paths = [str(tmp_path / n) for n in ("large.png", "large.gif")]
+    source, unreadable = from_image_files(paths, ["a"], [1])
+    sizes = [(im["width"], im["height"]) for im in source.annotations["images"]]
+    assert sizes == [(20, 15)]
+    assert [(p, r.split(":")[0]) for p, r in unreadable] == [(paths[1], "DecompressionBombError")]
+
+
 def test_box_configs_that_do_not_fit(tmp_path):
     write_coco(tmp_path, [(60, 90, RECTS), (20, 20, [])])
     source = coco_source(tmp_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,12 +99,11 @@ def from_image_files(
     reason). Files that fail later, when decoded, are skipped by the pipeline."""
     images, unreadable = [], []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                width, height = exif.upright_size(image)
-        except (OSError, ValueError) as e:
-            unreadable.append((path, str(e)))
+        size = upright_size_of(path)
+        if isinstance(size, str):
+            unreadable.append((path, size))
             continue
+        width, height = size
         images.append({"id": len(images) + 1, "file_name": path, "width": width, "height": height})
     if not images:
         raise DataError(f"None of the {len(paths)} image file(s) can be read.")
@@ -114,6 +114,24 @@ def from_image_files(
     categories = [{"id": int(i), "name": n} for i, n in zip(category_ids, class_names, strict=True)]
     source = _box_source(None, images, [], categories, columns, skip_corrupt=True)
     return source, unreadable
+
+
+def upright_size_of(path: str) -> tuple[int, int] | str:
+    """The (width, height) of the image file ``path`` upright, as the pipeline decodes it, from
+    its header; or why it cannot be read. An image of more pixels than PIL opens (its
+    DecompressionBombError) is decoded to find out: TensorFlow's JPEG and PNG decoders, which
+    the pipeline uses (and classification's and segmentation's predict), have no such limit."""
+    try:
+        with Image.open(path) as image:
+            return exif.upright_size(image)
+    except Image.DecompressionBombError as e:
+        try:
+            height, width = tf.shape(augment.decode(tf.io.read_file(os.fsencode(path))))[:2].numpy()
+        except tf.errors.OpError:  # a format that PIL decodes: the pipeline cannot either
+            return f"{type(e).__name__}: {e}"
+        return int(width), int(height)
+    except (OSError, ValueError) as e:
+        return str(e)
 
 
 def size_problem(path: str, size: tuple[int, int], annotated: tuple[int, int]) -> str | None:
@@ -139,10 +157,7 @@ def _check_sizes(ids: Mapping[str, int], images: Mapping[int, dict], annotations
         image = images[image_id]
         if "width" not in image or "height" not in image:
             continue
-        try:
-            with Image.open(path) as file:
-                size = exif.upright_size(file)
-        except (OSError, ValueError):
+        if isinstance(size := upright_size_of(path), str):
             continue
         problems.append(size_problem(path, size, (image["width"], image["height"])))
     if bad := [p for p in problems if p]:
