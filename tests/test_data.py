@@ -112,6 +112,23 @@ def test_decoding_is_what_the_export_manifest_says():
     )
 
 
+def test_tiffs_decode_16_bit_grey_as_pngs_and_refuse_float():
+    """A 16-bit grey TIFF reads as value // 256, as a 16-bit PNG (PIL's RGB conversion clipped
+    it to 255: almost white); a float TIFF, which that conversion clips too, is refused."""
+    import io
+
+    deep = np.random.default_rng(0).integers(0, 65536, (4, 5), dtype=np.uint16)
+    files = {}
+    for name, pixels in (("deep", deep), ("float", deep.astype(np.float32) / 65535)):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="TIFF")
+        files[name] = buffer.getvalue()
+    decoded = augment.decode(tf.constant(files["deep"])).numpy()
+    np.testing.assert_array_equal(decoded, np.repeat(deep[..., None] // 256, 3, -1))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="'F' pixels .* no 8-bit reading"):
+        augment.decode(tf.constant(files["float"]))
+
+
 def test_bmp_gif_and_webp_decode_as_pil_converts_them():
     """Formats past JPEG and PNG read as PIL's ``convert("RGB")`` reads them: a palette BMP's
     colours (not its indices as grey), 1- and 16-bit BMPs and an animated WebP (refused
@@ -203,7 +220,7 @@ def test_image_folder_reads_subfolders_of_a_class_and_counts_other_files(tmp_pat
     for name in ("train/a/1.png", "train/a/sub/2.png", "train/a/sub/deeper/3.jpg",
                  "train/b/4.png", "train/b/.hidden/5.png"):  # fmt: skip
         _save(tmp_path / name, "RGB", seed=0)
-    for name in ("train/a/sub/scan.tif", "train/b/README", "train/b/.DS_Store"):
+    for name in ("train/a/sub/scan.psd", "train/b/README", "train/b/.DS_Store"):
         (tmp_path / name).write_bytes(b"x")
     with caplog.at_level(logging.WARNING):
         source = data_lib.load_source(
@@ -214,7 +231,7 @@ def test_image_folder_reads_subfolders_of_a_class_and_counts_other_files(tmp_pat
         "train/a/1.png", "train/a/sub/2.png", "train/a/sub/deeper/3.jpg", "train/b/4.png"
     ]  # fmt: skip
     np.testing.assert_array_equal(np.sort(source.columns["label"]), [0, 0, 0, 1])
-    assert "Left out 2 files of" in caplog.text and ".tif: 1, no extension: 1" in caplog.text
+    assert "Left out 2 files of" in caplog.text and ".psd: 1, no extension: 1" in caplog.text
     assert "Left out" not in caplog.text.split("no extension: 1")[1]  # no loose images
     _save(tmp_path / "train" / "stray.jpg", "RGB", seed=0)  # not in a class folder
     with caplog.at_level(logging.WARNING):

@@ -538,13 +538,26 @@ def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path, caplog):
     linked = str(tmp_path / "sub" / "linked" / "z" / "f.jpg")  # followed, as training follows
     assert image_files(str(tmp_path)) == sorted([*expected, linked])
     (tmp_path / "sub" / "linked").unlink()
-    assert f"Left out 1 file(s) of {tmp_path} without an image extension: " in caplog.text
+    assert f"Left out 1 file(s) of {tmp_path} without an image extension (.jpg" in caplog.text
     assert image_files(str(tmp_path / "**" / "*.webp")) == expected[2:]
     assert image_files(str(tmp_path / "a.jpg")) == expected[:1]
     (tmp_path / "img[1].jpg").write_bytes(b"")
     assert image_files(str(tmp_path / "img[1].jpg")) == [str(tmp_path / "img[1].jpg")]
     with pytest.raises(FileNotFoundError, match="No image files"):
         image_files(str(tmp_path / "sub" / "*.gif"))
+
+
+def test_a_folder_and_a_glob_of_it_list_the_same_files(tmp_path, caplog):
+    """TIFFs (which the decoder reads) are listed in a folder as a ``**`` glob lists them (a
+    folder left them out, a glob took them; a folder of TIFFs alone had "No image files"); a
+    glob leaves out a file without an image extension as a folder does."""
+    for name in ("a.tif", "sub/b.TIFF", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    want = [str(tmp_path / "a.tif"), str(tmp_path / "sub" / "b.TIFF")]
+    with caplog.at_level(logging.WARNING):
+        assert image_files(str(tmp_path)) == image_files(str(tmp_path / "**" / "*")) == want
+    assert caplog.text.count("Left out 1 file(s) of") == 2 and "notes.txt" in caplog.text
 
 
 def test_output_names_of_files_with_the_same_stem_never_collide():

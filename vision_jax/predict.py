@@ -56,7 +56,7 @@ from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.data import augment
 from vision_jax.data.coco import from_image_files, image_ids_by_file
-from vision_jax.data.folders import files_under, is_image_file
+from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
@@ -77,27 +77,27 @@ Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
 def image_files(pattern: str) -> list[str]:
     """The image files of a folder and its subfolders (sorted; hidden files and folders left
     out and symbolic links followed, as training's listings do), a glob pattern (``**`` for any
-    depth), or one file."""
+    depth), or one file. A folder's or a pattern's files without an image extension
+    (:data:`~vision_jax.data.folders.IMAGE_EXTENSIONS`, as training lists) are left out,
+    named in a warning."""
     if os.path.isfile(pattern):  # before the glob: a file name may hold "[", "*" or "?"
         return [pattern]
     if os.path.isdir(pattern):
-        files, others = [], []
-        for inside in files_under(pattern):
-            if not posixpath.basename(inside).startswith("."):
-                path = os.path.join(pattern, *inside.split("/"))
-                (files if is_image_file(inside) else others).append(path)
-        files.sort()
-        if others:
-            logger.warning(
-                "Left out %d file(s) of %s without an image extension: %s%s.", len(others),
-                pattern, ", ".join(sorted(others)[:3]), " ..." if others[3:] else "",
-            )  # fmt: skip
+        found = [os.path.join(pattern, *inside.split("/")) for inside in files_under(pattern)
+                 if not posixpath.basename(inside).startswith(".")]  # fmt: skip
     elif glob.has_magic(pattern):
-        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        found = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
     else:
-        files = []
+        found = []
+    files = sorted(f for f in found if is_image_file(os.path.basename(f)))
+    if others := sorted(set(found) - set(files)):
+        logger.warning(
+            "Left out %d file(s) of %s without an image extension (%s): %s%s.", len(others),
+            pattern, "/".join(IMAGE_EXTENSIONS), ", ".join(others[:3]),
+            " ..." if others[3:] else "",
+        )  # fmt: skip
     if not files:
-        raise FileNotFoundError(f"No image files at {pattern!r}.")
+        raise FileNotFoundError(f"No image files ({'/'.join(IMAGE_EXTENSIONS)}) at {pattern!r}.")
     return files
 
 

@@ -27,7 +27,8 @@ from vision_jax.data import exif, randaugment
 DECODING = {
     "orientation": "JPEGs upright by their EXIF orientation (PIL's ImageOps.exif_transpose)",
     "channels": "grey repeated to RGB; alpha dropped, not composited; palette and CMYK to RGB",
-    "bit_depth": "16-bit PNGs to 8 bits as value // 256",
+    "bit_depth": "16-bit PNGs and 16-bit grey TIFFs to 8 bits as value // 256; 32-bit "
+    "integer and float images refused",
     "jpeg": "libjpeg's accurate integer DCT, as PIL decodes",
     "other_formats": "GIF, BMP, WebP and any other format PIL reads (TIFF, ...) as PIL's "
     "Image.convert('RGB') reads them (the first frame of an animation, on its whole canvas)",
@@ -73,7 +74,7 @@ def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
         try:
             with Image.open(io.BytesIO(data.numpy())) as image:
                 image.seek(0)  # an animation's first frame
-                return np.asarray(image.convert("RGB")), ""
+                return _rgb_of(image), ""
         except Image.UnidentifiedImageError:
             return np.zeros((0, 0, 3), np.uint8), "not an image file of a known format"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -83,6 +84,18 @@ def _decode_with_pil(data: tf.Tensor) -> tf.Tensor:
     readable = tf.debugging.Assert(tf.equal(problem, ""), [problem])  # one line, no traceback
     with tf.control_dependencies([readable]):
         return tf.ensure_shape(tf.identity(image), [None, None, 3])
+
+
+def _rgb_of(image: Image.Image) -> np.ndarray:
+    """An open PIL image as uint8 RGB: 16-bit grey (a TIFF's) as value // 256, as 16-bit PNGs
+    decode, other modes as ``convert("RGB")`` reads them; 32-bit integer and float pixels
+    (which that conversion clips to 255) are refused."""
+    if image.mode.startswith("I;16"):
+        grey = (np.asarray(image).astype(np.uint16) // 256).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("I", "F"):
+        raise ValueError(f"{image.mode!r} pixels (32-bit integer or float) have no 8-bit reading")
+    return np.asarray(image.convert("RGB"))
 
 
 def resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:

@@ -39,8 +39,9 @@ from vision_jax.data.sources import (
 
 logger = logging.getLogger(__name__)
 
-# What decode reads right. Not TIFF: PIL's convert("RGB") clips 16-bit and float TIFFs.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The image files that folders (training's and predict's) and predict's globs list: what
+# augment.decode reads (TIFFs of 16-bit grey as value // 256; float ones refused, not clipped).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>(-?\d+%?)?):(?P<stop>(-?\d+%?)?)\])?$")
 
 
