@@ -785,3 +785,34 @@ def test_output_paths_are_checked_before_predicting(tmp_path, monkeypatch, capsy
         assert stopped.value.code == 2 and fixed.batches == 0
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(wanted.pop(0))
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_batch_holds_no_more_than_the_images(digit_files, monkeypatch):
+    """One image predicts in a batch of one, not padded to the batch size (16 forward passes
+    for one image), from files, arrays or for detection; more images in batches of the batch
+    size (segmentation's at most 256 MB of scores)."""
+    from vision_jax.tasks import Classification, Detection
+
+    class Batched(Exception):
+        pass
+
+    def batches(source, spec, *, global_batch, **kwargs):
+        raise Batched(global_batch)
+
+    monkeypatch.setattr(data_lib, "eval_batches", batches)
+    paths, _ = digit_files
+    seen = []
+    for task, calls in [
+        (Classification(), [lambda p: p.predict(paths[:1]), lambda p: p.predict(paths[:40]),
+                            lambda p: p.predict_arrays(np.zeros((3, 8, 8), np.uint8))]),
+        (Segmentation(), [lambda p: p.predict(paths[:2])]),
+        (Detection(), [lambda p: p.predict(paths[:1])]),
+    ]:  # fmt: skip
+        predictor = Predictor.__new__(Predictor)  # no model: the batches are not predicted
+        predictor.task, predictor.batch_size, predictor.input = task, 32, data_lib.InputSpec(8)
+        predictor.class_names, predictor.category_ids = ["a", "b"], [1, 2]
+        for call in calls:
+            with pytest.raises(Batched) as batched:
+                call(predictor)
+            seen.append(batched.value.args[0])
+    assert seen == [1, 32, 3, 2, 1]

@@ -255,17 +255,20 @@ class Predictor:
         keys = None if kind is None else ("probabilities",)  # None: a task of the user's own
         bar = Progress(len(files)) if progress else None
         left = iter(files)
-        for rows in self._rows(source, keys, bar, self._batch_size()):
+        for rows in self._rows(source, keys, bar, self._batch_size(len(files))):
             done = itertools.islice(left, len(rows))
             yield [self._record(path, size, row, top_k)
                    for (path, size), row in zip(done, rows, strict=True)]  # fmt: skip
 
-    def _batch_size(self) -> int:
-        """The batch size to predict files with: segmentation's scores at most 256 MB."""
+    def _batch_size(self, count: int) -> int:
+        """The batch size to predict ``count`` images with: no more than them (the last batch
+        is padded to it, so one image in a batch of 16 cost 16 forward passes), and for
+        segmentation scores of at most 256 MB."""
+        batch = min(self.batch_size, count)
         if library_kind(self.task) != "segmentation":
-            return self.batch_size
+            return batch
         per_image = self.input.image_size**2 * len(self.class_names) * 4  # float32 scores
-        return max(1, min(self.batch_size, 2**28 // per_image))
+        return max(1, min(batch, 2**28 // per_image))
 
     def _record(self, path: str, size: tuple[int, int], row: dict, top_k: int) -> dict:
         """The record of the file ``path`` of ``size`` (height, width) with the predictions
@@ -297,18 +300,17 @@ class Predictor:
         else:
             targets = np.full(images.shape[:3], IGNORE_LABEL, np.uint8)
         source = data_lib.from_arrays(images, targets, self.class_names, target=self.task.target)
-        rows = [row for batch in self._rows(source, None, None) for row in batch]
+        batch_size = self._batch_size(len(images))
+        rows = [row for batch in self._rows(source, None, None, batch_size) for row in batch]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def _rows(
         self, source: data_lib.Source, keys: tuple[str, ...] | None, bar: Progress | None,
-        batch_size: int | None = None,
+        batch_size: int,
     ) -> Iterator[list[dict[str, np.ndarray]]]:  # fmt: skip
         """The task's predictions ``keys`` (None: all) of each example of ``source``, in order,
-        a list for each batch of ``batch_size`` (None: the predictor's)."""
-        batches = data_lib.eval_batches(
-            source, self.input, global_batch=batch_size or self.batch_size
-        )
+        a list for each batch of ``batch_size``."""
+        batches = data_lib.eval_batches(source, self.input, global_batch=batch_size)
         dispatched = ((b, self._predict(self.variables, b["image"], keys=keys)) for b in batches)
         for batch, found in fetched_one_behind(dispatched):
             count = int(batch["mask"].sum())  # padding rows come last
@@ -325,9 +327,8 @@ class Predictor:
         list for each batch; the unreadable files (path, reason) go into ``unreadable``."""
         source, skipped = from_image_files(paths, self.class_names, self.category_ids)
         unreadable += skipped
-        batches = data_lib.eval_batches(
-            source, self.input, global_batch=self.batch_size, max_boxes=1
-        )
+        batch_size = self._batch_size(source.num_examples)
+        batches = data_lib.eval_batches(source, self.input, global_batch=batch_size, max_boxes=1)
         bar = Progress(source.num_examples) if progress else None
         images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
         names = dict(zip(self.category_ids, self.class_names, strict=True))
