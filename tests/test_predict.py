@@ -787,6 +787,15 @@ def test_output_paths_are_checked_before_predicting(tmp_path, monkeypatch, capsy
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def _without_a_model(task) -> Predictor:
+    """A Predictor of ``task`` (two classes, 8x8 input, batches of 32) without a model: for
+    what happens before a batch is predicted."""
+    predictor = Predictor.__new__(Predictor)
+    predictor.task, predictor.batch_size, predictor.input = task, 32, data_lib.InputSpec(8)
+    predictor.class_names, predictor.category_ids = ["a", "b"], [1, 2]
+    return predictor
+
+
 def test_a_batch_holds_no_more_than_the_images(digit_files, monkeypatch):
     """One image predicts in a batch of one, not padded to the batch size (16 forward passes
     for one image), from files, arrays or for detection; more images in batches of the batch
@@ -808,11 +817,32 @@ def test_a_batch_holds_no_more_than_the_images(digit_files, monkeypatch):
         (Segmentation(), [lambda p: p.predict(paths[:2])]),
         (Detection(), [lambda p: p.predict(paths[:1])]),
     ]:  # fmt: skip
-        predictor = Predictor.__new__(Predictor)  # no model: the batches are not predicted
-        predictor.task, predictor.batch_size, predictor.input = task, 32, data_lib.InputSpec(8)
-        predictor.class_names, predictor.category_ids = ["a", "b"], [1, 2]
         for call in calls:
             with pytest.raises(Batched) as batched:
-                call(predictor)
+                call(_without_a_model(task))
             seen.append(batched.value.args[0])
     assert seen == [1, 32, 3, 2, 1]
+
+
+def test_a_file_gone_once_predicting_is_named_in_predicts_terms(digit_files, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    """A file read when predict began that is gone when its batch is read: an error naming it,
+    saying so, without training's advice (data.skip_corrupt, a config key predict has not)."""
+    from vision_jax import predict
+    from vision_jax.tasks import Classification
+
+    paths = [shutil.copy(p, tmp_path) for p in digit_files[0][:3]]
+    listed = predict.decoded_sizes
+
+    def then_gone(paths: list[str]):
+        found = listed(paths)
+        pathlib.Path(paths[1]).unlink()
+        return found
+
+    monkeypatch.setattr(predict, "decoded_sizes", then_gone)
+    with pytest.raises(data_lib.DataError) as error:
+        _without_a_model(Classification()).predict(paths)
+    message = str(error.value)
+    assert f"cannot read image {paths[1]}: " in message and "skip_corrupt" not in message
+    assert message.endswith("It was read when predict began: it changed or went since; predict "
+                            "stopped.")  # fmt: skip

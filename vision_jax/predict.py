@@ -70,6 +70,8 @@ from vision_jax.trained import jitted_predict, load_trained
 logger = logging.getLogger(__name__)
 
 FORMATS = (".jsonl", ".csv", ".json")
+# The last sentence of the error naming a file that fails once predicting (read at the start):
+CHANGED_SINCE_LISTED = "It was read when predict began: it changed or went since; predict stopped."
 
 Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
 
@@ -310,7 +312,9 @@ class Predictor:
     ) -> Iterator[list[dict[str, np.ndarray]]]:  # fmt: skip
         """The task's predictions ``keys`` (None: all) of each example of ``source``, in order,
         a list for each batch of ``batch_size``."""
-        batches = data_lib.eval_batches(source, self.input, global_batch=batch_size)
+        batches = data_lib.eval_batches(
+            source, self.input, global_batch=batch_size, advice=CHANGED_SINCE_LISTED
+        )
         dispatched = ((b, self._predict(self.variables, b["image"], keys=keys)) for b in batches)
         for batch, found in fetched_one_behind(dispatched):
             count = int(batch["mask"].sum())  # padding rows come last

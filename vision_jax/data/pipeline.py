@@ -81,6 +81,9 @@ def _example_index(position: tf.Tensor, num_local: int, seed: int) -> tf.Tensor:
     return host + local * hosts
 
 
+_FIX = "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
+
+
 class Batches(Iterator[Batch]):
     """Host-local numpy batches from a tf.data pipeline.
 
@@ -91,7 +94,8 @@ class Batches(Iterator[Batch]):
     re-reading the failing batch's files. ``row_of`` maps a stream position to its row of a file
     source's ``columns`` (None past the split's end); without it files are not named.
     ``end_position``: where a finite stream ends (examples dropped after its last batch count).
-    After an error the iterator is closed: it yields nothing more.
+    ``advice``: the error's last sentence. After an error the iterator is closed: it yields
+    nothing more.
     """
 
     def __init__(
@@ -102,8 +106,10 @@ class Batches(Iterator[Batch]):
         source: Source,
         row_of: Callable[[int], int | None] | None = None,
         end_position: int | None = None,
+        advice: str = _FIX,
     ):
         self._iter = ds.as_numpy_iterator()
+        self._advice = advice
         self._local = local_batch
         self._row_of = row_of
         self._source = source
@@ -184,16 +190,13 @@ class Batches(Iterator[Batch]):
             rows = [row for p in positions if (row := self._row_of(p)) is not None]
             bad = [p for p in _problems(self._source, rows).values() if p]
         if bad:
-            return DataError(f"Bad example(s): {'; '.join(bad)}. {_FIX}")
+            return DataError(f"Bad example(s): {'; '.join(bad)}. {self._advice}")
         origin = f" reading {self._source.origin}" if self._source.origin else ""
         message = f"The input pipeline failed{origin}: {_op_message(error)}."
         if self._source.columns is None and reads_encoded_images(self._source):  # tfds
             message += (" If an image cannot be decoded, fix the dataset or set "
                         "data.skip_corrupt = True to skip such examples.")  # fmt: skip
         return DataError(message)
-
-
-_FIX = "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
 
 
 def reads_encoded_images(source: Source) -> bool:
@@ -391,6 +394,7 @@ def eval_batches(
     global_batch: int,
     threads: int | None = None,
     max_boxes: int | None = None,
+    advice: str = _FIX,
 ) -> Iterator[Batch]:
     """Host-local evaluation batches covering the split exactly once, padded and masked:
     ``image``, the targets (as :func:`train_batches`), ``mask`` (float32 [B], 1 for real
@@ -401,6 +405,7 @@ def eval_batches(
     top-left, zero padding after normalisation) and add ``image_id`` (int32 [B], the id in
     ``source.annotations``, 0 in padding rows) and ``scale`` (float32 [B], model-input pixels
     per original pixel: original box = box / scale); every annotation of an image is there.
+    ``advice``: the last sentence of the error naming a file that cannot be read.
     """
     local = _local_batch(global_batch)
     target = _target(source, max_boxes)
@@ -427,7 +432,7 @@ def eval_batches(
         return row if row < source.num_examples else None
 
     shard_size = len(range(jax.process_index(), source.num_examples, jax.process_count()))
-    batches = Batches(ds, 0, local, source, row_of, end_position=shard_size)
+    batches = Batches(ds, 0, local, source, row_of, end_position=shard_size, advice=advice)
     empty = _empty_batch(local, spec.image_size, target)
     return _padded(batches, local, num_batches, shard_size, empty)
 
