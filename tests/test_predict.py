@@ -846,3 +846,13 @@ def test_a_file_gone_once_predicting_is_named_in_predicts_terms(digit_files, tmp
     assert f"cannot read image {paths[1]}: " in message and "skip_corrupt" not in message
     assert message.endswith("It was read when predict began: it changed or went since; predict "
                             "stopped.")  # fmt: skip
+
+
+def test_arrays_of_another_dtype_than_uint8_or_float_are_named(digit_files):
+    """A uint16 array: an error naming its dtype and the two it may be (it said "Float images
+    must lie in [0, 1]")."""
+    from vision_jax.tasks import Classification
+
+    with pytest.raises(data_lib.DataError, match=r"^Images must be uint8 \(0\.\.255\) or float "
+                       r"in \[0, 1\]; got uint16\.$"):  # fmt: skip
+        _without_a_model(Classification()).predict_arrays(np.full((2, 8, 8), 1000, np.uint16))

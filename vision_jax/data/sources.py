@@ -247,6 +247,8 @@ def from_arrays(
         raise DataError(
             f"{key} arrays must have shape {shape} (as the images); got {labels.shape}."
         )
+    if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"Images must be uint8 (0..255) or float in [0, 1]; got {images.dtype}.")
     if images.dtype != np.uint8:
         finite = np.isfinite(images)
         if not finite.all():
