@@ -856,3 +856,29 @@ def test_arrays_of_another_dtype_than_uint8_or_float_are_named(digit_files):
     with pytest.raises(data_lib.DataError, match=r"^Images must be uint8 \(0\.\.255\) or float "
                        r"in \[0, 1\]; got uint16\.$"):  # fmt: skip
         _without_a_model(Classification()).predict_arrays(np.full((2, 8, 8), 1000, np.uint16))
+
+
+def test_ctrl_c_ends_the_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while predicting: one line and status 130 (128 + SIGINT, as training's command
+    at a second signal), not a KeyboardInterrupt traceback; the records written stay."""
+    from vision_jax import predict
+
+    fixed = FixedPredictor()
+    batches = fixed.iter_predict
+
+    def interrupted(*args, **kwargs):
+        yield next(batches(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fixed, "iter_predict", interrupted)
+    monkeypatch.setattr(predict, "_predictor", lambda args, parser: fixed)
+    _images(tmp_path / "images", "a.png", "b.png", "c.png")
+    out = tmp_path / "p.jsonl"
+    monkeypatch.setattr("sys.argv", ["predict", "--workdir=run", f"--input={tmp_path / 'images'}",
+                                     f"--output={out}"])  # fmt: skip
+    assert predict._command() == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vision_jax.predict: interrupted (SIGINT); the output holds the batches written (a .json "
+        "list only once whole)."
+    ]  # fmt: skip
+    assert len(out.read_text().splitlines()) == 2  # the first batch's

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import posixpath
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -891,5 +892,18 @@ def _draw_all(
             draw_detections(path, by_file.get(path, []), out, threshold)
 
 
+def _command() -> int:
+    """:func:`main` as a command: Ctrl-C ends it with one line and status 130 (128 + SIGINT,
+    as training's command exits at a second signal), not a traceback; a Python caller of
+    :func:`main` gets the KeyboardInterrupt."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        after = "\n" if sys.stderr.isatty() else ""  # after the progress line
+        print(f"{after}vision_jax.predict: interrupted (SIGINT); the output holds the batches "
+              "written (a .json list only once whole).", file=sys.stderr, flush=True)  # fmt: skip
+        return 128 + signal.SIGINT
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_command())
