@@ -291,7 +291,7 @@ def test_the_ema_averages_batchnorm_statistics_and_evaluates_with_them():
     """As timm's EMA averages a model's buffers: the EMA of the BatchNorm statistics is the
     same average as the parameters' (a numpy reference over 3 steps), and the EMA evaluation
     applies the EMA parameters with those statistics."""
-    from vision_jax.steps import make_eval_step
+    from vision_jax.steps import evaluated_weights, make_eval_step
 
     model = create_model("cifar_resnet20", num_classes=10)
     rng = np.random.default_rng(0)
@@ -317,8 +317,8 @@ def test_the_ema_averages_batchnorm_statistics_and_evaluates_with_them():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     stats = flatten_dict(state.ema_model_state)
     assert any(not np.allclose(v, flatten_dict(state.model_state)[k]) for k, v in stats.items())
-    _, predictions = jax.jit(make_eval_step(model, Classification(), use_ema=True))(
-        state, {}, batch
+    _, predictions = jax.jit(make_eval_step(model, Classification()))(
+        *evaluated_weights(state, ema=True), {}, batch
     )
     logits = model.apply({"params": state.ema_params, **state.ema_model_state}, batch["image"],
                          train=False)  # fmt: skip

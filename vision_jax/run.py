@@ -86,7 +86,8 @@ class Run:
     state: TrainState  # restored from the latest checkpoint if there is one
     train_step: Any  # jitted: step(state, frozen, batch, settings) -> (state, metrics)
     settings: StepSettings  # the train step's inputs besides the state and the batch
-    eval_steps: dict[str, Any]  # "" (params) and "_ema" (EMA params) -> jitted eval step
+    eval_step: Any  # jitted: step(params, model_state, frozen, batch) -> (metrics, found)
+    evaluations: dict[str, bool]  # metric suffix ("", "_ema") -> whether it is the EMA's
     checkpointer: Checkpointer
     start_step: int
     total_steps: int
@@ -860,15 +861,12 @@ def _compile_steps(
         out_shardings=(setup.shardings, sharding.replicated(mesh)),
         compiler_options=step_compiler_options(dtype, remat=remat),
     )  # fmt: skip
-    eval_step = lambda ema: jax.jit(  # metrics replicated: every host merges whole batches
-        make_eval_step(model, task, lora=adapters, use_ema=ema, mesh=mesh),
+    eval_step = jax.jit(  # metrics replicated: every host merges whole batches
+        make_eval_step(model, task, lora=adapters, mesh=mesh),
         out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         compiler_options=xla_options,
     )
-    eval_steps = {"": eval_step(False)}
-    if spec.ema_decay is not None:
-        eval_steps["_ema"] = eval_step(True)
-    return train_step, eval_steps
+    return train_step, eval_step
 
 
 def build_run(
@@ -975,7 +973,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     selection = best = None
     if val_source is not None:
         selection = _resumed_selection(spec, saved, start_step >= total_steps, ckpt.directory)
-    train_step, eval_steps = _compile_steps(spec, model, setup, mesh)
+    train_step, eval_step = _compile_steps(spec, model, setup, mesh)
+    evaluations = {"": False, **({"_ema": True} if spec.ema_decay is not None else {})}
     settings = _step_settings(spec, setup, mesh, step_rng)
     meta = RunRecord(
         config=spec.config,
@@ -997,7 +996,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         best = BestCheckpoint(workdir, selection.metric, selection.mode)
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
-        train_step, settings, eval_steps, ckpt, start_step, total_steps, meta, start_position,
+        train_step, settings, eval_step, evaluations, ckpt, start_step, total_steps, meta,
+        start_position,
         selection, best, train_window=saved.get("train_window"), reported=saved.get("reported"),
         evaluation_pending=bool(saved.get("evaluation_pending")),
     )  # fmt: skip

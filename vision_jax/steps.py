@@ -268,21 +268,15 @@ def make_eval_step(
     task: Task,
     *,
     lora: LoraSpec | None = None,
-    use_ema: bool = False,
     mesh: jax.sharding.Mesh | None = None,
-) -> Callable[[TrainState, Any, Batch], tuple[clu_metrics.Collection, dict[str, jax.Array]]]:
-    """``step(state, frozen_params, batch) -> (metrics, predictions)``: the task's metrics of a
-    padded batch (padding, ``mask == 0``, is not counted) and its predictions per example
-    (:meth:`~vision_jax.tasks.base.Task.evaluate_batch`). ``use_ema`` evaluates the EMA
-    parameters, with the EMA model state where the state has one; ``mesh`` as for
-    :func:`make_train_step`."""
+) -> Callable[[Any, Any, Any, Batch], tuple[clu_metrics.Collection, dict[str, jax.Array]]]:
+    """``step(params, model_state, frozen_params, batch) -> (metrics, predictions)``: the
+    task's metrics of a padded batch (padding, ``mask == 0``, is not counted) and its
+    predictions per example (:meth:`~vision_jax.tasks.base.Task.evaluate_batch`). The trained
+    and the EMA parameters go through the same step (one program: :func:`evaluated_weights`);
+    ``mesh`` as for :func:`make_train_step`."""
 
-    def eval_step(state: TrainState, frozen: Any, batch: Batch) -> tuple[Any, dict]:
-        params, model_state = state.params, state.model_state
-        if use_ema:
-            params = state.ema_params
-            if state.ema_model_state is not None:
-                model_state = state.ema_model_state
+    def eval_step(params: Any, model_state: Any, frozen: Any, batch: Batch) -> tuple[Any, dict]:
         variables = {"params": combine(params, frozen), **model_state}
         with apply_adapters(lora, train=False), sharding.activations_split_by_batch(mesh):
             outputs = model.apply(variables, batch["image"], train=False)
@@ -291,16 +285,26 @@ def make_eval_step(
     return eval_step
 
 
+def evaluated_weights(state: TrainState, ema: bool) -> tuple[Any, Any]:
+    """The parameters and model state an evaluation applies: the trained ones, or (``ema``)
+    the EMA parameters with the EMA model state where the state has one."""
+    if not ema:
+        return state.params, state.model_state
+    model_state = state.model_state if state.ema_model_state is None else state.ema_model_state
+    return state.ema_params, model_state
+
+
 def evaluate(
     eval_step: Callable,
-    state: TrainState,
+    weights: tuple[Any, Any],
     frozen: Any,
     batches: Iterable[dict],
     mesh: jax.sharding.Mesh,
     observe: Callable[[dict, dict], None] | None = None,
 ) -> clu_metrics.Collection:
-    """Runs ``eval_step`` over every batch; the metrics merged on the host over the split (the
-    task's ``summarize`` turns them into figures). ``observe(batch, predictions)``, if given,
+    """Runs ``eval_step`` with ``weights`` (:func:`evaluated_weights`) over every batch; the
+    metrics merged on the host over the split (the task's ``summarize`` turns them into
+    figures). ``observe(batch, predictions)``, if given,
     sees each host batch with its predictions per example, fetched to the host for it only
     (padding rows included; their arrays must be addressable: a single-process run).
 
@@ -309,7 +313,7 @@ def evaluate(
 
     def dispatched() -> Iterator[tuple[dict, tuple[Any, Any]]]:
         for batch in batches:
-            metrics, found = eval_step(state, frozen, sharding.to_global_batch(batch, mesh))
+            metrics, found = eval_step(*weights, frozen, sharding.to_global_batch(batch, mesh))
             yield batch, (metrics, found if observe is not None else None)
 
     total = None

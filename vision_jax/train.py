@@ -30,7 +30,7 @@ from vision_jax.metrics import scalars
 from vision_jax.run import Run, abstract_state, build_run, restore_into
 from vision_jax.selection import Selection
 from vision_jax.signals import StopRequested, StopSignals
-from vision_jax.steps import TrainState, evaluate
+from vision_jax.steps import TrainState, evaluate, evaluated_weights
 from vision_jax.writer import MetricWriter
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def run_evaluation(
     before each batch (it raises to stop the evaluation)."""
     source = run.eval_source if source is None else source
     result = {}
-    for kind, eval_step in run.eval_steps.items():
+    for kind, ema in run.evaluations.items():
         batches = data_lib.eval_batches(
             source, run.input, global_batch=run.spec.eval_batch_size, **run.task.batch_args()
         )
@@ -89,7 +89,8 @@ def run_evaluation(
             batches = _interruptible(batches, interrupt)
         seen = observe if kind == "" else None
         with contextlib.closing(batches):  # stopped or failed: its pipeline released now
-            total = evaluate(eval_step, state, run.frozen, batches, run.mesh, seen)
+            weights = evaluated_weights(state, ema)
+            total = evaluate(run.eval_step, weights, run.frozen, batches, run.mesh, seen)
         result.update(run.task.summarize(total, source, f"{split}{kind}/"))
     return result
 
@@ -283,17 +284,16 @@ def _compile_ahead(run: Run) -> tuple[_Background, _Background]:
                        run.spec.eval_batch_size)  # fmt: skip
     lowered = run.train_step.lower(state, run.frozen, train_batch, run.settings)
 
-    def compile_evals() -> None:
-        for name, step in run.eval_steps.items():
-            label = "Eval step (EMA)" if name else "Eval step"
-            _quietly(lambda s=step, n=label: _log_step_memory(
-                n, s.lower(state, run.frozen, eval_batch).compile()
-            ))  # fmt: skip
+    def compile_eval() -> None:  # one program for the trained and the EMA parameters
+        weights = evaluated_weights(state, ema=False)
+        _quietly(lambda: _log_step_memory(
+            "Eval step", run.eval_step.lower(*weights, run.frozen, eval_batch).compile()
+        ))  # fmt: skip
 
     def compile_train() -> None:
         _quietly(lambda: _log_step_memory("Train step", lowered.compile()))
 
-    return _Background("compile_train", compile_train), _Background("compile_eval", compile_evals)
+    return _Background("compile_train", compile_train), _Background("compile_eval", compile_eval)
 
 
 def _log_step_memory(name: str, compiled: Any) -> None:
