@@ -722,8 +722,8 @@ def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, c
     """``--output=root/test/masks.jsonl`` beside root/test/masks/<stem>.png, the ground truth
     of the documented layout: refused in one line naming the folder and the file, before any
     label map or record is written (the masks were overwritten). A rerun replaces the label
-    maps it wrote and removes those of files it no longer predicts (they were left, stale);
-    ``--draw`` the same."""
+    maps it wrote and removes none (another run's into the same folder stay); a marker entry
+    outside the folder is not taken; ``--draw`` the same."""
     fixed = FixedPredictor()
     monkeypatch.setattr("vision_jax.predict._predictor", lambda args, parser: fixed)
     images, masks = tmp_path / "test" / "images", tmp_path / "test" / "masks"
@@ -735,8 +735,9 @@ def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, c
     argv = ["--workdir=run", f"--input={images}"]
     assert main([*argv, f"--output={records}"]) == 1
     error = capsys.readouterr().err.strip()
-    assert error == (f"error: --output {records}: {masks} holds b.png, which predict did "
-                     "not write: choose another folder (predict replaces only files it "
+    assert error == (f"error: --output {records}: {masks} holds b.png, which its marker "
+                     "(.vision_jax_predict.json) does not list as predict's: choose another "
+                     "folder, or remove the file (predict replaces only files it "
                      "wrote).")  # fmt: skip
     assert (masks / "b.png").read_bytes() == truth and _pngs(masks) == ["b.png"]
     assert records.read_text() == "earlier\n"
@@ -744,11 +745,13 @@ def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, c
     assert main([*argv, f"--output={out}"]) == 0
     assert _pngs(tmp_path / "preds") == ["a.png", "b.png", "c.png"]
     assert main(["--workdir=run", f"--input={images / 'a.png'}", f"--output={out}"]) == 0
-    assert _pngs(tmp_path / "preds") == ["a.png"]  # b and c no record lists: removed
-    _images(tmp_path / "preds", "c.png")  # the user's own file, where predict wrote one before
-    assert main([*argv, f"--output={out}"]) == 1
-    assert "preds holds c.png, which predict did not write" in capsys.readouterr().err
-    assert _pngs(tmp_path / "preds") == ["a.png", "c.png"]
+    assert _pngs(tmp_path / "preds") == ["a.png", "b.png", "c.png"]  # none removed
+    (tmp_path / "victim.txt").write_text("mine")
+    marker = tmp_path / "preds" / ".vision_jax_predict.json"
+    marker.write_text(json.dumps(["a.png", "../victim.txt", str(tmp_path / "victim.txt")]))
+    assert main([*argv, f"--output={out}"]) == 1  # b.png: not listed any more
+    assert "preds holds b.png, which its marker" in capsys.readouterr().err
+    assert (tmp_path / "victim.txt").read_text() == "mine"
 
     detector = FixedPredictor("detection")
     monkeypatch.setattr("vision_jax.predict._predictor", lambda args, parser: detector)

@@ -20,7 +20,7 @@ and label maps are written as soon as it is predicted, then let go (memory for a
 for every image): a run stopped midway leaves the lines or rows (and PNGs) of the batches done,
 whole; a ``.json`` list replaces an earlier file only once complete. A folder of PNGs (label
 maps, drawings) gets a hidden marker file (:data:`MARKER`) listing those predict wrote there: a
-rerun replaces or removes them, and refuses to replace any other file (:func:`claim_pngs`).
+rerun may replace them, and refuses to replace any other PNG (:func:`claim_pngs`).
 
 Images go through the evaluation pipeline (:func:`vision_jax.data.eval_batches`, with the run's
 recorded input size, crop, mean and std, or the weight file's input contract) in batches and the
@@ -509,35 +509,37 @@ class OutputError(Exception):
 
 
 def written_before(folder: str) -> set[str]:
-    """The names of the files that predict wrote into ``folder``, as its marker file lists
-    them (none without one; an unreadable marker vouches for none)."""
+    """The names of the PNGs that predict wrote into ``folder``, as its marker file lists them
+    (none without one; an unreadable marker vouches for none; entries other than plain PNG
+    names are not taken)."""
     try:
         with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
             names = json.load(f)
     except (OSError, ValueError):
         return set()
-    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+    if not isinstance(names, list):
+        return set()
+    return {n for n in names if isinstance(n, str) and n.endswith(".png")
+            and n == os.path.basename(n) and not n.startswith(".")}  # fmt: skip
 
 
 def claim_pngs(folder: str, paths: Iterable[str], flag: str) -> None:
     """Readies ``folder`` for predict's PNGs ``paths`` (in it): a file of one of their names
-    that predict did not write is an :class:`OutputError` naming it (``flag``: the option that
-    chose the folder), raised before anything changes; the PNGs an earlier predict wrote there
-    that this one will not are removed (a rerun leaves no stale ones); the marker file lists
-    the new names."""
+    that predict did not write (its marker does not list it) is an :class:`OutputError` naming
+    it (``flag``: the option that chose the folder), raised before anything changes; the marker
+    then lists them too. Nothing is removed: PNGs of earlier runs that this one does not
+    write stay (their records list them)."""
     earlier, names = written_before(folder), {os.path.basename(p) for p in paths}
     for name in sorted(names - earlier):
         if os.path.lexists(os.path.join(folder, name)):
             raise OutputError(
-                f"{flag}: {folder} holds {name}, which predict did not write: choose another "
-                "folder (predict replaces only files it wrote)."
+                f"{flag}: {folder} holds {name}, which its marker ({MARKER}) does not list as "
+                "predict's: choose another folder, or remove the file (predict replaces only "
+                "files it wrote)."
             )
     os.makedirs(folder, exist_ok=True)
-    for name in sorted(earlier - names):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name))
     with written_whole(os.path.join(folder, MARKER)) as partial, open(partial, "w") as f:
-        json.dump(sorted(names), f)
+        json.dump(sorted(earlier | names), f)
 
 
 def save_label_maps(records: list[dict], folder: str, names: Mapping[str, str]) -> None:
