@@ -73,6 +73,10 @@ def test_a_saved_config_off_its_branch_warns_only_for_values_other_than_the_defa
     assert "The saved config sets schedule.rsqrt_timescale, which only applies" in caplog.text
     with pytest.raises(specs.ConfigError, match="schedule.rsqrt_timescale only applies"):
         specs.schedule_spec(schedule)
+    data = {**default_config().data.to_dict(), "source": "digits", "skip_corrupt": True}
+    with caplog.at_level(logging.WARNING), specs.saved_config():  # an earlier version's run
+        assert specs.data_spec(data).skip_corrupt is False
+    assert "The saved config sets data.skip_corrupt, which only applies to sources" in caplog.text
 
 
 def test_fsdp_keys_on_a_mesh_without_an_fsdp_axis_warn_that_they_do_nothing(caplog):

@@ -729,7 +729,8 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         (
             {"data.skip_corrupt": True},
             ValueError,
-            r"data.skip_corrupt not read by data.source='digits' .*decoded arrays",
+            r"data.skip_corrupt only applies to sources of image files \(source='digits' holds "
+            r"decoded arrays\); remove it \(or pass --config.data.skip_corrupt=False\)",
         ),
         (
             {"task.name": "segmentation", "task.head": "linear", "task.decoder_width": 32},

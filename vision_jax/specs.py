@@ -468,12 +468,19 @@ class OptimizerSpec:
             raise ConfigError(str(e)) from None
 
 
+_DECODED_SOURCES = ("digits", "arrays", "idx")  # no image files: nothing to skip as unreadable
+
+
 def data_spec(section: Any) -> DataSpec:
     """:class:`DataSpec` of ``config.data``; the coco_* keys only with source 'coco'."""
     values = _section(section, DataSpec)
     coco_keys = ("coco_annotations", "coco_images")
     is_coco = values["source"] == "coco"
     _only_with(DataSpec, "data", values, coco_keys, is_coco, "to source='coco'")
+    if values.get("skip_corrupt") and values["source"] in _DECODED_SOURCES:
+        why = f"to sources of image files (source={values['source']!r} holds decoded arrays)"
+        _refuse_stray("data", {"skip_corrupt": False}, why)  # a saved run's: warned, ignored
+        values["skip_corrupt"] = False
     spec = _build(DataSpec, values, "data")
     if spec.val_split is not None and spec.val_split in (spec.eval_split, spec.train_split):
         raise ConfigError(

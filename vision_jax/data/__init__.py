@@ -165,24 +165,22 @@ def _box_source(data: DataSpec, split: str, skip_corrupt: bool) -> Source:
 
 # The optional data.* keys that each source reads, per target (other pairs have no such data).
 _KEYS_READ = {
-    ("tfds", "label"): ("name", "data_dir", "classes", "skip_corrupt"),
-    ("tfds", "label_map"): ("name", "data_dir", "class_names", "label_map_values", "skip_corrupt"),
-    ("tfds", "boxes"): ("name", "data_dir", "skip_corrupt"),
-    ("imagefolder", "label"): ("root", "classes", "skip_corrupt"),
-    ("imagefolder", "label_map"): ("root", "class_names", "label_map_values", "skip_corrupt"),
-    ("csv", "label"): ("root", "class_names", "classes", "skip_corrupt"),
+    ("tfds", "label"): ("name", "data_dir", "classes"),
+    ("tfds", "label_map"): ("name", "data_dir", "class_names", "label_map_values"),
+    ("tfds", "boxes"): ("name", "data_dir"),
+    ("imagefolder", "label"): ("root", "classes"),
+    ("imagefolder", "label_map"): ("root", "class_names", "label_map_values"),
+    ("csv", "label"): ("root", "class_names", "classes"),
     ("idx", "label"): ("root", "class_names", "classes"),
     ("digits", "label"): ("classes",),
     ("arrays", "label"): ("class_names", "classes"),
     ("arrays", "label_map"): ("class_names",),
-    # and coco_annotations, coco_images: specs checks those
-    ("coco", "boxes"): ("root", "skip_corrupt"),
+    ("coco", "boxes"): ("root",),  # and coco_annotations, coco_images: specs checks those
 }
 _HINTS = {
     "class_names": "class names come from the data",
     "label_map_values": "only tfds and image-folder label maps hold raw values",
     "classes": "it selects whole-image classes",
-    "skip_corrupt": "its images are decoded arrays, not files",
 }
 
 
@@ -192,7 +190,7 @@ def _check_keys(data: DataSpec, target: str) -> None:
     if reads is None:
         return  # no such data: load_source says so
     optional = {key for keys in _KEYS_READ.values() for key in keys}
-    stray = sorted(key for key in optional - set(reads) if getattr(data, key) not in (None, False))
+    stray = sorted(key for key in optional - set(reads) if getattr(data, key) is not None)
     if stray:
         hints = "; ".join(f"{key}: {_HINTS[key]}" for key in stray if key in _HINTS)
         raise DataError(
