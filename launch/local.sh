@@ -176,8 +176,11 @@ while ((${#running[@]})); do
     [[ "${pids[i]}" == "$finished" ]] && index=$i
   done
   # The first failure's status; a peer's 69 ("a peer failed or is gone") gives way to the
-  # failure that caused it when that process ends after it.
-  if ((code != 0 && (status == 0 || (status == 69 && code != 69 && code != 75)))); then
+  # failure that caused it when that process ends after it (not to a TERM or KILL this script
+  # sent: 143, 137).
+  ours=0
+  [[ -n "$killer" ]] && ((code == 143 || code == 137)) && ours=1
+  if ((code != 0 && (status == 0 || (status == 69 && code != 69 && code != 75 && !ours)))); then
     status=$code
     if ((code != 75 && !killing)); then
       how="exit $code"

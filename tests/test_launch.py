@@ -694,25 +694,28 @@ def test_local_names_the_process_that_died_and_stops_the_others(tmp_path):
 
 
 def test_local_returns_the_failure_not_the_peer_that_saw_it_first(tmp_path):
-    """Process 0 fails (exit 1) while still shutting down; process 1's watchdog saw it first and
-    exited 69 ("a peer failed or is gone"). The launcher returns 1, naming process 0: a requeue
-    policy that retries 69 would retry a broken run forever."""
+    """Process 0 fails (exit 1) while still shutting down; process 2's watchdog saw it first and
+    exited 69 ("a peer failed or is gone"); process 1, healthy, dies of the launcher's TERM
+    (143). The launcher returns 1, naming process 0: a requeue policy that retries 69 (or a
+    TERM's 143) would retry a broken run forever."""
     fake = tmp_path / "python"
     fake.write_text(
         "#!/bin/bash\n"
         'for a in "$@"; do [[ "$a" == --process_id=* ]] && id=${a#--process_id=}; done\n'
-        'if [[ "$id" == 1 ]]; then sleep 0.3; exit 69; fi\n'
+        'if [[ "$id" == 2 ]]; then sleep 0.3; exit 69; fi\n'
+        'if [[ "$id" == 1 ]]; then exec sleep 30; fi\n'  # TERM's default action: 143
         "trap '' TERM\n"  # still writing its error when the launcher stops the others
         "sleep 1.5; exit 1\n"
     )
     fake.chmod(0o755)
     proc = subprocess.run(
-        ["bash", str(LAUNCH / "local.sh"), "-p", "1234", *MAIN_ARGS, "--workdir=/tmp/unused"],
+        ["bash", str(LAUNCH / "local.sh"), "-n", "3", "-p", "1234", *MAIN_ARGS,
+         "--workdir=/tmp/unused"],
         env={**os.environ, "PYTHON": str(fake), "GRACE": "10"},
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
-    assert re.search(r"process 1 \(pid \d+\) failed \(exit 69\); stopping the others", proc.stderr)
+    assert re.search(r"process 2 \(pid \d+\) failed \(exit 69\); stopping the others", proc.stderr)
     assert re.search(r"process 0 \(pid \d+\) failed \(exit 1\)\.", proc.stderr), proc.stderr
 
 
