@@ -264,10 +264,11 @@ class Predictor:
                    for (path, size), row in zip(done, rows, strict=True)]  # fmt: skip
 
     def _batch_size(self, count: int) -> int:
-        """The batch size to predict ``count`` images with: no more than them (the last batch
-        is padded to it, so one image in a batch of 16 cost 16 forward passes), and for
-        segmentation scores of at most 256 MB."""
-        batch = min(self.batch_size, count)
+        """The batch size to predict ``count`` images with: the power of two at or above
+        ``count`` if that is smaller than the batch size (the last batch is padded to it: one
+        image in a batch of 16 cost 16 forward passes; powers of two: calls with other counts
+        reuse a few compiled sizes), and for segmentation scores of at most 256 MB."""
+        batch = min(self.batch_size, 1 << max(count - 1, 0).bit_length())
         if library_kind(self.task) != "segmentation":
             return batch
         per_image = self.input.image_size**2 * len(self.class_names) * 4  # float32 scores

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -118,20 +117,17 @@ def from_image_files(
 
 def upright_size_of(path: str) -> tuple[int, int] | str:
     """The (width, height) of the image file ``path`` upright, as the pipeline decodes it, from
-    its header; or why it cannot be read. An image of more pixels than PIL opens (its
-    DecompressionBombError) is decoded to find out: TensorFlow's JPEG and PNG decoders, which
-    the pipeline uses (and classification's and segmentation's predict), have no such limit."""
+    its header (however many pixels: PIL's limit guards decoding, which the pipeline does);
+    or why it cannot be read."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # opening reads the header alone
     try:
         with Image.open(path) as image:
             return exif.upright_size(image)
-    except Image.DecompressionBombError as e:
-        try:
-            height, width = tf.shape(augment.decode(tf.io.read_file(os.fsencode(path))))[:2].numpy()
-        except tf.errors.OpError:  # a format that PIL decodes: the pipeline cannot either
-            return f"{type(e).__name__}: {e}"
-        return int(width), int(height)
     except (OSError, ValueError) as e:
         return str(e)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def size_problem(path: str, size: tuple[int, int], annotated: tuple[int, int]) -> str | None:
