@@ -508,14 +508,17 @@ def _timm_probabilities(ref: torch.nn.Module, image: Image.Image) -> dict[str, f
     return {f"thing{i}": float(v) for i, v in enumerate(p)}
 
 
-def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path):
+@pytest.mark.parametrize("rescale, mean_std", [(1 / 255, 0.5), (2 / 255, 1.0)])
+def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path, rescale, mean_std):
     """ViTImageProcessor resizes the whole image to its square size (PIL, aspect ratio not
     kept): ``Predictor.from_weights`` on a Hugging Face folder does so too, on a 48 x 80
-    image, and names the classes of ``id2label``."""
+    image, and names the classes of ``id2label``. Rescaled to [0, 2] (rescale_factor 2/255)
+    and normalised with mean 1, std 1, pixels are what mean 0.5, std 0.5 on [0, 1] give (the
+    factor was recorded and never applied); without do_normalize, the rescaled pixels."""
 
     processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2,
-                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+                 "do_rescale": True, "rescale_factor": rescale, "do_normalize": True,
+                 "image_mean": [mean_std] * 3, "image_std": [mean_std] * 3}  # fmt: skip
     ref = _hf_vit_folder(timm, tmp_path / "hf", processor)
     assert input_contract(tmp_path / "hf") == InputContract(32, crop_mode="squash")
     picture, got = _predicted_wide_picture(tmp_path, seed=0)
@@ -525,26 +528,11 @@ def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path):
     assert gap > 0.05  # the test tells a shorter-side resize and centre crop apart
     for name, want in squashed.items():
         assert got[name] == pytest.approx(want, abs=5e-3), name
-
-
-def test_hugging_face_processor_rescale_factor_is_applied(timm, tmp_path):
-    """A processor that rescales to [0, 2] (rescale_factor 2/255) and normalises with mean 1,
-    std 1 feeds the model what mean 0.5, std 0.5 on [0, 1] do: predictions as timm's. The
-    factor was recorded and never applied (mean 1, std 1 on [0, 1]); without do_normalize,
-    the rescaled pixels themselves."""
-    processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2,
-                 "do_rescale": True, "rescale_factor": 2 / 255, "do_normalize": True,
-                 "image_mean": [1.0] * 3, "image_std": [1.0] * 3}  # fmt: skip
-    ref = _hf_vit_folder(timm, tmp_path / "hf", processor)
-    assert input_contract(tmp_path / "hf") == InputContract(32, crop_mode="squash")
-    picture, got = _predicted_wide_picture(tmp_path, seed=2)
-    squashed = _timm_probabilities(ref, picture.resize((32, 32), Image.Resampling.BILINEAR))
-    for name, want in squashed.items():
-        assert got[name] == pytest.approx(want, abs=5e-3), name
     plain = {**processor, "do_normalize": False}
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(plain))
     contract = input_contract(tmp_path / "hf")
-    assert contract.mean == (0.0,) * 3 and contract.std == pytest.approx((0.5,) * 3)
+    assert contract.mean == (0.0,) * 3
+    assert contract.std == pytest.approx((1 / (255 * rescale),) * 3)
 
 
 def test_hugging_face_deit_processor_squashes_then_crops(timm, tmp_path):
