@@ -427,6 +427,23 @@ def test_a_resume_reads_no_pretrained_weights(tmp_path, monkeypatch, trainable):
         np.testing.assert_array_equal(a, b)  # the frozen ones too
 
 
+def test_weights_trained_on_another_normalisation_are_named_in_a_warning(tmp_path, caplog):
+    """A run started from a run that trained with ImageNet's mean and std, with the config's
+    0.5 and init.use_input_contract unset, fed its backbone other pixels in silence (eval top-1
+    0.70 against 0.825 in a user's chain): a warning says so; with the contract, none."""
+    imagenet = {"input.mean": (0.485, 0.456, 0.406), "input.std": (0.229, 0.224, 0.225)}
+    stage1 = tmp_path / "stage1"
+    train_and_evaluate(small_config(total_steps=1, **imagenet), str(stage1))
+    for use_contract, warned in ((False, True), (True, False)):
+        cfg = small_config(total_steps=1)
+        cfg.init.path, cfg.init.use_input_contract = str(stage1), use_contract
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_and_evaluate(cfg, str(tmp_path / f"stage2_{use_contract}"))
+        found = "expects inputs normalised with mean (0.485, 0.456, 0.406)" in caplog.text
+        assert found == warned, caplog.text
+
+
 def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
     """Written before digests, frozen_params and the recorded crop mode: the frozen params and
     the input contract are read from init.path once more (then saved), the steps unchecked."""

@@ -53,7 +53,7 @@ from vision_jax.steps import (
     make_train_step,
 )
 from vision_jax.tasks.base import TOP_LEVEL as TASK_TOP_LEVEL
-from vision_jax.weights import RunRecord, apply_input_contract, load_pretrained
+from vision_jax.weights import RunRecord, apply_input_contract, input_contract, load_pretrained
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import WeightFormatError
 
@@ -167,6 +167,8 @@ def create_variables(
         input_spec = apply_input_contract(input_spec, contract or init_spec.path)
         if spec.task.target != "label":
             input_spec = dataclasses.replace(input_spec, crop_mode=given.crop_mode)
+    elif init_spec.path and contract is None and not abstract:  # a new run, not a resume
+        _warn_unlike_contract(input_spec, init_spec.path)
     if abstract:
         return trees.with_shardings(shapes, shardings), shardings, input_spec
     if not init_spec.path:  # created already sharded
@@ -370,6 +372,21 @@ def _newest_meta(ckpt: Checkpointer) -> dict:
     """The meta of the newest complete checkpoint ({} without one, or unreadable)."""
     step = ckpt.newest_complete_step()
     return (ckpt.read_meta(step) if step is not None else None) or {}
+
+
+def _warn_unlike_contract(spec: data_lib.InputSpec, path: str) -> None:
+    """Warns when the weights at ``path`` were trained on pixels normalised otherwise than
+    ``spec`` normalises them (``init.use_input_contract`` False: the config's mean and std)."""
+    try:
+        contract = input_contract(path)
+    except (WeightFormatError, OSError, ValueError):
+        return  # loading them names the problem
+    if (tuple(contract.mean), tuple(contract.std)) != (tuple(spec.mean), tuple(spec.std)):
+        logger.warning(
+            "%s expects inputs normalised with mean %s, std %s; this run feeds them mean %s, "
+            "std %s: set init.use_input_contract=True (or input.mean/std) to feed them as they "
+            "were trained.", path, contract.mean, contract.std, spec.mean, spec.std,
+        )  # fmt: skip
 
 
 def _recorded_contract(ckpt: Checkpointer) -> InputContract | None:
