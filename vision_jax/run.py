@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vision_jax import data as data_lib
-from vision_jax import digests, lora, optim, sharding, specs, trees
+from vision_jax import digests, lora, optim, sharding, specs, trees, weights
 from vision_jax.checkpoint import (
     BestCheckpoint,
     Checkpointer,
@@ -386,6 +386,25 @@ def _warn_unlike_contract(spec: data_lib.InputSpec, path: str) -> None:
             "%s expects inputs normalised with mean %s, std %s; this run feeds them mean %s, "
             "std %s: set init.use_input_contract=True (or input.mean/std) to feed them as they "
             "were trained.", path, contract.mean, contract.std, spec.mean, spec.std,
+        )  # fmt: skip
+
+
+def _warn_of_other_head_classes(init: specs.InitSpec, class_names: Sequence[str]) -> None:
+    """Warns when the weights of ``init.path`` name as many classes as the data, but other ones
+    or in another order: their head is loaded as it is (without ``init.replace_head`` or
+    ``init.dont_load``), its outputs meaning its own classes."""
+    if not init.path or init.replace_head or init.dont_load:
+        return
+    try:
+        theirs = weights.class_names(init.path)
+    except (WeightFormatError, OSError, ValueError):
+        return  # loading them names the problem
+    if theirs and len(theirs) == len(class_names) and list(theirs) != list(class_names):
+        how = "in another order" if sorted(theirs) == sorted(class_names) else "other classes"
+        logger.warning(
+            "%s classifies %s (%s), as many as the data's (%s): its head is loaded as it is; set "
+            "init.replace_head=True for a new one.", init.path, how,
+            ", ".join(list(theirs)[:5]), ", ".join(list(class_names)[:5]),
         )  # fmt: skip
 
 
@@ -973,6 +992,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         _check_selection(spec, val_source.class_names, total_steps, fresh=newest is None)
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
+    if newest is None:
+        _warn_of_other_head_classes(spec.init, train_source.class_names)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
     setup, input_spec = _initial_setup(
         spec, model, mesh, init_rng, ckpt, total_steps=total_steps,
