@@ -462,6 +462,21 @@ def test_a_head_of_as_many_other_classes_is_named_in_a_warning(tmp_path, caplog)
         assert (found in caplog.text) == warned, caplog.text
 
 
+def test_weights_of_an_unfinished_run_are_named_in_a_warning(tmp_path, caplog):
+    """init.path pointing at a run stopped before its end (preempted, or still training) took
+    that step's weights without a word: a warning names the step and the run's end."""
+    stage1 = tmp_path / "stage1"
+    train_and_evaluate(small_config(total_steps=4, checkpoint_every_steps=2), str(stage1))
+    shutil.rmtree(stage1 / "checkpoints" / "4")  # as if stopped after step 2
+    cfg = small_config(total_steps=1)
+    cfg.init.path = str(stage1)
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(cfg, str(tmp_path / "stage2"))
+    assert "checkpoints/2 is step 2 of a run that has not finished (it trains to step 4)" in (
+        caplog.text
+    )
+
+
 def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
     """Written before digests, frozen_params and the recorded crop mode: the frozen params and
     the input contract are read from init.path once more (then saved), the steps unchecked."""

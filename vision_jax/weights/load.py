@@ -72,6 +72,7 @@ def load_pretrained(
     """
     if detect_format(source) == "run":  # the step folder it reads, once (a live run moves on)
         source = run_dir.latest_step_dir(source, "best")
+        run_dir.warn_if_unfinished(source)
     name = str(source)
     if "params" not in variables:
         raise ValueError(

@@ -202,6 +202,19 @@ def read_record(path: str | os.PathLike, which: str = "latest") -> RunRecord:
     return RunRecord.from_json(_read_meta(latest_step_dir(path, which)))
 
 
+def warn_if_unfinished(step_dir: pathlib.Path) -> None:
+    """Warns when ``step_dir`` is a step before the end of a run that has not finished (stopped
+    or still training): its weights are those of that step (runs of versions that did not
+    record ``final`` are taken as they are)."""
+    meta = _read_meta(step_dir)
+    total = meta.get("total_steps")
+    if meta.get("final") is False and total is not None and int(step_dir.name) < total:
+        logger.warning(
+            "%s is step %s of a run that has not finished (it trains to step %d): its weights "
+            "are that step's.", step_dir, step_dir.name, total,
+        )  # fmt: skip
+
+
 def _read_meta(step_dir: pathlib.Path) -> dict:
     """A step's ``meta`` item: its run record and the step's own keys."""
     try:
