@@ -3,6 +3,7 @@ and the parameter-efficient options (LoRA, freezing) on a segmentation model."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -143,3 +144,15 @@ def test_a_segmentation_key_with_classification_is_an_error(tmp_path):
 
     with pytest.raises(UnreadConfigKeysError, match="task.head"):
         train_and_evaluate(small_config(**{"task.head": "fpn"}), str(tmp_path))
+
+
+def test_a_classifier_starts_from_a_segmentation_run(tmp_path, caplog):
+    """A segmentation run's backbone as a classifier's init: its task head is dropped, named in
+    the load table (its arrays were unexpected keys, a WeightMismatchError, and neither
+    replace_head nor dont_load, which matches the model's variables, could leave them out)."""
+    train_and_evaluate(seg_config(total_steps=1), str(tmp_path / "seg"), arrays=ARRAYS)
+    cfg = small_config(total_steps=1)
+    cfg.init.path = str(tmp_path / "seg")
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(cfg, str(tmp_path / "cls"))
+    assert "dropped (2 arrays: the model has none)" in caplog.text, caplog.text

@@ -174,10 +174,15 @@ def _head(init: Flat, loaded: Flat, force: bool, bias_init: float) -> list[Row]:
 
 def _task_head(init: Flat, loaded: Flat, force: bool) -> list[Row]:
     """A task model's head (``task_head/...``) starts fresh unless the checkpoint holds the same
-    head (a run of the same task and classes) and ``force`` (``replace_head``) is not set."""
+    head (a run of the same task and classes) and ``force`` (``replace_head``) is not set; a
+    model without one (a classifier) drops the checkpoint's (a segmentation or detection
+    run's)."""
     paths = [p for p in init if p.split("/", 2)[1:2] == [TASK_HEAD]]
     if not paths:
-        return []
+        theirs = [p for p in loaded if p.split("/", 2)[1:2] == [TASK_HEAD]]
+        for path in theirs:
+            del loaded[path]
+        return [("task head", f"dropped ({len(theirs)} arrays: the model has none)")] * bool(theirs)
     same = all(p in loaded and np.shape(loaded[p]) == np.shape(init[p]) for p in paths)
     if same and not force:
         return []
