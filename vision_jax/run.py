@@ -389,21 +389,26 @@ def _warn_unlike_contract(spec: data_lib.InputSpec, path: str) -> None:
         )  # fmt: skip
 
 
-def _warn_of_other_head_classes(init: specs.InitSpec, class_names: Sequence[str]) -> None:
-    """Warns when the weights of ``init.path`` name as many classes as the data, but other ones
-    or in another order: their head is loaded as it is (without ``init.replace_head`` or
-    ``init.dont_load``), its outputs meaning its own classes."""
+def _warn_of_other_head_classes(spec: specs.RunSpec, class_names: Sequence[str]) -> None:
+    """Warns when the weights of ``init.path`` hold a head of this task for as many classes as
+    the data's, but other ones or in another order: it is loaded as it is (without
+    ``init.replace_head`` or ``init.dont_load``), its outputs meaning its own classes."""
+    init = spec.init
     if not init.path or init.replace_head or init.dont_load:
         return
     try:
         theirs = weights.class_names(init.path)
-    except (WeightFormatError, OSError, ValueError):
+        is_run = weights.detect_format(init.path) == "run"
+        task = weights.read_record(init.path, "best").config["task"]["name"] if is_run else None
+    except (WeightFormatError, OSError, ValueError, KeyError, TypeError):
         return  # loading them names the problem
+    if (task or "classification") != spec.task.name:  # another task's head is not loaded
+        return
     if theirs and len(theirs) == len(class_names) and list(theirs) != list(class_names):
         how = "in another order" if sorted(theirs) == sorted(class_names) else "other classes"
         logger.warning(
-            "%s classifies %s (%s), as many as the data's (%s): its head is loaded as it is; set "
-            "init.replace_head=True for a new one.", init.path, how,
+            "%s holds a head for as many classes as the data's, %s (%s; the data's %s): it is "
+            "loaded as it is; set init.replace_head=True for a new one.", init.path, how,
             ", ".join(list(theirs)[:5]), ", ".join(list(class_names)[:5]),
         )  # fmt: skip
 
@@ -993,7 +998,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     if newest is None:
-        _warn_of_other_head_classes(spec.init, train_source.class_names)
+        _warn_of_other_head_classes(spec, train_source.class_names)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))
     setup, input_spec = _initial_setup(
         spec, model, mesh, init_rng, ckpt, total_steps=total_steps,
