@@ -147,7 +147,7 @@ def test_evaluation_fetches_a_batch_once_the_next_is_dispatched(monkeypatch):
     Mean = clu_metrics.Collection.create(mean=clu_metrics.Average.from_output("x"))
     events = []
 
-    def eval_step(state, frozen, batch):
+    def eval_step(params, model_state, frozen, batch):
         events.append(f"step {int(batch['i'][0])}")
         return Mean.single_from_model_output(x=batch["x"]), {"x": batch["x"] * 2}
 
@@ -157,7 +157,8 @@ def test_evaluation_fetches_a_batch_once_the_next_is_dispatched(monkeypatch):
     batches = [{"i": np.full(4, i, np.int32), "x": v} for i, v in enumerate(values)]
     seen = []
     total = steps.evaluate(
-        eval_step, None, None, iter(batches), sharding.create_mesh("data:1", jax.devices()[:1]),
+        eval_step, (None, None), None, iter(batches),
+        sharding.create_mesh("data:1", jax.devices()[:1]),
         observe=lambda batch, found: seen.append((int(batch["i"][0]), found["x"])),
     )  # fmt: skip
     assert events == ["step 0", "step 1", "fetch", "step 2", "fetch", "fetch"]
@@ -273,9 +274,9 @@ def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
 
 def test_steps_compile_ahead_in_the_background(tmp_path, caplog):
     """The train step compiles once, on a background thread, against the shapes of its inputs
-    (while TensorFlow and the input pipeline start); the eval steps (parameters and EMA) once
-    each on another; the steps and evaluations (periodic and final, the last batch padded) run
-    them without compiling again."""
+    (while TensorFlow and the input pipeline start); the eval step once on another, for the
+    parameters and the EMA alike (each was compiled on its own); the steps and evaluations
+    (periodic and final, the last batch padded) run them without compiling again."""
     config = small_config(ema_decay=0.9, eval_every_steps=2)
     logged = jax.config.jax_log_compiles
     jax.config.update("jax_log_compiles", True)  # for every thread (the context is per thread)
@@ -289,7 +290,7 @@ def test_steps_compile_ahead_in_the_background(tmp_path, caplog):
         r.threadName for r in caplog.records if r.getMessage().startswith(compiled(step))
     ]
     assert threads("train_step") == ["compile_train"]
-    assert threads("eval_step") == ["compile_eval", "compile_eval"]
+    assert threads("eval_step") == ["compile_eval"]
     assert result["eval/examples"] == result["eval_ema/examples"] == 360
 
 
