@@ -87,7 +87,6 @@ class Run:
     train_step: Any  # jitted: step(state, frozen, batch, settings) -> (state, metrics)
     settings: StepSettings  # the train step's inputs besides the state and the batch
     eval_step: Any  # jitted: step(params, model_state, frozen, batch) -> (metrics, found)
-    evaluations: dict[str, bool]  # metric suffix ("", "_ema") -> whether it is the EMA's
     checkpointer: Checkpointer
     start_step: int
     total_steps: int
@@ -104,6 +103,11 @@ class Run:
     @property
     def task(self) -> Any:
         return self.spec.task
+
+    @property
+    def evaluations(self) -> dict[str, bool]:
+        """Metric suffix ("", "_ema") -> whether it evaluates the EMA parameters."""
+        return {"": False, **({"_ema": True} if self.spec.ema_decay is not None else {})}
 
     @property
     def periodic_source(self) -> tuple[str, data_lib.Source]:
@@ -1017,7 +1021,6 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     if val_source is not None:
         selection = _resumed_selection(spec, saved, start_step >= total_steps, ckpt.directory)
     train_step, eval_step = _compile_steps(spec, model, setup, mesh)
-    evaluations = {"": False, **({"_ema": True} if spec.ema_decay is not None else {})}
     settings = _step_settings(spec, setup, mesh, step_rng)
     meta = RunRecord(
         config=spec.config,
@@ -1039,8 +1042,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         best = BestCheckpoint(workdir, selection.metric, selection.mode)
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
-        train_step, settings, eval_step, evaluations, ckpt, start_step, total_steps, meta,
-        start_position,
+        train_step, settings, eval_step, ckpt, start_step, total_steps, meta, start_position,
         selection, best, train_window=saved.get("train_window"), reported=saved.get("reported"),
         evaluation_pending=bool(saved.get("evaluation_pending")),
     )  # fmt: skip
