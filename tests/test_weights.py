@@ -535,6 +535,17 @@ def test_hugging_face_folder_predicts_as_its_processor(timm, tmp_path, rescale, 
     assert contract.std == pytest.approx((1 / (255 * rescale),) * 3)
 
 
+def test_hugging_face_processor_means_as_transformers_reads_them(tmp_path):
+    """A number for every channel, null for the default (0.5), as transformers reads
+    image_mean and image_std (a number was a TypeError: "has no len()")."""
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "image_size": 32}))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # a folder of weights: never read here
+    processor = {"size": {"height": 32, "width": 32}, "image_mean": 0.25, "image_std": None}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    contract = input_contract(tmp_path)
+    assert contract.mean == (0.25,) * 3 and contract.std == (0.5,) * 3
+
+
 def test_hugging_face_deit_processor_squashes_then_crops(timm, tmp_path):
     """DeiTImageProcessor (facebook/deit-*-patch16-224: 256 x 256, then the centre 224) at 40
     and 32 px: the whole image squashed to 40 x 40 (PIL bicubic), the centre 32 cropped. It was

@@ -225,7 +225,7 @@ def _normalisation(p: Mapping[str, Any], path: pathlib.Path) -> tuple[tuple, tup
     ``(x - mean / s) / (std / s)``; without ``do_normalize``, mean 0 and std 1."""
     scale = 255.0 * float(p.get("rescale_factor", 1 / 255)) if p.get("do_rescale", True) else 255.0
     scale = 1.0 if math.isclose(scale, 1.0, rel_tol=1e-6) else scale  # 1/255 as JSON writes it
-    mean, std = (p.get("image_mean", HALF), p.get("image_std", HALF))
+    mean, std = (_per_channel(p.get("image_mean")), _per_channel(p.get("image_std")))
     if not p.get("do_normalize", True):
         mean, std = (0.0,) * 3, (1.0,) * 3
     if len(mean) != 3 or len(std) != 3 or scale <= 0 or min(std) <= 0:
@@ -234,6 +234,14 @@ def _normalisation(p: Mapping[str, Any], path: pathlib.Path) -> tuple[tuple, tup
             "normalise RGB pixels (set init.use_input_contract=False and input.* instead)."
         )
     return tuple(m / scale for m in mean), tuple(s / scale for s in std)
+
+
+def _per_channel(value: Any) -> tuple:
+    """A processor's ``image_mean`` or ``image_std`` per channel, as transformers reads it: a
+    number for every channel, None for its default (0.5)."""
+    if value is None:
+        return HALF
+    return (value,) * 3 if isinstance(value, int | float) else tuple(value)
 
 
 def _square(size: Any, path: pathlib.Path, key: str = "image_size") -> int:
