@@ -378,10 +378,16 @@ def _newest_meta(ckpt: Checkpointer) -> dict:
     return (ckpt.read_meta(step) if step is not None else None) or {}
 
 
+_CONTRACT_IN_JSON = ("run", "timm_hub", "hf")  # folders: a weights file's is read from the file
+
+
 def _warn_unlike_contract(spec: data_lib.InputSpec, path: str) -> None:
     """Warns when the weights at ``path`` were trained on pixels normalised otherwise than
-    ``spec`` normalises them (``init.use_input_contract`` False: the config's mean and std)."""
+    ``spec`` normalises them (``init.use_input_contract`` False: the config's mean and std).
+    Only for folders, which record it in JSON: a weights file would be read whole once more."""
     try:
+        if weights.detect_format(path) not in _CONTRACT_IN_JSON:
+            return
         contract = input_contract(path)
     except (WeightFormatError, OSError, ValueError):
         return  # loading them names the problem
@@ -401,12 +407,14 @@ def _warn_of_other_head_classes(spec: specs.RunSpec, class_names: Sequence[str])
     if not init.path or init.replace_head or init.dont_load:
         return
     try:
-        theirs = weights.class_names(init.path)
-        is_run = weights.detect_format(init.path) == "run"
-        task = weights.read_record(init.path, "best").config["task"]["name"] if is_run else None
+        if weights.detect_format(init.path) == "run":
+            record = weights.read_record(init.path, "best")
+            theirs, task = record.class_names, record.config["task"]["name"]
+        else:  # only classifiers
+            theirs, task = weights.class_names(init.path), "classification"
     except (WeightFormatError, OSError, ValueError, KeyError, TypeError):
         return  # loading them names the problem
-    if (task or "classification") != spec.task.name:  # another task's head is not loaded
+    if task != spec.task.name:  # another task's head is not loaded
         return
     if theirs and len(theirs) == len(class_names) and list(theirs) != list(class_names):
         how = "in another order" if sorted(theirs) == sorted(class_names) else "other classes"
