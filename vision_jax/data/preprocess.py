@@ -8,7 +8,6 @@ augmentation depends only on the run seed and its position in the stream (resuma
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 from vision_jax.tf_without_keras import tf
@@ -43,8 +42,7 @@ def check_box_spec(spec: InputSpec) -> None:
 def _refuse_unread_resize(spec: InputSpec, what: str) -> None:
     """With label maps or boxes evaluation resizes the whole image: ``crop_mode`` is read by
     nothing, ``resize_size`` and ``crop_fraction`` only by ``random_crop`` (its resize)."""
-    default_crop = {f.name: f.default for f in dataclasses.fields(InputSpec)}["crop_mode"]
-    unread = ["input.crop_mode"] if spec.crop_mode != default_crop else []
+    unread = ["input.crop_mode"] if spec.crop_mode != InputSpec.crop_mode else []  # its default
     if not spec.random_crop:
         unread += [f"input.{k}" for k in ("resize_size", "crop_fraction") if getattr(spec, k)]
     if unread:
