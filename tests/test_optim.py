@@ -214,6 +214,32 @@ def test_trainable_presets_resnet_use_stages():
     assert not any(p.endswith("kernel") and not p.startswith("head") for p in bitfit)
 
 
+def test_blocks_after_the_last_feature_tap_train_in_no_preset():
+    """A backbone tapped at block 5 never runs blocks 6..11 (timm's prune_intermediate_layers):
+    they train in no preset (weight decay alone would shrink them), and ``last:N`` and layer
+    decay count from block 5, where they counted blocks the task head never reads."""
+    from vision_jax.tasks import Segmentation
+
+    model = Segmentation(head="linear", feature_taps=(5,)).build_model("vit_ti16", 3)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    paths = set(flatten_dict(params))
+    unused = {p for p in paths if any(f"encoderblock_{i}/" in p for i in range(6, 12))}
+    assert unused and trained(optim.trainable_mask(params, model, preset="all")) == paths - unused
+    last2 = trained(optim.trainable_mask(params, model, preset="last:2"))
+    assert last2 == {p for p in paths if p.startswith(
+        ("task_head/", "Transformer/encoder_norm/", "Transformer/encoderblock_4/",
+         "Transformer/encoderblock_5/"))}  # fmt: skip
+    with_adapters = trained(optim.trainable_mask(params, model, preset="none", extra=".*/kernel"))
+    assert with_adapters and not with_adapters & unused
+    with pytest.raises(ValueError, match="runs 6 blocks"):
+        optim.trainable_mask(params, model, preset="last:7")
+    trainable = {k: v for k, v in flatten_dict(params).items() if k not in unused}
+    mults = flatten_dict(optim.lr_multipliers(unflatten_dict(trainable), model, layer_decay=0.5))
+    assert mults["Transformer/encoderblock_5/MlpBlock_3/Dense_0/kernel"] == 0.5
+    assert mults["task_head/classifier/kernel"] == mults["Transformer/encoder_norm/scale"] == 1.0
+    assert mults["embedding/kernel"] == 0.5**7
+
+
 def test_layer_decay_multiplies_the_right_leaves():
     model, shapes = shapes_of("vit_ti16")
     mults = flatten_dict(optim.lr_multipliers(

@@ -87,6 +87,25 @@ def test_head_output_shapes_and_parameter_names(name, size, head):
     assert [t.stride for t in taps] == sorted(t.stride for t in taps)
 
 
+@pytest.mark.parametrize("name,size", FAMILIES)
+def test_blocks_after_the_last_tap_exist_but_do_not_run(name, size):
+    """As timm's ``forward_intermediates(stop_early=True)``: fewer products, and every parameter
+    still there (checkpoints load unchanged)."""
+    early = create_model(name, num_classes=0, feature_taps=(0,))
+    full = create_model(name, num_classes=0, feature_taps=(0, -1))
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(early.init, jax.random.key(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        jax.eval_shape(full.init, jax.random.key(0), x)
+    )
+
+    def products(model) -> int:
+        text = str(jax.make_jaxpr(model.apply)(variables, x))
+        return text.count("conv_general_dilated[") + text.count("dot_general[")
+
+    assert products(early) < products(full)
+
+
 def test_the_linear_head_takes_one_tap():
     """It reads the last map only: more taps would be computed and dropped without a word."""
     from vision_jax.tasks import Segmentation

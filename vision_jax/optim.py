@@ -33,7 +33,7 @@ import optax
 
 from vision_jax.masks import check_multiplier_rules, rules_table, tree_map_by_rules, tree_mask
 from vision_jax.models.precision import DTYPES
-from vision_jax.models.registry import backbone_of, family
+from vision_jax.models.registry import backbone_of, family, stage_taps
 from vision_jax.models.task_model import head_pattern
 from vision_jax.specs import OptimizerSpec, ScheduleSpec
 from vision_jax.trees import count_params, flatten_dict, tree_bytes
@@ -143,8 +143,25 @@ _jitted_schedule_value = jax.jit(schedule_value, static_argnums=0)  # the decay 
 
 def layer_groups(model: Any) -> tuple[list[tuple[str, int]], int]:
     """Rules mapping parameter paths to depth groups, and the number of groups (the model
-    family's ``layer_groups``; a task head falls in the last group with the final norm)."""
-    return family(model).layer_groups(backbone_of(model))
+    family's ``layer_groups``; a task head falls in the last group with the final norm). A
+    backbone with feature taps ends at its last tapped block or stage (timm's
+    ``prune_intermediate_layers``): those after it, which never run, are group -1, and
+    ``last:N`` and layer decay count from the last one that runs."""
+    backbone = backbone_of(model)
+    rules, n_groups = family(model).layer_groups(backbone)
+    taps = stage_taps(getattr(backbone, "feature_taps", None), n_groups - 2, 0)
+    if not taps:
+        return rules, n_groups
+    last, head = max(taps) + 1, n_groups - 1
+    regroup = lambda g: -1 if last < g < head else last + 1 if g == head else g
+    return [(regex, regroup(group)) for regex, group in rules], last + 2
+
+
+def never_run(model: Any) -> str | None:
+    """Regex of the parameters ``model`` never runs (the blocks after its last feature tap):
+    they get no gradient, and train in no preset (weight decay alone would shrink them)."""
+    unused = [regex for regex, group in layer_groups(model)[0] if group < 0]
+    return "|".join(f"(?:{regex})" for regex in unused) or None
 
 
 def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
@@ -162,7 +179,7 @@ def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
         rules, n_groups = layer_groups(model)
         keep = int(preset[5:])
         if not 0 <= keep <= n_groups - 2:
-            raise ValueError(f"trainable={preset!r}: the model has {n_groups - 2} blocks.")
+            raise ValueError(f"trainable={preset!r}: the model runs {n_groups - 2} blocks.")
         return [(regex, group >= n_groups - 1 - keep) for regex, group in rules]
     raise ValueError(
         f"Unknown optimizer.trainable {preset!r}; valid: {', '.join(TRAINABLE_PRESETS)}."
@@ -177,6 +194,8 @@ def trainable_mask(
     mask = tree_map_by_rules(trainable_rules(preset, model), params, default=False)
     if extra:
         mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
+    if unused := never_run(model):
+        mask = jax.tree.map(lambda m, u: m and not u, mask, tree_mask(unused, params))
     if frozen:
         frozen_mask = tree_mask(frozen, params, what="optimizer.frozen_params")
         pairs = zip(jax.tree.leaves(mask), jax.tree.leaves(frozen_mask), strict=True)

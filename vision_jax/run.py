@@ -272,7 +272,8 @@ def create_train_state(
     _check_head_can_train(frozen, trainable)
     _check_adapted_kernels_frozen(trainable)
     if log and jax.process_index() == 0:
-        rules = [(r, False) for r in [frozen_regex] if r] + [(r, True) for r in [extra] if r]
+        frozen_first = [optim.never_run(model), frozen_regex]
+        rules = [(r, False) for r in frozen_first if r] + [(r, True) for r in [extra] if r]
         rules += optim.trainable_rules(preset, model)
         logger.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
     trainable_shardings, _ = trees.partition(param_shardings, mask)

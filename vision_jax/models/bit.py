@@ -27,6 +27,7 @@ from vision_jax.models.registry import (
     register_family,
     register_model,
     stage_taps,
+    stages_run,
 )
 from vision_jax.models.remat import RematRules, policy_at, remat_block, stage_policies
 
@@ -163,7 +164,8 @@ class ResNetV2(nn.Module):
         x = RootBlock(width, self.std_conv_eps, self.dtype, name="root_block")(x)
         unit = lambda i, j: f"block{i + 1}/unit{j + 1:02d}"
         policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, unit)
-        for i, depth in enumerate(self.stage_sizes):
+        run = stages_run(self, taps, len(self.stage_sizes))
+        for i, depth in enumerate(self.stage_sizes[:run]):
             x = Stage(
                 width * 4 * 2**i,
                 depth,
@@ -174,6 +176,8 @@ class ResNetV2(nn.Module):
                 name=f"block{i + 1}",
             )(x)
             stages.append(x)
+        if run < len(self.stage_sizes):  # the last stage, and the norm after it, do not run
+            return tuple(stages[i] for i in taps)
         x = nn.relu(_group_norm(self.dtype, "norm-pre-head")(x))
         if taps:
             stages[-1] = x

@@ -22,6 +22,7 @@ from vision_jax.models.registry import (
     register_family,
     register_model,
     stage_taps,
+    stages_run,
 )
 from vision_jax.models.remat import RematRules, policy_at, remat_block, stage_policies
 from vision_jax.models.resnet import (
@@ -101,7 +102,8 @@ class CifarResNet(nn.Module):
         x = conv2d(WIDTHS[0], 3, 1, self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
         policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path)
-        for i, (planes, depth) in enumerate(zip(WIDTHS, self.stage_sizes, strict=True)):
+        run = stages_run(self, taps, len(self.stage_sizes))
+        for i, (planes, depth) in enumerate(zip(WIDTHS[:run], self.stage_sizes[:run], strict=True)):
             stride = 1 if i == 0 else 2
             x = Stage(planes, depth, stride, self.dtype, policies[i], name=f"layer{i + 1}")(
                 x, train=train

@@ -98,6 +98,15 @@ def stage_taps(taps: Any, num_stages: int, num_classes: int) -> tuple[int, ...]:
     return tuple(int(t) % num_stages for t in taps)
 
 
+def stages_run(module: nn.Module, taps: tuple[int, ...], num_stages: int) -> int:
+    """How many stages (or blocks) a backbone runs: up to its last tap (timm's
+    ``forward_intermediates(stop_early=True)``), all of them without taps and at init (every
+    parameter exists whatever the taps, so checkpoints load unchanged)."""
+    if not taps or module.is_initializing():
+        return num_stages
+    return max(taps) + 1
+
+
 def family(model: nn.Module) -> Family:
     """The :class:`Family` of a model created by :func:`create_model` (or a task model on one)."""
     backbone = backbone_of(model)

@@ -24,6 +24,7 @@ from vision_jax.models.registry import (
     register_family,
     register_model,
     stage_taps,
+    stages_run,
 )
 from vision_jax.models.remat import RematRules, policy_at, remat_block, stage_policies
 
@@ -159,7 +160,8 @@ class ResNet(nn.Module):
         x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         block = Bottleneck if self.bottleneck else BasicBlock
         policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path)
-        for i, depth in enumerate(self.stage_sizes):
+        run = stages_run(self, taps, len(self.stage_sizes))
+        for i, depth in enumerate(self.stage_sizes[:run]):
             x = Stage(
                 block, 64 * 2**i, depth, 1 if i == 0 else 2, self.dtype, policies[i],
                 name=f"layer{i + 1}",

@@ -34,6 +34,7 @@ from vision_jax.models.registry import (
     register_family,
     register_model,
     stage_taps,
+    stages_run,
 )
 from vision_jax.models.remat import RematRules, policy_at, remat_block, stage_policies
 
@@ -228,7 +229,9 @@ class Encoder(nn.Module):
 
     Returns the normalised output of the last block, or with ``taps`` a list of the outputs of
     those blocks, each through the (shared) final LayerNorm: timm's ``forward_intermediates``
-    with ``norm=True``. Every block runs either way, so the parameters are always the same.
+    with ``norm=True``. With taps the blocks after the last tapped one run only at init (their
+    parameters exist, so checkpoints load unchanged; they get no gradient: the optimizer freezes
+    them, ``vision_jax.optim.layer_groups``).
     """
 
     depth: int
@@ -246,7 +249,7 @@ class Encoder(nn.Module):
         outputs = {}
         x = AddPositionEmbs(name="posembed_input")(x).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        for i in range(self.depth):
+        for i in range(stages_run(self, self.taps, self.depth)):
             policy = policy_at(self.remat_policies, i)
             block = remat_block(EncoderBlock, policy, static_argnums=(2,))
             # Linearly increasing stochastic depth, as in timm and big_vision.
@@ -273,7 +276,7 @@ class VisionTransformer(nn.Module):
     With ``feature_taps`` (block indices, negative from the end; needs ``num_classes == 0``) it
     returns a tuple of NHWC token grids ``(N, H / patch, W / patch, width)`` instead: the outputs
     of those blocks through the final LayerNorm, class token dropped. The parameters are the same
-    in every mode (the class token and every block run), so checkpoints load unchanged.
+    in every mode (the class token and every block exist), so checkpoints load unchanged.
     """
 
     num_classes: int
