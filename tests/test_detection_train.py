@@ -191,6 +191,17 @@ def test_splits_whose_category_ids_differ_are_named(tmp_path):
         train_and_evaluate(det_config(tmp_path), str(tmp_path / "run"))
 
 
+def test_class_names_whose_ap_keys_collide_are_refused(tmp_path):
+    """'a/b' and 'a_b' would both report as ap/a_b (a '/' becomes '_'), one overwriting the
+    other: refused before training, naming both."""
+    for split, seed in (("train", 0), ("test", 1)):
+        truth = write_coco(tmp_path, random_scenes(4, seed), split)
+        truth["categories"][0]["name"], truth["categories"][1]["name"] = "a/b", "a_b"
+        (tmp_path / f"annotations/instances_{split}.json").write_text(json.dumps(truth))
+    with pytest.raises(ValueError, match="The classes 'a_b' and 'a/b' would both report as ap/a_b"):
+        train_and_evaluate(det_config(tmp_path), str(tmp_path / "run"))
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [

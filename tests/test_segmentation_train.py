@@ -132,6 +132,10 @@ def test_lora_and_linear_probe_on_a_segmentation_model(tmp_path):
         ({"loss": "sigmoid_xent"}, "softmax_xent"),
         ({"task.class_weights": (1.0, 2.0)}, "2 entries for 4 classes"),
         ({"task.name": "detection3d"}, "Unknown task.name"),
+        (
+            {"data.class_names": ("background", "a/b", "a_b", "blue")},
+            "The classes 'a/b' and 'a_b' would both report as iou/a_b",
+        ),
     ],
 )
 def test_segmentation_config_errors(tmp_path, overrides, match):

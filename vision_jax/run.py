@@ -53,6 +53,7 @@ from vision_jax.steps import (
     make_train_step,
 )
 from vision_jax.tasks.base import TOP_LEVEL as TASK_TOP_LEVEL
+from vision_jax.tasks.base import class_key
 from vision_jax.weights import RunRecord, apply_input_contract, input_contract, load_pretrained
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import WeightFormatError
@@ -480,6 +481,8 @@ def _load_data(
             f"The train split holds {train.num_classes} class ({', '.join(train.class_names)}): "
             "a classifier needs at least 2 (data.classes, or the class folders)."
         )
+    if spec.task.per_class_metrics:
+        _check_class_keys(train.class_names, spec.task.per_class_metrics[0])
     validation = None if data.val_split is None else load(data.val_split)
     for name, other in (("eval", evaluation), ("val", validation)):
         if other is not None and other.class_names != train.class_names:
@@ -492,6 +495,20 @@ def _load_data(
                 how = f"the same ones in another order ({orders})"
             raise data_lib.DataError(f"The train and {name} splits have different classes: {how}.")
     return train, evaluation, validation
+
+
+def _check_class_keys(class_names: Sequence[str], metric: str) -> None:
+    """Refuses two classes whose per-class results would share a name (``<metric>/<key>``,
+    :func:`~vision_jax.tasks.base.class_key`): one would overwrite the other."""
+    seen: dict[str, str] = {}
+    for name in class_names:
+        key = class_key(name)
+        if key in seen:
+            raise data_lib.DataError(
+                f"The classes {seen[key]!r} and {name!r} would both report as {metric}/{key} "
+                "(a '/' in a class name becomes '_'): rename one."
+            )
+        seen[key] = name
 
 
 def _order(source: data_lib.Source) -> str:
@@ -672,7 +689,7 @@ def _check_selection(
         spec.early_stopping, task.headline, task.headline_mode, task.per_class_metrics
     ).metric
     prefix, _, name = metric.partition("/")
-    per_class = {f"{m}/{c.replace('/', '_')}" for m in per_class_names for c in class_names}
+    per_class = {f"{m}/{class_key(c)}" for m in per_class_names for c in class_names}
     if prefix in ("val", "val_ema") and (name in names or name in per_class):
         return  # (val_ema without ema_decay: refused by the spec)
     valid = [f"val/{n}" for n in names] + [f"val/{m}/<class>" for m in per_class_names]

@@ -21,6 +21,7 @@ from vision_jax.metrics import iou_summary
 from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
 from vision_jax.tasks import library_kind
+from vision_jax.tasks.base import class_key
 from vision_jax.tasks.coco_eval import coco_metrics, coco_results
 from vision_jax.trained import Trained
 
@@ -197,8 +198,7 @@ class Detection:
         results = coco_results(found, source.category_ids, source.annotations["images"])
         figures = coco_metrics(source.annotations, results, seen, source.class_names)
         rows = [
-            [name, figures.get(f"ap/{name.replace('/', '_')}", math.nan)]
-            for name in source.class_names
+            [name, figures.get(f"ap/{class_key(name)}", math.nan)] for name in source.class_names
         ]
         table = Table(("class", "ap"), rows, [["mean (mAP)", figures["map"]]])
         note = "No confusion matrix or hardest examples for detection; AP is empty for classes "

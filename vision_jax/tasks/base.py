@@ -25,6 +25,12 @@ Batch = Mapping[str, jax.Array]
 TOP_LEVEL = frozenset({"loss", "label_smoothing"})  # task settings kept at the config's root
 
 
+def class_key(name: str) -> str:
+    """A class name as its per-class results name it (``iou/<key>``): a '/' becomes '_' (it
+    separates a result name's parts)."""
+    return name.replace("/", "_")
+
+
 def feature_backbone(
     model_name: str, taps: Sequence[int] | None, *, last_only: bool = False, **model_kwargs: Any
 ) -> nn.Module:

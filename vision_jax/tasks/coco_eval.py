@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from clu import metrics
 
+from vision_jax.tasks.base import class_key
+
 logger = logging.getLogger(__name__)
 
 PADDING_ID = -1  # the image id of a padding row (COCO ids may be 0)
@@ -140,5 +142,5 @@ def coco_metrics(
     for k, name in enumerate(class_names):
         p = precision[:, :, k, 0, -1]
         if (p > -1).any():
-            out[f"ap/{name.replace('/', '_')}"] = float(p[p > -1].mean())
+            out[f"ap/{class_key(name)}"] = float(p[p > -1].mean())
     return out

@@ -40,7 +40,7 @@ from vision_jax.models.pyramid import (
 )
 from vision_jax.models.task_model import TaskModel
 from vision_jax.specs import IGNORE_LABEL, check_interval, only_when
-from vision_jax.tasks.base import Batch, Task, feature_backbone
+from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone
 
 HEADS = ("linear", "fpn")
 
@@ -236,7 +236,7 @@ class Segmentation(Task):
         }
         for name, iou in zip(source.class_names, summary["iou"], strict=True):
             if not np.isnan(iou):
-                out[f"{prefix}iou/{name.replace('/', '_')}"] = float(iou)
+                out[f"{prefix}iou/{class_key(name)}"] = float(iou)
         return out
 
     def predict(self, outputs: jax.Array, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
