@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -21,13 +22,16 @@ from vision_jax.config import TrackedConfig
 from vision_jax.models import create_model
 from vision_jax.report import FinalEvaluation
 from vision_jax.selection import Selection
-from vision_jax.tasks import Classification
+from vision_jax.tasks import Classification, Detection
 from vision_jax.train import train_and_evaluate
 from vision_jax.weights.run_dir import read_variables
 
 # val/top1 at evaluations 1, 2, ...: the best is the 2nd (0.7); the 3rd-5th do not beat it by
 # more than min_delta=0.02 (0.71 is within it), so patience 3 stops training at the 5th.
 SCRIPT = [0.5, 0.7, 0.6, 0.71, 0.65, 0.9, 0.9]
+
+
+TWO_CLASSES = data_lib.Source(None, 0, ["0", "1"])
 
 
 def selecting_config(**overrides):
@@ -409,7 +413,10 @@ def test_a_per_class_metric_is_selected_by_its_metric_and_may_be_absent(caplog):
     s = Selection.from_spec(spec("val/iou/Sneaker", patience=1), "miou", "max", ("iou",))
     with caplog.at_level("WARNING"):
         assert not s.update(5, {"val/miou": 0.2}) and not s.should_stop  # no best yet
-    assert "No val/iou/Sneaker at step 5" in caplog.text
+        s.update(7, {"val/miou": 0.2}, Detection.per_class_absent)  # the task's reason
+    assert "No val/iou/Sneaker at step 5: its class had nothing to score in the" in caplog.text
+    assert ("No val/iou/Sneaker at step 7: no (non-crowd) ground-truth box of that class in the "
+            "validation split; counted as no improvement.") in caplog.text  # fmt: skip
     assert s.update(10, {"val/iou/Sneaker": 0.4, "val/miou": 0.3})
     assert not s.update(15, {"val/miou": 0.5}) and s.should_stop and s.best_step == 10
     with pytest.raises(specs.ConfigError, match="'val/mious' is not an evaluation result"):
@@ -523,8 +530,43 @@ def test_a_subclass_of_a_library_task_may_select_on_a_metric_of_its_own(tmp_path
 
     spec = specs.run_spec(TrackedConfig(selecting_config(**{"early_stopping.metric": "val/f1"})))
     with pytest.raises(specs.ConfigError, match="'val/f1' is not a validation result"):
-        run_lib._check_selection(spec, ["0", "1"], 14, fresh=True)
-    run_lib._check_selection(dataclasses.replace(spec, task=WithF1()), ["0", "1"], 14, fresh=True)
+        run_lib._check_selection(spec, TWO_CLASSES, 14, fresh=True)
+    run_lib._check_selection(dataclasses.replace(spec, task=WithF1()), TWO_CLASSES, 14, fresh=True)
+
+
+@pytest.mark.parametrize(
+    "metric, crowd, why_not",
+    [
+        ("val/ap/yellow", 0, " of class 'yellow'"),
+        ("val/ap_large", 0, " of ap_large's areas (9216-1e+10 px)"),
+        ("val/ar_medium", 0, " of ar_medium's areas (1024-9216 px)"),
+        (None, 1, ""),  # the default val/map; crowds only
+    ],
+)
+def test_a_detection_metric_the_validation_split_cannot_give_is_refused_before_training(
+    tmp_path, metric, crowd, why_not
+):
+    """pycocotools leaves ``ap/<class>`` out without a box of the class, and gives NaN for a
+    figure without a box of its areas (all of them without any box): no validation would give
+    a best, found only at the end of training; the split's ground truth tells before it."""
+    from test_det_data import write_coco
+    from test_detection_train import det_config, random_scenes
+
+    write_coco(tmp_path, random_scenes(32, 0), "train")  # classes 0-2 of NAMES, small boxes
+    write_coco(tmp_path, random_scenes(4, 1), "test")
+    scenes = [(h, w, [(*box[:5], crowd) for box in boxes]) for h, w, boxes in random_scenes(4, 2)]
+    write_coco(tmp_path, scenes, "val")
+    cfg = det_config(tmp_path, **{"data.val_split": "val", "early_stopping.metric": metric})
+    why = f"{metric or 'val/map'}' can never be measured on the validation split 'val': it holds "
+    with pytest.raises(specs.ConfigError, match=re.escape(f"{why}no (non-crowd) box{why_not}.")):
+        run_lib.build_run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    if not crowd:  # a class with boxes, or a figure of the areas they have, passes
+        for ok in ("val/ap/red", "val/ap_small"):
+            cfg.early_stopping.metric = ok
+            spec = specs.run_spec(TrackedConfig(cfg))
+            source = data_lib.load_source(spec.data, "val", target="boxes")
+            run_lib._check_selection(spec, source, 14, fresh=True)
 
 
 def test_no_early_stop_at_the_last_step(tmp_path, scripted_validation):

@@ -665,13 +665,14 @@ _SELECTION_KEYS = ("metric", "mode", "min_delta", "patience")
 
 
 def _check_selection(
-    spec: specs.RunSpec, class_names: Sequence[str], total_steps: int, fresh: bool
+    spec: specs.RunSpec, val_source: data_lib.Source, total_steps: int, fresh: bool
 ) -> None:
     """Warns of an ``early_stopping.patience`` with too few validations before the last step
     to stop the run (``fresh``: a new run; resumed longer, it may) and refuses, before
     training, an ``early_stopping.metric`` that the validation will not report (for a task
     class that declares its own :attr:`~vision_jax.tasks.base.Task.metric_names`; found at the
-    first validation, the steps before it were lost)."""
+    first validation, the steps before it were lost) or that ``val_source``'s ground truth can
+    never give (:meth:`~vision_jax.tasks.base.Task.unmeasurable`: no best would be kept)."""
     patience, every = spec.early_stopping.patience, spec.eval_every_steps
     before_last = (total_steps - 1) // every if every else 0  # validations before the last step
     if fresh and patience is not None and before_last < patience + 1:  # (a longer run may)
@@ -681,13 +682,25 @@ def _check_selection(
             patience, patience + 1, every, before_last, total_steps,
         )  # fmt: skip
     task = spec.task
+    metric = Selection.from_spec(
+        spec.early_stopping, task.headline, task.headline_mode, task.per_class_metrics
+    ).metric
+    _check_metric_name(task, metric, val_source.class_names)
+    why = task.unmeasurable(metric.partition("/")[2], val_source)
+    if why:
+        raise specs.ConfigError(
+            f"early_stopping.metric {metric!r} can never be measured on the validation split "
+            f"{spec.data.val_split!r}: {why}."
+        )
+
+
+def _check_metric_name(task: Any, metric: str, class_names: Sequence[str]) -> None:
+    """Refuses a selection ``metric`` that is not a validation result of ``task`` (where its
+    class declares its results)."""
     declared = type(task).__dict__  # not inherited: a subclass may report more
     if "metric_names" not in declared:
         return
     names, per_class_names = declared["metric_names"], declared.get("per_class_metrics", ())
-    metric = Selection.from_spec(
-        spec.early_stopping, task.headline, task.headline_mode, task.per_class_metrics
-    ).metric
     prefix, _, name = metric.partition("/")
     per_class = {f"{m}/{class_key(c)}" for m in per_class_names for c in class_names}
     if prefix in ("val", "val_ema") and (name in names or name in per_class):
@@ -1024,7 +1037,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     total_steps = spec.steps(steps_per_epoch)
     newest = ckpt.newest_complete_step()
     if val_source is not None:
-        _check_selection(spec, val_source.class_names, total_steps, fresh=newest is None)
+        _check_selection(spec, val_source, total_steps, fresh=newest is None)
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     if newest is None:

@@ -16,6 +16,9 @@ from vision_jax.specs import ConfigError, EarlyStoppingSpec
 
 logger = logging.getLogger(__name__)
 
+# Why a validation left a per-class result out, unless the task says (Task.per_class_absent)
+ABSENT = "its class had nothing to score in the validation split"
+
 
 @dataclasses.dataclass
 class Selection:
@@ -69,8 +72,14 @@ class Selection:
         gain = value - self.best_value if self.mode == "max" else self.best_value - value
         return gain > self.min_delta
 
-    def update(self, step: int, results: Mapping[str, float]) -> bool:
-        """Records the evaluation ``results`` of ``step``; whether it is the new best."""
+    def update(
+        self,
+        step: int,
+        results: Mapping[str, float],
+        absent: str = ABSENT,
+    ) -> bool:
+        """Records the evaluation ``results`` of ``step``; whether it is the new best.
+        ``absent``: why a per-class result may be left out (the task's, for the warning)."""
         if self.metric not in results and not self.per_class:
             valid = ", ".join(sorted(k for k in results if k.startswith("val")))
             raise ConfigError(
@@ -79,10 +88,8 @@ class Selection:
             )
         if self.metric not in results:
             logger.warning(
-                "No %s at step %d: its class had nothing to score in the validation split "
-                "(neither in the targets nor predicted); counted as no improvement.",
-                self.metric, step,
-            )  # fmt: skip
+                "No %s at step %d: %s; counted as no improvement.", self.metric, step, absent
+            )
         value = float(results.get(self.metric, math.nan))
         if self.improves(value):
             self.best_value, self.best_step, self.bad_evaluations = value, step, 0

@@ -654,7 +654,8 @@ def _evaluate(
     result = run_evaluation(run, state, source, split, observe, interrupt)
     writer.write_scalars(step, result)
     selection = run.selection
-    if selection is not None and step > 0 and selection.update(step, result):
+    absent = run.task.per_class_absent
+    if selection is not None and step > 0 and selection.update(step, result, absent):
         run.best.save(step, state, _meta(run, False), selection.best_value)
         logger.info("New best %s %.6g at step %d.", selection.metric, selection.best_value, step)
     return result

@@ -19,6 +19,7 @@ from clu import metrics
 
 from vision_jax.models import create_model
 from vision_jax.models.registry import family
+from vision_jax.selection import ABSENT
 from vision_jax.specs import as_tuples
 
 Batch = Mapping[str, jax.Array]
@@ -63,6 +64,8 @@ class Task(abc.ABC):
     # before it trains; None: not declared (checked at the first validation).
     metric_names: ClassVar[tuple[str, ...] | None] = None
     per_class_metrics: ClassVar[tuple[str, ...]] = ()
+    # Why a validation may leave a per-class result out (the model selection's warning)
+    per_class_absent: ClassVar[str] = ABSENT
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
@@ -73,6 +76,11 @@ class Task(abc.ABC):
         kwargs = {k: section.get(k) for k in fields - TOP_LEVEL if section.get(k) is not None}
         kwargs.update({k: config.get(k) for k in fields & TOP_LEVEL if config.get(k) is not None})
         return cls(**{k: as_tuples(v) for k, v in kwargs.items()})
+
+    def unmeasurable(self, name: str, source: Any) -> str | None:
+        """Why the split ``source`` can never give the result ``name`` (without its prefix),
+        as its ground truth tells before training; None where it may."""
+        return None
 
     def batch_args(self) -> dict[str, Any]:
         """Keyword arguments the task adds to the input pipeline's batching (e.g. detection's

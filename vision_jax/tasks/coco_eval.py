@@ -32,6 +32,16 @@ STAT_NAMES = (
 )  # fmt: skip
 
 
+def area_range(name: str) -> tuple[float, float] | None:
+    """The box areas that the COCO figure ``name`` (of :data:`STAT_NAMES`) counts, pycocotools'
+    range (``ap_small``: 0 to 32**2); None for a figure of every area."""
+    from pycocotools.cocoeval import Params
+
+    params = Params("bbox")
+    ranges = dict(zip(params.areaRngLbl[1:], params.areaRng[1:], strict=True))
+    return ranges.get(name.rpartition("_")[2]) if name in STAT_NAMES else None
+
+
 @flax.struct.dataclass
 class Detections(metrics.Metric):
     """A split's detections: ``boxes`` [N, D, 4] (x0, y0, x1, y1 in original image pixels),

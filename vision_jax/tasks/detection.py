@@ -23,11 +23,12 @@ from clu import metrics
 
 from vision_jax.models.task_model import TaskModel
 from vision_jax.tasks import fcos
-from vision_jax.tasks.base import Batch, Task, feature_backbone
+from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone
 from vision_jax.tasks.coco_eval import (
     PADDING_ID,
     STAT_NAMES,
     Detections,
+    area_range,
     coco_metrics,
     coco_results,
 )
@@ -81,6 +82,7 @@ class Detection(Task):
     headline = "map"
     metric_names = (*STAT_NAMES, "examples")
     per_class_metrics = ("ap",)
+    per_class_absent = "no (non-crowd) ground-truth box of that class in the validation split"
     train_metrics = TrainMetrics
     per_example = ("boxes", "scores", "classes")
 
@@ -91,6 +93,25 @@ class Detection(Task):
             raise ValueError(f"Unknown task.head {self.head!r} for detection; valid: 'fcos'.")
         if self.max_boxes < 1 or self.max_detections < 1:
             raise ValueError("task.max_boxes and task.max_detections must be at least 1.")
+
+    def unmeasurable(self, name: str, source: Any) -> str | None:
+        """pycocotools scores (non-crowd) boxes of the split: without any, every figure is NaN;
+        ``ap/<class>`` is left out without one of its class, ``ap_small`` (and the other
+        figures of an area range) NaN without one of that area."""
+        of_class = name.startswith("ap/")
+        if name not in STAT_NAMES and not of_class:
+            return None
+        boxes = [a for a in source.annotations["annotations"] if not a["iscrowd"]]
+        if not boxes:
+            return "it holds no (non-crowd) box"
+        classes = zip(source.class_names, source.category_ids, strict=True)
+        category = {class_key(n): (n, i) for n, i in classes}.get(name[3:]) if of_class else None
+        if category and not any(a["category_id"] == category[1] for a in boxes):
+            return f"it holds no (non-crowd) box of class {category[0]!r}"
+        area = area_range(name)
+        if area and not any(area[0] <= a["area"] <= area[1] for a in boxes):
+            return f"it holds no (non-crowd) box of {name}'s areas ({area[0]:g}-{area[1]:g} px)"
+        return None
 
     def batch_args(self) -> dict[str, Any]:
         return {"max_boxes": self.max_boxes}

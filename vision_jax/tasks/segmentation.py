@@ -39,6 +39,7 @@ from vision_jax.models.pyramid import (
     upsample_to,
 )
 from vision_jax.models.task_model import TaskModel
+from vision_jax.selection import ABSENT
 from vision_jax.specs import IGNORE_LABEL, check_interval, only_when
 from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone
 
@@ -156,6 +157,7 @@ class Segmentation(Task):
     headline = "miou"
     metric_names = ("loss", "miou", "pixel_accuracy", "examples")
     per_class_metrics = ("iou",)
+    per_class_absent = f"{ABSENT} (neither in the targets nor predicted)"
     train_metrics = TrainMetrics
     per_example = ("label_map",)
 
