@@ -165,6 +165,23 @@ def test_early_stopping_writes_the_open_train_window(tmp_path, scripted_validati
     assert result["train/loss"] == pytest.approx(losses[-1])
 
 
+def test_a_finished_run_without_a_best_says_so_to_another_selection(tmp_path, monkeypatch):
+    """No validation gave a finite val/top1: the run ends without a best, and a rerun selecting
+    on another metric is told that, not that its best was chosen by another selection."""
+    nan = {"val/top1": float("nan"), "val/loss": float("nan"), "val/examples": 144.0}
+    monkeypatch.setattr(train, "run_evaluation", lambda *args, **kwargs: nan)
+    cfg = selecting_config()
+    cfg.early_stopping.patience = None
+    with pytest.raises(CheckpointError, match="no validation gave a finite val/top1"):
+        train_and_evaluate(cfg, str(tmp_path))
+    cfg.early_stopping.metric = "val/loss"
+    told = ("has finished without a best (no validation gave a finite val/top1); another "
+            "selection (early_stopping.metric val/top1 -> val/loss; early_stopping.mode max -> "
+            "min) has no validations to choose from. Use another --workdir")  # fmt: skip
+    with pytest.raises(CheckpointError, match=re.escape(told)):
+        train_and_evaluate(cfg, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validation):
     """The last step's checkpoint records its own validation: a run extended from it

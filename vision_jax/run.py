@@ -719,7 +719,8 @@ def _resumed_selection(
 ) -> Selection:
     """The run's model selection with the progress its checkpoint saved. A selection that
     changed since, as resolved (an unset metric is the task's ``val/<headline>``), is refused
-    for a finished run or one stopped early (its best was chosen by the old one) and warned
+    for a finished run or one stopped early (its best was chosen by the old one; without a
+    best, no validation is left for the new one to choose from) and warned
     for a resumed one (a new metric or mode starts its progress anew, as another
     ``data.val_split`` does)."""
     task = spec.task
@@ -733,9 +734,13 @@ def _resumed_selection(
         if k in old and old[k] != getattr(selection, k)
     ]
     if changes and (finished or saved.get("stopped_early")):
+        other = f"another selection ({'; '.join(changes)})"
+        why = f"; its best was chosen by {other}"
+        if old.get("best_step") is None:  # it validates no more: the new one has nothing either
+            why = (f" without a best (no validation gave a finite {old.get('metric')}); "
+                   f"{other} has no validations to choose from")  # fmt: skip
         raise CheckpointError(
-            f"The run in {where} has {_ended(saved)}; its best was chosen by another selection "
-            f"({'; '.join(changes)}). Use another --workdir to select with it."
+            f"The run in {where} has {_ended(saved)}{why}. Use another --workdir to select with it."
         )
     if changes:
         logger.warning("Resuming %s with a changed model selection: %s.", where, "; ".join(changes))
