@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import os
 import pathlib
 import re
@@ -421,8 +422,9 @@ def test_a_class_absent_from_labels_and_predictions_stays_out_of_the_macro_avera
     assert rows["c6"][4] == 0
 
 
-def test_the_page_says_which_step_it_shows_and_of_how_many():
-    """A latest step short of the run's length (a stopped run) is shown as "step N of M"."""
+def test_the_page_says_which_step_it_shows_and_of_how_many(tmp_path):
+    """A latest step short of the run's length (a stopped run) is shown as "step N of M"; a
+    best step with the validation figure its selection kept it for."""
     from types import SimpleNamespace
 
     from vision_jax.report import _step
@@ -433,5 +435,11 @@ def test_the_page_says_which_step_it_shows_and_of_how_many():
 
     assert _step(trained("w/checkpoints/20", 20, 100)) == "latest step 20 of 100"
     assert _step(trained("w/checkpoints/100", 100, 100)) == "latest step 100"
-    assert _step(trained("w/checkpoints/best/30", 30, 100, True)) == "best step 30 (EMA parameters)"
+    best = tmp_path / "best" / "30"
+    (best / "meta").mkdir(parents=True)
+    selection = {"metric": "val_ema/miou", "best_value": 0.08966, "best_step": 30}
+    (best / "meta" / "metadata").write_text(json.dumps({"selection": selection}))
+    assert _step(trained(str(best), 30, 100)) == "best step 30 (val_ema/miou 0.0897)"
+    got = _step(trained(str(best), 30, 100, True))
+    assert got == "best step 30 (val_ema/miou 0.0897; EMA parameters)"
     assert _step(trained("w/checkpoints/7", 7, None)) == "latest step 7"

@@ -3,7 +3,8 @@
 :func:`write_report` writes into ``<workdir>/report`` (or ``output``):
 
 * ``report.html``: one self-contained page (images embedded) with the run's name, task, model,
-  step and headline metric, and everything below;
+  step (a best step with the validation figure it was selected on) and headline metric, and
+  everything below;
 * ``training_curves.png``: training loss, each split's headline metric and the learning rate
   against step, from the run's TensorBoard event files (left out when there are none);
 * ``per_class.csv``: the task's per-class table (classification: precision, recall, F1 and
@@ -36,7 +37,7 @@ from vision_jax.report.figures import confusion_figure, hardest_figure
 from vision_jax.report.tables import write_confusion, write_table
 from vision_jax.report.tasks import Evaluation, FinalEvaluation, evaluate
 from vision_jax.trained import Trained, load_trained
-from vision_jax.weights.run_dir import BEST_DIR
+from vision_jax.weights.run_dir import BEST_DIR, read_selection
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +98,18 @@ def write_report(
 
 
 def _step(trained: Trained) -> str:
-    """Which step the report shows; a latest step short of the run's length says so (a run
-    stopped or still training)."""
+    """Which step the report shows: a best step with the validation figure it was selected on
+    (its selection record's); a latest step short of the run's length says so (a run stopped
+    or still training)."""
     best = pathlib.Path(trained.step_dir).parent.name == BEST_DIR
-    ema = " (EMA parameters)" if trained.ema else ""
     total = trained.record.total_steps
     of = f" of {total}" if not best and total and trained.step < total else ""
-    return f"{'best' if best else 'latest'} step {trained.step}{of}{ema}"
+    selection = read_selection(trained.step_dir) if best else {}
+    value = selection.get("best_value")
+    notes = [f"{selection['metric']} {value:.4f}"] if value is not None else []
+    notes += ["EMA parameters"] if trained.ema else []
+    details = f" ({'; '.join(notes)})" if notes else ""
+    return f"{'best' if best else 'latest'} step {trained.step}{of}{details}"
 
 
 def _curves_section(

@@ -181,7 +181,7 @@ def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.P
 def _check_no_best_kept(newest: pathlib.Path, best_dir: pathlib.Path) -> None:
     """Raises when the run's selection names a best step (it kept one in ``best_dir``) that is
     gone: "best" would otherwise read the newest checkpoint as if it were the best."""
-    selection = _read_meta(newest).get("selection") or {}
+    selection = read_selection(newest)
     if selection.get("best_step") is not None:
         raise WeightFormatError(
             f"The run's best checkpoint (step {selection['best_step']}, "
@@ -200,6 +200,13 @@ def frozen_dir(checkpoints_dir: str) -> str:
 def read_record(path: str | os.PathLike, which: str = "latest") -> RunRecord:
     """The :class:`RunRecord` of a run's latest (or best) step, or of the step folder ``path``."""
     return RunRecord.from_json(_read_meta(latest_step_dir(path, which)))
+
+
+def read_selection(step_dir: str | os.PathLike) -> dict:
+    """The model selection's progress saved with the step ``step_dir`` (its ``metric``,
+    ``best_value`` and ``best_step``, as :class:`~vision_jax.selection.Selection` saves them);
+    empty for a run without a validation split."""
+    return dict(_read_meta(pathlib.Path(step_dir)).get("selection") or {})
 
 
 def warn_if_unfinished(step_dir: pathlib.Path) -> None:
