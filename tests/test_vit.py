@@ -175,6 +175,30 @@ def test_dropout_and_stochastic_depth_act_only_in_training():
     np.testing.assert_array_equal(train(2), train(2))
 
 
+def test_images_of_another_patch_grid_are_refused():
+    """Position embeddings are read in the grid they were made for: 112x448 images (7x28, the
+    196 patches of 224's 14x14) and 160 px (10x10) are named, not read as 14x14 (timm refuses
+    another size too). An oblong grid whose count is a square's is named at init;
+    ``posemb_grid`` makes it the model's, and any other grid is refused then."""
+    model = create_model("vit_ti16", num_classes=10, depth=1)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    with pytest.raises(ValueError, match=r"112x448 are a 7x28 grid .* for a 14x14 grid.*"
+                       r"image_size=\(112, 448\)"):  # fmt: skip
+        model.apply(variables, jnp.zeros((1, 112, 448, 3)))
+    with pytest.raises(ValueError, match=r"10x10 grid .* for a 14x14 grid: .*\(224x224\)"):
+        model.apply(variables, jnp.zeros((1, 160, 160, 3)))
+    with pytest.raises(ValueError, match=r"posemb_grid=\(8, 2\)"):
+        model.init(jax.random.key(0), jnp.zeros((1, 128, 32, 3)))
+    oblong = create_model("vit_ti16", num_classes=10, depth=1, posemb_grid=(8, 2))
+    variables = oblong.init(jax.random.key(0), jnp.zeros((1, 128, 32, 3)))
+    assert oblong.apply(variables, jnp.zeros((2, 128, 32, 3))).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"4x4 grid .* for a 8x2 grid"):
+        oblong.apply(variables, jnp.zeros((1, 64, 64, 3)))
+    wide = create_model("vit_ti16", num_classes=10, depth=1)  # 2x4: no square count
+    variables = wide.init(jax.random.key(0), jnp.zeros((1, 32, 64, 3)))
+    assert wide.apply(variables, jnp.zeros((1, 32, 64, 3))).shape == (1, 10)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(timm):
     x = images(224, seed=5)
     ref = timm_vit(timm, "vit_ti16")

@@ -1162,16 +1162,16 @@ def test_train_applies_the_input_contract(tmp_path, caplog):
 
 
 def test_a_square_checkpoint_resamples_to_a_non_square_model_grid(timm, tmp_path, caplog):
-    """A 4x4 checkpoint into a model initialised at 128x32 px (an 8x2 grid: 17 rows with the
-    class token, as the checkpoint's) is ambiguous from the row count alone: an error names
-    both grids; given the checkpoint's grid it resamples to 8x2 as timm's
+    """A 4x4 checkpoint into a model initialised at 128x32 px (its posemb_grid 8x2: 17 rows
+    with the class token, as the checkpoint's) is ambiguous from the row count alone: an error
+    names both grids; given the checkpoint's grid it resamples to 8x2 as timm's
     resample_abs_pos_embed does. A size that is not the model's is named."""
     from safetensors.numpy import save_file
     from timm.layers import resample_abs_pos_embed
 
     sd = state_dict_np(timm_vit(timm, img_size=64))
     save_file(sd, str(tmp_path / "square.safetensors"))
-    model = vit()
+    model = vit(posemb_grid=(8, 2))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 128, 32, 3)))
     init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     load = functools.partial(load_pretrained, tmp_path / "square.safetensors", model=model,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -294,6 +295,9 @@ class VisionTransformer(nn.Module):
     feature_taps: tuple[int, ...] | None = None
     remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
     remat_rules: RematRules = ()  # per block: ((regex, policy), ...) (vision_jax.models.remat)
+    # The patch grid (rows, columns) of the position embeddings; None: the square grid of their
+    # rows where their count is a square (an oblong grid of such a count must be named here).
+    posemb_grid: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> Any:
@@ -318,6 +322,7 @@ class VisionTransformer(nn.Module):
             name="embedding",
         )(x)  # float32 until the position embeddings are added
         n, gh, gw, c = x.shape
+        check_grid((h, w), self.patch_size, self._posemb_rows((gh, gw)), self.posemb_grid)
         x = jnp.reshape(x, (n, gh * gw, c))
         if self.pool_type == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
@@ -346,9 +351,40 @@ class VisionTransformer(nn.Module):
             x = jnp.tanh(x)
         return classify(x, self.num_classes, self.dtype)
 
+    def _posemb_rows(self, grid: tuple[int, int]) -> int:
+        """The patch rows of the position embedding in the variables (at init: ``grid``'s)."""
+        params = self.variables.get("params", {})
+        posemb = params.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
+        if posemb is None:
+            return grid[0] * grid[1]
+        return posemb.shape[1] - int(self.pool_type == "token")
+
     def _block_policies(self) -> tuple[str, ...]:
         path = lambda _, j: block_path(j)
         return stage_policies(self.remat, self.remat_rules, [self.depth], path)[0]
+
+
+def check_grid(
+    image_hw: tuple[int, int], patch: int, rows: int, posemb_grid: tuple[int, int] | None
+) -> None:
+    """Refuses images whose patch grid is not the grid of the ``rows`` position embeddings:
+    ``posemb_grid``, else the square one where ``rows`` is a square (timm refuses another
+    image size too; the same count as another grid would read the embeddings in its layout)."""
+    (h, w), grid = image_hw, (image_hw[0] // patch, image_hw[1] // patch)
+    side = math.isqrt(rows)
+    laid = tuple(posemb_grid) if posemb_grid else (side, side) if side * side == rows else None
+    if grid[0] * grid[1] == rows and laid in (None, grid):
+        return
+    made = f"{rows} patches" if laid is None else f"a {laid[0]}x{laid[1]} grid"
+    size = "" if laid is None else f" ({laid[0] * patch}x{laid[1] * patch})"
+    oblong = posemb_grid is None and grid[0] * grid[1] == rows  # an oblong grid, square count
+    named = f"; a model made for this grid: create_model(..., posemb_grid={grid})"
+    raise ValueError(
+        f"Images of {h}x{w} are a {grid[0]}x{grid[1]} grid of {patch}x{patch} patches, but the "
+        f"model's position embeddings are for {made}: resize the images to the model's size"
+        f"{size}, or resample the embeddings to this grid (load_pretrained(..., image_size="
+        f"({h}, {w})) into the model initialised at this size{named if oblong else ''})."
+    )
 
 
 def block_path(index: int) -> str:
