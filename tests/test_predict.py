@@ -862,6 +862,23 @@ def test_arrays_of_another_dtype_than_uint8_or_float_are_named(digit_files):
         _without_a_model(Classification()).predict_arrays(np.full((2, 8, 8), 1000, np.uint16))
 
 
+def test_one_image_without_its_batch_axis_is_refused(monkeypatch):
+    """One [H, W, 3] image is refused, saying to add the batch axis (it was read as H grey
+    images of W x 3 pixels: 32 predictions); [N, H, W] grey batches still predict."""
+    from vision_jax.tasks import Classification
+
+    def batches(source, spec, *, global_batch, **kwargs):
+        raise AssertionError(f"{source.num_examples} images")
+
+    monkeypatch.setattr(data_lib, "eval_batches", batches)
+    predictor = _without_a_model(Classification())
+    for shape in ((32, 32, 3), (32, 32, 1)):
+        with pytest.raises(ValueError, match=r"one \[H, W, C\] image.*images\[None\]"):
+            predictor.predict_arrays(np.zeros(shape, np.uint8))
+    with pytest.raises(AssertionError, match="^2 images$"):
+        predictor.predict_arrays(np.zeros((2, 8, 8), np.uint8))
+
+
 def test_ctrl_c_ends_the_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     """Ctrl-C while predicting: one line and status 130 (128 + SIGINT, as training's command
     at a second signal), not a KeyboardInterrupt traceback; the records written stay."""

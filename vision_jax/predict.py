@@ -289,11 +289,18 @@ class Predictor:
         """The task's predictions (:meth:`~vision_jax.tasks.base.Task.predict`: classification
         ``probabilities`` [N, classes]; segmentation ``label_map`` [N, S, S] and
         ``probabilities``, at the model's input size S) of images as training takes arrays:
-        [N, H, W], [N, H, W, 1] or [N, H, W, 3], uint8 or float in [0, 1]."""
+        [N, H, W], [N, H, W, 1] or [N, H, W, 3], uint8 or float in [0, 1]. A 3-D array of last
+        axis 1 or 3 is one [H, W, C] image (model.apply refuses it too), not a grey batch."""
         images = np.asarray(images)
         if images.ndim not in (3, 4):
             raise ValueError(
                 f"Images must be [N, H, W], [N, H, W, 1] or [N, H, W, 3]; got {images.shape}."
+            )
+        if images.ndim == 3 and images.shape[-1] in (1, 3):
+            raise ValueError(
+                f"Images of shape {images.shape} are one [H, W, C] image, not a batch: add the "
+                f"batch axis (images[None]); grey images {images.shape[-1]} pixels wide: "
+                "images[..., None]."
             )
         if library_kind(self.task) == "detection":
             raise ValueError("Detection predicts on files (predict): boxes map back to each file.")
