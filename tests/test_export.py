@@ -679,6 +679,15 @@ def test_detection_manifest_states_the_letterbox_that_reproduces_the_pipeline(tm
     assert np.abs(got[:19] - pil[:19]).max() > 2
 
 
+def test_a_runs_path_instead_of_the_loaded_run_is_named(tmp_path):
+    """export_trained("RUN", ...) said 'str' object has no attribute 'input'."""
+    for path in (str(tmp_path), tmp_path):
+        with pytest.raises(TypeError, match=r"not its path .*export_trained\(vision_jax\.trained"
+                           r"\.load_trained\(workdir\), \.\.\.\)"):  # fmt: skip
+            export_trained(path, tmp_path / "out", format="stablehlo")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tflite_batch_with_another_format_is_refused(tmp_path, capsys):
     """--tflite_batch with savedmodel or stablehlo was ignored in silence (exit 0); refused as
     --evaluate is, before any work; the default (unset) stays accepted."""

@@ -986,6 +986,7 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
     from vision_jax.main import compilation_cache_dir, configure_compilation_cache
 
     assert compilation_cache_dir("/runs/a/", "auto") == "/runs/jax_cache"
+    assert compilation_cache_dir(pathlib.Path("/runs/a"), "auto") == "/runs/jax_cache"
     assert compilation_cache_dir("gs://b/runs/a", "auto") == "gs://b/runs/jax_cache"
     assert compilation_cache_dir("/runs/a", "off") is None
     assert compilation_cache_dir("/runs/a", "/c") == "/c"
@@ -1003,7 +1004,7 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
         monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-        configure_compilation_cache(str(tmp_path / "run"), "off")
+        configure_compilation_cache(tmp_path / "run", "off")  # a Path, as README's call
         assert jax.config.jax_compilation_cache_dir is None
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 2
         (tmp_path / "a_file").write_text("")  # a folder that cannot be made: off, warned

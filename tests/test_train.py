@@ -207,8 +207,8 @@ def test_an_eval_batch_larger_than_the_splits_is_named(tmp_path, caplog):
 def test_a_run_stopped_before_its_end_is_not_called_finished(tmp_path):
     """A run stopped at step 2 of 4 (a signal; here its later checkpoint removed), started with
     total_steps=2, is refused as a changed recipe that would train nothing, naming it as
-    stopped before its end, not as finished."""
-    train_and_evaluate(small_config(total_steps=4), str(tmp_path))
+    stopped before its end, not as finished. A workdir may be a pathlib.Path (a TypeError)."""
+    train_and_evaluate(small_config(total_steps=4), tmp_path)
     shutil.rmtree(tmp_path / "checkpoints" / "4")
     stopped = r"\(step 2\) has stopped before its end \(step 4 of its recipe\); with the changed"
     with pytest.raises(CheckpointError, match=stopped + r" recipe \(total_steps 4 -> 2\)"):

@@ -203,7 +203,7 @@ def _unwritable(folder: str) -> str | None:
         return e.strerror or str(e)
 
 
-def compilation_cache_dir(workdir: str, setting: str) -> str | None:
+def compilation_cache_dir(workdir: str | os.PathLike, setting: str) -> str | None:
     """The persistent compilation cache folder of ``--compilation_cache`` (None: off, also
     spelled false, none, no or 0; 'auto': ``jax_cache`` beside the workdir)."""
     if setting.strip().lower() in _CACHE_OFF:
@@ -212,7 +212,7 @@ def compilation_cache_dir(workdir: str, setting: str) -> str | None:
         raise ValueError(f"--compilation_cache {_CACHE_EMPTY}")
     if setting != "auto":
         return setting
-    workdir = workdir.rstrip("/")
+    workdir = os.fspath(workdir).rstrip("/")
     parent = (
         posixpath.dirname(workdir)
         if "://" in workdir
@@ -221,7 +221,7 @@ def compilation_cache_dir(workdir: str, setting: str) -> str | None:
     return posixpath.join(parent, "jax_cache")
 
 
-def configure_compilation_cache(workdir: str, setting: str) -> None:
+def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> None:
     """Sets JAX's persistent compilation cache as ``--compilation_cache`` says. A cache also
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless

@@ -104,7 +104,7 @@ def _interruptible(batches: Iterator[dict], interrupt: Callable[[], None]) -> It
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict | Mapping[str, Any],
-    workdir: str,
+    workdir: str | os.PathLike,
     *,
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     final: FinalObserver | None = None,
@@ -129,6 +129,7 @@ def train_and_evaluate(
     :class:`NonFiniteError` as ``config.on_nonfinite`` says. The final state is saved before
     the final evaluation.
     """
+    workdir = os.fspath(workdir)
     with StopSignals(exit_on_second_signal) as stop:
         run = build_run(config, workdir, arrays=arrays)
         run.final = final if jax.process_count() == 1 else None

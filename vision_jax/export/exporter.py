@@ -50,6 +50,11 @@ def export_trained(
     quantised model's agreement with float32 on them (the manifest's ``quantization_check``),
     with a warning below :data:`AGREEMENT_WARNING`. Nothing is left in ``output`` (nor the
     folder, when the export made it) by an export that fails before its files are written."""
+    if isinstance(trained, str | os.PathLike):
+        raise TypeError(
+            f"export_trained takes a loaded run, not its path {os.fspath(trained)!r}: "
+            "export_trained(vision_jax.trained.load_trained(workdir), ...)."
+        )
     if format not in FORMATS:
         raise ExportError(f"Unknown format {format!r}; valid: {', '.join(FORMATS)}.")
     if format != "tflite" and check_quantize(quantize) != "none":
