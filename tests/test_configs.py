@@ -79,6 +79,16 @@ def test_a_saved_config_off_its_branch_warns_only_for_values_other_than_the_defa
     assert "The saved config sets data.skip_corrupt, which only applies to sources" in caplog.text
 
 
+def test_class_names_given_as_one_string_are_refused():
+    """A dict config (no ConfigDict types) with data.class_names "a,b": refused, not 3 classes
+    'a', ',' and 'b'; a list of names stays a tuple."""
+    data = {**default_config().data.to_dict(), "source": "arrays"}
+    with pytest.raises(specs.ConfigError, match=r"^data.class_names must be a sequence of "
+                       r"names, got the string 'a,b' \(a tuple"):  # fmt: skip
+        specs.data_spec({**data, "class_names": "a,b"})
+    assert specs.data_spec({**data, "class_names": ["a", "b"]}).class_names == ("a", "b")
+
+
 def test_fsdp_keys_on_a_mesh_without_an_fsdp_axis_warn_that_they_do_nothing(caplog):
     """fsdp_min_size and 'fsdp'-only sharding rules replicate every parameter on a mesh
     without an fsdp axis: a warning names them (a config file written for FSDP runs on other

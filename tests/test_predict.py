@@ -862,6 +862,13 @@ def test_arrays_of_another_dtype_than_uint8_or_float_are_named(digit_files):
         _without_a_model(Classification()).predict_arrays(np.full((2, 8, 8), 1000, np.uint16))
 
 
+def test_class_names_given_as_one_string_are_refused(tmp_path):
+    """from_weights(class_names="a,b"): refused before the file is read, not 3 classes."""
+    with pytest.raises(ValueError, match=r"^class_names must be a sequence of names, got the "
+                       r"string 'a,b'"):  # fmt: skip
+        Predictor.from_weights(tmp_path / "none.safetensors", model="vit_ti16", class_names="a,b")
+
+
 def test_one_image_without_its_batch_axis_is_refused(monkeypatch):
     """One [H, W, 3] image is refused, saying to add the batch axis (it was read as H grey
     images of W x 3 pixels: 32 predictions); [N, H, W] grey batches still predict."""

@@ -184,6 +184,11 @@ class Predictor:
         size, crop, interpolation, mean and std); its classes
         ``class_names``, else those the file records (a run's, a Hugging Face ``id2label``),
         else ``class_0`` .. ``class_{n-1}``."""
+        if isinstance(class_names, str):  # its characters would be the classes
+            raise ValueError(
+                f"class_names must be a sequence of names, got the string {class_names!r} (a "
+                "list: ['cat', 'dog'])."
+            )
         contract = weights.input_contract(path)
         network, variables = _pretrained_classifier(path, model, contract.image_size)
         count = network.num_classes

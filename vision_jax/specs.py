@@ -474,6 +474,11 @@ _DECODED_SOURCES = ("digits", "arrays", "idx")  # no image files: nothing to ski
 def data_spec(section: Any) -> DataSpec:
     """:class:`DataSpec` of ``config.data``; the coco_* keys only with source 'coco'."""
     values = _section(section, DataSpec)
+    if isinstance(values.get("class_names"), str):  # its characters would be the classes
+        raise ConfigError(
+            f"data.class_names must be a sequence of names, got the string "
+            f"{values['class_names']!r} (a tuple: ('cat', 'dog'))."
+        )
     coco_keys = ("coco_annotations", "coco_images")
     is_coco = values["source"] == "coco"
     _only_with(DataSpec, "data", values, coco_keys, is_coco, "to source='coco'")
