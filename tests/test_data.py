@@ -478,6 +478,20 @@ def test_labels_outside_the_class_range():
         data_lib.load_source(default_config().data, "train", arrays=arrays)
 
 
+def test_array_classes_come_from_every_split_passed():
+    """Without data.class_names, a test split lacking the largest label has the train split's
+    classes (its own "0".."2" made the run refuse the splits as different); the classes are
+    "0" .. the largest label of any split passed."""
+    images = np.zeros((4, 4, 4), np.uint8)
+    arrays = {"train": (images, np.array([0, 1, 2, 3])), "test": (images, [0, 1, 2, 2])}
+    data = data_config(source="arrays").data
+    for split in ("train", "test", "test[:50%]"):
+        source = data_lib.load_source(data, split, arrays=arrays)
+        assert source.class_names == ["0", "1", "2", "3"], split
+    named = data_config(source="arrays", class_names=("a", "b", "c", "d", "e")).data
+    assert data_lib.load_source(named, "test", arrays=arrays).num_classes == 5
+
+
 def test_float_images_out_of_range_or_not_finite():
     """A NaN made the range check pass (every comparison with it is false) and the pixels
     were cast to uint8 as they were."""

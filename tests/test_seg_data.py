@@ -378,6 +378,10 @@ def test_array_label_maps():
         data_config(source="arrays").data, "x", arrays={"x": (images, maps)}, target="label_map"
     )
     assert source.class_names == ["0", "1", "2"]  # 255 is no class
+    arrays = {"x": (images, maps), "y": (images[:1], maps[:1])}  # its own largest: 0
+    assert data_lib.load_source(
+        data_config(source="arrays").data, "y", arrays=arrays, target="label_map"
+    ).class_names == ["0", "1", "2"]
     batch = next(data_lib.eval_batches(source, spec_of(image_size=6), global_batch=4))
     assert batch["label_map"][1, 0, 0] == 2 and (batch["label_map"][3] == IGNORE_LABEL).all()
     maps[2, 3, 4] = 7

@@ -8,7 +8,10 @@ Targets are image labels (classification), label maps (segmentation) or boxes (d
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from vision_jax.data.boxes import check_max_boxes
 from vision_jax.data.coco import from_coco, from_tfds_boxes
@@ -34,6 +37,7 @@ from vision_jax.data.sources import (
     from_arrays,
     from_columns,
     from_tfds,
+    label_classes,
     select_classes,
 )
 from vision_jax.data.tfds_build import build_tfds_from_folder
@@ -55,7 +59,7 @@ def load_source(
     (``data.root``/<split>.csv with ``filename,label`` rows; ``data.class_names`` optional),
     "idx" (MNIST-style ``data.root``/{train,t10k}-*-ubyte.gz), "digits" (scikit-learn's digits)
     or "arrays" (``arrays[split] = (images, labels)`` passed from Python; ``data.class_names``
-    optional).
+    optional: without it "0" .. the largest label of every split passed).
     ``data.classes`` optionally keeps a subset of classes, relabelled in the given order.
     ``data.skip_corrupt`` skips unreadable images (counted and logged) instead of failing.
 
@@ -102,7 +106,8 @@ def load_source(
         source = _sliced(digits(name), where)
     elif kind == "arrays":
         name, where = parse_split(split)
-        arrays_source = from_arrays(*_arrays(arrays, name), class_names=data.class_names)
+        class_names = _arrays_classes(arrays, data.class_names, target)
+        arrays_source = from_arrays(*_arrays(arrays, name), class_names=class_names)
         source = _sliced(arrays_source, where)
     else:
         raise DataError(
@@ -141,6 +146,7 @@ def _label_map_source(
     if kind == "arrays":
         name, where = parse_split(split)
         images, label_maps = _arrays(arrays, name, "label_maps")
+        class_names = _arrays_classes(arrays, class_names, target="label_map")
         return _sliced(from_arrays(images, label_maps, class_names, target="label_map"), where)
     raise DataError(
         f"data.source={kind!r} has no label maps; use 'imagefolder', 'tfds' or 'arrays'."
@@ -214,6 +220,18 @@ def _arrays(arrays: dict | None, split: str, what: str = "labels") -> tuple:
             "train_and_evaluate."
         )
     return arrays[split]
+
+
+def _arrays_classes(
+    arrays: dict | None, class_names: Sequence[str] | None, target: str
+) -> Sequence[str] | None:
+    """``class_names``, else the classes of the integer labels of every split of ``arrays``
+    together (:func:`label_classes`): a small split may lack the largest label."""
+    if class_names is not None or not arrays:
+        return class_names
+    labels = [np.asarray(pair[1]) for pair in arrays.values()]
+    whole = [x for x in labels if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_]
+    return max((label_classes(x, target) for x in whole), key=len, default=None)
 
 
 def _root(data: DataSpec) -> str:

@@ -224,7 +224,7 @@ def from_arrays(
 ) -> Source:
     """A source over in-memory arrays: images (N,H,W[,C]) uint8 or float in [0,1], and labels
     (N,) or, with ``target="label_map"``, integer label maps (N,H,W). Without ``class_names``
-    the classes are ``"0"`` .. the largest label (not counting :data:`IGNORE_LABEL` in maps).
+    the classes are those of :func:`label_classes`.
 
     The pipelines read uint8 images in place where they can (held once,
     :attr:`Source.column_variables`): change them in place while the source is in use and the
@@ -262,9 +262,15 @@ def from_arrays(
             raise DataError("Float images must lie in [0, 1]; pass uint8 for 0..255 pixels.")
         images = np.round(images * 255).astype(np.uint8)
     if class_names is None:
-        used = labels[labels != IGNORE_LABEL] if key == "label_map" else labels
-        class_names = [str(i) for i in range(int(used.max(initial=0)) + 1)]
+        class_names = label_classes(labels, key)
     return from_columns({"image": images, key: labels}, class_names)
+
+
+def label_classes(labels: np.ndarray, target: str = "label") -> list[str]:
+    """The classes of integer ``labels`` (label maps with ``target="label_map"``): ``"0"`` ..
+    the largest label (not counting :data:`IGNORE_LABEL` in maps)."""
+    used = labels[labels != IGNORE_LABEL] if target == "label_map" else labels
+    return [str(i) for i in range(int(used.max(initial=0)) + 1)]
 
 
 def gather_rows(variables: dict[str, tf.Variable], rows: tf.Tensor) -> dict[str, tf.Tensor]:
