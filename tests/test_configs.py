@@ -89,6 +89,33 @@ def test_class_names_given_as_one_string_are_refused():
     assert specs.data_spec({**data, "class_names": ["a", "b"]}).class_names == ("a", "b")
 
 
+@pytest.mark.parametrize(
+    "key, value, name",
+    [
+        ("batch_size", 8.0, "batch_size must be an integer; got 8.0"),
+        ("total_steps", 2.5, "total_steps must be an integer; got 2.5"),
+        ("schedule.warmup_steps", 10.0, "schedule.warmup_steps must be an integer; got 10.0"),
+        ("early_stopping.patience", True, "early_stopping.patience must be an integer; got True"),
+        ("lora.rank", 2.5, "lora.rank must be an integer; got 2.5"),
+        ("data.classes", (0, 1.5), r"data.classes must be a tuple of integers; got \(0, 1.5\)"),
+    ],
+)
+def test_integer_keys_of_a_dict_config_refuse_other_numbers(key, value, name):
+    """A dict config has no ConfigDict types: batch_size 8.0 failed deep in JAX, total_steps 2.5
+    ran 2 steps and recorded 2.5; every integer key refuses a float (as a ConfigDict does)."""
+    config = default_config()
+    config.total_epochs, config.total_steps = None, 4
+    config.data.val_split = "train[90%:]"  # early_stopping applies
+    specs.run_spec(TrackedConfig(config.to_dict()))  # the ConfigDict's own values pass
+    *parents, leaf = key.split(".")
+    node = config = config.to_dict()
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+    with pytest.raises(specs.ConfigError, match=f"^{name}.$"):
+        specs.run_spec(TrackedConfig(config))
+
+
 def test_fsdp_keys_on_a_mesh_without_an_fsdp_axis_warn_that_they_do_nothing(caplog):
     """fsdp_min_size and 'fsdp'-only sharding rules replicate every parameter on a mesh
     without an fsdp axis: a warning names them (a config file written for FSDP runs on other

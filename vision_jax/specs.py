@@ -284,7 +284,24 @@ def _build(spec: type, values: dict[str, Any], section: str) -> Any:
         if f.default is dataclasses.MISSING and _lacks_value(f, values.get(f.name, 0)):
             raise ConfigError(f"{section}.{f.name} needs a value: it is None.")
     defaults = {f.name for f in fields if f.default is not dataclasses.MISSING}
-    return spec(**{k: v for k, v in values.items() if v is not None or k not in defaults})
+    built = spec(**{k: v for k, v in values.items() if v is not None or k not in defaults})
+    if not _SAVED.get():  # a saved run's record: as it ran
+        _check_integers(built, f"{section}.")
+    return built
+
+
+def _check_integers(spec: Any, prefix: str) -> None:
+    """Raises naming the first field of ``spec`` typed ``int`` (or a tuple of them) whose value
+    is not one: a dict config's 8.0 or 2.5 (a ConfigDict refuses them) failed deep in JAX or
+    was cut to 2."""
+    for f in dataclasses.fields(spec):
+        kind, value = str(f.type).removesuffix(" | None"), getattr(spec, f.name)
+        if kind not in ("int", "tuple[int, ...]") or value is None:
+            continue
+        items = (value,) if kind == "int" else value
+        if any(isinstance(v, bool) or not isinstance(v, Integral) for v in items):
+            what = "an integer" if kind == "int" else "a tuple of integers"
+            raise ConfigError(f"{prefix}{f.name} must be {what}; got {value!r}.")
 
 
 def _defaults(spec: Any) -> dict[str, Any]:
@@ -573,7 +590,7 @@ def lora_spec(section: Any) -> LoraSpec | None:
     """:class:`~vision_jax.lora.LoraSpec` of ``config.lora``; None when ``rank == 0`` (then the
     other LoRA keys must be unset)."""
     values = _section(section, LoraSpec)
-    rank = int(values.pop("rank"))
+    rank = values.pop("rank")
     if rank == 0:
         _only_with(LoraSpec, "lora", values, tuple(values), False, "with rank > 0")
         return None
@@ -733,6 +750,7 @@ def run_spec(config: Any) -> RunSpec:
     )
     if not _SAVED.get():  # a saved run's record: as it ran
         _check_set(spec)
+        _check_integers(spec, "")
     for name, interval in (
         ("ema_decay", "[0, 1)"), ("log_every_steps", "[1, inf)"), ("eval_every_steps", "[0, inf)"),
         ("checkpoint_every_steps", "[0, inf)"), ("batch_size", "[1, inf)"),
