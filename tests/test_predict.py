@@ -869,6 +869,16 @@ def test_class_names_given_as_one_string_are_refused(tmp_path):
         Predictor.from_weights(tmp_path / "none.safetensors", model="vit_ti16", class_names="a,b")
 
 
+def test_a_batch_size_below_one_is_refused_at_once(tmp_path):
+    """Predictor(batch_size=0 or -1) failed at the first batch (ZeroDivisionError, TF's
+    InvalidArgumentError): refused before the run or the file is read."""
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=rf"^batch_size must be an integer >= 1, got {bad}"):
+            Predictor(tmp_path / "no_run", batch_size=bad)
+        with pytest.raises(ValueError, match=rf"^batch_size must be an integer >= 1, got {bad}"):
+            Predictor.from_weights(tmp_path / "none.npz", model="vit_ti16", batch_size=bad)
+
+
 def test_one_image_without_its_batch_axis_is_refused(monkeypatch):
     """One [H, W, 3] image is refused, saying to add the batch axis (it was read as H grey
     images of W x 3 pixels: 32 predictions); [N, H, W] grey batches still predict."""

@@ -104,6 +104,13 @@ def image_files(pattern: str) -> list[str]:
     return files
 
 
+def _check_batch_size(batch_size: Any) -> None:
+    """Raises unless ``batch_size`` is an integer >= 1 (0 divided by zero, -1 failed in TF)."""
+    integer = isinstance(batch_size, int | np.integer) and not isinstance(batch_size, bool)
+    if not integer or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+
+
 def _listed(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
     """``paths`` as a list of file names: one path alone is a folder or glob pattern that
     :func:`image_files` expands, or a file that stays itself."""
@@ -159,6 +166,7 @@ class Predictor:
         ema: bool | None = None,
         batch_size: int = 16,
     ):
+        _check_batch_size(batch_size)
         trained = load_trained(workdir, which=which, ema=ema)
         self._bind(
             trained.task,
@@ -184,6 +192,7 @@ class Predictor:
         size, crop, interpolation, mean and std); its classes
         ``class_names``, else those the file records (a run's, a Hugging Face ``id2label``),
         else ``class_0`` .. ``class_{n-1}``."""
+        _check_batch_size(batch_size)
         if isinstance(class_names, str):  # its characters would be the classes
             raise ValueError(
                 f"class_names must be a sequence of names, got the string {class_names!r} (a "
