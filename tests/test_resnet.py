@@ -234,8 +234,9 @@ def test_registry_entries():
 
 @pytest.mark.parametrize("name", ["resnet18", "bit_r50x1", "cifar_resnet20", "vit_ti16"])
 def test_an_image_without_its_batch_axis_is_named(name):
-    """One image (H, W, C) passed alone, NCHW images, uint8 pixels: the error says what a
-    backbone takes (the ViT said its size 32x3 was not divisible by the patch size)."""
+    """One image (H, W, C) passed alone, NCHW images, uint8 pixels, a list of images: the error
+    says what a backbone takes (the ViT said its size 32x3 was not divisible by the patch size;
+    a list gave jax's dtype TypeError)."""
     model = create_model(name, num_classes=3)
     with pytest.raises(ValueError, match=r"Images must be a batch \[N, H, W, C\]; got shape "
                        r"\(32, 32, 3\) \(one image: add the batch axis"):  # fmt: skip
@@ -244,6 +245,8 @@ def test_an_image_without_its_batch_axis_is_named(name):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 3, 32, 32)))
     with pytest.raises(ValueError, match="Images must be normalised floats; got uint8"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 32, 32, 3), jnp.uint8))
+    with pytest.raises(ValueError, match=r"got a list \(a list of images: np\.stack\(images\)\)"):
+        model.init(jax.random.key(0), [np.zeros((32, 32, 3), np.float32)] * 2)
 
 
 def test_timm_names_exist(timm):

@@ -255,6 +255,9 @@ def test_registry_names_and_errors():
     for bad in (-1, 2.5, "10", True):
         with pytest.raises(ValueError, match="num_classes must be a positive int"):
             create_model("vit_b16", num_classes=bad)
+    assert create_model("vit_b16", num_classes=np.int64(10)).num_classes == 10  # an int
+    with pytest.raises(ValueError, match="^dtype must be float32 or bfloat16, got None.$"):
+        create_model("vit_b16", num_classes=10, dtype=None)  # it said float64
     with pytest.raises(ValueError, match=r"Unknown override\(s\) \['patch'\].*patch_size"):
         create_model("vit_b16", num_classes=10, patch=8)
     with pytest.raises(ValueError, match="not divisible by the patch size 16"):

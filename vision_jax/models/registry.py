@@ -68,6 +68,11 @@ def backbone_of(model: nn.Module) -> nn.Module:
 def check_images(images: Any) -> None:
     """A backbone's input is a batch of NHWC images: anything else is named (one image without
     its batch axis would fail later with a message about its sizes)."""
+    if not hasattr(images, "dtype"):  # a list of images: its dtype and shape are not one array's
+        raise ValueError(
+            f"Images must be an array [N, H, W, C]; got a {type(images).__name__} (a list of "
+            "images: np.stack(images))."
+        )
     shape = tuple(np.shape(images))
     if len(shape) != 4:
         raise ValueError(
@@ -201,9 +206,11 @@ def create_model(
       **overrides: any other field of the module (e.g. ``dropout_rate``, ``pool_type``).
     """
     spec = model_spec(name)
-    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):  # float16 would need loss scaling
-        raise ValueError(f"dtype must be float32 or bfloat16, got {jnp.dtype(dtype).name}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+    given = "None" if dtype is None else jnp.dtype(dtype).name
+    if given not in ("float32", "bfloat16"):  # float16 would need loss scaling
+        raise ValueError(f"dtype must be float32 or bfloat16, got {given}.")
+    integer = isinstance(num_classes, int | np.integer) and not isinstance(num_classes, bool)
+    if not integer or num_classes < 0:
         raise ValueError(
             f"num_classes must be a positive int (or 0 for a headless feature extractor), "
             f"got {num_classes!r}."
@@ -221,4 +228,4 @@ def create_model(
             f"{' (' + '; '.join(elsewhere) + ')' if elsewhere else ''}. "
             f"Valid: {', '.join(sorted(fields - {'num_classes', 'dtype'}))}."
         )
-    return spec.build(num_classes=num_classes, dtype=dtype, **overrides)
+    return spec.build(num_classes=int(num_classes), dtype=dtype, **overrides)
