@@ -116,6 +116,14 @@ def test_integer_keys_of_a_dict_config_refuse_other_numbers(key, value, name):
         specs.run_spec(TrackedConfig(config))
 
 
+def test_a_partial_dict_config_says_to_start_from_the_defaults():
+    """A dict of only the changed keys: the missing key's error says where a config starts."""
+    partial = {"model": {"name": "cifar_resnet20"}, "data": {"source": "arrays"}}
+    advice = r"starts from vision_jax\.config\.default_config\(\) \(a dict: its to_dict\(\)"
+    with pytest.raises(AttributeError, match=rf"has no key 'mesh'.*{advice} with your changes"):
+        specs.run_spec(TrackedConfig(partial))
+
+
 def test_fsdp_keys_on_a_mesh_without_an_fsdp_axis_warn_that_they_do_nothing(caplog):
     """fsdp_min_size and 'fsdp'-only sharding rules replicate every parameter on a mesh
     without an fsdp axis: a warning names them (a config file written for FSDP runs on other

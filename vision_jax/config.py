@@ -279,7 +279,8 @@ class TrackedConfig:
         if key not in self._config:
             raise AttributeError(
                 f"Config has no key '{self._prefix}{key}'"
-                f"{closest(key, self._config, self._prefix)}."
+                f"{closest(key, self._config, self._prefix)}: a config starts from "
+                "vision_jax.config.default_config() (a dict: its to_dict() with your changes)."
             )
         return self._wrap(key, self._config[key])
 
