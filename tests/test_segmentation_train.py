@@ -160,3 +160,27 @@ def test_a_classifier_starts_from_a_segmentation_run(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         train_and_evaluate(cfg, str(tmp_path / "cls"))
     assert "dropped (2 arrays: the model has none)" in caplog.text, caplog.text
+
+
+def test_a_new_task_head_frozen_at_its_random_init_is_named(tmp_path, caplog):
+    """A segmentation model from a classifier's weights: its task head is new and random;
+    frozen (here by optimizer.frozen_params; LoRA with train_head=False likewise) it would stay
+    so without a word, where a classifier's new (zero) head frozen is an error."""
+    from vision_jax import run, sharding, specs
+    from vision_jax.config import TrackedConfig
+
+    train_and_evaluate(small_config(total_steps=1), str(tmp_path / "cls"))
+
+    def warnings(**overrides) -> str:
+        cfg = seg_config(**{"init.path": str(tmp_path / "cls"), **overrides})
+        spec = specs.run_spec(TrackedConfig(cfg))
+        model, mesh = run.task_model(spec, 4), sharding.create_mesh(spec.mesh)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run.create_variables(spec, model, spec.input, mesh, jax.random.key(0))
+        return caplog.text
+
+    text = warnings(**{"optimizer.frozen_params": "task_head/.*"})
+    assert "2 new parameter(s) that init.path does not hold stay frozen" in text, text
+    assert "task_head/classifier/kernel" in text
+    assert "stay frozen" not in warnings(**{"optimizer.frozen_params": "conv1/.*"})

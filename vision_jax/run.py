@@ -193,6 +193,7 @@ def create_variables(
         image_size=size,
     )
     variables = with_adapters(_initialise_abstract(loaded, base_init, init_rng))
+    _warn_of_frozen_fresh(spec, model, loaded["params"], variables["params"])
     return sharding.put(variables, shardings), shardings, input_spec
 
 
@@ -211,6 +212,44 @@ def _initialise_abstract(
 
         flat.update(jax.jit(only)(rng))
     return trees.unflatten_dict(flat)
+
+
+def _warn_of_frozen_fresh(
+    spec: specs.RunSpec, model: nn.Module, loaded: Mapping[str, Any], params: Mapping[str, Any]
+) -> None:
+    """Warns of the parameters the weights did not hold (``loaded``'s abstract leaves: a task
+    head, ``init.dont_load``) that stay frozen at their random init without an adapter: a
+    segmentation or detection head under LoRA with ``train_head=False`` or in
+    ``optimizer.frozen_params`` (a classifier's new head is zero: refused, see
+    :func:`_check_head_can_train`)."""
+    flat = trees.flatten_dict(loaded)
+    fresh = [k for k, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+    trains = trees.flatten_dict(trainable_mask(spec, model, params))
+    adapted = lambda k: trains.get(f"{k.rpartition('/')[0]}/lora_a", False)
+    stuck = [k for k in fresh if not trains[k] and not adapted(k)]
+    if backbone_of(model) is model:  # a classifier
+        stuck = [k for k in stuck if not k.startswith("head/")]
+    if stuck:
+        logger.warning(
+            "%d new parameter(s) that init.path does not hold stay frozen at their random "
+            "init: %s%s. Let them train (lora.train_head=True, or leave them out of "
+            "optimizer.frozen_params and optimizer.trainable).",
+            len(stuck), ", ".join(stuck[:4]), ", ..." if len(stuck) > 4 else "",
+        )  # fmt: skip
+
+
+def _adapters(spec: specs.RunSpec) -> str | None:
+    """Regex of the LoRA adapters, which train whatever the preset (None without LoRA)."""
+    return r"(.*/)?lora_[ab]" if spec.lora is not None else None
+
+
+def trainable_mask(spec: specs.RunSpec, model: nn.Module, params: Any) -> Any:
+    """Boolean tree: True where a parameter of ``params`` trains in the run of ``spec``."""
+    extra = _adapters(spec)
+    return optim.trainable_mask(
+        params, model, preset=trainable_preset(spec), frozen=spec.optimizer.frozen_params,
+        extra=extra,
+    )  # fmt: skip
 
 
 def trainable_preset(spec: specs.RunSpec) -> str:
@@ -266,9 +305,12 @@ def create_train_state(
     replicated = sharding.replicated(mesh)
     variables = dict(variables)
     params, param_shardings = variables.pop("params"), var_shardings["params"]
-    preset, frozen_regex = trainable_preset(spec), spec.optimizer.frozen_params
-    extra = r"(.*/)?lora_[ab]" if spec.lora is not None else None
-    mask = optim.trainable_mask(params, model, preset=preset, frozen=frozen_regex, extra=extra)
+    preset, frozen_regex, extra = (
+        trainable_preset(spec),
+        spec.optimizer.frozen_params,
+        _adapters(spec),
+    )
+    mask = trainable_mask(spec, model, params)
     trainable, frozen = trees.partition(params, mask)
     _check_head_can_train(frozen, trainable)
     _check_adapted_kernels_frozen(trainable)
