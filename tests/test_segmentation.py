@@ -158,6 +158,25 @@ def test_loss_ignores_label_255_and_weights_classes_like_numpy():
     assert float(a) == pytest.approx(float(b), rel=1e-6)
 
 
+def test_smoothed_and_class_weighted_loss_equals_torch(timm):
+    """torch weights each class's share of the smoothed target by that class's weight (the
+    whole smoothed cross-entropy was weighted by the label's)."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 6, 6, 4)).astype(np.float32) * 2
+    labels = rng.integers(0, 4, size=(2, 6, 6)).astype(np.int64)
+    labels[rng.random(labels.shape) < 0.2] = IGNORE_LABEL
+    weights = (1.0, 2.0, 0.5, 3.0)
+    task = Segmentation(class_weights=weights, label_smoothing=0.1)
+    loss, _ = task.train_loss(jnp.asarray(logits), {"label_map": jnp.asarray(labels)})
+    expected = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits.transpose(0, 3, 1, 2)), torch.from_numpy(labels),
+        weight=torch.tensor(weights), ignore_index=IGNORE_LABEL, label_smoothing=0.1,
+    )  # fmt: skip
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_miou_over_padded_batches_equals_sklearn_confusion_matrix():
     """Per-batch confusion matrices merged over a split of 7 images in batches of 3 (the last
     padded) equal scikit-learn's matrix over every real, non-ignored pixel; the loss is the

@@ -9,7 +9,8 @@ Heads (``task.head``):
   summed (Panoptic-FPN's semantic branch), then the linear classifier and upsampling.
 
 Loss: per-pixel softmax cross-entropy over pixels whose label is not ``IGNORE_LABEL`` (255),
-optionally class-weighted (``sum w_y l / sum w_y``, torch's weighted mean) and label-smoothed.
+optionally class-weighted (``sum w_y l / sum w_y``, torch's weighted mean) and label-smoothed
+(each class's share of the smoothed target weighted by its own weight, as torch does).
 Evaluation: one confusion matrix over every valid pixel of the split (padded examples count for
 nothing), giving mIoU, pixel accuracy and per-class IoU exactly: never an average of per-batch
 figures.
@@ -111,12 +112,16 @@ def pixel_losses(
     logits: jax.Array, label_map: jax.Array, *, label_smoothing: float = 0.0,
     class_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """Per-pixel (weight * cross-entropy, weight); both 0 where the label is ignored."""
-    labels = jnp.where(label_map != IGNORE_LABEL, label_map, 0)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    """Per-pixel (weighted cross-entropy, weight); both 0 where the label is ignored. As
+    torch's ``cross_entropy(weight=w, label_smoothing=e)``: each class's share of the smoothed
+    target is weighted by that class's weight (the label's alone without smoothing)."""
+    valid = label_map != IGNORE_LABEL
+    targets = jax.nn.one_hot(jnp.where(valid, label_map, 0), logits.shape[-1])
+    targets = optax.smooth_labels(targets, label_smoothing)
+    if class_weights is not None:
+        targets = targets * class_weights
     xent = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-    weight = pixel_weights(label_map, class_weights)
-    return xent * weight, weight
+    return jnp.where(valid, xent, 0.0), pixel_weights(label_map, class_weights)
 
 
 @flax.struct.dataclass
