@@ -1270,3 +1270,34 @@ def test_a_missing_image_folder_split_names_what_the_folder_holds(tmp_path):
         data_lib.from_image_folder(str(tmp_path), "test")
     with pytest.raises(data_lib.DataError, match=r"\(data.root .*nowhere is not a folder\)"):
         data_lib.from_image_folder(str(tmp_path / "nowhere"), "train")
+
+
+def test_a_program_leaving_a_batch_iterator_open_exits(tmp_path):
+    """EXIF-turned JPEGs decode through tf.py_function: a train_batches iterator left open at
+    exit had those calls in flight while Python tore down, and the program never exited."""
+    import os
+    import subprocess
+    import sys
+
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(12):
+            data = _jpeg_with_orientation(pixels, 6 if i % 3 else 1, "<")
+            (tmp_path / "train" / label / f"{i}.jpg").write_bytes(data)
+    script = (
+        "import sys\n"
+        "from vision_jax.data.folders import from_image_folder\n"
+        "from vision_jax.data.pipeline import train_batches\n"
+        "from vision_jax.data.preprocess import InputSpec\n"
+        "source = from_image_folder(sys.argv[1], 'train')\n"
+        "batches = train_batches(source, InputSpec(image_size=16), global_batch=8, seed=0)\n"
+        "next(batches)\n"
+        "print('read', flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "read" in done.stdout, done.stderr[-2000:]

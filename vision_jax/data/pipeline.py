@@ -16,12 +16,14 @@ detection sources (``"boxes"``) give boxes padded to ``max_boxes`` rows (see
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 from vision_jax.tf_without_keras import tf
@@ -84,6 +86,19 @@ def _example_index(position: tf.Tensor, num_local: int, seed: int) -> tf.Tensor:
 _FIX = "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
 
 
+_OPEN: weakref.WeakSet[Batches] = weakref.WeakSet()  # batch iterators not closed yet
+
+
+@atexit.register
+def _release_open() -> None:
+    """Releases the tf.data iterators a program leaves open, while Python can still run their
+    in-flight ``tf.py_function`` calls (EXIF decoding): released in the interpreter's teardown,
+    those calls waited for Python forever and the program never exited."""
+    for batches in list(_OPEN):
+        batches._release_now()
+    _OPEN.clear()
+
+
 class Batches(Iterator[Batch]):
     """Host-local numpy batches from a tf.data pipeline.
 
@@ -109,6 +124,7 @@ class Batches(Iterator[Batch]):
         advice: str = _FIX,
     ):
         self._iter = ds.as_numpy_iterator()
+        _OPEN.add(self)
         self._advice = advice
         self._local = local_batch
         self._row_of = row_of
@@ -179,9 +195,14 @@ class Batches(Iterator[Batch]):
         if self._iter is None:
             return
         held, self._iter = [self._iter], None
+        _OPEN.discard(self)
         if sys.is_finalizing():  # a batch iterator left half read at exit: no new threads
             return
         threading.Thread(target=held.clear, name="release_tf_data", daemon=True).start()
+
+    def _release_now(self) -> None:
+        """Releases the tf.data iterator on this thread (at exit: see :func:`_release_open`)."""
+        self._iter = None
 
     def _error(self, error: tf.errors.OpError) -> DataError:
         bad = []
