@@ -238,6 +238,15 @@ def test_blocks_after_the_last_feature_tap_train_in_no_preset():
     assert mults["Transformer/encoderblock_5/MlpBlock_3/Dense_0/kernel"] == 0.5
     assert mults["task_head/classifier/kernel"] == mults["Transformer/encoder_norm/scale"] == 1.0
     assert mults["embedding/kernel"] == 0.5**7
+    blocks_after = r"Transformer/encoderblock_(6|7|8|9|10|11)/.*"  # named as well: accepted
+    assert trained(optim.trainable_mask(params, model, preset="all", frozen=blocks_after)) == (
+        paths - unused
+    )
+    bit = Segmentation(head="linear", feature_taps=(1,)).build_model("bit_r50x1", 3)
+    bit_params = jax.eval_shape(bit.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    bit_trained = trained(optim.trainable_mask(bit_params, bit, preset="all"))
+    assert not any(p.startswith(("norm-pre-head/", "block3/", "block4/")) for p in bit_trained)
+    assert any(p.startswith("block2/") for p in bit_trained)
 
 
 def test_layer_decay_multiplies_the_right_leaves():

@@ -184,3 +184,24 @@ def test_a_new_task_head_frozen_at_its_random_init_is_named(tmp_path, caplog):
     assert "2 new parameter(s) that init.path does not hold stay frozen" in text, text
     assert "task_head/classifier/kernel" in text
     assert "stay frozen" not in warnings(**{"optimizer.frozen_params": "conv1/.*"})
+    lora = {"model.name": "vit_ti16", "init.path": None, "lora.rank": 2}
+    train_and_evaluate(seg_config(total_steps=1, **lora), str(tmp_path / "vit"), arrays=ARRAYS)
+    text = warnings(**{**lora, "init.path": str(tmp_path / "vit"), "lora.train_head": False,
+                       "init.dont_load": ("task_head/.*",)})  # fmt: skip
+    assert "task_head/classifier/kernel" in text, text
+
+
+def test_a_run_whose_blocks_after_the_last_tap_trained_names_the_version(tmp_path, monkeypatch):
+    """A run written by the version that trained the blocks after the last feature tap (they
+    never run; this one freezes them) cannot restore into this layout: said so, with what to
+    do, not 'did the config change?'."""
+    from vision_jax import optim
+    from vision_jax.checkpoint import CheckpointMismatchError
+
+    cfg = seg_config(total_steps=1, **{"task.feature_taps": (0,)})
+    with monkeypatch.context() as old_version:
+        old_version.setattr(optim, "never_run", lambda model: None)
+        train_and_evaluate(cfg, str(tmp_path), arrays=ARRAYS)
+    cfg.total_steps = 2
+    with pytest.raises(CheckpointMismatchError, match="this version no longer trains them"):
+        train_and_evaluate(cfg, str(tmp_path), arrays=ARRAYS)

@@ -154,7 +154,9 @@ def layer_groups(model: Any) -> tuple[list[tuple[str, int]], int]:
         return rules, n_groups
     last, head = max(taps) + 1, n_groups - 1
     regroup = lambda g: -1 if last < g < head else last + 1 if g == head else g
-    return [(regex, regroup(group)) for regex, group in rules], last + 2
+    after = family(model).after_last_stage
+    skipped = [(after, -1)] if after and last < head - 1 else []  # runs with the last stage only
+    return skipped + [(regex, regroup(group)) for regex, group in rules], last + 2
 
 
 def never_run(model: Any) -> str | None:
@@ -194,8 +196,6 @@ def trainable_mask(
     mask = tree_map_by_rules(trainable_rules(preset, model), params, default=False)
     if extra:
         mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
-    if unused := never_run(model):
-        mask = jax.tree.map(lambda m, u: m and not u, mask, tree_mask(unused, params))
     if frozen:
         frozen_mask = tree_mask(frozen, params, what="optimizer.frozen_params")
         pairs = zip(jax.tree.leaves(mask), jax.tree.leaves(frozen_mask), strict=True)
@@ -206,6 +206,8 @@ def trainable_mask(
                 "freezes already: it would change nothing."
             )
         mask = jax.tree.map(lambda m, f: m and not f, mask, frozen_mask)
+    if unused := never_run(model):  # after frozen_params, which may name them too
+        mask = jax.tree.map(lambda m, u: m and not u, mask, tree_mask(unused, params))
     if not any(jax.tree.leaves(mask)):
         raise ValueError("No parameter is trainable: check optimizer.trainable / frozen_params.")
     return mask

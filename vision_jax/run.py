@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -388,7 +389,7 @@ def _initial_setup(
         try:
             frozen = ckpt.restore_frozen(setup.frozen)
         except CheckpointMismatchError as error:  # another trainable set than the run's
-            raise _with_layout_changes(error, ckpt, spec) from error
+            raise _with_layout_changes(error, ckpt, spec, model) from error
         if frozen is None:  # saved after the restore (see _restore)
             meta = _newest_meta(ckpt)
             # A run that froze nothing resumed with a frozen part: the change is refused later.
@@ -581,7 +582,7 @@ def abstract_state(state: TrainState) -> Any:
 
 def _restore(
     ckpt: Checkpointer, state: TrainState, frozen: Any, spec: specs.RunSpec, train_data: dict,
-    total_steps: int,
+    total_steps: int, model: nn.Module,
 ) -> tuple[TrainState, int, int | None, dict]:  # fmt: skip
     """The newest readable checkpoint's state (in the current shardings), step, this
     process's data stream position (None: ``step * local batch``) and meta, or the fresh
@@ -589,7 +590,7 @@ def _restore(
     try:
         restored = _restore_latest(ckpt, state)
     except CheckpointMismatchError as error:
-        raise _with_layout_changes(error, ckpt, spec) from error
+        raise _with_layout_changes(error, ckpt, spec, model) from error
     if restored is None and trees.is_abstract(state):  # has_steps() said there were some
         raise CheckpointError(f"The checkpoints in {ckpt.directory} disappeared during setup.")
     if not ckpt.has_frozen:  # a fresh run's, or one of an earlier version's runs read them
@@ -668,21 +669,31 @@ _LAYOUT_KEYS = (
 
 
 def _with_layout_changes(
-    error: CheckpointMismatchError, ckpt: Checkpointer, spec: specs.RunSpec
+    error: CheckpointMismatchError, ckpt: Checkpointer, spec: specs.RunSpec, model: nn.Module
 ) -> CheckpointMismatchError:
     """``error`` naming the config changes since that checkpoint that decide the state's layout
-    (when there are some), and how to start from its weights instead."""
+    (when there are some), or the blocks after the last feature tap that an earlier version
+    trained, and how to start from its weights instead."""
     step = ckpt.newest_complete_step()
     saved = (ckpt.read_meta(step) or {}).get("config") if step is not None else None
     in_layout = lambda key: any(key == k or key.startswith(f"{k}.") for k in _LAYOUT_KEYS)
-    if not saved or not (changes := _config_changes(saved, spec, in_layout)):
+    changes = _config_changes(saved, spec, in_layout) if saved else []
+    weights = f"another --workdir with --config.init.path={os.path.dirname(ckpt.directory)}"
+    unused = optim.never_run(model)
+    if not changes and unused and re.search(unused, error.diff):
+        return CheckpointMismatchError(
+            error.where, error.diff,
+            cause="the blocks after the last feature tap never run, and this version no longer "
+            "trains them: the earlier version that wrote the run did",
+            advice=f"Finish the run with that version, or train from its weights: {weights}.",
+        )  # fmt: skip
+    if not changes:
         return error
     probe = any(c.startswith("optimizer.trainable") for c in changes)  # then fine-tuning
     return CheckpointMismatchError(
         error.where, error.diff, cause=f"changed since: {'; '.join(changes)}",
         advice="To train from its weights with these settings"
-        f"{' (a linear probe, then full fine-tuning)' if probe else ''}, use another --workdir "
-        f"with --config.init.path={os.path.dirname(ckpt.directory)}.",
+        f"{' (a linear probe, then full fine-tuning)' if probe else ''}, use {weights}.",
     )  # fmt: skip
 
 
@@ -1096,7 +1107,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     )  # fmt: skip
     train_data = train_source.fingerprint()
     state, start_step, start_position, saved = _restore(
-        ckpt, setup.state, setup.frozen, spec, train_data, total_steps
+        ckpt, setup.state, setup.frozen, spec, train_data, total_steps, model
     )
     if 0 < start_step < total_steps:  # skipped updates did not advance the schedule
         skipped = 0 if state.skips is None else int(jax.device_get(state.skips.total))

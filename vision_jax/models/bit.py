@@ -198,6 +198,7 @@ register_family(
         module=ResNetV2,
         layer_groups=_layer_groups,
         norm_modules=r"gn\d+|norm-pre-head",
+        after_last_stage=r"norm-pre-head/.*",
         feature_taps=lambda m: [
             FeatureTap(f"block{i + 1}", 4 * 2**i, 256 * m.width_factor * 2**i)
             for i in range(len(m.stage_sizes))

@@ -33,7 +33,12 @@ class Family:
     * ``feature_taps(model)``: every feature map the backbone can return, in tap order
       (``feature_taps`` field of the module selects among them by index);
     * ``converter``: the module with ``from_timm`` / ``to_timm`` / ``checkpoint_model``;
-    * ``lora_unmergeable``: module classes whose kernels LoRA must refuse (non-linear kernels).
+    * ``lora_unmergeable``: module classes whose kernels LoRA must refuse (non-linear kernels);
+    * ``after_last_stage``: regex of the head-group parameters that run only after the last
+      block or stage (BiT's final norm), idle when the last feature tap is an earlier one.
+
+    Group ``i + 1`` of ``layer_groups`` is feature tap ``i``: the blocks after the last tap,
+    which never run, are found by it.
     """
 
     name: str
@@ -43,6 +48,7 @@ class Family:
     feature_taps: Callable[[Any], list[FeatureTap]]
     converter: str
     lora_unmergeable: tuple[type, ...] = ()
+    after_last_stage: str | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
