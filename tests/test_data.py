@@ -351,6 +351,15 @@ def test_build_tfds_from_folder_reads_back_through_load_source(tmp_path):
     assert sorted(batch["label"]) == [0, 0, 1, 1]
 
 
+def test_build_tfds_from_folder_refuses_a_segmentation_layout(tmp_path):
+    """images/ and masks/ under a split are not two classes (it built a 2-class dataset)."""
+    root = tmp_path / "seg"
+    make_folder(root, per_class=1, classes=("images", "masks"))
+    with pytest.raises(data_lib.DataError, match="holds images/ and masks/, a segmentation"):
+        data_lib.build_tfds_from_folder(str(root), "seg_folder", str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds").exists()
+
+
 def test_a_tfds_split_with_an_unreadable_image_is_found_before_training(tmp_path, monkeypatch):
     """build_tfds_from_folder reads every image first (tfds stores the bytes unread); a tfds
     split that holds a bad image anyway is read up front like a folder's, and a batch that

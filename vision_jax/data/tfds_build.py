@@ -43,15 +43,21 @@ def build_tfds_from_folder(
     if not splits:
         raise DataError(f"{root} holds no split folders (expected {root}/<split>/<class>/).")
     sources = {split: from_image_folder(root, split) for split in splits}
-    for source in sources.values():  # tfds stores the bytes unread: a bad file would be found
-        check_examples(source, InputSpec(image_size=8), advice=_FIX, whole=True)  # at training
     class_names = sources[splits[0]].class_names
+    if class_names == ["images", "masks"]:  # a segmentation split's two folders, not classes
+        raise DataError(
+            f"{root}/{splits[0]} holds images/ and masks/, a segmentation layout: "
+            "build_tfds_from_folder writes classification datasets; train on the folder as it "
+            "is (data.source='imagefolder' with task.name='segmentation')."
+        )
     for split, source in sources.items():
         if source.class_names != class_names:
             raise DataError(
                 f"Split {split!r} has classes {source.class_names}, split {splits[0]!r} has "
                 f"{class_names}: every split needs the same class folders."
             )
+    for source in sources.values():  # tfds stores the bytes unread: a bad file would be found
+        check_examples(source, InputSpec(image_size=8), advice=_FIX, whole=True)  # at training
 
     def examples(split: str):
         columns = sources[split].columns
