@@ -546,6 +546,14 @@ def test_a_class_no_label_map_holds_is_named_at_the_check(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         data_lib.check_examples(source, spec_of())
     assert "No label map" not in caplog.text
+    (tmp_path / "all" / "classes.txt").write_text("\n".join([*CLASSES, "absent"]) + "\n")
+    border = label_map_of((16, 16), 4, seed=0)  # VOC-style 255 beside other classes: no hint
+    border[0, :] = IGNORE_LABEL
+    save_mask(tmp_path / "all" / "train" / "masks" / "000.png", border, palette=False)
+    source = data_lib.load_source(config.data, "train", target="label_map")
+    with caplog.at_level(logging.WARNING):
+        data_lib.check_examples(source, spec_of())
+    assert "pixel of absent (4)" in caplog.text and "saved as 0/255" not in caplog.text
 
 
 def test_pascal_voc_layout_reads_as_torchvisions_voc_segmentation(timm, tmp_path, caplog):

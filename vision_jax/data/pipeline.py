@@ -577,7 +577,7 @@ def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
     if not absent:
         return
     hint = ""
-    if pixels[IGNORE_LABEL]:
+    if pixels[IGNORE_LABEL] and not pixels[1 : len(source.class_names)].any():  # only 0 and 255
         hint = (f" {pixels[IGNORE_LABEL]} pixels hold {IGNORE_LABEL}, the ignore value: a mask "
                 f"saved as 0/{IGNORE_LABEL} must hold class ids (1 for its objects).")  # fmt: skip
     logger.warning(
