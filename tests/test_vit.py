@@ -178,8 +178,8 @@ def test_dropout_and_stochastic_depth_act_only_in_training():
 def test_images_of_another_patch_grid_are_refused():
     """Position embeddings are read in the grid they were made for: 112x448 images (7x28, the
     196 patches of 224's 14x14) and 160 px (10x10) are named, not read as 14x14 (timm refuses
-    another size too). An oblong grid whose count is a square's is named at init;
-    ``posemb_grid`` makes it the model's, and any other grid is refused then."""
+    another size too). An oblong grid is named at init, its count a square's or not (2x4 of 8
+    patches); ``posemb_grid`` makes it the model's, and any other grid is refused then."""
     model = create_model("vit_ti16", num_classes=10, depth=1)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     with pytest.raises(ValueError, match=r"112x448 are a 7x28 grid .* for a 14x14 grid.*"
@@ -194,9 +194,18 @@ def test_images_of_another_patch_grid_are_refused():
     assert oblong.apply(variables, jnp.zeros((2, 128, 32, 3))).shape == (2, 10)
     with pytest.raises(ValueError, match=r"4x4 grid .* for a 8x2 grid"):
         oblong.apply(variables, jnp.zeros((1, 64, 64, 3)))
-    wide = create_model("vit_ti16", num_classes=10, depth=1)  # 2x4: no square count
+    wide = create_model("vit_ti16", num_classes=10, depth=1, posemb_grid=(2, 4))  # count 8
     variables = wide.init(jax.random.key(0), jnp.zeros((1, 32, 64, 3)))
     assert wide.apply(variables, jnp.zeros((1, 32, 64, 3))).shape == (1, 10)
+    for height, width in [(64, 32), (16, 128)]:  # 4x2, 1x8: the same count, not its grid
+        with pytest.raises(ValueError, match=r"grid .* for a 2x4 grid"):
+            wide.apply(variables, jnp.zeros((1, height, width, 3)))
+    unnamed = create_model("vit_ti16", num_classes=10, depth=1)
+    for height, width in [(32, 64), (64, 32)]:
+        with pytest.raises(ValueError, match=r"8 position embeddings .* posemb_grid=\(rows, "):
+            unnamed.apply(variables, jnp.zeros((1, height, width, 3)))
+        with pytest.raises(ValueError, match=r"posemb_grid="):
+            unnamed.init(jax.random.key(0), jnp.zeros((1, height, width, 3)))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(timm):

@@ -889,17 +889,18 @@ def test_a_non_square_grid_loads_into_a_model_of_its_size(timm, tmp_path):
 
     ref = timm_vit(timm, img_size=(32, 64))
     save_file(state_dict_np(ref), str(tmp_path / "wide.safetensors"))
-    model = vit()
+    model = vit(posemb_grid=(2, 4))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 64, 3)))
     init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     loaded = load_pretrained(tmp_path / "wide.safetensors", model=model, variables=init)
     x = np.random.default_rng(5).standard_normal((2, 32, 64, 3)).astype(np.float32)
     assert_close(apply(model, loaded, x), torch_logits(ref, x))
+    narrow = vit(posemb_grid=(2, 3))
     with pytest.raises(ValueError, match="6 grid tokens, not a square grid: pass the model"):
         load_pretrained(
-            tmp_path / "wide.safetensors", model=model,
+            tmp_path / "wide.safetensors", model=narrow,
             variables=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
-                model.init, jax.random.key(0), jnp.zeros((1, 32, 48, 3)))),
+                narrow.init, jax.random.key(0), jnp.zeros((1, 32, 48, 3)))),
         )  # fmt: skip
 
 
@@ -1201,9 +1202,9 @@ def test_an_oblong_checkpoint_keeps_its_layout_or_resamples_from_its_grid(timm, 
     ref = timm_vit(timm, img_size=(32, 64))
     sd = state_dict_np(ref)
     save_file(sd, str(tmp_path / "wide.safetensors"))
-    model = vit()
 
     def load(height_width, **kwargs):
+        model = vit(posemb_grid=(height_width[0] // 16, height_width[1] // 16))
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *height_width, 3)))
         init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         return load_pretrained(tmp_path / "wide.safetensors", model=model, variables=init,

@@ -296,7 +296,7 @@ class VisionTransformer(nn.Module):
     remat: str = "none"  # "block" or "dots": recompute block activations in the backward pass
     remat_rules: RematRules = ()  # per block: ((regex, policy), ...) (vision_jax.models.remat)
     # The patch grid (rows, columns) of the position embeddings; None: the square grid of their
-    # rows where their count is a square (an oblong grid of such a count must be named here).
+    # rows (an oblong grid must be named here).
     posemb_grid: tuple[int, int] | None = None
 
     @nn.compact
@@ -368,22 +368,26 @@ def check_grid(
     image_hw: tuple[int, int], patch: int, rows: int, posemb_grid: tuple[int, int] | None
 ) -> None:
     """Refuses images whose patch grid is not the grid of the ``rows`` position embeddings:
-    ``posemb_grid``, else the square one where ``rows`` is a square (timm refuses another
+    ``posemb_grid``, else the square one (an oblong grid must be named: timm refuses another
     image size too; the same count as another grid would read the embeddings in its layout)."""
     (h, w), grid = image_hw, (image_hw[0] // patch, image_hw[1] // patch)
     side = math.isqrt(rows)
     laid = tuple(posemb_grid) if posemb_grid else (side, side) if side * side == rows else None
-    if grid[0] * grid[1] == rows and laid in (None, grid):
+    if laid == grid and grid[0] * grid[1] == rows:
         return
-    made = f"{rows} patches" if laid is None else f"a {laid[0]}x{laid[1]} grid"
-    size = "" if laid is None else f" ({laid[0] * patch}x{laid[1] * patch})"
-    oblong = posemb_grid is None and grid[0] * grid[1] == rows  # an oblong grid, square count
+    images = f"Images of {h}x{w} are a {grid[0]}x{grid[1]} grid of {patch}x{patch} patches"
+    if laid is None:
+        raise ValueError(
+            f"{images}, but the model's {rows} position embeddings are of no square grid: "
+            "create the model with the grid it was initialised at, create_model(..., "
+            "posemb_grid=(rows, columns))."
+        )
     named = f"; a model made for this grid: create_model(..., posemb_grid={grid})"
     raise ValueError(
-        f"Images of {h}x{w} are a {grid[0]}x{grid[1]} grid of {patch}x{patch} patches, but the "
-        f"model's position embeddings are for {made}: resize the images to the model's size"
-        f"{size}, or resample the embeddings to this grid (load_pretrained(..., image_size="
-        f"({h}, {w})) into the model initialised at this size{named if oblong else ''})."
+        f"{images}, but the model's position embeddings are for a {laid[0]}x{laid[1]} grid: "
+        f"resize the images to the model's size ({laid[0] * patch}x{laid[1] * patch}), or "
+        f"resample the embeddings to this grid (load_pretrained(..., image_size=({h}, {w})) "
+        f"into the model initialised at this size{named if grid[0] != grid[1] else ''})."
     )
 
 
