@@ -179,7 +179,8 @@ def test_images_of_another_patch_grid_are_refused():
     """Position embeddings are read in the grid they were made for: 112x448 images (7x28, the
     196 patches of 224's 14x14) and 160 px (10x10) are named, not read as 14x14 (timm refuses
     another size too). An oblong grid is named at init, its count a square's or not (2x4 of 8
-    patches); ``posemb_grid`` makes it the model's, and any other grid is refused then."""
+    patches; the init's error names no embeddings, there are none yet); ``posemb_grid`` makes
+    it the model's, and any other grid is refused then."""
     model = create_model("vit_ti16", num_classes=10, depth=1)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     with pytest.raises(ValueError, match=r"112x448 are a 7x28 grid .* for a 14x14 grid.*"
@@ -187,13 +188,17 @@ def test_images_of_another_patch_grid_are_refused():
         model.apply(variables, jnp.zeros((1, 112, 448, 3)))
     with pytest.raises(ValueError, match=r"10x10 grid .* for a 14x14 grid: .*\(224x224\)"):
         model.apply(variables, jnp.zeros((1, 160, 160, 3)))
-    with pytest.raises(ValueError, match=r"posemb_grid=\(8, 2\)"):
-        model.init(jax.random.key(0), jnp.zeros((1, 128, 32, 3)))
+    with pytest.raises(ValueError, match=r"^Images of 112x448 are a 7x28 grid of 16x16 patches, "
+                       r"an oblong grid: a model of this grid names it, "
+                       r"create_model\(\.\.\., posemb_grid=\(7, 28\)\)\.(\n|$)"):  # fmt: skip
+        model.init(jax.random.key(0), jnp.zeros((1, 112, 448, 3)))
     oblong = create_model("vit_ti16", num_classes=10, depth=1, posemb_grid=(8, 2))
     variables = oblong.init(jax.random.key(0), jnp.zeros((1, 128, 32, 3)))
     assert oblong.apply(variables, jnp.zeros((2, 128, 32, 3))).shape == (2, 10)
     with pytest.raises(ValueError, match=r"4x4 grid .* for a 8x2 grid"):
         oblong.apply(variables, jnp.zeros((1, 64, 64, 3)))
+    with pytest.raises(ValueError, match=r"4x4 grid .*, not the model's posemb_grid \(8, 2\)"):
+        oblong.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     wide = create_model("vit_ti16", num_classes=10, depth=1, posemb_grid=(2, 4))  # count 8
     variables = wide.init(jax.random.key(0), jnp.zeros((1, 32, 64, 3)))
     assert wide.apply(variables, jnp.zeros((1, 32, 64, 3))).shape == (1, 10)
@@ -204,7 +209,7 @@ def test_images_of_another_patch_grid_are_refused():
     for height, width in [(32, 64), (64, 32)]:
         with pytest.raises(ValueError, match=r"8 position embeddings .* posemb_grid=\(rows, "):
             unnamed.apply(variables, jnp.zeros((1, height, width, 3)))
-        with pytest.raises(ValueError, match=r"posemb_grid="):
+        with pytest.raises(ValueError, match=rf"oblong grid: .*posemb_grid=\({height // 16}, "):
             unnamed.init(jax.random.key(0), jnp.zeros((1, height, width, 3)))
 
 

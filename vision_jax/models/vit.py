@@ -322,7 +322,7 @@ class VisionTransformer(nn.Module):
             name="embedding",
         )(x)  # float32 until the position embeddings are added
         n, gh, gw, c = x.shape
-        check_grid((h, w), self.patch_size, self._posemb_rows((gh, gw)), self.posemb_grid)
+        check_grid((h, w), self.patch_size, self._posemb_rows(), self.posemb_grid)
         x = jnp.reshape(x, (n, gh * gw, c))
         if self.pool_type == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
@@ -351,13 +351,11 @@ class VisionTransformer(nn.Module):
             x = jnp.tanh(x)
         return classify(x, self.num_classes, self.dtype)
 
-    def _posemb_rows(self, grid: tuple[int, int]) -> int:
-        """The patch rows of the position embedding in the variables (at init: ``grid``'s)."""
+    def _posemb_rows(self) -> int | None:
+        """The patch rows of the position embedding in the variables (None at init)."""
         params = self.variables.get("params", {})
         posemb = params.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
-        if posemb is None:
-            return grid[0] * grid[1]
-        return posemb.shape[1] - int(self.pool_type == "token")
+        return None if posemb is None else posemb.shape[1] - int(self.pool_type == "token")
 
     def _block_policies(self) -> tuple[str, ...]:
         path = lambda _, j: block_path(j)
@@ -365,17 +363,25 @@ class VisionTransformer(nn.Module):
 
 
 def check_grid(
-    image_hw: tuple[int, int], patch: int, rows: int, posemb_grid: tuple[int, int] | None
+    image_hw: tuple[int, int], patch: int, rows: int | None, posemb_grid: tuple[int, int] | None
 ) -> None:
-    """Refuses images whose patch grid is not the grid of the ``rows`` position embeddings:
-    ``posemb_grid``, else the square one (an oblong grid must be named: timm refuses another
-    image size too; the same count as another grid would read the embeddings in its layout)."""
+    """Refuses images whose patch grid is not the grid of the ``rows`` position embeddings (None
+    at init: the images' count): ``posemb_grid``, else the square one (an oblong grid must be
+    named: timm refuses another image size too; the same count as another grid would read the
+    embeddings in its layout)."""
     (h, w), grid = image_hw, (image_hw[0] // patch, image_hw[1] // patch)
-    side = math.isqrt(rows)
-    laid = tuple(posemb_grid) if posemb_grid else (side, side) if side * side == rows else None
-    if laid == grid and grid[0] * grid[1] == rows:
+    count = grid[0] * grid[1] if rows is None else rows
+    side = math.isqrt(count)
+    laid = tuple(posemb_grid) if posemb_grid else (side, side) if side * side == count else None
+    if laid == grid and grid[0] * grid[1] == count:
         return
     images = f"Images of {h}x{w} are a {grid[0]}x{grid[1]} grid of {patch}x{patch} patches"
+    if rows is None:  # at init: no embeddings yet, the grid is named or square
+        named = f"not the model's posemb_grid {laid}" if posemb_grid else "an oblong grid"
+        raise ValueError(
+            f"{images}, {named}: a model of this grid names it, create_model(..., "
+            f"posemb_grid={grid})."
+        )
     if laid is None:
         raise ValueError(
             f"{images}, but the model's {rows} position embeddings are of no square grid: "
