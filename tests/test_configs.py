@@ -81,12 +81,15 @@ def test_a_saved_config_off_its_branch_warns_only_for_values_other_than_the_defa
 
 def test_class_names_given_as_one_string_are_refused():
     """A dict config (no ConfigDict types) with data.class_names "a,b": refused, not 3 classes
-    'a', ',' and 'b'; a list of names stays a tuple."""
+    'a', ',' and 'b'; a list of names stays a tuple. An earlier version's saved run read it as
+    it ran, the string its classes' characters (it loads to predict, report, export)."""
     data = {**default_config().data.to_dict(), "source": "arrays"}
     with pytest.raises(specs.ConfigError, match=r"^data.class_names must be a sequence of "
                        r"names, got the string 'a,b' \(a tuple"):  # fmt: skip
         specs.data_spec({**data, "class_names": "a,b"})
     assert specs.data_spec({**data, "class_names": ["a", "b"]}).class_names == ("a", "b")
+    with specs.saved_config():
+        assert specs.data_spec({**data, "class_names": "ab"}).class_names == "ab"
 
 
 @pytest.mark.parametrize(

@@ -491,7 +491,8 @@ _DECODED_SOURCES = ("digits", "arrays", "idx")  # no image files: nothing to ski
 def data_spec(section: Any) -> DataSpec:
     """:class:`DataSpec` of ``config.data``; the coco_* keys only with source 'coco'."""
     values = _section(section, DataSpec)
-    if isinstance(values.get("class_names"), str):  # its characters would be the classes
+    # Its characters would be the classes (a saved run's record: as it ran).
+    if isinstance(values.get("class_names"), str) and not _SAVED.get():
         raise ConfigError(
             f"data.class_names must be a sequence of names, got the string "
             f"{values['class_names']!r} (a tuple: ('cat', 'dog'))."
