@@ -7,6 +7,7 @@ import io
 import logging
 import pathlib
 import struct
+import tracemalloc
 import zlib
 
 import jax
@@ -389,6 +390,19 @@ def test_array_label_maps():
         data_lib.from_arrays(images, maps, ["a", "b", "c"], target="label_map")
     with pytest.raises(data_lib.DataError, match=r"label_map arrays must have shape \(3, 6, 5\)"):
         data_lib.from_arrays(images, maps[:, :5], target="label_map")
+
+
+def test_label_map_classes_are_counted_in_place():
+    """The classes of label maps are their largest value but IGNORE_LABEL, counted in place:
+    the pixels of every map (of every split, at each split's load) were gathered into a copy."""
+    maps = np.zeros((64, 128, 128), np.int64)
+    maps[0, 0, :2] = 3, IGNORE_LABEL
+    tracemalloc.start()
+    classes = data_lib.label_classes(maps, "label_map")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert classes == ["0", "1", "2", "3"]
+    assert peak < maps.nbytes / 4, peak / maps.nbytes  # the mask's byte per label, not a copy
 
 
 def _pet_dataset(raw_maps: list[np.ndarray]):

@@ -269,8 +269,8 @@ def from_arrays(
 def label_classes(labels: np.ndarray, target: str = "label") -> list[str]:
     """The classes of integer ``labels`` (label maps with ``target="label_map"``): ``"0"`` ..
     the largest label (not counting :data:`IGNORE_LABEL` in maps)."""
-    used = labels[labels != IGNORE_LABEL] if target == "label_map" else labels
-    return [str(i) for i in range(int(used.max(initial=0)) + 1)]
+    counted = labels != IGNORE_LABEL if target == "label_map" else True  # in place: no copy
+    return [str(i) for i in range(int(np.max(labels, where=counted, initial=0)) + 1)]
 
 
 def gather_rows(variables: dict[str, tf.Variable], rows: tf.Tensor) -> dict[str, tf.Tensor]:
