@@ -424,7 +424,8 @@ def test_a_class_absent_from_labels_and_predictions_stays_out_of_the_macro_avera
 
 def test_the_page_says_which_step_it_shows_and_of_how_many(tmp_path):
     """A latest step short of the run's length (a stopped run) is shown as "step N of M"; a
-    best step with the validation figure its selection kept it for."""
+    best step with the validation figure its selection kept it for, to 4 significant digits
+    (a small loss was "0.0000")."""
     from types import SimpleNamespace
 
     from vision_jax.report import _step
@@ -439,7 +440,10 @@ def test_the_page_says_which_step_it_shows_and_of_how_many(tmp_path):
     (best / "meta").mkdir(parents=True)
     selection = {"metric": "val_ema/miou", "best_value": 0.08966, "best_step": 30}
     (best / "meta" / "metadata").write_text(json.dumps({"selection": selection}))
-    assert _step(trained(str(best), 30, 100)) == "best step 30 (val_ema/miou 0.0897)"
+    assert _step(trained(str(best), 30, 100)) == "best step 30 (val_ema/miou 0.08966)"
     got = _step(trained(str(best), 30, 100, True))
-    assert got == "best step 30 (val_ema/miou 0.0897; EMA parameters)"
+    assert got == "best step 30 (val_ema/miou 0.08966; EMA parameters)"
+    selection = {"metric": "val/loss", "best_value": 3.21e-5, "best_step": 30}
+    (best / "meta" / "metadata").write_text(json.dumps({"selection": selection}))
+    assert _step(trained(str(best), 30, 100)) == "best step 30 (val/loss 3.21e-05)"
     assert _step(trained("w/checkpoints/7", 7, None)) == "latest step 7"

@@ -106,7 +106,7 @@ def _step(trained: Trained) -> str:
     of = f" of {total}" if not best and total and trained.step < total else ""
     selection = read_selection(trained.step_dir) if best else {}
     value = selection.get("best_value")
-    notes = [f"{selection['metric']} {value:.4f}"] if value is not None else []
+    notes = [f"{selection['metric']} {value:.4g}"] if value is not None else []
     notes += ["EMA parameters"] if trained.ema else []
     details = f" ({'; '.join(notes)})" if notes else ""
     return f"{'best' if best else 'latest'} step {trained.step}{of}{details}"
