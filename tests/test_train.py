@@ -22,7 +22,7 @@ from helpers import assert_declared_metrics
 
 from vision_jax import specs
 from vision_jax.checkpoint import CheckpointError
-from vision_jax.config import UnreadConfigKeysError, default_config
+from vision_jax.config import TrackedConfig, UnreadConfigKeysError, default_config
 from vision_jax.tasks import Classification
 from vision_jax.train import train_and_evaluate
 from vision_jax.trees import flatten_dict
@@ -213,6 +213,22 @@ def test_a_run_stopped_before_its_end_is_not_called_finished(tmp_path):
     stopped = r"\(step 2\) has stopped before its end \(step 4 of its recipe\); with the changed"
     with pytest.raises(CheckpointError, match=stopped + r" recipe \(total_steps 4 -> 2\)"):
         train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+
+
+def test_an_integer_key_an_earlier_version_saved_as_a_float_is_no_change():
+    """A dict config's total_steps=4.0 ran and was recorded as 4.0 before integer keys refused
+    floats: the same run's config now (4) is no change (it was 'total_steps 4.0 -> 4', and a
+    finished run so refused had no value left that both versions accept)."""
+    import json
+
+    from vision_jax import run, specs
+
+    spec = specs.run_spec(TrackedConfig(small_config(total_steps=4)))
+    saved = json.loads(json.dumps(spec.config))
+    saved["total_steps"], saved["lora"]["rank"] = 4.0, 0.0
+    assert run._config_changes(saved, spec, lambda key: True) == []
+    saved["total_steps"] = 5
+    assert run._config_changes(saved, spec, lambda key: True) == ["total_steps 5 -> 4"]
 
 
 def test_the_log_says_what_memory_each_step_needs(tmp_path, caplog):

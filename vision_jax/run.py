@@ -819,7 +819,7 @@ def _config_changes(
         f"{k} {_plain(old[k])} -> {_plain(new[k])}"
         for k in sorted(old.keys() & new.keys())
         if compared(k)
-        and _plain(old[k]) != _plain(new[k])
+        and not _same(old[k], new[k])
         and not (new[k] is None and _default_is(spec, k, old[k]))
     ]
 
@@ -837,10 +837,16 @@ def _default_is(spec: specs.RunSpec, key: str, saved: Any) -> bool:
     if owner is None:  # the part is off
         return True
     resolved = getattr(owner, name, _MISSING)
+    return resolved is not _MISSING and _same(resolved, saved)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two config values are the same; numbers by value (a float key's int default,
+    10000.0 is 10_000; an int key a dict config held as 4.0, which this version refuses)."""
     number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
-    if number(resolved) and number(saved):  # a float key's int default: 10000.0 is 10_000
-        return float(resolved) == float(saved)
-    return resolved is not _MISSING and _plain(resolved) == _plain(saved)
+    if number(a) and number(b):
+        return float(a) == float(b)
+    return _plain(a) == _plain(b)
 
 
 def _dotted(config: Mapping[str, Any]) -> dict[str, Any]:
