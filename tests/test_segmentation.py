@@ -124,6 +124,11 @@ def test_feature_taps_need_a_headless_model():
         create_model("vit_ti16", num_classes=0, feature_taps=(12,)).init(
             jax.random.key(0), jnp.zeros((1, 32, 32, 3))
         )
+    for taps in ((2, 0), (1, 1), (-1, 2)):  # the pyramid assumed fine to coarse: wrong strides
+        with pytest.raises(ValueError, match="each block or stage once, in network order"):
+            Segmentation(head="fpn", feature_taps=taps).build_model("resnet18", 5).init(
+                jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+            )
 
 
 def _numpy_loss(logits, labels, weights):

@@ -106,7 +106,13 @@ def stage_taps(taps: Any, num_stages: int, num_classes: int) -> tuple[int, ...]:
         raise ValueError("feature_taps returns feature maps: create the model with num_classes=0.")
     if not taps or any(not -num_stages <= int(t) < num_stages for t in taps):
         raise ValueError(f"feature_taps {taps} must be indices in [-{num_stages}, {num_stages}).")
-    return tuple(int(t) % num_stages for t in taps)
+    indices = tuple(int(t) % num_stages for t in taps)
+    if list(indices) != sorted(set(indices)):  # the pyramids read them fine to coarse
+        raise ValueError(
+            f"feature_taps {tuple(taps)} must name each block or stage once, in network order "
+            f"(fine to coarse): {tuple(sorted(set(indices)))}."
+        )
+    return indices
 
 
 def stages_run(module: nn.Module, taps: tuple[int, ...], num_stages: int) -> int:
