@@ -63,6 +63,7 @@ from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
 from vision_jax.output_errors import written_whole
 from vision_jax.run_options import add_run_options
+from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
 from vision_jax.tasks.coco_eval import coco_results
@@ -106,8 +107,7 @@ def image_files(pattern: str) -> list[str]:
 
 def _check_batch_size(batch_size: Any) -> None:
     """Raises unless ``batch_size`` is an integer >= 1 (0 divided by zero, -1 failed in TF)."""
-    integer = isinstance(batch_size, int | np.integer) and not isinstance(batch_size, bool)
-    if not integer or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
 
 

@@ -246,11 +246,17 @@ def _adapters(spec: specs.RunSpec) -> str | None:
 
 def trainable_mask(spec: specs.RunSpec, model: nn.Module, params: Any) -> Any:
     """Boolean tree: True where a parameter of ``params`` trains in the run of ``spec``."""
-    extra = _adapters(spec)
     return optim.trainable_mask(
         params, model, preset=trainable_preset(spec), frozen=spec.optimizer.frozen_params,
-        extra=extra,
+        extra=_adapters(spec),
     )  # fmt: skip
+
+
+def _trainable_rules(spec: specs.RunSpec, model: nn.Module) -> list[tuple[str, bool]]:
+    """The rules of :func:`trainable_mask` as its log table shows them (first match wins)."""
+    frozen = [optim.never_run(model), spec.optimizer.frozen_params]
+    rules = [(r, False) for r in frozen if r] + [(r, True) for r in [_adapters(spec)] if r]
+    return rules + optim.trainable_rules(trainable_preset(spec), model)
 
 
 def trainable_preset(spec: specs.RunSpec) -> str:
@@ -306,20 +312,13 @@ def create_train_state(
     replicated = sharding.replicated(mesh)
     variables = dict(variables)
     params, param_shardings = variables.pop("params"), var_shardings["params"]
-    preset, frozen_regex, extra = (
-        trainable_preset(spec),
-        spec.optimizer.frozen_params,
-        _adapters(spec),
-    )
     mask = trainable_mask(spec, model, params)
     trainable, frozen = trees.partition(params, mask)
     _check_head_can_train(frozen, trainable)
     _check_adapted_kernels_frozen(trainable)
     if log and jax.process_index() == 0:
-        frozen_first = [optim.never_run(model), frozen_regex]
-        rules = [(r, False) for r in frozen_first if r] + [(r, True) for r in [extra] if r]
-        rules += optim.trainable_rules(preset, model)
-        logger.info("Trainable parameters (first match wins):\n%s", rules_table(rules, params))
+        table = rules_table(_trainable_rules(spec, model), params)
+        logger.info("Trainable parameters (first match wins):\n%s", table)
     trainable_shardings, _ = trees.partition(param_shardings, mask)
 
     def optimizer(tree: Any, opt_spec: specs.OptimizerSpec, log: bool = True):

@@ -72,12 +72,7 @@ class Selection:
         gain = value - self.best_value if self.mode == "max" else self.best_value - value
         return gain > self.min_delta
 
-    def update(
-        self,
-        step: int,
-        results: Mapping[str, float],
-        absent: str = ABSENT,
-    ) -> bool:
+    def update(self, step: int, results: Mapping[str, float], absent: str = ABSENT) -> bool:
         """Records the evaluation ``results`` of ``step``; whether it is the new best.
         ``absent``: why a per-class result may be left out (the task's, for the warning)."""
         if self.metric not in results and not self.per_class:

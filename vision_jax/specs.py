@@ -290,6 +290,11 @@ def _build(spec: type, values: dict[str, Any], section: str) -> Any:
     return built
 
 
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python's or numpy's), not a bool nor an integral float."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def _check_integers(spec: Any, prefix: str) -> None:
     """Raises naming the first field of ``spec`` typed ``int`` (or a tuple of them) whose value
     is not one: a dict config's 8.0 or 2.5 (a ConfigDict refuses them) failed deep in JAX or
@@ -299,7 +304,7 @@ def _check_integers(spec: Any, prefix: str) -> None:
         if kind not in ("int", "tuple[int, ...]") or value is None:
             continue
         items = (value,) if kind == "int" else value
-        if any(isinstance(v, bool) or not isinstance(v, Integral) for v in items):
+        if not all(is_integer(v) for v in items):
             what = "an integer" if kind == "int" else "a tuple of integers"
             raise ConfigError(f"{prefix}{f.name} must be {what}; got {value!r}.")
 

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vision_jax.specs import is_integer
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureTap:
@@ -221,8 +223,7 @@ def create_model(
     given = "None" if dtype is None else jnp.dtype(dtype).name
     if given not in ("float32", "bfloat16"):  # float16 would need loss scaling
         raise ValueError(f"dtype must be float32 or bfloat16, got {given}.")
-    integer = isinstance(num_classes, int | np.integer) and not isinstance(num_classes, bool)
-    if not integer or num_classes < 0:
+    if not is_integer(num_classes) or num_classes < 0:
         raise ValueError(
             f"num_classes must be a positive int (or 0 for a headless feature extractor), "
             f"got {num_classes!r}."
