@@ -267,9 +267,10 @@ def _compile_ahead(run: Run) -> tuple[_Background, _Background]:
     """Compiles the train step, and the eval steps, in the background against the shapes of
     their inputs, while the loop starts TensorFlow, the writer and the input pipeline: the first
     step waits only for what is left of its compilation, the first evaluation not at all. The
-    train step is traced here, on the calling thread (tracings contend for the interpreter; XLA's
-    compilation does not), so an error in it is raised here. A failure to compile is left for
-    the step's own call to raise."""
+    steps are traced here, on the calling thread (tracings contend for the interpreter; XLA's
+    compilation does not), so an error in them is raised here, before the first step: a task's
+    eval_metrics or predict would otherwise fail at the first evaluation, after all training
+    without a validation split. A failure to compile is left for the step's own call to raise."""
     rows_split, args = sharding.batch_sharding(run.mesh), run.task.batch_args()
 
     def batch(shapes: dict, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -284,12 +285,11 @@ def _compile_ahead(run: Run) -> tuple[_Background, _Background]:
     eval_batch = batch(data_lib.eval_example_shapes(run.eval_source, run.input, **args),
                        run.spec.eval_batch_size)  # fmt: skip
     lowered = run.train_step.lower(state, run.frozen, train_batch, run.settings)
+    # One program for the trained and the EMA parameters
+    lowered_eval = run.eval_step.lower(*evaluated_weights(state, ema=False), run.frozen, eval_batch)
 
-    def compile_eval() -> None:  # one program for the trained and the EMA parameters
-        weights = evaluated_weights(state, ema=False)
-        _quietly(lambda: _log_step_memory(
-            "Eval step", run.eval_step.lower(*weights, run.frozen, eval_batch).compile()
-        ))  # fmt: skip
+    def compile_eval() -> None:
+        _quietly(lambda: _log_step_memory("Eval step", lowered_eval.compile()))
 
     def compile_train() -> None:
         _quietly(lambda: _log_step_memory("Train step", lowered.compile()))
