@@ -3,6 +3,7 @@ library task): its mistakes are found before the run trains, with the task's own
 
 # No ``from __future__ import annotations``: clu reads the metric collections' annotations.
 import dataclasses
+import logging
 
 import flax
 import jax.numpy as jnp
@@ -10,8 +11,10 @@ import pytest
 from clu import metrics
 from test_train import small_config
 
-from vision_jax import tasks
+from vision_jax import specs, tasks
+from vision_jax.main import _summaries
 from vision_jax.models import create_model
+from vision_jax.run import build_run
 from vision_jax.tasks.base import Task
 from vision_jax.train import train_and_evaluate
 
@@ -120,3 +123,79 @@ def test_an_error_in_the_eval_step_stops_the_run_before_it_trains(
     with pytest.raises(error, match=match):
         train_and_evaluate(regression_config(task), str(tmp_path))
     assert steps_saved(tmp_path) == []  # not one step trained
+
+
+@dataclasses.dataclass(frozen=True)
+class Misheadlined(Regression):
+    """Its headline is not a name its (inherited) summarize returns."""
+
+    name = "misheadlined"
+    headline = "MAE"
+
+
+@dataclasses.dataclass(frozen=True)
+class MisheadlinedUndeclared(Misheadlined):
+    name = "misheadlined_undeclared"
+    metric_names = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Inherits(Regression):
+    name = "inherits"
+
+
+def test_a_headline_outside_the_declared_metric_names_is_refused_before_training(
+    tmp_path, register
+):
+    """A subclass inherits its base's metric_names with its summarize: its headline (and an
+    early_stopping.metric) is checked against them before training, whether or not there is a
+    validation split (without one, nothing was said; with one, early_stopping.metric, which
+    the user never set, was blamed)."""
+    register(Misheadlined)
+    match = (
+        r"Misheadlined.headline 'MAE' is not among its metric_names \(mse, mae, examples\): "
+        "the headline is the result of its summarize"
+    )
+    for val_split in (None, "train[90%:]"):
+        config = regression_config(Misheadlined, **{"data.val_split": val_split})
+        with pytest.raises(ValueError, match=match):
+            train_and_evaluate(config, str(tmp_path))
+        assert steps_saved(tmp_path) == []
+    register(Inherits)
+    config = regression_config(Inherits, **{"data.val_split": "train[90%:]"})
+    config.early_stopping.metric = "val/f1"
+    with pytest.raises(specs.ConfigError, match="'val/f1' is not a validation result of a"):
+        build_run(config, str(tmp_path)).close()
+
+
+@pytest.mark.parametrize("val_split", [None, "train[90%:]"])
+def test_a_summarize_without_the_headline_is_named_at_the_first_evaluation(
+    tmp_path, register, val_split
+):
+    """Undeclared, the names summarize returns are known at the first evaluation: one without
+    the headline is refused there, naming the task's summarize (the selection, the report and
+    the run's last lines read the headline)."""
+    register(MisheadlinedUndeclared)
+    config = regression_config(MisheadlinedUndeclared, **{"data.val_split": val_split})
+    split = "val" if val_split else "eval"
+    with pytest.raises(
+        ValueError,
+        match=rf"Regression.summarize returned no {split}/MAE, the headline of "
+        rf"MisheadlinedUndeclared \('MAE'\); it returned {split}/examples, {split}/mae, "
+        rf"{split}/mse\.",
+    ):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_the_summary_lines_skip_a_missing_headline(register, caplog):
+    """The command's last lines after training leave out a headline the results lack (a
+    KeyError there ended a finished run with exit 1 and no report)."""
+    register(MisheadlinedUndeclared)
+    results = {"eval/mae": 1.0, "eval/examples": 360.0, "best/step": 2.0, "best/val/mae": 0.9}
+    with caplog.at_level(logging.WARNING):
+        assert _summaries(results, MisheadlinedUndeclared.name) == []
+    assert "No eval/MAE (the task's headline) in the results" in caplog.text
+    register(Regression)
+    assert _summaries(results, Regression.name) == [
+        "best checkpoint: step 2 (val/mae 0.9000); its mae on the eval split 1.0000 (360 examples)"
+    ]

@@ -471,6 +471,10 @@ def _summaries(results: dict[str, float], task: str) -> list[str]:
 
     headline = TASKS[task].headline
     name, examples = HEADLINES.get(headline, headline), int(results.get("eval/examples", 0))
+    if f"eval/{headline}" not in results:  # (a run whose task's summarize left it out)
+        logging.warning("No eval/%s (the task's headline) in the results: no summary of it.",
+                        headline)  # fmt: skip
+        return []
     lines = []
     if f"eval_before/{headline}" in results:
         lines.append(

@@ -722,8 +722,8 @@ def _check_selection(
     """Warns of an ``early_stopping.patience`` with too few validations before the last step
     to stop the run (``fresh``: a new run; resumed longer, it may) and refuses, before
     training, an ``early_stopping.metric`` that the validation will not report (for a task
-    class that declares its own :attr:`~vision_jax.tasks.base.Task.metric_names`; found at the
-    first validation, the steps before it were lost) or that ``val_source``'s ground truth can
+    that declares its :attr:`~vision_jax.tasks.base.Task.metric_names`; found at the first
+    validation, the steps before it were lost) or that ``val_source``'s ground truth can
     never give (:meth:`~vision_jax.tasks.base.Task.unmeasurable`: no best would be kept)."""
     patience, every = spec.early_stopping.patience, spec.eval_every_steps
     before_last = (total_steps - 1) // every if every else 0  # validations before the last step
@@ -746,13 +746,25 @@ def _check_selection(
         )
 
 
+def _check_headline(task: Any) -> None:
+    """Refuses, before training, a task whose headline is not among the results its class
+    declares (:meth:`~vision_jax.tasks.base.Task.declared_metrics`)."""
+    declared = task.declared_metrics()
+    if declared is not None and task.headline not in declared[0]:
+        raise ValueError(
+            f"{type(task).__name__}.headline {task.headline!r} is not among its metric_names "
+            f"({', '.join(declared[0])}): the headline is the result of its summarize that sums "
+            "up an evaluation."
+        )
+
+
 def _check_metric_name(task: Any, metric: str, class_names: Sequence[str]) -> None:
     """Refuses a selection ``metric`` that is not a validation result of ``task`` (where its
     class declares its results)."""
-    declared = type(task).__dict__  # not inherited: a subclass may report more
-    if "metric_names" not in declared:
+    declared = task.declared_metrics()
+    if declared is None:
         return
-    names, per_class_names = declared["metric_names"], declared.get("per_class_metrics", ())
+    names, per_class_names = declared
     prefix, _, name = metric.partition("/")
     per_class = {f"{m}/{class_key(c)}" for m in per_class_names for c in class_names}
     if prefix in ("val", "val_ema") and (name in names or name in per_class):
@@ -1099,6 +1111,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
     total_steps = spec.steps(steps_per_epoch)
     newest = ckpt.newest_complete_step()
+    _check_headline(spec.task)  # (before the selection's check, which would blame its metric)
     if val_source is not None:
         _check_selection(spec, val_source, total_steps, fresh=newest is None)
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)

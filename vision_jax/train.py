@@ -91,8 +91,22 @@ def run_evaluation(
         with contextlib.closing(batches):  # stopped or failed: its pipeline released now
             weights = evaluated_weights(state, ema)
             total = evaluate(run.eval_step, weights, run.frozen, batches, run.mesh, seen)
-        result.update(run.task.summarize(total, source, f"{split}{kind}/"))
+        summary = run.task.summarize(total, source, f"{split}{kind}/")
+        _check_headline_returned(run.task, summary, f"{split}{kind}/")
+        result.update(summary)
     return result
+
+
+def _check_headline_returned(task: Any, summary: dict[str, float], prefix: str) -> None:
+    """Refuses a ``summary`` without the task's headline (the model selection, the report and
+    the run's last lines read it), at the first evaluation: naming the task's summarize, not
+    the ``early_stopping.metric`` the headline defaults to."""
+    if f"{prefix}{task.headline}" not in summary:
+        raise ValueError(
+            f"{type(task).summarize.__qualname__} returned no {prefix}{task.headline}, the "
+            f"headline of {type(task).__name__} ({task.headline!r}); it returned "
+            f"{', '.join(sorted(summary))}."
+        )
 
 
 def _interruptible(batches: Iterator[dict], interrupt: Callable[[], None]) -> Iterator[dict]:

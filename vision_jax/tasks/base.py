@@ -60,12 +60,25 @@ class Task(abc.ABC):
     # figures are made of them); none: the eval step does not call ``predict``.
     per_example: ClassVar[tuple[str, ...]] = ()
     # The names :meth:`summarize` returns (without the prefix), and those it returns per class
-    # as ``<name>/<class>`` (where defined), so that a run checks ``early_stopping.metric``
-    # before it trains; None: not declared (checked at the first validation).
+    # as ``<name>/<class>`` (where defined), so that a run checks ``early_stopping.metric`` and
+    # the headline before it trains; None: not declared (checked at the first evaluation).
     metric_names: ClassVar[tuple[str, ...] | None] = None
     per_class_metrics: ClassVar[tuple[str, ...]] = ()
     # Why a validation may leave a per-class result out (the model selection's warning)
     per_class_absent: ClassVar[str] = ABSENT
+
+    @classmethod
+    def declared_metrics(cls) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(:attr:`metric_names`, :attr:`per_class_metrics`) where they describe the
+        :meth:`summarize` this class runs: declared by the class that defines it or by a
+        subclass of that class (inherited too); None where not declared, or declared above a
+        subclass's summarize of its own (it may return other names)."""
+        declaring = lambda name: next(c for c in cls.__mro__ if name in c.__dict__)
+        if cls.metric_names is None or not issubclass(
+            declaring("metric_names"), declaring("summarize")
+        ):
+            return None
+        return cls.metric_names, cls.per_class_metrics
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
