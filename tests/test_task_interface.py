@@ -12,6 +12,7 @@ from clu import metrics
 from test_train import small_config
 
 from vision_jax import specs, tasks
+from vision_jax.config import TrackedConfig, UnreadConfigKeysError
 from vision_jax.main import _summaries
 from vision_jax.models import create_model
 from vision_jax.run import build_run
@@ -199,3 +200,41 @@ def test_the_summary_lines_skip_a_missing_headline(register, caplog):
     assert _summaries(results, Regression.name) == [
         "best checkpoint: step 2 (val/mae 0.9000); its mae on the eval split 1.0000 (360 examples)"
     ]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(Regression):
+    name = "settings"
+    huber_delta: float | None = 1.0  # None: the squared error
+    offset: float  # no default
+
+
+def settings_config(**task_keys):
+    config = regression_config(Settings)
+    for key, value in task_keys.items():
+        config.task[key] = value
+    return TrackedConfig(config)
+
+
+def test_a_tasks_settings_come_from_its_config_keys(register):
+    """``config.task.<field>``: unset, or None (as every config key), the field's default; a
+    None where the field's type takes None is kept (it was replaced by the default: the config
+    could not ask for it); a field without a default needs a value (it was a TypeError from
+    the constructor); a mistyped key's hint names the task's own fields, the unset ones too."""
+    register(Settings)
+    task = tasks.create_task(settings_config(offset=0.5))
+    assert (task.scale, task.huber_delta, task.offset) == (1.0, 1.0, 0.5)
+    task = tasks.create_task(settings_config(offset=0.5, huber_delta=None, scale=None))
+    assert (task.scale, task.huber_delta, task.offset) == (1.0, None, 0.5)
+    assert tasks.create_task(settings_config(offset=0.5, huber_delta=2.0)).huber_delta == 2.0
+    match = (
+        r"task.offset needs a value \(Settings.offset has no default\): set config.task.offset "
+        r"\(c.task.offset = ... in the config file\)."
+    )
+    for config in (settings_config(), settings_config(offset=None)):
+        with pytest.raises(specs.ConfigError, match=match):
+            tasks.create_task(config)
+    config = settings_config(offset=0.5, scael=2.0)
+    specs.run_spec(config)
+    with pytest.raises(UnreadConfigKeysError, match=r"task.scael \(closest: task.scale, "):
+        config.check_all_read()

@@ -326,7 +326,18 @@ class TrackedConfig:
         prefix = section + "." if section else ""
         leaves = [k for k in reads if not any(r.startswith(k + ".") for r in reads)]
         names = [k[len(prefix) :] for k in leaves if k.startswith(prefix)]
+        if section == "task":  # the task's own keys, the unset ones too (never read)
+            names += self._task_fields()
         return closest(name, [k for k in names if "." not in k], prefix)
+
+    def _task_fields(self) -> list[str]:
+        """The ``task.*`` keys this run's task reads."""
+        from vision_jax.tasks import TASKS  # the tasks import this module
+        from vision_jax.tasks.base import TOP_LEVEL
+
+        task = TASKS.get(self._config.get("task", {}).get("name"))
+        fields = dataclasses.fields(task) if task is not None else ()
+        return [f.name for f in fields if f.name not in TOP_LEVEL]
 
     def _other_tasks(self, key: str) -> str:
         """For a ``task.*`` key: the tasks that read it (it belongs to another task's runs)."""

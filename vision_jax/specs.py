@@ -271,9 +271,14 @@ def _section(section: Any, spec: type) -> dict[str, Any]:
     return {k: as_tuples(section.get(k)) for k in names if k in section}
 
 
+def takes_none(field: dataclasses.Field) -> bool:
+    """Whether ``field``'s type takes None (``X | None``, ``Optional[X]``)."""
+    return "None" in str(field.type) or "Optional[" in str(field.type)
+
+
 def _lacks_value(field: dataclasses.Field, value: Any) -> bool:
     """Whether ``value`` is a None that ``field``'s type does not take (a required key unset)."""
-    return value is None and "None" not in str(field.type)
+    return value is None and not takes_none(field)
 
 
 def _build(spec: type, values: dict[str, Any], section: str) -> Any:

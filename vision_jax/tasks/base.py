@@ -20,7 +20,7 @@ from clu import metrics
 from vision_jax.models import create_model
 from vision_jax.models.registry import family
 from vision_jax.selection import ABSENT
-from vision_jax.specs import as_tuples
+from vision_jax.specs import ConfigError, as_tuples, takes_none
 
 Batch = Mapping[str, jax.Array]
 TOP_LEVEL = frozenset({"loss", "label_smoothing"})  # task settings kept at the config's root
@@ -82,13 +82,25 @@ class Task(abc.ABC):
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
-        """The task from ``config.task`` and the top-level ``loss`` / ``label_smoothing`` (unset
-        keys take the dataclass defaults); keys the task does not use stay unread, so setting
-        them is an error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: section.get(k) for k in fields - TOP_LEVEL if section.get(k) is not None}
-        kwargs.update({k: config.get(k) for k in fields & TOP_LEVEL if config.get(k) is not None})
-        return cls(**{k: as_tuples(v) for k, v in kwargs.items()})
+        """The task from ``config.task`` and the top-level ``loss`` / ``label_smoothing``: an
+        unset key takes the field's default, and so does a None, as in every config section
+        (the library's task keys are None placeholders), except for a field whose type takes
+        None (a None is then its value); a field without a default needs a value. Keys the
+        task does not use stay unread, so setting them is an error."""
+        kwargs = {}
+        for f in [f for f in dataclasses.fields(cls) if f.init]:  # (not __post_init__'s)
+            where, key = (config, f.name) if f.name in TOP_LEVEL else (section, f"task.{f.name}")
+            value, missing = where.get(f.name), dataclasses.MISSING
+            unset = f.name not in where or (value is None and not takes_none(f))
+            if unset and (f.default is not missing or f.default_factory is not missing):
+                continue
+            if unset:
+                raise ConfigError(
+                    f"{key} needs a value ({cls.__name__}.{f.name} has no default): set "
+                    f"config.{key} (c.{key} = ... in the config file)."
+                )
+            kwargs[f.name] = as_tuples(value)
+        return cls(**kwargs)
 
     def unmeasurable(self, name: str, source: Any) -> str | None:
         """Why the split ``source`` can never give the result ``name`` (without its prefix),
