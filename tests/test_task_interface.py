@@ -13,6 +13,7 @@ from test_train import small_config
 
 from vision_jax import specs, tasks
 from vision_jax.config import TrackedConfig, UnreadConfigKeysError
+from vision_jax.data import DataError
 from vision_jax.main import _summaries
 from vision_jax.models import create_model
 from vision_jax.run import build_run
@@ -34,7 +35,8 @@ class EvalMetrics(metrics.Collection):
 
 @dataclasses.dataclass(frozen=True)
 class Regression(Task):
-    """The digit's value (times ``scale``) from its image: MSE loss, MAE headline."""
+    """The digit's value (times ``scale``) from its image: MSE loss, MAE headline (summarized
+    by Task.summarize)."""
 
     scale: float = 1.0
 
@@ -60,11 +62,6 @@ class Regression(Task):
         return EvalMetrics.single_from_model_output(
             mse=e**2, mae=jnp.abs(e), mask=batch["mask"] > 0
         )
-
-    def summarize(self, collection, source, prefix):
-        out = {f"{prefix}{k}": float(v) for k, v in collection.compute().items()}
-        out[f"{prefix}examples"] = float(collection.mae.count)
-        return out
 
     def predict(self, outputs, image_hw):
         return {"value": outputs[..., 0].astype(jnp.float32)}
@@ -181,7 +178,7 @@ def test_a_summarize_without_the_headline_is_named_at_the_first_evaluation(
     split = "val" if val_split else "eval"
     with pytest.raises(
         ValueError,
-        match=rf"Regression.summarize returned no {split}/MAE, the headline of "
+        match=rf"Task.summarize returned no {split}/MAE, the headline of "
         rf"MisheadlinedUndeclared \('MAE'\); it returned {split}/examples, {split}/mae, "
         rf"{split}/mse\.",
     ):
@@ -238,3 +235,42 @@ def test_a_tasks_settings_come_from_its_config_keys(register):
     specs.run_spec(config)
     with pytest.raises(UnreadConfigKeysError, match=r"task.scael \(closest: task.scale, "):
         config.check_all_read()
+
+
+@flax.struct.dataclass
+class Collected(metrics.CollectingMetric.from_outputs(("value",))):
+    pass
+
+
+@flax.struct.dataclass
+class CollectedMetrics(metrics.Collection):
+    collected: Collected
+
+
+def test_the_base_summarize_gives_each_metric_and_the_examples():
+    """Task.summarize: each metric as a number, and the examples its first Average counted
+    (padding rows masked out); without an Average, it says to write one's own."""
+    task = Regression()
+    batch = {"label": jnp.array([1, 2, 3]), "mask": jnp.array([1, 1, 0])}
+    collection = task.eval_metrics(jnp.array([[1.0], [4.0], [9.0]]), batch)
+    summary = task.summarize(collection, None, "eval/")
+    assert summary == {"eval/mse": 2.0, "eval/mae": 1.0, "eval/examples": 2.0}
+    collected = CollectedMetrics.single_from_model_output(value=jnp.zeros(3))
+    with pytest.raises(TypeError, match="Regression's eval_metrics has no Average metric for "):
+        task.summarize(collected, None, "eval/")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadsPoints(Regression):
+    name = "reads_points"
+    target = "points"
+
+
+def test_a_target_the_input_pipeline_does_not_provide_is_named_as_the_tasks(tmp_path, register):
+    register(ReadsPoints)
+    match = (
+        r"Unknown target 'points' \(a task's target, the batch key it reads\): the input "
+        r"pipeline provides 'label', 'label_map', 'boxes'; other targets are not supported yet."
+    )
+    with pytest.raises(DataError, match=match):
+        build_run(regression_config(ReadsPoints), str(tmp_path))

@@ -306,7 +306,11 @@ def tensor_column(values: np.ndarray) -> np.ndarray:
 def check_target(target: str) -> str:
     """``target`` if it is one of :data:`TARGETS`, else a DataError."""
     if target not in TARGETS:
-        raise DataError(f"Unknown target {target!r}; valid: {', '.join(map(repr, TARGETS))}.")
+        raise DataError(
+            f"Unknown target {target!r} (a task's target, the batch key it reads): the input "
+            f"pipeline provides {', '.join(map(repr, TARGETS))}; other targets are not "
+            "supported yet."
+        )
     return target
 
 

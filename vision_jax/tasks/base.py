@@ -151,13 +151,23 @@ class Task(abc.ABC):
             )
         return self.eval_metrics(outputs, batch), {k: found[k] for k in self.per_example}
 
-    @abc.abstractmethod
     def summarize(
         self, collection: metrics.Collection, source: Any, prefix: str
     ) -> dict[str, float]:
         """``{prefix + name: value}`` of metrics merged over the whole split ``source`` (a
         :class:`vision_jax.data.Source`: its class names, and ground truth where the metric
-        needs it), plus ``{prefix}examples``."""
+        needs it), plus ``{prefix}examples``. By default each metric of the collection as a
+        number, and the examples its first ``Average`` counted: a task whose metrics are not
+        numbers, or not one value per example (per pixel, say), summarizes them itself."""
+        averages = [m for m in vars(collection).values() if isinstance(m, metrics.Average)]
+        if not averages:
+            raise TypeError(
+                f"{type(self).__name__}'s eval_metrics has no Average metric for Task.summarize "
+                "to count the examples with: give the task a summarize of its own."
+            )
+        out = {f"{prefix}{k}": float(v) for k, v in collection.compute().items()}
+        out[f"{prefix}examples"] = float(averages[0].count)
+        return out
 
     @abc.abstractmethod
     def predict(self, outputs: Any, image_hw: tuple[int, int]) -> dict[str, jax.Array]:

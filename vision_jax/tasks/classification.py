@@ -74,11 +74,6 @@ class Classification(Task):
             mask=batch["mask"] > 0,
         )
 
-    def summarize(self, collection: EvalMetrics, source: Any, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}{k}": float(v) for k, v in collection.compute().items()}
-        out[f"{prefix}examples"] = float(collection.top1.count)
-        return out
-
     def predict(self, outputs: jax.Array, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
         del image_hw
         probs = (jax.nn.sigmoid if self.loss == "sigmoid_xent" else jax.nn.softmax)(
