@@ -267,6 +267,27 @@ def test_the_best_checkpoint_line_gives_the_selected_parameters_figure():
     assert plain[0].endswith("its top-1 accuracy on the eval split 0.8200 (100 examples)")
 
 
+def test_the_summary_names_a_headline_in_words_for_library_tasks_only(monkeypatch):
+    """A task of one's own whose headline is ``map`` printed it as "COCO mAP@[.5:.95]" (the
+    words were keyed by metric name); it prints the metric's name, as does a subclass that
+    changes its headline; a library task's subclass that keeps it keeps the words."""
+    from own_task import DigitValue
+
+    from vision_jax import tasks
+    from vision_jax.main import _summaries
+
+    mine = type("Tagged", (DigitValue,), {"name": "tagged", "headline": "map"})
+    topk = type("Top5", (tasks.Classification,), {"name": "top5", "headline": "top5"})
+    kept = type("Kept", (tasks.Detection,), {"name": "kept"})
+    for cls in (mine, topk, kept):
+        monkeypatch.setitem(tasks.TASKS, cls.name, cls)
+    results = {"best/step": 4.0, "best/val/x": 0.5, "eval/examples": 10.0}
+    said = lambda task, headline: _summaries({**results, f"eval/{headline}": 0.25}, task)[0]
+    assert said("tagged", "map").endswith("its map on the eval split 0.2500 (10 examples)")
+    assert said("top5", "top5").endswith("its top5 on the eval split 0.2500 (10 examples)")
+    assert "its COCO mAP@[.5:.95] on the eval split" in said("kept", "map")
+
+
 # --- signals ------------------------------------------------------------------------------------
 
 

@@ -81,7 +81,13 @@ flags.DEFINE_bool(
     "confusion matrix, training curves, hardest examples); single-process runs only.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
-HEADLINES = {"top1": "top-1 accuracy", "miou": "mean IoU", "map": "COCO mAP@[.5:.95]"}
+# The library tasks' headlines in words (a task of one's own, and a subclass that changes its
+# headline, prints the metric's name)
+HEADLINES = {
+    "classification": "top-1 accuracy",
+    "segmentation": "mean IoU",
+    "detection": "COCO mAP@[.5:.95]",
+}
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -470,7 +476,10 @@ def _summaries(results: dict[str, float], task: str) -> list[str]:
     from vision_jax.tasks import TASKS
 
     headline = TASKS[task].headline
-    name, examples = HEADLINES.get(headline, headline), int(results.get("eval/examples", 0))
+    library = [n for n in HEADLINES if issubclass(TASKS[task], TASKS[n])]
+    words = library and headline == TASKS[library[0]].headline
+    name = HEADLINES[library[0]] if words else headline
+    examples = int(results.get("eval/examples", 0))
     if f"eval/{headline}" not in results:  # (a run whose task's summarize left it out)
         logging.warning("No eval/%s (the task's headline) in the results: no summary of it.",
                         headline)  # fmt: skip
