@@ -873,6 +873,28 @@ def test_bad_input_gives_a_clear_error(tmp_path, overrides, error, match):
     assert not (tmp_path / "checkpoints").exists()  # nothing left behind
 
 
+def test_mixing_is_refused_for_a_task_that_reads_no_soft_labels(monkeypatch):
+    """A task of one's own trained with mixup or cutmix had its images mixed and its targets
+    not (it never reads ``soft_label``), in silence; it is refused before any data is read,
+    unless the task declares it reads them (classification does)."""
+    from own_task import DigitValue
+
+    from vision_jax import tasks
+
+    reading = type("Reading", (DigitValue,), {"name": "reading", "reads_soft_label": True})
+    for cls in (DigitValue, reading):
+        monkeypatch.setitem(tasks.TASKS, cls.name, cls)
+    mixed = {"input.mixup_alpha": 0.2, "input.cutmix_alpha": 1.0}
+    with pytest.raises(specs.ConfigError, match=(
+        r"input.mixup_alpha, input.cutmix_alpha: the task 'digit_value' does not read the mixed "
+        r"labels \(batch\['soft_label'\]\).*declares reads_soft_label = True"
+    )):  # fmt: skip
+        specs.run_spec(TrackedConfig(small_config(**mixed, **{"task.name": "digit_value"})))
+    assert specs.run_spec(TrackedConfig(small_config(**mixed))).input.mixes
+    assert specs.run_spec(TrackedConfig(small_config(**mixed, **{"task.name": "reading"})))
+    assert specs.run_spec(TrackedConfig(small_config(**{"task.name": "digit_value"})))
+
+
 def test_a_saved_config_with_a_key_now_refused_still_loads(tmp_path, caplog):
     """A run saved by a version that accepted a key off its branch (``input.mix_prob`` without
     mixup) loads for predict, export and reports, with a warning; a new run refuses it."""

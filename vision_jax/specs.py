@@ -786,6 +786,14 @@ def run_spec(config: Any) -> RunSpec:
             f"early_stopping.metric {spec.early_stopping.metric!r} measures the EMA parameters: "
             "set ema_decay (e.g. 0.999) to keep them."
         )
+    mixing = [f"input.{k}" for k in ("mixup_alpha", "cutmix_alpha") if getattr(spec.input, k)]
+    if mixing and not spec.task.reads_soft_label and not _SAVED.get():
+        raise ConfigError(
+            f"{', '.join(mixing)}: the task {spec.task.name!r} does not read the mixed labels "
+            "(batch['soft_label']) that mixup and cutmix make: its images would be mixed and "
+            "its targets not; turn off (a task whose train_loss reads soft_label declares "
+            "reads_soft_label = True)."
+        )
     if spec.lora is not None and spec.optimizer.trainable != "all":
         raise ConfigError(
             f"optimizer.trainable={spec.optimizer.trainable!r} and lora.rank > 0 both choose "

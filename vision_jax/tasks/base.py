@@ -66,6 +66,10 @@ class Task(abc.ABC):
     per_class_metrics: ClassVar[tuple[str, ...]] = ()
     # Why a validation may leave a per-class result out (the model selection's warning)
     per_class_absent: ClassVar[str] = ABSENT
+    # Whether :meth:`train_loss` reads the batch's ``soft_label`` (the label distributions
+    # mixup and cutmix make of the labels of the images they mix): a run of a task that does
+    # not is refused mixing (its images would be mixed, its targets not).
+    reads_soft_label: ClassVar[bool] = False
 
     @classmethod
     def declared_metrics(cls) -> tuple[tuple[str, ...], tuple[str, ...]] | None:

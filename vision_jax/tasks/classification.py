@@ -50,6 +50,7 @@ class Classification(Task):
     metric_names = ("loss", "top1", "top5", "examples")
     train_metrics = TrainMetrics
     per_example = ("probabilities",)
+    reads_soft_label = True  # losses.targets_of
 
     def __post_init__(self) -> None:
         losses.get_loss(self.loss)  # validates the name
