@@ -630,6 +630,38 @@ def test_manifest_states_the_resampling_pil_reproduces():
         assert np.abs(got - np.asarray(want, np.float32)).max() <= 1, interpolation
 
 
+def test_manifest_of_a_task_of_ones_own_states_its_targets_resize_and_the_datas_classes():
+    """A task of one's own evaluates as its target says (labels: resized and cropped; label
+    maps: the whole image), which the manifest left out (it was keyed on the library task);
+    its outputs index no classes (one value here, ten digit classes): the data's classes are
+    ``data_class_names``, not ``class_names``."""
+    from own_task import DigitValue
+
+    spec = InputSpec(image_size=16, resize_size=20, crop_mode="squash")
+    servable = SimpleNamespace(
+        mean=(0.5,) * 3, std=(0.5,) * 3, input_shape=lambda b: (b, 16, 16, 3),
+        output_specs=lambda: {"value": jax.ShapeDtypeStruct((1,), jnp.float32)},
+    )  # fmt: skip
+    maps = type("Maps", (DigitValue,), {"name": "maps", "target": "label_map"})
+    for task in (DigitValue(), maps(), Classification()):
+        trained = SimpleNamespace(
+            task=task, input=spec, class_names=[str(d) for d in range(10)], step_dir="run/1",
+            step=1, ema=False, record=SimpleNamespace(model="vit_ti16", category_ids=None),
+            spec=SimpleNamespace(model_dtype="float32"),
+        )  # fmt: skip
+        manifest = _manifest(trained, servable, "savedmodel", "none", None)
+        resize = manifest["input"]["resize"]
+        assert "PIL's Image.resize" in resize["resampling"]
+        if task.target == "label":  # as classification's evaluation
+            assert resize["resize"] == "the whole image to 20 x 20, aspect ratio not kept"
+            assert resize["crop"] == "the central 16 x 16 square"
+        else:
+            assert resize["resize"].startswith("the whole image to 16 x 16") and len(resize) == 3
+        names = {"class_names", "data_class_names"} & set(manifest)
+        assert names == {"class_names" if task.name == "classification" else "data_class_names"}
+        assert manifest[names.pop()] == trained.class_names
+
+
 def test_detection_manifest_states_the_letterbox_that_reproduces_the_pipeline(tmp_path):
     """The manifest's letterbox recipe (ScaleAndTranslate at s = size / longer side, padding
     where a pixel's centre lies past the scaled image), followed literally, gives the pixels

@@ -159,6 +159,7 @@ def _write_artifact(
 def _manifest(
     trained: Trained, servable: Servable, format: str, quantize: str, batch: int | None
 ) -> dict[str, Any]:
+    kind, target = library_kind(trained.task), trained.task.target
     outputs = {
         name: {"shape": [batch, *spec.shape[1:]], "dtype": np.dtype(spec.dtype).name}
         for name, spec in servable.output_specs().items()
@@ -183,16 +184,19 @@ def _manifest(
         "task": trained.task.name,
         "model": trained.record.model,
         "compute_dtype": trained.spec.model_dtype,  # TFLite: float32 (see in_float32)
-        "class_names": trained.class_names,
+        # What a library task's outputs index; a task of one's own: the data's classes (its
+        # outputs mean what its predict makes them, as many as its model gives)
+        "class_names" if kind is not None else "data_class_names": trained.class_names,
         "source": {
             "step_dir": trained.step_dir,
             "step": trained.step,
             "parameters": "ema" if trained.ema else "trained",
         },
     }
-    kind = library_kind(trained.task)
-    if kind == "detection":  # how evaluation and predict fit images in
+    # How evaluation fits images in: its target decides (vision_jax.data's preprocessing)
+    if target == "boxes":  # and predict
         manifest["input"]["letterbox"] = _letterbox(trained.input, servable.mean)
+    if kind == "detection":
         outputs["boxes"]["meaning"] = "x0, y0, x1, y1 in input pixels (divide by s for the image's)"
         outputs["classes"]["meaning"] = (
             "an index into class_names (category_ids[index]: the COCO category id); -1 marks an "
@@ -201,17 +205,20 @@ def _manifest(
         outputs["scores"]["meaning"] = (
             "sqrt(class probability * centerness), highest first; 0 in empty slots"
         )
-    elif kind == "segmentation":  # evaluation sees every pixel of the image
+    if target == "label_map":  # evaluation sees every pixel of the image
         spec = trained.input
         manifest["input"]["resize"] = {
             "interpolation": spec.interpolation,
             "resampling": _resampling(spec.interpolation),
             "resize": f"the whole image to {spec.image_size} x {spec.image_size}, aspect ratio "
             "not kept",
-            "label_map": "at the input size: for the image's size, resize the log of "
-            "probabilities bilinearly (half-pixel centres) and take the argmax, as predict does",
         }
-    elif kind == "classification":  # how evaluation resizes and crops
+        if kind == "segmentation":
+            manifest["input"]["resize"]["label_map"] = (
+                "at the input size: for the image's size, resize the log of probabilities "
+                "bilinearly (half-pixel centres) and take the argmax, as predict does"
+            )
+    elif target == "label":  # how evaluation resizes and crops
         spec = trained.input
         whole = spec.crop_mode == "squash"
         manifest["input"]["resize"] = {
