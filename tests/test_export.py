@@ -300,6 +300,46 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: No vision_jax checkpoint found in") and "\n" not in err
 
 
+def test_quantisations_of_a_task_of_ones_own_are_not_compared_as_classes(
+    tmp_path, monkeypatch, caplog, capsys
+):
+    """--evaluate and full_int8's agreement counted top-1 classes of any task of one's own: a
+    regression's export failed after converting (KeyError 'probabilities'), a multi-label
+    task's printed meaningless figures. --evaluate is refused before anything converts;
+    full_int8 exports without the check, and a warning says it was not measured."""
+    from own_task import DigitValue
+
+    import vision_jax.export.__main__ as cli
+    from vision_jax.export import exporter
+
+    task = DigitValue()
+    model = task.build_model("cifar_resnet20", 10)
+    spec = SimpleNamespace(model_dtype="float32", data=SimpleNamespace(train_split="train"))
+    trained = SimpleNamespace(
+        task=task, model=model, variables=perturbed(init(model, 8)), spec=spec,
+        input=InputSpec(image_size=8), class_names=[str(d) for d in range(10)],
+        record=SimpleNamespace(model="cifar_resnet20", category_ids=None), step_dir="run/1",
+        step=1, ema=False,
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="the task 'digit_value' is one of your own"):
+        quantization_report(trained)
+    monkeypatch.setattr(cli, "load_trained", lambda *args, **kwargs: trained)
+    converted = lambda *args, **kwargs: pytest.fail("converted before refusing")
+    monkeypatch.setattr(cli, "export_trained", converted)
+    args = ["--workdir", "run", "--format", "tflite", "--output", str(tmp_path), "--evaluate"]
+    assert cli.main(args) == 1
+    assert "Comparing TFLite quantisations (--evaluate)" in capsys.readouterr().err
+    images = digit_images(100)[:, ::2, ::2]  # 8 x 8
+    monkeypatch.setattr(exporter, "_calibration_images", lambda trained, batch: images)
+    with caplog.at_level("WARNING"):
+        manifest = export_trained(trained, tmp_path, format="tflite", quantize="full_int8")
+    assert "quantization_check" not in manifest
+    said = "agreement with float32 is not measured for the task 'digit_value', one of your own"
+    assert any(said in r.getMessage() for r in caplog.records)
+    values = TFLiteModel((tmp_path / "model.tflite").read_bytes())(images[:1])["value"]
+    assert values.shape == (1,) and np.isfinite(values).all()
+
+
 def test_segmentation_exports_label_maps_and_probabilities():
     task = Segmentation()
     model = task.build_model("vit_ti16", 3, depth=1)  # a linear head on a ViT: GELU inside

@@ -5,9 +5,10 @@
 Writes the run's model (uint8 images at its input size in, predictions out; see
 :mod:`vision_jax.export`) and ``export.json`` into DIR. ``--quantize=full_int8`` also measures
 the int8 model's agreement with float32 on its calibration images (the manifest's
-``quantization_check``; a warning when low). ``--evaluate`` (TFLite) also converts
-every quantisation and prints what each costs on the run's evaluation split (size, accuracy and
-its change, agreement with float32, latency), stored in the manifest as ``evaluation``.
+``quantization_check``; a warning when low; not for a task of one's own). ``--evaluate``
+(TFLite; a library task's run) also converts every quantisation and prints what each costs on
+the run's evaluation split (size, accuracy and its change, agreement with float32, latency),
+stored in the manifest as ``evaluation``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 from vision_jax.data import DataError
 from vision_jax.export.exporter import FORMATS, export_trained, write_manifest
-from vision_jax.export.report import quantization_report
+from vision_jax.export.report import check_comparable, quantization_report
 from vision_jax.export.serving import ExportError
 from vision_jax.export.tflite import QUANTIZATIONS
 from vision_jax.output_errors import failed_write, write_failure
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         trained = load_trained(args.workdir, which=args.which, ema=args.ema)
+        if args.evaluate:  # before the export converts
+            check_comparable(trained.task)
         manifest = export_trained(
             trained, args.output, format=args.format, quantize=args.quantize,
             tflite_batch=args.tflite_batch,

@@ -48,7 +48,8 @@ def export_trained(
 
     ``full_int8`` calibrates on :func:`calibration_count` training images and measures the
     quantised model's agreement with float32 on them (the manifest's ``quantization_check``),
-    with a warning below :data:`AGREEMENT_WARNING`. Nothing is left in ``output`` (nor the
+    with a warning below :data:`AGREEMENT_WARNING` (a task of one's own: not measured, a
+    warning says so). Nothing is left in ``output`` (nor the
     folder, when the export made it) by an export that fails before its files are written."""
     if isinstance(trained, str | os.PathLike):
         raise TypeError(
@@ -77,7 +78,14 @@ def export_trained(
         if quantize == "full_int8":
             representative = _calibration_images(trained, batch)
         content = to_tflite(servable, batch=batch, quantize=quantize, representative=representative)
-        if representative is not None:
+        if representative is not None and library_kind(trained.task) is None:
+            logger.warning(
+                "full_int8: the quantised model's agreement with float32 is not measured for "
+                "the task %r, one of your own (the check counts equal top-1 classes or pixel "
+                "labels): compare its outputs with the float32 model's yourself.",
+                trained.task.name,
+            )  # fmt: skip
+        elif representative is not None:
             manifest["quantization_check"] = _quantization_check(
                 trained, servable, content, representative
             )

@@ -17,7 +17,7 @@ import numpy as np
 
 from vision_jax.data import IGNORE_LABEL
 from vision_jax.export.images import split_images
-from vision_jax.export.serving import Servable
+from vision_jax.export.serving import ExportError, Servable
 from vision_jax.export.tflite import (
     QUANTIZATIONS,
     TFLiteModel,
@@ -26,7 +26,7 @@ from vision_jax.export.tflite import (
     to_tflite,
 )
 from vision_jax.metrics import iou_summary
-from vision_jax.tasks import library_kind
+from vision_jax.tasks import Task, library_kind
 
 if TYPE_CHECKING:
     from vision_jax.trained import Trained
@@ -134,6 +134,18 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
+def check_comparable(task: Task) -> None:
+    """Raises for a task whose TFLite forms :func:`quantization_report` cannot compare: one of
+    one's own (accuracy and agreement count classes, or pixel labels, of a library task)."""
+    if library_kind(task) is None:
+        raise ExportError(
+            f"Comparing TFLite quantisations (--evaluate) counts right and agreeing top-1 "
+            f"classes (segmentation: pixel labels); the task {task.name!r} is one of your own, "
+            "whose outputs it cannot read: compare its forms' outputs yourself "
+            "(vision_jax.export.TFLiteModel runs one)."
+        )
+
+
 def quantization_report(
     trained: Trained,
     *,
@@ -145,7 +157,9 @@ def quantization_report(
     """Every TFLite form of the run ``trained`` (a :class:`vision_jax.trained.Trained`) at
     ``batch`` images, on its evaluation split (all of it, or ``examples`` drawn at random);
     full-integer ranges calibrated on ``calibration`` images of its training split (by default
-    as the export calibrates: :func:`vision_jax.export.tflite.calibration_count`)."""
+    as the export calibrates: :func:`vision_jax.export.tflite.calibration_count`); a task of
+    one's own is refused (:func:`check_comparable`)."""
+    check_comparable(trained.task)
     trained = in_float32(trained)  # as exported to TFLite
     servable = Servable.from_trained(trained)
     data = trained.spec.data
