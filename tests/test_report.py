@@ -447,3 +447,35 @@ def test_the_page_says_which_step_it_shows_and_of_how_many(tmp_path):
     (best / "meta" / "metadata").write_text(json.dumps({"selection": selection}))
     assert _step(trained(str(best), 30, 100)) == "best step 30 (val/loss 3.21e-05)"
     assert _step(trained("w/checkpoints/7", 7, None)) == "latest step 7"
+
+
+def test_a_task_of_ones_own_gets_the_results_its_run_recorded(tmp_path, monkeypatch):
+    """A task without an evaluator got the curves alone; its report now shows the evaluation
+    results its run recorded for the step shown (the best step: its validation figures and
+    the best checkpoint's on the evaluation split; the latest: that step's), in results.csv."""
+    from own_task import DigitValue
+    from test_train import small_config
+
+    from vision_jax import tasks
+
+    monkeypatch.setitem(tasks.TASKS, DigitValue.name, DigitValue)
+    config = small_config(
+        total_steps=4, eval_every_steps=2, eval_batch_size=360, **{"task.name": DigitValue.name},
+        **{"input.image_size": 8, "optimizer.learning_rate": 0.01,
+           "data.train_split": "train[:80%]", "data.val_split": "train[80%:]"},
+    )  # fmt: skip
+    result = train_and_evaluate(config, str(tmp_path))
+    best = int(result["best/step"])
+    write_report(tmp_path)
+    rows = {r["result"]: float(r["value"]) for r in _rows(tmp_path / "report" / "results.csv")}
+    assert set(rows) == {"val/mae", "val/examples", "best/eval/mae", "best/eval/examples"}
+    assert rows["best/eval/mae"] == pytest.approx(result["eval/mae"], rel=1e-6)
+    assert rows["val/mae"] == pytest.approx(result["best/val/mae"], rel=1e-6)
+    assert rows["best/eval/examples"] == 360
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Evaluation results" in page and f"recorded for step {best} (best/..." in page
+    assert f"<td>best/eval/mae</td><td>{result['eval/mae']:.6g}</td>" in page
+    write_report(tmp_path, which="latest")
+    rows = {r["result"] for r in _rows(tmp_path / "report" / "results.csv")}
+    assert rows == {"val/mae", "val/examples"} | ({"best/eval/mae", "best/eval/examples"}
+                                                  if best == 4 else set())  # fmt: skip

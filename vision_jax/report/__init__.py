@@ -15,7 +15,10 @@
 * ``hardest_examples.png`` / ``.csv``: the examples with the lowest probability on their true
   label (segmentation: the lowest pixel accuracy), with their file (file sources) and their
   row in the split as sliced: with ``test[:20%]`` of arrays or IDX files, the row of the slice
-  (:func:`vision_jax.data.apply_slice` of the unsliced split's columns gives the same rows).
+  (:func:`vision_jax.data.apply_slice` of the unsliced split's columns gives the same rows);
+* ``results.csv``: a task of one's own (no evaluator in :mod:`vision_jax.report.tasks`): the
+  evaluation results its run recorded for the step shown (``eval/...``, ``val/...``, the best
+  checkpoint's ``best/eval/...``), from the event files.
 
 The figures come from the run's own model and evaluation pipeline on its evaluation split
 (``config.data.eval_split``), in one process: from the training command's final evaluation
@@ -34,8 +37,9 @@ from vision_jax import data as data_lib
 from vision_jax.report import page
 from vision_jax.report.curves import plot_curves, read_scalars
 from vision_jax.report.figures import confusion_figure, hardest_figure
-from vision_jax.report.tables import write_confusion, write_table
-from vision_jax.report.tasks import Evaluation, FinalEvaluation, evaluate
+from vision_jax.report.tables import Table, write_confusion, write_table
+from vision_jax.report.tasks import EVALUATORS, Evaluation, FinalEvaluation, evaluate
+from vision_jax.tasks import library_kind
 from vision_jax.trained import Trained, load_trained
 from vision_jax.weights.run_dir import BEST_DIR, read_selection
 
@@ -44,8 +48,8 @@ logger = logging.getLogger(__name__)
 CURVES, PER_CLASS = "training_curves.png", "per_class.csv"
 CONFUSION_CSV, CONFUSION_PNG = "confusion_matrix.csv", "confusion_matrix.png"
 HARDEST_CSV, HARDEST_PNG = "hardest_examples.csv", "hardest_examples.png"
-HTML = "report.html"
-OUTPUTS = (CURVES, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG, HARDEST_CSV, HARDEST_PNG, HTML)
+HTML, RESULTS = "report.html", "results.csv"
+OUTPUTS = (CURVES, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG, HARDEST_CSV, HARDEST_PNG, RESULTS, HTML)
 
 
 def write_report(
@@ -77,7 +81,9 @@ def write_report(
     evaluation = None
     if final is not None and final.hardest == hardest and not trained.ema:
         evaluation = final.evaluation(trained.step_dir)
-    if evaluation is None:
+    if EVALUATORS.get(library_kind(trained.task)) is None:  # a task of one's own
+        sections += _results_section(workdir, trained.step, out, notes)
+    elif evaluation is None:
         evaluation = _evaluation(trained, hardest, arrays, notes)
     facts = [f"task {trained.task.name}", f"model {trained.spec.model_name}", _step(trained)]
     if evaluation is not None:
@@ -120,6 +126,27 @@ def _curves_section(
         return [("Training curves", page.image(out / CURVES, "training curves"))]
     notes.append(f"No training curves: no TensorBoard scalars in {workdir}.")
     return []
+
+
+def _results_section(
+    workdir: str | os.PathLike, step: int, out: pathlib.Path, notes: list[str]
+) -> list[tuple[str, str]]:
+    """The evaluation results the run recorded for ``step`` (its event files' scalars of that
+    step but the training's), written to ``results.csv``; none, with a note, when it has none."""
+    found = [
+        [tag, float(values[steps == step][-1])]
+        for tag, (steps, values) in read_scalars(workdir).items()
+        if not tag.startswith("train/") and (steps == step).any()
+    ]
+    if not found:
+        notes.append(f"No evaluation results: the run's event files record none for step {step}.")
+        return []
+    write_table(Table(("result", "value"), found, []), out / RESULTS)
+    shown = Table(("result", "value"), [[tag, f"{value:.6g}"] for tag, value in found], [])
+    caption = f"What the run's evaluations recorded for step {step}"
+    if any(tag.startswith("best/") for tag, _ in found):
+        caption += " (best/...: the best checkpoint's, on the evaluation split)"
+    return [("Evaluation results", page.paragraph(caption + ".") + page.table(shown))]
 
 
 def _evaluation(
