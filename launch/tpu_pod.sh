@@ -18,7 +18,9 @@
 # saves a checkpoint at a step they agree on and exits 75. The script waits for the ssh sessions
 # and exits with the run's status (rerun the same command to resume). A second signal sends
 # SIGKILL on every worker; a third stops waiting (workers out of reach) and exits 128+signal.
-# A signal during create waits for gcloud and deletes the TPU (unless --keep).
+# A signal during create waits for gcloud and deletes the TPU (unless --keep). Started in the
+# background by a script (a sweep's `launch/tpu_pod.sh ... &`), it ignores Ctrl-C, as bash makes
+# a script's background jobs do: stop it with kill -TERM PID.
 # Each worker gets Python 3.11 (the TPU images ship 3.10) from uv, in ~/vision_jax_env.
 # DRY_RUN=1 is --dry-run: print the exact gcloud commands instead of running them.
 set -euo pipefail
@@ -213,7 +215,7 @@ forward() {
 # shellcheck disable=SC2329  # called by the trap
 on_exit() {
   local pid
-  trap - INT TERM
+  exit_on_signal
   for pid in ${jobs_started[@]+"${jobs_started[@]}"}; do
     kill_job "$pid"  # never leave a local gcloud or ssh behind, whatever ends this script
   done
@@ -230,7 +232,15 @@ create_tpu() {
   trap 'created=1; exit 143' TERM
   run "${create[@]}"
   created=1
-  trap - INT TERM
+  exit_on_signal
+}
+
+# A signal ends the script (after the command it runs; the EXIT trap deletes the TPU). Not
+# `trap - INT`: a sweep script's `tpu_pod.sh ... &` starts with SIGINT ignored, and bash's
+# reset would make its terminal's Ctrl-C kill this one (the TPU deleted under the workers).
+exit_on_signal() {
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
 }
 
 created=0

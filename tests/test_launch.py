@@ -516,6 +516,41 @@ def test_tpu_pod_forwards_a_signal_to_every_worker_and_exits_with_the_runs_statu
             os.kill(pid, signal.SIGKILL)
 
 
+@needs_process_tools
+def test_tpu_pod_started_in_the_background_ignores_ctrl_c_and_stops_on_sigterm(tmp_path):
+    """A sweep script's `tpu_pod.sh ... &` starts with SIGINT ignored (bash does that to a
+    script's background jobs): Ctrl-C in the sweep's terminal killed it after create (its
+    `trap - INT` made SIGINT fatal), deleting the TPU without stopping the workers."""
+    workdir = f"gs://bucket/runs/{tmp_path.name}"
+    launch = shlex.join(["bash", str(LAUNCH / "tpu_pod.sh"), "--name=vj-bg", "--zone=z",
+                         *MAIN_ARGS, f"--workdir={workdir}"])  # fmt: skip
+    sweep = subprocess.Popen(
+        ["bash", "-c", f"({launch} 2>err & echo $! >pid; wait $!; echo $? >rc) & wait"],
+        env=_fake_tpu(tmp_path), cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: all(e and e[0].startswith("started") for e in _events(tmp_path)))
+        os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C in the sweep's terminal
+        sweep.wait(timeout=30)
+        time.sleep(1)
+        assert not (tmp_path / "rc").exists(), (tmp_path / "err").read_text()
+        assert "delete" not in [c[4] for c in _gcloud_calls(tmp_path)]
+        assert all(e[1:] == [] for e in _events(tmp_path)), _events(tmp_path)
+        os.kill(int((tmp_path / "pid").read_text()), signal.SIGTERM)  # README: kill -TERM
+        _wait_for(lambda: (tmp_path / "rc").exists() and (tmp_path / "rc").read_text())
+        err = (tmp_path / "err").read_text()
+        assert (tmp_path / "rc").read_text() == "75\n", err
+        assert "every worker saves a checkpoint and stops" in err
+        for events in _events(tmp_path):
+            assert events[1:] == ["SIGTERM"], events
+        calls = _gcloud_calls(tmp_path)
+        assert "pkill -TERM" in calls[-2][-1] and calls[-1][4] == "delete"
+    finally:
+        for pid in _processes_under(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _run_tpu_pod(tmp_path: pathlib.Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(LAUNCH / "tpu_pod.sh"), "--name=vj", "--zone=z", *flags, *MAIN_ARGS,
