@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1011,11 +1012,15 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
     assert compilation_cache_dir("gs://b/runs/a", "auto") == "gs://b/runs/jax_cache"
     assert compilation_cache_dir("/runs/a", "off") is None
     assert compilation_cache_dir("/runs/a", "/c") == "/c"
+    assert compilation_cache_dir("/runs/a", "c") == os.path.abspath("c")  # the same after chdir
+    assert compilation_cache_dir("/runs/a", "~/c") == os.path.expanduser("~/c")
+    assert compilation_cache_dir("/runs/a", "gs://b/c") == "gs://b/c"
     for off in ("false", "None", "no", "0", "OFF"):  # absl habits: off, not a folder "false"
         assert compilation_cache_dir("/runs/a", off) is None
     with pytest.raises(ValueError, match="--compilation_cache is empty"):
         compilation_cache_dir("/runs/a", " ")
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_enable_xla_caches")  # fmt: skip
     before = {name: getattr(jax.config, name) for name in names}
     try:
         monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
@@ -1037,6 +1042,41 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
         for name, value in before.items():
             jax.config.update(name, value)
         cache.reset_cache()
+
+
+# Two small programs through configure_compilation_cache(workdir, folder), in a process of
+# their own (JAX settles on its cache at the first compilation).
+CACHED_PROGRAMS = """
+import sys
+import jax, jax.numpy as jnp
+from vision_jax.main import configure_compilation_cache
+configure_compilation_cache(sys.argv[1], sys.argv[2])
+for n in (3, 4):
+    jax.jit(lambda x: jnp.sin(x) @ x.T + n)(jnp.ones((n, n))).block_until_ready()
+"""
+
+
+def _cached_programs(tmp_path: pathlib.Path, folder: str | os.PathLike) -> str:
+    """Runs CACHED_PROGRAMS with the cache in ``folder`` (on CPU); returns its stderr."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", CACHED_PROGRAMS, str(tmp_path / "run"), str(folder)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_a_copied_compilation_cache_hits(tmp_path):
+    """JAX's GPU autotune cache (on by default, on CPU too) put the folder's path into every
+    key: a cache copied, moved or reached by another path never hit."""
+    _cached_programs(tmp_path, tmp_path / "a")
+    entries = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert any(name.startswith("jit_") for name in entries)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    _cached_programs(tmp_path, tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == entries  # nothing new
 
 
 @pytest.mark.slow

@@ -216,8 +216,8 @@ def compilation_cache_dir(workdir: str | os.PathLike, setting: str) -> str | Non
         return None
     if not setting.strip():
         raise ValueError(f"--compilation_cache {_CACHE_EMPTY}")
-    if setting != "auto":
-        return setting
+    if setting != "auto":  # a local folder absolute: the same whatever the current folder
+        return setting if "://" in setting else os.path.abspath(os.path.expanduser(setting))
     workdir = os.fspath(workdir).rstrip("/")
     parent = (
         posixpath.dirname(workdir)
@@ -232,8 +232,13 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. A local folder that cannot
-    be made turns the cache off, one that cannot be written leaves it read only (warned). Call it
-    before the process's first compilation: JAX settles on its cache then."""
+    be made turns the cache off, one that cannot be written leaves it read only (warned). Off a
+    GPU, XLA's GPU caches are off (``jax_persistent_cache_enable_xla_caches``, unless
+    ``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES`` says otherwise): JAX's default puts their folder,
+    inside the cache's, into every key, so a cache copied, moved or reached by another path
+    never hit. Call it after ``jax.distributed.initialize``, if any (it asks JAX's backend
+    whether it is a GPU), and before the process's first compilation: JAX settles on its cache
+    then."""
     import jax
 
     if setting != "auto" or not jax.config.jax_compilation_cache_dir:
@@ -251,6 +256,12 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
         logging.info("Compilation cache: %s.", folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if (
+        jax.config.jax_compilation_cache_dir
+        and "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES" not in os.environ
+        and jax.default_backend() != "gpu"
+    ):
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
 
 def initialize_distributed() -> None:
