@@ -1079,6 +1079,20 @@ def test_a_copied_compilation_cache_hits(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == entries  # nothing new
 
 
+def test_a_truncated_compilation_cache_entry_is_written_again(tmp_path):
+    """An entry cut short (a full disk, a process killed while writing) was never repaired: JAX
+    skips a key that has a file, so its program compiled, with a warning, at every start."""
+    _cached_programs(tmp_path, tmp_path / "c")
+    entry = max((tmp_path / "c").glob("jit_*"), key=lambda p: p.stat().st_size)
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 2])
+    assert "Error reading persistent compilation cache entry" in _cached_programs(
+        tmp_path, tmp_path / "c"
+    )
+    assert entry.stat().st_size > len(whole) // 2  # written again by the compile
+    assert "Error reading" not in _cached_programs(tmp_path, tmp_path / "c")
+
+
 @pytest.mark.slow
 def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
     """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it, for

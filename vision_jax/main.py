@@ -227,12 +227,42 @@ def compilation_cache_dir(workdir: str | os.PathLike, setting: str) -> str | Non
     return posixpath.join(parent, "jax_cache")
 
 
+def _rewrite_unreadable_entries() -> None:
+    """Makes JAX delete a cache entry it cannot read (cut short by a full disk or a process
+    killed while writing it), so that the compile that follows writes it again: JAX skips a key
+    that has a file, and the program compiled, with a warning, at every start."""
+    from jax._src import compilation_cache, lru_cache
+
+    read = compilation_cache.get_executable_and_time
+    if getattr(read, "rewrites_unreadable", False):
+        return
+
+    def read_or_delete(cache_key: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return read(cache_key, *args, **kwargs)
+        except Exception:
+            cache = compilation_cache._cache
+            if isinstance(cache, lru_cache.LRUCache):
+                entry = cache.path / f"{cache_key}{lru_cache._CACHE_SUFFIX}"
+                try:
+                    entry.unlink()
+                    logging.warning("Deleted the unreadable compilation cache entry %s: this "
+                                    "compile writes it again.", entry)  # fmt: skip
+                except OSError:  # a read-only cache
+                    pass
+            raise
+
+    read_or_delete.rewrites_unreadable = True  # type: ignore[attr-defined]
+    compilation_cache.get_executable_and_time = read_or_delete
+
+
 def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> None:
     """Sets JAX's persistent compilation cache as ``--compilation_cache`` says. A cache also
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. A local folder that cannot
-    be made turns the cache off, one that cannot be written leaves it read only (warned). Off a
+    be made turns the cache off, one that cannot be written leaves it read only (warned). An
+    entry that cannot be read is deleted, so that the compile writes it again. Off a
     GPU, XLA's GPU caches are off (``jax_persistent_cache_enable_xla_caches``, unless
     ``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES`` says otherwise): JAX's default puts their folder,
     inside the cache's, into every key, so a cache copied, moved or reached by another path
@@ -254,6 +284,8 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
             jax.config.update("jax_compilation_cache_dir", None)
     elif folder:
         logging.info("Compilation cache: %s.", folder)
+    if jax.config.jax_compilation_cache_dir:
+        _rewrite_unreadable_entries()
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if (
