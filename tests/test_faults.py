@@ -1093,6 +1093,14 @@ def test_a_truncated_compilation_cache_entry_is_written_again(tmp_path):
     assert "Error reading" not in _cached_programs(tmp_path, tmp_path / "c")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_read_only_compilation_cache_warns_once(tmp_path):
+    """JAX warned (two lines) for every program it could not write to a read-only cache."""
+    err = _cached_programs(tmp_path, "/proc/self")  # a folder nobody can write, root included
+    assert err.count("cannot be written") == 1, err
+    assert "it is only read" in err and "Error writing" not in err
+
+
 @pytest.mark.slow
 def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
     """--compilation_cache=auto: jax_cache beside the workdir, and a sibling run hits it, for

@@ -23,6 +23,7 @@ import re
 import signal
 import sys
 import tempfile
+import warnings
 from typing import Any
 
 from absl import app, flags
@@ -278,6 +279,8 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
         if os.access(folder, os.R_OK | os.X_OK):  # a filled cache on a read-only mount
             logging.warning("The compilation cache %s cannot be written (%s): it is only read; "
                             "what it lacks compiles at every start.", folder, problem)  # fmt: skip
+            # This warning, not JAX's two lines for every program it cannot write.
+            warnings.filterwarnings("ignore", "Error writing persistent compilation cache entry")
         else:
             logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
                             "restart compiles again.", folder, problem)  # fmt: skip
