@@ -1010,6 +1010,10 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
     assert compilation_cache_dir("/runs/a/", "auto") == "/runs/jax_cache"
     assert compilation_cache_dir(pathlib.Path("/runs/a"), "auto") == "/runs/jax_cache"
     assert compilation_cache_dir("gs://b/runs/a", "auto") == "gs://b/runs/jax_cache"
+    assert compilation_cache_dir("gs://b/a/", "auto") == "gs://b/jax_cache"
+    for root in ("gs://b", "gs://b/"):  # a bucket's root: in it (it was gs:/jax_cache)
+        assert compilation_cache_dir(root, "auto") == "gs://b/jax_cache"
+    assert compilation_cache_dir("/", "auto") == "/jax_cache"  # not the current folder's
     assert compilation_cache_dir("/runs/a", "off") is None
     assert compilation_cache_dir("/runs/a", "/c") == "/c"
     assert compilation_cache_dir("/runs/a", "c") == os.path.abspath("c")  # the same after chdir

@@ -219,13 +219,12 @@ def compilation_cache_dir(workdir: str | os.PathLike, setting: str) -> str | Non
         raise ValueError(f"--compilation_cache {_CACHE_EMPTY}")
     if setting != "auto":  # a local folder absolute: the same whatever the current folder
         return setting if "://" in setting else os.path.abspath(os.path.expanduser(setting))
-    workdir = os.fspath(workdir).rstrip("/")
-    parent = (
-        posixpath.dirname(workdir)
-        if "://" in workdir
-        else os.path.dirname(os.path.abspath(workdir))
-    )
-    return posixpath.join(parent, "jax_cache")
+    workdir = os.fspath(workdir).rstrip("/") or "/"
+    if "://" in workdir:  # beside it in its bucket; in a bucket's root for the root itself
+        scheme, _, path = workdir.partition("://")
+        bucket, _, folder = path.partition("/")
+        return f"{scheme}://{posixpath.join(bucket, posixpath.dirname(folder), 'jax_cache')}"
+    return posixpath.join(os.path.dirname(os.path.abspath(workdir)), "jax_cache")
 
 
 def _rewrite_unreadable_entries() -> None:
