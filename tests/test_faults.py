@@ -1009,6 +1009,7 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
 
     assert compilation_cache_dir("/runs/a/", "auto") == "/runs/jax_cache"
     assert compilation_cache_dir(pathlib.Path("/runs/a"), "auto") == "/runs/jax_cache"
+    assert compilation_cache_dir("/runs/a", "Auto") == "/runs/jax_cache"  # not a folder Auto
     assert compilation_cache_dir("gs://b/runs/a", "auto") == "gs://b/runs/jax_cache"
     assert compilation_cache_dir("gs://b/a/", "auto") == "gs://b/jax_cache"
     for root in ("gs://b", "gs://b/"):  # a bucket's root: in it (it was gs:/jax_cache)
@@ -1034,6 +1035,8 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
         monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+        configure_compilation_cache(tmp_path / "run", "AUTO")  # JAX's setting wins
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
         configure_compilation_cache(tmp_path / "run", "off")  # a Path, as README's call
         assert jax.config.jax_compilation_cache_dir is None
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 2

@@ -212,12 +212,12 @@ def _unwritable(folder: str) -> str | None:
 
 def compilation_cache_dir(workdir: str | os.PathLike, setting: str) -> str | None:
     """The persistent compilation cache folder of ``--compilation_cache`` (None: off, also
-    spelled false, none, no or 0; 'auto': ``jax_cache`` beside the workdir)."""
+    spelled false, none, no or 0; 'auto', in any case: ``jax_cache`` beside the workdir)."""
     if setting.strip().lower() in _CACHE_OFF:
         return None
     if not setting.strip():
         raise ValueError(f"--compilation_cache {_CACHE_EMPTY}")
-    if setting != "auto":  # a local folder absolute: the same whatever the current folder
+    if setting.strip().lower() != "auto":  # absolute: the same folder after a chdir
         return setting if "://" in setting else os.path.abspath(os.path.expanduser(setting))
     workdir = os.fspath(workdir).rstrip("/") or "/"
     if "://" in workdir:  # beside it in its bucket; in a bucket's root for the root itself
@@ -271,7 +271,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     then."""
     import jax
 
-    if setting != "auto" or not jax.config.jax_compilation_cache_dir:
+    if setting.strip().lower() != "auto" or not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(workdir, setting))
     folder = jax.config.jax_compilation_cache_dir
     if folder and "://" not in folder and (problem := _unwritable(folder)):
