@@ -12,14 +12,14 @@
 # fails, the others are sent SIGTERM and, if still alive after GRACE seconds (default 60),
 # SIGKILL; the script returns only when every process has ended, with the first non-zero exit
 # status (a process's 69, "a peer failed or is gone", gives way to the failure of the peer that
-# ends after it). Needs bash >= 5.1. DRY_RUN=1 is --dry-run: print the exact commands instead of
-# running them.
+# ends after it). Needs bash >= 5.1. VISION_JAX_DRY_RUN=1 is --dry-run: print the exact commands
+# instead of running them.
 set -euo pipefail
 
 num_processes=2
 cpu_devices=2
 port=""
-dry_run="${DRY_RUN:-0}"
+dry_run="${VISION_JAX_DRY_RUN:-0}"
 
 usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }  # the header comment
 

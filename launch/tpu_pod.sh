@@ -22,7 +22,7 @@
 # background by a script (a sweep's `launch/tpu_pod.sh ... &`), it ignores Ctrl-C, as bash makes
 # a script's background jobs do: stop it with kill -TERM PID.
 # Each worker gets Python 3.11 (the TPU images ship 3.10) from uv, in ~/vision_jax_env.
-# DRY_RUN=1 is --dry-run: print the exact gcloud commands instead of running them.
+# VISION_JAX_DRY_RUN=1 is --dry-run: print the exact gcloud commands instead of running them.
 set -euo pipefail
 
 name=""
@@ -32,7 +32,7 @@ version="tpu-ubuntu2204-base"
 project=""
 keep=0
 spot=0
-dry_run="${DRY_RUN:-0}"
+dry_run="${VISION_JAX_DRY_RUN:-0}"
 main_args=()
 config=""
 workdir=""
@@ -264,6 +264,7 @@ case "$state" in
   *) die "the TPU $name is $state, not READY: wait for it, or delete it (${delete[*]})." ;;
 esac
 run "${copy[@]}"
+run rm -f "$archive"  # every worker has it
 run "${install[@]}"
 if [[ "$dry_run" == 1 ]]; then
   run "${train[@]}"

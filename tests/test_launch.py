@@ -31,7 +31,7 @@ def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
     """Runs ``launch/<script>`` in dry-run mode; returns its printed commands as argv lists."""
     proc = subprocess.run(
         ["bash", str(LAUNCH / script), *args],
-        env={**outside_a_cluster(), "DRY_RUN": "1", **env},
+        env={**outside_a_cluster(), "VISION_JAX_DRY_RUN": "1", **env},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -83,7 +83,7 @@ def test_local_help_is_its_whole_header():
     proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), "-h"], text=True,
                           capture_output=True, timeout=60)  # fmt: skip
     assert proc.stdout.startswith("Runs N processes of vision_jax.main on this machine")
-    assert proc.stdout.rstrip().endswith("print the exact commands instead of\nrunning them.")
+    assert proc.stdout.rstrip().endswith("print the exact commands\ninstead of running them.")
 
 
 def test_main_names_a_taken_coordinator_port_and_a_process_id_out_of_range(tmp_path):
@@ -406,7 +406,9 @@ def _fake_tpu(tmp_path: pathlib.Path, workers: int = 2) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
-    (bin_dir / "tar").write_text('#!/usr/bin/env bash\necho "tar $*" >> "$FAKE_ROOT/tar.log"\n')
+    (bin_dir / "tar").write_text(  # makes an empty archive (-czf ARCHIVE)
+        '#!/usr/bin/env bash\necho "tar $*" >> "$FAKE_ROOT/tar.log"\n: > "$2"\n'
+    )
     for w in range(workers):
         worker = tmp_path / f"worker{w}"
         (worker / "vision_jax").mkdir(parents=True)
@@ -561,6 +563,17 @@ def _run_tpu_pod(tmp_path: pathlib.Path, *flags: str, **env: str) -> subprocess.
 
 
 @needs_process_tools
+def test_tpu_pod_runs_despite_a_generic_dry_run_and_removes_its_archive(tmp_path):
+    """The archive stayed in /tmp after every launch."""
+    name = f"vj-archive-{os.getpid()}"
+    proc = _run_tpu_pod(tmp_path, f"--name={name}", FAKE_EXIT="0", DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    assert [c[4] for c in _gcloud_calls(tmp_path)][1:] == ["create", "scp", "ssh", "ssh", "delete"]
+    assert f"tar -czf /tmp/vision_jax_{name}.tar.gz" in (tmp_path / "tar.log").read_text()
+    assert not pathlib.Path(f"/tmp/vision_jax_{name}.tar.gz").exists()
+
+
+@needs_process_tools
 def test_tpu_pod_exits_with_the_runs_status_when_delete_fails(tmp_path):
     proc = _run_tpu_pod(tmp_path, FAKE_EXIT="75", FAKE_DELETE_FAILS="1")
     assert proc.returncode == 75, proc.stderr  # it was 1, delete's
@@ -672,7 +685,8 @@ def test_slurm_runs_srun_with_one_process_per_gpu_or_node(per, tasks, extra):
 
 
 def test_slurm_takes_dry_run_anywhere_and_checks_gpus_per_node():
-    (cmd,) = dry_run("slurm_gpu.sbatch", *MAIN_ARGS, "--dry-run", "--workdir=/w", DRY_RUN="0")
+    (cmd,) = dry_run("slurm_gpu.sbatch", *MAIN_ARGS, "--dry-run", "--workdir=/w",
+                     VISION_JAX_DRY_RUN="0")  # fmt: skip
     assert cmd[0] == "srun" and "--dry-run" not in cmd
     for value in ("abc", "0"):
         proc = subprocess.run(
@@ -702,6 +716,24 @@ def test_shellcheck(script):
 
 def test_every_launcher_is_covered():
     assert {p.name for p in SCRIPTS} == {"local.sh", "tpu_pod.sh", "slurm_gpu.sbatch"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_launchers_are_executable_and_read_their_own_dry_run_variable(script):
+    """slurm_gpu.sbatch was not executable in git; every launcher read DRY_RUN, which sbatch
+    passes on from the submitter's environment (set for another tool: a job that did nothing)."""
+    assert os.access(script, os.X_OK)
+    assert "VISION_JAX_DRY_RUN" in script.read_text()
+    assert "${DRY_RUN" not in script.read_text()
+
+
+def test_slurm_runs_despite_a_generic_dry_run_variable():
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "slurm_gpu.sbatch"), *MAIN_ARGS, "--workdir=/w"],
+        env={**outside_a_cluster(), "DRY_RUN": "1"}, cwd=ROOT, text=True, capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "not inside a SLURM job" in proc.stderr, proc.stdout
 
 
 def test_local_names_the_process_that_died_and_stops_the_others(tmp_path):
