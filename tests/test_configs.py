@@ -119,6 +119,20 @@ def test_integer_keys_of_a_dict_config_refuse_other_numbers(key, value, name):
         specs.run_spec(TrackedConfig(config))
 
 
+def test_a_schedule_longer_than_training_is_refused_with_the_config():
+    """--config.total_steps=4 on a config with warmup_steps=20 was refused only once the model
+    was built (by the optimizer); lengths in epochs wait for the data's steps per epoch."""
+    config = default_config()
+    config.total_epochs, config.total_steps, config.schedule.warmup_steps = None, 4, 20
+    with pytest.raises(specs.ConfigError, match="warmup_steps=20 is 20 steps; training has 4"):
+        specs.run_spec(TrackedConfig(config))
+    config.schedule.warmup_steps, config.schedule.cooldown_fraction = 3, 0.5
+    with pytest.raises(specs.ConfigError, match=r"^Warmup 3 \+ cooldown 2 > 4 training steps"):
+        specs.run_spec(TrackedConfig(config))
+    config.schedule.warmup_steps, config.schedule.warmup_epochs = None, 100.0
+    specs.run_spec(TrackedConfig(config))
+
+
 def test_a_partial_dict_config_says_to_start_from_the_defaults():
     """A dict of only the changed keys: the missing key's error says where a config starts."""
     partial = {"model": {"name": "cifar_resnet20"}, "data": {"source": "arrays"}}

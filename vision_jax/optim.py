@@ -48,47 +48,12 @@ TRAINABLE_PRESETS = ("all", "head", "last:N", "bitfit")
 # schedules
 
 
-def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int | None) -> int:
-    """``{name}_steps``, ``{name}_epochs`` or ``{name}_fraction`` (of training) as steps."""
-    given = {
-        unit: getattr(spec, f"{name}_{unit}")
-        for unit in ("steps", "epochs", "fraction")
-        if getattr(spec, f"{name}_{unit}") is not None
-    }
-    if len(given) > 1:
-        raise ValueError(
-            f"Set at most one of schedule.{name}_{{steps,epochs,fraction}}: {given} (unset one "
-            f"with --config.schedule.{name}_{next(iter(given))}=None)."
-        )
-    if not given:
-        return 0
-    unit, value = next(iter(given.items()))
-    if unit == "epochs" and steps_per_epoch is None:
-        raise ValueError(f"schedule.{name}_epochs needs the steps per epoch (steps_per_epoch).")
-    steps = {
-        "steps": lambda v: int(v),
-        "epochs": lambda v: math.floor(v * steps_per_epoch + 0.5),  # to the nearest, half up
-        "fraction": lambda v: math.floor(v * total + 0.5),
-    }[unit](value)
-    if value < 0:  # (a negative count of steps needs a negative value)
-        raise ValueError(f"schedule.{name}_{unit}={value} is negative: set 0 or more.")
-    if steps > total:
-        raise ValueError(
-            f"schedule.{name}_{unit}={value} is {steps} steps; training has {total} (lower it, "
-            f"e.g. --config.schedule.{name}_{unit}=..., or train longer)."
-        )
-    return steps
-
-
 def schedule_numbers(
     schedule: ScheduleSpec, *, base_lr: float, total_steps: int, steps_per_epoch: int | None
 ) -> dict[str, np.ndarray]:
     """The numbers :func:`schedule_value` reads (float32 scalars; ``step_at``: the steps of the
     ``step`` decay's boundaries), checked against the length of training."""
-    warmup = _duration(schedule, "warmup", total_steps, steps_per_epoch)
-    cooldown = _duration(schedule, "cooldown", total_steps, steps_per_epoch)
-    if warmup + cooldown > total_steps:
-        raise ValueError(f"Warmup {warmup} + cooldown {cooldown} > {total_steps} training steps.")
+    warmup, cooldown = schedule.lengths(total_steps, steps_per_epoch)
     numbers = {
         "learning_rate": base_lr, "warmup_steps": warmup, "cooldown_steps": cooldown,
         "total_steps": total_steps,

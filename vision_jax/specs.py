@@ -459,6 +459,49 @@ class ScheduleSpec:
         check_interval("schedule.step_factor", self.step_factor, "(0, inf)")
         check_interval("schedule.end_factor", self.end_factor, "[0, 1]")
 
+    def lengths(self, total_steps: int, steps_per_epoch: int | None) -> tuple[int, int]:
+        """The warmup's and the cooldown's steps in training of ``total_steps``, checked
+        against it (``steps_per_epoch`` is needed only by lengths in epochs)."""
+        warmup = _duration(self, "warmup", total_steps, steps_per_epoch)
+        cooldown = _duration(self, "cooldown", total_steps, steps_per_epoch)
+        if warmup + cooldown > total_steps:
+            raise ConfigError(
+                f"Warmup {warmup} + cooldown {cooldown} > {total_steps} training steps."
+            )
+        return warmup, cooldown
+
+
+def _duration(spec: ScheduleSpec, name: str, total: int, steps_per_epoch: int | None) -> int:
+    """``{name}_steps``, ``{name}_epochs`` or ``{name}_fraction`` (of training) as steps."""
+    given = {
+        unit: getattr(spec, f"{name}_{unit}")
+        for unit in ("steps", "epochs", "fraction")
+        if getattr(spec, f"{name}_{unit}") is not None
+    }
+    if len(given) > 1:
+        raise ConfigError(
+            f"Set at most one of schedule.{name}_{{steps,epochs,fraction}}: {given} (unset one "
+            f"with --config.schedule.{name}_{next(iter(given))}=None)."
+        )
+    if not given:
+        return 0
+    unit, value = next(iter(given.items()))
+    if unit == "epochs" and steps_per_epoch is None:
+        raise ConfigError(f"schedule.{name}_epochs needs the steps per epoch (steps_per_epoch).")
+    steps = {
+        "steps": lambda v: int(v),
+        "epochs": lambda v: math.floor(v * steps_per_epoch + 0.5),  # to the nearest, half up
+        "fraction": lambda v: math.floor(v * total + 0.5),
+    }[unit](value)
+    if value < 0:  # (a negative count of steps needs a negative value)
+        raise ConfigError(f"schedule.{name}_{unit}={value} is negative: set 0 or more.")
+    if steps > total:
+        raise ConfigError(
+            f"schedule.{name}_{unit}={value} is {steps} steps; training has {total} (lower it, "
+            f"e.g. --config.schedule.{name}_{unit}=..., or train longer)."
+        )
+    return steps
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
@@ -771,6 +814,10 @@ def run_spec(config: Any) -> RunSpec:
         check_interval(name, getattr(spec, name), interval)
     if not _SAVED.get():  # the length's keys, before any data is read
         training_steps(spec.total_steps, spec.total_epochs, steps_per_epoch=1)
+        schedule = spec.schedule  # its lengths too, unless in epochs (they need the data)
+        in_epochs = schedule.warmup_epochs is not None or schedule.cooldown_epochs is not None
+        if spec.total_steps is not None and not in_epochs:
+            schedule.lengths(int(spec.total_steps), steps_per_epoch=None)
     if spec.on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"Unknown on_nonfinite {spec.on_nonfinite!r}; valid: stop, skip.")
     if spec.max_consecutive_skips < 1:
