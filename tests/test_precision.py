@@ -48,20 +48,30 @@ def test_pointwise_conv_as_dot_matches_convolution_and_its_gradients(hw, stride,
 
 
 @pytest.mark.parametrize(
-    "hw, kernel, padding",
-    [((2, 2), 3, "SAME"), ((1, 1), 3, ((1, 1), (1, 1))), ((2, 1), 3, "SAME"), ((2, 2), 2, "VALID")],
+    "hw, kernel, padding, stride",
+    [
+        ((2, 2), 3, "SAME", 1),
+        ((1, 1), 3, ((1, 1), (1, 1)), 1),
+        ((2, 1), 3, "SAME", 1),
+        ((2, 2), 2, "VALID", 1),
+        ((4, 4), 3, ((1, 1), (1, 1)), 2),
+        ((3, 4), 3, "SAME", 2),
+        ((2, 2), 2, "SAME", 2),
+        ((5, 5), 3, "VALID", 3),
+    ],
 )
-def test_convolutions_over_maps_of_two_pixels_are_products_with_the_same_values(
-    hw, kernel, padding
+def test_convolutions_into_maps_of_two_pixels_are_products_with_the_same_values(
+    hw, kernel, padding, stride
 ):
-    """A ResNet's last stage at 64 px convolves 2x2 maps, which XLA's CPU backend does 50-80x
-    slower than the product of the padded windows: values and both gradients equal the
+    """A ResNet's last stage at 64 px convolves into 2x2 maps, which XLA's CPU backend does
+    50-80x slower than the product of the padded windows: values and both gradients equal the
     convolution's; the bfloat16 result is bfloat16, as the convolution's."""
     x = jax.random.normal(jax.random.key(0), (3, *hw, 6))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 6, 5))
+    strides = (stride, stride)
 
     def loss(conv):
-        return lambda x, w: jnp.sum(jnp.tanh(conv(x, w, (1, 1), padding, None, None, NHWC)))
+        return lambda x, w: jnp.sum(jnp.tanh(conv(x, w, strides, padding, None, None, NHWC)))
 
     for got, want in zip(
         jax.grad(loss(precision.conv_as_dot), argnums=(0, 1))(x, w),
@@ -69,14 +79,13 @@ def test_convolutions_over_maps_of_two_pixels_are_products_with_the_same_values(
         strict=True,
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    out = precision.conv_as_dot(x, w, (1, 1), padding, None, None, NHWC)
-    np.testing.assert_allclose(
-        out, lax.conv_general_dilated(x, w, (1, 1), padding, None, None, NHWC), rtol=1e-5, atol=1e-5
-    )
+    out = precision.conv_as_dot(x, w, strides, padding, None, None, NHWC)
+    want = lax.conv_general_dilated(x, w, strides, padding, None, None, NHWC)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     hlo = jax.jit(loss(precision.conv_as_dot)).lower(x, w).as_text()
     assert "convolution" not in hlo and "dot_general" in hlo
     low = precision.conv_as_dot(
-        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), padding, None, None, NHWC
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), strides, padding, None, None, NHWC
     )
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(low.astype(np.float32), out, rtol=0.05, atol=0.1)
@@ -84,7 +93,7 @@ def test_convolutions_over_maps_of_two_pixels_are_products_with_the_same_values(
 
 def test_larger_maps_strides_and_single_pixel_outputs_stay_convolutions():
     w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
-    cases = [((2, 3, 3, 4), (1, 1), "SAME"), ((2, 2, 2, 4), (2, 2), "SAME"),
+    cases = [((2, 3, 3, 4), (1, 1), "SAME"), ((2, 6, 6, 4), (2, 2), "SAME"),
              ((1, 1, 1, 4), (1, 1), "SAME"), ((3, 1, 1, 4), (1, 1), "VALID")]  # fmt: skip
     for shape, strides, padding in cases:  # the last one's output is empty, as lax's
         x = jax.random.normal(jax.random.key(0), shape)
@@ -104,6 +113,67 @@ def test_other_convolutions_stay_convolutions():
         np.testing.assert_array_equal(precision.conv_as_dot(*args), lax.conv_general_dilated(*args))
         hlo = jax.jit(precision.conv_as_dot, static_argnums=(2, 3, 4, 5, 6)).lower(*args)
         assert "convolution" in hlo.as_text()
+
+
+CONVOLUTIONS = [  # (input, kernel, strides, padding, kernel dilation)
+    ((2, 8, 9, 3), (3, 3, 3, 5), (1, 1), "SAME", (1, 1)),
+    ((2, 9, 9, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # rows left over
+    ((1, 15, 14, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), (1, 1)),  # a ResNet stem
+    ((2, 32, 48, 3), (16, 16, 3, 4), (16, 16), "VALID", (1, 1)),  # a ViT patch embedding
+    ((2, 10, 11, 3), (3, 3, 3, 2), (1, 1), "SAME", (2, 2)),
+    ((1, 11, 12, 2), (3, 2, 2, 3), (2, 3), ((0, 2), (1, 0)), (1, 1)),  # uneven everything
+    ((2, 12, 12, 2), (4, 4, 2, 3), (3, 3), ((2, 1), (0, 0)), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation", CONVOLUTIONS)
+def test_nhwc_convolution_gradients_equal_jax_gradients(x_shape, w_shape, strides, padding,
+                                                        dilation):  # fmt: skip
+    """The convolution whose gradients are written in XLA's fast CPU form has JAX's value and
+    gradients (of ``lax.conv_general_dilated``), float32 and bfloat16 alike."""
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+
+    def loss(conv, **kwargs):
+        args = (strides, padding, None, dilation, NHWC)
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args, **kwargs).astype(jnp.float32)))
+
+    for dtype, kwargs in [(jnp.float32, {}), (jnp.bfloat16, {}),
+                          (jnp.bfloat16, {"preferred_element_type": jnp.float32})]:  # fmt: skip
+        a, b = x.astype(dtype), w.astype(dtype)
+        got = jax.jit(jax.value_and_grad(loss(precision._convolution, **kwargs), (0, 1)))(a, b)
+        exact = loss(lax.conv_general_dilated)
+        want = jax.value_and_grad(exact, (0, 1))(a.astype(jnp.float32), b.astype(jnp.float32))
+        tol = 1e-5 if dtype == jnp.float32 else 2**-6
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert g.dtype == (jnp.float32 if g.ndim == 0 else dtype)
+            r = np.asarray(r, np.float32)
+            np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=tol * np.abs(r).max())
+
+
+def test_convolution_gradients_inside_a_loop_run_in_the_fast_form():
+    """Inside a ``lax.scan`` (gradient accumulation's micro-batches) every convolution of a
+    ResNet's gradient is in the one form XLA's CPU backend runs with its fast kernel (NHWC
+    input, HWIO kernel); JAX's own gradients there are left in other forms, tens of times
+    slower."""
+    from vision_jax.models.cifar_resnet import CifarResNet
+
+    model = CifarResNet(num_classes=3, stage_sizes=(1, 1, 1))
+    x = jnp.zeros((2, 3, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x[0])
+
+    def loss_sum(params):
+        def micro(total, images):
+            logits, _ = model.apply(
+                {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+            )
+            return total + logits.sum(), None
+
+        return jax.lax.scan(micro, jnp.zeros(()), x)[0]
+
+    compiled = jax.jit(jax.grad(loss_sum)).lower(variables["params"]).compile().as_text()
+    forms = set(re.findall(r"convolution\(.*dim_labels=([\w>-]+)", compiled))
+    assert forms == {"b01f_01io->b01f"}
 
 
 def test_gelu_exact_matches_the_erf_definition():

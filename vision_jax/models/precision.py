@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,8 @@ def _operand_gradient(
 # The name of low_precision_dot's outputs without batch dimensions: remat policies do not see
 # the dot_general inside the custom_vjp (vision_jax.models.remat keeps them by this name).
 UNBATCHED_PRODUCT = "low_precision_dot"
+# The name of nhwc_convolution's outputs, for the same reason.
+CONVOLUTION = "nhwc_convolution"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -177,10 +179,13 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
       activations and fuses their producers (BatchNorm, residual adds, ReLU) into the
       transpose, which then dominates a ResNet step; a product's kernel gradient is a plain
       transposed matmul.
-    - stride-1 ones over maps of at most 2x2 pixels, as the product of the padded windows
-      (:func:`patches_as_dot`): XLA computes them through a reversed-kernel convolution
-      50-80x slower (a ResNet's last stage at 64 px: 3x3 over 2x2 maps, 512 channels, 0.3 s
-      for batch 32 against 4 ms).
+    - ones whose output maps have at most 2x2 pixels, as the product of the padded windows
+      (:func:`patches_as_dot`): XLA computes their input gradient through a reversed-kernel
+      convolution 50-80x slower (a ResNet's last stage at 64 px: 3x3 over 2x2 maps, 512
+      channels, 0.3 s for batch 32 against 4 ms), and inside a loop in a generic loop nest
+      (:func:`nhwc_convolution`).
+
+    Other ones are :func:`nhwc_convolution` on CPU.
 
     One output pixel in all (batch 1, a 1x1 output) stays a convolution: the TFLite converter
     turns a one-row product into a batch_matmul of the wrong rank. ``float32_pointwise``: a
@@ -206,14 +211,112 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
             x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
             y = _matrix_product(x, rhs[0, 0], precision, preferred_element_type)
             return y.astype(x.dtype) if rounded and not float32_pointwise else y
-        small = max(lhs.shape[1:3]) <= 2 and min(map(min, pads)) >= 0
-        if several and small and set(window_strides) == {1}:
-            y = patches_as_dot(lhs, rhs, pads, precision, preferred_element_type)
+        out = [(n + sum(p) - k) // s + 1 for n, p, k, s in
+               zip(lhs.shape[1:3], pads, rhs.shape[:2], window_strides, strict=True)]  # fmt: skip
+        if several and max(out) <= 2 and min(map(min, pads)) >= 0:
+            y = patches_as_dot(lhs, rhs, pads, precision, preferred_element_type, window_strides)
             return y.astype(lhs.dtype) if rounded else y
-    return lax.conv_general_dilated(
+    return _convolution(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
     )  # fmt: skip
+
+
+def _convolution(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                 padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
+                 rhs_dilation: Any = None, dimension_numbers: Any = None,
+                 feature_group_count: int = 1, batch_group_count: int = 1,
+                 precision: Any = None,
+                 preferred_element_type: Any = None) -> jax.Array:  # fmt: skip
+    """``lax.conv_general_dilated``; on CPU, an ungrouped NHWC x HWIO convolution without input
+    dilation is :func:`nhwc_convolution`, whose gradients XLA's CPU backend runs fast inside
+    loops too."""
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    canonical = (
+        jax.default_backend() == "cpu"
+        and lhs.ndim == 4
+        and dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
+        and feature_group_count == batch_group_count == 1
+        and all(d == 1 for d in lhs_dilation or ())
+    )
+    if not canonical:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type,
+        )  # fmt: skip
+    pads = padding
+    if isinstance(padding, str):
+        dilation = rhs_dilation or (1, 1)
+        dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation, strict=True)]
+        pads = lax.padtype_to_pads(lhs.shape[1:3], dilated, window_strides, padding)
+    layout = ConvLayout(
+        tuple(int(s) for s in window_strides),
+        tuple(tuple(int(p) for p in pad) for pad in pads),
+        tuple(int(d) for d in rhs_dilation or (1, 1)),
+        precision,
+        None if preferred_element_type is None else jnp.dtype(preferred_element_type),
+    )
+    return checkpoint_name(nhwc_convolution(lhs, rhs, layout), CONVOLUTION)
+
+
+class ConvLayout(NamedTuple):
+    """The static arguments of :func:`nhwc_convolution`."""
+
+    strides: tuple[int, int]
+    pads: tuple[tuple[int, int], tuple[int, int]]
+    kernel_dilation: tuple[int, int]
+    precision: Any = None
+    preferred_element_type: Any = None
+
+
+def _conv(lhs: jax.Array, rhs: jax.Array, strides: Any, pads: Any, lhs_dilation: Any,
+          rhs_dilation: Any, layout: ConvLayout) -> jax.Array:  # fmt: skip
+    """An NHWC x HWIO convolution at ``layout``'s precision and result type."""
+    return lax.conv_general_dilated(
+        lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, ("NHWC", "HWIO", "NHWC"),
+        precision=layout.precision, preferred_element_type=layout.preferred_element_type,
+    )  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def nhwc_convolution(lhs: jax.Array, rhs: jax.Array, layout: ConvLayout) -> jax.Array:
+    """``lax.conv_general_dilated`` of NHWC ``lhs`` and HWIO ``rhs`` at ``layout``, with both
+    gradients written as NHWC x HWIO convolutions over explicitly transposed operands.
+
+    XLA's CPU backend hands a convolution to its fast (Eigen) kernel only in that form. JAX's
+    gradients are convolutions in other dimension orders, which XLA's CPU compiler transposes
+    into that form in the program's entry computation only: inside a loop (the micro-batches of
+    gradient accumulation, a ``lax.scan``) they ran through a generic loop nest, a ResNet step
+    tens of times slower. The gradients are JAX's (the same sums); with a low-precision result
+    type the cotangent is cast to the operands' dtype, as :func:`low_precision_dot`.
+    """
+    return _conv(lhs, rhs, layout.strides, layout.pads, None, layout.kernel_dilation, layout)
+
+
+def _nhwc_convolution_fwd(lhs, rhs, layout):
+    return nhwc_convolution(lhs, rhs, layout), (lhs, rhs)
+
+
+def _nhwc_convolution_bwd(layout, residuals, g):
+    lhs, rhs = residuals
+    g = g.astype(lhs.dtype) if layout.preferred_element_type is not None else g
+    dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], layout.kernel_dilation, strict=True)]
+    sizes = list(zip(dilated, layout.pads, lhs.shape[1:3], g.shape[1:3], layout.strides,
+                     strict=True))  # fmt: skip
+    # lhs: g dilated by the strides, padded back to the input, times the flipped kernel (I<->O).
+    lhs_pads = [(e - 1 - lo, n - 1 - (o - 1) * s + lo) for e, (lo, _), n, o, s in sizes]
+    flipped = jnp.swapaxes(rhs[::-1, ::-1], 2, 3).astype(g.dtype)
+    g_lhs = _conv(g, flipped, (1, 1), lhs_pads, layout.strides, layout.kernel_dilation, layout)
+    # rhs: channels as the batch and the batch as channels: (C, H, W, B) x (h, w, B, O).
+    rhs_pads = [(lo, e + (o - 1) * s - n - lo) for e, (lo, _), n, o, s in sizes]
+    x = jnp.transpose(lhs, (3, 1, 2, 0)).astype(g.dtype)
+    g_rhs = _conv(x, jnp.transpose(g, (1, 2, 0, 3)), layout.kernel_dilation, rhs_pads, None,
+                  layout.strides, layout)  # fmt: skip
+    g_rhs = jnp.transpose(g_rhs, (1, 2, 0, 3))
+    return g_lhs.astype(lhs.dtype), g_rhs.astype(rhs.dtype)
+
+
+nhwc_convolution.defvjp(_nhwc_convolution_fwd, _nhwc_convolution_bwd)
 
 
 def _several_rows(
@@ -248,25 +351,27 @@ def _matrix_product(
 
 def patches_as_dot(
     lhs: jax.Array, rhs: jax.Array, pads: Sequence[Sequence[int]], precision: Any = None,
-    preferred_element_type: Any = None,
+    preferred_element_type: Any = None, strides: Sequence[int] = (1, 1),
 ) -> jax.Array:  # fmt: skip
-    """A stride-1 NHWC x HWIO convolution padded by ``pads`` as one product: the padded input's
-    shifted windows side by side over channels (kh * kw * C columns) times the kernel as a
+    """An NHWC x HWIO convolution padded by ``pads`` as one product: the padded input's
+    windows side by side over channels (kh * kw * C columns) times the kernel as a
     (kh * kw * C, out) matrix (float32 for bfloat16 operands, as :func:`dot`). Worth it only for
-    small maps (the columns copy the input kh * kw times)."""
+    small maps (the columns copy the input up to kh * kw times)."""
     kh, kw, cin, cout = rhs.shape
+    sh, sw = strides
     x = jnp.pad(lhs, ((0, 0), *map(tuple, pads), (0, 0)))
-    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
     columns = jnp.concatenate(
-        [x[:, i : i + oh, j : j + ow, :] for i in range(kh) for j in range(kw)], axis=-1
-    )
+        [x[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw, :]
+         for i in range(kh) for j in range(kw)], axis=-1,
+    )  # fmt: skip
     kernel = rhs.reshape(kh * kw * cin, cout)
     return _matrix_product(columns, kernel, precision, preferred_element_type)
 
 
 def conv_general_dilated(dtype: Any) -> Callable[..., jax.Array]:
     """``lax.conv_general_dilated`` for Flax's ``conv_general_dilated=`` field, returning float32
-    for a low-precision ``dtype`` (as ``dot_general``)."""
+    for a low-precision ``dtype`` (as ``dot_general``); on CPU :func:`nhwc_convolution`."""
     if jnp.dtype(dtype) == jnp.float32:
-        return lax.conv_general_dilated
-    return functools.partial(lax.conv_general_dilated, preferred_element_type=jnp.float32)
+        return _convolution
+    return functools.partial(_convolution, preferred_element_type=jnp.float32)

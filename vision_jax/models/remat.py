@@ -26,7 +26,7 @@ import jax
 
 from vision_jax import trees
 from vision_jax.masks import compile_rules, tree_map_by_rules
-from vision_jax.models.precision import UNBATCHED_PRODUCT
+from vision_jax.models.precision import CONVOLUTION, UNBATCHED_PRODUCT
 
 
 def _products_saveable(primitive: Any, *args: Any, **params: Any) -> bool:
@@ -40,9 +40,11 @@ def _products_saveable(primitive: Any, *args: Any, **params: Any) -> bool:
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
-    # bfloat16 products are a custom_vjp the policy does not look into: kept by their name
+    # bfloat16 products and CPU convolutions are custom_vjps the policy does not look into:
+    # kept by their names
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        _products_saveable, jax.checkpoint_policies.save_only_these_names(UNBATCHED_PRODUCT)
+        _products_saveable,
+        jax.checkpoint_policies.save_only_these_names(UNBATCHED_PRODUCT, CONVOLUTION),
     ),
 }
 
