@@ -277,12 +277,13 @@ def _check_examples(run: Run) -> _Background:
     return _Background("check_examples", check)
 
 
-def _compile_ahead(run: Run) -> tuple[_Background, _Background]:
+def _compile_ahead(run: Run) -> tuple[_Background, _Background, _Background]:
     """Compiles the train step, and the eval steps, in the background against the shapes of
     their inputs, while the loop starts TensorFlow, the writer and the input pipeline: the first
     step waits only for what is left of its compilation, the first evaluation not at all. The
-    steps are traced here, on the calling thread (tracings contend for the interpreter; XLA's
-    compilation does not), so an error in them is raised here, before the first step: a task's
+    train step is traced here, on the calling thread (tracings contend for the interpreter;
+    XLA's compilation does not), so an error in it is raised here; the eval step is traced in
+    the background, and the first step waits for that too (the first result): a task's
     eval_metrics or predict would otherwise fail at the first evaluation, after all training
     without a validation split. A failure to compile is left for the step's own call to raise."""
     rows_split, args = sharding.batch_sharding(run.mesh), run.task.batch_args()
@@ -299,16 +300,25 @@ def _compile_ahead(run: Run) -> tuple[_Background, _Background]:
     eval_batch = batch(data_lib.eval_example_shapes(run.eval_source, run.input, **args),
                        run.spec.eval_batch_size)  # fmt: skip
     lowered = run.train_step.lower(state, run.frozen, train_batch, run.settings)
-    # One program for the trained and the EMA parameters
-    lowered_eval = run.eval_step.lower(*evaluated_weights(state, ema=False), run.frozen, eval_batch)
+    lowered_eval = []
+
+    def trace_eval() -> None:  # one program for the trained and the EMA parameters
+        weights = evaluated_weights(state, ema=False)
+        lowered_eval.append(run.eval_step.lower(*weights, run.frozen, eval_batch))
 
     def compile_eval() -> None:
-        _quietly(lambda: _log_step_memory("Eval step", lowered_eval.compile()))
+        traced.wait()
+        _quietly(lambda: _log_step_memory("Eval step", lowered_eval[0].compile()))
 
     def compile_train() -> None:
         _quietly(lambda: _log_step_memory("Train step", lowered.compile()))
 
-    return _Background("compile_train", compile_train), _Background("compile_eval", compile_eval)
+    traced = _Background("trace_eval", trace_eval)
+    return (
+        traced,
+        _Background("compile_train", compile_train),
+        _Background("compile_eval", compile_eval),
+    )
 
 
 def _log_step_memory(name: str, compiled: Any) -> None:
@@ -335,20 +345,21 @@ def _quietly(compile_step: Callable[[], Any]) -> None:
 
 
 class _StartUp:
-    """What runs in the background while training starts: the train step's compilation, which
-    the first step waits for, and the eval steps' compilation and the eval splits' check, which
-    the first evaluation (or the first step's end) waits for."""
+    """What runs in the background while training starts: the train step's compilation and the
+    eval step's tracing, which the first step waits for, and the eval step's compilation and the
+    eval splits' check, which the first evaluation (or the first step's end) waits for."""
 
     def __init__(self, run: Run):
-        self.train_compile = eval_compile = None
+        self.before_training, eval_compile = [], None
         if not _finished(run):
-            self.train_compile, eval_compile = _compile_ahead(run)
+            eval_trace, train_compile, eval_compile = _compile_ahead(run)
+            self.before_training = [train_compile, eval_trace]
         self.before_evaluating = [b for b in (_check_examples(run), eval_compile) if b]
 
     def wait_for_train_step(self) -> None:
-        if self.train_compile is not None:
-            self.train_compile.wait()
-            self.train_compile = None
+        for background in self.before_training:
+            background.wait()
+        self.before_training = []
 
     def wait_before_evaluating(self) -> None:
         for background in self.before_evaluating:
@@ -358,9 +369,8 @@ class _StartUp:
     def finish(self) -> None:
         """Joins what still runs, its errors dropped (a run that failed before waiting for it):
         a process must not end while XLA compiles on a thread (it aborts at exit)."""
-        for background in (self.train_compile, *self.before_evaluating):
-            if background is not None:
-                background.join()
+        for background in (*self.before_training, *self.before_evaluating):
+            background.join()
 
 
 def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
