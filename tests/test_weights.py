@@ -884,7 +884,9 @@ def test_new_image_and_patch_size_head_and_dont_load(timm, tmp_path, caplog):
 
 def test_a_non_square_grid_loads_into_a_model_of_its_size(timm, tmp_path):
     """A ViT trained at 32x64 px (a 2x4 grid and a class token: 9 rows, a square count) loads
-    into a model of that size as it is; resampling it is refused, naming the cause."""
+    into a model of that size as it is; into a model of another grid (its posemb_grid, no
+    image_size needed) it resamples from the grid it is told; a model that names no grid of
+    its non-square count is refused, naming the cause."""
     from safetensors.numpy import save_file
 
     ref = timm_vit(timm, img_size=(32, 64))
@@ -896,12 +898,14 @@ def test_a_non_square_grid_loads_into_a_model_of_its_size(timm, tmp_path):
     x = np.random.default_rng(5).standard_normal((2, 32, 64, 3)).astype(np.float32)
     assert_close(apply(model, loaded, x), torch_logits(ref, x))
     narrow = vit(posemb_grid=(2, 3))
+    narrow_init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
+        narrow.init, jax.random.key(0), jnp.zeros((1, 32, 48, 3))))  # fmt: skip
+    resampled = load_pretrained(tmp_path / "wide.safetensors", model=narrow,
+                                variables=narrow_init, checkpoint_grid=(2, 4))  # fmt: skip
+    assert np.shape(resampled["params"]["Transformer"]["posembed_input"]["pos_embedding"]) == (
+        1, 7, 192)  # fmt: skip
     with pytest.raises(ValueError, match="6 grid tokens, not a square grid: pass the model"):
-        load_pretrained(
-            tmp_path / "wide.safetensors", model=narrow,
-            variables=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
-                narrow.init, jax.random.key(0), jnp.zeros((1, 32, 48, 3)))),
-        )  # fmt: skip
+        load_pretrained(tmp_path / "wide.safetensors", model=vit(), variables=narrow_init)
 
 
 def test_abstract_init_variables_are_initialised_alone_to_the_same_values(timm, tmp_path):
@@ -1219,3 +1223,65 @@ def test_an_oblong_checkpoint_keeps_its_layout_or_resamples_from_its_grid(timm, 
     np.testing.assert_allclose(resampled, want.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match=r"checkpoint_grid \(3, 4\) does not fit"):
         load((32, 48), checkpoint_grid=(3, 4))
+
+
+def test_an_oblong_model_resamples_to_its_posemb_grid_without_image_size(timm, tmp_path):
+    """A 4x4 checkpoint into a model of posemb_grid 1x4 (4 rows: also a 2x2 grid's count)
+    loaded without image_size resamples to 1x4 as timm's resample_abs_pos_embed, not to 2x2 read
+    as 1x4; an image_size of another grid of that count is named."""
+    from safetensors.numpy import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    sd = state_dict_np(timm_vit(timm, img_size=64))
+    save_file(sd, str(tmp_path / "square.safetensors"))
+    model = vit(posemb_grid=(1, 4))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 64, 3)))
+    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    load = functools.partial(load_pretrained, tmp_path / "square.safetensors", model=model,
+                             variables=init)  # fmt: skip
+    got = load()["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+    want = resample_abs_pos_embed(torch.from_numpy(sd["pos_embed"]), (1, 4), num_prefix_tokens=1)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"2x2 grid, but the model's posemb_grid is \(1, 4\)"):
+        load(image_size=32)
+
+
+def test_an_exported_oblong_vit_records_its_grid(timm, tmp_path):
+    """export_safetensors records a 1x4 ViT's grid (4 rows, a 2x2 grid's count too) in the
+    file's metadata: timm loads the file strictly all the same; load_pretrained keeps it in a
+    model of that grid and resamples it from 1x4 into a square one (as timm's
+    resample_abs_pos_embed(old_size=(1, 4))); its input contract is 16x64, and
+    Predictor.from_weights, which predicts square images, refuses it naming the grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    from vision_jax.predict import Predictor
+
+    model = vit(posemb_grid=(1, 4))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 64, 3)))
+    rng = np.random.default_rng(3)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    path = tmp_path / "wide.safetensors"
+    export_safetensors(variables, model, path)
+    ref = timm_vit(timm, img_size=(16, 64))
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in load_file_np(path).items()})
+    x = np.random.default_rng(4).standard_normal((2, 16, 64, 3)).astype(np.float32)
+    assert_close(apply(model, variables, x), torch_logits(ref, x))
+
+    posemb = lambda v: np.asarray(v["params"]["Transformer"]["posembed_input"]["pos_embedding"])
+    kept = load_pretrained(path, model=model, variables=shapes)
+    np.testing.assert_array_equal(posemb(kept), posemb(variables))
+    square = vit()
+    resampled = load_pretrained(path, model=square, variables=init_vars(square, 32))
+    want = resample_abs_pos_embed(
+        torch.from_numpy(posemb(variables)), (2, 2), old_size=(1, 4), num_prefix_tokens=1
+    )
+    np.testing.assert_allclose(posemb(resampled), want.numpy(), atol=1e-5)
+    assert input_contract(path).image_size == (16, 64)
+    with pytest.raises(ValueError, match=r"16x64 images \(its 1x4 grid\); Predictor.from_weig"):
+        Predictor.from_weights(path, model="vit_ti16")
+
+
+def load_file_np(path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return dict(load_file(str(path)))

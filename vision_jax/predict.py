@@ -199,6 +199,7 @@ class Predictor:
                 "list: ['cat', 'dog'])."
             )
         contract = weights.input_contract(path)
+        _check_square(path, model, contract.image_size)
         network, variables = _pretrained_classifier(path, model, contract.image_size)
         count = network.num_classes
         if class_names is None and len(recorded := weights.class_names(path) or ()) == count:
@@ -374,6 +375,28 @@ class Predictor:
         if bar is not None:
             bar.close()
         unreadable += [(images[i], _reason(images[i])) for i in sorted(set(images) - seen)]
+
+
+def _check_square(
+    path: str | os.PathLike, model_name: str, image_size: int | tuple[int, int] | None
+) -> None:
+    """Refuses a ViT of an oblong grid (``image_size`` its (height, width) as its file records
+    it; None: rows of no square grid, the grid not recorded): predictions are square."""
+    if isinstance(image_size, int):
+        return
+    if image_size is None:
+        what, grid = "position embeddings of no square grid (the file does not record it)", None
+    else:
+        grid = weights.recorded_grid(path)
+        what = f"a ViT for {image_size[0]}x{image_size[1]} images (its {grid[0]}x{grid[1]} grid)"
+    named = "(rows, columns)" if grid is None else str(grid)
+    its_grid = ", checkpoint_grid=(rows, columns)" if grid is None else ""
+    raise ValueError(
+        f"{path} holds {what}; Predictor.from_weights predicts at a square size. Load it into "
+        f"create_model({model_name!r}, num_classes=..., posemb_grid={named}) initialised at "
+        f"its size with load_pretrained(path, model=..., variables=...{its_grid}) and apply "
+        "that."
+    )
 
 
 def _pretrained_classifier(

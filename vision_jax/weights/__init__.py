@@ -14,6 +14,7 @@ from vision_jax.weights.dispatch import (
     input_contract,
     posemb_method,
     read_variables,
+    recorded_grid,
 )
 from vision_jax.weights.export import export_npz, export_safetensors
 from vision_jax.weights.files import WeightFormatError
@@ -36,4 +37,5 @@ __all__ = [
     "posemb_method",
     "read_record",
     "read_variables",
+    "recorded_grid",
 ]

@@ -42,7 +42,7 @@ IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 class InputContract:
     """What a checkpoint's network was trained and evaluated on."""
 
-    image_size: int
+    image_size: int | tuple[int, int]  # (height, width): an oblong ViT's, as its file records
     mean: Triple = HALF
     std: Triple = HALF
     interpolation: str = "bilinear"
@@ -50,11 +50,34 @@ class InputContract:
     crop_mode: str = "center"  # or "squash" (see InputSpec.crop_mode)
 
 
-def vit_image_size(posemb_shape: tuple[int, ...], patch: int) -> int:
-    """The image size of a ViT: its position-embedding grid times ``patch``. A grid's row count
-    is a square; one more row is a class token's (big_vision's ``tok`` ViTs and timm's
-    ``no_embed_class`` ones give their class token none)."""
+# The safetensors ``__metadata__`` key under which :func:`~vision_jax.weights.export_safetensors`
+# records a ViT's position-embedding grid, "rows,columns" (timm and safetensors ignore it).
+GRID_KEY = "vision_jax.posemb_grid"
+
+
+def vit_image_size(
+    posemb_shape: tuple[int, ...], patch: int, grid: tuple[int, int] | None = None
+) -> int | tuple[int, int] | None:
+    """The image size of a ViT: its position-embedding grid (``grid``, where its file records it)
+    times ``patch``; (height, width) for an oblong grid. Without ``grid``, a grid's row count is
+    a square; one more row is a class token's (big_vision's ``tok`` ViTs and timm's
+    ``no_embed_class`` ones give their class token none); None for rows of no square grid (an
+    oblong grid the file does not record; one of a square count reads as that square)."""
+    if grid is not None:
+        rows, columns = grid[0] * patch, grid[1] * patch
+        return rows if rows == columns else (rows, columns)
     tokens = posemb_shape[1]
     if math.isqrt(tokens) ** 2 != tokens:
         tokens -= 1
-    return math.isqrt(tokens) * patch
+    side = math.isqrt(tokens)
+    return side * patch if side * side == tokens else None
+
+
+def metadata_grid(metadata: dict[str, str] | None) -> tuple[int, int] | None:
+    """The position-embedding grid a safetensors file's ``metadata`` records (:data:`GRID_KEY`),
+    else None."""
+    value = (metadata or {}).get(GRID_KEY)
+    if value is None:
+        return None
+    rows, columns = (int(n) for n in value.split(","))
+    return rows, columns

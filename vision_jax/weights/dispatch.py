@@ -143,6 +143,13 @@ def describe_source(source: str | os.PathLike) -> str:
     return f"{path} (a run of {model})" if model else str(path)
 
 
+def recorded_grid(source: str | os.PathLike) -> tuple[int, int] | None:
+    """The position-embedding grid (rows, columns) a weight file records (a ``.safetensors``
+    file that :func:`~vision_jax.weights.export_safetensors` wrote), else None."""
+    path = pathlib.Path(source)
+    return state_dict.checkpoint_grid(path) if detect_format(path) == "safetensors" else None
+
+
 def input_contract(source: str | os.PathLike) -> InputContract:
     """The :class:`InputContract` of a checkpoint, in any format :func:`read_variables` reads."""
     path = pathlib.Path(source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -9,9 +10,12 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from vision_jax.models.registry import backbone_of
 from vision_jax.output_errors import written_whole
 from vision_jax.trees import flatten_dict
+from vision_jax.weights.contract import GRID_KEY
 from vision_jax.weights.convert import converter
+from vision_jax.weights.surgery import CLS, POSEMB
 
 
 def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -36,9 +40,26 @@ def export_safetensors(
     variables: Mapping[str, Any], model: nn.Module, path: str | os.PathLike
 ) -> None:
     """Writes ``variables`` as a timm state dict (``timm.create_model(...)`` loads it strictly;
-    CIFAR ResNets get akamaster's names)."""
+    CIFAR ResNets get akamaster's names). A ViT's position-embedding grid is recorded in the
+    file's metadata (timm ignores it; :func:`~vision_jax.weights.load_pretrained` and the input
+    contract read it: 9x16's 144 rows are no 12x12 grid)."""
     from safetensors.numpy import save_file
 
     state_dict = converter(model).to_timm(variables, model)
+    grid = _posemb_grid(variables, model)
+    metadata = None if grid is None else {GRID_KEY: ",".join(map(str, grid))}
     with written_whole(path) as partial:
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, partial)
+        arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+        save_file(arrays, partial, metadata=metadata)
+
+
+def _posemb_grid(variables: Mapping[str, Any], model: nn.Module) -> tuple[int, int] | None:
+    """A ViT's position-embedding grid: its ``posemb_grid``, else the square of its rows."""
+    flat = flatten_dict(variables)
+    if POSEMB not in flat:
+        return None
+    grid = getattr(backbone_of(model), "posemb_grid", None)
+    if grid is not None:
+        return int(grid[0]), int(grid[1])
+    side = math.isqrt(np.shape(flat[POSEMB])[1] - int(CLS in flat))
+    return side, side

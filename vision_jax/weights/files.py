@@ -78,6 +78,19 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise WeightFormatError(f"Cannot read safetensors file {path}: {e}") from e
 
 
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` file (none for other files)."""
+    from safetensors import SafetensorError, safe_open
+
+    if file_kind(path) != "safetensors":
+        return {}
+    try:
+        with safe_open(str(path), "np") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise WeightFormatError(f"Cannot read safetensors file {path}: {e}") from e
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads every array of an ``.npz`` file (no pickles allowed)."""
     try:

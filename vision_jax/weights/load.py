@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from vision_jax.models.registry import backbone_of
 from vision_jax.trees import flatten_dict, unflatten_dict
 from vision_jax.weights import run_dir, surgery
 from vision_jax.weights.contract import InputContract
@@ -21,6 +22,7 @@ from vision_jax.weights.dispatch import (
     input_contract,
     posemb_method,
     read_variables,
+    recorded_grid,
 )
 from vision_jax.weights.merge import WeightMismatchError, merge_strict
 
@@ -59,11 +61,13 @@ def load_pretrained(
       head_bias_init: the bias of a re-initialised classifier head (an error where no such
         head is re-initialised: a task model, or a head loaded as it is).
       image_size: the (height, width) (or one side) ``variables`` were initialised at: a ViT's
-        position embeddings are resampled to that grid of patches. None: a square grid (the
-        position embedding's row count tells no other shape).
-      checkpoint_grid: the checkpoint's grid of patches (rows, columns). None: square when its
-        row count differs from the model's, else the model's layout (an oblong model whose
-        count is also a square's, e.g. 9x16 and 12x12, is an error naming both).
+        position embeddings are resampled to that grid of patches. None: the model's
+        ``posemb_grid``, else a square grid (the position embedding's row count tells no other
+        shape).
+      checkpoint_grid: the checkpoint's grid of patches (rows, columns). None: the grid the file
+        records (``export_safetensors`` writes it), else square when its row count differs
+        from the model's, else the model's layout (an oblong model whose count is also a
+        square's, e.g. 9x16 and 12x12, is an error naming both).
 
     Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
     and patch embeddings are resampled to the model's grid and patch size, and every step is
@@ -80,7 +84,11 @@ def load_pretrained(
             f"...}}); got a dict of {sorted(variables)[:5]}."
         )
     loaded = read_variables(source, model)
-    n_read = len(flatten_dict(loaded))
+    flat_loaded = flatten_dict(loaded)
+    if checkpoint_grid is None and surgery.POSEMB in flat_loaded:
+        checkpoint_grid = recorded_grid(source)
+    n_read = len(flat_loaded)
+    model_grid = getattr(backbone_of(model), "posemb_grid", None)
     try:
         if posemb is not None and surgery.POSEMB not in flatten_dict(variables):
             raise ValueError(
@@ -96,6 +104,7 @@ def load_pretrained(
             head_bias_init=head_bias_init,
             image_size=None if image_size is None else _height_width(image_size),
             checkpoint_grid=None if checkpoint_grid is None else _height_width(checkpoint_grid),
+            model_grid=None if model_grid is None else _height_width(model_grid),
         )
     except ValueError as e:
         what = describe_source(source)

@@ -11,9 +11,15 @@ import flax.linen as nn
 import numpy as np
 
 from vision_jax.weights import hf, tv_vit
-from vision_jax.weights.contract import IMAGENET_MEAN, IMAGENET_STD, InputContract, vit_image_size
+from vision_jax.weights.contract import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputContract,
+    metadata_grid,
+    vit_image_size,
+)
 from vision_jax.weights.convert import from_timm
-from vision_jax.weights.files import WeightFormatError, read_state_dict
+from vision_jax.weights.files import WeightFormatError, read_state_dict, safetensors_metadata
 
 
 def _timm_names(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -33,14 +39,26 @@ def read_variables(path: str | os.PathLike, model: nn.Module) -> dict:
     return from_timm(_timm_names(state_dict, str(path)), model)
 
 
-def _vit_size(sd: Mapping[str, np.ndarray]) -> int:
-    """A timm-named ViT's input size: its position-embedding grid times its patch."""
-    return vit_image_size(sd["pos_embed"].shape, sd["patch_embed.proj.weight"].shape[-1])
+def _vit_size(
+    sd: Mapping[str, np.ndarray], grid: tuple[int, int] | None = None
+) -> int | tuple[int, int] | None:
+    """A timm-named ViT's input size: its position-embedding grid (``grid``, as its file
+    records it) times its patch."""
+    return vit_image_size(sd["pos_embed"].shape, sd["patch_embed.proj.weight"].shape[-1], grid)
 
 
-def _contract(sd: Mapping[str, np.ndarray], source: str) -> InputContract:
+def checkpoint_grid(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The position-embedding grid a state-dict file records (``export_safetensors`` writes
+    it), else None."""
+    return metadata_grid(safetensors_metadata(path))
+
+
+def _contract(
+    sd: Mapping[str, np.ndarray], source: str, grid: tuple[int, int] | None = None
+) -> InputContract:
     if "patch_embed.proj.weight" in sd:
-        return InputContract(_vit_size(sd), interpolation="bicubic", crop_fraction=0.9)
+        size = _vit_size(sd, grid)
+        return InputContract(size, interpolation="bicubic", crop_fraction=0.9)
     if "stem.conv.weight" in sd:
         return InputContract(224, crop_fraction=0.875)
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
@@ -57,4 +75,4 @@ def input_contract(path: str | os.PathLike) -> InputContract:
     if tv_vit.is_torchvision_vit(state_dict):  # torchvision's evaluation: resize 256, crop 224
         size = _vit_size(timm_names)
         return InputContract(size, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
-    return _contract(timm_names, str(path))
+    return _contract(timm_names, str(path), checkpoint_grid(path))

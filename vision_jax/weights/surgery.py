@@ -193,10 +193,15 @@ def _task_head(init: Flat, loaded: Flat, force: bool) -> list[Row]:
     return [("task head", f"initialised fresh {why}")]
 
 
-def _model_grid(init: Flat, image_size: tuple[int, int] | None) -> tuple[int, int]:
+def _model_grid(
+    init: Flat, image_size: tuple[int, int] | None, model_grid: tuple[int, int] | None
+) -> tuple[int, int]:
     """The model's patch grid (rows, columns): ``image_size`` over the patch embedding's kernel
-    size; without ``image_size``, the square grid of its position embedding's rows."""
+    size; without ``image_size``, the grid the model names (a ViT's ``posemb_grid``), else the
+    square grid of its position embedding's rows."""
     tokens = np.shape(init[POSEMB])[1] - int(CLS in init)
+    if image_size is None and model_grid is not None:
+        return tuple(model_grid)
     if image_size is None:
         side = _square(
             tokens,
@@ -206,11 +211,13 @@ def _model_grid(init: Flat, image_size: tuple[int, int] | None) -> tuple[int, in
         return side, side
     patch = np.shape(init[PATCH])[:2]
     grid = (image_size[0] // patch[0], image_size[1] // patch[1])
-    if grid[0] * grid[1] != tokens:
+    if grid[0] * grid[1] != tokens or model_grid not in (None, grid):
+        named = f"the model's posemb_grid is {model_grid}" if model_grid else (
+            f"the model's position embedding has {tokens} grid rows")  # fmt: skip
         raise ValueError(
             f"image_size {tuple(image_size)} with {patch[0]}x{patch[1]} patches is a "
-            f"{grid[0]}x{grid[1]} grid, but the model's position embedding has {tokens} grid "
-            "rows: pass the size the model was initialised at."
+            f"{grid[0]}x{grid[1]} grid, but {named}: pass the size the model was initialised "
+            "at."
         )
     return grid
 
@@ -222,15 +229,16 @@ def _posemb(
     method: str,
     image_size: tuple[int, int] | None,
     checkpoint_grid: tuple[int, int] | None,
+    model_grid: tuple[int, int] | None,
 ) -> list[Row]:
     if POSEMB not in loaded or POSEMB not in init:
         return []
     old, tokens = loaded[POSEMB], np.shape(init[POSEMB])[1]
     new_prefix = int(CLS in init)
     if old.shape[1] == tokens and had_cls == bool(new_prefix):
-        if checkpoint_grid is None and image_size is None:
+        if checkpoint_grid is None and image_size is None and model_grid is None:
             return []  # the model's own layout (non-square grids included)
-        grid = _model_grid(init, image_size)
+        grid = _model_grid(init, image_size, model_grid)
         if checkpoint_grid is None:
             _check_unambiguous(grid)
             return []
@@ -257,7 +265,7 @@ def _posemb(
         old = old[:, old_prefix - new_prefix :]
         old_prefix = new_prefix
         rows.append(("posemb", "class-token row dropped (the model pools with gap)"))
-    grid = _model_grid(init, image_size)
+    grid = _model_grid(init, image_size, model_grid)
     if checkpoint_grid is None:  # square, or the model's grid with the model's count
         count = old.shape[1] - old_prefix
         side = math.isqrt(count)
@@ -270,7 +278,8 @@ def _posemb(
         old = resample_posemb(
             old, num_prefix=old_prefix, new_grid=grid, method=method, old_grid=checkpoint_grid
         )
-        assumed = " (the model's grid taken as square)" if image_size is None else ""
+        unknown = image_size is None and model_grid is None
+        assumed = " (the model's grid taken as square)" if unknown else ""
         was = "x".join(map(str, checkpoint_grid))
         rows.append(("posemb", f"resampled {was} -> {grid[0]}x{grid[1]} ({method}){assumed}"))
     loaded[POSEMB] = old
@@ -300,10 +309,12 @@ def adapt(
     head_bias_init: float = 0.0,
     image_size: tuple[int, int] | None = None,
     checkpoint_grid: tuple[int, int] | None = None,
+    model_grid: tuple[int, int] | None = None,
 ) -> tuple[dict, list[Row]]:
     """Adapts nested ``loaded`` variables to the model whose initial variables are ``init``
-    (initialised at ``image_size``, (height, width); None: a square grid of patches; the
-    checkpoint's grid of patches is ``checkpoint_grid``, None: square, or the model's).
+    (initialised at ``image_size``, (height, width); None: the grid of patches the model names,
+    ``model_grid``, else a square one; the checkpoint's grid of patches is ``checkpoint_grid``,
+    None: square, or the model's).
 
     Returns the adapted flat variables and the summary rows. Whatever still differs afterwards is
     left for the strict merge to report.
@@ -334,7 +345,7 @@ def adapt(
             "init.dont_load keeps the head's init values."
         )
     rows += _task_head(flat_init, flat, replace_head)
-    rows += _posemb(flat_init, flat, had_cls, posemb, image_size, checkpoint_grid)
+    rows += _posemb(flat_init, flat, had_cls, posemb, image_size, checkpoint_grid, model_grid)
     if PATCH in flat and PATCH in flat_init:
         old, new = np.shape(flat[PATCH]), np.shape(flat_init[PATCH])
         if old[:2] != new[:2] and old[2:] == new[2:]:
