@@ -1285,3 +1285,22 @@ def load_file_np(path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return dict(load_file(str(path)))
+
+
+def test_export_safetensors_records_the_input_it_is_given(tmp_path):
+    """export_safetensors(..., input=a run's InputSpec) records the run's input in the file's
+    metadata: input_contract (Predictor.from_weights, init.use_input_contract) gives it, not the
+    layout's (a ViT: timm AugReg's bicubic and crop 0.9; a CIFAR ResNet: 32 px, no crop)."""
+    from vision_jax.specs import InputSpec
+
+    resnet = create_model("cifar_resnet20", num_classes=10)
+    for model, size in ((vit(), 32), (resnet, 16)):
+        path = tmp_path / "exported.safetensors"
+        export_safetensors(init_vars(model, size), model, path)
+        assert input_contract(path).crop_fraction in (0.9, 1.0)  # the layout's
+        spec = InputSpec(size, *IMAGENET, resize_size=size * 5 // 4, interpolation="bilinear")
+        export_safetensors(init_vars(model, size), model, path, input=spec)
+        assert input_contract(path) == InputContract(size, *IMAGENET, crop_fraction=0.8)
+    given = InputContract(16, crop_fraction=0.875, crop_mode="squash", interpolation="bicubic")
+    export_safetensors(init_vars(resnet, 16), resnet, tmp_path / "given.safetensors", input=given)
+    assert input_contract(tmp_path / "given.safetensors") == given

@@ -14,6 +14,7 @@ timm / torchvision ResNet              224   ImageNet         bilinear   0.875
 torchvision ViT                        grid  ImageNet         bilinear   0.875
 CIFAR ResNet (akamaster)               32    ImageNet         bilinear   1.0
 vision_jax run                         its run record's input (size, mean, std, interp., crop)
+``export_safetensors(..., input=...)``  the input it records in the file's metadata
 =====================================  ====  ===============  =========  =====
 
 "grid" is the position-embedding grid times the patch size; ImageNet is mean (0.485, 0.456,
@@ -30,7 +31,9 @@ for those.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from typing import Any
 
 Triple = tuple[float, float, float]
 HALF: Triple = (0.5, 0.5, 0.5)
@@ -50,9 +53,11 @@ class InputContract:
     crop_mode: str = "center"  # or "squash" (see InputSpec.crop_mode)
 
 
-# The safetensors ``__metadata__`` key under which :func:`~vision_jax.weights.export_safetensors`
-# records a ViT's position-embedding grid, "rows,columns" (timm and safetensors ignore it).
+# The safetensors ``__metadata__`` keys under which :func:`~vision_jax.weights.export_safetensors`
+# records a ViT's position-embedding grid, "rows,columns", and the input contract, a JSON object
+# of :class:`InputContract`'s fields (timm and safetensors ignore them).
 GRID_KEY = "vision_jax.posemb_grid"
+INPUT_KEY = "vision_jax.input"
 
 
 def vit_image_size(
@@ -81,3 +86,31 @@ def metadata_grid(metadata: dict[str, str] | None) -> tuple[int, int] | None:
         return None
     rows, columns = (int(n) for n in value.split(","))
     return rows, columns
+
+
+def as_contract(spec: Any) -> InputContract:
+    """The contract of an input spec (a run's ``InputSpec``: ``load_trained(...).input``); an
+    :class:`InputContract` as it is."""
+    if isinstance(spec, InputContract):
+        return spec
+    return InputContract(
+        int(spec.image_size), tuple(map(float, spec.mean)), tuple(map(float, spec.std)),
+        interpolation=spec.interpolation, crop_fraction=spec.image_size / spec.resize,
+        crop_mode=spec.crop_mode,
+    )  # fmt: skip
+
+
+def contract_metadata(contract: InputContract) -> dict[str, str]:
+    """``contract`` as safetensors metadata (:data:`INPUT_KEY`)."""
+    return {INPUT_KEY: json.dumps(dataclasses.asdict(contract))}
+
+
+def metadata_contract(metadata: dict[str, str] | None) -> InputContract | None:
+    """The input contract a safetensors file's ``metadata`` records, else None."""
+    value = (metadata or {}).get(INPUT_KEY)
+    if value is None:
+        return None
+    fields = json.loads(value)
+    size, mean, std = fields.pop("image_size"), fields.pop("mean"), fields.pop("std")
+    size = size if isinstance(size, int) else tuple(size)
+    return InputContract(size, tuple(mean), tuple(std), **fields)

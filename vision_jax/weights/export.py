@@ -13,7 +13,7 @@ import numpy as np
 from vision_jax.models.registry import backbone_of
 from vision_jax.output_errors import written_whole
 from vision_jax.trees import flatten_dict
-from vision_jax.weights.contract import GRID_KEY
+from vision_jax.weights.contract import GRID_KEY, as_contract, contract_metadata
 from vision_jax.weights.convert import converter
 from vision_jax.weights.surgery import CLS, POSEMB
 
@@ -37,20 +37,27 @@ def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 
 def export_safetensors(
-    variables: Mapping[str, Any], model: nn.Module, path: str | os.PathLike
-) -> None:
+    variables: Mapping[str, Any], model: nn.Module, path: str | os.PathLike, *,
+    input: Any = None,
+) -> None:  # fmt: skip
     """Writes ``variables`` as a timm state dict (``timm.create_model(...)`` loads it strictly;
-    CIFAR ResNets get akamaster's names). A ViT's position-embedding grid is recorded in the
-    file's metadata (timm ignores it; :func:`~vision_jax.weights.load_pretrained` and the input
-    contract read it: 9x16's 144 rows are no 12x12 grid)."""
+    CIFAR ResNets get akamaster's names). The file's metadata (timm ignores it) records a ViT's
+    position-embedding grid (:func:`~vision_jax.weights.load_pretrained` and the input contract
+    read it: 9x16's 144 rows are no 12x12 grid) and, given ``input`` (a run's ``InputSpec``,
+    ``load_trained(...).input``, or an :class:`InputContract`), the input the weights expect:
+    their size, mean, std, resize interpolation, crop fraction and mode, which
+    :func:`~vision_jax.weights.input_contract` (``Predictor.from_weights``,
+    ``init.use_input_contract``) then gives instead of the layout's (timm AugReg's for a ViT)."""
     from safetensors.numpy import save_file
 
     state_dict = converter(model).to_timm(variables, model)
     grid = _posemb_grid(variables, model)
-    metadata = None if grid is None else {GRID_KEY: ",".join(map(str, grid))}
+    metadata = {} if input is None else contract_metadata(as_contract(input))
+    if grid is not None:
+        metadata[GRID_KEY] = ",".join(map(str, grid))
     with written_whole(path) as partial:
         arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
-        save_file(arrays, partial, metadata=metadata)
+        save_file(arrays, partial, metadata=metadata or None)
 
 
 def _posemb_grid(variables: Mapping[str, Any], model: nn.Module) -> tuple[int, int] | None:

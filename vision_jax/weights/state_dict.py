@@ -4,6 +4,7 @@ converter."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
@@ -15,6 +16,7 @@ from vision_jax.weights.contract import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     InputContract,
+    metadata_contract,
     metadata_grid,
     vit_image_size,
 )
@@ -69,10 +71,18 @@ def _contract(
 
 
 def input_contract(path: str | os.PathLike) -> InputContract:
-    """The input of a state-dict file, told from its layout (see :mod:`.contract`)."""
+    """The input of a state-dict file: the one its metadata records (``export_safetensors``
+    writes it), else told from its layout (see :mod:`.contract`)."""
     state_dict = read_state_dict(path)
     timm_names = _timm_names(state_dict, str(path))
     if tv_vit.is_torchvision_vit(state_dict):  # torchvision's evaluation: resize 256, crop 224
         size = _vit_size(timm_names)
         return InputContract(size, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
-    return _contract(timm_names, str(path), checkpoint_grid(path))
+    metadata = safetensors_metadata(path)
+    contract = _contract(timm_names, str(path), metadata_grid(metadata))
+    recorded = metadata_contract(metadata)  # export_safetensors(..., input=...) wrote it
+    if recorded is None:
+        return contract
+    if "patch_embed.proj.weight" in timm_names:  # the size of the grid the weights are for
+        recorded = dataclasses.replace(recorded, image_size=contract.image_size)
+    return recorded
