@@ -420,24 +420,26 @@ def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, cap
 
 
 @pytest.mark.parametrize(
-    "small, size, classes",
-    [((16, 16), (48, 32), 5), ((20, 24), (7, 9), 3), ((8, 8), (8, 8), 4),
-     ((9, 5), (700, 2000), 16)],
+    "small, size, classes, scale",
+    [((16, 16), (48, 32), 5, 3), ((20, 24), (7, 9), 3, 3), ((8, 8), (8, 8), 4, 3),
+     ((9, 5), (700, 2000), 16, 3), ((12, 12), (40, 40), 4, 100)],
 )  # fmt: skip
-def test_label_maps_are_the_argmax_of_logits_resized_as_torch_does(small, size, classes):
+def test_label_maps_are_the_argmax_of_logits_resized_as_torch_does(small, size, classes, scale):
     """predict's full-size label map equals torch's ``interpolate(logits, bilinear,
     align_corners=False).argmax`` (mmseg's and Hugging Face's post-processing), from the
-    probabilities alone; up, down, the same size, and a large image resized in bands."""
+    log-probabilities; up, down, the same size, and a large image resized in bands; logit gaps
+    of hundreds too (where probabilities underflow to 0)."""
     import torch
 
     from vision_jax.predict import upsampled_argmax
 
-    logits = np.random.default_rng(sum(size)).normal(0, 3, (*small, classes)).astype(np.float32)
+    rng = np.random.default_rng(sum(size))
+    logits = rng.normal(0, scale, (*small, classes)).astype(np.float32)
     nchw = torch.from_numpy(logits).permute(2, 0, 1)[None]
     resized = torch.nn.functional.interpolate(nchw, size=size, mode="bilinear",
                                               align_corners=False)  # fmt: skip
     want = resized[0].argmax(0).numpy()
-    got = upsampled_argmax(_softmax(logits), size)
+    got = upsampled_argmax(np.asarray(jax.nn.log_softmax(logits)), size)
     assert got.dtype == np.uint8 and got.shape == size
     assert (got != want).mean() < 1e-4  # float32 rounding may flip an exact near-tie
     assert len(np.unique(want)) == classes

@@ -74,6 +74,9 @@ logger = logging.getLogger(__name__)
 FORMATS = (".jsonl", ".csv", ".json")
 # The last sentence of the error naming a file that fails once predicting (read at the start):
 CHANGED_SINCE_LISTED = "It was read when predict began: it changed or went since; predict stopped."
+# Segmentation's label maps come from log_softmax of the logits, not the task's probabilities
+# (which underflow to 0 past logit gaps of about 87; see upsampled_argmax).
+LOG_PROBABILITIES = "log_probabilities"
 
 Sized = tuple[str, tuple[int, int]]  # a file and its (height, width)
 
@@ -233,8 +236,13 @@ class Predictor:
             outputs = model.apply(variables, batch["image"], train=False)
             return task.eval_metrics(outputs, batch)  # what the evaluation scores
 
+        def log_probabilities(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+            outputs = model.apply(variables, images, train=False)
+            return {LOG_PROBABILITIES: jax.nn.log_softmax(outputs.astype(jnp.float32))}
+
         self._predict = jitted_predict(model, task, spec.image_size)
         self._detections = jax.jit(detections)
+        self._log_probabilities = jax.jit(log_probabilities)
 
     def predict(
         self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = 5,
@@ -271,6 +279,8 @@ class Predictor:
         source = unlabelled_files(files, self.task.target, self.class_names)
         kind = library_kind(self.task)
         keys = None if kind is None else ("probabilities",)  # None: a task of the user's own
+        if kind == "segmentation":
+            keys = (LOG_PROBABILITIES,)
         bar = Progress(len(files)) if progress else None
         left = iter(files)
         for rows in self._rows(source, keys, bar, self._batch_size(len(files))):
@@ -297,7 +307,7 @@ class Predictor:
         if kind == "classification":
             return classification_record(path, row["probabilities"], names, top_k)
         if kind == "segmentation":
-            return segmentation_record(path, row["probabilities"], size, names)
+            return segmentation_record(path, row[LOG_PROBABILITIES], size, names)
         return {"file": path, **{k: v.tolist() for k, v in row.items()}}
 
     def predict_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -334,12 +344,19 @@ class Predictor:
         self, source: data_lib.Source, keys: tuple[str, ...] | None, bar: Progress | None,
         batch_size: int,
     ) -> Iterator[list[dict[str, np.ndarray]]]:  # fmt: skip
-        """The task's predictions ``keys`` (None: all) of each example of ``source``, in order,
-        a list for each batch of ``batch_size``."""
+        """The task's predictions ``keys`` (None: all; ``(LOG_PROBABILITIES,)``: segmentation's
+        log-probabilities) of each example of ``source``, in order, a list for each batch of
+        ``batch_size``."""
         batches = data_lib.eval_batches(
             source, self.input, global_batch=batch_size, advice=CHANGED_SINCE_LISTED
         )
-        dispatched = ((b, self._predict(self.variables, b["image"], keys=keys)) for b in batches)
+
+        def predict(images: np.ndarray) -> dict[str, jax.Array]:
+            if keys == (LOG_PROBABILITIES,):
+                return self._log_probabilities(self.variables, images)
+            return self._predict(self.variables, images, keys=keys)
+
+        dispatched = ((b, predict(b["image"])) for b in batches)
         for batch, found in fetched_one_behind(dispatched):
             count = int(batch["mask"].sum())  # padding rows come last
             if bar is not None:
@@ -482,12 +499,12 @@ def classification_record(
 
 
 def segmentation_record(
-    path: str, probabilities: np.ndarray, size: tuple[int, int], class_names: Sequence[str]
+    path: str, scores: np.ndarray, size: tuple[int, int], class_names: Sequence[str]
 ) -> dict:
     """``file``, its ``label_map`` (uint8 class ids at the image's ``size``: the argmax of the
-    model's scores at its input, :func:`upsampled_argmax`) and ``class_fractions`` (the
-    fraction of its pixels in each class)."""
-    full = upsampled_argmax(probabilities, size)
+    model's ``scores`` at its input, its log-probabilities, :func:`upsampled_argmax`) and
+    ``class_fractions`` (the fraction of its pixels in each class)."""
+    full = upsampled_argmax(scores, size)
     fractions = np.bincount(full.ravel(), minlength=len(class_names)) / full.size
     return {"file": path, "label_map": full,
             "class_fractions": dict(zip(class_names, fractions.tolist(), strict=True))}  # fmt: skip
@@ -502,13 +519,14 @@ def _bilinear_taps(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return low, np.minimum(low + 1, size - 1), (where - low).astype(np.float32)
 
 
-def upsampled_argmax(probabilities: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The uint8 class map at ``size`` (height, width) of [h, w, classes] ``probabilities``:
-    their logarithms (the logits up to a per-pixel shift, which leaves the argmax alone)
-    resized bilinearly, then the argmax, as mmseg and Hugging Face's segmentation
-    post-processing resize logits. In bands of output rows, each from the few input rows it
-    needs, so a large image needs little memory."""
-    scores = np.log(np.maximum(np.asarray(probabilities, np.float32), np.finfo(np.float32).tiny))
+def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The uint8 class map at ``size`` (height, width) of [h, w, classes] ``scores``, logits or
+    log-probabilities (``log_softmax``: the logits up to a per-pixel shift, which leaves the
+    argmax alone), resized bilinearly, then the argmax, as mmseg and Hugging Face's segmentation
+    post-processing resize logits. (Not the log of probabilities: those underflow to 0 past
+    logit gaps of about 87, moving class boundaries.) In bands of output rows, each from the
+    few input rows it needs, so a large image needs little memory."""
+    scores = np.asarray(scores, np.float32)
     left, right, across = _bilinear_taps(size[1], scores.shape[1])
     top, bottom, down = _bilinear_taps(size[0], scores.shape[0])
     across = across[:, None]

@@ -224,7 +224,9 @@ def _manifest(
         if kind == "segmentation":
             manifest["input"]["resize"]["label_map"] = (
                 "at the input size: for the image's size, resize the log of probabilities "
-                "bilinearly (half-pixel centres) and take the argmax, as predict does"
+                "bilinearly (half-pixel centres) and take the argmax; predict resizes "
+                "log_softmax of the logits, the same but where a probability underflows to 0 "
+                "(logit gaps past about 87)"
             )
     elif target == "label":  # how evaluation resizes and crops
         spec = trained.input
