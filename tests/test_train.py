@@ -848,6 +848,18 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
             r"Unknown override\(s\) \['frozen_bn_stats'\] for 'vit_ti16' \(VisionTransformer\) "
             r"\(frozen_bn_stats is for cifar_resnet, resnet models\)",
         ),
+        (
+            {"model.name": "vit_ti16", "input.image_size": 32, "model.posemb_grid": (1, 4)},
+            ValueError,
+            r"model.posemb_grid \(1, 4\) is not the grid of input.image_size 32 \(2x2 patches of "
+            r"16x16 pixels\): a run's images are square, .*leave model.posemb_grid unset",
+        ),
+        (
+            {"model.name": "vit_ti16", "input.image_size": 32, "model.posemb_grid": (1, 1)},
+            ValueError,
+            r"model.posemb_grid \(1, 1\) is not the grid .*unset \(the square grid of "
+            r"input.image_size\) or set input.image_size=16\.",
+        ),
         ({"input.mix_prob": 0.5}, ValueError, r"input.mix_prob only applies with mixup_alpha or"),
         (
             {"input.mix_switch_prob": 0.3, "input.mixup_alpha": 0.2},

@@ -1304,3 +1304,20 @@ def test_export_safetensors_records_the_input_it_is_given(tmp_path):
     given = InputContract(16, crop_fraction=0.875, crop_mode="squash", interpolation="bicubic")
     export_safetensors(init_vars(resnet, 16), resnet, tmp_path / "given.safetensors", input=given)
     assert input_contract(tmp_path / "given.safetensors") == given
+
+
+def test_predictor_from_an_oblong_file_names_what_to_build(timm, tmp_path):
+    """A timm ViT of a 2x3 grid (7 rows: no square grid, none recorded) is refused by
+    Predictor.from_weights naming the model to build and load_pretrained's checkpoint_grid, not
+    with load_pretrained's error alone (from_weights takes no checkpoint_grid)."""
+    from safetensors.numpy import save_file
+
+    from vision_jax.predict import Predictor
+
+    save_file(state_dict_np(timm_vit(timm, img_size=(32, 48))), str(tmp_path / "w.safetensors"))
+    assert input_contract(tmp_path / "w.safetensors").image_size is None
+    with pytest.raises(ValueError, match=r"no square grid \(the file does not record it\); "
+                       r"Predictor.from_weights predicts at a square size\. Load it into "
+                       r"create_model\('vit_ti16', num_classes=\.\.\., posemb_grid=\(rows, "
+                       r"columns\)\) .*checkpoint_grid=\(rows, columns\)"):  # fmt: skip
+        Predictor.from_weights(tmp_path / "w.safetensors", model="vit_ti16")

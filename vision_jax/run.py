@@ -567,9 +567,28 @@ def task_model(spec: specs.RunSpec, num_classes: int) -> nn.Module:
     """The model of ``spec``: its task's head on its backbone, in its compute dtype."""
     if spec.model_dtype not in DTYPES:
         raise ValueError(f"Unknown model.dtype {spec.model_dtype!r}; valid: {', '.join(DTYPES)}.")
-    return spec.task.build_model(
+    model = spec.task.build_model(
         spec.model_name, num_classes, dtype=DTYPES[spec.model_dtype], **spec.model_overrides
     )
+    _check_posemb_grid(backbone_of(model), spec.input.image_size)
+    return model
+
+
+def _check_posemb_grid(backbone: nn.Module, size: int) -> None:
+    """Refuses a ``model.posemb_grid`` that is not the patch grid of ``input.image_size``: a
+    run's images are square (the model's own error names ``create_model``)."""
+    grid = getattr(backbone, "posemb_grid", None)
+    if grid is None:
+        return
+    side, patch = size // backbone.patch_size, backbone.patch_size
+    if tuple(grid) != (side, side):
+        other = f" or set input.image_size={grid[0] * patch}" if grid[0] == grid[1] else ""
+        raise specs.ConfigError(
+            f"model.posemb_grid {tuple(grid)} is not the grid of input.image_size {size} "
+            f"({side}x{side} patches of {patch}x{patch} pixels): a run's images are square, "
+            "input.image_size on each side, and so is its grid; leave model.posemb_grid unset "
+            f"(the square grid of input.image_size){other}."
+        )
 
 
 def abstract_state(state: TrainState) -> Any:

@@ -410,8 +410,9 @@ class InitSpec:
     .safetensors/.pth/.bin/.th, or a Hugging Face ViT folder (see :mod:`vision_jax.weights`).
     ``replace_head``: re-initialise the head even if the class count matches (kernel zeros,
     bias ``head_bias_init``). ``dont_load``: regexes of variables that keep their init values.
-    ``posemb``: position-embedding resampling to a new grid, "bilinear" or "bicubic" (None:
-    the weights' convention, :func:`vision_jax.weights.posemb_method`).
+    ``posemb``: position-embedding resampling to a new grid, "bilinear" (big_vision's
+    corner-aligned ``scipy.ndimage.zoom(order=1)``, not timm's half-pixel bilinear) or
+    "bicubic" (None: the weights' convention, :func:`vision_jax.weights.posemb_method`).
     ``use_input_contract``: input mean/std/interpolation from the checkpoint
     (``weights.input_contract``) unless set to non-defaults. The others need ``path``.
     """
