@@ -539,17 +539,31 @@ def test_a_patience_that_cannot_stop_the_run_is_warned_of(tmp_path, caplog):
 
 
 def test_a_subclass_of_a_library_task_may_select_on_a_metric_of_its_own(tmp_path):
-    """metric_names is checked for the summarize it declares: a Classification subclass with a
-    summarize of its own may report more, checked at its first validation."""
+    """metric_names is checked for the summarize and eval_metrics it declares: a Classification
+    subclass with a summarize, or eval_metrics, of its own may report more, checked at its first
+    validation (one with its own eval_metrics was refused before training)."""
 
     class WithF1(Classification):
         def summarize(self, collection, source, prefix):
             return {**super().summarize(collection, source, prefix), f"{prefix}f1": 0.0}
 
+    class WithTop2(Classification):  # the base summarize reports every metric it computes
+        headline = "top2"
+
+        def eval_metrics(self, outputs, batch):
+            return super().eval_metrics(outputs, batch)
+
+    class Top2Headline(Classification):
+        headline = "top2"
+
     spec = specs.run_spec(TrackedConfig(selecting_config(**{"early_stopping.metric": "val/f1"})))
     with pytest.raises(specs.ConfigError, match="'val/f1' is not a validation result"):
         run_lib._check_selection(spec, TWO_CLASSES, 14, fresh=True)
-    run_lib._check_selection(dataclasses.replace(spec, task=WithF1()), TWO_CLASSES, 14, fresh=True)
+    for task in (WithF1(), WithTop2()):
+        run_lib._check_selection(dataclasses.replace(spec, task=task), TWO_CLASSES, 14, fresh=True)
+        run_lib._check_headline(task)
+    with pytest.raises(ValueError, match="headline 'top2' is not among its metric_names"):
+        run_lib._check_headline(Top2Headline())
 
 
 @pytest.mark.parametrize(

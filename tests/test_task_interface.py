@@ -214,15 +214,15 @@ def settings_config(**task_keys):
 
 
 def test_a_tasks_settings_come_from_its_config_keys(register):
-    """``config.task.<field>``: unset, or None (as every config key), the field's default; a
-    None where the field's type takes None is kept (it was replaced by the default: the config
-    could not ask for it); a field without a default needs a value (it was a TypeError from
-    the constructor); a mistyped key's hint names the task's own fields, the unset ones too."""
+    """``config.task.<field>``: unset, or None (as every config key: the library's task keys
+    are None placeholders, which must not replace a subclass's default), the field's default; a
+    field without a default needs a value (it was a TypeError from the constructor); a
+    mistyped key's hint names the task's own fields, the unset ones too."""
     register(Settings)
     task = tasks.create_task(settings_config(offset=0.5))
     assert (task.scale, task.huber_delta, task.offset) == (1.0, 1.0, 0.5)
     task = tasks.create_task(settings_config(offset=0.5, huber_delta=None, scale=None))
-    assert (task.scale, task.huber_delta, task.offset) == (1.0, None, 0.5)
+    assert (task.scale, task.huber_delta, task.offset) == (1.0, 1.0, 0.5)
     assert tasks.create_task(settings_config(offset=0.5, huber_delta=2.0)).huber_delta == 2.0
     match = (
         r"task.offset needs a value \(Settings.offset has no default\): set config.task.offset "

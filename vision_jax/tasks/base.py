@@ -73,32 +73,32 @@ class Task(abc.ABC):
 
     @classmethod
     def declared_metrics(cls) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-        """(:attr:`metric_names`, :attr:`per_class_metrics`) where they describe the
-        :meth:`summarize` this class runs: declared by the class that defines it or by a
-        subclass of that class (inherited too); None where not declared, or declared above a
-        subclass's summarize of its own (it may return other names)."""
-        declaring = lambda name: next(c for c in cls.__mro__ if name in c.__dict__)
-        if cls.metric_names is None or not issubclass(
-            declaring("metric_names"), declaring("summarize")
-        ):
+        """(:attr:`metric_names`, :attr:`per_class_metrics`) where they describe the results
+        this class reports: declared by the class that defines its :meth:`summarize` and
+        :meth:`eval_metrics`, or by a subclass of both (inherited too); None where not
+        declared, or declared above a subclass's summarize or eval_metrics of its own (it may
+        report other names)."""
+        if cls.metric_names is None:
+            return None
+        declaring = lambda name: next(c for c in cls.__mro__ if name in c.__dict__)  # noqa: E731
+        names = declaring("metric_names")
+        if not all(issubclass(names, declaring(m)) for m in ("summarize", "eval_metrics")):
             return None
         return cls.metric_names, cls.per_class_metrics
 
     @classmethod
     def from_config(cls, section: Any, config: Any) -> Task:
         """The task from ``config.task`` and the top-level ``loss`` / ``label_smoothing``: an
-        unset key takes the field's default, and so does a None, as in every config section
-        (the library's task keys are None placeholders), except for a field whose type takes
-        None (a None is then its value); a field without a default needs a value. Keys the
+        unset key, or a None (the library's task keys are None placeholders), takes the field's
+        default, as in every config section; a field without a default needs a value. Keys the
         task does not use stay unread, so setting them is an error."""
         kwargs = {}
         for f in [f for f in dataclasses.fields(cls) if f.init]:  # (not __post_init__'s)
             where, key = (config, f.name) if f.name in TOP_LEVEL else (section, f"task.{f.name}")
             value, missing = where.get(f.name), dataclasses.MISSING
-            unset = f.name not in where or (value is None and not takes_none(f))
-            if unset and (f.default is not missing or f.default_factory is not missing):
+            if value is None and (f.default is not missing or f.default_factory is not missing):
                 continue
-            if unset:
+            if value is None and not takes_none(f):
                 raise ConfigError(
                     f"{key} needs a value ({cls.__name__}.{f.name} has no default): set "
                     f"config.{key} (c.{key} = ... in the config file)."
