@@ -151,6 +151,23 @@ def test_nhwc_convolution_gradients_equal_jax_gradients(x_shape, w_shape, stride
             np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=tol * np.abs(r).max())
 
 
+def test_convolutions_of_any_output_rank_and_precision_as_lax():
+    """An empty output has zero gradients, a 1-D convolution and a list of precisions pass
+    through (each failed: a window of size 0, the NHWC numbers of a rank-3 input, an unhashable
+    static argument)."""
+    x, w = jnp.ones((2, 2, 2, 3)), jnp.ones((3, 3, 3, 4))
+    for conv in (precision.conv_as_dot, precision.conv_general_dilated(jnp.float32)):
+        grads = jax.grad(lambda x, w: conv(x, w, (1, 1), "VALID", None, None, NHWC).sum(), (0, 1))
+        assert [float(jnp.abs(g).sum()) for g in grads(x, w)] == [0.0, 0.0]
+        x1, w1 = jnp.ones((2, 5, 3)), jnp.ones((3, 3, 4))
+        want = lax.conv_general_dilated(x1, w1, (1,), "SAME", None, None, ("NWC", "WIO", "NWC"))
+        got = conv(x1, w1, (1,), "SAME", None, None, ("NWC", "WIO", "NWC"))
+        np.testing.assert_array_equal(got, want)
+        highest = [lax.Precision.HIGHEST] * 2
+        y = conv(jnp.ones((2, 4, 4, 3)), w, (1, 1), "SAME", None, None, NHWC, precision=highest)
+        assert y.shape == (2, 4, 4, 4)
+
+
 def test_convolution_gradients_inside_a_loop_run_in_the_fast_form():
     """Inside a ``lax.scan`` (gradient accumulation's micro-batches) every convolution of a
     ResNet's gradient is in the one form XLA's CPU backend runs with its fast kernel (NHWC

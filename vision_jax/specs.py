@@ -839,8 +839,8 @@ def run_spec(config: Any) -> RunSpec:
         raise ConfigError(
             f"{', '.join(mixing)}: the task {spec.task.name!r} does not read the mixed labels "
             "(batch['soft_label']) that mixup and cutmix make: its images would be mixed and "
-            "its targets not; turn off (a task whose train_loss reads soft_label declares "
-            "reads_soft_label = True)."
+            "its targets not; turn them off (a task of one's own whose train_loss reads "
+            "soft_label declares reads_soft_label = True)."
         )
     if spec.lora is not None and spec.optimizer.trainable != "all":
         raise ConfigError(

@@ -193,9 +193,9 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     consumer that computes in float32 anyway (BatchNorm): one conversion pass and one rounding
     less.
     """
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     plain = (
-        dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
+        lhs.ndim == rhs.ndim == 4
+        and dimension_numbers in (_nhwc_numbers(lhs, rhs), ("NHWC", "HWIO", "NHWC"))
         and feature_group_count == batch_group_count == 1
         and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     )
@@ -222,6 +222,11 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     )  # fmt: skip
 
 
+def _nhwc_numbers(lhs: jax.Array, rhs: jax.Array) -> lax.ConvDimensionNumbers:
+    """The dimension numbers of an NHWC x HWIO convolution of ``lhs`` and ``rhs`` (rank 4)."""
+    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+
+
 def _convolution(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                  padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
                  rhs_dilation: Any = None, dimension_numbers: Any = None,
@@ -231,11 +236,10 @@ def _convolution(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     """``lax.conv_general_dilated``; on CPU, an ungrouped NHWC x HWIO convolution without input
     dilation is :func:`nhwc_convolution`, whose gradients XLA's CPU backend runs fast inside
     loops too."""
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     canonical = (
         jax.default_backend() == "cpu"
-        and lhs.ndim == 4
-        and dimension_numbers in (nhwc, ("NHWC", "HWIO", "NHWC"))
+        and lhs.ndim == rhs.ndim == 4
+        and dimension_numbers in (_nhwc_numbers(lhs, rhs), ("NHWC", "HWIO", "NHWC"))
         and feature_group_count == batch_group_count == 1
         and all(d == 1 for d in lhs_dilation or ())
     )
@@ -253,7 +257,7 @@ def _convolution(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
         tuple(int(s) for s in window_strides),
         tuple(tuple(int(p) for p in pad) for pad in pads),
         tuple(int(d) for d in rhs_dilation or (1, 1)),
-        precision,
+        tuple(precision) if isinstance(precision, list) else precision,  # (hashable)
         None if preferred_element_type is None else jnp.dtype(preferred_element_type),
     )
     return checkpoint_name(nhwc_convolution(lhs, rhs, layout), CONVOLUTION)
@@ -299,6 +303,8 @@ def _nhwc_convolution_fwd(lhs, rhs, layout):
 
 def _nhwc_convolution_bwd(layout, residuals, g):
     lhs, rhs = residuals
+    if not g.size:  # an empty output: no window to convolve with
+        return jnp.zeros_like(lhs), jnp.zeros_like(rhs)
     g = g.astype(lhs.dtype) if layout.preferred_element_type is not None else g
     dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], layout.kernel_dilation, strict=True)]
     sizes = list(zip(dilated, layout.pads, lhs.shape[1:3], g.shape[1:3], layout.strides,

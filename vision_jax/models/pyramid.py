@@ -25,7 +25,7 @@ from vision_jax.models.pooling import max_pool
 
 def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) -> nn.Conv:
     """A ``kernel`` x ``kernel`` convolution with 'SAME' padding and float32 parameters (1x1
-    ones and those over maps of 2x2 pixels or fewer as products: :func:`precision.conv_as_dot`)."""
+    ones and those into maps of 2x2 pixels or fewer as products: :func:`precision.conv_as_dot`)."""
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding="SAME",
         dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=precision.conv_as_dot,
