@@ -20,6 +20,10 @@ num_processes=2
 cpu_devices=2
 port=""
 dry_run="${VISION_JAX_DRY_RUN:-0}"
+if [[ -n "${DRY_RUN:-}" && "${DRY_RUN}" != 0 && -z "${VISION_JAX_DRY_RUN:-}" ]]; then
+  echo "local.sh: error: DRY_RUN is no longer read (VISION_JAX_DRY_RUN is): set VISION_JAX_DRY_RUN=1 or pass --dry-run to print the commands, or unset DRY_RUN to launch." >&2
+  exit 2
+fi
 
 usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }  # the header comment
 

@@ -33,6 +33,10 @@ project=""
 keep=0
 spot=0
 dry_run="${VISION_JAX_DRY_RUN:-0}"
+if [[ -n "${DRY_RUN:-}" && "${DRY_RUN}" != 0 && -z "${VISION_JAX_DRY_RUN:-}" ]]; then
+  echo "tpu_pod.sh: error: DRY_RUN is no longer read (VISION_JAX_DRY_RUN is): set VISION_JAX_DRY_RUN=1 or pass --dry-run to print the commands, or unset DRY_RUN to launch." >&2
+  exit 2
+fi
 main_args=()
 config=""
 workdir=""

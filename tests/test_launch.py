@@ -79,6 +79,15 @@ def test_local_refuses_launcher_options_it_would_pass_on(args, message):
     assert proc.stdout == ""
 
 
+def test_local_refuses_the_old_dry_run_variable():
+    """DRY_RUN=1 (read before VISION_JAX_DRY_RUN) is refused, not ignored: a run would start."""
+    env = {k: v for k, v in outside_a_cluster().items() if k != "VISION_JAX_DRY_RUN"}
+    proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), *MAIN_ARGS, "--workdir=/tmp/w"],
+                          env={**env, "DRY_RUN": "1"}, text=True, capture_output=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "local.sh: error: DRY_RUN is no longer read" in proc.stderr
+
+
 def test_local_help_is_its_whole_header():
     proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), "-h"], text=True,
                           capture_output=True, timeout=60)  # fmt: skip
@@ -563,10 +572,16 @@ def _run_tpu_pod(tmp_path: pathlib.Path, *flags: str, **env: str) -> subprocess.
 
 
 @needs_process_tools
-def test_tpu_pod_runs_despite_a_generic_dry_run_and_removes_its_archive(tmp_path):
-    """The archive stayed in /tmp after every launch."""
+def test_tpu_pod_removes_its_archive_and_refuses_the_old_dry_run_variable(tmp_path):
+    """The archive stayed in /tmp after every launch. DRY_RUN=1, which the launchers read
+    before VISION_JAX_DRY_RUN, is refused rather than launching (and billing) a TPU."""
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    proc = _run_tpu_pod(refused, FAKE_EXIT="0", DRY_RUN="1")
+    assert proc.returncode == 2 and "DRY_RUN is no longer read" in proc.stderr
+    assert not (refused / "gcloud.log").exists() or not _gcloud_calls(refused)
     name = f"vj-archive-{os.getpid()}"
-    proc = _run_tpu_pod(tmp_path, f"--name={name}", FAKE_EXIT="0", DRY_RUN="1")
+    proc = _run_tpu_pod(tmp_path, f"--name={name}", FAKE_EXIT="0", DRY_RUN="0")
     assert proc.returncode == 0, proc.stderr
     assert [c[4] for c in _gcloud_calls(tmp_path)][1:] == ["create", "scp", "ssh", "ssh", "delete"]
     assert f"tar -czf /tmp/vision_jax_{name}.tar.gz" in (tmp_path / "tar.log").read_text()
@@ -724,7 +739,7 @@ def test_launchers_are_executable_and_read_their_own_dry_run_variable(script):
     passes on from the submitter's environment (set for another tool: a job that did nothing)."""
     assert os.access(script, os.X_OK)
     assert "VISION_JAX_DRY_RUN" in script.read_text()
-    assert "${DRY_RUN" not in script.read_text()
+    assert 'dry_run="${DRY_RUN' not in script.read_text()
 
 
 def test_slurm_runs_despite_a_generic_dry_run_variable():
