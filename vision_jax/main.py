@@ -231,6 +231,7 @@ def _rewrite_unreadable_entries() -> None:
     """Makes JAX delete a cache entry it cannot read (cut short by a full disk or a process
     killed while writing it), so that the compile that follows writes it again: JAX skips a key
     that has a file, and the program compiled, with a warning, at every start."""
+    import jax
     from jax._src import compilation_cache, lru_cache
 
     read = compilation_cache.get_executable_and_time
@@ -240,9 +241,12 @@ def _rewrite_unreadable_entries() -> None:
     def read_or_delete(cache_key: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return read(cache_key, *args, **kwargs)
+        except OSError:  # not reached (a lock's timeout, a bucket's hiccup): the entry stays
+            raise
         except Exception:
             cache = compilation_cache._cache
-            if isinstance(cache, lru_cache.LRUCache):
+            # one process deletes (another may be writing the entry it cannot read yet)
+            if isinstance(cache, lru_cache.LRUCache) and jax.process_index() == 0:
                 entry = cache.path / f"{cache_key}{lru_cache._CACHE_SUFFIX}"
                 try:
                     entry.unlink()
