@@ -21,38 +21,39 @@ class TrainMetrics(metrics.Collection):
 
 @flax.struct.dataclass
 class EvalMetrics(metrics.Collection):
+    mse: metrics.Average.from_output("mse")
     mae: metrics.Average.from_output("mae")
 
 
 @dataclasses.dataclass(frozen=True)
 class DigitValue(Task):
-    """Mean squared error on the label's value; headline the mean absolute error (lower is
-    better); predicts ``value``."""
+    """Mean squared error on the label's value (times ``scale``); headline the mean absolute
+    error (lower is better), summarized by ``Task.summarize``; predicts ``value``."""
+
+    scale: float = 1.0
 
     name = "digit_value"
     target = "label"
     headline = "mae"
     headline_mode = "min"
-    metric_names = ("mae", "examples")
+    metric_names = ("mse", "mae", "examples")
     train_metrics = TrainMetrics
     per_example = ("value",)
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any):
         return create_model(model_name, num_classes=1, **model_kwargs)
 
-    def _error(self, outputs, batch):
-        return outputs[..., 0].astype(jnp.float32) - batch["label"].astype(jnp.float32)
+    def error(self, outputs, batch):
+        return outputs[..., 0].astype(jnp.float32) - batch["label"] * self.scale
 
     def train_loss(self, outputs, batch, normalisers=None):
-        return jnp.mean(self._error(outputs, batch) ** 2), {}
+        return jnp.mean(self.error(outputs, batch) ** 2), {}
 
     def eval_metrics(self, outputs, batch):
-        mae = jnp.abs(self._error(outputs, batch))
-        return EvalMetrics.single_from_model_output(mae=mae, mask=batch["mask"] > 0)
-
-    def summarize(self, collection, source, prefix):
-        return {f"{prefix}mae": float(collection.mae.compute()),
-                f"{prefix}examples": float(collection.mae.count)}  # fmt: skip
+        e = self.error(outputs, batch)
+        return EvalMetrics.single_from_model_output(
+            mse=e**2, mae=jnp.abs(e), mask=batch["mask"] > 0
+        )
 
     def predict(self, outputs, image_hw):
         return {"value": outputs[..., 0].astype(jnp.float32)}

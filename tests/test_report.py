@@ -468,7 +468,9 @@ def test_a_task_of_ones_own_gets_the_results_its_run_recorded(tmp_path, monkeypa
     best = int(result["best/step"])
     write_report(tmp_path)
     rows = {r["result"]: float(r["value"]) for r in _rows(tmp_path / "report" / "results.csv")}
-    assert set(rows) == {"val/mae", "val/examples", "best/eval/mae", "best/eval/examples"}
+    assert set(rows) == {
+        f"{s}/{m}" for s in ("val", "best/eval") for m in ("mse", "mae", "examples")
+    }
     assert rows["best/eval/mae"] == pytest.approx(result["eval/mae"], rel=1e-6)
     assert rows["val/mae"] == pytest.approx(result["best/val/mae"], rel=1e-6)
     assert rows["best/eval/examples"] == 360
@@ -477,5 +479,6 @@ def test_a_task_of_ones_own_gets_the_results_its_run_recorded(tmp_path, monkeypa
     assert f"<td>best/eval/mae</td><td>{result['eval/mae']:.6g}</td>" in page
     write_report(tmp_path, which="latest")
     rows = {r["result"] for r in _rows(tmp_path / "report" / "results.csv")}
-    assert rows == {"val/mae", "val/examples"} | ({"best/eval/mae", "best/eval/examples"}
-                                                  if best == 4 else set())  # fmt: skip
+    assert rows == {f"val/{m}" for m in ("mse", "mae", "examples")} | (
+        {f"best/eval/{m}" for m in ("mse", "mae", "examples")} if best == 4 else set()
+    )

@@ -9,62 +9,23 @@ import flax
 import jax.numpy as jnp
 import pytest
 from clu import metrics
+from own_task import DigitValue, EvalMetrics
 from test_train import small_config
 
 from vision_jax import specs, tasks
 from vision_jax.config import TrackedConfig, UnreadConfigKeysError
 from vision_jax.data import DataError
 from vision_jax.main import _summaries
-from vision_jax.models import create_model
 from vision_jax.run import build_run
 from vision_jax.tasks.base import Task
 from vision_jax.train import train_and_evaluate
 
 
-@flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    grad_norm: metrics.Average.from_output("grad_norm")
-
-
-@flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-    mse: metrics.Average.from_output("mse")
-    mae: metrics.Average.from_output("mae")
-
-
 @dataclasses.dataclass(frozen=True)
-class Regression(Task):
-    """The digit's value (times ``scale``) from its image: MSE loss, MAE headline (summarized
-    by Task.summarize)."""
-
-    scale: float = 1.0
+class Regression(DigitValue):
+    """The digit's value from its image: MSE loss, MAE headline."""
 
     name = "test_regression"
-    target = "label"
-    headline = "mae"
-    headline_mode = "min"
-    metric_names = ("mse", "mae", "examples")
-    train_metrics = TrainMetrics
-    per_example = ("value",)
-
-    def build_model(self, model_name, num_classes, **model_kwargs):
-        return create_model(model_name, num_classes=1, **model_kwargs)
-
-    def error(self, outputs, batch):
-        return outputs[..., 0].astype(jnp.float32) - batch["label"] * self.scale
-
-    def train_loss(self, outputs, batch, normalisers=None):
-        return jnp.mean(self.error(outputs, batch) ** 2), {}
-
-    def eval_metrics(self, outputs, batch):
-        e = self.error(outputs, batch)
-        return EvalMetrics.single_from_model_output(
-            mse=e**2, mae=jnp.abs(e), mask=batch["mask"] > 0
-        )
-
-    def predict(self, outputs, image_hw):
-        return {"value": outputs[..., 0].astype(jnp.float32)}
 
 
 def regression_config(task: type[Task], **overrides):
