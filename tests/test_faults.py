@@ -243,9 +243,9 @@ def test_the_guard_adds_little_to_the_compiled_step(monkeypatch):
 
 
 def test_final_metrics_are_valid_json():
-    from vision_jax.main import _json
+    from vision_jax.metrics import json_line
 
-    line = _json({"train/loss": float("nan"), "eval/top1": 0.5, "x": float("inf"),
+    line = json_line({"train/loss": float("nan"), "eval/top1": 0.5, "x": float("inf"),
                   "train/learning_rate": 1.97327123e-05, "big": 1234567.8,
                   "eval/examples": 12345678.0})  # fmt: skip
     assert json.loads(line) == {"eval/top1": 0.5, "train/loss": None, "x": None,

@@ -14,7 +14,6 @@ by SIGTERM / SIGINT after saving a checkpoint: run the same command again to res
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import math
 import os
@@ -337,18 +336,6 @@ class _QuietOrbax(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-def _json(results: dict[str, float]) -> str:
-    """The metrics as one line of valid JSON, to 6 significant digits (counts exact;
-    non-finite values as null)."""
-
-    def clean(v: float) -> float | None:
-        if not math.isfinite(v):
-            return None
-        return v if v.is_integer() else float(f"{v:.6g}")
-
-    return json.dumps({k: clean(float(v)) for k, v in sorted(results.items())})
-
-
 # XLA's (CPU, GPU, TPU) and TensorFlow's words for an allocation that failed (not a disk full)
 _OUT_OF_MEMORY = re.compile(
     r"RESOURCE_EXHAUSTED:[^\n]*\b(Out of memory|Ran out of memory|Failed to allocate)\b"
@@ -468,7 +455,9 @@ def main(argv: list[str]) -> None:
         _exit(EXIT_ERROR, f"{type(e).__name__}: {e}", watchdog, e)
     if watchdog is not None:
         watchdog.finish()
-    line = _json(results)
+    from vision_jax.metrics import json_line
+
+    line = json_line(results)
     logging.info("Final metrics of process %d: %s", jax.process_index(), line)
     if jax.process_index() == 0:
         try:

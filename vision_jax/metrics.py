@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -58,3 +62,15 @@ def iou_summary(matrix: np.ndarray) -> dict[str, object]:
 def scalars(collection: metrics.Collection, prefix: str) -> dict[str, float]:
     """``{prefix + name: float}`` of a computed collection, for writers and logs."""
     return {f"{prefix}{k}": float(v) for k, v in collection.compute().items()}
+
+
+def json_line(results: Mapping[str, float]) -> str:
+    """Metrics as one line of valid JSON, to 6 significant digits (counts exact; non-finite
+    values as null): what the commands print."""
+
+    def clean(v: float) -> float | None:
+        if not math.isfinite(v):
+            return None
+        return v if v.is_integer() else float(f"{v:.6g}")
+
+    return json.dumps({k: clean(float(v)) for k, v in sorted(results.items())})

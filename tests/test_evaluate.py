@@ -1,0 +1,200 @@
+"""Evaluating a trained run without training (``vision_jax.evaluate``): its figures equal numpy's
+on the model's own outputs, on the run's eval split, another split, at another input size (a ViT's
+position embeddings resampled as scipy does) and for detection pycocotools' on its detections."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+import scipy.ndimage
+from test_train import small_config
+
+from vision_jax import data as data_lib
+from vision_jax.evaluate import evaluate_run
+from vision_jax.evaluate import main as evaluate_main
+from vision_jax.train import train_and_evaluate
+from vision_jax.trained import load_trained
+from vision_jax.trees import flatten_dict, unflatten_dict
+
+POSEMB = "params/Transformer/posembed_input/pos_embedding"
+
+
+def _numpy_figures(model, variables, source, input_spec) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on every example of ``source``,
+    through the evaluation pipeline's images, computed here in numpy."""
+    images, labels = [], []
+    for batch in data_lib.eval_batches(source, input_spec, global_batch=50):
+        keep = batch["mask"] > 0
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+    labels = np.concatenate(labels)
+    logits = np.asarray(model.apply(variables, np.concatenate(images), train=False), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return {
+        "eval/top1": float((log_probs.argmax(-1) == labels).mean()),
+        "eval/loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "eval/examples": float(len(labels)),
+    }
+
+
+def _assert_figures(got: dict[str, float], want: dict[str, float]) -> None:
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=2e-5), key
+
+
+def test_a_run_evaluated_again_gives_its_final_figures(digits_run):
+    workdir, final, _ = digits_run
+    got = evaluate_run(workdir)
+    trained = load_trained(workdir)
+    source = data_lib.load_source(trained.spec.data, "test")
+    want = _numpy_figures(trained.model, trained.variables, source, trained.input)
+    _assert_figures(got, want)
+    assert 0.2 < want["eval/top1"] < 0.99  # several classes predicted: a meaningful comparison
+    for key in ("eval/top1", "eval/loss", "eval/examples"):
+        assert got[key] == pytest.approx(final[key], abs=1e-5), key
+
+
+def test_another_split_in_other_batches(digits_run):
+    workdir, _, _ = digits_run
+    got = evaluate_run(workdir, split="train[:100]", batch_size=16, which="latest")
+    trained = load_trained(workdir)
+    source = data_lib.load_source(trained.spec.data, "train[:100]")
+    _assert_figures(got, _numpy_figures(trained.model, trained.variables, source, trained.input))
+    assert got["eval/examples"] == 100
+
+
+def test_a_vit_at_another_size_has_its_position_embeddings_resampled(tmp_path):
+    """A ViT trained at 32 px (2x2 patches) evaluated at 48 px: its 2x2 position embeddings
+    become 3x3, bilinearly with corners aligned (scipy's zoom of order 1, as ``init.path`` from
+    a run resamples them)."""
+    cfg = small_config(**{"model.name": "vit_ti16", "input.image_size": 32, "total_steps": 2})
+    cfg.model.depth = 1
+    train_and_evaluate(cfg, str(tmp_path))
+    trained = load_trained(tmp_path)
+    flat = flatten_dict(trained.variables)
+    posemb = np.asarray(flat[POSEMB])
+    assert posemb.shape == (1, 5, 192)
+    grid = scipy.ndimage.zoom(posemb[0, 1:].reshape(2, 2, 192), (1.5, 1.5, 1), order=1)
+    flat[POSEMB] = np.concatenate([posemb[:, :1], grid.reshape(1, 9, 192)], axis=1)
+    input_48 = dataclasses.replace(trained.input, image_size=48)
+    source = data_lib.load_source(trained.spec.data, "test")
+    want = _numpy_figures(trained.model, unflatten_dict(flat), source, input_48)
+    _assert_figures(evaluate_run(tmp_path, image_size=48), want)
+    same = _numpy_figures(trained.model, trained.variables, source, trained.input)
+    _assert_figures(evaluate_run(tmp_path, image_size=32), same)  # its own size: as trained
+    assert want["eval/loss"] != pytest.approx(same["eval/loss"], abs=1e-3)  # another input
+
+
+def test_command_line_prints_and_writes_the_figures(digits_run, tmp_path, capsys):
+    workdir, final, _ = digits_run
+    output = tmp_path / "metrics.json"
+    assert evaluate_main([f"--workdir={workdir}", f"--output={output}"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = json.loads(line)
+    assert printed == json.loads(output.read_text())
+    assert printed["eval/examples"] == 360
+    assert printed["eval/top1"] == pytest.approx(final["eval/top1"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--split=validation"], "has splits 'train' and 'test', not 'validation'"),
+        (["--ema"], "holds no EMA parameters"),
+        (["--batch_size=12"], "batch_size 12 must be a positive multiple of the"),
+    ],
+)
+def test_command_line_errors_are_one_line(digits_run, argv, message, capsys, monkeypatch):
+    workdir, _, _ = digits_run
+    if argv == ["--batch_size=12"]:  # on 8 devices (the test's split: 12 rows do not divide)
+        monkeypatch.setattr("vision_jax.sharding.data_parallel_size", lambda mesh: 8)
+    assert evaluate_main([f"--workdir={workdir}", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vision_jax.evaluate: error: ") and message in err
+    assert "\n" not in err
+
+
+@pytest.mark.slow
+def test_a_split_with_other_classes_is_refused(tmp_path):
+    """An image-folder split whose class folders differ from the run's (its labels would
+    name other classes than the model's outputs)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", "ab"), ("test", "ab"), ("other", "abc")):
+        for name in classes:
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path / "data"),
+                          "total_steps": 1, "batch_size": 4, "eval_batch_size": 4})  # fmt: skip
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert evaluate_run(tmp_path / "run")["eval/examples"] == 4
+    with pytest.raises(data_lib.DataError, match=r"'other' has the classes a, b, c; the run"):
+        evaluate_run(tmp_path / "run", split="other")
+
+
+@pytest.mark.slow
+def test_segmentation_figures_equal_scikit_learn_on_its_label_maps(tmp_path):
+    """A short segmentation run on arrays evaluated again (from Python: the arrays passed
+    again): mIoU and pixel accuracy equal scikit-learn's confusion matrix of the model's label
+    maps; without the arrays, an error saying how to pass them."""
+    from sklearn.metrics import confusion_matrix
+    from test_segmentation_train import ARRAYS, seg_config
+
+    train_and_evaluate(seg_config(total_steps=4), str(tmp_path), arrays=ARRAYS)
+    got = evaluate_run(tmp_path, arrays=ARRAYS, batch_size=8)
+    trained = load_trained(tmp_path)
+    source = data_lib.load_source(trained.spec.data, "test", arrays=ARRAYS, target="label_map")
+    (batch,) = data_lib.eval_batches(source, trained.input, global_batch=32)
+    keep = batch["mask"] > 0
+    found = np.asarray(trained.model.apply(trained.variables, batch["image"][keep])).argmax(-1)
+    truth = batch["label_map"][keep]
+    valid = truth != data_lib.IGNORE_LABEL
+    matrix = confusion_matrix(truth[valid], found[valid], labels=range(4)).astype(np.float64)
+    tp, union = np.diag(matrix), matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    assert got["eval/miou"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]), abs=1e-9)
+    assert got["eval/pixel_accuracy"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-9)
+    assert got["eval/examples"] == 20
+    with pytest.raises(data_lib.DataError, match=r"evaluate_run\(workdir, arrays=\{'test'"):
+        evaluate_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_detection_figures_equal_pycocotools_on_its_detections(tmp_path):
+    """A short detection run evaluated again: its COCO figures equal pycocotools' on the
+    model's detections of each test image, computed here outside the evaluation."""
+    from PIL import Image
+    from test_det_data import write_coco
+    from test_detection_train import SIZE, det_config, random_scenes
+
+    from vision_jax.tasks.coco_eval import coco_metrics, coco_results
+
+    root = tmp_path / "coco"
+    write_coco(root, random_scenes(16, 0), "train")
+    write_coco(root, random_scenes(12, 1), "test", ids=[50 + 3 * i for i in range(12)])
+    workdir = tmp_path / "run"
+    train_and_evaluate(det_config(root, total_steps=20, batch_size=8), str(workdir))
+    got = evaluate_run(workdir, batch_size=4)
+    trained = load_trained(workdir)
+    truth = json.loads((root / "annotations/instances_test.json").read_text())
+    images = np.stack([np.asarray(Image.open(root / "test" / im["file_name"]).convert("RGB"))
+                       for im in truth["images"]])  # fmt: skip
+    outputs = trained.model.apply(trained.variables, (images.astype(np.float32) - 127.5) / 127.5)
+    found = jax.device_get(trained.task.detect(outputs, (SIZE, SIZE)))
+    found["image_ids"] = np.asarray([im["id"] for im in truth["images"]])
+    category_ids = sorted(c["id"] for c in truth["categories"])
+    names = [c["name"] for c in sorted(truth["categories"], key=lambda c: c["id"])]
+    want = coco_metrics(
+        truth, coco_results(found, category_ids, truth["images"]), found["image_ids"], names
+    )
+    assert got["eval/examples"] == 12 and want["ap50"] > 0.05, want  # boxes found
+    for key in ("map", "ap50", "ap75"):
+        assert got[f"eval/{key}"] == pytest.approx(want[key], abs=2e-3), key
