@@ -165,6 +165,39 @@ def test_a_save_failed_in_a_collective_asks_the_watchdog_for_a_lost_peer():
     assert not vj_main._may_mean_a_lost_peer(None)
 
 
+def test_a_lost_peer_found_by_two_threads_is_one_line(monkeypatch, capsys):
+    """The watchdog's thread and the main thread (its failed collective) both find process 1
+    lost: the first ends the process with one line; the second waits for that end."""
+    import threading
+
+    from vision_jax import watchdog
+
+    class Client:
+        def key_value_set(self, *args, **kwargs) -> None:
+            pass
+
+        def key_value_dir_get(self, prefix: str) -> list:
+            return []
+
+    exits, ended = [], threading.Event()
+
+    def exit_once(code: int) -> None:
+        exits.append(code)
+        ended.set()
+        threading.Event().wait()  # as os._exit: never returns
+
+    monkeypatch.setattr(watchdog.os, "_exit", exit_once)
+    monkeypatch.setattr(watchdog.logging, "shutdown", lambda: None)  # pytest's capture stays
+    dog = watchdog.PeerWatchdog(Client(), 0, 2, timeout=0.4)
+    lost = "lost process 1 of 2: no heartbeat for 33 s"
+    for _ in range(2):
+        threading.Thread(target=dog.exit, args=(lost,), daemon=True).start()
+    assert ended.wait(10)
+    threading.Event().wait(1.0)  # time for a second line, were one printed
+    assert exits == [EXIT_PEER_LOST]
+    assert capsys.readouterr().err.count("vision_jax: error: lost process 1 of 2") == 1
+
+
 def test_the_logged_learning_rate_is_the_one_applied_after_a_skip(tmp_path, monkeypatch, caplog):
     """A skipped update does not advance the optimizer (as ``optax.apply_if_finite``): with
     linear warmup from 0 over all 4 steps and step 2 skipped, the last update (step 4) was the

@@ -46,6 +46,7 @@ class PeerWatchdog:
         self._answered = now  # when the coordinator last answered
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._leaving = threading.Lock()  # held by the one thread that ends the process
 
     def start(self) -> PeerWatchdog:
         for target, name in ((self._beat, "heartbeat"), (self._watch, "watchdog")):
@@ -98,6 +99,13 @@ class PeerWatchdog:
             if (lost := self.lost()) is not None:
                 self.exit(lost)
 
+    def _first_to_leave(self) -> None:
+        """Returns in the first thread to end the process; blocks any later one (the watchdog
+        and the main thread may both find a peer lost) until the first has ended it, so that
+        one line says why."""
+        if not self._leaving.acquire(blocking=False):
+            threading.Event().wait()
+
     def _leave(self, mark: str, code: int) -> None:
         """Marks this process ``mark``; process 0 waits for the others to leave; exits."""
         self._stop.set()
@@ -131,6 +139,7 @@ class PeerWatchdog:
 
     def exit(self, lost: str) -> None:
         """Prints one line naming what is lost or failed and ends this process."""
+        self._first_to_leave()
         message = f"{lost}; stopping process {self.me} too (exit {EXIT_PEER_LOST})."
         logger.error("%s", message)
         print(f"vision_jax: error: {message}", file=sys.stderr, flush=True)
@@ -138,6 +147,7 @@ class PeerWatchdog:
 
     def fail(self, code: int, error: str) -> None:
         """Ends this process after its own ``error`` (already printed): peers stop at once."""
+        self._first_to_leave()
         self._leave(f"{FAILED}:{error[:200]}", code)
 
     def wait_for_verdict(self, seconds: float) -> str | None:
