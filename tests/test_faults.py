@@ -1078,6 +1078,10 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
             configure_compilation_cache(str(tmp_path / "run"), str(tmp_path / "a_file" / "c"))
         assert jax.config.jax_compilation_cache_dir is None
         assert f"compilation cache {tmp_path / 'a_file' / 'c'} cannot be written (" in caplog.text
+        with caplog.at_level(logging.WARNING):  # the file itself named as the cache
+            configure_compilation_cache(str(tmp_path / "run"), str(tmp_path / "a_file"))
+        assert jax.config.jax_compilation_cache_dir is None
+        assert "(it is a file, not a folder): it is off" in caplog.text
     finally:
         for name, value in before.items():
             jax.config.update(name, value)

@@ -201,6 +201,8 @@ _CACHE_OFF = ("off", "false", "none", "no", "0")
 
 def _unwritable(folder: str) -> str | None:
     """Why files cannot be created in ``folder`` (made if missing), or None."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "it is a file, not a folder"
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder):
