@@ -1024,7 +1024,7 @@ def test_lr_1e6_on_a_finished_run_keeps_its_good_checkpoints(tmp_path, policy):
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("vision_jax:")]
-    assert "Nothing non-finite was saved; last good checkpoint:" in error
+    assert "Nothing non-finite was saved; newest checkpoint:" in error
     assert re.search(r"at step 2\d;" if policy == "stop" else r"1\d updates in a row", error)
     assert_all_finite(tmp_path)
     for step, before in good.items():  # the finished run's checkpoints survive, unchanged

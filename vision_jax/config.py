@@ -187,7 +187,7 @@ def default_config() -> ml_collections.ConfigDict:
     # continue exactly where it stopped); False: such a resume is an error naming the change.
     c.resume_changed_data = False
     # A step whose loss or gradients are not finite is never applied (nor saved). "stop": stop
-    # with an error naming it and the last good checkpoint; "skip": skip it, count it
+    # with an error naming it and the newest checkpoint; "skip": skip it, count it
     # (train/skipped_steps) and stop only after max_consecutive_skips in a row. Checked at each
     # log_every_steps and before each save (no host sync per step).
     c.on_nonfinite = "stop"

@@ -216,8 +216,9 @@ class _Guard:
             else "raise max_consecutive_skips"
         )
         raise NonFiniteError(
-            f"{what}. Nothing non-finite was saved; last good checkpoint: {where}. Lower the "
-            f"learning rate, or {hint}."
+            f"{what}. Nothing non-finite was saved; newest checkpoint: {where} (finite; the "
+            "finite updates before the failure may already have diverged: compare its loss "
+            f"with an earlier one's). Lower the learning rate, or {hint}."
         )
 
 
