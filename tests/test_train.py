@@ -909,9 +909,12 @@ def test_mixing_is_refused_for_a_task_that_reads_no_soft_labels(monkeypatch):
 
 def test_a_saved_config_with_a_key_now_refused_still_loads(tmp_path, caplog):
     """A run saved by a version that accepted a key off its branch (``input.mix_prob`` without
-    mixup) loads for predict, export and reports, with a warning; a new run refuses it."""
+    mixup) loads for predict, export and reports, with a warning; a new run refuses it. Each
+    warning is given once: loading rebuilds the input spec, export's images and evaluation at
+    another size rebuild it again (they warned twice to four times; the size failed)."""
     import json
 
+    from vision_jax.evaluate import evaluate_run
     from vision_jax.trained import load_trained
     from vision_jax.weights.run_dir import META_FILE
 
@@ -932,8 +935,14 @@ def test_a_saved_config_with_a_key_now_refused_still_loads(tmp_path, caplog):
     assert trained.input.mean == (123.7, 116.3, 103.5)  # what it was trained with, kept
     from vision_jax.export.images import split_images  # export's calibration and evaluation
 
-    images, labels = split_images(trained, "test", count=3)
+    with caplog.at_level(logging.WARNING):
+        images, labels = split_images(trained, "test", count=3)
     assert images.shape[0] == len(labels) == 3 and images.dtype == np.uint8
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert evaluate_run(tmp_path, image_size=24)["eval/examples"] == 360
+    warnings = [r.getMessage() for r in caplog.records if "saved" in r.getMessage()]
+    assert len(warnings) == len(set(warnings)) == 2, warnings  # mix_prob; scale (checked first)
     with pytest.raises(ValueError, match="input.mix_prob only applies"):
         train_and_evaluate(small_config(**{"input.mix_prob": 0.5}), str(tmp_path / "new"))
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vision_jax import data as data_lib
-from vision_jax import sharding
+from vision_jax import sharding, specs
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.metrics import json_line
 from vision_jax.run_options import add_run_options
@@ -67,7 +67,8 @@ def evaluate_run(
     _check_classes(trained, source, split)
     input_spec, variables = trained.input, trained.variables
     if image_size is not None and image_size != input_spec.image_size:
-        input_spec = dataclasses.replace(input_spec, image_size=image_size)
+        with specs.saved_config(warn=False):  # its values as load_trained kept them
+            input_spec = dataclasses.replace(input_spec, image_size=image_size)
         variables = _at_size(trained, image_size)
     mesh = sharding.create_mesh("data:-1", jax.local_devices())
     batch_size = spec.eval_batch_size if batch_size is None else batch_size

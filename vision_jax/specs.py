@@ -151,7 +151,7 @@ class InputSpec:
         except ConfigError as e:
             if not reading_saved_config():
                 raise
-            logger.warning("A saved run's config: %s (kept: the run was trained with it)", e)
+            saved_config_warning(f"A saved run's config: {e} (kept: the run was trained with it)")
         if self.resize_size is not None and self.crop_fraction is not None:
             raise ValueError("Set at most one of input.resize_size and input.crop_fraction.")
         if self.interpolation not in INTERPOLATIONS:
@@ -348,6 +348,10 @@ def only_when(section: str, spec: Any, keys: tuple[str, ...], when: bool, why: s
 
 
 _SAVED = contextvars.ContextVar("saved_config", default=False)
+# The saved-config warnings given inside the outermost saved_config (None: none given).
+_WARNED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "saved_config_warned", default=None
+)
 
 
 def reading_saved_config() -> bool:
@@ -356,15 +360,28 @@ def reading_saved_config() -> bool:
 
 
 @contextlib.contextmanager
-def saved_config() -> Iterator[None]:
+def saved_config(*, warn: bool = True) -> Iterator[None]:
     """Inside, a key set for a branch its run does not take is reset, with a warning, not an
     error: a saved run's config (from a version that accepted the key) still loads for
-    predict, export and reports."""
-    token = _SAVED.set(True)
+    predict, export and reports. Each warning is given once inside (a spec rebuilt with
+    ``dataclasses.replace`` is checked again); ``warn=False``: none, for a spec of a run that
+    was read, and warned of, before (``load_trained``'s ``input`` with another size)."""
+    outer = _WARNED.get() if _SAVED.get() else set()
+    tokens = _SAVED.set(True), _WARNED.set(outer if warn else None)
     try:
         yield
     finally:
-        _SAVED.reset(token)
+        _WARNED.reset(tokens[1])
+        _SAVED.reset(tokens[0])
+
+
+def saved_config_warning(message: str) -> None:
+    """Logs ``message``, a warning of a saved run's config, once inside :func:`saved_config`
+    (none with ``warn=False``)."""
+    warned = _WARNED.get()
+    if warned is not None and message not in warned:
+        warned.add(message)
+        logger.warning("%s", message)
 
 
 def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
@@ -378,8 +395,9 @@ def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
     if not _SAVED.get():  # each flag one shell word: "(0.08,1.0)", not "(0.08, 1.0)"
         undo = " ".join(f"--config.{k}={str(v).replace(' ', '')}" for k, v in full.items())
         raise ConfigError(f"{message}; remove {'it' if one else 'them'} (or pass {undo}).")
-    logger.warning("The saved config sets %s, which only appl%s %s: ignored.", names,
-                   "ies" if one else "y", why)  # fmt: skip
+    saved_config_warning(
+        f"The saved config sets {names}, which only appl{'ies' if one else 'y'} {why}: ignored."
+    )
     return True
 
 

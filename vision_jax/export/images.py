@@ -41,8 +41,8 @@ def split_images(
     if count is not None and count < source.num_examples:
         source = _subset(source, count, seed)
     # Normalising with mean 0 and std 1/255 leaves the pixels as they are (a saved run's spec:
-    # values a later version refuses stay, as load_trained kept them).
-    with specs.saved_config():
+    # values a later version refuses stay, as load_trained kept them, and warned of).
+    with specs.saved_config(warn=False):
         spec = dataclasses.replace(trained.input, mean=(0.0,) * 3, std=(1 / 255,) * 3)
     images, targets = [], []
     for batch in data_lib.eval_batches(source, spec, global_batch=128):
