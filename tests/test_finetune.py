@@ -282,9 +282,36 @@ def test_ema_tracks_the_params():
 
 
 def test_ema_is_evaluated_alongside(tmp_path):
+    """The EMA is evaluated beside the trained parameters; ``init.ema`` starts a new run from
+    the run's EMA (parameters and BatchNorm statistics) or its trained ones, None from the
+    ones its selection measured (here the trained: it selected on nothing). Only with
+    ``init.path``, of a run (a file holds one set of weights)."""
+    from vision_jax import run, sharding, specs
+    from vision_jax.config import TrackedConfig
+
     result = train_and_evaluate(small_config(ema_decay=0.5, total_steps=2), str(tmp_path))
     assert {"eval_ema/top1", "eval_ema/loss", "eval/top1"} <= set(result)
     assert result["eval_ema/examples"] == result["eval/examples"] == 360
+
+    def initial(**init):
+        spec = specs.run_spec(TrackedConfig(small_config(**{"init.path": str(tmp_path), **init})))
+        model, mesh = run.task_model(spec, 10), sharding.create_mesh(spec.mesh)
+        variables, *_ = run.create_variables(spec, model, spec.input, mesh, jax.random.key(1))
+        return flatten_dict(jax.device_get(variables))
+
+    trained, ema = (flatten_dict(read_variables(tmp_path, ema=e)) for e in (False, True))
+    assert not np.allclose(trained["params/head/kernel"], ema["params/head/kernel"])
+    for init, expected in ({}, trained), ({"init.ema": False}, trained), ({"init.ema": True}, ema):
+        got = initial(**init)
+        assert got.keys() == expected.keys() and any("batch_stats" in k for k in got), init
+        for key, value in got.items():
+            np.testing.assert_array_equal(value, expected[key], err_msg=f"{init} {key}")
+    np.savez(tmp_path / "w.npz", **{"head/kernel": trained["params/head/kernel"]})
+    with pytest.raises(WeightFormatError, match=r"w.npz \(npz\) holds one set of weights: "
+                       r"ema=True \(init.ema\) chooses"):  # fmt: skip
+        initial(**{"init.path": str(tmp_path / "w.npz"), "init.ema": True})
+    with pytest.raises(specs.ConfigError, match=r"init.ema only applies with init.path"):
+        specs.run_spec(TrackedConfig(small_config(**{"init.ema": True})))
 
 
 def test_the_ema_averages_batchnorm_statistics_and_evaluates_with_them():

@@ -192,6 +192,7 @@ def create_variables(
         posemb=init_spec.posemb,
         head_bias_init=float(init_spec.head_bias_init),
         image_size=size,
+        ema=init_spec.ema,
     )
     variables = with_adapters(_initialise_abstract(loaded, base_init, init_rng))
     _warn_of_frozen_fresh(spec, model, loaded["params"], variables["params"])

@@ -432,7 +432,9 @@ class InitSpec:
     corner-aligned ``scipy.ndimage.zoom(order=1)``, not timm's half-pixel bilinear) or
     "bicubic" (None: the weights' convention, :func:`vision_jax.weights.posemb_method`).
     ``use_input_contract``: input mean/std/interpolation from the checkpoint
-    (``weights.input_contract``) unless set to non-defaults. The others need ``path``.
+    (``weights.input_contract``) unless set to non-defaults. ``ema``: of a vision_jax run, its
+    EMA parameters (True) or its trained ones (False); None: the ones its model selection
+    measured (as ``load_trained``). The others need ``path``.
     """
 
     path: str | None = None
@@ -441,11 +443,13 @@ class InitSpec:
     dont_load: tuple[str, ...] = ()
     posemb: str | None = None
     use_input_contract: bool = False
+    ema: bool | None = None
 
     def __post_init__(self) -> None:
         if self.path is None and self.posemb == "bilinear" and _SAVED.get():
             object.__setattr__(self, "posemb", None)  # an earlier version's default, recorded
-        surgery = ("replace_head", "head_bias_init", "dont_load", "posemb", "use_input_contract")
+        surgery = ("replace_head", "head_bias_init", "dont_load", "posemb", "use_input_contract",
+                   "ema")  # fmt: skip
         why = "with init.path, the weights to start from, which is not set (--config.init.path)"
         only_when("init", self, surgery, self.path is not None, why)
 

@@ -48,7 +48,7 @@ class Reader:
 
 READERS = {
     "run": Reader(
-        lambda path, _: run_dir.read_variables(path, "best"),
+        lambda path, _, ema=None: run_dir.read_variables(path, "best", ema=ema),
         lambda path: run_dir.input_contract(path, "best"),
         lambda path: list(run_dir.read_record(path, "best").class_names or ()) or None,
     ),
@@ -114,8 +114,10 @@ def _classifier_view(model: nn.Module) -> nn.Module:
     return backbone
 
 
-def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
-    """Reads ``source`` into variables in vision_jax names, as the checkpoint holds them.
+def read_variables(source: str | os.PathLike, model: nn.Module, *, ema: bool | None = None) -> dict:
+    """Reads ``source`` into variables in vision_jax names, as the checkpoint holds them;
+    ``ema``: of a run, its EMA parameters or its trained ones (None: those its model selection
+    measured, :func:`~vision_jax.weights.run_dir.read_variables`; other formats hold one set).
 
     The result is not yet adapted to ``model`` (head, class token, grids): see
     :func:`~vision_jax.weights.load_pretrained`. Raises :class:`WeightFormatError` for
@@ -123,9 +125,16 @@ def read_variables(source: str | os.PathLike, model: nn.Module) -> dict:
     naming ``source``.
     """
     path = pathlib.Path(source)
-    reader = READERS[detect_format(path)]
+    kind = detect_format(path)
+    if ema is not None and kind != "run":
+        raise WeightFormatError(
+            f"{path} ({kind}) holds one set of weights: ema={ema} (init.ema) chooses between "
+            "a vision_jax run's EMA and trained parameters."
+        )
+    reader = READERS[kind]
     try:
-        return reader.variables(path, _classifier_view(model))
+        chosen = {"ema": ema} if kind == "run" else {}  # (the others hold one set)
+        return reader.variables(path, _classifier_view(model), **chosen)
     except WeightMismatchError as e:
         if str(path) in str(e):
             raise

@@ -40,6 +40,7 @@ def load_pretrained(
     head_bias_init: float = 0.0,
     image_size: int | tuple[int, int] | None = None,
     checkpoint_grid: tuple[int, int] | None = None,
+    ema: bool | None = None,
 ) -> dict:
     """Loads pretrained weights into a copy of ``variables`` (the model's initial variables).
 
@@ -68,6 +69,10 @@ def load_pretrained(
         records (``export_safetensors`` writes it), else square when its row count differs
         from the model's, else the model's layout (an oblong model whose count is also a
         square's, e.g. 9x16 and 12x12, is an error naming both).
+      ema: of a vision_jax run, its EMA parameters (True, with the EMA's BatchNorm statistics)
+        or its trained ones (False); None: the ones its model selection measured (the EMA's
+        when ``early_stopping.metric`` was an ``*_ema/`` metric). Set for another format, an
+        error.
 
     Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
     and patch embeddings are resampled to the model's grid and patch size, and every step is
@@ -83,7 +88,7 @@ def load_pretrained(
             "variables must be the model's variables as model.init returns them ({'params': "
             f"...}}); got a dict of {sorted(variables)[:5]}."
         )
-    loaded = read_variables(source, model)
+    loaded = read_variables(source, model, ema=ema)
     flat_loaded = flatten_dict(loaded)
     if checkpoint_grid is None and surgery.POSEMB in flat_loaded:
         checkpoint_grid = recorded_grid(source)
