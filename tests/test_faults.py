@@ -325,6 +325,41 @@ def test_the_summary_names_a_headline_in_words_for_library_tasks_only(monkeypatc
 # --- signals ------------------------------------------------------------------------------------
 
 
+def test_tensorboard_shows_the_steps_a_crash_lost_once(tmp_path, monkeypatch):
+    """A crash after logging step 3 (checkpoint at 2): the rerun writes step 3 again, after
+    TensorBoard's restart marker at it, so that TensorBoard drops the first run's step 3 (it
+    drew both, a line back from step 3 to 2 and on again; a crash at step 1900 after a
+    checkpoint at 1000 drew the whole stretch twice)."""
+    from vision_jax.tf_without_keras import load
+
+    cfg = config(total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
+
+    def crash_at_4(step, batch):
+        if step == 4:
+            raise RuntimeError("the host went away")
+        return batch
+
+    wrap_step(monkeypatch, crash_at_4)
+    with pytest.raises(RuntimeError, match="the host went away"):
+        train_and_evaluate(cfg, str(tmp_path))
+    assert sorted(step_dirs(tmp_path)) == [2]
+    monkeypatch.undo()
+    train_and_evaluate(cfg, str(tmp_path))
+    load()  # (before TensorBoard, which imports TensorFlow)
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    written = [  # every event file's steps of train/loss, as written
+        e.step
+        for path in sorted(tmp_path.glob("events.out.tfevents.*"))
+        for e in load().compat.v1.train.summary_iterator(str(path))
+        if any(v.tag == "train/loss" for v in e.summary.value)
+    ]
+    assert written == [1, 2, 3, 3, 4]
+    shown = plugin_event_accumulator.EventAccumulator(str(tmp_path))  # TensorBoard's reader
+    shown.Reload()
+    assert [e.step for e in shown.Tensors("train/loss")] == [1, 2, 3, 4]
+
+
 def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_exactly(tmp_path, monkeypatch):
     cfg = config(total_steps=6, checkpoint_every_steps=100)
     full = tmp_path / "full"

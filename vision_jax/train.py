@@ -383,6 +383,7 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
     writer = MetricWriter(workdir if is_main else None)
     try:
         if is_main:
+            writer.write_start(run.start_step + 1)
             writer.write_hparams(_flat_hparams(run.meta["config"]))
             _log_start(run)
         _resume_best(run)

@@ -7,12 +7,17 @@ every run's start (``benchmarks/startup.py``). The hparams summary itself needs 
 
 An event file that cannot be written (a full disk, a lost bucket) costs a warning, not the run:
 the log lines hold the same values, and checkpoints report their own failures.
+
+Each run's events begin with TensorBoard's restart marker (:meth:`MetricWriter.write_start`):
+a run resumed after a crash writes the steps after its checkpoint again, and TensorBoard then
+shows the new values alone instead of both (a line drawn back to the checkpoint's step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -37,6 +42,19 @@ class MetricWriter:
             with self._tolerated(), self._events.as_default():
                 for key, value in scalars.items():
                     tf.summary.scalar(key, value, step=step)
+
+    def write_start(self, step: int) -> None:
+        """Marks the start of this process's events at ``step`` (its first step: a resumed
+        run's restored step + 1) with a ``SessionLog.START`` event, TensorBoard's restart
+        marker: TensorBoard drops the events an earlier process wrote from ``step`` on (the
+        steps after the checkpoint it resumed from, before a crash), which this run writes
+        again. A workdir's first start drops nothing."""
+        if self._events is None:
+            return
+        log = tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START)
+        event = tf.compat.v1.Event(step=step, wall_time=time.time(), session_log=log)
+        with self._tolerated():  # (tf.summary writes summaries only: the writer's own op)
+            tf.raw_ops.ImportEvent(writer=self._events._resource, event=event.SerializeToString())
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Hyperparameters (flat, values str/int/float/bool) for TensorBoard's HParams tab."""
