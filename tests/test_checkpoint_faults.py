@@ -27,7 +27,7 @@ from test_data import make_folder
 from test_train import small_config
 
 from vision_jax import lock as lock_lib
-from vision_jax.checkpoint import CORRUPT_DIR, CheckpointError
+from vision_jax.checkpoint import CORRUPT_DIR, Checkpointer, CheckpointError
 from vision_jax.specs import ConfigError
 from vision_jax.train import train_and_evaluate
 from vision_jax.weights.run_dir import restore_on_one_device as _restore_on_one_device
@@ -94,7 +94,7 @@ def test_a_file_where_the_checkpoints_go_is_an_error_before_training(tmp_path):
 LOCK_HOLDER = """
 import sys, time
 from vision_jax.lock import WorkdirLock
-WorkdirLock(sys.argv[1]).acquire()
+WorkdirLock(sys.argv[1], exit_on_loss=True).acquire()  # as the command line's
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -125,7 +125,8 @@ def test_second_run_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, c
 def test_a_deleted_lock_is_made_again_and_a_lost_one_ends_its_run(tmp_path):
     """The owner's heartbeat makes its deleted lock again (another run would start beside
     it); when another run holds the lock (taken over as stale while this run's file system
-    did not answer, say), the owner ends at once with one line, saving nothing more."""
+    did not answer, say), the command line's owner ends at once with one line, saving nothing
+    more."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "from vision_jax import lock; lock.HEARTBEAT_S = 0.1\n"
          + LOCK_HOLDER, str(tmp_path)],
@@ -154,6 +155,37 @@ def test_a_deleted_lock_is_made_again_and_a_lost_one_ends_its_run(tmp_path):
     assert json.loads(path.read_text())["host"] == "elsewhere"  # left to the other run
 
 
+def test_a_lost_lock_raises_in_python_and_nothing_more_is_saved(tmp_path, monkeypatch):
+    """From Python (a notebook's kernel) a lock that another run took over neither ends the
+    process nor lets the run save on: the next step raises LockError naming the other run,
+    whose lock file stays, and the run's checkpoints stay as they were."""
+    monkeypatch.setattr(lock_lib, "HEARTBEAT_S", 0.05)
+    exits = []
+    monkeypatch.setattr(lock_lib, "_lost", lambda path, owner: exits.append(owner))
+    path = tmp_path / lock_lib.LOCK_NAME
+    save = Checkpointer.save
+
+    def save_then_lose(self, step, *args, **kwargs):
+        saved = save(self, step, *args, **kwargs)
+        if saved and step == 2:  # another run takes the workdir over
+            self.wait()
+            other = tmp_path / "other.json"
+            other.write_text(json.dumps({"host": "elsewhere", "pid": 7, "started": "then"}))
+            os.replace(other, path)
+            deadline = time.monotonic() + 10
+            while getattr(self.lock, "lost", None) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not exits, "the process would have ended"
+        return saved
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_lose)
+    with pytest.raises(lock_lib.LockError, match="took over this run's workdir lock .*elsewhere"):
+        train_and_evaluate(small_config(total_steps=6), str(tmp_path))
+    assert not exits
+    assert json.loads(path.read_text())["host"] == "elsewhere"  # left to the other run
+    assert steps_in(tmp_path) == [2]  # nothing saved after the loss was noticed
+
+
 def test_the_heartbeat_never_takes_its_own_run_for_a_lost_one(tmp_path, monkeypatch):
     """A beat after the release leaves no lock behind; a lock the beat could not write (a full
     disk) is not left empty, and an empty (half-written) lock is not another run's."""
@@ -163,7 +195,7 @@ def test_the_heartbeat_never_takes_its_own_run_for_a_lost_one(tmp_path, monkeypa
 
     monkeypatch.setattr(lock_lib, "_lost", lost)
     path = tmp_path / lock_lib.LOCK_NAME
-    lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    lock = lock_lib.WorkdirLock(str(tmp_path), exit_on_loss=True).acquire()
     path.unlink()
 
     def disk_full(*args, **kwargs):
@@ -181,6 +213,7 @@ def test_the_heartbeat_never_takes_its_own_run_for_a_lost_one(tmp_path, monkeypa
     lock.release()
     lock._beat()  # a beat under way as the lock was released
     assert not path.exists()
+    assert lock.lost is None
 
 
 def test_a_stopped_runs_lock_stays_its_own_and_a_reused_pid_does_not_hold_it(tmp_path, caplog):

@@ -226,7 +226,8 @@ class Checkpointer:
 
     ``keep`` (>= 1) newest steps survive rotation, and every step that ended its run (orbax
     preservation policies, any of which keeps a step: a best-checkpoint ``BestN`` policy can
-    join them). ``lock`` (a :class:`vision_jax.lock.WorkdirLock`) is released by :meth:`close`.
+    join them). ``lock`` (a :class:`vision_jax.lock.WorkdirLock`) is released by :meth:`close`;
+    once another run took it over, nothing more is saved (:meth:`check_lock`) or removed.
     """
 
     def __init__(
@@ -282,11 +283,18 @@ class Checkpointer:
         except (OSError, ValueError):
             return None
 
+    def check_lock(self) -> None:
+        """Raises :class:`vision_jax.lock.LockError` once another run took over the workdir's
+        lock (a Python caller's run; the command line's process has ended)."""
+        if self.lock is not None:
+            self.lock.check()
+
     def update_meta(self, step: int, meta: Mapping[str, Any]) -> None:
         """Replaces the ``meta`` item of the saved ``step`` by ``meta`` (``final`` set as
         :meth:`save` sets it; a new file renamed over the old one: a crash leaves one or the
         other whole). For single-process runs."""
         self.wait()
+        self.check_lock()
         path = self.step_dir(step) / META_FILE
         partial = path.parent / f"{path.name}.partial"
         partial.write_text(json.dumps(self._with_final(step, meta)))
@@ -383,6 +391,7 @@ class Checkpointer:
         """
         if not force and (self.every_steps <= 0 or step % self.every_steps):
             return False
+        self.check_lock()
         if self.manager.latest_step() == step:
             return False
         meta = self._with_final(step, meta)
@@ -463,7 +472,8 @@ class Checkpointer:
         try:
             with _reporting_failed_saves(self.manager, self._pending):
                 self.manager.close()
-            _remove_if_unused(self.directory, self._new)
+            if not _lost(self.lock):
+                _remove_if_unused(self.directory, self._new)
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -477,8 +487,11 @@ class BestCheckpoint:
     decides); a step already saved (evaluated again after a resume) is not written twice.
     """
 
-    def __init__(self, workdir: str, metric: str, mode: str, *, async_save: bool = True):
+    def __init__(
+        self, workdir: str, metric: str, mode: str, *, async_save: bool = True, lock: Any = None
+    ):
         self.directory = os.path.join(workdir, BEST_DIR)
+        self.lock = lock  # the workdir's: once another run took it over, nothing is written
         if "://" not in workdir:
             self.directory = os.path.abspath(self.directory)
         self.metric = metric
@@ -510,6 +523,8 @@ class BestCheckpoint:
     def save(self, step: int, state: Any, meta: dict, value: float) -> None:
         """Saves ``state`` as the best, scoring ``value``, once the previous save is complete.
         Call on every process."""
+        if self.lock is not None:
+            self.lock.check()
         if self.has(step):
             return
         _save_async(
@@ -524,12 +539,15 @@ class BestCheckpoint:
         with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
             self.manager.wait_until_finished()
         if self._pending is not None and self._pending in self.manager.all_steps():
-            self.keep_only(self._pending)
+            if not _lost(self.lock):
+                self.keep_only(self._pending)
         self._pending = None  # complete: the next wait has nothing to list or remove
 
     def keep_only(self, step: int | None) -> None:
         """Removes every best checkpoint but ``step`` (a complete one; None: every one). Call
         on every process."""
+        if self.lock is not None:
+            self.lock.check()
         for other in self.manager.all_steps():
             if other != step:
                 self.manager.delete(other)
@@ -572,7 +590,13 @@ class BestCheckpoint:
         self.wait()
         with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
             self.manager.close()
-        _remove_if_unused(self.directory, self._new)
+        if not _lost(self.lock):
+            _remove_if_unused(self.directory, self._new)
+
+
+def _lost(lock: Any) -> bool:
+    """Whether another run took over the workdir ``lock`` (None: none)."""
+    return lock is not None and lock.lost is not None
 
 
 def _is_new(directory: str) -> bool:

@@ -9,10 +9,13 @@ after a container restart reused it) and its heartbeat stopped; from another hos
 heartbeat is older than ``STALE_AFTER_S``, or at once when SLURM requeued its job.
 A live owner on the same host keeps its lock however old its heartbeat (a suspended job, a
 stopped process). In a multi-host run process 0 takes the lock and the other processes share
-its verdict. The owner's heartbeat makes a deleted lock again, and ends its process (exit
-:data:`EXIT_LOCK_LOST`, one line) where another run holds the lock now: it lost it (a heartbeat
-that could not reach the file for longer than ``STALE_AFTER_S``), and two runs must not save
-into one workdir.
+its verdict. The owner's heartbeat makes a deleted lock again. Where another run holds the lock
+now, this run lost it (a heartbeat that could not reach the file for longer than
+``STALE_AFTER_S``), and two runs must not save into one workdir: the command line (and every
+process of a multi-process run) ends at once (exit :data:`EXIT_LOCK_LOST`, one line); a Python
+caller's run is marked :attr:`WorkdirLock.lost`, and the loop and the saves call
+:meth:`WorkdirLock.check`, which raises :class:`LockError` naming the other run (the process,
+a notebook's kernel, lives on).
 """
 
 from __future__ import annotations
@@ -129,23 +132,32 @@ def _requeued(owner_job: object) -> str | None:
     return None
 
 
+def _lost_message(path: str, owner: dict) -> str:
+    return (
+        f"Another run took over this run's workdir lock {path} ({_describe(owner)}); this run "
+        "stops without saving more, leaving the workdir to it."
+    )
+
+
 def _lost(path: str, owner: dict) -> None:
     """Ends this process at once, saving nothing more: another run holds its workdir's lock."""
-    message = (
-        f"error: Another run took over this run's workdir lock {path} ({_describe(owner)}); "
-        "this run stops without saving more, leaving the workdir to it."
-    )
-    print(message, file=sys.stderr, flush=True)
+    print(f"error: {_lost_message(path, owner)}", file=sys.stderr, flush=True)
     os._exit(EXIT_LOCK_LOST)
 
 
 class WorkdirLock:
-    """The lock of one run's workdir; :meth:`release` (also at exit) frees it."""
+    """The lock of one run's workdir; :meth:`release` (also at exit) frees it.
 
-    def __init__(self, workdir: str):
+    ``exit_on_loss``: a lock that another run took over ends the process (the command line);
+    else (a Python caller) :attr:`lost` says so and :meth:`check` raises :class:`LockError`.
+    """
+
+    def __init__(self, workdir: str, *, exit_on_loss: bool = False):
         self.url = "://" in workdir  # gs://...: no atomic create; not locked
         self.path = os.path.join(workdir if self.url else os.path.abspath(workdir), LOCK_NAME)
         self.held = False
+        self.exit_on_loss = exit_on_loss
+        self.lost: str | None = None  # why, once another run holds the lock: nothing more saved
         self._owner: dict = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -156,6 +168,8 @@ class WorkdirLock:
         if self.url:
             logger.warning("Workdir %s is a URL: it is not locked against a second run.", self.path)
             return self
+        # A process of a multi-process run exits: raised in one, its peers would wait.
+        self.exit_on_loss = self.exit_on_loss or jax.process_count() > 1
         if jax.process_index() == 0:
             try:
                 self._take()
@@ -251,6 +265,7 @@ class WorkdirLock:
 
     def _start_heartbeat(self) -> None:
         self._stop = threading.Event()  # a fresh one: the lock may be taken again after release
+        self.lost = None
 
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_S):
@@ -259,10 +274,17 @@ class WorkdirLock:
         self._thread = threading.Thread(target=beat, name="workdir_lock", daemon=True)
         self._thread.start()
 
+    def check(self) -> None:
+        """Raises :class:`LockError` once another run holds this run's lock (it saves nothing
+        more)."""
+        if self.lost is not None:
+            raise LockError(self.lost)
+
     def _beat(self) -> None:
-        """Touches the lock; makes it again if it was deleted; ends this process if another
-        run holds it now (this one lost it, deleted or taken over as stale: two runs must not
-        save into one workdir). A file system that does not answer skips the beat."""
+        """Touches the lock; makes it again if it was deleted; where another run holds it now
+        (this one lost it, deleted or taken over as stale: two runs must not save into one
+        workdir) ends this process (``exit_on_loss``) or marks the lock :attr:`lost` and stops
+        beating. A file system that does not answer skips the beat."""
         try:
             owner, _ = self._read()
             if self._stop.is_set():  # released meanwhile: the lock is not this run's any more
@@ -275,7 +297,12 @@ class WorkdirLock:
                 owner, _ = self._read()  # another run made it meanwhile
             taken = owner is not None and owner != self._owner and not owner.get("half_written")
             if taken and not self._stop.is_set():
-                _lost(self.path, owner)
+                if self.exit_on_loss:
+                    _lost(self.path, owner)
+                self.lost = _lost_message(self.path, owner)
+                self._stop.set()  # the file is the other run's: not touched again
+                logger.error("%s", self.lost)
+                return
             os.utime(self.path)
         except OSError:
             pass

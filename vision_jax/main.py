@@ -443,8 +443,9 @@ def main(argv: list[str]) -> None:
     final = FinalEvaluation() if reporting else None  # the report's figures, made as it runs
     try:
         results = train_and_evaluate(
-            FLAGS.config, FLAGS.workdir, final=final, exit_on_second_signal=True
-        )
+            FLAGS.config, FLAGS.workdir, final=final, exit_on_second_signal=True,
+            exit_on_lost_lock=True,
+        )  # fmt: skip
     except StopRequested as e:
         _exit(EXIT_STOPPED, str(e), watchdog)
     except (ValueError, RuntimeError, OSError, MemoryError) as e:

@@ -1053,17 +1053,19 @@ def build_run(
     workdir: str,
     *,
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    exit_on_lost_lock: bool = False,
 ) -> Run:
     """Everything a run needs, from the config (every key read, or an error), resumed from
     ``workdir``'s newest readable checkpoint if it has one. The workdir stays locked
-    (:class:`vision_jax.lock.WorkdirLock`) until :meth:`Run.close`."""
+    (:class:`vision_jax.lock.WorkdirLock`, its ``exit_on_loss`` ``exit_on_lost_lock``) until
+    :meth:`Run.close`."""
     started = time.perf_counter()
     load_if_url(workdir)  # before orbax and the compilation cache read it through epath
     tracked = TrackedConfig(config)
     spec = specs.run_spec(tracked)
     tracked.check_all_read()
     _check_same_config({**spec.config, "--workdir": workdir})
-    lock, ckpt = WorkdirLock(workdir).acquire(), None
+    lock, ckpt = WorkdirLock(workdir, exit_on_loss=exit_on_lost_lock).acquire(), None
     try:
         ckpt = Checkpointer(
             workdir, every_steps=spec.checkpoint_every_steps, keep=spec.keep_checkpoints,
@@ -1174,7 +1176,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     if "evaluated_before" in saved:  # eval_before_training's results, reported at every end
         meta["evaluated_before"] = saved["evaluated_before"]
     if selection is not None:  # last: nothing after it can fail and leave its folder behind
-        best = BestCheckpoint(workdir, selection.metric, selection.mode)
+        best = BestCheckpoint(workdir, selection.metric, selection.mode, lock=ckpt.lock)
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
         train_step, settings, eval_step, ckpt, start_step, total_steps, meta, start_position,

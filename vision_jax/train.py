@@ -123,6 +123,7 @@ def train_and_evaluate(
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     final: FinalObserver | None = None,
     exit_on_second_signal: bool = False,
+    exit_on_lost_lock: bool = False,
 ) -> dict[str, float]:
     """Fine-tunes as ``config`` says, in ``workdir``; returns the final evaluation metrics.
 
@@ -141,11 +142,14 @@ def train_and_evaluate(
     saving (``exit_on_second_signal``: ends the process at once, as the command line does,
     even inside a long step or compilation); a non-finite update raises
     :class:`NonFiniteError` as ``config.on_nonfinite`` says. The final state is saved before
-    the final evaluation.
+    the final evaluation. Another run that took over the workdir's lock (this run's heartbeat
+    had not reached it for ``lock.STALE_AFTER_S``) raises :class:`~vision_jax.lock.LockError`
+    at the next step or save, nothing more saved (``exit_on_lost_lock``: ends the process at
+    once, as the command line does).
     """
     workdir = os.fspath(workdir)
     with StopSignals(exit_on_second_signal) as stop:
-        run = build_run(config, workdir, arrays=arrays)
+        run = build_run(config, workdir, arrays=arrays, exit_on_lost_lock=exit_on_lost_lock)
         run.final = final if jax.process_count() == 1 else None
         try:
             results = _train(run, workdir, stop)
@@ -477,6 +481,7 @@ def _loop(
     )  # fmt: skip
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
+            run.checkpointer.check_lock()  # another run took the workdir over: stop here
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
             startup.wait_for_train_step()
             state, metrics = run.train_step(state, run.frozen, batch, run.settings)
