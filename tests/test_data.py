@@ -467,6 +467,31 @@ def test_empty_class_folder(tmp_path):
     assert data_lib.load_source(cfg.data, "train").class_names == ["a", "b", "c"]
 
 
+def test_an_empty_split_is_an_error_naming_it_and_why(tmp_path, folder):
+    """A split without examples failed late, in Source.fingerprint ("slice step cannot be
+    zero": arrays), or not at load time at all (a CSV without rows, empty class folders)."""
+    images, labels = np.zeros((6, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1, 0, 1])
+    arrays = {"train": (images[:0], labels[:0]), "test": (images, labels + 5)}
+    with pytest.raises(data_lib.DataError, match=r"split 'train' holds no examples \(its arrays "):
+        data_lib.load_source(data_config(source="arrays").data, "train", arrays=arrays)
+    data = data_config(source="arrays", classes=(0, 1)).data
+    with pytest.raises(
+        data_lib.DataError,
+        match=r"split 'test' holds no examples of data.classes=\(0, 1\) \(its labels: 5, 6\)",
+    ):
+        data_lib.load_source(data, "test", arrays=arrays)
+    (tmp_path / "train.csv").write_text("filename,label\n")
+    (tmp_path / "test.csv").write_text("filename,label\nx.png,0\nx.png,1\n")
+    with pytest.raises(data_lib.DataError, match=r"'train' holds no examples \(its CSV file has"):
+        data_lib.load_source(data_config(source="csv", root=str(tmp_path)).data, "train")
+    for name in ("a", "b"):
+        (tmp_path / "folders" / "train" / name).mkdir(parents=True)
+    data = data_config(source="imagefolder", root=str(tmp_path / "folders"), skip_corrupt=True)
+    with pytest.raises(data_lib.DataError, match=r"'train' holds no examples \(its class folders"):
+        data_lib.load_source(data.data, "train")
+    assert data_lib.from_arrays(images[:0], labels[:0]).fingerprint()["examples"] == 0
+
+
 def test_split_smaller_than_a_global_batch(folder):
     source = data_lib.load_source(data_config(source="imagefolder", root=str(folder)).data, "test")
     with pytest.raises(data_lib.DataError, match="fewer than one global batch"):

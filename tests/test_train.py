@@ -1110,6 +1110,26 @@ def test_splits_with_other_classes_are_named(tmp_path):
         train_and_evaluate(config, str(tmp_path / "run"))
 
 
+def test_an_empty_split_is_named_before_the_model_is_built(tmp_path, monkeypatch):
+    """Arrays whose labels are none of data.classes made a train split of 0 rows, which failed
+    late with "slice step cannot be zero"; an empty eval split is refused the same way."""
+    from vision_jax import run as run_lib
+    from vision_jax.data import DataError
+
+    monkeypatch.setattr(run_lib, "task_model", lambda *a: pytest.fail("the model was built"))
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 16, 16, 3), np.uint8), np.arange(40) % 3
+    config = small_config(**{"data.source": "arrays", "data.classes": (0, 1)})
+    arrays = {"train": (images, labels + 5), "test": (images, labels)}
+    with pytest.raises(DataError, match=r"'train' holds no examples of data.classes=\(0, 1\)"):
+        train_and_evaluate(config, str(tmp_path / "classes"), arrays=arrays)
+    config = small_config(**{"data.source": "arrays"})
+    arrays = {"train": (images, labels), "test": (images[:0], labels[:0])}
+    with pytest.raises(DataError, match=r"'test' holds no examples \(its arrays have 0 rows\)"):
+        train_and_evaluate(config, str(tmp_path / "rows"), arrays=arrays)
+    assert not list(tmp_path.glob("*/checkpoints"))
+
+
 def test_a_lora_target_that_trains_fully_is_an_error(tmp_path):
     """An adapter on the head while the head trains (lora.train_head) would train it twice
     over; with train_head=False the head trains through its adapter alone, even from zero."""

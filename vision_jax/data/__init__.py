@@ -62,6 +62,7 @@ def load_source(
     optional: without it "0" .. the largest label of every split passed).
     ``data.classes`` optionally keeps a subset of classes, relabelled in the given order.
     ``data.skip_corrupt`` skips unreadable images (counted and logged) instead of failing.
+    A split that holds no examples (after ``data.classes``) is a DataError naming it and why.
 
     ``target="label_map"`` loads per-pixel class ids (segmentation) instead of image labels,
     from "imagefolder" (``data.root``/<split>/images/<image> with index PNGs
@@ -90,7 +91,7 @@ def load_source(
     if kind == "coco" and target != "boxes":
         raise DataError("data.source='coco' holds boxes: it is for detection (target 'boxes').")
     if target == "boxes":
-        return _box_source(data, split, skip_corrupt)
+        return _not_empty(_box_source(data, split, skip_corrupt), split, kind)
     if target == "label_map":
         source = _label_map_source(data, split, arrays, skip_corrupt)
     elif kind == "tfds":
@@ -116,9 +117,37 @@ def load_source(
         )
     source = dataclasses.replace(source, skip_corrupt=skip_corrupt)
     classes = data.classes
-    if classes is not None:
-        source = select_classes(source, classes)
-    return source
+    if classes is not None and source.num_examples:
+        selected = select_classes(source, classes)
+        if not selected.num_examples:
+            held = "none of its examples has one of these labels"
+            if source.columns is not None:
+                labels = np.unique(source.columns["label"])
+                held = f"its labels: {', '.join(map(str, labels[:10]))}"
+                held += ", ..." if len(labels) > 10 else ""
+            raise DataError(
+                f"The split {split!r} holds no examples of data.classes={tuple(classes)} ({held})."
+            )
+        source = selected
+    return _not_empty(source, split, kind)
+
+
+_EMPTY = {  # why a split of each source holds no examples
+    "arrays": "its arrays have 0 rows",
+    "csv": "its CSV file has no rows",
+    "imagefolder": "its class folders hold no images",
+    "tfds": "the tfds split is empty",
+    "idx": "its files hold no images",
+}
+
+
+def _not_empty(source: Source, split: str, kind: str) -> Source:
+    """``source``, or a DataError when it holds no examples (a run, an evaluation or a
+    quantization would fail later, on an empty batch or a division by zero)."""
+    if source.num_examples:
+        return source
+    why = _EMPTY.get(kind)
+    raise DataError(f"The split {split!r} holds no examples{f' ({why})' if why else ''}.")
 
 
 def _label_map_source(

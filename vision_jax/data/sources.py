@@ -131,7 +131,7 @@ class Source:
                     joined = "\n".join(n[cut:] for n in names)
                     values = np.frombuffer(os.fsencode(joined), np.uint8)
                 elif values.ndim > 1:  # images, label maps: rows spread evenly over them
-                    values = values[:: -(-values.nbytes // _DIGESTED_BYTES)]
+                    values = values[:: max(1, -(-values.nbytes // _DIGESTED_BYTES))]
                 digest.update(f"{key}{values.dtype}{values.shape}".encode())
                 digest.update(np.ascontiguousarray(values).tobytes())
             out["digest"] = digest.hexdigest()[:16]
