@@ -186,6 +186,46 @@ def test_a_lost_lock_raises_in_python_and_nothing_more_is_saved(tmp_path, monkey
     assert steps_in(tmp_path) == [2]  # nothing saved after the loss was noticed
 
 
+def test_a_ctrl_c_inside_a_save_lets_it_finish_before_the_lock_goes(tmp_path, monkeypatch):
+    """Two Ctrl-Cs (Python caller) while orbax's save started its threads raised
+    KeyboardInterrupt before orbax registered them: train_and_evaluate returned with the lock
+    released while they still wrote ``checkpoints/2.orbax-checkpoint-tmp``. Now the interrupt
+    comes once the save is handed over, and closing waits for it before releasing the lock."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    from vision_jax.weights.run_dir import is_complete
+
+    checkpoints = tmp_path / "checkpoints"
+    manager = async_checkpointer._AsyncManager
+    start_commit = manager.start_async_commit  # the save's threads run, not yet registered
+
+    def interrupted(self, directory, *args, **kwargs):
+        if directory.parent == checkpoints and directory.name == "2":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler raises in the main thread at once
+        return start_commit(self, directory, *args, **kwargs)
+
+    released = []
+    release = lock_lib.WorkdirLock.release
+
+    def listing_release(self):
+        if self.held:
+            released.append(sorted(os.listdir(checkpoints)))
+        release(self)
+
+    monkeypatch.setattr(manager, "start_async_commit", interrupted)
+    monkeypatch.setattr(lock_lib.WorkdirLock, "release", listing_release)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(small_config(total_steps=6), str(tmp_path))
+    assert released == [["2"]]  # the save had ended when the workdir was released
+    time.sleep(1)
+    assert sorted(os.listdir(checkpoints)) == ["2"]  # no thread of orbax's writes on
+    assert is_complete(checkpoints / "2")
+    assert not (tmp_path / lock_lib.LOCK_NAME).exists()
+
+
 def test_the_heartbeat_never_takes_its_own_run_for_a_lost_one(tmp_path, monkeypatch):
     """A beat after the release leaves no lock behind; a lock the beat could not write (a full
     disk) is not left empty, and an empty (half-written) lock is not another run's."""

@@ -987,6 +987,33 @@ def test_a_second_signal_to_a_python_caller_raises_keyboard_interrupt(tmp_path):
     assert proc.stderr.count("second signal (SIGINT): KeyboardInterrupt in the caller") == 1
 
 
+def test_every_signal_after_the_first_interrupts_a_python_caller():
+    """The third Ctrl-C and later ones raise KeyboardInterrupt too (only the second did); in
+    an uninterrupted() block (a save handed to orbax's threads) it comes as the block ends."""
+    from vision_jax import signals
+
+    def interrupted(seconds: float = 5.0) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(seconds)  # the handler raises in the main thread at once
+
+    with signals.StopSignals() as stop:
+        interrupted(0.0)
+        deadline = time.monotonic() + 5
+        while stop.received is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.received == "SIGINT"  # the first: a flag, no exception
+        for _ in range(3):
+            with pytest.raises(KeyboardInterrupt):
+                interrupted()
+        ended = []
+        with pytest.raises(KeyboardInterrupt):
+            with signals.uninterrupted():
+                interrupted(0.2)
+                ended.append(True)
+        assert ended  # the block ran to its end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.slow
 def test_sigterm_two_processes_one_or_the_launcher_then_resume_exactly(tmp_path, procs):
     full = procs(*local_argv(tmp_path / "full"))

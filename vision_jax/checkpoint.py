@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vision_jax import digests
+from vision_jax.signals import uninterrupted
 from vision_jax.weights.run_dir import (
     BEST_DIR,
     CHECKPOINTS_DIR,
@@ -107,7 +108,8 @@ def _save_async(
     with _reporting_failed_saves(manager, pending, resumes_here):
         manager.wait_until_finished()
     items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-    with _reporting_failed_saves(manager, step, resumes_here):
+    # Not cut short by a Ctrl-C: orbax would write on in threads that closing does not wait for
+    with _reporting_failed_saves(manager, step, resumes_here), uninterrupted():
         return manager.save(step, args=ocp.args.Composite(**items), force=True, **options)
 
 
@@ -315,8 +317,9 @@ class Checkpointer:
             return
         checkpointer = ocp.StandardCheckpointer()
         try:
-            checkpointer.save(frozen_dir(self.directory), frozen, force=True)
-            checkpointer.wait_until_finished()
+            with uninterrupted():  # (see _save_async)
+                checkpointer.save(frozen_dir(self.directory), frozen, force=True)
+                checkpointer.wait_until_finished()
         except Exception as e:  # orbax and TensorStore raise many types
             full = _disk_full(e)
             raise CheckpointSaveError(
@@ -468,15 +471,18 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves, closes the manager and releases the workdir lock; removes
-        the checkpoints folder again if this run made it and saved nothing in it."""
-        try:
-            with _reporting_failed_saves(self.manager, self._pending):
-                self.manager.close()
-            if not _lost(self.lock):
-                _remove_if_unused(self.directory, self._new)
-        finally:
-            if self.lock is not None:
-                self.lock.release()
+        the checkpoints folder again if this run made it and saved nothing in it. A Ctrl-C
+        (KeyboardInterrupt) while it waits is raised once the lock is released: a save under
+        way ends first, not after the workdir is free for another run."""
+        with uninterrupted():
+            try:
+                with _reporting_failed_saves(self.manager, self._pending):
+                    self.manager.close()
+                if not _lost(self.lock):
+                    _remove_if_unused(self.directory, self._new)
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
 
 class BestCheckpoint:
@@ -586,10 +592,12 @@ class BestCheckpoint:
         return step, *restored
 
     def close(self) -> None:
-        """Waits for a pending save; removes the folder if this run made it and saved nothing."""
-        self.wait()
-        with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
-            self.manager.close()
+        """Waits for a pending save (a Ctrl-C while it waits is raised after it: see
+        :meth:`Checkpointer.close`); removes the folder if this run made it and saved nothing."""
+        with uninterrupted():
+            self.wait()
+            with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
+                self.manager.close()
         if not _lost(self.lock):
             _remove_if_unused(self.directory, self._new)
 

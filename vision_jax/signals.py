@@ -9,15 +9,20 @@ off (``jax_enable_preemption_service=False``) the processes agree by an allgathe
 every :data:`AGREE_EVERY` steps. A signal sent to any one process stops them all at that step.
 A second signal of either kind exits at once, without saving (the command line), or raises
 KeyboardInterrupt in the main thread (a Python caller's process, e.g. a notebook's kernel,
-lives on). A signal that this process inherited as ignored (SIGINT in a background job) stays
-ignored: the launcher forwards SIGTERM.
+lives on), as does every later one; inside :func:`uninterrupted` (a checkpoint save handed to
+orbax's threads, the wait for them before the workdir is released) it is held until the block
+ends: cut short there, orbax's threads would write on after the run ended. A signal that this
+process inherited as ignored (SIGINT in a background job) stays ignored: the launcher forwards
+SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +48,30 @@ class StopRequested(Exception):
             else f"stopped before the first step ({reason}); nothing was saved. Run the same "
             "command again to start."
         )
+
+
+_shielded = 0  # uninterrupted() blocks open on the main thread
+_held = False  # a KeyboardInterrupt that came in one, raised as the outermost ends
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A block on the main thread that a signal's KeyboardInterrupt (:class:`StopSignals`) does
+    not cut short: it is raised as the block ends (unless the block raises). Elsewhere a no-op
+    (signal handlers run on the main thread)."""
+    global _shielded, _held
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _shielded += 1
+    try:
+        yield
+    finally:
+        _shielded -= 1
+        held = _held and not _shielded
+        _held = _held and bool(_shielded)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _sync_manager() -> Any:
@@ -115,10 +144,15 @@ class StopSignals:
                         self._handle(signum)
 
     def _in_main_thread(self, signum: int, frame: Any) -> None:
-        """The Python-level handler: raises KeyboardInterrupt at the second signal (unless the
-        watcher exits the process first)."""
+        """The Python-level handler: raises KeyboardInterrupt at the second signal and every
+        later one (unless the watcher exits the process first), or holds it until the
+        :func:`uninterrupted` block under way ends."""
+        global _held
         self._in_main += 1
-        if self._in_main == 2 and not self._exit_on_second:
+        if self._in_main >= 2 and not self._exit_on_second:
+            if _shielded:
+                _held = True
+                return
             raise KeyboardInterrupt
 
     def _handle(self, signum: int) -> None:
@@ -127,7 +161,8 @@ class StopSignals:
             if self._exit_on_second:
                 _say(f"second signal ({name}): exiting now, without saving.")
                 os._exit(128 + signum)
-            _say(f"second signal ({name}): KeyboardInterrupt in the caller, without saving.")
+            later = " once the checkpoint I/O under way is done" if _shielded else ""
+            _say(f"second signal ({name}): KeyboardInterrupt in the caller{later}, without saving.")
             return
         self.received = name
         again = "exit now" if self._exit_on_second else "interrupt"

@@ -138,14 +138,14 @@ def train_and_evaluate(
     merged (in bfloat16 their predictions differ).
 
     SIGTERM or SIGINT saves a checkpoint at the next step (agreed by every process) and raises
-    :class:`~vision_jax.signals.StopRequested`; a second one raises KeyboardInterrupt without
-    saving (``exit_on_second_signal``: ends the process at once, as the command line does,
-    even inside a long step or compilation); a non-finite update raises
-    :class:`NonFiniteError` as ``config.on_nonfinite`` says. The final state is saved before
-    the final evaluation. Another run that took over the workdir's lock (this run's heartbeat
-    had not reached it for ``lock.STALE_AFTER_S``) raises :class:`~vision_jax.lock.LockError`
-    at the next step or save, nothing more saved (``exit_on_lost_lock``: ends the process at
-    once, as the command line does).
+    :class:`~vision_jax.signals.StopRequested`; a second one (and any later one) raises
+    KeyboardInterrupt without saving more (``exit_on_second_signal``: ends the process at
+    once, as the command line does, even inside a long step or compilation); a non-finite
+    update raises :class:`NonFiniteError` as ``config.on_nonfinite`` says. The final state is
+    saved before the final evaluation. Another run that took over the workdir's lock (this
+    run's heartbeat had not reached it for ``lock.STALE_AFTER_S``) raises
+    :class:`~vision_jax.lock.LockError` at the next step or save, nothing more saved
+    (``exit_on_lost_lock``: ends the process at once, as the command line does).
     """
     workdir = os.fspath(workdir)
     with StopSignals(exit_on_second_signal) as stop:
