@@ -765,6 +765,29 @@ def test_out_of_memory_says_what_to_change(tmp_path, allocate, error):
     assert "model.remat='block' (now 'none')" in last and "Traceback" not in proc.stderr
 
 
+def test_out_of_memory_from_python_notes_what_to_change(tmp_path, monkeypatch):
+    """From Python the advice that the command line's error line ends with was missing: the
+    error raised carries it as a note (shown under its traceback); other errors carry none."""
+    errors = iter([
+        RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1125899906842624 bytes."),
+        RuntimeError("RESOURCE_EXHAUSTED: the disk is full"),
+    ])  # fmt: skip
+
+    def allocate(*args, **kwargs):
+        raise next(errors)
+
+    monkeypatch.setattr(train, "build_run", allocate)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with pytest.raises(RuntimeError, match="Out of memory allocating") as caught:
+        train_and_evaluate(small_config(batch_size=24), str(tmp_path))
+    (note,) = caught.value.__notes__
+    assert note.startswith("out of memory: lower batch_size (24; grad_accum_steps keeps the")
+    assert "model.remat='block' (now 'none')" in note and "VISION_JAX_HUGE_PAGES" not in note
+    with pytest.raises(RuntimeError, match="the disk is full") as caught:
+        train_and_evaluate(small_config(batch_size=24), str(tmp_path))
+    assert not getattr(caught.value, "__notes__", None)
+
+
 @pytest.mark.slow
 def test_a_finished_command_has_written_everything_when_it_exits(tmp_path):
     """A single-process run ends without the interpreter's teardown (``main._exit_written``):

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import posixpath
-import re
 import signal
 import sys
 import tempfile
@@ -338,33 +337,6 @@ class _QuietOrbax(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-# XLA's (CPU, GPU, TPU) and TensorFlow's words for an allocation that failed (not a disk full)
-_OUT_OF_MEMORY = re.compile(
-    r"RESOURCE_EXHAUSTED:[^\n]*\b(Out of memory|Ran out of memory|Failed to allocate)\b"
-    r"|OOM when allocating"
-)
-
-
-def _out_of_memory_advice(error: BaseException, config: Any) -> str:
-    """What to change when ``error`` is running out of (device or host) memory, else ""."""
-    import jax
-
-    if not isinstance(error, MemoryError) and not _OUT_OF_MEMORY.search(str(error)):
-        return ""
-    changes = [
-        f"lower batch_size ({config.batch_size}; grad_accum_steps keeps the batch and computes "
-        f"it in parts) or eval_batch_size ({config.eval_batch_size})"
-    ]
-    if config.model.remat != "block":
-        changes.append(f"set model.remat='block' (now {config.model.remat!r})")
-    if isinstance(error, MemoryError) or jax.default_backend() == "cpu":
-        changes.append("VISION_JAX_HUGE_PAGES=0 (main keeps freed host memory for the next step)")
-    return (
-        f" (out of memory: {', '.join(changes)}; the log's 'memory per device' lines say what "
-        "each step needs)"
-    )
-
-
 def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = None) -> None:
     """Ends the process with ``code`` after one line on stderr, skipping the slow teardown of
     the input pipeline's threads.
@@ -437,7 +409,7 @@ def main(argv: list[str]) -> None:
         jax.device_count(), jax.devices()[0].platform,
     )  # fmt: skip
     from vision_jax.report import FinalEvaluation
-    from vision_jax.train import train_and_evaluate
+    from vision_jax.train import out_of_memory_advice, train_and_evaluate
 
     reporting = FLAGS.report and jax.process_count() == 1
     final = FinalEvaluation() if reporting else None  # the report's figures, made as it runs
@@ -451,7 +423,8 @@ def main(argv: list[str]) -> None:
     except (ValueError, RuntimeError, OSError, MemoryError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         logging.debug("Traceback:", exc_info=True)  # with --verbosity=1
-        _exit(EXIT_ERROR, str(e) + _out_of_memory_advice(e, FLAGS.config), watchdog, e)
+        advice = out_of_memory_advice(e, FLAGS.config, command_line=True)
+        _exit(EXIT_ERROR, str(e) + (f" ({advice})" if advice else ""), watchdog, e)
     except Exception as e:  # a bug: the traceback, then the same bounded exit (the
         # interpreter's teardown would abort while a background compilation still runs)
         logging.exception("%s", type(e).__name__)

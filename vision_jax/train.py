@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -145,19 +146,61 @@ def train_and_evaluate(
     saved before the final evaluation. Another run that took over the workdir's lock (this
     run's heartbeat had not reached it for ``lock.STALE_AFTER_S``) raises
     :class:`~vision_jax.lock.LockError` at the next step or save, nothing more saved
-    (``exit_on_lost_lock``: ends the process at once, as the command line does).
+    (``exit_on_lost_lock``: ends the process at once, as the command line does). Running out
+    of memory adds a note to the error (shown under its traceback) that says what to change.
     """
     workdir = os.fspath(workdir)
-    with StopSignals(exit_on_second_signal) as stop:
-        run = build_run(config, workdir, arrays=arrays, exit_on_lost_lock=exit_on_lost_lock)
-        run.final = final if jax.process_count() == 1 else None
-        try:
-            results = _train(run, workdir, stop)
-        except BaseException:
-            _close_after_error(run)
-            raise
-        run.close()
-        return results
+    try:
+        with StopSignals(exit_on_second_signal) as stop:
+            run = build_run(config, workdir, arrays=arrays, exit_on_lost_lock=exit_on_lost_lock)
+            run.final = final if jax.process_count() == 1 else None
+            try:
+                results = _train(run, workdir, stop)
+            except BaseException:
+                _close_after_error(run)
+                raise
+            run.close()
+            return results
+    except (MemoryError, RuntimeError) as e:  # (JAX's errors are RuntimeErrors)
+        if advice := out_of_memory_advice(e, config):
+            e.add_note(advice)
+        raise
+
+
+# XLA's (CPU, GPU, TPU) and TensorFlow's words for an allocation that failed (not a disk full)
+_OUT_OF_MEMORY = re.compile(
+    r"RESOURCE_EXHAUSTED:[^\n]*\b(Out of memory|Ran out of memory|Failed to allocate)\b"
+    r"|OOM when allocating"
+)
+
+
+def out_of_memory_advice(
+    error: BaseException, config: Mapping[str, Any], command_line: bool = False
+) -> str:
+    """What to change when ``error`` is running out of (device or host) memory, else "";
+    ``command_line``: for ``python -m vision_jax.main``, which keeps freed host memory for the
+    next step (:mod:`vision_jax.host_memory`)."""
+    if not isinstance(error, MemoryError) and not _OUT_OF_MEMORY.search(str(error)):
+        return ""
+    changes = [
+        f"lower batch_size ({config['batch_size']}; grad_accum_steps keeps the batch and "
+        f"computes it in parts) or eval_batch_size ({config['eval_batch_size']})"
+    ]
+    if config["model"]["remat"] != "block":
+        changes.append(f"set model.remat='block' (now {config['model']['remat']!r})")
+    if isinstance(error, MemoryError) or jax.default_backend() == "cpu":
+        if command_line:
+            changes.append(
+                "VISION_JAX_HUGE_PAGES=0 (main keeps freed host memory for the next step)"
+            )
+        elif "mmap_max=0" in os.environ.get("GLIBC_TUNABLES", ""):
+            changes.append(
+                "start Python without GLIBC_TUNABLES' heap reuse (vision_jax.host_memory)"
+            )
+    return (
+        f"out of memory: {', '.join(changes)}; the log's 'memory per device' lines say what "
+        "each step needs"
+    )
 
 
 def _close_after_error(run: Run) -> None:
