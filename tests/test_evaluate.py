@@ -68,12 +68,14 @@ def test_another_split_in_other_batches(digits_run):
     assert got["eval/examples"] == 100
 
 
-def test_a_vit_at_another_size_has_its_position_embeddings_resampled(tmp_path):
+@pytest.mark.parametrize("grid", [None, (2, 2)])
+def test_a_vit_at_another_size_has_its_position_embeddings_resampled(tmp_path, grid):
     """A ViT trained at 32 px (2x2 patches) evaluated at 48 px: its 2x2 position embeddings
     become 3x3, bilinearly with corners aligned (scipy's zoom of order 1, as ``init.path`` from
-    a run resamples them)."""
+    a run resamples them); also where the run named its grid (``model.posemb_grid``)."""
     cfg = small_config(**{"model.name": "vit_ti16", "input.image_size": 32, "total_steps": 2})
     cfg.model.depth = 1
+    cfg.model.posemb_grid = grid
     train_and_evaluate(cfg, str(tmp_path))
     trained = load_trained(tmp_path)
     flat = flatten_dict(trained.variables)
@@ -83,7 +85,8 @@ def test_a_vit_at_another_size_has_its_position_embeddings_resampled(tmp_path):
     flat[POSEMB] = np.concatenate([posemb[:, :1], grid.reshape(1, 9, 192)], axis=1)
     input_48 = dataclasses.replace(trained.input, image_size=48)
     source = data_lib.load_source(trained.spec.data, "test")
-    want = _numpy_figures(trained.model, unflatten_dict(flat), source, input_48)
+    model_48 = trained.model if grid is None else trained.model.clone(posemb_grid=(3, 3))
+    want = _numpy_figures(model_48, unflatten_dict(flat), source, input_48)
     _assert_figures(evaluate_run(tmp_path, image_size=48), want)
     same = _numpy_figures(trained.model, trained.variables, source, trained.input)
     _assert_figures(evaluate_run(tmp_path, image_size=32), same)  # its own size: as trained
@@ -99,6 +102,9 @@ def test_command_line_prints_and_writes_the_figures(digits_run, tmp_path, capsys
     assert printed == json.loads(output.read_text())
     assert printed["eval/examples"] == 360
     assert printed["eval/top1"] == pytest.approx(final["eval/top1"], abs=1e-5)
+    for bad, why in ((tmp_path, "it is a folder"), (tmp_path / "no" / "m.json", "does not exist")):
+        assert evaluate_main([f"--workdir={workdir}", f"--output={bad}"]) == 1  # before evaluating
+        assert why in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -106,13 +112,19 @@ def test_command_line_prints_and_writes_the_figures(digits_run, tmp_path, capsys
     [
         (["--split=validation"], "has splits 'train' and 'test', not 'validation'"),
         (["--ema"], "holds no EMA parameters"),
-        (["--batch_size=12"], "batch_size 12 must be a positive multiple of the"),
+        (["--batch_size=12"], "batch_size 12 is not a positive multiple of the 8 devices"),
+        (
+            [],
+            "The run's eval_batch_size 48 is not a positive multiple of the 7 devices: pass a "
+            "batch size that is (--batch_size=49)",
+        ),
     ],
 )
 def test_command_line_errors_are_one_line(digits_run, argv, message, capsys, monkeypatch):
     workdir, _, _ = digits_run
-    if argv == ["--batch_size=12"]:  # on 8 devices (the test's split: 12 rows do not divide)
-        monkeypatch.setattr("vision_jax.sharding.data_parallel_size", lambda mesh: 8)
+    if argv in (["--batch_size=12"], []):  # as if on 8 or 7 devices
+        devices = 8 if argv else 7
+        monkeypatch.setattr("vision_jax.sharding.data_parallel_size", lambda mesh: devices)
     assert evaluate_main([f"--workdir={workdir}", *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vision_jax.evaluate: error: ") and message in err
@@ -139,6 +151,19 @@ def test_a_split_with_other_classes_is_refused(tmp_path):
     assert evaluate_run(tmp_path / "run")["eval/examples"] == 4
     with pytest.raises(data_lib.DataError, match=r"'other' has the classes a, b, c; the run"):
         evaluate_run(tmp_path / "run", split="other")
+    # CSV splits: another CSV file with another class, added since, changes nothing (their
+    # classes come from every CSV beside them; the run's are its recorded ones).
+    root = tmp_path / "data"
+    for split, classes in (("train", "ab"), ("test", "ab"), ("extra", "abc")):
+        rows = [f"{split}/{c}/{i}.png,{c}" for c in classes for i in range(2)]
+        (root / f"{split}.csv").write_text("\n".join(["filename,label", *rows]) + "\n")
+    (root / "extra.csv").unlink()
+    cfg.data.source = "csv"
+    train_and_evaluate(cfg, str(tmp_path / "csv_run"))
+    before = evaluate_run(tmp_path / "csv_run")
+    rows = [f"other/c/{i}.png,c" for i in range(2)]
+    (root / "extra.csv").write_text("\n".join(["filename,label", *rows]) + "\n")
+    assert evaluate_run(tmp_path / "csv_run") == before
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,11 +31,12 @@ from vision_jax import data as data_lib
 from vision_jax import sharding, specs
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.metrics import json_line
+from vision_jax.models.registry import backbone_of
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_trained
 from vision_jax.trees import unflatten_dict
-from vision_jax.weights import surgery
+from vision_jax.weights import run_dir, surgery
 from vision_jax.weights.merge import merge_strict
 
 logger = logging.getLogger(__name__)
@@ -63,20 +65,29 @@ def evaluate_run(
             f"The run in {workdir} trained on arrays passed from Python (data.source='arrays'): "
             f"evaluate it with evaluate_run(workdir, arrays={{{split!r}: (images, targets)}})."
         )
-    source = data_lib.load_source(spec.data, split, arrays=arrays, target=task.target)
+    data = spec.data
+    if data.source == "csv" and data.class_names is None and trained.class_names:
+        # The run's classes, not those of every CSV file now beside the split's.
+        data = dataclasses.replace(data, class_names=tuple(trained.class_names))
+    source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
     _check_classes(trained, source, split)
-    input_spec, variables = trained.input, trained.variables
+    run_dir.warn_if_unfinished(pathlib.Path(trained.step_dir))
+    model, input_spec, variables = trained.model, trained.input, trained.variables
     if image_size is not None and image_size != input_spec.image_size:
         with specs.saved_config(warn=False):  # its values as load_trained kept them
             input_spec = dataclasses.replace(input_spec, image_size=image_size)
-        variables = _at_size(trained, image_size)
+        model, variables = _at_size(trained, image_size)
     mesh = sharding.create_mesh("data:-1", jax.local_devices())
+    _check_batch_size(batch_size, spec.eval_batch_size, mesh)
     batch_size = spec.eval_batch_size if batch_size is None else batch_size
-    _check_batch_size(batch_size, mesh)
+    logger.info(
+        "Evaluating step %d of %s (%s parameters) on the split %r at %d px.", trained.step,
+        trained.step_dir, "EMA" if trained.ema else "trained", split, input_spec.image_size,
+    )  # fmt: skip
     eval_step = jax.jit(
-        make_eval_step(trained.model, task, mesh=mesh),
+        make_eval_step(model, task, mesh=mesh),
         out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        compiler_options=step_compiler_options(getattr(trained.model, "dtype", jnp.float32)),
+        compiler_options=step_compiler_options(getattr(model, "dtype", jnp.float32)),
     )
     variables = jax.device_put(variables, sharding.replicated(mesh))
     params = variables["params"]
@@ -101,22 +112,40 @@ def _check_classes(trained: Trained, source: data_lib.Source, split: str) -> Non
         )
 
 
-def _check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def _check_batch_size(batch_size: int | None, recorded: int, mesh: jax.sharding.Mesh) -> None:
     devices = sharding.data_parallel_size(mesh)
-    if batch_size < 1 or batch_size % devices:
+    size = recorded if batch_size is None else batch_size
+    if size < 1 or size % devices:
+        what = f"The run's eval_batch_size {size}" if batch_size is None else f"batch_size {size}"
         raise ValueError(
-            f"batch_size {batch_size} must be a positive multiple of the {devices} devices."
+            f"{what} is not a positive multiple of the {devices} devices: pass a batch size "
+            f"that is (--batch_size={max(devices, -(-size // devices) * devices)})."
         )
 
 
-def _at_size(trained: Trained, image_size: int) -> dict[str, Any]:
-    """``trained``'s variables for inputs of ``image_size`` pixels a side: a ViT's position
-    embeddings resampled to its new grid of patches (bilinear, as ``init.path`` from a run)."""
+def _at_size(trained: Trained, image_size: int) -> tuple[Any, dict[str, Any]]:
+    """``trained``'s model and variables for inputs of ``image_size`` pixels a side: a ViT's
+    position embeddings resampled to its new grid of patches (bilinear, as ``init.path`` from
+    a run), its ``model.posemb_grid``, if the run set one, the new grid."""
+    model, spec, grid = trained.model, trained.spec, None
+    if spec.model_overrides.get("posemb_grid") is not None:
+        side = image_size // backbone_of(model).patch_size
+        grid = (side, side)
+        from vision_jax.run import task_model  # (imports the training stack)
+
+        with specs.saved_config(warn=False):  # its values as load_trained kept them
+            at_size = dataclasses.replace(
+                spec, model_overrides={**spec.model_overrides, "posemb_grid": grid},
+                input=dataclasses.replace(spec.input, image_size=image_size),
+            )  # fmt: skip
+        model = task_model(at_size, len(trained.class_names))
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    init = jax.eval_shape(lambda x: trained.model.init(jax.random.key(0), x, train=False), images)
-    flat, rows = surgery.adapt(init, trained.variables, image_size=(image_size, image_size))
+    init = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    flat, rows = surgery.adapt(
+        init, trained.variables, image_size=(image_size, image_size), model_grid=grid
+    )
     surgery.log_summary(trained.step_dir, rows, len(flat))
-    return merge_strict(init, unflatten_dict(flat), source=trained.step_dir)
+    return model, merge_strict(init, unflatten_dict(flat), source=trained.step_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,20 +164,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger(__name__).setLevel(logging.INFO)  # which step, split and size
+    if args.output and (problem := _unwritable(args.output)):
+        print(f"vision_jax.evaluate: error: --output {args.output}: {problem}", file=sys.stderr)
+        return 1
     try:
         results = evaluate_run(
             args.workdir, which=args.which, ema=args.ema, split=args.split,
             image_size=args.image_size, batch_size=args.batch_size,
         )  # fmt: skip
-        line = json_line(results)
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(json.dumps(json.loads(line), indent=1) + "\n")
-    except (ValueError, OSError) as e:  # an unreadable run, split or size; a failed write
+    except (ValueError, OSError) as e:  # an unreadable run, split or size
         print(f"vision_jax.evaluate: error: {e}", file=sys.stderr)
         return 1
-    print(line)
+    line = json_line(results)
+    print(line, flush=True)  # first: a failed write below loses no figures
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(json.dumps(json.loads(line), indent=1) + "\n")
+        except OSError as e:
+            print(f"vision_jax.evaluate: error: --output {args.output}: {e}", file=sys.stderr)
+            return 1
     return 0
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written as a file (checked before evaluating), or None."""
+    if os.path.isdir(path):
+        return "it is a folder; name a file"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"its folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"its folder {folder} cannot be written"
+    return None
 
 
 if __name__ == "__main__":
