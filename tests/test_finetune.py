@@ -258,6 +258,8 @@ def test_gradient_accumulation_equals_the_large_batch_for_dense_tasks(task):
     (big, big_m), (acc, acc_m) = _one_step_each(model, optax.sgd(1.0), task, params, batch, 2)
     assert float(acc_m["loss"]) == pytest.approx(float(big_m["loss"]), rel=1e-5)
     assert float(acc_m["grad_norm"]) == pytest.approx(float(big_m["grad_norm"]), rel=1e-4)
+    for key in big_m:  # every training metric, e.g. the pixel accuracy over the valid pixels
+        assert float(acc_m[key]) == pytest.approx(float(big_m[key]), rel=1e-5, abs=1e-7), key
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 

@@ -103,9 +103,11 @@ def pixel_weights(label_map: jax.Array, class_weights: jax.Array | None = None) 
     return weight
 
 
-def _pixel_normalisers(weights: jax.Array) -> dict[str, jax.Array]:
-    """The loss's denominator: the pixels' weights summed (at least 1e-6)."""
-    return {"pixels": jnp.maximum(weights.sum(), 1e-6)}
+def _pixel_normalisers(weights: jax.Array, label_map: jax.Array) -> dict[str, jax.Array]:
+    """The loss's denominator, the pixels' weights summed (at least 1e-6), and the pixel
+    accuracy's, the valid pixels (at least 1): the whole batch's under accumulation."""
+    valid = (label_map != IGNORE_LABEL).sum()
+    return {"pixels": jnp.maximum(weights.sum(), 1e-6), "valid": jnp.maximum(valid, 1)}
 
 
 def pixel_losses(
@@ -201,7 +203,8 @@ class Segmentation(Task):
         return jnp.asarray(self.class_weights, jnp.float32)
 
     def loss_normalisers(self, batch: Batch) -> dict[str, jax.Array]:
-        return _pixel_normalisers(pixel_weights(batch["label_map"], self._weights()))
+        label_map = batch["label_map"]
+        return _pixel_normalisers(pixel_weights(label_map, self._weights()), label_map)
 
     def train_loss(
         self, outputs: jax.Array, batch: Batch, normalisers: dict | None = None
@@ -211,11 +214,10 @@ class Segmentation(Task):
             outputs, label_map, label_smoothing=self.label_smoothing,
             class_weights=self._weights(),
         )  # fmt: skip
-        loss = losses.sum() / (normalisers or _pixel_normalisers(weights))["pixels"]
-        valid = label_map != IGNORE_LABEL
-        correct = (outputs.argmax(-1) == label_map) & valid
-        accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
-        return loss, {"pixel_accuracy": accuracy}
+        normalisers = normalisers or _pixel_normalisers(weights, label_map)
+        loss = losses.sum() / normalisers["pixels"]
+        correct = (outputs.argmax(-1) == label_map) & (label_map != IGNORE_LABEL)
+        return loss, {"pixel_accuracy": correct.sum() / normalisers["valid"]}
 
     def eval_metrics(self, outputs: jax.Array, batch: Batch) -> EvalMetrics:
         label_map, real = batch["label_map"], batch["mask"] > 0
