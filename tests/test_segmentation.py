@@ -265,7 +265,7 @@ def test_replace_head_starts_a_task_head_afresh_and_unused_surgery_is_refused(
                            trained)  # fmt: skip
     path = tmp_path / "seg.safetensors"  # a segmentation run's weights, as the reader gives them
     path.write_bytes(b"")
-    monkeypatch.setattr(load_module, "read_variables", lambda source, model: trained)
+    monkeypatch.setattr(load_module, "read_variables", lambda source, model, **_: trained)
     fresh = model.init(jax.random.key(4), x)
     head = [k for k in flatten_dict(fresh) if "/task_head/" in k]
     kept = flatten_dict(load_pretrained(path, model=model, variables=fresh))
