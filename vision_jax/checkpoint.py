@@ -288,8 +288,7 @@ class Checkpointer:
     def check_lock(self) -> None:
         """Raises :class:`vision_jax.lock.LockError` once another run took over the workdir's
         lock (a Python caller's run; the command line's process has ended)."""
-        if self.lock is not None:
-            self.lock.check()
+        _check_lock(self.lock)
 
     def update_meta(self, step: int, meta: Mapping[str, Any]) -> None:
         """Replaces the ``meta`` item of the saved ``step`` by ``meta`` (``final`` set as
@@ -529,8 +528,7 @@ class BestCheckpoint:
     def save(self, step: int, state: Any, meta: dict, value: float) -> None:
         """Saves ``state`` as the best, scoring ``value``, once the previous save is complete.
         Call on every process."""
-        if self.lock is not None:
-            self.lock.check()
+        _check_lock(self.lock)
         if self.has(step):
             return
         _save_async(
@@ -552,8 +550,7 @@ class BestCheckpoint:
     def keep_only(self, step: int | None) -> None:
         """Removes every best checkpoint but ``step`` (a complete one; None: every one). Call
         on every process."""
-        if self.lock is not None:
-            self.lock.check()
+        _check_lock(self.lock)
         for other in self.manager.all_steps():
             if other != step:
                 self.manager.delete(other)
@@ -600,6 +597,13 @@ class BestCheckpoint:
                 self.manager.close()
         if not _lost(self.lock):
             _remove_if_unused(self.directory, self._new)
+
+
+def _check_lock(lock: Any) -> None:
+    """Raises :class:`vision_jax.lock.LockError` once another run took over ``lock`` (None:
+    none)."""
+    if lock is not None:
+        lock.check()
 
 
 def _lost(lock: Any) -> bool:

@@ -32,12 +32,12 @@ from vision_jax import sharding, specs
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.metrics import json_line
 from vision_jax.models.registry import backbone_of
+from vision_jax.output_errors import written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_trained
-from vision_jax.trees import unflatten_dict
-from vision_jax.weights import run_dir, surgery
-from vision_jax.weights.merge import merge_strict
+from vision_jax.weights import run_dir
+from vision_jax.weights.load import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,12 @@ def evaluate_run(
         data = dataclasses.replace(data, class_names=tuple(trained.class_names))
     source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
     _check_classes(trained, source, split)
-    run_dir.warn_if_unfinished(pathlib.Path(trained.step_dir))
-    model, input_spec, variables = trained.model, trained.input, trained.variables
-    if image_size is not None and image_size != input_spec.image_size:
+    if image_size is None or image_size == trained.input.image_size:
+        run_dir.warn_if_unfinished(pathlib.Path(trained.step_dir))
+        model, input_spec, variables = trained.model, trained.input, trained.variables
+    else:  # (load_pretrained warns of an unfinished run's step)
         with specs.saved_config(warn=False):  # its values as load_trained kept them
-            input_spec = dataclasses.replace(input_spec, image_size=image_size)
+            input_spec = dataclasses.replace(trained.input, image_size=image_size)
         model, variables = _at_size(trained, image_size)
     mesh = sharding.create_mesh("data:-1", jax.local_devices())
     _check_batch_size(batch_size, spec.eval_batch_size, mesh)
@@ -124,28 +125,27 @@ def _check_batch_size(batch_size: int | None, recorded: int, mesh: jax.sharding.
 
 
 def _at_size(trained: Trained, image_size: int) -> tuple[Any, dict[str, Any]]:
-    """``trained``'s model and variables for inputs of ``image_size`` pixels a side: a ViT's
-    position embeddings resampled to its new grid of patches (bilinear, as ``init.path`` from
-    a run), its ``model.posemb_grid``, if the run set one, the new grid."""
-    model, spec, grid = trained.model, trained.spec, None
+    """``trained``'s model and variables for inputs of ``image_size`` pixels a side, loaded
+    from its step as ``init.path`` loads a run: a ViT's position embeddings resampled to its
+    new grid of patches (bilinear), its ``model.posemb_grid``, if the run set one, the new
+    grid."""
+    model, spec = trained.model, trained.spec
     if spec.model_overrides.get("posemb_grid") is not None:
-        side = image_size // backbone_of(model).patch_size
-        grid = (side, side)
         from vision_jax.run import task_model  # (imports the training stack)
 
+        side = image_size // backbone_of(model).patch_size
         with specs.saved_config(warn=False):  # its values as load_trained kept them
             at_size = dataclasses.replace(
-                spec, model_overrides={**spec.model_overrides, "posemb_grid": grid},
+                spec, model_overrides={**spec.model_overrides, "posemb_grid": (side, side)},
                 input=dataclasses.replace(spec.input, image_size=image_size),
             )  # fmt: skip
         model = task_model(at_size, len(trained.class_names))
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     init = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-    flat, rows = surgery.adapt(
-        init, trained.variables, image_size=(image_size, image_size), model_grid=grid
+    variables = load_pretrained(
+        trained.step_dir, model=model, variables=init, image_size=image_size, ema=trained.ema
     )
-    surgery.log_summary(trained.step_dir, rows, len(flat))
-    return model, merge_strict(init, unflatten_dict(flat), source=trained.step_dir)
+    return model, variables
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(line, flush=True)  # first: a failed write below loses no figures
     if args.output:
         try:
-            with open(args.output, "w", encoding="utf-8") as f:
+            with written_whole(args.output) as partial, open(partial, "w", encoding="utf-8") as f:
                 f.write(json.dumps(json.loads(line), indent=1) + "\n")
         except OSError as e:
             print(f"vision_jax.evaluate: error: --output {args.output}: {e}", file=sys.stderr)
