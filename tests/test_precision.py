@@ -4,8 +4,12 @@ products over rows."""
 
 from __future__ import annotations
 
+import logging
 import math
+import pathlib
 import re
+import shutil
+import subprocess
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +19,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from vision_jax import compile_options
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.models import create_model, precision
 from vision_jax.models.vit import gelu_exact
@@ -222,6 +227,39 @@ def test_cpu_step_options_keep_convolutions_out_of_ynnpack():
     hlo = with_options.lower(x, w).compile().as_text()
     assert "convolution(" in hlo and "__ynn_fusion" not in hlo
     np.testing.assert_allclose(with_options(x, w), jax.jit(conv)(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
+@pytest.mark.parametrize(
+    "flags, warned",
+    [({"avx512f", "avx512_vnni"}, True), ({"avx512f", "avx512_bf16"}, False),
+     ({"amx_bf16"}, False), ({"asimd", "bf16"}, False), (None, False)],
+)  # fmt: skip
+def test_bfloat16_steps_warn_on_a_cpu_without_bfloat16_instructions(
+    monkeypatch, caplog, flags, warned
+):
+    monkeypatch.setattr(compile_options, "cpu_flags", lambda: flags and frozenset(flags))
+    compile_options._warn_of_bfloat16_emulation.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=compile_options.__name__):
+        step_compiler_options(jnp.float32)
+        assert not caplog.records
+        step_compiler_options(jnp.bfloat16)
+        step_compiler_options(jnp.bfloat16)
+    assert len(caplog.records) == int(warned)  # once per process
+    compile_options._warn_of_bfloat16_emulation.cache_clear()
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/cpuinfo").exists(), reason="Linux's CPU flags")
+def test_cpu_flags_are_linux_flags():
+    """The flags as Linux lists them, against lscpu's where there is one."""
+    flags = compile_options.cpu_flags()
+    assert flags
+    lscpu = shutil.which("lscpu")
+    if lscpu:
+        out = subprocess.run([lscpu], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Flags:"):
+                assert set(line.split()[1:]) == flags
 
 
 def test_bfloat16_vit_bias_gradients_are_float32_reductions():
