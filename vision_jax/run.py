@@ -171,7 +171,7 @@ def create_variables(
     if init_spec.path and init_spec.use_input_contract:
         given = input_spec  # label maps and boxes: evaluation resizes the whole image, no crop
         input_spec = apply_input_contract(input_spec, contract or init_spec.path)
-        if spec.task.target != "label":
+        if spec.task.target in ("label_map", "boxes"):
             input_spec = dataclasses.replace(input_spec, crop_mode=given.crop_mode)
     elif init_spec.path and contract is None and not abstract:  # a new run, not a resume
         _warn_unlike_contract(input_spec, init_spec.path)
@@ -528,6 +528,13 @@ def _load_data(
         _check_class_keys(train.class_names, spec.task.per_class_metrics[0])
     validation = None if data.val_split is None else load(data.val_split)
     for name, other in (("eval", evaluation), ("val", validation)):
+        if other is not None and other.column_spec != train.column_spec:
+            (shape, dtype), (other_shape, other_dtype) = train.column_spec, other.column_spec
+            raise data_lib.DataError(
+                f"The train and {name} splits' {target!r} values differ: "
+                f"{np.dtype(dtype).name} {shape} per example in train, "
+                f"{np.dtype(other_dtype).name} {other_shape} in {name}."
+            )
         if other is not None and other.class_names != train.class_names:
             only = lambda a, b: ", ".join(sorted(set(a) - set(b))) or "none"
             train_only, other_only = (only(train.class_names, other.class_names),

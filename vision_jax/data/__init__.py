@@ -8,7 +8,7 @@ Targets are image labels (classification), label maps (segmentation) or boxes (d
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,11 +33,14 @@ from vision_jax.data.sources import (
     DataError,
     Source,
     check_target,
+    column_source,
     digits,
     from_arrays,
     from_columns,
     from_tfds,
+    is_column_target,
     label_classes,
+    missing_column,
     select_classes,
 )
 from vision_jax.data.tfds_build import build_tfds_from_folder
@@ -90,6 +93,9 @@ def load_source(
     skip_corrupt = bool(data.skip_corrupt)
     if kind == "coco" and target != "boxes":
         raise DataError("data.source='coco' holds boxes: it is for detection (target 'boxes').")
+    if is_column_target(target):
+        source = _column_target_source(data, split, arrays, target)
+        return _not_empty(dataclasses.replace(source, skip_corrupt=skip_corrupt), split, kind)
     if target == "boxes":
         return _not_empty(_box_source(data, split, skip_corrupt), split, kind)
     if target == "label_map":
@@ -108,7 +114,7 @@ def load_source(
     elif kind == "arrays":
         name, where = parse_split(split)
         class_names = _arrays_classes(arrays, data.class_names, target)
-        arrays_source = from_arrays(*_arrays(arrays, name), class_names=class_names)
+        arrays_source = from_arrays(*_arrays(arrays, name, key=target), class_names=class_names)
         source = _sliced(arrays_source, where)
     else:
         raise DataError(
@@ -174,11 +180,42 @@ def _label_map_source(
         )
     if kind == "arrays":
         name, where = parse_split(split)
-        images, label_maps = _arrays(arrays, name, "label_maps")
+        images, label_maps = _arrays(arrays, name, "label_maps", key="label_map")
         class_names = _arrays_classes(arrays, class_names, target="label_map")
         return _sliced(from_arrays(images, label_maps, class_names, target="label_map"), where)
     raise DataError(
         f"data.source={kind!r} has no label maps; use 'imagefolder', 'tfds' or 'arrays'."
+    )
+
+
+# The columns of the sources that have no columns of one's own (what their examples hold)
+_FIXED_COLUMNS = {
+    "tfds": ("image", "label"), "imagefolder": ("path", "label"), "idx": ("image", "label"),
+    "digits": ("image", "label"),
+}  # fmt: skip
+
+
+def _column_target_source(data: DataSpec, split: str, arrays: dict | None, target: str) -> Source:
+    """The split of a source that carries the column ``target`` of one's own: in-memory arrays
+    (``arrays[split]`` a dict of columns) or a CSV file (a column of the split's CSV)."""
+    kind = data.source
+    if kind == "arrays":
+        name, where = parse_split(split)
+        columns = _array_columns(arrays, name, target)
+        if target not in columns:
+            where_ = f"arrays[{name!r}]"
+            raise DataError(missing_column(target, list(columns), where_))
+        return _sliced(column_source(columns, target, data.class_names), where)
+    if kind == "csv":
+        return from_csv(_root(data), split, class_names=data.class_names, target=target)
+    if kind in _FIXED_COLUMNS:
+        message = missing_column(target, _FIXED_COLUMNS[kind], f"data.source={kind!r}")
+        raise DataError(
+            f"{message[:-1]}; columns of one's own come from data.source 'arrays' or 'csv'."
+        )
+    raise DataError(
+        f"Unknown data.source {kind!r} for the task's target {target!r} (a column of one's own): "
+        "use 'arrays' or 'csv'."
     )
 
 
@@ -211,6 +248,8 @@ _KEYS_READ = {
     ("arrays", "label"): ("class_names", "classes"),
     ("arrays", "label_map"): ("class_names",),
     ("coco", "boxes"): ("root",),  # and coco_annotations, coco_images: specs checks those
+    ("csv", "column"): ("root", "class_names"),  # a target of one's own: the values' names
+    ("arrays", "column"): ("class_names",),
 }
 _HINTS = {
     "class_names": "class names come from the data",
@@ -221,7 +260,8 @@ _HINTS = {
 
 def _check_keys(data: DataSpec, target: str) -> None:
     """Raises when a data key is set that this source and target do not read."""
-    reads = _KEYS_READ.get((data.source, target))
+    kind = "column" if is_column_target(target) else target
+    reads = _KEYS_READ.get((data.source, kind))
     if reads is None:
         return  # no such data: load_source says so
     optional = {key for keys in _KEYS_READ.values() for key in keys}
@@ -239,16 +279,38 @@ def _sliced(source: Source, where: slice) -> Source:
     """Rows ``where`` of a column source, as image folders slice their splits."""
     if where.start is None and where.stop is None:
         return source
-    return from_columns(apply_slice(source.columns, where), source.class_names)
+    return from_columns(apply_slice(source.columns, where), source.class_names, source.target)
 
 
-def _arrays(arrays: dict | None, split: str, what: str = "labels") -> tuple:
+def _arrays(arrays: dict | None, split: str, what: str = "labels", key: str = "label") -> tuple:
+    """(images, ``key``'s values) of ``arrays[split]``: a pair, or a dict of columns."""
     if not arrays or split not in arrays:
         raise DataError(
             f"data.source='arrays' needs arrays={{'{split}': (images, {what})}} passed to "
             "train_and_evaluate."
         )
-    return arrays[split]
+    entry = arrays[split]
+    if isinstance(entry, Mapping):
+        missing = [k for k in ("image", key) if k not in entry]
+        if missing:
+            raise DataError(missing_column(missing[-1], list(entry), f"arrays[{split!r}]"))
+        return entry["image"], entry[key]
+    return entry
+
+
+def _array_columns(arrays: dict | None, split: str, target: str) -> dict:
+    """The columns of ``arrays[split]``: a dict of columns (``"image"`` and the target column
+    of one's own), or a pair (images, labels): columns ``image`` and ``label``."""
+    if not arrays or split not in arrays:
+        raise DataError(
+            f"data.source='arrays' needs arrays={{'{split}': {{'image': images, '{target}': "
+            "values}} passed to train_and_evaluate."
+        )
+    entry = arrays[split]
+    if isinstance(entry, Mapping):
+        return dict(entry)
+    images, labels = entry
+    return {"image": images, "label": labels}
 
 
 def _arrays_classes(
@@ -258,7 +320,11 @@ def _arrays_classes(
     together (:func:`label_classes`): a small split may lack the largest label."""
     if class_names is not None or not arrays:
         return class_names
-    labels = [np.asarray(pair[1]) for pair in arrays.values()]
+    labels = [
+        np.asarray(entry[target] if isinstance(entry, Mapping) else entry[1])
+        for entry in arrays.values()
+        if not isinstance(entry, Mapping) or target in entry
+    ]
     whole = [x for x in labels if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_]
     return max((label_classes(x, target) for x in whole), key=len, default=None)
 

@@ -30,9 +30,12 @@ from vision_jax.data.sources import (
     DataError,
     Source,
     check_target,
+    column_source,
     file_path,
     from_columns,
+    is_column_target,
     list_names,
+    missing_column,
     num_rows,
     value_table,
 )
@@ -393,17 +396,23 @@ def from_csv(
     split: str,
     *,
     class_names: Sequence[str] | None = None,
+    target: str = "label",
 ) -> Source:
     """``root/<split>.csv`` (``filename,label``; file names relative to ``root``).
 
     A label is a class name or an integer id into ``class_names``. Without ``class_names`` the
     classes come from every split CSV in ``root`` (so all splits agree; a stale one adds its
     classes too): ids 0..max if all labels are integers, else the sorted label names.
+
+    A ``target`` of one's own (a task's column, :func:`csv_target_rows`) is read from the
+    columns of that name instead; the file then starts with ``filename`` and needs no label.
     """
     name, where = parse_split(split)
     path = posixpath.join(root, f"{name}.csv")
     if not file_path(path).exists():
         raise DataError(f"CSV split file {path} does not exist.")
+    if is_column_target(check_target(target)):
+        return _csv_column_source(root, path, where, target, class_names)
     class_names = list(class_names) if class_names is not None else _csv_class_names(root)
     index = {c: i for i, c in enumerate(class_names)}
     paths, labels = [], []
@@ -422,3 +431,107 @@ def from_csv(
             raise DataError(f"{path}:{line}: unknown class {label!r} for {filename}.")
         paths.append(posixpath.join(root, filename))
     return _file_source(paths, labels, class_names, where)
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def csv_target_rows(path: str, target: str) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    """The names of the values of the target column ``target`` of one's own in a split CSV
+    (its header ``filename,...``), and its (line number, filename, value texts) rows.
+
+    Two encodings: a column named ``target`` holding an example's numbers separated by spaces
+    (``0 1 1``; one number in every row: a scalar per example), its value names ``"0"`` ..
+    ``"K-1"``; or a column per value, named ``<target>/<name>`` (``targets/cat,targets/dog``),
+    in the header's order, its value names the ``<name>`` parts."""
+    reader = csv.reader(io.StringIO(_csv_text(path)))
+    header = [h.strip() for h in next(reader, [])]
+    if header[:1] != ["filename"]:
+        raise DataError(f"{path} must start with the header 'filename,...'; got {header}.")
+    parts = [i for i, h in enumerate(header) if h.startswith(f"{target}/")]
+    if target in header and parts:
+        raise DataError(
+            f"{path}: the header has both a column {target!r} and columns {target}/<name>: "
+            "keep one encoding."
+        )
+    if target not in header and not parts:
+        raise DataError(missing_column(target, header, path))
+    columns = [header.index(target)] if target in header else parts
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) < len(header):
+            raise DataError(f"{path}:{line}: {len(row)} fields; the header names {len(header)}.")
+        texts = [t for i in columns for t in row[i].split()]
+        if len(texts) < len(columns):
+            raise DataError(f"{path}:{line}: no value for {target!r} ({row[0].strip()}).")
+        rows.append((line, row[0].strip(), texts))
+    if target in header:
+        counts = {len(texts) for _, _, texts in rows}
+        names = [str(i) for i in range(max(counts, default=0))] if counts != {1} else ["0"]
+    else:
+        names = [header[i].removeprefix(f"{target}/") for i in parts]
+    return names, rows
+
+
+def _csv_column_source(
+    root: str, path: str, where: slice, target: str, class_names: Sequence[str] | None
+) -> Source:
+    """A CSV split's images with the target column ``target`` of one's own
+    (:func:`csv_target_rows`): int32 where every value of every split CSV in ``root`` holding
+    the column is an integer, else float32 (so that the splits agree)."""
+    names, rows = csv_target_rows(path, target)
+    one_column = target in _csv_header(path)
+    scalar = one_column and all(len(texts) == 1 for _, _, texts in rows)
+    width = len(names)
+    values = []
+    for line, filename, texts in rows:
+        if len(texts) != width:
+            raise DataError(
+                f"{path}:{line}: {len(texts)} values for {target!r} ({filename}); other rows "
+                f"hold {width} (every example holds as many)."
+            )
+        try:
+            values.append([float(t) for t in texts])
+        except ValueError:
+            bad = next(t for t in texts if not _is_number(t))
+            raise DataError(
+                f"{path}:{line}: {bad!r} is not a number ({target!r} of {filename})."
+            ) from None
+    splits = _csv_splits_with(root, target)
+    integers = all(
+        _INTEGER.fullmatch(t) for p in splits for _, _, texts in csv_target_rows(p, target)[1]
+        for t in texts
+    )  # fmt: skip
+    array = np.array(values, np.float64).reshape(len(values), *(() if scalar else (width,)))
+    array = array.astype(np.int64 if integers else np.float32)
+    if class_names is None and not one_column:
+        class_names = names
+    paths = np.array([posixpath.join(root, f) for _, f, _ in rows], dtype=str)
+    return column_source(apply_slice({"path": paths, target: array}, where), target, class_names)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_header(path: str) -> list[str]:
+    return [h.strip() for h in next(csv.reader(io.StringIO(_csv_text(path))), [])]
+
+
+def _csv_splits_with(root: str, target: str) -> list[str]:
+    """The CSV files in ``root`` whose header starts with ``filename`` and holds ``target``'s
+    column(s)."""
+    found = []
+    for p in sorted(file_path(root).glob("*.csv")):
+        header = _csv_header(str(p))
+        if header[:1] == ["filename"] and any(
+            h == target or h.startswith(f"{target}/") for h in header
+        ):
+            found.append(str(p))
+    return found

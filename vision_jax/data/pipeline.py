@@ -11,7 +11,8 @@ or do not fit their image or the classes) are dropped and counted (later batches
 further along the stream: see ``start_position``); otherwise they are an error naming the file.
 Segmentation sources (``source.target == "label_map"``) give ``label_map`` in place of ``label``;
 detection sources (``"boxes"``) give boxes padded to ``max_boxes`` rows (see
-:func:`train_batches`).
+:func:`train_batches`); sources of a target of one's own (a column, ``source.column_spec``) give
+that column's values unchanged in place of ``label``.
 """
 
 from __future__ import annotations
@@ -352,10 +353,16 @@ def train_batches(
     ``label``. Box sources (``max_boxes`` required: M, at least the boxes of any image) give
     ``boxes`` (float32 [B, M, 4], x0 y0 x1 y1 in pixels of the model input), ``classes``,
     ``valid`` (1: an object to detect) and ``crowd`` (1: an iscrowd region), int32 [B, M];
-    rows past an image's boxes are all 0.
+    rows past an image's boxes are all 0. A source of a target of one's own (a column) gives
+    its values as they are (int32 or float32 [B, ...]) in place of ``label``.
     """
     local = _local_batch(global_batch)
     target = _target(source, max_boxes)
+    if spec.mixes and source.column_spec is not None:
+        raise DataError(
+            f"mixup and cutmix mix image labels; the target {source.target!r} is a column of "
+            "one's own, which they do not mix: turn them off."
+        )
     if source.num_examples < global_batch:
         raise DataError(
             f"The training split has {source.num_examples} examples, fewer than one global "
@@ -463,7 +470,8 @@ def eval_example_shapes(
 ) -> dict[str, tuple[tuple[int, ...], type]]:
     """Shape and dtype of one row of each key of ``eval_batches``' batches (to compile the
     evaluation before any image is read)."""
-    return _example_shapes(spec.image_size, source.target, _max_boxes(source.target, max_boxes))
+    kind, most = source.target, _max_boxes(source.target, max_boxes)
+    return _example_shapes(spec.image_size, kind, most, source.column_spec)
 
 
 def train_example_shapes(
@@ -521,6 +529,8 @@ def _target(source: Source, max_boxes: int | None) -> dict:
     target = {"target": source.target, "num_classes": source.num_classes}
     if source.label_values is not None:
         target["label_values"] = source.label_values
+    if source.column_spec is not None:
+        target["column"] = source.column_spec
     if _max_boxes(source.target, max_boxes) is None:
         return target
     boxes.check_max_boxes(source, max_boxes)
@@ -545,7 +555,7 @@ def _pad(batch: Batch, size: int) -> Batch:
 
 def _empty_batch(size: int, s: int, target: dict) -> Batch:
     """An all-padding batch, for a process whose shard ran out before the others."""
-    shapes = _example_shapes(s, target["target"], target.get("max_boxes"))
+    shapes = _example_shapes(s, target["target"], target.get("max_boxes"), target.get("column"))
     return {k: np.full((size, *shape), _fill(k), dtype) for k, (shape, dtype) in shapes.items()}
 
 
@@ -553,10 +563,10 @@ _EVAL_ONLY_KEYS = ("mask", "row", "image_id", "scale", "extent")
 
 
 def _example_shapes(
-    s: int, kind: str, max_boxes: int | None
+    s: int, kind: str, max_boxes: int | None, column: tuple[tuple[int, ...], type] | None = None
 ) -> dict[str, tuple[tuple[int, ...], type]]:
     """Shape and dtype of one row of each key of an evaluation batch at image size ``s`` from a
-    source of target ``kind``."""
+    source of target ``kind`` (a column of one's own: ``column``, its shape and dtype)."""
     shapes = {"image": ((s, s, 3), np.float32), "mask": ((), np.float32), "row": ((), np.int32)}
     if kind == "boxes":
         m = max_boxes
@@ -564,6 +574,8 @@ def _example_shapes(
         shapes |= {"boxes": ((m, 4), np.float32), "image_id": ((), np.int32)}
         shapes["scale"] = ((), np.float32)
         shapes["extent"] = ((2,), np.float32)
+    elif column is not None:
+        shapes[kind] = column
     else:
         shapes[kind] = ((s, s) if kind == "label_map" else (), np.int32)
     return shapes

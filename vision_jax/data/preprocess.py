@@ -16,7 +16,7 @@ import numpy as np
 
 from vision_jax.data import augment, boxes
 from vision_jax.data.randaugment import randaugment
-from vision_jax.data.sources import IGNORE_LABEL, check_target, map_values
+from vision_jax.data.sources import IGNORE_LABEL, check_target, is_column_target, map_values
 from vision_jax.specs import InputSpec
 
 Example = dict[str, "tf.Tensor"]
@@ -237,6 +237,7 @@ def make_preprocess(
     box_table: boxes.BoxTable | None = None,
     max_boxes: int | None = None,
     label_values: np.ndarray | None = None,
+    column: tuple[tuple[int, ...], type] | None = None,
 ) -> Callable[[tf.Tensor, Example], Example]:
     """Returns ``fn(index, example) -> {"image": float32 HWC, "label": int32, "index": int64}``;
     with ``target="label_map"`` (``num_classes`` required) ``"label_map"`` (int32 [S, S]) in
@@ -248,6 +249,10 @@ def make_preprocess(
     ``crowd`` (int32 [M]), zero rows after the boxes; evaluation adds ``image_id`` (int32),
     ``scale`` (float32, model-input pixels per original pixel) and ``extent`` (float32 [2], the
     image's height and width in model-input pixels).
+
+    A ``target`` of one's own (a column of the source, ``column`` its (shape, dtype) per
+    example, required) is passed through as it is, as ``"label"`` is: image-level, the crops
+    and flips do not change it.
     """
     if check_target(target) == "label_map":
         if num_classes is None:
@@ -261,6 +266,8 @@ def make_preprocess(
         if train:
             check_box_spec(spec)
         table = box_table.tensors()
+    if is_column_target(target) and column is None:
+        raise ValueError(f"A target of one's own ({target!r}) needs its column's shape and dtype.")
     size = spec.image_size
 
     def fn(index: tf.Tensor, example: Example) -> Example:
@@ -296,7 +303,10 @@ def make_preprocess(
         if train and spec.random_erasing:
             image = augment.random_erase(image, spec.random_erasing, erase_rng)
         out = {"image": tf.ensure_shape(image, [size, size, 3]), "index": tf.cast(index, tf.int64)}
-        if label_map is None:
+        if column is not None:
+            shape, dtype = column
+            out[target] = tf.ensure_shape(tf.cast(example[target], tf.as_dtype(dtype)), shape)
+        elif label_map is None:
             out["label"] = tf.cast(example["label"], tf.int32)
         else:
             out["label_map"] = tf.ensure_shape(tf.cast(label_map[..., 0], tf.int32), [size, size])

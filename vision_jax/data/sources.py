@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 
@@ -27,6 +29,12 @@ from etils import epath
 from vision_jax.specs import IGNORE_LABEL
 
 TARGETS = ("label", "label_map", "boxes")
+# The pipeline's own batch keys, which a column of one's own (a task's target) may not be named
+RESERVED_KEYS = frozenset({
+    "image", "path", "index", "mask", "row", "soft_label", "label_map_path", "image_id",
+    "scale", "extent", "classes", "valid", "crowd", "filename",
+})  # fmt: skip
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGESTED_BYTES = 2**26  # at most this much of a column goes into a source's fingerprint
 _ALIGNMENT = 64  # bytes: where TensorFlow's CPU kernels need a buffer to start (Eigen)
 _VARIABLES_LOCK = threading.Lock()
@@ -72,6 +80,16 @@ class Source:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def column_spec(self) -> tuple[tuple[int, ...], type] | None:
+        """For a target of one's own (:func:`is_column_target`): the shape and dtype of one
+        example's values (``()`` for a number, ``(K,)`` for a vector; int32 or float32); else
+        None."""
+        if not is_column_target(self.target):
+            return None
+        values = self.columns[self.target]
+        return tuple(values.shape[1:]), values.dtype.type
 
     @property
     def dataset(self) -> tf.data.Dataset:
@@ -159,12 +177,18 @@ def list_names(folder: str) -> list[str]:
     return [entry.name for entry in file_path(folder).iterdir()]
 
 
-def from_columns(columns: dict[str, np.ndarray], class_names: Sequence[str]) -> Source:
+def from_columns(
+    columns: dict[str, np.ndarray], class_names: Sequence[str] | None, target: str | None = None
+) -> Source:
     """A random-access source over numpy columns of equal length (one row per example).
 
     A ``"label"`` column makes a classification source; ``"label_map"`` (integer [N, H, W],
-    checked here) or ``"label_map_path"`` (checked in the pipeline) a segmentation one.
+    checked here) or ``"label_map_path"`` (checked in the pipeline) a segmentation one. A
+    ``target`` of one's own (:func:`is_column_target`) makes a source of that column
+    (:func:`column_source`).
     """
+    if target is not None and is_column_target(check_target(target)):
+        return column_source(columns, target, class_names)
     if "label" in columns:
         labels = columns["label"]
         if not np.issubdtype(labels.dtype, np.integer):
@@ -229,14 +253,12 @@ def from_arrays(
     The pipelines read uint8 images in place where they can (held once,
     :attr:`Source.column_variables`): change them in place while the source is in use and the
     pipelines see the change."""
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"Images must be (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}.")
+    images, labels = checked_images(images), np.asarray(labels)
     key = check_target(target)
     if key == "boxes":
         raise DataError("Boxes come from COCO files or tfds (data.source 'coco' or 'tfds').")
+    if is_column_target(key):
+        return column_source({"image": images, key: labels}, key, class_names)
     if labels.dtype == np.bool_:
         labels = labels.astype(np.int32)  # binary labels: 0 and 1
     if not np.issubdtype(labels.dtype, np.integer):
@@ -247,6 +269,19 @@ def from_arrays(
         raise DataError(
             f"{key} arrays must have shape {shape} (as the images); got {labels.shape}."
         )
+    if class_names is None:
+        class_names = label_classes(labels, key)
+    return from_columns({"image": images, key: labels}, class_names)
+
+
+def checked_images(images: np.ndarray) -> np.ndarray:
+    """In-memory images (N,H,W[,C]) uint8, or float in [0, 1] (rounded to uint8), as
+    (N,H,W,C); else a DataError."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"Images must be (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}.")
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
         raise DataError(f"Images must be uint8 (0..255) or float in [0, 1]; got {images.dtype}.")
     if images.dtype != np.uint8:
@@ -261,9 +296,75 @@ def from_arrays(
         if images.min() < 0 or images.max() > 1:
             raise DataError("Float images must lie in [0, 1]; pass uint8 for 0..255 pixels.")
         images = np.round(images * 255).astype(np.uint8)
+    return images
+
+
+def is_column_target(target: str) -> bool:
+    """Whether a task's ``target`` is a per-example column of one's own (numbers of a fixed
+    shape per example, passed through the pipeline as they are) rather than one of
+    :data:`TARGETS`."""
+    return target not in TARGETS
+
+
+def column_values(values: np.ndarray, name: str) -> np.ndarray:
+    """A target column of one's own as the pipeline holds it: numbers of one shape per example
+    (N, ...), floats as float32, integers and booleans as int32; else a DataError naming it."""
+    values = np.asarray(values)
+    if values.ndim == 0:
+        raise DataError(f"The column {name!r} must hold a row per example; got a single value.")
+    if values.dtype == np.bool_:
+        return values.astype(np.int32)
+    if np.issubdtype(values.dtype, np.integer):
+        if values.size and (values.min() < -(2**31) or values.max() >= 2**31):
+            raise DataError(f"The column {name!r} holds integers outside int32's range.")
+        return values.astype(np.int32, copy=False)
+    if np.issubdtype(values.dtype, np.floating):
+        return values.astype(np.float32, copy=False)
+    raise DataError(
+        f"The column {name!r} must hold numbers (integers, floats or booleans); got dtype "
+        f"{values.dtype}."
+    )
+
+
+def column_source(
+    columns: dict[str, np.ndarray], target: str, class_names: Sequence[str] | None
+) -> Source:
+    """A source whose target is the column ``target`` of one's own (numbers of a fixed shape
+    per example: a scalar or a vector), beside ``"image"`` ((N,H,W,C) uint8, checked) or
+    ``"path"``; other columns are left out. ``class_names`` name the values of an example (as
+    many as it holds: a multi-hot vector's labels); without them ``"0"`` .. ``"K-1"``."""
+    if target not in columns:
+        raise DataError(missing_column(target, columns))
+    image_key = "image" if "image" in columns else "path"
+    if image_key not in columns:
+        raise DataError(f"The data has no 'image' column (its columns: {_names(columns)}).")
+    values = column_values(columns[target], target)
+    images = columns[image_key]
+    if image_key == "image":
+        images = checked_images(images)
+    if len(values) != len(images):
+        raise DataError(f"The column {target!r} has {len(values)} rows, the images {len(images)}.")
+    size = math.prod(values.shape[1:])
+    if not size:
+        raise DataError(f"The column {target!r} holds no value per example ({values.shape}).")
     if class_names is None:
-        class_names = label_classes(labels, key)
-    return from_columns({"image": images, key: labels}, class_names)
+        class_names = [str(i) for i in range(size)]
+    elif len(class_names) != size:
+        raise DataError(
+            f"data.class_names names {len(class_names)} values; the column {target!r} holds "
+            f"{size} per example (shape {values.shape[1:]})."
+        )
+    held = {image_key: images, target: values}
+    return Source(None, len(values), list(class_names), held, target=target)
+
+
+def _names(columns: Sequence[str]) -> str:
+    return ", ".join(map(str, columns)) or "none"
+
+
+def missing_column(target: str, columns: Sequence[str], where: str = "The data") -> str:
+    """The message for a task's ``target`` column missing from the data's ``columns``."""
+    return f"{where} has no column {target!r}, the task's target (its columns: {_names(columns)})."
 
 
 def label_classes(labels: np.ndarray, target: str = "label") -> list[str]:
@@ -304,12 +405,20 @@ def tensor_column(values: np.ndarray) -> np.ndarray:
 
 
 def check_target(target: str) -> str:
-    """``target`` if it is one of :data:`TARGETS`, else a DataError."""
-    if target not in TARGETS:
+    """``target`` if it is one of :data:`TARGETS` or could name a column of one's own (a
+    Python identifier, not one of the pipeline's :data:`RESERVED_KEYS`), else a DataError."""
+    if target in TARGETS:
+        return target
+    if (
+        not isinstance(target, str)
+        or not _COLUMN_NAME.fullmatch(target)
+        or (target in RESERVED_KEYS)
+    ):
         raise DataError(
-            f"Unknown target {target!r} (a task's target, the batch key it reads): the input "
-            f"pipeline provides {', '.join(map(repr, TARGETS))}; other targets are not "
-            "supported yet."
+            f"A task's target {target!r} (the batch key it reads) is neither one the input "
+            f"pipeline makes ({', '.join(map(repr, TARGETS))}) nor a column name of one's own "
+            "(letters, digits and '_', not a digit first; not one of the pipeline's keys "
+            f"{', '.join(sorted(RESERVED_KEYS))})."
         )
     return target
 

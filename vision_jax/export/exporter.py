@@ -228,7 +228,7 @@ def _manifest(
                 "log_softmax of the logits, the same but where a probability underflows to 0 "
                 "(logit gaps past about 87)"
             )
-    elif target == "label":  # how evaluation resizes and crops
+    elif target != "boxes":  # a label, or a column of one's own: how evaluation resizes, crops
         spec = trained.input
         whole = spec.crop_mode == "squash"
         manifest["input"]["resize"] = {
