@@ -227,11 +227,23 @@ class ReadsPoints(Regression):
     target = "points"
 
 
-def test_a_target_the_input_pipeline_does_not_provide_is_named_as_the_tasks(tmp_path, register):
-    register(ReadsPoints)
-    match = (
-        r"Unknown target 'points' \(a task's target, the batch key it reads\): the input "
-        r"pipeline provides 'label', 'label_map', 'boxes'; other targets are not supported yet."
-    )
+class ReadsTheMask(Regression):
+    name = "reads_the_mask"
+    target = "mask"
+
+
+@pytest.mark.parametrize(
+    "task, match",
+    [
+        (ReadsPoints, r"data.source='digits' has no column 'points', the task's target \(its "
+                      r"columns: image, label\); columns of one's own come from data.source "
+                      r"'arrays' or 'csv'\.$"),
+        (ReadsTheMask, r"A task's target 'mask' \(the batch key it reads\) is neither one the "
+                       r"input pipeline makes \('label', 'label_map', 'boxes'\) nor a column "
+                       r"name of one's own"),
+    ],
+)  # fmt: skip
+def test_a_target_the_data_does_not_provide_is_named_as_the_tasks(tmp_path, register, task, match):
+    register(task)
     with pytest.raises(DataError, match=match):
-        build_run(regression_config(ReadsPoints), str(tmp_path))
+        build_run(regression_config(task), str(tmp_path))

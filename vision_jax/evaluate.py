@@ -61,9 +61,12 @@ def evaluate_run(
     spec, task = trained.spec, trained.task
     split = spec.data.eval_split if split is None else split
     if spec.data.source == "arrays" and arrays is None:
+        pair = "(images, targets)"
+        if data_lib.is_column_target(task.target):  # a column of one's own
+            pair = f"{{'image': images, {task.target!r}: values}}"
         raise data_lib.DataError(
             f"The run in {workdir} trained on arrays passed from Python (data.source='arrays'): "
-            f"evaluate it with evaluate_run(workdir, arrays={{{split!r}: (images, targets)}})."
+            f"evaluate it with evaluate_run(workdir, arrays={{{split!r}: {pair}}})."
         )
     data = spec.data
     if data.source == "csv" and data.class_names is None and trained.class_names:

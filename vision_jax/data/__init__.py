@@ -81,6 +81,12 @@ def load_source(
     scenes generator's output with ``coco_images="{split}/images"``) or "tfds" (the ``objects``
     feature, e.g. ``coco/2017``); the source's ``annotations`` then hold the split's COCO ground
     truth (see :mod:`vision_jax.data.coco`).
+
+    Any other ``target`` names a column of one's own (a task's target: numbers of a fixed shape
+    per example, passed through as they are), from "arrays" (``arrays[split]`` a dict of
+    columns, ``{"image": images, target: values}``) or "csv" (a column of the split's CSV:
+    :func:`~vision_jax.data.folders.csv_target_rows`); ``data.class_names`` optionally names
+    the values. A source without that column is a DataError naming the columns it has.
     """
     check_target(target)
     _check_keys(data, target)
@@ -356,6 +362,7 @@ __all__ = [
     "from_image_folder",
     "from_tfds",
     "from_tfds_boxes",
+    "is_column_target",
     "load_source",
     "pipeline_options",
     "select_classes",

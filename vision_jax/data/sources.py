@@ -6,7 +6,9 @@ decoded in the pipeline), with its size and class names. Segmentation sources (`
 "label_map"``) carry a per-pixel ``"label_map"`` (uint8 HxW class ids, :data:`IGNORE_LABEL` for
 pixels that count for nothing) or a ``"label_map_path"`` (an index PNG) instead of ``"label"``.
 Detection sources (``target == "boxes"``, :mod:`vision_jax.data.coco`) carry a ``"row"`` into
-their COCO ``annotations`` instead. Sources held as columns (arrays, file lists) also allow
+their COCO ``annotations`` instead. Sources of a task's target of one's own (``target`` a column
+name, :func:`is_column_target`) carry that column (numbers of a fixed shape per example)
+instead of ``"label"``. Sources held as columns (arrays, file lists) also allow
 random access, which lets the training stream be a pure function of the seed and the step.
 """
 
@@ -55,7 +57,8 @@ class Source:
     (one class per image), "label_map" (one class per pixel; ``class_names`` then lists every
     id the maps use, 0 first) or "boxes" (objects: ``annotations`` holds the split's COCO ground
     truth in original pixels, its images in row order, and ``category_ids[i]`` is the COCO
-    category id of class ``i``; ``class_names`` are the category names in id order).
+    category id of class ``i``; ``class_names`` are the category names in id order), or the
+    name of a column of one's own (:func:`column_source`; ``class_names`` name its values).
     A column source's dataset is made at first use (:attr:`dataset`), over the columns held
     once in TensorFlow (:attr:`column_variables`, shared with the training stream): a copy with
     other ``columns`` (``dataclasses.replace``) sets ``examples=None`` too.

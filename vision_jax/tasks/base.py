@@ -1,7 +1,8 @@
 """The task interface: what the model's outputs mean, how they are trained and evaluated.
 
 A task owns its head (it builds the model on a backbone), the batch target it needs from the
-input pipeline (``target``: the key the data provides, ``label`` or ``label_map``), its loss,
+input pipeline (``target``: the key the data provides, ``label``, ``label_map``, ``boxes``, or
+a per-example column of one's own such as ``targets``), its loss,
 its clu metrics and their exact summary over an evaluation split, and its prediction output.
 The train and eval steps, the loop, checkpoints and the optimizer are the same for every task.
 """
@@ -50,7 +51,9 @@ class Task(abc.ABC):
     """One task: subclasses are frozen dataclasses whose fields are the task's settings."""
 
     name: ClassVar[str]
-    target: ClassVar[str]  # the batch key holding the targets
+    # the batch key holding the targets: "label", "label_map", "boxes", or the name of a column
+    # of one's own data (numbers of a fixed shape per example: :func:`vision_jax.data.load_source`)
+    target: ClassVar[str]
     headline: ClassVar[str]  # the metric that sums up an evaluation (``eval/<headline>``)
     # "min" where a lower headline is better (an error), "max" where higher; None: "min" for a
     # name ending in "loss", else "max" (what model selection keeps)
