@@ -293,6 +293,40 @@ def test_replace_head_starts_a_task_head_afresh_and_unused_surgery_is_refused(
     np.testing.assert_array_equal(loaded["params"]["head"]["bias"], 2.0)
 
 
+def test_another_tasks_head_left_unloaded_is_named(tmp_path, monkeypatch, caplog):
+    """A segmentation model from a detection run's weights: the load table names the new head's
+    arrays and the detection head's that were not loaded (it said only "initialised fresh (2
+    arrays)", the 32 dropped ones unmentioned), as a torch load lists missing and unexpected
+    keys; a head of other shapes (another class count) is named as such."""
+    import logging
+
+    from vision_jax.tasks import Detection
+    from vision_jax.weights import load as load_module
+
+    x = jnp.zeros((1, 32, 32, 3))
+    detector = Detection(strides=(4, 8)).build_model("cifar_resnet20", 3)
+    path = tmp_path / "det.safetensors"  # a detection run's weights, as the reader gives them
+    path.write_bytes(b"")
+    model = Segmentation(head="linear").build_model("cifar_resnet20", 4)
+    fresh = model.init(jax.random.key(4), x)
+
+    def table(weights) -> str:
+        monkeypatch.setattr(load_module, "read_variables", lambda source, model, **_: weights)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vision_jax.weights"):
+            load_pretrained(path, model=model, variables=fresh)
+        return caplog.text
+
+    theirs = [k for k in flatten_dict(detector.init(jax.random.key(3), x)) if "/task_head/" in k]
+    text = table(detector.init(jax.random.key(3), x))
+    assert "initialised fresh: 2 arrays (params/task_head/classifier (2))" in text, text
+    assert f"the checkpoint's not loaded (another head): {len(theirs)} arrays (" in text, text
+    assert "params/task_head/pyramid (8)" in text, text
+    other = Segmentation(head="linear").build_model("cifar_resnet20", 7)
+    text = table(other.init(jax.random.key(3), x))
+    assert "the checkpoint's not loaded (other shapes): 2 arrays" in text, text
+
+
 @pytest.mark.slow
 def test_shared_vit_ti16_loads_into_segmentation_model(shared_dir):
     weights = shared_dir / "weights" / "vit_ti16"

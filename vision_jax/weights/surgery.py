@@ -29,7 +29,7 @@ import numpy as np
 from vision_jax.masks import tree_mask
 from vision_jax.models.task_model import TASK_HEAD
 from vision_jax.trees import flatten_dict
-from vision_jax.weights.merge import WeightMismatchError
+from vision_jax.weights.merge import WeightMismatchError, key_groups
 
 logger = logging.getLogger(__name__)
 
@@ -176,21 +176,29 @@ def _task_head(init: Flat, loaded: Flat, force: bool) -> list[Row]:
     """A task model's head (``task_head/...``) starts fresh unless the checkpoint holds the same
     head (a run of the same task and classes) and ``force`` (``replace_head``) is not set; a
     model without one (a classifier) drops the checkpoint's (a segmentation or detection
-    run's)."""
+    run's). The row names the fresh arrays and those of the checkpoint's head left unloaded
+    (another task's or head's, or of other shapes), as a strict=False load lists them."""
     paths = [p for p in init if p.split("/", 2)[1:2] == [TASK_HEAD]]
+    theirs = [p for p in loaded if p.split("/", 2)[1:2] == [TASK_HEAD]]
     if not paths:
-        theirs = [p for p in loaded if p.split("/", 2)[1:2] == [TASK_HEAD]]
         for path in theirs:
             del loaded[path]
         return [("task head", f"dropped ({len(theirs)} arrays: the model has none)")] * bool(theirs)
     same = all(p in loaded and np.shape(loaded[p]) == np.shape(init[p]) for p in paths)
     if same and not force:
         return []
-    for path in [p for p in loaded if p.split("/", 2)[1:2] == [TASK_HEAD]]:
+    for path in theirs:
         del loaded[path]
     loaded.update({p: init[p] for p in paths})
-    why = "on request" if same else f"({len(paths)} arrays)"
-    return [("task head", f"initialised fresh {why}")]
+    fresh = f"{len(paths)} arrays ({key_groups(paths, depth=3)})"
+    if same:
+        return [("task head", f"initialised fresh on request: {fresh}")]
+    if not theirs:
+        return [("task head", f"initialised fresh (the checkpoint has none): {fresh}")]
+    why = "other shapes" if set(theirs) == set(paths) else "another head"
+    dropped = f"{len(theirs)} arrays ({key_groups(theirs, depth=3)})"
+    return [("task head", f"initialised fresh: {fresh}; the checkpoint's not loaded ({why}): "
+             f"{dropped}")]  # fmt: skip
 
 
 def _model_grid(
