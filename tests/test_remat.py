@@ -143,6 +143,28 @@ def test_bad_remat_rules_are_errors_naming_the_rule(rules, message):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
+@pytest.mark.parametrize(
+    "name, taps, idle, running",
+    [
+        ("vit_ti16", (0,), "Transformer/encoderblock_(1|2)", "Transformer/encoderblock_0"),
+        ("resnet18", (1,), "layer(3|4)/0", "layer1/0"),
+        ("bit_r50x1", (2,), "block4/.*", "block3/unit01"),
+        ("cifar_resnet20", (0,), "layer(2|3)/.*", "layer1/1"),
+    ],
+)
+def test_a_rule_for_blocks_that_never_run_is_an_error(name, taps, idle, running):
+    """With feature taps the blocks after the last tapped one never run: a rule that matches
+    only those would change nothing, an error as one that matches no block (it passed without
+    a word); a rule that matches some block that runs is taken."""
+    images = jnp.zeros((1, 32, 32, 3))
+    build = lambda rules: create_model(name, num_classes=0, feature_taps=taps,
+                                       remat_rules=rules, **SMALL[name])  # fmt: skip
+    with pytest.raises(ValueError, match=f"'{re.escape(idle)}' matches only blocks that never"):
+        build(((idle, "block"),)).init(jax.random.key(0), images)
+    model = build(((running, "block"),))
+    assert recomputed_blocks(model, model.init(jax.random.key(0), images), images) == 1
+
+
 def test_an_unknown_policy_names_the_valid_ones():
     model = create_model("vit_ti16", num_classes=2, remat="everything", depth=1)
     with pytest.raises(ValueError, match="Unknown remat policy 'everything'; valid: none, block"):

@@ -163,7 +163,7 @@ class ResNetV2(nn.Module):
         width = 64 * self.width_factor
         x = RootBlock(width, self.std_conv_eps, self.dtype, name="root_block")(x)
         unit = lambda i, j: f"block{i + 1}/unit{j + 1:02d}"
-        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, unit)
+        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, unit, taps)
         run = stages_run(self, taps, len(self.stage_sizes))
         for i, depth in enumerate(self.stage_sizes[:run]):
             x = Stage(

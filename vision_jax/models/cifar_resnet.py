@@ -101,7 +101,7 @@ class CifarResNet(nn.Module):
         x = jnp.asarray(images, self.dtype)
         x = conv2d(WIDTHS[0], 3, 1, self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
-        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path)
+        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path, taps)
         run = stages_run(self, taps, len(self.stage_sizes))
         for i, (planes, depth) in enumerate(zip(WIDTHS[:run], self.stage_sizes[:run], strict=True)):
             stride = 1 if i == 0 else 2

@@ -57,27 +57,46 @@ def _check_policy(policy: Any, where: str) -> None:
         raise ValueError(f"Unknown remat policy {policy!r}{where}; valid: {valid}.")
 
 
-def block_policies(remat: str, rules: RematRules, blocks: Sequence[str]) -> dict[str, str]:
+def block_policies(
+    remat: str, rules: RematRules, blocks: Sequence[str], idle: Sequence[str] = ()
+) -> dict[str, str]:
     """The policy of each block path in ``blocks``: the first rule whose regex matches the whole
     path, else ``remat`` (:func:`vision_jax.masks.tree_map_by_rules`). An unknown policy, a
-    malformed rule or a rule that matches no block is an error naming what is valid."""
+    malformed rule, a rule that matches no block, or only ``idle`` ones (blocks that never run:
+    those after the last feature tap; it would change nothing), is an error naming what is
+    valid."""
     _check_policy(remat, "")
     for pattern, policy in compile_rules(rules, what="remat_rules"):
         _check_policy(policy, f" in remat_rules {(pattern.pattern, policy)!r}")
-        if not any(pattern.fullmatch(block) for block in blocks):
+        hits = [block for block in blocks if pattern.fullmatch(block)]
+        if not hits:
             shown = ", ".join(blocks[:3]) + (f", ... {blocks[-1]}" if len(blocks) > 3 else "")
             raise ValueError(f"remat_rules: {pattern.pattern!r} matches no block; blocks: {shown}.")
+        if set(hits) <= set(idle):
+            last = [block for block in blocks if block not in idle][-1]
+            raise ValueError(
+                f"remat_rules: {pattern.pattern!r} matches only blocks that never run ({hits[0]}"
+                f"{', ...' * (len(hits) > 1)}: with these feature taps the blocks after {last} "
+                "do not run), so it would change nothing: remove it."
+            )
     tree = trees.unflatten_dict({block: 0 for block in blocks})
     return trees.flatten_dict(tree_map_by_rules(rules, tree, what="remat_rules", default=remat))
 
 
 def stage_policies(
-    remat: str, rules: RematRules, stage_sizes: Sequence[int], path: Callable[[int, int], str]
+    remat: str,
+    rules: RematRules,
+    stage_sizes: Sequence[int],
+    path: Callable[[int, int], str],
+    taps: Sequence[int] = (),
 ) -> list[tuple[str, ...]]:
     """Per stage, the policy of each of its blocks (:func:`block_policies`); ``path(i, j)``
-    is the path of block ``j`` of stage ``i``."""
+    is the path of block ``j`` of stage ``i``; ``taps``: the backbone's feature taps (checked
+    stage indices, :func:`~vision_jax.models.registry.stage_taps`), after the last of which
+    the stages never run."""
     paths = [[path(i, j) for j in range(depth)] for i, depth in enumerate(stage_sizes)]
-    policies = block_policies(remat, rules, [p for stage in paths for p in stage])
+    idle = [p for stage in paths[max(taps) + 1 :] for p in stage] if taps else []
+    policies = block_policies(remat, rules, [p for stage in paths for p in stage], idle)
     return [tuple(policies[p] for p in stage) for stage in paths]
 
 

@@ -159,7 +159,7 @@ class ResNet(nn.Module):
         x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
         x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         block = Bottleneck if self.bottleneck else BasicBlock
-        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path)
+        policies = stage_policies(self.remat, self.remat_rules, self.stage_sizes, block_path, taps)
         run = stages_run(self, taps, len(self.stage_sizes))
         for i, depth in enumerate(self.stage_sizes[:run]):
             x = Stage(

@@ -336,7 +336,7 @@ class VisionTransformer(nn.Module):
             self.drop_path_rate,
             self.dtype,
             taps,
-            self._block_policies(),
+            self._block_policies(taps),
             name="Transformer",
         )(x, deterministic=not train)
         if taps:
@@ -357,9 +357,10 @@ class VisionTransformer(nn.Module):
         posemb = params.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
         return None if posemb is None else posemb.shape[1] - int(self.pool_type == "token")
 
-    def _block_policies(self) -> tuple[str, ...]:
-        path = lambda _, j: block_path(j)
-        return stage_policies(self.remat, self.remat_rules, [self.depth], path)[0]
+    def _block_policies(self, taps: tuple[int, ...]) -> tuple[str, ...]:
+        path = lambda i, _: block_path(i)  # each block a stage of one: the taps index blocks
+        stages = stage_policies(self.remat, self.remat_rules, (1,) * self.depth, path, taps)
+        return tuple(policy for (policy,) in stages)
 
 
 def check_grid(
