@@ -165,6 +165,27 @@ def test_a_rule_for_blocks_that_never_run_is_an_error(name, taps, idle, running)
     assert recomputed_blocks(model, model.init(jax.random.key(0), images), images) == 1
 
 
+def test_a_run_with_a_rule_for_blocks_that_never_run_is_still_read(tmp_path, monkeypatch):
+    """A run of an earlier version whose rule matched only blocks that never run (refused
+    since) is still read, evaluated and exported: readers run no backward pass, so the model
+    they build has no remat."""
+    from test_segmentation_train import ARRAYS, seg_config
+
+    from vision_jax.models import remat
+    from vision_jax.train import train_and_evaluate
+    from vision_jax.trained import load_trained
+
+    unchecked = remat.block_policies
+    with monkeypatch.context() as old_version:  # the version that let the rule pass
+        old_version.setattr(remat, "block_policies", lambda *args: unchecked(*args[:3]))
+        cfg = seg_config(total_steps=1, **{"task.feature_taps": (0,),
+                                           "model.remat_rules": (("layer3/.*", "block"),)})
+        train_and_evaluate(cfg, str(tmp_path), arrays=ARRAYS)
+    trained = load_trained(tmp_path)
+    outputs = trained.model.apply(trained.variables, jnp.zeros((1, 16, 16, 3)))
+    assert np.all(np.isfinite(outputs)) and backbone_of(trained.model).remat_rules == ()
+
+
 def test_an_unknown_policy_names_the_valid_ones():
     model = create_model("vit_ti16", num_classes=2, remat="everything", depth=1)
     with pytest.raises(ValueError, match="Unknown remat policy 'everything'; valid: none, block"):

@@ -104,6 +104,9 @@ def jitted_predict(model: nn.Module, task: Any, image_size: int) -> Any:
     return jax.jit(predict, static_argnames="keys")
 
 
+_REMAT_KEYS = ("remat", "remat_rules")
+
+
 def load_trained(
     path: str | os.PathLike, *, which: str = "best", ema: bool | None = None
 ) -> Trained:
@@ -125,6 +128,10 @@ def load_trained(
             )  # fmt: skip
     except ValueError as e:  # its config cannot be read today (a task module not found, say)
         raise WeightFormatError(f"Cannot read the run in {step_dir}: {e}") from e
+    # remat shapes only a backward pass, which no reader runs (and an earlier version's run may
+    # hold a rule for blocks that never run, refused since)
+    overrides = {k: v for k, v in spec.model_overrides.items() if k not in _REMAT_KEYS}
+    spec = dataclasses.replace(spec, model_overrides=overrides)
     model = task_model(spec, len(record.class_names or ()))
     ema = selects_ema(record.config) if ema is None else ema
     step = int(step_dir.name)
