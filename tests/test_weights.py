@@ -974,6 +974,33 @@ def test_export_safetensors_loads_in_timm_strictly(timm, tmp_path, name):
             export_npz(variables, tmp_path / "x.npz")
 
 
+@pytest.mark.parametrize(
+    "task_name, name", [("segmentation", "vit_ti16"), ("detection", "resnet18")]
+)
+def test_a_task_models_backbone_exports_in_timm_names(timm, tmp_path, caplog, task_name, name):
+    """A segmentation or detection model exports its backbone, headless, in timm's names (the
+    converter was handed the task model and refused it: callers had to pass model.backbone);
+    the left-out task head is logged, and the file loads back into the task model."""
+    from safetensors.torch import load_file
+
+    from vision_jax.tasks import TASKS
+
+    task = TASKS[task_name](**({"strides": (8, 16)} if task_name == "detection" else {}))
+    model = task.build_model(name, 3, **(VIT if name == "vit_ti16" else {}))
+    variables = init_vars(model, 32)
+    path = tmp_path / "backbone.safetensors"
+    with caplog.at_level(logging.INFO, logger="vision_jax.weights"):
+        export_safetensors(variables, model, path)
+    assert "its task head (" in caplog.text and "params/task_head/" in caplog.text, caplog.text
+    ref = timm_vit(timm, num_classes=0) if name == "vit_ti16" else timm.create_model(
+        name, num_classes=0)  # fmt: skip
+    ref.load_state_dict(load_file(str(path)), strict=True)
+    back = flatten_dict(load_pretrained(path, model=model, variables=init_vars(model, 32)))
+    for k, v in flatten_dict(variables).items():
+        if "/task_head/" not in k:
+            np.testing.assert_allclose(back[k], v, err_msg=k)
+
+
 # --------------------------------------------------------------------------------------------
 # input contracts
 

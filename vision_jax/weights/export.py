@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -11,11 +12,15 @@ import flax.linen as nn
 import numpy as np
 
 from vision_jax.models.registry import backbone_of
+from vision_jax.models.task_model import TASK_HEAD
 from vision_jax.output_errors import written_whole
 from vision_jax.trees import flatten_dict
 from vision_jax.weights.contract import GRID_KEY, as_contract, contract_metadata
 from vision_jax.weights.convert import converter
+from vision_jax.weights.merge import key_groups
 from vision_jax.weights.surgery import CLS, POSEMB
+
+logger = logging.getLogger(__name__)
 
 
 def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -47,10 +52,21 @@ def export_safetensors(
     ``load_trained(...).input``, or an :class:`InputContract`), the input the weights expect:
     their size, mean, std, resize interpolation, crop fraction and mode, which
     :func:`~vision_jax.weights.input_contract` (``Predictor.from_weights``,
-    ``init.use_input_contract``) then gives instead of the layout's (timm AugReg's for a ViT)."""
+    ``init.use_input_contract``) then gives instead of the layout's (timm AugReg's for a ViT).
+
+    A task model's (segmentation, detection) is its backbone's, headless: timm has no such
+    heads, so the task head is left out (logged); ``timm.create_model(name, num_classes=0)``
+    loads the file, and so does ``init.path`` into any task's model."""
     from safetensors.numpy import save_file
 
-    state_dict = converter(model).to_timm(variables, model)
+    backbone = backbone_of(model)
+    if backbone is not model:
+        head = [k for k in flatten_dict(variables) if k.split("/", 2)[1:2] == [TASK_HEAD]]
+        logger.info(
+            "export_safetensors writes the task model's backbone in timm's names; its task head "
+            "(%d arrays: %s) has none and is left out.", len(head), key_groups(head, depth=3),
+        )  # fmt: skip
+    state_dict = converter(backbone).to_timm(variables, backbone)
     grid = _posemb_grid(variables, model)
     metadata = {} if input is None else contract_metadata(as_contract(input))
     if grid is not None:
