@@ -205,3 +205,50 @@ def test_a_run_whose_blocks_after_the_last_tap_trained_names_the_version(tmp_pat
     cfg.total_steps = 2
     with pytest.raises(CheckpointMismatchError, match="this version no longer trains them"):
         train_and_evaluate(cfg, str(tmp_path), arrays=ARRAYS)
+
+
+def _adapted_blocks(params) -> set[str]:
+    return {k.split("/")[1] for k in flatten_dict(params) if k.endswith("/lora_a")}
+
+
+def test_lora_puts_no_adapters_on_blocks_that_never_run(tmp_path):
+    """With feature taps the blocks after the last tapped one never run: LoRA adds no adapters
+    there (it added frozen ones, which nothing read or trained, saved with the frozen params),
+    and targets that match only such kernels are an error, not a run with nothing to train."""
+    from vision_jax import run, sharding, specs
+    from vision_jax.config import TrackedConfig
+
+    def adapted(**overrides):
+        cfg = seg_config(**{"model.name": "vit_ti16", "input.image_size": 32, "lora.rank": 2,
+                            "task.feature_taps": (1,), **overrides})  # fmt: skip
+        cfg.model.depth = 4
+        spec = specs.run_spec(TrackedConfig(cfg))
+        model, mesh = run.task_model(spec, 4), sharding.create_mesh(spec.mesh)
+        variables, *_ = run.create_variables(spec, model, spec.input, mesh, jax.random.key(0))
+        return variables["params"]
+
+    assert _adapted_blocks(adapted()) == {"encoderblock_0", "encoderblock_1"}
+    with pytest.raises(ValueError, match="matches only kernels that never run"):
+        adapted(**{"lora.targets": "Transformer/encoderblock_[23]/.*/(query|value)/kernel"})
+
+
+def test_a_lora_run_with_adapters_on_blocks_that_never_run_resumes(tmp_path, monkeypatch):
+    """A LoRA run of an earlier version, whose frozen parameters hold adapters on the blocks
+    after the last feature tap, resumes in that layout (its frozen parameters restore as
+    saved) and trains on."""
+    from vision_jax import lora
+
+    arrays = {k: (np.repeat(np.repeat(x, 2, 1), 2, 2), np.repeat(np.repeat(y, 2, 1), 2, 2))
+              for k, (x, y) in ARRAYS.items()}  # fmt: skip
+    cfg = seg_config(**{"model.name": "vit_ti16", "input.image_size": 32, "lora.rank": 2,
+                        "task.feature_taps": (1,), "total_steps": 1})  # fmt: skip
+    cfg.model.depth = 4
+    everywhere = lora.add_adapters
+    with monkeypatch.context() as old_version:
+        old_version.setattr(lora, "add_adapters", lambda p, s, r, **_: everywhere(p, s, r))
+        train_and_evaluate(cfg, str(tmp_path), arrays=arrays)
+    cfg.total_steps = 2
+    train_and_evaluate(cfg, str(tmp_path), arrays=arrays)
+    assert os.path.basename(latest_step_dir(str(tmp_path))) == "2"
+    frozen = _restore_on_one_device(os.path.join(tmp_path, "frozen_params"))
+    assert _adapted_blocks(frozen) == {"encoderblock_2", "encoderblock_3"}

@@ -333,6 +333,16 @@ class Checkpointer:
             )
         self.has_frozen, self.frozen_digest = True, saved
 
+    def saved_frozen_paths(self) -> list[str]:
+        """The paths of the frozen parameters :meth:`save_frozen` wrote ([] when there are none,
+        or their metadata cannot be read: :meth:`restore_frozen` names the problem)."""
+        path = epath.Path(frozen_dir(self.directory))
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(path).tree
+        except Exception:  # orbax and TensorStore raise many types
+            return []
+        return [name for name, _ in _shapes(tree)]
+
     def restore_frozen(self, abstract_frozen: Any) -> Any | None:
         """The frozen parameters :meth:`save_frozen` wrote, in ``abstract_frozen``'s shapes and
         shardings and checked against their digests; None when there are none (an earlier

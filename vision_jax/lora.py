@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -48,13 +49,18 @@ def _fans(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
     raise ValueError(f"LoRA cannot adapt {path} of shape {shape}.")
 
 
-def add_adapters(params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> dict:
+def add_adapters(
+    params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array, *, never_run: str | None = None
+) -> dict:
     """Returns ``params`` with ``lora_a`` (random) and ``lora_b`` (zero) beside each target kernel.
 
     ``lora_a`` is drawn like torch's Linear (Kaiming-uniform, bound ``1/sqrt(fan_in)``), as in
     the LoRA reference implementation; the adapted network starts equal to the base network.
     ``model.apply`` uses the adapters only inside :func:`apply_adapters` (elsewhere it computes
     the base network and ignores them); :func:`merge` folds them in for use without it.
+    ``never_run``: regex of the parameters the model never runs (the blocks after its last
+    feature tap, :func:`vision_jax.optim.never_run`): their kernels get no adapter (nothing
+    would read or train it); the others get the values they would get without it.
     """
     flat = flatten_dict(params)
     try:
@@ -69,10 +75,18 @@ def add_adapters(params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array) -> d
     targets = [p for p, hit in flatten_dict(mask).items() if hit]
     if any(p.rsplit("/", 1)[-1] in LORA_LEAVES for p in flat):
         raise ValueError("The parameters already hold LoRA adapters.")
+    idle = re.compile(never_run) if never_run else None
+    if idle and targets and all(idle.fullmatch(p) for p in targets):
+        raise ValueError(
+            f"lora.targets {spec.targets!r} matches only kernels that never run (such as "
+            f"{targets[0]!r}: the blocks after the last feature tap): no adapter would train."
+        )
     out = dict(flat)
     for i, path in enumerate(targets):
         if not path.endswith("/kernel"):
             raise ValueError(f"lora.targets must select kernels; it matched {path}.")
+        if idle and idle.fullmatch(path):
+            continue
         fan_in, fan_out = _fans(path, tuple(np.shape(flat[path])))
         bound = 1.0 / math.sqrt(fan_in)
         key = jax.random.fold_in(rng, i)

@@ -140,15 +140,19 @@ def create_variables(
     *,
     abstract: bool = False,
     contract: InputContract | None = None,
+    idle_adapters: bool = False,
 ) -> tuple[dict, dict, data_lib.InputSpec]:
     """Model variables (pretrained from ``spec.init`` if set, plus LoRA adapters), already
     sharded by ``spec.sharding_rules``; their shardings; the input spec (possibly the
     checkpoint's input contract, or ``contract`` in its place: a resumed run's recorded one).
     With ``abstract`` the variables are only their shapes, dtypes and shardings
-    (``jax.ShapeDtypeStruct``): nothing is initialised or read but the contract."""
+    (``jax.ShapeDtypeStruct``): nothing is initialised or read but the contract. The blocks that
+    never run get no adapters, unless ``idle_adapters`` (a resumed run of an earlier version,
+    which added them there, frozen: :func:`_saved_idle_adapters`)."""
     size = input_spec.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     adapters, init_rng, adapter_rng = spec.lora, rng, jax.random.fold_in(rng, 1)
+    never_run = None if idle_adapters else optim.never_run(model)
 
     def base_init(rng: jax.Array) -> dict:
         return flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
@@ -156,7 +160,7 @@ def create_variables(
     def with_adapters(variables: dict) -> dict:
         if adapters is None:
             return variables
-        params = lora.add_adapters(variables["params"], adapters, adapter_rng)
+        params = lora.add_adapters(variables["params"], adapters, adapter_rng, never_run=never_run)
         return {**variables, "params": params}
 
     init = lambda rng: with_adapters(base_init(rng))
@@ -373,11 +377,13 @@ def _initial_setup(
     (runs of earlier versions, which saved none, read them from ``init.path`` again)."""
     resuming = ckpt.has_steps()
     recorded = _recorded_contract(ckpt) if resuming else None
+    idle_adapters = resuming and _saved_idle_adapters(spec, model, ckpt)
 
     def setup_of(abstract: bool, log: bool = True) -> tuple[Setup, data_lib.InputSpec]:
         variables, shardings, input_spec = create_variables(
-            spec, model, spec.input, mesh, rng, abstract=abstract, contract=recorded
-        )
+            spec, model, spec.input, mesh, rng, abstract=abstract, contract=recorded,
+            idle_adapters=idle_adapters,
+        )  # fmt: skip
         setup = create_train_state(
             spec, model, variables, shardings, mesh, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, log=log,
@@ -401,6 +407,18 @@ def _initial_setup(
         else:
             setup = dataclasses.replace(setup, frozen=frozen)
     return setup, input_spec
+
+
+def _saved_idle_adapters(spec: specs.RunSpec, model: nn.Module, ckpt: Checkpointer) -> bool:
+    """Whether the frozen parameters a LoRA run saved hold adapters on the blocks that never
+    run (after the last feature tap): earlier versions added them there, and the run resumes in
+    that layout (they stay frozen, and merge to nothing: ``lora_b`` is zero)."""
+    never_run = optim.never_run(model)
+    if spec.lora is None or not never_run:
+        return False
+    idle = re.compile(never_run)
+    saved = ckpt.saved_frozen_paths()
+    return any_process(any(p.endswith("/lora_a") and idle.fullmatch(p) for p in saved))
 
 
 def _check_frozen_as_begun(saved: dict | None, frozen: Any) -> None:
