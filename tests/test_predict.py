@@ -792,6 +792,26 @@ def test_output_paths_are_checked_before_predicting(tmp_path, monkeypatch, capsy
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def test_top_k_for_a_task_without_top_k_classes_is_a_usage_error(tmp_path, monkeypatch,
+                                                                  capsys):  # fmt: skip
+    """--top_k of a run of a task of one's own, or of segmentation, which write no top-k
+    classes: one line, as --draw's for a task that is not detection (it was ignored)."""
+    from own_task import DigitValue
+
+    _images(tmp_path / "images", "a.png")
+    argv = ["--workdir=run", f"--input={tmp_path / 'images'}", "--top_k=3"]
+    own = FixedPredictor()
+    own.task = DigitValue()
+    for fixed, kind in ((own, "digit_value"), (FixedPredictor(), "segmentation")):
+        monkeypatch.setattr("vision_jax.predict._predictor", lambda args, parser: fixed)  # noqa: B023
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, f"--output={tmp_path / 'p.jsonl'}"])
+        assert stopped.value.code == 2 and fixed.batches == 0
+        wanted = f"error: --top_k is for classification: run is a {kind} run."
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(wanted)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
 def _without_a_model(task) -> Predictor:
     """A Predictor of ``task`` (two classes, 8x8 input, batches of 32) without a model: for
     what happens before a batch is predicted."""

@@ -72,6 +72,7 @@ from vision_jax.trained import jitted_predict, load_trained
 logger = logging.getLogger(__name__)
 
 FORMATS = (".jsonl", ".csv", ".json")
+TOP_K = 5  # classes per classification record, unless asked for more or fewer
 # The last sentence of the error naming a file that fails once predicting (read at the start):
 CHANGED_SINCE_LISTED = "It was read when predict began: it changed or went since; predict stopped."
 # Segmentation's label maps come from log_softmax of the logits, not the task's probabilities
@@ -245,7 +246,7 @@ class Predictor:
         self._log_probabilities = jax.jit(log_probabilities)
 
     def predict(
-        self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = 5,
+        self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = TOP_K,
         progress: bool = False,
     ) -> tuple[list[dict], list[tuple[str, str]]]:  # fmt: skip
         """Records of the readable files of ``paths`` (in order; one path may be given alone,
@@ -258,7 +259,7 @@ class Predictor:
         return [record for batch in batches for record in batch], unreadable
 
     def iter_predict(
-        self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = 5,
+        self, paths: Sequence[str | os.PathLike] | str | os.PathLike, *, top_k: int = TOP_K,
         progress: bool = False, unreadable: list[tuple[str, str]] | None = None,
     ) -> Iterator[list[dict]]:  # fmt: skip
         """:meth:`predict`'s records a batch at a time, each as soon as it is predicted (so a
@@ -764,7 +765,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--class_names", help="--weights' classes, comma-separated")
     parser.add_argument("--input", required=True, help="an image folder, file or glob pattern")
     parser.add_argument("--output", required=True, help="records to write: .jsonl, .csv, .json")
-    parser.add_argument("--top_k", type=int, default=5, help="classes per classification record")
+    parser.add_argument(
+        "--top_k", type=int, help=f"classes per classification record (default {TOP_K})"
+    )
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument(
         "--coco_annotations",
@@ -857,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for flag in ("top_k", "batch_size"):
-        if (value := getattr(args, flag)) < 1:
+        if (value := getattr(args, flag)) is not None and value < 1:
             parser.error(f"--{flag} must be at least 1, got {value}.")
     if os.path.splitext(args.output)[1].lower() not in FORMATS:
         parser.error(f"--output {args.output}: the extension must be one of {', '.join(FORMATS)}.")
@@ -869,10 +872,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = _predictor(args, parser)
         task = library_kind(predictor.task)  # a subclass of a library task is predicted as it
-        for flag in ("draw", "coco_annotations"):
-            if getattr(args, flag) and task != "detection":
-                kind = predictor.task.name
-                parser.error(f"--{flag} is for detection: {args.workdir} is a {kind} run.")
+        for flag, kind in (("draw", "detection"), ("coco_annotations", "detection"),
+                           ("top_k", "classification")):  # fmt: skip
+            if getattr(args, flag) and task != kind:
+                run = predictor.task.name
+                parser.error(f"--{flag} is for {kind}: {args.workdir} is a {run} run.")
         paths = _outside_outputs(paths, args, task, parser)
         _check_outputs(args, task, parser)  # before the predictions, not after them
         ids = None  # before the predictions: a file the annotations miss is an error
@@ -881,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = image_ids_by_file(args.coco_annotations, paths, categories)
         unreadable: list[tuple[str, str]] = []
         batches = predictor.iter_predict(
-            paths, top_k=args.top_k, progress=True, unreadable=unreadable
+            paths, top_k=args.top_k or TOP_K, progress=True, unreadable=unreadable
         )
         count, detections, drawn = _write_batches(batches, args, task, ids, paths, unreadable)
     except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError,
