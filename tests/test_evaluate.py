@@ -102,9 +102,15 @@ def test_command_line_prints_and_writes_the_figures(digits_run, tmp_path, capsys
     assert printed == json.loads(output.read_text())
     assert printed["eval/examples"] == 360
     assert printed["eval/top1"] == pytest.approx(final["eval/top1"], abs=1e-5)
-    for bad, why in ((tmp_path, "it is a folder"), (tmp_path / "no" / "m.json", "does not exist")):
+    (tmp_path / "file").write_text("")
+    through_a_file = (tmp_path / "file" / "m.json", "cannot make its folder: ")
+    for bad, why in ((tmp_path, "it is a folder"), through_a_file):
         assert evaluate_main([f"--workdir={workdir}", f"--output={bad}"]) == 1  # before evaluating
         assert why in capsys.readouterr().err
+    # A folder that does not exist yet is made, as predict makes its output's.
+    nested = tmp_path / "new" / "folder" / "metrics.json"
+    assert evaluate_main([f"--workdir={workdir}", f"--output={nested}"]) == 0
+    assert json.loads(nested.read_text()) == printed
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from vision_jax import sharding, specs
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.metrics import json_line
 from vision_jax.models.registry import backbone_of
-from vision_jax.output_errors import written_whole
+from vision_jax.output_errors import make_folder_of, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_trained
@@ -192,12 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _unwritable(path: str) -> str | None:
-    """Why ``path`` cannot be written as a file (checked before evaluating), or None."""
+    """Why ``path`` cannot be written as a file (checked, its folder made if missing, before
+    evaluating, as predict does), or None."""
     if os.path.isdir(path):
         return "it is a folder; name a file"
+    if problem := make_folder_of(path):
+        return problem
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"its folder {folder} does not exist"
     if not os.access(folder, os.W_OK):
         return f"its folder {folder} cannot be written"
     return None

@@ -35,6 +35,17 @@ def failed_write(error: OSError, what: str, output: str) -> str | None:
     return write_failure(what, output, error.filename, error.strerror or str(error))
 
 
+def make_folder_of(path: str | os.PathLike) -> str | None:
+    """Makes the folder of the file ``path`` (and those above it) where missing; why it cannot
+    (a file in the way, no permission), or None. The commands check their outputs so before
+    their work, not after it."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        return f"cannot make its folder: {e.strerror or e}"
+    return None
+
+
 @contextlib.contextmanager
 def written_whole(path: str | os.PathLike) -> Iterator[str]:
     """A temporary name beside ``path`` to write the file to: it replaces ``path`` once written

@@ -61,7 +61,7 @@ from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
-from vision_jax.output_errors import written_whole
+from vision_jax.output_errors import make_folder_of, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
@@ -828,19 +828,13 @@ def _outside_outputs(
     return kept
 
 
-def _make_folder_of(output: str, parser: argparse.ArgumentParser) -> None:
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    except OSError as e:
-        parser.error(f"--output {output}: cannot make its folder: {e.strerror or e}.")
-
-
 def _check_outputs(args: argparse.Namespace, task: str, parser: argparse.ArgumentParser) -> None:
     """The outputs' paths checked (their folders made) before predicting, not after: the
     records file is not a folder, the PNGs' folder (segmentation's, ``--draw``) not a file."""
     if os.path.isdir(args.output):
         parser.error(f"--output {args.output} is a folder: name a file ({', '.join(FORMATS)}).")
-    _make_folder_of(args.output, parser)
+    if problem := make_folder_of(args.output):
+        parser.error(f"--output {args.output}: {problem}.")
     if task == "segmentation":
         _make_png_folder(os.path.splitext(args.output)[0], f"--output {args.output}", parser)
     if args.draw:
