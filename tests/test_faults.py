@@ -610,6 +610,31 @@ def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_key
     ]
 
 
+def test_a_value_of_another_type_on_the_command_line_names_the_key(tmp_path):
+    """``--config.total_steps=60.0`` gave Python's "invalid literal for int() with base 10":
+    one line naming the key, what it takes and the value (how to write a whole number)."""
+    proc = main_cli(
+        "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}", "--config.total_steps=60.0"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "vision_jax: error: config.total_steps must be an integer; got 60.0 "
+        "(--config.total_steps=60)."
+    ]
+    for absl, message in [  # absl's messages, as the command line gave them
+        ("flag --config.lora.rank=2.5: invalid literal for int() with base 10: '2.5'",
+         "config.lora.rank must be an integer; got 2.5."),
+        ("flag --config.seed=1e3: invalid literal for int() with base 10: '1e3'",
+         "config.seed must be an integer; got 1e3 (--config.seed=1000)."),
+        ("flag --config.input.random_erasing=often: could not convert string to float: 'often'",
+         "config.input.random_erasing must be a number; got often."),
+        ("flag --config.input.flip=maybe: ('Non-boolean argument to boolean flag', 'maybe')",
+         "config.input.flip must be True or False; got maybe."),
+    ]:  # fmt: skip
+        assert vj_main._bad_override_value(absl) == message
+    assert vj_main._bad_override_value("flag --workdir=x: invalid literal for int()") is None
+
+
 @pytest.mark.slow
 def test_none_on_the_command_line_unsets_an_optional_key(tmp_path):
     """absl parses ``--config.ema_decay=None`` as a float and fails: such overrides are taken

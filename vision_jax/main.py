@@ -171,6 +171,32 @@ def _config_file_error(message: str, value: str | None) -> str | None:
     return f"--config={value}: {rest if kind.isidentifier() and rest else text}"
 
 
+# The start of Python's message when absl parses a --config.<key> value as the key's type,
+# and that type in words
+_PARSE_FAILURES = {
+    "invalid literal for int()": "an integer",
+    "could not convert string to float": "a number",
+    "('Non-boolean argument to boolean flag'": "True or False",
+}
+
+
+def _bad_override_value(message: str) -> str | None:
+    """For absl's ``flag --config.<key>=<value>: <Python's int(), float() or bool message>``,
+    one line naming the key, what it takes and the value; None for other messages."""
+    flag, _, failure = message.partition(": ")
+    key, equals, value = flag.removeprefix("flag --config.").partition("=")
+    what = next((w for start, w in _PARSE_FAILURES.items() if failure.startswith(start)), None)
+    if not flag.startswith("flag --config.") or not equals or what is None:
+        return None
+    try:  # 60.0 or 1e3 for an integer: say how to write it
+        whole = float(value) if what == "an integer" else math.nan
+    except ValueError:
+        whole = math.nan
+    written = math.isfinite(whole) and whole.is_integer()
+    hint = f" (--config.{key}={int(whole)})" if written else ""
+    return f"config.{key} must be {what}; got {value}{hint}."
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with one-line errors for a missing config file and unknown config
     keys (before JAX starts), and ``--config.<key>=None`` to unset an optional key."""
@@ -184,7 +210,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         _apply_unset(FLAGS.config, unset)
         return rest
     except flags.Error as e:
-        _usage_error(_config_file_error(str(e), value) or str(e))
+        _usage_error(_config_file_error(str(e), value) or _bad_override_value(str(e)) or str(e))
     except (AttributeError, KeyError, TypeError) as e:  # TypeError: a key inside a string
         message = _unknown_override(argv, value) if value is not None else None
         _usage_error(message or f"bad config override: {e}")
