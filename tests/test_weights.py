@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -544,6 +545,29 @@ def test_hugging_face_processor_means_as_transformers_reads_them(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
     contract = input_contract(tmp_path)
     assert contract.mean == (0.25,) * 3 and contract.std == (0.5,) * 3
+
+
+def test_a_hugging_face_crop_larger_than_its_resize_names_both_keys(tmp_path):
+    """A processor whose crop_size exceeds the image it crops from (size, or its shortest_edge)
+    gave crop_fraction > 1, refused by the input check as "input.crop_fraction must lie in
+    (0, 1]", a key no config had set: the error names the file's keys and values."""
+    from vision_jax.predict import Predictor
+
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "image_size": 32}))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # a folder of weights: never read here
+    pre = tmp_path / "preprocessor_config.json"
+    for size, key in (({"height": 32, "width": 32}, "size"),
+                      ({"shortest_edge": 32}, "size.shortest_edge")):  # fmt: skip
+        processor = {"size": size, "do_center_crop": True, "crop_size": {"height": 40, "width": 40}}
+        pre.write_text(json.dumps(processor))
+        message = rf"^{re.escape(str(pre))}: crop_size 40 is larger than {re.escape(key)} 32, "
+        with pytest.raises(WeightFormatError, match=message):
+            input_contract(tmp_path)
+        with pytest.raises(WeightFormatError, match=message):  # before any weight is read
+            Predictor.from_weights(tmp_path, model="vit_ti16")
+    processor["crop_size"] = 32  # as large as the image: the whole of it
+    pre.write_text(json.dumps(processor))
+    assert input_contract(tmp_path).crop_fraction == 1.0
 
 
 def test_hugging_face_deit_processor_squashes_then_crops(timm, tmp_path):

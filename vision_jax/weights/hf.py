@@ -211,12 +211,25 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
         shorter = int(size_cfg["shortest_edge"])
         crop = p.get("crop_size", shorter) if p.get("do_center_crop", True) else shorter
         crop = _square(crop, pre, "crop_size")
+        _check_crop(crop, shorter, pre, "size.shortest_edge")
         return InputContract(crop, *normalise, resample, crop / shorter)
     squashed = _square(size_cfg, pre, "size")
     if not p.get("do_center_crop") or "crop_size" not in p:  # ViTImageProcessor: no crop
         return InputContract(squashed, *normalise, resample, crop_mode="squash")
     crop = _square(p["crop_size"], pre, "crop_size")
+    _check_crop(crop, squashed, pre, "size")
     return InputContract(crop, *normalise, resample, crop / squashed, crop_mode="squash")
+
+
+def _check_crop(crop: int, resized: int, path: pathlib.Path, key: str) -> None:
+    """Refuses a centre crop larger than the resized image it is taken from (its
+    ``input.crop_fraction``, ``crop / resized``, would exceed 1)."""
+    if crop > resized:
+        raise WeightFormatError(
+            f"{path}: crop_size {crop} is larger than {key} {resized}, the image it is cropped "
+            f"from (input.crop_fraction {crop}/{resized} > 1; set init.use_input_contract=False "
+            "and input.* instead)."
+        )
 
 
 def _normalisation(p: Mapping[str, Any], path: pathlib.Path) -> tuple[tuple, tuple]:
