@@ -137,6 +137,41 @@ def test_command_line_errors_are_one_line(digits_run, argv, message, capsys, mon
     assert "\n" not in err
 
 
+def test_a_run_whose_dataset_moved_is_evaluated_from_its_new_root(tmp_path, digits_run, capsys):
+    """--data_root (evaluate_run's data_root) replaces the run's recorded data.root: an
+    image-folder dataset moved after its run is evaluated where it lies now, with the figures
+    it gave before the move; a run of a source without a root refuses it in one line."""
+    import shutil
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in "ab":
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path / "data"),
+                          "total_steps": 1, "batch_size": 4, "eval_batch_size": 4})  # fmt: skip
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+    before = evaluate_run(tmp_path / "run")
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    with pytest.raises(data_lib.DataError, match="is not a folder"):
+        evaluate_run(tmp_path / "run")
+    assert evaluate_run(tmp_path / "run", data_root=tmp_path / "moved") == before
+    argv = [f"--workdir={tmp_path / 'run'}", f"--data_root={tmp_path / 'moved'}"]
+    assert evaluate_main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == pytest.approx(before, rel=1e-5)  # (the line rounds to 6 digits)
+    assert evaluate_main([f"--workdir={digits_run[0]}", f"--data_root={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"vision_jax.evaluate: error: data_root {tmp_path}: the run's data.source "
+                   "'digits' is not read from a data.root (those of 'imagefolder', 'csv', "
+                   "'idx', 'coco' are).")  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_split_with_other_classes_is_refused(tmp_path):
     """An image-folder split whose class folders differ from the run's (its labels would

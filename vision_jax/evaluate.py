@@ -2,13 +2,14 @@
 input size or another one (timm's ``validate.py``, detectron2's ``--eval-only``).
 
 ``python -m vision_jax.evaluate --workdir=RUN [--which=best|latest] [--ema|--no-ema]
-[--split=SPLIT] [--image_size=N] [--batch_size=N] [--output=metrics.json]`` prints one line of
-JSON, ``{"eval/<metric>": value, ..., "eval/examples": n}``: the figures the run's own final
-evaluation gives (the same eval step and the task's ``summarize``), here of the split ``--split``
-(default: the run's ``data.eval_split``; any split or slice its data source has, e.g.
-``train[:10%]``). ``--image_size`` evaluates at another input size (a ViT's position
+[--split=SPLIT] [--image_size=N] [--batch_size=N] [--data_root=DIR] [--output=metrics.json]``
+prints one line of JSON, ``{"eval/<metric>": value, ..., "eval/examples": n}``: the figures the
+run's own final evaluation gives (the same eval step and the task's ``summarize``), here of the
+split ``--split`` (default: the run's ``data.eval_split``; any split or slice its data source
+has, e.g. ``train[:10%]``). ``--image_size`` evaluates at another input size (a ViT's position
 embeddings resampled to the new grid, bilinearly as ``init.path`` does from a run): test-time
-resolution, as FixRes. In Python: :func:`evaluate_run`.
+resolution, as FixRes. ``--data_root`` reads a dataset moved since the run (its
+``data.root``; sources without one refuse it). In Python: :func:`evaluate_run`.
 """
 
 from __future__ import annotations
@@ -50,13 +51,16 @@ def evaluate_run(
     split: str | None = None,
     image_size: int | None = None,
     batch_size: int | None = None,
+    data_root: str | os.PathLike | None = None,
     arrays: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """The task's metrics (``eval/...``, with ``eval/examples``) of the run in ``workdir`` on
     ``split`` of its data (None: its ``data.eval_split``), at ``image_size`` (None: its own),
-    in batches of ``batch_size`` (None: its ``eval_batch_size``); ``which`` and ``ema`` choose
-    the weights as :func:`~vision_jax.trained.load_trained` does; ``arrays``: the splits of a
-    ``data.source="arrays"`` run. Uses every local device (a single-process command)."""
+    in batches of ``batch_size`` (None: its ``eval_batch_size``), read from ``data_root``
+    (None: its ``data.root``; a dataset moved since, of a source read from a root); ``which``
+    and ``ema`` choose the weights as :func:`~vision_jax.trained.load_trained` does;
+    ``arrays``: the splits of a ``data.source="arrays"`` run. Uses every local device (a
+    single-process command)."""
     trained = load_trained(workdir, which=which, ema=ema)
     spec, task = trained.spec, trained.task
     split = spec.data.eval_split if split is None else split
@@ -69,6 +73,14 @@ def evaluate_run(
             f"evaluate it with evaluate_run(workdir, arrays={{{split!r}: {pair}}})."
         )
     data = spec.data
+    if data_root is not None:
+        if data.source not in data_lib.ROOT_SOURCES:
+            raise data_lib.DataError(
+                f"data_root {os.fspath(data_root)}: the run's data.source {data.source!r} is not "
+                f"read from a data.root (those of {', '.join(map(repr, data_lib.ROOT_SOURCES))} "
+                "are)."
+            )
+        data = dataclasses.replace(data, root=os.fspath(data_root))
     if data.source == "csv" and data.class_names is None and trained.class_names:
         # The run's classes, not those of every CSV file now beside the split's.
         data = dataclasses.replace(data, class_names=tuple(trained.class_names))
@@ -161,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", help="the split (default: the run's data.eval_split)")
     parser.add_argument("--image_size", type=int, help="input size (default: the run's)")
     parser.add_argument("--batch_size", type=int, help="default: the run's eval_batch_size")
+    parser.add_argument(
+        "--data_root", help="the run's dataset moved here (default: the run's data.root)"
+    )
     parser.add_argument("--output", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size"):
@@ -174,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = evaluate_run(
             args.workdir, which=args.which, ema=args.ema, split=args.split,
-            image_size=args.image_size, batch_size=args.batch_size,
+            image_size=args.image_size, batch_size=args.batch_size, data_root=args.data_root,
         )  # fmt: skip
     except (ValueError, OSError) as e:  # an unreadable run, split or size
         print(f"vision_jax.evaluate: error: {e}", file=sys.stderr)

@@ -335,6 +335,9 @@ def _arrays_classes(
     return max((label_classes(x, target) for x in whole), key=len, default=None)
 
 
+ROOT_SOURCES = ("imagefolder", "csv", "idx", "coco")  # the sources read from data.root
+
+
 def _root(data: DataSpec) -> str:
     root = data.root
     if not root:
@@ -344,6 +347,7 @@ def _root(data: DataSpec) -> str:
 
 __all__ = [
     "IGNORE_LABEL",
+    "ROOT_SOURCES",
     "Batch",
     "Batches",
     "DataError",
