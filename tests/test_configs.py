@@ -101,11 +101,14 @@ def test_class_names_given_as_one_string_are_refused():
         ("early_stopping.patience", True, "early_stopping.patience must be an integer; got True"),
         ("lora.rank", 2.5, "lora.rank must be an integer; got 2.5"),
         ("data.classes", (0, 1.5), r"data.classes must be a tuple of integers; got \(0, 1.5\)"),
+        ("schedule.warmup_epochs", True, "schedule.warmup_epochs must be a number; got True"),
+        ("total_epochs", True, "total_epochs must be a number; got True"),
     ],
 )
 def test_integer_keys_of_a_dict_config_refuse_other_numbers(key, value, name):
     """A dict config has no ConfigDict types: batch_size 8.0 failed deep in JAX, total_steps 2.5
-    ran 2 steps and recorded 2.5; every integer key refuses a float (as a ConfigDict does)."""
+    ran 2 steps and recorded 2.5; every integer key refuses a float (as a ConfigDict does), and
+    a float key a bool (as default_config's ConfigDict does)."""
     config = default_config()
     config.total_epochs, config.total_steps = None, 4
     config.data.val_split = "train[90%:]"  # early_stopping applies
@@ -117,6 +120,61 @@ def test_integer_keys_of_a_dict_config_refuse_other_numbers(key, value, name):
     node[leaf] = value
     with pytest.raises(specs.ConfigError, match=f"^{name}.$"):
         specs.run_spec(TrackedConfig(config))
+
+
+def test_a_bool_for_a_number_key_is_refused_naming_the_key(tmp_path):
+    """ml_collections casts True to 1.0 for a float key (``c.input.random_erasing = True`` ran
+    with probability 1) and keeps it for an int key: a config from ``default_config`` refuses
+    it, naming the key from the root (one line from a config file); bool keys, and numbers for
+    number keys, are kept; a saved run's config loads as it ran."""
+    import subprocess
+    import sys
+
+    from vision_jax.config import saved_with_defaults
+
+    config = default_config()
+    config.model.drop_path_rate = 0.0  # a model override the config file adds
+    for key, what in (("input.random_erasing", "a number"), ("optimizer.b1", "a number"),
+                      ("seed", "an integer"), ("total_steps", "an integer"),
+                      ("model.drop_path_rate", "a number")):  # fmt: skip
+        section, _, leaf = key.rpartition(".")
+        node = config[section] if section else config
+        message = f"^Could not override field '{key}': True is a bool, and the key takes {what}.$"
+        with pytest.raises(TypeError, match=message):
+            node[leaf] = True
+        with pytest.raises(TypeError, match=message):
+            setattr(node, leaf, True)
+    config.input.flip, config.model.frozen_bn_stats = False, True
+    config.eval_before_training = True
+    config.input.random_erasing, config.total_epochs, config.total_steps = 1, None, 4
+    assert config.input.random_erasing == 1.0 and config.input.flip is False
+    assert config.eval_before_training is True and config.model.frozen_bn_stats is True
+    config.lora.rank, config.lora.train_head = 4, False  # a placeholder(bool)
+    specs.run_spec(TrackedConfig(config))
+    saved = config.to_dict()  # an earlier version's record: a bool where a number goes
+    saved["input"]["random_erasing"] = True
+    with specs.saved_config():
+        spec = specs.run_spec(TrackedConfig(saved_with_defaults(saved)))
+    assert spec.input.random_erasing is True
+    config_file = tmp_path / "bool.py"
+    config_file.write_text(
+        "from vision_jax.config import default_config\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        "    c.input.random_erasing = True\n"
+        "    return c\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "vision_jax.main", f"--config={config_file}",
+         f"--workdir={tmp_path / 'run'}"],
+        cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"vision_jax: error: --config={config_file}: Could not override field "
+        "'input.random_erasing': True is a bool, and the key takes a number."
+    ]
 
 
 def test_a_schedule_longer_than_training_is_refused_with_the_config():

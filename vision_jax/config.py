@@ -14,9 +14,29 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 from vision_jax import specs
+
+
+class NumberConfigDict(ml_collections.ConfigDict):
+    """A ConfigDict whose number keys refuse a bool: ml_collections casts ``True`` to ``1.0``
+    for a float key (``c.input.random_erasing = True`` read as probability 1) and keeps it for
+    an int key. The error names the key from the config's root (a section assigned to another
+    section takes its name)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        field = self._fields.get(key)
+        kind = field.get_type() if isinstance(field, FieldReference) else type(field)
+        path = self.__dict__.get("_path", "")
+        if isinstance(value, bool) and kind in (int, float):
+            raise TypeError(
+                f"Could not override field '{path}{key}': {value} is a bool, and the key takes "
+                f"{'an integer' if kind is int else 'a number'}."
+            )
+        super().__setitem__(key, value)
+        if isinstance(value, NumberConfigDict):
+            object.__setattr__(value, "_path", f"{path}{key}.")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -25,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     Every key is read by the run; None means "unset" (``placeholder(type)`` keeps such keys
     overridable from the command line). A key that nothing reads is an error.
     """
-    c = ml_collections.ConfigDict()
+    c = NumberConfigDict()
     c.seed = 0
     c.mesh = "data:-1"  # named mesh axes: "data:-1", "data:2,fsdp:4" (-1 = the rest)
     # (regex over param paths, "fsdp" | "replicated" | spec like (None, "model")); first match wins
@@ -36,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     # "detection".
     # The other keys are the task's own (None: the task's default); setting one that the
     # task does not use is an error.
-    c.task = ml_collections.ConfigDict()
+    c.task = NumberConfigDict()
     c.task.name = "classification"
     # a task of one's own: the module that registers it (vision_jax.tasks.register_task)
     c.task.module = placeholder(str)
@@ -59,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.task.pre_nms_topk = placeholder(int)
     c.task.max_detections = placeholder(int)
 
-    c.model = ml_collections.ConfigDict()
+    c.model = NumberConfigDict()
     c.model.name = "vit_ti16"
     c.model.dtype = "float32"  # compute dtype; params stay float32
     # activation checkpointing of each block: "none", "block" (recompute all) or "dots" (keep
@@ -74,9 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Pretrained weights (path) and their surgery (vision_jax.specs.InitSpec: the fields, their
     # defaults and meaning: replace_head, head_bias_init, dont_load, posemb, use_input_contract).
-    c.init = ml_collections.ConfigDict(specs.section_defaults(specs.InitSpec))
+    c.init = NumberConfigDict(specs.section_defaults(specs.InitSpec))
 
-    c.data = ml_collections.ConfigDict()
+    c.data = NumberConfigDict()
     # "tfds", "imagefolder", "csv", "idx", "digits", "arrays" or "coco" (detection)
     c.data.source = "tfds"
     c.data.name = placeholder(str)  # tfds name
@@ -102,7 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
     # How images enter the model (vision_jax.specs.InputSpec: its fields and defaults, e.g.
     # resize_size, crop_fraction, inception_crop, randaugment_layers, mixup_alpha, scale_jitter),
     # with the default training recipe's random crop and flip.
-    c.input = ml_collections.ConfigDict(specs.section_defaults(specs.InputSpec))
+    c.input = NumberConfigDict(specs.section_defaults(specs.InputSpec))
     c.input.image_size = 224
     c.input.random_crop = True  # train: random crop of the resized image (else centre crop)
     c.input.flip = True
@@ -121,7 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = placeholder(str)
     c.label_smoothing = placeholder(float)  # classification, segmentation (default 0)
 
-    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer = NumberConfigDict()
     c.optimizer.name = "adamw"  # or "sgd"
     c.optimizer.learning_rate = 1e-3
     # adamw: decoupled (each step subtracts lr_t * weight_decay * param; big_vision's wd =
@@ -145,7 +165,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.lr_mults = placeholder(tuple)  # ((regex, multiplier), ...), first match wins
     c.optimizer.layer_decay = placeholder(float)  # lr * decay**(last group - group)
 
-    c.schedule = ml_collections.ConfigDict()
+    c.schedule = NumberConfigDict()
     c.schedule.decay = "cosine"  # "cosine", "linear", "constant", "rsqrt" or "step"
     c.schedule.warmup_steps = placeholder(int)  # at most one of steps / epochs / fraction
     c.schedule.warmup_epochs = placeholder(float)
@@ -162,7 +182,7 @@ def default_config() -> ml_collections.ConfigDict:
     # timm's min_lr / lr, big_vision's linear_end)
     c.schedule.end_factor = placeholder(float)
 
-    c.lora = ml_collections.ConfigDict()
+    c.lora = NumberConfigDict()
     c.lora.rank = 0  # > 0: train low-rank adapters (and the head) instead of the model
     # With rank > 0 (None: the defaults of vision_jax.specs.LoraSpec):
     c.lora.alpha = placeholder(float)  # None = rank (scale 1)
@@ -173,7 +193,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Model selection on data.val_split (vision_jax.specs.EarlyStoppingSpec): the metric (default
     # "val/<task headline>", e.g. val/top1), "max"/"min", evaluations without an improvement
     # larger than min_delta before stopping (None: train to the end, still keeping the best).
-    c.early_stopping = ml_collections.ConfigDict(specs.section_defaults(specs.EarlyStoppingSpec))
+    c.early_stopping = NumberConfigDict(specs.section_defaults(specs.EarlyStoppingSpec))
 
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
     c.ema_decay = placeholder(float)  # EMA of the params and BatchNorm stats (e.g. 0.999)

@@ -291,7 +291,7 @@ def _build(spec: type, values: dict[str, Any], section: str) -> Any:
     defaults = {f.name for f in fields if f.default is not dataclasses.MISSING}
     built = spec(**{k: v for k, v in values.items() if v is not None or k not in defaults})
     if not _SAVED.get():  # a saved run's record: as it ran
-        _check_integers(built, f"{section}.")
+        _check_numbers(built, f"{section}.")
     return built
 
 
@@ -300,12 +300,15 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def _check_integers(spec: Any, prefix: str) -> None:
+def _check_numbers(spec: Any, prefix: str) -> None:
     """Raises naming the first field of ``spec`` typed ``int`` (or a tuple of them) whose value
     is not one: a dict config's 8.0 or 2.5 (a ConfigDict refuses them) failed deep in JAX or
-    was cut to 2."""
+    was cut to 2; or typed ``float`` whose value is a bool (True read as 1.0; a ConfigDict of
+    ``default_config`` refuses it, see ``config.NumberConfigDict``)."""
     for f in dataclasses.fields(spec):
         kind, value = str(f.type).removesuffix(" | None"), getattr(spec, f.name)
+        if kind == "float" and isinstance(value, bool):
+            raise ConfigError(f"{prefix}{f.name} must be a number; got {value!r}.")
         if kind not in ("int", "tuple[int, ...]") or value is None:
             continue
         items = (value,) if kind == "int" else value
@@ -827,7 +830,7 @@ def run_spec(config: Any) -> RunSpec:
     )
     if not _SAVED.get():  # a saved run's record: as it ran
         _check_set(spec)
-        _check_integers(spec, "")
+        _check_numbers(spec, "")
     for name, interval in (
         ("ema_decay", "[0, 1)"), ("log_every_steps", "[1, inf)"), ("eval_every_steps", "[0, inf)"),
         ("checkpoint_every_steps", "[0, inf)"), ("batch_size", "[1, inf)"),
