@@ -178,8 +178,10 @@ def test_a_run_with_a_rule_for_blocks_that_never_run_is_still_read(tmp_path, mon
     unchecked = remat.block_policies
     with monkeypatch.context() as old_version:  # the version that let the rule pass
         old_version.setattr(remat, "block_policies", lambda *args: unchecked(*args[:3]))
-        cfg = seg_config(total_steps=1, **{"task.feature_taps": (0,),
-                                           "model.remat_rules": (("layer3/.*", "block"),)})
+        cfg = seg_config(
+            total_steps=1,
+            **{"task.feature_taps": (0,), "model.remat_rules": (("layer3/.*", "block"),)},
+        )
         train_and_evaluate(cfg, str(tmp_path), arrays=ARRAYS)
     trained = load_trained(tmp_path)
     outputs = trained.model.apply(trained.variables, jnp.zeros((1, 16, 16, 3)))
