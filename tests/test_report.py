@@ -482,3 +482,52 @@ def test_a_task_of_ones_own_gets_the_results_its_run_recorded(tmp_path, monkeypa
     assert rows == {f"val/{m}" for m in ("mse", "mae", "examples")} | (
         {f"best/eval/{m}" for m in ("mse", "mae", "examples")} if best == 4 else set()
     )
+
+
+def _image_folders(root: pathlib.Path) -> None:
+    """Two classes of two 16-pixel PNGs in train/ and test/ of ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in "ab":
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_a_relative_data_root_is_recorded_absolute_and_an_evaluated_report_is_kept(
+    tmp_path, monkeypatch, capsys
+):
+    """A run started with data.root relative to its directory records it absolute: its report,
+    written later from another directory, evaluates its split (it gave a page saying the split
+    'test' could not be loaded, over the report with figures). A report whose split cannot be
+    loaded any more does not replace an evaluated one: one line, exit 1, the files kept."""
+    from test_train import small_config
+
+    from vision_jax.evaluate import evaluate_run
+
+    _image_folders(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(**{"data.source": "imagefolder", "data.root": "data", "total_steps": 1,
+                          "batch_size": 4, "eval_batch_size": 4})  # fmt: skip
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_trained(tmp_path / "run").spec.data.root == str(tmp_path / "data")
+    assert evaluate_run(tmp_path / "run")["eval/examples"] == 4
+    assert report_main([f"--workdir={tmp_path / 'run'}"]) == 0
+    out = tmp_path / "run" / "report"
+    names = ("per_class.csv", "confusion_matrix.csv", "hardest_examples.csv", "report.html")
+    evaluated = {n: (out / n).read_bytes() for n in names}
+    capsys.readouterr()
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert report_main([f"--workdir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vision_jax.report: error: Not writing a report without evaluation "
+                          f"over the one in {out} (per_class.csv, ")  # fmt: skip
+    assert "the split 'test' could not be loaded" in err and "\n" not in err
+    assert {n: (out / n).read_bytes() for n in evaluated} == evaluated

@@ -231,6 +231,30 @@ def test_an_integer_key_an_earlier_version_saved_as_a_float_is_no_change():
     assert run._config_changes(saved, spec, lambda key: True) == ["total_steps 5 -> 4"]
 
 
+def test_data_paths_are_recorded_absolute_and_an_earlier_relative_one_reads_as_before(
+    tmp_path, monkeypatch
+):
+    """data.root and data.data_dir given relative to the launch directory are recorded
+    absolute (predict, evaluate and report run later from elsewhere); URLs stay as given; a
+    saved run of an earlier version that recorded a relative root reads it against the current
+    directory, and a resume compares it so (no change from the same folder given now)."""
+    from vision_jax import run
+    from vision_jax.config import saved_with_defaults
+
+    monkeypatch.chdir(tmp_path)
+    spec = specs.run_spec(TrackedConfig(small_config(**{"data.source": "csv", "data.root": "d"})))
+    assert spec.data.root == spec.config["data"]["root"] == str(tmp_path / "d")
+    tfds = small_config(**{"data.source": "tfds", "data.name": "mnist", "data.data_dir": "t"})
+    assert specs.run_spec(TrackedConfig(tfds)).config["data"]["data_dir"] == str(tmp_path / "t")
+    url = small_config(**{"data.source": "csv", "data.root": "gs://bucket/d"})
+    assert specs.run_spec(TrackedConfig(url)).data.root == "gs://bucket/d"
+    saved = json.loads(json.dumps(spec.config))
+    saved["data"]["root"] = "d"  # an earlier version's record
+    assert run._config_changes(saved, spec, lambda key: True) == []
+    with specs.saved_config():
+        assert specs.run_spec(TrackedConfig(saved_with_defaults(saved))).data.root == "d"
+
+
 def test_the_log_says_what_memory_each_step_needs(tmp_path, caplog):
     """XLA's memory plan of the train and eval steps, per device, is logged as they compile (an
     out-of-memory error names no step); the figures are the compiled steps' own. The trained

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from numbers import Integral
 from typing import Any
@@ -402,6 +403,30 @@ def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
         f"The saved config sets {names}, which only appl{'ies' if one else 'y'} {why}: ignored."
     )
     return True
+
+
+# The data.* keys that name a place on disk (coco_annotations and coco_images are relative to
+# root, or absolute): a new run records them absolute, resolved against the directory it starts
+# in; a saved run of an earlier version that recorded them relative reads them against the
+# current directory.
+DATA_PATH_KEYS = ("root", "data_dir")
+
+
+def absolute_path(path: Any) -> Any:
+    """``path`` made absolute against the current directory; None, "" and URLs (``gs://...``)
+    as they are."""
+    if not isinstance(path, str) or not path or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
+def absolute_data_paths(data: Any) -> dict[str, Any]:
+    """A copy of the ``config.data`` section ``data`` with its :data:`DATA_PATH_KEYS` absolute."""
+    out = dict(data)
+    for key in DATA_PATH_KEYS:
+        if key in out:
+            out[key] = absolute_path(out[key])
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -811,7 +836,11 @@ def run_spec(config: Any) -> RunSpec:
         )
     }  # fmt: skip
     scalars["resume_changed_data"] = bool(config.resume_changed_data)
-    data = data_spec(config.data)
+    data, recorded = data_spec(config.data), config.to_dict()
+    if not _SAVED.get():  # recorded absolute: predict, evaluate, report run from anywhere
+        recorded["data"] = absolute_data_paths(recorded["data"])
+        paths = {k: recorded["data"][k] for k in DATA_PATH_KEYS}
+        data = dataclasses.replace(data, **paths)
     spec = RunSpec(
         task=create_task(config),
         data=data,
@@ -825,7 +854,7 @@ def run_spec(config: Any) -> RunSpec:
         model_dtype=model.pop("dtype"),
         model_overrides={k: as_tuples(v) for k, v in model.items() if v is not None},
         sharding_rules=tuple(config.sharding_rules),
-        config=config.to_dict(),
+        config=recorded,
         **scalars,
     )
     if not _SAVED.get():  # a saved run's record: as it ran

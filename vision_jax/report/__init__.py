@@ -49,6 +49,8 @@ CURVES, PER_CLASS = "training_curves.png", "per_class.csv"
 CONFUSION_CSV, CONFUSION_PNG = "confusion_matrix.csv", "confusion_matrix.png"
 HARDEST_CSV, HARDEST_PNG = "hardest_examples.csv", "hardest_examples.png"
 HTML, RESULTS = "report.html", "results.csv"
+# What an evaluation wrote: a report holding one is not replaced by one without.
+EVALUATED = (PER_CLASS, CONFUSION_CSV, HARDEST_CSV)
 OUTPUTS = (CURVES, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG, HARDEST_CSV, HARDEST_PNG, RESULTS, HTML)
 
 
@@ -68,23 +70,25 @@ def write_report(
     ``arrays``: the splits of a ``data.source="arrays"`` run (as given to training); ``final``:
     the training's final evaluation, used if it evaluated that step's checkpoint with as many
     hardest examples. A run without event files has no curves; one whose evaluation split cannot be
-    loaded has curves only; the page says why."""
+    loaded has curves only; the page says why, unless ``output`` holds a report with an
+    evaluation already: that one is kept, and :class:`ReportError` says why."""
     if hardest < 0:
         raise ValueError(f"hardest must be >= 0 (examples to show), got {hardest}.")
     trained = load_trained(workdir, which=which, ema=ema)
     out = pathlib.Path(output) if output is not None else pathlib.Path(workdir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:  # nothing stale from an earlier report
-        (out / name).unlink(missing_ok=True)
     notes: list[str] = []
-    sections = _curves_section(workdir, trained.task.headline, out, notes)
     evaluation = None
     if final is not None and final.hardest == hardest and not trained.ema:
         evaluation = final.evaluation(trained.step_dir)
-    if EVALUATORS.get(library_kind(trained.task)) is None:  # a task of one's own
+    own_task = EVALUATORS.get(library_kind(trained.task)) is None
+    if not own_task and evaluation is None:
+        evaluation = _evaluation(trained, hardest, arrays, notes, out)
+    for name in OUTPUTS:  # nothing stale from an earlier report
+        (out / name).unlink(missing_ok=True)
+    sections = _curves_section(workdir, trained.task.headline, out, notes)
+    if own_task:
         sections += _results_section(workdir, trained.step, out, notes)
-    elif evaluation is None:
-        evaluation = _evaluation(trained, hardest, arrays, notes)
     facts = [f"task {trained.task.name}", f"model {trained.spec.model_name}", _step(trained)]
     if evaluation is not None:
         sections += _evaluation_sections(evaluation, trained.class_names, out)
@@ -149,17 +153,30 @@ def _results_section(
     return [("Evaluation results", page.paragraph(caption + ".") + page.table(shown))]
 
 
+class ReportError(RuntimeError):
+    """The report cannot be written without losing a better one (its evaluation)."""
+
+
 def _evaluation(
-    trained: Trained, hardest: int, arrays: dict | None, notes: list[str]
+    trained: Trained, hardest: int, arrays: dict | None, notes: list[str], out: pathlib.Path
 ) -> Evaluation | None:
-    """The task's evaluation, or None with the reason added to ``notes``."""
+    """The task's evaluation, or None with the reason added to ``notes``; a split that cannot
+    be loaded raises :class:`ReportError` when ``out`` holds an evaluated report (a standalone
+    report run where the data is not, a relative data path from another directory: the page
+    without figures would replace the one with them)."""
     split = trained.spec.data.eval_split
     try:
         source = data_lib.load_source(
             trained.spec.data, split, arrays=arrays, target=trained.task.target
         )
     except (data_lib.DataError, OSError) as e:
-        notes.append(f"No evaluation: the split {split!r} could not be loaded: {e}")
+        reason = f"the split {split!r} could not be loaded: {e}"
+        if evaluated := [name for name in EVALUATED if (out / name).exists()]:
+            raise ReportError(
+                f"Not writing a report without evaluation over the one in {out} "
+                f"({', '.join(evaluated)} kept): {reason}"
+            ) from None
+        notes.append(f"No evaluation: {reason}")
         return None
     evaluation = evaluate(trained, source, hardest)
     if evaluation is None:
@@ -190,4 +207,4 @@ def _evaluation_sections(
     return sections
 
 
-__all__ = ["FinalEvaluation", "write_report"]
+__all__ = ["FinalEvaluation", "ReportError", "write_report"]

@@ -1,7 +1,8 @@
 """``python -m vision_jax.report --workdir=RUN [--output=DIR] [--which=best|latest]
 [--ema|--no-ema] [--hardest=16]``: writes the run's report (see :mod:`vision_jax.report`) and
 prints the path of its ``report.html``. Exit status 1 with one line on stderr when the run
-cannot be read."""
+cannot be read, or when its evaluation split cannot be loaded and the output holds an evaluated
+report (kept as it was)."""
 
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--hardest must be >= 0 (examples to show), got {args.hardest}.")
     logging.basicConfig(level=logging.WARNING)
     from vision_jax.output_errors import failed_write
-    from vision_jax.report import write_report  # after parsing: --help stays fast
+    from vision_jax.report import ReportError, write_report  # after parsing: --help stays fast
     from vision_jax.weights.files import WeightFormatError
 
     try:
         path = write_report(
             args.workdir, args.output, args.which, ema=args.ema, hardest=args.hardest
         )
-    except WeightFormatError as e:
+    except (WeightFormatError, ReportError) as e:
         print(f"vision_jax.report: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a failed write (a full disk), or e.g. a file not found
