@@ -812,6 +812,42 @@ def test_top_k_for_a_task_without_top_k_classes_is_a_usage_error(tmp_path, monke
     assert not (tmp_path / "p.jsonl").exists()
 
 
+def test_an_output_that_cannot_be_written_is_one_line_before_or_midway(
+    tmp_path, monkeypatch, capsys
+):
+    """A read-only output folder is a usage error before anything is predicted (it was a
+    chained OSError traceback after the first batch, leaving an empty file); a write that
+    fails midway (a full disk: /dev/full) is one line, exit 1, saying the output is partial."""
+    import errno
+
+    _images(tmp_path / "images", "a.png", "b.png", "c.png")
+    argv = ["--workdir=run", f"--input={tmp_path / 'images'}"]
+    fixed = FixedPredictor("segmentation")
+    monkeypatch.setattr("vision_jax.predict._predictor", lambda args, parser: fixed)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    with monkeypatch.context() as m:
+        m.setattr("vision_jax.output_errors.tempfile.TemporaryFile", read_only)
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, f"--output={tmp_path / 'ro' / 'p.jsonl'}"])
+    assert stopped.value.code == 2 and fixed.batches == 0
+    wanted = (f"--output {tmp_path / 'ro' / 'p.jsonl'}: its folder {tmp_path / 'ro'} cannot be "
+              "written: Read-only file system.")  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(wanted)
+    assert not (tmp_path / "ro" / "p.jsonl").exists()
+    for kind in ("jsonl", "csv"):
+        full = tmp_path / f"full.{kind}"
+        full.symlink_to("/dev/full")
+        assert main([*argv, f"--output={full}"]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.strip() == (
+            f"error: cannot write {full}: No space left on device; the predictions are "
+            f"incomplete: {full} holds only the records of the batches written before."
+        )
+
+
 def _without_a_model(task) -> Predictor:
     """A Predictor of ``task`` (two classes, 8x8 input, batches of 32) without a model: for
     what happens before a batch is predicted."""

@@ -211,12 +211,7 @@ def _unwritable(path: str) -> str | None:
     evaluating, as predict does), or None."""
     if os.path.isdir(path):
         return "it is a folder; name a file"
-    if problem := make_folder_of(path):
-        return problem
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.access(folder, os.W_OK):
-        return f"its folder {folder} cannot be written"
-    return None
+    return make_folder_of(path)
 
 
 if __name__ == "__main__":

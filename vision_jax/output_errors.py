@@ -1,12 +1,13 @@
 """Command outputs that cannot be written (a full disk, a path through a file, a read-only
-folder): files written whole or not at all, and one line, not a traceback, from ``export`` and
-``report`` saying what failed and that the output is incomplete."""
+folder): files written whole or not at all, and one line, not a traceback, from ``export``,
+``report`` and ``predict`` saying what failed and that the output is incomplete."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,13 +38,28 @@ def failed_write(error: OSError, what: str, output: str) -> str | None:
 
 def make_folder_of(path: str | os.PathLike) -> str | None:
     """Makes the folder of the file ``path`` (and those above it) where missing; why it cannot
-    (a file in the way, no permission), or None. The commands check their outputs so before
-    their work, not after it."""
+    (a file in the way, no permission) or why no file can be created in it
+    (:func:`unwritable_folder`), or None. The commands check their outputs so before their
+    work, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
         return f"cannot make its folder: {e.strerror or e}"
+    if problem := unwritable_folder(folder):
+        return f"its folder {folder} cannot be written: {problem}"
     return None
+
+
+def unwritable_folder(folder: str) -> str | None:
+    """Why no file can be created in the existing ``folder`` (a read-only file system, no
+    permission, no space for one), or None: a file was created there and removed at once
+    (permission bits alone would pass for root)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
-from vision_jax.output_errors import make_folder_of, written_whole
+from vision_jax.output_errors import failed_write, make_folder_of, unwritable_folder, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
@@ -848,6 +848,8 @@ def _make_png_folder(folder: str, flag: str, parser: argparse.ArgumentParser) ->
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         parser.error(f"{flag}: cannot make the folder {folder} for its PNGs: {e.strerror or e}.")
+    if problem := unwritable_folder(folder):
+        parser.error(f"{flag}: the folder {folder} for its PNGs cannot be written: {problem}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -863,6 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = image_files(args.input)
     except FileNotFoundError as e:
         parser.error(str(e))
+    task, drawing = None, False
     try:
         predictor = _predictor(args, parser)
         task = library_kind(predictor.task)  # a subclass of a library task is predicted as it
@@ -882,16 +885,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths, top_k=args.top_k or TOP_K, progress=True, unreadable=unreadable
         )
         count, detections, drawn = _write_batches(batches, args, task, ids, paths, unreadable)
+        for path, reason in unreadable:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        drawing = True
+        _draw_all(detections, drawn, unreadable, args.draw_threshold)
     except (data_lib.DataError, weights.WeightFormatError, weights.WeightMismatchError,
             OutputError) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for path, reason in unreadable:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    _draw_all(detections, drawn, unreadable, args.draw_threshold)
+    except OSError as e:  # a failed write (a full disk) midway: one line, not a traceback
+        if (line := _failed_output(e, args, task, drawing)) is None:
+            raise  # not a write of the outputs
+        after = "\n" if sys.stderr.isatty() else ""  # after the progress line
+        print(f"{after}error: {line}", file=sys.stderr)
+        return 1
     print(json.dumps({"images": len(paths) - len(unreadable), "skipped": len(unreadable),
                       "records": count, "output": args.output}))  # fmt: skip
     return 0
+
+
+def _failed_output(
+    error: OSError, args: argparse.Namespace, task: str | None, drawing: bool
+) -> str | None:
+    """The line for ``error`` when it is a failed write of one of the outputs (the records,
+    segmentation's label maps, ``--draw``'s drawings, ``drawing`` once the records are whole)
+    or of the disk, saying what is left incomplete; None for other errors."""
+    places = [args.output] + [p for p in (args.draw,) if p]
+    places += [os.path.splitext(args.output)[0]] if task == "segmentation" else []
+    if all(failed_write(error, "predictions", place) is None for place in places):
+        return None
+    if drawing:
+        left = f"the drawings in {args.draw} are incomplete ({args.output} is whole)"
+    elif os.path.splitext(args.output)[1].lower() == ".json":
+        left = (f"the predictions are incomplete: {args.output}, a JSON list, is written only "
+                "once whole (an earlier one stays)")  # fmt: skip
+    else:
+        left = (f"the predictions are incomplete: {args.output} holds only the records of the "
+                "batches written before")  # fmt: skip
+    return f"cannot write {error.filename or args.output}: {error.strerror or error}; {left}."
 
 
 def _write_batches(
