@@ -518,6 +518,37 @@ def test_weights_of_an_unfinished_run_are_named_in_a_warning(tmp_path, caplog):
     )
 
 
+def test_predict_export_report_and_evaluate_warn_of_an_unfinished_runs_step(
+    tmp_path, caplog, monkeypatch
+):
+    """The newest step of a run stopped before its end was used silently by predict, export and
+    report (evaluate warned): every reader of a trained run (load_trained) warns, once per step
+    folder (evaluate at another size reads it twice)."""
+    from vision_jax.evaluate import evaluate_run
+    from vision_jax.predict import Predictor
+    from vision_jax.report import write_report
+    from vision_jax.trained import load_trained
+    from vision_jax.weights import run_dir
+
+    run = tmp_path / "run"
+    train_and_evaluate(small_config(total_steps=4, checkpoint_every_steps=2), str(run))
+    shutil.rmtree(run / "checkpoints" / "4")  # as if stopped after step 2
+    unfinished = "checkpoints/2 is step 2 of a run that has not finished (it trains to step 4)"
+    readers = {
+        "load_trained (export)": lambda: load_trained(run),
+        "predict": lambda: Predictor(run),
+        "report": lambda: write_report(run, tmp_path / "report"),
+        "evaluate": lambda: evaluate_run(run),
+        "evaluate at another size": lambda: evaluate_run(run, image_size=24),
+    }
+    for name, read in readers.items():
+        monkeypatch.setattr(run_dir, "_WARNED_UNFINISHED", set(), raising=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            read()
+        assert caplog.text.count(unfinished) == 1, (name, caplog.text)
+
+
 def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
     """Written before digests, frozen_params and the recorded crop mode: the frozen params and
     the input contract are read from init.path once more (then saved), the steps unchecked."""

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,7 +36,6 @@ from vision_jax.output_errors import make_folder_of, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_trained
-from vision_jax.weights import run_dir
 from vision_jax.weights.load import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -87,9 +85,8 @@ def evaluate_run(
     source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
     _check_classes(trained, source, split)
     if image_size is None or image_size == trained.input.image_size:
-        run_dir.warn_if_unfinished(pathlib.Path(trained.step_dir))
         model, input_spec, variables = trained.model, trained.input, trained.variables
-    else:  # (load_pretrained warns of an unfinished run's step)
+    else:
         with specs.saved_config(warn=False):  # its values as load_trained kept them
             input_spec = dataclasses.replace(trained.input, image_size=image_size)
         model, variables = _at_size(trained, image_size)

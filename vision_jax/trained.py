@@ -32,6 +32,7 @@ from vision_jax.weights.run_dir import (
     read_record,
     read_variables,
     selects_ema,
+    warn_if_unfinished,
 )
 
 
@@ -118,6 +119,7 @@ def load_trained(
 
     step_dir = latest_step_dir(path, which)
     record = read_record(step_dir)
+    warn_if_unfinished(step_dir)  # (the newest step of a run stopped early, or still training)
     try:
         with specs.saved_config():
             spec = specs.run_spec(TrackedConfig(saved_with_defaults(record.config)))
