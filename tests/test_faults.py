@@ -710,6 +710,37 @@ def test_a_key_in_another_section_is_named():
     assert unknown_key(default_config(), "data.eval_split") is None
 
 
+def test_a_workdir_that_cannot_be_one_is_one_line_before_any_setup(tmp_path):
+    """A workdir that is a file or a broken symbolic link was "Cannot lock .../vision_jax.lock:
+    [Errno 17] File exists"; one whose name is not UTF-8 failed after the whole setup, in the
+    event files' writer ("Error converting unicode string"). Each is one line naming it, before
+    JAX starts (the command line) or before anything is read (Python: the workdir's lock)."""
+    from vision_jax.lock import LockError, WorkdirLock
+
+    afile, dangling = tmp_path / "afile", tmp_path / "dangling"
+    afile.write_text("not a folder")
+    dangling.symlink_to(tmp_path / "gone")
+    bad = os.fsdecode(os.fsencode(tmp_path) + b"/bad\xffname")
+    cases = {
+        str(afile): f"{afile} is a file, not a folder: name a folder (it is made if missing).",
+        str(dangling): f"{dangling} is a broken symbolic link (to {tmp_path / 'gone'}): remove "
+        "it, or make the folder it names.",
+        bad: f"{tmp_path}/bad\\xffname has a name that is not UTF-8 (TensorFlow's event "
+        "files need one): choose another.",
+    }  # fmt: skip
+    for workdir, message in cases.items():
+        start = time.perf_counter()
+        proc = main_cli("--config=configs/digits_pretrain.py", f"--workdir={workdir}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip() == f"vision_jax: error: --workdir {message}"
+        assert time.perf_counter() - start < 10  # (the setup took 15 s before the error)
+        with pytest.raises(LockError) as error:
+            WorkdirLock(workdir).acquire()
+        assert str(error.value) == f"Workdir {message}"
+    assert afile.read_text() == "not a folder" and not os.path.lexists(bad)
+    assert not (tmp_path / "gone").exists()
+
+
 def test_missing_config_file_is_reported_before_jax_starts(tmp_path):
     start = time.perf_counter()
     proc = main_cli("--config=configs/nope.py:arg", f"--workdir={tmp_path}")

@@ -34,6 +34,8 @@ import time
 import jax
 import numpy as np
 
+from vision_jax.output_errors import printable, workdir_problem
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "vision_jax.lock"
@@ -186,7 +188,10 @@ class WorkdirLock:
         return self
 
     def _take(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        workdir = os.path.dirname(self.path)
+        if problem := workdir_problem(workdir):
+            raise LockError(f"Workdir {printable(workdir)} {problem}.")
+        os.makedirs(workdir, exist_ok=True)
         for _ in range(3):  # a race with another run taking over the same stale lock
             if self._create():
                 self._start_heartbeat()

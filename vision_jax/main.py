@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from vision_jax import processes
 from vision_jax.abort_notice import route_stderr
 from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
+from vision_jax.output_errors import printable, workdir_problem
 from vision_jax.signals import EXIT_STOPPED
 from vision_jax.watchdog import EXIT_PEER_LOST
 
@@ -198,8 +199,9 @@ def _bad_override_value(message: str) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with one-line errors for a missing config file and unknown config
-    keys (before JAX starts), and ``--config.<key>=None`` to unset an optional key."""
+    """absl's flag parsing, with one-line errors for a missing config file, unknown config keys
+    and a workdir that cannot be one (before JAX starts), and ``--config.<key>=None`` to unset
+    an optional key."""
     value = _config_argument(argv)
     if value is not None and not os.path.isfile(path := value.split(":", 1)[0]):
         _usage_error(f"config file {path} not found.")
@@ -208,7 +210,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = FLAGS(argv)
         _apply_unset(FLAGS.config, unset)
-        return rest
     except flags.Error as e:
         _usage_error(_config_file_error(str(e), value) or _bad_override_value(str(e)) or str(e))
     except (AttributeError, KeyError, TypeError) as e:  # TypeError: a key inside a string
@@ -218,6 +219,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         _usage_error(
             f"config file {e.filename}, line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
         )
+    else:  # a workdir that is a file, a broken link or not UTF-8: now, not after the setup
+        if FLAGS.workdir is not None and (problem := workdir_problem(FLAGS.workdir)):
+            _usage_error(f"--workdir {printable(FLAGS.workdir)} {problem}.")
+        return rest
     return []  # unreachable: _usage_error exits
 
 

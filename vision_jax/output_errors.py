@@ -51,6 +51,33 @@ def make_folder_of(path: str | os.PathLike) -> str | None:
     return None
 
 
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as text, a byte that is not UTF-8 written ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def workdir_problem(workdir: str | os.PathLike) -> str | None:
+    """Why ``workdir`` cannot hold a run, as the end of a line naming it ("Workdir X ..."),
+    found before any setup: a file, a broken symbolic link, a name that is not UTF-8 (the event
+    files' writer fails on it once the model is built); None for a folder, a URL, or a path not
+    made yet."""
+    path = os.fspath(workdir)
+    if "://" in path:
+        return None
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "has a name that is not UTF-8 (TensorFlow's event files need one): choose another"
+    if os.path.islink(path) and not os.path.exists(path):
+        return (
+            f"is a broken symbolic link (to {printable(os.readlink(path))}): remove it, or "
+            "make the folder it names"
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder: name a folder (it is made if missing)"
+    return None
+
+
 def unwritable_folder(folder: str) -> str | None:
     """Why no file can be created in the existing ``folder`` (a read-only file system, no
     permission, no space for one), or None: a file was created there and removed at once
