@@ -1100,3 +1100,38 @@ def test_a_damaged_best_is_read_from_the_step_checkpoint_of_its_step(tmp_path, c
         again = train_and_evaluate(config, str(tmp_path))
     assert "The best checkpoint" in caplog.text and "reading the same step from" in caplog.text
     assert again == first
+
+
+def validated_config(**overrides):
+    """``small_config`` with a validation split: a best checkpoint is kept."""
+    config = small_config(total_steps=4, eval_every_steps=4, checkpoint_every_steps=4,
+                          **overrides)  # fmt: skip
+    config.data.train_split, config.data.val_split = "train[:90%]", "train[90%:]"
+    return config
+
+
+@pytest.mark.slow
+def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path):
+    """A finished run's step checkpoints deleted (its best kept), the workdir started again: it
+    started from scratch, and its first validation replaced the earlier best without a word.
+    It is refused before training, naming the best's step and score; moved away, it trains,
+    and init.path reads the moved best."""
+    config = validated_config()
+    first = train_and_evaluate(config, str(tmp_path))
+    assert first["best/step"] == 4
+    shutil.rmtree(tmp_path / "checkpoints")
+    events = sorted(tmp_path.glob("events*"))
+    saved = {f: f.read_bytes() for f in (tmp_path / "best").rglob("*") if f.is_file()}
+    other = validated_config(seed=1, **{"optimizer.learning_rate": 0.5})
+    with pytest.raises(CheckpointError) as info:
+        train_and_evaluate(other, str(tmp_path))
+    message = str(info.value)
+    assert f"{tmp_path}/best holds the best checkpoint of an earlier run (step 4, val/" in message
+    assert f"mv {tmp_path}/best {tmp_path}/best-earlier" in message, message
+    assert "--config.init.path" in message
+    assert {f: f.read_bytes() for f in (tmp_path / "best").rglob("*") if f.is_file()} == saved
+    assert sorted(tmp_path.glob("events*")) == events and not (tmp_path / "checkpoints").exists()
+    (tmp_path / "best").rename(tmp_path / "best-earlier")
+    other.init.path = str(tmp_path / "best-earlier")
+    again = train_and_evaluate(other, str(tmp_path))  # a run from scratch, from those weights
+    assert again["best/step"] == 4 and (tmp_path / "best-earlier" / "4").is_dir()

@@ -206,6 +206,33 @@ def _check_folder(directory: str) -> None:
         raise CheckpointError(f"{directory} is not a folder: move it away to save checkpoints.")
 
 
+def check_no_earlier_best(workdir: str) -> None:
+    """Refuses a run that starts from scratch (no step checkpoint) in a workdir whose ``best``
+    folder holds a step (an earlier run's best, its step checkpoints deleted): the first
+    validation's best would replace it (a best checkpoint keeps one step). Every process
+    raises, on process 0's answer."""
+    folder = epath.Path(workdir) / BEST_DIR
+    steps = []
+    if jax.process_index() == 0 and folder.is_dir():
+        steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()]
+    step = _broadcast(max(steps, default=-1))
+    if step < 0:
+        return
+    if "://" not in workdir:
+        folder = epath.Path(os.path.abspath(folder))
+    scored = ""
+    with contextlib.suppress(Exception):  # what it scored, if its record can be read
+        selection = json.loads((folder / str(step) / META_FILE).read_text())["selection"]
+        scored = f", {selection['metric']} {float(selection['best_value']):.6g}"
+    raise CheckpointError(
+        f"{folder} holds the best checkpoint of an earlier run (step {step}{scored}), and this "
+        f"run starts from scratch ({folder.parent / CHECKPOINTS_DIR} holds no step): its first "
+        f"validation would replace it. Move that folder away to keep it (e.g. mv {folder} "
+        f"{folder}-earlier), and set --config.init.path to the moved folder to train from its "
+        "weights; or use another --workdir."
+    )
+
+
 def _move_aside_unfinished(directory: str) -> None:
     """Saves in ``directory`` that a crash or a failed write left unfinished (orbax ignores
     them): moved aside when they hold every file of a save (cut short while being committed),

@@ -36,6 +36,7 @@ from vision_jax.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointMismatchError,
+    check_no_earlier_best,
 )
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.config import TrackedConfig, saved_with_defaults
@@ -1165,6 +1166,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     _check_headline(spec.task)  # (before the selection's check, which would blame its metric)
     if val_source is not None:
         _check_selection(spec, val_source, total_steps, fresh=newest is None)
+        if newest is None and not ckpt.has_steps():  # from scratch: no earlier best replaced
+            check_no_earlier_best(workdir)
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     if newest is None:
