@@ -5,6 +5,7 @@ a stale lock is taken over, and a resume whose data stream changed is refused.""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -1047,10 +1048,124 @@ def test_a_failed_best_save_says_the_step_checkpoints_are_not_affected(tmp_path)
         steps.wait()
     steps.manager.all_steps = lambda: [60]  # the first save: nothing to resume from
     steps._pending = 60
-    with pytest.raises(checkpoint.CheckpointSaveError, match="The newest complete checkpoint is "
-                       "none: free space on the disk, then run the same command again to start "
+    with pytest.raises(checkpoint.CheckpointSaveError, match="There is no complete checkpoint "
+                       "yet: free space on the disk, then run the same command again to start "
                        "over"):  # fmt: skip
         steps.wait()
+
+
+def test_a_failed_best_save_names_the_newest_complete_step_checkpoint(tmp_path):
+    """A step save and then a best save failed (a full disk): the last line said "The step
+    checkpoints are not affected" with no complete step checkpoint to resume from."""
+    from vision_jax import checkpoint
+    from vision_jax.weights.run_dir import REQUIRED_FILES
+
+    def disk_full():
+        raise OSError("[Errno 28] No space left on device")
+
+    steps = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    best = checkpoint.BestCheckpoint(str(tmp_path), "val/top1", "max", async_save=False,
+                                     checkpoints=steps)  # fmt: skip
+    (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir()  # the failed step save
+    best._pending, best.manager.wait_until_finished = 10, disk_full
+    with pytest.raises(checkpoint.CheckpointSaveError) as info:
+        best.wait()
+    assert str(info.value).endswith(
+        "There is no complete step checkpoint yet: free space on the disk, then run the same "
+        "command again to start over."
+    ), info.value
+    for step in (20, 30):
+        for name in REQUIRED_FILES[: 3 if step == 20 else 2]:  # 30: no meta (a partial save)
+            (tmp_path / "checkpoints" / str(step) / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "checkpoints" / str(step) / name).write_text("{}")
+    best._pending = 40
+    with pytest.raises(checkpoint.CheckpointSaveError, match="The newest complete step "
+                       "checkpoint is step 20: free space on the disk, then run the same "
+                       "command again to resume"):  # fmt: skip
+        best.wait()
+
+
+@pytest.mark.parametrize(
+    "error, why, advice",
+    [
+        (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only",
+         "remount it writable"),
+        (ValueError("Error writing local file: [Errno 13] Permission denied"),
+         "permission denied", "give this user write permission there"),
+        (OSError("[Errno 27] File too large"), "a file is over the file size limit",
+         "raise the file size limit (ulimit -f)"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "the disk quota is exceeded",
+         "free space within the quota"),
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk is full",
+         "free space on the disk"),
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk has no free inodes",
+         "delete files on the disk"),
+        (OSError(errno.EIO, "Input/output error"), None, None),
+    ],
+)  # fmt: skip
+def test_a_failed_save_says_why_and_what_to_do(tmp_path, monkeypatch, error, why, advice):
+    """Beyond a full disk (ENOSPC): a read-only file system, no permission, the file size limit
+    (``ulimit -f``), a quota; a full disk with free bytes but no inodes says so."""
+    from vision_jax import checkpoint
+
+    if why == "the disk has no free inodes":
+        real = os.statvfs(tmp_path)
+        fields = {k: getattr(real, k) for k in dir(real) if k.startswith("f_")}
+        stats = type("Stats", (), {**fields, "f_favail": 0, "f_ffree": 0, "f_bavail": 100})
+        monkeypatch.setattr(checkpoint.os, "statvfs", lambda path: stats)
+
+    def failed():
+        raise RuntimeError("Save Finalize thread failed") from error  # orbax's wrapping
+
+    steps = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    steps.manager.all_steps = lambda: [20, 60]
+    steps._pending, steps.manager.wait_until_finished = 60, failed
+    with pytest.raises(checkpoint.CheckpointSaveError) as info:
+        steps.wait()
+    message = str(info.value)
+    if why is None:
+        assert "failed: RuntimeError" in message, message
+        assert message.endswith("The newest complete checkpoint is step 20: run the same "
+                                "command again to resume."), message  # fmt: skip
+    else:
+        assert f"failed ({why}): RuntimeError" in message, message
+        assert f"The newest complete checkpoint is step 20: {advice}" in message, message
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_an_error_before_training(
+    tmp_path, monkeypatch
+):
+    """A read-only checkpoints folder was found at the first save, after checkpoint_every_steps
+    of training: a small file written and removed at the start finds it (root writes through
+    permissions: the file system's refusal is simulated)."""
+    from etils import epath
+
+    from vision_jax import checkpoint
+
+    kind = type(epath.Path(tmp_path))
+    write_text = kind.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith(".vision_jax-write-probe") and self.parent.name == "checkpoints":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "write_text", read_only)
+    compiled = []
+    monkeypatch.setattr("vision_jax.run._compile_steps", lambda *a: compiled.append(1))
+    with pytest.raises(CheckpointError) as info:
+        train_and_evaluate(small_config(total_steps=2), str(tmp_path))
+    message = str(info.value)
+    assert message.startswith(
+        f"Cannot write checkpoints in {tmp_path}/checkpoints (the file "
+        "system is read-only): OSError: [Errno 30] Read-only file system"
+    )
+    assert message.endswith("Remount it writable, or use another --workdir."), message
+    assert not compiled and not list(tmp_path.glob("events*"))
+    assert not (tmp_path / "checkpoints").exists()  # made for the check: removed again
+    monkeypatch.setattr(kind, "write_text", write_text)
+    checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1).close()  # writable: fine
+    assert not list((tmp_path).glob("**/.vision_jax-write-probe*"))
 
 
 def test_a_failed_frozen_save_is_one_line(tmp_path, monkeypatch):
@@ -1071,8 +1186,9 @@ def test_a_failed_frozen_save_is_one_line(tmp_path, monkeypatch):
     message = str(info.value)
     assert message.startswith(f"Saving the frozen parameters in {tmp_path}/frozen_params failed "
                               "(the disk is full): ValueError: NOT_FOUND")  # fmt: skip
-    assert message.endswith("No space left on device. Run the same command again once there "
-                            "is space.") and len(message) < 300 + len(str(tmp_path))  # fmt: skip
+    assert message.endswith(
+        "No space left on device. Free space on the disk, then run the same command again."
+    ) and len(message) < 300 + len(str(tmp_path))
     assert not ckpt.has_frozen
 
 

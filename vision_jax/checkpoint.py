@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import gc
 import json
 import logging
@@ -61,55 +62,120 @@ class CheckpointSaveError(CheckpointError):
     intact."""
 
 
-_DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left", "ENOSPC", "Disk quota exceeded")
+# Why a write failed, by the words (or errno) of the error or one it was raised from: what the
+# message says in parentheses, and what to do before running again. TensorStore and orbax raise
+# their own types with the OS's words (e.g. "[Errno 28] No space left on device") in the text.
+_WRITE_FAILURES = (
+    (errno.ENOSPC, ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED"),
+     "the disk is full", "free space on the disk"),
+    (errno.EDQUOT, ("Disk quota exceeded", "EDQUOT"),
+     "the disk quota is exceeded", "free space within the quota (or raise it)"),
+    (errno.EROFS, ("Read-only file system", "EROFS"),
+     "the file system is read-only", "remount it writable"),
+    (errno.EACCES, ("Permission denied", "EACCES"),
+     "permission denied", "give this user write permission there"),
+    (errno.EPERM, ("Operation not permitted", "EPERM"),
+     "operation not permitted", "give this user write permission there"),
+    (errno.EFBIG, ("File too large", "EFBIG"),
+     "a file is over the file size limit", "raise the file size limit (ulimit -f)"),
+)  # fmt: skip
 
 
-def _disk_full(error: BaseException) -> bool:
-    """Whether a failed write's ``error`` says the disk (or the quota) is full."""
-    return any(marker in str(error) for marker in _DISK_FULL)
+def _write_failure(error: BaseException, directory: str | None = None) -> tuple[str, str] | None:
+    """``(why, what to do)`` when ``error`` (or an error it was raised from) says why a write in
+    ``directory`` failed (a full disk, a quota, a read-only file system, no permission, the
+    file size limit), else None. A full disk that has free bytes but no free inodes says so
+    (``os.statvfs`` of ``directory``, where it is local)."""
+    errors, seen = [], error
+    while seen is not None and len(errors) < 8:
+        errors.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for number, words, why, advice in _WRITE_FAILURES:
+        if any(getattr(e, "errno", None) == number or any(w in str(e) for w in words)
+               for e in errors):  # fmt: skip
+            if number == errno.ENOSPC and directory and _no_free_inodes(directory):
+                return "the disk has no free inodes", "delete files on the disk"
+            return why, advice
+    return None
+
+
+def _no_free_inodes(directory: str) -> bool:
+    """Whether the local file system of ``directory`` (or of its nearest existing parent) has
+    free bytes but no free inodes."""
+    if "://" in directory:
+        return False
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return stats.f_files > 0 and stats.f_favail == 0 and stats.f_bavail > 0
+
+
+def _own_steps() -> list[int]:
+    """``resumable`` of :func:`_reporting_failed_saves`: the manager's own steps."""
+    raise NotImplementedError  # a marker, never called
 
 
 @contextlib.contextmanager
 def _reporting_failed_saves(
-    manager: ocp.CheckpointManager, pending: int | None, resumes_here: bool = True
-) -> Iterator[None]:
+    manager: ocp.CheckpointManager, pending: int | None,
+    resumable: Callable[[], list[int]] | None = _own_steps,
+) -> Iterator[None]:  # fmt: skip
     """Turns a failed save that orbax raises when it is next waited for (the next save, the
     end of the run, closing) into a :class:`CheckpointSaveError` naming the step, the reason
-    and the newest complete checkpoint (``resumes_here``: a resume reads ``manager``'s steps;
-    else the step checkpoints are named unaffected)."""
+    (:func:`_write_failure`) and the newest complete checkpoint a resume reads: ``manager``'s
+    own (but ``pending``; the default ``resumable``), or ``resumable()`` (the complete step
+    checkpoints beside a best checkpoint's ``manager``); None: a best checkpoint's, without
+    them at hand (the step checkpoints are named unaffected)."""
     try:
         yield
     except Exception as e:  # orbax and TensorStore raise many types
         if pending is None or isinstance(e, CheckpointError):  # not a save's failure
             raise
         reason = short_reason(e)
-        steps = [s for s in manager.all_steps() if s != pending]
-        kept, then = "The step checkpoints are not affected", "resume"
-        if resumes_here:
-            kept = f"The newest complete checkpoint is {f'step {max(steps)}' if steps else 'none'}"
-            then = "resume" if steps else "start over"
-        full = _disk_full(e)
-        advice = "free space on the disk, then " if full else ""
+        if resumable is _own_steps:
+            steps, kind = [s for s in manager.all_steps() if s != pending], "checkpoint"
+        elif resumable is not None:
+            steps, kind = _complete(resumable), "step checkpoint"
+        if resumable is None:
+            kept, then = "The step checkpoints are not affected", "resume"
+        elif steps:
+            kept, then = f"The newest complete {kind} is step {max(steps)}", "resume"
+        else:
+            kept, then = f"There is no complete {kind} yet", "start over"
+        failure = _write_failure(e, str(manager.directory))
+        why, advice = (f" ({failure[0]})", f"{failure[1]}, then ") if failure else ("", "")
         raise CheckpointSaveError(
-            f"Saving the checkpoint of step {pending} in {manager.directory} failed"
-            f"{' (the disk is full)' if full else ''}: {reason}. {kept}: {advice}run the same "
-            f"command again to {then}."
+            f"Saving the checkpoint of step {pending} in {manager.directory} failed{why}: "
+            f"{reason}. {kept}: {advice}run the same command again to {then}."
         ) from e
+
+
+def _complete(steps: Callable[[], list[int]]) -> list[int]:
+    """``steps()``, or none when they cannot be listed (the disk's failure, say)."""
+    try:
+        return list(steps())
+    except Exception:  # noqa: BLE001  (a message's detail: none known)
+        return []
 
 
 def _save_async(
     manager: ocp.CheckpointManager, pending: int | None, step: int, state: Any, meta: dict,
-    resumes_here: bool = True, **options: Any,
+    resumable: Callable[[], list[int]] | None = _own_steps, **options: Any,
 ) -> bool:  # fmt: skip
     """Saves ``state`` and ``meta`` (plus the state's digests) as ``step`` once the previous
     save (of step ``pending``) has finished; a failure of either names its own step
-    (:func:`_reporting_failed_saves`). ``options``: more of ``manager.save``'s arguments."""
+    (:func:`_reporting_failed_saves`, ``resumable`` its). ``options``: more of
+    ``manager.save``'s arguments."""
     meta = {**meta, "digest": digests.digest(state)}
-    with _reporting_failed_saves(manager, pending, resumes_here):
+    with _reporting_failed_saves(manager, pending, resumable):
         manager.wait_until_finished()
     items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
     # Not cut short by a Ctrl-C: orbax would write on in threads that closing does not wait for
-    with _reporting_failed_saves(manager, step, resumes_here), uninterrupted():
+    with _reporting_failed_saves(manager, step, resumable), uninterrupted():
         return manager.save(step, args=ocp.args.Composite(**items), force=True, **options)
 
 
@@ -206,6 +272,40 @@ def _check_folder(directory: str) -> None:
         raise CheckpointError(f"{directory} is not a folder: move it away to save checkpoints.")
 
 
+PROBE_FILE = ".vision_jax-write-probe"
+
+
+def _check_writable(directory: str) -> None:
+    """Writes and removes a small file in ``directory`` (every process, each its own: each
+    writes its shards of a save), so that a folder no save could write in (read-only, no
+    permission, a full disk) is one error at once on every process, not after
+    ``checkpoint_every_steps`` of training."""
+    probe = epath.Path(directory) / f"{PROBE_FILE}-{jax.process_index()}-{os.getpid()}"
+    problem = None
+    try:
+        probe.write_text("vision_jax checks that checkpoints can be written here\n")
+    except Exception as e:  # noqa: BLE001  (OSError locally; a bucket's client raises others)
+        problem = e
+    else:
+        with contextlib.suppress(Exception):
+            probe.unlink()
+    failed = _gather(problem is not None)
+    if not any(failed):
+        return
+    if problem is None:
+        raise CheckpointError(
+            f"Cannot write checkpoints in {directory} on process {failed.index(True)} (its log "
+            "says why)."
+        )
+    failure = _write_failure(problem, directory)
+    why, advice = (f" ({failure[0]})", f"{failure[1][:1].upper()}{failure[1][1:]}, or u") \
+        if failure else ("", "U")  # fmt: skip
+    raise CheckpointError(
+        f"Cannot write checkpoints in {directory}{why}: {short_reason(problem)}. {advice}se "
+        "another --workdir."
+    ) from problem
+
+
 def check_no_earlier_best(workdir: str) -> None:
     """Refuses a run that starts from scratch (no step checkpoint) in a workdir whose ``best``
     folder holds a step (an earlier run's best, its step checkpoints deleted): the first
@@ -231,6 +331,19 @@ def check_no_earlier_best(workdir: str) -> None:
         f"{folder}-earlier), and set --config.init.path to the moved folder to train from its "
         "weights; or use another --workdir."
     )
+
+
+def _check_usable(manager: ocp.CheckpointManager, new: bool) -> None:
+    """:func:`_check_writable` of a new ``manager``'s folder; when it fails, the manager is
+    closed and its folder removed again if it was ``new`` (and is empty)."""
+    directory = str(manager.directory)
+    try:
+        _check_writable(directory)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            manager.close()
+        _remove_if_unused(directory, new)
+        raise
 
 
 def _move_aside_unfinished(directory: str) -> None:
@@ -298,6 +411,7 @@ class Checkpointer:
                 create=True,
             ),
         )
+        _check_usable(self.manager, self._new)
         self.final_steps.steps.update(
             s for s in self.manager.all_steps() if (self.read_meta(s) or {}).get("final")
         )
@@ -347,11 +461,11 @@ class Checkpointer:
                 checkpointer.save(frozen_dir(self.directory), frozen, force=True)
                 checkpointer.wait_until_finished()
         except Exception as e:  # orbax and TensorStore raise many types
-            full = _disk_full(e)
+            failure = _write_failure(e, self.directory)
+            why, advice = (f" ({failure[0]})", f"{failure[1]}, then r") if failure else ("", "R")
             raise CheckpointSaveError(
-                f"Saving the frozen parameters in {frozen_dir(self.directory)} failed"
-                f"{' (the disk is full)' if full else ''}: {short_reason(e)}. Run the same "
-                f"command again{' once there is space' if full else ''}."
+                f"Saving the frozen parameters in {frozen_dir(self.directory)} failed{why}: "
+                f"{short_reason(e)}. {advice[:1].upper()}{advice[1:]}un the same command again."
             ) from e
         saved = digests.digest(frozen)
         if jax.process_index() == 0:
@@ -406,6 +520,13 @@ class Checkpointer:
         steps = [s for s in self.manager.all_steps() if is_complete(self.step_dir(s))]
         newest = _broadcast(max(steps, default=-1))  # every process acts on process 0's answer
         return None if newest < 0 else newest
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose folders hold every file of a committed save, as this process sees
+        them (a save in flight, or one that failed, is not among them)."""
+        folder = epath.Path(self.directory)
+        names = [d.name for d in folder.iterdir()] if folder.is_dir() else []
+        return [int(n) for n in names if n.isdigit() and is_complete(self.step_dir(int(n)))]
 
     def has_steps(self) -> bool:
         """Whether process 0 sees a step checkpoint (readable or not), on every process: the
@@ -530,9 +651,13 @@ class BestCheckpoint:
     """
 
     def __init__(
-        self, workdir: str, metric: str, mode: str, *, async_save: bool = True, lock: Any = None
-    ):
+        self, workdir: str, metric: str, mode: str, *, async_save: bool = True, lock: Any = None,
+        checkpoints: Checkpointer | None = None,
+    ):  # fmt: skip
+        """``checkpoints``: the run's step checkpoints, which a failed save's error names (the
+        newest complete one, that a resume reads)."""
         self.directory = os.path.join(workdir, BEST_DIR)
+        self._resumable = None if checkpoints is None else checkpoints.complete_steps
         self.lock = lock  # the workdir's: once another run took it over, nothing is written
         if "://" not in workdir:
             self.directory = os.path.abspath(self.directory)
@@ -556,6 +681,7 @@ class BestCheckpoint:
                 create=True,
             ),
         )
+        _check_usable(self.manager, self._new)
 
     def has(self, step: int) -> bool:
         """Whether ``step`` is a best checkpoint, as process 0 sees it (on every process: the
@@ -569,7 +695,7 @@ class BestCheckpoint:
         if self.has(step):
             return
         _save_async(
-            self.manager, self._pending, step, state, meta, resumes_here=False,
+            self.manager, self._pending, step, state, meta, resumable=self._resumable,
             metrics={self.metric: float(value)},
         )  # fmt: skip
         self._pending = step
@@ -577,7 +703,7 @@ class BestCheckpoint:
     def wait(self) -> None:
         """Waits for the pending save; the newest complete one is then the only one kept
         (orbax's policy keeps steps of earlier runs, whose scores it does not know)."""
-        with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
+        with _reporting_failed_saves(self.manager, self._pending, self._resumable):
             self.manager.wait_until_finished()
         if self._pending is not None and self._pending in self.manager.all_steps():
             if not _lost(self.lock):
@@ -630,7 +756,7 @@ class BestCheckpoint:
         :meth:`Checkpointer.close`); removes the folder if this run made it and saved nothing."""
         with uninterrupted():
             self.wait()
-            with _reporting_failed_saves(self.manager, self._pending, resumes_here=False):
+            with _reporting_failed_saves(self.manager, self._pending, self._resumable):
                 self.manager.close()
         if not _lost(self.lock):
             _remove_if_unused(self.directory, self._new)

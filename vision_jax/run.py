@@ -1208,7 +1208,9 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     if "evaluated_before" in saved:  # eval_before_training's results, reported at every end
         meta["evaluated_before"] = saved["evaluated_before"]
     if selection is not None:  # last: nothing after it can fail and leave its folder behind
-        best = BestCheckpoint(workdir, selection.metric, selection.mode, lock=ckpt.lock)
+        best = BestCheckpoint(
+            workdir, selection.metric, selection.mode, lock=ckpt.lock, checkpoints=ckpt
+        )
     return Run(
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
         train_step, settings, eval_step, ckpt, start_step, total_steps, meta, start_position,
