@@ -1212,10 +1212,28 @@ def test_a_damaged_best_is_read_from_the_step_checkpoint_of_its_step(tmp_path, c
     first = train_and_evaluate(config, str(tmp_path))
     assert first["best/step"] == 4
     damage(tmp_path / "best" / "4", "truncated")
+    from vision_jax.weights.files import WeightFormatError
+    from vision_jax.weights.run_dir import read_variables
+
+    with pytest.raises(WeightFormatError, match=r"best/4 (is damaged|cannot be read): .*; "
+                       "--which=latest reads the newest checkpoint instead"):  # fmt: skip
+        read_variables(tmp_path, "best")  # as predict, evaluate, report and export read it
     with caplog.at_level(logging.WARNING):
         again = train_and_evaluate(config, str(tmp_path))
     assert "The best checkpoint" in caplog.text and "reading the same step from" in caplog.text
     assert again == first
+    # Saved again from the step checkpoint (it was read from there at every run, and lost
+    # once rotation removed that step); the damaged one moved aside, as damaged steps are
+    corrupt = [d.name.split("-")[0] for d in (tmp_path / "best" / CORRUPT_DIR).iterdir()]
+    assert corrupt == ["4"] and sorted(os.listdir(tmp_path / "best")) == ["4", CORRUPT_DIR]
+    best, latest = read_variables(tmp_path, "best"), read_variables(tmp_path, "latest")
+    jax.tree.map(np.testing.assert_array_equal, best, latest)
+    meta = json.loads((tmp_path / "best" / "4" / "meta" / "metadata").read_text())
+    assert meta["selection"]["best_step"] == 4 and "data_positions" not in meta
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert train_and_evaluate(config, str(tmp_path)) == first
+    assert "is damaged" not in caplog.text
 
 
 def validated_config(**overrides):

@@ -642,6 +642,11 @@ class Checkpointer:
                     self.lock.release()
 
 
+# What a step checkpoint's meta records and a best checkpoint's does not (the train loop's
+# position, its open window, the final metrics, whether the run ends there).
+_STEP_ONLY = ("final", "data_positions", "train_window", "reported", "evaluation_pending")
+
+
 class BestCheckpoint:
     """The train state of the best evaluation so far, in ``<workdir>/best/<step>`` (laid out
     like a checkpoint step): one is kept, the newest complete save (:meth:`wait`).
@@ -739,9 +744,10 @@ class BestCheckpoint:
             same, damage = _read_step(other, abstract_state)
             if damage is None and state_damage(other, same[1], same[0]) is None:
                 logger.warning(
-                    "The best checkpoint %s is damaged (%s): reading the same step from %s.",
-                    path, problem, other,
+                    "The best checkpoint %s is damaged (%s): reading the same step from %s, "
+                    "and saving it again.", path, problem, other,
                 )  # fmt: skip
+                self._save_again(step, *same)
                 return step, *same
         if problem is not None:
             raise CheckpointError(
@@ -750,6 +756,26 @@ class BestCheckpoint:
                 "--which=latest."
             )
         return step, *restored
+
+    def _save_again(self, step: int, state: Any, meta: dict) -> None:
+        """Replaces the damaged best ``step`` (moved to ``corrupt/``, as damaged step
+        checkpoints are) by ``state``, the same step read from its step checkpoint (``meta``:
+        that checkpoint's, less what only step checkpoints record); complete once this returns.
+        Call on every process."""
+        _check_lock(self.lock)
+        _move_aside(self.directory, step, "is damaged; the same step's checkpoint replaces it")
+        _sync("vision_jax:best_moved_aside")
+        self.manager.reload()
+        meta = {k: v for k, v in meta.items() if k not in _STEP_ONLY and k != "digest"}
+        if "stopped_early" in meta:  # (a best is saved as an improvement, not as a stop)
+            meta["stopped_early"] = False
+        value = (meta.get("selection") or {}).get("best_value")
+        metrics = None if value is None else {self.metric: float(value)}
+        _save_async(
+            self.manager, None, step, state, meta, resumable=self._resumable, metrics=metrics
+        )
+        self._pending = step
+        self.wait()
 
     def close(self) -> None:
         """Waits for a pending save (a Ctrl-C while it waits is raised after it: see

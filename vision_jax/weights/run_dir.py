@@ -239,7 +239,9 @@ def _read_meta(step_dir: pathlib.Path) -> dict:
         return dict(json.loads((step_dir / META_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         check_not_removed(step_dir)
-        raise WeightFormatError(f"Cannot read the run record of {step_dir}: {e}") from e
+        raise WeightFormatError(
+            f"Cannot read the run record of {step_dir}: {e}{_latest_instead(step_dir)}"
+        ) from e
 
 
 def check_not_removed(step_dir: str | os.PathLike) -> None:
@@ -406,7 +408,9 @@ def read_variables(
         (frozen_path, frozen and digests.first_difference(frozen_digests(frozen_path), frozen)),
     ):
         if damage:
-            raise WeightFormatError(f"Checkpoint {folder} is damaged: {damage}.")
+            raise WeightFormatError(
+                f"Checkpoint {folder} is damaged: {damage}{_latest_instead(folder)}."
+            )
     params = _merge_adapters(combine(state[params_key], frozen), meta.get("config") or {})
     return {"params": params, **(state.get(state_key) or {})}
 
@@ -426,7 +430,21 @@ def _restored(folder: pathlib.Path, item: pathlib.Path) -> Any:
     except Exception as e:  # orbax and TensorStore raise many types
         check_not_removed(folder)
         what = "is damaged" if "DATA_LOSS" in str(e) else "cannot be read"
-        raise WeightFormatError(f"Checkpoint {folder} {what}: {short_reason(e)}") from e
+        raise WeightFormatError(
+            f"Checkpoint {folder} {what}: {short_reason(e)}{_latest_instead(folder)}"
+        ) from e
+
+
+def _latest_instead(folder: pathlib.Path) -> str:
+    """For a damaged best step ``folder`` of a run that has step checkpoints: that
+    ``--which=latest`` reads the newest of them instead (a training run started again in the
+    workdir saves the best again from its step checkpoint, while that step is kept); else ""."""
+    if folder.parent.name != BEST_DIR or not _step_folders(folder.parent.parent / CHECKPOINTS_DIR):
+        return ""
+    return (
+        "; --which=latest reads the newest checkpoint instead (the run's command, run again, "
+        "saves the best again from its step checkpoint while it is kept)"
+    )
 
 
 def input_contract(path: str | os.PathLike, which: str = "latest") -> InputContract:
