@@ -1269,3 +1269,41 @@ def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path):
     other.init.path = str(tmp_path / "best-earlier")
     again = train_and_evaluate(other, str(tmp_path))  # a run from scratch, from those weights
     assert again["best/step"] == 4 and (tmp_path / "best-earlier" / "4").is_dir()
+
+
+def test_corrupt_keeps_the_newest_folders_moved_aside(tmp_path, monkeypatch, caplog):
+    """A run killed while it commits a save leaves a complete but uncommitted folder, moved to
+    corrupt/ at the next start: killed again and again, corrupt/ grew without end. It keeps
+    the 2 newest (by the time in their names), each removal one line; anything else stays."""
+    import datetime
+
+    from vision_jax import checkpoint
+    from vision_jax.weights.run_dir import REQUIRED_FILES
+
+    times = iter(["20261207T100000", "20261207T100000", "20261207T100001", "20261207T100002"])
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.strptime(next(times), "%Y%m%dT%H%M%S")
+
+    monkeypatch.setattr(checkpoint.datetime, "datetime", Clock)
+    folder = tmp_path / "checkpoints"
+    (folder / CORRUPT_DIR).mkdir(parents=True)
+    (folder / CORRUPT_DIR / "notes.txt").write_text("mine")  # not moved there: never removed
+    for step in (5, 10, 15, 20):  # a commit cut short by each kill, found by the next start
+        unfinished = folder / f"{step}.orbax-checkpoint-tmp-17646{step}"
+        for name in REQUIRED_FILES:
+            (unfinished / name).parent.mkdir(parents=True, exist_ok=True)
+            (unfinished / name).write_text("{}")
+        with caplog.at_level(logging.WARNING):
+            checkpoint._move_aside_unfinished(str(folder))
+    kept = sorted(p.name for p in (folder / CORRUPT_DIR).iterdir())
+    assert kept == [
+        "15.orbax-checkpoint-tmp-1764615-20261207T100001",
+        "20.orbax-checkpoint-tmp-1764620-20261207T100002",
+        "notes.txt",
+    ]
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Removed")]
+    assert len(removed) == 2 and all("keeps the 2 newest" in line for line in removed), removed
+    assert [line.split("/corrupt/")[1].split(".")[0] for line in removed] == ["5", "10"]
