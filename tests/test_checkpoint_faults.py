@@ -1,7 +1,8 @@
 """Fault injection for checkpoints and the workdir: SIGKILL at random points (also in the middle
 of an async save) resumes bit-identically, damaged or unfinished checkpoints fall back to the
-newest readable step (moved aside, never deleted), a second run in a busy workdir fails at once,
-a stale lock is taken over, and a resume whose data stream changed is refused."""
+newest readable step (moved aside: corrupt/ keeps the newest two), a second run in a busy
+workdir fails at once, a stale lock is taken over, and a resume whose data stream changed is
+refused."""
 
 from __future__ import annotations
 
@@ -882,7 +883,11 @@ def test_a_failed_async_save_is_named_and_the_saved_steps_stay(tmp_path):
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("SAVE ERROR")]
     assert line, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Saving the checkpoint of step 4 in " in line[0], line
-    assert "The newest complete checkpoint is step 2: run the same command again" in line[0]
+    assert " failed (a file is over the file size limit): " in line[0], line
+    assert line[0].endswith(
+        "The newest complete checkpoint is step 2: raise the file size limit "
+        "(ulimit -f), then run the same command again to resume."
+    ), line
     assert steps_in(workdir) == [2]
     assert done.stderr.count("Cannot write TensorBoard events to") == 1  # and training went on
     assert "Event loop is closed" not in done.stderr
