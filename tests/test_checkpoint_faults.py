@@ -1243,33 +1243,46 @@ def test_a_damaged_best_is_read_from_the_step_checkpoint_of_its_step(tmp_path, c
 
 def validated_config(**overrides):
     """``small_config`` with a validation split: a best checkpoint is kept."""
-    config = small_config(total_steps=4, eval_every_steps=4, checkpoint_every_steps=4,
-                          **overrides)  # fmt: skip
+    steps = {"total_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4}
+    config = small_config(**{**steps, **overrides})
     config.data.train_split, config.data.val_split = "train[:90%]", "train[90%:]"
     return config
 
 
 @pytest.mark.slow
-def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path):
+def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path, caplog):
     """A finished run's step checkpoints deleted (its best kept), the workdir started again: it
     started from scratch, and its first validation replaced the earlier best without a word.
-    It is refused before training, naming the best's step and score; moved away, it trains,
-    and init.path reads the moved best."""
-    config = validated_config()
+    It is refused before training, naming the best's step and score (with the same config or
+    another); moved away, it trains, and init.path reads the moved best. A run cut short
+    before its first step checkpoint (its best saved) starts over as it did."""
+    config = validated_config(checkpoint_every_steps=2)
     first = train_and_evaluate(config, str(tmp_path))
     assert first["best/step"] == 4
     shutil.rmtree(tmp_path / "checkpoints")
     events = sorted(tmp_path.glob("events*"))
     saved = {f: f.read_bytes() for f in (tmp_path / "best").rglob("*") if f.is_file()}
-    other = validated_config(seed=1, **{"optimizer.learning_rate": 0.5})
-    with pytest.raises(CheckpointError) as info:
-        train_and_evaluate(other, str(tmp_path))
-    message = str(info.value)
-    assert f"{tmp_path}/best holds the best checkpoint of an earlier run (step 4, val/" in message
-    assert f"mv {tmp_path}/best {tmp_path}/best-earlier" in message, message
-    assert "--config.init.path" in message
-    assert {f: f.read_bytes() for f in (tmp_path / "best").rglob("*") if f.is_file()} == saved
-    assert sorted(tmp_path.glob("events*")) == events and not (tmp_path / "checkpoints").exists()
+    other = validated_config(seed=1, checkpoint_every_steps=2, **{"optimizer.learning_rate": 0.5})
+    for again in (config, other):
+        with pytest.raises(CheckpointError) as info:
+            train_and_evaluate(again, str(tmp_path))
+        message = str(info.value)
+        assert f"{tmp_path}/best holds the best checkpoint of an earlier run (step 4, val/" in (
+            message
+        )
+        assert f"mv {tmp_path}/best {tmp_path}/best-earlier" in message, message
+        assert "--config.init.path" in message
+        assert {f: f.read_bytes() for f in (tmp_path / "best").rglob("*") if f.is_file()} == saved
+        assert sorted(tmp_path.glob("events*")) == events
+        assert not (tmp_path / "checkpoints").exists()
+    cut = tmp_path / "cut"  # killed once its best of step 4 was saved, before its first step's
+    train_and_evaluate(validated_config(), str(cut))
+    shutil.rmtree(cut / "checkpoints")
+    with caplog.at_level(logging.WARNING):
+        assert train_and_evaluate(validated_config(), str(cut))["best/step"] == 4
+    assert "saved by a run of this config cut short before its first step checkpoint" in (
+        caplog.text
+    )
     (tmp_path / "best").rename(tmp_path / "best-earlier")
     other.init.path = str(tmp_path / "best-earlier")
     again = train_and_evaluate(other, str(tmp_path))  # a run from scratch, from those weights

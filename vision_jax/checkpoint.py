@@ -338,20 +338,25 @@ def _check_writable(directory: str) -> None:
     ) from problem
 
 
-def check_no_earlier_best(workdir: str) -> None:
+def check_no_earlier_best(workdir: str, own: Callable[[int, dict], bool]) -> None:
     """Refuses a run that starts from scratch (no step checkpoint) in a workdir whose ``best``
     folder holds a step (an earlier run's best, its step checkpoints deleted): the first
-    validation's best would replace it (a best checkpoint keeps one step). Every process
-    raises, on process 0's answer."""
+    validation's best would replace it (a best checkpoint keeps one step). Unless
+    ``own(step, meta)`` says it is this run's own (``meta``: the best's; a run cut short
+    before its first step checkpoint), started over. Every process raises, on process 0's
+    answer."""
     folder = epath.Path(workdir) / BEST_DIR
-    steps = []
-    if jax.process_index() == 0 and folder.is_dir():
-        steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()]
-    step = _broadcast(max(steps, default=-1))
-    if step < 0:
-        return
     if "://" not in workdir:
         folder = epath.Path(os.path.abspath(folder))
+    step, meta = -1, None
+    if jax.process_index() == 0 and folder.is_dir():
+        step = max((int(d.name) for d in folder.iterdir() if d.name.isdigit()), default=-1)
+        with contextlib.suppress(Exception):  # unreadable: refused, naming no score
+            meta = json.loads((folder / str(step) / META_FILE).read_text())
+    refused = step >= 0 and not (meta is not None and own(step, meta))
+    step = _broadcast(step if refused else -1)
+    if step < 0:
+        return
     scored = ""
     with contextlib.suppress(Exception):  # what it scored, if its record can be read
         selection = json.loads((folder / str(step) / META_FILE).read_text())["selection"]

@@ -59,6 +59,7 @@ from vision_jax.tasks.base import class_key
 from vision_jax.weights import RunRecord, apply_input_contract, input_contract, load_pretrained
 from vision_jax.weights.contract import InputContract
 from vision_jax.weights.files import WeightFormatError
+from vision_jax.weights.run_dir import BEST_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -1110,6 +1111,27 @@ def build_run(
         raise
 
 
+def _own_best(spec: specs.RunSpec, workdir: str, step: int, meta: Mapping[str, Any]) -> bool:
+    """Whether the best checkpoint of ``step`` (its ``meta``), in a workdir without step
+    checkpoints, is one this run's command saved before it was cut short (a crash, a kill):
+    saved with this config, at a step no later than that run's first step checkpoint (every
+    step checkpoint after a best is saved once it is complete). Such a run starts over, its
+    best chosen again, as it did; a later step, or another config, is an earlier run's."""
+    config = meta.get("config") or {}
+    every, total = config.get("checkpoint_every_steps"), meta.get("total_steps")
+    if not isinstance(every, int) or not isinstance(total, int):
+        return False
+    first_save = every if 0 < every < total else total
+    if step > first_save or _config_changes(config, spec, lambda key: True):
+        return False
+    logger.warning(
+        "The best checkpoint of step %d in %s was saved by a run of this config cut short "
+        "before its first step checkpoint (step %d): starting over, the best is chosen again.",
+        step, os.path.join(workdir, BEST_DIR), first_save,
+    )  # fmt: skip
+    return True
+
+
 def _check_same_config(config: Mapping[str, Any]) -> None:
     """Raises in every process of a multi-process run whose processes were started with
     different configs (each would feed its own values to one program, or wait for the others
@@ -1167,7 +1189,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     if val_source is not None:
         _check_selection(spec, val_source, total_steps, fresh=newest is None)
         if newest is None and not ckpt.has_steps():  # from scratch: no earlier best replaced
-            check_no_earlier_best(workdir)
+            check_no_earlier_best(workdir, lambda step, meta: _own_best(spec, workdir, step, meta))
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     model = task_model(spec, train_source.num_classes)
     if newest is None:
