@@ -333,10 +333,10 @@ class Predictor:
         if not len(images):
             raise ValueError(f"No images to predict: got an array of shape {images.shape}.")
         target = self.task.target
-        if target != "label_map":  # image-level: a label, or a column of one's own
-            target, targets = "label", np.zeros(len(images), np.int32)
-        else:
+        if target == "label_map":
             targets = np.full(images.shape[:3], IGNORE_LABEL, np.uint8)
+        else:  # image-level (data_lib.is_image_level; boxes: a task of one's own): a label 0
+            target, targets = "label", np.zeros(len(images), np.int32)
         source = data_lib.from_arrays(images, targets, self.class_names, target=target)
         batch_size = self._batch_size(len(images))
         rows = [row for batch in self._rows(source, None, None, batch_size) for row in batch]
@@ -473,7 +473,7 @@ def unlabelled_files(
     is a placeholder nothing reads (label 0, or a label map all IGNORE_LABEL at the image's
     size)."""
     paths = np.array([p for p, _ in files], dtype=str)
-    if target not in ("label_map", "boxes"):  # image-level: a label, or a column of one's own
+    if data_lib.is_image_level(target):  # a label, or a column of one's own
         labels = np.zeros(len(paths), np.int32)
         return data_lib.from_columns({"path": paths, "label": labels}, class_names)
     heights, widths = (np.array(v, np.int32) for v in zip(*(s for _, s in files), strict=True))

@@ -177,7 +177,7 @@ def create_variables(
     if init_spec.path and init_spec.use_input_contract:
         given = input_spec  # label maps and boxes: evaluation resizes the whole image, no crop
         input_spec = apply_input_contract(input_spec, contract or init_spec.path)
-        if spec.task.target in ("label_map", "boxes"):
+        if not data_lib.is_image_level(spec.task.target):
             input_spec = dataclasses.replace(input_spec, crop_mode=given.crop_mode)
     elif init_spec.path and contract is None and not abstract:  # a new run, not a resume
         _warn_unlike_contract(input_spec, init_spec.path)
@@ -565,6 +565,15 @@ def _load_data(
                 how = f"the same ones in another order ({orders})"
             raise data_lib.DataError(f"The train and {name} splits have different classes: {how}.")
     return train, evaluation, validation
+
+
+def _target_record(source: data_lib.Source) -> dict[str, Any]:
+    """The shape and dtype a run records of a target column of one's own (evaluations of the
+    run compare a split's with them); nothing for other targets."""
+    if source.column_spec is None:
+        return {}
+    shape, dtype = source.column_spec
+    return {"target_shape": tuple(shape), "target_dtype": np.dtype(dtype).name}
 
 
 def _check_class_keys(class_names: Sequence[str], metric: str) -> None:
@@ -1225,6 +1234,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         std=tuple(input_spec.std),
         interpolation=input_spec.interpolation,
         crop_mode=input_spec.crop_mode,
+        **_target_record(train_source),
     ).to_json()
     meta["train_data"] = train_data
     if "evaluated_before" in saved:  # eval_before_training's results, reported at every end

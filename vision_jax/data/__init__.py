@@ -39,6 +39,7 @@ from vision_jax.data.sources import (
     from_columns,
     from_tfds,
     is_column_target,
+    is_image_level,
     label_classes,
     missing_column,
     select_classes,
@@ -208,12 +209,16 @@ def _column_target_source(data: DataSpec, split: str, arrays: dict | None, targe
     if kind == "arrays":
         name, where = parse_split(split)
         columns = _array_columns(arrays, name, target)
+        held = f"arrays[{name!r}]"
         if target not in columns:
-            where_ = f"arrays[{name!r}]"
-            raise DataError(missing_column(target, list(columns), where_))
-        return _sliced(column_source(columns, target, data.class_names), where)
+            raise DataError(missing_column(target, list(columns), held))
+        return _sliced(column_source(columns, target, data.class_names, held), where)
     if kind == "csv":
-        return from_csv(_root(data), split, class_names=data.class_names, target=target)
+        run_splits = (data.train_split, data.eval_split, data.val_split)
+        return from_csv(
+            _root(data), split, class_names=data.class_names, target=target,
+            splits=[s for s in run_splits if s is not None],
+        )  # fmt: skip
     if kind in _FIXED_COLUMNS:
         message = missing_column(target, _FIXED_COLUMNS[kind], f"data.source={kind!r}")
         raise DataError(
@@ -288,14 +293,20 @@ def _sliced(source: Source, where: slice) -> Source:
     return from_columns(apply_slice(source.columns, where), source.class_names, source.target)
 
 
+def _arrays_entry(arrays: dict | None, split: str, example: str) -> object:
+    """``arrays[split]``, else a DataError naming the split (``example``: what it holds)."""
+    if not arrays or split not in arrays:
+        passed = ", ".join(map(repr, arrays or ())) or "none"
+        raise DataError(
+            f"data.source='arrays' needs the split {split!r} in the arrays passed "
+            f"(arrays={{'{split}': {example}, ...}}); the splits passed: {passed}."
+        )
+    return arrays[split]
+
+
 def _arrays(arrays: dict | None, split: str, what: str = "labels", key: str = "label") -> tuple:
     """(images, ``key``'s values) of ``arrays[split]``: a pair, or a dict of columns."""
-    if not arrays or split not in arrays:
-        raise DataError(
-            f"data.source='arrays' needs arrays={{'{split}': (images, {what})}} passed to "
-            "train_and_evaluate."
-        )
-    entry = arrays[split]
+    entry = _arrays_entry(arrays, split, f"(images, {what})")
     if isinstance(entry, Mapping):
         missing = [k for k in ("image", key) if k not in entry]
         if missing:
@@ -307,12 +318,7 @@ def _arrays(arrays: dict | None, split: str, what: str = "labels", key: str = "l
 def _array_columns(arrays: dict | None, split: str, target: str) -> dict:
     """The columns of ``arrays[split]``: a dict of columns (``"image"`` and the target column
     of one's own), or a pair (images, labels): columns ``image`` and ``label``."""
-    if not arrays or split not in arrays:
-        raise DataError(
-            f"data.source='arrays' needs arrays={{'{split}': {{'image': images, '{target}': "
-            "values}} passed to train_and_evaluate."
-        )
-    entry = arrays[split]
+    entry = _arrays_entry(arrays, split, f"{{'image': images, '{target}': values}}")
     if isinstance(entry, Mapping):
         return dict(entry)
     images, labels = entry
@@ -367,6 +373,7 @@ __all__ = [
     "from_tfds",
     "from_tfds_boxes",
     "is_column_target",
+    "is_image_level",
     "load_source",
     "pipeline_options",
     "select_classes",

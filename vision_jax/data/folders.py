@@ -346,20 +346,32 @@ def _csv_text(path: str) -> str:
     return file_path(path).read_bytes().decode("utf-8-sig")
 
 
+CsvTable = tuple[list[str], list[tuple[int, list[str]]]]
+
+
+def _csv_table(path: str) -> CsvTable:
+    """The header of a CSV file (its names stripped) and its non-empty rows with their line
+    numbers."""
+    reader = csv.reader(io.StringIO(_csv_text(path)))
+    header = [h.strip() for h in next(reader, [])]
+    return header, [(line, row) for line, row in enumerate(reader, start=2) if row]
+
+
+def _csv_files(root: str) -> list[str]:
+    """The CSV files in ``root`` (``root/*.csv``), sorted."""
+    return [str(p) for p in sorted(file_path(root).glob("*.csv"))]
+
+
 def _csv_rows(path: str) -> tuple[list[str], list[tuple[int, str, str]] | None]:
     """The header of a CSV file and, if it is a split's (``filename,label``), its (line number,
     filename, label) rows; None for another file's."""
-    reader = csv.reader(io.StringIO(_csv_text(path)))
-    header = [h.strip() for h in next(reader, [])]
+    header, rows = _csv_table(path)
     if header[:2] != ["filename", "label"]:
         return header, None
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        if row and len(row) < 2:
+    for line, row in rows:
+        if len(row) < 2:
             raise DataError(f"{path}:{line}: expected 'filename,label'; got {row}.")
-        if row:
-            rows.append((line, row[0].strip(), row[1].strip()))
-    return header, rows
+    return header, [(line, row[0].strip(), row[1].strip()) for line, row in rows]
 
 
 def _read_csv(path: str) -> list[tuple[int, str, str]]:
@@ -373,7 +385,7 @@ def _read_csv(path: str) -> list[tuple[int, str, str]]:
 def _csv_class_names(root: str) -> list[str]:
     """Class names from every split CSV in ``root`` (``root/*.csv`` with the ``filename,label``
     header; others are named in a warning): integer labels 0..max, or sorted label names."""
-    rows = {str(p): _csv_rows(str(p))[1] for p in sorted(file_path(root).glob("*.csv"))}
+    rows = {p: _csv_rows(p)[1] for p in _csv_files(root)}
     splits = [posixpath.basename(p) for p, split in rows.items() if split is not None]
     if len(splits) < len(rows):
         others = ", ".join(posixpath.basename(p) for p, split in rows.items() if split is None)
@@ -397,6 +409,7 @@ def from_csv(
     *,
     class_names: Sequence[str] | None = None,
     target: str = "label",
+    splits: Sequence[str] = (),
 ) -> Source:
     """``root/<split>.csv`` (``filename,label``; file names relative to ``root``).
 
@@ -406,13 +419,17 @@ def from_csv(
 
     A ``target`` of one's own (a task's column, :func:`csv_target_rows`) is read from the
     columns of that name instead; the file then starts with ``filename`` and needs no label.
+    Its values are int32 where every value in the CSV files of ``split`` and ``splits`` (the
+    other splits of the run) is an integer, else float32: other files in ``root`` do not
+    change a split.
     """
     name, where = parse_split(split)
     path = posixpath.join(root, f"{name}.csv")
     if not file_path(path).exists():
         raise DataError(f"CSV split file {path} does not exist.")
     if is_column_target(check_target(target)):
-        return _csv_column_source(root, path, where, target, class_names)
+        files = [posixpath.join(root, f"{parse_split(s)[0]}.csv") for s in splits]
+        return _csv_column_source(root, path, where, target, class_names, files)
     class_names = list(class_names) if class_names is not None else _csv_class_names(root)
     index = {c: i for i, c in enumerate(class_names)}
     paths, labels = [], []
@@ -434,104 +451,149 @@ def from_csv(
 
 
 _INTEGER = re.compile(r"[+-]?\d+")
+# A number as a CSV target holds it: plain decimal or scientific notation (no nan, inf or _)
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
-def csv_target_rows(path: str, target: str) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+def csv_target_rows(
+    path: str,
+    target: str,
+    class_names: Sequence[str] | None = None,
+    table: CsvTable | None = None,
+) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
     """The names of the values of the target column ``target`` of one's own in a split CSV
-    (its header ``filename,...``), and its (line number, filename, value texts) rows.
+    (its header ``filename,...``; ``table``: the file as read already), and its (line number,
+    filename, value texts) rows.
 
     Two encodings: a column named ``target`` holding an example's numbers separated by spaces
     (``0 1 1``; one number in every row: a scalar per example), its value names ``"0"`` ..
     ``"K-1"``; or a column per value, named ``<target>/<name>`` (``targets/cat,targets/dog``),
-    in the header's order, its value names the ``<name>`` parts."""
-    reader = csv.reader(io.StringIO(_csv_text(path)))
-    header = [h.strip() for h in next(reader, [])]
+    each cell one number, its value names the ``<name>`` parts: in the header's order, or with
+    ``class_names`` (data.class_names, or those a run trained on) in theirs, the columns
+    matched by name (other names are an error naming the file and both)."""
+    header, lines = _csv_table(path) if table is None else table
     if header[:1] != ["filename"]:
         raise DataError(f"{path} must start with the header 'filename,...'; got {header}.")
     parts = [i for i, h in enumerate(header) if h.startswith(f"{target}/")]
-    if target in header and parts:
+    single = [i for i, h in enumerate(header) if h == target]
+    if single and parts:
         raise DataError(
             f"{path}: the header has both a column {target!r} and columns {target}/<name>: "
             "keep one encoding."
         )
-    if target not in header and not parts:
+    if not single and not parts:
         raise DataError(missing_column(target, header, path))
-    columns = [header.index(target)] if target in header else parts
+    named = [header[i] for i in single + parts]
+    if twice := sorted({h for h in named if named.count(h) > 1}):
+        raise DataError(f"{path}: the header names {', '.join(twice)} more than once.")
+    columns, names = single, [header[i].removeprefix(f"{target}/") for i in parts]
+    if parts:
+        columns = parts
+        if class_names is not None and list(class_names) != names:
+            if sorted(class_names) != sorted(names):
+                raise DataError(
+                    f"{path}: the columns {target}/<name> name the values {', '.join(names)}; "
+                    f"expected {', '.join(class_names)} (data.class_names, or the values the "
+                    "run trained on)."
+                )
+            by_name = dict(zip(names, parts, strict=True))
+            columns, names = [by_name[n] for n in class_names], list(class_names)
     rows = []
-    for line, row in enumerate(reader, start=2):
-        if not row:
-            continue
+    for line, row in lines:
         if len(row) < len(header):
             raise DataError(f"{path}:{line}: {len(row)} fields; the header names {len(header)}.")
-        texts = [t for i in columns for t in row[i].split()]
-        if len(texts) < len(columns):
-            raise DataError(f"{path}:{line}: no value for {target!r} ({row[0].strip()}).")
-        rows.append((line, row[0].strip(), texts))
-    if target in header:
+        filename = row[0].strip()
+        if parts:
+            texts = [row[i].strip() for i in columns]
+            for i, text in zip(columns, texts, strict=True):
+                if len(text.split()) != 1:
+                    held = f"{text!r}" if text else "nothing"
+                    raise DataError(
+                        f"{path}:{line}: the column {header[i]!r} holds {held} ({filename}); a "
+                        "column per value holds one number."
+                    )
+        else:
+            texts = row[columns[0]].split()
+            if not texts:
+                raise DataError(f"{path}:{line}: no value for {target!r} ({filename}).")
+        rows.append((line, filename, texts))
+    if single:
         counts = {len(texts) for _, _, texts in rows}
         names = [str(i) for i in range(max(counts, default=0))] if counts != {1} else ["0"]
-    else:
-        names = [header[i].removeprefix(f"{target}/") for i in parts]
     return names, rows
 
 
 def _csv_column_source(
-    root: str, path: str, where: slice, target: str, class_names: Sequence[str] | None
+    root: str,
+    path: str,
+    where: slice,
+    target: str,
+    class_names: Sequence[str] | None,
+    others: Sequence[str],
 ) -> Source:
     """A CSV split's images with the target column ``target`` of one's own
-    (:func:`csv_target_rows`): int32 where every value of every split CSV in ``root`` holding
-    the column is an integer, else float32 (so that the splits agree)."""
-    names, rows = csv_target_rows(path, target)
-    one_column = target in _csv_header(path)
+    (:func:`csv_target_rows`): int32 where every value of the split's file and of the files
+    ``others`` (the run's other splits; those missing or without the column are passed over)
+    is an integer, else float32 (so that a run's splits agree and no other file changes
+    them)."""
+    table = _csv_table(path)
+    names, rows = csv_target_rows(path, target, class_names, table)
+    one_column = target in table[0]
     scalar = one_column and all(len(texts) == 1 for _, _, texts in rows)
     width = len(names)
-    values = []
     for line, filename, texts in rows:
         if len(texts) != width:
             raise DataError(
                 f"{path}:{line}: {len(texts)} values for {target!r} ({filename}); other rows "
                 f"hold {width} (every example holds as many)."
             )
-        try:
-            values.append([float(t) for t in texts])
-        except ValueError:
-            bad = next(t for t in texts if not _is_number(t))
+        if bad := next((t for t in texts if not _NUMBER.fullmatch(t)), None):
             raise DataError(
-                f"{path}:{line}: {bad!r} is not a number ({target!r} of {filename})."
-            ) from None
-    splits = _csv_splits_with(root, target)
-    integers = all(
-        _INTEGER.fullmatch(t) for p in splits for _, _, texts in csv_target_rows(p, target)[1]
-        for t in texts
-    )  # fmt: skip
-    array = np.array(values, np.float64).reshape(len(values), *(() if scalar else (width,)))
-    array = array.astype(np.int64 if integers else np.float32)
+                f"{path}:{line}: {bad!r} is not a number ({target!r} of {filename}): plain "
+                "decimal or scientific notation (2, -0.5, 1e-3); no nan, inf or '_'."
+            )
+    integers = all(_INTEGER.fullmatch(t) for _, _, texts in rows for t in texts)
+    for other in dict.fromkeys(others):  # each file once
+        if not integers:
+            break
+        if other == path or not file_path(other).exists():
+            continue
+        header, lines = other_table = _csv_table(other)
+        if header[:1] != ["filename"] or not any(
+            h == target or h.startswith(f"{target}/") for h in header
+        ):
+            continue  # loading that split names what it lacks
+        _, other_rows = csv_target_rows(other, target, None, other_table)
+        integers = all(_INTEGER.fullmatch(t) for _, _, texts in other_rows for t in texts)
+    if integers:
+        array = np.array([[int(t) for t in texts] for _, _, texts in rows], np.object_)
+    else:
+        array = np.array([[float(t) for t in texts] for _, _, texts in rows], np.float64)
+    array = array.reshape(len(rows), *(() if scalar else (width,)))
+    array = _checked_values(array, rows, path, target)
     if class_names is None and not one_column:
         class_names = names
     paths = np.array([posixpath.join(root, f) for _, f, _ in rows], dtype=str)
-    return column_source(apply_slice({"path": paths, target: array}, where), target, class_names)
+    columns = apply_slice({"path": paths, target: array}, where)
+    return column_source(columns, target, class_names, path)
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _csv_header(path: str) -> list[str]:
-    return [h.strip() for h in next(csv.reader(io.StringIO(_csv_text(path))), [])]
-
-
-def _csv_splits_with(root: str, target: str) -> list[str]:
-    """The CSV files in ``root`` whose header starts with ``filename`` and holds ``target``'s
-    column(s)."""
-    found = []
-    for p in sorted(file_path(root).glob("*.csv")):
-        header = _csv_header(str(p))
-        if header[:1] == ["filename"] and any(
-            h == target or h.startswith(f"{target}/") for h in header
-        ):
-            found.append(str(p))
-    return found
+def _checked_values(
+    array: np.ndarray, rows: list[tuple[int, str, list[str]]], path: str, target: str
+) -> np.ndarray:
+    """A CSV target column as int32 (integers: within int32's range) or float32 (finite:
+    within float32's range), else a DataError naming the line."""
+    if array.dtype == np.object_:
+        limits = (-(2**31), 2**31 - 1)
+        what, held = "an integer outside int32's range", np.int32
+        bad = np.vectorize(lambda v: not limits[0] <= v <= limits[1], otypes=[bool])(array)
+    else:
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
+        what, held = "a number beyond float32's range", np.float32
+        bad = ~np.isfinite(array)
+    if bad.size and bad.any():
+        line, filename, texts = rows[int(np.argwhere(bad)[0][0])]
+        held_text = " ".join(texts)
+        raise DataError(f"{path}:{line}: {target!r} of {filename} holds {what} ({held_text}).")
+    return array.astype(held)

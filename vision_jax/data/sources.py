@@ -309,47 +309,82 @@ def is_column_target(target: str) -> bool:
     return target not in TARGETS
 
 
-def column_values(values: np.ndarray, name: str) -> np.ndarray:
-    """A target column of one's own as the pipeline holds it: numbers of one shape per example
-    (N, ...), floats as float32, integers and booleans as int32; else a DataError naming it."""
-    values = np.asarray(values)
+def is_image_level(target: str) -> bool:
+    """Whether a task's ``target`` holds one value (or one fixed-shape vector) per image: a
+    label or a column of one's own, which crops and flips leave alone and whose images
+    evaluation crops as classification does; not a label map or boxes (placed on the image)."""
+    return target not in ("label_map", "boxes")
+
+
+def column_values(values: np.ndarray, name: str, where: str = "The data") -> np.ndarray:
+    """A target column of one's own as the pipeline holds it: finite numbers of one shape per
+    example (N, ...), floats as float32, integers and booleans as int32; else a DataError
+    naming it, ``where`` it is (``arrays['train']``, a CSV file) and the first bad row."""
+    try:
+        values = np.asarray(values)
+    except ValueError as e:  # a ragged list
+        raise DataError(
+            f"{where}: the column {name!r} must hold numbers of one shape per example ({e})."
+        ) from None
     if values.ndim == 0:
-        raise DataError(f"The column {name!r} must hold a row per example; got a single value.")
+        raise DataError(f"{where}: the column {name!r} must hold a row per example; got a single "
+                        "value.")  # fmt: skip
     if values.dtype == np.bool_:
         return values.astype(np.int32)
     if np.issubdtype(values.dtype, np.integer):
-        if values.size and (values.min() < -(2**31) or values.max() >= 2**31):
-            raise DataError(f"The column {name!r} holds integers outside int32's range.")
+        outside = (values < -(2**31)) | (values >= 2**31)
+        if outside.any():
+            row = int(np.argwhere(outside)[0][0])
+            raise DataError(
+                f"{where}: the column {name!r} holds integers outside int32's range (row {row}: "
+                f"{values[row].tolist()})."
+            )
         return values.astype(np.int32, copy=False)
     if np.issubdtype(values.dtype, np.floating):
-        return values.astype(np.float32, copy=False)
+        held = values.astype(np.float32, copy=False)
+        finite = np.isfinite(held)
+        if not finite.all():
+            row = int(np.argwhere(~finite)[0][0])
+            raise DataError(
+                f"{where}: the column {name!r} holds a value that is not a finite float32 (row "
+                f"{row}: {values[row].tolist()}): NaN, infinity or beyond float32's range."
+            )
+        return held
     raise DataError(
-        f"The column {name!r} must hold numbers (integers, floats or booleans); got dtype "
-        f"{values.dtype}."
+        f"{where}: the column {name!r} must hold numbers (integers, floats or booleans); got "
+        f"dtype {values.dtype}."
     )
 
 
 def column_source(
-    columns: dict[str, np.ndarray], target: str, class_names: Sequence[str] | None
+    columns: dict[str, np.ndarray],
+    target: str,
+    class_names: Sequence[str] | None,
+    where: str = "The data",
 ) -> Source:
     """A source whose target is the column ``target`` of one's own (numbers of a fixed shape
     per example: a scalar or a vector), beside ``"image"`` ((N,H,W,C) uint8, checked) or
     ``"path"``; other columns are left out. ``class_names`` name the values of an example (as
-    many as it holds: a multi-hot vector's labels); without them ``"0"`` .. ``"K-1"``."""
+    many as it holds: a multi-hot vector's labels); without them ``"0"`` .. ``"K-1"``.
+    ``where`` names the data in errors (``arrays['train']``, a CSV file)."""
     if target not in columns:
-        raise DataError(missing_column(target, columns))
+        raise DataError(missing_column(target, columns, where))
     image_key = "image" if "image" in columns else "path"
     if image_key not in columns:
-        raise DataError(f"The data has no 'image' column (its columns: {_names(columns)}).")
-    values = column_values(columns[target], target)
+        raise DataError(f"{where} has no 'image' column (its columns: {_names(columns)}).")
+    values = column_values(columns[target], target, where)
     images = columns[image_key]
     if image_key == "image":
         images = checked_images(images)
     if len(values) != len(images):
-        raise DataError(f"The column {target!r} has {len(values)} rows, the images {len(images)}.")
+        raise DataError(
+            f"{where}: the column {target!r} has {len(values)} rows, the images {len(images)}."
+        )
     size = math.prod(values.shape[1:])
     if not size:
-        raise DataError(f"The column {target!r} holds no value per example ({values.shape}).")
+        raise DataError(
+            f"{where}: the column {target!r} holds no value per example ({values.shape})."
+        )
     if class_names is None:
         class_names = [str(i) for i in range(size)]
     elif len(class_names) != size:

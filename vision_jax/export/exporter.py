@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vision_jax.data import augment, boxes
+from vision_jax.data import augment, boxes, is_image_level
 from vision_jax.export.images import split_images
 from vision_jax.export.report import float_agreement
 from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
@@ -228,7 +228,8 @@ def _manifest(
                 "log_softmax of the logits, the same but where a probability underflows to 0 "
                 "(logit gaps past about 87)"
             )
-    elif target != "boxes":  # a label, or a column of one's own: how evaluation resizes, crops
+    elif is_image_level(target):  # a label, or a column of one's own: how evaluation
+        # resizes and crops
         spec = trained.input
         whole = spec.crop_mode == "squash"
         manifest["input"]["resize"] = {

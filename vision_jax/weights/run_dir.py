@@ -77,6 +77,10 @@ class RunRecord:
     std: Triple | None = None
     interpolation: str | None = None  # its resize (older runs: the config's, else bilinear)
     crop_mode: str | None = None  # "center" or "squash" (older runs: the config's, else center)
+    # a target of one's own (a column): the shape and dtype name of an example's values
+    # (older runs: None)
+    target_shape: tuple[int, ...] | None = None
+    target_dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON object (the input under ``"input"``)."""
@@ -94,6 +98,11 @@ class RunRecord:
                 "interpolation": self.interpolation,
                 "crop_mode": self.crop_mode,
             },
+            **(
+                {"target": {"shape": _list(self.target_shape), "dtype": self.target_dtype}}
+                if self.target_dtype is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -114,6 +123,8 @@ class RunRecord:
             interpolation=given.get("interpolation")
             or config.get("input", {}).get("interpolation"),
             crop_mode=given.get("crop_mode") or config.get("input", {}).get("crop_mode"),
+            target_shape=_tuple((meta.get("target") or {}).get("shape")),
+            target_dtype=(meta.get("target") or {}).get("dtype"),
         )
 
     def contract(self, where: str) -> InputContract:
