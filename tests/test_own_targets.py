@@ -68,6 +68,20 @@ def test_a_multi_label_task_trains_evaluates_predicts_and_resumes_on_arrays(tmp_
     again = evaluate.evaluate_run(tmp_path, which="latest", arrays=arrays)
     assert again["eval/map"] == pytest.approx(ap, abs=1e-6)
     assert again["eval/loss"] == pytest.approx(result["eval/loss"], rel=1e-5)
+    # A split whose column is not the run's: named by shape and type, not as "classes"
+    test = arrays["test"]
+    for values, held in ((test["targets"][:, :2], r"int32 \(2,\)"),
+                         (test["targets"].astype(np.float32), r"float32 \(3,\)")):  # fmt: skip
+        other = {"test": {"image": test["image"], "targets": values}}
+        match = rf"The split 'test' holds 'targets' values of {held} per example; the run " \
+                r"trained on int32 \(3,\)\.$"  # fmt: skip
+        with pytest.raises(DataError, match=match):
+            evaluate.evaluate_run(tmp_path, which="latest", arrays=other)
+    match = (r"data.source='arrays' needs the split 'test' in the arrays passed \(arrays="
+             r"\{'test': \{'image': images, 'targets': values\}, \.\.\.\}\); the splits "
+             r"passed: 'train'\.$")  # fmt: skip
+    with pytest.raises(DataError, match=match):  # evaluate_run's arrays, not train_and_evaluate's
+        evaluate.evaluate_run(tmp_path, which="latest", arrays={"train": arrays["train"]})
 
 
 def write_csv_split(root, name: str, n: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -219,3 +233,119 @@ def test_splits_whose_columns_differ_in_shape_are_refused(tmp_path, register):
              r"train, int32 \(2,\) in eval\.")  # fmt: skip
     with pytest.raises(DataError, match=match):
         build_run(config, str(tmp_path), arrays={"train": multi_hot(16, 0), "test": test})
+
+
+NAMES = ("top", "bottom", "red")  # multi_hot's values
+
+
+def write_multi_label_csv(root, name: str, n: int, seed: int, order=NAMES) -> None:
+    """``root/<name>.csv`` of n 8x8 PNGs (``multi_hot``) with a column per value,
+    ``targets/<name>``, in the header order ``order``."""
+    data = multi_hot(n, seed)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    lines = ["filename," + ",".join(f"targets/{c}" for c in order)]
+    for i, (image, values) in enumerate(zip(data["image"], data["targets"], strict=True)):
+        Image.fromarray(image).save(root / name / f"{i}.png")
+        by_name = dict(zip(NAMES, values.astype(int).tolist(), strict=True))
+        lines.append(f"{name}/{i}.png," + ",".join(str(by_name[c]) for c in order))
+    (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_csv_columns_per_value_are_matched_by_name_to_the_runs(tmp_path, register):
+    """Columns ``<target>/<name>`` are read by name, not position: a test CSV whose columns
+    come in another order measures the same; other names are refused naming the file."""
+    register(MultiLabel)
+    root, workdir = tmp_path / "data", tmp_path / "run"
+    write_multi_label_csv(root, "train", 16, 0)
+    write_multi_label_csv(root, "test", 12, 1)
+    config = own_config(MultiLabel, total_steps=1, **{
+        "data.source": "csv", "data.root": str(root), "task.module": "own_task",
+    })  # fmt: skip
+    result = train_and_evaluate(config, str(workdir))
+    write_multi_label_csv(root, "test", 12, 1, order=("red", "top", "bottom"))
+    again = evaluate.evaluate_run(workdir, which="latest")
+    assert again["eval/loss"] == pytest.approx(result["eval/loss"], rel=1e-5)
+    assert again["eval/map"] == pytest.approx(result["eval/map"], abs=1e-6)
+    test_csv = root / "test.csv"
+    test_csv.write_text(test_csv.read_text().replace("targets/red", "targets/blue"))
+    match = (
+        r"test.csv: the columns targets/<name> name the values blue, top, bottom; "
+        r"expected top, bottom, red \(data.class_names, or the values the run trained on\)"
+    )
+    with pytest.raises(DataError, match=match):
+        evaluate.evaluate_run(workdir, which="latest")
+    # data.class_names orders them too
+    names = ("red", "top", "bottom")
+    source = data_lib.load_source(data_spec(source="csv", root=str(root), class_names=names),
+                                  "train", target="targets")  # fmt: skip
+    truth = multi_hot(16, 0)["targets"].astype(np.int32)
+    np.testing.assert_array_equal(source.columns["targets"], truth[:, [2, 0, 1]])
+    assert source.class_names == list(names)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("filename,v\na.png,0.5\nb.png,nan\n", r"train.csv:3: 'nan' is not a number"),
+        ("filename,v\na.png,inf\n", r"train.csv:2: 'inf' is not a number"),
+        ("filename,v\na.png,-Infinity\n", r"train.csv:2: '-Infinity' is not a number"),
+        ("filename,v\na.png,1_000\n", r"train.csv:2: '1_000' is not a number \('v' of a.png\)"),
+        ("filename,v\na.png,1e39\n", r"train.csv:2: 'v' of a.png holds a number beyond "
+                                      r"float32's range \(1e39\)"),
+        ("filename,v\na.png,3000000000\n", r"train.csv:2: 'v' of a.png holds an integer "
+                                            r"outside int32's range"),
+        ("filename,v/a,v/b\na.png,1 0,\nb.png,0,1\n",
+         r"train.csv:2: the column 'v/a' holds '1 0' \(a.png\); a column per value holds one"),
+        ("filename,v/a,v/b\na.png,1,\n", r"train.csv:2: the column 'v/b' holds nothing"),
+        ("filename,v/a,v/a\na.png,1,2\n", r"train.csv: the header names v/a more than once"),
+        ("filename,v,v\na.png,1,2\n", r"train.csv: the header names v more than once"),
+    ],
+)  # fmt: skip
+def test_csv_values_that_are_not_one_finite_number_are_refused_naming_the_line(
+    tmp_path, text, match
+):
+    (tmp_path / "train.csv").write_text(text)
+    with pytest.raises(DataError, match=match):
+        data_lib.load_source(data_spec(source="csv", root=str(tmp_path)), "train", target="v")
+
+
+def test_a_csv_columns_type_comes_from_the_runs_splits_alone(tmp_path):
+    """int32 where every value of the run's split files is an integer: a float in the eval
+    split makes the train split float32 too (so that they agree); another CSV file in the
+    folder (predictions, notes) changes neither the type nor the fingerprint."""
+    (tmp_path / "train.csv").write_text("filename,v\na.png,1\nb.png,0\n")
+    (tmp_path / "test.csv").write_text("filename,v\nc.png,1\n")
+    load = lambda **keys: data_lib.load_source(
+        data_spec(source="csv", root=str(tmp_path), **keys), "train", target="v"
+    )
+    before = load()
+    assert before.column_spec == ((), np.int32)
+    (tmp_path / "predictions.csv").write_text("filename,v\nc.png,0.73\n")
+    after = load()
+    assert after.column_spec == ((), np.int32)
+    assert after.fingerprint() == before.fingerprint()
+    assert load(eval_split="predictions").column_spec == ((), np.float32)  # a split of the run
+
+
+@pytest.mark.parametrize(
+    "column, match",
+    [
+        (np.array([0, np.nan, 1, 2]), r"arrays\['train'\]: the column 'v' holds a value that "
+                                      r"is not a finite float32 \(row 1: nan\)"),
+        (np.array([0, 1, np.inf, 2]), r"arrays\['train'\]: .* \(row 2: inf\)"),
+        (np.array([[0.0], [1e39], [0], [0]]), r"arrays\['train'\]: .* \(row 1: \[1e\+39\]\)"),
+        ([[0], [1, 2], [1], [2]], r"arrays\['train'\]: the column 'v' must hold numbers of one "
+                                  r"shape per example"),
+        (np.zeros(3), r"arrays\['train'\]: the column 'v' has 3 rows, the images 4\."),
+        (np.array([1, 2, 3, 2**40]), r"arrays\['train'\]: the column 'v' holds integers "
+                                     r"outside int32's range \(row 3: 1099511627776\)"),
+    ],
+)  # fmt: skip
+def test_arrays_columns_that_are_not_finite_numbers_are_refused_naming_split_and_row(column, match):
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    arrays = {"train": {"image": images, "v": column}}
+    with pytest.raises(DataError, match=match):
+        data_lib.load_source(data_spec(source="arrays"), "train", arrays=arrays, target="v")
+    arrays = {"train": {"images": images, "v": np.zeros(4)}}
+    with pytest.raises(DataError, match=r"arrays\['train'\] has no 'image' column \(its "):
+        data_lib.load_source(data_spec(source="arrays"), "train", arrays=arrays, target="v")

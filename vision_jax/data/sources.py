@@ -341,7 +341,8 @@ def column_values(values: np.ndarray, name: str, where: str = "The data") -> np.
             )
         return values.astype(np.int32, copy=False)
     if np.issubdtype(values.dtype, np.floating):
-        held = values.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # beyond float32's range: refused below
+            held = values.astype(np.float32, copy=False)
         finite = np.isfinite(held)
         if not finite.all():
             row = int(np.argwhere(~finite)[0][0])
