@@ -77,9 +77,10 @@ def test_a_multi_label_task_trains_evaluates_predicts_and_resumes_on_arrays(tmp_
                 r"trained on int32 \(3,\)\.$"  # fmt: skip
         with pytest.raises(DataError, match=match):
             evaluate.evaluate_run(tmp_path, which="latest", arrays=other)
-    match = (r"data.source='arrays' needs the split 'test' in the arrays passed \(arrays="
-             r"\{'test': \{'image': images, 'targets': values\}, \.\.\.\}\); the splits "
-             r"passed: 'train'\.$")  # fmt: skip
+    match = (
+        r"data.source='arrays' needs arrays=\{'test': \{'image': images, 'targets': "
+        r"values\}, \.\.\.\}: the split 'test' is not among those passed \('train'\)\.$"
+    )
     with pytest.raises(DataError, match=match):  # evaluate_run's arrays, not train_and_evaluate's
         evaluate.evaluate_run(tmp_path, which="latest", arrays={"train": arrays["train"]})
 
@@ -349,3 +350,27 @@ def test_arrays_columns_that_are_not_finite_numbers_are_refused_naming_split_and
     arrays = {"train": {"images": images, "v": np.zeros(4)}}
     with pytest.raises(DataError, match=r"arrays\['train'\] has no 'image' column \(its "):
         data_lib.load_source(data_spec(source="arrays"), "train", arrays=arrays, target="v")
+
+
+def test_the_run_record_keeps_the_columns_shape_and_type_and_older_runs_check_its_size():
+    """A run records its target column's shape and type (evaluate_run compares a split's with
+    them); a record without them (an older run) still loads, and a split then is checked
+    against the number of values its class names count."""
+    from types import SimpleNamespace
+
+    from vision_jax.weights.run_dir import RunRecord
+
+    record = RunRecord(class_names=("a", "b", "c"), target_shape=(3,), target_dtype="int32")
+    assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    older = RunRecord.from_json({"class_names": ["a", "b", "c"]})
+    assert older.target_shape is None and older.target_dtype is None
+    assert "target" not in older.to_json()
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    two = data_lib.from_arrays(images, np.zeros((2, 2), np.float32), target="targets")
+    trained = SimpleNamespace(record=older, class_names=["a", "b", "c"])
+    match = (r"The split 'test' holds 'targets' values of shape \(2,\) per example; the run "
+             r"trained on 3 values per example\.$")  # fmt: skip
+    with pytest.raises(DataError, match=match):
+        evaluate._check_column(trained, two, "test")
+    three = data_lib.from_arrays(images, np.zeros((2, 3), np.float32), target="targets")
+    evaluate._check_column(trained, three, "test")

@@ -298,8 +298,8 @@ def _arrays_entry(arrays: dict | None, split: str, example: str) -> object:
     if not arrays or split not in arrays:
         passed = ", ".join(map(repr, arrays or ())) or "none"
         raise DataError(
-            f"data.source='arrays' needs the split {split!r} in the arrays passed "
-            f"(arrays={{'{split}': {example}, ...}}); the splits passed: {passed}."
+            f"data.source='arrays' needs arrays={{'{split}': {example}, ...}}: the split "
+            f"{split!r} is not among those passed ({passed})."
         )
     return arrays[split]
 
