@@ -177,6 +177,28 @@ def test_a_bool_for_a_number_key_is_refused_naming_the_key(tmp_path):
     ]
 
 
+def test_a_section_replaced_by_a_config_dict_or_a_dict_keeps_the_bool_refusal():
+    """``c.lora = ml_collections.ConfigDict(dict(rank=8))`` and big_vision's
+    ``c.model = ml_collections.ConfigDict()`` then filling it in were refused (a ConfigDict
+    cannot be cast to NumberConfigDict); the new section refuses a bool for a number key, the
+    error naming the key from the root."""
+    import ml_collections
+
+    config = default_config()
+    config.lora = ml_collections.ConfigDict(dict(rank=8))
+    assert config.lora.rank == 8
+    config.model = ml_collections.ConfigDict()
+    config.model.name, config.model.drop_path_rate = "vit_ti16", 0.1
+    assert config.model.to_dict() == {"name": "vit_ti16", "drop_path_rate": 0.1}
+    config.init = dict(path="x.npz", head_bias_init=0.0)
+    for key, what in (("lora.rank", "an integer"), ("model.drop_path_rate", "a number"),
+                      ("init.head_bias_init", "a number")):  # fmt: skip
+        section, _, leaf = key.rpartition(".")
+        message = f"^Could not override field '{key}': True is a bool, and the key takes {what}.$"
+        with pytest.raises(TypeError, match=message):
+            setattr(config[section], leaf, True)
+
+
 def test_a_schedule_longer_than_training_is_refused_with_the_config():
     """--config.total_steps=4 on a config with warmup_steps=20 was refused only once the model
     was built (by the optimizer); lengths in epochs wait for the data's steps per epoch."""

@@ -34,9 +34,14 @@ class NumberConfigDict(ml_collections.ConfigDict):
                 f"Could not override field '{path}{key}': {value} is a bool, and the key takes "
                 f"{'an integer' if kind is int else 'a number'}."
             )
+        if (isinstance(field, NumberConfigDict) and isinstance(value, ml_collections.ConfigDict)
+                and not isinstance(value, NumberConfigDict)):  # fmt: skip
+            # ``c.model = ml_collections.ConfigDict()`` (big_vision's habit) replaces a section
+            value = NumberConfigDict(value)
         super().__setitem__(key, value)
-        if isinstance(value, NumberConfigDict):
-            object.__setattr__(value, "_path", f"{path}{key}.")
+        stored = self._fields.get(key)  # a dict given is stored as a section of its own
+        if isinstance(stored, NumberConfigDict):
+            object.__setattr__(stored, "_path", f"{path}{key}.")
 
 
 def default_config() -> ml_collections.ConfigDict:
