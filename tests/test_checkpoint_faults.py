@@ -1292,13 +1292,17 @@ def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path, ca
 def test_corrupt_keeps_the_newest_folders_moved_aside(tmp_path, monkeypatch, caplog):
     """A run killed while it commits a save leaves a complete but uncommitted folder, moved to
     corrupt/ at the next start: killed again and again, corrupt/ grew without end. It keeps
-    the 2 newest (by the time in their names), each removal one line; anything else stays."""
+    the 2 newest of those (by the time in their names), each removal one line; damaged
+    committed steps (several moved in one second by one restore), folders moved there by the
+    same process and anything else stay."""
     import datetime
 
     from vision_jax import checkpoint
     from vision_jax.weights.run_dir import REQUIRED_FILES
 
-    times = iter(["20261207T100000", "20261207T100000", "20261207T100001", "20261207T100002"])
+    times = iter(["20261207T095959"] * 3 + ["20261207T100000", "20261207T100000",
+                                             "20261207T100001", "20261207T100002",
+                                             "20261207T100003", "20261207T100004"])  # fmt: skip
 
     class Clock(datetime.datetime):
         @classmethod
@@ -1306,22 +1310,44 @@ def test_corrupt_keeps_the_newest_folders_moved_aside(tmp_path, monkeypatch, cap
             return datetime.datetime.strptime(next(times), "%Y%m%dT%H%M%S")
 
     monkeypatch.setattr(checkpoint.datetime, "datetime", Clock)
+    monkeypatch.setattr(checkpoint, "_MOVED_HERE", set(), raising=False)
     folder = tmp_path / "checkpoints"
     (folder / CORRUPT_DIR).mkdir(parents=True)
     (folder / CORRUPT_DIR / "notes.txt").write_text("mine")  # not moved there: never removed
-    for step in (5, 10, 15, 20):  # a commit cut short by each kill, found by the next start
+
+    def save_cut_short(step):
         unfinished = folder / f"{step}.orbax-checkpoint-tmp-17646{step}"
         for name in REQUIRED_FILES:
             (unfinished / name).parent.mkdir(parents=True, exist_ok=True)
             (unfinished / name).write_text("{}")
+
+    for step in (30, 25, 20):  # damaged steps a restore moved aside, newest first, one second
+        (folder / str(step)).mkdir()
+        checkpoint._move_aside(str(folder), step, "is damaged")
+    for step in (5, 10, 15, 20):  # a commit cut short by each kill, found by the next start
+        save_cut_short(step)
+        checkpoint._MOVED_HERE.clear()  # each start is a new process
         with caplog.at_level(logging.WARNING):
             checkpoint._move_aside_unfinished(str(folder))
+    damaged = ["20-20261207T095959", "25-20261207T095959", "30-20261207T095959"]
     kept = sorted(p.name for p in (folder / CORRUPT_DIR).iterdir())
-    assert kept == [
-        "15.orbax-checkpoint-tmp-1764615-20261207T100001",
-        "20.orbax-checkpoint-tmp-1764620-20261207T100002",
-        "notes.txt",
-    ]
+    assert kept == sorted(
+        [
+            "15.orbax-checkpoint-tmp-1764615-20261207T100001",
+            "20.orbax-checkpoint-tmp-1764620-20261207T100002",
+            *damaged,
+            "notes.txt",
+        ]
+    )
     removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Removed")]
     assert len(removed) == 2 and all("keeps the 2 newest" in line for line in removed), removed
     assert [line.split("/corrupt/")[1].split(".")[0] for line in removed] == ["5", "10"]
+    for step in (35, 40):  # the last start tidies twice more: what it moved stays
+        save_cut_short(step)
+        checkpoint._move_aside_unfinished(str(folder))
+    kept = sorted(p.name for p in (folder / CORRUPT_DIR).iterdir() if "-tmp-" in p.name)
+    assert kept == [
+        "20.orbax-checkpoint-tmp-1764620-20261207T100002",
+        "35.orbax-checkpoint-tmp-1764635-20261207T100003",
+        "40.orbax-checkpoint-tmp-1764640-20261207T100004",
+    ]

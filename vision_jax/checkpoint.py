@@ -7,9 +7,9 @@ Rotation keeps the newest ``keep`` steps plus every step that ended its run (``m
 orbax deletes old steps only after the new one is committed. A newest step that cannot be read
 (truncated file, missing metadata, arrays that differ from their digests in ``meta``: see
 :mod:`vision_jax.digests`) is moved aside to ``checkpoints/corrupt/<step>-<time>`` (never
-deleted while it is among the newest :data:`KEEP_CORRUPT` moved there) with a one-line warning,
-and the run resumes from the newest readable step; so are unfinished saves left by a crash that
-hold every file of a save (others, partial writes, are removed). A checkpoint that does not
+deleted) with a one-line warning, and the run resumes from the newest readable step; so are
+unfinished saves left by a crash that hold every file of a save (others, partial writes, are
+removed), of which ``corrupt/`` keeps the :data:`KEEP_CORRUPT` newest. A checkpoint that does not
 match the run (another model) is an error and left untouched, so it is never overwritten by a
 run that could not read it.
 """
@@ -263,35 +263,40 @@ def _move_aside(directory: str, name: str | int, why: str) -> None:
     while target.exists():
         target, i = target.with_name(f"{name}-{time}-{i}"), i + 1
     source.rename(target)
+    _MOVED_HERE.add(str(target))
     logger.warning("Checkpoint %s %s; moved it to %s.", source, why, target)
-    _prune_corrupt(target.parent)
 
 
-KEEP_CORRUPT = 2  # folders moved aside that corrupt/ keeps, the newest, for diagnosis
-_MOVED_ASIDE = re.compile(r".+-(\d{8}T\d{6})(?:-(\d+))?")  # <name>-<UTC time>[-<i>]
+KEEP_CORRUPT = 2  # unfinished saves moved aside that corrupt/ keeps, the newest, for diagnosis
+# <orbax's temporary name: <step>.orbax-checkpoint-tmp-<time>>-<UTC time>[-<i>]
+_UNFINISHED_MOVED = re.compile(r".+\.orbax-checkpoint-tmp(?:-\d+)?-(\d{8}T\d{6})(?:-(\d+))?")
+_MOVED_HERE: set[str] = set()  # folders this process moved aside: never pruned by it
 
 
 def _prune_corrupt(corrupt: epath.Path) -> None:
-    """Removes all but the :data:`KEEP_CORRUPT` newest folders that :func:`_move_aside` moved to
-    ``corrupt`` (by the time in their names), one line each: a run killed again and again while
-    it commits a save moves one there each time, and they would fill the disk (orbax removes
-    its own unfinished saves). Anything else there is left alone."""
+    """Removes all but the :data:`KEEP_CORRUPT` newest unfinished saves that
+    :func:`_move_aside_unfinished` moved to ``corrupt`` (by the time in their names), one line
+    each: a run killed again and again while it commits a save moves one there at each start,
+    and they would fill the disk (orbax removes its own unfinished saves). Damaged committed
+    steps, folders this process moved there and anything else are never removed."""
     moved = []
     for path in corrupt.iterdir():
-        if match := _MOVED_ASIDE.fullmatch(path.name):
+        if match := _UNFINISHED_MOVED.fullmatch(path.name):
             try:  # in one second: the later rename's (a bucket's folders: none)
                 renamed = os.stat(path).st_ctime_ns
             except OSError:
                 renamed = 0
             moved.append(((match[1], int(match[2] or 0), renamed), path))
     for _, path in sorted(moved, key=lambda m: m[0], reverse=True)[KEEP_CORRUPT:]:
+        if str(path) in _MOVED_HERE:
+            continue
         try:
             path.rmtree() if path.is_dir() else path.unlink()
         except OSError as e:
             logger.warning("Could not remove %s: %s", path, short_reason(e))
             continue
         logger.warning(
-            "Removed %s: %s keeps the %d newest checkpoints moved aside.", path, corrupt,
+            "Removed %s: %s keeps the %d newest unfinished saves moved aside.", path, corrupt,
             KEEP_CORRUPT,
         )  # fmt: skip
 
@@ -390,14 +395,18 @@ def _move_aside_unfinished(directory: str) -> None:
     root = epath.Path(directory)
     if not root.is_dir():
         return
+    moved = False
     for path in sorted(root.iterdir()):
         if path.name == CORRUPT_DIR or not ocp.path.step.is_path_temporary(path):
             continue
         if is_complete(path):
             _move_aside(directory, path.name, "is an unfinished save")
+            moved = True
         else:
             path.rmtree()
             logger.warning("Removed %s: a save cut short, holding no complete state.", path)
+    if moved:
+        _prune_corrupt(root / CORRUPT_DIR)
 
 
 class Checkpointer:
