@@ -1254,8 +1254,9 @@ def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path, ca
     """A finished run's step checkpoints deleted (its best kept), the workdir started again: it
     started from scratch, and its first validation replaced the earlier best without a word.
     It is refused before training, naming the best's step and score (with the same config or
-    another); moved away, it trains, and init.path reads the moved best. A run cut short
-    before its first step checkpoint (its best saved) starts over as it did."""
+    another, or a short run's whose only step checkpoint was its last); moved away, it trains,
+    and init.path reads the moved best. A run cut short before its first step checkpoint (its
+    best saved, its checkpoints folder left empty) starts over as it did."""
     config = validated_config(checkpoint_every_steps=2)
     first = train_and_evaluate(config, str(tmp_path))
     assert first["best/step"] == 4
@@ -1275,9 +1276,15 @@ def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path, ca
         assert {f: f.read_bytes() for f in (tmp_path / "best").rglob("*") if f.is_file()} == saved
         assert sorted(tmp_path.glob("events*")) == events
         assert not (tmp_path / "checkpoints").exists()
+    short = tmp_path / "short"  # a finished run whose only step checkpoint is its last
+    train_and_evaluate(validated_config(), str(short))
+    shutil.rmtree(short / "checkpoints")  # deleted: the best is an earlier run's
+    with pytest.raises(CheckpointError, match="holds the best checkpoint of an earlier run"):
+        train_and_evaluate(validated_config(), str(short))
     cut = tmp_path / "cut"  # killed once its best of step 4 was saved, before its first step's
     train_and_evaluate(validated_config(), str(cut))
     shutil.rmtree(cut / "checkpoints")
+    (cut / "checkpoints").mkdir()  # a crash leaves the folder its run made, without a step
     with caplog.at_level(logging.WARNING):
         assert train_and_evaluate(validated_config(), str(cut))["best/step"] == 4
     assert "saved by a run of this config cut short before its first step checkpoint" in (

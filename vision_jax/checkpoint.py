@@ -462,6 +462,11 @@ class Checkpointer:
             s for s in self.manager.all_steps() if (self.read_meta(s) or {}).get("final")
         )
 
+    @property
+    def made_now(self) -> bool:
+        """Whether this run made the checkpoints folder (process 0's answer; False elsewhere)."""
+        return self._new
+
     def step_dir(self, step: int) -> epath.Path:
         return epath.Path(self.directory) / str(step)
 
