@@ -518,17 +518,14 @@ def test_weights_of_an_unfinished_run_are_named_in_a_warning(tmp_path, caplog):
     )
 
 
-def test_predict_export_report_and_evaluate_warn_of_an_unfinished_runs_step(
-    tmp_path, caplog, monkeypatch
-):
+def test_predict_export_report_and_evaluate_warn_of_an_unfinished_runs_step(tmp_path, caplog):
     """The newest step of a run stopped before its end was used silently by predict, export and
-    report (evaluate warned): every reader of a trained run (load_trained) warns, once per step
-    folder (evaluate at another size reads it twice)."""
+    report (evaluate warned): every reader of a trained run (load_trained) warns, once per
+    command (evaluate at another size reads the step twice), each command again."""
     from vision_jax.evaluate import evaluate_run
     from vision_jax.predict import Predictor
     from vision_jax.report import write_report
     from vision_jax.trained import load_trained
-    from vision_jax.weights import run_dir
 
     run = tmp_path / "run"
     train_and_evaluate(small_config(total_steps=4, checkpoint_every_steps=2), str(run))
@@ -542,7 +539,6 @@ def test_predict_export_report_and_evaluate_warn_of_an_unfinished_runs_step(
         "evaluate at another size": lambda: evaluate_run(run, image_size=24),
     }
     for name, read in readers.items():
-        monkeypatch.setattr(run_dir, "_WARNED_UNFINISHED", set(), raising=False)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             read()

@@ -186,8 +186,9 @@ def _at_size(trained: Trained, image_size: int) -> tuple[Any, dict[str, Any]]:
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     init = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     variables = load_pretrained(
-        trained.step_dir, model=model, variables=init, image_size=image_size, ema=trained.ema
-    )
+        trained.step_dir, model=model, variables=init, image_size=image_size, ema=trained.ema,
+        warn_unfinished=False,  # load_trained warned of that step
+    )  # fmt: skip
     return model, variables
 
 

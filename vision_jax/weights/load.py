@@ -41,6 +41,7 @@ def load_pretrained(
     image_size: int | tuple[int, int] | None = None,
     checkpoint_grid: tuple[int, int] | None = None,
     ema: bool | None = None,
+    warn_unfinished: bool = True,
 ) -> dict:
     """Loads pretrained weights into a copy of ``variables`` (the model's initial variables).
 
@@ -73,6 +74,8 @@ def load_pretrained(
         or its trained ones (False); None: the ones its model selection measured (the EMA's
         when ``early_stopping.metric`` was an ``*_ema/`` metric). Set for another format, an
         error.
+      warn_unfinished: of a vision_jax run, warn when the step read is before the end of a
+        run that has not finished (False: the caller warned of that step already).
 
     Class tokens and position-embedding rows are dropped for ``gap`` models, position embeddings
     and patch embeddings are resampled to the model's grid and patch size, and every step is
@@ -81,7 +84,8 @@ def load_pretrained(
     """
     if detect_format(source) == "run":  # the step folder it reads, once (a live run moves on)
         source = run_dir.latest_step_dir(source, "best")
-        run_dir.warn_if_unfinished(source)
+        if warn_unfinished:
+            run_dir.warn_if_unfinished(source)
     name = str(source)
     if "params" not in variables:
         raise ValueError(

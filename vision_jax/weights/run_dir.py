@@ -220,13 +220,8 @@ def read_selection(step_dir: str | os.PathLike) -> dict:
     return dict(_read_meta(pathlib.Path(step_dir)).get("selection") or {})
 
 
-# The step folders warn_if_unfinished warned of in this process (each once: evaluate at
-# another size reads a step through load_trained, then load_pretrained).
-_WARNED_UNFINISHED: set[str] = set()
-
-
 def warn_if_unfinished(step_dir: str | os.PathLike) -> None:
-    """Warns, once per process, when ``step_dir`` is a step before the end of a run that has
+    """Warns when ``step_dir`` is a step before the end of a run that has
     not finished (stopped or still training): its weights are those of that step (runs of
     versions that did not record ``final`` are taken as they are). Every reader of a run's step
     comes here: :func:`~vision_jax.trained.load_trained` (predict, evaluate, export, report)
@@ -235,9 +230,6 @@ def warn_if_unfinished(step_dir: str | os.PathLike) -> None:
     meta = _read_meta(step_dir)
     total = meta.get("total_steps")
     if meta.get("final") is False and total is not None and int(step_dir.name) < total:
-        if (key := os.path.realpath(step_dir)) in _WARNED_UNFINISHED:
-            return
-        _WARNED_UNFINISHED.add(key)
         logger.warning(
             "%s is step %s of a run that has not finished (it trains to step %d): its weights "
             "are that step's.", step_dir, step_dir.name, total,
