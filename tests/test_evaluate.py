@@ -137,22 +137,27 @@ def test_command_line_errors_are_one_line(digits_run, argv, message, capsys, mon
     assert "\n" not in err
 
 
+def _image_folders(root, splits: dict[str, str]) -> None:
+    """Image-folder splits under ``root``: two random 16 px PNGs per class (one letter each)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in splits.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
 def test_a_run_whose_dataset_moved_is_evaluated_from_its_new_root(tmp_path, digits_run, capsys):
     """--data_root (evaluate_run's data_root) replaces the run's recorded data.root: an
     image-folder dataset moved after its run is evaluated where it lies now, with the figures
     it gave before the move; a run of a source without a root refuses it in one line."""
     import shutil
 
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for name in "ab":
-            folder = tmp_path / "data" / split / name
-            folder.mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    _image_folders(tmp_path / "data", {"train": "ab", "test": "ab"})
     cfg = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path / "data"),
                           "total_steps": 1, "batch_size": 4, "eval_batch_size": 4})  # fmt: skip
     train_and_evaluate(cfg, str(tmp_path / "run"))
@@ -176,16 +181,7 @@ def test_a_run_whose_dataset_moved_is_evaluated_from_its_new_root(tmp_path, digi
 def test_a_split_with_other_classes_is_refused(tmp_path):
     """An image-folder split whose class folders differ from the run's (its labels would
     name other classes than the model's outputs)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, classes in (("train", "ab"), ("test", "ab"), ("other", "abc")):
-        for name in classes:
-            folder = tmp_path / "data" / split / name
-            folder.mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    _image_folders(tmp_path / "data", {"train": "ab", "test": "ab", "other": "abc"})
     cfg = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path / "data"),
                           "total_steps": 1, "batch_size": 4, "eval_batch_size": 4})  # fmt: skip
     train_and_evaluate(cfg, str(tmp_path / "run"))
