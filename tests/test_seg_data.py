@@ -534,8 +534,8 @@ def test_configs_without_label_maps(tmp_path):
     cfg = data_config(source="arrays", label_map_values=((1, 1),))
     with pytest.raises(data_lib.DataError, match="data.label_map_values not read by data.sou"):
         data_lib.load_source(cfg.data, "train", target="label_map")
-    with pytest.raises(data_lib.DataError, match="Unknown target 'points'"):
-        data_lib.load_source(cfg.data, "train", target="points")
+    with pytest.raises(data_lib.DataError, match="A task's target 'mask' .* is neither"):
+        data_lib.load_source(cfg.data, "train", target="mask")  # a key of the pipeline's own
 
 
 def test_a_class_no_label_map_holds_is_named_at_the_check(tmp_path, caplog):
