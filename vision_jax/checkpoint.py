@@ -116,33 +116,33 @@ def _no_free_inodes(directory: str) -> bool:
     return stats.f_files > 0 and stats.f_favail == 0 and stats.f_bavail > 0
 
 
-def _own_steps() -> list[int]:
-    """``resumable`` of :func:`_reporting_failed_saves`: the manager's own steps."""
-    raise NotImplementedError  # a marker, never called
+def _steps_not_at_hand() -> None:
+    """``resumable`` of a best checkpoint without its step checkpoints at hand: unknown."""
+    return None
 
 
 @contextlib.contextmanager
 def _reporting_failed_saves(
     manager: ocp.CheckpointManager, pending: int | None,
-    resumable: Callable[[], list[int]] | None = _own_steps,
+    resumable: Callable[[], list[int] | None] | None = None,
 ) -> Iterator[None]:  # fmt: skip
     """Turns a failed save that orbax raises when it is next waited for (the next save, the
     end of the run, closing) into a :class:`CheckpointSaveError` naming the step, the reason
     (:func:`_write_failure`) and the newest complete checkpoint a resume reads: ``manager``'s
-    own (but ``pending``; the default ``resumable``), or ``resumable()`` (the complete step
-    checkpoints beside a best checkpoint's ``manager``); None: a best checkpoint's, without
-    them at hand (the step checkpoints are named unaffected)."""
+    own (but ``pending``; ``resumable`` None), or those ``resumable()`` lists (the complete
+    step checkpoints beside a best checkpoint's ``manager``; None: not at hand, and the step
+    checkpoints are named unaffected)."""
     try:
         yield
     except Exception as e:  # orbax and TensorStore raise many types
         if pending is None or isinstance(e, CheckpointError):  # not a save's failure
             raise
         reason = short_reason(e)
-        if resumable is _own_steps:
-            steps, kind = [s for s in manager.all_steps() if s != pending], "checkpoint"
-        elif resumable is not None:
-            steps, kind = _complete(resumable), "step checkpoint"
         if resumable is None:
+            steps, kind = [s for s in manager.all_steps() if s != pending], "checkpoint"
+        else:
+            steps, kind = _complete(resumable), "step checkpoint"
+        if steps is None:
             kept, then = "The step checkpoints are not affected", "resume"
         elif steps:
             kept, then = f"The newest complete {kind} is step {max(steps)}", "resume"
@@ -156,17 +156,18 @@ def _reporting_failed_saves(
         ) from e
 
 
-def _complete(steps: Callable[[], list[int]]) -> list[int]:
+def _complete(steps: Callable[[], list[int] | None]) -> list[int] | None:
     """``steps()``, or none when they cannot be listed (the disk's failure, say)."""
     try:
-        return list(steps())
+        listed = steps()
     except Exception:  # noqa: BLE001  (a message's detail: none known)
         return []
+    return None if listed is None else list(listed)
 
 
 def _save_async(
     manager: ocp.CheckpointManager, pending: int | None, step: int, state: Any, meta: dict,
-    resumable: Callable[[], list[int]] | None = _own_steps, **options: Any,
+    resumable: Callable[[], list[int] | None] | None = None, **options: Any,
 ) -> bool:  # fmt: skip
     """Saves ``state`` and ``meta`` (plus the state's digests) as ``step`` once the previous
     save (of step ``pending``) has finished; a failure of either names its own step
@@ -713,7 +714,7 @@ class BestCheckpoint:
         """``checkpoints``: the run's step checkpoints, which a failed save's error names (the
         newest complete one, that a resume reads)."""
         self.directory = os.path.join(workdir, BEST_DIR)
-        self._resumable = None if checkpoints is None else checkpoints.complete_steps
+        self._resumable = _steps_not_at_hand if checkpoints is None else checkpoints.complete_steps
         self.lock = lock  # the workdir's: once another run took it over, nothing is written
         if "://" not in workdir:
             self.directory = os.path.abspath(self.directory)
