@@ -350,7 +350,7 @@ def check_no_earlier_best(workdir: str, own: Callable[[int, dict], bool]) -> Non
     validation's best would replace it (a best checkpoint keeps one step). Unless
     ``own(step, meta)`` says it is this run's own (``meta``: the best's; a run cut short
     before its first step checkpoint), started over. Every process raises, on process 0's
-    answer."""
+    answer (process 0's message names the best's score)."""
     folder = epath.Path(workdir) / BEST_DIR
     if "://" not in workdir:
         folder = epath.Path(os.path.abspath(folder))
@@ -364,8 +364,8 @@ def check_no_earlier_best(workdir: str, own: Callable[[int, dict], bool]) -> Non
     if step < 0:
         return
     scored = ""
-    with contextlib.suppress(Exception):  # what it scored, if its record can be read
-        selection = json.loads((folder / str(step) / META_FILE).read_text())["selection"]
+    with contextlib.suppress(Exception):  # what it scored, where process 0 read its record
+        selection = meta["selection"]
         scored = f", {selection['metric']} {float(selection['best_value']):.6g}"
     raise CheckpointError(
         f"{folder} holds the best checkpoint of an earlier run (step {step}{scored}), and this "
