@@ -73,12 +73,6 @@ class ColumnValue(DigitValue):
 
 
 @flax.struct.dataclass
-class MultiLabelTrainMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    grad_norm: metrics.Average.from_output("grad_norm")
-
-
-@flax.struct.dataclass
 class MultiLabelEvalMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
     found: metrics.CollectingMetric.from_outputs(("probabilities", "targets", "mask"))
@@ -108,7 +102,7 @@ class MultiLabel(Task):
     target = "targets"
     headline = "map"
     metric_names = ("loss", "map", "f1", "examples")
-    train_metrics = MultiLabelTrainMetrics
+    train_metrics = TrainMetrics
     per_example = ("probabilities",)
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any):
