@@ -337,6 +337,29 @@ def test_csv_of_a_spreadsheet_and_other_csv_files_beside_the_splits(tmp_path, fo
     assert "not split files (no 'filename,label' header): metadata.csv" in caplog.text
 
 
+def test_csv_labels_that_are_numbers_not_integers_are_refused(tmp_path, folder):
+    """Labels 0.37, 1.5 are measurements, not classes (their sorted texts became the classes):
+    refused naming the file, line and value; integer labels stay ids, and data.class_names
+    that name such labels keep them as classes."""
+    (tmp_path / "a.png").write_bytes((folder / "train" / "cat" / "003.png").read_bytes())
+    (tmp_path / "train.csv").write_text("filename,label\na.png,2\na.png,0\n")
+    (tmp_path / "val.csv").write_text("filename,label\na.png,1\na.png,0.37\n")
+    cfg = data_config(source="csv", root=str(tmp_path))
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.load_source(cfg.data, "train")
+    assert str(error.value) == (
+        f"{tmp_path}/val.csv:3: the column 'label' holds numbers that are not integers "
+        "('0.37'): a label is a class name or an integer id; numbers per example go in a column "
+        "named by task.target of a task of one's own, e.g. 'targets' (README: Adding a task)."
+    )
+    (tmp_path / "val.csv").write_text("filename,label\na.png,1\na.png,0\n")
+    assert data_lib.load_source(cfg.data, "train").class_names == ["0", "1", "2"]
+    (tmp_path / "val.csv").write_text("filename,label\na.png,1.5\na.png,cat\n")
+    assert data_lib.load_source(cfg.data, "val").class_names == ["0", "1.5", "2", "cat"]
+    cfg = data_config(source="csv", root=str(tmp_path), class_names=("0", "2", "1.5", "cat"))
+    np.testing.assert_array_equal(data_lib.load_source(cfg.data, "val").columns["label"], [2, 3])
+
+
 def test_build_tfds_from_folder_reads_back_through_load_source(tmp_path):
     root = tmp_path / "images"
     make_folder(root, per_class=2, classes=("a", "b"))

@@ -392,6 +392,7 @@ def _csv_class_names(root: str) -> list[str]:
         logger.warning("Class names from %s; not split files (no 'filename,label' header): %s.",
                        ", ".join(splits), others)  # fmt: skip
     labels = {label for split in rows.values() for _, _, label in split or ()}
+    _check_not_measurements(rows, labels)
     if labels and all(re.fullmatch(r"\d+", x) for x in labels):
         ids = {int(x) for x in labels}
         if unused := sorted(set(range(max(ids) + 1)) - ids):
@@ -401,6 +402,28 @@ def _csv_class_names(root: str) -> list[str]:
             )  # fmt: skip
         return [str(i) for i in range(max(ids) + 1)]
     return sorted(labels)
+
+
+def _check_not_measurements(
+    rows: dict[str, list[tuple[int, str, str]] | None], labels: set[str]
+) -> None:
+    """Refuse labels that are all numbers, some not integers (0.37, 1.5): measurements, not
+    class names (their sorted texts would be the classes); a class name or id is kept."""
+    if not labels or not all(_NUMBER.fullmatch(x) for x in labels):
+        return
+    if all(_INTEGER.fullmatch(x) for x in labels):
+        return
+    path, line, value = next(
+        (p, line, label)
+        for p, split in rows.items()
+        for line, _, label in split or ()
+        if not _INTEGER.fullmatch(label)
+    )
+    raise DataError(
+        f"{path}:{line}: the column 'label' holds numbers that are not integers ({value!r}): a "
+        "label is a class name or an integer id; numbers per example go in a column named by "
+        "task.target of a task of one's own, e.g. 'targets' (README: Adding a task)."
+    )
 
 
 def from_csv(
@@ -415,7 +438,8 @@ def from_csv(
 
     A label is a class name or an integer id into ``class_names``. Without ``class_names`` the
     classes come from every split CSV in ``root`` (so all splits agree; a stale one adds its
-    classes too): ids 0..max if all labels are integers, else the sorted label names.
+    classes too): ids 0..max if all labels are integers, else the sorted label names (labels
+    that are all numbers, some not integers, are refused: measurements, not classes).
 
     A ``target`` of one's own (a task's column, :func:`csv_target_rows`) is read from the
     columns of that name instead; the file then starts with ``filename`` and needs no label.
