@@ -103,6 +103,7 @@ def test_class_names_given_as_one_string_are_refused():
         ("data.classes", (0, 1.5), r"data.classes must be a tuple of integers; got \(0, 1.5\)"),
         ("schedule.warmup_epochs", True, "schedule.warmup_epochs must be a number; got True"),
         ("total_epochs", True, "total_epochs must be a number; got True"),
+        ("lora.alpha", True, "lora.alpha must be a number; got True"),  # was cast to 1.0
     ],
 )
 def test_integer_keys_of_a_dict_config_refuse_other_numbers(key, value, name):
@@ -112,6 +113,7 @@ def test_integer_keys_of_a_dict_config_refuse_other_numbers(key, value, name):
     config = default_config()
     config.total_epochs, config.total_steps = None, 4
     config.data.val_split = "train[90%:]"  # early_stopping applies
+    config.lora.rank = 4  # lora's keys apply
     specs.run_spec(TrackedConfig(config.to_dict()))  # the ConfigDict's own values pass
     *parents, leaf = key.split(".")
     node = config = config.to_dict()

@@ -704,8 +704,9 @@ def lora_spec(section: Any) -> LoraSpec | None:
         raise ConfigError(
             f"lora.alpha must be > 0 (the adapters' scale is alpha / rank), got {alpha}."
         )
-    alpha = float(rank if alpha is None else alpha)
-    return _build(LoraSpec, {**values, "rank": rank, "alpha": alpha}, "lora")
+    alpha = rank if alpha is None else alpha  # as given, for _build's check of its type
+    spec = _build(LoraSpec, {**values, "rank": rank, "alpha": alpha}, "lora")
+    return dataclasses.replace(spec, alpha=float(spec.alpha))
 
 
 def section_defaults(spec: type) -> dict[str, Any]:
