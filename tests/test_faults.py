@@ -635,6 +635,37 @@ def test_a_value_of_another_type_on_the_command_line_names_the_key(tmp_path):
     assert vj_main._bad_override_value("flag --workdir=x: invalid literal for int()") is None
 
 
+def test_a_value_of_another_type_in_a_config_file_names_the_key_as_the_command_line(tmp_path):
+    """``c.total_steps = 60.0`` in a config file gave ml_collections' "Could not override field
+    'total_steps' (reference). 60.0 is of original type <class 'float'> and cannot be casted
+    ...": the command line's line, with how to write it in a file."""
+    config_file = tmp_path / "float_steps.py"
+    config_file.write_text(
+        "from vision_jax.config import default_config\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        "    c.total_steps = 60.0\n"
+        "    return c\n"
+    )
+    proc = main_cli(f"--config={config_file}", f"--workdir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"vision_jax: error: --config={config_file}: config.total_steps must be an integer; got "
+        "60.0 (config.total_steps = 60)."
+    ]
+    config = default_config()
+    for key, value, message in [
+        ("schedule.warmup_steps", 2.5, "config.schedule.warmup_steps must be an integer; got 2.5."),
+        ("input.random_erasing", "often",
+         "config.input.random_erasing must be a number; got 'often'."),
+        ("input.flip", "maybe", "config.input.flip must be True or False; got 'maybe'."),
+        ("mesh", 3, "config.mesh must be a string; got 3."),
+    ]:  # fmt: skip
+        section, _, leaf = key.rpartition(".")
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            setattr(config[section] if section else config, leaf, value)
+
+
 @pytest.mark.slow
 def test_none_on_the_command_line_unsets_an_optional_key(tmp_path):
     """absl parses ``--config.ema_decay=None`` as a float and fails: such overrides are taken

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -18,12 +19,30 @@ from ml_collections.config_dict import FieldReference, placeholder
 
 from vision_jax import specs
 
+# A key's type in words, for a value of another type (from a config file or the command line)
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
+
+
+def wrong_type(key: str, kind: type, value: str, write: str) -> str:
+    """One line for a value of another type than ``kind`` (one of :data:`TYPE_WORDS`) for
+    ``config.<key>``: what the key takes, the value and, for a whole number (60.0, 1e3) given to
+    an integer key, how to write it: ``write`` with ``{key}`` and ``{value}``, as the place where
+    it was given spells it."""
+    try:
+        whole = float(value) if kind is int else math.nan
+    except ValueError:
+        whole = math.nan
+    written = math.isfinite(whole) and whole.is_integer()
+    hint = f" ({write.format(key=key, value=int(whole))})" if written else ""
+    return f"config.{key} must be {TYPE_WORDS[kind]}; got {value}{hint}."
+
 
 class NumberConfigDict(ml_collections.ConfigDict):
     """A ConfigDict whose number keys refuse a bool: ml_collections casts ``True`` to ``1.0``
     for a float key (``c.input.random_erasing = True`` read as probability 1) and keeps it for
     an int key. The error names the key from the config's root (a section assigned to another
-    section takes its name)."""
+    section takes its name). A value ml_collections cannot cast (``c.total_steps = 60.0``) is
+    :func:`wrong_type`'s line, as on the command line, not ml_collections' own."""
 
     def __setitem__(self, key: str, value: Any) -> None:
         field = self._fields.get(key)
@@ -38,7 +57,13 @@ class NumberConfigDict(ml_collections.ConfigDict):
                 and not isinstance(value, NumberConfigDict)):  # fmt: skip
             # ``c.model = ml_collections.ConfigDict()`` (big_vision's habit) replaces a section
             value = NumberConfigDict(value)
-        super().__setitem__(key, value)
+        try:
+            super().__setitem__(key, value)
+        except TypeError:
+            if kind not in TYPE_WORDS:
+                raise
+            write = "config.{key} = {value}"
+            raise TypeError(wrong_type(f"{path}{key}", kind, repr(value), write)) from None
         stored = self._fields.get(key)  # a dict given is stored as a section of its own
         if isinstance(stored, NumberConfigDict):
             object.__setattr__(stored, "_path", f"{path}{key}.")

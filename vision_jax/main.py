@@ -173,29 +173,26 @@ def _config_file_error(message: str, value: str | None) -> str | None:
 
 
 # The start of Python's message when absl parses a --config.<key> value as the key's type,
-# and that type in words
+# and that type
 _PARSE_FAILURES = {
-    "invalid literal for int()": "an integer",
-    "could not convert string to float": "a number",
-    "('Non-boolean argument to boolean flag'": "True or False",
+    "invalid literal for int()": int,
+    "could not convert string to float": float,
+    "('Non-boolean argument to boolean flag'": bool,
 }
 
 
 def _bad_override_value(message: str) -> str | None:
     """For absl's ``flag --config.<key>=<value>: <Python's int(), float() or bool message>``,
-    one line naming the key, what it takes and the value; None for other messages."""
+    one line naming the key, what it takes and the value (``config.wrong_type``'s, as a config
+    file's value gets); None for other messages."""
+    from vision_jax.config import wrong_type
+
     flag, _, failure = message.partition(": ")
     key, equals, value = flag.removeprefix("flag --config.").partition("=")
-    what = next((w for start, w in _PARSE_FAILURES.items() if failure.startswith(start)), None)
-    if not flag.startswith("flag --config.") or not equals or what is None:
+    kind = next((k for start, k in _PARSE_FAILURES.items() if failure.startswith(start)), None)
+    if not flag.startswith("flag --config.") or not equals or kind is None:
         return None
-    try:  # 60.0 or 1e3 for an integer: say how to write it
-        whole = float(value) if what == "an integer" else math.nan
-    except ValueError:
-        whole = math.nan
-    written = math.isfinite(whole) and whole.is_integer()
-    hint = f" (--config.{key}={int(whole)})" if written else ""
-    return f"config.{key} must be {what}; got {value}{hint}."
+    return wrong_type(key, kind, value, "--config.{key}={value}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
