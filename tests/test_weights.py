@@ -354,6 +354,24 @@ def test_timm_hub_folder(timm, tmp_path, name):
         input_contract(tmp_path)
 
 
+def test_timm_hub_crop_pct_outside_0_1_is_named_with_its_file_and_key(tmp_path):
+    """timm's crop_pct 1.2 (a crop larger than the resized image, padded) gave the generic
+    "input.crop_fraction must lie in (0, 1]": the folder's config.json, the key and value."""
+    from vision_jax.weights.timm_hub import input_contract as timm_contract
+
+    cfg = {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.2}
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": cfg}))
+    with pytest.raises(WeightFormatError) as error:
+        timm_contract(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / 'config.json'}: pretrained_cfg.crop_pct is 1.2, outside (0, 1]: vision_jax "
+        "crops within the resized image (set init.use_input_contract=False and input.* instead)."
+    )
+    cfg["crop_pct"] = 1.0
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": cfg}))
+    assert timm_contract(tmp_path).crop_fraction == 1.0
+
+
 def test_timm_hub_vit_averaging_with_a_class_token_is_refused(timm, tmp_path):
     """timm's ``global_pool="avg"`` ViT that keeps its class token (``fc_norm=False``): its state
     dict looks token-pooled, its folder's config.json says otherwise: refused, not misread."""

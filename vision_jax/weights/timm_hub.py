@@ -183,6 +183,11 @@ def input_contract(folder: str | os.PathLike) -> InputContract:
         raise WeightFormatError(f"{path}: pretrained_cfg has no readable {e}.") from e
     if height != width:
         raise WeightFormatError(f"{path}: input_size {cfg['input_size']} is not a square.")
+    if not 0 < crop_fraction <= 1:  # timm's crop_pct > 1 pads a crop larger than the image
+        raise WeightFormatError(
+            f"{path}: pretrained_cfg.crop_pct is {crop_fraction}, outside (0, 1]: vision_jax crops "
+            "within the resized image (set init.use_input_contract=False and input.* instead)."
+        )
     if len(mean) != 3 or len(std) != 3:
         raise WeightFormatError(f"{path}: mean {mean} and std {std} must give 3 channels.")
     crop_mode = cfg.get("crop_mode", "center")  # timm's "border" has no equivalent
