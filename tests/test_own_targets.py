@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score, f1_score
 from test_train import small_config
 
 from vision_jax import data as data_lib
-from vision_jax import evaluate, specs, tasks
+from vision_jax import evaluate, predict, specs, tasks
 from vision_jax.data import DataError, pipeline
 from vision_jax.predict import Predictor
 from vision_jax.report import write_report
@@ -55,8 +55,9 @@ def test_a_multi_label_task_trains_evaluates_predicts_and_resumes_on_arrays(tmp_
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("[0-9]*"))[-1].endswith("3")
     assert result["eval/examples"] == 40
     # The figures of the model's outputs (predicted without targets), by scikit-learn
-    probs = Predictor(tmp_path, which="latest").predict_arrays(arrays["test"]["image"])
-    probs = probs["probabilities"]
+    predictor = Predictor(tmp_path, which="latest")
+    assert predictor.value_names is None  # "0" .. "2": predict's CSV numbers its columns
+    probs = predictor.predict_arrays(arrays["test"]["image"])["probabilities"]
     truth = arrays["test"]["targets"].astype(int)
     assert probs.shape == truth.shape
     ap = np.mean([average_precision_score(truth[:, k], probs[:, k]) for k in range(3)])
@@ -263,6 +264,14 @@ def test_csv_columns_per_value_are_matched_by_name_to_the_runs(tmp_path, registe
         "data.source": "csv", "data.root": str(root), "task.module": "own_task",
     })  # fmt: skip
     result = train_and_evaluate(config, str(workdir))
+    # predict's CSV names the values' columns as the run recorded them (JSON lines: the list)
+    run = [f"--workdir={workdir}", "--which=latest", f"--input={root / 'test'}"]
+    for out in (tmp_path / "preds.csv", tmp_path / "preds.jsonl"):
+        assert predict.main([*run, f"--output={out}"]) == 0
+    header, row = (tmp_path / "preds.csv").read_text().splitlines()[:2]
+    assert header == "file,probabilities/top,probabilities/bottom,probabilities/red"
+    record = json.loads((tmp_path / "preds.jsonl").read_text().splitlines()[0])
+    assert row.split(",")[1:] == [repr(p) for p in record["probabilities"]]
     write_multi_label_csv(root, "test", 12, 1, order=("red", "top", "bottom"))
     again = evaluate.evaluate_run(workdir, which="latest")
     assert again["eval/loss"] == pytest.approx(result["eval/loss"], rel=1e-5)

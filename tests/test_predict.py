@@ -21,7 +21,7 @@ from test_train import small_config
 from vision_jax import data as data_lib
 from vision_jax import weights
 from vision_jax.export.__main__ import main as export_main
-from vision_jax.predict import Predictor, image_files, main, voc_palette
+from vision_jax.predict import Predictor, flat, image_files, main, voc_palette
 from vision_jax.tasks import Segmentation
 from vision_jax.train import train_and_evaluate
 from vision_jax.trained import load_trained
@@ -222,6 +222,21 @@ def test_one_path_alone_or_none(digit_predictor, digit_files, digit_records):
     with pytest.raises(data_lib.DataError, match=r"None of the 1 image file\(s\) can be read: "
                        r".*missing.png: .*No such file"):  # fmt: skip
         digit_predictor.predict(missing)
+
+
+def test_csv_columns_of_the_values_of_a_task_of_ones_own_are_named_when_known():
+    """A vector of a task of one's own was ``probabilities_1`` .. ``_K`` in a CSV even when the
+    run recorded the values' names: ``probabilities/<name>`` then; numbered without names, and
+    for lists of another length or of records (classification's top-k)."""
+    record = {"file": "a.png", "probabilities": [0.25, 0.75], "value": 0.5, "pair": [1, 2, 3]}
+    assert flat(record) == {"file": "a.png", "probabilities_1": 0.25, "probabilities_2": 0.75,
+                            "value": 0.5, "pair_1": 1, "pair_2": 2, "pair_3": 3}  # fmt: skip
+    assert flat(record, names=["cat", "dog"]) == {
+        "file": "a.png", "probabilities/cat": 0.25, "probabilities/dog": 0.75, "value": 0.5,
+        "pair_1": 1, "pair_2": 2, "pair_3": 3,
+    }  # fmt: skip
+    top = {"top_k": [{"label": 1}, {"label": 0}]}
+    assert flat(top, names=["cat", "dog"]) == {"top_k_1_label": 1, "top_k_2_label": 0}
 
 
 def test_cli_writes_jsonl_and_csv_with_top_k(digits_run, digit_files, digit_records, tmp_path,

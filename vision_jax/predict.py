@@ -15,7 +15,8 @@ Detection writes COCO results (``bbox`` [x, y, w, h] in image pixels, ``score``,
 their boxes; their ``image_id`` is 1, 2, ... in file order, or with ``--coco_annotations`` the id
 of the file in that COCO file (so pycocotools scores the results against it). The output's
 extension picks its format: ``.jsonl`` (a record a line), ``.csv`` (a record a row, nested
-fields flattened: ``top_k_1_label``, ``bbox_1``) or ``.json`` (a list). Each batch's records
+fields flattened: ``top_k_1_label``, ``bbox_1``; a task of one's own's values named as its run
+recorded them, ``probabilities/<name>``) or ``.json`` (a list). Each batch's records
 and label maps are written as soon as it is predicted, then let go (memory for a batch, not
 for every image): a run stopped midway leaves the lines or rows (and PNGs) of the batches done,
 whole; a ``.json`` list replaces an earlier file only once complete. A folder of PNGs (label
@@ -299,6 +300,16 @@ class Predictor:
             return batch
         per_image = self.input.image_size**2 * len(self.class_names) * 4  # float32 scores
         return max(1, min(batch, 2**28 // per_image))
+
+    @property
+    def value_names(self) -> list[str] | None:
+        """The names of the values of a task of one's own when its run recorded them
+        (``data.class_names``, or a CSV's ``<target>/<name>`` columns); None for a library
+        task, or the default names ``"0"`` .. ``"K-1"`` (a CSV then numbers its columns)."""
+        names = self.class_names
+        if library_kind(self.task) is not None or names == [str(i) for i in range(len(names))]:
+            return None
+        return names
 
     def _record(self, path: str, size: tuple[int, int], row: dict, top_k: int) -> dict:
         """The record of the file ``path`` of ``size`` (height, width) with the predictions
@@ -638,11 +649,18 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``record`` with nested mappings and lists spread into columns (``top_k_1_label``)."""
+def flat(
+    record: Mapping[str, Any], prefix: str = "", names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``record`` with nested mappings and lists spread into columns (``top_k_1_label``); a
+    field of ``len(names)`` numbers (a task of one's own's values, ``names`` those the run
+    recorded) into a column per name, ``<field>/<name>``."""
     out: dict[str, Any] = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
+        if _named_values(value, names):
+            out.update({f"{name}/{n}": v for n, v in zip(names, value, strict=True)})
+            continue
         if isinstance(value, list):
             value = {str(i): v for i, v in enumerate(value, 1)}
         if isinstance(value, Mapping):
@@ -652,6 +670,13 @@ def flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _named_values(value: Any, names: Sequence[str] | None) -> bool:
+    """Whether ``value`` is a list of as many numbers as ``names``."""
+    if names is None or not isinstance(value, list) or len(value) != len(names):
+        return False
+    return all(isinstance(v, int | float) for v in value)
+
+
 class RecordWriter:
     """Writes records to ``path`` as its extension says (``.jsonl``: a record a line; ``.csv``:
     a row, its columns those of the first records written; ``.json``: a list), a batch at a
@@ -659,10 +684,12 @@ class RecordWriter:
     the first batch): whatever stops the writing leaves those of the batches written. A JSON
     list, whole only at its end, goes to a temporary name that replaces ``path`` once complete
     (a file already there stays whole until then). A context manager: the file is completed
-    on leaving it, and only without an exception."""
+    on leaving it, and only without an exception. ``names``: the value names of a task of
+    one's own, for a CSV's columns (:func:`flat`; :attr:`Predictor.value_names`)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, names: Sequence[str] | None = None):
         self.path, self.kind = path, os.path.splitext(path)[1].lower()
+        self.names = names
         self.count = 0  # records written
         self._file: Any = None
         self._csv: csv.DictWriter | None = None
@@ -685,7 +712,7 @@ class RecordWriter:
         elif self.kind == ".json":
             f.write("".join((", " if self.count + i else "") + json.dumps(r)
                             for i, r in enumerate(records)))  # fmt: skip
-        elif rows := [flat(r) for r in records]:
+        elif rows := [flat(r, names=self.names) for r in records]:
             if self._csv is None:
                 self._header(list(dict.fromkeys(k for row in rows for k in row)))
             self._csv.writerows(rows)
@@ -719,10 +746,12 @@ class RecordWriter:
             self._header([])
 
 
-def write_records(records: Sequence[Mapping[str, Any]], path: str) -> None:
+def write_records(
+    records: Sequence[Mapping[str, Any]], path: str, names: Sequence[str] | None = None
+) -> None:
     """``records`` as the extension of ``path`` says: ``.jsonl``, ``.csv`` or ``.json`` (see
     :class:`RecordWriter`)."""
-    with RecordWriter(path) as writer:
+    with RecordWriter(path, names) as writer:
         writer.write(records)
 
 
@@ -884,7 +913,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         batches = predictor.iter_predict(
             paths, top_k=args.top_k or TOP_K, progress=True, unreadable=unreadable
         )
-        count, detections, drawn = _write_batches(batches, args, task, ids, paths, unreadable)
+        count, detections, drawn = _write_batches(
+            batches, args, task, ids, paths, unreadable, predictor.value_names
+        )
         for path, reason in unreadable:
             print(f"skipped {path}: {reason}", file=sys.stderr)
         drawing = True
@@ -928,13 +959,15 @@ def _failed_output(
 def _write_batches(
     batches: Iterator[list[dict]], args: argparse.Namespace, task: str,
     ids: Mapping[str, int] | None, paths: list[str], unreadable: list[tuple[str, str]],
+    names: Sequence[str] | None = None,
 ) -> tuple[int, list[dict], dict[str, str]]:  # fmt: skip
     """Writes each batch's records (and segmentation's label maps, which then go) as soon as it
-    is predicted; the count of records, the detections that ``--draw`` draws, and the drawing
-    of each file. The PNGs' folders are claimed (:func:`claim_pngs`) at the first batch, when
-    the readable files are known, before anything is written."""
+    is predicted (a CSV's columns of the values ``names``: :class:`RecordWriter`); the count of
+    records, the detections that ``--draw`` draws, and the drawing of each file. The PNGs'
+    folders are claimed (:func:`claim_pngs`) at the first batch, when the readable files are
+    known, before anything is written."""
     folder, pngs, drawn, kept = os.path.splitext(args.output)[0], {}, {}, []
-    with RecordWriter(args.output) as writer:
+    with RecordWriter(args.output, names) as writer:
         for i, records in enumerate(batches):
             if i == 0:
                 pngs, drawn = _claimed(args, task, _readable(paths, unreadable))
