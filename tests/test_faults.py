@@ -1260,6 +1260,47 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
         cache.reset_cache()
 
 
+def test_a_cache_on_a_full_disk_is_off_and_its_empty_entries_removed(tmp_path, monkeypatch, caplog):
+    """On a full disk JAX wrote empty entries (a warning each), and the next start read,
+    deleted and compiled each again, a warning each: the empty entries are removed at the
+    start in one line, and a cache on a filesystem with little free space is off for the run."""
+    from jax._src import compilation_cache as cache
+
+    from vision_jax import main as vj_main
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name in ("jit_a-1", "jit_b-2"):  # cut short by a full disk, one with its access time
+        (folder / f"{name}-cache").write_bytes(b"")
+    (folder / "jit_a-1-atime").write_bytes(b"\0" * 8)
+    (folder / "jit_c-3-cache").write_bytes(b"whole")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_enable_xla_caches")  # fmt: skip
+    before = {name: getattr(jax.config, name) for name in names}
+    try:
+        monkeypatch.setattr(vj_main, "_free_bytes", lambda _: vj_main.CACHE_MIN_FREE_BYTES)
+        with caplog.at_level(logging.INFO):
+            vj_main.configure_compilation_cache(str(tmp_path / "run"), str(folder))
+        assert jax.config.jax_compilation_cache_dir == str(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["jit_c-3-cache"]
+        removed = [r.getMessage() for r in caplog.records if "empty compilation" in r.message]
+        assert removed == [f"Removed 2 empty compilation cache entries (cut short by a full "
+                           f"disk) from {folder}: their programs compile again."]  # fmt: skip
+        caplog.clear()
+        monkeypatch.setattr(vj_main, "_free_bytes", lambda _: 100 * 2**20)
+        with caplog.at_level(logging.INFO):
+            vj_main.configure_compilation_cache(str(tmp_path / "run"), str(folder))
+        assert jax.config.jax_compilation_cache_dir is None
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+            "WARNING", f"The compilation cache {folder} is off for this run: its filesystem has "
+            "100 MiB free, under 256 MiB (on a full disk, JAX writes empty entries)."
+        )]  # fmt: skip
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cache.reset_cache()
+
+
 # Two small programs through configure_compilation_cache(workdir, folder), in a process of
 # their own (JAX settles on its cache at the first compilation).
 CACHED_PROGRAMS = """

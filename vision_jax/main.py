@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import posixpath
+import shutil
 import signal
 import sys
 import tempfile
@@ -288,17 +289,67 @@ def _rewrite_unreadable_entries() -> None:
     compilation_cache.get_executable_and_time = read_or_delete
 
 
+# A local cache on a filesystem with less free space than this is off for the run: on a full
+# disk JAX writes empty entries (warning for each), which the next start reads, deletes and
+# compiles again, one warning each.
+CACHE_MIN_FREE_BYTES = 256 * 2**20
+
+
+def _free_bytes(folder: str) -> int:
+    """The free space, in bytes, of the filesystem of ``folder`` (as an unprivileged user)."""
+    return shutil.disk_usage(folder).free
+
+
+def _remove_empty_entries(folder: str) -> None:
+    """Removes the empty entries of the cache ``folder`` (left by a full disk), with one line
+    giving their count, not JAX's warning and a delete for each (process 0 only)."""
+    import jax
+    from jax._src import lru_cache
+
+    if jax.process_index() != 0:
+        return
+    suffix, removed = lru_cache._CACHE_SUFFIX, 0
+    with os.scandir(folder) as entries:
+        empty = [e for e in entries if e.name.endswith(suffix) and e.is_file()
+                 and e.stat().st_size == 0]  # fmt: skip
+    for entry in empty:
+        try:
+            os.unlink(entry.path)
+            removed += 1
+            atime = entry.path.removesuffix(suffix) + lru_cache._ATIME_SUFFIX
+            if os.path.exists(atime):
+                os.unlink(atime)
+        except OSError:  # removed by another process meanwhile
+            pass
+    if removed:
+        logging.info("Removed %d empty compilation cache entries (cut short by a full disk) "
+                     "from %s: their programs compile again.", removed, folder)  # fmt: skip
+
+
+def _low_on_space(folder: str) -> str | None:
+    """Why the local cache ``folder`` is off for this run (its filesystem has less than
+    :data:`CACHE_MIN_FREE_BYTES` free), or None; its empty entries are removed first."""
+    _remove_empty_entries(folder)
+    free = _free_bytes(folder)
+    if free >= CACHE_MIN_FREE_BYTES:
+        return None
+    return (f"its filesystem has {free / 2**20:.0f} MiB free, under "
+            f"{CACHE_MIN_FREE_BYTES // 2**20} MiB")  # fmt: skip
+
+
 def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> None:
     """Sets JAX's persistent compilation cache as ``--compilation_cache`` says. A cache also
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. A local folder that cannot
-    be made turns the cache off, one that cannot be written leaves it read only (warned). An
-    entry that cannot be read is deleted, so that the compile writes it again. Off a
-    GPU, XLA's GPU caches are off (``jax_persistent_cache_enable_xla_caches``, unless
-    ``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES`` says otherwise): JAX's default puts their folder,
-    inside the cache's, into every key, so a cache copied, moved or reached by another path
-    never hit. Call it after ``jax.distributed.initialize``, if any (it asks JAX's backend
+    be made turns the cache off, one that cannot be written leaves it read only (warned); a
+    local one on a filesystem with less than :data:`CACHE_MIN_FREE_BYTES` free is off for the
+    run (warned), and the empty entries a full disk left in it are removed (one line). An
+    entry that cannot be read is deleted, so that the compile writes it again. Off a GPU,
+    XLA's GPU caches are off (``jax_persistent_cache_enable_xla_caches``, unless
+    ``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES`` says otherwise): JAX's default puts their
+    folder, inside the cache's, into every key, so a cache copied, moved or reached by another
+    path never hit. Call it after ``jax.distributed.initialize``, if any (it asks JAX's backend
     whether it is a GPU), and before the process's first compilation: JAX settles on its cache
     then."""
     import jax
@@ -316,6 +367,10 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
             logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
                             "restart compiles again.", folder, problem)  # fmt: skip
             jax.config.update("jax_compilation_cache_dir", None)
+    elif folder and "://" not in folder and (problem := _low_on_space(folder)):
+        logging.warning("The compilation cache %s is off for this run: %s (on a full disk, JAX "
+                        "writes empty entries).", folder, problem)  # fmt: skip
+        jax.config.update("jax_compilation_cache_dir", None)
     elif folder:
         logging.info("Compilation cache: %s.", folder)
     if jax.config.jax_compilation_cache_dir:
