@@ -701,6 +701,7 @@ class FixedPredictor:
     batch; ``batches`` counts the batches predicted."""
 
     class_names, category_ids = ["background", "thing"], [1, 2]
+    value_names = None  # a library task's
 
     def __init__(self, task: str = "segmentation"):
         from vision_jax.tasks import Detection, Segmentation
