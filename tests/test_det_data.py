@@ -638,3 +638,18 @@ def test_image_ids_by_file_refuse_files_of_another_size_than_their_record(tmp_pa
     assert "plain.jpg: size 8x6 differs from its annotations' 16x12 (w x h)" in message
     assert ("turned.jpg: size 6x8 differs from its annotations' 8x6 (w x h) (the image is "
             "turned upright by its EXIF orientation") in message  # fmt: skip
+
+
+def test_file_names_with_backslashes_or_dot_slash_name_their_files(tmp_path):
+    """A COCO file written on Windows (``sub\\001.png``) or with ``./``: the files are found, as
+    predict's image_ids_by_file finds them (one normalisation for both)."""
+    coco = write_coco(tmp_path, [(40, 40, [RECTS[0]]), (40, 40, [RECTS[1]])])
+    (tmp_path / "train" / "sub").mkdir()
+    (tmp_path / "train" / "001.png").rename(tmp_path / "train" / "sub" / "001.png")
+    coco["images"][0]["file_name"] = "sub\\001.png"
+    coco["images"][1]["file_name"] = "./002.png"
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    source = coco_source(tmp_path)
+    paths = list(source.columns["path"])
+    assert paths == [f"{tmp_path}/train/sub/001.png", f"{tmp_path}/train/002.png"]
+    data_lib.check_examples(source, spec_of(), whole=True)

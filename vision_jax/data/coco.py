@@ -67,6 +67,8 @@ def from_coco(
     categories = _records(coco, "categories", json_path)
     _check_category_names(categories, json_path)
     all_images = _records(coco, "images", json_path)
+    for image in all_images:
+        image["file_name"] = file_name(image["file_name"])
     by_id = {im["id"]: im for im in all_images}
     anns, problems = _checked_annotations(coco, by_id, categories, json_path)
     if not file_path(image_dir).is_dir():
@@ -180,7 +182,7 @@ def image_ids_by_file(
     images = _records(coco, "images", annotations)
     by_name: dict[str, list[int]] = {}
     for image in images:
-        name = posixpath.normpath(str(image["file_name"]).replace("\\", "/")).lstrip("/")
+        name = file_name(image["file_name"]).lstrip("/")
         by_name.setdefault(name, []).append(image["id"])
     ids, unnamed = {}, []
     for path in paths:
@@ -202,6 +204,12 @@ def image_ids_by_file(
         listed = ", ".join(unnamed[:3]) + (" ..." if unnamed[3:] else "")
         raise DataError(f"{len(unnamed)} file(s) are not images of {annotations}: {listed}.")
     return ids
+
+
+def file_name(name: str) -> str:
+    """A COCO ``file_name`` as a POSIX path: Windows' backslashes as slashes, ``./`` and ``..``
+    resolved (as the files are found, for training and for predictions alike)."""
+    return posixpath.normpath(str(name).replace("\\", "/"))
 
 
 def _box_source(
