@@ -653,3 +653,22 @@ def test_file_names_with_backslashes_or_dot_slash_name_their_files(tmp_path):
     paths = list(source.columns["path"])
     assert paths == [f"{tmp_path}/train/sub/001.png", f"{tmp_path}/train/002.png"]
     data_lib.check_examples(source, spec_of(), whole=True)
+
+
+def test_images_without_width_or_height_take_their_file_header_size(tmp_path):
+    """pycocotools and torchvision need no image sizes: one absent is read from the file's
+    header (upright); a file whose header cannot be read is named (skipped with skip_corrupt)."""
+    coco = write_coco(tmp_path, [(40, 60, [RECTS[0]]), (30, 20, []), (30, 20, [RECTS[0]])])
+    del coco["images"][0]["width"], coco["images"][0]["height"]
+    del coco["images"][2]["height"]
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    source = coco_source(tmp_path)
+    sizes = [(im["width"], im["height"]) for im in source.annotations["images"]]
+    assert sizes == [(60, 40), (20, 30), (20, 30)]
+    data_lib.check_examples(source, spec_of(), whole=True)
+    (tmp_path / "train" / "003.png").write_bytes(b"not an image")
+    with pytest.raises(data_lib.DataError, match=r"image 3: .*003.png has no width/height and"):
+        coco_source(tmp_path)
+    skipping = coco_source(tmp_path, skip_corrupt=True)
+    assert [im["id"] for im in skipping.annotations["images"]] == [1, 2]
+    assert {a["image_id"] for a in skipping.annotations["annotations"]} == {1}

@@ -8,7 +8,8 @@ category or image id, or a missing image file is a DataError naming the file and
 annotation, or with ``skip_corrupt`` counted, logged and left out. A box that sticks out of its
 image is clipped to it for training (as torchvision's and detectron2's loaders do; more than
 :data:`TOLERANCE` pixels is logged once per source) and evaluated as written, as pycocotools
-reads the file. Crowd regions (``iscrowd``) are kept as such; images without boxes too.
+reads the file. Crowd regions (``iscrowd``) are kept as such; images without boxes too. An
+image without ``width``/``height`` (optional, as for pycocotools) takes its file header's.
 """
 
 from __future__ import annotations
@@ -69,15 +70,16 @@ def from_coco(
     all_images = _records(coco, "images", json_path)
     for image in all_images:
         image["file_name"] = file_name(image["file_name"])
-    by_id = {im["id"]: im for im in all_images}
-    anns, problems = _checked_annotations(coco, by_id, categories, json_path)
     if not file_path(image_dir).is_dir():
         raise DataError(f"COCO image folder {image_dir} does not exist (data.coco_images).")
     missing = _missing_files(all_images, image_dir)
-    for image in missing:
-        problems.append(f"image {image['id']}: {image_dir}/{image['file_name']} is missing")
-    _report(problems, json_path, skip_corrupt)
+    problems = [f"image {im['id']}: {image_dir}/{im['file_name']} is missing" for im in missing]
     missing_ids = {im["id"] for im in missing}
+    problems += _read_sizes([im for im in all_images if im["id"] not in missing_ids], image_dir)
+    by_id = {im["id"]: im for im in all_images}
+    anns, bad_anns = _checked_annotations(coco, by_id, categories, json_path)
+    _report(bad_anns + problems, json_path, skip_corrupt)
+    missing_ids |= {im["id"] for im in all_images if not _sized(im)}
     kept = sorted((im for im in all_images if im["id"] not in missing_ids), key=lambda im: im["id"])
     rows = apply_slice({"row": np.arange(len(kept))}, where)["row"]
     kept = [kept[row] for row in rows]
@@ -153,7 +155,7 @@ def _check_sizes(ids: Mapping[str, int], images: Mapping[int, dict], annotations
     problems = []
     for path, image_id in ids.items():
         image = images[image_id]
-        if "width" not in image or "height" not in image:
+        if not _sized(image):
             continue
         if isinstance(size := upright_size_of(path), str):
             continue
@@ -210,6 +212,25 @@ def file_name(name: str) -> str:
     """A COCO ``file_name`` as a POSIX path: Windows' backslashes as slashes, ``./`` and ``..``
     resolved (as the files are found, for training and for predictions alike)."""
     return posixpath.normpath(str(name).replace("\\", "/"))
+
+
+def _read_sizes(images: list[dict], image_dir: str) -> list[str]:
+    """Gives the ``images`` without ``width`` or ``height`` (optional, as for pycocotools) their
+    upright size from their file's header (no decoding); what cannot be read, as problems.
+    Sizes given are checked against the decoded images in the pipeline."""
+    problems = []
+    for image in images:
+        if _sized(image):
+            continue
+        path = posixpath.join(image_dir, image["file_name"])
+        size = upright_size_of(path)
+        if isinstance(size, str):
+            problems.append(f"image {image['id']}: {path} has no width/height and its header "
+                            f"cannot be read ({size})")  # fmt: skip
+            continue
+        image.setdefault("width", size[0])
+        image.setdefault("height", size[1])
+    return problems
 
 
 def _box_source(
@@ -271,11 +292,12 @@ def _records(coco: dict, key: str, path: str) -> list[dict]:
     if not isinstance(records, list):
         raise DataError(f"{path} has no {key!r} list.")
     for i, record in enumerate(records):
-        lacking = [k for k in _KEYS[key] if not isinstance(record, dict) or k not in record]
+        needed = [k for k in _KEYS[key] if k not in _OPTIONAL]
+        lacking = [k for k in needed if not isinstance(record, dict) or k not in record]
         if lacking:
             raise DataError(f"{path}: {key}[{i}] lacks {', '.join(lacking)}.")
         checked = ("id",) if key == "annotations" else _KEYS[key]  # the others: _problem
-        for field in checked:
+        for field in (f for f in checked if f in record):
             kind, what = _FIELD_TYPES[field]
             if not _is(record[field], kind):
                 raise DataError(f"{path}: {key}[{i}] has {field} {record[field]!r}, not {what}.")
@@ -285,6 +307,7 @@ def _records(coco: dict, key: str, path: str) -> list[dict]:
     return records
 
 
+_OPTIONAL = ("width", "height")  # read from the image file's header when absent
 _FIELD_TYPES = {  # field -> (type, in words), for the fields of _KEYS
     "id": (int, "an integer"),
     "image_id": (int, "an integer"),
@@ -358,6 +381,8 @@ def _problem(ann: dict, images: dict, category_ids: set) -> str | None:
         return f"unknown image_id {ann['image_id']}"
     if ann["category_id"] not in category_ids:
         return f"unknown category_id {ann['category_id']!r}"
+    if not _sized(image):
+        return None  # its file is missing or unreadable: the image's problem, left out
     bbox = ann["bbox"]
     if not isinstance(bbox, list) or len(bbox) != 4:
         return f"bbox {bbox!r} is not [x, y, width, height]"
@@ -382,8 +407,14 @@ def _sticks_out(bbox: list, width: float, height: float) -> bool:
     return min(x, y) < -TOLERANCE or x + w > width + TOLERANCE or y + h > height + TOLERANCE
 
 
+def _sized(image: dict) -> bool:
+    """Whether an image record has its size (given, or read from its file)."""
+    return "width" in image and "height" in image
+
+
 def _log_clipped(anns: list[dict], images: dict, where: str) -> None:
     """One line naming the boxes (of ``anns``, valid) that training clips to their image."""
+    anns = [a for a in anns if _sized(images[a["image_id"]])]
     clipped = [
         f"annotation {a['id']} {a['bbox']} in {image['file_name']} "
         f"({image['width']}x{image['height']})"
