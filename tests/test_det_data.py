@@ -672,3 +672,16 @@ def test_images_without_width_or_height_take_their_file_header_size(tmp_path):
     skipping = coco_source(tmp_path, skip_corrupt=True)
     assert [im["id"] for im in skipping.annotations["images"]] == [1, 2]
     assert {a["image_id"] for a in skipping.annotations["annotations"]} == {1}
+
+
+def test_categories_without_annotations_are_named_in_a_warning(tmp_path, caplog):
+    """A category no box of the split holds is a class without examples (pycocotools leaves it
+    out of the mean AP): one warning naming it."""
+    write_coco(tmp_path, [(40, 40, [RECTS[0]]), (40, 40, [RECTS[1]])])
+    with caplog.at_level(logging.WARNING):
+        source = coco_source(tmp_path)
+    assert source.num_classes == len(NAMES)
+    assert "4 categor(ies) have no annotation: blue (6), yellow (8), magenta (10), cyan (12)" in (
+        caplog.text
+    )
+    assert "pycocotools leaves a category without ground truth out of its mean AP" in caplog.text

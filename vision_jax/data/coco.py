@@ -91,7 +91,22 @@ def from_coco(
         "path": np.array([posixpath.join(image_dir, im["file_name"]) for im in kept], dtype=str),
         "row": np.arange(len(kept), dtype=np.int32),
     }
-    return _box_source(None, kept, anns, categories, columns, skip_corrupt)
+    source = _box_source(None, kept, anns, categories, columns, skip_corrupt)
+    _warn_of_unused_categories(source.annotations, f"{json_path} (split {split!r})")
+    return source
+
+
+def _warn_of_unused_categories(ground_truth: dict, where: str) -> None:
+    """Warns of categories without an annotation: trained as classes without examples, and
+    left out of the mean AP by pycocotools (no ground truth)."""
+    used = {a["category_id"] for a in ground_truth["annotations"]}
+    unused = [f"{c['name']} ({c['id']})" for c in ground_truth["categories"] if c["id"] not in used]
+    if used and unused:
+        logger.warning(
+            "%s: %d categor(ies) have no annotation: %s. They stay classes (without examples "
+            "in this split); pycocotools leaves a category without ground truth out of its "
+            "mean AP.", where, len(unused), ", ".join(unused[:10]),
+        )  # fmt: skip
 
 
 def from_image_files(
