@@ -685,3 +685,21 @@ def test_categories_without_annotations_are_named_in_a_warning(tmp_path, caplog)
         caplog.text
     )
     assert "pycocotools leaves a category without ground truth out of its mean AP" in caplog.text
+
+
+def test_photos_turned_by_exif_without_a_change_of_size_are_named(tmp_path, caplog):
+    """A JPEG stored mirrored (EXIF orientation 2: the size stays) fits its record in either
+    frame: one warning names it and says the boxes are taken in the upright frame."""
+    coco = write_coco(tmp_path, [(40, 60, [RECTS[0]]), (40, 60, [RECTS[1]])])
+    exif = Image.Exif()
+    exif[0x0112] = 2
+    Image.fromarray(draw(40, 60, [RECTS[1]])).save(tmp_path / "train" / "x.jpg", exif=exif)
+    coco["images"][1]["file_name"] = "x.jpg"
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    with caplog.at_level(logging.WARNING):
+        coco_source(tmp_path)
+    assert "instances_train.json (split 'train'): 1 JPEG(s) are stored turned or mirrored " in (
+        caplog.text
+    )
+    assert "such as " + str(tmp_path / "train" / "x.jpg") in caplog.text
+    assert "their boxes are taken in that upright frame" in caplog.text

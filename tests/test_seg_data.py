@@ -248,6 +248,26 @@ def test_label_maps_match_photos_turned_by_their_exif_orientation(tmp_path):
         data_lib.check_examples(source, spec_of())
 
 
+def test_photos_turned_by_exif_without_a_change_of_size_are_named(tmp_path, caplog):
+    """A JPEG stored upside down (EXIF orientation 3: the size stays) passes every size check,
+    whichever frame its mask was drawn in: one warning per split names it and says the masks
+    are taken in the upright frame."""
+    make_seg_folder(tmp_path, n=2)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    stored = image_of(label_map_of((16, 16), 4, seed=1))
+    Image.fromarray(stored).save(tmp_path / "train" / "images" / "001.jpg", exif=exif.tobytes())
+    (tmp_path / "train" / "images" / "001.png").unlink()
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        source = data_lib.load_source(cfg.data, "train", target="label_map")
+    assert source.num_examples == 2
+    turned = str(tmp_path / "train" / "images" / "001.jpg")
+    assert (f"(split 'train'): 1 JPEG(s) are stored turned or mirrored (EXIF orientation 2-8), "
+            f"such as {turned}:") in caplog.text  # fmt: skip
+    assert "label maps are taken in that upright frame" in caplog.text
+
+
 def test_an_empty_line_in_classes_txt_is_an_error(tmp_path):
     """Line k names class k - 1: an empty line would shift the names after it."""
     make_seg_folder(tmp_path, n=1)

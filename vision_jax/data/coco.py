@@ -93,6 +93,7 @@ def from_coco(
     }
     source = _box_source(None, kept, anns, categories, columns, skip_corrupt)
     _warn_of_unused_categories(source.annotations, f"{json_path} (split {split!r})")
+    exif.warn_of_turned(columns["path"], "boxes", f"{json_path} (split {split!r})")
     return source
 
 

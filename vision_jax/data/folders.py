@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vision_jax.data import exif
 from vision_jax.data.sources import (
     DataError,
     Source,
@@ -248,6 +249,7 @@ def label_map_folder(
         "label_map_path": np.array(mask_paths, dtype=str),
     }
     source = from_columns(apply_slice(columns, where), class_names)
+    exif.warn_of_turned(source.columns["path"], "label maps", f"{root} (split {split!r})")
     table = value_table(label_map_values, len(class_names))
     return dataclasses.replace(source, skip_corrupt=skip_corrupt, label_values=table)
 
