@@ -268,6 +268,35 @@ def test_photos_turned_by_exif_without_a_change_of_size_are_named(tmp_path, capl
     assert "label maps are taken in that upright frame" in caplog.text
 
 
+def test_images_in_subfolders_take_the_mask_at_the_same_path_and_others_are_counted(
+    tmp_path, caplog
+):
+    """``images/<city>/x.png`` with ``masks/<city>/x.png`` (Cityscapes' layout) is read, as
+    class folders read subfolders; files that are not images are counted in one warning."""
+    maps = make_seg_folder(tmp_path, n=3)
+    for folder in ("images", "masks"):
+        (tmp_path / "train" / folder / "city").mkdir()
+        (tmp_path / "train" / folder / "001.png").rename(
+            tmp_path / "train" / folder / "city" / "001.png"
+        )
+    (tmp_path / "train" / "images" / "notes.txt").write_text("x")
+    (tmp_path / "train" / "images" / "city" / "Thumbs.db").write_bytes(b"x")
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        source = data_lib.load_source(cfg.data, "train", target="label_map")
+    images = tmp_path / "train" / "images"
+    assert list(source.columns["path"]) == [
+        str(images / n) for n in ("000.png", "002.png", "city/001.png")
+    ]
+    assert source.columns["label_map_path"][2] == str(
+        tmp_path / "train" / "masks" / "city" / "001.png"
+    )
+    assert f"Left out 2 files of {images} that are not" in caplog.text
+    assert "(.txt: 1, .db: 1)" in caplog.text or "(.db: 1, .txt: 1)" in caplog.text
+    batch = next(iter(data_lib.eval_batches(source, spec_of(), global_batch=3)))
+    np.testing.assert_array_equal(batch["label_map"][2], maps[1])
+
+
 def test_an_empty_line_in_classes_txt_is_an_error(tmp_path):
     """Line k names class k - 1: an empty line would shift the names after it."""
     make_seg_folder(tmp_path, n=1)

@@ -2,7 +2,8 @@
 
 ``imagefolder``: ``root/<split>/<class>/.../<image>`` (any of :data:`IMAGE_EXTENSIONS`, in
 subfolders too), classes named by their sorted folder names; for label maps
-``root/<split>/images/<image>`` with index PNGs ``root/<split>/masks/<same stem>.png`` and
+``root/<split>/images/<image>`` with index PNGs ``root/<split>/masks/<same stem>.png`` (in
+subfolders alike) and
 class names from ``root/classes.txt``, or PASCAL VOC's layout (``root/JPEGImages``,
 ``root/SegmentationClass``, the split's ids in ``root/ImageSets/Segmentation/<split>.txt``).
 ``csv``:
@@ -113,10 +114,6 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _image_files(folder: str) -> list[str]:
-    return sorted(f for f in list_names(folder) if is_image_file(f))
-
-
 def files_under(folder: str) -> list[str]:
     """Every file under ``folder`` (its non-hidden subfolders too, symbolic links followed, as
     torchvision's ``ImageFolder`` walks), relative to it."""
@@ -136,9 +133,10 @@ def files_under(folder: str) -> list[str]:
     return files
 
 
-def _class_images(class_dir: str, left_out: Counter) -> list[str]:
-    """The images under ``class_dir`` (relative, sorted); the extensions of its other files
-    (hidden ones aside) are counted in ``left_out``."""
+def _images_under(class_dir: str, left_out: Counter) -> list[str]:
+    """The images under ``class_dir`` (a class's, or a label-map split's ``images``; relative,
+    sorted); the extensions of its other files (hidden ones aside) are counted in
+    ``left_out``."""
     images = []
     for f in files_under(class_dir):
         name = posixpath.basename(f)
@@ -147,6 +145,14 @@ def _class_images(class_dir: str, left_out: Counter) -> list[str]:
         elif not name.startswith("."):
             left_out[posixpath.splitext(name)[1].lower() or "no extension"] += 1
     return sorted(images)
+
+
+def _warn_of_left_out(left_out: Counter, folder: str) -> None:
+    """One warning counting the files of ``folder`` left out as not images, by extension."""
+    if left_out:
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in left_out.most_common())
+        logger.warning("Left out %d files of %s that are not %s images (%s).",
+                       left_out.total(), folder, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
 
 
 def from_image_folder(
@@ -187,7 +193,7 @@ def from_image_folder(
     paths, labels, left_out = [], [], Counter()
     for label, (_, folder) in enumerate(folders):
         class_dir = posixpath.join(split_dir, folder)
-        files = _class_images(class_dir, left_out)
+        files = _images_under(class_dir, left_out)
         if not files:
             message = f"Class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images."
             if not skip_corrupt:
@@ -195,10 +201,7 @@ def from_image_folder(
             logger.warning("%s Keeping the class without examples.", message)
         paths += [posixpath.join(class_dir, f) for f in files]
         labels += [label] * len(files)
-    if left_out:
-        kinds = ", ".join(f"{kind}: {n}" for kind, n in left_out.most_common())
-        logger.warning("Left out %d files of %s that are not %s images (%s).",
-                       left_out.total(), split_dir, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
+    _warn_of_left_out(left_out, split_dir)
     loose = [n for n in list_names(split_dir) if is_image_file(n) and n not in subdirs]
     if loose:
         logger.warning("Left out %d image(s) directly in %s, outside the class folders (such as "
@@ -229,7 +232,8 @@ def label_map_folder(
     label_map_values: Sequence[Sequence[int]] | None = None,
 ) -> Source:
     """Segmentation: ``root/<split>/images/<image>``, each with the index PNG
-    ``root/<split>/masks/<stem>.png`` of class ids (grayscale of 1 to 8 bits, or palette PNGs
+    ``root/<split>/masks/<stem>.png`` (in subfolders alike: ``images/<city>/<image>`` with
+    ``masks/<city>/<stem>.png``) of class ids (grayscale of 1 to 8 bits, or palette PNGs
     read as their indices; 255 = ignore), or of raw values that ``label_map_values`` ((raw,
     class id) pairs: ADE20K's 0 to 255 and the others one down, Cityscapes' label ids to train
     ids) maps. Class names are ``class_names``, else the lines of ``root/classes.txt``. A
@@ -255,7 +259,8 @@ def label_map_folder(
 
 
 def _folder_pairs(root: str, name: str, skip_corrupt: bool) -> tuple[list[str], list[str]]:
-    """Images and masks of ``root/<name>/images`` and ``root/<name>/masks``."""
+    """Images and masks of ``root/<name>/images`` and ``root/<name>/masks`` (in subfolders
+    too, each mask at its image's relative path)."""
     image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
     for folder in (image_dir, mask_dir):
         if not file_path(folder).is_dir():
@@ -264,9 +269,11 @@ def _folder_pairs(root: str, name: str, skip_corrupt: bool) -> tuple[list[str], 
                 f"{root}/<split>/images/<image> and {root}/<split>/masks/<stem>.png, or PASCAL "
                 f"VOC's with {root}/ImageSets/Segmentation/<split>.txt)."
             )
-    paths, mask_paths = [], []
-    masks = set(list_names(mask_dir))
-    for f in _image_files(image_dir):
+    paths, mask_paths, left_out = [], [], Counter()
+    masks = set(files_under(mask_dir))
+    images = _images_under(image_dir, left_out)
+    _warn_of_left_out(left_out, image_dir)
+    for f in images:  # in subfolders too (images/<city>/x.jpg, masks/<city>/x.png)
         mask = posixpath.splitext(f)[0] + ".png"
         if mask not in masks:
             message = f"Image {posixpath.join(image_dir, f)} has no mask {mask_dir}/{mask}."
