@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import pathlib
+import shutil
 import threading
 import time
 
@@ -1358,3 +1359,21 @@ def test_a_program_leaving_a_batch_iterator_open_exits(tmp_path):
         timeout=120,
     )  # fmt: skip
     assert done.returncode == 0 and "read" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_split_lacking_classes_takes_the_runs_labels_by_name(tmp_path, caplog):
+    """A test folder without the class dog (small test sets) is labelled by train's classes,
+    matched by name (eel stays 2), with a warning naming dog; a class train lacks refuses."""
+    make_folder(tmp_path, per_class=1)
+    shutil.rmtree(tmp_path / "test" / "dog")
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    test = data_lib.load_source(specs.data_spec(cfg.data), "test")
+    assert test.class_names == ["cat", "eel"]
+    with caplog.at_level(logging.WARNING):
+        mapped = data_lib.as_classes(test, ["cat", "dog", "eel"], "test")
+    assert "The split 'test' lacks 1 of the run's 3 classes: dog (no examples" in caplog.text
+    assert mapped.class_names == ["cat", "dog", "eel"]
+    np.testing.assert_array_equal(mapped.columns["label"], [0, 0, 2, 2])
+    batch = next(data_lib.eval_batches(mapped, spec_of(), global_batch=4))
+    np.testing.assert_array_equal(batch["label"], [0, 0, 2, 2])
+    assert data_lib.as_classes(test, ["cat", "dog"], "test") is None

@@ -178,6 +178,35 @@ def test_a_run_whose_dataset_moved_is_evaluated_from_its_new_root(tmp_path, digi
 
 
 @pytest.mark.slow
+def test_a_split_lacking_a_class_is_scored_with_the_runs_labels(tmp_path, caplog):
+    """A test folder without one of train's classes (small test sets): its labels are the run's
+    indices of its classes by name, so the run's and evaluate's figures equal numpy's with the
+    labels read off the folder names (not those of its own two classes); a warning names the
+    class it lacks."""
+    import logging
+    import pathlib
+
+    _image_folders(tmp_path / "data", {"train": "abc", "test": "ac"})
+    cfg = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path / "data"),
+                          "total_steps": 1, "batch_size": 4, "eval_batch_size": 4})  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        final = train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert "The split 'test' lacks 1 of the run's 3 classes: b (no examples" in caplog.text
+    trained = load_trained(tmp_path / "run")
+    paths = sorted(str(p) for p in (tmp_path / "data" / "test").glob("*/*.png"))
+
+    def figures(classes: str) -> dict[str, float]:
+        labels = np.array([classes.index(pathlib.Path(p).parent.name) for p in paths])
+        source = data_lib.from_columns({"path": np.array(paths), "label": labels}, list("abc"))
+        return _numpy_figures(trained.model, trained.variables, source, trained.input)
+
+    want = figures("abc")
+    _assert_figures(final, want)
+    _assert_figures(evaluate_run(tmp_path / "run"), want)
+    assert figures("ac")["eval/loss"] != pytest.approx(want["eval/loss"], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_a_split_with_other_classes_is_refused(tmp_path):
     """An image-folder split whose class folders differ from the run's (its labels would
     name other classes than the model's outputs)."""

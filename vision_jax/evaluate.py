@@ -93,7 +93,7 @@ def evaluate_run(
             # Its columns <target>/<name> matched to the run's values by name (or refused)
             data = dataclasses.replace(data, class_names=tuple(names))
             source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
-    _check_classes(trained, source, split)
+    source = _check_classes(trained, source, split)
     if image_size is None or image_size == trained.input.image_size:
         model, input_spec, variables = trained.model, trained.input, trained.variables
     else:
@@ -123,16 +123,20 @@ def evaluate_run(
     return task.summarize(total, source, "eval/")
 
 
-def _check_classes(trained: Trained, source: data_lib.Source, split: str) -> None:
-    """Refuses a split whose classes are not the run's, in the run's order (its labels would
-    mean other classes than the model's outputs)."""
+def _check_classes(trained: Trained, source: data_lib.Source, split: str) -> data_lib.Source:
+    """``source``, labelled by the run's classes where it lacks some of them (by name,
+    :func:`~vision_jax.data.as_classes`); refuses a split whose classes are not the run's, in
+    the run's order (its labels would mean other classes than the model's outputs)."""
     if trained.class_names and list(source.class_names) != trained.class_names:
+        if (mapped := data_lib.as_classes(source, trained.class_names, split)) is not None:
+            return mapped
         raise data_lib.DataError(
             f"The split {split!r} has the classes {', '.join(source.class_names[:8])}"
             f"{', ...' if len(source.class_names) > 8 else ''}; the run was trained on "
             f"{', '.join(trained.class_names[:8])}"
             f"{', ...' if len(trained.class_names) > 8 else ''} (these, in this order)."
         )
+    return source
 
 
 def _check_column(trained: Trained, source: data_lib.Source, split: str) -> None:

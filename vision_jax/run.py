@@ -547,7 +547,8 @@ def _load_data(
     if spec.task.per_class_metrics:
         _check_class_keys(train.class_names, spec.task.per_class_metrics[0])
     validation = None if data.val_split is None else load(data.val_split)
-    for name, other in (("eval", evaluation), ("val", validation)):
+    splits = {"eval": evaluation, "val": validation}
+    for name, other in splits.items():
         if other is not None and other.column_spec != train.column_spec:
             (shape, dtype), (other_shape, other_dtype) = train.column_spec, other.column_spec
             raise data_lib.DataError(
@@ -556,6 +557,10 @@ def _load_data(
                 f"{np.dtype(other_dtype).name} {other_shape} in {name}."
             )
         if other is not None and other.class_names != train.class_names:
+            split = data.eval_split if name == "eval" else data.val_split
+            if (mapped := data_lib.as_classes(other, train.class_names, split)) is not None:
+                splits[name] = mapped  # a split lacking some of train's classes
+                continue
             only = lambda a, b: ", ".join(sorted(set(a) - set(b))) or "none"
             train_only, other_only = (only(train.class_names, other.class_names),
                                       only(other.class_names, train.class_names))  # fmt: skip
@@ -564,7 +569,7 @@ def _load_data(
                 orders = f"train: {_order(train)}; {name}: {_order(other)}"
                 how = f"the same ones in another order ({orders})"
             raise data_lib.DataError(f"The train and {name} splits have different classes: {how}.")
-    return train, evaluation, validation
+    return train, splits["eval"], splits["val"]
 
 
 def _target_record(source: data_lib.Source) -> dict[str, Any]:

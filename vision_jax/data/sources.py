@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import re
@@ -40,6 +41,7 @@ _COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGESTED_BYTES = 2**26  # at most this much of a column goes into a source's fingerprint
 _ALIGNMENT = 64  # bytes: where TensorFlow's CPU kernels need a buffer to start (Eigen)
 _VARIABLES_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -634,3 +636,23 @@ def select_classes(source: Source, classes: Sequence[int]) -> Source:
         count = sum(1 for _ in ds.map(lambda ex: ex["label"]).as_numpy_iterator())
         selected = Source(ds, count, names, origin=source.origin)
     return dataclasses.replace(selected, skip_corrupt=source.skip_corrupt)
+
+
+def as_classes(source: Source, class_names: Sequence[str], split: str) -> Source | None:
+    """``source`` (of a ``label`` column) labelled by ``class_names``, which hold its classes
+    and more, matched by name: a split (a small test set) that lacks some of the run's classes,
+    named in a warning; None where its classes are not such a subset (or it has no labels)."""
+    names = list(class_names)
+    if source.target != "label" or source.columns is None or "label" not in source.columns:
+        return None
+    if not set(source.class_names) < set(names):
+        return None
+    lacking = [n for n in names if n not in source.class_names]
+    logger.warning(
+        "The split %r lacks %d of the run's %d classes: %s (no examples of them); its labels "
+        "are the run's, matched by class name.", split, len(lacking), len(names),
+        ", ".join(lacking[:10]) + (", ..." if lacking[10:] else ""),
+    )  # fmt: skip
+    table = np.array([names.index(n) for n in source.class_names], np.int32)
+    columns = {**source.columns, "label": table[source.columns["label"]]}
+    return dataclasses.replace(source, class_names=names, columns=columns, examples=None)
