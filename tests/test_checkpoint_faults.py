@@ -1296,6 +1296,36 @@ def test_an_earlier_runs_best_is_not_replaced_by_a_run_from_scratch(tmp_path, ca
     assert again["best/step"] == 4 and (tmp_path / "best-earlier" / "4").is_dir()
 
 
+def test_a_run_stopped_by_an_error_after_its_first_best_starts_over(tmp_path, monkeypatch, caplog):
+    """An error (or a Ctrl-C's KeyboardInterrupt) once the first best was saved, before the
+    first step checkpoint: closing removed the empty checkpoints folder, and the same command
+    again was refused as an earlier run's best (a kill -9 left the folder and started over).
+    The folder stays: it starts over; a finished run's best is still refused once its step
+    checkpoints are deleted."""
+    from vision_jax import train as train_lib
+
+    config = validated_config(eval_every_steps=2)
+    evaluate, calls = train_lib.run_evaluation, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the second validation fails")  # (as a Python error)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "run_evaluation", second_fails)
+    with pytest.raises(KeyboardInterrupt, match="second validation"):
+        train_and_evaluate(config, str(tmp_path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "best") == ["2"] and os.listdir(tmp_path / "checkpoints") == []
+    with caplog.at_level(logging.WARNING):
+        assert train_and_evaluate(config, str(tmp_path))["best/step"] in (2, 4)
+    assert "cut short before its first step checkpoint" in caplog.text
+    shutil.rmtree(tmp_path / "checkpoints")  # a finished run's: its best is an earlier run's
+    with pytest.raises(CheckpointError, match="holds the best checkpoint of an earlier run"):
+        train_and_evaluate(config, str(tmp_path))
+
+
 def test_corrupt_keeps_the_newest_folders_moved_aside(tmp_path, monkeypatch, caplog):
     """A run killed while it commits a save leaves a complete but uncommitted folder, moved to
     corrupt/ at the next start: killed again and again, corrupt/ grew without end. It keeps

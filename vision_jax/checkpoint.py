@@ -444,6 +444,7 @@ class Checkpointer:
         self.final_steps = KeepSteps()
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
         self.has_frozen = False  # frozen params lie beside the steps (each step's meta says)
+        self._keep_folder = False  # a best was saved: the folder stays, even empty (keep_folder)
         self.frozen_digest: dict | None = None  # their digests (each step's meta records them)
         policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
@@ -467,6 +468,13 @@ class Checkpointer:
     def made_now(self) -> bool:
         """Whether this run made the checkpoints folder (process 0's answer; False elsewhere)."""
         return self._new
+
+    def keep_folder(self) -> None:
+        """Keeps the checkpoints folder at :meth:`close`, even without a step: a best was saved,
+        and an empty folder beside it marks it as this run's own (one cut short before its first
+        step checkpoint, by an error or a kill alike), which the run started again replaces
+        (:func:`check_no_earlier_best`)."""
+        self._keep_folder = True
 
     def step_dir(self, step: int) -> epath.Path:
         return epath.Path(self.directory) / str(step)
@@ -680,7 +688,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves, closes the manager and releases the workdir lock; removes
-        the checkpoints folder again if this run made it and saved nothing in it. A Ctrl-C
+        the checkpoints folder again if this run made it and saved nothing in it (nor a best:
+        :meth:`keep_folder`). A Ctrl-C
         (KeyboardInterrupt) while it waits is raised once the lock is released: a save under
         way ends first, not after the workdir is free for another run."""
         with uninterrupted():
@@ -688,7 +697,7 @@ class Checkpointer:
                 with _reporting_failed_saves(self.manager, self._pending):
                     self.manager.close()
                 if not _lost(self.lock):
-                    _remove_if_unused(self.directory, self._new)
+                    _remove_if_unused(self.directory, self._new and not self._keep_folder)
             finally:
                 if self.lock is not None:
                     self.lock.release()
@@ -715,6 +724,7 @@ class BestCheckpoint:
         newest complete one, that a resume reads)."""
         self.directory = os.path.join(workdir, BEST_DIR)
         self._resumable = _steps_not_at_hand if checkpoints is None else checkpoints.complete_steps
+        self._checkpoints = checkpoints
         self.lock = lock  # the workdir's: once another run took it over, nothing is written
         if "://" not in workdir:
             self.directory = os.path.abspath(self.directory)
@@ -756,6 +766,8 @@ class BestCheckpoint:
             metrics={self.metric: float(value)},
         )  # fmt: skip
         self._pending = step
+        if self._checkpoints is not None:
+            self._checkpoints.keep_folder()
 
     def wait(self) -> None:
         """Waits for the pending save; the newest complete one is then the only one kept

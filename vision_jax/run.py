@@ -1128,10 +1128,10 @@ def build_run(
 def _own_best(spec: specs.RunSpec, workdir: str, step: int, meta: Mapping[str, Any]) -> bool:
     """Whether the best checkpoint of ``step`` (its ``meta``), in a workdir whose checkpoints
     folder was there already but holds no step, is one this run's command saved before it was
-    cut short (a crash, a kill; the caller checks the folder: a finished run's was deleted):
-    saved with this config, at a step no later than that run's first step checkpoint (every
-    step checkpoint after a best is saved once it is complete). Such a run starts over, its
-    best chosen again, as it did; a later step, or another config, is an earlier run's."""
+    cut short (an error, a crash, a kill; the caller checks the folder: a finished run's was
+    deleted): saved with this config, at a step no later than that run's first step checkpoint
+    (every step checkpoint after a best is saved once it is complete). Such a run starts over,
+    its best chosen again, as it did; a later step, or another config, is an earlier run's."""
     config = meta.get("config") or {}
     every, total = config.get("checkpoint_every_steps"), meta.get("total_steps")
     if not isinstance(every, int) or not isinstance(total, int):
@@ -1204,8 +1204,9 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     if val_source is not None:
         _check_selection(spec, val_source, total_steps, fresh=newest is None)
         if newest is None and not ckpt.has_steps():  # from scratch: no earlier best replaced
-            # (on process 0:) a crash leaves the checkpoints folder that its run made; a
-            # missing one was deleted, an earlier run's with it
+            # (on process 0:) a crash, an error or a kill leaves the checkpoints folder that
+            # its run made once it saved a best; a missing one was deleted, an earlier run's
+            # with it
             check_no_earlier_best(
                 workdir,
                 lambda step, meta: not ckpt.made_now and _own_best(spec, workdir, step, meta),
