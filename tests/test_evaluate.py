@@ -103,12 +103,15 @@ def test_command_line_prints_and_writes_the_figures(digits_run, tmp_path, capsys
     assert printed["eval/examples"] == 360
     assert printed["eval/top1"] == pytest.approx(final["eval/top1"], abs=1e-5)
     (tmp_path / "file").write_text("")
-    through_a_file = (tmp_path / "file" / "m.json", "cannot make its folder: ")
+    through_a_file = (tmp_path / "file" / "m.json", f"{tmp_path / 'file'} is not a folder")
     for bad, why in ((tmp_path, "it is a folder"), through_a_file):
         assert evaluate_main([f"--workdir={workdir}", f"--output={bad}"]) == 1  # before evaluating
         assert why in capsys.readouterr().err
-    # A folder that does not exist yet is made, as predict makes its output's.
+    # A folder that does not exist yet is made once the figures are written, as predict makes
+    # its output's; an evaluation that fails leaves none behind.
     nested = tmp_path / "new" / "folder" / "metrics.json"
+    assert evaluate_main([f"--workdir={workdir}", "--split=val", f"--output={nested}"]) == 1
+    assert "not 'val'" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert evaluate_main([f"--workdir={workdir}", f"--output={nested}"]) == 0
     assert json.loads(nested.read_text()) == printed
 

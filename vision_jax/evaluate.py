@@ -34,7 +34,7 @@ from vision_jax import sharding, specs
 from vision_jax.compile_options import step_compiler_options
 from vision_jax.metrics import json_line
 from vision_jax.models.registry import backbone_of
-from vision_jax.output_errors import make_folder_of, written_whole
+from vision_jax.output_errors import folder_problem, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_trained
@@ -231,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(line, flush=True)  # first: a failed write below loses no figures
     if args.output:
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with written_whole(args.output) as partial, open(partial, "w", encoding="utf-8") as f:
                 f.write(json.dumps(json.loads(line), indent=1) + "\n")
         except OSError as e:
@@ -240,11 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _unwritable(path: str) -> str | None:
-    """Why ``path`` cannot be written as a file (checked, its folder made if missing, before
-    evaluating, as predict does), or None."""
+    """Why ``path`` cannot be written as a file, checked before evaluating (its folder is made
+    once the figures are written: a failed evaluation leaves none behind), or None."""
     if os.path.isdir(path):
         return "it is a folder; name a file"
-    return make_folder_of(path)
+    return folder_problem(os.path.dirname(os.path.abspath(path)))
 
 
 if __name__ == "__main__":

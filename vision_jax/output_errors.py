@@ -51,6 +51,21 @@ def make_folder_of(path: str | os.PathLike) -> str | None:
     return None
 
 
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why no file can be written in ``folder``, made with those above it where missing when
+    written: a file in its place or in the way, or no file can be created in the nearest
+    existing folder (:func:`unwritable_folder`); or None. Nothing is made: the commands check
+    their outputs so before their work, and a failed work leaves no empty folder behind."""
+    folder = existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder"
+    if problem := unwritable_folder(existing):
+        return f"cannot write in {existing}: {problem}"
+    return None
+
+
 def printable(path: str | os.PathLike) -> str:
     """``path`` as text, a byte that is not UTF-8 written ``\\xff``."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
