@@ -10,6 +10,7 @@ import functools
 import io
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -526,10 +527,35 @@ def test_quantisation_report_on_real_images(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["stablehlo", "savedmodel"])
-def test_cli_an_output_that_cannot_be_written_is_one_line(digits_run, tmp_path, fmt, capsys):
-    """A full disk or a path that cannot be a folder: one line naming it, exit status 1."""
+def test_cli_an_output_that_cannot_be_written_is_one_line(
+    digits_run, tmp_path, fmt, capsys, monkeypatch
+):
+    """A path that cannot be a folder, or one where nothing can be written (a read-only file
+    system): one line naming it, exit status 1, before the run is read (it was found once the
+    model was converted, after a TFLite calibration). Found while writing (a full disk; here
+    the check skipped), it is one line too."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("the run is read before the output is checked")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr("vision_jax.export.__main__.load_trained", not_read)
+    out = blocker / fmt
+    assert export_main(["--workdir", str(digits_run), "--format", fmt, "--output", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: --output {out}: {blocker} is not a folder\n"
+    monkeypatch.setattr("vision_jax.output_errors.tempfile.TemporaryFile", read_only)
+    out = tmp_path / "new" / fmt
+    assert export_main(["--workdir", str(digits_run), "--format", fmt, "--output", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --output {out}: cannot write in {tmp_path}: Read-only file system\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+    monkeypatch.undo()
+    monkeypatch.setattr("vision_jax.export.__main__.folder_problem", lambda output: None)
     out = blocker / fmt
     assert export_main(["--workdir", str(digits_run), "--format", fmt, "--output", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

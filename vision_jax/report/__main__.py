@@ -27,10 +27,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hardest < 0:
         parser.error(f"--hardest must be >= 0 (examples to show), got {args.hardest}.")
     logging.basicConfig(level=logging.WARNING)
-    from vision_jax.output_errors import failed_write
+    from vision_jax.output_errors import failed_write, folder_problem
     from vision_jax.report import ReportError, write_report  # after parsing: --help stays fast
     from vision_jax.weights.files import WeightFormatError
 
+    output = args.output or os.path.join(args.workdir, "report")
+    # before the run is read and predicted (a missing workdir: the error reading it comes first)
+    if os.path.isdir(args.workdir) and (problem := folder_problem(output)):
+        print(f"vision_jax.report: error: --output {output}: {problem}", file=sys.stderr)
+        return 1
     try:
         path = write_report(
             args.workdir, args.output, args.which, ema=args.ema, hardest=args.hardest
@@ -39,7 +44,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vision_jax.report: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a failed write (a full disk), or e.g. a file not found
-        output = args.output or os.path.join(args.workdir, "report")
         print(f"vision_jax.report: error: {failed_write(e, 'report', output) or e}",
               file=sys.stderr)  # fmt: skip
         return 1
