@@ -14,6 +14,7 @@ import pytest
 
 from vision_jax import lora, optim, specs, trees
 from vision_jax.config import TrackedConfig, default_config
+from vision_jax.masks import tree_mask
 from vision_jax.models import create_model
 from vision_jax.trees import flatten_dict, unflatten_dict
 
@@ -238,10 +239,23 @@ def test_blocks_after_the_last_feature_tap_train_in_no_preset():
     assert mults["Transformer/encoderblock_5/MlpBlock_3/Dense_0/kernel"] == 0.5
     assert mults["task_head/classifier/kernel"] == mults["Transformer/encoder_norm/scale"] == 1.0
     assert mults["embedding/kernel"] == 0.5**7
-    blocks_after = r"Transformer/encoderblock_(6|7|8|9|10|11)/.*"  # named as well: accepted
-    assert trained(optim.trainable_mask(params, model, preset="all", frozen=blocks_after)) == (
-        paths - unused
+    blocks_after = r"Transformer/encoderblock_(6|7|8|9|10|11)/.*"
+    also = rf"{blocks_after}|Transformer/encoderblock_5/.*"  # named with blocks that run: taken
+    assert trained(optim.trainable_mask(params, model, preset="all", frozen=also)) == (
+        paths - unused - {p for p in paths if p.startswith("Transformer/encoderblock_5/")}
     )
+    # Only those: a rule that changes nothing, an error naming it (it passed without a word),
+    # as a learning-rate multiplier's or a weight decay's
+    with pytest.raises(ValueError, match=r"frozen_params .*encoderblock_\(6.* matches only param"
+                       r"eters that never run \(such as 'Transformer/encoderblock_"):  # fmt: skip
+        optim.trainable_mask(params, model, preset="all", frozen=blocks_after)
+    held = sorted(unused)
+    with pytest.raises(ValueError, match=r"lr_mults rule .*encoderblock_\(6.* matches only froz"):
+        optim.lr_multipliers(unflatten_dict(trainable), model, rules=[(blocks_after, 2.0)],
+                             frozen=held)  # fmt: skip
+    with pytest.raises(ValueError, match=r"decay_params .*encoderblock_\(6.* matches only froz"):
+        tree_mask(blocks_after, unflatten_dict(trainable), what="optimizer.decay_params",
+                  frozen=held)  # fmt: skip
     bit = Segmentation(head="linear", feature_taps=(1,)).build_model("bit_r50x1", 3)
     bit_params = jax.eval_shape(bit.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     bit_trained = trained(optim.trainable_mask(bit_params, bit, preset="all"))

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -161,21 +162,40 @@ def trainable_mask(
     mask = tree_map_by_rules(trainable_rules(preset, model), params, default=False)
     if extra:
         mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
+    if unused := never_run(model):  # before frozen_params, which may name them too
+        mask = jax.tree.map(lambda m, u: m and not u, mask, tree_mask(unused, params))
     if frozen:
         frozen_mask = tree_mask(frozen, params, what="optimizer.frozen_params")
-        pairs = zip(jax.tree.leaves(mask), jax.tree.leaves(frozen_mask), strict=True)
-        if not any(m and f for m, f in pairs):
-            owner = "LoRA" if extra else f"optimizer.trainable={preset!r}"
-            raise ValueError(
-                f"optimizer.frozen_params {frozen!r} matches only parameters that {owner} "
-                "freezes already: it would change nothing."
-            )
+        owner = "LoRA" if extra else f"optimizer.trainable={preset!r}"
+        _check_frozen_changes(frozen, frozen_mask, mask, unused, owner)
         mask = jax.tree.map(lambda m, f: m and not f, mask, frozen_mask)
-    if unused := never_run(model):  # after frozen_params, which may name them too
-        mask = jax.tree.map(lambda m, u: m and not u, mask, tree_mask(unused, params))
     if not any(jax.tree.leaves(mask)):
         raise ValueError("No parameter is trainable: check optimizer.trainable / frozen_params.")
     return mask
+
+
+def _check_frozen_changes(
+    frozen: str, frozen_mask: Any, mask: Any, unused: str | None, owner: str
+) -> None:
+    """Raises unless the ``frozen`` regex (``optimizer.frozen_params``, its ``frozen_mask``)
+    freezes a parameter that ``mask`` trains: it would change nothing where it matches only
+    parameters that ``owner`` (the preset, or LoRA) freezes already, or that never run
+    (``unused``: the blocks after the last feature tap)."""
+    pairs = zip(jax.tree.leaves(mask), jax.tree.leaves(frozen_mask), strict=True)
+    if any(m and f for m, f in pairs):
+        return
+    idle = re.compile(unused) if unused else None
+    held = [p for p, f in flatten_dict(frozen_mask).items() if f]
+    if idle and all(idle.fullmatch(p) for p in held):
+        raise ValueError(
+            f"optimizer.frozen_params {frozen!r} matches only parameters that never run (such "
+            f"as {held[0]!r}: the blocks after the last feature tap, which train in no "
+            "preset): it would change nothing."
+        )
+    raise ValueError(
+        f"optimizer.frozen_params {frozen!r} matches only parameters that {owner} freezes "
+        "already: it would change nothing."
+    )
 
 
 def lr_multipliers(
