@@ -234,10 +234,11 @@ def test_an_integer_key_an_earlier_version_saved_as_a_float_is_no_change():
 def test_data_paths_are_recorded_absolute_and_an_earlier_relative_one_reads_as_before(
     tmp_path, monkeypatch
 ):
-    """data.root and data.data_dir given relative to the launch directory are recorded
-    absolute (predict, evaluate and report run later from elsewhere); URLs stay as given; a
-    saved run of an earlier version that recorded a relative root reads it against the current
-    directory, and a resume compares it so (no change from the same folder given now)."""
+    """data.root, data.data_dir and init.path given relative to the launch directory are
+    recorded absolute (predict, evaluate and report run later from elsewhere); URLs stay as
+    given; a saved run of an earlier version that recorded a relative root (or init.path) reads
+    it against the current directory, and a resume compares it so (no change from the same
+    folder given now)."""
     from vision_jax import run
     from vision_jax.config import saved_with_defaults
 
@@ -248,11 +249,15 @@ def test_data_paths_are_recorded_absolute_and_an_earlier_relative_one_reads_as_b
     assert specs.run_spec(TrackedConfig(tfds)).config["data"]["data_dir"] == str(tmp_path / "t")
     url = small_config(**{"data.source": "csv", "data.root": "gs://bucket/d"})
     assert specs.run_spec(TrackedConfig(url)).data.root == "gs://bucket/d"
+    weights = small_config(**{"data.source": "csv", "data.root": "d", "init.path": "pre/w.npz"})
+    spec = specs.run_spec(TrackedConfig(weights))
+    assert spec.init.path == spec.config["init"]["path"] == str(tmp_path / "pre" / "w.npz")
     saved = json.loads(json.dumps(spec.config))
-    saved["data"]["root"] = "d"  # an earlier version's record
+    saved["data"]["root"], saved["init"]["path"] = "d", "pre/w.npz"  # an earlier version's
     assert run._config_changes(saved, spec, lambda key: True) == []
     with specs.saved_config():
-        assert specs.run_spec(TrackedConfig(saved_with_defaults(saved))).data.root == "d"
+        read = specs.run_spec(TrackedConfig(saved_with_defaults(saved)))
+    assert read.data.root == "d" and read.init.path == "pre/w.npz"
 
 
 def test_the_log_says_what_memory_each_step_needs(tmp_path, caplog):

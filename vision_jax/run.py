@@ -885,12 +885,10 @@ def _config_changes(
     """``key old -> new`` for each leaf (dotted key) that ``compared`` names and that changed
     since ``saved`` (keys only one of them has, from another version of the code, are not
     compared). A key unset now (None, its default) is no change from a saved config that
-    spelled the default out (an earlier version's), nor a key of a part now off (LoRA). A data
-    path an earlier version recorded relative is compared as it reads now: against the current
-    directory."""
-    if isinstance(saved.get("data"), Mapping):
-        saved = {**saved, "data": specs.absolute_data_paths(saved["data"])}
-    old, new = _dotted(saved), _dotted(spec.config)
+    spelled the default out (an earlier version's), nor a key of a part now off (LoRA). A path
+    (data.root, init.path) an earlier version recorded relative is compared as it reads now:
+    against the current directory."""
+    old, new = _dotted(specs.absolute_paths(saved)), _dotted(spec.config)
     return [
         f"{k} {_plain(old[k])} -> {_plain(new[k])}"
         for k in sorted(old.keys() & new.keys())

@@ -20,7 +20,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from numbers import Integral
 from typing import Any
 
@@ -405,11 +405,11 @@ def _refuse_stray(section: str, stray: dict[str, Any], why: str) -> bool:
     return True
 
 
-# The data.* keys that name a place on disk (coco_annotations and coco_images are relative to
-# root, or absolute): a new run records them absolute, resolved against the directory it starts
-# in; a saved run of an earlier version that recorded them relative reads them against the
-# current directory.
-DATA_PATH_KEYS = ("root", "data_dir")
+# The keys of each config section that name a place on disk (data.coco_annotations and
+# data.coco_images are relative to data.root, or absolute): a new run records them absolute,
+# resolved against the directory it starts in; a saved run of an earlier version that recorded
+# them relative reads them against the current directory.
+PATH_KEYS = {"data": ("root", "data_dir"), "init": ("path",)}
 
 
 def absolute_path(path: Any) -> Any:
@@ -420,12 +420,13 @@ def absolute_path(path: Any) -> Any:
     return os.path.abspath(path)
 
 
-def absolute_data_paths(data: Any) -> dict[str, Any]:
-    """A copy of the ``config.data`` section ``data`` with its :data:`DATA_PATH_KEYS` absolute."""
-    out = dict(data)
-    for key in DATA_PATH_KEYS:
-        if key in out:
-            out[key] = absolute_path(out[key])
+def absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the config dict ``config`` with its :data:`PATH_KEYS` absolute (a section it
+    does not hold stays out)."""
+    out = dict(config)
+    for section, keys in PATH_KEYS.items():
+        if isinstance(part := out.get(section), Mapping):
+            out[section] = {k: absolute_path(v) if k in keys else v for k, v in part.items()}
     return out
 
 
@@ -837,16 +838,16 @@ def run_spec(config: Any) -> RunSpec:
         )
     }  # fmt: skip
     scalars["resume_changed_data"] = bool(config.resume_changed_data)
-    data, recorded = data_spec(config.data), config.to_dict()
+    data, init, recorded = data_spec(config.data), init_spec(config.init), config.to_dict()
     if not _SAVED.get():  # recorded absolute: predict, evaluate, report run from anywhere
-        recorded["data"] = absolute_data_paths(recorded["data"])
-        paths = {k: recorded["data"][k] for k in DATA_PATH_KEYS}
-        data = dataclasses.replace(data, **paths)
+        recorded = absolute_paths(recorded)
+        data = dataclasses.replace(data, **{k: recorded["data"][k] for k in PATH_KEYS["data"]})
+        init = dataclasses.replace(init, **{k: recorded["init"][k] for k in PATH_KEYS["init"]})
     spec = RunSpec(
         task=create_task(config),
         data=data,
         input=input_spec(config.input),
-        init=init_spec(config.init),
+        init=init,
         optimizer=optimizer_spec(config.optimizer),
         schedule=schedule_spec(config.schedule),
         lora=lora_spec(config.lora),
