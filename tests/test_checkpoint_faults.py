@@ -1173,6 +1173,23 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_an_error_before_training
     assert not list((tmp_path).glob("**/.vision_jax-write-probe*"))
 
 
+def test_a_write_probe_left_by_a_killed_process_is_removed_at_the_next_start(tmp_path):
+    """A process killed between writing its write probe and removing it left the probe in
+    the checkpoints (or best) folder for good; the next start removes every process's, and
+    keeps other files."""
+    from vision_jax import checkpoint
+
+    left = [f"{checkpoint.PROBE_FILE}-{i}-{pid}" for i, pid in ((0, 4242), (3, 17))]
+    for folder in ("checkpoints", "best"):
+        (tmp_path / folder).mkdir()
+        for name in (*left, "notes.txt"):
+            (tmp_path / folder / name).write_text("")
+    checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=1).close()
+    checkpoint.BestCheckpoint(str(tmp_path), "val/top1", "max").close()
+    for folder in ("checkpoints", "best"):
+        assert os.listdir(tmp_path / folder) == ["notes.txt"], folder
+
+
 def test_a_failed_frozen_save_is_one_line(tmp_path, monkeypatch):
     """Writing the frozen parameters (once, at the start) fails with the one-line save error,
     not TensorStore's raw message of hundreds of characters."""

@@ -310,7 +310,21 @@ def _check_folder(directory: str) -> None:
         raise CheckpointError(f"{directory} is not a folder: move it away to save checkpoints.")
 
 
+# The write probe's name; each process's is ``<PROBE_FILE>-<process index>-<pid>`` (no two
+# processes of a run share one), which the next start removes if a process died holding it.
 PROBE_FILE = ".vision_jax-write-probe"
+
+
+def _remove_probes(directory: str) -> None:
+    """Removes the write probes that a process killed between writing and removing its probe
+    left in ``directory`` (call on process 0 before any process of this run probes)."""
+    root = epath.Path(directory)
+    if not root.is_dir():
+        return
+    for path in root.glob(f"{PROBE_FILE}-*"):
+        with contextlib.suppress(Exception):  # (gone already: fine; else the probe says why)
+            path.unlink()
+            logger.info("Removed %s, the write probe of a process that was stopped.", path)
 
 
 def _check_writable(directory: str) -> None:
@@ -440,6 +454,7 @@ class Checkpointer:
         _check_folder(self.directory)
         if jax.process_index() == 0:
             _move_aside_unfinished(self.directory)
+            _remove_probes(self.directory)
         _sync("vision_jax:checkpoints_tidied")
         self.final_steps = KeepSteps()
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
@@ -733,6 +748,7 @@ class BestCheckpoint:
         _check_folder(self.directory)
         if jax.process_index() == 0:
             _move_aside_unfinished(self.directory)
+            _remove_probes(self.directory)
         _sync("vision_jax:best_tidied")
         self._pending: int | None = None  # the step of the newest save (it may be in flight)
         policy = ocp.checkpoint_managers.BestN(
