@@ -703,3 +703,18 @@ def test_photos_turned_by_exif_without_a_change_of_size_are_named(tmp_path, capl
     )
     assert "such as " + str(tmp_path / "train" / "x.jpg") in caplog.text
     assert "their boxes are taken in that upright frame" in caplog.text
+
+
+def test_an_image_folder_holding_none_of_the_files_is_one_error_naming_coco_images(tmp_path):
+    """data.coco_images pointing where none of the JSON's files are: one error naming the folder,
+    the count and the first expected path, and data.coco_images (it listed five missing files
+    and advised data.skip_corrupt, which then left no images)."""
+    write_coco(tmp_path, [(40, 40, [RECTS[0]]), (40, 40, [RECTS[1]])])
+    (tmp_path / "elsewhere").mkdir()
+    for skip_corrupt in (False, True):
+        with pytest.raises(data_lib.DataError) as error:
+            coco_source(tmp_path, coco_images="elsewhere", skip_corrupt=skip_corrupt)
+        message = str(error.value)
+        assert f"{tmp_path}/elsewhere holds none of the 2 image file(s)" in message
+        assert f"(the first: {tmp_path}/elsewhere/001.png)" in message
+        assert "data.coco_images" in message and "skip_corrupt" not in message

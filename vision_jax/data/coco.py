@@ -73,6 +73,12 @@ def from_coco(
     if not file_path(image_dir).is_dir():
         raise DataError(f"COCO image folder {image_dir} does not exist (data.coco_images).")
     missing = _missing_files(all_images, image_dir)
+    if all_images and len(missing) == len(all_images):
+        raise DataError(
+            f"COCO image folder {image_dir} holds none of the {len(all_images)} image file(s) "
+            f"{json_path} names (the first: {image_dir}/{all_images[0]['file_name']}): set "
+            "data.coco_images to the folder under data.root that its file_names are relative to."
+        )
     problems = [f"image {im['id']}: {image_dir}/{im['file_name']} is missing" for im in missing]
     missing_ids = {im["id"] for im in missing}
     problems += _read_sizes([im for im in all_images if im["id"] not in missing_ids], image_dir)
