@@ -822,6 +822,28 @@ def test_an_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "vision_jax: error: KeyError: 'boom'"
 
 
+def test_an_expected_error_after_start_up_is_one_line(tmp_path):
+    """A ValueError from the run (a bad weights file, a missing data folder): one line on
+    stderr (absl's E line said it before it too); the traceback with --verbosity=1."""
+    code = (
+        "import runpy, sys, vision_jax.train as train\n"
+        "def failing(*args, **kwargs):\n"
+        "    raise ValueError('data folder /nowhere does not exist')\n"
+        "train.train_and_evaluate = failing\n"
+        f"sys.argv = ['main', '--config=configs/digits_pretrain.py', '--workdir={tmp_path}',\n"
+        "            *sys.argv[1:]]\n"
+        "runpy.run_module('vision_jax.main', run_name='__main__')\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if "/nowhere" in line] == [
+        "vision_jax: error: data folder /nowhere does not exist"
+    ]
+    verbose = run_python(code.replace("*sys.argv[1:]", "'--verbosity=1'"))
+    assert verbose.returncode == 1 and "in failing" in verbose.stderr, verbose.stderr[-3000:]
+    assert verbose.stderr.strip().splitlines()[-1].endswith("/nowhere does not exist")
+
+
 @pytest.mark.parametrize(
     "allocate, error",
     [

@@ -504,8 +504,8 @@ def main(argv: list[str]) -> None:
     except StopRequested as e:
         _exit(EXIT_STOPPED, str(e), watchdog)
     except (ValueError, RuntimeError, OSError, MemoryError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        logging.debug("Traceback:", exc_info=True)  # with --verbosity=1
+        # One line (the _exit's): the traceback only with --verbosity=1
+        logging.debug("%s: %s", type(e).__name__, e, exc_info=True)
         advice = out_of_memory_advice(e, FLAGS.config, command_line=True)
         _exit(EXIT_ERROR, str(e) + (f" ({advice})" if advice else ""), watchdog, e)
     except Exception as e:  # a bug: the traceback, then the same bounded exit (the
