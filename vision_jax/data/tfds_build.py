@@ -21,9 +21,11 @@ def build_tfds_from_folder(
     version: str = "1.0.0",
     file_format: str = "tfrecord",
 ) -> str:
-    """Writes every split ``root/<split>/<class>/*.{jpg,jpeg,png}`` as tfds dataset ``name``
-    under ``data_dir`` (image files stored as they are, classes from the sorted folder names;
-    each read once first: a file that cannot be decoded is an error naming it). Returns the
+    """Writes every split ``root/<split>/<class>/.../<image>`` (any of
+    :data:`~vision_jax.data.folders.IMAGE_EXTENSIONS`, in subfolders too, as
+    ``data.source="imagefolder"`` reads them) as tfds dataset ``name`` under ``data_dir``
+    (image files stored as they are, classes from the sorted folder names; each read once
+    first: a file that cannot be decoded is an error naming it). Returns the
     dataset directory. ``file_format`` is "tfrecord" or "array_record".
 
     Example::
