@@ -687,21 +687,31 @@ def _tree_hash(path: pathlib.Path) -> str:
         (
             {},
             {"model.name": "cifar_resnet32"},
-            r"Cannot restore .*layer1/3/bn1/mean absent in the checkpoint, \(16,\) in this run"
-            r".* \(changed since: model.name \"cifar_resnet20\" -> \"cifar_resnet32\"\)\n",
+            r"Cannot restore checkpoint \S+ \(step 2\) into this run: changed since: model.name "
+            r"\"cifar_resnet20\" -> \"cifar_resnet32\"\. To train from its weights with these "
+            r"settings, use another --workdir with --config.init.path=/\S+\nThe checkpoint was "
+            r"left untouched; its arrays that differ: [^;]+; [^;]+ \(and \d+ more\)\.$",
+        ),
+        (  # a ViT's position embeddings: the change leads, then (at most two of) the arrays
+            {"model.name": "vit_ti16", "input.image_size": 16},
+            {"input.image_size": 32},
+            r"into this run: changed since: input.image_size 16 -> 32\. To train from its weights"
+            r".*\nThe checkpoint was left untouched; its arrays that differ: \S+/pos_embedding "
+            r"\(1, 2, 192\) in the checkpoint, \(1, 5, 192\) in this run; \S+/pos_embedding "
+            r"\(1, 2, 192\) in the checkpoint, \(1, 5, 192\) in this run\.$",
         ),
         (  # a linear probe, then full fine-tuning in the same workdir
             {"optimizer.trainable": "head"},
             {"optimizer.trainable": "all", "total_steps": 4},
-            r"\(changed since: optimizer.trainable \"head\" -> \"all\"\)\nThe checkpoint was left "
-            r"untouched. To train from its weights with these settings \(a linear probe, then "
-            r"full fine-tuning\), use another --workdir with --config.init.path=/",
+            r"changed since: optimizer.trainable \"head\" -> \"all\"\. To train from its weights "
+            r"with these settings \(a linear probe, then full fine-tuning\), use another "
+            r"--workdir with --config.init.path=/\S+\nThe checkpoint was left untouched; its",
         ),
         (  # no clipping: one member fewer in the optimizer chain
             {},
             {"optimizer.grad_clip_norm": None, "total_steps": 4},
-            r"\(changed since: optimizer.grad_clip_norm 1.0 -> null\)\nThe checkpoint was left "
-            r"untouched. To train from its weights with these settings, use another --workdir",
+            r"changed since: optimizer.grad_clip_norm 1.0 -> null\. To train from its weights "
+            r"with these settings, use another --workdir",
         ),
     ],
 )

@@ -183,19 +183,35 @@ def _save_async(
 
 
 class CheckpointMismatchError(CheckpointError):
-    """A checkpoint whose arrays do not fit this run's state: ``diff`` names the first
-    differences, ``cause`` what changed (or a guess), ``advice`` what to do."""
+    """A checkpoint whose arrays do not fit this run's state: ``arrays`` names the differences
+    (``diff`` joins them), ``cause`` what changed (or a guess), ``advice`` what to do; with
+    ``changes`` (the config changes since it was written) the message leads with them."""
 
     def __init__(
-        self, where: str, diff: str, *,
+        self, where: str, arrays: Sequence[str], *,
         cause: str = "did the model, its input size or what trains change?",
         advice: str = "Use another --workdir, or fix the config to match the run that wrote it.",
+        changes: str | None = None,
     ) -> None:  # fmt: skip
-        self.where, self.diff = where, diff
-        super().__init__(
-            f"Cannot restore checkpoint {where} into this run: {diff} ({cause})\n"
-            f"The checkpoint was left untouched. {advice}"
-        )
+        self.where, self.arrays, self.diff = where, list(arrays), "; ".join(arrays)
+        if changes:
+            message = (
+                f"Cannot restore checkpoint {where} into this run: changed since: {changes}. "
+                f"{advice}\nThe checkpoint was left untouched; its arrays that differ: "
+                f"{_first(self.arrays, 2)}."
+            )
+        else:
+            message = (
+                f"Cannot restore checkpoint {where} into this run: {_first(self.arrays, 3)} "
+                f"({cause})\nThe checkpoint was left untouched. {advice}"
+            )
+        super().__init__(message)
+
+
+def _first(items: Sequence[str], most: int) -> str:
+    """The first ``most`` of ``items``, and how many more."""
+    more = f" (and {len(items) - most} more)" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
 
 
 class KeepSteps:
@@ -902,16 +918,14 @@ def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
     return sorted((path_to_str(p), tuple(np.shape(x))) for p, x in leaves if x is not None)
 
 
-def _shape_diff(saved: dict[str, tuple], expected: dict[str, tuple], most: int = 3) -> str:
-    """The first ``most`` arrays whose shapes differ, or that only one side has."""
-    differ = [
+def _shape_diff(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+    """The arrays whose shapes differ, or that only one side has."""
+    return [
         f"{k} {saved[k] if k in saved else 'absent'} in the checkpoint, "
         f"{expected[k] if k in expected else 'absent'} in this run"
         for k in sorted(saved.keys() | expected.keys())
         if saved.get(k) != expected.get(k)
     ]
-    more = f" (and {len(differ) - most} more)" if len(differ) > most else ""
-    return "; ".join(differ[:most]) + more
 
 
 def check_same_structure(expected: Any, got: Any, *, where: str) -> None:

@@ -742,7 +742,7 @@ def _with_layout_changes(
     unused = optim.never_run(model)
     if not changes and unused and re.search(unused, error.diff):
         return CheckpointMismatchError(
-            error.where, error.diff,
+            error.where, error.arrays,
             cause="the blocks after the last feature tap never run, and this version no longer "
             "trains them: the earlier version that wrote the run did",
             advice=f"Finish the run with that version, or train from its weights: {weights}.",
@@ -751,7 +751,7 @@ def _with_layout_changes(
         return error
     probe = any(c.startswith("optimizer.trainable") for c in changes)  # then fine-tuning
     return CheckpointMismatchError(
-        error.where, error.diff, cause=f"changed since: {'; '.join(changes)}",
+        error.where, error.arrays, changes="; ".join(changes),
         advice="To train from its weights with these settings"
         f"{' (a linear probe, then full fine-tuning)' if probe else ''}, use {weights}.",
     )  # fmt: skip
