@@ -562,6 +562,9 @@ def test_image_files_of_a_folder_tree_a_glob_and_a_file(tmp_path, caplog):
     assert image_files(str(tmp_path / "img[1].jpg")) == [str(tmp_path / "img[1].jpg")]
     with pytest.raises(FileNotFoundError, match="No image files"):
         image_files(str(tmp_path / "sub" / "*.gif"))
+    # A path that does not exist says so (it said "No image files (...) at '...'")
+    with pytest.raises(FileNotFoundError, match=r"^'\S+/nowhere' does not exist \(an image file"):
+        image_files(str(tmp_path / "nowhere"))
 
 
 def test_a_folder_and_a_glob_of_it_list_the_same_files(tmp_path, caplog):

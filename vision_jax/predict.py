@@ -97,7 +97,7 @@ def image_files(pattern: str) -> list[str]:
     elif glob.has_magic(pattern):
         found = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
     else:
-        found = []
+        raise FileNotFoundError(f"{pattern!r} does not exist (an image file, a folder or a glob).")
     files = sorted(f for f in found if is_image_file(os.path.basename(f)))
     if others := sorted(set(found) - set(files)):
         logger.warning(
