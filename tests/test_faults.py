@@ -610,6 +610,18 @@ def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_key
     ]
 
 
+def test_the_closest_keys_are_only_close_ones():
+    """A misspelt section names it alone (it named batch_size and fsdp_min_size beside it), and
+    where the key went; a name like none of the keys names none."""
+    from vision_jax.config import unknown_key
+
+    assert unknown_key(default_config(), "optimzer.learning_rate") == (
+        "Unknown config key 'optimzer.learning_rate' (closest: optimizer); "
+        "optimizer.learning_rate has that name."
+    )
+    assert unknown_key(default_config(), "xyz") == "Unknown config key 'xyz'."
+
+
 def test_a_value_of_another_type_on_the_command_line_names_the_key(tmp_path):
     """``--config.total_steps=60.0`` gave Python's "invalid literal for int() with base 10":
     one line naming the key, what it takes and the value (how to write a whole number)."""

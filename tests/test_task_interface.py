@@ -194,7 +194,7 @@ def test_a_tasks_settings_come_from_its_config_keys(register):
             tasks.create_task(config)
     config = settings_config(offset=0.5, scael=2.0)
     specs.run_spec(config)
-    with pytest.raises(UnreadConfigKeysError, match=r"task.scael \(closest: task.scale, "):
+    with pytest.raises(UnreadConfigKeysError, match=r"task.scael \(closest: task.scale\)$"):
         config.check_all_read()
 
 

@@ -269,8 +269,13 @@ class UnreadConfigKeysError(ValueError):
 
 
 def closest(name: str, candidates: Iterable[str], prefix: str = "") -> str:
-    """``" (closest: a, b, c)"``: the three ``candidates`` most like ``name`` (difflib)."""
-    close = difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.0)
+    """``" (closest: a, b, c)"``: the (at most three) ``candidates`` close to ``name``
+    (difflib's cutoff), or when none is, those somewhat like it (a short name's: ``lrr``);
+    none alike, nothing."""
+    candidates = sorted(set(candidates))
+    close = difflib.get_close_matches(name, candidates, n=3) or difflib.get_close_matches(
+        name, candidates, n=3, cutoff=0.25
+    )
     return f" (closest: {', '.join(prefix + k for k in close)})" if close else ""
 
 
