@@ -615,6 +615,23 @@ def test_full_int8_calibration_takes_every_image_in_whole_batches():
     assert [len(b) for (b,) in tflite._calibration(images, 25)] == [25] * 4
 
 
+@pytest.mark.parametrize("count, warned", [(40, True), (100, False)])
+def test_full_int8_on_a_split_under_100_images_warns_with_the_count(
+    monkeypatch, caplog, count, warned
+):
+    """A training split of fewer than the 100 calibration images calibrates on all it has,
+    said in a warning naming the count (it said nothing)."""
+    from vision_jax.export import exporter
+
+    images = np.zeros((count, 8, 8, 3), np.uint8)
+    monkeypatch.setattr(exporter, "split_images", lambda trained, split, count: (images, None))
+    trained = SimpleNamespace(spec=SimpleNamespace(data=SimpleNamespace(train_split="train")))
+    with caplog.at_level("WARNING"):
+        assert len(exporter._calibration_images(trained, 8)) == count
+    said = f"full_int8 calibrates on all {count} images of the training split 'train', fewer "
+    assert (said in caplog.text) == warned, caplog.text
+
+
 def test_full_int8_at_a_batch_above_100_calibrates_and_checks_agreement(
     digits_run, tmp_path, monkeypatch, caplog, capsys
 ):

@@ -19,7 +19,13 @@ from vision_jax.export.savedmodel import INPUT_NAME, SIGNATURE, to_savedmodel
 from vision_jax.export.serving import ExportError, Servable
 from vision_jax.export.stablehlo import ARTIFACT as STABLEHLO_ARTIFACT
 from vision_jax.export.stablehlo import PLATFORMS, to_stablehlo
-from vision_jax.export.tflite import calibration_count, check_quantize, in_float32, to_tflite
+from vision_jax.export.tflite import (
+    CALIBRATION_IMAGES,
+    calibration_count,
+    check_quantize,
+    in_float32,
+    to_tflite,
+)
 from vision_jax.output_errors import written_whole
 from vision_jax.tasks import library_kind
 
@@ -107,6 +113,12 @@ def _calibration_images(trained: Trained, batch: int) -> np.ndarray:
             f"{split!r} holds {len(images)}, fewer than one batch (tflite_batch={batch}); "
             "export with a smaller tflite_batch."
         )
+    if len(images) < CALIBRATION_IMAGES:
+        logger.warning(
+            "full_int8 calibrates on all %d images of the training split %r, fewer than the "
+            "%d it takes at least: the int8 ranges may fit other images less well.",
+            len(images), split, CALIBRATION_IMAGES,
+        )  # fmt: skip
     return images
 
 
