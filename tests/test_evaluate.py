@@ -4,6 +4,7 @@ position embeddings resampled as scipy does) and for detection pycocotools' on i
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 
@@ -207,6 +208,15 @@ def test_a_split_lacking_a_class_is_scored_with_the_runs_labels(tmp_path, caplog
     _assert_figures(final, want)
     _assert_figures(evaluate_run(tmp_path / "run"), want)
     assert figures("ac")["eval/loss"] != pytest.approx(want["eval/loss"], abs=1e-4)
+    # The standalone report and export read the split as evaluate does: by the run's classes
+    from vision_jax.export.images import split_images
+    from vision_jax.report import write_report
+
+    write_report(tmp_path / "run", tmp_path / "report")
+    with open(tmp_path / "report" / "confusion_matrix.csv") as f:
+        rows = {row[0]: sum(map(int, row[1:])) for row in list(csv.reader(f))[1:]}
+    assert rows == {"a": 2, "b": 0, "c": 2}
+    np.testing.assert_array_equal(split_images(trained, "test")[1], [0, 0, 2, 2])
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from test_train import small_config
 
 from vision_jax import data as data_lib
 from vision_jax import evaluate, predict, specs, tasks
+from vision_jax import trained as trained_lib
 from vision_jax.data import DataError, pipeline
 from vision_jax.predict import Predictor
 from vision_jax.report import write_report
@@ -380,6 +381,6 @@ def test_the_run_record_keeps_the_columns_shape_and_type_and_older_runs_check_it
     match = (r"The split 'test' holds 'targets' values of shape \(2,\) per example; the run "
              r"trained on 3 values per example\.$")  # fmt: skip
     with pytest.raises(DataError, match=match):
-        evaluate._check_column(trained, two, "test")
+        trained_lib._check_column(trained, two, "test")
     three = data_lib.from_arrays(images, np.zeros((2, 3), np.float32), target="targets")
-    evaluate._check_column(trained, three, "test")
+    trained_lib._check_column(trained, three, "test")

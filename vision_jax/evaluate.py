@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax import sharding, specs
@@ -37,7 +35,7 @@ from vision_jax.models.registry import backbone_of
 from vision_jax.output_errors import folder_problem, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
-from vision_jax.trained import Trained, load_trained
+from vision_jax.trained import Trained, load_split, load_trained
 from vision_jax.weights.load import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -81,19 +79,7 @@ def evaluate_run(
                 "are)."
             )
         data = dataclasses.replace(data, root=os.fspath(data_root))
-    column = data_lib.is_column_target(task.target)
-    if data.source == "csv" and data.class_names is None and trained.class_names and not column:
-        # The run's classes, not those of every CSV file now beside the split's.
-        data = dataclasses.replace(data, class_names=tuple(trained.class_names))
-    source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
-    if column:
-        _check_column(trained, source, split)
-        names = trained.class_names
-        if data.source == "csv" and data.class_names is None and names != source.class_names:
-            # Its columns <target>/<name> matched to the run's values by name (or refused)
-            data = dataclasses.replace(data, class_names=tuple(names))
-            source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
-    source = _check_classes(trained, source, split)
+    source = load_split(trained, split, data=data, arrays=arrays)
     if image_size is None or image_size == trained.input.image_size:
         model, input_spec, variables = trained.model, trained.input, trained.variables
     else:
@@ -121,43 +107,6 @@ def evaluate_run(
     with contextlib.closing(batches):
         total = evaluate(eval_step, (params, model_state), {}, batches, mesh)
     return task.summarize(total, source, "eval/")
-
-
-def _check_classes(trained: Trained, source: data_lib.Source, split: str) -> data_lib.Source:
-    """``source``, labelled by the run's classes where it lacks some of them (by name,
-    :func:`~vision_jax.data.as_classes`); refuses a split whose classes are not the run's, in
-    the run's order (its labels would mean other classes than the model's outputs)."""
-    if trained.class_names and list(source.class_names) != trained.class_names:
-        if (mapped := data_lib.as_classes(source, trained.class_names, split)) is not None:
-            return mapped
-        raise data_lib.DataError(
-            f"The split {split!r} has the classes {', '.join(source.class_names[:8])}"
-            f"{', ...' if len(source.class_names) > 8 else ''}; the run was trained on "
-            f"{', '.join(trained.class_names[:8])}"
-            f"{', ...' if len(trained.class_names) > 8 else ''} (these, in this order)."
-        )
-    return source
-
-
-def _check_column(trained: Trained, source: data_lib.Source, split: str) -> None:
-    """Refuses a split whose target column of one's own differs in shape or dtype from the one
-    the run trained on (as its record says; older runs: only the number of values, that of
-    its class names)."""
-    shape, dtype = source.column_spec
-    record, target = trained.record, source.target
-    held = f"{np.dtype(dtype).name} {tuple(shape)}"
-    if record.target_dtype is not None:
-        trained_on = f"{record.target_dtype} {tuple(record.target_shape)}"
-        if held != trained_on:
-            raise data_lib.DataError(
-                f"The split {split!r} holds {target!r} values of {held} per example; the run "
-                f"trained on {trained_on}."
-            )
-    elif trained.class_names and math.prod(shape) != len(trained.class_names):
-        raise data_lib.DataError(
-            f"The split {split!r} holds {target!r} values of shape {tuple(shape)} per example; "
-            f"the run trained on {len(trained.class_names)} values per example."
-        )
 
 
 def _check_batch_size(batch_size: int | None, recorded: int, mesh: jax.sharding.Mesh) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -138,3 +139,69 @@ def load_trained(
     ema = selects_ema(record.config) if ema is None else ema
     step = int(step_dir.name)
     return Trained(record, spec, model, input_spec, step, str(step_dir), ema=ema)
+
+
+def load_split(
+    trained: Trained,
+    split: str,
+    *,
+    data: specs.DataSpec | None = None,
+    arrays: Mapping[str, Any] | None = None,
+) -> data_lib.Source:
+    """The split ``split`` of ``trained``'s data (``data``: its ``spec.data``, another root
+    say), labelled as the run's outputs are: a CSV split by the run's classes (not those of
+    every CSV file now beside it), a split lacking some of the run's classes by name
+    (:func:`~vision_jax.data.as_classes`); a split whose classes or target column are not the
+    run's is refused. What evaluation, the report and export read."""
+    task = trained.task
+    data = trained.spec.data if data is None else data
+    column = data_lib.is_column_target(task.target)
+    if data.source == "csv" and data.class_names is None and trained.class_names and not column:
+        # The run's classes, not those of every CSV file now beside the split's.
+        data = dataclasses.replace(data, class_names=tuple(trained.class_names))
+    source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
+    if column:
+        _check_column(trained, source, split)
+        names = trained.class_names
+        if data.source == "csv" and data.class_names is None and names != source.class_names:
+            # Its columns <target>/<name> matched to the run's values by name (or refused)
+            data = dataclasses.replace(data, class_names=tuple(names))
+            source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
+    return _check_classes(trained, source, split)
+
+
+def _check_classes(trained: Trained, source: data_lib.Source, split: str) -> data_lib.Source:
+    """``source``, labelled by the run's classes where it lacks some of them (by name,
+    :func:`~vision_jax.data.as_classes`); refuses a split whose classes are not the run's, in
+    the run's order (its labels would mean other classes than the model's outputs)."""
+    if trained.class_names and list(source.class_names) != trained.class_names:
+        if (mapped := data_lib.as_classes(source, trained.class_names, split)) is not None:
+            return mapped
+        raise data_lib.DataError(
+            f"The split {split!r} has the classes {', '.join(source.class_names[:8])}"
+            f"{', ...' if len(source.class_names) > 8 else ''}; the run was trained on "
+            f"{', '.join(trained.class_names[:8])}"
+            f"{', ...' if len(trained.class_names) > 8 else ''} (these, in this order)."
+        )
+    return source
+
+
+def _check_column(trained: Trained, source: data_lib.Source, split: str) -> None:
+    """Refuses a split whose target column of one's own differs in shape or dtype from the one
+    the run trained on (as its record says; older runs: only the number of values, that of
+    its class names)."""
+    shape, dtype = source.column_spec
+    record, target = trained.record, source.target
+    held = f"{np.dtype(dtype).name} {tuple(shape)}"
+    if record.target_dtype is not None:
+        trained_on = f"{record.target_dtype} {tuple(record.target_shape)}"
+        if held != trained_on:
+            raise data_lib.DataError(
+                f"The split {split!r} holds {target!r} values of {held} per example; the run "
+                f"trained on {trained_on}."
+            )
+    elif trained.class_names and math.prod(shape) != len(trained.class_names):
+        raise data_lib.DataError(
+            f"The split {split!r} holds {target!r} values of shape {tuple(shape)} per example; "
+            f"the run trained on {len(trained.class_names)} values per example."
+        )

@@ -4,7 +4,6 @@ cropped as its evaluation does, not normalised (the models normalise inside)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from vision_jax.tf_without_keras import tf
 
@@ -14,9 +13,7 @@ from vision_jax import data as data_lib
 from vision_jax import specs
 from vision_jax.export.serving import ExportError
 from vision_jax.tasks import library_kind
-
-if TYPE_CHECKING:
-    from vision_jax.trained import Trained
+from vision_jax.trained import Trained, load_split
 
 
 def _subset(source: data_lib.Source, count: int, seed: int) -> data_lib.Source:
@@ -37,7 +34,7 @@ def split_images(
     task = trained.task
     if library_kind(task) == "detection":
         raise ExportError("Evaluating exported models takes labels or label maps, not boxes.")
-    source = data_lib.load_source(trained.spec.data, split, target=task.target)
+    source = load_split(trained, split)
     if count is not None and count < source.num_examples:
         source = _subset(source, count, seed)
     # Normalising with mean 0 and std 1/255 leaves the pixels as they are (a saved run's spec:

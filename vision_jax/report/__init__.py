@@ -40,7 +40,7 @@ from vision_jax.report.figures import confusion_figure, hardest_figure
 from vision_jax.report.tables import Table, write_confusion, write_table
 from vision_jax.report.tasks import EVALUATORS, Evaluation, FinalEvaluation, evaluate
 from vision_jax.tasks import library_kind
-from vision_jax.trained import Trained, load_trained
+from vision_jax.trained import Trained, load_split, load_trained
 from vision_jax.weights.run_dir import BEST_DIR, read_selection
 
 logger = logging.getLogger(__name__)
@@ -166,9 +166,7 @@ def _evaluation(
     without figures would replace the one with them)."""
     split = trained.spec.data.eval_split
     try:
-        source = data_lib.load_source(
-            trained.spec.data, split, arrays=arrays, target=trained.task.target
-        )
+        source = load_split(trained, split, arrays=arrays)
     except (data_lib.DataError, OSError) as e:
         reason = f"the split {split!r} could not be loaded: {e}"
         if evaluated := [name for name in EVALUATED if (out / name).exists()]:
