@@ -1377,3 +1377,21 @@ def test_a_split_lacking_classes_takes_the_runs_labels_by_name(tmp_path, caplog)
     batch = next(data_lib.eval_batches(mapped, spec_of(), global_batch=4))
     np.testing.assert_array_equal(batch["label"], [0, 0, 2, 2])
     assert data_lib.as_classes(test, ["cat", "dog"], "test") is None
+
+
+def test_data_classes_pick_trains_classes_by_name_in_a_split_lacking_one(tmp_path):
+    """data.classes are positions into train's classes: a test folder without dog (each folder
+    split lists its own classes) keeps the same classes by name, those it holds (cat, eel for
+    (0, 2); not its own second, eel, for (0, 1))."""
+    make_folder(tmp_path, per_class=1, classes=("cat", "dog", "eel", "fox"))
+    shutil.rmtree(tmp_path / "test" / "dog")
+    cfg = data_config(source="imagefolder", root=str(tmp_path), classes=(0, 1, 2))
+    assert data_lib.load_source(specs.data_spec(cfg.data), "train").class_names == [
+        "cat", "dog", "eel",
+    ]  # fmt: skip
+    test = data_lib.load_source(specs.data_spec(cfg.data), "test")
+    assert test.class_names == ["cat", "eel"]
+    mapped = data_lib.as_classes(test, ["cat", "dog", "eel"], "test")
+    np.testing.assert_array_equal(mapped.columns["label"], [0, 0, 2, 2])
+    cfg = data_config(source="imagefolder", root=str(tmp_path), classes=(3, 1))
+    assert data_lib.load_source(specs.data_spec(cfg.data), "test").class_names == ["fox"]

@@ -141,7 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
     # stop early); eval_split is evaluated once at the end, with the best checkpoint. Every
     # source takes sliced splits: train_split="train[:90%]", val_split="train[90%:]".
     c.data.val_split = placeholder(str)
-    c.data.classes = placeholder(tuple)  # keep only these class ids (relabelled 0..k-1)
+    c.data.classes = placeholder(tuple)  # keep only these class ids of train's (relabelled 0..k-1)
     # segmentation tfds: ((raw mask value, class id), ...), e.g. oxford_iiit_pet's trimap
     c.data.label_map_values = placeholder(tuple)
     # coco only, relative to root ("{split}" = the split's name); None: the COCO layout,

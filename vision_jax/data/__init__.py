@@ -15,7 +15,13 @@ import numpy as np
 
 from vision_jax.data.boxes import check_max_boxes
 from vision_jax.data.coco import from_coco, from_tfds_boxes
-from vision_jax.data.folders import apply_slice, from_csv, from_image_folder, parse_split
+from vision_jax.data.folders import (
+    apply_slice,
+    from_csv,
+    from_image_folder,
+    image_folder_classes,
+    parse_split,
+)
 from vision_jax.data.idx import from_idx
 from vision_jax.data.pipeline import (
     Batch,
@@ -34,6 +40,7 @@ from vision_jax.data.sources import (
     Source,
     as_classes,
     check_target,
+    checked_classes,
     column_source,
     digits,
     from_arrays,
@@ -132,7 +139,7 @@ def load_source(
     source = dataclasses.replace(source, skip_corrupt=skip_corrupt)
     classes = data.classes
     if classes is not None and source.num_examples:
-        selected = select_classes(source, classes)
+        selected = _select(source, classes, data, split)
         if not selected.num_examples:
             held = "none of its examples has one of these labels"
             if source.columns is not None:
@@ -144,6 +151,20 @@ def load_source(
             )
         source = selected
     return _not_empty(source, split, kind)
+
+
+def _select(source: Source, classes: Sequence[int], data: DataSpec, split: str) -> Source:
+    """``source`` with ``data.classes`` kept: positions into the train split's classes, so
+    that an image-folder split lacking some of train's classes (each folder split lists its own)
+    keeps the same classes by name, those it holds (the run's labels then matched by name)."""
+    if data.source != "imagefolder" or parse_split(split)[0] == parse_split(data.train_split)[0]:
+        return select_classes(source, classes)
+    names = image_folder_classes(_root(data), data.train_split)
+    if names is None or names == source.class_names:
+        return select_classes(source, classes)
+    chosen = [names[c] for c in checked_classes(classes, len(names))]
+    held = [source.class_names.index(n) for n in chosen if n in source.class_names]
+    return select_classes(source, held)
 
 
 _EMPTY = {  # why a split of each source holds no examples

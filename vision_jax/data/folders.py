@@ -155,6 +155,22 @@ def _warn_of_left_out(left_out: Counter, folder: str) -> None:
                        left_out.total(), folder, "/".join(IMAGE_EXTENSIONS), kinds)  # fmt: skip
 
 
+def _class_folders(split_dir: str) -> list[tuple[str, str]]:
+    """(class name, folder name) of the class folders in ``split_dir``, sorted by class name.
+    Class names in Unicode's composed form: a zip made on macOS decomposes accented names, so
+    one split's folders would name other classes than another's."""
+    return sorted((unicodedata.normalize("NFC", f), f) for f in subdirectories(split_dir))
+
+
+def image_folder_classes(root: str, split: str) -> list[str] | None:
+    """The class names of the image-folder split ``split`` (its class folders), None where it
+    does not exist: without reading its images."""
+    split_dir = posixpath.join(root, parse_split(split)[0])
+    if not file_path(split_dir).is_dir():
+        return None
+    return [name for name, _ in _class_folders(split_dir)]
+
+
 def from_image_folder(
     root: str,
     split: str,
@@ -180,10 +196,8 @@ def from_image_folder(
     split_dir = posixpath.join(root, name)
     if not file_path(split_dir).is_dir():
         raise DataError(f"Image folder split {split_dir} does not exist ({_splits_in(root)}).")
-    # Class names in Unicode's composed form: a zip made on macOS decomposes accented names,
-    # so one split's folders would name other classes than another's.
-    subdirs = subdirectories(split_dir)
-    folders = sorted((unicodedata.normalize("NFC", f), f) for f in subdirs)
+    folders = _class_folders(split_dir)
+    subdirs = {folder for _, folder in folders}
     class_names = [name for name, _ in folders]
     if not class_names:
         raise DataError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/).")

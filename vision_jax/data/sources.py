@@ -609,18 +609,22 @@ def map_values(mask: tf.Tensor, table: np.ndarray | None) -> tf.Tensor:
         return tf.cast(mapped, tf.uint8)
 
 
+def checked_classes(classes: Sequence[int], num_classes: int) -> list[int]:
+    """``data.classes`` as ints, refused unless distinct labels of ``num_classes`` classes."""
+    classes = [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad or len(set(classes)) != len(classes):
+        raise DataError(f"data.classes {classes} must be distinct labels in [0, {num_classes}).")
+    return classes
+
+
 def select_classes(source: Source, classes: Sequence[int]) -> Source:
     """Keeps only ``classes`` (original label ids) and relabels them 0..len(classes)-1."""
     if source.target != "label":
         raise DataError(
             "data.classes selects whole-image classes; it does not apply to label maps or boxes."
         )
-    classes = [int(c) for c in classes]
-    bad = [c for c in classes if not 0 <= c < source.num_classes]
-    if bad or len(set(classes)) != len(classes):
-        raise DataError(
-            f"data.classes {classes} must be distinct labels in [0, {source.num_classes})."
-        )
+    classes = checked_classes(classes, source.num_classes)
     table = np.full(source.num_classes, -1, np.int32)
     table[classes] = np.arange(len(classes), dtype=np.int32)
     names = [source.class_names[c] for c in classes]
