@@ -361,6 +361,25 @@ def test_csv_labels_that_are_numbers_not_integers_are_refused(tmp_path, folder):
     np.testing.assert_array_equal(data_lib.load_source(cfg.data, "val").columns["label"], [2, 3])
 
 
+def test_csv_labels_written_as_integral_decimals_are_ids(tmp_path, folder):
+    """Labels 0.0, 1.0, 2.00 (pandas, spreadsheets) are the ids 0, 1, 2 as 0, 1, 2 are, in the
+    class list and in every split read (data.class_names given too); 2.5 stays refused."""
+    (tmp_path / "a.png").write_bytes((folder / "train" / "cat" / "003.png").read_bytes())
+    (tmp_path / "train.csv").write_text("filename,label\na.png,0.0\na.png,1.0\na.png,2.00\n")
+    (tmp_path / "val.csv").write_text("filename,label\na.png,1\na.png,0.\n")
+    cfg = data_config(source="csv", root=str(tmp_path))
+    train = data_lib.load_source(cfg.data, "train")
+    assert train.class_names == ["0", "1", "2"]
+    np.testing.assert_array_equal(train.columns["label"], [0, 1, 2])
+    np.testing.assert_array_equal(data_lib.load_source(cfg.data, "val").columns["label"], [1, 0])
+    cfg = data_config(source="csv", root=str(tmp_path), class_names=("x", "y", "z"))
+    np.testing.assert_array_equal(data_lib.load_source(cfg.data, "train").columns["label"],
+                                  [0, 1, 2])  # fmt: skip
+    (tmp_path / "val.csv").write_text("filename,label\na.png,2.5\n")
+    with pytest.raises(data_lib.DataError, match=r"val.csv:2: .* not integers \('2.5'\)"):
+        data_lib.load_source(data_config(source="csv", root=str(tmp_path)).data, "train")
+
+
 def test_build_tfds_from_folder_reads_back_through_load_source(tmp_path):
     root = tmp_path / "images"
     make_folder(root, per_class=2, classes=("a", "b"))

@@ -416,8 +416,8 @@ def _csv_class_names(root: str) -> list[str]:
                        ", ".join(splits), others)  # fmt: skip
     labels = {label for split in rows.values() for _, _, label in split or ()}
     _check_not_measurements(rows, labels)
-    if labels and all(re.fullmatch(r"\d+", x) for x in labels):
-        ids = {int(x) for x in labels}
+    if labels and all((i := _label_id(x)) is not None and i >= 0 for x in labels):
+        ids = {_label_id(x) for x in labels}
         if unused := sorted(set(range(max(ids) + 1)) - ids):
             logger.warning(
                 "%d class id(s) of 0..%d have no example in the split CSVs of %s (integer "
@@ -434,13 +434,13 @@ def _check_not_measurements(
     class names (their sorted texts would be the classes); a class name or id is kept."""
     if not labels or not all(_NUMBER.fullmatch(x) for x in labels):
         return
-    if all(_INTEGER.fullmatch(x) for x in labels):
+    if all(_label_id(x) is not None for x in labels):
         return
     path, line, value = next(
         (p, line, label)
         for p, split in rows.items()
         for line, _, label in split or ()
-        if not _INTEGER.fullmatch(label)
+        if _label_id(label) is None
     )
     raise DataError(
         f"{path}:{line}: the column 'label' holds numbers that are not integers ({value!r}): a "
@@ -462,7 +462,8 @@ def from_csv(
     A label is a class name or an integer id into ``class_names``. Without ``class_names`` the
     classes come from every split CSV in ``root`` (so all splits agree; a stale one adds its
     classes too): ids 0..max if all labels are integers, else the sorted label names (labels
-    that are all numbers, some not integers, are refused: measurements, not classes).
+    that are all numbers, some not integers, are refused: measurements, not classes; an
+    integral decimal, 2.0, is the id 2).
 
     A ``target`` of one's own (a task's column, :func:`csv_target_rows`) is read from the
     columns of that name instead; the file then starts with ``filename`` and needs no label.
@@ -483,8 +484,7 @@ def from_csv(
     for line, filename, label in _read_csv(path):
         if label in index:
             labels.append(index[label])
-        elif re.fullmatch(r"-?\d+", label):
-            value = int(label)
+        elif (value := _label_id(label)) is not None:
             if not 0 <= value < len(class_names):
                 raise DataError(
                     f"{path}:{line}: label {value} of {filename} is outside the class range "
@@ -498,8 +498,14 @@ def from_csv(
 
 
 _INTEGER = re.compile(r"[+-]?\d+")
+_ID = re.compile(r"([+-]?\d+)(?:\.0*)?")  # 2, or 2.0 and 2.00 as pandas and spreadsheets write it
 # A number as a CSV target holds it: plain decimal or scientific notation (no nan, inf or _)
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _label_id(label: str) -> int | None:
+    """The integer id a CSV label writes (2, or an integral decimal: 2.0, 2.00), else None."""
+    return None if (match := _ID.fullmatch(label)) is None else int(match[1])
 
 
 def csv_target_rows(
