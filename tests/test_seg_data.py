@@ -297,6 +297,23 @@ def test_images_in_subfolders_take_the_mask_at_the_same_path_and_others_are_coun
     np.testing.assert_array_equal(batch["label_map"][2], maps[1])
 
 
+def test_a_subfolder_of_images_without_its_folder_under_masks_is_left_out(tmp_path, caplog):
+    """A stray ``images/overlays/`` (previews beside the data) without ``masks/overlays/`` is
+    not the split's: its images are left out in one warning naming it, not a missing mask."""
+    make_seg_folder(tmp_path, n=2)
+    stray = tmp_path / "train" / "images" / "overlays"
+    stray.mkdir()
+    (stray / "000.png").write_bytes((tmp_path / "train" / "images" / "000.png").read_bytes())
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        source = data_lib.load_source(cfg.data, "train", target="label_map")
+    images = tmp_path / "train" / "images"
+    assert list(source.columns["path"]) == [str(images / n) for n in ("000.png", "001.png")]
+    masks = tmp_path / "train" / "masks"
+    assert (f"Left out 1 image(s) in subfolders of {images} without a folder of their name "
+            f"under {masks} (not the split's): overlays (1).") in caplog.text  # fmt: skip
+
+
 def test_an_empty_line_in_classes_txt_is_an_error(tmp_path):
     """Line k names class k - 1: an empty line would shift the names after it."""
     make_seg_folder(tmp_path, n=1)

@@ -274,7 +274,8 @@ def label_map_folder(
 
 def _folder_pairs(root: str, name: str, skip_corrupt: bool) -> tuple[list[str], list[str]]:
     """Images and masks of ``root/<name>/images`` and ``root/<name>/masks`` (in subfolders
-    too, each mask at its image's relative path)."""
+    too, each mask at its image's relative path; a subfolder of ``images`` without its folder
+    under ``masks`` is left out, named in a warning)."""
     image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
     for folder in (image_dir, mask_dir):
         if not file_path(folder).is_dir():
@@ -287,6 +288,18 @@ def _folder_pairs(root: str, name: str, skip_corrupt: bool) -> tuple[list[str], 
     masks = set(files_under(mask_dir))
     images = _images_under(image_dir, left_out)
     _warn_of_left_out(left_out, image_dir)
+    # Subfolders of images/ without their folder under masks/ (previews, overlays) are not
+    # the split's: left out, named in a warning.
+    subfolders = {posixpath.dirname(f) for f in images} - {""}
+    unmatched = {d for d in subfolders if not file_path(posixpath.join(mask_dir, d)).is_dir()}
+    if outside := Counter(d for f in images if (d := posixpath.dirname(f)) in unmatched):
+        shown = ", ".join(f"{d} ({n})" for d, n in sorted(outside.items())[:5])
+        logger.warning(
+            "Left out %d image(s) in subfolders of %s without a folder of their name under %s "
+            "(not the split's): %s%s.", outside.total(), image_dir, mask_dir, shown,
+            ", ..." if len(outside) > 5 else "",
+        )  # fmt: skip
+        images = [f for f in images if posixpath.dirname(f) not in unmatched]
     for f in images:  # in subfolders too (images/<city>/x.jpg, masks/<city>/x.png)
         mask = posixpath.splitext(f)[0] + ".png"
         if mask not in masks:
