@@ -1294,10 +1294,13 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
         cache.reset_cache()
 
 
-def test_a_cache_on_a_full_disk_is_off_and_its_empty_entries_removed(tmp_path, monkeypatch, caplog):
+def test_a_cache_on_a_full_disk_is_read_only_and_its_empty_entries_removed(
+    tmp_path, monkeypatch, caplog
+):
     """On a full disk JAX wrote empty entries (a warning each), and the next start read,
     deleted and compiled each again, a warning each: the empty entries are removed at the
-    start in one line, and a cache on a filesystem with little free space is off for the run."""
+    start in one line (not one written just now: a sibling run sharing the cache may be
+    writing it), and a cache on a filesystem with little free space is only read for the run."""
     from jax._src import compilation_cache as cache
 
     from vision_jax import main as vj_main
@@ -1308,6 +1311,10 @@ def test_a_cache_on_a_full_disk_is_off_and_its_empty_entries_removed(tmp_path, m
         (folder / f"{name}-cache").write_bytes(b"")
     (folder / "jit_a-1-atime").write_bytes(b"\0" * 8)
     (folder / "jit_c-3-cache").write_bytes(b"whole")
+    old = time.time() - vj_main.CACHE_EMPTY_ENTRY_AGE_S - 5
+    for name in ("jit_a-1", "jit_b-2"):
+        os.utime(folder / f"{name}-cache", (old, old))
+    (folder / "jit_d-4-cache").write_bytes(b"")  # being written by a sibling run
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_enable_xla_caches")  # fmt: skip
     before = {name: getattr(jax.config, name) for name in names}
@@ -1316,7 +1323,7 @@ def test_a_cache_on_a_full_disk_is_off_and_its_empty_entries_removed(tmp_path, m
         with caplog.at_level(logging.INFO):
             vj_main.configure_compilation_cache(str(tmp_path / "run"), str(folder))
         assert jax.config.jax_compilation_cache_dir == str(folder)
-        assert sorted(p.name for p in folder.iterdir()) == ["jit_c-3-cache"]
+        assert sorted(p.name for p in folder.iterdir()) == ["jit_c-3-cache", "jit_d-4-cache"]
         removed = [r.getMessage() for r in caplog.records if "empty compilation" in r.message]
         assert removed == [f"Removed 2 empty compilation cache entries (cut short by a full "
                            f"disk) from {folder}: their programs compile again."]  # fmt: skip
@@ -1324,15 +1331,28 @@ def test_a_cache_on_a_full_disk_is_off_and_its_empty_entries_removed(tmp_path, m
         monkeypatch.setattr(vj_main, "_free_bytes", lambda _: 100 * 2**20)
         with caplog.at_level(logging.INFO):
             vj_main.configure_compilation_cache(str(tmp_path / "run"), str(folder))
-        assert jax.config.jax_compilation_cache_dir is None
+        assert jax.config.jax_compilation_cache_dir == str(folder)
         assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
-            "WARNING", f"The compilation cache {folder} is off for this run: its filesystem has "
-            "100 MiB free, under 256 MiB (on a full disk, JAX writes empty entries)."
+            "WARNING", f"The compilation cache {folder} is only read for this run: its "
+            "filesystem has 100 MiB free, under 256 MiB (on a full disk, JAX writes empty "
+            "entries)."
         )]  # fmt: skip
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
         cache.reset_cache()
+        vj_main._read_only_cache(False)
+
+
+def test_a_cache_on_a_full_disk_is_read_and_not_written(tmp_path):
+    """A cache whose filesystem is nearly full keeps its entries for the run (the programs it
+    holds load) and gets no new ones (JAX would write empty entries)."""
+    _cached_programs(tmp_path, tmp_path / "e")
+    entries = sorted(p.name for p in (tmp_path / "e").iterdir())
+    stderr = _cached_programs(tmp_path, tmp_path / "e", "full", "5")
+    assert "is only read for this run" in stderr
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == entries  # n=5 not written
+    assert "Error" not in stderr
 
 
 # Two small programs through configure_compilation_cache(workdir, folder), in a process of
@@ -1340,19 +1360,22 @@ def test_a_cache_on_a_full_disk_is_off_and_its_empty_entries_removed(tmp_path, m
 CACHED_PROGRAMS = """
 import sys
 import jax, jax.numpy as jnp
-from vision_jax.main import configure_compilation_cache
-configure_compilation_cache(sys.argv[1], sys.argv[2])
-for n in (3, 4):
+from vision_jax import main
+if "full" in sys.argv[3:]:  # a nearly full disk
+    main._free_bytes = lambda _: 0
+main.configure_compilation_cache(sys.argv[1], sys.argv[2])
+for n in (3, 4, *(int(a) for a in sys.argv[3:] if a.isdigit())):
     jax.jit(lambda x: jnp.sin(x) @ x.T + n)(jnp.ones((n, n))).block_until_ready()
 """
 
 
-def _cached_programs(tmp_path: pathlib.Path, folder: str | os.PathLike) -> str:
-    """Runs CACHED_PROGRAMS with the cache in ``folder`` (on CPU); returns its stderr."""
+def _cached_programs(tmp_path: pathlib.Path, folder: str | os.PathLike, *args: str) -> str:
+    """Runs CACHED_PROGRAMS with the cache in ``folder`` (on CPU; ``args``: "full", more
+    sizes); returns its stderr."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", None)
     proc = subprocess.run(
-        [sys.executable, "-c", CACHED_PROGRAMS, str(tmp_path / "run"), str(folder)],
+        [sys.executable, "-c", CACHED_PROGRAMS, str(tmp_path / "run"), str(folder), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -289,10 +290,14 @@ def _rewrite_unreadable_entries() -> None:
     compilation_cache.get_executable_and_time = read_or_delete
 
 
-# A local cache on a filesystem with less free space than this is off for the run: on a full
-# disk JAX writes empty entries (warning for each), which the next start reads, deletes and
+# A local cache on a filesystem with less free space than this is only read for the run: on a
+# full disk JAX writes empty entries (warning for each), which the next start reads, deletes and
 # compiles again, one warning each.
 CACHE_MIN_FREE_BYTES = 256 * 2**20
+# An empty cache entry older than this is one a full disk cut short, removed at the start; a
+# younger one may be an entry a sibling run sharing the cache is writing (JAX's LRUCache.put
+# writes in place, not through a rename).
+CACHE_EMPTY_ENTRY_AGE_S = 60.0
 
 
 def _free_bytes(folder: str) -> int:
@@ -301,7 +306,8 @@ def _free_bytes(folder: str) -> int:
 
 
 def _remove_empty_entries(folder: str) -> None:
-    """Removes the empty entries of the cache ``folder`` (left by a full disk), with one line
+    """Removes the empty entries of the cache ``folder`` (left by a full disk) older than
+    :data:`CACHE_EMPTY_ENTRY_AGE_S` (not those a sibling run may be writing), with one line
     giving their count, not JAX's warning and a delete for each (process 0 only)."""
     import jax
     from jax._src import lru_cache
@@ -309,9 +315,10 @@ def _remove_empty_entries(folder: str) -> None:
     if jax.process_index() != 0:
         return
     suffix, removed = lru_cache._CACHE_SUFFIX, 0
+    before = time.time() - CACHE_EMPTY_ENTRY_AGE_S
     with os.scandir(folder) as entries:
         empty = [e for e in entries if e.name.endswith(suffix) and e.is_file()
-                 and e.stat().st_size == 0]  # fmt: skip
+                 and e.stat().st_size == 0 and e.stat().st_mtime < before]  # fmt: skip
     for entry in empty:
         try:
             os.unlink(entry.path)
@@ -327,7 +334,7 @@ def _remove_empty_entries(folder: str) -> None:
 
 
 def _low_on_space(folder: str) -> str | None:
-    """Why the local cache ``folder`` is off for this run (its filesystem has less than
+    """Why the local cache ``folder`` is only read for this run (its filesystem has less than
     :data:`CACHE_MIN_FREE_BYTES` free), or None; its empty entries are removed first."""
     _remove_empty_entries(folder)
     free = _free_bytes(folder)
@@ -337,14 +344,34 @@ def _low_on_space(folder: str) -> str | None:
             f"{CACHE_MIN_FREE_BYTES // 2**20} MiB")  # fmt: skip
 
 
+_CACHE_READ_ONLY = {"on": False}  # this run's cache is read, never written (a full disk)
+
+
+def _read_only_cache(read_only: bool) -> None:
+    """Makes JAX read the persistent cache without writing to it (``read_only``), or both."""
+    from jax._src import compilation_cache
+
+    _CACHE_READ_ONLY["on"] = read_only
+    write = compilation_cache.put_executable_and_time
+    if getattr(write, "minds_read_only", False):
+        return
+
+    def write_unless_read_only(*args: Any, **kwargs: Any) -> None:
+        if not _CACHE_READ_ONLY["on"]:
+            write(*args, **kwargs)
+
+    write_unless_read_only.minds_read_only = True  # type: ignore[attr-defined]
+    compilation_cache.put_executable_and_time = write_unless_read_only
+
+
 def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> None:
     """Sets JAX's persistent compilation cache as ``--compilation_cache`` says. A cache also
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. A local folder that cannot
     be made turns the cache off, one that cannot be written leaves it read only (warned); a
-    local one on a filesystem with less than :data:`CACHE_MIN_FREE_BYTES` free is off for the
-    run (warned), and the empty entries a full disk left in it are removed (one line). An
+    local one on a filesystem with less than :data:`CACHE_MIN_FREE_BYTES` free is only read
+    for the run (warned), and the empty entries a full disk left in it are removed (one line). An
     entry that cannot be read is deleted, so that the compile writes it again. Off a GPU,
     XLA's GPU caches are off (``jax_persistent_cache_enable_xla_caches``, unless
     ``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES`` says otherwise): JAX's default puts their
@@ -357,6 +384,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     if setting.strip().lower() != "auto" or not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(workdir, setting))
     folder = jax.config.jax_compilation_cache_dir
+    _read_only_cache(False)
     if folder and "://" not in folder and (problem := _unwritable(folder)):
         if os.access(folder, os.R_OK | os.X_OK):  # a filled cache on a read-only mount
             logging.warning("The compilation cache %s cannot be written (%s): it is only read; "
@@ -368,9 +396,9 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
                             "restart compiles again.", folder, problem)  # fmt: skip
             jax.config.update("jax_compilation_cache_dir", None)
     elif folder and "://" not in folder and (problem := _low_on_space(folder)):
-        logging.warning("The compilation cache %s is off for this run: %s (on a full disk, JAX "
-                        "writes empty entries).", folder, problem)  # fmt: skip
-        jax.config.update("jax_compilation_cache_dir", None)
+        logging.warning("The compilation cache %s is only read for this run: %s (on a full "
+                        "disk, JAX writes empty entries).", folder, problem)  # fmt: skip
+        _read_only_cache(True)
     elif folder:
         logging.info("Compilation cache: %s.", folder)
     if jax.config.jax_compilation_cache_dir:
