@@ -348,7 +348,10 @@ def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_p
     blocked.write_text("")
     with pytest.raises(SystemExit):  # before predicting, not after
         main([f"--workdir={digits_run[0]}", f"--input={broken[0]}", f"--output={blocked}/p.csv"])
-    assert "cannot make its folder" in capsys.readouterr().err
+    assert f"{blocked} is not a folder" in capsys.readouterr().err
+    new = tmp_path / "new" / "deeper" / "p.csv"  # a failed prediction leaves no empty folder
+    assert main([f"--workdir={digits_run[0]}", f"--input={broken[0]}", f"--output={new}"]) == 1
+    assert not (tmp_path / "new").exists()
     for flag in ("--top_k=0", "--batch_size=0", "--batch_size=-3"):  # were tracebacks
         with pytest.raises(SystemExit):
             main([f"--workdir={digits_run[0]}", f"--input={broken[0]}", f"--output={out}", flag])
@@ -852,10 +855,10 @@ def test_an_output_that_cannot_be_written_is_one_line_before_or_midway(
         with pytest.raises(SystemExit) as stopped:
             main([*argv, f"--output={tmp_path / 'ro' / 'p.jsonl'}"])
     assert stopped.value.code == 2 and fixed.batches == 0
-    wanted = (f"--output {tmp_path / 'ro' / 'p.jsonl'}: its folder {tmp_path / 'ro'} cannot be "
-              "written: Read-only file system.")  # fmt: skip
+    wanted = (f"--output {tmp_path / 'ro' / 'p.jsonl'}: cannot write in {tmp_path}: Read-only "
+              "file system.")  # fmt: skip
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(wanted)
-    assert not (tmp_path / "ro" / "p.jsonl").exists()
+    assert not (tmp_path / "ro").exists()  # nothing made before predicting
     for kind in ("jsonl", "csv"):
         full = tmp_path / f"full.{kind}"
         full.symlink_to("/dev/full")

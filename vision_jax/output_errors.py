@@ -36,21 +36,6 @@ def failed_write(error: OSError, what: str, output: str) -> str | None:
     return write_failure(what, output, error.filename, error.strerror or str(error))
 
 
-def make_folder_of(path: str | os.PathLike) -> str | None:
-    """Makes the folder of the file ``path`` (and those above it) where missing; why it cannot
-    (a file in the way, no permission) or why no file can be created in it
-    (:func:`unwritable_folder`), or None. The commands check their outputs so before their
-    work, not after it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        return f"cannot make its folder: {e.strerror or e}"
-    if problem := unwritable_folder(folder):
-        return f"its folder {folder} cannot be written: {problem}"
-    return None
-
-
 def folder_problem(folder: str | os.PathLike) -> str | None:
     """Why no file can be written in ``folder``, made with those above it where missing when
     written: a file in its place or in the way, or no file can be created in the nearest

@@ -62,7 +62,7 @@ from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
-from vision_jax.output_errors import failed_write, make_folder_of, unwritable_folder, written_whole
+from vision_jax.output_errors import failed_write, folder_problem, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
@@ -722,6 +722,7 @@ class RecordWriter:
     def _start(self) -> Any:
         """The file opened (``.json``: its temporary file, with the list's opening bracket)."""
         path = self.path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # checked before
         if self.kind == ".json":
             path = self._open.enter_context(written_whole(path))
         newline = "" if self.kind == ".csv" else None
@@ -858,11 +859,13 @@ def _outside_outputs(
 
 
 def _check_outputs(args: argparse.Namespace, task: str, parser: argparse.ArgumentParser) -> None:
-    """The outputs' paths checked (their folders made) before predicting, not after: the
-    records file is not a folder, the PNGs' folder (segmentation's, ``--draw``) not a file."""
+    """The outputs' paths checked before predicting, not after: the records file is not a
+    folder, the PNGs' folder (segmentation's, ``--draw``) not a file, and their folders can be
+    made (:func:`~vision_jax.output_errors.folder_problem`); they are made when written, so a
+    failed prediction leaves no empty folder behind (as evaluate's ``--output``)."""
     if os.path.isdir(args.output):
         parser.error(f"--output {args.output} is a folder: name a file ({', '.join(FORMATS)}).")
-    if problem := make_folder_of(args.output):
+    if problem := folder_problem(os.path.dirname(os.path.abspath(args.output))):
         parser.error(f"--output {args.output}: {problem}.")
     if task == "segmentation":
         _make_png_folder(os.path.splitext(args.output)[0], f"--output {args.output}", parser)
@@ -873,12 +876,8 @@ def _check_outputs(args: argparse.Namespace, task: str, parser: argparse.Argumen
 def _make_png_folder(folder: str, flag: str, parser: argparse.ArgumentParser) -> None:
     if os.path.lexists(folder) and not os.path.isdir(folder):
         parser.error(f"{flag}: {folder}, the folder for its PNGs, is a file.")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        parser.error(f"{flag}: cannot make the folder {folder} for its PNGs: {e.strerror or e}.")
-    if problem := unwritable_folder(folder):
-        parser.error(f"{flag}: the folder {folder} for its PNGs cannot be written: {problem}.")
+    if problem := folder_problem(folder):  # made by claim_pngs, once there is a prediction
+        parser.error(f"{flag}: the folder {folder} for its PNGs: {problem}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
