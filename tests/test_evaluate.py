@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 
 import jax
 import numpy as np
@@ -153,6 +154,26 @@ def _image_folders(root, splits: dict[str, str]) -> None:
             for i in range(2):
                 pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_an_output_url_is_written_through_its_filesystem(tmp_path, monkeypatch, capsys):
+    """--output gs://...: not checked as a local path, and written through etils.epath (here a
+    stand-in bucket), not into a local folder gs:/... ."""
+    from etils import epath
+
+    from vision_jax import evaluate
+
+    bucket = tmp_path / "bucket"
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: {"eval/accuracy": 0.5})
+    monkeypatch.setattr(evaluate, "file_path",
+                        lambda url: epath.Path(bucket / url.split("://")[1]))  # fmt: skip
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert evaluate_main(["--workdir=run", "--output=gs://b/eval/metrics.json"]) == 0
+    assert json.loads((bucket / "b" / "eval" / "metrics.json").read_text()) == {
+        "eval/accuracy": 0.5
+    }
+    assert os.listdir(tmp_path / "cwd") == []
 
 
 def test_a_run_whose_dataset_moved_is_evaluated_from_its_new_root(tmp_path, digits_run, capsys):

@@ -526,6 +526,24 @@ def test_quantisation_report_on_real_images(tmp_path, capsys):
     assert (out / "model.tflite").stat().st_size == sizes["full_int8"]
 
 
+def test_cli_an_output_url_is_one_line(tmp_path, capsys, monkeypatch):
+    """--output gs://...: one line before the run is read (export writes a local folder), not
+    a local folder gs:/... made."""
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("the run is read before the output is checked")
+
+    monkeypatch.setattr("vision_jax.export.__main__.load_trained", not_read)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--workdir", str(tmp_path), "--format", "stablehlo", "--output", "gs://b/model"]
+    assert export_main(argv) == 1
+    assert capsys.readouterr().err == (
+        "error: --output gs://b/model: an export is written to a local folder, not a URL: "
+        "write it locally and copy it (gcloud storage cp -r)\n"
+    )
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("fmt", ["stablehlo", "savedmodel"])
 def test_cli_an_output_that_cannot_be_written_is_one_line(
     digits_run, tmp_path, fmt, capsys, monkeypatch

@@ -270,6 +270,21 @@ def test_command_line_output_that_cannot_be_written_is_one_line(run, tmp_path, c
     assert capsys.readouterr().err == (
         f"vision_jax.report: error: --output {out}: {blocker} is not a folder\n"
     )
+    workdir = tmp_path / "w"  # the default <workdir>/report, named as the report folder
+    workdir.mkdir()
+    (workdir / "report").write_text("not a folder")
+    assert report_main([f"--workdir={workdir}"]) == 1
+    assert capsys.readouterr().err == (
+        f"vision_jax.report: error: the report folder {workdir / 'report'} (--output): "
+        f"{workdir / 'report'} is not a folder\n"
+    )
+    monkeypatch.chdir(tmp_path)  # a URL: one line, not a local folder gs:/...
+    assert report_main([f"--workdir={run}", "--output=gs://bucket/report"]) == 1
+    assert capsys.readouterr().err == (
+        "vision_jax.report: error: --output gs://bucket/report: the report is written to a "
+        "local folder, not a URL: write it locally and copy it (gcloud storage cp -r)\n"
+    )
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_command_line_error_is_one_line(tmp_path, capsys):

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,9 +31,10 @@ import jax.numpy as jnp
 from vision_jax import data as data_lib
 from vision_jax import sharding, specs
 from vision_jax.compile_options import step_compiler_options
+from vision_jax.data.sources import file_path
 from vision_jax.metrics import json_line
 from vision_jax.models.registry import backbone_of
-from vision_jax.output_errors import folder_problem, written_whole
+from vision_jax.output_errors import folder_problem, is_url, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_split, load_trained
@@ -179,11 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     line = json_line(results)
     print(line, flush=True)  # first: a failed write below loses no figures
     if args.output:
+        text = json.dumps(json.loads(line), indent=1) + "\n"
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with written_whole(args.output) as partial, open(partial, "w", encoding="utf-8") as f:
-                f.write(json.dumps(json.loads(line), indent=1) + "\n")
-        except OSError as e:
+            if is_url(args.output):  # its folder made through its filesystem's library
+                path = file_path(args.output)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+                with written_whole(args.output) as partial:
+                    pathlib.Path(partial).write_text(text, encoding="utf-8")
+        except Exception as e:  # OSError; a bucket's library raises its own errors
             print(f"vision_jax.evaluate: error: --output {args.output}: {e}", file=sys.stderr)
             return 1
     return 0
@@ -192,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _unwritable(path: str) -> str | None:
     """Why ``path`` cannot be written as a file, checked before evaluating (its folder is made
     once the figures are written: a failed evaluation leaves none behind), or None."""
+    if is_url(path):  # checked by its filesystem's library when written
+        return None
     if os.path.isdir(path):
         return "it is a folder; name a file"
     return folder_problem(os.path.dirname(os.path.abspath(path)))

@@ -36,11 +36,28 @@ def failed_write(error: OSError, what: str, output: str) -> str | None:
     return write_failure(what, output, error.filename, error.strerror or str(error))
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a URL (``gs://bucket/...``), not a local path."""
+    return "://" in os.fspath(path)
+
+
+def local_only(path: str | os.PathLike, what: str) -> str | None:
+    """Why ``path``, a URL, cannot take ``what`` (written as local files), or None."""
+    if is_url(path):
+        return (f"{what} is written to a local folder, not a URL: write it locally and copy it "
+                "(gcloud storage cp -r)")  # fmt: skip
+    return None
+
+
 def folder_problem(folder: str | os.PathLike) -> str | None:
     """Why no file can be written in ``folder``, made with those above it where missing when
     written: a file in its place or in the way, or no file can be created in the nearest
     existing folder (:func:`unwritable_folder`); or None. Nothing is made: the commands check
-    their outputs so before their work, and a failed work leaves no empty folder behind."""
+    their outputs so before their work, and a failed work leaves no empty folder behind. A URL
+    (``gs://...``) is not checked here: its folders are made, and found missing, by its
+    filesystem's library (:func:`is_url`)."""
+    if is_url(folder):
+        return None
     folder = existing = os.path.abspath(folder)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)

@@ -26,7 +26,7 @@ from vision_jax.export.exporter import FORMATS, export_trained, write_manifest
 from vision_jax.export.report import check_comparable, quantization_report
 from vision_jax.export.serving import ExportError
 from vision_jax.export.tflite import QUANTIZATIONS
-from vision_jax.output_errors import failed_write, folder_problem, write_failure
+from vision_jax.output_errors import failed_write, folder_problem, local_only, write_failure
 from vision_jax.run_options import add_run_options
 from vision_jax.trained import load_trained
 from vision_jax.weights import WeightFormatError
@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("tflite_batch", "eval_examples"):
         if (value := getattr(args, flag)) is not None and value < 1:
             parser.error(f"--{flag} must be at least 1, got {value}.")
-    if problem := folder_problem(args.output):  # before the run is read and converted
+    problem = local_only(args.output, "an export")
+    if problem or (problem := folder_problem(args.output)):  # before the run is read, converted
         print(f"error: --output {args.output}: {problem}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.WARNING)

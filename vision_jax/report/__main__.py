@@ -27,14 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hardest < 0:
         parser.error(f"--hardest must be >= 0 (examples to show), got {args.hardest}.")
     logging.basicConfig(level=logging.WARNING)
-    from vision_jax.output_errors import failed_write, folder_problem
+    from vision_jax.output_errors import failed_write, folder_problem, local_only
     from vision_jax.report import ReportError, write_report  # after parsing: --help stays fast
     from vision_jax.weights.files import WeightFormatError
 
     output = args.output or os.path.join(args.workdir, "report")
+    named = f"--output {output}" if args.output else f"the report folder {output} (--output)"
     # before the run is read and predicted (a missing workdir: the error reading it comes first)
-    if os.path.isdir(args.workdir) and (problem := folder_problem(output)):
-        print(f"vision_jax.report: error: --output {output}: {problem}", file=sys.stderr)
+    problem = local_only(output, "the report")
+    if problem or os.path.isdir(args.workdir) and (problem := folder_problem(output)):
+        print(f"vision_jax.report: error: {named}: {problem}", file=sys.stderr)
         return 1
     try:
         path = write_report(
