@@ -718,3 +718,40 @@ def test_an_image_folder_holding_none_of_the_files_is_one_error_naming_coco_imag
         assert f"{tmp_path}/elsewhere holds none of the 2 image file(s)" in message
         assert f"(the first: {tmp_path}/elsewhere/001.png)" in message
         assert "data.coco_images" in message and "skip_corrupt" not in message
+
+
+def test_the_exif_scan_reads_each_header_once_and_silences_pils_warnings(
+    tmp_path, caplog, monkeypatch
+):
+    """Images without width/height have their headers read once (for the size and the EXIF
+    orientation, not again for the turned-images warning); PIL's warnings of damaged EXIF data
+    (here a tag past the file's end) are not printed per file during the scan."""
+    import struct
+    import warnings
+
+    from vision_jax.data import exif as exif_lib
+
+    coco = write_coco(tmp_path, [(40, 60, [RECTS[0]]), (60, 40, [])])
+    tiff = struct.pack("<2sHIH", b"II", 42, 8, 2)
+    tiff += struct.pack("<HHII", 0x0112, 3, 1, 6)  # turned a quarter: stored 40 x 60
+    tiff += struct.pack("<HHII", 0x010E, 2, 1000, 5000) + struct.pack("<I", 0)  # past the end
+    Image.fromarray(draw(40, 60, [])).save(tmp_path / "train" / "x.jpg", exif=b"Exif\0\0" + tiff)
+    coco["images"][1]["file_name"] = "x.jpg"
+    for image in coco["images"]:
+        del image["width"], image["height"]
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    read = []
+    orientation_of = exif_lib.orientation_of
+    monkeypatch.setattr(exif_lib, "orientation_of", lambda p: read.append(p) or orientation_of(p))
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        source = coco_source(tmp_path)
+    assert [
+        str(w.message) for w in shown if "EXIF" in str(w.message) or "Tag" in str(w.message)
+    ] == []
+    assert read == []  # its header was read for its size
+    assert [(im["width"], im["height"]) for im in source.annotations["images"]] == [
+        (60, 40),
+        (40, 60),
+    ]
+    assert "1 JPEG(s) are stored turned or mirrored" in caplog.text

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import posixpath
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -81,7 +82,9 @@ def from_coco(
         )
     problems = [f"image {im['id']}: {image_dir}/{im['file_name']} is missing" for im in missing]
     missing_ids = {im["id"] for im in missing}
-    problems += _read_sizes([im for im in all_images if im["id"] not in missing_ids], image_dir)
+    orientations: dict[str, int] = {}  # of the headers read for sizes: not read again
+    sized = [im for im in all_images if im["id"] not in missing_ids]
+    problems += _read_sizes(sized, image_dir, orientations)
     by_id = {im["id"]: im for im in all_images}
     anns, bad_anns = _checked_annotations(coco, by_id, categories, json_path)
     _report(bad_anns + problems, json_path, skip_corrupt)
@@ -99,7 +102,7 @@ def from_coco(
     }
     source = _box_source(None, kept, anns, categories, columns, skip_corrupt)
     _warn_of_unused_categories(source.annotations, f"{json_path} (split {split!r})")
-    exif.warn_of_turned(columns["path"], "boxes", f"{json_path} (split {split!r})")
+    exif.warn_of_turned(columns["path"], "boxes", f"{json_path} (split {split!r})", orientations)
     return source
 
 
@@ -141,14 +144,16 @@ def from_image_files(
     return source, unreadable
 
 
-def upright_size_of(path: str) -> tuple[int, int] | str:
+def upright_size_of(path: str, orientations: dict[str, int] | None = None) -> tuple[int, int] | str:
     """The (width, height) of the image file ``path`` upright, as the pipeline decodes it, from
     its header (however many pixels: PIL's limit guards decoding, which the pipeline does);
-    or why it cannot be read."""
+    or why it cannot be read. ``orientations``: its EXIF orientation is put there too."""
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # opening reads the header alone
     try:
         with Image.open(path) as image:
+            if orientations is not None:
+                orientations[path] = exif.orientation_in(image)
             return exif.upright_size(image)
     except (OSError, ValueError) as e:
         return str(e)
@@ -236,16 +241,19 @@ def file_name(name: str) -> str:
     return posixpath.normpath(str(name).replace("\\", "/"))
 
 
-def _read_sizes(images: list[dict], image_dir: str) -> list[str]:
+def _read_sizes(images: list[dict], image_dir: str, orientations: dict[str, int]) -> list[str]:
     """Gives the ``images`` without ``width`` or ``height`` (optional, as for pycocotools) their
-    upright size from their file's header (no decoding); what cannot be read, as problems.
-    Sizes given are checked against the decoded images in the pipeline."""
+    upright size from their file's header (no decoding), their orientations put in
+    ``orientations``; what cannot be read, as problems. Sizes given are checked against the
+    decoded images in the pipeline."""
     problems = []
     for image in images:
         if _sized(image):
             continue
         path = posixpath.join(image_dir, image["file_name"])
-        size = upright_size_of(path)
+        with warnings.catch_warnings():  # PIL's for damaged EXIF data: the pipeline decodes
+            warnings.simplefilter("ignore")
+            size = upright_size_of(path, orientations)
         if isinstance(size, str):
             problems.append(f"image {image['id']}: {path} has no width/height and its header "
                             f"cannot be read ({size})")  # fmt: skip

@@ -8,7 +8,8 @@ the turned image. Decoding turns images the same way, as ``PIL.ImageOps.exif_tra
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vision_jax.tf_without_keras import tf
@@ -131,22 +132,34 @@ def orientation_of(path: str) -> int:
 
     try:
         with Image.open(path) as image:
-            if image.format not in JPEG_FORMATS:
-                return 1
-            orientation = image.getexif().get(_ORIENTATION, 1)
+            return orientation_in(image)
     except (OSError, ValueError, Image.DecompressionBombError):
         return 1
+
+
+def orientation_in(image: Any) -> int:
+    """The EXIF orientation (1-8) of an open PIL image: 1 but for a JPEG that records 2-8."""
+    if image.format not in JPEG_FORMATS:
+        return 1
+    orientation = image.getexif().get(_ORIENTATION, 1)
     return orientation if orientation in range(1, 9) else 1
 
 
-def warn_of_turned(paths: Sequence[str], what: str, where: str) -> None:
+def warn_of_turned(
+    paths: Sequence[str], what: str, where: str, known: Mapping[str, int] | None = None
+) -> None:
     """Warns once (per split: ``where``) of the JPEGs among ``paths`` (at most :data:`CHECKED`
     of them, evenly spaced) that decoding turns or mirrors by their EXIF orientation (2-8):
     their ``what`` (boxes, label maps) are taken in the upright frame, and annotations made
-    on the stored pixels would not fit, in silence where the size stays (2-4; 5-8 if square)."""
+    on the stored pixels would not fit, in silence where the size stays (2-4; 5-8 if square).
+    ``known``: orientations already read (a path's header is not read again). PIL's warnings
+    of damaged EXIF data are silenced during the scan (the pipeline decodes such files)."""
     jpegs = [str(p) for p in paths if str(p).lower().endswith((".jpg", ".jpeg"))]
     checked = jpegs[:: -(-len(jpegs) // CHECKED) or 1]
-    turned = [p for p in checked if orientation_of(p) != 1]
+    known = known or {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        turned = [p for p in checked if (known[p] if p in known else orientation_of(p)) != 1]
     if not turned:
         return
     share = f"of the {len(checked)} JPEGs checked" if len(checked) < len(jpegs) else "JPEG(s)"
