@@ -157,7 +157,8 @@ def _select(source: Source, classes: Sequence[int], data: DataSpec, split: str) 
     """``source`` with ``data.classes`` kept: positions into the train split's classes, so
     that an image-folder split lacking some of train's classes (each folder split lists its own)
     keeps the same classes by name, those it holds (the run's labels then matched by name)."""
-    if data.source != "imagefolder" or parse_split(split)[0] == parse_split(data.train_split)[0]:
+    same = parse_split(split)[0] == parse_split(data.train_split)[0]
+    if data.source != "imagefolder" or source.target != "label" or same:
         return select_classes(source, classes)
     names = image_folder_classes(_root(data), data.train_split)
     if names is None or names == source.class_names:
