@@ -416,6 +416,22 @@ def test_lora_errors():
         lora.LoraSpec(0, 1.0)
 
 
+def test_lora_refuses_the_kernels_its_family_names_by_path():
+    """The family's ``lora_unmergeable`` modules (BiT's StdConv) are found while the model is
+    initialised; a target among them is refused by its full path, other kernels adapt."""
+    model = create_model("bit_r50x1", num_classes=3, stage_sizes=(1, 1, 1, 1))
+    with lora.refused_kernels() as refused:
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert refused["block1/unit01/conv1/kernel"] == "StdConv"
+    assert "head/kernel" not in refused
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])
+    spec = lora.LoraSpec(2, 2.0, targets=r"block\d/unit\d+/conv1/kernel")
+    with pytest.raises(ValueError, match=r"cannot adapt block1/unit01/conv1/kernel \(StdConv\)"):
+        lora.add_adapters(params, spec, jax.random.key(0), refused=refused)
+    spec = lora.LoraSpec(2, 2.0, targets="head/kernel")
+    assert lora.adapter_paths(lora.add_adapters(params, spec, jax.random.key(0), refused=refused))
+
+
 def test_frozen_params_that_freeze_nothing_more_are_an_error():
     model, shapes = shapes_of("vit_ti16")
     params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes["params"])

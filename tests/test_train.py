@@ -1211,6 +1211,25 @@ def test_a_lora_target_that_trains_fully_is_an_error(tmp_path):
     assert np.any(head != 0)  # the merged adapter moved the zero head
 
 
+def test_lora_on_a_kernel_its_family_refuses_names_the_path_at_setup(tmp_path, monkeypatch):
+    """BiT's StdConv kernels are standardised (non-linear in the kernel): a LoRA target among
+    them is refused by its full path when lora.targets are matched, before any step is built
+    (it was named by its module's short name, conv1, while the first step was traced)."""
+    import vision_jax.run as run_lib
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("the train step was built")
+
+    monkeypatch.setattr(run_lib, "make_train_step", no_step)
+    cfg = small_config(total_steps=1, **{
+        "model.name": "bit_r50x1", "model.stage_sizes": (1, 1, 1, 1), "lora.rank": 2,
+        "lora.targets": r"block\d/unit\d+/conv1/kernel",
+    })  # fmt: skip
+    match = r"LoRA cannot adapt block1/unit01/conv1/kernel \(StdConv\): its kernel is transformed"
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(cfg, str(tmp_path))
+
+
 def test_lora_rules_may_name_the_adapters_alone(tmp_path):
     """LoRA+ (a higher learning rate on B) and weight decay on the adapters alone: rules that
     match only adapters are valid (they were applied to the merged tree too, for the memory

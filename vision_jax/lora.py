@@ -49,8 +49,42 @@ def _fans(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
     raise ValueError(f"LoRA cannot adapt {path} of shape {shape}.")
 
 
+def _unmergeable() -> tuple[type, ...]:
+    """The module classes whose kernels LoRA refuses (every family's ``lora_unmergeable``)."""
+    return tuple(t for fam in families() for t in fam.lora_unmergeable)
+
+
+def _refusal(path: str, module_class: str) -> str:
+    return (
+        f"LoRA cannot adapt {path} ({module_class}): its kernel is transformed non-linearly, "
+        "so the adapters could not be merged exactly. Narrow lora.targets."
+    )
+
+
+@contextlib.contextmanager
+def refused_kernels() -> Iterator[dict[str, str]]:
+    """Context recording the kernels LoRA must refuse in a model initialised (or traced) inside
+    it: those of its family's ``lora_unmergeable`` modules, as ``{path: module class name}``,
+    for :func:`add_adapters`' ``refused``."""
+    unmergeable, found = _unmergeable(), {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, unmergeable):
+            found["/".join((*module.path, "kernel"))] = type(module).__name__
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield found
+
+
 def add_adapters(
-    params: Mapping[str, Any], spec: LoraSpec, rng: jax.Array, *, never_run: str | None = None
+    params: Mapping[str, Any],
+    spec: LoraSpec,
+    rng: jax.Array,
+    *,
+    never_run: str | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> dict:
     """Returns ``params`` with ``lora_a`` (random) and ``lora_b`` (zero) beside each target kernel.
 
@@ -61,6 +95,8 @@ def add_adapters(
     ``never_run``: regex of the parameters the model never runs (the blocks after its last
     feature tap, :func:`vision_jax.optim.never_run`): their kernels get no adapter (nothing
     would read or train it); the others get the values they would get without it.
+    ``refused``: the kernels LoRA cannot adapt, with their module class names
+    (:func:`refused_kernels`): a target among them is an error naming its path.
     """
     flat = flatten_dict(params)
     try:
@@ -87,6 +123,8 @@ def add_adapters(
             raise ValueError(f"lora.targets must select kernels; it matched {path}.")
         if idle and idle.fullmatch(path):
             continue
+        if refused and path in refused:
+            raise ValueError(_refusal(path, refused[path]))
         fan_in, fan_out = _fans(path, tuple(np.shape(flat[path])))
         bound = 1.0 / math.sqrt(fan_in)
         key = jax.random.fold_in(rng, i)
@@ -120,7 +158,7 @@ def merge(params: Mapping[str, Any], spec: LoraSpec) -> dict:
 
 def _adapted_call(spec: LoraSpec, train: bool):
     """A Flax interceptor adding ``scale * dropout(x) A B`` to adapted layers' outputs."""
-    unmergeable = tuple(t for fam in families() for t in fam.lora_unmergeable)
+    unmergeable = _unmergeable()
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -135,10 +173,8 @@ def _adapted_call(spec: LoraSpec, train: bool):
         a = module.get_variable("params", "lora_a")
         b = module.get_variable("params", "lora_b")
         if isinstance(module, unmergeable):
-            raise ValueError(
-                f"LoRA cannot adapt {module.name} ({type(module).__name__}): its kernel is "
-                "transformed non-linearly, so the adapters could not be merged exactly."
-            )
+            path = "/".join((*module.path, "kernel"))
+            raise ValueError(_refusal(path, type(module).__name__))
         if isinstance(module, nn.Conv):
             sh, sw = module.strides if module.strides is not None else (1, 1)
             x = x[:, ::sh, ::sw, :]

@@ -156,13 +156,22 @@ def create_variables(
     adapters, init_rng, adapter_rng = spec.lora, rng, jax.random.fold_in(rng, 1)
     never_run = None if idle_adapters else optim.never_run(model)
 
+    refused: dict[str, str] = {}  # the kernels LoRA cannot adapt (non-linear), by path
+
     def base_init(rng: jax.Array) -> dict:
-        return flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
+        if adapters is None:
+            return flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
+        with lora.refused_kernels() as found:
+            variables = flax.core.unfreeze(model.init({"params": rng}, dummy, train=False))
+        refused.update(found)
+        return variables
 
     def with_adapters(variables: dict) -> dict:
         if adapters is None:
             return variables
-        params = lora.add_adapters(variables["params"], adapters, adapter_rng, never_run=never_run)
+        params = lora.add_adapters(
+            variables["params"], adapters, adapter_rng, never_run=never_run, refused=refused
+        )
         return {**variables, "params": params}
 
     init = lambda rng: with_adapters(base_init(rng))
