@@ -550,6 +550,29 @@ def test_predict_export_report_and_evaluate_warn_of_an_unfinished_runs_step(tmp_
         assert caplog.text.count(unfinished) == 1, (name, caplog.text)
 
 
+def test_a_step_that_ended_a_shorter_recipe_is_unfinished_once_the_run_went_on(tmp_path, caplog):
+    """Resumed from its final step 2 with total_steps=3, the run does not end at step 2: with
+    step 3 gone its readers warn (step 2's meta said final, of the shorter recipe, and they
+    read it silently); started again with the shorter recipe, step 2 ends the run again."""
+    from vision_jax.trained import load_trained
+
+    run = tmp_path / "run"
+    train_and_evaluate(small_config(total_steps=2), str(run))
+    train_and_evaluate(small_config(total_steps=3), str(run))
+    shutil.rmtree(run / "checkpoints" / "3")  # as if stopped before its step 3 was saved
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_trained(run)
+    assert "checkpoints/2 is step 2 of a run that has not finished (it trains to step 3)" in (
+        caplog.text
+    )
+    train_and_evaluate(small_config(total_steps=2), str(run))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_trained(run)
+    assert "has not finished" not in caplog.text
+
+
 def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
     """Written before digests, frozen_params and the recorded crop mode: the frozen params and
     the input contract are read from init.path once more (then saved), the steps unchecked."""

@@ -735,8 +735,10 @@ class Checkpointer:
 
 
 # What a step checkpoint's meta records and a best checkpoint's does not (the train loop's
-# position, its open window, the final metrics, whether the run ends there).
-_STEP_ONLY = ("final", "data_positions", "train_window", "reported", "evaluation_pending")
+# position, its open window, the final metrics, whether the run ends there or went on).
+_STEP_ONLY = (
+    "final", "data_positions", "train_window", "reported", "evaluation_pending", "continued_to",
+)  # fmt: skip
 
 
 class BestCheckpoint:

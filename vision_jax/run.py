@@ -673,9 +673,26 @@ def _restore(
     unfinished = step < total_steps and not meta.get("stopped_early")
     if not unfinished:
         _check_finished_recipe(spec, meta, where)
+    _note_continuation(ckpt, step, meta, total_steps if unfinished else None)
     position = _resume_position(spec, meta, train_data if unfinished else None, where)
     logger.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
+
+
+def _note_continuation(
+    ckpt: Checkpointer, step: int, meta: Mapping[str, Any], total: int | None
+) -> None:
+    """Records on a step that ended its recipe (``final``) that the run trains on from it to
+    step ``total`` (``continued_to``; None: it does not, a note of an earlier resume goes):
+    readers of that step warn that it is not the run's end, also once the longer run's steps are
+    gone (:func:`~vision_jax.weights.run_dir.warn_if_unfinished`). Rotation keeps it still."""
+    if not meta.get("final") or meta.get("continued_to") == total:
+        return
+    noted = {k: v for k, v in meta.items() if k != "continued_to"}
+    if total is not None:
+        noted["continued_to"] = total
+    if jax.process_index() == 0:
+        ckpt.update_meta(step, noted)
 
 
 # Fields earlier versions' checkpoints lack, newest first: the EMA of the model state, then

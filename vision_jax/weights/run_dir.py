@@ -225,11 +225,15 @@ def warn_if_unfinished(step_dir: str | os.PathLike) -> None:
     not finished (stopped or still training): its weights are those of that step (runs of
     versions that did not record ``final`` are taken as they are). Every reader of a run's step
     comes here: :func:`~vision_jax.trained.load_trained` (predict, evaluate, export, report)
-    and ``load_pretrained`` (``init.path``)."""
+    and ``load_pretrained`` (``init.path``). A step that ended a shorter recipe is not the end
+    of a run resumed from it with a longer one (``continued_to``: that recipe's total_steps,
+    recorded on the step when the run went on), also once the longer run's steps are gone."""
     step_dir = pathlib.Path(step_dir)
     meta = _read_meta(step_dir)
-    total = meta.get("total_steps")
-    if meta.get("final") is False and total is not None and int(step_dir.name) < total:
+    total, unfinished = meta.get("total_steps"), meta.get("final") is False
+    if meta.get("continued_to") is not None and not meta.get("stopped_early"):
+        total, unfinished = int(meta["continued_to"]), True
+    if unfinished and total is not None and int(step_dir.name) < total:
         logger.warning(
             "%s is step %s of a run that has not finished (it trains to step %d): its weights "
             "are that step's.", step_dir, step_dir.name, total,
