@@ -241,6 +241,44 @@ def test_a_split_lacking_a_class_is_scored_with_the_runs_labels(tmp_path, caplog
 
 
 @pytest.mark.slow
+def test_a_run_that_selected_classes_is_read_by_their_names(tmp_path):
+    """A run with data.classes=(1, 3) records the classes it selected (b, d): evaluate, the
+    standalone report and export read its splits by those names (a CSV split's other rows, a,
+    dropped, not an unknown class), also at a copy holding only the evaluated split (no train
+    split to resolve the positions against)."""
+    import shutil
+
+    from vision_jax.export.images import split_images
+    from vision_jax.report import write_report
+
+    root = tmp_path / "data"
+    _image_folders(root, {"train": "abcd", "test": "abd"})
+    for split, classes in (("train", "abcd"), ("test", "abd")):
+        rows = [f"{split}/{c}/{i}.png,{c}" for c in classes for i in range(2)]
+        (root / f"{split}.csv").write_text("\n".join(["filename,label", *rows]) + "\n")
+    for source in ("imagefolder", "csv"):
+        cfg = small_config(**{"data.source": source, "data.root": str(root),
+                              "data.classes": (1, 3), "total_steps": 1, "batch_size": 4,
+                              "eval_batch_size": 4})  # fmt: skip
+        run = tmp_path / f"{source}_run"
+        final = train_and_evaluate(cfg, str(run))
+        trained = load_trained(run)
+        assert trained.class_names == ["b", "d"]
+        np.testing.assert_array_equal(split_images(trained, "test")[1], [0, 0, 1, 1])
+        before = evaluate_run(run)
+        assert before["eval/examples"] == 4
+        assert before["eval/loss"] == pytest.approx(final["eval/loss"], abs=1e-5)
+        write_report(run, tmp_path / f"{source}_report")
+        with open(tmp_path / f"{source}_report" / "confusion_matrix.csv") as f:
+            rows = {row[0]: sum(map(int, row[1:])) for row in list(csv.reader(f))[1:]}
+        assert rows == {"b": 2, "d": 2}
+        copy = tmp_path / f"{source}_copy"
+        shutil.copytree(root / "test", copy / "test")
+        shutil.copy(root / "test.csv", copy / "test.csv")
+        _assert_figures(evaluate_run(run, data_root=copy), before)
+
+
+@pytest.mark.slow
 def test_a_split_with_other_classes_is_refused(tmp_path):
     """An image-folder split whose class folders differ from the run's (its labels would
     name other classes than the model's outputs)."""

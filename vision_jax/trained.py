@@ -156,6 +156,8 @@ def load_split(
     task = trained.task
     data = trained.spec.data if data is None else data
     column = data_lib.is_column_target(task.target)
+    if data.classes is not None and task.target == "label" and trained.class_names:
+        return _check_classes(trained, _selected_by_name(trained, data, split, arrays), split)
     if data.source == "csv" and data.class_names is None and trained.class_names and not column:
         # The run's classes, not those of every CSV file now beside the split's.
         data = dataclasses.replace(data, class_names=tuple(trained.class_names))
@@ -168,6 +170,25 @@ def load_split(
             data = dataclasses.replace(data, class_names=tuple(names))
             source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
     return _check_classes(trained, source, split)
+
+
+def _selected_by_name(
+    trained: Trained, data: specs.DataSpec, split: str, arrays: Mapping[str, Any] | None
+) -> data_lib.Source:
+    """The split of a run that set ``data.classes``: its examples of the run's classes, kept by
+    name (the run's class names are those it selected), so that neither the train split on
+    disk nor the positions into its classes are needed (a copy holding only this split)."""
+    source = data_lib.load_source(
+        dataclasses.replace(data, classes=None), split, arrays=arrays, target="label"
+    )
+    held = [source.class_names.index(n) for n in trained.class_names if n in source.class_names]
+    selected = data_lib.select_classes(source, held)
+    if not selected.num_examples:
+        raise data_lib.DataError(
+            f"The split {split!r} holds no examples of the run's classes "
+            f"{', '.join(trained.class_names[:8])}{', ...' if trained.class_names[8:] else ''}."
+        )
+    return selected
 
 
 def _check_classes(trained: Trained, source: data_lib.Source, split: str) -> data_lib.Source:
