@@ -573,6 +573,23 @@ def test_a_step_that_ended_a_shorter_recipe_is_unfinished_once_the_run_went_on(t
     assert "has not finished" not in caplog.text
 
 
+def test_a_refused_resume_leaves_the_final_step_finished(tmp_path, caplog):
+    """A longer recipe's resume refused during setup (another batch size) trains nothing: the
+    final step 2 is not noted as continued (its readers would warn that the run is unfinished)."""
+    from vision_jax.trained import load_trained
+
+    run = tmp_path / "run"
+    train_and_evaluate(small_config(total_steps=2), str(run))
+    with pytest.raises(CheckpointError, match="batch_size 32 -> 16"):
+        train_and_evaluate(small_config(total_steps=3, batch_size=16), str(run))
+    meta = json.loads((run / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["final"] and "continued_to" not in meta
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_trained(run)
+    assert "has not finished" not in caplog.text
+
+
 def test_a_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path, caplog):
     """Written before digests, frozen_params and the recorded crop mode: the frozen params and
     the input contract are read from init.path once more (then saved), the steps unchecked."""

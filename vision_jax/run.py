@@ -103,6 +103,7 @@ class Run:
     train_window: list | None = None  # the train metrics of the log window the checkpoint cut
     reported: dict[str, float] | None = None  # a finished run's last train (and val) metrics
     evaluation_pending: bool = False  # a stop signal cut the restored step's evaluation short
+    restored_meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # its step's meta
 
     @property
     def task(self) -> Any:
@@ -673,10 +674,18 @@ def _restore(
     unfinished = step < total_steps and not meta.get("stopped_early")
     if not unfinished:
         _check_finished_recipe(spec, meta, where)
-    _note_continuation(ckpt, step, meta, total_steps if unfinished else None)
     position = _resume_position(spec, meta, train_data if unfinished else None, where)
     logger.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
+
+
+def note_continuation(run: Run) -> None:
+    """:func:`_note_continuation` for ``run``'s restored step: called by the loop once setup
+    succeeded (a resume refused, or failing during setup, leaves the step's meta as it was)."""
+    step, meta, total = run.start_step, run.restored_meta, run.total_steps
+    if step:
+        unfinished = step < total and not meta.get("stopped_early")
+        _note_continuation(run.checkpointer, step, meta, total if unfinished else None)
 
 
 def _note_continuation(
@@ -688,6 +697,7 @@ def _note_continuation(
     gone (:func:`~vision_jax.weights.run_dir.warn_if_unfinished`). Rotation keeps it still."""
     if not meta.get("final") or meta.get("continued_to") == total:
         return
+    meta = ckpt.read_meta(step) or meta  # (as the restored step's pending evaluation left it)
     noted = {k: v for k, v in meta.items() if k != "continued_to"}
     if total is not None:
         noted["continued_to"] = total
@@ -1283,5 +1293,5 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         spec, mesh, model, input_spec, train_source, eval_source, val_source, setup, state,
         train_step, settings, eval_step, ckpt, start_step, total_steps, meta, start_position,
         selection, best, train_window=saved.get("train_window"), reported=saved.get("reported"),
-        evaluation_pending=bool(saved.get("evaluation_pending")),
+        evaluation_pending=bool(saved.get("evaluation_pending")), restored_meta=saved,
     )  # fmt: skip

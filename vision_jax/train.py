@@ -28,7 +28,7 @@ from vision_jax import data as data_lib
 from vision_jax import host_memory, sharding
 from vision_jax.checkpoint import CheckpointError
 from vision_jax.metrics import scalars
-from vision_jax.run import Run, abstract_state, build_run, restore_into
+from vision_jax.run import Run, abstract_state, build_run, note_continuation, restore_into
 from vision_jax.selection import Selection
 from vision_jax.signals import StopRequested, StopSignals
 from vision_jax.steps import TrainState, evaluate, evaluated_weights
@@ -511,6 +511,7 @@ def _loop(
     if _finished(run):  # already finished: report the final evaluation again
         logger.info("This run finished at step %d: reporting its evaluation again, training "
                     "nothing.", run.start_step)  # fmt: skip
+        note_continuation(run)  # (an earlier longer resume's note goes)
         results.update(run.reported or {})  # its last train (and validation) metrics
         if run.selection is None:
             results.update(_evaluate(run, state, run.total_steps, writer, stop))
@@ -528,6 +529,8 @@ def _loop(
             batch = sharding.to_global_batch(next(train_iter), run.mesh)
             startup.wait_for_train_step()
             state, metrics = run.train_step(state, run.frozen, batch, run.settings)
+            if step == run.start_step + 1:  # setup succeeded: the restored step is not the end
+                note_continuation(run)
             startup.wait_before_evaluating()  # at once after the first step
             results.update(log.add(step, metrics, state))
             evaluated, done = _end_step(run, state, step, writer, stop, log, train_iter)
