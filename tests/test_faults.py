@@ -1344,6 +1344,32 @@ def test_a_cache_on_a_full_disk_is_read_only_and_its_empty_entries_removed(
         vj_main._read_only_cache(False)
 
 
+def test_a_cache_on_a_full_disk_gets_no_xla_gpu_caches(tmp_path, monkeypatch):
+    """On a GPU XLA's kernel and autotuning caches write into the cache's folder: one only read
+    for the run (a nearly full disk) turns them off too; one with space keeps JAX's default."""
+    from jax._src import compilation_cache as cache
+
+    from vision_jax import main as vj_main
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_enable_xla_caches")  # fmt: skip
+    before = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    try:
+        for free, want in ((100 * 2**20, "none"), (2**40, before[names[2]])):
+            jax.config.update(names[2], before[names[2]])
+            monkeypatch.setattr(vj_main, "_free_bytes", lambda _, free=free: free)
+            vj_main.configure_compilation_cache(str(tmp_path / "run"), str(tmp_path / "c"))
+            assert jax.config.jax_persistent_cache_enable_xla_caches == want, free
+        assert before[names[2]] != "none"
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cache.reset_cache()
+        vj_main._read_only_cache(False)
+
+
 def test_a_cache_on_a_full_disk_is_read_and_not_written(tmp_path):
     """A cache whose filesystem is nearly full keeps its entries for the run (the programs it
     holds load) and gets no new ones (JAX would write empty entries)."""

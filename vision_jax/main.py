@@ -372,8 +372,9 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     be made turns the cache off, one that cannot be written leaves it read only (warned); a
     local one on a filesystem with less than :data:`CACHE_MIN_FREE_BYTES` free is only read
     for the run (warned), and the empty entries a full disk left in it are removed (one line). An
-    entry that cannot be read is deleted, so that the compile writes it again. Off a GPU,
-    XLA's GPU caches are off (``jax_persistent_cache_enable_xla_caches``, unless
+    entry that cannot be read is deleted, so that the compile writes it again. Off a GPU (and
+    for a cache only read), XLA's GPU caches are off
+    (``jax_persistent_cache_enable_xla_caches``, unless
     ``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES`` says otherwise): JAX's default puts their
     folder, inside the cache's, into every key, so a cache copied, moved or reached by another
     path never hit. Call it after ``jax.distributed.initialize``, if any (it asks JAX's backend
@@ -398,7 +399,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     elif folder and "://" not in folder and (problem := _low_on_space(folder)):
         logging.warning("The compilation cache %s is only read for this run: %s (on a full "
                         "disk, JAX writes empty entries).", folder, problem)  # fmt: skip
-        _read_only_cache(True)
+        _read_only_cache(True)  # (XLA's GPU caches are off too: they would write into it)
     elif folder:
         logging.info("Compilation cache: %s.", folder)
     if jax.config.jax_compilation_cache_dir:
@@ -408,7 +409,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     if (
         jax.config.jax_compilation_cache_dir
         and "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES" not in os.environ
-        and jax.default_backend() != "gpu"
+        and (_CACHE_READ_ONLY["on"] or jax.default_backend() != "gpu")
     ):
         jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
