@@ -864,6 +864,7 @@ def test_an_expected_error_after_start_up_is_one_line(tmp_path):
             "RESOURCE_EXHAUSTED: Out of memory allocating 1125899906842624 bytes.",
         ),  # past the 47-bit address space: refused under any overcommit setting
         pytest.param("numpy.empty(2**50)", "Unable to allocate 8.00 PiB", marks=pytest.mark.slow),
+        ("raise MemoryError()", "error: MemoryError (out of memory: "),  # no message of its own
     ],
 )
 def test_out_of_memory_says_what_to_change(tmp_path, allocate, error):

@@ -481,6 +481,16 @@ def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = 
 _PEER_GONE = ("Gloo", "Connection reset by peer", "Connection closed by peer")
 
 
+def _error_line(error: BaseException) -> str:
+    """``error``'s message for the one error line: its type where the message is empty (a bare
+    MemoryError) or does not say what it is about (a JSONDecodeError's line and column)."""
+    import json
+
+    if not str(error) or isinstance(error, json.JSONDecodeError):
+        return type(error).__name__ + (f": {error}" if str(error) else "")
+    return str(error)
+
+
 def _may_mean_a_lost_peer(error: BaseException | None) -> bool:
     """Whether ``error``, or an error that caused it (a failed save's), is a failed collective:
     a JAX runtime error, or the ValueError that CPU collectives (Gloo) raise."""
@@ -536,7 +546,7 @@ def main(argv: list[str]) -> None:
         # One line (the _exit's): the traceback only with --verbosity=1
         logging.debug("%s: %s", type(e).__name__, e, exc_info=True)
         advice = out_of_memory_advice(e, FLAGS.config, command_line=True)
-        _exit(EXIT_ERROR, str(e) + (f" ({advice})" if advice else ""), watchdog, e)
+        _exit(EXIT_ERROR, _error_line(e) + (f" ({advice})" if advice else ""), watchdog, e)
     except Exception as e:  # a bug: the traceback, then the same bounded exit (the
         # interpreter's teardown would abort while a background compilation still runs)
         logging.exception("%s", type(e).__name__)
