@@ -261,8 +261,7 @@ def test_an_unknown_model_key_says_how_to_add_a_model_override(tmp_path):
             "pool_type) are added in the config file (c.model.drop_path_rate = ...); the command "
             "line can then override them (--config.model.drop_path_rate=...).")  # fmt: skip
     message = unknown_key(default_config(), "model.drop_path_rate")
-    assert message.startswith("Unknown config key 'model.drop_path_rate' (closest: model.")
-    assert message.endswith("." + hint)
+    assert message == "Unknown config key 'model.drop_path_rate'." + hint  # (no model.* alike)
     assert "Model overrides" not in unknown_key(default_config(), "optimizer.drop_path_rate")
     root = pathlib.Path(__file__).resolve().parents[1]
     proc = subprocess.run(

@@ -268,14 +268,17 @@ class UnreadConfigKeysError(ValueError):
     """The config holds keys that nothing in the run reads."""
 
 
+_SHORT_NAME = 4  # a name this short is a few edits from any: closest's looser cutoff
+
+
 def closest(name: str, candidates: Iterable[str], prefix: str = "") -> str:
     """``" (closest: a, b, c)"``: the (at most three) ``candidates`` close to ``name``
-    (difflib's cutoff), or when none is, those somewhat like it (a short name's: ``lrr``);
-    none alike, nothing."""
+    (difflib's cutoff), or for a short name (:data:`_SHORT_NAME` characters at most: ``lrr``)
+    when none is, those somewhat like it; none alike, nothing."""
     candidates = sorted(set(candidates))
-    close = difflib.get_close_matches(name, candidates, n=3) or difflib.get_close_matches(
-        name, candidates, n=3, cutoff=0.25
-    )
+    close = difflib.get_close_matches(name, candidates, n=3)
+    if not close and len(name) <= _SHORT_NAME:
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.25)
     return f" (closest: {', '.join(prefix + k for k in close)})" if close else ""
 
 
@@ -298,9 +301,10 @@ def unknown_key(config: Mapping[str, Any], key: str) -> str | None:
             return f"Unknown config key '{key}': '{prefix[:-1]}' is a value, not a section."
         if part not in node:
             elsewhere = [k for k, _ in _leaves(config) if k.rsplit(".", 1)[-1] == parts[-1]]
-            moved = f"; {' or '.join(elsewhere)} has that name" if elsewhere else ""
+            if elsewhere:  # where the key went, alone: not the keys here alike in name
+                return f"Unknown config key '{key}': {' or '.join(elsewhere)} has that name."
             hint = _MODEL_OVERRIDE_HINT.format(name=part) if prefix == "model." else ""
-            return f"Unknown config key '{key}'{closest(part, node, prefix)}{moved}.{hint}"
+            return f"Unknown config key '{key}'{closest(part, node, prefix)}.{hint}"
         node = node[part]
     return None
 
