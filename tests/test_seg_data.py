@@ -314,6 +314,24 @@ def test_a_subfolder_of_images_without_its_folder_under_masks_is_left_out(tmp_pa
             f"under {masks} (not the split's): overlays (1).") in caplog.text  # fmt: skip
 
 
+def test_a_nested_layout_lacking_a_subfolder_under_masks_is_an_error(tmp_path):
+    """``masks/`` with subfolders of its own (images/<city>/x.png, masks/<city>/x.png) lacking
+    one city's folder is an incomplete copy: an error naming it, not that city left out."""
+    import shutil
+
+    make_seg_folder(tmp_path, n=3)
+    for city, name in (("aachen", "000.png"), ("bonn", "001.png")):
+        for folder in ("images", "masks"):
+            (tmp_path / "train" / folder / city).mkdir()
+            (tmp_path / "train" / folder / name).rename(tmp_path / "train" / folder / city / name)
+    shutil.rmtree(tmp_path / "train" / "masks" / "bonn")
+    cfg = data_config(source="imagefolder", root=str(tmp_path))
+    message = (r"masks has subfolders, but none for 1 image\(s\) in subfolders of "
+               r".*/train/images: bonn \(1\) \(an incomplete copy")  # fmt: skip
+    with pytest.raises(data_lib.DataError, match=message):
+        data_lib.load_source(cfg.data, "train", target="label_map")
+
+
 def test_an_empty_line_in_classes_txt_is_an_error(tmp_path):
     """Line k names class k - 1: an empty line would shift the names after it."""
     make_seg_folder(tmp_path, n=1)

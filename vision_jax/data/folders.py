@@ -275,7 +275,8 @@ def label_map_folder(
 def _folder_pairs(root: str, name: str, skip_corrupt: bool) -> tuple[list[str], list[str]]:
     """Images and masks of ``root/<name>/images`` and ``root/<name>/masks`` (in subfolders
     too, each mask at its image's relative path; a subfolder of ``images`` without its folder
-    under ``masks`` is left out, named in a warning)."""
+    under ``masks`` is left out, named in a warning, where ``masks`` is flat: stray previews
+    beside the data; where ``masks`` has subfolders too it is an error, an incomplete copy)."""
     image_dir, mask_dir = (posixpath.join(root, name, d) for d in ("images", "masks"))
     for folder in (image_dir, mask_dir):
         if not file_path(folder).is_dir():
@@ -294,6 +295,12 @@ def _folder_pairs(root: str, name: str, skip_corrupt: bool) -> tuple[list[str], 
     unmatched = {d for d in subfolders if not file_path(posixpath.join(mask_dir, d)).is_dir()}
     if outside := Counter(d for f in images if (d := posixpath.dirname(f)) in unmatched):
         shown = ", ".join(f"{d} ({n})" for d, n in sorted(outside.items())[:5])
+        if any(posixpath.dirname(m) for m in masks):  # a nested layout lacking a folder
+            raise DataError(
+                f"{mask_dir} has subfolders, but none for {outside.total()} image(s) in "
+                f"subfolders of {image_dir}: {shown}{', ...' if len(outside) > 5 else ''} (an "
+                "incomplete copy? each subfolder of images/ needs its own under masks/)."
+            )
         logger.warning(
             "Left out %d image(s) in subfolders of %s without a folder of their name under %s "
             "(not the split's): %s%s.", outside.total(), image_dir, mask_dir, shown,
