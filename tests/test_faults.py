@@ -1475,6 +1475,23 @@ def test_a_second_run_of_a_config_reuses_the_compiled_steps(tmp_path):
     assert not (tmp_path / "second" / "report").exists()
 
 
+def test_a_url_workdir_gets_no_report_at_the_end_of_training(monkeypatch, caplog, tmp_path):
+    """A gs:// workdir: the report (written through pathlib, to a local folder) is skipped in
+    one warning saying how to write it, not written into a local folder gs:/... ."""
+    from vision_jax import report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: pytest.fail("written"))
+    with caplog.at_level(logging.WARNING):
+        vj_main._report("gs://b/run", None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "No report at the end of training: it is written to a local folder, and the workdir "
+        "gs://b/run is a URL: python -m vision_jax.report --workdir=gs://b/run "
+        "--output=<local folder> writes it."
+    ]
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_while_the_report_is_written_says_how_to_write_it(tmp_path, sig):
     """The run is complete when its report is written: a stop signal then ends the command

@@ -360,6 +360,18 @@ def test_cli_errors_are_one_line_naming_the_files(digits_run, digit_files, tmp_p
         assert last.endswith(f"{name} must be at least 1, got {value}.")
 
 
+def test_an_output_url_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """--output gs://... (and --draw): refused before anything is read, as export's, not
+    written into a local folder gs:/... (abspath collapsed the URL's //)."""
+    monkeypatch.chdir(tmp_path)
+    for flags in (["--output=gs://b/p.jsonl"], ["--output=p.jsonl", "--draw=gs://b/drawn"]):
+        with pytest.raises(SystemExit):
+            main(["--workdir=run", f"--input={tmp_path}", *flags])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "is written to a local folder, not a URL: write it locally and copy it" in last
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow  # trains a segmentation run of its own: over 30 s on 2 cores
 def test_segmentation_writes_label_maps_of_the_eval_argmax(tmp_path_factory, capsys,
                                                           monkeypatch):  # fmt: skip

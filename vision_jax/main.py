@@ -32,7 +32,7 @@ from ml_collections import config_flags
 from vision_jax import processes
 from vision_jax.abort_notice import route_stderr
 from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
-from vision_jax.output_errors import printable, workdir_problem
+from vision_jax.output_errors import is_url, printable, workdir_problem
 from vision_jax.signals import EXIT_STOPPED
 from vision_jax.watchdog import EXIT_PEER_LOST
 
@@ -248,9 +248,9 @@ def compilation_cache_dir(workdir: str | os.PathLike, setting: str) -> str | Non
     if not setting.strip():
         raise ValueError(f"--compilation_cache {_CACHE_EMPTY}")
     if setting.strip().lower() != "auto":  # absolute: the same folder after a chdir
-        return setting if "://" in setting else os.path.abspath(os.path.expanduser(setting))
+        return setting if is_url(setting) else os.path.abspath(os.path.expanduser(setting))
     workdir = os.fspath(workdir).rstrip("/") or "/"
-    if "://" in workdir:  # beside it in its bucket; in a bucket's root for the root itself
+    if is_url(workdir):  # beside it in its bucket; in a bucket's root for the root itself
         scheme, _, path = workdir.partition("://")
         bucket, _, folder = path.partition("/")
         return f"{scheme}://{posixpath.join(bucket, posixpath.dirname(folder), 'jax_cache')}"
@@ -386,7 +386,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(workdir, setting))
     folder = jax.config.jax_compilation_cache_dir
     _read_only_cache(False)
-    if folder and "://" not in folder and (problem := _unwritable(folder)):
+    if folder and not is_url(folder) and (problem := _unwritable(folder)):
         if os.access(folder, os.R_OK | os.X_OK):  # a filled cache on a read-only mount
             logging.warning("The compilation cache %s cannot be written (%s): it is only read; "
                             "what it lacks compiles at every start.", folder, problem)  # fmt: skip
@@ -396,7 +396,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
             logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
                             "restart compiles again.", folder, problem)  # fmt: skip
             jax.config.update("jax_compilation_cache_dir", None)
-    elif folder and "://" not in folder and (problem := _low_on_space(folder)):
+    elif folder and not is_url(folder) and (problem := _low_on_space(folder)):
         logging.warning("The compilation cache %s is only read for this run: %s (on a full "
                         "disk, JAX writes empty entries).", folder, problem)  # fmt: skip
         _read_only_cache(True)  # (XLA's GPU caches are off too: they would write into it)
@@ -588,6 +588,12 @@ def _report(workdir: str, final: Any) -> None:
     of the step it shows); a failure is a warning (the run itself succeeded), a stop signal
     ends the command with one line saying how to write the report again."""
     from vision_jax.report import write_report
+
+    if is_url(workdir):  # (pathlib would write it into a local folder gs:/...)
+        logging.warning("No report at the end of training: it is written to a local folder, and "
+                        "the workdir %s is a URL: python -m vision_jax.report --workdir=%s "
+                        "--output=<local folder> writes it.", workdir, workdir)  # fmt: skip
+        return
 
     def stopped(signum: int, frame: Any) -> None:
         del frame

@@ -79,7 +79,7 @@ def workdir_problem(workdir: str | os.PathLike) -> str | None:
     files' writer fails on it once the model is built); None for a folder, a URL, or a path not
     made yet."""
     path = os.fspath(workdir)
-    if "://" in path:
+    if is_url(path):
         return None
     try:
         path.encode("utf-8")

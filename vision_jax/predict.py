@@ -62,7 +62,7 @@ from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
-from vision_jax.output_errors import failed_write, folder_problem, written_whole
+from vision_jax.output_errors import failed_write, folder_problem, local_only, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
@@ -888,6 +888,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag} must be at least 1, got {value}.")
     if os.path.splitext(args.output)[1].lower() not in FORMATS:
         parser.error(f"--output {args.output}: the extension must be one of {', '.join(FORMATS)}.")
+    for flag, path in (("--output", args.output), ("--draw", args.draw)):
+        if path and (problem := local_only(path, f"predict's {flag}")):  # (not gs:/... here)
+            parser.error(f"{flag} {path}: {problem}.")
     logging.basicConfig(level=logging.WARNING)
     try:
         paths = image_files(args.input)
