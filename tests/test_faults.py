@@ -775,11 +775,11 @@ def test_a_workdir_that_cannot_be_one_is_one_line_before_any_setup(tmp_path):
         "files need one): choose another.",
     }  # fmt: skip
     for workdir, message in cases.items():
-        start = time.perf_counter()
         proc = main_cli("--config=configs/digits_pretrain.py", f"--workdir={workdir}")
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip() == f"vision_jax: error: --workdir {message}"
-        assert time.perf_counter() - start < 10  # (the setup took 15 s before the error)
+        # stderr is that line alone: no setup ran before it (TensorFlow's import notices, the
+        # run's log lines; the non-UTF-8 name failed in the event writer after 15 s of it)
         with pytest.raises(LockError) as error:
             WorkdirLock(workdir).acquire()
         assert str(error.value) == f"Workdir {message}"
