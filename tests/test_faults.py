@@ -598,6 +598,21 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def main_with(tmp_path, function: str, body: str, *flags: str) -> str:
+    """Code running ``python -m vision_jax.main`` on the quickstart config in ``tmp_path``
+    (and ``flags``) with ``vision_jax.train.<function>`` replaced by one running ``body``."""
+    argv = ", ".join(repr(a) for a in ("main", "--config=configs/digits_pretrain.py",
+                                       f"--workdir={tmp_path}", *flags))  # fmt: skip
+    return (
+        "import runpy, sys, jax, numpy, vision_jax.train as train\n"
+        "def replaced(*args, **kwargs):\n"
+        f"    {body}\n"
+        f"train.{function} = replaced\n"
+        f"sys.argv = [{argv}]\n"
+        "runpy.run_module('vision_jax.main', run_name='__main__')\n"
+    )
+
+
 def test_unknown_config_key_on_the_command_line_is_one_line_with_the_closest_keys(tmp_path):
     proc = main_cli(
         "--config=configs/digits_pretrain.py", f"--workdir={tmp_path}",
@@ -823,39 +838,23 @@ def test_an_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
     """A bug (an exception of no expected type) raised while the steps compile in the
     background: its traceback and a one-line error, then exit 1 (the interpreter's teardown
     under a running compilation aborted: exit 134)."""
-    code = (
-        "import runpy, sys, vision_jax.train as train\n"
-        "def broken(*args, **kwargs):\n"
-        "    raise KeyError('boom')\n"
-        "train._loop = broken\n"
-        f"sys.argv = ['main', '--config=configs/digits_pretrain.py', '--workdir={tmp_path}']\n"
-        "runpy.run_module('vision_jax.main', run_name='__main__')\n"
-    )
-    proc = run_python(code)
+    proc = run_python(main_with(tmp_path, "_loop", "raise KeyError('boom')"))
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" in proc.stderr and "in broken" in proc.stderr
+    assert "Traceback" in proc.stderr and "in replaced" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "vision_jax: error: KeyError: 'boom'"
 
 
 def test_an_expected_error_after_start_up_is_one_line(tmp_path):
     """A ValueError from the run (a bad weights file, a missing data folder): one line on
     stderr (absl's E line said it before it too); the traceback with --verbosity=1."""
-    code = (
-        "import runpy, sys, vision_jax.train as train\n"
-        "def failing(*args, **kwargs):\n"
-        "    raise ValueError('data folder /nowhere does not exist')\n"
-        "train.train_and_evaluate = failing\n"
-        f"sys.argv = ['main', '--config=configs/digits_pretrain.py', '--workdir={tmp_path}',\n"
-        "            *sys.argv[1:]]\n"
-        "runpy.run_module('vision_jax.main', run_name='__main__')\n"
-    )
-    proc = run_python(code)
+    failing = "raise ValueError('data folder /nowhere does not exist')"
+    proc = run_python(main_with(tmp_path, "train_and_evaluate", failing))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if "/nowhere" in line] == [
         "vision_jax: error: data folder /nowhere does not exist"
     ]
-    verbose = run_python(code.replace("*sys.argv[1:]", "'--verbosity=1'"))
-    assert verbose.returncode == 1 and "in failing" in verbose.stderr, verbose.stderr[-3000:]
+    verbose = run_python(main_with(tmp_path, "train_and_evaluate", failing, "--verbosity=1"))
+    assert verbose.returncode == 1 and "in replaced" in verbose.stderr, verbose.stderr[-3000:]
     assert verbose.stderr.strip().splitlines()[-1].endswith("/nowhere does not exist")
 
 
@@ -873,16 +872,7 @@ def test_an_expected_error_after_start_up_is_one_line(tmp_path):
 def test_out_of_memory_says_what_to_change(tmp_path, allocate, error):
     """Device (XLA) and host (numpy) memory running out: one line with the error and what to
     change (it was XLA's bare line; numpy's MemoryError went down the bug path, a traceback)."""
-    code = (
-        "import runpy, sys, jax, numpy, vision_jax.train as train\n"
-        "def allocate(*args, **kwargs):\n"
-        f"    {allocate}\n"
-        "train._loop = allocate\n"
-        f"sys.argv = ['main', '--config=configs/digits_pretrain.py', '--workdir={tmp_path}',\n"
-        "            '--config.batch_size=24']\n"
-        "runpy.run_module('vision_jax.main', run_name='__main__')\n"
-    )
-    proc = run_python(code)
+    proc = run_python(main_with(tmp_path, "_loop", allocate, "--config.batch_size=24"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vision_jax: error: ") and error in last, last
