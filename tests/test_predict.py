@@ -851,7 +851,8 @@ def test_an_output_that_cannot_be_written_is_one_line_before_or_midway(
 ):
     """A read-only output folder is a usage error before anything is predicted (it was a
     chained OSError traceback after the first batch, leaving an empty file); a write that
-    fails midway (a full disk: /dev/full) is one line, exit 1, saying the output is partial."""
+    fails midway (a full disk: /dev/full) is one line, exit 1, saying the output is partial,
+    why (the disk is full) and what to do, as a failed checkpoint save says."""
     import errno
 
     _images(tmp_path / "images", "a.png", "b.png", "c.png")
@@ -877,9 +878,10 @@ def test_an_output_that_cannot_be_written_is_one_line_before_or_midway(
         assert main([*argv, f"--output={full}"]) == 1
         out, err = capsys.readouterr()
         assert out == "" and err.strip() == (
-            f"error: cannot write {full}: No space left on device; the predictions are "
-            f"incomplete: {full} holds only the records of the batches written before."
-        )
+            f"error: cannot write {full} (the disk is full): No space left on device; the "
+            f"predictions are incomplete: {full} holds only the records of the batches written "
+            "before. Free space on the disk, then run the same command again."
+        )  # the reason and what to do of a failed checkpoint save (the same table)
 
 
 def _without_a_model(task) -> Predictor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import gc
 import json
 import logging
@@ -33,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vision_jax import digests
+from vision_jax.output_errors import why_write_failed
 from vision_jax.signals import uninterrupted
 from vision_jax.weights.run_dir import (
     BEST_DIR,
@@ -64,58 +64,6 @@ class CheckpointSaveError(CheckpointError):
     intact."""
 
 
-# Why a write failed, by the words (or errno) of the error or one it was raised from: what the
-# message says in parentheses, and what to do before running again. TensorStore and orbax raise
-# their own types with the OS's words (e.g. "[Errno 28] No space left on device") in the text.
-_WRITE_FAILURES = (
-    (errno.ENOSPC, ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED"),
-     "the disk is full", "free space on the disk"),
-    (errno.EDQUOT, ("Disk quota exceeded", "EDQUOT"),
-     "the disk quota is exceeded", "free space within the quota (or raise it)"),
-    (errno.EROFS, ("Read-only file system", "EROFS"),
-     "the file system is read-only", "remount it writable"),
-    (errno.EACCES, ("Permission denied", "EACCES"),
-     "permission denied", "give this user write permission there"),
-    (errno.EPERM, ("Operation not permitted", "EPERM"),
-     "operation not permitted", "give this user write permission there"),
-    (errno.EFBIG, ("File too large", "EFBIG"),
-     "a file is over the file size limit", "raise the file size limit (ulimit -f)"),
-)  # fmt: skip
-
-
-def _write_failure(error: BaseException, directory: str | None = None) -> tuple[str, str] | None:
-    """``(why, what to do)`` when ``error`` (or an error it was raised from) says why a write in
-    ``directory`` failed (a full disk, a quota, a read-only file system, no permission, the
-    file size limit), else None. A full disk that has free bytes but no free inodes says so
-    (``os.statvfs`` of ``directory``, where it is local)."""
-    errors, seen = [], error
-    while seen is not None and len(errors) < 8:
-        errors.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for number, words, why, advice in _WRITE_FAILURES:
-        if any(getattr(e, "errno", None) == number or any(w in str(e) for w in words)
-               for e in errors):  # fmt: skip
-            if number == errno.ENOSPC and directory and _no_free_inodes(directory):
-                return "the disk has no free inodes", "delete files on the disk"
-            return why, advice
-    return None
-
-
-def _no_free_inodes(directory: str) -> bool:
-    """Whether the local file system of ``directory`` (or of its nearest existing parent) has
-    free bytes but no free inodes."""
-    if "://" in directory:
-        return False
-    path = os.path.abspath(directory)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    try:
-        stats = os.statvfs(path)
-    except OSError:
-        return False
-    return stats.f_files > 0 and stats.f_favail == 0 and stats.f_bavail > 0
-
-
 def _steps_not_at_hand() -> None:
     """``resumable`` of a best checkpoint without its step checkpoints at hand: unknown."""
     return None
@@ -128,10 +76,10 @@ def _reporting_failed_saves(
 ) -> Iterator[None]:  # fmt: skip
     """Turns a failed save that orbax raises when it is next waited for (the next save, the
     end of the run, closing) into a :class:`CheckpointSaveError` naming the step, the reason
-    (:func:`_write_failure`) and the newest complete checkpoint a resume reads: ``manager``'s
-    own (but ``pending``; ``resumable`` None), or those ``resumable()`` lists (the complete
-    step checkpoints beside a best checkpoint's ``manager``; None: not at hand, and the step
-    checkpoints are named unaffected)."""
+    (:func:`~vision_jax.output_errors.why_write_failed`) and the newest complete checkpoint a
+    resume reads: ``manager``'s own (but ``pending``; ``resumable`` None), or those
+    ``resumable()`` lists (the complete step checkpoints beside a best checkpoint's
+    ``manager``; None: not at hand, and the step checkpoints are named unaffected)."""
     try:
         yield
     except Exception as e:  # orbax and TensorStore raise many types
@@ -148,7 +96,7 @@ def _reporting_failed_saves(
             kept, then = f"The newest complete {kind} is step {max(steps)}", "resume"
         else:
             kept, then = f"There is no complete {kind} yet", "start over"
-        failure = _write_failure(e, str(manager.directory))
+        failure = why_write_failed(e, str(manager.directory))
         why, advice = (f" ({failure[0]})", f"{failure[1]}, then ") if failure else ("", "")
         raise CheckpointSaveError(
             f"Saving the checkpoint of step {pending} in {manager.directory} failed{why}: "
@@ -365,7 +313,7 @@ def _check_writable(directory: str) -> None:
             f"Cannot write checkpoints in {directory} on process {failed.index(True)} (its log "
             "says why)."
         )
-    failure = _write_failure(problem, directory)
+    failure = why_write_failed(problem, directory)
     why, advice = (f" ({failure[0]})", f"{failure[1][:1].upper()}{failure[1][1:]}, or u") \
         if failure else ("", "U")  # fmt: skip
     raise CheckpointError(
@@ -552,7 +500,7 @@ class Checkpointer:
                 checkpointer.save(frozen_dir(self.directory), frozen, force=True)
                 checkpointer.wait_until_finished()
         except Exception as e:  # orbax and TensorStore raise many types
-            failure = _write_failure(e, self.directory)
+            failure = why_write_failed(e, self.directory)
             why, advice = (f" ({failure[0]})", f"{failure[1]}, then r") if failure else ("", "R")
             raise CheckpointSaveError(
                 f"Saving the frozen parameters in {frozen_dir(self.directory)} failed{why}: "

@@ -11,7 +11,62 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+# Why a write failed, by the errno (or the words) of the error or one it was raised from: the
+# errno; the OS's words (TensorStore and orbax raise their own types with them in the text, e.g.
+# "[Errno 28] No space left on device"); what a message says in parentheses; what to do before
+# running again; and whether it is the disk's (any write there fails: no file need be named)
+# rather than one file's. Checkpoint saves (:mod:`vision_jax.checkpoint`) and the commands'
+# outputs (:func:`failed_write`, predict's) read it through :func:`why_write_failed`.
+WRITE_FAILURES = (
+    (errno.ENOSPC, ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED"),
+     "the disk is full", "free space on the disk", True),
+    (errno.EDQUOT, ("Disk quota exceeded", "EDQUOT"),
+     "the disk quota is exceeded", "free space within the quota (or raise it)", True),
+    (errno.EROFS, ("Read-only file system", "EROFS"),
+     "the file system is read-only", "remount it writable", True),
+    (errno.EACCES, ("Permission denied", "EACCES"),
+     "permission denied", "give this user write permission there", False),
+    (errno.EPERM, ("Operation not permitted", "EPERM"),
+     "operation not permitted", "give this user write permission there", False),
+    (errno.EFBIG, ("File too large", "EFBIG"),
+     "a file is over the file size limit", "raise the file size limit (ulimit -f)", True),
+)  # fmt: skip
+
+# The errnos of a failed write whatever file it names (a full disk, not a file not found)
+DISK_ERRORS = tuple(number for number, *_, disk in WRITE_FAILURES if disk)
+
+
+def why_write_failed(error: BaseException, directory: str | None = None) -> tuple[str, str] | None:
+    """``(why, what to do)`` when ``error`` (or an error it was raised from) says why a write in
+    ``directory`` failed (a full disk, a quota, a read-only file system, no permission, the
+    file size limit: :data:`WRITE_FAILURES`), else None. A full disk that has free bytes but
+    no free inodes says so (``os.statvfs`` of ``directory``, where it is local)."""
+    errors, seen = [], error
+    while seen is not None and len(errors) < 8:
+        errors.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for number, words, why, advice, _ in WRITE_FAILURES:
+        if any(getattr(e, "errno", None) == number or any(w in str(e) for w in words)
+               for e in errors):  # fmt: skip
+            if number == errno.ENOSPC and directory and _no_free_inodes(directory):
+                return "the disk has no free inodes", "delete files on the disk"
+            return why, advice
+    return None
+
+
+def _no_free_inodes(directory: str) -> bool:
+    """Whether the local file system of ``directory`` (or of its nearest existing parent) has
+    free bytes but no free inodes."""
+    if is_url(directory):
+        return False
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return stats.f_files > 0 and stats.f_favail == 0 and stats.f_bavail > 0
 
 
 def _inside(filename: Any, folder: str) -> bool:

@@ -62,7 +62,13 @@ from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
-from vision_jax.output_errors import failed_write, folder_problem, local_only, written_whole
+from vision_jax.output_errors import (
+    failed_write,
+    folder_problem,
+    local_only,
+    why_write_failed,
+    written_whole,
+)
 from vision_jax.run_options import add_run_options
 from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
@@ -942,7 +948,9 @@ def _failed_output(
 ) -> str | None:
     """The line for ``error`` when it is a failed write of one of the outputs (the records,
     segmentation's label maps, ``--draw``'s drawings, ``drawing`` once the records are whole)
-    or of the disk, saying what is left incomplete; None for other errors."""
+    or of the disk, saying why where known (a full disk: the reason and what to do that a failed
+    checkpoint save gives, :func:`~vision_jax.output_errors.why_write_failed`) and what is left
+    incomplete; None for other errors."""
     places = [args.output] + [p for p in (args.draw,) if p]
     places += [os.path.splitext(args.output)[0]] if task == "segmentation" else []
     if all(failed_write(error, "predictions", place) is None for place in places):
@@ -955,7 +963,11 @@ def _failed_output(
     else:
         left = (f"the predictions are incomplete: {args.output} holds only the records of the "
                 "batches written before")  # fmt: skip
-    return f"cannot write {error.filename or args.output}: {error.strerror or error}; {left}."
+    path = error.filename or args.output
+    failure = why_write_failed(error, os.path.dirname(os.fsdecode(path)) or os.curdir)
+    why, advice = (f" ({failure[0]})", f" {failure[1][:1].upper()}{failure[1][1:]}, then run "
+                   "the same command again.") if failure else ("", "")  # fmt: skip
+    return f"cannot write {path}{why}: {error.strerror or error}; {left}.{advice}"
 
 
 def _write_batches(
