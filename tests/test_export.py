@@ -597,7 +597,11 @@ def test_a_failed_export_leaves_the_earlier_one_whole(digits_run, tmp_path, monk
     monkeypatch.setattr(pathlib.Path, "write_bytes", disk_fills)
     assert export_main(args) == 1
     err = capsys.readouterr().err
-    assert f"cannot write {out / 'model.jax_exported'}: No space left on device" in err, err
+    assert (
+        f"cannot write {out / 'model.jax_exported'} (the disk is full): No space left on device"
+        in err
+    ), err
+    assert err.strip().endswith("then run the same command again."), err  # what to do
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -78,9 +78,24 @@ def _inside(filename: Any, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep) or folder.startswith(path + os.sep)
 
 
-def write_failure(what: str, output: str, filename: Any, reason: str) -> str:
-    """The line for a failed write of ``what`` (e.g. "export") into the folder ``output``."""
-    return f"cannot write {filename or output}: {reason}; the {what} in {output} is incomplete."
+def why_and_what_to_do(error: BaseException, path: str | os.PathLike) -> tuple[str, str]:
+    """For a failed write of ``path``: `` (why)`` and `` What to do, then run the same command
+    again.`` where :func:`why_write_failed` knows them, else two empty strings."""
+    failure = why_write_failed(error, os.path.dirname(os.fsdecode(path)) or os.curdir)
+    if failure is None:
+        return "", ""
+    why, advice = failure
+    return f" ({why})", f" {advice[:1].upper()}{advice[1:]}, then run the same command again."
+
+
+def write_failure(
+    what: str, output: str, filename: Any, reason: str, error: BaseException | None = None
+) -> str:
+    """The line for a failed write of ``what`` (e.g. "export") into the folder ``output``; with
+    the ``error``, why and what to do where known (:func:`why_and_what_to_do`)."""
+    path = filename or output
+    why, advice = ("", "") if error is None else why_and_what_to_do(error, path)
+    return f"cannot write {path}{why}: {reason}; the {what} in {output} is incomplete.{advice}"
 
 
 def failed_write(error: OSError, what: str, output: str) -> str | None:
@@ -88,7 +103,7 @@ def failed_write(error: OSError, what: str, output: str) -> str | None:
     it, or the disk); None for other errors (a file not found while reading)."""
     if not _inside(error.filename, output) and error.errno not in DISK_ERRORS:
         return None
-    return write_failure(what, output, error.filename, error.strerror or str(error))
+    return write_failure(what, output, error.filename, error.strerror or str(error), error)
 
 
 def is_url(path: str | os.PathLike) -> bool:

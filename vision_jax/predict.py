@@ -66,7 +66,7 @@ from vision_jax.output_errors import (
     failed_write,
     folder_problem,
     local_only,
-    why_write_failed,
+    why_and_what_to_do,
     written_whole,
 )
 from vision_jax.run_options import add_run_options
@@ -949,7 +949,7 @@ def _failed_output(
     """The line for ``error`` when it is a failed write of one of the outputs (the records,
     segmentation's label maps, ``--draw``'s drawings, ``drawing`` once the records are whole)
     or of the disk, saying why where known (a full disk: the reason and what to do that a failed
-    checkpoint save gives, :func:`~vision_jax.output_errors.why_write_failed`) and what is left
+    checkpoint save gives, :func:`~vision_jax.output_errors.why_and_what_to_do`) and what is left
     incomplete; None for other errors."""
     places = [args.output] + [p for p in (args.draw,) if p]
     places += [os.path.splitext(args.output)[0]] if task == "segmentation" else []
@@ -964,9 +964,7 @@ def _failed_output(
         left = (f"the predictions are incomplete: {args.output} holds only the records of the "
                 "batches written before")  # fmt: skip
     path = error.filename or args.output
-    failure = why_write_failed(error, os.path.dirname(os.fsdecode(path)) or os.curdir)
-    why, advice = (f" ({failure[0]})", f" {failure[1][:1].upper()}{failure[1][1:]}, then run "
-                   "the same command again.") if failure else ("", "")  # fmt: skip
+    why, advice = why_and_what_to_do(error, path)
     return f"cannot write {path}{why}: {error.strerror or error}; {left}.{advice}"
 
 
