@@ -23,7 +23,6 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from typing import Any
 
 from absl import app, flags
@@ -344,7 +343,7 @@ def _low_on_space(folder: str) -> str | None:
             f"{CACHE_MIN_FREE_BYTES // 2**20} MiB")  # fmt: skip
 
 
-_CACHE_READ_ONLY = {"on": False}  # this run's cache is read, never written (a full disk)
+_CACHE_READ_ONLY = {"on": False}  # this run's cache is read, never written (full, read-only)
 
 
 def _read_only_cache(read_only: bool) -> None:
@@ -369,7 +368,8 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     keeps the programs that compile in under JAX's default second (state and variable
     initialisers, RNG splits; benchmarks/RESULTS.md), unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. A local folder that cannot
-    be made turns the cache off, one that cannot be written leaves it read only (warned); a
+    be made turns the cache off, one that cannot be written is only read (warned; no write is
+    tried, so JAX warns of none); a
     local one on a filesystem with less than :data:`CACHE_MIN_FREE_BYTES` free is only read
     for the run (warned), and the empty entries a full disk left in it are removed (one line). An
     entry that cannot be read is deleted, so that the compile writes it again. Off a GPU (and
@@ -390,8 +390,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
         if os.access(folder, os.R_OK | os.X_OK):  # a filled cache on a read-only mount
             logging.warning("The compilation cache %s cannot be written (%s): it is only read; "
                             "what it lacks compiles at every start.", folder, problem)  # fmt: skip
-            # This warning, not JAX's two lines for every program it cannot write.
-            warnings.filterwarnings("ignore", "Error writing persistent compilation cache entry")
+            _read_only_cache(True)  # not JAX's two lines for every program it cannot write
         else:
             logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
                             "restart compiles again.", folder, problem)  # fmt: skip
