@@ -373,7 +373,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     local one on a filesystem with less than :data:`CACHE_MIN_FREE_BYTES` free is only read
     for the run (warned), and the empty entries a full disk left in it are removed (one line). An
     entry that cannot be read is deleted, so that the compile writes it again. Off a GPU (and
-    for a cache only read), XLA's GPU caches are off
+    on a nearly full disk), XLA's GPU caches are off
     (``jax_persistent_cache_enable_xla_caches``, unless
     ``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES`` says otherwise): JAX's default puts their
     folder, inside the cache's, into every key, so a cache copied, moved or reached by another
@@ -384,7 +384,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
 
     if setting.strip().lower() != "auto" or not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(workdir, setting))
-    folder = jax.config.jax_compilation_cache_dir
+    folder, low_space = jax.config.jax_compilation_cache_dir, None
     _read_only_cache(False)
     if folder and not is_url(folder) and (problem := _unwritable(folder)):
         if os.access(folder, os.R_OK | os.X_OK):  # a filled cache on a read-only mount
@@ -395,9 +395,9 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
             logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
                             "restart compiles again.", folder, problem)  # fmt: skip
             jax.config.update("jax_compilation_cache_dir", None)
-    elif folder and not is_url(folder) and (problem := _low_on_space(folder)):
+    elif folder and not is_url(folder) and (low_space := _low_on_space(folder)):
         logging.warning("The compilation cache %s is only read for this run: %s (on a full "
-                        "disk, JAX writes empty entries).", folder, problem)  # fmt: skip
+                        "disk, JAX writes empty entries).", folder, low_space)  # fmt: skip
         _read_only_cache(True)  # (XLA's GPU caches are off too: they would write into it)
     elif folder:
         logging.info("Compilation cache: %s.", folder)
@@ -408,7 +408,7 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     if (
         jax.config.jax_compilation_cache_dir
         and "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES" not in os.environ
-        and (_CACHE_READ_ONLY["on"] or jax.default_backend() != "gpu")
+        and (low_space or jax.default_backend() != "gpu")
     ):
         jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
