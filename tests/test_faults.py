@@ -1335,7 +1335,6 @@ def test_a_cache_on_a_full_disk_is_read_only_and_its_empty_entries_removed(
         for name, value in before.items():
             jax.config.update(name, value)
         cache.reset_cache()
-        vj_main._read_only_cache(False)
 
 
 def test_a_cache_on_a_full_disk_gets_no_xla_gpu_caches(tmp_path, monkeypatch):
@@ -1361,7 +1360,6 @@ def test_a_cache_on_a_full_disk_gets_no_xla_gpu_caches(tmp_path, monkeypatch):
         for name, value in before.items():
             jax.config.update(name, value)
         cache.reset_cache()
-        vj_main._read_only_cache(False)
 
 
 def test_a_cache_on_a_full_disk_is_read_and_not_written(tmp_path):

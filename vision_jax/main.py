@@ -343,26 +343,6 @@ def _low_on_space(folder: str) -> str | None:
             f"{CACHE_MIN_FREE_BYTES // 2**20} MiB")  # fmt: skip
 
 
-_CACHE_READ_ONLY = {"on": False}  # this run's cache is read, never written (full, read-only)
-
-
-def _read_only_cache(read_only: bool) -> None:
-    """Makes JAX read the persistent cache without writing to it (``read_only``), or both."""
-    from jax._src import compilation_cache
-
-    _CACHE_READ_ONLY["on"] = read_only
-    write = compilation_cache.put_executable_and_time
-    if getattr(write, "minds_read_only", False):
-        return
-
-    def write_unless_read_only(*args: Any, **kwargs: Any) -> None:
-        if not _CACHE_READ_ONLY["on"]:
-            write(*args, **kwargs)
-
-    write_unless_read_only.minds_read_only = True  # type: ignore[attr-defined]
-    compilation_cache.put_executable_and_time = write_unless_read_only
-
-
 def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> None:
     """Sets JAX's persistent compilation cache as ``--compilation_cache`` says. A cache also
     keeps the programs that compile in under JAX's default second (state and variable
@@ -384,13 +364,12 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
 
     if setting.strip().lower() != "auto" or not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(workdir, setting))
-    folder, low_space = jax.config.jax_compilation_cache_dir, None
-    _read_only_cache(False)
+    folder, low_space, read_only = jax.config.jax_compilation_cache_dir, None, False
     if folder and not is_url(folder) and (problem := _unwritable(folder)):
         if os.access(folder, os.R_OK | os.X_OK):  # a filled cache on a read-only mount
             logging.warning("The compilation cache %s cannot be written (%s): it is only read; "
                             "what it lacks compiles at every start.", folder, problem)  # fmt: skip
-            _read_only_cache(True)  # not JAX's two lines for every program it cannot write
+            read_only = True  # not JAX's two lines for every program it cannot write
         else:
             logging.warning("The compilation cache %s cannot be written (%s): it is off, and a "
                             "restart compiles again.", folder, problem)  # fmt: skip
@@ -398,13 +377,15 @@ def configure_compilation_cache(workdir: str | os.PathLike, setting: str) -> Non
     elif folder and not is_url(folder) and (low_space := _low_on_space(folder)):
         logging.warning("The compilation cache %s is only read for this run: %s (on a full "
                         "disk, JAX writes empty entries).", folder, low_space)  # fmt: skip
-        _read_only_cache(True)  # (XLA's GPU caches are off too: they would write into it)
+        read_only = True  # (XLA's GPU caches are off too: they would write into it)
     elif folder:
         logging.info("Compilation cache: %s.", folder)
     if jax.config.jax_compilation_cache_dir:
         _rewrite_unreadable_entries()
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # A cache only read: JAX writes no program that compiled in under this (every one)
+    min_seconds = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      math.inf if read_only else float(min_seconds))  # fmt: skip
     if (
         jax.config.jax_compilation_cache_dir
         and "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES" not in os.environ
