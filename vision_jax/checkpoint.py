@@ -109,7 +109,7 @@ def _complete(steps: Callable[[], list[int] | None]) -> list[int] | None:
     try:
         listed = steps()
     except Exception:  # noqa: BLE001  (a message's detail: none known)
-        return []
+        return None
     return None if listed is None else list(listed)
 
 

@@ -51,7 +51,7 @@ class NumberConfigDict(ml_collections.ConfigDict):
         if isinstance(value, bool) and kind in (int, float):
             raise TypeError(
                 f"Could not override field '{path}{key}': {value} is a bool, and the key takes "
-                f"{'an integer' if kind is int else 'a number'}."
+                f"{TYPE_WORDS[kind]}."
             )
         if (isinstance(field, NumberConfigDict) and isinstance(value, ml_collections.ConfigDict)
                 and not isinstance(value, NumberConfigDict)):  # fmt: skip

@@ -34,7 +34,7 @@ import time
 import jax
 import numpy as np
 
-from vision_jax.output_errors import printable, workdir_problem
+from vision_jax.output_errors import is_url, printable, workdir_problem
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str, *, exit_on_loss: bool = False):
-        self.url = "://" in workdir  # gs://...: no atomic create; not locked
+        self.url = is_url(workdir)  # gs://...: no atomic create; not locked
         self.path = os.path.join(workdir if self.url else os.path.abspath(workdir), LOCK_NAME)
         self.held = False
         self.exit_on_loss = exit_on_loss

@@ -109,20 +109,12 @@ def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 def upright_size(image: Any) -> tuple[int, int]:
     """(width, height) of an open PIL image once turned upright, as decoding turns JPEGs."""
     width, height = image.size
-    if image.format in JPEG_FORMATS and image.getexif().get(_ORIENTATION, 1) >= 5:
-        return height, width
-    return width, height
+    return (height, width) if orientation_in(image) >= 5 else (width, height)
 
 
 def turned_by_exif(path: str) -> bool:
     """Whether the JPEG ``path`` is turned a quarter by its EXIF orientation when decoded."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return upright_size(image) != image.size
-    except OSError:
-        return False
+    return orientation_of(path) >= 5
 
 
 def orientation_of(path: str) -> int:
