@@ -695,14 +695,13 @@ def _note_continuation(
     step ``total`` (``continued_to``; None: it does not, a note of an earlier resume goes):
     readers of that step warn that it is not the run's end, also once the longer run's steps are
     gone (:func:`~vision_jax.weights.run_dir.warn_if_unfinished`). Rotation keeps it still."""
-    if not meta.get("final") or meta.get("continued_to") == total:
-        return
+    if not meta.get("final") or meta.get("continued_to") == total or jax.process_index():
+        return  # (process 0 writes; no save is in flight yet, so its wait is no collective)
     meta = ckpt.read_meta(step) or meta  # (as the restored step's pending evaluation left it)
     noted = {k: v for k, v in meta.items() if k != "continued_to"}
     if total is not None:
         noted["continued_to"] = total
-    if jax.process_index() == 0:
-        ckpt.update_meta(step, noted)
+    ckpt.update_meta(step, noted)
 
 
 # Fields earlier versions' checkpoints lack, newest first: the EMA of the model state, then
