@@ -181,8 +181,7 @@ def _selected_by_name(
     source = data_lib.load_source(
         dataclasses.replace(data, classes=None), split, arrays=arrays, target="label"
     )
-    held = [source.class_names.index(n) for n in trained.class_names if n in source.class_names]
-    selected = data_lib.select_classes(source, held)
+    selected = data_lib.select_by_name(source, trained.class_names)
     if not selected.num_examples:
         raise data_lib.DataError(
             f"The split {split!r} holds no examples of the run's classes "

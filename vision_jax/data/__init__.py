@@ -50,6 +50,7 @@ from vision_jax.data.sources import (
     is_image_level,
     label_classes,
     missing_column,
+    select_by_name,
     select_classes,
 )
 from vision_jax.data.tfds_build import build_tfds_from_folder
@@ -163,9 +164,7 @@ def _select(source: Source, classes: Sequence[int], data: DataSpec, split: str) 
     names = image_folder_classes(_root(data), data.train_split)
     if names is None or names == source.class_names:
         return select_classes(source, classes)
-    chosen = [names[c] for c in checked_classes(classes, len(names))]
-    held = [source.class_names.index(n) for n in chosen if n in source.class_names]
-    return select_classes(source, held)
+    return select_by_name(source, [names[c] for c in checked_classes(classes, len(names))])
 
 
 _EMPTY = {  # why a split of each source holds no examples
@@ -400,6 +399,7 @@ __all__ = [
     "is_image_level",
     "load_source",
     "pipeline_options",
+    "select_by_name",
     "select_classes",
     "train_batches",
     "train_example_shapes",

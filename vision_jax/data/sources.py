@@ -642,6 +642,13 @@ def select_classes(source: Source, classes: Sequence[int]) -> Source:
     return dataclasses.replace(selected, skip_corrupt=source.skip_corrupt)
 
 
+def select_by_name(source: Source, names: Sequence[str]) -> Source:
+    """``source`` with the examples of the classes ``names`` that it holds (by name; those it
+    lacks are left out), as :func:`select_classes` keeps them."""
+    held = [source.class_names.index(n) for n in names if n in source.class_names]
+    return select_classes(source, held)
+
+
 def as_classes(source: Source, class_names: Sequence[str], split: str) -> Source | None:
     """``source`` (of a ``label`` column) labelled by ``class_names``, which hold its classes
     and more, matched by name: a split (a small test set) that lacks some of the run's classes,
