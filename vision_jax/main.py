@@ -21,7 +21,6 @@ import posixpath
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ from ml_collections import config_flags
 from vision_jax import processes
 from vision_jax.abort_notice import route_stderr
 from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
-from vision_jax.output_errors import is_url, printable, workdir_problem
+from vision_jax.output_errors import is_url, printable, unwritable_folder, workdir_problem
 from vision_jax.signals import EXIT_STOPPED
 from vision_jax.watchdog import EXIT_PEER_LOST
 
@@ -233,10 +232,9 @@ def _unwritable(folder: str) -> str | None:
         return "it is a file, not a folder"
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            return None
     except OSError as e:
         return e.strerror or str(e)
+    return unwritable_folder(folder)
 
 
 def compilation_cache_dir(workdir: str | os.PathLike, setting: str) -> str | None:
