@@ -51,6 +51,7 @@ HARDEST_CSV, HARDEST_PNG = "hardest_examples.csv", "hardest_examples.png"
 HTML, RESULTS = "report.html", "results.csv"
 # What an evaluation wrote: a report holding one is not replaced by one without.
 EVALUATED = (PER_CLASS, CONFUSION_CSV, HARDEST_CSV)
+REPORT_DIR = "report"  # the report's folder in the workdir, by default
 OUTPUTS = (CURVES, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG, HARDEST_CSV, HARDEST_PNG, RESULTS, HTML)
 
 
@@ -75,7 +76,7 @@ def write_report(
     if hardest < 0:
         raise ValueError(f"hardest must be >= 0 (examples to show), got {hardest}.")
     trained = load_trained(workdir, which=which, ema=ema)
-    out = pathlib.Path(output) if output is not None else pathlib.Path(workdir) / "report"
+    out = pathlib.Path(output) if output is not None else pathlib.Path(workdir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     evaluation = None

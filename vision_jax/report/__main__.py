@@ -27,11 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hardest < 0:
         parser.error(f"--hardest must be >= 0 (examples to show), got {args.hardest}.")
     logging.basicConfig(level=logging.WARNING)
+    # after parsing: --help stays fast
     from vision_jax.output_errors import failed_write, folder_problem, local_only
-    from vision_jax.report import ReportError, write_report  # after parsing: --help stays fast
+    from vision_jax.report import REPORT_DIR, ReportError, write_report
     from vision_jax.weights.files import WeightFormatError
 
-    output = args.output or os.path.join(args.workdir, "report")
+    output = args.output or os.path.join(args.workdir, REPORT_DIR)
     named = f"--output {output}" if args.output else f"the report folder {output} (--output)"
     # before the run is read and predicted (a missing workdir: the error reading it comes first)
     problem = local_only(output, "the report")
