@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vision_jax import digests
-from vision_jax.output_errors import why_write_failed
+from vision_jax.output_errors import is_url, why_write_failed
 from vision_jax.signals import uninterrupted
 from vision_jax.weights.run_dir import (
     BEST_DIR,
@@ -330,7 +330,7 @@ def check_no_earlier_best(workdir: str, own: Callable[[int, dict], bool]) -> Non
     before its first step checkpoint), started over. Every process raises, on process 0's
     answer (process 0's message names the best's score)."""
     folder = epath.Path(workdir) / BEST_DIR
-    if "://" not in workdir:
+    if not is_url(workdir):
         folder = epath.Path(os.path.abspath(folder))
     step, meta = -1, None
     if jax.process_index() == 0 and folder.is_dir():
@@ -409,7 +409,7 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}.")
         self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
-        if "://" not in workdir:  # gs://... stays a URL; local paths become absolute
+        if not is_url(workdir):  # gs://... stays a URL; local paths become absolute
             self.directory = os.path.abspath(self.directory)
         self.every_steps = every_steps
         self.lock = lock
@@ -707,7 +707,7 @@ class BestCheckpoint:
         self._resumable = _steps_not_at_hand if checkpoints is None else checkpoints.complete_steps
         self._checkpoints = checkpoints
         self.lock = lock  # the workdir's: once another run took it over, nothing is written
-        if "://" not in workdir:
+        if not is_url(workdir):
             self.directory = os.path.abspath(self.directory)
         self.metric = metric
         self._new = _is_new(self.directory)

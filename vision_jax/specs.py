@@ -25,6 +25,7 @@ from numbers import Integral
 from typing import Any
 
 from vision_jax.masks import check_multiplier_rules
+from vision_jax.output_errors import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +416,7 @@ PATH_KEYS = {"data": ("root", "data_dir"), "init": ("path",)}
 def absolute_path(path: Any) -> Any:
     """``path`` made absolute against the current directory; None, "" and URLs (``gs://...``)
     as they are."""
-    if not isinstance(path, str) or not path or "://" in path:
+    if not isinstance(path, str) or not path or is_url(path):
         return path
     return os.path.abspath(path)
 

@@ -24,6 +24,8 @@ import threading
 import types
 from typing import Any
 
+from vision_jax.output_errors import is_url
+
 _lock = threading.RLock()
 _tensorflow: types.ModuleType | None = None
 
@@ -45,7 +47,7 @@ def load_if_url(path: str) -> None:
     """Loads TensorFlow when ``path`` is a URL: etils' ``epath`` (orbax, JAX's compilation
     cache, the data listings) reads URLs through TensorFlow's gfile and would import it with
     Keras."""
-    if "://" in path:
+    if is_url(path):
         load()
 
 

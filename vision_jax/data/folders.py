@@ -41,6 +41,7 @@ from vision_jax.data.sources import (
     num_rows,
     value_table,
 )
+from vision_jax.output_errors import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def is_image_file(name: str) -> bool:
 def files_under(folder: str) -> list[str]:
     """Every file under ``folder`` (its non-hidden subfolders too, symbolic links followed, as
     torchvision's ``ImageFolder`` walks), relative to it."""
-    if "://" in folder:
+    if is_url(folder):
         top = file_path(folder)
         found = (str(p.relative_to(top)) for p in top.rglob("*") if p.is_file())
         return [f for f in found if not any(part.startswith(".") for part in f.split("/")[:-1])]

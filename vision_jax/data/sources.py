@@ -29,6 +29,7 @@ from vision_jax.tf_without_keras import load_if_url, tf
 import numpy as np
 from etils import epath
 
+from vision_jax.output_errors import is_url
 from vision_jax.specs import IGNORE_LABEL
 
 TARGETS = ("label", "label_map", "boxes")
@@ -177,7 +178,7 @@ def file_path(path: str) -> epath.Path:
 def list_names(folder: str) -> list[str]:
     """The names in ``folder`` (local: ``os.listdir``, 20x faster than making a path of each;
     URLs: :func:`file_path`)."""
-    if "://" not in folder:
+    if not is_url(folder):
         return os.listdir(folder)
     return [entry.name for entry in file_path(folder).iterdir()]
 
