@@ -813,8 +813,8 @@ def test_output_paths_are_checked_before_predicting(tmp_path, monkeypatch, capsy
         "segmentation": [(f"--output={tmp_path / 'taken.jsonl'}",)],
     }  # fmt: skip
     wanted = [f"--draw: {tmp_path / 'taken'}, the folder for its PNGs, is a file.",
-              f"--output {tmp_path / 'folder.jsonl'} is a folder: name a file (.jsonl, .csv, "
-              ".json).", f"--output {tmp_path / 'taken.jsonl'}: {tmp_path / 'taken'}, the "
+              f"--output {tmp_path / 'folder.jsonl'}: it is a folder; name a file.",
+              f"--output {tmp_path / 'taken.jsonl'}: {tmp_path / 'taken'}, the "
               "folder for its PNGs, is a file."]  # fmt: skip
     for task, flags in ((t, f) for t, all_flags in cases.items() for f in all_flags):
         fixed = FixedPredictor(task)

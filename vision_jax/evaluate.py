@@ -34,7 +34,7 @@ from vision_jax.compile_options import step_compiler_options
 from vision_jax.data.sources import file_path
 from vision_jax.metrics import json_line
 from vision_jax.models.registry import backbone_of
-from vision_jax.output_errors import folder_problem, is_url, written_whole
+from vision_jax.output_errors import file_problem, is_url, written_whole
 from vision_jax.run_options import add_run_options
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_split, load_trained
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)  # which step, split and size
-    if args.output and (problem := _unwritable(args.output)):
+    if args.output and (problem := file_problem(args.output)):
         print(f"vision_jax.evaluate: error: --output {args.output}: {problem}", file=sys.stderr)
         return 1
     try:
@@ -195,16 +195,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vision_jax.evaluate: error: --output {args.output}: {e}", file=sys.stderr)
             return 1
     return 0
-
-
-def _unwritable(path: str) -> str | None:
-    """Why ``path`` cannot be written as a file, checked before evaluating (its folder is made
-    once the figures are written: a failed evaluation leaves none behind), or None."""
-    if is_url(path):  # checked by its filesystem's library when written
-        return None
-    if os.path.isdir(path):
-        return "it is a folder; name a file"
-    return folder_problem(os.path.dirname(os.path.abspath(path)))
 
 
 if __name__ == "__main__":

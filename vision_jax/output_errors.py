@@ -138,6 +138,17 @@ def folder_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why no file can be written at ``path``, checked before a command's work (the folder it
+    goes in is made once it is written: a failed work leaves none behind): a folder there, or
+    :func:`folder_problem` of the folder it goes in; or None. A URL is not checked here."""
+    if is_url(path):  # checked by its filesystem's library when written
+        return None
+    if os.path.isdir(path):
+        return "it is a folder; name a file"
+    return folder_problem(os.path.dirname(os.path.abspath(path)))
+
+
 def printable(path: str | os.PathLike) -> str:
     """``path`` as text, a byte that is not UTF-8 written ``\\xff``."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")

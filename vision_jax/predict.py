@@ -64,6 +64,7 @@ from vision_jax.data.sources import tensor_column
 from vision_jax.models import create_model
 from vision_jax.output_errors import (
     failed_write,
+    file_problem,
     folder_problem,
     local_only,
     why_and_what_to_do,
@@ -865,13 +866,12 @@ def _outside_outputs(
 
 
 def _check_outputs(args: argparse.Namespace, task: str, parser: argparse.ArgumentParser) -> None:
-    """The outputs' paths checked before predicting, not after: the records file is not a
-    folder, the PNGs' folder (segmentation's, ``--draw``) not a file, and their folders can be
-    made (:func:`~vision_jax.output_errors.folder_problem`); they are made when written, so a
-    failed prediction leaves no empty folder behind (as evaluate's ``--output``)."""
-    if os.path.isdir(args.output):
-        parser.error(f"--output {args.output} is a folder: name a file ({', '.join(FORMATS)}).")
-    if problem := folder_problem(os.path.dirname(os.path.abspath(args.output))):
+    """The outputs' paths checked before predicting, not after: the records file can be written
+    (:func:`~vision_jax.output_errors.file_problem`, as evaluate's ``--output``), the PNGs'
+    folder (segmentation's, ``--draw``) is not a file and can be made
+    (:func:`~vision_jax.output_errors.folder_problem`); they are made when written, so a
+    failed prediction leaves no empty folder behind."""
+    if problem := file_problem(args.output):
         parser.error(f"--output {args.output}: {problem}.")
     if task == "segmentation":
         _make_png_folder(os.path.splitext(args.output)[0], f"--output {args.output}", parser)
