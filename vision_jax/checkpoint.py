@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vision_jax import digests
-from vision_jax.output_errors import is_url, why_write_failed
+from vision_jax.output_errors import is_url, why_and_advice, why_and_what_to_do
 from vision_jax.signals import uninterrupted
 from vision_jax.weights.run_dir import (
     BEST_DIR,
@@ -76,7 +76,7 @@ def _reporting_failed_saves(
 ) -> Iterator[None]:  # fmt: skip
     """Turns a failed save that orbax raises when it is next waited for (the next save, the
     end of the run, closing) into a :class:`CheckpointSaveError` naming the step, the reason
-    (:func:`~vision_jax.output_errors.why_write_failed`) and the newest complete checkpoint a
+    (:func:`~vision_jax.output_errors.why_and_advice`) and the newest complete checkpoint a
     resume reads: ``manager``'s own (but ``pending``; ``resumable`` None), or those
     ``resumable()`` lists (the complete step checkpoints beside a best checkpoint's
     ``manager``; None: not at hand, and the step checkpoints are named unaffected)."""
@@ -96,8 +96,8 @@ def _reporting_failed_saves(
             kept, then = f"The newest complete {kind} is step {max(steps)}", "resume"
         else:
             kept, then = f"There is no complete {kind} yet", "start over"
-        failure = why_write_failed(e, str(manager.directory))
-        why, advice = (f" ({failure[0]})", f"{failure[1]}, then ") if failure else ("", "")
+        why, advice = why_and_advice(e, str(manager.directory))
+        advice = advice and f"{advice}, then "
         raise CheckpointSaveError(
             f"Saving the checkpoint of step {pending} in {manager.directory} failed{why}: "
             f"{reason}. {kept}: {advice}run the same command again to {then}."
@@ -313,12 +313,10 @@ def _check_writable(directory: str) -> None:
             f"Cannot write checkpoints in {directory} on process {failed.index(True)} (its log "
             "says why)."
         )
-    failure = why_write_failed(problem, directory)
-    why, advice = (f" ({failure[0]})", f"{failure[1][:1].upper()}{failure[1][1:]}, or u") \
-        if failure else ("", "U")  # fmt: skip
+    why, advice = why_and_what_to_do(problem, str(probe), then="or use another --workdir")
     raise CheckpointError(
-        f"Cannot write checkpoints in {directory}{why}: {short_reason(problem)}. {advice}se "
-        "another --workdir."
+        f"Cannot write checkpoints in {directory}{why}: {short_reason(problem)}."
+        f"{advice or ' Use another --workdir.'}"
     ) from problem
 
 
@@ -500,11 +498,10 @@ class Checkpointer:
                 checkpointer.save(frozen_dir(self.directory), frozen, force=True)
                 checkpointer.wait_until_finished()
         except Exception as e:  # orbax and TensorStore raise many types
-            failure = why_write_failed(e, self.directory)
-            why, advice = (f" ({failure[0]})", f"{failure[1]}, then r") if failure else ("", "R")
+            why, advice = why_and_what_to_do(e, frozen_dir(self.directory))
             raise CheckpointSaveError(
                 f"Saving the frozen parameters in {frozen_dir(self.directory)} failed{why}: "
-                f"{short_reason(e)}. {advice[:1].upper()}{advice[1:]}un the same command again."
+                f"{short_reason(e)}.{advice or ' Run the same command again.'}"
             ) from e
         saved = digests.digest(frozen)
         if jax.process_index() == 0:

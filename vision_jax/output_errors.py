@@ -78,14 +78,21 @@ def _inside(filename: Any, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep) or folder.startswith(path + os.sep)
 
 
-def why_and_what_to_do(error: BaseException, path: str | os.PathLike) -> tuple[str, str]:
-    """For a failed write of ``path``: `` (why)`` and `` What to do, then run the same command
-    again.`` where :func:`why_write_failed` knows them, else two empty strings."""
-    failure = why_write_failed(error, os.path.dirname(os.fsdecode(path)) or os.curdir)
-    if failure is None:
-        return "", ""
-    why, advice = failure
-    return f" ({why})", f" {advice[:1].upper()}{advice[1:]}, then run the same command again."
+def why_and_advice(error: BaseException, directory: str) -> tuple[str, str]:
+    """For a failed write in ``directory``: `` (why)`` and what to do, as
+    :data:`WRITE_FAILURES` words it (not capitalised), where :func:`why_write_failed` knows
+    them, else two empty strings."""
+    failure = why_write_failed(error, directory)
+    return ("", "") if failure is None else (f" ({failure[0]})", failure[1])
+
+
+def why_and_what_to_do(
+    error: BaseException, path: str | os.PathLike, then: str = "then run the same command again"
+) -> tuple[str, str]:
+    """For a failed write of ``path``: `` (why)`` and `` What to do, <then>.`` where
+    :func:`why_write_failed` knows them, else two empty strings."""
+    why, advice = why_and_advice(error, os.path.dirname(os.fsdecode(path)) or os.curdir)
+    return why, advice and f" {advice[:1].upper()}{advice[1:]}, {then}."
 
 
 def write_failure(
