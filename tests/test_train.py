@@ -277,6 +277,24 @@ def test_the_log_says_what_memory_each_step_needs(tmp_path, caplog):
         assert arguments > 0 and temporaries >= 0
 
 
+def test_the_parameter_table_counts_a_scalar_parameter_as_one_integer():
+    """A parameter of shape () (a detection model's learned scale) counts as 1, not clu's
+    ``np.prod(())`` (the float 1.0), which made the logged total ``Total: 5,863,027.0``."""
+    import flax.linen as nn
+
+    from vision_jax.train import parameter_table
+
+    class Scaled(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x) * self.param("scale", nn.initializers.ones, ())
+
+    params = Scaled().init(jax.random.PRNGKey(0), jnp.ones((1, 2)))["params"]
+    table = parameter_table(params)
+    assert table.splitlines()[-1] == "Total: 10 -- 40 bytes", table
+    assert "| scale " in table and ".0" not in table, table
+
+
 @pytest.mark.slow
 def test_a_resume_with_a_changed_recipe_names_the_changes(tmp_path, caplog):
     """Training longer, or with another learning rate, resumes; a warning names each change

@@ -32,17 +32,26 @@ from vision_jax.run import Run, abstract_state, build_run, note_continuation, re
 from vision_jax.selection import Selection
 from vision_jax.signals import StopRequested, StopSignals
 from vision_jax.steps import TrainState, evaluate, evaluated_weights
+from vision_jax.trees import count_params, tree_bytes
 from vision_jax.writer import MetricWriter
 
 logger = logging.getLogger(__name__)
 
 
+def parameter_table(params: Any) -> str:
+    """clu's overview of ``params`` (name, shape, dtype, size and sharding; no statistics:
+    they would fetch other hosts' shards), its total counted in integers
+    (:func:`~vision_jax.trees.count_params`): clu sums ``np.prod(shape)``, the float 1.0 for a
+    parameter of shape () (a detection model's), and printed ``Total: 5,863,027.0``."""
+    table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
+    rows = table.rsplit("\nTotal: ", 1)[0]  # clu's last line
+    return f"{rows}\nTotal: {count_params(params):,} -- {tree_bytes(params):,} bytes"
+
+
 def _log_start(run: Run) -> None:
     spec = run.spec
-    parameter_overview.log_parameter_overview(  # no stats: they would fetch other hosts' shards
-        run.state.params, include_stats="sharding",
-        msg=f"Trainable parameters of {spec.model_name}",
-    )  # fmt: skip
+    table = parameter_table(run.state.params)
+    logger.info("Trainable parameters of %s\n%s", spec.model_name, table)
     _log_memory(run.setup.memory)
     logger.info(
         "Training %s for %s on %d examples (%d classes) for %d steps of %d images; mesh %s.",
