@@ -301,10 +301,14 @@ def test_csv_columns_per_value_are_matched_by_name_to_the_runs(tmp_path, registe
         ("filename,v\na.png,inf\n", r"train.csv:2: 'inf' is not a number"),
         ("filename,v\na.png,-Infinity\n", r"train.csv:2: '-Infinity' is not a number"),
         ("filename,v\na.png,1_000\n", r"train.csv:2: '1_000' is not a number \('v' of a.png\)"),
-        ("filename,v\na.png,1e39\n", r"train.csv:2: 'v' of a.png holds a number beyond "
-                                      r"float32's range \(1e39\)"),
-        ("filename,v\na.png,3000000000\n", r"train.csv:2: 'v' of a.png holds an integer "
-                                            r"outside int32's range"),
+        ("filename,v\na.png,1e39\n", r"train.csv: the column 'v' holds a value that is not a "
+                                      r"finite float32 \(line 2, a.png: 1e39\): NaN, infinity or "
+                                      r"beyond float32's range"),
+        ("filename,v\na.png,3000000000\n", r"train.csv: the column 'v' holds integers outside "
+                                            r"int32's range \(line 2, a.png: 3000000000\)"),
+        ("filename,v\na.png,1\nb.png,1" + "0" * 30 + "\n",
+         r"train.csv: the column 'v' holds integers outside int32's range \(line 3, b.png: 1"
+         + "0" * 30 + r"\)"),
         ("filename,v/a,v/b\na.png,1 0,\nb.png,0,1\n",
          r"train.csv:2: the column 'v/a' holds '1 0' \(a.png\); a column per value holds one"),
         ("filename,v/a,v/b\na.png,1,\n", r"train.csv:2: the column 'v/b' holds nothing"),

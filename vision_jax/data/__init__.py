@@ -21,6 +21,7 @@ from vision_jax.data.folders import (
     from_image_folder,
     image_folder_classes,
     parse_split,
+    sliced,
 )
 from vision_jax.data.idx import from_idx
 from vision_jax.data.pipeline import (
@@ -126,12 +127,12 @@ def load_source(
         source = from_idx(_root(data), split, class_names=data.class_names)
     elif kind == "digits":
         name, where = parse_split(split)
-        source = _sliced(digits(name), where)
+        source = sliced(digits(name), where)
     elif kind == "arrays":
         name, where = parse_split(split)
         class_names = _arrays_classes(arrays, data.class_names, target)
         arrays_source = from_arrays(*_arrays(arrays, name, key=target), class_names=class_names)
-        source = _sliced(arrays_source, where)
+        source = sliced(arrays_source, where)
     else:
         raise DataError(
             f"Unknown data.source {kind!r}; valid: 'tfds', 'imagefolder', 'csv', 'idx', "
@@ -211,7 +212,7 @@ def _label_map_source(
         name, where = parse_split(split)
         images, label_maps = _arrays(arrays, name, "label_maps", key="label_map")
         class_names = _arrays_classes(arrays, class_names, target="label_map")
-        return _sliced(from_arrays(images, label_maps, class_names, target="label_map"), where)
+        return sliced(from_arrays(images, label_maps, class_names, target="label_map"), where)
     raise DataError(
         f"data.source={kind!r} has no label maps; use 'imagefolder', 'tfds' or 'arrays'."
     )
@@ -234,7 +235,7 @@ def _column_target_source(data: DataSpec, split: str, arrays: dict | None, targe
         held = f"arrays[{name!r}]"
         if target not in columns:
             raise DataError(missing_column(target, list(columns), held))
-        return _sliced(column_source(columns, target, data.class_names, held), where)
+        return sliced(column_source(columns, target, data.class_names, held), where)
     if kind == "csv":
         run_splits = (data.train_split, data.eval_split, data.val_split)
         return from_csv(
@@ -308,13 +309,6 @@ def _check_keys(data: DataSpec, target: str) -> None:
         )
 
 
-def _sliced(source: Source, where: slice) -> Source:
-    """Rows ``where`` of a column source, as image folders slice their splits."""
-    if where.start is None and where.stop is None:
-        return source
-    return from_columns(apply_slice(source.columns, where), source.class_names, source.target)
-
-
 def _arrays_entry(arrays: dict | None, split: str, example: str) -> object:
     """``arrays[split]``, else a DataError naming the split (``example``: what it holds)."""
     if not arrays or split not in arrays:
@@ -381,6 +375,7 @@ __all__ = [
     "DataError",
     "InputSpec",
     "Source",
+    "apply_slice",
     "as_classes",
     "build_tfds_from_folder",
     "check_examples",

@@ -86,6 +86,13 @@ def apply_slice(columns: dict[str, np.ndarray], where: slice) -> dict[str, np.nd
     return {k: v[rows] for k, v in columns.items()}
 
 
+def sliced(source: Source, where: slice) -> Source:
+    """Rows ``where`` of a column source (:func:`apply_slice`), its values checked whole."""
+    if where.start is None and where.stop is None:
+        return source
+    return from_columns(apply_slice(source.columns, where), source.class_names, source.target)
+
+
 def _file_source(
     paths: list[str], labels: list[int], class_names: Sequence[str], where: slice
 ) -> Source:
@@ -639,35 +646,15 @@ def _csv_column_source(
             continue  # loading that split names what it lacks
         _, other_rows = csv_target_rows(other, target, None, other_table)
         integers = all(_INTEGER.fullmatch(t) for _, _, texts in other_rows for t in texts)
-    if integers:
+    if integers:  # int64 (beyond it: its bound, refused as beyond int32 by column_source)
         array = np.array([[int(t) for t in texts] for _, _, texts in rows], np.object_)
+        array = array.clip(-(2**63), 2**63 - 1).astype(np.int64)
     else:
         array = np.array([[float(t) for t in texts] for _, _, texts in rows], np.float64)
     array = array.reshape(len(rows), *(() if scalar else (width,)))
-    array = _checked_values(array, rows, path, target)
     if class_names is None and not one_column:
         class_names = names
     paths = np.array([posixpath.join(root, f) for _, f, _ in rows], dtype=str)
-    columns = apply_slice({"path": paths, target: array}, where)
-    return column_source(columns, target, class_names, path)
-
-
-def _checked_values(
-    array: np.ndarray, rows: list[tuple[int, str, list[str]]], path: str, target: str
-) -> np.ndarray:
-    """A CSV target column as int32 (integers: within int32's range) or float32 (finite:
-    within float32's range), else a DataError naming the line."""
-    if array.dtype == np.object_:
-        limits = (-(2**31), 2**31 - 1)
-        what, held = "an integer outside int32's range", np.int32
-        bad = np.vectorize(lambda v: not limits[0] <= v <= limits[1], otypes=[bool])(array)
-    else:
-        with np.errstate(over="ignore"):
-            array = array.astype(np.float32)
-        what, held = "a number beyond float32's range", np.float32
-        bad = ~np.isfinite(array)
-    if bad.size and bad.any():
-        line, filename, texts = rows[int(np.argwhere(bad)[0][0])]
-        held_text = " ".join(texts)
-        raise DataError(f"{path}:{line}: {target!r} of {filename} holds {what} ({held_text}).")
-    return array.astype(held)
+    named = [f"line {line}, {filename}: {' '.join(texts)}" for line, filename, texts in rows]
+    source = column_source({"path": paths, target: array}, target, class_names, path, named)
+    return sliced(source, where)  # the whole file checked, as an array split

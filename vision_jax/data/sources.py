@@ -319,10 +319,14 @@ def is_image_level(target: str) -> bool:
     return target not in ("label_map", "boxes")
 
 
-def column_values(values: np.ndarray, name: str, where: str = "The data") -> np.ndarray:
+def column_values(
+    values: np.ndarray, name: str, where: str = "The data", rows: Sequence[str] | None = None
+) -> np.ndarray:
     """A target column of one's own as the pipeline holds it: finite numbers of one shape per
     example (N, ...), floats as float32, integers and booleans as int32; else a DataError
-    naming it, ``where`` it is (``arrays['train']``, a CSV file) and the first bad row."""
+    naming it, ``where`` it is (``arrays['train']``, a CSV file) and the first bad row: as
+    ``rows`` names it with its values (a CSV file's line), else ``row <i>: <values>``."""
+    held_in = lambda row: rows[row] if rows is not None else f"row {row}: {values[row].tolist()}"
     try:
         values = np.asarray(values)
     except ValueError as e:  # a ragged list
@@ -339,8 +343,8 @@ def column_values(values: np.ndarray, name: str, where: str = "The data") -> np.
         if outside.any():
             row = int(np.argwhere(outside)[0][0])
             raise DataError(
-                f"{where}: the column {name!r} holds integers outside int32's range (row {row}: "
-                f"{values[row].tolist()})."
+                f"{where}: the column {name!r} holds integers outside int32's range "
+                f"({held_in(row)})."
             )
         return values.astype(np.int32, copy=False)
     if np.issubdtype(values.dtype, np.floating):
@@ -350,8 +354,8 @@ def column_values(values: np.ndarray, name: str, where: str = "The data") -> np.
         if not finite.all():
             row = int(np.argwhere(~finite)[0][0])
             raise DataError(
-                f"{where}: the column {name!r} holds a value that is not a finite float32 (row "
-                f"{row}: {values[row].tolist()}): NaN, infinity or beyond float32's range."
+                f"{where}: the column {name!r} holds a value that is not a finite float32 "
+                f"({held_in(row)}): NaN, infinity or beyond float32's range."
             )
         return held
     raise DataError(
@@ -365,18 +369,20 @@ def column_source(
     target: str,
     class_names: Sequence[str] | None,
     where: str = "The data",
+    rows: Sequence[str] | None = None,
 ) -> Source:
     """A source whose target is the column ``target`` of one's own (numbers of a fixed shape
     per example: a scalar or a vector), beside ``"image"`` ((N,H,W,C) uint8, checked) or
     ``"path"``; other columns are left out. ``class_names`` name the values of an example (as
     many as it holds: a multi-hot vector's labels); without them ``"0"`` .. ``"K-1"``.
-    ``where`` names the data in errors (``arrays['train']``, a CSV file)."""
+    ``where`` names the data in errors (``arrays['train']``, a CSV file), ``rows`` its rows
+    (:func:`column_values`)."""
     if target not in columns:
         raise DataError(missing_column(target, columns, where))
     image_key = "image" if "image" in columns else "path"
     if image_key not in columns:
         raise DataError(f"{where} has no 'image' column (its columns: {_names(columns)}).")
-    values = column_values(columns[target], target, where)
+    values = column_values(columns[target], target, where, rows)
     images = columns[image_key]
     if image_key == "image":
         images = checked_images(images)
