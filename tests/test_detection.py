@@ -207,6 +207,27 @@ def test_postprocess_on_hand_made_outputs():
     )
 
 
+def test_a_nan_score_takes_no_place_among_the_pre_nms_best():
+    """``lax.top_k`` takes NaN as the highest: NaN scores (a diverged location) would fill the
+    ``pre_nms`` places and leave out every real detection."""
+    where = fcos.layout((32, 32), (8,))
+    n = len(where.points)
+    logits = np.full((1, n, 2), -20.0, np.float32)
+    logits[0, :4] = -np.nan  # a score of +NaN (lax.top_k's order: -NaN lowest, +NaN highest)
+    logits[0, 9, 1] = np.log(0.9 / 0.1)
+    outputs = {
+        "logits": jnp.asarray(logits),
+        "distances": jnp.full((1, n, 4), 2.0),
+        "centerness": jnp.full((1, n), 30.0),
+    }
+    found = fcos.postprocess(
+        outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
+        pre_nms=4, max_detections=2,
+    )  # fmt: skip
+    np.testing.assert_allclose(found["scores"][0], [np.sqrt(0.9), 0.0], atol=1e-5)
+    np.testing.assert_array_equal(found["classes"][0], [1, -1])
+
+
 def test_postprocess_clips_to_each_letterboxed_image_before_nms():
     """With each image's extent in the input (the rest letterbox padding), boxes are clipped
     to the image before NMS, as torchvision's detectors clip to the resized image: two boxes

@@ -182,6 +182,30 @@ def test_smoothed_and_class_weighted_loss_equals_torch(timm):
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_a_nan_logit_is_never_a_correct_pixel():
+    """``argmax`` alone takes a NaN as the best logit: here a NaN ranks lowest, and a pixel whose
+    logits are all NaN is a miss in the training accuracy, the confusion matrix and mIoU."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 4, 4, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(3, 4, 4)).astype(np.int32)
+    logits[0] = np.nan  # a diverged image, all class 0
+    labels[0] = 0
+    logits[1, :2, :, 1] = np.nan  # one class's logit NaN
+    labels[1, :2] = 1
+    labels[2, 0] = IGNORE_LABEL
+    valid = labels != IGNORE_LABEL
+    predicted = np.where(np.isnan(logits), -np.inf, logits).argmax(-1)
+    correct = (predicted == labels) & ~np.isnan(logits).all(-1) & valid
+    task, batch = Segmentation(), {"label_map": jnp.asarray(labels)}
+    _, aux = task.train_loss(jnp.asarray(logits), batch)
+    assert float(aux["pixel_accuracy"]) == pytest.approx(correct.sum() / valid.sum())
+    batch["mask"] = jnp.ones(3)
+    matrix = task.eval_metrics(jnp.asarray(logits), batch).confusion.compute()
+    assert matrix.sum() == valid.sum() and np.trace(matrix) == correct.sum()
+    assert matrix[0, 0] == correct[labels == 0].sum()  # image 0's 16 pixels all missed
+    np.testing.assert_array_equal(task.predict(jnp.asarray(logits), (4, 4))["label_map"], predicted)
+
+
 def test_miou_over_padded_batches_equals_sklearn_confusion_matrix():
     """Per-batch confusion matrices merged over a split of 7 images in batches of 3 (the last
     padded) equal scikit-learn's matrix over every real, non-ignored pixel; the loss is the

@@ -136,6 +136,30 @@ def test_eval_is_exact_over_every_example(tmp_path):
     assert result["eval/loss"] == pytest.approx(loss, rel=1e-4)
 
 
+def test_topk_correct_never_counts_a_nan_logit_as_correct():
+    """A NaN logit ranks lowest (``lax.top_k`` alone ranks it highest): an example whose label's
+    logit is NaN, or whose logits are all NaN, is wrong; ties go to the lower class index."""
+    from vision_jax.tasks.classification import topk_correct
+
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-2, 3, size=(64, 7)).astype(np.float32)  # many ties
+    logits[rng.random(logits.shape) < 0.3] = np.nan
+    logits[rng.random(logits.shape) < 0.1] = -np.nan  # lax.top_k ranks -NaN lowest, NaN highest
+    logits[:4] = np.nan  # all NaN
+    labels = rng.integers(0, 7, size=64).astype(np.int32)
+    labels[:4] = 0
+
+    def reference(k):
+        own = logits[np.arange(len(labels)), labels][:, None]
+        ahead = (logits > own) | ((logits == own) & (np.arange(7) < labels[:, None]))
+        return (ahead.sum(-1) < k) & ~np.isnan(own[:, 0])
+
+    for k in (1, 5, 7):
+        got = topk_correct(jnp.asarray(logits), jnp.asarray(labels), k)
+        np.testing.assert_array_equal(np.asarray(got), reference(k).astype(np.float32))
+    assert not np.asarray(topk_correct(jnp.asarray(logits[:4]), jnp.asarray(labels[:4]), 1)).any()
+
+
 def test_evaluation_fetches_a_batch_once_the_next_is_dispatched(monkeypatch):
     """The host waits for a batch's results only after the next batch's step is queued (an
     accelerator is not left idle between batches); the merged metrics and the predictions each

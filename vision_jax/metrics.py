@@ -13,6 +13,12 @@ import numpy as np
 from clu import metrics
 
 
+def nan_lowest(x: jax.Array) -> jax.Array:
+    """``x`` with NaN as -inf, before ranking scores or logits (``argmax`` takes any NaN as the
+    highest, ``lax.top_k`` a NaN whose sign bit is clear), so a NaN never beats a number."""
+    return jnp.where(jnp.isnan(x), -jnp.inf, x)
+
+
 @flax.struct.dataclass
 class ConfusionMatrix(metrics.Metric):
     """Counts ``matrix[true, predicted]`` over every valid pixel (or example) seen.

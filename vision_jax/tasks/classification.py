@@ -12,15 +12,20 @@ import jax.numpy as jnp
 from clu import metrics
 
 from vision_jax import losses
+from vision_jax.metrics import nan_lowest
 from vision_jax.models import create_model
 from vision_jax.specs import check_interval
 from vision_jax.tasks.base import Batch, Task
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the ``k`` highest logits (``lax.top_k`` order on ties)."""
-    _, top = jax.lax.top_k(logits, min(k, logits.shape[-1]))
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+    """1.0 where the label is among the ``k`` highest logits (``lax.top_k`` order on ties: the
+    lower class index first). A NaN logit ranks lowest and is never correct: an example whose
+    logits are all NaN counts as wrong."""
+    _, top = jax.lax.top_k(nan_lowest(logits), min(k, logits.shape[-1]))
+    label = jnp.arange(logits.shape[-1]) == labels[:, None]
+    label_is_nan = jnp.any(label & jnp.isnan(logits), axis=-1)
+    return (jnp.any(top == labels[:, None], axis=-1) & ~label_is_nan).astype(jnp.float32)
 
 
 @flax.struct.dataclass

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vision_jax.metrics import nan_lowest
 from vision_jax.models import precision
 from vision_jax.models.pyramid import (
     FPN,
@@ -256,6 +257,7 @@ def postprocess(
         corner = jnp.stack([width, height, width, height])
         num_classes = logits.shape[-1]
         scores = jnp.sqrt(jax.nn.sigmoid(logits) * jax.nn.sigmoid(centerness)[:, None])
+        scores = nan_lowest(scores)  # a NaN score takes no place among the pre_nms best
         k = min(pre_nms, scores.size)
         top_scores, flat_index = top_k(scores.reshape(-1), k)
         location, cls = flat_index // num_classes, flat_index % num_classes

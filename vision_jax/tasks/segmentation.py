@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from clu import metrics
 
-from vision_jax.metrics import ConfusionMatrix, iou_summary
+from vision_jax.metrics import ConfusionMatrix, iou_summary, nan_lowest
 from vision_jax.models.pyramid import (
     FPN,
     SimpleFeaturePyramid,
@@ -133,6 +133,17 @@ class TrainMetrics(metrics.Collection):
     grad_norm: metrics.Average.from_output("grad_norm")
 
 
+def predicted_classes(outputs: jax.Array, label_map: jax.Array | None = None) -> jax.Array:
+    """Each pixel's class: the argmax of its logits with NaN ranked lowest (``argmax`` alone
+    takes a NaN as the highest). Given the labels, a pixel whose best logit is NaN (all NaN) is
+    booked as a miss, predicted as the class after its label: a NaN logit is never correct."""
+    predicted = nan_lowest(outputs).argmax(-1)
+    if label_map is None:
+        return predicted
+    best = jnp.take_along_axis(outputs, predicted[..., None], axis=-1)[..., 0]
+    return jnp.where(jnp.isnan(best), (label_map + 1) % outputs.shape[-1], predicted)
+
+
 def _counted_loss(loss: jax.Array, counted: jax.Array, **_: Any) -> dict[str, jax.Array]:
     """The images' losses, averaged over those with a pixel that weighs: valid (not ignored)
     and of a class whose weight is not 0 (an image that is all ignore has no loss)."""
@@ -216,7 +227,7 @@ class Segmentation(Task):
         )  # fmt: skip
         normalisers = normalisers or _pixel_normalisers(weights, label_map)
         loss = losses.sum() / normalisers["pixels"]
-        correct = (outputs.argmax(-1) == label_map) & (label_map != IGNORE_LABEL)
+        correct = (predicted_classes(outputs, label_map) == label_map) & (label_map != IGNORE_LABEL)
         return loss, {"pixel_accuracy": correct.sum() / normalisers["valid"]}
 
     def eval_metrics(self, outputs: jax.Array, batch: Batch) -> EvalMetrics:
@@ -230,7 +241,7 @@ class Segmentation(Task):
             images=real.astype(jnp.float32),
             mask=real,
             labels=jnp.where(valid, label_map, 0),
-            predictions=outputs.argmax(-1),
+            predictions=predicted_classes(outputs, label_map),
             valid=valid,
             num_classes=outputs.shape[-1],
         )
@@ -251,4 +262,4 @@ class Segmentation(Task):
     def predict(self, outputs: jax.Array, image_hw: tuple[int, int]) -> dict[str, jax.Array]:
         del image_hw  # the label map from the logits, as the evaluation's (no softmax needed)
         probs = jax.nn.softmax(outputs.astype(jnp.float32))
-        return {"label_map": outputs.argmax(-1), "probabilities": probs}
+        return {"label_map": predicted_classes(outputs), "probabilities": probs}
