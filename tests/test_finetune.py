@@ -283,6 +283,61 @@ def test_ema_tracks_the_params():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_ema_warmup_is_timms_model_ema_v3(timm, caplog):
+    """``ema_warmup``: each step's decay is timm's ``ModelEmaV3(use_warmup=True).get_decay``
+    (timm's step = updates made, ours 1 more), so the EMA starts from the first updated
+    weights; without it, ``ema_decay`` throughout, and a run too short for it is warned."""
+    import logging
+    from types import SimpleNamespace
+
+    from timm.utils.model_ema import ModelEmaV3
+    from torch import nn
+
+    from vision_jax import run, specs
+    from vision_jax.config import TrackedConfig
+    from vision_jax.steps import EMA_WARMUP_POWER, ema_step_size
+
+    steps = np.array([0, 1, 2, 5, 30, 31, 100, 5000, 31621, 31622, 10**6])
+    for decay in (0.999, 0.9998):
+        timms = ModelEmaV3(nn.Linear(1, 1), decay=decay, use_warmup=True)
+        expected = [timms.get_decay(int(t) + 1) for t in steps]
+        sizes = [ema_step_size(jnp.int32(t), np.float32(1 - decay), np.float32(EMA_WARMUP_POWER))
+                 for t in steps]  # fmt: skip
+        np.testing.assert_allclose(1 - np.array(sizes), expected, atol=2e-7)
+        assert ema_step_size(jnp.int32(7), np.float32(1 - decay), None) == np.float32(1 - decay)
+
+    model, batch, params = _vit_step_inputs(depth=1)
+    tx = optax.sgd(0.1)
+    state = TrainState(jnp.array(0, jnp.int32), params, {}, tx.init(params),
+                       jax.tree.map(jnp.copy, params))  # fmt: skip
+    step = jax.jit(make_train_step(model, tx, Classification()))
+    settings = StepSettings(jax.random.key(0), ema_step=jnp.float32(0.1),
+                            ema_warmup=jnp.float32(EMA_WARMUP_POWER))  # fmt: skip
+    state, _ = step(state, {}, batch, settings)
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # decay 0 at the first update
+    first = state.params
+    state, _ = step(state, {}, batch, settings)
+    d = ModelEmaV3(nn.Linear(1, 1), decay=0.9, use_warmup=True).get_decay(2)
+    expected = jax.tree.map(lambda e, q: d * e + (1 - d) * q, first, state.params)
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    with pytest.raises(specs.ConfigError, match="ema_warmup warms up the EMA of the parameters"):
+        specs.run_spec(TrackedConfig(small_config(ema_warmup=True)))
+    spec = specs.run_spec(TrackedConfig(small_config(ema_warmup=True, ema_decay=0.999)))
+    assert spec.ema_warmup and spec.config["ema_warmup"] is True and run._in_recipe("ema_warmup")
+    with caplog.at_level(logging.WARNING):
+        run._warn_of_a_slow_ema(SimpleNamespace(ema_decay=0.999, ema_warmup=True), 100)
+        run._warn_of_a_slow_ema(SimpleNamespace(ema_decay=0.999, ema_warmup=False), 1000)
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING):
+        run._warn_of_a_slow_ema(SimpleNamespace(ema_decay=0.999, ema_warmup=False), 100)
+    assert ("ema_decay=0.999 over 100 steps: the EMA weights would still be 90% the initial "
+            "weights at the end (ema_decay ** total_steps = 0.905); set ema_warmup=True"
+            ) in caplog.text  # fmt: skip
+
+
 def test_ema_is_evaluated_alongside(tmp_path):
     """The EMA is evaluated beside the trained parameters; ``init.ema`` starts a new run from
     the run's EMA (parameters and BatchNorm statistics) or its trained ones, None from the

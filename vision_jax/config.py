@@ -227,6 +227,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
     c.ema_decay = placeholder(float)  # EMA of the params and BatchNorm stats (e.g. 0.999)
+    c.ema_warmup = False  # timm's EMA warmup: decay 1 - (1 + step) ** (-2/3), up to ema_decay
 
     c.log_every_steps = 50
     c.eval_every_steps = 500  # 0 = only at the end

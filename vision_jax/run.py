@@ -48,6 +48,7 @@ from vision_jax.models.remat import recomputes
 from vision_jax.selection import Selection
 from vision_jax.signals import any_process
 from vision_jax.steps import (
+    EMA_WARMUP_POWER,
     SkipCounts,
     StepSettings,
     TrainState,
@@ -806,7 +807,8 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
 _FINISHED_STREAM_KEYS = ("seed", "batch_size", "data.train_split", "data.val_split")
 # Config sections of the training recipe: a resume may change them (to train longer, say), warned.
 _RECIPE_SECTIONS = (
-    "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "label_smoothing", "loss",
+    "total_steps", "total_epochs", "grad_accum_steps", "ema_decay", "ema_warmup",
+    "label_smoothing", "loss",
     "optimizer", "schedule", "input", "task", "lora", "model",
 )  # fmt: skip
 _SELECTION_KEYS = ("metric", "mode", "min_delta", "patience")
@@ -1088,13 +1090,29 @@ def _note_learning_rate_change(
         )  # fmt: skip
 
 
+def _warn_of_a_slow_ema(spec: specs.RunSpec, total_steps: int) -> None:
+    """Warns when, without ``ema_warmup``, the EMA would still hold more than half the initial
+    weights after the run's last step (``ema_decay ** total_steps > 0.5``)."""
+    if spec.ema_decay is None or spec.ema_warmup:
+        return
+    initial = spec.ema_decay**total_steps
+    if initial > 0.5:
+        logger.warning(
+            "ema_decay=%g over %d steps: the EMA weights would still be %.0f%% the initial "
+            "weights at the end (ema_decay ** total_steps = %.3g); set ema_warmup=True (timm's "
+            "EMA warmup), a lower ema_decay, or train longer.",
+            spec.ema_decay, total_steps, 100 * initial, initial,
+        )  # fmt: skip
+
+
 def _step_settings(
     spec: specs.RunSpec, setup: Setup, mesh: jax.sharding.Mesh, rng: jax.Array
 ) -> StepSettings:
     """The train step's settings (the dropout key, the optimizer's numbers, the EMA's step),
     replicated: inputs of the compiled step, not constants in it."""
     ema_step = None if spec.ema_decay is None else np.float32(1.0 - spec.ema_decay)
-    settings = StepSettings(rng, setup.optimizer.numbers, ema_step)
+    warmup = np.float32(EMA_WARMUP_POWER) if spec.ema_warmup else None
+    settings = StepSettings(rng, setup.optimizer.numbers, ema_step, warmup)
     # Global arrays, as the fresh state: every process builds the same values from the config.
     return jax.jit(lambda s: s, out_shardings=sharding.replicated(mesh))(settings)
 
@@ -1245,6 +1263,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
                 lambda step, meta: not ckpt.made_now and _own_best(spec, workdir, step, meta),
             )
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
+    _warn_of_a_slow_ema(spec, total_steps)
     model = task_model(spec, train_source.num_classes)
     if newest is None:
         _warn_of_other_head_classes(spec, train_source.class_names)

@@ -755,6 +755,7 @@ class RunSpec:
     total_epochs: float | None
     grad_accum_steps: int
     ema_decay: float | None
+    ema_warmup: bool  # timm's ModelEmaV3 warmup (vision_jax.steps.ema_step_size)
     log_every_steps: int
     eval_every_steps: int  # 0 = only at the end
     eval_before_training: bool
@@ -833,7 +834,7 @@ def run_spec(config: Any) -> RunSpec:
         k: config[k]
         for k in (
             "mesh", "fsdp_min_size", "seed", "batch_size", "eval_batch_size", "total_steps",
-            "total_epochs", "grad_accum_steps", "ema_decay", "log_every_steps",
+            "total_epochs", "grad_accum_steps", "ema_decay", "ema_warmup", "log_every_steps",
             "eval_every_steps", "eval_before_training", "checkpoint_every_steps",
             "keep_checkpoints", "on_nonfinite", "max_consecutive_skips",
         )
@@ -886,6 +887,8 @@ def run_spec(config: Any) -> RunSpec:
             f"keep_checkpoints must be >= 1 (got {spec.keep_checkpoints}): with none kept the "
             "trained model would be deleted."
         )
+    if spec.ema_warmup and spec.ema_decay is None:
+        raise ConfigError("ema_warmup warms up the EMA of the parameters: set ema_decay too.")
     if spec.early_stopping.measures_ema and spec.ema_decay is None:
         raise ConfigError(
             f"early_stopping.metric {spec.early_stopping.metric!r} measures the EMA parameters: "

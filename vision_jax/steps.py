@@ -73,6 +73,7 @@ class StepSettings:
     rng: jax.Array  # the run's dropout key; each step folds in its count
     optimizer: Any = None  # the numbers of ``make_train_step``'s ``tx`` when it is a function
     ema_step: jax.Array | None = None  # 1 - the EMA decay, set iff the state has ``ema_params``
+    ema_warmup: jax.Array | None = None  # the EMA warmup's power (None: no warmup)
 
 
 @flax.struct.dataclass
@@ -100,6 +101,18 @@ def _all_finite(tree: Any) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     total = sum((jnp.sum(x * 0, dtype=jnp.float32) for x in leaves), jnp.float32(0))
     return jnp.isfinite(jnp.sqrt(total))
+
+
+EMA_WARMUP_POWER = 2 / 3  # timm's ModelEmaV3 default (its warmup_gamma: 1)
+
+
+def ema_step_size(step: jax.Array, ema_step: jax.Array, warmup: jax.Array | None) -> jax.Array:
+    """``1 - decay`` of the EMA update made by the train step at ``step`` (0 for the first).
+    With ``warmup``, timm's ``ModelEmaV3`` warmup: ``decay = 1 - (1 + step) ** -warmup`` up to
+    the set decay, 0 at the first update (the EMA starts from the first updated weights)."""
+    if warmup is None:
+        return ema_step
+    return jnp.maximum((1.0 + step.astype(jnp.float32)) ** -warmup, ema_step)
 
 
 def _average(new: Any, old: Any, step_size: jax.Array) -> Any:
@@ -246,8 +259,11 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         metrics = task.train_metrics.single_from_model_output(loss=loss, grad_norm=grad_norm, **aux)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(model_state)
+        ema_step = settings.ema_step
+        if ema_step is not None:
+            ema_step = ema_step_size(state.step, ema_step, settings.ema_warmup)
         (params, model_state, opt_state, ema), finite = _update_if_finite(
-            finite, optimizer, state, grads, model_state, settings.ema_step
+            finite, optimizer, state, grads, model_state, ema_step
         )
         new_state = state.replace(
             step=state.step + 1,
