@@ -109,3 +109,12 @@ def test_the_library_logs_through_its_own_loggers(tmp_path):
     assert "WARNING:vision_jax.predict:Left out 1 file(s)" in proc.stderr
     assert "INFO:vision_jax.weights.surgery:Pretrained weights from w.npz" in proc.stderr
     assert "not shown" not in proc.stderr
+
+
+def test_dir_lists_the_lazy_exports():
+    import vision_jax
+
+    names = dir(vision_jax)
+    for name in ("create_model", "Predictor", "train_and_evaluate", "load_pretrained"):
+        assert name in names
+    assert "__version__" in names

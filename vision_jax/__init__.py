@@ -24,4 +24,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vision_jax' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # dir(vision_jax) and tab completion list the lazy exports too.
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 __all__ = sorted(_EXPORTS)
