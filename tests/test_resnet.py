@@ -249,6 +249,23 @@ def test_an_image_without_its_batch_axis_is_named(name):
         model.init(jax.random.key(0), [np.zeros((32, 32, 3), np.float32)] * 2)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vit_ti16"])
+def test_torch_tensors_grey_batches_and_other_channel_counts_are_named(name):
+    """A torch tensor (jax: "Cannot interpret 'torch.float32' as a data type"), a grey batch
+    [N, H, W] (was: "one image: add the batch axis") and 1 or 4 channels (Flax's
+    ScopeParamShapeError at apply) each get one line naming the problem."""
+    model = create_model(name, num_classes=3)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(TypeError, match=r"numpy or JAX array .*got a torch\.Tensor .*\.numpy\(\)"):
+        model.apply(variables, torch.zeros(2, 32, 32, 3), train=False)
+    with pytest.raises(ValueError, match=r"shape \(8, 32, 32\) \(grey images \[N, H, W\]: "
+                       r"np\.repeat\(images\[\.\.\., None\], 3, axis=-1\)\)"):  # fmt: skip
+        jax.eval_shape(model.apply, variables, jnp.zeros((8, 32, 32)), train=False)
+    for channels in (1, 4):
+        with pytest.raises(ValueError, match=rf"must have 3 channels .*\(2, 32, 32, {channels}\)"):
+            jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, channels)), train=False)
+
+
 def test_timm_names_exist(timm):
     available = set(timm.list_models("resnetv2*bit*")) | set(timm.list_models("resnet*"))
     for name in list_models("resnet") + list_models("bit"):

@@ -74,14 +74,28 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 def check_images(images: Any) -> None:
-    """A backbone's input is a batch of NHWC images: anything else is named (one image without
-    its batch axis would fail later with a message about its sizes)."""
+    """A backbone's input is a batch of NHWC RGB images, a numpy or JAX array: anything else is
+    named (one image without its batch axis would fail later with a message about its sizes, a
+    torch tensor with jax's dtype TypeError, 1 or 4 channels with Flax's shape error)."""
     if not hasattr(images, "dtype"):  # a list of images: its dtype and shape are not one array's
         raise ValueError(
             f"Images must be an array [N, H, W, C]; got a {type(images).__name__} (a list of "
             "images: np.stack(images))."
         )
+    try:
+        np.dtype(images.dtype)
+    except TypeError:  # a torch tensor: jax said "Cannot interpret 'torch.float32' as a data type"
+        kind = f"{type(images).__module__}.{type(images).__name__}"
+        raise TypeError(
+            f"Images must be a numpy or JAX array [N, H, W, C]; got a {kind} (a torch tensor: "
+            "convert with .numpy(), channels last)."
+        ) from None
     shape = tuple(np.shape(images))
+    if len(shape) == 3 and shape[-1] not in (1, 3):  # as Predictor.predict_arrays reads them
+        raise ValueError(
+            f"Images must be a batch [N, H, W, 3]; got shape {shape} (grey images [N, H, W]: "
+            "np.repeat(images[..., None], 3, axis=-1))."
+        )
     if len(shape) != 4:
         raise ValueError(
             f"Images must be a batch [N, H, W, C]; got shape {shape} (one image: add the batch "
@@ -91,6 +105,11 @@ def check_images(images: Any) -> None:
         raise ValueError(
             f"Images must be [N, H, W, C]; shape {shape} looks channels-first (torch's NCHW): "
             "images.transpose(0, 2, 3, 1)."
+        )
+    if shape[3] != 3:
+        grey = " (grey: np.repeat(images, 3, axis=-1))" if shape[3] == 1 else ""
+        raise ValueError(
+            f"Images must have 3 channels (RGB) [N, H, W, 3]; got shape {shape}{grey}."
         )
     if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
         raise ValueError(
