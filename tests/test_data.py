@@ -555,6 +555,23 @@ def test_labels_outside_the_class_range():
         data_lib.load_source(default_config().data, "train", arrays=arrays)
 
 
+def test_array_errors_name_the_split_channels_first_and_one_hot_labels():
+    """The label-range error names the split of ``arrays`` it is in; float one-hot labels are
+    told to take the argmax; channels-first images are told to transpose."""
+    images, labels = np.zeros((2, 4, 4), np.uint8), np.array([0, 1])
+    arrays = {"train": (images, labels), "test": (images, np.array([0, 3]))}
+    data = data_config(source="arrays", class_names=("a", "b", "c")).data
+    data_lib.load_source(data, "train", arrays=arrays)
+    with pytest.raises(data_lib.DataError, match=r"^arrays\['test'\]: Labels must lie in \[0, 3\)"):
+        data_lib.load_source(data, "test", arrays=arrays)
+    with pytest.raises(data_lib.DataError, match=r"got dtype float64 \(one-hot labels \[N, K\]: "
+                       r"labels\.argmax\(-1\); soft targets: a task of one's own"):  # fmt: skip
+        data_lib.from_arrays(images, np.eye(2), ["a", "b"])
+    with pytest.raises(data_lib.DataError, match=r"got \(2, 3, 4, 4\) \(channels-first, torch's "
+                       r"NCHW: images\.transpose\(0, 2, 3, 1\)\)\.$"):  # fmt: skip
+        data_lib.from_arrays(np.zeros((2, 3, 4, 4), np.uint8), labels, ["a", "b"])
+
+
 def test_array_classes_come_from_every_split_passed():
     """Without data.class_names, a test split lacking the largest label has the train split's
     classes (its own "0".."2" made the run refuse the splits as different); the classes are

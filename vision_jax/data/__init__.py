@@ -131,7 +131,10 @@ def load_source(
     elif kind == "arrays":
         name, where = parse_split(split)
         class_names = _arrays_classes(arrays, data.class_names, target)
-        arrays_source = from_arrays(*_arrays(arrays, name, key=target), class_names=class_names)
+        try:
+            arrays_source = from_arrays(*_arrays(arrays, name, key=target), class_names=class_names)
+        except DataError as e:  # which of the splits passed
+            raise DataError(f"arrays[{name!r}]: {e}") from None
         source = sliced(arrays_source, where)
     else:
         raise DataError(

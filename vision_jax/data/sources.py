@@ -269,7 +269,12 @@ def from_arrays(
         labels = labels.astype(np.int32)  # binary labels: 0 and 1
     if not np.issubdtype(labels.dtype, np.integer):
         what = "Label maps" if key == "label_map" else "Labels"
-        raise DataError(f"{what} must be integers; got dtype {labels.dtype}.")
+        one_hot = key == "label" and labels.ndim == 2
+        hint = (
+            " (one-hot labels [N, K]: labels.argmax(-1); soft targets: a task of one's own "
+            "with a target column)" if one_hot else ""
+        )  # fmt: skip
+        raise DataError(f"{what} must be integers; got dtype {labels.dtype}{hint}.")
     shape = images.shape[:3] if key == "label_map" else images.shape[:1]
     if labels.shape != shape:
         raise DataError(
@@ -287,7 +292,11 @@ def checked_images(images: np.ndarray) -> np.ndarray:
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"Images must be (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}.")
+        first = images.ndim == 4 and images.shape[1] in (1, 3)
+        hint = " (channels-first, torch's NCHW: images.transpose(0, 2, 3, 1))" if first else ""
+        raise DataError(
+            f"Images must be (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}{hint}."
+        )
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
         raise DataError(f"Images must be uint8 (0..255) or float in [0, 1]; got {images.dtype}.")
     if images.dtype != np.uint8:
