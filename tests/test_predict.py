@@ -990,6 +990,26 @@ def test_one_image_without_its_batch_axis_is_refused(monkeypatch):
         predictor.predict_arrays(np.zeros((2, 8, 8), np.uint8))
 
 
+def test_predict_on_images_in_memory_points_to_predict_arrays(tmp_path):
+    """predict(ndarray) said "expected str, bytes or os.PathLike object, not ndarray" and
+    predict(PIL image) "'Image' object is not iterable": a TypeError naming predict_arrays;
+    paths (a list of them, pathlib's included) are still read."""
+    from vision_jax.tasks import Classification
+
+    predictor = _without_a_model(Classification())
+    pixels = np.zeros((2, 8, 8, 3), np.uint8)
+    image = Image.fromarray(pixels[0])
+    cases = ((pixels, r"a numpy\.ndarray"), (image, r"a PIL\."), (3, "an? int"),
+             ([image], r"a list holding a PIL\."))  # fmt: skip
+    for images, kind in cases:
+        with pytest.raises(TypeError, match=rf"^predict takes image files .*got {kind}.*: "
+                           "predict images in memory with predict_arrays"):  # fmt: skip
+            predictor.predict(images)
+    assert predictor.predict([]) == ([], [])
+    with pytest.raises(data_lib.DataError, match="None of the 1 image file"):  # a path: read
+        predictor.predict([tmp_path / "none.png"])
+
+
 def test_ctrl_c_ends_the_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     """Ctrl-C while predicting: one line and status 130 (128 + SIGINT, as training's command
     at a second signal), not a KeyboardInterrupt traceback; the records written stay."""

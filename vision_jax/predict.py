@@ -130,7 +130,20 @@ def _listed(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]
         path = os.fspath(paths)
         expands = os.path.isdir(path) or (glob.has_magic(path) and not os.path.isfile(path))
         return image_files(path) if expands else [path]
-    return [os.fspath(p) for p in paths]
+    image = hasattr(paths, "__array_interface__") or hasattr(paths, "shape")  # numpy, JAX, PIL
+    listed = [] if image or not isinstance(paths, Iterable) else list(paths)
+    held = next((p for p in listed if not isinstance(p, str | bytes | os.PathLike)), None)
+    if image or not isinstance(paths, Iterable) or held is not None:
+        kind = type(paths if held is None else held)
+        module = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+        what = f"{module}{kind.__qualname__}"
+        raise TypeError(
+            f"predict takes image files (paths, a folder or a glob pattern); got "
+            f"{'a list holding ' * (held is not None)}a {what}: "
+            "predict images in memory with predict_arrays (a batch [N, H, W, C]; one PIL image: "
+            "np.asarray(image)[None])."
+        )
+    return [os.fspath(p) for p in listed]
 
 
 class Progress:
