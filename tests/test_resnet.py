@@ -266,6 +266,16 @@ def test_torch_tensors_grey_batches_and_other_channel_counts_are_named(name):
             jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, channels)), train=False)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vit_ti16"])
+def test_feature_taps_are_checked_when_the_model_is_created(name):
+    """feature_taps with a head, or out of range, failed only at the first init."""
+    with pytest.raises(ValueError, match=r"^feature_taps returns feature maps: .*num_classes=0"):
+        create_model(name, num_classes=2, feature_taps=(1,))
+    with pytest.raises(ValueError, match=r"^feature_taps \(0, 99\) must be indices in \[-"):
+        create_model(name, num_classes=0, feature_taps=(0, 99))
+    assert create_model(name, num_classes=0, feature_taps=(0, -1)).feature_taps == (0, -1)
+
+
 def test_timm_names_exist(timm):
     available = set(timm.list_models("resnetv2*bit*")) | set(timm.list_models("resnet*"))
     for name in list_models("resnet") + list_models("bit"):

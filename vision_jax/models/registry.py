@@ -260,4 +260,8 @@ def create_model(
             f"{' (' + '; '.join(elsewhere) + ')' if elsewhere else ''}. "
             f"Valid: {', '.join(sorted(fields - {'num_classes', 'dtype'}))}."
         )
-    return spec.build(num_classes=int(num_classes), dtype=dtype, **overrides)
+    model = spec.build(num_classes=int(num_classes), dtype=dtype, **overrides)
+    taps, fam = getattr(model, "feature_taps", None), _FAMILIES.get(spec.family)
+    if taps is not None and fam is not None:  # checked now, not at the first init
+        stage_taps(taps, len(fam.feature_taps(model)), model.num_classes)
+    return model
