@@ -1148,7 +1148,7 @@ def build_run(
     config: ml_collections.ConfigDict | Mapping[str, Any],
     workdir: str,
     *,
-    arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    arrays: Mapping[str, tuple[np.ndarray, np.ndarray] | Mapping[str, np.ndarray]] | None = None,
     exit_on_lost_lock: bool = False,
 ) -> Run:
     """Everything a run needs, from the config (every key read, or an error), resumed from

@@ -130,22 +130,22 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict | Mapping[str, Any],
     workdir: str | os.PathLike,
     *,
-    arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    arrays: Mapping[str, tuple[np.ndarray, np.ndarray] | Mapping[str, np.ndarray]] | None = None,
     final: FinalObserver | None = None,
     exit_on_second_signal: bool = False,
     exit_on_lost_lock: bool = False,
 ) -> dict[str, float]:
     """Fine-tunes as ``config`` says, in ``workdir``; returns the final evaluation metrics.
 
-    ``arrays`` feeds in-memory data when ``config.data.source == "arrays"``:
-    ``{"train": (images, targets), "test": (images, targets)}`` keyed by split name (targets:
-    labels, or label maps for segmentation). With ``config.ema_decay`` set, the EMA parameters
-    are evaluated too (``eval_ema/...``). ``final`` (single-process runs) sees the predictions
-    of the final evaluation of the eval split, the one of the step a report shows (the best
-    step with a validation split, else the last), e.g. a
-    :class:`vision_jax.report.FinalEvaluation`, so that the report does not predict again; not
-    in LoRA runs, whose evaluation applies the adapters unmerged where the saved model has them
-    merged (in bfloat16 their predictions differ).
+    ``arrays`` feeds in-memory data when ``config.data.source == "arrays"``: ``{"train": (images,
+    targets), "test": (images, targets)}`` keyed by split name (targets: labels, or label maps for
+    segmentation), or per split a dict of columns, ``{"image": images, "label": labels}`` (a target
+    column of one's own by its name). With ``config.ema_decay`` set, the EMA parameters are
+    evaluated too (``eval_ema/...``). ``final`` (single-process runs) sees the predictions of the
+    final evaluation of the eval split, the one of the step a report shows (the best step with a
+    validation split, else the last), e.g. a :class:`vision_jax.report.FinalEvaluation`, so that the
+    report does not predict again; not in LoRA runs, whose evaluation applies the adapters unmerged
+    where the saved model has them merged (in bfloat16 their predictions differ).
 
     SIGTERM or SIGINT saves a checkpoint at the next step (agreed by every process) and raises
     :class:`~vision_jax.signals.StopRequested`; a second one (and any later one) raises
