@@ -1375,6 +1375,32 @@ def test_export_safetensors_records_the_input_it_is_given(tmp_path):
     assert input_contract(tmp_path / "given.safetensors") == given
 
 
+def test_export_safetensors_records_the_class_names_it_is_given(tmp_path):
+    """export_safetensors(..., class_names=...) writes them in the file's metadata (timm
+    ignores it): Predictor.from_weights names them, not class_0 .. class_2."""
+    from safetensors.numpy import load_file
+
+    from vision_jax.predict import Predictor
+    from vision_jax.weights.convert import converter
+
+    model = create_model("cifar_resnet20", num_classes=3)
+    variables = init_vars(model, 16)
+    variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])
+    path = tmp_path / "exported.safetensors"
+    export_safetensors(variables, model, path)
+    assert class_names(path) is None
+    assert Predictor.from_weights(path, model="cifar_resnet20").class_names[0] == "class_0"
+    export_safetensors(variables, model, path, class_names=("cat", "dog", "eel / ray"))
+    assert class_names(path) == ["cat", "dog", "eel / ray"]
+    assert Predictor.from_weights(path, model="cifar_resnet20").class_names[2] == "eel / ray"
+    assert set(load_file(str(path))) == set(converter(model).to_timm(variables, model))
+    with pytest.raises(ValueError, match=r"^class_names must name the head's 3 classes; got"):
+        export_safetensors(variables, model, path, class_names=["cat", "dog"])
+    with pytest.raises(ValueError, match=r"^class_names name a classifier's classes: this model"):
+        headless = create_model("cifar_resnet20", num_classes=0)
+        export_safetensors(init_vars(headless, 16), headless, path, class_names=["a"])
+
+
 def test_predictor_from_an_oblong_file_names_what_to_build(timm, tmp_path):
     """A timm ViT of a 2x3 grid (7 rows: no square grid, none recorded) is refused by
     Predictor.from_weights naming the model to build and load_pretrained's checkpoint_grid, not

@@ -215,8 +215,8 @@ class Predictor:
         """The classifier in the weight file ``path`` (any format :mod:`vision_jax.weights`
         reads) on the registered backbone ``model``, fed as the file's input contract says (its
         size, crop, interpolation, mean and std); its classes
-        ``class_names``, else those the file records (a run's, a Hugging Face ``id2label``),
-        else ``class_0`` .. ``class_{n-1}``."""
+        ``class_names``, else those the file records (a run's, a Hugging Face ``id2label``,
+        ``export_safetensors(..., class_names=...)``'s), else ``class_0`` .. ``class_{n-1}``."""
         _check_batch_size(batch_size)
         if isinstance(class_names, str):  # its characters would be the classes
             raise ValueError(

@@ -58,6 +58,7 @@ class InputContract:
 # of :class:`InputContract`'s fields (timm and safetensors ignore them).
 GRID_KEY = "vision_jax.posemb_grid"
 INPUT_KEY = "vision_jax.input"
+CLASS_NAMES_KEY = "vision_jax.class_names"  # a JSON list of the head's class names, in order
 
 
 def vit_image_size(
@@ -103,6 +104,13 @@ def as_contract(spec: Any) -> InputContract:
 def contract_metadata(contract: InputContract) -> dict[str, str]:
     """``contract`` as safetensors metadata (:data:`INPUT_KEY`)."""
     return {INPUT_KEY: json.dumps(dataclasses.asdict(contract))}
+
+
+def metadata_class_names(metadata: dict[str, str] | None) -> list[str] | None:
+    """The class names a safetensors file's ``metadata`` records (:data:`CLASS_NAMES_KEY`),
+    else None."""
+    value = (metadata or {}).get(CLASS_NAMES_KEY)
+    return None if value is None else [str(name) for name in json.loads(value)]
 
 
 def metadata_contract(metadata: dict[str, str] | None) -> InputContract | None:

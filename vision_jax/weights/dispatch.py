@@ -55,7 +55,9 @@ READERS = {
     "timm_hub": Reader(timm_hub.read_variables, timm_hub.input_contract, timm_hub.class_names),
     "hf": Reader(hf.read_variables, hf.input_contract, hf.class_names),
     "npz": Reader(lambda path, _: npz.read_variables(path), npz.input_contract),
-    "safetensors": Reader(state_dict.read_variables, state_dict.input_contract),
+    "safetensors": Reader(
+        state_dict.read_variables, state_dict.input_contract, state_dict.class_names
+    ),
     "torch": Reader(state_dict.read_variables, state_dict.input_contract),
 }
 
@@ -166,6 +168,7 @@ def input_contract(source: str | os.PathLike) -> InputContract:
 
 
 def class_names(source: str | os.PathLike) -> list[str] | None:
-    """The class names a checkpoint records (a run's, a Hugging Face ``id2label``), else None."""
+    """The class names a checkpoint records (a run's, a Hugging Face ``id2label``, those
+    ``export_safetensors`` wrote), else None."""
     path = pathlib.Path(source)
     return READERS[detect_format(path)].class_names(path)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -15,7 +16,12 @@ from vision_jax.models.registry import backbone_of
 from vision_jax.models.task_model import TASK_HEAD
 from vision_jax.output_errors import written_whole
 from vision_jax.trees import flatten_dict
-from vision_jax.weights.contract import GRID_KEY, as_contract, contract_metadata
+from vision_jax.weights.contract import (
+    CLASS_NAMES_KEY,
+    GRID_KEY,
+    as_contract,
+    contract_metadata,
+)
 from vision_jax.weights.convert import converter
 from vision_jax.weights.merge import key_groups
 from vision_jax.weights.surgery import CLS, POSEMB
@@ -43,7 +49,7 @@ def export_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 def export_safetensors(
     variables: Mapping[str, Any], model: nn.Module, path: str | os.PathLike, *,
-    input: Any = None,
+    input: Any = None, class_names: Sequence[str] | None = None,
 ) -> None:  # fmt: skip
     """Writes ``variables`` as a timm state dict (``timm.create_model(...)`` loads it strictly;
     CIFAR ResNets get akamaster's names). The file's metadata (timm ignores it) records a ViT's
@@ -52,7 +58,10 @@ def export_safetensors(
     ``load_trained(...).input``, or an :class:`InputContract`), the input the weights expect:
     their size, mean, std, resize interpolation, crop fraction and mode, which
     :func:`~vision_jax.weights.input_contract` (``Predictor.from_weights``,
-    ``init.use_input_contract``) then gives instead of the layout's (timm AugReg's for a ViT).
+    ``init.use_input_contract``) then gives instead of the layout's (timm AugReg's for a ViT);
+    given ``class_names`` (a run's: ``load_trained(...).class_names``), the head's classes in
+    order, which ``Predictor.from_weights`` then names (as timm's ``save_for_hf`` puts
+    ``label_names`` in config.json).
 
     A task model's (segmentation, detection) is its backbone's, headless: timm has no such
     heads, so the task head is left out (logged); ``timm.create_model(name, num_classes=0)``
@@ -60,6 +69,14 @@ def export_safetensors(
     from safetensors.numpy import save_file
 
     backbone = backbone_of(model)
+    if class_names is not None:
+        count = getattr(model, "num_classes", 0) if backbone is model else 0
+        if not count:
+            raise ValueError("class_names name a classifier's classes: this model has no head.")
+        if isinstance(class_names, str) or len(class_names) != count:
+            raise ValueError(
+                f"class_names must name the head's {count} classes; got {class_names!r}."
+            )
     if backbone is not model:
         head = [k for k in flatten_dict(variables) if k.split("/", 2)[1:2] == [TASK_HEAD]]
         logger.info(
@@ -71,6 +88,8 @@ def export_safetensors(
     metadata = {} if input is None else contract_metadata(as_contract(input))
     if grid is not None:
         metadata[GRID_KEY] = ",".join(map(str, grid))
+    if class_names is not None:
+        metadata[CLASS_NAMES_KEY] = json.dumps([str(name) for name in class_names])
     with written_whole(path) as partial:
         arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
         save_file(arrays, partial, metadata=metadata or None)

@@ -16,6 +16,7 @@ from vision_jax.weights.contract import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     InputContract,
+    metadata_class_names,
     metadata_contract,
     metadata_grid,
     vit_image_size,
@@ -68,6 +69,12 @@ def _contract(
             return InputContract(32, IMAGENET_MEAN, IMAGENET_STD)
         return InputContract(224, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
     raise WeightFormatError(f"{source}: unknown state-dict layout; cannot tell its input.")
+
+
+def class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names a state-dict file records (``export_safetensors(..., class_names=...)``
+    writes them), else None."""
+    return metadata_class_names(safetensors_metadata(path))
 
 
 def input_contract(path: str | os.PathLike) -> InputContract:
