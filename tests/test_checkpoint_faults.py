@@ -437,7 +437,8 @@ def test_changed_data_is_refused_unless_allowed_and_final_steps_survive_rotation
 @pytest.mark.slow
 def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, caplog):
     """Files removed, or moved to another class, since the checkpoint: the saved stream
-    position means other examples now, so the resume is refused as a changed config is; the
+    position means other examples now, so the resume (or a finished run's restart, which would
+    report the run trained on the files before) is refused as a changed config is; the
     fingerprint does not change when the folder moves (its root is a config key)."""
     from vision_jax.data.folders import from_image_folder
 
@@ -446,9 +447,9 @@ def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, 
     train_and_evaluate(folder_config(root, total_steps=2), str(workdir))
     longer = folder_config(root, total_steps=4)
     (root / "train" / "c" / "002.png").unlink()
-    train_and_evaluate(folder_config(root, total_steps=2), str(workdir))  # finished: evaluates
-    with pytest.raises(CheckpointError, match=r"exactly: training examples 9 -> 8\. The train"):
-        train_and_evaluate(longer, str(workdir))
+    for config in (folder_config(root, total_steps=2), longer):  # finished too: it would report
+        with pytest.raises(CheckpointError, match=r"exactly: training examples 9 -> 8\. The trai"):
+            train_and_evaluate(config, str(workdir))  # the run trained on the files before
     make_folder(root, per_class=3, classes=("a", "b", "c"))  # back as it was, then relabel one
     (root / "train" / "a" / "000.jpg").rename(root / "train" / "b" / "000.jpg")
     with pytest.raises(CheckpointError, match=r"the training examples changed \(files, labels"):

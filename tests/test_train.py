@@ -239,6 +239,27 @@ def test_a_run_stopped_before_its_end_is_not_called_finished(tmp_path):
         train_and_evaluate(small_config(total_steps=2), str(tmp_path))
 
 
+def test_a_finished_run_given_other_training_examples_is_refused_unless_allowed(tmp_path, caplog):
+    """A finished run started again on other training arrays would report the run trained on
+    the first ones: refused as a resume on them is; with resume_changed_data it reports again
+    and trains nothing."""
+    rng = np.random.default_rng(0)
+    toy = lambda n: (rng.integers(0, 255, (n, 16, 16, 3), np.uint8), rng.integers(0, 3, n))
+    test = toy(16)
+    names = {"data.source": "arrays", "data.class_names": ("a", "b", "c")}
+    config = small_config(total_steps=2, batch_size=8, eval_batch_size=16, **names)
+    first = train_and_evaluate(config, str(tmp_path), arrays={"train": toy(32), "test": test})
+    other = {"train": toy(32), "test": test}
+    with pytest.raises(CheckpointError, match=r"\(step 2\) exactly: the training examples chan"):
+        train_and_evaluate(config, str(tmp_path), arrays=other)
+    config.resume_changed_data = True
+    with caplog.at_level(logging.WARNING):
+        again = train_and_evaluate(config, str(tmp_path), arrays=other)
+    assert "although the training examples changed" in caplog.text
+    assert again["eval/top1"] == first["eval/top1"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("[0-9]*")) == ["2"]
+
+
 def test_an_integer_key_an_earlier_version_saved_as_a_float_is_no_change():
     """A dict config's total_steps=4.0 ran and was recorded as 4.0 before integer keys refused
     floats: the same run's config now (4) is no change (it was 'total_steps 4.0 -> 4', and a

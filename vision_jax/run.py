@@ -671,11 +671,11 @@ def _restore(
     state, meta = restored
     step = int(state.step)
     where = f"{ckpt.directory} (step {step})"
-    # A finished run (or one stopped early) started again only evaluates again.
-    unfinished = step < total_steps and not meta.get("stopped_early")
-    if not unfinished:
+    # A finished run (or one stopped early) started again only evaluates again: refused, as a
+    # resume is, on other training examples (it would report the run trained on the first ones).
+    if not (step < total_steps and not meta.get("stopped_early")):
         _check_finished_recipe(spec, meta, where)
-    position = _resume_position(spec, meta, train_data if unfinished else None, where)
+    position = _resume_position(spec, meta, train_data, where)
     logger.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
 
