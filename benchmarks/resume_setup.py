@@ -24,7 +24,7 @@ import sys, time
 sys.path.insert(0, {here!r})
 import jax
 jax.config.update("jax_compilation_cache_dir", {cache!r})
-from vision_jax.main import configure_compilation_cache
+from vision_jax.compilation_cache import configure_compilation_cache
 configure_compilation_cache({workdir!r}, "auto")  # as main: every program, in the cache above
 from resume_setup import config
 from vision_jax.run import build_run

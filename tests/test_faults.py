@@ -1238,7 +1238,7 @@ def test_the_compilation_cache_folder_and_its_threshold(tmp_path, monkeypatch, c
     keeps programs of any compile time unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is set."""
     from jax._src import compilation_cache as cache
 
-    from vision_jax.main import compilation_cache_dir, configure_compilation_cache
+    from vision_jax.compilation_cache import compilation_cache_dir, configure_compilation_cache
 
     assert compilation_cache_dir("/runs/a/", "auto") == "/runs/jax_cache"
     assert compilation_cache_dir(pathlib.Path("/runs/a"), "auto") == "/runs/jax_cache"
@@ -1297,7 +1297,7 @@ def test_a_cache_on_a_full_disk_is_read_only_and_its_empty_entries_removed(
     writing it), and a cache on a filesystem with little free space is only read for the run."""
     from jax._src import compilation_cache as cache
 
-    from vision_jax import main as vj_main
+    from vision_jax import compilation_cache as vj_cache
 
     folder = tmp_path / "c"
     folder.mkdir()
@@ -1305,7 +1305,7 @@ def test_a_cache_on_a_full_disk_is_read_only_and_its_empty_entries_removed(
         (folder / f"{name}-cache").write_bytes(b"")
     (folder / "jit_a-1-atime").write_bytes(b"\0" * 8)
     (folder / "jit_c-3-cache").write_bytes(b"whole")
-    old = time.time() - vj_main.CACHE_EMPTY_ENTRY_AGE_S - 5
+    old = time.time() - vj_cache.CACHE_EMPTY_ENTRY_AGE_S - 5
     for name in ("jit_a-1", "jit_b-2"):
         os.utime(folder / f"{name}-cache", (old, old))
     (folder / "jit_d-4-cache").write_bytes(b"")  # being written by a sibling run
@@ -1313,18 +1313,18 @@ def test_a_cache_on_a_full_disk_is_read_only_and_its_empty_entries_removed(
              "jax_persistent_cache_enable_xla_caches")  # fmt: skip
     before = {name: getattr(jax.config, name) for name in names}
     try:
-        monkeypatch.setattr(vj_main, "_free_bytes", lambda _: vj_main.CACHE_MIN_FREE_BYTES)
+        monkeypatch.setattr(vj_cache, "_free_bytes", lambda _: vj_cache.CACHE_MIN_FREE_BYTES)
         with caplog.at_level(logging.INFO):
-            vj_main.configure_compilation_cache(str(tmp_path / "run"), str(folder))
+            vj_cache.configure_compilation_cache(str(tmp_path / "run"), str(folder))
         assert jax.config.jax_compilation_cache_dir == str(folder)
         assert sorted(p.name for p in folder.iterdir()) == ["jit_c-3-cache", "jit_d-4-cache"]
         removed = [r.getMessage() for r in caplog.records if "empty compilation" in r.message]
         assert removed == [f"Removed 2 empty compilation cache entries (cut short by a full "
                            f"disk) from {folder}: their programs compile again."]  # fmt: skip
         caplog.clear()
-        monkeypatch.setattr(vj_main, "_free_bytes", lambda _: 100 * 2**20)
+        monkeypatch.setattr(vj_cache, "_free_bytes", lambda _: 100 * 2**20)
         with caplog.at_level(logging.INFO):
-            vj_main.configure_compilation_cache(str(tmp_path / "run"), str(folder))
+            vj_cache.configure_compilation_cache(str(tmp_path / "run"), str(folder))
         assert jax.config.jax_compilation_cache_dir == str(folder)
         assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
             "WARNING", f"The compilation cache {folder} is only read for this run: its "
@@ -1337,12 +1337,37 @@ def test_a_cache_on_a_full_disk_is_read_only_and_its_empty_entries_removed(
         cache.reset_cache()
 
 
+def test_a_script_with_flags_of_its_own_configures_the_cache(tmp_path):
+    """A big_vision- or scenic-style script defines absl flags --config and --workdir of its
+    own: importing the cache's module defines none (vision_jax.main's, a DuplicateFlagError)."""
+    script = """
+import sys
+from absl import app, flags
+flags.DEFINE_string("config", None, "the script's own")
+flags.DEFINE_string("workdir", None, "the script's own")
+from vision_jax.compilation_cache import configure_compilation_cache
+def main(argv):
+    configure_compilation_cache(flags.FLAGS.workdir, "auto")
+    import jax
+    print(jax.config.jax_compilation_cache_dir, "vision_jax.main" in sys.modules)
+app.run(main)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--config=c.py", f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(tmp_path / "jax_cache"), "False"]
+
+
 def test_a_cache_on_a_full_disk_gets_no_xla_gpu_caches(tmp_path, monkeypatch):
     """On a GPU XLA's kernel and autotuning caches write into the cache's folder: one only read
     for the run (a nearly full disk) turns them off too; one with space keeps JAX's default."""
     from jax._src import compilation_cache as cache
 
-    from vision_jax import main as vj_main
+    from vision_jax import compilation_cache as vj_cache
 
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_enable_xla_caches")  # fmt: skip
@@ -1352,8 +1377,8 @@ def test_a_cache_on_a_full_disk_gets_no_xla_gpu_caches(tmp_path, monkeypatch):
     try:
         for free, want in ((100 * 2**20, "none"), (2**40, before[names[2]])):
             jax.config.update(names[2], before[names[2]])
-            monkeypatch.setattr(vj_main, "_free_bytes", lambda _, free=free: free)
-            vj_main.configure_compilation_cache(str(tmp_path / "run"), str(tmp_path / "c"))
+            monkeypatch.setattr(vj_cache, "_free_bytes", lambda _, free=free: free)
+            vj_cache.configure_compilation_cache(str(tmp_path / "run"), str(tmp_path / "c"))
             assert jax.config.jax_persistent_cache_enable_xla_caches == want, free
         assert before[names[2]] != "none"
     finally:
@@ -1378,10 +1403,10 @@ def test_a_cache_on_a_full_disk_is_read_and_not_written(tmp_path):
 CACHED_PROGRAMS = """
 import sys
 import jax, jax.numpy as jnp
-from vision_jax import main
+from vision_jax import compilation_cache
 if "full" in sys.argv[3:]:  # a nearly full disk
-    main._free_bytes = lambda _: 0
-main.configure_compilation_cache(sys.argv[1], sys.argv[2])
+    compilation_cache._free_bytes = lambda _: 0
+compilation_cache.configure_compilation_cache(sys.argv[1], sys.argv[2])
 for n in (3, 4, *(int(a) for a in sys.argv[3:] if a.isdigit())):
     jax.jit(lambda x: jnp.sin(x) @ x.T + n)(jnp.ones((n, n))).block_until_ready()
 """
