@@ -52,10 +52,11 @@ def test_keras_still_loads_after_the_import():
     assert run_python(code) == "(2, 3) keras"
 
 
-def test_library_modules_import_tensorflow_only_through_tf_without_keras():
+def direct_imports(package: str, allowed: str) -> list[str]:
+    """Where vision_jax's modules other than ``allowed`` import ``package`` themselves."""
     direct = []
     for path in (ROOT / "vision_jax").rglob("*.py"):
-        if path.name == "tf_without_keras.py":
+        if path.name == allowed:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
@@ -63,8 +64,13 @@ def test_library_modules_import_tensorflow_only_through_tf_without_keras():
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
-            if any(name == "tensorflow" or name.startswith("tensorflow.") for name in names):
+            if any(name == package or name.startswith(f"{package}.") for name in names):
                 direct.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return direct
+
+
+def test_library_modules_import_tensorflow_only_through_tf_without_keras():
+    direct = direct_imports("tensorflow", allowed="tf_without_keras.py")
     assert not direct, f"import tensorflow through vision_jax.tf_without_keras: {direct}"
 
 
@@ -118,3 +124,24 @@ def test_dir_lists_the_lazy_exports():
     for name in ("create_model", "Predictor", "train_and_evaluate", "load_pretrained"):
         assert name in names
     assert "__version__" in names
+
+
+def test_importing_the_library_leaves_the_root_logger_to_the_script():
+    """orbax logs through absl at import, and absl's log gives a root logger without handlers
+    Python's basicConfig: a script's own logging.basicConfig(level, format) after importing
+    vision_jax did nothing (vision_jax.orbax_import)."""
+    code = (
+        "import logging, vision_jax.train, vision_jax.predict, vision_jax.evaluate\n"
+        "handlers = list(logging.root.handlers)\n"
+        "logging.basicConfig(level=logging.INFO, format='mine: %(name)s %(message)s')\n"
+        "logging.getLogger('script').info('hello')\n"
+        "print(handlers)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+    assert "mine: script hello" in proc.stderr.splitlines()
+    direct = direct_imports("orbax", allowed="orbax_import.py")
+    assert not direct, f"import orbax through vision_jax.orbax_import: {direct}"

@@ -28,10 +28,10 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from vision_jax import digests
+from vision_jax.orbax_import import ocp
 from vision_jax.output_errors import is_url, why_and_advice, why_and_what_to_do
 from vision_jax.signals import uninterrupted
 from vision_jax.weights.run_dir import (

@@ -28,10 +28,10 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from vision_jax import digests, lora
+from vision_jax.orbax_import import ocp
 from vision_jax.specs import EarlyStoppingSpec, LoraSpec
 from vision_jax.trees import combine
 from vision_jax.weights.contract import InputContract, Triple
