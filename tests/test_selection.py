@@ -174,6 +174,15 @@ def test_a_finished_run_without_a_best_says_so_to_another_selection(tmp_path, mo
     cfg.early_stopping.patience = None
     with pytest.raises(CheckpointError, match="no validation gave a finite val/top1"):
         train_and_evaluate(cfg, str(tmp_path))
+    # Its best is asked for (predict, evaluate, report, export, init.path): an error, not the
+    # newest step read as the best.
+    none = (r"The run has no best checkpoint: no validation gave a finite val/top1; "
+            r"--which=latest reads the newest checkpoint \(step 14\)")  # fmt: skip
+    with pytest.raises(weights.WeightFormatError, match=none):
+        read_variables(tmp_path, "best")
+    with pytest.raises(weights.WeightFormatError, match=none):
+        weights.read_variables(tmp_path, create_model("cifar_resnet20", num_classes=2))
+    assert read_variables(tmp_path, "latest")["params"]
     cfg.early_stopping.metric = "val/loss"
     told = ("has finished without a best (no validation gave a finite val/top1); another "
             "selection (early_stopping.metric val/top1 -> val/loss; early_stopping.mode max -> "

@@ -10,7 +10,7 @@ writes::
     <workdir>/frozen_params              the frozen params, written once (and their digests)
 
 Readers take the newest checkpoint, or with ``which="best"`` the best step when the run kept one
-(else the newest).
+(the newest when it selects none: no validation split).
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def _newest_step(folder: pathlib.Path) -> pathlib.Path | None:
 def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.Path:
     """Resolves a run's workdir, its ``checkpoints`` folder, or a step folder to a step folder:
     the newest checkpoint (``which="latest"``), or the best step if the run kept one and the
-    newest checkpoint otherwise (``which="best"``). A workdir whose step checkpoints were
+    newest checkpoint if it selects none (no validation split) (``which="best"``; a selecting
+    run without a best is an error naming ``--which=latest``). A workdir whose step checkpoints were
     deleted (only ``best`` kept) resolves to its best step either way."""
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
@@ -190,16 +191,28 @@ def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.P
 
 
 def _check_no_best_kept(newest: pathlib.Path, best_dir: pathlib.Path) -> None:
-    """Raises when the run's selection names a best step (it kept one in ``best_dir``) that is
-    gone: "best" would otherwise read the newest checkpoint as if it were the best."""
+    """Raises when the run selects a best step (it has a validation split) and ``best_dir``
+    holds none: its best is gone, or no validation gave one (a NaN, a class with nothing to
+    score). "best" would otherwise read the newest checkpoint as if it were the best; a run
+    without a selection has no best, and reads its newest."""
     selection = read_selection(newest)
+    if not selection.get("metric"):
+        return
+    latest = (
+        f"--which=latest reads the newest checkpoint (step {newest.name}) instead (as "
+        f"init.path or --weights: {newest.parent})."
+    )
     if selection.get("best_step") is not None:
         raise WeightFormatError(
             f"The run's best checkpoint (step {selection['best_step']}, "
-            f"{selection.get('metric')}) is not in {best_dir}; --which=latest reads the newest "
-            f"checkpoint (step {newest.name}) instead (as init.path or --weights: "
-            f"{newest.parent})."
+            f"{selection.get('metric')}) is not in {best_dir}; {latest}"
         )
+    why = (
+        f"no validation gave a finite {selection['metric']}"
+        if selection.get("bad_evaluations")
+        else f"no validation has chosen one by {selection['metric']} yet"
+    )
+    raise WeightFormatError(f"The run has no best checkpoint: {why}; {latest}")
 
 
 def frozen_dir(checkpoints_dir: str) -> str:
