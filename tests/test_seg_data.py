@@ -19,6 +19,7 @@ from PIL import Image
 from vision_jax import data as data_lib
 from vision_jax.config import TrackedConfig, default_config
 from vision_jax.data import IGNORE_LABEL, augment
+from vision_jax.data.pipeline import label_map_pixels
 from vision_jax.data.preprocess import InputSpec, make_preprocess
 
 # Region colours (never black: black is padding), by class; grey marks ignored pixels.
@@ -203,6 +204,9 @@ def test_raw_mask_values_of_an_image_folder_through_the_value_table(tmp_path):
     train = next(data_lib.train_batches(source, spec_of(), global_batch=7, seed=0))
     assert set(np.unique(train["label_map"])) <= {*range(len(CLASSES)), IGNORE_LABEL}
     assert data_lib.check_examples(source, spec_of()) == 0
+    # The check of a selection's class before training counts the class ids too.
+    counts = np.bincount(np.stack(maps).ravel(), minlength=256)
+    np.testing.assert_array_equal(label_map_pixels(source), counts)
     cut = tuple(pair for pair in ade if pair[0] != 2)  # raw 2 (class 1) left out
     source = data_lib.load_source(
         data_config(source="imagefolder", root=str(tmp_path), label_map_values=cut).data,

@@ -610,6 +610,29 @@ def test_a_detection_metric_the_validation_split_cannot_give_is_refused_before_t
             run_lib._check_selection(spec, source, 14, fresh=True)
 
 
+def test_a_segmentation_class_the_validation_split_lacks_is_refused_before_training(tmp_path):
+    """``iou/<class>`` of a class no validation label map holds is 0 where the model predicts
+    it, else left out: no validation would give a best, found only at the end of training (as
+    detection's ``ap/<class>`` without a box); the split's label maps tell before it."""
+    from test_segmentation_train import seg_config, squares
+
+    images, maps = squares(8, seed=2)
+    no_blue = {"val": (images, np.where(maps == 3, 2, maps).astype(np.uint8))}
+    arrays = {"train": squares(64), "test": squares(8, seed=1), **no_blue}
+    cfg = seg_config(**{"data.val_split": "val", "early_stopping.metric": "val/iou/blue"})
+    why = ("early_stopping.metric 'val/iou/blue' can never be measured on the validation split "
+           "'val': no label map of it holds a pixel of class 'blue' (its IoU is 0 where the "
+           "model predicts it, else left out).")  # fmt: skip
+    with pytest.raises(specs.ConfigError, match=re.escape(why)):
+        run_lib.build_run(cfg, str(tmp_path / "run"), arrays=arrays)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    for ok in ("val/iou/green", "val/miou"):  # a class with pixels, or the mean, passes
+        cfg.early_stopping.metric = ok
+        spec = specs.run_spec(TrackedConfig(cfg))
+        source = data_lib.load_source(spec.data, "val", arrays=arrays, target="label_map")
+        run_lib._check_selection(spec, source, 14, fresh=True)
+
+
 def test_no_early_stop_at_the_last_step(tmp_path, scripted_validation):
     """A validation at the planned last step that exhausts the patience ends the run as
     planned: not "stopped early" (a longer run resumes from it)."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from vision_jax.data import augment, boxes, exif
 from vision_jax.data.coco import size_problem
-from vision_jax.data.preprocess import InputSpec, make_preprocess
+from vision_jax.data.preprocess import InputSpec, make_preprocess, raw_label_map
 from vision_jax.data.sources import IGNORE_LABEL, DataError, Source, gather_rows
 
 logger = logging.getLogger(__name__)
@@ -579,6 +579,21 @@ def _example_shapes(
     else:
         shapes[kind] = ((s, s) if kind == "label_map" else (), np.int32)
     return shapes
+
+
+def label_map_pixels(source: Source, threads: int | None = None) -> np.ndarray:
+    """Pixels of each label value (256 counts) in every label map of ``source`` as stored
+    (before resizing and cropping; a file's raw values through the source's table), for checks
+    before training; a map that cannot be read counts nothing (:func:`check_examples` names
+    it)."""
+
+    def count(example: dict) -> tf.Tensor:
+        label_map = tf.reshape(tf.cast(raw_label_map(example, source.label_values), tf.int32), [-1])
+        return tf.math.bincount(label_map, minlength=256, maxlength=256, dtype=tf.int64)
+
+    ds = parallel_map(source.dataset, count).ignore_errors()
+    ds = ds.batch(1024).with_options(pipeline_options(threads))
+    return sum((counts.sum(0) for counts in ds.as_numpy_iterator()), np.zeros(256, np.int64))
 
 
 def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:

@@ -65,7 +65,7 @@ def _raw_image(example: Example) -> tf.Tensor:
     return example["image"]
 
 
-def _raw_label_map(example: Example, values: np.ndarray | None = None) -> tf.Tensor:
+def raw_label_map(example: Example, values: np.ndarray | None = None) -> tf.Tensor:
     """uint8 [H, W, 1] class ids, read from ``example["label_map_path"]`` if given (its raw
     values mapped through the table ``values``, :func:`~vision_jax.data.sources.value_table`)."""
     if "label_map_path" in example:
@@ -83,7 +83,7 @@ def _decode_pair(
     """The float32 image and its uint8 label map, failing (when run) if their sizes differ or
     the map holds values outside ``[0, num_classes)`` other than IGNORE_LABEL."""
     image = tf.cast(augment.decode(_raw_image(example)), tf.float32)
-    label_map = _raw_label_map(example, table)
+    label_map = raw_label_map(example, table)
     values = tf.reshape(tf.cast(label_map, tf.int32), [-1])
     bad = tf.unique(tf.boolean_mask(values, (values >= num_classes) & (values != IGNORE_LABEL))).y
     checks = [

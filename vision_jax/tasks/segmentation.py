@@ -192,6 +192,24 @@ class Segmentation(Task):
         check_interval("label_smoothing", self.label_smoothing, "[0, 1)")
         only_when("task", self, ("decoder_width",), self.head == "fpn", "to task.head='fpn'")
 
+    def unmeasurable(self, name: str, source: Any) -> str | None:
+        """``iou/<class>`` of a split whose label maps hold no pixel of the class is 0 where the
+        model predicts the class, else left out: never a best. The label maps as stored tell (a
+        class only in what the evaluation's crop cuts off passes)."""
+        base, _, key = name.partition("/")
+        classes = {class_key(n): (c, n) for c, n in enumerate(source.class_names)}
+        if base not in self.per_class_metrics or key not in classes:
+            return None
+        from vision_jax.data.pipeline import label_map_pixels
+
+        c, class_name = classes[key]
+        if label_map_pixels(source)[c]:
+            return None
+        return (
+            f"no label map of it holds a pixel of class {class_name!r} (its IoU is 0 where the "
+            "model predicts it, else left out)"
+        )
+
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
         if self.class_weights is not None and len(self.class_weights) != num_classes:
             raise ValueError(
