@@ -5,6 +5,7 @@ the CLI writes jsonl / csv / PNG label maps, and a pretrained file predicts as t
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import pathlib
@@ -920,6 +921,37 @@ def test_a_batch_holds_no_more_than_the_images(digit_files, monkeypatch):
                 call(_without_a_model(task))
             seen.append(batched.value.args[0])
     assert seen == [1, 32, 4, 2, 1]
+
+
+def test_an_unreadable_file_has_the_same_reason_for_every_task(digit_files, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    """An empty file, a text file and a JPEG cut short: the reason is the pipeline decoder's
+    for detection too (it was PIL's, reading the header: "cannot identify image file ...",
+    "Truncated File Read")."""
+    from vision_jax.tasks import Classification, Detection
+
+    class Batched(Exception):
+        pass
+
+    def batches(source, spec, *, global_batch, **kwargs):
+        raise Batched
+
+    monkeypatch.setattr(data_lib, "eval_batches", batches)
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(jpeg, format="JPEG")
+    broken = {"empty.jpg": b"", "text.png": b"not an image", "cut.jpg": jpeg.getvalue()[:300]}
+    for name, data in broken.items():
+        (tmp_path / name).write_bytes(data)
+    paths = [digit_files[0][0], *(str(tmp_path / name) for name in broken)]
+    reasons = []
+    for task in (Classification(), Segmentation(), Detection()):
+        unreadable = []
+        with pytest.raises(Batched):
+            next(_without_a_model(task).iter_predict(paths, unreadable=unreadable))
+        reasons.append(unreadable)
+    assert reasons[0] == reasons[1] == reasons[2] and len(reasons[0]) == 3
+    assert reasons[0][0][1] == "not an image file of a known format"
+    assert "jpeg::Uncompress failed" in reasons[0][2][1]
 
 
 def test_a_file_gone_once_predicting_is_named_in_predicts_terms(digit_files, tmp_path,

@@ -404,7 +404,8 @@ class Predictor:
         """COCO results of the readable files (with ``file_name`` and ``category_name``), a
         list for each batch; the unreadable files (path, reason) go into ``unreadable``."""
         source, skipped = from_image_files(paths, self.class_names, self.category_ids)
-        unreadable += skipped
+        # the decoder's reason, as the other tasks give (not that of PIL reading the header)
+        unreadable += [(path, _reason(path, header)) for path, header in skipped]
         batch_size = self._batch_size(source.num_examples)
         batches = data_lib.eval_batches(source, self.input, global_batch=batch_size, max_boxes=1)
         bar = Progress(source.num_examples) if progress else None
@@ -491,10 +492,10 @@ def decoded_sizes(paths: Sequence[str]) -> tuple[list[Sized], list[tuple[str, st
     return [(p, found[i]) for i, p in enumerate(paths) if i in found], unreadable
 
 
-def _reason(path: str) -> str:
-    """Why the pipeline's decoder cannot read ``path``."""
+def _reason(path: str, otherwise: str = "cannot be decoded") -> str:
+    """Why the pipeline's decoder cannot read ``path`` (``otherwise``: if it can)."""
     error = decode_file(path, augment.decode)
-    return error if isinstance(error, str) else "cannot be decoded"
+    return error if isinstance(error, str) else otherwise
 
 
 def unlabelled_files(
