@@ -191,6 +191,35 @@ def test_a_finished_run_without_a_best_says_so_to_another_selection(tmp_path, mo
         train_and_evaluate(cfg, str(tmp_path))
 
 
+def test_best_of_a_run_without_one_is_an_error_unless_it_selects_none(tmp_path):
+    """``which="best"`` reads the newest step of a run without a validation split; of a run
+    whose selection has no best (none of its validations gave one, or none has run yet), it is
+    an error naming ``--which=latest``, not the newest step read as the best."""
+    from vision_jax.weights.run_dir import REQUIRED_FILES, latest_step_dir
+
+    def step(workdir, selection):
+        folder = workdir / "checkpoints" / "6"
+        for name in REQUIRED_FILES:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("{}")
+        (folder / "meta" / "metadata").write_text(json.dumps({"selection": selection}))
+        return folder
+
+    newest = step(tmp_path / "none", None)
+    assert latest_step_dir(tmp_path / "none", "best") == newest
+    for bad, why in [(2, "no validation gave a finite val/top1"),
+                     (0, "no validation has chosen one by val/top1 yet")]:  # fmt: skip
+        workdir = tmp_path / str(bad)
+        selection = {"metric": "val/top1", "best_step": None, "bad_evaluations": bad}
+        newest = step(workdir, selection)
+        told = (f"The run has no best checkpoint: {why}; --which=latest reads the newest "
+                f"checkpoint (step 6) instead (as init.path or --weights: "
+                f"{newest.parent}).")  # fmt: skip
+        with pytest.raises(weights.WeightFormatError, match=re.escape(told)):
+            latest_step_dir(workdir, "best")
+        assert latest_step_dir(workdir) == newest
+
+
 @pytest.mark.slow
 def test_a_longer_run_selects_as_an_uninterrupted_one(tmp_path, scripted_validation):
     """The last step's checkpoint records its own validation: a run extended from it
