@@ -9,6 +9,7 @@ import pathlib
 import re
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from test_train import small_config
@@ -413,6 +414,42 @@ def test_a_resume_keeps_the_best_its_selection_names(tmp_path, scripted_validati
     with pytest.raises(checkpoint_lib.CheckpointError, match=r"best checkpoint of step 4 "
                        r"\(val/top1 0.7\) is not in .*no validation left"):  # fmt: skip
         train_and_evaluate(selecting_config(), str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, every, total",
+    [
+        ([0.5, 0.7], 2, 4),  # the restored step's best is gone: it is saved again
+        ([0.5, 0.6, 0.8, 0.7], 4, 8),  # a best between two checkpoints stays best
+        ([0.7, 0.6, 0.8, 0.75], 4, 8),  # the restored step's selection names step 2
+    ],
+)  # fmt: skip
+def test_a_best_after_the_restored_step_is_an_earlier_runs(
+    tmp_path, scripted_validation, monkeypatch, script, every, total
+):
+    """A crash after an improvement's best save, before the step checkpoint that follows it
+    (``eval_every_steps`` < ``checkpoint_every_steps``, or a kill between the two saves of
+    one step), leaves a best of a step after the one a resume restores: it is an earlier
+    run's, and the resumed run, which computes that step again, saves it as its own (it kept
+    the restored step's best again and reported that one). The outcome is the
+    uninterrupted run's: the same best step, parameters and test figures."""
+    monkeypatch.setitem(globals(), "SCRIPT", script)
+    config = selecting_config()
+    config.total_steps, config.checkpoint_every_steps = total, every
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    uninterrupted = train_and_evaluate(config, str(whole))
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / str(total))  # the crash: the last step is not saved
+    scripted_validation["val"] = max([0] + steps(cut)) // 2
+    resumed = train_and_evaluate(config, str(cut))
+    best = int(uninterrupted["best/step"])
+    assert resumed["best/step"] == best
+    assert [p.name for p in (cut / "best").iterdir() if p.name.isdigit()] == [str(best)]
+    jax.tree.map(np.testing.assert_array_equal, read_variables(cut, "best"),
+                 read_variables(whole, "best"))  # the same parameters, bit for bit  # fmt: skip
+    figures = {k: v for k, v in uninterrupted.items() if k.startswith(("test/", "eval/", "best/"))}
+    assert figures and {k: resumed[k] for k in figures} == figures
 
 
 @pytest.mark.slow

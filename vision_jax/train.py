@@ -455,10 +455,11 @@ def _train(run: Run, workdir: str, stop: StopSignals) -> dict[str, float]:
 
 def _resume_best(run: Run) -> None:
     """A resumed run's best checkpoint is the one its selection names: others (kept by an
-    earlier run past the restored step) are removed; a missing one (a crash cut its save
-    short) is saved again from the restored state when it is that state, else chosen again
-    from here on. A selection without a best (none yet, or started anew on another validation
-    split) keeps none."""
+    earlier run, past the restored step too: a crash after an improvement's best save, before
+    the step checkpoint after it; this run computes that step again and saves its own) are
+    removed; a missing one (a crash cut its save short) is saved again from the restored state
+    when it is that state, else chosen again from here on. A selection without a best (none
+    yet, or started anew on another validation split) keeps none."""
     selection = run.selection
     if selection is None or run.start_step == 0:
         return
@@ -471,6 +472,7 @@ def _resume_best(run: Run) -> None:
     elif best_step == run.start_step:
         logger.warning("The best checkpoint of step %d was not complete in %s; saving it again "
                        "from that step's checkpoint.", best_step, run.best.directory)  # fmt: skip
+        run.best.keep_only(None)  # a later best is an earlier run's: this run saves its own
         run.best.save(best_step, run.state, _meta(run, False), selection.best_value)
     elif _finished(run):
         raise CheckpointError(
