@@ -1016,6 +1016,23 @@ def test_swapped_step_folders_are_moved_aside_and_the_run_resumes_exactly(
         assert_same_step(full, workdir, step)
 
 
+def test_a_step_folder_renamed_past_the_end_is_moved_aside_not_taken_for_its_name(
+    tmp_path, finished_run, caplog
+):
+    """``checkpoints/20`` holding step 6's state is not "the newest checkpoint at step 20, past
+    the end of this run" (the run refused, naming a step it never trained): it is moved aside
+    as swapped folders are, and the run resumes from step 4 as the uninterrupted one."""
+    full, config = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(full, workdir)
+    (workdir / "checkpoints" / "6").rename(workdir / "checkpoints" / "20")
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(config, str(workdir))
+    assert "holds the state of step 6" in caplog.text and "past the end" not in caplog.text
+    assert moved_aside(workdir) == ["20"] and steps_in(workdir) == [2, 4, 6]
+    assert_same_step(full, workdir, 6)
+
+
 def test_a_run_loaded_into_another_model_names_the_model_it_trained(finished_run):
     """A run's weights into another architecture: the message says which model the run
     trained (its record knows), beside what each side holds."""

@@ -215,6 +215,21 @@ def _read_step(path: epath.Path, abstract_state: Any) -> tuple[Any, str | None]:
     return None, why
 
 
+def _held_step(path: epath.Path) -> int | None:
+    """The train step a step folder's state holds, read alone; None if it cannot be read."""
+    quiet_abandoned_io()
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        restore = {"step": ocp.RestoreArgs(restore_type=np.ndarray)}
+        args = ocp.args.PyTreeRestore(item={"step": 0}, restore_args=restore, partial_restore=True)
+        return int(handler.restore(path / STATE_ITEM, args=args)["step"])
+    except Exception:  # orbax and TensorStore raise many types
+        logger.debug("Reading the step of %s failed.", path, exc_info=True)
+        return None
+    finally:
+        handler.close()
+
+
 def _move_aside(directory: str, name: str | int, why: str) -> None:
     """Moves a step folder (or an unfinished save) of ``directory`` to
     ``corrupt/<name>-<UTC time>``, with one warning line; process 0 only (the callers sync)."""
@@ -550,12 +565,22 @@ class Checkpointer:
         self.has_frozen, self.frozen_digest = True, saved
         return frozen
 
-    def newest_complete_step(self) -> int | None:
-        """The newest step whose folder holds every file of a committed save (it may still be
-        unreadable), as process 0 sees it; None without one. Call on every process."""
-        steps = [s for s in self.manager.all_steps() if is_complete(self.step_dir(s))]
+    def newest_complete_step(self, below: int | None = None) -> int | None:
+        """The newest step (``below`` that one) whose folder holds every file of a committed
+        save (it may still be unreadable), as process 0 sees it; None without one. Call on
+        every process."""
+        steps = [s for s in self.manager.all_steps() if below is None or s < below]
+        steps = [s for s in steps if is_complete(self.step_dir(s))]
         newest = _broadcast(max(steps, default=-1))  # every process acts on process 0's answer
         return None if newest < 0 else newest
+
+    def held_step(self, step: int) -> int | None:
+        """The step whose state the folder of ``step`` holds (another one's in a renamed
+        folder, which the restore moves aside), as process 0 reads it; None if it cannot be
+        read. Call on every process."""
+        held = _held_step(self.step_dir(step)) if jax.process_index() == 0 else None
+        held = _broadcast(-1 if held is None else held)
+        return None if held < 0 else held
 
     def complete_steps(self) -> list[int]:
         """The steps whose folders hold every file of a committed save, as this process sees

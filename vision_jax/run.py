@@ -1229,7 +1229,13 @@ def _check_not_past_the_end(
     steps_per_epoch: int,
 ) -> None:  # fmt: skip
     """Refuses, before anything is restored, a workdir whose newest checkpoint (``newest``) is
-    past this run's end (its metrics would be labelled as the shorter run's)."""
+    past this run's end (its metrics would be labelled as the shorter run's). A folder that
+    holds another step's state (renamed) does not count: the restore moves it aside."""
+    while newest is not None and newest > total_steps:
+        held = ckpt.held_step(newest)
+        if held is None or held == newest:
+            break
+        newest = ckpt.newest_complete_step(below=newest)
     if newest is None or newest <= total_steps:
         return
     length = f"total_steps={total_steps}"
