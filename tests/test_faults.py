@@ -1152,6 +1152,45 @@ def test_every_signal_after_the_first_interrupts_a_python_caller():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def _received(stop, deadline_s: float = 5.0) -> None:
+    """Waits until the signal thread of ``stop`` took note of the first signal."""
+    deadline = time.monotonic() + deadline_s
+    while stop.received is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("exit_on_second", [True, False])
+def test_a_repeated_sigterm_is_the_same_stop_and_only_ctrl_c_ends_it(
+    exit_on_second, monkeypatch, capfd
+):
+    """Two SIGTERMs 50 ms apart (a supervisor that signals the process group and the child)
+    exited at once, without the save the first asked for: a repeated SIGTERM is one line and
+    the stop goes on; a Ctrl-C after it still exits at once (or interrupts a Python caller)."""
+    from vision_jax import signals
+
+    exits = []
+    monkeypatch.setattr(signals.os, "_exit", exits.append)
+    with signals.StopSignals(exit_on_second) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        _received(stop)
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # neither exits nor interrupts
+        assert stop.received == "SIGTERM" and not exits
+        if exit_on_second:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            time.sleep(0.3)  # the signal thread's line
+    assert exits == ([128 + signal.SIGINT] if exit_on_second else [])
+    error = capfd.readouterr().err
+    assert error.count("SIGTERM again: still stopping at the next step") == 1, error
+    assert "second signal (SIGINT)" in error
+
+
 @pytest.mark.slow
 def test_sigterm_two_processes_one_or_the_launcher_then_resume_exactly(tmp_path, procs):
     full = procs(*local_argv(tmp_path / "full"))

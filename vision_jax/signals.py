@@ -7,11 +7,13 @@ passed yet (``multihost_utils.reached_preemption_sync_point``; a mutex per step,
 communication until a signal comes); SIGINT is handed on to it as SIGTERM. With that service
 off (``jax_enable_preemption_service=False``) the processes agree by an allgather of the flag
 every :data:`AGREE_EVERY` steps. A signal sent to any one process stops them all at that step.
-A second signal of either kind exits at once, without saving (the command line), or raises
-KeyboardInterrupt in the main thread (a Python caller's process, e.g. a notebook's kernel,
-lives on), as does every later one; inside :func:`uninterrupted` (a checkpoint save handed to
-orbax's threads, the wait for them before the workdir is released) it is held until the block
-ends: cut short there, orbax's threads would write on after the run ended. A signal that this
+A Ctrl-C (SIGINT) after the first signal exits at once, without saving (the command line), or
+raises KeyboardInterrupt in the main thread (a Python caller's process, e.g. a notebook's
+kernel, lives on), as does every later one; inside :func:`uninterrupted` (a checkpoint save
+handed to orbax's threads, the wait for them before the workdir is released) it is held until
+the block ends: cut short there, orbax's threads would write on after the run ended. Any other
+signal after the first is the same stop request again (a supervisor that signals both the
+process group and the child): one line, the save goes on. A signal that this
 process inherited as ignored (SIGINT in a background job) stays ignored: the launcher forwards
 SIGTERM.
 """
@@ -92,7 +94,7 @@ class StopSignals:
     """Catches SIGTERM and SIGINT while entered (a context manager; main thread only).
 
     The signals are read by a thread through ``signal.set_wakeup_fd``, so a message appears and
-    a second signal exits at once even while the main thread waits in a long step or compile
+    a second Ctrl-C exits at once even while the main thread waits in a long step or compile
     (``exit_on_second``; else it raises KeyboardInterrupt in the main thread once that thread
     runs Python again). ``stop_before(step)`` is called once before training,
     ``should_stop(step)`` after every step (absolute step numbers, as orbax uses with the same
@@ -104,6 +106,8 @@ class StopSignals:
         # A process of a multi-process run exits: raised in one, its peers would wait.
         self._exit_on_second = exit_on_second or distributed_client() is not None
         self._in_main = 0  # signals the main thread's handler has seen
+        self._repeated = False  # a signal other than SIGINT came after the first: said once
+        self._now = "exit now" if self._exit_on_second else "interrupt"
         self._sync = _sync_manager()
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[int, Any] | None = None  # (write end, the previous wakeup fd)
@@ -149,7 +153,7 @@ class StopSignals:
         :func:`uninterrupted` block under way ends."""
         global _held
         self._in_main += 1
-        if self._in_main >= 2 and not self._exit_on_second:
+        if self._in_main >= 2 and signum == signal.SIGINT and not self._exit_on_second:
             if _shielded:
                 _held = True
                 return
@@ -157,6 +161,13 @@ class StopSignals:
 
     def _handle(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        if self.received is not None and signum != signal.SIGINT:
+            # The same stop request again (a supervisor that signals the process group and the
+            # child, a wrapper that forwards it): not an order to exit; only Ctrl-C is.
+            if not self._repeated:
+                self._repeated = True
+                _say(f"{name} again: still stopping at the next step (Ctrl-C: {self._now}).")
+            return
         if self.received is not None:
             if self._exit_on_second:
                 _say(f"second signal ({name}): exiting now, without saving.")
@@ -165,10 +176,10 @@ class StopSignals:
             _say(f"second signal ({name}): KeyboardInterrupt in the caller{later}, without saving.")
             return
         self.received = name
-        again = "exit now" if self._exit_on_second else "interrupt"
+        again = "again" if signum == signal.SIGINT else "after it"
         _say(
             f"{name}: stopping at the next step, saved (a final evaluation stops at its next "
-            f"batch; {name} again: {again})."
+            f"batch; Ctrl-C {again}: {self._now})."
         )
         if self._sync is not None:
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
