@@ -1191,6 +1191,31 @@ def test_a_repeated_sigterm_is_the_same_stop_and_only_ctrl_c_ends_it(
     assert "second signal (SIGINT)" in error
 
 
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGUSR2", "SIGHUP"])
+def test_usr1_usr2_and_hup_stop_as_sigterm_and_a_callers_own_handler_is_kept(sig):
+    """SLURM's --signal=USR1@90 (Lightning), submitit's USR2, a closed ssh session's HUP ended
+    the run with no save and no line: they stop it as SIGTERM does; a handler of the caller's
+    own (submitit's) keeps them, and the default is back after the run."""
+    from vision_jax import signals
+
+    signum = getattr(signal, sig)
+    with signals.StopSignals() as stop:
+        os.kill(os.getpid(), signum)
+        _received(stop)
+        assert stop.received == sig
+        assert stop.should_stop(1)
+    assert signal.getsignal(signum) is signal.SIG_DFL
+    own = []
+    previous = signal.signal(signum, lambda number, frame: own.append(number))
+    try:
+        with signals.StopSignals() as stop:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.3)
+            assert stop.received is None and own == [signum]
+    finally:
+        signal.signal(signum, previous)
+
+
 @pytest.mark.slow
 def test_sigterm_two_processes_one_or_the_launcher_then_resume_exactly(tmp_path, procs):
     full = procs(*local_argv(tmp_path / "full"))

@@ -8,8 +8,9 @@ multi-process run's stderr through a small reader process forked before JAX star
 every line through as it comes; from JAX's fatal line on it holds the lines back, and when the
 stream ends (the process is gone) it prints one line naming the lost coordinator instead of them
 (after more than :data:`MAX_HELD` lines it was no abort: they are written after all). The reader
-ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a scheduler's SIGTERM reaches every process)
-and ends with the stream, so signals and exit statuses stay exactly those of the JAX process.
+ignores SIGINT, SIGTERM and the signals taken as SIGTERM (:data:`vision_jax.signals.ALSO`; a
+terminal's Ctrl-C or a scheduler's signal reaches every process) and ends with the stream, so
+signals and exit statuses stay exactly those of the JAX process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+
+from vision_jax.signals import ALSO, SIGNALS
 
 JAX_FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
 _PROCESS_LINE = re.compile(rb"JAX process (\d+) of (\d+)")
@@ -30,7 +33,7 @@ def route_stderr(process: int | None = None, count: int | None = None) -> None:
     read_end, write_end = os.pipe()
     if os.fork() == 0:  # the reader: fd 2 is still the real stderr here
         os.close(write_end)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in SIGNALS + ALSO:
             signal.signal(signum, signal.SIG_IGN)
         try:
             copy_lines(os.fdopen(read_end, "rb"), 2, process, count)

@@ -7,8 +7,8 @@ Exit status: 0 done; 1 an error (one line on stderr; details in the log); 2 a us
 flag, unknown config key, missing config file: found before JAX starts); 69 a peer process of a
 multi-process run was lost (:mod:`vision_jax.watchdog`; when the coordinator is lost JAX aborts
 the others, and :mod:`vision_jax.abort_notice` replaces its message with one line); 75 stopped
-by SIGTERM / SIGINT after saving a checkpoint: run the same command again to resume
-(:mod:`vision_jax.signals`).
+by SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 / SIGHUP after saving a checkpoint: run the same
+command again to resume (:mod:`vision_jax.signals`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vision_jax.abort_notice import route_stderr
 from vision_jax.compilation_cache import EMPTY_SETTING, configure_compilation_cache
 from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
 from vision_jax.output_errors import is_url, printable, workdir_problem
-from vision_jax.signals import EXIT_STOPPED
+from vision_jax.signals import ALSO, EXIT_STOPPED, SIGNALS
 from vision_jax.watchdog import EXIT_PEER_LOST
 
 FLAGS = flags.FLAGS
@@ -409,7 +409,8 @@ def _report(workdir: str, final: Any) -> None:
         sys.stdout.flush()
         os._exit(EXIT_STOPPED)
 
-    previous = {s: signal.signal(s, stopped) for s in (signal.SIGTERM, signal.SIGINT)}
+    caught = SIGNALS + tuple(s for s in ALSO if signal.getsignal(s) is signal.SIG_DFL)
+    previous = {s: signal.signal(s, stopped) for s in caught}
     try:
         print(f"report: {write_report(workdir, final=final)}")
     except Exception as e:  # the trained model is saved whatever the report hits

@@ -1,21 +1,23 @@
 """Stopping a run cleanly on SIGTERM or SIGINT: a checkpoint at a step every process agrees on.
 
+SIGUSR1, SIGUSR2 and SIGHUP (SLURM's ``--signal``, submitit, a closed ssh session) are taken as
+SIGTERM is, where no handler of the caller's own (or an inherited SIG_IGN) has them.
+
 One process: the signal sets a flag that the loop reads at the next step boundary. Several
 processes (``jax.distributed``): SIGTERM goes to JAX's preemption notifier (installed by
-``jax.distributed.initialize``), whose sync protocol picks the next step that no process has
-passed yet (``multihost_utils.reached_preemption_sync_point``; a mutex per step, no
-communication until a signal comes); SIGINT is handed on to it as SIGTERM. With that service
-off (``jax_enable_preemption_service=False``) the processes agree by an allgather of the flag
-every :data:`AGREE_EVERY` steps. A signal sent to any one process stops them all at that step.
-A Ctrl-C (SIGINT) after the first signal exits at once, without saving (the command line), or
-raises KeyboardInterrupt in the main thread (a Python caller's process, e.g. a notebook's
-kernel, lives on), as does every later one; inside :func:`uninterrupted` (a checkpoint save
-handed to orbax's threads, the wait for them before the workdir is released) it is held until
-the block ends: cut short there, orbax's threads would write on after the run ended. Any other
-signal after the first is the same stop request again (a supervisor that signals both the
-process group and the child): one line, the save goes on. A signal that this
-process inherited as ignored (SIGINT in a background job) stays ignored: the launcher forwards
-SIGTERM.
+``jax.distributed.initialize``), whose sync protocol picks the next step that no process has passed
+yet (``multihost_utils.reached_preemption_sync_point``; a mutex per step, no communication until a
+signal comes); SIGINT (and the others above) is handed on to it as SIGTERM. With that service off
+(``jax_enable_preemption_service=False``) the processes agree by an allgather of the flag every
+:data:`AGREE_EVERY` steps. A signal sent to any one process stops them all at that step. A Ctrl-C
+(SIGINT) after the first signal exits at once, without saving (the command line), or raises
+KeyboardInterrupt in the main thread (a Python caller's process, e.g. a notebook's kernel, lives
+on), as does every later one; inside :func:`uninterrupted` (a checkpoint save handed to orbax's
+threads, the wait for them before the workdir is released) it is held until the block ends: cut
+short there, orbax's threads would write on after the run ended. Any other signal after the first
+is the same stop request again (a supervisor that signals both the process group and the child):
+one line, the save goes on. A signal that this process inherited as ignored (SIGINT in a background
+job) stays ignored: the launcher forwards SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ import numpy as np
 # sysexits.h EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun to resume.
 EXIT_STOPPED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Asked for as SIGTERM is: SLURM's --signal=USR1@90 (Lightning), submitit's USR2, a closed ssh
+# session's HUP. Caught only where their handler is the default (which ends the process): a
+# Python caller's own handler (submitit's) is kept, an inherited SIG_IGN (nohup) too.
+ALSO = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 AGREE_EVERY = 10  # steps between agreements when JAX's preemption service is off
 NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # set by JAX's preemption notifier (TSL)
 
@@ -87,11 +93,15 @@ def _sync_manager() -> Any:
 
 def _say(message: str) -> None:
     """One line on stderr, safe inside a signal handler."""
-    os.write(2, f"vision_jax: {message}\n".encode())
+    try:
+        os.write(2, f"vision_jax: {message}\n".encode())
+    except OSError:  # (SIGHUP: the terminal may be gone) the stop goes on without its line
+        pass
 
 
 class StopSignals:
-    """Catches SIGTERM and SIGINT while entered (a context manager; main thread only).
+    """Catches SIGTERM, SIGINT and :data:`ALSO` while entered (a context manager; main thread
+    only).
 
     The signals are read by a thread through ``signal.set_wakeup_fd``, so a message appears and
     a second Ctrl-C exits at once even while the main thread waits in a long step or compile
@@ -115,7 +125,9 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         mine = [s for s in SIGNALS if not (s == signal.SIGTERM and self._sync is not None)]
         try:  # JAX's preemption notifier owns SIGTERM when it runs; keep inherited SIG_IGN
-            for sig in [s for s in mine if signal.getsignal(s) is not signal.SIG_IGN]:
+            mine = [s for s in mine if signal.getsignal(s) is not signal.SIG_IGN]
+            mine += [s for s in ALSO if signal.getsignal(s) is signal.SIG_DFL]
+            for sig in mine:
                 self._previous[sig] = signal.signal(sig, self._in_main_thread)
             if self._previous:
                 read, write = os.pipe()

@@ -147,8 +147,9 @@ def train_and_evaluate(
     report does not predict again; not in LoRA runs, whose evaluation applies the adapters unmerged
     where the saved model has them merged (in bfloat16 their predictions differ).
 
-    SIGTERM or SIGINT saves a checkpoint at the next step (agreed by every process) and raises
-    :class:`~vision_jax.signals.StopRequested`; a second one (and any later one) raises
+    SIGTERM or SIGINT (or SIGUSR1, SIGUSR2, SIGHUP where the caller has no handler of its own
+    for them) saves a checkpoint at the next step (agreed by every process) and raises
+    :class:`~vision_jax.signals.StopRequested`; a Ctrl-C after it (and any later one) raises
     KeyboardInterrupt without saving more (``exit_on_second_signal``: ends the process at
     once, as the command line does, even inside a long step or compilation); a non-finite
     update raises :class:`NonFiniteError` as ``config.on_nonfinite`` says. The final state is
