@@ -12,8 +12,10 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from types import SimpleNamespace
 
@@ -603,6 +605,41 @@ def test_a_failed_export_leaves_the_earlier_one_whole(digits_run, tmp_path, monk
     ), err
     assert err.strip().endswith("then run the same command again."), err  # what to do
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_sigterm_during_an_export_is_one_line_and_a_killed_ones_partials_go(
+    digits_run, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM ended an export without a word (Python's default) and left its
+    ``export.json.partial-<pid>``, which piled up: now one line and status 143, its partial
+    files removed as on Ctrl-C; those a killed export left (SIGKILL) go at the next export,
+    another's under way stays."""
+    from vision_jax.export.__main__ import _command
+
+    out = tmp_path / "exported"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (out / f"export.json.partial-{dead}").write_text("{")
+    (out / f"model.jax_exported.partial-{os.getppid()}").write_text("")  # running
+    write_bytes = pathlib.Path.write_bytes
+
+    def signalled(self, data):
+        write_bytes(self, data[:10])
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", signalled)
+    argv = ["export", "--workdir", str(digits_run), "--format", "stablehlo", "--output", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    assert _command() == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "vision_jax.export: interrupted (SIGTERM); the export in --output is unfinished "
+        "(export.json is written last): run it again."
+    )
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [f"model.jax_exported.partial-{os.getppid()}"], left
 
 
 def test_quantisation_report_miou_is_scikit_learns():

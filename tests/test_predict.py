@@ -8,8 +8,11 @@ import csv
 import io
 import json
 import logging
+import os
 import pathlib
 import shutil
+import signal
+import time
 import zipfile
 
 import jax
@@ -1040,6 +1043,34 @@ def test_predict_on_images_in_memory_points_to_predict_arrays(tmp_path):
     assert predictor.predict([]) == ([], [])
     with pytest.raises(data_lib.DataError, match="None of the 1 image file"):  # a path: read
         predictor.predict([tmp_path / "none.png"])
+
+
+def test_sigterm_ends_the_command_with_one_line_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """SIGTERM while predicting ended the command without a word (Python's default): one
+    line and status 143 (128 + SIGTERM) as for Ctrl-C; the records written stay."""
+    from vision_jax import predict
+
+    fixed = FixedPredictor()
+    batches = fixed.iter_predict
+
+    def signalled(*args, **kwargs):
+        yield next(batches(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once
+
+    monkeypatch.setattr(fixed, "iter_predict", signalled)
+    monkeypatch.setattr(predict, "_predictor", lambda args, parser: fixed)
+    _images(tmp_path / "images", "a.png", "b.png", "c.png")
+    out = tmp_path / "p.jsonl"
+    monkeypatch.setattr("sys.argv", ["predict", "--workdir=run", f"--input={tmp_path / 'images'}",
+                                     f"--output={out}"])  # fmt: skip
+    assert predict._command() == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vision_jax.predict: interrupted (SIGTERM); the output holds the batches written (a "
+        ".json list only once whole)."
+    ]  # fmt: skip
+    assert len(out.read_text().splitlines()) == 2  # the first batch's
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_ctrl_c_ends_the_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):

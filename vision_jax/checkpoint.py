@@ -32,7 +32,7 @@ from etils import epath
 
 from vision_jax import digests
 from vision_jax.orbax_import import ocp
-from vision_jax.output_errors import is_url, why_and_advice, why_and_what_to_do
+from vision_jax.output_errors import is_url, remove_left_behind, why_and_advice, why_and_what_to_do
 from vision_jax.signals import uninterrupted
 from vision_jax.weights.run_dir import (
     BEST_DIR,
@@ -298,12 +298,8 @@ def _remove_probes(directory: str) -> None:
     """Removes the write probes that a process killed between writing and removing its probe
     left in ``directory`` (call on process 0 before any process of this run probes)."""
     root = epath.Path(directory)
-    if not root.is_dir():
-        return
-    for path in root.glob(f"{PROBE_FILE}-*"):
-        with contextlib.suppress(Exception):  # (gone already: fine; else the probe says why)
-            path.unlink()
-            logger.info("Removed %s, the write probe of a process that was stopped.", path)
+    if root.is_dir():
+        remove_left_behind(root.glob(f"{PROBE_FILE}-*"), "the write probe")
 
 
 def _check_writable(directory: str) -> None:

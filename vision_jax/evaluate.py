@@ -36,6 +36,7 @@ from vision_jax.metrics import json_line
 from vision_jax.models.registry import backbone_of
 from vision_jax.output_errors import file_problem, is_url, written_whole
 from vision_jax.run_options import add_run_options
+from vision_jax.signals import command
 from vision_jax.steps import evaluate, make_eval_step
 from vision_jax.trained import Trained, load_split, load_trained
 from vision_jax.weights.load import load_pretrained
@@ -198,4 +199,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main, "vision_jax.evaluate", "no figures (they come at the end)."))

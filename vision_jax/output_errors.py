@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import logging
 import os
+import pathlib
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # Why a write failed, by the errno (or the words) of the error or one it was raised from: the
 # errno; the OS's words (TensorStore and orbax raise their own types with them in the text, e.g.
@@ -192,6 +198,36 @@ def unwritable_folder(folder: str) -> str | None:
             return None
     except OSError as e:
         return e.strerror or str(e)
+
+
+def remove_left_behind(paths: Iterable[Any], what: str) -> None:
+    """Removes ``paths`` (``pathlib`` or ``epath`` paths), files that a process stopped before
+    it could remove them left behind, with an info line each naming ``what`` they are; one gone
+    already is fine, one that cannot be removed stays (the write that needs it says why)."""
+    for path in paths:
+        with contextlib.suppress(Exception):
+            path.unlink()
+            logger.info("Removed %s, %s of a process that was stopped.", path, what)
+
+
+def remove_partials(folder: str | os.PathLike) -> None:
+    """Removes the temporary files of :func:`written_whole` in ``folder`` whose process is no
+    longer running (killed while it wrote them); another's under way stays."""
+    found = glob.glob(os.path.join(glob.escape(os.fspath(folder)), "*.partial-*"))
+    pids = {path: re.fullmatch(r".*\.partial-(\d+)", path) for path in found}
+    dead = [p for p, pid in pids.items() if pid and not _running(int(pid[1]))]
+    remove_left_behind(map(pathlib.Path, dead), "the file being written")
+
+
+def _running(pid: int) -> bool:
+    """Whether the process ``pid`` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import posixpath
-import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -71,6 +70,7 @@ from vision_jax.output_errors import (
     written_whole,
 )
 from vision_jax.run_options import add_run_options
+from vision_jax.signals import command
 from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
@@ -1047,16 +1047,14 @@ def _draw_all(
 
 
 def _command() -> int:
-    """:func:`main` as a command: Ctrl-C ends it with one line and status 130 (128 + SIGINT,
-    as training's command exits at a second signal), not a traceback; a Python caller of
-    :func:`main` gets the KeyboardInterrupt."""
-    try:
-        return main()
-    except KeyboardInterrupt:
-        after = "\n" if sys.stderr.isatty() else ""  # after the progress line
-        print(f"{after}vision_jax.predict: interrupted (SIGINT); the output holds the batches "
-              "written (a .json list only once whole).", file=sys.stderr, flush=True)  # fmt: skip
-        return 128 + signal.SIGINT
+    """:func:`main` as a command: Ctrl-C or SIGTERM ends it with one line and status 128 + the
+    signal (130, as training's command exits at a second Ctrl-C), not a traceback
+    (:func:`vision_jax.signals.command`); a Python caller of :func:`main` gets the
+    KeyboardInterrupt."""
+    return command(
+        main, "vision_jax.predict",
+        "the output holds the batches written (a .json list only once whole).",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -227,6 +228,41 @@ class StopSignals:
         # Several processes without JAX's preemption service: agree every AGREE_EVERY steps by
         # an allgather of the flag (it waits for the device: the loop cannot run ahead there).
         return step % AGREE_EVERY == 0 and any_process(self.received is not None)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or one of :data:`ALSO`) raised in a command as Ctrl-C's KeyboardInterrupt is
+    (:func:`command`), so that the same cleanup runs; ``signum`` names it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def command(main: Callable[[], int], name: str, left: str) -> int:
+    """``main()`` as the command ``name`` (predict, export, evaluate, report): Ctrl-C, SIGTERM
+    and :data:`ALSO` (where their handler is the default) end it with one line,
+    ``<name>: interrupted (<signal>); <left>`` (what its output holds), and status 128 + the
+    signal, not a traceback or an end without a word; a file being written whole
+    (:func:`~vision_jax.output_errors.written_whole`) is removed. A Python caller of ``main``
+    keeps its own handlers and gets Ctrl-C's KeyboardInterrupt."""
+    caught = [s for s in (signal.SIGTERM, *ALSO) if signal.getsignal(s) is signal.SIG_DFL]
+    previous = {s: signal.signal(s, _interrupt) for s in caught}
+    try:
+        return main()
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        after = "\n" if sys.stderr.isatty() else ""  # after a progress line
+        print(f"{after}{name}: interrupted ({signal.Signals(signum).name}); {left}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def distributed_client() -> Any:

@@ -28,6 +28,7 @@ from vision_jax.export.serving import ExportError
 from vision_jax.export.tflite import QUANTIZATIONS
 from vision_jax.output_errors import failed_write, folder_problem, local_only, write_failure
 from vision_jax.run_options import add_run_options
+from vision_jax.signals import command
 from vision_jax.trained import load_trained
 from vision_jax.weights import WeightFormatError
 
@@ -112,5 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _command() -> int:
+    """:func:`main` as a command: Ctrl-C or SIGTERM ends it with one line, its partial files
+    removed (:func:`vision_jax.signals.command`)."""
+    return command(
+        main, "vision_jax.export",
+        "the export in --output is unfinished (export.json is written last): run it again.",
+    )  # fmt: skip
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_command())

@@ -26,7 +26,7 @@ from vision_jax.export.tflite import (
     in_float32,
     to_tflite,
 )
-from vision_jax.output_errors import written_whole
+from vision_jax.output_errors import remove_partials, written_whole
 from vision_jax.tasks import library_kind
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def export_trained(
     output = pathlib.Path(output)
     with _removed_if_left_empty(output):
         output.mkdir(parents=True, exist_ok=True)
+        remove_partials(output)  # of an export that was killed (a SIGKILL)
         with _manifest_written(output, manifest):  # in place once the artifact is
             _write_artifact(servable, output, format, content)
     return manifest

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from vision_jax.run_options import add_run_options
+from vision_jax.signals import command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,4 +56,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main, "vision_jax.report", "the report is unfinished: run it again."))
