@@ -465,6 +465,26 @@ def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, 
     assert fingerprints[0] == fingerprints[1] and fingerprints[0]["examples"] == 9
 
 
+def test_a_resume_from_the_same_files_moved_is_exact_with_one_line(tmp_path, caplog):
+    """The training folder moved (data.root changed, its files and labels the same, as the
+    recorded digest shows) was refused ("Cannot resume ... exactly: data.root ..."): the
+    resume goes on with one info line naming the move; moved and changed, it is refused."""
+    root, moved, workdir = tmp_path / "data", tmp_path / "moved", tmp_path / "run"
+    make_folder(root, per_class=3, classes=("a", "b", "c"))
+    train_and_evaluate(folder_config(root, total_steps=2), str(workdir))
+    shutil.move(root, moved)
+    (moved / "train" / "c" / "002.png").rename(tmp_path / "002.png")
+    with pytest.raises(CheckpointError, match=r"exactly: data.root .* -> .*moved\"; training ex"):
+        train_and_evaluate(folder_config(moved, total_steps=4), str(workdir))
+    (tmp_path / "002.png").rename(moved / "train" / "c" / "002.png")
+    with caplog.at_level(logging.INFO, logger="vision_jax.run"):
+        train_and_evaluate(folder_config(moved, total_steps=4), str(workdir))
+    assert steps_in(workdir) == [2, 4]
+    assert re.search(r"with the training data moved \(data.root \S+data\" -> \S+moved\"\)",
+                     caplog.text), caplog.text  # fmt: skip
+    assert "although" not in caplog.text  # no changed data to warn of
+
+
 def test_an_arrays_fingerprint_tells_changed_images_and_labels():
     from vision_jax.data.sources import from_columns
 

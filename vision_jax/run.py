@@ -975,13 +975,21 @@ def _resume_position(
     """This process's data stream position saved in ``meta``; refuses (unless
     ``resume_changed_data``) a resume whose training stream changed: its config keys, the
     number of processes, or the training examples themselves (``train_data``, files added,
-    removed or relabelled since the checkpoint; None: not compared)."""
+    removed or relabelled since the checkpoint; None: not compared). A ``data.root`` moved is
+    no change where the fingerprint has a digest of the files (names relative to their folder,
+    labels) that is unchanged: one info line names the move."""
     positions = meta.get("data_positions")
     processes = None if positions is None else len(positions)
     saved = meta.get("config") or {}
-    changes = _config_changes(saved, spec, _STREAM_KEYS.__contains__)
-    if train_data is not None and (saved_data := meta.get("train_data")) is not None:
-        changes += _agreed(_data_changes(saved_data, train_data))  # (earlier versions: none)
+    saved_data = meta.get("train_data") if train_data is not None else None
+    data = [] if saved_data is None else _agreed(_data_changes(saved_data, train_data))
+    # The same files moved: their digest (names relative to their folder, labels, count) holds.
+    same = saved_data is not None and not data and "digest" in saved_data
+    stream = lambda key: key in _STREAM_KEYS and not (same and key == "data.root")
+    changes = _config_changes(saved, spec, stream) + data  # (earlier versions: no train_data)
+    if same and (moved := _config_changes(saved, spec, "data.root".__eq__)):
+        logger.info("Resuming %s with the training data moved (%s): the same files and labels "
+                    "as the checkpoint recorded.", where, moved[0])  # fmt: skip
     if processes is not None and processes != jax.process_count():
         changes.append(f"processes {processes} -> {jax.process_count()}")
     if changes and not spec.resume_changed_data:
