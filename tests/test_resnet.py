@@ -262,8 +262,27 @@ def test_torch_tensors_grey_batches_and_other_channel_counts_are_named(name):
                        r"np\.repeat\(images\[\.\.\., None\], 3, axis=-1\)\)"):  # fmt: skip
         jax.eval_shape(model.apply, variables, jnp.zeros((8, 32, 32)), train=False)
     for channels in (1, 4):
-        with pytest.raises(ValueError, match=rf"must have 3 channels .*\(2, 32, 32, {channels}\)"):
+        message = rf"Images have {channels} channels? \(shape \(2, 32, 32, {channels}\)\); the"
+        with pytest.raises(ValueError, match=message + r" parameters' stem .* takes 3"):
             jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, channels)), train=False)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "resnet18", "vit_ti16"])
+def test_a_model_initialised_on_grey_or_4_channel_images_takes_them(name):
+    """create_model trained from scratch on grey or RGB-D images: the stem takes the channels of
+    the images at init (Flax; timm's in_chans), apply on them works; only images whose channels
+    differ from the parameters' stem are refused, naming both counts (was: init refused any
+    channel count but 3)."""
+    model = create_model(name, num_classes=3)
+    for channels in (1, 4):
+        images = jnp.zeros((2, 32, 32, channels))
+        variables = jax.eval_shape(model.init, jax.random.key(0), images)
+        logits = jax.eval_shape(partial(model.apply, train=False), variables, images)
+        assert logits.shape == (2, 3)
+        other = jnp.zeros((2, 32, 32, 5 - channels))
+        with pytest.raises(ValueError, match=rf"Images have {5 - channels} channels? .* takes "
+                           rf"{channels}\.(\n|$)"):  # fmt: skip
+            jax.eval_shape(partial(model.apply, train=False), variables, other)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_ti16"])

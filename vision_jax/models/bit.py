@@ -23,6 +23,7 @@ from vision_jax.models.pooling import max_pool
 from vision_jax.models.registry import (
     Family,
     FeatureTap,
+    check_channels,
     check_images,
     register_family,
     register_model,
@@ -157,6 +158,7 @@ class ResNetV2(nn.Module):
     def __call__(self, images, *, train: bool = False):
         del train
         check_images(images)
+        check_channels(self, images, "root_block", "conv_root")
         taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
         stages = []
         x = jnp.asarray(images, self.dtype)

@@ -76,7 +76,8 @@ def backbone_of(model: nn.Module) -> nn.Module:
 def check_images(images: Any) -> None:
     """A backbone's input is a batch of NHWC RGB images, a numpy or JAX array: anything else is
     named (one image without its batch axis would fail later with a message about its sizes, a
-    torch tensor with jax's dtype TypeError, 1 or 4 channels with Flax's shape error)."""
+    torch tensor with jax's dtype TypeError). Any channel count is taken: a model initialised on
+    grey or 4-channel images has a stem for them (:func:`check_channels`)."""
     if not hasattr(images, "dtype"):  # a list of images: its dtype and shape are not one array's
         raise ValueError(
             f"Images must be an array [N, H, W, C]; got a {type(images).__name__} (a list of "
@@ -106,16 +107,38 @@ def check_images(images: Any) -> None:
             f"Images must be [N, H, W, C]; shape {shape} looks channels-first (torch's NCHW): "
             "images.transpose(0, 2, 3, 1)."
         )
-    if shape[3] != 3:
-        grey = " (grey: np.repeat(images, 3, axis=-1))" if shape[3] == 1 else ""
-        raise ValueError(
-            f"Images must have 3 channels (RGB) [N, H, W, 3]; got shape {shape}{grey}."
-        )
     if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
         raise ValueError(
             f"Images must be normalised floats; got {jnp.result_type(images)} (uint8 pixels: "
             "subtract the mean and divide by the std of the model's input contract first)."
         )
+
+
+def check_channels(module: nn.Module, images: Any, *stem: str) -> None:
+    """Images whose channels differ from those of the parameters' stem kernel (``stem``: its path
+    under ``module``'s params) are named with both counts (was Flax's ScopeParamShapeError). At
+    init there is no kernel yet: the stem takes the images' channels, as timm's ``in_chans``."""
+    kernel: Any = module.variables.get("params", {})
+    for key in (*stem, "kernel"):
+        if not hasattr(kernel, "get") or key not in kernel:
+            return
+        kernel = kernel[key]
+    kernel_shape = np.shape(getattr(kernel, "value", kernel))  # a boxed (partitioned) kernel
+    shape = tuple(np.shape(images))
+    if len(kernel_shape) != 4 or kernel_shape[2] == shape[-1]:
+        return
+    expected = kernel_shape[2]
+    if shape[1] == expected:
+        hint = " (channels-first, torch's NCHW: images.transpose(0, 2, 3, 1))"
+    elif shape[-1] == 1 and expected == 3:
+        hint = " (grey: np.repeat(images, 3, axis=-1))"
+    else:
+        hint = ""
+    raise ValueError(
+        f"Images have {shape[-1]} channel{'s' * (shape[-1] != 1)} (shape {shape}); the "
+        f"parameters' stem "
+        f"({'/'.join(stem)}, kernel {kernel_shape}) takes {expected}{hint}."
+    )
 
 
 def stage_taps(taps: Any, num_stages: int, num_classes: int) -> tuple[int, ...]:

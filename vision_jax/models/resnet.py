@@ -20,6 +20,7 @@ from vision_jax.models.pooling import max_pool
 from vision_jax.models.registry import (
     Family,
     FeatureTap,
+    check_channels,
     check_images,
     register_family,
     register_model,
@@ -151,6 +152,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         check_images(images)
+        check_channels(self, images, "conv1")
         train = train and not self.frozen_bn_stats  # train mode only changes the BatchNorms
         taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
         stages = []

@@ -31,6 +31,7 @@ from vision_jax.models.head import classify
 from vision_jax.models.registry import (
     Family,
     FeatureTap,
+    check_channels,
     check_images,
     register_family,
     register_model,
@@ -302,6 +303,7 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> Any:
         check_images(images)
+        check_channels(self, images, "embedding")
         taps = stage_taps(self.feature_taps, self.depth, self.num_classes)
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
