@@ -1040,9 +1040,23 @@ def test_predict_on_images_in_memory_points_to_predict_arrays(tmp_path):
         with pytest.raises(TypeError, match=rf"^predict takes image files .*got {kind}.*: "
                            "predict images in memory with predict_arrays"):  # fmt: skip
             predictor.predict(images)
+    with pytest.raises(TypeError, match=r"got a list holding a int: "):  # an object array
+        predictor.predict(np.array([3, "a.png"], object))
     assert predictor.predict([]) == ([], [])
     with pytest.raises(data_lib.DataError, match="None of the 1 image file"):  # a path: read
         predictor.predict([tmp_path / "none.png"])
+    # An array of paths (a pandas Series of them too) is paths, not pixels.
+    paths = [str(tmp_path / "none.png"), str(tmp_path / "nor.png")]
+
+    class Series:  # pandas.Series' interface (pandas is not a dependency)
+        dtype, ndim, shape = np.dtype(object), 1, (2,)
+
+        def __iter__(self):
+            return iter(paths)
+
+    for listed in (np.array(paths), np.array(paths, object), Series()):
+        with pytest.raises(data_lib.DataError, match="None of the 2 image file"):
+            predictor.predict(listed)
 
 
 def test_sigterm_ends_the_command_with_one_line_as_ctrl_c_does(tmp_path, monkeypatch, capsys):

@@ -130,7 +130,11 @@ def _listed(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]
         path = os.fspath(paths)
         expands = os.path.isdir(path) or (glob.has_magic(path) and not os.path.isfile(path))
         return image_files(path) if expands else [path]
-    image = hasattr(paths, "__array_interface__") or hasattr(paths, "shape")  # numpy, JAX, PIL
+    # An array (or pandas Series) of strings holds paths; any other array is pixels.
+    named = getattr(getattr(paths, "dtype", None), "kind", None) in ("U", "S", "O")
+    image = not (named and getattr(paths, "ndim", None) == 1) and (
+        hasattr(paths, "__array_interface__") or hasattr(paths, "shape")  # numpy, JAX, PIL
+    )
     listed = [] if image or not isinstance(paths, Iterable) else list(paths)
     held = next((p for p in listed if not isinstance(p, str | bytes | os.PathLike)), None)
     if image or not isinstance(paths, Iterable) or held is not None:
@@ -143,7 +147,7 @@ def _listed(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]
             "predict images in memory with predict_arrays (a batch [N, H, W, C]; one PIL image: "
             "np.asarray(image)[None])."
         )
-    return [os.fspath(p) for p in listed]
+    return [str(p) if isinstance(p, str) else os.fspath(p) for p in listed]  # np.str_: str
 
 
 class Progress:
