@@ -3,6 +3,7 @@ image/label-map augmentation, eval coverage, exact resumption and errors naming 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import pathlib
@@ -21,6 +22,7 @@ from vision_jax.config import TrackedConfig, default_config
 from vision_jax.data import IGNORE_LABEL, augment
 from vision_jax.data.pipeline import label_map_pixels
 from vision_jax.data.preprocess import InputSpec, make_preprocess
+from vision_jax.tasks import Segmentation
 
 # Region colours (never black: black is padding), by class; grey marks ignored pixels.
 COLOURS = {0: (220, 40, 40), 1: (40, 220, 40), 2: (40, 40, 220), 3: (220, 220, 40)}
@@ -206,7 +208,8 @@ def test_raw_mask_values_of_an_image_folder_through_the_value_table(tmp_path):
     assert data_lib.check_examples(source, spec_of()) == 0
     # The check of a selection's class before training counts the class ids too.
     counts = np.bincount(np.stack(maps).ravel(), minlength=256)
-    np.testing.assert_array_equal(label_map_pixels(source), counts)
+    np.testing.assert_array_equal(label_map_pixels(source)[0], counts)
+    assert label_map_pixels(source)[1] == 0  # every map read
     cut = tuple(pair for pair in ade if pair[0] != 2)  # raw 2 (class 1) left out
     source = data_lib.load_source(
         data_config(source="imagefolder", root=str(tmp_path), label_map_values=cut).data,
@@ -216,6 +219,13 @@ def test_raw_mask_values_of_an_image_folder_through_the_value_table(tmp_path):
     with pytest.raises(data_lib.DataError, match=r"masks/000.png: raw values \[2\] missing from "
                        "data.label_map_values"):  # fmt: skip
         data_lib.check_examples(source, spec_of())
+    # Maps that cannot be read count nothing: a selection's class is not called absent for
+    # them (it was: "no label map holds a pixel of class 'a'"), their error is given instead.
+    pixels, unread = label_map_pixels(source)
+    assert unread and not pixels[1]
+    assert Segmentation().unmeasurable("iou/a", source) is None
+    source = dataclasses.replace(source, skip_corrupt=True)  # skipped in validation too
+    assert "class 'a'" in Segmentation().unmeasurable("iou/a", source)
 
 
 def test_label_maps_match_photos_turned_by_their_exif_orientation(tmp_path):

@@ -581,11 +581,11 @@ def _example_shapes(
     return shapes
 
 
-def label_map_pixels(source: Source, threads: int | None = None) -> np.ndarray:
+def label_map_pixels(source: Source, threads: int | None = None) -> tuple[np.ndarray, int]:
     """Pixels of each label value (256 counts) in every label map of ``source`` as stored
     (before resizing and cropping; a file's raw values through the source's table), for checks
-    before training; a map that cannot be read counts nothing (:func:`check_examples` names
-    it)."""
+    before training, and how many maps could not be read (they count nothing;
+    :func:`check_examples` names them)."""
 
     def count(example: dict) -> tf.Tensor:
         label_map = tf.reshape(tf.cast(raw_label_map(example, source.label_values), tf.int32), [-1])
@@ -593,7 +593,10 @@ def label_map_pixels(source: Source, threads: int | None = None) -> np.ndarray:
 
     ds = parallel_map(source.dataset, count).ignore_errors()
     ds = ds.batch(1024).with_options(pipeline_options(threads))
-    return sum((counts.sum(0) for counts in ds.as_numpy_iterator()), np.zeros(256, np.int64))
+    pixels, read = np.zeros(256, np.int64), 0
+    for counts in ds.as_numpy_iterator():
+        pixels, read = pixels + counts.sum(0), read + len(counts)
+    return pixels, source.num_examples - read
 
 
 def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:

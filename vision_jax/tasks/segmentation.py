@@ -195,7 +195,9 @@ class Segmentation(Task):
     def unmeasurable(self, name: str, source: Any) -> str | None:
         """``iou/<class>`` of a split whose label maps hold no pixel of the class is 0 where the
         model predicts the class, else left out: never a best. The label maps as stored tell (a
-        class only in what the evaluation's crop cuts off passes)."""
+        class only in what the evaluation's crop cuts off passes); with maps that cannot be read,
+        it is left to their error (:func:`~vision_jax.data.pipeline.check_examples`), unless
+        ``skip_corrupt`` leaves them out of the validation too."""
         base, _, key = name.partition("/")
         classes = {class_key(n): (c, n) for c, n in enumerate(source.class_names)}
         if base not in self.per_class_metrics or key not in classes:
@@ -203,8 +205,9 @@ class Segmentation(Task):
         from vision_jax.data.pipeline import label_map_pixels
 
         c, class_name = classes[key]
-        if label_map_pixels(source)[c]:
-            return None
+        pixels, unread = label_map_pixels(source)
+        if pixels[c] or (unread and not source.skip_corrupt):  # the data's error comes first
+            return None  # (check_examples names the maps, before the first validation)
         return (
             f"no label map of it holds a pixel of class {class_name!r} (its IoU is 0 where the "
             "model predicts it, else left out)"
