@@ -189,6 +189,30 @@ def test_a_failing_report_evaluation_costs_the_run_nothing(tmp_path, monkeypatch
     assert float(rows["accuracy"]["f1-score"]) == pytest.approx(result["eval/top1"])
 
 
+def test_a_nan_probability_never_ranks_first_as_in_the_eval_metrics():
+    """Softmax of a NaN logit row is all NaN: argmax took it for class 0 (a hit for a label 0)
+    and a NaN beside numbers for the best; as the jitted metrics (metrics.nan_lowest) a NaN
+    ranks lowest, an all-NaN row is a miss, and predict's label maps and records agree."""
+    from types import SimpleNamespace
+
+    from vision_jax.predict import classification_record, upsampled_argmax
+    from vision_jax.report.tasks import Classification
+
+    nan = float("nan")
+    probs = np.asarray([[nan, nan, nan], [0.1, nan, 0.2], [0.7, 0.2, 0.1]])
+    evaluator = Classification(["a", "b", "c"], data_lib.InputSpec(2), SimpleNamespace(), 3)
+    batch = {"image": np.zeros((3, 2, 2, 3)), "label": np.asarray([0, 2, 0]),
+             "row": np.arange(3), "mask": np.ones(3)}  # fmt: skip
+    evaluator.add(batch, {"probabilities": probs})
+    result = evaluator.result()
+    np.testing.assert_array_equal(result.confusion, [[1, 1, 0], [0, 0, 0], [0, 0, 1]])
+    assert result.headline == 2 / 3
+    assert [row[1] for row in result.hardest_table.rows] == ["a", "c", "a"]  # NaN first
+    assert classification_record("x", probs[1], ["a", "b", "c"], 3)["label"] == 2
+    scores = np.stack([np.full((2, 2), nan), np.zeros((2, 2)), np.ones((2, 2))], -1)
+    np.testing.assert_array_equal(upsampled_argmax(scores, (4, 4)), np.full((4, 4), 2))
+
+
 def test_figures_are_pngs_embedded_in_the_page(run):
     from PIL import Image
 

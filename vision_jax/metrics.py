@@ -19,6 +19,26 @@ def nan_lowest(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(x), -jnp.inf, x)
 
 
+def nan_lowest_np(x: np.ndarray) -> np.ndarray:
+    """:func:`nan_lowest` in numpy, for rankings on the host (predict, the report, the export's
+    report), so that they agree with the jitted metrics."""
+    x = np.asarray(x)
+    return np.where(np.isnan(x), -np.inf, x)
+
+
+def argmax_nan_lowest(x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """The argmax over the last axis with NaN ranked lowest (numpy's ``argmax`` takes a NaN as
+    the highest: an all-NaN softmax row was class 0). Given ``labels``, a row whose best is NaN
+    (all NaN) is booked as a miss, the class after its label, as the eval metrics count it
+    (:func:`vision_jax.tasks.segmentation.predicted_classes`)."""
+    x = np.asarray(x)
+    predicted = nan_lowest_np(x).argmax(-1)
+    if labels is None:
+        return predicted
+    best = np.take_along_axis(x, predicted[..., None], axis=-1)[..., 0]
+    return np.where(np.isnan(best), (np.asarray(labels) + 1) % x.shape[-1], predicted)
+
+
 @flax.struct.dataclass
 class ConfusionMatrix(metrics.Metric):
     """Counts ``matrix[true, predicted]`` over every valid pixel (or example) seen.

@@ -60,6 +60,7 @@ from vision_jax.data.coco import from_image_files, image_ids_by_file
 from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
+from vision_jax.metrics import argmax_nan_lowest, nan_lowest_np
 from vision_jax.models import create_model
 from vision_jax.output_errors import (
     failed_write,
@@ -530,7 +531,7 @@ def classification_record(
 ) -> dict:
     """``file``, the most probable class (``label``, ``class_name``, ``probability``) and the
     ``top_k`` most probable (ties in class order)."""
-    order = np.argsort(-probabilities, kind="stable")[:top_k]
+    order = np.argsort(-nan_lowest_np(probabilities), kind="stable")[:top_k]  # NaN last
     top = [{"label": int(i), "class_name": class_names[i], "probability": float(probabilities[i])}
            for i in order]  # fmt: skip
     return {"file": path, **top[0], "top_k": top}
@@ -578,7 +579,7 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         upper, lower = np.searchsorted(used, top[rows]), np.searchsorted(used, bottom[rows])
         weight = down[rows, None, None]
         resized = columns[upper] * (1 - weight) + columns[lower] * weight
-        out[rows] = resized.argmax(-1)
+        out[rows] = argmax_nan_lowest(resized)  # a NaN score never wins, as in the metrics
     return out
 
 

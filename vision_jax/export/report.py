@@ -25,7 +25,7 @@ from vision_jax.export.tflite import (
     in_float32,
     to_tflite,
 )
-from vision_jax.metrics import iou_summary
+from vision_jax.metrics import argmax_nan_lowest, iou_summary
 from vision_jax.tasks import Task, library_kind
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ class FormResult:
 
 
 def _predict(model: TFLiteModel, images: np.ndarray) -> tuple[np.ndarray, float]:
-    """Class predictions (argmax of the probabilities) for ``images`` in batches of the model's
-    size (the last one padded), and the median milliseconds per batch."""
+    """Class predictions (argmax of the probabilities, NaN lowest) for ``images`` in batches of
+    the model's size (the last one padded), and the median milliseconds per batch."""
     predictions, times = [], []
     for start in range(0, len(images), model.batch):
         chunk = images[start : start + model.batch]
@@ -62,7 +62,7 @@ def _predict(model: TFLiteModel, images: np.ndarray) -> tuple[np.ndarray, float]
         t0 = time.perf_counter()
         probabilities = model(padded)["probabilities"]
         times.append(time.perf_counter() - t0)
-        predictions.append(probabilities[: len(chunk)].argmax(-1))
+        predictions.append(argmax_nan_lowest(probabilities[: len(chunk)]))  # NaN lowest
     return np.concatenate(predictions), 1e3 * float(np.median(times))
 
 

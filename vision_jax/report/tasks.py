@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vision_jax import data as data_lib
-from vision_jax.metrics import iou_summary
+from vision_jax.metrics import argmax_nan_lowest, iou_summary, nan_lowest_np
 from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
 from vision_jax.tasks import library_kind
@@ -60,7 +60,8 @@ class Lowest:
     def offer(
         self, scores: np.ndarray, rows: np.ndarray, make: Callable[[int], tuple[Thumb, list]]
     ) -> None:
-        """``scores`` of a batch's examples, ``rows``: their rows in the source."""
+        """``scores`` of a batch's examples (a NaN lowest), ``rows``: their rows in the source."""
+        scores = nan_lowest_np(np.asarray(scores, np.float64))
         for i in np.argsort(scores, kind="stable")[: self.n]:
             self.kept.append((float(scores[i]), int(rows[i]), *make(int(i))))
         self.kept = sorted(self.kept, key=lambda k: k[:2])[: self.n]
@@ -99,7 +100,7 @@ def _short(name: str) -> str:
 
 
 def _class_example(batch, probs, names, spec, i) -> tuple[Thumb, list]:
-    true, guess = int(batch["label"][i]), int(probs[i].argmax())
+    true, guess = int(batch["label"][i]), int(argmax_nan_lowest(probs[i]))
     p_true, p_guess = float(probs[i, true]), float(probs[i, guess])
     title = (f"true {_short(names[true])} ({p_true:.2f})\n"
              f"predicted {_short(names[guess])} ({p_guess:.2f})")  # fmt: skip
@@ -119,7 +120,8 @@ class Classification:
     def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
         probs, labels = outputs["probabilities"], batch["label"].astype(np.int64)
-        self.matrix += confusion(labels, probs.argmax(-1), len(self.names))
+        predicted = argmax_nan_lowest(probs, labels)  # all NaN: a miss, as the eval metrics
+        self.matrix += confusion(labels, predicted, len(self.names))
         make = functools.partial(_class_example, batch, probs, self.names, self.spec)
         self.lowest.offer(probs[np.arange(len(labels)), labels], batch["row"], make)
 
