@@ -192,10 +192,11 @@ def test_a_finished_run_without_a_best_says_so_to_another_selection(tmp_path, mo
         train_and_evaluate(cfg, str(tmp_path))
 
 
-def test_best_of_a_run_without_one_is_an_error_unless_it_selects_none(tmp_path):
-    """``which="best"`` reads the newest step of a run without a validation split; of a run
-    whose selection has no best (none of its validations gave one, or none has run yet), it is
-    an error naming ``--which=latest``, not the newest step read as the best."""
+def test_best_of_a_run_without_one_is_an_error_unless_it_selects_none(tmp_path, caplog):
+    """``which="best"`` reads the newest step of a run without a validation split, and (with a
+    warning) of a run cut short before its first validation (init.path has no --which); of a
+    run whose validations gave no best, it is an error naming ``--which=latest``, not the
+    newest step read as the best."""
     from vision_jax.weights.run_dir import REQUIRED_FILES, latest_step_dir
 
     def step(workdir, selection):
@@ -208,17 +209,20 @@ def test_best_of_a_run_without_one_is_an_error_unless_it_selects_none(tmp_path):
 
     newest = step(tmp_path / "none", None)
     assert latest_step_dir(tmp_path / "none", "best") == newest
-    for bad, why in [(2, "no validation gave a finite val/top1"),
-                     (0, "no validation has chosen one by val/top1 yet")]:  # fmt: skip
-        workdir = tmp_path / str(bad)
-        selection = {"metric": "val/top1", "best_step": None, "bad_evaluations": bad}
-        newest = step(workdir, selection)
-        told = (f"The run has no best checkpoint: {why}; --which=latest reads the newest "
-                f"checkpoint (step 6) instead (as init.path or --weights: "
-                f"{newest.parent}).")  # fmt: skip
-        with pytest.raises(weights.WeightFormatError, match=re.escape(told)):
-            latest_step_dir(workdir, "best")
-        assert latest_step_dir(workdir) == newest
+    selection = {"metric": "val/top1", "best_step": None, "bad_evaluations": 0}
+    newest = step(tmp_path / "0", selection)  # no validation yet
+    with caplog.at_level(logging.WARNING):
+        assert latest_step_dir(tmp_path / "0", "best") == newest
+    yet = "no validation has chosen one by val/top1 yet; reading its newest checkpoint (step 6)"
+    assert f"The run has no best checkpoint: {yet}" in caplog.text
+    workdir = tmp_path / "2"
+    newest = step(workdir, {**selection, "bad_evaluations": 2})
+    told = ("The run has no best checkpoint: no validation gave a finite val/top1; "
+            "--which=latest reads the newest checkpoint (step 6) instead (as init.path or "
+            f"--weights: {newest.parent}).")  # fmt: skip
+    with pytest.raises(weights.WeightFormatError, match=re.escape(told)):
+        latest_step_dir(workdir, "best")
+    assert latest_step_dir(workdir) == newest
 
 
 @pytest.mark.slow

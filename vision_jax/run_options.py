@@ -7,13 +7,15 @@ import argparse
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, which_default: str | None = "best") -> None:
-    """Adds ``--which`` (the best step if the run kept one, else the newest; or the newest) and
-    ``--ema``/``--no-ema`` (the step's EMA parameters or its trained ones; unset: the ones the
-    run's model selection measured, see :func:`vision_jax.trained.load_trained`)."""
+    """Adds ``--which`` (the best step; the newest of a run without a validation split, or one
+    cut short before its first; a run whose validations gave no best is an error; or the
+    newest) and ``--ema``/``--no-ema`` (the step's EMA parameters or its trained ones; unset:
+    the ones the run's model selection measured, see :func:`vision_jax.trained.load_trained`)."""
     parser.add_argument(
         "--which", choices=("best", "latest"), default=which_default,
-        help="the run's step: the best one if the run kept one, else the newest (best); or "
-        "the newest (latest)",
+        help="the run's step: the best one (best; a run without a validation split, or cut "
+        "short before its first, gives its newest; one whose validations gave no best is an "
+        "error); or the newest (latest)",
     )  # fmt: skip
     parser.add_argument(
         "--ema", action=argparse.BooleanOptionalAction,

@@ -1,11 +1,11 @@
 """A trained run, loaded for use after training: prediction, reports and export.
 
 ``load_trained(workdir)`` rebuilds what the run trained from its record alone (the task and its
-settings, the model, the class names and the input it used); its variables (the best step when
-the run kept one, else the newest; LoRA adapters merged, frozen parameters put back) are read at
-their first use. A run that kept an EMA of its parameters (``config.ema_decay``) gives them with
-``ema=True``; by default a run whose model selection measured them (``early_stopping.metric``
-an ``*_ema/`` metric) gives those.
+settings, the model, the class names and the input it used); its variables (the best step; the
+newest of a run without a validation split or cut short before its first; LoRA adapters merged,
+frozen parameters put back) are read at their first use. A run that kept an EMA of its
+parameters (``config.ema_decay``) gives them with ``ema=True``; by default a run whose model
+selection measured them (``early_stopping.metric`` an ``*_ema/`` metric) gives those.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def load_trained(
     path: str | os.PathLike, *, which: str = "best", ema: bool | None = None
 ) -> Trained:
     """The run in ``path`` (a workdir, its checkpoints folder or a step folder): ``which`` is
-    ``"best"`` (the best step if the run kept one, else the newest) or ``"latest"``; ``ema``:
+    ``"best"`` (the best step; the newest of a run without a validation split or cut short
+    before its first; an error for a run whose validations gave no best) or ``"latest"``; ``ema``:
     the step's EMA parameters (True) or its trained ones (False); None: the ones the run's
     model selection measured (EMA when ``early_stopping.metric`` is an ``*_ema/`` metric)."""
     from vision_jax.run import task_model  # run imports the training stack

@@ -3,8 +3,10 @@
 ======================  ==========================================  ====================
 format                  source                                      reader
 ======================  ==========================================  ====================
-``run``                 a vision_jax workdir (its best step if it   :mod:`.run_dir`
-                        kept one, else the newest), its
+``run``                 a vision_jax workdir (its best step; the    :mod:`.run_dir`
+                        newest without a validation split or
+                        before the first; an error if its
+                        validations gave none), its
                         ``checkpoints`` folder (the newest) or a
                         step folder
 ``timm_hub``            a timm Hub folder (``config.json`` naming   :mod:`.timm_hub`

@@ -161,9 +161,10 @@ def _newest_step(folder: pathlib.Path) -> pathlib.Path | None:
 def latest_step_dir(path: str | os.PathLike, which: str = "latest") -> pathlib.Path:
     """Resolves a run's workdir, its ``checkpoints`` folder, or a step folder to a step folder:
     the newest checkpoint (``which="latest"``), or the best step if the run kept one and the
-    newest checkpoint if it selects none (no validation split) (``which="best"``; a selecting
-    run without a best is an error naming ``--which=latest``). A workdir whose step checkpoints were
-    deleted (only ``best`` kept) resolves to its best step either way."""
+    newest checkpoint if it selects none (no validation split) or no validation has run yet
+    (with a warning) (``which="best"``; a run whose validations gave no best, or whose best is
+    gone, is an error naming ``--which=latest``). A workdir whose step checkpoints were deleted
+    (only ``best`` kept) resolves to its best step either way."""
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
     path = pathlib.Path(path).absolute()
@@ -194,7 +195,8 @@ def _check_no_best_kept(newest: pathlib.Path, best_dir: pathlib.Path) -> None:
     """Raises when the run selects a best step (it has a validation split) and ``best_dir``
     holds none: its best is gone, or no validation gave one (a NaN, a class with nothing to
     score). "best" would otherwise read the newest checkpoint as if it were the best; a run
-    without a selection has no best, and reads its newest."""
+    without a selection has no best, and reads its newest, as does (with a warning) a run cut
+    short before its first validation."""
     selection = read_selection(newest)
     if not selection.get("metric"):
         return
@@ -207,12 +209,16 @@ def _check_no_best_kept(newest: pathlib.Path, best_dir: pathlib.Path) -> None:
             f"The run's best checkpoint (step {selection['best_step']}, "
             f"{selection.get('metric')}) is not in {best_dir}; {latest}"
         )
-    why = (
-        f"no validation gave a finite {selection['metric']}"
-        if selection.get("bad_evaluations")
-        else f"no validation has chosen one by {selection['metric']} yet"
+    if not selection.get("bad_evaluations"):  # cut short before its first validation
+        logger.warning(
+            "The run has no best checkpoint: no validation has chosen one by %s yet; reading "
+            "its newest checkpoint (step %s).", selection["metric"], newest.name,
+        )  # fmt: skip
+        return
+    raise WeightFormatError(
+        f"The run has no best checkpoint: no validation gave a finite {selection['metric']}; "
+        f"{latest}"
     )
-    raise WeightFormatError(f"The run has no best checkpoint: {why}; {latest}")
 
 
 def frozen_dir(checkpoints_dir: str) -> str:
