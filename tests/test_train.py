@@ -276,6 +276,22 @@ def test_an_integer_key_an_earlier_version_saved_as_a_float_is_no_change():
     assert run._config_changes(saved, spec, lambda key: True) == ["total_steps 5 -> 4"]
 
 
+def test_a_key_an_earlier_version_did_not_record_is_compared_as_its_default():
+    """A run of a version without ema_warmup resumed with ema_warmup=True: the change is named
+    as other recipe changes are (keys only one config had were not compared); its default is
+    no change; a key whose default is None (resolved later) stays uncompared."""
+    import json
+
+    from vision_jax import run, specs
+
+    spec = specs.run_spec(TrackedConfig(small_config(ema_decay=0.99, ema_warmup=True)))
+    saved = json.loads(json.dumps(spec.config))
+    del saved["ema_warmup"], saved["total_steps"]  # total_steps: default None
+    assert run._config_changes(saved, spec, run._in_recipe) == ["ema_warmup false -> true"]
+    spec = specs.run_spec(TrackedConfig(small_config(ema_decay=0.99)))
+    assert run._config_changes(saved, spec, run._in_recipe) == []
+
+
 def test_data_paths_are_recorded_absolute_and_an_earlier_relative_one_reads_as_before(
     tmp_path, monkeypatch
 ):

@@ -39,7 +39,7 @@ from vision_jax.checkpoint import (
     check_no_earlier_best,
 )
 from vision_jax.compile_options import step_compiler_options
-from vision_jax.config import TrackedConfig, saved_with_defaults
+from vision_jax.config import TrackedConfig, default_config, saved_with_defaults
 from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
@@ -920,12 +920,18 @@ def _config_changes(
     saved: Mapping[str, Any], spec: specs.RunSpec, compared: Callable[[str], bool]
 ) -> list[str]:
     """``key old -> new`` for each leaf (dotted key) that ``compared`` names and that changed
-    since ``saved`` (keys only one of them has, from another version of the code, are not
-    compared). A key unset now (None, its default) is no change from a saved config that
-    spelled the default out (an earlier version's), nor a key of a part now off (LoRA). A path
-    (data.root, init.path) an earlier version recorded relative is compared as it reads now:
-    against the current directory."""
+    since ``saved``. A key ``saved`` lacks (an earlier version had none) counts as its default
+    (:func:`~vision_jax.config.default_config`), where that is a value (not None: resolved
+    later) in a section ``saved`` has; other keys only one of them has are not compared. A key
+    unset now (None, its default) is no change from a saved config that spelled the default
+    out (an earlier version's), nor a key of a part now off (LoRA). A path (data.root,
+    init.path) an earlier version recorded relative is compared as it reads now: against the
+    current directory."""
     old, new = _dotted(specs.absolute_paths(saved)), _dotted(spec.config)
+    sections = {k.rpartition(".")[0] for k in old}
+    for key, value in _dotted(default_config().to_dict()).items():
+        if key not in old and value is not None and key.rpartition(".")[0] in sections:
+            old[key] = value  # (a key of a section saved as a leaf, lora: None, is not added)
     return [
         f"{k} {_plain(old[k])} -> {_plain(new[k])}"
         for k in sorted(old.keys() & new.keys())
