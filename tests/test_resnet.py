@@ -258,6 +258,11 @@ def test_torch_tensors_grey_batches_and_other_channel_counts_are_named(name):
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(TypeError, match=r"numpy or JAX array .*got a torch\.Tensor .*\.numpy\(\)"):
         model.apply(variables, torch.zeros(2, 32, 32, 3), train=False)
+    from vision_jax.tf_without_keras import tf  # not called a torch tensor
+
+    with pytest.raises(TypeError, match=r"got a tensorflow\.\S+Tensor \(another array library's "
+                       r"tensor: convert with \.numpy\(\)"):  # fmt: skip
+        model.apply(variables, tf.zeros((2, 32, 32, 3)), train=False)
     with pytest.raises(ValueError, match=r"shape \(8, 32, 32\) \(grey images \[N, H, W\]: "
                        r"np\.repeat\(images\[\.\.\., None\], 3, axis=-1\)\)"):  # fmt: skip
         jax.eval_shape(model.apply, variables, jnp.zeros((8, 32, 32)), train=False)

@@ -74,10 +74,10 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 def check_images(images: Any) -> None:
-    """A backbone's input is a batch of NHWC RGB images, a numpy or JAX array: anything else is
+    """A backbone's input is a batch of NHWC images, a numpy or JAX array: anything else is
     named (one image without its batch axis would fail later with a message about its sizes, a
-    torch tensor with jax's dtype TypeError). Any channel count is taken: a model initialised on
-    grey or 4-channel images has a stem for them (:func:`check_channels`)."""
+    torch or TensorFlow tensor with jax's dtype TypeError). Any channel count is taken: a model
+    initialised on grey or 4-channel images has a stem for them (:func:`check_channels`)."""
     if not hasattr(images, "dtype"):  # a list of images: its dtype and shape are not one array's
         raise ValueError(
             f"Images must be an array [N, H, W, C]; got a {type(images).__name__} (a list of "
@@ -85,11 +85,12 @@ def check_images(images: Any) -> None:
         )
     try:
         np.dtype(images.dtype)
-    except TypeError:  # a torch tensor: jax said "Cannot interpret 'torch.float32' as a data type"
+    except TypeError:  # another library's tensor (torch, TensorFlow): jax said "Cannot
+        # interpret 'torch.float32' as a data type"
         kind = f"{type(images).__module__}.{type(images).__name__}"
         raise TypeError(
-            f"Images must be a numpy or JAX array [N, H, W, C]; got a {kind} (a torch tensor: "
-            "convert with .numpy(), channels last)."
+            f"Images must be a numpy or JAX array [N, H, W, C]; got a {kind} (another array "
+            "library's tensor: convert with .numpy() or np.asarray(), channels last)."
         ) from None
     shape = tuple(np.shape(images))
     if len(shape) == 3 and shape[-1] not in (1, 3):  # as Predictor.predict_arrays reads them
