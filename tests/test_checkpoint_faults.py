@@ -447,9 +447,13 @@ def test_a_resume_on_changed_training_files_is_refused_unless_allowed(tmp_path, 
     train_and_evaluate(folder_config(root, total_steps=2), str(workdir))
     longer = folder_config(root, total_steps=4)
     (root / "train" / "c" / "002.png").unlink()
-    for config in (folder_config(root, total_steps=2), longer):  # finished too: it would report
-        with pytest.raises(CheckpointError, match=r"exactly: training examples 9 -> 8\. The trai"):
-            train_and_evaluate(config, str(workdir))  # the run trained on the files before
+    finished = r"Cannot report \S+ \(step 2\) again as it trained: training examples 9 -> 8\. "
+    with pytest.raises(CheckpointError, match=finished + "The run has finished on the training "
+                       "data its checkpoint recorded; set resume_changed_data=True to report it "
+                       "again anyway"):  # fmt: skip
+        train_and_evaluate(folder_config(root, total_steps=2), str(workdir))  # nothing resumed
+    with pytest.raises(CheckpointError, match=r"exactly: training examples 9 -> 8\. The trai"):
+        train_and_evaluate(longer, str(workdir))  # the run trained on the files before
     make_folder(root, per_class=3, classes=("a", "b", "c"))  # back as it was, then relabel one
     (root / "train" / "a" / "000.jpg").rename(root / "train" / "b" / "000.jpg")
     with pytest.raises(CheckpointError, match=r"the training examples changed \(files, labels"):

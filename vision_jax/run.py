@@ -675,7 +675,8 @@ def _restore(
     # resume is, on other training examples (it would report the run trained on the first ones).
     if not (step < total_steps and not meta.get("stopped_early")):
         _check_finished_recipe(spec, meta, where)
-    position = _resume_position(spec, meta, train_data, where)
+    finished = not (step < total_steps and not meta.get("stopped_early"))
+    position = _resume_position(spec, meta, train_data, where, finished=finished)
     logger.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
 
@@ -976,14 +977,16 @@ _plain = lambda value: json.dumps(value, sort_keys=True, default=str)  # tuples 
 
 
 def _resume_position(
-    spec: specs.RunSpec, meta: Mapping[str, Any], train_data: dict | None, where: str
-) -> int | None:
+    spec: specs.RunSpec, meta: Mapping[str, Any], train_data: dict | None, where: str,
+    finished: bool = False,
+) -> int | None:  # fmt: skip
     """This process's data stream position saved in ``meta``; refuses (unless
     ``resume_changed_data``) a resume whose training stream changed: its config keys, the
     number of processes, or the training examples themselves (``train_data``, files added,
     removed or relabelled since the checkpoint; None: not compared). A ``data.root`` moved is
     no change where the fingerprint has a digest of the files (names relative to their folder,
-    labels) that is unchanged: one info line names the move."""
+    labels) that is unchanged: one info line names the move. ``finished``: the run ended its
+    recipe, nothing is resumed; the same change is refused, as a report again."""
     positions = meta.get("data_positions")
     processes = None if positions is None else len(positions)
     saved = meta.get("config") or {}
@@ -993,11 +996,18 @@ def _resume_position(
     same = saved_data is not None and not data and "digest" in saved_data
     stream = lambda key: key in _STREAM_KEYS and not (same and key == "data.root")
     changes = _config_changes(saved, spec, stream) + data  # (earlier versions: no train_data)
+    doing = "Reporting %s again" if finished else "Resuming %s"
     if same and (moved := _config_changes(saved, spec, "data.root".__eq__)):
-        logger.info("Resuming %s with the training data moved (%s): the same files and labels "
+        logger.info(f"{doing} with the training data moved (%s): the same files and labels "
                     "as the checkpoint recorded.", where, moved[0])  # fmt: skip
     if processes is not None and processes != jax.process_count():
         changes.append(f"processes {processes} -> {jax.process_count()}")
+    if changes and not spec.resume_changed_data and finished:
+        raise CheckpointError(
+            f"Cannot report {where} again as it trained: {'; '.join(changes)}. The run has "
+            f"{_ended(meta)} on the training data its checkpoint recorded; set "
+            "resume_changed_data=True to report it again anyway, or use another --workdir."
+        )
     if changes and not spec.resume_changed_data:
         raise CheckpointError(
             f"Cannot resume {where} exactly: {'; '.join(changes)}. The training data cannot "
@@ -1005,7 +1015,7 @@ def _resume_position(
             "another --workdir."
         )
     if changes:
-        logger.warning("Resuming %s although %s.", where, "; ".join(changes))
+        logger.warning(f"{doing} although %s.", where, "; ".join(changes))
     if recipe := _config_changes(saved, spec, _in_recipe):
         logger.warning("Resuming %s with a changed recipe (training goes on with the new "
                        "values): %s.", where, "; ".join(recipe))  # fmt: skip
