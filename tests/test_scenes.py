@@ -3,9 +3,11 @@ generated from ../shared (layout, COCO boxes, determinism)."""
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -191,3 +193,61 @@ def test_refuses_a_foreign_non_empty_folder(shared_dir, tmp_path):
     (tmp_path / "keep.txt").write_text("not ours")
     with pytest.raises(DataError, match="not empty"):
         scenes.generate_scenes(str(tmp_path), shared_dir=str(shared_dir), num_train=1, num_test=1)
+
+
+# ---------------------------------------------------------------------------- other items
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(s.to_bytes(4, "big") for s in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _other_items(tmp_path: pathlib.Path, num_classes: int) -> tuple[str, str]:
+    """An IDX item folder with labels 0 .. num_classes - 1 and a zip of plain backgrounds."""
+    items = tmp_path / "items"
+    items.mkdir()
+    gray = np.zeros((2 * num_classes, 8, 8), np.uint8)
+    gray[:, 2:6, 2:6] = 200
+    for prefix in ("train", "t10k"):
+        _write_idx(items / f"{prefix}-images-idx3-ubyte", gray)
+        _write_idx(items / f"{prefix}-labels-idx1-ubyte", np.arange(2 * num_classes) % num_classes)
+    backgrounds = tmp_path / "backgrounds.zip"
+    with zipfile.ZipFile(backgrounds, "w") as archive:
+        for split in ("train", "test"):
+            picture = io.BytesIO()
+            Image.new("RGB", (32, 32), (30, 60, 90)).save(picture, "PNG")
+            archive.writestr(f"{split}/a.png", picture.getvalue())
+    return str(items), str(backgrounds)
+
+
+def _written_names(out: pathlib.Path) -> list[str]:
+    coco = json.loads((out / "annotations" / "instances_train.json").read_text())
+    names = [c["name"] for c in coco["categories"]]
+    assert (out / "classes.txt").read_text().splitlines() == ["background", *names]
+    return names
+
+
+def test_other_items_are_named_by_their_labels_or_the_given_names(tmp_path, capsys):
+    items, backgrounds = _other_items(tmp_path, 3)
+    args = [f"--items_dir={items}", f"--background_zip={backgrounds}", "--num_train=2",
+            "--num_test=1", "--image_size=32"]  # fmt: skip
+    assert scenes.main([*args, f"--out={tmp_path / 'plain'}"]) == 0
+    assert _written_names(tmp_path / "plain") == ["class_0", "class_1", "class_2"]
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary["train"]["pixel_fraction"]) == ["background", "class_0", "class_1",
+                                                        "class_2"]  # fmt: skip
+    assert scenes.main([*args, f"--out={tmp_path / 'named'}", "--class_names=cat, dog,ship"]) == 0
+    assert _written_names(tmp_path / "named") == ["cat", "dog", "ship"]
+
+
+def test_other_items_with_too_few_names_are_refused(tmp_path, capsys):
+    items, backgrounds = _other_items(tmp_path, 25)
+    out = tmp_path / "out"
+    args = [f"--items_dir={items}", f"--background_zip={backgrounds}", "--num_train=1",
+            "--num_test=1", "--image_size=32", f"--out={out}"]  # fmt: skip
+    assert scenes.main([*args, "--class_names=a,b"]) == 2
+    error = capsys.readouterr().err
+    assert "IDX labels reach 24; only 2 class names given (--class_names)" in error
+    assert scenes.main(args) == 0
+    assert _written_names(out) == [f"class_{c}" for c in range(25)]

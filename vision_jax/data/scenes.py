@@ -26,7 +26,9 @@ from disjoint pools: the zip's top-level ``train/`` and ``test/`` folders when i
 fixed hash of each member name (about 1 in 5 to test). Scene ``i`` of a split depends only on
 ``(seed, split, i)``, so the same seed gives byte-identical files.
 
-CLI: ``python -m vision_jax.data.scenes --shared=../shared --out=/tmp/scenes --seed=0``.
+CLI: ``python -m vision_jax.data.scenes --shared=../shared --out=/tmp/scenes --seed=0``; other
+items: ``--items_dir=DIR`` (IDX files named as Fashion-MNIST's) and ``--class_names=a,b,c``
+(comma-separated; without it ``class_0`` .. up to the largest label).
 """
 
 from __future__ import annotations
@@ -168,15 +170,35 @@ def _idx_path(items_dir: str, split: str, kind: str) -> str:
     raise DataError(f"IDX file {base}.gz does not exist.")
 
 
-def load_items(items_dir: str, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gray item images (N, H, W) uint8 and int labels of one split of an IDX dataset."""
+def load_items(
+    items_dir: str, split: str, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gray item images (N, H, W) uint8 and int labels of one split of an IDX dataset.
+
+    With ``num_classes``, a label at or past it is an error.
+    """
     images = read_idx(_idx_path(items_dir, split, "images-idx3"))
     labels = read_idx(_idx_path(items_dir, split, "labels-idx1")).astype(np.int64)
     if images.ndim != 3 or labels.shape != images.shape[:1] or not len(labels):
         raise DataError(f"IDX images {images.shape} and labels {labels.shape} in {items_dir}.")
-    if labels.max() >= num_classes:
-        raise DataError(f"IDX labels reach {labels.max()}; only {num_classes} class names given.")
+    if num_classes is not None:
+        _check_labels(labels, num_classes)
     return images, labels
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+    if labels.max() >= num_classes:
+        raise DataError(
+            f"IDX labels reach {labels.max()}; only {num_classes} class names given "
+            "(--class_names)."
+        )
+
+
+def default_class_names(items_dir: str | None, labels: Sequence[np.ndarray]) -> list[str]:
+    """Fashion-MNIST's names for the default items, else ``class_0`` .. up to the largest label."""
+    if items_dir is None:
+        return list(FASHION_MNIST_CLASSES)
+    return [f"class_{c}" for c in range(max(int(x.max()) for x in labels) + 1)]
 
 
 def background_pools(names: Sequence[str]) -> dict[str, list[str]]:
@@ -325,12 +347,14 @@ def generate_scenes(
     resample: str = "bilinear",
     items_dir: str | None = None,
     background_zip: str | None = None,
-    class_names: Sequence[str] = FASHION_MNIST_CLASSES,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Writes the scene dataset (layout in the module docstring) and returns its summary.
 
     Items come from ``items_dir`` (default ``shared_dir/data/fashion_mnist``), backgrounds from
-    ``background_zip`` (default: the ``background`` zip under ``shared_dir``). The summary has,
+    ``background_zip`` (default: the ``background`` zip under ``shared_dir``). Class ``c`` of the
+    items is named ``class_names[c]``; without names, Fashion-MNIST's for the default items, else
+    ``class_0`` .. ``class_<largest label>``. The summary has,
     per split, the image and box counts, the items left without a box, and per-class pixel
     fractions. A missing input raises :class:`DataError` naming the path.
     """
@@ -351,10 +375,16 @@ def generate_scenes(
         "background_zip": background_zip,
     }
     _check_params(params)
-    items_dir = items_dir or os.path.join(shared_dir, ITEMS_DIR)
+    given_items, items_dir = items_dir, items_dir or os.path.join(shared_dir, ITEMS_DIR)
     zip_path = background_zip or os.path.join(shared_dir, BACKGROUNDS[background])
+    items = {s: load_items(items_dir, s) for s in SPLITS}
+    if class_names is None:
+        class_names = default_class_names(given_items, [items[s][1] for s in SPLITS])
+    if not all(class_names):
+        raise DataError(f"Class names must not be empty, got {list(class_names)}.")
+    for split in SPLITS:
+        _check_labels(items[split][1], len(class_names))
     params.update(items_dir=items_dir, background_zip=zip_path, class_names=list(class_names))
-    items = {s: load_items(items_dir, s, len(class_names)) for s in SPLITS}
     with zipfile.ZipFile(_require_file(zip_path, "Background zip")) as archive:
         pools = background_pools(archive.namelist())
         for split in SPLITS:
@@ -377,6 +407,10 @@ def generate_scenes(
 # ---------------------------------------------------------------------------- CLI
 
 
+def _split_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: generates the scenes and prints the summary as one JSON line."""
     parser = argparse.ArgumentParser(
@@ -397,6 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--items_dir", default=None, help="IDX item folder (overrides --shared)")
     parser.add_argument("--background_zip", default=None, help="zip of JPEG/PNG backgrounds")
+    parser.add_argument(
+        "--class_names",
+        default=None,
+        help="comma-separated names of item classes 0, 1, ... (default: Fashion-MNIST's for the "
+        "default items, else class_0 .. class_<largest label>)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -416,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             items_dir=args.items_dir,
             background_zip=args.background_zip,
+            class_names=None if args.class_names is None else _split_names(args.class_names),
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
