@@ -251,3 +251,23 @@ def test_other_items_with_too_few_names_are_refused(tmp_path, capsys):
     assert "IDX labels reach 24; only 2 class names given (--class_names)" in error
     assert scenes.main(args) == 0
     assert _written_names(out) == [f"class_{c}" for c in range(25)]
+
+
+def test_items_without_box_counts_only_hidden_items_not_crowd_regions(tmp_path, monkeypatch):
+    """Three items a scene: one boxed, one a crowd region, one hidden entirely."""
+    items, backgrounds = _other_items(tmp_path, 3)
+
+    def compose(background, scene, rng, **kwargs):
+        assert len(scene) == 3
+        mask = np.zeros(background.shape[:2], np.uint8)
+        boxes = [{"item": k, "category_id": 1, "bbox": [1.0, 1.0, 4.0, 4.0], "area": 16,
+                  "crowd": crowd} for k, crowd in ((0, False), (1, True))]  # fmt: skip
+        return background, mask, boxes
+
+    monkeypatch.setattr(scenes, "compose_scene", compose)
+    summary = scenes.generate_scenes(
+        str(tmp_path / "out"), items_dir=items, background_zip=backgrounds, num_train=2,
+        num_test=1, image_size=32, min_items=3, max_items=3,
+    )  # fmt: skip
+    assert summary["train"]["boxes"] == 4 and summary["train"]["crowd_regions"] == 2
+    assert summary["train"]["items_without_box"] == 2

@@ -282,7 +282,7 @@ def _write_split(
         Image.fromarray(mask).save(os.path.join(out_dir, split, "masks", f"{i:06d}.png"), "PNG")
         pixels += np.bincount(mask.ravel(), minlength=len(pixels))[: len(pixels)]
         coco_images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
-        dropped += num - sum(not box["crowd"] for box in boxes)
+        dropped += num - len(boxes)
         for box in boxes:
             annotations.append(
                 {
@@ -355,7 +355,8 @@ def generate_scenes(
     ``background_zip`` (default: the ``background`` zip under ``shared_dir``). Class ``c`` of the
     items is named ``class_names[c]``; without names, Fashion-MNIST's for the default items, else
     ``class_0`` .. ``class_<largest label>``. The summary has,
-    per split, the image and box counts, the items left without a box, and per-class pixel
+    per split, the image and box counts (``crowd_regions`` of them crowd boxes), the items hidden
+    entirely (``items_without_box``: no box, not even a crowd one), and per-class pixel
     fractions. A missing input raises :class:`DataError` naming the path.
     """
     params = {
