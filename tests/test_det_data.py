@@ -522,6 +522,9 @@ def test_box_configs_that_do_not_fit(tmp_path):
         data_lib.DataError, match=rf"{path} \(image id 1\) holds 5 boxes.*at least 5"
     ):
         data_lib.train_batches(source, spec_of(), global_batch=2, seed=0, max_boxes=4)
+    # evaluation scores against the annotations, not the padded rows: not limited by max_boxes
+    batch = next(data_lib.eval_batches(source, spec_of(), global_batch=2, max_boxes=2))
+    assert batch["boxes"].shape == (2, 2, 4) and batch["valid"].tolist() == [[1, 1], [0, 0]]
     with pytest.raises(data_lib.DataError, match="need max_boxes"):
         data_lib.eval_batches(source, spec_of(), global_batch=2)
     labels = data_lib.from_arrays(np.zeros((2, 4, 4), np.uint8), np.array([0, 1]))

@@ -333,7 +333,8 @@ def test_segmentation_figures_equal_scikit_learn_on_its_label_maps(tmp_path):
 @pytest.mark.slow
 def test_detection_figures_equal_pycocotools_on_its_detections(tmp_path):
     """A short detection run evaluated again: its COCO figures equal pycocotools' on the
-    model's detections of each test image, computed here outside the evaluation."""
+    model's detections of each test image, computed here outside the evaluation; an image of
+    more boxes than task.max_boxes (4) in the test split is evaluated, not refused."""
     from PIL import Image
     from test_det_data import write_coco
     from test_detection_train import SIZE, det_config, random_scenes
@@ -342,7 +343,9 @@ def test_detection_figures_equal_pycocotools_on_its_detections(tmp_path):
 
     root = tmp_path / "coco"
     write_coco(root, random_scenes(16, 0), "train")
-    write_coco(root, random_scenes(12, 1), "test", ids=[50 + 3 * i for i in range(12)])
+    dense = (SIZE, SIZE, [(1, x, y, 8, 8, 0) for x in (0, 12, 24) for y in (0, 16)])
+    test = [*random_scenes(11, 1), dense]
+    write_coco(root, test, "test", ids=[50 + 3 * i for i in range(12)])
     workdir = tmp_path / "run"
     train_and_evaluate(det_config(root, total_steps=20, batch_size=8), str(workdir))
     got = evaluate_run(workdir, batch_size=4)

@@ -173,13 +173,15 @@ def place(
     min_size: float,
 ) -> dict[str, tf.Tensor]:
     """Boxes moved into the window and clipped to it; those narrower or lower than
-    ``min_size`` (any without area when 0) dropped; the rest first, padded with zero rows to
-    ``max_boxes``: ``boxes`` [M, 4] float32, ``classes``, ``valid``, ``crowd`` [M] int32."""
+    ``min_size`` (any without area when 0) dropped; the rest first, the first ``max_boxes`` of
+    them (training checks that an image holds no more: :func:`check_max_boxes`), padded with
+    zero rows to ``max_boxes``: ``boxes`` [M, 4] float32, ``classes``, ``valid``, ``crowd`` [M]
+    int32."""
     shift = tf.stack([offset[1], offset[0], offset[1], offset[0]])
     boxes = tf.clip_by_value(found["boxes"] * scale - shift, 0.0, float(size))
     extent = boxes[:, 2:] - boxes[:, :2]
     keep = tf.reduce_all(extent >= min_size if min_size else extent > 0, axis=1)
-    index = tf.where(keep)[:, 0]
+    index = tf.where(keep)[:max_boxes, 0]
 
     def fit(x: tf.Tensor) -> tf.Tensor:
         x = tf.gather(x, index)

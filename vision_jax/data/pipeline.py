@@ -432,11 +432,14 @@ def eval_batches(
     Box sources are letterboxed (the longer side scaled to ``image_size``, the image at the
     top-left, zero padding after normalisation) and add ``image_id`` (int32 [B], the id in
     ``source.annotations``, 0 in padding rows) and ``scale`` (float32 [B], model-input pixels
-    per original pixel: original box = box / scale); every annotation of an image is there.
+    per original pixel: original box = box / scale). Their ground-truth rows hold the first
+    ``max_boxes`` boxes of an image, without a check that it holds no more: evaluation scores
+    against ``source.annotations``, so a split of images of more boxes than training's
+    ``max_boxes`` is evaluated whole.
     ``advice``: the last sentence of the error naming a file that cannot be read.
     """
     local = _local_batch(global_batch)
-    target = _target(source, max_boxes)
+    target = _target(source, max_boxes, check=False)
     per_process = math.ceil(source.num_examples / jax.process_count())
     num_batches = math.ceil(per_process / local)
     ds = source.dataset.shard(jax.process_count(), jax.process_index())
@@ -524,8 +527,9 @@ def _max_boxes(kind: str, max_boxes: int | None) -> int | None:
     return max_boxes
 
 
-def _target(source: Source, max_boxes: int | None) -> dict:
-    """:func:`make_preprocess`'s target arguments for ``source`` (``max_boxes``: boxes only)."""
+def _target(source: Source, max_boxes: int | None, check: bool = True) -> dict:
+    """:func:`make_preprocess`'s target arguments for ``source`` (``max_boxes``: boxes only;
+    ``check``: an error if an image holds more boxes, else the first ``max_boxes`` are kept)."""
     target = {"target": source.target, "num_classes": source.num_classes}
     if source.label_values is not None:
         target["label_values"] = source.label_values
@@ -533,7 +537,8 @@ def _target(source: Source, max_boxes: int | None) -> dict:
         target["column"] = source.column_spec
     if _max_boxes(source.target, max_boxes) is None:
         return target
-    boxes.check_max_boxes(source, max_boxes)
+    if check:
+        boxes.check_max_boxes(source, max_boxes)
     table = boxes.box_table(source.annotations, source.category_ids)
     return {**target, "box_table": table, "max_boxes": max_boxes}
 
