@@ -17,6 +17,7 @@ from PIL import Image
 from test_det_data import NAMES, write_coco
 from test_train import small_config
 
+from vision_jax import train as train_lib
 from vision_jax.report.curves import read_scalars
 from vision_jax.tasks import Detection
 from vision_jax.tasks.coco_eval import coco_metrics, coco_results
@@ -199,6 +200,21 @@ def test_class_names_whose_ap_keys_collide_are_refused(tmp_path):
         truth["categories"][0]["name"], truth["categories"][1]["name"] = "a/b", "a_b"
         (tmp_path / f"annotations/instances_{split}.json").write_text(json.dumps(truth))
     with pytest.raises(ValueError, match="The classes 'a_b' and 'a/b' would both report as ap/a_b"):
+        train_and_evaluate(det_config(tmp_path), str(tmp_path / "run"))
+
+
+def test_train_images_of_more_boxes_than_max_boxes_are_refused_before_compiling(
+    tmp_path, monkeypatch
+):
+    dense = (SIZE, SIZE, [(1, x, y, 8, 8, 0) for x in (0, 12, 24) for y in (0, 16)])
+    write_coco(tmp_path, [*random_scenes(3, 0), dense], "train")
+    write_coco(tmp_path, random_scenes(2, 1), "test")
+
+    def compile_ahead(run):
+        raise AssertionError("the steps compile before the split's boxes are checked")
+
+    monkeypatch.setattr(train_lib, "_compile_ahead", compile_ahead)
+    with pytest.raises(ValueError, match=r"holds 6 boxes .* Raise task.max_boxes to at least 6"):
         train_and_evaluate(det_config(tmp_path), str(tmp_path / "run"))
 
 

@@ -550,6 +550,8 @@ def _load_data(
     data, target = spec.data, spec.task.target
     load = lambda split: data_lib.load_source(data, split, arrays=arrays, target=target)
     train, evaluation = load(data.train_split), load(data.eval_split)
+    if target == "boxes":  # now, not once the steps have compiled (the batches check it too)
+        data_lib.check_max_boxes(train, spec.task.max_boxes)
     if target == "label" and train.num_classes < 2:
         raise data_lib.DataError(
             f"The train split holds {train.num_classes} class ({', '.join(train.class_names)}): "
