@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 
 import jax
@@ -208,7 +209,6 @@ def test_a_split_lacking_a_class_is_scored_with_the_runs_labels(tmp_path, caplog
     indices of its classes by name, so the run's and evaluate's figures equal numpy's with the
     labels read off the folder names (not those of its own two classes); a warning names the
     class it lacks."""
-    import logging
     import pathlib
 
     _image_folders(tmp_path / "data", {"train": "abc", "test": "ac"})
@@ -305,10 +305,11 @@ def test_a_split_with_other_classes_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_segmentation_figures_equal_scikit_learn_on_its_label_maps(tmp_path):
+def test_segmentation_figures_equal_scikit_learn_on_its_label_maps(tmp_path, caplog):
     """A short segmentation run on arrays evaluated again (from Python: the arrays passed
     again): mIoU and pixel accuracy equal scikit-learn's confusion matrix of the model's label
-    maps; without the arrays, an error saying how to pass them."""
+    maps; without the arrays, an error saying how to pass them; a split lacking a class gets
+    training's warning naming it."""
     from sklearn.metrics import confusion_matrix
     from test_segmentation_train import ARRAYS, seg_config
 
@@ -328,6 +329,10 @@ def test_segmentation_figures_equal_scikit_learn_on_its_label_maps(tmp_path):
     assert got["eval/examples"] == 20
     with pytest.raises(data_lib.DataError, match=r"evaluate_run\(workdir, arrays=\{'test'"):
         evaluate_run(tmp_path)
+    images, maps = ARRAYS["test"]  # a split without a pixel of blue: warned of, as training does
+    with caplog.at_level(logging.WARNING):
+        evaluate_run(tmp_path, arrays={"test": (images, np.where(maps == 3, 0, maps))})
+    assert "No label map of this split holds a pixel of blue (3)" in caplog.text
 
 
 @pytest.mark.slow

@@ -83,6 +83,8 @@ def evaluate_run(
             )
         data = dataclasses.replace(data, root=os.fspath(data_root))
     source = load_split(trained, split, data=data, arrays=arrays)
+    if source.target == "label_map":  # as training warns of its eval split
+        data_lib.warn_of_absent_classes(source)
     if image_size is None or image_size == trained.input.image_size:
         model, input_spec, variables = trained.model, trained.input, trained.variables
     else:

@@ -33,6 +33,7 @@ from vision_jax.data.pipeline import (
     pipeline_options,
     train_batches,
     train_example_shapes,
+    warn_of_absent_classes,
 )
 from vision_jax.data.preprocess import InputSpec
 from vision_jax.data.sources import (
@@ -401,4 +402,5 @@ __all__ = [
     "select_classes",
     "train_batches",
     "train_example_shapes",
+    "warn_of_absent_classes",
 ]

@@ -604,6 +604,13 @@ def label_map_pixels(source: Source, threads: int | None = None) -> tuple[np.nda
     return pixels, source.num_examples - read
 
 
+def warn_of_absent_classes(source: Source, threads: int | None = None) -> None:
+    """The warning :func:`check_examples` gives before training, for a label-map split read
+    otherwise (``vision_jax.evaluate``): from its label maps as stored
+    (:func:`label_map_pixels`)."""
+    _warn_of_absent_classes(source, label_map_pixels(source, threads))
+
+
 def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
     """Warns of classes that no label map of ``source`` holds (``pixels``: pixels per label
     value): their IoU is 0 wherever the model predicts them, else left out of the mean
