@@ -157,6 +157,66 @@ def test_assignment_on_hand_made_boxes():
     assert not np.any(np.asarray(t.positive & t.ignore))
 
 
+def test_reached_boxes_are_those_some_location_is_positive_for():
+    """64x64 input, strides 8 and 16: a box between the centres (4, 12, ..., 60) gets none; a box
+    whose every candidate a smaller box inside it takes gets none; crowd and padding rows none."""
+    where = fcos.layout((64, 64), (8, 16))
+    boxes = jnp.asarray(
+        [
+            [2, 2, 22, 14],  # reached (see test_assignment_on_hand_made_boxes)
+            [25, 25, 27, 28],  # tiny: holds no centre
+            [33, 33, 47, 47],  # its candidates (36 and 44 across and down) ...
+            [34, 34, 46, 46],  # ... are all inside this smaller box
+            [50, 2, 62, 14],  # a crowd region
+            [0, 0, 0, 0],  # padding
+        ],
+        jnp.float32,
+    )
+    valid = jnp.asarray([1, 1, 1, 1, 0, 0])
+    got = fcos.reached(where, boxes, valid)
+    assert np.asarray(got).tolist() == [True, False, False, True, False, False]
+    t = fcos.assign(where, boxes, jnp.arange(6), valid, jnp.asarray([0, 0, 0, 0, 1, 0]))
+    assert set(np.asarray(t.classes)[np.asarray(t.positive)].tolist()) == {0, 3}
+
+
+def _box_source(images: list[list[tuple[list[float], int]]], side: int = 64) -> SimpleNamespace:
+    """A source whose images (``side`` px square) hold (COCO box, iscrowd) lists."""
+    annotations = [
+        {"id": len(images) * 100 + k, "image_id": i + 1, "category_id": 1, "bbox": bbox,
+         "iscrowd": crowd}
+        for i, boxes in enumerate(images) for k, (bbox, crowd) in enumerate(boxes)
+    ]  # fmt: skip
+    records = [{"id": i + 1, "width": side, "height": side} for i in range(len(images))]
+    return SimpleNamespace(
+        annotations={"images": records, "annotations": annotations}, category_ids=[1]
+    )
+
+
+def test_a_share_of_boxes_no_location_is_positive_for_is_warned_of(caplog):
+    task = Detection(strides=(8, 16))
+    tiny, big, crowd = ([25, 25, 2, 3], 0), ([2, 2, 20, 12], 0), ([1, 1, 2, 2], 1)
+    with caplog.at_level(logging.WARNING):
+        task.warn_of_unreached_boxes(_box_source([[big, crowd]] * 9 + [[tiny]]), 64)
+        assert not caplog.text  # 1 of 10: not over 10%
+        task.warn_of_unreached_boxes(_box_source([[big, tiny, crowd]] * 3), 64)
+        assert not caplog.text.count("\n") > 1
+    assert ("3 of the 6 non-crowd boxes of the train split (50%) get no positive location at "
+            "task.strides=(8, 16) on 64 px inputs") in caplog.text  # fmt: skip
+    assert "longer side 3.0 px at the median" in caplog.text and "Finer task.strides" in caplog.text
+    # At the letterbox's scale: the same boxes on 32-px images, scaled by 2, are all reached.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        task.warn_of_unreached_boxes(_box_source([[([20, 20, 8, 8], 0)]] * 4, side=32), 64)
+        task.warn_of_unreached_boxes(_box_source([[([20, 20, 8, 8], 0)]] * 4, side=256), 64)
+    assert caplog.text.count("get no positive location") == 1 and "4 of the 4" in caplog.text
+    caplog.clear()  # a large split: a sample of its images
+    with caplog.at_level(logging.WARNING):
+        task.warn_of_unreached_boxes(_box_source([[big, tiny]] * 600), 64)
+    assert "512 of the 1024 non-crowd boxes of the train split (a sample of 512 images)" in (
+        caplog.text
+    )
+
+
 @pytest.mark.parametrize("size,level", [(40, 8.0), (200, 16.0)])
 def test_level_ranges(size, level):
     """Strides 8 (largest side distance up to 64) and 16 (above 64): a box's central locations

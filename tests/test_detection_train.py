@@ -5,6 +5,7 @@ options (LoRA, freezing) on a detection model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -216,6 +217,22 @@ def test_train_images_of_more_boxes_than_max_boxes_are_refused_before_compiling(
     monkeypatch.setattr(train_lib, "_compile_ahead", compile_ahead)
     with pytest.raises(ValueError, match=r"holds 6 boxes .* Raise task.max_boxes to at least 6"):
         train_and_evaluate(det_config(tmp_path), str(tmp_path / "run"))
+
+
+def test_a_run_on_boxes_no_location_is_positive_for_warns_before_compiling(
+    tmp_path, monkeypatch, caplog
+):
+    tiny = (SIZE, SIZE, [(0, 15, 15, 2, 2, 0)])  # between the stride-4 centres 14 and 18
+    write_coco(tmp_path, [*random_scenes(2, 0), tiny, tiny], "train")
+    write_coco(tmp_path, random_scenes(2, 1), "test")
+
+    def compile_ahead(run):
+        raise KeyboardInterrupt  # (stops the run here)
+
+    monkeypatch.setattr(train_lib, "_compile_ahead", compile_ahead)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(det_config(tmp_path), str(tmp_path / "run"))
+    assert "get no positive location at task.strides=(4, 8) on 32 px inputs" in caplog.text
 
 
 @pytest.mark.parametrize(

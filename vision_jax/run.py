@@ -1297,6 +1297,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     _warn_of_a_slow_ema(spec, total_steps)
     model = task_model(spec, train_source.num_classes)
+    if spec.task.target == "boxes":
+        spec.task.warn_of_unreached_boxes(train_source, spec.input.image_size)
     if newest is None:
         _warn_of_other_head_classes(spec, train_source.class_names)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))

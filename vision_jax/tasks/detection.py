@@ -35,6 +35,9 @@ from vision_jax.tasks.coco_eval import (
 
 logger = logging.getLogger(__name__)
 
+UNREACHED_SHARE = 0.1  # of the train split's boxes without a positive location: a warning
+UNREACHED_SAMPLE = 512  # images of a larger split checked
+
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
@@ -115,6 +118,45 @@ class Detection(Task):
 
     def batch_args(self) -> dict[str, Any]:
         return {"max_boxes": self.max_boxes}
+
+    def warn_of_unreached_boxes(self, source: Any, image_size: int) -> None:
+        """Warns when over ``UNREACHED_SHARE`` of the non-crowd boxes of ``source`` (the
+        training split; a sample of its images when it is large) get no positive location
+        (:func:`fcos.reached`) at ``strides`` on ``image_size`` inputs, the boxes at the
+        letterbox's scale (training's without a crop or scale jitter; those under a pixel, which
+        training drops, unreached): the detector never trains on them."""
+        from vision_jax.data import boxes as boxes_lib  # (TensorFlow)
+
+        table = boxes_lib.box_table(source.annotations, source.category_ids)
+        rows = np.flatnonzero(table.count)
+        sampled = len(rows) > UNREACHED_SAMPLE
+        if sampled:
+            rows = np.sort(np.random.default_rng(0).choice(rows, UNREACHED_SAMPLE, replace=False))
+        if not len(rows):
+            return
+        boxes = np.zeros((len(rows), int(table.count[rows].max()), 4), np.float32)
+        valid = np.zeros(boxes.shape[:2], bool)
+        for i, row in enumerate(rows):
+            part = slice(table.start[row], table.start[row] + table.count[row])
+            boxes[i, : table.count[row]] = table.boxes[part] * image_size / table.size[row].max()
+            valid[i, : table.count[row]] = table.crowd[part] == 0
+        extent = boxes[..., 2:] - boxes[..., :2]
+        kept = valid & (extent >= 1.0).all(-1)  # training drops boxes under a pixel
+        where = fcos.layout((image_size, image_size), self.strides)
+        one = lambda image: fcos.reached(where, *image, self.center_radius)
+        hit = np.asarray(jax.jit(lambda b, v: jax.lax.map(one, (b, v)))(boxes, kept)) & kept
+        total, missed = int(valid.sum()), int(valid.sum() - hit.sum())
+        if missed <= UNREACHED_SHARE * total:
+            return
+        sides = extent.max(-1)[valid & ~hit]
+        logger.warning(
+            "%d of the %d non-crowd boxes of the train split%s (%.0f%%) get no positive location "
+            "at task.strides=%s on %d px inputs (letterboxed; their longer side %.1f px at the "
+            "median): the detector never trains on them. Finer task.strides (down to 4: README, "
+            "Object detection) or a larger input.image_size reach smaller boxes.",
+            missed, total, f" (a sample of {len(rows)} images)" if sampled else "",
+            100 * missed / total, tuple(self.strides), image_size, float(np.median(sides)),
+        )  # fmt: skip
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
         backbone = feature_backbone(model_name, self.feature_taps, **model_kwargs)

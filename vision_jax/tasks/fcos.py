@@ -171,18 +171,7 @@ def assign(
 ) -> Targets:  # fmt: skip
     """FCOS targets of one image's padded ground truth (``boxes`` [M, 4], ``classes``,
     ``valid``, ``crowd`` [M]) at the locations ``where`` (see the module docstring)."""
-    px, py = where.points[:, 0:1], where.points[:, 1:2]  # [L, 1]
-    x0, y0, x1, y1 = (boxes[None, :, k] for k in range(4))  # [1, M]
-    sides = jnp.stack([px - x0, py - y0, x1 - px, y1 - py], -1)  # [L, M, 4]
-    inside = sides.min(-1) > 0
-    reach = radius * where.strides[:, None]
-    near_centre = (jnp.abs(px - (x0 + x1) / 2) < reach) & (jnp.abs(py - (y0 + y1) / 2) < reach)
-    largest = sides.max(-1)
-    in_range = (largest > where.lower[:, None]) & (largest <= where.upper[:, None])
-    candidate = inside & near_centre & in_range & (valid[None, :] > 0)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    best = jnp.argmin(jnp.where(candidate, area[None, :], jnp.inf), axis=1)  # [L]
-    positive = candidate.any(1)
+    sides, inside, positive, best = _match(where, boxes, valid, radius)
     chosen = jnp.take_along_axis(sides, best[:, None, None], axis=1)[:, 0]  # [L, 4]
     lr, tb = chosen[:, 0::2], chosen[:, 1::2]
     ratio = lambda d: d.min(-1) / jnp.maximum(d.max(-1), 1e-6)
@@ -194,6 +183,33 @@ def assign(
         boxes=boxes[best],
         centerness=jnp.where(positive, centerness, 0.0),
     )
+
+
+def _match(
+    where: Layout, boxes: jax.Array, valid: jax.Array, radius: float
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`assign`'s side distances [L, M, 4], whether each location is inside each box
+    [L, M], whether it is positive [L], and the box it is positive for [L]: the smallest of its
+    candidates."""
+    px, py = where.points[:, 0:1], where.points[:, 1:2]  # [L, 1]
+    x0, y0, x1, y1 = (boxes[None, :, k] for k in range(4))  # [1, M]
+    sides = jnp.stack([px - x0, py - y0, x1 - px, y1 - py], -1)  # [L, M, 4]
+    inside = sides.min(-1) > 0
+    reach = radius * where.strides[:, None]
+    near_centre = (jnp.abs(px - (x0 + x1) / 2) < reach) & (jnp.abs(py - (y0 + y1) / 2) < reach)
+    largest = sides.max(-1)
+    in_range = (largest > where.lower[:, None]) & (largest <= where.upper[:, None])
+    candidate = inside & near_centre & in_range & (valid[None, :] > 0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    best = jnp.argmin(jnp.where(candidate, area[None, :], jnp.inf), axis=1)  # [L]
+    return sides, inside, candidate.any(1), best
+
+
+def reached(where: Layout, boxes: jax.Array, valid: jax.Array, radius: float = 1.5) -> jax.Array:
+    """bool [M]: which of one image's boxes (as :func:`assign` takes them) some location is
+    positive for; a valid box that none is for is never trained on."""
+    _, _, positive, best = _match(where, boxes, valid, radius)
+    return jnp.zeros(boxes.shape[0], jnp.int32).at[best].add(positive.astype(jnp.int32)) > 0
 
 
 def decode(points: jax.Array, distances: jax.Array) -> jax.Array:
