@@ -701,3 +701,22 @@ def test_pascal_voc_layout_reads_as_torchvisions_voc_segmentation(timm, tmp_path
     with caplog.at_level(logging.WARNING):
         val = data_lib.load_source(skipping.data, "val", target="label_map")
     assert val.num_examples == 1 and "Leaving the image out" in caplog.text
+
+
+def test_the_evaluate_warning_names_a_class_no_label_map_of_the_split_holds(caplog):
+    """vision_jax.evaluate's warning of classes a split lacks (data.warn_of_absent_classes)
+    passed label_map_pixels' (pixels, unread) pair where the counts go, and raised."""
+    from vision_jax import specs
+
+    config = default_config()
+    config.data.source = "arrays"
+    config.data.class_names = ("background", "red", "green", "blue")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    maps = rng.integers(0, 3, (4, 8, 8)).astype(np.uint8)  # no pixel of blue (3)
+    source = data_lib.load_source(
+        specs.data_spec(config.data), "test", arrays={"test": (images, maps)}, target="label_map"
+    )
+    with caplog.at_level(logging.WARNING):
+        data_lib.warn_of_absent_classes(source)
+    assert "blue (3)" in caplog.text and "red" not in caplog.text.split("blue")[0][-40:]

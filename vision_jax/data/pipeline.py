@@ -608,7 +608,7 @@ def warn_of_absent_classes(source: Source, threads: int | None = None) -> None:
     """The warning :func:`check_examples` gives before training, for a label-map split read
     otherwise (``vision_jax.evaluate``): from its label maps as stored
     (:func:`label_map_pixels`)."""
-    _warn_of_absent_classes(source, label_map_pixels(source, threads))
+    _warn_of_absent_classes(source, label_map_pixels(source, threads)[0])
 
 
 def _warn_of_absent_classes(source: Source, pixels: np.ndarray) -> None:
