@@ -247,3 +247,25 @@ def test_a_target_the_data_does_not_provide_is_named_as_the_tasks(tmp_path, regi
     register(task)
     with pytest.raises(DataError, match=match):
         build_run(regression_config(task), str(tmp_path))
+
+
+def test_a_task_of_ones_own_reading_boxes_needs_no_detection_fields(monkeypatch):
+    """The run asked every boxes task for Detection's max_boxes and its unreached-box warning
+    (AttributeError for a task of one's own): the training split's checks are the task's
+    (Task.check_train_split, nothing by default)."""
+    import types
+
+    from vision_jax import data as data_lib
+    from vision_jax import run as run_lib
+
+    class OwnBoxTask(tasks.Classification):
+        target = "boxes"
+
+    task = OwnBoxTask()
+    source = types.SimpleNamespace(num_classes=3, class_names=("a", "b", "c"), column_spec=None)
+    splits = types.SimpleNamespace(train_split="train", eval_split="test", val_split=None)
+    spec = types.SimpleNamespace(task=task, data=splits)
+    monkeypatch.setattr(data_lib, "load_source", lambda *a, **k: source)
+    train, evaluation, _ = run_lib._load_data(spec, None)
+    assert train is source and evaluation is source
+    assert task.check_train_split(source, 32) is None

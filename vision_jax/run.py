@@ -550,8 +550,6 @@ def _load_data(
     data, target = spec.data, spec.task.target
     load = lambda split: data_lib.load_source(data, split, arrays=arrays, target=target)
     train, evaluation = load(data.train_split), load(data.eval_split)
-    if target == "boxes":  # now, not once the steps have compiled (the batches check it too)
-        data_lib.check_max_boxes(train, spec.task.max_boxes)
     if target == "label" and train.num_classes < 2:
         raise data_lib.DataError(
             f"The train split holds {train.num_classes} class ({', '.join(train.class_names)}): "
@@ -1297,8 +1295,7 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     _check_not_past_the_end(spec, ckpt, newest, total_steps, steps_per_epoch)
     _warn_of_a_slow_ema(spec, total_steps)
     model = task_model(spec, train_source.num_classes)
-    if spec.task.target == "boxes":
-        spec.task.warn_of_unreached_boxes(train_source, spec.input.image_size)
+    spec.task.check_train_split(train_source, spec.input.image_size)
     if newest is None:
         _warn_of_other_head_classes(spec, train_source.class_names)
     init_rng, step_rng = jax.random.split(jax.random.key(spec.seed))

@@ -114,6 +114,11 @@ class Task(abc.ABC):
         as its ground truth tells before training; None where it may."""
         return None
 
+    def check_train_split(self, source: Any, image_size: int) -> None:
+        """What the task can tell of its training split ``source`` before the steps compile, at
+        ``image_size`` inputs: a DataError, or warnings; nothing by default."""
+        del source, image_size
+
     def batch_args(self) -> dict[str, Any]:
         """Keyword arguments the task adds to the input pipeline's batching (e.g. detection's
         ``max_boxes``)."""

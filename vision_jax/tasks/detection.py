@@ -119,6 +119,14 @@ class Detection(Task):
     def batch_args(self) -> dict[str, Any]:
         return {"max_boxes": self.max_boxes}
 
+    def check_train_split(self, source: Any, image_size: int) -> None:
+        """An image with more boxes than ``max_boxes`` is an error now, not once the steps have
+        compiled (the batches check it too); boxes no location is positive for are warned of."""
+        from vision_jax.data import boxes as boxes_lib  # (TensorFlow)
+
+        boxes_lib.check_max_boxes(source, self.max_boxes)
+        self.warn_of_unreached_boxes(source, image_size)
+
     def warn_of_unreached_boxes(self, source: Any, image_size: int) -> None:
         """Warns when over ``UNREACHED_SHARE`` of the non-crowd boxes of ``source`` (the
         training split; a sample of its images when it is large) get no positive location
