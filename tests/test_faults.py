@@ -1216,6 +1216,35 @@ def test_usr1_usr2_and_hup_stop_as_sigterm_and_a_callers_own_handler_is_kept(sig
         signal.signal(signum, previous)
 
 
+def test_a_c_level_handler_faulthandlers_usr1_is_left_alone_and_put_back():
+    """faulthandler.register(SIGUSR1) (dump the stacks on USR1) is a C-level handler that
+    signal.getsignal reports as SIG_DFL: a run took USR1 over and at its end put a real SIG_DFL
+    back, so the next USR1 killed the caller's process. USR1 is left to it now, and a C-level
+    SIGTERM handler, taken during the run, is back after it (as are the commands' and the
+    report's)."""
+    code = (
+        "import faulthandler, os, signal, sys, time\n"
+        "from vision_jax import signals\n"
+        "faulthandler.register(signal.SIGUSR1, all_threads=False)\n"
+        "faulthandler.register(signal.SIGTERM, all_threads=False)\n"
+        "with signals.StopSignals() as stop:\n"
+        "    taken = sorted(signal.Signals(s).name for s in stop._previous)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.3)\n"
+        "    received = stop.received\n"
+        "print(taken, received, signals.command(lambda: 0, 'x', '') == 0, flush=True)\n"
+        "for sig in (signal.SIGUSR1, signal.SIGTERM):\n"
+        "    os.kill(os.getpid(), sig)\n"  # faulthandler's: the stacks, and the process goes on
+        "    time.sleep(0.2)\n"
+        "print('survived', flush=True)\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    taken = "['SIGHUP', 'SIGINT', 'SIGTERM', 'SIGUSR2'] SIGTERM True"
+    assert proc.stdout.split("\n")[:2] == [taken, "survived"], proc.stderr[-3000:]
+    assert proc.stderr.count("Stack (most recent call first)") == 2, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_sigterm_two_processes_one_or_the_launcher_then_resume_exactly(tmp_path, procs):
     full = procs(*local_argv(tmp_path / "full"))

@@ -29,7 +29,7 @@ from vision_jax.abort_notice import route_stderr
 from vision_jax.compilation_cache import EMPTY_SETTING, configure_compilation_cache
 from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
 from vision_jax.output_errors import is_url, printable, workdir_problem
-from vision_jax.signals import ALSO, EXIT_STOPPED, SIGNALS
+from vision_jax.signals import EXIT_STOPPED, SIGNALS, defaulted, give_back, take
 from vision_jax.watchdog import EXIT_PEER_LOST
 
 FLAGS = flags.FLAGS
@@ -409,15 +409,13 @@ def _report(workdir: str, final: Any) -> None:
         sys.stdout.flush()
         os._exit(EXIT_STOPPED)
 
-    caught = SIGNALS + tuple(s for s in ALSO if signal.getsignal(s) is signal.SIG_DFL)
-    previous = {s: signal.signal(s, stopped) for s in caught}
+    previous = take(SIGNALS + defaulted(), stopped)
     try:
         print(f"report: {write_report(workdir, final=final)}")
     except Exception as e:  # the trained model is saved whatever the report hits
         logging.warning("No report written: %s: %s", type(e).__name__, e)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        give_back(previous)
 
 
 def _summaries(results: dict[str, float], task: str) -> list[str]:

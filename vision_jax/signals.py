@@ -1,7 +1,10 @@
 """Stopping a run cleanly on SIGTERM or SIGINT: a checkpoint at a step every process agrees on.
 
 SIGUSR1, SIGUSR2 and SIGHUP (SLURM's ``--signal``, submitit, a closed ssh session) are taken as
-SIGTERM is, where no handler of the caller's own (or an inherited SIG_IGN) has them.
+SIGTERM is, where no handler of the caller's own (or an inherited SIG_IGN) has them: a Python
+handler, or a C-level one that ``signal.getsignal`` does not see (``faulthandler.register``'s
+dump-the-stacks-on-USR1 hook, read through libc's ``sigaction``). A C-level handler of SIGTERM or
+SIGINT is taken during the run as a Python one is, and put back after it.
 
 One process: the signal sets a flag that the loop reads at the next step boundary. Several
 processes (``jax.distributed``): SIGTERM goes to JAX's preemption notifier (installed by
@@ -38,7 +41,8 @@ EXIT_STOPPED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Asked for as SIGTERM is: SLURM's --signal=USR1@90 (Lightning), submitit's USR2, a closed ssh
 # session's HUP. Caught only where their handler is the default (which ends the process): a
-# Python caller's own handler (submitit's) is kept, an inherited SIG_IGN (nohup) too.
+# Python caller's own handler (submitit's) is kept, an inherited SIG_IGN (nohup) too, and a
+# C-level one (faulthandler.register): see defaulted().
 ALSO = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 AGREE_EVERY = 10  # steps between agreements when JAX's preemption service is off
 NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # set by JAX's preemption notifier (TSL)
@@ -81,6 +85,61 @@ def uninterrupted() -> Iterator[None]:
         _held = _held and bool(_shielded)
     if held:
         raise KeyboardInterrupt
+
+
+def _action(sig: int) -> Any:
+    """The process's ``struct sigaction`` for ``sig`` as raw bytes (its first field is the
+    handler's address on Linux and macOS), read through libc; None where that cannot be done."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        action = ctypes.create_string_buffer(512)  # larger than any libc's struct sigaction
+        if libc.sigaction(int(sig), None, action) != 0:
+            return None
+        return action
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _c_handler(action: Any) -> int | None:
+    """The handler's address in a :func:`_action` (0: SIG_DFL, 1: SIG_IGN); None: unknown."""
+    import ctypes
+
+    return None if action is None else ctypes.c_void_p.from_buffer(action).value or 0
+
+
+def _foreign(sig: int) -> bool:
+    """Whether ``sig`` has a C-level handler that Python does not know of (``signal.getsignal``
+    says SIG_DFL: ``faulthandler.register``, a C library's)."""
+    return signal.getsignal(sig) is signal.SIG_DFL and _c_handler(_action(sig)) not in (0, None)
+
+
+def defaulted(signals: tuple[int, ...] = ALSO) -> tuple[int, ...]:
+    """Those of ``signals`` whose handler is the default (taken by a run or a command as SIGTERM
+    is): no Python handler, no inherited SIG_IGN, no C-level handler (faulthandler's)."""
+    return tuple(s for s in signals if signal.getsignal(s) is signal.SIG_DFL and not _foreign(s))
+
+
+def take(signals: tuple[int, ...], handler: Any) -> dict[int, Any]:
+    """Installs ``handler`` for ``signals``; what :func:`give_back` puts back (a C-level handler
+    that Python does not know of included)."""
+    previous = {}
+    for sig in signals:
+        action = _action(sig) if _foreign(sig) else None
+        previous[sig] = (signal.signal(sig, handler), action)
+    return previous
+
+
+def give_back(previous: dict[int, Any]) -> None:
+    """Puts back the handlers :func:`take` replaced."""
+    for sig, (handler, action) in previous.items():
+        signal.signal(sig, handler)
+        if action is not None:  # Python's table says SIG_DFL, as before; the C handler is back
+            import ctypes
+
+            ctypes.CDLL(None).sigaction(int(sig), action, None)
+    previous.clear()
 
 
 def _sync_manager() -> Any:
@@ -127,9 +186,8 @@ class StopSignals:
         mine = [s for s in SIGNALS if not (s == signal.SIGTERM and self._sync is not None)]
         try:  # JAX's preemption notifier owns SIGTERM when it runs; keep inherited SIG_IGN
             mine = [s for s in mine if signal.getsignal(s) is not signal.SIG_IGN]
-            mine += [s for s in ALSO if signal.getsignal(s) is signal.SIG_DFL]
-            for sig in mine:
-                self._previous[sig] = signal.signal(sig, self._in_main_thread)
+            mine += defaulted()
+            self._previous.update(take(tuple(mine), self._in_main_thread))
             if self._previous:
                 read, write = os.pipe()
                 os.set_blocking(write, False)
@@ -143,9 +201,7 @@ class StopSignals:
     def __exit__(
         self, kind: type | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        give_back(self._previous)
         if self._wakeup is not None:
             write, old = self._wakeup
             signal.set_wakeup_fd(old)
@@ -250,8 +306,7 @@ def command(main: Callable[[], int], name: str, left: str) -> int:
     signal, not a traceback or an end without a word; a file being written whole
     (:func:`~vision_jax.output_errors.written_whole`) is removed. A Python caller of ``main``
     keeps its own handlers and gets Ctrl-C's KeyboardInterrupt."""
-    caught = [s for s in (signal.SIGTERM, *ALSO) if signal.getsignal(s) is signal.SIG_DFL]
-    previous = {s: signal.signal(s, _interrupt) for s in caught}
+    previous = take(defaulted((signal.SIGTERM, *ALSO)), _interrupt)
     try:
         return main()
     except KeyboardInterrupt as e:
@@ -261,8 +316,7 @@ def command(main: Callable[[], int], name: str, left: str) -> int:
               file=sys.stderr, flush=True)  # fmt: skip
         return 128 + signum
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        give_back(previous)
 
 
 def distributed_client() -> Any:
