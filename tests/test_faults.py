@@ -1619,3 +1619,34 @@ main._report({str(tmp_path)!r}, None)
         f"--workdir={tmp_path} writes it."
     )
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "call, status",
+    [
+        ("signals.command(lambda: hup() or 0, 'vision_jax.predict', 'left.')", 128 + 1),
+        ("main._report('.', None)", EXIT_STOPPED),
+        ("main._exit(75, 'stopped at step 3', None)", EXIT_STOPPED),
+    ],
+)
+def test_a_sighup_that_closed_the_terminal_leaves_the_documented_status(call, status):
+    """A SIGHUP that closes the terminal: the one line went to a closed stderr, and its OSError
+    turned the status (129; 75 for a stopped training, saved) into 1 (a multi-host process then
+    skipped the shutdown barrier). The line is dropped; the status stays."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from vision_jax import main, report, signals\n"
+        "def hup(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    time.sleep(5)\n"
+        "report.write_report = hup\n"
+        f"sys.exit({call})\n"
+    )
+    read, write = os.pipe()
+    os.close(read)  # the terminal is gone
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, stderr=write,
+                              timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == status

@@ -29,7 +29,15 @@ from vision_jax.abort_notice import route_stderr
 from vision_jax.compilation_cache import EMPTY_SETTING, configure_compilation_cache
 from vision_jax.host_memory import configure_dispatch, restart_for_xla_buffers
 from vision_jax.output_errors import is_url, printable, workdir_problem
-from vision_jax.signals import EXIT_STOPPED, SIGNALS, defaulted, give_back, take
+from vision_jax.signals import (
+    EXIT_STOPPED,
+    SIGNALS,
+    defaulted,
+    flush_stdout,
+    give_back,
+    take,
+    tell,
+)
 from vision_jax.watchdog import EXIT_PEER_LOST
 
 FLAGS = flags.FLAGS
@@ -272,14 +280,14 @@ def _exit(code: int, message: str, watchdog: Any, error: BaseException | None = 
     if watchdog is not None and _may_mean_a_lost_peer(error):
         if lost := watchdog.wait_for_verdict(5 * watchdog.interval):
             watchdog.exit(lost)
-    print(f"vision_jax: {'' if stopped else 'error: '}{message}", file=sys.stderr, flush=True)
+    tell(f"vision_jax: {'' if stopped else 'error: '}{message}")
     if watchdog is not None and not stopped:
         watchdog.fail(code, message.splitlines()[0] if message else "")
     if watchdog is not None:
         watchdog.finish()
     if stopped and jax.process_count() > 1:
         jax.distributed.shutdown()
-    sys.stdout.flush()
+    flush_stdout()
     logging.shutdown()
     os._exit(code)
 
@@ -403,10 +411,9 @@ def _report(workdir: str, final: Any) -> None:
 
     def stopped(signum: int, frame: Any) -> None:
         del frame
-        print(f"{signal.Signals(signum).name} while writing the report; the run is saved: "
-              f"python -m vision_jax.report --workdir={workdir} writes it.", file=sys.stderr,
-              flush=True)  # fmt: skip
-        sys.stdout.flush()
+        tell(f"{signal.Signals(signum).name} while writing the report; the run is saved: "
+             f"python -m vision_jax.report --workdir={workdir} writes it.")  # fmt: skip
+        flush_stdout()
         os._exit(EXIT_STOPPED)
 
     previous = take(SIGNALS + defaulted(), stopped)

@@ -159,6 +159,24 @@ def _say(message: str) -> None:
         pass
 
 
+def tell(text: str, stream: Any = None) -> None:
+    """``text`` and a newline on stderr (or ``stream``), flushed; nothing where it is gone (a
+    SIGHUP that closed the terminal), so that a command's exit status stays the documented one
+    (129, 75) rather than an OSError's 1."""
+    try:
+        print(text, file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def flush_stdout() -> None:
+    """``sys.stdout.flush()``, without an error where stdout is gone (see :func:`tell`)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
 class StopSignals:
     """Catches SIGTERM, SIGINT and :data:`ALSO` while entered (a context manager; main thread
     only).
@@ -312,8 +330,7 @@ def command(main: Callable[[], int], name: str, left: str) -> int:
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         after = "\n" if sys.stderr.isatty() else ""  # after a progress line
-        print(f"{after}{name}: interrupted ({signal.Signals(signum).name}); {left}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        tell(f"{after}{name}: interrupted ({signal.Signals(signum).name}); {left}")
         return 128 + signum
     finally:
         give_back(previous)
