@@ -47,6 +47,7 @@ from vision_jax.export import (
 from vision_jax.export.__main__ import main as export_main
 from vision_jax.export.exporter import _manifest
 from vision_jax.models.vit import erf_elementary
+from vision_jax.output_errors import _HOST, remove_partials, written_whole
 from vision_jax.tasks import Classification, Detection, Segmentation
 from vision_jax.train import train_and_evaluate
 from vision_jax.trained import load_trained
@@ -620,8 +621,8 @@ def test_sigterm_during_an_export_is_one_line_and_a_killed_ones_partials_go(
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    (out / f"export.json.partial-{dead}").write_text("{")
-    (out / f"model.jax_exported.partial-{os.getppid()}").write_text("")  # running
+    (out / f"export.json.partial-{_HOST}-{dead}").write_text("{")
+    (out / f"model.jax_exported.partial-{_HOST}-{os.getppid()}").write_text("")  # running
     write_bytes = pathlib.Path.write_bytes
 
     def signalled(self, data):
@@ -639,7 +640,26 @@ def test_sigterm_during_an_export_is_one_line_and_a_killed_ones_partials_go(
     )
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     left = sorted(p.name for p in out.iterdir())
-    assert left == [f"model.jax_exported.partial-{os.getppid()}"], left
+    assert left == [f"model.jax_exported.partial-{_HOST}-{os.getppid()}"], left
+
+
+def test_only_this_hosts_partials_of_the_files_export_writes_are_removed(tmp_path):
+    """remove_partials removed any ``*.partial-<digits>`` whose pid did not run here: another
+    host's export under way into a shared (NFS) folder, a user's ``notes.partial-2024``. Only
+    ``<file export writes>.partial-<this host>-<dead pid>`` goes."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    names = [f"export.json.partial-{_HOST}-{dead}", f"model.tflite.partial-{_HOST}-{dead}",
+             f"export.json.partial-{_HOST}-{os.getpid()}",  # running
+             f"export.json.partial-{_HOST}-2-{dead}",  # host <this host>-2
+             f"export.json.partial-other-host-{dead}", "notes.partial-2024",
+             f"notes.partial-{_HOST}-{dead}", f"export.json.partial-{dead}"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_text("")
+    remove_partials(tmp_path, ["export.json", "model.tflite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    with written_whole(tmp_path / "export.json") as partial:
+        assert pathlib.Path(partial).name == f"export.json.partial-{_HOST}-{os.getpid()}"
 
 
 def test_quantisation_report_miou_is_scikit_learns():

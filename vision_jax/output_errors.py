@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import re
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -210,13 +211,22 @@ def remove_left_behind(paths: Iterable[Any], what: str) -> None:
             logger.info("Removed %s, %s of a process that was stopped.", path, what)
 
 
-def remove_partials(folder: str | os.PathLike) -> None:
-    """Removes the temporary files of :func:`written_whole` in ``folder`` whose process is no
-    longer running (killed while it wrote them); another's under way stays."""
-    found = glob.glob(os.path.join(glob.escape(os.fspath(folder)), "*.partial-*"))
-    pids = {path: re.fullmatch(r".*\.partial-(\d+)", path) for path in found}
-    dead = [p for p, pid in pids.items() if pid and not _running(int(pid[1]))]
-    remove_left_behind(map(pathlib.Path, dead), "the file being written")
+def remove_partials(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Removes the temporary files of :func:`written_whole` for the files ``names`` in
+    ``folder`` (``<name>.partial-<host>-<pid>``) that a process of this host left behind (killed
+    while it wrote them: its pid no longer runs). Another's under way stays, as does one of
+    another host (a shared folder: its pid cannot be checked from here) and any other file."""
+    for name in names:
+        pattern = f"{glob.escape(name)}.partial-{glob.escape(_HOST)}-*"
+        mine = re.compile(rf"{re.escape(name)}\.partial-{re.escape(_HOST)}-(\d+)")
+        for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), pattern)):
+            pid = mine.fullmatch(os.path.basename(path))  # (not host-2's: host-2-<pid>)
+            if pid and not _running(int(pid[1])):
+                remove_left_behind([pathlib.Path(path)], "the file being written")
+
+
+# Part of a temporary file's name: its process's pid is checked on this host only.
+_HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"
 
 
 def _running(pid: int) -> bool:
@@ -232,10 +242,11 @@ def _running(pid: int) -> bool:
 
 @contextlib.contextmanager
 def written_whole(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary name beside ``path`` to write the file to: it replaces ``path`` once written
+    """A temporary name beside ``path`` to write the file to (``<path>.partial-<host>-<pid>``,
+    see :func:`remove_partials`): it replaces ``path`` once written
     (a file already there stays whole until then) and is removed if the writing fails."""
     path = os.fspath(path)
-    partial = f"{path}.partial-{os.getpid()}"
+    partial = f"{path}.partial-{_HOST}-{os.getpid()}"
     try:
         yield partial
         os.replace(partial, path)

@@ -98,7 +98,8 @@ def export_trained(
     output = pathlib.Path(output)
     with _removed_if_left_empty(output):
         output.mkdir(parents=True, exist_ok=True)
-        remove_partials(output)  # of an export that was killed (a SIGKILL)
+        # Of an export that was killed (a SIGKILL): the files written whole.
+        remove_partials(output, [MANIFEST, STABLEHLO_ARTIFACT, ARTIFACTS["tflite"]])
         with _manifest_written(output, manifest):  # in place once the artifact is
             _write_artifact(servable, output, format, content)
     return manifest
