@@ -1025,6 +1025,18 @@ def test_one_image_without_its_batch_axis_is_refused(monkeypatch):
         predictor.predict_arrays(np.zeros((2, 8, 8), np.uint8))
 
 
+def test_one_numpy_string_path_is_a_str_path():
+    """A single np.str_ path came back as np.str_ (the list branch converts to str) and a 0-d
+    string array was refused as pixels: both are one path, a str."""
+    from vision_jax.predict import _listed
+
+    for one in (np.str_("a.jpg"), np.array("a.jpg"), np.array(pathlib.Path("a.jpg"), object)):
+        listed = _listed(one)
+        assert listed == ["a.jpg"] and type(listed[0]) is str, (one, listed)
+    with pytest.raises(TypeError, match="got a numpy.ndarray"):  # a 0-d array of a number
+        _listed(np.array(3))
+
+
 def test_predict_on_images_in_memory_points_to_predict_arrays(tmp_path):
     """predict(ndarray) said "expected str, bytes or os.PathLike object, not ndarray" and
     predict(PIL image) "'Image' object is not iterable": a TypeError naming predict_arrays;

@@ -126,9 +126,12 @@ def _check_batch_size(batch_size: Any) -> None:
 
 def _listed(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
     """``paths`` as a list of file names: one path alone is a folder or glob pattern that
-    :func:`image_files` expands, or a file that stays itself."""
+    :func:`image_files` expands, or a file that stays itself (a 0-d array of a string too)."""
+    if getattr(paths, "ndim", None) == 0 and getattr(paths, "dtype", None) is not None:
+        item = paths.item()
+        paths = item if isinstance(item, str | os.PathLike) else paths
     if isinstance(paths, str | os.PathLike):
-        path = os.fspath(paths)
+        path = str(paths) if isinstance(paths, str) else os.fspath(paths)  # np.str_: str
         expands = os.path.isdir(path) or (glob.has_magic(path) and not os.path.isfile(path))
         return image_files(path) if expands else [path]
     # An array (or pandas Series) of strings holds paths; any other array is pixels.
