@@ -208,6 +208,11 @@ def test_a_nan_probability_never_ranks_first_as_in_the_eval_metrics():
     np.testing.assert_array_equal(result.confusion, [[1, 1, 0], [0, 0, 0], [0, 0, 1]])
     assert result.headline == 2 / 3
     assert [row[1] for row in result.hardest_table.rows] == ["a", "c", "a"]  # NaN first
+    # The predicted class as the confusion matrix books it (the all-NaN row: a miss, b), a NaN
+    # probability shown as NaN.
+    rows = result.hardest_table.rows
+    assert [row[1:3] for row in rows] == [["a", "b"], ["c", "c"], ["a", "a"]], rows
+    assert np.isnan(rows[0][3]) and result.hardest[0].title.startswith("true a (nan)\npredicted b")
     assert classification_record("x", probs[1], ["a", "b", "c"], 3)["label"] == 2
     scores = np.stack([np.full((2, 2), nan), np.zeros((2, 2)), np.ones((2, 2))], -1)
     np.testing.assert_array_equal(upsampled_argmax(scores, (4, 4)), np.full((4, 4), 2))

@@ -100,7 +100,8 @@ def _short(name: str) -> str:
 
 
 def _class_example(batch, probs, names, spec, i) -> tuple[Thumb, list]:
-    true, guess = int(batch["label"][i]), int(argmax_nan_lowest(probs[i]))
+    true = int(batch["label"][i])
+    guess = int(argmax_nan_lowest(probs[i], true))  # as the confusion matrix books it
     p_true, p_guess = float(probs[i, true]), float(probs[i, guess])
     title = (f"true {_short(names[true])} ({p_true:.2f})\n"
              f"predicted {_short(names[guess])} ({p_guess:.2f})")  # fmt: skip
