@@ -249,6 +249,13 @@ def test_other_items_with_too_few_names_are_refused(tmp_path, capsys):
     assert scenes.main([*args, "--class_names=a,b"]) == 2
     error = capsys.readouterr().err
     assert "IDX labels reach 24; only 2 class names given (--class_names)" in error
+    names = ",".join(["a", "a", *(f"c{c}" for c in range(23))])
+    assert scenes.main([*args, f"--class_names={names}"]) == 2  # the same name twice
+    error = capsys.readouterr().err
+    assert (
+        error
+        == f"error: Class names must differ: a given more than once (--class_names={names}).\n"
+    )
     assert scenes.main(args) == 0
     assert _written_names(out) == [f"class_{c}" for c in range(25)]
 

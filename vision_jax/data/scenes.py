@@ -383,6 +383,11 @@ def generate_scenes(
         class_names = default_class_names(given_items, [items[s][1] for s in SPLITS])
     if not all(class_names):
         raise DataError(f"Class names must not be empty, got {list(class_names)}.")
+    if twice := sorted({n for n in class_names if list(class_names).count(n) > 1}):
+        raise DataError(
+            f"Class names must differ: {', '.join(twice)} given more than once "
+            f"(--class_names={','.join(class_names)})."
+        )
     for split in SPLITS:
         _check_labels(items[split][1], len(class_names))
     params.update(items_dir=items_dir, background_zip=zip_path, class_names=list(class_names))
