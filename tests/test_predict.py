@@ -1071,55 +1071,41 @@ def test_predict_on_images_in_memory_points_to_predict_arrays(tmp_path):
             predictor.predict(listed)
 
 
-def test_sigterm_ends_the_command_with_one_line_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
-    """SIGTERM while predicting ended the command without a word (Python's default): one
-    line and status 143 (128 + SIGTERM) as for Ctrl-C; the records written stay."""
+def _sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises at once
+
+
+def _ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop, name", [(_ctrl_c, "SIGINT"), (_sigterm, "SIGTERM")])
+def test_a_stop_ends_the_command_with_one_line_and_its_status(
+    tmp_path, monkeypatch, capsys, stop, name
+):
+    """Ctrl-C or SIGTERM while predicting: one line and status 128 + the signal (130 for Ctrl-C,
+    as training's command at a second signal), not a KeyboardInterrupt traceback or (SIGTERM,
+    Python's default) an end without a word; the records written stay."""
     from vision_jax import predict
 
     fixed = FixedPredictor()
     batches = fixed.iter_predict
 
-    def signalled(*args, **kwargs):
+    def stopped(*args, **kwargs):
         yield next(batches(*args, **kwargs))
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises at once
+        stop()
 
-    monkeypatch.setattr(fixed, "iter_predict", signalled)
+    monkeypatch.setattr(fixed, "iter_predict", stopped)
     monkeypatch.setattr(predict, "_predictor", lambda args, parser: fixed)
     _images(tmp_path / "images", "a.png", "b.png", "c.png")
     out = tmp_path / "p.jsonl"
     monkeypatch.setattr("sys.argv", ["predict", "--workdir=run", f"--input={tmp_path / 'images'}",
                                      f"--output={out}"])  # fmt: skip
-    assert predict._command() == 128 + signal.SIGTERM
+    assert predict._command() == 128 + getattr(signal, name)
     assert capsys.readouterr().err.strip().splitlines() == [
-        "vision_jax.predict: interrupted (SIGTERM); the output holds the batches written (a "
+        f"vision_jax.predict: interrupted ({name}); the output holds the batches written (a "
         ".json list only once whole)."
     ]  # fmt: skip
     assert len(out.read_text().splitlines()) == 2  # the first batch's
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-def test_ctrl_c_ends_the_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
-    """Ctrl-C while predicting: one line and status 130 (128 + SIGINT, as training's command
-    at a second signal), not a KeyboardInterrupt traceback; the records written stay."""
-    from vision_jax import predict
-
-    fixed = FixedPredictor()
-    batches = fixed.iter_predict
-
-    def interrupted(*args, **kwargs):
-        yield next(batches(*args, **kwargs))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fixed, "iter_predict", interrupted)
-    monkeypatch.setattr(predict, "_predictor", lambda args, parser: fixed)
-    _images(tmp_path / "images", "a.png", "b.png", "c.png")
-    out = tmp_path / "p.jsonl"
-    monkeypatch.setattr("sys.argv", ["predict", "--workdir=run", f"--input={tmp_path / 'images'}",
-                                     f"--output={out}"])  # fmt: skip
-    assert predict._command() == 130
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "vision_jax.predict: interrupted (SIGINT); the output holds the batches written (a .json "
-        "list only once whole)."
-    ]  # fmt: skip
-    assert len(out.read_text().splitlines()) == 2  # the first batch's
