@@ -655,6 +655,10 @@ def _csv_column_source(
     if class_names is None and not one_column:
         class_names = names
     paths = np.array([posixpath.join(root, f) for _, f, _ in rows], dtype=str)
-    named = [f"line {line}, {filename}: {' '.join(texts)}" for line, filename, texts in rows]
-    source = column_source({"path": paths, target: array}, target, class_names, path, named)
+
+    def row_text(row: int) -> str:  # the first bad row's, only when there is one
+        line, filename, texts = rows[row]
+        return f"line {line}, {filename}: {' '.join(texts)}"
+
+    source = column_source({"path": paths, target: array}, target, class_names, path, row_text)
     return sliced(source, where)  # the whole file checked, as an array split

@@ -170,19 +170,12 @@ def _idx_path(items_dir: str, split: str, kind: str) -> str:
     raise DataError(f"IDX file {base}.gz does not exist.")
 
 
-def load_items(
-    items_dir: str, split: str, num_classes: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Gray item images (N, H, W) uint8 and int labels of one split of an IDX dataset.
-
-    With ``num_classes``, a label at or past it is an error.
-    """
+def load_items(items_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Gray item images (N, H, W) uint8 and int labels of one split of an IDX dataset."""
     images = read_idx(_idx_path(items_dir, split, "images-idx3"))
     labels = read_idx(_idx_path(items_dir, split, "labels-idx1")).astype(np.int64)
     if images.ndim != 3 or labels.shape != images.shape[:1] or not len(labels):
         raise DataError(f"IDX images {images.shape} and labels {labels.shape} in {items_dir}.")
-    if num_classes is not None:
-        _check_labels(labels, num_classes)
     return images, labels
 
 

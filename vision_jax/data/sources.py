@@ -21,7 +21,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vision_jax.tf_without_keras import load as load_tensorflow
 from vision_jax.tf_without_keras import load_if_url, tf
@@ -329,13 +329,16 @@ def is_image_level(target: str) -> bool:
 
 
 def column_values(
-    values: np.ndarray, name: str, where: str = "The data", rows: Sequence[str] | None = None
+    values: np.ndarray,
+    name: str,
+    where: str = "The data",
+    row_text: Callable[[int], str] | None = None,
 ) -> np.ndarray:
     """A target column of one's own as the pipeline holds it: finite numbers of one shape per
     example (N, ...), floats as float32, integers and booleans as int32; else a DataError
     naming it, ``where`` it is (``arrays['train']``, a CSV file) and the first bad row: as
-    ``rows`` names it with its values (a CSV file's line), else ``row <i>: <values>``."""
-    held_in = lambda row: rows[row] if rows is not None else f"row {row}: {values[row].tolist()}"
+    ``row_text`` names it with its values (a CSV file's line), else ``row <i>: <values>``."""
+    held_in = row_text or (lambda row: f"row {row}: {values[row].tolist()}")
     try:
         values = np.asarray(values)
     except ValueError as e:  # a ragged list
@@ -378,20 +381,20 @@ def column_source(
     target: str,
     class_names: Sequence[str] | None,
     where: str = "The data",
-    rows: Sequence[str] | None = None,
+    row_text: Callable[[int], str] | None = None,
 ) -> Source:
     """A source whose target is the column ``target`` of one's own (numbers of a fixed shape
     per example: a scalar or a vector), beside ``"image"`` ((N,H,W,C) uint8, checked) or
     ``"path"``; other columns are left out. ``class_names`` name the values of an example (as
     many as it holds: a multi-hot vector's labels); without them ``"0"`` .. ``"K-1"``.
-    ``where`` names the data in errors (``arrays['train']``, a CSV file), ``rows`` its rows
+    ``where`` names the data in errors (``arrays['train']``, a CSV file), ``row_text`` a row
     (:func:`column_values`)."""
     if target not in columns:
         raise DataError(missing_column(target, columns, where))
     image_key = "image" if "image" in columns else "path"
     if image_key not in columns:
         raise DataError(f"{where} has no 'image' column (its columns: {_names(columns)}).")
-    values = column_values(columns[target], target, where, rows)
+    values = column_values(columns[target], target, where, row_text)
     images = columns[image_key]
     if image_key == "image":
         images = checked_images(images)
