@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -673,9 +674,9 @@ def _restore(
     where = f"{ckpt.directory} (step {step})"
     # A finished run (or one stopped early) started again only evaluates again: refused, as a
     # resume is, on other training examples (it would report the run trained on the first ones).
-    if not (step < total_steps and not meta.get("stopped_early")):
+    finished = _ends_recipe(step, total_steps, meta)
+    if finished:
         _check_finished_recipe(spec, meta, where)
-    finished = not (step < total_steps and not meta.get("stopped_early"))
     position = _resume_position(spec, meta, train_data, where, finished=finished)
     logger.info("Resumed from %s at step %d.", ckpt.directory, step)
     return state, step, position, meta
@@ -686,8 +687,15 @@ def note_continuation(run: Run) -> None:
     succeeded (a resume refused, or failing during setup, leaves the step's meta as it was)."""
     step, meta, total = run.start_step, run.restored_meta, run.total_steps
     if step:
-        unfinished = step < total and not meta.get("stopped_early")
-        _note_continuation(run.checkpointer, step, meta, total if unfinished else None)
+        _note_continuation(
+            run.checkpointer, step, meta, None if _ends_recipe(step, total, meta) else total
+        )
+
+
+def _ends_recipe(step: int, total_steps: int, meta: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint of ``step`` (its ``meta``) ends a recipe of ``total_steps``: the
+    last step, or a run stopped early."""
+    return step >= total_steps or bool(meta.get("stopped_early"))
 
 
 def _note_continuation(
@@ -917,6 +925,12 @@ def _resumed_selection(
     return selection.resumed(old)
 
 
+@functools.cache
+def _default_leaves() -> dict[str, Any]:
+    """The default config's leaves by dotted key (read only; a resume compares several times)."""
+    return _dotted(default_config().to_dict())
+
+
 def _config_changes(
     saved: Mapping[str, Any], spec: specs.RunSpec, compared: Callable[[str], bool]
 ) -> list[str]:
@@ -930,7 +944,7 @@ def _config_changes(
     current directory."""
     old, new = _dotted(specs.absolute_paths(saved)), _dotted(spec.config)
     sections = {k.rpartition(".")[0] for k in old}
-    for key, value in _dotted(default_config().to_dict()).items():
+    for key, value in _default_leaves().items():
         if key not in old and value is not None and key.rpartition(".")[0] in sections:
             old[key] = value  # (a key of a section saved as a leaf, lora: None, is not added)
     return [
