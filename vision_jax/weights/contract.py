@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 Triple = tuple[float, float, float]
@@ -104,6 +105,11 @@ def as_contract(spec: Any) -> InputContract:
 def contract_metadata(contract: InputContract) -> dict[str, str]:
     """``contract`` as safetensors metadata (:data:`INPUT_KEY`)."""
     return {INPUT_KEY: json.dumps(dataclasses.asdict(contract))}
+
+
+def class_names_metadata(class_names: Sequence[str]) -> dict[str, str]:
+    """A head's ``class_names`` as safetensors metadata (:data:`CLASS_NAMES_KEY`)."""
+    return {CLASS_NAMES_KEY: json.dumps([str(name) for name in class_names])}
 
 
 def metadata_class_names(metadata: dict[str, str] | None) -> list[str] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,9 +16,9 @@ from vision_jax.models.task_model import TASK_HEAD
 from vision_jax.output_errors import written_whole
 from vision_jax.trees import flatten_dict
 from vision_jax.weights.contract import (
-    CLASS_NAMES_KEY,
     GRID_KEY,
     as_contract,
+    class_names_metadata,
     contract_metadata,
 )
 from vision_jax.weights.convert import converter
@@ -89,7 +88,7 @@ def export_safetensors(
     if grid is not None:
         metadata[GRID_KEY] = ",".join(map(str, grid))
     if class_names is not None:
-        metadata[CLASS_NAMES_KEY] = json.dumps([str(name) for name in class_names])
+        metadata.update(class_names_metadata(class_names))
     with written_whole(path) as partial:
         arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
         save_file(arrays, partial, metadata=metadata or None)
