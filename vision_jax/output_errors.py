@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 # "[Errno 28] No space left on device"); what a message says in parentheses; what to do before
 # running again; and whether it is the disk's (any write there fails: no file need be named)
 # rather than one file's. Checkpoint saves (:mod:`vision_jax.checkpoint`) and the commands'
-# outputs (:func:`failed_write`, predict's) read it through :func:`why_write_failed`.
+# outputs (:func:`failed_write`, predict's) read it through :func:`why_write_failed`
+# (checkpoint's by :func:`why_and_advice` and :func:`why_and_what_to_do`).
 WRITE_FAILURES = (
     (errno.ENOSPC, ("No space left", "ENOSPC", "RESOURCE_EXHAUSTED"),
      "the disk is full", "free space on the disk", True),

@@ -118,7 +118,8 @@ def _foreign(sig: int) -> bool:
 def defaulted(signals: tuple[int, ...] = ALSO) -> tuple[int, ...]:
     """Those of ``signals`` whose handler is the default (taken by a run or a command as SIGTERM
     is): no Python handler, no inherited SIG_IGN, no C-level handler (faulthandler's)."""
-    return tuple(s for s in signals if signal.getsignal(s) is signal.SIG_DFL and not _foreign(s))
+    return tuple(s for s in signals if signal.getsignal(s) is signal.SIG_DFL
+                 and _c_handler(_action(s)) in (0, None))  # fmt: skip
 
 
 def take(signals: tuple[int, ...], handler: Any) -> dict[int, Any]:

@@ -99,7 +99,7 @@ def export_trained(
     with _removed_if_left_empty(output):
         output.mkdir(parents=True, exist_ok=True)
         # Of an export that was killed (a SIGKILL): the files written whole.
-        remove_partials(output, [MANIFEST, STABLEHLO_ARTIFACT, ARTIFACTS["tflite"]])
+        remove_partials(output, [MANIFEST, *(a for a in ARTIFACTS.values() if a != ".")])
         with _manifest_written(output, manifest):  # in place once the artifact is
             _write_artifact(servable, output, format, content)
     return manifest
