@@ -627,6 +627,22 @@ def test_drawn_detections_show_the_pixels_the_model_read(tmp_path):
     assert tuple(drawn[13, 8]) == PALETTE[1]  # the box's lower edge
 
 
+def _drawn_label(tmp_path, name: str) -> np.ndarray:
+    """A black 40 x 60 PNG drawn with one box labelled ``name``."""
+    from vision_jax.predict import draw_detections
+
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "black.png")
+    box = {"bbox": [2.0, 2.0, 50.0, 30.0], "score": 0.9, "category_id": 1, "category_name": name}
+    draw_detections(str(tmp_path / "black.png"), [box], str(tmp_path / f"{name}.png"), 0.5)
+    return np.asarray(Image.open(tmp_path / f"{name}.png"))
+
+
+def test_drawn_labels_show_accented_letters(tmp_path):
+    """Labels differing by one accented letter are drawn differently (Pillow's default font drew
+    é and ü as the same box)."""
+    assert (_drawn_label(tmp_path, "café") != _drawn_label(tmp_path, "cafü")).any()
+
+
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     """A digits run that keeps an EMA of its parameters and selects its best step on the EMA's

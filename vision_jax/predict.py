@@ -791,11 +791,33 @@ PALETTE = (
 )  # fmt: skip
 
 
+@functools.cache
+def label_font(size: int) -> Any:
+    """DejaVu Sans (matplotlib's own font, found through its font manager) at ``size`` pixels
+    for the labels of drawn boxes: Pillow's default font draws every character outside its
+    small set (é, ü, 猫) as the same box. Pillow's default if that cannot be loaded."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        found = font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+        return ImageFont.truetype(found, size)
+    except (ImportError, OSError, ValueError):
+        return ImageFont.load_default(size)
+
+
+def label_size(height: int, width: int) -> int:
+    """The labels' font size in pixels for an image of ``height`` x ``width``: 11 up to
+    about 440 pixels on the short side, then growing with it."""
+    return max(11, round(min(height, width) / 40))
+
+
 def draw_detections(path: str, detections: list[dict], out_path: str, threshold: float) -> None:
     """``path`` as the model read it (decoded as training decodes: upright, RGB, 8 bits) with
     the boxes of ``detections`` scoring at least ``threshold`` drawn, labelled with class name
-    and score, saved to ``out_path``. A file that cannot be decoded is not drawn (predict names
-    it as skipped)."""
+    and score (in :func:`label_font`, sized to the image), saved to ``out_path``. A file that
+    cannot be decoded is not drawn (predict names it as skipped)."""
     from PIL import Image, ImageDraw
 
     pixels = decode_file(path, augment.decode)
@@ -803,13 +825,15 @@ def draw_detections(path: str, detections: list[dict], out_path: str, threshold:
         return
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
+    font = label_font(label_size(*pixels.shape[:2]))
     for d in sorted(detections, key=lambda d: d["score"]):
         if d["score"] < threshold:
             continue
         x, y, w, h = d["bbox"]
         colour = PALETTE[d["category_id"] % len(PALETTE)]
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
-        draw.text((x + 2, y + 1), f"{d['category_name']} {d['score']:.2f}", fill=colour)
+        label = f"{d['category_name']} {d['score']:.2f}"
+        draw.text((x + 2, y + 1), label, fill=colour, font=font)
     image.save(out_path)
 
 
