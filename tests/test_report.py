@@ -449,6 +449,44 @@ write_records([{"file": "a.png", "label": names[1]}], str(out / "predictions.csv
         assert want in (tmp_path / name).read_text(encoding="utf-8")
 
 
+def _drawn_figures(monkeypatch, draw) -> list:
+    """The matplotlib figures that ``draw()`` saves (saved too: text is laid out then)."""
+    from vision_jax.report import figures
+
+    saved, save = [], figures._save
+    monkeypatch.setattr(figures, "_save", lambda f, path: (saved.append(f), save(f, path)))
+    draw()
+    return saved
+
+
+def test_names_the_font_cannot_draw_are_shown_by_class_index(tmp_path, monkeypatch, capfd):
+    """A class name with a character that DejaVu Sans lacks (猫): the confusion matrix and the
+    hardest examples show the classes by index, with the note saying where the names are, not
+    as boxes with a "Glyph missing" warning on stderr; accented names are still shown."""
+    import warnings
+
+    from vision_jax.report.figures import Thumb, confusion_figure, hardest_figure
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    draw = lambda names: lambda: (
+        confusion_figure(np.eye(2, dtype=int), names, tmp_path / "c.png"),
+        hardest_figure([Thumb(image, f"true {names[0]}", "true #0")], tmp_path / "h.png"),
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        confusion, hardest = _drawn_figures(monkeypatch, draw(["猫", "dog"]))
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    assert "Glyph" not in capfd.readouterr().err
+    ax = confusion.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] != ["猫", "dog"]
+    assert "class index: names in confusion_matrix.csv" in ax.get_xlabel()
+    assert hardest.axes[0].get_title() == "true #0"
+    assert "names in hardest_examples.csv" in hardest.get_suptitle()
+    confusion, hardest = _drawn_figures(monkeypatch, draw(["café", "dog"]))
+    assert [t.get_text() for t in confusion.axes[0].get_xticklabels()] == ["café", "dog"]
+    assert hardest.axes[0].get_title() == "true café"
+
+
 def test_a_class_absent_from_labels_and_predictions_stays_out_of_the_macro_average():
     """scikit-learn's default labels (those in y_true or y_pred): a class of the run that the
     split never shows and the model never predicts has no scores and no vote in the macro

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,14 +16,18 @@ if TYPE_CHECKING:
 
 COUNTS_UP_TO = 20  # classes: write the counts in the confusion matrix's cells
 NAMES_UP_TO = 60  # classes: name every row and column
+BY_INDEX = "class index: names in {}"  # the note of a figure that shows classes by index
 
 
 @dataclasses.dataclass(frozen=True)
 class Thumb:
-    """One example for the hardest-examples grid: an RGB uint8 image and its title."""
+    """One example for the hardest-examples grid: an RGB uint8 image and its title;
+    ``indexed``: the title with class indices for names, shown when a name has a character
+    the figures' font lacks (empty: the title names no class)."""
 
     image: np.ndarray
     title: str
+    indexed: str = ""
 
 
 def _figure(**kwargs) -> Figure:
@@ -31,6 +36,26 @@ def _figure(**kwargs) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
+
+
+def drawable(texts: Iterable[str]) -> bool:
+    """Whether matplotlib's font for text (with its fallback fonts) has every character of
+    ``texts``: one it lacks is drawn as a box, with a "Glyph ... missing" warning on stderr."""
+    from matplotlib import font_manager
+
+    props = font_manager.FontProperties()  # rcParams' family, as the figures' text
+    find = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # with fallbacks
+    fonts = find(props) if find is not None else [font_manager.findfont(props)]
+    needed = {ord(c) for text in texts for c in text if not c.isspace()}
+    return needed <= _glyphs(tuple(fonts))
+
+
+@functools.cache
+def _glyphs(fonts: tuple[str, ...]) -> frozenset[int]:
+    """The characters that one of ``fonts`` (files) has."""
+    from matplotlib import font_manager
+
+    return frozenset().union(*(font_manager.get_font(f).get_charmap() for f in fonts))
 
 
 def _save(figure: Figure, path: pathlib.Path) -> None:
@@ -55,8 +80,8 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: pathl
     ax = figure.add_subplot()
     shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    named = k <= NAMES_UP_TO
-    where = "" if named else " (class index: names in confusion_matrix.csv)"
+    named = k <= NAMES_UP_TO and drawable(class_names)  # else by index, not as boxes
+    where = "" if named else f" ({BY_INDEX.format('confusion_matrix.csv')})"
     ax.set_xlabel(f"predicted{where}")
     ax.set_ylabel(f"true{where}")
     if named:
@@ -73,7 +98,9 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: pathl
 
 
 def hardest_figure(thumbs: Sequence[Thumb], path: pathlib.Path) -> None:
-    """The examples in a grid, each with its title."""
+    """The examples in a grid, each with its title (all with class indices where a title has
+    a character the font lacks)."""
+    named = drawable(thumb.title for thumb in thumbs)
     columns = min(len(thumbs), 4 if len(thumbs) <= 16 else 8)
     rows = math.ceil(len(thumbs) / columns)
     height, width = thumbs[0].image.shape[:2]
@@ -81,8 +108,10 @@ def hardest_figure(thumbs: Sequence[Thumb], path: pathlib.Path) -> None:
     for i, thumb in enumerate(thumbs):
         ax = figure.add_subplot(rows, columns, i + 1)
         ax.imshow(thumb.image, interpolation="nearest")
-        ax.set_title(thumb.title, fontsize=8)
+        ax.set_title(thumb.title if named else thumb.indexed or thumb.title, fontsize=8)
         ax.axis("off")
+    if not named:
+        figure.suptitle(f"({BY_INDEX.format('hardest_examples.csv')})", fontsize=8)
     figure.tight_layout()
     _save(figure, path)
 

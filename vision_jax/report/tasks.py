@@ -105,8 +105,9 @@ def _class_example(batch, probs, names, spec, i) -> tuple[Thumb, list]:
     p_true, p_guess = float(probs[i, true]), float(probs[i, guess])
     title = (f"true {_short(names[true])} ({p_true:.2f})\n"
              f"predicted {_short(names[guess])} ({p_guess:.2f})")  # fmt: skip
+    indexed = f"true #{true} ({p_true:.2f})\npredicted #{guess} ({p_guess:.2f})"
     row = [names[true], names[guess], p_true, p_guess]
-    return Thumb(pixels(batch["image"][i], spec), title), row
+    return Thumb(pixels(batch["image"][i], spec), title, indexed), row
 
 
 class Classification:
