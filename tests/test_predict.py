@@ -624,7 +624,24 @@ def test_drawn_detections_show_the_pixels_the_model_read(tmp_path):
     untouched = np.ones(grey.shape, bool)
     untouched[3:22] = False  # the outline (2 px) and its label's text
     np.testing.assert_array_equal(drawn[untouched], want[untouched])
-    assert tuple(drawn[13, 8]) == PALETTE[1]  # the box's lower edge
+    assert tuple(drawn[12, 8]) == PALETTE[1]  # the box's lower edge: rows 5..12
+
+
+def test_a_whole_pixel_box_is_drawn_on_the_pixels_it_covers(tmp_path):
+    """[x, y, w, h] = [5, 8, 24, 32] covers columns 5..28 and rows 8..39: its outline is drawn
+    there (inward), not one pixel outside at column 29 or row 40."""
+    from vision_jax.predict import PALETTE, draw_detections
+
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(tmp_path / "black.png")
+    box = {"bbox": [5, 8, 24, 32], "score": 0.9, "category_id": 2, "category_name": ""}
+    draw_detections(str(tmp_path / "black.png"), [box], str(tmp_path / "drawn.png"), 0.5)
+    drawn = np.asarray(Image.open(tmp_path / "drawn.png"))
+    colour, black = np.array(PALETTE[2]), np.zeros(3)
+    below_label = slice(25, 40)  # rows under the label, down to the lower edge
+    np.testing.assert_array_equal(drawn[below_label, [5, 28]], np.broadcast_to(colour, (15, 2, 3)))
+    np.testing.assert_array_equal(drawn[below_label, [4, 29]], np.broadcast_to(black, (15, 2, 3)))
+    np.testing.assert_array_equal(drawn[[8, 39], 15], [colour, colour])
+    np.testing.assert_array_equal(drawn[[7, 40], 15], [black, black])
 
 
 def _drawn_label(tmp_path, name: str) -> np.ndarray:

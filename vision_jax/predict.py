@@ -813,6 +813,15 @@ def label_size(height: int, width: int) -> int:
     return max(11, round(min(height, width) / 40))
 
 
+def box_pixels(bbox: Sequence[float]) -> tuple[int, int, int, int]:
+    """COCO ``[x, y, w, h]`` (pixel edges) as the first and last pixel it covers, inclusive, for
+    Pillow's ``rectangle``: its edges rounded, so ``[5, 8, 24, 32]`` covers columns 5..28 and rows
+    8..39 (at least one pixel)."""
+    x, y, w, h = bbox
+    left, top = round(x), round(y)
+    return left, top, max(left, round(x + w) - 1), max(top, round(y + h) - 1)
+
+
 def draw_detections(path: str, detections: list[dict], out_path: str, threshold: float) -> None:
     """``path`` as the model read it (decoded as training decodes: upright, RGB, 8 bits) with
     the boxes of ``detections`` scoring at least ``threshold`` drawn, labelled with class name
@@ -829,11 +838,11 @@ def draw_detections(path: str, detections: list[dict], out_path: str, threshold:
     for d in sorted(detections, key=lambda d: d["score"]):
         if d["score"] < threshold:
             continue
-        x, y, w, h = d["bbox"]
+        left, top, right, bottom = box_pixels(d["bbox"])
         colour = PALETTE[d["category_id"] % len(PALETTE)]
-        draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
+        draw.rectangle([left, top, right, bottom], outline=colour, width=2)
         label = f"{d['category_name']} {d['score']:.2f}"
-        draw.text((x + 2, y + 1), label, fill=colour, font=font)
+        draw.text((left + 2, top + 1), label, fill=colour, font=font)
     image.save(out_path)
 
 
