@@ -6,7 +6,9 @@ event files or without a readable evaluation split still gets a report."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import io
 import json
 import os
 import pathlib
@@ -419,7 +421,91 @@ def test_detection_report_has_the_evaluations_per_class_ap(tmp_path):
         assert got == "" if want is None else float(got) == pytest.approx(want, abs=1e-6), name
     assert float(rows["mean (mAP)"]["ap"]) == pytest.approx(result["eval/map"], abs=1e-6)
     assert result["eval/map"] > 0.05  # something was detected
-    assert page.count("<img ") == 1 and "No confusion matrix or hardest examples" in page
+    assert page.count("<img ") == 3 and "No confusion matrix for detection" in page
+    assert (tmp_path / "run" / "report" / "precision_recall.csv").exists()
+
+
+def _detections_case():
+    """Three 160 x 160 images seen at 80 x 80 (scale 0.5): image 10's cat found; image 11's dog
+    missed (its only dog detection elsewhere); image 12's cat found, its dog only by a detection
+    scoring under 0.5. Returns the source, the batch, the outputs and the COCO results."""
+    from types import SimpleNamespace
+
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 160, "height": 160} for i in (10, 11, 12)]
+    truth = [(10, 1, [8, 8, 40, 40]), (11, 2, [40, 60, 80, 48]), (12, 1, [90, 90, 60, 60]),
+             (12, 2, [10, 100, 40, 40])]  # fmt: skip
+    annotations = {
+        "images": images,
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        "annotations": [{"id": n, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3],
+                         "iscrowd": 0} for n, (i, c, b) in enumerate(truth, 1)],
+    }  # fmt: skip
+    source = SimpleNamespace(
+        annotations=annotations, category_ids=[1, 2], class_names=["cat", "dog"],
+        columns={"path": np.asarray([f"test/{i}.jpg" for i in (10, 11, 12)])},
+    )  # fmt: skip
+    found = [[(0, [4, 4, 24, 24], 0.9)], [(1, [0, 0, 10, 10], 0.8)],
+             [(0, [45, 45, 75, 75], 0.95), (1, [5, 50, 25, 70], 0.3)]]  # fmt: skip
+    outputs = {"boxes": np.zeros((3, 2, 4), np.float32), "scores": np.zeros((3, 2), np.float32),
+               "classes": np.full((3, 2), -1)}  # fmt: skip
+    results = []
+    for i, image in enumerate(found):
+        for j, (c, box, score) in enumerate(image):
+            outputs["boxes"][i, j], outputs["scores"][i, j] = box, score
+            outputs["classes"][i, j] = c
+            x0, y0, x1, y1 = (2 * v for v in box)  # original pixels
+            results.append({"image_id": images[i]["id"], "category_id": c + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})  # fmt: skip
+    batch = {"image": np.zeros((3, 80, 80, 3), np.float32), "mask": np.ones(3),
+             "row": np.arange(3), "image_id": np.asarray([10, 11, 12]),
+             "scale": np.full(3, 0.5, np.float32)}  # fmt: skip
+    return source, batch, outputs, results
+
+
+def test_detection_report_shows_the_images_with_boxes_missed_and_pr_curves(tmp_path):
+    """The hardest image first is the one whose ground-truth box no detection found (then the
+    one whose dog was found only under the score threshold), its ground truth drawn in green on
+    the pixels it covers in the model's input; the precision-recall curves are pycocotools'
+    precision at IoU 0.5, and the report writes them as a figure and a table."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from vision_jax.report import _evaluation_sections
+    from vision_jax.report.tasks import TRUTH_COLOUR, Detection
+
+    source, batch, outputs, results = _detections_case()
+    evaluator = Detection(source.class_names, data_lib.InputSpec(80), source, 3)
+    evaluator.add(batch, outputs)
+    result = evaluator.result()
+    rows = result.hardest_table.rows
+    assert [row[:3] for row in rows] == [[1, "test/11.jpg", 11], [2, "test/12.jpg", 12],
+                                         [0, "test/10.jpg", 10]]  # fmt: skip
+    assert [row[3:] for row in rows][:2] == [[1, 1, 0.0, "dog"], [2, 1, 0.5, "dog"]]
+    first = result.hardest[0]
+    assert first.title == "found 0 of 1\nmissed dog" and first.indexed.endswith("missed #1")
+    green = np.all(first.image == TRUTH_COLOUR, -1)  # the dog: x 20..59, y 30..53 in the input
+    assert green[30:54, [20, 59]].all() and green[[30, 53], 20:60].all()
+    assert not green[29:55, [19, 60]].any() and not green[[29, 54], 19:61].any()
+    assert not green[31:53, 21:59].any()  # one pixel wide
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO()
+        truth.dataset = source.annotations
+        truth.createIndex()
+        coco = COCOeval(truth, truth.loadRes(results), "bbox")
+        coco.evaluate()
+        coco.accumulate()
+    want = coco.eval["precision"][0, :, :, 0, 2]  # IoU 0.5, all areas, 100 detections
+    assert list(result.pr_curves) == ["mean", "cat", "dog"]
+    for k, name in enumerate(source.class_names):
+        np.testing.assert_array_equal(result.pr_curves[name][0], coco.params.recThrs)
+        np.testing.assert_array_equal(result.pr_curves[name][1], want[:, k])
+    np.testing.assert_allclose(result.pr_curves["mean"][1], want.mean(1))
+    _evaluation_sections(result, source.class_names, tmp_path)
+    table = _rows(tmp_path / "precision_recall.csv")
+    assert [float(r["dog"]) for r in table] == pytest.approx(want[:, 1].tolist())
+    assert (tmp_path / "precision_recall.png").stat().st_size > 0
+    assert [r["image_id"] for r in _rows(tmp_path / "hardest_examples.csv")] == ["11", "12", "10"]
 
 
 def test_tables_and_predictions_are_utf8_whatever_the_locale(tmp_path):

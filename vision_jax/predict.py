@@ -60,6 +60,7 @@ from vision_jax.data.coco import from_image_files, image_ids_by_file
 from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
+from vision_jax.drawing import PALETTE, draw_boxes
 from vision_jax.metrics import argmax_nan_lowest, nan_lowest_np
 from vision_jax.models import create_model
 from vision_jax.output_errors import (
@@ -785,65 +786,20 @@ def write_records(
         writer.write(records)
 
 
-PALETTE = (
-    (255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (255, 64, 255), (0, 220, 220),
-    (255, 128, 0), (160, 96, 255), (128, 255, 128), (255, 255, 255),
-)  # fmt: skip
-
-
-@functools.cache
-def label_font(size: int) -> Any:
-    """DejaVu Sans (matplotlib's own font, found through its font manager) at ``size`` pixels
-    for the labels of drawn boxes: Pillow's default font draws every character outside its
-    small set (é, ü, 猫) as the same box. Pillow's default if that cannot be loaded."""
-    from PIL import ImageFont
-
-    try:
-        from matplotlib import font_manager
-
-        found = font_manager.findfont("DejaVu Sans", fallback_to_default=False)
-        return ImageFont.truetype(found, size)
-    except (ImportError, OSError, ValueError):
-        return ImageFont.load_default(size)
-
-
-def label_size(height: int, width: int) -> int:
-    """The labels' font size in pixels for an image of ``height`` x ``width``: 11 up to
-    about 440 pixels on the short side, then growing with it."""
-    return max(11, round(min(height, width) / 40))
-
-
-def box_pixels(bbox: Sequence[float]) -> tuple[int, int, int, int]:
-    """COCO ``[x, y, w, h]`` (pixel edges) as the first and last pixel it covers, inclusive, for
-    Pillow's ``rectangle``: its edges rounded, so ``[5, 8, 24, 32]`` covers columns 5..28 and rows
-    8..39 (at least one pixel)."""
-    x, y, w, h = bbox
-    left, top = round(x), round(y)
-    return left, top, max(left, round(x + w) - 1), max(top, round(y + h) - 1)
-
-
 def draw_detections(path: str, detections: list[dict], out_path: str, threshold: float) -> None:
     """``path`` as the model read it (decoded as training decodes: upright, RGB, 8 bits) with
     the boxes of ``detections`` scoring at least ``threshold`` drawn, labelled with class name
-    and score (in :func:`label_font`, sized to the image), saved to ``out_path``. A file that
+    and score (:func:`~vision_jax.drawing.draw_boxes`), saved to ``out_path``. A file that
     cannot be decoded is not drawn (predict names it as skipped)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     pixels = decode_file(path, augment.decode)
     if isinstance(pixels, str):
         return
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
-    font = label_font(label_size(*pixels.shape[:2]))
-    for d in sorted(detections, key=lambda d: d["score"]):
-        if d["score"] < threshold:
-            continue
-        left, top, right, bottom = box_pixels(d["bbox"])
-        colour = PALETTE[d["category_id"] % len(PALETTE)]
-        draw.rectangle([left, top, right, bottom], outline=colour, width=2)
-        label = f"{d['category_name']} {d['score']:.2f}"
-        draw.text((left + 2, top + 1), label, fill=colour, font=font)
-    image.save(out_path)
+    shown = sorted((d for d in detections if d["score"] >= threshold), key=lambda d: d["score"])
+    boxes = [(d["bbox"], PALETTE[d["category_id"] % len(PALETTE)],
+              f"{d['category_name']} {d['score']:.2f}") for d in shown]  # fmt: skip
+    Image.fromarray(draw_boxes(pixels, boxes)).save(out_path)
 
 
 def _parser() -> argparse.ArgumentParser:

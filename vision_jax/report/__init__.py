@@ -13,9 +13,13 @@
 * ``confusion_matrix.csv`` / ``.png``: counts ``[true, predicted]`` over the examples
   (segmentation: over the pixels);
 * ``hardest_examples.png`` / ``.csv``: the examples with the lowest probability on their true
-  label (segmentation: the lowest pixel accuracy), with their file (file sources) and their
-  row in the split as sliced: with ``test[:20%]`` of arrays or IDX files, the row of the slice
-  (:func:`vision_jax.data.apply_slice` of the unsliced split's columns gives the same rows);
+  label (segmentation: the lowest pixel accuracy; detection: the lowest share of ground-truth
+  boxes found, drawn with the ground truth and the detections), with their file (file sources)
+  and their row in the split as sliced: with ``test[:20%]`` of arrays or IDX files, the row of
+  the slice (:func:`vision_jax.data.apply_slice` of the unsliced split's columns gives the same
+  rows);
+* ``precision_recall.png`` / ``.csv``: detection's precision at each recall, IoU 0.5
+  (pycocotools' curves: the mean over classes, and each class where they are few);
 * ``results.csv``: a task of one's own (no evaluator in :mod:`vision_jax.report.tasks`): the
   evaluation results its run recorded for the step shown (``eval/...``, ``val/...``, the best
   checkpoint's ``best/eval/...``), from the event files.
@@ -33,10 +37,12 @@ import logging
 import os
 import pathlib
 
+import numpy as np
+
 from vision_jax import data as data_lib
 from vision_jax.report import page
 from vision_jax.report.curves import plot_curves, read_scalars
-from vision_jax.report.figures import confusion_figure, hardest_figure
+from vision_jax.report.figures import confusion_figure, curves_figure, hardest_figure
 from vision_jax.report.tables import Table, write_confusion, write_table
 from vision_jax.report.tasks import EVALUATORS, Evaluation, FinalEvaluation, evaluate
 from vision_jax.tasks import library_kind
@@ -48,11 +54,13 @@ logger = logging.getLogger(__name__)
 CURVES, PER_CLASS = "training_curves.png", "per_class.csv"
 CONFUSION_CSV, CONFUSION_PNG = "confusion_matrix.csv", "confusion_matrix.png"
 HARDEST_CSV, HARDEST_PNG = "hardest_examples.csv", "hardest_examples.png"
+PR_CSV, PR_PNG = "precision_recall.csv", "precision_recall.png"
 HTML, RESULTS = "report.html", "results.csv"
 # What an evaluation wrote: a report holding one is not replaced by one without.
 EVALUATED = (PER_CLASS, CONFUSION_CSV, HARDEST_CSV)
 REPORT_DIR = "report"  # the report's folder in the workdir, by default
-OUTPUTS = (CURVES, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG, HARDEST_CSV, HARDEST_PNG, RESULTS, HTML)
+OUTPUTS = (CURVES, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG, HARDEST_CSV, HARDEST_PNG, PR_CSV,
+           PR_PNG, RESULTS, HTML)  # fmt: skip
 
 
 def write_report(
@@ -203,7 +211,21 @@ def _evaluation_sections(
         image = page.image(out / HARDEST_PNG, "hardest examples")
         body = page.paragraph(evaluation.hardest_caption) + image
         sections.append(("Hardest examples", body + page.table(evaluation.hardest_table)))
+    if evaluation.pr_curves:
+        sections.append(_pr_section(evaluation.pr_curves, out))
     return sections
+
+
+def _pr_section(curves: dict, out: pathlib.Path) -> tuple[str, str]:
+    """Writes the precision-recall curves' table and figure; returns their section."""
+    recall = next(iter(curves.values()))[0]
+    rows = np.column_stack([recall, *(precision for _, precision in curves.values())])
+    write_table(Table(("recall", *curves), rows.tolist(), []), out / PR_CSV)
+    title = "precision at IoU 0.5"
+    curves_figure({title: curves}, out / PR_PNG, xlabel="recall")
+    caption = "pycocotools' precision at each recall threshold, IoU 0.5, every area, 100 "
+    caption += "detections an image (its interpolated precision: 0 past the highest recall)."
+    return "Precision-recall", page.paragraph(caption) + page.image(out / PR_PNG, title)
 
 
 __all__ = ["FinalEvaluation", "ReportError", "write_report"]

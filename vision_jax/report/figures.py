@@ -116,16 +116,18 @@ def hardest_figure(thumbs: Sequence[Thumb], path: pathlib.Path) -> None:
     _save(figure, path)
 
 
-def curves_figure(panels: Mapping[str, Mapping[str, tuple]], path: pathlib.Path) -> None:
-    """One panel per title, one line per ``label: (steps, values)`` in it, against step (a
-    legend unless the panel's one line is named as the panel)."""
+def curves_figure(
+    panels: Mapping[str, Mapping[str, tuple]], path: pathlib.Path, xlabel: str = "step"
+) -> None:
+    """One panel per title, one line per ``label: (steps, values)`` in it, against ``xlabel``
+    (a legend unless the panel's one line is named as the panel)."""
     figure = _figure(figsize=(4.6 * len(panels), 3.4))
     for i, (title, lines) in enumerate(panels.items()):
         ax = figure.add_subplot(1, len(panels), i + 1)
         for label, (steps, values) in lines.items():
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if list(lines) != [title]:
             ax.legend(fontsize=8)

@@ -17,12 +17,19 @@ from typing import Any
 import numpy as np
 
 from vision_jax import data as data_lib
+from vision_jax.data.boxes import box_table
+from vision_jax.drawing import draw_boxes
 from vision_jax.metrics import argmax_nan_lowest, iou_summary, nan_lowest_np
 from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
 from vision_jax.tasks import library_kind
 from vision_jax.tasks.base import class_key
-from vision_jax.tasks.coco_eval import coco_metrics, coco_results
+from vision_jax.tasks.coco_eval import (
+    coco_evaluation,
+    coco_figures,
+    coco_results,
+    precision_at_50,
+)
 from vision_jax.trained import Trained
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ class Evaluation:
     hardest_table: Table | None = None
     hardest_caption: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
+    # label -> (recall, precision): detection's precision-recall curves
+    pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 class Lowest:
@@ -181,11 +190,75 @@ class Segmentation:
         )  # fmt: skip
 
 
+FOUND_AT = 0.5  # a detection's score: drawn, and finding a ground-truth box it overlaps
+MATCH_IOU = 0.5  # the overlap with a ground-truth box of its class that finds it
+TRUTH_COLOUR, FOUND_COLOUR = (0, 255, 0), (255, 64, 64)
+PR_CLASSES_UP_TO = 10  # classes with ground truth: a curve each, beside the mean
+
+
+def box_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[A, B] IoU of boxes ``a`` [A, 4] and ``b`` [B, 4] (x0, y0, x1, y1)."""
+    low = np.maximum(a[:, None, :2], b[None, :, :2])
+    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), -1)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), -1)
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return inter / np.where(union > 0, union, np.inf)
+
+
+def _xywh(box: np.ndarray) -> list[float]:
+    return [*box[:2], *(box[2:] - box[:2])]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+    """One image's ground truth (non-crowd) and detections scoring at least :data:`FOUND_AT`,
+    in model-input pixels, and which ground-truth boxes none of them found."""
+
+    truth: np.ndarray  # [T, 4]
+    truth_classes: np.ndarray  # [T]
+    found: np.ndarray  # [F, 4]
+    found_classes: np.ndarray  # [F]
+    scores: np.ndarray  # [F]
+
+    @functools.cached_property
+    def missed(self) -> np.ndarray:
+        same = self.truth_classes[:, None] == self.found_classes[None, :]
+        return ~((box_ious(self.truth, self.found) >= MATCH_IOU) & same).any(1)
+
+    @property
+    def recall(self) -> float:
+        return 1.0 - float(self.missed.mean()) if len(self.truth) else 1.0
+
+
+def _box_example(batch, images, names, spec, i) -> tuple[Thumb, list]:
+    """The image as the model saw it with its detections (red, class and score) and its ground
+    truth (green, class below), titled with its recall and the classes missed."""
+    image = images[i]
+    found = zip(image.found, image.found_classes, image.scores, strict=True)
+    found = [(_xywh(b), FOUND_COLOUR, f"{names[c]} {s:.2f}") for b, c, s in found]
+    truth = [(_xywh(b), TRUTH_COLOUR, names[c])
+             for b, c in zip(image.truth, image.truth_classes, strict=True)]  # fmt: skip
+    drawn = draw_boxes(draw_boxes(pixels(batch["image"][i], spec), found), truth, 1, True)
+    missed = sorted({int(c) for c in image.truth_classes[image.missed]})
+    head = f"found {len(image.truth) - image.missed.sum()} of {len(image.truth)}"
+    title = head + (f"\nmissed {_short(', '.join(names[c] for c in missed))}" if missed else "")
+    indexed = head + (f"\nmissed {', '.join(f'#{c}' for c in missed)}" if missed else "")
+    row = [int(batch["image_id"][i]), len(image.truth), int(image.missed.sum()), image.recall,
+           "; ".join(names[c] for c in missed)]  # fmt: skip
+    return Thumb(drawn, title, indexed), row
+
+
 class Detection:
-    """Per-class COCO AP@[.5:.95] by pycocotools on the split's ground truth."""
+    """Per-class COCO AP@[.5:.95] by pycocotools on the split's ground truth, its
+    precision-recall curves at IoU 0.5, and the images with the lowest share of ground-truth
+    boxes found (a detection of the class scoring at least :data:`FOUND_AT` at IoU >=
+    :data:`MATCH_IOU`)."""
 
     def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
-        self.source = source
+        self.source, self.spec, self.names = source, spec, source.class_names
+        self.table = box_table(source.annotations, source.category_ids)
+        self.lowest = Lowest(n, source)
         self.parts: dict[str, list] = {"boxes": [], "scores": [], "classes": [], "image_ids": []}
 
     def add(self, batch: Arrays, outputs: Arrays) -> None:
@@ -194,20 +267,58 @@ class Detection:
         self.parts["scores"].append(outputs["scores"])
         self.parts["classes"].append(outputs["classes"])
         self.parts["image_ids"].append(batch["image_id"])
+        images = [self._image(batch, outputs, i) for i in range(len(batch["row"]))]
+        make = functools.partial(_box_example, batch, images, self.names, self.spec)
+        self.lowest.offer(np.asarray([im.recall for im in images]), batch["row"], make)
+
+    def _image(self, batch: Arrays, outputs: Arrays, i: int) -> _Image:
+        """Example ``i``'s ground truth from the source's annotations (a batch holds at most
+        ``max_boxes`` of them), scaled into the model's input as the pipeline scales it."""
+        t = self.table
+        row = int(batch["row"][i])
+        part = slice(t.start[row], t.start[row] + t.count[row])
+        single = t.crowd[part] == 0  # crowd regions are not boxes to find
+        kept = (outputs["scores"][i] >= FOUND_AT) & (outputs["classes"][i] >= 0)
+        return _Image(
+            t.boxes[part][single] * batch["scale"][i], t.classes[part][single],
+            outputs["boxes"][i][kept], outputs["classes"][i][kept], outputs["scores"][i][kept],
+        )  # fmt: skip
 
     def result(self) -> Evaluation:
         source = self.source
         found = {k: np.concatenate(v) for k, v in self.parts.items()}
         seen = sorted({int(i) for i in found["image_ids"]})
         results = coco_results(found, source.category_ids, source.annotations["images"])
-        figures = coco_metrics(source.annotations, results, seen, source.class_names)
+        evaluation = coco_evaluation(source.annotations, results, seen)
+        figures = coco_figures(evaluation, source.class_names)
         rows = [
             [name, figures.get(f"ap/{class_key(name)}", math.nan)] for name in source.class_names
         ]
         table = Table(("class", "ap"), rows, [["mean (mAP)", figures["map"]]])
-        note = "No confusion matrix or hardest examples for detection; AP is empty for classes "
-        note += "without ground truth in the split."
-        return Evaluation(figures["map"], len(seen), table=table, notes=[note])
+        note = "No confusion matrix for detection; AP is empty for classes without ground "
+        note += "truth in the split."
+        columns = ("image_id", "ground-truth boxes", "missed", "recall", "classes missed")
+        return Evaluation(
+            figures["map"], len(seen), table=table, notes=[note],
+            hardest=self.lowest.thumbs(), hardest_table=self.lowest.table(columns),
+            hardest_caption="The images with the lowest share of ground-truth boxes found (by a "
+            f"detection of the class scoring at least {FOUND_AT} at IoU >= {MATCH_IOU}), as the "
+            "model saw them: ground truth in green (class below), detections scoring at least "
+            f"{FOUND_AT} in red (class and score).",
+            pr_curves=self._pr_curves(evaluation),
+        )  # fmt: skip
+
+    def _pr_curves(self, evaluation: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """pycocotools' precision at each recall threshold, IoU 0.5: the mean over the classes
+        with ground truth, and each of them where they are few."""
+        recall, precision = precision_at_50(evaluation)
+        measured = [k for k in range(precision.shape[1]) if (precision[:, k] > -1).any()]
+        if not measured:
+            return {}
+        curves = {"mean": (recall, precision[:, measured].mean(1))}
+        if len(measured) <= PR_CLASSES_UP_TO:
+            curves.update({self.names[k]: (recall, precision[:, k]) for k in measured})
+        return curves
 
 
 # library task (tasks.library_kind: subclasses too) -> evaluator(class names, the run's input,

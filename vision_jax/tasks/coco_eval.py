@@ -122,6 +122,14 @@ def coco_metrics(
     ``annotations`` (a COCO dataset dict): :data:`STAT_NAMES` (NaN where pycocotools says -1,
     undefined: no large objects, say; as detectron2 reports it) and ``ap/<class>`` (AP@[.5:.95]
     per category with ground truth)."""
+    return coco_figures(coco_evaluation(annotations, results, image_ids), class_names)
+
+
+def coco_evaluation(
+    annotations: Mapping[str, Any], results: list[dict], image_ids: Sequence[int]
+) -> Any:
+    """pycocotools' ``COCOeval`` (``bbox``) of ``results`` on the images ``image_ids`` of the
+    ground truth ``annotations``, evaluated, accumulated and summarised."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -144,6 +152,11 @@ def coco_metrics(
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
+    return evaluation
+
+
+def coco_figures(evaluation: Any, class_names: Sequence[str]) -> dict[str, float]:
+    """:func:`coco_metrics`' figures of a summarised ``COCOeval``."""
     out = {
         name: float(v) if v >= 0 else math.nan
         for name, v in zip(STAT_NAMES, evaluation.stats, strict=True)
@@ -154,3 +167,13 @@ def coco_metrics(
         if (p > -1).any():
             out[f"ap/{class_key(name)}"] = float(p[p > -1].mean())
     return out
+
+
+def precision_at_50(evaluation: Any) -> tuple[np.ndarray, np.ndarray]:
+    """pycocotools' precision-recall curves of a summarised ``COCOeval`` at IoU 0.5, every
+    area, 100 detections: its recall thresholds [R] and ``eval["precision"]`` there [R,
+    category] (-1: a category without ground truth)."""
+    params = evaluation.params
+    iou = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+    area, most = params.areaRngLbl.index("all"), params.maxDets.index(100)
+    return np.asarray(params.recThrs), evaluation.eval["precision"][iou, :, :, area, most]

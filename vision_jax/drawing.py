@@ -1,0 +1,68 @@
+"""Boxes drawn on an image, each outlined on the pixels it covers and labelled in a font that
+has accented letters: predict's ``--draw`` and the detection report's hardest examples. PIL
+and matplotlib are imported at the first drawing."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+PALETTE = (
+    (255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (255, 64, 255), (0, 220, 220),
+    (255, 128, 0), (160, 96, 255), (128, 255, 128), (255, 255, 255),
+)  # fmt: skip
+
+
+@functools.cache
+def label_font(size: int) -> Any:
+    """DejaVu Sans (matplotlib's own font, found through its font manager) at ``size`` pixels
+    for the labels of drawn boxes: Pillow's default font draws every character outside its
+    small set (é, ü, 猫) as the same box. Pillow's default if that cannot be loaded."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        found = font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+        return ImageFont.truetype(found, size)
+    except (ImportError, OSError, ValueError):
+        return ImageFont.load_default(size)
+
+
+def label_size(height: int, width: int) -> int:
+    """The labels' font size in pixels for an image of ``height`` x ``width``: 11 up to
+    about 440 pixels on the short side, then growing with it."""
+    return max(11, round(min(height, width) / 40))
+
+
+def box_pixels(bbox: Sequence[float]) -> tuple[int, int, int, int]:
+    """COCO ``[x, y, w, h]`` (pixel edges) as the first and last pixel it covers, inclusive, for
+    Pillow's ``rectangle``: its edges rounded, so ``[5, 8, 24, 32]`` covers columns 5..28 and rows
+    8..39 (at least one pixel)."""
+    x, y, w, h = bbox
+    left, top = round(x), round(y)
+    return left, top, max(left, round(x + w) - 1), max(top, round(y + h) - 1)
+
+
+def draw_boxes(
+    image: np.ndarray, boxes: Iterable[tuple[Sequence[float], tuple, str]], width: int = 2,
+    label_below: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """RGB uint8 ``image`` with each of ``boxes`` (COCO ``[x, y, w, h]``, colour, label) in
+    turn outlined ``width`` pixels inward on the pixels it covers (:func:`box_pixels`) and
+    labelled inside its top-left corner (``label_below``: under its bottom-left corner), in
+    :func:`label_font` sized to the image."""
+    from PIL import Image, ImageDraw
+
+    drawn = Image.fromarray(np.asarray(image, np.uint8))
+    draw = ImageDraw.Draw(drawn)
+    font = label_font(label_size(*drawn.size[::-1]))
+    for bbox, colour, label in boxes:
+        left, top, right, bottom = box_pixels(bbox)
+        draw.rectangle([left, top, right, bottom], outline=colour, width=width)
+        where = (left + 2, bottom + 1) if label_below else (left + 2, top + 1)
+        draw.text(where, label, fill=colour, font=font)
+    return np.asarray(drawn)
