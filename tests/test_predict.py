@@ -654,6 +654,15 @@ def _drawn_label(tmp_path, name: str) -> np.ndarray:
     return np.asarray(Image.open(tmp_path / f"{name}.png"))
 
 
+def test_draw_threshold_says_what_it_does():
+    """``--draw_threshold`` in ``--help``: the boxes drawn score at least it, 0.5 by default."""
+    from vision_jax.predict import _parser
+
+    help_text = " ".join(_parser().format_help().split())
+    want = "--draw_threshold DRAW_THRESHOLD detection: --draw draws the boxes scoring at least "
+    assert want + "this (inclusive; default 0.5)" in help_text
+
+
 def test_drawn_labels_show_accented_letters(tmp_path):
     """Labels differing by one accented letter are drawn differently (Pillow's default font drew
     é and ü as the same box)."""

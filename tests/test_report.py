@@ -573,6 +573,30 @@ def test_names_the_font_cannot_draw_are_shown_by_class_index(tmp_path, monkeypat
     assert hardest.axes[0].get_title() == "true café"
 
 
+def test_galleries_say_they_show_the_models_input_and_curves_share_the_step_axis(
+    tmp_path, monkeypatch
+):
+    """The hardest examples' captions say the thumbnails are the model's input (as it saw
+    them), and a panel of one evaluation shares the other panels' step axis."""
+    from vision_jax.report.figures import curves_figure
+    from vision_jax.report.tasks import Classification, Segmentation
+
+    spec, ones = data_lib.InputSpec(2), np.ones(1)
+    classes = Classification(["a", "b"], spec, None, 1)
+    classes.add({"image": np.zeros((1, 2, 2, 3)), "label": np.zeros(1, int), "row": ones,
+                 "mask": ones}, {"probabilities": np.asarray([[0.4, 0.6]])})  # fmt: skip
+    pixels = Segmentation(["a", "b"], spec, None, 1)
+    pixels.add({"image": np.zeros((1, 2, 2, 3)), "label_map": np.zeros((1, 2, 2), int),
+                "row": ones, "mask": ones}, {"label_map": np.zeros((1, 2, 2), int)})  # fmt: skip
+    for evaluator in (classes, pixels):
+        assert "as the model saw them (its input: resized" in evaluator.result().hardest_caption
+    panels = {"train/loss": {"train/loss": (np.arange(0, 101, 10), np.ones(11))},
+              "accuracy": {"eval/accuracy": (np.asarray([100]), np.asarray([0.5]))}}  # fmt: skip
+    (figure,) = _drawn_figures(monkeypatch, lambda: curves_figure(panels, tmp_path / "c.png"))
+    loss, accuracy = figure.axes
+    assert accuracy.get_xlim() == loss.get_xlim() and loss.get_xlim()[0] < 10
+
+
 def test_a_class_absent_from_labels_and_predictions_stays_out_of_the_macro_average():
     """scikit-learn's default labels (those in y_true or y_pred): a class of the run that the
     split never shows and the model never predicts has no scores and no vote in the macro

@@ -823,7 +823,10 @@ def _parser() -> argparse.ArgumentParser:
         "pycocotools' loadRes against it (default: 1, 2, ... in file order)",
     )  # fmt: skip
     parser.add_argument("--draw", help="detection: folder for the images with their boxes drawn")
-    parser.add_argument("--draw_threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--draw_threshold", type=float, default=0.5,
+        help="detection: --draw draws the boxes scoring at least this (inclusive; default 0.5)",
+    )  # fmt: skip
     return parser
 
 

@@ -120,10 +120,13 @@ def curves_figure(
     panels: Mapping[str, Mapping[str, tuple]], path: pathlib.Path, xlabel: str = "step"
 ) -> None:
     """One panel per title, one line per ``label: (steps, values)`` in it, against ``xlabel``
-    (a legend unless the panel's one line is named as the panel)."""
+    (a legend unless the panel's one line is named as the panel). The panels share the x axis:
+    one with a single point (one evaluation) is on the others' range, not one of its own."""
     figure = _figure(figsize=(4.6 * len(panels), 3.4))
+    first = None
     for i, (title, lines) in enumerate(panels.items()):
-        ax = figure.add_subplot(1, len(panels), i + 1)
+        ax = figure.add_subplot(1, len(panels), i + 1, sharex=first)
+        first = first or ax
         for label, (steps, values) in lines.items():
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
         ax.set_title(title)

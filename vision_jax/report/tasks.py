@@ -143,8 +143,9 @@ class Classification:
             headline=float(np.trace(matrix) / max(matrix.sum(), 1)), examples=int(matrix.sum()),
             table=classification_table(matrix, self.names), confusion=matrix,
             hardest=self.lowest.thumbs(), hardest_table=self.lowest.table(columns),
-            hardest_caption="The examples with the lowest probability on their true label: "
-            "true and predicted class, with their probabilities.",
+            hardest_caption="The examples with the lowest probability on their true label, as "
+            "the model saw them (its input: resized and centre-cropped as evaluation does): true "
+            "and predicted class, with their probabilities.",
         )  # fmt: skip
 
 
@@ -185,8 +186,9 @@ class Segmentation:
             table=segmentation_table(self.matrix, self.names), confusion=self.matrix,
             unit="pixels", hardest=self.lowest.thumbs(),
             hardest_table=self.lowest.table(("pixel accuracy", "pixels")),
-            hardest_caption="The images with the lowest pixel accuracy, each beside its errors "
-            "(dark: right, red: wrong, grey: ignored).",
+            hardest_caption="The images with the lowest pixel accuracy, as the model saw them "
+            "(its input: resized as evaluation does), each beside its errors (dark: right, red: "
+            "wrong, grey: ignored).",
         )  # fmt: skip
 
 
