@@ -79,6 +79,22 @@ def test_a_saved_config_off_its_branch_warns_only_for_values_other_than_the_defa
     assert "The saved config sets data.skip_corrupt, which only applies to sources" in caplog.text
 
 
+def test_the_shuffle_buffer_is_a_positive_count_of_tfds_sources_only():
+    """Other sources shuffle whole epochs: a buffer set for them would do nothing."""
+    data = default_config().data.to_dict()
+    assert specs.data_spec({**data, "name": "mnist", "shuffle_buffer": 250_000}).shuffle_buffer == (
+        250_000
+    )
+    with pytest.raises(specs.ConfigError, match=r"data.shuffle_buffer must lie in \[1, inf\)"):
+        specs.data_spec({**data, "name": "mnist", "shuffle_buffer": 0})
+    digits = {**data, "source": "digits"}
+    assert specs.data_spec(digits).shuffle_buffer == 10_000
+    with pytest.raises(specs.ConfigError, match=r"data.shuffle_buffer only applies to source='tfds"
+                       r"' \(other sources shuffle whole epochs\); remove it \(or pass "
+                       r"--config.data.shuffle_buffer=10000\)"):  # fmt: skip
+        specs.data_spec({**digits, "shuffle_buffer": 5})
+
+
 def test_class_names_given_as_one_string_are_refused():
     """A dict config (no ConfigDict types) with data.class_names "a,b": refused, not 3 classes
     'a', ',' and 'b'; a list of names stays a tuple. An earlier version's saved run read it as

@@ -696,6 +696,80 @@ def test_resume_of_a_sequential_source():
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
+def _sequential_ids(n: int, reads: list | None = None) -> data_lib.Source:
+    """A source read in order (as tfds) whose label is each example's id (0..n-1); ``reads``
+    collects the id of each record read from it."""
+
+    def example(i: tf.Tensor) -> dict:
+        if reads is not None:
+            i = tf.py_function(lambda x: reads.append(int(x)) or x, [i], tf.int64)
+            i.set_shape([])
+        return {"image": tf.zeros((4, 4, 3), tf.uint8), "label": i}
+
+    dataset = tf.data.Dataset.range(n).map(example)
+    return data_lib.Source(dataset, n, tuple(str(c) for c in range(n)))
+
+
+def _ids(batches: list[dict]) -> list[int]:
+    return [int(i) for b in batches for i in b["label"]]
+
+
+def test_a_sequential_source_resumes_in_a_later_epoch_exactly_and_reshuffles_each_epoch():
+    """Each epoch of a tfds-like source is shuffled anew (it was the same order every epoch,
+    near enough), and a resume in a later epoch goes on as the uninterrupted stream does."""
+    source, spec = _sequential_ids(10), spec_of(image_size=4)
+    fresh = _ids(take(data_lib.train_batches(source, spec, global_batch=4, seed=0), 10))
+    epochs = [fresh[e * 10 : (e + 1) * 10] for e in range(4)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)  # each epoch a permutation
+    assert len({tuple(e) for e in epochs}) == 4, epochs
+    # Step 7: position 28, in the third epoch; its batch runs into the fourth.
+    resumed = data_lib.train_batches(source, spec, global_batch=4, seed=0, start_step=7)
+    assert _ids(take(resumed, 3)) == fresh[28:40]
+    assert fresh != _ids(take(data_lib.train_batches(source, spec, global_batch=4, seed=1), 10))
+    stored = data_lib.train_batches(source, spec, global_batch=4, seed=0, shuffle_buffer=1)
+    assert _ids(take(stored, 5)) == list(range(10)) * 2  # a buffer of one: the stored order
+
+
+def test_a_sequential_source_with_skipped_images_resumes_at_its_position_exactly():
+    """With skip_corrupt the stream is ahead of the step's position: resumed at the batches'
+    ``next_position`` in a later epoch, it goes on as the uninterrupted stream does."""
+    png = tf.io.encode_png(tf.zeros((4, 4, 3), tf.uint8))
+    images = tf.where(tf.range(10) == 3, tf.constant(b"not an image"), png)
+    dataset = tf.data.Dataset.from_tensor_slices({"image": images, "label": tf.range(10)})
+    source = data_lib.Source(dataset, 10, tuple("abcdefghij"), skip_corrupt=True)
+    spec = spec_of(image_size=4)
+    batches = data_lib.train_batches(source, spec, global_batch=4, seed=0)
+    take(batches, 6)  # 24 examples delivered, of 2 epochs and a half
+    position = batches.next_position
+    assert batches.skipped >= 2 and position == 24 + batches.skipped
+    fresh = _ids(take(batches, 4))
+    resumed = data_lib.train_batches(
+        source, spec, global_batch=4, seed=0, start_step=6, start_position=position
+    )
+    assert _ids(take(resumed, 4)) == fresh and 3 not in fresh
+
+
+def test_a_sequential_source_resumes_without_reading_the_epochs_before():
+    """A resume reads the examples of its own epoch before it (and a buffer's worth), not every
+    earlier epoch's: at ImageNet scale those took hours."""
+    reads: list[int] = []
+
+    def first_after(position: int) -> tuple[int, int]:
+        reads.clear()
+        ds = pipeline._streaming_order(_sequential_ids(50, reads), position, 0, buffer=8)
+        ((at, example),) = ds.take(1).as_numpy_iterator()
+        return int(at), len(reads)
+
+    assert first_after(3) == (3, 8 + 3)  # the buffer filled, and a read for each one skipped
+    assert first_after(100 * 50 + 3) == (5003, 11)
+    reads.clear()  # through train_batches: under two epochs' worth (it read 5,000 and more)
+    source, spec = _sequential_ids(50, reads), spec_of(image_size=4)
+    batches = data_lib.train_batches(source, spec, global_batch=2, seed=0, start_step=2500)
+    next(batches)
+    batches.close()
+    assert len(reads) < 100, len(reads)
+
+
 def test_each_host_reads_its_own_slice(monkeypatch):
     source = data_lib.from_arrays(np.zeros((10, 4, 4), np.uint8), np.arange(10))
     spec = spec_of(image_size=4)

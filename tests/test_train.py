@@ -1147,6 +1147,24 @@ def test_the_ends_of_the_checked_intervals_are_accepted():
     assert (spec.optimizer.layer_decay, spec.log_every_steps, spec.batch_size) == (1, 1, 1)
 
 
+def test_a_tfds_checkpoint_of_the_earlier_example_order_resumes_with_one_warning(caplog):
+    """tfds epochs were once read in about the same order each: a checkpoint without the new
+    order's marker names other examples now, said in one line; other sources kept theirs."""
+    from vision_jax import data as data_lib
+    from vision_jax import run
+
+    for source, warned in (({"data.source": "tfds", "data.name": "mnist"}, 1), ({}, 0)):
+        spec = specs.run_spec(TrackedConfig(small_config(**source)))
+        old, new = {"config": spec.config}, {"config": spec.config, "stream_order": 2}
+        assert data_lib.STREAM_ORDER == 2
+        for meta, lines in ((old, warned), (new, 0)):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                assert run._resume_position(spec, {**meta, "data_positions": [64]}, None, "w") == 64
+                run._resume_position(spec, meta, None, "w", finished=True)  # nothing resumed
+            assert caplog.text.count("the resume is not exact") == lines, caplog.text
+
+
 def test_tfds_source_with_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -1154,6 +1172,8 @@ def test_tfds_source_with_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=100):
         result = train_and_evaluate(cfg, str(tmp_path))
     assert result["eval/examples"] == 100
+    meta = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["stream_order"] == 2  # a resume of it is exact
     assert np.isfinite(result["train/loss"])
 
 

@@ -703,7 +703,8 @@ class Checkpointer:
 # What a step checkpoint's meta records and a best checkpoint's does not (the train loop's
 # position, its open window, the final metrics, whether the run ends there or went on).
 _STEP_ONLY = (
-    "final", "data_positions", "train_window", "reported", "evaluation_pending", "continued_to",
+    "final", "data_positions", "stream_order", "train_window", "reported", "evaluation_pending",
+    "continued_to",
 )  # fmt: skip
 
 

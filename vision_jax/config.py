@@ -135,6 +135,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.root = placeholder(str)
     c.data.class_names = placeholder(tuple)  # csv/idx/arrays, and label maps: class names
     c.data.skip_corrupt = False  # skip (and count) unreadable images instead of failing
+    # tfds: the examples each epoch is shuffled through (other sources shuffle whole epochs)
+    c.data.shuffle_buffer = 10_000
     c.data.train_split = "train"
     c.data.eval_split = "test"
     # Evaluated every eval_every_steps instead of eval_split, to keep the best checkpoint (and

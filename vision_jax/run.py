@@ -807,7 +807,7 @@ _STREAM_KEYS = ("batch_size", "seed") + tuple(
     f"data.{k}"
     for k in (
         "source", "name", "root", "class_names", "train_split", "classes", "label_map_values",
-        "coco_annotations", "coco_images",
+        "coco_annotations", "coco_images", "shuffle_buffer",
     )
 )  # fmt: skip
 # Keys besides the recipe that a finished run's restart refuses: its training stream's (a seed or
@@ -1000,7 +1000,9 @@ def _resume_position(
     removed or relabelled since the checkpoint; None: not compared). A ``data.root`` moved is
     no change where the fingerprint has a digest of the files (names relative to their folder,
     labels) that is unchanged: one info line names the move. ``finished``: the run ended its
-    recipe, nothing is resumed; the same change is refused, as a report again."""
+    recipe, nothing is resumed; the same change is refused, as a report again. A tfds
+    checkpoint of another ``STREAM_ORDER`` (an earlier version's) resumes with a warning: its
+    positions name other examples."""
     positions = meta.get("data_positions")
     processes = None if positions is None else len(positions)
     saved = meta.get("config") or {}
@@ -1033,6 +1035,13 @@ def _resume_position(
     if recipe := _config_changes(saved, spec, _in_recipe):
         logger.warning("Resuming %s with a changed recipe (training goes on with the new "
                        "values): %s.", where, "; ".join(recipe))  # fmt: skip
+    reordered = meta.get("stream_order") != data_lib.STREAM_ORDER  # positions name others
+    if reordered and not finished and spec.data.source == "tfds":  # (a stream read in order)
+        logger.warning(
+            "Resuming %s in another example order than its run read the tfds split in (saved "
+            "by an earlier version; each epoch is now shuffled anew): the resume is not exact, "
+            "the examples from here on are not those the interrupted run would have read.", where
+        )  # fmt: skip
     if positions is None:
         return None
     if len(positions) == jax.process_count():

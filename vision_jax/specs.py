@@ -448,6 +448,8 @@ class DataSpec:
     val_split: str | None = None  # evaluated during training; picks the best checkpoint
     coco_annotations: str = "annotations/instances_{split}.json"  # coco only
     coco_images: str = "{split}"  # coco only
+    # tfds only: the examples each epoch is shuffled through (other sources: whole epochs)
+    shuffle_buffer: int = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,6 +613,9 @@ def data_spec(section: Any) -> DataSpec:
         _refuse_stray("data", {"skip_corrupt": False}, why)  # a saved run's: warned, ignored
         values["skip_corrupt"] = False
     spec = _build(DataSpec, values, "data")
+    check_interval("data.shuffle_buffer", spec.shuffle_buffer, "[1, inf)")
+    why = "to source='tfds' (other sources shuffle whole epochs)"
+    only_when("data", spec, ("shuffle_buffer",), spec.source == "tfds", why)
     if spec.val_split is not None and spec.val_split in (spec.eval_split, spec.train_split):
         raise ConfigError(
             f"data.val_split {spec.val_split!r} must differ from train_split and eval_split "

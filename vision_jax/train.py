@@ -533,7 +533,8 @@ def _loop(
         data_lib.check_examples(run.train_source, run.input, sample=TRAIN_SAMPLE)
     train_iter = data_lib.train_batches(
         run.train_source, run.input, global_batch=spec.batch_size, seed=spec.seed,
-        start_step=run.start_step, start_position=run.start_position, **run.task.batch_args(),
+        start_step=run.start_step, start_position=run.start_position,
+        shuffle_buffer=run.spec.data.shuffle_buffer, **run.task.batch_args(),
     )  # fmt: skip
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
@@ -691,7 +692,8 @@ def _end_step(
         results = {**log.stop_early(step, state), **results}
     if stopping or early or _save_due(run.spec, step, run.total_steps):
         guard.check(state)  # nothing is saved past a non-finite step under "stop"
-        meta = {**_meta(run, early), "train_window": log.window()}
+        meta = {**_meta(run, early), "train_window": log.window(),
+                "stream_order": data_lib.STREAM_ORDER}  # fmt: skip
         if early or last or pending:  # what a finished run started again reports (a pending
             meta["reported"] = {**log.last, **results}  # evaluation may finish the run)
         if pending:

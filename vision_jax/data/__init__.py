@@ -25,6 +25,7 @@ from vision_jax.data.folders import (
 )
 from vision_jax.data.idx import from_idx
 from vision_jax.data.pipeline import (
+    STREAM_ORDER,
     Batch,
     Batches,
     check_examples,
@@ -374,6 +375,7 @@ def _root(data: DataSpec) -> str:
 __all__ = [
     "IGNORE_LABEL",
     "ROOT_SOURCES",
+    "STREAM_ORDER",
     "Batch",
     "Batches",
     "DataError",

@@ -4,9 +4,10 @@ Each process reads its own ``process_index`` shard and batches ``global_batch / 
 examples. The training stream is infinite and a function of the seed alone: for random-access
 sources (arrays, image files) position ``p`` of a host's stream is example
 ``shuffle_epoch(p // n)[p % n]`` (a stateless index shuffle per epoch), so ``start_step`` resumes
-it exactly at no cost; tfds sources use a seeded shuffle buffer and skip. Evaluation batches are
-padded (with ``mask == 0``) so every example counts once and all processes run the same number
-of batches. With ``source.skip_corrupt`` unreadable images (and label maps that are unreadable,
+it exactly at no cost; tfds sources shuffle each epoch anew through a buffer seeded by (seed,
+epoch), and a resume reads only its epoch's examples before it. Evaluation batches are padded
+(with ``mask == 0``) so every example counts once and all processes run the same number of
+batches. With ``source.skip_corrupt`` unreadable images (and label maps that are unreadable,
 or do not fit their image or the classes) are dropped and counted (later batches then start
 further along the stream: see ``start_position``); otherwise they are an error naming the file.
 Segmentation sources (``source.target == "label_map"``) give ``label_map`` in place of ``label``;
@@ -82,6 +83,35 @@ def _example_index(position: tf.Tensor, num_local: int, seed: int) -> tf.Tensor:
         max_index=tf.constant(num_local - 1, tf.int64),
     )
     return host + local * hosts
+
+
+# The example order of the stream of a source read in order (tfds), recorded in checkpoints
+# (``stream_order``): a checkpoint's positions name the same examples only under the same order.
+# 2: each epoch shuffled anew (:func:`_streaming_order`); before it, a shuffle buffer over the
+# repeated shard, the same order every epoch near enough.
+STREAM_ORDER = 2
+
+
+def _streaming_order(source: Source, first: int, seed: int, buffer: int) -> tf.data.Dataset:
+    """(position, example) pairs of this host's stream of a source read in order (tfds) from
+    stream position ``first``: epoch ``e`` (positions ``e * n`` to ``(e + 1) * n - 1``, ``n``
+    examples in the host's shard) is the shard shuffled through a buffer of ``buffer`` examples
+    seeded by (``seed``, ``e``), a fresh order each epoch. A stream from ``first`` starts at its
+    epoch and reads only the examples of that epoch before it, not every earlier epoch's."""
+    host, hosts = jax.process_index(), jax.process_count()
+    shard = source.dataset.shard(hosts, host)
+    per_epoch = len(range(host, source.num_examples, hosts))
+    epoch, offset = divmod(first, per_epoch)
+
+    def epoch_order(e: tf.Tensor) -> tf.data.Dataset:
+        key = tf.stack([tf.constant(seed, tf.int64), e])
+        epoch_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+        return shard.shuffle(min(buffer, per_epoch), seed=epoch_seed)
+
+    ds = tf.data.Dataset.counter(epoch).flat_map(
+        tf.autograph.experimental.do_not_convert(epoch_order)
+    )
+    return ds.enumerate(start=epoch * per_epoch).skip(offset)
 
 
 _FIX = "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
@@ -345,7 +375,8 @@ def train_batches(
 
     The stream starts at example position ``start_step * local_batch``. When images were skipped
     (``skip_corrupt``) the stream is ahead of that: pass the interrupted iterator's
-    ``next_position`` as ``start_position`` to resume exactly.
+    ``next_position`` as ``start_position`` to resume exactly. ``shuffle_buffer``: the examples
+    a source read in order (tfds) is shuffled through each epoch (others shuffle whole epochs).
 
     Batches hold ``image`` (float32 [B, H, W, 3]) and ``label`` (int32 [B]); with mixup or
     cutmix also ``soft_label`` (float32 [B, num_classes], rows summing to 1). Label-map sources
@@ -386,9 +417,7 @@ def train_batches(
             tf.autograph.experimental.do_not_convert(example_at)
         )
     else:
-        ds = source.dataset.shard(jax.process_count(), jax.process_index())
-        ds = ds.repeat().shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
-        ds = ds.enumerate().skip(first)
+        ds = _streaming_order(source, first, seed, shuffle_buffer)
     ds = parallel_map(ds, make_preprocess(spec, train=True, seed=host_seed, **target))
     if source.skip_corrupt:
         ds = ds.ignore_errors()
