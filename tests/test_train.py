@@ -570,6 +570,45 @@ def test_weights_trained_on_another_normalisation_are_named_in_a_warning(tmp_pat
         assert found == warned, caplog.text
 
 
+def test_a_weights_file_trained_on_another_normalisation_is_named_in_a_warning(
+    tmp_path, caplog, monkeypatch
+):
+    """Only folders were checked (a weights file was not read twice for it): fine-tuning from a
+    CIFAR ResNet .th file (akamaster's, trained on ImageNet's mean and std) with the config's
+    0.5 went unwarned (CIFAR-10 top-1 0.63 against 0.80 with its own). A warning says so once;
+    with the contract, or its mean and std set, none; the file is read once either way."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from vision_jax import create_model
+    from vision_jax.weights import export_safetensors
+
+    model = create_model("cifar_resnet20", num_classes=10)
+    variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 16, 16, 3)), train=False)
+    export_safetensors(variables, model, tmp_path / "resnet20.safetensors")
+    tensors = {
+        k: torch.from_numpy(v) for k, v in load_file(tmp_path / "resnet20.safetensors").items()
+    }
+    path = tmp_path / "resnet20.th"  # as akamaster saved them: legacy serialisation, wrapped
+    torch.save(
+        {"state_dict": tensors, "best_prec1": 91.7}, path, _use_new_zipfile_serialization=False
+    )
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or load(*a, **k))
+    imagenet = {"input.mean": (0.485, 0.456, 0.406), "input.std": (0.229, 0.224, 0.225)}
+    cases = [({}, 1), ({"init.use_input_contract": True}, 0), (imagenet, 0)]
+    for i, (settings, warnings) in enumerate(cases):
+        cfg = small_config(total_steps=1, **settings)
+        cfg.init.path = str(path)
+        reads.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_and_evaluate(cfg, str(tmp_path / f"run{i}"))
+        found = caplog.text.count("expects inputs normalised with mean (0.485, 0.456, 0.406)")
+        assert found == warnings, caplog.text
+        assert len(reads) == 1, reads
+
+
 def test_a_head_of_as_many_other_classes_is_named_in_a_warning(tmp_path, caplog):
     """A run started from a run of as many classes, named otherwise or in another order, loads
     its head as it is (its outputs meaning the old classes: top-1 0.025 against 0.825 in a

@@ -60,7 +60,7 @@ from vision_jax.tasks.base import TOP_LEVEL as TASK_TOP_LEVEL
 from vision_jax.tasks.base import class_key
 from vision_jax.weights import RunRecord, apply_input_contract, input_contract, load_pretrained
 from vision_jax.weights.contract import InputContract
-from vision_jax.weights.files import WeightFormatError
+from vision_jax.weights.files import WeightFormatError, read_once
 from vision_jax.weights.run_dir import BEST_DIR
 
 logger = logging.getLogger(__name__)
@@ -186,32 +186,33 @@ def create_variables(
         shapes["params"], mesh, spec.sharding_rules, fsdp_min_size=spec.fsdp_min_size
     )
     init_spec = spec.init
-    if init_spec.path and init_spec.use_input_contract:
-        given = input_spec  # label maps and boxes: evaluation resizes the whole image, no crop
-        input_spec = apply_input_contract(input_spec, contract or init_spec.path)
-        if not data_lib.is_image_level(spec.task.target):
-            input_spec = dataclasses.replace(input_spec, crop_mode=given.crop_mode)
-    elif init_spec.path and contract is None and not abstract:  # a new run, not a resume
-        _warn_unlike_contract(input_spec, init_spec.path)
-    if abstract:
-        return trees.with_shardings(shapes, shardings), shardings, input_spec
-    if not init_spec.path:  # created already sharded
-        return jax.jit(init, out_shardings=shardings)(init_rng), shardings, input_spec
-    # Merged on the host, then split into the shardings. Only the variables the checkpoint does
-    # not provide are initialised: compiling the whole random init (whose values the checkpoint
-    # replaces) took longer than the train step's compilation.
-    base_shapes = shapes if adapters is None else jax.eval_shape(base_init, init_rng)
-    loaded = load_pretrained(
-        init_spec.path,
-        model=model,
-        variables=base_shapes,
-        replace_head=init_spec.replace_head,
-        dont_load=tuple(init_spec.dont_load),
-        posemb=init_spec.posemb,
-        head_bias_init=float(init_spec.head_bias_init),
-        image_size=size,
-        ema=init_spec.ema,
-    )
+    with read_once():  # a weights file's contract, then its variables: one read
+        if init_spec.path and init_spec.use_input_contract:
+            given = input_spec  # label maps, boxes: evaluation resizes the whole image, no crop
+            input_spec = apply_input_contract(input_spec, contract or init_spec.path)
+            if not data_lib.is_image_level(spec.task.target):
+                input_spec = dataclasses.replace(input_spec, crop_mode=given.crop_mode)
+        elif init_spec.path and contract is None and not abstract:  # a new run, not a resume
+            _warn_unlike_contract(input_spec, init_spec.path)
+        if abstract:
+            return trees.with_shardings(shapes, shardings), shardings, input_spec
+        if not init_spec.path:  # created already sharded
+            return jax.jit(init, out_shardings=shardings)(init_rng), shardings, input_spec
+        # Merged on the host, then split into the shardings. Only the variables the checkpoint
+        # does not provide are initialised: compiling the whole random init (whose values the
+        # checkpoint replaces) took longer than the train step's compilation.
+        base_shapes = shapes if adapters is None else jax.eval_shape(base_init, init_rng)
+        loaded = load_pretrained(
+            init_spec.path,
+            model=model,
+            variables=base_shapes,
+            replace_head=init_spec.replace_head,
+            dont_load=tuple(init_spec.dont_load),
+            posemb=init_spec.posemb,
+            head_bias_init=float(init_spec.head_bias_init),
+            image_size=size,
+            ema=init_spec.ema,
+        )
     variables = with_adapters(_initialise_abstract(loaded, base_init, init_rng))
     _warn_of_frozen_fresh(spec, model, loaded["params"], variables["params"])
     return sharding.put(variables, shardings), shardings, input_spec
@@ -455,18 +456,13 @@ def _newest_meta(ckpt: Checkpointer) -> dict:
     return (ckpt.read_meta(step) if step is not None else None) or {}
 
 
-_CONTRACT_IN_JSON = ("run", "timm_hub", "hf")  # folders: a weights file's is read from the file
-
-
 def _warn_unlike_contract(spec: data_lib.InputSpec, path: str) -> None:
     """Warns when the weights at ``path`` were trained on pixels normalised otherwise than
     ``spec`` normalises them (``init.use_input_contract`` False: the config's mean and std).
-    Only for folders, which record it in JSON: a weights file would be read whole once more."""
+    A weights file is read whole for it: the caller's :func:`read_once` keeps it for loading."""
     try:
-        if weights.detect_format(path) not in _CONTRACT_IN_JSON:
-            return
         contract = input_contract(path)
-    except (WeightFormatError, OSError, ValueError):
+    except (WeightFormatError, OSError, ValueError, KeyError):  # (a ViT without pos_embed)
         return  # loading them names the problem
     if (tuple(contract.mean), tuple(contract.std)) != (tuple(spec.mean), tuple(spec.std)):
         logger.warning(

@@ -12,11 +12,13 @@ Every failure raises :class:`WeightFormatError` naming the file and the reason.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pathlib
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,45 @@ SUFFIXES = {
 # and the prefixes stripped when every key has one (Lightning's ``self.model``, DataParallel's).
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema")
 _PREFIXES = ("model.", "module.")
+
+_kept: dict[tuple, dict[str, np.ndarray]] | None = None  # :func:`read_once`'s, while it is open
+
+
+@contextlib.contextmanager
+def read_once() -> Iterator[None]:
+    """Within it, each weight file is decoded once: reading it again (its input contract, then
+    its variables) gives the arrays read first, while the file is unchanged. They are let go
+    at its end (the outermost one's, when nested)."""
+    global _kept
+    if _kept is not None:
+        yield
+        return
+    _kept = {}
+    try:
+        yield
+    finally:
+        _kept = None
+
+
+def _kept_in_read_once(
+    read: Callable[[str | os.PathLike], dict[str, np.ndarray]],
+) -> Callable[[str | os.PathLike], dict[str, np.ndarray]]:
+    """``read``, whose arrays :func:`read_once` keeps for the file's next read."""
+
+    @functools.wraps(read)
+    def kept(path: str | os.PathLike) -> dict[str, np.ndarray]:
+        if _kept is None:
+            return read(path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return read(path)  # which names the problem
+        key = (read.__name__, os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _kept:
+            _kept[key] = read(path)
+        return dict(_kept[key])  # readers may rename its keys in place
+
+    return kept
 
 
 def file_kind(path: str | os.PathLike) -> str:
@@ -67,6 +108,7 @@ def file_kind(path: str | os.PathLike) -> str:
     )
 
 
+@_kept_in_read_once
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a ``.safetensors`` file without torch."""
     from safetensors import SafetensorError
@@ -91,6 +133,7 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise WeightFormatError(f"Cannot read safetensors file {path}: {e}") from e
 
 
+@_kept_in_read_once
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads every array of an ``.npz`` file (no pickles allowed)."""
     try:
@@ -110,6 +153,7 @@ def _to_numpy(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy().copy()
 
 
+@_kept_in_read_once
 def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a torch state dict with ``torch.load(weights_only=True)`` (zip or legacy format).
 
