@@ -23,6 +23,12 @@ so a ResNet state dict gets torchvision's evaluation (resize 256, bilinear, crop
 Hugging Face's ViT processors resize the whole image to the square input size ("squash": the
 aspect ratio not kept, nothing cropped); the others resize the shorter side and crop the centre.
 
+A ``.npz`` ViT's row is one of its references' choices: google-research/vision_transformer's
+own evaluation resizes the whole image to the square (squash; TensorFlow's bilinear, not
+antialiased), and timm's pretrained configs of the same AugReg weights resize bicubic and crop
+0.9 (1.0 at 384). Predictions on oblong images depend on that choice: set ``input.*`` to match
+the reference compared with.
+
 A state dict does not say how its network was trained: a timm ViT state dict gets AugReg's
 contract even when it is DeiT's or DINO's (ImageNet mean and std); set ``input.mean``/``std``
 for those.
