@@ -1356,6 +1356,22 @@ def load_file_np(path) -> dict[str, np.ndarray]:
     return dict(load_file(str(path)))
 
 
+def test_predictor_from_a_weights_file_reads_it_once(tmp_path, monkeypatch):
+    """Predictor.from_weights decoded a weights file twice (its input contract, then its
+    variables): once, with the classes it records."""
+    import safetensors.numpy
+
+    from vision_jax.predict import Predictor
+
+    model = create_model("cifar_resnet20", num_classes=3)
+    path = tmp_path / "exported.safetensors"
+    export_safetensors(init_vars(model, 16), model, path, class_names=("cat", "dog", "eel"))
+    reads, load = [], safetensors.numpy.load_file
+    monkeypatch.setattr(safetensors.numpy, "load_file", lambda *a: reads.append(a) or load(*a))
+    assert Predictor.from_weights(path, model="cifar_resnet20").class_names == ["cat", "dog", "eel"]
+    assert len(reads) == 1, reads
+
+
 def test_export_safetensors_records_the_input_it_is_given(tmp_path):
     """export_safetensors(..., input=a run's InputSpec) records the run's input in the file's
     metadata: input_contract (Predictor.from_weights, init.use_input_contract) gives it, not the

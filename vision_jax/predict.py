@@ -78,6 +78,7 @@ from vision_jax.steps import fetched_one_behind
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
 from vision_jax.tasks.coco_eval import coco_results
 from vision_jax.trained import jitted_predict, load_trained
+from vision_jax.weights.files import read_once
 
 logger = logging.getLogger(__name__)
 
@@ -232,11 +233,13 @@ class Predictor:
                 f"class_names must be a sequence of names, got the string {class_names!r} (a "
                 "list: ['cat', 'dog'])."
             )
-        contract = weights.input_contract(path)
-        _check_square(path, model, contract.image_size)
-        network, variables = _pretrained_classifier(path, model, contract.image_size)
-        count = network.num_classes
-        if class_names is None and len(recorded := weights.class_names(path) or ()) == count:
+        with read_once():  # its contract, variables and class names: one read of a file
+            contract = weights.input_contract(path)
+            _check_square(path, model, contract.image_size)
+            network, variables = _pretrained_classifier(path, model, contract.image_size)
+            count = network.num_classes
+            recorded = (weights.class_names(path) or ()) if class_names is None else ()
+        if class_names is None and len(recorded) == count:
             class_names = recorded
         names = list(class_names or (f"class_{i}" for i in range(count)))
         if len(names) != count:
