@@ -333,3 +333,75 @@ def test_two_processes_train_checkpoint_jointly_and_resume_on_another_mesh(tmp_p
     assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")) == [2, 4, 6]
     resumed = read_variables(str(workdir))["params"]["layer3"]["0"]["conv2"]["kernel"]
     assert not np.allclose(resumed, kernel)
+
+
+SAME_DATA = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 1)
+jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                           process_id=int(sys.argv[1]), coordinator_bind_address="127.0.0.1:{port}")
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_train import small_config
+from vision_jax.data import DataError
+from vision_jax.train import train_and_evaluate
+
+
+def make(seed, n):
+    r = np.random.default_rng(seed)
+    y = r.integers(0, 3, n).astype(np.int32)
+    return (r.random((n, 16, 16, 3)) * 60 + y[:, None, None, None] * 60).astype(np.uint8), y
+
+
+process, mode = int(sys.argv[1]), sys.argv[2]
+config = small_config(total_steps=2, batch_size=16, eval_batch_size=16)
+config.data.source, config.data.class_names = "arrays", ("a", "b", "c")
+config.mesh = "data:-1"
+train = make(1, 64 - (process if mode == "fewer" else 0))
+test = make(2 + (process if mode == "other" else 0), 32)
+try:
+    result = train_and_evaluate(config, sys.argv[3], arrays={{"train": train, "test": test}})
+    print("TRAINED", result["eval/examples"], flush=True)
+except DataError as e:
+    print(e, flush=True)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["other", "fewer", pytest.param("same", marks=pytest.mark.slow)],  # it trains
+)
+def test_processes_given_different_arrays_are_refused(tmp_path, mode):
+    """Processes given different arrays (their own test arrays; one training row fewer) would
+    each feed their own examples to one program and report a blend: every process refuses,
+    naming the split and the processes; the same arrays train."""
+    script = tmp_path / "same_data.py"
+    script.write_text(SAME_DATA.format(port=free_port(), tests=str(ROOT / "tests")))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    workdir = str(tmp_path / "run")
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), mode, workdir], env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    lines = [out.strip().splitlines()[-1] for out, _ in outputs]
+    if mode == "same":
+        assert lines == ["TRAINED 32.0", "TRAINED 32.0"]
+        return
+    start = "The processes were given different data: the "
+    split = {"other": "eval split ('test') of processes [1] differs from process 0's (32 "
+             "examples each, other contents)",
+             "fewer": "train split ('train') of processes [1] differs from process 0's "
+             "(examples per process: [64, 63])"}[mode]  # fmt: skip
+    assert lines == [start + split + ". Give every process the same arrays "
+                     "(data.source='arrays'), or the same files."] * 2, lines  # fmt: skip

@@ -1267,6 +1267,47 @@ def _check_same_config(config: Mapping[str, Any]) -> None:
     )
 
 
+def _check_same_data(
+    spec: specs.RunSpec, sources: Mapping[str, data_lib.Source | None]
+) -> dict[str, int | str]:
+    """The training split's fingerprint (``Source.fingerprint``); raises in every process of a
+    multi-process run whose processes were given different data for a split (arrays of their
+    own, or copies of a folder that differ in names or labels: each would feed its own examples
+    to one program, and its metrics would be a blend). Only a hash of each fingerprint and its
+    number of examples cross processes."""
+    if jax.process_count() == 1:
+        return sources["train"].fingerprint()
+    prints = {name: None if s is None else s.fingerprint() for name, s in sources.items()}
+    mine = []
+    for fingerprint in prints.values():
+        text = json.dumps(fingerprint, sort_keys=True).encode()
+        digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.int32)  # 32-bit JAX
+        examples = -1 if fingerprint is None else fingerprint["examples"]
+        mine.append([*digest, np.int32(min(examples, 2**31 - 1))])
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32)))
+    gathered = gathered.reshape(-1, len(prints), 3)
+    named = {"train": spec.data.train_split, "eval": spec.data.eval_split,
+             "val": spec.data.val_split}  # fmt: skip
+    problems = []
+    for i, name in enumerate(prints):
+        differ = [p for p in range(len(gathered)) if (gathered[p, i] != gathered[0, i]).any()]
+        if not differ:
+            continue
+        counts = [int(c) for c in gathered[:, i, 2]]
+        how = (f"examples per process: {counts}" if len(set(counts)) > 1
+               else f"{counts[0]} examples each, other contents")  # fmt: skip
+        problems.append(
+            f"the {name} split ({named[name]!r}) of processes {differ} differs from process "
+            f"0's ({how})"
+        )
+    if problems:
+        raise data_lib.DataError(
+            f"The processes were given different data: {'; '.join(problems)}. Give every "
+            "process the same arrays (data.source='arrays'), or the same files."
+        )
+    return prints["train"]
+
+
 def _check_not_past_the_end(
     spec: specs.RunSpec, ckpt: Checkpointer, newest: int | None, total_steps: int,
     steps_per_epoch: int,
@@ -1295,6 +1336,9 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
     """:func:`build_run` once the workdir is locked and its checkpoints opened."""
     mesh = sharding.create_mesh(spec.mesh)
     train_source, eval_source, val_source = _load_data(spec, arrays)
+    train_data = _check_same_data(
+        spec, {"train": train_source, "eval": eval_source, "val": val_source}
+    )
     _check_batch_sizes(spec, mesh)
     _warn_of_padding(spec, mesh, [s for s in (eval_source, val_source) if s is not None])
     steps_per_epoch = max(train_source.num_examples // spec.batch_size, 1)
@@ -1322,7 +1366,6 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         spec, model, mesh, init_rng, ckpt, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
-    train_data = train_source.fingerprint()
     state, start_step, start_position, saved = _restore(
         ckpt, setup.state, setup.frozen, spec, train_data, total_steps, model
     )
