@@ -30,7 +30,7 @@ from test_finetune import lora_vit_config
 from test_train import small_config
 
 from vision_jax import create_model
-from vision_jax.data import InputSpec, digits, eval_batches, from_arrays
+from vision_jax.data import InputSpec, digits, eval_batches, from_arrays, from_columns
 from vision_jax.export import (
     QUANTIZATIONS,
     ExportError,
@@ -894,3 +894,56 @@ def test_tflite_batch_with_another_format_is_refused(tmp_path, capsys):
         with pytest.raises(ExportError, match=f"tflite_batch=4 applies to TFLite, not to {fmt}"):
             export_trained(None, tmp_path / "out", format=fmt, tflite_batch=4)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # four TFLite conversions: ~1 min on 2 cores
+def test_evaluate_on_drawn_examples_names_a_skipped_file_once_and_counts_the_rest(
+    tmp_path, capsys, caplog
+):
+    """--evaluate --eval_examples on a skip_corrupt run whose drawn evaluation images include
+    an unreadable one: the drawn subset lost its file list, and naming the skipped file raised
+    KeyError: 'image' (after model.tflite was written). It completes now, names the file once
+    and measures on the readable images."""
+    from vision_jax.trained import load_split
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 4)):
+        for name in ("a", "b", "c"):
+            for i in range(count):
+                path = tmp_path / "data" / split / name / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(path)
+    config = small_config(**{"data.source": "imagefolder", "data.root": str(tmp_path / "data"),
+                             "data.skip_corrupt": True, "total_steps": 1, "batch_size": 6,
+                             "eval_batch_size": 12})  # fmt: skip
+    train_and_evaluate(config, str(tmp_path / "run"))
+    test = load_split(load_trained(str(tmp_path / "run")), "test")
+    drawn = np.sort(np.random.default_rng(0).choice(12, 8, replace=False))  # as _subset draws
+    bad = str(test.columns["path"][drawn[2]])
+    pathlib.Path(bad).write_bytes(pathlib.Path(bad).read_bytes()[:40])
+    out = tmp_path / "tflite"
+    args = ["--workdir", str(tmp_path / "run"), "--format", "tflite", "--output", str(out),
+            "--evaluate", "--eval_examples", "8"]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert export_main(args) == 0
+    assert "(7 evaluation examples; " in capsys.readouterr().out
+    named = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert len(named) == 1 and named[0].count(bad) == 1, named
+    assert "Skipped 1 unreadable image(s) so far (of 8 read): cannot read image " in named[0]
+
+
+def test_drawn_examples_of_a_file_source_keep_their_files():
+    """The examples --evaluate (--eval_examples) and full_int8's calibration draw keep their
+    rows of a file source's columns: the pipeline names a file it skips from them."""
+    from vision_jax.data.pipeline import reads_encoded_images
+    from vision_jax.export.images import _subset
+
+    paths = np.array([f"/d/test/c/{i}.jpg" for i in range(12)])
+    source = from_columns({"path": paths, "label": np.arange(12) % 3}, ["a", "b", "c"])
+    drawn = _subset(source, 8, seed=0)
+    rows = np.sort(np.random.default_rng(0).choice(12, 8, replace=False))
+    assert list(drawn.columns["path"]) == list(paths[rows]) and drawn.num_examples == 8
+    assert list(drawn.columns["label"]) == list(rows % 3)
+    assert [ex["path"].decode() for ex in drawn.dataset.as_numpy_iterator()] == list(paths[rows])
+    assert reads_encoded_images(drawn)
+    assert reads_encoded_images(dataclasses.replace(drawn, columns=None))  # no "image" key

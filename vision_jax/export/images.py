@@ -17,12 +17,14 @@ from vision_jax.trained import Trained, load_split
 
 
 def _subset(source: data_lib.Source, count: int, seed: int) -> data_lib.Source:
-    """``count`` examples of ``source`` drawn at random (kept in their order)."""
+    """``count`` examples of ``source`` drawn at random (kept in their order); a source held as
+    columns keeps those rows of them, so that the pipeline names an unreadable file it skips."""
     rows = np.sort(np.random.default_rng(seed).choice(source.num_examples, count, replace=False))
     keep = tf.constant(rows, tf.int64)
     dataset = source.dataset.enumerate().filter(lambda i, _: tf.reduce_any(i == keep))
+    columns = None if source.columns is None else {k: v[rows] for k, v in source.columns.items()}
     return dataclasses.replace(
-        source, examples=dataset.map(lambda _, ex: ex), num_examples=count, columns=None
+        source, examples=dataset.map(lambda _, ex: ex), num_examples=count, columns=columns
     )
 
 
