@@ -5,7 +5,9 @@ largest dimension divisible by 8) and the global batch over all devices: on a v4
 that is data:2 x fsdp:8, on a v5e-32 data:4 x fsdp:8, on 2 nodes x 8 GPUs data:2 x fsdp:8 with
 the fsdp axis inside a node. Data is the offline digits set so that the same file runs anywhere;
 for real work add e.g. ``--config.data.source=tfds --config.data.name=imagenet2012
---config.data.data_dir=gs://BUCKET/tfds --config.input.image_size=224 --config.batch_size=1024``.
+--config.data.data_dir=gs://BUCKET/tfds --config.data.eval_split=validation
+--config.input.image_size=224 --config.input.inception_crop=True --config.input.flip=True
+--config.batch_size=1024`` (imagenet2012's ``test`` split has no labels).
 
 Commands:
   # TPU v4-32 (creates the slice, runs on every worker, deletes it):

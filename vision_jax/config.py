@@ -160,7 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.input.flip = True
 
     c.batch_size = 64
-    c.eval_batch_size = 64
+    c.eval_batch_size = 64  # global, for validation and the final evaluation
     c.total_steps = placeholder(int)
     # An epoch is floor(examples / batch_size) steps, as timm's and the flax ImageNet example's
     # (big_vision counts examples / batch_size); the stream itself drops nothing: a batch may
@@ -233,7 +233,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 50
     c.eval_every_steps = 500  # 0 = only at the end
-    c.eval_before_training = False
+    c.eval_before_training = False  # also evaluate the starting weights (before fine-tuning)
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3  # >= 1; the step that ends a run is kept as well
     # Resume although batch_size, seed or the training data changed (the stream then cannot
