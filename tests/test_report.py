@@ -220,6 +220,33 @@ def test_a_nan_probability_never_ranks_first_as_in_the_eval_metrics():
     np.testing.assert_array_equal(upsampled_argmax(scores, (4, 4)), np.full((4, 4), 2))
 
 
+def test_hardest_examples_draw_only_the_examples_they_keep():
+    """A thumbnail is made only for an example that enters the kept set when offered (each
+    detection thumbnail took ~0.1 s: with batches no larger than the examples kept, every image
+    of the split was drawn), and the kept set is the lowest scores, ties to the earlier row."""
+    from vision_jax.report.tasks import Lowest
+
+    rng = np.random.default_rng(0)
+    lowest, made, scores_seen = Lowest(4), [], []
+    for start in range(0, 400, 4):
+        scores = rng.random(4).round(2)  # ties too
+        scores[rng.random(4) < 0.05] = np.nan
+        rows = np.arange(start, start + 4)
+        batch_made = []
+
+        def make(i, rows=rows, batch_made=batch_made):
+            batch_made.append(int(rows[i]))
+            return None, []
+
+        lowest.offer(scores, rows, make)
+        kept = [row for _, row, _, _ in lowest.kept]
+        assert set(batch_made) <= set(kept), (batch_made, kept)
+        made += batch_made
+        scores_seen += list(zip(np.where(np.isnan(scores), -np.inf, scores), rows, strict=True))
+    assert len(made) < 40  # not one per example offered (400)
+    assert [row for _, row, _, _ in lowest.kept] == [int(r) for _, r in sorted(scores_seen)[:4]]
+
+
 def test_figures_are_pngs_embedded_in_the_page(run):
     from PIL import Image
 
