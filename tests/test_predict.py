@@ -669,6 +669,24 @@ def test_drawn_labels_show_accented_letters(tmp_path):
     assert (_drawn_label(tmp_path, "café") != _drawn_label(tmp_path, "cafü")).any()
 
 
+def test_drawn_labels_the_font_lacks_are_class_ids(tmp_path):
+    """A class name the label font cannot draw (猫: drawn as the same empty box as 犬) is
+    labelled by its category_id, as the records name it; predict's drawings make one choice
+    for all of them."""
+    from vision_jax.predict import _draw_all
+
+    assert (_drawn_label(tmp_path, "猫") == _drawn_label(tmp_path, "#1")).all()
+    assert (_drawn_label(tmp_path, "café") != _drawn_label(tmp_path, "#1")).any()
+    box = {"bbox": [2.0, 2.0, 50.0, 30.0], "score": 0.9, "category_id": 1,
+           "file_name": str(tmp_path / "black.png")}  # fmt: skip
+    boxes = [{**box, "category_name": "a"}, {**box, "category_id": 2, "category_name": "犬"}]
+    boxes[1]["score"] = 0.3  # not drawn
+    _draw_all(boxes[:1], {box["file_name"]: str(tmp_path / "a.png")}, [], 0.5)
+    _draw_all(boxes, {box["file_name"]: str(tmp_path / "b.png")}, [], 0.5)
+    assert (np.asarray(Image.open(tmp_path / "a.png")) != _drawn_label(tmp_path, "#1")).any()
+    assert (np.asarray(Image.open(tmp_path / "b.png")) == _drawn_label(tmp_path, "#1")).all()
+
+
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     """A digits run that keeps an EMA of its parameters and selects its best step on the EMA's

@@ -535,6 +535,33 @@ def test_detection_report_shows_the_images_with_boxes_missed_and_pr_curves(tmp_p
     assert [r["image_id"] for r in _rows(tmp_path / "hardest_examples.csv")] == ["11", "12", "10"]
 
 
+def test_detection_thumbnails_label_classes_the_font_lacks_by_index():
+    """Class names the labels' font cannot draw (猫, 犬: each drawn as the same empty box) are
+    labelled by class index in the thumbnails and their titles, as the figures show them, and
+    the caption says so; names it can draw (café) are drawn."""
+    from types import SimpleNamespace
+
+    from vision_jax.report.tasks import Detection
+
+    source, batch, outputs, _ = _detections_case()
+
+    def hardest(names):
+        named = SimpleNamespace(**{**vars(source), "class_names": names})
+        evaluator = Detection(names, data_lib.InputSpec(80), named, 3)
+        evaluator.add(batch, outputs)
+        return evaluator.result()
+
+    cjk, indexed, accented = hardest(["猫", "犬"]), hardest(["#0", "#1"]), hardest(["café", "dog"])
+    for a, b in zip(cjk.hardest, indexed.hardest, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)
+        assert a.title == b.title == b.indexed
+    assert cjk.hardest[0].title == "found 0 of 1\nmissed #1"
+    assert "Classes by index (#k" in cjk.hardest_caption
+    assert "Classes by index" not in accented.hardest_caption
+    assert accented.hardest[1].title.endswith("missed dog")
+    assert not np.array_equal(accented.hardest[2].image, indexed.hardest[2].image)
+
+
 def test_tables_and_predictions_are_utf8_whatever_the_locale(tmp_path):
     """Class names beyond ASCII, written and read under the C locale (a minimal container; on
     Windows, cp1252): every file is UTF-8, as the page's charset says."""

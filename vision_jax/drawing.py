@@ -17,19 +17,51 @@ PALETTE = (
 
 
 @functools.cache
-def label_font(size: int) -> Any:
-    """DejaVu Sans (matplotlib's own font, found through its font manager) at ``size`` pixels
-    for the labels of drawn boxes: Pillow's default font draws every character outside its
-    small set (é, ü, 猫) as the same box. Pillow's default if that cannot be loaded."""
-    from PIL import ImageFont
-
+def _font_file() -> str | None:
+    """DejaVu Sans' file, matplotlib's own font, found through its font manager (None: not
+    found)."""
     try:
         from matplotlib import font_manager
 
-        found = font_manager.findfont("DejaVu Sans", fallback_to_default=False)
-        return ImageFont.truetype(found, size)
-    except (ImportError, OSError, ValueError):
-        return ImageFont.load_default(size)
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+    except (ImportError, ValueError):
+        return None
+
+
+@functools.cache
+def label_font(size: int) -> Any:
+    """DejaVu Sans (:func:`_font_file`) at ``size`` pixels for the labels of drawn boxes:
+    Pillow's default font draws every character outside its small set (é, ü) as the same box.
+    Pillow's default if that cannot be loaded."""
+    from PIL import ImageFont
+
+    try:
+        if (found := _font_file()) is not None:
+            return ImageFont.truetype(found, size)
+    except OSError:
+        pass
+    return ImageFont.load_default(size)
+
+
+def labels_drawable(texts: Iterable[str]) -> bool:
+    """Whether :func:`label_font` has every character of ``texts``: one it lacks (猫, 犬) is
+    drawn as the same empty box, so such names are labelled by index instead. Pillow's default
+    font: printable ASCII only."""
+    needed = {c for text in texts for c in text if not c.isspace()}
+    found = _font_file()
+    try:
+        if found is not None:
+            return {ord(c) for c in needed} <= _characters(found)
+    except OSError:
+        pass
+    return all(" " < c <= "~" for c in needed)
+
+
+@functools.cache
+def _characters(path: str) -> frozenset[int]:
+    from matplotlib import font_manager
+
+    return frozenset(font_manager.get_font(path).get_charmap())
 
 
 def label_size(height: int, width: int) -> int:

@@ -60,7 +60,7 @@ from vision_jax.data.coco import from_image_files, image_ids_by_file
 from vision_jax.data.folders import IMAGE_EXTENSIONS, files_under, is_image_file
 from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
-from vision_jax.drawing import PALETTE, draw_boxes
+from vision_jax.drawing import PALETTE, draw_boxes, labels_drawable
 from vision_jax.metrics import argmax_nan_lowest, nan_lowest_np
 from vision_jax.models import create_model
 from vision_jax.output_errors import (
@@ -789,19 +789,26 @@ def write_records(
         writer.write(records)
 
 
-def draw_detections(path: str, detections: list[dict], out_path: str, threshold: float) -> None:
+def draw_detections(
+    path: str, detections: list[dict], out_path: str, threshold: float, named: bool | None = None
+) -> None:
     """``path`` as the model read it (decoded as training decodes: upright, RGB, 8 bits) with
     the boxes of ``detections`` scoring at least ``threshold`` drawn, labelled with class name
-    and score (:func:`~vision_jax.drawing.draw_boxes`), saved to ``out_path``. A file that
-    cannot be decoded is not drawn (predict names it as skipped)."""
+    and score (:func:`~vision_jax.drawing.draw_boxes`), saved to ``out_path``. ``named``
+    False (None: whether the label font has every character of their names): labelled
+    ``#category_id`` instead, as the records name it. A file that cannot be decoded is not drawn
+    (predict names it as skipped)."""
     from PIL import Image
 
     pixels = decode_file(path, augment.decode)
     if isinstance(pixels, str):
         return
     shown = sorted((d for d in detections if d["score"] >= threshold), key=lambda d: d["score"])
+    if named is None:
+        named = labels_drawable(d["category_name"] for d in shown)
+    label = lambda d: d["category_name"] if named else f"#{d['category_id']}"
     boxes = [(d["bbox"], PALETTE[d["category_id"] % len(PALETTE)],
-              f"{d['category_name']} {d['score']:.2f}") for d in shown]  # fmt: skip
+              f"{label(d)} {d['score']:.2f}") for d in shown]  # fmt: skip
     Image.fromarray(draw_boxes(pixels, boxes)).save(out_path)
 
 
@@ -1044,9 +1051,10 @@ def _draw_all(
     for d in detections:
         by_file.setdefault(d["file_name"], []).append(d)
     left_out = {path for path, _ in skipped}
+    named = labels_drawable({d["category_name"] for d in detections})  # one choice for all
     for path, out in drawn.items():
         if path not in left_out:
-            draw_detections(path, by_file.get(path, []), out, threshold)
+            draw_detections(path, by_file.get(path, []), out, threshold, named)
 
 
 def _command() -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 from vision_jax import data as data_lib
 from vision_jax.data.boxes import box_table
-from vision_jax.drawing import draw_boxes
+from vision_jax.drawing import draw_boxes, labels_drawable
 from vision_jax.metrics import argmax_nan_lowest, iou_summary, nan_lowest_np
 from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
@@ -235,13 +235,15 @@ class _Image:
         return 1.0 - float(self.missed.mean()) if len(self.truth) else 1.0
 
 
-def _box_example(batch, images, names, spec, i) -> tuple[Thumb, list]:
+def _box_example(batch, images, names, named, spec, i) -> tuple[Thumb, list]:
     """The image as the model saw it with its detections (red, class and score) and its ground
-    truth (green, class below), titled with its recall and the classes missed."""
+    truth (green, class below), titled with its recall and the classes missed; not ``named``:
+    classes by index (``#k``) in the image and its title."""
     image = images[i]
+    label = lambda c: names[c] if named else f"#{c}"
     found = zip(image.found, image.found_classes, image.scores, strict=True)
-    found = [(_xywh(b), FOUND_COLOUR, f"{names[c]} {s:.2f}") for b, c, s in found]
-    truth = [(_xywh(b), TRUTH_COLOUR, names[c])
+    found = [(_xywh(b), FOUND_COLOUR, f"{label(c)} {s:.2f}") for b, c, s in found]
+    truth = [(_xywh(b), TRUTH_COLOUR, label(c))
              for b, c in zip(image.truth, image.truth_classes, strict=True)]  # fmt: skip
     drawn = draw_boxes(draw_boxes(pixels(batch["image"][i], spec), found), truth, 1, True)
     missed = sorted({int(c) for c in image.truth_classes[image.missed]})
@@ -250,7 +252,7 @@ def _box_example(batch, images, names, spec, i) -> tuple[Thumb, list]:
     indexed = head + (f"\nmissed {', '.join(f'#{c}' for c in missed)}" if missed else "")
     row = [int(batch["image_id"][i]), len(image.truth), int(image.missed.sum()), image.recall,
            "; ".join(names[c] for c in missed)]  # fmt: skip
-    return Thumb(drawn, title, indexed), row
+    return Thumb(drawn, title if named else indexed, indexed), row
 
 
 class Detection:
@@ -264,6 +266,7 @@ class Detection:
         self.table = box_table(source.annotations, source.category_ids)
         self.lowest = Lowest(n, source)
         self.parts: dict[str, list] = {"boxes": [], "scores": [], "classes": [], "image_ids": []}
+        self.named = labels_drawable(self.names)  # else classes by index: not as empty boxes
 
     def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
@@ -272,7 +275,7 @@ class Detection:
         self.parts["classes"].append(outputs["classes"])
         self.parts["image_ids"].append(batch["image_id"])
         images = [self._image(batch, outputs, i) for i in range(len(batch["row"]))]
-        make = functools.partial(_box_example, batch, images, self.names, self.spec)
+        make = functools.partial(_box_example, batch, images, self.names, self.named, self.spec)
         self.lowest.offer(np.asarray([im.recall for im in images]), batch["row"], make)
 
     def _image(self, batch: Arrays, outputs: Arrays, i: int) -> _Image:
@@ -308,7 +311,9 @@ class Detection:
             hardest_caption="The images with the lowest share of ground-truth boxes found (by a "
             f"detection of the class scoring at least {FOUND_AT} at IoU >= {MATCH_IOU}), as the "
             "model saw them: ground truth in green (class below), detections scoring at least "
-            f"{FOUND_AT} in red (class and score).",
+            f"{FOUND_AT} in red (class and score)."
+            + ("" if self.named else " Classes by index (#k: the k-th row of per_class.csv, "
+               "from 0): a class name has a character the labels' font lacks."),
             pr_curves=self._pr_curves(evaluation),
         )  # fmt: skip
 
