@@ -523,14 +523,30 @@ def test_detection_report_shows_the_images_with_boxes_missed_and_pr_curves(tmp_p
         coco.evaluate()
         coco.accumulate()
     want = coco.eval["precision"][0, :, :, 0, 2]  # IoU 0.5, all areas, 100 detections
-    assert list(result.pr_curves) == ["mean", "cat", "dog"]
+    assert list(result.pr_curves) == ["cat", "dog"]
     for k, name in enumerate(source.class_names):
         np.testing.assert_array_equal(result.pr_curves[name][0], coco.params.recThrs)
         np.testing.assert_array_equal(result.pr_curves[name][1], want[:, k])
-    np.testing.assert_allclose(result.pr_curves["mean"][1], want.mean(1))
+    np.testing.assert_allclose(result.pr_mean[1], want.mean(1))
     _evaluation_sections(result, source.class_names, tmp_path)
     table = _rows(tmp_path / "precision_recall.csv")
-    assert [float(r["dog"]) for r in table] == pytest.approx(want[:, 1].tolist())
+    assert list(table[0]) == ["recall", "mean", "class:cat", "class:dog"]
+    assert [float(r["class:dog"]) for r in table] == pytest.approx(want[:, 1].tolist())
+    assert [float(r["mean"]) for r in table] == pytest.approx(want.mean(1).tolist())
+
+    # Classes named "mean" and "recall" neither replace the mean curve nor the recall column.
+    source.class_names = ["mean", "recall"]
+    evaluator = Detection(source.class_names, data_lib.InputSpec(80), source, 3)
+    evaluator.add(batch, outputs)
+    named = evaluator.result()
+    np.testing.assert_allclose(named.pr_mean[1], want.mean(1))
+    np.testing.assert_array_equal(named.pr_curves["mean"][1], want[:, 0])
+    _evaluation_sections(named, source.class_names, tmp_path)
+    table = _rows(tmp_path / "precision_recall.csv")
+    assert list(table[0]) == ["recall", "mean", "class:mean", "class:recall"]
+    assert [float(r["recall"]) for r in table] == pytest.approx(coco.params.recThrs.tolist())
+    assert [float(r["mean"]) for r in table] == pytest.approx(want.mean(1).tolist())
+    assert [float(r["class:mean"]) for r in table] == pytest.approx(want[:, 0].tolist())
     assert (tmp_path / "precision_recall.png").stat().st_size > 0
     assert [r["image_id"] for r in _rows(tmp_path / "hardest_examples.csv")] == ["11", "12", "10"]
 

@@ -19,7 +19,8 @@
   the slice (:func:`vision_jax.data.apply_slice` of the unsliced split's columns gives the same
   rows);
 * ``precision_recall.png`` / ``.csv``: detection's precision at each recall, IoU 0.5
-  (pycocotools' curves: the mean over classes, and each class where they are few);
+  (pycocotools' curves: the mean over classes, column ``mean``, and each class where there
+  are at most 10, columns ``class:<name>``);
 * ``results.csv``: a task of one's own (no evaluator in :mod:`vision_jax.report.tasks`): the
   evaluation results its run recorded for the step shown (``eval/...``, ``val/...``, the best
   checkpoint's ``best/eval/...``), from the event files.
@@ -211,14 +212,18 @@ def _evaluation_sections(
         image = page.image(out / HARDEST_PNG, "hardest examples")
         body = page.paragraph(evaluation.hardest_caption) + image
         sections.append(("Hardest examples", body + page.table(evaluation.hardest_table)))
-    if evaluation.pr_curves:
-        sections.append(_pr_section(evaluation.pr_curves, out))
+    if evaluation.pr_mean is not None:
+        sections.append(_pr_section(evaluation, out))
     return sections
 
 
-def _pr_section(curves: dict, out: pathlib.Path) -> tuple[str, str]:
-    """Writes the precision-recall curves' table and figure; returns their section."""
-    recall = next(iter(curves.values()))[0]
+def _pr_section(evaluation: Evaluation, out: pathlib.Path) -> tuple[str, str]:
+    """Writes the precision-recall curves' table and figure (the mean ``mean``, each class's
+    ``class:<name>``: a class named "mean" or "recall" is its own column); returns their
+    section."""
+    recall, mean = evaluation.pr_mean
+    curves = {"mean": (recall, mean)}
+    curves |= {f"class:{name}": curve for name, curve in evaluation.pr_curves.items()}
     rows = np.column_stack([recall, *(precision for _, precision in curves.values())])
     write_table(Table(("recall", *curves), rows.tolist(), []), out / PR_CSV)
     title = "precision at IoU 0.5"

@@ -53,7 +53,9 @@ class Evaluation:
     hardest_table: Table | None = None
     hardest_caption: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
-    # label -> (recall, precision): detection's precision-recall curves
+    # detection's precision-recall curves, (recall, precision): the mean over the classes with
+    # ground truth, and class name -> its curve (kept apart: a class may be named "mean")
+    pr_mean: tuple[np.ndarray, np.ndarray] | None = None
     pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
@@ -314,20 +316,20 @@ class Detection:
             f"{FOUND_AT} in red (class and score)."
             + ("" if self.named else " Classes by index (#k: the k-th row of per_class.csv, "
                "from 0): a class name has a character the labels' font lacks."),
-            pr_curves=self._pr_curves(evaluation),
+            **self._pr_curves(evaluation),
         )  # fmt: skip
 
-    def _pr_curves(self, evaluation: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _pr_curves(self, evaluation: Any) -> dict[str, Any]:
         """pycocotools' precision at each recall threshold, IoU 0.5: the mean over the classes
-        with ground truth, and each of them where they are few."""
+        with ground truth (``pr_mean``), and each of them where they are few (``pr_curves``)."""
         recall, precision = precision_at_50(evaluation)
         measured = [k for k in range(precision.shape[1]) if (precision[:, k] > -1).any()]
         if not measured:
             return {}
-        curves = {"mean": (recall, precision[:, measured].mean(1))}
+        curves = {}
         if len(measured) <= PR_CLASSES_UP_TO:
-            curves.update({self.names[k]: (recall, precision[:, k]) for k in measured})
-        return curves
+            curves = {self.names[k]: (recall, precision[:, k]) for k in measured}
+        return {"pr_mean": (recall, precision[:, measured].mean(1)), "pr_curves": curves}
 
 
 # library task (tasks.library_kind: subclasses too) -> evaluator(class names, the run's input,
