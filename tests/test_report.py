@@ -551,6 +551,34 @@ def test_detection_report_shows_the_images_with_boxes_missed_and_pr_curves(tmp_p
     assert [r["image_id"] for r in _rows(tmp_path / "hardest_examples.csv")] == ["11", "12", "10"]
 
 
+def test_images_without_ground_truth_are_not_hardest_and_a_split_without_says_so(tmp_path):
+    """An image without ground truth has nothing to miss: it is not among the hardest (it was,
+    "found 0 of 0"); a split without any has no hardest images and no precision-recall curves,
+    and a note says why (the section was silently missing)."""
+    from vision_jax.report import _evaluation_sections
+    from vision_jax.report.tasks import Detection
+
+    source, batch, outputs, _ = _detections_case()
+    truth = source.annotations["annotations"]
+    source.annotations["annotations"] = [a for a in truth if a["image_id"] != 10]
+    evaluator = Detection(source.class_names, data_lib.InputSpec(80), source, 3)
+    evaluator.add(batch, outputs)
+    result = evaluator.result()
+    assert [row[2] for row in result.hardest_table.rows] == [11, 12]
+    assert "images without ground truth left out" in result.hardest_caption
+    assert not [n for n in result.notes if "no ground-truth boxes" in n]
+
+    source.annotations["annotations"] = []
+    evaluator = Detection(source.class_names, data_lib.InputSpec(80), source, 3)
+    evaluator.add(batch, outputs)
+    result = evaluator.result()
+    assert result.hardest == [] and result.pr_mean is None and result.examples == 3
+    assert "No precision-recall curves and no hardest images: the images evaluated have no " \
+        "ground-truth boxes" in " ".join(result.notes)  # fmt: skip
+    headings = [heading for heading, _ in _evaluation_sections(result, [], tmp_path)]
+    assert headings == ["Per-class metrics"]
+
+
 def test_detection_thumbnails_label_classes_the_font_lacks_by_index():
     """Class names the labels' font cannot draw (猫, 犬: each drawn as the same empty box) are
     labelled by class index in the thumbnails and their titles, as the figures show them, and

@@ -269,6 +269,7 @@ class Detection:
         self.lowest = Lowest(n, source)
         self.parts: dict[str, list] = {"boxes": [], "scores": [], "classes": [], "image_ids": []}
         self.named = labels_drawable(self.names)  # else classes by index: not as empty boxes
+        self.truth_boxes = 0  # non-crowd ground-truth boxes in the images seen
 
     def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
@@ -278,7 +279,11 @@ class Detection:
         self.parts["image_ids"].append(batch["image_id"])
         images = [self._image(batch, outputs, i) for i in range(len(batch["row"]))]
         make = functools.partial(_box_example, batch, images, self.names, self.named, self.spec)
-        self.lowest.offer(np.asarray([im.recall for im in images]), batch["row"], make)
+        # Images without ground truth have nothing to miss: not ranked.
+        ranked = np.asarray([i for i, image in enumerate(images) if len(image.truth)], np.int64)
+        self.truth_boxes += sum(len(image.truth) for image in images)
+        recall = np.asarray([images[i].recall for i in ranked], np.float64)
+        self.lowest.offer(recall, batch["row"][ranked], lambda j: make(int(ranked[j])))
 
     def _image(self, batch: Arrays, outputs: Arrays, i: int) -> _Image:
         """Example ``i``'s ground truth from the source's annotations (a batch holds at most
@@ -306,14 +311,18 @@ class Detection:
         table = Table(("class", "ap"), rows, [["mean (mAP)", figures["map"]]])
         note = "No confusion matrix for detection; AP is empty for classes without ground "
         note += "truth in the split."
+        notes = [note]
+        if not self.truth_boxes:
+            notes.append("No precision-recall curves and no hardest images: the images "
+                         "evaluated have no ground-truth boxes (crowd regions aside).")  # fmt: skip
         columns = ("image_id", "ground-truth boxes", "missed", "recall", "classes missed")
         return Evaluation(
-            figures["map"], len(seen), table=table, notes=[note],
+            figures["map"], len(seen), table=table, notes=notes,
             hardest=self.lowest.thumbs(), hardest_table=self.lowest.table(columns),
             hardest_caption="The images with the lowest share of ground-truth boxes found (by a "
-            f"detection of the class scoring at least {FOUND_AT} at IoU >= {MATCH_IOU}), as the "
-            "model saw them: ground truth in green (class below), detections scoring at least "
-            f"{FOUND_AT} in red (class and score)."
+            f"detection of the class scoring at least {FOUND_AT} at IoU >= {MATCH_IOU}; images "
+            "without ground truth left out), as the model saw them: ground truth in green "
+            f"(class below), detections scoring at least {FOUND_AT} in red (class and score)."
             + ("" if self.named else " Classes by index (#k: the k-th row of per_class.csv, "
                "from 0): a class name has a character the labels' font lacks."),
             **self._pr_curves(evaluation),
