@@ -644,6 +644,22 @@ def test_a_whole_pixel_box_is_drawn_on_the_pixels_it_covers(tmp_path):
     np.testing.assert_array_equal(drawn[[7, 40], 15], [black, black])
 
 
+def test_box_edges_round_half_up_and_a_non_finite_box_is_not_drawn():
+    """A box's edges round half up: the same 3-pixel-wide box at x 2.5 and 3.5 covers 3 pixels
+    both times (Python's half-to-even round made it 4 and 2); a NaN or infinite coordinate
+    leaves that box out (int() of it stopped the drawing)."""
+    from vision_jax.drawing import box_pixels, draw_boxes
+
+    assert box_pixels([2.5, 0.5, 3, 3]) == (3, 1, 5, 3)
+    assert box_pixels([3.5, 1.5, 3, 3]) == (4, 2, 6, 4)
+    image = np.zeros((20, 20, 3), np.uint8)
+    box = ([2.0, 2.0, 10.0, 10.0], (255, 0, 0), "a")
+    want = draw_boxes(image, [box])
+    for bad in ([np.nan, 1, 4, 4], [1, 1, np.inf, 4], [1, -np.inf, 4, 4]):
+        got = draw_boxes(image, [(bad, (0, 255, 0), "b"), box])
+        np.testing.assert_array_equal(got, want)
+
+
 def _drawn_label(tmp_path, name: str) -> np.ndarray:
     """A black 40 x 60 PNG drawn with one box labelled ``name``."""
     from vision_jax.predict import draw_detections

@@ -5,6 +5,7 @@ and matplotlib are imported at the first drawing."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -72,11 +73,13 @@ def label_size(height: int, width: int) -> int:
 
 def box_pixels(bbox: Sequence[float]) -> tuple[int, int, int, int]:
     """COCO ``[x, y, w, h]`` (pixel edges) as the first and last pixel it covers, inclusive, for
-    Pillow's ``rectangle``: its edges rounded, so ``[5, 8, 24, 32]`` covers columns 5..28 and rows
-    8..39 (at least one pixel)."""
+    Pillow's ``rectangle``: its edges rounded half up (Python's ``round``, half to even, drew a
+    box at x 2.5 one pixel wider than the same box at 3.5), so ``[5, 8, 24, 32]`` covers columns
+    5..28 and rows 8..39 (at least one pixel)."""
     x, y, w, h = bbox
-    left, top = round(x), round(y)
-    return left, top, max(left, round(x + w) - 1), max(top, round(y + h) - 1)
+    edge = lambda v: math.floor(v + 0.5)
+    left, top = edge(x), edge(y)
+    return left, top, max(left, edge(x + w) - 1), max(top, edge(y + h) - 1)
 
 
 def draw_boxes(
@@ -84,7 +87,8 @@ def draw_boxes(
     label_below: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """RGB uint8 ``image`` with each of ``boxes`` (COCO ``[x, y, w, h]``, colour, label) in
-    turn outlined ``width`` pixels inward on the pixels it covers (:func:`box_pixels`) and
+    turn (one with a non-finite coordinate left out) outlined ``width`` pixels inward on the
+    pixels it covers (:func:`box_pixels`) and
     labelled inside its top-left corner (``label_below``: under its bottom-left corner), in
     :func:`label_font` sized to the image."""
     from PIL import Image, ImageDraw
@@ -93,6 +97,8 @@ def draw_boxes(
     draw = ImageDraw.Draw(drawn)
     font = label_font(label_size(*drawn.size[::-1]))
     for bbox, colour, label in boxes:
+        if not all(math.isfinite(v) for v in bbox):
+            continue  # a NaN or infinite edge: nothing to draw
         left, top, right, bottom = box_pixels(bbox)
         draw.rectangle([left, top, right, bottom], outline=colour, width=width)
         where = (left + 2, bottom + 1) if label_below else (left + 2, top + 1)

@@ -24,6 +24,7 @@ from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
 from vision_jax.tasks import library_kind
 from vision_jax.tasks.base import class_key
+from vision_jax.tasks.boxes import pairwise_iou
 from vision_jax.tasks.coco_eval import (
     coco_evaluation,
     coco_figures,
@@ -202,16 +203,6 @@ TRUTH_COLOUR, FOUND_COLOUR = (0, 255, 0), (255, 64, 64)
 PR_CLASSES_UP_TO = 10  # classes with ground truth: a curve each, beside the mean
 
 
-def box_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[A, B] IoU of boxes ``a`` [A, 4] and ``b`` [B, 4] (x0, y0, x1, y1)."""
-    low = np.maximum(a[:, None, :2], b[None, :, :2])
-    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(high - low, 0, None), -1)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), -1)
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return inter / np.where(union > 0, union, np.inf)
-
-
 def _xywh(box: np.ndarray) -> list[float]:
     return [*box[:2], *(box[2:] - box[:2])]
 
@@ -230,7 +221,7 @@ class _Image:
     @functools.cached_property
     def missed(self) -> np.ndarray:
         same = self.truth_classes[:, None] == self.found_classes[None, :]
-        return ~((box_ious(self.truth, self.found) >= MATCH_IOU) & same).any(1)
+        return ~((pairwise_iou(self.truth, self.found) >= MATCH_IOU) & same).any(1)
 
     @property
     def recall(self) -> float:

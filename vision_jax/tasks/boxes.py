@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _top_k_by_sort = contextvars.ContextVar("top_k_by_sort", default=False)
 
@@ -37,20 +38,27 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -negated[:k], order[:k]
 
 
+def _numpy_or_jax(*arrays):
+    """numpy for host (numpy) arrays, as the report's boxes: no transfer to the device and no
+    compilation for each new shape; else jax.numpy (traced, device arrays)."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
 def box_area(boxes: jax.Array) -> jax.Array:
-    """Areas of ``boxes`` [..., 4] (0 for empty or inverted boxes)."""
-    wh = jnp.maximum(boxes[..., 2:] - boxes[..., :2], 0.0)
+    """Areas of ``boxes`` [..., 4] (0 for empty or inverted boxes); a numpy array's in numpy."""
+    wh = _numpy_or_jax(boxes).maximum(boxes[..., 2:] - boxes[..., :2], 0.0)
     return wh[..., 0] * wh[..., 1]
 
 
 def pairwise_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     """IoU of every box of ``a`` [N, 4] with every box of ``b`` [M, 4]: [N, M] (0 where the
-    union is empty)."""
-    top_left = jnp.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = box_area(jnp.concatenate([top_left, bottom_right], -1))
+    union is empty); of numpy arrays (the report's), in numpy."""
+    xp = _numpy_or_jax(a, b)
+    top_left = xp.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = xp.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = box_area(xp.concatenate([top_left, bottom_right], -1))
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    return xp.where(union > 0, inter / xp.where(union > 0, union, 1.0), 0.0)
 
 
 def generalized_iou(a: jax.Array, b: jax.Array, eps: float = 1e-7) -> jax.Array:
