@@ -1,11 +1,13 @@
 """Batching a :class:`Source` into host-local numpy batches for training and evaluation.
 
 Each process reads its own ``process_index`` shard and batches ``global_batch / process_count``
-examples. The training stream is infinite and a function of the seed alone: for random-access
-sources (arrays, image files) position ``p`` of a host's stream is example
+examples. The training stream is infinite and a function of the seed: for random-access
+sources (arrays, image files), of the seed alone: position ``p`` of a host's stream is example
 ``shuffle_epoch(p // n)[p % n]`` (a stateless index shuffle per epoch), so ``start_step`` resumes
 it exactly at no cost; tfds sources shuffle each epoch anew through a buffer seeded by (seed,
-epoch), and a resume reads only its epoch's examples before it. Evaluation batches are padded
+epoch), and a resume reads only its epoch's examples before it; their order depends also on
+TensorFlow's global seed, which tf.data's shuffle mixes in (``tf.random.set_seed`` in a notebook
+changes it; the command line never sets it). Evaluation batches are padded
 (with ``mask == 0``) so every example counts once and all processes run the same number of
 batches. With ``source.skip_corrupt`` unreadable images (and label maps that are unreadable,
 or do not fit their image or the classes) are dropped and counted (later batches then start
