@@ -1505,3 +1505,27 @@ def test_data_classes_pick_trains_classes_by_name_in_a_split_lacking_one(tmp_pat
     np.testing.assert_array_equal(mapped.columns["label"], [0, 0, 2, 2])
     cfg = data_config(source="imagefolder", root=str(tmp_path), classes=(3, 1))
     assert data_lib.load_source(specs.data_spec(cfg.data), "test").class_names == ["fox"]
+
+
+def test_a_tfds_split_fingerprint_holds_its_version_and_records(tmp_path):
+    """The resolved dataset (tfds reads the newest version prepared) and a digest of the split's
+    records (shards, lengths, bytes) tell a resume that the data changed, as many examples as
+    before; moving the data_dir changes neither."""
+    from vision_jax import run
+
+    root = tmp_path / "images"
+    make_folder(root, per_class=2, classes=("a", "b"))
+    data_lib.build_tfds_from_folder(str(root), "tiny", str(tmp_path / "tfds"))
+    first = data_lib.from_tfds("tiny", "train[:75%]", str(tmp_path / "tfds")).fingerprint()
+    assert first["dataset"] == "tiny/1.0.0" and first["examples"] == 3
+    shutil.move(tmp_path / "tfds", tmp_path / "moved")
+    assert data_lib.from_tfds("tiny", "train[:75%]", str(tmp_path / "moved")).fingerprint() == first
+    _save(root / "train" / "a" / "000.jpg", "RGB", seed=7, size=(30, 20))  # as many images
+    shutil.rmtree(tmp_path / "moved" / "tiny")
+    data_lib.build_tfds_from_folder(str(root), "tiny", str(tmp_path / "moved"))  # prepared again
+    again = data_lib.from_tfds("tiny", "train[:75%]", str(tmp_path / "moved")).fingerprint()
+    assert again["examples"] == 3 and again["dataset"] == "tiny/1.0.0"
+    assert run._data_changes(first, again) == [
+        "the records of tfds dataset tiny/1.0.0 changed (prepared again)"
+    ]
+    assert data_lib.pinned_tfds_name("tiny/config/1.0.0") == "tiny/config:1.0.0"

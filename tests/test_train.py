@@ -1493,3 +1493,46 @@ print("threads:", sorted(t.name for t in threading.enumerate()))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fewer than one global batch of 2048" in done.stdout
     assert "compile_" not in done.stdout and "threads:" in done.stdout
+
+
+def _tfds_folder_dataset(tmp_path, version, per_class):
+    """A tiny two-class tfds dataset ``tiny`` of ``version`` built from image files under
+    ``tmp_path``/tfds (``per_class`` train images of each class, two test ones)."""
+    from PIL import Image
+
+    from vision_jax import data as data_lib
+
+    root = tmp_path / f"images_{version}"
+    rng = np.random.default_rng(int(version.replace(".", "")))  # other pixels in each
+    for split, count in (("train", per_class), ("test", 2)):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (12, 12, 3), np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    data_lib.build_tfds_from_folder(str(root), "tiny", str(tmp_path / "tfds"), version=version)
+
+
+def test_a_tfds_version_prepared_since_is_refused_and_read_after_training_as_trained(tmp_path):
+    """tfds reads the newest version prepared: a resume on one prepared since the checkpoint is
+    refused, naming both versions and how to pin the recorded one (which resumes), and the
+    readers after training read the version the run trained on."""
+    from vision_jax.trained import load_split, load_trained
+
+    _tfds_folder_dataset(tmp_path, "1.0.0", per_class=4)
+    names = {"data.source": "tfds", "data.name": "tiny", "data.data_dir": str(tmp_path / "tfds")}
+    workdir = str(tmp_path / "run")
+    config = lambda **k: small_config(batch_size=4, eval_batch_size=4, **names, **k)
+    train_and_evaluate(config(total_steps=2), workdir)
+    assert read_record(workdir).train_data["dataset"] == "tiny/1.0.0"
+    _tfds_folder_dataset(tmp_path, "1.0.1", per_class=4)  # as many examples: was not refused
+    refused = (r"Cannot resume \S+ \(step 2\) exactly: tfds dataset tiny/1\.0\.0 -> tiny/1\.0\.1 "
+               r"\(.*set data\.name='tiny:1\.0\.0'\)")  # fmt: skip
+    with pytest.raises(CheckpointError, match=refused):
+        train_and_evaluate(config(total_steps=4), workdir)
+    with pytest.raises(CheckpointError, match=r"again as it trained: tfds dataset tiny/1\.0\.0"):
+        train_and_evaluate(config(total_steps=2), workdir)  # a finished run reported again
+    trained = load_trained(workdir, which="latest")
+    assert load_split(trained, "test").fingerprint()["dataset"] == "tiny/1.0.0"
+    names["data.name"] = "tiny:1.0.0"
+    train_and_evaluate(config(total_steps=4), workdir)  # pinned: the same data

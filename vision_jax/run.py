@@ -1006,7 +1006,12 @@ def _resume_position(
     data = [] if saved_data is None else _agreed(_data_changes(saved_data, train_data))
     # The same files moved: their digest (names relative to their folder, labels, count) holds.
     same = saved_data is not None and not data and "digest" in saved_data
-    stream = lambda key: key in _STREAM_KEYS and not (same and key == "data.root")
+    # The same tfds dataset and records, its version named now (data.name="name:1.0.0")
+    pinned = saved_data is not None and not data and "dataset" in saved_data
+    stream = lambda key: (
+        key in _STREAM_KEYS
+        and not ((same and key == "data.root") or (pinned and key == "data.name"))
+    )
     changes = _config_changes(saved, spec, stream) + data  # (earlier versions: no train_data)
     doing = "Reporting %s again" if finished else "Resuming %s"
     if same and (moved := _config_changes(saved, spec, "data.root".__eq__)):
@@ -1093,6 +1098,16 @@ def _data_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
         for key, what in (("examples", "examples"), ("boxes", "boxes"))
         if key in saved and key in now and saved[key] != now[key]
     ]
+    if "dataset" in saved and "dataset" in now:  # a tfds split (earlier versions: no dataset)
+        recorded = saved["dataset"]
+        if recorded != now["dataset"]:
+            return [
+                f"tfds dataset {recorded} -> {now['dataset']} (a name without a version reads "
+                "the newest prepared; to read the one the run trained on, set data.name="
+                f"{data_lib.pinned_tfds_name(recorded)!r})", *counts,
+            ]  # fmt: skip
+        if saved.get("records") != now.get("records"):
+            return [*counts, f"the records of tfds dataset {recorded} changed (prepared again)"]
     if counts or saved.get("digest") == now.get("digest"):
         return counts
     return ["the training examples changed (files, labels or their order; as many as before)"]
@@ -1392,8 +1407,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         interpolation=input_spec.interpolation,
         crop_mode=input_spec.crop_mode,
         **_target_record(train_source),
+        train_data=train_data,
     ).to_json()
-    meta["train_data"] = train_data
     if "evaluated_before" in saved:  # eval_before_training's results, reported at every end
         meta["evaluated_before"] = saved["evaluated_before"]
     if selection is not None:  # last: nothing after it can fail and leave its folder behind

@@ -155,7 +155,7 @@ def load_split(
     (:func:`~vision_jax.data.as_classes`); a split whose classes or target column are not the
     run's is refused. What evaluation, the report and export read."""
     task = trained.task
-    data = trained.spec.data if data is None else data
+    data = _trained_version(trained, trained.spec.data if data is None else data)
     column = data_lib.is_column_target(task.target)
     if data.classes is not None and task.target == "label" and trained.class_names:
         return _check_classes(trained, _selected_by_name(trained, data, split, arrays), split)
@@ -171,6 +171,20 @@ def load_split(
             data = dataclasses.replace(data, class_names=tuple(names))
             source = data_lib.load_source(data, split, arrays=arrays, target=task.target)
     return _check_classes(trained, source, split)
+
+
+def _trained_version(trained: Trained, data: specs.DataSpec) -> specs.DataSpec:
+    """``data`` reading the tfds dataset version that the run trained on (its record's
+    ``train_data``) where ``data.name`` names that dataset without a version: tfds reads the
+    newest prepared, and one prepared since would be read instead."""
+    dataset = (trained.record.train_data or {}).get("dataset")
+    if data.source != "tfds" or not dataset or not data.name or ":" in data.name:
+        return data
+    pinned = data_lib.pinned_tfds_name(dataset)
+    named = pinned.partition(":")[0]
+    if data.name != named and not named.startswith(f"{data.name}/"):  # another dataset
+        return data
+    return dataclasses.replace(data, name=pinned)
 
 
 def _selected_by_name(

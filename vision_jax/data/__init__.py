@@ -53,6 +53,7 @@ from vision_jax.data.sources import (
     is_image_level,
     label_classes,
     missing_column,
+    pinned_tfds_name,
     select_by_name,
     select_classes,
 )
@@ -399,6 +400,7 @@ __all__ = [
     "is_column_target",
     "is_image_level",
     "load_source",
+    "pinned_tfds_name",
     "pipeline_options",
     "select_by_name",
     "select_classes",

@@ -498,7 +498,7 @@ def from_tfds_boxes(
     formats are decoded), image ids from ``image/id`` (else the 1-based example index), file
     names from ``image/filename``, category ids 1..C for the labels' names.
     """
-    features, ds = tfds_split(name, split, data_dir)
+    features, ds, provenance = tfds_split(name, split, data_dir)
     objects = features["objects"] if "objects" in features else {}
     if "bbox" not in objects or "label" not in objects:
         raise DataError(
@@ -526,7 +526,7 @@ def from_tfds_boxes(
         lambda row, ex: {"image": ex["image"], "row": tf.cast(row, tf.int32)}
     )
     source = _box_source(dataset, images, anns, categories, None, skip_corrupt)
-    return dataclasses.replace(source, origin=tfds_origin(name, split))
+    return dataclasses.replace(source, origin=tfds_origin(name, split), provenance=provenance)
 
 
 def _tfds_record(example: dict) -> dict:

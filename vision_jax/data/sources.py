@@ -80,6 +80,9 @@ class Source:
     label_values: np.ndarray | None = None
     # What the split is, for messages about examples that have no file (a tfds split's)
     origin: str | None = None
+    # What tells a split not held as columns from another beyond its count, for
+    # :meth:`fingerprint`: a tfds split's resolved dataset and records (:func:`tfds_split`)
+    provenance: dict[str, str] | None = None
     # ``columns`` as TensorFlow holds them (:attr:`column_variables`), made at first use
     _variables: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -141,8 +144,9 @@ class Source:
         number, the number of ground-truth boxes (detection) and, for a source held as columns,
         a digest of them (file paths relative to the folder they share, labels, arrays; of an
         image or label-map array over 64 MiB, rows spread evenly over it, so that a start stays
-        quick)."""
-        out: dict[str, int | str] = {"examples": int(self.num_examples)}
+        quick); of a tfds split, the dataset it resolved to (``name/config/version``) and a
+        digest of its records as the dataset's info lists them (:func:`tfds_split`)."""
+        out: dict[str, int | str] = {"examples": int(self.num_examples), **(self.provenance or {})}
         if self.annotations is not None:
             out["boxes"] = len(self.annotations.get("annotations", ()))
         if self.columns is not None:
@@ -520,7 +524,7 @@ def from_tfds(
     """
     if check_target(target) == "boxes":
         raise DataError("tfds boxes are read by vision_jax.data.coco.from_tfds_boxes.")
-    features, ds = tfds_split(name, split, data_dir)
+    features, ds, provenance = tfds_split(name, split, data_dir)
     if target == "label_map":
         if "segmentation_mask" not in features:
             raise DataError(
@@ -542,10 +546,13 @@ def from_tfds(
                 "label_map": map_values(ex["segmentation_mask"], table),
             }
         )
-        return Source(ds, num_examples, list(class_names), target="label_map", origin=origin)
+        return Source(
+            ds, num_examples, list(class_names), target="label_map", origin=origin,
+            provenance=provenance,
+        )  # fmt: skip
     label = features["label"]
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
-    return Source(ds, num_examples, list(label.names), origin=origin)
+    return Source(ds, num_examples, list(label.names), origin=origin, provenance=provenance)
 
 
 def tfds_origin(name: str, split: str) -> str:
@@ -553,8 +560,22 @@ def tfds_origin(name: str, split: str) -> str:
     return f"tfds dataset {name!r} split {split!r}"
 
 
-def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.data.Dataset]:
-    """The features and (in order, images left encoded) examples of a prepared tfds split."""
+def pinned_tfds_name(dataset: str) -> str:
+    """The ``data.name`` that reads the tfds dataset ``dataset`` (a resolved
+    ``name[/config]/version``, :attr:`Source.provenance`) at its version:
+    ``name[/config]:version``."""
+    name, _, version = dataset.rpartition("/")
+    return f"{name}:{version}" if name else dataset
+
+
+def tfds_split(
+    name: str, split: str, data_dir: str | None
+) -> tuple[dict, tf.data.Dataset, dict[str, str]]:
+    """The features and (in order, images left encoded) examples of a prepared tfds split, and
+    its :attr:`Source.provenance`: the dataset ``name`` resolved to (``tfds.builder`` reads the
+    newest version prepared where ``name`` names none) and a digest of the split's records (the
+    shards, their lengths and the split's bytes its dataset info lists; not where the data_dir
+    lies)."""
     load_tensorflow()  # first: tfds imports TensorFlow
     import tensorflow_datasets as tfds
 
@@ -583,7 +604,22 @@ def tfds_split(name: str, split: str, data_dir: str | None) -> tuple[dict, tf.da
             f"Cannot read split {split!r} of {where} (splits: {', '.join(builder.info.splits)}): "
             f"{_first_line(e)}."
         ) from e
-    return builder.info.features, ds
+    return builder.info.features, ds, _tfds_provenance(builder.info, split)
+
+
+def _tfds_provenance(info: object, split: str) -> dict[str, str]:
+    """:func:`tfds_split`'s provenance of ``split`` from the dataset's ``info``."""
+    digest = hashlib.sha256(f"{info.full_name} {split}\n".encode())
+    try:
+        for part in info.splits[split].file_instructions:
+            shard = os.path.basename(os.fspath(part.filename))
+            digest.update(f"{shard} {part.skip} {part.take} {part.examples_in_shard}\n".encode())
+        for base in (b.strip() for b in re.sub(r"\[[^\]]*\]", "", split).split("+")):
+            if base in info.splits:
+                digest.update(f"{base} {int(info.splits[base].num_bytes)}\n".encode())
+    except (AttributeError, KeyError, TypeError, ValueError):  # info without its splits (mocked)
+        pass
+    return {"dataset": str(info.full_name), "records": digest.hexdigest()[:16]}
 
 
 def _first_line(error: Exception) -> str:
@@ -657,7 +693,7 @@ def select_classes(source: Source, classes: Sequence[int]) -> Source:
         ds = source.dataset.filter(lambda ex: table_tf[ex["label"]] >= 0)
         ds = ds.map(lambda ex: {**ex, "label": table_tf[ex["label"]]})
         count = sum(1 for _ in ds.map(lambda ex: ex["label"]).as_numpy_iterator())
-        selected = Source(ds, count, names, origin=source.origin)
+        selected = Source(ds, count, names, origin=source.origin, provenance=source.provenance)
     return dataclasses.replace(selected, skip_corrupt=source.skip_corrupt)
 
 

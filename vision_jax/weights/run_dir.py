@@ -81,6 +81,8 @@ class RunRecord:
     # (older runs: None)
     target_shape: tuple[int, ...] | None = None
     target_dtype: str | None = None
+    # The training split's fingerprint (``Source.fingerprint``: a tfds split's dataset version)
+    train_data: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON object (the input under ``"input"``)."""
@@ -103,6 +105,7 @@ class RunRecord:
                 if self.target_dtype is not None
                 else {}
             ),
+            **({"train_data": dict(self.train_data)} if self.train_data is not None else {}),
         }
 
     @classmethod
@@ -125,6 +128,7 @@ class RunRecord:
             crop_mode=given.get("crop_mode") or config.get("input", {}).get("crop_mode"),
             target_shape=_tuple((meta.get("target") or {}).get("shape")),
             target_dtype=(meta.get("target") or {}).get("dtype"),
+            train_data=meta.get("train_data"),
         )
 
     def contract(self, where: str) -> InputContract:
