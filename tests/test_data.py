@@ -1529,3 +1529,31 @@ def test_a_tfds_split_fingerprint_holds_its_version_and_records(tmp_path):
         "the records of tfds dataset tiny/1.0.0 changed (prepared again)"
     ]
     assert data_lib.pinned_tfds_name("tiny/config/1.0.0") == "tiny/config:1.0.0"
+
+
+def test_tfds_labels_beyond_the_class_label_are_one_clear_error(tmp_path):
+    """A tfds dataset whose label feature names fewer classes than its labels use (its
+    features.json cut) is refused when read, as every other source's labels are when loaded:
+    one line naming the dataset, the label and the class count, without the advice for
+    unreadable images (it trained on one-hot targets of zeros, miscounted its evaluation)."""
+    root = tmp_path / "images"
+    make_folder(root, per_class=1, classes=("a", "b", "c"))
+    data_lib.build_tfds_from_folder(str(root), "cut", str(tmp_path / "tfds"))
+    folder = tmp_path / "tfds" / "cut" / "1.0.0"
+    features = json.loads((folder / "features.json").read_text())
+    features["featuresDict"]["features"]["label"]["classLabel"]["numClasses"] = "2"
+    (folder / "features.json").write_text(json.dumps(features))
+    (folder / "label.labels.txt").write_text("a\nb\n")
+    source = data_lib.from_tfds("cut", "train", str(tmp_path / "tfds"))
+    assert source.class_names == ["a", "b"]
+    said = r"label 2 is outside \[0, 2\), the 2 classes that the label feature \(a ClassLabel\) "
+    said += r"of tfds dataset cut names: its features do not fit its examples"
+    for read in (
+        lambda: data_lib.check_examples(source, spec_of()),
+        lambda: list(data_lib.eval_batches(source, spec_of(), global_batch=4)),
+        lambda: take(data_lib.train_batches(source, spec_of(), global_batch=3, seed=0), 4),
+    ):
+        with pytest.raises(data_lib.DataError, match=said) as error:
+            read()
+        message = str(error.value)
+        assert "\n" not in message and "skip_corrupt" not in message and "assertion" not in message

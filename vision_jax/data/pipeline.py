@@ -119,6 +119,7 @@ def _streaming_order(source: Source, first: int, seed: int, buffer: int) -> tf.d
 _FIX = "Fix or remove the file(s), or set data.skip_corrupt = True to skip such examples."
 
 
+_UNREADABLE = "cannot read image of "  # a tfds example's image, in :func:`_problems`
 _OPEN: weakref.WeakSet[Batches] = weakref.WeakSet()  # batch iterators not closed yet
 
 
@@ -244,13 +245,25 @@ class Batches(Iterator[Batch]):
             rows = [row for p in positions if (row := self._row_of(p)) is not None]
             bad = [p for p in _problems(self._source, rows).values() if p]
         if bad:
-            return DataError(f"Bad example(s): {'; '.join(bad)}. {self._advice}")
+            more = f" and {len(bad) - 3} more" if bad[3:] else ""
+            advice = _advice(self._source, bad, self._advice)
+            return DataError(f"Bad example(s): {'; '.join(bad[:3])}{more}.{advice}")
         origin = f" reading {self._source.origin}" if self._source.origin else ""
         message = f"The input pipeline failed{origin}: {_op_message(error)}."
-        if self._source.columns is None and reads_encoded_images(self._source):  # tfds
+        own = "assertion failed" in error.message  # the sources' own checks (labels, label maps)
+        if self._source.columns is None and reads_encoded_images(self._source) and not own:
             message += (" If an image cannot be decoded, fix the dataset or set "
                         "data.skip_corrupt = True to skip such examples.")  # fmt: skip
         return DataError(message)
+
+
+def _advice(source: Source, problems: Sequence[str], advice: str) -> str:
+    """`` advice`` for bad examples' ``problems``; none where they are a tfds split's that
+    fail before their images are decoded (a label outside the classes, a label map's raw value
+    missing from its table: the message says what to fix; they are no unreadable images)."""
+    if source.columns is not None or any(p.startswith(_UNREADABLE) for p in problems):
+        return f" {advice}"
+    return ""
 
 
 def reads_encoded_images(source: Source) -> bool:
@@ -292,7 +305,7 @@ def _problems(source: Source, rows: Sequence[int]) -> dict[int, str | None]:
                 augment.decode(example["image"])
             except tf.errors.OpError as e:
                 name = _example_name(source, row)
-                found[row] = f"cannot read image of {name}: {_op_message(e)}"
+                found[row] = f"{_UNREADABLE}{name}: {_op_message(e)}"
     return {row: found[row] for row in rows}
 
 
@@ -359,6 +372,8 @@ def _op_message(error: tf.errors.OpError) -> str:
     if "Summarized data: " in message:  # a failed tf.debugging.Assert: its data, a line each
         data = message.split("Summarized data: ")[-1].splitlines()
         message = " ".join(part.strip("b'\" ") for part in data)
+    elif own := re.fullmatch(r"\s*assertion failed: \[(.*)\]\s*", message, re.S):  # one string
+        message = own.group(1)
     return message.strip().rstrip(".")
 
 
@@ -726,4 +741,4 @@ def check_examples(
             len(bad_rows), len(shard), "; ".join(named), more,
         )  # fmt: skip
         return len(bad_rows)
-    raise DataError(f"Bad example(s): {'; '.join(named)}{more}. {advice}")
+    raise DataError(f"Bad example(s): {'; '.join(named)}{more}.{_advice(source, named, advice)}")

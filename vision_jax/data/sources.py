@@ -551,8 +551,26 @@ def from_tfds(
             provenance=provenance,
         )  # fmt: skip
     label = features["label"]
-    ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+    ds = ds.map(
+        lambda ex: {"image": ex["image"], "label": _checked_label(ex["label"], name, label)}
+    )
     return Source(ds, num_examples, list(label.names), origin=origin, provenance=provenance)
+
+
+def _checked_label(value: tf.Tensor, name: str, feature: object) -> tf.Tensor:
+    """A tfds example's label as int32, failing (when run) outside its ClassLabel's classes,
+    as every other source's labels are checked when loaded (:func:`from_columns`): one-hot
+    targets of zeros, miscounted evaluations and a report that fails at its end otherwise."""
+    value = tf.cast(value, tf.int32)
+    count = int(feature.num_classes)
+    message = tf.strings.format(
+        f"label {{}} is outside [0, {count}), the {count} classes that the label feature (a "
+        f"ClassLabel) of tfds dataset {name} names: its features do not fit its examples",
+        value,
+    )
+    check = tf.debugging.Assert(tf.logical_and(value >= 0, value < count), [message])
+    with tf.control_dependencies([check]):
+        return tf.identity(value)
 
 
 def tfds_origin(name: str, split: str) -> str:
