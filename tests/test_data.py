@@ -1547,7 +1547,7 @@ def test_tfds_labels_beyond_the_class_label_are_one_clear_error(tmp_path):
     source = data_lib.from_tfds("cut", "train", str(tmp_path / "tfds"))
     assert source.class_names == ["a", "b"]
     said = r"label 2 is outside \[0, 2\), the 2 classes that the label feature \(a ClassLabel\) "
-    said += r"of tfds dataset cut names: its features do not fit its examples"
+    said += r"of tfds dataset cut names \(its features do not fit its examples\)"
     for read in (
         lambda: data_lib.check_examples(source, spec_of()),
         lambda: list(data_lib.eval_batches(source, spec_of(), global_batch=4)),
@@ -1557,3 +1557,66 @@ def test_tfds_labels_beyond_the_class_label_are_one_clear_error(tmp_path):
             read()
         message = str(error.value)
         assert "\n" not in message and "skip_corrupt" not in message and "assertion" not in message
+
+
+def _tfds_dataset(data_dir, name, features, example):
+    """A prepared tfds dataset ``name`` of ``features`` (tfds feature objects by key): three
+    train examples, ``example(i)`` each."""
+    import tensorflow_datasets as tfds
+
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version="1.0.0", features=tfds.features.FeaturesDict(features),
+        split_datasets={"train": [(f"{i}", example(i)) for i in range(3)]},
+        data_dir=str(data_dir),
+    )  # fmt: skip
+
+
+def test_tfds_features_that_do_not_fit_the_task_are_named(tmp_path):
+    """A tfds dataset without an 'image' feature, with an integer 'label' that is no ClassLabel
+    (its names from data.class_names, else an error saying to set them), or with boxes or label
+    maps but no 'label', read for classification: a DataError naming its features and what is
+    needed (was a traceback: a flattening error, AttributeError 'names', KeyError 'label')."""
+    import tensorflow_datasets as tfds
+
+    image = lambda i: np.full((6, 6, 3), 40 * i, np.uint8)
+    mask = tfds.features.Image(shape=(None, None, 1))
+    objects = tfds.features.Sequence(
+        {"bbox": tfds.features.BBoxFeature(), "label": tfds.features.ClassLabel(names=["x"])}
+    )
+    box = tfds.features.BBox(0.1, 0.1, 0.5, 0.5)
+    cases = {
+        "img": ({"img": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=3)},
+                lambda i: {"img": image(i), "label": i}),
+        "ints": ({"image": tfds.features.Image(), "label": tfds.features.Tensor(shape=(),
+                  dtype=np.int64)}, lambda i: {"image": image(i), "label": i}),
+        "boxes": ({"image": tfds.features.Image(), "objects": objects},
+                  lambda i: {"image": image(i), "objects": {"bbox": [box], "label": [0]}}),
+        "masks": ({"image": tfds.features.Image(), "segmentation_mask": mask},
+                  lambda i: {"image": image(i), "segmentation_mask": image(i)[..., :1]}),
+    }  # fmt: skip
+    for name, (features, example) in cases.items():
+        _tfds_dataset(tmp_path, name, features, example)
+    load = lambda name, **k: data_lib.load_source(
+        data_config(source="tfds", name=name, data_dir=str(tmp_path), **k).data, "train"
+    )
+    with pytest.raises(data_lib.DataError, match=r"^tfds dataset 'img' has no 'image' feature "
+                       r"\(its features: img \(Image\), label \(ClassLabel\)\): vision_jax reads "
+                       r"each example's image from a feature named 'image'"):  # fmt: skip
+        load("img")
+    with pytest.raises(data_lib.DataError, match=r"'label' feature holds integers without class "
+                       r"names \(a Tensor, not a ClassLabel\): set data.class_names"):  # fmt: skip
+        load("ints")
+    source = load("ints", class_names=("a", "b", "c"))
+    assert source.class_names == ["a", "b", "c"]
+    batch = next(data_lib.eval_batches(source, spec_of(), global_batch=3))
+    assert sorted(batch["label"]) == [0, 1, 2]
+    with pytest.raises(data_lib.DataError, match=r"label 2 is outside \[0, 2\), the 2 classes "
+                       r"that data.class_names names"):  # fmt: skip
+        two = load("ints", class_names=("a", "b"))
+        list(data_lib.eval_batches(two, spec_of(), global_batch=3))
+    boxes = r"^tfds dataset 'boxes' has no 'label' feature \(its features: .*objects \(Sequence"
+    with pytest.raises(data_lib.DataError, match=boxes + r"\).*task.name='detection'"):
+        load("boxes")
+    with pytest.raises(data_lib.DataError, match=r"has no 'label' feature .*"
+                       r"task.name='segmentation'"):  # fmt: skip
+        load("masks")

@@ -121,7 +121,7 @@ def load_source(
     if target == "label_map":
         source = _label_map_source(data, split, arrays, skip_corrupt)
     elif kind == "tfds":
-        source = from_tfds(data.name, split, data.data_dir)
+        source = from_tfds(data.name, split, data.data_dir, class_names=data.class_names)
     elif kind == "imagefolder":
         source = from_image_folder(_root(data), split, skip_corrupt=skip_corrupt)
     elif kind == "csv":
@@ -277,7 +277,7 @@ def _box_source(data: DataSpec, split: str, skip_corrupt: bool) -> Source:
 
 # The optional data.* keys that each source reads, per target (other pairs have no such data).
 _KEYS_READ = {
-    ("tfds", "label"): ("name", "data_dir", "classes"),
+    ("tfds", "label"): ("name", "data_dir", "class_names", "classes"),  # names: integer labels
     ("tfds", "label_map"): ("name", "data_dir", "class_names", "label_map_values"),
     ("tfds", "boxes"): ("name", "data_dir"),
     ("imagefolder", "label"): ("root", "classes"),

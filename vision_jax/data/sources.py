@@ -21,7 +21,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from vision_jax.tf_without_keras import load as load_tensorflow
 from vision_jax.tf_without_keras import load_if_url, tf
@@ -520,7 +520,9 @@ def from_tfds(
     ``class_names`` is required, and ``label_map_values`` ((raw value, class id) pairs, e.g.
     ``((1, 1), (2, 0), (3, 255))`` for oxford_iiit_pet's trimaps) maps the raw mask values; a
     raw value missing from the table is an error when the pipeline meets it. Without the table
-    raw values are the class ids.
+    raw values are the class ids. Image labels are the ``label`` feature: a ClassLabel (its names
+    are the classes), or integers named by ``class_names``; a label outside the classes is an
+    error when the pipeline meets it.
     """
     if check_target(target) == "boxes":
         raise DataError("tfds boxes are read by vision_jax.data.coco.from_tfds_boxes.")
@@ -550,22 +552,75 @@ def from_tfds(
             ds, num_examples, list(class_names), target="label_map", origin=origin,
             provenance=provenance,
         )  # fmt: skip
-    label = features["label"]
+    names, named_by = _tfds_classes(name, features, class_names)
+    count = len(names)
     ds = ds.map(
-        lambda ex: {"image": ex["image"], "label": _checked_label(ex["label"], name, label)}
+        lambda ex: {"image": ex["image"], "label": _checked_label(ex["label"], count, named_by)}
     )
-    return Source(ds, num_examples, list(label.names), origin=origin, provenance=provenance)
+    return Source(ds, num_examples, names, origin=origin, provenance=provenance)
 
 
-def _checked_label(value: tf.Tensor, name: str, feature: object) -> tf.Tensor:
-    """A tfds example's label as int32, failing (when run) outside its ClassLabel's classes,
-    as every other source's labels are checked when loaded (:func:`from_columns`): one-hot
-    targets of zeros, miscounted evaluations and a report that fails at its end otherwise."""
+def _feature_names(features: Mapping[str, object]) -> str:
+    """A tfds dataset's features and their kinds, for messages: ``img (Image), ...``."""
+    return ", ".join(f"{key} ({type(features[key]).__name__})" for key in sorted(features))
+
+
+def _tfds_classes(
+    name: str, features: Mapping[str, object], class_names: Sequence[str] | None
+) -> tuple[list[str], str]:
+    """The class names of a tfds dataset's ``label`` feature (a ClassLabel's, or for integer
+    labels ``data.class_names``), and what names them (for :func:`_checked_label`); else a
+    DataError naming its features and what classification needs."""
+    what = f"tfds dataset {name!r}"
+    needs = "classification reads one integer 'label' per example (a ClassLabel)"
+    if "label" not in features:
+        hint = ""
+        if "objects" in features:
+            hint = "; its objects are boxes: task.name='detection' trains on them"
+        elif "segmentation_mask" in features:
+            hint = (
+                "; its segmentation_mask is a label map: task.name='segmentation' (with "
+                "data.class_names) trains on it"
+            )
+        raise DataError(
+            f"{what} has no 'label' feature (its features: {_feature_names(features)}): "
+            f"{needs}{hint}."
+        )
+    label = features["label"]
+    names = getattr(label, "names", None)  # a ClassLabel
+    if names is not None:
+        if class_names is not None and list(class_names) != list(names):
+            raise DataError(
+                f"{what} names its classes in its label feature ({', '.join(names[:8])}"
+                f"{', ...' if names[8:] else ''}); data.class_names differs: remove it."
+            )
+        return list(names), (
+            f"the label feature (a ClassLabel) of tfds dataset {name} names (its features do not "
+            "fit its examples)"
+        )
+    dtype = getattr(label, "tf_dtype", None) or getattr(label, "dtype", None)
+    shape = getattr(label, "shape", None)
+    if dtype is None or not tf.as_dtype(dtype).is_integer or shape is None or tuple(shape):
+        raise DataError(
+            f"{what}: its 'label' feature is a {type(label).__name__} of {dtype} {shape}; {needs}."
+        )
+    if not class_names:
+        raise DataError(
+            f"{what}: its 'label' feature holds integers without class names (a "
+            f"{type(label).__name__}, not a ClassLabel): set data.class_names to the names of "
+            "its labels (0, 1, ... in order)."
+        )
+    return list(class_names), "data.class_names names"
+
+
+def _checked_label(value: tf.Tensor, count: int, named_by: str) -> tf.Tensor:
+    """A tfds example's label as int32, failing (when run) outside its ``count`` classes (that
+    ``named_by`` names), as every other source's labels are checked when loaded
+    (:func:`from_columns`): one-hot targets of zeros, miscounted evaluations and a report that
+    fails at its end otherwise."""
     value = tf.cast(value, tf.int32)
-    count = int(feature.num_classes)
     message = tf.strings.format(
-        f"label {{}} is outside [0, {count}), the {count} classes that the label feature (a "
-        f"ClassLabel) of tfds dataset {name} names: its features do not fit its examples",
+        f"label {{}} is outside [0, {count}), the {count} classes that {named_by}",
         value,
     )
     check = tf.debugging.Assert(tf.logical_and(value >= 0, value < count), [message])
@@ -605,6 +660,12 @@ def tfds_split(
             f"Unknown tfds dataset {name!r}: neither prepared in {where} (data.data_dir) nor "
             f"a tfds builder ({_first_line(e)})."
         ) from e
+    if "image" not in builder.info.features:
+        raise DataError(
+            f"tfds dataset {name!r} has no 'image' feature (its features: "
+            f"{_feature_names(builder.info.features)}): vision_jax reads each example's image "
+            "from a feature named 'image' (build_tfds_from_folder writes one from image files)."
+        )
     try:
         ds = builder.as_dataset(
             split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
