@@ -1620,3 +1620,27 @@ def test_tfds_features_that_do_not_fit_the_task_are_named(tmp_path):
     with pytest.raises(data_lib.DataError, match=r"has no 'label' feature .*"
                        r"task.name='segmentation'"):  # fmt: skip
         load("masks")
+
+
+def test_build_tfds_from_folder_stores_file_names_that_the_report_shows(tmp_path):
+    """Each image's name under its split (tfds's image/filename feature) names the report's
+    hardest examples of a tfds run, with data.classes too; a dataset without it has none."""
+    from vision_jax.report.tasks import Lowest
+
+    root = tmp_path / "images"
+    make_folder(root, per_class=2, classes=("a", "b"))
+    data_lib.build_tfds_from_folder(str(root), "named", str(tmp_path / "tfds"))
+    source = data_lib.from_tfds("named", "train", str(tmp_path / "tfds"))
+    names = [n.decode() for n in source.file_names.as_numpy_iterator()]
+    assert sorted(names) == ["a/000.jpg", "a/001.jpeg", "b/000.jpeg", "b/001.JPG"]
+    lowest = Lowest(2, source)
+    lowest.offer(np.array([0.9, 0.1, 0.2]), np.array([0, 3, 2]), lambda i: (None, [f"r{i}"]))
+    table = lowest.table(["x"])
+    assert table.columns[:2] == ("index", "file")
+    assert table.rows == [[3, names[3], "r1"], [2, names[2], "r2"]]
+    kept = data_lib.select_classes(source, [1])
+    assert [n.decode() for n in kept.file_names.as_numpy_iterator()] == [
+        n for n in names if n.startswith("b/")
+    ]
+    source.file_names = None  # a dataset without the feature (built before it was stored)
+    assert Lowest(2, source).table(["x"]).columns == ("index", "x")

@@ -38,6 +38,7 @@ RESERVED_KEYS = frozenset({
     "image", "path", "index", "mask", "row", "soft_label", "label_map_path", "image_id",
     "scale", "extent", "classes", "valid", "crowd", "filename",
 })  # fmt: skip
+FILE_NAME = "image/filename"  # the tfds feature of an example's image file name (tfds's own)
 _COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGESTED_BYTES = 2**26  # at most this much of a column goes into a source's fingerprint
 _ALIGNMENT = 64  # bytes: where TensorFlow's CPU kernels need a buffer to start (Eigen)
@@ -83,6 +84,9 @@ class Source:
     # What tells a split not held as columns from another beyond its count, for
     # :meth:`fingerprint`: a tfds split's resolved dataset and records (:func:`tfds_split`)
     provenance: dict[str, str] | None = None
+    # A tfds split's image file names (its ``image/filename`` feature, as text), one per
+    # example in order, where it has them: what the report names its hardest examples by
+    file_names: tf.data.Dataset | None = None
     # ``columns`` as TensorFlow holds them (:attr:`column_variables`), made at first use
     _variables: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -554,10 +558,15 @@ def from_tfds(
         )  # fmt: skip
     names, named_by = _tfds_classes(name, features, class_names)
     count = len(names)
+    file_names = None
+    if FILE_NAME in features:  # (build_tfds_from_folder's, as most tfds image datasets')
+        file_names = ds.map(lambda ex: ex[FILE_NAME])
     ds = ds.map(
         lambda ex: {"image": ex["image"], "label": _checked_label(ex["label"], count, named_by)}
     )
-    return Source(ds, num_examples, names, origin=origin, provenance=provenance)
+    return Source(
+        ds, num_examples, names, origin=origin, provenance=provenance, file_names=file_names
+    )
 
 
 def _feature_names(features: Mapping[str, object]) -> str:
@@ -772,7 +781,15 @@ def select_classes(source: Source, classes: Sequence[int]) -> Source:
         ds = source.dataset.filter(lambda ex: table_tf[ex["label"]] >= 0)
         ds = ds.map(lambda ex: {**ex, "label": table_tf[ex["label"]]})
         count = sum(1 for _ in ds.map(lambda ex: ex["label"]).as_numpy_iterator())
-        selected = Source(ds, count, names, origin=source.origin, provenance=source.provenance)
+        file_names = source.file_names
+        if file_names is not None:  # the names of the examples kept
+            file_names = tf.data.Dataset.zip((source.dataset, file_names))
+            file_names = file_names.filter(lambda ex, _: table_tf[ex["label"]] >= 0)
+            file_names = file_names.map(lambda _, name: name)
+        selected = Source(
+            ds, count, names, origin=source.origin, provenance=source.provenance,
+            file_names=file_names,
+        )  # fmt: skip
     return dataclasses.replace(selected, skip_corrupt=source.skip_corrupt)
 
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import os
+
 from vision_jax.tf_without_keras import load as load_tensorflow
 
 from vision_jax.data.folders import from_image_folder, subdirectories
 from vision_jax.data.pipeline import check_examples
 from vision_jax.data.preprocess import InputSpec
-from vision_jax.data.sources import DataError
+from vision_jax.data.sources import FILE_NAME, DataError
 
 _FIX = "Fix or remove the file(s), then build the dataset again."
 
@@ -24,7 +26,8 @@ def build_tfds_from_folder(
     """Writes every split ``root/<split>/<class>/.../<image>`` (any of
     :data:`~vision_jax.data.folders.IMAGE_EXTENSIONS`, in subfolders too, as
     ``data.source="imagefolder"`` reads them) as tfds dataset ``name`` under ``data_dir``
-    (image files stored as they are, classes from the sorted folder names; each read once
+    (image files stored as they are, with their names under ``<split>/`` as the feature
+    ``image/filename``; classes from the sorted folder names; each read once
     first: a file that cannot be decoded is an error naming it). Returns the
     dataset directory. ``file_format`` is "tfrecord" or "array_record".
 
@@ -64,11 +67,13 @@ def build_tfds_from_folder(
     def examples(split: str):
         columns = sources[split].columns
         for i, (path, label) in enumerate(zip(columns["path"], columns["label"], strict=True)):
-            yield f"{i:09d}", {"image": str(path), "label": int(label)}
+            name = os.path.relpath(str(path), os.path.join(root, split))  # <class>/.../<image>
+            yield f"{i:09d}", {"image": str(path), "label": int(label), FILE_NAME: name}
 
-    features = tfds.features.FeaturesDict(
-        {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=class_names)}
-    )
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=class_names),
+        FILE_NAME: tfds.features.Text(),
+    })  # fmt: skip
     builder = tfds.dataset_builders.store_as_tfds_dataset(
         name=name,
         version=version,

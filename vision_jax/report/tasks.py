@@ -69,6 +69,7 @@ class Lowest:
         self.n, self.kept = n, []
         columns = getattr(source, "columns", None) or {}
         self.paths = columns.get("path")  # files of a file source, by source row
+        self.file_names = getattr(source, "file_names", None)  # a tfds split's, where it has them
 
     def offer(
         self, scores: np.ndarray, rows: np.ndarray, make: Callable[[int], tuple[Thumb, list]]
@@ -86,10 +87,22 @@ class Lowest:
     def table(self, columns: Sequence[str]) -> Table:
         """The kept examples' rows, each led by its row in the split and, for a file source,
         its file."""
-        if self.paths is None:
+        paths = self.paths
+        if paths is None and self.file_names is not None and self.kept:
+            paths = self._tfds_names()
+        if paths is None:
             return Table(("index", *columns), [[i, *row] for _, i, _, row in self.kept], [])
-        rows = [[i, str(self.paths[i]), *row] for _, i, _, row in self.kept]
+        rows = [[i, str(paths[i]), *row] for _, i, _, row in self.kept]
         return Table(("index", "file", *columns), rows, [])
+
+    def _tfds_names(self) -> dict[int, str]:
+        """The kept rows' file names from a tfds split's ``image/filename`` feature, read up to
+        the last of them."""
+        wanted, names = {i for _, i, _, _ in self.kept}, {}
+        for i, name in enumerate(self.file_names.take(max(wanted) + 1).as_numpy_iterator()):
+            if i in wanted:
+                names[i] = name.decode("utf-8", "replace")
+        return names
 
 
 def pixels(image: np.ndarray, spec: data_lib.InputSpec) -> np.ndarray:
