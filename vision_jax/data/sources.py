@@ -743,11 +743,13 @@ def map_values(mask: tf.Tensor, table: np.ndarray | None) -> tf.Tensor:
     raw = tf.cast(mask, tf.int32)
     mapped = tf.gather(tf.constant(table), raw)
     missing = tf.unique(tf.boolean_mask(raw, mapped < 0)).y
-    check = tf.debugging.Assert(
-        tf.size(missing) == 0,
-        ["Label map holds raw values missing from data.label_map_values:", missing],
+    message = tf.strings.format(
+        "label map holds raw values {} missing from data.label_map_values (add them, with "
+        f"their class ids or {IGNORE_LABEL} to ignore them)",
+        tf.sort(missing),
         summarize=10,
     )
+    check = tf.debugging.Assert(tf.size(missing) == 0, [message])
     with tf.control_dependencies([check]):
         return tf.cast(mapped, tf.uint8)
 
