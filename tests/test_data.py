@@ -445,6 +445,13 @@ def test_a_tfds_dataset_or_split_that_is_not_there_is_one_line(tmp_path):
     with pytest.raises(data_lib.DataError, match=r"tfds dataset 'mnist' in .* is not prepared: "
                        r"prepare it first \(`tfds build mnist`"):  # fmt: skip
         data_lib.from_tfds("mnist", "train", str(tmp_path / "empty"))  # a registered builder
+    for inside in (tmp_path / "tfds" / "tiny", tmp_path / "tfds" / "tiny" / "1.0.0"):
+        with pytest.raises(data_lib.DataError) as error:
+            data_lib.from_tfds("tiny", "train", str(inside))
+        assert str(error.value) == (
+            f"data.data_dir {inside} is a folder of tfds dataset 'tiny' itself: data.data_dir is "
+            f"the folder that holds tiny/ ({tmp_path / 'tfds'})."
+        )
 
 
 # Bad input.

@@ -665,6 +665,11 @@ def tfds_split(
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types for unknown names
         where = data_dir or "tfds's default data_dir ($TFDS_DATA_DIR, ~/tensorflow_datasets)"
+        if holder := _holder_of(name, data_dir):
+            raise DataError(
+                f"data.data_dir {data_dir} is a folder of tfds dataset {name!r} itself: "
+                f"data.data_dir is the folder that holds {_base_name(name)}/ ({holder})."
+            ) from e
         raise DataError(
             f"Unknown tfds dataset {name!r}: neither prepared in {where} (data.data_dir) nor "
             f"a tfds builder ({_first_line(e)})."
@@ -708,6 +713,23 @@ def _tfds_provenance(info: object, split: str) -> dict[str, str]:
     except (AttributeError, KeyError, TypeError, ValueError):  # info without its splits (mocked)
         pass
     return {"dataset": str(info.full_name), "records": digest.hexdigest()[:16]}
+
+
+def _base_name(name: str) -> str:
+    """A tfds ``data.name``'s dataset name (``name[/config][:version]``): its folder's."""
+    return name.partition(":")[0].partition("/")[0]
+
+
+def _holder_of(name: str, data_dir: str | None) -> str | None:
+    """The folder that holds dataset ``name``'s folder where ``data_dir`` is that folder or one
+    of its version folders (``.../name`` or ``.../name/1.0.0``), else None."""
+    if not data_dir:
+        return None
+    path = file_path(data_dir)
+    for folder in (path, path.parent):
+        if folder.name == _base_name(name):
+            return str(folder.parent)
+    return None
 
 
 def _first_line(error: Exception) -> str:
