@@ -1517,6 +1517,7 @@ def test_a_tfds_version_prepared_since_is_refused_and_read_after_training_as_tra
     """tfds reads the newest version prepared: a resume on one prepared since the checkpoint is
     refused, naming both versions and how to pin the recorded one (which resumes), and the
     readers after training read the version the run trained on."""
+    from vision_jax.data import DataError
     from vision_jax.trained import load_split, load_trained
 
     _tfds_folder_dataset(tmp_path, "1.0.0", per_class=4)
@@ -1534,5 +1535,10 @@ def test_a_tfds_version_prepared_since_is_refused_and_read_after_training_as_tra
         train_and_evaluate(config(total_steps=2), workdir)  # a finished run reported again
     trained = load_trained(workdir, which="latest")
     assert load_split(trained, "test").fingerprint()["dataset"] == "tiny/1.0.0"
+    shutil.copytree(tmp_path / "tfds" / "tiny" / "1.0.0", tmp_path / "kept")
+    shutil.rmtree(tmp_path / "tfds" / "tiny" / "1.0.0")
+    with pytest.raises(DataError, match=r"The run trained on tfds dataset tiny:1\.0\.0, which"):
+        load_split(trained, "test")
+    shutil.move(tmp_path / "kept", tmp_path / "tfds" / "tiny" / "1.0.0")
     names["data.name"] = "tiny:1.0.0"
     train_and_evaluate(config(total_steps=4), workdir)  # pinned: the same data

@@ -154,8 +154,24 @@ def load_split(
     every CSV file now beside it), a split lacking some of the run's classes by name
     (:func:`~vision_jax.data.as_classes`); a split whose classes or target column are not the
     run's is refused. What evaluation, the report and export read."""
+    given = trained.spec.data if data is None else data
+    data = _trained_version(trained, given)
+    try:
+        return _load_split(trained, split, data, arrays)
+    except data_lib.DataError as e:
+        if data.name == given.name:
+            raise
+        raise data_lib.DataError(
+            f"{e} (The run trained on tfds dataset {data.name}, which is read where data.name "
+            "names no version: set data.name to read another.)"
+        ) from e
+
+
+def _load_split(
+    trained: Trained, split: str, data: specs.DataSpec, arrays: Mapping[str, Any] | None
+) -> data_lib.Source:
+    """:func:`load_split` of ``data``."""
     task = trained.task
-    data = _trained_version(trained, trained.spec.data if data is None else data)
     column = data_lib.is_column_target(task.target)
     if data.classes is not None and task.target == "label" and trained.class_names:
         return _check_classes(trained, _selected_by_name(trained, data, split, arrays), split)
