@@ -224,34 +224,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(config: pathlib.Path, workdir: pathlib.Path) -> list[dict]:
-    """``python -m vision_jax.main`` as 2 processes x 2 CPU devices; each one's final metrics."""
-    port, procs = free_port(), []
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Each of ``procs``' (stdout, stderr); any still running at the end (a timeout, an error)
+    is killed."""
     try:
-        for i in range(2):
-            cmd = [
-                sys.executable, "-m", "vision_jax.main", f"--config={config}",
-                f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2", f"--process_id={i}", "--num_cpu_devices=2",
-            ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=ROOT,
-                    env=env,
-                    text=True,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                )
-            )
-        outputs = [p.communicate(timeout=400) for p in procs]
+        return [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def run_two_processes(config: pathlib.Path, workdir: pathlib.Path) -> list[dict]:
+    """``python -m vision_jax.main`` as 2 processes x 2 CPU devices; each one's final metrics."""
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "vision_jax.main", f"--config={config}",
+                f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2", f"--process_id={i}", "--num_cpu_devices=2",
+            ],
+            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = communicate_all(procs, timeout=400)
     metrics = []
     for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"process {i}:\n{out[-2000:]}\n{err[-4000:]}"
@@ -290,11 +291,7 @@ def test_processes_started_with_different_configs_are_refused(tmp_path, rate):
     procs = [subprocess.Popen([sys.executable, str(script), str(i), str(rate)], env=env,
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for i in range(2)]  # fmt: skip
-    try:
-        outputs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outputs = [out.strip().splitlines()[-1] for out, _ in communicate_all(procs, timeout=120)]
     if rate == 0.1:
         assert outputs == ["same", "same"]
         return
@@ -385,13 +382,7 @@ def test_processes_given_different_arrays_are_refused(tmp_path, mode):
     procs = [subprocess.Popen([sys.executable, str(script), str(i), mode, workdir], env=env,
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for i in range(2)]  # fmt: skip
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outputs = communicate_all(procs, timeout=300)
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-4000:]
     lines = [out.strip().splitlines()[-1] for out, _ in outputs]
