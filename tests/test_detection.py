@@ -5,6 +5,7 @@ on hand-made outputs, COCO mAP against pycocotools run directly, head shapes for
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from types import SimpleNamespace
 
 import jax
@@ -21,6 +22,7 @@ from vision_jax.tasks.coco_eval import (
     Detections,
     coco_metrics,
     coco_results,
+    warn_if_all_zero_area,
 )
 from vision_jax.tasks.detection import CoverageError, EvalMetrics
 
@@ -483,6 +485,69 @@ def test_results_are_clipped_to_their_image():
     results = coco_results(found, CATEGORY_IDS, coco_ground_truth()["images"])
     assert [r["bbox"] for r in results] == [[0, 10, 120, 150]]
     assert [r["category_id"] for r in results] == [1]
+
+
+class DeadBoxes(FixedDetections):
+    """MADE's detections as a dead box branch gives them: every box of zero size at its
+    location (all four distances 0)."""
+
+    def detect(self, outputs, image_hw, extents=None):
+        found = super().detect(outputs, image_hw, extents)
+        return {**found, "boxes": found["boxes"].at[..., 2:].set(found["boxes"][..., :2])}
+
+
+DEAD = "the box branch predicts zero distances everywhere (a dead ReLU"
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_an_evaluation_whose_every_box_has_zero_area_warns_once(caplog, dead):
+    """A dead box branch (every distance 0, GIoU loss stuck at 1) leaves every detection without
+    area, dropped from COCO's results: mAP 0 with no word; the evaluation says why, once."""
+    task = DeadBoxes() if dead else FixedDetections()
+    batch = {
+        "image": jnp.zeros((4, 64, 64, 3)),
+        "mask": jnp.asarray([1.0, 0, 1, 0]),
+        "scale": jnp.asarray([task.scale[0], 0, task.scale[9], 0], jnp.float32),
+        "image_id": jnp.asarray([0, 0, 9, 0]),
+    }
+    collection = task.eval_metrics({}, batch).merge(task.eval_metrics({}, batch | {
+        "mask": jnp.zeros(4), "image_id": jnp.full(4, PADDING_ID)}))  # fmt: skip
+    source = SimpleNamespace(
+        annotations=coco_ground_truth(), category_ids=CATEGORY_IDS, class_names=NAMES,
+        skip_corrupt=False,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        summary = task.summarize(collection, source, "eval/")
+    warned = [r for r in caplog.records if DEAD in r.getMessage()]
+    assert len(warned) == int(dead)
+    assert (summary["eval/map"] == 0.0) == dead
+    if dead:
+        assert f"All {len(MADE)} detections of this evaluation" in warned[0].getMessage()
+        assert "lower learning rate or a longer warmup" in warned[0].getMessage()
+
+
+def test_results_converted_a_batch_at_a_time_warn_once_of_zero_area(caplog):
+    """predict converts a batch at a time into one tally: no batch warns, the tally warns once
+    when every detection had zero area, and not when one had area."""
+    point = lambda image, x, y: {
+        "boxes": np.asarray([[[x, y, x, y]]], np.float32), "scores": np.asarray([[0.9]]),
+        "classes": np.asarray([[0]]), "image_ids": np.asarray([image]),
+    }  # fmt: skip
+    images = coco_ground_truth()["images"]
+    with caplog.at_level(logging.WARNING):
+        tally = Counter()
+        for image in (0, 9):
+            assert coco_results(point(image, 20, 30), CATEGORY_IDS, images, tally=tally) == []
+        assert DEAD not in caplog.text
+        assert tally == {"detections": 2, "zero_area": 2}
+        assert warn_if_all_zero_area(tally, "this prediction")
+        assert caplog.text.count(DEAD) == 1 and "of this prediction" in caplog.text
+        caplog.clear()
+        live = {**point(9, 20, 30), "boxes": np.asarray([[[20, 30, 40, 50]]], np.float32)}
+        assert len(coco_results(live, CATEGORY_IDS, images, tally=tally)) == 1
+        assert not warn_if_all_zero_area(tally, "this prediction")
+        assert not warn_if_all_zero_area(Counter(), "this prediction")  # nothing detected
+    assert DEAD not in caplog.text
 
 
 def test_perfect_and_empty_detections():

@@ -43,6 +43,7 @@ import os
 import posixpath
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -76,7 +77,7 @@ from vision_jax.signals import command
 from vision_jax.specs import is_integer
 from vision_jax.steps import fetched_one_behind
 from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
-from vision_jax.tasks.coco_eval import coco_results
+from vision_jax.tasks.coco_eval import coco_results, warn_if_all_zero_area
 from vision_jax.trained import jitted_predict, load_trained
 from vision_jax.weights.files import read_once
 
@@ -423,20 +424,23 @@ class Predictor:
         bar = Progress(source.num_examples) if progress else None
         images = {im["id"]: im["file_name"] for im in source.annotations["images"]}
         names = dict(zip(self.category_ids, self.class_names, strict=True))
-        seen = set()
+        seen, tally = set(), Counter()
         dispatched = ((b, self._detections(self.variables, b)) for b in batches)
         for batch, found in fetched_one_behind(dispatched):
             found = found.detections.compute()
             seen.update(found["image_ids"].tolist())
             if bar is not None:
                 bar.update(int(batch["mask"].sum()))
-            results = coco_results(found, self.category_ids, source.annotations["images"])
+            results = coco_results(
+                found, self.category_ids, source.annotations["images"], tally=tally
+            )
             for r in results:
                 r["file_name"] = images[r["image_id"]]
                 r["category_name"] = names[r["category_id"]]
             yield results
         if bar is not None:
             bar.close()
+        warn_if_all_zero_area(tally, "this prediction")
         unreadable += [(images[i], _reason(images[i])) for i in sorted(set(images) - seen)]
 
 

@@ -12,6 +12,7 @@ import copy
 import io
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,12 +81,17 @@ class Detections(metrics.Metric):
 
 
 def coco_results(
-    found: Mapping[str, np.ndarray], category_ids: Sequence[int], images: Sequence[Mapping]
-) -> list[dict]:
+    found: Mapping[str, np.ndarray], category_ids: Sequence[int], images: Sequence[Mapping],
+    tally: Counter | None = None,
+) -> list[dict]:  # fmt: skip
     """COCO results (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of the
     filled slots of real rows, the boxes clipped to their image (``images``: the COCO image
     records, with ``width`` and ``height``; torchvision's detectors clip theirs, before their
-    NMS); a box left without width or height (wholly off the image) is dropped."""
+    NMS); a box left without width or height (wholly off the image) is dropped.
+
+    ``tally``: where given, its ``detections`` and ``zero_area`` (those dropped) grow by this
+    call's, for a caller that converts a batch at a time to warn once with
+    :func:`warn_if_all_zero_area`; None: this call is a whole evaluation and warns itself."""
     boxes, scores = np.asarray(found["boxes"], np.float64), np.asarray(found["scores"])
     classes, image_ids = np.asarray(found["classes"]), np.asarray(found["image_ids"])
     rows, slots = np.nonzero((classes >= 0) & (image_ids[:, None] != PADDING_ID))
@@ -104,7 +110,29 @@ def coco_results(
             "bbox": [float(v) for v in (*box[:2], *(box[2:] - box[:2]))],
             "score": float(scores[r, s]),
         })  # fmt: skip
+    counts = Counter(detections=len(rows), zero_area=len(rows) - len(results))
+    if tally is None:
+        warn_if_all_zero_area(counts, "this evaluation")
+    else:
+        tally.update(counts)
     return results
+
+
+def warn_if_all_zero_area(tally: Mapping[str, int], what: str) -> bool:
+    """One warning when every detection counted in ``tally`` (:func:`coco_results`'s) had zero
+    area: FCOS's box branch (a ReLU) then predicts zero distances everywhere, its gradient is
+    zero and it never recovers. True when it warned."""
+    detections = tally.get("detections", 0)
+    if not detections or tally.get("zero_area", 0) < detections:
+        return False
+    logger.warning(
+        "All %d detections of %s have zero width or height and are left out of the COCO "
+        "results (mAP 0, no records): the box branch predicts zero distances everywhere (a dead "
+        "ReLU: train/box_loss stuck at 1.0, with no gradient to revive it). Train again from "
+        "the pretrained backbone with a lower learning rate or a longer warmup.",
+        detections, what,
+    )  # fmt: skip
+    return True
 
 
 @contextlib.contextmanager
