@@ -452,6 +452,11 @@ def test_a_tfds_dataset_or_split_that_is_not_there_is_one_line(tmp_path):
             f"data.data_dir {inside} is a folder of tfds dataset 'tiny' itself: data.data_dir is "
             f"the folder that holds tiny/ ({tmp_path / 'tfds'})."
         )
+    holder = tmp_path / "tiny"  # a data_dir named as its dataset, holding it: no such hint
+    shutil.copytree(tmp_path / "tfds", holder)
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.from_tfds("tiny:9.9.9", "train", str(holder))
+    assert "is a folder of tfds dataset" not in str(error.value)
 
 
 # Bad input.

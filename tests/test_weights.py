@@ -1372,6 +1372,25 @@ def test_predictor_from_a_weights_file_reads_it_once(tmp_path, monkeypatch):
     assert len(reads) == 1, reads
 
 
+def test_read_once_notices_a_file_replaced_with_its_size_and_time(tmp_path):
+    """read_once keyed a file by its path, size and mtime: one replaced by another of the same
+    size with its mtime kept (cp -p, rsync -t) gave the first file's arrays."""
+    import os
+
+    from vision_jax.weights.files import read_npz, read_once
+
+    path = tmp_path / "w.npz"
+    np.savez(path, a=np.zeros(4, np.float32))
+    with read_once():
+        assert not read_npz(path)["a"].any()
+        stat = os.stat(path)
+        np.savez(tmp_path / "other.npz", a=np.ones(4, np.float32))
+        os.replace(tmp_path / "other.npz", path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert os.stat(path).st_size == stat.st_size
+        assert read_npz(path)["a"].all()
+
+
 def test_export_safetensors_records_the_input_it_is_given(tmp_path):
     """export_safetensors(..., input=a run's InputSpec) records the run's input in the file's
     metadata: input_contract (Predictor.from_weights, init.use_input_contract) gives it, not the

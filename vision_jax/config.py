@@ -133,7 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.data_dir = placeholder(str)
     # imagefolder: root/<split>/<class>/<image>; csv: root/<split>.csv; idx: root/train-*-ubyte.gz
     c.data.root = placeholder(str)
-    c.data.class_names = placeholder(tuple)  # csv/idx/arrays, and label maps: class names
+    # class names of csv/idx/arrays labels, tfds integer labels and label maps
+    c.data.class_names = placeholder(tuple)
     c.data.skip_corrupt = False  # skip (and count) unreadable images instead of failing
     # tfds: the examples each epoch is shuffled through (other sources shuffle whole epochs)
     c.data.shuffle_buffer = 10_000

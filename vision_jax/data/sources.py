@@ -722,10 +722,13 @@ def _base_name(name: str) -> str:
 
 def _holder_of(name: str, data_dir: str | None) -> str | None:
     """The folder that holds dataset ``name``'s folder where ``data_dir`` is that folder or one
-    of its version folders (``.../name`` or ``.../name/1.0.0``), else None."""
+    of its version folders (``.../name`` or ``.../name/1.0.0``), else None (also where
+    ``data_dir`` holds a ``name`` folder itself: another cause, such as a version not there)."""
     if not data_dir:
         return None
     path = file_path(data_dir)
+    if (path / _base_name(name)).is_dir():
+        return None
     for folder in (path, path.parent):
         if folder.name == _base_name(name):
             return str(folder.parent)

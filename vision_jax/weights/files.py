@@ -67,16 +67,19 @@ def _kept_in_read_once(
 
     @functools.wraps(read)
     def kept(path: str | os.PathLike) -> dict[str, np.ndarray]:
-        if _kept is None:
+        held = _kept  # once: another thread's block may end meanwhile
+        if held is None:
             return read(path)
         try:
             stat = os.stat(path)
         except OSError:
             return read(path)  # which names the problem
-        key = (read.__name__, os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
-        if key not in _kept:
-            _kept[key] = read(path)
-        return dict(_kept[key])  # readers may rename its keys in place
+        # a file replaced keeping its size and mtime (cp -p, rsync -t) changes inode or ctime
+        key = (read.__name__, os.path.realpath(path), stat.st_ino, stat.st_ctime_ns,
+               stat.st_mtime_ns, stat.st_size)  # fmt: skip
+        if key not in held:
+            held[key] = read(path)
+        return dict(held[key])  # readers may rename its keys in place
 
     return kept
 
