@@ -78,7 +78,8 @@ def take(batches, n: int) -> list[dict]:
 def test_image_folder_reads_every_mode_with_sorted_classes(folder):
     cfg = data_config(source="imagefolder", root=str(folder))
     source = data_lib.load_source(cfg.data, "train")
-    assert cfg.data.unread() == ["data.eval_split", "data.train_split"]  # read by train.py
+    # read by train.py
+    assert cfg.data.unread() == ["data.eval_split", "data.shuffle_buffer", "data.train_split"]
     assert source.class_names == ["cat", "dog", "eel"]
     assert source.num_examples == 12  # notes.txt ignored
     batches = list(data_lib.eval_batches(source, spec_of(), global_batch=5))
