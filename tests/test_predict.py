@@ -660,6 +660,20 @@ def test_box_edges_round_half_up_and_a_non_finite_box_is_not_drawn():
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_label_under_a_box_at_the_bottom_edge_is_drawn_inside_it():
+    """A label drawn under its box (the report's ground truth) was cut off when the box reached
+    the image's bottom: it is drawn inside the box's bottom-left corner there."""
+    from vision_jax.drawing import draw_boxes
+
+    image = np.zeros((40, 40, 3), np.uint8)
+    colour = (0, 255, 0)
+    box = ([4.0, 4.0, 30.0, 36.0], colour, "dog")  # rows 4..39: no room under it
+    drawn = draw_boxes(image, [box], width=1, label_below=True)
+    assert (drawn[6:39, 6:33, 1] > 0).sum() > 10  # the label's (antialiased) pixels, inside
+    room = draw_boxes(image, [([4.0, 4.0, 30.0, 12.0], colour, "dog")], width=1, label_below=True)
+    assert (room[17:, 5:34, 1] > 0).sum() > 10  # under the box, where it fits
+
+
 def _drawn_label(tmp_path, name: str) -> np.ndarray:
     """A black 40 x 60 PNG drawn with one box labelled ``name``."""
     from vision_jax.predict import draw_detections

@@ -89,8 +89,8 @@ def draw_boxes(
     """RGB uint8 ``image`` with each of ``boxes`` (COCO ``[x, y, w, h]``, colour, label) in
     turn (one with a non-finite coordinate left out) outlined ``width`` pixels inward on the
     pixels it covers (:func:`box_pixels`) and
-    labelled inside its top-left corner (``label_below``: under its bottom-left corner), in
-    :func:`label_font` sized to the image."""
+    labelled inside its top-left corner (``label_below``: under its bottom-left corner, or
+    inside it where the image ends below the box), in :func:`label_font` sized to the image."""
     from PIL import Image, ImageDraw
 
     drawn = Image.fromarray(np.asarray(image, np.uint8))
@@ -101,6 +101,20 @@ def draw_boxes(
             continue  # a NaN or infinite edge: nothing to draw
         left, top, right, bottom = box_pixels(bbox)
         draw.rectangle([left, top, right, bottom], outline=colour, width=width)
-        where = (left + 2, bottom + 1) if label_below else (left + 2, top + 1)
-        draw.text(where, label, fill=colour, font=font)
+        corner = _label_corner(draw, font, label, (left, top, bottom), drawn.height, label_below)
+        draw.text(corner, label, fill=colour, font=font)
     return np.asarray(drawn)
+
+
+def _label_corner(
+    draw: Any, font: Any, label: str, edges: tuple[int, int, int], height: int, below: bool
+) -> tuple[int, int]:
+    """Where a box's label starts: inside its top-left corner, or (``below``) under its
+    bottom-left corner, inside the box where the image (``height`` rows) has no room under it."""
+    left, top, bottom = edges
+    if not below:
+        return left + 2, top + 1
+    text = draw.textbbox((0, 0), label, font=font)[3]
+    if bottom + 1 + text <= height:
+        return left + 2, bottom + 1
+    return left + 2, max(top + 1, bottom - text - 1)
