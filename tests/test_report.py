@@ -489,6 +489,23 @@ def _detections_case():
     return source, batch, outputs, results
 
 
+def test_one_detection_over_two_boxes_of_its_class_finds_one():
+    """A detection found every box of its class it overlapped at IoU >= 0.5 (two overlapping
+    people, one detection: both found); matched as COCO matches, it finds the box it overlaps
+    most, and a second detection finds the other."""
+    from vision_jax.report.tasks import _Image
+
+    truth = np.array([[0, 0, 10, 10], [1, 0, 11, 10]], np.float32)  # IoU 0.82 with each other
+    one = np.array([[0.5, 0, 10.5, 10]], np.float32)
+    image = _Image(truth, np.array([0, 0]), one, np.array([0]), np.array([0.9]))
+    assert image.missed.tolist() == [False, True] and image.recall == 0.5
+    two = np.concatenate([one, truth[1:]])
+    image = _Image(truth, np.array([0, 0]), two, np.array([0, 0]), np.array([0.9, 0.8]))
+    assert not image.missed.any()
+    other_class = _Image(truth, np.array([0, 0]), one, np.array([1]), np.array([0.9]))
+    assert other_class.missed.all()
+
+
 def test_detection_report_shows_the_images_with_boxes_missed_and_pr_curves(tmp_path):
     """The hardest image first is the one whose ground-truth box no detection found (then the
     one whose dog was found only under the score threshold), its ground truth drawn in green on

@@ -233,8 +233,17 @@ class _Image:
 
     @functools.cached_property
     def missed(self) -> np.ndarray:
+        """The ground-truth boxes no detection found, matched as COCO matches: each detection,
+        the highest-scoring first, finds the unfound box of its class it overlaps most (IoU >=
+        :data:`MATCH_IOU`), so one detection over two boxes finds one."""
         same = self.truth_classes[:, None] == self.found_classes[None, :]
-        return ~((pairwise_iou(self.truth, self.found) >= MATCH_IOU) & same).any(1)
+        ious = np.where(same, pairwise_iou(self.truth, self.found), 0.0)
+        found = np.zeros(len(self.truth), bool)
+        for j in np.argsort(-self.scores, kind="stable"):
+            open_ious = np.where(found, 0.0, ious[:, j])
+            if open_ious.size and open_ious.max() >= MATCH_IOU:
+                found[open_ious.argmax()] = True
+        return ~found
 
     @property
     def recall(self) -> float:
