@@ -109,27 +109,26 @@ def _c_handler(action: Any) -> int | None:
     return None if action is None else ctypes.c_void_p.from_buffer(action).value or 0
 
 
-def _foreign(sig: int) -> bool:
-    """Whether ``sig`` has a C-level handler that Python does not know of (``signal.getsignal``
-    says SIG_DFL: ``faulthandler.register``, a C library's)."""
-    return signal.getsignal(sig) is signal.SIG_DFL and _c_handler(_action(sig)) not in (0, None)
+def _foreign_action(sig: int) -> Any:
+    """``sig``'s :func:`_action` where it has a C-level handler that Python does not know of
+    (``signal.getsignal`` says SIG_DFL: ``faulthandler.register``, a C library's), else None."""
+    if signal.getsignal(sig) is not signal.SIG_DFL:
+        return None
+    action = _action(sig)
+    return action if _c_handler(action) not in (0, None) else None
 
 
 def defaulted(signals: tuple[int, ...] = ALSO) -> tuple[int, ...]:
     """Those of ``signals`` whose handler is the default (taken by a run or a command as SIGTERM
     is): no Python handler, no inherited SIG_IGN, no C-level handler (faulthandler's)."""
     return tuple(s for s in signals if signal.getsignal(s) is signal.SIG_DFL
-                 and _c_handler(_action(s)) in (0, None))  # fmt: skip
+                 and _foreign_action(s) is None)  # fmt: skip
 
 
 def take(signals: tuple[int, ...], handler: Any) -> dict[int, Any]:
     """Installs ``handler`` for ``signals``; what :func:`give_back` puts back (a C-level handler
     that Python does not know of included)."""
-    previous = {}
-    for sig in signals:
-        action = _action(sig) if _foreign(sig) else None
-        previous[sig] = (signal.signal(sig, handler), action)
-    return previous
+    return {sig: (signal.signal(sig, handler), _foreign_action(sig)) for sig in signals}
 
 
 def give_back(previous: dict[int, Any]) -> None:
@@ -160,12 +159,12 @@ def _say(message: str) -> None:
         pass
 
 
-def tell(text: str, stream: Any = None) -> None:
-    """``text`` and a newline on stderr (or ``stream``), flushed; nothing where it is gone (a
+def tell(text: str) -> None:
+    """``text`` and a newline on stderr, flushed; nothing where it is gone (a
     SIGHUP that closed the terminal), so that a command's exit status stays the documented one
     (129, 75) rather than an OSError's 1."""
     try:
-        print(text, file=stream or sys.stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
 
