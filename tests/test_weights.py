@@ -1372,6 +1372,17 @@ def test_predictor_from_a_weights_file_reads_it_once(tmp_path, monkeypatch):
     assert len(reads) == 1, reads
 
 
+def test_a_vit_state_dict_without_pos_embed_is_a_format_error(tmp_path):
+    """input_contract of a timm-named ViT file without pos_embed raised a bare KeyError (the
+    fine-tuning warning caught KeyError for it): a WeightFormatError naming the file."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "no_posemb.safetensors"
+    save_file({"patch_embed.proj.weight": np.zeros((8, 3, 4, 4), np.float32)}, str(path))
+    with pytest.raises(WeightFormatError, match=rf"^{re.escape(str(path))}: a ViT without "):
+        input_contract(path)
+
+
 def test_read_once_notices_a_file_replaced_with_its_size_and_time(tmp_path):
     """read_once keyed a file by its path, size and mtime: one replaced by another of the same
     size with its mtime kept (cp -p, rsync -t) gave the first file's arrays."""

@@ -462,7 +462,7 @@ def _warn_unlike_contract(spec: data_lib.InputSpec, path: str) -> None:
     A weights file is read whole for it: the caller's :func:`read_once` keeps it for loading."""
     try:
         contract = input_contract(path)
-    except (WeightFormatError, OSError, ValueError, KeyError):  # (a ViT without pos_embed)
+    except (WeightFormatError, OSError, ValueError):
         return  # loading them names the problem
     if (tuple(contract.mean), tuple(contract.std)) != (tuple(spec.mean), tuple(spec.std)):
         logger.warning(
@@ -900,7 +900,7 @@ def _resumed_selection(
         for k in _SELECTION_KEYS
         if k in old and old[k] != getattr(selection, k)
     ]
-    if changes and (finished or saved.get("stopped_early")):
+    if changes and finished:
         other = f"another selection ({'; '.join(changes)})"
         why = f"; its best was chosen by {other}"
         if old.get("best_step") is None:  # it validates no more: the new one has nothing either
@@ -912,7 +912,7 @@ def _resumed_selection(
     if changes:
         logger.warning("Resuming %s with a changed model selection: %s.", where, "; ".join(changes))
     split = _config_changes(saved.get("config") or {}, spec, "data.val_split".__eq__)
-    if split and not (finished or saved.get("stopped_early")):  # (those refuse it)
+    if split and not finished:  # (those refuse it)
         logger.warning(
             "Resuming %s with another validation split (%s): the model selection starts anew "
             "(its best so far was measured on the old split).", where, split[0],
@@ -1256,6 +1256,12 @@ def _own_best(spec: specs.RunSpec, workdir: str, step: int, meta: Mapping[str, A
     return True
 
 
+def _digest(text: bytes) -> np.ndarray:
+    """Eight bytes of ``text``'s SHA-256 as two int32 (what a process all-gathers to compare:
+    JAX's default integers are 32 bits)."""
+    return np.frombuffer(hashlib.sha256(text).digest()[:8], np.int32)
+
+
 def _check_same_config(config: Mapping[str, Any]) -> None:
     """Raises in every process of a multi-process run whose processes were started with
     different configs (each would feed its own values to one program, or wait for the others
@@ -1264,8 +1270,7 @@ def _check_same_config(config: Mapping[str, Any]) -> None:
     if jax.process_count() == 1:
         return
     text = np.frombuffer(_plain(config).encode(), np.uint8)
-    digest = np.frombuffer(hashlib.sha256(text.tobytes()).digest()[:8], np.int32)  # 32-bit JAX
-    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, 2)
+    digests = np.asarray(multihost_utils.process_allgather(_digest(text.tobytes()))).reshape(-1, 2)
     differ = [i for i, d in enumerate(digests) if (d != digests[0]).any()]
     if not differ:
         return
@@ -1295,10 +1300,8 @@ def _check_same_data(
     prints = {name: None if s is None else s.fingerprint() for name, s in sources.items()}
     mine = []
     for fingerprint in prints.values():
-        text = json.dumps(fingerprint, sort_keys=True).encode()
-        digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.int32)  # 32-bit JAX
         examples = -1 if fingerprint is None else fingerprint["examples"]
-        mine.append([*digest, np.int32(min(examples, 2**31 - 1))])
+        mine.append([*_digest(_plain(fingerprint).encode()), np.int32(min(examples, 2**31 - 1))])
     gathered = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32)))
     gathered = gathered.reshape(-1, len(prints), 3)
     named = {"train": spec.data.train_split, "eval": spec.data.eval_split,
@@ -1391,7 +1394,8 @@ def _build(spec: specs.RunSpec, workdir: str, arrays: Mapping | None, ckpt: Chec
         )
     selection = best = None
     if val_source is not None:
-        selection = _resumed_selection(spec, saved, start_step >= total_steps, ckpt.directory)
+        finished = _ends_recipe(start_step, total_steps, saved)
+        selection = _resumed_selection(spec, saved, finished, ckpt.directory)
     train_step, eval_step = _compile_steps(spec, model, setup, mesh)
     settings = _step_settings(spec, setup, mesh, step_rng)
     meta = RunRecord(

@@ -43,10 +43,12 @@ def read_variables(path: str | os.PathLike, model: nn.Module) -> dict:
 
 
 def _vit_size(
-    sd: Mapping[str, np.ndarray], grid: tuple[int, int] | None = None
+    sd: Mapping[str, np.ndarray], source: str, grid: tuple[int, int] | None = None
 ) -> int | tuple[int, int] | None:
     """A timm-named ViT's input size: its position-embedding grid (``grid``, as its file
     records it) times its patch."""
+    if "pos_embed" not in sd:
+        raise WeightFormatError(f"{source}: a ViT without pos_embed; cannot tell its input size.")
     return vit_image_size(sd["pos_embed"].shape, sd["patch_embed.proj.weight"].shape[-1], grid)
 
 
@@ -60,7 +62,7 @@ def _contract(
     sd: Mapping[str, np.ndarray], source: str, grid: tuple[int, int] | None = None
 ) -> InputContract:
     if "patch_embed.proj.weight" in sd:
-        size = _vit_size(sd, grid)
+        size = _vit_size(sd, source, grid)
         return InputContract(size, interpolation="bicubic", crop_fraction=0.9)
     if "stem.conv.weight" in sd:
         return InputContract(224, crop_fraction=0.875)
@@ -83,7 +85,7 @@ def input_contract(path: str | os.PathLike) -> InputContract:
     state_dict = read_state_dict(path)
     timm_names = _timm_names(state_dict, str(path))
     if tv_vit.is_torchvision_vit(state_dict):  # torchvision's evaluation: resize 256, crop 224
-        size = _vit_size(timm_names)
+        size = _vit_size(timm_names, str(path))
         return InputContract(size, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)
     metadata = safetensors_metadata(path)
     contract = _contract(timm_names, str(path), metadata_grid(metadata))
