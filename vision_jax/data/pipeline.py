@@ -74,6 +74,12 @@ def pipeline_options(threads: int | None = None) -> tf.data.Options:
 _MIX_STREAM = 1  # folded into a step's mixing seed: examples use (host seed, position) as is
 
 
+def _host_share(num_examples: int) -> int:
+    """How many of a split's ``num_examples`` this process reads: rows ``process_index``,
+    ``process_index + process_count``, ..."""
+    return len(range(jax.process_index(), num_examples, jax.process_count()))
+
+
 def _example_index(position: tf.Tensor, num_local: int, seed: int) -> tf.Tensor:
     """Row of the source at a host's stream ``position``: a fresh permutation of the host's
     rows (``process_index + k * process_count``) every epoch, seeded by (seed, epoch, host)."""
@@ -102,7 +108,7 @@ def _streaming_order(source: Source, first: int, seed: int, buffer: int) -> tf.d
     epoch and reads only the examples of that epoch before it, not every earlier epoch's."""
     host, hosts = jax.process_index(), jax.process_count()
     shard = source.dataset.shard(hosts, host)
-    per_epoch = len(range(host, source.num_examples, hosts))
+    per_epoch = _host_share(source.num_examples)
     epoch, offset = divmod(first, per_epoch)
 
     def epoch_order(e: tf.Tensor) -> tf.data.Dataset:
@@ -271,8 +277,7 @@ def reads_encoded_images(source: Source) -> bool:
     bytes), so that an example may be unreadable."""
     if source.columns is not None:
         return "path" in source.columns
-    spec = source.dataset.element_spec
-    return "path" in spec or ("image" in spec and spec["image"].dtype == tf.string)
+    return source.dataset.element_spec["image"].dtype == tf.string
 
 
 def _example_name(source: Source, row: int) -> str:
@@ -421,7 +426,7 @@ def train_batches(
     first = start_step * local if start_position is None else start_position
     row_of = None
     if source.columns is not None:
-        num_local = len(range(jax.process_index(), source.num_examples, jax.process_count()))
+        num_local = _host_share(source.num_examples)
         columns = source.column_variables  # held once, shared with the source's dataset
 
         def example_at(position: tf.Tensor) -> tuple[tf.Tensor, dict]:
@@ -509,7 +514,7 @@ def eval_batches(
         row = source_row(position)
         return row if row < source.num_examples else None
 
-    shard_size = len(range(jax.process_index(), source.num_examples, jax.process_count()))
+    shard_size = _host_share(source.num_examples)
     batches = Batches(ds, 0, local, source, row_of, end_position=shard_size, advice=advice)
     empty = _empty_batch(local, spec.image_size, target)
     return _padded(batches, local, num_batches, shard_size, empty)
