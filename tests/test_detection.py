@@ -67,6 +67,7 @@ def test_iou_of_host_arrays_is_computed_on_the_host():
     assert type(got) is np.ndarray and got.dtype == np.float32
     np.testing.assert_allclose(got, pairwise_iou(jnp.asarray(a), jnp.asarray(b)), atol=1e-6)
     assert pairwise_iou(a[:1], a[:1]) == pytest.approx(1.0) and not got[:, 0].any()
+    assert pairwise_iou(b[:1], b[:1]) == 0  # an empty union
     assert pairwise_iou(a, b[:0]).shape == (7, 0)
 
 

@@ -52,14 +52,15 @@ def labels_drawable(texts: Iterable[str]) -> bool:
     found = _font_file()
     try:
         if found is not None:
-            return {ord(c) for c in needed} <= _characters(found)
+            return {ord(c) for c in needed} <= font_characters(found)
     except OSError:
         pass
     return all(" " < c <= "~" for c in needed)
 
 
 @functools.cache
-def _characters(path: str) -> frozenset[int]:
+def font_characters(path: str) -> frozenset[int]:
+    """The characters (code points) the font file ``path`` has."""
     from matplotlib import font_manager
 
     return frozenset(font_manager.get_font(path).get_charmap())

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vision_jax.drawing import font_characters
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -53,9 +55,7 @@ def drawable(texts: Iterable[str]) -> bool:
 @functools.cache
 def _glyphs(fonts: tuple[str, ...]) -> frozenset[int]:
     """The characters that one of ``fonts`` (files) has."""
-    from matplotlib import font_manager
-
-    return frozenset().union(*(font_manager.get_font(f).get_charmap() for f in fonts))
+    return frozenset().union(*(font_characters(f) for f in fonts))
 
 
 def _save(figure: Figure, path: pathlib.Path) -> None:

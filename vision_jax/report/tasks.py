@@ -126,9 +126,8 @@ def _short(name: str) -> str:
     return name if len(name) <= TITLE_NAME_CHARS else name[: TITLE_NAME_CHARS - 1] + "…"
 
 
-def _class_example(batch, probs, names, spec, i) -> tuple[Thumb, list]:
-    true = int(batch["label"][i])
-    guess = int(argmax_nan_lowest(probs[i], true))  # as the confusion matrix books it
+def _class_example(batch, probs, predicted, names, spec, i) -> tuple[Thumb, list]:
+    true, guess = int(batch["label"][i]), int(predicted[i])  # as the confusion matrix books it
     p_true, p_guess = float(probs[i, true]), float(probs[i, guess])
     title = (f"true {_short(names[true])} ({p_true:.2f})\n"
              f"predicted {_short(names[guess])} ({p_guess:.2f})")  # fmt: skip
@@ -151,7 +150,7 @@ class Classification:
         probs, labels = outputs["probabilities"], batch["label"].astype(np.int64)
         predicted = argmax_nan_lowest(probs, labels)  # all NaN: a miss, as the eval metrics
         self.matrix += confusion(labels, predicted, len(self.names))
-        make = functools.partial(_class_example, batch, probs, self.names, self.spec)
+        make = functools.partial(_class_example, batch, probs, predicted, self.names, self.spec)
         self.lowest.offer(probs[np.arange(len(labels)), labels], batch["row"], make)
 
     def result(self) -> Evaluation:
@@ -277,12 +276,12 @@ class Detection:
     :data:`MATCH_IOU`)."""
 
     def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
+        # the split's categories, in its category ids' order (pycocotools' and the table's)
         self.source, self.spec, self.names = source, spec, source.class_names
         self.table = box_table(source.annotations, source.category_ids)
         self.lowest = Lowest(n, source)
         self.parts: dict[str, list] = {"boxes": [], "scores": [], "classes": [], "image_ids": []}
         self.named = labels_drawable(self.names)  # else classes by index: not as empty boxes
-        self.truth_boxes = 0  # non-crowd ground-truth boxes in the images seen
 
     def add(self, batch: Arrays, outputs: Arrays) -> None:
         batch, outputs = _real(batch, outputs)
@@ -294,7 +293,6 @@ class Detection:
         make = functools.partial(_box_example, batch, images, self.names, self.named, self.spec)
         # Images without ground truth have nothing to miss: not ranked.
         ranked = np.asarray([i for i, image in enumerate(images) if len(image.truth)], np.int64)
-        self.truth_boxes += sum(len(image.truth) for image in images)
         recall = np.asarray([images[i].recall for i in ranked], np.float64)
         self.lowest.offer(recall, batch["row"][ranked], lambda j: make(int(ranked[j])))
 
@@ -324,8 +322,8 @@ class Detection:
         table = Table(("class", "ap"), rows, [["mean (mAP)", figures["map"]]])
         note = "No confusion matrix for detection; AP is empty for classes without ground "
         note += "truth in the split."
-        notes = [note]
-        if not self.truth_boxes:
+        notes, curves = [note], self._pr_curves(evaluation)
+        if not curves:
             notes.append("No precision-recall curves and no hardest images: the images "
                          "evaluated have no ground-truth boxes (crowd regions aside).")  # fmt: skip
         columns = ("image_id", "ground-truth boxes", "missed", "recall", "classes missed")
@@ -338,7 +336,7 @@ class Detection:
             f"(class below), detections scoring at least {FOUND_AT} in red (class and score)."
             + ("" if self.named else " Classes by index (#k: the k-th row of per_class.csv, "
                "from 0): a class name has a character the labels' font lacks."),
-            **self._pr_curves(evaluation),
+            **curves,
         )  # fmt: skip
 
     def _pr_curves(self, evaluation: Any) -> dict[str, Any]:
