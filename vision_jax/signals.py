@@ -128,7 +128,11 @@ def defaulted(signals: tuple[int, ...] = ALSO) -> tuple[int, ...]:
 def take(signals: tuple[int, ...], handler: Any) -> dict[int, Any]:
     """Installs ``handler`` for ``signals``; what :func:`give_back` puts back (a C-level handler
     that Python does not know of included)."""
-    return {sig: (signal.signal(sig, handler), _foreign_action(sig)) for sig in signals}
+    previous = {}
+    for sig in signals:
+        action = _foreign_action(sig)  # before the handler is installed over it
+        previous[sig] = (signal.signal(sig, handler), action)
+    return previous
 
 
 def give_back(previous: dict[int, Any]) -> None:
