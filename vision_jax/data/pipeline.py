@@ -277,7 +277,8 @@ def reads_encoded_images(source: Source) -> bool:
     bytes), so that an example may be unreadable."""
     if source.columns is not None:
         return "path" in source.columns
-    return source.dataset.element_spec["image"].dtype == tf.string
+    spec = source.dataset.element_spec
+    return "path" in spec or ("image" in spec and spec["image"].dtype == tf.string)
 
 
 def _example_name(source: Source, row: int) -> str:
