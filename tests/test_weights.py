@@ -161,6 +161,7 @@ HF_CONFIG = {
     [
         "safetensors",
         "safetensors-ddp",
+        "compiled",
         "pth",
         "bin-wrapped",
         "th-legacy",
@@ -202,6 +203,9 @@ def test_timm_vit_every_file_format(timm, tmp_path, fmt):
 
         path = tmp_path / "vit_ddp.safetensors"
         save_file({f"module.{k}": v for k, v in sd.items()}, str(path))
+    elif fmt == "compiled":  # torch.compile(model).state_dict(), of a DDP-wrapped model
+        path = tmp_path / "vit_compiled.pth"
+        save_torch({f"_orig_mod.module.{k}": v for k, v in tensors(sd).items()}, path)
     elif fmt == "model-settings":  # "model" holds the network's settings, not its tensors
         path = tmp_path / "vit_settings.pt"
         settings = {"arch": "vit_tiny", "num_classes": 10, "sizes": [1, 2]}

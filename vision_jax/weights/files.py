@@ -37,9 +37,10 @@ SUFFIXES = {
     ".th": "torch",
 }
 # Keys that wrap a state dict, in order of preference (the EMA only when nothing else is there),
-# and the prefixes stripped when every key has one (Lightning's ``self.model``, DataParallel's).
+# and the prefixes stripped when every key has one (Lightning's ``self.model``, DataParallel's,
+# ``torch.compile``'s ``_orig_mod``).
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema")
-_PREFIXES = ("model.", "module.")
+_PREFIXES = ("model.", "module.", "_orig_mod.")
 
 _kept: dict[tuple, dict[str, np.ndarray]] | None = None  # :func:`read_once`'s, while it is open
 
@@ -221,15 +222,16 @@ def _holds_tensors(obj: Any) -> bool:
 
 
 def _strip_prefixes(tensors: dict[str, Any]) -> dict[str, Any]:
-    """``tensors`` without the ``module.``/``model.`` prefixes that every key has."""
+    """``tensors`` without the ``module.``/``model.``/``_orig_mod.`` prefixes that every key
+    has."""
     while prefix := next((p for p in _PREFIXES if all(k.startswith(p) for k in tensors)), ""):
         tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
     return tensors
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of a ``.safetensors`` or torch file, without ``module.`` (DataParallel) or
-    ``model.`` (Lightning) prefixes."""
+    """The tensors of a ``.safetensors`` or torch file, without ``module.`` (DataParallel),
+    ``model.`` (Lightning) or ``_orig_mod.`` (``torch.compile``) prefixes."""
     if file_kind(path) == "safetensors":
         return _strip_prefixes(read_safetensors(path))
     return _strip_prefixes(read_torch(path))
