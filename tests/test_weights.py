@@ -1080,6 +1080,20 @@ def test_input_contracts_and_apply(tmp_path, timm):
     assert apply_input_contract(Spec(), tmp_path / "v.st").interpolation == "bicubic"
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_tiny_patch16_384"])
+def test_a_timm_vit_state_dicts_crop_is_timms_for_its_size(tmp_path, timm, name):
+    """A timm ViT state dict's contract crops as timm's pretrained config of its size does:
+    0.9 at 224, 1.0 at 384 (it gave 0.9 for every grid)."""
+    from safetensors.numpy import save_file
+
+    ref = timm.create_model(name, depth=1, num_classes=3)  # its pretrained_cfg: no download
+    save_file(state_dict_np(ref), str(tmp_path / "v.safetensors"))
+    data = timm.data.resolve_data_config({}, model=ref)
+    c = input_contract(tmp_path / "v.safetensors")
+    assert (c.image_size, c.interpolation) == (data["input_size"][-1], data["interpolation"])
+    assert c.crop_fraction == pytest.approx(data["crop_pct"])
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: one clear error naming the file, never a partial load
 

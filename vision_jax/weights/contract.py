@@ -7,7 +7,7 @@ gives the values of the reference evaluation of its source:
 source                                 size  mean / std       interp.    crop
 =====================================  ====  ===============  =========  =====
 google / big_vision ViT ``.npz``       grid  0.5 / 0.5        bilinear   1.0
-timm ViT (AugReg) state dict           grid  0.5 / 0.5        bicubic    0.9
+timm ViT (AugReg) state dict           grid  0.5 / 0.5        bicubic    0.9 (1.0 from 384)
 Hugging Face ViT folder                preprocessor_config.json, else 0.5 / 0.5, squash
 BiT ``.npz`` or timm state dict        224   0.5 / 0.5        bilinear   1.0 / 0.875
 timm / torchvision ResNet              224   ImageNet         bilinear   0.875

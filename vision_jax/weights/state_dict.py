@@ -58,12 +58,19 @@ def checkpoint_grid(path: str | os.PathLike) -> tuple[int, int] | None:
     return metadata_grid(safetensors_metadata(path))
 
 
+def _vit_crop(size: int | tuple[int, int] | None) -> float:
+    """timm's crop of its AugReg ViTs: 0.9, and 1.0 for those fine-tuned at 384 px (its
+    ``*_384`` configs; and above, as its larger ones crop)."""
+    sides = (size,) if isinstance(size, int) else size or (0,)
+    return 1.0 if min(sides) >= 384 else 0.9
+
+
 def _contract(
     sd: Mapping[str, np.ndarray], source: str, grid: tuple[int, int] | None = None
 ) -> InputContract:
     if "patch_embed.proj.weight" in sd:
         size = _vit_size(sd, source, grid)
-        return InputContract(size, interpolation="bicubic", crop_fraction=0.9)
+        return InputContract(size, interpolation="bicubic", crop_fraction=_vit_crop(size))
     if "stem.conv.weight" in sd:
         return InputContract(224, crop_fraction=0.875)
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
