@@ -1480,3 +1480,35 @@ def test_predictor_from_an_oblong_file_names_what_to_build(timm, tmp_path):
                        r"create_model\('vit_ti16', num_classes=\.\.\., posemb_grid=\(rows, "
                        r"columns\)\) .*checkpoint_grid=\(rows, columns\)"):  # fmt: skip
         Predictor.from_weights(tmp_path / "w.safetensors", model="vit_ti16")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "timm_hub", "hf"])
+def test_predictor_refuses_weights_of_another_patch_size(timm, tmp_path, fmt):
+    """A ViT-Ti of 32x32 patches given to Predictor.from_weights as vit_ti16 is refused in one
+    line naming both patch sizes and the model to use: its patch kernel was resized (FlexiViT,
+    fine-tuning's start), another network than the file's predicting, said in an INFO line."""
+    from safetensors.numpy import save_file
+    from timm.models import save_for_hf
+
+    from vision_jax.predict import Predictor
+
+    ref = timm.create_model("vit_tiny_patch16_224", patch_size=32, img_size=64, num_classes=3)
+    path = tmp_path / "w"
+    if fmt == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file(state_dict_np(ref), str(path))
+    elif fmt == "timm_hub":
+        save_for_hf(ref, path, safe_serialization=True)
+    else:
+        path.mkdir()
+        sd = hf_state_dict(state_dict_np(ref), classifier=True)
+        save_file(sd, str(path / "model.safetensors"))
+        config = {**HF_CONFIG, "num_hidden_layers": 12, "image_size": 64, "patch_size": 32}
+        (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightMismatchError) as error:
+        Predictor.from_weights(path, model="vit_ti16")
+    assert str(error.value) == (
+        f"{path} holds a ViT with 32x32 patches; vit_ti16 has 16x16: use vit_ti32."
+    )
+    model = create_model("vit_ti16", num_classes=3)  # fine-tuning resizes it, as documented
+    load_pretrained(path, model=model, variables=init_vars(model, 64))

@@ -63,7 +63,7 @@ from vision_jax.data.pipeline import decode_file, parallel_map
 from vision_jax.data.sources import tensor_column
 from vision_jax.drawing import PALETTE, draw_boxes, labels_drawable
 from vision_jax.metrics import argmax_nan_lowest, nan_lowest_np
-from vision_jax.models import create_model
+from vision_jax.models import create_model, list_models, model_spec
 from vision_jax.output_errors import (
     failed_write,
     file_problem,
@@ -227,7 +227,10 @@ class Predictor:
         reads) on the registered backbone ``model``, fed as the file's input contract says (its
         size, crop, interpolation, mean and std); its classes
         ``class_names``, else those the file records (a run's, a Hugging Face ``id2label``,
-        ``export_safetensors(..., class_names=...)``'s), else ``class_0`` .. ``class_{n-1}``."""
+        ``export_safetensors(..., class_names=...)``'s), else ``class_0`` .. ``class_{n-1}``.
+        A ViT of another patch size than ``model``'s is refused naming the model to use
+        (:func:`~vision_jax.weights.load_pretrained` resizes its patch kernel for fine-tuning:
+        another network than the file's)."""
         _check_batch_size(batch_size)
         if isinstance(class_names, str):  # its characters would be the classes
             raise ValueError(
@@ -472,6 +475,7 @@ def _pretrained_classifier(
     """The registered model ``model_name`` with the classifier head of the weight file ``path``
     (its class count), and the file's weights loaded into it."""
     read = weights.read_variables(path, create_model(model_name, num_classes=1))
+    _check_patch_size(path, model_name, read)
     head = read.get("params", {}).get("head", {}).get("kernel")
     if head is None:
         raise weights.WeightFormatError(f"{path} holds no classifier head to predict with.")
@@ -482,6 +486,25 @@ def _pretrained_classifier(
     template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     return model, weights.load_pretrained(
         path, model=model, variables=template, image_size=image_size
+    )
+
+
+def _check_patch_size(path: str | os.PathLike, model_name: str, read: dict) -> None:
+    """Refuses a ViT of another patch size than ``model_name``'s: loading resizes its patch
+    kernel (FlexiViT's pseudo-inverse, a start for fine-tuning), another network than the
+    file's to predict with."""
+    spec = model_spec(model_name)
+    patch = spec.defaults.get("patch_size") if spec.family == "vit" else None
+    kernel = read.get("params", {}).get("embedding", {}).get("kernel")
+    if patch is None or kernel is None or tuple(np.shape(kernel)[:2]) == (patch, patch):
+        return
+    rows, columns = np.shape(kernel)[:2]
+    same = {**spec.defaults, "patch_size": int(rows)}
+    fits = [n for n in list_models(spec.family) if model_spec(n).defaults == same]
+    use = f"use {fits[0]}" if fits and rows == columns else "no registered model has them"
+    raise weights.WeightMismatchError(
+        f"{path} holds a ViT with {rows}x{columns} patches; {model_name} has {patch}x{patch}: "
+        f"{use}."
     )
 
 
