@@ -1512,3 +1512,27 @@ def test_predictor_refuses_weights_of_another_patch_size(timm, tmp_path, fmt):
     )
     model = create_model("vit_ti16", num_classes=3)  # fine-tuning resizes it, as documented
     load_pretrained(path, model=model, variables=init_vars(model, 64))
+
+
+def test_timm_hub_test_size_and_crop_are_for_inference(timm, tmp_path):
+    """A timm Hub folder whose pretrained_cfg has test_input_size and test_crop_pct (timm's
+    resnet50.a1_in1k: 224 train, 288 test) is evaluated at those, as timm's
+    resolve_data_config(use_test_size=True) gives them (validate.py, inference.py): for
+    Predictor.from_weights, not for fine-tuning (it read input_size and crop_pct alone)."""
+    from timm.models import save_for_hf
+
+    from vision_jax.predict import Predictor
+    from vision_jax.weights.contract import as_contract
+
+    overlay = {"input_size": (3, 64, 64), "crop_pct": 0.875, "test_input_size": (3, 96, 96),
+               "test_crop_pct": 1.0}  # fmt: skip
+    ref = timm.create_model("resnet18", num_classes=3, pretrained_cfg_overlay=overlay)
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    predicting = as_contract(Predictor.from_weights(tmp_path, model="resnet18").input)
+    assert (predicting.image_size, predicting.crop_fraction) == (96, 1.0)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    for inference in (False, True):
+        data = timm.data.resolve_data_config({}, model=loaded, use_test_size=inference)
+        contract = input_contract(tmp_path, inference=inference)
+        assert contract.image_size == data["input_size"][-1] == (96 if inference else 64)
+        assert contract.crop_fraction == pytest.approx(data["crop_pct"])

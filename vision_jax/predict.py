@@ -238,7 +238,7 @@ class Predictor:
                 "list: ['cat', 'dog'])."
             )
         with read_once():  # its contract, variables and class names: one read of a file
-            contract = weights.input_contract(path)
+            contract = weights.input_contract(path, inference=True)
             _check_square(path, model, contract.image_size)
             network, variables = _pretrained_classifier(path, model, contract.image_size)
             count = network.num_classes

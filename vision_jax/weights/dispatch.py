@@ -25,6 +25,7 @@ import this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from collections.abc import Callable
@@ -40,12 +41,13 @@ from vision_jax.weights.merge import WeightMismatchError
 
 @dataclasses.dataclass(frozen=True)
 class Reader:
-    """One format's variables (of the model's classifier form), input contract and, where it
-    names them, its classes."""
+    """One format's variables (of the model's classifier form), input contract (for inference,
+    where it differs: timm's test size and crop) and, where it names them, its classes."""
 
     variables: Callable[[pathlib.Path, nn.Module], dict]
     contract: Callable[[pathlib.Path], InputContract]
     class_names: Callable[[pathlib.Path], list[str] | None] = lambda _: None
+    inference_contract: Callable[[pathlib.Path], InputContract] | None = None
 
 
 READERS = {
@@ -54,7 +56,12 @@ READERS = {
         lambda path: run_dir.input_contract(path, "best"),
         lambda path: list(run_dir.read_record(path, "best").class_names or ()) or None,
     ),
-    "timm_hub": Reader(timm_hub.read_variables, timm_hub.input_contract, timm_hub.class_names),
+    "timm_hub": Reader(
+        timm_hub.read_variables,
+        timm_hub.input_contract,
+        timm_hub.class_names,
+        functools.partial(timm_hub.input_contract, inference=True),
+    ),
     "hf": Reader(hf.read_variables, hf.input_contract, hf.class_names),
     "npz": Reader(lambda path, _: npz.read_variables(path), npz.input_contract),
     "safetensors": Reader(
@@ -163,10 +170,13 @@ def recorded_grid(source: str | os.PathLike) -> tuple[int, int] | None:
     return state_dict.checkpoint_grid(path) if detect_format(path) == "safetensors" else None
 
 
-def input_contract(source: str | os.PathLike) -> InputContract:
-    """The :class:`InputContract` of a checkpoint, in any format :func:`read_variables` reads."""
+def input_contract(source: str | os.PathLike, *, inference: bool = False) -> InputContract:
+    """The :class:`InputContract` of a checkpoint, in any format :func:`read_variables` reads:
+    the input to fine-tune it on; ``inference``: the one to evaluate it with as it is (another
+    for a timm Hub folder with a ``test_input_size`` or ``test_crop_pct``)."""
     path = pathlib.Path(source)
-    return READERS[detect_format(path)].contract(path)
+    reader = READERS[detect_format(path)]
+    return ((reader.inference_contract if inference else None) or reader.contract)(path)
 
 
 def class_names(source: str | os.PathLike) -> list[str] | None:

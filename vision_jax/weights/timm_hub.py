@@ -4,8 +4,9 @@
 ``pytorch_model.bin``, a plain timm state dict.
 
 The weights are read as the state dict they are (:mod:`.state_dict`); the input contract is the
-one timm evaluates them with (``pretrained_cfg``: ``input_size``, ``mean``, ``std``,
-``interpolation``, ``crop_pct``, ``crop_mode``), and the class names are ``label_names``.
+one of timm's ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``interpolation``,
+``crop_pct``, ``crop_mode``; for inference its ``test_input_size`` and ``test_crop_pct`` where it
+has them, as timm evaluates them), and the class names are ``label_names``.
 """
 
 from __future__ import annotations
@@ -171,9 +172,16 @@ def read_variables(folder: str | os.PathLike, model: nn.Module) -> dict:
     return variables
 
 
-def input_contract(folder: str | os.PathLike) -> InputContract:
-    """The input timm evaluates the weights with, from ``pretrained_cfg``."""
+def input_contract(folder: str | os.PathLike, *, inference: bool = False) -> InputContract:
+    """The input of the weights, from ``pretrained_cfg``: at their train size (``input_size``,
+    ``crop_pct``), to fine-tune them; ``inference``: at their test size, the one timm evaluates
+    them with (``test_input_size`` and ``test_crop_pct`` where it has them: timm's
+    ``resolve_data_config(use_test_size=True)``, as its validate.py and inference.py)."""
     cfg, path = _pretrained_cfg(folder)
+    if inference:  # timm takes a test_crop_pct only where it is truthy
+        test_size, test_crop = cfg.get("test_input_size"), cfg.get("test_crop_pct")
+        cfg = {**cfg, **({"input_size": test_size} if test_size is not None else {}),
+               **({"crop_pct": test_crop} if test_crop else {})}  # fmt: skip
     try:
         _, height, width = cfg["input_size"]
         mean, std = tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
