@@ -50,9 +50,13 @@ def recomputed_blocks(model, variables: dict, images: jax.Array) -> int:
     return names.count(jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0].primitive.name)
 
 
-def loss_and_grads(name: str, remat: str, images: jax.Array, rules: tuple = ()):
-    """Loss, parameter gradients and updated batch statistics of one training forward."""
-    model = create_model(name, num_classes=7, remat=remat, remat_rules=rules, **SMALL[name])
+def loss_and_grads(
+    name: str, remat: str, images: jax.Array, rules: tuple = (), sizes: dict | None = None
+):
+    """Loss, parameter gradients and updated batch statistics of one training forward (of the
+    ``SMALL`` model, or with ``sizes`` instead)."""
+    sizes = SMALL[name] if sizes is None else sizes
+    model = create_model(name, num_classes=7, remat=remat, remat_rules=rules, **sizes)
     variables = model.init(jax.random.key(0), images[:1])
     params = jax.tree.map(lambda p: p + 0.01, variables["params"])  # a non-zero head
 
@@ -92,10 +96,12 @@ def test_every_policy_gives_the_same_loss_gradients_and_statistics(name):
         jax.tree.map(close, (other_stats, other_grads), (stats, grads))
 
 
-def step_cost(remat: str, images: jax.Array, rules: tuple = ()) -> tuple[int, float]:
-    """(temporary bytes, flops) of a ViT-Ti training step, with the train step's compiler
-    options (on CPU they keep jax.checkpoint's barriers)."""
-    step, params = loss_and_grads("vit_ti16", remat, images, rules)
+def step_cost(
+    remat: str, images: jax.Array, rules: tuple = (), name: str = "vit_ti16", sizes=None
+) -> tuple[int, float]:
+    """(temporary bytes, flops) of a training step (of the ``SMALL`` ViT-Ti by default), with
+    the train step's compiler options (on CPU they keep jax.checkpoint's barriers)."""
+    step, params = loss_and_grads(name, remat, images, rules, sizes)
     options = step_compiler_options(jnp.float32, remat=recomputes(remat, rules))
     compiled = jax.jit(step, compiler_options=options).lower(params).compile()
     cost = compiled.cost_analysis()
@@ -108,6 +114,17 @@ def test_remat_keeps_less_for_the_backward_pass():
     images = jax.random.normal(jax.random.key(2), (8, 64, 64, 3))
     temp = {remat: step_cost(remat, images)[0] for remat in REMAT_POLICIES}
     assert max(temp["block"], temp["dots"]) < 0.5 * temp["none"], temp
+
+
+def test_remat_keeps_less_for_a_convolutional_network():
+    """The same for a ResNet (convolutions, BatchNorm with batch statistics): the whole CIFAR
+    ResNet-20 at batch 16 keeps 24.3 MiB of temporaries without remat, 18.5 MiB with "dots",
+    11.0 MiB with "block" (compiled without the train step's options, 24.3, 34.5 and 24.3 MiB
+    on CPU: XLA merges the recomputation back into the forward pass)."""
+    images = jax.random.normal(jax.random.key(2), (16, 32, 32, 3))
+    full = {"stage_sizes": (3, 3, 3)}
+    temp = {r: step_cost(r, images, name="cifar_resnet20", sizes=full)[0] for r in REMAT_POLICIES}
+    assert temp["block"] < 0.6 * temp["none"] and temp["dots"] < 0.9 * temp["none"], temp
 
 
 def test_rules_recompute_only_the_blocks_they_name():
