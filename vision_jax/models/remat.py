@@ -18,10 +18,8 @@ On CPU the saving needs the train step's compiler options
 (:func:`vision_jax.compile_options.step_compiler_options` with ``remat=True``, as
 ``vision_jax.run`` compiles the train step): without them XLA's CPU pipeline expands
 ``jax.checkpoint``'s optimisation barriers before common-subexpression elimination, merges the
-recomputation back into the forward pass and keeps as much as without remat, or more
-(``jax.jit`` alone, float32 ResNet-50 at batch 8 and 224 px: 638 MiB of temporaries without
-remat, 684 with ``"block"``, 949 with ``"dots"``; with the options 638, 263 and 537; figures
-for ResNet-18, BiT and ViT in the README). Code that jits a model's gradient itself passes the
+recomputation back into the forward pass and keeps as much as without remat, or more (the
+README gives the figures). Code that jits a model's gradient itself passes the
 same options (``jax.jit(..., compiler_options=step_compiler_options(dtype, remat=True))``).
 """
 
