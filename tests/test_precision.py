@@ -492,3 +492,111 @@ def test_layer_product_leaves_other_products_alone():
     out = product(x, w, dims)
     assert out.shape == (2, 2, 2)
     np.testing.assert_array_equal(out, jnp.einsum("ij,jkl->ikl", x, w))
+
+
+def _bfloat16_sums(jaxpr: Any) -> list[str]:
+    """The ``reduce_sum`` equations over bfloat16 in ``jaxpr`` and the jaxprs inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _bfloat16_sums(inner)
+        if eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.dtype == jnp.bfloat16:
+            found.append(str(eqn))
+    return found
+
+
+@pytest.mark.parametrize(
+    "task, backbone, size",
+    [("detection", "vit_ti16", 64), ("detection", "resnet18", 64), ("fpn", "vit_ti16", 64),
+     ("fpn", "cifar_resnet20", 32), ("linear", "vit_ti16", 32)],
+)  # fmt: skip
+def test_bfloat16_task_losses_sum_no_bias_gradient_in_bfloat16(task, backbone, size):
+    """In a bfloat16 detection or segmentation step every convolution, transposed convolution
+    and classifier of the task head adds its bias in float32: no gradient of the loss is a
+    bfloat16 sum (XLA's CPU backend accumulates those in bfloat16, and over a feature map's
+    pixels they stall at a fraction of the float32 sum)."""
+    from vision_jax.tasks import Detection, Segmentation
+
+    spec = Detection(strides=(8, 16)) if task == "detection" else Segmentation(head=task)
+    kwargs = {"depth": 1} if backbone.startswith("vit") else {}
+    model = spec.build_model(backbone, 3, dtype=jnp.bfloat16, **kwargs)
+    x = jnp.zeros((2, size, size, 3))
+    if task == "detection":
+        batch = {"image": x, "boxes": jnp.tile(jnp.asarray([[[2.0, 2, 30, 30]]]), (2, 1, 1)),
+                 "classes": jnp.ones((2, 1), jnp.int32), "valid": jnp.ones((2, 1), jnp.int32),
+                 "crowd": jnp.zeros((2, 1), jnp.int32)}  # fmt: skip
+    else:
+        batch = {"image": x, "label_map": jnp.ones((2, size, size), jnp.int32)}
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params, state):
+        out, _ = model.apply({"params": params, **state}, x, train=True, mutable=list(state))
+        return spec.train_loss(out, batch)[0]
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], state)
+    sums = _bfloat16_sums(jaxpr.jaxpr)
+    assert not sums, sums[:3]
+
+
+def _head_bias_gradients(head: Any, features: list, image_hw: tuple[int, int], dtype: Any):
+    """The bias gradients of ``head`` (a function of the compute dtype) on ``features``, the
+    parameters those of the float32 head."""
+    variables = head(jnp.float32).init(jax.random.key(0), features, image_hw, train=False)
+
+    def loss(params):
+        inputs = [f.astype(dtype) for f in features]
+        out = head(dtype).apply({"params": params}, inputs, image_hw, train=False)
+        return sum(jnp.sum(jnp.sin(a.astype(jnp.float32) / 4 + 1)) for a in jax.tree.leaves(out))
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    flat = jax.tree_util.tree_leaves_with_path(grads)
+    return {jax.tree_util.keystr(p): g for p, g in flat if jax.tree_util.keystr(p).endswith(
+        "['bias']")}  # fmt: skip
+
+
+@pytest.mark.parametrize("head", ["detection", "segmentation"])
+@pytest.mark.parametrize("single_map", [True, False])
+def test_bfloat16_head_bias_gradients_match_float32(head, single_map):
+    """The bias gradients of a bfloat16 FCOS or segmentation FPN head (simple pyramid on one
+    map, FPN on three) are within bfloat16 rounding of the float32 head's: biases added in
+    bfloat16 summed their gradients in bfloat16 over the maps' pixels, 10-90% off."""
+    from vision_jax.tasks.fcos import FCOSHead
+    from vision_jax.tasks.segmentation import FPNHead
+
+    if single_map:
+        features, image_hw = [jax.random.normal(jax.random.key(1), (2, 8, 8, 32))], (64, 64)
+    else:
+        features = [jax.random.normal(jax.random.key(i), (2, 32 >> i, 32 >> i, 16))
+                    for i in range(3)]  # fmt: skip
+        image_hw = (128, 128)
+    if head == "detection":
+        make = lambda dtype: FCOSHead(3, strides=(4, 8), width=32, dtype=dtype)  # noqa: E731
+    else:
+        make = lambda dtype: FPNHead(3, width=32, dtype=dtype)  # noqa: E731
+    want = _head_bias_gradients(make, features, image_hw, jnp.float32)
+    got = _head_bias_gradients(make, features, image_hw, jnp.bfloat16)
+    # Relative to each gradient's norm, except where it is a small remainder of cancelling
+    # terms (the biases under the towers' GroupNorms), where bfloat16 activations dominate.
+    largest = max(float(np.linalg.norm(g)) for g in want.values())
+    for name, g in want.items():
+        error = float(np.linalg.norm(got[name] - g))
+        assert error <= 0.02 * float(np.linalg.norm(g)) + 0.005 * largest, (name, error)
+
+
+def test_conv_layer_returns_float32_accumulators_in_bfloat16_only():
+    """``conv_layer``: in bfloat16 every kind of convolution (a product over channels, over a
+    2x2 map's windows, a convolution) returns its float32 accumulator, the values of
+    ``conv_as_dot`` before rounding; in float32 it is ``conv_as_dot`` itself."""
+    assert precision.conv_layer(jnp.float32) is precision.conv_as_dot
+    layer = precision.conv_layer(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16), jnp.bfloat16)
+    for kernel, stride in [(1, 1), (3, 4), (3, 1)]:
+        w = jax.random.normal(jax.random.key(kernel), (kernel, kernel, 16, 8), jnp.bfloat16)
+        args = (x, w, (stride, stride), "SAME", None, None, NHWC)
+        out = layer(*args)
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(out.astype(jnp.bfloat16), precision.conv_as_dot(*args))

@@ -170,7 +170,8 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                 rhs_dilation: Any = None, dimension_numbers: Any = None,
                 feature_group_count: int = 1, batch_group_count: int = 1,
                 precision: Any = None, preferred_element_type: Any = None,
-                float32_pointwise: bool = False) -> jax.Array:  # fmt: skip
+                float32_pointwise: bool = False,
+                float32_result: bool = False) -> jax.Array:  # fmt: skip
     """``lax.conv_general_dilated`` (the same arguments and result), computing two kinds of
     NHWC convolutions as 2-D products, where XLA's CPU backend is slow:
 
@@ -191,8 +192,13 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     turns a one-row product into a batch_matmul of the wrong rank. ``float32_pointwise``: a
     bfloat16 1x1 convolution returns its float32 accumulator instead of rounding it, for a
     consumer that computes in float32 anyway (BatchNorm): one conversion pass and one rounding
-    less.
+    less. ``float32_result``: every bfloat16 convolution returns its float32 accumulator (see
+    :func:`conv_layer`); float32 ones are unchanged.
     """
+    if float32_result and preferred_element_type is None and jnp.finfo(lhs.dtype).bits < 32:
+        float32_pointwise = True  # the 1x1 product's accumulator
+    else:
+        float32_result = False
     plain = (
         lhs.ndim == rhs.ndim == 4
         and dimension_numbers in (_nhwc_numbers(lhs, rhs), ("NHWC", "HWIO", "NHWC"))
@@ -215,7 +221,9 @@ def conv_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                zip(lhs.shape[1:3], pads, rhs.shape[:2], window_strides, strict=True)]  # fmt: skip
         if several and max(out) <= 2 and min(map(min, pads)) >= 0:
             y = patches_as_dot(lhs, rhs, pads, precision, preferred_element_type, window_strides)
-            return y.astype(lhs.dtype) if rounded else y
+            return y.astype(lhs.dtype) if rounded and not float32_result else y
+    if float32_result:
+        preferred_element_type = jnp.float32
     return _convolution(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
@@ -381,3 +389,16 @@ def conv_general_dilated(dtype: Any) -> Callable[..., jax.Array]:
     if jnp.dtype(dtype) == jnp.float32:
         return _convolution
     return functools.partial(_convolution, preferred_element_type=jnp.float32)
+
+
+def conv_layer(dtype: Any) -> Callable[..., jax.Array]:
+    """:func:`conv_as_dot` for Flax's ``conv_general_dilated=`` field of a convolution with a
+    bias in compute dtype ``dtype``: for a low-precision ``dtype`` it returns the float32
+    accumulator (``float32_result``), so the layer adds its bias in float32 and the caller casts
+    the layer's output to ``dtype``, as :func:`dot_general`. Added in bfloat16, the bias's
+    gradient is a bfloat16 sum over batch x height x width, which XLA's CPU backend accumulates
+    in bfloat16: over a 128x128 map it stalls at a fraction of the float32 sum. In float32 it is
+    :func:`conv_as_dot` itself."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return conv_as_dot
+    return functools.partial(conv_as_dot, float32_result=True)

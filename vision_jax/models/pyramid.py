@@ -12,7 +12,7 @@ compute in ``dtype``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,14 +23,19 @@ from vision_jax.models import precision
 from vision_jax.models.pooling import max_pool
 
 
-def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) -> nn.Conv:
+def conv(
+    features: int, kernel: int, dtype: Any, name: str, stride: int = 1
+) -> Callable[[jax.Array], jax.Array]:
     """A ``kernel`` x ``kernel`` convolution with 'SAME' padding and float32 parameters (1x1
-    ones and those into maps of 2x2 pixels or fewer as products: :func:`precision.conv_as_dot`)."""
-    return nn.Conv(
+    ones and those into maps of 2x2 pixels or fewer as products: :func:`precision.conv_as_dot`),
+    its output in ``dtype``: in a low precision the bias is added to the float32 accumulator
+    (:func:`precision.conv_layer`) and the sum rounded, so the bias gradient sums float32."""
+    layer = nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-        dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=precision.conv_as_dot,
+        dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=precision.conv_layer(dtype),
         name=name,
     )  # fmt: skip
+    return lambda x: layer(x).astype(dtype)
 
 
 def channel_norm(dtype: Any, name: str) -> nn.LayerNorm:
@@ -79,10 +84,19 @@ class Upsample2x(nn.Module):
         shape = (2, 2, x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel[::-1, ::-1])  # ConvTranspose's flip
-        n, h, _, w, _, o = y.shape
-        return y.reshape(n, 2 * h, 2 * w, o) + bias
+        if jnp.dtype(self.dtype) == jnp.float32:
+            x, kernel = x.astype(jnp.float32), kernel[::-1, ::-1]  # ConvTranspose's flip
+            y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
+            n, h, _, w, _, o = y.shape
+            return y.reshape(n, 2 * h, 2 * w, o) + bias
+        # A low precision: the float32 product (precision.dot), the float32 bias added to it,
+        # then rounded (the bias gradient sums float32, as precision.dot_general's layers).
+        x, kernel = x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype)
+        n, h, w, c = x.shape
+        columns = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c, 4 * self.features)  # (c, abo)
+        y = precision.dot(x.reshape(n * h * w, c), columns, (((1,), (0,)), ((), ())))
+        y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+        return (y.reshape(n, 2 * h, 2 * w, self.features) + bias).astype(self.dtype)
 
 
 SIMPLE_SCALES = (4.0, 2.0, 1.0, 0.5)  # the simple pyramid's levels, as resampling factors

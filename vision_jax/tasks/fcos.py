@@ -147,10 +147,12 @@ class FCOSHead(nn.Module):
         return layers
 
     def _conv(self, features: int, name: str, bias: float) -> nn.Conv:
+        """An output convolution: float32 results in any ``dtype``, the bias added to the
+        float32 accumulator (:func:`precision.conv_layer`; the distances keep float32 pixels)."""
         return nn.Conv(
             features, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.constant(bias),
-            conv_general_dilated=precision.conv_as_dot, name=name,
+            conv_general_dilated=precision.conv_layer(self.dtype), name=name,
         )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ import optax
 from clu import metrics
 
 from vision_jax.metrics import ConfusionMatrix, iou_summary, nan_lowest
+from vision_jax.models import precision
 from vision_jax.models.pyramid import (
     FPN,
     SimpleFeaturePyramid,
@@ -48,9 +49,11 @@ HEADS = ("linear", "fpn")
 
 
 def _classifier(num_classes: int, dtype: Any) -> nn.Dense:
+    """The per-pixel classifier: float32 logits in any ``dtype``, the bias added to the float32
+    product (:func:`precision.dot_general`), so its gradient sums float32 over the pixels."""
     return nn.Dense(
         num_classes, kernel_init=nn.initializers.normal(0.01), dtype=dtype,
-        param_dtype=jnp.float32, name="classifier",
+        param_dtype=jnp.float32, dot_general=precision.dot_general(dtype), name="classifier",
     )  # fmt: skip
 
 
