@@ -262,9 +262,14 @@ def test_cpu_flags_are_linux_flags():
                 assert set(line.split()[1:]) == flags
 
 
-def test_bfloat16_vit_bias_gradients_are_float32_reductions():
-    """Bias adds happen on the float32 accumulator, so no bias gradient reduces bfloat16."""
-    model = create_model("vit_ti16", num_classes=3, dtype=jnp.bfloat16, depth=1)
+@pytest.mark.parametrize("representation_size", [None, 8])
+def test_bfloat16_vit_bias_gradients_are_float32_reductions(representation_size):
+    """Bias adds happen on the float32 accumulator, so no bias gradient reduces bfloat16 (the
+    pre-logits layer's included)."""
+    model = create_model(
+        "vit_ti16", num_classes=3, dtype=jnp.bfloat16, depth=1,
+        representation_size=representation_size,
+    )  # fmt: skip
     x = jnp.ones((2, 32, 32, 3))
     variables = model.init(jax.random.key(0), x)
 

@@ -345,12 +345,12 @@ class VisionTransformer(nn.Module):
             prefix = int(self.pool_type == "token")
             return tuple(y[:, prefix:].reshape(n, gh, gw, c) for y in x)
         x = x[:, 0] if self.pool_type == "token" else jnp.mean(x, axis=1)
-        if self.representation_size is not None:
+        if self.representation_size is not None:  # float32 product and bias, then tanh
             x = nn.Dense(
                 self.representation_size, dtype=self.dtype, param_dtype=jnp.float32,
-                name="pre_logits",
+                dot_general=precision.dot_general(self.dtype), name="pre_logits",
             )(x)  # fmt: skip
-            x = jnp.tanh(x)
+            x = jnp.tanh(x).astype(self.dtype)
         return classify(x, self.num_classes, self.dtype)
 
     def _posemb_rows(self) -> int | None:
