@@ -369,3 +369,61 @@ def test_detection_figures_equal_pycocotools_on_its_detections(tmp_path):
     assert got["eval/examples"] == 12 and want["ap50"] > 0.05, want  # boxes found
     for key in ("map", "ap50", "ap75"):
         assert got[f"eval/{key}"] == pytest.approx(want[key], abs=2e-3), key
+
+
+def test_a_backbone_of_ones_own_is_imported_from_model_module(tmp_path, monkeypatch):
+    """``model.module`` names the module that registers a model of one's own
+    (tests/own_backbone.py, outside the library): the run imports it, and so does everything
+    that reads the run later from its saved config: load_trained, evaluate_run and, in a fresh
+    process that never imported it, ``python -m vision_jax.evaluate``, which gives the run's
+    own figures. Without it, or with a module that does not import, one line says what to set."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from vision_jax.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    monkeypatch.delitem(sys.modules, "own_backbone", raising=False)
+    run = tmp_path / "run"
+    mine = {"model.name": "own_net_s"}
+    with pytest.raises(ValueError, match=r"Unknown model 'own_net_s'.* set model.module to the"):
+        train_and_evaluate(small_config(**mine), str(run))
+    with pytest.raises(ValueError, match=r"^model.module 'no_such_net' cannot be imported \("):
+        train_and_evaluate(small_config(**mine, **{"model.module": "no_such_net"}), str(run))
+    with pytest.raises(ValueError, match=r"^model.module 'own_backbone' registers a model of yo"):
+        train_and_evaluate(small_config(**{"model.module": "own_backbone"}), str(run))
+    config = small_config(total_steps=8, **mine, **{"model.module": "own_backbone"})
+    final = train_and_evaluate(config, str(run))
+
+    def forget() -> None:  # a later process's view
+        del registry._REGISTRY["own_net_s"], registry._FAMILIES["own_net"]
+        del sys.modules["own_backbone"]
+
+    forget()
+    trained = load_trained(run)
+    assert trained.spec.model_module == "own_backbone"
+    assert type(trained.model).__module__ == "own_backbone"
+    forget()
+    got = evaluate_run(run)
+    for key in ("eval/top1", "eval/loss", "eval/examples"):
+        assert got[key] == pytest.approx(final[key], abs=1e-5), key
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vision_jax.evaluate", f"--workdir={run}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("eval/top1", "eval/loss", "eval/examples"):
+        assert printed[key] == pytest.approx(final[key], abs=1e-5), key
+    # A saved run without the module (its config as it ran): the error says to import it.
+    forget()
+    for meta in (run / "checkpoints").glob("*/meta/metadata"):
+        record = json.loads(meta.read_text())
+        record["config"]["model"]["module"] = None
+        meta.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"own_net_s'.* Import the module that registers it fi"):
+        load_trained(run)

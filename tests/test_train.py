@@ -998,6 +998,16 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
             r"task.module 'no.such.module' registers a task of your own; task.name 'classif",
         ),
         (
+            {"model.module": "no.such.module"},
+            ValueError,
+            r"model.module 'no.such.module' registers a model of your own; model.name 'cifar_r",
+        ),
+        (
+            {"model.name": "no_such_net"},
+            ValueError,
+            r"Unknown model 'no_such_net'. Valid names: .* A model of your own: set model.module",
+        ),
+        (
             {"optimizer.weight_decay": 0.0, "optimizer.decay_params": ".*"},
             ValueError,
             r"optimizer.decay_params only applies with weight_decay > 0",

@@ -112,6 +112,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = NumberConfigDict()
     c.model.name = "vit_ti16"
     c.model.dtype = "float32"  # compute dtype; params stay float32
+    # a model of one's own: the module that registers it (vision_jax.models.registry's
+    # register_family / register_model), imported by the run and by every reader of it
+    c.model.module = placeholder(str)
     # activation checkpointing of each block: "none", "block" (recompute all) or "dots" (keep
     # matmul/conv outputs), for models whose activations do not fit (vision_jax.models.remat)
     c.model.remat = "none"

@@ -1080,8 +1080,8 @@ def _ended(meta: Mapping[str, Any]) -> str:
 
 def _in_recipe(key: str) -> bool:
     """Whether a config key is part of the training recipe (:data:`_RECIPE_SECTIONS`; not
-    where a task's code lives)."""
-    return key.split(".")[0] in _RECIPE_SECTIONS and key != "task.module"
+    where a task's or a model's code lives)."""
+    return key.split(".")[0] in _RECIPE_SECTIONS and key not in ("task.module", "model.module")
 
 
 def _agreed(changes: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import importlib
 import logging
 import math
 import os
@@ -357,6 +358,48 @@ _SAVED = contextvars.ContextVar("saved_config", default=False)
 _WARNED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
     "saved_config_warned", default=None
 )
+
+
+def import_config_module(key: str, module: str) -> None:
+    """Imports ``module``, which the config key ``key`` names (``task.module``, ``model.module``:
+    code of one's own that registers a task or a model), for the run and for everything that
+    reads it later from its saved config; a module that cannot be imported is one line naming
+    both."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(
+            f"{key} {module!r} cannot be imported ({e}): is its folder on PYTHONPATH?"
+        ) from e
+
+
+def _import_model_module(name: str, module: str | None) -> None:
+    """Imports ``model.module`` when ``model.name`` is not registered yet (a script registering
+    it as __main__ has it already); a name that is still unknown is an error saying where to
+    register it."""
+    from vision_jax.models import list_models, model_spec  # the models import this module
+
+    if name is None:  # (_check_set names it)
+        return
+    library = name in list_models() and model_spec(name).module.__module__.startswith("vision_jax.")
+    if module and library and not _SAVED.get():
+        raise ConfigError(
+            f"model.module {module!r} registers a model of your own; model.name {name!r} is "
+            "built in (remove model.module, or name the model the module registers)."
+        )
+    if module and name not in list_models():
+        import_config_module("model.module", module)
+    try:
+        model_spec(name)
+    except ValueError as e:
+        if module:
+            hint = f"model.module {module!r} does not register it."
+        elif _SAVED.get():  # a saved run: its config cannot be changed from here
+            hint = "Import the module that registers it first: the run's config has no module."
+        else:
+            hint = "A model of your own: set model.module to the module that registers it."
+        timm = ": timm's " in str(e)  # (a timm name: the message names the one here)
+        raise ConfigError(str(e) if timm else f"{e} {hint}") from None
 
 
 def reading_saved_config() -> bool:
@@ -750,6 +793,7 @@ class RunSpec:
     model_name: str
     model_dtype: str
     model_overrides: dict[str, Any]
+    model_module: str | None  # the module that registers a model of one's own
     mesh: str
     sharding_rules: tuple
     fsdp_min_size: int
@@ -818,7 +862,11 @@ def _refuse_unread_top_level(spec: RunSpec) -> None:
                        ", ".join(stray), spec.mesh)  # fmt: skip
 
 
-_CONFIG_KEYS = {"model_name": "model.name", "model_dtype": "model.dtype"}
+_CONFIG_KEYS = {
+    "model_name": "model.name",
+    "model_dtype": "model.dtype",
+    "model_module": "model.module",
+}
 
 
 def _check_set(spec: RunSpec) -> None:
@@ -835,6 +883,8 @@ def run_spec(config: Any) -> RunSpec:
     from vision_jax.tasks import create_task
 
     model = {k: config.model[k] for k in config.model}
+    model_module = model.pop("module", None)  # (a dict config may leave it out)
+    _import_model_module(model["name"], model_module)
     scalars = {
         k: config[k]
         for k in (
@@ -862,6 +912,7 @@ def run_spec(config: Any) -> RunSpec:
         model_name=model.pop("name"),
         model_dtype=model.pop("dtype"),
         model_overrides={k: as_tuples(v) for k, v in model.items() if v is not None},
+        model_module=model_module,
         sharding_rules=tuple(config.sharding_rules),
         config=recorded,
         **scalars,

@@ -4,10 +4,9 @@ selects one."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from vision_jax.specs import reading_saved_config
+from vision_jax.specs import import_config_module, reading_saved_config
 from vision_jax.tasks.base import Task
 from vision_jax.tasks.classification import Classification
 from vision_jax.tasks.detection import Detection
@@ -51,12 +50,7 @@ def create_task(config: Any) -> Task:
             "in (remove task.module, or name the task the module registers)."
         )
     if module and name not in TASKS:  # (a script registering it as __main__ has it already)
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(
-                f"task.module {module!r} cannot be imported ({e}): is its folder on PYTHONPATH?"
-            ) from e
+        import_config_module("task.module", module)
     if name not in TASKS:
         hint = "set task.module to the module that registers a task of your own"
         if reading_saved_config():  # a saved run: its config cannot be changed from here
