@@ -12,11 +12,23 @@ import flax.linen as nn
 import numpy as np
 
 from vision_jax.models.registry import family
+from vision_jax.weights.files import WeightFormatError
 
 
 def converter(model: nn.Module) -> ModuleType:
-    """The converter module that the model's family names."""
-    return importlib.import_module(family(model).converter)
+    """The converter module that the model's family names (``Family.converter``); one that is
+    not found is one line naming it and its family."""
+    fam = family(model)
+    try:
+        return importlib.import_module(fam.converter)
+    except ModuleNotFoundError as e:  # the converter itself (an import inside it: as it is)
+        if e.name is None or not (fam.converter + ".").startswith(e.name + "."):
+            raise
+        raise WeightFormatError(
+            f"The {fam.name!r} family's converter {fam.converter!r} (Family.converter, the "
+            f"module with from_timm / to_timm / checkpoint_model) cannot be imported ({e}): is "
+            "its folder on PYTHONPATH, or is the name in register_family wrong?"
+        ) from None
 
 
 def from_timm(state_dict: Mapping[str, np.ndarray], model: nn.Module) -> dict:
