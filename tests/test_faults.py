@@ -570,6 +570,36 @@ def test_the_eval_split_is_read_while_the_first_step_compiles(tmp_path, monkeypa
     assert not step_dirs(tmp_path / "run")  # the error came before step 1 was saved
 
 
+def test_a_resume_does_not_read_an_unchanged_eval_split_again(tmp_path, monkeypatch, caplog):
+    """The eval split's check (every image read: minutes for ImageNet's 50,000) runs once per
+    run: a resume reads it again only when its examples changed."""
+    from PIL import Image
+
+    data, run = tmp_path / "data", str(tmp_path / "run")
+    _image_folder(data, corrupt_eval=False)
+    checked, check = [], train.data_lib.check_examples
+
+    def spy(source, spec):
+        checked.append(source.num_examples)
+        return check(source, spec)
+
+    monkeypatch.setattr(train.data_lib, "check_examples", spy)
+    cfg = lambda steps: config(
+        total_steps=steps, **{"data.source": "imagefolder", "data.root": str(data)}
+    )
+    train_and_evaluate(cfg(2), run)
+    assert checked == [10]  # a fresh run reads it
+    with caplog.at_level(logging.INFO, logger="vision_jax.train"):
+        train_and_evaluate(cfg(3), run)
+    assert checked == [10]  # the resume does not
+    assert "The eval split was read when the run started" in caplog.text
+    Image.new("RGB", (12, 12)).save(data / "test" / "c" / "new.png")
+    train_and_evaluate(cfg(4), run)
+    assert checked == [10, 11]  # another eval split: read again
+    train_and_evaluate(cfg(5), run)
+    assert checked == [10, 11]
+
+
 def test_the_final_state_is_saved_before_the_final_evaluation(tmp_path, monkeypatch):
     def fail(*args):
         raise ValueError("evaluation failed")
