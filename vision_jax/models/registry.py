@@ -172,8 +172,10 @@ def stages_run(module: nn.Module, taps: tuple[int, ...], num_stages: int) -> int
 def family(model: nn.Module) -> Family:
     """The :class:`Family` of a model created by :func:`create_model` (or a task model on one)."""
     backbone = backbone_of(model)
-    for fam in _FAMILIES.values():
-        if isinstance(backbone, fam.module):
+    for cls in type(backbone).__mro__:  # the nearest class with a family: a subclass of a
+        # registered module (``class MyViT(VisionTransformer)``) has its own family's groups
+        fam = next((f for f in _FAMILIES.values() if f.module is cls), None)
+        if fam is not None:
             return fam
     raise ValueError(f"{type(backbone).__name__} is not a registered model class.")
 

@@ -1,0 +1,111 @@
+"""A family's declarations are checked where the library reads them (README "Adding a
+backbone"): a wrong one is an error naming the family, not a silent change of training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vision_jax.models import create_model, registry
+from vision_jax.models.head import classify
+from vision_jax.models.registry import (
+    Family,
+    FeatureTap,
+    family,
+    register_family,
+    register_model,
+    stage_taps,
+    stages_run,
+)
+from vision_jax.models.vit import VisionTransformer
+
+
+@pytest.fixture(autouse=True)
+def restore_registry():
+    """Every family and model a test registers is removed afterwards."""
+    families, models = dict(registry._FAMILIES), dict(registry._REGISTRY)
+    yield
+    registry._FAMILIES.clear()
+    registry._FAMILIES.update(families)
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(models)
+
+
+class ToyNet(nn.Module):
+    """Two stride-2 stages of two blocks each."""
+
+    num_classes: int
+    dtype: Any = jnp.float32
+    feature_taps: tuple[int, ...] | None = None
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        taps = stage_taps(self.feature_taps, 2, self.num_classes)
+        x = nn.Conv(4, (3, 3), name="stem")(jnp.asarray(images, self.dtype))
+        outs = []
+        for i in range(stages_run(self, taps, 2)):
+            x = nn.Conv(4 * (i + 1), (3, 3), strides=2, name=f"stage{i}_block0")(x)
+            x = nn.Conv(4 * (i + 1), (1, 1), name=f"stage{i}_block1")(x)
+            x = nn.LayerNorm(name=f"stage{i}_norm")(x)
+            outs.append(x)
+        if taps:
+            return tuple(outs[i] for i in taps)
+        x = nn.LayerNorm(name="final_norm")(x)
+        return classify(x.mean((1, 2)), self.num_classes, self.dtype)
+
+
+def toy_groups(model):
+    return [("stem/.*", 0), ("stage0_.*", 1), ("stage1_.*", 2), (".*", 3)], 4
+
+
+def toy_taps(model):
+    return [FeatureTap("stage0", 2, 4), FeatureTap("stage1", 4, 8)]
+
+
+def toy_family(name: str, module: type = ToyNet, **changes: Any) -> str:
+    """Registers family and model ``name`` on ``module`` with the toy declarations, changed."""
+    declared = dict(
+        name=name, module=module, layer_groups=toy_groups, norm_modules=r"stage\d_norm|final_norm",
+        feature_taps=toy_taps, converter="none", after_last_stage="final_norm/.*",
+    )  # fmt: skip
+    register_family(Family(**{**declared, **changes}))
+    register_model(name, family=name, module=module, input_size=16)
+    return name
+
+
+def params_of(model) -> Any:
+    return model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))["params"]
+
+
+def test_toy_family_passes_every_check():
+    toy_family("toy_ok")
+    assert family(create_model("toy_ok", num_classes=3)).name == "toy_ok"
+
+
+def test_subclass_of_a_registered_module_gets_its_own_family():
+    """``class MyViT(VisionTransformer)`` under a family of its own is not read as a ViT (the
+    first registered family whose module it is an instance of): its layer groups count."""
+
+    class MyViT(VisionTransformer):
+        pass
+
+    def groups(model):
+        return [(".*", 1)], 3
+
+    register_family(
+        Family(
+            name="myvit_test", module=MyViT, layer_groups=groups, norm_modules="LayerNorm_0",
+            feature_taps=lambda m: [], converter="none",
+        )
+    )  # fmt: skip
+    register_model(
+        "myvit_test", family="myvit_test", module=MyViT, input_size=16, patch_size=8, width=8,
+        depth=1, num_heads=1, mlp_dim=8,
+    )  # fmt: skip
+    model = create_model("myvit_test", num_classes=3)
+    assert family(model).name == "myvit_test"
+    assert family(create_model("vit_ti16", num_classes=3)).name == "vit"
