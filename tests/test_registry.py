@@ -109,3 +109,20 @@ def test_subclass_of_a_registered_module_gets_its_own_family():
     model = create_model("myvit_test", num_classes=3)
     assert family(model).name == "myvit_test"
     assert family(create_model("vit_ti16", num_classes=3)).name == "vit"
+
+
+def test_register_model_refuses_an_unknown_family_or_a_foreign_module():
+    with pytest.raises(ValueError, match=r"family 'nosuchfamily' is not registered \(registered: "):
+        register_model("toy_unreg", family="nosuchfamily", module=ToyNet, input_size=16)
+    with pytest.raises(ValueError, match="register_family"):
+        register_model("toy_unreg", family="nosuchfamily", module=ToyNet, input_size=16)
+    with pytest.raises(
+        ValueError, match=r"module ToyNet is neither the module of family 'vit' \(Vision"
+    ):
+        register_model("toy_vit", family="vit", module=ToyNet, input_size=16)
+    assert "toy_unreg" not in registry._REGISTRY and "toy_vit" not in registry._REGISTRY
+
+    class SubViT(VisionTransformer):
+        pass
+
+    register_model("subvit_test", family="vit", module=SubViT, input_size=16)  # a subclass

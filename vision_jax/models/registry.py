@@ -217,6 +217,16 @@ def register_model(
     """Registers ``name`` as ``module(**defaults)``."""
     if name in _REGISTRY:
         raise ValueError(f"Model {name!r} is already registered.")
+    if family not in _FAMILIES:
+        raise ValueError(
+            f"Model {name!r}: family {family!r} is not registered (registered: "
+            f"{', '.join(_FAMILIES)}); register_family(Family(name={family!r}, ...)) first."
+        )
+    if not issubclass(module, _FAMILIES[family].module):
+        raise ValueError(
+            f"Model {name!r}: module {module.__name__} is neither the module of family "
+            f"{family!r} ({_FAMILIES[family].module.__name__}) nor a subclass of it."
+        )
     fields = {f.name for f in dataclasses.fields(module)}
     unknown = set(defaults) - fields
     if unknown:
