@@ -66,8 +66,10 @@ def toy_taps(model):
     return [FeatureTap("stage0", 2, 4), FeatureTap("stage1", 4, 8)]
 
 
-def toy_family(name: str, module: type = ToyNet, **changes: Any) -> str:
-    """Registers family and model ``name`` on ``module`` with the toy declarations, changed."""
+def toy_family(name: str, module: type | None = None, **changes: Any) -> str:
+    """Registers family and model ``name`` on ``module`` (a ToyNet subclass of its own) with the
+    toy declarations, changed."""
+    module = module or type(name, (ToyNet,), {})
     declared = dict(
         name=name, module=module, layer_groups=toy_groups, norm_modules=r"stage\d_norm|final_norm",
         feature_taps=toy_taps, converter="none", after_last_stage="final_norm/.*",
@@ -126,3 +128,40 @@ def test_register_model_refuses_an_unknown_family_or_a_foreign_module():
         pass
 
     register_model("subvit_test", family="vit", module=SubViT, input_size=16)  # a subclass
+
+
+def block_groups(model):
+    """One group per block (4), but the taps are per stage (2)."""
+    blocks = [(rf"stage{i}_block{j}/.*", 2 * i + j + 1) for i in range(2) for j in range(2)]
+    return [("stem/.*", 0), *blocks, (".*", 5)], 6
+
+
+def test_layer_groups_must_match_the_feature_taps():
+    """Per-block groups with per-stage taps made the last stage "never run" (trained in no
+    preset) although it feeds the head."""
+    from vision_jax import optim
+
+    toy_family("toy_blocks", layer_groups=block_groups)
+    model = create_model("toy_blocks", num_classes=0, feature_taps=(0, 1))
+    with pytest.raises(ValueError, match=r"'toy_blocks'.*group i \+ 1 must be feature tap i"):
+        optim.layer_groups(model)
+    # without taps, per-block groups are a layer decay of one's choice
+    plain = create_model("toy_blocks", num_classes=3)
+    assert optim.layer_groups(plain)[1] == 6
+    toy_family("toy_ok")
+    rules, n_groups = optim.layer_groups(create_model("toy_ok", num_classes=0, feature_taps=(0,)))
+    assert n_groups == 3
+
+
+def test_one_group_family_refuses_taps_and_layer_decay():
+    from vision_jax import optim
+
+    toy_family("toy_one", layer_groups=lambda m: ([(".*", 0)], 1))
+    tapped = create_model("toy_one", num_classes=0, feature_taps=(0, 1))
+    with pytest.raises(ValueError, match=r"group i \+ 1 must be feature tap i"):
+        optim.layer_groups(tapped)
+    model = create_model("toy_one", num_classes=3)
+    params = params_of(model)
+    with pytest.raises(ValueError, match=r"layer_decay=0.5: family 'toy_one' declares no block"):
+        optim.lr_multipliers(params, model, layer_decay=0.5)
+    assert set(jax.tree.leaves(optim.lr_multipliers(params, model, layer_decay=1.0))) == {1.0}

@@ -113,14 +113,22 @@ def layer_groups(model: Any) -> tuple[list[tuple[str, int]], int]:
     backbone with feature taps ends at its last tapped block or stage (timm's
     ``prune_intermediate_layers``): those after it, which never run, are group -1, and
     ``last:N`` and layer decay count from the last one that runs."""
-    backbone = backbone_of(model)
-    rules, n_groups = family(model).layer_groups(backbone)
+    backbone, fam = backbone_of(model), family(model)
+    rules, n_groups = fam.layer_groups(backbone)
+    if getattr(backbone, "feature_taps", None) is not None:
+        declared = len(fam.feature_taps(backbone))
+        if n_groups - 2 != declared:  # group i + 1 is tap i: the last tap's group ends the run
+            raise ValueError(
+                f"Family {fam.name!r}: layer_groups gives {n_groups} groups ({n_groups - 2} "
+                f"between the stem and the head) but feature_taps declares {declared} taps: "
+                "group i + 1 must be feature tap i (group 0 the stem, the last the head)."
+            )
     taps = stage_taps(getattr(backbone, "feature_taps", None), n_groups - 2, 0)
     if not taps:
         return rules, n_groups
     last, head = max(taps) + 1, n_groups - 1
     regroup = lambda g: -1 if last < g < head else last + 1 if g == head else g
-    after = family(model).after_last_stage
+    after = fam.after_last_stage
     skipped = [(after, -1)] if after and last < head - 1 else []  # runs with the last stage only
     return skipped + [(regex, regroup(group)) for regex, group in rules], last + 2
 
@@ -218,6 +226,12 @@ def lr_multipliers(
         if not 0 < layer_decay <= 1:
             raise ValueError(f"optimizer.layer_decay must lie in (0, 1], got {layer_decay}.")
         group_rules, n_groups = layer_groups(model)
+        if n_groups < 3 and layer_decay != 1:  # decay ** (depth below the head): all 1.0
+            raise ValueError(
+                f"optimizer.layer_decay={layer_decay}: family {family(model).name!r} declares "
+                f"no block groups (layer_groups gives {n_groups}: group 0 the stem, 1..L the "
+                "blocks or stages, L + 1 the head); leave layer_decay unset."
+            )
         groups = tree_map_by_rules(group_rules, params, what="layer groups")
         mults = jax.tree.map(
             lambda m, g: float(m) * layer_decay ** (n_groups - 1 - g), mults, groups
