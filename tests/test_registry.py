@@ -165,3 +165,29 @@ def test_one_group_family_refuses_taps_and_layer_decay():
     with pytest.raises(ValueError, match=r"layer_decay=0.5: family 'toy_one' declares no block"):
         optim.lr_multipliers(params, model, layer_decay=0.5)
     assert set(jax.tree.leaves(optim.lr_multipliers(params, model, layer_decay=1.0))) == {1.0}
+
+
+def test_norm_modules_and_after_last_stage_must_match_a_parameter():
+    """A typo trained no norm scale under bitfit, or left the final norm of a backbone whose
+    last tap is an earlier stage in training, without a word."""
+    from vision_jax import optim
+
+    toy_family("toy_norms", norm_modules=r"LayerNorm_\d+")
+    model = create_model("toy_norms", num_classes=3)
+    params = params_of(model)
+    with pytest.raises(ValueError, match=r"'toy_norms': norm_modules 'LayerNorm_\\\\d\+' matches"):
+        optim.trainable_mask(params, model, preset="bitfit")
+    optim.trainable_mask(params, model, preset="all")  # norms unread
+
+    toy_family("toy_after", after_last_stage="head_norm/.*")
+    model = create_model("toy_after", num_classes=0, feature_taps=(0,))
+    with pytest.raises(ValueError, match=r"'toy_after': after_last_stage 'head_norm/\.\*' match"):
+        optim.trainable_mask(params_of(model), model, preset="all")
+
+    toy_family("toy_ok")
+    model = create_model("toy_ok", num_classes=3)
+    mask = optim.trainable_mask(params_of(model), model, preset="bitfit")
+    assert mask["stage0_norm"]["scale"] and not mask["stage0_block0"]["kernel"]
+    toy_family("toy_no_norms", norm_modules="")
+    model = create_model("toy_no_norms", num_classes=3)
+    optim.trainable_mask(params_of(model), model, preset="bitfit")

@@ -167,6 +167,7 @@ def trainable_mask(
 ) -> Any:
     """Boolean tree: True where a parameter trains. ``extra`` (LoRA adapters) trains whatever
     the preset says; the ``frozen`` regex wins over both."""
+    _check_family_regexes(params, model, preset)
     mask = tree_map_by_rules(trainable_rules(preset, model), params, default=False)
     if extra:
         mask = jax.tree.map(lambda m, e: m or e, mask, tree_mask(extra, params))
@@ -180,6 +181,22 @@ def trainable_mask(
     if not any(jax.tree.leaves(mask)):
         raise ValueError("No parameter is trainable: check optimizer.trainable / frozen_params.")
     return mask
+
+
+def _check_family_regexes(params: Any, model: Any, preset: str) -> None:
+    """The family's ``norm_modules`` (read by ``bitfit``) and ``after_last_stage`` (idle with
+    an earlier last tap) must each match some parameter: a typo would train no norm, or train
+    the final norm that never runs, without a word. ``norm_modules=""``: no norm modules."""
+    fam, paths = family(model), list(flatten_dict(params))
+    regexes = [("after_last_stage", fam.after_last_stage, "{}")]
+    if preset == "bitfit" and fam.norm_modules:
+        regexes.append(("norm_modules", fam.norm_modules, "(.*/)?({})/.*"))
+    for field, regex, form in regexes:
+        if regex and not any(re.fullmatch(form.format(regex), p) for p in paths):
+            raise ValueError(
+                f"Family {fam.name!r}: {field} {regex!r} matches no parameter of the model "
+                f"(such as {paths[0]!r}, ..., {paths[-1]!r})."
+            )
 
 
 def _check_frozen_changes(
