@@ -191,3 +191,27 @@ def test_norm_modules_and_after_last_stage_must_match_a_parameter():
     toy_family("toy_no_norms", norm_modules="")
     model = create_model("toy_no_norms", num_classes=3)
     optim.trainable_mask(params_of(model), model, preset="bitfit")
+
+
+def test_feature_maps_must_have_the_declared_stride_and_channels():
+    """A wrong FeatureTap built the pyramid heads for maps the backbone does not return."""
+    from vision_jax.tasks.segmentation import Segmentation
+
+    def wrong_stride(model):
+        return [FeatureTap("stage0", 2, 4), FeatureTap("stage1", 8, 8)]
+
+    def wrong_channels(model):
+        return [FeatureTap("stage0", 2, 4), FeatureTap("stage1", 4, 16)]
+
+    images = jnp.ones((1, 16, 16, 3))
+    for name, taps, match in [
+        ("toy_stride", wrong_stride, r"tap 1 \('stage1'\) declares stride 8 .*\[N, 2x2, 8\]"),
+        ("toy_channels", wrong_channels, r"tap 1 \('stage1'\) .* returns \(1, 4, 4, 8\)"),
+    ]:
+        toy_family(name, feature_taps=taps)
+        model = Segmentation(head="fpn", feature_taps=(0, 1)).build_model(name, 3)
+        with pytest.raises(ValueError, match=rf"Family '{name}': feature {match}"):
+            model.init(jax.random.key(0), images)
+    toy_family("toy_ok")
+    model = Segmentation(head="fpn", feature_taps=(0, 1)).build_model("toy_ok", 3)
+    model.init(jax.random.key(0), jnp.ones((1, 15, 17, 3)))  # 8x9 and 4x5 maps (ceil)

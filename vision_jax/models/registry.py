@@ -180,6 +180,36 @@ def family(model: nn.Module) -> Family:
     raise ValueError(f"{type(backbone).__name__} is not a registered model class.")
 
 
+def check_feature_maps(backbone: nn.Module, maps: Any, image_size: tuple[int, int]) -> None:
+    """The maps a backbone with ``feature_taps`` returns on ``image_size`` images must be those
+    its family declares (:class:`FeatureTap`): each one's size the image's over its stride
+    (rounded down or up) and its channels, else an error naming the tap, declared and actual
+    (the heads are built for the declared ones)."""
+    try:
+        fam = family(backbone)
+    except ValueError:
+        return
+    declared = fam.feature_taps(backbone)
+    taps = stage_taps(getattr(backbone, "feature_taps", None), len(declared), 0)
+    maps = tuple(maps) if isinstance(maps, (tuple, list)) else (maps,)
+    if len(maps) != len(taps):
+        raise ValueError(
+            f"{type(backbone).__name__} with feature_taps {tuple(taps)} returns {len(maps)} "
+            f"map(s), not one per tap."
+        )
+    for index, fmap in zip(taps, maps, strict=True):
+        tap, shape = declared[index], tuple(np.shape(fmap))
+        sizes = [(s // tap.stride, -(-s // tap.stride)) for s in image_size]
+        ok = len(shape) == 4 and shape[3] == tap.channels
+        if not (ok and all(n in pair for n, pair in zip(shape[1:3], sizes, strict=True))):
+            want = "x".join(str(a) if a == b else f"{a}-{b}" for a, b in sizes)
+            raise ValueError(
+                f"Family {fam.name!r}: feature tap {index} ({tap.name!r}) declares stride "
+                f"{tap.stride} and {tap.channels} channels ([N, {want}, {tap.channels}] on "
+                f"{image_size[0]}x{image_size[1]} images); the backbone returns {shape}."
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What the registry knows about a model name.

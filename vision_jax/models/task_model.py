@@ -12,6 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from vision_jax.models.registry import check_feature_maps
+
 TASK_HEAD = "task_head"
 
 
@@ -27,6 +29,8 @@ class TaskModel(nn.Module):
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> Any:
         features = self.backbone(images, train=train)
+        if self.is_initializing():  # the maps the heads are built for
+            check_feature_maps(self.backbone, features, images.shape[1:3])
         return self.task_head(features, images.shape[1:3], train=train)
 
     @property
