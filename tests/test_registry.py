@@ -215,3 +215,16 @@ def test_feature_maps_must_have_the_declared_stride_and_channels():
     toy_family("toy_ok")
     model = Segmentation(head="fpn", feature_taps=(0, 1)).build_model("toy_ok", 3)
     model.init(jax.random.key(0), jnp.ones((1, 15, 17, 3)))  # 8x9 and 4x5 maps (ceil)
+
+
+def test_a_module_of_ones_own_without_remat_fields_is_told_to_declare_them():
+    """The default config passes model.remat and model.remat_rules to every model: "remat is
+    for bit, resnet, vit models" told the author of a module nothing."""
+    toy_family("toy_remat")
+    with pytest.raises(ValueError, match=r"Unknown override\(s\) \['remat', 'remat_rules'\]") as e:
+        create_model("toy_remat", num_classes=3, remat="none", remat_rules=())
+    assert 'declare the fields remat: str = "none" and remat_rules: tuple = ()' in str(e.value)
+    assert "remat_block" in str(e.value) and "remat is for" not in str(e.value)
+    with pytest.raises(ValueError, match="pool_type is for vit models") as e:  # unchanged
+        create_model("toy_remat", num_classes=3, pool_type="avg")
+    assert "declare" not in str(e.value)

@@ -287,6 +287,9 @@ def family_of(module: nn.Module) -> str:
     return family(module).name
 
 
+_REMAT = {"remat", "remat_rules"}
+
+
 def _fields(module: type) -> set[str]:
     """A module class's configurable fields."""
     return {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
@@ -316,15 +319,22 @@ def create_model(
     fields = _fields(spec.module)
     unknown = set(overrides) - fields
     if unknown:
+        # a module of one's own: the default config passes model.remat and model.remat_rules
+        own = _REMAT & unknown if not spec.module.__module__.startswith("vision_jax.") else set()
         elsewhere = [
             f"{key} is for {', '.join(sorted(owners))} models"
-            for key in sorted(unknown)
+            for key in sorted(unknown - own)
             if (owners := {f.name for f in _FAMILIES.values() if key in _fields(f.module)})
         ]
+        declare = (
+            f" The config passes model.remat and model.remat_rules to every model: declare "
+            f'the fields remat: str = "none" and remat_rules: tuple = () in '
+            f"{spec.module.__name__} (its blocks wrapped by vision_jax.models.remat.remat_block)."
+        )
         raise ValueError(
             f"Unknown override(s) {sorted(unknown)} for {name!r} ({spec.module.__name__})"
             f"{' (' + '; '.join(elsewhere) + ')' if elsewhere else ''}. "
-            f"Valid: {', '.join(sorted(fields - {'num_classes', 'dtype'}))}."
+            f"Valid: {', '.join(sorted(fields - {'num_classes', 'dtype'}))}.{declare * bool(own)}"
         )
     model = spec.build(num_classes=int(num_classes), dtype=dtype, **overrides)
     taps, fam = getattr(model, "feature_taps", None), _FAMILIES.get(spec.family)
