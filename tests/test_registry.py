@@ -228,3 +228,17 @@ def test_a_module_of_ones_own_without_remat_fields_is_told_to_declare_them():
     with pytest.raises(ValueError, match="pool_type is for vit models") as e:  # unchanged
         create_model("toy_remat", num_classes=3, pool_type="avg")
     assert "declare" not in str(e.value)
+
+
+def test_a_module_belongs_to_one_family():
+    """family() finds a model's family by its module: a second family on the same module would
+    never be found (its declarations silently the first's)."""
+    with pytest.raises(
+        ValueError, match=r"'vit2': module VisionTransformer belongs to family 'vit'"
+    ):
+        register_family(
+            Family(
+                name="vit2", module=VisionTransformer, layer_groups=toy_groups,
+                norm_modules="", feature_taps=toy_taps, converter="none",
+            )
+        )  # fmt: skip

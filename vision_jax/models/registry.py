@@ -60,6 +60,12 @@ def register_family(family: Family) -> None:
     """Registers a model family (once, beside its module)."""
     if family.name in _FAMILIES:
         raise ValueError(f"Family {family.name!r} is already registered.")
+    if same := [f.name for f in _FAMILIES.values() if f.module is family.module]:
+        raise ValueError(  # family() finds a model's family by its module's class
+            f"Family {family.name!r}: module {family.module.__name__} belongs to family "
+            f"{same[0]!r} already; give it a subclass of its own (class Mine("
+            f"{family.module.__name__}): ...)."
+        )
     _FAMILIES[family.name] = family
 
 
