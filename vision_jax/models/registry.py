@@ -31,7 +31,8 @@ class Family:
 
     * ``layer_groups(model)``: ``([(regex, group)], n_groups)``: group 0 the stem, 1..L the
       blocks or stages, L+1 the final norm and the head (layer decay, ``last:N``);
-    * ``norm_modules``: regex of the normalisation module names (``bitfit``);
+    * ``norm_modules``: regex of the normalisation module names (``bitfit``; it must match
+      some parameter, ``""`` for a family without norms);
     * ``feature_taps(model)``: every feature map the backbone can return, in tap order
       (``feature_taps`` field of the module selects among them by index);
     * ``converter``: the module with ``from_timm`` / ``to_timm`` / ``checkpoint_model``;
