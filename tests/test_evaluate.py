@@ -388,7 +388,7 @@ def test_a_backbone_of_ones_own_is_imported_from_model_module(tmp_path, monkeypa
     monkeypatch.delitem(sys.modules, "own_backbone", raising=False)
     run = tmp_path / "run"
     mine = {"model.name": "own_net_s"}
-    with pytest.raises(ValueError, match=r"Unknown model 'own_net_s'.* set model.module to the"):
+    with pytest.raises(ValueError, match=r"Unknown model 'own_net_s'.* Set model.module to the"):
         train_and_evaluate(small_config(**mine), str(run))
     with pytest.raises(ValueError, match=r"^model.module 'no_such_net' cannot be imported \("):
         train_and_evaluate(small_config(**mine, **{"model.module": "no_such_net"}), str(run))

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from test_train import small_config
 
 from vision_jax.models import create_model, registry
 from vision_jax.models.head import classify
@@ -242,3 +243,33 @@ def test_a_module_belongs_to_one_family():
                 norm_modules="", feature_taps=toy_taps, converter="none",
             )
         )  # fmt: skip
+
+
+def test_a_new_size_of_a_built_in_class_is_resolved_through_model_module_twice(
+    tmp_path, monkeypatch
+):
+    """A module of one's own may register a new size of a library class (vit_tiny_d2, a
+    VisionTransformer): "built in" means a library name, not a library class, so the second
+    run in a process (the module imported already) is not refused as "built in"."""
+    import sys
+
+    from vision_jax import specs
+    from vision_jax.config import TrackedConfig
+    from vision_jax.specs import ConfigError
+
+    (tmp_path / "my_vits.py").write_text(
+        "from vision_jax.models.registry import register_model\n"
+        "from vision_jax.models.vit import VisionTransformer\n"
+        'register_model("vit_tiny_d2", family="vit", module=VisionTransformer, input_size=32,\n'
+        "               patch_size=16, width=32, depth=2, num_heads=2, mlp_dim=64)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "my_vits", None)  # (removed afterwards)
+    del sys.modules["my_vits"]
+    config = small_config(**{"model.name": "vit_tiny_d2", "model.module": "my_vits"})
+    for _ in range(2):  # the second: my_vits imported, vit_tiny_d2 registered
+        spec = specs.run_spec(TrackedConfig(config))
+        assert (spec.model_name, spec.model_module) == ("vit_tiny_d2", "my_vits")
+    assert type(create_model("vit_tiny_d2", num_classes=3)) is VisionTransformer
+    with pytest.raises(ConfigError, match=r"model.module 'my_vits' registers a model of your ow"):
+        specs.run_spec(TrackedConfig(small_config(**{"model.module": "my_vits"})))  # a library one

@@ -1005,7 +1005,7 @@ def test_a_checkpoint_past_total_steps_is_a_clear_error_and_left_untouched(
         (
             {"model.name": "no_such_net"},
             ValueError,
-            r"Unknown model 'no_such_net'. Valid names: .* A model of your own: set model.module",
+            r"Unknown model 'no_such_net'. Valid names: .* Set model.module to the module that",
         ),
         (
             {"optimizer.weight_decay": 0.0, "optimizer.decay_params": ".*"},

@@ -373,33 +373,46 @@ def import_config_module(key: str, module: str) -> None:
         ) from e
 
 
+def import_own_module(
+    section: str, name: str, module: str | None, built_in: Any, registered: Any
+) -> str | None:
+    """What ``model`` and ``task`` share: ``{section}.module`` names the module that registers
+    ``name`` (a model or task of one's own). A module beside a ``built_in`` name (the library's
+    own names, recorded once) is refused; it is imported when ``name`` is not ``registered()``
+    yet (a script registering it as __main__ has it already). None when ``name`` is registered
+    then, else the hint of the unknown-name error saying where to register it."""
+    key = f"{section}.module"
+    if module and name in built_in and not _SAVED.get():
+        raise ConfigError(
+            f"{key} {module!r} registers a {section} of your own; {section}.name {name!r} is "
+            f"built in (remove {key}, or name the {section} the module registers)."
+        )
+    if module and name not in registered():
+        import_config_module(key, module)
+    if name in registered():
+        return None
+    if module:
+        return f"{key} {module!r} does not register it"
+    if _SAVED.get():  # a saved run: its config cannot be changed from here
+        return "import the module that registers it first: the run's config has no module"
+    return f"set {key} to the module that registers a {section} of your own"
+
+
 def _import_model_module(name: str, module: str | None) -> None:
-    """Imports ``model.module`` when ``model.name`` is not registered yet (a script registering
-    it as __main__ has it already); a name that is still unknown is an error saying where to
-    register it."""
-    from vision_jax.models import list_models, model_spec  # the models import this module
+    """Imports ``model.module`` when ``model.name`` is not registered yet; a name that is still
+    unknown is an error saying where to register it."""
+    from vision_jax.models import BUILT_IN_MODELS, list_models, model_spec  # (they import this)
 
     if name is None:  # (_check_set names it)
         return
-    library = name in list_models() and model_spec(name).module.__module__.startswith("vision_jax.")
-    if module and library and not _SAVED.get():
-        raise ConfigError(
-            f"model.module {module!r} registers a model of your own; model.name {name!r} is "
-            "built in (remove model.module, or name the model the module registers)."
-        )
-    if module and name not in list_models():
-        import_config_module("model.module", module)
+    hint = import_own_module("model", name, module, BUILT_IN_MODELS, list_models)
+    if hint is None:
+        return
     try:
         model_spec(name)
     except ValueError as e:
-        if module:
-            hint = f"model.module {module!r} does not register it."
-        elif _SAVED.get():  # a saved run: its config cannot be changed from here
-            hint = "Import the module that registers it first: the run's config has no module."
-        else:
-            hint = "A model of your own: set model.module to the module that registers it."
         timm = ": timm's " in str(e)  # (a timm name: the message names the one here)
-        raise ConfigError(str(e) if timm else f"{e} {hint}") from None
+        raise ConfigError(str(e) if timm else f"{e} {hint[0].upper()}{hint[1:]}.") from None
 
 
 def reading_saved_config() -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vision_jax.specs import import_config_module, reading_saved_config
+from vision_jax.specs import import_own_module
 from vision_jax.tasks.base import Task
 from vision_jax.tasks.classification import Classification
 from vision_jax.tasks.detection import Detection
@@ -44,19 +44,9 @@ def create_task(config: Any) -> Task:
     """The task of ``config.task`` (a TrackedConfig or ConfigDict of the whole run); for a
     name not registered yet, ``task.module`` is imported first (it registers the task)."""
     name, module = config.task.name, config.task.get("module")
-    if module and name in _LIBRARY_TASKS and not reading_saved_config():
-        raise ValueError(
-            f"task.module {module!r} registers a task of your own; task.name {name!r} is built "
-            "in (remove task.module, or name the task the module registers)."
-        )
-    if module and name not in TASKS:  # (a script registering it as __main__ has it already)
-        import_config_module("task.module", module)
-    if name not in TASKS:
-        hint = "set task.module to the module that registers a task of your own"
-        if reading_saved_config():  # a saved run: its config cannot be changed from here
-            hint = "import the module that registers it first: the run's config has no module"
-        where = f"{module} does not register it" if module else hint
-        raise ValueError(f"Unknown task.name {name!r} ({where}); valid: {', '.join(TASKS)}.")
+    hint = import_own_module("task", name, module, _LIBRARY_TASKS, lambda: TASKS)
+    if hint is not None:
+        raise ValueError(f"Unknown task.name {name!r} ({hint}); valid: {', '.join(TASKS)}.")
     return TASKS[name].from_config(config.task, config)
 
 
