@@ -112,6 +112,17 @@ def test_subclass_of_a_registered_module_gets_its_own_family():
     model = create_model("myvit_test", num_classes=3)
     assert family(model).name == "myvit_test"
     assert family(create_model("vit_ti16", num_classes=3)).name == "vit"
+    # family="vit" on MyViT would be a spec whose family disagrees with family(model)
+    with pytest.raises(ValueError, match=r"module MyViT is of family 'myvit_test' .* not 'vit'"):
+        register_model("myvit_as_vit", family="vit", module=MyViT, input_size=16)
+
+    class MyViT2(MyViT):  # a subclass without a family of its own: MyViT's
+        pass
+
+    with pytest.raises(ValueError, match=r"register it with family='myvit_test'"):
+        register_model("myvit2_as_vit", family="vit", module=MyViT2, input_size=16)
+    register_model("myvit2_test", family="myvit_test", module=MyViT2, input_size=16)
+    assert "myvit_as_vit" not in registry._REGISTRY and "myvit2_as_vit" not in registry._REGISTRY
 
 
 def test_register_model_refuses_an_unknown_family_or_a_foreign_module():

@@ -179,12 +179,21 @@ def stages_run(module: nn.Module, taps: tuple[int, ...], num_stages: int) -> int
 def family(model: nn.Module) -> Family:
     """The :class:`Family` of a model created by :func:`create_model` (or a task model on one)."""
     backbone = backbone_of(model)
-    for cls in type(backbone).__mro__:  # the nearest class with a family: a subclass of a
-        # registered module (``class MyViT(VisionTransformer)``) has its own family's groups
+    fam = _nearest_family(type(backbone))
+    if fam is None:
+        raise ValueError(f"{type(backbone).__name__} is not a registered model class.")
+    return fam
+
+
+def _nearest_family(module: type) -> Family | None:
+    """The family of the nearest class in ``module``'s MRO that is a family's module: a
+    subclass of a registered module (``class MyViT(VisionTransformer)``) with a family of its own
+    has its own family's groups."""
+    for cls in module.__mro__:
         fam = next((f for f in _FAMILIES.values() if f.module is cls), None)
         if fam is not None:
             return fam
-    raise ValueError(f"{type(backbone).__name__} is not a registered model class.")
+    return None
 
 
 def check_feature_maps(backbone: nn.Module, maps: Any, image_size: tuple[int, int]) -> None:
@@ -263,6 +272,13 @@ def register_model(
         raise ValueError(
             f"Model {name!r}: module {module.__name__} is neither the module of family "
             f"{family!r} ({_FAMILIES[family].module.__name__}) nor a subclass of it."
+        )
+    nearest = _nearest_family(module)  # what family() will say of the model
+    if nearest is not None and nearest.name != family:
+        raise ValueError(
+            f"Model {name!r}: module {module.__name__} is of family {nearest.name!r} (its "
+            f"class {nearest.module.__name__} is that family's module), not {family!r}: "
+            f"register it with family={nearest.name!r}."
         )
     fields = {f.name for f in dataclasses.fields(module)}
     unknown = set(defaults) - fields
@@ -344,7 +360,7 @@ def create_model(
             f"Valid: {', '.join(sorted(fields - {'num_classes', 'dtype'}))}.{declare * bool(own)}"
         )
     model = spec.build(num_classes=int(num_classes), dtype=dtype, **overrides)
-    taps, fam = getattr(model, "feature_taps", None), _FAMILIES.get(spec.family)
-    if taps is not None and fam is not None:  # checked now, not at the first init
-        stage_taps(taps, len(fam.feature_taps(model)), model.num_classes)
+    taps = getattr(model, "feature_taps", None)
+    if taps is not None:  # checked now, not at the first init
+        stage_taps(taps, len(_FAMILIES[spec.family].feature_taps(model)), model.num_classes)
     return model
