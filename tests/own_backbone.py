@@ -70,7 +70,7 @@ register_family(
         name="own_net",
         module=OwnNet,
         layer_groups=_layer_groups,
-        norm_modules="none",
+        norm_modules="",  # (no norm modules)
         feature_taps=lambda m: [
             FeatureTap(f"stage{i}", 2 ** (i + 1), w) for i, w in enumerate(m.widths)
         ],

@@ -284,3 +284,19 @@ def test_a_new_size_of_a_built_in_class_is_resolved_through_model_module_twice(
     assert type(create_model("vit_tiny_d2", num_classes=3)) is VisionTransformer
     with pytest.raises(ConfigError, match=r"model.module 'my_vits' registers a model of your ow"):
         specs.run_spec(TrackedConfig(small_config(**{"model.module": "my_vits"})))  # a library one
+
+
+def test_the_readme_example_backbone_trains_with_bitfit(monkeypatch):
+    """tests/own_backbone.py, the README's example family, has no norms: its norm_modules must
+    be "" (a regex such as "none" matches no parameter and bitfit refuses it)."""
+    import importlib
+    import sys
+
+    from vision_jax import optim
+
+    monkeypatch.setitem(sys.modules, "own_backbone", None)  # (the test's import undone after)
+    del sys.modules["own_backbone"]
+    importlib.import_module("own_backbone")
+    model = create_model("own_net_s", num_classes=3)
+    mask = optim.trainable_mask(params_of(model), model, preset="bitfit")
+    assert mask["stage0"]["Conv_0"]["bias"] and not mask["stage0"]["Conv_0"]["kernel"]
