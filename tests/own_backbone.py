@@ -2,8 +2,8 @@
 convolution stages registered with ``register_family`` and one size (``own_net_s``) with
 ``register_model``; a config selects it with ``model.name="own_net_s"`` and
 ``model.module="own_backbone"``. What a minimal family declares to run from a config: the
-fields ``num_classes``, ``dtype``, ``feature_taps``, ``remat`` and ``remat_rules`` (the
-default config passes the last two), each block wrapped by ``remat_block``."""
+fields ``num_classes``, ``dtype`` and ``feature_taps``; ``remat`` and ``remat_rules`` are
+optional, declared here to support ``model.remat`` (each block wrapped by ``remat_block``)."""
 
 from __future__ import annotations
 

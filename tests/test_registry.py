@@ -230,30 +230,31 @@ def test_feature_maps_must_have_the_declared_stride_and_channels():
 
 
 def test_a_module_of_ones_own_without_remat_fields_is_told_to_declare_them():
-    """The default config passes model.remat and model.remat_rules to every model: "remat is
-    for bit, resnet, vit models" told the author of a module nothing."""
+    """A module of one's own asked for remat: "remat is for bit, resnet, vit models" told its
+    author nothing. At their defaults (what the config passes every model) they are dropped."""
     toy_family("toy_remat")
-    with pytest.raises(ValueError, match=r"Unknown override\(s\) \['remat', 'remat_rules'\]") as e:
-        create_model("toy_remat", num_classes=3, remat="none", remat_rules=())
+    create_model("toy_remat", num_classes=3, remat="none", remat_rules=[])  # the defaults
+    with pytest.raises(ValueError, match=r"Unknown override\(s\) \['remat'\] ") as e:
+        create_model("toy_remat", num_classes=3, remat="block", remat_rules=())
     assert 'declare the fields remat: str = "none" and remat_rules: tuple = ()' in str(e.value)
     assert "remat_block" in str(e.value) and "remat is for" not in str(e.value)
+    with pytest.raises(ValueError, match=r"Unknown override\(s\) \['remat_rules'\] "):
+        create_model("toy_remat", num_classes=3, remat_rules=((".*", "block"),))
     with pytest.raises(ValueError, match="pool_type is for vit models") as e:  # unchanged
         create_model("toy_remat", num_classes=3, pool_type="avg")
     assert "declare" not in str(e.value)
 
 
-def test_a_module_belongs_to_one_family():
-    """family() finds a model's family by its module: a second family on the same module would
-    never be found (its declarations silently the first's)."""
-    with pytest.raises(
-        ValueError, match=r"'vit2': module VisionTransformer belongs to family 'vit'"
-    ):
-        register_family(
-            Family(
-                name="vit2", module=VisionTransformer, layer_groups=toy_groups,
-                norm_modules="", feature_taps=toy_taps, converter="none",
-            )
-        )  # fmt: skip
+def test_a_module_without_remat_fields_trains_from_a_default_config(tmp_path):
+    """The default config passes model.remat="none" and model.remat_rules=() to every model: a
+    minimal module (ToyNet declares neither) trains from it, remat fields optional."""
+    from vision_jax.train import train_and_evaluate
+
+    toy_family("toy_minimal")
+    config = small_config(total_steps=2, **{"model.name": "toy_minimal"})
+    assert (config.model.remat, tuple(config.model.remat_rules)) == ("none", ())
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["eval/examples"] == 360
 
 
 def test_a_new_size_of_a_built_in_class_is_resolved_through_model_module_twice(

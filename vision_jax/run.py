@@ -44,7 +44,7 @@ from vision_jax.config import TrackedConfig, default_config, saved_with_defaults
 from vision_jax.lock import WorkdirLock
 from vision_jax.masks import rules_table
 from vision_jax.models.precision import DTYPES
-from vision_jax.models.registry import backbone_of
+from vision_jax.models.registry import REMAT_DEFAULTS, backbone_of
 from vision_jax.models.remat import recomputes
 from vision_jax.selection import Selection
 from vision_jax.signals import any_process
@@ -1183,7 +1183,8 @@ def _compile_steps(
     dtype = getattr(model, "dtype", jnp.float32)
     xla_options = step_compiler_options(dtype)
     backbone = backbone_of(model)
-    remat = recomputes(backbone.remat, backbone.remat_rules)  # as the model was built
+    # as the model was built (a module of one's own without remat fields: none)
+    remat = recomputes(*(getattr(backbone, k, v) for k, v in REMAT_DEFAULTS.items()))
     task, adapters = spec.task, spec.lora
     train_step = jax.jit(
         make_train_step(

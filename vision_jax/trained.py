@@ -24,6 +24,7 @@ import numpy as np
 from vision_jax import data as data_lib
 from vision_jax import specs
 from vision_jax.config import TrackedConfig, saved_with_defaults
+from vision_jax.models.registry import REMAT_DEFAULTS
 from vision_jax.steps import fetched_one_behind
 from vision_jax.weights.files import WeightFormatError
 from vision_jax.weights.run_dir import (
@@ -106,9 +107,6 @@ def jitted_predict(model: nn.Module, task: Any, image_size: int) -> Any:
     return jax.jit(predict, static_argnames="keys")
 
 
-_REMAT_KEYS = ("remat", "remat_rules")
-
-
 def load_trained(
     path: str | os.PathLike, *, which: str = "best", ema: bool | None = None
 ) -> Trained:
@@ -134,7 +132,7 @@ def load_trained(
         raise WeightFormatError(f"Cannot read the run in {step_dir}: {e}") from e
     # remat shapes only a backward pass, which no reader runs (and an earlier version's run may
     # hold a rule for blocks that never run, refused since)
-    overrides = {k: v for k, v in spec.model_overrides.items() if k not in _REMAT_KEYS}
+    overrides = {k: v for k, v in spec.model_overrides.items() if k not in REMAT_DEFAULTS}
     spec = dataclasses.replace(spec, model_overrides=overrides)
     model = task_model(spec, len(record.class_names or ()))
     ema = selects_ema(record.config) if ema is None else ema

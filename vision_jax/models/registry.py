@@ -310,7 +310,15 @@ def family_of(module: nn.Module) -> str:
     return family(module).name
 
 
-_REMAT = {"remat", "remat_rules"}
+# What the config passes every model (model.remat, model.remat_rules) at its defaults: a module
+# without these fields (one of one's own that does not support remat) is created without them.
+REMAT_DEFAULTS: dict[str, Any] = {"remat": "none", "remat_rules": ()}
+
+
+def _remat_default(key: str, value: Any) -> bool:
+    """Whether ``value`` of the override ``key`` is its :data:`REMAT_DEFAULTS` one."""
+    value = tuple(value) if isinstance(value, list) else value
+    return key in REMAT_DEFAULTS and value == REMAT_DEFAULTS[key]
 
 
 def _fields(module: type) -> set[str]:
@@ -340,19 +348,21 @@ def create_model(
             f"got {num_classes!r}."
         )
     fields = _fields(spec.module)
+    overrides = {k: v for k, v in overrides.items() if k in fields or not _remat_default(k, v)}
     unknown = set(overrides) - fields
     if unknown:
-        # a module of one's own: the default config passes model.remat and model.remat_rules
-        own = _REMAT & unknown if not spec.module.__module__.startswith("vision_jax.") else set()
+        # a module of one's own asked for remat (model.remat, model.remat_rules)
+        own = set(REMAT_DEFAULTS) & unknown
+        own = own if not spec.module.__module__.startswith("vision_jax.") else set()
         elsewhere = [
             f"{key} is for {', '.join(sorted(owners))} models"
             for key in sorted(unknown - own)
             if (owners := {f.name for f in _FAMILIES.values() if key in _fields(f.module)})
         ]
         declare = (
-            f" The config passes model.remat and model.remat_rules to every model: declare "
-            f'the fields remat: str = "none" and remat_rules: tuple = () in '
-            f"{spec.module.__name__} (its blocks wrapped by vision_jax.models.remat.remat_block)."
+            f" For model.remat and model.remat_rules, declare the fields remat: str = "
+            f'"none" and remat_rules: tuple = () in {spec.module.__name__} (its blocks wrapped '
+            "by vision_jax.models.remat.remat_block)."
         )
         raise ValueError(
             f"Unknown override(s) {sorted(unknown)} for {name!r} ({spec.module.__name__})"
