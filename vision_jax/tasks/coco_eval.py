@@ -90,8 +90,8 @@ def coco_results(
     NMS); a box left without width or height (wholly off the image) is dropped.
 
     ``tally``: where given, its ``detections`` and ``zero_area`` (those dropped) grow by this
-    call's, for a caller that converts a batch at a time to warn once with
-    :func:`warn_if_all_zero_area`; None: this call is a whole evaluation and warns itself."""
+    call's, for the caller to warn once per evaluation or command with
+    :func:`warn_if_all_zero_area`."""
     boxes, scores = np.asarray(found["boxes"], np.float64), np.asarray(found["scores"])
     classes, image_ids = np.asarray(found["classes"]), np.asarray(found["image_ids"])
     rows, slots = np.nonzero((classes >= 0) & (image_ids[:, None] != PADDING_ID))
@@ -110,11 +110,8 @@ def coco_results(
             "bbox": [float(v) for v in (*box[:2], *(box[2:] - box[:2]))],
             "score": float(scores[r, s]),
         })  # fmt: skip
-    counts = Counter(detections=len(rows), zero_area=len(rows) - len(results))
-    if tally is None:
-        warn_if_all_zero_area(counts, "this evaluation")
-    else:
-        tally.update(counts)
+    if tally is not None:
+        tally.update(detections=len(rows), zero_area=len(rows) - len(results))
     return results
 
 

@@ -31,6 +31,7 @@ from vision_jax.tasks.coco_eval import (
     area_range,
     coco_metrics,
     coco_results,
+    warn_if_all_zero_area,
 )
 
 logger = logging.getLogger(__name__)
@@ -247,7 +248,9 @@ class Detection(Task):
     def summarize(self, collection: EvalMetrics, source: Any, prefix: str) -> dict[str, float]:
         found = collection.detections.compute()
         seen = self._check_coverage(found["image_ids"], source)
-        results = coco_results(found, source.category_ids, source.annotations["images"])
+        tally = Counter()  # the report converts the same predictions again: it stays quiet
+        results = coco_results(found, source.category_ids, source.annotations["images"], tally)
+        warn_if_all_zero_area(tally, "this evaluation")
         figures = coco_metrics(source.annotations, results, seen, source.class_names)
         out = {f"{prefix}{k}": v for k, v in figures.items()}
         out[f"{prefix}examples"] = float(len(seen))
