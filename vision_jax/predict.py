@@ -53,6 +53,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from vision_jax import data as data_lib
 from vision_jax import weights
@@ -64,6 +65,7 @@ from vision_jax.data.sources import tensor_column
 from vision_jax.drawing import PALETTE, draw_boxes, labels_drawable
 from vision_jax.metrics import argmax_nan_lowest, nan_lowest_np
 from vision_jax.models import create_model, list_models, model_spec
+from vision_jax.models.registry import backbone_of
 from vision_jax.output_errors import (
     failed_write,
     file_problem,
@@ -80,6 +82,7 @@ from vision_jax.tasks import IGNORE_LABEL, Classification, Task, library_kind
 from vision_jax.tasks.coco_eval import coco_results, warn_if_all_zero_area
 from vision_jax.trained import jitted_predict, load_trained
 from vision_jax.weights.files import read_once
+from vision_jax.weights.surgery import PATCH
 
 logger = logging.getLogger(__name__)
 
@@ -474,8 +477,9 @@ def _pretrained_classifier(
 ) -> tuple[nn.Module, dict]:
     """The registered model ``model_name`` with the classifier head of the weight file ``path``
     (its class count), and the file's weights loaded into it."""
-    read = weights.read_variables(path, create_model(model_name, num_classes=1))
-    _check_patch_size(path, model_name, read)
+    probe = create_model(model_name, num_classes=1)
+    read = weights.read_variables(path, probe)
+    _check_patch_size(path, model_name, getattr(backbone_of(probe), "patch_size", None), read)
     head = read.get("params", {}).get("head", {}).get("kernel")
     if head is None:
         raise weights.WeightFormatError(f"{path} holds no classifier head to predict with.")
@@ -489,16 +493,17 @@ def _pretrained_classifier(
     )
 
 
-def _check_patch_size(path: str | os.PathLike, model_name: str, read: dict) -> None:
-    """Refuses a ViT of another patch size than ``model_name``'s: loading resizes its patch
-    kernel (FlexiViT's pseudo-inverse, a start for fine-tuning), another network than the
-    file's to predict with."""
-    spec = model_spec(model_name)
-    patch = spec.defaults.get("patch_size") if spec.family == "vit" else None
-    kernel = read.get("params", {}).get("embedding", {}).get("kernel")
+def _check_patch_size(
+    path: str | os.PathLike, model_name: str, patch: int | None, read: dict
+) -> None:
+    """Refuses a ViT of another patch size than ``model_name``'s (``patch``): loading resizes
+    its patch kernel (FlexiViT's pseudo-inverse, a start for fine-tuning), another network than
+    the file's to predict with."""
+    kernel = flatten_dict(read, sep="/").get(PATCH)
     if patch is None or kernel is None or tuple(np.shape(kernel)[:2]) == (patch, patch):
         return
     rows, columns = np.shape(kernel)[:2]
+    spec = model_spec(model_name)
     same = {**spec.defaults, "patch_size": int(rows)}
     fits = [n for n in list_models(spec.family) if model_spec(n).defaults == same]
     use = f"use {fits[0]}" if fits and rows == columns else "no registered model has them"
