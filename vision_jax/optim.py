@@ -149,8 +149,8 @@ def trainable_rules(preset: str, model: Any) -> list[tuple[str, bool]]:
     if preset == "head":
         return [(head_pattern(model), True)]
     if preset == "bitfit":
-        norms = family(model).norm_modules
-        return [(rf"{head_pattern(model)}|(.*/)?bias|(.*/)?({norms})/scale", True)]
+        norms = _norm_scales(family(model).norm_modules)
+        return [(rf"{head_pattern(model)}|(.*/)?bias|{norms}", True)]
     if preset.startswith("last:") and preset[5:].isdigit():
         rules, n_groups = layer_groups(model)
         keep = int(preset[5:])
@@ -183,16 +183,22 @@ def trainable_mask(
     return mask
 
 
+def _norm_scales(norm_modules: str) -> str:
+    """The parameter paths of the scales of a family's ``norm_modules`` (what ``bitfit``
+    trains beside the biases)."""
+    return rf"(.*/)?({norm_modules})/scale"
+
+
 def _check_family_regexes(params: Any, model: Any, preset: str) -> None:
     """The family's ``norm_modules`` (read by ``bitfit``) and ``after_last_stage`` (idle with
     an earlier last tap) must each match some parameter: a typo would train no norm, or train
     the final norm that never runs, without a word. ``norm_modules=""``: no norm modules."""
     fam, paths = family(model), list(flatten_dict(params))
-    regexes = [("after_last_stage", fam.after_last_stage, "{}")]
+    regexes = [("after_last_stage", fam.after_last_stage, fam.after_last_stage)]
     if preset == "bitfit" and fam.norm_modules:
-        regexes.append(("norm_modules", fam.norm_modules, "(.*/)?({})/.*"))
-    for field, regex, form in regexes:
-        if regex and not any(re.fullmatch(form.format(regex), p) for p in paths):
+        regexes.append(("norm_modules", fam.norm_modules, _norm_scales(fam.norm_modules)))
+    for field, regex, scope in regexes:
+        if regex and not any(re.fullmatch(scope, p) for p in paths):
             raise ValueError(
                 f"Family {fam.name!r}: {field} {regex!r} matches no parameter of the model "
                 f"(such as {paths[0]!r}, ..., {paths[-1]!r})."

@@ -268,13 +268,13 @@ def register_model(
             f"Model {name!r}: family {family!r} is not registered (registered: "
             f"{', '.join(_FAMILIES)}); register_family(Family(name={family!r}, ...)) first."
         )
-    if not issubclass(module, _FAMILIES[family].module):
+    nearest = _nearest_family(module)  # what family() will say of the model
+    if nearest is None:
         raise ValueError(
             f"Model {name!r}: module {module.__name__} is neither the module of family "
             f"{family!r} ({_FAMILIES[family].module.__name__}) nor a subclass of it."
         )
-    nearest = _nearest_family(module)  # what family() will say of the model
-    if nearest is not None and nearest.name != family:
+    if nearest.name != family:
         raise ValueError(
             f"Model {name!r}: module {module.__name__} is of family {nearest.name!r} (its "
             f"class {nearest.module.__name__} is that family's module), not {family!r}: "
