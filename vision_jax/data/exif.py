@@ -17,7 +17,6 @@ from vision_jax.tf_without_keras import tf
 logger = logging.getLogger(__name__)
 
 _HEAD = 1 << 17  # the APP1 segment (at most 64 KiB) follows SOI and at most a few others
-_PAD = b"\0" * 16
 _EXIF_TAG = b"Exif\0\0"
 JPEG_FORMATS = ("JPEG", "MPO")  # PIL's names: MPO is a JPEG holding more pictures (phones)
 _ORIENTATION = 0x0112
@@ -59,10 +58,10 @@ def parse_orientation(data: bytes | tf.Tensor) -> int:
     Python call took ~40 ms an image). The marker segments after SOI are walked (at most 64,
     stopping at SOS) to the first "Exif\\0\\0" APP1; its TIFF header's byte order ("II", else
     "MM") reads the first IFD's offset and its entries (at most 256) for tag 0x0112, a SHORT.
-    Reads past the header's end see zeros (offsets wrap as 32-bit ints)."""
+    Reads outside the header see zeros."""
     if not isinstance(data, bytes | bytearray):
         data = data.numpy()
-    head = bytes(data[:_HEAD]) + _PAD
+    head = memoryview(data)[:_HEAD]
     size = len(head)
     pos, tiff = 2, -1
     for _ in range(64):
@@ -76,8 +75,7 @@ def parse_orientation(data: bytes | tf.Tensor) -> int:
         return 1
 
     def at(i: int) -> int:
-        i = (i + (1 << 31)) % (1 << 32) - (1 << 31)  # int32 arithmetic, as the graph ops had
-        return head[min(max(i, 0), size - 1)]
+        return head[i] if 0 <= i < size else 0
 
     little = at(tiff) == 0x49 and at(tiff + 1) == 0x49  # "II", else "MM"
 
