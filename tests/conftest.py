@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -95,3 +96,19 @@ def digits_run(tmp_path_factory):
     config = small_config(eval_every_steps=10, **steps, **{"optimizer.learning_rate": 0.1})
     final = FinalEvaluation()
     return workdir, train_and_evaluate(config, str(workdir), final=final), final
+
+
+@pytest.fixture
+def own_models(monkeypatch):
+    """The model and family registries as they were, and the modules unimported by the returned
+    ``unimport(name)`` gone, after a test that registers models of its own."""
+    from vision_jax.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+
+    def unimport(name: str) -> None:
+        monkeypatch.setitem(sys.modules, name, None)  # recorded: removed after the test
+        del sys.modules[name]
+
+    return unimport

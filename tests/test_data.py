@@ -458,6 +458,7 @@ def test_a_tfds_dataset_or_split_that_is_not_there_is_one_line(tmp_path):
     with pytest.raises(data_lib.DataError) as error:
         data_lib.from_tfds("tiny:9.9.9", "train", str(holder))
     assert "is a folder of tfds dataset" not in str(error.value)
+    assert "9.9.9" in str(error.value), str(error.value)  # the version that is not there
 
 
 # Bad input.
@@ -1452,7 +1453,7 @@ def test_exif_jpegs_decode_about_as_fast_as_plain_ones():
     import time
 
     rng = np.random.default_rng(0)
-    pixels = [rng.integers(0, 256, (128, 128, 3), np.uint8) for _ in range(50)]
+    pixels = [rng.integers(0, 256, (128, 128, 3), np.uint8) for _ in range(150)]
 
     def encoded(block: bytes | None) -> list[bytes]:
         out = []
@@ -1472,7 +1473,8 @@ def test_exif_jpegs_decode_about_as_fast_as_plain_ones():
     with_exif, plain = encoded(_tiff("<", [(0x010F, 5), (0x0112, 1)])), encoded(None)
     times = [(seconds(with_exif), seconds(plain)) for _ in range(4)]  # the first one warms
     exif_time, plain_time = min(t[0] for t in times[1:]), min(t[1] for t in times[1:])
-    assert exif_time < 4 * plain_time, (exif_time, plain_time)  # was ~24x; now ~1.3-2.1x
+    # was ~24x; now ~1.3-2.1x: 10x leaves a loaded machine's noise room
+    assert exif_time < 10 * plain_time, (exif_time, plain_time)
 
 
 def test_idx_source_reads_fashion_mnist(shared_dir):

@@ -371,7 +371,7 @@ def test_detection_figures_equal_pycocotools_on_its_detections(tmp_path):
         assert got[f"eval/{key}"] == pytest.approx(want[key], abs=2e-3), key
 
 
-def test_a_backbone_of_ones_own_is_imported_from_model_module(tmp_path, monkeypatch):
+def test_a_backbone_of_ones_own_is_imported_from_model_module(tmp_path, own_models):
     """``model.module`` names the module that registers a model of one's own
     (tests/own_backbone.py, outside the library): the run imports it, and so does everything
     that reads the run later from its saved config: load_trained, evaluate_run and, in a fresh
@@ -383,9 +383,7 @@ def test_a_backbone_of_ones_own_is_imported_from_model_module(tmp_path, monkeypa
 
     from vision_jax.models import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
-    monkeypatch.delitem(sys.modules, "own_backbone", raising=False)
+    own_models("own_backbone")
     run = tmp_path / "run"
     mine = {"model.name": "own_net_s"}
     with pytest.raises(ValueError, match=r"Unknown model 'own_net_s'.* Set model.module to the"):
@@ -410,7 +408,8 @@ def test_a_backbone_of_ones_own_is_imported_from_model_module(tmp_path, monkeypa
     for key in ("eval/top1", "eval/loss", "eval/examples"):
         assert got[key] == pytest.approx(final[key], abs=1e-5), key
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    paths = [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run(
         [sys.executable, "-m", "vision_jax.evaluate", f"--workdir={run}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

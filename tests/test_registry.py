@@ -26,14 +26,9 @@ from vision_jax.models.vit import VisionTransformer
 
 
 @pytest.fixture(autouse=True)
-def restore_registry():
-    """Every family and model a test registers is removed afterwards."""
-    families, models = dict(registry._FAMILIES), dict(registry._REGISTRY)
-    yield
-    registry._FAMILIES.clear()
-    registry._FAMILIES.update(families)
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(models)
+def restore_registry(own_models):
+    """Every family and model a test registers is removed afterwards (conftest's own_models)."""
+    return own_models
 
 
 class ToyNet(nn.Module):
@@ -258,13 +253,11 @@ def test_a_module_without_remat_fields_trains_from_a_default_config(tmp_path):
 
 
 def test_a_new_size_of_a_built_in_class_is_resolved_through_model_module_twice(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, own_models
 ):
     """A module of one's own may register a new size of a library class (vit_tiny_d2, a
     VisionTransformer): "built in" means a library name, not a library class, so the second
     run in a process (the module imported already) is not refused as "built in"."""
-    import sys
-
     from vision_jax import specs
     from vision_jax.config import TrackedConfig
     from vision_jax.specs import ConfigError
@@ -276,8 +269,7 @@ def test_a_new_size_of_a_built_in_class_is_resolved_through_model_module_twice(
         "               patch_size=16, width=32, depth=2, num_heads=2, mlp_dim=64)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(sys.modules, "my_vits", None)  # (removed afterwards)
-    del sys.modules["my_vits"]
+    own_models("my_vits")  # (removed afterwards)
     config = small_config(**{"model.name": "vit_tiny_d2", "model.module": "my_vits"})
     for _ in range(2):  # the second: my_vits imported, vit_tiny_d2 registered
         spec = specs.run_spec(TrackedConfig(config))
@@ -287,16 +279,14 @@ def test_a_new_size_of_a_built_in_class_is_resolved_through_model_module_twice(
         specs.run_spec(TrackedConfig(small_config(**{"model.module": "my_vits"})))  # a library one
 
 
-def test_the_readme_example_backbone_trains_with_bitfit(monkeypatch):
+def test_the_readme_example_backbone_trains_with_bitfit(own_models):
     """tests/own_backbone.py, the README's example family, has no norms: its norm_modules must
     be "" (a regex such as "none" matches no parameter and bitfit refuses it)."""
     import importlib
-    import sys
 
     from vision_jax import optim
 
-    monkeypatch.setitem(sys.modules, "own_backbone", None)  # (the test's import undone after)
-    del sys.modules["own_backbone"]
+    own_models("own_backbone")  # (the test's import undone after)
     importlib.import_module("own_backbone")
     model = create_model("own_net_s", num_classes=3)
     mask = optim.trainable_mask(params_of(model), model, preset="bitfit")

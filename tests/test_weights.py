@@ -1538,19 +1538,15 @@ def test_timm_hub_test_size_and_crop_are_for_inference(timm, tmp_path):
         assert contract.crop_fraction == pytest.approx(data["crop_pct"])
 
 
-def test_a_family_whose_converter_is_not_found_is_named_in_one_line(tmp_path, monkeypatch):
+def test_a_family_whose_converter_is_not_found_is_named_in_one_line(tmp_path, own_models):
     """A family of one's own (tests/own_backbone.py) whose ``converter`` module does not exist:
     exporting its weights in timm's names (or loading timm's) says which module of which
     family, in one line (was a bare ModuleNotFoundError)."""
     import importlib
-    import sys
 
-    from vision_jax.models import registry
     from vision_jax.weights import export_safetensors
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
-    monkeypatch.delitem(sys.modules, "own_backbone", raising=False)
+    own_models("own_backbone")
     importlib.import_module("own_backbone")
     model = create_model("own_net_s", num_classes=3)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
