@@ -524,9 +524,13 @@ def test_detection_report_shows_the_images_with_boxes_missed_and_pr_curves(tmp_p
     rows = result.hardest_table.rows
     assert [row[:3] for row in rows] == [[1, "test/11.jpg", 11], [2, "test/12.jpg", 12],
                                          [0, "test/10.jpg", 10]]  # fmt: skip
-    assert [row[3:] for row in rows][:2] == [[1, 1, 0.0, "dog"], [2, 1, 0.5, "dog"]]
+    assert [row[3:] for row in rows][:2] == [
+        [1, 1, 1, 0.0, 0.0, "dog"],
+        [2, 1, 0, 0.5, pytest.approx(2 / 3), "dog"],
+    ]
     first = result.hardest[0]
-    assert first.title == "found 0 of 1\nmissed dog" and first.indexed.endswith("missed #1")
+    assert first.title == "found 0 of 1, 1 false\nmissed dog"
+    assert first.indexed.endswith("missed #1")
     green = np.all(first.image == TRUTH_COLOUR, -1)  # the dog: x 20..59, y 30..53 in the input
     assert green[30:54, [20, 59]].all() and green[[30, 53], 20:60].all()
     assert not green[29:55, [19, 60]].any() and not green[[29, 54], 19:61].any()
@@ -568,10 +572,13 @@ def test_detection_report_shows_the_images_with_boxes_missed_and_pr_curves(tmp_p
     assert [r["image_id"] for r in _rows(tmp_path / "hardest_examples.csv")] == ["11", "12", "10"]
 
 
-def test_images_without_ground_truth_are_not_hardest_and_a_split_without_says_so(tmp_path):
-    """An image without ground truth has nothing to miss: it is not among the hardest (it was,
-    "found 0 of 0"); a split without any has no hardest images and no precision-recall curves,
-    and a note says why (the section was silently missing)."""
+def test_false_detections_rank_an_image_among_the_hardest_and_a_split_without_truth_says_so(
+    tmp_path,
+):
+    """An image whose only errors are false detections (here one without ground truth: its cat
+    detection at 0.9) is among the hardest images (it was left out: nothing to miss), ranked by
+    F1 with the images that miss boxes; one without ground truth or false detections is not. A
+    split without ground truth has no precision-recall curves, and a note says why."""
     from vision_jax.report import _evaluation_sections
     from vision_jax.report.tasks import Detection
 
@@ -581,19 +588,43 @@ def test_images_without_ground_truth_are_not_hardest_and_a_split_without_says_so
     evaluator = Detection(source.class_names, data_lib.InputSpec(80), source, 3)
     evaluator.add(batch, outputs)
     result = evaluator.result()
-    assert [row[2] for row in result.hardest_table.rows] == [11, 12]
-    assert "images without ground truth left out" in result.hardest_caption
+    rows = result.hardest_table.rows
+    want = [(10, 1, 0.0), (11, 1, 0.0), (12, 0, pytest.approx(2 / 3))]
+    assert [(row[2], row[5], row[7]) for row in rows] == want
+    assert result.hardest[0].title == "found 0 of 0, 1 false"
     assert not [n for n in result.notes if "no ground-truth boxes" in n]
+
+    outputs["scores"][0] = 0.4  # image 10 without false detections: nothing to show
+    evaluator = Detection(source.class_names, data_lib.InputSpec(80), source, 3)
+    evaluator.add(batch, outputs)
+    assert [row[2] for row in evaluator.result().hardest_table.rows] == [11, 12]
 
     source.annotations["annotations"] = []
     evaluator = Detection(source.class_names, data_lib.InputSpec(80), source, 3)
     evaluator.add(batch, outputs)
     result = evaluator.result()
-    assert result.hardest == [] and result.pr_mean is None and result.examples == 3
-    assert "No precision-recall curves and no hardest images: the images evaluated have no " \
-        "ground-truth boxes" in " ".join(result.notes)  # fmt: skip
+    assert [row[2] for row in result.hardest_table.rows] == [11, 12]  # their false detections
+    assert result.pr_mean is None and result.examples == 3
+    assert "No precision-recall curves: the images evaluated have no ground-truth boxes" in \
+        " ".join(result.notes)  # fmt: skip
     headings = [heading for heading, _ in _evaluation_sections(result, [], tmp_path)]
-    assert headings == ["Per-class metrics"]
+    assert headings == ["Per-class metrics", "Hardest examples"]
+
+
+def test_a_detection_on_a_crowd_region_of_its_class_is_not_false():
+    """COCO ignores a detection that finds no box but lies on a crowd region of its class
+    (most of its area on it); on another class's crowd region, or mostly off it, it is false."""
+    from vision_jax.report.tasks import _Image
+
+    none, crowd = np.zeros((0, 4), np.float32), np.array([[0, 0, 50, 50]], np.float32)
+    found = np.array([[10, 10, 20, 20], [40, 40, 70, 70], [10, 10, 20, 20]], np.float32)
+    image = _Image(none, np.zeros(0, np.int64), found, np.array([0, 0, 1]),
+                   np.array([0.9, 0.8, 0.7]), crowd, np.array([0]))  # fmt: skip
+    assert image.false.tolist() == [False, True, True]
+    assert image.f1 == 0.0 and image.recall == 1.0
+    clean = _Image(none, np.zeros(0, np.int64), found[:1], np.array([0]), np.array([0.9]),
+                   crowd, np.array([0]))  # fmt: skip
+    assert clean.f1 == 1.0 and not clean.false.any()
 
 
 def test_detection_thumbnails_label_classes_the_font_lacks_by_index():
@@ -616,7 +647,7 @@ def test_detection_thumbnails_label_classes_the_font_lacks_by_index():
     for a, b in zip(cjk.hardest, indexed.hardest, strict=True):
         np.testing.assert_array_equal(a.image, b.image)
         assert a.title == b.title == b.indexed
-    assert cjk.hardest[0].title == "found 0 of 1\nmissed #1"
+    assert cjk.hardest[0].title == "found 0 of 1, 1 false\nmissed #1"
     assert "Classes by index (#k" in cjk.hardest_caption
     assert "Classes by index" not in accented.hardest_caption
     assert accented.hardest[1].title.endswith("missed dog")

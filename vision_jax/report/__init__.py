@@ -13,8 +13,9 @@
 * ``confusion_matrix.csv`` / ``.png``: counts ``[true, predicted]`` over the examples
   (segmentation: over the pixels);
 * ``hardest_examples.png`` / ``.csv``: the examples with the lowest probability on their true
-  label (segmentation: the lowest pixel accuracy; detection: the lowest share of ground-truth
-  boxes found, drawn with the ground truth and the detections), with their file (file sources)
+  label (segmentation: the lowest pixel accuracy; detection: the lowest F1 of boxes found
+  against boxes missed and false detections, drawn with the ground truth and the
+  detections), with their file (file sources)
   and their row in the split as sliced: with ``test[:20%]`` of arrays or IDX files, the row of
   the slice (:func:`vision_jax.data.apply_slice` of the unsliced split's columns gives the same
   rows);

@@ -24,7 +24,7 @@ from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
 from vision_jax.tasks import library_kind
 from vision_jax.tasks.base import class_key
-from vision_jax.tasks.boxes import pairwise_iou
+from vision_jax.tasks.boxes import box_area, pairwise_iou
 from vision_jax.tasks.coco_eval import (
     coco_evaluation,
     coco_figures,
@@ -221,38 +221,64 @@ def _xywh(box: np.ndarray) -> list[float]:
 
 @dataclasses.dataclass(frozen=True)
 class _Image:
-    """One image's ground truth (non-crowd) and detections scoring at least :data:`FOUND_AT`,
-    in model-input pixels, and which ground-truth boxes none of them found."""
+    """One image's ground truth (non-crowd), its crowd regions and its detections scoring at
+    least :data:`FOUND_AT`, in model-input pixels: which boxes none of them found, and which of
+    them found nothing."""
 
     truth: np.ndarray  # [T, 4]
     truth_classes: np.ndarray  # [T]
     found: np.ndarray  # [F, 4]
     found_classes: np.ndarray  # [F]
     scores: np.ndarray  # [F]
+    crowd: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    crowd_classes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @functools.cached_property
-    def missed(self) -> np.ndarray:
-        """The ground-truth boxes no detection found, matched as COCO matches: each detection,
-        the highest-scoring first, finds the unfound box of its class it overlaps most (IoU >=
-        :data:`MATCH_IOU`), so one detection over two boxes finds one."""
+    def _matched(self) -> tuple[np.ndarray, np.ndarray]:
+        """(each ground-truth box found, each detection that found one), matched as COCO
+        matches: each detection, the highest-scoring first, finds the unfound box of its class
+        it overlaps most (IoU >= :data:`MATCH_IOU`), so one detection over two boxes finds one."""
         same = self.truth_classes[:, None] == self.found_classes[None, :]
         ious = np.where(same, pairwise_iou(self.truth, self.found), 0.0)
-        found = np.zeros(len(self.truth), bool)
+        found, finding = np.zeros(len(self.truth), bool), np.zeros(len(self.found), bool)
         for j in np.argsort(-self.scores, kind="stable"):
             open_ious = np.where(found, 0.0, ious[:, j])
             if open_ious.size and open_ious.max() >= MATCH_IOU:
-                found[open_ious.argmax()] = True
-        return ~found
+                found[open_ious.argmax()] = finding[j] = True
+        return found, finding
+
+    @property
+    def missed(self) -> np.ndarray:
+        """The ground-truth boxes no detection found."""
+        return ~self._matched[0]
+
+    @functools.cached_property
+    def false(self) -> np.ndarray:
+        """The detections that found no box and do not lie on a crowd region of their class
+        (at least :data:`MATCH_IOU` of their area on it: COCO ignores those)."""
+        a, b = self.found[:, None], self.crowd[None]
+        overlap = np.concatenate([np.maximum(a[..., :2], b[..., :2]),
+                                  np.minimum(a[..., 2:], b[..., 2:])], -1)  # fmt: skip
+        share = box_area(overlap) / np.maximum(box_area(self.found), 1e-12)[:, None]
+        same = self.found_classes[:, None] == self.crowd_classes[None, :]
+        return ~self._matched[1] & ~(same & (share >= MATCH_IOU)).any(1)
 
     @property
     def recall(self) -> float:
         return 1.0 - float(self.missed.mean()) if len(self.truth) else 1.0
 
+    @property
+    def f1(self) -> float:
+        """2 x found / (2 x found + missed + false): 1 for an image without errors."""
+        errors = int(self.missed.sum() + self.false.sum())
+        hits = 2 * int((~self.missed).sum())
+        return hits / (hits + errors) if errors else 1.0
+
 
 def _box_example(batch, images, names, named, spec, i) -> tuple[Thumb, list]:
     """The image as the model saw it with its detections (red, class and score) and its ground
-    truth (green, class below), titled with its recall and the classes missed; not ``named``:
-    classes by index (``#k``) in the image and its title."""
+    truth (green, class below), titled with the boxes found, the false detections and the
+    classes missed; not ``named``: classes by index (``#k``) in the image and its title."""
     image = images[i]
     label = lambda c: names[c] if named else f"#{c}"
     found = zip(image.found, image.found_classes, image.scores, strict=True)
@@ -262,18 +288,20 @@ def _box_example(batch, images, names, named, spec, i) -> tuple[Thumb, list]:
     drawn = draw_boxes(draw_boxes(pixels(batch["image"][i], spec), found), truth, 1, True)
     missed = sorted({int(c) for c in image.truth_classes[image.missed]})
     head = f"found {len(image.truth) - image.missed.sum()} of {len(image.truth)}"
+    head += f", {image.false.sum()} false" if image.false.any() else ""
     title = head + (f"\nmissed {_short(', '.join(names[c] for c in missed))}" if missed else "")
     indexed = head + (f"\nmissed {', '.join(f'#{c}' for c in missed)}" if missed else "")
-    row = [int(batch["image_id"][i]), len(image.truth), int(image.missed.sum()), image.recall,
+    row = [int(batch["image_id"][i]), len(image.truth), int(image.missed.sum()),
+           int(image.false.sum()), image.recall, image.f1,
            "; ".join(names[c] for c in missed)]  # fmt: skip
     return Thumb(drawn, title if named else indexed, indexed), row
 
 
 class Detection:
     """Per-class COCO AP@[.5:.95] by pycocotools on the split's ground truth, its
-    precision-recall curves at IoU 0.5, and the images with the lowest share of ground-truth
-    boxes found (a detection of the class scoring at least :data:`FOUND_AT` at IoU >=
-    :data:`MATCH_IOU`)."""
+    precision-recall curves at IoU 0.5, and the images with the most errors: the lowest F1 of
+    ground-truth boxes found (by a detection of the class scoring at least :data:`FOUND_AT` at
+    IoU >= :data:`MATCH_IOU`) against boxes missed and false detections."""
 
     def __init__(self, names: list[str], spec: data_lib.InputSpec, source: Any, n: int):
         # the split's categories, in its category ids' order (pycocotools' and the table's)
@@ -291,10 +319,11 @@ class Detection:
         self.parts["image_ids"].append(batch["image_id"])
         images = [self._image(batch, outputs, i) for i in range(len(batch["row"]))]
         make = functools.partial(_box_example, batch, images, self.names, self.named, self.spec)
-        # Images without ground truth have nothing to miss: not ranked.
-        ranked = np.asarray([i for i, image in enumerate(images) if len(image.truth)], np.int64)
-        recall = np.asarray([images[i].recall for i in ranked], np.float64)
-        self.lowest.offer(recall, batch["row"][ranked], lambda j: make(int(ranked[j])))
+        # An image without ground truth or false detections has nothing to show: not ranked.
+        ranked = [i for i, image in enumerate(images) if len(image.truth) or image.false.any()]
+        ranked = np.asarray(ranked, np.int64)
+        f1 = np.asarray([images[i].f1 for i in ranked], np.float64)
+        self.lowest.offer(f1, batch["row"][ranked], lambda j: make(int(ranked[j])))
 
     def _image(self, batch: Arrays, outputs: Arrays, i: int) -> _Image:
         """Example ``i``'s ground truth from the source's annotations (a batch holds at most
@@ -304,9 +333,11 @@ class Detection:
         part = slice(t.start[row], t.start[row] + t.count[row])
         single = t.crowd[part] == 0  # crowd regions are not boxes to find
         kept = (outputs["scores"][i] >= FOUND_AT) & (outputs["classes"][i] >= 0)
+        boxes, classes = t.boxes[part] * batch["scale"][i], t.classes[part]
         return _Image(
-            t.boxes[part][single] * batch["scale"][i], t.classes[part][single],
+            boxes[single], classes[single],
             outputs["boxes"][i][kept], outputs["classes"][i][kept], outputs["scores"][i][kept],
+            boxes[~single], classes[~single],
         )  # fmt: skip
 
     def result(self) -> Evaluation:
@@ -324,15 +355,19 @@ class Detection:
         note += "truth in the split."
         notes, curves = [note], self._pr_curves(evaluation)
         if not curves:
-            notes.append("No precision-recall curves and no hardest images: the images "
-                         "evaluated have no ground-truth boxes (crowd regions aside).")  # fmt: skip
-        columns = ("image_id", "ground-truth boxes", "missed", "recall", "classes missed")
+            notes.append("No precision-recall curves: the images evaluated have no "
+                         "ground-truth boxes (crowd regions aside).")  # fmt: skip
+        columns = ("image_id", "ground-truth boxes", "missed", "false detections", "recall",
+                   "f1", "classes missed")  # fmt: skip
         return Evaluation(
             figures["map"], len(seen), table=table, notes=notes,
             hardest=self.lowest.thumbs(), hardest_table=self.lowest.table(columns),
-            hardest_caption="The images with the lowest share of ground-truth boxes found (by a "
-            f"detection of the class scoring at least {FOUND_AT} at IoU >= {MATCH_IOU}; images "
-            "without ground truth left out), as the model saw them: ground truth in green "
+            hardest_caption="The images with the most errors, by the lowest F1 of ground-truth "
+            f"boxes found (by a detection of the class scoring at least {FOUND_AT} at IoU >= "
+            f"{MATCH_IOU}, each detection finding one box) against boxes missed and false "
+            "detections (scoring at least as much, finding no box, not on a crowd region of "
+            "their class; images with neither left out), as the model saw them: ground truth "
+            "in green "
             f"(class below), detections scoring at least {FOUND_AT} in red (class and score)."
             + ("" if self.named else " Classes by index (#k: the k-th row of per_class.csv, "
                "from 0): a class name has a character the labels' font lacks."),
