@@ -3,6 +3,7 @@ backbone"): a wrong one is an error naming the family, not a silent change of tr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -291,3 +292,75 @@ def test_the_readme_example_backbone_trains_with_bitfit(own_models):
     model = create_model("own_net_s", num_classes=3)
     mask = optim.trainable_mask(params_of(model), model, preset="bitfit")
     assert mask["stage0"]["Conv_0"]["bias"] and not mask["stage0"]["Conv_0"]["kernel"]
+
+
+OWN_CELL = """
+import flax.linen as nn
+import jax.numpy as jnp
+from vision_jax.models.registry import Family, FeatureTap, register_family, register_model
+
+
+class CellNet(nn.Module):
+    num_classes: int
+    dtype: object = jnp.float32
+    width: int = 4
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        x = nn.Conv(self.width, (3, 3), strides=2, name="stem")(images)
+        return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
+
+
+register_family(Family(
+    name="cell_net", module=CellNet, layer_groups=lambda m: ([(".*", 0)], 1), norm_modules="",
+    feature_taps=lambda m: [FeatureTap("stem", 2, m.width)], converter="none",
+))
+register_model("cell_net_s", family="cell_net", module=CellNet, input_size=16, width=WIDTH)
+"""
+
+
+def run_cell(width: int = 4, source: str = OWN_CELL) -> dict[str, Any]:
+    """Runs the notebook cell ``source`` (as Jupyter does, in __main__'s namespace)."""
+    namespace: dict[str, Any] = {"__name__": "__main__", "WIDTH": width}
+    exec(compile(source, "<cell>", "exec"), namespace)
+    return namespace
+
+
+def test_a_notebook_cell_registering_a_backbone_runs_again():
+    """README "Adding a backbone" in a notebook: the cell run a second time (its class defined
+    again) replaces the family and the model, whose class is the new one everywhere."""
+    first = run_cell()
+    early = run_cell(width=4)["CellNet"]  # a second run: no "already registered"
+    second = run_cell(width=8)["CellNet"]  # edited and run again
+    assert first["CellNet"] is not second and early is not second
+    model = create_model("cell_net_s", num_classes=3)
+    assert type(model) is second and model.width == 8
+    assert family(model).name == "cell_net" and family(model).module is second
+    assert params_of(model)["stem"]["kernel"].shape == (3, 3, 3, 8)
+    # a model registered after the run resolves to the new class; one made before is named
+    register_model("cell_net_m", family="cell_net", module=second, input_size=16, width=16)
+    assert type(create_model("cell_net_m", num_classes=3)) is second
+    with pytest.raises(ValueError, match=r"family 'cell_net' has its class defined again since"):
+        family(first["CellNet"](num_classes=3))
+
+
+def test_a_model_or_family_registered_again_must_be_its_class_defined_again():
+    run_cell()
+    other = run_cell(source=OWN_CELL.replace("CellNet", "OtherNet").replace('"cell_net', '"o_net'))
+    with pytest.raises(ValueError, match=r"Model 'cell_net_s' is already registered \(__main__"):
+        register_model("cell_net_s", family="o_net", module=other["OtherNet"], input_size=16)
+    with pytest.raises(ValueError, match=r"Family 'cell_net' is already registered"):
+        toy_family("cell_net")
+    # the library's names are never replaced, even by a class of the same name
+    vit_again = type("VisionTransformer", (nn.Module,), {"__module__": "vision_jax.models.vit"})
+    with pytest.raises(ValueError, match=r"Model 'vit_ti16' is built in \(the library's\)"):
+        register_model("vit_ti16", family="vit", module=VisionTransformer, input_size=16)
+    with pytest.raises(ValueError, match=r"Family 'vit' is built in"):
+        register_family(dataclasses.replace(registry._FAMILIES["vit"], module=vit_again))
+    assert registry._FAMILIES["vit"].module is VisionTransformer
+    from vision_jax import tasks  # register_task has the same rule
+
+    again = type("Classification", (tasks.Classification,), {"__module__": "__main__"})
+    with pytest.raises(ValueError, match=r"Task 'classification' is built in"):
+        tasks.register_task(again)
+    assert tasks.TASKS["classification"] is tasks.Classification

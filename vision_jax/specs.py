@@ -373,6 +373,27 @@ def import_config_module(key: str, module: str) -> None:
         ) from e
 
 
+def check_registered_again(
+    kind: str, name: str, old: type | None, new: type, built_in: Any
+) -> None:
+    """Registering a ``kind`` (model, family, task) under a ``name`` registered already (as
+    ``old``) again, with the class ``new``: allowed when ``new`` is ``old`` defined again (the
+    same module and qualified name: a notebook cell run again), refused when ``name`` is one of
+    the library's (``built_in``) or ``new`` is another class."""
+    if old is None:
+        return
+    if name in built_in:
+        raise ValueError(
+            f"{kind} {name!r} is built in (the library's); register yours under another name."
+        )
+    if (old.__module__, old.__qualname__) != (new.__module__, new.__qualname__):
+        raise ValueError(
+            f"{kind} {name!r} is already registered ({old.__module__}.{old.__qualname__}; "
+            f"registering it again takes that class defined again, not {new.__module__}."
+            f"{new.__qualname__})."
+        )
+
+
 def import_own_module(
     section: str, name: str, module: str | None, built_in: Any, registered: Any
 ) -> str | None:

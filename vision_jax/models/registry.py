@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vision_jax.specs import is_integer
+from vision_jax.specs import check_registered_again, is_integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +58,27 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> None:
-    """Registers a model family (once, beside its module)."""
-    if family.name in _FAMILIES:
-        raise ValueError(f"Family {family.name!r} is already registered.")
-    if same := [f.name for f in _FAMILIES.values() if f.module is family.module]:
+    """Registers a model family (beside its module). Registered again (a notebook cell run
+    again), it replaces the family if its module is the same class defined again; the models
+    registered on the old class then build the new one."""
+    replaced = _FAMILIES.get(family.name)
+    if replaced is not None:
+        from vision_jax.models import BUILT_IN_FAMILIES  # (it imports this module)
+
+        old = replaced.module
+        check_registered_again("Family", family.name, old, family.module, BUILT_IN_FAMILIES)
+    others = (f for f in _FAMILIES.values() if f.name != family.name)
+    if same := [f.name for f in others if f.module is family.module]:
         raise ValueError(  # family() finds a model's family by its module's class
             f"Family {family.name!r}: module {family.module.__name__} belongs to family "
             f"{same[0]!r} already; give it a subclass of its own (class Mine("
             f"{family.module.__name__}): ...)."
         )
     _FAMILIES[family.name] = family
+    if replaced is not None and replaced.module is not family.module:
+        for name, spec in _REGISTRY.items():  # the old class is found nowhere any more
+            if spec.module is replaced.module:
+                _REGISTRY[name] = dataclasses.replace(spec, module=family.module)
 
 
 def families() -> list[Family]:
@@ -181,7 +192,14 @@ def family(model: nn.Module) -> Family:
     backbone = backbone_of(model)
     fam = _nearest_family(type(backbone))
     if fam is None:
-        raise ValueError(f"{type(backbone).__name__} is not a registered model class.")
+        key = lambda c: (c.__module__, c.__qualname__)
+        again = [f.name for f in _FAMILIES.values() if key(f.module) == key(type(backbone))]
+        hint = (  # a model created before the cell defining its class ran again
+            f" (family {again[0]!r} has its class defined again since: create the model again)"
+            if again
+            else ""
+        )
+        raise ValueError(f"{type(backbone).__name__} is not a registered model class{hint}.")
     return fam
 
 
@@ -260,9 +278,12 @@ def register_model(
     paper_params: int | None = None,
     **defaults: Any,
 ) -> None:
-    """Registers ``name`` as ``module(**defaults)``."""
+    """Registers ``name`` as ``module(**defaults)``; registered again (a notebook cell run
+    again) with its module defined again, it replaces the model."""
     if name in _REGISTRY:
-        raise ValueError(f"Model {name!r} is already registered.")
+        from vision_jax.models import BUILT_IN_MODELS  # (it imports this module)
+
+        check_registered_again("Model", name, _REGISTRY[name].module, module, BUILT_IN_MODELS)
     if family not in _FAMILIES:
         raise ValueError(
             f"Model {name!r}: family {family!r} is not registered (registered: "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vision_jax.specs import import_own_module
+from vision_jax.specs import check_registered_again, import_own_module
 from vision_jax.tasks.base import Task
 from vision_jax.tasks.classification import Classification
 from vision_jax.tasks.detection import Detection
@@ -32,10 +32,7 @@ def register_task(cls: type[Task]) -> type[Task]:
     config selects it with ``task.name``, and ``task.module`` names the module that registers
     it, so that the training command and, from the saved config, report, predict and export
     import it."""
-    old = TASKS.get(cls.name)
-    same = lambda c: (c.__module__, c.__qualname__)  # a notebook cell run again redefines it
-    if old is not None and same(old) != same(cls):
-        raise ValueError(f"Task {cls.name!r} is already registered ({old}).")
+    check_registered_again("Task", cls.name, TASKS.get(cls.name), cls, _LIBRARY_TASKS)
     TASKS[cls.name] = cls
     return cls
 
