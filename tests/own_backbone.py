@@ -47,7 +47,7 @@ class OwnNet(nn.Module):
     def __call__(self, images, *, train: bool = False):
         check_images(images)
         n = len(self.widths)
-        taps = stage_taps(self.feature_taps, n, self.num_classes)
+        taps = stage_taps(self.feature_taps, n, self.num_classes, owner=type(self).__name__)
         policies = stage_policies(self.remat, self.remat_rules, (1,) * n, lambda i, _: f"stage{i}",
                                   taps)  # fmt: skip
         x, outs = jnp.asarray(images, self.dtype), []

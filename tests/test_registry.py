@@ -364,3 +364,25 @@ def test_a_model_or_family_registered_again_must_be_its_class_defined_again():
     with pytest.raises(ValueError, match=r"Task 'classification' is built in"):
         tasks.register_task(again)
     assert tasks.TASKS["classification"] is tasks.Classification
+
+
+def test_feature_taps_out_of_range_name_the_backbone_and_its_stages():
+    """The old "feature_taps (3,) must be indices in [-3, 3)" named neither the backbone nor what it
+    has: a family declaring fewer taps than its module has stages looked like a library bug."""
+    with pytest.raises(ValueError) as error:
+        ToyNet(num_classes=0, feature_taps=(2,)).init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
+    assert str(error.value) == (
+        "feature_taps (2,) of the backbone: it has 2 stages, so taps must be indices in [-2, 2) "
+        "(0 is the first stage, -1 the last)."
+    )
+    # a family declaring one tap for the module's two stages: the family is named
+    toy_family("toy_one_tap", feature_taps=lambda m: toy_taps(m)[:1])
+    with pytest.raises(ValueError) as error:
+        create_model("toy_one_tap", num_classes=0, feature_taps=(1,))
+    assert str(error.value) == (
+        "feature_taps (1,) of 'toy_one_tap' (toy_one_tap): its family 'toy_one_tap' declares 1 "
+        "feature tap, so taps must be indices in [-1, 1) (0 is the first feature tap, -1 the "
+        "last)."
+    )
+    with pytest.raises(ValueError, match=r"^feature_taps \(0, 12\) of VisionTransformer: it has "):
+        stage_taps((0, 12), 12, 0, owner="VisionTransformer", unit="block")  # (as vit.py asks)

@@ -295,7 +295,7 @@ def test_feature_taps_are_checked_when_the_model_is_created(name):
     """feature_taps with a head, or out of range, failed only at the first init."""
     with pytest.raises(ValueError, match=r"^feature_taps returns feature maps: .*num_classes=0"):
         create_model(name, num_classes=2, feature_taps=(1,))
-    with pytest.raises(ValueError, match=r"^feature_taps \(0, 99\) must be indices in \[-"):
+    with pytest.raises(ValueError, match=rf"^feature_taps \(0, 99\) of '{name}' \(.* in \[-"):
         create_model(name, num_classes=0, feature_taps=(0, 99))
     assert create_model(name, num_classes=0, feature_taps=(0, -1)).feature_taps == (0, -1)
 

@@ -123,7 +123,10 @@ def layer_groups(model: Any) -> tuple[list[tuple[str, int]], int]:
                 f"between the stem and the head) but feature_taps declares {declared} taps: "
                 "group i + 1 must be feature tap i (group 0 the stem, the last the head)."
             )
-    taps = stage_taps(getattr(backbone, "feature_taps", None), n_groups - 2, 0)
+    taps = stage_taps(
+        getattr(backbone, "feature_taps", None), n_groups - 2, 0,
+        owner=type(backbone).__name__, family=fam.name,
+    )  # fmt: skip
     if not taps:
         return rules, n_groups
     last, head = max(taps) + 1, n_groups - 1

@@ -159,7 +159,9 @@ class ResNetV2(nn.Module):
         del train
         check_images(images)
         check_channels(self, images, "root_block", "conv_root")
-        taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
+        taps = stage_taps(
+            self.feature_taps, len(self.stage_sizes), self.num_classes, owner=type(self).__name__
+        )
         stages = []
         x = jnp.asarray(images, self.dtype)
         width = 64 * self.width_factor

@@ -98,7 +98,9 @@ class CifarResNet(nn.Module):
         check_images(images)
         check_channels(self, images, "conv1")
         train = train and not self.frozen_bn_stats  # train mode only changes the BatchNorms
-        taps = stage_taps(self.feature_taps, len(self.stage_sizes), self.num_classes)
+        taps = stage_taps(
+            self.feature_taps, len(self.stage_sizes), self.num_classes, owner=type(self).__name__
+        )
         stages = []
         x = jnp.asarray(images, self.dtype)
         x = conv2d(WIDTHS[0], 3, 1, self.dtype, name="conv1")(x)

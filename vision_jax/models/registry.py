@@ -160,15 +160,31 @@ def check_channels(module: nn.Module, images: Any, *stem: str) -> None:
     )
 
 
-def stage_taps(taps: Any, num_stages: int, num_classes: int) -> tuple[int, ...]:
+def stage_taps(
+    taps: Any,
+    num_stages: int,
+    num_classes: int,
+    *,
+    owner: str = "",
+    unit: str = "stage",
+    family: str | None = None,
+) -> tuple[int, ...]:
     """Stage (or block) indices of a backbone's ``feature_taps`` field (negative from the end),
-    checked; () when the field is unset."""
+    checked; () when the field is unset. An error names ``owner`` (the module's class, or the
+    model) and how many stages or blocks (``unit``) it has, or how many feature taps its
+    ``family`` declares when those are what ``num_stages`` counts."""
     if taps is None:
         return ()
     if num_classes:
         raise ValueError("feature_taps returns feature maps: create the model with num_classes=0.")
     if not taps or any(not -num_stages <= int(t) < num_stages for t in taps):
-        raise ValueError(f"feature_taps {taps} must be indices in [-{num_stages}, {num_stages}).")
+        unit = "feature tap" if family else unit
+        count = f"{num_stages} {unit}{'s' * (num_stages != 1)}"
+        has = f"its family {family!r} declares {count}" if family else f"it has {count}"
+        raise ValueError(
+            f"feature_taps {tuple(taps)} of {owner or 'the backbone'}: {has}, so taps must be "
+            f"indices in [-{num_stages}, {num_stages}) (0 is the first {unit}, -1 the last)."
+        )
     indices = tuple(int(t) % num_stages for t in taps)
     if list(indices) != sorted(set(indices)):  # the pyramids read them fine to coarse
         raise ValueError(
@@ -224,7 +240,10 @@ def check_feature_maps(backbone: nn.Module, maps: Any, image_size: tuple[int, in
     except ValueError:
         return
     declared = fam.feature_taps(backbone)
-    taps = stage_taps(getattr(backbone, "feature_taps", None), len(declared), 0)
+    taps = stage_taps(
+        getattr(backbone, "feature_taps", None), len(declared), 0,
+        owner=type(backbone).__name__, family=fam.name,
+    )  # fmt: skip
     maps = tuple(maps) if isinstance(maps, (tuple, list)) else (maps,)
     if len(maps) != len(taps):
         raise ValueError(
@@ -393,5 +412,7 @@ def create_model(
     model = spec.build(num_classes=int(num_classes), dtype=dtype, **overrides)
     taps = getattr(model, "feature_taps", None)
     if taps is not None:  # checked now, not at the first init
-        stage_taps(taps, len(_FAMILIES[spec.family].feature_taps(model)), model.num_classes)
+        declared = len(_FAMILIES[spec.family].feature_taps(model))
+        owner = f"{name!r} ({spec.module.__name__})"
+        stage_taps(taps, declared, model.num_classes, owner=owner, family=spec.family)
     return model

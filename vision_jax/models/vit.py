@@ -304,7 +304,9 @@ class VisionTransformer(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool = False) -> Any:
         check_images(images)
         check_channels(self, images, "embedding")
-        taps = stage_taps(self.feature_taps, self.depth, self.num_classes)
+        taps = stage_taps(
+            self.feature_taps, self.depth, self.num_classes, owner=type(self).__name__, unit="block"
+        )
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
         h, w = images.shape[1:3]
