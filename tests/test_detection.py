@@ -15,7 +15,7 @@ import pytest
 from conftest import import_timm
 
 from vision_jax.tasks import Detection, fcos
-from vision_jax.tasks.boxes import generalized_iou, nms_keep, pairwise_iou
+from vision_jax.tasks.boxes import generalized_iou, nms_first, nms_keep, pairwise_iou
 from vision_jax.tasks.coco_eval import (
     PADDING_ID,
     STAT_NAMES,
@@ -102,6 +102,21 @@ def test_nms_matches_numpy_greedy(threshold):
     want = np.sort(candidates[numpy_nms(boxes[candidates], scores[candidates], threshold)])
     assert 20 < len(want) < 280  # the case exercises suppression
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("max_keep", "block"), [(1, 64), (30, 7), (100, 64), (300, 512)])
+def test_nms_first_keeps_the_first_boxes_greedy_nms_keeps(max_keep, block):
+    """Block by block and stopping at ``max_keep`` kept boxes or at the first block without a
+    valid one, the first ``max_keep`` boxes of the greedy NMS over all of them."""
+    rng = np.random.default_rng(3)
+    boxes = random_boxes(rng, 300)
+    boxes[200:260] = boxes[199]  # a run of one box, as many locations on one object predict
+    valid = np.arange(300) < 280  # the candidates above the score threshold: a prefix
+    full = np.asarray(jax.jit(nms_keep, static_argnums=2)(boxes, valid, 0.5))
+    assert full.sum() > 30  # the case exercises the cut at max_keep
+    got = jax.jit(nms_first, static_argnums=(2, 3, 4))(boxes, valid, 0.5, max_keep, block)
+    want = np.flatnonzero(full)[:max_keep]
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(got)), want)
 
 
 def test_focal_loss_matches_torchvision(torchvision):
@@ -273,7 +288,7 @@ def test_postprocess_on_hand_made_outputs():
     }
     found = fcos.postprocess(
         outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
-        pre_nms=50, max_detections=6,
+        pre_nms=50, max_detections=6, level_sizes=where.level_sizes,
     )  # fmt: skip
     np.testing.assert_allclose(found["scores"][0], np.sqrt([0.9, 0.7, 0.6, 0.5, 0, 0]), atol=1e-5)
     np.testing.assert_array_equal(found["classes"][0], [0, 1, 0, 1, -1, -1])
@@ -299,7 +314,7 @@ def test_a_nan_score_takes_no_place_among_the_pre_nms_best():
     }
     found = fcos.postprocess(
         outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
-        pre_nms=4, max_detections=2,
+        pre_nms=4, max_detections=2, level_sizes=where.level_sizes,
     )  # fmt: skip
     np.testing.assert_allclose(found["scores"][0], [np.sqrt(0.9), 0.0], atol=1e-5)
     np.testing.assert_array_equal(found["classes"][0], [1, -1])
@@ -323,7 +338,8 @@ def test_postprocess_clips_to_each_letterboxed_image_before_nms():
                "centerness": jnp.full((2, n), 30.0)}  # fmt: skip
     found = fcos.postprocess(
         outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
-        pre_nms=10, max_detections=3, extents=jnp.asarray([[32.0, 32.0], [32.0, 20.0]]),
+        pre_nms=10, max_detections=3, level_sizes=where.level_sizes,
+        extents=jnp.asarray([[32.0, 32.0], [32.0, 20.0]]),
     )  # fmt: skip
     np.testing.assert_array_equal(found["classes"], [[0, 0, -1], [0, -1, -1]])
     np.testing.assert_allclose(found["boxes"][0, :2], [[8, 4, 32, 12], [8, 4, 18, 12]])
@@ -342,6 +358,116 @@ def test_postprocess_clips_to_each_letterboxed_image_before_nms():
         np.testing.assert_array_equal(predicted[key][:2], found[key])
         np.testing.assert_array_equal(per_example[key], predicted[key])
     np.testing.assert_array_equal(predicted["classes"][2], found["classes"][0])  # padding
+
+
+def test_postprocess_takes_the_pre_nms_best_of_each_level():
+    """As torchvision's FCOS (``topk_candidates``), the official FCOS and detectron2: many
+    fine-level locations on one object fill one top-k over all levels, NMS collapses them to one
+    box and a coarse level's object is lost; the top-k of each level keeps it."""
+    size, strides = 256, (8, 16, 32, 64)
+    where = fcos.layout((size, size), strides)
+    n = len(where.points)
+    logits = np.full((1, n, 1), -20.0, np.float32)
+    distances = np.zeros((1, n, 4), np.float32)
+    fine = np.arange(where.level_sizes[0])  # all 1024 stride-8 locations: the box 0..256 x 0..100
+    logits[0, fine, 0] = 2.0  # score sqrt(sigmoid(2)) = 0.94
+    x, y = where.points[fine].T
+    distances[0, fine] = np.stack([x, y, size - x, 100 - y], -1)
+    logits[0, n - 1, 0] = np.log(0.36 / 0.64)  # the last stride-64 location (224, 224): 0.6
+    distances[0, n - 1] = [50, 50, 20, 20]
+    outputs = {"logits": jnp.asarray(logits), "distances": jnp.asarray(distances),
+               "centerness": jnp.full((1, n), 30.0)}  # fmt: skip
+    found = fcos.postprocess(
+        outputs, jnp.asarray(where.points), (size, size), score_threshold=0.05,
+        iou_threshold=0.6, pre_nms=100, max_detections=10, level_sizes=where.level_sizes,
+    )  # fmt: skip
+    np.testing.assert_allclose(found["scores"][0, :3], [np.sqrt(1 / (1 + np.exp(-2))), 0.6, 0],
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(found["boxes"][0, :2], [[0, 0, 256, 100], [174, 174, 244, 244]])
+    task = Detection(strides=strides, pre_nms_topk=100, max_detections=10)
+    np.testing.assert_array_equal(task.detect(outputs, (size, size))["boxes"], found["boxes"])
+
+
+@pytest.fixture
+def torchvision_nms(torchvision, monkeypatch):
+    """torchvision's ``nms`` op with a numpy greedy kernel where the CPU torch has none (the
+    conftest declares only its schema, and torchvision refuses its ops without its C++
+    extension); both undone after the test."""
+    import torch
+    import torchvision.extension
+
+    def greedy(dets, scores, threshold):
+        boxes, order = dets.numpy(), np.argsort(-scores.numpy(), kind="stable")
+        alive, keep = np.ones(len(order), bool), []
+        for rank, i in enumerate(order):
+            if alive[rank]:
+                keep.append(i)
+                alive &= pairwise_iou(boxes[i : i + 1], boxes[order])[0] <= threshold
+        return torch.as_tensor(np.asarray(keep, np.int64))
+
+    probe = torch.zeros((1, 4)), torch.zeros(1)
+    try:
+        torch.ops.torchvision.nms(*probe, 0.5)
+        yield
+        return
+    except (NotImplementedError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "IMPL")
+    lib.impl("nms", greedy, "CPU")
+    monkeypatch.setattr(torchvision.extension, "_has_ops", lambda: True)
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("shift", [0.0, -6.0])  # scores mostly above / below the threshold
+def test_postprocess_matches_torchvision_fcos(torchvision, torchvision_nms, shift):
+    """The detections of torchvision's ``FCOS.postprocess_detections`` (per-level top-k,
+    boxes clipped to each image, per-class NMS, the best ``detections_per_img``) on random
+    outputs, letterboxed images included: the same boxes, scores and classes in the same order
+    (torchvision's anchors are the stride squares around the locations)."""
+    import torch
+    from torchvision.models.detection.fcos import FCOS
+
+    (h, w), strides, c = (96, 128), (8, 16, 32, 64), 5
+    # The two finer levels hold over 200 pairs; room for every candidate that NMS keeps.
+    pre, per_image, threshold, iou = 200, 500, 0.05, 0.6
+    where = fcos.layout((h, w), strides)
+    n, sizes = len(where.points), list(where.level_sizes)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(shift, 2, (3, n, c)).astype(np.float32)
+    ctr = rng.normal(0, 2, (3, n)).astype(np.float32)
+    distances = (rng.uniform(0.2, 4, (3, n, 4)) * where.strides[None, :, None]).astype(np.float32)
+    extents = np.asarray([[h, w], [70, w], [h, 100]], np.float32)
+    outputs = {"logits": jnp.asarray(logits), "distances": jnp.asarray(distances),
+               "centerness": jnp.asarray(ctr)}  # fmt: skip
+    post = lambda o, e: fcos.postprocess(
+        o, jnp.asarray(where.points), (h, w), score_threshold=threshold, iou_threshold=iou,
+        pre_nms=pre, max_detections=per_image, level_sizes=sizes, extents=e,
+    )  # fmt: skip
+    found = jax.jit(post)(outputs, jnp.asarray(extents))
+
+    class Backbone(torch.nn.Module):
+        out_channels = 32  # FCOS's head has GroupNorm(32) layers
+
+    model = FCOS(Backbone(), num_classes=c, score_thresh=threshold, nms_thresh=iou,
+                 detections_per_img=per_image, topk_candidates=pre)  # fmt: skip
+    split = lambda x: list(torch.from_numpy(x).split(sizes, dim=1))
+    points, half = torch.from_numpy(where.points), torch.from_numpy(where.strides)[:, None] / 2
+    anchors = list(torch.cat([points - half, points + half], 1).split(sizes))
+    heads = {"cls_logits": split(logits), "bbox_ctrness": split(ctr[..., None]),
+             "bbox_regression": split(distances / where.strides[None, :, None])}  # fmt: skip
+    want = model.postprocess_detections(
+        heads, [anchors] * 3, [tuple(int(v) for v in e) for e in extents]
+    )
+    for i, expected in enumerate(want):
+        d = len(expected["scores"])
+        assert 10 < d <= per_image
+        np.testing.assert_allclose(found["scores"][i, :d], expected["scores"], atol=1e-6)
+        np.testing.assert_array_equal(found["scores"][i, d:], 0.0)
+        np.testing.assert_array_equal(found["classes"][i, :d], expected["labels"])
+        np.testing.assert_allclose(found["boxes"][i, :d], expected["boxes"], atol=1e-4)
 
 
 def coco_ground_truth() -> dict:

@@ -99,3 +99,51 @@ def nms_keep(boxes: jax.Array, valid: jax.Array, iou_threshold: float) -> jax.Ar
 
     keep, _ = jax.lax.while_loop(not_done, body, (one_pass(valid), valid))
     return keep
+
+
+def nms_first(
+    boxes: jax.Array, valid: jax.Array, iou_threshold: float, max_keep: int, block: int = 256
+) -> jax.Array:
+    """The first ``max_keep`` boxes that greedy NMS (:func:`nms_keep`) keeps of ``boxes``
+    [K, 4] sorted by decreasing score, as a [K] bool mask; the greedy NMS's later kept boxes
+    are left out. ``valid`` must be a prefix (all True, then all False: the candidates above a
+    score threshold, in score order).
+
+    Works through ``block`` candidates at a time: those of a block that a box kept before it
+    suppresses are dropped, then :func:`nms_keep` within the block. It stops at the first block
+    with no valid candidate or once ``max_keep`` are kept, so its work is about the candidates
+    it needs, not the ``K x K`` IoU matrix of :func:`nms_keep` (4000 candidates: 16M pairs).
+    """
+    k = boxes.shape[0]
+    block = max(1, min(block, k))
+    blocks = -(-k // block)
+    pad = blocks * block - k
+    boxes = jnp.pad(boxes, ((0, pad), (0, 0)))
+    valid = jnp.pad(valid, (0, pad))
+    max_keep = min(max_keep, k)
+
+    def not_done(state: tuple) -> jax.Array:
+        i, _, _, _, count = state
+        return (i < blocks) & (count < max_keep) & valid[jnp.minimum(i, blocks - 1) * block]
+
+    def body(state: tuple) -> tuple:
+        i, keep, kept, filled, count = state
+        start = i * block
+        chunk = jax.lax.dynamic_slice_in_dim(boxes, start, block)
+        candidate = jax.lax.dynamic_slice_in_dim(valid, start, block)
+        overlap = (pairwise_iou(chunk, kept) > iou_threshold) & filled[None, :]
+        chunk_keep = nms_keep(chunk, candidate & ~overlap.any(1), iou_threshold)
+        slot = count + jnp.cumsum(chunk_keep) - 1
+        chunk_keep = chunk_keep & (slot < max_keep)
+        slot = jnp.where(chunk_keep, slot, max_keep)  # out of range: dropped
+        kept = kept.at[slot].set(chunk, mode="drop")
+        filled = filled.at[slot].set(True, mode="drop")
+        keep = jax.lax.dynamic_update_slice_in_dim(keep, chunk_keep, start, 0)
+        return i + 1, keep, kept, filled, count + chunk_keep.sum()
+
+    state = (
+        jnp.zeros((), jnp.int32), jnp.zeros(blocks * block, bool),
+        jnp.zeros((max_keep, 4), boxes.dtype), jnp.zeros(max_keep, bool), jnp.zeros((), jnp.int32),
+    )  # fmt: skip
+    _, keep, _, _, _ = jax.lax.while_loop(not_done, body, state)
+    return keep[:k]

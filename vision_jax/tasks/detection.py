@@ -63,7 +63,8 @@ class Detection(Task):
     """``strides``: pyramid levels the head predicts from; ``decoder_width``: pyramid and head
     channels; ``head_convs``: convolutions per tower; ``max_boxes``: ground-truth boxes per
     image (padded); ``center_radius``: FCOS centre sampling, in strides; ``focal_alpha`` /
-    ``focal_gamma``; post-processing: ``score_threshold``, ``nms_iou``, ``pre_nms_topk``,
+    ``focal_gamma``; post-processing: ``score_threshold``, ``nms_iou``, ``pre_nms_topk``
+    (candidates per level, as torchvision's ``topk_candidates``; NMS runs over all levels'),
     ``max_detections`` (per image)."""
 
     loss: str = "focal_giou"
@@ -221,7 +222,7 @@ class Detection(Task):
         return fcos.postprocess(
             outputs, jnp.asarray(where.points), image_hw, score_threshold=self.score_threshold,
             iou_threshold=self.nms_iou, pre_nms=self.pre_nms_topk,
-            max_detections=self.max_detections, extents=extents,
+            max_detections=self.max_detections, level_sizes=where.level_sizes, extents=extents,
         )  # fmt: skip
 
     def eval_metrics(self, outputs: dict[str, jax.Array], batch: Batch) -> EvalMetrics:

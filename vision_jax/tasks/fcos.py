@@ -35,7 +35,7 @@ from vision_jax.models.pyramid import (
     conv,
     feature_strides,
 )
-from vision_jax.tasks.boxes import generalized_iou, nms_keep, top_k
+from vision_jax.tasks.boxes import generalized_iou, nms_first, top_k
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of the class logits (RetinaNet)
 
@@ -43,28 +43,31 @@ PRIOR_PROBABILITY = 0.01  # initial foreground probability of the class logits (
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where the locations of a pyramid are: centres ``points`` [L, 2] (x, y in input pixels),
-    ``strides`` [L] and size ranges ``lower`` / ``upper`` [L], all levels concatenated."""
+    ``strides`` [L] and size ranges ``lower`` / ``upper`` [L], all levels concatenated;
+    ``level_sizes``: each level's number of locations, in that order."""
 
     points: np.ndarray
     strides: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
+    level_sizes: tuple[int, ...]
 
 
 def layout(image_hw: Sequence[int], strides: Sequence[int]) -> Layout:
     """The locations of levels with ``strides`` on an ``image_hw`` input (level ``i`` has
     ``ceil(h / s) x ceil(w / s)`` positions, centres at ``(k + 0.5) s``)."""
-    points, level_strides, lower, upper = [], [], [], []
+    points, level_strides, lower, upper, sizes = [], [], [], [], []
     for i, s in enumerate(strides):
         h, w = math.ceil(image_hw[0] / s), math.ceil(image_hw[1] / s)
         ys, xs = np.meshgrid((np.arange(h) + 0.5) * s, (np.arange(w) + 0.5) * s, indexing="ij")
         points.append(np.stack([xs.ravel(), ys.ravel()], -1))
         n = h * w
+        sizes.append(n)
         level_strides.append(np.full(n, s, np.float32))
         lower.append(np.full(n, 0.0 if i == 0 else 4.0 * s, np.float32))
         upper.append(np.full(n, np.inf if i == len(strides) - 1 else 8.0 * s, np.float32))
     cat = lambda xs: np.concatenate(xs).astype(np.float32)
-    return Layout(cat(points), cat(level_strides), cat(lower), cat(upper))
+    return Layout(cat(points), cat(level_strides), cat(lower), cat(upper), tuple(sizes))
 
 
 class FCOSHead(nn.Module):
@@ -255,18 +258,28 @@ def losses(
 def postprocess(
     outputs: dict[str, jax.Array], points: jax.Array, image_hw: Sequence[int], *,
     score_threshold: float, iou_threshold: float, pre_nms: int, max_detections: int,
-    extents: jax.Array | None = None,
+    level_sizes: Sequence[int], extents: jax.Array | None = None,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """Detections of a batch, a fixed number per image: the ``pre_nms`` best (location, class)
-    pairs by ``sqrt(sigmoid(class) * sigmoid(centerness))`` above ``score_threshold``, their
-    boxes clipped to the image (``extents`` [B, 2]: each image's height and width in input
-    pixels, the rest padding; None: the input ``image_hw``), per-class NMS, then the
-    ``max_detections`` best (torchvision's FCOS clips before its NMS too). Returns ``boxes``
-    [B, D, 4], ``scores`` [B, D] (0 for empty slots) and ``classes`` [B, D] int32 (-1 for
-    empty slots)."""
+    pairs of each level (``level_sizes``: the levels' numbers of locations, in the order of
+    ``points``, as :attr:`Layout.level_sizes`) by ``sqrt(sigmoid(class) * sigmoid(centerness))``
+    above ``score_threshold``, as torchvision's FCOS (``topk_candidates``), the official FCOS
+    and detectron2 take them (one top-k over all levels would let the many fine-level locations
+    on one object fill every place and drop the coarse levels' objects); their boxes clipped
+    to the image (``extents`` [B, 2]: each image's height and width in input pixels, the rest
+    padding; None: the input ``image_hw``), per-class NMS over all levels' candidates, then the
+    ``max_detections`` best (torchvision's FCOS clips before its NMS too; the NMS,
+    :func:`nms_first`, stops once it has kept them). Returns ``boxes`` [B, D, 4], ``scores``
+    [B, D] (0 for empty slots) and ``classes`` [B, D] int32 (-1 for empty slots)."""
     input_hw = jnp.asarray(image_hw, jnp.float32)
     batch = outputs["logits"].shape[0]
     extents = jnp.broadcast_to(input_hw if extents is None else extents, (batch, 2))
+    if sum(level_sizes) != outputs["logits"].shape[1]:
+        raise ValueError(
+            f"level_sizes {tuple(level_sizes)} add up to {sum(level_sizes)} locations, the "
+            f"outputs have {outputs['logits'].shape[1]}."
+        )
+    starts = np.cumsum([0, *level_sizes[:-1]]).tolist()
 
     def one_image(
         logits: jax.Array, distances: jax.Array, centerness: jax.Array, extent: jax.Array
@@ -276,22 +289,32 @@ def postprocess(
         num_classes = logits.shape[-1]
         scores = jnp.sqrt(jax.nn.sigmoid(logits) * jax.nn.sigmoid(centerness)[:, None])
         scores = nan_lowest(scores)  # a NaN score takes no place among the pre_nms best
-        k = min(pre_nms, scores.size)
-        top_scores, flat_index = top_k(scores.reshape(-1), k)
+        level_scores, level_index = [], []
+        for start, size in zip(starts, level_sizes, strict=True):
+            flat = scores[start : start + size].reshape(-1)
+            best, index = top_k(flat, min(pre_nms, flat.size))
+            level_scores.append(best)
+            level_index.append(index + start * num_classes)
+        # NMS takes its candidates by decreasing score: all levels' in one order (ties in
+        # location order, as one top-k over all levels would rank them).
+        k = sum(int(s.shape[0]) for s in level_scores)
+        top_scores, order = top_k(jnp.concatenate(level_scores), k)
+        flat_index = jnp.concatenate(level_index)[order]
         location, cls = flat_index // num_classes, flat_index % num_classes
         boxes = jnp.clip(decode(points[location], distances[location]), 0.0, corner)
         valid = top_scores > score_threshold
         # Per-class NMS in one pass: boxes of different classes moved apart, so they never overlap.
         offset = (cls * (jnp.abs(boxes).max() + 1.0))[:, None]
-        keep = nms_keep(boxes + offset, valid, iou_threshold)
-        kept_scores = jnp.where(keep, top_scores, 0.0)
         d = min(max_detections, k)
-        out_scores, order = top_k(kept_scores, d)
+        # The first d boxes greedy NMS keeps (valid is a prefix: the scores are sorted).
+        keep = nms_first(boxes + offset, valid, iou_threshold, d)
+        kept_scores = jnp.where(keep, top_scores, 0.0)
+        out_scores, best = top_k(kept_scores, d)
         filled = out_scores > 0
         return (
-            jnp.where(filled[:, None], boxes[order], 0.0),
+            jnp.where(filled[:, None], boxes[best], 0.0),
             out_scores,
-            jnp.where(filled, cls[order], -1).astype(jnp.int32),
+            jnp.where(filled, cls[best], -1).astype(jnp.int32),
         )
 
     boxes, scores, classes = jax.vmap(one_image)(
