@@ -420,3 +420,37 @@ def test_the_fpn_head_takes_odd_sizes(name, size):
     images = jnp.zeros((1, size, size, 3))
     logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), images))[0]
     assert logits.shape == (1, size, size, 3)
+
+
+def test_vit_taps_of_one_stride_are_refused_by_the_pyramid_heads():
+    """A plain ViT's blocks all sit at its patch stride: an FPN over two of them would read the
+    'coarser' one as stride 32 (its corner stretched over the image). The fpn head and the
+    detector refuse them when the model is built; one tap builds the simple pyramid as before."""
+    from vision_jax.tasks import Detection, Segmentation
+
+    for task in (Segmentation(head="fpn", feature_taps=(5, 11)), Detection(feature_taps=(5, 11))):
+        with pytest.raises(ValueError, match=r"feature_taps \(5, 11\) of vit_ti16 are all at "
+                                             r"stride 16: .*one block.*set one tap"):  # fmt: skip
+            task.build_model("vit_ti16", 3)
+    images = jnp.zeros((1, 96, 96, 3))
+    seg = Segmentation(head="fpn", feature_taps=(11,)).build_model("vit_ti16", 3)
+    logits = jax.eval_shape(lambda: seg.init_with_output(jax.random.key(0), images))[0]
+    assert logits.shape == (1, 96, 96, 3)
+    det = Detection(strides=(8, 16, 32), feature_taps=(11,)).build_model("vit_ti16", 3)
+    out = jax.eval_shape(lambda: det.init_with_output(jax.random.key(0), images))[0]
+    assert out["logits"].shape == (1, 12 * 12 + 6 * 6 + 3 * 3, 3)
+
+
+def test_feature_strides_from_the_maps_sizes():
+    """Each map's stride from its height and width against the image's: a CNN's rounded-up maps
+    (ResNet at 40 px: 10, 5, 3, 2) and non-square inputs as they are; maps of one stride (a
+    ViT's blocks) refused, never given invented coarser strides."""
+    from vision_jax.models.pyramid import feature_strides
+
+    maps = lambda *hw: [jnp.zeros((1, h, w, 1)) for h, w in hw]
+    assert feature_strides(maps((10, 10), (5, 5), (3, 3), (2, 2)), (40, 40)) == [4, 8, 16, 32]
+    assert feature_strides(maps((32, 32), (16, 16), (8, 8)), (32, 32)) == [1, 2, 4]  # CIFAR
+    assert feature_strides(maps((6, 16), (3, 8), (2, 4)), (48, 128)) == [8, 16, 32]
+    with pytest.raises(ValueError, match=r"6x6, 6x6 cells on 96x96 images are at strides "
+                                         r"\(16, 16\)"):  # fmt: skip
+        feature_strides(maps((6, 6), (6, 6)), (96, 96))

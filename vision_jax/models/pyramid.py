@@ -51,13 +51,34 @@ def upsample_to(x: jax.Array, hw: Sequence[int], method: str = "bilinear") -> ja
 
 
 def feature_strides(features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[int]:
-    """The stride of each feature map (finest first): the power of two nearest to the image's
-    height over the map's, past the previous map's (at small or odd sizes a CNN's maps round
-    up, two of them can be nearest to the same power: 40 px gives maps of 10, 5, 3 and 2)."""
+    """The stride of each feature map (finest first), from its height and width against the
+    image's: the power of two ``s`` with each of the map's sides the image's over ``s``, rounded
+    down (a ViT's grid) or up (a CNN's maps). Where several fit, the smallest past the previous
+    map's (at small or odd sizes a CNN's maps round up: 40 px gives maps of 10, 5, 3 and 2, and
+    the 2-cell one fits strides 16 and 32); where none fits (a simple pyramid's finer levels of
+    an odd grid), the power of two nearest to the sizes' ratio. Maps that are not each coarser
+    than the one before (a plain ViT's blocks, all at its patch stride) are refused: a pyramid
+    reads them fine to coarse."""
     strides: list[int] = []
     for f in features:
-        stride = 2 ** round(math.log2(image_hw[0] / f.shape[1]))
-        strides.append(max(stride, 2 * strides[-1]) if strides else stride)
+        hw = tuple(f.shape[1:3])
+        fits = [
+            s for s in (2**k for k in range(16))
+            if all(n in (size // s, -(-size // s)) for n, size in zip(hw, image_hw, strict=True))
+        ]  # fmt: skip
+        if fits:
+            stride = next((s for s in fits if not strides or s > strides[-1]), fits[0])
+        else:
+            ratio = math.sqrt(image_hw[0] / hw[0] * image_hw[1] / hw[1])
+            stride = 2 ** round(math.log2(ratio))
+        strides.append(stride)
+    if any(b <= a for a, b in zip(strides[:-1], strides[1:], strict=True)):
+        sizes = ", ".join("x".join(str(n) for n in f.shape[1:3]) for f in features)
+        raise ValueError(
+            f"Feature maps of {sizes} cells on {image_hw[0]}x{image_hw[1]} images are at strides "
+            f"{tuple(strides)}: a pyramid needs each map coarser than the one before (a plain "
+            f"ViT's blocks share one stride: its pyramid is built from one tap)."
+        )
     return strides
 
 

@@ -19,7 +19,7 @@ import jax
 from clu import metrics
 
 from vision_jax.models import create_model
-from vision_jax.models.registry import family
+from vision_jax.models.registry import family, stage_taps
 from vision_jax.selection import ABSENT
 from vision_jax.specs import ConfigError, as_tuples, takes_none
 
@@ -45,6 +45,31 @@ def feature_backbone(
         single = last_only or len({t.stride for t in available}) == 1
         taps = (-1,) if single else tuple(range(len(available)))
     return create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
+
+
+def check_pyramid_taps(backbone: nn.Module, model_name: str, head: str) -> None:
+    """Refuses a backbone whose ``feature_taps`` fed to the pyramid of ``head`` are not each at
+    a coarser stride than the one before (as its family declares them): a plain ViT's blocks
+    all share its patch stride, and its pyramid (ViTDet's simple one) is built from one block
+    (an FPN over equal strides would read a coarser map's corner as the whole image)."""
+    taps = getattr(backbone, "feature_taps", None)
+    if not taps or len(taps) < 2:
+        return
+    try:
+        fam = family(backbone)
+    except ValueError:  # not a registered family: the head's feature_strides refuses at init
+        return
+    declared = fam.feature_taps(backbone)
+    indices = stage_taps(taps, len(declared), 0, owner=model_name, family=fam.name)
+    strides = [declared[i].stride for i in indices]
+    if all(b > a for a, b in zip(strides[:-1], strides[1:], strict=True)):
+        return
+    at = f"all at stride {strides[0]}" if len(set(strides)) == 1 else f"at strides {strides}"
+    raise ValueError(
+        f"feature_taps {tuple(taps)} of {model_name} are {at}: the {head} builds its pyramid "
+        f"from maps of increasing stride, a ViT's from one block (ViTDet's simple pyramid); "
+        f"set one tap (e.g. feature_taps=({tuple(taps)[-1]},))."
+    )
 
 
 class Task(abc.ABC):

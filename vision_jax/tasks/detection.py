@@ -23,7 +23,7 @@ from clu import metrics
 
 from vision_jax.models.task_model import TaskModel
 from vision_jax.tasks import fcos
-from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone
+from vision_jax.tasks.base import Batch, Task, check_pyramid_taps, class_key, feature_backbone
 from vision_jax.tasks.coco_eval import (
     PADDING_ID,
     STAT_NAMES,
@@ -170,6 +170,7 @@ class Detection(Task):
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
         backbone = feature_backbone(model_name, self.feature_taps, **model_kwargs)
+        check_pyramid_taps(backbone, model_name, "detection head (FCOS)")
         head = fcos.FCOSHead(
             num_classes, tuple(self.strides), self.decoder_width, self.head_convs, backbone.dtype
         )

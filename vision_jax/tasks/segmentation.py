@@ -43,7 +43,7 @@ from vision_jax.models.pyramid import (
 from vision_jax.models.task_model import TaskModel
 from vision_jax.selection import ABSENT
 from vision_jax.specs import IGNORE_LABEL, check_interval, only_when
-from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone
+from vision_jax.tasks.base import Batch, Task, check_pyramid_taps, class_key, feature_backbone
 
 HEADS = ("linear", "fpn")
 
@@ -229,6 +229,7 @@ class Segmentation(Task):
         if self.head == "linear":
             head = LinearHead(num_classes, dtype)
         else:
+            check_pyramid_taps(backbone, model_name, "fpn head")
             head = FPNHead(num_classes, self.decoder_width, dtype)
         return TaskModel(backbone, head)
 
