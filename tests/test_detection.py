@@ -735,3 +735,17 @@ def test_head_shapes_every_family(name, size):
     assert shapes["logits"].shape == (2, n, 5)
     assert shapes["distances"].shape == (2, n, 4)
     assert shapes["centerness"].shape == (2, n)
+
+
+@pytest.mark.parametrize("strides", [(32, 16, 8), (8, 8, 16), (8.0, 16.0), (0, 8), (-8, 8), (),
+                                     (True, 8), ("8", "16")])  # fmt: skip
+def test_strides_must_increase_strictly_as_positive_integers(strides):
+    """The size ranges go by position (the first level's from 0, the last's to infinity): a
+    reversed order sends the small boxes to the coarsest level, a repeated stride builds one
+    level twice, a float is no stride: each refused when the task is made."""
+    with pytest.raises(ValueError, match=r"task.strides .* must be strictly increasing positive"):
+        Detection(strides=strides)
+    with pytest.raises(ValueError, match=r"e\.g\. \(8, 16, 32\)"):
+        Detection(strides=(32, 16, 8))
+    assert Detection(strides=(4, 8, 16, 32)).strides == (4, 8, 16, 32)
+    assert Detection(strides=(np.int64(8), np.int64(16))).strides == (8, 16)

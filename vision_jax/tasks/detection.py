@@ -22,6 +22,7 @@ import numpy as np
 from clu import metrics
 
 from vision_jax.models.task_model import TaskModel
+from vision_jax.specs import ConfigError
 from vision_jax.tasks import fcos
 from vision_jax.tasks.base import Batch, Task, check_pyramid_taps, class_key, feature_backbone
 from vision_jax.tasks.coco_eval import (
@@ -56,6 +57,25 @@ class EvalMetrics(metrics.Collection):
 
 class CoverageError(ValueError):
     """An evaluation did not see every image of the split exactly once."""
+
+
+def check_strides(strides: Any) -> None:
+    """Refuses ``task.strides`` that are not strictly increasing positive integers (fine to
+    coarse: the size ranges go by position, the finest level's from 0 and the coarsest's to
+    infinity, so a reversed order sends the small boxes to the coarsest level; a repeated stride
+    builds one level twice), naming the value and the sorted one."""
+    values = tuple(strides) if isinstance(strides, (tuple, list)) else (strides,)
+    integral = all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in values)
+    ordered = all(a < b for a, b in zip(values[:-1], values[1:], strict=True))
+    if values and integral and ordered and values[0] > 0:
+        return
+    number = lambda s: isinstance(s, (int, float, np.number)) and not isinstance(s, bool)
+    fixed = sorted({int(s) for s in values if number(s) and s >= 1 and float(s).is_integer()})
+    hint = f" e.g. {tuple(fixed)}" if fixed else ""
+    raise ConfigError(
+        f"task.strides {strides!r} must be strictly increasing positive integers, fine to coarse "
+        f"(the levels' size ranges go by position):{hint}."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +118,7 @@ class Detection(Task):
             raise ValueError(f"Unknown task.head {self.head!r} for detection; valid: 'fcos'.")
         if self.max_boxes < 1 or self.max_detections < 1:
             raise ValueError("task.max_boxes and task.max_detections must be at least 1.")
+        check_strides(self.strides)
 
     def unmeasurable(self, name: str, source: Any) -> str | None:
         """pycocotools scores (non-crowd) boxes of the split: without any, every figure is NaN;
