@@ -21,8 +21,9 @@ Commands:
   launch/local.sh -n 2 -d 2 --config=configs/vit_fsdp.py --workdir=/tmp/vj_fsdp2 \
       --config.mesh=data:-1,fsdp:4
 
-Expected result (2 CPU cores, 8 simulated devices, about 4 minutes): train/loss falls from about
-2.3 to 1.0 and eval/top1 reaches about 0.8 after 30 steps (chance is 0.1). ViT-B from scratch on
+Expected result (2 CPU cores, 8 simulated devices, about 4 minutes; re-measured on 2026-12-08):
+train/loss, logged as the mean of each 10 steps, falls 2.12 -> 1.31 -> 0.85, and eval/top1 reaches
+0.908 after 30 steps (chance is 0.1). ViT-B from scratch on
 1,437 digits is a smoke test of the scale-out path, not an accuracy benchmark.
 """
 

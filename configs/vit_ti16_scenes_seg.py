@@ -22,17 +22,19 @@ Expected results (eval on the 200 test scenes, every pixel once; 2 CPU cores):
   variant         eval/miou  eval/pixel_accuracy  background IoU  wall time
   linear            0.409         0.883              0.931        144 s
   linear_scratch    0.099         0.814              0.850
-  fpn               0.193         0.843              0.922        337 s (39 img/s)
+  fpn               0.234         0.852              0.931        337 s (39 img/s)
   fpn_scratch       0.101         0.816              0.839
 (wall time of the whole command on an otherwise idle machine; the scratch runs ran beside other
 jobs: 400-800 s. linear re-measured on 2026-12-05 (Intel machine) after resizes became PIL's
 rounded 8-bit passes (0.405 / 0.882 / 0.931 in 167 s before, on the AMD machine; 0.406 / 0.882 /
 0.931 before JPEGs decoded as PIL's; 0.415 / 0.884 / 0.932 before the scale jitter's resize
 rounding became torchvision's; 275 s before the one-trace initialisation and the report made
-from the final evaluation); the other rows are older.) The pretrained backbone wins
-by a wide margin over the same run from scratch with either head (4.1x and 1.9x mIoU); from scratch
+from the final evaluation). fpn re-measured on 2026-12-08 (Intel machine, beside other jobs; its
+wall time is the older run's, which gave 0.193 / 0.843 / 0.922); the scratch rows are older.) The
+pretrained backbone wins by a wide margin over the same run from scratch with either head (4.1x and
+2.3x mIoU); from scratch
 neither head gets past predicting background and a few large classes. The fpn decoder trains its
-~60 fresh layers from zero and is still far from converged after 300 steps (train loss 0.54 against
+~60 fresh layers from zero and is still far from converged after 300 steps (train loss 0.49 against
 the linear head's 0.27): at this budget the linear head on the pretrained tokens is the better
 choice.
 """
