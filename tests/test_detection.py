@@ -104,19 +104,33 @@ def test_nms_matches_numpy_greedy(threshold):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize(("max_keep", "block"), [(1, 64), (30, 7), (100, 64), (300, 512)])
-def test_nms_first_keeps_the_first_boxes_greedy_nms_keeps(max_keep, block):
+@pytest.mark.parametrize(
+    ("max_keep", "block", "n_valid"),
+    [(1, 64, 280), (30, 7, 280), (100, 64, 280), (300, 512, 280), (300, 64, 120)],
+)  # (300, 64, 120): stops at the third block, the first with no valid candidate
+def test_nms_first_keeps_the_first_boxes_greedy_nms_keeps(max_keep, block, n_valid):
     """Block by block and stopping at ``max_keep`` kept boxes or at the first block without a
     valid one, the first ``max_keep`` boxes of the greedy NMS over all of them."""
     rng = np.random.default_rng(3)
     boxes = random_boxes(rng, 300)
     boxes[200:260] = boxes[199]  # a run of one box, as many locations on one object predict
-    valid = np.arange(300) < 280  # the candidates above the score threshold: a prefix
+    valid = np.arange(300) < n_valid  # the candidates above the score threshold: a prefix
     full = np.asarray(jax.jit(nms_keep, static_argnums=2)(boxes, valid, 0.5))
     assert full.sum() > 30  # the case exercises the cut at max_keep
     got = jax.jit(nms_first, static_argnums=(2, 3, 4))(boxes, valid, 0.5, max_keep, block)
     want = np.flatnonzero(full)[:max_keep]
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(got)), want)
+
+
+def test_nms_first_of_no_candidate_keeps_none():
+    got = jax.jit(nms_first, static_argnums=(2, 3))(jnp.zeros((0, 4)), jnp.zeros(0, bool), 0.5, 5)
+    assert got.shape == (0,)
+
+
+@pytest.mark.parametrize("pre_nms_topk", [0, -1])
+def test_pre_nms_topk_must_be_positive(pre_nms_topk):
+    with pytest.raises(ValueError, match="pre_nms_topk"):
+        Detection(pre_nms_topk=pre_nms_topk)
 
 
 def test_focal_loss_matches_torchvision(torchvision):

@@ -115,6 +115,8 @@ def nms_first(
     it needs, not the ``K x K`` IoU matrix of :func:`nms_keep` (4000 candidates: 16M pairs).
     """
     k = boxes.shape[0]
+    if k == 0:  # no candidate (no while loop: it would read the first of zero blocks)
+        return jnp.zeros(0, bool)
     block = max(1, min(block, k))
     blocks = -(-k // block)
     pad = blocks * block - k

@@ -118,6 +118,11 @@ class Detection(Task):
             raise ValueError(f"Unknown task.head {self.head!r} for detection; valid: 'fcos'.")
         if self.max_boxes < 1 or self.max_detections < 1:
             raise ValueError("task.max_boxes and task.max_detections must be at least 1.")
+        if self.pre_nms_topk < 1:
+            raise ValueError(
+                f"task.pre_nms_topk {self.pre_nms_topk} must be at least 1 (candidates per level "
+                "kept for NMS)."
+            )
         check_strides(self.strides)
 
     def unmeasurable(self, name: str, source: Any) -> str | None:
