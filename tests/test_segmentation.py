@@ -451,6 +451,50 @@ def test_feature_strides_from_the_maps_sizes():
     assert feature_strides(maps((10, 10), (5, 5), (3, 3), (2, 2)), (40, 40)) == [4, 8, 16, 32]
     assert feature_strides(maps((32, 32), (16, 16), (8, 8)), (32, 32)) == [1, 2, 4]  # CIFAR
     assert feature_strides(maps((6, 16), (3, 8), (2, 4)), (48, 128)) == [8, 16, 32]
-    with pytest.raises(ValueError, match=r"6x6, 6x6 cells on 96x96 images are at strides "
-                                         r"\(16, 16\)"):  # fmt: skip
+    assert feature_strides(maps((1, 4)), (48, 128)) == [32]  # 48 px over 32, rounded down
+    with pytest.raises(ValueError, match=r"6x6, 6x6 cells on 96x96 images are all at stride "
+                                         r"16: a pyramid reads maps fine to coarse"):  # fmt: skip
         feature_strides(maps((6, 6), (6, 6)), (96, 96))
+
+
+def test_maps_of_equal_stride_are_refused_with_one_message_for_any_family():
+    """The one rule and message for both checks (the taps' declared strides, the maps' sizes):
+    a dilated CNN's last stages (4, 8, 16, 16) are refused as a plain ViT's blocks are, with
+    the taps to keep (the last of each stride)."""
+    from vision_jax.models.pyramid import check_coarser
+
+    message = (
+        r"feature_taps \(0, 1, 2, 3\) of dilated are at strides \(4, 8, 16, 16\): the fpn head "
+        r"reads maps fine to coarse.*dilated CNN.*e\.g\. feature_taps=\(0, 1, 3\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        taps = (0, 1, 2, 3)
+        check_coarser((4, 8, 16, 16), "feature_taps (0, 1, 2, 3) of dilated", taps, "the fpn head")
+    check_coarser((4, 8, 16, 32), "maps")
+
+
+@pytest.mark.parametrize(("taps", "size", "strides"), [((1, 3), 40, (8, 32, 64)),
+                                                       ((3,), 20, (16, 32, 64))])  # fmt: skip
+def test_pyramid_heads_take_the_strides_the_family_declares(taps, size, strides):
+    """A CNN tap with no tap just before it, on small images: ResNet at 40 px with taps (1, 3)
+    gives maps of 5 and 2 cells, a single tap (3,) at 20 px one of 1 cell; both fit strides 16
+    and 32 by size, the family declares 32. The heads take 32: the fpn head fuses the maps at
+    the image's size, the detector's levels are the layout's."""
+    from vision_jax.tasks import Detection, Segmentation
+    from vision_jax.tasks import fcos as fcos_lib
+
+    images = jnp.zeros((1, size, size, 3))
+    seg = Segmentation(head="fpn", feature_taps=taps).build_model("resnet18", 3)
+    assert seg.task_head.feature_strides[-1] == 32
+    logits = jax.eval_shape(lambda: seg.init_with_output(jax.random.key(0), images))[0]
+    assert logits.shape == (1, size, size, 3)
+    det = Detection(strides=strides, feature_taps=taps).build_model("resnet18", 3)
+    assert det.task_head.feature_strides[-1] == 32
+    out, variables = jax.eval_shape(lambda: det.init_with_output(jax.random.key(0), images))
+    layout = fcos_lib.layout((size, size), strides)
+    assert out["logits"].shape == (1, len(layout.points), 3)
+    pyramid = variables["params"]["task_head"]["pyramid"]
+    if len(taps) == 2:  # the stride-32 map is the level at 32 (not subsampled from the 8)
+        assert "output1" in pyramid
+    else:  # stride 32: the simple pyramid's levels 16 (2x), 32 and 64
+        assert {"lateral1", "lateral2", "lateral3"} <= set(pyramid)

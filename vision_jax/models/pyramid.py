@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from vision_jax.models import precision
 from vision_jax.models.pooling import max_pool
+from vision_jax.models.registry import map_sizes
 
 
 def conv(
@@ -50,21 +51,50 @@ def upsample_to(x: jax.Array, hw: Sequence[int], method: str = "bilinear") -> ja
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method)
 
 
+MAX_STRIDE_LOG2 = 16  # feature_strides tries the strides 1, 2, 4, ..., 2**15
+
+
+def check_coarser(
+    strides: Sequence[int], maps: str, taps: Sequence[int] | None = None, reader: str = "a pyramid"
+) -> None:
+    """Refuses pyramid maps (``maps`` names them) at ``strides`` that are not each coarser than
+    the one before: a pyramid reads them fine to coarse, and an FPN over two maps of one stride
+    would read the second's corner as the whole image. ``taps``: the ``feature_taps`` that gave
+    them, for a hint keeping the last tap of each stride."""
+    strides = tuple(int(s) for s in strides)
+    if all(b > a for a, b in zip(strides[:-1], strides[1:], strict=True)):
+        return
+    at = f"all at stride {strides[0]}" if len(set(strides)) == 1 else f"at strides {strides}"
+    hint = ""
+    if taps is not None:
+        taps, n = tuple(taps), len(strides)
+        keep = tuple(t for i, t in enumerate(taps) if i == n - 1 or strides[i] < strides[i + 1])
+        kept = [s for i, s in enumerate(strides) if i == n - 1 or s < strides[i + 1]]
+        if all(b > a for a, b in zip(kept[:-1], kept[1:], strict=True)):
+            hint = f"; set one tap per stride, e.g. feature_taps={keep}"
+    raise ValueError(
+        f"{maps} are {at}: {reader} reads maps fine to coarse, each coarser than the one "
+        f"before. Maps of equal stride give it nothing coarser (a dilated CNN's last stages "
+        f"share one stride; a plain ViT's blocks share one stride, and its pyramid, ViTDet's "
+        f"simple one, is built from one block){hint}."
+    )
+
+
 def feature_strides(features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[int]:
     """The stride of each feature map (finest first), from its height and width against the
-    image's: the power of two ``s`` with each of the map's sides the image's over ``s``, rounded
-    down (a ViT's grid) or up (a CNN's maps). Where several fit, the smallest past the previous
-    map's (at small or odd sizes a CNN's maps round up: 40 px gives maps of 10, 5, 3 and 2, and
-    the 2-cell one fits strides 16 and 32); where none fits (a simple pyramid's finer levels of
-    an odd grid), the power of two nearest to the sizes' ratio. Maps that are not each coarser
-    than the one before (a plain ViT's blocks, all at its patch stride) are refused: a pyramid
-    reads them fine to coarse."""
+    image's, for a backbone of no registered family (a registered one's heads take the strides
+    its family declares): the power of two ``s`` with each of the map's sides the image's over
+    ``s``, rounded down (a ViT's grid) or up (a CNN's maps). Where several fit, the smallest past
+    the previous map's (at small or odd sizes a CNN's maps round up: 40 px gives maps of 10, 5,
+    3 and 2, and the 2-cell one fits strides 16 and 32); where none fits (a simple pyramid's
+    finer levels of an odd grid), the power of two nearest to the sizes' ratio. Maps that are
+    not each coarser than the one before are refused (:func:`check_coarser`)."""
     strides: list[int] = []
     for f in features:
         hw = tuple(f.shape[1:3])
         fits = [
-            s for s in (2**k for k in range(16))
-            if all(n in (size // s, -(-size // s)) for n, size in zip(hw, image_hw, strict=True))
+            s for s in (2**k for k in range(MAX_STRIDE_LOG2))
+            if all(n in pair for n, pair in zip(hw, map_sizes(image_hw, s), strict=True))
         ]  # fmt: skip
         if fits:
             stride = next((s for s in fits if not strides or s > strides[-1]), fits[0])
@@ -72,13 +102,8 @@ def feature_strides(features: Sequence[jax.Array], image_hw: Sequence[int]) -> l
             ratio = math.sqrt(image_hw[0] / hw[0] * image_hw[1] / hw[1])
             stride = 2 ** round(math.log2(ratio))
         strides.append(stride)
-    if any(b <= a for a, b in zip(strides[:-1], strides[1:], strict=True)):
-        sizes = ", ".join("x".join(str(n) for n in f.shape[1:3]) for f in features)
-        raise ValueError(
-            f"Feature maps of {sizes} cells on {image_hw[0]}x{image_hw[1]} images are at strides "
-            f"{tuple(strides)}: a pyramid needs each map coarser than the one before (a plain "
-            f"ViT's blocks share one stride: its pyramid is built from one tap)."
-        )
+    sizes = ", ".join("x".join(str(n) for n in f.shape[1:3]) for f in features)
+    check_coarser(strides, f"Feature maps of {sizes} cells on {image_hw[0]}x{image_hw[1]} images")
     return strides
 
 

@@ -230,6 +230,12 @@ def _nearest_family(module: type) -> Family | None:
     return None
 
 
+def map_sizes(image_size: Any, stride: int) -> list[tuple[int, int]]:
+    """Each side's size of a stride-``stride`` map of an ``image_size`` image, as (rounded down,
+    rounded up): a ViT's patch grid drops the remainder, a CNN's padded convolutions keep it."""
+    return [(int(s) // stride, -(-int(s) // stride)) for s in image_size]
+
+
 def check_feature_maps(backbone: nn.Module, maps: Any, image_size: tuple[int, int]) -> None:
     """The maps a backbone with ``feature_taps`` returns on ``image_size`` images must be those
     its family declares (:class:`FeatureTap`): each one's size the image's over its stride
@@ -252,7 +258,7 @@ def check_feature_maps(backbone: nn.Module, maps: Any, image_size: tuple[int, in
         )
     for index, fmap in zip(taps, maps, strict=True):
         tap, shape = declared[index], tuple(np.shape(fmap))
-        sizes = [(s // tap.stride, -(-s // tap.stride)) for s in image_size]
+        sizes = map_sizes(image_size, tap.stride)
         ok = len(shape) == 4 and shape[3] == tap.channels
         if not (ok and all(n in pair for n, pair in zip(shape[1:3], sizes, strict=True))):
             want = "x".join(str(a) if a == b else f"{a}-{b}" for a, b in sizes)

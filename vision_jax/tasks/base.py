@@ -19,6 +19,7 @@ import jax
 from clu import metrics
 
 from vision_jax.models import create_model
+from vision_jax.models.pyramid import check_coarser
 from vision_jax.models.registry import family, stage_taps
 from vision_jax.selection import ABSENT
 from vision_jax.specs import ConfigError, as_tuples, takes_none
@@ -47,29 +48,24 @@ def feature_backbone(
     return create_model(model_name, num_classes=0, feature_taps=tuple(taps), **model_kwargs)
 
 
-def check_pyramid_taps(backbone: nn.Module, model_name: str, head: str) -> None:
-    """Refuses a backbone whose ``feature_taps`` fed to the pyramid of ``head`` are not each at
-    a coarser stride than the one before (as its family declares them): a plain ViT's blocks
-    all share its patch stride, and its pyramid (ViTDet's simple one) is built from one block
-    (an FPN over equal strides would read a coarser map's corner as the whole image)."""
+def pyramid_strides(backbone: nn.Module, model_name: str, head: str) -> tuple[int, ...] | None:
+    """The strides of the maps ``backbone``'s ``feature_taps`` feed to the pyramid of ``head``,
+    as its family declares them (None for a backbone of no registered family: the head reads
+    them from the maps' sizes, :func:`~vision_jax.models.pyramid.feature_strides`). Refuses
+    maps not each at a coarser stride than the one before
+    (:func:`~vision_jax.models.pyramid.check_coarser`)."""
     taps = getattr(backbone, "feature_taps", None)
-    if not taps or len(taps) < 2:
-        return
+    if not taps:
+        return None
     try:
         fam = family(backbone)
     except ValueError:  # not a registered family: the head's feature_strides refuses at init
-        return
+        return None
     declared = fam.feature_taps(backbone)
     indices = stage_taps(taps, len(declared), 0, owner=model_name, family=fam.name)
-    strides = [declared[i].stride for i in indices]
-    if all(b > a for a, b in zip(strides[:-1], strides[1:], strict=True)):
-        return
-    at = f"all at stride {strides[0]}" if len(set(strides)) == 1 else f"at strides {strides}"
-    raise ValueError(
-        f"feature_taps {tuple(taps)} of {model_name} are {at}: the {head} builds its pyramid "
-        f"from maps of increasing stride, a ViT's from one block (ViTDet's simple pyramid); "
-        f"set one tap (e.g. feature_taps=({tuple(taps)[-1]},))."
-    )
+    strides = tuple(declared[i].stride for i in indices)
+    check_coarser(strides, f"feature_taps {tuple(taps)} of {model_name}", taps, f"the {head}")
+    return strides
 
 
 class Task(abc.ABC):

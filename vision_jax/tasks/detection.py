@@ -24,7 +24,7 @@ from clu import metrics
 from vision_jax.models.task_model import TaskModel
 from vision_jax.specs import ConfigError
 from vision_jax.tasks import fcos
-from vision_jax.tasks.base import Batch, Task, check_pyramid_taps, class_key, feature_backbone
+from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone, pyramid_strides
 from vision_jax.tasks.coco_eval import (
     PADDING_ID,
     STAT_NAMES,
@@ -196,10 +196,11 @@ class Detection(Task):
 
     def build_model(self, model_name: str, num_classes: int, **model_kwargs: Any) -> TaskModel:
         backbone = feature_backbone(model_name, self.feature_taps, **model_kwargs)
-        check_pyramid_taps(backbone, model_name, "detection head (FCOS)")
+        taps_strides = pyramid_strides(backbone, model_name, "detection head (FCOS)")
         head = fcos.FCOSHead(
-            num_classes, tuple(self.strides), self.decoder_width, self.head_convs, backbone.dtype
-        )
+            num_classes, tuple(self.strides), self.decoder_width, self.head_convs, backbone.dtype,
+            feature_strides=taps_strides,
+        )  # fmt: skip
         return TaskModel(backbone, head)
 
     def _layout(self, batch: Batch, outputs: dict[str, jax.Array]) -> fcos.Layout:

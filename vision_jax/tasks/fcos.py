@@ -77,6 +77,9 @@ class FCOSHead(nn.Module):
 
     Returns float32 ``logits`` [B, L, C], ``distances`` [B, L, 4] (left, top, right, bottom in
     pixels) and ``centerness`` [B, L] (logits), locations ordered as :func:`layout`.
+
+    ``feature_strides``: the strides of the maps it is given, as the backbone's family declares
+    them (None: read from the maps' sizes, :func:`feature_strides`).
     """
 
     num_classes: int
@@ -84,6 +87,7 @@ class FCOSHead(nn.Module):
     width: int = 64
     num_convs: int = 2
     dtype: Any = jnp.float32
+    feature_strides: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], image_hw: Sequence[int], *, train: bool):
@@ -109,8 +113,10 @@ class FCOSHead(nn.Module):
 
     def _levels(self, features: Sequence[jax.Array], image_hw: Sequence[int]) -> list[jax.Array]:
         """The pyramid's maps at ``strides``: only the levels used are built; strides past the
-        coarsest built level by stride-2 subsampling (ViTDet's ``LastLevelMaxPool``)."""
-        strides = feature_strides(features, image_hw)
+        coarsest built level by stride-2 subsampling (ViTDet's ``LastLevelMaxPool``), each cut
+        to the :func:`layout`'s ``ceil(h / s) x ceil(w / s)`` (a rounded-up map, upsampled,
+        reaches past the image)."""
+        strides = list(self.feature_strides or feature_strides(features, image_hw))
         if len(features) == 1:
             (s,) = strides
             scales = tuple(s / t for t in self.strides if s / 4 <= t <= 2 * s) or (0.5,)
@@ -133,7 +139,7 @@ class FCOSHead(nn.Module):
                     f"task.strides {self.strides}: the pyramid has no level at stride {s} "
                     f"(levels: {sorted(by_stride)}); use powers of two from {min(by_stride)}."
                 )
-            levels.append(by_stride[s])
+            levels.append(by_stride[s][:, : -(-image_hw[0] // s), : -(-image_hw[1] // s)])
         return levels
 
     def _tower(self, name: str) -> list:

@@ -33,6 +33,7 @@ from vision_jax.metrics import ConfusionMatrix, iou_summary, nan_lowest
 from vision_jax.models import precision
 from vision_jax.models.pyramid import (
     FPN,
+    SIMPLE_SCALES,
     SimpleFeaturePyramid,
     channel_norm,
     conv,
@@ -43,7 +44,7 @@ from vision_jax.models.pyramid import (
 from vision_jax.models.task_model import TaskModel
 from vision_jax.selection import ABSENT
 from vision_jax.specs import IGNORE_LABEL, check_interval, only_when
-from vision_jax.tasks.base import Batch, Task, check_pyramid_taps, class_key, feature_backbone
+from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone, pyramid_strides
 
 HEADS = ("linear", "fpn")
 
@@ -72,21 +73,25 @@ class LinearHead(nn.Module):
 
 class FPNHead(nn.Module):
     """Pyramid (simple on one map, FPN on several), a 3x3 conv + norm + ReLU per level, summed at
-    the finest level, linear classifier, upsampled to the image."""
+    the finest level, linear classifier, upsampled to the image. ``feature_strides``: the
+    strides of the maps it is given, as the backbone's family declares them (None: read from
+    the maps' sizes, :func:`feature_strides`)."""
 
     num_classes: int
     width: int = 64
     dtype: Any = jnp.float32
+    feature_strides: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], image_hw: Sequence[int], *, train: bool):
         del train
         if len(features) == 1:
             levels = SimpleFeaturePyramid(self.width, self.dtype, name="pyramid")(features[0])
+            strides = [int(SIMPLE_SCALES[0] / scale) for scale in SIMPLE_SCALES]  # s/4 .. 2s
         else:
             levels = FPN(self.width, self.dtype, name="pyramid")(features)
+            strides = self.feature_strides or feature_strides(features, image_hw)
         finest = levels[0].shape[1:3]
-        strides = feature_strides(levels, image_hw)
         fused = 0.0
         for i, level in enumerate(levels):
             y = conv(self.width, 3, self.dtype, f"fuse{i}")(level)
@@ -229,8 +234,8 @@ class Segmentation(Task):
         if self.head == "linear":
             head = LinearHead(num_classes, dtype)
         else:
-            check_pyramid_taps(backbone, model_name, "fpn head")
-            head = FPNHead(num_classes, self.decoder_width, dtype)
+            taps_strides = pyramid_strides(backbone, model_name, "fpn head")
+            head = FPNHead(num_classes, self.decoder_width, dtype, taps_strides)
         return TaskModel(backbone, head)
 
     def _weights(self) -> jax.Array | None:
