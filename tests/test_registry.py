@@ -344,6 +344,52 @@ def test_a_notebook_cell_registering_a_backbone_runs_again():
         family(first["CellNet"](num_classes=3))
 
 
+SUBCLASS_CELL = """
+from vision_jax.models.registry import register_model
+
+
+class WideCellNet(CellNet):
+    pass
+
+
+register_model("wide_cell_net", family="cell_net", module=WideCellNet, input_size=16, width=8)
+"""
+
+
+def test_a_backbone_cell_run_again_refuses_models_of_a_subclass_until_theirs_runs_again():
+    """A subclass of the family's class defined in another cell derives from the old class
+    after the family's cell runs again: its model is refused when created, naming what to run
+    again (not "not a registered model class" alone); run again, it builds on the new class."""
+    first = run_cell()
+    exec(compile(SUBCLASS_CELL, "<cell2>", "exec"), first)
+    assert create_model("wide_cell_net", num_classes=3).width == 8
+    second = run_cell(width=4)
+    message = (
+        r"Model 'wide_cell_net': WideCellNet is not a registered model class \(family 'cell_net' "
+        r"has its class CellNet defined again since, and WideCellNet derives from the old one: "
+        r"run the code defining WideCellNet"
+    )
+    with pytest.raises(ValueError, match=message):
+        create_model("wide_cell_net", num_classes=3)
+    exec(compile(SUBCLASS_CELL, "<cell2>", "exec"), second)
+    model = create_model("wide_cell_net", num_classes=3)
+    assert isinstance(model, second["CellNet"]) and family(model).name == "cell_net"
+
+
+def test_a_backbone_cell_run_again_without_a_field_names_the_models_defaults():
+    """The family's cell edited to drop a field its models were registered with: creating the
+    model gives the field check's one-line error (not a TypeError from the class)."""
+    run_cell()
+    source = OWN_CELL.replace("    width: int = 4\n", "").replace("self.width", "4")
+    source = source.replace("m.width", "4").replace(", width=WIDTH)", ")")
+    source = source.replace('register_model("cell_net_s"', 'register_model("cell_net_t"')
+    run_cell(source=source)  # registers another model; cell_net_s moved to the new class
+    with pytest.raises(ValueError, match=r"CellNet has no field\(s\) \['width'\] \(model "
+                                         r"'cell_net_s' was registered with them"):  # fmt: skip
+        create_model("cell_net_s", num_classes=3)
+    assert create_model("cell_net_t", num_classes=3) is not None
+
+
 def test_a_model_or_family_registered_again_must_be_its_class_defined_again():
     run_cell()
     other = run_cell(source=OWN_CELL.replace("CellNet", "OtherNet").replace('"cell_net', '"o_net'))

@@ -60,7 +60,9 @@ _FAMILIES: dict[str, Family] = {}
 def register_family(family: Family) -> None:
     """Registers a model family (beside its module). Registered again (a notebook cell run
     again), it replaces the family if its module is the same class defined again; the models
-    registered on the old class then build the new one."""
+    registered on the old class then build the new one (their defaults checked against its
+    fields when created); those on a subclass of the old class (defined in another cell) are
+    refused when created until that code runs again."""
     replaced = _FAMILIES.get(family.name)
     if replaced is not None:
         from vision_jax.models import BUILT_IN_FAMILIES  # (it imports this module)
@@ -208,15 +210,39 @@ def family(model: nn.Module) -> Family:
     backbone = backbone_of(model)
     fam = _nearest_family(type(backbone))
     if fam is None:
-        key = lambda c: (c.__module__, c.__qualname__)
-        again = [f.name for f in _FAMILIES.values() if key(f.module) == key(type(backbone))]
-        hint = (  # a model created before the cell defining its class ran again
-            f" (family {again[0]!r} has its class defined again since: create the model again)"
-            if again
-            else ""
+        raise ValueError(
+            f"{type(backbone).__name__} is not a registered model class"
+            f"{_defined_again_hint(type(backbone))}."
         )
-        raise ValueError(f"{type(backbone).__name__} is not a registered model class{hint}.")
     return fam
+
+
+def _defined_again_hint(module: type) -> str:
+    """Why ``module``, of no registered family, has none: it is (or derives from) a family's
+    class as defined before the cell defining it ran again; "" otherwise."""
+    key = lambda c: (c.__module__, c.__qualname__)
+    for cls in module.__mro__:
+        again = [f.name for f in _FAMILIES.values() if key(f.module) == key(cls)]
+        if not again:
+            continue
+        if cls is module:  # a model created before the cell defining its class ran again
+            return (
+                f" (family {again[0]!r} has its class defined again since: create the model again)"
+            )
+        return (  # a subclass defined (in another cell) on the old class
+            f" (family {again[0]!r} has its class {cls.__name__} defined again since, and "
+            f"{module.__name__} derives from the old one: run the code defining "
+            f"{module.__name__} and registering its models again, then create the model)"
+        )
+    return ""
+
+
+def check_defaults(module: type, defaults: Any, model: str | None = None) -> None:
+    """Refuses ``defaults`` naming no field of ``module`` (a registered model's: ``model``)."""
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(module)}
+    if unknown:
+        of = f" (model {model!r} was registered with them: register it again)" if model else ""
+        raise ValueError(f"{module.__name__} has no field(s) {sorted(unknown)}{of}.")
 
 
 def _nearest_family(module: type) -> Family | None:
@@ -326,10 +352,7 @@ def register_model(
             f"class {nearest.module.__name__} is that family's module), not {family!r}: "
             f"register it with family={nearest.name!r}."
         )
-    fields = {f.name for f in dataclasses.fields(module)}
-    unknown = set(defaults) - fields
-    if unknown:
-        raise ValueError(f"{module.__name__} has no field(s) {sorted(unknown)}.")
+    check_defaults(module, defaults)
     _REGISTRY[name] = ModelSpec(
         name, family, module, dict(defaults), input_size, timm_name, paper_params
     )
@@ -385,6 +408,13 @@ def create_model(
       **overrides: any other field of the module (e.g. ``dropout_rate``, ``pool_type``).
     """
     spec = model_spec(name)
+    if _nearest_family(spec.module) is None:  # its family's class defined again since
+        raise ValueError(
+            f"Model {name!r}: {spec.module.__name__} is not a registered model class"
+            f"{_defined_again_hint(spec.module)}."
+        )
+    # the defaults on a family's class defined again (register_family moved them to it)
+    check_defaults(spec.module, spec.defaults, name)
     given = "None" if dtype is None else jnp.dtype(dtype).name
     if given not in ("float32", "bfloat16"):  # float16 would need loss scaling
         raise ValueError(f"dtype must be float32 or bfloat16, got {given}.")
