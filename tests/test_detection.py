@@ -15,7 +15,13 @@ import pytest
 from conftest import import_timm
 
 from vision_jax.tasks import Detection, fcos
-from vision_jax.tasks.boxes import generalized_iou, nms_first, nms_keep, pairwise_iou
+from vision_jax.tasks.boxes import (
+    generalized_iou,
+    nms_first,
+    nms_keep,
+    pairwise_intersection,
+    pairwise_iou,
+)
 from vision_jax.tasks.coco_eval import (
     PADDING_ID,
     STAT_NAMES,
@@ -120,6 +126,14 @@ def test_nms_first_keeps_the_first_boxes_greedy_nms_keeps(max_keep, block, n_val
     got = jax.jit(nms_first, static_argnums=(2, 3, 4))(boxes, valid, 0.5, max_keep, block)
     want = np.flatnonzero(full)[:max_keep]
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(got)), want)
+
+
+def test_pairwise_intersection_in_numpy_and_jax():
+    a = np.asarray([[0, 0, 10, 10], [5, 5, 6, 6]], np.float32)
+    b = np.asarray([[5, 0, 15, 4], [20, 20, 30, 30], [0, 0, 0, 0]], np.float32)
+    want = [[20, 0, 0], [0, 0, 0]]
+    np.testing.assert_array_equal(pairwise_intersection(a, b), want)
+    np.testing.assert_array_equal(pairwise_intersection(jnp.asarray(a), jnp.asarray(b)), want)
 
 
 def test_nms_first_of_no_candidate_keeps_none():
@@ -301,8 +315,8 @@ def test_postprocess_on_hand_made_outputs():
         "centerness": jnp.full((1, n), 30.0),  # sigmoid 1: scores sqrt(class probabilities)
     }
     found = fcos.postprocess(
-        outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
-        pre_nms=50, max_detections=6, level_sizes=where.level_sizes,
+        outputs, where, (32, 32), score_threshold=0.1, iou_threshold=0.5,
+        pre_nms=50, max_detections=6,
     )  # fmt: skip
     np.testing.assert_allclose(found["scores"][0], np.sqrt([0.9, 0.7, 0.6, 0.5, 0, 0]), atol=1e-5)
     np.testing.assert_array_equal(found["classes"][0], [0, 1, 0, 1, -1, -1])
@@ -327,8 +341,8 @@ def test_a_nan_score_takes_no_place_among_the_pre_nms_best():
         "centerness": jnp.full((1, n), 30.0),
     }
     found = fcos.postprocess(
-        outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
-        pre_nms=4, max_detections=2, level_sizes=where.level_sizes,
+        outputs, where, (32, 32), score_threshold=0.1, iou_threshold=0.5,
+        pre_nms=4, max_detections=2,
     )  # fmt: skip
     np.testing.assert_allclose(found["scores"][0], [np.sqrt(0.9), 0.0], atol=1e-5)
     np.testing.assert_array_equal(found["classes"][0], [1, -1])
@@ -351,8 +365,8 @@ def test_postprocess_clips_to_each_letterboxed_image_before_nms():
     outputs = {"logits": jnp.asarray(logits), "distances": jnp.asarray(distances),
                "centerness": jnp.full((2, n), 30.0)}  # fmt: skip
     found = fcos.postprocess(
-        outputs, jnp.asarray(where.points), (32, 32), score_threshold=0.1, iou_threshold=0.5,
-        pre_nms=10, max_detections=3, level_sizes=where.level_sizes,
+        outputs, where, (32, 32), score_threshold=0.1, iou_threshold=0.5,
+        pre_nms=10, max_detections=3,
         extents=jnp.asarray([[32.0, 32.0], [32.0, 20.0]]),
     )  # fmt: skip
     np.testing.assert_array_equal(found["classes"], [[0, 0, -1], [0, -1, -1]])
@@ -392,8 +406,8 @@ def test_postprocess_takes_the_pre_nms_best_of_each_level():
     outputs = {"logits": jnp.asarray(logits), "distances": jnp.asarray(distances),
                "centerness": jnp.full((1, n), 30.0)}  # fmt: skip
     found = fcos.postprocess(
-        outputs, jnp.asarray(where.points), (size, size), score_threshold=0.05,
-        iou_threshold=0.6, pre_nms=100, max_detections=10, level_sizes=where.level_sizes,
+        outputs, where, (size, size), score_threshold=0.05,
+        iou_threshold=0.6, pre_nms=100, max_detections=10,
     )  # fmt: skip
     np.testing.assert_allclose(found["scores"][0, :3], [np.sqrt(1 / (1 + np.exp(-2))), 0.6, 0],
                                atol=1e-5)  # fmt: skip
@@ -435,8 +449,9 @@ def torchvision_nms(torchvision, monkeypatch):
         lib._destroy()
 
 
+@pytest.mark.parametrize("per_image", [500, 20])  # 20: NMS stops at max_detections
 @pytest.mark.parametrize("shift", [0.0, -6.0])  # scores mostly above / below the threshold
-def test_postprocess_matches_torchvision_fcos(torchvision, torchvision_nms, shift):
+def test_postprocess_matches_torchvision_fcos(torchvision, torchvision_nms, shift, per_image):
     """The detections of torchvision's ``FCOS.postprocess_detections`` (per-level top-k,
     boxes clipped to each image, per-class NMS, the best ``detections_per_img``) on random
     outputs, letterboxed images included: the same boxes, scores and classes in the same order
@@ -446,7 +461,7 @@ def test_postprocess_matches_torchvision_fcos(torchvision, torchvision_nms, shif
 
     (h, w), strides, c = (96, 128), (8, 16, 32, 64), 5
     # The two finer levels hold over 200 pairs; room for every candidate that NMS keeps.
-    pre, per_image, threshold, iou = 200, 500, 0.05, 0.6
+    pre, threshold, iou = 200, 0.05, 0.6
     where = fcos.layout((h, w), strides)
     n, sizes = len(where.points), list(where.level_sizes)
     rng = np.random.default_rng(0)
@@ -457,8 +472,8 @@ def test_postprocess_matches_torchvision_fcos(torchvision, torchvision_nms, shif
     outputs = {"logits": jnp.asarray(logits), "distances": jnp.asarray(distances),
                "centerness": jnp.asarray(ctr)}  # fmt: skip
     post = lambda o, e: fcos.postprocess(
-        o, jnp.asarray(where.points), (h, w), score_threshold=threshold, iou_threshold=iou,
-        pre_nms=pre, max_detections=per_image, level_sizes=sizes, extents=e,
+        o, where, (h, w), score_threshold=threshold, iou_threshold=iou,
+        pre_nms=pre, max_detections=per_image, extents=e,
     )  # fmt: skip
     found = jax.jit(post)(outputs, jnp.asarray(extents))
 
@@ -759,6 +774,9 @@ def test_strides_must_increase_strictly_as_positive_integers(strides):
     level twice, a float is no stride: each refused when the task is made."""
     with pytest.raises(ValueError, match=r"task.strides .* must be strictly increasing positive"):
         Detection(strides=strides)
+
+
+def test_strides_error_hints_the_sorted_strides_and_integers_are_accepted():
     with pytest.raises(ValueError, match=r"e\.g\. \(8, 16, 32\)"):
         Detection(strides=(32, 16, 8))
     assert Detection(strides=(4, 8, 16, 32)).strides == (4, 8, 16, 32)

@@ -180,12 +180,12 @@ def stage_taps(
     if num_classes:
         raise ValueError("feature_taps returns feature maps: create the model with num_classes=0.")
     if not taps or any(not -num_stages <= int(t) < num_stages for t in taps):
-        unit = "feature tap" if family else unit
-        count = f"{num_stages} {unit}{'s' * (num_stages != 1)}"
+        counted = "feature tap" if family else unit
+        count = f"{num_stages} {counted}{'s' * (num_stages != 1)}"
         has = f"its family {family!r} declares {count}" if family else f"it has {count}"
         raise ValueError(
             f"feature_taps {tuple(taps)} of {owner or 'the backbone'}: {has}, so taps must be "
-            f"indices in [-{num_stages}, {num_stages}) (0 is the first {unit}, -1 the last)."
+            f"indices in [-{num_stages}, {num_stages}) (0 is the first {counted}, -1 the last)."
         )
     indices = tuple(int(t) % num_stages for t in taps)
     if list(indices) != sorted(set(indices)):  # the pyramids read them fine to coarse

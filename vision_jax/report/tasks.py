@@ -24,7 +24,7 @@ from vision_jax.report.figures import Thumb
 from vision_jax.report.tables import Table, classification_table, confusion, segmentation_table
 from vision_jax.tasks import library_kind
 from vision_jax.tasks.base import class_key
-from vision_jax.tasks.boxes import box_area, pairwise_iou
+from vision_jax.tasks.boxes import box_area, pairwise_intersection, pairwise_iou
 from vision_jax.tasks.coco_eval import (
     coco_evaluation,
     coco_figures,
@@ -256,10 +256,8 @@ class _Image:
     def false(self) -> np.ndarray:
         """The detections that found no box and do not lie on a crowd region of their class
         (at least :data:`MATCH_IOU` of their area on it: COCO ignores those)."""
-        a, b = self.found[:, None], self.crowd[None]
-        overlap = np.concatenate([np.maximum(a[..., :2], b[..., :2]),
-                                  np.minimum(a[..., 2:], b[..., 2:])], -1)  # fmt: skip
-        share = box_area(overlap) / np.maximum(box_area(self.found), 1e-12)[:, None]
+        area = np.maximum(box_area(self.found), 1e-12)[:, None]
+        share = pairwise_intersection(self.found, self.crowd) / area
         same = self.found_classes[:, None] == self.crowd_classes[None, :]
         return ~self._matched[1] & ~(same & (share >= MATCH_IOU)).any(1)
 

@@ -50,13 +50,20 @@ def box_area(boxes: jax.Array) -> jax.Array:
     return wh[..., 0] * wh[..., 1]
 
 
+def pairwise_intersection(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Intersection area of every box of ``a`` [N, 4] with every box of ``b`` [M, 4]: [N, M];
+    of numpy arrays (the report's), in numpy."""
+    xp = _numpy_or_jax(a, b)
+    top_left = xp.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = xp.minimum(a[:, None, 2:], b[None, :, 2:])
+    return box_area(xp.concatenate([top_left, bottom_right], -1))
+
+
 def pairwise_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     """IoU of every box of ``a`` [N, 4] with every box of ``b`` [M, 4]: [N, M] (0 where the
     union is empty); of numpy arrays (the report's), in numpy."""
     xp = _numpy_or_jax(a, b)
-    top_left = xp.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = xp.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = box_area(xp.concatenate([top_left, bottom_right], -1))
+    inter = pairwise_intersection(a, b)
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
     return xp.where(union > 0, inter / xp.where(union > 0, union, 1.0), 0.0)
 

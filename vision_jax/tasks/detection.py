@@ -22,7 +22,7 @@ import numpy as np
 from clu import metrics
 
 from vision_jax.models.task_model import TaskModel
-from vision_jax.specs import ConfigError
+from vision_jax.specs import ConfigError, is_integer
 from vision_jax.tasks import fcos
 from vision_jax.tasks.base import Batch, Task, class_key, feature_backbone, pyramid_strides
 from vision_jax.tasks.coco_eval import (
@@ -65,7 +65,7 @@ def check_strides(strides: Any) -> None:
     infinity, so a reversed order sends the small boxes to the coarsest level; a repeated stride
     builds one level twice), naming the value and the sorted one."""
     values = tuple(strides) if isinstance(strides, (tuple, list)) else (strides,)
-    integral = all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in values)
+    integral = all(is_integer(s) for s in values)
     ordered = all(a < b for a, b in zip(values[:-1], values[1:], strict=True))
     if values and integral and ordered and values[0] > 0:
         return
@@ -248,9 +248,9 @@ class Detection(Task):
         each image's height and width in the input, None: all of it)."""
         where = fcos.layout(image_hw, self.strides)
         return fcos.postprocess(
-            outputs, jnp.asarray(where.points), image_hw, score_threshold=self.score_threshold,
+            outputs, where, image_hw, score_threshold=self.score_threshold,
             iou_threshold=self.nms_iou, pre_nms=self.pre_nms_topk,
-            max_detections=self.max_detections, level_sizes=where.level_sizes, extents=extents,
+            max_detections=self.max_detections, extents=extents,
         )  # fmt: skip
 
     def eval_metrics(self, outputs: dict[str, jax.Array], batch: Batch) -> EvalMetrics:

@@ -262,13 +262,13 @@ def losses(
 
 
 def postprocess(
-    outputs: dict[str, jax.Array], points: jax.Array, image_hw: Sequence[int], *,
+    outputs: dict[str, jax.Array], where: Layout, image_hw: Sequence[int], *,
     score_threshold: float, iou_threshold: float, pre_nms: int, max_detections: int,
-    level_sizes: Sequence[int], extents: jax.Array | None = None,
+    extents: jax.Array | None = None,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """Detections of a batch, a fixed number per image: the ``pre_nms`` best (location, class)
-    pairs of each level (``level_sizes``: the levels' numbers of locations, in the order of
-    ``points``, as :attr:`Layout.level_sizes`) by ``sqrt(sigmoid(class) * sigmoid(centerness))``
+    pairs of each level of the outputs' :class:`Layout` ``where``, by
+    ``sqrt(sigmoid(class) * sigmoid(centerness))``
     above ``score_threshold``, as torchvision's FCOS (``topk_candidates``), the official FCOS
     and detectron2 take them (one top-k over all levels would let the many fine-level locations
     on one object fill every place and drop the coarse levels' objects); their boxes clipped
@@ -280,11 +280,7 @@ def postprocess(
     input_hw = jnp.asarray(image_hw, jnp.float32)
     batch = outputs["logits"].shape[0]
     extents = jnp.broadcast_to(input_hw if extents is None else extents, (batch, 2))
-    if sum(level_sizes) != outputs["logits"].shape[1]:
-        raise ValueError(
-            f"level_sizes {tuple(level_sizes)} add up to {sum(level_sizes)} locations, the "
-            f"outputs have {outputs['logits'].shape[1]}."
-        )
+    points, level_sizes = jnp.asarray(where.points), where.level_sizes
     starts = np.cumsum([0, *level_sizes[:-1]]).tolist()
 
     def one_image(
