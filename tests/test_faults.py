@@ -201,13 +201,16 @@ def test_a_lost_peer_found_by_two_threads_is_one_line(monkeypatch, capsys):
 def test_the_logged_learning_rate_is_the_one_applied_after_a_skip(tmp_path, monkeypatch, caplog):
     """A skipped update does not advance the optimizer (as ``optax.apply_if_finite``): with
     linear warmup from 0 over all 4 steps and step 2 skipped, the last update (step 4) was the
-    optimizer's third, at 2/4 of the peak rate (not 3/4)."""
+    optimizer's third, at 2/4 of the peak rate (not 3/4); nor does it count in the window's
+    train metrics."""
     wrap_step(monkeypatch, poison({2}))
     cfg = config(
         total_steps=4, log_every_steps=4, on_nonfinite="skip", **{"schedule.warmup_steps": 4}
     )
     result = train_and_evaluate(cfg, str(tmp_path))
     assert result["train/skipped_steps"] == 1
+    # The window of steps 1-4 averages the three applied steps only (its loss read NaN).
+    assert np.isfinite(result["train/loss"]) and np.isfinite(result["train/grad_norm"])
     peak = cfg.optimizer.learning_rate
     assert result["train/learning_rate"] == pytest.approx(peak * 2 / 4)
     # Resumed with a longer warmup: the next update is the optimizer's fourth, at 3/8 of the

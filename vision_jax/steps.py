@@ -10,7 +10,8 @@ Non-finite guard: when the loss, the gradients' global norm, the new parameters 
 state are not all finite, the train step keeps the previous parameters, model state, optimizer
 state and EMA (as ``optax.apply_if_finite``) and records the skip in ``state.skips``; the step
 counter still advances, so the data stream and the per-step RNG move on past the bad batch. The
-loop decides what a skip means (``config.on_nonfinite``).
+loop decides what a skip means (``config.on_nonfinite``). A skipped step's averaged train metrics
+count nothing, so a log window's means are over the updates applied.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ def make_train_step(
         (params, model_state, opt_state, ema), finite = _update_if_finite(
             finite, optimizer, state, grads, model_state, ema_step
         )
+        metrics = _counted_if(finite, metrics)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -277,6 +279,19 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _counted_if(applied: jax.Array, collection: clu_metrics.Collection) -> Any:
+    """A step's train metrics, each ``Average`` emptied (total and count 0) unless its update
+    was ``applied``: a log window's means leave skipped steps out (a window of skipped steps
+    only computes 0 / 0, NaN); metrics of other kinds as they are."""
+    kept = lambda x: jnp.where(applied, x, jnp.zeros_like(x))
+    emptied = {
+        name: metric.replace(total=kept(metric.total), count=kept(metric.count))
+        for name, metric in vars(collection).items()
+        if isinstance(metric, clu_metrics.Average)
+    }
+    return collection.replace(**emptied)
 
 
 def make_eval_step(
