@@ -43,31 +43,33 @@ PRIOR_PROBABILITY = 0.01  # initial foreground probability of the class logits (
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where the locations of a pyramid are: centres ``points`` [L, 2] (x, y in input pixels),
-    ``strides`` [L] and size ranges ``lower`` / ``upper`` [L], all levels concatenated;
-    ``level_sizes``: each level's number of locations, in that order."""
+    ``strides`` [L] and size ranges ``lower`` / ``upper`` [L], all levels concatenated."""
 
     points: np.ndarray
     strides: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
-    level_sizes: tuple[int, ...]
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        """Each level's number of locations, finest first (the strides increase)."""
+        return tuple(int(n) for n in np.unique(self.strides, return_counts=True)[1])
 
 
 def layout(image_hw: Sequence[int], strides: Sequence[int]) -> Layout:
     """The locations of levels with ``strides`` on an ``image_hw`` input (level ``i`` has
     ``ceil(h / s) x ceil(w / s)`` positions, centres at ``(k + 0.5) s``)."""
-    points, level_strides, lower, upper, sizes = [], [], [], [], []
+    points, level_strides, lower, upper = [], [], [], []
     for i, s in enumerate(strides):
         h, w = math.ceil(image_hw[0] / s), math.ceil(image_hw[1] / s)
         ys, xs = np.meshgrid((np.arange(h) + 0.5) * s, (np.arange(w) + 0.5) * s, indexing="ij")
         points.append(np.stack([xs.ravel(), ys.ravel()], -1))
         n = h * w
-        sizes.append(n)
         level_strides.append(np.full(n, s, np.float32))
         lower.append(np.full(n, 0.0 if i == 0 else 4.0 * s, np.float32))
         upper.append(np.full(n, np.inf if i == len(strides) - 1 else 8.0 * s, np.float32))
     cat = lambda xs: np.concatenate(xs).astype(np.float32)
-    return Layout(cat(points), cat(level_strides), cat(lower), cat(upper), tuple(sizes))
+    return Layout(cat(points), cat(level_strides), cat(lower), cat(upper))
 
 
 class FCOSHead(nn.Module):

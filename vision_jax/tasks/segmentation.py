@@ -87,8 +87,8 @@ class FPNHead(nn.Module):
         del train
         if len(features) == 1:
             levels = SimpleFeaturePyramid(self.width, self.dtype, name="pyramid")(features[0])
-            strides = [int(SIMPLE_SCALES[0] / scale) for scale in SIMPLE_SCALES]  # s/4 .. 2s
-        else:
+            strides = [int(SIMPLE_SCALES[0] / scale) for scale in SIMPLE_SCALES]  # 1, 2, 4, 8
+        else:  # (the simple pyramid's are relative to its finest level: only ratios are used)
             levels = FPN(self.width, self.dtype, name="pyramid")(features)
             strides = self.feature_strides or feature_strides(features, image_hw)
         finest = levels[0].shape[1:3]
